@@ -1,0 +1,143 @@
+#include "lib/core/json.h"
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace qt {
+
+Json parse_json(const std::string& text, const std::string& where, ErrorKind kind) {
+  try {
+    return Json::parse(text);
+  } catch (const Json::parse_error& e) {
+    // nlohmann reports a byte offset; turn it into line:column for humans.
+    size_t line = 1, col = 1;
+    for (size_t i = 0; i < e.byte - (e.byte > 0 ? 1 : 0) && i < text.size(); ++i) {
+      if (text[i] == '\n') {
+        ++line;
+        col = 1;
+      } else {
+        ++col;
+      }
+    }
+    std::string what = e.what();
+    auto pos = what.find("parse error");
+    fail_at(kind, where, "malformed JSON at line " + std::to_string(line) + ", column " + std::to_string(col) +
+                             " (" + (pos == std::string::npos ? what : what.substr(pos)) + ")");
+  }
+}
+
+Json read_json_file(const std::string& path, ErrorKind kind) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail_at(kind, path, std::filesystem::exists(path) ? "cannot be read" : "file not found");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return parse_json(ss.str(), path, kind);
+}
+
+void write_json_file(const std::string& path, const Json& value) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) fail_at(ErrorKind::Io, tmp, "cannot be opened for writing");
+    out << value.dump(2) << "\n";
+    out.flush();
+    if (!out) fail_at(ErrorKind::Io, tmp, "write failed (disk full?)");
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) fail_at(ErrorKind::Io, path, "rename from " + tmp + " failed: " + ec.message());
+}
+
+const char* json_type_name(const Json& value) {
+  if (value.is_number_integer()) return "an integer";
+  if (value.is_number()) return "a number";
+  return value.type_name();
+}
+
+static size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      size_t sub = prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, sub});
+    }
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+std::optional<std::string> nearest_key(const std::string& key, const std::vector<std::string>& known) {
+  std::optional<std::string> best;
+  size_t best_d = std::max<size_t>(2, key.size() / 3) + 1;
+  for (const auto& k : known) {
+    size_t d = edit_distance(key, k);
+    if (d < best_d) {
+      best_d = d;
+      best = k;
+    }
+  }
+  return best;
+}
+
+void reject_unknown_keys(const Json& object, const std::vector<std::string>& known, const std::string& file,
+                         const std::string& prefix, ErrorKind kind) {
+  if (!object.is_object()) fail_at(kind, file, (prefix.empty() ? "top level" : prefix) + " must be a JSON object");
+  for (const auto& item : object.items()) {
+    if (std::find(known.begin(), known.end(), item.key()) != known.end()) continue;
+    std::string msg = "unknown key '" + prefix + item.key() + "'";
+    if (auto near = nearest_key(item.key(), known)) msg += " (did you mean '" + prefix + *near + "'?)";
+    fail_at(kind, file, msg);
+  }
+}
+
+const Json& JsonReader::require(const std::string& key) const {
+  if (!object.is_object()) fail_at(kind, file, (prefix.empty() ? "top level" : prefix) + " must be a JSON object");
+  if (!has(key)) fail_key(kind, file, path(key), "missing");
+  return object.at(key);
+}
+
+int64_t JsonReader::get_int(const std::string& key) const {
+  const Json& v = require(key);
+  if (v.is_number_integer()) return v.get<int64_t>();
+  if (v.is_number_float()) {
+    double d = v.get<double>();
+    if (d == static_cast<double>(static_cast<int64_t>(d))) return static_cast<int64_t>(d);
+  }
+  fail_key(kind, file, path(key), std::string("expected an integer, got ") + json_type_name(v) + " " + v.dump());
+}
+
+double JsonReader::get_double(const std::string& key) const {
+  const Json& v = require(key);
+  if (v.is_number()) return v.get<double>();
+  fail_key(kind, file, path(key), std::string("expected a number, got ") + json_type_name(v) + " " + v.dump());
+}
+
+bool JsonReader::get_bool(const std::string& key) const {
+  const Json& v = require(key);
+  if (v.is_boolean()) return v.get<bool>();
+  fail_key(kind, file, path(key), std::string("expected true or false, got ") + json_type_name(v) + " " + v.dump());
+}
+
+std::string JsonReader::get_string(const std::string& key) const {
+  const Json& v = require(key);
+  if (v.is_string()) return v.get<std::string>();
+  fail_key(kind, file, path(key), std::string("expected a string, got ") + json_type_name(v) + " " + v.dump());
+}
+
+std::vector<std::string> JsonReader::get_strings(const std::string& key) const {
+  const Json& v = require(key);
+  if (v.is_string()) return {v.get<std::string>()};
+  if (!v.is_array()) fail_key(kind, file, path(key), std::string("expected a list of strings, got ") + json_type_name(v));
+  std::vector<std::string> out;
+  for (const auto& e : v) {
+    if (!e.is_string()) fail_key(kind, file, path(key), "expected a list of strings, found " + e.dump());
+    out.push_back(e.get<std::string>());
+  }
+  return out;
+}
+
+}  // namespace qt

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Configures and builds into ${BUILD_DIR:-build}. CUDA kernels are compiled when nvcc is found.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD_DIR=${BUILD_DIR:-build}
+export CCACHE_DIR=${CCACHE_DIR:-$HOME/.cache/ccache}
+cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release "$@" >"$BUILD_DIR.cmake.log" 2>&1 || {
+  cat "$BUILD_DIR.cmake.log"; exit 1; }
+cmake --build "$BUILD_DIR" -j "${JOBS:-$(nproc)}"
