@@ -1,0 +1,156 @@
+#include "lib/model/llama_config.h"
+
+#include <algorithm>
+
+namespace qt {
+
+c10::ScalarType parse_dtype_name(const std::string& name, const std::string& file, const std::string& key) {
+  std::string n = name.rfind("torch.", 0) == 0 ? name.substr(6) : name;
+  if (n == "bfloat16") return c10::ScalarType::BFloat16;
+  if (n == "float16" || n == "half") return c10::ScalarType::Half;
+  if (n == "float32" || n == "float") return c10::ScalarType::Float;
+  fail_key(ErrorKind::Model, file, key, "unsupported dtype '" + name + "' (expected bfloat16, float16 or float32)");
+}
+
+std::string dtype_hf_name(c10::ScalarType type) {
+  switch (type) {
+    case c10::ScalarType::BFloat16: return "bfloat16";
+    case c10::ScalarType::Half: return "float16";
+    default: return "float32";
+  }
+}
+
+static RopeConfig parse_rope(const Json& j, const std::string& file) {
+  RopeConfig rope;
+  // 5.x: rope_parameters {rope_type, rope_theta, factor, ...}; 4.x: rope_theta + rope_scaling {rope_type|type, ...}.
+  const Json* scaling = nullptr;
+  std::string scaling_key;
+  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+    scaling = &j["rope_parameters"];
+    scaling_key = "rope_parameters";
+    JsonReader r{*scaling, file, ErrorKind::Model, "rope_parameters."};
+    if (r.has("rope_theta")) rope.theta = r.get_double("rope_theta");
+  }
+  JsonReader top{j, file, ErrorKind::Model};
+  if (top.has("rope_theta")) rope.theta = top.get_double("rope_theta");
+  if (top.has("rope_scaling")) {
+    if (!j["rope_scaling"].is_object()) fail_key(ErrorKind::Model, file, "rope_scaling", "expected an object or null");
+    scaling = &j["rope_scaling"];
+    scaling_key = "rope_scaling";
+  }
+  if (!(rope.theta > 0)) fail_key(ErrorKind::Model, file, "rope_theta", "must be positive");
+  if (!scaling) return rope;
+  JsonReader s{*scaling, file, ErrorKind::Model, scaling_key + "."};
+  std::string type = s.has("rope_type") ? s.get_string("rope_type") : s.get_string("type", "default");
+  if (type == "default") return rope;
+  if (type == "llama3") {
+    rope.type = RopeType::Llama3;
+    rope.factor = s.get_double("factor");
+    rope.low_freq_factor = s.get_double("low_freq_factor");
+    rope.high_freq_factor = s.get_double("high_freq_factor");
+    rope.original_max_position_embeddings = s.get_int("original_max_position_embeddings");
+    if (!(rope.factor > 0) || !(rope.high_freq_factor > rope.low_freq_factor) || rope.original_max_position_embeddings <= 0)
+      fail_key(ErrorKind::Model, file, scaling_key,
+               "llama3 scaling needs factor > 0, high_freq_factor > low_freq_factor and original_max_position_embeddings > 0");
+    return rope;
+  }
+  // Training with a rope we do not implement would silently give a different model: refuse.
+  fail_key(ErrorKind::Model, file, scaling_key + ".rope_type",
+           "unsupported rope type '" + type + "' (supported: default, llama3)");
+}
+
+LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
+  JsonReader r{j, file, ErrorKind::Model};
+  if (!j.is_object()) fail_at(ErrorKind::Model, file, "expected a JSON object");
+  LlamaConfig c;
+  c.model_type = r.get_string("model_type", "llama");
+  if (c.model_type != "llama" && c.model_type != "mistral")
+    fail_key(ErrorKind::Model, file, "model_type",
+             "unsupported architecture '" + c.model_type + "' (supported: llama, mistral)");
+  if (r.has("hidden_act") && r.get_string("hidden_act") != "silu")
+    fail_key(ErrorKind::Model, file, "hidden_act", "unsupported activation '" + r.get_string("hidden_act") + "' (expected silu)");
+  for (const char* key : {"attention_bias", "mlp_bias"})
+    if (r.get_bool(key, false)) fail_key(ErrorKind::Model, file, key, "biases in linear layers are not supported yet");
+  c.hidden_size = r.get_int("hidden_size");
+  c.intermediate_size = r.get_int("intermediate_size");
+  c.num_hidden_layers = r.get_int("num_hidden_layers");
+  c.num_attention_heads = r.get_int("num_attention_heads");
+  c.num_key_value_heads = r.get_int("num_key_value_heads", c.num_attention_heads);
+  c.vocab_size = r.get_int("vocab_size");
+  for (auto [key, v] : {std::pair<const char*, int64_t>{"hidden_size", c.hidden_size},
+                        {"intermediate_size", c.intermediate_size},
+                        {"num_hidden_layers", c.num_hidden_layers},
+                        {"num_attention_heads", c.num_attention_heads},
+                        {"num_key_value_heads", c.num_key_value_heads},
+                        {"vocab_size", c.vocab_size}})
+    if (v <= 0) fail_key(ErrorKind::Model, file, key, "must be a positive integer, got " + std::to_string(v));
+  if (c.num_attention_heads % c.num_key_value_heads != 0)
+    fail_key(ErrorKind::Model, file, "num_key_value_heads",
+             std::to_string(c.num_key_value_heads) + " does not divide num_attention_heads " +
+                 std::to_string(c.num_attention_heads));
+  if (r.has("head_dim")) {
+    c.head_dim = r.get_int("head_dim");
+  } else {
+    if (c.hidden_size % c.num_attention_heads != 0)
+      fail_key(ErrorKind::Model, file, "hidden_size", "not divisible by num_attention_heads and no head_dim given");
+    c.head_dim = c.hidden_size / c.num_attention_heads;
+  }
+  if (c.head_dim <= 0 || c.head_dim % 2 != 0)
+    fail_key(ErrorKind::Model, file, "head_dim", "must be a positive even integer, got " + std::to_string(c.head_dim));
+  c.rms_norm_eps = r.get_double("rms_norm_eps", 1e-6);
+  c.max_position_embeddings = r.get_int("max_position_embeddings", 2048);
+  c.tie_word_embeddings = r.get_bool("tie_word_embeddings", false);
+  if (r.has("dtype")) c.dtype = parse_dtype_name(r.get_string("dtype"), file, "dtype");
+  else if (r.has("torch_dtype")) c.dtype = parse_dtype_name(r.get_string("torch_dtype"), file, "torch_dtype");
+  c.rope = parse_rope(j, file);
+  if (r.has("sliding_window")) c.sliding_window = r.get_int("sliding_window");
+  if (r.has("bos_token_id") && j["bos_token_id"].is_number_integer()) c.bos_token_id = r.get_int("bos_token_id");
+  if (r.has("eos_token_id") && j["eos_token_id"].is_number_integer()) c.eos_token_id = r.get_int("eos_token_id");
+  if (r.has("eos_token_id") && j["eos_token_id"].is_array() && !j["eos_token_id"].empty())
+    c.eos_token_id = j["eos_token_id"][0].get<int64_t>();
+  return c;
+}
+
+LlamaConfig LlamaConfig::from_file(const std::string& path) {
+  return from_json(read_json_file(path, ErrorKind::Model), path);
+}
+
+Json LlamaConfig::to_json() const {
+  Json rope_params = {{"rope_theta", rope.theta}, {"rope_type", rope.type == RopeType::Llama3 ? "llama3" : "default"}};
+  if (rope.type == RopeType::Llama3) {
+    rope_params["factor"] = rope.factor;
+    rope_params["low_freq_factor"] = rope.low_freq_factor;
+    rope_params["high_freq_factor"] = rope.high_freq_factor;
+    rope_params["original_max_position_embeddings"] = rope.original_max_position_embeddings;
+  }
+  Json j = {{"architectures", {model_type == "mistral" ? "MistralForCausalLM" : "LlamaForCausalLM"}},
+            {"model_type", model_type},
+            {"hidden_size", hidden_size},
+            {"intermediate_size", intermediate_size},
+            {"num_hidden_layers", num_hidden_layers},
+            {"num_attention_heads", num_attention_heads},
+            {"num_key_value_heads", num_key_value_heads},
+            {"head_dim", head_dim},
+            {"hidden_act", "silu"},
+            {"rms_norm_eps", rms_norm_eps},
+            {"rope_parameters", rope_params},
+            {"max_position_embeddings", max_position_embeddings},
+            {"vocab_size", vocab_size},
+            {"tie_word_embeddings", tie_word_embeddings},
+            {"dtype", dtype_hf_name(dtype)},
+            {"attention_bias", false},
+            {"mlp_bias", false}};
+  if (bos_token_id >= 0) j["bos_token_id"] = bos_token_id;
+  if (eos_token_id >= 0) j["eos_token_id"] = eos_token_id;
+  if (sliding_window) j["sliding_window"] = *sliding_window;
+  return j;
+}
+
+int64_t LlamaConfig::num_parameters() const {
+  const int64_t h = hidden_size;
+  int64_t block = h * q_size() + 2 * h * kv_size() + q_size() * h + 3 * h * intermediate_size + 2 * h;
+  int64_t embed = vocab_size * h;
+  return num_hidden_layers * block + embed * (tie_word_embeddings ? 1 : 2) + h;
+}
+
+}  // namespace qt

@@ -1,0 +1,57 @@
+#pragma once
+// LlamaConfig: the fields of a Hugging Face `config.json` that define a LLaMA-family model. Files come from two
+// eras of transformers: 4.x writes top-level `rope_theta`, `rope_scaling` and `torch_dtype`; 5.x writes
+// `rope_parameters` (holding `rope_theta`, `rope_type` and the scaling) and `dtype`. Both are read.
+#include <c10/core/ScalarType.h>
+
+#include <optional>
+#include <string>
+
+#include "lib/core/json.h"
+
+namespace qt {
+
+enum class RopeType { Default, Llama3 };
+
+struct RopeConfig {
+  RopeType type = RopeType::Default;
+  double theta = 10000.0;
+  // llama3 scaling (Meta's reference code for Llama 3.1; transformers `_compute_llama3_parameters`).
+  double factor = 1.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 8192;
+};
+
+struct LlamaConfig {
+  std::string model_type = "llama";
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_hidden_layers = 0;
+  int64_t num_attention_heads = 0;
+  int64_t num_key_value_heads = 0;  // GQA: fewer KV heads than query heads; equal for plain multi-head
+  int64_t head_dim = 0;
+  double rms_norm_eps = 1e-6;
+  RopeConfig rope;
+  int64_t max_position_embeddings = 2048;
+  int64_t vocab_size = 0;
+  bool tie_word_embeddings = false;
+  c10::ScalarType dtype = c10::ScalarType::Float;  // torch_dtype / dtype: the dtype the weights were saved in
+  std::optional<int64_t> sliding_window;           // Mistral; attention beyond it is not implemented yet
+  int64_t bos_token_id = -1;
+  int64_t eos_token_id = -1;
+
+  // Parses and validates; `file` names the source in errors.
+  static LlamaConfig from_json(const Json& json, const std::string& file);
+  static LlamaConfig from_file(const std::string& path);
+  Json to_json() const;  // HF 5.x spelling (rope_parameters, dtype), with the 4.x rope_theta too
+
+  int64_t q_size() const { return num_attention_heads * head_dim; }
+  int64_t kv_size() const { return num_key_value_heads * head_dim; }
+  int64_t num_parameters() const;  // with the embeddings and lm_head (once when tied)
+};
+
+c10::ScalarType parse_dtype_name(const std::string& name, const std::string& file, const std::string& key);
+std::string dtype_hf_name(c10::ScalarType type);  // "bfloat16", "float16", "float32"
+
+}  // namespace qt

@@ -1,0 +1,69 @@
+"""Small random LLaMA checkpoints saved by transformers, with reference logits, loss and gradients.
+
+For each case: <out>/llama/<case>/model/ (config.json + safetensors, as save_pretrained writes them) and
+<out>/llama/<case>/reference.safetensors holding input_ids, labels, logits, loss, the gradient of the loss with
+respect to the input embeddings ("grad.inputs_embeds") and to every weight ("grad.<hf name>")."""
+import json, pathlib
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+CASES = {
+    # GQA, untied, one file, transformers 5.x config (rope_parameters, dtype).
+    "gqa_untied": dict(cfg=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False), shard=None, era=5),
+    # Plain multi-head, tied embeddings, sharded files with an index.
+    "mha_tied_sharded": dict(cfg=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3,
+                                      num_key_value_heads=3, vocab_size=256, tie_word_embeddings=True),
+                             shard="40KB", era=5),
+    # Llama 3.1 rope scaling, explicit head_dim != hidden/heads, written the transformers 4.x way.
+    "llama3_rope_v4": dict(cfg=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=1, head_dim=24, vocab_size=320, tie_word_embeddings=False,
+                                    max_position_embeddings=256, rope_theta=500000.0,
+                                    rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                      high_freq_factor=4.0, original_max_position_embeddings=16)),
+                           shard=None, era=4),
+}
+
+def to_v4_config(path: pathlib.Path):
+    """Rewrites a 5.x config.json in the 4.x spelling: top-level rope_theta / rope_scaling, torch_dtype."""
+    c = json.loads(path.read_text())
+    rp = c.pop("rope_parameters", None) or {}
+    c["rope_theta"] = rp.pop("rope_theta", 10000.0)
+    c["rope_scaling"] = rp if rp.get("rope_type", "default") != "default" else None
+    if "dtype" in c:
+        c["torch_dtype"] = c.pop("dtype")
+    path.write_text(json.dumps(c, indent=2))
+
+def generate(out: pathlib.Path):
+    torch.manual_seed(1234)
+    for name, case in CASES.items():
+        d = out / "llama" / name
+        (d / "model").mkdir(parents=True, exist_ok=True)
+        cfg = LlamaConfig(**case["cfg"], rms_norm_eps=1e-5, attn_implementation="eager")
+        model = LlamaForCausalLM(cfg).float().eval()
+        with torch.no_grad():  # norms at 1.0 would hide a missing scale: randomise them
+            for n, p in model.named_parameters():
+                if "norm" in n:
+                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        kw = dict(safe_serialization=True)
+        if case["shard"]:
+            kw["max_shard_size"] = case["shard"]
+        model.save_pretrained(d / "model", **kw)
+        if case["era"] == 4:
+            to_v4_config(d / "model" / "config.json")
+        B, S = 2, 17
+        ids = torch.randint(0, cfg.vocab_size, (B, S))
+        labels = ids.clone()
+        labels[0, :3] = -100  # some ignored positions
+        emb = model.model.embed_tokens(ids)
+        emb.retain_grad()
+        logits = model(inputs_embeds=emb).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size).float(),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        ref = {"input_ids": ids, "labels": labels, "logits": logits.detach(), "loss": loss.detach().reshape(1),
+               "grad.inputs_embeds": emb.grad}
+        for n, p in model.named_parameters():
+            ref["grad." + n] = p.grad.detach().clone()
+        save_file({k: v.contiguous() for k, v in ref.items()}, str(d / "reference.safetensors"))

@@ -1,0 +1,29 @@
+#pragma once
+// Small helpers shared by the C++ tests.
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <string>
+
+namespace qt::test {
+
+// ||a - b|| / ||b|| in float64; NaN anywhere makes it infinite so that it never passes a bound.
+inline double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor x = a.detach().to(at::kCPU, at::kDouble), y = b.detach().to(at::kCPU, at::kDouble);
+  if (!x.isfinite().all().item<bool>() || !y.isfinite().all().item<bool>()) return INFINITY;
+  double denom = y.norm().item<double>();
+  double num = (x - y).norm().item<double>();
+  return denom == 0 ? num : num / denom;
+}
+
+inline std::string fixture(const std::string& rel) { return std::string(QT_FIXTURES) + "/" + rel; }
+
+// A fresh empty directory under the build tree, removed and re-created on each call.
+inline std::string scratch_dir(const std::string& name) {
+  auto p = std::filesystem::path(QT_FIXTURES).parent_path() / "scratch" / name;
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p.string();
+}
+
+}  // namespace qt::test
