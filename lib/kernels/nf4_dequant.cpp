@@ -1,0 +1,94 @@
+// Tensor-level NF4 dequantization: the CUDA kernel (nf4_dequant.cu) for CUDA tensors, the reference
+// (nf4_ref.cpp) for CPU tensors.
+#include "lib/kernels/nf4_dequant.h"
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+#include "lib/core/error.h"
+
+#ifdef QT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace qt::kernels {
+
+#ifndef QT_WITH_CUDA
+bool nf4_cuda_compiled() { return false; }
+void nf4_dequant_launch(const Nf4DequantJob*, int, Nf4OutType, CUstream_st*) {
+  fail(ErrorKind::Device, "nf4_dequant_launch: this build has no CUDA kernels (QT_CUDA=OFF)");
+}
+#endif
+
+namespace {
+
+Nf4OutType out_type(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return Nf4OutType::Float32;
+    case at::kHalf: return Nf4OutType::Float16;
+    case at::kBFloat16: return Nf4OutType::BFloat16;
+    default:
+      fail(ErrorKind::Internal, std::string("NF4 dequantize: output must be float32/bfloat16/float16, got ") +
+                                    c10::toString(t));
+  }
+}
+
+void check_out(const Nf4Data& d, const at::Tensor& out) {
+  check_nf4_data(d);
+  QT_CHECK(out.defined() && out.is_contiguous() && out.numel() == d.numel, ErrorKind::Internal,
+           "NF4 dequantize: output must be contiguous with " + std::to_string(d.numel) + " elements");
+  QT_CHECK(out.device() == d.packed.device(), ErrorKind::Internal,
+           "NF4 dequantize: output on " + out.device().str() + ", data on " + d.packed.device().str());
+  out_type(out.scalar_type());
+}
+
+Nf4DequantJob job_of(const Nf4Data& d, at::Tensor& out) {
+  Nf4DequantJob job;
+  job.packed = d.packed.data_ptr<uint8_t>();
+  job.absmax_q = d.absmax_q.data_ptr<uint8_t>();
+  job.nested_absmax = d.nested_absmax.data_ptr<float>();
+  job.nested_map = d.nested_map.data_ptr<float>();
+  job.quant_map = d.quant_map.data_ptr<float>();
+  job.offset = d.offset;
+  job.numel = d.numel;
+  job.blocksize = static_cast<int32_t>(d.blocksize);
+  job.out = out.data_ptr();
+  return job;
+}
+
+}  // namespace
+
+void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, std::vector<at::Tensor>& outs) {
+  QT_CHECK(!ds.empty() && ds.size() == outs.size(), ErrorKind::Internal,
+           "nf4_dequant_group_into: one output per weight expected");
+  for (size_t i = 0; i < ds.size(); ++i) check_out(*ds[i], outs[i]);
+  if (!outs[0].is_cuda()) {
+    for (size_t i = 0; i < ds.size(); ++i) outs[i].view({-1}).copy_(nf4_dequant_ref(*ds[i], outs[i].scalar_type()));
+    return;
+  }
+#ifdef QT_WITH_CUDA
+  QT_CHECK(ds.size() <= static_cast<size_t>(kNf4MaxJobs), ErrorKind::Internal,
+           "nf4_dequant_group_into: at most " + std::to_string(kNf4MaxJobs) + " weights per launch");
+  const auto type = outs[0].scalar_type();
+  const c10::cuda::CUDAGuard guard(outs[0].device());
+  Nf4DequantJob jobs[kNf4MaxJobs];
+  for (size_t i = 0; i < ds.size(); ++i) {
+    QT_CHECK(outs[i].scalar_type() == type && outs[i].device() == outs[0].device(), ErrorKind::Internal,
+             "nf4_dequant_group_into: all outputs must share one dtype and device");
+    jobs[i] = job_of(*ds[i], outs[i]);
+  }
+  nf4_dequant_launch(jobs, static_cast<int>(ds.size()), out_type(type), at::cuda::getCurrentCUDAStream().stream());
+#else
+  fail(ErrorKind::Device, "NF4 dequantize: CUDA tensor given but this build has no CUDA kernels (QT_CUDA=OFF)");
+#endif
+}
+
+void nf4_dequant_into(const Nf4Data& d, at::Tensor& out) {
+  std::vector<const Nf4Data*> ds{&d};
+  std::vector<at::Tensor> outs{out};
+  nf4_dequant_group_into(ds, outs);
+}
+
+}  // namespace qt::kernels
