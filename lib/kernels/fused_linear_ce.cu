@@ -1,0 +1,240 @@
+// CUDA tile kernel of the fused linear cross-entropy: one block per token row of a logits tile that cuBLAS has
+// just written. Pass 1 reads the row once, keeping a running max and sum-exp in fp32 (online softmax, Milakov &
+// Gimelshein 2018, "Online normalizer calculation for softmax"), plus the sum of logits for label smoothing.
+// Pass 2 reads it again and overwrites it with d loss / d logits, so the tile becomes the gradient tile G that
+// the next GEMMs consume (dh = G W, dW += G^T h). Same idea as llm.c's fused_classifier kernel.
+// Reference: fused_linear_ce_ref.cpp (same formulas in ATen).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "lib/core/error.h"
+#include "lib/kernels/fused_linear_ce_kernel.h"
+
+namespace qt::kernels {
+namespace {
+
+template <typename T>
+struct Io;
+template <>
+struct Io<float> {
+  __device__ static float load(float v) { return v; }
+  __device__ static float store(float v) { return v; }
+};
+template <>
+struct Io<__nv_bfloat16> {
+  __device__ static float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Io<__half> {
+  __device__ static float load(__half v) { return __half2float(v); }
+  __device__ static __half store(float v) { return __float2half_rn(v); }
+};
+
+// Adds one logit to a running (max, sum of exp(z - max)). __expf (ex2.approx) keeps the kernel memory-bound;
+// its error is a few ulp for the arguments that matter (z - max in [-20, 0]).
+__device__ __forceinline__ void online_add(float& m, float& s, float z) {
+  if (z > m) {
+    s = s * __expf(m - z) + 1.f;  // m = -inf at start: exp(-inf) = 0, no NaN
+    m = z;
+  } else {
+    s += __expf(z - m);
+  }
+}
+
+__device__ __forceinline__ void online_merge(float& m, float& s, float m2, float s2) {
+  const float mn = fmaxf(m, m2);
+  if (mn == -INFINITY) return;  // both empty (threads that saw no element)
+  s = s * __expf(m - mn) + s2 * __expf(m2 - mn);
+  m = mn;
+}
+
+__device__ __forceinline__ void warp_reduce(float& m, float& s, float& zsum) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    zsum += __shfl_xor_sync(0xffffffffu, zsum, off);
+    online_merge(m, s, m2, s2);
+  }
+}
+
+struct Capper {
+  float cap;
+  __device__ __forceinline__ float operator()(float v) const { return cap > 0.f ? cap * tanhf(v / cap) : v; }
+};
+
+template <typename T, int kThreads, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    ce_tile_kernel(T* __restrict__ logits, int64_t vocab, int64_t ld, const int64_t* __restrict__ labels,
+                   float* __restrict__ loss_rows, bool write_grad, CeTileParams p) {
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kVecElems = 16 / sizeof(T);  // one 16-byte load
+  __shared__ float smem[3 * 32 + 4];
+  const int tid = threadIdx.x;
+  const int64_t row = blockIdx.x;
+  T* x = logits + row * ld;
+  const int64_t y = labels[row];
+  const bool ignored = y == p.ignore_index;
+  const bool bad = !ignored && (y < 0 || y >= vocab);
+  const int64_t nvec = kVec ? vocab / kVecElems : 0;
+
+  if (ignored || bad) {
+    if (write_grad) {
+      if constexpr (kVec) {
+        uint4* xv = reinterpret_cast<uint4*>(x);
+        for (int64_t i = tid; i < nvec; i += kThreads) xv[i] = make_uint4(0, 0, 0, 0);
+      }
+      for (int64_t j = nvec * kVecElems + tid; j < vocab; j += kThreads) x[j] = Io<T>::store(0.f);
+    }
+    if (tid == 0) loss_rows[row] = bad ? NAN : 0.f;
+    return;
+  }
+
+  const Capper capped{p.logit_softcap};
+  if (tid == 0) smem[3 * 32] = capped(Io<T>::load(x[y]));  // z_y, read before pass 2 overwrites the row
+
+  float m = -INFINITY, s = 0.f, zsum = 0.f;
+  if constexpr (kVec) {
+    const uint4* xv = reinterpret_cast<const uint4*>(x);
+    for (int64_t i = tid; i < nvec; i += kThreads) {
+      const uint4 raw = xv[i];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int k = 0; k < kVecElems; ++k) {
+        const float z = capped(Io<T>::load(e[k]));
+        online_add(m, s, z);
+        zsum += z;
+      }
+    }
+  }
+  for (int64_t j = nvec * kVecElems + tid; j < vocab; j += kThreads) {
+    const float z = capped(Io<T>::load(x[j]));
+    online_add(m, s, z);
+    zsum += z;
+  }
+
+  warp_reduce(m, s, zsum);
+  const int warp = tid / 32, lane = tid % 32;
+  if (lane == 0) {
+    smem[warp] = m;
+    smem[32 + warp] = s;
+    smem[64 + warp] = zsum;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < kWarps ? smem[lane] : -INFINITY;
+    s = lane < kWarps ? smem[32 + lane] : 0.f;
+    zsum = lane < kWarps ? smem[64 + lane] : 0.f;
+    warp_reduce(m, s, zsum);
+    if (lane == 0) {
+      smem[3 * 32 + 1] = m;
+      smem[3 * 32 + 2] = s;
+      smem[3 * 32 + 3] = zsum;
+    }
+  }
+  __syncthreads();
+  m = smem[3 * 32 + 1];
+  s = smem[3 * 32 + 2];
+  zsum = smem[3 * 32 + 3];
+  const float z_y = smem[3 * 32];
+
+  const float eps = p.label_smoothing;
+  const float lse = m + logf(s);
+  if (tid == 0) {
+    loss_rows[row] =
+        lse - (1.f - eps) * z_y - eps / static_cast<float>(vocab) * zsum + p.z_loss * lse * lse;
+  }
+  if (!write_grad) return;
+
+  // d loss / d z_j = softmax_j (1 + 2 z_loss lse) - eps / V - (1 - eps) [j == y]; times 1 - (z_j / cap)^2
+  // through the soft-cap (d/dx cap tanh(x / cap)).
+  const float scale = 1.f + 2.f * p.z_loss * lse;
+  const float smooth = eps / static_cast<float>(vocab);
+  const float cap = p.logit_softcap;
+  auto grad = [&](float raw, int64_t j) {
+    const float z = capped(raw);
+    float g = scale * __expf(z - lse) - smooth;
+    if (j == y) g -= 1.f - eps;
+    if (cap > 0.f) {
+      const float t = z / cap;
+      g *= 1.f - t * t;
+    }
+    return g;
+  };
+  if constexpr (kVec) {
+    uint4* xv = reinterpret_cast<uint4*>(x);
+    for (int64_t i = tid; i < nvec; i += kThreads) {
+      const uint4 raw = xv[i];
+      const T* e = reinterpret_cast<const T*>(&raw);
+      uint4 packed;
+      T* o = reinterpret_cast<T*>(&packed);
+#pragma unroll
+      for (int k = 0; k < kVecElems; ++k) o[k] = Io<T>::store(grad(Io<T>::load(e[k]), i * kVecElems + k));
+      xv[i] = packed;
+    }
+  }
+  for (int64_t j = nvec * kVecElems + tid; j < vocab; j += kThreads) x[j] = Io<T>::store(grad(Io<T>::load(x[j]), j));
+}
+
+template <typename T, int kThreads>
+void launch_threads(T* logits, int64_t rows, int64_t vocab, int64_t ld, const int64_t* labels, float* loss_rows,
+                    bool write_grad, const CeTileParams& params, cudaStream_t stream) {
+  constexpr int kVecElems = 16 / sizeof(T);
+  // 16-byte accesses need every row start 16-byte aligned: base pointer and row stride.
+  const bool vec = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && ld % kVecElems == 0;
+  const dim3 grid(static_cast<unsigned>(rows));
+  if (vec) {
+    ce_tile_kernel<T, kThreads, true><<<grid, kThreads, 0, stream>>>(logits, vocab, ld, labels, loss_rows,
+                                                                     write_grad, params);
+  } else {
+    ce_tile_kernel<T, kThreads, false><<<grid, kThreads, 0, stream>>>(logits, vocab, ld, labels, loss_rows,
+                                                                      write_grad, params);
+  }
+}
+
+template <typename T>
+void launch(void* logits, int64_t rows, int64_t vocab, int64_t ld, const int64_t* labels, float* loss_rows,
+            bool write_grad, const CeTileParams& params, cudaStream_t stream) {
+  // A 128k-vocab row is 16k 16-byte vectors: 1024 threads give each 16 loads per pass. Small vocabularies
+  // (tests, small models) would leave most of a 1024-thread block idle.
+  T* x = static_cast<T*>(logits);
+  if (vocab >= 16384) {
+    launch_threads<T, 1024>(x, rows, vocab, ld, labels, loss_rows, write_grad, params, stream);
+  } else {
+    launch_threads<T, 256>(x, rows, vocab, ld, labels, loss_rows, write_grad, params, stream);
+  }
+}
+
+}  // namespace
+
+void ce_tile_loss_grad(void* logits, CeTileDtype dtype, int64_t rows, int64_t vocab, int64_t ld,
+                       const int64_t* labels, float* loss_rows, bool write_grad, const CeTileParams& params,
+                       void* stream) {
+  if (rows <= 0) return;
+  QT_CHECK(rows <= INT32_MAX && vocab > 0 && ld >= vocab, ErrorKind::Internal,
+           "ce_tile_loss_grad: bad tile shape");
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case CeTileDtype::F32:
+      launch<float>(logits, rows, vocab, ld, labels, loss_rows, write_grad, params, s);
+      break;
+    case CeTileDtype::BF16:
+      launch<__nv_bfloat16>(logits, rows, vocab, ld, labels, loss_rows, write_grad, params, s);
+      break;
+    case CeTileDtype::F16:
+      launch<__half>(logits, rows, vocab, ld, labels, loss_rows, write_grad, params, s);
+      break;
+  }
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    fail(ErrorKind::Device, std::string("fused linear cross-entropy kernel launch: ") + cudaGetErrorString(err));
+  }
+}
+
+}  // namespace qt::kernels

@@ -1,0 +1,87 @@
+// CUDA driver of the fused linear cross-entropy: per chunk of tokens, the logits tile through cuBLAS (via
+// at::mm_out, storage dtype = input dtype, fp32 accumulation), the tile kernel (fused_linear_ce.cu) turning
+// it into the gradient tile in place, then dh = G W and dW += G^T h through cuBLAS again.
+#include "lib/core/error.h"
+#include "lib/kernels/fused_linear_ce_impl.h"
+#include "lib/kernels/fused_linear_ce_kernel.h"
+
+#ifdef QT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace qt::detail {
+
+#ifdef QT_WITH_CUDA
+
+bool fused_linear_ce_cuda_available() { return true; }
+
+FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& weight_in, const at::Tensor& labels,
+                                    const FusedLinearCeOptions& options, int64_t chunk, bool want_dh,
+                                    bool want_dw) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t tokens = hidden.size(0);
+  const int64_t hid = hidden.size(1);
+  const int64_t vocab = weight_in.size(0);
+  kernels::CeTileDtype dtype;
+  switch (hidden.scalar_type()) {
+    case at::kFloat: dtype = kernels::CeTileDtype::F32; break;
+    case at::kBFloat16: dtype = kernels::CeTileDtype::BF16; break;
+    case at::kHalf: dtype = kernels::CeTileDtype::F16; break;
+    default: fail(ErrorKind::Internal, "fused_linear_ce_cuda: unsupported dtype");
+  }
+  kernels::CeTileParams params;
+  params.ignore_index = options.ignore_index;
+  params.label_smoothing = static_cast<float>(options.label_smoothing);
+  params.z_loss = static_cast<float>(options.z_loss);
+  params.logit_softcap = static_cast<float>(options.logit_softcap);
+
+  // A weight with odd strides would be copied by every GEMM; copy it once instead (a no-op when contiguous).
+  const at::Tensor weight = weight_in.contiguous();
+  const at::Tensor y = labels.contiguous();
+  const bool write_grad = want_dh || want_dw;
+  FusedCeForward out;
+  out.loss_rows = at::empty({tokens}, hidden.options().dtype(at::kFloat));
+  if (want_dh) out.dh = at::empty({tokens, hid}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
+  if (want_dw) out.dw = tokens == 0 ? at::zeros_like(weight) : at::empty_like(weight);
+  const int64_t tile_rows = std::min(chunk, tokens);
+  // One tile, reused by every chunk: [chunk, V] in the input dtype (bf16: the memory bound of the design).
+  at::Tensor tile = at::empty({tile_rows, vocab}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
+  void* stream = at::cuda::getCurrentCUDAStream().stream();
+
+  for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
+    const int64_t rows = std::min(chunk, tokens - t0);
+    const at::Tensor h = hidden.narrow(0, t0, rows);
+    at::Tensor z = tile.narrow(0, 0, rows);
+    at::mm_out(z, h, weight.t());
+    kernels::ce_tile_loss_grad(z.data_ptr(), dtype, rows, vocab, vocab, y.data_ptr<int64_t>() + t0,
+                               out.loss_rows.data_ptr<float>() + t0, write_grad, params, stream);
+    if (want_dh) {
+      at::Tensor dh = out.dh.narrow(0, t0, rows);
+      at::mm_out(dh, z, weight);
+    }
+    if (want_dw) {
+      // The first chunk writes dW (beta = 0: no zero-fill pass over V x H); later ones accumulate into it.
+      // cuBLAS accumulates in fp32 and rounds once per chunk into dW's dtype.
+      if (t0 == 0) {
+        at::mm_out(out.dw, z.t(), h);
+      } else {
+        out.dw.addmm_(z.t(), h);
+      }
+    }
+  }
+  return out;
+}
+
+#else
+
+bool fused_linear_ce_cuda_available() { return false; }
+
+FusedCeForward fused_linear_ce_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                    const FusedLinearCeOptions&, int64_t, bool, bool) {
+  fail(ErrorKind::Internal, "fused_linear_ce_cuda: this build has no CUDA kernels (QT_CUDA off)");
+}
+
+#endif
+
+}  // namespace qt::detail

@@ -1,0 +1,25 @@
+#pragma once
+// Raw-pointer launcher of the CUDA tile kernel of the fused linear cross-entropy (fused_linear_ce.cu).
+// No CUDA header here: the stream travels as void* (a cudaStream_t), so CPU-only code may include this.
+#include <cstdint>
+
+namespace qt::kernels {
+
+enum class CeTileDtype { F32, BF16, F16 };
+
+struct CeTileParams {
+  int64_t ignore_index = -100;
+  float label_smoothing = 0.f;
+  float z_loss = 0.f;
+  float logit_softcap = 0.f;  // 0: off
+};
+
+// For each of `rows` rows of `logits` (row r at logits + r * ld elements, `vocab` valid columns):
+// loss_rows[r] = lse(z) - (1 - eps) z_y - eps mean(z) + z_loss lse^2 with z the (soft-capped) logits,
+// 0 when labels[r] == ignore_index, NaN when the label is out of range. With write_grad, the row is overwritten
+// in place by d loss_r / d logits (zeros for ignored rows). Math in fp32 whatever the storage dtype.
+void ce_tile_loss_grad(void* logits, CeTileDtype dtype, int64_t rows, int64_t vocab, int64_t ld,
+                       const int64_t* labels, float* loss_rows, bool write_grad, const CeTileParams& params,
+                       void* stream);
+
+}  // namespace qt::kernels
