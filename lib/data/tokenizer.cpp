@@ -1,0 +1,154 @@
+#include "lib/data/tokenizer.h"
+
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <sstream>
+
+#include "lib/core/error.h"
+#include "lib/core/json.h"
+#include "lib/data/bpe_tokenizer.h"
+#include "lib/data/sentencepiece_tokenizer.h"
+
+namespace qt {
+namespace fs = std::filesystem;
+
+std::vector<int32_t> Tokenizer::encode_document(std::string_view text) const {
+  std::vector<int32_t> ids;
+  if (add_bos_ && bos_id_ >= 0) ids.push_back(bos_id_);
+  std::vector<int32_t> body = encode(text);
+  ids.insert(ids.end(), body.begin(), body.end());
+  if (add_eos_ && eos_id_ >= 0) ids.push_back(eos_id_);
+  return ids;
+}
+
+namespace {
+
+// A special token as transformers writes it in tokenizer_config.json / special_tokens_map.json: a string,
+// an AddedToken object {"content": ...}, or null (the model has none).
+struct TokenSetting {
+  bool present = false;             // the key is there
+  std::optional<std::string> name;  // nullopt: explicitly null
+  std::string file;
+};
+
+TokenSetting token_setting(const Json& doc, const std::string& file, const std::string& key) {
+  TokenSetting s;
+  if (!doc.is_object() || !doc.contains(key)) return s;
+  s.present = true;
+  s.file = file;
+  const Json& v = doc.at(key);
+  if (v.is_null()) return s;
+  if (v.is_string()) {
+    s.name = v.get<std::string>();
+  } else if (v.is_object() && v.contains("content") && v.at("content").is_string()) {
+    s.name = v.at("content").get<std::string>();
+  } else {
+    fail_key(ErrorKind::Model, file, key, "expected a string or an object with a string \"content\", got " + v.dump());
+  }
+  return s;
+}
+
+std::optional<bool> bool_setting(const Json& doc, const std::string& file, const std::string& key) {
+  if (!doc.is_object() || !doc.contains(key) || doc.at(key).is_null()) return std::nullopt;
+  if (!doc.at(key).is_boolean())
+    fail_key(ErrorKind::Model, file, key, "expected true or false, got " + doc.at(key).dump());
+  return doc.at(key).get<bool>();
+}
+
+std::string read_text_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail_at(ErrorKind::Model, path.string(), "cannot be read");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} (the "default" one is
+// used). Newer transformers versions save it beside the config instead: chat_template.jinja or
+// chat_template.json.
+std::string chat_template(const Json& cfg, const fs::path& dir, const std::string& cfg_file) {
+  if (cfg.is_object() && cfg.contains("chat_template") && !cfg.at("chat_template").is_null()) {
+    const Json& t = cfg.at("chat_template");
+    if (t.is_string()) return t.get<std::string>();
+    if (t.is_array() && !t.empty()) {
+      for (const auto& entry : t)
+        if (entry.value("name", "") == "default" && entry.contains("template")) return entry.at("template").get<std::string>();
+      if (t.at(0).contains("template") && t.at(0).at("template").is_string()) return t.at(0).at("template").get<std::string>();
+    }
+    fail_key(ErrorKind::Model, cfg_file, "chat_template",
+             "expected a string or a list of {\"name\", \"template\"}, got " + t.dump().substr(0, 80));
+  }
+  if (fs::exists(dir / "chat_template.jinja")) return read_text_file(dir / "chat_template.jinja");
+  if (fs::exists(dir / "chat_template.json")) {
+    std::string file = (dir / "chat_template.json").string();
+    return JsonReader{read_json_file(file, ErrorKind::Model), file, ErrorKind::Model}.get_string("chat_template");
+  }
+  return "";
+}
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir) {
+  const fs::path dir(model_dir);
+  if (!fs::is_directory(dir))
+    fail_at(ErrorKind::Model, model_dir, "not a directory (expected a model directory with tokenizer files)");
+  const fs::path json_path = dir / "tokenizer.json", model_path = dir / "tokenizer.model";
+  const bool has_json = fs::exists(json_path), has_model = fs::exists(model_path);
+
+  std::unique_ptr<Tokenizer> tok;
+  if (has_json) {
+    Json doc = read_json_file(json_path.string(), ErrorKind::Model);
+    const Json* model = doc.is_object() && doc.contains("model") ? &doc.at("model") : nullptr;
+    std::string type = model && model->is_object() ? model->value("type", "") : "";
+    if ((type == "BPE" || type.empty()) && is_byte_level_tokenizer_json(doc)) {
+      tok = std::make_unique<BpeTokenizer>(doc, json_path.string());
+    } else if (!has_model) {
+      // Only byte-level BPE is implemented from tokenizer.json; other models (sentencepiece-style BPE with
+      // byte_fallback, WordPiece, Unigram) need their tokenizer.model.
+      if (type != "BPE")
+        fail_key(ErrorKind::Model, json_path.string(), "model.type",
+                 "expected \"BPE\" (byte-level, as Llama 3), got " + (model && model->contains("type") ? model->at("type").dump() : "none") +
+                     "; and there is no tokenizer.model (sentencepiece) in " + model_dir);
+      fail_key(ErrorKind::Model, json_path.string(), "pre_tokenizer",
+               "expected a ByteLevel pre-tokenizer (as Llama 3); and there is no tokenizer.model (sentencepiece) in " +
+                   model_dir);
+    }
+  }
+  if (!tok && has_model) tok = std::make_unique<SentencePieceTokenizer>(model_path.string());
+  if (!tok)
+    fail_at(ErrorKind::Model, model_dir,
+            "no tokenizer found: expected tokenizer.json (byte-level BPE, Llama 3) or tokenizer.model "
+            "(sentencepiece, Llama 2)");
+
+  // Special tokens: tokenizer_config.json, then special_tokens_map.json, then what the model files imply.
+  const std::string cfg_file = (dir / "tokenizer_config.json").string();
+  const std::string map_file = (dir / "special_tokens_map.json").string();
+  const Json cfg = fs::exists(cfg_file) ? read_json_file(cfg_file, ErrorKind::Model) : Json::object();
+  const Json map = fs::exists(map_file) ? read_json_file(map_file, ErrorKind::Model) : Json::object();
+  const TokenizerDefaults d = tok->defaults();
+
+  auto resolve = [&](const std::string& key, int32_t fallback) {
+    TokenSetting s = token_setting(cfg, cfg_file, key);
+    if (!s.present) s = token_setting(map, map_file, key);
+    if (!s.present) return fallback;
+    if (!s.name) return int32_t{-1};
+    int32_t id = tok->token_to_id(*s.name);
+    if (id < 0) fail_key(ErrorKind::Model, s.file, key, "\"" + *s.name + "\" is not a token of the tokenizer");
+    return id;
+  };
+  tok->bos_id_ = resolve("bos_token", d.bos_id);
+  tok->eos_id_ = resolve("eos_token", d.eos_id);
+  // An explicit add_bos_token / add_eos_token wins over the post-processor (transformers' LlamaTokenizerFast
+  // rebuilds its template from these flags).
+  tok->add_bos_ = bool_setting(cfg, cfg_file, "add_bos_token").value_or(d.add_bos);
+  tok->add_eos_ = bool_setting(cfg, cfg_file, "add_eos_token").value_or(d.add_eos);
+  if (tok->add_bos_ && tok->bos_id_ < 0)
+    fail_key(ErrorKind::Model, cfg_file, "add_bos_token", "is true but the tokenizer has no BOS token");
+  if (tok->add_eos_ && tok->eos_id_ < 0)
+    fail_key(ErrorKind::Model, cfg_file, "add_eos_token", "is true but the tokenizer has no EOS token");
+  tok->chat_template_ = chat_template(cfg, dir, cfg_file);
+  return tok;
+}
+
+}  // namespace qt

@@ -1,0 +1,47 @@
+#include "lib/data/unicode_text.h"
+
+#include "lib/data/unicode_tables.h"
+
+namespace qt::unicode {
+
+char32_t decode_utf8(std::string_view text, std::size_t pos, std::size_t* len) {
+  const auto byte = [&](std::size_t i) { return static_cast<unsigned char>(text[i]); };
+  const unsigned char b0 = byte(pos);
+  *len = 1;
+  if (b0 < 0x80) return b0;
+  std::size_t n;
+  char32_t cp, min;
+  if ((b0 & 0xE0) == 0xC0) {
+    n = 2, cp = b0 & 0x1F, min = 0x80;
+  } else if ((b0 & 0xF0) == 0xE0) {
+    n = 3, cp = b0 & 0x0F, min = 0x800;
+  } else if ((b0 & 0xF8) == 0xF0) {
+    n = 4, cp = b0 & 0x07, min = 0x10000;
+  } else {
+    return k_invalid;
+  }
+  if (pos + n > text.size()) return k_invalid;
+  for (std::size_t i = 1; i < n; ++i) {
+    const unsigned char b = byte(pos + i);
+    if ((b & 0xC0) != 0x80) return k_invalid;
+    cp = (cp << 6) | (b & 0x3F);
+  }
+  if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return k_invalid;
+  *len = n;
+  return cp;
+}
+
+bool in_table(const CodepointRange* table, std::size_t size, char32_t c) {
+  std::size_t lo = 0, hi = size;  // binary search for the first range with hi >= c
+  while (lo < hi) {
+    std::size_t mid = (lo + hi) / 2;
+    if (table[mid].hi < c) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo < size && table[lo].lo <= c;
+}
+
+}  // namespace qt::unicode

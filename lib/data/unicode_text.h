@@ -1,0 +1,17 @@
+#pragma once
+// UTF-8 decoding for the tokenizers: one codepoint at a time, tolerant of invalid input (an invalid byte is
+// returned as its own "codepoint" k_invalid so that byte-level BPE still sees and encodes every byte).
+#include <cstddef>
+#include <string_view>
+
+namespace qt::unicode {
+
+// Not a Unicode scalar value: marks a byte that does not start a valid UTF-8 sequence. It belongs to none of
+// the classes \p{L}, \p{N}, \s.
+constexpr char32_t k_invalid = 0xFFFFFFFF;
+
+// Decodes the codepoint starting at text[pos] and stores its length in bytes (1..4) in *len. Overlong forms,
+// surrogates and values above U+10FFFF are invalid (RFC 3629 section 3): k_invalid with *len = 1.
+char32_t decode_utf8(std::string_view text, std::size_t pos, std::size_t* len);
+
+}  // namespace qt::unicode

@@ -1,0 +1,222 @@
+"""Tokenizer oracles: a small sentencepiece model configured like Llama 2's and a small byte-level BPE
+tokenizer.json configured like Llama 3's, both trained here on a generated multilingual corpus, plus the ids
+that the reference libraries (sentencepiece, tokenizers, transformers) give for a set of test strings.
+
+Writes under out_dir/tokenizer/:
+  spm/       tokenizer.model, tokenizer_config.json, special_tokens_map.json   (Llama 2 layout)
+  bpe/       tokenizer.json, tokenizer_config.json                             (Llama 3 layout; merges as pairs)
+  bpe_legacy/ the same BPE with merges as "a b" strings and ignore_merges=true (older / Llama 3 files)
+  bad_*/     broken model directories for error tests
+  cases.json expected results, read by tests/test_tokenizer.cpp
+"""
+import json, pathlib, random, shutil
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                   "<|eot_id|>"]
+CHAT_TEMPLATE_L3 = ("{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+                    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}")
+CHAT_TEMPLATE_L2 = "{% for message in messages %}[INST] {{ message['content'] }} [/INST]{% endfor %}"
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "tokenizer", "training", "model",
+         "I'll", "DON'T", "we're", "you've", "she's", "they'd", "I'm", "café", "naïve", "résumé", "über",
+         "straße", "élève", "mañana", "Ελληνικά", "русский", "язык", "日本語", "中文", "分词器", "한국어",
+         "😀", "🚀", "👍🏽", "العربية", "हिन्दी", "1234567", "3.14159", "2024", "42", "x=y+1;", "(a,b)",
+         "--", "...", "\"quoted\"", "#tag", "e-mail", "don't", "ünïcödé"]
+
+TEST_STRINGS = [
+    "Hello world", "Hello, world!", " leading space", "trailing space ", "  two leading", "double  space",
+    "tabs\tand\ttabs", "new\nline", "two\n\nnewlines", "crlf\r\nline", "ends with newline\n", "\n\nstarts",
+    "   \n  mixed whitespace  \n\t ", "I'll go", "DON'T stop", "we're here, you've seen, she's gone",
+    "They'D BE 'S 'll 'Ll", "it's 'sdf", "numbers 1234567 and 3.14159 and 42", "1234567890123",
+    "a1b22c333d4444", "café naïve résumé", "Straße über Ökonomie", "mañana élève",
+    "Ελληνικά κείμενο", "русский язык", "日本語のテキスト", "中文分词器测试", "한국어 문장",
+    "emoji 😀🚀 and 👍🏽 skin", "🚀🚀🚀", "العربية نص", "हिन्दी पाठ", "x=y+1; (a,b) -- ...",
+    "\"quoted\" #tag e-mail", "mixed 中文 and English 123", "   ", "\t", "\n", "a", "",
+    "<|begin_of_text|>Hello<|eot_id|>", "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>",
+    "text <|eot_id|> more", "<|eot_id|><|eot_id|>", "not <|special|> token", "<s>Hello</s> world",
+    "non-breaking\u00a0space", "zero\u200bwidth", "ideographic\u3000space", "long " + "abc" * 60,
+    "'ſx long s ('ſ folds to s in the contraction group)", "U+1C89 \u1c89 new letter", "punctuation!!! ??? ...\n\n\n", "   spaces\n   after newline",
+]
+
+
+SYLLABLES = ["ka", "to", "ri", "men", "sha", "lo", "qu", "ent", "ion", "ing", "é", "ü", "ñ", "ст", "ра",
+             "日", "本", "语", "한", "글", "😀", "ab", "th", "er", "'s", "'ll", "1", "23", "456"]
+
+
+def corpus_lines(n=400):
+    rng = random.Random(1234)
+    # Plain words plus made-up words from syllables, so that BPE training finds enough merges to fill its vocab.
+    made_up = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(300)]
+    lines = []
+    for i in range(n):
+        k = rng.randint(3, 14)
+        words = [rng.choice(WORDS) if rng.random() < 0.5 else rng.choice(made_up) for _ in range(k)]
+        sep = rng.choice([" ", " ", " ", "  ", "\t", " \n"])
+        line = sep.join(words)
+        if i % 7 == 0:
+            line = "    " + line  # indented, like code
+        if i % 11 == 0:
+            line += " " + str(rng.randint(0, 10**9))
+        lines.append(line)
+    return lines
+
+
+def make_spm(out, corpus_file):
+    import sentencepiece as spm
+    d = out / "spm"
+    d.mkdir(parents=True, exist_ok=True)
+    # Llama 2's tokenizer.model: BPE, byte_fallback, identity normalization, dummy prefix, no whitespace
+    # squeezing, digits split, unk=0 bos=1 eos=2 (as its normalizer_spec / trainer_spec say).
+    spm.SentencePieceTrainer.train(
+        input=str(corpus_file), model_prefix=str(d / "tokenizer"), vocab_size=500, model_type="bpe",
+        byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
+        add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
+        allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        num_threads=1, minloglevel=2)
+    (d / "tokenizer.vocab").unlink()
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    # Llama 2's tokenizer_config.json writes tokens as AddedToken objects; eos as a plain string here so that
+    # both forms are exercised.
+    cfg = {"add_bos_token": True, "add_eos_token": False,
+           "bos_token": {"__type": "AddedToken", "content": "<s>", "lstrip": False, "normalized": False,
+                         "rstrip": False, "single_word": False},
+           "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None, "legacy": True,
+           "model_max_length": 4096, "tokenizer_class": "LlamaTokenizer", "chat_template": CHAT_TEMPLATE_L2}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    (d / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2))
+
+    specials = {sp.id_to_piece(i): i for i in (sp.bos_id(), sp.eos_id())}
+    cases = []
+    for text in TEST_STRINGS:
+        ids = sp.encode(text)
+        # encode_with_special: special token strings are split out first and each piece between them is
+        # encoded on its own (as transformers' legacy Llama tokenizer does).
+        with_special, rest = [], text
+        while True:
+            hits = [(rest.find(s), s) for s in specials if rest.find(s) >= 0]
+            if not hits:
+                if rest:
+                    with_special += sp.encode(rest)
+                break
+            pos, s = min(hits)
+            if pos:
+                with_special += sp.encode(rest[:pos])
+            with_special.append(specials[s])
+            rest = rest[pos + len(s):]
+        cases.append({"text": text, "ids": ids, "with_special": with_special, "decoded": sp.decode(with_special),
+                      "pieces": [sp.id_to_piece(i) for i in ids],
+                      "document": [sp.bos_id()] + ids})  # add_bos_token true, add_eos_token false (cfg above)
+    return {"dir": "spm", "vocab_size": sp.get_piece_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
+            "add_bos": True, "add_eos": False, "chat_template": CHAT_TEMPLATE_L2,
+            "pieces": {p: sp.piece_to_id(p) for p in ["<unk>", "<s>", "</s>", "<0x41>", "▁the"]},
+            "cases": cases}
+
+
+def make_bpe(out, lines):
+    from tokenizers import Tokenizer, Regex, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(lines, trainer=trainer)
+    # Llama 3 keeps its special tokens after the BPE vocabulary (128000..128255).
+    tok.add_special_tokens(LLAMA3_SPECIALS)
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                      pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
+                                      special_tokens=[("<|begin_of_text|>", bos)])])
+    d = out / "bpe"
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    # Llama 3 (base)'s tokenizer_config.json: no add_bos_token key (the post-processor adds BOS), tokens as
+    # strings, an added_tokens_decoder, a chat template.
+    cfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "clean_up_tokenization_spaces": True,
+           "model_max_length": 131072, "tokenizer_class": "PreTrainedTokenizerFast",
+           "chat_template": CHAT_TEMPLATE_L3,
+           "added_tokens_decoder": {str(tok.token_to_id(s)): {"content": s, "special": True} for s in LLAMA3_SPECIALS}}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+    # Variant: merges as "a b" strings (tokenizers < 0.20 and the published Llama 3 files) and ignore_merges
+    # (Llama 3's tokenizer.json sets it: a pre-token found whole in the vocab is not merged).
+    legacy = json.loads((d / "tokenizer.json").read_text())
+    legacy["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in legacy["model"]["merges"]]
+    legacy["model"]["ignore_merges"] = True
+    ld = out / "bpe_legacy"
+    ld.mkdir(parents=True, exist_ok=True)
+    (ld / "tokenizer.json").write_text(json.dumps(legacy, ensure_ascii=False))
+    cfg_instruct = dict(cfg, eos_token={"content": "<|eot_id|>", "special": True})  # Llama 3 Instruct's EOS
+    (ld / "tokenizer_config.json").write_text(json.dumps(cfg_instruct, indent=2))
+
+    split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
+
+    def expected(path):
+        t = Tokenizer.from_file(str(path))
+        cases = []
+        for text in TEST_STRINGS:
+            t.encode_special_tokens = True  # special token strings in the text are plain text
+            ids = t.encode(text, add_special_tokens=False).ids
+            document = t.encode(text, add_special_tokens=True).ids  # post-processor adds BOS; text stays text
+            t.encode_special_tokens = False
+            with_special = t.encode(text, add_special_tokens=False).ids
+            cases.append({"text": text, "ids": ids, "with_special": with_special, "document": document,
+                          "decoded": t.decode(with_special, skip_special_tokens=False),
+                          "pretokens": [p for p, _ in split.pre_tokenize_str(text)]})
+        return cases
+
+    common = {"vocab_size": tok.get_vocab_size(with_added_tokens=True), "bos_id": bos,
+              "add_bos": True, "add_eos": False, "chat_template": CHAT_TEMPLATE_L3,
+              "pieces": {p: tok.token_to_id(p) for p in LLAMA3_SPECIALS + ["Ġthe", "the", "a"]}}
+    return [dict(common, dir="bpe", eos_id=tok.token_to_id("<|end_of_text|>"), cases=expected(d / "tokenizer.json")),
+            dict(common, dir="bpe_legacy", eos_id=tok.token_to_id("<|eot_id|>"),
+                 cases=expected(ld / "tokenizer.json"))]
+
+
+def unicode_classes():
+    """Membership of sampled codepoints in \\p{L}, \\p{N}, \\s as tokenizers' regex engine (Oniguruma) sees
+    them: holds lib/data/unicode_tables.cpp to the engine the ids come from."""
+    from tokenizers import Regex, pre_tokenizers
+    sample = [c for c in range(0, 0x110000, 61) if not 0xD800 <= c <= 0xDFFF]
+    sample += [0x1C89, 0x17F, 0x85, 0xA0, 0x1C, 0x1F, 0x2028, 0x3000, 0x200B, 0xFEFF, 0x30000, 0x323AF]
+    text = "".join(map(chr, sample))
+    out = {}
+    for name, pat in [("letter", r"\p{L}"), ("number", r"\p{N}"), ("white_space", r"\s")]:
+        pieces = pre_tokenizers.Split(Regex(pat), behavior="isolated").pre_tokenize_str(text)
+        hits = set()
+        for piece, (a, b) in pieces:
+            if b - a == 1 and pre_tokenizers.Split(Regex(pat), behavior="removed").pre_tokenize_str(piece) == []:
+                hits.add(sample[a])
+        out[name] = sorted(hits)
+    return {"sample": sample, **out}
+
+
+def make_bad(out):
+    (out / "bad_empty").mkdir(parents=True, exist_ok=True)
+    (out / "bad_empty" / "config.json").write_text("{}")
+    (out / "bad_malformed").mkdir(parents=True, exist_ok=True)
+    (out / "bad_malformed" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a": 0,}}')
+    (out / "bad_wordpiece").mkdir(parents=True, exist_ok=True)
+    from tokenizers import Tokenizer, models
+    t = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    t.save(str(out / "bad_wordpiece" / "tokenizer.json"))
+
+
+def generate(out_dir: pathlib.Path):
+    out = out_dir / "tokenizer"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    lines = corpus_lines()
+    corpus_file = out / "corpus.txt"
+    corpus_file.write_text("\n".join(lines) + "\n")
+    models_ = [make_spm(out, corpus_file)] + make_bpe(out, lines)
+    make_bad(out)
+    (out / "cases.json").write_text(json.dumps({"models": models_, "unicode": unicode_classes()},
+                                               ensure_ascii=False, indent=1))

@@ -1,0 +1,160 @@
+// Tokenizer parity with the reference libraries. Expected ids come from tests/oracles/gen_tokenizer.py
+// (sentencepiece, tokenizers) at fixture time; nothing here is hard-coded.
+#include <filesystem>
+#include <set>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "lib/core/error.h"
+#include "lib/core/json.h"
+#include "lib/data/bpe_tokenizer.h"
+#include "lib/data/sentencepiece_tokenizer.h"
+#include "lib/data/tokenizer.h"
+#include "lib/data/unicode_tables.h"
+#include "lib/data/unicode_text.h"
+#include "tests/catch.h"
+
+namespace {
+
+const std::string k_dir = std::string(QT_FIXTURES) + "/tokenizer";
+
+const qt::Json& cases() {
+  static const qt::Json doc = qt::read_json_file(k_dir + "/cases.json", qt::ErrorKind::Internal);
+  return doc;
+}
+
+const qt::Json& model_cases(const std::string& dir) {
+  for (const auto& m : cases().at("models"))
+    if (m.at("dir") == dir) return m;
+  throw std::runtime_error("no cases for " + dir);
+}
+
+std::vector<int32_t> ids_of(const qt::Json& j) { return j.get<std::vector<int32_t>>(); }
+
+// Runs every oracle case of one model directory through the C++ tokenizer.
+void check_parity(const std::string& dir) {
+  const qt::Json& m = model_cases(dir);
+  auto tok = qt::load_tokenizer(k_dir + "/" + dir);
+  CHECK(tok->vocab_size() == m.at("vocab_size").get<int32_t>());
+  CHECK(tok->bos_id() == m.at("bos_id").get<int32_t>());
+  CHECK(tok->eos_id() == m.at("eos_id").get<int32_t>());
+  CHECK(tok->add_bos() == m.at("add_bos").get<bool>());
+  CHECK(tok->add_eos() == m.at("add_eos").get<bool>());
+  CHECK(tok->chat_template() == m.at("chat_template").get<std::string>());
+  for (const auto& p : m.at("pieces").items()) {
+    INFO("piece " << p.key());
+    CHECK(tok->token_to_id(p.key()) == p.value().get<int32_t>());
+    CHECK(tok->id_to_token(p.value().get<int32_t>()) == p.key());
+  }
+  CHECK(tok->token_to_id("no such token \xF0\x9F\xA6\x84") == -1);
+  for (const auto& c : m.at("cases")) {
+    const std::string text = c.at("text");
+    INFO(dir << " text: \"" << text << "\"");
+    const auto ids = ids_of(c.at("ids"));
+    CHECK(tok->encode(text) == ids);
+    CHECK(tok->encode_with_special(text) == ids_of(c.at("with_special")));
+    CHECK(tok->encode_document(text) == ids_of(c.at("document")));
+    CHECK(tok->decode(ids_of(c.at("with_special"))) == c.at("decoded").get<std::string>());
+    CHECK(tok->decode(ids) == text);  // the oracle checks that the reference library round-trips too
+  }
+}
+
+// Expects load_tokenizer(dir) to fail with ErrorKind::Model and a message naming `where`.
+void check_load_error(const std::string& dir, const std::string& where, const std::string& says) {
+  try {
+    qt::load_tokenizer(dir);
+    FAIL("load_tokenizer(" << dir << ") did not throw");
+  } catch (const qt::Error& e) {
+    INFO(e.what());
+    CHECK(e.kind() == qt::ErrorKind::Model);
+    CHECK(std::string(e.what()).find(where) != std::string::npos);
+    CHECK(std::string(e.what()).find(says) != std::string::npos);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("sentencepiece tokenizer gives the sentencepiece library's ids, specials and round trips", "[tokenizer]") {
+  auto tok = qt::load_tokenizer(k_dir + "/spm");
+  CHECK(dynamic_cast<qt::SentencePieceTokenizer*>(tok.get()) != nullptr);
+  check_parity("spm");
+}
+
+TEST_CASE("byte-level BPE gives tokenizers' ids (merges as pairs)", "[tokenizer]") {
+  auto tok = qt::load_tokenizer(k_dir + "/bpe");
+  CHECK(dynamic_cast<qt::BpeTokenizer*>(tok.get()) != nullptr);
+  check_parity("bpe");
+}
+
+TEST_CASE("byte-level BPE gives tokenizers' ids (merges as strings, ignore_merges, Instruct EOS)", "[tokenizer]") {
+  check_parity("bpe_legacy");
+}
+
+TEST_CASE("Llama 3 pre-tokenization splits as tokenizers' regex does", "[tokenizer]") {
+  for (const auto& c : model_cases("bpe").at("cases")) {
+    const std::string text = c.at("text");
+    INFO("text: \"" << text << "\"");
+    std::vector<std::string> got;
+    for (auto piece : qt::llama3_pre_tokenize(text)) got.emplace_back(piece);
+    CHECK(got == c.at("pretokens").get<std::vector<std::string>>());
+  }
+}
+
+TEST_CASE("unicode class tables agree with tokenizers' regex engine on sampled codepoints", "[tokenizer]") {
+  const qt::Json& u = cases().at("unicode");
+  auto as_set = [&](const char* key) {
+    auto v = u.at(key).get<std::vector<uint32_t>>();
+    return std::set<uint32_t>(v.begin(), v.end());
+  };
+  const auto letters = as_set("letter"), numbers = as_set("number"), spaces = as_set("white_space");
+  REQUIRE(!letters.empty());
+  size_t mismatches = 0;
+  for (uint32_t c : u.at("sample").get<std::vector<uint32_t>>()) {
+    bool ok = qt::unicode::is_letter(c) == (letters.count(c) > 0) && qt::unicode::is_number(c) == (numbers.count(c) > 0) &&
+              qt::unicode::is_white_space(c) == (spaces.count(c) > 0);
+    if (!ok) {
+      UNSCOPED_INFO("codepoint U+" << std::hex << c);
+      ++mismatches;
+    }
+  }
+  CHECK(mismatches == 0);
+}
+
+TEST_CASE("UTF-8 decoding rejects malformed sequences byte by byte", "[tokenizer]") {
+  size_t len = 0;
+  std::string euro = "\xE2\x82\xAC";
+  CHECK(qt::unicode::decode_utf8(euro, 0, &len) == 0x20AC);
+  CHECK(len == 3);
+  for (std::string bad : {std::string("\xC0\xAF"), std::string("\xED\xA0\x80"), std::string("\xE2\x82"),
+                          std::string("\x80"), std::string("\xF4\x90\x80\x80")}) {
+    CHECK(qt::unicode::decode_utf8(bad, 0, &len) == qt::unicode::k_invalid);
+    CHECK(len == 1);
+  }
+}
+
+TEST_CASE("byte-level BPE round-trips invalid UTF-8 and long inputs byte for byte", "[tokenizer]") {
+  auto tok = qt::load_tokenizer(k_dir + "/bpe");
+  std::string corpus;
+  {
+    std::ifstream in(k_dir + "/corpus.txt", std::ios::binary);
+    corpus.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  REQUIRE(corpus.size() > 10000);
+  for (std::string text : {std::string("bad \xC0\xAF bytes \xFF\xFE end\xE2\x82"), corpus}) {
+    CHECK(tok->decode(tok->encode(text)) == text);
+  }
+}
+
+TEST_CASE("load_tokenizer reports missing, malformed and unsupported tokenizer files", "[tokenizer]") {
+  SECTION("no tokenizer files") {
+    check_load_error(k_dir + "/bad_empty", "bad_empty", "tokenizer.json");
+  }
+  SECTION("not a directory") { check_load_error(k_dir + "/does_not_exist", "does_not_exist", "directory"); }
+  SECTION("malformed tokenizer.json") {
+    check_load_error(k_dir + "/bad_malformed", "bad_malformed/tokenizer.json", "malformed JSON");
+  }
+  SECTION("tokenizer.json whose model is not BPE") {
+    check_load_error(k_dir + "/bad_wordpiece", "bad_wordpiece/tokenizer.json", "WordPiece");
+  }
+}
