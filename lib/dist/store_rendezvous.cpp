@@ -1,0 +1,111 @@
+#include "lib/dist/store_rendezvous.h"
+
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <cstdlib>
+#include <thread>
+
+#include "lib/core/error.h"
+
+namespace qt {
+namespace {
+
+std::string env_or(const char* name, const char* fallback) {
+  const char* v = std::getenv(name);
+  return v ? v : fallback;
+}
+
+std::vector<uint8_t> bytes(const std::string& s) { return {s.begin(), s.end()}; }
+
+}  // namespace
+
+struct StoreRendezvous::Impl {
+  LaunchEnv env;
+  std::chrono::milliseconds timeout;
+  std::string prefix;
+  bool server = false;
+  c10::intrusive_ptr<c10d::TCPStore> store;
+
+  std::string where() const {
+    return "rank " + std::to_string(env.rank) + ": TCPStore at " + env.master_addr + ":" +
+           std::to_string(env.master_port);
+  }
+};
+
+StoreRendezvous::StoreRendezvous(const LaunchEnv& env, std::chrono::milliseconds timeout)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->env = env;
+  impl_->timeout = timeout;
+  impl_->prefix = "qlora-train/" + env_or("TORCHELASTIC_RUN_ID", "none") + "/" +
+                  env_or("TORCHELASTIC_RESTART_COUNT", "0") + "/";
+  impl_->server = env.rank == 0 && env_or("TORCHELASTIC_USE_AGENT_STORE", "False") != "True";
+  if (env.master_port <= 0 || env.master_port > 65535)
+    fail(ErrorKind::Usage, impl_->where() + ": MASTER_PORT must be in 1..65535");
+  c10d::TCPStoreOptions opts;
+  opts.port = static_cast<std::uint16_t>(env.master_port);
+  opts.isServer = impl_->server;
+  opts.waitWorkers = false;  // broadcast() keeps the server up until every rank has read what it needs
+  opts.multiTenant = impl_->server;
+  opts.timeout = timeout;
+  try {
+    impl_->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, opts);
+  } catch (const std::exception& e) {
+    fail(ErrorKind::Device, impl_->where() + ": cannot " + (impl_->server ? "serve" : "connect") + ": " + e.what());
+  }
+}
+
+StoreRendezvous::~StoreRendezvous() = default;
+
+const std::string& StoreRendezvous::key_prefix() const { return impl_->prefix; }
+bool StoreRendezvous::serves_store() const { return impl_->server; }
+
+void StoreRendezvous::set(const std::string& key, const std::string& value) {
+  try {
+    impl_->store->set(impl_->prefix + key, bytes(value));
+  } catch (const std::exception& e) {
+    fail(ErrorKind::Device, impl_->where() + ": set '" + impl_->prefix + key + "': " + e.what());
+  }
+}
+
+std::string StoreRendezvous::get(const std::string& key) {
+  const std::string full = impl_->prefix + key;
+  try {
+    impl_->store->wait({full}, impl_->timeout);
+    std::vector<uint8_t> v = impl_->store->get(full);
+    return {v.begin(), v.end()};
+  } catch (const std::exception& e) {
+    fail(ErrorKind::Device, impl_->where() + ": waiting for key '" + full + "' (written by rank 0) failed after " +
+                                std::to_string(impl_->timeout.count()) + " ms; did rank 0 start? " + e.what());
+  }
+}
+
+int64_t StoreRendezvous::add(const std::string& key, int64_t delta) {
+  try {
+    return impl_->store->add(impl_->prefix + key, delta);
+  } catch (const std::exception& e) {
+    fail(ErrorKind::Device, impl_->where() + ": add '" + impl_->prefix + key + "': " + e.what());
+  }
+}
+
+std::string StoreRendezvous::broadcast(const std::string& key, const std::string& value) {
+  const std::string read_count = key + "/read";
+  if (impl_->env.rank == 0) {
+    set(key, value);
+    if (!impl_->server) return value;
+    const auto deadline = std::chrono::steady_clock::now() + impl_->timeout;
+    int64_t n = 0;
+    while ((n = impl_->store->add(impl_->prefix + read_count, 0)) < impl_->env.world_size - 1) {
+      if (std::chrono::steady_clock::now() > deadline)
+        fail(ErrorKind::Device, impl_->where() + ": only " + std::to_string(n) + " of " +
+                                    std::to_string(impl_->env.world_size - 1) + " ranks read key '" +
+                                    impl_->prefix + key + "' in time");
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return value;
+  }
+  std::string v = get(key);
+  add(read_count, 1);
+  return v;
+}
+
+}  // namespace qt
