@@ -1,0 +1,232 @@
+// Fused linear cross-entropy on CUDA: the tile kernel against ATen on the same logits, the whole bf16 path
+// against the fp32 full-logits path on upcast inputs, and the extra memory it allocates. GPU only ([gpu]).
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+
+#include "lib/kernels/fused_linear_ce.h"
+#include "tests/catch.h"
+#include "tests/test_fused_ce_common.h"
+
+#ifdef QT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+
+#include "lib/kernels/fused_linear_ce_kernel.h"
+#endif
+
+namespace {
+
+using qt::FusedLinearCeOptions;
+using namespace qt::test_fused_ce;
+
+#ifdef QT_WITH_CUDA
+
+const at::TensorOptions kCuda = at::TensorOptions().device(at::kCUDA);
+
+// Leaves 256 MiB of NaN in the caching allocator's free blocks, so that an output the code forgets to write
+// (allocated with at::empty from that cache) shows up as NaN.
+void poison_allocator_cache() {
+  at::Tensor junk = at::full({int64_t{64} << 20}, std::numeric_limits<float>::quiet_NaN(), kCuda.dtype(at::kFloat));
+  junk.reset();
+}
+
+struct AllocatorStats {
+  int64_t current, peak;
+};
+AllocatorStats allocator_stats() {
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
+  const auto& s = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+  return {s.current, s.peak};
+}
+
+qt::kernels::CeTileDtype tile_dtype(at::ScalarType t) {
+  if (t == at::kBFloat16) return qt::kernels::CeTileDtype::BF16;
+  if (t == at::kHalf) return qt::kernels::CeTileDtype::F16;
+  return qt::kernels::CeTileDtype::F32;
+}
+
+// Per-row loss and d(sum of losses)/d logits from ATen autograd in fp32 on the stored (rounded) logits.
+std::pair<at::Tensor, at::Tensor> aten_rows(const at::Tensor& logits, const at::Tensor& labels,
+                                            const FusedLinearCeOptions& o) {
+  at::Tensor x = logits.detach().to(at::kFloat).requires_grad_(true);
+  at::Tensor z = o.logit_softcap > 0 ? at::tanh(x / o.logit_softcap) * o.logit_softcap : x;
+  at::Tensor loss = at::cross_entropy_loss(z, labels, {}, at::Reduction::None, o.ignore_index, o.label_smoothing);
+  if (o.z_loss > 0) loss = loss + o.z_loss * at::logsumexp(z, 1).square() * labels.ne(o.ignore_index).to(at::kFloat);
+  loss.sum().backward();
+  return {loss.detach(), x.grad()};
+}
+
+#endif
+
+}  // namespace
+
+TEST_CASE("CUDA CE tile kernel equals ATen on the same logits (fp32, bf16, fp16; vector and scalar paths)",
+          "[gpu][fused_ce]") {
+  REQUIRE(at::hasCUDA());
+#ifdef QT_WITH_CUDA
+  at::manual_seed(21);
+  const int64_t rows = 67;
+  // (vocab, row stride): 16-byte path with 1024 threads, odd vocab (scalar path), padded rows with a scalar
+  // tail after the vectors, and a small vocab on the 256-thread kernel.
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{32064, 32064}, {5003, 5003}, {40001, 40008}, {999, 1000}};
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    // Bounds: fp32 math in both; the kernel's __expf is a few ulp off expf; the gradient is then rounded to the
+    // storage dtype (bf16: 8 bits of mantissa, fp16: 11).
+    const double loss_tol = 1e-5;
+    const double grad_tol = dtype == at::kFloat ? 1e-5 : dtype == at::kHalf ? 2e-3 : 8e-3;
+    for (const auto& [vocab, ld] : shapes) {
+      for (const bool extras : {false, true}) {
+        FusedLinearCeOptions o;
+        if (extras) {
+          o.label_smoothing = 0.1;
+          o.z_loss = 1e-3;
+          o.logit_softcap = 15.0;
+        }
+        const at::Tensor full = (at::randn({rows, ld}, kCuda) * 4).to(dtype);
+        const float sentinel = 1234.f;
+        full.narrow(1, vocab, ld - vocab).fill_(sentinel);
+        at::Tensor labels = random_labels(rows, vocab, 5, o.ignore_index, kCuda);
+        labels.narrow(0, 0, 3).fill_(o.ignore_index);
+        const auto [want_loss, want_grad] = aten_rows(full.narrow(1, 0, vocab), labels, o);
+
+        qt::kernels::CeTileParams p;
+        p.ignore_index = o.ignore_index;
+        p.label_smoothing = static_cast<float>(o.label_smoothing);
+        p.z_loss = static_cast<float>(o.z_loss);
+        p.logit_softcap = static_cast<float>(o.logit_softcap);
+        for (const bool write_grad : {false, true}) {
+          at::Tensor x = full.clone();
+          at::Tensor loss = at::full({rows}, std::numeric_limits<float>::quiet_NaN(), kCuda.dtype(at::kFloat));
+          qt::kernels::ce_tile_loss_grad(x.data_ptr(), tile_dtype(dtype), rows, vocab, ld, labels.data_ptr<int64_t>(),
+                                         loss.data_ptr<float>(), write_grad, p,
+                                         at::cuda::getCurrentCUDAStream().stream());
+          REQUIRE(at::isfinite(loss).all().item<bool>());
+          const double loss_err = (loss - want_loss).abs().max().item<double>() / want_loss.abs().max().item<double>();
+          CHECK(loss_err <= loss_tol);
+          CHECK(x.narrow(1, vocab, ld - vocab).eq(sentinel).all().item<bool>());  // padding untouched
+          if (write_grad) {
+            REQUIRE(max_abs(want_grad) > 0);
+            CHECK(rel_err(x.narrow(1, 0, vocab), want_grad) <= grad_tol);
+            CHECK(x.narrow(0, 0, 3).narrow(1, 0, vocab).eq(0).all().item<bool>());  // ignored rows: zero gradient
+          } else {
+            CHECK(x.equal(full));
+          }
+        }
+      }
+    }
+  }
+#endif
+}
+
+TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast inputs", "[gpu][fused_ce]") {
+  REQUIRE(at::hasCUDA());
+#ifdef QT_WITH_CUDA
+  at::manual_seed(22);
+  struct Case {
+    const char* name;
+    int64_t tokens, hid, vocab, chunk;
+    at::ScalarType dtype;
+    bool transposed, weight_grad, all_ignored_chunk, extras;
+  };
+  const std::vector<Case> cases = {
+      {"bf16, ignored tokens, T and V not multiples of the chunk", 300, 256, 32064, 64, at::kBFloat16, false, true, false, false},
+      {"bf16, odd vocab (scalar kernel path), an all-ignored chunk", 300, 256, 5003, 64, at::kBFloat16, false, true, true, false},
+      {"bf16, transposed hidden", 300, 256, 32064, 64, at::kBFloat16, true, true, false, false},
+      {"bf16, frozen weight", 300, 256, 32064, 64, at::kBFloat16, false, false, false, false},
+      {"bf16, automatic chunk", 1000, 256, 32064, 0, at::kBFloat16, false, true, false, false},
+      {"bf16, label smoothing, z-loss, soft-cap", 300, 256, 32064, 64, at::kBFloat16, false, true, false, true},
+      {"fp16", 300, 256, 32064, 64, at::kHalf, false, true, false, false},
+      {"fp32 (tight bounds)", 300, 256, 32064, 64, at::kFloat, false, true, true, true},
+  };
+  for (const Case& c : cases) {
+    std::printf("case: %s\n", c.name);
+    FusedLinearCeOptions o;
+    o.chunk_tokens = c.chunk;
+    if (c.extras) {
+      o.label_smoothing = 0.1;
+      o.z_loss = 1e-4;
+      o.logit_softcap = 30.0;
+    }
+    const at::Tensor leaf = c.transposed ? at::randn({c.hid, c.tokens}, kCuda).to(c.dtype)
+                                         : at::randn({c.tokens, c.hid}, kCuda).to(c.dtype);
+    at::Tensor leaf_var = leaf.clone().requires_grad_(true);
+    at::Tensor hidden = c.transposed ? leaf_var.t() : leaf_var;
+    hidden.retain_grad();
+    // Scaled so logits are O(3): softmax neither one-hot nor flat.
+    at::Tensor weight = (at::randn({c.vocab, c.hid}, kCuda) * (3.0 / std::sqrt(double(c.hid)))).to(c.dtype);
+    weight.requires_grad_(c.weight_grad);
+    at::Tensor labels = random_labels(c.tokens, c.vocab, 7, o.ignore_index, kCuda);
+    if (c.all_ignored_chunk) labels.narrow(0, 64, 64).fill_(o.ignore_index);
+    const PlainCe want = plain_cross_entropy(hidden, weight, labels, o, true, c.weight_grad);
+
+    poison_allocator_cache();
+    auto [loss_sum, count] = qt::fused_linear_cross_entropy(hidden, weight, labels, o);
+    loss_sum.backward();
+    const bool fp32 = c.dtype == at::kFloat;
+    const double loss_tol = fp32 ? 1e-5 : 1e-3, grad_tol = fp32 ? 1e-4 : 2e-2;
+    const double loss_err = std::abs(loss_sum.item<double>() - want.loss.item<double>()) / std::abs(want.loss.item<double>());
+    std::printf("  loss rel err %.2e", loss_err);
+    CHECK(loss_err <= loss_tol);
+    CHECK(count.item<int64_t>() == labels.ne(o.ignore_index).sum().item<int64_t>());
+    REQUIRE(hidden.grad().defined());
+    REQUIRE(hidden.grad().scalar_type() == c.dtype);
+    REQUIRE(max_abs(want.dh) > 0);
+    const double dh_err = rel_err(hidden.grad(), want.dh);
+    std::printf("  dh rel err %.2e", dh_err);
+    CHECK(dh_err <= grad_tol);
+    if (c.weight_grad) {
+      REQUIRE(weight.grad().defined());
+      REQUIRE(max_abs(want.dw) > 0);
+      const double dw_err = rel_err(weight.grad(), want.dw);
+      std::printf("  dW rel err %.2e", dw_err);
+      CHECK(dw_err <= grad_tol);
+    } else {
+      CHECK(!weight.grad().defined());
+    }
+    std::printf("\n");
+  }
+#endif
+}
+
+TEST_CASE("CUDA fused linear CE allocates no more than one tile plus the gradients", "[gpu][fused_ce]") {
+  REQUIRE(at::hasCUDA());
+#ifdef QT_WITH_CUDA
+  at::manual_seed(23);
+  const int64_t tokens = 4096, hid = 1024, vocab = 32000, bf16 = 2;
+  const at::Tensor hidden0 = at::randn({tokens, hid}, kCuda).to(at::kBFloat16);
+  const at::Tensor weight0 = (at::randn({vocab, hid}, kCuda) * 0.1).to(at::kBFloat16);
+  const at::Tensor labels = random_labels(tokens, vocab, 7, -100, kCuda);
+  for (const bool trainable : {true, false}) {
+    for (const bool low_memory : {false, true}) {
+      FusedLinearCeOptions o;
+      o.low_memory = low_memory;
+      at::Tensor hidden = hidden0.clone().requires_grad_(true);
+      at::Tensor weight = weight0.clone().requires_grad_(trainable);
+      auto step = [&] {
+        qt::fused_linear_cross_entropy(hidden, weight, labels, o).loss_sum.backward();
+      };
+      step();  // warm-up: cuBLAS workspaces come from the caching allocator once per stream
+      hidden.mutable_grad().reset();
+      if (trainable) weight.mutable_grad().reset();
+      at::cuda::device_synchronize();
+      c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+      const AllocatorStats before = allocator_stats();
+      step();
+      at::cuda::device_synchronize();
+      const AllocatorStats after = allocator_stats();
+      const int64_t chunk = std::min(tokens, qt::fused_linear_ce_chunk_tokens(tokens, hid, vocab, trainable, o, bf16));
+      const int64_t tile = chunk * vocab * bf16, dh = tokens * hid * bf16, dw = trainable ? vocab * hid * bf16 : 0;
+      const int64_t slack = int64_t{2} << 20;  // per-token losses, label checks, the 0-dim results
+      const int64_t extra = after.peak - before.current;
+      std::printf("trainable %d low_memory %d: chunk %lld, extra %.1f MiB, bound %.1f MiB\n", int(trainable),
+                  int(low_memory), static_cast<long long>(chunk), extra / 1048576.0,
+                  (tile + dh + dw + slack) / 1048576.0);
+      CHECK(extra >= dh + dw);  // the gradients themselves are held: a sanity check of the measurement
+      CHECK(extra <= tile + dh + dw + slack);
+    }
+  }
+#endif
+}
