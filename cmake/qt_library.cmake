@@ -12,6 +12,9 @@ function(qt_target_defaults target)
   get_target_property(type ${target} TYPE)
   if(type STREQUAL "EXECUTABLE")
     target_compile_options(${target} PRIVATE $<$<COMPILE_LANGUAGE:CXX>:-fPIC>)
+    # libtorch.so exports its own copy of std::filesystem (seen: its remove_all jumps to address 0). Naming
+    # libstdc++ first makes the dynamic linker resolve std:: symbols there, before libtorch.so.
+    target_link_options(${target} PRIVATE -Wl,--push-state,--no-as-needed -lstdc++ -Wl,--pop-state)
   else()
     set_target_properties(${target} PROPERTIES POSITION_INDEPENDENT_CODE ON)
   endif()

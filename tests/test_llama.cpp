@@ -44,14 +44,14 @@ void check_against_transformers(const std::string& name) {
 
 }  // namespace
 
-TEST_CASE("llama logits and gradients match transformers: GQA, untied, single file", "[llama]") {
+TEST_CASE("llama logits and gradients match transformers: GQA untied single file", "[llama]") {
   check_against_transformers("gqa_untied");
 }
 
-TEST_CASE("llama logits and gradients match transformers: multi-head, tied, sharded", "[llama]") {
+TEST_CASE("llama logits and gradients match transformers: multi-head tied sharded", "[llama]") {
   check_against_transformers("mha_tied_sharded");
 }
 
-TEST_CASE("llama logits and gradients match transformers: llama3 rope, head_dim, 4.x config", "[llama]") {
+TEST_CASE("llama logits and gradients match transformers: llama3 rope and head_dim in a 4.x config", "[llama]") {
   check_against_transformers("llama3_rope_v4");
 }

@@ -1,0 +1,36 @@
+#include "lib/data/jsonl.h"
+
+#include <filesystem>
+#include <fstream>
+
+namespace qt {
+
+std::vector<JsonlRecord> read_jsonl(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail_at(ErrorKind::Data, path, std::filesystem::exists(path) ? "cannot be read" : "file not found");
+  std::vector<JsonlRecord> records;
+  std::string line;
+  int64_t number = 0;
+  while (std::getline(in, line)) {
+    ++number;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    const std::string where = path + ":" + std::to_string(number);
+    if (line.find_first_not_of(" \t") == std::string::npos)
+      fail_at(ErrorKind::Data, where, "empty line (each line must hold one JSON object)");
+    Json value = parse_json(line, where, ErrorKind::Data);
+    if (!value.is_object()) fail_at(ErrorKind::Data, where, std::string("expected a JSON object, got ") + json_type_name(value));
+    records.push_back({std::move(value), number});
+  }
+  if (records.empty()) fail_at(ErrorKind::Data, path, "no records (the file is empty)");
+  return records;
+}
+
+std::string record_string(const JsonlRecord& record, const std::string& path, const std::string& key) {
+  const std::string where = path + ":" + std::to_string(record.line);
+  if (!record.value.contains(key)) fail_key(ErrorKind::Data, where, key, "missing");
+  const Json& v = record.value.at(key);
+  if (!v.is_string()) fail_key(ErrorKind::Data, where, key, std::string("expected a string, got ") + json_type_name(v));
+  return v.get<std::string>();
+}
+
+}  // namespace qt

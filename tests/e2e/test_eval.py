@@ -1,0 +1,77 @@
+"""`qlora-train eval` gives the loss transformers gives on the same jsonl, and bad inputs give clear errors."""
+import json, math, os, pathlib, subprocess, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import torch
+import tiny_lm
+
+BIN = os.environ["QT_BINARY"]
+
+def run(*args):
+    return subprocess.run([BIN, *args], capture_output=True, text=True)
+
+def reference_loss(model, sp, records, max_len):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in records:
+            ids = ([sp.bos_id()] + sp.encode(r["text"]))[:max_len]
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits[0].float()
+            total += torch.nn.functional.cross_entropy(logits[:-1], x[0, 1:], reduction="sum").item()
+            count += len(ids) - 1
+    return total / count, count
+
+def main():
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qt_eval_"))
+    model, sp = tiny_lm.make_model_dir(tmp / "model", seed=3)
+    data = tmp / "eval.jsonl"
+    tiny_lm.write_text_jsonl(data, 12, 5)
+    records = [json.loads(l) for l in data.read_text().splitlines()]
+    failures = []
+    for max_len in (512, 9):  # 9 truncates most records
+        ref, count = reference_loss(model, sp, records, max_len)
+        p = run("eval", "--model", str(tmp / "model"), "--data", str(data), "--max-seq-len", str(max_len))
+        if p.returncode != 0:
+            failures.append(f"eval exited {p.returncode}: {p.stderr}")
+            continue
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        rel = abs(out["loss"] - ref) / ref
+        print(f"max_len={max_len}: ours {out['loss']:.6f}, transformers {ref:.6f}, rel {rel:.2e}, tokens {out['tokens']}")
+        if rel > 1e-5 or out["tokens"] != count or abs(out["perplexity"] - math.exp(ref)) / math.exp(ref) > 1e-4:
+            failures.append(f"max_len={max_len}: {out} vs loss {ref}, tokens {count}")
+        if max_len == 9 and ("truncated" not in p.stderr or out["truncated"] == 0):
+            failures.append("truncation was not reported: " + p.stderr)
+
+    # Bad inputs: a clear message naming the file (and line), non-zero exit of the right class.
+    bad = tmp / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    cases = [
+        (("eval", "--model", str(tmp / "nope"), "--data", str(data)), 4, ["nope"]),
+        (("eval", "--model", str(tmp / "model"), "--data", str(bad)), 5, ["bad.jsonl:2", "malformed JSON"]),
+        (("eval", "--model", str(tmp / "model"), "--data", str(tmp / "missing.jsonl")), 5, ["missing.jsonl", "not found"]),
+        (("eval", "--model", str(tmp / "model")), 2, ["--data"]),
+        (("frobnicate",), 2, []),
+    ]
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    cases.append((("eval", "--model", str(tmp / "model"), "--data", str(empty)), 5, ["empty.jsonl", "no records"]))
+    notext = tmp / "notext.jsonl"
+    notext.write_text('{"txt": "x"}\n')
+    cases.append((("eval", "--model", str(tmp / "model"), "--data", str(notext)), 5, ["notext.jsonl:1", "'text'"]))
+    for args, code, needles in cases:
+        p = run(*args)
+        msg = p.stderr + p.stdout
+        if p.returncode != code or any(n not in msg for n in needles):
+            failures.append(f"{args}: exit {p.returncode} (want {code}), message {msg!r} lacks {needles}")
+        else:
+            print(f"ok: {' '.join(args[:1])} ... -> exit {code}: {msg.strip().splitlines()[-1] if msg.strip() else ''}")
+    for v in ("--help", "--version"):
+        p = run(v)
+        if p.returncode != 0 or "qlora-train" not in p.stdout:
+            failures.append(f"{v}: exit {p.returncode}, {p.stdout!r}")
+    if failures:
+        print("FAILED:\n" + "\n".join(failures))
+        sys.exit(1)
+    print("all eval checks passed")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+// Bad model directories and safetensors files get a qt::Error that names the file and what was expected.
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "lib/core/error.h"
+#include "lib/core/json.h"
+#include "lib/core/safetensors.h"
+#include "lib/model/hf_loader.h"
+#include "tests/catch.h"
+#include "tests/test_util.h"
+
+namespace fs = std::filesystem;
+using qt::test::fixture;
+using qt::test::scratch_dir;
+
+namespace {
+
+// Copies the small GQA model so that a test can damage its copy.
+std::string copy_model(const std::string& name) {
+  std::string dir = scratch_dir(name);
+  fs::copy(fixture("llama/gqa_untied/model"), dir, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+  return dir;
+}
+
+// Runs `f`, requires a qt::Error of `kind` whose message contains every one of `needles`.
+template <typename F>
+void require_error(F&& f, qt::ErrorKind kind, std::initializer_list<std::string> needles) {
+  try {
+    f();
+  } catch (const qt::Error& e) {
+    INFO(e.what());
+    CHECK(e.kind() == kind);
+    for (const auto& n : needles) CHECK(std::string(e.what()).find(n) != std::string::npos);
+    return;
+  }
+  FAIL("expected a qt::Error");
+}
+
+void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes;
+}
+
+std::string read_bytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// A safetensors file with a hand-written header (8-byte length + JSON + data bytes).
+std::string raw_safetensors(const std::string& header, size_t data_bytes) {
+  std::string out(8, '\0');
+  uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>(n >> (8 * i));
+  return out + header + std::string(data_bytes, '\x11');
+}
+
+}  // namespace
+
+TEST_CASE("safetensors round trip keeps names dtypes shapes values and metadata", "[safetensors]") {
+  std::string dir = scratch_dir("st_roundtrip");
+  std::vector<std::pair<std::string, at::Tensor>> tensors = {
+      {"a.bf16", at::randn({3, 5}).to(at::kBFloat16)}, {"b.f16", at::randn({7}).to(at::kHalf)},
+      {"c.f32", at::randn({2, 3, 4})},                 {"d.u8", at::randint(0, 255, {9}, at::kByte)},
+      {"e.i8", at::randint(-128, 127, {4}, at::kChar)}, {"f.i32", at::randint(-1000, 1000, {6}, at::kInt)},
+      {"g.i64", at::randint(-1000, 1000, {2, 2}, at::kLong)}, {"h.t", at::randn({4, 6}).t()}};
+  qt::save_safetensors(dir + "/x.safetensors", tensors, {{"format", "pt"}});
+  qt::SafetensorsFile f(dir + "/x.safetensors");
+  CHECK(f.metadata().at("format") == "pt");
+  REQUIRE(f.tensors().size() == tensors.size());
+  for (const auto& [name, t] : tensors) {
+    INFO(name);
+    at::Tensor v = f.view(name);
+    CHECK(v.scalar_type() == t.scalar_type());
+    CHECK(v.sizes() == t.sizes());
+    CHECK(at::equal(v, t.contiguous()));
+  }
+}
+
+TEST_CASE("safetensors reader rejects truncated and inconsistent files and names the file", "[safetensors]") {
+  std::string dir = scratch_dir("st_bad");
+  const std::string path = dir + "/bad.safetensors";
+  SECTION("shorter than the length prefix") {
+    write_bytes(path, "abc");
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "8-byte"});
+  }
+  SECTION("header length points past the end") {
+    std::string bytes = raw_safetensors(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8);
+    bytes[0] = '\xff';
+    bytes[1] = '\x7f';
+    write_bytes(path, bytes);
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "past the end"});
+  }
+  SECTION("data offsets point past the end (truncated data)") {
+    write_bytes(path, raw_safetensors(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8));
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "'w'", "past the end"});
+  }
+  SECTION("byte range does not hold the shape") {
+    write_bytes(path, raw_safetensors(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8));
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "'w'", "do not hold"});
+  }
+  SECTION("unknown dtype") {
+    write_bytes(path, raw_safetensors(R"({"w":{"dtype":"F8_E9","shape":[2],"data_offsets":[0,2]}})", 2));
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "F8_E9"});
+  }
+  SECTION("overlapping tensors") {
+    write_bytes(path, raw_safetensors(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},)"
+                                      R"("b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}})", 6));
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "overlap"});
+  }
+  SECTION("malformed header JSON") {
+    write_bytes(path, raw_safetensors(R"({"w":{"dtype":"F32",)", 0));
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "malformed JSON"});
+  }
+  SECTION("missing file") {
+    require_error([&] { qt::SafetensorsFile f(dir + "/nope.safetensors"); }, qt::ErrorKind::Model,
+                  {"nope.safetensors", "not found"});
+  }
+}
+
+TEST_CASE("model loader reports bad model directories with the file and key", "[llama][errors]") {
+  SECTION("missing config.json") {
+    std::string dir = copy_model("no_config");
+    fs::remove(dir + "/config.json");
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"config.json", "not found"});
+  }
+  SECTION("malformed config.json") {
+    std::string dir = copy_model("bad_config");
+    write_bytes(dir + "/config.json", "{\"hidden_size\": 64,\n \"vocab_size\": }");
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"config.json", "line 2"});
+  }
+  SECTION("config.json with a wrongly typed field") {
+    std::string dir = copy_model("typed_config");
+    qt::Json j = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);
+    j["num_attention_heads"] = "four";
+    qt::write_json_file(dir + "/config.json", j);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"config.json", "num_attention_heads", "integer"});
+  }
+  SECTION("config.json of another architecture") {
+    std::string dir = copy_model("other_arch");
+    qt::Json j = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);
+    j["model_type"] = "gpt2";
+    qt::write_json_file(dir + "/config.json", j);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model_type", "gpt2"});
+  }
+  SECTION("unknown rope type") {
+    std::string dir = copy_model("rope_type");
+    qt::Json j = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);
+    j["rope_parameters"]["rope_type"] = "longrope";
+    qt::write_json_file(dir + "/config.json", j);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"rope_type", "longrope"});
+  }
+  SECTION("truncated safetensors") {
+    std::string dir = copy_model("truncated");
+    std::string bytes = read_bytes(dir + "/model.safetensors");
+    write_bytes(dir + "/model.safetensors", bytes.substr(0, bytes.size() - 1000));
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model.safetensors", "truncated"});
+  }
+  SECTION("a tensor with the wrong shape or dtype") {
+    std::string dir = copy_model("wrong_shape");
+    qt::SafetensorsFile src(dir + "/model.safetensors");
+    std::vector<std::pair<std::string, at::Tensor>> tensors;
+    for (const auto& t : src.tensors()) tensors.emplace_back(t.name, src.view(t.name).clone());
+    SECTION("shape") {
+      for (auto& [n, t] : tensors)
+        if (n == "model.layers.1.mlp.up_proj.weight") t = t.narrow(0, 0, t.size(0) - 1).clone();
+      qt::save_safetensors(dir + "/model.safetensors", tensors);
+      require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
+                    {"model.safetensors", "model.layers.1.mlp.up_proj.weight", "shape"});
+    }
+    SECTION("dtype") {
+      for (auto& [n, t] : tensors)
+        if (n == "model.norm.weight") t = t.to(at::kInt);
+      qt::save_safetensors(dir + "/model.safetensors", tensors);
+      require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model.norm.weight", "I32"});
+    }
+    SECTION("missing tensor") {
+      tensors.erase(std::remove_if(tensors.begin(), tensors.end(),
+                                   [](const auto& p) { return p.first == "model.layers.0.self_attn.k_proj.weight"; }),
+                    tensors.end());
+      qt::save_safetensors(dir + "/model.safetensors", tensors);
+      require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model.layers.0.self_attn.k_proj.weight", "missing"});
+    }
+  }
+  SECTION("missing shard") {
+    std::string dir = scratch_dir("missing_shard");
+    fs::copy(fixture("llama/mha_tied_sharded/model"), dir, fs::copy_options::recursive);
+    fs::remove(dir + "/model-00003-of-00009.safetensors");
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model-00003-of-00009.safetensors", "missing"});
+  }
+}
