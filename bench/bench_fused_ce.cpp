@@ -1,0 +1,190 @@
+// Benchmark of the fused linear cross-entropy (lib/kernels/fused_linear_ce.h) on the lm_head shapes of
+// Llama 3.2 1B-ish (8192 x 2048 x 128256) and Llama 3.1 8B (16384 x 4096 x 128256), bf16, one label in seven
+// ignored. For each mode: median forward+backward time (CUDA events), extra peak memory over the inputs
+// (caching-allocator stats), and next to them the floors (FLOPs over the bf16 matmul rate this run measures;
+// gradient bytes) and the peer: the naive path, full logits + at::cross_entropy_loss.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "lib/kernels/fused_linear_ce.h"
+
+#ifdef QT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <cuda_runtime_api.h>
+#endif
+
+#ifdef QT_WITH_CUDA
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+struct Timing {
+  double median_ms;
+  double extra_bytes;
+};
+
+int64_t allocated_now() {
+  const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
+  return s.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
+}
+int64_t allocated_peak() {
+  const auto s = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
+  return s.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+}
+
+// `reset` runs untimed before each call (dropping last call's .grad); `run` is timed with CUDA events.
+Timing measure(const std::function<void()>& run, const std::function<void()>& reset, int warmup, int iters) {
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  for (int i = 0; i < warmup; ++i) {
+    reset();
+    run();
+  }
+  std::vector<double> ms;
+  for (int i = 0; i < iters; ++i) {
+    reset();
+    at::cuda::device_synchronize();
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+    cudaEventRecord(start, stream);
+    run();
+    cudaEventRecord(stop, stream);
+    cudaEventSynchronize(stop);
+    float t = 0;
+    cudaEventElapsedTime(&t, start, stop);
+    ms.push_back(t);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(ms.begin(), ms.end());
+  // Memory: one more call from a reset state, peak over what was allocated before it.
+  reset();
+  at::cuda::device_synchronize();
+  c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+  const int64_t before = allocated_now();
+  run();
+  at::cuda::device_synchronize();
+  return {ms[ms.size() / 2], static_cast<double>(allocated_peak() - before)};
+}
+
+// bf16 GEMM rate of this GPU, measured the way the loss's GEMMs run (at::matmul, cuBLAS).
+double matmul_tflops() {
+  const int64_t n = 8192;
+  const at::Tensor a = at::randn({n, n}, at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16));
+  const at::Tensor b = at::randn({n, n}, a.options());
+  at::Tensor c = at::empty({n, n}, a.options());
+  const Timing t = measure([&] { at::mm_out(c, a, b); }, [] {}, 3, 20);
+  return 2.0 * n * n * n / (t.median_ms * 1e-3) / 1e12;
+}
+
+struct Row {
+  std::string shape, mode;
+  int64_t chunk;
+  double ms, floor_ms, extra_gib, floor_gib, target_ms, target_gib, loss_rel;
+};
+
+}  // namespace
+#endif
+
+int main() {
+#ifndef QT_WITH_CUDA
+  std::fprintf(stderr, "bench_fused_ce: built without CUDA kernels\n");
+  return 1;
+#else
+  if (!at::hasCUDA()) {
+    std::fprintf(stderr, "bench_fused_ce: needs a CUDA device\n");
+    return 1;
+  }
+  at::manual_seed(0);
+  const double tflops = matmul_tflops();
+  std::printf("measured bf16 matmul rate (8192^3 at::mm): %.0f TFLOP/s\n", tflops);
+
+  struct Shape {
+    int64_t t, h, v;
+    double target_ms, target_gib;  // trainable targets on an H100 (issue 11)
+  };
+  const std::vector<Shape> shapes = {{8192, 2048, 128256, 28.0, 0.58}, {16384, 4096, 128256, 93.0, 1.23}};
+  std::vector<Row> rows;
+  for (const Shape& s : shapes) {
+    const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
+    at::Tensor hidden = at::randn({s.t, s.h}, opts).requires_grad_(true);
+    at::Tensor weight = (at::randn({s.v, s.h}, opts) * 0.02);
+    at::Tensor labels = at::randint(0, s.v, {s.t}, opts.dtype(at::kLong));
+    labels.masked_fill_(at::randint(0, 7, {s.t}, labels.options()).eq(0), -100);
+    char shape[64];
+    std::snprintf(shape, sizeof shape, "%lldx%lldx%lld", static_cast<long long>(s.t), static_cast<long long>(s.h),
+                  static_cast<long long>(s.v));
+    const double gemm_flops = 2.0 * s.t * s.h * s.v;
+    const double dh_bytes = 2.0 * s.t * s.h, dw_bytes = 2.0 * s.v * s.h;
+
+    // The naive loss of the same inputs, for the loss check and the peer timing.
+    double naive_loss = 0;
+    auto naive = [&](bool trainable) {
+      weight.requires_grad_(trainable);
+      at::Tensor logits = at::matmul(hidden, weight.t()).to(at::kFloat);
+      at::Tensor loss = at::cross_entropy_loss(logits, labels, {}, at::Reduction::Sum, -100);
+      naive_loss = loss.item<double>();
+      loss.backward();
+    };
+    auto reset = [&] {
+      hidden.mutable_grad().reset();
+      weight.mutable_grad().reset();
+    };
+
+    for (const int mode : {0, 1, 2, 3, 4}) {
+      const bool trainable = mode == 0 || mode == 1 || mode == 3;
+      const bool fused = mode <= 2;
+      qt::FusedLinearCeOptions o;
+      o.low_memory = mode == 1;
+      double fused_loss = 0;
+      std::function<void()> run = [&] {
+        weight.requires_grad_(trainable);
+        auto r = qt::fused_linear_cross_entropy(hidden, weight, labels, o);
+        r.loss_sum.backward();
+        fused_loss = r.loss_sum.item<double>();
+      };
+      if (!fused) run = [&] { naive(trainable); };
+      const Timing t = measure(run, reset, 2, 10);
+      Row row;
+      row.shape = shape;
+      row.mode = std::string(fused ? "fused" : "naive") + (trainable ? " trainable" : " frozen") +
+                 (o.low_memory ? " low-mem" : "");
+      row.chunk = fused ? std::min(s.t, qt::fused_linear_ce_chunk_tokens(s.t, s.h, s.v, trainable, o, 2)) : s.t;
+      row.ms = t.median_ms;
+      row.floor_ms = (trainable ? 3 : 2) * gemm_flops / (tflops * 1e12) * 1e3;
+      row.extra_gib = t.extra_bytes / kGiB;
+      row.floor_gib = (dh_bytes + (trainable ? dw_bytes : 0)) / kGiB;
+      row.target_ms = trainable ? s.target_ms : 0.8 * s.target_ms;
+      row.target_gib = trainable ? s.target_gib : (dh_bytes + 256.0 * 1024 * 1024) / kGiB;
+      if (fused) {
+        naive(false);  // loss of the same inputs
+        reset();
+        row.loss_rel = std::abs(fused_loss - naive_loss) / std::abs(naive_loss);
+      } else {
+        row.loss_rel = 0;
+      }
+      rows.push_back(row);
+      std::printf("%s %s done\n", row.shape.c_str(), row.mode.c_str());
+      std::fflush(stdout);
+    }
+  }
+
+  std::printf("\n%-20s %-24s %6s %9s %9s %7s %9s %9s %8s %9s %10s\n", "T x H x V", "mode", "chunk", "ms", "floor ms",
+              "%floor", "extra GiB", "floor GiB", "target", "tgt GiB", "loss rel");
+  for (const Row& r : rows) {
+    std::printf("%-20s %-24s %6lld %9.2f %9.2f %6.0f%% %9.3f %9.3f %8.1f %9.3f %10.2e\n", r.shape.c_str(),
+                r.mode.c_str(), static_cast<long long>(r.chunk), r.ms, r.floor_ms, 100.0 * r.floor_ms / r.ms,
+                r.extra_gib, r.floor_gib, r.mode.rfind("naive", 0) == 0 ? 0.0 : r.target_ms,
+                r.mode.rfind("naive", 0) == 0 ? 0.0 : r.target_gib, r.loss_rel);
+  }
+  std::printf("floor ms: 6THV (trainable) or 4THV (frozen) FLOPs at the measured matmul rate; floor GiB: dh (+ dW) "
+              "in bf16; loss rel: fused vs naive loss sum\n");
+  return 0;
+#endif
+}
