@@ -152,31 +152,37 @@ def make_bpe(out, lines):
     ld = out / "bpe_legacy"
     ld.mkdir(parents=True, exist_ok=True)
     (ld / "tokenizer.json").write_text(json.dumps(legacy, ensure_ascii=False))
-    cfg_instruct = dict(cfg, eos_token={"content": "<|eot_id|>", "special": True})  # Llama 3 Instruct's EOS
+    cfg_instruct = dict(cfg, eos_token={"__type": "AddedToken", "content": "<|eot_id|>", "lstrip": False,
+                                        "normalized": False, "rstrip": False, "single_word": False,
+                                        "special": True})  # Llama 3 Instruct's EOS, in the object form
     (ld / "tokenizer_config.json").write_text(json.dumps(cfg_instruct, indent=2))
 
     split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
 
     def expected(path):
         t = Tokenizer.from_file(str(path))
+        # transformers reads tokenizer_config.json on top of tokenizer.json: the BOS/EOS ids and whether a
+        # document gets them come from it (a second oracle for the same document ids).
+        from transformers import AutoTokenizer
+        hf = AutoTokenizer.from_pretrained(str(path.parent))
         cases = []
         for text in TEST_STRINGS:
             t.encode_special_tokens = True  # special token strings in the text are plain text
             ids = t.encode(text, add_special_tokens=False).ids
             document = t.encode(text, add_special_tokens=True).ids  # post-processor adds BOS; text stays text
+            assert document == hf(text, split_special_tokens=True)["input_ids"], text
             t.encode_special_tokens = False
             with_special = t.encode(text, add_special_tokens=False).ids
             cases.append({"text": text, "ids": ids, "with_special": with_special, "document": document,
                           "decoded": t.decode(with_special, skip_special_tokens=False),
                           "pretokens": [p for p, _ in split.pre_tokenize_str(text)]})
-        return cases
+        return {"bos_id": hf.bos_token_id, "eos_id": hf.eos_token_id, "chat_template": hf.chat_template,
+                "cases": cases}
 
-    common = {"vocab_size": tok.get_vocab_size(with_added_tokens=True), "bos_id": bos,
-              "add_bos": True, "add_eos": False, "chat_template": CHAT_TEMPLATE_L3,
+    common = {"vocab_size": tok.get_vocab_size(with_added_tokens=True), "add_bos": True, "add_eos": False,
               "pieces": {p: tok.token_to_id(p) for p in LLAMA3_SPECIALS + ["Ġthe", "the", "a"]}}
-    return [dict(common, dir="bpe", eos_id=tok.token_to_id("<|end_of_text|>"), cases=expected(d / "tokenizer.json")),
-            dict(common, dir="bpe_legacy", eos_id=tok.token_to_id("<|eot_id|>"),
-                 cases=expected(ld / "tokenizer.json"))]
+    return [dict(common, dir="bpe", **expected(d / "tokenizer.json")),
+            dict(common, dir="bpe_legacy", **expected(ld / "tokenizer.json"))]
 
 
 def unicode_classes():
