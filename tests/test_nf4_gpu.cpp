@@ -1,0 +1,156 @@
+// NF4 CUDA kernel (lib/kernels/nf4_dequant.cu) against its plain-ATen reference, run on the GPU; and the
+// quantizer on CUDA against the quantizer on the CPU. Tagged [gpu]: scripts/gpu-check.sh runs them.
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "lib/core/error.h"
+#include "lib/kernels/nf4_dequant.h"
+#include "lib/kernels/nf4_format.h"
+#include "lib/quant/nf4.h"
+#include "tests/catch.h"
+
+#ifdef QT_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace {
+
+at::Tensor gpu_bits(const at::Tensor& t) {
+  at::Tensor c = t.contiguous().reshape({-1});
+  return c.element_size() == 2 ? c.view(at::kShort) : c.element_size() == 4 ? c.view(at::kInt) : c.view(at::kByte);
+}
+bool same_bits(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == b.scalar_type() && a.numel() == b.numel() && a.device() == b.device() &&
+         at::equal(gpu_bits(a), gpu_bits(b));
+}
+
+void require_cuda() {
+  REQUIRE(at::hasCUDA());
+  REQUIRE(qt::kernels::nf4_cuda_compiled());
+}
+
+// Random packed codes and statistics (every code and every nested code appears), on the GPU.
+qt::kernels::Nf4Data random_nf4(int64_t rows, int64_t cols, int64_t blocksize = 64) {
+  const auto u8 = at::TensorOptions().dtype(at::kByte).device(at::kCUDA);
+  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+  qt::kernels::Nf4Data d;
+  d.numel = rows * cols;
+  d.blocksize = blocksize;
+  const int64_t blocks = d.numel / blocksize;
+  d.packed = at::randint(0, 256, {d.numel / 2}, u8);
+  d.absmax_q = at::randint(0, 256, {blocks}, u8);
+  d.nested_absmax = at::rand({(blocks + 255) / 256}, f32).mul_(0.05).add_(0.005);
+  d.nested_map = qt::kernels::dynamic_map_tensor().to(at::kCUDA);
+  d.quant_map = qt::kernels::nf4_code_tensor().to(at::kCUDA);
+  d.offset = 0.0371f;
+  return d;
+}
+
+const std::vector<std::pair<int64_t, int64_t>> kShapes = {{2048, 2048},  {4096, 4096}, {14336, 4096},
+                                                          {4096, 14336}, {1024, 4096}, {128256, 4096}};
+
+}  // namespace
+
+TEST_CASE("CUDA NF4 dequant equals the ATen reference bit for bit, bf16 fp16 fp32, poisoned outputs",
+          "[gpu][nf4]") {
+  require_cuda();
+  at::manual_seed(1);
+  for (const auto& [rows, cols] : kShapes) {
+    const qt::kernels::Nf4Data d = random_nf4(rows, cols);
+    for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+      if (dtype == at::kFloat && rows * cols > (int64_t{1} << 28)) continue;  // 128256x4096 fp32: 2 GB + ref temps
+      INFO(rows << "x" << cols << " " << c10::toString(dtype));
+      at::Tensor out = at::full({rows, cols}, NAN, at::TensorOptions().dtype(dtype).device(at::kCUDA));
+      qt::kernels::nf4_dequant_into(d, out);
+      at::Tensor ref = qt::kernels::nf4_dequant_ref(d, dtype);
+      CHECK(same_bits(out.reshape({-1}), ref));
+      CHECK(out.isfinite().all().item<bool>());
+    }
+  }
+}
+
+TEST_CASE("CUDA NF4 dequant of quantized weights equals the reference, blocksize 64 and 256", "[gpu][nf4]") {
+  require_cuda();
+  at::manual_seed(2);
+  for (int64_t bs : {64, 256}) {
+    at::Tensor w = at::randn({4096, 1024}, at::TensorOptions().device(at::kCUDA)).mul_(0.02).to(at::kBFloat16);
+    const qt::Nf4Weight q = qt::quantize_nf4(w, bs);
+    at::Tensor out = at::full({4096, 1024}, NAN, w.options());
+    q.dequantize_into(out);
+    CHECK(same_bits(out.reshape({-1}), qt::kernels::nf4_dequant_ref(q.data, at::kBFloat16)));
+  }
+}
+
+TEST_CASE("CUDA NF4 dequant runs on the caller's non-default stream", "[gpu][nf4]") {
+  require_cuda();
+#ifdef QT_WITH_CUDA
+  at::manual_seed(3);
+  const qt::kernels::Nf4Data d = random_nf4(4096, 4096);
+  at::Tensor ref = qt::kernels::nf4_dequant_ref(d, at::kBFloat16);
+  at::Tensor out = at::full({4096 * 4096}, NAN, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+  c10::cuda::getCurrentCUDAStream().synchronize();
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+  REQUIRE(side != c10::cuda::getDefaultCUDAStream());
+  {
+    c10::cuda::CUDAStreamGuard guard(side);
+    qt::kernels::nf4_dequant_into(d, out);
+    // Enqueued behind the kernel on the same stream: sees its result without any device-wide sync.
+    at::Tensor ok = at::equal(out.view(at::kShort), ref.view(at::kShort)) ? at::ones({1}) : at::zeros({1});
+    CHECK(ok.item<float>() == 1.0f);
+  }
+  side.synchronize();
+  CHECK(same_bits(out, ref));
+#endif
+}
+
+TEST_CASE("one grouped launch dequantizes q, k, v like three single launches", "[gpu][nf4]") {
+  require_cuda();
+  at::manual_seed(4);
+  const qt::kernels::Nf4Data q = random_nf4(4096, 4096), k = random_nf4(1024, 4096), v = random_nf4(1024, 4096);
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  std::vector<at::Tensor> outs = {at::full({4096, 4096}, NAN, bf16), at::full({1024, 4096}, NAN, bf16),
+                                  at::full({1024, 4096}, NAN, bf16)};
+  qt::kernels::nf4_dequant_group_into({&q, &k, &v}, outs);
+  CHECK(same_bits(outs[0].reshape({-1}), qt::kernels::nf4_dequant_ref(q, at::kBFloat16)));
+  CHECK(same_bits(outs[1].reshape({-1}), qt::kernels::nf4_dequant_ref(k, at::kBFloat16)));
+  CHECK(same_bits(outs[2].reshape({-1}), qt::kernels::nf4_dequant_ref(v, at::kBFloat16)));
+}
+
+TEST_CASE("misaligned output buffers are refused, not written", "[gpu][nf4]") {
+  require_cuda();
+  const qt::kernels::Nf4Data d = random_nf4(64, 64);
+  at::Tensor buf = at::zeros({64 * 64 + 8}, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+  at::Tensor out = buf.slice(0, 1, 1 + 64 * 64);  // 2-byte offset
+  bool threw = false;
+  try {
+    qt::kernels::nf4_dequant_into(d, out);
+  } catch (const qt::Error& e) {
+    threw = std::string(e.what()).find("aligned") != std::string::npos;
+  }
+  CHECK(threw);
+  CHECK(buf.eq(0).all().item<bool>());
+}
+
+TEST_CASE("NF4 quantization on CUDA produces the CPU's bytes", "[gpu][nf4]") {
+  require_cuda();
+  at::manual_seed(5);
+  for (auto dtype : {at::kBFloat16, at::kFloat, at::kHalf}) {
+    for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{1024, 4096}, {160, 256}, {4096, 14336}}) {
+      INFO(rows << "x" << cols << " " << c10::toString(dtype));
+      at::Tensor w = at::randn({rows, cols}).mul_(0.02);
+      w.view({-1}).index_put_({at::randint(0, rows * cols, {rows * cols / 500})}, 0.5);  // outliers
+      w = w.to(dtype);
+      const qt::Nf4Weight cpu = qt::quantize_nf4(w);
+      const qt::Nf4Weight gpu = qt::quantize_nf4(w.to(at::kCUDA));
+      CHECK(gpu.device().is_cuda());
+      CHECK(same_bits(gpu.data.packed.cpu(), cpu.data.packed));
+      CHECK(same_bits(gpu.data.absmax_q.cpu(), cpu.data.absmax_q));
+      CHECK(same_bits(gpu.data.nested_absmax.cpu(), cpu.data.nested_absmax));
+      CHECK(same_bits(at::tensor({gpu.data.offset}), at::tensor({cpu.data.offset})));
+    }
+  }
+}
