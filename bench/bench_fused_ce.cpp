@@ -137,11 +137,14 @@ int main() {
       weight.mutable_grad().reset();
     };
 
-    for (const int mode : {0, 1, 2, 3, 4}) {
-      const bool trainable = mode == 0 || mode == 1 || mode == 3;
-      const bool fused = mode <= 2;
+    // Modes: fused trainable (default, low-memory, without the side-stream dW overlap), fused frozen, naive
+    // trainable, naive frozen.
+    for (const int mode : {0, 1, 2, 3, 4, 5}) {
+      const bool trainable = mode <= 2 || mode == 4;
+      const bool fused = mode <= 3;
       qt::FusedLinearCeOptions o;
       o.low_memory = mode == 1;
+      o.overlap_dw = mode != 2;
       double fused_loss = 0;
       std::function<void()> run = [&] {
         weight.requires_grad_(trainable);
@@ -154,7 +157,8 @@ int main() {
       Row row;
       row.shape = shape;
       row.mode = std::string(fused ? "fused" : "naive") + (trainable ? " trainable" : " frozen") +
-                 (o.low_memory ? " low-mem" : "");
+                 (o.low_memory ? " low-mem" : "") +
+                 (fused && trainable && !o.overlap_dw ? " no-overlap" : "");
       row.chunk = fused ? std::min(s.t, qt::fused_linear_ce_chunk_tokens(s.t, s.h, s.v, trainable, o, 2)) : s.t;
       row.ms = t.median_ms;
       row.floor_ms = (trainable ? 3 : 2) * gemm_flops / (tflops * 1e12) * 1e3;
@@ -178,7 +182,7 @@ int main() {
   std::printf("\n%-20s %-24s %6s %9s %9s %7s %9s %9s %8s %9s %10s\n", "T x H x V", "mode", "chunk", "ms", "floor ms",
               "%floor", "extra GiB", "floor GiB", "target", "tgt GiB", "loss rel");
   for (const Row& r : rows) {
-    std::printf("%-20s %-24s %6lld %9.2f %9.2f %6.0f%% %9.3f %9.3f %8.1f %9.3f %10.2e\n", r.shape.c_str(),
+    std::printf("%-20s %-28s %6lld %9.2f %9.2f %6.0f%% %9.3f %9.3f %8.1f %9.3f %10.2e\n", r.shape.c_str(),
                 r.mode.c_str(), static_cast<long long>(r.chunk), r.ms, r.floor_ms, 100.0 * r.floor_ms / r.ms,
                 r.extra_gib, r.floor_gib, r.mode.rfind("naive", 0) == 0 ? 0.0 : r.target_ms,
                 r.mode.rfind("naive", 0) == 0 ? 0.0 : r.target_gib, r.loss_rel);

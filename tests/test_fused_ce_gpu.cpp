@@ -130,6 +130,7 @@ TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast input
     int64_t tokens, hid, vocab, chunk;
     at::ScalarType dtype;
     bool transposed, weight_grad, all_ignored_chunk, extras;
+    bool overlap_dw = true;
   };
   const std::vector<Case> cases = {
       {"bf16, ignored tokens, T and V not multiples of the chunk", 300, 256, 32064, 64, at::kBFloat16, false, true, false, false},
@@ -138,6 +139,7 @@ TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast input
       {"bf16, frozen weight", 300, 256, 32064, 64, at::kBFloat16, false, false, false, false},
       {"bf16, automatic chunk", 1000, 256, 32064, 0, at::kBFloat16, false, true, false, false},
       {"bf16, label smoothing, z-loss, soft-cap", 300, 256, 32064, 64, at::kBFloat16, false, true, false, true},
+      {"bf16, dW on the main stream (no overlap)", 300, 256, 32064, 64, at::kBFloat16, false, true, true, false, false},
       {"fp16", 300, 256, 32064, 64, at::kHalf, false, true, false, false},
       {"fp32 (tight bounds)", 300, 256, 32064, 64, at::kFloat, false, true, true, true},
   };
@@ -145,6 +147,7 @@ TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast input
     std::printf("case: %s\n", c.name);
     FusedLinearCeOptions o;
     o.chunk_tokens = c.chunk;
+    o.overlap_dw = c.overlap_dw;
     if (c.extras) {
       o.label_smoothing = 0.1;
       o.z_loss = 1e-4;

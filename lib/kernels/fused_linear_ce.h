@@ -29,6 +29,9 @@ struct FusedLinearCeOptions {
   // Check labels are in [0, V) or ignore_index (one device sync per call on CUDA); a bad label is a
   // qt::Error of kind Data. Unchecked, a bad label makes its row's loss NaN on CUDA.
   bool check_labels = true;
+  // CUDA, trainable weight: run the dW GEMM (memory-bound at small chunks) on a side stream, concurrently with
+  // the dh GEMM (compute-bound). No extra memory beyond the side stream's cuBLAS workspace.
+  bool overlap_dw = true;
   // Run the plain-ATen reference even for CUDA tensors (tests, debugging).
   bool force_reference = false;
 };

@@ -7,7 +7,11 @@
 
 #ifdef QT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <map>
+#include <mutex>
 #endif
 
 namespace qt::detail {
@@ -15,6 +19,22 @@ namespace qt::detail {
 #ifdef QT_WITH_CUDA
 
 bool fused_linear_ce_cuda_available() { return true; }
+
+namespace {
+
+// The side stream of a device, the same one for every call of the process. A fresh stream from ATen's pool per
+// call would round-robin over its 32 streams, and cuBLAS keeps one workspace per stream it has seen (32 MiB on
+// Hopper): up to 1 GiB held. A handle fixed once, not state that changes.
+at::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, at::cuda::CUDAStream> streams;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams.find(device);
+  if (it == streams.end()) it = streams.emplace(device, at::cuda::getStreamFromPool(false, device)).first;
+  return it->second;
+}
+
+}  // namespace
 
 FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& weight_in, const at::Tensor& labels,
                                     const FusedLinearCeOptions& options, int64_t chunk, bool want_dh,
@@ -47,7 +67,13 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
   const int64_t tile_rows = std::min(chunk, tokens);
   // One tile, reused by every chunk: [chunk, V] in the input dtype (bf16: the memory bound of the design).
   at::Tensor tile = at::empty({tile_rows, vocab}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
-  void* stream = at::cuda::getCurrentCUDAStream().stream();
+  const at::cuda::CUDAStream main = at::cuda::getCurrentCUDAStream();
+  // With a trainable weight, dW += G^T h (K = chunk: bound by reading and writing all of dW) runs on a side
+  // stream next to dh = G W (bound by FLOPs); both only read the tile. The next chunk's logits GEMM overwrites
+  // the tile, so the main stream waits for the side stream before it.
+  const bool overlap = want_dw && want_dh && options.overlap_dw;
+  const at::cuda::CUDAStream side = overlap ? side_stream(hidden.device().index()) : main;
+  at::cuda::CUDAEvent tile_ready, dw_done;
 
   for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
     const int64_t rows = std::min(chunk, tokens - t0);
@@ -55,12 +81,13 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
     at::Tensor z = tile.narrow(0, 0, rows);
     at::mm_out(z, h, weight.t());
     kernels::ce_tile_loss_grad(z.data_ptr(), dtype, rows, vocab, vocab, y.data_ptr<int64_t>() + t0,
-                               out.loss_rows.data_ptr<float>() + t0, write_grad, params, stream);
-    if (want_dh) {
-      at::Tensor dh = out.dh.narrow(0, t0, rows);
-      at::mm_out(dh, z, weight);
-    }
+                               out.loss_rows.data_ptr<float>() + t0, write_grad, params, main.stream());
     if (want_dw) {
+      if (overlap) {
+        tile_ready.record(main);
+        tile_ready.block(side);
+      }
+      const c10::cuda::CUDAStreamGuard on_side(side);
       // The first chunk writes dW (beta = 0: no zero-fill pass over V x H); later ones accumulate into it.
       // cuBLAS accumulates in fp32 and rounds once per chunk into dW's dtype.
       if (t0 == 0) {
@@ -68,6 +95,16 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
       } else {
         out.dw.addmm_(z.t(), h);
       }
+    }
+    if (want_dh) {
+      at::Tensor dh = out.dh.narrow(0, t0, rows);
+      at::mm_out(dh, z, weight);
+    }
+    if (overlap) {
+      // Also orders every later use (or free) of dW and of the tile on the main stream after the side work,
+      // so the caching allocator needs no record_stream.
+      dw_done.record(side);
+      dw_done.block(main);
     }
   }
   return out;
