@@ -2,6 +2,8 @@
 // (sentencepiece, tokenizers) at fixture time; nothing here is hard-coded.
 #include <filesystem>
 #include <set>
+
+#include <unistd.h>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -157,4 +159,20 @@ TEST_CASE("load_tokenizer reports missing, malformed and unsupported tokenizer f
   SECTION("tokenizer.json whose model is not BPE") {
     check_load_error(k_dir + "/bad_wordpiece", "bad_wordpiece/tokenizer.json", "WordPiece");
   }
+}
+
+TEST_CASE("sentencepiece model alone: BOS/EOS from the model, BOS added as transformers' LlamaTokenizer does",
+          "[tokenizer]") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("qt_tokenizer_bare_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  fs::copy_file(k_dir + "/spm/tokenizer.model", dir / "tokenizer.model", fs::copy_options::overwrite_existing);
+  auto tok = qt::load_tokenizer(dir.string());
+  const qt::Json& m = model_cases("spm");
+  CHECK(tok->bos_id() == m.at("bos_id").get<int32_t>());
+  CHECK(tok->eos_id() == m.at("eos_id").get<int32_t>());
+  CHECK(tok->add_bos());
+  CHECK(!tok->add_eos());
+  CHECK(tok->chat_template().empty());
+  fs::remove_all(dir);
 }
