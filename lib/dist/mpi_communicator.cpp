@@ -91,9 +91,21 @@ MPI_Datatype mpi_type(at::ScalarType t) {
   fail(ErrorKind::Internal, std::string("no MPI datatype for ") + c10::toString(t));
 }
 
-// MPI cannot add 16-bit floats: they are reduced in float32 and rounded once at the end, which is also more
-// accurate than rounding after every pairwise sum.
-bool needs_upcast(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+// The dtype a reduction travels in. MPI cannot add 16-bit floats: they are reduced in float32 and rounded once at
+// the end, which is also more accurate than rounding after every pairwise sum. uint8 sums go as int32 and wrap
+// modulo 256 on arrival (as in NCCL and torch): OpenMPI 4.1's op/avx component saturates 8- and 16-bit integer
+// sums instead (open-mpi/ompi#8045, closed as won't fix; seen here with 4.1.4: 200 + 200 gave 255).
+at::ScalarType reduce_dtype(at::ScalarType t, ReduceOp op) {
+  if (t == at::kBFloat16 || t == at::kHalf) return at::kFloat;
+  if (t == at::kByte && op != ReduceOp::Max) return at::kInt;
+  return t;
+}
+
+// Back from the reduction dtype into `dst`; uint8 keeps the low byte (modulo 256, defined for any int32).
+void store_reduced(const at::Tensor& dst, const at::Tensor& src) {
+  if (src.is_same(dst)) return;
+  dst.copy_(dst.scalar_type() == at::kByte && src.scalar_type() != at::kByte ? src.bitwise_and(255) : src);
+}
 
 MPI_Op mpi_op(ReduceOp op) {
   switch (op) {
@@ -203,13 +215,13 @@ std::unique_ptr<Work> MpiCommunicator::reduce_scatter_tensor_async(const at::Ten
   dist_detail::check_reduce_scatter(*this, out, in, op);
   mpi_count(impl_, name, in.numel());
   const int count = mpi_count(impl_, name, out.numel());
-  const bool upcast = needs_upcast(in.scalar_type());
-  at::Tensor send = upcast ? in.to(at::kFloat) : in;
-  at::Tensor recv = upcast ? at::empty(out.sizes(), out.options().dtype(at::kFloat)) : out;
+  const at::ScalarType rt = reduce_dtype(in.scalar_type(), op);
+  at::Tensor send = in.to(rt);
+  at::Tensor recv = rt == out.scalar_type() ? out : at::empty(out.sizes(), out.options().dtype(rt));
   const int world = impl_->world;
   auto finish = [out, send, recv, op, world] {
     if (op == ReduceOp::Avg) recv.div_(world);
-    if (!recv.is_same(out)) out.copy_(recv);
+    store_reduced(out, recv);
   };
   MPI_Datatype type = mpi_type(send.scalar_type());
   MPI_Comm comm = impl_->comm;
@@ -222,11 +234,11 @@ std::unique_ptr<Work> MpiCommunicator::all_reduce_async(const at::Tensor& tensor
   const char* name = "all_reduce";
   dist_detail::check_all_reduce(*this, tensor, op);
   const int count = mpi_count(impl_, name, tensor.numel());
-  at::Tensor buf = needs_upcast(tensor.scalar_type()) ? tensor.to(at::kFloat) : tensor;
+  at::Tensor buf = tensor.to(reduce_dtype(tensor.scalar_type(), op));
   const int world = impl_->world;
   auto finish = [tensor, buf, op, world] {
     if (op == ReduceOp::Avg) buf.div_(world);
-    if (!buf.is_same(tensor)) tensor.copy_(buf);
+    store_reduced(tensor, buf);
   };
   MPI_Datatype type = mpi_type(buf.scalar_type());
   MPI_Comm comm = impl_->comm;
