@@ -99,7 +99,8 @@ Row run_case(const std::string& name, const std::vector<std::pair<int64_t, int64
   };
   auto reference = [&](int i) {
     const int s = i % sets;
-    for (size_t k = 0; k < data[s].size(); ++k) outs[s][k].view({-1}).copy_(qt::kernels::nf4_dequant_ref(data[s][k], dtype));
+    for (size_t k = 0; k < data[s].size(); ++k)
+      outs[s][k].view({-1}).copy_(qt::kernels::nf4_dequant_ref(data[s][k], dtype));
   };
   // Correctness first: a benchmark of wrong output is no benchmark.
   kernel(0);
@@ -170,7 +171,11 @@ int main(int argc, char** argv) {
     add("8B gate+up one launch bf16", {{14336, 4096}, {14336, 4096}}, bf16);
     add("8B q_proj 4096x4096 fp32", {{4096, 4096}}, at::kFloat);
     // Unsloth NF4 challenge cases (hidden x intermediate, dtype): gate and up are [m, hd], down is [hd, m].
-    struct U { int64_t hd, m; at::ScalarType t; const char* tn; };
+    struct U {
+      int64_t hd, m;
+      at::ScalarType t;
+      const char* tn;
+    };
     for (const U& u : {U{1024, 4096, bf16, "bf16"}, U{4096, 14336, bf16, "bf16"}, U{2048, 8192, f16, "fp16"}}) {
       const std::string base = "unsloth hd" + std::to_string(u.hd) + " m" + std::to_string(u.m) + " " + u.tn;
       add(base + " gate", {{u.m, u.hd}}, u.t);
@@ -178,8 +183,8 @@ int main(int argc, char** argv) {
       add(base + " down", {{u.hd, u.m}}, u.t);
     }
 
-    std::printf("\n%-40s %9s %10s %10s %11s %9s %9s\n", "case", "MB moved", "kernel us", "GB/s", "% copy BW",
-                "ATen us", "speedup");
+    std::printf("\n%-40s %9s %10s %10s %11s %9s %9s\n", "case", "MB moved", "kernel us", "GB/s", "% copy BW", "ATen us",
+                "speedup");
     for (const Row& r : rows)
       std::printf("%-40s %9.1f %10.1f %10.0f %10.1f%% %9.1f %8.1fx\n", r.name.c_str(), r.mbytes, r.us, r.gbps,
                   r.pct_copy, r.ref_us, r.speedup);

@@ -23,10 +23,14 @@ namespace {
 at::Tensor bits(const at::Tensor& t) {
   at::Tensor c = t.to(at::kCPU).contiguous().reshape({-1});
   switch (c.element_size()) {
-    case 1: return c.view(at::kByte);
-    case 2: return c.view(at::kShort);
-    case 4: return c.view(at::kInt);
-    default: return c.view(at::kLong);
+    case 1:
+      return c.view(at::kByte);
+    case 2:
+      return c.view(at::kShort);
+    case 4:
+      return c.view(at::kInt);
+    default:
+      return c.view(at::kLong);
   }
 }
 bool same_bits(const at::Tensor& a, const at::Tensor& b) {
@@ -54,8 +58,7 @@ std::string error_of(const std::function<void()>& fn) {
 
 }  // namespace
 
-TEST_CASE("NF4 code values and the nested dynamic map equal bitsandbytes' quant_map and nested_quant_map",
-          "[nf4]") {
+TEST_CASE("NF4 code values and the nested dynamic map equal bitsandbytes' quant_map and nested_quant_map", "[nf4]") {
   qt::SafetensorsFile f(qt::test::fixture("nf4/" + nf4_cases()[0] + ".safetensors"));
   CHECK(same_bits(qt::kernels::nf4_code_tensor(), f.view("layer.weight.quant_map")));
   CHECK(same_bits(qt::kernels::dynamic_map_tensor(), f.view("layer.weight.nested_quant_map")));
@@ -154,7 +157,8 @@ TEST_CASE("a LLaMA-shaped set of NF4 linears takes at most 0.52 bytes per weight
   // The linears of one block of a narrow LLaMA (hidden 1024, GQA with 4 KV heads of 64, intermediate 2816):
   // q, k, v, o, gate, up, down. The per-weight figure does not depend on the width.
   const int64_t h = 1024, kv = 256, inter = 2816;
-  const std::vector<std::vector<int64_t>> shapes = {{h, h}, {kv, h}, {kv, h}, {h, h}, {inter, h}, {inter, h}, {h, inter}};
+  const std::vector<std::vector<int64_t>> shapes = {{h, h},     {kv, h},    {kv, h},   {h, h},
+                                                    {inter, h}, {inter, h}, {h, inter}};
   at::manual_seed(3);
   int64_t bytes = 0, numel = 0;
   for (const auto& s : shapes) {

@@ -26,12 +26,15 @@ namespace {
 
 Nf4OutType out_type(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return Nf4OutType::Float32;
-    case at::kHalf: return Nf4OutType::Float16;
-    case at::kBFloat16: return Nf4OutType::BFloat16;
+    case at::kFloat:
+      return Nf4OutType::Float32;
+    case at::kHalf:
+      return Nf4OutType::Float16;
+    case at::kBFloat16:
+      return Nf4OutType::BFloat16;
     default:
-      fail(ErrorKind::Internal, std::string("NF4 dequantize: output must be float32/bfloat16/float16, got ") +
-                                    c10::toString(t));
+      fail(ErrorKind::Internal,
+           std::string("NF4 dequantize: output must be float32/bfloat16/float16, got ") + c10::toString(t));
   }
 }
 

@@ -188,9 +188,15 @@ void nf4_dequant_launch(const Nf4DequantJob* jobs, int n_jobs, Nf4OutType type, 
     table.warp_begin[j + 1] = table.warp_begin[j] + (chunks + 31) / 32;
   }
   switch (type) {
-    case Nf4OutType::BFloat16: launch<__nv_bfloat16>(table, stream); break;
-    case Nf4OutType::Float16: launch<__half>(table, stream); break;
-    case Nf4OutType::Float32: launch<float>(table, stream); break;
+    case Nf4OutType::BFloat16:
+      launch<__nv_bfloat16>(table, stream);
+      break;
+    case Nf4OutType::Float16:
+      launch<__half>(table, stream);
+      break;
+    case Nf4OutType::Float32:
+      launch<float>(table, stream);
+      break;
   }
 }
 

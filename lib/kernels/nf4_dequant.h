@@ -24,7 +24,7 @@ struct Nf4DequantJob {
   const float* nested_map = nullptr;     // [256]
   const float* quant_map = nullptr;      // [16]
   float offset = 0.0f;
-  int64_t numel = 0;      // multiple of blocksize
+  int64_t numel = 0;       // multiple of blocksize
   int32_t blocksize = 64;  // power of two in [64, 4096]
   void* out = nullptr;     // [numel] of the output type, 16-byte aligned
 };

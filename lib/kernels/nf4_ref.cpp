@@ -44,7 +44,8 @@ void check_nf4_data(const Nf4Data& d) {
   };
   expect(d.blocksize >= kNf4MinBlocksize && (d.blocksize & (d.blocksize - 1)) == 0 && d.blocksize <= 4096,
          "blocksize " + std::to_string(d.blocksize) + " is not a power of two in [64, 4096]");
-  expect(d.numel > 0 && d.numel % d.blocksize == 0, "numel " + std::to_string(d.numel) + " not a multiple of blocksize");
+  expect(d.numel > 0 && d.numel % d.blocksize == 0,
+         "numel " + std::to_string(d.numel) + " not a multiple of blocksize");
   const int64_t blocks = d.numel / d.blocksize;
   const int64_t groups = (blocks + kNf4NestedBlocksize - 1) / kNf4NestedBlocksize;
   expect(d.packed.defined() && d.packed.scalar_type() == at::kByte && d.packed.numel() == d.numel / 2 &&
@@ -100,9 +101,9 @@ Nf4Data nf4_quantize_ref(const at::Tensor& w, int64_t blocksize) {
            std::string("nf4_quantize_ref: expected float32/bfloat16/float16, got ") + c10::toString(t));
   QT_CHECK(blocksize >= kNf4MinBlocksize && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
            ErrorKind::Internal, "nf4_quantize_ref: blocksize must be a power of two in [64, 4096]");
-  QT_CHECK(w.numel() > 0 && w.numel() % blocksize == 0, ErrorKind::Internal,
-           "nf4_quantize_ref: numel " + std::to_string(w.numel()) + " is not a multiple of " +
-               std::to_string(blocksize));
+  QT_CHECK(
+      w.numel() > 0 && w.numel() % blocksize == 0, ErrorKind::Internal,
+      "nf4_quantize_ref: numel " + std::to_string(w.numel()) + " is not a multiple of " + std::to_string(blocksize));
   const auto dev = w.device();
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev);
 

@@ -22,10 +22,14 @@ const char* kStateKey = ".weight.quant_state.bitsandbytes__nf4";
 // bitsandbytes writes str(torch.dtype).strip("torch.").
 std::string dtype_name(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return "float32";
-    case at::kBFloat16: return "bfloat16";
-    case at::kHalf: return "float16";
-    default: fail(ErrorKind::Internal, std::string("NF4: unsupported weight dtype ") + c10::toString(t));
+    case at::kFloat:
+      return "float32";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kHalf:
+      return "float16";
+    default:
+      fail(ErrorKind::Internal, std::string("NF4: unsupported weight dtype ") + c10::toString(t));
   }
 }
 
@@ -71,11 +75,11 @@ Nf4Weight Nf4Weight::to(const at::Device& dev) const {
 Nf4Weight quantize_nf4(const at::Tensor& weight, int64_t blocksize) {
   const auto t = weight.scalar_type();
   if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf)
-    fail(ErrorKind::Model, std::string("NF4 quantize: weight of dtype ") + c10::toString(t) +
-                               ", expected float32, bfloat16 or float16");
+    fail(ErrorKind::Model,
+         std::string("NF4 quantize: weight of dtype ") + c10::toString(t) + ", expected float32, bfloat16 or float16");
   if (blocksize < kernels::kNf4MinBlocksize || blocksize > 4096 || (blocksize & (blocksize - 1)) != 0)
-    fail(ErrorKind::Model, "NF4 quantize: blocksize " + std::to_string(blocksize) +
-                               " is not a power of two in [64, 4096]");
+    fail(ErrorKind::Model,
+         "NF4 quantize: blocksize " + std::to_string(blocksize) + " is not a power of two in [64, 4096]");
   std::vector<int64_t> shape(weight.sizes().begin(), weight.sizes().end());
   if (weight.numel() == 0 || weight.numel() % blocksize != 0)
     fail(ErrorKind::Model, "NF4 quantize: weight of shape " + shape_str(shape) + " has " +
@@ -90,21 +94,18 @@ Nf4Weight quantize_nf4(const at::Tensor& weight, int64_t blocksize) {
 
 std::vector<std::pair<std::string, at::Tensor>> Nf4Weight::to_bnb_tensors(const std::string& prefix) const {
   // Key order and spacing of json.dumps(dict) as QuantState.as_dict builds it.
-  std::string json = "{\"quant_type\": \"nf4\", \"blocksize\": " + std::to_string(data.blocksize) +
-                     ", \"dtype\": \"" + dtype_name(dtype) + "\", \"shape\": " + shape_str(shape) +
-                     ", \"nested_blocksize\": " + std::to_string(kernels::kNf4NestedBlocksize) +
-                     ", \"nested_dtype\": \"float32\", \"nested_offset\": " +
-                     shortest(static_cast<double>(data.offset)) + "}";
+  std::string json =
+      "{\"quant_type\": \"nf4\", \"blocksize\": " + std::to_string(data.blocksize) + ", \"dtype\": \"" +
+      dtype_name(dtype) + "\", \"shape\": " + shape_str(shape) +
+      ", \"nested_blocksize\": " + std::to_string(kernels::kNf4NestedBlocksize) +
+      ", \"nested_dtype\": \"float32\", \"nested_offset\": " + shortest(static_cast<double>(data.offset)) + "}";
   at::Tensor state = at::empty({static_cast<int64_t>(json.size())}, at::TensorOptions().dtype(at::kByte));
   std::memcpy(state.data_ptr<uint8_t>(), json.data(), json.size());
   const std::string w = prefix + ".weight";
   return {
-      {w, data.packed.to(at::kCPU).reshape({-1, 1})},
-      {w + ".absmax", data.absmax_q.to(at::kCPU)},
-      {w + ".quant_map", data.quant_map.to(at::kCPU)},
-      {w + ".nested_absmax", data.nested_absmax.to(at::kCPU)},
-      {w + ".nested_quant_map", data.nested_map.to(at::kCPU)},
-      {prefix + kStateKey, state},
+      {w, data.packed.to(at::kCPU).reshape({-1, 1})},          {w + ".absmax", data.absmax_q.to(at::kCPU)},
+      {w + ".quant_map", data.quant_map.to(at::kCPU)},         {w + ".nested_absmax", data.nested_absmax.to(at::kCPU)},
+      {w + ".nested_quant_map", data.nested_map.to(at::kCPU)}, {prefix + kStateKey, state},
   };
 }
 
@@ -144,10 +145,14 @@ Nf4Weight nf4_from_bnb_tensors(const std::map<std::string, at::Tensor>& tensors,
          "blocksize " + std::to_string(blocksize) + " is not a power of two in [64, 4096]");
   const std::string dtype_s = r.get_string("dtype");
   at::ScalarType dtype;
-  if (dtype_s == "bfloat16") dtype = at::kBFloat16;
-  else if (dtype_s == "float16") dtype = at::kHalf;
-  else if (dtype_s == "float32") dtype = at::kFloat;
-  else fail_key(ErrorKind::Model, source, state_key + ".dtype", "dtype '" + dtype_s + "' is not a float type");
+  if (dtype_s == "bfloat16")
+    dtype = at::kBFloat16;
+  else if (dtype_s == "float16")
+    dtype = at::kHalf;
+  else if (dtype_s == "float32")
+    dtype = at::kFloat;
+  else
+    fail_key(ErrorKind::Model, source, state_key + ".dtype", "dtype '" + dtype_s + "' is not a float type");
   const Json& shape_j = r.require("shape");
   expect(shape_j.is_array() && !shape_j.empty(), state_key + ".shape", "expected a non-empty array of sizes");
   std::vector<int64_t> shape;
@@ -189,8 +194,8 @@ Nf4Weight nf4_from_bnb_tensors(const std::map<std::string, at::Tensor>& tensors,
   out.data.quant_map = tensor(w + ".quant_map", at::kFloat, 16);
   out.data.nested_map = tensor(w + ".nested_quant_map", at::kFloat, 256);
   // .clone() where the reshape/to() returned a view of the caller's (maybe mmapped) storage: own the bytes.
-  for (at::Tensor* t : {&out.data.packed, &out.data.absmax_q, &out.data.nested_absmax, &out.data.quant_map,
-                        &out.data.nested_map})
+  for (at::Tensor* t :
+       {&out.data.packed, &out.data.absmax_q, &out.data.nested_absmax, &out.data.quant_map, &out.data.nested_map})
     if (t->device().is_cpu()) *t = t->clone();
   return out;
 }

@@ -25,8 +25,8 @@ namespace qt {
 class SafetensorsFile;
 
 struct Nf4Weight {
-  kernels::Nf4Data data;        // packed codes and statistics, all on one device (see nf4_ref.h)
-  std::vector<int64_t> shape;   // the original weight's shape, e.g. {out_features, in_features}
+  kernels::Nf4Data data;                 // packed codes and statistics, all on one device (see nf4_ref.h)
+  std::vector<int64_t> shape;            // the original weight's shape, e.g. {out_features, in_features}
   at::ScalarType dtype = at::kBFloat16;  // the original weight's dtype (bitsandbytes' quant_state "dtype")
 
   int64_t numel() const { return data.numel; }
