@@ -87,32 +87,40 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_kernel(const __grid_cons
   __shared__ float code_s[kNf4MaxJobs][16];
   __shared__ __align__(16) unsigned char stage_s[kWarps][32 * Tr::kLaneStride];
 
-  if (threadIdx.x < table.n * 16) {
-    const int j = threadIdx.x / 16;
-    code_s[j][threadIdx.x % 16] = table.job[j].quant_map[threadIdx.x % 16];
-  }
-  __syncthreads();
+  // The loads of the table, the codes and the statistics are all issued before the first wait, so a CTA pays
+  // one memory latency (two for the dependent nested_map lookup), not three.
+  const bool table_loader = threadIdx.x < table.n * 16;
+  const float code_value = table_loader ? __ldg(table.job[threadIdx.x / 16].quant_map + threadIdx.x % 16) : 0.0f;
 
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int64_t gwarp = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (gwarp >= table.warp_begin[table.n]) return;  // whole warps leave together
+  const bool warp_active = gwarp < table.warp_begin[table.n];  // uniform across the warp
   int j = 0;
   while (j + 1 < table.n && gwarp >= table.warp_begin[j + 1]) ++j;
   const Nf4DequantJob& job = table.job[j];
   const int64_t chunks = job.numel / kChunkElems;
   const int64_t first = (gwarp - table.warp_begin[j]) * 32;  // first chunk of this warp
   const int64_t c = first + lane;
+  const bool active = warp_active && c < chunks;
   unsigned char* stage = stage_s[warp];
 
-  if (c < chunks) {
-    const uint4 pk = __ldg(reinterpret_cast<const uint4*>(job.packed) + c);
+  uint4 pk = make_uint4(0, 0, 0, 0);
+  float scale = 0.0f;
+  if (active) {
+    pk = __ldg(reinterpret_cast<const uint4*>(job.packed) + c);
     const int64_t block = (c * kChunkElems) >> table.log2_blocksize[j];
     const uint32_t q = __ldg(job.absmax_q + block);
     const float group = __ldg(job.nested_absmax + (block / 256));
     // scale = nested_map[q] * nested_absmax + offset, rounded after the multiply and after the add (no FMA),
     // as bitsandbytes computes it (dequantize_blockwise, then `absmax += offset`).
-    const float scale = __fadd_rn(__fmul_rn(__ldg(job.nested_map + q), group), job.offset);
+    scale = __fadd_rn(__fmul_rn(__ldg(job.nested_map + q), group), job.offset);
+  }
+  if (table_loader) code_s[threadIdx.x / 16][threadIdx.x % 16] = code_value;
+  __syncthreads();           // code_s is filled
+  if (!warp_active) return;  // whole warps leave together, after the only block-wide barrier
+
+  if (active) {
     const float* code = code_s[j];
     uint4* dst = reinterpret_cast<uint4*>(stage + lane * Tr::kLaneStride);
     const uint32_t words[4] = {pk.x, pk.y, pk.z, pk.w};
