@@ -47,7 +47,7 @@ void check_out(const Nf4Data& d, const at::Tensor& out) {
   out_type(out.scalar_type());
 }
 
-Nf4DequantJob job_of(const Nf4Data& d, at::Tensor& out) {
+Nf4DequantJob job_of(const Nf4Data& d, const at::Tensor& out) {
   Nf4DequantJob job;
   job.packed = d.packed.data_ptr<uint8_t>();
   job.absmax_q = d.absmax_q.data_ptr<uint8_t>();
@@ -63,7 +63,7 @@ Nf4DequantJob job_of(const Nf4Data& d, at::Tensor& out) {
 
 }  // namespace
 
-void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, std::vector<at::Tensor>& outs) {
+void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, const std::vector<at::Tensor>& outs) {
   QT_CHECK(!ds.empty() && ds.size() == outs.size(), ErrorKind::Internal,
            "nf4_dequant_group_into: one output per weight expected");
   for (size_t i = 0; i < ds.size(); ++i) check_out(*ds[i], outs[i]);
@@ -88,9 +88,9 @@ void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, std::vector<a
 #endif
 }
 
-void nf4_dequant_into(const Nf4Data& d, at::Tensor& out) {
+void nf4_dequant_into(const Nf4Data& d, const at::Tensor& out) {
   std::vector<const Nf4Data*> ds{&d};
-  std::vector<at::Tensor> outs{out};
+  const std::vector<at::Tensor> outs{out};
   nf4_dequant_group_into(ds, outs);
 }
 

@@ -42,9 +42,9 @@ bool nf4_cuda_compiled();
 // Dequantizes `d` into `out` (contiguous, numel == d.numel, float32/bfloat16/float16, on d's device; any
 // shape). CUDA: the kernel on the current CUDA stream (set it with a c10::cuda::CUDAStreamGuard). CPU: the
 // reference. Either way the bits are those of nf4_dequant_ref.
-void nf4_dequant_into(const Nf4Data& d, at::Tensor& out);
+void nf4_dequant_into(const Nf4Data& d, const at::Tensor& out);
 
 // Several weights in one launch on CUDA (at most kNf4MaxJobs, one output dtype); one after another on CPU.
-void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, std::vector<at::Tensor>& outs);
+void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, const std::vector<at::Tensor>& outs);
 
 }  // namespace qt::kernels

@@ -60,7 +60,7 @@ at::Tensor Nf4Weight::dequantize(at::ScalarType out_dtype) const {
   return out;
 }
 
-void Nf4Weight::dequantize_into(at::Tensor& out) const { kernels::nf4_dequant_into(data, out); }
+void Nf4Weight::dequantize_into(const at::Tensor& out) const { kernels::nf4_dequant_into(data, out); }
 
 Nf4Weight Nf4Weight::to(const at::Device& dev) const {
   Nf4Weight w = *this;
@@ -208,7 +208,7 @@ Nf4Weight nf4_from_safetensors(const SafetensorsFile& file, const std::string& p
   return nf4_from_bnb_tensors(tensors, prefix, file.path(), device);
 }
 
-void dequantize_group_into(const std::vector<const Nf4Weight*>& weights, std::vector<at::Tensor>& outs) {
+void dequantize_group_into(const std::vector<const Nf4Weight*>& weights, const std::vector<at::Tensor>& outs) {
   std::vector<const kernels::Nf4Data*> ds;
   for (const Nf4Weight* w : weights) ds.push_back(&w->data);
   kernels::nf4_dequant_group_into(ds, outs);

@@ -41,7 +41,7 @@ struct Nf4Weight {
   at::Tensor dequantize() const { return dequantize(dtype); }
   // Into a caller-provided contiguous buffer with numel() elements, on the weight's device (any shape; the
   // CUDA kernel runs on the current CUDA stream). No allocation.
-  void dequantize_into(at::Tensor& out) const;
+  void dequantize_into(const at::Tensor& out) const;
 
   // The same weight on another device (statistics included).
   Nf4Weight to(const at::Device& device) const;
@@ -76,6 +76,6 @@ Nf4Weight nf4_from_safetensors(const SafetensorsFile& file, const std::string& p
 
 // Dequantizes up to 4 weights (e.g. q, k, v or gate, up) in one kernel launch on CUDA; `outs[i]` as for
 // dequantize_into, all of one dtype. On CPU, one reference call per weight.
-void dequantize_group_into(const std::vector<const Nf4Weight*>& weights, std::vector<at::Tensor>& outs);
+void dequantize_group_into(const std::vector<const Nf4Weight*>& weights, const std::vector<at::Tensor>& outs);
 
 }  // namespace qt
