@@ -201,7 +201,7 @@ class NcclWork final : public Work {
 // completion event that Work and the watchdog watch.
 template <typename Issue>
 std::unique_ptr<Work> launch(const ImplPtr& impl, const char* collective, std::initializer_list<at::Tensor> tensors,
-                             Issue issue) {
+                             int64_t count, Issue issue) {
   const auto dev = static_cast<c10::DeviceIndex>(impl->device_index);
   c10::cuda::CUDAGuard guard(dev);
   c10::cuda::CUDAStream comm_stream = *impl->stream;
@@ -218,7 +218,9 @@ std::unique_ptr<Work> launch(const ImplPtr& impl, const char* collective, std::i
   {
     std::lock_guard<std::mutex> lock(impl->mu);
     impl->ensure_usable_locked(collective);
-    impl->settle_locked(collective, issue(impl->comm, comm_stream.stream()));
+    // Empty tensors have null data pointers, which NCCL's argument checks may reject: nothing to move, no call
+    // (every rank skips alike, since sizes agree across ranks).
+    if (count > 0) impl->settle_locked(collective, issue(impl->comm, comm_stream.stream()));
     done->record(comm_stream);
     impl->in_flight.push_back({done, Clock::now() + impl->options.timeout, label});
   }
@@ -338,7 +340,7 @@ at::Device NcclCommunicator::device() const {
 
 std::unique_ptr<Work> NcclCommunicator::all_gather_into_tensor_async(const at::Tensor& out, const at::Tensor& in) {
   dist_detail::check_gather(*this, out, in);
-  return launch(impl_, "all_gather_into_tensor", {out, in}, [&](ncclComm_t comm, cudaStream_t s) {
+  return launch(impl_, "all_gather_into_tensor", {out, in}, in.numel(), [&](ncclComm_t comm, cudaStream_t s) {
     return ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), nccl_type(in.scalar_type()), comm, s);
   });
 }
@@ -346,7 +348,7 @@ std::unique_ptr<Work> NcclCommunicator::all_gather_into_tensor_async(const at::T
 std::unique_ptr<Work> NcclCommunicator::reduce_scatter_tensor_async(const at::Tensor& out, const at::Tensor& in,
                                                                     ReduceOp op) {
   dist_detail::check_reduce_scatter(*this, out, in, op);
-  return launch(impl_, "reduce_scatter_tensor", {out, in}, [&](ncclComm_t comm, cudaStream_t s) {
+  return launch(impl_, "reduce_scatter_tensor", {out, in}, out.numel(), [&](ncclComm_t comm, cudaStream_t s) {
     return ncclReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(), nccl_type(in.scalar_type()), nccl_op(op),
                              comm, s);
   });
@@ -354,7 +356,7 @@ std::unique_ptr<Work> NcclCommunicator::reduce_scatter_tensor_async(const at::Te
 
 std::unique_ptr<Work> NcclCommunicator::all_reduce_async(const at::Tensor& tensor, ReduceOp op) {
   dist_detail::check_all_reduce(*this, tensor, op);
-  return launch(impl_, "all_reduce", {tensor}, [&](ncclComm_t comm, cudaStream_t s) {
+  return launch(impl_, "all_reduce", {tensor}, tensor.numel(), [&](ncclComm_t comm, cudaStream_t s) {
     return ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), nccl_type(tensor.scalar_type()),
                          nccl_op(op), comm, s);
   });
@@ -362,7 +364,7 @@ std::unique_ptr<Work> NcclCommunicator::all_reduce_async(const at::Tensor& tenso
 
 std::unique_ptr<Work> NcclCommunicator::broadcast_async(const at::Tensor& tensor, int root) {
   dist_detail::check_broadcast(*this, tensor, root);
-  return launch(impl_, "broadcast", {tensor}, [&](ncclComm_t comm, cudaStream_t s) {
+  return launch(impl_, "broadcast", {tensor}, tensor.numel(), [&](ncclComm_t comm, cudaStream_t s) {
     return ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), nccl_type(tensor.scalar_type()), root,
                          comm, s);
   });
@@ -371,7 +373,7 @@ std::unique_ptr<Work> NcclCommunicator::broadcast_async(const at::Tensor& tensor
 void NcclCommunicator::barrier() {
   // NCCL has no barrier: a one-element all-reduce, waited on by the host, has every rank meet.
   at::Tensor one = at::ones({1}, at::TensorOptions().dtype(at::kFloat).device(device()));
-  auto work = launch(impl_, "barrier", {one}, [&](ncclComm_t comm, cudaStream_t s) {
+  auto work = launch(impl_, "barrier", {one}, 1, [&](ncclComm_t comm, cudaStream_t s) {
     return ncclAllReduce(one.data_ptr(), one.data_ptr(), 1, ncclFloat32, ncclSum, comm, s);
   });
   work->synchronize();
