@@ -1,17 +1,16 @@
 // Bad model directories and safetensors files get a qt::Error that names the file and what was expected.
 #include <ATen/ATen.h>
 
-#include <filesystem>
 #include <fstream>
 
 #include "lib/core/error.h"
+#include "lib/core/files.h"
 #include "lib/core/json.h"
 #include "lib/core/safetensors.h"
 #include "lib/model/hf_loader.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
-namespace fs = std::filesystem;
 using qt::test::fixture;
 using qt::test::scratch_dir;
 
@@ -20,7 +19,7 @@ namespace {
 // Copies the small GQA model so that a test can damage its copy.
 std::string copy_model(const std::string& name) {
   std::string dir = scratch_dir(name);
-  fs::copy(fixture("llama/gqa_untied/model"), dir, fs::copy_options::recursive | fs::copy_options::overwrite_existing);
+  qt::files::copy_tree(fixture("llama/gqa_untied/model"), dir);
   return dir;
 }
 
@@ -121,7 +120,7 @@ TEST_CASE("safetensors reader rejects truncated and inconsistent files and names
 TEST_CASE("model loader reports bad model directories with the file and key", "[llama][errors]") {
   SECTION("missing config.json") {
     std::string dir = copy_model("no_config");
-    fs::remove(dir + "/config.json");
+    qt::files::remove_tree(dir + "/config.json");
     require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"config.json", "not found"});
   }
   SECTION("malformed config.json") {
@@ -184,8 +183,8 @@ TEST_CASE("model loader reports bad model directories with the file and key", "[
   }
   SECTION("missing shard") {
     std::string dir = scratch_dir("missing_shard");
-    fs::copy(fixture("llama/mha_tied_sharded/model"), dir, fs::copy_options::recursive);
-    fs::remove(dir + "/model-00003-of-00009.safetensors");
+    qt::files::copy_tree(fixture("llama/mha_tied_sharded/model"), dir);
+    qt::files::remove_tree(dir + "/model-00003-of-00009.safetensors");
     require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model-00003-of-00009.safetensors", "missing"});
   }
 }

@@ -1,6 +1,5 @@
 // Tokenizer parity with the reference libraries. Expected ids come from tests/oracles/gen_tokenizer.py
 // (sentencepiece, tokenizers) at fixture time; nothing here is hard-coded.
-#include <filesystem>
 #include <set>
 
 #include <unistd.h>
@@ -9,10 +8,12 @@
 #include <vector>
 
 #include "lib/core/error.h"
+#include "lib/core/files.h"
 #include "lib/core/json.h"
 #include "lib/data/bpe_tokenizer.h"
 #include "lib/data/sentencepiece_tokenizer.h"
 #include "lib/data/tokenizer.h"
+#include "tests/test_util.h"
 #include "lib/data/unicode_tables.h"
 #include "lib/data/unicode_text.h"
 #include "tests/catch.h"
@@ -163,16 +164,13 @@ TEST_CASE("load_tokenizer reports missing, malformed and unsupported tokenizer f
 
 TEST_CASE("sentencepiece model alone: BOS/EOS from the model, BOS added as transformers' LlamaTokenizer does",
           "[tokenizer]") {
-  namespace fs = std::filesystem;
-  const fs::path dir = fs::temp_directory_path() / ("qt_tokenizer_bare_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  fs::copy_file(k_dir + "/spm/tokenizer.model", dir / "tokenizer.model", fs::copy_options::overwrite_existing);
-  auto tok = qt::load_tokenizer(dir.string());
+  const std::string dir = qt::test::scratch_dir("tokenizer_bare");
+  qt::files::copy_file(k_dir + "/spm/tokenizer.model", dir + "/tokenizer.model");
+  auto tok = qt::load_tokenizer(dir);
   const qt::Json& m = model_cases("spm");
   CHECK(tok->bos_id() == m.at("bos_id").get<int32_t>());
   CHECK(tok->eos_id() == m.at("eos_id").get<int32_t>());
   CHECK(tok->add_bos());
   CHECK(!tok->add_eos());
   CHECK(tok->chat_template().empty());
-  fs::remove_all(dir);
 }

@@ -2,7 +2,8 @@
 // Small helpers shared by the C++ tests.
 #include <ATen/ATen.h>
 
-#include <filesystem>
+#include "lib/core/files.h"
+
 #include <string>
 
 namespace qt::test {
@@ -20,10 +21,10 @@ inline std::string fixture(const std::string& rel) { return std::string(QT_FIXTU
 
 // A fresh empty directory under the build tree, removed and re-created on each call.
 inline std::string scratch_dir(const std::string& name) {
-  auto p = std::filesystem::path(QT_FIXTURES).parent_path() / "scratch" / name;
-  std::filesystem::remove_all(p);
-  std::filesystem::create_directories(p);
-  return p.string();
+  std::string p = qt::files::join(qt::files::join(qt::files::parent(QT_FIXTURES), "scratch"), name);
+  qt::files::remove_tree(p);
+  qt::files::make_dirs(p);
+  return p;
 }
 
 }  // namespace qt::test

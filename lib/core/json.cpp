@@ -1,7 +1,8 @@
 #include "lib/core/json.h"
 
+#include "lib/core/files.h"
+
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -30,7 +31,7 @@ Json parse_json(const std::string& text, const std::string& where, ErrorKind kin
 
 Json read_json_file(const std::string& path, ErrorKind kind) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail_at(kind, path, std::filesystem::exists(path) ? "cannot be read" : "file not found");
+  if (!in) fail_at(kind, path, files::exists(path) ? "cannot be read" : "file not found");
   std::stringstream ss;
   ss << in.rdbuf();
   return parse_json(ss.str(), path, kind);
@@ -45,9 +46,7 @@ void write_json_file(const std::string& path, const Json& value) {
     out.flush();
     if (!out) fail_at(ErrorKind::Io, tmp, "write failed (disk full?)");
   }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) fail_at(ErrorKind::Io, path, "rename from " + tmp + " failed: " + ec.message());
+  files::rename_path(tmp, path);
 }
 
 const char* json_type_name(const Json& value) {

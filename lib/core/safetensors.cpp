@@ -9,9 +9,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <filesystem>
 
 #include "lib/core/error.h"
+#include "lib/core/files.h"
 #include "lib/core/json.h"
 
 namespace qt {
@@ -53,7 +53,7 @@ std::string safetensors_dtype_name(at::ScalarType type) {
 
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) fail_at(ErrorKind::Model, path, std::filesystem::exists(path) ? std::strerror(errno) : "file not found");
+  if (fd < 0) fail_at(ErrorKind::Model, path, files::exists(path) ? std::strerror(errno) : "file not found");
   struct stat st {};
   if (::fstat(fd, &st) != 0) {
     ::close(fd);

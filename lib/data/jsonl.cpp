@@ -1,13 +1,14 @@
 #include "lib/data/jsonl.h"
 
-#include <filesystem>
+#include "lib/core/files.h"
+
 #include <fstream>
 
 namespace qt {
 
 std::vector<JsonlRecord> read_jsonl(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail_at(ErrorKind::Data, path, std::filesystem::exists(path) ? "cannot be read" : "file not found");
+  if (!in) fail_at(ErrorKind::Data, path, files::exists(path) ? "cannot be read" : "file not found");
   std::vector<JsonlRecord> records;
   std::string line;
   int64_t number = 0;

@@ -1,6 +1,7 @@
 #include "lib/data/tokenizer.h"
 
-#include <filesystem>
+#include "lib/core/files.h"
+
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -11,7 +12,6 @@
 #include "lib/data/sentencepiece_tokenizer.h"
 
 namespace qt {
-namespace fs = std::filesystem;
 
 std::vector<int32_t> Tokenizer::encode_document(std::string_view text) const {
   std::vector<int32_t> ids;
@@ -56,9 +56,9 @@ std::optional<bool> bool_setting(const Json& doc, const std::string& file, const
   return doc.at(key).get<bool>();
 }
 
-std::string read_text_file(const fs::path& path) {
+std::string read_text_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail_at(ErrorKind::Model, path.string(), "cannot be read");
+  if (!in) fail_at(ErrorKind::Model, path, "cannot be read");
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();
@@ -67,7 +67,7 @@ std::string read_text_file(const fs::path& path) {
 // tokenizer_config.json's chat_template: a string, or a list of {"name", "template"} (the "default" one is
 // used). Newer transformers versions save it beside the config instead: chat_template.jinja or
 // chat_template.json.
-std::string chat_template(const Json& cfg, const fs::path& dir, const std::string& cfg_file) {
+std::string chat_template(const Json& cfg, const std::string& dir, const std::string& cfg_file) {
   if (cfg.is_object() && cfg.contains("chat_template") && !cfg.at("chat_template").is_null()) {
     const Json& t = cfg.at("chat_template");
     if (t.is_string()) return t.get<std::string>();
@@ -79,9 +79,9 @@ std::string chat_template(const Json& cfg, const fs::path& dir, const std::strin
     fail_key(ErrorKind::Model, cfg_file, "chat_template",
              "expected a string or a list of {\"name\", \"template\"}, got " + t.dump().substr(0, 80));
   }
-  if (fs::exists(dir / "chat_template.jinja")) return read_text_file(dir / "chat_template.jinja");
-  if (fs::exists(dir / "chat_template.json")) {
-    std::string file = (dir / "chat_template.json").string();
+  if (files::exists(files::join(dir, "chat_template.jinja"))) return read_text_file(files::join(dir, "chat_template.jinja"));
+  if (files::exists(files::join(dir, "chat_template.json"))) {
+    std::string file = files::join(dir, "chat_template.json");
     return JsonReader{read_json_file(file, ErrorKind::Model), file, ErrorKind::Model}.get_string("chat_template");
   }
   return "";
@@ -90,42 +90,42 @@ std::string chat_template(const Json& cfg, const fs::path& dir, const std::strin
 }  // namespace
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir) {
-  const fs::path dir(model_dir);
-  if (!fs::is_directory(dir))
+  const std::string& dir = model_dir;
+  if (!files::is_dir(dir))
     fail_at(ErrorKind::Model, model_dir, "not a directory (expected a model directory with tokenizer files)");
-  const fs::path json_path = dir / "tokenizer.json", model_path = dir / "tokenizer.model";
-  const bool has_json = fs::exists(json_path), has_model = fs::exists(model_path);
+  const std::string json_path = files::join(dir, "tokenizer.json"), model_path = files::join(dir, "tokenizer.model");
+  const bool has_json = files::exists(json_path), has_model = files::exists(model_path);
 
   std::unique_ptr<Tokenizer> tok;
   if (has_json) {
-    Json doc = read_json_file(json_path.string(), ErrorKind::Model);
+    Json doc = read_json_file(json_path, ErrorKind::Model);
     const Json* model = doc.is_object() && doc.contains("model") ? &doc.at("model") : nullptr;
     std::string type = model && model->is_object() ? model->value("type", "") : "";
     if ((type == "BPE" || type.empty()) && is_byte_level_tokenizer_json(doc)) {
-      tok = std::make_unique<BpeTokenizer>(doc, json_path.string());
+      tok = std::make_unique<BpeTokenizer>(doc, json_path);
     } else if (!has_model) {
       // Only byte-level BPE is implemented from tokenizer.json; other models (sentencepiece-style BPE with
       // byte_fallback, WordPiece, Unigram) need their tokenizer.model.
       if (type != "BPE")
-        fail_key(ErrorKind::Model, json_path.string(), "model.type",
+        fail_key(ErrorKind::Model, json_path, "model.type",
                  "expected \"BPE\" (byte-level, as Llama 3), got " + (model && model->contains("type") ? model->at("type").dump() : "none") +
                      "; and there is no tokenizer.model (sentencepiece) in " + model_dir);
-      fail_key(ErrorKind::Model, json_path.string(), "pre_tokenizer",
+      fail_key(ErrorKind::Model, json_path, "pre_tokenizer",
                "expected a ByteLevel pre-tokenizer (as Llama 3); and there is no tokenizer.model (sentencepiece) in " +
                    model_dir);
     }
   }
-  if (!tok && has_model) tok = std::make_unique<SentencePieceTokenizer>(model_path.string());
+  if (!tok && has_model) tok = std::make_unique<SentencePieceTokenizer>(model_path);
   if (!tok)
     fail_at(ErrorKind::Model, model_dir,
             "no tokenizer found: expected tokenizer.json (byte-level BPE, Llama 3) or tokenizer.model "
             "(sentencepiece, Llama 2)");
 
   // Special tokens: tokenizer_config.json, then special_tokens_map.json, then what the model files imply.
-  const std::string cfg_file = (dir / "tokenizer_config.json").string();
-  const std::string map_file = (dir / "special_tokens_map.json").string();
-  const Json cfg = fs::exists(cfg_file) ? read_json_file(cfg_file, ErrorKind::Model) : Json::object();
-  const Json map = fs::exists(map_file) ? read_json_file(map_file, ErrorKind::Model) : Json::object();
+  const std::string cfg_file = files::join(dir, "tokenizer_config.json");
+  const std::string map_file = files::join(dir, "special_tokens_map.json");
+  const Json cfg = files::exists(cfg_file) ? read_json_file(cfg_file, ErrorKind::Model) : Json::object();
+  const Json map = files::exists(map_file) ? read_json_file(map_file, ErrorKind::Model) : Json::object();
   const TokenizerDefaults d = tok->defaults();
 
   auto resolve = [&](const std::string& key, int32_t fallback) {

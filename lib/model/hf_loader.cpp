@@ -2,43 +2,42 @@
 
 #include <ATen/ATen.h>
 
-#include <filesystem>
 #include <memory>
 #include <set>
 
 #include "lib/core/error.h"
+#include "lib/core/files.h"
 #include "lib/core/json.h"
 #include "lib/core/log.h"
 #include "lib/core/safetensors.h"
 
 namespace qt {
-namespace fs = std::filesystem;
 
 ModelFiles find_model_files(const std::string& dir) {
   ModelFiles files;
   files.dir = dir;
-  if (!fs::is_directory(dir)) fail_at(ErrorKind::Model, dir, "model directory not found");
-  files.config_path = (fs::path(dir) / "config.json").string();
-  if (!fs::exists(files.config_path)) fail_at(ErrorKind::Model, files.config_path, "file not found (every HF model directory has one)");
-  const fs::path index = fs::path(dir) / "model.safetensors.index.json";
-  const fs::path single = fs::path(dir) / "model.safetensors";
-  if (fs::exists(index)) {
-    Json j = read_json_file(index.string(), ErrorKind::Model);
+  if (!files::is_dir(dir)) fail_at(ErrorKind::Model, dir, "model directory not found");
+  files.config_path = files::join(dir, "config.json");
+  if (!files::exists(files.config_path)) fail_at(ErrorKind::Model, files.config_path, "file not found (every HF model directory has one)");
+  const std::string index = files::join(dir, "model.safetensors.index.json");
+  const std::string single = files::join(dir, "model.safetensors");
+  if (files::exists(index)) {
+    Json j = read_json_file(index, ErrorKind::Model);
     if (!j.contains("weight_map") || !j["weight_map"].is_object())
-      fail_key(ErrorKind::Model, index.string(), "weight_map", "missing or not an object");
+      fail_key(ErrorKind::Model, index, "weight_map", "missing or not an object");
     std::set<std::string> seen;
     for (const auto& item : j["weight_map"].items()) {
       if (!item.value().is_string())
-        fail_key(ErrorKind::Model, index.string(), "weight_map." + item.key(), "expected a file name");
-      const std::string shard = (fs::path(dir) / item.value().get<std::string>()).string();
+        fail_key(ErrorKind::Model, index, "weight_map." + item.key(), "expected a file name");
+      const std::string shard = files::join(dir, item.value().get<std::string>());
       files.weight_map[item.key()] = shard;
       if (seen.insert(shard).second) files.shards.push_back(shard);
     }
     for (const auto& shard : files.shards)
-      if (!fs::exists(shard))
-        fail_at(ErrorKind::Model, shard, "shard named by " + index.string() + " is missing");
-  } else if (fs::exists(single)) {
-    files.shards.push_back(single.string());
+      if (!files::exists(shard))
+        fail_at(ErrorKind::Model, shard, "shard named by " + index + " is missing");
+  } else if (files::exists(single)) {
+    files.shards.push_back(single);
   } else {
     fail_at(ErrorKind::Model, dir, "no model.safetensors or model.safetensors.index.json (only safetensors weights are read)");
   }

@@ -1,0 +1,138 @@
+#include "lib/core/files.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "lib/core/error.h"
+
+namespace qt::files {
+namespace {
+
+[[noreturn]] void io_fail(const std::string& path, const std::string& what) {
+  fail_at(ErrorKind::Io, path, what + ": " + std::strerror(errno));
+}
+
+}  // namespace
+
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+bool is_dir(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+bool is_file(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+int64_t file_size(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0 ? static_cast<int64_t>(st.st_size) : -1;
+}
+
+std::string join(const std::string& a, const std::string& b) {
+  if (a.empty()) return b;
+  if (b.empty()) return a;
+  if (!b.empty() && b.front() == '/') return b;
+  return a.back() == '/' ? a + b : a + "/" + b;
+}
+
+std::string parent(const std::string& path) {
+  std::string p = path;
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  auto pos = p.rfind('/');
+  if (pos == std::string::npos) return ".";
+  return pos == 0 ? "/" : p.substr(0, pos);
+}
+
+std::string base_name(const std::string& path) {
+  std::string p = path;
+  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  auto pos = p.rfind('/');
+  return pos == std::string::npos ? p : p.substr(pos + 1);
+}
+
+void make_dirs(const std::string& path) {
+  if (path.empty() || is_dir(path)) return;
+  make_dirs(parent(path));
+  if (::mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) io_fail(path, "cannot create directory");
+}
+
+void remove_tree(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return;
+  if (!S_ISDIR(st.st_mode)) {
+    if (::unlink(path.c_str()) != 0) io_fail(path, "cannot remove");
+    return;
+  }
+  auto visit = [](const char* p, const struct stat*, int flag, struct FTW*) -> int {
+    return (flag == FTW_DP ? ::rmdir(p) : ::unlink(p)) == 0 ? 0 : -1;
+  };
+  if (::nftw(path.c_str(), visit, 16, FTW_DEPTH | FTW_PHYS) != 0) io_fail(path, "cannot remove");
+}
+
+void rename_path(const std::string& from, const std::string& to) {
+  if (::rename(from.c_str(), to.c_str()) != 0) io_fail(to, "cannot rename " + from + " to it");
+}
+
+std::vector<std::string> list_dir(const std::string& path) {
+  DIR* d = ::opendir(path.c_str());
+  if (!d) io_fail(path, "cannot list directory");
+  std::vector<std::string> names;
+  while (dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n != "." && n != "..") names.push_back(n);
+  }
+  ::closedir(d);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+void copy_file(const std::string& from, const std::string& to) {
+  std::ifstream in(from, std::ios::binary);
+  if (!in) io_fail(from, "cannot open for reading");
+  std::ofstream out(to, std::ios::binary | std::ios::trunc);
+  if (!out) io_fail(to, "cannot open for writing");
+  out << in.rdbuf();
+  if (!out) io_fail(to, "write failed");
+}
+
+void copy_tree(const std::string& from, const std::string& to) {
+  if (!is_dir(from)) {
+    copy_file(from, to);
+    return;
+  }
+  make_dirs(to);
+  for (const auto& name : list_dir(from)) copy_tree(join(from, name), join(to, name));
+}
+
+void sync_path(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) io_fail(path, "cannot open to sync");
+  int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) io_fail(path, "fsync failed");
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail_at(ErrorKind::Io, path, exists(path) ? "cannot be read" : "file not found");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace qt::files

@@ -1,0 +1,33 @@
+#pragma once
+// File-system operations on POSIX calls. Not std::filesystem: libtorch.so, libtorch_cpu.so and libtorch_cuda.so
+// export their own copy of std::filesystem (an older libstdc++fs), and calls bind to it at run time depending on
+// link order; seen on the GPU image: std::filesystem::remove_all on a non-empty directory jumped to address 0.
+// The project uses these helpers instead (a ctest check keeps std::filesystem out).
+#include <string>
+#include <vector>
+
+namespace qt::files {
+
+bool exists(const std::string& path);
+bool is_dir(const std::string& path);
+bool is_file(const std::string& path);
+int64_t file_size(const std::string& path);  // -1 if it cannot be stat'ed
+std::string join(const std::string& a, const std::string& b);
+std::string parent(const std::string& path);
+std::string base_name(const std::string& path);
+
+// mkdir -p. Throws qt::Error(Io) naming the path.
+void make_dirs(const std::string& path);
+// rm -rf; a missing path is not an error. Throws qt::Error(Io) naming what could not be removed.
+void remove_tree(const std::string& path);
+// rename(2): atomic within one file system. Throws qt::Error(Io).
+void rename_path(const std::string& from, const std::string& to);
+// Names in a directory (no "." or ".."), sorted. Throws qt::Error(Io) if it cannot be read.
+std::vector<std::string> list_dir(const std::string& path);
+void copy_file(const std::string& from, const std::string& to);
+void copy_tree(const std::string& from, const std::string& to);  // directories and regular files
+// fsync a file or a directory (a rename is durable only once its directory is synced).
+void sync_path(const std::string& path);
+std::string read_file(const std::string& path);  // throws qt::Error(Io)
+
+}  // namespace qt::files
