@@ -10,6 +10,7 @@
 #include "lib/core/json.h"
 #include "lib/core/log.h"
 #include "lib/core/safetensors.h"
+#include "lib/quant/nf4.h"
 
 namespace qt {
 
@@ -67,15 +68,69 @@ static std::string shape_str(at::IntArrayRef s) {
   return out + "]";
 }
 
+bool is_prequantized_nf4(const Json& j, const std::string& file) {
+  if (!j.contains("quantization_config") || j["quantization_config"].is_null()) return false;
+  JsonReader q{j["quantization_config"], file, ErrorKind::Model, "quantization_config."};
+  const std::string method = q.get_string("quant_method", "bitsandbytes");
+  if (method != "bitsandbytes")
+    fail_key(ErrorKind::Model, file, "quantization_config.quant_method",
+             "'" + method + "' is not supported (only bitsandbytes 4-bit NF4 checkpoints load pre-quantized)");
+  if (!q.get_bool("load_in_4bit", false))
+    fail_key(ErrorKind::Model, file, "quantization_config.load_in_4bit", "only 4-bit bitsandbytes checkpoints are supported");
+  const std::string type = q.get_string("bnb_4bit_quant_type", "fp4");
+  if (type != "nf4")
+    fail_key(ErrorKind::Model, file, "quantization_config.bnb_4bit_quant_type", "'" + type + "' is not supported (expected nf4)");
+  if (!q.get_bool("bnb_4bit_use_double_quant", false))
+    fail_key(ErrorKind::Model, file, "quantization_config.bnb_4bit_use_double_quant",
+             "only double-quantized NF4 (as QLoRA) is supported");
+  return true;
+}
+
 LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   ModelFiles files = find_model_files(dir);
-  LlamaModel model(LlamaConfig::from_file(files.config_path));
+  const Json config_json = read_json_file(files.config_path, ErrorKind::Model);
+  LlamaModel model(LlamaConfig::from_json(config_json, files.config_path));
+  const bool prequantized = is_prequantized_nf4(config_json, files.config_path);
+  std::map<std::string, Linear*> linears;  // "<module>.weight" -> linear
+  model.for_each_linear([&](const std::string& name, Linear& l) { linears[name + ".weight"] = &l; });
   std::map<std::string, at::Tensor*> wanted;
   for (auto& [name, ptr] : model.named_tensors()) wanted[name] = ptr;
   std::set<std::string> loaded;
   for (const auto& shard : files.shards) {
     SafetensorsFile file(shard);  // mapped for this shard only
     for (const auto& info : file.tensors()) {
+      auto lin = linears.find(info.name);
+      if (lin != linears.end()) {
+        Linear& l = *lin->second;
+        const std::string prefix = info.name.substr(0, info.name.size() - std::string(".weight").size());
+        if (prequantized) {
+          auto w = std::make_shared<Nf4Weight>(nf4_from_safetensors(file, prefix, options.device));
+          const auto want = expected_shape(model.config, info.name);
+          if (w->shape != want)
+            fail_key(ErrorKind::Model, shard, info.name,
+                     "quantized shape " + shape_str(w->shape) + " does not match config.json, which implies " + shape_str(want));
+          if (options.quantize_nf4) l.nf4 = std::move(w);
+          else l.weight = w->dequantize(options.dtype);
+        } else {
+          const auto want = expected_shape(model.config, info.name);
+          if (info.shape != want)
+            fail_key(ErrorKind::Model, shard, info.name,
+                     "shape " + shape_str(info.shape) + " does not match config.json, which implies " + shape_str(want));
+          if (!at::isFloatingType(info.scalar_type))
+            fail_key(ErrorKind::Model, shard, info.name, "dtype " + info.dtype + " is not a floating-point type (BF16, F16, F32)");
+          if (options.quantize_nf4) {
+            // Quantized from the stored dtype on the target device; only this one tensor is ever in 16-bit.
+            l.nf4 = std::make_shared<Nf4Weight>(quantize_nf4(file.view(info.name).to(options.device), options.nf4_blocksize));
+          } else {
+            l.weight = file.load(info.name, options.dtype, options.device);
+          }
+        }
+        loaded.insert(info.name);
+        continue;
+      }
+      if (prequantized && info.name.find(".weight.") != std::string::npos &&
+          linears.count(info.name.substr(0, info.name.find(".weight.") + 7)))
+        continue;  // statistics of a quantized linear, read with its ".weight"
       auto it = wanted.find(info.name);
       if (it == wanted.end()) {
         if (info.name == "lm_head.weight" && model.config.tie_word_embeddings) continue;  // some exports keep both
@@ -97,6 +152,9 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
     }
   }
   for (const auto& [name, ptr] : wanted)
+    if (!loaded.count(name))
+      fail_at(ErrorKind::Model, dir, "tensor '" + name + "' is missing from the safetensors files");
+  for (const auto& [name, l] : linears)
     if (!loaded.count(name))
       fail_at(ErrorKind::Model, dir, "tensor '" + name + "' is missing from the safetensors files");
   if (model.config.tie_word_embeddings) model.lm_head = model.embed_tokens;

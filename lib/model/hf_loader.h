@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "lib/core/json.h"
 #include "lib/model/llama.h"
 
 namespace qt {
@@ -25,8 +26,17 @@ ModelFiles find_model_files(const std::string& dir);
 
 struct LoadOptions {
   at::Device device = at::kCPU;
-  c10::ScalarType dtype = c10::ScalarType::Float;  // compute dtype of the loaded tensors
+  c10::ScalarType dtype = c10::ScalarType::Float;  // compute dtype of the dense tensors
+  // Quantize the block linears (q, k, v, o, gate, up, down) to NF4 as they arrive, on `device`, one tensor at
+  // a time; embeddings, norms and lm_head stay dense. A directory saved pre-quantized by transformers +
+  // bitsandbytes loads its NF4 bytes as they are (with quantize_nf4 off they are dequantized to `dtype`).
+  bool quantize_nf4 = false;
+  int64_t nf4_blocksize = 64;
 };
+
+// transformers' `quantization_config` for bitsandbytes 4-bit: present means the block linears are stored as
+// NF4 bytes plus statistics. Only nf4 with double quantization is accepted (others: a clear error).
+bool is_prequantized_nf4(const Json& config_json, const std::string& file);
 
 LlamaModel load_llama(const std::string& dir, const LoadOptions& options);
 

@@ -7,15 +7,38 @@
 #include <utility>
 #include <vector>
 
+#include "lib/core/batch.h"
 #include "lib/model/llama_config.h"
+#include "lib/quant/nf4.h"
 
 namespace qt {
 
-// A block linear y = x W^T. Dense for now; the QLoRA issue gives it an NF4 base and LoRA adapters.
+// Trainable low-rank adapter (Hu et al., LoRA, 2021): y += scale * B(A(dropout(x))).
+struct LoraAdapter {
+  at::Tensor A;         // [r, in]   (PEFT: lora_A.weight)
+  at::Tensor B;         // [out, r]  (PEFT: lora_B.weight), zero at init so training starts from the base
+  double scale = 1.0;   // alpha / r, or alpha / sqrt(r) with rsLoRA
+  double dropout = 0.0;
+};
+
+// A block linear y = x W^T (+ LoRA). The base is either dense (`weight`) or frozen NF4 (`nf4`), never both.
 struct Linear {
-  at::Tensor weight;  // [out, in]
+  at::Tensor weight;                 // dense base [out, in]; undefined when quantized
+  std::shared_ptr<Nf4Weight> nf4;    // frozen NF4 base; dequantized just in time, never kept in 16-bit
+  std::shared_ptr<LoraAdapter> lora;  // null when the layer is not a LoRA target
+  bool training = false;              // LoRA dropout is active only while training
+
+  bool quantized() const { return static_cast<bool>(nf4); }
+  int64_t out_features() const;
+  int64_t in_features() const;
+  // The base weight in `dtype` (dequantized when NF4): for export and tests, not for the forward pass.
+  at::Tensor base_weight(c10::ScalarType dtype) const;
   at::Tensor forward(const at::Tensor& x) const;
 };
+
+// y = x W^T with W dequantized from NF4 into a scratch buffer in the forward pass and again in the backward
+// pass (the QLoRA recipe: no 16-bit copy of W lives between them). Gradient flows to x only.
+at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
 
 struct LlamaBlock {
   at::Tensor input_layernorm;           // [H]
@@ -43,16 +66,40 @@ class LlamaModel {
   at::Tensor forward_hidden(const at::Tensor& inputs_embeds, const at::Tensor& positions = {}) const;
   at::Tensor logits(const at::Tensor& hidden) const;  // [.., H] -> [.., V]
   at::Tensor forward(const at::Tensor& input_ids) const { return logits(forward_hidden(embed(input_ids))); }
+  // The batch's documents: positions restart per document and attention stays inside each document.
+  at::Tensor forward_hidden(const at::Tensor& inputs_embeds, const Batch& batch) const;
 
-  // Hugging Face names of every tensor the model holds (lm_head omitted when tied), in load order.
+  // Calls f(name, linear) for each block linear, with HF module names ("model.layers.0.self_attn.q_proj").
+  template <typename F>
+  void for_each_linear(F&& f);
+  void set_training(bool training);
+
+  // Hugging Face names of every dense tensor the model holds (lm_head omitted when tied; NF4 linears omitted).
   std::vector<std::pair<std::string, at::Tensor*>> named_tensors();
 
   at::Device device() const;
   c10::ScalarType dtype() const;
 
  private:
-  at::Tensor attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) const;
+  at::Tensor attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                       const at::Tensor& mask) const;
+  at::Tensor run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions, const at::Tensor& mask) const;
   at::Tensor mlp(const LlamaBlock& b, const at::Tensor& x) const;
 };
+
+template <typename F>
+void LlamaModel::for_each_linear(F&& f) {
+  for (size_t i = 0; i < layers.size(); ++i) {
+    auto& b = layers[i];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    f(p + "self_attn.q_proj", b.q_proj);
+    f(p + "self_attn.k_proj", b.k_proj);
+    f(p + "self_attn.v_proj", b.v_proj);
+    f(p + "self_attn.o_proj", b.o_proj);
+    f(p + "mlp.gate_proj", b.gate_proj);
+    f(p + "mlp.up_proj", b.up_proj);
+    f(p + "mlp.down_proj", b.down_proj);
+  }
+}
 
 }  // namespace qt
