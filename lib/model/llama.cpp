@@ -1,6 +1,9 @@
 #include "lib/model/llama.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "lib/core/error.h"
@@ -26,6 +29,48 @@ struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
     auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["dtype"].toInt());
     at::Tensor W = w->dequantize(dtype);
     return {at::matmul(grads[0].to(dtype), W), at::Tensor()};
+  }
+};
+
+// Per-block activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"), the
+// reentrant form: forward runs the block without recording; backward re-runs it with recording on the saved
+// input and back-propagates through that, which also accumulates the gradients of the block's LoRA weights.
+// RNG state (LoRA dropout) is saved and restored so that the recomputation draws the same masks.
+struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, int64_t model_ptr,
+                            int64_t layer, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask) {
+    const auto* model = reinterpret_cast<const LlamaModel*>(model_ptr);
+    ctx->saved_data["model"] = model_ptr;
+    ctx->saved_data["layer"] = layer;
+    ctx->saved_data["cpu_rng"] = at::detail::getDefaultCPUGenerator().get_state();
+    if (h.is_cuda()) ctx->saved_data["cuda_rng"] = at::cuda::detail::getDefaultCUDAGenerator(h.get_device()).get_state();
+    ctx->save_for_backward({h, cos, sin, mask});
+    return model->block_forward(static_cast<size_t>(layer), h, cos, sin, mask);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* model = reinterpret_cast<const LlamaModel*>(ctx->saved_data["model"].toInt());
+    auto saved = ctx->get_saved_variables();
+    at::Tensor x = saved[0].detach().requires_grad_(true);
+    at::Tensor out;
+    {
+      auto cpu_gen = at::detail::getDefaultCPUGenerator();
+      at::Tensor cpu_now = cpu_gen.get_state();
+      cpu_gen.set_state(ctx->saved_data["cpu_rng"].toTensor());
+      std::optional<at::Generator> cuda_gen;
+      at::Tensor cuda_now;
+      if (x.is_cuda()) {
+        cuda_gen = at::cuda::detail::getDefaultCUDAGenerator(x.get_device());
+        cuda_now = cuda_gen->get_state();
+        cuda_gen->set_state(ctx->saved_data["cuda_rng"].toTensor());
+      }
+      at::AutoGradMode enable(true);
+      out = model->block_forward(static_cast<size_t>(ctx->saved_data["layer"].toInt()), x, saved[1], saved[2], saved[3]);
+      cpu_gen.set_state(cpu_now);
+      if (cuda_gen) cuda_gen->set_state(cuda_now);
+    }
+    torch::autograd::backward({out}, {grads[0]});
+    return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -109,11 +154,22 @@ at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Ten
                                   const at::Tensor& mask) const {
   auto [cos, sin] = rope_cos_sin(inv_freq, positions, inputs_embeds.scalar_type());
   at::Tensor h = inputs_embeds;
-  for (const auto& b : layers) {
-    h = h + attention(b, rms_norm(h, b.input_layernorm, config.rms_norm_eps), cos, sin, mask);
-    h = h + mlp(b, rms_norm(h, b.post_attention_layernorm, config.rms_norm_eps));
+  const bool checkpoint = grad_checkpointing && at::GradMode::is_enabled();
+  // The checkpoint function records a backward node only when its input requires grad; with a frozen
+  // embedding it would not, and the LoRA weights inside the blocks would get no gradient.
+  if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    h = checkpoint ? BlockCheckpointFn::apply(h, reinterpret_cast<int64_t>(this), static_cast<int64_t>(i), cos, sin, mask)
+                   : block_forward(i, h, cos, sin, mask);
   }
   return rms_norm(h, norm, config.rms_norm_eps);
+}
+
+at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
+                                     const at::Tensor& mask) const {
+  const LlamaBlock& b = layers[layer];
+  at::Tensor x = h + attention(b, rms_norm(h, b.input_layernorm, config.rms_norm_eps), cos, sin, mask);
+  return x + mlp(b, rms_norm(x, b.post_attention_layernorm, config.rms_norm_eps));
 }
 
 at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Batch& batch) const {

@@ -59,6 +59,10 @@ class LlamaModel {
   at::Tensor lm_head;  // [V, H]; the same tensor as embed_tokens when tie_word_embeddings
   at::Tensor inv_freq;  // [head_dim / 2] fp32, CPU
 
+  // Recompute each block in the backward pass instead of keeping its activations (only the block inputs are
+  // kept). Takes effect while autograd records.
+  bool grad_checkpointing = false;
+
   explicit LlamaModel(LlamaConfig cfg);
 
   at::Tensor embed(const at::Tensor& input_ids) const;  // [B, S] -> [B, S, H]
@@ -84,6 +88,11 @@ class LlamaModel {
   at::Tensor attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& mask) const;
   at::Tensor run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions, const at::Tensor& mask) const;
+
+ public:
+  // One decoder block (attention + MLP with their residuals); used by run_blocks and by the recomputation.
+  at::Tensor block_forward(size_t layer, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
+                           const at::Tensor& mask) const;
   at::Tensor mlp(const LlamaBlock& b, const at::Tensor& x) const;
 };
 

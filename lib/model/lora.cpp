@@ -1,0 +1,114 @@
+#include "lib/model/lora.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <set>
+
+#include "lib/core/error.h"
+
+namespace qt {
+
+const std::vector<std::string>& lora_target_names() {
+  static const std::vector<std::string> names = {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                 "gate_proj", "up_proj", "down_proj"};
+  return names;
+}
+
+static std::string last_component(const std::string& name) {
+  const auto dot = name.rfind('.');
+  return dot == std::string::npos ? name : name.substr(dot + 1);
+}
+
+double LoraConfig::scale() const {
+  return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
+}
+
+bool LoraConfig::targets_module(const std::string& hf_module_name) const {
+  return std::find(targets.begin(), targets.end(), last_component(hf_module_name)) != targets.end();
+}
+
+LoraConfig LoraConfig::from_json(const Json& section, const std::string& file, const std::string& prefix,
+                                 ErrorKind kind) {
+  reject_unknown_keys(section, {"r", "alpha", "dropout", "targets", "use_rslora"}, file, prefix, kind);
+  JsonReader j{section, file, kind, prefix};
+  LoraConfig c;
+  c.r = j.get_int("r", c.r);
+  c.alpha = j.get_double("alpha", c.alpha);
+  c.dropout = j.get_double("dropout", c.dropout);
+  if (j.has("targets")) c.targets = j.get_strings("targets");
+  c.use_rslora = j.get_bool("use_rslora", c.use_rslora);
+  c.validate(file, prefix, kind);
+  return c;
+}
+
+void LoraConfig::validate(const std::string& file, const std::string& prefix, ErrorKind kind) const {
+  if (r <= 0) fail_key(kind, file, prefix + "r", "must be a positive integer, got " + std::to_string(r));
+  if (!(alpha > 0)) fail_key(kind, file, prefix + "alpha", "must be positive, got " + std::to_string(alpha));
+  if (!(dropout >= 0 && dropout < 1))
+    fail_key(kind, file, prefix + "dropout", "must be in [0, 1), got " + std::to_string(dropout));
+  if (targets.empty()) fail_key(kind, file, prefix + "targets", "must name at least one module");
+  std::set<std::string> seen;
+  for (const auto& t : targets) {
+    const auto& known = lora_target_names();
+    if (std::find(known.begin(), known.end(), t) == known.end()) {
+      std::string msg = "unknown module '" + t + "'";
+      if (auto near = nearest_key(t, known)) msg += " (did you mean '" + *near + "'?)";
+      msg += "; known: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj";
+      fail_key(kind, file, prefix + "targets", msg);
+    }
+    if (!seen.insert(t).second) fail_key(kind, file, prefix + "targets", "'" + t + "' is listed twice");
+  }
+}
+
+int64_t attach_lora(LlamaModel& model, const LoraConfig& config, uint64_t seed, at::Device device,
+                    at::ScalarType dtype) {
+  config.validate("attach_lora", "lora.", ErrorKind::Internal);
+  // Drawn on the CPU from one generator so that the adapter is the same on every device and every rank.
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  int64_t attached = 0;
+  model.for_each_linear([&](const std::string& name, Linear& l) {
+    if (!config.targets_module(name)) {
+      l.lora.reset();
+      return;
+    }
+    const int64_t in = l.in_features(), out = l.out_features();
+    // kaiming_uniform_(a=sqrt(5)) on [r, in]: gain sqrt(2 / (1 + a^2)) = sqrt(1/3), bound = gain * sqrt(3 / fan_in)
+    // = 1 / sqrt(in) (torch.nn.init; PEFT follows loralib's layers.py, which copies nn.Linear's default init).
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+    at::Tensor A = at::empty({config.r, in}, at::kFloat).uniform_(-bound, bound, gen);
+    auto lora = std::make_shared<LoraAdapter>();
+    lora->A = A.to(device, dtype).set_requires_grad(true);
+    lora->B = at::zeros({out, config.r}, at::TensorOptions().dtype(dtype).device(device)).set_requires_grad(true);
+    lora->scale = config.scale();
+    lora->dropout = config.dropout;
+    l.lora = std::move(lora);
+    ++attached;
+  });
+  if (attached == 0) fail(ErrorKind::Config, "lora.targets: no linear of the model matched");
+  return attached;
+}
+
+std::string peft_lora_key(const std::string& hf_module_name, char which) {
+  // PeftModel wraps the transformers model as base_model (LoraModel) -> model (LlamaForCausalLM), and
+  // get_peft_model_state_dict drops the adapter name ("default") from the saved keys.
+  return "base_model.model." + hf_module_name + (which == 'A' ? ".lora_A.weight" : ".lora_B.weight");
+}
+
+std::vector<std::pair<std::string, at::Tensor>> lora_parameters(LlamaModel& model) {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  model.for_each_linear([&](const std::string& name, Linear& l) {
+    if (!l.lora) return;
+    out.emplace_back(peft_lora_key(name, 'A'), l.lora->A);
+    out.emplace_back(peft_lora_key(name, 'B'), l.lora->B);
+  });
+  return out;
+}
+
+void detach_lora(LlamaModel& model) {
+  model.for_each_linear([](const std::string&, Linear& l) { l.lora.reset(); });
+}
+
+}  // namespace qt

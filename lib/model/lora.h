@@ -1,0 +1,58 @@
+#pragma once
+// LoRA (Hu et al., 2021, arXiv:2106.09685) on the block linears of a LlamaModel: the run config's "lora"
+// section, PEFT's initialisation, and the trainable tensors under PEFT's names. Each targeted qt::Linear gets a
+// LoraAdapter {A [r, in], B [out, r]} in fp32 (trainable master weights, whatever the compute dtype), so
+// that y = base(x) + scale * B(A(dropout(x))) as peft.tuners.lora.layer.Linear computes it.
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lib/core/json.h"
+#include "lib/model/llama.h"
+
+namespace qt {
+
+// The module names LoRA can target: the last component of a block linear's HF name.
+const std::vector<std::string>& lora_target_names();
+
+struct LoraConfig {
+  int64_t r = 16;
+  double alpha = 16;
+  double dropout = 0.0;
+  std::vector<std::string> targets = lora_target_names();  // all seven block linears (QLoRA paper, section 4)
+  bool use_rslora = false;  // rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): scale alpha / sqrt(r)
+
+  // PEFT's LoraLayer.update_layer: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+  double scale() const;
+  bool targets_module(const std::string& hf_module_name) const;  // by its last component
+
+  // Parses a "lora" section {r, alpha, dropout, targets, use_rslora}; defaults for absent keys. Unknown keys,
+  // wrong types and out-of-range values are qt::Error(kind) naming `file` and the key (prefix + key).
+  static LoraConfig from_json(const Json& section, const std::string& file, const std::string& prefix = "lora.",
+                              ErrorKind kind = ErrorKind::Config);
+  // Range checks (r > 0, alpha > 0, 0 <= dropout < 1, targets non-empty, known and unique).
+  void validate(const std::string& file, const std::string& prefix = "lora.", ErrorKind kind = ErrorKind::Config) const;
+};
+
+// Attaches a fresh adapter to every targeted linear (replacing any adapter already there), initialised as
+// PEFT's LoraLayer.reset_lora_parameters with init_lora_weights=True: A ~ kaiming_uniform_(a=sqrt(5)), i.e.
+// U(-1/sqrt(in), 1/sqrt(in)), and B = 0, so the model starts as the base. The values depend only on `seed` and
+// the model's shapes (drawn on the CPU in for_each_linear order), not on `device`. A and B are `dtype`
+// (fp32 unless told) on `device` and require grad. Returns the number of adapters attached (> 0, else throws).
+int64_t attach_lora(LlamaModel& model, const LoraConfig& config, uint64_t seed, at::Device device = at::kCPU,
+                    at::ScalarType dtype = at::kFloat);
+
+// PEFT's saved key of one LoRA tensor: "base_model.model." + module + ".lora_A.weight" (".lora_B.weight").
+std::string peft_lora_key(const std::string& hf_module_name, char which);
+
+// The trainable LoRA tensors (the model's own handles, not copies) with PEFT's saved key names, in
+// for_each_linear order, A before B.
+std::vector<std::pair<std::string, at::Tensor>> lora_parameters(LlamaModel& model);
+
+// Removes every adapter.
+void detach_lora(LlamaModel& model);
+
+}  // namespace qt

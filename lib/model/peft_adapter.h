@@ -1,0 +1,41 @@
+#pragma once
+// LoRA adapters in PEFT's on-disk format, so that `peft.PeftModel.from_pretrained(base, dir)` loads what we
+// save and we load what PEFT saves (PeftModel.save_pretrained, peft >= 0.10):
+//   adapter_config.json          LoraConfig.to_dict(): peft_type "LORA", r, lora_alpha, lora_dropout,
+//                                target_modules, use_rslora, bias "none", task_type "CAUSAL_LM", ...
+//   adapter_model.safetensors    "base_model.model.<module>.lora_A.weight" [r, in] and ".lora_B.weight" [out, r]
+//                                (get_peft_model_state_dict, adapter name removed), metadata {"format": "pt"}
+#include <string>
+
+#include "lib/model/llama.h"
+#include "lib/model/lora.h"
+
+namespace qt {
+
+inline constexpr const char* kAdapterConfigFile = "adapter_config.json";
+inline constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
+
+struct PeftAdapterConfig {
+  LoraConfig lora;
+  std::string base_model_name_or_path;  // empty when the file has null
+};
+
+// Reads and validates adapter_config.json in `dir`. Only what this trainer computes is accepted: peft_type LORA,
+// bias "none", no DoRA, no fan_in_fan_out, no rank/alpha patterns, no modules_to_save, no layers_to_transform;
+// anything else is qt::Error(Checkpoint) naming the file and the key. target_modules may be a list of module
+// names, "all-linear", or a regular expression over full module names (PEFT's matching rules).
+PeftAdapterConfig read_peft_adapter_config(const std::string& dir);
+
+// Writes the model's adapters (every Linear with one; they must match `config`'s r and scale) into `dir`
+// (created if needed): adapter_model.safetensors first, then adapter_config.json, each through a temporary file
+// and a rename. Tensors are saved in fp32. Throws qt::Error(Checkpoint) when the model has no adapter or an
+// adapter is empty or inconsistent with `config`, qt::Error(Numeric) when one holds a non-finite value.
+void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::string& dir,
+                       const std::string& base_model_name_or_path);
+
+// Reads an adapter saved by save_peft_adapter or by PEFT (tensors in fp32, bf16 or fp16) and attaches it to the
+// model's linears as fp32 trainable tensors on the model's device, replacing any adapters. A missing tensor, an
+// unexpected one, or a shape that does not fit the model is qt::Error(Checkpoint) naming the file and the key.
+PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir);
+
+}  // namespace qt

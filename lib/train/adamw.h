@@ -1,0 +1,43 @@
+#pragma once
+// AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019) over the trainable tensors, with
+// fp32 moments, as torch.optim.AdamW computes it (bias-corrected moments, decoupled decay lr * wd * p).
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace qt {
+
+struct AdamWOptions {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+};
+
+class AdamW {
+ public:
+  AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions options);
+  // One update with learning rate `lr` from the parameters' .grad(); a parameter without a gradient is skipped.
+  void step(double lr);
+  void zero_grad();
+  int64_t steps() const { return step_; }
+
+  // State for checkpoints: per parameter name, "exp_avg" and "exp_avg_sq" (fp32), plus the step count.
+  std::vector<std::pair<std::string, at::Tensor>> state_tensors() const;
+  void load_state(const std::vector<std::pair<std::string, at::Tensor>>& tensors, int64_t step);
+  const std::vector<std::pair<std::string, at::Tensor>>& params() const { return params_; }
+
+ private:
+  std::vector<std::pair<std::string, at::Tensor>> params_;
+  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  AdamWOptions options_;
+  int64_t step_ = 0;
+};
+
+// Global L2 norm of the gradients (fp32), and scales them down to max_norm when above it (max_norm <= 0: no
+// clipping). Returns the norm before clipping.
+double clip_grad_norm(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm);
+
+}  // namespace qt

@@ -1,0 +1,24 @@
+#pragma once
+// Learning rate per optimizer step: linear warmup from 0, then constant, linear decay or cosine decay to
+// min_lr_ratio * lr at total_steps (the shapes of transformers' get_*_schedule_with_warmup).
+#include <cstdint>
+#include <string>
+
+namespace qt {
+
+enum class LrScheduleType { Constant, Linear, Cosine };
+
+struct LrSchedule {
+  LrScheduleType type = LrScheduleType::Cosine;
+  double lr = 2e-4;
+  int64_t warmup_steps = 0;
+  int64_t total_steps = 1;
+  double min_lr_ratio = 0.0;
+
+  double at(int64_t step) const;  // step counts from 0 (the first update uses at(0))
+};
+
+LrScheduleType parse_lr_schedule(const std::string& name, const std::string& file, const std::string& key);
+const char* lr_schedule_name(LrScheduleType type);
+
+}  // namespace qt

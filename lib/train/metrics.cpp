@@ -1,0 +1,141 @@
+#include "lib/train/metrics.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+
+namespace qt {
+
+std::string format_duration(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  long s = std::lround(seconds);
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s % 3600) / 60);
+  else if (s >= 60) std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
+  else std::snprintf(buf, sizeof buf, "%lds", s);
+  return buf;
+}
+
+MetricsLog::MetricsLog(const std::string& path, bool bar, bool enabled) : bar_(bar), enabled_(enabled) {
+  if (!enabled_) return;
+  file_ = std::fopen(path.c_str(), "a");
+  if (!file_) fail_at(ErrorKind::Io, path, "cannot be opened for appending");
+}
+
+MetricsLog::~MetricsLog() {
+  if (bar_open_) std::fputc('\n', stderr);
+  if (file_) std::fclose(file_);
+}
+
+void MetricsLog::write(const Json& j) {
+  if (!file_) return;
+  std::string s = j.dump() + "\n";
+  if (std::fwrite(s.data(), 1, s.size(), file_) != s.size() || std::fflush(file_) != 0)
+    fail(ErrorKind::Io, "writing metrics.jsonl failed (disk full?)");
+}
+
+void MetricsLog::line(const std::string& text) {
+  if (!enabled_) return;
+  if (bar_open_) {
+    std::fputc('\n', stderr);
+    bar_open_ = false;
+  }
+  std::fprintf(stderr, "%s\n", text.c_str());
+}
+
+void MetricsLog::step(const StepMetrics& m) {
+  train_.emplace_back(m.step, m.loss);
+  if (!enabled_) return;
+  Json j = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}, {"grad_norm", m.grad_norm},
+            {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s}, {"step_s", m.step_s}};
+  if (m.gpu_mem_gib >= 0) j["gpu_mem_gib"] = m.gpu_mem_gib;
+  write(j);
+  char text[256];
+  std::string mem = m.gpu_mem_gib >= 0 ? " | mem " + std::to_string(m.gpu_mem_gib).substr(0, 5) + " GiB" : "";
+  if (bar_) {
+    const int width = 24;
+    int filled = m.total_steps ? static_cast<int>(width * m.step / m.total_steps) : 0;
+    std::string bar = std::string(filled, '#') + std::string(width - filled, '.');
+    std::snprintf(text, sizeof text, "\r[%s] %lld/%lld | loss %.4f | lr %.2e | %.0f tok/s%s | eta %s   ", bar.c_str(),
+                  static_cast<long long>(m.step), static_cast<long long>(m.total_steps), m.loss, m.lr, m.tokens_per_s,
+                  mem.c_str(), format_duration(m.eta_s).c_str());
+    std::fputs(text, stderr);
+    std::fflush(stderr);
+    bar_open_ = true;
+  } else {
+    std::snprintf(text, sizeof text, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s%s | eta %s",
+                  static_cast<long long>(m.step), static_cast<long long>(m.total_steps), m.loss, m.lr, m.grad_norm,
+                  m.tokens_per_s, mem.c_str(), format_duration(m.eta_s).c_str());
+    std::fprintf(stderr, "%s\n", text);
+  }
+}
+
+void MetricsLog::eval(int64_t step, double loss, int64_t tokens) {
+  eval_.emplace_back(step, loss);
+  if (!enabled_) return;
+  write({{"step", step}, {"eval_loss", loss}, {"eval_perplexity", std::exp(loss)}, {"eval_tokens", tokens}});
+  char text[160];
+  std::snprintf(text, sizeof text, "eval at step %lld: loss %.4f, perplexity %.3f (%lld tokens)",
+                static_cast<long long>(step), loss, std::exp(loss), static_cast<long long>(tokens));
+  line(text);
+}
+
+void MetricsLog::load_history(const std::string& path, int64_t up_to_step) {
+  std::ifstream in(path);
+  std::string text;
+  while (std::getline(in, text)) {
+    Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (!j.is_object() || !j.contains("step")) continue;
+    int64_t s = j["step"].get<int64_t>();
+    if (s > up_to_step) continue;
+    if (j.contains("loss")) train_.emplace_back(s, j["loss"].get<double>());
+    if (j.contains("eval_loss")) eval_.emplace_back(s, j["eval_loss"].get<double>());
+  }
+}
+
+void write_loss_plot(const std::string& path, const std::vector<std::pair<int64_t, double>>& train,
+                     const std::vector<std::pair<int64_t, double>>& eval, const std::string& title) {
+  const double W = 760, H = 420, L = 60, R = 20, T = 40, B = 50;
+  double x_max = 1, y_min = INFINITY, y_max = -INFINITY;
+  for (const auto* series : {&train, &eval})
+    for (const auto& [s, v] : *series) {
+      if (!std::isfinite(v)) continue;
+      x_max = std::max(x_max, static_cast<double>(s));
+      y_min = std::min(y_min, v);
+      y_max = std::max(y_max, v);
+    }
+  if (!std::isfinite(y_min)) y_min = 0, y_max = 1;
+  if (y_max - y_min < 1e-9) y_max = y_min + 1;
+  auto X = [&](double s) { return L + (W - L - R) * s / x_max; };
+  auto Y = [&](double v) { return T + (H - T - B) * (1 - (v - y_min) / (y_max - y_min)); };
+  auto polyline = [&](const std::vector<std::pair<int64_t, double>>& pts, const char* color) {
+    std::ostringstream o;
+    o << "<polyline fill='none' stroke='" << color << "' stroke-width='2' points='";
+    for (const auto& [s, v] : pts)
+      if (std::isfinite(v)) o << X(static_cast<double>(s)) << "," << Y(v) << " ";
+    o << "'/>";
+    return o.str();
+  };
+  std::ostringstream h;
+  h << "<!doctype html><html><head><meta charset='utf-8'><title>" << title << "</title></head><body style='font-family:sans-serif'>"
+    << "<h3>" << title << "</h3><svg width='" << W << "' height='" << H << "' style='background:#fff;border:1px solid #ccc'>";
+  for (int i = 0; i <= 4; ++i) {
+    double v = y_min + (y_max - y_min) * i / 4;
+    h << "<line x1='" << L << "' x2='" << W - R << "' y1='" << Y(v) << "' y2='" << Y(v) << "' stroke='#eee'/>"
+      << "<text x='5' y='" << Y(v) + 4 << "' font-size='11'>" << std::to_string(v).substr(0, 6) << "</text>";
+  }
+  h << "<text x='" << W / 2 << "' y='" << H - 10 << "' font-size='12'>step (max " << static_cast<int64_t>(x_max) << ")</text>";
+  h << polyline(train, "#1f77b4") << polyline(eval, "#d62728");
+  h << "<text x='" << W - 200 << "' y='25' fill='#1f77b4' font-size='12'>train loss</text>";
+  if (!eval.empty()) h << "<text x='" << W - 110 << "' y='25' fill='#d62728' font-size='12'>eval loss</text>";
+  h << "</svg></body></html>\n";
+  std::ofstream out(path, std::ios::trunc);
+  out << h.str();
+  if (!out) fail_at(ErrorKind::Io, path, "cannot write the loss plot");
+}
+
+}  // namespace qt

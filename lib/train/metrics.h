@@ -1,0 +1,58 @@
+#pragma once
+// What the user sees: a progress line per logged step (a redrawn bar on a terminal, plain lines otherwise),
+// metrics.jsonl in the output directory (one JSON object per logged step or evaluation), and at the end a
+// self-contained HTML file with the loss curves (inline SVG: no network, no plotting library).
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "lib/core/json.h"
+
+namespace qt {
+
+struct StepMetrics {
+  int64_t step = 0;  // 1-based optimizer step
+  int64_t total_steps = 0;
+  double loss = 0;
+  double lr = 0;
+  double grad_norm = 0;
+  double tokens_per_s = 0;
+  double step_s = 0;
+  int64_t tokens = 0;       // target tokens in this step
+  double gpu_mem_gib = -1;  // peak allocated this step; < 0 on CPU
+  double eta_s = 0;
+};
+
+class MetricsLog {
+ public:
+  // `path` is metrics.jsonl (appended to, so a resumed run continues it); `bar`: redraw one line on a terminal.
+  MetricsLog(const std::string& path, bool bar, bool enabled);
+  ~MetricsLog();
+  MetricsLog(const MetricsLog&) = delete;
+  MetricsLog& operator=(const MetricsLog&) = delete;
+
+  void step(const StepMetrics& m);
+  void eval(int64_t step, double loss, int64_t tokens);
+  void line(const std::string& text);  // a message that must not be overwritten by the bar
+
+  const std::vector<std::pair<int64_t, double>>& train_losses() const { return train_; }
+  const std::vector<std::pair<int64_t, double>>& eval_losses() const { return eval_; }
+  // Reads an existing metrics.jsonl (resume) so that the plot shows the whole run.
+  void load_history(const std::string& path, int64_t up_to_step);
+
+ private:
+  void write(const Json& j);
+  FILE* file_ = nullptr;
+  bool bar_;
+  bool enabled_;
+  bool bar_open_ = false;
+  std::vector<std::pair<int64_t, double>> train_, eval_;
+};
+
+// Writes an HTML page with the training (and evaluation) loss against the step, as inline SVG.
+void write_loss_plot(const std::string& path, const std::vector<std::pair<int64_t, double>>& train,
+                     const std::vector<std::pair<int64_t, double>>& eval, const std::string& title);
+
+std::string format_duration(double seconds);
+
+}  // namespace qt

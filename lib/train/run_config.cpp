@@ -1,0 +1,146 @@
+#include "lib/train/run_config.h"
+
+namespace qt {
+namespace {
+
+const std::vector<std::string> kTopKeys = {"output_dir", "model", "lora", "data", "train", "optim", "checkpoint",
+                                           "logging"};
+
+void check_positive(int64_t v, const std::string& file, const std::string& key, bool allow_zero = false) {
+  if (v < 0 || (!allow_zero && v == 0))
+    fail_key(ErrorKind::Config, file, key, "must be " + std::string(allow_zero ? ">= 0" : "> 0") + ", got " + std::to_string(v));
+}
+
+const Json& section(const Json& j, const std::string& name) {
+  static const Json empty = Json::object();
+  return j.contains(name) && !j.at(name).is_null() ? j.at(name) : empty;
+}
+
+}  // namespace
+
+void apply_override(Json& json, const std::string& assignment) {
+  auto eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0)
+    fail(ErrorKind::Usage, "--set '" + assignment + "': expected section.key=value");
+  const std::string path = assignment.substr(0, eq);
+  const std::string text = assignment.substr(eq + 1);
+  Json value;
+  try {
+    value = Json::parse(text);
+  } catch (const Json::parse_error&) {
+    value = text;  // a bare word is a string
+  }
+  Json* node = &json;
+  size_t start = 0;
+  while (true) {
+    auto dot = path.find('.', start);
+    std::string key = path.substr(start, dot == std::string::npos ? std::string::npos : dot - start);
+    if (key.empty()) fail(ErrorKind::Usage, "--set '" + assignment + "': empty key in '" + path + "'");
+    if (dot == std::string::npos) {
+      (*node)[key] = value;
+      return;
+    }
+    if (!node->contains(key) || !(*node)[key].is_object()) (*node)[key] = Json::object();
+    node = &(*node)[key];
+    start = dot + 1;
+  }
+}
+
+RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
+  RunConfig c;
+  c.file = file;
+  c.resolved = j;
+  reject_unknown_keys(j, kTopKeys, file, "", ErrorKind::Config);
+  JsonReader top{j, file, ErrorKind::Config};
+  c.output_dir = top.get_string("output_dir");
+
+  const Json& m = section(j, "model");
+  reject_unknown_keys(m, {"path", "quant", "dtype", "device"}, file, "model.", ErrorKind::Config);
+  JsonReader mr{m, file, ErrorKind::Config, "model."};
+  c.model.path = mr.get_string("path");
+  c.model.quant = mr.get_string("quant", c.model.quant);
+  if (c.model.quant != "nf4" && c.model.quant != "none")
+    fail_key(ErrorKind::Config, file, "model.quant", "'" + c.model.quant + "': expected nf4 or none");
+  c.model.dtype = mr.get_string("dtype", c.model.dtype);
+  if (c.model.dtype != "auto" && c.model.dtype != "bfloat16" && c.model.dtype != "float32")
+    fail_key(ErrorKind::Config, file, "model.dtype", "'" + c.model.dtype + "': expected auto, bfloat16 or float32");
+  c.model.device = mr.get_string("device", c.model.device);
+  if (c.model.device != "auto" && c.model.device != "cpu" && c.model.device != "cuda")
+    fail_key(ErrorKind::Config, file, "model.device", "'" + c.model.device + "': expected auto, cpu or cuda");
+
+  const Json& t = section(j, "train");
+  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "seed",
+                          "eval_every", "log_every", "loss"},
+                      file, "train.", ErrorKind::Config);
+  JsonReader tr{t, file, ErrorKind::Config, "train."};
+  c.train.steps = tr.get_int("steps", c.train.steps);
+  check_positive(c.train.steps, file, "train.steps", true);
+  c.train.epochs = tr.get_int("epochs", c.train.epochs);
+  check_positive(c.train.epochs, file, "train.epochs");
+  c.train.batch_size = tr.get_int("batch_size", c.train.batch_size);
+  check_positive(c.train.batch_size, file, "train.batch_size");
+  c.train.micro_batch_size = tr.get_int("micro_batch_size", c.train.micro_batch_size);
+  check_positive(c.train.micro_batch_size, file, "train.micro_batch_size", true);
+  c.train.grad_checkpointing = tr.get_bool("grad_checkpointing", c.train.grad_checkpointing);
+  c.train.seed = static_cast<uint64_t>(tr.get_int("seed", static_cast<int64_t>(c.train.seed)));
+  c.train.eval_every = tr.get_int("eval_every", c.train.eval_every);
+  check_positive(c.train.eval_every, file, "train.eval_every", true);
+  c.train.log_every = tr.get_int("log_every", c.train.log_every);
+  check_positive(c.train.log_every, file, "train.log_every");
+  c.train.loss = tr.get_string("loss", c.train.loss);
+  if (c.train.loss != "fused" && c.train.loss != "plain")
+    fail_key(ErrorKind::Config, file, "train.loss", "'" + c.train.loss + "': expected fused or plain");
+
+  const Json& o = section(j, "optim");
+  reject_unknown_keys(o, {"lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
+                          "min_lr_ratio"},
+                      file, "optim.", ErrorKind::Config);
+  JsonReader orr{o, file, ErrorKind::Config, "optim."};
+  c.optim.lr = orr.get_double("lr", c.optim.lr);
+  if (!(c.optim.lr > 0 && c.optim.lr < 1)) fail_key(ErrorKind::Config, file, "optim.lr", "must be in (0, 1)");
+  c.optim.weight_decay = orr.get_double("weight_decay", c.optim.weight_decay);
+  if (c.optim.weight_decay < 0) fail_key(ErrorKind::Config, file, "optim.weight_decay", "must be >= 0");
+  c.optim.beta1 = orr.get_double("beta1", c.optim.beta1);
+  c.optim.beta2 = orr.get_double("beta2", c.optim.beta2);
+  for (auto [k, v] : {std::pair<const char*, double>{"optim.beta1", c.optim.beta1}, {"optim.beta2", c.optim.beta2}})
+    if (!(v >= 0 && v < 1)) fail_key(ErrorKind::Config, file, k, "must be in [0, 1)");
+  c.optim.eps = orr.get_double("eps", c.optim.eps);
+  if (!(c.optim.eps > 0)) fail_key(ErrorKind::Config, file, "optim.eps", "must be > 0");
+  c.optim.max_grad_norm = orr.get_double("max_grad_norm", c.optim.max_grad_norm);
+  if (c.optim.max_grad_norm < 0) fail_key(ErrorKind::Config, file, "optim.max_grad_norm", "must be >= 0 (0: no clipping)");
+  if (orr.has("schedule")) c.optim.schedule = parse_lr_schedule(orr.get_string("schedule"), file, "optim.schedule");
+  c.optim.warmup_steps = orr.get_int("warmup_steps", c.optim.warmup_steps);
+  check_positive(c.optim.warmup_steps, file, "optim.warmup_steps", true);
+  c.optim.min_lr_ratio = orr.get_double("min_lr_ratio", c.optim.min_lr_ratio);
+  if (!(c.optim.min_lr_ratio >= 0 && c.optim.min_lr_ratio <= 1))
+    fail_key(ErrorKind::Config, file, "optim.min_lr_ratio", "must be in [0, 1]");
+
+  const Json& ck = section(j, "checkpoint");
+  reject_unknown_keys(ck, {"every", "keep_last"}, file, "checkpoint.", ErrorKind::Config);
+  JsonReader cr{ck, file, ErrorKind::Config, "checkpoint."};
+  c.checkpoint.every = cr.get_int("every", c.checkpoint.every);
+  check_positive(c.checkpoint.every, file, "checkpoint.every", true);
+  c.checkpoint.keep_last = cr.get_int("keep_last", c.checkpoint.keep_last);
+  check_positive(c.checkpoint.keep_last, file, "checkpoint.keep_last");
+
+  const Json& lg = section(j, "logging");
+  reject_unknown_keys(lg, {"level", "progress"}, file, "logging.", ErrorKind::Config);
+  JsonReader lr{lg, file, ErrorKind::Config, "logging."};
+  c.log_level = lr.get_string("level", c.log_level);
+  c.progress = lr.get_string("progress", c.progress);
+  if (c.progress != "auto" && c.progress != "bar" && c.progress != "lines")
+    fail_key(ErrorKind::Config, file, "logging.progress", "'" + c.progress + "': expected auto, bar or lines");
+
+  c.lora = section(j, "lora");
+  c.data = section(j, "data");
+  return c;
+}
+
+RunConfig RunConfig::load(const std::string& path, const std::vector<std::string>& overrides) {
+  Json j = read_json_file(path, ErrorKind::Config);
+  if (!j.is_object()) fail_at(ErrorKind::Config, path, "expected a JSON object at the top level");
+  for (const auto& o : overrides) apply_override(j, o);
+  return from_json(j, path);
+}
+
+}  // namespace qt

@@ -1,0 +1,71 @@
+#pragma once
+// The run config: one JSON file (configs/*.json) describing a fine-tuning run. Each section is parsed and
+// validated here or by its owner (lora: lib/model/lora.h; data: lib/data/data_config.h); defaults are written
+// once, below; unknown keys are errors naming the key and the nearest known one. The loop never reads raw JSON.
+#include <string>
+#include <vector>
+
+#include "lib/core/json.h"
+#include "lib/train/lr_schedule.h"
+
+namespace qt {
+
+struct ModelSection {
+  std::string path;             // Hugging Face model directory
+  std::string quant = "nf4";    // "nf4" (QLoRA) or "none" (LoRA on a 16-bit base)
+  std::string dtype = "auto";   // compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32
+  std::string device = "auto";  // auto (CUDA when present), cpu, cuda
+};
+
+struct TrainSection {
+  int64_t steps = 0;             // optimizer steps; 0: derived from epochs and the data
+  int64_t epochs = 1;
+  int64_t batch_size = 8;        // global batch: sequences (packed rows) per optimizer step, over all ranks
+  int64_t micro_batch_size = 0;  // per rank per forward; 0: the whole per-rank batch at once
+  bool grad_checkpointing = true;
+  uint64_t seed = 42;
+  int64_t eval_every = 0;        // steps between held-out evaluations; 0: only at the end (if there is eval data)
+  int64_t log_every = 1;
+  std::string loss = "fused";    // "fused" (never holds [tokens, vocab] logits) or "plain" (reference path)
+};
+
+struct OptimSection {
+  double lr = 2e-4;
+  double weight_decay = 0.0;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double max_grad_norm = 1.0;  // 0: no clipping
+  LrScheduleType schedule = LrScheduleType::Cosine;
+  int64_t warmup_steps = 0;
+  double min_lr_ratio = 0.0;
+};
+
+struct CheckpointSection {
+  int64_t every = 0;     // steps between checkpoints; 0: only at the end
+  int64_t keep_last = 2;
+};
+
+struct RunConfig {
+  std::string file;        // where it came from, for errors
+  std::string output_dir;
+  ModelSection model;
+  TrainSection train;
+  OptimSection optim;
+  CheckpointSection checkpoint;
+  Json lora = Json::object();  // parsed by lib/model/lora.h
+  Json data = Json::object();  // parsed by lib/data/data_config.h
+  std::string log_level = "info";
+  std::string progress = "auto";  // auto (a bar on a terminal, lines otherwise), bar, lines
+
+  Json resolved;  // the whole config after --set overrides (saved with checkpoints)
+
+  static RunConfig from_json(const Json& json, const std::string& file);
+  // Reads `path` and applies overrides "a.b=value" (value parsed as JSON when it is valid JSON, else a string).
+  static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);
+};
+
+// Applies one "section.key=value" override to `json`; throws qt::Error(Usage) naming the override.
+void apply_override(Json& json, const std::string& assignment);
+
+}  // namespace qt
