@@ -37,15 +37,19 @@ struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
 // input and back-propagates through that, which also accumulates the gradients of the block's LoRA weights.
 // RNG state (LoRA dropout) is saved and restored so that the recomputation draws the same masks.
 struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
+  // cos, sin and the mask carry no gradient: they travel in saved_data, not as inputs (the mask may be undefined).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, int64_t model_ptr,
-                            int64_t layer, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask) {
+                            int64_t layer, const std::vector<at::Tensor>& aux) {
     const auto* model = reinterpret_cast<const LlamaModel*>(model_ptr);
     ctx->saved_data["model"] = model_ptr;
     ctx->saved_data["layer"] = layer;
     ctx->saved_data["cpu_rng"] = at::detail::getDefaultCPUGenerator().get_state();
     if (h.is_cuda()) ctx->saved_data["cuda_rng"] = at::cuda::detail::getDefaultCUDAGenerator(h.get_device()).get_state();
-    ctx->save_for_backward({h, cos, sin, mask});
-    return model->block_forward(static_cast<size_t>(layer), h, cos, sin, mask);
+    ctx->save_for_backward({h});
+    ctx->saved_data["cos"] = aux[0];
+    ctx->saved_data["sin"] = aux[1];
+    if (aux[2].defined()) ctx->saved_data["mask"] = aux[2];
+    return model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1], aux[2]);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -65,12 +69,14 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
         cuda_gen->set_state(ctx->saved_data["cuda_rng"].toTensor());
       }
       at::AutoGradMode enable(true);
-      out = model->block_forward(static_cast<size_t>(ctx->saved_data["layer"].toInt()), x, saved[1], saved[2], saved[3]);
+      at::Tensor mask = ctx->saved_data.count("mask") ? ctx->saved_data["mask"].toTensor() : at::Tensor();
+      out = model->block_forward(static_cast<size_t>(ctx->saved_data["layer"].toInt()), x,
+                                 ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask);
       cpu_gen.set_state(cpu_now);
       if (cuda_gen) cuda_gen->set_state(cuda_now);
     }
     torch::autograd::backward({out}, {grads[0]});
-    return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -159,7 +165,8 @@ at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Ten
   // embedding it would not, and the LoRA weights inside the blocks would get no gradient.
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   for (size_t i = 0; i < layers.size(); ++i) {
-    h = checkpoint ? BlockCheckpointFn::apply(h, reinterpret_cast<int64_t>(this), static_cast<int64_t>(i), cos, sin, mask)
+    h = checkpoint ? BlockCheckpointFn::apply(h, reinterpret_cast<int64_t>(this), static_cast<int64_t>(i),
+                                              std::vector<at::Tensor>{cos, sin, mask})
                    : block_forward(i, h, cos, sin, mask);
   }
   return rms_norm(h, norm, config.rms_norm_eps);

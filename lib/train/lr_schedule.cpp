@@ -8,7 +8,8 @@
 namespace qt {
 
 double LrSchedule::at(int64_t step) const {
-  if (warmup_steps > 0 && step < warmup_steps) return lr * static_cast<double>(step + 1) / static_cast<double>(warmup_steps);
+  // As transformers: the warmup starts at 0 (step 0 makes no update), reaching lr at step == warmup_steps.
+  if (warmup_steps > 0 && step < warmup_steps) return lr * static_cast<double>(step) / static_cast<double>(warmup_steps);
   if (type == LrScheduleType::Constant) return lr;
   const double span = static_cast<double>(std::max<int64_t>(1, total_steps - warmup_steps));
   const double progress = std::clamp(static_cast<double>(step - warmup_steps) / span, 0.0, 1.0);

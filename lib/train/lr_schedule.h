@@ -1,6 +1,6 @@
 #pragma once
 // Learning rate per optimizer step: linear warmup from 0, then constant, linear decay or cosine decay to
-// min_lr_ratio * lr at total_steps (the shapes of transformers' get_*_schedule_with_warmup).
+// min_lr_ratio * lr at total_steps; with min_lr_ratio 0, exactly transformers' get_*_schedule_with_warmup.
 #include <cstdint>
 #include <string>
 

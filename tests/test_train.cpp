@@ -1,0 +1,127 @@
+// Training-loop pieces against torch and transformers: AdamW, LR schedules, clipping, checkpointing, config.
+#include <ATen/ATen.h>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/core/safetensors.h"
+#include "lib/model/hf_loader.h"
+#include "lib/train/adamw.h"
+#include "lib/train/lr_schedule.h"
+#include "lib/train/run_config.h"
+#include "tests/catch.h"
+#include "tests/test_util.h"
+
+using qt::test::fixture;
+using qt::test::rel_err;
+
+TEST_CASE("AdamW follows torch.optim.AdamW step for step", "[train]") {
+  qt::SafetensorsFile ref(fixture("train/adamw.safetensors"));
+  at::Tensor p = ref.load("p0", at::kFloat, at::kCPU).requires_grad_(true);
+  qt::AdamW opt({{"p", p}}, {0.9, 0.95, 1e-8, 0.1});
+  for (int i = 0; i < 4; ++i) {
+    p.mutable_grad() = ref.load("grad" + std::to_string(i), at::kFloat, at::kCPU);
+    opt.step(3e-3);
+    INFO("step " << i + 1);
+    CHECK(rel_err(p, ref.view("p" + std::to_string(i + 1))) < 1e-6);
+  }
+  auto state = opt.state_tensors();
+  CHECK(rel_err(state[0].second, ref.view("exp_avg")) < 1e-6);
+  CHECK(rel_err(state[1].second, ref.view("exp_avg_sq")) < 1e-6);
+}
+
+TEST_CASE("LR schedules equal transformers' schedules with warmup", "[train]") {
+  qt::Json ref = qt::read_json_file(fixture("train/schedules.json"), qt::ErrorKind::Internal);
+  for (const char* name : {"constant", "linear", "cosine"}) {
+    qt::LrSchedule s{qt::parse_lr_schedule(name, "test", "schedule"), 2e-4, 3, 20, 0.0};
+    for (int64_t step = 0; step < 20; ++step) {
+      INFO(name << " step " << step);
+      CHECK(std::abs(s.at(step) - ref[name][step].get<double>()) < 1e-12);
+    }
+  }
+}
+
+TEST_CASE("clip_grad_norm scales gradients to the max norm and reports the norm before", "[train]") {
+  at::Tensor a = at::randn({3, 4}).requires_grad_(true), b = at::randn({5}).requires_grad_(true);
+  a.mutable_grad() = at::randn({3, 4}) * 10;
+  b.mutable_grad() = at::randn({5}) * 10;
+  const double expected = std::sqrt(a.grad().pow(2).sum().item<double>() + b.grad().pow(2).sum().item<double>());
+  at::Tensor ga = a.grad().clone();
+  double norm = qt::clip_grad_norm({{"a", a}, {"b", b}}, 1.0);
+  CHECK(std::abs(norm - expected) / expected < 1e-6);
+  const double after = std::sqrt(a.grad().pow(2).sum().item<double>() + b.grad().pow(2).sum().item<double>());
+  CHECK(std::abs(after - 1.0) < 1e-5);
+  CHECK(rel_err(a.grad() * (norm + 1e-6), ga) < 1e-5);
+}
+
+TEST_CASE("activation checkpointing gives the gradients of the plain backward pass", "[train]") {
+  qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {});
+  at::manual_seed(3);
+  std::vector<at::Tensor> params;
+  model.for_each_linear([&](const std::string&, qt::Linear& l) {
+    auto lora = std::make_shared<qt::LoraAdapter>();
+    lora->A = (at::randn({4, l.in_features()}) * 0.1).requires_grad_(true);
+    lora->B = (at::randn({l.out_features(), 4}) * 0.1).requires_grad_(true);
+    lora->scale = 2.0;
+    l.lora = lora;
+    params.push_back(lora->A);
+    params.push_back(lora->B);
+  });
+  at::Tensor ids = at::randint(0, model.config.vocab_size, {2, 9}, at::kLong);
+  auto grads_with = [&](bool checkpoint) {
+    model.grad_checkpointing = checkpoint;
+    for (auto& p : params) p.mutable_grad() = at::Tensor();
+    at::Tensor logits = model.forward(ids);
+    at::Tensor loss = at::cross_entropy_loss(logits.reshape({-1, model.config.vocab_size}), ids.reshape({-1}));
+    loss.backward();
+    std::vector<at::Tensor> g;
+    for (auto& p : params) {
+      REQUIRE(p.grad().defined());
+      g.push_back(p.grad().clone());
+    }
+    return std::make_pair(loss.item<double>(), g);
+  };
+  auto [loss_plain, g_plain] = grads_with(false);
+  auto [loss_ckpt, g_ckpt] = grads_with(true);
+  CHECK(loss_plain == loss_ckpt);
+  for (size_t i = 0; i < params.size(); ++i) {
+    INFO("param " << i);
+    CHECK(rel_err(g_ckpt[i], g_plain[i]) < 1e-6);
+    CHECK(g_plain[i].abs().sum().item<double>() > 0);
+  }
+}
+
+TEST_CASE("run config rejects unknown keys with a suggestion and bad values with the key", "[train][config]") {
+  const std::string dir = qt::test::scratch_dir("run_config");
+  auto parse = [&](const std::string& text, std::vector<std::string> overrides = {}) {
+    qt::files::make_dirs(dir);
+    std::string path = dir + "/run.json";
+    FILE* f = std::fopen(path.c_str(), "w");
+    std::fputs(text.c_str(), f);
+    std::fclose(f);
+    return qt::RunConfig::load(path, overrides);
+  };
+  auto expect = [&](const std::string& text, std::vector<std::string> needles, std::vector<std::string> overrides = {}) {
+    try {
+      parse(text, overrides);
+      FAIL("expected an error for " << text);
+    } catch (const qt::Error& e) {
+      INFO(e.what());
+      CHECK(e.kind() == qt::ErrorKind::Config);
+      for (const auto& n : needles) CHECK(std::string(e.what()).find(n) != std::string::npos);
+    }
+  };
+  const std::string ok = R"({"output_dir": "o", "model": {"path": "m"}})";
+  qt::RunConfig c = parse(ok, {"optim.lr=1e-4", "train.batch_size=4", "model.quant=none"});
+  CHECK(c.optim.lr == 1e-4);
+  CHECK(c.train.batch_size == 4);
+  CHECK(c.model.quant == "none");
+  CHECK(c.train.grad_checkpointing);
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"weight_decy": 1}})", {"optim.weight_decy", "did you mean 'optim.weight_decay'"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "trian": {}})", {"trian", "'train'"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": "8"}})", {"train.batch_size", "integer"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": 0}})", {"train.batch_size", "> 0"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"schedule": "cosin"}})", {"optim.schedule", "cosine"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}})", {"optim.lr"}, {"optim.lr=2"});
+  expect(R"({"model": {"path": "m"}})", {"output_dir", "missing"});
+  expect("{\"output_dir\": \"o\",\n \"model\": {\"path\": }", {"run.json", "line 2"});
+}
