@@ -13,6 +13,7 @@
 #include "lib/data/jsonl.h"
 #include "lib/data/tokenizer.h"
 #include "lib/model/hf_loader.h"
+#include "lib/model/quantize_model.h"
 #include "lib/train/evaluate.h"
 
 namespace {
@@ -21,6 +22,13 @@ struct EvalArgs {
   std::string model;
   std::string data;
   int64_t max_seq_len = 2048;
+  std::string device = "cpu";
+  std::string quant = "nf4";
+};
+
+struct QuantizeArgs {
+  std::string model;
+  std::string out;
   std::string device = "cpu";
 };
 
@@ -37,6 +45,7 @@ int run_eval(const EvalArgs& args) {
   const at::Device device = parse_device(args.device);
   // fp32 on the CPU (exact comparisons with references), bf16 on the GPU.
   qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
+  load.quantize_nf4 = args.quant == "nf4";  // as training loads the base, so that eval's figures are the trained model's
   auto tokenizer = qt::load_tokenizer(args.model);
   qt::LlamaModel model = qt::load_llama(args.model, load);
   std::vector<std::vector<int32_t>> docs;
@@ -51,6 +60,16 @@ int run_eval(const EvalArgs& args) {
   qt::Json out = {{"loss", r.mean_loss()}, {"perplexity", r.perplexity()}, {"tokens", r.tokens},
                   {"records", r.documents}, {"truncated", r.truncated}};
   std::cout << out.dump() << std::endl;
+  return 0;
+}
+
+int run_quantize(const QuantizeArgs& args) {
+  qt::QuantizeStats s = qt::quantize_model_dir(args.model, args.out, parse_device(args.device));
+  qt::log::info("quantized " + std::to_string(s.linears) + " linears: " + std::to_string(s.input_bytes >> 20) + " MiB -> " +
+                std::to_string(s.output_bytes >> 20) + " MiB in " + std::to_string(s.shards) + " shard(s) at " + args.out);
+  std::cout << qt::Json{{"linears", s.linears}, {"input_bytes", s.input_bytes}, {"output_bytes", s.output_bytes},
+                        {"shards", s.shards}, {"out", args.out}}.dump()
+            << std::endl;
   return 0;
 }
 
@@ -70,6 +89,14 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("--max-seq-len", eval.max_seq_len, "truncate each record to this many tokens")
       ->check(CLI::PositiveNumber);
   eval_cmd->add_option("--device", eval.device, "cpu or cuda");
+  eval_cmd->add_option("--quant", eval.quant, "nf4 (quantize the base on load, as training does) or none")
+      ->check(CLI::IsMember({"nf4", "none"}));
+
+  QuantizeArgs quantize;
+  CLI::App* quantize_cmd = app.add_subcommand("quantize", "Write a pre-quantized NF4 copy of a model directory (bitsandbytes layout)");
+  quantize_cmd->add_option("--model", quantize.model, "Hugging Face model directory (16-bit safetensors)")->required();
+  quantize_cmd->add_option("--out", quantize.out, "output directory (new or empty)")->required();
+  quantize_cmd->add_option("--device", quantize.device, "where to quantize: cpu or cuda");
 
   try {
     app.parse(argc, argv);
@@ -80,6 +107,7 @@ int main(int argc, char** argv) {
   try {
     qt::log::set_level(qt::log::parse_level(log_level));
     if (eval_cmd->parsed()) return run_eval(eval);
+    if (quantize_cmd->parsed()) return run_quantize(quantize);
     return qt::exit_code(qt::ErrorKind::Usage);
   } catch (const qt::Error& e) {
     std::cerr << "qlora-train: " << qt::kind_name(e.kind()) << ": " << e.what() << std::endl;

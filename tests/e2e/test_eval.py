@@ -29,7 +29,7 @@ def main():
     failures = []
     for max_len in (512, 9):  # 9 truncates most records
         ref, count = reference_loss(model, sp, records, max_len)
-        p = run("eval", "--model", str(tmp / "model"), "--data", str(data), "--max-seq-len", str(max_len))
+        p = run("eval", "--model", str(tmp / "model"), "--data", str(data), "--max-seq-len", str(max_len), "--quant", "none")
         if p.returncode != 0:
             failures.append(f"eval exited {p.returncode}: {p.stderr}")
             continue

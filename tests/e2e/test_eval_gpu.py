@@ -13,7 +13,7 @@ def main():
     records = [json.loads(l) for l in data.read_text().splitlines()]
     ref, count = reference_loss(model, sp, records, 512)
     p = subprocess.run([os.environ["QT_BINARY"], "eval", "--model", str(tmp / "model"), "--data", str(data),
-                        "--device", "cuda"], capture_output=True, text=True)
+                        "--device", "cuda", "--quant", "none"], capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"eval --device cuda exited {p.returncode}: {p.stderr}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
