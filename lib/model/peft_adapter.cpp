@@ -1,0 +1,245 @@
+#include "lib/model/peft_adapter.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <map>
+#include <regex>
+#include <set>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/core/json.h"
+#include "lib/core/safetensors.h"
+
+namespace qt {
+
+namespace {
+
+std::string last_component(const std::string& name) {
+  const auto dot = name.rfind('.');
+  return dot == std::string::npos ? name : name.substr(dot + 1);
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+// A key PEFT writes only when a feature is in use: absent, null, false, or an empty list/object is fine.
+void require_unused(const Json& j, const std::string& key, const std::string& file, const std::string& why) {
+  if (!j.contains(key)) return;
+  const Json& v = j.at(key);
+  if (v.is_null() || (v.is_boolean() && !v.get<bool>()) || (v.is_object() && v.empty()) || (v.is_array() && v.empty()))
+    return;
+  fail_key(ErrorKind::Checkpoint, file, key, v.dump() + " is not supported (" + why + ")");
+}
+
+// How adapter_config.json's target_modules selects modules (peft.tuners.tuners_utils.check_target_module_exists):
+// a string is a full-match regular expression over module names ("all-linear" is a special value); a list
+// matches a module whose name equals an entry or ends with "." + entry.
+struct TargetMatcher {
+  bool is_regex = false;
+  std::regex regex;
+  std::vector<std::string> names;
+  bool matches(const std::string& module) const {
+    if (is_regex) return std::regex_match(module, regex);
+    return std::find(names.begin(), names.end(), last_component(module)) != names.end();
+  }
+};
+
+}  // namespace
+
+PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
+  const std::string file = files::join(dir, kAdapterConfigFile);
+  if (!files::is_dir(dir)) fail_at(ErrorKind::Checkpoint, dir, "adapter directory not found");
+  const Json j = read_json_file(file, ErrorKind::Checkpoint);
+  if (!j.is_object()) fail_at(ErrorKind::Checkpoint, file, "expected a JSON object");
+  JsonReader r{j, file, ErrorKind::Checkpoint};
+  const std::string type = r.get_string("peft_type");
+  if (type != "LORA") fail_key(ErrorKind::Checkpoint, file, "peft_type", "'" + type + "' is not supported (expected LORA)");
+  const std::string bias = r.get_string("bias", "none");
+  if (bias != "none") fail_key(ErrorKind::Checkpoint, file, "bias", "'" + bias + "' is not supported (expected none)");
+  require_unused(j, "use_dora", file, "DoRA is not implemented");
+  require_unused(j, "fan_in_fan_out", file, "LLaMA linears are not Conv1D");
+  require_unused(j, "rank_pattern", file, "one rank for all modules");
+  require_unused(j, "alpha_pattern", file, "one alpha for all modules");
+  require_unused(j, "modules_to_save", file, "only LoRA tensors are trained");
+  require_unused(j, "layers_to_transform", file, "adapters on every layer");
+  require_unused(j, "lora_bias", file, "LoRA B has no bias here");
+  require_unused(j, "layer_replication", file, "not implemented");
+  require_unused(j, "use_qalora", file, "not implemented");
+
+  PeftAdapterConfig out;
+  out.base_model_name_or_path = r.get_string("base_model_name_or_path", "");
+  LoraConfig& c = out.lora;
+  c.r = r.get_int("r");
+  c.alpha = r.get_double("lora_alpha");
+  c.dropout = r.get_double("lora_dropout", 0.0);
+  c.use_rslora = r.get_bool("use_rslora", false);
+  const Json& t = r.require("target_modules");
+  if (t.is_string()) {
+    const std::string s = t.get<std::string>();
+    if (s == "all-linear") {
+      c.targets = lora_target_names();  // PEFT: every nn.Linear but the output layer
+    } else {
+      // A regular expression: which of the seven names it selects is settled against the model at load time.
+      try {
+        std::regex re(s);
+        c.targets.clear();
+        for (const auto& name : lora_target_names())
+          for (const char* parent : {"self_attn", "mlp"})
+            if (std::regex_match("model.layers.0." + std::string(parent) + "." + name, re) &&
+                std::find(c.targets.begin(), c.targets.end(), name) == c.targets.end())
+              c.targets.push_back(name);
+      } catch (const std::regex_error&) {
+        fail_key(ErrorKind::Checkpoint, file, "target_modules", "'" + s + "' is not a valid regular expression");
+      }
+      if (c.targets.empty())
+        fail_key(ErrorKind::Checkpoint, file, "target_modules", "'" + s + "' matches no LLaMA block linear");
+    }
+  } else {
+    c.targets = r.get_strings("target_modules");
+  }
+  c.validate(file, "", ErrorKind::Checkpoint);
+  return out;
+}
+
+void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::string& dir,
+                       const std::string& base_model_name_or_path) {
+  config.validate(dir, "lora.", ErrorKind::Checkpoint);
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  model.for_each_linear([&](const std::string& name, Linear& l) {
+    if (!l.lora) {
+      if (config.targets_module(name))
+        fail_at(ErrorKind::Checkpoint, dir, name + " is a LoRA target but has no adapter attached");
+      return;
+    }
+    if (!config.targets_module(name))
+      fail_at(ErrorKind::Checkpoint, dir, name + " has an adapter but is not among the config's targets");
+    const at::Tensor& A = l.lora->A;
+    const at::Tensor& B = l.lora->B;
+    if (!A.defined() || !B.defined() || A.numel() == 0 || B.numel() == 0)
+      fail_at(ErrorKind::Checkpoint, dir, name + ": empty LoRA tensor (refusing to write an empty adapter)");
+    const std::vector<int64_t> wantA{config.r, l.in_features()}, wantB{l.out_features(), config.r};
+    if (A.sizes() != at::IntArrayRef(wantA) || B.sizes() != at::IntArrayRef(wantB))
+      fail_at(ErrorKind::Checkpoint, dir, name + ": LoRA shapes " + shape_str(A.sizes()) + ", " + shape_str(B.sizes()) +
+                                              " do not match r=" + std::to_string(config.r));
+    if (std::abs(l.lora->scale - config.scale()) > 1e-12 * std::abs(config.scale()))
+      fail_at(ErrorKind::Checkpoint, dir, name + ": adapter scale " + std::to_string(l.lora->scale) +
+                                              " differs from the config's " + std::to_string(config.scale()));
+    at::Tensor a = A.detach().to(at::kCPU, at::kFloat).contiguous();
+    at::Tensor b = B.detach().to(at::kCPU, at::kFloat).contiguous();
+    if (!a.isfinite().all().item<bool>() || !b.isfinite().all().item<bool>())
+      fail(ErrorKind::Numeric, name + ": the LoRA weights hold a non-finite value; adapter not saved to " + dir);
+    tensors.emplace_back(peft_lora_key(name, 'A'), a);
+    tensors.emplace_back(peft_lora_key(name, 'B'), b);
+  });
+  if (tensors.empty()) fail_at(ErrorKind::Checkpoint, dir, "the model has no LoRA adapter to save");
+
+  files::make_dirs(dir);
+  const std::string weights = files::join(dir, kAdapterWeightsFile);
+  save_safetensors(weights, tensors, {{"format", "pt"}});
+  {  // Read back what landed on disk: an adapter that does not reopen whole is never left looking complete.
+    SafetensorsFile check(weights);
+    if (check.tensors().size() != tensors.size())
+      fail_at(ErrorKind::Io, weights, "wrote " + std::to_string(tensors.size()) + " tensors, read back " +
+                                          std::to_string(check.tensors().size()));
+    for (const auto& [key, t] : tensors)
+      if (check.info(key).numel() != t.numel()) fail_key(ErrorKind::Io, weights, key, "size differs after writing");
+  }
+  // The fields PeftModel.save_pretrained writes for a LoRA adapter (peft 0.17 LoraConfig.to_dict), limited to
+  // those older PEFT versions also know, so that from_pretrained accepts it without unknown-key errors.
+  Json targets = Json::array();
+  for (const auto& t : config.targets) targets.push_back(t);
+  Json alpha = (config.alpha == std::floor(config.alpha)) ? Json(static_cast<int64_t>(config.alpha)) : Json(config.alpha);
+  Json cfg = {
+      {"alpha_pattern", Json::object()},
+      {"auto_mapping", nullptr},
+      {"base_model_name_or_path", base_model_name_or_path.empty() ? Json(nullptr) : Json(base_model_name_or_path)},
+      {"bias", "none"},
+      {"fan_in_fan_out", false},
+      {"inference_mode", true},
+      {"init_lora_weights", true},
+      {"layer_replication", nullptr},
+      {"layers_pattern", nullptr},
+      {"layers_to_transform", nullptr},
+      {"loftq_config", Json::object()},
+      {"lora_alpha", alpha},
+      {"lora_dropout", config.dropout},
+      {"megatron_config", nullptr},
+      {"megatron_core", "megatron.core"},
+      {"modules_to_save", nullptr},
+      {"peft_type", "LORA"},
+      {"r", config.r},
+      {"rank_pattern", Json::object()},
+      {"revision", nullptr},
+      {"target_modules", targets},
+      {"task_type", "CAUSAL_LM"},
+      {"use_dora", false},
+      {"use_rslora", config.use_rslora},
+  };
+  write_json_file(files::join(dir, kAdapterConfigFile), cfg);
+}
+
+PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
+  PeftAdapterConfig cfg = read_peft_adapter_config(dir);
+  const std::string weights = files::join(dir, kAdapterWeightsFile);
+  if (!files::exists(weights)) {
+    if (files::exists(files::join(dir, "adapter_model.bin")))
+      fail_at(ErrorKind::Checkpoint, weights, "not found; only safetensors adapters are read (adapter_model.bin "
+                                              "is a pickle: re-save with save_pretrained(safe_serialization=True))");
+    fail_at(ErrorKind::Checkpoint, weights, "file not found");
+  }
+  SafetensorsFile file(weights);
+  const std::string file_cfg = files::join(dir, kAdapterConfigFile);
+  Json raw = read_json_file(file_cfg, ErrorKind::Checkpoint);
+  TargetMatcher matcher;
+  if (raw["target_modules"].is_string() && raw["target_modules"].get<std::string>() != "all-linear") {
+    matcher.is_regex = true;
+    matcher.regex = std::regex(raw["target_modules"].get<std::string>());
+  } else {
+    matcher.names = cfg.lora.targets;
+  }
+
+  std::set<std::string> expected;
+  std::map<std::string, std::shared_ptr<LoraAdapter>> adapters;
+  const at::Device device = model.device();
+  model.for_each_linear([&](const std::string& name, Linear& l) {
+    if (!matcher.matches(name)) return;
+    auto lora = std::make_shared<LoraAdapter>();
+    const std::vector<int64_t> wantA{cfg.lora.r, l.in_features()}, wantB{l.out_features(), cfg.lora.r};
+    for (char which : {'A', 'B'}) {
+      const std::string key = peft_lora_key(name, which);
+      expected.insert(key);
+      const TensorInfo* info = file.find(key);
+      if (!info) fail_key(ErrorKind::Checkpoint, weights, key, "missing (adapter_config.json's target_modules selects " + name + ")");
+      const auto& want = which == 'A' ? wantA : wantB;
+      if (info->shape != want)
+        fail_key(ErrorKind::Checkpoint, weights, key,
+                 "shape " + shape_str(info->shape) + " does not fit the model: expected " + shape_str(want) +
+                     " (r=" + std::to_string(cfg.lora.r) + " from adapter_config.json; a different base model?)");
+      if (!at::isFloatingType(info->scalar_type))
+        fail_key(ErrorKind::Checkpoint, weights, key, "dtype " + info->dtype + " is not a floating-point type");
+      at::Tensor t = file.load(key, at::kFloat, device).set_requires_grad(true);
+      (which == 'A' ? lora->A : lora->B) = t;
+    }
+    lora->scale = cfg.lora.scale();
+    lora->dropout = cfg.lora.dropout;
+    adapters[name] = std::move(lora);
+  });
+  for (const auto& info : file.tensors())
+    if (!expected.count(info.name))
+      fail_key(ErrorKind::Checkpoint, weights, info.name,
+               "unexpected tensor (not a LoRA A/B of a module that adapter_config.json's target_modules selects "
+               "in this model)");
+  if (adapters.empty()) fail_at(ErrorKind::Checkpoint, weights, "the adapter holds no LoRA tensor for this model");
+  model.for_each_linear([&](const std::string& name, Linear& l) {
+    auto it = adapters.find(name);
+    l.lora = it == adapters.end() ? nullptr : it->second;
+  });
+  return cfg;
+}
+
+}  // namespace qt
