@@ -44,12 +44,15 @@ LoraConfig LoraConfig::from_json(const Json& section, const std::string& file, c
   return c;
 }
 
-void LoraConfig::validate(const std::string& file, const std::string& prefix, ErrorKind kind) const {
+void LoraConfig::validate(const std::string& file, const std::string& prefix, ErrorKind kind, bool peft_keys) const {
+  const std::string k_alpha = prefix + (peft_keys ? "lora_alpha" : "alpha");
+  const std::string k_dropout = prefix + (peft_keys ? "lora_dropout" : "dropout");
+  const std::string k_targets = prefix + (peft_keys ? "target_modules" : "targets");
   if (r <= 0) fail_key(kind, file, prefix + "r", "must be a positive integer, got " + std::to_string(r));
-  if (!(alpha > 0)) fail_key(kind, file, prefix + "alpha", "must be positive, got " + std::to_string(alpha));
+  if (!(alpha > 0)) fail_key(kind, file, k_alpha, "must be positive, got " + std::to_string(alpha));
   if (!(dropout >= 0 && dropout < 1))
-    fail_key(kind, file, prefix + "dropout", "must be in [0, 1), got " + std::to_string(dropout));
-  if (targets.empty()) fail_key(kind, file, prefix + "targets", "must name at least one module");
+    fail_key(kind, file, k_dropout, "must be in [0, 1), got " + std::to_string(dropout));
+  if (targets.empty()) fail_key(kind, file, k_targets, "must name at least one module");
   std::set<std::string> seen;
   for (const auto& t : targets) {
     const auto& known = lora_target_names();
@@ -57,9 +60,9 @@ void LoraConfig::validate(const std::string& file, const std::string& prefix, Er
       std::string msg = "unknown module '" + t + "'";
       if (auto near = nearest_key(t, known)) msg += " (did you mean '" + *near + "'?)";
       msg += "; known: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj";
-      fail_key(kind, file, prefix + "targets", msg);
+      fail_key(kind, file, k_targets, msg);
     }
-    if (!seen.insert(t).second) fail_key(kind, file, prefix + "targets", "'" + t + "' is listed twice");
+    if (!seen.insert(t).second) fail_key(kind, file, k_targets, "'" + t + "' is listed twice");
   }
 }
 

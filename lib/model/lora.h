@@ -33,8 +33,10 @@ struct LoraConfig {
   // wrong types and out-of-range values are qt::Error(kind) naming `file` and the key (prefix + key).
   static LoraConfig from_json(const Json& section, const std::string& file, const std::string& prefix = "lora.",
                               ErrorKind kind = ErrorKind::Config);
-  // Range checks (r > 0, alpha > 0, 0 <= dropout < 1, targets non-empty, known and unique).
-  void validate(const std::string& file, const std::string& prefix = "lora.", ErrorKind kind = ErrorKind::Config) const;
+  // Range checks (r > 0, alpha > 0, 0 <= dropout < 1, targets non-empty, known and unique). Errors name the keys
+  // of our run config, or with `peft_keys` those of adapter_config.json (lora_alpha, lora_dropout, target_modules).
+  void validate(const std::string& file, const std::string& prefix = "lora.", ErrorKind kind = ErrorKind::Config,
+                bool peft_keys = false) const;
 };
 
 // Attaches a fresh adapter to every targeted linear (replacing any adapter already there), initialised as

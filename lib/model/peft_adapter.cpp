@@ -102,7 +102,7 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
   } else {
     c.targets = r.get_strings("target_modules");
   }
-  c.validate(file, "", ErrorKind::Checkpoint);
+  c.validate(file, "", ErrorKind::Checkpoint, /*peft_keys=*/true);
   return out;
 }
 

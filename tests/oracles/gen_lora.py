@@ -1,0 +1,105 @@
+"""LoRA on an NF4 base, as transformers + PEFT + bitsandbytes compute it (CPU, fp32).
+
+<out>/lora/base/          a small random LLaMA (fp32 save_pretrained): the ORIGINAL weights
+<out>/lora/base_nf4/      the same with every block linear quantized by bitsandbytes (quantize_4bit, nf4,
+                          blocksize 64, compress_statistics=True) and stored as transformers saves a Linear4bit
+                          (config.json quantization_config; QuantState.as_dict(packed=True) under '<module>.weight.')
+<out>/lora/<case>/adapter/          PEFT's save_pretrained of a LoRA adapter with random non-zero A and B
+<out>/lora/<case>/reference.safetensors
+    input_ids, labels, loss, "grad.<saved PEFT key>" for every LoRA tensor: the model is the transformers LLaMA whose
+    block linear weights ARE bitsandbytes' dequantized NF4 values, wrapped by get_peft_model.
+
+bitsandbytes' CPU path quantizes the nested absmax with a kernel that is not exactly nearest-code (gen_nf4.py), so
+our quantizer may differ from it by a code now and then: the exact parity test reads base_nf4 (the same bytes);
+base is there for quantize-on-load, held to a looser bound.
+"""
+import json, pathlib
+
+import torch
+from safetensors.torch import save_file
+
+CFG = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           vocab_size=300, tie_word_embeddings=False, rms_norm_eps=1e-5)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CASES = {
+    # The QLoRA setup: every block linear, alpha / r scaling.
+    "all_targets": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=False),
+    # rsLoRA scaling (alpha / sqrt(r)) on a subset of modules.
+    "rslora_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
+}
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+QUANTIZATION_CONFIG = {  # what transformers' BitsAndBytesConfig(load_in_4bit, nf4, double quant).to_dict() saves
+    "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8",
+    "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+    "llm_int8_enable_fp32_cpu_offload": False}
+
+
+def linear_names(n_layers):
+    return [f"model.layers.{i}.{m}" for i in range(n_layers) for m in LINEARS]
+
+
+def write_nf4_dir(model, src: pathlib.Path, dst: pathlib.Path):
+    """Quantizes every block linear of `model` with bitsandbytes, writes dst as a pre-quantized checkpoint and puts
+    the dequantized values back into `model` (so that it computes with exactly the NF4 base)."""
+    import bitsandbytes.functional as F
+    dst.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    out = {}
+    for name in linear_names(model.config.num_hidden_layers):
+        w = sd.pop(name + ".weight")
+        q, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+        out[name + ".weight"] = q
+        for k, v in state.as_dict(packed=True).items():
+            out[f"{name}.weight.{k}"] = v
+        model.get_submodule(name).weight.data.copy_(F.dequantize_4bit(q, state))
+    out.update(sd)
+    save_file({k: v.contiguous() for k, v in out.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = QUANTIZATION_CONFIG
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def peft_key(name):  # the saved key: PeftModel's parameter name without the adapter name
+    return name.replace(".default", "")
+
+
+def generate(out: pathlib.Path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(4321)
+    root = out / "lora"
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(**CFG, attn_implementation="eager")
+    base = LlamaForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if "norm" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    base.save_pretrained(root / "base", safe_serialization=True)
+    write_nf4_dir(base, root / "base", root / "base_nf4")  # base now holds the dequantized NF4 weights
+    B, S = 2, 19
+    ids = torch.randint(0, cfg.vocab_size, (B, S))
+    labels = ids.clone()
+    labels[1, :4] = -100
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    for case, lcfg in CASES.items():
+        d = root / case
+        base.load_state_dict(state)
+        model = get_peft_model(base, LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **lcfg))
+        with torch.no_grad():  # random non-zero A and B (B = 0 would leave A's gradient zero)
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p) * (0.2 if "lora_A" in n else 0.05))
+        model.save_pretrained(d / "adapter")
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size).float(),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        loss.backward()
+        ref = {"input_ids": ids, "labels": labels, "loss": loss.detach().reshape(1), "logits": logits.detach()}
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                ref["grad." + peft_key(n)] = p.grad.detach().clone()
+        save_file({k: v.contiguous() for k, v in ref.items()}, str(d / "reference.safetensors"))
+        base = model.unload()  # the plain transformers model again, for the next case

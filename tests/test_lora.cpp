@@ -1,0 +1,371 @@
+// LoRA on NF4 block linears against transformers + PEFT + bitsandbytes (tests/oracles/gen_lora.py): the loss and
+// every LoRA gradient; PEFT's initialisation; the "lora" config section; the PEFT adapter files both ways.
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include "lib/core/files.h"
+#include "lib/core/json.h"
+#include "lib/core/safetensors.h"
+#include "lib/model/hf_loader.h"
+#include "lib/model/lora.h"
+#include "lib/model/peft_adapter.h"
+#include "tests/catch.h"
+#include "tests/test_util.h"
+
+using qt::test::fixture;
+using qt::test::rel_err;
+
+namespace {
+
+std::string error_of(const std::function<void()>& f, qt::ErrorKind* kind = nullptr) {
+  try {
+    f();
+  } catch (const qt::Error& e) {
+    if (kind) *kind = e.kind();
+    return e.what();
+  }
+  return "";
+}
+
+bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
+
+at::Tensor causal_lm_loss(const qt::LlamaModel& model, const at::Tensor& ids, const at::Tensor& labels) {
+  at::Tensor logits = model.forward(ids);
+  const int64_t V = model.config.vocab_size, S = ids.size(1);
+  return at::cross_entropy_loss(logits.narrow(1, 0, S - 1).reshape({-1, V}).to(at::kFloat),
+                                labels.narrow(1, 1, S - 1).reshape({-1}));  // ignore_index -100, as the oracle
+}
+
+qt::LoadOptions nf4_load() {
+  qt::LoadOptions o;
+  o.quantize_nf4 = true;
+  return o;
+}
+
+void check_against_peft(const std::string& base_dir, const std::string& name, double loss_bound, double grad_bound) {
+  INFO(name << " on " << base_dir);
+  qt::LlamaModel model = qt::load_llama(fixture("lora/" + base_dir), nf4_load());
+  model.for_each_linear([](const std::string& n, qt::Linear& l) {
+    INFO(n);
+    REQUIRE(l.quantized());
+  });
+  const qt::PeftAdapterConfig cfg = qt::load_peft_adapter(model, fixture("lora/" + name + "/adapter"));
+  qt::SafetensorsFile ref(fixture("lora/" + name + "/reference.safetensors"));
+  at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
+  at::Tensor labels = ref.load("labels", at::kLong, at::kCPU);
+  at::Tensor loss = causal_lm_loss(model, ids, labels);
+  loss.backward();
+  CHECK(rel_err(loss, ref.view("loss")) < loss_bound);
+  auto params = qt::lora_parameters(model);
+  int64_t grads = 0;
+  for (const auto& info : ref.tensors())
+    if (info.name.rfind("grad.", 0) == 0) ++grads;
+  CHECK(static_cast<int64_t>(params.size()) == grads);
+  for (auto& [key, t] : params) {
+    INFO(key);
+    REQUIRE(t.requires_grad());
+    REQUIRE(t.grad().defined());
+    REQUIRE(ref.find("grad." + key) != nullptr);
+    CHECK(ref.view("grad." + key).abs().max().item<double>() > 0);  // a zero reference would prove nothing
+    CHECK(rel_err(t.grad(), ref.view("grad." + key)) < grad_bound);
+  }
+  CHECK(cfg.lora.targets_module("model.layers.0.self_attn.q_proj"));
+}
+
+std::string copy_adapter(const std::string& from, const std::string& scratch) {
+  const std::string dir = qt::test::scratch_dir(scratch);
+  qt::files::copy_file(qt::files::join(from, qt::kAdapterConfigFile), qt::files::join(dir, qt::kAdapterConfigFile));
+  qt::files::copy_file(qt::files::join(from, qt::kAdapterWeightsFile), qt::files::join(dir, qt::kAdapterWeightsFile));
+  return dir;
+}
+
+// Rewrites the adapter's safetensors through `edit` (name -> tensor map).
+void edit_weights(const std::string& dir, const std::function<void(std::map<std::string, at::Tensor>&)>& edit) {
+  const std::string path = qt::files::join(dir, qt::kAdapterWeightsFile);
+  std::map<std::string, at::Tensor> tensors;
+  {
+    qt::SafetensorsFile f(path);
+    for (const auto& info : f.tensors()) tensors[info.name] = f.view(info.name).clone();
+  }
+  edit(tensors);
+  std::vector<std::pair<std::string, at::Tensor>> out(tensors.begin(), tensors.end());
+  qt::save_safetensors(path, out);
+}
+
+void edit_config(const std::string& dir, const std::function<void(qt::Json&)>& edit) {
+  const std::string path = qt::files::join(dir, qt::kAdapterConfigFile);
+  qt::Json j = qt::read_json_file(path, qt::ErrorKind::Checkpoint);
+  edit(j);
+  qt::write_json_file(path, j);
+}
+
+}  // namespace
+
+TEST_CASE("LoRA on NF4 linears matches PEFT on bitsandbytes' dequantized base: loss and every LoRA gradient", "[lora]") {
+  check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4);
+}
+
+TEST_CASE("rsLoRA scaling on a subset of modules matches PEFT", "[lora]") {
+  check_against_peft("base_nf4", "rslora_qv", 1e-5, 1e-4);
+}
+
+TEST_CASE("quantize-on-load of the original weights gives PEFT's LoRA loss and gradients", "[lora]") {
+  // Our quantizer takes the nearest nested absmax code where bitsandbytes' CPU kernel occasionally does not
+  // (gen_nf4.py): count how many weights that touches, then hold the LoRA figures to the same bound.
+  qt::LlamaModel ours = qt::load_llama(fixture("lora/base"), nf4_load());
+  qt::LlamaModel bnb = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+  int64_t differing = 0, total = 0;
+  std::map<std::string, at::Tensor> bnb_w;
+  bnb.for_each_linear([&](const std::string& n, qt::Linear& l) { bnb_w[n] = l.base_weight(at::kFloat); });
+  ours.for_each_linear([&](const std::string& n, qt::Linear& l) {
+    differing += (l.base_weight(at::kFloat) != bnb_w.at(n)).sum().item<int64_t>();
+    total += l.base_weight(at::kFloat).numel();
+  });
+  INFO(differing << " of " << total << " dequantized weights differ from bitsandbytes' CPU quantization");
+  CHECK(differing * 100 < total);
+  check_against_peft("base", "all_targets", 1e-4, 1e-3);
+}
+
+TEST_CASE("attach_lora initialises as PEFT: A uniform within 1/sqrt(in) and B zero so the model is the base", "[lora]") {
+  qt::LlamaModel model = qt::load_llama(fixture("lora/base"), nf4_load());
+  at::Tensor ids = at::randint(0, model.config.vocab_size, {1, 9}, at::kLong);
+  at::Tensor before;
+  {
+    at::NoGradGuard g;
+    before = model.forward(ids);
+  }
+  qt::LoraConfig cfg;
+  cfg.r = 4;
+  cfg.alpha = 8;
+  cfg.targets = {"q_proj", "down_proj", "gate_proj"};
+  const int64_t n = qt::attach_lora(model, cfg, /*seed=*/7);
+  CHECK(n == 3 * model.config.num_hidden_layers);
+  std::map<std::string, at::Tensor> first;
+  model.for_each_linear([&](const std::string& name, qt::Linear& l) {
+    INFO(name);
+    REQUIRE(static_cast<bool>(l.lora) == cfg.targets_module(name));
+    if (!l.lora) return;
+    const double bound = 1.0 / std::sqrt(static_cast<double>(l.in_features()));
+    CHECK(l.lora->A.sizes() == at::IntArrayRef({4, l.in_features()}));
+    CHECK(l.lora->B.sizes() == at::IntArrayRef({l.out_features(), 4}));
+    CHECK(l.lora->A.scalar_type() == at::kFloat);
+    CHECK(l.lora->A.requires_grad());
+    CHECK(l.lora->B.requires_grad());
+    CHECK(l.lora->A.abs().max().item<double>() <= bound);
+    CHECK(l.lora->A.abs().max().item<double>() > 0.8 * bound);  // uniform over the whole range, not a narrow one
+    CHECK(std::abs(l.lora->A.mean().item<double>()) < 0.2 * bound);
+    CHECK(l.lora->B.abs().max().item<double>() == 0);
+    CHECK(l.lora->scale == 2.0);
+    first[name] = l.lora->A.detach().clone();
+  });
+  {
+    at::NoGradGuard g;
+    CHECK(at::equal(model.forward(ids), before));
+  }
+  qt::attach_lora(model, cfg, 7);
+  model.for_each_linear([&](const std::string& name, qt::Linear& l) {
+    if (l.lora) CHECK(at::equal(l.lora->A, first.at(name)));
+  });
+  qt::attach_lora(model, cfg, 8);
+  model.for_each_linear([&](const std::string& name, qt::Linear& l) {
+    if (l.lora) CHECK(!at::equal(l.lora->A, first.at(name)));
+  });
+  cfg.use_rslora = true;
+  CHECK(cfg.scale() == 4.0);  // alpha / sqrt(r) = 8 / 2
+  auto params = qt::lora_parameters(model);
+  REQUIRE(params.size() == static_cast<size_t>(2 * n));
+  CHECK(params[0].first == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+  CHECK(params[1].first == "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight");
+  CHECK(params[0].second.is_same(model.layers[0].q_proj.lora->A));  // the model's own tensor, for the optimizer
+  qt::detach_lora(model);
+  CHECK(qt::lora_parameters(model).empty());
+}
+
+TEST_CASE("the lora config section: defaults and clear errors", "[lora]") {
+  const qt::LoraConfig d = qt::LoraConfig::from_json(qt::Json::object(), "run.json");
+  CHECK(d.r == 16);
+  CHECK(d.alpha == 16);
+  CHECK(d.dropout == 0.0);
+  CHECK(d.targets.size() == 7);
+  CHECK(!d.use_rslora);
+  CHECK(d.scale() == 1.0);
+  const qt::LoraConfig c = qt::LoraConfig::from_json(
+      qt::Json::parse(R"({"r": 64, "alpha": 16, "dropout": 0.05, "targets": ["q_proj", "v_proj"], "use_rslora": true})"),
+      "run.json");
+  CHECK(c.r == 64);
+  CHECK(c.dropout == 0.05);
+  CHECK(c.targets == std::vector<std::string>{"q_proj", "v_proj"});
+  CHECK(c.scale() == 2.0);
+  CHECK(!c.targets_module("model.layers.3.mlp.up_proj"));
+  CHECK(c.targets_module("model.layers.3.self_attn.v_proj"));
+
+  struct Bad {
+    const char* json;
+    std::vector<std::string> needles;
+  };
+  const std::vector<Bad> cases = {
+      {R"({"alpah": 8})", {"run.json", "lora.alpah", "did you mean 'lora.alpha'"}},
+      {R"({"r": 0})", {"lora.r", "positive"}},
+      {R"({"r": 4.5})", {"lora.r", "integer"}},
+      {R"({"alpha": -1})", {"lora.alpha", "positive"}},
+      {R"({"dropout": 1.0})", {"lora.dropout", "[0, 1)"}},
+      {R"({"targets": []})", {"lora.targets", "at least one"}},
+      {R"({"targets": ["q_prj"]})", {"lora.targets", "q_prj", "did you mean 'q_proj'"}},
+      {R"({"targets": ["q_proj", "q_proj"]})", {"lora.targets", "twice"}},
+      {R"({"use_rslora": "yes"})", {"lora.use_rslora", "true or false"}},
+  };
+  for (const auto& b : cases) {
+    INFO(b.json);
+    qt::ErrorKind kind{};
+    const std::string msg = error_of([&] { qt::LoraConfig::from_json(qt::Json::parse(b.json), "run.json"); }, &kind);
+    CHECK(kind == qt::ErrorKind::Config);
+    for (const auto& n : b.needles) {
+      INFO(msg);
+      CHECK(has(msg, n));
+    }
+  }
+}
+
+TEST_CASE("an adapter we save reloads identically and reads as PEFT writes it", "[lora]") {
+  qt::LlamaModel model = qt::load_llama(fixture("lora/base"), nf4_load());
+  qt::LoraConfig cfg;
+  cfg.r = 8;
+  cfg.alpha = 32;
+  cfg.dropout = 0.1;
+  cfg.targets = {"q_proj", "k_proj", "up_proj"};
+  qt::attach_lora(model, cfg, 3);
+  for (auto& [k, t] : qt::lora_parameters(model)) {
+    at::NoGradGuard g;
+    t.normal_();  // B non-zero too
+  }
+  const std::string dir = qt::files::join(qt::test::scratch_dir("lora_save"), "adapter");  // created by the save
+  qt::save_peft_adapter(model, cfg, dir, "/models/base");
+
+  const qt::Json j = qt::read_json_file(qt::files::join(dir, qt::kAdapterConfigFile), qt::ErrorKind::Checkpoint);
+  CHECK(j["peft_type"] == "LORA");
+  CHECK(j["task_type"] == "CAUSAL_LM");
+  CHECK(j["r"] == 8);
+  CHECK(j["lora_alpha"] == 32);
+  CHECK(j["lora_dropout"] == 0.1);
+  CHECK(j["bias"] == "none");
+  CHECK(j["use_rslora"] == false);
+  CHECK(j["fan_in_fan_out"] == false);
+  CHECK(j["base_model_name_or_path"] == "/models/base");
+  CHECK(j["target_modules"] == qt::Json::parse(R"(["q_proj", "k_proj", "up_proj"])"));
+  {
+    qt::SafetensorsFile f(qt::files::join(dir, qt::kAdapterWeightsFile));
+    CHECK(f.tensors().size() == 3 * 2 * static_cast<size_t>(model.config.num_hidden_layers));
+    CHECK(f.metadata().at("format") == "pt");
+    CHECK(f.info("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight").shape ==
+          std::vector<int64_t>{model.config.intermediate_size, 8});
+    CHECK(f.info("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight").dtype == "F32");
+  }
+
+  qt::LlamaModel again = qt::load_llama(fixture("lora/base"), nf4_load());
+  const qt::PeftAdapterConfig back = qt::load_peft_adapter(again, dir);
+  CHECK(back.base_model_name_or_path == "/models/base");
+  CHECK(back.lora.r == 8);
+  CHECK(back.lora.alpha == 32);
+  CHECK(back.lora.dropout == 0.1);
+  CHECK(back.lora.targets == cfg.targets);
+  auto a = qt::lora_parameters(model), b = qt::lora_parameters(again);
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO(a[i].first);
+    CHECK(a[i].first == b[i].first);
+    CHECK(at::equal(a[i].second, b[i].second));
+  }
+  again.for_each_linear([&](const std::string&, qt::Linear& l) {
+    if (l.lora) CHECK(l.lora->scale == 4.0);
+  });
+
+  SECTION("bf16 tensors load as their fp32 values") {
+    const std::string d16 = copy_adapter(dir, "lora_bf16");
+    edit_weights(d16, [](auto& t) {
+      for (auto& [k, v] : t) v = v.to(at::kBFloat16);
+    });
+    qt::LlamaModel m = qt::load_llama(fixture("lora/base"), nf4_load());
+    qt::load_peft_adapter(m, d16);
+    auto c = qt::lora_parameters(m);
+    REQUIRE(c.size() == a.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      CHECK(c[i].second.scalar_type() == at::kFloat);
+      CHECK(at::equal(c[i].second, a[i].second.detach().to(at::kBFloat16).to(at::kFloat)));
+    }
+  }
+}
+
+TEST_CASE("bad adapters are checkpoint errors naming the file and the key", "[lora]") {
+  const std::string peft = fixture("lora/all_targets/adapter");
+  const std::string key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight";
+  struct Case {
+    std::string name;
+    std::function<void(const std::string&)> edit;
+    std::vector<std::string> needles;
+  };
+  const std::vector<Case> cases = {
+      {"missing tensor", [&](const std::string& d) { edit_weights(d, [&](auto& t) { t.erase(key); }); },
+       {"adapter_model.safetensors", key, "missing"}},
+      {"unexpected tensor",
+       [&](const std::string& d) { edit_weights(d, [&](auto& t) { t["base_model.model.lm_head.lora_A.weight"] = at::ones({8, 64}); }); },
+       {"adapter_model.safetensors", "base_model.model.lm_head.lora_A.weight", "unexpected"}},
+      {"wrong shape", [&](const std::string& d) { edit_weights(d, [&](auto& t) { t[key] = at::ones({8, 7}); }); },
+       {"adapter_model.safetensors", key, "[8, 7]", "[8, 160]"}},
+      {"rank differs from the config", [&](const std::string& d) { edit_config(d, [](auto& j) { j["r"] = 4; }); },
+       {"adapter_model.safetensors", "shape", "r=4"}},
+      {"integer tensor", [&](const std::string& d) { edit_weights(d, [&](auto& t) { t[key] = t[key].to(at::kInt); }); },
+       {key, "floating-point"}},
+      {"not LoRA", [&](const std::string& d) { edit_config(d, [](auto& j) { j["peft_type"] = "IA3"; }); },
+       {"adapter_config.json", "peft_type", "IA3"}},
+      {"DoRA", [&](const std::string& d) { edit_config(d, [](auto& j) { j["use_dora"] = true; }); },
+       {"adapter_config.json", "use_dora", "DoRA"}},
+      {"rank pattern", [&](const std::string& d) { edit_config(d, [](auto& j) { j["rank_pattern"] = {{"q_proj", 4}}; }); },
+       {"adapter_config.json", "rank_pattern"}},
+      {"unknown target", [&](const std::string& d) { edit_config(d, [](auto& j) { j["target_modules"] = {"q_proj", "lm_head"}; }); },
+       {"adapter_config.json", "'target_modules'", "lm_head"}},
+      {"bad dropout", [&](const std::string& d) { edit_config(d, [](auto& j) { j["lora_dropout"] = 1.5; }); },
+       {"adapter_config.json", "'lora_dropout'", "[0, 1)"}},
+      {"no r", [&](const std::string& d) { edit_config(d, [](auto& j) { j.erase("r"); }); },
+       {"adapter_config.json", "'r'", "missing"}},
+      {"no weights", [&](const std::string& d) { qt::files::remove_tree(qt::files::join(d, qt::kAdapterWeightsFile)); },
+       {"adapter_model.safetensors", "not found"}},
+      {"no config", [&](const std::string& d) { qt::files::remove_tree(qt::files::join(d, qt::kAdapterConfigFile)); },
+       {"adapter_config.json", "not found"}},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name);
+    const std::string dir = copy_adapter(peft, "lora_bad");
+    c.edit(dir);
+    qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+    qt::ErrorKind kind{};
+    const std::string msg = error_of([&] { qt::load_peft_adapter(model, dir); }, &kind);
+    INFO(msg);
+    CHECK(kind == qt::ErrorKind::Checkpoint);
+    for (const auto& n : c.needles) CHECK(has(msg, n));
+  }
+}
+
+TEST_CASE("an adapter is never saved empty or inconsistent with its config", "[lora]") {
+  qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+  qt::LoraConfig cfg;
+  const std::string dir = qt::test::scratch_dir("lora_empty");
+  qt::ErrorKind kind{};
+  std::string msg = error_of([&] { qt::save_peft_adapter(model, cfg, dir, ""); }, &kind);
+  CHECK(kind == qt::ErrorKind::Checkpoint);
+  CHECK(has(msg, "no adapter attached"));
+  CHECK(!qt::files::exists(qt::files::join(dir, qt::kAdapterConfigFile)));
+  qt::attach_lora(model, cfg, 1);
+  qt::LoraConfig other = cfg;
+  other.r = 8;
+  msg = error_of([&] { qt::save_peft_adapter(model, other, dir, ""); }, &kind);
+  CHECK(kind == qt::ErrorKind::Checkpoint);
+  CHECK(has(msg, "r=8"));
+  {
+    at::NoGradGuard g;
+    model.layers[1].v_proj.lora->B[0][0] = NAN;
+  }
+  msg = error_of([&] { qt::save_peft_adapter(model, cfg, dir, ""); }, &kind);
+  CHECK(kind == qt::ErrorKind::Numeric);
+  CHECK(has(msg, "model.layers.1.self_attn.v_proj"));
+  CHECK(!qt::files::exists(qt::files::join(dir, qt::kAdapterWeightsFile)));
+}
