@@ -1,0 +1,36 @@
+#pragma once
+// Built-in renderers for the chat formats of Llama 3, Llama 2 and Mistral: there is no C++ Jinja library in
+// Debian or on the GPU image, so each official template is re-implemented here and held to transformers'
+// apply_chat_template by tests (tests/oracles/gen_data.py). The format is recognised from the tokenizer's
+// chat_template (tokenizer_config.json) or named in the run config (data.chat_template).
+#include <string>
+#include <vector>
+
+#include "lib/data/data_config.h"
+#include "lib/data/rendered_text.h"
+#include "lib/data/tokenizer.h"
+
+namespace qt {
+
+enum class ChatFormat { Llama3, Llama2, Mistral };
+
+const char* chat_format_name(ChatFormat format);
+
+// The format named by `choice`, or for Auto the one whose official Jinja template `jinja` is, recognised by
+// distinctive substrings. No template, or one that is none of the three, is a qt::Error(Config) naming
+// `config_file`'s data.chat_template and the choices.
+ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jinja, const std::string& config_file);
+
+struct ChatMessage {
+  std::string role;  // "system", "user" or "assistant"
+  std::string content;
+};
+
+// The conversation as the template renders it, as pieces: assistant answers and their end-of-turn token in the
+// loss (everything when train_on_prompt). Roles the format does not accept (an unknown role, a system message
+// not first, user/assistant not alternating where the template raises) are qt::Error(Data) naming `where`
+// ("file:line") and the role.
+std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMessage>& messages,
+                                     const Tokenizer& tokenizer, bool train_on_prompt, const std::string& where);
+
+}  // namespace qt

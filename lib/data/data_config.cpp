@@ -1,0 +1,94 @@
+#include "lib/data/data_config.h"
+
+#include <vector>
+
+#include "lib/core/error.h"
+
+namespace qt {
+
+namespace {
+
+const std::vector<std::string> kKeys = {"train_file", "eval_file", "eval_fraction", "format", "chat_template",
+                                        "max_seq_len", "packing", "shuffle", "seed", "train_on_prompt", "add_eos"};
+
+template <typename E>
+E pick(const JsonReader& r, const std::string& key, E fallback, const std::vector<std::pair<std::string, E>>& names) {
+  if (!r.has(key)) return fallback;
+  const std::string value = r.get_string(key);
+  std::vector<std::string> known;
+  for (const auto& [name, e] : names) {
+    if (name == value) return e;
+    known.push_back(name);
+  }
+  std::string list;
+  for (const auto& k : known) list += (list.empty() ? "" : ", ") + ("\"" + k + "\"");
+  std::string msg = "unknown value \"" + value + "\" (expected one of " + list + ")";
+  if (auto near = nearest_key(value, known)) msg += "; did you mean \"" + *near + "\"?";
+  fail_key(r.kind, r.file, r.path(key), msg);
+}
+
+}  // namespace
+
+const char* record_format_name(RecordFormat format) {
+  switch (format) {
+    case RecordFormat::Auto: return "auto";
+    case RecordFormat::Text: return "text";
+    case RecordFormat::Alpaca: return "alpaca";
+    case RecordFormat::Chat: return "chat";
+    case RecordFormat::Tokenized: return "tokenized";
+  }
+  return "?";
+}
+
+const char* chat_template_name(ChatTemplateChoice choice) {
+  switch (choice) {
+    case ChatTemplateChoice::Auto: return "auto";
+    case ChatTemplateChoice::Llama3: return "llama3";
+    case ChatTemplateChoice::Llama2: return "llama2";
+    case ChatTemplateChoice::Mistral: return "mistral";
+  }
+  return "?";
+}
+
+DataConfig DataConfig::from_json(const Json& section, const std::string& file) {
+  reject_unknown_keys(section, kKeys, file, "data.", ErrorKind::Config);
+  const JsonReader r{section, file, ErrorKind::Config, "data."};
+  DataConfig c;
+  c.file = file;
+  c.train_file = r.get_string("train_file");
+  c.eval_file = r.get_string("eval_file", c.eval_file);
+  c.eval_fraction = r.get_double("eval_fraction", c.eval_fraction);
+  c.format = pick<RecordFormat>(r, "format", c.format,
+                                {{"auto", RecordFormat::Auto},
+                                 {"text", RecordFormat::Text},
+                                 {"alpaca", RecordFormat::Alpaca},
+                                 {"chat", RecordFormat::Chat},
+                                 {"tokenized", RecordFormat::Tokenized}});
+  c.chat_template = pick<ChatTemplateChoice>(r, "chat_template", c.chat_template,
+                                             {{"auto", ChatTemplateChoice::Auto},
+                                              {"llama3", ChatTemplateChoice::Llama3},
+                                              {"llama2", ChatTemplateChoice::Llama2},
+                                              {"mistral", ChatTemplateChoice::Mistral}});
+  c.max_seq_len = r.get_int("max_seq_len", c.max_seq_len);
+  c.packing = r.get_bool("packing", c.packing);
+  c.shuffle = r.get_bool("shuffle", c.shuffle);
+  const int64_t seed = r.get_int("seed", static_cast<int64_t>(c.seed));
+  c.train_on_prompt = r.get_bool("train_on_prompt", c.train_on_prompt);
+  c.add_eos = r.get_bool("add_eos", c.add_eos);
+
+  if (c.train_file.empty()) fail_key(ErrorKind::Config, file, "data.train_file", "must name a jsonl file");
+  if (!(c.eval_fraction >= 0.0 && c.eval_fraction < 1.0))
+    fail_key(ErrorKind::Config, file, "data.eval_fraction",
+             "must be in [0, 1), got " + section.at("eval_fraction").dump());
+  if (!c.eval_file.empty() && c.eval_fraction > 0.0)
+    fail_key(ErrorKind::Config, file, "data.eval_fraction",
+             "is set together with data.eval_file; held-out data comes from one or the other");
+  // Two tokens is the least that holds one next-token target.
+  if (c.max_seq_len < 2)
+    fail_key(ErrorKind::Config, file, "data.max_seq_len", "must be at least 2, got " + std::to_string(c.max_seq_len));
+  if (seed < 0) fail_key(ErrorKind::Config, file, "data.seed", "must be >= 0, got " + std::to_string(seed));
+  c.seed = static_cast<uint64_t>(seed);
+  return c;
+}
+
+}  // namespace qt

@@ -1,0 +1,35 @@
+#pragma once
+// The "data" section of the run config: which files, how records are read and rendered, how sequences are
+// batched. Parsed and validated here once; defaults are written once, below.
+#include <cstdint>
+#include <string>
+
+#include "lib/core/json.h"
+
+namespace qt {
+
+enum class RecordFormat { Auto, Text, Alpaca, Chat, Tokenized };
+enum class ChatTemplateChoice { Auto, Llama3, Llama2, Mistral };
+
+struct DataConfig {
+  std::string file;        // the run config the section came from, for errors
+  std::string train_file;  // jsonl, required
+  std::string eval_file;   // jsonl, optional
+  double eval_fraction = 0.0;  // held out of train_file when there is no eval_file; [0, 1)
+  RecordFormat format = RecordFormat::Auto;  // auto: each record's keys decide
+  ChatTemplateChoice chat_template = ChatTemplateChoice::Auto;  // auto: recognised from the tokenizer's template
+  int64_t max_seq_len = 2048;
+  bool packing = true;      // several documents per row; false: one document per row, right-padded
+  bool shuffle = true;
+  uint64_t seed = 42;
+  bool train_on_prompt = false;  // false: only answers (alpaca output, assistant turns) are in the loss
+  bool add_eos = true;           // text records end with EOS, so that the model learns where a document stops
+
+  // `section` is the run config's "data" object; `file` names the config in errors (key "data.<name>").
+  static DataConfig from_json(const Json& section, const std::string& file);
+};
+
+const char* record_format_name(RecordFormat format);
+const char* chat_template_name(ChatTemplateChoice choice);
+
+}  // namespace qt

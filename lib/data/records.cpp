@@ -1,0 +1,166 @@
+#include "lib/data/records.h"
+
+#include <optional>
+
+#include "lib/core/error.h"
+#include "lib/data/chat_template.h"
+#include "lib/data/jsonl.h"
+#include "lib/data/rendered_text.h"
+
+namespace qt {
+
+namespace {
+
+std::string string_field(const Json& value, const std::string& where, const std::string& key) {
+  if (!value.contains(key)) fail_key(ErrorKind::Data, where, key, "missing");
+  const Json& v = value.at(key);
+  if (!v.is_string()) fail_key(ErrorKind::Data, where, key, std::string("expected a string, got ") + json_type_name(v));
+  return v.get<std::string>();
+}
+
+RecordFormat detect_format(const Json& value, const std::string& where) {
+  if (value.contains("messages")) return RecordFormat::Chat;
+  if (value.contains("input_ids")) return RecordFormat::Tokenized;
+  if (value.contains("instruction") || value.contains("output")) return RecordFormat::Alpaca;
+  if (value.contains("text")) return RecordFormat::Text;
+  std::string keys;
+  for (const auto& item : value.items()) keys += (keys.empty() ? "" : ", ") + item.key();
+  fail_at(ErrorKind::Data, where,
+          "cannot tell the record's format from its keys (" + (keys.empty() ? std::string("none") : keys) +
+              "): expected \"text\", \"instruction\"/\"output\" (alpaca), \"messages\" (chat) or \"input_ids\"");
+}
+
+Example text_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok) {
+  Example e;
+  if (tok.add_bos() && tok.bos_id() >= 0) e.ids.push_back(tok.bos_id());
+  const std::vector<int32_t> body = tok.encode(string_field(value, where, "text"));
+  e.ids.insert(e.ids.end(), body.begin(), body.end());
+  if (config.add_eos && tok.eos_id() >= 0) e.ids.push_back(tok.eos_id());
+  e.loss.assign(e.ids.size(), 1);
+  return e;
+}
+
+Example alpaca_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok) {
+  const std::string instruction = string_field(value, where, "instruction");
+  const std::string input = value.contains("input") && !value.at("input").is_null() ? string_field(value, where, "input") : "";
+  const std::string output = string_field(value, where, "output");
+  if (tok.eos_id() < 0) fail_at(ErrorKind::Data, where, "alpaca records end with EOS, but the tokenizer has none");
+  std::vector<RenderPiece> pieces;
+  if (tok.add_bos() && tok.bos_id() >= 0) pieces.push_back({"", tok.bos_id(), config.train_on_prompt});
+  pieces.push_back({alpaca_prompt(instruction, input), -1, config.train_on_prompt});
+  pieces.push_back({output, -1, true});
+  pieces.push_back({"", tok.eos_id(), true});
+  return tokenize_rendered(pieces, tok);
+}
+
+Example chat_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok,
+                     std::optional<ChatFormat>& format) {
+  const Json& list = value.at("messages");
+  if (!list.is_array()) fail_key(ErrorKind::Data, where, "messages", std::string("expected a list, got ") + json_type_name(list));
+  std::vector<ChatMessage> messages;
+  for (size_t i = 0; i < list.size(); ++i) {
+    const Json& m = list[i];
+    const std::string key = "messages[" + std::to_string(i) + "]";
+    if (!m.is_object()) fail_key(ErrorKind::Data, where, key, std::string("expected an object, got ") + json_type_name(m));
+    messages.push_back({string_field(m, where + ": " + key, "role"), string_field(m, where + ": " + key, "content")});
+  }
+  if (!format) format = resolve_chat_format(config.chat_template, tok.chat_template(), config.file);
+  return tokenize_rendered(render_chat(*format, messages, tok, config.train_on_prompt, where), tok);
+}
+
+Example tokenized_example(const Json& value, const std::string& where, const Tokenizer& tok) {
+  auto int_list = [&](const std::string& key) {
+    const Json& v = value.at(key);
+    if (!v.is_array()) fail_key(ErrorKind::Data, where, key, std::string("expected a list of integers, got ") + json_type_name(v));
+    std::vector<int64_t> out;
+    out.reserve(v.size());
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (!v[i].is_number_integer())
+        fail_key(ErrorKind::Data, where, key, "element " + std::to_string(i) + " is not an integer: " + v[i].dump());
+      out.push_back(v[i].get<int64_t>());
+    }
+    return out;
+  };
+  const std::vector<int64_t> ids = int_list("input_ids");
+  if (ids.empty()) fail_key(ErrorKind::Data, where, "input_ids", "is empty");
+  Example e;
+  e.ids.reserve(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] >= tok.vocab_size())
+      fail_key(ErrorKind::Data, where, "input_ids",
+               "id " + std::to_string(ids[i]) + " at index " + std::to_string(i) + " is outside the vocabulary [0, " +
+                   std::to_string(tok.vocab_size()) + ")");
+    e.ids.push_back(static_cast<int32_t>(ids[i]));
+  }
+  e.loss.assign(ids.size(), 1);
+  if (value.contains("labels") && !value.at("labels").is_null()) {
+    // transformers' convention: labels align with input_ids (the model shifts them); -100 = not in the loss.
+    const std::vector<int64_t> labels = int_list("labels");
+    if (labels.size() != ids.size())
+      fail_key(ErrorKind::Data, where, "labels",
+               "has " + std::to_string(labels.size()) + " entries, input_ids " + std::to_string(ids.size()));
+    for (size_t i = 0; i < labels.size(); ++i) {
+      if (labels[i] != -100 && labels[i] != ids[i])
+        fail_key(ErrorKind::Data, where, "labels",
+                 "entry " + std::to_string(i) + " is " + std::to_string(labels[i]) +
+                     ": expected -100 (masked) or the input id " + std::to_string(ids[i]));
+      e.loss[i] = labels[i] != -100;
+    }
+  }
+  return e;
+}
+
+}  // namespace
+
+std::string alpaca_prompt(const std::string& instruction, const std::string& input) {
+  // tatsu-lab/stanford_alpaca train.py, PROMPT_DICT["prompt_input"] / ["prompt_no_input"].
+  if (!input.empty())
+    return "Below is an instruction that describes a task, paired with an input that provides further context. "
+           "Write a response that appropriately completes the request.\n\n### Instruction:\n" +
+           instruction + "\n\n### Input:\n" + input + "\n\n### Response:";
+  return "Below is an instruction that describes a task. Write a response that appropriately completes the "
+         "request.\n\n### Instruction:\n" +
+         instruction + "\n\n### Response:";
+}
+
+namespace {
+
+Example tokenize_one(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok,
+                     std::optional<ChatFormat>& chat) {
+  RecordFormat format = config.format == RecordFormat::Auto ? detect_format(value, where) : config.format;
+  switch (format) {
+    case RecordFormat::Text: return text_example(value, where, config, tok);
+    case RecordFormat::Alpaca: return alpaca_example(value, where, config, tok);
+    case RecordFormat::Chat:
+      if (!value.contains("messages")) fail_key(ErrorKind::Data, where, "messages", "missing");
+      return chat_example(value, where, config, tok, chat);
+    case RecordFormat::Tokenized:
+      if (!value.contains("input_ids")) fail_key(ErrorKind::Data, where, "input_ids", "missing");
+      return tokenized_example(value, where, tok);
+    case RecordFormat::Auto: break;
+  }
+  fail(ErrorKind::Internal, "tokenize_record: unresolved format");
+}
+
+}  // namespace
+
+Example tokenize_record(const Json& value, const std::string& where, const DataConfig& config,
+                        const Tokenizer& tokenizer) {
+  std::optional<ChatFormat> chat;
+  return tokenize_one(value, where, config, tokenizer, chat);
+}
+
+std::vector<Example> load_examples(const std::string& path, const DataConfig& config, const Tokenizer& tokenizer) {
+  const std::vector<JsonlRecord> records = read_jsonl(path);
+  std::vector<Example> out;
+  out.reserve(records.size());
+  std::optional<ChatFormat> chat;  // resolved once, at the first chat record
+  for (const auto& r : records) {
+    Example e = tokenize_one(r.value, path + ":" + std::to_string(r.line), config, tokenizer, chat);
+    e.line = r.line;
+    out.push_back(std::move(e));
+  }
+  return out;
+}
+
+}  // namespace qt

@@ -1,0 +1,30 @@
+#pragma once
+// jsonl records -> tokenized examples. One record per line, in one of four shapes (data.format, or "auto":
+// each record's keys decide):
+//   text       {"text": "..."}                                    BOS (as the tokenizer says) + text + EOS (add_eos)
+//   alpaca     {"instruction", "input" (optional), "output"}     Stanford Alpaca prompt; prompt masked
+//   chat       {"messages": [{"role", "content"}, ...]}          the model's chat template; only answers in the loss
+//   tokenized  {"input_ids": [...], "labels": [...] (optional)}  labels as transformers': -100 masks a token
+// Extra keys in a record are ignored (datasets carry ids, sources, ...). Every error is qt::Error(Data) naming
+// "file:line" and the key.
+#include <string>
+#include <vector>
+
+#include "lib/data/data_config.h"
+#include "lib/data/example.h"
+#include "lib/data/tokenizer.h"
+
+namespace qt {
+
+// The Stanford Alpaca prompt (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT) for one record; `input` empty
+// selects "prompt_no_input". The answer follows the prompt directly, then EOS, as train.py concatenates them.
+std::string alpaca_prompt(const std::string& instruction, const std::string& input);
+
+// Reads and tokenizes every record of `path` (documents are not truncated here; see Dataset).
+std::vector<Example> load_examples(const std::string& path, const DataConfig& config, const Tokenizer& tokenizer);
+
+// Tokenizes one record that read_jsonl returned as `value` from `where` ("file:line").
+Example tokenize_record(const Json& value, const std::string& where, const DataConfig& config,
+                        const Tokenizer& tokenizer);
+
+}  // namespace qt

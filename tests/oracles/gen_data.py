@@ -1,0 +1,216 @@
+"""Data pipeline oracles: chat-template rendering, Alpaca prompts and text documents tokenized by transformers,
+for the C++ renderers and record readers of lib/data (tests/test_data*.cpp).
+
+Tokenizers come from gen_tokenizer's recipes (trained here, small): a byte-level BPE tokenizer.json like
+Llama 3's and a sentencepiece tokenizer.model like Llama 2's / Mistral's, each with the official chat template
+of the model in tokenizer_config.json. Expected ids come from transformers' apply_chat_template(tokenize=True);
+for the sentencepiece models, transformers' LlamaTokenizer is built from the model's pieces and scores (the
+converter transformers uses needs protobuf, absent here) with legacy=True, and checked against sentencepiece
+itself on every rendered text.
+
+Which tokens are in the loss is computed here without our renderer's help: an assistant turn spans from its
+content (as the template prints it) to the end of that turn (the text of messages[:i+1] rendered); a token is
+in the loss from the first token where the ids of the rendered text cut at the span's start differ from the
+full ids, up to the span's end.
+
+Writes under out_dir/data/:
+  llama3/, llama2/, mistral/   model directories (tokenizer files only)
+  <name>.jsonl                 records read by the C++ tests
+  expected.json                per file and line: ids, loss mask, rendered text
+"""
+import json, pathlib, shutil
+
+import gen_tokenizer
+
+# Official chat templates, verbatim from each model's tokenizer_config.json on the Hugging Face Hub.
+# meta-llama/Meta-Llama-3-8B-Instruct
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim + "
+          "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+          "{% endif %}")
+# meta-llama/Llama-2-7b-chat-hf
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+          "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}"
+          "{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+          "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+          "{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + "
+          "'\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+          "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+          "{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+          "{% endfor %}")
+# mistralai/Mistral-7B-Instruct-v0.1
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+           "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+           "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+           "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
+           "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+SYSTEM = {"role": "system", "content": "You are a brief assistant. Answer in one line."}
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+    [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"},
+     {"role": "assistant", "content": "It jumps over the lazy dog."}],
+    [SYSTEM, {"role": "user", "content": "  What is 2+2?  "}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "And 1234567 times 2?\n"}, {"role": "assistant", "content": "2469134, I'm sure."},
+     {"role": "user", "content": "café naïve résumé"}, {"role": "assistant", "content": "日本語 and 中文 😀\nDone."}],
+    [{"role": "user", "content": "Multi\nline\n\nquestion: x=y+1; (a,b)"},
+     {"role": "assistant", "content": "\tIndented answer.\n\nSecond paragraph."},
+     {"role": "user", "content": "Thanks!"}],  # ends on a user turn: nothing after it is in the loss
+    [{"role": "user", "content": "Tell me about <|eot_id|> please"},
+     {"role": "assistant", "content": "They are special-token strings."}],
+]
+
+ALPACA = [
+    {"instruction": "Give three tips for staying healthy.", "input": "",
+     "output": "1. Eat a balanced diet.\n2. Exercise.\n3. Sleep."},
+    {"instruction": "Translate to French.", "input": "The quick brown fox", "output": "Le renard brun rapide"},
+    {"instruction": "Sum the numbers", "input": "1234567 and 42", "output": " 1234609"},
+]
+
+TEXTS = ["Hello world", "The quick brown fox jumps over the lazy dog.\n\nSecond paragraph: café, 日本語, 😀.",
+         "text <|eot_id|> with a special-token string kept as text", "x"]
+
+
+def sp_legacy_ids(sp, text, specials):
+    """transformers' legacy Llama tokenization emulated with sentencepiece: special-token strings split the text,
+    each piece is encoded on its own (a dummy prefix for each)."""
+    out, rest = [], text
+    while True:
+        hits = [(rest.find(s), s) for s in specials if rest.find(s) >= 0]
+        if not hits:
+            return out + (sp.encode(rest) if rest else [])
+        pos, s = min(hits)
+        if pos:
+            out += sp.encode(rest[:pos])
+        out.append(specials[s])
+        rest = rest[pos + len(s):]
+
+
+def hf_llama_from_spm(model_file, chat_template):
+    """transformers' LlamaTokenizer from a sentencepiece BPE model: vocab and merges as transformers'
+    SentencePieceExtractor derives them (merges of two pieces whose concatenation is a piece, by its score)."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []
+    for piece, i in vocab.items():
+        local = [(piece[:k], piece[k:], sp.get_score(i)) for k in range(1, len(piece))
+                 if piece[:k] in vocab and piece[k:] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges = [(a, b) for a, b, _ in sorted(merges, key=lambda m: m[2], reverse=True)]
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=True, add_bos_token=True, add_eos_token=False,
+                         bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = chat_template
+    return tok, sp
+
+
+def ids_of(x):
+    return list(x["input_ids"] if hasattr(x, "keys") else x)
+
+
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def chat_case(tok, messages, check=None):
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    ids = ids_of(tok.apply_chat_template(messages, tokenize=True))
+    enc = lambda t: ids_of(tok(t, add_special_tokens=False))
+    assert ids == enc(rendered), rendered
+    if check:
+        assert ids == check(rendered), ("sentencepiece disagrees", rendered)
+    loss = [0] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(messages[:i], tokenize=False) if i else ""
+        through = tok.apply_chat_template(messages[:i + 1], tokenize=False)
+        assert rendered.startswith(through)
+        # The content as the template prints it: whole (Mistral), or stripped (Llama 3 `trim`, Llama 2 .strip()).
+        printed = m["content"] if rendered.find(m["content"], len(before)) >= 0 else m["content"].strip()
+        start = rendered.index(printed, len(before)) if printed else len(through)
+        first = common_prefix(enc(rendered[:start]), ids)
+        last = common_prefix(enc(through), ids)
+        assert last == len(enc(through))  # the turn ends on a special token: a clean cut
+        for t in range(first, last):
+            loss[t] = 1
+    return {"messages": messages, "rendered": rendered, "ids": ids, "loss": loss}
+
+
+def alpaca_prompt(r):
+    # tatsu-lab/stanford_alpaca train.py PROMPT_DICT
+    if r.get("input"):
+        return ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n"
+                f"### Instruction:\n{r['instruction']}\n\n### Input:\n{r['input']}\n\n### Response:")
+    return ("Below is an instruction that describes a task. Write a response that appropriately completes the request."
+            f"\n\n### Instruction:\n{r['instruction']}\n\n### Response:")
+
+
+def alpaca_case(tok, r):
+    # train.py: source = prompt, target = output + eos_token, tokenized together with the tokenizer's BOS.
+    source = alpaca_prompt(r)
+    ids = ids_of(tok(source + r["output"] + tok.eos_token))
+    first = common_prefix(ids_of(tok(source)), ids)
+    return {"record": r, "ids": ids, "loss": [int(t >= first) for t in range(len(ids))]}
+
+
+def text_case(tok, text):
+    ids = ids_of(tok(text, split_special_tokens=True)) + [tok.eos_token_id]  # add_eos (default true)
+    return {"record": {"text": text}, "ids": ids, "loss": [1] * len(ids)}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def generate(out_dir: pathlib.Path):
+    from transformers import AutoTokenizer
+    out = out_dir / "data"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    work = out / "work"
+    work.mkdir()
+    lines = gen_tokenizer.corpus_lines()
+    corpus = work / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n")
+    gen_tokenizer.make_spm(work, corpus)
+    gen_tokenizer.make_bpe(work, lines)
+
+    def model_dir(name, src, template):
+        d = out / name
+        shutil.copytree(work / src, d)
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+        cfg["chat_template"] = template
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        return d
+
+    l3 = AutoTokenizer.from_pretrained(str(model_dir("llama3", "bpe", LLAMA3)))
+    assert l3.chat_template == LLAMA3
+    model_dir("llama2", "spm", LLAMA2)
+    model_dir("mistral", "spm", MISTRAL)
+    l2, sp = hf_llama_from_spm(out / "llama2" / "tokenizer.model", LLAMA2)
+    mi, _ = hf_llama_from_spm(out / "mistral" / "tokenizer.model", MISTRAL)
+    sp_check = lambda text: sp_legacy_ids(sp, text, {"<s>": sp.bos_id(), "</s>": sp.eos_id()})
+    shutil.rmtree(work)
+
+    expected = {}
+    for name, tok, check, convs in [
+            ("chat_llama3", l3, None, CONVERSATIONS),
+            ("chat_llama2", l2, sp_check, CONVERSATIONS),
+            ("chat_mistral", mi, sp_check, [c for c in CONVERSATIONS if c[0]["role"] != "system"])]:
+        cases = [chat_case(tok, c, check) for c in convs]
+        write_jsonl(out / f"{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
+        expected[name] = cases
+    for name, tok in [("llama3", l3), ("llama2", l2)]:
+        expected[f"alpaca_{name}"] = [alpaca_case(tok, r) for r in ALPACA]
+        write_jsonl(out / f"alpaca_{name}.jsonl", ALPACA)
+        expected[f"text_{name}"] = [text_case(tok, t) for t in TEXTS]
+        write_jsonl(out / f"text_{name}.jsonl", [{"text": t} for t in TEXTS])
+    (out / "expected.json").write_text(json.dumps(expected, ensure_ascii=False, indent=1))

@@ -1,0 +1,226 @@
+// Records -> tokenized examples: chat templates, Alpaca and text documents against transformers (expected ids
+// and loss masks come from tests/oracles/gen_data.py at fixture time), the run config's data section, and the
+// errors a user sees for bad data.
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "lib/core/error.h"
+#include "lib/core/json.h"
+#include "lib/data/chat_template.h"
+#include "lib/data/data_config.h"
+#include "lib/data/records.h"
+#include "lib/data/tokenizer.h"
+#include "tests/catch.h"
+#include "tests/test_util.h"
+
+namespace {
+
+const qt::Json& expected() {
+  static const qt::Json doc =
+      qt::read_json_file(qt::test::fixture("data/expected.json"), qt::ErrorKind::Internal);
+  return doc;
+}
+
+qt::DataConfig config(qt::Json extra = qt::Json::object()) {
+  qt::Json section = {{"train_file", "train.jsonl"}};
+  for (const auto& item : extra.items()) section[item.key()] = item.value();
+  return qt::DataConfig::from_json(section, "run.json");
+}
+
+std::string write_file(const std::string& name, const std::string& text) {
+  const std::string path = qt::files::join(qt::test::scratch_dir("data_" + name), name);
+  std::ofstream(path, std::ios::binary) << text;
+  return path;
+}
+
+// Expects `fn` to throw qt::Error of `kind` whose message holds every one of `says`.
+template <typename Fn>
+void check_error(Fn fn, qt::ErrorKind kind, const std::vector<std::string>& says) {
+  try {
+    fn();
+    FAIL("no error thrown");
+  } catch (const qt::Error& e) {
+    INFO(e.what());
+    CHECK(e.kind() == kind);
+    for (const auto& s : says) CHECK(std::string(e.what()).find(s) != std::string::npos);
+  }
+}
+
+// Loads `file`.jsonl with the tokenizer of `model` and compares every record with the oracle.
+void check_file(const std::string& file, const std::string& model, const qt::DataConfig& cfg) {
+  auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
+  const auto examples = qt::load_examples(qt::test::fixture("data/" + file + ".jsonl"), cfg, *tok);
+  const qt::Json& cases = expected().at(file);
+  REQUIRE(examples.size() == cases.size());
+  for (size_t i = 0; i < cases.size(); ++i) {
+    INFO(file << " record " << i << (cases[i].contains("rendered") ? " rendered: " + cases[i].at("rendered").get<std::string>() : ""));
+    CHECK(examples[i].line == static_cast<int64_t>(i + 1));
+    CHECK(examples[i].ids == cases[i].at("ids").get<std::vector<int32_t>>());
+    if (cfg.train_on_prompt) {
+      CHECK(examples[i].loss == std::vector<uint8_t>(examples[i].ids.size(), 1));
+    } else {
+      CHECK(examples[i].loss == cases[i].at("loss").get<std::vector<uint8_t>>());
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("chat records render and tokenize as transformers apply_chat_template", "[data]") {
+  SECTION("llama3") { check_file("chat_llama3", "llama3", config()); }
+  SECTION("llama2") { check_file("chat_llama2", "llama2", config()); }
+  SECTION("mistral") { check_file("chat_mistral", "mistral", config()); }
+  SECTION("format named in the config") {
+    check_file("chat_llama2", "llama2", config({{"format", "chat"}, {"chat_template", "llama2"}}));
+  }
+  SECTION("train_on_prompt puts every token in the loss") {
+    check_file("chat_llama3", "llama3", config({{"train_on_prompt", true}}));
+    check_file("chat_mistral", "mistral", config({{"train_on_prompt", true}}));
+  }
+}
+
+TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
+  for (const std::string model : {"llama3", "llama2", "mistral"}) {
+    auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
+    const int32_t end = model == "llama3" ? tok->token_to_id("<|eot_id|>") : tok->eos_id();
+    REQUIRE(end >= 0);
+    const auto examples = qt::load_examples(qt::test::fixture("data/chat_" + model + ".jsonl"), config(), *tok);
+    for (const auto& e : examples) {
+      INFO(model << " line " << e.line);
+      int64_t ends = 0;
+      for (size_t t = 0; t < e.ids.size(); ++t)
+        if (e.ids[t] == end && (t == 0 || e.loss[t - 1])) {
+          CHECK(e.loss[t] == 1);
+          ++ends;
+        }
+      CHECK(ends >= 1);
+    }
+  }
+}
+
+TEST_CASE("alpaca and text records tokenize as transformers", "[data]") {
+  SECTION("alpaca llama3") { check_file("alpaca_llama3", "llama3", config()); }
+  SECTION("alpaca llama2") { check_file("alpaca_llama2", "llama2", config()); }
+  SECTION("text llama3") { check_file("text_llama3", "llama3", config({{"format", "text"}})); }
+  SECTION("text llama2") { check_file("text_llama2", "llama2", config()); }
+  SECTION("text without EOS") {
+    auto tok = qt::load_tokenizer(qt::test::fixture("data/llama3"));
+    const auto with = qt::load_examples(qt::test::fixture("data/text_llama3.jsonl"), config(), *tok);
+    const auto without = qt::load_examples(qt::test::fixture("data/text_llama3.jsonl"), config({{"add_eos", false}}), *tok);
+    REQUIRE(with.size() == without.size());
+    for (size_t i = 0; i < with.size(); ++i) {
+      CHECK(with[i].ids.back() == tok->eos_id());
+      CHECK(std::vector<int32_t>(with[i].ids.begin(), with[i].ids.end() - 1) == without[i].ids);
+    }
+  }
+}
+
+TEST_CASE("chat template is recognised from the tokenizer or named" , "[data]") {
+  using qt::ChatFormat;
+  using qt::ChatTemplateChoice;
+  for (const std::string model : {"llama3", "llama2", "mistral"}) {
+    auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
+    CHECK(qt::chat_format_name(qt::resolve_chat_format(ChatTemplateChoice::Auto, tok->chat_template(), "run.json")) == model);
+  }
+  CHECK(qt::resolve_chat_format(ChatTemplateChoice::Mistral, "", "run.json") == ChatFormat::Mistral);
+  // ChatML (Qwen, SmolLM): none of the built-in formats.
+  check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "{{'<|im_start|>' + message['role']}}", "run.json"); },
+              qt::ErrorKind::Config, {"run.json", "data.chat_template", "<|im_start|>", "llama3"});
+  check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "", "run.json"); }, qt::ErrorKind::Config,
+              {"run.json", "data.chat_template", "no chat_template"});
+  check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "<|start_header_id|>system Cutting Knowledge Date", "run.json"); },
+              qt::ErrorKind::Config, {"data.chat_template", "3.1"});
+}
+
+TEST_CASE("bad records are errors naming file line and key", "[data]") {
+  auto l3 = qt::load_tokenizer(qt::test::fixture("data/llama3"));
+  auto l2 = qt::load_tokenizer(qt::test::fixture("data/llama2"));
+  auto mi = qt::load_tokenizer(qt::test::fixture("data/mistral"));
+  const std::string ok = "{\"text\": \"fine\"}\n";
+  auto load = [](const std::string& path, const qt::Tokenizer& tok, qt::DataConfig cfg) {
+    return [path, &tok, cfg] { qt::load_examples(path, cfg, tok); };
+  };
+  SECTION("unknown role") {
+    const std::string p = write_file("role.jsonl", ok + "{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":2", "unknown role \"tool\""});
+  }
+  SECTION("roles that do not alternate") {
+    const std::string p = write_file("alt.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"user\", \"content\": \"b\"}]}\n");
+    check_error(load(p, *l2, config()), qt::ErrorKind::Data, {p + ":1", "messages[1]", "alternate"});
+  }
+  SECTION("system message with the mistral template") {
+    const std::string p = write_file("sys.jsonl", "{\"messages\": [{\"role\": \"system\", \"content\": \"a\"}, {\"role\": \"user\", \"content\": \"b\"}]}\n");
+    check_error(load(p, *mi, config()), qt::ErrorKind::Data, {p + ":1", "system"});
+  }
+  SECTION("message without content") {
+    const std::string p = write_file("content.jsonl", "{\"messages\": [{\"role\": \"user\"}]}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":1", "content", "missing"});
+  }
+  SECTION("token id outside the vocabulary") {
+    const std::string big = std::to_string(l3->vocab_size());
+    const std::string p = write_file("ids.jsonl", "{\"input_ids\": [1, 2]}\n{\"input_ids\": [1, " + big + "]}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":2", "input_ids", "id " + big});
+  }
+  SECTION("labels of another length") {
+    const std::string p = write_file("labels.jsonl", "{\"input_ids\": [1, 2, 3], \"labels\": [-100, 2]}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":1", "labels"});
+  }
+  SECTION("empty line") {
+    const std::string p = write_file("empty.jsonl", ok + "\n" + ok);
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":2", "empty line"});
+  }
+  SECTION("malformed line") {
+    const std::string p = write_file("bad.jsonl", ok + ok + "{\"text\": \"x\"\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":3", "malformed JSON"});
+  }
+  SECTION("record of no known shape") {
+    const std::string p = write_file("shape.jsonl", "{\"prompt\": \"x\", \"completion\": \"y\"}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":1", "prompt", "completion"});
+  }
+  SECTION("record that is not the configured format") {
+    const std::string p = write_file("fmt.jsonl", ok);
+    check_error(load(p, *l3, config({{"format", "alpaca"}})), qt::ErrorKind::Data, {p + ":1", "instruction", "missing"});
+  }
+}
+
+TEST_CASE("tokenized records keep their ids and mask labels of -100", "[data]") {
+  auto tok = qt::load_tokenizer(qt::test::fixture("data/llama3"));
+  const std::string p = write_file("tok.jsonl", "{\"input_ids\": [5, 6, 7, 8]}\n{\"input_ids\": [9, 10, 11], \"labels\": [-100, -100, 11]}\n");
+  const auto ex = qt::load_examples(p, config(), *tok);
+  REQUIRE(ex.size() == 2);
+  CHECK(ex[0].ids == std::vector<int32_t>{5, 6, 7, 8});
+  CHECK(ex[0].loss == std::vector<uint8_t>{1, 1, 1, 1});
+  CHECK(ex[1].ids == std::vector<int32_t>{9, 10, 11});
+  CHECK(ex[1].loss == std::vector<uint8_t>{0, 0, 1});
+}
+
+TEST_CASE("data config defaults and errors", "[data]") {
+  const qt::DataConfig d = config();
+  CHECK(d.train_file == "train.jsonl");
+  CHECK(d.eval_file.empty());
+  CHECK(d.eval_fraction == 0.0);
+  CHECK(d.format == qt::RecordFormat::Auto);
+  CHECK(d.chat_template == qt::ChatTemplateChoice::Auto);
+  CHECK(d.max_seq_len == 2048);
+  CHECK(d.packing);
+  CHECK(d.shuffle);
+  CHECK_FALSE(d.train_on_prompt);
+  CHECK(d.add_eos);
+  const qt::DataConfig s = config({{"format", "chat"}, {"chat_template", "mistral"}, {"max_seq_len", 512},
+                                   {"packing", false}, {"seed", 7}, {"eval_fraction", 0.1}});
+  CHECK(s.format == qt::RecordFormat::Chat);
+  CHECK(s.chat_template == qt::ChatTemplateChoice::Mistral);
+  CHECK(s.max_seq_len == 512);
+  CHECK_FALSE(s.packing);
+  CHECK(s.seed == 7);
+  CHECK(s.eval_fraction == 0.1);
+  check_error([] { config({{"max_seq_length", 10}}); }, qt::ErrorKind::Config, {"run.json", "data.max_seq_length", "data.max_seq_len"});
+  check_error([] { config({{"format", "sharegpt"}}); }, qt::ErrorKind::Config, {"data.format", "sharegpt"});
+  check_error([] { config({{"chat_template", "llama33"}}); }, qt::ErrorKind::Config, {"data.chat_template", "llama3"});
+  check_error([] { config({{"packing", "yes"}}); }, qt::ErrorKind::Config, {"data.packing", "true or false"});
+  check_error([] { config({{"eval_fraction", 1.0}}); }, qt::ErrorKind::Config, {"data.eval_fraction"});
+  check_error([] { config({{"eval_fraction", 0.1}, {"eval_file", "e.jsonl"}}); }, qt::ErrorKind::Config, {"data.eval_fraction", "eval_file"});
+  check_error([] { config({{"max_seq_len", 1}}); }, qt::ErrorKind::Config, {"data.max_seq_len"});
+  check_error([] { qt::DataConfig::from_json(qt::Json::object(), "run.json"); }, qt::ErrorKind::Config, {"data.train_file", "missing"});
+}
