@@ -2,7 +2,10 @@
 // Llama 3.2 1B-ish (8192 x 2048 x 128256) and Llama 3.1 8B (16384 x 4096 x 128256), bf16, one label in seven
 // ignored. For each mode: median forward+backward time (CUDA events), extra peak memory over the inputs
 // (caching-allocator stats), and next to them the floors (FLOPs over the bf16 matmul rate this run measures;
-// gradient bytes) and the peer: the naive path, full logits + at::cross_entropy_loss.
+// gradient bytes), the targets of issue 11 (the fastest peer's time and Liger's memory for the default; CCE's
+// time and 1.05x the gradient bytes for low-memory; ../shared/peers/ce_peers.py measures the peers) and the
+// naive path, full logits + at::cross_entropy_loss. Modes: the automatic schedule (default and low-memory) and
+// each schedule forced.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -107,9 +110,11 @@ int main() {
 
   struct Shape {
     int64_t t, h, v;
-    double target_ms, target_gib;  // trainable targets on an H100 (issue 11)
+    // Trainable targets on an H100 (issue 11, peers of 2026-11-25): default, then low-memory.
+    double target_ms, target_gib, low_ms, low_gib;
   };
-  const std::vector<Shape> shapes = {{8192, 2048, 128256, 28.0, 0.58}, {16384, 4096, 128256, 93.0, 1.23}};
+  const std::vector<Shape> shapes = {{8192, 2048, 128256, 28.2, 0.583, 28.2, 0.547},
+                                     {16384, 4096, 128256, 91.7, 1.226, 272.0, 1.159}};
   std::vector<Row> rows;
   for (const Shape& s : shapes) {
     const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
@@ -137,14 +142,34 @@ int main() {
       weight.mutable_grad().reset();
     };
 
-    // Modes: fused trainable (default, low-memory, without the side-stream dW overlap), fused frozen, naive
-    // trainable, naive frozen.
-    for (const int mode : {0, 1, 2, 3, 4, 5}) {
-      const bool trainable = mode <= 2 || mode == 4;
-      const bool fused = mode <= 3;
+    struct Mode {
+      const char* name;
+      bool fused, trainable, low_memory = false;
+      qt::FusedCeSchedule schedule = qt::FusedCeSchedule::Auto;
+      bool overlap_dw = true;
+      int64_t vocab_tile = 0;
+    };
+    using S = qt::FusedCeSchedule;
+    const std::vector<Mode> modes = {
+        {"fused trainable", true, true},
+        {"fused trainable low-mem", true, true, true},
+        {"  token chunks", true, true, false, S::TokenChunks},
+        {"  token chunks no-overlap", true, true, false, S::TokenChunks, false},
+        {"  token chunks low-mem", true, true, true, S::TokenChunks},
+        {"  vocab tiles", true, true, false, S::VocabTiles},
+        {"  vocab tiles of 8192", true, true, false, S::VocabTiles, true, 8192},
+        {"  vocab tiles of 2048", true, true, false, S::VocabTiles, true, 2048},
+        {"fused frozen", true, false},
+        {"naive trainable", false, true},
+        {"naive frozen", false, false},
+    };
+    for (const Mode& m : modes) {
+      const bool trainable = m.trainable, fused = m.fused;
       qt::FusedLinearCeOptions o;
-      o.low_memory = mode == 1;
-      o.overlap_dw = mode != 2;
+      o.low_memory = m.low_memory;
+      o.schedule = m.schedule;
+      o.overlap_dw = m.overlap_dw;
+      o.vocab_tile = m.vocab_tile;
       double fused_loss = 0;
       std::function<void()> run = [&] {
         weight.requires_grad_(trainable);
@@ -156,16 +181,16 @@ int main() {
       const Timing t = measure(run, reset, 2, 10);
       Row row;
       row.shape = shape;
-      row.mode = std::string(fused ? "fused" : "naive") + (trainable ? " trainable" : " frozen") +
-                 (o.low_memory ? " low-mem" : "") +
-                 (fused && trainable && !o.overlap_dw ? " no-overlap" : "");
+      const bool by_vocab =
+          fused && qt::fused_linear_ce_schedule(s.t, s.h, s.v, trainable, o) == qt::FusedCeSchedule::VocabTiles;
+      row.mode = std::string(m.name) + (fused && trainable ? (by_vocab ? " [V]" : " [T]") : "");
       row.chunk = fused ? std::min(s.t, qt::fused_linear_ce_chunk_tokens(s.t, s.h, s.v, trainable, o, 2)) : s.t;
       row.ms = t.median_ms;
       row.floor_ms = (trainable ? 3 : 2) * gemm_flops / (tflops * 1e12) * 1e3;
       row.extra_gib = t.extra_bytes / kGiB;
       row.floor_gib = (dh_bytes + (trainable ? dw_bytes : 0)) / kGiB;
-      row.target_ms = trainable ? s.target_ms : 0.8 * s.target_ms;
-      row.target_gib = trainable ? s.target_gib : (dh_bytes + 256.0 * 1024 * 1024) / kGiB;
+      row.target_ms = !trainable ? 0.8 * s.target_ms : m.low_memory ? s.low_ms : s.target_ms;
+      row.target_gib = !trainable ? (dh_bytes + 256.0 * 1024 * 1024) / kGiB : m.low_memory ? s.low_gib : s.target_gib;
       if (fused) {
         naive(false);  // loss of the same inputs
         reset();
@@ -179,16 +204,17 @@ int main() {
     }
   }
 
-  std::printf("\n%-20s %-24s %6s %9s %9s %7s %9s %9s %8s %9s %10s\n", "T x H x V", "mode", "chunk", "ms", "floor ms",
+  std::printf("\n%-20s %-30s %6s %9s %9s %7s %9s %9s %8s %9s %10s\n", "T x H x V", "mode", "chunk", "ms", "floor ms",
               "%floor", "extra GiB", "floor GiB", "target", "tgt GiB", "loss rel");
   for (const Row& r : rows) {
-    std::printf("%-20s %-28s %6lld %9.2f %9.2f %6.0f%% %9.3f %9.3f %8.1f %9.3f %10.2e\n", r.shape.c_str(),
+    std::printf("%-20s %-30s %6lld %9.2f %9.2f %6.0f%% %9.3f %9.3f %8.1f %9.3f %10.2e\n", r.shape.c_str(),
                 r.mode.c_str(), static_cast<long long>(r.chunk), r.ms, r.floor_ms, 100.0 * r.floor_ms / r.ms,
-                r.extra_gib, r.floor_gib, r.mode.rfind("naive", 0) == 0 ? 0.0 : r.target_ms,
-                r.mode.rfind("naive", 0) == 0 ? 0.0 : r.target_gib, r.loss_rel);
+                r.extra_gib, r.floor_gib, r.mode.find("naive") != std::string::npos ? 0.0 : r.target_ms,
+                r.mode.find("naive") != std::string::npos ? 0.0 : r.target_gib, r.loss_rel);
   }
-  std::printf("floor ms: 6THV (trainable) or 4THV (frozen) FLOPs at the measured matmul rate; floor GiB: dh (+ dW) "
-              "in bf16; loss rel: fused vs naive loss sum\n");
+  std::printf(
+      "floor ms: 6THV (trainable) or 4THV (frozen) FLOPs at the measured matmul rate; floor GiB: dh (+ dW) "
+      "in bf16; loss rel: fused vs naive loss sum; [T]/[V]: token chunks / vocabulary tiles (chunk: pass 1)\n");
   return 0;
 #endif
 }

@@ -172,20 +172,45 @@ TEST_CASE("fused linear CE automatic chunk follows the memory rules", "[fused_ce
   const int64_t vocab = 128256, bf16 = 2;
   FusedLinearCeOptions o;
   for (const auto& [t, h] : {std::pair<int64_t, int64_t>{8192, 2048}, {16384, 4096}, {4096, 8192}}) {
-    // Trainable: the [chunk, V] tile holds about as many elements as the hidden state [T, H] (Liger's rule;
-    // next_pow2 may double it).
+    // Token chunks, trainable: the [chunk, V] tile holds about as many elements as the hidden state [T, H]
+    // (Liger's rule; next_pow2 may double it).
+    o.schedule = qt::FusedCeSchedule::TokenChunks;
     o.low_memory = false;
     const int64_t chunk = qt::fused_linear_ce_chunk_tokens(t, h, vocab, true, o, bf16);
     CHECK(chunk * vocab <= 2 * (t * h + vocab));
     CHECK(2 * chunk * vocab >= t * h);
     o.low_memory = true;
     CHECK(qt::fused_linear_ce_chunk_tokens(t, h, vocab, true, o, bf16) * 4 == chunk);
-    // Frozen: the bf16 tile stays within 192 MiB.
+    // Vocabulary tiles: pass 1's tile [chunk, V] fits in dW [V, H]; the last tile within 4% of the gradients.
+    o.schedule = qt::FusedCeSchedule::VocabTiles;
+    CHECK(qt::fused_linear_ce_chunk_tokens(t, h, vocab, true, o, bf16) == h);
+    const int64_t last = qt::fused_linear_ce_last_tile_columns(t, h, vocab);
+    CHECK(last % 64 == 0);
+    CHECK(last >= 64);
+    CHECK(25 * t * last <= vocab * h + t * h);
+    // Frozen: the bf16 tile stays within 192 MiB, whatever the schedule asked for.
     o.low_memory = false;
+    CHECK(qt::fused_linear_ce_schedule(t, h, vocab, false, o) == qt::FusedCeSchedule::TokenChunks);
     const int64_t frozen = qt::fused_linear_ce_chunk_tokens(t, h, vocab, false, o, bf16);
     CHECK(frozen * vocab * bf16 <= (int64_t{192} << 20));
     CHECK(frozen >= 64);
   }
+  o.schedule = qt::FusedCeSchedule::TokenChunks;
   o.chunk_tokens = 100;
   CHECK(qt::fused_linear_ce_chunk_tokens(8192, 2048, vocab, true, o, bf16) == 100);
+}
+
+TEST_CASE("fused linear CE automatic schedule takes vocabulary tiles for low memory and many passes over dW",
+          "[fused_ce]") {
+  const int64_t vocab = 128256;
+  FusedLinearCeOptions o;
+  o.low_memory = true;
+  CHECK(qt::fused_linear_ce_schedule(16384, 4096, vocab, true, o) == qt::FusedCeSchedule::VocabTiles);
+  o.low_memory = false;
+  // 8192 x 2048: 32 token chunks re-read dW 32 times, more than one more logits GEMM costs (measured on an H100,
+  // docs/PERFORMANCE.md); 16384 x 4096: 32 passes over a dW twice as large but twice the tokens to recompute.
+  CHECK(qt::fused_linear_ce_schedule(8192, 2048, vocab, true, o) == qt::FusedCeSchedule::VocabTiles);
+  CHECK(qt::fused_linear_ce_schedule(16384, 4096, vocab, true, o) == qt::FusedCeSchedule::TokenChunks);
+  o.schedule = qt::FusedCeSchedule::TokenChunks;
+  CHECK(qt::fused_linear_ce_schedule(8192, 2048, vocab, true, o) == qt::FusedCeSchedule::TokenChunks);
 }

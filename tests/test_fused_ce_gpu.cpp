@@ -133,8 +133,10 @@ TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast input
     bool overlap_dw = true;
   };
   const std::vector<Case> cases = {
-      {"bf16, ignored tokens, T and V not multiples of the chunk", 300, 256, 32064, 64, at::kBFloat16, false, true, false, false},
-      {"bf16, odd vocab (scalar kernel path), an all-ignored chunk", 300, 256, 5003, 64, at::kBFloat16, false, true, true, false},
+      {"bf16, ignored tokens, T and V not multiples of the chunk", 300, 256, 32064, 64, at::kBFloat16, false, true,
+       false, false},
+      {"bf16, odd vocab (scalar kernel path), an all-ignored chunk", 300, 256, 5003, 64, at::kBFloat16, false, true,
+       true, false},
       {"bf16, transposed hidden", 300, 256, 32064, 64, at::kBFloat16, true, true, false, false},
       {"bf16, frozen weight", 300, 256, 32064, 64, at::kBFloat16, false, false, false, false},
       {"bf16, automatic chunk", 1000, 256, 32064, 0, at::kBFloat16, false, true, false, false},
@@ -143,58 +145,74 @@ TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast input
       {"fp16", 300, 256, 32064, 64, at::kHalf, false, true, false, false},
       {"fp32 (tight bounds)", 300, 256, 32064, 64, at::kFloat, false, true, true, true},
   };
-  for (const Case& c : cases) {
-    std::printf("case: %s\n", c.name);
-    FusedLinearCeOptions o;
-    o.chunk_tokens = c.chunk;
-    o.overlap_dw = c.overlap_dw;
-    if (c.extras) {
-      o.label_smoothing = 0.1;
-      o.z_loss = 1e-4;
-      o.logit_softcap = 30.0;
-    }
-    const at::Tensor leaf = c.transposed ? at::randn({c.hid, c.tokens}, kCuda).to(c.dtype)
-                                         : at::randn({c.tokens, c.hid}, kCuda).to(c.dtype);
-    at::Tensor leaf_var = leaf.clone().requires_grad_(true);
-    at::Tensor hidden = c.transposed ? leaf_var.t() : leaf_var;
-    hidden.retain_grad();
-    // Scaled so logits are O(3): softmax neither one-hot nor flat.
-    at::Tensor weight = (at::randn({c.vocab, c.hid}, kCuda) * (3.0 / std::sqrt(double(c.hid)))).to(c.dtype);
-    weight.requires_grad_(c.weight_grad);
-    at::Tensor labels = random_labels(c.tokens, c.vocab, 7, o.ignore_index, kCuda);
-    if (c.all_ignored_chunk) labels.narrow(0, 64, 64).fill_(o.ignore_index);
-    const PlainCe want = plain_cross_entropy(hidden, weight, labels, o, true, c.weight_grad);
+  // Trainable weight: both schedules; vocabulary tiles also with small slices (many slices in dW's unwritten rows,
+  // then the last tile).
+  struct Schedule {
+    qt::FusedCeSchedule schedule;
+    int64_t vocab_tile;
+    const char* name;
+  };
+  const std::vector<Schedule> schedules = {{qt::FusedCeSchedule::TokenChunks, 0, "token chunks"},
+                                           {qt::FusedCeSchedule::VocabTiles, 0, "vocabulary tiles"},
+                                           {qt::FusedCeSchedule::VocabTiles, 512, "vocabulary tiles of 512"}};
+  for (const Case& c : cases)
+    for (const Schedule& sched : schedules) {
+      if (!c.weight_grad && sched.schedule == qt::FusedCeSchedule::VocabTiles) continue;
+      std::printf("case: %s, %s\n", c.name, sched.name);
+      FusedLinearCeOptions o;
+      o.schedule = sched.schedule;
+      o.vocab_tile = sched.vocab_tile;
+      o.chunk_tokens = c.chunk;
+      o.overlap_dw = c.overlap_dw;
+      if (c.extras) {
+        o.label_smoothing = 0.1;
+        o.z_loss = 1e-4;
+        o.logit_softcap = 30.0;
+      }
+      const at::Tensor leaf = c.transposed ? at::randn({c.hid, c.tokens}, kCuda).to(c.dtype)
+                                           : at::randn({c.tokens, c.hid}, kCuda).to(c.dtype);
+      at::Tensor leaf_var = leaf.clone().requires_grad_(true);
+      at::Tensor hidden = c.transposed ? leaf_var.t() : leaf_var;
+      hidden.retain_grad();
+      // Scaled so logits are O(3): softmax neither one-hot nor flat.
+      at::Tensor weight = (at::randn({c.vocab, c.hid}, kCuda) * (3.0 / std::sqrt(double(c.hid)))).to(c.dtype);
+      weight.requires_grad_(c.weight_grad);
+      at::Tensor labels = random_labels(c.tokens, c.vocab, 7, o.ignore_index, kCuda);
+      if (c.all_ignored_chunk) labels.narrow(0, 64, 64).fill_(o.ignore_index);
+      const PlainCe want = plain_cross_entropy(hidden, weight, labels, o, true, c.weight_grad);
 
-    poison_allocator_cache();
-    auto [loss_sum, count] = qt::fused_linear_cross_entropy(hidden, weight, labels, o);
-    loss_sum.backward();
-    const bool fp32 = c.dtype == at::kFloat;
-    const double loss_tol = fp32 ? 1e-5 : 1e-3, grad_tol = fp32 ? 1e-4 : 2e-2;
-    const double loss_err = std::abs(loss_sum.item<double>() - want.loss.item<double>()) / std::abs(want.loss.item<double>());
-    std::printf("  loss rel err %.2e", loss_err);
-    CHECK(loss_err <= loss_tol);
-    CHECK(count.item<int64_t>() == labels.ne(o.ignore_index).sum().item<int64_t>());
-    REQUIRE(hidden.grad().defined());
-    REQUIRE(hidden.grad().scalar_type() == c.dtype);
-    REQUIRE(max_abs(want.dh) > 0);
-    const double dh_err = rel_err(hidden.grad(), want.dh);
-    std::printf("  dh rel err %.2e", dh_err);
-    CHECK(dh_err <= grad_tol);
-    if (c.weight_grad) {
-      REQUIRE(weight.grad().defined());
-      REQUIRE(max_abs(want.dw) > 0);
-      const double dw_err = rel_err(weight.grad(), want.dw);
-      std::printf("  dW rel err %.2e", dw_err);
-      CHECK(dw_err <= grad_tol);
-    } else {
-      CHECK(!weight.grad().defined());
+      poison_allocator_cache();
+      auto [loss_sum, count] = qt::fused_linear_cross_entropy(hidden, weight, labels, o);
+      loss_sum.backward();
+      const bool fp32 = c.dtype == at::kFloat;
+      const double loss_tol = fp32 ? 1e-5 : 1e-3, grad_tol = fp32 ? 1e-4 : 2e-2;
+      const double loss_err =
+          std::abs(loss_sum.item<double>() - want.loss.item<double>()) / std::abs(want.loss.item<double>());
+      std::printf("  loss rel err %.2e", loss_err);
+      CHECK(loss_err <= loss_tol);
+      CHECK(count.item<int64_t>() == labels.ne(o.ignore_index).sum().item<int64_t>());
+      REQUIRE(hidden.grad().defined());
+      REQUIRE(hidden.grad().scalar_type() == c.dtype);
+      REQUIRE(max_abs(want.dh) > 0);
+      const double dh_err = rel_err(hidden.grad(), want.dh);
+      std::printf("  dh rel err %.2e", dh_err);
+      CHECK(dh_err <= grad_tol);
+      if (c.weight_grad) {
+        REQUIRE(weight.grad().defined());
+        REQUIRE(max_abs(want.dw) > 0);
+        const double dw_err = rel_err(weight.grad(), want.dw);
+        std::printf("  dW rel err %.2e", dw_err);
+        CHECK(dw_err <= grad_tol);
+      } else {
+        CHECK(!weight.grad().defined());
+      }
+      std::printf("\n");
     }
-    std::printf("\n");
-  }
 #endif
 }
 
-TEST_CASE("CUDA fused linear CE allocates no more than one tile plus the gradients", "[gpu][fused_ce]") {
+TEST_CASE("CUDA fused linear CE allocates no more than one tile plus the gradients under both schedules",
+          "[gpu][fused_ce]") {
   REQUIRE(at::hasCUDA());
 #ifdef QT_WITH_CUDA
   at::manual_seed(23);
@@ -203,32 +221,42 @@ TEST_CASE("CUDA fused linear CE allocates no more than one tile plus the gradien
   const at::Tensor weight0 = (at::randn({vocab, hid}, kCuda) * 0.1).to(at::kBFloat16);
   const at::Tensor labels = random_labels(tokens, vocab, 7, -100, kCuda);
   for (const bool trainable : {true, false}) {
-    for (const bool low_memory : {false, true}) {
-      FusedLinearCeOptions o;
-      o.low_memory = low_memory;
-      at::Tensor hidden = hidden0.clone().requires_grad_(true);
-      at::Tensor weight = weight0.clone().requires_grad_(trainable);
-      auto step = [&] {
-        qt::fused_linear_cross_entropy(hidden, weight, labels, o).loss_sum.backward();
-      };
-      step();  // warm-up: cuBLAS workspaces come from the caching allocator once per stream
-      hidden.mutable_grad().reset();
-      if (trainable) weight.mutable_grad().reset();
-      at::cuda::device_synchronize();
-      c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
-      const AllocatorStats before = allocator_stats();
-      step();
-      at::cuda::device_synchronize();
-      const AllocatorStats after = allocator_stats();
-      const int64_t chunk = std::min(tokens, qt::fused_linear_ce_chunk_tokens(tokens, hid, vocab, trainable, o, bf16));
-      const int64_t tile = chunk * vocab * bf16, dh = tokens * hid * bf16, dw = trainable ? vocab * hid * bf16 : 0;
-      const int64_t slack = int64_t{2} << 20;  // per-token losses, label checks, the 0-dim results
-      const int64_t extra = after.peak - before.current;
-      std::printf("trainable %d low_memory %d: chunk %lld, extra %.1f MiB, bound %.1f MiB\n", int(trainable),
-                  int(low_memory), static_cast<long long>(chunk), extra / 1048576.0,
-                  (tile + dh + dw + slack) / 1048576.0);
-      CHECK(extra >= dh + dw);  // the gradients themselves are held: a sanity check of the measurement
-      CHECK(extra <= tile + dh + dw + slack);
+    for (const auto schedule : {qt::FusedCeSchedule::Auto, qt::FusedCeSchedule::TokenChunks}) {
+      for (const bool low_memory : {false, true}) {
+        if (!trainable && schedule != qt::FusedCeSchedule::Auto) continue;
+        FusedLinearCeOptions o;
+        o.low_memory = low_memory;
+        o.schedule = schedule;
+        at::Tensor hidden = hidden0.clone().requires_grad_(true);
+        at::Tensor weight = weight0.clone().requires_grad_(trainable);
+        auto step = [&] { qt::fused_linear_cross_entropy(hidden, weight, labels, o).loss_sum.backward(); };
+        step();  // warm-up: cuBLAS workspaces come from the caching allocator once per stream
+        hidden.mutable_grad().reset();
+        if (trainable) weight.mutable_grad().reset();
+        at::cuda::device_synchronize();
+        c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+        const AllocatorStats before = allocator_stats();
+        step();
+        at::cuda::device_synchronize();
+        const AllocatorStats after = allocator_stats();
+        const bool by_vocab =
+            qt::fused_linear_ce_schedule(tokens, hid, vocab, trainable, o) == qt::FusedCeSchedule::VocabTiles;
+        const int64_t chunk =
+            std::min(tokens, qt::fused_linear_ce_chunk_tokens(tokens, hid, vocab, trainable, o, bf16));
+        // Vocabulary tiles: pass 1's tile lives in dW, and only the last slices have a tile of their own.
+        const int64_t tile =
+            by_vocab ? tokens * qt::fused_linear_ce_last_tile_columns(tokens, hid, vocab) * bf16 : chunk * vocab * bf16;
+        const int64_t dh = tokens * hid * bf16, dw = trainable ? vocab * hid * bf16 : 0;
+        const int64_t slack = int64_t{2} << 20;  // per-token losses and log-sum-exps, label checks, 0-dim results
+        const int64_t extra = after.peak - before.current;
+        std::printf(
+            "trainable %d schedule %d low_memory %d: by vocabulary %d, chunk %lld, extra %.1f MiB, bound %.1f MiB\n",
+            int(trainable), int(schedule), int(low_memory), int(by_vocab), static_cast<long long>(chunk),
+            extra / 1048576.0, (tile + dh + dw + slack) / 1048576.0);
+        CHECK(extra >= dh + dw);  // the gradients themselves are held: a sanity check of the measurement
+        CHECK(extra <= tile + dh + dw + slack);
+        if (by_vocab) CHECK(tile * 25 <= dh + dw);  // the promise of low_memory: gradients + 4%
+      }
     }
   }
 #endif

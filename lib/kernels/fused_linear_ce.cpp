@@ -4,6 +4,7 @@
 
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <string>
 
 #include "lib/core/error.h"
@@ -29,9 +30,9 @@ void validate(const at::Tensor& hidden, const at::Tensor& weight, const at::Tens
   QT_CHECK(hidden.defined() && weight.defined() && labels.defined(), ErrorKind::Internal, me + "undefined tensor");
   QT_CHECK(hidden.dim() == 2 && weight.dim() == 2 && labels.dim() == 1, ErrorKind::Internal,
            me + "expects hidden [T, H], weight [V, H], labels [T]");
-  QT_CHECK(hidden.size(1) == weight.size(1), ErrorKind::Internal,
-           me + "hidden size " + std::to_string(hidden.size(1)) + " != weight columns " +
-               std::to_string(weight.size(1)));
+  QT_CHECK(
+      hidden.size(1) == weight.size(1), ErrorKind::Internal,
+      me + "hidden size " + std::to_string(hidden.size(1)) + " != weight columns " + std::to_string(weight.size(1)));
   QT_CHECK(labels.size(0) == hidden.size(0), ErrorKind::Internal,
            me + std::to_string(labels.size(0)) + " labels for " + std::to_string(hidden.size(0)) + " tokens");
   QT_CHECK(weight.size(0) > 0, ErrorKind::Internal, me + "empty vocabulary");
@@ -43,8 +44,8 @@ void validate(const at::Tensor& hidden, const at::Tensor& weight, const at::Tens
            me + "hidden, weight and labels must be on one device");
   QT_CHECK(o.label_smoothing >= 0 && o.label_smoothing <= 1, ErrorKind::Config,
            me + "label_smoothing must be in [0, 1]");
-  QT_CHECK(o.z_loss >= 0 && o.logit_softcap >= 0 && o.chunk_tokens >= 0, ErrorKind::Config,
-           me + "z_loss, logit_softcap and chunk_tokens must be >= 0");
+  QT_CHECK(o.z_loss >= 0 && o.logit_softcap >= 0 && o.chunk_tokens >= 0 && o.vocab_tile >= 0, ErrorKind::Config,
+           me + "z_loss, logit_softcap, chunk_tokens and vocab_tile must be >= 0");
 }
 
 void check_labels(const at::Tensor& labels, int64_t vocab, int64_t ignore_index) {
@@ -101,23 +102,61 @@ class FusedLinearCeFunction : public torch::autograd::Function<FusedLinearCeFunc
 
 at::Tensor FusedLinearCeResult::mean() const { return loss_sum / count.clamp_min(1).to(loss_sum.scalar_type()); }
 
+namespace {
+
+// Liger-Kernel's rule (linkedin/Liger-Kernel, ops/fused_linear_cross_entropy.py): chunk =
+// next_pow2(ceil(T / ceil(V / H))), so the [chunk, V] tile is about the [T, H] hidden state's size.
+int64_t liger_chunk(int64_t tokens, int64_t hidden, int64_t vocab) {
+  return next_pow2(ceil_div(std::max<int64_t>(tokens, 1), ceil_div(vocab, hidden)));
+}
+
+}  // namespace
+
+FusedCeSchedule fused_linear_ce_schedule(int64_t tokens, int64_t hidden, int64_t vocab, bool weight_trainable,
+                                         const FusedLinearCeOptions& options) {
+  if (!weight_trainable) return FusedCeSchedule::TokenChunks;
+  if (options.schedule != FusedCeSchedule::Auto) return options.schedule;
+  if (options.low_memory) return FusedCeSchedule::VocabTiles;
+  // Token chunks pay one read and one write of dW (4VH bytes in bf16) per chunk; vocabulary tiles pay one more
+  // logits GEMM (2THV FLOPs). Vocabulary tiles when the first costs more than kSlack times the second, at an
+  // H100's ratio of bf16 GEMM rate to memory bandwidth (781 TFLOP/s over 3.0 TB/s, both measured: 260 FLOP/B).
+  // kSlack covers what the cost model leaves out (pass 2's tile kernel; dW traffic partly hidden under GEMMs).
+  constexpr double kFlopPerByte = 260.0, kSlack = 1.25;
+  const double chunks = static_cast<double>(ceil_div(std::max<int64_t>(tokens, 1), liger_chunk(tokens, hidden, vocab)));
+  const double dw_traffic = chunks * 4.0 * static_cast<double>(vocab) * hidden * kFlopPerByte;  // in FLOP units
+  const double recompute = 2.0 * static_cast<double>(tokens) * hidden * vocab;
+  return dw_traffic > kSlack * recompute ? FusedCeSchedule::VocabTiles : FusedCeSchedule::TokenChunks;
+}
+
 int64_t fused_linear_ce_chunk_tokens(int64_t tokens, int64_t hidden, int64_t vocab, bool weight_trainable,
                                      const FusedLinearCeOptions& options, int64_t element_size) {
   if (options.chunk_tokens > 0) return options.chunk_tokens;
   int64_t chunk;
+  const FusedCeSchedule schedule = fused_linear_ce_schedule(tokens, hidden, vocab, weight_trainable, options);
+  if (weight_trainable && schedule == FusedCeSchedule::VocabTiles) {
+    // Pass 1's [chunk, V] tile borrows dW's V x H storage before pass 2 writes it: chunk <= H, free of charge.
+    return std::clamp<int64_t>(hidden, 1, 16384);
+  }
   if (weight_trainable) {
-    // Liger-Kernel's rule (linkedin/Liger-Kernel, ops/fused_linear_cross_entropy.py): chunk =
-    // next_pow2(ceil(T / ceil(V / H))), so the [chunk, V] tile is about the [T, H] hidden state's size. Each
-    // chunk reads and writes all of dW, so a larger tile would be faster but cost memory.
-    chunk = next_pow2(ceil_div(std::max<int64_t>(tokens, 1), ceil_div(vocab, hidden)));
+    // Each chunk reads and writes all of dW, so a larger tile would be faster but cost memory.
+    chunk = liger_chunk(tokens, hidden, vocab);
+    if (options.low_memory) chunk /= 4;
   } else {
     // Frozen: no pass over dW per chunk, and the dh GEMM's output is only [chunk, H], so larger tiles keep the
     // GPU busy. 192 MiB bounds the tile (768 rows at V = 128256 in bf16), rounded down to 64 rows.
     const int64_t budget = int64_t{192} << 20;
     chunk = std::max<int64_t>(64, budget / (vocab * element_size) / 64 * 64);
+    if (options.low_memory) chunk /= 4;
   }
-  if (options.low_memory) chunk /= 4;
   return std::clamp<int64_t>(chunk, 16, 16384);
+}
+
+int64_t fused_linear_ce_last_tile_columns(int64_t tokens, int64_t hidden, int64_t vocab) {
+  // 4% of the gradients' elements (dW + dh), so that the extra peak stays within 1.05x the gradient bytes,
+  // rounded down to 64 columns (16-byte rows in any dtype).
+  const int64_t budget = (vocab * hidden + tokens * hidden) / 25;
+  const int64_t cols = budget / std::max<int64_t>(tokens, 1) / 64 * 64;
+  return std::min(vocab, std::max<int64_t>(64, cols));
 }
 
 FusedLinearCeResult fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
@@ -131,9 +170,12 @@ FusedLinearCeResult fused_linear_cross_entropy(const at::Tensor& hidden, const a
   const bool want_dw = grad && weight.requires_grad();
   const bool cuda = hidden.is_cuda() && !options.force_reference && detail::fused_linear_ce_cuda_available();
   const int64_t element_size = cuda ? static_cast<int64_t>(hidden.element_size()) : 4;  // the reference is fp32
-  const int64_t chunk =
-      fused_linear_ce_chunk_tokens(hidden.size(0), hidden.size(1), vocab, want_dw, options, element_size);
-  variable_list out = FusedLinearCeFunction::apply(hidden, weight, y, options, chunk, want_dh, want_dw);
+  // The schedule is resolved once here; the reference has only token chunks (same function, other order).
+  FusedLinearCeOptions o = options;
+  o.schedule = cuda ? fused_linear_ce_schedule(hidden.size(0), hidden.size(1), vocab, want_dw, options)
+                    : FusedCeSchedule::TokenChunks;
+  const int64_t chunk = fused_linear_ce_chunk_tokens(hidden.size(0), hidden.size(1), vocab, want_dw, o, element_size);
+  variable_list out = FusedLinearCeFunction::apply(hidden, weight, y, o, chunk, want_dh, want_dw);
   return {out[0], out[1]};
 }
 

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -69,10 +70,34 @@ struct Capper {
   __device__ __forceinline__ float operator()(float v) const { return cap > 0.f ? cap * tanhf(v / cap) : v; }
 };
 
+// d loss / d z_j = softmax_j (1 + 2 z_loss lse) - eps / V - (1 - eps) [j == y]; times 1 - (z_j / cap)^2
+// through the soft-cap (d/dx cap tanh(x / cap)). One definition for both passes' kernels.
+struct GradOf {
+  float lse, scale, smooth, hit, cap;
+  int64_t y;
+  __device__ GradOf(float lse_, int64_t y_, int64_t vocab, const CeTileParams& p)
+      : lse(lse_),
+        scale(1.f + 2.f * p.z_loss * lse_),
+        smooth(p.label_smoothing / static_cast<float>(vocab)),
+        hit(1.f - p.label_smoothing),
+        cap(p.logit_softcap),
+        y(y_) {}
+  __device__ __forceinline__ float operator()(float raw, int64_t j) const {
+    const float z = Capper{cap}(raw);
+    float g = scale * __expf(z - lse) - smooth;
+    if (j == y) g -= hit;
+    if (cap > 0.f) {
+      const float t = z / cap;
+      g *= 1.f - t * t;
+    }
+    return g;
+  }
+};
+
 template <typename T, int kThreads, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     ce_tile_kernel(T* __restrict__ logits, int64_t vocab, int64_t ld, const int64_t* __restrict__ labels,
-                   float* __restrict__ loss_rows, bool write_grad, CeTileParams p) {
+                   float* __restrict__ loss_rows, float* __restrict__ lse_rows, bool write_grad, CeTileParams p) {
   constexpr int kWarps = kThreads / 32;
   constexpr int kVecElems = 16 / sizeof(T);  // one 16-byte load
   __shared__ float smem[3 * 32 + 4];
@@ -147,26 +172,12 @@ __global__ void __launch_bounds__(kThreads)
   const float eps = p.label_smoothing;
   const float lse = m + logf(s);
   if (tid == 0) {
-    loss_rows[row] =
-        lse - (1.f - eps) * z_y - eps / static_cast<float>(vocab) * zsum + p.z_loss * lse * lse;
+    loss_rows[row] = lse - (1.f - eps) * z_y - eps / static_cast<float>(vocab) * zsum + p.z_loss * lse * lse;
+    if (lse_rows != nullptr) lse_rows[row] = lse;
   }
   if (!write_grad) return;
 
-  // d loss / d z_j = softmax_j (1 + 2 z_loss lse) - eps / V - (1 - eps) [j == y]; times 1 - (z_j / cap)^2
-  // through the soft-cap (d/dx cap tanh(x / cap)).
-  const float scale = 1.f + 2.f * p.z_loss * lse;
-  const float smooth = eps / static_cast<float>(vocab);
-  const float cap = p.logit_softcap;
-  auto grad = [&](float raw, int64_t j) {
-    const float z = capped(raw);
-    float g = scale * __expf(z - lse) - smooth;
-    if (j == y) g -= 1.f - eps;
-    if (cap > 0.f) {
-      const float t = z / cap;
-      g *= 1.f - t * t;
-    }
-    return g;
-  };
+  const GradOf grad(lse, y, vocab, p);
   if constexpr (kVec) {
     uint4* xv = reinterpret_cast<uint4*>(x);
     for (int64_t i = tid; i < nvec; i += kThreads) {
@@ -184,57 +195,124 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, int kThreads>
 void launch_threads(T* logits, int64_t rows, int64_t vocab, int64_t ld, const int64_t* labels, float* loss_rows,
-                    bool write_grad, const CeTileParams& params, cudaStream_t stream) {
+                    float* lse_rows, bool write_grad, const CeTileParams& params, cudaStream_t stream) {
   constexpr int kVecElems = 16 / sizeof(T);
   // 16-byte accesses need every row start 16-byte aligned: base pointer and row stride.
   const bool vec = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && ld % kVecElems == 0;
   const dim3 grid(static_cast<unsigned>(rows));
   if (vec) {
-    ce_tile_kernel<T, kThreads, true><<<grid, kThreads, 0, stream>>>(logits, vocab, ld, labels, loss_rows,
-                                                                     write_grad, params);
+    ce_tile_kernel<T, kThreads, true>
+        <<<grid, kThreads, 0, stream>>>(logits, vocab, ld, labels, loss_rows, lse_rows, write_grad, params);
   } else {
-    ce_tile_kernel<T, kThreads, false><<<grid, kThreads, 0, stream>>>(logits, vocab, ld, labels, loss_rows,
-                                                                      write_grad, params);
+    ce_tile_kernel<T, kThreads, false>
+        <<<grid, kThreads, 0, stream>>>(logits, vocab, ld, labels, loss_rows, lse_rows, write_grad, params);
   }
 }
 
 template <typename T>
 void launch(void* logits, int64_t rows, int64_t vocab, int64_t ld, const int64_t* labels, float* loss_rows,
-            bool write_grad, const CeTileParams& params, cudaStream_t stream) {
+            float* lse_rows, bool write_grad, const CeTileParams& params, cudaStream_t stream) {
   // A 128k-vocab row is 16k 16-byte vectors: 1024 threads give each 16 loads per pass. Small vocabularies
   // (tests, small models) would leave most of a 1024-thread block idle.
   T* x = static_cast<T*>(logits);
   if (vocab >= 16384) {
-    launch_threads<T, 1024>(x, rows, vocab, ld, labels, loss_rows, write_grad, params, stream);
+    launch_threads<T, 1024>(x, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params, stream);
   } else {
-    launch_threads<T, 256>(x, rows, vocab, ld, labels, loss_rows, write_grad, params, stream);
+    launch_threads<T, 256>(x, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params, stream);
+  }
+}
+
+// Pass 2: a [rows, cols] slice, one block per (row, 2048 columns); every element independent. 16-byte accesses
+// when the slice allows them (memory-bound: one read and one write of the slice).
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(256)
+    ce_slice_kernel(T* __restrict__ logits, int64_t rows, int64_t cols, int64_t ld, int64_t col0, int64_t vocab,
+                    const int64_t* __restrict__ labels, const float* __restrict__ lse_rows, CeTileParams p) {
+  constexpr int kVecElems = kVec ? 16 / sizeof(T) : 1;
+  const int64_t c = (static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x) * kVecElems;
+  if (c >= cols) return;
+  for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+    T* x = logits + row * ld + c;
+    const int64_t y = labels[row];
+    const bool counted = y != p.ignore_index && y >= 0 && y < vocab;
+    if constexpr (kVec) {
+      uint4 packed = make_uint4(0, 0, 0, 0);
+      if (counted) {
+        const GradOf grad(lse_rows[row], y, vocab, p);
+        const uint4 raw = *reinterpret_cast<const uint4*>(x);
+        const T* e = reinterpret_cast<const T*>(&raw);
+        T* o = reinterpret_cast<T*>(&packed);
+#pragma unroll
+        for (int k = 0; k < kVecElems; ++k) o[k] = Io<T>::store(grad(Io<T>::load(e[k]), col0 + c + k));
+      }
+      *reinterpret_cast<uint4*>(x) = packed;
+    } else {
+      *x = counted ? Io<T>::store(GradOf(lse_rows[row], y, vocab, p)(Io<T>::load(*x), col0 + c)) : Io<T>::store(0.f);
+    }
+  }
+}
+
+template <typename T>
+void launch_slice(void* logits, int64_t rows, int64_t cols, int64_t ld, int64_t col0, int64_t vocab,
+                  const int64_t* labels, const float* lse_rows, const CeTileParams& params, cudaStream_t stream) {
+  constexpr int kVecElems = 16 / sizeof(T);
+  T* x = static_cast<T*>(logits);
+  const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && ld % kVecElems == 0 && cols % kVecElems == 0;
+  const int64_t per_block = 256 * (vec ? kVecElems : 1);
+  const dim3 grid(static_cast<unsigned>((cols + per_block - 1) / per_block),
+                  static_cast<unsigned>(std::min<int64_t>(rows, 65535)));
+  if (vec) {
+    ce_slice_kernel<T, true><<<grid, 256, 0, stream>>>(x, rows, cols, ld, col0, vocab, labels, lse_rows, params);
+  } else {
+    ce_slice_kernel<T, false><<<grid, 256, 0, stream>>>(x, rows, cols, ld, col0, vocab, labels, lse_rows, params);
+  }
+}
+
+void check_launch() {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    fail(ErrorKind::Device, std::string("fused linear cross-entropy kernel launch: ") + cudaGetErrorString(err));
   }
 }
 
 }  // namespace
 
-void ce_tile_loss_grad(void* logits, CeTileDtype dtype, int64_t rows, int64_t vocab, int64_t ld,
-                       const int64_t* labels, float* loss_rows, bool write_grad, const CeTileParams& params,
-                       void* stream) {
+void ce_tile_loss_grad(void* logits, CeTileDtype dtype, int64_t rows, int64_t vocab, int64_t ld, const int64_t* labels,
+                       float* loss_rows, bool write_grad, const CeTileParams& params, void* stream, float* lse_rows) {
   if (rows <= 0) return;
-  QT_CHECK(rows <= INT32_MAX && vocab > 0 && ld >= vocab, ErrorKind::Internal,
-           "ce_tile_loss_grad: bad tile shape");
+  QT_CHECK(rows <= INT32_MAX && vocab > 0 && ld >= vocab, ErrorKind::Internal, "ce_tile_loss_grad: bad tile shape");
   auto s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case CeTileDtype::F32:
-      launch<float>(logits, rows, vocab, ld, labels, loss_rows, write_grad, params, s);
+      launch<float>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params, s);
       break;
     case CeTileDtype::BF16:
-      launch<__nv_bfloat16>(logits, rows, vocab, ld, labels, loss_rows, write_grad, params, s);
+      launch<__nv_bfloat16>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params, s);
       break;
     case CeTileDtype::F16:
-      launch<__half>(logits, rows, vocab, ld, labels, loss_rows, write_grad, params, s);
+      launch<__half>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params, s);
       break;
   }
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) {
-    fail(ErrorKind::Device, std::string("fused linear cross-entropy kernel launch: ") + cudaGetErrorString(err));
+  check_launch();
+}
+
+void ce_slice_grad(void* logits, CeTileDtype dtype, int64_t rows, int64_t cols, int64_t ld, int64_t col0, int64_t vocab,
+                   const int64_t* labels, const float* lse_rows, const CeTileParams& params, void* stream) {
+  if (rows <= 0 || cols <= 0) return;
+  QT_CHECK(ld >= cols && col0 >= 0 && col0 + cols <= vocab, ErrorKind::Internal, "ce_slice_grad: bad slice shape");
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case CeTileDtype::F32:
+      launch_slice<float>(logits, rows, cols, ld, col0, vocab, labels, lse_rows, params, s);
+      break;
+    case CeTileDtype::BF16:
+      launch_slice<__nv_bfloat16>(logits, rows, cols, ld, col0, vocab, labels, lse_rows, params, s);
+      break;
+    case CeTileDtype::F16:
+      launch_slice<__half>(logits, rows, cols, ld, col0, vocab, labels, lse_rows, params, s);
+      break;
   }
+  check_launch();
 }
 
 }  // namespace qt::kernels

@@ -6,18 +6,36 @@
 // that into dL/dhidden (rows of the chunk) and accumulate dL/dW. The gradients are thus produced in the
 // forward pass (the idea of llm.c's fused_classifier and of Liger-Kernel's fused linear cross-entropy);
 // backward only scales them by grad_output. Extra memory: one tile plus dh (plus dW when trainable).
+//
+// With a trainable weight there are two schedules (FusedCeSchedule). Token chunks accumulate dW over every
+// chunk: each chunk reads and writes all of dW (V x H), which at Liger's chunk size is 32 passes over it.
+// Vocabulary tiles take two passes instead: pass 1 is the token-chunk loop without dW (loss, per-row
+// log-sum-exp, dh), its tile living in dW's not yet written storage; pass 2 recomputes the logits one vocabulary
+// slice at a time for all tokens and writes that slice of dW once (8THV FLOPs instead of 6THV, but dW is
+// written once and the only tile outside the gradients is a small one for the last slices).
 #include <ATen/ATen.h>
 
 #include <cstdint>
 
 namespace qt {
 
+enum class FusedCeSchedule {
+  Auto,         // vocabulary tiles when the cost model below predicts them faster, or when low_memory is set
+  TokenChunks,  // one pass; dW accumulated over token chunks
+  VocabTiles,   // two passes; dW written once per vocabulary slice (CUDA only: the reference ignores it)
+};
+
 struct FusedLinearCeOptions {
   // Tokens per logits tile. 0: automatic (fused_linear_ce_chunk_tokens below), bounded so the tile is about
   // the size of the hidden state when the weight is trainable, <= 192 MiB when it is frozen.
   int64_t chunk_tokens = 0;
-  // Automatic chunk divided by 4: less memory, more passes over dW (slower when the weight is trainable).
+  // Trainable weight: vocabulary tiles with a small last tile (extra memory about 4% over the gradients).
+  // Frozen weight: the automatic chunk divided by 4.
   bool low_memory = false;
+  // How dW is formed when the weight is trainable (see the top of this file).
+  FusedCeSchedule schedule = FusedCeSchedule::Auto;
+  // Vocabulary tiles: columns per slice of pass 2 while it fits in dW's unwritten rows; 0: automatic (4096).
+  int64_t vocab_tile = 0;
   int64_t ignore_index = -100;
   // Same definition as torch.nn.functional.cross_entropy(label_smoothing=eps):
   // loss = (1 - eps) * (lse - z_y) + eps * (lse - mean_j z_j).
@@ -49,8 +67,17 @@ struct FusedLinearCeResult {
 FusedLinearCeResult fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
                                                const at::Tensor& labels, const FusedLinearCeOptions& options = {});
 
-// The chunk the automatic setting picks (exposed for the bench and the memory test).
+// The schedule `options.schedule` resolves to (the trainable CUDA path; TokenChunks when the weight is frozen).
+FusedCeSchedule fused_linear_ce_schedule(int64_t tokens, int64_t hidden, int64_t vocab, bool weight_trainable,
+                                         const FusedLinearCeOptions& options);
+
+// The chunk the automatic setting picks (exposed for the bench and the memory test). With vocabulary tiles it is
+// the chunk of pass 1, whose tile lives in dW's storage: at most `hidden` tokens.
 int64_t fused_linear_ce_chunk_tokens(int64_t tokens, int64_t hidden, int64_t vocab, bool weight_trainable,
                                      const FusedLinearCeOptions& options, int64_t element_size);
+
+// Vocabulary tiles: the columns of the standalone tile that pass 2 uses once dW's unwritten rows are too few
+// (about 4% of the gradient bytes, at least 64 columns, at most the vocabulary).
+int64_t fused_linear_ce_last_tile_columns(int64_t tokens, int64_t hidden, int64_t vocab);
 
 }  // namespace qt

@@ -1,6 +1,7 @@
 // CUDA driver of the fused linear cross-entropy: per chunk of tokens, the logits tile through cuBLAS (via
 // at::mm_out, storage dtype = input dtype, fp32 accumulation), the tile kernel (fused_linear_ce.cu) turning
-// it into the gradient tile in place, then dh = G W and dW += G^T h through cuBLAS again.
+// it into the gradient tile in place, then dh = G W and dW += G^T h through cuBLAS again. With the
+// vocabulary-tile schedule (fused_linear_ce.h), dW is left out of that loop and written slice by slice after it.
 #include "lib/core/error.h"
 #include "lib/kernels/fused_linear_ce_impl.h"
 #include "lib/kernels/fused_linear_ce_kernel.h"
@@ -10,6 +11,7 @@
 #include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #endif
@@ -36,19 +38,60 @@ at::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
 
 }  // namespace
 
+// Pass 2 of the vocabulary-tile schedule: dW[v0 : v0 + n] = G[:, v0 : v0 + n]^T h, each slice written once
+// (beta = 0), G recomputed from the logits slice h W[v0 : v0 + n]^T and pass 1's per-row log-sum-exp. The
+// [T, n] slice lives in dW's rows after v0 + n, which no GEMM has written yet, while they hold it; the last
+// slices, once those rows are too few, use a small tile of their own (fused_linear_ce_last_tile_columns).
+void write_dw_by_vocab_slices(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                              const at::Tensor& lse, at::Tensor& dw, kernels::CeTileDtype dtype,
+                              const kernels::CeTileParams& params, int64_t vocab_tile, cudaStream_t stream) {
+  const int64_t tokens = hidden.size(0), hid = hidden.size(1), vocab = weight.size(0);
+  const int64_t last_cols = fused_linear_ce_last_tile_columns(tokens, hid, vocab);
+  const int64_t big = std::max(vocab_tile, last_cols);
+  at::Tensor last_tile;  // allocated when first needed
+  const at::Tensor flat = dw.view({-1});
+  for (int64_t v0 = 0; v0 < vocab;) {
+    const int64_t left = vocab - v0;
+    // Largest n with tokens * n <= (left - n) * hid: the slice fits in the rows after it. Multiples of 64
+    // keep rows 16-byte aligned.
+    int64_t n = std::min(big, left * hid / (tokens + hid) / 64 * 64);
+    at::Tensor z;
+    if (n >= last_cols && n > 0) {
+      z = flat.narrow(0, (v0 + n) * hid, tokens * n).view({tokens, n});
+    } else {
+      n = std::min(last_cols, left);
+      if (!last_tile.defined()) last_tile = at::empty({tokens * last_cols}, dw.options());
+      z = last_tile.narrow(0, 0, tokens * n).view({tokens, n});
+    }
+    const at::Tensor w = weight.narrow(0, v0, n);
+    at::mm_out(z, hidden, w.t());
+    kernels::ce_slice_grad(z.data_ptr(), dtype, tokens, n, n, v0, vocab, labels.data_ptr<int64_t>(),
+                           lse.data_ptr<float>(), params, stream);
+    at::Tensor dw_slice = dw.narrow(0, v0, n);
+    at::mm_out(dw_slice, z.t(), hidden);
+    v0 += n;
+  }
+}
+
 FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& weight_in, const at::Tensor& labels,
-                                    const FusedLinearCeOptions& options, int64_t chunk, bool want_dh,
-                                    bool want_dw) {
+                                    const FusedLinearCeOptions& options, int64_t chunk, bool want_dh, bool want_dw) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t tokens = hidden.size(0);
   const int64_t hid = hidden.size(1);
   const int64_t vocab = weight_in.size(0);
   kernels::CeTileDtype dtype;
   switch (hidden.scalar_type()) {
-    case at::kFloat: dtype = kernels::CeTileDtype::F32; break;
-    case at::kBFloat16: dtype = kernels::CeTileDtype::BF16; break;
-    case at::kHalf: dtype = kernels::CeTileDtype::F16; break;
-    default: fail(ErrorKind::Internal, "fused_linear_ce_cuda: unsupported dtype");
+    case at::kFloat:
+      dtype = kernels::CeTileDtype::F32;
+      break;
+    case at::kBFloat16:
+      dtype = kernels::CeTileDtype::BF16;
+      break;
+    case at::kHalf:
+      dtype = kernels::CeTileDtype::F16;
+      break;
+    default:
+      fail(ErrorKind::Internal, "fused_linear_ce_cuda: unsupported dtype");
   }
   kernels::CeTileParams params;
   params.ignore_index = options.ignore_index;
@@ -59,15 +102,39 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
   // A weight with odd strides would be copied by every GEMM; copy it once instead (a no-op when contiguous).
   const at::Tensor weight = weight_in.contiguous();
   const at::Tensor y = labels.contiguous();
-  const bool write_grad = want_dh || want_dw;
   FusedCeForward out;
   out.loss_rows = at::empty({tokens}, hidden.options().dtype(at::kFloat));
   if (want_dh) out.dh = at::empty({tokens, hid}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
-  if (want_dw) out.dw = tokens == 0 ? at::zeros_like(weight) : at::empty_like(weight);
+  if (want_dw) out.dw = tokens == 0 ? at::zeros_like(weight) : at::empty(weight.sizes(), weight.options());
+  const at::cuda::CUDAStream main = at::cuda::getCurrentCUDAStream();
   const int64_t tile_rows = std::min(chunk, tokens);
+
+  if (want_dw && tokens > 0 && options.schedule == FusedCeSchedule::VocabTiles) {
+    // Pass 1: loss, log-sum-exp and dh by token chunks, the [chunk, V] tile in dW's storage (chunk <= H).
+    const int64_t chunk1 = std::min(chunk, hid);
+    const at::Tensor lse = at::empty({tokens}, out.loss_rows.options());
+    const at::Tensor flat = out.dw.view({-1});
+    for (int64_t t0 = 0; t0 < tokens; t0 += chunk1) {
+      const int64_t rows = std::min(chunk1, tokens - t0);
+      const at::Tensor h = hidden.narrow(0, t0, rows);
+      at::Tensor z = flat.narrow(0, 0, rows * vocab).view({rows, vocab});
+      at::mm_out(z, h, weight.t());
+      kernels::ce_tile_loss_grad(z.data_ptr(), dtype, rows, vocab, vocab, y.data_ptr<int64_t>() + t0,
+                                 out.loss_rows.data_ptr<float>() + t0, want_dh, params, main.stream(),
+                                 lse.data_ptr<float>() + t0);
+      if (want_dh) {
+        at::Tensor dh = out.dh.narrow(0, t0, rows);
+        at::mm_out(dh, z, weight);
+      }
+    }
+    const int64_t vocab_tile = options.vocab_tile > 0 ? options.vocab_tile : 4096;
+    write_dw_by_vocab_slices(hidden, weight, y, lse, out.dw, dtype, params, vocab_tile, main.stream());
+    return out;
+  }
+
+  const bool write_grad = want_dh || want_dw;
   // One tile, reused by every chunk: [chunk, V] in the input dtype (bf16: the memory bound of the design).
   at::Tensor tile = at::empty({tile_rows, vocab}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
-  const at::cuda::CUDAStream main = at::cuda::getCurrentCUDAStream();
   // With a trainable weight, dW += G^T h (K = chunk: bound by reading and writing all of dW) runs on a side
   // stream next to dh = G W (bound by FLOPs); both only read the tile. The next chunk's logits GEMM overwrites
   // the tile, so the main stream waits for the side stream before it.

@@ -18,8 +18,16 @@ struct CeTileParams {
 // loss_rows[r] = lse(z) - (1 - eps) z_y - eps mean(z) + z_loss lse^2 with z the (soft-capped) logits,
 // 0 when labels[r] == ignore_index, NaN when the label is out of range. With write_grad, the row is overwritten
 // in place by d loss_r / d logits (zeros for ignored rows). Math in fp32 whatever the storage dtype.
-void ce_tile_loss_grad(void* logits, CeTileDtype dtype, int64_t rows, int64_t vocab, int64_t ld,
-                       const int64_t* labels, float* loss_rows, bool write_grad, const CeTileParams& params,
-                       void* stream);
+// lse_rows, when not null, receives each counted row's log-sum-exp of the (soft-capped) logits (what
+// ce_slice_grad needs); ignored and bad rows leave it unwritten.
+void ce_tile_loss_grad(void* logits, CeTileDtype dtype, int64_t rows, int64_t vocab, int64_t ld, const int64_t* labels,
+                       float* loss_rows, bool write_grad, const CeTileParams& params, void* stream,
+                       float* lse_rows = nullptr);
+
+// Pass 2 of the vocabulary-tile schedule: `logits` holds columns [col0, col0 + cols) of the full [rows, vocab]
+// logits (row r at logits + r * ld); each is overwritten by d loss_r / d logits with the row's log-sum-exp
+// from pass 1 (lse_rows). Same formula as ce_tile_loss_grad; zeros for ignored rows and out-of-range labels.
+void ce_slice_grad(void* logits, CeTileDtype dtype, int64_t rows, int64_t cols, int64_t ld, int64_t col0, int64_t vocab,
+                   const int64_t* labels, const float* lse_rows, const CeTileParams& params, void* stream);
 
 }  // namespace qt::kernels
