@@ -1,0 +1,91 @@
+#include "lib/data/packing.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "lib/core/error.h"
+
+namespace qt {
+
+int64_t plan_rows(const std::vector<Example>& examples, const std::vector<int64_t>& order, int64_t begin,
+                  const BatchShape& shape, std::vector<std::vector<int64_t>>* rows) {
+  QT_CHECK(shape.micro_batch_size > 0 && shape.max_seq_len > 0, ErrorKind::Internal, "plan_rows: empty shape");
+  rows->clear();
+  int64_t i = begin, used = 0;
+  const int64_t n = static_cast<int64_t>(order.size());
+  while (i < n) {
+    const int64_t e = order[i];
+    QT_CHECK(e >= 0 && e < static_cast<int64_t>(examples.size()), ErrorKind::Internal, "plan_rows: index out of range");
+    const int64_t len = std::min<int64_t>(static_cast<int64_t>(examples[e].ids.size()), shape.max_seq_len);
+    const bool fits = !rows->empty() && shape.packing && used + len <= shape.max_seq_len;
+    if (!fits) {
+      if (static_cast<int64_t>(rows->size()) == shape.micro_batch_size) break;
+      rows->emplace_back();
+      used = 0;
+    }
+    rows->back().push_back(e);
+    used += len;
+    ++i;
+  }
+  return i;
+}
+
+Batch build_batch(const std::vector<Example>& examples, const std::vector<std::vector<int64_t>>& rows,
+                  const BatchShape& shape, int32_t pad_id) {
+  const int64_t B = shape.micro_batch_size;
+  QT_CHECK(static_cast<int64_t>(rows.size()) <= B, ErrorKind::Internal, "build_batch: more rows than the batch");
+  int64_t S = shape.max_seq_len;
+  if (!shape.packing) {
+    S = 1;
+    for (const auto& row : rows)
+      for (int64_t e : row) S = std::max<int64_t>(S, std::min<int64_t>(examples[e].ids.size(), shape.max_seq_len));
+  }
+  at::Tensor input_ids = at::full({B, S}, pad_id, at::kLong);
+  at::Tensor targets = at::full({B, S}, -100, at::kLong);
+  at::Tensor positions = at::zeros({B, S}, at::kLong);
+  at::Tensor doc_ids = at::full({B, S}, -1, at::kInt);
+  auto ids_a = input_ids.accessor<int64_t, 2>();
+  auto tgt_a = targets.accessor<int64_t, 2>();
+  auto pos_a = positions.accessor<int64_t, 2>();
+  auto doc_a = doc_ids.accessor<int32_t, 2>();
+  int64_t num_targets = 0;
+  for (size_t r = 0; r < rows.size(); ++r) {
+    int64_t t = 0;
+    for (size_t d = 0; d < rows[r].size(); ++d) {
+      const Example& ex = examples[rows[r][d]];
+      const int64_t len = std::min<int64_t>(static_cast<int64_t>(ex.ids.size()), S);
+      QT_CHECK(t + len <= S, ErrorKind::Internal, "build_batch: row overflows the sequence length");
+      for (int64_t k = 0; k < len; ++k, ++t) {
+        ids_a[r][t] = ex.ids[k];
+        pos_a[r][t] = k;
+        doc_a[r][t] = static_cast<int32_t>(d);
+        if (k + 1 < len && ex.loss[k + 1]) {
+          tgt_a[r][t] = ex.ids[k + 1];
+          ++num_targets;
+        }
+      }
+    }
+  }
+  Batch b;
+  b.input_ids = input_ids;
+  b.targets = targets;
+  b.positions = positions;
+  b.doc_ids = doc_ids;
+  b.num_targets = num_targets;
+  return b;
+}
+
+std::vector<Batch> make_batches(const std::vector<Example>& examples, const std::vector<int64_t>& order,
+                                int64_t micro_batch_size, int64_t max_seq_len, bool packing) {
+  const BatchShape shape{micro_batch_size, max_seq_len, packing};
+  std::vector<Batch> out;
+  std::vector<std::vector<int64_t>> rows;
+  for (int64_t i = 0; i < static_cast<int64_t>(order.size());) {
+    i = plan_rows(examples, order, i, shape, &rows);
+    out.push_back(build_batch(examples, rows, shape));
+  }
+  return out;
+}
+
+}  // namespace qt

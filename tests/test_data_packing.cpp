@@ -1,0 +1,258 @@
+// Tokenized documents -> micro-batches: packing against each document laid out alone (built by hand here),
+// padding, truncation, deterministic epoch orders and resumable positions, the held-out split.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "lib/data/dataset.h"
+#include "lib/data/packing.h"
+#include "tests/catch.h"
+
+namespace {
+
+// Random documents: lengths in [1, max_len], ids in [0, 1000), about a third of the tokens masked.
+std::vector<qt::Example> random_examples(int n, int max_len, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<qt::Example> out(n);
+  for (int i = 0; i < n; ++i) {
+    const int len = 1 + static_cast<int>(rng() % max_len);
+    for (int k = 0; k < len; ++k) {
+      out[i].ids.push_back(static_cast<int32_t>(rng() % 1000));
+      out[i].loss.push_back(rng() % 3 != 0);
+    }
+    out[i].line = i + 1;
+  }
+  return out;
+}
+
+std::vector<int64_t> row_of(const at::Tensor& t, int64_t r) {
+  at::Tensor x = t[r].to(at::kLong).contiguous();
+  return std::vector<int64_t>(x.data_ptr<int64_t>(), x.data_ptr<int64_t>() + x.numel());
+}
+
+// Checks `batch` row by row against `rows` (example indices per row): each document's slice holds its ids,
+// positions 0.., its index in the row, and targets = next id of the same document where that token is in the
+// loss; the rest of the row is padding without targets. Returns the number of documents seen.
+int64_t check_rows(const qt::Batch& batch, const std::vector<std::vector<int64_t>>& rows,
+                   const std::vector<qt::Example>& examples, int64_t max_seq_len) {
+  const int64_t B = batch.input_ids.size(0), S = batch.input_ids.size(1);
+  REQUIRE(static_cast<int64_t>(rows.size()) <= B);
+  int64_t docs = 0, targets = 0;
+  for (int64_t r = 0; r < B; ++r) {
+    const auto ids = row_of(batch.input_ids, r), tgt = row_of(batch.targets, r), pos = row_of(batch.positions, r),
+               doc = row_of(batch.doc_ids, r);
+    int64_t t = 0;
+    if (r < static_cast<int64_t>(rows.size())) {
+      for (size_t d = 0; d < rows[r].size(); ++d, ++docs) {
+        const qt::Example& e = examples[rows[r][d]];
+        const int64_t len = std::min<int64_t>(e.ids.size(), max_seq_len);
+        INFO("row " << r << " document " << d << " (example " << rows[r][d] << ", " << len << " tokens)");
+        REQUIRE(t + len <= S);
+        for (int64_t k = 0; k < len; ++k, ++t) {
+          CHECK(ids[t] == e.ids[k]);
+          CHECK(pos[t] == k);
+          CHECK(doc[t] == static_cast<int64_t>(d));
+          const int64_t want = k + 1 < len && e.loss[k + 1] ? e.ids[k + 1] : -100;
+          CHECK(tgt[t] == want);
+          targets += want != -100;
+        }
+      }
+    }
+    for (; t < S; ++t) {
+      CHECK(doc[t] == -1);
+      CHECK(tgt[t] == -100);
+      CHECK(pos[t] == 0);
+    }
+  }
+  CHECK(batch.num_targets == targets);
+  CHECK(batch.targets.ne(-100).sum().item<int64_t>() == targets);
+  return docs;
+}
+
+}  // namespace
+
+TEST_CASE("packed rows hold each document exactly as it is alone", "[data]") {
+  const int64_t max_seq_len = 32, micro = 3;
+  const auto examples = random_examples(60, 28, 1);
+  std::vector<int64_t> order(examples.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(order.size() - 1 - i);
+  const qt::BatchShape shape{micro, max_seq_len, true};
+  std::vector<std::vector<int64_t>> rows;
+  std::vector<int64_t> seen;
+  for (int64_t i = 0; i < static_cast<int64_t>(order.size());) {
+    const int64_t end = qt::plan_rows(examples, order, i, shape, &rows);
+    REQUIRE(end > i);
+    const qt::Batch b = qt::build_batch(examples, rows, shape);
+    CHECK(b.input_ids.sizes() == at::IntArrayRef({micro, max_seq_len}));
+    CHECK(check_rows(b, rows, examples, max_seq_len) == end - i);
+    for (size_t r = 0; r < rows.size(); ++r) {
+      int64_t used = 0;
+      for (int64_t e : rows[r]) used += examples[e].ids.size();
+      CHECK(used <= max_seq_len);
+      // Greedy: the next row's first document did not fit in this one.
+      if (r + 1 < rows.size()) CHECK(used + static_cast<int64_t>(examples[rows[r + 1][0]].ids.size()) > max_seq_len);
+      seen.insert(seen.end(), rows[r].begin(), rows[r].end());
+    }
+    i = end;
+  }
+  CHECK(seen == order);  // every document once, in order
+  // make_batches is the same loop.
+  const auto batches = qt::make_batches(examples, order, micro, max_seq_len, true);
+  int64_t targets = 0;
+  for (const auto& b : batches) targets += b.num_targets;
+  int64_t expected = 0;
+  for (const auto& e : examples)
+    for (size_t k = 1; k < e.ids.size(); ++k) expected += e.loss[k];
+  CHECK(targets == expected);
+}
+
+TEST_CASE("padding mode puts one document per row right-padded", "[data]") {
+  const auto examples = random_examples(10, 20, 2);
+  std::vector<int64_t> order = {3, 1, 4, 0, 5, 9, 2, 6, 8, 7};
+  const qt::BatchShape shape{4, 64, false};
+  std::vector<std::vector<int64_t>> rows;
+  const int64_t end = qt::plan_rows(examples, order, 0, shape, &rows);
+  CHECK(end == 4);
+  REQUIRE(rows.size() == 4);
+  size_t longest = 0;
+  for (size_t r = 0; r < 4; ++r) {
+    CHECK(rows[r] == std::vector<int64_t>{order[r]});
+    longest = std::max(longest, examples[order[r]].ids.size());
+  }
+  const qt::Batch b = qt::build_batch(examples, rows, shape, /*pad_id=*/7);
+  CHECK(b.input_ids.size(1) == static_cast<int64_t>(longest));
+  check_rows(b, rows, examples, 64);
+  CHECK((b.input_ids.eq(7) | b.doc_ids.ge(0)).all().item<bool>());
+  // The last micro-batch of a pass has fewer documents; the missing rows are padding.
+  const auto batches = qt::make_batches(examples, order, 4, 64, false);
+  REQUIRE(batches.size() == 3);
+  CHECK(batches[2].doc_ids[2].eq(-1).all().item<bool>());
+  CHECK(batches[2].doc_ids[3].eq(-1).all().item<bool>());
+}
+
+TEST_CASE("documents longer than a row are truncated and counted", "[data]") {
+  auto examples = random_examples(20, 40, 3);
+  const int64_t max_seq_len = 16;
+  int64_t longer = 0, cut = 0, tokens = 0;
+  for (const auto& e : examples) {
+    longer += static_cast<int64_t>(e.ids.size()) > max_seq_len;
+    cut += std::max<int64_t>(0, static_cast<int64_t>(e.ids.size()) - max_seq_len);
+    tokens += std::min<int64_t>(e.ids.size(), max_seq_len);
+  }
+  REQUIRE(longer > 0);
+  const qt::Dataset ds(examples, max_seq_len, false, 0);
+  CHECK(ds.stats().documents == 20);
+  CHECK(ds.stats().truncated == longer);
+  CHECK(ds.stats().truncated_tokens == cut);
+  CHECK(ds.stats().tokens == tokens);
+  CHECK(ds.stats().loss_tokens + ds.stats().masked_tokens == tokens);
+  for (size_t i = 0; i < examples.size(); ++i) {
+    const size_t keep = std::min<size_t>(examples[i].ids.size(), max_seq_len);
+    CHECK(ds.examples()[i].ids == std::vector<int32_t>(examples[i].ids.begin(), examples[i].ids.begin() + keep));
+    CHECK(ds.examples()[i].loss.size() == keep);
+  }
+  // Packed, a truncated document fills a row alone and its last kept token has no target.
+  qt::BatchIterator it(ds, 2, true);
+  while (it.position().epoch == 0) {
+    const qt::Batch b = it.next();
+    CHECK(b.targets.select(1, max_seq_len - 1).eq(-100).all().item<bool>());
+  }
+}
+
+TEST_CASE("epoch order is deterministic for a seed and differs for another", "[data]") {
+  const auto examples = random_examples(50, 10, 4);
+  const qt::Dataset a(examples, 64, true, 42), b(examples, 64, true, 42), c(examples, 64, true, 43);
+  const auto o0 = a.order(0);
+  CHECK(o0 == b.order(0));
+  CHECK(a.order(5) == b.order(5));
+  CHECK(o0 != c.order(0));
+  CHECK(o0 != a.order(1));
+  std::vector<int64_t> sorted = o0;
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t i = 0; i < 50; ++i) CHECK(sorted[i] == i);
+  const qt::Dataset plain(examples, 64, false, 42);
+  for (int64_t i = 0; i < 50; ++i) CHECK(plain.order(3)[i] == i);
+  CHECK(a.fingerprint() == b.fingerprint());
+  auto changed = examples;
+  changed[7].ids[0] ^= 1;
+  CHECK(qt::Dataset(changed, 64, true, 42).fingerprint() != a.fingerprint());
+}
+
+TEST_CASE("resuming from a saved position yields the same remaining batches", "[data]") {
+  const auto examples = random_examples(37, 24, 5);
+  const qt::Dataset ds(examples, 32, true, 9);
+  for (bool packing : {true, false}) {
+    INFO("packing " << packing);
+    qt::BatchIterator first(ds, 2, packing);
+    for (int i = 0; i < 7; ++i) first.next();
+    const qt::Json saved = first.position().to_json();
+    std::vector<qt::Batch> rest;
+    // Far enough to cross into later epochs.
+    for (int i = 0; i < 40; ++i) rest.push_back(first.next());
+    CHECK(first.position().epoch >= 2);
+    qt::BatchIterator resumed(ds, 2, packing, qt::DataPosition::from_json(saved, "ckpt/state.json"));
+    CHECK(resumed.position() == qt::DataPosition::from_json(saved, "ckpt/state.json"));
+    for (size_t i = 0; i < rest.size(); ++i) {
+      INFO("batch " << i);
+      const qt::Batch b = resumed.next();
+      REQUIRE(b.input_ids.sizes() == rest[i].input_ids.sizes());
+      CHECK(b.input_ids.equal(rest[i].input_ids));
+      CHECK(b.targets.equal(rest[i].targets));
+      CHECK(b.positions.equal(rest[i].positions));
+      CHECK(b.doc_ids.equal(rest[i].doc_ids));
+      CHECK(b.num_targets == rest[i].num_targets);
+    }
+    CHECK(resumed.position() == first.position());
+  }
+}
+
+TEST_CASE("each epoch visits every document once in its order", "[data]") {
+  const auto examples = random_examples(23, 30, 6);
+  const qt::Dataset ds(examples, 32, true, 11);
+  qt::BatchIterator it(ds, 3, true);
+  for (int64_t epoch = 0; epoch < 2; ++epoch) {
+    CHECK(it.position() == qt::DataPosition{epoch, 0});
+    const auto order = ds.order(epoch);
+    std::vector<int64_t> seen;
+    while (it.position().epoch == epoch) {
+      const qt::DataPosition at = it.position();
+      std::vector<std::vector<int64_t>> rows;
+      const int64_t end = qt::plan_rows(ds.examples(), order, at.index, {3, 32, true}, &rows);
+      const qt::Batch b = it.next();
+      check_rows(b, rows, ds.examples(), 32);
+      for (const auto& r : rows) seen.insert(seen.end(), r.begin(), r.end());
+      CHECK((it.position().epoch == epoch ? it.position().index : int64_t(order.size())) == end);
+    }
+    CHECK(seen == order);
+  }
+}
+
+TEST_CASE("eval split holds out a seeded fraction in file order", "[data]") {
+  const auto examples = random_examples(40, 5, 7);
+  auto [train, eval] = qt::split_eval(examples, 0.25, 3);
+  CHECK(eval.size() == 10);
+  CHECK(train.size() == 30);
+  std::set<int64_t> lines;
+  for (const auto* part : {&train, &eval}) {
+    for (size_t i = 0; i < part->size(); ++i) {
+      lines.insert((*part)[i].line);
+      if (i > 0) CHECK((*part)[i - 1].line < (*part)[i].line);
+      CHECK((*part)[i].ids == examples[(*part)[i].line - 1].ids);
+    }
+  }
+  CHECK(lines.size() == 40);
+  auto again = qt::split_eval(examples, 0.25, 3);
+  auto other = qt::split_eval(examples, 0.25, 4);
+  auto lines_of = [](const std::vector<qt::Example>& v) {
+    std::vector<int64_t> l;
+    for (const auto& e : v) l.push_back(e.line);
+    return l;
+  };
+  CHECK(lines_of(again.second) == lines_of(eval));
+  CHECK(lines_of(other.second) != lines_of(eval));
+  CHECK(qt::split_eval(examples, 0.0, 3).second.empty());
+  CHECK(qt::split_eval(examples, 0.001, 3).second.size() == 1);  // a fraction > 0 holds out at least one
+}
