@@ -12,7 +12,11 @@
 #include "lib/core/log.h"
 #include "lib/data/jsonl.h"
 #include "lib/data/tokenizer.h"
+#include "lib/core/files.h"
+#include "lib/model/generate.h"
 #include "lib/model/hf_loader.h"
+#include "lib/model/merge.h"
+#include "lib/model/peft_adapter.h"
 #include "lib/model/quantize_model.h"
 #include "lib/train/evaluate.h"
 
@@ -24,6 +28,30 @@ struct EvalArgs {
   int64_t max_seq_len = 2048;
   std::string device = "cpu";
   std::string quant = "nf4";
+  std::string adapter;
+};
+
+struct ExportArgs {
+  std::string adapter;
+  std::string model;  // default: adapter_config.json's base_model_name_or_path
+  std::string out;
+  bool merge = false;
+  std::string dtype = "auto";
+  std::string device = "cpu";
+  std::string quant = "nf4";
+};
+
+struct GenerateArgs {
+  std::string model;
+  std::string adapter;
+  std::string prompt;
+  int64_t max_new_tokens = 128;
+  double temperature = 0.0;
+  double top_p = 1.0;
+  uint64_t seed = 0;
+  std::string device = "cpu";
+  std::string quant = "nf4";
+  bool json = false;
 };
 
 struct QuantizeArgs {
@@ -48,6 +76,7 @@ int run_eval(const EvalArgs& args) {
   load.quantize_nf4 = args.quant == "nf4";  // as training loads the base, so that eval's figures are the trained model's
   auto tokenizer = qt::load_tokenizer(args.model);
   qt::LlamaModel model = qt::load_llama(args.model, load);
+  if (!args.adapter.empty()) qt::load_peft_adapter(model, args.adapter);
   std::vector<std::vector<int32_t>> docs;
   for (const auto& record : qt::read_jsonl(args.data))
     docs.push_back(tokenizer->encode_document(qt::record_string(record, args.data, "text")));
@@ -60,6 +89,105 @@ int run_eval(const EvalArgs& args) {
   qt::Json out = {{"loss", r.mean_loss()}, {"perplexity", r.perplexity()}, {"tokens", r.tokens},
                   {"records", r.documents}, {"truncated", r.truncated}};
   std::cout << out.dump() << std::endl;
+  return 0;
+}
+
+// The base of an adapter: --model, else adapter_config.json's base_model_name_or_path (a local directory).
+std::string adapter_base(const std::string& model, const std::string& adapter_dir) {
+  if (!model.empty()) return model;
+  const std::string base = qt::read_peft_adapter_config(adapter_dir).base_model_name_or_path;
+  if (base.empty())
+    qt::fail_at(qt::ErrorKind::Usage, qt::files::join(adapter_dir, qt::kAdapterConfigFile),
+                "base_model_name_or_path is null: pass --model DIR");
+  if (!qt::files::is_dir(base))
+    qt::fail_at(qt::ErrorKind::Usage, qt::files::join(adapter_dir, qt::kAdapterConfigFile),
+                "base_model_name_or_path '" + base + "' is not a local directory (no downloads): pass --model DIR");
+  return base;
+}
+
+int run_export(const ExportArgs& args) {
+  const std::string base = adapter_base(args.model, args.adapter);
+  if (!args.merge) {
+    // The adapter alone, in PEFT's format, checked against the base's shapes (config.json only is read).
+    const std::string config_path = qt::find_model_files(base).config_path;
+    const qt::LlamaConfig config =
+        qt::LlamaConfig::from_json(qt::read_json_file(config_path, qt::ErrorKind::Model), config_path);
+    if (qt::files::exists(args.out) && !qt::files::list_dir(args.out).empty())
+      qt::fail_at(qt::ErrorKind::Usage, args.out, "output directory exists and is not empty");
+    qt::copy_peft_adapter(args.adapter, args.out, args.model, &config);
+    std::cout << qt::Json{{"out", args.out}, {"merged", false}, {"base", base}}.dump() << std::endl;
+    return 0;
+  }
+  const at::Device device = parse_device(args.device);
+  // The base as training saw it (NF4, quantized on load, unless --quant none); merged in fp32.
+  qt::LoadOptions load{device, at::kFloat};
+  load.quantize_nf4 = args.quant == "nf4";
+  qt::LlamaModel model = qt::load_llama(base, load);
+  qt::load_peft_adapter(model, args.adapter);
+  at::ScalarType dtype = at::kBFloat16;  // auto: the base's 16-bit dtype, else bf16
+  if (args.dtype == "auto") {
+    if (model.config.dtype == at::kHalf || model.config.dtype == at::kBFloat16) dtype = model.config.dtype;
+  } else {
+    dtype = args.dtype == "fp32" ? at::kFloat : args.dtype == "fp16" ? at::kHalf : at::kBFloat16;
+  }
+  qt::MergedExportStats s = qt::save_merged_model(model, base, args.out, dtype);
+  qt::log::info("merged " + std::to_string(s.merged) + " adapters into " + base + ": " + std::to_string(s.tensors) +
+                " tensors, " + std::to_string(s.bytes >> 20) + " MiB in " + std::to_string(s.shards) + " shard(s) at " + args.out);
+  std::cout << qt::Json{{"out", args.out}, {"merged", true}, {"base", base}, {"adapters", s.merged},
+                        {"dtype", qt::dtype_hf_name(dtype)}, {"shards", s.shards}}.dump()
+            << std::endl;
+  return 0;
+}
+
+// Ids that end generation: the tokenizer's EOS, generation_config.json's eos_token_id (an id or a list), and
+// Llama 3's end-of-turn token when the vocabulary has it.
+std::vector<int32_t> stop_ids(const std::string& model_dir, const qt::Tokenizer& tokenizer) {
+  std::vector<int32_t> ids;
+  if (tokenizer.eos_id() >= 0) ids.push_back(tokenizer.eos_id());
+  const std::string gen = qt::files::join(model_dir, "generation_config.json");
+  if (qt::files::exists(gen)) {
+    const qt::Json j = qt::read_json_file(gen, qt::ErrorKind::Model);
+    if (j.contains("eos_token_id")) {
+      const qt::Json& e = j["eos_token_id"];
+      if (e.is_number_integer()) ids.push_back(e.get<int32_t>());
+      else if (e.is_array())
+        for (const auto& v : e)
+          if (v.is_number_integer()) ids.push_back(v.get<int32_t>());
+    }
+  }
+  for (const char* t : {"<|eot_id|>", "<|end_of_text|>"})
+    if (int32_t id = tokenizer.token_to_id(t); id >= 0) ids.push_back(id);
+  return ids;
+}
+
+int run_generate(const GenerateArgs& args) {
+  const at::Device device = parse_device(args.device);
+  qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
+  load.quantize_nf4 = args.quant == "nf4";  // as training loads the base
+  auto tokenizer = qt::load_tokenizer(args.model);
+  qt::LlamaModel model = qt::load_llama(args.model, load);
+  if (!args.adapter.empty()) qt::load_peft_adapter(model, args.adapter);
+  std::vector<int32_t> prompt;
+  if (tokenizer->add_bos() && tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
+  for (int32_t id : tokenizer->encode(args.prompt)) prompt.push_back(id);
+  qt::GenerateOptions options;
+  options.max_new_tokens = args.max_new_tokens;
+  options.temperature = args.temperature;
+  options.top_p = args.top_p;
+  options.seed = args.seed;
+  options.stop_ids = stop_ids(args.model, *tokenizer);
+  options.max_seq_len = model.config.max_position_embeddings;
+  qt::GenerateResult r = qt::generate_tokens(model, prompt, options);
+  std::vector<int32_t> text_ids = r.tokens;
+  if (r.stopped) text_ids.pop_back();  // the stop token is not part of the text
+  const std::string text = tokenizer->decode(text_ids);
+  if (args.json) {
+    std::cout << qt::Json{{"prompt_ids", prompt}, {"ids", r.tokens}, {"text", text},
+                          {"stop", r.stopped ? "eos" : "length"}}.dump()
+              << std::endl;
+  } else {
+    std::cout << text << std::endl;
+  }
   return 0;
 }
 
@@ -92,6 +220,34 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("--quant", eval.quant, "nf4 (quantize the base on load, as training does) or none")
       ->check(CLI::IsMember({"nf4", "none"}));
 
+  eval_cmd->add_option("--adapter", eval.adapter, "LoRA adapter directory (PEFT format) applied to the base");
+
+  ExportArgs exp;
+  CLI::App* export_cmd = app.add_subcommand("export", "Write an adapter in PEFT format, or merged into a 16-bit HF model (--merge)");
+  export_cmd->add_option("--adapter", exp.adapter, "LoRA adapter directory (PEFT format)")->required();
+  export_cmd->add_option("--model", exp.model, "base model directory (default: adapter_config.json's base_model_name_or_path)");
+  export_cmd->add_option("--out", exp.out, "output directory (new or empty)")->required();
+  export_cmd->add_flag("--merge", exp.merge, "fold W + scale * B A into the base weights and write a plain HF model");
+  export_cmd->add_option("--dtype", exp.dtype, "merged weights: auto (the base's 16-bit dtype, else bf16), bf16, fp16 or fp32")
+      ->check(CLI::IsMember({"auto", "bf16", "fp16", "fp32"}));
+  export_cmd->add_option("--device", exp.device, "where to merge: cpu or cuda");
+  export_cmd->add_option("--quant", exp.quant, "nf4 (merge onto the NF4 base training saw) or none (the 16-bit base)")
+      ->check(CLI::IsMember({"nf4", "none"}));
+
+  GenerateArgs gen;
+  CLI::App* gen_cmd = app.add_subcommand("generate", "Continue a prompt (greedy, or temperature + top-p sampling)");
+  gen_cmd->add_option("--model", gen.model, "Hugging Face model directory")->required();
+  gen_cmd->add_option("--adapter", gen.adapter, "LoRA adapter directory (PEFT format)");
+  gen_cmd->add_option("--prompt", gen.prompt, "prompt text (BOS added as the tokenizer says)")->required();
+  gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "at most this many new tokens")->check(CLI::NonNegativeNumber);
+  gen_cmd->add_option("--temperature", gen.temperature, "0: greedy; > 0: sample")->check(CLI::NonNegativeNumber);
+  gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling mass in (0, 1]");
+  gen_cmd->add_option("--seed", gen.seed, "sampling seed");
+  gen_cmd->add_option("--device", gen.device, "cpu or cuda");
+  gen_cmd->add_option("--quant", gen.quant, "nf4 (quantize the base on load, as training does) or none")
+      ->check(CLI::IsMember({"nf4", "none"}));
+  gen_cmd->add_flag("--json", gen.json, "print {prompt_ids, ids, text, stop} instead of the text");
+
   QuantizeArgs quantize;
   CLI::App* quantize_cmd = app.add_subcommand("quantize", "Write a pre-quantized NF4 copy of a model directory (bitsandbytes layout)");
   quantize_cmd->add_option("--model", quantize.model, "Hugging Face model directory (16-bit safetensors)")->required();
@@ -108,6 +264,8 @@ int main(int argc, char** argv) {
     qt::log::set_level(qt::log::parse_level(log_level));
     if (eval_cmd->parsed()) return run_eval(eval);
     if (quantize_cmd->parsed()) return run_quantize(quantize);
+    if (export_cmd->parsed()) return run_export(exp);
+    if (gen_cmd->parsed()) return run_generate(gen);
     return qt::exit_code(qt::ErrorKind::Usage);
   } catch (const qt::Error& e) {
     std::cerr << "qlora-train: " << qt::kind_name(e.kind()) << ": " << e.what() << std::endl;

@@ -11,6 +11,7 @@
 #include "lib/core/files.h"
 #include "lib/core/json.h"
 #include "lib/core/safetensors.h"
+#include "lib/model/hf_loader.h"
 
 namespace qt {
 
@@ -106,38 +107,13 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
   return out;
 }
 
-void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::string& dir,
-                       const std::string& base_model_name_or_path) {
-  config.validate(dir, "lora.", ErrorKind::Checkpoint);
-  std::vector<std::pair<std::string, at::Tensor>> tensors;
-  model.for_each_linear([&](const std::string& name, Linear& l) {
-    if (!l.lora) {
-      if (config.targets_module(name))
-        fail_at(ErrorKind::Checkpoint, dir, name + " is a LoRA target but has no adapter attached");
-      return;
-    }
-    if (!config.targets_module(name))
-      fail_at(ErrorKind::Checkpoint, dir, name + " has an adapter but is not among the config's targets");
-    const at::Tensor& A = l.lora->A;
-    const at::Tensor& B = l.lora->B;
-    if (!A.defined() || !B.defined() || A.numel() == 0 || B.numel() == 0)
-      fail_at(ErrorKind::Checkpoint, dir, name + ": empty LoRA tensor (refusing to write an empty adapter)");
-    const std::vector<int64_t> wantA{config.r, l.in_features()}, wantB{l.out_features(), config.r};
-    if (A.sizes() != at::IntArrayRef(wantA) || B.sizes() != at::IntArrayRef(wantB))
-      fail_at(ErrorKind::Checkpoint, dir, name + ": LoRA shapes " + shape_str(A.sizes()) + ", " + shape_str(B.sizes()) +
-                                              " do not match r=" + std::to_string(config.r));
-    if (std::abs(l.lora->scale - config.scale()) > 1e-12 * std::abs(config.scale()))
-      fail_at(ErrorKind::Checkpoint, dir, name + ": adapter scale " + std::to_string(l.lora->scale) +
-                                              " differs from the config's " + std::to_string(config.scale()));
-    at::Tensor a = A.detach().to(at::kCPU, at::kFloat).contiguous();
-    at::Tensor b = B.detach().to(at::kCPU, at::kFloat).contiguous();
-    if (!a.isfinite().all().item<bool>() || !b.isfinite().all().item<bool>())
-      fail(ErrorKind::Numeric, name + ": the LoRA weights hold a non-finite value; adapter not saved to " + dir);
-    tensors.emplace_back(peft_lora_key(name, 'A'), a);
-    tensors.emplace_back(peft_lora_key(name, 'B'), b);
-  });
-  if (tensors.empty()) fail_at(ErrorKind::Checkpoint, dir, "the model has no LoRA adapter to save");
+namespace {
 
+// Writes the two files of an adapter: the tensors first (read back to check), the config last.
+void write_peft_files(const std::string& dir, const LoraConfig& config,
+                      const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+                      const std::string& base_model_name_or_path) {
+  if (tensors.empty()) fail_at(ErrorKind::Checkpoint, dir, "refusing to write an adapter without tensors");
   files::make_dirs(dir);
   const std::string weights = files::join(dir, kAdapterWeightsFile);
   save_safetensors(weights, tensors, {{"format", "pt"}});
@@ -181,6 +157,43 @@ void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::s
       {"use_rslora", config.use_rslora},
   };
   write_json_file(files::join(dir, kAdapterConfigFile), cfg);
+}
+
+}  // namespace
+
+void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::string& dir,
+                       const std::string& base_model_name_or_path) {
+  config.validate(dir, "lora.", ErrorKind::Checkpoint);
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  model.for_each_linear([&](const std::string& name, Linear& l) {
+    if (!l.lora) {
+      if (config.targets_module(name))
+        fail_at(ErrorKind::Checkpoint, dir, name + " is a LoRA target but has no adapter attached");
+      return;
+    }
+    if (!config.targets_module(name))
+      fail_at(ErrorKind::Checkpoint, dir, name + " has an adapter but is not among the config's targets");
+    const at::Tensor& A = l.lora->A;
+    const at::Tensor& B = l.lora->B;
+    if (!A.defined() || !B.defined() || A.numel() == 0 || B.numel() == 0)
+      fail_at(ErrorKind::Checkpoint, dir, name + ": empty LoRA tensor (refusing to write an empty adapter)");
+    const std::vector<int64_t> wantA{config.r, l.in_features()}, wantB{l.out_features(), config.r};
+    if (A.sizes() != at::IntArrayRef(wantA) || B.sizes() != at::IntArrayRef(wantB))
+      fail_at(ErrorKind::Checkpoint, dir, name + ": LoRA shapes " + shape_str(A.sizes()) + ", " + shape_str(B.sizes()) +
+                                              " do not match r=" + std::to_string(config.r));
+    if (std::abs(l.lora->scale - config.scale()) > 1e-12 * std::abs(config.scale()))
+      fail_at(ErrorKind::Checkpoint, dir, name + ": adapter scale " + std::to_string(l.lora->scale) +
+                                              " differs from the config's " + std::to_string(config.scale()));
+    at::Tensor a = A.detach().to(at::kCPU, at::kFloat).contiguous();
+    at::Tensor b = B.detach().to(at::kCPU, at::kFloat).contiguous();
+    if (!a.isfinite().all().item<bool>() || !b.isfinite().all().item<bool>())
+      fail(ErrorKind::Numeric, name + ": the LoRA weights hold a non-finite value; adapter not saved to " + dir);
+    tensors.emplace_back(peft_lora_key(name, 'A'), a);
+    tensors.emplace_back(peft_lora_key(name, 'B'), b);
+  });
+  if (tensors.empty()) fail_at(ErrorKind::Checkpoint, dir, "the model has no LoRA adapter to save");
+
+  write_peft_files(dir, config, tensors, base_model_name_or_path);
 }
 
 PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
@@ -239,6 +252,54 @@ PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
     auto it = adapters.find(name);
     l.lora = it == adapters.end() ? nullptr : it->second;
   });
+  return cfg;
+}
+
+PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& to,
+                                    const std::string& base_model_name_or_path, const LlamaConfig* base) {
+  PeftAdapterConfig cfg = read_peft_adapter_config(from);
+  if (!base_model_name_or_path.empty()) cfg.base_model_name_or_path = base_model_name_or_path;
+  const std::string weights = files::join(from, kAdapterWeightsFile);
+  if (!files::exists(weights)) fail_at(ErrorKind::Checkpoint, weights, "file not found");
+  SafetensorsFile file(weights);
+  const std::string prefix = "base_model.model.";
+  std::map<std::string, int> halves;  // module -> 1 (A) | 2 (B)
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+  for (const auto& info : file.tensors()) {
+    const std::string& key = info.name;
+    const bool is_a = key.size() > 14 && key.compare(key.size() - 14, 14, ".lora_A.weight") == 0;
+    const bool is_b = key.size() > 14 && key.compare(key.size() - 14, 14, ".lora_B.weight") == 0;
+    if (key.rfind(prefix, 0) != 0 || !(is_a || is_b))
+      fail_key(ErrorKind::Checkpoint, weights, key, "not a LoRA tensor under PEFT's names (base_model.model.<module>.lora_A/B.weight)");
+    const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - 14);
+    if (!cfg.lora.targets_module(module))
+      fail_key(ErrorKind::Checkpoint, weights, key, "module is not among adapter_config.json's target_modules");
+    if (info.shape.size() != 2 || info.shape[is_a ? 0 : 1] != cfg.lora.r)
+      fail_key(ErrorKind::Checkpoint, weights, key, "shape " + shape_str(info.shape) + " does not have rank r=" +
+                                                        std::to_string(cfg.lora.r) + " from adapter_config.json");
+    if (!at::isFloatingType(info.scalar_type))
+      fail_key(ErrorKind::Checkpoint, weights, key, "dtype " + info.dtype + " is not a floating-point type");
+    if (base) {
+      std::vector<int64_t> w;
+      try {
+        w = expected_shape(*base, module + ".weight");
+      } catch (const Error&) {
+        fail_key(ErrorKind::Checkpoint, weights, key, "the base model has no such linear");
+      }
+      const int64_t layer = std::atoll(module.c_str() + std::string("model.layers.").size());
+      if (module.rfind("model.layers.", 0) != 0 || layer >= base->num_hidden_layers)
+        fail_key(ErrorKind::Checkpoint, weights, key, "the base model has no such layer");
+      const std::vector<int64_t> want = is_a ? std::vector<int64_t>{cfg.lora.r, w[1]} : std::vector<int64_t>{w[0], cfg.lora.r};
+      if (info.shape != want)
+        fail_key(ErrorKind::Checkpoint, weights, key, "shape " + shape_str(info.shape) + " does not fit the base model: expected " + shape_str(want));
+    }
+    halves[module] |= is_a ? 1 : 2;
+    tensors.emplace_back(key, file.load(key, at::kFloat, at::kCPU));
+  }
+  for (const auto& [module, h] : halves)
+    if (h != 3) fail_key(ErrorKind::Checkpoint, weights, peft_lora_key(module, h == 1 ? 'B' : 'A'), "missing (its pair is present)");
+  if (tensors.empty()) fail_at(ErrorKind::Checkpoint, weights, "the adapter holds no tensor");
+  write_peft_files(to, cfg.lora, tensors, cfg.base_model_name_or_path);
   return cfg;
 }
 

@@ -38,4 +38,10 @@ void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::s
 // unexpected one, or a shape that does not fit the model is qt::Error(Checkpoint) naming the file and the key.
 PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir);
 
+// `qlora-train export` without --merge: reads the adapter in `from` (validated as load_peft_adapter does, against
+// `base`'s shapes when given) and writes it to `to` in our PEFT writer's form (fp32 tensors, the config fields
+// PEFT writes). base_model_name_or_path is replaced when non-empty. Returns the adapter's config.
+PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& to,
+                                    const std::string& base_model_name_or_path, const LlamaConfig* base = nullptr);
+
 }  // namespace qt

@@ -1,0 +1,132 @@
+#include "lib/model/merge.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <cstdio>
+#include <functional>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/core/json.h"
+#include "lib/core/safetensors.h"
+#include "lib/model/hf_loader.h"
+
+namespace qt {
+
+at::Tensor merged_weight(const Linear& l) {
+  at::NoGradGuard no_grad;
+  at::Tensor W = l.base_weight(at::kFloat);
+  if (!l.lora) return W;
+  const at::Tensor A = l.lora->A.detach().to(W.device(), at::kFloat);
+  const at::Tensor B = l.lora->B.detach().to(W.device(), at::kFloat);
+  return W.addmm_(B, A, /*beta=*/1.0, /*alpha=*/l.lora->scale);
+}
+
+namespace {
+
+// Files of a model directory that are weights (not copied: the merged tensors replace them).
+bool is_weight_file(const std::string& name) {
+  for (const char* ext : {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5"})
+    if (name.find(ext) != std::string::npos) return true;
+  return false;
+}
+
+struct PlannedTensor {
+  std::string name;
+  int64_t bytes;
+  std::function<at::Tensor()> make;  // the tensor in the output dtype, on the CPU
+};
+
+}  // namespace
+
+MergedExportStats save_merged_model(LlamaModel& model, const std::string& base_dir, const std::string& out_dir,
+                                    at::ScalarType dtype, int64_t max_shard_bytes) {
+  if (dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kFloat)
+    fail(ErrorKind::Usage, "export dtype must be bfloat16, float16 or float32");
+  if (files::exists(out_dir) && (!files::is_dir(out_dir) || !files::list_dir(out_dir).empty()))
+    fail_at(ErrorKind::Usage, out_dir, "output directory exists and is not empty");
+  const std::string config_path = files::join(base_dir, "config.json");
+  Json config = read_json_file(config_path, ErrorKind::Model);
+
+  const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
+  std::vector<PlannedTensor> plan;
+  MergedExportStats stats;
+  for (auto& [name, t] : model.named_tensors()) {
+    at::Tensor* src = t;
+    plan.push_back({name, src->numel() * esize, [src, dtype] { return src->detach().to(at::kCPU, dtype).contiguous(); }});
+  }
+  model.for_each_linear([&](const std::string& name, Linear& l) {
+    if (!l.quantized()) return;  // dense ones came with named_tensors() (merged below)
+    const Linear* lp = &l;
+    plan.push_back({name + ".weight", l.out_features() * l.in_features() * esize,
+                    [lp, dtype] { return merged_weight(*lp).to(at::kCPU, dtype).contiguous(); }});
+  });
+  // Dense linears: named_tensors() holds their base only; swap in the merged weight.
+  std::map<std::string, const Linear*> dense;
+  model.for_each_linear([&](const std::string& name, Linear& l) {
+    if (l.lora) ++stats.merged;
+    if (!l.quantized()) dense[name + ".weight"] = &l;
+  });
+  for (auto& p : plan) {
+    auto it = dense.find(p.name);
+    if (it != dense.end()) {
+      const Linear* lp = it->second;
+      p.make = [lp, dtype] { return merged_weight(*lp).to(at::kCPU, dtype).contiguous(); };
+    }
+  }
+
+  // Shards in plan order, cut before a tensor that would overflow the limit (as transformers' split does).
+  std::vector<std::vector<size_t>> shards(1);
+  int64_t current = 0;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    if (current > 0 && current + plan[i].bytes > max_shard_bytes) {
+      shards.emplace_back();
+      current = 0;
+    }
+    shards.back().push_back(i);
+    current += plan[i].bytes;
+  }
+
+  const std::string tmp = out_dir + ".tmp-export";
+  files::remove_tree(tmp);
+  files::make_dirs(tmp);
+  Json weight_map = Json::object();
+  for (size_t s = 0; s < shards.size(); ++s) {
+    char name[64];
+    if (shards.size() == 1) std::snprintf(name, sizeof name, "model.safetensors");
+    else std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
+    std::vector<std::pair<std::string, at::Tensor>> tensors;
+    for (size_t i : shards[s]) {
+      at::Tensor t = plan[i].make();
+      if (!t.isfinite().all().item<bool>())
+        fail(ErrorKind::Numeric, plan[i].name + ": the merged weight holds a non-finite value; nothing exported");
+      stats.bytes += t.numel() * t.element_size();
+      tensors.emplace_back(plan[i].name, std::move(t));
+      weight_map[plan[i].name] = name;
+    }
+    save_safetensors(files::join(tmp, name), tensors, {{"format", "pt"}});
+    stats.tensors += static_cast<int64_t>(tensors.size());
+  }
+  stats.shards = static_cast<int64_t>(shards.size());
+  if (shards.size() > 1)
+    write_json_file(files::join(tmp, "model.safetensors.index.json"),
+                    {{"metadata", {{"total_size", stats.bytes}}}, {"weight_map", weight_map}});
+
+  // config.json: a plain dense model now. transformers 5.x reads "dtype", 4.x "torch_dtype": set whichever the
+  // base has (5.x's when neither).
+  config.erase("quantization_config");
+  const bool v4 = config.contains("torch_dtype") && !config.contains("dtype");
+  config[v4 ? "torch_dtype" : "dtype"] = dtype_hf_name(dtype);
+  write_json_file(files::join(tmp, "config.json"), config);
+  for (const auto& name : files::list_dir(base_dir)) {
+    const std::string path = files::join(base_dir, name);
+    if (name != "config.json" && !is_weight_file(name) && files::is_file(path)) files::copy_file(path, files::join(tmp, name));
+  }
+  files::sync_path(tmp);
+  if (files::exists(out_dir)) files::remove_tree(out_dir);  // empty (checked above)
+  files::rename_path(tmp, out_dir);
+  return stats;
+}
+
+}  // namespace qt

@@ -1,0 +1,34 @@
+#pragma once
+// `qlora-train export --merge`: folds the LoRA adapters into their base weights and writes a plain 16-bit Hugging
+// Face model directory that transformers loads without PEFT or bitsandbytes.
+//   W' = W + scale * B @ A   (PEFT's LoraLayer.get_delta_weight / merge_and_unload, fan_in_fan_out off)
+// with W the base as training saw it (NF4 dequantized when the base is quantized), the sum taken in fp32, and
+// only the result rounded to the output dtype.
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+
+#include "lib/model/llama.h"
+
+namespace qt {
+
+// The merged weight of one linear in fp32 (the base alone when it has no adapter).
+at::Tensor merged_weight(const Linear& linear);
+
+struct MergedExportStats {
+  int64_t merged = 0;   // linears that had an adapter
+  int64_t tensors = 0;  // tensors written
+  int64_t bytes = 0;    // tensor bytes written
+  int64_t shards = 0;
+};
+
+// Writes `out_dir` (must not exist, or be empty): the model's tensors under HF names, block linears merged, in
+// `dtype`, as model.safetensors or model-0000N-of-0000M.safetensors shards of at most `max_shard_bytes` with
+// model.safetensors.index.json; config.json from `base_dir`'s with quantization_config removed and the dtype set;
+// the other non-weight files of `base_dir` (tokenizer, generation config) copied. One shard's tensors exist in
+// `dtype` at a time. Everything is written under a temporary sibling directory renamed into place at the end.
+MergedExportStats save_merged_model(LlamaModel& model, const std::string& base_dir, const std::string& out_dir,
+                                    at::ScalarType dtype, int64_t max_shard_bytes = int64_t{4} << 30);
+
+}  // namespace qt

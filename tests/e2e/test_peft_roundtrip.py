@@ -1,0 +1,139 @@
+"""An adapter written by qlora-train loads in PEFT, and `qlora-train eval --adapter` gives the loss that transformers
++ PEFT give with that adapter on the base as training sees it (NF4, quantized on load: here the dequantized values
+of our own `qlora-train quantize` bytes, read back through bitsandbytes' dequantize_4bit), and on the 16-bit base
+with --quant none. Bad adapters exit with the checkpoint error code and name the file."""
+import json, os, pathlib, subprocess, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import torch
+import tiny_lm
+from test_eval import reference_loss
+
+BIN = os.environ["QT_BINARY"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run(*args):
+    return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True)
+
+
+def run_ok(*args):
+    p = run(*args)
+    if p.returncode != 0:
+        sys.exit(f"FAILED: {' '.join(map(str, args))} exited {p.returncode}: {p.stderr}")
+    return p
+
+
+def last_json(p):
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def make_setup(tmp: pathlib.Path, seed=5, r=8, alpha=16, targets=TARGETS):
+    """tiny model dir, eval data, and a PEFT adapter with random non-zero A and B (base_model_name_or_path set)."""
+    from peft import LoraConfig, get_peft_model
+    model, sp = tiny_lm.make_model_dir(tmp / "model", seed=seed)
+    data = tmp / "eval.jsonl"
+    tiny_lm.write_text_jsonl(data, 10, seed + 1)
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * (0.2 if "lora_A" in n else 0.1))
+    peft.save_pretrained(tmp / "peft_adapter")
+    cfg_path = tmp / "peft_adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(tmp / "model")
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return sp, data
+
+
+def dequantized_model(model_dir: pathlib.Path, nf4_dir: pathlib.Path):
+    """The fp32 transformers model whose block linears hold the dequantized NF4 weights of nf4_dir."""
+    import bitsandbytes.functional as F
+    from safetensors import safe_open
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    f = safe_open(str(nf4_dir / "model.safetensors"), "pt")
+    keys = set(f.keys())
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name + ".weight.absmax" in keys:
+            prefix = name + ".weight."
+            qs = F.QuantState.from_dict({k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)},
+                                        device=torch.device("cpu"))
+            with torch.no_grad():
+                module.weight.copy_(F.dequantize_4bit(f.get_tensor(name + ".weight"), qs).float())
+            n += 1
+    assert n == 7 * model.config.num_hidden_layers, n
+    return model
+
+
+def peft_loss(base_model, adapter_dir, sp, data):
+    from peft import PeftModel
+    records = [json.loads(l) for l in data.read_text().splitlines()]
+    model = PeftModel.from_pretrained(base_model, adapter_dir).eval()
+    loss, count = reference_loss(model, sp, records, 512)
+    model.unload()
+    return loss, count
+
+
+def main():
+    from transformers import LlamaForCausalLM
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qt_peft_"))
+    sp, data = make_setup(tmp)
+    failures = []
+
+    # Our writer: export without --merge re-writes the adapter (base from base_model_name_or_path).
+    out = last_json(run_ok("export", "--adapter", tmp / "peft_adapter", "--out", tmp / "ours"))
+    if out["merged"] or sorted(os.listdir(tmp / "ours")) != ["adapter_config.json", "adapter_model.safetensors"]:
+        failures.append(f"export without --merge: {out}, files {os.listdir(tmp / 'ours')}")
+    run_ok("quantize", "--model", tmp / "model", "--out", tmp / "model_nf4")
+
+    checks = [
+        ("nf4 (quantize on load)", (), dequantized_model(tmp / "model", tmp / "model_nf4")),
+        ("16-bit base (--quant none)", ("--quant", "none"),
+         LlamaForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32).eval()),
+    ]
+    for name, extra, base in checks:
+        ref, count = peft_loss(base, tmp / "ours", sp, data)
+        ours = last_json(run_ok("eval", "--model", tmp / "model", "--adapter", tmp / "ours", "--data", data, *extra))
+        plain = last_json(run_ok("eval", "--model", tmp / "model", "--data", data, *extra))
+        rel = abs(ours["loss"] - ref) / ref
+        print(f"{name}: eval --adapter {ours['loss']:.6f}, PEFT {ref:.6f}, rel {rel:.2e} (without adapter {plain['loss']:.6f})")
+        if rel > 1e-5 or ours["tokens"] != count:
+            failures.append(f"{name}: {ours} vs PEFT loss {ref} over {count} tokens")
+        if abs(plain["loss"] - ours["loss"]) < 1e-3:
+            failures.append(f"{name}: the adapter does not change the loss ({plain['loss']} vs {ours['loss']})")
+
+    # Bad adapters: the checkpoint exit code (6) and a message naming the file.
+    bad = tmp / "bad_rank"
+    bad.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (bad / f).write_bytes((tmp / "ours" / f).read_bytes())
+    cfg = json.loads((bad / "adapter_config.json").read_text())
+    cfg["r"] = 4
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    cases = [
+        (("eval", "--model", tmp / "model", "--data", data, "--adapter", tmp / "nope"), 6, ["nope"]),
+        (("eval", "--model", tmp / "model", "--data", data, "--adapter", bad), 6, ["adapter_model.safetensors", "r=4"]),
+        (("export", "--adapter", bad, "--out", tmp / "never"), 6, ["adapter_model.safetensors", "r=4"]),
+        (("export", "--adapter", tmp / "ours", "--out", tmp / "ours"), 2, ["not empty"]),
+    ]
+    for args, code, needles in cases:
+        p = run(*args)
+        msg = p.stderr + p.stdout
+        if p.returncode != code or any(n not in msg for n in needles):
+            failures.append(f"{args}: exit {p.returncode} (want {code}), message {msg!r} lacks {needles}")
+        else:
+            print(f"ok: exit {code}: {msg.strip().splitlines()[-1]}")
+    if (tmp / "never").exists():
+        failures.append("a failed export left its output directory")
+    if failures:
+        print("FAILED:\n" + "\n".join(failures))
+        sys.exit(1)
+    print("all PEFT round-trip checks passed")
+
+
+if __name__ == "__main__":
+    main()
