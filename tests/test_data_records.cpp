@@ -17,8 +17,7 @@
 namespace {
 
 const qt::Json& expected() {
-  static const qt::Json doc =
-      qt::read_json_file(qt::test::fixture("data/expected.json"), qt::ErrorKind::Internal);
+  static const qt::Json doc = qt::read_json_file(qt::test::fixture("data/expected.json"), qt::ErrorKind::Internal);
   return doc;
 }
 
@@ -54,7 +53,8 @@ void check_file(const std::string& file, const std::string& model, const qt::Dat
   const qt::Json& cases = expected().at(file);
   REQUIRE(examples.size() == cases.size());
   for (size_t i = 0; i < cases.size(); ++i) {
-    INFO(file << " record " << i << (cases[i].contains("rendered") ? " rendered: " + cases[i].at("rendered").get<std::string>() : ""));
+    INFO(file << " record " << i
+              << (cases[i].contains("rendered") ? " rendered: " + cases[i].at("rendered").get<std::string>() : ""));
     CHECK(examples[i].line == static_cast<int64_t>(i + 1));
     CHECK(examples[i].ids == cases[i].at("ids").get<std::vector<int32_t>>());
     if (cfg.train_on_prompt) {
@@ -107,7 +107,8 @@ TEST_CASE("alpaca and text records tokenize as transformers", "[data]") {
   SECTION("text without EOS") {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/llama3"));
     const auto with = qt::load_examples(qt::test::fixture("data/text_llama3.jsonl"), config(), *tok);
-    const auto without = qt::load_examples(qt::test::fixture("data/text_llama3.jsonl"), config({{"add_eos", false}}), *tok);
+    const auto without =
+        qt::load_examples(qt::test::fixture("data/text_llama3.jsonl"), config({{"add_eos", false}}), *tok);
     REQUIRE(with.size() == without.size());
     for (size_t i = 0; i < with.size(); ++i) {
       CHECK(with[i].ids.back() == tok->eos_id());
@@ -116,21 +117,27 @@ TEST_CASE("alpaca and text records tokenize as transformers", "[data]") {
   }
 }
 
-TEST_CASE("chat template is recognised from the tokenizer or named" , "[data]") {
+TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
   using qt::ChatFormat;
   using qt::ChatTemplateChoice;
   for (const std::string model : {"llama3", "llama2", "mistral"}) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
-    CHECK(qt::chat_format_name(qt::resolve_chat_format(ChatTemplateChoice::Auto, tok->chat_template(), "run.json")) == model);
+    CHECK(qt::chat_format_name(qt::resolve_chat_format(ChatTemplateChoice::Auto, tok->chat_template(), "run.json")) ==
+          model);
   }
   CHECK(qt::resolve_chat_format(ChatTemplateChoice::Mistral, "", "run.json") == ChatFormat::Mistral);
   // ChatML (Qwen, SmolLM): none of the built-in formats.
-  check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "{{'<|im_start|>' + message['role']}}", "run.json"); },
-              qt::ErrorKind::Config, {"run.json", "data.chat_template", "<|im_start|>", "llama3"});
+  check_error(
+      [] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "{{'<|im_start|>' + message['role']}}", "run.json"); },
+      qt::ErrorKind::Config, {"run.json", "data.chat_template", "<|im_start|>", "llama3"});
   check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "", "run.json"); }, qt::ErrorKind::Config,
               {"run.json", "data.chat_template", "no chat_template"});
-  check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "<|start_header_id|>system Cutting Knowledge Date", "run.json"); },
-              qt::ErrorKind::Config, {"data.chat_template", "3.1"});
+  check_error(
+      [] {
+        qt::resolve_chat_format(ChatTemplateChoice::Auto, "<|start_header_id|>system Cutting Knowledge Date",
+                                "run.json");
+      },
+      qt::ErrorKind::Config, {"data.chat_template", "3.1"});
 }
 
 TEST_CASE("bad records are errors naming file line and key", "[data]") {
@@ -146,11 +153,15 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
     check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":2", "unknown role \"tool\""});
   }
   SECTION("roles that do not alternate") {
-    const std::string p = write_file("alt.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"user\", \"content\": \"b\"}]}\n");
+    const std::string p = write_file(
+        "alt.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"user\", \"content\": \"b\"}]}\n");
     check_error(load(p, *l2, config()), qt::ErrorKind::Data, {p + ":1", "messages[1]", "alternate"});
   }
   SECTION("system message with the mistral template") {
-    const std::string p = write_file("sys.jsonl", "{\"messages\": [{\"role\": \"system\", \"content\": \"a\"}, {\"role\": \"user\", \"content\": \"b\"}]}\n");
+    const std::string p = write_file(
+        "sys.jsonl",
+        "{\"messages\": [{\"role\": \"system\", \"content\": \"a\"}, {\"role\": \"user\", \"content\": \"b\"}]}\n");
     check_error(load(p, *mi, config()), qt::ErrorKind::Data, {p + ":1", "system"});
   }
   SECTION("message without content") {
@@ -180,13 +191,15 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
   }
   SECTION("record that is not the configured format") {
     const std::string p = write_file("fmt.jsonl", ok);
-    check_error(load(p, *l3, config({{"format", "alpaca"}})), qt::ErrorKind::Data, {p + ":1", "instruction", "missing"});
+    check_error(load(p, *l3, config({{"format", "alpaca"}})), qt::ErrorKind::Data,
+                {p + ":1", "instruction", "missing"});
   }
 }
 
 TEST_CASE("tokenized records keep their ids and mask labels of -100", "[data]") {
   auto tok = qt::load_tokenizer(qt::test::fixture("data/llama3"));
-  const std::string p = write_file("tok.jsonl", "{\"input_ids\": [5, 6, 7, 8]}\n{\"input_ids\": [9, 10, 11], \"labels\": [-100, -100, 11]}\n");
+  const std::string p = write_file(
+      "tok.jsonl", "{\"input_ids\": [5, 6, 7, 8]}\n{\"input_ids\": [9, 10, 11], \"labels\": [-100, -100, 11]}\n");
   const auto ex = qt::load_examples(p, config(), *tok);
   REQUIRE(ex.size() == 2);
   CHECK(ex[0].ids == std::vector<int32_t>{5, 6, 7, 8});
@@ -207,20 +220,33 @@ TEST_CASE("data config defaults and errors", "[data]") {
   CHECK(d.shuffle);
   CHECK_FALSE(d.train_on_prompt);
   CHECK(d.add_eos);
-  const qt::DataConfig s = config({{"format", "chat"}, {"chat_template", "mistral"}, {"max_seq_len", 512},
-                                   {"packing", false}, {"seed", 7}, {"eval_fraction", 0.1}});
+  const qt::DataConfig s = config({{"format", "chat"},
+                                   {"chat_template", "mistral"},
+                                   {"max_seq_len", 512},
+                                   {"packing", false},
+                                   {"seed", 7},
+                                   {"eval_fraction", 0.1}});
   CHECK(s.format == qt::RecordFormat::Chat);
   CHECK(s.chat_template == qt::ChatTemplateChoice::Mistral);
   CHECK(s.max_seq_len == 512);
   CHECK_FALSE(s.packing);
   CHECK(s.seed == 7);
   CHECK(s.eval_fraction == 0.1);
-  check_error([] { config({{"max_seq_length", 10}}); }, qt::ErrorKind::Config, {"run.json", "data.max_seq_length", "data.max_seq_len"});
+  check_error(
+      [] {
+        config({{"max_seq_length", 10}});
+      },
+      qt::ErrorKind::Config, {"run.json", "data.max_seq_length", "data.max_seq_len"});
   check_error([] { config({{"format", "sharegpt"}}); }, qt::ErrorKind::Config, {"data.format", "sharegpt"});
   check_error([] { config({{"chat_template", "llama33"}}); }, qt::ErrorKind::Config, {"data.chat_template", "llama3"});
   check_error([] { config({{"packing", "yes"}}); }, qt::ErrorKind::Config, {"data.packing", "true or false"});
   check_error([] { config({{"eval_fraction", 1.0}}); }, qt::ErrorKind::Config, {"data.eval_fraction"});
-  check_error([] { config({{"eval_fraction", 0.1}, {"eval_file", "e.jsonl"}}); }, qt::ErrorKind::Config, {"data.eval_fraction", "eval_file"});
+  check_error(
+      [] {
+        config({{"eval_fraction", 0.1}, {"eval_file", "e.jsonl"}});
+      },
+      qt::ErrorKind::Config, {"data.eval_fraction", "eval_file"});
   check_error([] { config({{"max_seq_len", 1}}); }, qt::ErrorKind::Config, {"data.max_seq_len"});
-  check_error([] { qt::DataConfig::from_json(qt::Json::object(), "run.json"); }, qt::ErrorKind::Config, {"data.train_file", "missing"});
+  check_error([] { qt::DataConfig::from_json(qt::Json::object(), "run.json"); }, qt::ErrorKind::Config,
+              {"data.train_file", "missing"});
 }

@@ -31,8 +31,8 @@ std::string py_strip(const std::string& s) {
 int32_t required_token(const Tokenizer& tok, const std::string& token, ChatFormat format) {
   const int32_t id = tok.token_to_id(token);
   if (id < 0)
-    fail(ErrorKind::Config, std::string("the ") + chat_format_name(format) + " chat format needs the token " +
-                                token + ", which the tokenizer does not have (data.chat_template)");
+    fail(ErrorKind::Config, std::string("the ") + chat_format_name(format) + " chat format needs the token " + token +
+                                ", which the tokenizer does not have (data.chat_template)");
   return id;
 }
 
@@ -45,8 +45,9 @@ int32_t bos_of(const Tokenizer& tok, ChatFormat format) {
 
 int32_t eos_of(const Tokenizer& tok, ChatFormat format) {
   if (tok.eos_id() < 0)
-    fail(ErrorKind::Config, std::string("the ") + chat_format_name(format) +
-                                " chat format ends answers with eos_token, but the tokenizer has none (data.chat_template)");
+    fail(ErrorKind::Config,
+         std::string("the ") + chat_format_name(format) +
+             " chat format ends answers with eos_token, but the tokenizer has none (data.chat_template)");
   return tok.eos_id();
 }
 
@@ -68,7 +69,8 @@ void check_alternating(const std::vector<ChatMessage>& messages, size_t first, c
     if ((messages[i].role == "user") != user_turn || (!user_turn && messages[i].role != "assistant"))
       fail_at(ErrorKind::Data, where,
               "messages[" + std::to_string(i) + "]: role \"" + messages[i].role + "\" where the template expects \"" +
-                  (user_turn ? "user" : "assistant") + "\" (roles must alternate user/assistant after an optional system message)");
+                  (user_turn ? "user" : "assistant") +
+                  "\" (roles must alternate user/assistant after an optional system message)");
   }
 }
 
@@ -153,21 +155,29 @@ bool contains(const std::string& s, const char* what) { return s.find(what) != s
 
 const char* chat_format_name(ChatFormat format) {
   switch (format) {
-    case ChatFormat::Llama3: return "llama3";
-    case ChatFormat::Llama2: return "llama2";
-    case ChatFormat::Mistral: return "mistral";
+    case ChatFormat::Llama3:
+      return "llama3";
+    case ChatFormat::Llama2:
+      return "llama2";
+    case ChatFormat::Mistral:
+      return "mistral";
   }
   return "?";
 }
 
 ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jinja, const std::string& config_file) {
   switch (choice) {
-    case ChatTemplateChoice::Llama3: return ChatFormat::Llama3;
-    case ChatTemplateChoice::Llama2: return ChatFormat::Llama2;
-    case ChatTemplateChoice::Mistral: return ChatFormat::Mistral;
-    case ChatTemplateChoice::Auto: break;
+    case ChatTemplateChoice::Llama3:
+      return ChatFormat::Llama3;
+    case ChatTemplateChoice::Llama2:
+      return ChatFormat::Llama2;
+    case ChatTemplateChoice::Mistral:
+      return ChatFormat::Mistral;
+    case ChatTemplateChoice::Auto:
+      break;
   }
-  const std::string choices = "set data.chat_template to \"llama3\", \"llama2\" or \"mistral\" to use a built-in format";
+  const std::string choices =
+      "set data.chat_template to \"llama3\", \"llama2\" or \"mistral\" to use a built-in format";
   if (jinja.empty())
     fail_key(ErrorKind::Config, config_file, "data.chat_template",
              "is \"auto\" but the tokenizer has no chat_template (tokenizer_config.json); " + choices);
@@ -177,7 +187,8 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
     if (contains(jinja, "Cutting Knowledge Date"))
       fail_key(ErrorKind::Config, config_file, "data.chat_template",
                "the tokenizer's chat_template is Llama 3.1's or later (a dated system header), which is not built "
-               "in; " + choices);
+               "in; " +
+                   choices);
     return ChatFormat::Llama3;
   }
   if (contains(jinja, "[INST]")) {
@@ -187,7 +198,8 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
     if (contains(jinja, "[AVAILABLE_TOOLS]") || contains(jinja, "system_message"))
       fail_key(ErrorKind::Config, config_file, "data.chat_template",
                "the tokenizer's chat_template is a later Mistral one (tools or a system message), which is not built "
-               "in; " + choices);
+               "in; " +
+                   choices);
     return ChatFormat::Mistral;
   }
   fail_key(ErrorKind::Config, config_file, "data.chat_template",
@@ -200,9 +212,12 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
   if (messages.empty()) fail_key(ErrorKind::Data, where, "messages", "is empty");
   for (size_t i = 0; i < messages.size(); ++i) check_role(messages[i], i, where);
   switch (format) {
-    case ChatFormat::Llama3: return render_llama3(messages, tokenizer, train_on_prompt);
-    case ChatFormat::Llama2: return render_llama2(messages, tokenizer, train_on_prompt, where);
-    case ChatFormat::Mistral: return render_mistral(messages, tokenizer, train_on_prompt, where);
+    case ChatFormat::Llama3:
+      return render_llama3(messages, tokenizer, train_on_prompt);
+    case ChatFormat::Llama2:
+      return render_llama2(messages, tokenizer, train_on_prompt, where);
+    case ChatFormat::Mistral:
+      return render_mistral(messages, tokenizer, train_on_prompt, where);
   }
   fail(ErrorKind::Internal, "render_chat: unknown format");
 }

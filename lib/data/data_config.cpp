@@ -8,8 +8,9 @@ namespace qt {
 
 namespace {
 
-const std::vector<std::string> kKeys = {"train_file", "eval_file", "eval_fraction", "format", "chat_template",
-                                        "max_seq_len", "packing", "shuffle", "seed", "train_on_prompt", "add_eos"};
+const std::vector<std::string> kKeys = {"train_file",    "eval_file",       "eval_fraction", "format",
+                                        "chat_template", "max_seq_len",     "packing",       "shuffle",
+                                        "seed",          "train_on_prompt", "add_eos"};
 
 template <typename E>
 E pick(const JsonReader& r, const std::string& key, E fallback, const std::vector<std::pair<std::string, E>>& names) {
@@ -31,21 +32,30 @@ E pick(const JsonReader& r, const std::string& key, E fallback, const std::vecto
 
 const char* record_format_name(RecordFormat format) {
   switch (format) {
-    case RecordFormat::Auto: return "auto";
-    case RecordFormat::Text: return "text";
-    case RecordFormat::Alpaca: return "alpaca";
-    case RecordFormat::Chat: return "chat";
-    case RecordFormat::Tokenized: return "tokenized";
+    case RecordFormat::Auto:
+      return "auto";
+    case RecordFormat::Text:
+      return "text";
+    case RecordFormat::Alpaca:
+      return "alpaca";
+    case RecordFormat::Chat:
+      return "chat";
+    case RecordFormat::Tokenized:
+      return "tokenized";
   }
   return "?";
 }
 
 const char* chat_template_name(ChatTemplateChoice choice) {
   switch (choice) {
-    case ChatTemplateChoice::Auto: return "auto";
-    case ChatTemplateChoice::Llama3: return "llama3";
-    case ChatTemplateChoice::Llama2: return "llama2";
-    case ChatTemplateChoice::Mistral: return "mistral";
+    case ChatTemplateChoice::Auto:
+      return "auto";
+    case ChatTemplateChoice::Llama3:
+      return "llama3";
+    case ChatTemplateChoice::Llama2:
+      return "llama2";
+    case ChatTemplateChoice::Mistral:
+      return "mistral";
   }
   return "?";
 }

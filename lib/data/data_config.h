@@ -12,14 +12,14 @@ enum class RecordFormat { Auto, Text, Alpaca, Chat, Tokenized };
 enum class ChatTemplateChoice { Auto, Llama3, Llama2, Mistral };
 
 struct DataConfig {
-  std::string file;        // the run config the section came from, for errors
-  std::string train_file;  // jsonl, required
-  std::string eval_file;   // jsonl, optional
-  double eval_fraction = 0.0;  // held out of train_file when there is no eval_file; [0, 1)
+  std::string file;                          // the run config the section came from, for errors
+  std::string train_file;                    // jsonl, required
+  std::string eval_file;                     // jsonl, optional
+  double eval_fraction = 0.0;                // held out of train_file when there is no eval_file; [0, 1)
   RecordFormat format = RecordFormat::Auto;  // auto: each record's keys decide
   ChatTemplateChoice chat_template = ChatTemplateChoice::Auto;  // auto: recognised from the tokenizer's template
   int64_t max_seq_len = 2048;
-  bool packing = true;      // several documents per row; false: one document per row, right-padded
+  bool packing = true;  // several documents per row; false: one document per row, right-padded
   bool shuffle = true;
   uint64_t seed = 42;
   bool train_on_prompt = false;  // false: only answers (alpaca output, assistant turns) are in the loss

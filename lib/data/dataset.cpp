@@ -99,7 +99,8 @@ uint64_t Dataset::fingerprint() const {
   };
   for (const auto& e : examples_) {
     mix(e.ids.size());
-    for (size_t i = 0; i < e.ids.size(); ++i) mix(static_cast<uint64_t>(static_cast<uint32_t>(e.ids[i])) << 1 | e.loss[i]);
+    for (size_t i = 0; i < e.ids.size(); ++i)
+      mix(static_cast<uint64_t>(static_cast<uint32_t>(e.ids[i])) << 1 | e.loss[i]);
   }
   return h;
 }

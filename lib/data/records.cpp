@@ -42,7 +42,8 @@ Example text_example(const Json& value, const std::string& where, const DataConf
 
 Example alpaca_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok) {
   const std::string instruction = string_field(value, where, "instruction");
-  const std::string input = value.contains("input") && !value.at("input").is_null() ? string_field(value, where, "input") : "";
+  const std::string input =
+      value.contains("input") && !value.at("input").is_null() ? string_field(value, where, "input") : "";
   const std::string output = string_field(value, where, "output");
   if (tok.eos_id() < 0) fail_at(ErrorKind::Data, where, "alpaca records end with EOS, but the tokenizer has none");
   std::vector<RenderPiece> pieces;
@@ -56,12 +57,14 @@ Example alpaca_example(const Json& value, const std::string& where, const DataCo
 Example chat_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok,
                      std::optional<ChatFormat>& format) {
   const Json& list = value.at("messages");
-  if (!list.is_array()) fail_key(ErrorKind::Data, where, "messages", std::string("expected a list, got ") + json_type_name(list));
+  if (!list.is_array())
+    fail_key(ErrorKind::Data, where, "messages", std::string("expected a list, got ") + json_type_name(list));
   std::vector<ChatMessage> messages;
   for (size_t i = 0; i < list.size(); ++i) {
     const Json& m = list[i];
     const std::string key = "messages[" + std::to_string(i) + "]";
-    if (!m.is_object()) fail_key(ErrorKind::Data, where, key, std::string("expected an object, got ") + json_type_name(m));
+    if (!m.is_object())
+      fail_key(ErrorKind::Data, where, key, std::string("expected an object, got ") + json_type_name(m));
     messages.push_back({string_field(m, where + ": " + key, "role"), string_field(m, where + ": " + key, "content")});
   }
   if (!format) format = resolve_chat_format(config.chat_template, tok.chat_template(), config.file);
@@ -71,7 +74,8 @@ Example chat_example(const Json& value, const std::string& where, const DataConf
 Example tokenized_example(const Json& value, const std::string& where, const Tokenizer& tok) {
   auto int_list = [&](const std::string& key) {
     const Json& v = value.at(key);
-    if (!v.is_array()) fail_key(ErrorKind::Data, where, key, std::string("expected a list of integers, got ") + json_type_name(v));
+    if (!v.is_array())
+      fail_key(ErrorKind::Data, where, key, std::string("expected a list of integers, got ") + json_type_name(v));
     std::vector<int64_t> out;
     out.reserve(v.size());
     for (size_t i = 0; i < v.size(); ++i) {
@@ -129,15 +133,18 @@ Example tokenize_one(const Json& value, const std::string& where, const DataConf
                      std::optional<ChatFormat>& chat) {
   RecordFormat format = config.format == RecordFormat::Auto ? detect_format(value, where) : config.format;
   switch (format) {
-    case RecordFormat::Text: return text_example(value, where, config, tok);
-    case RecordFormat::Alpaca: return alpaca_example(value, where, config, tok);
+    case RecordFormat::Text:
+      return text_example(value, where, config, tok);
+    case RecordFormat::Alpaca:
+      return alpaca_example(value, where, config, tok);
     case RecordFormat::Chat:
       if (!value.contains("messages")) fail_key(ErrorKind::Data, where, "messages", "missing");
       return chat_example(value, where, config, tok, chat);
     case RecordFormat::Tokenized:
       if (!value.contains("input_ids")) fail_key(ErrorKind::Data, where, "input_ids", "missing");
       return tokenized_example(value, where, tok);
-    case RecordFormat::Auto: break;
+    case RecordFormat::Auto:
+      break;
   }
   fail(ErrorKind::Internal, "tokenize_record: unresolved format");
 }
