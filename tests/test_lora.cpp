@@ -8,6 +8,7 @@
 #include "lib/core/safetensors.h"
 #include "lib/model/hf_loader.h"
 #include "lib/model/lora.h"
+#include "lib/model/merge.h"
 #include "lib/model/peft_adapter.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
@@ -368,4 +369,47 @@ TEST_CASE("an adapter is never saved empty or inconsistent with its config", "[l
   CHECK(kind == qt::ErrorKind::Numeric);
   CHECK(has(msg, "model.layers.1.self_attn.v_proj"));
   CHECK(!qt::files::exists(qt::files::join(dir, qt::kAdapterWeightsFile)));
+}
+
+TEST_CASE("a merged export is sharded and loads back as the adapted model", "[lora]") {
+  qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+  qt::load_peft_adapter(model, fixture("lora/all_targets/adapter"));
+  const std::string out = qt::files::join(qt::test::scratch_dir("lora_merge"), "merged");
+  const qt::MergedExportStats s = qt::save_merged_model(model, fixture("lora/base_nf4"), out, at::kFloat,
+                                                        /*max_shard_bytes=*/64 * 1024);
+  CHECK(s.merged == 7 * model.config.num_hidden_layers);
+  CHECK(s.shards > 1);
+  CHECK(qt::files::exists(qt::files::join(out, "model.safetensors.index.json")));
+  CHECK(!qt::files::exists(out + ".tmp-export"));
+  const qt::Json cfg = qt::read_json_file(qt::files::join(out, "config.json"), qt::ErrorKind::Model);
+  CHECK(!cfg.contains("quantization_config"));
+  CHECK(cfg["dtype"] == "float32");
+
+  qt::LlamaModel merged = qt::load_llama(out, {});
+  std::map<std::string, at::Tensor> want;
+  model.for_each_linear([&](const std::string& n, qt::Linear& l) {
+    want[n] = qt::merged_weight(l);
+    // W + scale * B A, spelled out: the base as training saw it (dequantized NF4) plus the low-rank update.
+    at::Tensor spelled = l.base_weight(at::kFloat) + l.lora->scale * at::matmul(l.lora->B, l.lora->A).detach();
+    CHECK(rel_err(want[n], spelled) < 1e-6);
+  });
+  merged.for_each_linear([&](const std::string& n, qt::Linear& l) {
+    INFO(n);
+    CHECK(!l.quantized());
+    CHECK(!l.lora);
+    CHECK(at::equal(l.weight, want.at(n)));
+  });
+  qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+  at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
+  at::NoGradGuard g;
+  CHECK(rel_err(merged.forward(ids), model.forward(ids)) < 1e-5);
+  CHECK(rel_err(merged.forward(ids), ref.view("logits")) < 1e-4);
+
+  const std::string again = qt::files::join(qt::files::parent(out), "again");
+  qt::files::make_dirs(again);
+  qt::files::copy_file(qt::files::join(out, "config.json"), qt::files::join(again, "config.json"));
+  qt::ErrorKind kind{};
+  CHECK(has(error_of([&] { qt::save_merged_model(model, fixture("lora/base_nf4"), again, at::kBFloat16); }, &kind),
+            "not empty"));
+  CHECK(kind == qt::ErrorKind::Usage);
 }

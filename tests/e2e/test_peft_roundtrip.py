@@ -28,7 +28,7 @@ def last_json(p):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def make_setup(tmp: pathlib.Path, seed=5, r=8, alpha=16, targets=TARGETS):
+def make_setup(tmp: pathlib.Path, seed=5, r=8, alpha=16, targets=TARGETS, b_std=0.1):
     """tiny model dir, eval data, and a PEFT adapter with random non-zero A and B (base_model_name_or_path set)."""
     from peft import LoraConfig, get_peft_model
     model, sp = tiny_lm.make_model_dir(tmp / "model", seed=seed)
@@ -39,7 +39,7 @@ def make_setup(tmp: pathlib.Path, seed=5, r=8, alpha=16, targets=TARGETS):
     with torch.no_grad():
         for n, p in peft.named_parameters():
             if "lora_" in n:
-                p.copy_(torch.randn_like(p) * (0.2 if "lora_A" in n else 0.1))
+                p.copy_(torch.randn_like(p) * (0.2 if "lora_A" in n else b_std))
     peft.save_pretrained(tmp / "peft_adapter")
     cfg_path = tmp / "peft_adapter" / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
