@@ -1,11 +1,14 @@
 // LoRA on NF4 block linears against transformers + PEFT + bitsandbytes (tests/oracles/gen_lora.py): the loss and
-// every LoRA gradient; PEFT's initialisation; the "lora" config section; the PEFT adapter files both ways.
+// every LoRA gradient; PEFT's initialisation; the "lora" config section; the PEFT adapter files both ways; the
+// merged export; generation's stopping and top-p rules.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 
 #include "lib/core/files.h"
 #include "lib/core/json.h"
 #include "lib/core/safetensors.h"
+#include "lib/model/generate.h"
 #include "lib/model/hf_loader.h"
 #include "lib/model/lora.h"
 #include "lib/model/merge.h"
@@ -412,4 +415,41 @@ TEST_CASE("a merged export is sharded and loads back as the adapted model", "[lo
   CHECK(has(error_of([&] { qt::save_merged_model(model, fixture("lora/base_nf4"), again, at::kBFloat16); }, &kind),
             "not empty"));
   CHECK(kind == qt::ErrorKind::Usage);
+}
+
+TEST_CASE("generation stops at a stop id and top-p keeps the nucleus transformers keeps", "[generate]") {
+  qt::LlamaModel model = qt::load_llama(fixture("lora/base"), {});
+  qt::GenerateOptions o;
+  o.max_new_tokens = 6;
+  const std::vector<int32_t> prompt = {1, 17, 42};
+  const qt::GenerateResult free_run = qt::generate_tokens(model, prompt, o);
+  REQUIRE(free_run.tokens.size() == 6);
+  CHECK(!free_run.stopped);
+  o.stop_ids = {free_run.tokens[2]};
+  const qt::GenerateResult stopped = qt::generate_tokens(model, prompt, o);
+  CHECK(stopped.stopped);
+  CHECK(stopped.tokens == std::vector<int32_t>(free_run.tokens.begin(), free_run.tokens.begin() + 3));
+  o.max_seq_len = 5;  // the prompt's 3 plus 2
+  o.stop_ids.clear();
+  CHECK(qt::generate_tokens(model, prompt, o).tokens.size() == 2);
+
+  // probabilities 0.5, 0.3, 0.15, 0.05: ascending cumulative 0.05, 0.2, 0.5, 1. top_p 0.75 drops cum <= 0.25
+  // (ids 3 and 2); 0.9 drops cum <= 0.1 (id 3 only).
+  const at::Tensor logits = at::log(at::tensor({0.5, 0.3, 0.15, 0.05}, at::kFloat));
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(5);
+  qt::GenerateOptions s;
+  s.temperature = 1.0;
+  for (double top_p : {0.75, 0.9}) {
+    s.top_p = top_p;
+    std::vector<int> counts(4, 0);
+    for (int i = 0; i < 2000; ++i) ++counts.at(qt::choose_next_token(logits, s, gen));
+    INFO("top_p " << top_p << ": " << counts[0] << " " << counts[1] << " " << counts[2] << " " << counts[3]);
+    CHECK(counts[3] == 0);
+    CHECK((counts[2] == 0) == (top_p == 0.75));
+    CHECK(counts[0] > counts[1]);
+    CHECK(counts[1] > 0);
+  }
+  s.temperature = 0;
+  CHECK(qt::choose_next_token(at::tensor({1.0f, 3.0f, 3.0f}), s, gen) == 1);  // ties: the lowest id, as torch.argmax
+  CHECK(has(error_of([&] { qt::generate_tokens(model, {}, o); }), "prompt"));
 }

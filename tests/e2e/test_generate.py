@@ -1,0 +1,77 @@
+"""`qlora-train generate`: greedy decoding gives the token ids of transformers' generate(do_sample=False) on the 16-bit
+base (--quant none) and, with an adapter, on the NF4 base as PeftModel sees it; sampling is reproducible per seed,
+and top-p small enough to keep one token is greedy."""
+import json, pathlib, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import torch
+from test_peft_roundtrip import dequantized_model, last_json, make_setup, run, run_ok
+
+PROMPTS = ["the cat sat on", "qlora trains adapters"]
+N = 24
+
+
+def hf_greedy(model, prompt_ids, eos):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=N, eos_token_id=eos,
+                             pad_token_id=eos, attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long))
+    return out[0, len(prompt_ids):].tolist()
+
+
+def main():
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qt_generate_"))
+    sp, _ = make_setup(tmp, seed=21, b_std=0.5)
+    run_ok("quantize", "--model", tmp / "model", "--out", tmp / "model_nf4")
+    failures = []
+    eos = sp.eos_id()
+    setups = [
+        ("16-bit base", ("--quant", "none"), LlamaForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32).eval()),
+        ("NF4 base + adapter", ("--adapter", tmp / "peft_adapter"),
+         PeftModel.from_pretrained(dequantized_model(tmp / "model", tmp / "model_nf4"), tmp / "peft_adapter").eval()),
+    ]
+    for name, extra, model in setups:
+        for prompt in PROMPTS:
+            ids = [sp.bos_id()] + sp.encode(prompt)
+            ref = hf_greedy(model, ids, eos)
+            ours = last_json(run_ok("generate", "--model", tmp / "model", "--prompt", prompt, "--max-new-tokens", N,
+                                    "--json", *extra))
+            ok = ours["prompt_ids"] == ids and ours["ids"] == ref
+            print(f"{name}, {prompt!r}: {'ok' if ok else 'DIFFERENT'} {ours['ids']} ({ours['stop']})")
+            if not ok:
+                failures.append(f"{name} {prompt!r}: ours {ours['prompt_ids']} + {ours['ids']}, transformers {ids} + {ref}")
+            text = ours["text"]
+            want_text = sp.decode([t for t in ours["ids"] if t != eos])
+            if text != want_text:
+                failures.append(f"{name} {prompt!r}: text {text!r}, sentencepiece decodes {want_text!r}")
+    plain = run_ok("generate", "--model", tmp / "model", "--prompt", PROMPTS[0], "--max-new-tokens", 8, "--quant", "none")
+    first = last_json(run_ok("generate", "--model", tmp / "model", "--prompt", PROMPTS[0], "--max-new-tokens", 8,
+                             "--quant", "none", "--json"))
+    if plain.stdout.rstrip("\n") != first["text"]:
+        failures.append(f"plain output {plain.stdout!r} is not the text {first['text']!r}")
+
+    def sample(seed, top_p="0.9", temperature="1.0"):
+        return last_json(run_ok("generate", "--model", tmp / "model", "--prompt", PROMPTS[0], "--max-new-tokens", N,
+                                "--temperature", temperature, "--top-p", top_p, "--seed", seed, "--json"))["ids"]
+    greedy = last_json(run_ok("generate", "--model", tmp / "model", "--prompt", PROMPTS[0], "--max-new-tokens", N,
+                              "--json"))["ids"]
+    a, b, c = sample(1), sample(1), sample(2)
+    if a != b:
+        failures.append(f"same seed, different samples: {a} vs {b}")
+    if a == c:
+        failures.append(f"seeds 1 and 2 sampled the same {N} tokens: {a}")
+    if sample(3, top_p="1e-9") != greedy:
+        failures.append("top-p keeping only the most likely token is not greedy")
+    for args, needles in ((("--top-p", "0"), ["top-p"]), (("--temperature", "-1"), ["temperature"])):
+        p = run("generate", "--model", tmp / "model", "--prompt", "x", *args)
+        if p.returncode != 2 or any(n not in p.stderr for n in needles):
+            failures.append(f"{args}: exit {p.returncode}, {p.stderr!r}")
+    if failures:
+        print("FAILED:\n" + "\n".join(failures))
+        sys.exit(1)
+    print("all generate checks passed")
+
+
+if __name__ == "__main__":
+    main()
