@@ -157,8 +157,6 @@ int main() {
         {"  token chunks no-overlap", true, true, false, S::TokenChunks, false},
         {"  token chunks low-mem", true, true, true, S::TokenChunks},
         {"  vocab tiles", true, true, false, S::VocabTiles},
-        {"  vocab tiles of 8192", true, true, false, S::VocabTiles, true, 8192},
-        {"  vocab tiles of 2048", true, true, false, S::VocabTiles, true, 2048},
         {"fused frozen", true, false},
         {"naive trainable", false, true},
         {"naive frozen", false, false},

@@ -41,12 +41,12 @@ at::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
 // Pass 2 of the vocabulary-tile schedule: dW[v0 : v0 + n] = G[:, v0 : v0 + n]^T h, each slice written once
 // (beta = 0), G recomputed from the logits slice h W[v0 : v0 + n]^T and pass 1's per-row log-sum-exp. The
 // [T, n] slice lives in dW's rows after v0 + n, which no GEMM has written yet, while they hold it; the last
-// slices, once those rows are too few, use a small tile of their own (fused_linear_ce_last_tile_columns).
+// slices, once those rows are too few, use a small tile of their own of last_cols columns.
 void write_dw_by_vocab_slices(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
                               const at::Tensor& lse, at::Tensor& dw, kernels::CeTileDtype dtype,
-                              const kernels::CeTileParams& params, int64_t vocab_tile, cudaStream_t stream) {
+                              const kernels::CeTileParams& params, int64_t vocab_tile, int64_t last_cols,
+                              cudaStream_t stream) {
   const int64_t tokens = hidden.size(0), hid = hidden.size(1), vocab = weight.size(0);
-  const int64_t last_cols = fused_linear_ce_last_tile_columns(tokens, hid, vocab);
   const int64_t big = std::max(vocab_tile, last_cols);
   at::Tensor last_tile;  // allocated when first needed
   const at::Tensor flat = dw.view({-1});
@@ -101,54 +101,103 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
 
   // A weight with odd strides would be copied by every GEMM; copy it once instead (a no-op when contiguous).
   const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor y = labels.contiguous();
-  FusedCeForward out;
-  out.loss_rows = at::empty({tokens}, hidden.options().dtype(at::kFloat));
-  if (want_dh) out.dh = at::empty({tokens, hid}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
-  if (want_dw) out.dw = tokens == 0 ? at::zeros_like(weight) : at::empty(weight.sizes(), weight.options());
+  const at::Tensor y_all = labels.contiguous();
   const at::cuda::CUDAStream main = at::cuda::getCurrentCUDAStream();
-  const int64_t tile_rows = std::min(chunk, tokens);
 
-  if (want_dw && tokens > 0 && options.schedule == FusedCeSchedule::VocabTiles) {
-    // Pass 1: loss, log-sum-exp and dh by token chunks, the [chunk, V] tile in dW's storage (chunk <= H).
-    const int64_t chunk1 = std::min(chunk, hid);
-    const at::Tensor lse = at::empty({tokens}, out.loss_rows.options());
+  // Ignored tokens have zero loss and zero gradient: their rows are left out of every GEMM (1 in 7 of the
+  // bench's tokens; often half of a fine-tuning batch whose prompts are masked). The counted rows are gathered
+  // chunk by chunk into a small buffer, so the GEMMs see dense operands. Two syncs (count, nonzero).
+  const at::Tensor mask = y_all.ne(options.ignore_index);
+  const int64_t counted = mask.sum().item<int64_t>();
+  const bool compact = counted < tokens;
+  const at::Tensor idx = compact ? mask.nonzero().squeeze(1) : at::Tensor();
+  const at::Tensor y = compact ? y_all.index_select(0, idx) : y_all;
+  at::Tensor loss_c = at::empty({counted}, hidden.options().dtype(at::kFloat));  // over counted rows
+
+  FusedCeForward out;
+  const auto dense = hidden.options().memory_format(at::MemoryFormat::Contiguous);
+  if (want_dh) out.dh = compact ? at::zeros({tokens, hid}, dense) : at::empty({tokens, hid}, dense);
+  if (want_dw) out.dw = counted == 0 ? at::zeros_like(weight) : at::empty(weight.sizes(), weight.options());
+  auto finish = [&]() -> FusedCeForward {
+    out.loss_rows = compact ? at::zeros({tokens}, loss_c.options()).index_copy_(0, idx, loss_c) : loss_c;
+    return std::move(out);
+  };
+  if (counted == 0) return finish();
+
+  // Counted rows [c0, c0 + rows): a view of hidden, or gathered into `buf` (at least rows x H elements).
+  auto rows_of = [&](int64_t c0, int64_t rows, const at::Tensor& buf) -> at::Tensor {
+    if (!compact) return hidden.narrow(0, c0, rows);
+    at::Tensor h = buf.narrow(0, 0, rows * hid).view({rows, hid});
+    at::index_select_out(h, hidden, 0, idx.narrow(0, c0, rows));
+    return h;
+  };
+  // dh of those rows = G W: in place, or into `h` (dead by then) and copied to the rows' positions.
+  auto write_dh = [&](int64_t c0, int64_t rows, const at::Tensor& z, at::Tensor& h) {
+    if (!compact) {
+      at::Tensor dh = out.dh.narrow(0, c0, rows);
+      at::mm_out(dh, z, weight);
+    } else {
+      at::mm_out(h, z, weight);
+      out.dh.index_copy_(0, idx.narrow(0, c0, rows), h);
+    }
+  };
+
+  if (want_dw && options.schedule == FusedCeSchedule::VocabTiles) {
+    // Pass 1: loss, log-sum-exp and dh by token chunks; the [chunk, V] tile and the gathered rows [chunk, H] both
+    // in dW's storage (chunk (V + H) <= V H).
+    const int64_t chunk1 = std::max<int64_t>(1, std::min(chunk, compact ? vocab * hid / (vocab + hid) : hid));
+    const at::Tensor lse_c = at::empty({counted}, loss_c.options());
     const at::Tensor flat = out.dw.view({-1});
-    for (int64_t t0 = 0; t0 < tokens; t0 += chunk1) {
-      const int64_t rows = std::min(chunk1, tokens - t0);
-      const at::Tensor h = hidden.narrow(0, t0, rows);
+    const at::Tensor gather_buf = compact ? flat.narrow(0, chunk1 * vocab, chunk1 * hid) : at::Tensor();
+    for (int64_t c0 = 0; c0 < counted; c0 += chunk1) {
+      const int64_t rows = std::min(chunk1, counted - c0);
+      at::Tensor h = rows_of(c0, rows, gather_buf);
       at::Tensor z = flat.narrow(0, 0, rows * vocab).view({rows, vocab});
       at::mm_out(z, h, weight.t());
-      kernels::ce_tile_loss_grad(z.data_ptr(), dtype, rows, vocab, vocab, y.data_ptr<int64_t>() + t0,
-                                 out.loss_rows.data_ptr<float>() + t0, want_dh, params, main.stream(),
-                                 lse.data_ptr<float>() + t0);
-      if (want_dh) {
-        at::Tensor dh = out.dh.narrow(0, t0, rows);
-        at::mm_out(dh, z, weight);
-      }
+      kernels::ce_tile_loss_grad(z.data_ptr(), dtype, rows, vocab, vocab, y.data_ptr<int64_t>() + c0,
+                                 loss_c.data_ptr<float>() + c0, want_dh, params, main.stream(),
+                                 lse_c.data_ptr<float>() + c0);
+      if (want_dh) write_dh(c0, rows, z, h);
     }
+    // Pass 2 over the counted rows only: gathered once (T_counted x H more memory) unless low_memory, which
+    // runs it over every token (ignored ones give zero rows of G) with the log-sum-exps at token positions.
     const int64_t vocab_tile = options.vocab_tile > 0 ? options.vocab_tile : 4096;
-    write_dw_by_vocab_slices(hidden, weight, y, lse, out.dw, dtype, params, vocab_tile, main.stream());
-    return out;
+    const int64_t last_cols = fused_linear_ce_last_tile_columns(tokens, hid, vocab);
+    if (!compact) {
+      write_dw_by_vocab_slices(hidden, weight, y, lse_c, out.dw, dtype, params, vocab_tile, last_cols, main.stream());
+    } else if (!options.low_memory) {
+      write_dw_by_vocab_slices(hidden.index_select(0, idx), weight, y, lse_c, out.dw, dtype, params, vocab_tile,
+                               last_cols, main.stream());
+    } else {
+      const at::Tensor lse = at::zeros({tokens}, lse_c.options()).index_copy_(0, idx, lse_c);
+      write_dw_by_vocab_slices(hidden, weight, y_all, lse, out.dw, dtype, params, vocab_tile, last_cols, main.stream());
+    }
+    return finish();
   }
 
   const bool write_grad = want_dh || want_dw;
+  // Compact: the gathered rows [chunk, H] take from the tile's share, so tile plus buffer stay within the
+  // [chunk, V] tile of the plain loop (a 64th less, for the per-row vectors).
+  const int64_t chunk_t = compact ? std::max<int64_t>(1, chunk * vocab / (vocab + hid) * 63 / 64) : chunk;
+  const int64_t tile_rows = std::min(chunk_t, counted);
   // One tile, reused by every chunk: [chunk, V] in the input dtype (bf16: the memory bound of the design).
-  at::Tensor tile = at::empty({tile_rows, vocab}, hidden.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor tile = at::empty({tile_rows, vocab}, dense);
+  const at::Tensor gather_buf = compact ? at::empty({tile_rows * hid}, dense) : at::Tensor();
   // With a trainable weight, dW += G^T h (K = chunk: bound by reading and writing all of dW) runs on a side
   // stream next to dh = G W (bound by FLOPs); both only read the tile. The next chunk's logits GEMM overwrites
-  // the tile, so the main stream waits for the side stream before it.
-  const bool overlap = want_dw && want_dh && options.overlap_dw;
+  // the tile, so the main stream waits for the side stream before it. Not when compact: dh is written over the
+  // gathered rows, which dW reads.
+  const bool overlap = want_dw && want_dh && options.overlap_dw && !compact;
   const at::cuda::CUDAStream side = overlap ? side_stream(hidden.device().index()) : main;
   at::cuda::CUDAEvent tile_ready, dw_done;
 
-  for (int64_t t0 = 0; t0 < tokens; t0 += chunk) {
-    const int64_t rows = std::min(chunk, tokens - t0);
-    const at::Tensor h = hidden.narrow(0, t0, rows);
+  for (int64_t c0 = 0; c0 < counted; c0 += chunk_t) {
+    const int64_t rows = std::min(chunk_t, counted - c0);
+    at::Tensor h = rows_of(c0, rows, gather_buf);
     at::Tensor z = tile.narrow(0, 0, rows);
     at::mm_out(z, h, weight.t());
-    kernels::ce_tile_loss_grad(z.data_ptr(), dtype, rows, vocab, vocab, y.data_ptr<int64_t>() + t0,
-                               out.loss_rows.data_ptr<float>() + t0, write_grad, params, main.stream());
+    kernels::ce_tile_loss_grad(z.data_ptr(), dtype, rows, vocab, vocab, y.data_ptr<int64_t>() + c0,
+                               loss_c.data_ptr<float>() + c0, write_grad, params, main.stream());
     if (want_dw) {
       if (overlap) {
         tile_ready.record(main);
@@ -157,16 +206,13 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
       const c10::cuda::CUDAStreamGuard on_side(side);
       // The first chunk writes dW (beta = 0: no zero-fill pass over V x H); later ones accumulate into it.
       // cuBLAS accumulates in fp32 and rounds once per chunk into dW's dtype.
-      if (t0 == 0) {
+      if (c0 == 0) {
         at::mm_out(out.dw, z.t(), h);
       } else {
         out.dw.addmm_(z.t(), h);
       }
     }
-    if (want_dh) {
-      at::Tensor dh = out.dh.narrow(0, t0, rows);
-      at::mm_out(dh, z, weight);
-    }
+    if (want_dh) write_dh(c0, rows, z, h);
     if (overlap) {
       // Also orders every later use (or free) of dW and of the tile on the main stream after the side work,
       // so the caching allocator needs no record_stream.
@@ -174,7 +220,7 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
       dw_done.block(main);
     }
   }
-  return out;
+  return finish();
 }
 
 #else
