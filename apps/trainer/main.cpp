@@ -4,7 +4,9 @@
 #include <ATen/Context.h>
 
 #include <CLI/CLI.hpp>
+#include <atomic>
 #include <cmath>
+#include <csignal>
 #include <iostream>
 
 #include "lib/core/error.h"
@@ -19,6 +21,8 @@
 #include "lib/model/peft_adapter.h"
 #include "lib/model/quantize_model.h"
 #include "lib/train/evaluate.h"
+#include "lib/train/run_config.h"
+#include "lib/train/trainer.h"
 
 namespace {
 
@@ -53,6 +57,40 @@ struct GenerateArgs {
   std::string quant = "nf4";
   bool json = false;
 };
+
+struct TrainArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  std::string resume;
+};
+
+// SIGTERM / SIGINT ask the loop to checkpoint after the current step and stop (a preempted node, Ctrl-C).
+// A second signal ends the process at once.
+std::atomic<bool> g_stop_requested{false};
+extern "C" void on_stop_signal(int sig) {
+  if (g_stop_requested.exchange(true)) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+  }
+}
+
+int run_train(const TrainArgs& args) {
+  qt::RunConfig config = qt::RunConfig::load(args.config, args.overrides);
+  std::signal(SIGTERM, on_stop_signal);
+  std::signal(SIGINT, on_stop_signal);
+  qt::TrainOptions options;
+  options.resume = args.resume;
+  options.stop_requested = &g_stop_requested;
+  qt::TrainSummary s = qt::train(config, options);
+  if (g_stop_requested) return 128 + SIGTERM;
+  qt::Json out = {{"steps", s.steps}, {"first_loss", s.first_loss}, {"last_loss", s.last_loss},
+                  {"seconds", s.seconds}, {"tokens_per_s", s.tokens_per_s}, {"adapter", s.adapter_dir}};
+  if (s.eval_loss >= 0) out["eval_loss"] = s.eval_loss;
+  if (s.exact_match_before >= 0) out["exact_match_before"] = s.exact_match_before;
+  if (s.exact_match_after >= 0) out["exact_match_after"] = s.exact_match_after;
+  std::cout << out.dump() << std::endl;
+  return 0;
+}
 
 struct QuantizeArgs {
   std::string model;
@@ -208,7 +246,18 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("qlora-train ") + QT_VERSION);
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "debug, info, warn, error or off");
-  app.require_subcommand(1);
+  app.require_subcommand(0, 1);
+
+  // Training is the default command: `qlora-train --config F` and `qlora-train train --config F` are the same.
+  TrainArgs train;
+  auto add_train_options = [&](CLI::App* cmd) {
+    cmd->add_option("--config", train.config, "run config (JSON), e.g. configs/demo.json");
+    cmd->add_option("--set", train.overrides, "override a config key: --set optim.lr=1e-4 (repeatable)");
+    cmd->add_option("--resume", train.resume, "auto (newest complete checkpoint in output_dir) or a checkpoint directory");
+  };
+  add_train_options(&app);
+  CLI::App* train_cmd = app.add_subcommand("train", "Fine-tune with QLoRA (the default command)");
+  add_train_options(train_cmd);
 
   EvalArgs eval;
   CLI::App* eval_cmd = app.add_subcommand("eval", "Mean token cross-entropy and perplexity over a jsonl file's text records");
@@ -263,9 +312,14 @@ int main(int argc, char** argv) {
   try {
     qt::log::set_level(qt::log::parse_level(log_level));
     if (eval_cmd->parsed()) return run_eval(eval);
+    if (train_cmd->parsed() || (!train.config.empty() && app.get_subcommands().empty())) {
+      if (train.config.empty()) qt::fail(qt::ErrorKind::Usage, "train: --config FILE is required");
+      return run_train(train);
+    }
     if (quantize_cmd->parsed()) return run_quantize(quantize);
     if (export_cmd->parsed()) return run_export(exp);
     if (gen_cmd->parsed()) return run_generate(gen);
+    std::cerr << app.help() << std::endl;
     return qt::exit_code(qt::ErrorKind::Usage);
   } catch (const qt::Error& e) {
     std::cerr << "qlora-train: " << qt::kind_name(e.kind()) << ": " << e.what() << std::endl;

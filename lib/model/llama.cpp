@@ -97,7 +97,9 @@ at::Tensor Linear::forward(const at::Tensor& x) const {
   at::Tensor y = quantized() ? nf4_linear(x, nf4) : at::linear(x, weight);
   if (lora) {
     at::Tensor h = (training && lora->dropout > 0) ? at::dropout(x, lora->dropout, /*train=*/true) : x;
-    y = y + at::linear(at::linear(h, lora->A), lora->B) * lora->scale;
+    // LoRA weights stay fp32 (the optimizer's master copy); the matmuls run in the activations' dtype.
+    const auto dt = h.scalar_type();
+    y = y + at::linear(at::linear(h, lora->A.to(dt)), lora->B.to(dt)) * lora->scale;
   }
   return y;
 }

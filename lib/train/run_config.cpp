@@ -4,7 +4,7 @@ namespace qt {
 namespace {
 
 const std::vector<std::string> kTopKeys = {"output_dir", "model", "lora", "data", "train", "optim", "checkpoint",
-                                           "logging"};
+                                           "eval", "logging"};
 
 void check_positive(int64_t v, const std::string& file, const std::string& key, bool allow_zero = false) {
   if (v < 0 || (!allow_zero && v == 0))
@@ -70,7 +70,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
 
   const Json& t = section(j, "train");
   reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "seed",
-                          "eval_every", "log_every", "loss"},
+                          "eval_every", "log_every", "loss", "full_finetune"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
   c.train.steps = tr.get_int("steps", c.train.steps);
@@ -87,6 +87,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   check_positive(c.train.eval_every, file, "train.eval_every", true);
   c.train.log_every = tr.get_int("log_every", c.train.log_every);
   check_positive(c.train.log_every, file, "train.log_every");
+  c.train.full_finetune = tr.get_bool("full_finetune", c.train.full_finetune);
+  if (c.train.full_finetune && c.model.quant != "none")
+    fail_key(ErrorKind::Config, file, "train.full_finetune", "trains 16-bit weights: set model.quant to \"none\"");
   c.train.loss = tr.get_string("loss", c.train.loss);
   if (c.train.loss != "fused" && c.train.loss != "plain")
     fail_key(ErrorKind::Config, file, "train.loss", "'" + c.train.loss + "': expected fused or plain");
@@ -122,6 +125,15 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   check_positive(c.checkpoint.every, file, "checkpoint.every", true);
   c.checkpoint.keep_last = cr.get_int("keep_last", c.checkpoint.keep_last);
   check_positive(c.checkpoint.keep_last, file, "checkpoint.keep_last");
+
+  const Json& ev = section(j, "eval");
+  reject_unknown_keys(ev, {"exact_match_file", "max_examples", "max_new_tokens"}, file, "eval.", ErrorKind::Config);
+  JsonReader er{ev, file, ErrorKind::Config, "eval."};
+  c.eval.exact_match_file = er.get_string("exact_match_file", "");
+  c.eval.max_examples = er.get_int("max_examples", c.eval.max_examples);
+  check_positive(c.eval.max_examples, file, "eval.max_examples");
+  c.eval.max_new_tokens = er.get_int("max_new_tokens", c.eval.max_new_tokens);
+  check_positive(c.eval.max_new_tokens, file, "eval.max_new_tokens");
 
   const Json& lg = section(j, "logging");
   reject_unknown_keys(lg, {"level", "progress"}, file, "logging.", ErrorKind::Config);

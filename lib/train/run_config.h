@@ -27,6 +27,9 @@ struct TrainSection {
   int64_t eval_every = 0;        // steps between held-out evaluations; 0: only at the end (if there is eval data)
   int64_t log_every = 1;
   std::string loss = "fused";    // "fused" (never holds [tokens, vocab] logits) or "plain" (reference path)
+  // Train every weight of a 16-bit base instead of LoRA adapters (needs model.quant "none"); the result is a
+  // full model directory (output_dir/model). Used to pretrain the demo's small base.
+  bool full_finetune = false;
 };
 
 struct OptimSection {
@@ -46,6 +49,13 @@ struct CheckpointSection {
   int64_t keep_last = 2;
 };
 
+// Task metric: exact match of greedy generations on held-out prompt/answer records, before and after training.
+struct EvalSection {
+  std::string exact_match_file;  // empty: off
+  int64_t max_examples = 100;
+  int64_t max_new_tokens = 32;
+};
+
 struct RunConfig {
   std::string file;        // where it came from, for errors
   std::string output_dir;
@@ -53,6 +63,7 @@ struct RunConfig {
   TrainSection train;
   OptimSection optim;
   CheckpointSection checkpoint;
+  EvalSection eval;
   Json lora = Json::object();  // parsed by lib/model/lora.h
   Json data = Json::object();  // parsed by lib/data/data_config.h
   std::string log_level = "info";

@@ -1,0 +1,244 @@
+#include "lib/train/checkpoint.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <thread>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/core/log.h"
+#include "lib/core/safetensors.h"
+
+namespace qt {
+namespace {
+
+constexpr const char* kComplete = "COMPLETE";
+constexpr const char* kStateFile = "trainer_state.json";
+
+// 64-bit FNV-1a over the file's bytes, eight at a time (a corruption check, not a cryptographic hash).
+std::string file_hash(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail_at(ErrorKind::Checkpoint, path, "cannot be read");
+  uint64_t h = 1469598103934665603ULL;
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    const size_t n = static_cast<size_t>(in.gcount());
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      uint64_t w;
+      std::memcpy(&w, buf.data() + i, 8);
+      h = (h ^ w) * 1099511628211ULL;
+    }
+    for (; i < n; ++i) h = (h ^ static_cast<uint8_t>(buf[i])) * 1099511628211ULL;
+  }
+  char out[17];
+  std::snprintf(out, sizeof out, "%016llx", static_cast<unsigned long long>(h));
+  return out;
+}
+
+// Test hook: QT_TEST_CHECKPOINT_DELAY_MS sleeps between the files of a checkpoint so that a test can kill the
+// process in the middle of a save.
+void test_delay() {
+  if (const char* v = std::getenv("QT_TEST_CHECKPOINT_DELAY_MS"))
+    std::this_thread::sleep_for(std::chrono::milliseconds(std::atol(v)));
+}
+
+void write_text_synced(const std::string& path, const std::string& text) {
+  {
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    if (!out) fail_at(ErrorKind::Io, path, "cannot be created");
+    out << text;
+    out.flush();
+    if (!out) fail_at(ErrorKind::Io, path, "write failed (disk full?)");
+  }
+  files::sync_path(path);
+}
+
+int64_t checkpoint_step(const std::string& name) {
+  const std::string prefix = "checkpoint-";
+  if (name.rfind(prefix, 0) != 0 || name.size() == prefix.size()) return -1;
+  for (size_t i = prefix.size(); i < name.size(); ++i)
+    if (name[i] < '0' || name[i] > '9') return -1;
+  return std::stoll(name.substr(prefix.size()));
+}
+
+void flatten(const Json& j, const std::string& prefix, std::map<std::string, Json>& out) {
+  if (j.is_object() && !j.empty()) {
+    for (const auto& item : j.items()) flatten(item.value(), prefix.empty() ? item.key() : prefix + "." + item.key(), out);
+  } else {
+    out[prefix] = j;
+  }
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, at::Tensor>> capture_rng_states() {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  out.emplace_back("cpu", at::detail::getDefaultCPUGenerator().get_state());
+  if (at::hasCUDA()) {
+    const int n = static_cast<int>(at::getNumGPUs());
+    for (int i = 0; i < n; ++i)
+      out.emplace_back("cuda:" + std::to_string(i), at::cuda::detail::getDefaultCUDAGenerator(i).get_state());
+  }
+  return out;
+}
+
+void restore_rng_states(const std::vector<std::pair<std::string, at::Tensor>>& states) {
+  for (const auto& [name, state] : states) {
+    if (name == "cpu") {
+      auto gen = at::detail::getDefaultCPUGenerator();
+      gen.set_state(state);
+    } else if (name.rfind("cuda:", 0) == 0 && at::hasCUDA()) {
+      const int i = std::stoi(name.substr(5));
+      if (i < static_cast<int>(at::getNumGPUs())) {
+        auto gen = at::cuda::detail::getDefaultCUDAGenerator(i);
+        gen.set_state(state);
+      }
+    }
+  }
+}
+
+std::string save_checkpoint(const std::string& output_dir, const CheckpointContents& c,
+                            const std::function<void(const std::string&)>& write_adapter, int64_t keep_last) {
+  const std::string name = "checkpoint-" + std::to_string(c.state.step);
+  const std::string final_dir = files::join(output_dir, name);
+  const std::string tmp = files::join(output_dir, "." + name + ".tmp-" + std::to_string(::getpid()));
+  files::remove_tree(tmp);
+  files::make_dirs(tmp);
+  write_adapter(tmp);
+  test_delay();
+  save_safetensors(files::join(tmp, "optimizer.safetensors"), c.optimizer, {{"format", "qlora-train"}});
+  test_delay();
+  save_safetensors(files::join(tmp, "rng.safetensors"), c.rng, {{"format", "qlora-train"}});
+  Json manifest = Json::object();
+  for (const auto& f : files::list_dir(tmp)) {
+    const std::string p = files::join(tmp, f);
+    files::sync_path(p);
+    manifest[f] = {{"bytes", files::file_size(p)}, {"fnv1a64", file_hash(p)}};
+  }
+  Json state = {{"format_version", kCheckpointFormatVersion},
+                {"step", c.state.step},
+                {"data", {{"epoch", c.state.data.epoch}, {"index", c.state.data.index}}},
+                {"seed", c.state.seed},
+                {"tokens_seen", c.state.tokens_seen},
+                {"config", c.state.config},
+                {"files", manifest}};
+  test_delay();
+  write_text_synced(files::join(tmp, kStateFile), state.dump(2) + "\n");
+  write_text_synced(files::join(tmp, kComplete), name + "\n");
+  files::sync_path(tmp);
+  // Replace a checkpoint of the same step (a resumed run saving again) only once the new one is complete.
+  std::string old;
+  if (files::exists(final_dir)) {
+    old = tmp + ".old";
+    files::rename_path(final_dir, old);
+  }
+  files::rename_path(tmp, final_dir);
+  files::sync_path(output_dir);
+  if (!old.empty()) files::remove_tree(old);
+
+  std::vector<std::pair<int64_t, std::string>> complete;
+  for (const auto& f : files::list_dir(output_dir)) {
+    int64_t s = checkpoint_step(f);
+    if (s >= 0 && files::exists(files::join(files::join(output_dir, f), kComplete))) complete.emplace_back(s, f);
+  }
+  std::sort(complete.begin(), complete.end());
+  for (size_t i = 0; i + static_cast<size_t>(keep_last) < complete.size(); ++i) {
+    if (complete[i].second == name) continue;
+    files::remove_tree(files::join(output_dir, complete[i].second));
+  }
+  return final_dir;
+}
+
+CheckpointContents load_checkpoint(const std::string& dir) {
+  if (!files::is_dir(dir)) fail_at(ErrorKind::Checkpoint, dir, "checkpoint directory not found");
+  if (!files::exists(files::join(dir, kComplete)))
+    fail_at(ErrorKind::Checkpoint, dir, "incomplete checkpoint (no COMPLETE marker: the save was interrupted)");
+  const std::string state_path = files::join(dir, kStateFile);
+  Json state = read_json_file(state_path, ErrorKind::Checkpoint);
+  JsonReader r{state, state_path, ErrorKind::Checkpoint};
+  if (r.get_int("format_version") != kCheckpointFormatVersion)
+    fail_key(ErrorKind::Checkpoint, state_path, "format_version",
+             "version " + std::to_string(r.get_int("format_version")) + " is not the supported " +
+                 std::to_string(kCheckpointFormatVersion));
+  const Json& manifest = r.require("files");
+  for (const auto& item : manifest.items()) {
+    const std::string p = files::join(dir, item.key());
+    if (!files::exists(p)) fail_at(ErrorKind::Checkpoint, p, "missing from the checkpoint");
+    const int64_t want = item.value().at("bytes").get<int64_t>();
+    const int64_t have = files::file_size(p);
+    if (have != want)
+      fail_at(ErrorKind::Checkpoint, p, "is " + std::to_string(have) + " bytes, expected " + std::to_string(want) + " (truncated?)");
+    if (file_hash(p) != item.value().at("fnv1a64").get<std::string>())
+      fail_at(ErrorKind::Checkpoint, p, "checksum mismatch (the file is corrupt)");
+  }
+  CheckpointContents c;
+  c.state.step = r.get_int("step");
+  const Json& data = r.require("data");
+  c.state.data.epoch = data.at("epoch").get<int64_t>();
+  c.state.data.index = data.at("index").get<int64_t>();
+  c.state.seed = state.at("seed").get<uint64_t>();
+  c.state.tokens_seen = r.get_int("tokens_seen", 0);
+  c.state.config = r.require("config");
+  for (const char* f : {"optimizer.safetensors", "rng.safetensors"}) {
+    SafetensorsFile file(files::join(dir, f));
+    auto& dst = std::string(f) == "optimizer.safetensors" ? c.optimizer : c.rng;
+    for (const auto& t : file.tensors()) dst.emplace_back(t.name, file.view(t.name).clone());
+  }
+  return c;
+}
+
+std::optional<std::string> find_latest_checkpoint(const std::string& output_dir) {
+  if (!files::is_dir(output_dir)) return std::nullopt;
+  std::vector<std::pair<int64_t, std::string>> found;
+  for (const auto& f : files::list_dir(output_dir)) {
+    if (f.rfind(".checkpoint-", 0) == 0)
+      log::warn("ignoring the incomplete checkpoint " + files::join(output_dir, f) + " (a save that was interrupted)");
+    int64_t s = checkpoint_step(f);
+    if (s >= 0) found.emplace_back(s, files::join(output_dir, f));
+  }
+  std::sort(found.rbegin(), found.rend());
+  for (const auto& [step, path] : found) {
+    try {
+      load_checkpoint(path);
+      return path;
+    } catch (const Error& e) {
+      log::warn(std::string("ignoring checkpoint ") + path + ": " + e.what());
+    }
+  }
+  return std::nullopt;
+}
+
+void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir) {
+  static const std::vector<std::string> kMayChange = {"train.steps",      "train.epochs",  "train.log_every",
+                                                      "train.eval_every", "train.micro_batch_size", "checkpoint",
+                                                      "logging",          "output_dir"};
+  auto may_change = [](const std::string& key) {
+    for (const auto& k : kMayChange)
+      if (key == k || key.rfind(k + ".", 0) == 0) return true;
+    return false;
+  };
+  std::map<std::string, Json> a, b;
+  flatten(saved, "", a);
+  flatten(current, "", b);
+  std::vector<std::string> differ;
+  for (const auto& [k, v] : a)
+    if (!may_change(k) && (!b.count(k) || b[k] != v)) differ.push_back(k + " (" + v.dump() + " -> " + (b.count(k) ? b[k].dump() : "absent") + ")");
+  for (const auto& [k, v] : b)
+    if (!may_change(k) && !a.count(k)) differ.push_back(k + " (absent -> " + v.dump() + ")");
+  if (differ.empty()) return;
+  std::string msg = "cannot resume: the run config differs in keys that must not change:";
+  for (const auto& d : differ) msg += " " + d + ";";
+  fail_at(ErrorKind::Checkpoint, checkpoint_dir, msg);
+}
+
+}  // namespace qt

@@ -1,0 +1,63 @@
+#pragma once
+// Crash-safe training checkpoints (`<output_dir>/checkpoint-<step>/`):
+//   adapter_model.safetensors + adapter_config.json   the LoRA weights, as a PEFT adapter (usable as they are)
+//   optimizer.safetensors                             AdamW moments (fp32)
+//   rng.safetensors                                   CPU (and CUDA) generator states
+//   trainer_state.json                                format version, step, data position, seed, LR schedule
+//                                                     step, the resolved run config, and a checksum per file
+//   COMPLETE                                          written last
+// Written into a hidden temporary directory (files fsync'ed, COMPLETE last, directory fsync'ed), then renamed
+// into place atomically; older checkpoints beyond keep_last are removed only after that. A full disk or a write
+// error leaves the previous checkpoint untouched and surfaces as qt::Error(Io).
+#include <ATen/core/Tensor.h>
+
+#include <functional>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lib/core/json.h"
+#include "lib/data/dataset.h"
+
+namespace qt {
+
+inline constexpr int kCheckpointFormatVersion = 1;
+
+struct TrainerState {
+  int64_t step = 0;  // optimizer steps completed
+  DataPosition data;
+  uint64_t seed = 0;
+  int64_t tokens_seen = 0;
+  Json config;  // resolved run config
+};
+
+struct CheckpointContents {
+  TrainerState state;
+  std::vector<std::pair<std::string, at::Tensor>> optimizer;  // AdamW::state_tensors()
+  std::vector<std::pair<std::string, at::Tensor>> rng;        // "cpu", "cuda:<i>" -> generator state bytes
+};
+
+// Writes checkpoint-<state.step> under `output_dir`. `write_adapter(dir)` writes the PEFT adapter files into the
+// temporary directory. Prunes complete checkpoints beyond `keep_last` afterwards. Returns the final path.
+std::string save_checkpoint(const std::string& output_dir, const CheckpointContents& contents,
+                            const std::function<void(const std::string&)>& write_adapter, int64_t keep_last);
+
+// Reads a checkpoint directory, verifying COMPLETE, the format version and every file's checksum; throws
+// qt::Error(Checkpoint) naming the file that is missing, truncated or corrupt.
+CheckpointContents load_checkpoint(const std::string& dir);
+
+// The newest checkpoint under `output_dir` that loads; incomplete or corrupt ones are skipped with a warning
+// naming them. nullopt when there is none.
+std::optional<std::string> find_latest_checkpoint(const std::string& output_dir);
+
+// Keys of the run config that a resumed run must keep (model, LoRA shape, data, batch geometry, seed); the
+// rest (total steps, logging, eval and checkpoint intervals, micro-batch size) may change. Throws
+// qt::Error(Checkpoint) listing every differing key.
+void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir);
+
+// The CPU (and current CUDA device's) default generator states, and their restoration.
+std::vector<std::pair<std::string, at::Tensor>> capture_rng_states();
+void restore_rng_states(const std::vector<std::pair<std::string, at::Tensor>>& states);
+
+}  // namespace qt

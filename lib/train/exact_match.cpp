@@ -1,0 +1,62 @@
+#include "lib/train/exact_match.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include "lib/core/error.h"
+#include "lib/data/jsonl.h"
+#include "lib/data/records.h"
+#include "lib/model/generate.h"
+
+namespace qt {
+namespace {
+
+std::string trim(const std::string& s) {
+  const char* ws = " \t\r\n";
+  auto a = s.find_first_not_of(ws);
+  if (a == std::string::npos) return "";
+  auto b = s.find_last_not_of(ws);
+  return s.substr(a, b - a + 1);
+}
+
+}  // namespace
+
+ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, const DataConfig& data,
+                             const std::string& path, int64_t max_examples, int64_t max_new_tokens) {
+  at::NoGradGuard no_grad;
+  model.set_training(false);
+  ExactMatchResult r;
+  GenerateOptions gen;
+  gen.max_new_tokens = max_new_tokens;
+  if (tokenizer.eos_id() >= 0) gen.stop_ids.push_back(tokenizer.eos_id());
+  for (const char* t : {"<|eot_id|>", "<|end_of_text|>"})
+    if (tokenizer.token_to_id(t) >= 0) gen.stop_ids.push_back(tokenizer.token_to_id(t));
+  for (const auto& record : read_jsonl(path)) {
+    if (r.total >= max_examples) break;
+    const std::string where = path + ":" + std::to_string(record.line);
+    std::string expected;
+    if (record.value.contains("output")) {
+      expected = record_string(record, path, "output");
+    } else if (record.value.contains("messages") && record.value["messages"].is_array() &&
+               !record.value["messages"].empty() && record.value["messages"].back().value("role", "") == "assistant") {
+      expected = record.value["messages"].back().value("content", "");
+    } else {
+      fail_at(ErrorKind::Data, where, "an exact-match record needs an answer (\"output\", or a last assistant message)");
+    }
+    Example e = tokenize_record(record.value, where, data, tokenizer);
+    std::vector<int32_t> prompt;
+    for (size_t i = 0; i < e.ids.size() && !e.loss[i]; ++i) prompt.push_back(e.ids[i]);
+    if (prompt.empty()) fail_at(ErrorKind::Data, where, "the record has no prompt tokens");
+    GenerateResult g = generate_tokens(model, prompt, gen);
+    std::vector<int32_t> answer = g.tokens;
+    if (g.stopped && !answer.empty()) answer.pop_back();
+    const std::string got = trim(tokenizer.decode(answer));
+    const bool ok = got == trim(expected);
+    r.correct += ok;
+    ++r.total;
+    if (r.samples.size() < 3) r.samples.push_back("'" + got + "' (expected '" + trim(expected) + "')" + (ok ? " ok" : ""));
+  }
+  return r;
+}
+
+}  // namespace qt

@@ -1,0 +1,27 @@
+#pragma once
+// Exact-match accuracy of greedy generations on held-out prompt/answer records (alpaca or chat), the metric the
+// demo prints before and after fine-tuning. The prompt is tokenized exactly as in training (the record's tokens
+// before its first loss token); the generation stops at EOS / end-of-turn and is compared, whitespace-trimmed,
+// with the expected answer.
+#include <string>
+#include <vector>
+
+#include "lib/data/data_config.h"
+#include "lib/data/tokenizer.h"
+#include "lib/model/llama.h"
+
+namespace qt {
+
+struct ExactMatchResult {
+  int64_t correct = 0;
+  int64_t total = 0;
+  double accuracy() const { return total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0; }
+  std::vector<std::string> samples;  // a few "prompt -> generated (expected)" lines for the log
+};
+
+// Reads up to `max_examples` records of `path` (alpaca: instruction/input/output; chat: the last assistant
+// message is the answer). Throws qt::Error(Data) naming file:line for a record without an answer.
+ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, const DataConfig& data,
+                             const std::string& path, int64_t max_examples, int64_t max_new_tokens);
+
+}  // namespace qt

@@ -1,0 +1,43 @@
+#pragma once
+// The trainer's view of the data: tokenized once at start (train and held-out eval), ordered per epoch, cut into
+// micro-batches; each optimizer step takes the next batch_size rows (packed or padded) of the global order, and
+// rank r of N takes every N-th micro-batch of them, so the step's content does not depend on the world size.
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lib/core/batch.h"
+#include "lib/data/data_config.h"
+#include "lib/data/dataset.h"
+#include "lib/data/tokenizer.h"
+
+namespace qt {
+
+class TrainData {
+ public:
+  TrainData(const Json& data_section, const std::string& config_file, const Tokenizer& tokenizer, int64_t micro_batch_size);
+
+  int64_t max_seq_len() const { return config_.max_seq_len; }
+  const DataConfig& config() const { return config_; }
+  const Dataset& train_set() const { return *train_; }
+  // Optimizer steps in one pass over the training set with `batch_size` rows per step (the last partial step
+  // of an epoch counts).
+  int64_t steps_per_epoch(int64_t batch_size) const;
+  // This rank's micro-batches of the held-out set (empty when there is no eval data).
+  std::vector<Batch> eval_batches(int rank, int world) const;
+  // This rank's micro-batches of the next optimizer step of `batch_size` rows.
+  std::vector<Batch> next_step(int64_t batch_size, int rank, int world);
+
+  DataPosition position() const { return iterator_->position(); }
+  void seek(const DataPosition& position);
+
+ private:
+  DataConfig config_;
+  int64_t micro_;
+  int32_t pad_id_;
+  std::unique_ptr<Dataset> train_;
+  std::vector<Example> eval_;
+  std::unique_ptr<BatchIterator> iterator_;
+};
+
+}  // namespace qt

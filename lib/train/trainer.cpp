@@ -1,0 +1,308 @@
+#include "lib/train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/core/log.h"
+#include "lib/data/tokenizer.h"
+#include "lib/dist/communicator.h"
+#include "lib/dist/launch_env.h"
+#include "lib/kernels/fused_linear_ce.h"
+#include "lib/model/hf_loader.h"
+#include "lib/model/lora.h"
+#include "lib/model/merge.h"
+#include "lib/model/peft_adapter.h"
+#include "lib/train/adamw.h"
+#include "lib/train/checkpoint.h"
+#include "lib/train/exact_match.h"
+#include "lib/train/metrics.h"
+#include "lib/train/train_data.h"
+
+namespace qt {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+at::Device resolve_device(const std::string& name, const LaunchEnv& env) {
+  if (name == "cpu") return at::kCPU;
+  if (name == "cuda" || (name == "auto" && at::hasCUDA())) {
+    if (!at::hasCUDA()) fail(ErrorKind::Device, "model.device is cuda but no CUDA device is available");
+    return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
+  }
+  return at::kCPU;
+}
+
+c10::ScalarType resolve_dtype(const std::string& name, const at::Device& device) {
+  if (name == "bfloat16") return at::kBFloat16;
+  if (name == "float32") return at::kFloat;
+  return device.is_cuda() ? at::kBFloat16 : at::kFloat;
+}
+
+double gpu_peak_gib(const at::Device& device) {
+  if (!device.is_cuda()) return -1;
+  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  return static_cast<double>(stats.allocated_bytes[0].peak) / static_cast<double>(int64_t{1} << 30);
+}
+
+void reset_gpu_peak(const at::Device& device) {
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+}
+
+// Sum of the cross-entropy over the batch's targets: the fused loss (never holds [tokens, vocab] logits) or the
+// plain reference path.
+at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at::Tensor& targets, bool fused) {
+  at::Tensor h = hidden.reshape({-1, hidden.size(-1)});
+  at::Tensor t = targets.reshape({-1}).to(hidden.device());
+  if (fused) return fused_linear_cross_entropy(h, model.lm_head, t).loss_sum;
+  at::Tensor logits = at::linear(h, model.lm_head).to(at::kFloat);
+  return at::cross_entropy_loss(logits, t, /*weight=*/{}, at::Reduction::Sum, /*ignore_index=*/-100);
+}
+
+// Mean loss over the targets of `batches` without gradients (held-out evaluation).
+std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>& batches, bool fused, Communicator& comm) {
+  at::NoGradGuard no_grad;
+  model.set_training(false);
+  double sum = 0;
+  int64_t count = 0;
+  for (const auto& b : batches) {
+    at::Tensor ids = b.input_ids.to(model.device());
+    at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
+    sum += loss_sum(model, hidden, b.targets, fused).item<double>();
+    count += b.num_targets;
+  }
+  at::Tensor totals = at::tensor({sum, static_cast<double>(count)}, at::kDouble).to(comm.device().is_cuda() ? at::kFloat : at::kDouble).to(comm.device());
+  comm.all_reduce(totals);
+  totals = totals.to(at::kCPU, at::kDouble);
+  const double all_sum = totals[0].item<double>();
+  const int64_t all_count = static_cast<int64_t>(std::llround(totals[1].item<double>()));
+  return {all_count ? all_sum / static_cast<double>(all_count) : 0.0, all_count};
+}
+
+}  // namespace
+
+TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
+  const auto t_start = Clock::now();
+  log::set_level(log::parse_level(cfg.log_level));
+  const LaunchEnv env = read_launch_env();
+  log::set_rank(env.rank);
+  const at::Device device = resolve_device(cfg.model.device, env);
+  const c10::ScalarType dtype = resolve_dtype(cfg.model.dtype, device);
+  std::unique_ptr<Communicator> comm = make_communicator(env, device);
+  check_same_across_ranks(*comm, cfg.resolved.dump(), "run config");
+  const bool rank0 = comm->rank() == 0;
+  const int world = comm->world_size();
+  if (cfg.train.batch_size % world != 0)
+    fail_key(ErrorKind::Config, cfg.file, "train.batch_size",
+             std::to_string(cfg.train.batch_size) + " is not divisible by the world size " + std::to_string(world));
+  const int64_t per_rank = cfg.train.batch_size / world;
+  const int64_t micro = cfg.train.micro_batch_size > 0 ? std::min(cfg.train.micro_batch_size, per_rank) : per_rank;
+  if (rank0) files::make_dirs(cfg.output_dir);
+
+  // Model: NF4 base (quantized as it streams in) with LoRA adapters in fp32.
+  at::manual_seed(cfg.train.seed);
+  auto tokenizer = load_tokenizer(cfg.model.path);
+  LoadOptions load{device, dtype};
+  load.quantize_nf4 = cfg.model.quant == "nf4";
+  LlamaModel model = load_llama(cfg.model.path, load);
+  model.grad_checkpointing = cfg.train.grad_checkpointing;
+  const bool full = cfg.train.full_finetune;
+  const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
+  std::vector<std::pair<std::string, at::Tensor>> params;
+  if (full) {
+    if (!options.resume.empty()) fail(ErrorKind::Usage, "--resume is not supported with train.full_finetune yet");
+    for (auto& [name, t] : model.named_tensors()) {
+      t->requires_grad_(true);
+      params.emplace_back(name, *t);
+    }
+  } else {
+    attach_lora(model, lora, cfg.train.seed, device, at::kFloat);
+    params = lora_parameters(model);
+  }
+  AdamW opt(params, {cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps, cfg.optim.weight_decay});
+  int64_t trainable = 0;
+  for (const auto& [n, p] : params) trainable += p.numel();
+
+  // Data: tokenized once, ordered deterministically per epoch, cut into this rank's micro-batches per step.
+  TrainData data(cfg.data, cfg.file, *tokenizer, micro);
+  const int64_t steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size);
+  const int64_t total_steps = cfg.train.steps > 0 ? cfg.train.steps : cfg.train.epochs * steps_per_epoch;
+  const LrSchedule schedule{cfg.optim.schedule, cfg.optim.lr, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio};
+  const std::vector<Batch> eval_batches = data.eval_batches(comm->rank(), world);
+
+  TrainerState state;
+  state.seed = cfg.train.seed;
+  state.config = cfg.resolved;
+  if (!options.resume.empty()) {
+    std::string dir = options.resume;
+    if (dir == "auto") {
+      auto latest = find_latest_checkpoint(cfg.output_dir);
+      if (!latest) fail_at(ErrorKind::Checkpoint, cfg.output_dir, "--resume auto: no complete checkpoint to resume from");
+      dir = *latest;
+    }
+    CheckpointContents ck = load_checkpoint(dir);
+    check_resume_compatible(ck.state.config, cfg.resolved, dir);
+    load_peft_adapter(model, dir);
+    params = lora_parameters(model);
+    opt = AdamW(params, {cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps, cfg.optim.weight_decay});
+    opt.load_state(ck.optimizer, ck.state.step);
+    restore_rng_states(ck.rng);
+    state.step = ck.state.step;
+    state.data = ck.state.data;
+    state.tokens_seen = ck.state.tokens_seen;
+    if (rank0) log::info("resumed from " + dir + " at step " + std::to_string(state.step));
+  }
+  data.seek(state.data);
+
+  const bool bar = cfg.progress == "bar" || (cfg.progress == "auto" && ::isatty(2));
+  MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0);
+  if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
+  if (rank0)
+    log::info("training " + std::to_string(trainable) + (full ? " parameters (full fine-tuning)" : " LoRA parameters (r=" + std::to_string(lora.r) + ")") + " on " +
+              device.str() + " in " + std::string(c10::toString(dtype)) + ", " + std::to_string(world) + " rank(s), " +
+              std::to_string(total_steps) + " steps of " + std::to_string(cfg.train.batch_size) + " x " +
+              std::to_string(data.max_seq_len()) + " tokens (" + std::to_string(per_rank / micro) +
+              " micro-batch(es) of " + std::to_string(micro) + " per rank)");
+
+  auto write_adapter = [&](const std::string& dir) {
+    if (full) save_merged_model(model, cfg.model.path, files::join(dir, "model"), model.config.dtype);
+    else save_peft_adapter(model, lora, dir, cfg.model.path);
+  };
+  auto checkpoint = [&] {
+    CheckpointContents c{state, opt.state_tensors(), capture_rng_states()};
+    c.state.data = data.position();
+    if (rank0) {
+      std::string path = save_checkpoint(cfg.output_dir, c, write_adapter, cfg.checkpoint.keep_last);
+      metrics.line("checkpoint saved: " + path);
+    }
+    comm->barrier();
+  };
+
+  const bool fused = cfg.train.loss == "fused";
+  TrainSummary summary;
+  auto task_metric = [&](const char* when) {
+    ExactMatchResult em = exact_match(model, *tokenizer, data.config(), cfg.eval.exact_match_file,
+                                      cfg.eval.max_examples, cfg.eval.max_new_tokens);
+    std::string line = std::string("exact-match accuracy ") + when + ": " + std::to_string(em.correct) + "/" +
+                       std::to_string(em.total) + " (" + std::to_string(100.0 * em.accuracy()).substr(0, 5) + "%)";
+    for (const auto& s : em.samples) line += "\n    e.g. " + s;
+    metrics.line(line);
+    return em.accuracy();
+  };
+  if (!cfg.eval.exact_match_file.empty() && state.step == 0 && rank0) summary.exact_match_before = task_metric("before training");
+  double first_loss = NAN, last_loss = NAN;
+  int64_t run_tokens = 0;
+  const auto t_loop = Clock::now();
+  const int64_t start_step = state.step;
+  while (state.step < total_steps) {
+    const auto t_step = Clock::now();
+    reset_gpu_peak(device);
+    model.set_training(true);
+    std::vector<Batch> micro_batches = data.next_step(cfg.train.batch_size, comm->rank(), world);
+    // Normalise by the targets of the whole global step, so that accumulation over micro-batches and ranks gives
+    // the gradient of the mean over all of them (not a mean of per-micro-batch means).
+    int64_t local_targets = 0;
+    for (const auto& b : micro_batches) local_targets += b.num_targets;
+    at::Tensor count = at::tensor({static_cast<double>(local_targets)}, at::kDouble);
+    count = count.to(device.is_cuda() ? at::kFloat : at::kDouble).to(device);
+    comm->all_reduce(count);
+    const double step_targets = count.to(at::kCPU, at::kDouble).item<double>();
+    if (step_targets <= 0) fail(ErrorKind::Data, "step " + std::to_string(state.step + 1) + ": the batch has no target tokens (all masked?)");
+    double local_loss = 0;
+    for (const auto& b : micro_batches) {
+      at::Tensor ids = b.input_ids.to(device);
+      at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
+      at::Tensor l = loss_sum(model, hidden, b.targets, fused);
+      (l / step_targets).backward();
+      local_loss += l.item<double>();
+    }
+    // Data parallel: sum the LoRA gradients (already divided by the global count) and the loss over ranks.
+    if (world > 1) {
+      for (auto& [n, p] : params)
+        if (p.grad().defined()) comm->all_reduce(p.mutable_grad());
+    }
+    at::Tensor loss_t = at::tensor({local_loss}, at::kDouble).to(device.is_cuda() ? at::kFloat : at::kDouble).to(device);
+    comm->all_reduce(loss_t);
+    const double loss = loss_t.to(at::kCPU, at::kDouble).item<double>() / step_targets;
+    if (!std::isfinite(loss))
+      fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the loss is not finite (" + std::to_string(loss) +
+                                   "); the last checkpoint in " + cfg.output_dir + " is intact (lower optim.lr?)");
+    const double grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm);
+    if (!std::isfinite(grad_norm))
+      fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the gradient norm is not finite; the last "
+                               "checkpoint in " + cfg.output_dir + " is intact");
+    const double lr = schedule.at(state.step);
+    opt.step(lr);
+    opt.zero_grad();
+    ++state.step;
+    const int64_t tokens = static_cast<int64_t>(step_targets);
+    state.tokens_seen += tokens;
+    run_tokens += tokens;
+    if (std::isnan(first_loss)) first_loss = loss;
+    last_loss = loss;
+
+    if (state.step % cfg.train.log_every == 0 || state.step == total_steps) {
+      StepMetrics m;
+      m.step = state.step;
+      m.total_steps = total_steps;
+      m.loss = loss;
+      m.lr = lr;
+      m.grad_norm = grad_norm;
+      m.step_s = seconds_since(t_step);
+      m.tokens = tokens;
+      m.tokens_per_s = tokens / std::max(1e-9, m.step_s);
+      m.gpu_mem_gib = gpu_peak_gib(device);
+      const double per_step = seconds_since(t_loop) / static_cast<double>(state.step - start_step);
+      m.eta_s = per_step * static_cast<double>(total_steps - state.step);
+      metrics.step(m);
+    }
+    if (!eval_batches.empty() && cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0) {
+      auto [el, et] = evaluate(model, eval_batches, fused, *comm);
+      metrics.eval(state.step, el, et);
+    }
+    const bool stop = options.stop_requested && options.stop_requested->load();
+    if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || stop) checkpoint();
+    if (stop) {
+      metrics.line("stopped by a signal after step " + std::to_string(state.step) + "; resume with --resume auto");
+      summary.steps = state.step;
+      return summary;
+    }
+  }
+  if (!eval_batches.empty()) {
+    if (metrics.eval_losses().empty() || metrics.eval_losses().back().first != state.step) {
+      auto [el, et] = evaluate(model, eval_batches, fused, *comm);
+      metrics.eval(state.step, el, et);
+    }
+    summary.eval_loss = metrics.eval_losses().back().second;
+  }
+  if (cfg.checkpoint.every == 0 || state.step % cfg.checkpoint.every != 0) checkpoint();
+  if (!cfg.eval.exact_match_file.empty() && rank0) summary.exact_match_after = task_metric("after training");
+  summary.adapter_dir = files::join(cfg.output_dir, full ? "model" : "adapter");
+  if (rank0) {
+    files::remove_tree(summary.adapter_dir);
+    if (full) {
+      save_merged_model(model, cfg.model.path, summary.adapter_dir, model.config.dtype);
+    } else {
+      files::make_dirs(summary.adapter_dir);
+      write_adapter(summary.adapter_dir);
+    }
+    write_loss_plot(files::join(cfg.output_dir, "loss.html"), metrics.train_losses(), metrics.eval_losses(),
+                    "qlora-train: " + cfg.output_dir);
+  }
+  summary.steps = state.step;
+  summary.first_loss = first_loss;
+  summary.last_loss = last_loss;
+  summary.seconds = seconds_since(t_start);
+  summary.tokens_per_s = run_tokens / std::max(1e-9, seconds_since(t_loop));
+  return summary;
+}
+
+}  // namespace qt

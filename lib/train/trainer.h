@@ -1,0 +1,32 @@
+#pragma once
+// The training recipe: load, attach adapters, step, log, evaluate, checkpoint, export. Reads like a recipe; the
+// modules it calls know nothing of the loop.
+#include <atomic>
+#include <string>
+#include <vector>
+
+#include "lib/train/run_config.h"
+
+namespace qt {
+
+struct TrainSummary {
+  int64_t steps = 0;
+  double first_loss = 0;
+  double last_loss = 0;
+  double eval_loss = -1;  // < 0: no evaluation data
+  double exact_match_before = -1;  // < 0: no exact-match evaluation configured
+  double exact_match_after = -1;
+  double seconds = 0;
+  double tokens_per_s = 0;
+  std::string adapter_dir;
+};
+
+struct TrainOptions {
+  std::string resume;  // "", "auto" or a checkpoint directory
+  // Set by a SIGTERM/SIGINT handler: the loop checkpoints after the current step and stops.
+  const std::atomic<bool>* stop_requested = nullptr;
+};
+
+TrainSummary train(const RunConfig& config, const TrainOptions& options);
+
+}  // namespace qt

@@ -1,0 +1,82 @@
+"""Generates the demo's data and the starting point of its base model (tooling; the trainer never runs Python).
+
+Writes under configs/demo/:
+  tokenizer.model, tokenizer_config.json   a sentencepiece tokenizer trained here on the generated corpus
+  init/                                    a randomly initialised small LLaMA (config.json + safetensors) with it
+  pretrain.jsonl                           generated text that the base is pretrained on by qlora-train itself
+  task_train.jsonl, task_eval.jsonl        the fine-tuning task (alpaca records), eval held out
+
+The task: "Shift every digit by one" (0->1, ..., 9->0) over 3 to 6 digits. Exact match over held-out prompts
+is a metric anyone can read. Deterministic for a given seed."""
+import argparse, json, os, pathlib, random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+WORDS = ("the a cat dog sat on mat ran fast slow red blue green house tree river stone bird sings loud quiet "
+         "one two three four five six seven eight nine ten and or but then when where why how what who list "
+         "count digits numbers shift every digit by one answer question below write only result").split()
+
+def digits(rng, lo=3, hi=6):
+    return [rng.randrange(10) for _ in range(rng.randint(lo, hi))]
+
+def pretrain_line(rng):
+    kind = rng.random()
+    if kind < 0.5:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 16))) + rng.choice([".", "!", "?"])
+    if kind < 0.8:  # digit runs, so that the base knows the digit tokens (but never the shift rule)
+        return " ".join(str(d) for d in digits(rng, 3, 10))
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) + ": " + " ".join(str(d) for d in digits(rng))
+
+def task_record(rng):
+    d = digits(rng)
+    return {"instruction": "Shift every digit by one: " + " ".join(map(str, d)),
+            "output": " ".join(str((x + 1) % 10) for x in d)}
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default="configs/demo")
+    ap.add_argument("--seed", type=int, default=2026)
+    args = ap.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    pre = [pretrain_line(rng) for _ in range(3000)]
+    (out / "pretrain.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in pre))
+    train = [task_record(rng) for _ in range(2000)]
+    seen = {r["instruction"] for r in train}
+    evals = []
+    while len(evals) < 100:
+        r = task_record(rng)
+        if r["instruction"] not in seen:
+            seen.add(r["instruction"])
+            evals.append(r)
+    (out / "task_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (out / "task_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+
+    import sentencepiece as spm
+    corpus = out / "corpus.tmp"
+    alpaca_words = "Below is an instruction that describes a task. Write a response that appropriately completes the request. ### Instruction: ### Response:"
+    corpus.write_text("\n".join(pre + [alpaca_words] * 20 + [r["instruction"] + " " + r["output"] for r in train[:200]]) + "\n")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=512,
+                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
+                                   character_coverage=1.0, split_digits=True, minloglevel=2)
+    corpus.unlink()
+    (out / "tokenizer.vocab").unlink()
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "tokenizer_class": "LlamaTokenizer", "model_max_length": 256}, indent=2) + "\n")
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(args.seed)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, rms_norm_eps=1e-5,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, rope_theta=10000.0)
+    init = out / "init"
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(init, safe_serialization=True)
+    for f in ("tokenizer.model", "tokenizer_config.json"):
+        (init / f).write_bytes((out / f).read_bytes())
+    print(f"wrote {out}: {len(pre)} pretraining lines, {len(train)} task records, {len(evals)} held out")
+
+if __name__ == "__main__":
+    main()

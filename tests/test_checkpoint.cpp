@@ -1,0 +1,126 @@
+// Checkpoint files: round trip, corruption detection, pruning, resume compatibility.
+#include <ATen/ATen.h>
+
+#include <fstream>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/core/safetensors.h"
+#include "lib/train/checkpoint.h"
+#include "tests/catch.h"
+#include "tests/test_util.h"
+
+namespace {
+
+qt::CheckpointContents sample_contents(int64_t step) {
+  qt::CheckpointContents c;
+  c.state.step = step;
+  c.state.data = {2, 17};
+  c.state.seed = 1234;
+  c.state.tokens_seen = 999;
+  c.state.config = {{"model", {{"path", "m"}}}, {"train", {{"steps", 10}}}};
+  c.optimizer = {{"a.exp_avg", at::randn({3, 4})}, {"a.exp_avg_sq", at::rand({3, 4})}};
+  c.rng = qt::capture_rng_states();
+  return c;
+}
+
+void fake_adapter(const std::string& dir) {
+  qt::save_safetensors(dir + "/adapter_model.safetensors", {{"x.lora_A.weight", at::randn({2, 5})}});
+  std::ofstream(dir + "/adapter_config.json") << "{\"peft_type\": \"LORA\"}\n";
+}
+
+template <typename F>
+void require_checkpoint_error(F&& f, std::initializer_list<std::string> needles) {
+  try {
+    f();
+  } catch (const qt::Error& e) {
+    INFO(e.what());
+    CHECK(e.kind() == qt::ErrorKind::Checkpoint);
+    for (const auto& n : needles) CHECK(std::string(e.what()).find(n) != std::string::npos);
+    return;
+  }
+  FAIL("expected a checkpoint error");
+}
+
+}  // namespace
+
+TEST_CASE("checkpoint round trip keeps step data position optimizer state and RNG", "[checkpoint]") {
+  const std::string out = qt::test::scratch_dir("ckpt_roundtrip");
+  qt::CheckpointContents c = sample_contents(5);
+  std::string path = qt::save_checkpoint(out, c, fake_adapter, 3);
+  CHECK(path == out + "/checkpoint-5");
+  CHECK(qt::files::exists(path + "/COMPLETE"));
+  CHECK(qt::files::exists(path + "/adapter_model.safetensors"));
+  qt::CheckpointContents back = qt::load_checkpoint(path);
+  CHECK(back.state.step == 5);
+  CHECK(back.state.data.epoch == 2);
+  CHECK(back.state.data.index == 17);
+  CHECK(back.state.seed == 1234);
+  CHECK(back.state.tokens_seen == 999);
+  CHECK(back.state.config == c.state.config);
+  REQUIRE(back.optimizer.size() == 2);
+  CHECK(at::equal(back.optimizer[0].second, c.optimizer[0].second));
+  // Restoring the RNG state replays the same random numbers.
+  qt::restore_rng_states(back.rng);
+  at::Tensor r1 = at::randn({8});
+  qt::restore_rng_states(back.rng);
+  at::Tensor r2 = at::randn({8});
+  CHECK(at::equal(r1, r2));
+}
+
+TEST_CASE("corrupt truncated or incomplete checkpoints are reported and skipped by auto resume", "[checkpoint]") {
+  const std::string out = qt::test::scratch_dir("ckpt_corrupt");
+  qt::save_checkpoint(out, sample_contents(2), fake_adapter, 5);
+  qt::save_checkpoint(out, sample_contents(4), fake_adapter, 5);
+  REQUIRE(qt::find_latest_checkpoint(out) == out + "/checkpoint-4");
+  const std::string opt = out + "/checkpoint-4/optimizer.safetensors";
+  SECTION("a flipped bit") {
+    std::fstream f(opt, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(-5, std::ios::end);
+    char c;
+    f.get(c);
+    f.seekp(-5, std::ios::end);
+    f.put(static_cast<char>(c ^ 0x10));
+    f.close();
+    require_checkpoint_error([&] { qt::load_checkpoint(out + "/checkpoint-4"); }, {"optimizer.safetensors", "checksum"});
+  }
+  SECTION("a truncated file") {
+    std::string bytes = qt::files::read_file(opt);
+    std::ofstream(opt, std::ios::binary | std::ios::trunc) << bytes.substr(0, bytes.size() - 7);
+    require_checkpoint_error([&] { qt::load_checkpoint(out + "/checkpoint-4"); }, {"optimizer.safetensors", "truncated"});
+  }
+  SECTION("no completion marker") {
+    qt::files::remove_tree(out + "/checkpoint-4/COMPLETE");
+    require_checkpoint_error([&] { qt::load_checkpoint(out + "/checkpoint-4"); }, {"checkpoint-4", "incomplete"});
+  }
+  // Auto resume falls back to the previous complete checkpoint.
+  CHECK(qt::find_latest_checkpoint(out) == out + "/checkpoint-2");
+}
+
+TEST_CASE("keep_last prunes old checkpoints only after the new one is complete", "[checkpoint]") {
+  const std::string out = qt::test::scratch_dir("ckpt_prune");
+  for (int64_t s : {1, 2, 3, 4}) qt::save_checkpoint(out, sample_contents(s), fake_adapter, 2);
+  auto names = qt::files::list_dir(out);
+  CHECK(names == std::vector<std::string>{"checkpoint-3", "checkpoint-4"});
+  // A failing adapter writer (a full disk, say) leaves the existing checkpoints untouched.
+  auto failing = [](const std::string&) { qt::fail(qt::ErrorKind::Io, "simulated write failure (disk full)"); };
+  CHECK_THROWS_AS(qt::save_checkpoint(out, sample_contents(5), failing, 2), qt::Error);
+  CHECK(qt::find_latest_checkpoint(out) == out + "/checkpoint-4");
+  CHECK(qt::files::exists(out + "/checkpoint-3/COMPLETE"));
+}
+
+TEST_CASE("resume refuses config changes that matter and allows the rest", "[checkpoint]") {
+  qt::Json saved = {{"model", {{"path", "m"}}},
+                    {"lora", {{"r", 16}}},
+                    {"train", {{"steps", 10}, {"batch_size", 8}}},
+                    {"logging", {{"level", "info"}}}};
+  qt::Json ok = saved;
+  ok["train"]["steps"] = 20;
+  ok["logging"]["level"] = "debug";
+  ok["checkpoint"] = {{"every", 5}};
+  CHECK_NOTHROW(qt::check_resume_compatible(saved, ok, "ck"));
+  qt::Json bad = saved;
+  bad["lora"]["r"] = 32;
+  bad["train"]["batch_size"] = 16;
+  require_checkpoint_error([&] { qt::check_resume_compatible(saved, bad, "ck"); }, {"lora.r", "train.batch_size"});
+}
