@@ -6,7 +6,7 @@ Writes under configs/demo/:
   pretrain.jsonl                           generated text that the base is pretrained on by qlora-train itself
   task_train.jsonl, task_eval.jsonl        the fine-tuning task (alpaca records), eval held out
 
-The task: "Shift every digit by one" (0->1, ..., 9->0) over 3 to 6 digits. Exact match over held-out prompts
+The task: "Shift every digit by one" (0->1, ..., 9->0) over 4 digits. Exact match over held-out prompts
 is a metric anyone can read. Deterministic for a given seed."""
 import argparse, json, os, pathlib, random
 
@@ -28,7 +28,7 @@ def pretrain_line(rng):
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) + ": " + " ".join(str(d) for d in digits(rng))
 
 def task_record(rng):
-    d = digits(rng)
+    d = digits(rng, 4, 4)
     return {"instruction": "Shift every digit by one: " + " ".join(map(str, d)),
             "output": " ".join(str((x + 1) % 10) for x in d)}
 
@@ -36,6 +36,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="configs/demo")
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument("--task-only", action="store_true", help="rewrite only the task files")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,6 +53,8 @@ def main():
             evals.append(r)
     (out / "task_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     (out / "task_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    if args.task_only:
+        return
 
     import sentencepiece as spm
     corpus = out / "corpus.tmp"

@@ -6,6 +6,8 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
+#include <thread>
 #include <cmath>
 
 #include "lib/core/error.h"
@@ -184,6 +186,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       metrics.line("checkpoint saved: " + path);
     }
     comm->barrier();
+    // Test hook: time for a test to kill the process right after a complete checkpoint.
+    if (const char* ms = std::getenv("QT_TEST_SLEEP_AFTER_CHECKPOINT_MS"))
+      std::this_thread::sleep_for(std::chrono::milliseconds(std::atol(ms)));
   };
 
   const bool fused = cfg.train.loss == "fused";

@@ -1,0 +1,129 @@
+"""The training binary end to end on a tiny NF4 model (CPU): reproducible for a seed, micro-batch accumulation
+equal to one batch, exact resume after kill -9 (also in the middle of a checkpoint save), refusal of a config
+change that matters, and the files a user takes away."""
+import json, os, pathlib, signal, subprocess, sys, tempfile, time
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import tiny_lm
+
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_train_"))
+failures = []
+
+def check(cond, what):
+    print(("ok: " if cond else "FAILED: ") + what, flush=True)
+    if not cond:
+        failures.append(what)
+
+def write_config(name, **over):
+    cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
+           "lora": {"r": 4, "alpha": 8},
+           "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
+           "train": {"steps": 6, "batch_size": 4, "seed": 3, "log_every": 1},
+           "optim": {"lr": 2e-3, "warmup_steps": 1},
+           "checkpoint": {"every": 3, "keep_last": 3}, "logging": {"progress": "lines"}}
+    for k, v in over.items():
+        sec, key = k.split("__")
+        cfg[sec][key] = v
+    path = TMP / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+def train(config, *extra, env=None, check_rc=True):
+    p = subprocess.run([BIN, "--config", str(config), *extra], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check_rc and p.returncode != 0:
+        sys.exit(f"training {config} exited {p.returncode}:\n{p.stderr[-3000:]}")
+    return p
+
+def losses(name):
+    out = {}
+    for line in (TMP / name / "metrics.jsonl").read_text().splitlines():
+        j = json.loads(line)
+        if "loss" in j:
+            out[j["step"]] = j["loss"]  # a resumed run rewrites the steps after its checkpoint: keep the last
+    return out
+
+def adapter_bytes(name):
+    return (TMP / name / "adapter" / "adapter_model.safetensors").read_bytes()
+
+def start_and_kill(config, marker, env):
+    """Starts training, kills it with SIGKILL as soon as `marker` exists."""
+    p = subprocess.Popen([BIN, "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    t0 = time.time()
+    while not marker() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    return p
+
+def main():
+    tiny_lm.make_model_dir(TMP / "model", seed=5)
+    tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
+
+    # Reproducible: two runs with one seed give the same losses and adapter bytes.
+    train(write_config("a"))
+    train(write_config("b"))
+    la, lb = losses("a"), losses("b")
+    check(len(la) == 6 and la == lb, f"two runs with one seed give identical losses {list(la.values())}")
+    check(adapter_bytes("a") == adapter_bytes("b"), "two runs with one seed give identical adapters")
+    check(la[6] < la[1], f"the loss falls ({la[1]:.4f} -> {la[6]:.4f})")
+    for f in ("metrics.jsonl", "loss.html", "adapter/adapter_config.json", "checkpoint-6/COMPLETE", "checkpoint-3/COMPLETE"):
+        check((TMP / "a" / f).exists(), f"{f} written")
+    from safetensors import safe_open
+    with safe_open(TMP / "a" / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    check(len(keys) == 2 * 7 * 2 and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in keys)
+          and all(k.startswith("base_model.model.model.layers.") for k in keys),
+          f"the adapter holds PEFT's 28 lora_A/lora_B tensors ({len(keys)})")
+
+    # Accumulation: 4 micro-batches of 1 row give the step of one batch of 4 rows (token-normalised).
+    train(write_config("m1", train__micro_batch_size=1, train__steps=2))
+    train(write_config("m4", train__micro_batch_size=4, train__steps=2))
+    l1, l4 = losses("m1"), losses("m4")
+    check(all(abs(l1[s] - l4[s]) / l4[s] < 1e-5 for s in (1, 2)),
+          f"micro-batches of 1 and one batch of 4 give the same losses {l1} vs {l4}")
+
+    # Exact resume after kill -9 once checkpoint-3 is complete.
+    cfg = write_config("k")
+    start_and_kill(cfg, lambda: (TMP / "k" / "checkpoint-3" / "COMPLETE").exists(),
+                   {"QT_TEST_SLEEP_AFTER_CHECKPOINT_MS": "3000"})
+    check(not (TMP / "k" / "checkpoint-6").exists(), "the killed run stopped before its last checkpoint")
+    train(cfg, "--resume", "auto")
+    lk = losses("k")
+    check(all(lk[s] == la[s] for s in (4, 5, 6)), f"resumed losses of steps 4-6 equal the straight run's bit for bit")
+    check(adapter_bytes("k") == adapter_bytes("a"), "the resumed run's final adapter equals the straight run's")
+
+    # A kill in the middle of writing checkpoint-6: resume falls back to checkpoint-3 and still ends the same.
+    cfg = write_config("c")
+    start_and_kill(cfg, lambda: any(n.startswith(".checkpoint-6") for n in os.listdir(TMP / "c")) if (TMP / "c").exists() else False,
+                   {"QT_TEST_CHECKPOINT_DELAY_MS": "1500"})
+    check(not (TMP / "c" / "checkpoint-6").exists(), "no checkpoint-6 after a kill during its save")
+    p = train(cfg, "--resume", "auto")
+    check("incomplete checkpoint" in p.stderr and ".checkpoint-6" in p.stderr, "resume warns about the interrupted save")
+    check("resumed from" in p.stderr and "checkpoint-3" in p.stderr, "resume picks checkpoint-3")
+    check(adapter_bytes("c") == adapter_bytes("a"), "after a crash during save, the run still ends with the straight run's adapter")
+
+    # Resuming with a LoRA shape or batch that differs is refused, naming the keys; more steps are allowed.
+    p = train(write_config("a", lora__r=8, train__batch_size=8), "--resume", "auto", check_rc=False)
+    check(p.returncode == 6 and "lora.r" in p.stderr and "train.batch_size" in p.stderr,
+          f"a changed lora.r / batch_size is refused (exit {p.returncode}): {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
+    p = train(write_config("a", train__steps=8), "--resume", "auto", check_rc=False)
+    check(p.returncode == 0 and losses("a").get(8) is not None, "more steps may be added on resume")
+
+    # Bad configs and data: clear errors, non-zero exit, nothing written.
+    p = train(write_config("e", optim__lerning_rate=1), check_rc=False)
+    check(p.returncode == 3 and "optim.lerning_rate" in p.stderr, f"a config typo is named (exit {p.returncode})")
+    (TMP / "bad.jsonl").write_text('{"text": "a b c"}\n\n')
+    p = train(write_config("e2", data__train_file=str(TMP / "bad.jsonl")), check_rc=False)
+    check(p.returncode == 5 and "bad.jsonl:2" in p.stderr, f"an empty jsonl line is named (exit {p.returncode})")
+    (TMP / "chat.jsonl").write_text('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
+    p = train(write_config("e3", data__train_file=str(TMP / "chat.jsonl"), data__format="chat", data__chat_template="llama2"), check_rc=False)
+    check(p.returncode == 5 and "wizard" in p.stderr and "chat.jsonl:1" in p.stderr, f"an unknown chat role is named (exit {p.returncode})")
+    if failures:
+        print(f"{len(failures)} check(s) FAILED")
+        sys.exit(1)
+    print("all training checks passed")
+
+if __name__ == "__main__":
+    main()
