@@ -36,6 +36,12 @@ if [ "$MODE" != tests ]; then
     note "== $(basename "$b")"
     "$b" 2>&1 | tee "$OUT/$(basename "$b").log" | tail -n 25 >>"$summary"
   done
+  note "== trainer: QLoRA on a Llama-3.2-1B-shaped random model, 4 x 2048, bf16 (then HF + PEFT on the same shape)"
+  QT_FIXTURES=$PWD/build-gpu/tests/fixtures python3 scripts/gpu_train_smoke.py build-gpu/qlora-train /tmp/qt_smoke 4 2048 12 \
+    2>&1 | tee "$OUT/train_smoke.log" | grep -E '^\{|did not|exited' >>"$summary"
+  if [ -d .peerscripts ]; then
+    PEER_STEPS=6 python3 .peerscripts/hf_peft_baseline.py llama-3.2-1b 4 2048 1 2>&1 | tee "$OUT/peer_hf_peft.log" | grep '^{' >>"$summary"
+  fi
   if [ -n "$PEERS" ] && [ -d .peerscripts ]; then
     P=$PWD/.peerscripts
     note "== peers: bitsandbytes dequantize_4bit"
