@@ -3,10 +3,18 @@
 // a kernel that reads a little and writes a lot). Times are medians of batches timed with CUDA events; each
 // launch in a batch uses a different set of buffers, and the sets together exceed the L2 cache several times,
 // so the figures are DRAM figures. Bytes moved = packed codes (0.5 B/weight) + statistics + output.
-// Usage: bench_nf4_dequant [reps=30]
+// Two timings per case: "stream", 20 calls of the public API launched back to back from the host (host work
+// included where it exceeds the kernel's), and "graph", the same 20 calls captured in a CUDA graph and
+// replayed (the device's time per kernel, launch gaps included). The copy limit is given twice: the 1 GiB copy
+// bandwidth, and a cudaMemcpyAsync of the case's own byte count (half read, half written, rotated buffers,
+// graph-timed): the practical ceiling at that size, where launch latency and the ramp of a kernel weigh; and
+// "fill@", an ATen fill_ of the same outputs (the writes alone, nothing read). Results: docs/PERFORMANCE.md.
+// Usage: bench_nf4_dequant [reps=30] [--no-ref] [--only=SUBSTRING,...]
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -19,6 +27,8 @@
 #ifdef QT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
 #endif
 
 namespace {
@@ -27,7 +37,7 @@ using qt::kernels::Nf4Data;
 
 struct Row {
   std::string name;
-  double us = 0, ref_us = 0, gbps = 0, pct_copy = 0, speedup = 0;
+  double us = 0, host_us = 0, graph_us = 0, ref_us = 0, copy_us = 0, fill_us = 0;
   double mbytes = 0;
 };
 
@@ -54,18 +64,49 @@ double bytes_moved(const Nf4Data& d, int64_t out_elem) {
 }
 
 // Median over `reps` batches of `batch` calls of fn(i) (i = call index, for buffer rotation), in microseconds
-// per call.
+// per call. host_us (optional): median host time per call to enqueue them (where it exceeds the device time,
+// the stream figure measures the host).
 template <typename F>
-double time_us(F&& fn, int reps, int batch) {
+double time_us(F&& fn, int reps, int batch, double* host_us = nullptr) {
   auto stream = at::cuda::getCurrentCUDAStream();
   for (int i = 0; i < 3 * batch; ++i) fn(i);  // warm-up
-  std::vector<double> t;
+  std::vector<double> t, h;
   int call = 0;
   for (int r = 0; r < reps; ++r) {
     at::cuda::CUDAEvent start(0), stop(0);  // timing enabled
     start.record(stream);
+    const auto h0 = std::chrono::steady_clock::now();
     for (int b = 0; b < batch; ++b) fn(call++);
+    const auto h1 = std::chrono::steady_clock::now();
     stop.record(stream);
+    stop.synchronize();
+    t.push_back(static_cast<double>(start.elapsed_time(stop)) * 1000.0 / batch);
+    h.push_back(std::chrono::duration<double, std::micro>(h1 - h0).count() / batch);
+  }
+  std::sort(t.begin(), t.end());
+  std::sort(h.begin(), h.end());
+  if (host_us) *host_us = h[h.size() / 2];
+  return t[t.size() / 2];
+}
+
+// The same, with the `batch` calls captured once in a CUDA graph (on a side stream) and replayed `reps` times.
+template <typename F>
+double time_graph_us(F&& fn, int reps, int batch) {
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+  c10::cuda::CUDAStreamGuard guard(side);
+  for (int i = 0; i < batch; ++i) fn(i);  // warm-up outside the capture
+  side.synchronize();
+  at::cuda::CUDAGraph graph;
+  graph.capture_begin();
+  for (int i = 0; i < batch; ++i) fn(i);
+  graph.capture_end();
+  for (int i = 0; i < 3; ++i) graph.replay();
+  std::vector<double> t;
+  for (int r = 0; r < reps; ++r) {
+    at::cuda::CUDAEvent start(0), stop(0);
+    start.record(side);
+    graph.replay();
+    stop.record(side);
     stop.synchronize();
     t.push_back(static_cast<double>(start.elapsed_time(stop)) * 1000.0 / batch);
   }
@@ -75,7 +116,7 @@ double time_us(F&& fn, int reps, int batch) {
 
 // One case: `names` weights of `shapes`, dequantized together in one launch (one weight: a plain launch).
 Row run_case(const std::string& name, const std::vector<std::pair<int64_t, int64_t>>& shapes, at::ScalarType dtype,
-             double copy_gbps, int reps) {
+             int reps, bool with_ref) {
   const int64_t elem = at::elementSize(dtype);
   double set_bytes = 0;
   for (auto [r, c] : shapes) set_bytes += r * c * (0.5 + elem);
@@ -113,11 +154,27 @@ Row run_case(const std::string& name, const std::vector<std::pair<int64_t, int64
   Row row;
   row.name = name;
   row.mbytes = moved / 1e6;
-  row.us = time_us(kernel, reps, 20);
-  row.ref_us = time_us(reference, std::max(5, reps / 3), 2);
-  row.gbps = moved / (row.us * 1e-6) / 1e9;
-  row.pct_copy = 100.0 * row.gbps / copy_gbps;
-  row.speedup = row.ref_us / row.us;
+  row.us = time_us(kernel, reps, 20, &row.host_us);
+  row.graph_us = time_graph_us(kernel, reps, 20);
+  if (with_ref) row.ref_us = time_us(reference, std::max(5, reps / 3), 2);
+  // Write-only ceiling at this size: fill_ of the same outputs (no codes read), graph-timed.
+  row.fill_us = time_graph_us(
+      [&](int i) {
+        for (auto& o : outs[i % sets]) o.fill_(0.5);
+      },
+      reps, 20);
+  data.clear();
+  outs.clear();
+
+  // The practical ceiling at this size: a device-to-device copy of the same byte count (read + written).
+  const int64_t half = static_cast<int64_t>(moved / 2) / 16 * 16;
+  const int copy_sets = std::max(2, static_cast<int>(std::ceil(200e6 / (2.0 * half))));
+  std::vector<at::Tensor> src, dst;
+  for (int s = 0; s < copy_sets; ++s) {
+    src.push_back(at::empty({half}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA)).fill_(1));
+    dst.push_back(at::empty({half}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA)));
+  }
+  row.copy_us = time_graph_us([&](int i) { dst[i % copy_sets].copy_(src[i % copy_sets]); }, reps, 20);
   return row;
 }
 
@@ -131,6 +188,18 @@ double copy_bandwidth_gbps(int reps) {
 }
 
 #endif
+
+// `only`: comma-separated substrings of case names; empty: every case.
+bool selected(const std::string& name, const std::string& only) {
+  if (only.empty()) return true;
+  size_t pos = 0;
+  while (pos <= only.size()) {
+    const size_t end = std::min(only.find(',', pos), only.size());
+    if (end > pos && name.find(only.substr(pos, end - pos)) != std::string::npos) return true;
+    pos = end + 1;
+  }
+  return false;
+}
 
 }  // namespace
 
@@ -146,16 +215,37 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "bench_nf4_dequant: no CUDA device\n");
       return 1;
     }
-    const int reps = argc > 1 ? std::atoi(argv[1]) : 30;
+    int reps = 30;
+    bool with_ref = true;
+    std::string only;
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      if (a == "--no-ref") {
+        with_ref = false;
+      } else if (a.rfind("--only=", 0) == 0) {
+        only = a.substr(7);
+      } else {
+        reps = std::atoi(a.c_str());
+      }
+    }
     at::manual_seed(0);
     const double copy_gbps = copy_bandwidth_gbps(reps);
     const auto props = at::cuda::getCurrentDeviceProperties();
-    std::printf("device: %s, device-to-device copy: %.0f GB/s (read + write)\n", props->name, copy_gbps);
+    std::printf("device: %s, %d SMs, %d MB L2; device-to-device copy of 1 GiB: %.0f GB/s (read + write)\n", props->name,
+                props->multiProcessorCount, props->l2CacheSize >> 20, copy_gbps);
+    {  // The cost of a kernel that does nothing: a 1-element fill_, back to back.
+      at::Tensor one = at::empty({1}, at::TensorOptions().device(at::kCUDA));
+      const double s_us = time_us([&](int) { one.fill_(1.0); }, reps, 20);
+      const double g_us = time_graph_us([&](int) { one.fill_(1.0); }, reps, 20);
+      std::printf("smallest kernel (1-element fill_), back to back: %.2f us per launch (stream), %.2f us (graph)\n",
+                  s_us, g_us);
+    }
 
     using Shapes = std::vector<std::pair<int64_t, int64_t>>;
     std::vector<Row> rows;
     auto add = [&](const std::string& name, const Shapes& shapes, at::ScalarType t) {
-      rows.push_back(run_case(name, shapes, t, copy_gbps, reps));
+      if (!selected(name, only)) return;
+      rows.push_back(run_case(name, shapes, t, reps, with_ref));
       std::fprintf(stderr, "done %s\n", name.c_str());
     };
     const auto bf16 = at::kBFloat16, f16 = at::kHalf;
@@ -183,12 +273,17 @@ int main(int argc, char** argv) {
       add(base + " down", {{u.hd, u.m}}, u.t);
     }
 
-    std::printf("\n%-40s %9s %10s %10s %11s %9s %9s\n", "case", "MB moved", "kernel us", "GB/s", "% copy BW", "ATen us",
-                "speedup");
-    for (const Row& r : rows)
-      std::printf("%-40s %9.1f %10.1f %10.0f %10.1f%% %9.1f %8.1fx\n", r.name.c_str(), r.mbytes, r.us, r.gbps,
-                  r.pct_copy, r.ref_us, r.speedup);
-    std::printf("copy bandwidth (limit): %.0f GB/s. Targets: >= 85%% of copy BW on 8B shapes, >= 5x ATen.\n",
+    // floor = bytes / 1 GiB copy bandwidth. "% copy" = floor / time. memcpy@size: cudaMemcpyAsync of the same
+    // byte count; fill@size: writing the same outputs without reading anything (both graph-timed).
+    std::printf("\n%-34s %6s %6s | %6s %6s %6s | %6s %6s | %8s %8s | %7s %7s\n", "case", "MB", "floor", "strm us",
+                "%copy", "host", "graph", "%copy", "memcpy@", "fill@", "ATen us", "speedup");
+    for (const Row& r : rows) {
+      const double floor_us = r.mbytes * 1e6 / (copy_gbps * 1e9) * 1e6;
+      std::printf("%-34s %6.1f %6.1f | %7.1f %5.1f%% %6.1f | %6.1f %5.1f%% | %8.1f %8.1f | %7.1f %6.1fx\n",
+                  r.name.c_str(), r.mbytes, floor_us, r.us, 100.0 * floor_us / r.us, r.host_us, r.graph_us,
+                  100.0 * floor_us / r.graph_us, r.copy_us, r.fill_us, r.ref_us, r.ref_us / r.us);
+    }
+    std::printf("copy bandwidth (limit): %.0f GB/s. Targets: >= 85%% of copy BW on 8B shapes, >= 5x ATen (stream).\n",
                 copy_gbps);
     return 0;
   } catch (const std::exception& e) {
