@@ -26,8 +26,8 @@ def main():
         torch.cuda.empty_cache()
         # A tokenizer file so that the model directory is complete; the data below is already tokenized.
         tok = pathlib.Path(os.environ.get("QT_FIXTURES", "build-gpu/tests/fixtures")) / "tokenizer"
-        src = next(iter(sorted(tok.glob("**/tokenizer.json"))), None)
-        if src is None:
+        src = tok / "bpe" / "tokenizer.json"
+        if not src.exists():
             sys.exit(f"no tokenizer.json fixture under {tok}")
         for f in src.parent.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens")):
