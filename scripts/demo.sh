@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The demo: installs what is needed, builds, makes a small LLaMA model directory (random weights, a
-# sentencepiece tokenizer trained here) and a jsonl file, and runs `qlora-train eval` on them.
+# The demo: installs what is needed, builds, then QLoRA-fine-tunes the small base shipped in configs/demo/base
+# (pretrained by qlora-train itself, scripts/build_demo_base.sh) on "Shift every digit by one" and prints the
+# held-out exact-match accuracy of greedy generations before and after. Nothing is downloaded; ~15 s of training.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/build.sh
-python3 tests/oracles/tiny_lm.py --out out/demo >/dev/null 2>&1
-./build/qlora-train eval --model out/demo/model --data out/demo/eval.jsonl
+./build/qlora-train --config configs/demo.json

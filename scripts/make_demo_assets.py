@@ -3,34 +3,38 @@
 Writes under configs/demo/:
   tokenizer.model, tokenizer_config.json   a sentencepiece tokenizer trained here on the generated corpus
   init/                                    a randomly initialised small LLaMA (config.json + safetensors) with it
-  pretrain.jsonl                           generated text that the base is pretrained on by qlora-train itself
-  task_train.jsonl, task_eval.jsonl        the fine-tuning task (alpaca records), eval held out
+  pretrain.jsonl                           chat records the base is pretrained on by qlora-train itself
+  task_train.jsonl, task_eval.jsonl        the fine-tuning task (chat records, llama2 template), eval held out
 
-The task: "Shift every digit by one" (0->1, ..., 9->0) over 4 digits. Exact match over held-out prompts
-is a metric anyone can read. Deterministic for a given seed."""
+The base is pretrained (full fine-tuning) to repeat 4 digits ("Repeat the digits: 8962" -> "8962"), which gives
+it the attention that copies each digit to its place in the answer; it never sees the task's rule. The task:
+"Shift every digit by one" (0->1, ..., 9->0) over 4 digits, so the LoRA adapter only has to learn a new mapping
+of the copied digits. Exact match over held-out prompts is a metric anyone can read. Digits are written without
+separators (the tokenizer splits digits, one token each). Found with transformers + PEFT first: a base pretrained
+on plain text, the Alpaca prompt, or digits separated by spaces all left the shift at chance within the demo's
+budget. Deterministic for a given seed."""
 import argparse, json, os, pathlib, random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Words for the tokenizer's corpus only (a 512-piece BPE needs more than the task's few words).
 WORDS = ("the a cat dog sat on mat ran fast slow red blue green house tree river stone bird sings loud quiet "
          "one two three four five six seven eight nine ten and or but then when where why how what who list "
-         "count digits numbers shift every digit by one answer question below write only result").split()
+         "count digits numbers shift every digit by one answer question below write only result repeat").split()
 
-def digits(rng, lo=3, hi=6):
-    return [rng.randrange(10) for _ in range(rng.randint(lo, hi))]
+def digits(rng, n=4):
+    return "".join(str(rng.randrange(10)) for _ in range(n))
 
-def pretrain_line(rng):
-    kind = rng.random()
-    if kind < 0.5:
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 16))) + rng.choice([".", "!", "?"])
-    if kind < 0.8:  # digit runs, so that the base knows the digit tokens (but never the shift rule)
-        return " ".join(str(d) for d in digits(rng, 3, 10))
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))) + ": " + " ".join(str(d) for d in digits(rng))
+def chat(user, answer):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+def pretrain_record(rng):
+    d = digits(rng)
+    return chat("Repeat the digits: " + d, d)
 
 def task_record(rng):
-    d = digits(rng, 4, 4)
-    return {"instruction": "Shift every digit by one: " + " ".join(map(str, d)),
-            "output": " ".join(str((x + 1) % 10) for x in d)}
+    d = digits(rng)
+    return chat("Shift every digit by one: " + d, "".join(str((int(x) + 1) % 10) for x in d))
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
@@ -41,15 +45,15 @@ def main():
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    pre = [pretrain_line(rng) for _ in range(3000)]
-    (out / "pretrain.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in pre))
+    pre = [pretrain_record(rng) for _ in range(3000)]
+    (out / "pretrain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pre))
     train = [task_record(rng) for _ in range(2000)]
-    seen = {r["instruction"] for r in train}
+    seen = {r["messages"][0]["content"] for r in train}
     evals = []
     while len(evals) < 100:
         r = task_record(rng)
-        if r["instruction"] not in seen:
-            seen.add(r["instruction"])
+        if r["messages"][0]["content"] not in seen:
+            seen.add(r["messages"][0]["content"])
             evals.append(r)
     (out / "task_train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
     (out / "task_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
@@ -58,8 +62,9 @@ def main():
 
     import sentencepiece as spm
     corpus = out / "corpus.tmp"
-    alpaca_words = "Below is an instruction that describes a task. Write a response that appropriately completes the request. ### Instruction: ### Response:"
-    corpus.write_text("\n".join(pre + [alpaca_words] * 20 + [r["instruction"] + " " + r["output"] for r in train[:200]]) + "\n")
+    text = lambda r: "[INST] " + r["messages"][0]["content"] + " [/INST] " + r["messages"][1]["content"]
+    words = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 16))) + "." for _ in range(3000)]
+    corpus.write_text("\n".join([text(r) for r in pre] + [text(r) for r in train[:200]] + words) + "\n")
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out / "tokenizer"), vocab_size=512,
                                    model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
                                    character_coverage=1.0, split_digits=True, minloglevel=2)
