@@ -84,6 +84,17 @@ def main():
     check(all(abs(l1[s] - l4[s]) / l4[s] < 1e-5 for s in (1, 2)),
           f"micro-batches of 1 and one batch of 4 give the same losses {l1} vs {l4}")
 
+    # Data parallel: 2 MPI ranks on the same global batch give the single-rank losses (to fp32 rounding).
+    cfg = write_config("mpi2")
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)], capture_output=True,
+                       text=True, env=env)
+    check(p.returncode == 0, f"mpirun -np 2 training exits 0 ({p.returncode}) {p.stderr[-500:] if p.returncode else ''}")
+    if p.returncode == 0:
+        lm = losses("mpi2")
+        check(all(abs(lm[s] - la[s]) / la[s] < 1e-5 for s in (1, 2, 3)),
+              f"2 ranks give the single-rank losses {[lm[s] for s in (1, 2, 3)]} vs {[la[s] for s in (1, 2, 3)]}")
+
     # Exact resume after kill -9 once checkpoint-3 is complete.
     cfg = write_config("k")
     start_and_kill(cfg, lambda: (TMP / "k" / "checkpoint-3" / "COMPLETE").exists(),
