@@ -86,6 +86,16 @@ bool is_prequantized_nf4(const Json& j, const std::string& file) {
   return true;
 }
 
+// A dense tensor must have the shape config.json implies and a floating-point dtype.
+static void check_dense(const LlamaConfig& config, const std::string& shard, const TensorInfo& info) {
+  const auto want = expected_shape(config, info.name);
+  if (info.shape != want)
+    fail_key(ErrorKind::Model, shard, info.name,
+             "shape " + shape_str(info.shape) + " does not match config.json, which implies " + shape_str(want));
+  if (!at::isFloatingType(info.scalar_type))
+    fail_key(ErrorKind::Model, shard, info.name, "dtype " + info.dtype + " is not a floating-point type (BF16, F16, F32)");
+}
+
 LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   ModelFiles files = find_model_files(dir);
   const Json config_json = read_json_file(files.config_path, ErrorKind::Model);
@@ -112,12 +122,7 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
           if (options.quantize_nf4) l.nf4 = std::move(w);
           else l.weight = w->dequantize(options.dtype);
         } else {
-          const auto want = expected_shape(model.config, info.name);
-          if (info.shape != want)
-            fail_key(ErrorKind::Model, shard, info.name,
-                     "shape " + shape_str(info.shape) + " does not match config.json, which implies " + shape_str(want));
-          if (!at::isFloatingType(info.scalar_type))
-            fail_key(ErrorKind::Model, shard, info.name, "dtype " + info.dtype + " is not a floating-point type (BF16, F16, F32)");
+          check_dense(model.config, shard, info);
           if (options.quantize_nf4) {
             // Quantized from the stored dtype on the target device; only this one tensor is ever in 16-bit.
             l.nf4 = std::make_shared<Nf4Weight>(quantize_nf4(file.view(info.name).to(options.device), options.nf4_blocksize));
@@ -141,12 +146,7 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
       }
       if (!files.weight_map.empty() && files.weight_map.count(info.name) && files.weight_map[info.name] != shard)
         fail_key(ErrorKind::Model, shard, info.name, "index maps it to " + files.weight_map[info.name]);
-      const auto want = expected_shape(model.config, info.name);
-      if (info.shape != want)
-        fail_key(ErrorKind::Model, shard, info.name,
-                 "shape " + shape_str(info.shape) + " does not match config.json, which implies " + shape_str(want));
-      if (!at::isFloatingType(info.scalar_type))
-        fail_key(ErrorKind::Model, shard, info.name, "dtype " + info.dtype + " is not a floating-point type (BF16, F16, F32)");
+      check_dense(model.config, shard, info);
       *it->second = file.load(info.name, options.dtype, options.device);
       loaded.insert(info.name);
     }
