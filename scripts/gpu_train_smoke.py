@@ -2,13 +2,14 @@
 with transformers, a repeated batch of random token ids (tokenized jsonl), QLoRA r=16 on all seven linears, bf16,
 gradient checkpointing on. Checks that the loss falls and prints one JSON line with tokens/s and peak memory
 (the trainer's metrics.jsonl), to compare with ../shared/peers/hf_peft_baseline.py on the same shape.
-Usage: python3 scripts/gpu_train_smoke.py BINARY WORKDIR [BATCH SEQ STEPS]"""
+Usage: python3 scripts/gpu_train_smoke.py BINARY WORKDIR [BATCH SEQ STEPS [LOSS]]   (LOSS: fused (default) or plain)"""
 import json, os, pathlib, subprocess, sys
 import torch
 
 def main():
     binary, work = sys.argv[1], pathlib.Path(sys.argv[2])
     batch, seq, steps = (int(x) for x in (sys.argv[3:6] if len(sys.argv) >= 6 else (4, 2048, 12)))
+    loss_kind = sys.argv[6] if len(sys.argv) >= 7 else "fused"
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / "llama-3.2-1b"
     if not (model_dir / "config.json").exists():
@@ -41,7 +42,8 @@ def main():
     config = {"output_dir": str(out), "model": {"path": str(model_dir), "quant": "nf4", "device": "cuda"},
               "lora": {"r": 16, "alpha": 16},
               "data": {"train_file": str(data), "format": "tokenized", "max_seq_len": seq, "packing": False, "shuffle": False},
-              "train": {"steps": steps, "batch_size": batch, "seed": 0, "log_every": 1, "grad_checkpointing": True},
+              "train": {"steps": steps, "batch_size": batch, "seed": 0, "log_every": 1, "grad_checkpointing": True,
+                        "loss": loss_kind},
               "optim": {"lr": 1e-3, "schedule": "constant"}, "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
     (work / "smoke.json").write_text(json.dumps(config))
     subprocess.run(["rm", "-rf", str(out)])
@@ -55,7 +57,7 @@ def main():
     tps = sorted(x["tokens_per_s"] for x in timed)[len(timed) // 2]
     # tokens_per_s counts target tokens; the peers count batch * seq input tokens per step.
     step_s = sorted(x["step_s"] for x in timed)[len(timed) // 2]
-    res = dict(system="qlora-train", model="llama-3.2-1b", batch=batch, seq=seq, steps=len(m),
+    res = dict(system="qlora-train", loss=loss_kind, model="llama-3.2-1b", batch=batch, seq=seq, steps=len(m),
                first_loss=round(m[0]["loss"], 4), last_loss=round(m[-1]["loss"], 4), step_s=round(step_s, 4),
                tok_per_s=round(batch * seq / step_s), peak_gib=round(max(x.get("gpu_mem_gib", 0) for x in m), 2))
     print(json.dumps(res), flush=True)
