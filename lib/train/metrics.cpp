@@ -20,10 +20,10 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
-MetricsLog::MetricsLog(const std::string& path, bool bar, bool enabled) : bar_(bar), enabled_(enabled) {
+MetricsLog::MetricsLog(const std::string& path, bool bar, bool enabled, bool resume) : bar_(bar), enabled_(enabled) {
   if (!enabled_) return;
-  file_ = std::fopen(path.c_str(), "a");
-  if (!file_) fail_at(ErrorKind::Io, path, "cannot be opened for appending");
+  file_ = std::fopen(path.c_str(), resume ? "a" : "w");
+  if (!file_) fail_at(ErrorKind::Io, path, "cannot be opened for writing");
 }
 
 MetricsLog::~MetricsLog() {

@@ -25,8 +25,9 @@ struct StepMetrics {
 
 class MetricsLog {
  public:
-  // `path` is metrics.jsonl (appended to, so a resumed run continues it); `bar`: redraw one line on a terminal.
-  MetricsLog(const std::string& path, bool bar, bool enabled);
+  // `path` is metrics.jsonl: appended to when `resume` (a resumed run continues it), else started anew;
+  // `bar`: redraw one line on a terminal.
+  MetricsLog(const std::string& path, bool bar, bool enabled, bool resume);
   ~MetricsLog();
   MetricsLog(const MetricsLog&) = delete;
   MetricsLog& operator=(const MetricsLog&) = delete;

@@ -165,7 +165,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   data.seek(state.data);
 
   const bool bar = cfg.progress == "bar" || (cfg.progress == "auto" && ::isatty(2));
-  MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0);
+  MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0, /*resume=*/state.step > 0);
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
   if (rank0)
     log::info("training " + std::to_string(trainable) + (full ? " parameters (full fine-tuning)" : " LoRA parameters (r=" + std::to_string(lora.r) + ")") + " on " +
