@@ -1,6 +1,7 @@
 // The LLaMA model against transformers: logits, loss and every gradient, on small random checkpoints that
 // tests/oracles/gen_llama.py saves with save_pretrained (GQA and multi-head, tied and untied, sharded and
-// single-file, llama3 rope scaling, 4.x and 5.x config spellings).
+// single-file, llama3 / linear / dynamic / yarn rope scaling, 4.x and 5.x config spellings, attention and MLP
+// biases, Llama 2 and TinyLlama head ratios, Mistral's sliding window).
 #include <ATen/ATen.h>
 
 #include "lib/core/safetensors.h"
@@ -54,6 +55,82 @@ TEST_CASE("llama logits and gradients match transformers: multi-head tied sharde
 
 TEST_CASE("llama logits and gradients match transformers: llama3 rope and head_dim in a 4.x config", "[llama]") {
   check_against_transformers("llama3_rope_v4");
+}
+
+TEST_CASE("llama logits and gradients match transformers: linear rope in a 4.x config with the type key", "[llama]") {
+  check_against_transformers("linear_rope_v4");
+}
+
+TEST_CASE("llama logits and gradients match transformers: dynamic NTK rope beyond max_position_embeddings", "[llama]") {
+  check_against_transformers("dynamic_rope");
+}
+
+TEST_CASE("llama logits and gradients match transformers: yarn rope with the derived attention factor", "[llama]") {
+  check_against_transformers("yarn_rope");
+}
+
+TEST_CASE("llama logits and gradients match transformers: yarn rope in a 4.x config with attention_factor", "[llama]") {
+  check_against_transformers("yarn_rope_v4");
+}
+
+TEST_CASE("llama logits and gradients match transformers: attention_bias and mlp_bias", "[llama]") {
+  check_against_transformers("bias");
+}
+
+TEST_CASE("llama logits and gradients match transformers: Llama 2 multi-head shape ratios", "[llama]") {
+  check_against_transformers("llama2_mha");
+}
+
+TEST_CASE("llama logits and gradients match transformers: TinyLlama 8 to 1 GQA ratio", "[llama]") {
+  check_against_transformers("tinyllama_gqa");
+}
+
+TEST_CASE("llama logits and gradients match transformers: Mistral sliding window shorter than the sequence", "[llama]") {
+  check_against_transformers("mistral_window");
+}
+
+TEST_CASE("llama biases stay dense beside NF4 bases", "[llama]") {
+  const std::string dir = fixture("llama/bias/model");
+  qt::LlamaModel dense = qt::load_llama(dir, {});
+  qt::LoadOptions opts;
+  opts.quantize_nf4 = true;
+  qt::LlamaModel quant = qt::load_llama(dir, opts);
+  auto& d = dense.layers[1];
+  auto& q = quant.layers[1];
+  for (auto [dl, ql] : {std::pair<qt::Linear*, qt::Linear*>{&d.q_proj, &q.q_proj}, {&d.o_proj, &q.o_proj},
+                        {&d.up_proj, &q.up_proj}, {&d.down_proj, &q.down_proj}}) {
+    REQUIRE(ql->quantized());
+    REQUIRE(ql->bias.defined());
+    CHECK(ql->bias.scalar_type() == at::kFloat);
+    CHECK(at::equal(ql->bias, dl->bias));
+  }
+  bool named = false;
+  for (auto& [n, t] : quant.named_tensors()) named = named || n == "model.layers.0.mlp.gate_proj.bias";
+  CHECK(named);
+  // The NF4 model's logits stay near the dense ones (quantization error only).
+  at::Tensor ids = at::arange(12, at::kLong).view({1, 12});
+  CHECK(rel_err(quant.forward(ids), dense.forward(ids)) < 0.2);
+}
+
+TEST_CASE("llama sliding window in packed rows equals each document run alone", "[llama]") {
+  qt::LlamaModel model = qt::load_llama(fixture("llama/mistral_window/model"), {});
+  REQUIRE(model.config.sliding_window);
+  REQUIRE(*model.config.sliding_window == 5);
+  // One row: a 9-token document, a 7-token document, 2 padding tokens.
+  at::Tensor ids = at::arange(18, at::kLong).view({1, 18}) * 7 % model.config.vocab_size;
+  qt::Batch batch;
+  batch.input_ids = ids;
+  batch.positions = at::cat({at::arange(9, at::kLong), at::arange(7, at::kLong), at::zeros({2}, at::kLong)}).view({1, 18});
+  batch.doc_ids = at::cat({at::zeros({9}, at::kInt), at::ones({7}, at::kInt), at::full({2}, -1, at::kInt)}).view({1, 18});
+  at::Tensor packed = model.forward_hidden(model.embed(ids), batch);
+  at::Tensor first = model.forward_hidden(model.embed(ids.narrow(1, 0, 9)));
+  at::Tensor second = model.forward_hidden(model.embed(ids.narrow(1, 9, 7)));
+  CHECK(rel_err(packed.narrow(1, 0, 9), first) < 1e-5);
+  CHECK(rel_err(packed.narrow(1, 9, 7), second) < 1e-5);
+  // Without the window the first document's last tokens would differ: the window is really applied.
+  qt::LlamaModel wide = qt::load_llama(fixture("llama/mistral_window/model"), {});
+  wide.config.sliding_window.reset();
+  CHECK(rel_err(wide.forward_hidden(model.embed(ids.narrow(1, 0, 9))), first) > 1e-3);
 }
 
 TEST_CASE("llama on CUDA in bf16 matches transformers within bf16 bounds", "[llama][gpu]") {

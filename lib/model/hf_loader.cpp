@@ -59,6 +59,10 @@ std::vector<int64_t> expected_shape(const LlamaConfig& c, const std::string& nam
   if (ends_with("o_proj.weight")) return {H, c.q_size()};
   if (ends_with("gate_proj.weight") || ends_with("up_proj.weight")) return {I, H};
   if (ends_with("down_proj.weight")) return {H, I};
+  if (ends_with("q_proj.bias")) return {c.q_size()};
+  if (ends_with("k_proj.bias") || ends_with("v_proj.bias")) return {c.kv_size()};
+  if (ends_with("o_proj.bias") || ends_with("down_proj.bias")) return {H};
+  if (ends_with("gate_proj.bias") || ends_with("up_proj.bias")) return {I};
   fail(ErrorKind::Internal, "no expected shape for " + name);
 }
 
@@ -141,8 +145,9 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
         if (info.name == "lm_head.weight" && model.config.tie_word_embeddings) continue;  // some exports keep both
         if (info.name.find("rotary_emb.inv_freq") != std::string::npos) continue;        // recomputed from config
         fail_key(ErrorKind::Model, shard, info.name,
-                 "unexpected tensor (a layer this LLaMA implementation does not have: biases, quantized weights "
-                 "without quantization_config, or another architecture?)");
+                 "unexpected tensor (a layer this LLaMA implementation does not have: biases that config.json's "
+                 "attention_bias / mlp_bias do not announce, quantized weights without quantization_config, or "
+                 "another architecture?)");
       }
       if (!files.weight_map.empty() && files.weight_map.count(info.name) && files.weight_map[info.name] != shard)
         fail_key(ErrorKind::Model, shard, info.name, "index maps it to " + files.weight_map[info.name]);

@@ -95,6 +95,7 @@ at::Tensor Linear::base_weight(c10::ScalarType dtype) const {
 
 at::Tensor Linear::forward(const at::Tensor& x) const {
   at::Tensor y = quantized() ? nf4_linear(x, nf4) : at::linear(x, weight);
+  if (bias.defined()) y = y + bias.to(y.scalar_type());
   if (lora) {
     at::Tensor h = (training && lora->dropout > 0) ? at::dropout(x, lora->dropout, /*train=*/true) : x;
     // LoRA weights stay fp32 (the optimizer's master copy); the matmuls run in the activations' dtype.
@@ -149,18 +150,36 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const at:
   QT_CHECK(inputs_embeds.dim() == 3 && inputs_embeds.size(2) == config.hidden_size, ErrorKind::Internal,
            "forward_hidden: expected [batch, seq, hidden] embeddings");
   const int64_t B = inputs_embeds.size(0), S = inputs_embeds.size(1);
-  if (config.sliding_window && S > *config.sliding_window)
-    fail(ErrorKind::Model, "sequence length " + std::to_string(S) + " exceeds the model's sliding_window " +
-                               std::to_string(*config.sliding_window) + ", which is not implemented yet");
   at::Tensor pos = positions.defined()
                        ? positions
                        : at::arange(S, at::TensorOptions().dtype(at::kLong).device(inputs_embeds.device())).expand({B, S});
-  return run_blocks(inputs_embeds, pos, /*mask=*/{});
+  return run_blocks(inputs_embeds, pos, window_mask(/*mask=*/{}, S, inputs_embeds.device()));
+}
+
+at::Tensor LlamaModel::window_mask(const at::Tensor& mask, int64_t S, at::Device device) const {
+  if (!config.sliding_window || S <= *config.sliding_window) return mask;
+  // As transformers' sliding_window_overlay on the causal mask: key j is visible from query i iff
+  // i - window < j <= i (token indices, as the cache positions are).
+  const int64_t w = *config.sliding_window;
+  at::Tensor causal = at::ones({S, S}, at::TensorOptions().dtype(at::kBool).device(device)).tril();
+  at::Tensor window = causal.triu(-(w - 1));
+  if (!mask.defined()) return window.view({1, 1, S, S});
+  // Keep the diagonal that a padding row relies on (it is inside every window).
+  return mask & window.view({1, 1, S, S});
 }
 
 at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions,
                                   const at::Tensor& mask) const {
-  auto [cos, sin] = rope_cos_sin(inv_freq, positions, inputs_embeds.scalar_type());
+  at::Tensor freq = inv_freq;
+  if (config.rope.type == RopeType::Dynamic) {
+    // transformers' dynamic_rope_update: the frequencies follow the longest position of the batch
+    // (max(position_ids) + 1) once it exceeds max_position_embeddings. A fresh computation per call, as a model
+    // that has seen no longer sequence before.
+    const int64_t seq_len = positions.max().item<int64_t>() + 1;
+    if (seq_len > config.max_position_embeddings)
+      freq = rope_dynamic_inv_freq(config.rope, config.head_dim, seq_len, config.max_position_embeddings);
+  }
+  auto [cos, sin] = rope_cos_sin(freq, positions, inputs_embeds.scalar_type(), config.rope.attention_factor);
   at::Tensor h = inputs_embeds;
   const bool checkpoint = grad_checkpointing && at::GradMode::is_enabled();
   // The checkpoint function records a backward node only when its input requires grad; with a frozen
@@ -191,7 +210,8 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Bat
   at::Tensor causal = at::ones({S, S}, at::TensorOptions().dtype(at::kBool).device(doc.device())).tril();
   at::Tensor eye = at::eye(S, at::TensorOptions().dtype(at::kBool).device(doc.device()));
   at::Tensor mask = ((same & causal) & (doc >= 0).unsqueeze(2)) | eye;
-  return run_blocks(inputs_embeds, batch.positions.to(inputs_embeds.device()), mask.unsqueeze(1));
+  return run_blocks(inputs_embeds, batch.positions.to(inputs_embeds.device()),
+                    window_mask(mask.unsqueeze(1), S, inputs_embeds.device()));
 }
 
 at::Tensor LlamaModel::logits(const at::Tensor& hidden) const { return at::linear(hidden, lm_head); }
@@ -207,6 +227,8 @@ std::vector<std::pair<std::string, at::Tensor*>> LlamaModel::named_tensors() {
   }
   for_each_linear([&](const std::string& name, Linear& l) {
     if (!l.quantized()) out.emplace_back(name + ".weight", &l.weight);
+    const bool attn = name.find(".self_attn.") != std::string::npos;
+    if (attn ? config.attention_bias : config.mlp_bias) out.emplace_back(name + ".bias", &l.bias);
   });
   out.emplace_back("model.norm.weight", &norm);
   if (!config.tie_word_embeddings) out.emplace_back("lm_head.weight", &lm_head);

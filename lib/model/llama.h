@@ -21,9 +21,11 @@ struct LoraAdapter {
   double dropout = 0.0;
 };
 
-// A block linear y = x W^T (+ LoRA). The base is either dense (`weight`) or frozen NF4 (`nf4`), never both.
+// A block linear y = x W^T (+ b) (+ LoRA). The base is either dense (`weight`) or frozen NF4 (`nf4`), never both;
+// the bias (attention_bias / mlp_bias) is always dense, even beside an NF4 base.
 struct Linear {
   at::Tensor weight;                 // dense base [out, in]; undefined when quantized
+  at::Tensor bias;                   // optional dense bias [out]; undefined when the config has none
   std::shared_ptr<Nf4Weight> nf4;    // frozen NF4 base; dequantized just in time, never kept in 16-bit
   std::shared_ptr<LoraAdapter> lora;  // null when the layer is not a LoRA target
   bool training = false;              // LoRA dropout is active only while training
@@ -78,7 +80,8 @@ class LlamaModel {
   void for_each_linear(F&& f);
   void set_training(bool training);
 
-  // Hugging Face names of every dense tensor the model holds (lm_head omitted when tied; NF4 linears omitted).
+  // Hugging Face names of every dense tensor the model holds (lm_head omitted when tied; NF4 linears omitted;
+  // linear biases included when the config has them, NF4 base or not).
   std::vector<std::pair<std::string, at::Tensor*>> named_tensors();
 
   at::Device device() const;
@@ -88,6 +91,9 @@ class LlamaModel {
   at::Tensor attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& mask) const;
   at::Tensor run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions, const at::Tensor& mask) const;
+  // Mistral's sliding window on a boolean mask over token indices: keeps j with i - window < j (undefined mask:
+  // the plain causal one). Returns an undefined mask when the window covers the whole sequence.
+  at::Tensor window_mask(const at::Tensor& mask, int64_t S, at::Device device) const;
 
  public:
   // One decoder block (attention + MLP with their residuals); used by run_blocks and by the recomputation.

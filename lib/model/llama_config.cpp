@@ -1,6 +1,7 @@
 #include "lib/model/llama_config.h"
 
 #include <algorithm>
+#include <cmath>
 
 namespace qt {
 
@@ -20,7 +21,17 @@ std::string dtype_hf_name(c10::ScalarType type) {
   }
 }
 
-static RopeConfig parse_rope(const Json& j, const std::string& file) {
+const char* rope_type_name(RopeType type) {
+  switch (type) {
+    case RopeType::Linear: return "linear";
+    case RopeType::Dynamic: return "dynamic";
+    case RopeType::Yarn: return "yarn";
+    case RopeType::Llama3: return "llama3";
+    default: return "default";
+  }
+}
+
+static RopeConfig parse_rope(const Json& j, const std::string& file, int64_t max_position_embeddings) {
   RopeConfig rope;
   // 5.x: rope_parameters {rope_type, rope_theta, factor, ...}; 4.x: rope_theta + rope_scaling {rope_type|type, ...}.
   const Json* scaling = nullptr;
@@ -43,6 +54,53 @@ static RopeConfig parse_rope(const Json& j, const std::string& file) {
   JsonReader s{*scaling, file, ErrorKind::Model, scaling_key + "."};
   std::string type = s.has("rope_type") ? s.get_string("rope_type") : s.get_string("type", "default");
   if (type == "default") return rope;
+  auto positive_factor = [&]() {
+    rope.factor = s.get_double("factor");
+    if (!(rope.factor > 0)) fail_key(ErrorKind::Model, file, scaling_key + ".factor", "must be positive");
+  };
+  if (type == "linear") {
+    rope.type = RopeType::Linear;
+    positive_factor();
+    return rope;
+  }
+  if (type == "dynamic") {
+    rope.type = RopeType::Dynamic;
+    positive_factor();
+    return rope;
+  }
+  if (type == "yarn") {
+    rope.type = RopeType::Yarn;
+    // As transformers' standardize_rope_params: a top-level original_max_position_embeddings wins, else the one
+    // in the scaling dict, else max_position_embeddings.
+    if (top.has("original_max_position_embeddings"))
+      rope.original_max_position_embeddings = top.get_int("original_max_position_embeddings");
+    else if (s.has("original_max_position_embeddings"))
+      rope.original_max_position_embeddings = s.get_int("original_max_position_embeddings");
+    else
+      rope.original_max_position_embeddings = max_position_embeddings;
+    if (rope.original_max_position_embeddings <= 0)
+      fail_key(ErrorKind::Model, file, scaling_key + ".original_max_position_embeddings", "must be positive");
+    if (s.has("factor")) positive_factor();
+    else rope.factor = static_cast<double>(max_position_embeddings) / rope.original_max_position_embeddings;
+    // transformers: `get("beta_fast") or 32` (a 0 falls back to the default too).
+    if (s.has("beta_fast") && s.get_double("beta_fast") != 0) rope.beta_fast = s.get_double("beta_fast");
+    if (s.has("beta_slow") && s.get_double("beta_slow") != 0) rope.beta_slow = s.get_double("beta_slow");
+    rope.truncate = s.get_bool("truncate", true);
+    auto get_mscale = [](double scale, double m) { return scale <= 1 ? 1.0 : 0.1 * m * std::log(scale) + 1.0; };
+    if (s.has("attention_factor")) {
+      rope.attention_factor = s.get_double("attention_factor");
+    } else {
+      const double mscale = s.has("mscale") ? s.get_double("mscale") : 0.0;
+      const double mscale_all_dim = s.has("mscale_all_dim") ? s.get_double("mscale_all_dim") : 0.0;
+      rope.attention_factor = (mscale != 0 && mscale_all_dim != 0)
+                                  ? get_mscale(rope.factor, mscale) / get_mscale(rope.factor, mscale_all_dim)
+                                  : get_mscale(rope.factor, 1.0);
+    }
+    if (!(rope.beta_fast > 0) || !(rope.beta_slow > 0) || !(rope.attention_factor > 0))
+      fail_key(ErrorKind::Model, file, scaling_key,
+               "yarn scaling needs beta_fast > 0, beta_slow > 0 and a positive attention_factor");
+    return rope;
+  }
   if (type == "llama3") {
     rope.type = RopeType::Llama3;
     rope.factor = s.get_double("factor");
@@ -56,7 +114,7 @@ static RopeConfig parse_rope(const Json& j, const std::string& file) {
   }
   // Training with a rope we do not implement would silently give a different model: refuse.
   fail_key(ErrorKind::Model, file, scaling_key + ".rope_type",
-           "unsupported rope type '" + type + "' (supported: default, llama3)");
+           "unsupported rope type '" + type + "' (supported: default, linear, dynamic, yarn, llama3)");
 }
 
 LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
@@ -69,8 +127,8 @@ LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
              "unsupported architecture '" + c.model_type + "' (supported: llama, mistral)");
   if (r.has("hidden_act") && r.get_string("hidden_act") != "silu")
     fail_key(ErrorKind::Model, file, "hidden_act", "unsupported activation '" + r.get_string("hidden_act") + "' (expected silu)");
-  for (const char* key : {"attention_bias", "mlp_bias"})
-    if (r.get_bool(key, false)) fail_key(ErrorKind::Model, file, key, "biases in linear layers are not supported yet");
+  c.attention_bias = r.get_bool("attention_bias", false);
+  c.mlp_bias = r.get_bool("mlp_bias", false);
   c.hidden_size = r.get_int("hidden_size");
   c.intermediate_size = r.get_int("intermediate_size");
   c.num_hidden_layers = r.get_int("num_hidden_layers");
@@ -102,8 +160,12 @@ LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
   c.tie_word_embeddings = r.get_bool("tie_word_embeddings", false);
   if (r.has("dtype")) c.dtype = parse_dtype_name(r.get_string("dtype"), file, "dtype");
   else if (r.has("torch_dtype")) c.dtype = parse_dtype_name(r.get_string("torch_dtype"), file, "torch_dtype");
-  c.rope = parse_rope(j, file);
-  if (r.has("sliding_window")) c.sliding_window = r.get_int("sliding_window");
+  c.rope = parse_rope(j, file, c.max_position_embeddings);
+  if (r.has("sliding_window")) {
+    c.sliding_window = r.get_int("sliding_window");
+    if (*c.sliding_window <= 0)
+      fail_key(ErrorKind::Model, file, "sliding_window", "must be a positive integer or null");
+  }
   if (r.has("bos_token_id") && j["bos_token_id"].is_number_integer()) c.bos_token_id = r.get_int("bos_token_id");
   if (r.has("eos_token_id") && j["eos_token_id"].is_number_integer()) c.eos_token_id = r.get_int("eos_token_id");
   if (r.has("eos_token_id") && j["eos_token_id"].is_array() && !j["eos_token_id"].empty())
@@ -116,7 +178,16 @@ LlamaConfig LlamaConfig::from_file(const std::string& path) {
 }
 
 Json LlamaConfig::to_json() const {
-  Json rope_params = {{"rope_theta", rope.theta}, {"rope_type", rope.type == RopeType::Llama3 ? "llama3" : "default"}};
+  Json rope_params = {{"rope_theta", rope.theta}, {"rope_type", rope_type_name(rope.type)}};
+  if (rope.type == RopeType::Linear || rope.type == RopeType::Dynamic) rope_params["factor"] = rope.factor;
+  if (rope.type == RopeType::Yarn) {
+    rope_params["factor"] = rope.factor;
+    rope_params["beta_fast"] = rope.beta_fast;
+    rope_params["beta_slow"] = rope.beta_slow;
+    rope_params["attention_factor"] = rope.attention_factor;
+    rope_params["truncate"] = rope.truncate;
+    rope_params["original_max_position_embeddings"] = rope.original_max_position_embeddings;
+  }
   if (rope.type == RopeType::Llama3) {
     rope_params["factor"] = rope.factor;
     rope_params["low_freq_factor"] = rope.low_freq_factor;
@@ -138,8 +209,8 @@ Json LlamaConfig::to_json() const {
             {"vocab_size", vocab_size},
             {"tie_word_embeddings", tie_word_embeddings},
             {"dtype", dtype_hf_name(dtype)},
-            {"attention_bias", false},
-            {"mlp_bias", false}};
+            {"attention_bias", attention_bias},
+            {"mlp_bias", mlp_bias}};
   if (bos_token_id >= 0) j["bos_token_id"] = bos_token_id;
   if (eos_token_id >= 0) j["eos_token_id"] = eos_token_id;
   if (sliding_window) j["sliding_window"] = *sliding_window;
@@ -149,6 +220,8 @@ Json LlamaConfig::to_json() const {
 int64_t LlamaConfig::num_parameters() const {
   const int64_t h = hidden_size;
   int64_t block = h * q_size() + 2 * h * kv_size() + q_size() * h + 3 * h * intermediate_size + 2 * h;
+  if (attention_bias) block += q_size() + 2 * kv_size() + h;
+  if (mlp_bias) block += 2 * intermediate_size + h;
   int64_t embed = vocab_size * h;
   return num_hidden_layers * block + embed * (tie_word_embeddings ? 1 : 2) + h;
 }

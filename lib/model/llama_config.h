@@ -11,7 +11,9 @@
 
 namespace qt {
 
-enum class RopeType { Default, Llama3 };
+enum class RopeType { Default, Linear, Dynamic, Yarn, Llama3 };
+
+const char* rope_type_name(RopeType type);  // HF's rope_type spelling
 
 struct RopeConfig {
   RopeType type = RopeType::Default;
@@ -21,6 +23,13 @@ struct RopeConfig {
   double low_freq_factor = 1.0;
   double high_freq_factor = 4.0;
   int64_t original_max_position_embeddings = 8192;
+  // linear: positions divided by `factor`. dynamic (NTK-aware, transformers `_compute_dynamic_ntk_parameters`):
+  // theta grows with the sequence length once it exceeds max_position_embeddings. yarn (`_compute_yarn_parameters`):
+  // factor, beta_fast, beta_slow, original_max_position_embeddings; cos and sin scaled by attention_factor.
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double attention_factor = 1.0;  // yarn: given, or derived from factor / mscale / mscale_all_dim
+  bool truncate = true;           // yarn: correction range rounded to whole dimensions
 };
 
 struct LlamaConfig {
@@ -37,7 +46,9 @@ struct LlamaConfig {
   int64_t vocab_size = 0;
   bool tie_word_embeddings = false;
   c10::ScalarType dtype = c10::ScalarType::Float;  // torch_dtype / dtype: the dtype the weights were saved in
-  std::optional<int64_t> sliding_window;           // Mistral; attention beyond it is not implemented yet
+  std::optional<int64_t> sliding_window;           // Mistral: token i attends to j with i - window < j <= i
+  bool attention_bias = false;                     // q/k/v/o_proj carry a bias
+  bool mlp_bias = false;                           // gate/up/down_proj carry a bias
   int64_t bos_token_id = -1;
   int64_t eos_token_id = -1;
 
