@@ -162,3 +162,39 @@ TEST_CASE("llama on CUDA in bf16 matches transformers within bf16 bounds", "[lla
     }
   }
 }
+
+TEST_CASE("llama packed rows through flash varlen attention on CUDA equal the dense-mask path", "[llama][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (const char* name : {"gqa_untied", "mistral_window"}) {
+    INFO(name);
+    const std::string dir = fixture(std::string("llama/") + name + "/model");
+    qt::LlamaModel ref = qt::load_llama(dir, {});  // fp32 CPU: the dense block mask through SDPA
+    qt::LlamaModel gpu = qt::load_llama(dir, {cuda, at::kBFloat16});
+    const int64_t S = 24;
+    at::Tensor ids = at::randint(0, ref.config.vocab_size, {2, S}, at::kLong);
+    qt::Batch batch;
+    batch.input_ids = ids;
+    // Row 0: documents of 10 and 9 tokens, then 5 padding tokens; row 1: one document over the whole row.
+    batch.positions = at::stack({at::cat({at::arange(10, at::kLong), at::arange(9, at::kLong), at::zeros({5}, at::kLong)}),
+                                 at::arange(S, at::kLong)});
+    batch.doc_ids = at::stack({at::cat({at::zeros({10}, at::kInt), at::ones({9}, at::kInt), at::full({5}, -1, at::kInt)}),
+                               at::full({S}, 2, at::kInt)});
+    REQUIRE(gpu.varlen_mask(batch.doc_ids, cuda, at::kBFloat16).cu_seqlens.defined());  // the flash path is taken
+    REQUIRE(!ref.varlen_mask(batch.doc_ids, at::kCPU, at::kFloat).cu_seqlens.defined());
+    at::Tensor valid = (batch.doc_ids >= 0).unsqueeze(-1);  // padding outputs carry no target
+    at::Tensor e_ref = ref.embed(ids).detach().requires_grad_(true);
+    at::Tensor h_ref = ref.forward_hidden(e_ref, batch);
+    at::Tensor w = at::randn(h_ref.sizes()) * valid;
+    (h_ref * w).sum().backward();
+    for (bool checkpoint : {false, true}) {
+      INFO("grad_checkpointing " << checkpoint);
+      gpu.grad_checkpointing = checkpoint;
+      at::Tensor e = gpu.embed(ids.to(cuda)).detach().requires_grad_(true);
+      at::Tensor h = gpu.forward_hidden(e, batch);
+      (h.to(at::kFloat) * w.to(cuda)).sum().backward();
+      CHECK(rel_err(h.to(at::kCPU) * valid, h_ref * valid) < 2e-2);
+      CHECK(rel_err(e.grad().to(at::kCPU) * valid, e_ref.grad() * valid) < 5e-2);
+    }
+  }
+}

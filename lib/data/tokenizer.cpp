@@ -151,4 +151,39 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir) {
   return tok;
 }
 
+namespace {
+
+class IdsOnlyTokenizer : public Tokenizer {
+ public:
+  IdsOnlyTokenizer(int32_t vocab, int32_t bos, int32_t eos) : vocab_(vocab) {
+    bos_id_ = bos;
+    eos_id_ = eos;
+  }
+  std::vector<int32_t> encode(std::string_view) const override { no_text(); }
+  std::vector<int32_t> encode_with_special(std::string_view) const override { no_text(); }
+  std::string decode(const std::vector<int32_t>& ids) const override {
+    std::string out;
+    for (size_t i = 0; i < ids.size(); ++i) out += (i ? " " : "") + std::to_string(ids[i]);
+    return out;
+  }
+  int32_t vocab_size() const override { return vocab_; }
+  int32_t token_to_id(std::string_view) const override { return -1; }
+  std::string id_to_token(int32_t id) const override { return id >= 0 && id < vocab_ ? std::to_string(id) : ""; }
+  TokenizerDefaults defaults() const override { return {bos_id_, eos_id_, false, false}; }
+
+ private:
+  [[noreturn]] static void no_text() {
+    fail(ErrorKind::Data,
+         "this model has no tokenizer (model.init \"random\" with a named shape): text data cannot be encoded; "
+         "give pre-tokenized records ({\"input_ids\": [...]}) with data.format \"tokenized\"");
+  }
+  int32_t vocab_;
+};
+
+}  // namespace
+
+std::unique_ptr<Tokenizer> ids_only_tokenizer(int32_t vocab_size, int32_t bos_id, int32_t eos_id) {
+  return std::make_unique<IdsOnlyTokenizer>(vocab_size, bos_id, eos_id);
+}
+
 }  // namespace qt

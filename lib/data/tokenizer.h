@@ -52,6 +52,11 @@ class Tokenizer {
 
  protected:
   friend std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir);
+
+// A stand-in for a model that has no tokenizer files (model.init "random" with a named shape): ids only. Token
+// ids below `vocab_size` are valid; encode/decode fail with qt::Error(Data) saying that the data must be
+// pre-tokenized (data.format "tokenized").
+std::unique_ptr<Tokenizer> ids_only_tokenizer(int32_t vocab_size, int32_t bos_id, int32_t eos_id);
   int32_t bos_id_ = -1;
   int32_t eos_id_ = -1;
   bool add_bos_ = false;
@@ -63,5 +68,10 @@ class Tokenizer {
 // otherwise tokenizer.model -> sentencepiece; otherwise qt::Error(Model) naming the directory and the files
 // looked for. Malformed or unsupported files are qt::Error(Model) naming the file and the key.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir);
+
+// A stand-in for a model that has no tokenizer files (model.init "random" with a named shape): ids only. Token
+// ids below `vocab_size` are valid; encode/decode fail with qt::Error(Data) saying that the data must be
+// pre-tokenized (data.format "tokenized").
+std::unique_ptr<Tokenizer> ids_only_tokenizer(int32_t vocab_size, int32_t bos_id, int32_t eos_id);
 
 }  // namespace qt

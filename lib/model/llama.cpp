@@ -3,10 +3,13 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+
+#include <cmath>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "lib/core/error.h"
+#include "lib/kernels/varlen_attention.h"
 #include "lib/model/rope.h"
 
 namespace qt {
@@ -38,8 +41,9 @@ struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
 // RNG state (LoRA dropout) is saved and restored so that the recomputation draws the same masks.
 struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
   // cos, sin and the mask carry no gradient: they travel in saved_data, not as inputs (the mask may be undefined).
+  // aux: cos, sin, the dense mask, cu_seqlens (either mask may be undefined); ints: max_seqlen, window.
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, int64_t model_ptr,
-                            int64_t layer, const std::vector<at::Tensor>& aux) {
+                            int64_t layer, const std::vector<at::Tensor>& aux, int64_t max_seqlen, int64_t window) {
     const auto* model = reinterpret_cast<const LlamaModel*>(model_ptr);
     ctx->saved_data["model"] = model_ptr;
     ctx->saved_data["layer"] = layer;
@@ -49,7 +53,10 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     ctx->saved_data["cos"] = aux[0];
     ctx->saved_data["sin"] = aux[1];
     if (aux[2].defined()) ctx->saved_data["mask"] = aux[2];
-    return model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1], aux[2]);
+    if (aux[3].defined()) ctx->saved_data["cu_seqlens"] = aux[3];
+    ctx->saved_data["max_seqlen"] = max_seqlen;
+    ctx->saved_data["window"] = window;
+    return model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1], AttentionMask{aux[2], aux[3], max_seqlen, window});
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -69,14 +76,18 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
         cuda_gen->set_state(ctx->saved_data["cuda_rng"].toTensor());
       }
       at::AutoGradMode enable(true);
-      at::Tensor mask = ctx->saved_data.count("mask") ? ctx->saved_data["mask"].toTensor() : at::Tensor();
+      auto saved_tensor = [&](const char* key) {
+        return ctx->saved_data.count(key) ? ctx->saved_data[key].toTensor() : at::Tensor();
+      };
+      const AttentionMask mask{saved_tensor("mask"), saved_tensor("cu_seqlens"), ctx->saved_data["max_seqlen"].toInt(),
+                               ctx->saved_data["window"].toInt()};
       out = model->block_forward(static_cast<size_t>(ctx->saved_data["layer"].toInt()), x,
                                  ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask);
       cpu_gen.set_state(cpu_now);
       if (cuda_gen) cuda_gen->set_state(cuda_now);
     }
     torch::autograd::backward({out}, {grads[0]});
-    return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -127,19 +138,29 @@ c10::ScalarType LlamaModel::dtype() const { return embed_tokens.scalar_type(); }
 at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const { return at::embedding(embed_tokens, input_ids); }
 
 at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos,
-                                 const at::Tensor& sin, const at::Tensor& mask) const {
+                                 const at::Tensor& sin, const AttentionMask& mask) const {
   const int64_t B = x.size(0), S = x.size(1), hd = config.head_dim;
-  at::Tensor q = b.q_proj.forward(x).view({B, S, config.num_attention_heads, hd}).transpose(1, 2);
-  at::Tensor k = b.k_proj.forward(x).view({B, S, config.num_key_value_heads, hd}).transpose(1, 2);
-  at::Tensor v = b.v_proj.forward(x).view({B, S, config.num_key_value_heads, hd}).transpose(1, 2);
+  const int64_t Hq = config.num_attention_heads, Hkv = config.num_key_value_heads;
+  at::Tensor q = b.q_proj.forward(x).view({B, S, Hq, hd}).transpose(1, 2);
+  at::Tensor k = b.k_proj.forward(x).view({B, S, Hkv, hd}).transpose(1, 2);
+  at::Tensor v = b.v_proj.forward(x).view({B, S, Hkv, hd}).transpose(1, 2);
   q = apply_rope(q, cos, sin);
   k = apply_rope(k, cos, sin);
-  const bool gqa = config.num_key_value_heads != config.num_attention_heads;
-  at::Tensor o = at::scaled_dot_product_attention(q, k, v, mask.defined() ? std::optional<at::Tensor>(mask) : std::nullopt,
-                                                  /*dropout_p=*/0.0, /*is_causal=*/!mask.defined(),
-                                                  /*scale=*/std::nullopt,
-                                                  /*enable_gqa=*/gqa);
-  return b.o_proj.forward(o.transpose(1, 2).reshape({B, S, config.q_size()}));
+  at::Tensor o;  // [B, S, Hq, hd]
+  if (mask.cu_seqlens.defined()) {
+    // Packed documents through flash attention's varlen layout: the [B, S] grid flattened, no mask.
+    auto flat = [&](const at::Tensor& t, int64_t heads) { return t.transpose(1, 2).reshape({B * S, heads, hd}); };
+    o = varlen_causal_attention(flat(q, Hq), flat(k, Hkv), flat(v, Hkv), mask.cu_seqlens, mask.max_seqlen,
+                                1.0 / std::sqrt(static_cast<double>(hd)), mask.window)
+            .view({B, S, Hq, hd});
+  } else {
+    const at::Tensor& dense = mask.dense;
+    o = at::scaled_dot_product_attention(q, k, v, dense.defined() ? std::optional<at::Tensor>(dense) : std::nullopt,
+                                         /*dropout_p=*/0.0, /*is_causal=*/!dense.defined(), /*scale=*/std::nullopt,
+                                         /*enable_gqa=*/Hkv != Hq)
+            .transpose(1, 2);
+  }
+  return b.o_proj.forward(o.reshape({B, S, config.q_size()}));
 }
 
 at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x) const {
@@ -150,10 +171,24 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const at:
   QT_CHECK(inputs_embeds.dim() == 3 && inputs_embeds.size(2) == config.hidden_size, ErrorKind::Internal,
            "forward_hidden: expected [batch, seq, hidden] embeddings");
   const int64_t B = inputs_embeds.size(0), S = inputs_embeds.size(1);
+  const at::Device device = inputs_embeds.device();
   at::Tensor pos = positions.defined()
                        ? positions
-                       : at::arange(S, at::TensorOptions().dtype(at::kLong).device(inputs_embeds.device())).expand({B, S});
-  return run_blocks(inputs_embeds, pos, window_mask(/*mask=*/{}, S, inputs_embeds.device()));
+                       : at::arange(S, at::TensorOptions().dtype(at::kLong).device(device)).expand({B, S});
+  if (!config.sliding_window || S <= *config.sliding_window) return run_blocks(inputs_embeds, pos, AttentionMask{});
+  // A window shorter than the rows: each row one document for flash attention's window, else a dense mask.
+  AttentionMask varlen = varlen_mask(at::zeros({B, S}, at::TensorOptions().dtype(at::kInt)), device,
+                                     inputs_embeds.scalar_type());
+  if (varlen.cu_seqlens.defined()) return run_blocks(inputs_embeds, pos, varlen);
+  return run_blocks(inputs_embeds, pos, AttentionMask{window_mask(/*mask=*/{}, S, device), {}, 0, -1});
+}
+
+AttentionMask LlamaModel::varlen_mask(const at::Tensor& doc_ids, at::Device device, c10::ScalarType dtype) const {
+  at::Tensor probe = at::empty({0, 1, config.head_dim}, at::TensorOptions().dtype(dtype).device(device));
+  if (!varlen_attention_uses_flash(probe)) return {};
+  VarlenLayout layout = cu_seqlens_from_doc_ids(doc_ids.to(at::kInt));
+  return AttentionMask{{}, layout.cu_seqlens.to(device), layout.max_seqlen,
+                       config.sliding_window ? *config.sliding_window : -1};
 }
 
 at::Tensor LlamaModel::window_mask(const at::Tensor& mask, int64_t S, at::Device device) const {
@@ -169,7 +204,7 @@ at::Tensor LlamaModel::window_mask(const at::Tensor& mask, int64_t S, at::Device
 }
 
 at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions,
-                                  const at::Tensor& mask) const {
+                                  const AttentionMask& mask) const {
   at::Tensor freq = inv_freq;
   if (config.rope.type == RopeType::Dynamic) {
     // transformers' dynamic_rope_update: the frequencies follow the longest position of the batch
@@ -187,14 +222,15 @@ at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Ten
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   for (size_t i = 0; i < layers.size(); ++i) {
     h = checkpoint ? BlockCheckpointFn::apply(h, reinterpret_cast<int64_t>(this), static_cast<int64_t>(i),
-                                              std::vector<at::Tensor>{cos, sin, mask})
+                                              std::vector<at::Tensor>{cos, sin, mask.dense, mask.cu_seqlens},
+                                              mask.max_seqlen, mask.window)
                    : block_forward(i, h, cos, sin, mask);
   }
   return rms_norm(h, norm, config.rms_norm_eps);
 }
 
 at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
-                                     const at::Tensor& mask) const {
+                                     const AttentionMask& mask) const {
   const LlamaBlock& b = layers[layer];
   at::Tensor x = h + attention(b, rms_norm(h, b.input_layernorm, config.rms_norm_eps), cos, sin, mask);
   return x + mlp(b, rms_norm(x, b.post_attention_layernorm, config.rms_norm_eps));
@@ -202,6 +238,9 @@ at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at
 
 at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Batch& batch) const {
   if (!batch.doc_ids.defined()) return forward_hidden(inputs_embeds, batch.positions);
+  AttentionMask varlen = varlen_mask(batch.doc_ids, inputs_embeds.device(), inputs_embeds.scalar_type());
+  if (varlen.cu_seqlens.defined())
+    return run_blocks(inputs_embeds, batch.positions.to(inputs_embeds.device()), varlen);
   // Block-diagonal causal mask [B, 1, S, S]: token i sees token j <= i of its own document. Padding (doc -1)
   // sees only itself, so that no softmax row is empty (its outputs carry no target).
   const int64_t S = inputs_embeds.size(1);
@@ -211,7 +250,7 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Bat
   at::Tensor eye = at::eye(S, at::TensorOptions().dtype(at::kBool).device(doc.device()));
   at::Tensor mask = ((same & causal) & (doc >= 0).unsqueeze(2)) | eye;
   return run_blocks(inputs_embeds, batch.positions.to(inputs_embeds.device()),
-                    window_mask(mask.unsqueeze(1), S, inputs_embeds.device()));
+                    AttentionMask{window_mask(mask.unsqueeze(1), S, inputs_embeds.device()), {}, 0, -1});
 }
 
 at::Tensor LlamaModel::logits(const at::Tensor& hidden) const { return at::linear(hidden, lm_head); }

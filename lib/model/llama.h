@@ -49,6 +49,17 @@ struct LlamaBlock {
   Linear gate_proj, up_proj, down_proj;
 };
 
+// What a forward pass may attend to. All undefined: plain causal. `dense`: a boolean mask [B|1, 1, S, S] (true =
+// visible) for SDPA. `cu_seqlens`: packed documents in the varlen layout over the B * S grid tokens (see
+// lib/kernels/varlen_attention.h), taken by flash attention on CUDA bf16/fp16 with no [S, S] mask built; `window`
+// is Mistral's sliding window there (-1: none).
+struct AttentionMask {
+  at::Tensor dense;
+  at::Tensor cu_seqlens;
+  int64_t max_seqlen = 0;
+  int64_t window = -1;
+};
+
 // LLaMA's RMSNorm (transformers' LlamaRMSNorm): normalise in fp32, cast back, then scale.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
@@ -89,16 +100,19 @@ class LlamaModel {
 
  private:
   at::Tensor attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                       const at::Tensor& mask) const;
-  at::Tensor run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions, const at::Tensor& mask) const;
+                       const AttentionMask& mask) const;
+  at::Tensor run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions, const AttentionMask& mask) const;
   // Mistral's sliding window on a boolean mask over token indices: keeps j with i - window < j (undefined mask:
   // the plain causal one). Returns an undefined mask when the window covers the whole sequence.
   at::Tensor window_mask(const at::Tensor& mask, int64_t S, at::Device device) const;
 
  public:
+  // The flash attention varlen layout for documents `doc_ids` [B, S] (-1: padding), or an undefined mask when
+  // flash attention does not apply (CPU, fp32, head_dim): then dense masks are used.
+  AttentionMask varlen_mask(const at::Tensor& doc_ids, at::Device device, c10::ScalarType dtype) const;
   // One decoder block (attention + MLP with their residuals); used by run_blocks and by the recomputation.
   at::Tensor block_forward(size_t layer, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
-                           const at::Tensor& mask) const;
+                           const AttentionMask& mask) const;
   at::Tensor mlp(const LlamaBlock& b, const at::Tensor& x) const;
 };
 

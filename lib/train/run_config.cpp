@@ -55,9 +55,22 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   c.output_dir = top.get_string("output_dir");
 
   const Json& m = section(j, "model");
-  reject_unknown_keys(m, {"path", "quant", "dtype", "device"}, file, "model.", ErrorKind::Config);
+  reject_unknown_keys(m, {"path", "quant", "dtype", "device", "init", "shape"}, file, "model.", ErrorKind::Config);
   JsonReader mr{m, file, ErrorKind::Config, "model."};
-  c.model.path = mr.get_string("path");
+  c.model.init = mr.get_string("init", c.model.init);
+  if (c.model.init != "pretrained" && c.model.init != "random")
+    fail_key(ErrorKind::Config, file, "model.init", "'" + c.model.init + "': expected pretrained or random");
+  c.model.shape = mr.get_string("shape", "");
+  if (c.model.init == "pretrained") {
+    c.model.path = mr.get_string("path");
+    if (!c.model.shape.empty())
+      fail_key(ErrorKind::Config, file, "model.shape", "only with model.init \"random\" (a pretrained model's shape is its config.json)");
+  } else {
+    c.model.path = mr.get_string("path", "");
+    if (c.model.path.empty() == c.model.shape.empty())
+      fail_key(ErrorKind::Config, file, "model.shape",
+               "model.init \"random\" needs exactly one of model.shape (e.g. \"llama-3.1-8b\") and model.path (a directory with config.json)");
+  }
   c.model.quant = mr.get_string("quant", c.model.quant);
   if (c.model.quant != "nf4" && c.model.quant != "none")
     fail_key(ErrorKind::Config, file, "model.quant", "'" + c.model.quant + "': expected nf4 or none");
@@ -88,6 +101,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   c.train.log_every = tr.get_int("log_every", c.train.log_every);
   check_positive(c.train.log_every, file, "train.log_every");
   c.train.full_finetune = tr.get_bool("full_finetune", c.train.full_finetune);
+  if (c.train.full_finetune && c.model.init == "random")
+    fail_key(ErrorKind::Config, file, "train.full_finetune", "needs a pretrained model.path, not model.init \"random\"");
   if (c.train.full_finetune && c.model.quant != "none")
     fail_key(ErrorKind::Config, file, "train.full_finetune", "trains 16-bit weights: set model.quant to \"none\"");
   c.train.loss = tr.get_string("loss", c.train.loss);

@@ -11,7 +11,9 @@
 namespace qt {
 
 struct ModelSection {
-  std::string path;             // Hugging Face model directory
+  std::string path;             // Hugging Face model directory (with init "random": optional, its config.json)
+  std::string init = "pretrained";  // "pretrained" (weights from path) or "random" (no weights read)
+  std::string shape;            // init "random": a named shape (lib/model/random_init.h), else path's config.json
   std::string quant = "nf4";    // "nf4" (QLoRA) or "none" (LoRA on a 16-bit base)
   std::string dtype = "auto";   // compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32
   std::string device = "auto";  // auto (CUDA when present), cpu, cuda

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -21,10 +22,12 @@
 #include "lib/model/lora.h"
 #include "lib/model/merge.h"
 #include "lib/model/peft_adapter.h"
+#include "lib/model/random_init.h"
 #include "lib/train/adamw.h"
 #include "lib/train/checkpoint.h"
 #include "lib/train/exact_match.h"
 #include "lib/train/metrics.h"
+#include "lib/train/step_profile.h"
 #include "lib/train/train_data.h"
 
 namespace qt {
@@ -111,10 +114,27 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
 
   // Model: NF4 base (quantized as it streams in) with LoRA adapters in fp32.
   at::manual_seed(cfg.train.seed);
-  auto tokenizer = load_tokenizer(cfg.model.path);
   LoadOptions load{device, dtype};
   load.quantize_nf4 = cfg.model.quant == "nf4";
-  LlamaModel model = load_llama(cfg.model.path, load);
+  const bool random_init = cfg.model.init == "random";
+  const LlamaConfig random_shape = !random_init ? LlamaConfig{}
+                                   : cfg.model.shape.empty()
+                                       ? LlamaConfig::from_file(files::join(cfg.model.path, "config.json"))
+                                       : shape_config(cfg.model.shape, cfg.file, "model.shape");
+  // A random model without tokenizer files has ids only (pre-tokenized data).
+  const bool has_tokenizer = !cfg.model.path.empty() && (!random_init ||
+                                                         files::exists(files::join(cfg.model.path, "tokenizer.json")) ||
+                                                         files::exists(files::join(cfg.model.path, "tokenizer.model")));
+  std::unique_ptr<Tokenizer> tokenizer =
+      has_tokenizer ? load_tokenizer(cfg.model.path)
+                    : ids_only_tokenizer(static_cast<int32_t>(random_shape.vocab_size),
+                                         static_cast<int32_t>(random_shape.bos_token_id),
+                                         static_cast<int32_t>(random_shape.eos_token_id));
+  // Data: tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per
+  // epoch, cut into this rank's micro-batches per step.
+  TrainData data(cfg.data, cfg.file, *tokenizer, micro);
+  LlamaModel model = random_init ? random_llama(random_shape, load, cfg.train.seed) : load_llama(cfg.model.path, load);
+  const std::string base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : cfg.model.path;
   model.grad_checkpointing = cfg.train.grad_checkpointing;
   const bool full = cfg.train.full_finetune;
   const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
@@ -133,8 +153,6 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   int64_t trainable = 0;
   for (const auto& [n, p] : params) trainable += p.numel();
 
-  // Data: tokenized once, ordered deterministically per epoch, cut into this rank's micro-batches per step.
-  TrainData data(cfg.data, cfg.file, *tokenizer, micro);
   const int64_t steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size);
   const int64_t total_steps = cfg.train.steps > 0 ? cfg.train.steps : cfg.train.epochs * steps_per_epoch;
   const LrSchedule schedule{cfg.optim.schedule, cfg.optim.lr, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio};
@@ -176,7 +194,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
 
   auto write_adapter = [&](const std::string& dir) {
     if (full) save_merged_model(model, cfg.model.path, files::join(dir, "model"), model.config.dtype);
-    else save_peft_adapter(model, lora, dir, cfg.model.path);
+    else save_peft_adapter(model, lora, dir, base_name);
   };
   auto checkpoint = [&] {
     CheckpointContents c{state, opt.state_tensors(), capture_rng_states()};
@@ -205,11 +223,15 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   if (!cfg.eval.exact_match_file.empty() && state.step == 0 && rank0) summary.exact_match_before = task_metric("before training");
   double first_loss = NAN, last_loss = NAN;
   int64_t run_tokens = 0;
+  const int64_t profile_step = std::getenv("QT_PROFILE_STEP") ? std::atoll(std::getenv("QT_PROFILE_STEP")) : -1;
   const auto t_loop = Clock::now();
   const int64_t start_step = state.step;
   while (state.step < total_steps) {
     const auto t_step = Clock::now();
     reset_gpu_peak(device);
+    // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir (rank 0).
+    std::unique_ptr<StepProfile> profile;
+    if (rank0 && profile_step == state.step + 1) profile = std::make_unique<StepProfile>(device.is_cuda());
     model.set_training(true);
     std::vector<Batch> micro_batches = data.next_step(cfg.train.batch_size, comm->rank(), world);
     // Normalise by the targets of the whole global step, so that accumulation over micro-batches and ranks gives
@@ -248,6 +270,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     opt.step(lr);
     opt.zero_grad();
     ++state.step;
+    if (profile) {
+      if (device.is_cuda()) c10::cuda::device_synchronize();
+      metrics.line(profile->finish(cfg.output_dir));
+      profile.reset();
+    }
     const int64_t tokens = static_cast<int64_t>(step_targets);
     state.tokens_seen += tokens;
     run_tokens += tokens;
