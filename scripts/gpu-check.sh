@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build with CUDA for sm_90 on all cores, make the oracle files, run every test
 # (CPU and [gpu]), the benchmarks and the peers measured in the same run, and print a short table last.
-# Usage (device tool, repo root): bash scripts/gpu-check.sh [tests|bench|all]   (default all)
+# Usage (device tool, repo root): bash scripts/gpu-check.sh [tests|gputests|bench|train|peers|all]   (default all)
+#   tests: every test; gputests: the [gpu] ones only; bench: kernel benchmarks and their peers;
+#   train: scripts/bench.py on our trainer alone (BENCH_ROWS), with a per-kernel profile of one step per row;
+#   (several, comma-separated: gputests,train)
+#   peers: scripts/bench.py with Unsloth and HF + bitsandbytes QLoRA (carry .usite, .peers, .peerscripts).
 # Peers: carry .peers and .peerscripts (../shared/peers/README.md); missing ones are reported, not faked.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +25,17 @@ BUILD_DIR=build-gpu JOBS=$(nproc) bash scripts/build.sh -DCMAKE_CUDA_ARCHITECTUR
 if [ ! -x build-gpu/qlora-train ]; then cat "$OUT/build.log"; note "BUILD FAILED"; exit 1; fi
 note "build: $(( $(date +%s) - t0 )) s"
 
-if [ "$MODE" != bench ]; then
+has() { [ "$MODE" = all ] || [[ ",$MODE," == *",$1,"* ]]; }  # MODE may list several: gputests,train
+RUN_TESTS=0; has tests && RUN_TESTS=1
+RUN_BENCH=0; has bench && RUN_BENCH=1
+if has gputests && [ "$MODE" != all ]; then
+  PYTHONPATH=${PEERS} python3 tests/oracles/generate.py --out build-gpu/tests/fixtures >"$OUT/oracles.log" 2>&1 \
+    || { tail -n 20 "$OUT/oracles.log"; note "oracles: FAILED"; }
+  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 900 -E oracles_generate) >"$OUT/ctest.log" 2>&1
+  grep -E "tests passed|tests failed|\(Failed\)|\(SEGFAULT\)|\(Timeout\)|Exception" "$OUT/ctest.log" | tee -a "$summary"
+  RUN_TESTS=0
+fi
+if [ "$RUN_TESTS" = 1 ]; then
   # bitsandbytes is not on the GPU image: the oracle generator finds it in the carried .peers.
   PYTHONPATH=${PEERS} python3 tests/oracles/generate.py --out build-gpu/tests/fixtures >"$OUT/oracles.log" 2>&1 \
     || { tail -n 20 "$OUT/oracles.log"; note "oracles: FAILED"; }
@@ -30,7 +44,23 @@ if [ "$MODE" != bench ]; then
   (cd build-gpu && ctest -L gpu --timeout 900 -E oracles_generate -V 2>&1 | grep -E "rel|cuda bf16|passed|failed" | tail -n 20) >>"$OUT/gpu_tests.log"
 fi
 
-if [ "$MODE" != tests ]; then
+if has train; then
+  note "== trainer alone (scripts/bench.py --peers none), rows ${BENCH_ROWS:-default}"
+  python3 scripts/bench.py --peers none ${BENCH_ROWS:+--rows $BENCH_ROWS} --out "$OUT" ${BENCH_SET:-} 2>&1 | tee "$OUT/bench_train.log" | tail -n 8 >>"$summary"
+  if [ -n "${PROFILE_ROWS:-}" ]; then
+    for row in ${PROFILE_ROWS//,/ }; do
+      QT_PROFILE_STEP=4 python3 scripts/bench.py --peers none --rows "$row" --steps 2 --warm 3 --work /tmp/qt_prof --out /tmp >/dev/null 2>&1
+      f=$(ls /tmp/qt_prof/run_*/profile_kernels.txt 2>/dev/null | head -1)
+      [ -n "$f" ] && { note "== profile $row"; head -n 22 "$f" | cut -c1-140 | tee -a "$summary" >/dev/null; }
+      rm -rf /tmp/qt_prof
+    done
+  fi
+fi
+if has peers; then
+  note "== ours and the peers on the same machine (scripts/bench.py), rows ${BENCH_ROWS:-default}"
+  python3 scripts/bench.py --peers "${BENCH_PEERS:-unsloth,hf_qlora}" ${BENCH_ROWS:+--rows $BENCH_ROWS} --out "$OUT" 2>&1 | tee "$OUT/bench_peers.log" | grep -E '^\||matrix rate' >>"$summary"
+fi
+if [ "$RUN_BENCH" = 1 ]; then
   for b in build-gpu/bench_*; do
     [ -x "$b" ] || continue
     note "== $(basename "$b")"
