@@ -2,13 +2,20 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
+#include <map>
+#include <mutex>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "lib/core/error.h"
+#include "lib/kernels/fused_ops.h"
 #include "lib/kernels/varlen_attention.h"
 #include "lib/model/rope.h"
 
@@ -35,6 +42,40 @@ struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
   }
 };
 
+// Activation offload: a checkpointed block input goes to pinned host memory on a side stream (overlapped with
+// the next blocks' compute); the caching allocator is told that the side stream still reads the GPU copy, so its
+// memory is reused only after the copy. The backward pass waits for the side stream and copies it back.
+c10::cuda::CUDAStream offload_stream(c10::DeviceIndex device) {
+  static std::mutex mutex;
+  static std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = streams.find(device);
+  if (it == streams.end()) it = streams.emplace(device, c10::cuda::getStreamFromPool(false, device)).first;
+  return it->second;
+}
+
+at::Tensor offload_to_host(const at::Tensor& h) {
+  const c10::cuda::CUDAStream side = offload_stream(h.get_device());
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(h.get_device());
+  at::Tensor host = at::empty(h.sizes(), h.options().device(at::kCPU).pinned_memory(true));
+  at::cuda::CUDAEvent ready;
+  ready.record(current);
+  ready.block(side);
+  {
+    c10::cuda::CUDAStreamGuard guard(side);
+    host.copy_(h, /*non_blocking=*/true);
+  }
+  c10::cuda::CUDACachingAllocator::recordStream(h.storage().data_ptr(), side);
+  return host;
+}
+
+at::Tensor fetch_from_host(const at::Tensor& host, const at::Device& device) {
+  at::cuda::CUDAEvent copied;
+  copied.record(offload_stream(device.index()));
+  copied.block(c10::cuda::getCurrentCUDAStream(device.index()));
+  return host.to(device, /*non_blocking=*/true);
+}
+
 // Per-block activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"), the
 // reentrant form: forward runs the block without recording; backward re-runs it with recording on the saved
 // input and back-propagates through that, which also accumulates the gradients of the block's LoRA weights.
@@ -49,7 +90,11 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     ctx->saved_data["layer"] = layer;
     ctx->saved_data["cpu_rng"] = at::detail::getDefaultCPUGenerator().get_state();
     if (h.is_cuda()) ctx->saved_data["cuda_rng"] = at::cuda::detail::getDefaultCUDAGenerator(h.get_device()).get_state();
-    ctx->save_for_backward({h});
+    if (model->offload_activations && h.is_cuda()) {
+      ctx->saved_data["host"] = offload_to_host(h);
+    } else {
+      ctx->save_for_backward({h});
+    }
     ctx->saved_data["cos"] = aux[0];
     ctx->saved_data["sin"] = aux[1];
     if (aux[2].defined()) ctx->saved_data["mask"] = aux[2];
@@ -61,8 +106,12 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto* model = reinterpret_cast<const LlamaModel*>(ctx->saved_data["model"].toInt());
-    auto saved = ctx->get_saved_variables();
-    at::Tensor x = saved[0].detach().requires_grad_(true);
+    at::Tensor x;
+    if (ctx->saved_data.count("host")) {
+      x = fetch_from_host(ctx->saved_data["host"].toTensor(), grads[0].device()).requires_grad_(true);
+    } else {
+      x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    }
     at::Tensor out;
     {
       auto cpu_gen = at::detail::getDefaultCPUGenerator();
@@ -109,9 +158,14 @@ at::Tensor Linear::forward(const at::Tensor& x) const {
   if (bias.defined()) y = y + bias.to(y.scalar_type());
   if (lora) {
     at::Tensor h = (training && lora->dropout > 0) ? at::dropout(x, lora->dropout, /*train=*/true) : x;
-    // LoRA weights stay fp32 (the optimizer's master copy); the matmuls run in the activations' dtype.
+    // LoRA weights stay fp32 (the optimizer's master copy); the matmuls run in the activations' dtype. The
+    // scale rides on the small B and the sum on the second GEMM's epilogue (addmm: y + t B^T in one kernel),
+    // so no elementwise pass over the [tokens, out] output is added.
     const auto dt = h.scalar_type();
-    y = y + at::linear(at::linear(h, lora->A.to(dt)), lora->B.to(dt)) * lora->scale;
+    at::Tensor t = at::linear(h, lora->A.to(dt));  // [.., r]
+    at::Tensor Bs = lora->scale == 1.0 ? lora->B.to(dt) : (lora->B * lora->scale).to(dt);
+    const int64_t out = y.size(-1);
+    y = at::addmm(y.reshape({-1, out}), t.reshape({-1, t.size(-1)}), Bs.t()).view(y.sizes());
   }
   return y;
 }
@@ -121,10 +175,7 @@ void LlamaModel::set_training(bool training) {
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  at::Tensor h = x.to(at::kFloat);
-  at::Tensor var = h.pow(2).mean(-1, /*keepdim=*/true);
-  h = h * at::rsqrt(var + eps);
-  return weight * h.to(x.scalar_type());
+  return rms_norm_fused(x, weight, eps);  // the plain-ATen reference off CUDA
 }
 
 LlamaModel::LlamaModel(LlamaConfig cfg) : config(std::move(cfg)) {
@@ -164,7 +215,7 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
 }
 
 at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x) const {
-  return b.down_proj.forward(at::silu(b.gate_proj.forward(x)) * b.up_proj.forward(x));
+  return b.down_proj.forward(swiglu_fused(b.gate_proj.forward(x), b.up_proj.forward(x)));
 }
 
 at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const at::Tensor& positions) const {

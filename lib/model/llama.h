@@ -75,6 +75,9 @@ class LlamaModel {
   // Recompute each block in the backward pass instead of keeping its activations (only the block inputs are
   // kept). Takes effect while autograd records.
   bool grad_checkpointing = false;
+  // With grad_checkpointing on CUDA: keep the checkpointed block inputs in pinned host memory instead of on the
+  // GPU (copied out on a side stream, back in the backward pass): long contexts need the GPU memory.
+  bool offload_activations = false;
 
   explicit LlamaModel(LlamaConfig cfg);
 

@@ -82,7 +82,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
     fail_key(ErrorKind::Config, file, "model.device", "'" + c.model.device + "': expected auto, cpu or cuda");
 
   const Json& t = section(j, "train");
-  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "seed",
+  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "offload_activations", "seed",
                           "eval_every", "log_every", "loss", "full_finetune"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
@@ -95,6 +95,12 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   c.train.micro_batch_size = tr.get_int("micro_batch_size", c.train.micro_batch_size);
   check_positive(c.train.micro_batch_size, file, "train.micro_batch_size", true);
   c.train.grad_checkpointing = tr.get_bool("grad_checkpointing", c.train.grad_checkpointing);
+  if (t.contains("offload_activations")) {
+    const Json& o = t["offload_activations"];
+    if (o.is_boolean()) c.train.offload_activations = o.get<bool>() ? "true" : "false";
+    else if (o.is_string() && o.get<std::string>() == "auto") c.train.offload_activations = "auto";
+    else fail_key(ErrorKind::Config, file, "train.offload_activations", o.dump() + ": expected true, false or \"auto\"");
+  }
   c.train.seed = static_cast<uint64_t>(tr.get_int("seed", static_cast<int64_t>(c.train.seed)));
   c.train.eval_every = tr.get_int("eval_every", c.train.eval_every);
   check_positive(c.train.eval_every, file, "train.eval_every", true);

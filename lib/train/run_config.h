@@ -25,6 +25,9 @@ struct TrainSection {
   int64_t batch_size = 8;        // global batch: sequences (packed rows) per optimizer step, over all ranks
   int64_t micro_batch_size = 0;  // per rank per forward; 0: the whole per-rank batch at once
   bool grad_checkpointing = true;
+  // Checkpointed block inputs in pinned host memory (CUDA, with grad_checkpointing): "true", "false", or "auto"
+  // (on when a micro-batch holds at least 16384 tokens: long contexts).
+  std::string offload_activations = "auto";
   uint64_t seed = 42;
   int64_t eval_every = 0;        // steps between held-out evaluations; 0: only at the end (if there is eval data)
   int64_t log_every = 1;

@@ -136,6 +136,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   LlamaModel model = random_init ? random_llama(random_shape, load, cfg.train.seed) : load_llama(cfg.model.path, load);
   const std::string base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : cfg.model.path;
   model.grad_checkpointing = cfg.train.grad_checkpointing;
+  model.offload_activations = device.is_cuda() && cfg.train.grad_checkpointing &&
+                              (cfg.train.offload_activations == "true" ||
+                               (cfg.train.offload_activations == "auto" && micro * data.max_seq_len() >= 16384));
   const bool full = cfg.train.full_finetune;
   const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
   std::vector<std::pair<std::string, at::Tensor>> params;

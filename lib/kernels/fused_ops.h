@@ -1,0 +1,25 @@
+#pragma once
+// Fused elementwise parts of a LLaMA block, forward and backward, each beside its plain-ATen reference:
+//   - RMSNorm (transformers' LlamaRMSNorm: normalise in fp32, cast to the input dtype, scale by the weight):
+//     one kernel reads a row once for its statistics and once to write, saving 1/rms per row for the backward;
+//     the ATen composition runs ~6 kernels over fp32 copies of the row.
+//   - SwiGLU, silu(gate) * up: one kernel forward, one for both input gradients; saves only gate and up (ATen's
+//     composition also keeps silu(gate), one more [tokens, intermediate] tensor per block).
+// On CUDA (fp32 / fp16 / bf16, rows of a multiple of 8 elements, contiguous) the kernels run; elsewhere, and
+// when the RMSNorm weight itself needs a gradient (full fine-tuning), the reference runs.
+#include <ATen/core/Tensor.h>
+
+namespace qt {
+
+// x [.., H], weight [H] -> [..., H] in x's dtype. Differentiable in x (and, through the reference, in weight).
+at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// silu(gate) * up, both [..., I] of one dtype. Differentiable in both.
+at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up);
+at::Tensor swiglu_reference(const at::Tensor& gate, const at::Tensor& up);
+
+// True when the fused kernels take these inputs (a CUDA build, CUDA tensors of a supported shape and dtype).
+bool fused_ops_apply(const at::Tensor& x);
+
+}  // namespace qt

@@ -1,0 +1,85 @@
+// Fused RMSNorm and SwiGLU kernels against their plain-ATen references (lib/kernels/fused_ops.h): forward and
+// input gradients on random inputs of LLaMA widths, bf16 / fp16 / fp32, outputs poisoned through the caching
+// allocator (a freed NaN-filled block is what the kernels' empty outputs get).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+
+#include "lib/kernels/fused_ops.h"
+#include "tests/catch.h"
+#include "tests/test_util.h"
+
+using qt::test::rel_err;
+
+namespace {
+
+void poison_cache(const at::Device& device) {
+  at::Tensor nan = at::full({int64_t{64} << 20}, NAN, at::TensorOptions().dtype(at::kFloat).device(device));
+  nan.reset();  // back to the caching allocator, NaN bytes and all
+}
+
+double bound(c10::ScalarType t) { return t == at::kFloat ? 1e-5 : t == at::kHalf ? 2e-3 : 1e-2; }
+
+}  // namespace
+
+TEST_CASE("fused ops: off CUDA the references run", "[fused_ops]") {
+  at::Tensor x = at::randn({5, 24}).requires_grad_(true);
+  at::Tensor w = at::rand({24}) + 0.5;
+  CHECK(!qt::fused_ops_apply(x));
+  at::Tensor y = qt::rms_norm_fused(x, w, 1e-5);
+  // The reference is transformers' LlamaRMSNorm formula, written out here independently.
+  at::Tensor expect = w * (x / at::sqrt(x.pow(2).mean(-1, true) + 1e-5));
+  CHECK(rel_err(y, expect) < 1e-6);
+  at::Tensor g = at::randn({5, 24}), u = at::randn({5, 24});
+  CHECK(rel_err(qt::swiglu_fused(g, u), g * at::sigmoid(g) * u) < 1e-6);
+}
+
+TEST_CASE("fused RMSNorm kernel equals the ATen reference on CUDA", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (int64_t H : {2048, 3072, 4096, 8192, 40}) {
+      INFO("dtype " << c10::toString(dtype) << " H " << H);
+      const auto opt = at::TensorOptions().dtype(dtype).device(cuda);
+      at::Tensor x0 = (at::randn({3, 37, H}, opt.dtype(at::kFloat)) * 3).to(dtype);
+      at::Tensor w = (at::rand({H}, opt.dtype(at::kFloat)) + 0.5).to(dtype);
+      at::Tensor dy = at::randn({3, 37, H}, opt);
+      at::Tensor xr = x0.clone().requires_grad_(true);
+      at::Tensor yr = qt::rms_norm_reference(xr, w, 1e-5);
+      yr.backward(dy);
+      poison_cache(cuda);
+      at::Tensor xf = x0.clone().requires_grad_(true);
+      REQUIRE(qt::fused_ops_apply(xf));
+      at::Tensor yf = qt::rms_norm_fused(xf, w, 1e-5);
+      poison_cache(cuda);
+      yf.backward(dy);
+      CHECK(yf.scalar_type() == dtype);
+      CHECK(rel_err(yf, yr) < bound(dtype));
+      CHECK(rel_err(xf.grad(), xr.grad()) < 2 * bound(dtype));
+    }
+  }
+}
+
+TEST_CASE("fused SwiGLU kernel equals the ATen reference on CUDA", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (int64_t I : {8192, 14336, 24}) {
+      INFO("dtype " << c10::toString(dtype) << " I " << I);
+      const auto opt = at::TensorOptions().dtype(dtype).device(cuda);
+      at::Tensor g0 = (at::randn({2, 53, I}, opt.dtype(at::kFloat)) * 2).to(dtype);
+      at::Tensor u0 = at::randn({2, 53, I}, opt);
+      at::Tensor dy = at::randn({2, 53, I}, opt);
+      at::Tensor gr = g0.clone().requires_grad_(true), ur = u0.clone().requires_grad_(true);
+      qt::swiglu_reference(gr, ur).backward(dy);
+      at::Tensor outr = qt::swiglu_reference(g0, u0);
+      poison_cache(cuda);
+      at::Tensor gf = g0.clone().requires_grad_(true), uf = u0.clone().requires_grad_(true);
+      at::Tensor outf = qt::swiglu_fused(gf, uf);
+      poison_cache(cuda);
+      outf.backward(dy);
+      CHECK(rel_err(outf, outr) < bound(dtype));
+      CHECK(rel_err(gf.grad(), gr.grad()) < bound(dtype));
+      CHECK(rel_err(uf.grad(), ur.grad()) < bound(dtype));
+    }
+  }
+}
