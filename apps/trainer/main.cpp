@@ -324,6 +324,12 @@ int main(int argc, char** argv) {
   } catch (const qt::Error& e) {
     std::cerr << "qlora-train: " << qt::kind_name(e.kind()) << ": " << e.what() << std::endl;
     return qt::exit_code(e.kind());
+  } catch (const c10::OutOfMemoryError& e) {
+    // Outside a training step (loading, checkpointing, eval, generate): still a device failure, not a bug.
+    std::cerr << "qlora-train: " << qt::kind_name(qt::ErrorKind::Device) << ": out of device memory ("
+              << e.what_without_backtrace() << "); lower the batch or sequence length, or use a larger device"
+              << std::endl;
+    return qt::exit_code(qt::ErrorKind::Device);
   } catch (const c10::Error& e) {
     std::cerr << "qlora-train: internal error (torch): " << e.what_without_backtrace() << std::endl;
     return qt::exit_code(qt::ErrorKind::Internal);

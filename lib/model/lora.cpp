@@ -32,7 +32,7 @@ bool LoraConfig::targets_module(const std::string& hf_module_name) const {
 
 LoraConfig LoraConfig::from_json(const Json& section, const std::string& file, const std::string& prefix,
                                  ErrorKind kind) {
-  reject_unknown_keys(section, {"r", "alpha", "dropout", "targets", "use_rslora"}, file, prefix, kind);
+  reject_unknown_keys(section, {"r", "alpha", "dropout", "targets", "use_rslora", "init_from"}, file, prefix, kind);
   JsonReader j{section, file, kind, prefix};
   LoraConfig c;
   c.r = j.get_int("r", c.r);
@@ -40,8 +40,33 @@ LoraConfig LoraConfig::from_json(const Json& section, const std::string& file, c
   c.dropout = j.get_double("dropout", c.dropout);
   if (j.has("targets")) c.targets = j.get_strings("targets");
   c.use_rslora = j.get_bool("use_rslora", c.use_rslora);
+  c.init_from = j.get_string("init_from", c.init_from);
   c.validate(file, prefix, kind);
   return c;
+}
+
+std::vector<std::string> LoraConfig::differences_from(const LoraConfig& adapter) const {
+  std::vector<std::string> out;
+  auto num = [](double v) {
+    std::string s = std::to_string(v);
+    s.erase(s.find_last_not_of('0') + 1);
+    if (!s.empty() && s.back() == '.') s.pop_back();
+    return s;
+  };
+  auto list = [](std::vector<std::string> v) {
+    std::sort(v.begin(), v.end());
+    std::string s = "[";
+    for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + v[i];
+    return s + "]";
+  };
+  if (r != adapter.r) out.push_back("lora.r: config " + std::to_string(r) + ", adapter " + std::to_string(adapter.r));
+  if (alpha != adapter.alpha) out.push_back("lora.alpha: config " + num(alpha) + ", adapter " + num(adapter.alpha));
+  if (list(targets) != list(adapter.targets))
+    out.push_back("lora.targets: config " + list(targets) + ", adapter " + list(adapter.targets));
+  if (use_rslora != adapter.use_rslora)
+    out.push_back(std::string("lora.use_rslora: config ") + (use_rslora ? "true" : "false") + ", adapter " +
+                  (adapter.use_rslora ? "true" : "false"));
+  return out;
 }
 
 void LoraConfig::validate(const std::string& file, const std::string& prefix, ErrorKind kind, bool peft_keys) const {

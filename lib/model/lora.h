@@ -24,12 +24,19 @@ struct LoraConfig {
   double dropout = 0.0;
   std::vector<std::string> targets = lora_target_names();  // all seven block linears (QLoRA paper, section 4)
   bool use_rslora = false;  // rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): scale alpha / sqrt(r)
+  // A PEFT adapter directory (ours or PEFT's) to start training from instead of a fresh init; empty: fresh.
+  // Its r, lora_alpha, target_modules and use_rslora must equal this section's (differences_from says which not).
+  std::string init_from;
 
   // PEFT's LoraLayer.update_layer: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
   double scale() const;
   bool targets_module(const std::string& hf_module_name) const;  // by its last component
 
-  // Parses a "lora" section {r, alpha, dropout, targets, use_rslora}; defaults for absent keys. Unknown keys,
+  // The keys of a "lora" section whose values differ from `adapter`'s (an adapter_config.json read by
+  // read_peft_adapter_config), as "lora.r: config 16, adapter 8"; targets compare as sets. Empty: compatible.
+  std::vector<std::string> differences_from(const LoraConfig& adapter) const;
+
+  // Parses a "lora" section {r, alpha, dropout, targets, use_rslora, init_from}; defaults for absent keys. Unknown keys,
   // wrong types and out-of-range values are qt::Error(kind) naming `file` and the key (prefix + key).
   static LoraConfig from_json(const Json& section, const std::string& file, const std::string& prefix = "lora.",
                               ErrorKind kind = ErrorKind::Config);

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <thread>
 #include <cmath>
+#include <cstdio>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -50,6 +51,36 @@ c10::ScalarType resolve_dtype(const std::string& name, const at::Device& device)
   if (name == "bfloat16") return at::kBFloat16;
   if (name == "float32") return at::kFloat;
   return device.is_cuda() ? at::kBFloat16 : at::kFloat;
+}
+
+double gib(int64_t bytes) { return static_cast<double>(bytes) / static_cast<double>(int64_t{1} << 30); }
+
+std::string fixed2(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", v);
+  return buf;
+}
+
+// The message of an out-of-memory error in a training step (`phase`: "step 3", "evaluation after step 3"):
+// where, how big, how much memory, what lowers it. One line: main prints it after "device: ".
+std::string oom_message(const RunConfig& cfg, const at::Device& device, const std::string& phase, int64_t micro,
+                        int64_t seq_len, const std::string& what) {
+  std::string mem = "memory not tracked on " + device.str();
+  if (device.is_cuda()) {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    mem = "in use " + fixed2(gib(stats.allocated_bytes[0].current)) + " GiB, reserved " +
+          fixed2(gib(stats.reserved_bytes[0].current)) + " GiB, peak in use " +
+          fixed2(gib(stats.allocated_bytes[0].peak)) + " GiB on " + device.str();
+  }
+  std::string first = what.substr(0, what.find('\n'));
+  if (first.size() > 300) first = first.substr(0, 300) + "...";
+  return phase + ": out of GPU memory with micro-batches of " + std::to_string(micro) + " x " +
+         std::to_string(seq_len) + " tokens (" + mem + "). Lower train.micro_batch_size (now " +
+         std::to_string(micro) + ") or data.max_seq_len (now " + std::to_string(seq_len) + ")" +
+         (cfg.train.grad_checkpointing
+              ? "; activation checkpointing (train.grad_checkpointing) is already on"
+              : ", or turn on activation checkpointing: train.grad_checkpointing true (now false)") +
+         ". The last checkpoint in " + cfg.output_dir + " is kept (resume with --resume auto). [torch: " + first + "]";
 }
 
 double gpu_peak_gib(const at::Device& device) {
@@ -144,12 +175,30 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   std::vector<std::pair<std::string, at::Tensor>> params;
   if (full) {
     if (!options.resume.empty()) fail(ErrorKind::Usage, "--resume is not supported with train.full_finetune yet");
+    if (!lora.init_from.empty())
+      fail_key(ErrorKind::Config, cfg.file, "lora.init_from", "is not supported with train.full_finetune");
     for (auto& [name, t] : model.named_tensors()) {
       t->requires_grad_(true);
       params.emplace_back(name, *t);
     }
   } else {
     attach_lora(model, lora, cfg.train.seed, device, at::kFloat);
+    // lora.init_from: start from an adapter instead of the fresh init (a resume loads its checkpoint's instead).
+    if (!lora.init_from.empty() && options.resume.empty()) {
+      const PeftAdapterConfig from = read_peft_adapter_config(lora.init_from);
+      const std::vector<std::string> differ = lora.differences_from(from.lora);
+      if (!differ.empty()) {
+        std::string msg = "lora.init_from " + lora.init_from + ": the adapter does not match the lora section:";
+        for (const auto& d : differ) msg += " " + d + ";";
+        fail_at(ErrorKind::Config, cfg.file, msg);
+      }
+      load_peft_adapter(model, lora.init_from);
+      // The adapter file's lora_dropout is the run that made it; this run's is the config's.
+      model.for_each_linear([&](const std::string&, Linear& l) {
+        if (l.lora) l.lora->dropout = lora.dropout;
+      });
+      if (rank0) log::info("LoRA adapters initialised from " + lora.init_from);
+    }
     params = lora_parameters(model);
   }
   AdamW opt(params, {cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps, cfg.optim.weight_decay});
@@ -214,6 +263,14 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
 
   const bool fused = cfg.train.loss == "fused";
   TrainSummary summary;
+  auto evaluate_guarded = [&] {
+    try {
+      return evaluate(model, eval_batches, fused, *comm);
+    } catch (const c10::OutOfMemoryError& e) {
+      fail(ErrorKind::Device, oom_message(cfg, device, "evaluation after step " + std::to_string(state.step), micro,
+                                          data.max_seq_len(), e.what_without_backtrace()));
+    }
+  };
   auto task_metric = [&](const char* when) {
     ExactMatchResult em = exact_match(model, *tokenizer, data.config(), cfg.eval.exact_match_file,
                                       cfg.eval.max_examples, cfg.eval.max_new_tokens);
@@ -247,12 +304,19 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     const double step_targets = count.to(at::kCPU, at::kDouble).item<double>();
     if (step_targets <= 0) fail(ErrorKind::Data, "step " + std::to_string(state.step + 1) + ": the batch has no target tokens (all masked?)");
     double local_loss = 0;
-    for (const auto& b : micro_batches) {
-      at::Tensor ids = b.input_ids.to(device);
-      at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
-      at::Tensor l = loss_sum(model, hidden, b.targets, fused);
-      (l / step_targets).backward();
-      local_loss += l.item<double>();
+    try {
+      // Test hook: an out-of-memory error at this step (on any device), as CUDA's caching allocator throws it.
+      if (const char* at_step = std::getenv("QT_TEST_OOM_AT_STEP"); at_step && std::atol(at_step) == state.step + 1)
+        TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (QT_TEST_OOM_AT_STEP)");
+      for (const auto& b : micro_batches) {
+        at::Tensor ids = b.input_ids.to(device);
+        at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
+        at::Tensor l = loss_sum(model, hidden, b.targets, fused);
+        (l / step_targets).backward();
+        local_loss += l.item<double>();
+      }
+    } catch (const c10::OutOfMemoryError& e) {
+      fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), e.what_without_backtrace()));
     }
     // Data parallel: sum the LoRA gradients (already divided by the global count) and the loss over ranks.
     if (world > 1) {
@@ -270,7 +334,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the gradient norm is not finite; the last "
                                "checkpoint in " + cfg.output_dir + " is intact");
     const double lr = schedule.at(state.step);
-    opt.step(lr);
+    try {
+      opt.step(lr);  // the first step allocates the optimizer's moments
+    } catch (const c10::OutOfMemoryError& e) {
+      fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), e.what_without_backtrace()));
+    }
     opt.zero_grad();
     ++state.step;
     if (profile) {
@@ -300,7 +368,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       metrics.step(m);
     }
     if (!eval_batches.empty() && cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0) {
-      auto [el, et] = evaluate(model, eval_batches, fused, *comm);
+      auto [el, et] = evaluate_guarded();
       metrics.eval(state.step, el, et);
     }
     const bool stop = options.stop_requested && options.stop_requested->load();
@@ -313,7 +381,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   }
   if (!eval_batches.empty()) {
     if (metrics.eval_losses().empty() || metrics.eval_losses().back().first != state.step) {
-      auto [el, et] = evaluate(model, eval_batches, fused, *comm);
+      auto [el, et] = evaluate_guarded();
       metrics.eval(state.step, el, et);
     }
     summary.eval_loss = metrics.eval_losses().back().second;

@@ -1,0 +1,62 @@
+"""Out of device memory in a training step (CPU, through the QT_TEST_OOM_AT_STEP hook, which throws torch's
+c10::OutOfMemoryError as CUDA's caching allocator does): exit code 9 (Device), one message naming the step, the
+micro-batch shape and the settings that lower memory, and the checkpoint from before intact (a resume from it
+ends as a run that never failed)."""
+import json, os, pathlib, subprocess, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import tiny_lm
+
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_oom_"))
+failures = []
+
+def check(cond, what):
+    print(("ok: " if cond else "FAILED: ") + what, flush=True)
+    if not cond:
+        failures.append(what)
+
+def write_config(name):
+    cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
+           "lora": {"r": 4, "alpha": 8},
+           "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
+           "train": {"steps": 4, "batch_size": 4, "micro_batch_size": 2, "seed": 3, "log_every": 1},
+           "optim": {"lr": 2e-3}, "checkpoint": {"every": 2, "keep_last": 3}, "logging": {"progress": "lines"}}
+    path = TMP / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+def train(config, *extra, env=None):
+    return subprocess.run([BIN, "--config", str(config), *extra], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+def main():
+    tiny_lm.make_model_dir(TMP / "model", seed=5)
+    tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
+    p = train(write_config("ref"))
+    if p.returncode != 0:
+        sys.exit(f"reference run exited {p.returncode}:\n{p.stderr[-3000:]}")
+
+    cfg = write_config("oom")
+    p = train(cfg, env={"QT_TEST_OOM_AT_STEP": "3"})
+    err = p.stderr.strip().splitlines()
+    last = err[-1] if err else ""
+    print("message:", last)
+    check(p.returncode == 9, f"an out-of-memory error exits 9 (Device), got {p.returncode}")
+    for part in ("step 3", "out of GPU memory", "2 x 32 tokens", "train.micro_batch_size", "data.max_seq_len",
+                 "train.grad_checkpointing", "last checkpoint", str(TMP / "oom")):
+        check(part in last, f"the message names '{part}'")
+    check(sum("out of GPU memory" in l for l in err) == 1, "one message, said once")
+    check((TMP / "oom" / "checkpoint-2" / "COMPLETE").exists() and not (TMP / "oom" / "checkpoint-4").exists(),
+          "checkpoint-2 is complete, nothing after it")
+    p = train(cfg, "--resume", "auto")
+    check(p.returncode == 0 and "checkpoint-2" in p.stderr, f"the run resumes from checkpoint-2 (exit {p.returncode})")
+    a = (TMP / "oom" / "adapter" / "adapter_model.safetensors")
+    check(a.exists() and a.read_bytes() == (TMP / "ref" / "adapter" / "adapter_model.safetensors").read_bytes(),
+          "resumed after the error, the run ends with the adapter of a run that never failed")
+    if failures:
+        print(f"{len(failures)} check(s) FAILED")
+        sys.exit(1)
+    print("all out-of-memory checks passed")
+
+if __name__ == "__main__":
+    main()
