@@ -186,7 +186,18 @@ LlamaModel::LlamaModel(LlamaConfig cfg) : config(std::move(cfg)) {
 at::Device LlamaModel::device() const { return embed_tokens.device(); }
 c10::ScalarType LlamaModel::dtype() const { return embed_tokens.scalar_type(); }
 
-at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const { return at::embedding(embed_tokens, input_ids); }
+namespace {
+at::Tensor compute_weight(const at::Tensor& frozen, const at::Tensor& trainable) {
+  if (!trainable.defined()) return frozen;
+  at::Tensor w = trainable.to(frozen.scalar_type());
+  return at::GradMode::is_enabled() ? w : w.detach();
+}
+}  // namespace
+
+at::Tensor LlamaModel::embed_weight() const { return compute_weight(embed_tokens, embed_tokens_trainable); }
+at::Tensor LlamaModel::lm_head_weight() const { return compute_weight(lm_head, lm_head_trainable); }
+
+at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const { return at::embedding(embed_weight(), input_ids); }
 
 at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos,
                                  const at::Tensor& sin, const AttentionMask& mask) const {
@@ -304,7 +315,7 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Bat
                     AttentionMask{window_mask(mask.unsqueeze(1), S, inputs_embeds.device()), {}, 0, -1});
 }
 
-at::Tensor LlamaModel::logits(const at::Tensor& hidden) const { return at::linear(hidden, lm_head); }
+at::Tensor LlamaModel::logits(const at::Tensor& hidden) const { return at::linear(hidden, lm_head_weight()); }
 
 std::vector<std::pair<std::string, at::Tensor*>> LlamaModel::named_tensors() {
   std::vector<std::pair<std::string, at::Tensor*>> out;

@@ -71,6 +71,11 @@ class LlamaModel {
   at::Tensor norm;     // [H]
   at::Tensor lm_head;  // [V, H]; the same tensor as embed_tokens when tie_word_embeddings
   at::Tensor inv_freq;  // [head_dim / 2] fp32, CPU
+  // PEFT's modules_to_save: trainable fp32 copies that stand in for embed_tokens / lm_head in the forward pass
+  // (cast to dtype() there, so that the gradient reaches the fp32 copy). Undefined: the frozen tensor above is used.
+  // With tie_word_embeddings the two are one tensor, trained in both roles.
+  at::Tensor embed_tokens_trainable;
+  at::Tensor lm_head_trainable;
 
   // Recompute each block in the backward pass instead of keeping its activations (only the block inputs are
   // kept). Takes effect while autograd records.
@@ -82,6 +87,10 @@ class LlamaModel {
   explicit LlamaModel(LlamaConfig cfg);
 
   at::Tensor embed(const at::Tensor& input_ids) const;  // [B, S] -> [B, S, H]
+  // The [V, H] weights the forward pass uses, in dtype(): the trainable copy when there is one (differentiable
+  // while grad mode is on, detached otherwise), else the frozen tensor.
+  at::Tensor embed_weight() const;
+  at::Tensor lm_head_weight() const;
   // Runs the blocks and the final norm. positions: [B, S] integer positions (undefined: 0..S-1 for each row).
   at::Tensor forward_hidden(const at::Tensor& inputs_embeds, const at::Tensor& positions = {}) const;
   at::Tensor logits(const at::Tensor& hidden) const;  // [.., H] -> [.., V]

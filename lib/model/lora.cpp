@@ -17,6 +17,11 @@ const std::vector<std::string>& lora_target_names() {
   return names;
 }
 
+const std::vector<std::string>& modules_to_save_names() {
+  static const std::vector<std::string> names = {"lm_head", "embed_tokens"};
+  return names;
+}
+
 static std::string last_component(const std::string& name) {
   const auto dot = name.rfind('.');
   return dot == std::string::npos ? name : name.substr(dot + 1);
@@ -32,7 +37,8 @@ bool LoraConfig::targets_module(const std::string& hf_module_name) const {
 
 LoraConfig LoraConfig::from_json(const Json& section, const std::string& file, const std::string& prefix,
                                  ErrorKind kind) {
-  reject_unknown_keys(section, {"r", "alpha", "dropout", "targets", "use_rslora", "init_from"}, file, prefix, kind);
+  reject_unknown_keys(section, {"r", "alpha", "dropout", "targets", "use_rslora", "init_from", "modules_to_save"}, file,
+                      prefix, kind);
   JsonReader j{section, file, kind, prefix};
   LoraConfig c;
   c.r = j.get_int("r", c.r);
@@ -41,6 +47,7 @@ LoraConfig LoraConfig::from_json(const Json& section, const std::string& file, c
   if (j.has("targets")) c.targets = j.get_strings("targets");
   c.use_rslora = j.get_bool("use_rslora", c.use_rslora);
   c.init_from = j.get_string("init_from", c.init_from);
+  if (j.has("modules_to_save")) c.modules_to_save = j.get_strings("modules_to_save");
   c.validate(file, prefix, kind);
   return c;
 }
@@ -66,6 +73,8 @@ std::vector<std::string> LoraConfig::differences_from(const LoraConfig& adapter)
   if (use_rslora != adapter.use_rslora)
     out.push_back(std::string("lora.use_rslora: config ") + (use_rslora ? "true" : "false") + ", adapter " +
                   (adapter.use_rslora ? "true" : "false"));
+  if (list(modules_to_save) != list(adapter.modules_to_save))
+    out.push_back("lora.modules_to_save: config " + list(modules_to_save) + ", adapter " + list(adapter.modules_to_save));
   return out;
 }
 
@@ -89,6 +98,40 @@ void LoraConfig::validate(const std::string& file, const std::string& prefix, Er
     }
     if (!seen.insert(t).second) fail_key(kind, file, k_targets, "'" + t + "' is listed twice");
   }
+  const std::string k_save = prefix + "modules_to_save";
+  seen.clear();
+  for (const auto& m : modules_to_save) {
+    const auto& known = modules_to_save_names();
+    if (std::find(known.begin(), known.end(), m) == known.end()) {
+      std::string msg = "unknown module '" + m + "'";
+      if (auto near = nearest_key(m, known)) msg += " (did you mean '" + *near + "'?)";
+      fail_key(kind, file, k_save, msg + "; known: lm_head, embed_tokens");
+    }
+    if (!seen.insert(m).second) fail_key(kind, file, k_save, "'" + m + "' is listed twice");
+  }
+}
+
+std::string peft_module_key(const std::string& module) {
+  if (module == "lm_head") return "base_model.model.lm_head.weight";
+  if (module == "embed_tokens") return "base_model.model.model.embed_tokens.weight";
+  fail(ErrorKind::Internal, "peft_module_key: not a module to save: " + module);
+}
+
+void attach_modules_to_save(LlamaModel& model, const LoraConfig& config, at::Device device) {
+  auto listed = [&](const char* m) {
+    return std::find(config.modules_to_save.begin(), config.modules_to_save.end(), m) != config.modules_to_save.end();
+  };
+  auto copy = [&](const at::Tensor& w) {
+    return w.detach().to(device, at::kFloat, /*non_blocking=*/false, /*copy=*/true).set_requires_grad(true);
+  };
+  model.embed_tokens_trainable = at::Tensor();
+  model.lm_head_trainable = at::Tensor();
+  if (model.config.tie_word_embeddings) {
+    if (listed("lm_head") || listed("embed_tokens")) model.embed_tokens_trainable = model.lm_head_trainable = copy(model.embed_tokens);
+    return;
+  }
+  if (listed("embed_tokens")) model.embed_tokens_trainable = copy(model.embed_tokens);
+  if (listed("lm_head")) model.lm_head_trainable = copy(model.lm_head);
 }
 
 int64_t attach_lora(LlamaModel& model, const LoraConfig& config, uint64_t seed, at::Device device,
@@ -132,11 +175,16 @@ std::vector<std::pair<std::string, at::Tensor>> lora_parameters(LlamaModel& mode
     out.emplace_back(peft_lora_key(name, 'A'), l.lora->A);
     out.emplace_back(peft_lora_key(name, 'B'), l.lora->B);
   });
+  if (model.embed_tokens_trainable.defined()) out.emplace_back(peft_module_key("embed_tokens"), model.embed_tokens_trainable);
+  if (model.lm_head_trainable.defined() && !model.lm_head_trainable.is_same(model.embed_tokens_trainable))
+    out.emplace_back(peft_module_key("lm_head"), model.lm_head_trainable);
   return out;
 }
 
 void detach_lora(LlamaModel& model) {
   model.for_each_linear([](const std::string&, Linear& l) { l.lora.reset(); });
+  model.embed_tokens_trainable = at::Tensor();
+  model.lm_head_trainable = at::Tensor();
 }
 
 }  // namespace qt

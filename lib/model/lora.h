@@ -27,6 +27,10 @@ struct LoraConfig {
   // A PEFT adapter directory (ours or PEFT's) to start training from instead of a fresh init; empty: fresh.
   // Its r, lora_alpha, target_modules and use_rslora must equal this section's (differences_from says which not).
   std::string init_from;
+  // PEFT's modules_to_save: "lm_head" and / or "embed_tokens", trained in full (fp32 copies, AdamW state fp32)
+  // beside the adapters. With tie_word_embeddings either name trains the one shared tensor in both roles (PEFT's
+  // ensure_weight_tying).
+  std::vector<std::string> modules_to_save;
 
   // PEFT's LoraLayer.update_layer: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
   double scale() const;
@@ -36,11 +40,13 @@ struct LoraConfig {
   // read_peft_adapter_config), as "lora.r: config 16, adapter 8"; targets compare as sets. Empty: compatible.
   std::vector<std::string> differences_from(const LoraConfig& adapter) const;
 
-  // Parses a "lora" section {r, alpha, dropout, targets, use_rslora, init_from}; defaults for absent keys. Unknown keys,
+  // Parses a "lora" section {r, alpha, dropout, targets, use_rslora, init_from, modules_to_save}; defaults for
+  // absent keys. Unknown keys,
   // wrong types and out-of-range values are qt::Error(kind) naming `file` and the key (prefix + key).
   static LoraConfig from_json(const Json& section, const std::string& file, const std::string& prefix = "lora.",
                               ErrorKind kind = ErrorKind::Config);
-  // Range checks (r > 0, alpha > 0, 0 <= dropout < 1, targets non-empty, known and unique). Errors name the keys
+  // Range checks (r > 0, alpha > 0, 0 <= dropout < 1, targets non-empty, known and unique, modules_to_save among
+  // lm_head / embed_tokens and unique). Errors name the keys
   // of our run config, or with `peft_keys` those of adapter_config.json (lora_alpha, lora_dropout, target_modules).
   void validate(const std::string& file, const std::string& prefix = "lora.", ErrorKind kind = ErrorKind::Config,
                 bool peft_keys = false) const;
@@ -54,14 +60,27 @@ struct LoraConfig {
 int64_t attach_lora(LlamaModel& model, const LoraConfig& config, uint64_t seed, at::Device device = at::kCPU,
                     at::ScalarType dtype = at::kFloat);
 
+// The names modules_to_save accepts (PEFT matches them against the last component of a module name).
+const std::vector<std::string>& modules_to_save_names();
+
+// PEFT's saved key of a module trained in full: "base_model.model.lm_head.weight",
+// "base_model.model.model.embed_tokens.weight" (ModulesToSaveWrapper's state dict without
+// "modules_to_save.default").
+std::string peft_module_key(const std::string& module);
+
+// Gives the model trainable fp32 copies (on `device`, requiring grad) of the modules in config.modules_to_save,
+// taken from its current weights; with tie_word_embeddings one copy serves both roles. Removes copies not listed.
+void attach_modules_to_save(LlamaModel& model, const LoraConfig& config, at::Device device);
+
 // PEFT's saved key of one LoRA tensor: "base_model.model." + module + ".lora_A.weight" (".lora_B.weight").
 std::string peft_lora_key(const std::string& hf_module_name, char which);
 
-// The trainable LoRA tensors (the model's own handles, not copies) with PEFT's saved key names, in
-// for_each_linear order, A before B.
+// The trainable tensors of the adapter (the model's own handles, not copies) with PEFT's saved key names: LoRA
+// A and B in for_each_linear order, A before B, then the modules trained in full (embed_tokens, lm_head; a tied
+// pair once, under embed_tokens' key, as PEFT's ensure_weight_tying names its one parameter).
 std::vector<std::pair<std::string, at::Tensor>> lora_parameters(LlamaModel& model);
 
-// Removes every adapter.
+// Removes every adapter and every trainable module copy.
 void detach_lora(LlamaModel& model);
 
 }  // namespace qt

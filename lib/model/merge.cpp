@@ -54,6 +54,9 @@ MergedExportStats save_merged_model(LlamaModel& model, const std::string& base_d
   MergedExportStats stats;
   for (auto& [name, t] : model.named_tensors()) {
     at::Tensor* src = t;
+    // modules_to_save: the trained copy replaces the base tensor (a tied pair is one tensor, written once).
+    if (name == "model.embed_tokens.weight" && model.embed_tokens_trainable.defined()) src = &model.embed_tokens_trainable;
+    if (name == "lm_head.weight" && model.lm_head_trainable.defined()) src = &model.lm_head_trainable;
     plan.push_back({name, src->numel() * esize, [src, dtype] { return src->detach().to(at::kCPU, dtype).contiguous(); }});
   }
   model.for_each_linear([&](const std::string& name, Linear& l) {

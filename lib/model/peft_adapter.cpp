@@ -66,7 +66,7 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
   require_unused(j, "fan_in_fan_out", file, "LLaMA linears are not Conv1D");
   require_unused(j, "rank_pattern", file, "one rank for all modules");
   require_unused(j, "alpha_pattern", file, "one alpha for all modules");
-  require_unused(j, "modules_to_save", file, "only LoRA tensors are trained");
+  require_unused(j, "trainable_token_indices", file, "not implemented: train whole modules with modules_to_save");
   require_unused(j, "layers_to_transform", file, "adapters on every layer");
   require_unused(j, "lora_bias", file, "LoRA B has no bias here");
   require_unused(j, "layer_replication", file, "not implemented");
@@ -79,6 +79,20 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
   c.alpha = r.get_double("lora_alpha");
   c.dropout = r.get_double("lora_dropout", 0.0);
   c.use_rslora = r.get_bool("use_rslora", false);
+  out.ensure_weight_tying = r.get_bool("ensure_weight_tying", false);
+  if (j.contains("modules_to_save") && !j.at("modules_to_save").is_null()) {
+    // PEFT matches each entry against the end of module names; on a tied model it rewrites ["lm_head"] to
+    // ["embed_tokens", "model.embed_tokens"]. Only the two [V, H] modules exist to be saved here.
+    for (const auto& m : r.get_strings("modules_to_save")) {
+      const std::string name = last_component(m);
+      const auto& known = modules_to_save_names();
+      if (std::find(known.begin(), known.end(), name) == known.end())
+        fail_key(ErrorKind::Checkpoint, file, "modules_to_save",
+                 "'" + m + "' is not supported (only lm_head and embed_tokens are trained in full)");
+      if (std::find(c.modules_to_save.begin(), c.modules_to_save.end(), name) == c.modules_to_save.end())
+        c.modules_to_save.push_back(name);
+    }
+  }
   const Json& t = r.require("target_modules");
   if (t.is_string()) {
     const std::string s = t.get<std::string>();
@@ -112,7 +126,7 @@ namespace {
 // Writes the two files of an adapter: the tensors first (read back to check), the config last.
 void write_peft_files(const std::string& dir, const LoraConfig& config,
                       const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-                      const std::string& base_model_name_or_path) {
+                      const std::string& base_model_name_or_path, bool ensure_weight_tying) {
   if (tensors.empty()) fail_at(ErrorKind::Checkpoint, dir, "refusing to write an adapter without tensors");
   files::make_dirs(dir);
   const std::string weights = files::join(dir, kAdapterWeightsFile);
@@ -129,6 +143,11 @@ void write_peft_files(const std::string& dir, const LoraConfig& config,
   // those older PEFT versions also know, so that from_pretrained accepts it without unknown-key errors.
   Json targets = Json::array();
   for (const auto& t : config.targets) targets.push_back(t);
+  Json modules = Json(nullptr);
+  if (!config.modules_to_save.empty()) {
+    modules = Json::array();
+    for (const auto& m : config.modules_to_save) modules.push_back(m);
+  }
   Json alpha = (config.alpha == std::floor(config.alpha)) ? Json(static_cast<int64_t>(config.alpha)) : Json(config.alpha);
   Json cfg = {
       {"alpha_pattern", Json::object()},
@@ -146,7 +165,7 @@ void write_peft_files(const std::string& dir, const LoraConfig& config,
       {"lora_dropout", config.dropout},
       {"megatron_config", nullptr},
       {"megatron_core", "megatron.core"},
-      {"modules_to_save", nullptr},
+      {"modules_to_save", modules},
       {"peft_type", "LORA"},
       {"r", config.r},
       {"rank_pattern", Json::object()},
@@ -156,6 +175,7 @@ void write_peft_files(const std::string& dir, const LoraConfig& config,
       {"use_dora", false},
       {"use_rslora", config.use_rslora},
   };
+  if (ensure_weight_tying) cfg["ensure_weight_tying"] = true;  // written only when in use (older PEFT lacks it)
   write_json_file(files::join(dir, kAdapterConfigFile), cfg);
 }
 
@@ -193,7 +213,26 @@ void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::s
   });
   if (tensors.empty()) fail_at(ErrorKind::Checkpoint, dir, "the model has no LoRA adapter to save");
 
-  write_peft_files(dir, config, tensors, base_model_name_or_path);
+  // modules_to_save: the trained copies, under PEFT's keys; a tied pair under both keys (PEFT 0.21 with
+  // ensure_weight_tying saves it so).
+  const bool tied = model.config.tie_word_embeddings;
+  for (const char* m : {"embed_tokens", "lm_head"}) {
+    const bool listed = std::find(config.modules_to_save.begin(), config.modules_to_save.end(), m) != config.modules_to_save.end();
+    const at::Tensor& w = std::string(m) == "lm_head" ? model.lm_head_trainable : model.embed_tokens_trainable;
+    const bool wanted = tied ? !config.modules_to_save.empty() : listed;
+    if (wanted != w.defined())
+      fail_at(ErrorKind::Checkpoint, dir, std::string(m) + (wanted ? " is in lora.modules_to_save but has no trained copy"
+                                                                   : " has a trained copy but is not in lora.modules_to_save"));
+    if (!w.defined()) continue;
+    at::Tensor t = w.detach().to(at::kCPU, at::kFloat).contiguous();
+    if (!t.isfinite().all().item<bool>())
+      fail(ErrorKind::Numeric, std::string(m) + ": the trained weights hold a non-finite value; adapter not saved to " + dir);
+    tensors.emplace_back(peft_module_key(m), t);
+  }
+  if (tied && model.embed_tokens_trainable.defined() && !model.embed_tokens_trainable.is_same(model.lm_head_trainable))
+    fail_at(ErrorKind::Checkpoint, dir, "tied embeddings with two trained copies (internal inconsistency)");
+
+  write_peft_files(dir, config, tensors, base_model_name_or_path, tied && !config.modules_to_save.empty());
 }
 
 PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
@@ -242,16 +281,54 @@ PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
     lora->dropout = cfg.lora.dropout;
     adapters[name] = std::move(lora);
   });
+  // modules_to_save: fp32 trainable copies on the model's device.
+  const std::vector<std::string>& save = cfg.lora.modules_to_save;
+  const bool tied = model.config.tie_word_embeddings;
+  if (tied && !save.empty() && !cfg.ensure_weight_tying)
+    fail_key(ErrorKind::Checkpoint, file_cfg, "modules_to_save",
+             "the model ties lm_head to embed_tokens but the adapter was saved without ensure_weight_tying (PEFT then "
+             "trains them apart); only one tensor for both roles is supported");
+  std::map<std::string, at::Tensor> modules;
+  for (const char* m : {"embed_tokens", "lm_head"}) {
+    const bool listed = std::find(save.begin(), save.end(), m) != save.end();
+    const std::string key = peft_module_key(m);
+    const TensorInfo* info = file.find(key);
+    if (!(tied ? !save.empty() : listed)) continue;
+    expected.insert(key);
+    if (!info) {
+      if (tied) continue;  // one of the two keys is enough for the one tensor
+      fail_key(ErrorKind::Checkpoint, weights, key, "missing (adapter_config.json's modules_to_save lists " + std::string(m) + ")");
+    }
+    const std::vector<int64_t> want{model.config.vocab_size, model.config.hidden_size};
+    if (info->shape != want)
+      fail_key(ErrorKind::Checkpoint, weights, key, "shape " + shape_str(info->shape) + " does not fit the model: expected " +
+                                                        shape_str(want) + " (vocab_size x hidden_size)");
+    if (!at::isFloatingType(info->scalar_type))
+      fail_key(ErrorKind::Checkpoint, weights, key, "dtype " + info->dtype + " is not a floating-point type");
+    modules[m] = file.load(key, at::kFloat, device).set_requires_grad(true);
+  }
+  if (tied && !save.empty() && modules.empty())
+    fail_key(ErrorKind::Checkpoint, weights, peft_module_key("embed_tokens"), "missing (adapter_config.json lists modules_to_save)");
   for (const auto& info : file.tensors())
     if (!expected.count(info.name))
       fail_key(ErrorKind::Checkpoint, weights, info.name,
                "unexpected tensor (not a LoRA A/B of a module that adapter_config.json's target_modules selects "
-               "in this model)");
+               "in this model, nor a module its modules_to_save lists)");
   if (adapters.empty()) fail_at(ErrorKind::Checkpoint, weights, "the adapter holds no LoRA tensor for this model");
   model.for_each_linear([&](const std::string& name, Linear& l) {
     auto it = adapters.find(name);
     l.lora = it == adapters.end() ? nullptr : it->second;
   });
+  model.embed_tokens_trainable = at::Tensor();
+  model.lm_head_trainable = at::Tensor();
+  if (tied && !modules.empty()) {
+    // PEFT saves the one tensor under both keys; embed_tokens' is the parameter it trains.
+    const at::Tensor one = modules.count("embed_tokens") ? modules["embed_tokens"] : modules["lm_head"];
+    model.embed_tokens_trainable = model.lm_head_trainable = one;
+  } else {
+    if (modules.count("embed_tokens")) model.embed_tokens_trainable = modules["embed_tokens"];
+    if (modules.count("lm_head")) model.lm_head_trainable = modules["lm_head"];
+  }
   return cfg;
 }
 
@@ -267,6 +344,18 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (const auto& info : file.tensors()) {
     const std::string& key = info.name;
+    bool module_copy = false;
+    for (const auto& m : cfg.lora.modules_to_save)
+      module_copy = module_copy || key == peft_module_key(m) ||
+                    (cfg.ensure_weight_tying && (key == peft_module_key("lm_head") || key == peft_module_key("embed_tokens")));
+    if (module_copy) {  // modules_to_save: [V, H], copied as they are (in fp32)
+      if (info.shape.size() != 2 || (base && info.shape != std::vector<int64_t>{base->vocab_size, base->hidden_size}))
+        fail_key(ErrorKind::Checkpoint, weights, key, "shape " + shape_str(info.shape) + " is not the base's [vocab_size, hidden_size]");
+      if (!at::isFloatingType(info.scalar_type))
+        fail_key(ErrorKind::Checkpoint, weights, key, "dtype " + info.dtype + " is not a floating-point type");
+      tensors.emplace_back(key, file.load(key, at::kFloat, at::kCPU));
+      continue;
+    }
     const bool is_a = key.size() > 14 && key.compare(key.size() - 14, 14, ".lora_A.weight") == 0;
     const bool is_b = key.size() > 14 && key.compare(key.size() - 14, 14, ".lora_B.weight") == 0;
     if (key.rfind(prefix, 0) != 0 || !(is_a || is_b))
@@ -299,7 +388,7 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
   for (const auto& [module, h] : halves)
     if (h != 3) fail_key(ErrorKind::Checkpoint, weights, peft_lora_key(module, h == 1 ? 'B' : 'A'), "missing (its pair is present)");
   if (tensors.empty()) fail_at(ErrorKind::Checkpoint, weights, "the adapter holds no tensor");
-  write_peft_files(to, cfg.lora, tensors, cfg.base_model_name_or_path);
+  write_peft_files(to, cfg.lora, tensors, cfg.base_model_name_or_path, cfg.ensure_weight_tying);
   return cfg;
 }
 

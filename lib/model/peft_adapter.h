@@ -4,7 +4,11 @@
 //   adapter_config.json          LoraConfig.to_dict(): peft_type "LORA", r, lora_alpha, lora_dropout,
 //                                target_modules, use_rslora, bias "none", task_type "CAUSAL_LM", ...
 //   adapter_model.safetensors    "base_model.model.<module>.lora_A.weight" [r, in] and ".lora_B.weight" [out, r]
-//                                (get_peft_model_state_dict, adapter name removed), metadata {"format": "pt"}
+//                                (get_peft_model_state_dict, adapter name removed), metadata {"format": "pt"};
+//                                with modules_to_save also "base_model.model.lm_head.weight" [V, H] and
+//                                "base_model.model.model.embed_tokens.weight" [V, H] (ModulesToSaveWrapper's
+//                                copies). A tied model's one tensor is saved under both keys with
+//                                "ensure_weight_tying": true, as PEFT 0.21 saves it.
 #include <string>
 
 #include "lib/model/llama.h"
@@ -18,10 +22,13 @@ inline constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
 struct PeftAdapterConfig {
   LoraConfig lora;
   std::string base_model_name_or_path;  // empty when the file has null
+  // PEFT's ensure_weight_tying: on a tied model, the saved lm_head and embed_tokens are one trained tensor.
+  bool ensure_weight_tying = false;
 };
 
 // Reads and validates adapter_config.json in `dir`. Only what this trainer computes is accepted: peft_type LORA,
-// bias "none", no DoRA, no fan_in_fan_out, no rank/alpha patterns, no modules_to_save, no layers_to_transform;
+// bias "none", no DoRA, no fan_in_fan_out, no rank/alpha patterns, no layers_to_transform, modules_to_save only
+// lm_head / embed_tokens (any module path ending in them, as PEFT matches);
 // anything else is qt::Error(Checkpoint) naming the file and the key. target_modules may be a list of module
 // names, "all-linear", or a regular expression over full module names (PEFT's matching rules).
 PeftAdapterConfig read_peft_adapter_config(const std::string& dir);
@@ -34,7 +41,9 @@ void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::s
                        const std::string& base_model_name_or_path);
 
 // Reads an adapter saved by save_peft_adapter or by PEFT (tensors in fp32, bf16 or fp16) and attaches it to the
-// model's linears as fp32 trainable tensors on the model's device, replacing any adapters. A missing tensor, an
+// model's linears as fp32 trainable tensors on the model's device, replacing any adapters; modules_to_save become
+// the model's trainable fp32 copies (a tied model needs ensure_weight_tying: PEFT without it unties lm_head from
+// the embeddings, which this model does not represent). A missing tensor, an
 // unexpected one, or a shape that does not fit the model is qt::Error(Checkpoint) naming the file and the key.
 PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir);
 

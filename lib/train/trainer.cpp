@@ -98,8 +98,10 @@ void reset_gpu_peak(const at::Device& device) {
 at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at::Tensor& targets, bool fused) {
   at::Tensor h = hidden.reshape({-1, hidden.size(-1)});
   at::Tensor t = targets.reshape({-1}).to(hidden.device());
-  if (fused) return fused_linear_cross_entropy(h, model.lm_head, t).loss_sum;
-  at::Tensor logits = at::linear(h, model.lm_head).to(at::kFloat);
+  // lm_head_weight() requires grad when lm_head is trained (modules_to_save): the fused loss then also gives dW.
+  const at::Tensor w = model.lm_head_weight();
+  if (fused) return fused_linear_cross_entropy(h, w, t).loss_sum;
+  at::Tensor logits = at::linear(h, w).to(at::kFloat);
   return at::cross_entropy_loss(logits, t, /*weight=*/{}, at::Reduction::Sum, /*ignore_index=*/-100);
 }
 
@@ -177,12 +179,16 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if (!options.resume.empty()) fail(ErrorKind::Usage, "--resume is not supported with train.full_finetune yet");
     if (!lora.init_from.empty())
       fail_key(ErrorKind::Config, cfg.file, "lora.init_from", "is not supported with train.full_finetune");
+    if (!lora.modules_to_save.empty())
+      fail_key(ErrorKind::Config, cfg.file, "lora.modules_to_save",
+               "is not used with train.full_finetune (every tensor is trained already)");
     for (auto& [name, t] : model.named_tensors()) {
       t->requires_grad_(true);
       params.emplace_back(name, *t);
     }
   } else {
     attach_lora(model, lora, cfg.train.seed, device, at::kFloat);
+    attach_modules_to_save(model, lora, device);
     // lora.init_from: start from an adapter instead of the fresh init (a resume loads its checkpoint's instead).
     if (!lora.init_from.empty() && options.resume.empty()) {
       const PeftAdapterConfig from = read_peft_adapter_config(lora.init_from);
@@ -234,11 +240,15 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   }
   data.seek(state.data);
 
+  std::string saved_modules;
+  for (const auto& m : lora.modules_to_save) saved_modules += (saved_modules.empty() ? " with " : " and ") + m;
+  if (!saved_modules.empty())
+    saved_modules += model.config.tie_word_embeddings ? " in full (fp32; tied: one tensor for both)" : " in full (fp32)";
   const bool bar = cfg.progress == "bar" || (cfg.progress == "auto" && ::isatty(2));
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0, /*resume=*/state.step > 0);
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
   if (rank0)
-    log::info("training " + std::to_string(trainable) + (full ? " parameters (full fine-tuning)" : " LoRA parameters (r=" + std::to_string(lora.r) + ")") + " on " +
+    log::info("training " + std::to_string(trainable) + (full ? " parameters (full fine-tuning)" : " LoRA parameters (r=" + std::to_string(lora.r) + ")" + saved_modules) + " on " +
               device.str() + " in " + std::string(c10::toString(dtype)) + ", " + std::to_string(world) + " rank(s), " +
               std::to_string(total_steps) + " steps of " + std::to_string(cfg.train.batch_size) + " x " +
               std::to_string(data.max_seq_len()) + " tokens (" + std::to_string(per_rank / micro) +

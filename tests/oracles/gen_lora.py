@@ -4,9 +4,12 @@
 <out>/lora/base_nf4/      the same with every block linear quantized by bitsandbytes (quantize_4bit, nf4,
                           blocksize 64, compress_statistics=True) and stored as transformers saves a Linear4bit
                           (config.json quantization_config; QuantState.as_dict(packed=True) under '<module>.weight.')
+<out>/lora/base_tied/, base_tied_nf4/  the same for a model with tie_word_embeddings (one [V, H] tensor, both roles)
 <out>/lora/<case>/adapter/          PEFT's save_pretrained of a LoRA adapter with random non-zero A and B
+                                    (mts_* cases: also modules_to_save lm_head + embed_tokens, perturbed from the
+                                    base; on the tied model with ensure_weight_tying, one trained tensor)
 <out>/lora/<case>/reference.safetensors
-    input_ids, labels, loss, "grad.<saved PEFT key>" for every LoRA tensor: the model is the transformers LLaMA whose
+    input_ids, labels, loss, "grad.<saved PEFT key>" for every trained tensor: the model is the transformers LLaMA whose
     block linear weights ARE bitsandbytes' dequantized NF4 values, wrapped by get_peft_model.
 
 bitsandbytes' CPU path quantizes the nested absmax with a kernel that is not exactly nearest-code (gen_nf4.py), so
@@ -26,6 +29,15 @@ CASES = {
     "all_targets": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=False),
     # rsLoRA scaling (alpha / sqrt(r)) on a subset of modules.
     "rslora_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
+    # PEFT's modules_to_save: lm_head and the embeddings trained in full beside the adapters (untied model).
+    "mts_untied": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=False,
+                       modules_to_save=["lm_head", "embed_tokens"]),
+}
+# The same on the tied model: with ensure_weight_tying PEFT trains one tensor for both roles and saves it under both
+# keys (base_model.model.lm_head.weight and base_model.model.model.embed_tokens.weight).
+TIED_CASES = {
+    "mts_tied": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=False,
+                     modules_to_save=["lm_head", "embed_tokens"], ensure_weight_tying=True),
 }
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -61,30 +73,24 @@ def write_nf4_dir(model, src: pathlib.Path, dst: pathlib.Path):
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def peft_key(name):  # the saved key: PeftModel's parameter name without the adapter name
-    return name.replace(".default", "")
-
-
-def generate(out: pathlib.Path):
-    from peft import LoraConfig, get_peft_model
+def make_base(root: pathlib.Path, name: str, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(4321)
-    root = out / "lora"
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(**CFG, attn_implementation="eager")
+    cfg = LlamaConfig(**{**CFG, **overrides}, attn_implementation="eager")
     base = LlamaForCausalLM(cfg).float().eval()
     with torch.no_grad():
         for n, p in base.named_parameters():
             if "norm" in n:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    base.save_pretrained(root / "base", safe_serialization=True)
-    write_nf4_dir(base, root / "base", root / "base_nf4")  # base now holds the dequantized NF4 weights
-    B, S = 2, 19
-    ids = torch.randint(0, cfg.vocab_size, (B, S))
-    labels = ids.clone()
-    labels[1, :4] = -100
+    base.save_pretrained(root / name, safe_serialization=True)
+    write_nf4_dir(base, root / name, root / (name + "_nf4"))  # base now holds the dequantized NF4 weights
+    return base
+
+
+def write_cases(root: pathlib.Path, base, cases: dict, ids, labels):
+    from peft import LoraConfig, get_peft_model
+    V = base.config.vocab_size
     state = {k: v.clone() for k, v in base.state_dict().items()}
-    for case, lcfg in CASES.items():
+    for case, lcfg in cases.items():
         d = root / case
         base.load_state_dict(state)
         model = get_peft_model(base, LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **lcfg))
@@ -92,14 +98,34 @@ def generate(out: pathlib.Path):
             for n, p in model.named_parameters():
                 if "lora_" in n:
                     p.copy_(torch.randn_like(p) * (0.2 if "lora_A" in n else 0.05))
+                elif "modules_to_save" in n:  # a trained copy differs from the base: loading the base would fail
+                    p.add_(torch.randn_like(p) * 0.02)
         model.save_pretrained(d / "adapter")
         logits = model(input_ids=ids).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size).float(),
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V).float(),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
         loss.backward()
         ref = {"input_ids": ids, "labels": labels, "loss": loss.detach().reshape(1), "logits": logits.detach()}
         for n, p in model.named_parameters():
-            if "lora_" in n:
+            if p.requires_grad:
                 ref["grad." + peft_key(n)] = p.grad.detach().clone()
         save_file({k: v.contiguous() for k, v in ref.items()}, str(d / "reference.safetensors"))
         base = model.unload()  # the plain transformers model again, for the next case
+        base.load_state_dict(state)
+
+
+def peft_key(name):  # the saved key: PeftModel's parameter name without the adapter name (and wrapper)
+    return name.replace(".modules_to_save.default", "").replace(".default", "")
+
+
+def generate(out: pathlib.Path):
+    torch.manual_seed(4321)
+    root = out / "lora"
+    root.mkdir(parents=True, exist_ok=True)
+    base = make_base(root, "base")
+    B, S = 2, 19
+    ids = torch.randint(0, CFG["vocab_size"], (B, S))
+    labels = ids.clone()
+    labels[1, :4] = -100
+    write_cases(root, base, CASES, ids, labels)
+    write_cases(root, make_base(root, "base_tied", tie_word_embeddings=True), TIED_CASES, ids, labels)
