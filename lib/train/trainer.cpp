@@ -61,6 +61,14 @@ std::string fixed2(double v) {
   return buf;
 }
 
+// The caching allocator throws c10::OutOfMemoryError; a library that allocates on its own (cuBLAS workspaces,
+// cuDNN, NCCL buffers) surfaces as a c10::Error from a CUDA status check instead.
+bool is_out_of_memory(const c10::Error& e) {
+  if (dynamic_cast<const c10::OutOfMemoryError*>(&e)) return true;
+  const std::string m = e.what_without_backtrace();
+  return m.find("out of memory") != std::string::npos || m.find("ALLOC_FAILED") != std::string::npos;
+}
+
 // The message of an out-of-memory error in a training step (`phase`: "step 3", "evaluation after step 3"):
 // where, how big, how much memory, what lowers it. One line: main prints it after "device: ".
 std::string oom_message(const RunConfig& cfg, const at::Device& device, const std::string& phase, int64_t micro,
@@ -276,7 +284,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   auto evaluate_guarded = [&] {
     try {
       return evaluate(model, eval_batches, fused, *comm);
-    } catch (const c10::OutOfMemoryError& e) {
+    } catch (const c10::Error& e) {
+      if (!is_out_of_memory(e)) throw;
       fail(ErrorKind::Device, oom_message(cfg, device, "evaluation after step " + std::to_string(state.step), micro,
                                           data.max_seq_len(), e.what_without_backtrace()));
     }
@@ -315,17 +324,22 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if (step_targets <= 0) fail(ErrorKind::Data, "step " + std::to_string(state.step + 1) + ": the batch has no target tokens (all masked?)");
     double local_loss = 0;
     try {
-      // Test hook: an out-of-memory error at this step (on any device), as CUDA's caching allocator throws it.
-      if (const char* at_step = std::getenv("QT_TEST_OOM_AT_STEP"); at_step && std::atol(at_step) == state.step + 1)
-        TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (QT_TEST_OOM_AT_STEP)");
       for (const auto& b : micro_batches) {
         at::Tensor ids = b.input_ids.to(device);
         at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
         at::Tensor l = loss_sum(model, hidden, b.targets, fused);
+        // Test hook: an out-of-memory error at this step, with the forward graph alive, thrown as CUDA's caching
+        // allocator throws it (on any device); "N:cublas" throws it as cuBLAS's status check does.
+        if (const char* at_step = std::getenv("QT_TEST_OOM_AT_STEP"); at_step && std::atol(at_step) == state.step + 1) {
+          if (std::string(at_step).find(":cublas") != std::string::npos)
+            TORCH_CHECK(false, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` (QT_TEST_OOM_AT_STEP)");
+          TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (QT_TEST_OOM_AT_STEP)");
+        }
         (l / step_targets).backward();
         local_loss += l.item<double>();
       }
-    } catch (const c10::OutOfMemoryError& e) {
+    } catch (const c10::Error& e) {
+      if (!is_out_of_memory(e)) throw;
       fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), e.what_without_backtrace()));
     }
     // Data parallel: sum the LoRA gradients (already divided by the global count) and the loss over ranks.
@@ -346,7 +360,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     const double lr = schedule.at(state.step);
     try {
       opt.step(lr);  // the first step allocates the optimizer's moments
-    } catch (const c10::OutOfMemoryError& e) {
+    } catch (const c10::Error& e) {
+      if (!is_out_of_memory(e)) throw;
       fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), e.what_without_backtrace()));
     }
     opt.zero_grad();

@@ -48,6 +48,13 @@ def main():
     check(sum("out of GPU memory" in l for l in err) == 1, "one message, said once")
     check((TMP / "oom" / "checkpoint-2" / "COMPLETE").exists() and not (TMP / "oom" / "checkpoint-4").exists(),
           "checkpoint-2 is complete, nothing after it")
+    # cuBLAS's allocation failure is a plain c10::Error from a status check: the same message and exit code.
+    p = train(cfg, "--resume", "auto", env={"QT_TEST_OOM_AT_STEP": "4:cublas"})
+    last = (p.stderr.strip().splitlines() or [""])[-1]
+    check(p.returncode == 9 and "step 4: out of GPU memory" in last and "CUBLAS_STATUS_ALLOC_FAILED" in last,
+          f"cuBLAS's allocation failure is reported the same way (exit {p.returncode}): {last}")
+    check((TMP / "oom" / "checkpoint-2" / "COMPLETE").exists() and not (TMP / "oom" / "checkpoint-4").exists(),
+          "checkpoint-2 is still the newest")
     p = train(cfg, "--resume", "auto")
     check(p.returncode == 0 and "checkpoint-2" in p.stderr, f"the run resumes from checkpoint-2 (exit {p.returncode})")
     a = (TMP / "oom" / "adapter" / "adapter_model.safetensors")
