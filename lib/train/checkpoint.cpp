@@ -219,9 +219,12 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
 }
 
 void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir) {
+  // The memory settings (micro-batch, activation checkpointing and offload) change how a step is computed, not
+  // what it computes: a run stopped by out-of-memory resumes with them lowered.
   static const std::vector<std::string> kMayChange = {"train.steps",      "train.epochs",  "train.log_every",
-                                                      "train.eval_every", "train.micro_batch_size", "checkpoint",
-                                                      "logging",          "output_dir"};
+                                                      "train.eval_every", "train.micro_batch_size",
+                                                      "train.grad_checkpointing", "train.offload_activations",
+                                                      "checkpoint",       "logging",          "output_dir"};
   auto may_change = [](const std::string& key) {
     for (const auto& k : kMayChange)
       if (key == k || key.rfind(k + ".", 0) == 0) return true;

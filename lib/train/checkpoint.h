@@ -52,7 +52,8 @@ CheckpointContents load_checkpoint(const std::string& dir);
 std::optional<std::string> find_latest_checkpoint(const std::string& output_dir);
 
 // Keys of the run config that a resumed run must keep (model, LoRA shape, data, batch geometry, seed); the
-// rest (total steps, logging, eval and checkpoint intervals, micro-batch size) may change. Throws
+// rest (total steps, logging, eval and checkpoint intervals, micro-batch size, activation checkpointing and
+// offload) may change. Throws
 // qt::Error(Checkpoint) listing every differing key.
 void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir);
 

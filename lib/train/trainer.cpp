@@ -72,7 +72,7 @@ bool is_out_of_memory(const c10::Error& e) {
 // The message of an out-of-memory error in a training step (`phase`: "step 3", "evaluation after step 3"):
 // where, how big, how much memory, what lowers it. One line: main prints it after "device: ".
 std::string oom_message(const RunConfig& cfg, const at::Device& device, const std::string& phase, int64_t micro,
-                        int64_t seq_len, const std::string& what) {
+                        int64_t seq_len, bool offloading, const std::string& what) {
   std::string mem = "memory not tracked on " + device.str();
   if (device.is_cuda()) {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
@@ -85,9 +85,14 @@ std::string oom_message(const RunConfig& cfg, const at::Device& device, const st
   return phase + ": out of GPU memory with micro-batches of " + std::to_string(micro) + " x " +
          std::to_string(seq_len) + " tokens (" + mem + "). Lower train.micro_batch_size (now " +
          std::to_string(micro) + ") or data.max_seq_len (now " + std::to_string(seq_len) + ")" +
-         (cfg.train.grad_checkpointing
-              ? "; activation checkpointing (train.grad_checkpointing) is already on"
-              : ", or turn on activation checkpointing: train.grad_checkpointing true (now false)") +
+         (!cfg.train.grad_checkpointing
+              ? ", or turn on activation checkpointing, train.grad_checkpointing true (now false), and with it "
+                "train.offload_activations true"
+          : !offloading
+              ? ", or offload the checkpointed activations to the host: train.offload_activations true (now " +
+                    cfg.train.offload_activations + ", off at this size)"
+              : "; activation checkpointing and offload (train.grad_checkpointing, train.offload_activations) are "
+                "already on") +
          ". The last checkpoint in " + cfg.output_dir + " is kept (resume with --resume auto). [torch: " + first + "]";
 }
 
@@ -287,7 +292,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e)) throw;
       fail(ErrorKind::Device, oom_message(cfg, device, "evaluation after step " + std::to_string(state.step), micro,
-                                          data.max_seq_len(), e.what_without_backtrace()));
+                                          data.max_seq_len(), model.offload_activations, e.what_without_backtrace()));
     }
   };
   auto task_metric = [&](const char* when) {
@@ -340,7 +345,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       }
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e)) throw;
-      fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), e.what_without_backtrace()));
+      fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), model.offload_activations, e.what_without_backtrace()));
     }
     // Data parallel: sum the LoRA gradients (already divided by the global count) and the loss over ranks.
     if (world > 1) {
@@ -362,7 +367,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       opt.step(lr);  // the first step allocates the optimizer's moments
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e)) throw;
-      fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), e.what_without_backtrace()));
+      fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), model.offload_activations, e.what_without_backtrace()));
     }
     opt.zero_grad();
     ++state.step;

@@ -2,7 +2,7 @@
 c10::OutOfMemoryError as CUDA's caching allocator does): exit code 9 (Device), one message naming the step, the
 micro-batch shape and the settings that lower memory, and the checkpoint from before intact (a resume from it
 ends as a run that never failed)."""
-import json, os, pathlib, subprocess, sys, tempfile
+import json, os, pathlib, shutil, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
@@ -25,6 +25,14 @@ def write_config(name):
     path.write_text(json.dumps(cfg))
     return path
 
+def losses(name):
+    out = {}
+    for j in map(json.loads, (TMP / name / "metrics.jsonl").read_text().splitlines()):
+        if "loss" in j and "step" in j:
+            out[j["step"]] = j["loss"]
+    return out
+
+
 def train(config, *extra, env=None):
     return subprocess.run([BIN, "--config", str(config), *extra], capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -43,7 +51,7 @@ def main():
     print("message:", last)
     check(p.returncode == 9, f"an out-of-memory error exits 9 (Device), got {p.returncode}")
     for part in ("step 3", "out of GPU memory", "2 x 32 tokens", "train.micro_batch_size", "data.max_seq_len",
-                 "train.grad_checkpointing", "last checkpoint", str(TMP / "oom")):
+                 "train.offload_activations", "last checkpoint", str(TMP / "oom")):
         check(part in last, f"the message names '{part}'")
     check(sum("out of GPU memory" in l for l in err) == 1, "one message, said once")
     check((TMP / "oom" / "checkpoint-2" / "COMPLETE").exists() and not (TMP / "oom" / "checkpoint-4").exists(),
@@ -55,6 +63,16 @@ def main():
           f"cuBLAS's allocation failure is reported the same way (exit {p.returncode}): {last}")
     check((TMP / "oom" / "checkpoint-2" / "COMPLETE").exists() and not (TMP / "oom" / "checkpoint-4").exists(),
           "checkpoint-2 is still the newest")
+    # A copy resumed with the memory settings changed (micro-batches of 1, no activation checkpointing): they change
+    # how a step is computed, not what, so its losses are the reference's to fp32 rounding of the accumulation.
+    shutil.copytree(TMP / "oom", TMP / "oom2")
+    p = train(write_config("oom2"), "--resume", "auto", "--set", "train.micro_batch_size=1",
+              "--set", "train.grad_checkpointing=false")
+    check(p.returncode == 0 and "checkpoint-2" in p.stderr,
+          f"a resume may change the memory settings (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
+    if p.returncode == 0:
+        ref, got = losses("ref"), losses("oom2")
+        check(all(abs(got[s] - ref[s]) / ref[s] < 1e-5 for s in (3, 4)), f"with them the losses go on as before {got} vs {ref}")
     p = train(cfg, "--resume", "auto")
     check(p.returncode == 0 and "checkpoint-2" in p.stderr, f"the run resumes from checkpoint-2 (exit {p.returncode})")
     a = (TMP / "oom" / "adapter" / "adapter_model.safetensors")
