@@ -204,7 +204,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     attach_modules_to_save(model, lora, device);
     // lora.init_from: start from an adapter instead of the fresh init (a resume loads its checkpoint's instead).
     if (!lora.init_from.empty() && options.resume.empty()) {
-      const PeftAdapterConfig from = read_peft_adapter_config(lora.init_from);
+      PeftAdapterConfig from = read_peft_adapter_config(lora.init_from);
+      // Tied embeddings: lm_head, embed_tokens or both name the same one tensor (PEFT rewrites the list so).
+      if (model.config.tie_word_embeddings && !lora.modules_to_save.empty() && !from.lora.modules_to_save.empty())
+        from.lora.modules_to_save = lora.modules_to_save;
       const std::vector<std::string> differ = lora.differences_from(from.lora);
       if (!differ.empty()) {
         std::string msg = "lora.init_from " + lora.init_from + ": the adapter does not match the lora section:";
