@@ -140,6 +140,50 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
   }
 };
 
+// A frozen base plus LoRA without dropout, y = x W^T + (x A^T)(s B)^T, as one autograd node. The LoRA sums ride
+// on GEMM epilogues (addmm_ into the base product, forward and backward), so neither pass adds an elementwise
+// kernel over [tokens, out] or [tokens, in]; W (NF4: dequantized into scratch) is not kept between the passes.
+struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
+                            const at::Tensor& B, double scale, int64_t linear_ptr) {
+    const auto* l = reinterpret_cast<const Linear*>(linear_ptr);
+    const auto dt = x.scalar_type();
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    at::Tensor a = A.to(dt);
+    at::Tensor bs = scale == 1.0 ? B.to(dt) : (B * scale).to(dt);
+    at::Tensor t = at::mm(x2, a.t());  // [N, r]
+    at::Tensor y = at::mm(x2, l->base_weight(dt).t());
+    y.addmm_(t, bs.t());
+    ctx->save_for_backward({x2, a, bs, t});
+    ctx->saved_data["linear"] = linear_ptr;
+    ctx->saved_data["scale"] = scale;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = y.size(1);
+    return y.view(shape);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* l = reinterpret_cast<const Linear*>(ctx->saved_data["linear"].toInt());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x2 = saved[0], &a = saved[1], &bs = saved[2], &t = saved[3];
+    const auto dt = x2.scalar_type();
+    at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)}).to(dt);
+    at::Tensor g = at::mm(dy, bs);  // [N, r]
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = at::mm(dy, l->base_weight(dt));
+      dx.addmm_(g, a);
+    }
+    at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);
+    at::Tensor dB = at::mm(dy.t(), t).to(at::kFloat);
+    if (scale != 1.0) dB.mul_(scale);
+    std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
+    shape.back() = x2.size(1);
+    return {dx.defined() ? dx.view(shape) : dx, dA, dB, at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
 
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
@@ -154,6 +198,12 @@ at::Tensor Linear::base_weight(c10::ScalarType dtype) const {
 }
 
 at::Tensor Linear::forward(const at::Tensor& x) const {
+  const bool frozen_base = quantized() || !weight.requires_grad();
+  if (lora && frozen_base && !(training && lora->dropout > 0) && lora->A.scalar_type() == at::kFloat &&
+      lora->B.scalar_type() == at::kFloat) {
+    at::Tensor y = LoraLinearFn::apply(x, lora->A, lora->B, lora->scale, reinterpret_cast<int64_t>(this));
+    return bias.defined() ? y + bias.to(y.scalar_type()) : y;
+  }
   at::Tensor y = quantized() ? nf4_linear(x, nf4) : at::linear(x, weight);
   if (bias.defined()) y = y + bias.to(y.scalar_type());
   if (lora) {
@@ -192,21 +242,20 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
                                  const at::Tensor& sin, const AttentionMask& mask) const {
   const int64_t B = x.size(0), S = x.size(1), hd = config.head_dim;
   const int64_t Hq = config.num_attention_heads, Hkv = config.num_key_value_heads;
-  at::Tensor q = b.q_proj.forward(x).view({B, S, Hq, hd}).transpose(1, 2);
-  at::Tensor k = b.k_proj.forward(x).view({B, S, Hkv, hd}).transpose(1, 2);
-  at::Tensor v = b.v_proj.forward(x).view({B, S, Hkv, hd}).transpose(1, 2);
-  q = apply_rope(q, cos, sin);
-  k = apply_rope(k, cos, sin);
+  // [B, S, heads, hd] throughout: the projections' layout, which flash attention takes as it is.
+  at::Tensor q = rope_fused(b.q_proj.forward(x).view({B, S, Hq, hd}), cos, sin);
+  at::Tensor k = rope_fused(b.k_proj.forward(x).view({B, S, Hkv, hd}), cos, sin);
+  at::Tensor v = b.v_proj.forward(x).view({B, S, Hkv, hd});
   at::Tensor o;  // [B, S, Hq, hd]
   if (mask.cu_seqlens.defined()) {
     // Packed documents through flash attention's varlen layout: the [B, S] grid flattened, no mask.
-    auto flat = [&](const at::Tensor& t, int64_t heads) { return t.transpose(1, 2).reshape({B * S, heads, hd}); };
+    auto flat = [&](const at::Tensor& t, int64_t heads) { return t.reshape({B * S, heads, hd}); };
     o = varlen_causal_attention(flat(q, Hq), flat(k, Hkv), flat(v, Hkv), mask.cu_seqlens, mask.max_seqlen,
                                 1.0 / std::sqrt(static_cast<double>(hd)), mask.window)
             .view({B, S, Hq, hd});
   } else {
     const at::Tensor& dense = mask.dense;
-    o = at::scaled_dot_product_attention(q, k, v, dense.defined() ? std::optional<at::Tensor>(dense) : std::nullopt,
+    o = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dense.defined() ? std::optional<at::Tensor>(dense) : std::nullopt,
                                          /*dropout_p=*/0.0, /*is_causal=*/!dense.defined(), /*scale=*/std::nullopt,
                                          /*enable_gqa=*/Hkv != Hq)
             .transpose(1, 2);
