@@ -7,14 +7,13 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-
-#include <cmath>
-#include <map>
-#include <mutex>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <cmath>
+#include <map>
+#include <mutex>
 #include <tuple>
 
 #include "lib/core/error.h"
@@ -229,7 +228,8 @@ at::Tensor Linear::forward(const at::Tensor& x) const {
 // PEFT (peft.tuners.lora.variants.DoraLinearVariant.forward, DoraLinearLayer.forward) adds to the base result
 //   (m / n - 1) * base + m / n * scale * B A h,    n = ||W + scale B A||_row (no gradient)
 // where h = dropout(x) and base = h W^T when dropout is active in training, else h = x and base = x W^T (the base
-// result less its bias). Without dropout that sums to m / n * (x W^T + scale B A x) + bias, computed so here.
+// result less its bias). Without dropout that sums to m / n * (x W^T + scale B A x) + bias, computed so here; with
+// it, x W^T - h W^T + m / n * (h W^T + scale B A h) + bias. As for LoRA, h W^T + scale B A h is one addmm.
 at::Tensor Linear::dora_forward(const at::Tensor& x) const {
   const LoraAdapter& a = *lora;
   const bool drop = training && a.dropout > 0;
@@ -243,14 +243,12 @@ at::Tensor Linear::dora_forward(const at::Tensor& x) const {
     norm = dora_weight_norm(weight, a.A, a.B, a.scale);
   }
   const at::Tensor ratio = (a.magnitude / norm).to(dt);  // [out]; the gradient reaches m only
-  const at::Tensor lora_h = at::linear(at::linear(h, a.A.to(dt)), a.B.to(dt)) * a.scale;
-  at::Tensor y;
-  if (drop) {
-    const at::Tensor base_x = quantized() ? nf4_linear(x, nf4) : at::linear(x, weight);
-    y = base_x + (ratio - 1) * base_h + ratio * lora_h;
-  } else {
-    y = ratio * (base_h + lora_h);
-  }
+  const at::Tensor t = at::linear(h, a.A.to(dt));         // [.., r]
+  const at::Tensor Bs = a.scale == 1.0 ? a.B.to(dt) : (a.B * a.scale).to(dt);
+  const int64_t out = base_h.size(-1);
+  const at::Tensor v = at::addmm(base_h.reshape({-1, out}), t.reshape({-1, t.size(-1)}), Bs.t()).view(base_h.sizes());
+  at::Tensor y = ratio * v;
+  if (drop) y = y + (quantized() ? nf4_linear(x, nf4) : at::linear(x, weight)) - base_h;
   if (bias.defined()) y = y + bias.to(y.scalar_type());
   return y;
 }

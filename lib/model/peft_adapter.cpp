@@ -22,6 +22,13 @@ std::string last_component(const std::string& name) {
   return dot == std::string::npos ? name : name.substr(dot + 1);
 }
 
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The suffix of a DoRA magnitude's saved key (peft_dora_key).
+const std::string kMagnitudeSuffix = ".lora_magnitude_vector";
+
 std::string shape_str(at::IntArrayRef s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
@@ -268,13 +275,9 @@ PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
     lora->dropout = cfg.lora.dropout;
     adapters[name] = std::move(lora);
   });
-  const std::string magnitude_suffix = ".lora_magnitude_vector";
   for (const auto& info : file.tensors()) {
     if (expected.count(info.name)) continue;
-    const bool is_magnitude = info.name.size() > magnitude_suffix.size() &&
-                              info.name.compare(info.name.size() - magnitude_suffix.size(), magnitude_suffix.size(),
-                                                magnitude_suffix) == 0;
-    if (is_magnitude && !cfg.lora.use_dora)
+    if (ends_with(info.name, kMagnitudeSuffix) && !cfg.lora.use_dora)
       fail_key(ErrorKind::Checkpoint, weights, info.name,
                "unexpected tensor: a DoRA magnitude, but adapter_config.json's use_dora is not true");
     fail_key(ErrorKind::Checkpoint, weights, info.name,
@@ -300,22 +303,18 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
   const int all_parts = cfg.lora.use_dora ? 7 : 3;
   std::map<std::string, int> parts;  // module -> 1 (A) | 2 (B) | 4 (DoRA magnitude)
   std::vector<std::pair<std::string, at::Tensor>> tensors;
-  auto ends_with = [](const std::string& key, const std::string& suffix) {
-    return key.size() > suffix.size() && key.compare(key.size() - suffix.size(), suffix.size(), suffix) == 0;
-  };
-  const std::string suffix_m = ".lora_magnitude_vector";
   for (const auto& info : file.tensors()) {
     const std::string& key = info.name;
     const bool is_a = ends_with(key, ".lora_A.weight");
     const bool is_b = ends_with(key, ".lora_B.weight");
-    const bool is_m = ends_with(key, suffix_m);
+    const bool is_m = ends_with(key, kMagnitudeSuffix);
     if (is_m && !cfg.lora.use_dora)
       fail_key(ErrorKind::Checkpoint, weights, key, "a DoRA magnitude, but adapter_config.json's use_dora is not true");
     if (key.rfind(prefix, 0) != 0 || !(is_a || is_b || is_m))
       fail_key(ErrorKind::Checkpoint, weights, key,
                "not a LoRA tensor under PEFT's names (base_model.model.<module>.lora_A/B.weight" +
                    std::string(cfg.lora.use_dora ? ", .lora_magnitude_vector)" : ")"));
-    const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - (is_m ? suffix_m.size() : 14));
+    const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - (is_m ? kMagnitudeSuffix.size() : 14));
     if (!cfg.lora.targets_module(module))
       fail_key(ErrorKind::Checkpoint, weights, key, "module is not among adapter_config.json's target_modules");
     if (is_m ? info.shape.size() != 1 : (info.shape.size() != 2 || info.shape[is_a ? 0 : 1] != cfg.lora.r))
