@@ -7,12 +7,14 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <mutex>
-#include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <tuple>
 
 #include "lib/core/error.h"
 #include "lib/kernels/fused_ops.h"
@@ -25,6 +27,13 @@ namespace {
 
 // The NF4 base matmul as an autograd function: saves nothing but a pointer to the (model-owned, frozen)
 // Nf4Weight, dequantizes into a scratch buffer in forward and again in backward.
+at::Tensor nf4_linear_backward(torch::autograd::AutogradContext* ctx, const at::Tensor& grad) {
+  const auto* w = reinterpret_cast<const Nf4Weight*>(ctx->saved_data["w"].toInt());
+  auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["dtype"].toInt());
+  at::Tensor W = w->dequantize(dtype);
+  return at::matmul(grad.to(dtype), W);
+}
+
 struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t weight_ptr) {
     const auto* w = reinterpret_cast<const Nf4Weight*>(weight_ptr);
@@ -35,10 +44,29 @@ struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto* w = reinterpret_cast<const Nf4Weight*>(ctx->saved_data["w"].toInt());
-    auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["dtype"].toInt());
-    at::Tensor W = w->dequantize(dtype);
-    return {at::matmul(grads[0].to(dtype), W), at::Tensor()};
+    return {nf4_linear_backward(ctx, grads[0]), at::Tensor()};
+  }
+};
+
+// The same for DoRA, which also needs the row norms of W + scale B A: taken from the W just dequantized for the
+// matmul, so that W is dequantized once in forward (and once in backward) as for plain LoRA, and never kept.
+// A and B come in detached; the norm output is not differentiable (DoRA section 4.3, PEFT's detach()).
+struct Nf4DoraFn : public torch::autograd::Function<Nf4DoraFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                int64_t weight_ptr, const at::Tensor& A, const at::Tensor& B,
+                                                double scale) {
+    const auto* w = reinterpret_cast<const Nf4Weight*>(weight_ptr);
+    ctx->saved_data["w"] = weight_ptr;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    at::Tensor W = w->dequantize(x.scalar_type());
+    at::Tensor y = at::matmul(x, W.t());
+    at::Tensor norm = dora_weight_norm(W, A, B, scale);
+    ctx->mark_non_differentiable({norm});
+    return {y, norm};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {nf4_linear_backward(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -190,6 +218,32 @@ at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) 
   return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()));
 }
 
+std::pair<at::Tensor, at::Tensor> nf4_linear_dora_norm(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w,
+                                                       const at::Tensor& A, const at::Tensor& B, double scale) {
+  auto out = Nf4DoraFn::apply(x, reinterpret_cast<int64_t>(w.get()), A.detach(), B.detach(), scale);
+  return {out[0], out[1]};
+}
+
+at::Tensor dora_weight_norm(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale) {
+  at::NoGradGuard no_grad;
+  QT_CHECK(W.dim() == 2 && A.dim() == 2 && B.dim() == 2 && A.size(1) == W.size(1) && B.size(0) == W.size(0) &&
+               A.size(0) == B.size(1),
+           ErrorKind::Internal, "dora_weight_norm: W [out, in], A [r, in] and B [out, r] do not fit");
+  const int64_t out = W.size(0), in = W.size(1);
+  const at::Tensor a = A.detach().to(W.device(), at::kFloat);
+  const at::Tensor b = B.detach().to(W.device(), at::kFloat);
+  at::Tensor norm = at::empty({out}, at::TensorOptions().dtype(at::kFloat).device(W.device()));
+  // Blocks of about 4M fp32 values (16 MiB): the sum W + scale B A exists one block at a time.
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(in, 1));
+  for (int64_t r0 = 0; r0 < out; r0 += rows) {
+    const int64_t n = std::min(rows, out - r0);
+    at::Tensor sum = at::addmm(W.detach().narrow(0, r0, n).to(at::kFloat), b.narrow(0, r0, n), a, /*beta=*/1.0,
+                               /*alpha=*/scale);
+    norm.narrow(0, r0, n).copy_(at::linalg_vector_norm(sum, 2, at::IntArrayRef{1}));
+  }
+  return norm;
+}
+
 int64_t Linear::out_features() const { return quantized() ? nf4->shape.at(0) : weight.size(0); }
 int64_t Linear::in_features() const { return quantized() ? nf4->shape.at(1) : weight.size(1); }
 
@@ -198,6 +252,7 @@ at::Tensor Linear::base_weight(c10::ScalarType dtype) const {
 }
 
 at::Tensor Linear::forward(const at::Tensor& x) const {
+  if (lora && lora->dora()) return dora_forward(x);
   const bool frozen_base = quantized() || !weight.requires_grad();
   if (lora && frozen_base && !(training && lora->dropout > 0) && lora->A.scalar_type() == at::kFloat &&
       lora->B.scalar_type() == at::kFloat) {
@@ -217,6 +272,34 @@ at::Tensor Linear::forward(const at::Tensor& x) const {
     const int64_t out = y.size(-1);
     y = at::addmm(y.reshape({-1, out}), t.reshape({-1, t.size(-1)}), Bs.t()).view(y.sizes());
   }
+  return y;
+}
+
+// PEFT (peft.tuners.lora.variants.DoraLinearVariant.forward, DoraLinearLayer.forward) adds to the base result
+//   (m / n - 1) * base + m / n * scale * B A h,    n = ||W + scale B A||_row (no gradient)
+// where h = dropout(x) and base = h W^T when dropout is active in training, else h = x and base = x W^T (the base
+// result less its bias). Without dropout that sums to m / n * (x W^T + scale B A x) + bias, computed so here; with
+// it, x W^T - h W^T + m / n * (h W^T + scale B A h) + bias. As for LoRA, h W^T + scale B A h is one addmm.
+at::Tensor Linear::dora_forward(const at::Tensor& x) const {
+  const LoraAdapter& a = *lora;
+  const bool drop = training && a.dropout > 0;
+  const at::Tensor h = drop ? at::dropout(x, a.dropout, /*train=*/true) : x;
+  const auto dt = x.scalar_type();
+  at::Tensor base_h, norm;
+  if (quantized()) {
+    std::tie(base_h, norm) = nf4_linear_dora_norm(h, nf4, a.A, a.B, a.scale);
+  } else {
+    base_h = at::linear(h, weight);
+    norm = dora_weight_norm(weight, a.A, a.B, a.scale);
+  }
+  const at::Tensor ratio = (a.magnitude / norm).to(dt);  // [out]; the gradient reaches m only
+  const at::Tensor t = at::linear(h, a.A.to(dt));         // [.., r]
+  const at::Tensor Bs = a.scale == 1.0 ? a.B.to(dt) : (a.B * a.scale).to(dt);
+  const int64_t out = base_h.size(-1);
+  const at::Tensor v = at::addmm(base_h.reshape({-1, out}), t.reshape({-1, t.size(-1)}), Bs.t()).view(base_h.sizes());
+  at::Tensor y = ratio * v;
+  if (drop) y = y + (quantized() ? nf4_linear(x, nf4) : at::linear(x, weight)) - base_h;
+  if (bias.defined()) y = y + bias.to(y.scalar_type());
   return y;
 }
 

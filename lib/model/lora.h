@@ -2,7 +2,9 @@
 // LoRA (Hu et al., 2021, arXiv:2106.09685) on the block linears of a LlamaModel: the run config's "lora"
 // section, PEFT's initialisation, and the trainable tensors under PEFT's names. Each targeted qt::Linear gets a
 // LoraAdapter {A [r, in], B [out, r]} in fp32 (trainable master weights, whatever the compute dtype), so
-// that y = base(x) + scale * B(A(dropout(x))) as peft.tuners.lora.layer.Linear computes it.
+// that y = base(x) + scale * B(A(dropout(x))) as peft.tuners.lora.layer.Linear computes it. With use_dora, DoRA
+// (Liu et al., 2024, arXiv:2402.09353) as PEFT implements it: a trainable magnitude vector [out] too (see
+// LoraAdapter).
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -24,12 +26,13 @@ struct LoraConfig {
   double dropout = 0.0;
   std::vector<std::string> targets = lora_target_names();  // all seven block linears (QLoRA paper, section 4)
   bool use_rslora = false;  // rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): scale alpha / sqrt(r)
+  bool use_dora = false;    // DoRA: weight-decomposed LoRA, PEFT's use_dora
 
   // PEFT's LoraLayer.update_layer: scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
   double scale() const;
   bool targets_module(const std::string& hf_module_name) const;  // by its last component
 
-  // Parses a "lora" section {r, alpha, dropout, targets, use_rslora}; defaults for absent keys. Unknown keys,
+  // Parses a "lora" section {r, alpha, dropout, targets, use_rslora, use_dora}; defaults for absent keys. Unknown keys,
   // wrong types and out-of-range values are qt::Error(kind) naming `file` and the key (prefix + key).
   static LoraConfig from_json(const Json& section, const std::string& file, const std::string& prefix = "lora.",
                               ErrorKind kind = ErrorKind::Config);
@@ -43,15 +46,21 @@ struct LoraConfig {
 // PEFT's LoraLayer.reset_lora_parameters with init_lora_weights=True: A ~ kaiming_uniform_(a=sqrt(5)), i.e.
 // U(-1/sqrt(in), 1/sqrt(in)), and B = 0, so the model starts as the base. The values depend only on `seed` and
 // the model's shapes (drawn on the CPU in for_each_linear order), not on `device`. A and B are `dtype`
-// (fp32 unless told) on `device` and require grad. Returns the number of adapters attached (> 0, else throws).
+// (fp32 unless told) on `device` and require grad. With use_dora, each adapter also gets PEFT's DoRA magnitude
+// (DoraLinearLayer.update_layer): the row norms of the base weight (dequantized to fp32 when NF4; B A = 0), fp32
+// on `device`, trainable. Returns the number of adapters attached (> 0, else throws).
 int64_t attach_lora(LlamaModel& model, const LoraConfig& config, uint64_t seed, at::Device device = at::kCPU,
                     at::ScalarType dtype = at::kFloat);
 
 // PEFT's saved key of one LoRA tensor: "base_model.model." + module + ".lora_A.weight" (".lora_B.weight").
 std::string peft_lora_key(const std::string& hf_module_name, char which);
 
+// PEFT's saved key of a DoRA magnitude: "base_model.model." + module + ".lora_magnitude_vector" (the parameter
+// lora_magnitude_vector.default.weight, saved under this name by get_peft_model_state_dict).
+std::string peft_dora_key(const std::string& hf_module_name);
+
 // The trainable LoRA tensors (the model's own handles, not copies) with PEFT's saved key names, in
-// for_each_linear order, A before B.
+// for_each_linear order, A before B (before the DoRA magnitude, where there is one).
 std::vector<std::pair<std::string, at::Tensor>> lora_parameters(LlamaModel& model);
 
 // Removes every adapter.
