@@ -25,12 +25,20 @@ TEST_CASE("fused ops: off CUDA the references run", "[fused_ops]") {
   at::Tensor x = at::randn({5, 24}).requires_grad_(true);
   at::Tensor w = at::rand({24}) + 0.5;
   CHECK(!qt::fused_ops_apply(x));
-  at::Tensor y = qt::rms_norm_fused(x, w, 1e-5);
+  at::Tensor yn = qt::rms_norm_fused(x, w, 1e-5);
   // The reference is transformers' LlamaRMSNorm formula, written out here independently.
   at::Tensor expect = w * (x / at::sqrt(x.pow(2).mean(-1, true) + 1e-5));
-  CHECK(rel_err(y, expect) < 1e-6);
+  CHECK(rel_err(yn, expect) < 1e-6);
   at::Tensor g = at::randn({5, 24}), u = at::randn({5, 24});
   CHECK(rel_err(qt::swiglu_fused(g, u), g * at::sigmoid(g) * u) < 1e-6);
+  // RoPE on [B, S, heads, D]: pairs (j, j + D/2) rotate by the angle whose cos / sin are given.
+  at::Tensor xq = at::randn({2, 3, 4, 8});
+  at::Tensor angle = at::rand({2, 3, 4}) * 10;
+  angle = at::cat({angle, angle}, -1);
+  at::Tensor y = qt::rope_fused(xq, angle.cos(), angle.sin());
+  at::Tensor x1 = xq.narrow(-1, 0, 4), x2 = xq.narrow(-1, 4, 4);
+  at::Tensor c = angle.cos().narrow(-1, 0, 4).unsqueeze(2), s = angle.sin().narrow(-1, 0, 4).unsqueeze(2);
+  CHECK(rel_err(y, at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1)) < 1e-6);
 }
 
 TEST_CASE("fused RMSNorm kernel equals the ATen reference on CUDA", "[fused_ops][gpu]") {
@@ -80,6 +88,35 @@ TEST_CASE("fused SwiGLU kernel equals the ATen reference on CUDA", "[fused_ops][
       CHECK(rel_err(outf, outr) < bound(dtype));
       CHECK(rel_err(gf.grad(), gr.grad()) < bound(dtype));
       CHECK(rel_err(uf.grad(), ur.grad()) < bound(dtype));
+    }
+  }
+}
+
+TEST_CASE("fused RoPE kernel equals the ATen reference on CUDA", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (int64_t D : {64, 128, 16}) {
+      INFO("dtype " << c10::toString(dtype) << " D " << D);
+      const auto opt = at::TensorOptions().dtype(dtype).device(cuda);
+      const int64_t B = 2, S = 45, H = 5;
+      at::Tensor x0 = at::randn({B, S, H, D}, opt);
+      // cos / sin of real rotations at random positions, as rope_cos_sin makes them.
+      at::Tensor angle = at::rand({B, S, D / 2}, opt.dtype(at::kFloat)) * 100;
+      angle = at::cat({angle, angle}, -1);
+      at::Tensor cos = angle.cos().to(dtype), sin = angle.sin().to(dtype);
+      at::Tensor dy = at::randn({B, S, H, D}, opt);
+      at::Tensor xr = x0.clone().requires_grad_(true);
+      at::Tensor yr = qt::rope_reference(xr, cos, sin);
+      yr.backward(dy);
+      poison_cache(cuda);
+      at::Tensor xf = x0.clone().requires_grad_(true);
+      at::Tensor yf = qt::rope_fused(xf, cos, sin);
+      poison_cache(cuda);
+      yf.backward(dy);
+      CHECK(yf.is_contiguous());
+      CHECK(rel_err(yf, yr) < bound(dtype));
+      CHECK(rel_err(xf.grad(), xr.grad()) < bound(dtype));
     }
   }
 }

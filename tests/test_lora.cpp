@@ -1,6 +1,6 @@
-// LoRA on NF4 block linears against transformers + PEFT + bitsandbytes (tests/oracles/gen_lora.py): the loss and
-// every LoRA gradient; PEFT's initialisation; the "lora" config section; the PEFT adapter files both ways; the
-// merged export; generation's stopping and top-p rules.
+// LoRA and DoRA on NF4 block linears against transformers + PEFT + bitsandbytes (tests/oracles/gen_lora.py,
+// gen_dora.py): the loss and every LoRA gradient; PEFT's initialisation; the "lora" config section; the PEFT adapter
+// files both ways; the merged export; generation's stopping and top-p rules.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
@@ -73,7 +73,9 @@ void check_against_peft(const std::string& base_dir, const std::string& name, do
     CHECK(ref.view("grad." + key).abs().max().item<double>() > 0);  // a zero reference would prove nothing
     CHECK(rel_err(t.grad(), ref.view("grad." + key)) < grad_bound);
   }
-  CHECK(cfg.lora.targets_module("model.layers.0.self_attn.q_proj"));
+  // A and B (and DoRA's magnitude) of every targeted linear of every layer.
+  CHECK(static_cast<int64_t>(params.size()) ==
+        (cfg.lora.use_dora ? 3 : 2) * static_cast<int64_t>(cfg.lora.targets.size()) * model.config.num_hidden_layers);
 }
 
 std::string copy_adapter(const std::string& from, const std::string& scratch) {
@@ -321,8 +323,8 @@ TEST_CASE("bad adapters are checkpoint errors naming the file and the key", "[lo
        {key, "floating-point"}},
       {"not LoRA", [&](const std::string& d) { edit_config(d, [](auto& j) { j["peft_type"] = "IA3"; }); },
        {"adapter_config.json", "peft_type", "IA3"}},
-      {"DoRA", [&](const std::string& d) { edit_config(d, [](auto& j) { j["use_dora"] = true; }); },
-       {"adapter_config.json", "use_dora", "DoRA"}},
+      {"DoRA without magnitudes", [&](const std::string& d) { edit_config(d, [](auto& j) { j["use_dora"] = true; }); },
+       {"adapter_model.safetensors", "lora_magnitude_vector", "missing", "use_dora"}},
       {"rank pattern", [&](const std::string& d) { edit_config(d, [](auto& j) { j["rank_pattern"] = {{"q_proj", 4}}; }); },
        {"adapter_config.json", "rank_pattern"}},
       {"unknown target", [&](const std::string& d) { edit_config(d, [](auto& j) { j["target_modules"] = {"q_proj", "lm_head"}; }); },
@@ -415,6 +417,254 @@ TEST_CASE("a merged export is sharded and loads back as the adapted model", "[lo
   CHECK(has(error_of([&] { qt::save_merged_model(model, fixture("lora/base_nf4"), again, at::kBFloat16); }, &kind),
             "not empty"));
   CHECK(kind == qt::ErrorKind::Usage);
+}
+
+// ---- DoRA (lora.use_dora): PEFT's weight-decomposed LoRA -------------------------------------------------------
+
+TEST_CASE("DoRA on NF4 linears matches PEFT on bitsandbytes' dequantized base: loss and the gradients of A, B and m",
+          "[lora][dora]") {
+  for (const char* name : {"dora_all", "dora_rslora_mlp"}) {
+    {
+      qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+      const qt::PeftAdapterConfig cfg = qt::load_peft_adapter(model, fixture(std::string("lora/") + name + "/adapter"));
+      CHECK(cfg.lora.use_dora);
+      int64_t magnitudes = 0;
+      for (const auto& [key, t] : qt::lora_parameters(model))
+        if (key.size() > 22 && key.compare(key.size() - 22, 22, ".lora_magnitude_vector") == 0) ++magnitudes;
+      CHECK(magnitudes == static_cast<int64_t>(cfg.lora.targets.size()) * model.config.num_hidden_layers);
+    }
+    check_against_peft("base_nf4", name, 1e-5, 1e-4);
+  }
+}
+
+TEST_CASE("DoRA with per-block activation checkpointing gives the same loss and gradients", "[lora][dora]") {
+  qt::SafetensorsFile ref(fixture("lora/dora_all/reference.safetensors"));
+  at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
+  at::Tensor labels = ref.load("labels", at::kLong, at::kCPU);
+  std::vector<std::vector<at::Tensor>> grads(2);
+  std::vector<double> losses;
+  for (bool ckpt : {false, true}) {
+    qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+    qt::load_peft_adapter(model, fixture("lora/dora_all/adapter"));
+    model.grad_checkpointing = ckpt;
+    at::Tensor loss = causal_lm_loss(model, ids, labels);
+    loss.backward();
+    losses.push_back(loss.item<double>());
+    for (auto& [k, t] : qt::lora_parameters(model)) grads[ckpt].push_back(t.grad().clone());
+  }
+  CHECK(losses[0] == losses[1]);
+  REQUIRE(grads[0].size() == grads[1].size());
+  for (size_t i = 0; i < grads[0].size(); ++i) CHECK(rel_err(grads[1][i], grads[0][i]) < 1e-6);
+}
+
+TEST_CASE("attach_lora with use_dora initialises the magnitude as PEFT: the row norms of the dequantized base",
+          "[lora][dora]") {
+  qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+  at::Tensor ids = at::randint(0, model.config.vocab_size, {2, 11}, at::kLong);
+  at::Tensor before;
+  {
+    at::NoGradGuard g;
+    before = model.forward(ids);
+  }
+  qt::LoraConfig cfg;
+  cfg.r = 8;
+  cfg.alpha = 16;
+  cfg.use_dora = true;
+  const int64_t n = qt::attach_lora(model, cfg, /*seed=*/11);
+  qt::SafetensorsFile ref(fixture("lora/dora_all/reference.safetensors"));
+  int64_t checked = 0;
+  model.for_each_linear([&](const std::string& name, qt::Linear& l) {
+    INFO(name);
+    REQUIRE(l.lora);
+    REQUIRE(l.lora->dora());
+    CHECK(l.lora->magnitude.sizes() == at::IntArrayRef({l.out_features()}));
+    CHECK(l.lora->magnitude.scalar_type() == at::kFloat);
+    CHECK(l.lora->magnitude.requires_grad());
+    const std::string key = "init." + qt::peft_dora_key(name);
+    REQUIRE(ref.find(key) != nullptr);
+    CHECK(rel_err(l.lora->magnitude, ref.view(key)) < 1e-6);
+    ++checked;
+  });
+  CHECK(checked == n);
+  {  // m / ||W + s B A|| = 1 with B = 0: the model starts as the base
+    at::NoGradGuard g;
+    CHECK(rel_err(model.forward(ids), before) < 1e-6);
+  }
+  auto params = qt::lora_parameters(model);
+  REQUIRE(params.size() == static_cast<size_t>(3 * n));
+  CHECK(params[2].first == "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector");
+  CHECK(params[2].second.is_same(model.layers[0].q_proj.lora->magnitude));
+
+  const qt::LoraConfig parsed = qt::LoraConfig::from_json(qt::Json::parse(R"({"use_dora": true})"), "run.json");
+  CHECK(parsed.use_dora);
+  CHECK(!qt::LoraConfig::from_json(qt::Json::object(), "run.json").use_dora);
+  qt::ErrorKind kind{};
+  const std::string msg =
+      error_of([&] { qt::LoraConfig::from_json(qt::Json::parse(R"({"use_dora": 1})"), "run.json"); }, &kind);
+  CHECK(kind == qt::ErrorKind::Config);
+  CHECK(has(msg, "lora.use_dora"));
+  CHECK(has(error_of([&] { qt::LoraConfig::from_json(qt::Json::parse(R"({"use_droa": true})"), "run.json"); }),
+            "did you mean 'lora.use_dora'"));
+}
+
+TEST_CASE("a DoRA linear matches PEFT in training with LoRA dropout and in eval, NF4 or dense base, with a bias",
+          "[lora][dora]") {
+  qt::SafetensorsFile f(fixture("dora/linear.safetensors"));
+  std::map<std::string, at::Tensor> all;
+  for (const auto& info : f.tensors()) all[info.name] = f.load(info.name, info.scalar_type, at::kCPU);
+  const at::Tensor x0 = all.at("x"), grad_out = all.at("grad_out");
+  for (const bool nf4 : {true, false}) {
+    qt::Linear l;
+    if (nf4) l.nf4 = std::make_shared<qt::Nf4Weight>(qt::nf4_from_bnb_tensors(all, "proj", "linear.safetensors"));
+    else l.weight = all.at("dense_weight");
+    if (nf4) REQUIRE(at::equal(l.base_weight(at::kFloat), all.at("dense_weight")));
+    l.bias = all.at("bias");
+    l.lora = std::make_shared<qt::LoraAdapter>();
+    l.lora->A = all.at("lora_A").clone().requires_grad_(true);
+    l.lora->B = all.at("lora_B").clone().requires_grad_(true);
+    l.lora->magnitude = all.at("magnitude").clone().requires_grad_(true);
+    l.lora->scale = all.at("scale").item<double>();
+    l.lora->dropout = all.at("dropout").item<double>();
+    for (const char* mode : {"train", "eval"}) {
+      INFO((nf4 ? "nf4 " : "dense ") << mode);
+      l.training = std::string(mode) == "train";
+      for (at::Tensor* p : {&l.lora->A, &l.lora->B, &l.lora->magnitude})
+        if (p->grad().defined()) p->mutable_grad().zero_();
+      at::Tensor x = x0.clone().requires_grad_(true);
+      at::manual_seed(all.at("seed").item<int64_t>());  // the dropout mask PEFT drew
+      at::Tensor y = l.forward(x);
+      y.backward(grad_out);
+      const std::string m = mode;
+      CHECK(rel_err(y, all.at(m + ".y")) < 1e-5);
+      CHECK(rel_err(x.grad(), all.at(m + ".grad.x")) < 1e-5);
+      CHECK(rel_err(l.lora->A.grad(), all.at(m + ".grad.lora_A")) < 1e-4);
+      CHECK(rel_err(l.lora->B.grad(), all.at(m + ".grad.lora_B")) < 1e-4);
+      CHECK(rel_err(l.lora->magnitude.grad(), all.at(m + ".grad.magnitude")) < 1e-4);
+    }
+  }
+  // Dropout changes the output (so the training reference does exercise PEFT's dropout branch).
+  CHECK(rel_err(all.at("train.y"), all.at("eval.y")) > 1e-2);
+}
+
+TEST_CASE("a DoRA adapter we save reloads identically, is copied by export and reads as PEFT writes it",
+          "[lora][dora]") {
+  qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+  qt::LoraConfig cfg;
+  cfg.r = 4;
+  cfg.alpha = 8;
+  cfg.targets = {"v_proj", "down_proj"};
+  cfg.use_dora = true;
+  qt::attach_lora(model, cfg, 5);
+  for (auto& [k, t] : qt::lora_parameters(model)) {
+    at::NoGradGuard g;
+    t.mul_(1.5).add_(0.01);
+  }
+  const std::string dir = qt::files::join(qt::test::scratch_dir("dora_save"), "adapter");
+  qt::save_peft_adapter(model, cfg, dir, "");
+  const qt::Json j = qt::read_json_file(qt::files::join(dir, qt::kAdapterConfigFile), qt::ErrorKind::Checkpoint);
+  CHECK(j["use_dora"] == true);
+  {
+    qt::SafetensorsFile f(qt::files::join(dir, qt::kAdapterWeightsFile));
+    CHECK(f.tensors().size() == 2 * 3 * static_cast<size_t>(model.config.num_hidden_layers));
+    CHECK(f.info("base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector").shape ==
+          std::vector<int64_t>{model.config.hidden_size});
+    CHECK(f.info("base_model.model.model.layers.1.mlp.down_proj.lora_magnitude_vector").dtype == "F32");
+  }
+  const std::string copied = qt::files::join(qt::test::scratch_dir("dora_copy"), "adapter");
+  qt::copy_peft_adapter(dir, copied, "", &model.config);
+  for (const std::string& from : {dir, copied}) {
+    INFO(from);
+    qt::LlamaModel again = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+    CHECK(qt::load_peft_adapter(again, from).lora.use_dora);
+    auto a = qt::lora_parameters(model), b = qt::lora_parameters(again);
+    REQUIRE(a.size() == b.size());
+    for (size_t i = 0; i < a.size(); ++i) {
+      CHECK(a[i].first == b[i].first);
+      CHECK(at::equal(a[i].second, b[i].second));
+      CHECK(b[i].second.requires_grad());
+    }
+  }
+  // The model's adapters and the config must agree on DoRA.
+  qt::LoraConfig plain = cfg;
+  plain.use_dora = false;
+  qt::ErrorKind kind{};
+  CHECK(has(error_of([&] { qt::save_peft_adapter(model, plain, dir, ""); }, &kind), "DoRA magnitude"));
+  CHECK(kind == qt::ErrorKind::Checkpoint);
+  {
+    at::NoGradGuard g;
+    model.layers[0].down_proj.lora->magnitude[3] = NAN;
+  }
+  CHECK(has(error_of([&] { qt::save_peft_adapter(model, cfg, dir, ""); }, &kind), "model.layers.0.mlp.down_proj"));
+  CHECK(kind == qt::ErrorKind::Numeric);
+}
+
+TEST_CASE("bad DoRA adapters are checkpoint errors naming the file and the key", "[lora][dora]") {
+  const std::string peft = fixture("lora/dora_all/adapter");
+  const std::string key = "base_model.model.model.layers.1.mlp.up_proj.lora_magnitude_vector";
+  struct Case {
+    std::string name;
+    std::function<void(const std::string&)> edit;
+    std::vector<std::string> needles;
+  };
+  const std::vector<Case> cases = {
+      {"missing magnitude", [&](const std::string& d) { edit_weights(d, [&](auto& t) { t.erase(key); }); },
+       {"adapter_model.safetensors", key, "missing", "use_dora"}},
+      {"magnitude of the wrong length", [&](const std::string& d) { edit_weights(d, [&](auto& t) { t[key] = at::ones({64}); }); },
+       {"adapter_model.safetensors", key, "[64]", "[160]"}},
+      {"magnitude as a matrix", [&](const std::string& d) { edit_weights(d, [&](auto& t) { t[key] = at::ones({160, 1}); }); },
+       {"adapter_model.safetensors", key, "[160, 1]"}},
+      {"integer magnitude", [&](const std::string& d) { edit_weights(d, [&](auto& t) { t[key] = t[key].to(at::kInt); }); },
+       {key, "floating-point"}},
+      {"magnitudes without use_dora", [&](const std::string& d) { edit_config(d, [](auto& j) { j["use_dora"] = false; }); },
+       {"adapter_model.safetensors", "lora_magnitude_vector", "use_dora"}},
+      {"use_dora not a boolean", [&](const std::string& d) { edit_config(d, [](auto& j) { j["use_dora"] = "yes"; }); },
+       {"adapter_config.json", "use_dora"}},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name);
+    const std::string dir = copy_adapter(peft, "dora_bad");
+    c.edit(dir);
+    for (const bool export_copy : {false, true}) {
+      INFO((export_copy ? "export" : "load"));
+      qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+      qt::ErrorKind kind{};
+      const std::string out = qt::files::join(qt::test::scratch_dir("dora_bad_out"), "adapter");
+      const std::string msg = error_of([&] {
+        if (export_copy) qt::copy_peft_adapter(dir, out, "", &model.config);
+        else qt::load_peft_adapter(model, dir);
+      }, &kind);
+      INFO(msg);
+      CHECK(kind == qt::ErrorKind::Checkpoint);
+      for (const auto& n : c.needles) CHECK(has(msg, n));
+    }
+  }
+}
+
+TEST_CASE("a merged DoRA export holds m / ||W + s B A|| (W + s B A) and gives PEFT's logits", "[lora][dora]") {
+  qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+  qt::load_peft_adapter(model, fixture("lora/dora_all/adapter"));
+  const std::string out = qt::files::join(qt::test::scratch_dir("dora_merge"), "merged");
+  const qt::MergedExportStats s = qt::save_merged_model(model, fixture("lora/base_nf4"), out, at::kFloat);
+  CHECK(s.merged == 7 * model.config.num_hidden_layers);
+  qt::LlamaModel merged = qt::load_llama(out, {});
+  std::map<std::string, at::Tensor> want;
+  model.for_each_linear([&](const std::string& n, qt::Linear& l) {
+    at::Tensor V = l.base_weight(at::kFloat) + l.lora->scale * at::matmul(l.lora->B, l.lora->A).detach();
+    at::Tensor spelled = (l.lora->magnitude.detach() / V.norm(2, {1})).unsqueeze(1) * V;
+    want[n] = qt::merged_weight(l);
+    CHECK(rel_err(want[n], spelled) < 1e-6);
+    CHECK(rel_err(want[n], V) > 1e-3);  // the magnitude does rescale
+  });
+  merged.for_each_linear([&](const std::string& n, qt::Linear& l) {
+    INFO(n);
+    CHECK(!l.lora);
+    CHECK(at::equal(l.weight, want.at(n)));
+  });
+  qt::SafetensorsFile ref(fixture("lora/dora_all/reference.safetensors"));
+  at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
+  at::NoGradGuard g;
+  CHECK(rel_err(merged.forward(ids), model.forward(ids)) < 1e-5);
+  CHECK(rel_err(merged.forward(ids), ref.view("logits")) < 1e-4);
 }
 
 TEST_CASE("generation stops at a stop id and top-p keeps the nucleus transformers keeps", "[generate]") {

@@ -79,6 +79,29 @@ struct SwigluFn : public torch::autograd::Function<SwigluFn> {
     return {dg, du};
   }
 };
+
+struct RopeFn : public torch::autograd::Function<RopeFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    c10::cuda::CUDAGuard guard(x.device());
+    at::Tensor y = at::empty_like(x);
+    const int64_t D = x.size(-1), heads = x.size(-2), tokens = x.numel() / (D * heads);
+    kernels::rope_launch(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), tokens, heads, D,
+                         /*inverse=*/false, elem_type(x), stream_of(x));
+    ctx->save_for_backward({cos, sin});
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const at::Tensor &cos = s[0], &sin = s[1];
+    c10::cuda::CUDAGuard guard(cos.device());
+    at::Tensor dy = grads[0].to(cos.scalar_type()).contiguous();
+    at::Tensor dx = at::empty_like(dy);
+    const int64_t D = dy.size(-1), heads = dy.size(-2), tokens = dy.numel() / (D * heads);
+    kernels::rope_launch(dy.data_ptr(), cos.data_ptr(), sin.data_ptr(), dx.data_ptr(), tokens, heads, D,
+                         /*inverse=*/true, elem_type(dy), stream_of(dy));
+    return {dx, at::Tensor(), at::Tensor()};
+  }
+};
 #endif
 
 }  // namespace
@@ -119,6 +142,26 @@ at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up) {
     return SwigluFn::apply(gate, up);
 #endif
   return swiglu_reference(gate, up);
+}
+
+at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  // transformers' apply_rotary_pos_emb on [B, heads, S, D] (unsqueeze_dim=1), viewed from [B, S, heads, D].
+  at::Tensor xt = x.transpose(1, 2);
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor rotated = at::cat({-xt.narrow(-1, half, half), xt.narrow(-1, 0, half)}, -1);
+  return (xt * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).transpose(1, 2);
+}
+
+at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+#ifdef QT_WITH_CUDA
+  if (fused_ops_apply(x) && x.dim() == 4 && x.size(-1) % 16 == 0 && x.is_contiguous() &&
+      cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() && cos.dim() == 3 &&
+      cos.size(0) == x.size(0) && cos.size(1) == x.size(1) && cos.size(2) == x.size(3) && cos.sizes() == sin.sizes()) {
+    at::Tensor c = cos.contiguous(), s = sin.contiguous();
+    if (aligned(c) && aligned(s)) return RopeFn::apply(x, c, s);
+  }
+#endif
+  return rope_reference(x, cos, sin);
 }
 
 }  // namespace qt

@@ -171,6 +171,46 @@ __global__ void __launch_bounds__(kThreads) swiglu_bwd(const T* __restrict__ dy,
   }
 }
 
+// One thread: 8 consecutive elements of the first half of one (token, head) row and their 8 partners in the
+// second half.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x, const T* __restrict__ cos,
+                                                        const T* __restrict__ sin, T* __restrict__ y,
+                                                        int64_t tokens, int64_t heads, int64_t D, bool inverse) {
+  const int64_t half = D / 2, per_row = half / kVec;
+  const int64_t total = tokens * heads * per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t row = i / per_row, j = (i % per_row) * kVec;  // row = token * heads + head
+    const int64_t token = row / heads;
+    const T* xr = x + row * D;
+    const T* cr = cos + token * D;
+    const T* sr = sin + token * D;
+    float x1[kVec], x2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec], y1[kVec], y2[kVec];
+    load8(xr + j, x1);
+    load8(xr + half + j, x2);
+    load8(cr + j, c1);
+    load8(cr + half + j, c2);
+    load8(sr + j, s1);
+    load8(sr + half + j, s2);
+    if (!inverse) {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        y1[k] = round_t<T>(x1[k] * c1[k]) + round_t<T>(-x2[k] * s1[k]);
+        y2[k] = round_t<T>(x2[k] * c2[k]) + round_t<T>(x1[k] * s2[k]);
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {
+        y1[k] = x1[k] * c1[k] + x2[k] * s2[k];
+        y2[k] = x2[k] * c2[k] - x1[k] * s1[k];
+      }
+    }
+    store8(y + row * D + j, y1);
+    store8(y + row * D + half + j, y2);
+  }
+}
+
 void check_launch(const char* what) {
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) fail(ErrorKind::Internal, std::string(what) + ": " + cudaGetErrorString(e));
@@ -192,6 +232,22 @@ void dispatch(ElemType type, F&& f) {
 }
 
 }  // namespace
+
+void rope_launch(const void* x, const void* cos, const void* sin, void* y, int64_t tokens, int64_t heads, int64_t D,
+                 bool inverse, ElemType type, CUstream_st* stream) {
+  QT_CHECK(D % (2 * kVec) == 0, ErrorKind::Internal, "rope kernel: head_dim must be a multiple of 16");
+  const int64_t work = tokens * heads * (D / 2 / kVec);
+  if (work == 0) return;
+  int64_t blocks = (work + kThreads - 1) / kThreads;
+  if (blocks > 132 * 16) blocks = 132 * 16;
+  dispatch(type, [&](auto t) {
+    using T = decltype(t);
+    rope_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        static_cast<const T*>(x), static_cast<const T*>(cos), static_cast<const T*>(sin), static_cast<T*>(y), tokens,
+        heads, D, inverse);
+  });
+  check_launch("rope");
+}
 
 void rms_norm_forward_launch(const void* x, const void* weight, void* y, float* rstd, int64_t rows, int64_t H,
                              float eps, ElemType type, CUstream_st* stream) {

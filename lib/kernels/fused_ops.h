@@ -5,6 +5,9 @@
 //     the ATen composition runs ~6 kernels over fp32 copies of the row.
 //   - SwiGLU, silu(gate) * up: one kernel forward, one for both input gradients; saves only gate and up (ATen's
 //     composition also keeps silu(gate), one more [tokens, intermediate] tensor per block).
+//   - RoPE (rotate_half form, as transformers' apply_rotary_pos_emb) on [B, S, heads, head_dim], the layout the
+//     projections produce and flash attention takes: one kernel, no cat, no broadcast copies; the backward is
+//     the inverse rotation and needs only cos and sin (nothing of x is kept).
 // On CUDA (fp32 / fp16 / bf16, rows of a multiple of 8 elements, contiguous) the kernels run; elsewhere, and
 // when the RMSNorm weight itself needs a gradient (full fine-tuning), the reference runs.
 #include <ATen/core/Tensor.h>
@@ -18,6 +21,10 @@ at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, dou
 // silu(gate) * up, both [..., I] of one dtype. Differentiable in both.
 at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor swiglu_reference(const at::Tensor& gate, const at::Tensor& up);
+
+// x [B, S, heads, D], cos / sin [B, S, D] in x's dtype -> [B, S, heads, D]. Differentiable in x.
+at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
 // True when the fused kernels take these inputs (a CUDA build, CUDA tensors of a supported shape and dtype).
 bool fused_ops_apply(const at::Tensor& x);

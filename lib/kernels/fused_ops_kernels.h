@@ -20,4 +20,10 @@ void swiglu_forward_launch(const void* g, const void* u, void* out, int64_t n, E
 void swiglu_backward_launch(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t n,
                             ElemType type, CUstream_st* stream);
 
+// RoPE over tokens: x, y [tokens, heads, D], cos / sin [tokens, D], D % 16 == 0. With `inverse`, the transposed
+// rotation (the backward: dx from dy): y_j = x_j c_j + (j < D/2 ? x_{j+D/2} s_{j+D/2} : -x_{j-D/2} s_{j-D/2}).
+// Forward: y_j = cast(cast(x_j c_j) + cast(r_j s_j)), r = rotate_half(x) = [-x2, x1], as ATen rounds.
+void rope_launch(const void* x, const void* cos, const void* sin, void* y, int64_t tokens, int64_t heads, int64_t D,
+                 bool inverse, ElemType type, CUstream_st* stream);
+
 }  // namespace qt::kernels

@@ -7,12 +7,14 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <mutex>
-#include <torch/csrc/autograd/autograd.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <tuple>
 
 #include "lib/core/error.h"
 #include "lib/kernels/fused_ops.h"
@@ -25,6 +27,13 @@ namespace {
 
 // The NF4 base matmul as an autograd function: saves nothing but a pointer to the (model-owned, frozen)
 // Nf4Weight, dequantizes into a scratch buffer in forward and again in backward.
+at::Tensor nf4_linear_backward(torch::autograd::AutogradContext* ctx, const at::Tensor& grad) {
+  const auto* w = reinterpret_cast<const Nf4Weight*>(ctx->saved_data["w"].toInt());
+  auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["dtype"].toInt());
+  at::Tensor W = w->dequantize(dtype);
+  return at::matmul(grad.to(dtype), W);
+}
+
 struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t weight_ptr) {
     const auto* w = reinterpret_cast<const Nf4Weight*>(weight_ptr);
@@ -35,10 +44,29 @@ struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto* w = reinterpret_cast<const Nf4Weight*>(ctx->saved_data["w"].toInt());
-    auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["dtype"].toInt());
-    at::Tensor W = w->dequantize(dtype);
-    return {at::matmul(grads[0].to(dtype), W), at::Tensor()};
+    return {nf4_linear_backward(ctx, grads[0]), at::Tensor()};
+  }
+};
+
+// The same for DoRA, which also needs the row norms of W + scale B A: taken from the W just dequantized for the
+// matmul, so that W is dequantized once in forward (and once in backward) as for plain LoRA, and never kept.
+// A and B come in detached; the norm output is not differentiable (DoRA section 4.3, PEFT's detach()).
+struct Nf4DoraFn : public torch::autograd::Function<Nf4DoraFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                int64_t weight_ptr, const at::Tensor& A, const at::Tensor& B,
+                                                double scale) {
+    const auto* w = reinterpret_cast<const Nf4Weight*>(weight_ptr);
+    ctx->saved_data["w"] = weight_ptr;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    at::Tensor W = w->dequantize(x.scalar_type());
+    at::Tensor y = at::matmul(x, W.t());
+    at::Tensor norm = dora_weight_norm(W, A, B, scale);
+    ctx->mark_non_differentiable({norm});
+    return {y, norm};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {nf4_linear_backward(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -140,10 +168,80 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
   }
 };
 
+// A frozen base plus LoRA without dropout, y = x W^T + (x A^T)(s B)^T, as one autograd node. The LoRA sums ride
+// on GEMM epilogues (addmm_ into the base product, forward and backward), so neither pass adds an elementwise
+// kernel over [tokens, out] or [tokens, in]; W (NF4: dequantized into scratch) is not kept between the passes.
+struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
+                            const at::Tensor& B, double scale, int64_t linear_ptr) {
+    const auto* l = reinterpret_cast<const Linear*>(linear_ptr);
+    const auto dt = x.scalar_type();
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    at::Tensor a = A.to(dt);
+    at::Tensor bs = scale == 1.0 ? B.to(dt) : (B * scale).to(dt);
+    at::Tensor t = at::mm(x2, a.t());  // [N, r]
+    at::Tensor y = at::mm(x2, l->base_weight(dt).t());
+    y.addmm_(t, bs.t());
+    ctx->save_for_backward({x2, a, bs, t});
+    ctx->saved_data["linear"] = linear_ptr;
+    ctx->saved_data["scale"] = scale;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = y.size(1);
+    return y.view(shape);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* l = reinterpret_cast<const Linear*>(ctx->saved_data["linear"].toInt());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x2 = saved[0], &a = saved[1], &bs = saved[2], &t = saved[3];
+    const auto dt = x2.scalar_type();
+    at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)}).to(dt);
+    at::Tensor g = at::mm(dy, bs);  // [N, r]
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = at::mm(dy, l->base_weight(dt));
+      dx.addmm_(g, a);
+    }
+    at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);
+    at::Tensor dB = at::mm(dy.t(), t).to(at::kFloat);
+    if (scale != 1.0) dB.mul_(scale);
+    std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
+    shape.back() = x2.size(1);
+    return {dx.defined() ? dx.view(shape) : dx, dA, dB, at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
 
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
   return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()));
+}
+
+std::pair<at::Tensor, at::Tensor> nf4_linear_dora_norm(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w,
+                                                       const at::Tensor& A, const at::Tensor& B, double scale) {
+  auto out = Nf4DoraFn::apply(x, reinterpret_cast<int64_t>(w.get()), A.detach(), B.detach(), scale);
+  return {out[0], out[1]};
+}
+
+at::Tensor dora_weight_norm(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale) {
+  at::NoGradGuard no_grad;
+  QT_CHECK(W.dim() == 2 && A.dim() == 2 && B.dim() == 2 && A.size(1) == W.size(1) && B.size(0) == W.size(0) &&
+               A.size(0) == B.size(1),
+           ErrorKind::Internal, "dora_weight_norm: W [out, in], A [r, in] and B [out, r] do not fit");
+  const int64_t out = W.size(0), in = W.size(1);
+  const at::Tensor a = A.detach().to(W.device(), at::kFloat);
+  const at::Tensor b = B.detach().to(W.device(), at::kFloat);
+  at::Tensor norm = at::empty({out}, at::TensorOptions().dtype(at::kFloat).device(W.device()));
+  // Blocks of about 4M fp32 values (16 MiB): the sum W + scale B A exists one block at a time.
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(in, 1));
+  for (int64_t r0 = 0; r0 < out; r0 += rows) {
+    const int64_t n = std::min(rows, out - r0);
+    at::Tensor sum = at::addmm(W.detach().narrow(0, r0, n).to(at::kFloat), b.narrow(0, r0, n), a, /*beta=*/1.0,
+                               /*alpha=*/scale);
+    norm.narrow(0, r0, n).copy_(at::linalg_vector_norm(sum, 2, at::IntArrayRef{1}));
+  }
+  return norm;
 }
 
 int64_t Linear::out_features() const { return quantized() ? nf4->shape.at(0) : weight.size(0); }
@@ -154,6 +252,13 @@ at::Tensor Linear::base_weight(c10::ScalarType dtype) const {
 }
 
 at::Tensor Linear::forward(const at::Tensor& x) const {
+  if (lora && lora->dora()) return dora_forward(x);
+  const bool frozen_base = quantized() || !weight.requires_grad();
+  if (lora && frozen_base && !(training && lora->dropout > 0) && lora->A.scalar_type() == at::kFloat &&
+      lora->B.scalar_type() == at::kFloat) {
+    at::Tensor y = LoraLinearFn::apply(x, lora->A, lora->B, lora->scale, reinterpret_cast<int64_t>(this));
+    return bias.defined() ? y + bias.to(y.scalar_type()) : y;
+  }
   at::Tensor y = quantized() ? nf4_linear(x, nf4) : at::linear(x, weight);
   if (bias.defined()) y = y + bias.to(y.scalar_type());
   if (lora) {
@@ -167,6 +272,34 @@ at::Tensor Linear::forward(const at::Tensor& x) const {
     const int64_t out = y.size(-1);
     y = at::addmm(y.reshape({-1, out}), t.reshape({-1, t.size(-1)}), Bs.t()).view(y.sizes());
   }
+  return y;
+}
+
+// PEFT (peft.tuners.lora.variants.DoraLinearVariant.forward, DoraLinearLayer.forward) adds to the base result
+//   (m / n - 1) * base + m / n * scale * B A h,    n = ||W + scale B A||_row (no gradient)
+// where h = dropout(x) and base = h W^T when dropout is active in training, else h = x and base = x W^T (the base
+// result less its bias). Without dropout that sums to m / n * (x W^T + scale B A x) + bias, computed so here; with
+// it, x W^T - h W^T + m / n * (h W^T + scale B A h) + bias. As for LoRA, h W^T + scale B A h is one addmm.
+at::Tensor Linear::dora_forward(const at::Tensor& x) const {
+  const LoraAdapter& a = *lora;
+  const bool drop = training && a.dropout > 0;
+  const at::Tensor h = drop ? at::dropout(x, a.dropout, /*train=*/true) : x;
+  const auto dt = x.scalar_type();
+  at::Tensor base_h, norm;
+  if (quantized()) {
+    std::tie(base_h, norm) = nf4_linear_dora_norm(h, nf4, a.A, a.B, a.scale);
+  } else {
+    base_h = at::linear(h, weight);
+    norm = dora_weight_norm(weight, a.A, a.B, a.scale);
+  }
+  const at::Tensor ratio = (a.magnitude / norm).to(dt);  // [out]; the gradient reaches m only
+  const at::Tensor t = at::linear(h, a.A.to(dt));         // [.., r]
+  const at::Tensor Bs = a.scale == 1.0 ? a.B.to(dt) : (a.B * a.scale).to(dt);
+  const int64_t out = base_h.size(-1);
+  const at::Tensor v = at::addmm(base_h.reshape({-1, out}), t.reshape({-1, t.size(-1)}), Bs.t()).view(base_h.sizes());
+  at::Tensor y = ratio * v;
+  if (drop) y = y + (quantized() ? nf4_linear(x, nf4) : at::linear(x, weight)) - base_h;
+  if (bias.defined()) y = y + bias.to(y.scalar_type());
   return y;
 }
 
@@ -203,21 +336,20 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
                                  const at::Tensor& sin, const AttentionMask& mask) const {
   const int64_t B = x.size(0), S = x.size(1), hd = config.head_dim;
   const int64_t Hq = config.num_attention_heads, Hkv = config.num_key_value_heads;
-  at::Tensor q = b.q_proj.forward(x).view({B, S, Hq, hd}).transpose(1, 2);
-  at::Tensor k = b.k_proj.forward(x).view({B, S, Hkv, hd}).transpose(1, 2);
-  at::Tensor v = b.v_proj.forward(x).view({B, S, Hkv, hd}).transpose(1, 2);
-  q = apply_rope(q, cos, sin);
-  k = apply_rope(k, cos, sin);
+  // [B, S, heads, hd] throughout: the projections' layout, which flash attention takes as it is.
+  at::Tensor q = rope_fused(b.q_proj.forward(x).view({B, S, Hq, hd}), cos, sin);
+  at::Tensor k = rope_fused(b.k_proj.forward(x).view({B, S, Hkv, hd}), cos, sin);
+  at::Tensor v = b.v_proj.forward(x).view({B, S, Hkv, hd});
   at::Tensor o;  // [B, S, Hq, hd]
   if (mask.cu_seqlens.defined()) {
     // Packed documents through flash attention's varlen layout: the [B, S] grid flattened, no mask.
-    auto flat = [&](const at::Tensor& t, int64_t heads) { return t.transpose(1, 2).reshape({B * S, heads, hd}); };
+    auto flat = [&](const at::Tensor& t, int64_t heads) { return t.reshape({B * S, heads, hd}); };
     o = varlen_causal_attention(flat(q, Hq), flat(k, Hkv), flat(v, Hkv), mask.cu_seqlens, mask.max_seqlen,
                                 1.0 / std::sqrt(static_cast<double>(hd)), mask.window)
             .view({B, S, Hq, hd});
   } else {
     const at::Tensor& dense = mask.dense;
-    o = at::scaled_dot_product_attention(q, k, v, dense.defined() ? std::optional<at::Tensor>(dense) : std::nullopt,
+    o = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dense.defined() ? std::optional<at::Tensor>(dense) : std::nullopt,
                                          /*dropout_p=*/0.0, /*is_causal=*/!dense.defined(), /*scale=*/std::nullopt,
                                          /*enable_gqa=*/Hkv != Hq)
             .transpose(1, 2);

@@ -14,11 +14,17 @@
 namespace qt {
 
 // Trainable low-rank adapter (Hu et al., LoRA, 2021): y += scale * B(A(dropout(x))).
+// With `magnitude` defined it is DoRA (Liu et al., 2024, arXiv:2402.09353) as PEFT computes it
+// (peft.tuners.lora.dora.DoraLinearLayer): y = m / ||W + scale B A||_row * (x W^T + scale B A x) (+ bias), the
+// norm per output feature taken without gradient (the paper's section 4.3).
 struct LoraAdapter {
-  at::Tensor A;         // [r, in]   (PEFT: lora_A.weight)
-  at::Tensor B;         // [out, r]  (PEFT: lora_B.weight), zero at init so training starts from the base
-  double scale = 1.0;   // alpha / r, or alpha / sqrt(r) with rsLoRA
+  at::Tensor A;          // [r, in]   (PEFT: lora_A.weight)
+  at::Tensor B;          // [out, r]  (PEFT: lora_B.weight), zero at init so training starts from the base
+  at::Tensor magnitude;  // [out]     DoRA only (PEFT: lora_magnitude_vector); undefined for plain LoRA
+  double scale = 1.0;    // alpha / r, or alpha / sqrt(r) with rsLoRA
   double dropout = 0.0;
+
+  bool dora() const { return magnitude.defined(); }
 };
 
 // A block linear y = x W^T (+ b) (+ LoRA). The base is either dense (`weight`) or frozen NF4 (`nf4`), never both;
@@ -36,11 +42,24 @@ struct Linear {
   // The base weight in `dtype` (dequantized when NF4): for export and tests, not for the forward pass.
   at::Tensor base_weight(c10::ScalarType dtype) const;
   at::Tensor forward(const at::Tensor& x) const;
+
+ private:
+  at::Tensor dora_forward(const at::Tensor& x) const;
 };
 
 // y = x W^T with W dequantized from NF4 into a scratch buffer in the forward pass and again in the backward
 // pass (the QLoRA recipe: no 16-bit copy of W lives between them). Gradient flows to x only.
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
+
+// DoRA's weight norm: the L2 norm of each row (output feature) of W + scale * B A, in fp32, without gradient.
+// Computed over blocks of rows so that W + scale * B A never exists whole; W may be any floating dtype.
+// PEFT: DoraLinearLayer.get_weight_norm (torch.linalg.norm(weight + scaling * lora_weight, dim=1)).
+at::Tensor dora_weight_norm(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale);
+
+// nf4_linear that also returns dora_weight_norm(W, A, B, scale) of the same just-in-time dequantized W (one
+// dequantization serves both). The norm carries no gradient; A and B are read detached.
+std::pair<at::Tensor, at::Tensor> nf4_linear_dora_norm(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w,
+                                                       const at::Tensor& A, const at::Tensor& B, double scale);
 
 struct LlamaBlock {
   at::Tensor input_layernorm;           // [H]

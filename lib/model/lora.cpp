@@ -37,8 +37,8 @@ bool LoraConfig::targets_module(const std::string& hf_module_name) const {
 
 LoraConfig LoraConfig::from_json(const Json& section, const std::string& file, const std::string& prefix,
                                  ErrorKind kind) {
-  reject_unknown_keys(section, {"r", "alpha", "dropout", "targets", "use_rslora", "init_from", "modules_to_save"}, file,
-                      prefix, kind);
+  reject_unknown_keys(section, {"r", "alpha", "dropout", "targets", "use_rslora", "use_dora", "init_from",
+                                "modules_to_save"}, file, prefix, kind);
   JsonReader j{section, file, kind, prefix};
   LoraConfig c;
   c.r = j.get_int("r", c.r);
@@ -46,6 +46,7 @@ LoraConfig LoraConfig::from_json(const Json& section, const std::string& file, c
   c.dropout = j.get_double("dropout", c.dropout);
   if (j.has("targets")) c.targets = j.get_strings("targets");
   c.use_rslora = j.get_bool("use_rslora", c.use_rslora);
+  c.use_dora = j.get_bool("use_dora", c.use_dora);
   c.init_from = j.get_string("init_from", c.init_from);
   if (j.has("modules_to_save")) c.modules_to_save = j.get_strings("modules_to_save");
   c.validate(file, prefix, kind);
@@ -73,6 +74,9 @@ std::vector<std::string> LoraConfig::differences_from(const LoraConfig& adapter)
   if (use_rslora != adapter.use_rslora)
     out.push_back(std::string("lora.use_rslora: config ") + (use_rslora ? "true" : "false") + ", adapter " +
                   (adapter.use_rslora ? "true" : "false"));
+  if (use_dora != adapter.use_dora)
+    out.push_back(std::string("lora.use_dora: config ") + (use_dora ? "true" : "false") + ", adapter " +
+                  (adapter.use_dora ? "true" : "false"));
   if (list(modules_to_save) != list(adapter.modules_to_save))
     out.push_back("lora.modules_to_save: config " + list(modules_to_save) + ", adapter " + list(adapter.modules_to_save));
   return out;
@@ -155,6 +159,12 @@ int64_t attach_lora(LlamaModel& model, const LoraConfig& config, uint64_t seed, 
     lora->B = at::zeros({out, config.r}, at::TensorOptions().dtype(dtype).device(device)).set_requires_grad(true);
     lora->scale = config.scale();
     lora->dropout = config.dropout;
+    if (config.use_dora) {
+      // PEFT's DoRA init: m = ||W + scale B A||_row with B = 0, from the dequantized base; the forward pass then
+      // starts as the base (m / n = 1). One layer's fp32 W exists during this call only.
+      at::Tensor W = l.base_weight(at::kFloat);
+      lora->magnitude = dora_weight_norm(W, lora->A, lora->B, lora->scale).to(device, dtype).set_requires_grad(true);
+    }
     l.lora = std::move(lora);
     ++attached;
   });
@@ -168,12 +178,17 @@ std::string peft_lora_key(const std::string& hf_module_name, char which) {
   return "base_model.model." + hf_module_name + (which == 'A' ? ".lora_A.weight" : ".lora_B.weight");
 }
 
+std::string peft_dora_key(const std::string& hf_module_name) {
+  return "base_model.model." + hf_module_name + ".lora_magnitude_vector";
+}
+
 std::vector<std::pair<std::string, at::Tensor>> lora_parameters(LlamaModel& model) {
   std::vector<std::pair<std::string, at::Tensor>> out;
   model.for_each_linear([&](const std::string& name, Linear& l) {
     if (!l.lora) return;
     out.emplace_back(peft_lora_key(name, 'A'), l.lora->A);
     out.emplace_back(peft_lora_key(name, 'B'), l.lora->B);
+    if (l.lora->dora()) out.emplace_back(peft_dora_key(name), l.lora->magnitude);
   });
   if (model.embed_tokens_trainable.defined()) out.emplace_back(peft_module_key("embed_tokens"), model.embed_tokens_trainable);
   if (model.lm_head_trainable.defined() && !model.lm_head_trainable.is_same(model.embed_tokens_trainable))

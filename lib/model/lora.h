@@ -2,7 +2,9 @@
 // LoRA (Hu et al., 2021, arXiv:2106.09685) on the block linears of a LlamaModel: the run config's "lora"
 // section, PEFT's initialisation, and the trainable tensors under PEFT's names. Each targeted qt::Linear gets a
 // LoraAdapter {A [r, in], B [out, r]} in fp32 (trainable master weights, whatever the compute dtype), so
-// that y = base(x) + scale * B(A(dropout(x))) as peft.tuners.lora.layer.Linear computes it.
+// that y = base(x) + scale * B(A(dropout(x))) as peft.tuners.lora.layer.Linear computes it. With use_dora, DoRA
+// (Liu et al., 2024, arXiv:2402.09353) as PEFT implements it: a trainable magnitude vector [out] too (see
+// LoraAdapter).
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -24,8 +26,10 @@ struct LoraConfig {
   double dropout = 0.0;
   std::vector<std::string> targets = lora_target_names();  // all seven block linears (QLoRA paper, section 4)
   bool use_rslora = false;  // rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732): scale alpha / sqrt(r)
+  bool use_dora = false;    // DoRA: weight-decomposed LoRA, PEFT's use_dora
   // A PEFT adapter directory (ours or PEFT's) to start training from instead of a fresh init; empty: fresh.
-  // Its r, lora_alpha, target_modules and use_rslora must equal this section's (differences_from says which not).
+  // Its r, lora_alpha, target_modules, use_rslora, use_dora and modules_to_save must equal this section's
+  // (differences_from says which not).
   std::string init_from;
   // PEFT's modules_to_save: "lm_head" and / or "embed_tokens", trained in full (fp32 copies, AdamW state fp32)
   // beside the adapters. With tie_word_embeddings either name trains the one shared tensor in both roles (PEFT's
@@ -40,8 +44,8 @@ struct LoraConfig {
   // read_peft_adapter_config), as "lora.r: config 16, adapter 8"; targets compare as sets. Empty: compatible.
   std::vector<std::string> differences_from(const LoraConfig& adapter) const;
 
-  // Parses a "lora" section {r, alpha, dropout, targets, use_rslora, init_from, modules_to_save}; defaults for
-  // absent keys. Unknown keys,
+  // Parses a "lora" section {r, alpha, dropout, targets, use_rslora, use_dora, init_from, modules_to_save};
+  // defaults for absent keys. Unknown keys,
   // wrong types and out-of-range values are qt::Error(kind) naming `file` and the key (prefix + key).
   static LoraConfig from_json(const Json& section, const std::string& file, const std::string& prefix = "lora.",
                               ErrorKind kind = ErrorKind::Config);
@@ -56,7 +60,9 @@ struct LoraConfig {
 // PEFT's LoraLayer.reset_lora_parameters with init_lora_weights=True: A ~ kaiming_uniform_(a=sqrt(5)), i.e.
 // U(-1/sqrt(in), 1/sqrt(in)), and B = 0, so the model starts as the base. The values depend only on `seed` and
 // the model's shapes (drawn on the CPU in for_each_linear order), not on `device`. A and B are `dtype`
-// (fp32 unless told) on `device` and require grad. Returns the number of adapters attached (> 0, else throws).
+// (fp32 unless told) on `device` and require grad. With use_dora, each adapter also gets PEFT's DoRA magnitude
+// (DoraLinearLayer.update_layer): the row norms of the base weight (dequantized to fp32 when NF4; B A = 0), fp32
+// on `device`, trainable. Returns the number of adapters attached (> 0, else throws).
 int64_t attach_lora(LlamaModel& model, const LoraConfig& config, uint64_t seed, at::Device device = at::kCPU,
                     at::ScalarType dtype = at::kFloat);
 
@@ -75,9 +81,14 @@ void attach_modules_to_save(LlamaModel& model, const LoraConfig& config, at::Dev
 // PEFT's saved key of one LoRA tensor: "base_model.model." + module + ".lora_A.weight" (".lora_B.weight").
 std::string peft_lora_key(const std::string& hf_module_name, char which);
 
+// PEFT's saved key of a DoRA magnitude: "base_model.model." + module + ".lora_magnitude_vector" (the parameter
+// lora_magnitude_vector.default.weight, saved under this name by get_peft_model_state_dict).
+std::string peft_dora_key(const std::string& hf_module_name);
+
 // The trainable tensors of the adapter (the model's own handles, not copies) with PEFT's saved key names: LoRA
-// A and B in for_each_linear order, A before B, then the modules trained in full (embed_tokens, lm_head; a tied
-// pair once, under embed_tokens' key, as PEFT's ensure_weight_tying names its one parameter).
+// A and B in for_each_linear order, A before B (before the DoRA magnitude, where there is one), then the modules
+// trained in full (embed_tokens, lm_head; a tied pair once, under embed_tokens' key, as PEFT's
+// ensure_weight_tying names its one parameter).
 std::vector<std::pair<std::string, at::Tensor>> lora_parameters(LlamaModel& model);
 
 // Removes every adapter and every trainable module copy.

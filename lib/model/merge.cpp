@@ -20,7 +20,13 @@ at::Tensor merged_weight(const Linear& l) {
   if (!l.lora) return W;
   const at::Tensor A = l.lora->A.detach().to(W.device(), at::kFloat);
   const at::Tensor B = l.lora->B.detach().to(W.device(), at::kFloat);
-  return W.addmm_(B, A, /*beta=*/1.0, /*alpha=*/l.lora->scale);
+  // DoRA (PEFT's DoraLinearVariant.merge_safe): (m / ||W + scale B A||_row) * (W + scale B A), the norm taken
+  // from the unmerged weight, as the forward pass does.
+  at::Tensor factor;
+  if (l.lora->dora())
+    factor = (l.lora->magnitude.detach().to(W.device(), at::kFloat) / dora_weight_norm(W, A, B, l.lora->scale)).unsqueeze(1);
+  W.addmm_(B, A, /*beta=*/1.0, /*alpha=*/l.lora->scale);
+  return factor.defined() ? W.mul_(factor) : W;
 }
 
 namespace {

@@ -13,7 +13,8 @@
 
 namespace qt {
 
-// The merged weight of one linear in fp32 (the base alone when it has no adapter).
+// The merged weight of one linear in fp32 (the base alone when it has no adapter): W + scale B A, and for DoRA
+// m / ||W + scale B A||_row * (W + scale B A), as PEFT's merge_and_unload computes it.
 at::Tensor merged_weight(const Linear& linear);
 
 struct MergedExportStats {

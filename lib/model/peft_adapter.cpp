@@ -22,6 +22,13 @@ std::string last_component(const std::string& name) {
   return dot == std::string::npos ? name : name.substr(dot + 1);
 }
 
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The suffix of a DoRA magnitude's saved key (peft_dora_key).
+const std::string kMagnitudeSuffix = ".lora_magnitude_vector";
+
 std::string shape_str(at::IntArrayRef s) {
   std::string out = "[";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
@@ -62,7 +69,6 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
   if (type != "LORA") fail_key(ErrorKind::Checkpoint, file, "peft_type", "'" + type + "' is not supported (expected LORA)");
   const std::string bias = r.get_string("bias", "none");
   if (bias != "none") fail_key(ErrorKind::Checkpoint, file, "bias", "'" + bias + "' is not supported (expected none)");
-  require_unused(j, "use_dora", file, "DoRA is not implemented");
   require_unused(j, "fan_in_fan_out", file, "LLaMA linears are not Conv1D");
   require_unused(j, "rank_pattern", file, "one rank for all modules");
   require_unused(j, "alpha_pattern", file, "one alpha for all modules");
@@ -79,6 +85,7 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
   c.alpha = r.get_double("lora_alpha");
   c.dropout = r.get_double("lora_dropout", 0.0);
   c.use_rslora = r.get_bool("use_rslora", false);
+  if (j.contains("use_dora") && !j.at("use_dora").is_null()) c.use_dora = r.get_bool("use_dora");
   out.ensure_weight_tying = r.get_bool("ensure_weight_tying", false);
   if (j.contains("modules_to_save") && !j.at("modules_to_save").is_null()) {
     // PEFT matches each entry against the end of module names; on a tied model it rewrites ["lm_head"] to
@@ -172,7 +179,7 @@ void write_peft_files(const std::string& dir, const LoraConfig& config,
       {"revision", nullptr},
       {"target_modules", targets},
       {"task_type", "CAUSAL_LM"},
-      {"use_dora", false},
+      {"use_dora", config.use_dora},
       {"use_rslora", config.use_rslora},
   };
   if (ensure_weight_tying) cfg["ensure_weight_tying"] = true;  // written only when in use (older PEFT lacks it)
@@ -204,12 +211,24 @@ void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::s
     if (std::abs(l.lora->scale - config.scale()) > 1e-12 * std::abs(config.scale()))
       fail_at(ErrorKind::Checkpoint, dir, name + ": adapter scale " + std::to_string(l.lora->scale) +
                                               " differs from the config's " + std::to_string(config.scale()));
+    if (l.lora->dora() != config.use_dora)
+      fail_at(ErrorKind::Checkpoint, dir, name + (config.use_dora ? ": the config has use_dora but the adapter has no DoRA magnitude"
+                                                                  : ": the adapter has a DoRA magnitude but the config has no use_dora"));
     at::Tensor a = A.detach().to(at::kCPU, at::kFloat).contiguous();
     at::Tensor b = B.detach().to(at::kCPU, at::kFloat).contiguous();
-    if (!a.isfinite().all().item<bool>() || !b.isfinite().all().item<bool>())
+    at::Tensor m;
+    if (config.use_dora) {
+      m = l.lora->magnitude.detach().to(at::kCPU, at::kFloat).contiguous();
+      if (m.sizes() != at::IntArrayRef({l.out_features()}))
+        fail_at(ErrorKind::Checkpoint, dir, name + ": DoRA magnitude shape " + shape_str(m.sizes()) + " is not [" +
+                                                std::to_string(l.out_features()) + "]");
+    }
+    if (!a.isfinite().all().item<bool>() || !b.isfinite().all().item<bool>() ||
+        (m.defined() && !m.isfinite().all().item<bool>()))
       fail(ErrorKind::Numeric, name + ": the LoRA weights hold a non-finite value; adapter not saved to " + dir);
     tensors.emplace_back(peft_lora_key(name, 'A'), a);
     tensors.emplace_back(peft_lora_key(name, 'B'), b);
+    if (m.defined()) tensors.emplace_back(peft_dora_key(name), m);
   });
   if (tensors.empty()) fail_at(ErrorKind::Checkpoint, dir, "the model has no LoRA adapter to save");
 
@@ -277,6 +296,20 @@ PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
       at::Tensor t = file.load(key, at::kFloat, device).set_requires_grad(true);
       (which == 'A' ? lora->A : lora->B) = t;
     }
+    if (cfg.lora.use_dora) {
+      const std::string key = peft_dora_key(name);
+      expected.insert(key);
+      const TensorInfo* info = file.find(key);
+      if (!info) fail_key(ErrorKind::Checkpoint, weights, key, "missing (adapter_config.json has use_dora and its target_modules selects " + name + ")");
+      const std::vector<int64_t> want{l.out_features()};
+      if (info->shape != want)
+        fail_key(ErrorKind::Checkpoint, weights, key,
+                 "shape " + shape_str(info->shape) + " does not fit the model: expected " + shape_str(want) +
+                     " (the DoRA magnitude has one value per output feature; a different base model?)");
+      if (!at::isFloatingType(info->scalar_type))
+        fail_key(ErrorKind::Checkpoint, weights, key, "dtype " + info->dtype + " is not a floating-point type");
+      lora->magnitude = file.load(key, at::kFloat, device).set_requires_grad(true);
+    }
     lora->scale = cfg.lora.scale();
     lora->dropout = cfg.lora.dropout;
     adapters[name] = std::move(lora);
@@ -309,11 +342,16 @@ PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
   }
   if (tied && !save.empty() && modules.empty())
     fail_key(ErrorKind::Checkpoint, weights, peft_module_key("embed_tokens"), "missing (adapter_config.json lists modules_to_save)");
-  for (const auto& info : file.tensors())
-    if (!expected.count(info.name))
+  for (const auto& info : file.tensors()) {
+    if (expected.count(info.name)) continue;
+    if (ends_with(info.name, kMagnitudeSuffix) && !cfg.lora.use_dora)
       fail_key(ErrorKind::Checkpoint, weights, info.name,
-               "unexpected tensor (not a LoRA A/B of a module that adapter_config.json's target_modules selects "
-               "in this model, nor a module its modules_to_save lists)");
+               "unexpected tensor: a DoRA magnitude, but adapter_config.json's use_dora is not true");
+    fail_key(ErrorKind::Checkpoint, weights, info.name,
+             "unexpected tensor (not a LoRA A/B" + std::string(cfg.lora.use_dora ? " or DoRA magnitude" : "") +
+                 " of a module that adapter_config.json's target_modules selects in this model, nor a "
+                 "module its modules_to_save lists)");
+  }
   if (adapters.empty()) fail_at(ErrorKind::Checkpoint, weights, "the adapter holds no LoRA tensor for this model");
   model.for_each_linear([&](const std::string& name, Linear& l) {
     auto it = adapters.find(name);
@@ -340,7 +378,8 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
   if (!files::exists(weights)) fail_at(ErrorKind::Checkpoint, weights, "file not found");
   SafetensorsFile file(weights);
   const std::string prefix = "base_model.model.";
-  std::map<std::string, int> halves;  // module -> 1 (A) | 2 (B)
+  const int all_parts = cfg.lora.use_dora ? 7 : 3;
+  std::map<std::string, int> parts;  // module -> 1 (A) | 2 (B) | 4 (DoRA magnitude)
   std::vector<std::pair<std::string, at::Tensor>> tensors;
   for (const auto& info : file.tensors()) {
     const std::string& key = info.name;
@@ -356,16 +395,23 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
       tensors.emplace_back(key, file.load(key, at::kFloat, at::kCPU));
       continue;
     }
-    const bool is_a = key.size() > 14 && key.compare(key.size() - 14, 14, ".lora_A.weight") == 0;
-    const bool is_b = key.size() > 14 && key.compare(key.size() - 14, 14, ".lora_B.weight") == 0;
-    if (key.rfind(prefix, 0) != 0 || !(is_a || is_b))
-      fail_key(ErrorKind::Checkpoint, weights, key, "not a LoRA tensor under PEFT's names (base_model.model.<module>.lora_A/B.weight)");
-    const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - 14);
+    const bool is_a = ends_with(key, ".lora_A.weight");
+    const bool is_b = ends_with(key, ".lora_B.weight");
+    const bool is_m = ends_with(key, kMagnitudeSuffix);
+    if (is_m && !cfg.lora.use_dora)
+      fail_key(ErrorKind::Checkpoint, weights, key, "a DoRA magnitude, but adapter_config.json's use_dora is not true");
+    if (key.rfind(prefix, 0) != 0 || !(is_a || is_b || is_m))
+      fail_key(ErrorKind::Checkpoint, weights, key,
+               "not a LoRA tensor under PEFT's names (base_model.model.<module>.lora_A/B.weight" +
+                   std::string(cfg.lora.use_dora ? ", .lora_magnitude_vector)" : ")"));
+    const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - (is_m ? kMagnitudeSuffix.size() : 14));
     if (!cfg.lora.targets_module(module))
       fail_key(ErrorKind::Checkpoint, weights, key, "module is not among adapter_config.json's target_modules");
-    if (info.shape.size() != 2 || info.shape[is_a ? 0 : 1] != cfg.lora.r)
-      fail_key(ErrorKind::Checkpoint, weights, key, "shape " + shape_str(info.shape) + " does not have rank r=" +
-                                                        std::to_string(cfg.lora.r) + " from adapter_config.json");
+    if (is_m ? info.shape.size() != 1 : (info.shape.size() != 2 || info.shape[is_a ? 0 : 1] != cfg.lora.r))
+      fail_key(ErrorKind::Checkpoint, weights, key, "shape " + shape_str(info.shape) +
+                                                        (is_m ? " is not a vector (a DoRA magnitude is [out_features])"
+                                                              : " does not have rank r=" + std::to_string(cfg.lora.r) +
+                                                                    " from adapter_config.json"));
     if (!at::isFloatingType(info.scalar_type))
       fail_key(ErrorKind::Checkpoint, weights, key, "dtype " + info.dtype + " is not a floating-point type");
     if (base) {
@@ -378,15 +424,21 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
       const int64_t layer = std::atoll(module.c_str() + std::string("model.layers.").size());
       if (module.rfind("model.layers.", 0) != 0 || layer >= base->num_hidden_layers)
         fail_key(ErrorKind::Checkpoint, weights, key, "the base model has no such layer");
-      const std::vector<int64_t> want = is_a ? std::vector<int64_t>{cfg.lora.r, w[1]} : std::vector<int64_t>{w[0], cfg.lora.r};
+      const std::vector<int64_t> want = is_m   ? std::vector<int64_t>{w[0]}
+                                        : is_a ? std::vector<int64_t>{cfg.lora.r, w[1]}
+                                               : std::vector<int64_t>{w[0], cfg.lora.r};
       if (info.shape != want)
         fail_key(ErrorKind::Checkpoint, weights, key, "shape " + shape_str(info.shape) + " does not fit the base model: expected " + shape_str(want));
     }
-    halves[module] |= is_a ? 1 : 2;
+    parts[module] |= is_a ? 1 : is_b ? 2 : 4;
     tensors.emplace_back(key, file.load(key, at::kFloat, at::kCPU));
   }
-  for (const auto& [module, h] : halves)
-    if (h != 3) fail_key(ErrorKind::Checkpoint, weights, peft_lora_key(module, h == 1 ? 'B' : 'A'), "missing (its pair is present)");
+  for (const auto& [module, p] : parts) {
+    if (!(p & 1)) fail_key(ErrorKind::Checkpoint, weights, peft_lora_key(module, 'A'), "missing (the module's other tensors are present)");
+    if (!(p & 2)) fail_key(ErrorKind::Checkpoint, weights, peft_lora_key(module, 'B'), "missing (the module's other tensors are present)");
+    if (p != all_parts)
+      fail_key(ErrorKind::Checkpoint, weights, peft_dora_key(module), "missing (adapter_config.json has use_dora)");
+  }
   if (tensors.empty()) fail_at(ErrorKind::Checkpoint, weights, "the adapter holds no tensor");
   write_peft_files(to, cfg.lora, tensors, cfg.base_model_name_or_path, cfg.ensure_weight_tying);
   return cfg;

@@ -5,6 +5,7 @@
 //                                target_modules, use_rslora, bias "none", task_type "CAUSAL_LM", ...
 //   adapter_model.safetensors    "base_model.model.<module>.lora_A.weight" [r, in] and ".lora_B.weight" [out, r]
 //                                (get_peft_model_state_dict, adapter name removed), metadata {"format": "pt"};
+//                                with use_dora also ".lora_magnitude_vector" [out] (DoRA's magnitude);
 //                                with modules_to_save also "base_model.model.lm_head.weight" [V, H] and
 //                                "base_model.model.model.embed_tokens.weight" [V, H] (ModulesToSaveWrapper's
 //                                copies). A tied model's one tensor is saved under both keys with
@@ -27,7 +28,7 @@ struct PeftAdapterConfig {
 };
 
 // Reads and validates adapter_config.json in `dir`. Only what this trainer computes is accepted: peft_type LORA,
-// bias "none", no DoRA, no fan_in_fan_out, no rank/alpha patterns, no layers_to_transform, modules_to_save only
+// bias "none", no fan_in_fan_out, no rank/alpha patterns, no layers_to_transform, modules_to_save only
 // lm_head / embed_tokens (any module path ending in them, as PEFT matches);
 // anything else is qt::Error(Checkpoint) naming the file and the key. target_modules may be a list of module
 // names, "all-linear", or a regular expression over full module names (PEFT's matching rules).
@@ -41,10 +42,11 @@ void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::s
                        const std::string& base_model_name_or_path);
 
 // Reads an adapter saved by save_peft_adapter or by PEFT (tensors in fp32, bf16 or fp16) and attaches it to the
-// model's linears as fp32 trainable tensors on the model's device, replacing any adapters; modules_to_save become
-// the model's trainable fp32 copies (a tied model needs ensure_weight_tying: PEFT without it unties lm_head from
-// the embeddings, which this model does not represent). A missing tensor, an
-// unexpected one, or a shape that does not fit the model is qt::Error(Checkpoint) naming the file and the key.
+// model's linears as fp32 trainable tensors on the model's device, replacing any adapters (DoRA magnitudes too
+// when adapter_config.json has use_dora); modules_to_save become the model's trainable fp32 copies (a tied model
+// needs ensure_weight_tying: PEFT without it unties lm_head from the embeddings, which this model does not
+// represent). A missing tensor, an unexpected one, or a shape that does not fit the model is
+// qt::Error(Checkpoint) naming the file and the key.
 PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir);
 
 // `qlora-train export` without --merge: reads the adapter in `from` (validated as load_peft_adapter does, against

@@ -77,14 +77,4 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const
   return {(emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)};
 }
 
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  at::Tensor x1 = x.narrow(-1, 0, half);
-  at::Tensor x2 = x.narrow(-1, half, half);
-  at::Tensor rotated = at::cat({-x2, x1}, -1);
-  at::Tensor c = cos.unsqueeze(1);
-  at::Tensor s = sin.unsqueeze(1);
-  return x * c + rotated * s;
-}
-
 }  // namespace qt

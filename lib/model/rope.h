@@ -21,7 +21,6 @@ at::Tensor rope_dynamic_inv_freq(const RopeConfig& rope, int64_t head_dim, int64
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& positions, c10::ScalarType dtype,
                                                double scale = 1.0);
 
-// x [B, heads, S, head_dim]; cos/sin [B, S, head_dim].
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+// Applying the rotation: rope_fused / rope_reference in lib/kernels/fused_ops.h.
 
 }  // namespace qt

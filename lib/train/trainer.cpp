@@ -264,7 +264,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0, /*resume=*/state.step > 0);
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
   if (rank0)
-    log::info("training " + std::to_string(trainable) + (full ? " parameters (full fine-tuning)" : " LoRA parameters (r=" + std::to_string(lora.r) + ")" + saved_modules) + " on " +
+    log::info("training " + std::to_string(trainable) +
+              (full ? " parameters (full fine-tuning)"
+                    : (lora.use_dora ? " DoRA" : " LoRA") + std::string(" parameters (r=") + std::to_string(lora.r) +
+                          ")" + saved_modules) +
+              " on " +
               device.str() + " in " + std::string(c10::toString(dtype)) + ", " + std::to_string(world) + " rank(s), " +
               std::to_string(total_steps) + " steps of " + std::to_string(cfg.train.batch_size) + " x " +
               std::to_string(data.max_seq_len()) + " tokens (" + std::to_string(per_rank / micro) +

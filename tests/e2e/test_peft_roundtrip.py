@@ -1,7 +1,10 @@
 """An adapter written by qlora-train loads in PEFT, and `qlora-train eval --adapter` gives the loss that transformers
 + PEFT give with that adapter on the base as training sees it (NF4, quantized on load: here the dequantized values
 of our own `qlora-train quantize` bytes, read back through bitsandbytes' dequantize_4bit), and on the 16-bit base
-with --quant none. Bad adapters exit with the checkpoint error code and name the file."""
+with --quant none. Bad adapters exit with the checkpoint error code and name the file. The same for DoRA
+(use_dora): a PEFT DoRA adapter through our writer, and one trained by qlora-train (lora.use_dora, with dropout and
+activation checkpointing), load in PEFT and give our `eval --adapter` loss; its merged export loads in transformers
+and gives that loss too."""
 import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -28,17 +31,21 @@ def last_json(p):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def make_setup(tmp: pathlib.Path, seed=5, r=8, alpha=16, targets=TARGETS, b_std=0.1):
-    """tiny model dir, eval data, and a PEFT adapter with random non-zero A and B (base_model_name_or_path set)."""
+def make_setup(tmp: pathlib.Path, seed=5, r=8, alpha=16, targets=TARGETS, b_std=0.1, use_dora=False):
+    """tiny model dir, eval data, and a PEFT adapter with random non-zero A and B (and DoRA magnitudes moved from
+    their initial row norms) (base_model_name_or_path set)."""
     from peft import LoraConfig, get_peft_model
     model, sp = tiny_lm.make_model_dir(tmp / "model", seed=seed)
     data = tmp / "eval.jsonl"
     tiny_lm.write_text_jsonl(data, 10, seed + 1)
     torch.manual_seed(seed)
-    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM"))
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM",
+                                            use_dora=use_dora))
     with torch.no_grad():
         for n, p in peft.named_parameters():
-            if "lora_" in n:
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+            elif "lora_" in n:
                 p.copy_(torch.randn_like(p) * (0.2 if "lora_A" in n else b_std))
     peft.save_pretrained(tmp / "peft_adapter")
     cfg_path = tmp / "peft_adapter" / "adapter_config.json"
@@ -76,6 +83,65 @@ def peft_loss(base_model, adapter_dir, sp, data):
     loss, count = reference_loss(model, sp, records, 512)
     model.unload()
     return loss, count
+
+
+def check_dora(tmp: pathlib.Path):
+    """DoRA adapters: PEFT's through our writer, and one trained here, give in PEFT the loss of `eval --adapter`."""
+    import safetensors.torch
+    from transformers import LlamaForCausalLM
+    failures = []
+    sp, data = make_setup(tmp, seed=9, r=4, alpha=8, use_dora=True)
+    run_ok("export", "--adapter", tmp / "peft_adapter", "--out", tmp / "ours")
+    run_ok("quantize", "--model", tmp / "model", "--out", tmp / "model_nf4")
+    nf4_base = dequantized_model(tmp / "model", tmp / "model_nf4")
+
+    # A DoRA adapter trained by qlora-train: B and the magnitudes move away from their initial values.
+    tiny_lm.write_text_jsonl(tmp / "train.jsonl", 64, 11)
+    cfg = {"output_dir": str(tmp / "run"), "model": {"path": str(tmp / "model"), "quant": "nf4", "device": "cpu"},
+           "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "use_dora": True, "targets": ["q_proj", "v_proj", "down_proj"]},
+           "data": {"train_file": str(tmp / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
+           "train": {"steps": 4, "batch_size": 4, "seed": 3, "grad_checkpointing": True},
+           "optim": {"lr": 1e-2, "warmup_steps": 1}, "checkpoint": {"every": 100}, "logging": {"progress": "lines"}}
+    (tmp / "run.json").write_text(json.dumps(cfg))
+    p = subprocess.run([BIN, "--config", str(tmp / "run.json")], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if p.returncode != 0:
+        return [f"DoRA training exited {p.returncode}: {p.stderr[-2000:]}"]
+    trained = tmp / "run" / "adapter"
+    saved = json.loads((trained / "adapter_config.json").read_text())
+    tensors = safetensors.torch.load_file(str(trained / "adapter_model.safetensors"))
+    mags = {k: v for k, v in tensors.items() if k.endswith(".lora_magnitude_vector")}
+    if not saved.get("use_dora") or len(mags) != 3 * 2:
+        failures.append(f"trained DoRA adapter: use_dora {saved.get('use_dora')}, {len(mags)} magnitudes")
+    # The magnitude starts at the row norms of the NF4 base; training moves it.
+    q0 = nf4_base.model.layers[0].self_attn.q_proj.weight.detach().norm(dim=1)
+    m0 = mags.get("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector")
+    if m0 is None or torch.allclose(m0, q0, rtol=1e-5, atol=0):
+        failures.append("trained DoRA adapter: the q_proj magnitude did not move from its initial value")
+
+    run_ok("export", "--adapter", trained, "--out", tmp / "merged", "--merge", "--dtype", "fp32")
+    checks = [("PEFT DoRA adapter, our writer, nf4", tmp / "ours", (), nf4_base),
+              ("PEFT DoRA adapter, our writer, --quant none", tmp / "ours", ("--quant", "none"),
+               LlamaForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32).eval()),
+              ("DoRA trained by qlora-train, nf4", trained, (), nf4_base)]
+    for name, adapter, extra, base in checks:
+        ref, count = peft_loss(base, adapter, sp, data)
+        ours = last_json(run_ok("eval", "--model", tmp / "model", "--adapter", adapter, "--data", data, *extra))
+        plain = last_json(run_ok("eval", "--model", tmp / "model", "--data", data, *extra))
+        rel = abs(ours["loss"] - ref) / ref
+        print(f"{name}: eval --adapter {ours['loss']:.6f}, PEFT {ref:.6f}, rel {rel:.2e} (without adapter {plain['loss']:.6f})")
+        if rel > 1e-5 or ours["tokens"] != count:
+            failures.append(f"{name}: {ours} vs PEFT loss {ref} over {count} tokens")
+        if abs(plain["loss"] - ours["loss"]) < 1e-3:
+            failures.append(f"{name}: the adapter does not change the loss ({plain['loss']} vs {ours['loss']})")
+        if adapter == trained:
+            records = [json.loads(l) for l in data.read_text().splitlines()]
+            merged = LlamaForCausalLM.from_pretrained(tmp / "merged", dtype=torch.float32).eval()
+            mref, _ = reference_loss(merged, sp, records, 512)
+            print(f"{name}, merged export in transformers: {mref:.6f}")
+            if abs(mref - ours["loss"]) / ours["loss"] > 1e-5:
+                failures.append(f"{name}: the merged export gives {mref} in transformers, eval --adapter {ours['loss']}")
+    return failures
 
 
 def main():
@@ -129,6 +195,7 @@ def main():
             print(f"ok: exit {code}: {msg.strip().splitlines()[-1]}")
     if (tmp / "never").exists():
         failures.append("a failed export left its output directory")
+    failures += check_dora(pathlib.Path(tempfile.mkdtemp(prefix="qt_peft_dora_")))
     if failures:
         print("FAILED:\n" + "\n".join(failures))
         sys.exit(1)

@@ -1,7 +1,7 @@
 """The training binary end to end on a tiny NF4 model (CPU): reproducible for a seed, micro-batch accumulation
 equal to one batch, exact resume after kill -9 (also in the middle of a checkpoint save), refusal of a config
-change that matters, and the files a user takes away."""
-import json, os, pathlib, signal, subprocess, sys, tempfile, time
+change that matters, and the files a user takes away; DoRA training and its resume."""
+import json, os, pathlib, shutil, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
@@ -104,6 +104,23 @@ def main():
     lk = losses("k")
     check(all(lk[s] == la[s] for s in (4, 5, 6)), f"resumed losses of steps 4-6 equal the straight run's bit for bit")
     check(adapter_bytes("k") == adapter_bytes("a"), "the resumed run's final adapter equals the straight run's")
+
+    # DoRA (lora.use_dora, with dropout): the adapters carry PEFT's magnitude vectors, and a resume from checkpoint-3
+    # ends with the straight run's adapter (magnitudes and their optimizer state come back).
+    dora = dict(lora__use_dora=True, lora__dropout=0.1)
+    train(write_config("d", **dora))
+    ld = losses("d")
+    check(len(ld) == 6 and ld[6] < ld[1] and ld != la, f"DoRA trains: losses {list(ld.values())}")
+    with safe_open(TMP / "d" / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    check(len(keys) == 3 * 7 * 2 and sum(k.endswith(".lora_magnitude_vector") for k in keys) == 7 * 2,
+          f"the DoRA adapter holds lora_A, lora_B and lora_magnitude_vector for 14 modules ({len(keys)} tensors)")
+    shutil.copytree(TMP / "d", TMP / "dr")
+    shutil.rmtree(TMP / "dr" / "checkpoint-6")
+    shutil.rmtree(TMP / "dr" / "adapter")
+    train(write_config("dr", **dora), "--resume", "auto")
+    check(all(losses("dr")[s] == ld[s] for s in (4, 5, 6)) and adapter_bytes("dr") == adapter_bytes("d"),
+          "a DoRA run resumed from checkpoint-3 ends with the straight run's losses and adapter")
 
     # A kill in the middle of writing checkpoint-6: resume falls back to checkpoint-3 and still ends the same.
     cfg = write_config("c")

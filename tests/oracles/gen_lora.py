@@ -1,16 +1,19 @@
-"""LoRA on an NF4 base, as transformers + PEFT + bitsandbytes compute it (CPU, fp32).
+"""LoRA and DoRA on an NF4 base, as transformers + PEFT + bitsandbytes compute it (CPU, fp32).
 
 <out>/lora/base/          a small random LLaMA (fp32 save_pretrained): the ORIGINAL weights
 <out>/lora/base_nf4/      the same with every block linear quantized by bitsandbytes (quantize_4bit, nf4,
                           blocksize 64, compress_statistics=True) and stored as transformers saves a Linear4bit
                           (config.json quantization_config; QuantState.as_dict(packed=True) under '<module>.weight.')
 <out>/lora/base_tied/, base_tied_nf4/  the same for a model with tie_word_embeddings (one [V, H] tensor, both roles)
-<out>/lora/<case>/adapter/          PEFT's save_pretrained of a LoRA adapter with random non-zero A and B
-                                    (mts_* cases: also modules_to_save lm_head + embed_tokens, perturbed from the
+<out>/lora/<case>/adapter/          PEFT's save_pretrained of a LoRA adapter with random non-zero A and B (and, for
+                                    the DoRA cases, a DoRA magnitude moved randomly away from its initial value;
+                                    for the mts_* cases, modules_to_save lm_head + embed_tokens perturbed from the
                                     base; on the tied model with ensure_weight_tying, one trained tensor)
 <out>/lora/<case>/reference.safetensors
-    input_ids, labels, loss, "grad.<saved PEFT key>" for every trained tensor: the model is the transformers LLaMA whose
-    block linear weights ARE bitsandbytes' dequantized NF4 values, wrapped by get_peft_model.
+    input_ids, labels, loss, logits, "grad.<saved PEFT key>" for every trained tensor (DoRA magnitudes and
+    modules_to_save included), and for DoRA "init.<saved key>" of each magnitude as get_peft_model initialised it:
+    the model is the transformers LLaMA whose block linear weights ARE bitsandbytes' dequantized NF4 values,
+    wrapped by get_peft_model.
 
 bitsandbytes' CPU path quantizes the nested absmax with a kernel that is not exactly nearest-code (gen_nf4.py), so
 our quantizer may differ from it by a code now and then: the exact parity test reads base_nf4 (the same bytes);
@@ -29,7 +32,13 @@ CASES = {
     "all_targets": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=False),
     # rsLoRA scaling (alpha / sqrt(r)) on a subset of modules.
     "rslora_qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True),
-    # PEFT's modules_to_save: lm_head and the embeddings trained in full beside the adapters (untied model).
+    # DoRA (use_dora): every block linear; and with rsLoRA scaling on the MLP only. Listed after the LoRA cases so
+    # that their random draws (and references) stay as they were.
+    "dora_all": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=False, use_dora=True),
+    "dora_rslora_mlp": dict(r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], use_rslora=True,
+                            use_dora=True),
+    # PEFT's modules_to_save: lm_head and the embeddings trained in full beside the adapters (untied model); last,
+    # for the same reason.
     "mts_untied": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=False,
                        modules_to_save=["lm_head", "embed_tokens"]),
 }
@@ -94,9 +103,13 @@ def write_cases(root: pathlib.Path, base, cases: dict, ids, labels):
         d = root / case
         base.load_state_dict(state)
         model = get_peft_model(base, LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **lcfg))
+        init = {"init." + peft_key(n): p.detach().clone() for n, p in model.named_parameters()
+                if "lora_magnitude_vector" in n}
         with torch.no_grad():  # random non-zero A and B (B = 0 would leave A's gradient zero)
             for n, p in model.named_parameters():
-                if "lora_" in n:
+                if "lora_magnitude_vector" in n:  # ||W||_row at init; moved so that m / ||W + s B A|| is not ~1
+                    p.mul_(1 + 0.2 * torch.randn_like(p))
+                elif "lora_" in n:
                     p.copy_(torch.randn_like(p) * (0.2 if "lora_A" in n else 0.05))
                 elif "modules_to_save" in n:  # a trained copy differs from the base: loading the base would fail
                     p.add_(torch.randn_like(p) * 0.02)
@@ -105,7 +118,7 @@ def write_cases(root: pathlib.Path, base, cases: dict, ids, labels):
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V).float(),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
         loss.backward()
-        ref = {"input_ids": ids, "labels": labels, "loss": loss.detach().reshape(1), "logits": logits.detach()}
+        ref = {"input_ids": ids, "labels": labels, "loss": loss.detach().reshape(1), "logits": logits.detach(), **init}
         for n, p in model.named_parameters():
             if p.requires_grad:
                 ref["grad." + peft_key(n)] = p.grad.detach().clone()
@@ -115,7 +128,9 @@ def write_cases(root: pathlib.Path, base, cases: dict, ids, labels):
 
 
 def peft_key(name):  # the saved key: PeftModel's parameter name without the adapter name (and wrapper)
-    return name.replace(".modules_to_save.default", "").replace(".default", "")
+    name = name.replace(".modules_to_save.default", "").replace(".default", "")
+    # get_peft_model_state_dict saves lora_magnitude_vector.<adapter>.weight as lora_magnitude_vector
+    return name[:-len(".weight")] if name.endswith(".lora_magnitude_vector.weight") else name
 
 
 def generate(out: pathlib.Path):
