@@ -135,7 +135,8 @@ TEST_CASE("llama sliding window in packed rows equals each document run alone", 
 
 TEST_CASE("llama on CUDA in bf16 matches transformers within bf16 bounds", "[llama][gpu]") {
   REQUIRE(at::hasCUDA());
-  for (const char* name : {"gqa_untied", "mha_tied_sharded", "llama3_rope_v4"}) {
+  for (const char* name : {"gqa_untied", "mha_tied_sharded", "llama3_rope_v4", "linear_rope_v4", "dynamic_rope", "yarn_rope",
+                           "yarn_rope_v4", "bias", "llama2_mha", "tinyllama_gqa", "mistral_window"}) {
     INFO(name);
     const std::string dir = fixture(std::string("llama/") + name);
     qt::LlamaModel model = qt::load_llama(dir + "/model", {at::Device(at::kCUDA, 0), at::kBFloat16});
