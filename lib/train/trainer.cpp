@@ -303,6 +303,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       auto [el, et] = evaluate(model, eval_batches, fused, *comm);
       metrics.eval(state.step, el, et);
     }
+    // Test hook: slow steps, so that a test can signal the process between two of them.
+    if (const char* ms = std::getenv("QT_TEST_STEP_DELAY_MS"))
+      std::this_thread::sleep_for(std::chrono::milliseconds(std::atol(ms)));
     const bool stop = options.stop_requested && options.stop_requested->load();
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || stop) checkpoint();
     if (stop) {
