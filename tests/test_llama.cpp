@@ -199,3 +199,32 @@ TEST_CASE("llama packed rows through flash varlen attention on CUDA equal the de
     }
   }
 }
+
+TEST_CASE("llama MLP over chunks of tokens gives the unchunked outputs and gradients", "[llama]") {
+  for (bool checkpoint : {false, true}) {
+    INFO("grad_checkpointing " << checkpoint);
+    auto run = [&](int64_t chunk) {
+      qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {});
+      model.grad_checkpointing = checkpoint;
+      model.mlp_chunk_tokens = chunk;
+      auto named = model.named_tensors();
+      for (auto& [n, t] : named) t->set_requires_grad(true);
+      at::manual_seed(11);
+      at::Tensor ids = at::randint(0, model.config.vocab_size, {2, 13}, at::kLong);
+      at::Tensor w = at::randn({2, 13, model.config.hidden_size});
+      at::Tensor h = model.forward_hidden(model.embed(ids));
+      (h * w).sum().backward();
+      std::vector<at::Tensor> out{h.detach()};
+      for (auto& [n, t] : named)
+        if (t->grad().defined()) out.push_back(t->grad().clone());  // lm_head takes no part in the hidden states
+      return out;
+    };
+    std::vector<at::Tensor> plain = run(0), chunked = run(5);  // 26 tokens: chunks of 5, 5, 5, 5, 5, 1
+    REQUIRE(plain.size() == chunked.size());
+    CHECK(plain.size() > 20);  // the hidden states and the gradients of every block tensor
+    for (size_t i = 0; i < plain.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(rel_err(chunked[i], plain[i]) < 1e-5);
+    }
+  }
+}

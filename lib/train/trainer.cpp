@@ -136,6 +136,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   LlamaModel model = random_init ? random_llama(random_shape, load, cfg.train.seed) : load_llama(cfg.model.path, load);
   const std::string base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : cfg.model.path;
   model.grad_checkpointing = cfg.train.grad_checkpointing;
+  model.mlp_chunk_tokens = cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens
+                           : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
   model.offload_activations = device.is_cuda() && cfg.train.grad_checkpointing &&
                               (cfg.train.offload_activations == "true" ||
                                (cfg.train.offload_activations == "auto" && micro * data.max_seq_len() >= 16384));
