@@ -135,7 +135,8 @@ TEST_CASE("llama sliding window in packed rows equals each document run alone", 
 
 TEST_CASE("llama on CUDA in bf16 matches transformers within bf16 bounds", "[llama][gpu]") {
   REQUIRE(at::hasCUDA());
-  for (const char* name : {"gqa_untied", "mha_tied_sharded", "llama3_rope_v4"}) {
+  for (const char* name : {"gqa_untied", "mha_tied_sharded", "llama3_rope_v4", "linear_rope_v4", "dynamic_rope", "yarn_rope",
+                           "yarn_rope_v4", "bias", "llama2_mha", "tinyllama_gqa", "mistral_window"}) {
     INFO(name);
     const std::string dir = fixture(std::string("llama/") + name);
     qt::LlamaModel model = qt::load_llama(dir + "/model", {at::Device(at::kCUDA, 0), at::kBFloat16});
@@ -195,6 +196,35 @@ TEST_CASE("llama packed rows through flash varlen attention on CUDA equal the de
       (h.to(at::kFloat) * w.to(cuda)).sum().backward();
       CHECK(rel_err(h.to(at::kCPU) * valid, h_ref * valid) < 2e-2);
       CHECK(rel_err(e.grad().to(at::kCPU) * valid, e_ref.grad() * valid) < 5e-2);
+    }
+  }
+}
+
+TEST_CASE("llama MLP over chunks of tokens gives the unchunked outputs and gradients", "[llama]") {
+  for (bool checkpoint : {false, true}) {
+    INFO("grad_checkpointing " << checkpoint);
+    auto run = [&](int64_t chunk) {
+      qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {});
+      model.grad_checkpointing = checkpoint;
+      model.mlp_chunk_tokens = chunk;
+      auto named = model.named_tensors();
+      for (auto& [n, t] : named) t->set_requires_grad(true);
+      at::manual_seed(11);
+      at::Tensor ids = at::randint(0, model.config.vocab_size, {2, 13}, at::kLong);
+      at::Tensor w = at::randn({2, 13, model.config.hidden_size});
+      at::Tensor h = model.forward_hidden(model.embed(ids));
+      (h * w).sum().backward();
+      std::vector<at::Tensor> out{h.detach()};
+      for (auto& [n, t] : named)
+        if (t->grad().defined()) out.push_back(t->grad().clone());  // lm_head takes no part in the hidden states
+      return out;
+    };
+    std::vector<at::Tensor> plain = run(0), chunked = run(5);  // 26 tokens: chunks of 5, 5, 5, 5, 5, 1
+    REQUIRE(plain.size() == chunked.size());
+    CHECK(plain.size() > 20);  // the hidden states and the gradients of every block tensor
+    for (size_t i = 0; i < plain.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(rel_err(chunked[i], plain[i]) < 1e-5);
     }
   }
 }

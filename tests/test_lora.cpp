@@ -703,3 +703,33 @@ TEST_CASE("generation stops at a stop id and top-p keeps the nucleus transformer
   CHECK(qt::choose_next_token(at::tensor({1.0f, 3.0f, 3.0f}), s, gen) == 1);  // ties: the lowest id, as torch.argmax
   CHECK(has(error_of([&] { qt::generate_tokens(model, {}, o); }), "prompt"));
 }
+
+TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds", "[lora][dora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  for (const char* name : {"all_targets", "dora_all"}) {
+    INFO(name);
+    qt::LoadOptions opt{at::Device(at::kCUDA, 0), at::kBFloat16};
+    opt.quantize_nf4 = true;
+    qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), opt);
+    qt::load_peft_adapter(model, fixture(std::string("lora/") + name + "/adapter"));
+    qt::SafetensorsFile ref(fixture(std::string("lora/") + name + "/reference.safetensors"));
+    at::Tensor ids = ref.load("input_ids", at::kLong, at::kCUDA);
+    at::Tensor labels = ref.load("labels", at::kLong, at::kCUDA);
+    for (bool checkpoint : {false, true}) {
+      INFO("grad_checkpointing " << checkpoint);
+      model.grad_checkpointing = checkpoint;
+      auto params = qt::lora_parameters(model);
+      for (auto& [key, t] : params)
+        if (t.grad().defined()) t.mutable_grad().zero_();
+      at::Tensor loss = causal_lm_loss(model, ids, labels);
+      loss.backward();
+      CHECK(rel_err(loss, ref.view("loss")) < 2e-2);
+      for (auto& [key, t] : params) {
+        INFO(key);
+        REQUIRE(t.grad().defined());
+        CHECK(t.grad().scalar_type() == at::kFloat);
+        CHECK(rel_err(t.grad(), ref.view("grad." + key)) < 8e-2);
+      }
+    }
+  }
+}

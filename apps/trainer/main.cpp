@@ -67,7 +67,9 @@ struct TrainArgs {
 // SIGTERM / SIGINT ask the loop to checkpoint after the current step and stop (a preempted node, Ctrl-C).
 // A second signal ends the process at once.
 std::atomic<bool> g_stop_requested{false};
+std::atomic<int> g_stop_signal{0};
 extern "C" void on_stop_signal(int sig) {
+  g_stop_signal.store(sig);
   if (g_stop_requested.exchange(true)) {
     std::signal(sig, SIG_DFL);
     std::raise(sig);
@@ -82,7 +84,7 @@ int run_train(const TrainArgs& args) {
   options.resume = args.resume;
   options.stop_requested = &g_stop_requested;
   qt::TrainSummary s = qt::train(config, options);
-  if (g_stop_requested) return 128 + SIGTERM;
+  if (g_stop_requested) return 128 + g_stop_signal.load();  // 143 for SIGTERM, 130 for SIGINT, as shells report
   qt::Json out = {{"steps", s.steps}, {"first_loss", s.first_loss}, {"last_loss", s.last_loss},
                   {"seconds", s.seconds}, {"tokens_per_s", s.tokens_per_s}, {"adapter", s.adapter_dir}};
   if (s.eval_loss >= 0) out["eval_loss"] = s.eval_loss;

@@ -168,6 +168,50 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
   }
 };
 
+// The post-attention half of a block, x + mlp(norm(x)), over chunks of tokens: forward keeps only x; backward
+// recomputes each chunk with recording on and back-propagates it before the next, so the MLP's [tokens,
+// intermediate] activations and their gradients exist for one chunk at a time (long contexts). One more MLP
+// forward per step. Not used with LoRA dropout in the MLP (its masks would differ in the recomputation).
+struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t model_ptr,
+                            int64_t layer, int64_t chunk) {
+    const auto* model = reinterpret_cast<const LlamaModel*>(model_ptr);
+    ctx->save_for_backward({x});
+    ctx->saved_data["model"] = model_ptr;
+    ctx->saved_data["layer"] = layer;
+    ctx->saved_data["chunk"] = chunk;
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    at::Tensor out = at::empty_like(x2);
+    for (int64_t s = 0; s < x2.size(0); s += chunk) {
+      const int64_t n = std::min(chunk, x2.size(0) - s);
+      out.narrow(0, s, n).copy_(model->mlp_residual(static_cast<size_t>(layer), x2.narrow(0, s, n)));
+    }
+    return out.view(x.sizes());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* model = reinterpret_cast<const LlamaModel*>(ctx->saved_data["model"].toInt());
+    const auto layer = static_cast<size_t>(ctx->saved_data["layer"].toInt());
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const at::Tensor x = ctx->get_saved_variables()[0];
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    at::Tensor dy = grads[0].reshape({-1, x.size(-1)});
+    at::Tensor dx = at::empty_like(x2);
+    for (int64_t s = 0; s < x2.size(0); s += chunk) {
+      const int64_t n = std::min(chunk, x2.size(0) - s);
+      at::Tensor xc = x2.narrow(0, s, n).detach().requires_grad_(true);
+      at::Tensor yc;
+      {
+        at::AutoGradMode enable(true);
+        yc = model->mlp_residual(layer, xc);
+      }
+      torch::autograd::backward({yc}, {dy.narrow(0, s, n)});
+      dx.narrow(0, s, n).copy_(xc.grad());
+    }
+    return {dx.view(x.sizes()), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 // A frozen base plus LoRA without dropout, y = x W^T + (x A^T)(s B)^T, as one autograd node. The LoRA sums ride
 // on GEMM epilogues (addmm_ into the base product, forward and backward), so neither pass adds an elementwise
 // kernel over [tokens, out] or [tokens, in]; W (NF4: dequantized into scratch) is not kept between the passes.
@@ -427,6 +471,15 @@ at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at
                                      const AttentionMask& mask) const {
   const LlamaBlock& b = layers[layer];
   at::Tensor x = h + attention(b, rms_norm(h, b.input_layernorm, config.rms_norm_eps), cos, sin, mask);
+  auto dropout = [](const Linear& l) { return l.training && l.lora && l.lora->dropout > 0; };
+  if (mlp_chunk_tokens > 0 && at::GradMode::is_enabled() && x.numel() / x.size(-1) > mlp_chunk_tokens &&
+      !dropout(b.gate_proj) && !dropout(b.up_proj) && !dropout(b.down_proj))
+    return ChunkedMlpFn::apply(x, reinterpret_cast<int64_t>(this), static_cast<int64_t>(layer), mlp_chunk_tokens);
+  return mlp_residual(layer, x);
+}
+
+at::Tensor LlamaModel::mlp_residual(size_t layer, const at::Tensor& x) const {
+  const LlamaBlock& b = layers[layer];
   return x + mlp(b, rms_norm(x, b.post_attention_layernorm, config.rms_norm_eps));
 }
 

@@ -102,6 +102,9 @@ class LlamaModel {
   // With grad_checkpointing on CUDA: keep the checkpointed block inputs in pinned host memory instead of on the
   // GPU (copied out on a side stream, back in the backward pass): long contexts need the GPU memory.
   bool offload_activations = false;
+  // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
+  // recomputed chunk by chunk in the backward pass (long contexts); 0: off.
+  int64_t mlp_chunk_tokens = 0;
 
   explicit LlamaModel(LlamaConfig cfg);
 
@@ -145,6 +148,8 @@ class LlamaModel {
   at::Tensor block_forward(size_t layer, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
                            const AttentionMask& mask) const;
   at::Tensor mlp(const LlamaBlock& b, const at::Tensor& x) const;
+  // x + mlp(post_attention_layernorm(x)) of one block.
+  at::Tensor mlp_residual(size_t layer, const at::Tensor& x) const;
 };
 
 template <typename F>

@@ -22,6 +22,32 @@ void AdamW::step(double lr) {
   ++step_;
   const double bc1 = 1.0 - std::pow(options_.beta1, static_cast<double>(step_));
   const double bc2 = 1.0 - std::pow(options_.beta2, static_cast<double>(step_));
+  // fp32 parameters (LoRA, DoRA's magnitude, trained embeddings): the same elementwise ops in the same order
+  // through multi-tensor kernels, a few launches for all parameters instead of seven per parameter.
+  std::vector<at::Tensor> ps, gs, ms, vs;
+  bool all_fp32 = true;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& p = params_[i].second;
+    if (!p.grad().defined()) continue;
+    all_fp32 = all_fp32 && p.scalar_type() == at::kFloat && p.grad().scalar_type() == at::kFloat &&
+               p.device() == params_[0].second.device();
+    ps.push_back(p);
+    gs.push_back(p.grad());
+    ms.push_back(exp_avg_[i]);
+    vs.push_back(exp_avg_sq_[i]);
+  }
+  if (ps.empty()) return;
+  if (all_fp32) {
+    if (options_.weight_decay != 0) at::_foreach_mul_(ps, 1.0 - lr * options_.weight_decay);
+    at::_foreach_lerp_(ms, gs, 1.0 - options_.beta1);
+    at::_foreach_mul_(vs, options_.beta2);
+    at::_foreach_addcmul_(vs, gs, gs, 1.0 - options_.beta2);
+    std::vector<at::Tensor> denom = at::_foreach_sqrt(vs);
+    at::_foreach_div_(denom, std::sqrt(bc2));
+    at::_foreach_add_(denom, options_.eps);
+    at::_foreach_addcdiv_(ps, ms, denom, -lr / bc1);
+    return;
+  }
   for (size_t i = 0; i < params_.size(); ++i) {
     at::Tensor p = params_[i].second;
     const at::Tensor& g = p.grad();
@@ -70,15 +96,18 @@ void AdamW::load_state(const std::vector<std::pair<std::string, at::Tensor>>& te
 
 double clip_grad_norm(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm) {
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> sq;
+  std::vector<at::Tensor> grads;
   for (const auto& [name, p] : params)
-    if (p.grad().defined()) sq.push_back(p.grad().to(at::kFloat).pow(2).sum());
-  if (sq.empty()) return 0.0;
-  const double norm = std::sqrt(at::stack(sq).sum().item<double>());
+    if (p.grad().defined()) grads.push_back(p.grad().to(at::kFloat));
+  if (grads.empty()) return 0.0;
+  // Per-tensor norms in multi-tensor kernels, then the norm of the norms (torch.nn.utils.clip_grad_norm_).
+  const double norm = at::linalg_vector_norm(at::stack(at::_foreach_norm(grads, 2)), 2).item<double>();
   if (max_norm > 0 && norm > max_norm) {
     const double scale = max_norm / (norm + 1e-6);
+    std::vector<at::Tensor> own;
     for (const auto& [name, p] : params)
-      if (p.grad().defined()) p.grad().mul_(scale);
+      if (p.grad().defined()) own.push_back(p.grad());
+    at::_foreach_mul_(own, scale);
   }
   return norm;
 }

@@ -82,7 +82,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
     fail_key(ErrorKind::Config, file, "model.device", "'" + c.model.device + "': expected auto, cpu or cuda");
 
   const Json& t = section(j, "train");
-  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "offload_activations", "seed",
+  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "offload_activations", "mlp_chunk_tokens", "seed",
                           "eval_every", "log_every", "loss", "full_finetune"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
@@ -95,6 +95,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   c.train.micro_batch_size = tr.get_int("micro_batch_size", c.train.micro_batch_size);
   check_positive(c.train.micro_batch_size, file, "train.micro_batch_size", true);
   c.train.grad_checkpointing = tr.get_bool("grad_checkpointing", c.train.grad_checkpointing);
+  c.train.mlp_chunk_tokens = tr.get_int("mlp_chunk_tokens", c.train.mlp_chunk_tokens);
+  if (c.train.mlp_chunk_tokens < -1)
+    fail_key(ErrorKind::Config, file, "train.mlp_chunk_tokens", "expected -1 (auto), 0 (off) or a chunk size in tokens");
   if (t.contains("offload_activations")) {
     const Json& o = t["offload_activations"];
     if (o.is_boolean()) c.train.offload_activations = o.get<bool>() ? "true" : "false";

@@ -28,6 +28,9 @@ struct TrainSection {
   // Checkpointed block inputs in pinned host memory (CUDA, with grad_checkpointing): "true", "false", or "auto"
   // (on when a micro-batch holds at least 16384 tokens: long contexts).
   std::string offload_activations = "auto";
+  // The MLP half of each block over chunks of this many tokens, recomputed chunk by chunk in the backward pass:
+  // 0 off, -1 auto (8192-token chunks when a micro-batch holds more than 32768 tokens).
+  int64_t mlp_chunk_tokens = -1;
   uint64_t seed = 42;
   int64_t eval_every = 0;        // steps between held-out evaluations; 0: only at the end (if there is eval data)
   int64_t log_every = 1;

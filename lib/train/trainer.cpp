@@ -182,6 +182,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   LlamaModel model = random_init ? random_llama(random_shape, load, cfg.train.seed) : load_llama(cfg.model.path, load);
   const std::string base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : cfg.model.path;
   model.grad_checkpointing = cfg.train.grad_checkpointing;
+  model.mlp_chunk_tokens = cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens
+                           : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
   model.offload_activations = device.is_cuda() && cfg.train.grad_checkpointing &&
                               (cfg.train.offload_activations == "true" ||
                                (cfg.train.offload_activations == "auto" && micro * data.max_seq_len() >= 16384));
@@ -408,6 +410,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       auto [el, et] = evaluate_guarded();
       metrics.eval(state.step, el, et);
     }
+    // Test hook: slow steps, so that a test can signal the process between two of them.
+    if (const char* ms = std::getenv("QT_TEST_STEP_DELAY_MS"))
+      std::this_thread::sleep_for(std::chrono::milliseconds(std::atol(ms)));
     const bool stop = options.stop_requested && options.stop_requested->load();
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || stop) checkpoint();
     if (stop) {

@@ -1,0 +1,86 @@
+"""SIGTERM (a preempted node) and SIGINT (Ctrl-C) on the real binary (CPU): the run checkpoints after the current
+step, says how to resume, exits 128 + the signal (143, 130), and `--resume auto` ends with the straight run's losses and adapter
+bit for bit. A second signal ends the process at once."""
+import json, os, pathlib, signal, subprocess, sys, tempfile, time
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import tiny_lm
+
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_sigterm_"))
+failures = []
+
+def check(cond, what):
+    print(("ok: " if cond else "FAILED: ") + what, flush=True)
+    if not cond:
+        failures.append(what)
+
+def config(name):
+    cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
+           "lora": {"r": 4, "alpha": 8},
+           "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
+           "train": {"steps": 8, "batch_size": 4, "seed": 3, "log_every": 1},
+           "optim": {"lr": 2e-3, "warmup_steps": 1},
+           "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
+    path = TMP / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+def losses(name):
+    out = {}
+    for line in (TMP / name / "metrics.jsonl").read_text().splitlines():
+        j = json.loads(line)
+        if "loss" in j:
+            out[j["step"]] = j["loss"]
+    return out
+
+def steps_logged(name):
+    f = TMP / name / "metrics.jsonl"
+    return sum('"loss"' in l for l in f.read_text().splitlines()) if f.exists() else 0
+
+def interrupted(name, sig, second=False):
+    """Starts a run whose steps are slowed by the test hook, signals it after step 2 has been logged."""
+    p = subprocess.Popen([BIN, "--config", str(config(name))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**ENV, "QT_TEST_STEP_DELAY_MS": "400"})
+    t0 = time.time()
+    while steps_logged(name) < 2 and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.02)
+    p.send_signal(sig)
+    if second:
+        time.sleep(0.05)
+        p.send_signal(sig)
+    out, err = p.communicate(timeout=300)
+    return p.returncode, err
+
+def main():
+    tiny_lm.make_model_dir(TMP / "model", seed=5)
+    tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
+    p = subprocess.run([BIN, "--config", str(config("straight"))], capture_output=True, text=True, env=ENV)
+    check(p.returncode == 0, f"the straight run trains ({p.returncode})")
+    straight = losses("straight")
+
+    for sig, name in ((signal.SIGTERM, "term"), (signal.SIGINT, "int")):
+        rc, err = interrupted(name, sig)
+        ck = sorted(d.name for d in (TMP / name).iterdir() if d.name.startswith("checkpoint-"))
+        check(rc == 128 + sig, f"{sig.name}: exits {128 + sig} ({rc})")
+        check(len(ck) == 1 and (TMP / name / ck[0] / "COMPLETE").exists(), f"{sig.name}: one complete checkpoint {ck}")
+        stopped_at = int(ck[0].split("-")[1]) if ck else -1
+        check(2 <= stopped_at < 8 and max(losses(name)) == stopped_at,
+              f"{sig.name}: the checkpoint is of the last finished step ({stopped_at})")
+        check("--resume auto" in err, f"{sig.name}: the log says how to resume")
+        r = subprocess.run([BIN, "--config", str(config(name)), "--resume", "auto"], capture_output=True, text=True, env=ENV)
+        check(r.returncode == 0, f"{sig.name}: --resume auto finishes ({r.returncode})")
+        lr = losses(name)
+        check(all(lr[s] == straight[s] for s in range(1, 9)), f"{sig.name}: the resumed losses equal the straight run's")
+        a = (TMP / name / "adapter" / "adapter_model.safetensors").read_bytes()
+        check(a == (TMP / "straight" / "adapter" / "adapter_model.safetensors").read_bytes(),
+              f"{sig.name}: the final adapter equals the straight run's")
+
+    rc, _ = interrupted("twice", signal.SIGTERM, second=True)
+    check(rc == -signal.SIGTERM, f"a second SIGTERM ends the process at once ({rc})")
+    if failures:
+        sys.exit(f"{len(failures)} check(s) failed")
+
+if __name__ == "__main__":
+    main()
