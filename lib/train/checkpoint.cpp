@@ -219,11 +219,11 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
 }
 
 void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir) {
-  // The memory settings (micro-batch, activation checkpointing and offload) change how a step is computed, not
+  // The memory settings (micro-batch, activation checkpointing, offload, MLP chunks) change how a step is computed, not
   // what it computes: a run stopped by out-of-memory resumes with them lowered.
   static const std::vector<std::string> kMayChange = {"train.steps",      "train.epochs",  "train.log_every",
                                                       "train.eval_every", "train.micro_batch_size",
-                                                      "train.grad_checkpointing", "train.offload_activations",
+                                                      "train.grad_checkpointing", "train.offload_activations", "train.mlp_chunk_tokens",
                                                       "checkpoint",       "logging",          "output_dir"};
   auto may_change = [](const std::string& key) {
     for (const auto& k : kMayChange)

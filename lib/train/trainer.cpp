@@ -93,6 +93,10 @@ std::string oom_message(const RunConfig& cfg, const at::Device& device, const st
                     cfg.train.offload_activations + ", off at this size)"
               : "; activation checkpointing and offload (train.grad_checkpointing, train.offload_activations) are "
                 "already on") +
+         ((cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens : (micro * seq_len > 32768 ? 8192 : 0)) == 0 &&
+                  micro * seq_len > 8192
+              ? "; or run the MLP over chunks of tokens: train.mlp_chunk_tokens 8192"
+              : "") +
          ". The last checkpoint in " + cfg.output_dir + " is kept (resume with --resume auto). [torch: " + first + "]";
 }
 
