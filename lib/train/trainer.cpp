@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <thread>
 #include <cmath>
+#include <optional>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -26,6 +27,7 @@
 #include "lib/train/adamw.h"
 #include "lib/train/checkpoint.h"
 #include "lib/train/exact_match.h"
+#include "lib/train/fully_shard.h"
 #include "lib/train/metrics.h"
 #include "lib/train/step_profile.h"
 #include "lib/train/train_data.h"
@@ -83,6 +85,16 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
     at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
     sum += loss_sum(model, hidden, b.targets, fused).item<double>();
     count += b.num_targets;
+  }
+  if (model.block_hooks) {
+    // Sharded blocks gather collectively: a rank with fewer held-out batches runs discarded forwards until
+    // every rank has run as many as the busiest one.
+    at::Tensor n = at::tensor({static_cast<double>(batches.size())}, at::kDouble)
+                       .to(comm.device().is_cuda() ? at::kFloat : at::kDouble).to(comm.device());
+    comm.all_reduce(n, ReduceOp::Max);
+    const auto most = static_cast<size_t>(std::llround(n.to(at::kCPU, at::kDouble).item<double>()));
+    for (size_t i = batches.size(); i < most; ++i)
+      model.forward_hidden(model.embed(at::zeros({1, 1}, at::TensorOptions().dtype(at::kLong).device(model.device()))));
   }
   at::Tensor totals = at::tensor({sum, static_cast<double>(count)}, at::kDouble).to(comm.device().is_cuda() ? at::kFloat : at::kDouble).to(comm.device());
   comm.all_reduce(totals);
@@ -152,11 +164,32 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     }
   } else {
     attach_lora(model, lora, cfg.train.seed, device, at::kFloat);
+  }
+  // A resumed run loads its adapter before the blocks are sharded (the adapter file holds whole tensors).
+  std::optional<CheckpointContents> resumed;
+  std::string resume_dir;
+  if (!options.resume.empty()) {
+    resume_dir = options.resume;
+    if (resume_dir == "auto") {
+      auto latest = find_latest_checkpoint(cfg.output_dir);
+      if (!latest) fail_at(ErrorKind::Checkpoint, cfg.output_dir, "--resume auto: no complete checkpoint to resume from");
+      resume_dir = *latest;
+    }
+    resumed = load_checkpoint(resume_dir);
+    check_resume_compatible(resumed->state.config, cfg.resolved, resume_dir);
+    load_peft_adapter(model, resume_dir);
+  }
+  // FullyShard: each rank keeps 1/N of every block's tensors; the optimizer steps the LoRA shards.
+  std::unique_ptr<FullyShard> fsdp;
+  if (cfg.train.shard == "blocks") {
+    fsdp = std::make_unique<FullyShard>(model, *comm);
+    params = fsdp->parameters();
+  } else if (!full) {
     params = lora_parameters(model);
   }
   AdamW opt(params, {cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps, cfg.optim.weight_decay});
   int64_t trainable = 0;
-  for (const auto& [n, p] : params) trainable += p.numel();
+  for (const auto& [n, p] : params) trainable += fsdp ? p.numel() / p.size(0) * fsdp->full_rows(n) : p.numel();
 
   const int64_t steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size);
   const int64_t total_steps = cfg.train.steps > 0 ? cfg.train.steps : cfg.train.epochs * steps_per_epoch;
@@ -166,19 +199,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   TrainerState state;
   state.seed = cfg.train.seed;
   state.config = cfg.resolved;
-  if (!options.resume.empty()) {
-    std::string dir = options.resume;
-    if (dir == "auto") {
-      auto latest = find_latest_checkpoint(cfg.output_dir);
-      if (!latest) fail_at(ErrorKind::Checkpoint, cfg.output_dir, "--resume auto: no complete checkpoint to resume from");
-      dir = *latest;
-    }
-    CheckpointContents ck = load_checkpoint(dir);
-    check_resume_compatible(ck.state.config, cfg.resolved, dir);
-    load_peft_adapter(model, dir);
-    params = lora_parameters(model);
-    opt = AdamW(params, {cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps, cfg.optim.weight_decay});
-    opt.load_state(ck.optimizer, ck.state.step);
+  if (resumed) {
+    const std::string& dir = resume_dir;
+    const CheckpointContents& ck = *resumed;
+    opt.load_state(optimizer_state_for(ck, params, fsdp.get(), dir), ck.state.step);
     restore_rng_states(ck.rng);
     state.step = ck.state.step;
     state.data = ck.state.data;
@@ -186,6 +210,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if (rank0) log::info("resumed from " + dir + " at step " + std::to_string(state.step));
   }
   data.seek(state.data);
+  if (fsdp && rank0)
+    log::info("FullyShard: each rank holds " + std::to_string(fsdp->sharded_bytes()) + " bytes of block parameters (of " +
+              std::to_string(fsdp->unsharded_bytes()) + " unsharded) over " + std::to_string(world) + " rank(s)");
 
   const bool bar = cfg.progress == "bar" || (cfg.progress == "auto" && ::isatty(2));
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0, /*resume=*/state.step > 0);
@@ -204,10 +231,27 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   auto checkpoint = [&] {
     CheckpointContents c{state, opt.state_tensors(), capture_rng_states()};
     c.state.data = data.position();
+    int64_t tmp_pid = -1;
+    if (fsdp) {
+      // Every rank writes its optimizer shard into rank 0's temporary directory; rank 0 writes the rest (the
+      // adapter from the gathered LoRA weights) and completes the checkpoint.
+      at::Tensor pid = at::tensor({static_cast<int64_t>(::getpid())}, at::kLong).to(device);
+      comm->broadcast(pid, 0);
+      tmp_pid = pid.to(at::kCPU).item<int64_t>();
+      const std::string tmp = checkpoint_tmp_dir(cfg.output_dir, state.step, tmp_pid);
+      if (rank0) begin_checkpoint_dir(tmp);
+      comm->barrier();
+      write_optimizer_shard(tmp, comm->rank(), world, c.optimizer);
+      c.optimizer.clear();
+      c.optimizer_shards = world;
+      fsdp->gather_lora();
+      comm->barrier();
+    }
     if (rank0) {
-      std::string path = save_checkpoint(cfg.output_dir, c, write_adapter, cfg.checkpoint.keep_last);
+      std::string path = save_checkpoint(cfg.output_dir, c, write_adapter, cfg.checkpoint.keep_last, tmp_pid);
       metrics.line("checkpoint saved: " + path);
     }
+    if (fsdp) fsdp->release_lora();
     comm->barrier();
     // Test hook: time for a test to kill the process right after a complete checkpoint.
     if (const char* ms = std::getenv("QT_TEST_SLEEP_AFTER_CHECKPOINT_MS"))
@@ -225,7 +269,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     metrics.line(line);
     return em.accuracy();
   };
-  if (!cfg.eval.exact_match_file.empty() && state.step == 0 && rank0) summary.exact_match_before = task_metric("before training");
+  // Sharded blocks gather collectively: every rank generates (the same greedy tokens); rank 0 logs.
+  const bool run_task_metric = rank0 || fsdp;
+  if (!cfg.eval.exact_match_file.empty() && state.step == 0 && run_task_metric) summary.exact_match_before = task_metric("before training");
   double first_loss = NAN, last_loss = NAN;
   int64_t run_tokens = 0;
   const int64_t profile_step = std::getenv("QT_PROFILE_STEP") ? std::atoll(std::getenv("QT_PROFILE_STEP")) : -1;
@@ -257,7 +303,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       local_loss += l.item<double>();
     }
     // Data parallel: sum the LoRA gradients (already divided by the global count) and the loss over ranks.
-    if (world > 1) {
+    if (world > 1 && !fsdp) {  // (FullyShard has reduce-scattered them already, block by block)
       for (auto& [n, p] : params)
         if (p.grad().defined()) comm->all_reduce(p.mutable_grad());
     }
@@ -267,7 +313,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if (!std::isfinite(loss))
       fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the loss is not finite (" + std::to_string(loss) +
                                    "); the last checkpoint in " + cfg.output_dir + " is intact (lower optim.lr?)");
-    const double grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm);
+    const double grad_norm = fsdp ? fsdp->clip_grad_norm(cfg.optim.max_grad_norm) : clip_grad_norm(params, cfg.optim.max_grad_norm);
     if (!std::isfinite(grad_norm))
       fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the gradient norm is not finite; the last "
                                "checkpoint in " + cfg.output_dir + " is intact");
@@ -324,8 +370,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     summary.eval_loss = metrics.eval_losses().back().second;
   }
   if (cfg.checkpoint.every == 0 || state.step % cfg.checkpoint.every != 0) checkpoint();
-  if (!cfg.eval.exact_match_file.empty() && rank0) summary.exact_match_after = task_metric("after training");
+  if (!cfg.eval.exact_match_file.empty() && run_task_metric) summary.exact_match_after = task_metric("after training");
   summary.adapter_dir = files::join(cfg.output_dir, full ? "model" : "adapter");
+  if (fsdp) fsdp->gather_lora();
   if (rank0) {
     files::remove_tree(summary.adapter_dir);
     if (full) {
@@ -337,6 +384,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     write_loss_plot(files::join(cfg.output_dir, "loss.html"), metrics.train_losses(), metrics.eval_losses(),
                     "qlora-train: " + cfg.output_dir);
   }
+  if (fsdp) fsdp->release_lora();
   summary.steps = state.step;
   summary.first_loss = first_loss;
   summary.last_loss = last_loss;

@@ -1,0 +1,157 @@
+"""FullyShard (train.shard "blocks") end to end on a tiny NF4 model, CPU, under mpirun: 1, 2 and 3 sharded ranks
+give the losses and final LoRA weights of one unsharded process on the same global batch (to fp32 rounding),
+each rank holds about 1/N of the block parameters, and a checkpoint written by 2 ranks (one optimizer shard
+per rank) resumes on 3 ranks and on 1 with the straight run's next-step loss. One intra-op thread per rank."""
+import json, os, pathlib, re, shutil, subprocess, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import tiny_lm
+
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_fsdp_"))
+ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
+failures = []
+
+def check(cond, what):
+    print(("ok: " if cond else "FAILED: ") + what, flush=True)
+    if not cond:
+        failures.append(what)
+
+def write_config(name, **over):
+    cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
+           "lora": {"r": 6, "alpha": 12},
+           "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
+           # The global batch (6 rows) divides among 1, 2 and 3 ranks.
+           "train": {"steps": 4, "batch_size": 6, "seed": 3, "log_every": 1, "shard": "blocks"},
+           "optim": {"lr": 2e-3, "warmup_steps": 1, "weight_decay": 0.01},
+           "checkpoint": {"every": 2, "keep_last": 3}, "logging": {"progress": "lines"}}
+    for k, v in over.items():
+        sec, key = k.split("__")
+        cfg[sec][key] = v
+    path = TMP / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+def run(config, np, *extra):
+    cmd = [BIN, "--config", str(config), *extra]
+    if np > 0:
+        cmd = ["mpirun", "-np", str(np), "--oversubscribe"] + cmd
+    p = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    check(p.returncode == 0, f"{' '.join(cmd[:4])} {config.name} exits 0 ({p.returncode}) {p.stderr[-1500:] if p.returncode else ''}")
+    return p
+
+def losses(name):
+    out = {}
+    for line in (TMP / name / "metrics.jsonl").read_text().splitlines():
+        j = json.loads(line)
+        if "loss" in j:
+            out[j["step"]] = j["loss"]
+    return out
+
+def adapter(name):
+    from safetensors.torch import load_file
+    return load_file(str(TMP / name / "adapter" / "adapter_model.safetensors"))
+
+def optimizer_state(ck):
+    """The whole AdamW state of a checkpoint: optimizer.safetensors, or the rank shards concatenated by rows."""
+    from safetensors.torch import load_file
+    import torch
+    if (ck / "optimizer.safetensors").exists():
+        return load_file(str(ck / "optimizer.safetensors"))
+    parts = [load_file(str(f)) for f in sorted(ck.glob("optimizer-shard-*.safetensors"))]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+def state_matches(got, want):
+    """Same names; each tensor's rows (past the shards' zero padding) equal to fp32 rounding."""
+    if set(got) != set(want):
+        return False, float("inf")
+    worst = 0.0
+    for k, w in want.items():
+        g = got[k]
+        if g.shape[1:] != w.shape[1:] or g.shape[0] < w.shape[0]:
+            return False, float("inf")
+        if g.shape[0] > w.shape[0] and bool(g[w.shape[0]:].abs().max() > 0):  # the padding rows stay zero
+            return False, float("inf")
+        worst = max(worst, float((g[:w.shape[0]] - w).norm() / max(float(w.norm()), 1e-30)))
+    return worst < 1e-4, worst
+
+def close_losses(a, b, steps):
+    return all(s in a and s in b and abs(a[s] - b[s]) <= 1e-5 * abs(b[s]) for s in steps)
+
+def max_rel(a, b):
+    worst = 0.0
+    for k in b:
+        worst = max(worst, float((a[k] - b[k]).norm() / max(float(b[k].norm()), 1e-12)))
+    return worst
+
+def main():
+    tiny_lm.make_model_dir(TMP / "model", seed=5)
+    tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
+
+    run(write_config("ref", train__shard="none"), 0)
+    ref = losses("ref")
+    ref_adapter = adapter("ref")
+    check(len(ref) == 4 and ref[4] < ref[1], f"the unsharded reference trains ({ref})")
+
+    for np in (1, 2, 3):
+        name = f"s{np}"
+        p = run(write_config(name), np)
+        if p.returncode:
+            continue
+        got = losses(name)
+        check(close_losses(got, ref, (1, 2, 3, 4)),
+              f"{np} sharded rank(s) give the single-process losses {[got.get(s) for s in (1, 2, 3, 4)]} vs {[ref[s] for s in (1, 2, 3, 4)]}")
+        a = adapter(name)
+        check(set(a) == set(ref_adapter) and all(a[k].shape == ref_adapter[k].shape for k in a),
+              f"{np} sharded rank(s) export the whole PEFT adapter ({len(a)} tensors)")
+        if set(a) == set(ref_adapter):
+            err = max_rel(a, ref_adapter)
+            check(err < 1e-4, f"{np} sharded rank(s) end with the single-process LoRA weights (max rel. diff {err:.2e})")
+        m = re.search(r"FullyShard: each rank holds (\d+) bytes of block parameters \(of (\d+) unsharded\) over (\d+) rank", p.stderr)
+        check(m is not None and int(m.group(3)) == np, f"{np} rank(s): the per-rank parameter bytes are logged")
+        if m:
+            ratio = int(m.group(1)) * np / int(m.group(2))
+            check(1.0 <= ratio < 1.05, f"{np} rank(s): each rank holds 1/{np} of the block parameters "
+                                       f"({m.group(1)} of {m.group(2)} bytes, x{np} = {ratio:.3f})")
+        if np == 2:
+            ck = TMP / name / "checkpoint-2"
+            shards = sorted(f.name for f in ck.glob("optimizer-shard-*.safetensors"))
+            check(shards == ["optimizer-shard-00000-of-00002.safetensors", "optimizer-shard-00001-of-00002.safetensors"]
+                  and not (ck / "optimizer.safetensors").exists(), f"2 ranks save one optimizer shard each ({shards})")
+        ok, err = state_matches(optimizer_state(TMP / name / "checkpoint-4"), optimizer_state(TMP / "ref" / "checkpoint-4"))
+        check(ok, f"{np} rank(s): the optimizer shards together are the single-process AdamW state (rel. diff {err:.2e})")
+
+    # A checkpoint of 2 ranks resumes on 3 ranks (sharded) and on 1 (unsharded): the optimizer state is re-sliced.
+    if (TMP / "s2" / "checkpoint-2" / "COMPLETE").exists():
+        for np, name, over in ((3, "r3", {}), (0, "r1", {"train__shard": "none"})):
+            (TMP / name).mkdir()
+            shutil.copytree(TMP / "s2" / "checkpoint-2", TMP / name / "checkpoint-2")
+            shutil.copy(TMP / "s2" / "metrics.jsonl", TMP / name / "metrics.jsonl")
+            p = run(write_config(name, **over), np, "--resume", "auto")
+            if p.returncode:
+                continue
+            got = losses(name)
+            ranks = max(np, 1)
+            check("resumed from" in p.stderr and close_losses(got, ref, (3, 4)),
+                  f"2 ranks' checkpoint-2 resumed on {ranks} rank(s) gives the straight run's next losses "
+                  f"{[got.get(s) for s in (3, 4)]} vs {[ref[s] for s in (3, 4)]}")
+            # The re-sliced moments carried on: two steps later the state is still the single-process one.
+            ok, err = state_matches(optimizer_state(TMP / name / "checkpoint-4"), optimizer_state(TMP / "ref" / "checkpoint-4"))
+            check(ok, f"resumed on {ranks} rank(s): the AdamW state at step 4 is the straight run's (rel. diff {err:.2e})")
+
+    # A world size that does not divide the global batch is refused, naming the key.
+    p = subprocess.run(["mpirun", "-np", "4", "--oversubscribe", BIN, "--config", str(write_config("bad"))],
+                       capture_output=True, text=True, env=ENV)
+    check(p.returncode != 0 and "train.batch_size" in p.stderr and "world size 4" in p.stderr,
+          f"4 ranks for a global batch of 6 are refused (exit {p.returncode})")
+    # Sharding without grad checkpointing is refused at config time.
+    p = subprocess.run([BIN, "--config", str(write_config("nock", train__grad_checkpointing=False))],
+                       capture_output=True, text=True, env=ENV)
+    check(p.returncode == 3 and "train.shard" in p.stderr and "grad_checkpointing" in p.stderr,
+          f"train.shard blocks without grad checkpointing is a config error (exit {p.returncode})")
+    if failures:
+        print(f"{len(failures)} check(s) FAILED")
+        sys.exit(1)
+    print("all FullyShard checks passed")
+
+if __name__ == "__main__":
+    main()
