@@ -33,7 +33,7 @@ double rel_err(const at::Tensor& a, const at::Tensor& b) {
 
 // A 2-layer NF4 LLaMA (hidden 128, GQA) with LoRA r=6 on every linear, B random so that A gets gradients too.
 // Identical on every rank and for every call.
-qt::LlamaModel make_model(at::Device device = at::kCPU) {
+qt::LlamaModel make_model(at::Device device = at::kCPU, bool tied = false) {
   qt::LlamaConfig c;
   c.hidden_size = 128;
   c.intermediate_size = 256;
@@ -48,6 +48,10 @@ qt::LlamaModel make_model(at::Device device = at::kCPU) {
   auto rnd = [&](std::vector<int64_t> shape, double s) { return at::randn(shape, gen, at::kFloat) * s; };
   m.embed_tokens = rnd({c.vocab_size, c.hidden_size}, 1.0).to(device);
   m.lm_head = rnd({c.vocab_size, c.hidden_size}, 0.1).to(device);
+  if (tied) {
+    m.config.tie_word_embeddings = true;
+    m.lm_head = m.embed_tokens;
+  }
   m.norm = (1 + rnd({c.hidden_size}, 0.1)).to(device);
   for (auto& b : m.layers) {
     b.input_layernorm = (1 + rnd({c.hidden_size}, 0.1)).to(device);
@@ -81,8 +85,17 @@ std::pair<at::Tensor, at::Tensor> global_batch(int world) {
   return {ids.narrow(1, 0, 9).contiguous(), ids.narrow(1, 1, 9).contiguous()};
 }
 
-at::Tensor loss_sum(const qt::LlamaModel& m, const at::Tensor& ids, const at::Tensor& targets) {
-  at::Tensor logits = m.logits(m.forward_hidden(m.embed(ids)));
+// As the trainer runs a micro-batch: the embeddings and lm_head gathered around their use when sharded.
+at::Tensor loss_sum(const qt::LlamaModel& m, const at::Tensor& ids, const at::Tensor& targets,
+                    qt::FullyShard* fs = nullptr) {
+  at::Tensor embeds;
+  {
+    qt::GatherScope g(fs, qt::FullyShard::Root::Embeddings);
+    embeds = m.embed(ids);
+  }
+  at::Tensor hidden = m.forward_hidden(embeds);
+  qt::GatherScope g(fs, qt::FullyShard::Root::LmHead);
+  at::Tensor logits = m.logits(hidden);
   return at::cross_entropy_loss(logits.reshape({-1, logits.size(-1)}), targets.reshape({-1}), {}, at::Reduction::Sum);
 }
 
@@ -125,7 +138,8 @@ TEST_CASE("FullyShard keeps 1/N of each block per rank and gathers the exact uns
 }
 
 // The single-process reference against FullyShard over `comm`, each rank on its rows of the global batch.
-static void check_against_one_process(Communicator& comm_ref, at::Device device) {
+static void check_against_one_process(Communicator& comm_ref, at::Device device, bool shard_embeddings = false,
+                                      bool tied = false) {
   Communicator* comm = &comm_ref;
   const int N = comm->world_size(), rank = comm->rank();
   auto [ids_cpu, targets_cpu] = global_batch(N);
@@ -134,7 +148,7 @@ static void check_against_one_process(Communicator& comm_ref, at::Device device)
   const qt::AdamWOptions ao{0.9, 0.999, 1e-8, 0.01};
 
   // One process, the whole global batch, nothing sharded.
-  qt::LlamaModel ref = make_model(device);
+  qt::LlamaModel ref = make_model(device, tied);
   ref.grad_checkpointing = false;
   auto ref_params = qt::lora_parameters(ref);
   at::Tensor ref_loss = loss_sum(ref, ids, targets) / count;
@@ -146,11 +160,13 @@ static void check_against_one_process(Communicator& comm_ref, at::Device device)
   ref_opt.step(1e-2);
 
   // Sharded: this rank's rows only; the loss normalised by the global count, as the trainer does.
-  qt::LlamaModel m = make_model(device);
-  qt::FullyShard fs(m, *comm);
+  qt::LlamaModel m = make_model(device, tied);
+  qt::FullyShardOptions so;
+  so.shard_embeddings = shard_embeddings;
+  qt::FullyShard fs(m, *comm, so);
   auto params = fs.parameters();
   REQUIRE(params.size() == ref_params.size());
-  at::Tensor local = loss_sum(m, ids.narrow(0, 2 * rank, 2), targets.narrow(0, 2 * rank, 2)) / count;
+  at::Tensor local = loss_sum(m, ids.narrow(0, 2 * rank, 2), targets.narrow(0, 2 * rank, 2), &fs) / count;
   local.backward();
   CHECK(fs.gathered_bytes() == 0);  // the backward pass freed every block again
   at::Tensor total = local.detach().reshape({1}).clone();
@@ -184,7 +200,7 @@ static void check_against_one_process(Communicator& comm_ref, at::Device device)
   // Held-out style forwards without autograd gather and free too (and match the reference).
   {
     at::NoGradGuard no_grad;
-    CHECK(rel_err(m.forward_hidden(m.embed(ids)).to(at::kCPU), ref.forward_hidden(ref.embed(ids)).to(at::kCPU)) < 1e-5);
+    CHECK(rel_err(loss_sum(m, ids, targets, &fs), loss_sum(ref, ids, targets)) < 1e-5);
     CHECK(fs.gathered_bytes() == 0);
   }
 }
@@ -192,6 +208,41 @@ static void check_against_one_process(Communicator& comm_ref, at::Device device)
 TEST_CASE("FullyShard on each rank's rows gives one process's loss, gradients and AdamW step", "[.fsdp]") {
   auto comm = qt::make_communicator(qt::read_launch_env(), at::kCPU, kTestOptions);
   check_against_one_process(*comm, at::kCPU);
+}
+
+TEST_CASE("FullyShard with sharded embeddings and lm_head (untied and tied) gives one process's step", "[.fsdp]") {
+  auto comm = qt::make_communicator(qt::read_launch_env(), at::kCPU, kTestOptions);
+  const int N = comm->world_size();
+  for (bool tied : {false, true}) {
+    INFO("tied " << tied);
+    qt::LlamaModel ref = make_model(at::kCPU, tied);
+    qt::LlamaModel m = make_model(at::kCPU, tied);
+    qt::FullyShardOptions so;
+    so.shard_embeddings = true;
+    qt::FullyShard fs(m, *comm, so);
+    // Released: a [0, hidden] tensor of the right dtype and device; each rank holds ~1/N of everything sharded.
+    CHECK(m.embed_tokens.size(0) == 0);
+    CHECK(m.embed_tokens.size(1) == ref.embed_tokens.size(1));
+    CHECK(m.dtype() == ref.dtype());
+    CHECK(m.lm_head.size(0) == 0);
+    const int64_t embed_bytes = ref.embed_tokens.nbytes() + (tied ? 0 : ref.lm_head.nbytes());
+    qt::LlamaModel other = make_model(at::kCPU, tied);
+    qt::FullyShard blocks_only(other, *comm);
+    CHECK(fs.unsharded_bytes() == blocks_only.unsharded_bytes() + embed_bytes);
+    const double ratio = static_cast<double>(fs.sharded_bytes()) * N / static_cast<double>(fs.unsharded_bytes());
+    CHECK(ratio >= 1.0);
+    CHECK(ratio < 1.02);
+    {
+      qt::GatherScope e(&fs, qt::FullyShard::Root::Embeddings);
+      CHECK(at::equal(m.embed_tokens, ref.embed_tokens));
+      qt::GatherScope h(&fs, qt::FullyShard::Root::LmHead);
+      CHECK(at::equal(m.lm_head, ref.lm_head));
+    }
+    CHECK(m.embed_tokens.size(0) == 0);
+    CHECK(m.lm_head.size(0) == 0);
+    CHECK(fs.gathered_bytes() == 0);
+    check_against_one_process(*comm, at::kCPU, /*shard_embeddings=*/true, tied);
+  }
 }
 
 TEST_CASE("FullyShard through NCCL (gathers prefetched on the communicator's stream) gives one process's step", "[gpu]") {

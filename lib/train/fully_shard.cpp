@@ -16,46 +16,53 @@ int64_t elem_size(at::ScalarType t) { return static_cast<int64_t>(c10::elementSi
 
 }  // namespace
 
-FullyShard::FullyShard(LlamaModel& model, Communicator& comm)
+void FullyShard::add_entry(Unit& u, const std::string& name, at::Tensor* slot, bool trainable, bool placeholder,
+                           std::string& fingerprint) {
+  Entry e;
+  e.name = name;
+  e.slot = slot;
+  e.trainable = trainable;
+  e.placeholder = placeholder;
+  QT_CHECK(slot->defined() && slot->dim() >= 1 && slot->size(0) > 0, ErrorKind::Internal,
+           "FullyShard: " + name + " is not a tensor with rows");
+  at::Tensor t = slot->detach().contiguous();
+  e.shape = t.sizes().vec();
+  e.dtype = t.scalar_type();
+  e.rows = t.size(0);
+  e.row_numel = t.numel() / e.rows;
+  e.chunk = (e.rows + world_ - 1) / world_;
+  std::vector<int64_t> shard_shape = e.shape;
+  shard_shape[0] = e.chunk;
+  e.shard = at::zeros(shard_shape, t.options());
+  const int64_t start = std::min<int64_t>(e.rows, rank_ * e.chunk);
+  const int64_t n = std::min<int64_t>(e.rows, start + e.chunk) - start;
+  if (n > 0) e.shard.narrow(0, 0, n).copy_(t.narrow(0, start, n));
+  if (trainable) {
+    QT_CHECK(e.dtype == at::kFloat, ErrorKind::Internal, "FullyShard: LoRA tensor " + name + " is not fp32");
+    e.shard.requires_grad_(true);
+  }
+  fingerprint += name + ":" + c10::toString(e.dtype);
+  for (int64_t d : e.shape) fingerprint += "," + std::to_string(d);
+  fingerprint += ";";
+  u.entries.push_back(std::move(e));
+  release(u, /*lora_only=*/false);  // (releases every entry added so far: none of them is gathered yet)
+}
+
+FullyShard::FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions options)
     : model_(model), comm_(comm), rank_(comm.rank()), world_(comm.world_size()) {
   if (!model.grad_checkpointing)
     fail(ErrorKind::Config, "FullyShard (train.shard \"blocks\") needs grad checkpointing: a block's weights exist "
                             "only while it runs, so its backward pass recomputes it");
   at::NoGradGuard no_grad;
   std::string fingerprint;
-  units_.resize(model.layers.size());
-  for (size_t i = 0; i < model.layers.size(); ++i) {
+  num_blocks_ = model.layers.size();
+  units_.resize(num_blocks_);
+  for (size_t i = 0; i < num_blocks_; ++i) {
     LlamaBlock& b = model.layers[i];
     Unit& u = units_[i];
     const std::string p = "model.layers." + std::to_string(i) + ".";
     auto add = [&](const std::string& name, at::Tensor* slot, bool trainable) {
-      Entry e;
-      e.name = name;
-      e.slot = slot;
-      e.trainable = trainable;
-      QT_CHECK(slot->defined() && slot->dim() >= 1 && slot->size(0) > 0, ErrorKind::Internal,
-               "FullyShard: " + name + " is not a tensor with rows");
-      at::Tensor t = slot->detach().contiguous();
-      e.shape = t.sizes().vec();
-      e.dtype = t.scalar_type();
-      e.rows = t.size(0);
-      e.row_numel = t.numel() / e.rows;
-      e.chunk = (e.rows + world_ - 1) / world_;
-      std::vector<int64_t> shard_shape = e.shape;
-      shard_shape[0] = e.chunk;
-      e.shard = at::zeros(shard_shape, t.options());
-      const int64_t start = std::min<int64_t>(e.rows, rank_ * e.chunk);
-      const int64_t n = std::min<int64_t>(e.rows, start + e.chunk) - start;
-      if (n > 0) e.shard.narrow(0, 0, n).copy_(t.narrow(0, start, n));
-      if (trainable) {
-        QT_CHECK(e.dtype == at::kFloat, ErrorKind::Internal, "FullyShard: LoRA tensor " + name + " is not fp32");
-        e.shard.requires_grad_(true);
-      }
-      fingerprint += name + ":" + c10::toString(e.dtype);
-      for (int64_t d : e.shape) fingerprint += "," + std::to_string(d);
-      fingerprint += ";";
-      *slot = at::Tensor();
-      u.entries.push_back(std::move(e));
+      add_entry(u, name, slot, trainable, /*placeholder=*/false, fingerprint);
     };
     add(p + "input_layernorm.weight", &b.input_layernorm, false);
     add(p + "post_attention_layernorm.weight", &b.post_attention_layernorm, false);
@@ -85,8 +92,44 @@ FullyShard::FullyShard(LlamaModel& model, Communicator& comm)
       }
     }
   }
-  check_same_across_ranks(comm_, fingerprint, "model block tensors (names, dtypes, shapes)");
+  if (options.shard_embeddings) {
+    tied_ = model.lm_head.defined() && model.lm_head.is_same(model.embed_tokens);
+    embed_unit_ = static_cast<int>(units_.size());
+    units_.emplace_back();
+    add_entry(units_.back(), "model.embed_tokens.weight", &model.embed_tokens, false, /*placeholder=*/true, fingerprint);
+    if (tied_) {
+      model.lm_head = model.embed_tokens;
+    } else {
+      head_unit_ = static_cast<int>(units_.size());
+      units_.emplace_back();
+      add_entry(units_.back(), "lm_head.weight", &model.lm_head, false, /*placeholder=*/true, fingerprint);
+    }
+  }
+  check_same_across_ranks(comm_, fingerprint, "model tensors to shard (names, dtypes, shapes)");
   model_.block_hooks = this;
+}
+
+FullyShard::Unit* FullyShard::root_unit(Root which) {
+  const int i = which == Root::Embeddings || tied_ ? embed_unit_ : head_unit_;
+  return i < 0 ? nullptr : &units_[static_cast<size_t>(i)];
+}
+
+void FullyShard::gather_root(Root which) {
+  Unit* u = root_unit(which);
+  if (!u) return;
+  if (u->holds++ == 0) {
+    issue_gather(*u, /*lora_only=*/false);
+    finish_gather(*u);
+  }
+  if (tied_) model_.lm_head = model_.embed_tokens;
+}
+
+void FullyShard::release_root(Root which) {
+  Unit* u = root_unit(which);
+  if (!u) return;
+  QT_CHECK(u->holds > 0, ErrorKind::Internal, "FullyShard::release_root without gather_root");
+  if (--u->holds == 0) release(*u, /*lora_only=*/false);
+  if (tied_) model_.lm_head = model_.embed_tokens;
 }
 
 FullyShard::~FullyShard() {
@@ -137,7 +180,8 @@ void FullyShard::finish_gather(Unit& u) {
 }
 
 void FullyShard::gather(size_t layer) {
-  Unit& u = units_.at(layer);
+  QT_CHECK(layer < num_blocks_, ErrorKind::Internal, "FullyShard: no block " + std::to_string(layer));
+  Unit& u = units_[layer];
   if (u.gathered) return;
   if (u.work && u.pending_lora_only) finish_gather(u);  // not expected: finish it before a full gather
   if (!u.work) issue_gather(u, /*lora_only=*/false);
@@ -148,7 +192,7 @@ void FullyShard::before_block(size_t layer, bool backward) {
   gather(layer);
   // Prefetch the block that runs next (forward: the following one; backward: the preceding one).
   const int64_t next = static_cast<int64_t>(layer) + (backward ? -1 : 1);
-  if (next >= 0 && next < static_cast<int64_t>(units_.size())) {
+  if (next >= 0 && next < static_cast<int64_t>(num_blocks_)) {
     Unit& n = units_[static_cast<size_t>(next)];
     if (!n.gathered && !n.work) issue_gather(n, /*lora_only=*/false);
   }
@@ -161,8 +205,16 @@ void FullyShard::after_block(size_t layer, bool backward) {
 }
 
 void FullyShard::release(Unit& u, bool lora_only) {
-  for (auto& e : u.entries)
-    if (!lora_only || e.trainable) *e.slot = at::Tensor();
+  for (auto& e : u.entries) {
+    if (lora_only && !e.trainable) continue;
+    if (e.placeholder) {
+      std::vector<int64_t> empty = e.shape;
+      empty[0] = 0;
+      *e.slot = at::empty(empty, e.shard.options().requires_grad(false));
+    } else {
+      *e.slot = at::Tensor();
+    }
+  }
   if (!lora_only) u.gathered = false;
 }
 
@@ -230,6 +282,9 @@ double FullyShard::clip_grad_norm(double max_norm) {
 
 void FullyShard::gather_lora() {
   for (auto& u : units_) {
+    bool any = false;
+    for (const auto& e : u.entries) any = any || e.trainable;
+    if (!any) continue;  // (the same units on every rank)
     if (u.work) finish_gather(u);
     issue_gather(u, /*lora_only=*/true);
     finish_gather(u);
@@ -280,7 +335,7 @@ int64_t FullyShard::gathered_bytes() const {
   for (const auto& u : units_)
     for (const auto& e : u.entries)
       if (e.slot->defined()) n += e.slot->numel() * elem_size(e.dtype);
-  return n;
+  return n;  // (a tied lm_head is the embeddings' tensor: counted once)
 }
 
 std::vector<std::pair<std::string, at::Tensor>> optimizer_state_for(

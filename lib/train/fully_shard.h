@@ -17,8 +17,9 @@
 //                          accumulating over micro-batches, and the block is dropped again.
 // The optimizer, gradient clipping (global norm through an all-reduce) and the optimizer state work on the
 // LoRA shards only (parameters()); the zero padding rows get zero gradients and stay zero under AdamW.
-// Per rank this holds ~1/N of the block parameters plus one or two gathered blocks. Embeddings, the final norm
-// and lm_head stay replicated.
+// Per rank this holds ~1/N of the block parameters plus one or two gathered blocks. Embeddings and lm_head stay
+// replicated, or with FullyShardOptions::shard_embeddings are sharded too (each its own unit, gathered by the
+// caller around its use through GatherScope; tied weights are one unit); the final norm stays replicated.
 //
 // Every method that gathers or reduces is a collective: all ranks call it in the same order (the forward and
 // backward passes do, as all ranks run the same number of micro-batches).
@@ -35,12 +36,19 @@
 
 namespace qt {
 
+struct FullyShardOptions {
+  bool shard_embeddings = false;  // embed_tokens and lm_head sharded too (else replicated)
+};
+
 class FullyShard : public BlockHooks {
  public:
+  enum class Root { Embeddings, LmHead };
+
   // Shards the model's blocks in place (their unsharded tensors are released) and installs itself as the
   // model's block hooks. LoRA adapters must be attached (and loaded, when resuming) before. Requires
-  // model.grad_checkpointing. Throws qt::Error(Config) otherwise.
-  FullyShard(LlamaModel& model, Communicator& comm);
+  // model.grad_checkpointing. Throws qt::Error(Config) otherwise. While released, a sharded embedding or
+  // lm_head is a [0, hidden] tensor of its dtype and device (model.device() and dtype() keep working).
+  FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions options = {});
   ~FullyShard() override;
   FullyShard(const FullyShard&) = delete;
   FullyShard& operator=(const FullyShard&) = delete;
@@ -54,6 +62,11 @@ class FullyShard : public BlockHooks {
   // Global L2 norm of the sharded gradients (sum of squares all-reduced), clipped to max_norm as
   // clip_grad_norm does (max_norm <= 0: no clipping). Returns the norm before clipping.
   double clip_grad_norm(double max_norm);
+
+  // Gathers the embeddings or lm_head into the model (collective; no-op when they are replicated), and
+  // drops them again (local). Nested gathers of one unit are counted.
+  void gather_root(Root which);
+  void release_root(Root which);
 
   // Gathers every block's LoRA A and B into the model's adapters (e.g. for save_peft_adapter on rank 0), and
   // drops them again. Both collective.
@@ -82,6 +95,7 @@ class FullyShard : public BlockHooks {
     int64_t rows = 0, row_numel = 0, chunk = 0;  // chunk: rows per rank (padded)
     bool trainable = false;
     at::Tensor shard;  // [chunk, ...]
+    bool placeholder = false;  // released: a [0, ...] tensor instead of an undefined one
   };
   struct Unit {
     std::vector<Entry> entries;
@@ -90,19 +104,43 @@ class FullyShard : public BlockHooks {
     std::unique_ptr<Work> work;
     at::Tensor send, recv;
     bool pending_lora_only = false;
+    int holds = 0;  // root units: nested gather_root calls
   };
 
   void issue_gather(Unit& u, bool lora_only);
   void finish_gather(Unit& u);
   void gather(size_t layer);
   void release(Unit& u, bool lora_only);
+  void add_entry(Unit& u, const std::string& name, at::Tensor* slot, bool trainable, bool placeholder,
+                 std::string& fingerprint);
+  Unit* root_unit(Root which);
   void reduce_scatter_grads(Unit& u);
   const Entry& entry(const std::string& param) const;
 
   LlamaModel& model_;
   Communicator& comm_;
   int rank_ = 0, world_ = 1;
-  std::vector<Unit> units_;
+  std::vector<Unit> units_;  // the blocks, then the root units (embeddings, then an untied lm_head)
+  size_t num_blocks_ = 0;
+  int embed_unit_ = -1, head_unit_ = -1;
+  bool tied_ = false;
+};
+
+// Holds a root unit gathered for a scope (nothing when `fs` is null).
+class GatherScope {
+ public:
+  GatherScope(FullyShard* fs, FullyShard::Root which) : fs_(fs), which_(which) {
+    if (fs_) fs_->gather_root(which_);
+  }
+  ~GatherScope() {
+    if (fs_) fs_->release_root(which_);
+  }
+  GatherScope(const GatherScope&) = delete;
+  GatherScope& operator=(const GatherScope&) = delete;
+
+ private:
+  FullyShard* fs_;
+  FullyShard::Root which_;
 };
 
 // The AdamW state of checkpoint `ck` for `params` (AdamW::state_tensors() names), re-sliced for this run: the

@@ -83,7 +83,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
 
   const Json& t = section(j, "train");
   reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "offload_activations", "mlp_chunk_tokens", "seed",
-                          "eval_every", "log_every", "loss", "full_finetune", "shard"},
+                          "eval_every", "log_every", "loss", "full_finetune", "shard", "shard_embeddings"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
   c.train.steps = tr.get_int("steps", c.train.steps);
@@ -122,6 +122,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
              "\"blocks\" gathers each block again in the backward pass by recomputing it: set train.grad_checkpointing to true");
   if (c.train.shard == "blocks" && c.train.full_finetune)
     fail_key(ErrorKind::Config, file, "train.shard", "\"blocks\" shards LoRA training only, not train.full_finetune");
+  c.train.shard_embeddings = tr.get_bool("shard_embeddings", c.train.shard_embeddings);
+  if (c.train.shard_embeddings && c.train.shard != "blocks")
+    fail_key(ErrorKind::Config, file, "train.shard_embeddings", "shards the embeddings along with the blocks: set train.shard to \"blocks\"");
   c.train.loss = tr.get_string("loss", c.train.loss);
   if (c.train.loss != "fused" && c.train.loss != "plain")
     fail_key(ErrorKind::Config, file, "train.loss", "'" + c.train.loss + "': expected fused or plain");

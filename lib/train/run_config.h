@@ -40,9 +40,10 @@ struct TrainSection {
   bool full_finetune = false;
   // FullyShard (docs/ARCHITECTURE.md): "none" replicates the model on every rank (plain data parallel);
   // "blocks" shards every parameter of each decoder block (NF4 bytes and statistics, norms, LoRA A/B and their
-  // AdamW state) across the ranks, gathering one block at a time. Needs grad_checkpointing. Embeddings, the
-  // final norm and lm_head stay replicated.
+  // AdamW state) across the ranks, gathering one block at a time. Needs grad_checkpointing.
   std::string shard = "none";
+  // With shard "blocks": embed_tokens and lm_head are sharded too (gathered around their use), else replicated.
+  bool shard_embeddings = false;
 };
 
 struct OptimSection {

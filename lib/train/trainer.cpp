@@ -75,26 +75,32 @@ at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at:
 }
 
 // Mean loss over the targets of `batches` without gradients (held-out evaluation).
-std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>& batches, bool fused, Communicator& comm) {
+std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>& batches, bool fused, Communicator& comm,
+                                    FullyShard* fsdp) {
   at::NoGradGuard no_grad;
   model.set_training(false);
+  GatherScope embeddings(fsdp, FullyShard::Root::Embeddings), head(fsdp, FullyShard::Root::LmHead);
+  // Sharded blocks gather collectively: a rank with fewer held-out batches runs discarded forwards until every
+  // rank has run as many as the busiest one.
+  size_t forwards = batches.size();
+  if (fsdp) {
+    at::Tensor n = at::tensor({static_cast<double>(batches.size())}, at::kDouble)
+                       .to(comm.device().is_cuda() ? at::kFloat : at::kDouble).to(comm.device());
+    comm.all_reduce(n, ReduceOp::Max);
+    forwards = static_cast<size_t>(std::llround(n.to(at::kCPU, at::kDouble).item<double>()));
+  }
   double sum = 0;
   int64_t count = 0;
-  for (const auto& b : batches) {
+  for (size_t i = 0; i < forwards; ++i) {
+    if (i >= batches.size()) {
+      model.forward_hidden(model.embed(at::zeros({1, 1}, at::TensorOptions().dtype(at::kLong).device(model.device()))));
+      continue;
+    }
+    const Batch& b = batches[i];
     at::Tensor ids = b.input_ids.to(model.device());
     at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
     sum += loss_sum(model, hidden, b.targets, fused).item<double>();
     count += b.num_targets;
-  }
-  if (model.block_hooks) {
-    // Sharded blocks gather collectively: a rank with fewer held-out batches runs discarded forwards until
-    // every rank has run as many as the busiest one.
-    at::Tensor n = at::tensor({static_cast<double>(batches.size())}, at::kDouble)
-                       .to(comm.device().is_cuda() ? at::kFloat : at::kDouble).to(comm.device());
-    comm.all_reduce(n, ReduceOp::Max);
-    const auto most = static_cast<size_t>(std::llround(n.to(at::kCPU, at::kDouble).item<double>()));
-    for (size_t i = batches.size(); i < most; ++i)
-      model.forward_hidden(model.embed(at::zeros({1, 1}, at::TensorOptions().dtype(at::kLong).device(model.device()))));
   }
   at::Tensor totals = at::tensor({sum, static_cast<double>(count)}, at::kDouble).to(comm.device().is_cuda() ? at::kFloat : at::kDouble).to(comm.device());
   comm.all_reduce(totals);
@@ -182,7 +188,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   // FullyShard: each rank keeps 1/N of every block's tensors; the optimizer steps the LoRA shards.
   std::unique_ptr<FullyShard> fsdp;
   if (cfg.train.shard == "blocks") {
-    fsdp = std::make_unique<FullyShard>(model, *comm);
+    FullyShardOptions so;
+    so.shard_embeddings = cfg.train.shard_embeddings;
+    fsdp = std::make_unique<FullyShard>(model, *comm, so);
     params = fsdp->parameters();
   } else if (!full) {
     params = lora_parameters(model);
@@ -211,7 +219,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   }
   data.seek(state.data);
   if (fsdp && rank0)
-    log::info("FullyShard: each rank holds " + std::to_string(fsdp->sharded_bytes()) + " bytes of block parameters (of " +
+    log::info("FullyShard: each rank holds " + std::to_string(fsdp->sharded_bytes()) + " bytes of the sharded parameters (of " +
               std::to_string(fsdp->unsharded_bytes()) + " unsharded) over " + std::to_string(world) + " rank(s)");
 
   const bool bar = cfg.progress == "bar" || (cfg.progress == "auto" && ::isatty(2));
@@ -229,7 +237,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     else save_peft_adapter(model, lora, dir, base_name);
   };
   auto checkpoint = [&] {
-    CheckpointContents c{state, opt.state_tensors(), capture_rng_states()};
+    CheckpointContents c;
+    c.state = state;
+    c.optimizer = opt.state_tensors();
+    c.rng = capture_rng_states();
     c.state.data = data.position();
     int64_t tmp_pid = -1;
     if (fsdp) {
@@ -261,6 +272,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const bool fused = cfg.train.loss == "fused";
   TrainSummary summary;
   auto task_metric = [&](const char* when) {
+    GatherScope embeddings(fsdp.get(), FullyShard::Root::Embeddings), head(fsdp.get(), FullyShard::Root::LmHead);
     ExactMatchResult em = exact_match(model, *tokenizer, data.config(), cfg.eval.exact_match_file,
                                       cfg.eval.max_examples, cfg.eval.max_new_tokens);
     std::string line = std::string("exact-match accuracy ") + when + ": " + std::to_string(em.correct) + "/" +
@@ -297,8 +309,17 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     double local_loss = 0;
     for (const auto& b : micro_batches) {
       at::Tensor ids = b.input_ids.to(device);
-      at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
-      at::Tensor l = loss_sum(model, hidden, b.targets, fused);
+      at::Tensor embeds;
+      {
+        GatherScope g(fsdp.get(), FullyShard::Root::Embeddings);  // (no-op unless the embeddings are sharded)
+        embeds = model.embed(ids);
+      }
+      at::Tensor hidden = model.forward_hidden(embeds, b);
+      at::Tensor l;
+      {
+        GatherScope g(fsdp.get(), FullyShard::Root::LmHead);
+        l = loss_sum(model, hidden, b.targets, fused);
+      }
       (l / step_targets).backward();
       local_loss += l.item<double>();
     }
@@ -348,7 +369,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       metrics.step(m);
     }
     if (!eval_batches.empty() && cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0) {
-      auto [el, et] = evaluate(model, eval_batches, fused, *comm);
+      auto [el, et] = evaluate(model, eval_batches, fused, *comm, fsdp.get());
       metrics.eval(state.step, el, et);
     }
     // Test hook: slow steps, so that a test can signal the process between two of them.
@@ -364,7 +385,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   }
   if (!eval_batches.empty()) {
     if (metrics.eval_losses().empty() || metrics.eval_losses().back().first != state.step) {
-      auto [el, et] = evaluate(model, eval_batches, fused, *comm);
+      auto [el, et] = evaluate(model, eval_batches, fused, *comm, fsdp.get());
       metrics.eval(state.step, el, et);
     }
     summary.eval_loss = metrics.eval_losses().back().second;

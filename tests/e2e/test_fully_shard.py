@@ -19,9 +19,10 @@ def check(cond, what):
 def write_config(name, **over):
     cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
            "lora": {"r": 6, "alpha": 12},
-           "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
+           "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True,
+                    "eval_fraction": 0.2},
            # The global batch (6 rows) divides among 1, 2 and 3 ranks.
-           "train": {"steps": 4, "batch_size": 6, "seed": 3, "log_every": 1, "shard": "blocks"},
+           "train": {"steps": 4, "batch_size": 6, "seed": 3, "log_every": 1, "eval_every": 2, "shard": "blocks"},
            "optim": {"lr": 2e-3, "warmup_steps": 1, "weight_decay": 0.01},
            "checkpoint": {"every": 2, "keep_last": 3}, "logging": {"progress": "lines"}}
     for k, v in over.items():
@@ -39,12 +40,12 @@ def run(config, np, *extra):
     check(p.returncode == 0, f"{' '.join(cmd[:4])} {config.name} exits 0 ({p.returncode}) {p.stderr[-1500:] if p.returncode else ''}")
     return p
 
-def losses(name):
+def losses(name, key="loss"):
     out = {}
     for line in (TMP / name / "metrics.jsonl").read_text().splitlines():
         j = json.loads(line)
-        if "loss" in j:
-            out[j["step"]] = j["loss"]
+        if key in j:
+            out[j["step"]] = j[key]
     return out
 
 def adapter(name):
@@ -87,31 +88,39 @@ def main():
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
 
+    units_s3 = 0
     run(write_config("ref", train__shard="none"), 0)
     ref = losses("ref")
     ref_adapter = adapter("ref")
-    check(len(ref) == 4 and ref[4] < ref[1], f"the unsharded reference trains ({ref})")
+    ref_eval = losses("ref", "eval_loss")
+    check(len(ref) == 4 and ref[4] < ref[1] and sorted(ref_eval) == [2, 4], f"the unsharded reference trains ({ref}, eval {ref_eval})")
 
-    for np in (1, 2, 3):
-        name = f"s{np}"
-        p = run(write_config(name), np)
+    # s1/s2/s3: the blocks sharded; s3e: the embeddings and lm_head too.
+    for np, name, over in ((1, "s1", {}), (2, "s2", {}), (3, "s3", {}), (3, "s3e", {"train__shard_embeddings": True})):
+        p = run(write_config(name, **over), np)
         if p.returncode:
             continue
         got = losses(name)
         check(close_losses(got, ref, (1, 2, 3, 4)),
-              f"{np} sharded rank(s) give the single-process losses {[got.get(s) for s in (1, 2, 3, 4)]} vs {[ref[s] for s in (1, 2, 3, 4)]}")
+              f"{name}: {np} sharded rank(s) give the single-process losses {[got.get(s) for s in (1, 2, 3, 4)]} vs {[ref[s] for s in (1, 2, 3, 4)]}")
+        ev = losses(name, "eval_loss")
+        check(close_losses(ev, ref_eval, (2, 4)), f"{name}: held-out losses (each rank its share) {ev} equal the single process's {ref_eval}")
         a = adapter(name)
         check(set(a) == set(ref_adapter) and all(a[k].shape == ref_adapter[k].shape for k in a),
               f"{np} sharded rank(s) export the whole PEFT adapter ({len(a)} tensors)")
         if set(a) == set(ref_adapter):
             err = max_rel(a, ref_adapter)
             check(err < 1e-4, f"{np} sharded rank(s) end with the single-process LoRA weights (max rel. diff {err:.2e})")
-        m = re.search(r"FullyShard: each rank holds (\d+) bytes of block parameters \(of (\d+) unsharded\) over (\d+) rank", p.stderr)
+        m = re.search(r"FullyShard: each rank holds (\d+) bytes of the sharded parameters \(of (\d+) unsharded\) over (\d+) rank", p.stderr)
         check(m is not None and int(m.group(3)) == np, f"{np} rank(s): the per-rank parameter bytes are logged")
         if m:
             ratio = int(m.group(1)) * np / int(m.group(2))
-            check(1.0 <= ratio < 1.05, f"{np} rank(s): each rank holds 1/{np} of the block parameters "
+            check(1.0 <= ratio < 1.05, f"{name}: each rank holds 1/{np} of the sharded parameters "
                                        f"({m.group(1)} of {m.group(2)} bytes, x{np} = {ratio:.3f})")
+        if name == "s3e":
+            check(m is not None and int(m.group(2)) > units_s3, f"s3e: the sharded bytes include the embeddings ({m.group(2) if m else None} > {units_s3})")
+        if name == "s3" and m:
+            units_s3 = int(m.group(2))
         if np == 2:
             ck = TMP / name / "checkpoint-2"
             shards = sorted(f.name for f in ck.glob("optimizer-shard-*.safetensors"))
