@@ -16,13 +16,13 @@ int64_t elem_size(at::ScalarType t) { return static_cast<int64_t>(c10::elementSi
 
 }  // namespace
 
-void FullyShard::add_entry(Unit& u, const std::string& name, at::Tensor* slot, bool trainable, bool placeholder,
+void FullyShard::add_entry(Unit& u, const std::string& name, at::Tensor* slot, bool trainable, Entry::Released released,
                            std::string& fingerprint) {
   Entry e;
   e.name = name;
   e.slot = slot;
   e.trainable = trainable;
-  e.placeholder = placeholder;
+  e.released = released;
   QT_CHECK(slot->defined() && slot->dim() >= 1 && slot->size(0) > 0, ErrorKind::Internal,
            "FullyShard: " + name + " is not a tensor with rows");
   at::Tensor t = slot->detach().contiguous();
@@ -62,7 +62,7 @@ FullyShard::FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions 
     Unit& u = units_[i];
     const std::string p = "model.layers." + std::to_string(i) + ".";
     auto add = [&](const std::string& name, at::Tensor* slot, bool trainable) {
-      add_entry(u, name, slot, trainable, /*placeholder=*/false, fingerprint);
+      add_entry(u, name, slot, trainable, Entry::Released::Undefined, fingerprint);
     };
     add(p + "input_layernorm.weight", &b.input_layernorm, false);
     add(p + "post_attention_layernorm.weight", &b.post_attention_layernorm, false);
@@ -82,9 +82,9 @@ FullyShard::FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions 
         add(name + ".weight.nested_quant_map", &d.nested_map, false);
         add(name + ".weight.quant_map", &d.quant_map, false);
       } else {
-        add(name + ".weight", &l->weight, false);
+        add_entry(u, name + ".weight", &l->weight, false, Entry::Released::Meta, fingerprint);
       }
-      if (l->bias.defined()) add(name + ".bias", &l->bias, false);
+      if (l->bias.defined()) add_entry(u, name + ".bias", &l->bias, false, Entry::Released::Meta, fingerprint);
       if (l->lora) {
         l->lora = std::make_shared<LoraAdapter>(*l->lora);
         add(peft_lora_key(name, 'A'), &l->lora->A, true);
@@ -96,13 +96,13 @@ FullyShard::FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions 
     tied_ = model.lm_head.defined() && model.lm_head.is_same(model.embed_tokens);
     embed_unit_ = static_cast<int>(units_.size());
     units_.emplace_back();
-    add_entry(units_.back(), "model.embed_tokens.weight", &model.embed_tokens, false, /*placeholder=*/true, fingerprint);
+    add_entry(units_.back(), "model.embed_tokens.weight", &model.embed_tokens, false, Entry::Released::EmptyRows, fingerprint);
     if (tied_) {
       model.lm_head = model.embed_tokens;
     } else {
       head_unit_ = static_cast<int>(units_.size());
       units_.emplace_back();
-      add_entry(units_.back(), "lm_head.weight", &model.lm_head, false, /*placeholder=*/true, fingerprint);
+      add_entry(units_.back(), "lm_head.weight", &model.lm_head, false, Entry::Released::EmptyRows, fingerprint);
     }
   }
   check_same_across_ranks(comm_, fingerprint, "model tensors to shard (names, dtypes, shapes)");
@@ -207,10 +207,12 @@ void FullyShard::after_block(size_t layer, bool backward) {
 void FullyShard::release(Unit& u, bool lora_only) {
   for (auto& e : u.entries) {
     if (lora_only && !e.trainable) continue;
-    if (e.placeholder) {
+    if (e.released == Entry::Released::EmptyRows) {
       std::vector<int64_t> empty = e.shape;
       empty[0] = 0;
       *e.slot = at::empty(empty, e.shard.options().requires_grad(false));
+    } else if (e.released == Entry::Released::Meta) {
+      *e.slot = at::empty(e.shape, at::TensorOptions().dtype(e.dtype).device(at::kMeta));
     } else {
       *e.slot = at::Tensor();
     }
@@ -334,7 +336,7 @@ int64_t FullyShard::gathered_bytes() const {
   int64_t n = 0;
   for (const auto& u : units_)
     for (const auto& e : u.entries)
-      if (e.slot->defined()) n += e.slot->numel() * elem_size(e.dtype);
+      if (e.slot->defined() && !e.slot->is_meta()) n += e.slot->numel() * elem_size(e.dtype);
   return n;  // (a tied lm_head is the embeddings' tensor: counted once)
 }
 

@@ -95,7 +95,10 @@ class FullyShard : public BlockHooks {
     int64_t rows = 0, row_numel = 0, chunk = 0;  // chunk: rows per rank (padded)
     bool trainable = false;
     at::Tensor shard;  // [chunk, ...]
-    bool placeholder = false;  // released: a [0, ...] tensor instead of an undefined one
+    // What the slot holds while released: nothing (undefined), a [0, ...] tensor of the device and dtype
+    // (embeddings: model.device() keeps working), or a meta tensor of the full shape (a dense base weight:
+    // Linear::in_features() / out_features() keep working, any compute on it fails loudly).
+    enum class Released { Undefined, EmptyRows, Meta } released = Released::Undefined;
   };
   struct Unit {
     std::vector<Entry> entries;
@@ -111,7 +114,7 @@ class FullyShard : public BlockHooks {
   void finish_gather(Unit& u);
   void gather(size_t layer);
   void release(Unit& u, bool lora_only);
-  void add_entry(Unit& u, const std::string& name, at::Tensor* slot, bool trainable, bool placeholder,
+  void add_entry(Unit& u, const std::string& name, at::Tensor* slot, bool trainable, Entry::Released released,
                  std::string& fingerprint);
   Unit* root_unit(Root which);
   void reduce_scatter_grads(Unit& u);

@@ -2,7 +2,7 @@
 give the losses and final LoRA weights of one unsharded process on the same global batch (to fp32 rounding),
 each rank holds about 1/N of the block parameters, and a checkpoint written by 2 ranks (one optimizer shard
 per rank) resumes on 3 ranks and on 1 with the straight run's next-step loss. One intra-op thread per rank."""
-import json, os, pathlib, re, shutil, subprocess, sys, tempfile
+import json, os, pathlib, re, shutil, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
@@ -130,22 +130,77 @@ def main():
         check(ok, f"{np} rank(s): the optimizer shards together are the single-process AdamW state (rel. diff {err:.2e})")
 
     # A checkpoint of 2 ranks resumes on 3 ranks (sharded) and on 1 (unsharded): the optimizer state is re-sliced.
-    if (TMP / "s2" / "checkpoint-2" / "COMPLETE").exists():
-        for np, name, over in ((3, "r3", {}), (0, "r1", {"train__shard": "none"})):
+    # And an unsharded checkpoint resumes on 2 sharded ranks.
+    for np, name, over, src in ((3, "r3", {}, "s2"), (0, "r1", {"train__shard": "none"}, "s2"), (2, "r2", {}, "ref")):
+        check((TMP / src / "checkpoint-2" / "COMPLETE").exists(), f"{src} wrote checkpoint-2")
+        if (TMP / src / "checkpoint-2" / "COMPLETE").exists():
             (TMP / name).mkdir()
-            shutil.copytree(TMP / "s2" / "checkpoint-2", TMP / name / "checkpoint-2")
-            shutil.copy(TMP / "s2" / "metrics.jsonl", TMP / name / "metrics.jsonl")
+            shutil.copytree(TMP / src / "checkpoint-2", TMP / name / "checkpoint-2")
+            shutil.copy(TMP / src / "metrics.jsonl", TMP / name / "metrics.jsonl")
             p = run(write_config(name, **over), np, "--resume", "auto")
             if p.returncode:
                 continue
             got = losses(name)
             ranks = max(np, 1)
             check("resumed from" in p.stderr and close_losses(got, ref, (3, 4)),
-                  f"2 ranks' checkpoint-2 resumed on {ranks} rank(s) gives the straight run's next losses "
+                  f"{src}'s checkpoint-2 resumed on {ranks} rank(s) gives the straight run's next losses "
                   f"{[got.get(s) for s in (3, 4)]} vs {[ref[s] for s in (3, 4)]}")
             # The re-sliced moments carried on: two steps later the state is still the single-process one.
             ok, err = state_matches(optimizer_state(TMP / name / "checkpoint-4"), optimizer_state(TMP / "ref" / "checkpoint-4"))
-            check(ok, f"resumed on {ranks} rank(s): the AdamW state at step 4 is the straight run's (rel. diff {err:.2e})")
+            check(ok, f"{src}'s checkpoint resumed on {ranks} rank(s): the AdamW state at step 4 is the straight run's (rel. diff {err:.2e})")
+
+    # A 16-bit base (model.quant "none"): the dense weights are sharded like the NF4 bytes.
+    run(write_config("refd", model__quant="none", train__shard="none"), 0)
+    p = run(write_config("s2d", model__quant="none"), 2)
+    if p.returncode == 0:
+        got, want = losses("s2d"), losses("refd")
+        check(close_losses(got, want, (1, 2, 3, 4)) and max_rel(adapter("s2d"), adapter("refd")) < 1e-4,
+              f"a 16-bit base on 2 sharded ranks gives the single-process losses and adapter {got} vs {want}")
+
+    # Bad launches: ranks started with different configs stop at once naming the rank (MPMD launch) ...
+    cfg_a, cfg_b = write_config("mm"), write_config("mm_b", optim__lr=1e-3)
+    p = subprocess.run(["mpirun", "-np", "1", BIN, "--config", str(cfg_a), ":", "-np", "1", BIN, "--config", str(cfg_b)],
+                       capture_output=True, text=True, env=ENV, timeout=300)
+    check(p.returncode == 3 and "run config differs across ranks: rank 1 differs" in p.stderr,
+          f"ranks with different configs are refused at start, naming rank 1 (exit {p.returncode})")
+    # ... and a rank that dies mid-run takes the job down with an error naming it, instead of a hang.
+    cfg = write_config("die", train__steps=200, checkpoint__every=0)
+    proc = subprocess.Popen(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    t0 = time.time()
+    metrics = TMP / "die" / "metrics.jsonl"
+    while proc.poll() is None and time.time() - t0 < 120 and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    victim = None
+    for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        env = pathlib.Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if b"OMPI_COMM_WORLD_RANK=1" in env:
+            victim = int(child)
+    check(victim is not None, "found rank 1's process")
+    if victim:
+        os.kill(victim, signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        err = "(hung) " + err
+    check(proc.returncode != 0 and "rank 1" in err and "signal 9" in err,
+          f"killing rank 1 ends the job with an error naming it (exit {proc.returncode}): {err.strip().splitlines()[-3:] if err.strip() else ''}")
+
+    # A rank that fails with an error (rank 0 cannot open its metrics file) ends the job at once with that error
+    # and its rank named, instead of the other rank waiting in a collective until the timeout.
+    cfg = write_config("fail0")
+    (TMP / "fail0" / "metrics.jsonl").mkdir(parents=True)
+    t0 = time.time()
+    try:
+        p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)], capture_output=True,
+                           text=True, env=ENV, timeout=120)
+        rc, err = p.returncode, p.stderr
+    except subprocess.TimeoutExpired as e:
+        rc, err = None, "(hung)"
+    check(rc not in (0, None) and "metrics.jsonl: cannot be opened" in err and "[[" in err and "],0]" in err
+          and time.time() - t0 < 60, f"a failing rank 0 ends the 2-rank job in {time.time() - t0:.0f}s naming it (exit {rc})")
 
     # A world size that does not divide the global batch is refused, naming the key.
     p = subprocess.run(["mpirun", "-np", "4", "--oversubscribe", BIN, "--config", str(write_config("bad"))],
