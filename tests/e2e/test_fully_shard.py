@@ -157,6 +157,24 @@ def main():
         check(close_losses(got, want, (1, 2, 3, 4)) and max_rel(adapter("s2d"), adapter("refd")) < 1e-4,
               f"a 16-bit base on 2 sharded ranks gives the single-process losses and adapter {got} vs {want}")
 
+    # The exact-match metric generates through gathered blocks (and embeddings) on every rank: the same
+    # greedy answers as one unsharded process, logged once.
+    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
+    with open(TMP / "alpaca.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"instruction": f"Say {words[i % 8]} twice.", "input": "", "output": f"{words[i % 8]} {words[i % 8]}"}) + "\n")
+    em_over = {"data__train_file": str(TMP / "alpaca.jsonl"), "data__format": "alpaca", "data__eval_fraction": 0.0, "data__max_seq_len": 192,
+               "train__steps": 2, "train__eval_every": 0}
+    em_lines = {}
+    for np, name, over in ((0, "em_ref", {"train__shard": "none"}), (2, "em2", {"train__shard_embeddings": True})):
+        cfg = json.loads(write_config(name, **em_over, **over).read_text())
+        cfg["eval"] = {"exact_match_file": str(TMP / "alpaca.jsonl"), "max_examples": 3, "max_new_tokens": 4}
+        (TMP / f"{name}.json").write_text(json.dumps(cfg))
+        p = run(TMP / f"{name}.json", np)
+        em_lines[name] = [l.strip() for l in p.stderr.splitlines() if "exact-match accuracy" in l or l.strip().startswith("e.g.")]
+    check(len(em_lines["em_ref"]) >= 4 and em_lines["em2"] == em_lines["em_ref"],
+          f"exact match on 2 sharded ranks logs once what one process logs ({em_lines['em2'][:2]} vs {em_lines['em_ref'][:2]})")
+
     # Bad launches: ranks started with different configs stop at once naming the rank (MPMD launch) ...
     cfg_a, cfg_b = write_config("mm"), write_config("mm_b", optim__lr=1e-3)
     p = subprocess.run(["mpirun", "-np", "1", BIN, "--config", str(cfg_a), ":", "-np", "1", BIN, "--config", str(cfg_b)],
