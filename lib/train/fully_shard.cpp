@@ -89,6 +89,8 @@ FullyShard::FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions 
         l->lora = std::make_shared<LoraAdapter>(*l->lora);
         add(peft_lora_key(name, 'A'), &l->lora->A, true);
         add(peft_lora_key(name, 'B'), &l->lora->B, true);
+        // DoRA's magnitude: a meta tensor while released, so that LoraAdapter::dora() stays true.
+        if (l->lora->dora()) add_entry(u, peft_dora_key(name), &l->lora->magnitude, true, Entry::Released::Meta, fingerprint);
       }
     }
   }

@@ -3,7 +3,7 @@
 // Communicator (Zhao et al., "PyTorch FSDP", 2023; torch.distributed.fsdp.fully_shard).
 //
 // Each decoder block is one unit. Every tensor of the block (NF4 packed bytes and all their statistics, dense
-// base weights when not quantized, biases, both RMSNorm weights, LoRA A and B) is split along dim 0 into
+// base weights when not quantized, biases, both RMSNorm weights, LoRA A and B, DoRA magnitudes) is split along dim 0 into
 // ceil(rows / N) rows per rank, the last ranks' shards zero-padded. Only the shards stay allocated:
 //   before a block runs    its shards are packed into one flat byte buffer ("copy-in") and all-gathered in
 //                          one collective (NF4 bytes travel packed); the unsharded tensors are copied out of

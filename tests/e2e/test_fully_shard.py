@@ -157,6 +157,15 @@ def main():
         check(close_losses(got, want, (1, 2, 3, 4)) and max_rel(adapter("s2d"), adapter("refd")) < 1e-4,
               f"a 16-bit base on 2 sharded ranks gives the single-process losses and adapter {got} vs {want}")
 
+    # DoRA: the magnitude vectors are sharded and trained like A and B.
+    run(write_config("refdora", lora__use_dora=True, train__shard="none"), 0)
+    p = run(write_config("s3dora", lora__use_dora=True), 3)
+    if p.returncode == 0:
+        got, want = losses("s3dora"), losses("refdora")
+        a, b = adapter("s3dora"), adapter("refdora")
+        check(close_losses(got, want, (1, 2, 3, 4)) and set(a) == set(b) and any("magnitude" in k for k in b)
+              and max_rel(a, b) < 1e-4, f"DoRA on 3 sharded ranks gives the single-process losses and adapter {got} vs {want}")
+
     # The exact-match metric generates through gathered blocks (and embeddings) on every rank: the same
     # greedy answers as one unsharded process, logged once.
     words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
