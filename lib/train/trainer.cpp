@@ -375,7 +375,14 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     // Test hook: slow steps, so that a test can signal the process between two of them.
     if (const char* ms = std::getenv("QT_TEST_STEP_DELAY_MS"))
       std::this_thread::sleep_for(std::chrono::milliseconds(std::atol(ms)));
-    const bool stop = options.stop_requested && options.stop_requested->load();
+    bool stop = options.stop_requested && options.stop_requested->load();
+    if (world > 1) {
+      // A signal reaches the ranks at different moments (or only one of them): all stop after the same step, or
+      // the checkpoint's collectives would pair with another rank's next step.
+      at::Tensor any = at::tensor({stop ? 1.0 : 0.0}, at::kDouble).to(device.is_cuda() ? at::kFloat : at::kDouble).to(device);
+      comm->all_reduce(any, ReduceOp::Max);
+      stop = any.to(at::kCPU, at::kDouble).item<double>() > 0;
+    }
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || stop) checkpoint();
     if (stop) {
       metrics.line("stopped by a signal after step " + std::to_string(state.step) + "; resume with --resume auto");

@@ -229,6 +229,37 @@ def main():
     check(rc not in (0, None) and "metrics.jsonl: cannot be opened" in err and "[[" in err and "],0]" in err
           and time.time() - t0 < 60, f"a failing rank 0 ends the 2-rank job in {time.time() - t0:.0f}s naming it (exit {rc})")
 
+    # SIGTERM to one rank only: every rank stops after the same step with one complete checkpoint (the stop
+    # flag is agreed on by all ranks), and the run resumes from it to the straight run's losses.
+    cfg = write_config("term")
+    proc = subprocess.Popen(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "QT_TEST_STEP_DELAY_MS": "400"})
+    metrics = TMP / "term" / "metrics.jsonl"
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < 120 and not (metrics.exists() and '"step":1' in metrics.read_text()):
+        time.sleep(0.02)
+    victim = None
+    for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        if b"OMPI_COMM_WORLD_RANK=1" in pathlib.Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            victim = int(child)
+    if victim:
+        os.kill(victim, signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        err = "(hung) " + err
+    done = sorted(int(d.name.split("-")[1]) for d in (TMP / "term").glob("checkpoint-*") if (d / "COMPLETE").exists())
+    check(victim is not None and "stopped by a signal" in err and len(done) >= 1 and max(done) < 4,
+          f"SIGTERM to rank 1 alone stops both ranks after one step with a checkpoint ({done}; exit {proc.returncode})")
+    if done and max(done) < 4:
+        p = run(cfg, 2, "--resume", "auto")
+        got = losses("term")
+        check(p.returncode == 0 and close_losses(got, ref, (1, 2, 3, 4)),
+              f"the signalled run resumes to the straight run's losses {[got.get(s) for s in (1, 2, 3, 4)]}")
+
     # A world size that does not divide the global batch is refused, naming the key.
     p = subprocess.run(["mpirun", "-np", "4", "--oversubscribe", BIN, "--config", str(write_config("bad"))],
                        capture_output=True, text=True, env=ENV)
