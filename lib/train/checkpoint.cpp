@@ -261,7 +261,7 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
 
 void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir) {
   static const std::vector<std::string> kMayChange = {"train.steps",      "train.epochs",  "train.log_every",
-                                                      "train.eval_every", "train.micro_batch_size", "train.shard", "checkpoint",
+                                                      "train.eval_every", "train.micro_batch_size", "train.shard", "train.shard_embeddings", "checkpoint",
                                                       "logging",          "output_dir"};
   auto may_change = [](const std::string& key) {
     for (const auto& k : kMayChange)

@@ -129,9 +129,10 @@ def main():
         ok, err = state_matches(optimizer_state(TMP / name / "checkpoint-4"), optimizer_state(TMP / "ref" / "checkpoint-4"))
         check(ok, f"{np} rank(s): the optimizer shards together are the single-process AdamW state (rel. diff {err:.2e})")
 
-    # A checkpoint of 2 ranks resumes on 3 ranks (sharded) and on 1 (unsharded): the optimizer state is re-sliced.
+    # A checkpoint of 2 ranks resumes on 3 ranks (sharded, embeddings too) and on 1 (unsharded): the optimizer
+    # state is re-sliced.
     # And an unsharded checkpoint resumes on 2 sharded ranks.
-    for np, name, over, src in ((3, "r3", {}, "s2"), (0, "r1", {"train__shard": "none"}, "s2"), (2, "r2", {}, "ref")):
+    for np, name, over, src in ((3, "r3", {"train__shard_embeddings": True}, "s2"), (0, "r1", {"train__shard": "none"}, "s2"), (2, "r2", {}, "ref")):
         check((TMP / src / "checkpoint-2" / "COMPLETE").exists(), f"{src} wrote checkpoint-2")
         if (TMP / src / "checkpoint-2" / "COMPLETE").exists():
             (TMP / name).mkdir()
