@@ -2,6 +2,8 @@
 
 #include <mpi.h>
 
+#include <exception>
+
 #include "lib/core/error.h"
 
 namespace qt {
@@ -22,6 +24,14 @@ MpiRuntime::MpiRuntime() {
 
 MpiRuntime::~MpiRuntime() {
   if (!owns_) return;
+  // Leaving on an error (an exception unwinds through here): MPI_Finalize would wait for the other ranks, which
+  // may be blocked in a collective with this one until their timeout. Exit without it instead: the launcher
+  // (mpirun) then ends the whole job, naming this rank, and the error printed by main is the first thing seen.
+  if (std::uncaught_exceptions() > 0) {
+    int size = 1;
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    if (size > 1) return;
+  }
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) MPI_Finalize();

@@ -134,6 +134,8 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto* model = reinterpret_cast<const LlamaModel*>(ctx->saved_data["model"].toInt());
+    const auto layer = static_cast<size_t>(ctx->saved_data["layer"].toInt());
+    if (model->block_hooks) model->block_hooks->before_block(layer, /*backward=*/true);
     at::Tensor x;
     if (ctx->saved_data.count("host")) {
       x = fetch_from_host(ctx->saved_data["host"].toTensor(), grads[0].device()).requires_grad_(true);
@@ -158,12 +160,12 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       };
       const AttentionMask mask{saved_tensor("mask"), saved_tensor("cu_seqlens"), ctx->saved_data["max_seqlen"].toInt(),
                                ctx->saved_data["window"].toInt()};
-      out = model->block_forward(static_cast<size_t>(ctx->saved_data["layer"].toInt()), x,
-                                 ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask);
+      out = model->block_forward(layer, x, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask);
       cpu_gen.set_state(cpu_now);
       if (cuda_gen) cuda_gen->set_state(cuda_now);
     }
     torch::autograd::backward({out}, {grads[0]});
+    if (model->block_hooks) model->block_hooks->after_block(layer, /*backward=*/true);
     return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -458,11 +460,15 @@ at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Ten
   // The checkpoint function records a backward node only when its input requires grad; with a frozen
   // embedding it would not, and the LoRA weights inside the blocks would get no gradient.
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
+  QT_CHECK(!block_hooks || checkpoint || !at::GradMode::is_enabled(), ErrorKind::Internal,
+           "sharded blocks record for autograd only with grad_checkpointing (their weights are freed after forward)");
   for (size_t i = 0; i < layers.size(); ++i) {
+    if (block_hooks) block_hooks->before_block(i, /*backward=*/false);
     h = checkpoint ? BlockCheckpointFn::apply(h, reinterpret_cast<int64_t>(this), static_cast<int64_t>(i),
                                               std::vector<at::Tensor>{cos, sin, mask.dense, mask.cu_seqlens},
                                               mask.max_seqlen, mask.window)
                    : block_forward(i, h, cos, sin, mask);
+    if (block_hooks) block_hooks->after_block(i, /*backward=*/false);
   }
   return rms_norm(h, norm, config.rms_norm_eps);
 }

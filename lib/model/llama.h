@@ -79,6 +79,14 @@ struct AttentionMask {
   int64_t window = -1;
 };
 
+// Called around each decoder block (FullyShard gathers a block's shards before it runs and frees or
+// reduce-scatters after). `backward`: the block's recomputation and backward pass under grad checkpointing.
+struct BlockHooks {
+  virtual ~BlockHooks() = default;
+  virtual void before_block(size_t layer, bool backward) = 0;
+  virtual void after_block(size_t layer, bool backward) = 0;
+};
+
 // LLaMA's RMSNorm (transformers' LlamaRMSNorm): normalise in fp32, cast back, then scale.
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
@@ -105,6 +113,9 @@ class LlamaModel {
   // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
   // recomputed chunk by chunk in the backward pass (long contexts); 0: off.
   int64_t mlp_chunk_tokens = 0;
+  // Not owned; null when the blocks' parameters are all held (no sharding). With hooks, a block that records
+  // for autograd must be checkpointed (its weights exist only between the hooks).
+  BlockHooks* block_hooks = nullptr;
 
   explicit LlamaModel(LlamaConfig cfg);
 

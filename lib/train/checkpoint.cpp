@@ -107,16 +107,46 @@ void restore_rng_states(const std::vector<std::pair<std::string, at::Tensor>>& s
   }
 }
 
+std::string checkpoint_tmp_dir(const std::string& output_dir, int64_t step, int64_t pid) {
+  return files::join(output_dir, ".checkpoint-" + std::to_string(step) + ".tmp-" + std::to_string(pid));
+}
+
+void begin_checkpoint_dir(const std::string& tmp_dir) {
+  files::remove_tree(tmp_dir);
+  files::make_dirs(tmp_dir);
+}
+
+std::string optimizer_shard_file(int rank, int world) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "optimizer-shard-%05d-of-%05d.safetensors", rank, world);
+  return buf;
+}
+
+void write_optimizer_shard(const std::string& tmp_dir, int rank, int world,
+                           const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+  const std::string p = files::join(tmp_dir, optimizer_shard_file(rank, world));
+  save_safetensors(p, tensors, {{"format", "qlora-train"}, {"rank", std::to_string(rank)}, {"world_size", std::to_string(world)}});
+  files::sync_path(p);
+}
+
 std::string save_checkpoint(const std::string& output_dir, const CheckpointContents& c,
-                            const std::function<void(const std::string&)>& write_adapter, int64_t keep_last) {
+                            const std::function<void(const std::string&)>& write_adapter, int64_t keep_last,
+                            int64_t tmp_pid) {
   const std::string name = "checkpoint-" + std::to_string(c.state.step);
   const std::string final_dir = files::join(output_dir, name);
-  const std::string tmp = files::join(output_dir, "." + name + ".tmp-" + std::to_string(::getpid()));
-  files::remove_tree(tmp);
-  files::make_dirs(tmp);
+  const std::string tmp = checkpoint_tmp_dir(output_dir, c.state.step, tmp_pid < 0 ? ::getpid() : tmp_pid);
+  if (c.optimizer_shards > 0) {
+    for (int r = 0; r < c.optimizer_shards; ++r)
+      if (!files::exists(files::join(tmp, optimizer_shard_file(r, c.optimizer_shards))))
+        fail_at(ErrorKind::Io, files::join(tmp, optimizer_shard_file(r, c.optimizer_shards)),
+                "rank " + std::to_string(r) + "'s optimizer shard was not written");
+  } else {
+    begin_checkpoint_dir(tmp);
+  }
   write_adapter(tmp);
   test_delay();
-  save_safetensors(files::join(tmp, "optimizer.safetensors"), c.optimizer, {{"format", "qlora-train"}});
+  if (c.optimizer_shards == 0)
+    save_safetensors(files::join(tmp, "optimizer.safetensors"), c.optimizer, {{"format", "qlora-train"}});
   test_delay();
   save_safetensors(files::join(tmp, "rng.safetensors"), c.rng, {{"format", "qlora-train"}});
   Json manifest = Json::object();
@@ -132,6 +162,7 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
                 {"tokens_seen", c.state.tokens_seen},
                 {"config", c.state.config},
                 {"files", manifest}};
+  if (c.optimizer_shards > 0) state["optimizer_shards"] = c.optimizer_shards;
   test_delay();
   write_text_synced(files::join(tmp, kStateFile), state.dump(2) + "\n");
   write_text_synced(files::join(tmp, kComplete), name + "\n");
@@ -189,11 +220,21 @@ CheckpointContents load_checkpoint(const std::string& dir) {
   c.state.seed = state.at("seed").get<uint64_t>();
   c.state.tokens_seen = r.get_int("tokens_seen", 0);
   c.state.config = r.require("config");
-  for (const char* f : {"optimizer.safetensors", "rng.safetensors"}) {
-    SafetensorsFile file(files::join(dir, f));
-    auto& dst = std::string(f) == "optimizer.safetensors" ? c.optimizer : c.rng;
+  c.optimizer_shards = static_cast<int>(r.get_int("optimizer_shards", 0));
+  auto read = [&](const std::string& f, std::vector<std::pair<std::string, at::Tensor>>& dst) {
+    const std::string p = files::join(dir, f);
+    if (!manifest.contains(f)) fail_at(ErrorKind::Checkpoint, p, "missing from the checkpoint's manifest");
+    SafetensorsFile file(p);
     for (const auto& t : file.tensors()) dst.emplace_back(t.name, file.view(t.name).clone());
+  };
+  if (c.optimizer_shards > 0) {
+    c.optimizer_shards_by_rank.resize(static_cast<size_t>(c.optimizer_shards));
+    for (int k = 0; k < c.optimizer_shards; ++k)
+      read(optimizer_shard_file(k, c.optimizer_shards), c.optimizer_shards_by_rank[static_cast<size_t>(k)]);
+  } else {
+    read("optimizer.safetensors", c.optimizer);
   }
+  read("rng.safetensors", c.rng);
   return c;
 }
 
@@ -224,6 +265,7 @@ void check_resume_compatible(const Json& saved, const Json& current, const std::
   static const std::vector<std::string> kMayChange = {"train.steps",      "train.epochs",  "train.log_every",
                                                       "train.eval_every", "train.micro_batch_size",
                                                       "train.grad_checkpointing", "train.offload_activations", "train.mlp_chunk_tokens",
+                                                      "train.shard", "train.shard_embeddings",
                                                       "checkpoint",       "logging",          "output_dir"};
   auto may_change = [](const std::string& key) {
     for (const auto& k : kMayChange)

@@ -1,7 +1,9 @@
 #pragma once
 // Crash-safe training checkpoints (`<output_dir>/checkpoint-<step>/`):
 //   adapter_model.safetensors + adapter_config.json   the LoRA weights, as a PEFT adapter (usable as they are)
-//   optimizer.safetensors                             AdamW moments (fp32)
+//   optimizer.safetensors                             AdamW moments (fp32), or with FullyShard one file per rank:
+//   optimizer-shard-<r>-of-<n>.safetensors            rank r's rows of every moment (padded as FullyShard pads),
+//                                                     re-sliced for any world size on resume
 //   rng.safetensors                                   CPU (and CUDA) generator states
 //   trainer_state.json                                format version, step, data position, seed, LR schedule
 //                                                     step, the resolved run config, and a checksum per file
@@ -34,14 +36,30 @@ struct TrainerState {
 
 struct CheckpointContents {
   TrainerState state;
-  std::vector<std::pair<std::string, at::Tensor>> optimizer;  // AdamW::state_tensors()
+  std::vector<std::pair<std::string, at::Tensor>> optimizer;  // AdamW::state_tensors() (unsharded)
   std::vector<std::pair<std::string, at::Tensor>> rng;        // "cpu", "cuda:<i>" -> generator state bytes
+  // > 0: the optimizer state was saved as that many per-rank shards (written by write_optimizer_shard, not
+  // by save_checkpoint); load_checkpoint returns them by rank in optimizer_shards_by_rank.
+  int optimizer_shards = 0;
+  std::vector<std::vector<std::pair<std::string, at::Tensor>>> optimizer_shards_by_rank;
 };
 
 // Writes checkpoint-<state.step> under `output_dir`. `write_adapter(dir)` writes the PEFT adapter files into the
 // temporary directory. Prunes complete checkpoints beyond `keep_last` afterwards. Returns the final path.
+// `tmp_pid` names the temporary directory (checkpoint_tmp_dir; < 0: this process's id). With
+// contents.optimizer_shards > 0 the ranks have already written their shards into that directory (after
+// begin_checkpoint_dir); save_checkpoint checks they are all there and lists them in the manifest.
 std::string save_checkpoint(const std::string& output_dir, const CheckpointContents& contents,
-                            const std::function<void(const std::string&)>& write_adapter, int64_t keep_last);
+                            const std::function<void(const std::string&)>& write_adapter, int64_t keep_last,
+                            int64_t tmp_pid = -1);
+
+// The sharded save, in order: rank 0 begin_checkpoint_dir(tmp); barrier; every rank write_optimizer_shard;
+// barrier; rank 0 save_checkpoint(..., tmp_pid) with optimizer_shards = world size.
+std::string checkpoint_tmp_dir(const std::string& output_dir, int64_t step, int64_t pid);
+void begin_checkpoint_dir(const std::string& tmp_dir);  // removes and re-creates it
+std::string optimizer_shard_file(int rank, int world);   // "optimizer-shard-00001-of-00003.safetensors"
+void write_optimizer_shard(const std::string& tmp_dir, int rank, int world,
+                           const std::vector<std::pair<std::string, at::Tensor>>& tensors);
 
 // Reads a checkpoint directory, verifying COMPLETE, the format version and every file's checksum; throws
 // qt::Error(Checkpoint) naming the file that is missing, truncated or corrupt.

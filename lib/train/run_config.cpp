@@ -83,7 +83,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
 
   const Json& t = section(j, "train");
   reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "offload_activations", "mlp_chunk_tokens", "seed",
-                          "eval_every", "log_every", "loss", "full_finetune"},
+                          "eval_every", "log_every", "loss", "full_finetune", "shard", "shard_embeddings"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
   c.train.steps = tr.get_int("steps", c.train.steps);
@@ -114,6 +114,17 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
     fail_key(ErrorKind::Config, file, "train.full_finetune", "needs a pretrained model.path, not model.init \"random\"");
   if (c.train.full_finetune && c.model.quant != "none")
     fail_key(ErrorKind::Config, file, "train.full_finetune", "trains 16-bit weights: set model.quant to \"none\"");
+  c.train.shard = tr.get_string("shard", c.train.shard);
+  if (c.train.shard != "none" && c.train.shard != "blocks")
+    fail_key(ErrorKind::Config, file, "train.shard", "'" + c.train.shard + "': expected none or blocks");
+  if (c.train.shard == "blocks" && !c.train.grad_checkpointing)
+    fail_key(ErrorKind::Config, file, "train.shard",
+             "\"blocks\" gathers each block again in the backward pass by recomputing it: set train.grad_checkpointing to true");
+  if (c.train.shard == "blocks" && c.train.full_finetune)
+    fail_key(ErrorKind::Config, file, "train.shard", "\"blocks\" shards LoRA training only, not train.full_finetune");
+  c.train.shard_embeddings = tr.get_bool("shard_embeddings", c.train.shard_embeddings);
+  if (c.train.shard_embeddings && c.train.shard != "blocks")
+    fail_key(ErrorKind::Config, file, "train.shard_embeddings", "shards the embeddings along with the blocks: set train.shard to \"blocks\"");
   c.train.loss = tr.get_string("loss", c.train.loss);
   if (c.train.loss != "fused" && c.train.loss != "plain")
     fail_key(ErrorKind::Config, file, "train.loss", "'" + c.train.loss + "': expected fused or plain");

@@ -38,6 +38,12 @@ struct TrainSection {
   // Train every weight of a 16-bit base instead of LoRA adapters (needs model.quant "none"); the result is a
   // full model directory (output_dir/model). Used to pretrain the demo's small base.
   bool full_finetune = false;
+  // FullyShard (docs/ARCHITECTURE.md): "none" replicates the model on every rank (plain data parallel);
+  // "blocks" shards every parameter of each decoder block (NF4 bytes and statistics, norms, LoRA A/B and their
+  // AdamW state) across the ranks, gathering one block at a time. Needs grad_checkpointing.
+  std::string shard = "none";
+  // With shard "blocks": embed_tokens and lm_head are sharded too (gathered around their use), else replicated.
+  bool shard_embeddings = false;
 };
 
 struct OptimSection {

@@ -11,6 +11,7 @@
 #include <thread>
 #include <cmath>
 #include <cstdio>
+#include <optional>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -27,6 +28,7 @@
 #include "lib/train/adamw.h"
 #include "lib/train/checkpoint.h"
 #include "lib/train/exact_match.h"
+#include "lib/train/fully_shard.h"
 #include "lib/train/metrics.h"
 #include "lib/train/step_profile.h"
 #include "lib/train/train_data.h"
@@ -123,12 +125,28 @@ at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at:
 }
 
 // Mean loss over the targets of `batches` without gradients (held-out evaluation).
-std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>& batches, bool fused, Communicator& comm) {
+std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>& batches, bool fused, Communicator& comm,
+                                    FullyShard* fsdp) {
   at::NoGradGuard no_grad;
   model.set_training(false);
+  GatherScope embeddings(fsdp, FullyShard::Root::Embeddings), head(fsdp, FullyShard::Root::LmHead);
+  // Sharded blocks gather collectively: a rank with fewer held-out batches runs discarded forwards until every
+  // rank has run as many as the busiest one.
+  size_t forwards = batches.size();
+  if (fsdp) {
+    at::Tensor n = at::tensor({static_cast<double>(batches.size())}, at::kDouble)
+                       .to(comm.device().is_cuda() ? at::kFloat : at::kDouble).to(comm.device());
+    comm.all_reduce(n, ReduceOp::Max);
+    forwards = static_cast<size_t>(std::llround(n.to(at::kCPU, at::kDouble).item<double>()));
+  }
   double sum = 0;
   int64_t count = 0;
-  for (const auto& b : batches) {
+  for (size_t i = 0; i < forwards; ++i) {
+    if (i >= batches.size()) {
+      model.forward_hidden(model.embed(at::zeros({1, 1}, at::TensorOptions().dtype(at::kLong).device(model.device()))));
+      continue;
+    }
+    const Batch& b = batches[i];
     at::Tensor ids = b.input_ids.to(model.device());
     at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
     sum += loss_sum(model, hidden, b.targets, fused).item<double>();
@@ -227,11 +245,38 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       });
       if (rank0) log::info("LoRA adapters initialised from " + lora.init_from);
     }
+  }
+  // A resumed run loads its adapter before the blocks are sharded (the adapter file holds whole tensors).
+  std::optional<CheckpointContents> resumed;
+  std::string resume_dir;
+  if (!options.resume.empty()) {
+    resume_dir = options.resume;
+    if (resume_dir == "auto") {
+      auto latest = find_latest_checkpoint(cfg.output_dir);
+      if (!latest) fail_at(ErrorKind::Checkpoint, cfg.output_dir, "--resume auto: no complete checkpoint to resume from");
+      resume_dir = *latest;
+    }
+    resumed = load_checkpoint(resume_dir);
+    check_resume_compatible(resumed->state.config, cfg.resolved, resume_dir);
+    load_peft_adapter(model, resume_dir);
+  }
+  // FullyShard: each rank keeps 1/N of every block's tensors; the optimizer steps the LoRA shards.
+  std::unique_ptr<FullyShard> fsdp;
+  if (cfg.train.shard == "blocks" && !lora.modules_to_save.empty())
+    fail_key(ErrorKind::Config, cfg.file, "train.shard",
+             "\"blocks\" together with lora.modules_to_save is not supported yet (the trained embeddings and lm_head "
+             "are not sharded): set train.shard to \"none\" or drop modules_to_save");
+  if (cfg.train.shard == "blocks") {
+    FullyShardOptions so;
+    so.shard_embeddings = cfg.train.shard_embeddings;
+    fsdp = std::make_unique<FullyShard>(model, *comm, so);
+    params = fsdp->parameters();
+  } else if (!full) {
     params = lora_parameters(model);
   }
   AdamW opt(params, {cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps, cfg.optim.weight_decay});
   int64_t trainable = 0;
-  for (const auto& [n, p] : params) trainable += p.numel();
+  for (const auto& [n, p] : params) trainable += fsdp ? p.numel() / p.size(0) * fsdp->full_rows(n) : p.numel();
 
   const int64_t steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size);
   const int64_t total_steps = cfg.train.steps > 0 ? cfg.train.steps : cfg.train.epochs * steps_per_epoch;
@@ -241,19 +286,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   TrainerState state;
   state.seed = cfg.train.seed;
   state.config = cfg.resolved;
-  if (!options.resume.empty()) {
-    std::string dir = options.resume;
-    if (dir == "auto") {
-      auto latest = find_latest_checkpoint(cfg.output_dir);
-      if (!latest) fail_at(ErrorKind::Checkpoint, cfg.output_dir, "--resume auto: no complete checkpoint to resume from");
-      dir = *latest;
-    }
-    CheckpointContents ck = load_checkpoint(dir);
-    check_resume_compatible(ck.state.config, cfg.resolved, dir);
-    load_peft_adapter(model, dir);
-    params = lora_parameters(model);
-    opt = AdamW(params, {cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps, cfg.optim.weight_decay});
-    opt.load_state(ck.optimizer, ck.state.step);
+  if (resumed) {
+    const std::string& dir = resume_dir;
+    const CheckpointContents& ck = *resumed;
+    opt.load_state(optimizer_state_for(ck, params, fsdp.get(), dir), ck.state.step);
     restore_rng_states(ck.rng);
     state.step = ck.state.step;
     state.data = ck.state.data;
@@ -261,6 +297,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if (rank0) log::info("resumed from " + dir + " at step " + std::to_string(state.step));
   }
   data.seek(state.data);
+  if (fsdp && rank0)
+    log::info("FullyShard: each rank holds " + std::to_string(fsdp->sharded_bytes()) + " bytes of the sharded parameters (of " +
+              std::to_string(fsdp->unsharded_bytes()) + " unsharded) over " + std::to_string(world) + " rank(s)");
 
   std::string saved_modules;
   for (const auto& m : lora.modules_to_save) saved_modules += (saved_modules.empty() ? " with " : " and ") + m;
@@ -285,12 +324,32 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     else save_peft_adapter(model, lora, dir, base_name);
   };
   auto checkpoint = [&] {
-    CheckpointContents c{state, opt.state_tensors(), capture_rng_states()};
+    CheckpointContents c;
+    c.state = state;
+    c.optimizer = opt.state_tensors();
+    c.rng = capture_rng_states();
     c.state.data = data.position();
+    int64_t tmp_pid = -1;
+    if (fsdp) {
+      // Every rank writes its optimizer shard into rank 0's temporary directory; rank 0 writes the rest (the
+      // adapter from the gathered LoRA weights) and completes the checkpoint.
+      at::Tensor pid = at::tensor({static_cast<int64_t>(::getpid())}, at::kLong).to(device);
+      comm->broadcast(pid, 0);
+      tmp_pid = pid.to(at::kCPU).item<int64_t>();
+      const std::string tmp = checkpoint_tmp_dir(cfg.output_dir, state.step, tmp_pid);
+      if (rank0) begin_checkpoint_dir(tmp);
+      comm->barrier();
+      write_optimizer_shard(tmp, comm->rank(), world, c.optimizer);
+      c.optimizer.clear();
+      c.optimizer_shards = world;
+      fsdp->gather_lora();
+      comm->barrier();
+    }
     if (rank0) {
-      std::string path = save_checkpoint(cfg.output_dir, c, write_adapter, cfg.checkpoint.keep_last);
+      std::string path = save_checkpoint(cfg.output_dir, c, write_adapter, cfg.checkpoint.keep_last, tmp_pid);
       metrics.line("checkpoint saved: " + path);
     }
+    if (fsdp) fsdp->release_lora();
     comm->barrier();
     // Test hook: time for a test to kill the process right after a complete checkpoint.
     if (const char* ms = std::getenv("QT_TEST_SLEEP_AFTER_CHECKPOINT_MS"))
@@ -301,7 +360,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   TrainSummary summary;
   auto evaluate_guarded = [&] {
     try {
-      return evaluate(model, eval_batches, fused, *comm);
+      return evaluate(model, eval_batches, fused, *comm, fsdp.get());
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e)) throw;
       fail(ErrorKind::Device, oom_message(cfg, device, "evaluation after step " + std::to_string(state.step), micro,
@@ -309,6 +368,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     }
   };
   auto task_metric = [&](const char* when) {
+    GatherScope embeddings(fsdp.get(), FullyShard::Root::Embeddings), head(fsdp.get(), FullyShard::Root::LmHead);
     ExactMatchResult em = exact_match(model, *tokenizer, data.config(), cfg.eval.exact_match_file,
                                       cfg.eval.max_examples, cfg.eval.max_new_tokens);
     std::string line = std::string("exact-match accuracy ") + when + ": " + std::to_string(em.correct) + "/" +
@@ -317,7 +377,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     metrics.line(line);
     return em.accuracy();
   };
-  if (!cfg.eval.exact_match_file.empty() && state.step == 0 && rank0) summary.exact_match_before = task_metric("before training");
+  // Sharded blocks gather collectively: every rank generates (the same greedy tokens); rank 0 logs.
+  const bool run_task_metric = rank0 || fsdp;
+  if (!cfg.eval.exact_match_file.empty() && state.step == 0 && run_task_metric) summary.exact_match_before = task_metric("before training");
   double first_loss = NAN, last_loss = NAN;
   int64_t run_tokens = 0;
   const int64_t profile_step = std::getenv("QT_PROFILE_STEP") ? std::atoll(std::getenv("QT_PROFILE_STEP")) : -1;
@@ -344,8 +406,17 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     try {
       for (const auto& b : micro_batches) {
         at::Tensor ids = b.input_ids.to(device);
-        at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
-        at::Tensor l = loss_sum(model, hidden, b.targets, fused);
+        at::Tensor embeds;
+        {
+          GatherScope g(fsdp.get(), FullyShard::Root::Embeddings);  // (no-op unless the embeddings are sharded)
+          embeds = model.embed(ids);
+        }
+        at::Tensor hidden = model.forward_hidden(embeds, b);
+        at::Tensor l;
+        {
+          GatherScope g(fsdp.get(), FullyShard::Root::LmHead);
+          l = loss_sum(model, hidden, b.targets, fused);
+        }
         // Test hook: an out-of-memory error at this step, with the forward graph alive, thrown as CUDA's caching
         // allocator throws it (on any device); "N:cublas" throws it as cuBLAS's status check does.
         if (const char* at_step = std::getenv("QT_TEST_OOM_AT_STEP"); at_step && std::atol(at_step) == state.step + 1) {
@@ -361,7 +432,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), model.offload_activations, e.what_without_backtrace()));
     }
     // Data parallel: sum the LoRA gradients (already divided by the global count) and the loss over ranks.
-    if (world > 1) {
+    if (world > 1 && !fsdp) {  // (FullyShard has reduce-scattered them already, block by block)
       for (auto& [n, p] : params)
         if (p.grad().defined()) comm->all_reduce(p.mutable_grad());
     }
@@ -371,7 +442,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if (!std::isfinite(loss))
       fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the loss is not finite (" + std::to_string(loss) +
                                    "); the last checkpoint in " + cfg.output_dir + " is intact (lower optim.lr?)");
-    const double grad_norm = clip_grad_norm(params, cfg.optim.max_grad_norm);
+    const double grad_norm = fsdp ? fsdp->clip_grad_norm(cfg.optim.max_grad_norm) : clip_grad_norm(params, cfg.optim.max_grad_norm);
     if (!std::isfinite(grad_norm))
       fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the gradient norm is not finite; the last "
                                "checkpoint in " + cfg.output_dir + " is intact");
@@ -417,7 +488,14 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     // Test hook: slow steps, so that a test can signal the process between two of them.
     if (const char* ms = std::getenv("QT_TEST_STEP_DELAY_MS"))
       std::this_thread::sleep_for(std::chrono::milliseconds(std::atol(ms)));
-    const bool stop = options.stop_requested && options.stop_requested->load();
+    bool stop = options.stop_requested && options.stop_requested->load();
+    if (world > 1) {
+      // A signal reaches the ranks at different moments (or only one of them): all stop after the same step, or
+      // the checkpoint's collectives would pair with another rank's next step.
+      at::Tensor any = at::tensor({stop ? 1.0 : 0.0}, at::kDouble).to(device.is_cuda() ? at::kFloat : at::kDouble).to(device);
+      comm->all_reduce(any, ReduceOp::Max);
+      stop = any.to(at::kCPU, at::kDouble).item<double>() > 0;
+    }
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || stop) checkpoint();
     if (stop) {
       metrics.line("stopped by a signal after step " + std::to_string(state.step) + "; resume with --resume auto");
@@ -433,8 +511,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     summary.eval_loss = metrics.eval_losses().back().second;
   }
   if (cfg.checkpoint.every == 0 || state.step % cfg.checkpoint.every != 0) checkpoint();
-  if (!cfg.eval.exact_match_file.empty() && rank0) summary.exact_match_after = task_metric("after training");
+  if (!cfg.eval.exact_match_file.empty() && run_task_metric) summary.exact_match_after = task_metric("after training");
   summary.adapter_dir = files::join(cfg.output_dir, full ? "model" : "adapter");
+  if (fsdp) fsdp->gather_lora();
   if (rank0) {
     files::remove_tree(summary.adapter_dir);
     if (full) {
@@ -446,6 +525,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     write_loss_plot(files::join(cfg.output_dir, "loss.html"), metrics.train_losses(), metrics.eval_losses(),
                     "qlora-train: " + cfg.output_dir);
   }
+  if (fsdp) fsdp->release_lora();
   summary.steps = state.step;
   summary.first_loss = first_loss;
   summary.last_loss = last_loss;

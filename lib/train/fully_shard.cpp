@@ -1,0 +1,375 @@
+#include "lib/train/fully_shard.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <cmath>
+#include <map>
+
+#include "lib/core/error.h"
+#include "lib/model/lora.h"
+
+namespace qt {
+namespace {
+
+int64_t elem_size(at::ScalarType t) { return static_cast<int64_t>(c10::elementSize(t)); }
+
+}  // namespace
+
+void FullyShard::add_entry(Unit& u, const std::string& name, at::Tensor* slot, bool trainable, Entry::Released released,
+                           std::string& fingerprint) {
+  Entry e;
+  e.name = name;
+  e.slot = slot;
+  e.trainable = trainable;
+  e.released = released;
+  QT_CHECK(slot->defined() && slot->dim() >= 1 && slot->size(0) > 0, ErrorKind::Internal,
+           "FullyShard: " + name + " is not a tensor with rows");
+  at::Tensor t = slot->detach().contiguous();
+  e.shape = t.sizes().vec();
+  e.dtype = t.scalar_type();
+  e.rows = t.size(0);
+  e.row_numel = t.numel() / e.rows;
+  e.chunk = (e.rows + world_ - 1) / world_;
+  std::vector<int64_t> shard_shape = e.shape;
+  shard_shape[0] = e.chunk;
+  e.shard = at::zeros(shard_shape, t.options());
+  const int64_t start = std::min<int64_t>(e.rows, rank_ * e.chunk);
+  const int64_t n = std::min<int64_t>(e.rows, start + e.chunk) - start;
+  if (n > 0) e.shard.narrow(0, 0, n).copy_(t.narrow(0, start, n));
+  if (trainable) {
+    QT_CHECK(e.dtype == at::kFloat, ErrorKind::Internal, "FullyShard: LoRA tensor " + name + " is not fp32");
+    e.shard.requires_grad_(true);
+  }
+  fingerprint += name + ":" + c10::toString(e.dtype);
+  for (int64_t d : e.shape) fingerprint += "," + std::to_string(d);
+  fingerprint += ";";
+  u.entries.push_back(std::move(e));
+  release(u, /*lora_only=*/false);  // (releases every entry added so far: none of them is gathered yet)
+}
+
+FullyShard::FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions options)
+    : model_(model), comm_(comm), rank_(comm.rank()), world_(comm.world_size()) {
+  if (!model.grad_checkpointing)
+    fail(ErrorKind::Config, "FullyShard (train.shard \"blocks\") needs grad checkpointing: a block's weights exist "
+                            "only while it runs, so its backward pass recomputes it");
+  at::NoGradGuard no_grad;
+  std::string fingerprint;
+  num_blocks_ = model.layers.size();
+  units_.resize(num_blocks_);
+  for (size_t i = 0; i < num_blocks_; ++i) {
+    LlamaBlock& b = model.layers[i];
+    Unit& u = units_[i];
+    const std::string p = "model.layers." + std::to_string(i) + ".";
+    auto add = [&](const std::string& name, at::Tensor* slot, bool trainable) {
+      add_entry(u, name, slot, trainable, Entry::Released::Undefined, fingerprint);
+    };
+    add(p + "input_layernorm.weight", &b.input_layernorm, false);
+    add(p + "post_attention_layernorm.weight", &b.post_attention_layernorm, false);
+    const std::pair<const char*, Linear*> linears[] = {
+        {"self_attn.q_proj", &b.q_proj}, {"self_attn.k_proj", &b.k_proj}, {"self_attn.v_proj", &b.v_proj},
+        {"self_attn.o_proj", &b.o_proj}, {"mlp.gate_proj", &b.gate_proj}, {"mlp.up_proj", &b.up_proj},
+        {"mlp.down_proj", &b.down_proj}};
+    for (const auto& [suffix, l] : linears) {
+      const std::string name = p + suffix;
+      if (l->quantized()) {
+        // A private copy of the NF4 weight: the sharded fields must not alias another model's weight.
+        l->nf4 = std::make_shared<Nf4Weight>(*l->nf4);
+        auto& d = l->nf4->data;
+        add(name + ".weight", &d.packed, false);
+        add(name + ".weight.absmax", &d.absmax_q, false);
+        add(name + ".weight.nested_absmax", &d.nested_absmax, false);
+        add(name + ".weight.nested_quant_map", &d.nested_map, false);
+        add(name + ".weight.quant_map", &d.quant_map, false);
+      } else {
+        add_entry(u, name + ".weight", &l->weight, false, Entry::Released::Meta, fingerprint);
+      }
+      if (l->bias.defined()) add_entry(u, name + ".bias", &l->bias, false, Entry::Released::Meta, fingerprint);
+      if (l->lora) {
+        l->lora = std::make_shared<LoraAdapter>(*l->lora);
+        add(peft_lora_key(name, 'A'), &l->lora->A, true);
+        add(peft_lora_key(name, 'B'), &l->lora->B, true);
+        // DoRA's magnitude: a meta tensor while released, so that LoraAdapter::dora() stays true.
+        if (l->lora->dora()) add_entry(u, peft_dora_key(name), &l->lora->magnitude, true, Entry::Released::Meta, fingerprint);
+      }
+    }
+  }
+  if (options.shard_embeddings) {
+    tied_ = model.lm_head.defined() && model.lm_head.is_same(model.embed_tokens);
+    embed_unit_ = static_cast<int>(units_.size());
+    units_.emplace_back();
+    add_entry(units_.back(), "model.embed_tokens.weight", &model.embed_tokens, false, Entry::Released::EmptyRows, fingerprint);
+    if (tied_) {
+      model.lm_head = model.embed_tokens;
+    } else {
+      head_unit_ = static_cast<int>(units_.size());
+      units_.emplace_back();
+      add_entry(units_.back(), "lm_head.weight", &model.lm_head, false, Entry::Released::EmptyRows, fingerprint);
+    }
+  }
+  check_same_across_ranks(comm_, fingerprint, "model tensors to shard (names, dtypes, shapes)");
+  model_.block_hooks = this;
+}
+
+FullyShard::Unit* FullyShard::root_unit(Root which) {
+  const int i = which == Root::Embeddings || tied_ ? embed_unit_ : head_unit_;
+  return i < 0 ? nullptr : &units_[static_cast<size_t>(i)];
+}
+
+void FullyShard::gather_root(Root which) {
+  Unit* u = root_unit(which);
+  if (!u) return;
+  if (u->holds++ == 0) {
+    issue_gather(*u, /*lora_only=*/false);
+    finish_gather(*u);
+  }
+  if (tied_) model_.lm_head = model_.embed_tokens;
+}
+
+void FullyShard::release_root(Root which) {
+  Unit* u = root_unit(which);
+  if (!u) return;
+  QT_CHECK(u->holds > 0, ErrorKind::Internal, "FullyShard::release_root without gather_root");
+  if (--u->holds == 0) release(*u, /*lora_only=*/false);
+  if (tied_) model_.lm_head = model_.embed_tokens;
+}
+
+FullyShard::~FullyShard() {
+  if (model_.block_hooks == this) model_.block_hooks = nullptr;
+}
+
+void FullyShard::issue_gather(Unit& u, bool lora_only) {
+  at::NoGradGuard no_grad;
+  int64_t seg = 0;
+  for (const auto& e : u.entries)
+    if (!lora_only || e.trainable) seg += e.chunk * e.row_numel * elem_size(e.dtype);
+  const auto opts = at::TensorOptions().dtype(at::kByte).device(comm_.device());
+  u.send = at::empty({seg}, opts);
+  int64_t off = 0;
+  for (const auto& e : u.entries) {
+    if (lora_only && !e.trainable) continue;
+    const int64_t nb = e.chunk * e.row_numel * elem_size(e.dtype);
+    u.send.narrow(0, off, nb).copy_(e.shard.detach().reshape({-1}).view(at::kByte));
+    off += nb;
+  }
+  u.recv = at::empty({world_ * seg}, opts);
+  u.pending_lora_only = lora_only;
+  u.work = comm_.all_gather_into_tensor_async(u.recv, u.send);
+}
+
+void FullyShard::finish_gather(Unit& u) {
+  at::NoGradGuard no_grad;
+  u.work->wait();
+  u.work.reset();
+  const bool lora_only = u.pending_lora_only;
+  const int64_t seg = u.send.numel();
+  at::Tensor all = u.recv.view({world_, seg});
+  int64_t off = 0;
+  for (auto& e : u.entries) {
+    if (lora_only && !e.trainable) continue;
+    const int64_t nb = e.chunk * e.row_numel * elem_size(e.dtype);
+    // Copy-out: rank r's bytes of this tensor are rows [r * chunk, (r + 1) * chunk) of the padded tensor.
+    std::vector<int64_t> padded = e.shape;
+    padded[0] = world_ * e.chunk;
+    at::Tensor full = all.narrow(1, off, nb).contiguous().view(e.dtype).view(padded).narrow(0, 0, e.rows);
+    if (e.trainable) full = full.clone().requires_grad_(true);
+    *e.slot = full;
+    off += nb;
+  }
+  u.send = at::Tensor();
+  u.recv = at::Tensor();
+  if (!lora_only) u.gathered = true;
+}
+
+void FullyShard::gather(size_t layer) {
+  QT_CHECK(layer < num_blocks_, ErrorKind::Internal, "FullyShard: no block " + std::to_string(layer));
+  Unit& u = units_[layer];
+  if (u.gathered) return;
+  if (u.work && u.pending_lora_only) finish_gather(u);  // not expected: finish it before a full gather
+  if (!u.work) issue_gather(u, /*lora_only=*/false);
+  finish_gather(u);
+}
+
+void FullyShard::before_block(size_t layer, bool backward) {
+  gather(layer);
+  // Prefetch the block that runs next (forward: the following one; backward: the preceding one).
+  const int64_t next = static_cast<int64_t>(layer) + (backward ? -1 : 1);
+  if (next >= 0 && next < static_cast<int64_t>(num_blocks_)) {
+    Unit& n = units_[static_cast<size_t>(next)];
+    if (!n.gathered && !n.work) issue_gather(n, /*lora_only=*/false);
+  }
+}
+
+void FullyShard::after_block(size_t layer, bool backward) {
+  Unit& u = units_.at(layer);
+  if (backward) reduce_scatter_grads(u);
+  release(u, /*lora_only=*/false);
+}
+
+void FullyShard::release(Unit& u, bool lora_only) {
+  for (auto& e : u.entries) {
+    if (lora_only && !e.trainable) continue;
+    if (e.released == Entry::Released::EmptyRows) {
+      std::vector<int64_t> empty = e.shape;
+      empty[0] = 0;
+      *e.slot = at::empty(empty, e.shard.options().requires_grad(false));
+    } else if (e.released == Entry::Released::Meta) {
+      *e.slot = at::empty(e.shape, at::TensorOptions().dtype(e.dtype).device(at::kMeta));
+    } else {
+      *e.slot = at::Tensor();
+    }
+  }
+  if (!lora_only) u.gathered = false;
+}
+
+void FullyShard::reduce_scatter_grads(Unit& u) {
+  at::NoGradGuard no_grad;
+  int64_t seg = 0;
+  for (const auto& e : u.entries)
+    if (e.trainable) seg += e.chunk * e.row_numel;
+  if (seg == 0) return;  // no LoRA in this block (the same on every rank)
+  const auto opts = at::TensorOptions().dtype(at::kFloat).device(comm_.device());
+  at::Tensor in = at::zeros({world_ * seg}, opts);
+  at::Tensor in_rows = in.view({world_, seg});
+  int64_t off = 0;
+  for (const auto& e : u.entries) {
+    if (!e.trainable) continue;
+    const int64_t n = e.chunk * e.row_numel;
+    const at::Tensor& g = e.slot->defined() ? e.slot->grad() : at::Tensor();
+    if (g.defined()) {
+      // Rank r receives the (summed) rows [r * chunk, (r + 1) * chunk) of the zero-padded gradient.
+      at::Tensor padded = at::zeros({world_ * e.chunk, e.row_numel}, opts);
+      padded.narrow(0, 0, e.rows).copy_(g.reshape({e.rows, e.row_numel}));
+      in_rows.narrow(1, off, n).copy_(padded.view({world_, n}));
+    }
+    off += n;
+  }
+  at::Tensor out = at::empty({seg}, opts);
+  comm_.reduce_scatter_tensor(out, in, ReduceOp::Sum);
+  off = 0;
+  for (auto& e : u.entries) {
+    if (!e.trainable) continue;
+    const int64_t n = e.chunk * e.row_numel;
+    at::Tensor g = out.narrow(0, off, n).view(e.shard.sizes());
+    if (e.shard.grad().defined()) e.shard.mutable_grad().add_(g);
+    else e.shard.mutable_grad() = g.clone();
+    off += n;
+  }
+}
+
+std::vector<std::pair<std::string, at::Tensor>> FullyShard::parameters() const {
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& u : units_)
+    for (const auto& e : u.entries)
+      if (e.trainable) out.emplace_back(e.name, e.shard);
+  return out;
+}
+
+double FullyShard::clip_grad_norm(double max_norm) {
+  at::NoGradGuard no_grad;
+  at::Tensor sq = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(comm_.device()));
+  for (const auto& u : units_)
+    for (const auto& e : u.entries)
+      if (e.trainable && e.shard.grad().defined()) sq += e.shard.grad().to(at::kFloat).pow(2).sum();
+  // The sum over ranks in float64 on the CPU path (MPI), float32 through NCCL.
+  at::Tensor total = sq.to(comm_.device().is_cuda() ? at::kFloat : at::kDouble);
+  comm_.all_reduce(total);
+  const double norm = std::sqrt(total.to(at::kCPU, at::kDouble).item<double>());
+  if (max_norm > 0 && norm > max_norm) {
+    const double scale = max_norm / (norm + 1e-6);
+    for (const auto& u : units_)
+      for (const auto& e : u.entries)
+        if (e.trainable && e.shard.grad().defined()) e.shard.grad().mul_(scale);
+  }
+  return norm;
+}
+
+void FullyShard::gather_lora() {
+  for (auto& u : units_) {
+    bool any = false;
+    for (const auto& e : u.entries) any = any || e.trainable;
+    if (!any) continue;  // (the same units on every rank)
+    if (u.work) finish_gather(u);
+    issue_gather(u, /*lora_only=*/true);
+    finish_gather(u);
+  }
+}
+
+void FullyShard::release_lora() {
+  for (auto& u : units_)
+    if (!u.gathered) release(u, /*lora_only=*/true);
+}
+
+const FullyShard::Entry& FullyShard::entry(const std::string& param) const {
+  for (const auto& u : units_)
+    for (const auto& e : u.entries)
+      if (e.name == param) return e;
+  fail(ErrorKind::Internal, "FullyShard: no sharded tensor named " + param);
+}
+
+int64_t FullyShard::full_rows(const std::string& param) const { return entry(param).rows; }
+
+at::Tensor FullyShard::shard_of(const std::string& param, const at::Tensor& full) const {
+  const Entry& e = entry(param);
+  QT_CHECK(full.dim() >= 1 && full.size(0) == e.rows && full.numel() == e.rows * e.row_numel, ErrorKind::Internal,
+           "FullyShard::shard_of: " + param + " has another shape");
+  at::Tensor out = at::zeros(e.shard.sizes(), full.options().device(e.shard.device()));
+  const int64_t start = std::min<int64_t>(e.rows, rank_ * e.chunk);
+  const int64_t n = std::min<int64_t>(e.rows, start + e.chunk) - start;
+  if (n > 0) out.narrow(0, 0, n).copy_(full.narrow(0, start, n));
+  return out;
+}
+
+int64_t FullyShard::sharded_bytes() const {
+  int64_t n = 0;
+  for (const auto& u : units_)
+    for (const auto& e : u.entries) n += e.shard.numel() * elem_size(e.dtype);
+  return n;
+}
+
+int64_t FullyShard::unsharded_bytes() const {
+  int64_t n = 0;
+  for (const auto& u : units_)
+    for (const auto& e : u.entries) n += e.rows * e.row_numel * elem_size(e.dtype);
+  return n;
+}
+
+int64_t FullyShard::gathered_bytes() const {
+  int64_t n = 0;
+  for (const auto& u : units_)
+    for (const auto& e : u.entries)
+      if (e.slot->defined() && !e.slot->is_meta()) n += e.slot->numel() * elem_size(e.dtype);
+  return n;  // (a tied lm_head is the embeddings' tensor: counted once)
+}
+
+std::vector<std::pair<std::string, at::Tensor>> optimizer_state_for(
+    const CheckpointContents& ck, const std::vector<std::pair<std::string, at::Tensor>>& params,
+    const FullyShard* fsdp, const std::string& dir) {
+  // The whole (row-padded, when it was sharded) tensor of each name: the shards of all ranks in rank order.
+  std::map<std::string, std::vector<at::Tensor>> parts;
+  if (ck.optimizer_shards > 0) {
+    for (const auto& shard : ck.optimizer_shards_by_rank)
+      for (const auto& [name, t] : shard) parts[name].push_back(t);
+  } else {
+    for (const auto& [name, t] : ck.optimizer) parts[name].push_back(t);
+  }
+  std::vector<std::pair<std::string, at::Tensor>> out;
+  for (const auto& [name, p] : params) {
+    const int64_t rows = fsdp ? fsdp->full_rows(name) : p.size(0);
+    for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
+      auto it = parts.find(name + suffix);
+      if (it == parts.end())
+        fail_at(ErrorKind::Checkpoint, dir, "optimizer state for '" + name + suffix + "' is missing");
+      at::Tensor full = it->second.size() == 1 ? it->second[0] : at::cat(it->second, 0);
+      if (full.dim() < 1 || full.size(0) < rows)
+        fail_at(ErrorKind::Checkpoint, dir, "optimizer state for '" + name + suffix + "' has " +
+                                                (full.dim() ? std::to_string(full.size(0)) : "no") + " rows, expected " +
+                                                std::to_string(rows));
+      full = full.narrow(0, 0, rows).to(p.device());
+      out.emplace_back(name + suffix, fsdp ? fsdp->shard_of(name, full) : full);
+    }
+  }
+  return out;
+}
+
+}  // namespace qt
