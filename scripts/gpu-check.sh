@@ -5,6 +5,7 @@
 #   tests: every test; gputests: the [gpu] ones only; bench: kernel benchmarks and their peers;
 #   train: scripts/bench.py on our trainer alone (BENCH_ROWS), with a per-kernel profile of one step per row;
 #   (several, comma-separated: gputests,train)
+#   extra: FullyShard with one NCCL rank, a real CUDA out-of-memory, long contexts (scripts/gpu_extra_checks.py);
 #   peers: scripts/bench.py with Unsloth and HF + bitsandbytes QLoRA (carry .usite, .peers, .peerscripts).
 # Peers: carry .peers and .peerscripts (../shared/peers/README.md); missing ones are reported, not faked.
 set -uo pipefail
@@ -55,6 +56,10 @@ if has train; then
       rm -rf /tmp/qt_prof
     done
   fi
+fi
+if has extra; then
+  note "== FullyShard with one NCCL rank, a real out-of-memory, long contexts (scripts/gpu_extra_checks.py)"
+  python3 scripts/gpu_extra_checks.py build-gpu/qlora-train /tmp/qt_extra "${EXTRA_CHECKS:-fsdp,oom,long}" 2>&1 | tee "$OUT/extra.log" | grep '^{' >>"$summary"
 fi
 if has peers; then
   note "== ours and the peers on the same machine (scripts/bench.py), rows ${BENCH_ROWS:-default}"
