@@ -171,7 +171,9 @@ void FullyShard::finish_gather(Unit& u) {
     // Copy-out: rank r's bytes of this tensor are rows [r * chunk, (r + 1) * chunk) of the padded tensor.
     std::vector<int64_t> padded = e.shape;
     padded[0] = world_ * e.chunk;
-    at::Tensor full = all.narrow(1, off, nb).contiguous().view(e.dtype).view(padded).narrow(0, 0, e.rows);
+    // A fresh copy even with one rank (where the slice is already contiguous): its own allocation keeps the
+    // alignment that the kernels reading it need (the NF4 kernel takes 16-byte aligned codes).
+    at::Tensor full = all.narrow(1, off, nb).clone(at::MemoryFormat::Contiguous).view(e.dtype).view(padded).narrow(0, 0, e.rows);
     if (e.trainable) full = full.clone().requires_grad_(true);
     *e.slot = full;
     off += nb;
