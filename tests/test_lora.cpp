@@ -19,19 +19,10 @@
 using qt::test::fixture;
 using qt::test::rel_err;
 
+using qt::test::error_of;
+using qt::test::has;
+
 namespace {
-
-std::string error_of(const std::function<void()>& f, qt::ErrorKind* kind = nullptr) {
-  try {
-    f();
-  } catch (const qt::Error& e) {
-    if (kind) *kind = e.kind();
-    return e.what();
-  }
-  return "";
-}
-
-bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 
 at::Tensor causal_lm_loss(const qt::LlamaModel& model, const at::Tensor& ids, const at::Tensor& labels) {
   at::Tensor logits = model.forward(ids);

@@ -19,6 +19,9 @@
 using qt::test::fixture;
 using qt::test::rel_err;
 
+using qt::test::error_of;
+using qt::test::has;
+
 namespace {
 
 const char* kEmbedKey = "base_model.model.model.embed_tokens.weight";
@@ -29,18 +32,6 @@ qt::LoadOptions nf4_load() {
   o.quantize_nf4 = true;
   return o;
 }
-
-std::string error_of(const std::function<void()>& f, qt::ErrorKind* kind = nullptr) {
-  try {
-    f();
-  } catch (const qt::Error& e) {
-    if (kind) *kind = e.kind();
-    return e.what();
-  }
-  return "";
-}
-
-bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 
 // The next-token loss (mean over counted labels, ignore -100) as the oracle computes it: from the full logits, or
 // through fused_linear_cross_entropy on the hidden state with the lm_head weight the trainer passes it.

@@ -17,6 +17,8 @@
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
+using qt::test::error_of;
+
 namespace {
 
 // Bit patterns, so that -0.0 != 0.0 and NaN payloads count.
@@ -45,15 +47,6 @@ std::vector<std::string> nf4_cases() {
     if (!line.empty()) names.push_back(line);
   REQUIRE(!names.empty());
   return names;
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const qt::Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace

@@ -2,7 +2,10 @@
 // Small helpers shared by the C++ tests.
 #include <ATen/ATen.h>
 
+#include "lib/core/error.h"
 #include "lib/core/files.h"
+
+#include <functional>
 
 #include <string>
 
@@ -26,5 +29,18 @@ inline std::string scratch_dir(const std::string& name) {
   qt::files::make_dirs(p);
   return p;
 }
+
+// The message of the qt::Error that f() throws ("" when it throws none); its kind into *kind when given.
+inline std::string error_of(const std::function<void()>& f, qt::ErrorKind* kind = nullptr) {
+  try {
+    f();
+  } catch (const qt::Error& e) {
+    if (kind) *kind = e.kind();
+    return e.what();
+  }
+  return "";
+}
+
+inline bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 
 }  // namespace qt::test
