@@ -17,6 +17,7 @@
 #include "lib/train/adamw.h"
 #include "lib/train/fully_shard.h"
 #include "tests/catch.h"
+#include "tests/test_util.h"
 
 namespace {
 
@@ -24,12 +25,7 @@ using qt::Communicator;
 
 const qt::CommOptions kTestOptions{std::chrono::seconds(60)};
 
-double rel_err(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor x = a.detach().to(at::kCPU, at::kDouble), y = b.detach().to(at::kCPU, at::kDouble);
-  const double d = y.norm().item<double>();
-  const double n = (x - y).norm().item<double>();
-  return d == 0 ? n : n / d;
-}
+using qt::test::rel_err;
 
 // A 2-layer NF4 LLaMA (hidden 128, GQA) with LoRA r=6 on every linear, B random so that A gets gradients too.
 // Identical on every rank and for every call.
