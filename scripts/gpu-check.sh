@@ -5,6 +5,7 @@
 #   tests: every test; gputests: the [gpu] ones only; bench: kernel benchmarks and their peers;
 #   train: scripts/bench.py on our trainer alone (BENCH_ROWS), with a per-kernel profile of one step per row;
 #   (several, comma-separated: gputests,train)
+#   attn: SDPA's attention kernels (flash, cuDNN, memory-efficient) at the 8B head shapes (scripts/attn_bench.py);
 #   extra: FullyShard with one NCCL rank, a real CUDA out-of-memory, long contexts (scripts/gpu_extra_checks.py);
 #   peers: scripts/bench.py with Unsloth and HF + bitsandbytes QLoRA (carry .usite, .peers, .peerscripts).
 # Peers: carry .peers and .peerscripts (../shared/peers/README.md); missing ones are reported, not faked.
@@ -56,6 +57,10 @@ if has train; then
       rm -rf /tmp/qt_prof
     done
   fi
+fi
+if has attn; then
+  note "== causal attention kernels at the 8B head shapes (scripts/attn_bench.py)"
+  python3 scripts/attn_bench.py ${ATTN_SHAPES:-} 2>&1 | tee "$OUT/attn_bench.log" | grep -E '^\||^torch|^priority' >>"$summary"
 fi
 if has extra; then
   note "== FullyShard with one NCCL rank, a real out-of-memory, long contexts (scripts/gpu_extra_checks.py)"

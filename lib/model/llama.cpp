@@ -7,10 +7,13 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/accumulate.h>
+#include <cuda_runtime_api.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <map>
 #include <mutex>
@@ -82,10 +85,75 @@ c10::cuda::CUDAStream offload_stream(c10::DeviceIndex device) {
   return it->second;
 }
 
+// Pinned host buffers for the offloaded block inputs, allocated at their own size and reused from step to step.
+// Not torch's pinned allocator: it rounds every request up to a power of two, so the 8B model's 2.8 GB block
+// inputs at 342k tokens would take 4 GiB each, 128 GiB for 32 blocks, the whole host. A free buffer is reused
+// for a request of at least half its size; when cudaHostAlloc fails, the free buffers are released and it is
+// tried once more. Reuse is ordered by the streams: a buffer returns here when its tensor dies (after the
+// backward pass enqueued the copy back on the compute stream), and the next copy into it runs on the side stream
+// after an event recorded on the compute stream later than that.
+class PinnedPool {
+ public:
+  static PinnedPool& instance() {
+    static PinnedPool* pool = new PinnedPool();  // never destroyed: tensors may outlive static destruction
+    return *pool;
+  }
+  at::Tensor empty(at::IntArrayRef sizes, c10::ScalarType dtype) {
+    const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+    void* ptr = take(bytes);
+    return at::from_blob(ptr, sizes, [this, ptr](void*) { give(ptr); }, at::TensorOptions().dtype(dtype));
+  }
+
+ private:
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first / 2 <= bytes) {
+        void* ptr = it->second;
+        sizes_[ptr] = it->first;
+        free_.erase(it);
+        return ptr;
+      }
+    }
+    void* ptr = nullptr;
+    cudaError_t e = cudaHostAlloc(&ptr, std::max<size_t>(bytes, 1), cudaHostAllocDefault);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      release_free();
+      e = cudaHostAlloc(&ptr, std::max<size_t>(bytes, 1), cudaHostAllocDefault);
+    }
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      throw c10::OutOfMemoryError(
+          {__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
+          "pinned host memory: cannot allocate " + std::to_string(bytes >> 20) + " MiB for an offloaded block input (" +
+              cudaGetErrorString(e) + "); the host holds one such buffer per block");
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    sizes_[ptr] = bytes;
+    return ptr;
+  }
+  void give(void* ptr) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = sizes_.find(ptr);
+    free_.emplace(it->second, ptr);
+    sizes_.erase(it);
+  }
+  void release_free() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& [bytes, ptr] : free_) (void)cudaFreeHost(ptr);
+    free_.clear();
+  }
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;    // bytes -> buffer
+  std::map<void*, size_t> sizes_;        // buffers in use -> their bytes
+};
+
 at::Tensor offload_to_host(const at::Tensor& h) {
   const c10::cuda::CUDAStream side = offload_stream(h.get_device());
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(h.get_device());
-  at::Tensor host = at::empty(h.sizes(), h.options().device(at::kCPU).pinned_memory(true));
+  at::Tensor host = PinnedPool::instance().empty(h.sizes(), h.scalar_type());
   at::cuda::CUDAEvent ready;
   ready.record(current);
   ready.block(side);
@@ -378,6 +446,40 @@ at::Tensor LlamaModel::lm_head_weight() const { return compute_weight(lm_head, l
 
 at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const { return at::embedding(embed_weight(), input_ids); }
 
+namespace {
+// Puts one SDPA backend first in torch's (process-wide) priority order for the guard's lifetime.
+class SdpFirst {
+ public:
+  explicit SdpFirst(at::SDPBackend first) : saved_(at::globalContext().sDPPriorityOrder()) {
+    std::vector<int64_t> order{static_cast<int64_t>(first)};
+    for (at::SDPBackend b : saved_)
+      if (b != first) order.push_back(static_cast<int64_t>(b));
+    at::globalContext().setSDPPriorityOrder(order);
+  }
+  ~SdpFirst() {
+    std::vector<int64_t> order;
+    for (at::SDPBackend b : saved_) order.push_back(static_cast<int64_t>(b));
+    at::globalContext().setSDPPriorityOrder(order);
+  }
+  SdpFirst(const SdpFirst&) = delete;
+  SdpFirst& operator=(const SdpFirst&) = delete;
+
+ private:
+  std::array<at::SDPBackend, at::num_sdp_backends> saved_;
+};
+}  // namespace
+
+int64_t LlamaModel::dense_attention_backend(int64_t seq, at::Device device, c10::ScalarType dtype) const {
+  const int64_t hd = config.head_dim, Hq = config.num_attention_heads, Hkv = config.num_key_value_heads;
+  auto opts = at::TensorOptions().dtype(dtype).device(device);
+  // The layout attention() passes: [B, S, heads, D] transposed to [B, heads, S, D].
+  at::Tensor q = at::empty({1, seq, Hq, hd}, opts).transpose(1, 2);
+  at::Tensor k = at::empty({1, seq, Hkv, hd}, opts).transpose(1, 2);
+  std::optional<SdpFirst> first;
+  if (attention_kernel == AttentionKernel::Cudnn && device.is_cuda()) first.emplace(at::SDPBackend::cudnn_attention);
+  return at::_fused_sdp_choice(q, k, k, std::nullopt, 0.0, /*is_causal=*/true, std::nullopt, /*enable_gqa=*/Hkv != Hq);
+}
+
 at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos,
                                  const at::Tensor& sin, const AttentionMask& mask) const {
   const int64_t B = x.size(0), S = x.size(1), hd = config.head_dim;
@@ -395,6 +497,8 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
             .view({B, S, Hq, hd});
   } else {
     const at::Tensor& dense = mask.dense;
+    std::optional<SdpFirst> first;
+    if (attention_kernel == AttentionKernel::Cudnn && q.is_cuda()) first.emplace(at::SDPBackend::cudnn_attention);
     o = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dense.defined() ? std::optional<at::Tensor>(dense) : std::nullopt,
                                          /*dropout_p=*/0.0, /*is_causal=*/!dense.defined(), /*scale=*/std::nullopt,
                                          /*enable_gqa=*/Hkv != Hq)
@@ -491,12 +595,17 @@ at::Tensor LlamaModel::mlp_residual(size_t layer, const at::Tensor& x) const {
 
 at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Batch& batch) const {
   if (!batch.doc_ids.defined()) return forward_hidden(inputs_embeds, batch.positions);
+  // One whole document in every row, no window to apply: plain causal attention, the call cuDNN's kernel takes
+  // (it has no varlen path here).
+  const int64_t S = inputs_embeds.size(1);
+  if (attention_kernel == AttentionKernel::Cudnn && inputs_embeds.is_cuda() &&
+      (!config.sliding_window || S <= *config.sliding_window) && (batch.doc_ids == 0).all().item<bool>())
+    return forward_hidden(inputs_embeds, batch.positions.to(inputs_embeds.device()));
   AttentionMask varlen = varlen_mask(batch.doc_ids, inputs_embeds.device(), inputs_embeds.scalar_type());
   if (varlen.cu_seqlens.defined())
     return run_blocks(inputs_embeds, batch.positions.to(inputs_embeds.device()), varlen);
   // Block-diagonal causal mask [B, 1, S, S]: token i sees token j <= i of its own document. Padding (doc -1)
   // sees only itself, so that no softmax row is empty (its outputs carry no target).
-  const int64_t S = inputs_embeds.size(1);
   at::Tensor doc = batch.doc_ids.to(inputs_embeds.device());
   at::Tensor same = doc.unsqueeze(2) == doc.unsqueeze(1);
   at::Tensor causal = at::ones({S, S}, at::TensorOptions().dtype(at::kBool).device(doc.device())).tril();

@@ -82,7 +82,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
     fail_key(ErrorKind::Config, file, "model.device", "'" + c.model.device + "': expected auto, cpu or cuda");
 
   const Json& t = section(j, "train");
-  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "offload_activations", "mlp_chunk_tokens", "seed",
+  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "offload_activations", "mlp_chunk_tokens", "attention", "seed",
                           "eval_every", "log_every", "loss", "full_finetune", "shard", "shard_embeddings"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
@@ -104,6 +104,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
     else if (o.is_string() && o.get<std::string>() == "auto") c.train.offload_activations = "auto";
     else fail_key(ErrorKind::Config, file, "train.offload_activations", o.dump() + ": expected true, false or \"auto\"");
   }
+  c.train.attention = tr.get_string("attention", c.train.attention);
+  if (c.train.attention != "flash" && c.train.attention != "cudnn")
+    fail_key(ErrorKind::Config, file, "train.attention", "'" + c.train.attention + "': expected flash or cudnn");
   c.train.seed = static_cast<uint64_t>(tr.get_int("seed", static_cast<int64_t>(c.train.seed)));
   c.train.eval_every = tr.get_int("eval_every", c.train.eval_every);
   check_positive(c.train.eval_every, file, "train.eval_every", true);

@@ -206,6 +206,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   model.grad_checkpointing = cfg.train.grad_checkpointing;
   model.mlp_chunk_tokens = cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens
                            : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
+  model.attention_kernel =
+      cfg.train.attention == "cudnn" ? LlamaModel::AttentionKernel::Cudnn : LlamaModel::AttentionKernel::Flash;
   model.offload_activations = device.is_cuda() && cfg.train.grad_checkpointing &&
                               (cfg.train.offload_activations == "true" ||
                                (cfg.train.offload_activations == "auto" && micro * data.max_seq_len() >= 16384));
@@ -319,6 +321,12 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
               std::to_string(data.max_seq_len()) + " tokens (" + std::to_string(per_rank / micro) +
               " micro-batch(es) of " + std::to_string(micro) + " per rank)");
 
+  if (rank0 && device.is_cuda()) {
+    static const char* kBackends[] = {"math (unfused)", "FlashAttention-2", "memory-efficient", "cuDNN", "overrideable"};
+    const int64_t b = model.dense_attention_backend(std::min<int64_t>(data.max_seq_len(), 8192), device, dtype);
+    log::info(std::string("attention: ") + (b >= 0 && b < 5 ? kBackends[b] : "none") + " for unpacked rows (train.attention " +
+              cfg.train.attention + ")" + (data.config().packing ? ", flash varlen for packed rows" : ""));
+  }
   auto write_adapter = [&](const std::string& dir) {
     if (full) save_merged_model(model, cfg.model.path, files::join(dir, "model"), model.config.dtype);
     else save_peft_adapter(model, lora, dir, base_name);
