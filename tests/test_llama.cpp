@@ -146,7 +146,7 @@ TEST_CASE("llama on CUDA in bf16 matches transformers within bf16 bounds", "[lla
     // The kernel asked for is the one that runs (torch passes over one whose constraints the inputs miss).
     const int64_t backend = model.dense_attention_backend(8, at::Device(at::kCUDA, 0), at::kBFloat16);
     INFO("SDPA backend " << backend);
-    if (std::string(name) == "gqa_untied") CHECK(backend == static_cast<int64_t>(cudnn ? at::SDPBackend::cudnn_attention : at::SDPBackend::flash_attention));
+    if (cudnn) CHECK(backend == static_cast<int64_t>(at::SDPBackend::cudnn_attention));
     qt::SafetensorsFile ref(dir + "/reference.safetensors");
     auto named = model.named_tensors();
     for (auto& [n, t] : named) t->set_requires_grad(true);
