@@ -113,9 +113,10 @@ class LlamaModel {
   // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
   // recomputed chunk by chunk in the backward pass (long contexts); 0: off.
   int64_t mlp_chunk_tokens = 0;
-  // The fused kernel first in line for causal attention over unpacked CUDA batches (packed batches take flash
-  // varlen): torch SDPA's own order (FlashAttention-2 first) or cuDNN's attention first. A kernel whose
-  // constraints the inputs miss is passed over for the next one, as SDPA does.
+  // The fused kernel first in line for causal attention on CUDA without a mask, and for batches whose rows are
+  // each one whole document (other batches take flash varlen): torch SDPA's own order (FlashAttention-2 first)
+  // or cuDNN's attention first. A kernel whose constraints the inputs miss is passed over for the next one, as
+  // SDPA does.
   enum class AttentionKernel { Flash, Cudnn };
   AttentionKernel attention_kernel = AttentionKernel::Flash;
   // The SDPA backend (at::SDPBackend's value) that attention() runs for unpacked, unmasked rows of `seq` tokens

@@ -31,9 +31,11 @@ struct TrainSection {
   // The MLP half of each block over chunks of this many tokens, recomputed chunk by chunk in the backward pass:
   // 0 off, -1 auto (8192-token chunks when a micro-batch holds more than 32768 tokens).
   int64_t mlp_chunk_tokens = -1;
-  // The kernel first in line for causal attention over unpacked rows on CUDA: "flash" (torch SDPA's order,
-  // FlashAttention-2 first) or "cudnn" (cuDNN's fused attention first). Packed rows take flash varlen either way.
-  std::string attention = "flash";
+  // The kernel first in line for causal attention on CUDA where every row of the micro-batch is one whole
+  // document: "cudnn" (cuDNN's fused attention, 1.7x FlashAttention-2's speed at 8k-32k tokens on an H100:
+  // docs/PERFORMANCE.md) or "flash" (FlashAttention-2 varlen). Rows holding several documents (packing) or
+  // padding take flash varlen either way.
+  std::string attention = "cudnn";
   uint64_t seed = 42;
   int64_t eval_every = 0;        // steps between held-out evaluations; 0: only at the end (if there is eval data)
   int64_t log_every = 1;

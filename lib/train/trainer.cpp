@@ -324,8 +324,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   if (rank0 && device.is_cuda()) {
     static const char* kBackends[] = {"math (unfused)", "FlashAttention-2", "memory-efficient", "cuDNN", "overrideable"};
     const int64_t b = model.dense_attention_backend(std::min<int64_t>(data.max_seq_len(), 8192), device, dtype);
-    log::info(std::string("attention: ") + (b >= 0 && b < 5 ? kBackends[b] : "none") + " for unpacked rows (train.attention " +
-              cfg.train.attention + ")" + (data.config().packing ? ", flash varlen for packed rows" : ""));
+    log::info(std::string("attention: ") + (b >= 0 && b < 5 ? kBackends[b] : "none") +
+              " for rows of one whole document (train.attention " + cfg.train.attention +
+              "), FlashAttention-2 varlen for rows with several documents or padding");
   }
   auto write_adapter = [&](const std::string& dir) {
     if (full) save_merged_model(model, cfg.model.path, files::join(dir, "model"), model.config.dtype);
