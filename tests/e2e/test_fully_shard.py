@@ -6,15 +6,10 @@ import json, os, pathlib, re, shutil, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
+from checks import check, finish
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_fsdp_"))
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
-failures = []
-
-def check(cond, what):
-    print(("ok: " if cond else "FAILED: ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 def write_config(name, **over):
     cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
@@ -271,10 +266,7 @@ def main():
                        capture_output=True, text=True, env=ENV)
     check(p.returncode == 3 and "train.shard" in p.stderr and "grad_checkpointing" in p.stderr,
           f"train.shard blocks without grad checkpointing is a config error (exit {p.returncode})")
-    if failures:
-        print(f"{len(failures)} check(s) FAILED")
-        sys.exit(1)
-    print("all FullyShard checks passed")
+    finish("FullyShard checks")
 
 if __name__ == "__main__":
     main()

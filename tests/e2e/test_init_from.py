@@ -5,14 +5,9 @@ import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
+from checks import check, finish
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_init_from_"))
-failures = []
-
-def check(cond, what):
-    print(("ok: " if cond else "FAILED: ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 def write_config(name, lora=None, **over):
     cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
@@ -86,10 +81,7 @@ def main():
     check(p.returncode == 6 and "nowhere" in p.stderr, f"a missing adapter directory exits 6 naming it (exit {p.returncode})")
     p = train(write_config("h", lora={"init_from": 5}), check_rc=False)
     check(p.returncode == 3 and "lora.init_from" in p.stderr, f"a non-string init_from is a config error (exit {p.returncode})")
-    if failures:
-        print(f"{len(failures)} check(s) FAILED")
-        sys.exit(1)
-    print("all init_from checks passed")
+    finish("init_from checks")
 
 if __name__ == "__main__":
     main()

@@ -11,16 +11,10 @@ from safetensors.torch import load_file
 import tiny_lm
 from test_peft_roundtrip import dequantized_model, peft_loss
 
+from checks import check, finish
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_mts_"))
 EMBED, HEAD = "base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"
-failures = []
-
-
-def check(cond, what):
-    print(("ok: " if cond else "FAILED: ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 
 def run(*args):
@@ -131,10 +125,7 @@ def one_model(tied: bool):
 def main():
     one_model(tied=False)
     one_model(tied=True)
-    if failures:
-        print(f"{len(failures)} check(s) FAILED")
-        sys.exit(1)
-    print("all modules_to_save checks passed")
+    finish("modules_to_save checks")
 
 
 if __name__ == "__main__":

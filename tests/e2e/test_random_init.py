@@ -3,14 +3,9 @@ named shape's config with pre-tokenized data (loss falls on a repeated batch), t
 an unknown shape refused with the key named."""
 import json, os, pathlib, subprocess, sys, tempfile
 
+from checks import check, finish
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_random_"))
-failures = []
-
-def check(cond, what):
-    print(("ok: " if cond else "FAILED: ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 def run(name, model, data_format="tokenized", steps=8, env=None):
     cfg = {"output_dir": str(TMP / name), "model": {"init": "random", "device": "cpu", **model},
@@ -60,8 +55,7 @@ def main():
           f"an unknown shape names the key and the known shapes: {p.stderr[-300:]}")
     p = run("both", {"shape": "llama-3.2-1b", "path": str(model_dir)})
     check(p.returncode != 0 and "model.shape" in p.stderr, "shape and path together are refused")
-    if failures:
-        sys.exit(f"{len(failures)} check(s) failed")
+    finish()
 
 if __name__ == "__main__":
     main()

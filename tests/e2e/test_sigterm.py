@@ -5,14 +5,9 @@ import json, os, pathlib, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
+from checks import check, finish
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_sigterm_"))
-failures = []
-
-def check(cond, what):
-    print(("ok: " if cond else "FAILED: ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 def config(name):
     cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
@@ -79,8 +74,7 @@ def main():
 
     rc, _ = interrupted("twice", signal.SIGTERM, second=True)
     check(rc == -signal.SIGTERM, f"a second SIGTERM ends the process at once ({rc})")
-    if failures:
-        sys.exit(f"{len(failures)} check(s) failed")
+    finish()
 
 if __name__ == "__main__":
     main()

@@ -5,14 +5,9 @@ import json, os, pathlib, shutil, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
+from checks import check, finish
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_train_"))
-failures = []
-
-def check(cond, what):
-    print(("ok: " if cond else "FAILED: ") + what, flush=True)
-    if not cond:
-        failures.append(what)
 
 def write_config(name, **over):
     cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
@@ -148,10 +143,7 @@ def main():
     (TMP / "chat.jsonl").write_text('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
     p = train(write_config("e3", data__train_file=str(TMP / "chat.jsonl"), data__format="chat", data__chat_template="llama2"), check_rc=False)
     check(p.returncode == 5 and "wizard" in p.stderr and "chat.jsonl:1" in p.stderr, f"an unknown chat role is named (exit {p.returncode})")
-    if failures:
-        print(f"{len(failures)} check(s) FAILED")
-        sys.exit(1)
-    print("all training checks passed")
+    finish("training checks")
 
 if __name__ == "__main__":
     main()
