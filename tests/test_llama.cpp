@@ -243,6 +243,18 @@ TEST_CASE("llama rows of one whole document each under cuDNN attention equal the
   }
 }
 
+TEST_CASE("cuDNN attention admits a bounded set of shapes: seen ones stay, new ones past the bound fall back", "[llama]") {
+  qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {});
+  const int64_t bound = static_cast<int64_t>(qt::LlamaModel::kCudnnShapes);
+  for (int64_t s = 1; s <= bound; ++s) CHECK(model.cudnn_admits(1, s));
+  CHECK(!model.cudnn_admits(1, bound + 1));  // a generation's next length: SDPA's own order
+  CHECK(!model.cudnn_admits(2, 1));          // another batch size is another shape
+  CHECK(model.cudnn_admits(1, 1));           // the shapes admitted before keep their plans
+  CHECK(model.cudnn_admits(1, bound));
+  qt::LlamaModel other = qt::load_llama(fixture("llama/gqa_untied/model"), {});
+  CHECK(other.cudnn_admits(1, bound + 1));  // per model
+}
+
 TEST_CASE("llama MLP over chunks of tokens gives the unchunked outputs and gradients", "[llama]") {
   for (bool checkpoint : {false, true}) {
     INFO("grad_checkpointing " << checkpoint);

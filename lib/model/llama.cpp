@@ -469,6 +469,16 @@ class SdpFirst {
 };
 }  // namespace
 
+bool LlamaModel::cudnn_admits(int64_t batch, int64_t seq) const {
+  std::lock_guard<std::mutex> lock(cudnn_shapes->mutex);
+  auto& admitted = cudnn_shapes->admitted;
+  const auto shape = std::make_pair(batch, seq);
+  if (admitted.count(shape)) return true;
+  if (admitted.size() >= kCudnnShapes) return false;
+  admitted.insert(shape);
+  return true;
+}
+
 int64_t LlamaModel::dense_attention_backend(int64_t seq, at::Device device, c10::ScalarType dtype) const {
   const int64_t hd = config.head_dim, Hq = config.num_attention_heads, Hkv = config.num_key_value_heads;
   auto opts = at::TensorOptions().dtype(dtype).device(device);
@@ -498,7 +508,8 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
   } else {
     const at::Tensor& dense = mask.dense;
     std::optional<SdpFirst> first;
-    if (attention_kernel == AttentionKernel::Cudnn && q.is_cuda()) first.emplace(at::SDPBackend::cudnn_attention);
+    if (attention_kernel == AttentionKernel::Cudnn && q.is_cuda() && cudnn_admits(B, S))
+      first.emplace(at::SDPBackend::cudnn_attention);
     o = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dense.defined() ? std::optional<at::Tensor>(dense) : std::nullopt,
                                          /*dropout_p=*/0.0, /*is_causal=*/!dense.defined(), /*scale=*/std::nullopt,
                                          /*enable_gqa=*/Hkv != Hq)
@@ -599,7 +610,8 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Bat
   // (it has no varlen path here).
   const int64_t S = inputs_embeds.size(1);
   if (attention_kernel == AttentionKernel::Cudnn && inputs_embeds.is_cuda() &&
-      (!config.sliding_window || S <= *config.sliding_window) && (batch.doc_ids == 0).all().item<bool>())
+      (!config.sliding_window || S <= *config.sliding_window) && (batch.doc_ids == 0).all().item<bool>() &&
+      cudnn_admits(inputs_embeds.size(0), S))
     return forward_hidden(inputs_embeds, batch.positions.to(inputs_embeds.device()));
   AttentionMask varlen = varlen_mask(batch.doc_ids, inputs_embeds.device(), inputs_embeds.scalar_type());
   if (varlen.cu_seqlens.defined())

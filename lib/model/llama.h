@@ -3,6 +3,10 @@
 // at::scaled_dot_product_attention, SwiGLU MLP, lm_head. Parameter names follow Hugging Face's LlamaForCausalLM.
 #include <ATen/core/Tensor.h>
 
+#include <cstddef>
+#include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -122,6 +126,17 @@ class LlamaModel {
   // The SDPA backend (at::SDPBackend's value) that attention() runs for unpacked, unmasked rows of `seq` tokens
   // on `device` in `dtype` (allocates one [1, seq, heads, head_dim] query to ask torch).
   int64_t dense_attention_backend(int64_t seq, at::Device device, c10::ScalarType dtype) const;
+  // cuDNN builds an execution plan for every new [batch, seq] shape (a tenth of a second or more, forward and
+  // backward), so rows whose length changes from call to call (generation, one unpadded document per row) would
+  // pay it on nearly every call. The first kCudnnShapes distinct shapes are admitted to the cuDNN path; a shape
+  // seen before stays admitted; later new shapes take SDPA's own order (and flash varlen for batches).
+  static constexpr size_t kCudnnShapes = 16;
+  bool cudnn_admits(int64_t batch, int64_t seq) const;
+  struct CudnnShapes {
+    std::mutex mutex;
+    std::set<std::pair<int64_t, int64_t>> admitted;
+  };
+  std::shared_ptr<CudnnShapes> cudnn_shapes = std::make_shared<CudnnShapes>();
   // Not owned; null when the blocks' parameters are all held (no sharding). With hooks, a block that records
   // for autograd must be checkpointed (its weights exist only between the hooks).
   BlockHooks* block_hooks = nullptr;
