@@ -149,12 +149,19 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
     save_safetensors(files::join(tmp, "optimizer.safetensors"), c.optimizer, {{"format", "qlora-train"}});
   test_delay();
   save_safetensors(files::join(tmp, "rng.safetensors"), c.rng, {{"format", "qlora-train"}});
+  // Every file, also inside subdirectories (a full fine-tuning checkpoint's model/), by its relative path.
   Json manifest = Json::object();
-  for (const auto& f : files::list_dir(tmp)) {
-    const std::string p = files::join(tmp, f);
+  std::function<void(const std::string&)> add = [&](const std::string& rel) {
+    const std::string p = files::join(tmp, rel);
+    if (files::is_dir(p)) {
+      for (const auto& f : files::list_dir(p)) add(files::join(rel, f));
+      files::sync_path(p);
+      return;
+    }
     files::sync_path(p);
-    manifest[f] = {{"bytes", files::file_size(p)}, {"fnv1a64", file_hash(p)}};
-  }
+    manifest[rel] = {{"bytes", files::file_size(p)}, {"fnv1a64", file_hash(p)}};
+  };
+  for (const auto& f : files::list_dir(tmp)) add(f);
   Json state = {{"format_version", kCheckpointFormatVersion},
                 {"step", c.state.step},
                 {"data", {{"epoch", c.state.data.epoch}, {"index", c.state.data.index}}},

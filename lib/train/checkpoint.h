@@ -1,12 +1,15 @@
 #pragma once
 // Crash-safe training checkpoints (`<output_dir>/checkpoint-<step>/`):
 //   adapter_model.safetensors + adapter_config.json   the LoRA weights, as a PEFT adapter (usable as they are)
+//   model/                                            with train.full_finetune instead: every weight, in the
+//                                                     training dtype (a model directory transformers loads)
 //   optimizer.safetensors                             AdamW moments (fp32), or with FullyShard one file per rank:
 //   optimizer-shard-<r>-of-<n>.safetensors            rank r's rows of every moment (padded as FullyShard pads),
 //                                                     re-sliced for any world size on resume
 //   rng.safetensors                                   CPU (and CUDA) generator states
 //   trainer_state.json                                format version, step, data position, seed, LR schedule
 //                                                     step, the resolved run config, and a checksum per file
+//                                                     (subdirectories' files by relative path)
 //   COMPLETE                                          written last
 // Written into a hidden temporary directory (files fsync'ed, COMPLETE last, directory fsync'ed), then renamed
 // into place atomically; older checkpoints beyond keep_last are removed only after that. A full disk or a write

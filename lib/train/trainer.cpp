@@ -125,6 +125,22 @@ at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at:
 }
 
 // Mean loss over the targets of `batches` without gradients (held-out evaluation).
+// train.full_finetune resume: every trained tensor from the checkpoint's model directory (written in the training
+// dtype), copied into the model in place so that the optimizer's parameter list stays valid.
+void load_full_weights(LlamaModel& model, const std::string& dir, const LoadOptions& load) {
+  LlamaModel saved = load_llama(dir, load);
+  auto into = model.named_tensors();
+  auto from = saved.named_tensors();
+  QT_CHECK(into.size() == from.size(), ErrorKind::Checkpoint,
+           dir + ": holds " + std::to_string(from.size()) + " tensors, the model " + std::to_string(into.size()));
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < into.size(); ++i) {
+    QT_CHECK(into[i].first == from[i].first && into[i].second->sizes() == from[i].second->sizes(), ErrorKind::Checkpoint,
+             dir + ": " + from[i].first + " does not match the model's " + into[i].first);
+    into[i].second->copy_(*from[i].second);
+  }
+}
+
 std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>& batches, bool fused, Communicator& comm,
                                     FullyShard* fsdp) {
   at::NoGradGuard no_grad;
@@ -215,7 +231,6 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
   std::vector<std::pair<std::string, at::Tensor>> params;
   if (full) {
-    if (!options.resume.empty()) fail(ErrorKind::Usage, "--resume is not supported with train.full_finetune yet");
     if (!lora.init_from.empty())
       fail_key(ErrorKind::Config, cfg.file, "lora.init_from", "is not supported with train.full_finetune");
     if (!lora.modules_to_save.empty())
@@ -260,7 +275,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     }
     resumed = load_checkpoint(resume_dir);
     check_resume_compatible(resumed->state.config, cfg.resolved, resume_dir);
-    load_peft_adapter(model, resume_dir);
+    if (full) load_full_weights(model, files::join(resume_dir, "model"), load);
+    else load_peft_adapter(model, resume_dir);
   }
   // FullyShard: each rank keeps 1/N of every block's tensors; the optimizer steps the LoRA shards.
   std::unique_ptr<FullyShard> fsdp;
@@ -329,7 +345,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
               "), FlashAttention-2 varlen for rows with several documents or padding");
   }
   auto write_adapter = [&](const std::string& dir) {
-    if (full) save_merged_model(model, cfg.model.path, files::join(dir, "model"), model.config.dtype);
+    // Full fine-tuning checkpoints hold the weights in the training dtype, so that a resume continues exactly.
+    if (full) save_merged_model(model, cfg.model.path, files::join(dir, "model"), model.dtype());
     else save_peft_adapter(model, lora, dir, base_name);
   };
   auto checkpoint = [&] {

@@ -117,6 +117,31 @@ def main():
     check(all(losses("dr")[s] == ld[s] for s in (4, 5, 6)) and adapter_bytes("dr") == adapter_bytes("d"),
           "a DoRA run resumed from checkpoint-3 ends with the straight run's losses and adapter")
 
+    # Full fine-tuning (train.full_finetune on a 16-bit base): the checkpoint holds the weights (training dtype, in
+    # the manifest), and a run resumed from checkpoint-3 ends with the straight run's losses and model bytes.
+    full = dict(model__quant="none", train__full_finetune=True)
+    train(write_config("ff", **full))
+    lf = losses("ff")
+    check(len(lf) == 6 and lf[6] < lf[1], f"full fine-tuning trains: losses {list(lf.values())}")
+    weights = pathlib.Path("checkpoint-3") / "model" / "model.safetensors"
+    state = json.loads((TMP / "ff" / "checkpoint-3" / "trainer_state.json").read_text())
+    check((TMP / "ff" / weights).exists() and "model/model.safetensors" in state["files"],
+          "a full fine-tuning checkpoint holds the model's weights, listed with their checksum")
+    for name in ("ffr", "fft"):
+        shutil.copytree(TMP / "ff", TMP / name)
+        shutil.rmtree(TMP / name / "checkpoint-6")
+        shutil.rmtree(TMP / name / "model")
+    p = train(write_config("ffr", **full), "--resume", "auto")
+    model_bytes = lambda name: (TMP / name / "model" / "model.safetensors").read_bytes()
+    check("checkpoint-3" in p.stderr and all(losses("ffr")[s] == lf[s] for s in (4, 5, 6))
+          and model_bytes("ffr") == model_bytes("ff"),
+          "a full fine-tuning run resumed from checkpoint-3 ends with the straight run's losses and weights")
+    w = TMP / "fft" / weights
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    p = train(write_config("fft", **full), "--resume", str(TMP / "fft" / "checkpoint-3"), check_rc=False)
+    check(p.returncode != 0 and "model.safetensors" in p.stderr and "truncated" in p.stderr,
+          f"a truncated weights file in the checkpoint is named (exit {p.returncode})")
+
     # A kill in the middle of writing checkpoint-6: resume falls back to checkpoint-3 and still ends the same.
     cfg = write_config("c")
     start_and_kill(cfg, lambda: any(n.startswith(".checkpoint-6") for n in os.listdir(TMP / "c")) if (TMP / "c").exists() else False,
