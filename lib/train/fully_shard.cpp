@@ -107,6 +107,12 @@ FullyShard::FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions 
       add_entry(units_.back(), "lm_head.weight", &model.lm_head, false, Entry::Released::EmptyRows, fingerprint);
     }
   }
+  // modules_to_save: the trained copies stay whole (a tied model has one tensor in both roles).
+  if (model.embed_tokens_trainable.defined())
+    replicated_.emplace_back(peft_module_key("embed_tokens"), model.embed_tokens_trainable);
+  if (model.lm_head_trainable.defined() && !model.lm_head_trainable.is_same(model.embed_tokens_trainable))
+    replicated_.emplace_back(peft_module_key("lm_head"), model.lm_head_trainable);
+  for (const auto& [name, t] : replicated_) fingerprint += "replicated " + name + ";";
   check_same_across_ranks(comm_, fingerprint, "model tensors to shard (names, dtypes, shapes)");
   model_.block_hooks = this;
 }
@@ -264,7 +270,23 @@ std::vector<std::pair<std::string, at::Tensor>> FullyShard::parameters() const {
   for (const auto& u : units_)
     for (const auto& e : u.entries)
       if (e.trainable) out.emplace_back(e.name, e.shard);
+  out.insert(out.end(), replicated_.begin(), replicated_.end());
   return out;
+}
+
+void FullyShard::reduce_replicated_grads() {
+  at::NoGradGuard no_grad;
+  for (auto& [name, t] : replicated_) {
+    // Every rank calls the collective, also one whose micro-batches left this gradient undefined.
+    if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
+    comm_.all_reduce(t.mutable_grad());
+  }
+}
+
+const at::Tensor* FullyShard::replicated(const std::string& param) const {
+  for (const auto& [name, t] : replicated_)
+    if (name == param) return &t;
+  return nullptr;
 }
 
 double FullyShard::clip_grad_norm(double max_norm) {
@@ -276,12 +298,17 @@ double FullyShard::clip_grad_norm(double max_norm) {
   // The sum over ranks in float64 on the CPU path (MPI), float32 through NCCL.
   at::Tensor total = sq.to(comm_.device().is_cuda() ? at::kFloat : at::kDouble);
   comm_.all_reduce(total);
-  const double norm = std::sqrt(total.to(at::kCPU, at::kDouble).item<double>());
+  double sum = total.to(at::kCPU, at::kDouble).item<double>();
+  for (const auto& [name, t] : replicated_)  // the same summed gradient on every rank: counted once
+    if (t.grad().defined()) sum += t.grad().to(at::kDouble).pow(2).sum().to(at::kCPU).item<double>();
+  const double norm = std::sqrt(sum);
   if (max_norm > 0 && norm > max_norm) {
     const double scale = max_norm / (norm + 1e-6);
     for (const auto& u : units_)
       for (const auto& e : u.entries)
         if (e.trainable && e.shard.grad().defined()) e.shard.grad().mul_(scale);
+    for (const auto& [name, t] : replicated_)
+      if (t.grad().defined()) t.grad().mul_(scale);
   }
   return norm;
 }
@@ -309,9 +336,16 @@ const FullyShard::Entry& FullyShard::entry(const std::string& param) const {
   fail(ErrorKind::Internal, "FullyShard: no sharded tensor named " + param);
 }
 
-int64_t FullyShard::full_rows(const std::string& param) const { return entry(param).rows; }
+int64_t FullyShard::full_rows(const std::string& param) const {
+  if (const at::Tensor* t = replicated(param)) return t->size(0);
+  return entry(param).rows;
+}
 
 at::Tensor FullyShard::shard_of(const std::string& param, const at::Tensor& full) const {
+  if (const at::Tensor* t = replicated(param)) {
+    QT_CHECK(full.sizes() == t->sizes(), ErrorKind::Internal, "FullyShard::shard_of: " + param + " has another shape");
+    return full.to(t->device());
+  }
   const Entry& e = entry(param);
   QT_CHECK(full.dim() >= 1 && full.size(0) == e.rows && full.numel() == e.rows * e.row_numel, ErrorKind::Internal,
            "FullyShard::shard_of: " + param + " has another shape");

@@ -20,6 +20,9 @@
 // Per rank this holds ~1/N of the block parameters plus one or two gathered blocks. Embeddings and lm_head stay
 // replicated, or with FullyShardOptions::shard_embeddings are sharded too (each its own unit, gathered by the
 // caller around its use through GatherScope; tied weights are one unit); the final norm stays replicated.
+// Trained embeddings / lm_head (PEFT's modules_to_save: the model's fp32 *_trainable copies) stay replicated:
+// whole on every rank, their gradients summed over the ranks (reduce_replicated_grads), stepped by every rank
+// alike; parameters(), clip_grad_norm, full_rows and shard_of treat them as unsharded.
 //
 // Every method that gathers or reduces is a collective: all ranks call it in the same order (the forward and
 // backward passes do, as all ranks run the same number of micro-batches).
@@ -59,9 +62,11 @@ class FullyShard : public BlockHooks {
   // This rank's LoRA shards under PEFT's names (lora_parameters order), [ceil(rows/N), ...] fp32 leaves
   // that require grad: what the optimizer steps.
   std::vector<std::pair<std::string, at::Tensor>> parameters() const;
-  // Global L2 norm of the sharded gradients (sum of squares all-reduced), clipped to max_norm as
-  // clip_grad_norm does (max_norm <= 0: no clipping). Returns the norm before clipping.
+  // Global L2 norm of the sharded gradients (sum of squares all-reduced) and the replicated ones (counted once),
+  // clipped to max_norm as clip_grad_norm does (max_norm <= 0: no clipping). Returns the norm before clipping.
   double clip_grad_norm(double max_norm);
+  // Sums the replicated trained tensors' gradients over the ranks (collective; after a step's last backward).
+  void reduce_replicated_grads();
 
   // Gathers the embeddings or lm_head into the model (collective; no-op when they are replicated), and
   // drops them again (local). Nested gathers of one unit are counted.
@@ -124,6 +129,9 @@ class FullyShard : public BlockHooks {
   Communicator& comm_;
   int rank_ = 0, world_ = 1;
   std::vector<Unit> units_;  // the blocks, then the root units (embeddings, then an untied lm_head)
+  // Trained embeddings / lm_head (modules_to_save), whole on every rank, under their PEFT names.
+  std::vector<std::pair<std::string, at::Tensor>> replicated_;
+  const at::Tensor* replicated(const std::string& param) const;
   size_t num_blocks_ = 0;
   int embed_unit_ = -1, head_unit_ = -1;
   bool tied_ = false;

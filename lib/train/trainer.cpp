@@ -280,10 +280,6 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   }
   // FullyShard: each rank keeps 1/N of every block's tensors; the optimizer steps the LoRA shards.
   std::unique_ptr<FullyShard> fsdp;
-  if (cfg.train.shard == "blocks" && !lora.modules_to_save.empty())
-    fail_key(ErrorKind::Config, cfg.file, "train.shard",
-             "\"blocks\" together with lora.modules_to_save is not supported yet (the trained embeddings and lm_head "
-             "are not sharded): set train.shard to \"none\" or drop modules_to_save");
   if (cfg.train.shard == "blocks") {
     FullyShardOptions so;
     so.shard_embeddings = cfg.train.shard_embeddings;
@@ -462,6 +458,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       for (auto& [n, p] : params)
         if (p.grad().defined()) comm->all_reduce(p.mutable_grad());
     }
+    if (fsdp) fsdp->reduce_replicated_grads();  // modules_to_save: whole on every rank
     at::Tensor loss_t = at::tensor({local_loss}, at::kDouble).to(device.is_cuda() ? at::kFloat : at::kDouble).to(device);
     comm->all_reduce(loss_t);
     const double loss = loss_t.to(at::kCPU, at::kDouble).item<double>() / step_targets;

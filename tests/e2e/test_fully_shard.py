@@ -162,6 +162,28 @@ def main():
         check(close_losses(got, want, (1, 2, 3, 4)) and set(a) == set(b) and any("magnitude" in k for k in b)
               and max_rel(a, b) < 1e-4, f"DoRA on 3 sharded ranks gives the single-process losses and adapter {got} vs {want}")
 
+    # modules_to_save: the trained embeddings and lm_head stay whole on every rank (their gradients summed over the
+    # ranks) while the blocks are sharded; 2 sharded ranks give the single process's losses and adapter, and their
+    # checkpoint-2 resumes on 3 sharded ranks (embeddings sharded too) with the straight run's next losses.
+    mts = {"lora__modules_to_save": ["lm_head", "embed_tokens"]}
+    run(write_config("mref", train__shard="none", **mts), 0)
+    p = run(write_config("m2", **mts), 2)
+    if p.returncode == 0:
+        got, want = losses("m2"), losses("mref")
+        a, b = adapter("m2"), adapter("mref")
+        trained = [k for k in b if k.endswith("lm_head.weight") or k.endswith("embed_tokens.weight")]
+        check(close_losses(got, want, (1, 2, 3, 4)) and set(a) == set(b) and len(trained) == 2 and max_rel(a, b) < 1e-4,
+              f"modules_to_save on 2 sharded ranks: the single-process losses and adapter ({trained}) {got} vs {want}")
+        (TMP / "m3r").mkdir()
+        shutil.copytree(TMP / "m2" / "checkpoint-2", TMP / "m3r" / "checkpoint-2")
+        shutil.copy(TMP / "m2" / "metrics.jsonl", TMP / "m3r" / "metrics.jsonl")
+        p = run(write_config("m3r", train__shard_embeddings=True, **mts), 3, "--resume", "auto")
+        if p.returncode == 0:
+            got = losses("m3r")
+            check("resumed from" in p.stderr and close_losses(got, want, (3, 4)) and max_rel(adapter("m3r"), b) < 1e-4,
+                  f"its checkpoint-2 resumed on 3 sharded ranks ends as the single process {[got.get(s) for s in (3, 4)]} "
+                  f"vs {[want[s] for s in (3, 4)]}")
+
     # The exact-match metric generates through gathered blocks (and embeddings) on every rank: the same
     # greedy answers as one unsharded process, logged once.
     words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
