@@ -112,6 +112,8 @@ class PinnedPool {
       if (it != free_.end() && it->first / 2 <= bytes) {
         void* ptr = it->second;
         sizes_[ptr] = it->first;
+        free_bytes_ -= it->first;
+        note_in_use(it->first);
         free_.erase(it);
         return ptr;
       }
@@ -132,22 +134,38 @@ class PinnedPool {
     }
     std::lock_guard<std::mutex> lock(mutex_);
     sizes_[ptr] = bytes;
+    note_in_use(bytes);
     return ptr;
   }
+  // Back to the free list; the smallest free buffers are released while the free list holds more than the most
+  // ever in use at once (sizes that change from step to step would otherwise pile up).
   void give(void* ptr) {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = sizes_.find(ptr);
     free_.emplace(it->second, ptr);
+    free_bytes_ += it->second;
+    in_use_bytes_ -= it->second;
     sizes_.erase(it);
+    while (free_bytes_ > peak_in_use_bytes_ && !free_.empty()) {
+      (void)cudaFreeHost(free_.begin()->second);
+      free_bytes_ -= free_.begin()->first;
+      free_.erase(free_.begin());
+    }
   }
   void release_free() {
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& [bytes, ptr] : free_) (void)cudaFreeHost(ptr);
     free_.clear();
+    free_bytes_ = 0;
+  }
+  void note_in_use(size_t bytes) {
+    in_use_bytes_ += bytes;
+    peak_in_use_bytes_ = std::max(peak_in_use_bytes_, in_use_bytes_);
   }
   std::mutex mutex_;
   std::multimap<size_t, void*> free_;    // bytes -> buffer
   std::map<void*, size_t> sizes_;        // buffers in use -> their bytes
+  size_t free_bytes_ = 0, in_use_bytes_ = 0, peak_in_use_bytes_ = 0;
 };
 
 at::Tensor offload_to_host(const at::Tensor& h) {
