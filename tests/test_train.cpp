@@ -13,6 +13,8 @@
 
 using qt::test::fixture;
 using qt::test::rel_err;
+using qt::test::error_of;
+using qt::test::has;
 
 TEST_CASE("AdamW follows torch.optim.AdamW step for step", "[train]") {
   qt::SafetensorsFile ref(fixture("train/adamw.safetensors"));
@@ -27,6 +29,24 @@ TEST_CASE("AdamW follows torch.optim.AdamW step for step", "[train]") {
   auto state = opt.state_tensors();
   CHECK(rel_err(state[0].second, ref.view("exp_avg")) < 1e-6);
   CHECK(rel_err(state[1].second, ref.view("exp_avg_sq")) < 1e-6);
+}
+
+TEST_CASE("AdamW with a parameter's learning rate scaled follows torch.optim.AdamW at that learning rate", "[train]") {
+  qt::SafetensorsFile ref(fixture("train/adamw.safetensors"));
+  at::Tensor half = ref.load("p0", at::kFloat, at::kCPU).requires_grad_(true);
+  at::Tensor full = ref.load("p0", at::kFloat, at::kCPU).requires_grad_(true);
+  qt::AdamW opt({{"full", full}, {"half", half}}, {0.9, 0.95, 1e-8, 0.1});
+  opt.set_lr_scale("half", 0.5);
+  for (int i = 0; i < 4; ++i) {
+    at::Tensor g = ref.load("grad" + std::to_string(i), at::kFloat, at::kCPU);
+    half.mutable_grad() = g.clone();
+    full.mutable_grad() = g.clone();
+    opt.step(6e-3);  // the reference ran at 3e-3: "half" follows it, "full" runs at twice that
+    INFO("step " << i + 1);
+    CHECK(rel_err(half, ref.view("p" + std::to_string(i + 1))) < 1e-6);
+    CHECK(rel_err(full, ref.view("p" + std::to_string(i + 1))) > 1e-4);
+  }
+  CHECK(has(error_of([&] { opt.set_lr_scale("none", 2.0); }), "none"));
 }
 
 TEST_CASE("LR schedules equal transformers' schedules with warmup", "[train]") {
@@ -122,6 +142,7 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": 0}})", {"train.batch_size", "> 0"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"schedule": "cosin"}})", {"optim.schedule", "cosine"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"attention": "fa3"}})", {"train.attention", "flash or cudnn"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"lr": 1e-4, "embedding_lr": -1}})", {"optim.embedding_lr", "[0, 1)"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}})", {"optim.lr"}, {"optim.lr=2"});
   expect(R"({"model": {"path": "m"}})", {"output_dir", "missing"});
   expect("{\"output_dir\": \"o\",\n \"model\": {\"path\": }", {"run.json", "line 2"});

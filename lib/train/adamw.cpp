@@ -4,6 +4,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <cmath>
+#include <map>
 
 #include "lib/core/error.h"
 
@@ -15,6 +16,16 @@ AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOption
     exp_avg_.push_back(at::zeros_like(p, p.options().dtype(at::kFloat)));
     exp_avg_sq_.push_back(at::zeros_like(p, p.options().dtype(at::kFloat)));
   }
+  lr_scale_.assign(params_.size(), 1.0);
+}
+
+void AdamW::set_lr_scale(const std::string& name, double scale) {
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (params_[i].first == name) {
+      lr_scale_[i] = scale;
+      return;
+    }
+  fail(ErrorKind::Internal, "AdamW::set_lr_scale: no parameter named " + name);
 }
 
 void AdamW::step(double lr) {
@@ -22,11 +33,18 @@ void AdamW::step(double lr) {
   ++step_;
   const double bc1 = 1.0 - std::pow(options_.beta1, static_cast<double>(step_));
   const double bc2 = 1.0 - std::pow(options_.beta2, static_cast<double>(step_));
+  // One group per learning rate (parameter order kept within each).
+  std::map<double, std::vector<size_t>> groups;
+  for (size_t i = 0; i < params_.size(); ++i) groups[lr_scale_[i]].push_back(i);
+  for (const auto& [scale, group] : groups) step_group(group, lr * scale, bc1, bc2);
+}
+
+void AdamW::step_group(const std::vector<size_t>& group, double lr, double bc1, double bc2) {
   // fp32 parameters (LoRA, DoRA's magnitude, trained embeddings): the same elementwise ops in the same order
   // through multi-tensor kernels, a few launches for all parameters instead of seven per parameter.
   std::vector<at::Tensor> ps, gs, ms, vs;
   bool all_fp32 = true;
-  for (size_t i = 0; i < params_.size(); ++i) {
+  for (size_t i : group) {
     const at::Tensor& p = params_[i].second;
     if (!p.grad().defined()) continue;
     all_fp32 = all_fp32 && p.scalar_type() == at::kFloat && p.grad().scalar_type() == at::kFloat &&
@@ -48,7 +66,7 @@ void AdamW::step(double lr) {
     at::_foreach_addcdiv_(ps, ms, denom, -lr / bc1);
     return;
   }
-  for (size_t i = 0; i < params_.size(); ++i) {
+  for (size_t i : group) {
     at::Tensor p = params_[i].second;
     const at::Tensor& g = p.grad();
     if (!g.defined()) continue;

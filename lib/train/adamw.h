@@ -21,6 +21,8 @@ class AdamW {
   AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions options);
   // One update with learning rate `lr` from the parameters' .grad(); a parameter without a gradient is skipped.
   void step(double lr);
+  // One parameter's learning rate as a multiple of step()'s (another learning rate, scheduled alike); default 1.
+  void set_lr_scale(const std::string& name, double scale);
   void zero_grad();
   int64_t steps() const { return step_; }
 
@@ -31,7 +33,10 @@ class AdamW {
 
  private:
   std::vector<std::pair<std::string, at::Tensor>> params_;
+  void step_group(const std::vector<size_t>& group, double lr, double bc1, double bc2);
+
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  std::vector<double> lr_scale_;
   AdamWOptions options_;
   int64_t step_ = 0;
 };

@@ -134,7 +134,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
 
   const Json& o = section(j, "optim");
   reject_unknown_keys(o, {"lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
-                          "min_lr_ratio"},
+                          "min_lr_ratio", "embedding_lr"},
                       file, "optim.", ErrorKind::Config);
   JsonReader orr{o, file, ErrorKind::Config, "optim."};
   c.optim.lr = orr.get_double("lr", c.optim.lr);
@@ -155,6 +155,11 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   c.optim.min_lr_ratio = orr.get_double("min_lr_ratio", c.optim.min_lr_ratio);
   if (!(c.optim.min_lr_ratio >= 0 && c.optim.min_lr_ratio <= 1))
     fail_key(ErrorKind::Config, file, "optim.min_lr_ratio", "must be in [0, 1]");
+  if (orr.has("embedding_lr")) {
+    c.optim.embedding_lr = orr.get_double("embedding_lr");
+    if (!(c.optim.embedding_lr >= 0 && c.optim.embedding_lr < 1))
+      fail_key(ErrorKind::Config, file, "optim.embedding_lr", "must be in [0, 1)");
+  }
 
   const Json& ck = section(j, "checkpoint");
   reject_unknown_keys(ck, {"every", "keep_last"}, file, "checkpoint.", ErrorKind::Config);

@@ -61,6 +61,9 @@ struct OptimSection {
   LrScheduleType schedule = LrScheduleType::Cosine;
   int64_t warmup_steps = 0;
   double min_lr_ratio = 0.0;
+  // The learning rate of the tensors trained in full (lora.modules_to_save: lm_head, embed_tokens), scheduled
+  // like lr (Unsloth's embedding_learning_rate: embeddings usually want a smaller one); < 0: lr.
+  double embedding_lr = -1.0;
 };
 
 struct CheckpointSection {

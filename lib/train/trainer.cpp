@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdio>
 #include <optional>
+#include <sstream>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -289,6 +290,18 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     params = lora_parameters(model);
   }
   AdamW opt(params, {cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps, cfg.optim.weight_decay});
+  if (cfg.optim.embedding_lr >= 0) {
+    int scaled = 0;
+    for (const auto& [n, p] : params)
+      if (n == peft_module_key("embed_tokens") || n == peft_module_key("lm_head")) {
+        opt.set_lr_scale(n, cfg.optim.embedding_lr / cfg.optim.lr);
+        ++scaled;
+      }
+    if (scaled == 0)
+      fail_key(ErrorKind::Config, cfg.file, "optim.embedding_lr",
+               "is the learning rate of the tensors lora.modules_to_save trains in full, and there are none: add "
+               "lora.modules_to_save or drop the key");
+  }
   int64_t trainable = 0;
   for (const auto& [n, p] : params) trainable += fsdp ? p.numel() / p.size(0) * fsdp->full_rows(n) : p.numel();
 
@@ -318,7 +331,13 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   std::string saved_modules;
   for (const auto& m : lora.modules_to_save) saved_modules += (saved_modules.empty() ? " with " : " and ") + m;
   if (!saved_modules.empty())
-    saved_modules += model.config.tie_word_embeddings ? " in full (fp32; tied: one tensor for both)" : " in full (fp32)";
+    saved_modules += model.config.tie_word_embeddings ? " in full (fp32; tied: one tensor for both" : " in full (fp32";
+  if (!saved_modules.empty() && cfg.optim.embedding_lr >= 0) {
+    std::ostringstream lr_text;
+    lr_text << cfg.optim.embedding_lr;
+    saved_modules += ", lr " + lr_text.str();
+  }
+  if (!saved_modules.empty()) saved_modules += ")";
   const bool bar = cfg.progress == "bar" || (cfg.progress == "auto" && ::isatty(2));
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0, /*resume=*/state.step > 0);
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);

@@ -28,13 +28,13 @@ def run_ok(*args):
     return p
 
 
-def write_config(root, name, lora=None, lr=1e-2, **train):
+def write_config(root, name, lora=None, lr=1e-2, optim=None, **train):
     cfg = {"output_dir": str(root / name), "model": {"path": str(root / "model"), "quant": "nf4", "device": "cpu"},
            "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj"], "modules_to_save": ["lm_head", "embed_tokens"],
                     **(lora or {})},
            "data": {"train_file": str(root / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
            "train": {"steps": 4, "batch_size": 4, "seed": 3, "log_every": 1, **train},
-           "optim": {"lr": lr, "warmup_steps": 0, "schedule": "constant"},
+           "optim": {"lr": lr, "warmup_steps": 0, "schedule": "constant", **(optim or {})},
            "checkpoint": {"every": 2, "keep_last": 3}, "logging": {"progress": "lines"}}
     path = root / f"{name}.json"
     path.write_text(json.dumps(cfg))
@@ -77,6 +77,20 @@ def one_model(tied: bool):
         moved = (sd[EMBED] != base_embed).any(dim=1)
         check(0 < int(moved.sum()) < sd[EMBED].shape[0], f"untied: {int(moved.sum())} embedding rows moved (tokens seen)")
         check(bool((sd[HEAD] != base_head).any(dim=1).all()), "untied: every lm_head row moved")
+
+    # optim.embedding_lr, the modules' own learning rate: 0 keeps them at the base weights while LoRA trains; the
+    # run's lr gives the default run byte for byte; without modules_to_save the key is refused.
+    p = run_ok("--config", write_config(root, "e0", optim={"embedding_lr": 0.0}))
+    e0 = load_file(str(root / "e0" / "adapter" / "adapter_model.safetensors"))
+    check("lr 0)" in p.stderr and torch.equal(e0[EMBED], base_embed) and torch.equal(e0[HEAD], base_head)
+          and any(not torch.equal(e0[k], sd[k]) for k in e0 if "lora_B" in k) and losses(root, "e0")[4] < losses(root, "e0")[1],
+          f"{what}: embedding_lr 0 leaves lm_head and the embeddings at the base weights while LoRA trains")
+    run_ok("--config", write_config(root, "e1", optim={"embedding_lr": 1e-2}))
+    check((root / "e1" / "adapter" / "adapter_model.safetensors").read_bytes() == (adapter / "adapter_model.safetensors").read_bytes(),
+          f"{what}: embedding_lr equal to lr gives the default run's adapter byte for byte")
+    p = run("--config", write_config(root, "e2", lora={"modules_to_save": []}, optim={"embedding_lr": 1e-3}))
+    check(p.returncode == 3 and "optim.embedding_lr" in p.stderr and "modules_to_save" in p.stderr,
+          f"{what}: embedding_lr without modules_to_save is refused, naming both keys (exit {p.returncode})")
 
     # PEFT loads the adapter with modules_to_save and gives our eval loss on the same NF4 base.
     run_ok("quantize", "--model", root / "model", "--out", root / "model_nf4")
