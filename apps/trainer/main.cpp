@@ -20,6 +20,7 @@
 #include "lib/model/merge.h"
 #include "lib/model/peft_adapter.h"
 #include "lib/model/quantize_model.h"
+#include "lib/train/bench.h"
 #include "lib/train/evaluate.h"
 #include "lib/train/run_config.h"
 #include "lib/train/trainer.h"
@@ -305,6 +306,18 @@ int main(int argc, char** argv) {
   quantize_cmd->add_option("--out", quantize.out, "output directory (new or empty)")->required();
   quantize_cmd->add_option("--device", quantize.device, "where to quantize: cpu or cuda");
 
+  qt::BenchOptions bench;
+  CLI::App* bench_cmd = app.add_subcommand("bench", "Time training steps on a model of random weights (tokens/s, peak memory, MFU)");
+  bench_cmd->add_option("--shape", bench.shape, "a named shape: llama-3.2-1b, llama-3.1-8b, ... (or --model)");
+  bench_cmd->add_option("--model", bench.model, "a model directory whose config.json gives the shape");
+  bench_cmd->add_option("--batch", bench.batch, "rows per step")->check(CLI::PositiveNumber);
+  bench_cmd->add_option("--seq", bench.seq, "tokens per row")->check(CLI::PositiveNumber);
+  bench_cmd->add_option("--steps", bench.steps, "timed steps (the median is reported)")->check(CLI::PositiveNumber);
+  bench_cmd->add_option("--warmup", bench.warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
+  bench_cmd->add_option("--device", bench.device, "cuda or cpu")->check(CLI::IsMember({"cuda", "cpu"}));
+  bench_cmd->add_option("--out", bench.out, "working directory (random data, run config, the run)")->required();
+  bench_cmd->add_option("--set", bench.overrides, "override a run config key: --set train.attention=flash (repeatable)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -321,6 +334,10 @@ int main(int argc, char** argv) {
     if (quantize_cmd->parsed()) return run_quantize(quantize);
     if (export_cmd->parsed()) return run_export(exp);
     if (gen_cmd->parsed()) return run_generate(gen);
+    if (bench_cmd->parsed()) {
+      std::cout << qt::run_bench(bench).dump() << std::endl;
+      return 0;
+    }
     std::cerr << app.help() << std::endl;
     return qt::exit_code(qt::ErrorKind::Usage);
   } catch (const qt::Error& e) {

@@ -1,0 +1,131 @@
+#include "lib/train/bench.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <random>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/model/random_init.h"
+#include "lib/train/run_config.h"
+#include "lib/train/trainer.h"
+
+namespace qt {
+
+namespace {
+
+// Dense bf16 matrix rate of the device: 8192^3 GEMMs, the best of three timed batches of ten.
+double matrix_rate(at::Device device) {
+  const int64_t n = 8192;
+  auto opts = at::TensorOptions().dtype(at::kBFloat16).device(device);
+  at::Tensor a = at::randn({n, n}, opts), b = at::randn({n, n}, opts), c = at::empty({n, n}, opts);
+  at::mm_out(c, a, b);
+  c10::cuda::device_synchronize();
+  double best = 0;
+  for (int round = 0; round < 3; ++round) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < 10; ++i) at::mm_out(c, a, b);
+    c10::cuda::device_synchronize();
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 10 * 2.0 * n * n * n / s);
+  }
+  return best;
+}
+
+}  // namespace
+
+double train_flops_per_token(const LlamaConfig& c, int64_t seq) {
+  const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
+  const double q = static_cast<double>(c.q_size()), kv = static_cast<double>(c.num_key_value_heads * c.head_dim);
+  const double per_layer = H * q + 2 * H * kv + q * H + 3 * H * I;
+  const double n = static_cast<double>(c.num_hidden_layers) * per_layer + static_cast<double>(c.vocab_size) * H;
+  return 6 * n + 8.0 * static_cast<double>(c.num_hidden_layers) * static_cast<double>(seq) * H;
+}
+
+Json run_bench(const BenchOptions& o) {
+  if (o.shape.empty() == o.model.empty()) fail(ErrorKind::Usage, "bench: give one of --shape NAME or --model DIR");
+  if (o.batch <= 0 || o.seq < 2 || o.steps <= 0 || o.warmup < 0)
+    fail(ErrorKind::Usage, "bench: --batch > 0, --seq >= 2, --steps > 0 and --warmup >= 0 expected");
+  if (o.out.empty()) fail(ErrorKind::Usage, "bench: --out DIR is required");
+  const LlamaConfig shape = o.shape.empty() ? LlamaConfig::from_file(files::join(o.model, "config.json"))
+                                            : shape_config(o.shape, "bench", "--shape");
+  files::make_dirs(o.out);
+  // Random token rows, one document each (no packing), as the peer scripts feed their trainers.
+  const std::string data = files::join(o.out, "tokens.jsonl");
+  {
+    std::ofstream f(data);
+    std::mt19937_64 rng(0);
+    std::uniform_int_distribution<int64_t> token(0, shape.vocab_size - 1);
+    for (int64_t r = 0; r < o.batch; ++r) {
+      Json ids = Json::array();
+      for (int64_t t = 0; t < o.seq; ++t) ids.push_back(token(rng));
+      f << Json{{"input_ids", ids}}.dump() << "\n";
+    }
+    if (!f) fail_at(ErrorKind::Io, data, "cannot be written");
+  }
+  const std::string run_dir = files::join(o.out, "run");
+  files::remove_tree(run_dir);
+  Json model = {{"init", "random"}, {"quant", "nf4"}, {"device", o.device}};
+  if (o.shape.empty()) model["path"] = o.model;
+  else model["shape"] = o.shape;
+  Json cfg = {{"output_dir", run_dir},
+              {"model", model},
+              {"lora", {{"r", 16}, {"alpha", 16}}},
+              {"data", {{"train_file", data}, {"format", "tokenized"}, {"max_seq_len", o.seq}, {"packing", false},
+                        {"shuffle", false}}},
+              {"train", {{"steps", o.warmup + o.steps}, {"batch_size", o.batch}, {"seed", 0}, {"log_every", 1},
+                         {"grad_checkpointing", true}}},
+              {"optim", {{"lr", 1e-4}, {"schedule", "constant"}}},
+              {"checkpoint", {{"every", 0}}},
+              {"logging", {{"progress", "lines"}}}};
+  const std::string cfg_path = files::join(o.out, "bench_config.json");
+  {
+    std::ofstream f(cfg_path);
+    f << cfg.dump(2) << "\n";
+    if (!f) fail_at(ErrorKind::Io, cfg_path, "cannot be written");
+  }
+  const RunConfig config = RunConfig::load(cfg_path, o.overrides);
+  train(config, TrainOptions{});
+
+  std::vector<double> step_s;
+  double peak = -1;
+  std::ifstream metrics(files::join(run_dir, "metrics.jsonl"));
+  std::string line;
+  int64_t seen = 0;
+  while (std::getline(metrics, line)) {
+    const Json j = Json::parse(line);
+    if (!j.contains("loss") || !j.contains("step_s")) continue;
+    if (++seen <= o.warmup) continue;
+    step_s.push_back(j["step_s"].get<double>());
+    if (j.contains("gpu_mem_gib")) peak = std::max(peak, j["gpu_mem_gib"].get<double>());
+  }
+  QT_CHECK(static_cast<int64_t>(step_s.size()) == o.steps, ErrorKind::Internal,
+           "bench: " + std::to_string(step_s.size()) + " timed steps in metrics.jsonl, expected " + std::to_string(o.steps));
+  std::sort(step_s.begin(), step_s.end());
+  const double median = step_s[step_s.size() / 2];
+  const double tok_s = static_cast<double>(o.batch * o.seq) / median;
+  const double flops = train_flops_per_token(shape, o.seq);
+  Json out = {{"model", o.shape.empty() ? o.model : o.shape},
+              {"batch", o.batch},
+              {"seq", o.seq},
+              {"steps", o.steps},
+              {"step_s", median},
+              {"tokens_per_s", tok_s},
+              {"flops_per_token", flops},
+              {"peak_gib", nullptr},
+              {"matrix_tflops", nullptr},
+              {"mfu", nullptr}};
+  if (peak >= 0) out["peak_gib"] = peak;
+  if (config.model.device == "cuda" || (config.model.device == "auto" && at::hasCUDA())) {
+    const double rate = matrix_rate(at::Device(at::kCUDA, 0));
+    out["matrix_tflops"] = rate / 1e12;
+    out["mfu"] = tok_s * flops / rate;
+  }
+  return out;
+}
+
+}  // namespace qt

@@ -1,0 +1,35 @@
+#pragma once
+// `qlora-train bench`: our trainer on a model of random weights (a named shape or a directory's config.json) for
+// a few steps of random tokens, timed as scripts/bench.py times the peers: the median step after warm-up,
+// batch x seq tokens per step, the peak GPU memory, and the MFU of issue 14's formula against the bf16 matrix
+// rate measured on the device in the same process.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "lib/core/json.h"
+#include "lib/model/llama_config.h"
+
+namespace qt {
+
+struct BenchOptions {
+  std::string shape;  // a named shape (random_init.h), or
+  std::string model;  // a model directory whose config.json gives the shape
+  int64_t batch = 1;
+  int64_t seq = 2048;
+  int64_t steps = 8;   // timed steps
+  int64_t warmup = 3;  // untimed steps first
+  std::string device = "cuda";
+  std::string out;     // working directory (data, config, run); created
+  std::vector<std::string> overrides;  // --set key=value for the run config
+};
+
+// (6 N + 8 L S d) FLOPs per token: N the parameters of the block linears and lm_head, L layers, S the sequence
+// length, d the hidden size (forward, input gradient and recomputation; causal attention).
+double train_flops_per_token(const LlamaConfig& config, int64_t seq);
+
+// Runs the benchmark and returns {model, batch, seq, steps, step_s, tokens_per_s, peak_gib (CUDA), flops_per_token,
+// matrix_tflops and mfu (CUDA; null on the CPU)}.
+Json run_bench(const BenchOptions& options);
+
+}  // namespace qt

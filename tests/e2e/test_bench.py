@@ -1,0 +1,51 @@
+"""`qlora-train bench` on the CPU: a model of random weights shaped by a directory's config.json trains for the
+warm-up and timed steps on random tokens; the JSON line reports the median step, batch x seq tokens per second
+and issue 14's FLOPs per token (checked here against the formula from config.json); MFU and peak memory are null
+off the GPU. Bad arguments end with errors naming them."""
+import json, os, pathlib, subprocess, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import tiny_lm
+
+from checks import check, finish
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_bench_"))
+
+
+def bench(*args):
+    return subprocess.run([BIN, "bench", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def main():
+    tiny_lm.make_model_dir(TMP / "model", seed=5)
+    c = json.loads((TMP / "model" / "config.json").read_text())
+    p = bench("--model", TMP / "model", "--batch", 2, "--seq", 24, "--steps", 3, "--warmup", 1, "--device", "cpu",
+              "--out", TMP / "b", "--set", "train.attention=flash")
+    check(p.returncode == 0, f"bench exits 0 ({p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
+    if p.returncode == 0:
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        H, I, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+        hd = c.get("head_dim") or H // c["num_attention_heads"]
+        q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+        n = L * (H * q + 2 * H * kv + q * H + 3 * H * I) + V * H
+        want = 6 * n + 8 * L * 24 * H
+        check(abs(r["flops_per_token"] - want) <= 1e-9 * want, f"FLOPs per token {r['flops_per_token']} = 6N + 8LSd = {want}")
+        steps = [json.loads(l) for l in (TMP / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
+        timed = sorted(s["step_s"] for s in steps if "loss" in s)[:]
+        check(len(timed) == 4, f"the run made 1 warm-up and 3 timed steps ({len(timed)})")
+        med = sorted(s["step_s"] for s in steps if "loss" in s and s["step"] > 1)[1]
+        check(r["steps"] == 3 and r["step_s"] == med and abs(r["tokens_per_s"] - 2 * 24 / med) < 1e-6 * r["tokens_per_s"],
+              f"the median timed step {r['step_s']} s and 2 x 24 tokens per step: {r['tokens_per_s']:.1f} tok/s")
+        check(r["mfu"] is None and r["matrix_tflops"] is None and r["peak_gib"] is None, "no MFU or GPU memory on the CPU")
+    p = bench("--shape", "llama-9-huge", "--out", TMP / "e1", "--device", "cpu")
+    check(p.returncode == 3 and "--shape" in p.stderr and "llama-3.1-8b" in p.stderr,
+          f"an unknown shape names the option and the known shapes (exit {p.returncode})")
+    p = bench("--shape", "llama-3.2-1b", "--model", TMP / "model", "--out", TMP / "e2", "--device", "cpu")
+    check(p.returncode != 0 and "--shape" in p.stderr and "--model" in p.stderr, f"--shape and --model together are refused (exit {p.returncode})")
+    p = bench("--model", TMP / "model", "--out", TMP / "e3", "--device", "cpu", "--set", "train.atention=flash")
+    check(p.returncode == 3 and "train.atention" in p.stderr, f"a misspelt --set key is named (exit {p.returncode})")
+    finish("bench checks")
+
+
+if __name__ == "__main__":
+    main()
