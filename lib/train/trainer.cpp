@@ -225,6 +225,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
                            : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
   model.attention_kernel =
       cfg.train.attention == "cudnn" ? LlamaModel::AttentionKernel::Cudnn : LlamaModel::AttentionKernel::Flash;
+  // The training shape first among the shapes cuDNN is admitted for, before an exact-match evaluation's
+  // generation (a new length every token) could take the slots.
+  if (device.is_cuda()) model.cudnn_admits(micro, data.max_seq_len());
   model.offload_activations = device.is_cuda() && cfg.train.grad_checkpointing &&
                               (cfg.train.offload_activations == "true" ||
                                (cfg.train.offload_activations == "auto" && micro * data.max_seq_len() >= 16384));
