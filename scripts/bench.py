@@ -1,7 +1,7 @@
 """End-to-end training benchmark: our trainer and the peers on the same machine, one table last.
 
-Runs qlora-train for a fixed number of steps on each row from random NF4 weights of a named shape
-(model.init "random": no model directory), then the peers of ../shared/peers (carried as .peerscripts, .peers,
+Runs `qlora-train bench` (our trainer for a fixed number of steps on random NF4 weights of a named shape, no model
+directory) on each row, then the peers of ../shared/peers (carried as .peerscripts, .peers,
 .usite: see that README) on the same rows, and prints tokens/s, peak GPU memory, MFU and our ratio to each peer.
 
 MFU, the same formula for everyone (issue 14): (6 N + 8 L S d) FLOPs per token, N the parameters of the block
@@ -13,7 +13,7 @@ Usage: python3 scripts/bench.py [--binary build-gpu/qlora-train] [--rows 1b-4x20
 Rows: NAME-BxS with NAME in 1b, 3b, 8b (e.g. 8b-1x32768). Peer checkpointing modes follow issue 14: on the GPU
 up to 2048 tokens per row, offloaded ("u") for Unsloth beyond.
 """
-import argparse, json, os, pathlib, random, subprocess, sys, time
+import argparse, json, os, pathlib, subprocess, sys, time
 
 SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b"}
 DIMS = {  # H, I, L, heads, kv heads, vocab, tied
@@ -46,38 +46,19 @@ def matrix_rate():
 
 
 def run_ours(binary, work, shape, batch, seq, steps, warm, extra):
-    work.mkdir(parents=True, exist_ok=True)
-    rnd = random.Random(0)
-    data = work / f"ids_{batch}x{seq}.jsonl"
-    data.write_text("".join(json.dumps({"input_ids": [rnd.randrange(0, 128000) for _ in range(seq)]}) + "\n"
-                            for _ in range(batch)))
-    out = work / f"run_{shape}_{batch}x{seq}"
-    cfg = {"output_dir": str(out), "model": {"init": "random", "shape": shape, "quant": "nf4", "device": "cuda"},
-           "lora": {"r": 16, "alpha": 16},
-           "data": {"train_file": str(data), "format": "tokenized", "max_seq_len": seq, "packing": False,
-                    "shuffle": False},
-           "train": {"steps": warm + steps, "batch_size": batch, "seed": 0, "log_every": 1,
-                     "grad_checkpointing": True},
-           "optim": {"lr": 1e-4, "schedule": "constant"}, "checkpoint": {"every": 0},
-           "logging": {"progress": "lines"}}
+    """`qlora-train bench` (random NF4 weights of the shape, LoRA r=16 on all seven linears, random tokens, one
+    document a row, gradient checkpointing on): median step after `warm` untimed ones."""
+    out = work / f"bench_{shape}_{batch}x{seq}"
+    cmd = [binary, "bench", "--shape", shape, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps),
+           "--warmup", str(warm), "--device", "cuda", "--out", str(out)]
     for kv in extra:
-        k, v = kv.split("=", 1)
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node.setdefault(p, {})
-        node[last] = json.loads(v) if v[:1] in "[{0123456789-tfn\"" else v
-    path = work / f"{out.name}.json"
-    path.write_text(json.dumps(cfg))
-    subprocess.run(["rm", "-rf", str(out)])
-    p = subprocess.run([binary, "--config", str(path)], capture_output=True, text=True)
+        cmd += ["--set", kv]
+    p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         return dict(system="qlora-train", model=shape, batch=batch, seq=seq, error=p.stderr.strip()[-400:])
-    m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    m = [x for x in m if "loss" in x][warm:]
-    step_s = sorted(x["step_s"] for x in m)[len(m) // 2]
-    return dict(system="qlora-train", model=shape, batch=batch, seq=seq, step_s=round(step_s, 4),
-                tok_per_s=round(batch * seq / step_s), peak_gib=round(max(x["gpu_mem_gib"] for x in m), 2))
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return dict(system="qlora-train", model=shape, batch=batch, seq=seq, step_s=round(r["step_s"], 4),
+                tok_per_s=round(r["tokens_per_s"]), peak_gib=round(r["peak_gib"], 2))
 
 
 def run_peer(script, shape, batch, seq, ckpt, env, timeout=900):

@@ -52,7 +52,7 @@ if has train; then
   if [ -n "${PROFILE_ROWS:-}" ]; then
     for row in ${PROFILE_ROWS//,/ }; do
       QT_PROFILE_STEP=4 python3 scripts/bench.py --peers none --rows "$row" --steps 2 --warm 3 --work /tmp/qt_prof --out /tmp >/dev/null 2>&1
-      f=$(ls /tmp/qt_prof/run_*/profile_kernels.txt 2>/dev/null | head -1)
+      f=$(ls /tmp/qt_prof/*/run/profile_kernels.txt 2>/dev/null | head -1)
       [ -n "$f" ] && { note "== profile $row"; head -n 22 "$f" | cut -c1-140 | tee -a "$summary" >/dev/null; }
       rm -rf /tmp/qt_prof
     done
