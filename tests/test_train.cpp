@@ -7,6 +7,7 @@
 #include "lib/model/hf_loader.h"
 #include "lib/train/adamw.h"
 #include "lib/train/lr_schedule.h"
+#include "lib/train/neftune.h"
 #include "lib/train/run_config.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
@@ -47,6 +48,23 @@ TEST_CASE("AdamW with a parameter's learning rate scaled follows torch.optim.Ada
     CHECK(rel_err(full, ref.view("p" + std::to_string(i + 1))) > 1e-4);
   }
   CHECK(has(error_of([&] { opt.set_lr_scale("none", 2.0); }), "none"));
+}
+
+TEST_CASE("NEFTune adds uniform noise of magnitude alpha / sqrt(seq * hidden), none at alpha 0", "[train]") {
+  at::manual_seed(3);
+  const at::Tensor e = at::randn({4, 50, 64});
+  CHECK(qt::neftune_noise(e, 0.0).is_same(e));
+  const double alpha = 5.0, m = alpha / std::sqrt(50.0 * 64.0);
+  const at::Tensor noise = qt::neftune_noise(e, alpha) - e;
+  const double max_abs = noise.abs().max().item<double>();
+  CHECK(max_abs <= m * (1 + 1e-5));
+  CHECK(max_abs > 0.99 * m);                                       // 12,800 draws reach the edges
+  CHECK(std::abs(noise.mean().item<double>()) < 0.05 * m);         // centred
+  CHECK(std::abs(noise.pow(2).mean().item<double>() - m * m / 3) < 0.05 * m * m);  // uniform's variance m^2 / 3
+  // A gradient passes through unchanged (the noise is a constant).
+  at::Tensor x = e.clone().requires_grad_(true);
+  qt::neftune_noise(x, alpha).sum().backward();
+  CHECK(at::equal(x.grad(), at::ones_like(e)));
 }
 
 TEST_CASE("LR schedules equal transformers' schedules with warmup", "[train]") {
@@ -142,6 +160,7 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": 0}})", {"train.batch_size", "> 0"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"schedule": "cosin"}})", {"optim.schedule", "cosine"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"attention": "fa3"}})", {"train.attention", "flash or cudnn"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"neftune_alpha": -1}})", {"train.neftune_alpha", ">= 0"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"lr": 1e-4, "embedding_lr": -1}})", {"optim.embedding_lr", "[0, 1)"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}})", {"optim.lr"}, {"optim.lr=2"});
   expect(R"({"model": {"path": "m"}})", {"output_dir", "missing"});

@@ -36,6 +36,9 @@ struct TrainSection {
   // docs/PERFORMANCE.md) or "flash" (FlashAttention-2 varlen). Rows holding several documents (packing) or
   // padding take flash varlen either way.
   std::string attention = "cudnn";
+  // NEFTune: uniform noise of magnitude alpha / sqrt(seq_len * hidden) on the input embeddings while training
+  // (TRL's neftune_noise_alpha; 5 is the paper's common value); 0: off.
+  double neftune_alpha = 0.0;
   uint64_t seed = 42;
   int64_t eval_every = 0;        // steps between held-out evaluations; 0: only at the end (if there is eval data)
   int64_t log_every = 1;

@@ -31,6 +31,7 @@
 #include "lib/train/exact_match.h"
 #include "lib/train/fully_shard.h"
 #include "lib/train/metrics.h"
+#include "lib/train/neftune.h"
 #include "lib/train/step_profile.h"
 #include "lib/train/train_data.h"
 
@@ -362,6 +363,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
               " for rows of one whole document (train.attention " + cfg.train.attention +
               "), FlashAttention-2 varlen for rows with several documents or padding");
   }
+  if (rank0 && cfg.train.neftune_alpha > 0) {
+    std::ostringstream a;
+    a << cfg.train.neftune_alpha;
+    log::info("NEFTune: uniform noise, alpha " + a.str() + ", on the input embeddings of training steps");
+  }
   auto write_adapter = [&](const std::string& dir) {
     // Full fine-tuning checkpoints hold the weights in the training dtype, so that a resume continues exactly.
     if (full) save_merged_model(model, cfg.model.path, files::join(dir, "model"), model.dtype());
@@ -453,7 +459,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
         at::Tensor embeds;
         {
           GatherScope g(fsdp.get(), FullyShard::Root::Embeddings);  // (no-op unless the embeddings are sharded)
-          embeds = model.embed(ids);
+          embeds = neftune_noise(model.embed(ids), cfg.train.neftune_alpha);
         }
         at::Tensor hidden = model.forward_hidden(embeds, b);
         at::Tensor l;

@@ -142,6 +142,18 @@ def main():
     check(p.returncode != 0 and "model.safetensors" in p.stderr and "truncated" in p.stderr,
           f"a truncated weights file in the checkpoint is named (exit {p.returncode})")
 
+    # NEFTune (train.neftune_alpha): the noisy embeddings change the run from its first step, and a resume from
+    # checkpoint-3 draws the straight run's noise (the generator states are in the checkpoint).
+    train(write_config("n", train__neftune_alpha=5.0))
+    ln = losses("n")
+    check(len(ln) == 6 and ln[1] != la[1] and ln[6] < ln[1], f"NEFTune changes the losses from step 1 and trains ({ln[1]} vs {la[1]})")
+    shutil.copytree(TMP / "n", TMP / "nr")
+    shutil.rmtree(TMP / "nr" / "checkpoint-6")
+    shutil.rmtree(TMP / "nr" / "adapter")
+    train(write_config("nr", train__neftune_alpha=5.0), "--resume", "auto")
+    check(all(losses("nr")[s] == ln[s] for s in (4, 5, 6)) and adapter_bytes("nr") == adapter_bytes("n"),
+          "a NEFTune run resumed from checkpoint-3 ends with the straight run's losses and adapter")
+
     # A kill in the middle of writing checkpoint-6: resume falls back to checkpoint-3 and still ends the same.
     cfg = write_config("c")
     start_and_kill(cfg, lambda: any(n.startswith(".checkpoint-6") for n in os.listdir(TMP / "c")) if (TMP / "c").exists() else False,
