@@ -3,8 +3,11 @@
 // single-file, llama3 / linear / dynamic / yarn rope scaling, 4.x and 5.x config spellings, attention and MLP
 // biases, Llama 2 and TinyLlama head ratios, Mistral's sliding window).
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include "lib/core/safetensors.h"
+#include "lib/kernels/attention_core.h"
 #include "lib/model/hf_loader.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
@@ -253,6 +256,114 @@ TEST_CASE("cuDNN attention admits a bounded set of shapes: seen ones stay, new o
   CHECK(model.cudnn_admits(1, bound));
   qt::LlamaModel other = qt::load_llama(fixture("llama/gqa_untied/model"), {});
   CHECK(other.cudnn_admits(1, bound + 1));  // per model
+}
+
+TEST_CASE("causal_attention (one node over the fused kernel, grouped K/V) equals SDPA in outputs and gradients", "[llama]") {
+  at::manual_seed(9);
+  for (int64_t kv_heads : {4, 2, 1}) {
+    INFO("key/value heads " << kv_heads);
+    at::Tensor q = at::randn({2, 4, 11, 16}).requires_grad_(true);
+    at::Tensor k = at::randn({2, kv_heads, 11, 16}).requires_grad_(true);
+    at::Tensor v = at::randn({2, kv_heads, 11, 16}).requires_grad_(true);
+    at::Tensor w = at::randn({2, 4, 11, 16});
+    at::Tensor ref = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, true, 0.25, /*enable_gqa=*/kv_heads != 4);
+    auto ref_grads = torch::autograd::grad({(ref * w).sum()}, {q, k, v});
+    at::Tensor out = qt::causal_attention(q, k, v, 0.25, false, nullptr);
+    auto grads = torch::autograd::grad({(out * w).sum()}, {q, k, v});
+    CHECK(rel_err(out, ref) < 1e-5);
+    for (int i = 0; i < 3; ++i) CHECK(rel_err(grads[i], ref_grads[i]) < 1e-5);
+    // A stash in replay mode gives its output back without running the kernel; the backward uses its lse.
+    qt::AttentionStash stash;
+    {
+      at::NoGradGuard no_grad;  // as in a checkpointed block's forward pass
+      qt::causal_attention(q, k, v, 0.25, false, &stash);  // record
+    }
+    REQUIRE(stash.out.defined());
+    stash.replay = true;
+    const int64_t runs = qt::causal_attention_forward_runs();
+    at::Tensor again = qt::causal_attention(q, k, v, 0.25, false, &stash);
+    CHECK(qt::causal_attention_forward_runs() == runs);
+    auto replay_grads = torch::autograd::grad({(again * w).sum()}, {q, k, v});
+    CHECK(at::equal(again.detach(), out.detach()));
+    for (int i = 0; i < 3; ++i) CHECK(rel_err(replay_grads[i], grads[i]) < 1e-6);
+  }
+}
+
+TEST_CASE("keep_attention replays the attention output in the recomputation: same outputs and gradients, one attention forward per block", "[llama]") {
+  for (const char* name : {"gqa_untied", "llama2_mha"}) {
+    INFO(name);
+    auto run = [&](bool keep, bool checkpoint, int64_t* forwards) {
+      qt::LlamaModel model = qt::load_llama(fixture(std::string("llama/") + name + "/model"), {});
+      model.grad_checkpointing = checkpoint;
+      model.keep_attention = keep;
+      auto named = model.named_tensors();
+      for (auto& [n, t] : named) t->set_requires_grad(true);
+      at::manual_seed(12);
+      at::Tensor ids = at::randint(0, model.config.vocab_size, {2, 13}, at::kLong);
+      at::Tensor w = at::randn({2, 13, model.config.hidden_size});
+      const int64_t before = qt::causal_attention_forward_runs();
+      at::Tensor h = model.forward_hidden(model.embed(ids));
+      (h * w).sum().backward();
+      *forwards = qt::causal_attention_forward_runs() - before;
+      std::vector<at::Tensor> out{h.detach()};
+      for (auto& [n, t] : named)
+        if (t->grad().defined()) out.push_back(t->grad().clone());
+      return std::make_pair(out, model.config.num_hidden_layers);
+    };
+    int64_t plain_runs = -1, kept_runs = -1, unckpt_runs = -1;
+    auto [plain, layers] = run(false, true, &plain_runs);
+    auto [kept, layers2] = run(true, true, &kept_runs);
+    run(true, false, &unckpt_runs);
+    CHECK(plain_runs == 0);          // SDPA, recomputed in the backward pass
+    CHECK(kept_runs == layers);      // one forward per block: the recomputation replays it
+    CHECK(unckpt_runs == 0);         // without checkpointing there is nothing to replay
+    REQUIRE(plain.size() == kept.size());
+    CHECK(plain.size() > 10);
+    for (size_t i = 0; i < plain.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(rel_err(kept[i], plain[i]) < 1e-5);
+    }
+  }
+}
+
+TEST_CASE("keep_attention on CUDA (cuDNN and FlashAttention-2, bf16, block inputs offloaded or not) equals the recomputation",
+          "[llama][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (auto kernel : {qt::LlamaModel::AttentionKernel::Cudnn, qt::LlamaModel::AttentionKernel::Flash})
+    for (bool offload : {false, true}) {
+      INFO((kernel == qt::LlamaModel::AttentionKernel::Cudnn ? "cuDNN" : "flash") << (offload ? ", offloaded" : ""));
+      std::vector<at::Tensor> out[2];
+      int64_t runs[2] = {0, 0};
+      int64_t layers = 0;
+      for (int keep = 0; keep < 2; ++keep) {
+        qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {cuda, at::kBFloat16});
+        model.grad_checkpointing = true;
+        model.offload_activations = offload;
+        model.attention_kernel = kernel;
+        model.keep_attention = keep == 1;
+        layers = model.config.num_hidden_layers;
+        auto named = model.named_tensors();
+        for (auto& [n, t] : named) t->set_requires_grad(true);
+        at::manual_seed(21);
+        at::Tensor ids = at::randint(0, model.config.vocab_size, {2, 40}, at::kLong).to(cuda);
+        at::Tensor w = at::randn({2, 40, model.config.hidden_size}).to(cuda);
+        const int64_t before = qt::causal_attention_forward_runs();
+        at::Tensor h = model.forward_hidden(model.embed(ids));
+        (h.to(at::kFloat) * w).sum().backward();
+        runs[keep] = qt::causal_attention_forward_runs() - before;
+        out[keep].push_back(h.detach().to(at::kFloat));
+        for (auto& [n, t] : named)
+          if (t->grad().defined()) out[keep].push_back(t->grad().to(at::kFloat));
+      }
+      CHECK(runs[0] == 0);
+      CHECK(runs[1] == layers);
+      REQUIRE(out[0].size() == out[1].size());
+      for (size_t i = 0; i < out[0].size(); ++i) {
+        INFO("tensor " << i);
+        CHECK(rel_err(out[1][i], out[0][i]) < 3e-2);
+      }
+    }
 }
 
 TEST_CASE("llama MLP over chunks of tokens gives the unchunked outputs and gradients", "[llama]") {

@@ -20,6 +20,7 @@
 #include <tuple>
 
 #include "lib/core/error.h"
+#include "lib/kernels/attention_core.h"
 #include "lib/kernels/fused_ops.h"
 #include "lib/kernels/varlen_attention.h"
 #include "lib/model/rope.h"
@@ -215,7 +216,22 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     if (aux[3].defined()) ctx->saved_data["cu_seqlens"] = aux[3];
     ctx->saved_data["max_seqlen"] = max_seqlen;
     ctx->saved_data["window"] = window;
-    return model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1], AttentionMask{aux[2], aux[3], max_seqlen, window});
+    // keep_attention: the attention output and log-sum-exp of this pass are kept (the output offloaded with the
+    // block input) and replayed in the recomputation.
+    AttentionStash stash;
+    std::optional<StashScope> scope;
+    if (model->keep_attention) scope.emplace(&stash);
+    at::Tensor out = model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1],
+                                          AttentionMask{aux[2], aux[3], max_seqlen, window});
+    scope.reset();
+    if (stash.out.defined()) {
+      if (ctx->saved_data.count("host")) ctx->saved_data["attn_out_host"] = offload_to_host(stash.out);
+      else ctx->saved_data["attn_out"] = stash.out;
+      ctx->saved_data["attn_lse"] = stash.lse;
+      ctx->saved_data["attn_seed"] = stash.seed;
+      ctx->saved_data["attn_offset"] = stash.offset;
+    }
+    return out;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -246,7 +262,19 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       };
       const AttentionMask mask{saved_tensor("mask"), saved_tensor("cu_seqlens"), ctx->saved_data["max_seqlen"].toInt(),
                                ctx->saved_data["window"].toInt()};
+      AttentionStash replay;
+      replay.replay = true;
+      if (ctx->saved_data.count("attn_out_host")) replay.out = fetch_from_host(ctx->saved_data["attn_out_host"].toTensor(), x.device());
+      else if (ctx->saved_data.count("attn_out")) replay.out = ctx->saved_data["attn_out"].toTensor();
+      std::optional<StashScope> scope;
+      if (replay.out.defined()) {
+        replay.lse = saved_tensor("attn_lse");
+        replay.seed = saved_tensor("attn_seed");
+        replay.offset = saved_tensor("attn_offset");
+        scope.emplace(&replay);
+      }
       out = model->block_forward(layer, x, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask);
+      scope.reset();
       cpu_gen.set_state(cpu_now);
       if (cuda_gen) cuda_gen->set_state(cuda_now);
     }
@@ -525,9 +553,16 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
             .view({B, S, Hq, hd});
   } else {
     const at::Tensor& dense = mask.dense;
+    const bool cudnn = attention_kernel == AttentionKernel::Cudnn && q.is_cuda() && cudnn_admits(B, S);
+    AttentionStash* stash = current_attention_stash();  // set by a checkpointed block under keep_attention
+    if (stash && !dense.defined() && causal_attention_supported(q.transpose(1, 2))) {
+      o = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                           1.0 / std::sqrt(static_cast<double>(hd)), cudnn, stash)
+              .transpose(1, 2);
+      return b.o_proj.forward(o.reshape({B, S, config.q_size()}));
+    }
     std::optional<SdpFirst> first;
-    if (attention_kernel == AttentionKernel::Cudnn && q.is_cuda() && cudnn_admits(B, S))
-      first.emplace(at::SDPBackend::cudnn_attention);
+    if (cudnn) first.emplace(at::SDPBackend::cudnn_attention);
     o = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dense.defined() ? std::optional<at::Tensor>(dense) : std::nullopt,
                                          /*dropout_p=*/0.0, /*is_causal=*/!dense.defined(), /*scale=*/std::nullopt,
                                          /*enable_gqa=*/Hkv != Hq)

@@ -114,6 +114,11 @@ class LlamaModel {
   // With grad_checkpointing on CUDA: keep the checkpointed block inputs in pinned host memory instead of on the
   // GPU (copied out on a side stream, back in the backward pass): long contexts need the GPU memory.
   bool offload_activations = false;
+  // With grad_checkpointing: keep each block's attention output and log-sum-exp from the forward pass (offloaded
+  // with the block input when offload_activations) and replay them in the recomputation instead of running the
+  // attention forward again. Unpacked, unmasked rows only (lib/kernels/attention_core.h); one more [tokens,
+  // heads * head_dim] tensor per block.
+  bool keep_attention = false;
   // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
   // recomputed chunk by chunk in the backward pass (long contexts); 0: off.
   int64_t mlp_chunk_tokens = 0;

@@ -36,6 +36,10 @@ struct TrainSection {
   // docs/PERFORMANCE.md) or "flash" (FlashAttention-2 varlen). Rows holding several documents (packing) or
   // padding take flash varlen either way.
   std::string attention = "cudnn";
+  // With grad_checkpointing: keep each block's attention output from the forward pass and replay it in the
+  // recomputation (no second attention forward; one more [tokens, hidden]-sized tensor per block, offloaded with
+  // the block input when offload_activations is on). Unpacked rows of one document each.
+  bool keep_attention = false;
   // NEFTune: uniform noise of magnitude alpha / sqrt(seq_len * hidden) on the input embeddings while training
   // (TRL's neftune_noise_alpha; 5 is the paper's common value); 0: off.
   double neftune_alpha = 0.0;

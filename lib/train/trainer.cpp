@@ -224,6 +224,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   model.grad_checkpointing = cfg.train.grad_checkpointing;
   model.mlp_chunk_tokens = cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens
                            : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
+  model.keep_attention = cfg.train.keep_attention && cfg.train.grad_checkpointing;
   model.attention_kernel =
       cfg.train.attention == "cudnn" ? LlamaModel::AttentionKernel::Cudnn : LlamaModel::AttentionKernel::Flash;
   // The training shape first among the shapes cuDNN is admitted for, before an exact-match evaluation's

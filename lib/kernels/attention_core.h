@@ -1,0 +1,49 @@
+#pragma once
+// Causal attention as one autograd node over ATen's fused kernels (CPU: flash-for-CPU; CUDA bf16/fp16: cuDNN's
+// or FlashAttention-2's dense kernel), with an optional stash through which activation checkpointing keeps the
+// forward pass's output and log-sum-exp and replays them in the recomputation, so that the recomputed block runs
+// no attention forward (the backward kernel needs q, k, v, the output and the log-sum-exp, nothing else).
+// Grouped K/V (fewer key/value heads) are expanded to every query head inside the node, their gradients summed
+// back.
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace qt {
+
+struct AttentionStash {
+  bool replay = false;  // false: record the output and log-sum-exp here; true: give them back instead of computing
+  at::Tensor out, lse;
+  at::Tensor seed, offset;  // the CUDA kernels' philox state (unused without dropout, passed back as given)
+};
+
+// The stash of the block being run on this thread (null: none); set by StashScope.
+AttentionStash* current_attention_stash();
+class StashScope {
+ public:
+  explicit StashScope(AttentionStash* stash);
+  ~StashScope();
+  StashScope(const StashScope&) = delete;
+  StashScope& operator=(const StashScope&) = delete;
+
+ private:
+  AttentionStash* saved_;
+};
+
+enum class AttentionBackend { CpuFlash, CudaCudnn, CudaFlash };
+
+// True when causal_attention takes these inputs: CPU float / bfloat16, or CUDA bf16 / fp16 with head_dim a
+// multiple of 8 and at most 128.
+bool causal_attention_supported(const at::Tensor& q);
+
+// q [B, Hq, S, D], k and v [B, Hkv, S, D] (Hq a multiple of Hkv; unit stride in D); causal; scale multiplies q.k.
+// prefer_cudnn picks cuDNN over FlashAttention-2 on CUDA. With a stash in replay mode holding an output, that
+// output is returned (no kernel runs) and the backward pass uses its log-sum-exp; in record mode the output and
+// log-sum-exp are stored into it. Returns [B, Hq, S, D].
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                            bool prefer_cudnn, AttentionStash* stash);
+
+// Forward kernel launches of causal_attention so far in this process (replays not counted): for tests.
+int64_t causal_attention_forward_runs();
+
+}  // namespace qt
