@@ -38,13 +38,15 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
     const auto backend = static_cast<AttentionBackend>(backend_id);
     const int64_t groups = q.size(1) / k.size(1);
     const at::Tensor ke = expand_kv(k, groups), ve = expand_kv(v, groups);
-    at::Tensor out, lse, seed, offset;
+    at::Tensor out, lse, seed, offset, cum_q, cum_k;
     const int64_t S = q.size(2);
     if (stash && stash->replay && stash->out.defined()) {
       out = stash->out;
       lse = stash->lse;
       seed = stash->seed;
       offset = stash->offset;
+      cum_q = stash->cum_q;
+      cum_k = stash->cum_k;
     } else {
       ++g_forward_runs;
       if (backend == AttentionBackend::CpuFlash) {
@@ -55,6 +57,8 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
                                                          /*is_causal=*/true, /*return_debug_mask=*/false, scale);
         out = std::get<0>(r);
         lse = std::get<1>(r);
+        cum_q = std::get<2>(r);
+        cum_k = std::get<3>(r);
         seed = std::get<6>(r);
         offset = std::get<7>(r);
       } else {
@@ -62,6 +66,8 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
                                                          /*return_debug_mask=*/false, scale);
         out = std::get<0>(r);
         lse = std::get<1>(r);
+        cum_q = std::get<2>(r);
+        cum_k = std::get<3>(r);
         seed = std::get<6>(r);
         offset = std::get<7>(r);
       }
@@ -70,12 +76,16 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
         stash->lse = lse;
         stash->seed = seed;
         stash->offset = offset;
+        stash->cum_q = cum_q;
+        stash->cum_k = cum_k;
       }
     }
     // (Dropout is never used: the philox seed and offset only need to be the kernel's own, or empty.)
     if (!seed.defined()) seed = at::empty({0}, q.options().dtype(at::kLong));
     if (!offset.defined()) offset = at::empty({0}, q.options().dtype(at::kLong));
     ctx->save_for_backward({q, ke, ve, out, lse, seed, offset});
+    ctx->saved_data["cum_q"] = cum_q;
+    ctx->saved_data["cum_k"] = cum_k;
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["backend"] = backend_id;
     ctx->saved_data["groups"] = groups;
@@ -89,6 +99,7 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
     const double scale = ctx->saved_data["scale"].toDouble();
     const auto backend = static_cast<AttentionBackend>(ctx->saved_data["backend"].toInt());
     const int64_t groups = ctx->saved_data["groups"].toInt(), S = ctx->saved_data["S"].toInt();
+    const at::Tensor cum_q = ctx->saved_data["cum_q"].toTensor(), cum_k = ctx->saved_data["cum_k"].toTensor();
     at::Tensor go = grads[0].defined() ? grads[0] : at::zeros_like(out);
     at::Tensor dq, dk, dv;
     if (backend == AttentionBackend::CpuFlash) {
@@ -96,11 +107,11 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
           go.contiguous(), q, ke, ve, out, lse, 0.0, /*is_causal=*/true, std::nullopt, scale);
     } else if (backend == AttentionBackend::CudaCudnn) {
       std::tie(dq, dk, dv) = at::_scaled_dot_product_cudnn_attention_backward(
-          go.contiguous(), q, ke, ve, out, lse, seed, offset, at::Tensor(), at::Tensor(), at::Tensor(), S, S, 0.0,
+          go.contiguous(), q, ke, ve, out, lse, seed, offset, at::Tensor(), cum_q, cum_k, S, S, 0.0,
           /*is_causal=*/true, scale);
     } else {
       std::tie(dq, dk, dv) = at::_scaled_dot_product_flash_attention_backward(
-          go.contiguous(), q, ke, ve, out, lse, at::Tensor(), at::Tensor(), S, S, 0.0, /*is_causal=*/true, seed, offset,
+          go.contiguous(), q, ke, ve, out, lse, cum_q, cum_k, S, S, 0.0, /*is_causal=*/true, seed, offset,
           scale);
     }
     return {dq, reduce_kv(dk, groups), reduce_kv(dv, groups), at::Tensor(), at::Tensor(), at::Tensor()};

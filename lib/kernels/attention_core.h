@@ -14,7 +14,9 @@ namespace qt {
 struct AttentionStash {
   bool replay = false;  // false: record the output and log-sum-exp here; true: give them back instead of computing
   at::Tensor out, lse;
-  at::Tensor seed, offset;  // the CUDA kernels' philox state (unused without dropout, passed back as given)
+  // The CUDA kernels' other outputs, passed back to their backward as autograd would: philox state (unused
+  // without dropout) and the cumulative-length tensors (empty for dense rows).
+  at::Tensor seed, offset, cum_q, cum_k;
 };
 
 // The stash of the block being run on this thread (null: none); set by StashScope.

@@ -230,6 +230,8 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       ctx->saved_data["attn_lse"] = stash.lse;
       ctx->saved_data["attn_seed"] = stash.seed;
       ctx->saved_data["attn_offset"] = stash.offset;
+      ctx->saved_data["attn_cum_q"] = stash.cum_q;
+      ctx->saved_data["attn_cum_k"] = stash.cum_k;
     }
     return out;
   }
@@ -271,6 +273,8 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
         replay.lse = saved_tensor("attn_lse");
         replay.seed = saved_tensor("attn_seed");
         replay.offset = saved_tensor("attn_offset");
+        replay.cum_q = saved_tensor("attn_cum_q");
+        replay.cum_k = saved_tensor("attn_cum_k");
         scope.emplace(&replay);
       }
       out = model->block_forward(layer, x, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask);
