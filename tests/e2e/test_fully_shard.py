@@ -79,6 +79,23 @@ def max_rel(a, b):
         worst = max(worst, float((a[k] - b[k]).norm() / max(float(b[k].norm()), 1e-12)))
     return worst
 
+def signal_rank(proc, rank, sig):
+    """Sends `sig` to the process of `rank` under the mpirun `proc`, then waits for the job (killed after 120 s:
+    "(hung)" in the returned stderr). Returns (whether that rank's process was found, the job's stderr)."""
+    victim = None
+    for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in pathlib.Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
+            victim = int(child)
+    if victim:
+        os.kill(victim, sig)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        err = "(hung) " + err
+    return victim is not None, err
+
 def main():
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
@@ -216,20 +233,8 @@ def main():
     metrics = TMP / "die" / "metrics.jsonl"
     while proc.poll() is None and time.time() - t0 < 120 and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.05)
-    victim = None
-    for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
-        env = pathlib.Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        if b"OMPI_COMM_WORLD_RANK=1" in env:
-            victim = int(child)
-    check(victim is not None, "found rank 1's process")
-    if victim:
-        os.kill(victim, signal.SIGKILL)
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        err = "(hung) " + err
+    found, err = signal_rank(proc, 1, signal.SIGKILL)
+    check(found, "found rank 1's process")
     check(proc.returncode != 0 and "rank 1" in err and "signal 9" in err,
           f"killing rank 1 ends the job with an error naming it (exit {proc.returncode}): {err.strip().splitlines()[-3:] if err.strip() else ''}")
 
@@ -257,20 +262,9 @@ def main():
     t0 = time.time()
     while proc.poll() is None and time.time() - t0 < 120 and not (metrics.exists() and '"step":1' in metrics.read_text()):
         time.sleep(0.02)
-    victim = None
-    for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split():
-        if b"OMPI_COMM_WORLD_RANK=1" in pathlib.Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
-            victim = int(child)
-    if victim:
-        os.kill(victim, signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        err = "(hung) " + err
+    found, err = signal_rank(proc, 1, signal.SIGTERM)
     done = sorted(int(d.name.split("-")[1]) for d in (TMP / "term").glob("checkpoint-*") if (d / "COMPLETE").exists())
-    check(victim is not None and "stopped by a signal" in err and len(done) >= 1 and max(done) < 4,
+    check(found and "stopped by a signal" in err and len(done) >= 1 and max(done) < 4,
           f"SIGTERM to rank 1 alone stops both ranks after one step with a checkpoint ({done}; exit {proc.returncode})")
     if done and max(done) < 4:
         p = run(cfg, 2, "--resume", "auto")
