@@ -6,7 +6,7 @@ import json, os, pathlib, re, shutil, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
-from checks import check, finish
+from checks import check, finish, save_config
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_fsdp_"))
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
@@ -20,12 +20,7 @@ def write_config(name, **over):
            "train": {"steps": 4, "batch_size": 6, "seed": 3, "log_every": 1, "eval_every": 2, "shard": "blocks"},
            "optim": {"lr": 2e-3, "warmup_steps": 1, "weight_decay": 0.01},
            "checkpoint": {"every": 2, "keep_last": 3}, "logging": {"progress": "lines"}}
-    for k, v in over.items():
-        sec, key = k.split("__")
-        cfg[sec][key] = v
-    path = TMP / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    return save_config(TMP, name, cfg, over)
 
 def run(config, np, *extra):
     cmd = [BIN, "--config", str(config), *extra]

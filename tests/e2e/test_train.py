@@ -5,7 +5,7 @@ import json, os, pathlib, shutil, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
-from checks import check, finish
+from checks import check, finish, save_config
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_train_"))
 
@@ -16,12 +16,7 @@ def write_config(name, **over):
            "train": {"steps": 6, "batch_size": 4, "seed": 3, "log_every": 1},
            "optim": {"lr": 2e-3, "warmup_steps": 1},
            "checkpoint": {"every": 3, "keep_last": 3}, "logging": {"progress": "lines"}}
-    for k, v in over.items():
-        sec, key = k.split("__")
-        cfg[sec][key] = v
-    path = TMP / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    return save_config(TMP, name, cfg, over)
 
 def train(config, *extra, env=None, check_rc=True):
     p = subprocess.run([BIN, "--config", str(config), *extra], capture_output=True, text=True,
