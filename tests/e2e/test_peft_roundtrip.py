@@ -10,6 +10,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import torch
 import tiny_lm
+import bnb_cpu
 from test_eval import reference_loss
 
 BIN = os.environ["QT_BINARY"]
@@ -145,6 +146,7 @@ def check_dora(tmp: pathlib.Path):
 
 
 def main():
+    bnb_cpu.make_row_safe()
     from transformers import LlamaForCausalLM
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="qt_peft_"))
     sp, data = make_setup(tmp)

@@ -6,6 +6,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import torch
 import tiny_lm
+import bnb_cpu
 from test_eval import reference_loss
 
 BIN = os.environ["QT_BINARY"]
@@ -20,6 +21,7 @@ def eval_loss(model_dir, data, *extra):
     return json.loads(p.stdout.strip().splitlines()[-1])["loss"]
 
 def main():
+    bnb_cpu.make_row_safe()
     from transformers import LlamaForCausalLM
     from safetensors.torch import load_file, save_file
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="qt_quantize_"))

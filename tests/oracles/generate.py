@@ -18,6 +18,9 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     here = pathlib.Path(__file__).parent
     sys.path.insert(0, str(here))
+    import bnb_cpu
+    if bnb_cpu.make_row_safe():
+        print("bitsandbytes' CPU dequantize_4bit runs on flat tensors here (bnb_cpu.py says why)", flush=True)
     names = sorted(p.stem for p in here.glob("gen_*.py"))
     if args.only:
         names = [n for n in names if n in args.only]
