@@ -3,6 +3,8 @@
 // allocator (a freed NaN-filled block is what the kernels' empty outputs get).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/function.h>
 
 #include "lib/kernels/fused_ops.h"
 #include "tests/catch.h"
@@ -18,6 +20,60 @@ void poison_cache(const at::Device& device) {
 }
 
 double bound(c10::ScalarType t) { return t == at::kFloat ? 1e-5 : t == at::kHalf ? 2e-3 : 1e-2; }
+
+// rope_qkv and swiglu_packed on one fused projection output against rope_fused / swiglu_fused on its parts (the
+// reference path of each off CUDA, the kernels on CUDA): forward, and the gradient of the fused output against the
+// parts' gradients side by side. `tol` bounds the relative error.
+void check_rope_qkv(const at::Device& device, c10::ScalarType dtype, int64_t Hq, int64_t Hkv, int64_t D, double tol) {
+  INFO("dtype " << c10::toString(dtype) << " heads " << Hq << "/" << Hkv << " D " << D);
+  const auto opt = at::TensorOptions().dtype(dtype).device(device);
+  const int64_t B = 2, S = 37, width = (Hq + 2 * Hkv) * D;
+  at::Tensor qkv0 = at::randn({B, S, width}, opt);
+  at::Tensor angle = at::rand({B, S, D / 2}, opt.dtype(at::kFloat)) * 100;
+  angle = at::cat({angle, angle}, -1);
+  at::Tensor cos = angle.cos().to(dtype), sin = angle.sin().to(dtype);
+  at::Tensor dq = at::randn({B, S, Hq, D}, opt), dk = at::randn({B, S, Hkv, D}, opt), dv = at::randn({B, S, Hkv, D}, opt);
+  // Reference: the three parts as separate tensors.
+  at::Tensor q0 = qkv0.narrow(-1, 0, Hq * D).reshape({B, S, Hq, D}).clone().requires_grad_(true);
+  at::Tensor k0 = qkv0.narrow(-1, Hq * D, Hkv * D).reshape({B, S, Hkv, D}).clone().requires_grad_(true);
+  at::Tensor v0 = qkv0.narrow(-1, (Hq + Hkv) * D, Hkv * D).reshape({B, S, Hkv, D});
+  at::Tensor qr = qt::rope_reference(q0, cos, sin), kr = qt::rope_reference(k0, cos, sin);
+  torch::autograd::backward({qr, kr}, {dq, dk});
+  if (device.is_cuda()) poison_cache(device);
+  at::Tensor qkv = qkv0.clone().requires_grad_(true);
+  auto out = qt::rope_qkv(qkv, cos, sin, Hq, Hkv);
+  if (device.is_cuda()) poison_cache(device);
+  torch::autograd::backward({out[0], out[1], out[2]}, {dq, dk, dv});
+  // On CUDA the kernel's node ran, not the reference's ops.
+  if (device.is_cuda()) CHECK(out[0].grad_fn()->name().find("RopeQkvFn") != std::string::npos);
+  CHECK(out[0].sizes() == qr.sizes());
+  CHECK(out[2].sizes() == v0.sizes());
+  CHECK(rel_err(out[0], qr) < tol);
+  CHECK(rel_err(out[1], kr) < tol);
+  CHECK(rel_err(out[2], v0) == 0);
+  const at::Tensor expect = at::cat({q0.grad().reshape({B, S, -1}), k0.grad().reshape({B, S, -1}), dv.reshape({B, S, -1})}, -1);
+  CHECK(rel_err(qkv.grad(), expect) < tol);
+}
+
+void check_swiglu_packed(const at::Device& device, c10::ScalarType dtype, int64_t I, double tol) {
+  INFO("dtype " << c10::toString(dtype) << " I " << I);
+  const auto opt = at::TensorOptions().dtype(dtype).device(device);
+  at::Tensor gu0 = (at::randn({3, 29, 2 * I}, opt.dtype(at::kFloat)) * 2).to(dtype);
+  at::Tensor dy = at::randn({3, 29, I}, opt);
+  at::Tensor g = gu0.narrow(-1, 0, I).contiguous().requires_grad_(true);
+  at::Tensor u = gu0.narrow(-1, I, I).contiguous().requires_grad_(true);
+  at::Tensor yr = qt::swiglu_reference(g, u);
+  yr.backward(dy);
+  if (device.is_cuda()) poison_cache(device);
+  at::Tensor gu = gu0.clone().requires_grad_(true);
+  at::Tensor y = qt::swiglu_packed(gu);
+  if (device.is_cuda()) poison_cache(device);
+  y.backward(dy);
+  if (device.is_cuda()) CHECK(y.grad_fn()->name().find("SwigluPackedFn") != std::string::npos);
+  CHECK(y.sizes() == yr.sizes());
+  CHECK(rel_err(y, yr) < tol);
+  CHECK(rel_err(gu.grad(), at::cat({g.grad(), u.grad()}, -1)) < tol);
+}
 
 }  // namespace
 
@@ -39,6 +95,24 @@ TEST_CASE("fused ops: off CUDA the references run", "[fused_ops]") {
   at::Tensor x1 = xq.narrow(-1, 0, 4), x2 = xq.narrow(-1, 4, 4);
   at::Tensor c = angle.cos().narrow(-1, 0, 4).unsqueeze(2), s = angle.sin().narrow(-1, 0, 4).unsqueeze(2);
   CHECK(rel_err(y, at::cat({x1 * c - x2 * s, x2 * c + x1 * s}, -1)) < 1e-6);
+}
+
+TEST_CASE("fused ops on one q/k/v or gate/up projection output equal the ops on its parts, off CUDA", "[fused_ops]") {
+  check_rope_qkv(at::kCPU, at::kFloat, 4, 2, 8, 1e-6);
+  check_rope_qkv(at::kCPU, at::kFloat, 3, 3, 16, 1e-6);
+  check_swiglu_packed(at::kCPU, at::kFloat, 24, 1e-6);
+}
+
+TEST_CASE("fused RoPE of q and k read out of one q/k/v projection output, and SwiGLU of one gate/up output, on CUDA",
+          "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    check_rope_qkv(cuda, dtype, 32, 8, 128, bound(dtype));  // Llama 3 8B
+    check_rope_qkv(cuda, dtype, 5, 5, 64, bound(dtype));
+    check_rope_qkv(cuda, dtype, 6, 2, 16, bound(dtype));
+    for (int64_t I : {14336, 8192, 24}) check_swiglu_packed(cuda, dtype, I, bound(dtype));
+  }
 }
 
 TEST_CASE("fused RMSNorm kernel equals the ATen reference on CUDA", "[fused_ops][gpu]") {

@@ -2,8 +2,10 @@
 // gen_dora.py): the loss and every LoRA gradient; PEFT's initialisation; the "lora" config section; the PEFT adapter
 // files both ways; the merged export; generation's stopping and top-p rules.
 #include <ATen/ATen.h>
+#include <functional>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/function.h>
 
 #include "lib/core/files.h"
 #include "lib/core/json.h"
@@ -13,6 +15,7 @@
 #include "lib/model/lora.h"
 #include "lib/model/merge.h"
 #include "lib/model/peft_adapter.h"
+#include "lib/quant/nf4.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -96,7 +99,86 @@ void edit_config(const std::string& dir, const std::function<void(qt::Json&)>& e
   qt::write_json_file(path, j);
 }
 
+// Linears as a block's q, k, v (or gate, up): NF4 bases quantized from random weights, LoRA A and B random (B
+// non-zero), ranks and scales differing from member to member.
+std::vector<qt::Linear> group_members(const std::vector<int64_t>& outs, int64_t in, const std::vector<int64_t>& ranks,
+                                      const at::Device& device) {
+  std::vector<qt::Linear> ls(outs.size());
+  for (size_t i = 0; i < outs.size(); ++i) {
+    ls[i].nf4 = std::make_shared<qt::Nf4Weight>(qt::quantize_nf4((at::randn({outs[i], in}) * 0.05).to(device)));
+    ls[i].lora = std::make_shared<qt::LoraAdapter>();
+    ls[i].lora->A = (at::randn({ranks[i], in}) * 0.1).to(device).requires_grad_(true);
+    ls[i].lora->B = (at::randn({outs[i], ranks[i]}) * 0.1).to(device).requires_grad_(true);
+    ls[i].lora->scale = 0.5 + static_cast<double>(i);
+  }
+  return ls;
+}
+
+// project_group against each member's forward() side by side: output, input gradient, every A and B gradient.
+void check_project_group(const at::Device& device, c10::ScalarType dtype, double tol) {
+  INFO(device << " " << c10::toString(dtype));
+  auto ls = group_members({48, 16, 16}, 64, {4, 4, 8}, device);
+  std::vector<const qt::Linear*> group;
+  for (const auto& l : ls) group.push_back(&l);
+  const auto opt = at::TensorOptions().dtype(dtype).device(device);
+  const at::Tensor x0 = at::randn({2, 5, 64}, opt), dy = at::randn({2, 5, 80}, opt);
+  at::Tensor xr = x0.clone().requires_grad_(true);
+  std::vector<at::Tensor> parts;
+  for (const auto& l : ls) parts.push_back(l.forward(xr));
+  at::Tensor yr = at::cat(parts, -1);
+  yr.backward(dy);
+  std::vector<at::Tensor> ref_grads;
+  for (auto& l : ls)
+    for (at::Tensor* p : {&l.lora->A, &l.lora->B}) {
+      ref_grads.push_back(p->grad().clone());
+      p->mutable_grad() = at::Tensor();
+    }
+  at::Tensor x = x0.clone().requires_grad_(true);
+  at::Tensor y = qt::project_group(group, x);
+  REQUIRE(y.defined());
+  CHECK(y.grad_fn()->name().find("GroupLoraLinearFn") != std::string::npos);
+  y.backward(dy);
+  CHECK(y.sizes() == yr.sizes());
+  CHECK(rel_err(y, yr) < tol);
+  CHECK(rel_err(x.grad(), xr.grad()) < tol);
+  size_t i = 0;
+  for (auto& l : ls)
+    for (at::Tensor* p : {&l.lora->A, &l.lora->B}) {
+      INFO("gradient " << i);
+      REQUIRE(p->grad().defined());
+      CHECK(p->grad().scalar_type() == at::kFloat);
+      CHECK(p->grad().sizes() == ref_grads[i].sizes());
+      CHECK(ref_grads[i].abs().max().item<double>() > 0);
+      CHECK(rel_err(p->grad(), ref_grads[i]) < tol);
+      ++i;
+    }
+}
+
 }  // namespace
+
+TEST_CASE("q, k, v (gate, up) as one projection equal their separate LoRA linears; other linears are refused",
+          "[lora]") {
+  check_project_group(at::kCPU, at::kFloat, 1e-5);
+  auto ls = group_members({16, 16}, 64, {4, 4}, at::kCPU);
+  const at::Tensor x = at::randn({3, 64});
+  CHECK(qt::project_group({&ls[0], &ls[1]}, x).defined());
+  auto refused = [&](const std::function<void(qt::Linear&)>& edit) {
+    auto copy = group_members({16, 16}, 64, {4, 4}, at::kCPU);
+    edit(copy[1]);
+    return !qt::project_group({&copy[0], &copy[1]}, x).defined();
+  };
+  CHECK(refused([](qt::Linear& l) { l.bias = at::randn({16}); }));
+  CHECK(refused([](qt::Linear& l) { l.lora->dropout = 0.1, l.training = true; }));
+  CHECK(refused([](qt::Linear& l) { l.lora->magnitude = at::ones({16}); }));
+  CHECK(refused([](qt::Linear& l) { l.lora.reset(); }));
+  CHECK(refused([](qt::Linear& l) { l.weight = l.base_weight(at::kFloat), l.nf4.reset(); }));
+  auto wide = group_members({16, 16}, 128, {4, 4}, at::kCPU);
+  CHECK(!qt::project_group({&ls[0], &wide[1]}, x).defined());
+  // LoRA dropout outside training is off: the group applies.
+  CHECK(!refused([](qt::Linear& l) { l.lora->dropout = 0.1, l.training = false; }));
+  auto five = group_members({16, 16, 16, 16, 16}, 64, {4, 4, 4, 4, 4}, at::kCPU);
+  CHECK(!qt::project_group({&five[0], &five[1], &five[2], &five[3], &five[4]}, x).defined());
+}
 
 TEST_CASE("LoRA on NF4 linears matches PEFT on bitsandbytes' dequantized base: loss and every LoRA gradient", "[lora]") {
   check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4);
@@ -693,6 +775,12 @@ TEST_CASE("generation stops at a stop id and top-p keeps the nucleus transformer
   s.temperature = 0;
   CHECK(qt::choose_next_token(at::tensor({1.0f, 3.0f, 3.0f}), s, gen) == 1);  // ties: the lowest id, as torch.argmax
   CHECK(has(error_of([&] { qt::generate_tokens(model, {}, o); }), "prompt"));
+}
+
+TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears in bf16 and fp32", "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  check_project_group(at::Device(at::kCUDA, 0), at::kFloat, 1e-5);
+  check_project_group(at::Device(at::kCUDA, 0), at::kBFloat16, 1e-2);
 }
 
 TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds", "[lora][dora][gpu]") {

@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <array>
+#include <vector>
+
 #include "lib/core/error.h"
 #include "lib/kernels/fused_ops_kernels.h"
 
@@ -59,14 +62,28 @@ struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
   }
 };
 
+// SwiGLU over gate and up rows `ld_in` elements apart (two [.., I] tensors, or one [.., 2I] projection output).
+at::Tensor swiglu_forward(const at::Tensor& g, const at::Tensor& u, int64_t cols, int64_t ld_in,
+                          at::IntArrayRef out_sizes) {
+  at::Tensor out = at::empty(out_sizes, g.options());
+  const int64_t rows = out.numel() / cols;
+  kernels::swiglu_forward_launch(g.data_ptr(), u.data_ptr(), out.data_ptr(), rows, cols, ld_in, cols, elem_type(g),
+                                 stream_of(g));
+  return out;
+}
+void swiglu_backward(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, const at::Tensor& dg,
+                     const at::Tensor& du, int64_t cols, int64_t ld_in) {
+  kernels::swiglu_backward_launch(dy.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(),
+                                  dy.numel() / cols, cols, ld_in, cols, elem_type(g), stream_of(g));
+}
+
 struct SwigluFn : public torch::autograd::Function<SwigluFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate, const at::Tensor& up) {
     c10::cuda::CUDAGuard guard(gate.device());
     at::Tensor g = gate.contiguous(), u = up.contiguous();
-    at::Tensor out = at::empty_like(g);
-    kernels::swiglu_forward_launch(g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), elem_type(g), stream_of(g));
+    const int64_t I = g.size(-1);
     ctx->save_for_backward({g, u});
-    return out;
+    return swiglu_forward(g, u, I, I, g.sizes());
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
@@ -74,19 +91,48 @@ struct SwigluFn : public torch::autograd::Function<SwigluFn> {
     c10::cuda::CUDAGuard guard(g.device());
     at::Tensor dy = grads[0].to(g.scalar_type()).contiguous();
     at::Tensor dg = at::empty_like(g), du = at::empty_like(u);
-    kernels::swiglu_backward_launch(dy.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(), g.numel(),
-                                    elem_type(g), stream_of(g));
+    swiglu_backward(dy, g, u, dg, du, g.size(-1), g.size(-1));
     return {dg, du};
   }
 };
+
+// gu [.., 2I] (gate | up, one projection output) -> [.., I]; the gradient comes back as one [.., 2I] tensor, the
+// gradient of the projection output as it is.
+struct SwigluPackedFn : public torch::autograd::Function<SwigluPackedFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& gate_up) {
+    c10::cuda::CUDAGuard guard(gate_up.device());
+    at::Tensor gu = gate_up.contiguous();
+    const int64_t I = gu.size(-1) / 2;
+    std::vector<int64_t> sizes(gu.sizes().begin(), gu.sizes().end());
+    sizes.back() = I;
+    ctx->save_for_backward({gu});
+    return swiglu_forward(gu, gu.narrow(-1, I, I), I, 2 * I, sizes);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor gu = ctx->get_saved_variables()[0];
+    c10::cuda::CUDAGuard guard(gu.device());
+    const int64_t I = gu.size(-1) / 2;
+    at::Tensor dy = grads[0].to(gu.scalar_type()).contiguous();
+    at::Tensor dgu = at::empty_like(gu);
+    swiglu_backward(dy, gu, gu.narrow(-1, I, I), dgu, dgu.narrow(-1, I, I), I, 2 * I);
+    return {dgu};
+  }
+};
+
+// RoPE of [tokens, heads, D] rows `x_ld` / `y_ld` elements apart per token (see rope_launch).
+void rope_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& y, int64_t heads,
+               int64_t D, int64_t x_ld, int64_t y_ld, bool inverse) {
+  const int64_t tokens = cos.numel() / D;
+  kernels::rope_launch(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), tokens, heads, D, x_ld, y_ld,
+                       inverse, elem_type(x), stream_of(x));
+}
 
 struct RopeFn : public torch::autograd::Function<RopeFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
     c10::cuda::CUDAGuard guard(x.device());
     at::Tensor y = at::empty_like(x);
-    const int64_t D = x.size(-1), heads = x.size(-2), tokens = x.numel() / (D * heads);
-    kernels::rope_launch(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), y.data_ptr(), tokens, heads, D,
-                         /*inverse=*/false, elem_type(x), stream_of(x));
+    const int64_t D = x.size(-1), heads = x.size(-2);
+    rope_rows(x, cos, sin, y, heads, D, heads * D, heads * D, /*inverse=*/false);
     ctx->save_for_backward({cos, sin});
     return y;
   }
@@ -96,10 +142,45 @@ struct RopeFn : public torch::autograd::Function<RopeFn> {
     c10::cuda::CUDAGuard guard(cos.device());
     at::Tensor dy = grads[0].to(cos.scalar_type()).contiguous();
     at::Tensor dx = at::empty_like(dy);
-    const int64_t D = dy.size(-1), heads = dy.size(-2), tokens = dy.numel() / (D * heads);
-    kernels::rope_launch(dy.data_ptr(), cos.data_ptr(), sin.data_ptr(), dx.data_ptr(), tokens, heads, D,
-                         /*inverse=*/true, elem_type(dy), stream_of(dy));
+    const int64_t D = dy.size(-1), heads = dy.size(-2);
+    rope_rows(dy, cos, sin, dx, heads, D, heads * D, heads * D, /*inverse=*/true);
     return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
+// qkv [B, S, (Hq + 2 Hkv) D] (one fused projection output) -> q, k rotated [B, S, H, D] and v [B, S, Hkv, D], each
+// contiguous; the gradients of the three are written back into one [B, S, (Hq + 2 Hkv) D] tensor.
+struct RopeQkvFn : public torch::autograd::Function<RopeQkvFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv_in, const at::Tensor& cos,
+                               const at::Tensor& sin, int64_t q_heads, int64_t kv_heads) {
+    c10::cuda::CUDAGuard guard(qkv_in.device());
+    at::Tensor qkv = qkv_in.contiguous();
+    const int64_t B = qkv.size(0), S = qkv.size(1), D = cos.size(-1), ld = qkv.size(-1);
+    at::Tensor q = at::empty({B, S, q_heads, D}, qkv.options()), k = at::empty({B, S, kv_heads, D}, qkv.options());
+    rope_rows(qkv, cos, sin, q, q_heads, D, ld, q_heads * D, /*inverse=*/false);
+    rope_rows(qkv.narrow(-1, q_heads * D, kv_heads * D), cos, sin, k, kv_heads, D, ld, kv_heads * D, false);
+    at::Tensor v = qkv.narrow(-1, (q_heads + kv_heads) * D, kv_heads * D).reshape({B, S, kv_heads, D}).contiguous();
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["q_heads"] = q_heads;
+    ctx->saved_data["kv_heads"] = kv_heads;
+    return {q, k, v};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const at::Tensor &cos = s[0], &sin = s[1];
+    const int64_t q_heads = ctx->saved_data["q_heads"].toInt(), kv_heads = ctx->saved_data["kv_heads"].toInt();
+    c10::cuda::CUDAGuard guard(cos.device());
+    const int64_t B = cos.size(0), S = cos.size(1), D = cos.size(-1), ld = (q_heads + 2 * kv_heads) * D;
+    at::Tensor dqkv = at::empty({B, S, ld}, cos.options());
+    auto grad = [&](int i, int64_t heads) {
+      return grads[i].defined() ? grads[i].to(cos.scalar_type()).contiguous()
+                                : at::zeros({B, S, heads, D}, cos.options());
+    };
+    rope_rows(grad(0, q_heads), cos, sin, dqkv, q_heads, D, q_heads * D, ld, /*inverse=*/true);
+    rope_rows(grad(1, kv_heads), cos, sin, dqkv.narrow(-1, q_heads * D, kv_heads * D), kv_heads, D, kv_heads * D, ld,
+              /*inverse=*/true);
+    dqkv.narrow(-1, (q_heads + kv_heads) * D, kv_heads * D).copy_(grad(2, kv_heads).view({B, S, kv_heads * D}));
+    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 #endif
@@ -144,6 +225,17 @@ at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up) {
   return swiglu_reference(gate, up);
 }
 
+at::Tensor swiglu_packed(const at::Tensor& gate_up) {
+  QT_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, ErrorKind::Internal,
+           "swiglu_packed: expected [.., 2 * intermediate]");
+  const int64_t I = gate_up.size(-1) / 2;
+#ifdef QT_WITH_CUDA
+  if (fused_ops_apply(gate_up) && I % 8 == 0 && gate_up.is_contiguous()) return SwigluPackedFn::apply(gate_up);
+#endif
+  auto halves = at::split_with_sizes(gate_up, {I, I}, -1);  // one node: its backward is one cat
+  return swiglu_reference(halves[0], halves[1]);
+}
+
 at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   // transformers' apply_rotary_pos_emb on [B, heads, S, D] (unsqueeze_dim=1), viewed from [B, S, heads, D].
   at::Tensor xt = x.transpose(1, 2);
@@ -152,16 +244,41 @@ at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::
   return (xt * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)).transpose(1, 2);
 }
 
+namespace {
+bool rope_kernel_takes(const at::Tensor& x, int64_t D, const at::Tensor& cos, const at::Tensor& sin) {
+  return fused_ops_apply(x) && D % 16 == 0 && cos.scalar_type() == x.scalar_type() &&
+         sin.scalar_type() == x.scalar_type() && cos.dim() == 3 && cos.size(0) == x.size(0) &&
+         cos.size(1) == x.size(1) && cos.size(2) == D && cos.sizes() == sin.sizes();
+}
+}  // namespace
+
 at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
 #ifdef QT_WITH_CUDA
-  if (fused_ops_apply(x) && x.dim() == 4 && x.size(-1) % 16 == 0 && x.is_contiguous() &&
-      cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type() && cos.dim() == 3 &&
-      cos.size(0) == x.size(0) && cos.size(1) == x.size(1) && cos.size(2) == x.size(3) && cos.sizes() == sin.sizes()) {
+  if (x.dim() == 4 && x.is_contiguous() && rope_kernel_takes(x, x.size(-1), cos, sin)) {
     at::Tensor c = cos.contiguous(), s = sin.contiguous();
     if (aligned(c) && aligned(s)) return RopeFn::apply(x, c, s);
   }
 #endif
   return rope_reference(x, cos, sin);
+}
+
+std::array<at::Tensor, 3> rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                   int64_t q_heads, int64_t kv_heads) {
+  QT_CHECK(qkv.dim() == 3 && cos.dim() == 3 && qkv.size(-1) == (q_heads + 2 * kv_heads) * cos.size(-1),
+           ErrorKind::Internal, "rope_qkv: expected qkv [B, S, (q_heads + 2 kv_heads) head_dim], cos [B, S, head_dim]");
+  const int64_t B = qkv.size(0), S = qkv.size(1), D = cos.size(-1);
+#ifdef QT_WITH_CUDA
+  if (qkv.is_contiguous() && rope_kernel_takes(qkv, D, cos, sin)) {
+    at::Tensor c = cos.contiguous(), s = sin.contiguous();
+    if (aligned(c) && aligned(s)) {
+      auto out = RopeQkvFn::apply(qkv, c, s, q_heads, kv_heads);
+      return {out[0], out[1], out[2]};
+    }
+  }
+#endif
+  auto parts = at::split_with_sizes(qkv, {q_heads * D, kv_heads * D, kv_heads * D}, -1);
+  return {rope_reference(parts[0].view({B, S, q_heads, D}), cos, sin),
+          rope_reference(parts[1].view({B, S, kv_heads, D}), cos, sin), parts[2].view({B, S, kv_heads, D})};
 }
 
 }  // namespace qt

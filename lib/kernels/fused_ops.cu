@@ -4,7 +4,8 @@
 // RMSNorm: one 256-thread block per row; each thread takes 8-element (16-byte for 16-bit types) vectors at a
 // stride of the block. Pass 1 sums squares in fp32 (warp shuffles, then one value per warp in shared memory);
 // pass 2 re-reads the row (now in L1/L2) and writes. Backward: the same two passes over dy, x and the weight.
-// SwiGLU: a grid-stride loop over 8-element vectors, scalar tail.
+// SwiGLU: a grid-stride loop over 8-element vectors of rows with their own strides (gate and up may be the two
+// halves of one projection output).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -130,44 +131,42 @@ __device__ __forceinline__ void swiglu_grad_one(float d, float g, float u, float
   dg = round_t<T>(d * u) * (s * (1.0f + g * (1.0f - s)));
 }
 
+// Rows of `cols` elements (a multiple of 8); gate and up rows start `ld_in` elements apart from row to row (the
+// two halves of one [rows, 2 * cols] projection output, or two tensors of [rows, cols]), dy / out rows `ld_out`.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) swiglu_fwd(const T* __restrict__ g, const T* __restrict__ u,
-                                                       T* __restrict__ out, int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kVec;
-  const int64_t nvec = n / kVec * kVec;
-  for (int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; j < nvec; j += stride) {
+                                                       T* __restrict__ out, int64_t rows, int64_t cols,
+                                                       int64_t ld_in, int64_t ld_out) {
+  const int64_t per_row = cols / kVec, total = rows * per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t r = i / per_row, c = (i - r * per_row) * kVec;
     float a[kVec], b[kVec];
-    load8(g + j, a);
-    load8(u + j, b);
+    load8(g + r * ld_in + c, a);
+    load8(u + r * ld_in + c, b);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) a[i] = swiglu_one<T>(a[i], b[i]);
-    store8(out + j, a);
+    for (int k = 0; k < kVec; ++k) a[k] = swiglu_one<T>(a[k], b[k]);
+    store8(out + r * ld_out + c, a);
   }
-  for (int64_t j = nvec + blockIdx.x * kThreads + threadIdx.x; j < n; j += static_cast<int64_t>(gridDim.x) * kThreads)
-    out[j] = from_f<T>(swiglu_one<T>(to_f(g[j]), to_f(u[j])));
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) swiglu_bwd(const T* __restrict__ dy, const T* __restrict__ g,
                                                        const T* __restrict__ u, T* __restrict__ dg,
-                                                       T* __restrict__ du, int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kVec;
-  const int64_t nvec = n / kVec * kVec;
-  for (int64_t j = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; j < nvec; j += stride) {
+                                                       T* __restrict__ du, int64_t rows, int64_t cols, int64_t ld_in,
+                                                       int64_t ld_out) {
+  const int64_t per_row = cols / kVec, total = rows * per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t r = i / per_row, c = (i - r * per_row) * kVec;
     float d[kVec], a[kVec], b[kVec], ga[kVec], gb[kVec];
-    load8(dy + j, d);
-    load8(g + j, a);
-    load8(u + j, b);
+    load8(dy + r * ld_out + c, d);
+    load8(g + r * ld_in + c, a);
+    load8(u + r * ld_in + c, b);
 #pragma unroll
-    for (int i = 0; i < kVec; ++i) swiglu_grad_one<T>(d[i], a[i], b[i], ga[i], gb[i]);
-    store8(dg + j, ga);
-    store8(du + j, gb);
-  }
-  for (int64_t j = nvec + blockIdx.x * kThreads + threadIdx.x; j < n; j += static_cast<int64_t>(gridDim.x) * kThreads) {
-    float ga, gb;
-    swiglu_grad_one<T>(to_f(dy[j]), to_f(g[j]), to_f(u[j]), ga, gb);
-    dg[j] = from_f<T>(ga);
-    du[j] = from_f<T>(gb);
+    for (int k = 0; k < kVec; ++k) swiglu_grad_one<T>(d[k], a[k], b[k], ga[k], gb[k]);
+    store8(dg + r * ld_in + c, ga);
+    store8(du + r * ld_in + c, gb);
   }
 }
 
@@ -176,14 +175,16 @@ __global__ void __launch_bounds__(kThreads) swiglu_bwd(const T* __restrict__ dy,
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x, const T* __restrict__ cos,
                                                         const T* __restrict__ sin, T* __restrict__ y,
-                                                        int64_t tokens, int64_t heads, int64_t D, bool inverse) {
+                                                        int64_t tokens, int64_t heads, int64_t D, int64_t x_ld,
+                                                        int64_t y_ld, bool inverse) {
   const int64_t half = D / 2, per_row = half / kVec;
   const int64_t total = tokens * heads * per_row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t row = i / per_row, j = (i % per_row) * kVec;  // row = token * heads + head
     const int64_t token = row / heads;
-    const T* xr = x + row * D;
+    const int64_t head = row - token * heads;
+    const T* xr = x + token * x_ld + head * D;
     const T* cr = cos + token * D;
     const T* sr = sin + token * D;
     float x1[kVec], x2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec], y1[kVec], y2[kVec];
@@ -206,8 +207,9 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x,
         y2[k] = x2[k] * c2[k] - x1[k] * s1[k];
       }
     }
-    store8(y + row * D + j, y1);
-    store8(y + row * D + half + j, y2);
+    T* yr = y + token * y_ld + head * D;
+    store8(yr + j, y1);
+    store8(yr + half + j, y2);
   }
 }
 
@@ -234,8 +236,9 @@ void dispatch(ElemType type, F&& f) {
 }  // namespace
 
 void rope_launch(const void* x, const void* cos, const void* sin, void* y, int64_t tokens, int64_t heads, int64_t D,
-                 bool inverse, ElemType type, CUstream_st* stream) {
-  QT_CHECK(D % (2 * kVec) == 0, ErrorKind::Internal, "rope kernel: head_dim must be a multiple of 16");
+                 int64_t x_ld, int64_t y_ld, bool inverse, ElemType type, CUstream_st* stream) {
+  QT_CHECK(D % (2 * kVec) == 0 && x_ld % kVec == 0 && y_ld % kVec == 0 && x_ld >= heads * D && y_ld >= heads * D,
+           ErrorKind::Internal, "rope kernel: head_dim must be a multiple of 16, token strides multiples of 8 and rows apart");
   const int64_t work = tokens * heads * (D / 2 / kVec);
   if (work == 0) return;
   int64_t blocks = (work + kThreads - 1) / kThreads;
@@ -244,7 +247,7 @@ void rope_launch(const void* x, const void* cos, const void* sin, void* y, int64
     using T = decltype(t);
     rope_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
         static_cast<const T*>(x), static_cast<const T*>(cos), static_cast<const T*>(sin), static_cast<T*>(y), tokens,
-        heads, D, inverse);
+        heads, D, x_ld, y_ld, inverse);
   });
   check_launch("rope");
 }
@@ -273,24 +276,29 @@ void rms_norm_backward_launch(const void* dy, const void* x, const void* weight,
   check_launch("rms_norm backward");
 }
 
-void swiglu_forward_launch(const void* g, const void* u, void* out, int64_t n, ElemType type, CUstream_st* stream) {
-  if (n == 0) return;
+void swiglu_forward_launch(const void* g, const void* u, void* out, int64_t rows, int64_t cols, int64_t ld_in,
+                           int64_t ld_out, ElemType type, CUstream_st* stream) {
+  QT_CHECK(cols % kVec == 0 && ld_in % kVec == 0 && ld_out % kVec == 0 && ld_out >= cols, ErrorKind::Internal,
+           "swiglu kernel: rows of a multiple of 8 elements, row strides multiples of 8 expected");
+  if (rows * cols == 0) return;
   dispatch(type, [&](auto t) {
     using T = decltype(t);
-    swiglu_fwd<T><<<elementwise_blocks(n), kThreads, 0, stream>>>(static_cast<const T*>(g), static_cast<const T*>(u),
-                                                                   static_cast<T*>(out), n);
+    swiglu_fwd<T><<<elementwise_blocks(rows * cols), kThreads, 0, stream>>>(
+        static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(out), rows, cols, ld_in, ld_out);
   });
   check_launch("swiglu forward");
 }
 
-void swiglu_backward_launch(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t n,
-                            ElemType type, CUstream_st* stream) {
-  if (n == 0) return;
+void swiglu_backward_launch(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t rows,
+                            int64_t cols, int64_t ld_in, int64_t ld_out, ElemType type, CUstream_st* stream) {
+  QT_CHECK(cols % kVec == 0 && ld_in % kVec == 0 && ld_out % kVec == 0 && ld_out >= cols, ErrorKind::Internal,
+           "swiglu kernel: rows of a multiple of 8 elements, row strides multiples of 8 expected");
+  if (rows * cols == 0) return;
   dispatch(type, [&](auto t) {
     using T = decltype(t);
-    swiglu_bwd<T><<<elementwise_blocks(n), kThreads, 0, stream>>>(static_cast<const T*>(dy), static_cast<const T*>(g),
-                                                                   static_cast<const T*>(u), static_cast<T*>(dg),
-                                                                   static_cast<T*>(du), n);
+    swiglu_bwd<T><<<elementwise_blocks(rows * cols), kThreads, 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(g), static_cast<const T*>(u), static_cast<T*>(dg),
+        static_cast<T*>(du), rows, cols, ld_in, ld_out);
   });
   check_launch("swiglu backward");
 }

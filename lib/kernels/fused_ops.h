@@ -12,6 +12,8 @@
 // when the RMSNorm weight itself needs a gradient (full fine-tuning), the reference runs.
 #include <ATen/core/Tensor.h>
 
+#include <array>
+
 namespace qt {
 
 // x [.., H], weight [H] -> [..., H] in x's dtype. Differentiable in x (and, through the reference, in weight).
@@ -21,10 +23,18 @@ at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, dou
 // silu(gate) * up, both [..., I] of one dtype. Differentiable in both.
 at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor swiglu_reference(const at::Tensor& gate, const at::Tensor& up);
+// The same on one fused gate / up projection output [.., 2I] (gate first) -> [.., I]; its gradient comes back as one
+// [.., 2I] tensor (no concatenation of two halves).
+at::Tensor swiglu_packed(const at::Tensor& gate_up);
 
 // x [B, S, heads, D], cos / sin [B, S, D] in x's dtype -> [B, S, heads, D]. Differentiable in x.
 at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+// One fused q / k / v projection output [B, S, (q_heads + 2 kv_heads) D] -> {rope(q) [B, S, q_heads, D], rope(k)
+// [B, S, kv_heads, D], v [B, S, kv_heads, D]}, read out of it in place; the gradient comes back as one tensor of
+// qkv's shape, written in place by the inverse rotation (no concatenation).
+std::array<at::Tensor, 3> rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                   int64_t q_heads, int64_t kv_heads);
 
 // True when the fused kernels take these inputs (a CUDA build, CUDA tensors of a supported shape and dtype).
 bool fused_ops_apply(const at::Tensor& x);

@@ -14,16 +14,21 @@ void rms_norm_forward_launch(const void* x, const void* weight, void* y, float* 
 // dx = rstd * (dn - n * mean(dn * n)), n = x * rstd, dn = dy * weight (fp32 inside).
 void rms_norm_backward_launch(const void* dy, const void* x, const void* weight, const float* rstd, void* dx,
                               int64_t rows, int64_t H, ElemType type, CUstream_st* stream);
-// out = cast(cast(silu(g)) * u), as ATen's silu then mul round.
-void swiglu_forward_launch(const void* g, const void* u, void* out, int64_t n, ElemType type, CUstream_st* stream);
-// du = cast(dy * cast(silu(g))); dg = cast(cast(dy * u) * silu'(g)).
-void swiglu_backward_launch(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t n,
-                            ElemType type, CUstream_st* stream);
+// out = cast(cast(silu(g)) * u), as ATen's silu then mul round, over `rows` rows of `cols` elements (cols % 8 == 0):
+// row r of g and u at r * ld_in, of out at r * ld_out (elements; multiples of 8). Gate and up may be the two halves
+// of one [rows, 2 * cols] tensor (u = g + cols, ld_in = 2 * cols).
+void swiglu_forward_launch(const void* g, const void* u, void* out, int64_t rows, int64_t cols, int64_t ld_in,
+                           int64_t ld_out, ElemType type, CUstream_st* stream);
+// du = cast(dy * cast(silu(g))); dg = cast(cast(dy * u) * silu'(g)). dg / du rows as g / u (ld_in), dy as out.
+void swiglu_backward_launch(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t rows,
+                            int64_t cols, int64_t ld_in, int64_t ld_out, ElemType type, CUstream_st* stream);
 
-// RoPE over tokens: x, y [tokens, heads, D], cos / sin [tokens, D], D % 16 == 0. With `inverse`, the transposed
+// RoPE over tokens: x, y [tokens, heads, D], cos / sin [tokens, D], D % 16 == 0; token t's heads start at
+// t * x_ld in x and t * y_ld in y (elements, multiples of 8: heads * D when contiguous; q and k can be read out of
+// one fused q/k/v projection output and the gradient written back into one). With `inverse`, the transposed
 // rotation (the backward: dx from dy): y_j = x_j c_j + (j < D/2 ? x_{j+D/2} s_{j+D/2} : -x_{j-D/2} s_{j-D/2}).
 // Forward: y_j = cast(cast(x_j c_j) + cast(r_j s_j)), r = rotate_half(x) = [-x2, x1], as ATen rounds.
 void rope_launch(const void* x, const void* cos, const void* sin, void* y, int64_t tokens, int64_t heads, int64_t D,
-                 bool inverse, ElemType type, CUstream_st* stream);
+                 int64_t x_ld, int64_t y_ld, bool inverse, ElemType type, CUstream_st* stream);
 
 }  // namespace qt::kernels

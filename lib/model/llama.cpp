@@ -21,6 +21,7 @@
 
 #include "lib/core/error.h"
 #include "lib/kernels/attention_core.h"
+#include "lib/kernels/nf4_dequant.h"
 #include "lib/kernels/fused_ops.h"
 #include "lib/kernels/varlen_attention.h"
 #include "lib/model/rope.h"
@@ -376,6 +377,96 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
   }
 };
 
+// Linears that read one input (q, k, v; gate, up), each an NF4 base with a plain LoRA adapter (LoraLinearFn's
+// case), as one projection: the bases dequantized in one launch into one [sum out, in] weight and multiplied in
+// one GEMM, every LoRA A in one GEMM (x read once), every LoRA B in one GEMM on the base GEMM's epilogue (the B
+// blocks, each with its scale, on the diagonal of a [sum out, sum r] matrix). The output is the members' outputs
+// side by side, [.., sum out]; its gradient comes back whole, so the input gradient is one GEMM with the LoRA
+// term on its epilogue, not one per member summed by autograd. ab: A0, B0, A1, B1, ... (fp32 masters).
+struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
+  static std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
+    std::vector<const Linear*> ls;
+    for (int64_t p : ptrs) ls.push_back(reinterpret_cast<const Linear*>(p));
+    return ls;
+  }
+  static at::Tensor weight(const std::vector<const Linear*>& ls, int64_t total, at::ScalarType dt) {
+    at::Tensor W = at::empty({total, ls[0]->in_features()}, at::TensorOptions().dtype(dt).device(ls[0]->nf4->device()));
+    std::vector<const Nf4Weight*> ws;
+    std::vector<at::Tensor> outs;
+    int64_t off = 0;
+    for (const Linear* l : ls) {
+      ws.push_back(l->nf4.get());
+      outs.push_back(W.narrow(0, off, l->out_features()));
+      off += l->out_features();
+    }
+    dequantize_group_into(ws, outs);
+    return W;
+  }
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::TensorList ab,
+                            const std::vector<int64_t>& linear_ptrs) {
+    const auto ls = members(linear_ptrs);
+    const auto dt = x.scalar_type();
+    int64_t total = 0, rank = 0;
+    std::vector<at::Tensor> as;
+    for (size_t i = 0; i < ls.size(); ++i) {
+      total += ls[i]->out_features();
+      rank += ab[2 * i].size(0);
+      as.push_back(ab[2 * i]);
+    }
+    at::Tensor a = at::cat(as, 0).to(dt);  // [sum r, in]
+    at::Tensor bd = at::zeros({total, rank}, x.options());
+    for (int64_t i = 0, off = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
+      const at::Tensor& B = ab[2 * i + 1];
+      const double scale = ls[i]->lora->scale;
+      bd.narrow(0, off, B.size(0)).narrow(1, roff, B.size(1)).copy_(scale == 1.0 ? B : B * scale);
+      off += B.size(0);
+      roff += B.size(1);
+    }
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    at::Tensor t = at::mm(x2, a.t());  // [N, sum r]
+    at::Tensor y = at::mm(x2, weight(ls, total, dt).t());
+    y.addmm_(t, bd.t());
+    ctx->save_for_backward({x2, a, bd, t});
+    ctx->saved_data["linears"] = linear_ptrs;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = total;
+    return y.view(shape);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto ls = members(ctx->saved_data["linears"].toIntVector());
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x2 = saved[0], &a = saved[1], &bd = saved[2], &t = saved[3];
+    const auto dt = x2.scalar_type();
+    const int64_t total = bd.size(0);
+    at::Tensor dy = grads[0].reshape({-1, total}).to(dt);
+    at::Tensor g = at::mm(dy, bd);  // [N, sum r]
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = at::mm(dy, weight(ls, total, dt));
+      dx.addmm_(g, a);
+    }
+    at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);  // [sum r, in]
+    at::Tensor dB = at::mm(dy.t(), t);                 // [sum out, sum r]: the diagonal blocks are the members'
+    torch::autograd::variable_list out;
+    std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
+    shape.back() = x2.size(1);
+    out.push_back(dx.defined() ? dx.view(shape) : dx);
+    for (int64_t i = 0, off = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
+      const int64_t r = ls[i]->lora->A.size(0), n = ls[i]->out_features();
+      const double scale = ls[i]->lora->scale;
+      out.push_back(dA.narrow(0, roff, r));
+      at::Tensor dBi = dB.narrow(0, off, n).narrow(1, roff, r).to(at::kFloat);
+      if (scale != 1.0) dBi.mul_(scale);
+      out.push_back(dBi);
+      off += n;
+      roff += r;
+    }
+    out.emplace_back();  // linear_ptrs
+    return out;
+  }
+};
+
 }  // namespace
 
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
@@ -437,6 +528,28 @@ at::Tensor Linear::forward(const at::Tensor& x) const {
     y = at::addmm(y.reshape({-1, out}), t.reshape({-1, t.size(-1)}), Bs.t()).view(y.sizes());
   }
   return y;
+}
+
+namespace {
+// LoraLinearFn's case: a frozen NF4 base, a plain LoRA adapter (fp32 masters, no DoRA, no dropout active), no bias.
+bool plain_nf4_lora(const Linear& l) {
+  return l.quantized() && !l.bias.defined() && l.lora && !l.lora->dora() && !(l.training && l.lora->dropout > 0) &&
+         l.lora->A.scalar_type() == at::kFloat && l.lora->B.scalar_type() == at::kFloat;
+}
+}  // namespace
+
+at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor& x) {
+  if (ls.empty() || ls.size() > static_cast<size_t>(kernels::kNf4MaxJobs)) return {};
+  for (const Linear* l : ls)
+    if (!plain_nf4_lora(*l) || l->in_features() != ls[0]->in_features() || l->nf4->device() != x.device()) return {};
+  std::vector<at::Tensor> ab;
+  std::vector<int64_t> ptrs;
+  for (const Linear* l : ls) {
+    ab.push_back(l->lora->A);
+    ab.push_back(l->lora->B);
+    ptrs.push_back(reinterpret_cast<int64_t>(l));
+  }
+  return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs);
 }
 
 // PEFT (peft.tuners.lora.variants.DoraLinearVariant.forward, DoraLinearLayer.forward) adds to the base result
@@ -545,9 +658,15 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
   const int64_t B = x.size(0), S = x.size(1), hd = config.head_dim;
   const int64_t Hq = config.num_attention_heads, Hkv = config.num_key_value_heads;
   // [B, S, heads, hd] throughout: the projections' layout, which flash attention takes as it is.
-  at::Tensor q = rope_fused(b.q_proj.forward(x).view({B, S, Hq, hd}), cos, sin);
-  at::Tensor k = rope_fused(b.k_proj.forward(x).view({B, S, Hkv, hd}), cos, sin);
-  at::Tensor v = b.v_proj.forward(x).view({B, S, Hkv, hd});
+  at::Tensor q, k, v;
+  if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x); qkv.defined()) {
+    auto rotated = rope_qkv(qkv, cos, sin, Hq, Hkv);
+    q = rotated[0], k = rotated[1], v = rotated[2];
+  } else {
+    q = rope_fused(b.q_proj.forward(x).view({B, S, Hq, hd}), cos, sin);
+    k = rope_fused(b.k_proj.forward(x).view({B, S, Hkv, hd}), cos, sin);
+    v = b.v_proj.forward(x).view({B, S, Hkv, hd});
+  }
   at::Tensor o;  // [B, S, Hq, hd]
   if (mask.cu_seqlens.defined()) {
     // Packed documents through flash attention's varlen layout: the [B, S] grid flattened, no mask.
@@ -576,6 +695,8 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
 }
 
 at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x) const {
+  if (at::Tensor gate_up = project_group({&b.gate_proj, &b.up_proj}, x); gate_up.defined())
+    return b.down_proj.forward(swiglu_packed(gate_up));
   return b.down_proj.forward(swiglu_fused(b.gate_proj.forward(x), b.up_proj.forward(x)));
 }
 

@@ -55,6 +55,13 @@ struct Linear {
 // pass (the QLoRA recipe: no 16-bit copy of W lives between them). Gradient flows to x only.
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
 
+// Linears reading one input (q, k, v of a block; gate, up) as one projection: their outputs side by side,
+// [.., sum of out_features], equal to each member's forward() (the same rounding as LoraLinearFn, one launch
+// dequantizes every base, one GEMM each for the bases, the LoRA As and the LoRA Bs, one GEMM for the input
+// gradient). Undefined when a member is not an NF4 base with a plain LoRA adapter (no DoRA, no dropout in
+// training, no bias, fp32 A and B), the inputs differ in width, or there are more than 4: call each forward().
+at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x);
+
 // DoRA's weight norm: the L2 norm of each row (output feature) of W + scale * B A, in fp32, without gradient.
 // Computed over blocks of rows so that W + scale * B A never exists whole; W may be any floating dtype.
 // PEFT: DoraLinearLayer.get_weight_norm (torch.linalg.norm(weight + scaling * lora_weight, dim=1)).
