@@ -366,6 +366,49 @@ TEST_CASE("keep_attention on CUDA (cuDNN and FlashAttention-2, bf16, block input
     }
 }
 
+TEST_CASE("offloaded block inputs, fetched ahead in the backward pass, give the gradients of inputs kept on the GPU",
+          "[llama][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (bool keep : {false, true}) {
+    INFO("keep_attention " << keep);
+    std::vector<at::Tensor> out[2];
+    int64_t prefetched[2] = {0, 0}, layers = 0;
+    for (int offload = 0; offload < 2; ++offload) {
+      qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {cuda, at::kBFloat16});
+      model.grad_checkpointing = true;
+      model.offload_activations = offload == 1;
+      model.attention_kernel = qt::LlamaModel::AttentionKernel::Cudnn;
+      model.keep_attention = keep;
+      layers = model.config.num_hidden_layers;
+      auto named = model.named_tensors();
+      for (auto& [n, t] : named) t->set_requires_grad(true);
+      for (int step = 0; step < 2; ++step) {  // the second step reuses the pinned buffers of the first
+        at::manual_seed(31 + step);
+        at::Tensor ids = at::randint(0, model.config.vocab_size, {2, 48}, at::kLong).to(cuda);
+        at::Tensor w = at::randn({2, 48, model.config.hidden_size}).to(cuda);
+        for (auto& [n, t] : named)
+          if (t->grad().defined()) t->mutable_grad() = at::Tensor();
+        at::Tensor h = model.forward_hidden(model.embed(ids));
+        (h.to(at::kFloat) * w).sum().backward();
+        out[offload].push_back(h.detach().to(at::kFloat));
+        for (auto& [n, t] : named)
+          if (t->grad().defined()) out[offload].push_back(t->grad().to(at::kFloat));
+      }
+      prefetched[offload] = model.prefetched_offloads();
+    }
+    CHECK(prefetched[0] == 0);
+    // Every block but the first one back fetches its input ahead (and its attention output with keep_attention).
+    CHECK(prefetched[1] == 2 * (layers - 1) * (keep ? 2 : 1));
+    REQUIRE(out[0].size() == out[1].size());
+    CHECK(out[0].size() > 20);
+    for (size_t i = 0; i < out[0].size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(rel_err(out[1][i], out[0][i]) < 1e-2);
+    }
+  }
+}
+
 TEST_CASE("llama MLP over chunks of tokens gives the unchunked outputs and gradients", "[llama]") {
   for (bool checkpoint : {false, true}) {
     INFO("grad_checkpointing " << checkpoint);

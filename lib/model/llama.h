@@ -121,6 +121,14 @@ class LlamaModel {
   // With grad_checkpointing on CUDA: keep the checkpointed block inputs in pinned host memory instead of on the
   // GPU (copied out on a side stream, back in the backward pass): long contexts need the GPU memory.
   bool offload_activations = false;
+  // The offloaded block inputs of the last forward pass, by layer, and the copies back to the GPU started ahead of
+  // the backward pass (lib/model/llama.cpp: while block L's backward runs, block L-1's input is fetched on the side
+  // stream). Shared by copies of the model.
+  struct OffloadPrefetch;
+  std::shared_ptr<OffloadPrefetch> offload_prefetch;
+  // Offloaded tensors (block inputs, kept attention outputs) that the backward passes so far took from a copy
+  // started ahead (for tests and logs).
+  int64_t prefetched_offloads() const;
   // With grad_checkpointing: keep each block's attention output and log-sum-exp from the forward pass (offloaded
   // with the block input when offload_activations) and replay them in the recomputation instead of running the
   // attention forward again. Unpacked, unmasked rows only (lib/kernels/attention_core.h); one more [tokens,
