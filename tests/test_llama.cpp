@@ -404,7 +404,7 @@ TEST_CASE("offloaded block inputs, fetched ahead in the backward pass, give the 
     CHECK(out[0].size() > 20);
     for (size_t i = 0; i < out[0].size(); ++i) {
       INFO("tensor " << i);
-      CHECK(rel_err(out[1][i], out[0][i]) < 1e-2);
+      CHECK(rel_err(out[1][i], out[0][i]) < 2e-2);  // bf16, kernels free to reorder sums; a wrong input gives ~1
     }
   }
 }

@@ -100,10 +100,14 @@ class PinnedPool {
     static PinnedPool* pool = new PinnedPool();  // never destroyed: tensors may outlive static destruction
     return *pool;
   }
-  at::Tensor empty(at::IntArrayRef sizes, c10::ScalarType dtype) {
-    const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * c10::elementSize(dtype);
+  // A host tensor with `like`'s sizes and strides (`like` non-overlapping and dense: a contiguous tensor or a
+  // permutation of one), so that a copy between the two is one flat transfer and the tensor fetched back has the
+  // layout it left with (cuDNN's attention backward reads the output in the layout its forward wrote).
+  at::Tensor empty_like(const at::Tensor& like) {
+    const size_t bytes = static_cast<size_t>(like.numel()) * like.element_size();
     void* ptr = take(bytes);
-    return at::from_blob(ptr, sizes, [this, ptr](void*) { give(ptr); }, at::TensorOptions().dtype(dtype));
+    return at::from_blob(ptr, like.sizes(), like.strides(), [this, ptr](void*) { give(ptr); },
+                         at::TensorOptions().dtype(like.scalar_type()));
   }
 
  private:
@@ -173,15 +177,16 @@ class PinnedPool {
 at::Tensor offload_to_host(const at::Tensor& h) {
   const c10::cuda::CUDAStream side = offload_stream(h.get_device());
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(h.get_device());
-  at::Tensor host = PinnedPool::instance().empty(h.sizes(), h.scalar_type());
+  const at::Tensor src = h.is_non_overlapping_and_dense() ? h : h.contiguous();
+  at::Tensor host = PinnedPool::instance().empty_like(src);
   at::cuda::CUDAEvent ready;
   ready.record(current);
   ready.block(side);
   {
     c10::cuda::CUDAStreamGuard guard(side);
-    host.copy_(h, /*non_blocking=*/true);
+    host.copy_(src, /*non_blocking=*/true);
   }
-  c10::cuda::CUDACachingAllocator::recordStream(h.storage().data_ptr(), side);
+  c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), side);
   return host;
 }
 
@@ -228,7 +233,8 @@ struct LlamaModel::OffloadPrefetch {
     ready.record(c10::cuda::getCurrentCUDAStream(device.index()));
     ready.block(side);
     for (const at::Tensor& host : hosts) {
-      Copy c{host, at::empty(host.sizes(), host.options().device(device)), std::make_shared<at::cuda::CUDAEvent>()};
+      Copy c{host, at::empty_strided(host.sizes(), host.strides(), host.options().device(device)),
+             std::make_shared<at::cuda::CUDAEvent>()};
       {
         c10::cuda::CUDAStreamGuard guard(side);
         c.device.copy_(host, /*non_blocking=*/true);
@@ -739,7 +745,8 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
   const int64_t Hq = config.num_attention_heads, Hkv = config.num_key_value_heads;
   // [B, S, heads, hd] throughout: the projections' layout, which flash attention takes as it is.
   at::Tensor q, k, v;
-  if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x); qkv.defined()) {
+  if (at::Tensor qkv = fuse_projections ? project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x) : at::Tensor();
+      qkv.defined()) {
     auto rotated = rope_qkv(qkv, cos, sin, Hq, Hkv);
     q = rotated[0], k = rotated[1], v = rotated[2];
   } else {
@@ -775,7 +782,8 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
 }
 
 at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x) const {
-  if (at::Tensor gate_up = project_group({&b.gate_proj, &b.up_proj}, x); gate_up.defined())
+  if (at::Tensor gate_up = fuse_projections ? project_group({&b.gate_proj, &b.up_proj}, x) : at::Tensor();
+      gate_up.defined())
     return b.down_proj.forward(swiglu_packed(gate_up));
   return b.down_proj.forward(swiglu_fused(b.gate_proj.forward(x), b.up_proj.forward(x)));
 }

@@ -134,6 +134,9 @@ class LlamaModel {
   // attention forward again. Unpacked, unmasked rows only (lib/kernels/attention_core.h); one more [tokens,
   // heads * head_dim] tensor per block.
   bool keep_attention = false;
+  // q, k, v and gate, up of a block as one projection each where project_group takes them (NF4 bases with plain
+  // LoRA adapters); off: each linear on its own (the same function, more launches).
+  bool fuse_projections = true;
   // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
   // recomputed chunk by chunk in the backward pass (long contexts); 0: off.
   int64_t mlp_chunk_tokens = 0;

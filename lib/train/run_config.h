@@ -26,7 +26,8 @@ struct TrainSection {
   int64_t micro_batch_size = 0;  // per rank per forward; 0: the whole per-rank batch at once
   bool grad_checkpointing = true;
   // Checkpointed block inputs in pinned host memory (CUDA, with grad_checkpointing): "true", "false", or "auto"
-  // (on when a micro-batch holds at least 16384 tokens: long contexts).
+  // (on when a micro-batch holds at least 4096 tokens: the copies out overlap the forward pass and the copies back
+  // are fetched a block ahead, so offloading costs no time there and saves a block input per layer of GPU memory).
   std::string offload_activations = "auto";
   // The MLP half of each block over chunks of this many tokens, recomputed chunk by chunk in the backward pass:
   // 0 off, -1 auto (8192-token chunks when a micro-batch holds more than 32768 tokens).
@@ -40,6 +41,9 @@ struct TrainSection {
   // recomputation (no second attention forward; one more [tokens, hidden]-sized tensor per block, offloaded with
   // the block input when offload_activations is on). Unpacked rows of one document each.
   bool keep_attention = false;
+  // q, k, v and gate, up of each block as one projection each (one dequantization launch, one GEMM for the bases,
+  // the LoRA As and the LoRA Bs, one for the input gradient) where the bases are NF4 and the adapters plain LoRA.
+  bool fuse_projections = true;
   // NEFTune: uniform noise of magnitude alpha / sqrt(seq_len * hidden) on the input embeddings while training
   // (TRL's neftune_noise_alpha; 5 is the paper's common value); 0: off.
   double neftune_alpha = 0.0;

@@ -225,6 +225,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   model.mlp_chunk_tokens = cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens
                            : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
   model.keep_attention = cfg.train.keep_attention && cfg.train.grad_checkpointing;
+  model.fuse_projections = cfg.train.fuse_projections;
   model.attention_kernel =
       cfg.train.attention == "cudnn" ? LlamaModel::AttentionKernel::Cudnn : LlamaModel::AttentionKernel::Flash;
   // The training shape first among the shapes cuDNN is admitted for, before an exact-match evaluation's
@@ -232,7 +233,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   if (device.is_cuda()) model.cudnn_admits(micro, data.max_seq_len());
   model.offload_activations = device.is_cuda() && cfg.train.grad_checkpointing &&
                               (cfg.train.offload_activations == "true" ||
-                               (cfg.train.offload_activations == "auto" && micro * data.max_seq_len() >= 16384));
+                               (cfg.train.offload_activations == "auto" && micro * data.max_seq_len() >= 4096));
   const bool full = cfg.train.full_finetune;
   const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
   std::vector<std::pair<std::string, at::Tensor>> params;

@@ -58,6 +58,7 @@ def make_setup(tmp: pathlib.Path, seed=5, r=8, alpha=16, targets=TARGETS, b_std=
 
 def dequantized_model(model_dir: pathlib.Path, nf4_dir: pathlib.Path):
     """The fp32 transformers model whose block linears hold the dequantized NF4 weights of nf4_dir."""
+    bnb_cpu.make_row_safe()
     import bitsandbytes.functional as F
     from safetensors import safe_open
     from transformers import LlamaForCausalLM
@@ -146,7 +147,6 @@ def check_dora(tmp: pathlib.Path):
 
 
 def main():
-    bnb_cpu.make_row_safe()
     from transformers import LlamaForCausalLM
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="qt_peft_"))
     sp, data = make_setup(tmp)
