@@ -9,6 +9,7 @@
 #include "lib/train/lr_schedule.h"
 #include "lib/train/neftune.h"
 #include "lib/train/run_config.h"
+#include "lib/train/trainer.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -164,5 +165,27 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"lr": 1e-4, "embedding_lr": -1}})", {"optim.embedding_lr", "[0, 1)"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}})", {"optim.lr"}, {"optim.lr=2"});
   expect(R"({"model": {"path": "m"}})", {"output_dir", "missing"});
+  // The memory switches: true, false or "auto" (the default).
+  CHECK(c.train.offload_activations == "auto");
+  CHECK(c.train.keep_attention == "auto");
+  CHECK(parse(ok, {"train.keep_attention=false"}).train.keep_attention == "false");
+  CHECK(parse(ok, {"train.keep_attention=true"}).train.keep_attention == "true");
+  CHECK(parse(ok, {"train.offload_activations=true"}).train.offload_activations == "true");
+  CHECK(c.train.fuse_projections);
+  CHECK(!parse(ok, {"train.fuse_projections=false"}).train.fuse_projections);
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"keep_attention": "yes"}})", {"train.keep_attention", "true, false or \"auto\""});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"offload_activations": 1}})", {"train.offload_activations", "true, false or \"auto\""});
   expect("{\"output_dir\": \"o\",\n \"model\": {\"path\": }", {"run.json", "line 2"});
+}
+
+TEST_CASE("keep_attention auto: offloaded rows from 32768 tokens whose offloaded tensors fit half the host", "[train]") {
+  const int64_t L = 32, H = 4096, Q = 4096;  // Llama 3.1 8B
+  const uint64_t host = uint64_t{125} << 30;
+  CHECK(qt::keep_attention_auto(32768, L, H, Q, /*offload=*/true, host));
+  CHECK(qt::keep_attention_auto(98304, L, H, Q, true, host));    // 48 GiB of block inputs and outputs: within 62.5
+  CHECK(!qt::keep_attention_auto(131072, L, H, Q, true, host));  // 64 GiB: over half the host
+  CHECK(!qt::keep_attention_auto(32768, L, H, Q, /*offload=*/false, host));  // the outputs would stay on the GPU
+  CHECK(!qt::keep_attention_auto(16384, L, H, Q, true, host));  // short rows: attention is a small share
+  CHECK(!qt::keep_attention_auto(342733, L, H, Q, true, host));  // 167 GiB would not fit the host
+  CHECK(!qt::keep_attention_auto(32768, L, H, Q, true, uint64_t{8} << 30));
 }

@@ -98,13 +98,16 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   c.train.mlp_chunk_tokens = tr.get_int("mlp_chunk_tokens", c.train.mlp_chunk_tokens);
   if (c.train.mlp_chunk_tokens < -1)
     fail_key(ErrorKind::Config, file, "train.mlp_chunk_tokens", "expected -1 (auto), 0 (off) or a chunk size in tokens");
-  if (t.contains("offload_activations")) {
-    const Json& o = t["offload_activations"];
-    if (o.is_boolean()) c.train.offload_activations = o.get<bool>() ? "true" : "false";
-    else if (o.is_string() && o.get<std::string>() == "auto") c.train.offload_activations = "auto";
-    else fail_key(ErrorKind::Config, file, "train.offload_activations", o.dump() + ": expected true, false or \"auto\"");
-  }
-  c.train.keep_attention = tr.get_bool("keep_attention", c.train.keep_attention);
+  // true, false or "auto", kept as "true" / "false" / "auto".
+  auto tristate = [&](const char* key, std::string& value) {
+    if (!t.contains(key)) return;
+    const Json& o = t[key];
+    if (o.is_boolean()) value = o.get<bool>() ? "true" : "false";
+    else if (o.is_string() && o.get<std::string>() == "auto") value = "auto";
+    else fail_key(ErrorKind::Config, file, std::string("train.") + key, o.dump() + ": expected true, false or \"auto\"");
+  };
+  tristate("offload_activations", c.train.offload_activations);
+  tristate("keep_attention", c.train.keep_attention);
   c.train.fuse_projections = tr.get_bool("fuse_projections", c.train.fuse_projections);
   c.train.neftune_alpha = tr.get_double("neftune_alpha", c.train.neftune_alpha);
   if (!(c.train.neftune_alpha >= 0)) fail_key(ErrorKind::Config, file, "train.neftune_alpha", "must be >= 0 (0: off)");

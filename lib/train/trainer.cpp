@@ -180,6 +180,14 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
 
 }  // namespace
 
+bool keep_attention_auto(int64_t tokens, int64_t layers, int64_t hidden, int64_t q_size, bool offload,
+                         uint64_t host_bytes) {
+  if (!offload || tokens < 32768) return false;
+  const double offloaded = 2.0 * static_cast<double>(tokens) * static_cast<double>(layers) *
+                           static_cast<double>(hidden + q_size);
+  return offloaded <= static_cast<double>(host_bytes) / 2;
+}
+
 TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const auto t_start = Clock::now();
   log::set_level(log::parse_level(cfg.log_level));
@@ -224,7 +232,6 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   model.grad_checkpointing = cfg.train.grad_checkpointing;
   model.mlp_chunk_tokens = cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens
                            : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
-  model.keep_attention = cfg.train.keep_attention && cfg.train.grad_checkpointing;
   model.fuse_projections = cfg.train.fuse_projections;
   model.attention_kernel =
       cfg.train.attention == "cudnn" ? LlamaModel::AttentionKernel::Cudnn : LlamaModel::AttentionKernel::Flash;
@@ -234,6 +241,15 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   model.offload_activations = device.is_cuda() && cfg.train.grad_checkpointing &&
                               (cfg.train.offload_activations == "true" ||
                                (cfg.train.offload_activations == "auto" && micro * data.max_seq_len() >= 4096));
+  {
+    const auto host_bytes = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGE_SIZE));
+    const LlamaConfig& mc = model.config;
+    model.keep_attention = cfg.train.grad_checkpointing &&
+                           (cfg.train.keep_attention == "true" ||
+                            (cfg.train.keep_attention == "auto" &&
+                             keep_attention_auto(micro * data.max_seq_len(), mc.num_hidden_layers, mc.hidden_size,
+                                                 mc.q_size(), model.offload_activations, host_bytes)));
+  }
   const bool full = cfg.train.full_finetune;
   const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
   std::vector<std::pair<std::string, at::Tensor>> params;
@@ -365,6 +381,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
               " for rows of one whole document (train.attention " + cfg.train.attention +
               "), FlashAttention-2 varlen for rows with several documents or padding");
   }
+  if (rank0 && model.grad_checkpointing && device.is_cuda())
+    log::info(std::string("checkpointed block inputs ") + (model.offload_activations ? "offloaded to pinned host memory" : "kept on the GPU") +
+              (model.keep_attention ? "; attention outputs kept and replayed in the recomputation" : "") +
+              " (train.offload_activations " + cfg.train.offload_activations + ", train.keep_attention " +
+              cfg.train.keep_attention + ")");
   if (rank0 && cfg.train.neftune_alpha > 0) {
     std::ostringstream a;
     a << cfg.train.neftune_alpha;
