@@ -172,6 +172,7 @@ int64_t now_ns() {
 TEST_CASE("mpi collectives match their arithmetic for fp32, bf16, int64, uint8", "[.mpi]") {
   auto comm = qt::make_communicator(qt::read_launch_env(), at::kCPU, kTestOptions);
   REQUIRE(std::string(comm->backend()) == "mpi");
+  CHECK(qt::read_launch_env().local_world_size == comm->world_size());  // one host (OMPI_COMM_WORLD_LOCAL_SIZE)
   check_collectives(*comm);
   check_async_gathers(*comm);
 }
@@ -234,6 +235,7 @@ TEST_CASE("torchrun ranks share rank 0's value through the TCPStore; CPU collect
   const qt::LaunchEnv env = qt::read_launch_env();
   REQUIRE(env.launcher == qt::Launcher::Torchrun);
   REQUIRE(env.world_size >= 2);
+  CHECK(env.local_world_size == env.world_size);  // one host: every rank is local (LOCAL_WORLD_SIZE)
   qt::StoreRendezvous store(env, std::chrono::seconds(60));
   // Rank 0's value is random: no other rank can know it except through the store.
   std::string mine(128, '\0');

@@ -38,11 +38,14 @@ LaunchEnv read_launch_env() {
     env.world_size = env_int("OMPI_COMM_WORLD_SIZE", 1);
     env.rank = env_int("OMPI_COMM_WORLD_RANK", 0);
     env.local_rank = has_env("OMPI_COMM_WORLD_LOCAL_RANK") ? env_int("OMPI_COMM_WORLD_LOCAL_RANK", 0) : env.rank;
+    env.local_world_size =
+        has_env("OMPI_COMM_WORLD_LOCAL_SIZE") ? env_int("OMPI_COMM_WORLD_LOCAL_SIZE", 1) : env.world_size;
   } else if (has_env("WORLD_SIZE") && has_env("RANK")) {
     env.launcher = Launcher::Torchrun;
     env.world_size = env_int("WORLD_SIZE", 1);
     env.rank = env_int("RANK", 0);
     env.local_rank = has_env("LOCAL_RANK") ? env_int("LOCAL_RANK", 0) : env.rank;
+    env.local_world_size = has_env("LOCAL_WORLD_SIZE") ? env_int("LOCAL_WORLD_SIZE", 1) : env.world_size;
     const char* addr = std::getenv("MASTER_ADDR");
     env.master_addr = addr ? addr : "127.0.0.1";
     env.master_port = has_env("MASTER_PORT") ? env_int("MASTER_PORT", 1) : 29500;

@@ -12,6 +12,7 @@ struct LaunchEnv {
   int rank = 0;
   int world_size = 1;
   int local_rank = 0;
+  int local_world_size = 1;  // ranks on this host (LOCAL_WORLD_SIZE / OMPI_COMM_WORLD_LOCAL_SIZE; else world_size)
   std::string master_addr;  // torchrun only
   int master_port = 0;      // torchrun only
 };

@@ -242,7 +242,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
                               (cfg.train.offload_activations == "true" ||
                                (cfg.train.offload_activations == "auto" && micro * data.max_seq_len() >= 4096));
   {
-    const auto host_bytes = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGE_SIZE));
+    // This rank's share of the host: the ranks on one host offload side by side.
+    const auto host_bytes = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGE_SIZE)) /
+                            static_cast<uint64_t>(std::max(1, env.local_world_size));
     const LlamaConfig& mc = model.config;
     model.keep_attention = cfg.train.grad_checkpointing &&
                            (cfg.train.keep_attention == "true" ||

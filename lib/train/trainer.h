@@ -33,8 +33,8 @@ TrainSummary train(const RunConfig& config, const TrainOptions& options);
 // train.keep_attention "auto": keep the attention outputs (and replay them in the recomputation) where the
 // attention forward is a large share of the step and the outputs go to the host with the block inputs: offload on,
 // at least 32768 tokens per micro-batch (measured: 1.09x the step at 32k on an H200, docs/PERFORMANCE.md), and the
-// offloaded tensors, block inputs and attention outputs of every layer, within half of the host's physical memory
-// (`host_bytes`). hidden and q_size: the model's hidden size and heads x head_dim; 2-byte activations.
+// offloaded tensors, block inputs and attention outputs of every layer, within half of `host_bytes` (this rank's
+// share of the host's physical memory). hidden and q_size: the model's hidden size and heads x head_dim; 2-byte activations.
 bool keep_attention_auto(int64_t tokens, int64_t layers, int64_t hidden, int64_t q_size, bool offload,
                          uint64_t host_bytes);
 
