@@ -20,7 +20,8 @@ std::set<torch::profiler::impl::ActivityType> activities(bool cuda) {
 }  // namespace
 
 StepProfile::StepProfile(bool cuda) {
-  torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+  // Input shapes ride along (scripts/trace_summary.py groups GPU time by op and shape with them).
+  torch::profiler::impl::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO, /*report_input_shapes=*/true);
   torch::autograd::profiler::prepareProfiler(config, activities(cuda));
   torch::autograd::profiler::enableProfiler(config, activities(cuda));
   active_ = true;

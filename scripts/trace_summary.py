@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""GPU time of one profiled step (QT_PROFILE_STEP's profile_trace.json) by ATen op and input shapes, and the
+idle time between kernels on the compute stream, with the ops that ran just before the longest gaps.
+
+    python3 scripts/trace_summary.py RUN_DIR/profile_trace.json [--top 45]
+
+Each kernel is attributed to the innermost CPU op that launched it (the trace's "External id"); ops launched
+outside any recorded op show as their kernel's name.
+"""
+import argparse
+import collections
+import json
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace")
+    ap.add_argument("--top", type=int, default=45)
+    args = ap.parse_args()
+    with open(args.trace) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    ops = {}
+    kernels = []
+    for e in events:
+        cat = e.get("cat", "")
+        a = e.get("args", {})
+        if cat == "cpu_op" and "External id" in a:
+            ops[a["External id"]] = (e["name"], a.get("Input Dims"))
+        elif cat in ("kernel", "gpu_memcpy", "gpu_memset"):
+            kernels.append(e)
+    if not kernels:
+        print("no GPU kernels in the trace")
+        return
+    by_stream = collections.Counter()
+    for k in kernels:
+        by_stream[k["args"].get("stream")] += k["dur"]
+    main_stream = by_stream.most_common(1)[0][0]
+    total = sum(k["dur"] for k in kernels)
+    rows = collections.defaultdict(lambda: [0.0, 0, ""])
+    for k in kernels:
+        op = ops.get(k["args"].get("External id"))
+        name, dims = op if op else (k["name"][:60], None)
+        shape = ",".join("x".join(str(d) for d in dim) for dim in (dims or []) if dim)
+        r = rows[(name, shape)]
+        r[0] += k["dur"]
+        r[1] += 1
+        r[2] = k["name"][:48]
+    print(f"GPU time {total / 1e3:.1f} ms in {len(kernels)} kernels; streams (ms): "
+          + ", ".join(f"{s}: {d / 1e3:.1f}" for s, d in by_stream.most_common()))
+    print(f"{'ms':>8} {'calls':>6}  op [input shapes]  (a kernel)")
+    for (name, shape), (us, n, kname) in sorted(rows.items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"{us / 1e3:8.2f} {n:6d}  {name} [{shape[:70]}]  ({kname})")
+    main_k = sorted((k for k in kernels if k["args"].get("stream") == main_stream), key=lambda k: k["ts"])
+    gaps = []
+    for prev, nxt in zip(main_k, main_k[1:]):
+        g = nxt["ts"] - (prev["ts"] + prev["dur"])
+        if g > 0:
+            gaps.append((g, prev, nxt))
+    span = main_k[-1]["ts"] + main_k[-1]["dur"] - main_k[0]["ts"]
+    idle = sum(g for g, _, _ in gaps)
+    print(f"compute stream: span {span / 1e3:.1f} ms, busy {sum(k['dur'] for k in main_k) / 1e3:.1f} ms, "
+          f"idle {idle / 1e3:.1f} ms in {len(gaps)} gaps")
+    hist = collections.Counter()
+    for g, _, _ in gaps:
+        hist["<5us" if g < 5 else "5-20us" if g < 20 else "20-100us" if g < 100 else "100us-1ms" if g < 1000 else ">1ms"] += g
+    print("idle by gap size (ms): " + ", ".join(f"{b}: {v / 1e3:.1f}" for b, v in hist.items()))
+
+    def label(k):
+        op = ops.get(k["args"].get("External id"))
+        return op[0] if op else k["name"][:40]
+
+    ctx = collections.defaultdict(lambda: [0.0, 0])
+    for g, prev, nxt in gaps:
+        c = ctx[(label(prev), label(nxt))]
+        c[0] += g
+        c[1] += 1
+    print("idle by (op before -> op after), top 15:")
+    for (a, b), (us, n) in sorted(ctx.items(), key=lambda kv: -kv[1][0])[:15]:
+        print(f"{us / 1e3:8.2f} ms {n:6d}  {a} -> {b}")
+
+
+if __name__ == "__main__":
+    main()
