@@ -28,6 +28,8 @@ TEST_CASE("AdamW follows torch.optim.AdamW step for step", "[train]") {
     INFO("step " << i + 1);
     CHECK(rel_err(p, ref.view("p" + std::to_string(i + 1))) < 1e-6);
   }
+  // In place, as in-place ops are: the version counter moved (readers keyed on it see each update).
+  CHECK(p._version() >= 4);
   auto state = opt.state_tensors();
   CHECK(rel_err(state[0].second, ref.view("exp_avg")) < 1e-6);
   CHECK(rel_err(state[1].second, ref.view("exp_avg_sq")) < 1e-6);
@@ -174,18 +176,27 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   CHECK(c.train.fuse_projections);
   CHECK(!parse(ok, {"train.fuse_projections=false"}).train.fuse_projections);
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"keep_attention": "yes"}})", {"train.keep_attention", "true, false or \"auto\""});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"keep_dequantized": 2}})", {"train.keep_dequantized", "true, false or \"auto\""});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"offload_activations": 1}})", {"train.offload_activations", "true, false or \"auto\""});
   expect("{\"output_dir\": \"o\",\n \"model\": {\"path\": }", {"run.json", "line 2"});
 }
 
-TEST_CASE("keep_attention auto: offloaded rows from 32768 tokens whose offloaded tensors fit half the host", "[train]") {
+TEST_CASE("keep_attention auto: offloaded rows from 8192 tokens whose offloaded tensors fit half the host", "[train]") {
   const int64_t L = 32, H = 4096, Q = 4096;  // Llama 3.1 8B
   const uint64_t host = uint64_t{125} << 30;
+  CHECK(qt::keep_attention_auto(8192, L, H, Q, /*offload=*/true, host));
+  CHECK(!qt::keep_attention_auto(4096, L, H, Q, true, host));  // short rows: attention is a small share
   CHECK(qt::keep_attention_auto(32768, L, H, Q, /*offload=*/true, host));
   CHECK(qt::keep_attention_auto(98304, L, H, Q, true, host));    // 48 GiB of block inputs and outputs: within 62.5
   CHECK(!qt::keep_attention_auto(131072, L, H, Q, true, host));  // 64 GiB: over half the host
   CHECK(!qt::keep_attention_auto(32768, L, H, Q, /*offload=*/false, host));  // the outputs would stay on the GPU
-  CHECK(!qt::keep_attention_auto(16384, L, H, Q, true, host));  // short rows: attention is a small share
   CHECK(!qt::keep_attention_auto(342733, L, H, Q, true, host));  // 167 GiB would not fit the host
   CHECK(!qt::keep_attention_auto(32768, L, H, Q, true, uint64_t{8} << 30));
+}
+
+TEST_CASE("keep_dequantized auto: below 8192 tokens per micro-batch", "[train]") {
+  CHECK(qt::keep_dequantized_auto(4096));
+  CHECK(qt::keep_dequantized_auto(8191));
+  CHECK(!qt::keep_dequantized_auto(8192));
+  CHECK(!qt::keep_dequantized_auto(32768));
 }

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <map>
+#include <optional>
 
 #include "lib/core/error.h"
 
@@ -28,7 +29,7 @@ void AdamW::set_lr_scale(const std::string& name, double scale) {
   fail(ErrorKind::Internal, "AdamW::set_lr_scale: no parameter named " + name);
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, const at::Tensor& found_inf) {
   at::NoGradGuard no_grad;
   ++step_;
   const double bc1 = 1.0 - std::pow(options_.beta1, static_cast<double>(step_));
@@ -36,12 +37,15 @@ void AdamW::step(double lr) {
   // One group per learning rate (parameter order kept within each).
   std::map<double, std::vector<size_t>> groups;
   for (size_t i = 0; i < params_.size(); ++i) groups[lr_scale_[i]].push_back(i);
-  for (const auto& [scale, group] : groups) step_group(group, lr * scale, bc1, bc2);
+  for (const auto& [scale, group] : groups) step_group(group, lr * scale, bc1, bc2, found_inf);
 }
 
-void AdamW::step_group(const std::vector<size_t>& group, double lr, double bc1, double bc2) {
-  // fp32 parameters (LoRA, DoRA's magnitude, trained embeddings): the same elementwise ops in the same order
-  // through multi-tensor kernels, a few launches for all parameters instead of seven per parameter.
+void AdamW::step_group(const std::vector<size_t>& group, double lr, double bc1, double bc2,
+                       const at::Tensor& found_inf) {
+  // fp32 parameters (LoRA, DoRA's magnitude, trained embeddings): torch's fused AdamW kernel (the update of
+  // torch.optim.AdamW(fused=True), one multi-tensor kernel for every parameter: a step of the 8B shape has 448
+  // LoRA tensors, and a handful of launches instead of eight multi-tensor ops keeps the GPU from waiting on the
+  // host between them). found_inf (a device scalar, non-zero) makes it leave everything as it was.
   std::vector<at::Tensor> ps, gs, ms, vs;
   bool all_fp32 = true;
   for (size_t i : group) {
@@ -56,14 +60,17 @@ void AdamW::step_group(const std::vector<size_t>& group, double lr, double bc1, 
   }
   if (ps.empty()) return;
   if (all_fp32) {
-    if (options_.weight_decay != 0) at::_foreach_mul_(ps, 1.0 - lr * options_.weight_decay);
-    at::_foreach_lerp_(ms, gs, 1.0 - options_.beta1);
-    at::_foreach_mul_(vs, options_.beta2);
-    at::_foreach_addcmul_(vs, gs, gs, 1.0 - options_.beta2);
-    std::vector<at::Tensor> denom = at::_foreach_sqrt(vs);
-    at::_foreach_div_(denom, std::sqrt(bc2));
-    at::_foreach_add_(denom, options_.eps);
-    at::_foreach_addcdiv_(ps, ms, denom, -lr / bc1);
+    // The step count as the kernel reads it (one fp32 scalar on the parameters' device, shared by all).
+    const at::Tensor step = at::full({}, static_cast<double>(step_), ps[0].options());
+    const std::vector<at::Tensor> steps(ps.size(), step);
+    std::optional<at::Tensor> inf;
+    if (found_inf.defined()) inf = found_inf.to(ps[0].device(), at::kFloat);
+    at::_fused_adamw_(ps, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, lr, options_.beta1, options_.beta2,
+                      options_.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false,
+                      /*grad_scale=*/std::nullopt, inf);
+    // The fused kernel writes the parameters without bumping their version counters, as in-place ops do; readers
+    // that key on them (the LoRA nodes' compute-dtype factors, autograd's saved-tensor checks) must see the write.
+    for (const at::Tensor& p : ps) p.unsafeGetTensorImpl()->bump_version();
     return;
   }
   for (size_t i : group) {
@@ -112,22 +119,28 @@ void AdamW::load_state(const std::vector<std::pair<std::string, at::Tensor>>& te
   step_ = step;
 }
 
-double clip_grad_norm(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm) {
+at::Tensor clip_grad_norm_async(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm) {
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> grads;
   for (const auto& [name, p] : params)
     if (p.grad().defined()) grads.push_back(p.grad().to(at::kFloat));
-  if (grads.empty()) return 0.0;
-  // Per-tensor norms in multi-tensor kernels, then the norm of the norms (torch.nn.utils.clip_grad_norm_).
-  const double norm = at::linalg_vector_norm(at::stack(at::_foreach_norm(grads, 2)), 2).item<double>();
-  if (max_norm > 0 && norm > max_norm) {
-    const double scale = max_norm / (norm + 1e-6);
+  if (grads.empty()) return at::zeros({}, at::kFloat);
+  // Per-tensor norms in multi-tensor kernels, then the norm of the norms, and the gradients times
+  // min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_ computes it: on the device, without
+  // waiting for the norm (a factor of exactly 1 leaves the gradients as they are).
+  const at::Tensor norm = at::linalg_vector_norm(at::stack(at::_foreach_norm(grads, 2)), 2);
+  if (max_norm > 0) {
     std::vector<at::Tensor> own;
     for (const auto& [name, p] : params)
       if (p.grad().defined()) own.push_back(p.grad());
-    at::_foreach_mul_(own, scale);
+    const at::Tensor coef = (max_norm / (norm + 1e-6)).clamp_max_(1.0);
+    at::_foreach_mul_(own, coef.to(own[0].scalar_type()));
   }
   return norm;
+}
+
+double clip_grad_norm(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm) {
+  return clip_grad_norm_async(params, max_norm).item<double>();
 }
 
 }  // namespace qt

@@ -20,7 +20,8 @@ class AdamW {
  public:
   AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions options);
   // One update with learning rate `lr` from the parameters' .grad(); a parameter without a gradient is skipped.
-  void step(double lr);
+  // found_inf (optional device scalar): where non-zero, the fp32 parameters and their moments stay as they were.
+  void step(double lr, const at::Tensor& found_inf = {});
   // One parameter's learning rate as a multiple of step()'s (another learning rate, scheduled alike); default 1.
   void set_lr_scale(const std::string& name, double scale);
   void zero_grad();
@@ -33,7 +34,7 @@ class AdamW {
 
  private:
   std::vector<std::pair<std::string, at::Tensor>> params_;
-  void step_group(const std::vector<size_t>& group, double lr, double bc1, double bc2);
+  void step_group(const std::vector<size_t>& group, double lr, double bc1, double bc2, const at::Tensor& found_inf);
 
   std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
   std::vector<double> lr_scale_;
@@ -44,5 +45,7 @@ class AdamW {
 // Global L2 norm of the gradients (fp32), and scales them down to max_norm when above it (max_norm <= 0: no
 // clipping). Returns the norm before clipping.
 double clip_grad_norm(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm);
+// The same without waiting for the GPU: the norm as a scalar tensor on the gradients' device.
+at::Tensor clip_grad_norm_async(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm);
 
 }  // namespace qt

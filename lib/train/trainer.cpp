@@ -182,11 +182,13 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
 
 bool keep_attention_auto(int64_t tokens, int64_t layers, int64_t hidden, int64_t q_size, bool offload,
                          uint64_t host_bytes) {
-  if (!offload || tokens < 32768) return false;
+  if (!offload || tokens < 8192) return false;
   const double offloaded = 2.0 * static_cast<double>(tokens) * static_cast<double>(layers) *
                            static_cast<double>(hidden + q_size);
   return offloaded <= static_cast<double>(host_bytes) / 2;
 }
+
+bool keep_dequantized_auto(int64_t tokens) { return tokens < 8192; }
 
 TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const auto t_start = Clock::now();
@@ -233,6 +235,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   model.mlp_chunk_tokens = cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens
                            : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
   model.fuse_projections = cfg.train.fuse_projections;
+  model.keep_dequantized = cfg.train.grad_checkpointing &&
+                           (cfg.train.keep_dequantized == "true" ||
+                            (cfg.train.keep_dequantized == "auto" && keep_dequantized_auto(micro * data.max_seq_len())));
   model.attention_kernel =
       cfg.train.attention == "cudnn" ? LlamaModel::AttentionKernel::Cudnn : LlamaModel::AttentionKernel::Flash;
   // The training shape first among the shapes cuDNN is admitted for, before an exact-match evaluation's
@@ -386,8 +391,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   if (rank0 && model.grad_checkpointing && device.is_cuda())
     log::info(std::string("checkpointed block inputs ") + (model.offload_activations ? "offloaded to pinned host memory" : "kept on the GPU") +
               (model.keep_attention ? "; attention outputs kept and replayed in the recomputation" : "") +
+              (model.keep_dequantized ? "; the recomputation's 16-bit weights kept for the backward pass" : "") +
               " (train.offload_activations " + cfg.train.offload_activations + ", train.keep_attention " +
-              cfg.train.keep_attention + ")");
+              cfg.train.keep_attention + ", train.keep_dequantized " + cfg.train.keep_dequantized + ")");
   if (rank0 && cfg.train.neftune_alpha > 0) {
     std::ostringstream a;
     a << cfg.train.neftune_alpha;
@@ -518,17 +524,24 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if (!std::isfinite(loss))
       fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the loss is not finite (" + std::to_string(loss) +
                                    "); the last checkpoint in " + cfg.output_dir + " is intact (lower optim.lr?)");
-    const double grad_norm = fsdp ? fsdp->clip_grad_norm(cfg.optim.max_grad_norm) : clip_grad_norm(params, cfg.optim.max_grad_norm);
-    if (!std::isfinite(grad_norm))
+    // Unsharded, the norm stays on the GPU until the update is queued (found_inf: a non-finite norm leaves the
+    // parameters as they were), so the GPU does not wait for the host between clipping and the update.
+    const at::Tensor norm_t = fsdp ? at::Tensor() : clip_grad_norm_async(params, cfg.optim.max_grad_norm);
+    double grad_norm = fsdp ? fsdp->clip_grad_norm(cfg.optim.max_grad_norm) : 0.0;
+    const auto non_finite_norm = [&] {
       fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the gradient norm is not finite; the last "
                                "checkpoint in " + cfg.output_dir + " is intact");
+    };
+    if (fsdp && !std::isfinite(grad_norm)) non_finite_norm();
     const double lr = schedule.at(state.step);
     try {
-      opt.step(lr);  // the first step allocates the optimizer's moments
+      opt.step(lr, norm_t.defined() ? at::logical_not(at::isfinite(norm_t)) : at::Tensor());
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e)) throw;
       fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), model.offload_activations, e.what_without_backtrace()));
     }
+    if (norm_t.defined()) grad_norm = norm_t.item<double>();
+    if (!std::isfinite(grad_norm)) non_finite_norm();
     opt.zero_grad();
     ++state.step;
     if (profile) {
