@@ -11,11 +11,13 @@
 #include "lib/core/json.h"
 #include "lib/core/safetensors.h"
 #include "lib/model/generate.h"
+#include "lib/kernels/nf4_dequant.h"
 #include "lib/model/hf_loader.h"
 #include "lib/model/lora.h"
 #include "lib/model/merge.h"
 #include "lib/model/peft_adapter.h"
 #include "lib/quant/nf4.h"
+#include "lib/train/adamw.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -40,9 +42,11 @@ qt::LoadOptions nf4_load() {
   return o;
 }
 
-void check_against_peft(const std::string& base_dir, const std::string& name, double loss_bound, double grad_bound) {
+void check_against_peft(const std::string& base_dir, const std::string& name, double loss_bound, double grad_bound,
+                        const std::function<void(qt::LlamaModel&)>& setup = {}) {
   INFO(name << " on " << base_dir);
   qt::LlamaModel model = qt::load_llama(fixture("lora/" + base_dir), nf4_load());
+  if (setup) setup(model);
   model.for_each_linear([](const std::string& n, qt::Linear& l) {
     INFO(n);
     REQUIRE(l.quantized());
@@ -182,6 +186,62 @@ TEST_CASE("q, k, v (gate, up) as one projection equal their separate LoRA linear
 
 TEST_CASE("LoRA on NF4 linears matches PEFT on bitsandbytes' dequantized base: loss and every LoRA gradient", "[lora]") {
   check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4);
+}
+
+TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weights kept for the backward pass or "
+          "not; keeping saves one dequantization per weight", "[lora]") {
+  for (bool keep : {false, true}) {
+    INFO("keep_dequantized " << keep);
+    int64_t weights = 0;
+    const int64_t before = qt::kernels::nf4_dequantized_weights();
+    check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
+      m.grad_checkpointing = true;
+      m.keep_dequantized = keep;
+      m.for_each_linear([&](const std::string&, qt::Linear&) { ++weights; });
+    });
+    // Forward, recomputation and backward each dequantize every weight, except the backward where the
+    // recomputation's weights were kept.
+    CHECK(weights > 0);
+    CHECK(qt::kernels::nf4_dequantized_weights() - before == (keep ? 2 : 3) * weights);
+  }
+}
+
+TEST_CASE("the LoRA factors in the compute dtype are made once per linear and optimizer step and follow every "
+          "update", "[lora]") {
+  auto load = [] {
+    qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+    qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
+    m.grad_checkpointing = true;
+    return m;
+  };
+  qt::LlamaModel model = load();
+  qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+  const at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU), labels = ref.load("labels", at::kLong, at::kCPU);
+  auto params = qt::lora_parameters(model);
+  qt::AdamW opt(params, {0.9, 0.999, 1e-8, 0.0});
+  // q/k/v, o, gate/up and down of each block: one LoRA node each.
+  const int64_t nodes = 4 * model.config.num_hidden_layers;
+  for (int step = 0; step < 3; ++step) {
+    INFO("step " << step);
+    const int64_t before = qt::lora_factor_builds();
+    at::Tensor loss = causal_lm_loss(model, ids, labels);
+    loss.backward();  // the recomputation reuses the forward pass's factors
+    CHECK(qt::lora_factor_builds() - before == nodes);
+    // Another model with the same adapter values has no cached factors: the same loss to the bit.
+    qt::LlamaModel fresh = load();
+    std::vector<qt::Linear*> ours, theirs;
+    model.for_each_linear([&](const std::string&, qt::Linear& l) { ours.push_back(&l); });
+    fresh.for_each_linear([&](const std::string&, qt::Linear& l) { theirs.push_back(&l); });
+    REQUIRE(ours.size() == theirs.size());
+    for (size_t i = 0; i < ours.size(); ++i) {
+      theirs[i]->lora->A.detach().copy_(ours[i]->lora->A.detach());
+      theirs[i]->lora->B.detach().copy_(ours[i]->lora->B.detach());
+    }
+    at::NoGradGuard no_grad;
+    CHECK(at::equal(causal_lm_loss(fresh, ids, labels), loss.detach()));
+    opt.step(1e-2);  // writes A and B in place: the next forward pass makes new factors
+    opt.zero_grad();
+  }
 }
 
 TEST_CASE("rsLoRA scaling on a subset of modules matches PEFT", "[lora]") {

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <map>
 #include <mutex>
@@ -265,6 +266,21 @@ struct LlamaModel::OffloadPrefetch {
 
 namespace {
 
+// Set while a checkpointed block recomputes its forward pass for the backward pass that follows at once
+// (LlamaModel::keep_dequantized): the LoRA nodes keep the 16-bit weights they dequantize there for their
+// backward instead of dequantizing again (one dequantization less per linear and step; the block's 16-bit
+// weights live until its backward has used them).
+thread_local bool g_keep_dequantized = false;
+struct KeepDequantizedScope {
+  explicit KeepDequantizedScope(bool on) : saved_(g_keep_dequantized) { g_keep_dequantized = on; }
+  ~KeepDequantizedScope() { g_keep_dequantized = saved_; }
+  KeepDequantizedScope(const KeepDequantizedScope&) = delete;
+  KeepDequantizedScope& operator=(const KeepDequantizedScope&) = delete;
+
+ private:
+  bool saved_;
+};
+
 // Per-block activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"), the
 // reentrant form: forward runs the block without recording; backward re-runs it with recording on the saved
 // input and back-propagates through that, which also accumulates the gradients of the block's LoRA weights.
@@ -359,7 +375,10 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
         replay.cum_k = saved_tensor("attn_cum_k");
         scope.emplace(&replay);
       }
-      out = model->block_forward(layer, x, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask);
+      {
+        KeepDequantizedScope keep(model->keep_dequantized);
+        out = model->block_forward(layer, x, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask);
+      }
       scope.reset();
       cpu_gen.set_state(cpu_now);
       if (cuda_gen) cuda_gen->set_state(cuda_now);
@@ -414,6 +433,90 @@ struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
   }
 };
 
+// The LoRA factors as the GEMMs take them, for a linear or a group of linears reading one input: a = the As
+// stacked [sum r, in] and bd = the scaled Bs on the diagonal of [sum out, sum r], in the activations' dtype.
+// They change only when the optimizer (or a load) writes A or B, so they are made once per version of the fp32
+// masters and reused by every forward pass until then (the forward, the recomputation, the next micro-batch):
+// a step of the 8B shape would otherwise run some 2,000 small cast / copy kernels for them. The cache holds one
+// entry per linear (or group), checked against the masters' identity and version counters.
+class LoraFactorCache {
+ public:
+  static LoraFactorCache& instance() {
+    static LoraFactorCache* cache = new LoraFactorCache();  // never destroyed: used from autograd threads
+    return *cache;
+  }
+  std::pair<at::Tensor, at::Tensor> get(const std::vector<const Linear*>& ls, at::TensorList ab, at::ScalarType dt) {
+    std::vector<const void*> key;
+    for (const Linear* l : ls) key.push_back(l);
+    std::lock_guard<std::mutex> lock(mutex_);
+    Entry& e = entries_[key];
+    if (!fresh(e, ls, ab, dt)) {
+      e.a = at::Tensor();  // the old factors go before the new ones are made
+      e.b = at::Tensor();
+      std::tie(e.a, e.b) = make(ls, ab, dt);
+      e.dtype = dt;
+      e.sources.clear();
+      e.versions.clear();
+      e.scales.clear();
+      for (const Linear* l : ls) e.scales.push_back(l->lora->scale);
+      for (const at::Tensor& t : ab) {
+        e.sources.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()));
+        e.versions.push_back(t._version());
+      }
+      ++made_;
+    }
+    return {e.a, e.b};
+  }
+  int64_t made() const { return made_.load(); }
+
+ private:
+  struct Entry {
+    std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> sources;
+    std::vector<int64_t> versions;
+    std::vector<double> scales;
+    at::ScalarType dtype = at::kFloat;
+    at::Tensor a, b;
+  };
+  static bool fresh(const Entry& e, const std::vector<const Linear*>& ls, at::TensorList ab, at::ScalarType dt) {
+    if (!e.a.defined() || e.dtype != dt || e.sources.size() != ab.size() || e.scales.size() != ls.size()) return false;
+    for (size_t i = 0; i < ls.size(); ++i)
+      if (e.scales[i] != ls[i]->lora->scale) return false;
+    for (size_t i = 0; i < ab.size(); ++i) {
+      c10::intrusive_ptr<c10::TensorImpl> alive = e.sources[i].lock();
+      if (!alive || alive.get() != ab[i].unsafeGetTensorImpl() || e.versions[i] != ab[i]._version()) return false;
+    }
+    return true;
+  }
+  static std::pair<at::Tensor, at::Tensor> make(const std::vector<const Linear*>& ls, at::TensorList ab,
+                                                at::ScalarType dt) {
+    at::NoGradGuard no_grad;
+    if (ls.size() == 1) {
+      const double scale = ls[0]->lora->scale;
+      return {ab[0].detach().to(dt), (scale == 1.0 ? ab[1].detach() : ab[1].detach() * scale).to(dt)};
+    }
+    int64_t total = 0, rank = 0;
+    std::vector<at::Tensor> as;
+    for (size_t i = 0; i < ls.size(); ++i) {
+      total += ab[2 * i + 1].size(0);
+      rank += ab[2 * i].size(0);
+      as.push_back(ab[2 * i].detach());
+    }
+    at::Tensor a = at::cat(as, 0).to(dt);  // [sum r, in]
+    at::Tensor bd = at::zeros({total, rank}, a.options());
+    for (int64_t i = 0, off = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
+      const at::Tensor B = ab[2 * i + 1].detach();
+      const double scale = ls[i]->lora->scale;
+      bd.narrow(0, off, B.size(0)).narrow(1, roff, B.size(1)).copy_(scale == 1.0 ? B : B * scale);
+      off += B.size(0);
+      roff += B.size(1);
+    }
+    return {a, bd};
+  }
+  std::mutex mutex_;
+  std::map<std::vector<const void*>, Entry> entries_;
+  std::atomic<int64_t> made_{0};
+};
+
 // A frozen base plus LoRA without dropout, y = x W^T + (x A^T)(s B)^T, as one autograd node. The LoRA sums ride
 // on GEMM epilogues (addmm_ into the base product, forward and backward), so neither pass adds an elementwise
 // kernel over [tokens, out] or [tokens, in]; W (NF4: dequantized into scratch) is not kept between the passes.
@@ -423,12 +526,12 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     const auto* l = reinterpret_cast<const Linear*>(linear_ptr);
     const auto dt = x.scalar_type();
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
-    at::Tensor a = A.to(dt);
-    at::Tensor bs = scale == 1.0 ? B.to(dt) : (B * scale).to(dt);
+    const auto [a, bs] = LoraFactorCache::instance().get({l}, {A, B}, dt);
     at::Tensor t = at::mm(x2, a.t());  // [N, r]
-    at::Tensor y = at::mm(x2, l->base_weight(dt).t());
+    at::Tensor W = l->base_weight(dt);
+    at::Tensor y = at::mm(x2, W.t());
     y.addmm_(t, bs.t());
-    ctx->save_for_backward({x2, a, bs, t});
+    ctx->save_for_backward({x2, a, bs, t, g_keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linear"] = linear_ptr;
     ctx->saved_data["scale"] = scale;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -440,13 +543,13 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     const auto* l = reinterpret_cast<const Linear*>(ctx->saved_data["linear"].toInt());
     const double scale = ctx->saved_data["scale"].toDouble();
     auto saved = ctx->get_saved_variables();
-    const at::Tensor &x2 = saved[0], &a = saved[1], &bs = saved[2], &t = saved[3];
+    const at::Tensor &x2 = saved[0], &a = saved[1], &bs = saved[2], &t = saved[3], &kept = saved[4];
     const auto dt = x2.scalar_type();
     at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)}).to(dt);
     at::Tensor g = at::mm(dy, bs);  // [N, r]
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = at::mm(dy, l->base_weight(dt));
+      dx = at::mm(dy, kept.defined() ? kept : l->base_weight(dt));
       dx.addmm_(g, a);
     }
     at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);
@@ -487,27 +590,14 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
                             const std::vector<int64_t>& linear_ptrs) {
     const auto ls = members(linear_ptrs);
     const auto dt = x.scalar_type();
-    int64_t total = 0, rank = 0;
-    std::vector<at::Tensor> as;
-    for (size_t i = 0; i < ls.size(); ++i) {
-      total += ls[i]->out_features();
-      rank += ab[2 * i].size(0);
-      as.push_back(ab[2 * i]);
-    }
-    at::Tensor a = at::cat(as, 0).to(dt);  // [sum r, in]
-    at::Tensor bd = at::zeros({total, rank}, x.options());
-    for (int64_t i = 0, off = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
-      const at::Tensor& B = ab[2 * i + 1];
-      const double scale = ls[i]->lora->scale;
-      bd.narrow(0, off, B.size(0)).narrow(1, roff, B.size(1)).copy_(scale == 1.0 ? B : B * scale);
-      off += B.size(0);
-      roff += B.size(1);
-    }
+    const auto [a, bd] = LoraFactorCache::instance().get(ls, ab, dt);  // [sum r, in], [sum out, sum r]
+    const int64_t total = bd.size(0);
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
     at::Tensor t = at::mm(x2, a.t());  // [N, sum r]
-    at::Tensor y = at::mm(x2, weight(ls, total, dt).t());
+    at::Tensor W = weight(ls, total, dt);
+    at::Tensor y = at::mm(x2, W.t());
     y.addmm_(t, bd.t());
-    ctx->save_for_backward({x2, a, bd, t});
+    ctx->save_for_backward({x2, a, bd, t, g_keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linears"] = linear_ptrs;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = total;
@@ -517,14 +607,14 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
                                                  torch::autograd::variable_list grads) {
     const auto ls = members(ctx->saved_data["linears"].toIntVector());
     auto saved = ctx->get_saved_variables();
-    const at::Tensor &x2 = saved[0], &a = saved[1], &bd = saved[2], &t = saved[3];
+    const at::Tensor &x2 = saved[0], &a = saved[1], &bd = saved[2], &t = saved[3], &kept = saved[4];
     const auto dt = x2.scalar_type();
     const int64_t total = bd.size(0);
     at::Tensor dy = grads[0].reshape({-1, total}).to(dt);
     at::Tensor g = at::mm(dy, bd);  // [N, sum r]
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      dx = at::mm(dy, weight(ls, total, dt));
+      dx = at::mm(dy, kept.defined() ? kept : weight(ls, total, dt));
       dx.addmm_(g, a);
     }
     at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);  // [sum r, in]
@@ -549,6 +639,8 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
 };
 
 }  // namespace
+
+int64_t lora_factor_builds() { return LoraFactorCache::instance().made(); }
 
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
   return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()));

@@ -40,12 +40,16 @@ struct TrainSection {
   // With grad_checkpointing: keep each block's attention output from the forward pass and replay it in the
   // recomputation (no second attention forward; one more [tokens, hidden]-sized tensor per block, offloaded with
   // the block input when offload_activations is on). Unpacked rows of one document each. "true", "false" or
-  // "auto" (keep_attention_auto in trainer.h: offloaded, from 32768 tokens per micro-batch, within half the host's
+  // "auto" (keep_attention_auto in trainer.h: offloaded, from 8192 tokens per micro-batch, within half the host's
   // memory).
   std::string keep_attention = "auto";
   // q, k, v and gate, up of each block as one projection each (one dequantization launch, one GEMM for the bases,
   // the LoRA As and the LoRA Bs, one for the input gradient) where the bases are NF4 and the adapters plain LoRA.
   bool fuse_projections = true;
+  // With grad_checkpointing: the 16-bit weights dequantized in a block's recomputation are kept for its backward
+  // pass (one NF4 dequantization less per linear and step, a block's 16-bit weights more memory at the peak):
+  // "true", "false" or "auto" (keep_dequantized_auto in trainer.h: below 8192 tokens per micro-batch).
+  std::string keep_dequantized = "auto";
   // NEFTune: uniform noise of magnitude alpha / sqrt(seq_len * hidden) on the input embeddings while training
   // (TRL's neftune_noise_alpha; 5 is the paper's common value); 0: off.
   double neftune_alpha = 0.0;
