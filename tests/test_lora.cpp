@@ -206,41 +206,46 @@ TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weight
   }
 }
 
-TEST_CASE("the LoRA factors in the compute dtype are made once per linear and optimizer step and follow every "
-          "update", "[lora]") {
-  auto load = [] {
-    qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
-    qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
-    m.grad_checkpointing = true;
-    return m;
-  };
-  qt::LlamaModel model = load();
-  qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
-  const at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU), labels = ref.load("labels", at::kLong, at::kCPU);
-  auto params = qt::lora_parameters(model);
-  qt::AdamW opt(params, {0.9, 0.999, 1e-8, 0.0});
-  // q/k/v, o, gate/up and down of each block: one LoRA node each.
-  const int64_t nodes = 4 * model.config.num_hidden_layers;
-  for (int step = 0; step < 3; ++step) {
-    INFO("step " << step);
-    const int64_t before = qt::lora_factor_builds();
-    at::Tensor loss = causal_lm_loss(model, ids, labels);
-    loss.backward();  // the recomputation reuses the forward pass's factors
-    CHECK(qt::lora_factor_builds() - before == nodes);
-    // Another model with the same adapter values has no cached factors: the same loss to the bit.
-    qt::LlamaModel fresh = load();
-    std::vector<qt::Linear*> ours, theirs;
-    model.for_each_linear([&](const std::string&, qt::Linear& l) { ours.push_back(&l); });
-    fresh.for_each_linear([&](const std::string&, qt::Linear& l) { theirs.push_back(&l); });
-    REQUIRE(ours.size() == theirs.size());
-    for (size_t i = 0; i < ours.size(); ++i) {
-      theirs[i]->lora->A.detach().copy_(ours[i]->lora->A.detach());
-      theirs[i]->lora->B.detach().copy_(ours[i]->lora->B.detach());
+TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made once per linear and optimizer "
+          "step and follow every update; without it none are kept", "[lora]") {
+  for (bool keep : {true, false}) {
+    INFO("keep_dequantized " << keep);
+    auto load = [&] {
+      qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+      qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
+      m.grad_checkpointing = true;
+      m.keep_dequantized = keep;
+      return m;
+    };
+    qt::LlamaModel model = load();
+    qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+    const at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU), labels = ref.load("labels", at::kLong, at::kCPU);
+    auto params = qt::lora_parameters(model);
+    qt::AdamW opt(params, {0.9, 0.999, 1e-8, 0.0});
+    // q/k/v, o, gate/up and down of each block: one LoRA node each.
+    const int64_t nodes = 4 * model.config.num_hidden_layers;
+    for (int step = 0; step < 3; ++step) {
+      INFO("step " << step);
+      const int64_t before = qt::lora_factor_builds();
+      at::Tensor loss = causal_lm_loss(model, ids, labels);
+      loss.backward();  // the recomputation reuses the forward pass's factors
+      CHECK(qt::lora_factor_builds() - before == (keep ? nodes : 0));
+      // Another model with the same adapter values and nothing cached: the same loss to the bit.
+      qt::LlamaModel fresh = load();
+      fresh.keep_dequantized = false;
+      std::vector<qt::Linear*> ours, theirs;
+      model.for_each_linear([&](const std::string&, qt::Linear& l) { ours.push_back(&l); });
+      fresh.for_each_linear([&](const std::string&, qt::Linear& l) { theirs.push_back(&l); });
+      REQUIRE(ours.size() == theirs.size());
+      for (size_t i = 0; i < ours.size(); ++i) {
+        theirs[i]->lora->A.detach().copy_(ours[i]->lora->A.detach());
+        theirs[i]->lora->B.detach().copy_(ours[i]->lora->B.detach());
+      }
+      at::NoGradGuard no_grad;
+      CHECK(at::equal(causal_lm_loss(fresh, ids, labels), loss.detach()));
+      opt.step(1e-2);  // writes A and B in place: the next forward pass makes new factors
+      opt.zero_grad();
     }
-    at::NoGradGuard no_grad;
-    CHECK(at::equal(causal_lm_loss(fresh, ids, labels), loss.detach()));
-    opt.step(1e-2);  // writes A and B in place: the next forward pass makes new factors
-    opt.zero_grad();
   }
 }
 

@@ -62,8 +62,9 @@ at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
 // training, no bias, fp32 A and B), the inputs differ in width, or there are more than 4: call each forward().
 at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x);
 
-// How often the LoRA nodes have made their compute-dtype factors (the As stacked, the scaled Bs) so far: once per
-// linear or group and version of its fp32 masters, shared by every forward pass in between (for tests).
+// How often the LoRA nodes have made their compute-dtype factors (the As stacked, the scaled Bs) and kept them so
+// far: under keep_dequantized once per linear or group and version of its fp32 masters, shared by every forward
+// pass in between; never otherwise (for tests).
 int64_t lora_factor_builds();
 
 // DoRA's weight norm: the L2 norm of each row (output feature) of W + scale * B A, in fp32, without gradient.
@@ -141,9 +142,11 @@ class LlamaModel {
   // q, k, v and gate, up of a block as one projection each where project_group takes them (NF4 bases with plain
   // LoRA adapters); off: each linear on its own (the same function, more launches).
   bool fuse_projections = true;
-  // With grad_checkpointing: the LoRA linears of a block's recomputation keep the 16-bit weights they dequantize
-  // for that block's backward pass, which follows at once (one dequantization less per linear and step; a
-  // block's 16-bit weights, 0.44 GB for the 8B shape, live until its backward has used them).
+  // The LoRA linears keep the 16-bit copies they make while these can be reused: with grad_checkpointing, the
+  // weights dequantized in a block's recomputation for that block's backward pass, which follows at once (one
+  // dequantization less per linear and step; a block's 16-bit weights, 0.44 GB for the 8B shape, live until its
+  // backward has used them); and the compute-dtype LoRA factors from one forward pass to the next until the
+  // optimizer writes the fp32 masters (0.12 GiB for the 8B shape).
   bool keep_dequantized = false;
   // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
   // recomputed chunk by chunk in the backward pass (long contexts); 0: off.
