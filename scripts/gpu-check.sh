@@ -3,7 +3,8 @@
 # (CPU and [gpu]), the benchmarks and the peers measured in the same run, and print a short table last.
 # Usage (device tool, repo root): bash scripts/gpu-check.sh [tests|gputests|bench|train|peers|all]   (default all)
 #   tests: every test; gputests: the [gpu] ones only; bench: kernel benchmarks and their peers;
-#   train: scripts/bench.py on our trainer alone (BENCH_ROWS), with a per-kernel profile of one step per row;
+#   train: scripts/bench.py on our trainer alone (BENCH_ROWS), with a per-kernel profile of one step per row
+#          (PROFILE_ROWS, and scripts/trace_summary.py's GPU time by op and shape); A/B of settings: scripts/gpu_ab.sh;
 #   (several, comma-separated: gputests,train)
 #   attn: SDPA's attention kernels (flash, cuDNN, memory-efficient) at the 8B head shapes (scripts/attn_bench.py);
 #   extra: FullyShard with one NCCL rank, a real CUDA out-of-memory, long contexts (scripts/gpu_extra_checks.py);
@@ -54,6 +55,8 @@ if has train; then
       QT_PROFILE_STEP=4 python3 scripts/bench.py --peers none --rows "$row" --steps 2 --warm 3 --work /tmp/qt_prof --out /tmp >/dev/null 2>&1
       f=$(ls /tmp/qt_prof/*/run/profile_kernels.txt 2>/dev/null | head -1)
       [ -n "$f" ] && { note "== profile $row"; head -n 22 "$f" | cut -c1-140 | tee -a "$summary" >/dev/null; }
+      t=$(ls /tmp/qt_prof/*/run/profile_trace.json 2>/dev/null | head -1)
+      [ -n "$t" ] && { note "== by op and shape, idle gaps: $row"; python3 scripts/trace_summary.py "$t" --top 25 2>&1 | cut -c1-160 | tee -a "$summary" >/dev/null; }
       rm -rf /tmp/qt_prof
     done
   fi
