@@ -46,12 +46,12 @@ void check_against_peft(const std::string& base_dir, const std::string& name, do
                         const std::function<void(qt::LlamaModel&)>& setup = {}) {
   INFO(name << " on " << base_dir);
   qt::LlamaModel model = qt::load_llama(fixture("lora/" + base_dir), nf4_load());
-  if (setup) setup(model);
   model.for_each_linear([](const std::string& n, qt::Linear& l) {
     INFO(n);
     REQUIRE(l.quantized());
   });
   const qt::PeftAdapterConfig cfg = qt::load_peft_adapter(model, fixture("lora/" + name + "/adapter"));
+  if (setup) setup(model);
   qt::SafetensorsFile ref(fixture("lora/" + name + "/reference.safetensors"));
   at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
   at::Tensor labels = ref.load("labels", at::kLong, at::kCPU);
@@ -246,6 +246,24 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
       opt.step(1e-2);  // writes A and B in place: the next forward pass makes new factors
       opt.zero_grad();
     }
+  }
+}
+
+TEST_CASE("gate / up LoRA B terms added inside the SwiGLU (fuse_lora_swiglu) match PEFT, with and without "
+          "checkpointing and kept weights", "[lora]") {
+  for (int mode = 0; mode < 3; ++mode) {
+    INFO("mode " << mode);
+    check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
+      m.fuse_lora_swiglu = true;
+      m.grad_checkpointing = mode > 0;
+      m.keep_dequantized = mode == 2;
+      qt::Linear& gate = m.layers[0].gate_proj;
+      // The fused node is in the graph (not the fallback).
+      const at::Tensor x = at::randn({1, 3, gate.in_features()});
+      const at::Tensor h = qt::gate_up_swiglu(gate, m.layers[0].up_proj, x);
+      REQUIRE(h.defined());
+      CHECK(h.grad_fn()->name().find("SwigluLoraFn") != std::string::npos);
+    });
   }
 }
 
@@ -850,12 +868,15 @@ TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears i
 
 TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds", "[lora][dora][gpu]") {
   REQUIRE(at::hasCUDA());
-  for (const char* name : {"all_targets", "dora_all"}) {
+  for (const char* name : {"all_targets", "dora_all", "all_targets fuse_lora_swiglu"}) {
     INFO(name);
+    const bool fused_swiglu = std::string(name).find("fuse_lora_swiglu") != std::string::npos;
+    if (fused_swiglu) name = "all_targets";
     qt::LoadOptions opt{at::Device(at::kCUDA, 0), at::kBFloat16};
     opt.quantize_nf4 = true;
     qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), opt);
     qt::load_peft_adapter(model, fixture(std::string("lora/") + name + "/adapter"));
+    model.fuse_lora_swiglu = fused_swiglu;
     qt::SafetensorsFile ref(fixture(std::string("lora/") + name + "/reference.safetensors"));
     at::Tensor ids = ref.load("input_ids", at::kLong, at::kCUDA);
     at::Tensor labels = ref.load("labels", at::kLong, at::kCUDA);

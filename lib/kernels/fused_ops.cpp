@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <array>
+#include <utility>
 #include <vector>
 
 #include "lib/core/error.h"
@@ -186,6 +187,82 @@ struct RopeQkvFn : public torch::autograd::Function<RopeQkvFn> {
 #endif
 
 }  // namespace
+
+namespace {
+// g and u with their LoRA terms, rounded to base's dtype (fp32 sums).
+std::pair<at::Tensor, at::Tensor> lora_gate_up(const at::Tensor& base, const at::Tensor& t, const at::Tensor& bg,
+                                               const at::Tensor& bu) {
+  const int64_t I = bg.size(0), rg = bg.size(1), ru = bu.size(1);
+  QT_CHECK(base.size(-1) == 2 * I && bu.size(0) == I && t.size(-1) == rg + ru, ErrorKind::Internal,
+           "swiglu_lora: expected base [.., 2I], t [.., rg + ru], bg [I, rg], bu [I, ru]");
+  const auto dt = base.scalar_type();
+  const at::Tensor tf = t.to(at::kFloat);
+  at::Tensor g = base.narrow(-1, 0, I).to(at::kFloat) + at::matmul(tf.narrow(-1, 0, rg), bg.to(at::kFloat).t());
+  at::Tensor u = base.narrow(-1, I, I).to(at::kFloat) + at::matmul(tf.narrow(-1, rg, ru), bu.to(at::kFloat).t());
+  return {g.to(dt), u.to(dt)};
+}
+
+bool swiglu_lora_kernel_takes(const at::Tensor& base, const at::Tensor& t, const at::Tensor& bg, const at::Tensor& bu) {
+  const int64_t I = bg.size(0);
+  return fused_ops_apply(base) && base.is_contiguous() && t.is_contiguous() && I % 8 == 0 &&
+         bg.size(1) + bu.size(1) <= 64 && bg.stride(1) == 1 && bu.stride(1) == 1 && bg.stride(0) == bu.stride(0) &&
+         t.scalar_type() == base.scalar_type() && bg.scalar_type() == base.scalar_type() &&
+         bu.scalar_type() == base.scalar_type() && t.device() == base.device() && bg.device() == base.device() &&
+         bu.device() == base.device();
+}
+}  // namespace
+
+at::Tensor swiglu_lora_forward_reference(const at::Tensor& base, const at::Tensor& t, const at::Tensor& bg,
+                                         const at::Tensor& bu) {
+  auto [g, u] = lora_gate_up(base, t, bg, bu);
+  return swiglu_reference(g, u);
+}
+
+at::Tensor swiglu_lora_backward_reference(const at::Tensor& dh, const at::Tensor& base, const at::Tensor& t,
+                                          const at::Tensor& bg, const at::Tensor& bu) {
+  auto [g, u] = lora_gate_up(base, t, bg, bu);
+  // As swiglu_bwd rounds: du = cast(dy * cast(silu(g))), dg = cast(cast(dy * u) * silu'(g)).
+  const auto dt = base.scalar_type();
+  const at::Tensor gf = g.to(at::kFloat), s = at::sigmoid(gf), d = dh.to(at::kFloat);
+  const at::Tensor du = (d * (gf * s).to(dt).to(at::kFloat)).to(dt);
+  const at::Tensor dg = ((d * u.to(at::kFloat)).to(dt).to(at::kFloat) * (s * (1.0 + gf * (1.0 - s)))).to(dt);
+  return at::cat({dg, du}, -1);
+}
+
+at::Tensor swiglu_lora_forward(const at::Tensor& base, const at::Tensor& t, const at::Tensor& bg, const at::Tensor& bu) {
+#ifdef QT_WITH_CUDA
+  if (swiglu_lora_kernel_takes(base, t, bg, bu)) {
+    c10::cuda::CUDAGuard guard(base.device());
+    const int64_t I = bg.size(0), rows = base.numel() / (2 * I);
+    std::vector<int64_t> sizes(base.sizes().begin(), base.sizes().end());
+    sizes.back() = I;
+    at::Tensor out = at::empty(sizes, base.options());
+    kernels::swiglu_lora_forward_launch(base.data_ptr(), 2 * I, t.data_ptr(), t.size(-1), bg.data_ptr(), bu.data_ptr(),
+                                        bg.stride(0), static_cast<int>(bg.size(1)), static_cast<int>(bu.size(1)),
+                                        out.data_ptr(), I, rows, I, elem_type(base), stream_of(base));
+    return out;
+  }
+#endif
+  return swiglu_lora_forward_reference(base, t, bg, bu);
+}
+
+at::Tensor swiglu_lora_backward(const at::Tensor& dh, const at::Tensor& base, const at::Tensor& t, const at::Tensor& bg,
+                                const at::Tensor& bu) {
+#ifdef QT_WITH_CUDA
+  if (swiglu_lora_kernel_takes(base, t, bg, bu)) {
+    c10::cuda::CUDAGuard guard(base.device());
+    const int64_t I = bg.size(0), rows = base.numel() / (2 * I);
+    const at::Tensor d = dh.to(base.scalar_type()).contiguous();
+    at::Tensor dgu = at::empty_like(base);
+    kernels::swiglu_lora_backward_launch(d.data_ptr(), I, base.data_ptr(), 2 * I, t.data_ptr(), t.size(-1),
+                                         bg.data_ptr(), bu.data_ptr(), bg.stride(0), static_cast<int>(bg.size(1)),
+                                         static_cast<int>(bu.size(1)), dgu.data_ptr(), 2 * I, rows, I, elem_type(base),
+                                         stream_of(base));
+    return dgu;
+  }
+#endif
+  return swiglu_lora_backward_reference(dh, base, t, bg, bu);
+}
 
 bool fused_ops_apply(const at::Tensor& x) {
 #ifdef QT_WITH_CUDA

@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 
 #include "lib/core/error.h"
@@ -170,6 +171,84 @@ __global__ void __launch_bounds__(kThreads) swiglu_bwd(const T* __restrict__ dy,
   }
 }
 
+// SwiGLU with the gate / up projections' LoRA B terms added on the fly (swiglu_lora_forward_launch). A block
+// takes a tile of 64 rows x 128 columns: t's 64 rows and the 128 columns' B rows go to shared memory (fp32,
+// [k][row] and [k][col], so a thread reads its 4 rows and its 8 columns with 16-byte loads), each thread sums
+// the rank-r products of its 4 x 8 gate and up elements in registers, adds them to the base values read from
+// global memory, rounds as the projection's output would be, and applies swiglu_one / swiglu_grad_one.
+constexpr int kLoraRows = 64, kLoraCols = 128, kLoraMaxRank = 64;
+
+template <typename T, bool kBackward>
+__global__ void __launch_bounds__(kThreads) swiglu_lora_kernel(
+    const T* __restrict__ base, int64_t ld_base, const T* __restrict__ t, int64_t ld_t, const T* __restrict__ bg,
+    const T* __restrict__ bu, int64_t ld_b, int rg, int ru, const T* __restrict__ dy, int64_t ld_dy,
+    T* __restrict__ out, int64_t ld_out, int64_t rows, int64_t cols) {
+  __shared__ __align__(16) float t_s[kLoraMaxRank][kLoraRows];
+  __shared__ __align__(16) float b_s[kLoraMaxRank][kLoraCols];
+  const int R = rg + ru;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kLoraRows, col0 = static_cast<int64_t>(blockIdx.x) * kLoraCols;
+  for (int i = threadIdx.x; i < kLoraRows * R; i += kThreads) {
+    const int r = i / R, k = i - r * R;
+    const int64_t row = row0 + r;
+    t_s[k][r] = row < rows ? to_f(t[row * ld_t + k]) : 0.0f;
+  }
+  for (int i = threadIdx.x; i < kLoraCols * R; i += kThreads) {
+    const int c = i / R, k = i - c * R;
+    const int64_t col = col0 + c;
+    float v = 0.0f;
+    if (col < cols) v = k < rg ? to_f(bg[col * ld_b + k]) : to_f(bu[col * ld_b + (k - rg)]);
+    b_s[k][c] = v;
+  }
+  __syncthreads();
+  const int tc = threadIdx.x % (kLoraCols / kVec), tr = threadIdx.x / (kLoraCols / kVec);  // 16 x 16 threads
+  float ag[4][kVec], au[4][kVec];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) ag[i][j] = au[i][j] = 0.0f;
+  // Two loops (gate's ranks, then up's) so that each accumulator array stays in registers.
+  auto accumulate = [&](int k, float(&acc)[4][kVec]) {
+    const float4 tv = *reinterpret_cast<const float4*>(&t_s[k][tr * 4]);
+    const float4 b0 = *reinterpret_cast<const float4*>(&b_s[k][tc * kVec]);
+    const float4 b1 = *reinterpret_cast<const float4*>(&b_s[k][tc * kVec + 4]);
+    const float tr4[4] = {tv.x, tv.y, tv.z, tv.w};
+    const float b8[kVec] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) acc[i][j] += tr4[i] * b8[j];
+  };
+  for (int k = 0; k < rg; ++k) accumulate(k, ag);
+  for (int k = rg; k < R; ++k) accumulate(k, au);
+  const int64_t col = col0 + tc * kVec;
+  if (col >= cols) return;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t row = row0 + tr * 4 + i;
+    if (row >= rows) break;
+    float g[kVec], u[kVec];
+    load8(base + row * ld_base + col, g);
+    load8(base + row * ld_base + cols + col, u);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      g[j] = round_t<T>(g[j] + ag[i][j]);
+      u[j] = round_t<T>(u[j] + au[i][j]);
+    }
+    if constexpr (kBackward) {
+      float d[kVec], dg[kVec], du[kVec];
+      load8(dy + row * ld_dy + col, d);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) swiglu_grad_one<T>(d[j], g[j], u[j], dg[j], du[j]);
+      store8(out + row * ld_out + col, dg);
+      store8(out + row * ld_out + cols + col, du);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) g[j] = swiglu_one<T>(g[j], u[j]);
+      store8(out + row * ld_out + col, g);
+    }
+  }
+}
+
 // One thread: 8 consecutive elements of the first half of one (token, head) row and their 8 partners in the
 // second half.
 template <typename T>
@@ -301,6 +380,44 @@ void swiglu_backward_launch(const void* dy, const void* g, const void* u, void* 
         static_cast<T*>(du), rows, cols, ld_in, ld_out);
   });
   check_launch("swiglu backward");
+}
+
+namespace {
+template <bool kBackward>
+void swiglu_lora_launch(const void* dy, int64_t ld_dy, const void* base, int64_t ld_base, const void* t, int64_t ld_t,
+                        const void* bg, const void* bu, int64_t ld_b, int rg, int ru, void* out, int64_t ld_out,
+                        int64_t rows, int64_t cols, ElemType type, CUstream_st* stream) {
+  QT_CHECK(cols % kVec == 0 && ld_base % kVec == 0 && ld_out % kVec == 0 && (!kBackward || ld_dy % kVec == 0) &&
+               rg > 0 && ru > 0 && rg + ru <= kLoraMaxRank && ld_t >= rg + ru && ld_b >= std::max(rg, ru),
+           ErrorKind::Internal,
+           "swiglu_lora kernel: columns and row strides multiples of 8, ranks summing to at most 64 expected");
+  if (rows * cols == 0) return;
+  const int64_t row_tiles = (rows + kLoraRows - 1) / kLoraRows, col_tiles = (cols + kLoraCols - 1) / kLoraCols;
+  QT_CHECK(row_tiles < 65536 && col_tiles < (int64_t{1} << 31), ErrorKind::Internal, "swiglu_lora kernel: too many rows");
+  const dim3 grid(static_cast<unsigned>(col_tiles), static_cast<unsigned>(row_tiles));
+  dispatch(type, [&](auto tag) {
+    using T = decltype(tag);
+    swiglu_lora_kernel<T, kBackward><<<grid, kThreads, 0, stream>>>(
+        static_cast<const T*>(base), ld_base, static_cast<const T*>(t), ld_t, static_cast<const T*>(bg),
+        static_cast<const T*>(bu), ld_b, rg, ru, static_cast<const T*>(dy), ld_dy, static_cast<T*>(out), ld_out, rows,
+        cols);
+  });
+  check_launch(kBackward ? "swiglu_lora backward" : "swiglu_lora forward");
+}
+}  // namespace
+
+void swiglu_lora_forward_launch(const void* base, int64_t ld_base, const void* t, int64_t ld_t, const void* bg,
+                                const void* bu, int64_t ld_b, int rg, int ru, void* out, int64_t ld_out, int64_t rows,
+                                int64_t cols, ElemType type, CUstream_st* stream) {
+  swiglu_lora_launch<false>(nullptr, 0, base, ld_base, t, ld_t, bg, bu, ld_b, rg, ru, out, ld_out, rows, cols, type,
+                            stream);
+}
+
+void swiglu_lora_backward_launch(const void* dy, int64_t ld_dy, const void* base, int64_t ld_base, const void* t,
+                                 int64_t ld_t, const void* bg, const void* bu, int64_t ld_b, int rg, int ru, void* dgu,
+                                 int64_t ld_dgu, int64_t rows, int64_t cols, ElemType type, CUstream_st* stream) {
+  swiglu_lora_launch<true>(dy, ld_dy, base, ld_base, t, ld_t, bg, bu, ld_b, rg, ru, dgu, ld_dgu, rows, cols, type,
+                           stream);
 }
 
 }  // namespace qt::kernels

@@ -578,12 +578,31 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
 // blocks, each with its scale, on the diagonal of a [sum out, sum r] matrix). The output is the members' outputs
 // side by side, [.., sum out]; its gradient comes back whole, so the input gradient is one GEMM with the LoRA
 // term on its epilogue, not one per member summed by autograd. ab: A0, B0, A1, B1, ... (fp32 masters).
-struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
-  static std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
-    std::vector<const Linear*> ls;
-    for (int64_t p : ptrs) ls.push_back(reinterpret_cast<const Linear*>(p));
-    return ls;
+// The members' B gradients out of dy^T t ([sum out, sum r]): its diagonal blocks, each times its scale, fp32.
+std::vector<at::Tensor> member_b_grads(const std::vector<const Linear*>& ls, const at::Tensor& dB) {
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0, off = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
+    const int64_t r = ls[i]->lora->A.size(0), n = ls[i]->out_features();
+    const double scale = ls[i]->lora->scale;
+    at::Tensor dBi = dB.narrow(0, off, n).narrow(1, roff, r).to(at::kFloat);
+    if (scale != 1.0) dBi.mul_(scale);
+    out.push_back(dBi);
+    off += n;
+    roff += r;
   }
+  return out;
+}
+
+std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
+  std::vector<const Linear*> ls;
+  for (int64_t p : ptrs) ls.push_back(reinterpret_cast<const Linear*>(p));
+  return ls;
+}
+
+// With defer_b, the LoRA B terms are left to the consumer (swiglu_lora): the outputs are the bases' sum x W^T
+// and the rank-r product t = x A^T, and the backward takes their gradients (the B gradients come from the
+// consumer's node).
+struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   static at::Tensor weight(const std::vector<const Linear*>& ls, int64_t total, at::ScalarType dt) {
     at::Tensor W = at::empty({total, ls[0]->in_features()}, at::TensorOptions().dtype(dt).device(ls[0]->nf4->device()));
     std::vector<const Nf4Weight*> ws;
@@ -597,8 +616,9 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     dequantize_group_into(ws, outs);
     return W;
   }
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, at::TensorList ab,
-                            const std::vector<int64_t>& linear_ptrs) {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                at::TensorList ab, const std::vector<int64_t>& linear_ptrs,
+                                                bool defer_b) {
     const auto ls = members(linear_ptrs);
     const auto dt = x.scalar_type();
     const auto [a, bd] = LoraFactorCache::instance().get(ls, ab, dt);  // [sum r, in], [sum out, sum r]
@@ -607,45 +627,84 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     at::Tensor t = at::mm(x2, a.t());  // [N, sum r]
     at::Tensor W = weight(ls, total, dt);
     at::Tensor y = at::mm(x2, W.t());
-    y.addmm_(t, bd.t());
+    if (!defer_b) y.addmm_(t, bd.t());
     ctx->save_for_backward({x2, a, bd, t, g_keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linears"] = linear_ptrs;
+    ctx->saved_data["defer_b"] = defer_b;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = total;
-    return y.view(shape);
+    if (!defer_b) return {y.view(shape)};
+    std::vector<int64_t> tshape(x.sizes().begin(), x.sizes().end());
+    tshape.back() = t.size(1);
+    return {y.view(shape), t.view(tshape)};
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto ls = members(ctx->saved_data["linears"].toIntVector());
+    const bool defer_b = ctx->saved_data["defer_b"].toBool();
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x2 = saved[0], &a = saved[1], &bd = saved[2], &t = saved[3], &kept = saved[4];
     const auto dt = x2.scalar_type();
     const int64_t total = bd.size(0);
     at::Tensor dy = grads[0].reshape({-1, total}).to(dt);
-    at::Tensor g = at::mm(dy, bd);  // [N, sum r]
+    // g: the gradient of t, [N, sum r]: through the B terms here, or as the consumer gave it.
+    at::Tensor g = !defer_b ? at::mm(dy, bd)
+                   : grads[1].defined() ? grads[1].reshape({-1, bd.size(1)}).to(dt)
+                                        : at::zeros({x2.size(0), bd.size(1)}, x2.options());
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
       dx = at::mm(dy, kept.defined() ? kept : weight(ls, total, dt));
       dx.addmm_(g, a);
     }
     at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);  // [sum r, in]
-    at::Tensor dB = at::mm(dy.t(), t);                 // [sum out, sum r]: the diagonal blocks are the members'
+    std::vector<at::Tensor> dBs;
+    if (!defer_b) dBs = member_b_grads(ls, at::mm(dy.t(), t));  // [sum out, sum r]: the diagonal blocks are the members'
     torch::autograd::variable_list out;
     std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
     shape.back() = x2.size(1);
     out.push_back(dx.defined() ? dx.view(shape) : dx);
-    for (int64_t i = 0, off = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
-      const int64_t r = ls[i]->lora->A.size(0), n = ls[i]->out_features();
-      const double scale = ls[i]->lora->scale;
-      out.push_back(dA.narrow(0, roff, r));
-      at::Tensor dBi = dB.narrow(0, off, n).narrow(1, roff, r).to(at::kFloat);
-      if (scale != 1.0) dBi.mul_(scale);
-      out.push_back(dBi);
-      off += n;
-      roff += r;
+    for (size_t i = 0, roff = 0; i < ls.size(); ++i) {
+      const int64_t r = ls[i]->lora->A.size(0);
+      out.push_back(dA.narrow(0, static_cast<int64_t>(roff), r));
+      out.push_back(defer_b ? at::Tensor() : dBs[i]);
+      roff += static_cast<size_t>(r);
     }
     out.emplace_back();  // linear_ptrs
+    out.emplace_back();  // defer_b
     return out;
+  }
+};
+
+// gate and up's LoRA B terms and SwiGLU as one node over the deferred projection (GroupLoraLinearFn with
+// defer_b): h = swiglu_lora_forward(base, t, s_g B_g, s_u B_u). The backward gives base's gradient [.., 2I], t's
+// (dgu diag(s B)) and the B gradients (dgu^T t, per member). ab: A_g, B_g, A_u, B_u (fp32 masters; the As only
+// key the factor cache and get no gradient here).
+struct SwigluLoraFn : public torch::autograd::Function<SwigluLoraFn> {
+  static std::array<at::Tensor, 2> halves(const at::Tensor& bd, int64_t I, int64_t rg) {
+    return {bd.narrow(0, 0, I).narrow(1, 0, rg), bd.narrow(0, I, I).narrow(1, rg, bd.size(1) - rg)};
+  }
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& base, const at::Tensor& t,
+                            at::TensorList ab, const std::vector<int64_t>& linear_ptrs) {
+    const auto ls = members(linear_ptrs);
+    const at::Tensor bd = LoraFactorCache::instance().get(ls, ab, base.scalar_type()).second;
+    const int64_t I = ls[0]->out_features(), rg = ab[0].size(0);
+    const auto [bg, bu] = halves(bd, I, rg);
+    ctx->save_for_backward({base, t, bd});
+    ctx->saved_data["linears"] = linear_ptrs;
+    return swiglu_lora_forward(base, t, bg, bu);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto ls = members(ctx->saved_data["linears"].toIntVector());
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &base = saved[0], &t = saved[1], &bd = saved[2];
+    const int64_t I = ls[0]->out_features(), rg = ls[0]->lora->A.size(0), R = bd.size(1);
+    const auto [bg, bu] = halves(bd, I, rg);
+    const at::Tensor dgu = swiglu_lora_backward(grads[0], base, t, bg, bu);  // [.., 2I]
+    const at::Tensor dgu2 = dgu.reshape({-1, 2 * I}), t2 = t.reshape({-1, R});
+    const at::Tensor dt = at::mm(dgu2, bd).view(t.sizes());
+    const std::vector<at::Tensor> dBs = member_b_grads(ls, at::mm(dgu2.t(), t2));
+    return {dgu, dt, at::Tensor(), dBs[0], at::Tensor(), dBs[1], at::Tensor()};
   }
 };
 
@@ -722,18 +781,37 @@ bool plain_nf4_lora(const Linear& l) {
 }
 }  // namespace
 
-at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor& x) {
-  if (ls.empty() || ls.size() > static_cast<size_t>(kernels::kNf4MaxJobs)) return {};
+namespace {
+// The group's LoRA masters (A0, B0, A1, B1, ...) and member pointers when project_group takes it, else false.
+bool group_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x, std::vector<at::Tensor>& ab,
+                  std::vector<int64_t>& ptrs) {
+  if (ls.empty() || ls.size() > static_cast<size_t>(kernels::kNf4MaxJobs)) return false;
   for (const Linear* l : ls)
-    if (!plain_nf4_lora(*l) || l->in_features() != ls[0]->in_features() || l->nf4->device() != x.device()) return {};
-  std::vector<at::Tensor> ab;
-  std::vector<int64_t> ptrs;
+    if (!plain_nf4_lora(*l) || l->in_features() != ls[0]->in_features() || l->nf4->device() != x.device()) return false;
   for (const Linear* l : ls) {
     ab.push_back(l->lora->A);
     ab.push_back(l->lora->B);
     ptrs.push_back(reinterpret_cast<int64_t>(l));
   }
-  return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs);
+  return true;
+}
+}  // namespace
+
+at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor& x) {
+  std::vector<at::Tensor> ab;
+  std::vector<int64_t> ptrs;
+  if (!group_inputs(ls, x, ab, ptrs)) return {};
+  return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/false)[0];
+}
+
+at::Tensor gate_up_swiglu(const Linear& gate, const Linear& up, const at::Tensor& x) {
+  std::vector<at::Tensor> ab;
+  std::vector<int64_t> ptrs;
+  if (!group_inputs({&gate, &up}, x, ab, ptrs) || gate.out_features() != up.out_features() ||
+      gate.lora->A.size(0) + up.lora->A.size(0) > 64)
+    return {};
+  auto base_t = GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/true);
+  return SwigluLoraFn::apply(base_t[0], base_t[1], at::TensorList(ab), ptrs);
 }
 
 // PEFT (peft.tuners.lora.variants.DoraLinearVariant.forward, DoraLinearLayer.forward) adds to the base result
@@ -885,6 +963,9 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
 }
 
 at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x) const {
+  if (at::Tensor h = fuse_projections && fuse_lora_swiglu ? gate_up_swiglu(b.gate_proj, b.up_proj, x) : at::Tensor();
+      h.defined())
+    return b.down_proj.forward(h);
   if (at::Tensor gate_up = fuse_projections ? project_group({&b.gate_proj, &b.up_proj}, x) : at::Tensor();
       gate_up.defined())
     return b.down_proj.forward(swiglu_packed(gate_up));

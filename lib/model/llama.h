@@ -67,6 +67,12 @@ at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Te
 // pass in between; never otherwise (for tests).
 int64_t lora_factor_builds();
 
+// silu(gate(x)) * up(x) for a gate and an up linear that project_group takes, with their LoRA B terms added inside
+// the SwiGLU (swiglu_lora_forward) instead of onto the [tokens, 2 * intermediate] projection output; gradients
+// as project_group's followed by swiglu_packed. Undefined where it does not apply (as project_group, or ranks
+// summing to more than 64).
+at::Tensor gate_up_swiglu(const Linear& gate, const Linear& up, const at::Tensor& x);
+
 // DoRA's weight norm: the L2 norm of each row (output feature) of W + scale * B A, in fp32, without gradient.
 // Computed over blocks of rows so that W + scale * B A never exists whole; W may be any floating dtype.
 // PEFT: DoraLinearLayer.get_weight_norm (torch.linalg.norm(weight + scaling * lora_weight, dim=1)).
@@ -148,6 +154,9 @@ class LlamaModel {
   // backward has used them); and the compute-dtype LoRA factors from one forward pass to the next until the
   // optimizer writes the fp32 masters (0.12 GiB for the 8B shape).
   bool keep_dequantized = false;
+  // With fuse_projections: gate / up's LoRA B terms added inside the SwiGLU kernel (gate_up_swiglu) instead of by a
+  // rank-r GEMM over the [tokens, 2 * intermediate] projection output. Off by default until measured on a GPU.
+  bool fuse_lora_swiglu = false;
   // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
   // recomputed chunk by chunk in the backward pass (long contexts); 0: off.
   int64_t mlp_chunk_tokens = 0;

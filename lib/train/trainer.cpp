@@ -235,6 +235,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   model.mlp_chunk_tokens = cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens
                            : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
   model.fuse_projections = cfg.train.fuse_projections;
+  model.fuse_lora_swiglu = cfg.train.fuse_lora_swiglu;
   model.keep_dequantized = cfg.train.grad_checkpointing &&
                            (cfg.train.keep_dequantized == "true" ||
                             (cfg.train.keep_dequantized == "auto" && keep_dequantized_auto(micro * data.max_seq_len())));
