@@ -572,12 +572,6 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
   }
 };
 
-// Linears that read one input (q, k, v; gate, up), each an NF4 base with a plain LoRA adapter (LoraLinearFn's
-// case), as one projection: the bases dequantized in one launch into one [sum out, in] weight and multiplied in
-// one GEMM, every LoRA A in one GEMM (x read once), every LoRA B in one GEMM on the base GEMM's epilogue (the B
-// blocks, each with its scale, on the diagonal of a [sum out, sum r] matrix). The output is the members' outputs
-// side by side, [.., sum out]; its gradient comes back whole, so the input gradient is one GEMM with the LoRA
-// term on its epilogue, not one per member summed by autograd. ab: A0, B0, A1, B1, ... (fp32 masters).
 // The members' B gradients out of dy^T t ([sum out, sum r]): its diagonal blocks, each times its scale, fp32.
 std::vector<at::Tensor> member_b_grads(const std::vector<const Linear*>& ls, const at::Tensor& dB) {
   std::vector<at::Tensor> out;
@@ -599,6 +593,12 @@ std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
   return ls;
 }
 
+// Linears that read one input (q, k, v; gate, up), each an NF4 base with a plain LoRA adapter (LoraLinearFn's
+// case), as one projection: the bases dequantized in one launch into one [sum out, in] weight and multiplied in
+// one GEMM, every LoRA A in one GEMM (x read once), every LoRA B in one GEMM on the base GEMM's epilogue (the B
+// blocks, each with its scale, on the diagonal of a [sum out, sum r] matrix). The output is the members' outputs
+// side by side, [.., sum out]; its gradient comes back whole, so the input gradient is one GEMM with the LoRA
+// term on its epilogue, not one per member summed by autograd. ab: A0, B0, A1, B1, ... (fp32 masters).
 // With defer_b, the LoRA B terms are left to the consumer (swiglu_lora): the outputs are the bases' sum x W^T
 // and the rank-r product t = x A^T, and the backward takes their gradients (the B gradients come from the
 // consumer's node).
@@ -779,9 +779,7 @@ bool plain_nf4_lora(const Linear& l) {
   return l.quantized() && !l.bias.defined() && l.lora && !l.lora->dora() && !(l.training && l.lora->dropout > 0) &&
          l.lora->A.scalar_type() == at::kFloat && l.lora->B.scalar_type() == at::kFloat;
 }
-}  // namespace
 
-namespace {
 // The group's LoRA masters (A0, B0, A1, B1, ...) and member pointers when project_group takes it, else false.
 bool group_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x, std::vector<at::Tensor>& ab,
                   std::vector<int64_t>& ptrs) {
