@@ -39,10 +39,11 @@ TrainSummary train(const RunConfig& config, const TrainOptions& options);
 bool keep_attention_auto(int64_t tokens, int64_t layers, int64_t hidden, int64_t q_size, bool offload,
                          uint64_t host_bytes);
 
-// train.keep_dequantized "auto": keep the 16-bit weights of a block's recomputation for its backward pass on short
-// rows, below 8192 tokens per micro-batch, where the NF4 dequantization (a fixed cost per step) is the larger share
-// of the step and the activations leave room for one block's 16-bit weights (measured on an H200: 1.013x the step
-// at 8B 2 x 2048 for 0.30 GiB; at 1 x 8192 1.0075x for 0.30 GiB, where the memory goes to the activations).
+// train.keep_dequantized "auto": keep the 16-bit weights of a block's recomputation for its backward pass, and the
+// compute-dtype LoRA factors between forward passes, on short rows, below 8192 tokens per micro-batch, where the
+// NF4 dequantization (a fixed cost per step) is the larger share of the step and the activations leave room for
+// one block's 16-bit weights (measured on an H200: 1.013x the step at 8B 2 x 2048 for 0.30 GiB; at 1 x 8192
+// 1.0075x for 0.30 GiB, where the memory goes to the activations; the factors: 0.12 GiB for +0.2% to +0.7%).
 bool keep_dequantized_auto(int64_t tokens);
 
 }  // namespace qt
