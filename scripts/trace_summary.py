@@ -22,13 +22,25 @@ def main():
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     ops = {}
     kernels = []
+    cpu_ops = collections.defaultdict(list)
     for e in events:
         cat = e.get("cat", "")
         a = e.get("args", {})
         if cat == "cpu_op" and "External id" in a:
             ops[a["External id"]] = (e["name"], a.get("Input Dims"))
+            cpu_ops[e.get("tid")].append(e)
         elif cat in ("kernel", "gpu_memcpy", "gpu_memset"):
             kernels.append(e)
+    # The op that encloses each op on its thread (its caller), so that a copy_ shows what asked for it.
+    parent = {}
+    for evs in cpu_ops.values():
+        stack = []
+        for e in sorted(evs, key=lambda e: (e["ts"], -e.get("dur", 0))):
+            while stack and stack[-1]["ts"] + stack[-1].get("dur", 0) <= e["ts"]:
+                stack.pop()
+            if stack:
+                parent[e["args"]["External id"]] = stack[-1]["name"]
+            stack.append(e)
     if not kernels:
         print("no GPU kernels in the trace")
         return
@@ -39,8 +51,13 @@ def main():
     total = sum(k["dur"] for k in kernels)
     rows = collections.defaultdict(lambda: [0.0, 0, ""])
     for k in kernels:
-        op = ops.get(k["args"].get("External id"))
+        eid = k["args"].get("External id")
+        op = ops.get(eid)
         name, dims = op if op else (k["name"][:60], None)
+        if name in ("aten::copy_", "aten::fill_", "aten::add", "aten::sum") and eid in parent:
+            name += " < " + parent[eid].replace("torch::autograd::", "")[:50]
+        if k["args"].get("stream") != main_stream:
+            name = "[side stream] " + name
         shape = ",".join("x".join(str(d) for d in dim) for dim in (dims or []) if dim)
         r = rows[(name, shape)]
         r[0] += k["dur"]

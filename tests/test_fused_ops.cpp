@@ -172,10 +172,11 @@ TEST_CASE("SwiGLU with the gate / up LoRA B terms inside: kernel equals the ATen
           "[fused_ops][gpu]") {
   REQUIRE(at::hasCUDA());
   const at::Device cuda(at::kCUDA, 0);
-  // I past a tile edge (136, 24), rows past one (77, 130), rank splits equal and not.
+  // I past a tile edge (136, 24), rows past one (77, 130), rank splits equal and not; ranks that are not multiples
+  // of 8 (the tensor-core kernel's one-element fill) and padded ranks over 64 (the CUDA-core kernel for 16-bit types).
   for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat})
     for (auto [rows, I, rg, ru] : {std::array<int64_t, 4>{77, 136, 16, 16}, {130, 14336, 16, 16}, {5, 24, 8, 24},
-                                   {64, 128, 32, 32}}) {
+                                   {64, 128, 32, 32}, {33, 40, 4, 12}, {9, 16, 1, 63}, {300, 200, 8, 8}}) {
       INFO("dtype " << c10::toString(dtype) << " rows " << rows << " I " << I << " ranks " << rg << "+" << ru);
       const auto opt = at::TensorOptions().dtype(dtype).device(cuda);
       const at::Tensor base = (at::randn({rows, 2 * I}, opt.dtype(at::kFloat)) * 2).to(dtype);

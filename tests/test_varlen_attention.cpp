@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "lib/core/error.h"
+#include "lib/kernels/attention_core.h"
 #include "lib/kernels/varlen_attention.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
@@ -212,4 +213,48 @@ TEST_CASE("varlen flash attention equals the reference in bf16 (outputs and grad
       }
     }
   }
+}
+
+// The dense causal node (the keep_attention path) on CUDA with grouped K/V: cuDNN takes the groups as they are on
+// rows a multiple of 128 tokens with head_dim 64 or 128 and expands them elsewhere; FlashAttention-2 expands. Both
+// against the float64 oracle, in the layout the model passes ([B, S, heads, D] transposed to [B, heads, S, D]).
+TEST_CASE("dense causal attention with grouped K/V on CUDA equals the reference (cuDNN grouped or expanded, flash)",
+          "[gpu][varlen]") {
+  REQUIRE(at::hasCUDA());
+  const at::TensorOptions cuda = at::TensorOptions().device(at::kCUDA);
+  struct Shape {
+    int64_t B, S, Hq, Hkv, D;
+  };
+  for (const Shape& s : {Shape{2, 128, 8, 2, 64}, Shape{1, 384, 8, 2, 128}, Shape{2, 256, 32, 8, 128},
+                         Shape{2, 40, 4, 2, 16}, Shape{1, 100, 8, 2, 128}, Shape{1, 128, 4, 2, 16}})
+    for (bool cudnn : {true, false}) {
+      INFO("B=" << s.B << " S=" << s.S << " Hq=" << s.Hq << " Hkv=" << s.Hkv << " D=" << s.D
+                << (cudnn ? " cuDNN" : " flash"));
+      at::manual_seed(13);
+      at::Tensor q = at::randn({s.B, s.S, s.Hq, s.D}, cuda).to(at::kBFloat16).to(at::kFloat);
+      at::Tensor k = at::randn({s.B, s.S, s.Hkv, s.D}, cuda).to(at::kBFloat16).to(at::kFloat);
+      at::Tensor v = at::randn({s.B, s.S, s.Hkv, s.D}, cuda).to(at::kBFloat16).to(at::kFloat);
+      at::Tensor g = at::randn({s.B, s.S, s.Hq, s.D}, cuda);
+      const double scale = 1.0 / std::sqrt(static_cast<double>(s.D));
+      auto node = [&](const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+        return qt::causal_attention(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), scale, cudnn, nullptr)
+            .transpose(1, 2);
+      };
+      const at::Tensor all = at::zeros({s.B, s.S}, at::kInt);
+      auto oracle = [&](const at::Tensor& a, const at::Tensor& b, const at::Tensor& c) {
+        return dense_attention(a, b, c, all, scale, -1);
+      };
+      Grads x = run_with_grads(node, q, k, v, g, at::kBFloat16);
+      Grads y = run_with_grads(oracle, q, k, v, g, at::kDouble);
+      CHECK(x.dk.sizes() == k.sizes());
+      const double eo = rel_err(x.out, y.out), eq = rel_err(x.dq, y.dq), ek = rel_err(x.dk, y.dk),
+                   ev = rel_err(x.dv, y.dv);
+      std::printf("dense %s B=%lld S=%4lld Hq=%2lld Hkv=%lld D=%3lld: out %.2e dq %.2e dk %.2e dv %.2e\n",
+                  cudnn ? "cuDNN" : "flash", (long long)s.B, (long long)s.S, (long long)s.Hq, (long long)s.Hkv,
+                  (long long)s.D, eo, eq, ek, ev);
+      CHECK(eo < 2e-2);
+      CHECK(eq < 2e-2);
+      CHECK(ek < 2e-2);
+      CHECK(ev < 2e-2);
+    }
 }

@@ -5,6 +5,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 #include <tuple>
 
 #include "lib/core/error.h"
@@ -23,6 +25,19 @@ at::Tensor expand_kv(const at::Tensor& t, int64_t groups) {
   return groups == 1 ? t : t.repeat_interleave(groups, /*dim=*/1);
 }
 
+// Whether cuDNN takes grouped K / V as they are (its backward sums each group's K / V gradients itself): saves the
+// two expansions (and the expanded copies held for the backward pass: 128 MiB a block at 8,192 tokens for the 8B
+// shape) and the gradient sums. Only for rows a multiple of 128 tokens long and head_dim 64 or 128: there cuDNN's
+// grouped gradients equal the expanded ones (scripts/ probe and the [gpu] test); a 40-token probe with head_dim 16
+// gave wrong K / V gradients. QT_ATTENTION_EXPAND_KV=1 expands always (for measurements).
+bool cudnn_grouped_kv(int64_t S, int64_t D) {
+  static const bool expand = [] {
+    const char* e = std::getenv("QT_ATTENTION_EXPAND_KV");
+    return e && std::string(e) == "1";
+  }();
+  return !expand && S % 128 == 0 && (D == 64 || D == 128);
+}
+
 // The expanded K / V gradient summed back over each group of query heads: [B, Hkv * g, S, D] -> [B, Hkv, S, D].
 at::Tensor reduce_kv(const at::Tensor& g, int64_t groups) {
   if (groups == 1) return g;
@@ -36,10 +51,12 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
                                double scale, int64_t backend_id, int64_t stash_ptr) {
     auto* stash = reinterpret_cast<AttentionStash*>(stash_ptr);
     const auto backend = static_cast<AttentionBackend>(backend_id);
-    const int64_t groups = q.size(1) / k.size(1);
+    const int64_t S = q.size(2);
+    const int64_t groups = backend == AttentionBackend::CudaCudnn && cudnn_grouped_kv(S, q.size(3))
+                               ? 1  // cuDNN reads the groups itself
+                               : q.size(1) / k.size(1);
     const at::Tensor ke = expand_kv(k, groups), ve = expand_kv(v, groups);
     at::Tensor out, lse, seed, offset, cum_q, cum_k;
-    const int64_t S = q.size(2);
     if (stash && stash->replay && stash->out.defined()) {
       out = stash->out;
       lse = stash->lse;
@@ -102,12 +119,15 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
     const at::Tensor cum_q = ctx->saved_data["cum_q"].toTensor(), cum_k = ctx->saved_data["cum_k"].toTensor();
     at::Tensor go = grads[0].defined() ? grads[0] : at::zeros_like(out);
     at::Tensor dq, dk, dv;
+    // cuDNN takes the gradient in its own layout (the [B, S, H, D] buffer the output projection's backward wrote,
+    // seen as [B, H, S, D]) as long as D has unit stride; the other kernels want it contiguous.
+    const bool go_as_is = go.stride(-1) == 1 && go.is_non_overlapping_and_dense();
     if (backend == AttentionBackend::CpuFlash) {
       std::tie(dq, dk, dv) = at::_scaled_dot_product_flash_attention_for_cpu_backward(
           go.contiguous(), q, ke, ve, out, lse, 0.0, /*is_causal=*/true, std::nullopt, scale);
     } else if (backend == AttentionBackend::CudaCudnn) {
       std::tie(dq, dk, dv) = at::_scaled_dot_product_cudnn_attention_backward(
-          go.contiguous(), q, ke, ve, out, lse, seed, offset, at::Tensor(), cum_q, cum_k, S, S, 0.0,
+          go_as_is ? go : go.contiguous(), q, ke, ve, out, lse, seed, offset, at::Tensor(), cum_q, cum_k, S, S, 0.0,
           /*is_causal=*/true, scale);
     } else {
       std::tie(dq, dk, dv) = at::_scaled_dot_product_flash_attention_backward(

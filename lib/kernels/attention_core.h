@@ -4,7 +4,7 @@
 // forward pass's output and log-sum-exp and replays them in the recomputation, so that the recomputed block runs
 // no attention forward (the backward kernel needs q, k, v, the output and the log-sum-exp, nothing else).
 // Grouped K/V (fewer key/value heads) are expanded to every query head inside the node, their gradients summed
-// back.
+// back, except where cuDNN takes them as they are (rows a multiple of 128 tokens, head_dim 64 or 128).
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
