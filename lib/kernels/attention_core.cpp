@@ -27,9 +27,11 @@ at::Tensor expand_kv(const at::Tensor& t, int64_t groups) {
 
 // Whether cuDNN takes grouped K / V as they are (its backward sums each group's K / V gradients itself): saves the
 // two expansions (and the expanded copies held for the backward pass: 128 MiB a block at 8,192 tokens for the 8B
-// shape) and the gradient sums. Only for rows a multiple of 128 tokens long and head_dim 64 or 128: there cuDNN's
-// grouped gradients equal the expanded ones (scripts/ probe and the [gpu] test); a 40-token probe with head_dim 16
-// gave wrong K / V gradients. QT_ATTENTION_EXPAND_KV=1 expands always (for measurements).
+// shape) and the gradient sums. Only for rows a multiple of 128 tokens long and head_dim 64 or 128, the shapes
+// measured in training: there cuDNN's grouped results equal the expanded ones (scripts/cudnn_gqa_probe.py, 240
+// shapes on an H200, all equal; the [gpu] test against the float64 oracle). An earlier model-level run at 40
+// tokens and head_dim 16 gave wrong K / V gradients that the probe did not reproduce, hence the narrow gate.
+// QT_ATTENTION_EXPAND_KV=1 expands always (for measurements).
 bool cudnn_grouped_kv(int64_t S, int64_t D) {
   static const bool expand = [] {
     const char* e = std::getenv("QT_ATTENTION_EXPAND_KV");
