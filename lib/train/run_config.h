@@ -52,7 +52,7 @@ struct TrainSection {
   // "true", "false" or "auto" (keep_dequantized_auto in trainer.h: below 8192 tokens per micro-batch).
   std::string keep_dequantized = "auto";
   // gate / up's LoRA B terms added inside the SwiGLU kernel instead of by a rank-r GEMM over the [tokens,
-  // 2 * intermediate] projection output (LlamaModel::fuse_lora_swiglu). Off until measured on a GPU.
+  // 2 * intermediate] projection output (LlamaModel::fuse_lora_swiglu). Off: 2% slower on an H200 (PERFORMANCE.md).
   bool fuse_lora_swiglu = false;
   // NEFTune: uniform noise of magnitude alpha / sqrt(seq_len * hidden) on the input embeddings while training
   // (TRL's neftune_noise_alpha; 5 is the paper's common value); 0: off.

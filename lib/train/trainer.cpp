@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <thread>
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <optional>
 #include <sstream>
@@ -479,12 +480,18 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     // the gradient of the mean over all of them (not a mean of per-micro-batch means).
     int64_t local_targets = 0;
     for (const auto& b : micro_batches) local_targets += b.num_targets;
-    at::Tensor count = at::tensor({static_cast<double>(local_targets)}, at::kDouble);
-    count = count.to(device.is_cuda() ? at::kFloat : at::kDouble).to(device);
-    comm->all_reduce(count);
-    const double step_targets = count.to(at::kCPU, at::kDouble).item<double>();
+    double step_targets = static_cast<double>(local_targets);
+    if (world > 1) {  // (one rank: no round trip through the device, which would wait for the last step's kernels)
+      at::Tensor count = at::tensor({step_targets}, at::kDouble);
+      count = count.to(device.is_cuda() ? at::kFloat : at::kDouble).to(device);
+      comm->all_reduce(count);
+      step_targets = count.to(at::kCPU, at::kDouble).item<double>();
+    }
     if (step_targets <= 0) fail(ErrorKind::Data, "step " + std::to_string(state.step + 1) + ": the batch has no target tokens (all masked?)");
-    double local_loss = 0;
+    // The loss stays on the device until the update is queued: the host reads it with the gradient norm in one
+    // sync at the end of the step, so that it queues the clipping and the optimizer while the GPU still runs the
+    // backward pass (a non-finite loss or norm makes the update leave the parameters as they were).
+    at::Tensor local_loss;
     try {
       for (const auto& b : micro_batches) {
         at::Tensor ids = b.input_ids.to(device);
@@ -506,8 +513,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
             TORCH_CHECK(false, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` (QT_TEST_OOM_AT_STEP)");
           TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (QT_TEST_OOM_AT_STEP)");
         }
+        // Test hook: a loss that is not finite at this step (the gradients then are not either).
+        if (const char* at_step = std::getenv("QT_TEST_NAN_LOSS_AT_STEP"); at_step && std::atol(at_step) == state.step + 1)
+          l = l * std::numeric_limits<double>::quiet_NaN();
         (l / step_targets).backward();
-        local_loss += l.item<double>();
+        local_loss = local_loss.defined() ? local_loss + l.detach() : l.detach();
       }
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e)) throw;
@@ -519,29 +529,34 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
         if (p.grad().defined()) comm->all_reduce(p.mutable_grad());
     }
     if (fsdp) fsdp->reduce_replicated_grads();  // modules_to_save: whole on every rank
-    at::Tensor loss_t = at::tensor({local_loss}, at::kDouble).to(device.is_cuda() ? at::kFloat : at::kDouble).to(device);
+    const auto wire = device.is_cuda() ? at::kFloat : at::kDouble;
+    at::Tensor loss_t = local_loss.defined() ? local_loss.reshape({1}).to(wire) : at::zeros({1}, at::TensorOptions().dtype(wire).device(device));
     comm->all_reduce(loss_t);
-    const double loss = loss_t.to(at::kCPU, at::kDouble).item<double>() / step_targets;
-    if (!std::isfinite(loss))
-      fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the loss is not finite (" + std::to_string(loss) +
-                                   "); the last checkpoint in " + cfg.output_dir + " is intact (lower optim.lr?)");
-    // Unsharded, the norm stays on the GPU until the update is queued (found_inf: a non-finite norm leaves the
-    // parameters as they were), so the GPU does not wait for the host between clipping and the update.
+    // Unsharded, the norm stays on the GPU until the update is queued too.
     const at::Tensor norm_t = fsdp ? at::Tensor() : clip_grad_norm_async(params, cfg.optim.max_grad_norm);
-    double grad_norm = fsdp ? fsdp->clip_grad_norm(cfg.optim.max_grad_norm) : 0.0;
+    double grad_norm = fsdp ? fsdp->clip_grad_norm(cfg.optim.max_grad_norm) : 0.0;  // (sharded: read at once)
     const auto non_finite_norm = [&] {
       fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the gradient norm is not finite; the last "
                                "checkpoint in " + cfg.output_dir + " is intact");
     };
     if (fsdp && !std::isfinite(grad_norm)) non_finite_norm();
+    at::Tensor found_inf = at::logical_not(at::isfinite(loss_t)).reshape({});
+    if (norm_t.defined()) found_inf = found_inf.logical_or(at::logical_not(at::isfinite(norm_t)).reshape({}));
     const double lr = schedule.at(state.step);
     try {
-      opt.step(lr, norm_t.defined() ? at::logical_not(at::isfinite(norm_t)) : at::Tensor());
+      opt.step(lr, found_inf);
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e)) throw;
       fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), model.offload_activations, e.what_without_backtrace()));
     }
-    if (norm_t.defined()) grad_norm = norm_t.item<double>();
+    // The step's one sync: the loss and the norm together.
+    const at::Tensor read = (norm_t.defined() ? at::cat({loss_t.to(at::kDouble), norm_t.reshape({1}).to(at::kDouble)})
+                                              : loss_t.to(at::kDouble)).to(at::kCPU);
+    const double loss = read[0].item<double>() / step_targets;
+    if (norm_t.defined()) grad_norm = read[1].item<double>();
+    if (!std::isfinite(loss))
+      fail(ErrorKind::Numeric, "step " + std::to_string(state.step + 1) + ": the loss is not finite (" + std::to_string(loss) +
+                                   "); the last checkpoint in " + cfg.output_dir + " is intact (lower optim.lr?)");
     if (!std::isfinite(grad_norm)) non_finite_norm();
     opt.zero_grad();
     ++state.step;
