@@ -1,43 +1,22 @@
 """A loss that is not finite (CPU, through the QT_TEST_NAN_LOSS_AT_STEP hook, which makes step N's loss NaN, and so
 its gradients): exit code 7 (Numeric), one message naming the step and the output directory, nothing of that step
 written, the checkpoint from before it complete, and a resume from it ending as a run that never failed."""
-import json, os, pathlib, subprocess, sys, tempfile
+import os, pathlib, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
-import tiny_lm
 
-from checks import check, finish
+from checks import check, finish, ref_then_failing_run, run_binary, tiny_cpu_config
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_nonfinite_"))
 
 
 def write_config(name):
-    cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
-           "lora": {"r": 4, "alpha": 8},
-           "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
-           "train": {"steps": 4, "batch_size": 2, "seed": 3, "log_every": 1},
-           "optim": {"lr": 2e-3},
-           "checkpoint": {"every": 1, "keep_last": 5}, "logging": {"progress": "lines"}}
-    path = TMP / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def train(config, *extra, env=None):
-    return subprocess.run([BIN, "--config", str(config), *extra], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return tiny_cpu_config(TMP, name, {"steps": 4, "batch_size": 2, "seed": 3, "log_every": 1}, {"lr": 2e-3},
+                           {"every": 1, "keep_last": 5})
 
 
 def main():
-    tiny_lm.make_model_dir(TMP / "model", seed=5)
-    tiny_lm.write_text_jsonl(TMP / "train.jsonl", 24, 21)
-    p = train(write_config("ref"))
-    if p.returncode != 0:
-        sys.exit(f"reference run exited {p.returncode}:\n{p.stderr[-3000:]}")
-    cfg = write_config("run")
-    p = train(cfg, env={"QT_TEST_NAN_LOSS_AT_STEP": "3"})
-    err = p.stderr.strip().splitlines()
-    last = err[-1] if err else ""
-    print("message:", last)
+    p, err, last = ref_then_failing_run(BIN, TMP, write_config, "run", 24, {"QT_TEST_NAN_LOSS_AT_STEP": "3"})
+    cfg = TMP / "run.json"
     check(p.returncode == 7, f"a non-finite loss exits 7 (Numeric), got {p.returncode}")
     check("step 3: the loss is not finite" in last, "the message names step 3 and the loss")
     check(str(TMP / "run") in last and "intact" in last, "the message says where the intact checkpoint is")
@@ -45,7 +24,7 @@ def main():
     check((TMP / "run" / "checkpoint-2" / "COMPLETE").exists() and not (TMP / "run" / "checkpoint-3").exists(),
           "checkpoint-2 is complete, nothing after it")
     check(not (TMP / "run" / "adapter").exists(), "no final adapter from the failed run")
-    p = train(cfg, "--resume", "auto")
+    p = run_binary(BIN, cfg, "--resume", "auto")
     check(p.returncode == 0 and "checkpoint-2" in p.stderr, f"the run resumes from checkpoint-2 (exit {p.returncode})")
     a = TMP / "run" / "adapter" / "adapter_model.safetensors"
     check(a.exists() and a.read_bytes() == (TMP / "ref" / "adapter" / "adapter_model.safetensors").read_bytes(),

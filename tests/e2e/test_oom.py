@@ -2,23 +2,16 @@
 c10::OutOfMemoryError as CUDA's caching allocator does): exit code 9 (Device), one message naming the step, the
 micro-batch shape and the settings that lower memory, and the checkpoint from before intact (a resume from it
 ends as a run that never failed)."""
-import json, os, pathlib, shutil, subprocess, sys, tempfile
+import json, os, pathlib, shutil, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
-import tiny_lm
 
-from checks import check, finish
+from checks import check, finish, ref_then_failing_run, run_binary, tiny_cpu_config
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_oom_"))
 
 def write_config(name):
-    cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
-           "lora": {"r": 4, "alpha": 8},
-           "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
-           "train": {"steps": 4, "batch_size": 4, "micro_batch_size": 2, "seed": 3, "log_every": 1},
-           "optim": {"lr": 2e-3}, "checkpoint": {"every": 2, "keep_last": 3}, "logging": {"progress": "lines"}}
-    path = TMP / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    return path
+    return tiny_cpu_config(TMP, name, {"steps": 4, "batch_size": 4, "micro_batch_size": 2, "seed": 3, "log_every": 1},
+                           {"lr": 2e-3}, {"every": 2, "keep_last": 3})
 
 def losses(name):
     out = {}
@@ -29,21 +22,11 @@ def losses(name):
 
 
 def train(config, *extra, env=None):
-    return subprocess.run([BIN, "--config", str(config), *extra], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return run_binary(BIN, config, *extra, env=env)
 
 def main():
-    tiny_lm.make_model_dir(TMP / "model", seed=5)
-    tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
-    p = train(write_config("ref"))
-    if p.returncode != 0:
-        sys.exit(f"reference run exited {p.returncode}:\n{p.stderr[-3000:]}")
-
-    cfg = write_config("oom")
-    p = train(cfg, env={"QT_TEST_OOM_AT_STEP": "3"})
-    err = p.stderr.strip().splitlines()
-    last = err[-1] if err else ""
-    print("message:", last)
+    p, err, last = ref_then_failing_run(BIN, TMP, write_config, "oom", 48, {"QT_TEST_OOM_AT_STEP": "3"})
+    cfg = TMP / "oom.json"
     check(p.returncode == 9, f"an out-of-memory error exits 9 (Device), got {p.returncode}")
     for part in ("step 3", "out of GPU memory", "2 x 32 tokens", "train.micro_batch_size", "data.max_seq_len",
                  "train.offload_activations", "last checkpoint", str(TMP / "oom")):
