@@ -304,11 +304,7 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     ctx->saved_data["layer"] = layer;
     ctx->saved_data["cpu_rng"] = at::detail::getDefaultCPUGenerator().get_state();
     if (h.is_cuda()) ctx->saved_data["cuda_rng"] = at::cuda::detail::getDefaultCUDAGenerator(h.get_device()).get_state();
-    // The last block's input (and kept attention output) stays on the GPU: its backward pass comes right after the
-    // loss, so a copy to the host and back would only make the compute stream wait for PCIe there (2.4 ms a step
-    // at 1B 4 x 2048 on an H200: the fetch queued behind the next block's prefetch on the one copy engine).
-    const bool last = layer + 1 == static_cast<int64_t>(model->config.num_hidden_layers);
-    if (model->offload_activations && h.is_cuda() && !last) {
+    if (model->offload_activations && h.is_cuda()) {
       ctx->saved_data["host"] = offload_to_host(h);
     } else {
       ctx->save_for_backward({h});
