@@ -5,7 +5,9 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <string>
 
+#include "lib/core/error.h"
 #include "lib/kernels/fused_linear_ce.h"
 #include "tests/catch.h"
 #include "tests/test_fused_ce_common.h"
@@ -161,59 +163,61 @@ TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast input
   const std::vector<Schedule> schedules = {{qt::FusedCeSchedule::TokenChunks, 0, "token chunks"},
                                            {qt::FusedCeSchedule::VocabTiles, 0, "vocabulary tiles"},
                                            {qt::FusedCeSchedule::VocabTiles, 512, "vocabulary tiles of 512"}};
+  // Labels on the device, and on the host (counted and located there: the trainer's path).
   for (const Case& c : cases)
-    for (const Schedule& sched : schedules) {
-      if (!c.weight_grad && sched.schedule == qt::FusedCeSchedule::VocabTiles) continue;
-      std::printf("case: %s, %s\n", c.name, sched.name);
-      FusedLinearCeOptions o;
-      o.schedule = sched.schedule;
-      o.vocab_tile = sched.vocab_tile;
-      o.chunk_tokens = c.chunk;
-      o.overlap_dw = c.overlap_dw;
-      if (c.extras) {
-        o.label_smoothing = 0.1;
-        o.z_loss = 1e-4;
-        o.logit_softcap = 30.0;
-      }
-      const at::Tensor leaf = c.transposed ? at::randn({c.hid, c.tokens}, kCuda).to(c.dtype)
-                                           : at::randn({c.tokens, c.hid}, kCuda).to(c.dtype);
-      at::Tensor leaf_var = leaf.clone().requires_grad_(true);
-      at::Tensor hidden = c.transposed ? leaf_var.t() : leaf_var;
-      hidden.retain_grad();
-      // Scaled so logits are O(3): softmax neither one-hot nor flat.
-      at::Tensor weight = (at::randn({c.vocab, c.hid}, kCuda) * (3.0 / std::sqrt(double(c.hid)))).to(c.dtype);
-      weight.requires_grad_(c.weight_grad);
-      at::Tensor labels = random_labels(c.tokens, c.vocab, c.ignore_every, o.ignore_index, kCuda);
-      if (c.all_ignored_chunk) labels.narrow(0, 64, 64).fill_(o.ignore_index);
-      const PlainCe want = plain_cross_entropy(hidden, weight, labels, o, true, c.weight_grad);
+    for (const Schedule& sched : schedules)
+      for (const bool host_labels : {false, true}) {
+        if (!c.weight_grad && sched.schedule == qt::FusedCeSchedule::VocabTiles) continue;
+        std::printf("case: %s, %s, labels on the %s\n", c.name, sched.name, host_labels ? "host" : "device");
+        FusedLinearCeOptions o;
+        o.schedule = sched.schedule;
+        o.vocab_tile = sched.vocab_tile;
+        o.chunk_tokens = c.chunk;
+        o.overlap_dw = c.overlap_dw;
+        if (c.extras) {
+          o.label_smoothing = 0.1;
+          o.z_loss = 1e-4;
+          o.logit_softcap = 30.0;
+        }
+        const at::Tensor leaf = c.transposed ? at::randn({c.hid, c.tokens}, kCuda).to(c.dtype)
+                                             : at::randn({c.tokens, c.hid}, kCuda).to(c.dtype);
+        at::Tensor leaf_var = leaf.clone().requires_grad_(true);
+        at::Tensor hidden = c.transposed ? leaf_var.t() : leaf_var;
+        hidden.retain_grad();
+        // Scaled so logits are O(3): softmax neither one-hot nor flat.
+        at::Tensor weight = (at::randn({c.vocab, c.hid}, kCuda) * (3.0 / std::sqrt(double(c.hid)))).to(c.dtype);
+        weight.requires_grad_(c.weight_grad);
+        at::Tensor labels = random_labels(c.tokens, c.vocab, c.ignore_every, o.ignore_index, kCuda);
+        if (c.all_ignored_chunk) labels.narrow(0, 64, 64).fill_(o.ignore_index);
+        const PlainCe want = plain_cross_entropy(hidden, weight, labels, o, true, c.weight_grad);
 
-      poison_allocator_cache();
-      auto [loss_sum, count] = qt::fused_linear_cross_entropy(hidden, weight, labels, o);
-      loss_sum.backward();
-      const bool fp32 = c.dtype == at::kFloat;
-      const double loss_tol = fp32 ? 1e-5 : 1e-3, grad_tol = fp32 ? 1e-4 : 2e-2;
-      const double loss_err =
-          std::abs(loss_sum.item<double>() - want.loss.item<double>()) / std::abs(want.loss.item<double>());
-      std::printf("  loss rel err %.2e", loss_err);
-      CHECK(loss_err <= loss_tol);
-      CHECK(count.item<int64_t>() == labels.ne(o.ignore_index).sum().item<int64_t>());
-      REQUIRE(hidden.grad().defined());
-      REQUIRE(hidden.grad().scalar_type() == c.dtype);
-      REQUIRE(max_abs(want.dh) > 0);
-      const double dh_err = rel_err(hidden.grad(), want.dh);
-      std::printf("  dh rel err %.2e", dh_err);
-      CHECK(dh_err <= grad_tol);
-      if (c.weight_grad) {
-        REQUIRE(weight.grad().defined());
-        REQUIRE(max_abs(want.dw) > 0);
-        const double dw_err = rel_err(weight.grad(), want.dw);
-        std::printf("  dW rel err %.2e", dw_err);
-        CHECK(dw_err <= grad_tol);
-      } else {
-        CHECK(!weight.grad().defined());
+        poison_allocator_cache();
+        auto [loss_sum, count] = qt::fused_linear_cross_entropy(hidden, weight, host_labels ? labels.cpu() : labels, o);
+        loss_sum.backward();
+        const bool fp32 = c.dtype == at::kFloat;
+        const double loss_tol = fp32 ? 1e-5 : 1e-3, grad_tol = fp32 ? 1e-4 : 2e-2;
+        const double loss_err =
+            std::abs(loss_sum.item<double>() - want.loss.item<double>()) / std::abs(want.loss.item<double>());
+        std::printf("  loss rel err %.2e", loss_err);
+        CHECK(loss_err <= loss_tol);
+        CHECK(count.item<int64_t>() == labels.ne(o.ignore_index).sum().item<int64_t>());
+        REQUIRE(hidden.grad().defined());
+        REQUIRE(hidden.grad().scalar_type() == c.dtype);
+        REQUIRE(max_abs(want.dh) > 0);
+        const double dh_err = rel_err(hidden.grad(), want.dh);
+        std::printf("  dh rel err %.2e", dh_err);
+        CHECK(dh_err <= grad_tol);
+        if (c.weight_grad) {
+          REQUIRE(weight.grad().defined());
+          REQUIRE(max_abs(want.dw) > 0);
+          const double dw_err = rel_err(weight.grad(), want.dw);
+          std::printf("  dW rel err %.2e", dw_err);
+          CHECK(dw_err <= grad_tol);
+        } else {
+          CHECK(!weight.grad().defined());
+        }
+        std::printf("\n");
       }
-      std::printf("\n");
-    }
 #endif
 }
 
@@ -274,19 +278,45 @@ TEST_CASE("CUDA fused linear CE allocates no more than one tile plus the gradien
 TEST_CASE("CUDA fused linear CE with every label ignored gives zero loss and zero gradients", "[gpu][fused_ce]") {
   REQUIRE(at::hasCUDA());
 #ifdef QT_WITH_CUDA
-  for (const auto schedule : {qt::FusedCeSchedule::TokenChunks, qt::FusedCeSchedule::VocabTiles}) {
-    FusedLinearCeOptions o;
-    o.schedule = schedule;
-    at::Tensor hidden = at::randn({50, 64}, kCuda).to(at::kBFloat16).requires_grad_(true);
-    at::Tensor weight = at::randn({1000, 64}, kCuda).to(at::kBFloat16).requires_grad_(true);
-    const at::Tensor labels = at::full({50}, o.ignore_index, kCuda.dtype(at::kLong));
-    poison_allocator_cache();
-    auto [loss_sum, count] = qt::fused_linear_cross_entropy(hidden, weight, labels, o);
-    loss_sum.backward();
-    CHECK(loss_sum.item<float>() == 0.f);
-    CHECK(count.item<int64_t>() == 0);
-    CHECK(hidden.grad().eq(0).all().item<bool>());
-    CHECK(weight.grad().eq(0).all().item<bool>());
-  }
+  for (const auto schedule : {qt::FusedCeSchedule::TokenChunks, qt::FusedCeSchedule::VocabTiles})
+    for (const bool host_labels : {false, true}) {
+      INFO("labels on the " << (host_labels ? "host" : "device"));
+      FusedLinearCeOptions o;
+      o.schedule = schedule;
+      at::Tensor hidden = at::randn({50, 64}, kCuda).to(at::kBFloat16).requires_grad_(true);
+      at::Tensor weight = at::randn({1000, 64}, kCuda).to(at::kBFloat16).requires_grad_(true);
+      const at::Tensor labels = at::full({50}, o.ignore_index, host_labels ? at::TensorOptions() : kCuda).to(at::kLong);
+      poison_allocator_cache();
+      auto [loss_sum, count] = qt::fused_linear_cross_entropy(hidden, weight, labels, o);
+      loss_sum.backward();
+      CHECK(loss_sum.item<float>() == 0.f);
+      CHECK(count.item<int64_t>() == 0);
+      CHECK(hidden.grad().eq(0).all().item<bool>());
+      CHECK(weight.grad().eq(0).all().item<bool>());
+    }
+#endif
+}
+
+TEST_CASE("CUDA fused linear CE names a bad label on the device and on the host", "[gpu][fused_ce]") {
+  REQUIRE(at::hasCUDA());
+#ifdef QT_WITH_CUDA
+  at::manual_seed(23);
+  const at::Tensor hidden = at::randn({40, 32}, kCuda).to(at::kBFloat16);
+  const at::Tensor weight = at::randn({300, 32}, kCuda).to(at::kBFloat16);
+  for (const bool host_labels : {false, true})
+    for (const int64_t bad : {int64_t{300}, int64_t{-7}}) {
+      INFO("labels on the " << (host_labels ? "host" : "device") << ", label " << bad);
+      at::Tensor labels = random_labels(40, 300, 5, -100, at::TensorOptions());
+      labels[17] = bad;
+      bool threw = false;
+      try {
+        qt::fused_linear_cross_entropy(hidden, weight, host_labels ? labels : labels.to(at::kCUDA));
+      } catch (const qt::Error& e) {
+        threw = true;
+        CHECK(e.kind() == qt::ErrorKind::Data);
+        CHECK(std::string(e.what()).find("label " + std::to_string(bad) + " of token 17") != std::string::npos);
+      }
+      CHECK(threw);
+    }
 #endif
 }

@@ -40,8 +40,8 @@ void validate(const at::Tensor& hidden, const at::Tensor& weight, const at::Tens
            ErrorKind::Internal, me + "hidden and weight must share one floating dtype");
   QT_CHECK(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt, ErrorKind::Internal,
            me + "labels must be int64 or int32");
-  QT_CHECK(hidden.device() == weight.device() && hidden.device() == labels.device(), ErrorKind::Internal,
-           me + "hidden, weight and labels must be on one device");
+  QT_CHECK(hidden.device() == weight.device() && (hidden.device() == labels.device() || labels.is_cpu()),
+           ErrorKind::Internal, me + "hidden and weight must be on one device, labels on it or on the CPU");
   QT_CHECK(o.label_smoothing >= 0 && o.label_smoothing <= 1, ErrorKind::Config,
            me + "label_smoothing must be in [0, 1]");
   QT_CHECK(o.z_loss >= 0 && o.logit_softcap >= 0 && o.chunk_tokens >= 0 && o.vocab_tile >= 0, ErrorKind::Config,
@@ -63,10 +63,10 @@ class FusedLinearCeFunction : public torch::autograd::Function<FusedLinearCeFunc
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
                                const at::Tensor& labels, const FusedLinearCeOptions& options, int64_t chunk,
-                               bool want_dh, bool want_dw) {
+                               bool want_dh, bool want_dw, const detail::CountedRows& counted) {
     const bool cuda = hidden.is_cuda() && !options.force_reference && detail::fused_linear_ce_cuda_available();
     detail::FusedCeForward f =
-        cuda ? detail::fused_linear_ce_cuda(hidden, weight, labels, options, chunk, want_dh, want_dw)
+        cuda ? detail::fused_linear_ce_cuda(hidden, weight, labels, options, chunk, want_dh, want_dw, counted)
              : detail::fused_linear_ce_reference(hidden, weight, labels, options, chunk, want_dh, want_dw);
     // Summed in double: the per-token losses are O(10) and there may be 1e5 of them.
     at::Tensor loss_sum = f.loss_rows.sum(at::kDouble).to(at::kFloat);
@@ -85,7 +85,7 @@ class FusedLinearCeFunction : public torch::autograd::Function<FusedLinearCeFunc
              "fused_linear_cross_entropy: backward ran twice through one forward (retain_graph is unsupported)");
     ctx->saved_data["done"] = true;
     const at::Tensor& g = grad_outputs[0];
-    variable_list grads(7);
+    variable_list grads(8);
     for (const char* key : {"dh", "dw"}) {
       auto it = ctx->saved_data.find(key);
       if (it == ctx->saved_data.end()) continue;
@@ -162,9 +162,19 @@ int64_t fused_linear_ce_last_tile_columns(int64_t tokens, int64_t hidden, int64_
 FusedLinearCeResult fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
                                                const at::Tensor& labels, const FusedLinearCeOptions& options) {
   validate(hidden, weight, labels, options);
-  const at::Tensor y = labels.to(at::kLong);
   const int64_t vocab = weight.size(0);
+  at::Tensor y = labels.to(at::kLong);
   if (options.check_labels) check_labels(y, vocab, options.ignore_index);
+  // Labels from the host: checked, counted and located there, then copied in from pinned memory without
+  // waiting, so that the loss costs the host no sync with the GPU (on the device: three).
+  detail::CountedRows counted;
+  if (y.device() != hidden.device()) {
+    const at::Tensor mask = y.ne(options.ignore_index);
+    counted.count = mask.sum().item<int64_t>();
+    if (counted.count < y.size(0))
+      counted.index = mask.nonzero().squeeze(1).pin_memory().to(hidden.device(), /*non_blocking=*/true);
+    y = y.pin_memory().to(hidden.device(), /*non_blocking=*/true);
+  }
   const bool grad = at::GradMode::is_enabled();
   const bool want_dh = grad && hidden.requires_grad();
   const bool want_dw = grad && weight.requires_grad();
@@ -175,7 +185,7 @@ FusedLinearCeResult fused_linear_cross_entropy(const at::Tensor& hidden, const a
   o.schedule = cuda ? fused_linear_ce_schedule(hidden.size(0), hidden.size(1), vocab, want_dw, options)
                     : FusedCeSchedule::TokenChunks;
   const int64_t chunk = fused_linear_ce_chunk_tokens(hidden.size(0), hidden.size(1), vocab, want_dw, o, element_size);
-  variable_list out = FusedLinearCeFunction::apply(hidden, weight, y, o, chunk, want_dh, want_dw);
+  variable_list out = FusedLinearCeFunction::apply(hidden, weight, y, o, chunk, want_dh, want_dw, counted);
   return {out[0], out[1]};
 }
 

@@ -44,8 +44,8 @@ struct FusedLinearCeOptions {
   double z_loss = 0.0;
   // Gemma 2's final-logit soft-capping: z = cap * tanh(x / cap); 0 disables.
   double logit_softcap = 0.0;
-  // Check labels are in [0, V) or ignore_index (one device sync per call on CUDA); a bad label is a
-  // qt::Error of kind Data. Unchecked, a bad label makes its row's loss NaN on CUDA.
+  // Check labels are in [0, V) or ignore_index (one device sync per call on CUDA unless the labels are on the
+  // CPU); a bad label is a qt::Error of kind Data. Unchecked, a bad label makes its row's loss NaN on CUDA.
   bool check_labels = true;
   // CUDA, trainable weight: run the dW GEMM (memory-bound at small chunks) on a side stream, concurrently with
   // the dh GEMM (compute-bound). No extra memory beyond the side stream's cuBLAS workspace.
@@ -61,7 +61,8 @@ struct FusedLinearCeResult {
   at::Tensor mean() const;
 };
 
-// hidden [T, H] (any strides), weight [V, H] of the same floating dtype, labels [T] (int64 or int32).
+// hidden [T, H] (any strides), weight [V, H] of the same floating dtype, labels [T] (int64 or int32) on their
+// device or on the CPU (then checked and counted on the host: no device sync).
 // Gradients flow to hidden when it requires grad and to weight only when weight.requires_grad().
 // On CUDA with bf16/fp16/fp32 the custom kernel runs; elsewhere the plain-ATen reference, in fp32.
 FusedLinearCeResult fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,

@@ -74,7 +74,8 @@ void write_dw_by_vocab_slices(const at::Tensor& hidden, const at::Tensor& weight
 }
 
 FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& weight_in, const at::Tensor& labels,
-                                    const FusedLinearCeOptions& options, int64_t chunk, bool want_dh, bool want_dw) {
+                                    const FusedLinearCeOptions& options, int64_t chunk, bool want_dh, bool want_dw,
+                                    const CountedRows& counted_rows) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   const int64_t tokens = hidden.size(0);
   const int64_t hid = hidden.size(1);
@@ -106,11 +107,18 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
 
   // Ignored tokens have zero loss and zero gradient: their rows are left out of every GEMM (1 in 7 of the
   // bench's tokens; often half of a fine-tuning batch whose prompts are masked). The counted rows are gathered
-  // chunk by chunk into a small buffer, so the GEMMs see dense operands. Two syncs (count, nonzero).
-  const at::Tensor mask = y_all.ne(options.ignore_index);
-  const int64_t counted = mask.sum().item<int64_t>();
+  // chunk by chunk into a small buffer, so the GEMMs see dense operands. Labels counted on the host come with
+  // their count and positions; else two syncs here (count, nonzero).
+  int64_t counted = counted_rows.count;
+  at::Tensor idx = counted_rows.index;
+  if (counted < 0) {
+    const at::Tensor mask = y_all.ne(options.ignore_index);
+    counted = mask.sum().item<int64_t>();
+    if (counted < tokens) idx = mask.nonzero().squeeze(1);
+  }
   const bool compact = counted < tokens;
-  const at::Tensor idx = compact ? mask.nonzero().squeeze(1) : at::Tensor();
+  QT_CHECK(!compact || (idx.defined() && idx.size(0) == counted), ErrorKind::Internal,
+           "fused_linear_ce_cuda: the counted rows' positions do not match their count");
   const at::Tensor y = compact ? y_all.index_select(0, idx) : y_all;
   at::Tensor loss_c = at::empty({counted}, hidden.options().dtype(at::kFloat));  // over counted rows
 
@@ -228,7 +236,7 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
 bool fused_linear_ce_cuda_available() { return false; }
 
 FusedCeForward fused_linear_ce_cuda(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                    const FusedLinearCeOptions&, int64_t, bool, bool) {
+                                    const FusedLinearCeOptions&, int64_t, bool, bool, const CountedRows&) {
   fail(ErrorKind::Internal, "fused_linear_ce_cuda: this build has no CUDA kernels (QT_CUDA off)");
 }
 

@@ -119,10 +119,11 @@ void reset_gpu_peak(const at::Device& device) {
 // plain reference path.
 at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at::Tensor& targets, bool fused) {
   at::Tensor h = hidden.reshape({-1, hidden.size(-1)});
-  at::Tensor t = targets.reshape({-1}).to(hidden.device());
   // lm_head_weight() requires grad when lm_head is trained (modules_to_save): the fused loss then also gives dW.
   const at::Tensor w = model.lm_head_weight();
-  if (fused) return fused_linear_cross_entropy(h, w, t).loss_sum;
+  // The fused loss takes the targets from the host (checked and counted there: no sync with the GPU).
+  if (fused) return fused_linear_cross_entropy(h, w, targets.reshape({-1})).loss_sum;
+  at::Tensor t = targets.reshape({-1}).to(hidden.device());
   at::Tensor logits = at::linear(h, w).to(at::kFloat);
   return at::cross_entropy_loss(logits, t, /*weight=*/{}, at::Reduction::Sum, /*ignore_index=*/-100);
 }
