@@ -182,11 +182,12 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   expect("{\"output_dir\": \"o\",\n \"model\": {\"path\": }", {"run.json", "line 2"});
 }
 
-TEST_CASE("keep_attention auto: offloaded rows from 8192 tokens whose offloaded tensors fit half the host", "[train]") {
+TEST_CASE("keep_attention auto: offloaded rows from 4096 tokens whose offloaded tensors fit half the host", "[train]") {
   const int64_t L = 32, H = 4096, Q = 4096;  // Llama 3.1 8B
   const uint64_t host = uint64_t{125} << 30;
   CHECK(qt::keep_attention_auto(8192, L, H, Q, /*offload=*/true, host));
-  CHECK(!qt::keep_attention_auto(4096, L, H, Q, true, host));  // short rows: attention is a small share
+  CHECK(qt::keep_attention_auto(4096, L, H, Q, true, host));
+  CHECK(!qt::keep_attention_auto(2048, L, H, Q, true, host));  // short rows: attention is a small share
   CHECK(qt::keep_attention_auto(32768, L, H, Q, /*offload=*/true, host));
   CHECK(qt::keep_attention_auto(98304, L, H, Q, true, host));    // 48 GiB of block inputs and outputs: within 62.5
   CHECK(!qt::keep_attention_auto(131072, L, H, Q, true, host));  // 64 GiB: over half the host

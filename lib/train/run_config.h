@@ -40,7 +40,7 @@ struct TrainSection {
   // With grad_checkpointing: keep each block's attention output from the forward pass and replay it in the
   // recomputation (no second attention forward; one more [tokens, hidden]-sized tensor per block, offloaded with
   // the block input when offload_activations is on). Unpacked rows of one document each. "true", "false" or
-  // "auto" (keep_attention_auto in trainer.h: offloaded, from 8192 tokens per micro-batch, within half the host's
+  // "auto" (keep_attention_auto in trainer.h: offloaded, from 4096 tokens per micro-batch, within half the host's
   // memory).
   std::string keep_attention = "auto";
   // q, k, v and gate, up of each block as one projection each (one dequantization launch, one GEMM for the bases,

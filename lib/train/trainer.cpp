@@ -184,7 +184,7 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
 
 bool keep_attention_auto(int64_t tokens, int64_t layers, int64_t hidden, int64_t q_size, bool offload,
                          uint64_t host_bytes) {
-  if (!offload || tokens < 8192) return false;
+  if (!offload || tokens < 4096) return false;
   const double offloaded = 2.0 * static_cast<double>(tokens) * static_cast<double>(layers) *
                            static_cast<double>(hidden + q_size);
   return offloaded <= static_cast<double>(host_bytes) / 2;

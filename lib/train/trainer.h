@@ -32,10 +32,10 @@ TrainSummary train(const RunConfig& config, const TrainOptions& options);
 
 // train.keep_attention "auto": keep the attention outputs (and replay them in the recomputation) where the
 // attention forward is a large share of the step and the outputs go to the host with the block inputs: offload on,
-// at least 8192 tokens per micro-batch (measured on an H200, docs/PERFORMANCE.md: 1.037x the step at 8B 1 x 8192,
-// 1.09x at 32k; within noise at 4096 tokens), and the offloaded tensors, block inputs and attention outputs of every
-// layer, within half of `host_bytes` (this rank's share of the host's physical memory). hidden and q_size: the
-// model's hidden size and heads x head_dim; 2-byte activations.
+// at least 4096 tokens per micro-batch (measured on an H200, docs/PERFORMANCE.md: 1.037x the step at 8B 1 x 8192,
+// 1.09x at 32k; 1.009x at 2 x 2048 once cuDNN took grouped K/V as they are, 1.002x before), and the offloaded
+// tensors, block inputs and attention outputs of every layer, within half of `host_bytes` (this rank's share of the
+// host's physical memory). hidden and q_size: the model's hidden size and heads x head_dim; 2-byte activations.
 bool keep_attention_auto(int64_t tokens, int64_t layers, int64_t hidden, int64_t q_size, bool offload,
                          uint64_t host_bytes);
 
