@@ -119,13 +119,17 @@ std::vector<qt::Linear> group_members(const std::vector<int64_t>& outs, int64_t 
 }
 
 // project_group against each member's forward() side by side: output, input gradient, every A and B gradient.
-void check_project_group(const at::Device& device, c10::ScalarType dtype, double tol) {
-  INFO(device << " " << c10::toString(dtype));
-  auto ls = group_members({48, 16, 16}, 64, {4, 4, 8}, device);
+// concat_b: the LoRA B terms inside the base GEMM (input width 1024: a multiple of 1024 for the CUDA kernel's
+// strided rows; ranks summing to 13 leave 3 zero columns of padding).
+void check_project_group(const at::Device& device, c10::ScalarType dtype, double tol, bool concat_b = false) {
+  INFO(device << " " << c10::toString(dtype) << (concat_b ? ", LoRA B in the base GEMM" : ""));
+  const int64_t in = concat_b ? 1024 : 64;
+  auto ls = group_members({48, 16, 16}, in, concat_b ? std::vector<int64_t>{4, 4, 5} : std::vector<int64_t>{4, 4, 8},
+                          device);
   std::vector<const qt::Linear*> group;
   for (const auto& l : ls) group.push_back(&l);
   const auto opt = at::TensorOptions().dtype(dtype).device(device);
-  const at::Tensor x0 = at::randn({2, 5, 64}, opt), dy = at::randn({2, 5, 80}, opt);
+  const at::Tensor x0 = at::randn({2, 5, in}, opt), dy = at::randn({2, 5, 80}, opt);
   at::Tensor xr = x0.clone().requires_grad_(true);
   std::vector<at::Tensor> parts;
   for (const auto& l : ls) parts.push_back(l.forward(xr));
@@ -138,8 +142,10 @@ void check_project_group(const at::Device& device, c10::ScalarType dtype, double
       p->mutable_grad() = at::Tensor();
     }
   at::Tensor x = x0.clone().requires_grad_(true);
-  at::Tensor y = qt::project_group(group, x);
+  const int64_t concat_before = qt::lora_b_in_gemm_runs();
+  at::Tensor y = qt::project_group(group, x, concat_b);
   REQUIRE(y.defined());
+  CHECK(qt::lora_b_in_gemm_runs() - concat_before == (concat_b ? 1 : 0));
   CHECK(y.grad_fn()->name().find("GroupLoraLinearFn") != std::string::npos);
   y.backward(dy);
   CHECK(y.sizes() == yr.sizes());
@@ -163,6 +169,7 @@ void check_project_group(const at::Device& device, c10::ScalarType dtype, double
 TEST_CASE("q, k, v (gate, up) as one projection equal their separate LoRA linears; other linears are refused",
           "[lora]") {
   check_project_group(at::kCPU, at::kFloat, 1e-5);
+  check_project_group(at::kCPU, at::kFloat, 1e-5, /*concat_b=*/true);
   auto ls = group_members({16, 16}, 64, {4, 4}, at::kCPU);
   const at::Tensor x = at::randn({3, 64});
   CHECK(qt::project_group({&ls[0], &ls[1]}, x).defined());
@@ -864,6 +871,8 @@ TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears i
   REQUIRE(at::hasCUDA());
   check_project_group(at::Device(at::kCUDA, 0), at::kFloat, 1e-5);
   check_project_group(at::Device(at::kCUDA, 0), at::kBFloat16, 1e-2);
+  check_project_group(at::Device(at::kCUDA, 0), at::kFloat, 1e-5, /*concat_b=*/true);
+  check_project_group(at::Device(at::kCUDA, 0), at::kBFloat16, 1e-2, /*concat_b=*/true);
 }
 
 TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds", "[lora][dora][gpu]") {

@@ -240,4 +240,12 @@ TEST_CASE("grouped NF4 dequantization on the CPU equals one weight at a time", "
   CHECK(same_bits(outs[0], a.dequantize()));
   CHECK(same_bits(outs[1], b.dequantize()));
   CHECK(same_bits(outs[0].reshape({-1}), qt::kernels::nf4_dequant_ref(a.data, at::kBFloat16)));
+  // Into the first columns of a wider matrix (the layout of the LoRA B terms in the base GEMM): the other columns
+  // untouched.
+  const at::Tensor wide = at::full({192, 72}, NAN, at::kBFloat16);
+  qt::dequantize_group_into({&a, &b},
+                            {wide.narrow(0, 0, 128).narrow(1, 0, 64), wide.narrow(0, 128, 64).narrow(1, 0, 64)});
+  CHECK(same_bits(wide.narrow(0, 0, 128).narrow(1, 0, 64).contiguous(), a.dequantize()));
+  CHECK(same_bits(wide.narrow(0, 128, 64).narrow(1, 0, 64).contiguous(), b.dequantize()));
+  CHECK(wide.narrow(1, 64, 8).isnan().all().item<bool>());
 }

@@ -127,6 +127,35 @@ TEST_CASE("one grouped launch dequantizes q, k, v like three single launches", "
   CHECK(same_bits(outs[2].reshape({-1}), qt::kernels::nf4_dequant_ref(v, at::kBFloat16)));
 }
 
+TEST_CASE("grouped NF4 dequantization into the first columns of a wider matrix leaves the other columns alone",
+          "[gpu][nf4]") {
+  require_cuda();
+  at::manual_seed(5);
+  // gate and up of a small model side by side, 24 more columns (a LoRA B block, poisoned here) in every row.
+  const qt::kernels::Nf4Data g = random_nf4(3072, 2048), u = random_nf4(1024, 2048);
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    INFO(c10::toString(dtype));
+    const at::Tensor wide = at::full({4096, 2048 + 24}, NAN, at::TensorOptions().dtype(dtype).device(at::kCUDA));
+    const std::vector<at::Tensor> outs = {wide.narrow(0, 0, 3072).narrow(1, 0, 2048),
+                                          wide.narrow(0, 3072, 1024).narrow(1, 0, 2048)};
+    qt::kernels::nf4_dequant_group_into({&g, &u}, outs);
+    CHECK(same_bits(outs[0].contiguous().reshape({-1}), qt::kernels::nf4_dequant_ref(g, dtype)));
+    CHECK(same_bits(outs[1].contiguous().reshape({-1}), qt::kernels::nf4_dequant_ref(u, dtype)));
+    CHECK(wide.narrow(1, 2048, 24).isnan().all().item<bool>());
+  }
+  // Columns that are not a multiple of 1024 (a warp would straddle two rows) are refused.
+  const qt::kernels::Nf4Data d = random_nf4(64, 512);
+  at::Tensor wide = at::zeros({64, 512 + 8}, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+  bool threw = false;
+  try {
+    qt::kernels::nf4_dequant_into(d, wide.narrow(1, 0, 512));
+  } catch (const qt::Error& e) {
+    threw = std::string(e.what()).find("multiple of 1024") != std::string::npos;
+  }
+  CHECK(threw);
+  CHECK(wide.eq(0).all().item<bool>());
+}
+
 TEST_CASE("misaligned output buffers are refused, not written", "[gpu][nf4]") {
   require_cuda();
   const qt::kernels::Nf4Data d = random_nf4(64, 64);

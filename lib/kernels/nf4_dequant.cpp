@@ -41,10 +41,21 @@ Nf4OutType out_type(at::ScalarType t) {
   }
 }
 
+// A 2-D view whose rows are strided (stride(1) == 1, stride(0) > columns): the first columns of a wider matrix.
+bool row_strided(const at::Tensor& out) {
+  return out.dim() == 2 && !out.is_contiguous() && out.stride(1) == 1 && out.stride(0) >= out.size(1);
+}
+
 void check_out(const Nf4Data& d, const at::Tensor& out) {
   check_nf4_data(d);
-  QT_CHECK(out.defined() && out.is_contiguous() && out.numel() == d.numel, ErrorKind::Internal,
-           "NF4 dequantize: output must be contiguous with " + std::to_string(d.numel) + " elements");
+  QT_CHECK(out.defined() && (out.is_contiguous() || row_strided(out)) && out.numel() == d.numel, ErrorKind::Internal,
+           "NF4 dequantize: output must be contiguous, or 2-D with strided rows, with " + std::to_string(d.numel) +
+               " elements");
+  QT_CHECK(!row_strided(out) || !out.is_cuda() ||
+               (out.size(1) % kNf4StridedCols == 0 && (out.stride(0) * out.element_size()) % 16 == 0),
+           ErrorKind::Internal,
+           "NF4 dequantize: a row-strided output on CUDA needs columns a multiple of " +
+               std::to_string(kNf4StridedCols) + " and 16-byte row strides");
   QT_CHECK(out.device() == d.packed.device(), ErrorKind::Internal,
            "NF4 dequantize: output on " + out.device().str() + ", data on " + d.packed.device().str());
   out_type(out.scalar_type());
@@ -61,6 +72,10 @@ Nf4DequantJob job_of(const Nf4Data& d, const at::Tensor& out) {
   job.numel = d.numel;
   job.blocksize = static_cast<int32_t>(d.blocksize);
   job.out = out.data_ptr();
+  if (row_strided(out)) {
+    job.cols = out.size(1);
+    job.ld = out.stride(0);
+  }
   return job;
 }
 
@@ -72,7 +87,8 @@ void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, const std::ve
   for (size_t i = 0; i < ds.size(); ++i) check_out(*ds[i], outs[i]);
   g_dequantized += static_cast<int64_t>(ds.size());
   if (!outs[0].is_cuda()) {
-    for (size_t i = 0; i < ds.size(); ++i) outs[i].view({-1}).copy_(nf4_dequant_ref(*ds[i], outs[i].scalar_type()));
+    for (size_t i = 0; i < ds.size(); ++i)
+      outs[i].copy_(nf4_dequant_ref(*ds[i], outs[i].scalar_type()).view(outs[i].sizes()));
     return;
   }
 #ifdef QT_WITH_CUDA

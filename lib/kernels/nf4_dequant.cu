@@ -143,8 +143,11 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_kernel(const __grid_cons
   }
   __syncwarp();
 
-  // Coalesced write-back: piece p of the warp's contiguous output comes from lane p / kPieces.
-  uint4* out = reinterpret_cast<uint4*>(static_cast<unsigned char*>(job.out) + first * Tr::kLaneBytes);
+  // Coalesced write-back: piece p of the warp's contiguous output comes from lane p / kPieces. A row-strided
+  // output: the warp's 1024 elements lie in one row (cols is a multiple of 1024).
+  const int64_t e0 = first * kChunkElems;
+  const int64_t at = job.ld == 0 ? e0 : (e0 / job.cols) * job.ld + e0 % job.cols;
+  uint4* out = reinterpret_cast<uint4*>(static_cast<unsigned char*>(job.out) + at * static_cast<int64_t>(sizeof(OutT)));
 #pragma unroll
   for (int k = 0; k < Tr::kPieces; ++k) {
     const int p = k * 32 + lane;
@@ -186,6 +189,10 @@ void nf4_dequant_launch(const Nf4DequantJob* jobs, int n_jobs, Nf4OutType type, 
              "nf4_dequant_launch: numel " + std::to_string(job.numel) + " is not a multiple of the blocksize");
     QT_CHECK(aligned16(job.packed) && aligned16(job.out), ErrorKind::Internal,
              "nf4_dequant_launch: packed codes and output must be 16-byte aligned");
+    QT_CHECK(job.ld == 0 || (job.cols > 0 && job.cols % kNf4StridedCols == 0 && job.ld >= job.cols &&
+                             job.numel % job.cols == 0),
+             ErrorKind::Internal, "nf4_dequant_launch: a row-strided output needs columns a multiple of " +
+                                      std::to_string(kNf4StridedCols) + " and a row stride >= the columns");
     QT_CHECK(job.absmax_q && job.nested_absmax && job.nested_map && job.quant_map, ErrorKind::Internal,
              "nf4_dequant_launch: null statistics pointer");
     table.job[j] = job;

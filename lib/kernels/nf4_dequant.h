@@ -27,7 +27,14 @@ struct Nf4DequantJob {
   int64_t numel = 0;       // multiple of blocksize
   int32_t blocksize = 64;  // power of two in [64, 4096]
   void* out = nullptr;     // [numel] of the output type, 16-byte aligned
+  // Row-strided output: element e at out[(e / cols) * ld + e % cols]; 0 = contiguous. cols a multiple of
+  // kNf4StridedCols (a warp's 1024 elements never straddle two rows), ld >= cols, rows of 16-byte multiples.
+  int64_t cols = 0;
+  int64_t ld = 0;
 };
+
+// Columns of a row-strided output must be a multiple of this.
+inline constexpr int64_t kNf4StridedCols = 1024;
 
 // Weights one launch can take (q, k, v of a block; gate, up).
 inline constexpr int kNf4MaxJobs = 4;
@@ -40,7 +47,8 @@ void nf4_dequant_launch(const Nf4DequantJob* jobs, int n_jobs, Nf4OutType type, 
 bool nf4_cuda_compiled();
 
 // Dequantizes `d` into `out` (contiguous, numel == d.numel, float32/bfloat16/float16, on d's device; any
-// shape). CUDA: the kernel on the current CUDA stream (set it with a c10::cuda::CUDAStreamGuard). CPU: the
+// shape; or a 2-D row-strided view, stride(1) == 1, such as the first columns of a wider matrix, whose columns
+// are a multiple of kNf4StridedCols on CUDA). CUDA: the kernel on the current CUDA stream (set it with a c10::cuda::CUDAStreamGuard). CPU: the
 // reference. Either way the bits are those of nf4_dequant_ref.
 void nf4_dequant_into(const Nf4Data& d, const at::Tensor& out);
 

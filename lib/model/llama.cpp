@@ -528,6 +528,8 @@ class LoraFactorCache {
   std::atomic<int64_t> made_{0};
 };
 
+std::atomic<int64_t> g_concat_b_runs{0};
+
 // A frozen base plus LoRA without dropout, y = x W^T + (x A^T)(s B)^T, as one autograd node. The LoRA sums ride
 // on GEMM epilogues (addmm_ into the base product, forward and backward), so neither pass adds an elementwise
 // kernel over [tokens, out] or [tokens, in]; W (NF4: dequantized into scratch) is not kept between the passes.
@@ -603,31 +605,62 @@ std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
 // and the rank-r product t = x A^T, and the backward takes their gradients (the B gradients come from the
 // consumer's node).
 struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
-  static at::Tensor weight(const std::vector<const Linear*>& ls, int64_t total, at::ScalarType dt) {
-    at::Tensor W = at::empty({total, ls[0]->in_features()}, at::TensorOptions().dtype(dt).device(ls[0]->nf4->device()));
+  // The bases dequantized into [total, in], or with the LoRA B blocks `bd` in `extra` more columns (zero beyond
+  // bd's): [total, in + extra] = [W | bd | 0] (concat_b).
+  static at::Tensor weight(const std::vector<const Linear*>& ls, int64_t total, at::ScalarType dt,
+                           const at::Tensor& bd = {}, int64_t extra = 0) {
+    const int64_t in = ls[0]->in_features();
+    at::Tensor W = at::empty({total, in + extra}, at::TensorOptions().dtype(dt).device(ls[0]->nf4->device()));
     std::vector<const Nf4Weight*> ws;
     std::vector<at::Tensor> outs;
     int64_t off = 0;
     for (const Linear* l : ls) {
       ws.push_back(l->nf4.get());
-      outs.push_back(W.narrow(0, off, l->out_features()));
+      outs.push_back(W.narrow(0, off, l->out_features()).narrow(1, 0, in));
       off += l->out_features();
     }
     dequantize_group_into(ws, outs);
+    if (extra > 0) {
+      W.narrow(1, in, bd.size(1)).copy_(bd);
+      if (extra > bd.size(1)) W.narrow(1, in + bd.size(1), extra - bd.size(1)).zero_();
+    }
     return W;
+  }
+  // concat_b: the LoRA B terms inside the base GEMM by concatenation along K, y = [x | t | 0] [W | bd | 0]^T,
+  // instead of an addmm over y (which reads and writes all of y: 0.94 GB for gate/up at 8k tokens of the 8B
+  // shape). Costs a copy of x into the wider input and 1-2% more GEMM FLOPs. The extra columns are bd's padded
+  // to 8 (16-byte rows); on CUDA the bases' columns a multiple of the dequantization kernel's strided rows.
+  static int64_t concat_columns(const at::Tensor& bd) { return (bd.size(1) + 7) / 8 * 8; }
+  static bool concat_applies(const std::vector<const Linear*>& ls, const at::Tensor& x) {
+    return !x.is_cuda() || ls[0]->in_features() % kernels::kNf4StridedCols == 0;
   }
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 at::TensorList ab, const std::vector<int64_t>& linear_ptrs,
-                                                bool defer_b) {
+                                                bool defer_b, bool concat_b) {
     const auto ls = members(linear_ptrs);
     const auto dt = x.scalar_type();
     const auto [a, bd] = LoraFactorCache::instance().get(ls, ab, dt);  // [sum r, in], [sum out, sum r]
     const int64_t total = bd.size(0);
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
-    at::Tensor t = at::mm(x2, a.t());  // [N, sum r]
-    at::Tensor W = weight(ls, total, dt);
-    at::Tensor y = at::mm(x2, W.t());
-    if (!defer_b) y.addmm_(t, bd.t());
+    concat_b = concat_b && !defer_b && concat_applies(ls, x);
+    at::Tensor t, W, y;
+    if (concat_b) {
+      const int64_t in = x2.size(1), extra = concat_columns(bd), r = bd.size(1);
+      at::Tensor xc = at::empty({x2.size(0), in + extra}, x2.options());
+      xc.narrow(1, 0, in).copy_(x2);
+      t = xc.narrow(1, in, r);
+      at::mm_out(t, x2, a.t());  // [N, sum r], in place in the wider input
+      if (extra > r) xc.narrow(1, in + r, extra - r).zero_();
+      W = weight(ls, total, dt, bd, extra);
+      y = at::mm(xc, W.t());
+      W = W.narrow(1, 0, in);
+      ++g_concat_b_runs;
+    } else {
+      t = at::mm(x2, a.t());  // [N, sum r]
+      W = weight(ls, total, dt);
+      y = at::mm(x2, W.t());
+      if (!defer_b) y.addmm_(t, bd.t());
+    }
     ctx->save_for_backward({x2, a, bd, t, g_keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linears"] = linear_ptrs;
     ctx->saved_data["defer_b"] = defer_b;
@@ -671,6 +704,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     }
     out.emplace_back();  // linear_ptrs
     out.emplace_back();  // defer_b
+    out.emplace_back();  // concat_b
     return out;
   }
 };
@@ -711,6 +745,8 @@ struct SwigluLoraFn : public torch::autograd::Function<SwigluLoraFn> {
 }  // namespace
 
 int64_t lora_factor_builds() { return LoraFactorCache::instance().made(); }
+
+int64_t lora_b_in_gemm_runs() { return g_concat_b_runs.load(); }
 
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
   return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()));
@@ -795,11 +831,11 @@ bool group_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x, std
 }
 }  // namespace
 
-at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor& x) {
+at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor& x, bool concat_b) {
   std::vector<at::Tensor> ab;
   std::vector<int64_t> ptrs;
   if (!group_inputs(ls, x, ab, ptrs)) return {};
-  return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/false)[0];
+  return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/false, concat_b)[0];
 }
 
 at::Tensor gate_up_swiglu(const Linear& gate, const Linear& up, const at::Tensor& x) {
@@ -808,7 +844,7 @@ at::Tensor gate_up_swiglu(const Linear& gate, const Linear& up, const at::Tensor
   if (!group_inputs({&gate, &up}, x, ab, ptrs) || gate.out_features() != up.out_features() ||
       gate.lora->A.size(0) + up.lora->A.size(0) > 64)
     return {};
-  auto base_t = GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/true);
+  auto base_t = GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/true, /*concat_b=*/false);
   return SwigluLoraFn::apply(base_t[0], base_t[1], at::TensorList(ab), ptrs);
 }
 
@@ -964,7 +1000,7 @@ at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x) const {
   if (at::Tensor h = fuse_projections && fuse_lora_swiglu ? gate_up_swiglu(b.gate_proj, b.up_proj, x) : at::Tensor();
       h.defined())
     return b.down_proj.forward(h);
-  if (at::Tensor gate_up = fuse_projections ? project_group({&b.gate_proj, &b.up_proj}, x) : at::Tensor();
+  if (at::Tensor gate_up = fuse_projections ? project_group({&b.gate_proj, &b.up_proj}, x, lora_b_in_gemm) : at::Tensor();
       gate_up.defined())
     return b.down_proj.forward(swiglu_packed(gate_up));
   return b.down_proj.forward(swiglu_fused(b.gate_proj.forward(x), b.up_proj.forward(x)));

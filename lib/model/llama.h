@@ -60,12 +60,17 @@ at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
 // dequantizes every base, one GEMM each for the bases, the LoRA As and the LoRA Bs, one GEMM for the input
 // gradient). Undefined when a member is not an NF4 base with a plain LoRA adapter (no DoRA, no dropout in
 // training, no bias, fp32 A and B), the inputs differ in width, or there are more than 4: call each forward().
-at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x);
+// concat_b: the LoRA B terms inside the base GEMM, [x | x A^T] [W | s B]^T, instead of an addmm over the output
+// (on CUDA where the input width is a multiple of 1024; the same values, one rounding fewer).
+at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x, bool concat_b = false);
 
 // How often the LoRA nodes have made their compute-dtype factors (the As stacked, the scaled Bs) and kept them so
 // far: under keep_dequantized once per linear or group and version of its fp32 masters, shared by every forward
 // pass in between; never otherwise (for tests).
 int64_t lora_factor_builds();
+
+// How many forward passes of project_group took concat_b's path so far (for tests).
+int64_t lora_b_in_gemm_runs();
 
 // silu(gate(x)) * up(x) for a gate and an up linear that project_group takes, with their LoRA B terms added inside
 // the SwiGLU (swiglu_lora_forward) instead of onto the [tokens, 2 * intermediate] projection output; gradients
@@ -157,6 +162,9 @@ class LlamaModel {
   // With fuse_projections: gate / up's LoRA B terms added inside the SwiGLU kernel (gate_up_swiglu) instead of by a
   // rank-r GEMM over the [tokens, 2 * intermediate] projection output. Off by default: 2% slower on an H200.
   bool fuse_lora_swiglu = false;
+  // With fuse_projections: gate / up's LoRA B terms inside the base GEMM (project_group's concat_b) instead of an
+  // addmm over the [tokens, 2 * intermediate] output. Off by default until measured (QT_LORA_B_IN_GEMM=1).
+  bool lora_b_in_gemm = false;
   // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
   // recomputed chunk by chunk in the backward pass (long contexts); 0: off.
   int64_t mlp_chunk_tokens = 0;
