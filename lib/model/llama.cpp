@@ -654,6 +654,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       W = weight(ls, total, dt, bd, extra);
       y = at::mm(xc, W.t());
       W = W.narrow(1, 0, in);
+      x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
       ++g_concat_b_runs;
     } else {
       t = at::mm(x2, a.t());  // [N, sum r]
