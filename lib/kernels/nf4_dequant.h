@@ -48,8 +48,8 @@ bool nf4_cuda_compiled();
 
 // Dequantizes `d` into `out` (contiguous, numel == d.numel, float32/bfloat16/float16, on d's device; any
 // shape; or a 2-D row-strided view, stride(1) == 1, such as the first columns of a wider matrix, whose columns
-// are a multiple of kNf4StridedCols on CUDA). CUDA: the kernel on the current CUDA stream (set it with a c10::cuda::CUDAStreamGuard). CPU: the
-// reference. Either way the bits are those of nf4_dequant_ref.
+// are a multiple of kNf4StridedCols on CUDA). CUDA: the kernel on the current CUDA stream (set it with a
+// c10::cuda::CUDAStreamGuard). CPU: the reference. Either way the bits are those of nf4_dequant_ref.
 void nf4_dequant_into(const Nf4Data& d, const at::Tensor& out);
 
 // Weights dequantized so far by the two calls below, in this process (for tests: how often the training step
