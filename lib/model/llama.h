@@ -64,6 +64,15 @@ at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
 // (on CUDA where the input width is a multiple of 1024; the same values, one rounding fewer).
 at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x, bool concat_b = false);
 
+// A linear whose input is wider than its output (down_proj), an NF4 base with a plain LoRA adapter, with LoRA's
+// A inside the base GEMMs: the weight [W ; A] gives [x W^T | x A^T] in one GEMM, and the input gradient
+// [dy | g] [W ; A] in one (no addmm over the [tokens, in] gradient). Equal to l.forward(x) up to rounding;
+// undefined where it does not apply (call l.forward(x)).
+at::Tensor project_wide(const Linear& l, const at::Tensor& x);
+
+// How many forward passes took project_wide's path so far (for tests).
+int64_t lora_wide_runs();
+
 // How often the LoRA nodes have made their compute-dtype factors (the As stacked, the scaled Bs) and kept them so
 // far: under keep_dequantized once per linear or group and version of its fp32 masters, shared by every forward
 // pass in between; never otherwise (for tests).
@@ -163,7 +172,7 @@ class LlamaModel {
   // rank-r GEMM over the [tokens, 2 * intermediate] projection output. Off by default: 2% slower on an H200.
   bool fuse_lora_swiglu = false;
   // With fuse_projections: gate / up's LoRA B terms inside the base GEMM (project_group's concat_b) instead of an
-  // addmm over the [tokens, 2 * intermediate] output. Off by default until measured (QT_LORA_B_IN_GEMM=1).
+  // addmm over the [tokens, 2 * intermediate] output (run config train.lora_b_in_gemm, on there).
   bool lora_b_in_gemm = false;
   // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
   // recomputed chunk by chunk in the backward pass (long contexts); 0: off.

@@ -54,6 +54,10 @@ struct TrainSection {
   // gate / up's LoRA B terms added inside the SwiGLU kernel instead of by a rank-r GEMM over the [tokens,
   // 2 * intermediate] projection output (LlamaModel::fuse_lora_swiglu). Off: 2% slower on an H200 (PERFORMANCE.md).
   bool fuse_lora_swiglu = false;
+  // With fuse_projections: gate / up's LoRA B terms computed inside the base GEMM ([x | x A^T] [W | s B]^T, on CUDA
+  // where the hidden size is a multiple of 1024) instead of by an addmm over the [tokens, 2 * intermediate] output
+  // (LlamaModel::lora_b_in_gemm). On: +1.1% to +3.0% on an H200, no memory (PERFORMANCE.md).
+  bool lora_b_in_gemm = true;
   // NEFTune: uniform noise of magnitude alpha / sqrt(seq_len * hidden) on the input embeddings while training
   // (TRL's neftune_noise_alpha; 5 is the paper's common value); 0: off.
   double neftune_alpha = 0.0;

@@ -238,7 +238,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
                            : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
   model.fuse_projections = cfg.train.fuse_projections;
   model.fuse_lora_swiglu = cfg.train.fuse_lora_swiglu;
-  if (const char* v = std::getenv("QT_LORA_B_IN_GEMM")) model.lora_b_in_gemm = std::string(v) == "1";  // A/B runs
+  model.lora_b_in_gemm = cfg.train.lora_b_in_gemm;
   model.keep_dequantized = cfg.train.grad_checkpointing &&
                            (cfg.train.keep_dequantized == "true" ||
                             (cfg.train.keep_dequantized == "auto" && keep_dequantized_auto(micro * data.max_seq_len())));
