@@ -569,7 +569,8 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       W = wide_weight(l, a);
       at::Tensor yc = at::mm(x2, W.t());  // [N, out + r8] = [x W^T | t | 0]
       t = yc.narrow(1, out, a.size(0)).contiguous();
-      y = at::addmm(yc.narrow(1, 0, out), t, bs.t());
+      y = yc.narrow(1, 0, out);  // a view with rows out + r8 apart (no copy); the LoRA term added in place
+      y.addmm_(t, bs.t());
       ++g_wide_runs;
     } else {
       t = at::mm(x2, a.t());  // [N, r]
