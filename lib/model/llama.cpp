@@ -529,59 +529,24 @@ class LoraFactorCache {
 };
 
 std::atomic<int64_t> g_concat_b_runs{0};
-std::atomic<int64_t> g_wide_runs{0};
-
-// For A/B measurements only: QT_LORA_WIDE_DOWN=0 keeps down_proj off project_wide's path, QT_LORA_GU_BACKWARD=0
-// gives gate / up (concat_b) the input gradient and g in two GEMMs again.
-bool env_off(const char* name) {
-  const char* v = std::getenv(name);
-  return v && std::string(v) == "0";
-}
 
 // A frozen base plus LoRA without dropout, y = x W^T + (x A^T)(s B)^T, as one autograd node. The LoRA sums ride
 // on GEMM epilogues (addmm_ into the base product, forward and backward), so neither pass adds an elementwise
 // kernel over [tokens, out] or [tokens, in]; W (NF4: dequantized into scratch) is not kept between the passes.
-// wide (an NF4 base, LlamaModel::lora_b_in_gemm, for down_proj whose input is wider than its output): A rides in
-// the base GEMMs as extra rows of the weight, Wc = [W ; A ; 0] ([out + r8, in], r8 = r padded to 8), so that the
-// forward GEMM x Wc^T gives [x W^T | t] (x read once, not twice) and the input gradient is one GEMM,
-// [dy | g | 0] Wc = dy W + g A (no addmm reading and writing the [tokens, in] gradient: 0.47 GB for the 8B shape's
-// down_proj at 8k tokens), for a copy of dy into the wider [tokens, out + r8].
 struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
-  static int64_t padded_rank(const at::Tensor& a) { return (a.size(0) + 7) / 8 * 8; }
-  // [W ; a ; 0]: the base dequantized into the first out rows, a (compute dtype) below, zero rows to r8.
-  static at::Tensor wide_weight(const Linear* l, const at::Tensor& a) {
-    const int64_t out = l->out_features(), r = a.size(0), r8 = padded_rank(a);
-    at::Tensor Wc = at::empty({out + r8, l->in_features()}, a.options());
-    dequantize_group_into({l->nf4.get()}, {Wc.narrow(0, 0, out)});
-    Wc.narrow(0, out, r).copy_(a);
-    if (r8 > r) Wc.narrow(0, out + r, r8 - r).zero_();
-    return Wc;
-  }
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
-                            const at::Tensor& B, double scale, int64_t linear_ptr, bool wide) {
+                            const at::Tensor& B, double scale, int64_t linear_ptr) {
     const auto* l = reinterpret_cast<const Linear*>(linear_ptr);
     const auto dt = x.scalar_type();
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
     const auto [a, bs] = LoraFactorCache::instance().get({l}, {A, B}, dt);
-    at::Tensor t, W, y;
-    if (wide) {
-      const int64_t out = l->out_features();
-      W = wide_weight(l, a);
-      at::Tensor yc = at::mm(x2, W.t());  // [N, out + r8] = [x W^T | t | 0]
-      t = yc.narrow(1, out, a.size(0)).contiguous();
-      y = yc.narrow(1, 0, out);  // a view with rows out + r8 apart (no copy); the LoRA term added in place
-      y.addmm_(t, bs.t());
-      ++g_wide_runs;
-    } else {
-      t = at::mm(x2, a.t());  // [N, r]
-      W = l->base_weight(dt);
-      y = at::mm(x2, W.t());
-      y.addmm_(t, bs.t());
-    }
+    at::Tensor t = at::mm(x2, a.t());  // [N, r]
+    at::Tensor W = l->base_weight(dt);
+    at::Tensor y = at::mm(x2, W.t());
+    y.addmm_(t, bs.t());
     ctx->save_for_backward({x2, a, bs, t, g_keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linear"] = linear_ptr;
     ctx->saved_data["scale"] = scale;
-    ctx->saved_data["wide"] = wide;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = y.size(1);
     return y.view(shape);
@@ -590,33 +555,22 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
                                                  torch::autograd::variable_list grads) {
     const auto* l = reinterpret_cast<const Linear*>(ctx->saved_data["linear"].toInt());
     const double scale = ctx->saved_data["scale"].toDouble();
-    const bool wide = ctx->saved_data["wide"].toBool();
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x2 = saved[0], &a = saved[1], &bs = saved[2], &t = saved[3], &kept = saved[4];
     const auto dt = x2.scalar_type();
     at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)}).to(dt);
-    at::Tensor g, dx;
-    if (wide && ctx->needs_input_grad(0)) {
-      const int64_t out = dy.size(1), r = a.size(0), r8 = padded_rank(a);
-      at::Tensor dyc = at::empty({dy.size(0), out + r8}, dy.options());  // [dy | g | 0]
-      dyc.narrow(1, 0, out).copy_(dy);
-      g = dyc.narrow(1, out, r);
-      at::mm_out(g, dy, bs);
-      if (r8 > r) dyc.narrow(1, out + r, r8 - r).zero_();
-      dx = at::mm(dyc, kept.defined() ? kept : wide_weight(l, a));
-    } else {
-      g = at::mm(dy, bs);  // [N, r]
-      if (ctx->needs_input_grad(0)) {
-        dx = at::mm(dy, kept.defined() ? kept : l->base_weight(dt));
-        dx.addmm_(g, a);
-      }
+    at::Tensor g = at::mm(dy, bs);  // [N, r]
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = at::mm(dy, kept.defined() ? kept : l->base_weight(dt));
+      dx.addmm_(g, a);
     }
     at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);
     at::Tensor dB = at::mm(dy.t(), t).to(at::kFloat);
     if (scale != 1.0) dB.mul_(scale);
     std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
     shape.back() = x2.size(1);
-    return {dx.defined() ? dx.view(shape) : dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx.defined() ? dx.view(shape) : dx, dA, dB, at::Tensor(), at::Tensor()};
   }
 };
 
@@ -650,9 +604,6 @@ std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
 // With defer_b, the LoRA B terms are left to the consumer (swiglu_lora): the outputs are the bases' sum x W^T
 // and the rank-r product t = x A^T, and the backward takes their gradients (the B gradients come from the
 // consumer's node).
-const bool g_gu_backward_off = env_off("QT_LORA_GU_BACKWARD");
-const bool g_wide_down_off = env_off("QT_LORA_WIDE_DOWN");
-
 struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   // The bases dequantized into [total, in], or with the LoRA B blocks `bd` in `extra` more columns (zero beyond
   // bd's): [total, in + extra] = [W | bd | 0] (concat_b).
@@ -700,8 +651,9 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       t = xc.narrow(1, in, r);
       at::mm_out(t, x2, a.t());  // [N, sum r], in place in the wider input
       if (extra > r) xc.narrow(1, in + r, extra - r).zero_();
-      W = weight(ls, total, dt, bd, extra);  // [W | bd | 0], kept so for the backward pass
+      W = weight(ls, total, dt, bd, extra);
       y = at::mm(xc, W.t());
+      W = W.narrow(1, 0, in);
       x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
       ++g_concat_b_runs;
     } else {
@@ -713,7 +665,6 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     ctx->save_for_backward({x2, a, bd, t, g_keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linears"] = linear_ptrs;
     ctx->saved_data["defer_b"] = defer_b;
-    ctx->saved_data["concat_b"] = concat_b;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = total;
     if (!defer_b) return {y.view(shape)};
@@ -730,25 +681,14 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     const auto dt = x2.scalar_type();
     const int64_t total = bd.size(0);
     at::Tensor dy = grads[0].reshape({-1, total}).to(dt);
-    const bool concat_b = ctx->saved_data["concat_b"].toBool();
-    const int64_t in = x2.size(1);
-    at::Tensor g, dx;
-    if (concat_b && ctx->needs_input_grad(0) && !g_gu_backward_off) {
-      // dy [W | bd | 0] = [dy W | g | 0] in one GEMM (dy read once, not twice); the input gradient is a view of
-      // its first columns, with the LoRA term added in place.
-      const at::Tensor dxc = at::mm(dy, kept.defined() ? kept : weight(ls, total, dt, bd, concat_columns(bd)));
-      g = dxc.narrow(1, in, bd.size(1));
-      dx = dxc.narrow(1, 0, in);
+    // g: the gradient of t, [N, sum r]: through the B terms here, or as the consumer gave it.
+    at::Tensor g = !defer_b ? at::mm(dy, bd)
+                   : grads[1].defined() ? grads[1].reshape({-1, bd.size(1)}).to(dt)
+                                        : at::zeros({x2.size(0), bd.size(1)}, x2.options());
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = at::mm(dy, kept.defined() ? kept : weight(ls, total, dt));
       dx.addmm_(g, a);
-    } else {
-      // g: the gradient of t, [N, sum r]: through the B terms here, or as the consumer gave it.
-      g = !defer_b ? at::mm(dy, bd)
-          : grads[1].defined() ? grads[1].reshape({-1, bd.size(1)}).to(dt)
-                               : at::zeros({x2.size(0), bd.size(1)}, x2.options());
-      if (ctx->needs_input_grad(0)) {
-        dx = at::mm(dy, kept.defined() ? kept.narrow(1, 0, in) : weight(ls, total, dt));
-        dx.addmm_(g, a);
-      }
     }
     at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);  // [sum r, in]
     std::vector<at::Tensor> dBs;
@@ -809,8 +749,6 @@ int64_t lora_factor_builds() { return LoraFactorCache::instance().made(); }
 
 int64_t lora_b_in_gemm_runs() { return g_concat_b_runs.load(); }
 
-int64_t lora_wide_runs() { return g_wide_runs.load(); }
-
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
   return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()));
 }
@@ -853,7 +791,7 @@ at::Tensor Linear::forward(const at::Tensor& x) const {
   const bool frozen_base = quantized() || !weight.requires_grad();
   if (lora && frozen_base && !(training && lora->dropout > 0) && lora->A.scalar_type() == at::kFloat &&
       lora->B.scalar_type() == at::kFloat) {
-    at::Tensor y = LoraLinearFn::apply(x, lora->A, lora->B, lora->scale, reinterpret_cast<int64_t>(this), /*wide=*/false);
+    at::Tensor y = LoraLinearFn::apply(x, lora->A, lora->B, lora->scale, reinterpret_cast<int64_t>(this));
     return bias.defined() ? y + bias.to(y.scalar_type()) : y;
   }
   at::Tensor y = quantized() ? nf4_linear(x, nf4) : at::linear(x, weight);
@@ -899,12 +837,6 @@ at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor&
   std::vector<int64_t> ptrs;
   if (!group_inputs(ls, x, ab, ptrs)) return {};
   return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/false, concat_b)[0];
-}
-
-at::Tensor project_wide(const Linear& l, const at::Tensor& x) {
-  if (!plain_nf4_lora(l) || l.in_features() <= l.out_features() || l.nf4->device() != x.device() || g_wide_down_off)
-    return {};
-  return LoraLinearFn::apply(x, l.lora->A, l.lora->B, l.lora->scale, reinterpret_cast<int64_t>(&l), /*wide=*/true);
 }
 
 at::Tensor gate_up_swiglu(const Linear& gate, const Linear& up, const at::Tensor& x) {
@@ -1066,16 +998,13 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
 }
 
 at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x) const {
-  at::Tensor h = fuse_projections && fuse_lora_swiglu ? gate_up_swiglu(b.gate_proj, b.up_proj, x) : at::Tensor();
-  if (!h.defined()) {
-    if (at::Tensor gate_up = fuse_projections ? project_group({&b.gate_proj, &b.up_proj}, x, lora_b_in_gemm) : at::Tensor();
-        gate_up.defined())
-      h = swiglu_packed(gate_up);
-    else
-      h = swiglu_fused(b.gate_proj.forward(x), b.up_proj.forward(x));
-  }
-  if (at::Tensor y = lora_b_in_gemm ? project_wide(b.down_proj, h) : at::Tensor(); y.defined()) return y;
-  return b.down_proj.forward(h);
+  if (at::Tensor h = fuse_projections && fuse_lora_swiglu ? gate_up_swiglu(b.gate_proj, b.up_proj, x) : at::Tensor();
+      h.defined())
+    return b.down_proj.forward(h);
+  if (at::Tensor gate_up = fuse_projections ? project_group({&b.gate_proj, &b.up_proj}, x, lora_b_in_gemm) : at::Tensor();
+      gate_up.defined())
+    return b.down_proj.forward(swiglu_packed(gate_up));
+  return b.down_proj.forward(swiglu_fused(b.gate_proj.forward(x), b.up_proj.forward(x)));
 }
 
 at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const at::Tensor& positions) const {

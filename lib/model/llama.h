@@ -64,15 +64,6 @@ at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
 // (on CUDA where the input width is a multiple of 1024; the same values, one rounding fewer).
 at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x, bool concat_b = false);
 
-// A linear whose input is wider than its output (down_proj), an NF4 base with a plain LoRA adapter, with LoRA's
-// A inside the base GEMMs: the weight [W ; A] gives [x W^T | x A^T] in one GEMM, and the input gradient
-// [dy | g] [W ; A] in one (no addmm over the [tokens, in] gradient). Equal to l.forward(x) up to rounding;
-// undefined where it does not apply (call l.forward(x)).
-at::Tensor project_wide(const Linear& l, const at::Tensor& x);
-
-// How many forward passes took project_wide's path so far (for tests).
-int64_t lora_wide_runs();
-
 // How often the LoRA nodes have made their compute-dtype factors (the As stacked, the scaled Bs) and kept them so
 // far: under keep_dequantized once per linear or group and version of its fp32 masters, shared by every forward
 // pass in between; never otherwise (for tests).
