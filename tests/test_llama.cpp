@@ -428,7 +428,11 @@ TEST_CASE("llama MLP over chunks of tokens gives the unchunked outputs and gradi
         if (t->grad().defined()) out.push_back(t->grad().clone());  // lm_head takes no part in the hidden states
       return out;
     };
+    const int64_t skipped = qt::recomputed_outputs_skipped();
     std::vector<at::Tensor> plain = run(0), chunked = run(5);  // 26 tokens: chunks of 5, 5, 5, 5, 5, 1
+    // Under checkpointing each block's recomputation leaves the chunked MLP's output unwritten (its backward
+    // recomputes the chunks); the dense base without LoRA computes its down_proj as ever.
+    CHECK(qt::recomputed_outputs_skipped() - skipped == (checkpoint ? 2 : 0));
     REQUIRE(plain.size() == chunked.size());
     CHECK(plain.size() > 20);  // the hidden states and the gradients of every block tensor
     for (size_t i = 0; i < plain.size(); ++i) {

@@ -196,21 +196,28 @@ TEST_CASE("LoRA on NF4 linears matches PEFT on bitsandbytes' dequantized base: l
 }
 
 TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weights kept for the backward pass or "
-          "not; keeping saves one dequantization per weight", "[lora]") {
-  for (bool keep : {false, true}) {
-    INFO("keep_dequantized " << keep);
-    int64_t weights = 0;
-    const int64_t before = qt::kernels::nf4_dequantized_weights();
-    check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
-      m.grad_checkpointing = true;
-      m.keep_dequantized = keep;
-      m.for_each_linear([&](const std::string&, qt::Linear&) { ++weights; });
-    });
-    // Forward, recomputation and backward each dequantize every weight, except the backward where the
-    // recomputation's weights were kept.
-    CHECK(weights > 0);
-    CHECK(qt::kernels::nf4_dequantized_weights() - before == (keep ? 2 : 3) * weights);
-  }
+          "not, and with its unused outputs skipped or not; keeping saves one dequantization per weight, skipping "
+          "down_proj's", "[lora]") {
+  for (bool skip : {true, false})
+    for (bool keep : {false, true}) {
+      INFO("keep_dequantized " << keep << ", skip_unused_outputs " << skip);
+      int64_t weights = 0, layers = 0;
+      const int64_t before = qt::kernels::nf4_dequantized_weights(), skipped = qt::recomputed_outputs_skipped();
+      check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
+        m.grad_checkpointing = true;
+        m.keep_dequantized = keep;
+        m.skip_unused_outputs = skip;
+        m.for_each_linear([&](const std::string&, qt::Linear&) { ++weights; });
+        layers = m.config.num_hidden_layers;
+      });
+      // Forward, recomputation and backward each dequantize every weight, except the backward where the
+      // recomputation's weights were kept, and the recomputation of down_proj where its output is skipped (then
+      // the backward dequantizes it even when the others were kept).
+      CHECK(weights > 0);
+      CHECK(layers > 0);
+      CHECK(qt::recomputed_outputs_skipped() - skipped == (skip ? layers : 0));
+      CHECK(qt::kernels::nf4_dequantized_weights() - before == (keep ? 2 * weights : 3 * weights - (skip ? layers : 0)));
+    }
 }
 
 TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made once per linear and optimizer "

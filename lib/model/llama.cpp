@@ -290,6 +290,25 @@ struct KeepDequantizedScope {
   bool weights_, factors_;
 };
 
+// LlamaModel::skip_unused_outputs: g_output_unused is set while a checkpointed block recomputes its forward pass
+// for its backward pass. That pass runs only to rebuild the graph and the tensors its backward saves; the block's
+// output value is never read (the backward takes the incoming gradient, not the output). So the last linear
+// (down_proj with a plain LoRA adapter) computes only what its backward saves, not its output (no dequantization,
+// no base GEMM: 2 x tokens x hidden x intermediate FLOPs a block), and the chunked MLP, which recomputes its chunks
+// in its own backward anyway, computes nothing there. torch.utils.checkpoint's non-reentrant form gets the same by
+// stopping the recomputation early.
+thread_local bool g_output_unused = false;
+std::atomic<int64_t> g_outputs_skipped{0};
+struct OutputUnusedScope {
+  explicit OutputUnusedScope(bool on) : before_(g_output_unused) { g_output_unused = on; }
+  ~OutputUnusedScope() { g_output_unused = before_; }
+  OutputUnusedScope(const OutputUnusedScope&) = delete;
+  OutputUnusedScope& operator=(const OutputUnusedScope&) = delete;
+
+ private:
+  bool before_;
+};
+
 // Per-block activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"), the
 // reentrant form: forward runs the block without recording; backward re-runs it with recording on the saved
 // input and back-propagates through that, which also accumulates the gradients of the block's LoRA weights.
@@ -386,6 +405,7 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       }
       {
         KeepDequantizedScope keep(model->keep_dequantized, model->keep_dequantized);
+        OutputUnusedScope unused(model->skip_unused_outputs);
         out = model->block_forward(layer, x, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask);
       }
       scope.reset();
@@ -412,6 +432,10 @@ struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
     ctx->saved_data["chunk"] = chunk;
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
     at::Tensor out = at::empty_like(x2);
+    if (g_output_unused) {  // a checkpointed block's recomputation: the backward below recomputes each chunk
+      ++g_outputs_skipped;
+      return out.view(x.sizes());
+    }
     for (int64_t s = 0; s < x2.size(0); s += chunk) {
       const int64_t n = std::min(chunk, x2.size(0) - s);
       out.narrow(0, s, n).copy_(model->mlp_residual(static_cast<size_t>(layer), x2.narrow(0, s, n)));
@@ -534,16 +558,23 @@ std::atomic<int64_t> g_concat_b_runs{0};
 // on GEMM epilogues (addmm_ into the base product, forward and backward), so neither pass adds an elementwise
 // kernel over [tokens, out] or [tokens, in]; W (NF4: dequantized into scratch) is not kept between the passes.
 struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
+  // output_unused: only what the backward saves (t); the output is left unwritten (g_output_unused).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
-                            const at::Tensor& B, double scale, int64_t linear_ptr) {
+                            const at::Tensor& B, double scale, int64_t linear_ptr, bool output_unused) {
     const auto* l = reinterpret_cast<const Linear*>(linear_ptr);
     const auto dt = x.scalar_type();
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
     const auto [a, bs] = LoraFactorCache::instance().get({l}, {A, B}, dt);
     at::Tensor t = at::mm(x2, a.t());  // [N, r]
-    at::Tensor W = l->base_weight(dt);
-    at::Tensor y = at::mm(x2, W.t());
-    y.addmm_(t, bs.t());
+    at::Tensor W, y;
+    if (output_unused) {
+      y = at::empty({x2.size(0), l->out_features()}, x2.options());
+      ++g_outputs_skipped;
+    } else {
+      W = l->base_weight(dt);
+      y = at::mm(x2, W.t());
+      y.addmm_(t, bs.t());
+    }
     ctx->save_for_backward({x2, a, bs, t, g_keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linear"] = linear_ptr;
     ctx->saved_data["scale"] = scale;
@@ -570,7 +601,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     if (scale != 1.0) dB.mul_(scale);
     std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
     shape.back() = x2.size(1);
-    return {dx.defined() ? dx.view(shape) : dx, dA, dB, at::Tensor(), at::Tensor()};
+    return {dx.defined() ? dx.view(shape) : dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -749,6 +780,8 @@ int64_t lora_factor_builds() { return LoraFactorCache::instance().made(); }
 
 int64_t lora_b_in_gemm_runs() { return g_concat_b_runs.load(); }
 
+int64_t recomputed_outputs_skipped() { return g_outputs_skipped.load(); }
+
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
   return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()));
 }
@@ -786,12 +819,29 @@ at::Tensor Linear::base_weight(c10::ScalarType dtype) const {
   return quantized() ? nf4->dequantize(dtype) : weight.to(dtype);
 }
 
+namespace {
+// LoraLinearFn's case: a frozen base (NF4 or dense without gradient), a plain LoRA adapter with fp32 masters (no
+// DoRA, no dropout active).
+bool lora_node_applies(const Linear& l) {
+  const bool frozen_base = l.quantized() || !l.weight.requires_grad();
+  return l.lora && !l.lora->dora() && frozen_base && !(l.training && l.lora->dropout > 0) &&
+         l.lora->A.scalar_type() == at::kFloat && l.lora->B.scalar_type() == at::kFloat;
+}
+
+// A block's last linear in its recomputation (g_output_unused): what its backward saves, not its output. forward()
+// where LoraLinearFn does not apply or there is a bias.
+at::Tensor last_linear(const Linear& l, const at::Tensor& x) {
+  if (!g_output_unused || !lora_node_applies(l) || l.bias.defined()) return l.forward(x);
+  return LoraLinearFn::apply(x, l.lora->A, l.lora->B, l.lora->scale, reinterpret_cast<int64_t>(&l),
+                             /*output_unused=*/true);
+}
+}  // namespace
+
 at::Tensor Linear::forward(const at::Tensor& x) const {
   if (lora && lora->dora()) return dora_forward(x);
-  const bool frozen_base = quantized() || !weight.requires_grad();
-  if (lora && frozen_base && !(training && lora->dropout > 0) && lora->A.scalar_type() == at::kFloat &&
-      lora->B.scalar_type() == at::kFloat) {
-    at::Tensor y = LoraLinearFn::apply(x, lora->A, lora->B, lora->scale, reinterpret_cast<int64_t>(this));
+  if (lora_node_applies(*this)) {
+    at::Tensor y = LoraLinearFn::apply(x, lora->A, lora->B, lora->scale, reinterpret_cast<int64_t>(this),
+                                       /*output_unused=*/false);
     return bias.defined() ? y + bias.to(y.scalar_type()) : y;
   }
   at::Tensor y = quantized() ? nf4_linear(x, nf4) : at::linear(x, weight);
@@ -1000,11 +1050,11 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
 at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x) const {
   if (at::Tensor h = fuse_projections && fuse_lora_swiglu ? gate_up_swiglu(b.gate_proj, b.up_proj, x) : at::Tensor();
       h.defined())
-    return b.down_proj.forward(h);
+    return last_linear(b.down_proj, h);
   if (at::Tensor gate_up = fuse_projections ? project_group({&b.gate_proj, &b.up_proj}, x, lora_b_in_gemm) : at::Tensor();
       gate_up.defined())
-    return b.down_proj.forward(swiglu_packed(gate_up));
-  return b.down_proj.forward(swiglu_fused(b.gate_proj.forward(x), b.up_proj.forward(x)));
+    return last_linear(b.down_proj, swiglu_packed(gate_up));
+  return last_linear(b.down_proj, swiglu_fused(b.gate_proj.forward(x), b.up_proj.forward(x)));
 }
 
 at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const at::Tensor& positions) const {

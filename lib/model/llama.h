@@ -72,6 +72,10 @@ int64_t lora_factor_builds();
 // How many forward passes of project_group took concat_b's path so far (for tests).
 int64_t lora_b_in_gemm_runs();
 
+// How many outputs the recomputations left unwritten so far (skip_unused_outputs: down_proj's, chunked MLPs'; for
+// tests).
+int64_t recomputed_outputs_skipped();
+
 // silu(gate(x)) * up(x) for a gate and an up linear that project_group takes, with their LoRA B terms added inside
 // the SwiGLU (swiglu_lora_forward) instead of onto the [tokens, 2 * intermediate] projection output; gradients
 // as project_group's followed by swiglu_packed. Undefined where it does not apply (as project_group, or ranks
@@ -165,6 +169,10 @@ class LlamaModel {
   // With fuse_projections: gate / up's LoRA B terms inside the base GEMM (project_group's concat_b) instead of an
   // addmm over the [tokens, 2 * intermediate] output (run config train.lora_b_in_gemm, on there).
   bool lora_b_in_gemm = false;
+  // With grad_checkpointing: a block's recomputation leaves out what only its output needs (down_proj's base
+  // GEMM and dequantization where it has a plain LoRA adapter; the whole chunked MLP, which its own backward
+  // recomputes): the output value of that pass is never read. The same gradients.
+  bool skip_unused_outputs = true;
   // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
   // recomputed chunk by chunk in the backward pass (long contexts); 0: off.
   int64_t mlp_chunk_tokens = 0;
