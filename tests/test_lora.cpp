@@ -220,6 +220,38 @@ TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weight
     }
 }
 
+TEST_CASE("leaving the recomputation's unused output out changes no bit of the loss or of any LoRA gradient",
+          "[lora]") {
+  for (bool b_in_gemm : {false, true}) {
+    INFO("lora_b_in_gemm " << b_in_gemm);
+    auto run = [&](bool skip) {
+      qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+      qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
+      m.grad_checkpointing = true;
+      m.lora_b_in_gemm = b_in_gemm;
+      m.skip_unused_outputs = skip;
+      qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+      at::Tensor loss = causal_lm_loss(m, ref.load("input_ids", at::kLong, at::kCPU), ref.load("labels", at::kLong, at::kCPU));
+      loss.backward();
+      std::vector<at::Tensor> out{loss.detach()};
+      for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().clone());
+      return out;
+    };
+    const int64_t skipped = qt::recomputed_outputs_skipped();
+    const std::vector<at::Tensor> full = run(false);
+    CHECK(qt::recomputed_outputs_skipped() == skipped);
+    const std::vector<at::Tensor> lean = run(true);
+    CHECK(qt::recomputed_outputs_skipped() > skipped);
+    REQUIRE(full.size() == lean.size());
+    CHECK(full.size() > 10);
+    for (size_t i = 0; i < full.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(full[i].abs().max().item<double>() > 0);
+      CHECK(at::equal(lean[i], full[i]));
+    }
+  }
+}
+
 TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made once per linear and optimizer "
           "step and follow every update; without it none are kept", "[lora]") {
   for (bool keep : {true, false}) {
