@@ -252,6 +252,57 @@ TEST_CASE("leaving the recomputation's unused output out changes no bit of the l
   }
 }
 
+// The NF4 + LoRA fixture model under checkpointing with keep_attention, its rotated q, k, v kept (keep_qkv) or not:
+// the loss and every LoRA gradient, and how many recomputations took the kept q, k, v.
+struct KeepQkvRun {
+  std::vector<at::Tensor> values;
+  int64_t replays = 0, layers = 0;
+};
+KeepQkvRun keep_qkv_run(const at::Device& device, c10::ScalarType dtype, bool keep_qkv, bool offload) {
+  qt::LoadOptions opt{device, dtype};
+  opt.quantize_nf4 = true;
+  qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), opt);
+  qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
+  m.grad_checkpointing = true;
+  m.keep_attention = true;
+  m.keep_qkv = keep_qkv;
+  m.offload_activations = offload;
+  qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+  const int64_t before = qt::qkv_replays();
+  at::Tensor loss = causal_lm_loss(m, ref.load("input_ids", at::kLong, device), ref.load("labels", at::kLong, device));
+  loss.backward();
+  std::vector<at::Tensor> out{loss.detach().to(at::kFloat)};
+  for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().to(at::kFloat));
+  return {out, qt::qkv_replays() - before, m.config.num_hidden_layers};
+}
+
+void check_keep_qkv(const at::Device& device, c10::ScalarType dtype, bool offload, double tol) {
+  INFO(device << " " << c10::toString(dtype) << (offload ? ", offloaded" : ""));
+  const KeepQkvRun a = keep_qkv_run(device, dtype, false, offload), b = keep_qkv_run(device, dtype, true, offload);
+  const std::vector<at::Tensor>&plain = a.values, &kept = b.values;
+  CHECK(a.replays == 0);
+  CHECK(b.layers > 0);
+  CHECK(b.replays == b.layers);  // every block's recomputation
+  REQUIRE(plain.size() == kept.size());
+  CHECK(plain.size() > 10);
+  for (size_t i = 0; i < plain.size(); ++i) {
+    INFO("tensor " << i);
+    CHECK(plain[i].abs().max().item<double>() > 0);
+    CHECK(rel_err(kept[i], plain[i]) < tol);
+  }
+}
+
+TEST_CASE("keep_qkv: the recomputation takes the kept rotated q, k, v and gives the loss and LoRA gradients of the "
+          "full recomputation", "[lora]") {
+  check_keep_qkv(at::kCPU, at::kFloat, /*offload=*/false, 1e-6);
+  // And PEFT's, as every LoRA path here.
+  check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [](qt::LlamaModel& m) {
+    m.grad_checkpointing = true;
+    m.keep_attention = true;
+    m.keep_qkv = true;
+  });
+}
+
 TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made once per linear and optimizer "
           "step and follow every update; without it none are kept", "[lora]") {
   for (bool keep : {true, false}) {
@@ -930,6 +981,12 @@ TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears i
   check_project_group(at::Device(at::kCUDA, 0), at::kBFloat16, 1e-2);
   check_project_group(at::Device(at::kCUDA, 0), at::kFloat, 1e-5, /*concat_b=*/true);
   check_project_group(at::Device(at::kCUDA, 0), at::kBFloat16, 1e-2, /*concat_b=*/true);
+}
+
+TEST_CASE("keep_qkv on CUDA (bf16, block inputs offloaded or not) gives the gradients of the full recomputation",
+          "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  for (bool offload : {false, true}) check_keep_qkv(at::Device(at::kCUDA, 0), at::kBFloat16, offload, 2e-2);
 }
 
 TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds", "[lora][dora][gpu]") {

@@ -17,6 +17,10 @@ struct AttentionStash {
   // The CUDA kernels' other outputs, passed back to their backward as autograd would: philox state (unused
   // without dropout) and the cumulative-length tensors (empty for dense rows).
   at::Tensor seed, offset, cum_q, cum_k;
+  // keep_qkv (LlamaModel): the rotated q, k, v [B, S, heads, D] recorded beside the output (when keep_qkv is set
+  // while recording) and given back in the recomputation, whose q / k / v projection then computes no output.
+  bool keep_qkv = false;
+  at::Tensor q, k, v;
 };
 
 // The stash of the block being run on this thread (null: none); set by StashScope.

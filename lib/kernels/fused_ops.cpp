@@ -168,8 +168,14 @@ struct RopeQkvFn : public torch::autograd::Function<RopeQkvFn> {
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto s = ctx->get_saved_variables();
-    const at::Tensor &cos = s[0], &sin = s[1];
-    const int64_t q_heads = ctx->saved_data["q_heads"].toInt(), kv_heads = ctx->saved_data["kv_heads"].toInt();
+    return {rope_qkv_grad_cuda(grads, s[0], s[1], ctx->saved_data["q_heads"].toInt(),
+                               ctx->saved_data["kv_heads"].toInt()),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+  // The gradient of qkv out of those of rope(q), rope(k), v (undefined ones zero): the inverse rotation written
+  // into one [B, S, (Hq + 2 Hkv) D] tensor.
+  static at::Tensor rope_qkv_grad_cuda(const variable_list& grads, const at::Tensor& cos, const at::Tensor& sin,
+                                       int64_t q_heads, int64_t kv_heads) {
     c10::cuda::CUDAGuard guard(cos.device());
     const int64_t B = cos.size(0), S = cos.size(1), D = cos.size(-1), ld = (q_heads + 2 * kv_heads) * D;
     at::Tensor dqkv = at::empty({B, S, ld}, cos.options());
@@ -181,7 +187,7 @@ struct RopeQkvFn : public torch::autograd::Function<RopeQkvFn> {
     rope_rows(grad(1, kv_heads), cos, sin, dqkv.narrow(-1, q_heads * D, kv_heads * D), kv_heads, D, kv_heads * D, ld,
               /*inverse=*/true);
     dqkv.narrow(-1, (q_heads + kv_heads) * D, kv_heads * D).copy_(grad(2, kv_heads).view({B, S, kv_heads * D}));
-    return {dqkv, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return dqkv;
   }
 };
 #endif
@@ -337,6 +343,57 @@ at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tens
   }
 #endif
   return rope_reference(x, cos, sin);
+}
+
+namespace {
+// rope_qkv_replay's node: the values given, the gradient of rope_qkv. The inverse rotation of x cos + rotate_half(x)
+// sin (cos and sin repeat over the two halves of a head) is the rotation with -sin.
+struct RopeQkvReplayFn : public torch::autograd::Function<RopeQkvReplayFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv, const at::Tensor& cos,
+                               const at::Tensor& sin, int64_t q_heads, int64_t kv_heads, const at::Tensor& q,
+                               const at::Tensor& k, const at::Tensor& v) {
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["q_heads"] = q_heads;
+    ctx->saved_data["kv_heads"] = kv_heads;
+    ctx->saved_data["shape"] = qkv.sizes().vec();
+    return {q, k, v};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const at::Tensor &cos = s[0], &sin = s[1];
+    const int64_t q_heads = ctx->saved_data["q_heads"].toInt(), kv_heads = ctx->saved_data["kv_heads"].toInt();
+    const int64_t B = cos.size(0), S = cos.size(1), D = cos.size(-1);
+    at::Tensor dqkv;
+#ifdef QT_WITH_CUDA
+    if (rope_kernel_takes(cos, D, cos, sin) && aligned(cos.contiguous()) && aligned(sin.contiguous()))
+      dqkv = RopeQkvFn::rope_qkv_grad_cuda(grads, cos.contiguous(), sin.contiguous(), q_heads, kv_heads);
+#endif
+    if (!dqkv.defined()) {
+      auto grad = [&](int i, int64_t heads) {
+        return grads[i].defined() ? grads[i] : at::zeros({B, S, heads, D}, cos.options());
+      };
+      const at::Tensor neg_sin = -sin;
+      dqkv = at::cat({rope_reference(grad(0, q_heads), cos, neg_sin).reshape({B, S, q_heads * D}),
+                      rope_reference(grad(1, kv_heads), cos, neg_sin).reshape({B, S, kv_heads * D}),
+                      grad(2, kv_heads).reshape({B, S, kv_heads * D})},
+                     -1);
+    }
+    variable_list out(8);
+    out[0] = dqkv.view(ctx->saved_data["shape"].toIntVector());
+    return out;
+  }
+};
+}  // namespace
+
+std::array<at::Tensor, 3> rope_qkv_replay(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                          int64_t q_heads, int64_t kv_heads, const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v) {
+  QT_CHECK(qkv.dim() == 3 && cos.dim() == 3 && qkv.size(-1) == (q_heads + 2 * kv_heads) * cos.size(-1) &&
+               q.dim() == 4 && q.size(2) == q_heads && k.dim() == 4 && k.size(2) == kv_heads && v.sizes() == k.sizes(),
+           ErrorKind::Internal, "rope_qkv_replay: expected qkv [B, S, (q_heads + 2 kv_heads) head_dim] and the "
+                                "rotated q [B, S, q_heads, head_dim], k and v [B, S, kv_heads, head_dim]");
+  auto out = RopeQkvReplayFn::apply(qkv, cos, sin, q_heads, kv_heads, q.detach(), k.detach(), v.detach());
+  return {out[0], out[1], out[2]};
 }
 
 std::array<at::Tensor, 3> rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,

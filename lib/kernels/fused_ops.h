@@ -52,6 +52,13 @@ at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::
 std::array<at::Tensor, 3> rope_qkv(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                    int64_t q_heads, int64_t kv_heads);
 
+// rope_qkv's node with its values given: returns q, k, v (rotated, as rope_qkv returned them in an earlier pass)
+// without computing anything; the gradient flows back to qkv as rope_qkv's does. For a recomputation whose
+// projection output is never computed (its values kept from the forward pass).
+std::array<at::Tensor, 3> rope_qkv_replay(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                          int64_t q_heads, int64_t kv_heads, const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v);
+
 // True when the fused kernels take these inputs (a CUDA build, CUDA tensors of a supported shape and dtype).
 bool fused_ops_apply(const at::Tensor& x);
 

@@ -299,6 +299,7 @@ struct KeepDequantizedScope {
 // stopping the recomputation early.
 thread_local bool g_output_unused = false;
 std::atomic<int64_t> g_outputs_skipped{0};
+std::atomic<int64_t> g_qkv_replays{0};
 struct OutputUnusedScope {
   explicit OutputUnusedScope(bool on) : before_(g_output_unused) { g_output_unused = on; }
   ~OutputUnusedScope() { g_output_unused = before_; }
@@ -337,6 +338,7 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     // keep_attention: the attention output and log-sum-exp of this pass are kept (the output offloaded with the
     // block input) and replayed in the recomputation.
     AttentionStash stash;
+    stash.keep_qkv = model->keep_qkv;
     std::optional<StashScope> scope;
     if (model->keep_attention) scope.emplace(&stash);
     at::Tensor out = model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1],
@@ -350,10 +352,16 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       ctx->saved_data["attn_offset"] = stash.offset;
       ctx->saved_data["attn_cum_q"] = stash.cum_q;
       ctx->saved_data["attn_cum_k"] = stash.cum_k;
+      if (stash.q.defined()) {
+        const bool host = ctx->saved_data.count("host") > 0;
+        for (auto [key, t] : {std::pair{"attn_q", &stash.q}, {"attn_k", &stash.k}, {"attn_v", &stash.v}})
+          ctx->saved_data[std::string(key) + (host ? "_host" : "")] = host ? offload_to_host(*t) : *t;
+      }
     }
     if (ctx->saved_data.count("host")) {
       std::vector<at::Tensor> hosts{ctx->saved_data["host"].toTensor()};
-      if (ctx->saved_data.count("attn_out_host")) hosts.push_back(ctx->saved_data["attn_out_host"].toTensor());
+      for (const char* key : {"attn_out_host", "attn_q_host", "attn_k_host", "attn_v_host"})
+        if (ctx->saved_data.count(key)) hosts.push_back(ctx->saved_data[key].toTensor());
       model->offload_prefetch->note(layer, std::move(hosts));
     }
     return out;
@@ -395,6 +403,11 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       if (ctx->saved_data.count("attn_out_host")) replay.out = prefetch.take(ctx->saved_data["attn_out_host"].toTensor(), x.device());
       else if (ctx->saved_data.count("attn_out")) replay.out = ctx->saved_data["attn_out"].toTensor();
       std::optional<StashScope> scope;
+      for (auto [key, t] : {std::pair{"attn_q", &replay.q}, {"attn_k", &replay.k}, {"attn_v", &replay.v}}) {
+        const std::string host = std::string(key) + "_host";
+        if (ctx->saved_data.count(host)) *t = prefetch.take(ctx->saved_data[host].toTensor(), x.device());
+        else if (ctx->saved_data.count(key)) *t = ctx->saved_data[key].toTensor();
+      }
       if (replay.out.defined()) {
         replay.lse = saved_tensor("attn_lse");
         replay.seed = saved_tensor("attn_seed");
@@ -667,15 +680,19 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   }
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 at::TensorList ab, const std::vector<int64_t>& linear_ptrs,
-                                                bool defer_b, bool concat_b) {
+                                                bool defer_b, bool concat_b, bool output_unused) {
     const auto ls = members(linear_ptrs);
     const auto dt = x.scalar_type();
     const auto [a, bd] = LoraFactorCache::instance().get(ls, ab, dt);  // [sum r, in], [sum out, sum r]
     const int64_t total = bd.size(0);
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
-    concat_b = concat_b && !defer_b && concat_applies(ls, x);
+    concat_b = concat_b && !defer_b && !output_unused && concat_applies(ls, x);
     at::Tensor t, W, y;
-    if (concat_b) {
+    if (output_unused) {  // only what the backward saves (a recomputation whose values are kept elsewhere)
+      t = at::mm(x2, a.t());
+      y = at::empty({x2.size(0), total}, x2.options());
+      ++g_outputs_skipped;
+    } else if (concat_b) {
       const int64_t in = x2.size(1), extra = concat_columns(bd), r = bd.size(1);
       at::Tensor xc = at::empty({x2.size(0), in + extra}, x2.options());
       xc.narrow(1, 0, in).copy_(x2);
@@ -737,6 +754,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     out.emplace_back();  // linear_ptrs
     out.emplace_back();  // defer_b
     out.emplace_back();  // concat_b
+    out.emplace_back();  // output_unused
     return out;
   }
 };
@@ -781,6 +799,8 @@ int64_t lora_factor_builds() { return LoraFactorCache::instance().made(); }
 int64_t lora_b_in_gemm_runs() { return g_concat_b_runs.load(); }
 
 int64_t recomputed_outputs_skipped() { return g_outputs_skipped.load(); }
+
+int64_t qkv_replays() { return g_qkv_replays.load(); }
 
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
   return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()));
@@ -882,11 +902,11 @@ bool group_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x, std
 }
 }  // namespace
 
-at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor& x, bool concat_b) {
+at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor& x, bool concat_b, bool output_unused) {
   std::vector<at::Tensor> ab;
   std::vector<int64_t> ptrs;
   if (!group_inputs(ls, x, ab, ptrs)) return {};
-  return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/false, concat_b)[0];
+  return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/false, concat_b, output_unused)[0];
 }
 
 at::Tensor gate_up_swiglu(const Linear& gate, const Linear& up, const at::Tensor& x) {
@@ -895,7 +915,8 @@ at::Tensor gate_up_swiglu(const Linear& gate, const Linear& up, const at::Tensor
   if (!group_inputs({&gate, &up}, x, ab, ptrs) || gate.out_features() != up.out_features() ||
       gate.lora->A.size(0) + up.lora->A.size(0) > 64)
     return {};
-  auto base_t = GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/true, /*concat_b=*/false);
+  auto base_t = GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/true, /*concat_b=*/false,
+                                         /*output_unused=*/false);
   return SwigluLoraFn::apply(base_t[0], base_t[1], at::TensorList(ab), ptrs);
 }
 
@@ -1011,14 +1032,29 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
   const int64_t Hq = config.num_attention_heads, Hkv = config.num_key_value_heads;
   // [B, S, heads, hd] throughout: the projections' layout, which flash attention takes as it is.
   at::Tensor q, k, v;
-  if (at::Tensor qkv = fuse_projections ? project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x) : at::Tensor();
-      qkv.defined()) {
-    auto rotated = rope_qkv(qkv, cos, sin, Hq, Hkv);
-    q = rotated[0], k = rotated[1], v = rotated[2];
-  } else {
-    q = rope_fused(b.q_proj.forward(x).view({B, S, Hq, hd}), cos, sin);
-    k = rope_fused(b.k_proj.forward(x).view({B, S, Hkv, hd}), cos, sin);
-    v = b.v_proj.forward(x).view({B, S, Hkv, hd});
+  AttentionStash* stash = current_attention_stash();  // set by a checkpointed block under keep_attention
+  bool fused_qkv = false;
+  if (stash && stash->replay && stash->q.defined() && fuse_projections) {
+    // keep_qkv's recomputation: the projection's node for the backward pass without its output, the rotated q,
+    // k, v of the forward pass in place of RoPE's.
+    if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x, false, /*output_unused=*/true);
+        qkv.defined()) {
+      auto kept = rope_qkv_replay(qkv, cos, sin, Hq, Hkv, stash->q, stash->k, stash->v);
+      q = kept[0], k = kept[1], v = kept[2];
+      ++g_qkv_replays;
+    }
+  }
+  if (!q.defined()) {
+    if (at::Tensor qkv = fuse_projections ? project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x) : at::Tensor();
+        qkv.defined()) {
+      auto rotated = rope_qkv(qkv, cos, sin, Hq, Hkv);
+      q = rotated[0], k = rotated[1], v = rotated[2];
+      fused_qkv = true;
+    } else {
+      q = rope_fused(b.q_proj.forward(x).view({B, S, Hq, hd}), cos, sin);
+      k = rope_fused(b.k_proj.forward(x).view({B, S, Hkv, hd}), cos, sin);
+      v = b.v_proj.forward(x).view({B, S, Hkv, hd});
+    }
   }
   at::Tensor o;  // [B, S, Hq, hd]
   if (mask.cu_seqlens.defined()) {
@@ -1030,8 +1066,8 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
   } else {
     const at::Tensor& dense = mask.dense;
     const bool cudnn = attention_kernel == AttentionKernel::Cudnn && q.is_cuda() && cudnn_admits(B, S);
-    AttentionStash* stash = current_attention_stash();  // set by a checkpointed block under keep_attention
     if (stash && !dense.defined() && causal_attention_supported(q.transpose(1, 2))) {
+      if (!stash->replay && stash->keep_qkv && fused_qkv) stash->q = q, stash->k = k, stash->v = v;
       o = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                            1.0 / std::sqrt(static_cast<double>(hd)), cudnn, stash)
               .transpose(1, 2);

@@ -62,7 +62,10 @@ at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
 // training, no bias, fp32 A and B), the inputs differ in width, or there are more than 4: call each forward().
 // concat_b: the LoRA B terms inside the base GEMM, [x | x A^T] [W | s B]^T, instead of an addmm over the output
 // (on CUDA where the input width is a multiple of 1024; the same values, one rounding fewer).
-at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x, bool concat_b = false);
+// output_unused: only what the backward saves is computed; the output is left unwritten (a recomputation that
+// takes the values from elsewhere).
+at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x, bool concat_b = false,
+                         bool output_unused = false);
 
 // How often the LoRA nodes have made their compute-dtype factors (the As stacked, the scaled Bs) and kept them so
 // far: under keep_dequantized once per linear or group and version of its fp32 masters, shared by every forward
@@ -75,6 +78,9 @@ int64_t lora_b_in_gemm_runs();
 // How many outputs the recomputations left unwritten so far (skip_unused_outputs: down_proj's, chunked MLPs'; for
 // tests).
 int64_t recomputed_outputs_skipped();
+
+// How many recomputations took their rotated q, k, v from keep_qkv so far (for tests).
+int64_t qkv_replays();
 
 // silu(gate(x)) * up(x) for a gate and an up linear that project_group takes, with their LoRA B terms added inside
 // the SwiGLU (swiglu_lora_forward) instead of onto the [tokens, 2 * intermediate] projection output; gradients
@@ -154,6 +160,11 @@ class LlamaModel {
   // attention forward again. Unpacked, unmasked rows only (lib/kernels/attention_core.h); one more [tokens,
   // heads * head_dim] tensor per block.
   bool keep_attention = false;
+  // With keep_attention and fuse_projections: keep the rotated q, k, v too (offloaded with the block input) and
+  // give them to the recomputation, whose q / k / v projection and RoPE then compute nothing but what the
+  // backward saves (t = x A^T). [tokens, (q_heads + 2 kv_heads) head_dim] more per block. Off by default (not yet
+  // measured on a GPU).
+  bool keep_qkv = false;
   // q, k, v and gate, up of a block as one projection each where project_group takes them (NF4 bases with plain
   // LoRA adapters); off: each linear on its own (the same function, more launches).
   bool fuse_projections = true;
