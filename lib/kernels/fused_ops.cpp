@@ -365,8 +365,10 @@ struct RopeQkvReplayFn : public torch::autograd::Function<RopeQkvReplayFn> {
     const int64_t B = cos.size(0), S = cos.size(1), D = cos.size(-1);
     at::Tensor dqkv;
 #ifdef QT_WITH_CUDA
-    if (rope_kernel_takes(cos, D, cos, sin) && aligned(cos.contiguous()) && aligned(sin.contiguous()))
-      dqkv = RopeQkvFn::rope_qkv_grad_cuda(grads, cos.contiguous(), sin.contiguous(), q_heads, kv_heads);
+    if (rope_kernel_takes(cos, D, cos, sin)) {
+      const at::Tensor c = cos.contiguous(), sn = sin.contiguous();
+      if (aligned(c) && aligned(sn)) dqkv = RopeQkvFn::rope_qkv_grad_cuda(grads, c, sn, q_heads, kv_heads);
+    }
 #endif
     if (!dqkv.defined()) {
       auto grad = [&](int i, int64_t heads) {
