@@ -252,13 +252,14 @@ TEST_CASE("leaving the recomputation's unused output out changes no bit of the l
   }
 }
 
-// The NF4 + LoRA fixture model under checkpointing with keep_attention, its rotated q, k, v kept (keep_qkv) or not:
-// the loss and every LoRA gradient, and how many recomputations took the kept q, k, v.
-struct KeepQkvRun {
+// The NF4 + LoRA fixture model under checkpointing with keep_attention, with its rotated q, k, v (keep_qkv) and its
+// residual after attention (keep_residual) kept or not: the loss and every LoRA gradient, and how many
+// recomputations took the kept q, k, v and residual.
+struct KeepRun {
   std::vector<at::Tensor> values;
-  int64_t replays = 0, layers = 0;
+  int64_t qkv_replays = 0, residual_replays = 0, layers = 0;
 };
-KeepQkvRun keep_qkv_run(const at::Device& device, c10::ScalarType dtype, bool keep_qkv, bool offload) {
+KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, bool keep_qkv, bool keep_residual, bool offload) {
   qt::LoadOptions opt{device, dtype};
   opt.quantize_nf4 = true;
   qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), opt);
@@ -266,40 +267,47 @@ KeepQkvRun keep_qkv_run(const at::Device& device, c10::ScalarType dtype, bool ke
   m.grad_checkpointing = true;
   m.keep_attention = true;
   m.keep_qkv = keep_qkv;
+  m.keep_residual = keep_residual;
   m.offload_activations = offload;
   qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
-  const int64_t before = qt::qkv_replays();
+  const int64_t qkv = qt::qkv_replays(), residual = qt::residual_replays();
   at::Tensor loss = causal_lm_loss(m, ref.load("input_ids", at::kLong, device), ref.load("labels", at::kLong, device));
   loss.backward();
   std::vector<at::Tensor> out{loss.detach().to(at::kFloat)};
   for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().to(at::kFloat));
-  return {out, qt::qkv_replays() - before, m.config.num_hidden_layers};
+  return {out, qt::qkv_replays() - qkv, qt::residual_replays() - residual, m.config.num_hidden_layers};
 }
 
-void check_keep_qkv(const at::Device& device, c10::ScalarType dtype, bool offload, double tol) {
-  INFO(device << " " << c10::toString(dtype) << (offload ? ", offloaded" : ""));
-  const KeepQkvRun a = keep_qkv_run(device, dtype, false, offload), b = keep_qkv_run(device, dtype, true, offload);
-  const std::vector<at::Tensor>&plain = a.values, &kept = b.values;
-  CHECK(a.replays == 0);
-  CHECK(b.layers > 0);
-  CHECK(b.replays == b.layers);  // every block's recomputation
-  REQUIRE(plain.size() == kept.size());
-  CHECK(plain.size() > 10);
-  for (size_t i = 0; i < plain.size(); ++i) {
-    INFO("tensor " << i);
-    CHECK(plain[i].abs().max().item<double>() > 0);
-    CHECK(rel_err(kept[i], plain[i]) < tol);
+void check_keep(const at::Device& device, c10::ScalarType dtype, bool offload, double tol) {
+  const KeepRun plain = keep_run(device, dtype, false, false, offload);
+  CHECK(plain.qkv_replays == 0);
+  CHECK(plain.residual_replays == 0);
+  for (auto [qkv, residual] : {std::pair{true, false}, {false, true}, {true, true}}) {
+    INFO(device << " " << c10::toString(dtype) << (offload ? ", offloaded" : "") << ", keep_qkv " << qkv
+                << ", keep_residual " << residual);
+    const KeepRun kept = keep_run(device, dtype, qkv, residual, offload);
+    CHECK(kept.layers > 0);
+    CHECK(kept.qkv_replays == (qkv ? kept.layers : 0));  // every block's recomputation
+    CHECK(kept.residual_replays == (residual ? kept.layers : 0));
+    REQUIRE(plain.values.size() == kept.values.size());
+    CHECK(plain.values.size() > 10);
+    for (size_t i = 0; i < plain.values.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(plain.values[i].abs().max().item<double>() > 0);
+      CHECK(rel_err(kept.values[i], plain.values[i]) < tol);
+    }
   }
 }
 
-TEST_CASE("keep_qkv: the recomputation takes the kept rotated q, k, v and gives the loss and LoRA gradients of the "
-          "full recomputation", "[lora]") {
-  check_keep_qkv(at::kCPU, at::kFloat, /*offload=*/false, 1e-6);
+TEST_CASE("keep_qkv and keep_residual: the recomputation takes the kept rotated q, k, v and residual after "
+          "attention and gives the loss and LoRA gradients of the full recomputation", "[lora]") {
+  check_keep(at::kCPU, at::kFloat, /*offload=*/false, 1e-6);
   // And PEFT's, as every LoRA path here.
   check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [](qt::LlamaModel& m) {
     m.grad_checkpointing = true;
     m.keep_attention = true;
     m.keep_qkv = true;
+    m.keep_residual = true;
   });
 }
 
@@ -983,10 +991,10 @@ TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears i
   check_project_group(at::Device(at::kCUDA, 0), at::kBFloat16, 1e-2, /*concat_b=*/true);
 }
 
-TEST_CASE("keep_qkv on CUDA (bf16, block inputs offloaded or not) gives the gradients of the full recomputation",
-          "[lora][gpu]") {
+TEST_CASE("keep_qkv and keep_residual on CUDA (bf16, block inputs offloaded or not) give the gradients of the full "
+          "recomputation", "[lora][gpu]") {
   REQUIRE(at::hasCUDA());
-  for (bool offload : {false, true}) check_keep_qkv(at::Device(at::kCUDA, 0), at::kBFloat16, offload, 2e-2);
+  for (bool offload : {false, true}) check_keep(at::Device(at::kCUDA, 0), at::kBFloat16, offload, 2e-2);
 }
 
 TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds", "[lora][dora][gpu]") {

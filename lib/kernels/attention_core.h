@@ -21,6 +21,10 @@ struct AttentionStash {
   // while recording) and given back in the recomputation, whose q / k / v projection then computes no output.
   bool keep_qkv = false;
   at::Tensor q, k, v;
+  // keep_residual (LlamaModel): the block's residual stream after attention, h + o_proj(attention), recorded and
+  // given back the same way; the recomputation's o_proj then computes no output.
+  bool keep_residual = false;
+  at::Tensor residual;
 };
 
 // The stash of the block being run on this thread (null: none); set by StashScope.

@@ -300,6 +300,20 @@ struct KeepDequantizedScope {
 thread_local bool g_output_unused = false;
 std::atomic<int64_t> g_outputs_skipped{0};
 std::atomic<int64_t> g_qkv_replays{0};
+std::atomic<int64_t> g_residual_replays{0};
+
+// `value` in place of `graph`'s value: the gradient goes to graph as it is. For a recomputation that builds a
+// tensor's graph for the backward pass but takes its value from the forward pass (keep_residual).
+struct KeepValueFn : public torch::autograd::Function<KeepValueFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& graph, const at::Tensor& value) {
+    (void)graph;
+    return value;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    return {grads[0], at::Tensor()};
+  }
+};
 struct OutputUnusedScope {
   explicit OutputUnusedScope(bool on) : before_(g_output_unused) { g_output_unused = on; }
   ~OutputUnusedScope() { g_output_unused = before_; }
@@ -339,6 +353,7 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     // block input) and replayed in the recomputation.
     AttentionStash stash;
     stash.keep_qkv = model->keep_qkv;
+    stash.keep_residual = model->keep_residual;
     std::optional<StashScope> scope;
     if (model->keep_attention) scope.emplace(&stash);
     at::Tensor out = model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1],
@@ -357,10 +372,14 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
         for (auto [key, t] : {std::pair{"attn_q", &stash.q}, {"attn_k", &stash.k}, {"attn_v", &stash.v}})
           ctx->saved_data[std::string(key) + (host ? "_host" : "")] = host ? offload_to_host(*t) : *t;
       }
+      if (stash.residual.defined()) {
+        if (ctx->saved_data.count("host")) ctx->saved_data["attn_residual_host"] = offload_to_host(stash.residual);
+        else ctx->saved_data["attn_residual"] = stash.residual;
+      }
     }
     if (ctx->saved_data.count("host")) {
       std::vector<at::Tensor> hosts{ctx->saved_data["host"].toTensor()};
-      for (const char* key : {"attn_out_host", "attn_q_host", "attn_k_host", "attn_v_host"})
+      for (const char* key : {"attn_out_host", "attn_q_host", "attn_k_host", "attn_v_host", "attn_residual_host"})
         if (ctx->saved_data.count(key)) hosts.push_back(ctx->saved_data[key].toTensor());
       model->offload_prefetch->note(layer, std::move(hosts));
     }
@@ -403,7 +422,8 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       if (ctx->saved_data.count("attn_out_host")) replay.out = prefetch.take(ctx->saved_data["attn_out_host"].toTensor(), x.device());
       else if (ctx->saved_data.count("attn_out")) replay.out = ctx->saved_data["attn_out"].toTensor();
       std::optional<StashScope> scope;
-      for (auto [key, t] : {std::pair{"attn_q", &replay.q}, {"attn_k", &replay.k}, {"attn_v", &replay.v}}) {
+      for (auto [key, t] : {std::pair{"attn_q", &replay.q}, {"attn_k", &replay.k}, {"attn_v", &replay.v},
+                            {"attn_residual", &replay.residual}}) {
         const std::string host = std::string(key) + "_host";
         if (ctx->saved_data.count(host)) *t = prefetch.take(ctx->saved_data[host].toTensor(), x.device());
         else if (ctx->saved_data.count(key)) *t = ctx->saved_data[key].toTensor();
@@ -802,6 +822,8 @@ int64_t recomputed_outputs_skipped() { return g_outputs_skipped.load(); }
 
 int64_t qkv_replays() { return g_qkv_replays.load(); }
 
+int64_t residual_replays() { return g_residual_replays.load(); }
+
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
   return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()));
 }
@@ -848,13 +870,16 @@ bool lora_node_applies(const Linear& l) {
          l.lora->A.scalar_type() == at::kFloat && l.lora->B.scalar_type() == at::kFloat;
 }
 
-// A block's last linear in its recomputation (g_output_unused): what its backward saves, not its output. forward()
-// where LoraLinearFn does not apply or there is a bias.
-at::Tensor last_linear(const Linear& l, const at::Tensor& x) {
-  if (!g_output_unused || !lora_node_applies(l) || l.bias.defined()) return l.forward(x);
+// With output_unused, a linear computes what its backward saves, not its output; forward() where LoraLinearFn does
+// not apply or there is a bias (then the output is computed and not read).
+at::Tensor linear_maybe_unused(const Linear& l, const at::Tensor& x, bool output_unused) {
+  if (!output_unused || !lora_node_applies(l) || l.bias.defined()) return l.forward(x);
   return LoraLinearFn::apply(x, l.lora->A, l.lora->B, l.lora->scale, reinterpret_cast<int64_t>(&l),
                              /*output_unused=*/true);
 }
+
+// A block's last linear: in its recomputation (g_output_unused) its output is never read.
+at::Tensor last_linear(const Linear& l, const at::Tensor& x) { return linear_maybe_unused(l, x, g_output_unused); }
 }  // namespace
 
 at::Tensor Linear::forward(const at::Tensor& x) const {
@@ -1071,7 +1096,9 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
       o = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                            1.0 / std::sqrt(static_cast<double>(hd)), cudnn, stash)
               .transpose(1, 2);
-      return b.o_proj.forward(o.reshape({B, S, config.q_size()}));
+      // keep_residual's recomputation: block_forward puts the kept residual in place of h + this output.
+      return linear_maybe_unused(b.o_proj, o.reshape({B, S, config.q_size()}),
+                                 stash->replay && stash->residual.defined());
     }
     std::optional<SdpFirst> first;
     if (cudnn) first.emplace(at::SDPBackend::cudnn_attention);
@@ -1164,6 +1191,14 @@ at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at
                                      const AttentionMask& mask) const {
   const LlamaBlock& b = layers[layer];
   at::Tensor x = h + attention(b, rms_norm(h, b.input_layernorm, config.rms_norm_eps), cos, sin, mask);
+  if (AttentionStash* stash = current_attention_stash(); stash && stash->out.defined()) {
+    if (stash->replay && stash->residual.defined()) {
+      x = KeepValueFn::apply(x, stash->residual.detach());
+      ++g_residual_replays;
+    } else if (!stash->replay && stash->keep_residual) {
+      stash->residual = x;
+    }
+  }
   auto dropout = [](const Linear& l) { return l.training && l.lora && l.lora->dropout > 0; };
   if (mlp_chunk_tokens > 0 && at::GradMode::is_enabled() && x.numel() / x.size(-1) > mlp_chunk_tokens &&
       !dropout(b.gate_proj) && !dropout(b.up_proj) && !dropout(b.down_proj))

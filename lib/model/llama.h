@@ -82,6 +82,9 @@ int64_t recomputed_outputs_skipped();
 // How many recomputations took their rotated q, k, v from keep_qkv so far (for tests).
 int64_t qkv_replays();
 
+// How many recomputations took their residual after attention from keep_residual so far (for tests).
+int64_t residual_replays();
+
 // silu(gate(x)) * up(x) for a gate and an up linear that project_group takes, with their LoRA B terms added inside
 // the SwiGLU (swiglu_lora_forward) instead of onto the [tokens, 2 * intermediate] projection output; gradients
 // as project_group's followed by swiglu_packed. Undefined where it does not apply (as project_group, or ranks
@@ -165,6 +168,10 @@ class LlamaModel {
   // backward saves (t = x A^T). [tokens, (q_heads + 2 kv_heads) head_dim] more per block. Off by default (not yet
   // measured on a GPU).
   bool keep_qkv = false;
+  // With keep_attention: keep the residual stream after attention, h + o_proj(attention), too (offloaded with the
+  // block input) and give it to the recomputation, whose o_proj then computes only what its backward saves.
+  // [tokens, hidden] more per block. Off by default (not yet measured on a GPU).
+  bool keep_residual = false;
   // q, k, v and gate, up of a block as one projection each where project_group takes them (NF4 bases with plain
   // LoRA adapters); off: each linear on its own (the same function, more launches).
   bool fuse_projections = true;
