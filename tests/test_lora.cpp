@@ -311,6 +311,45 @@ TEST_CASE("keep_qkv and keep_residual: the recomputation takes the kept rotated 
   });
 }
 
+TEST_CASE("the chunked MLP with NF4 LoRA gives the unchunked loss and gradients; its recomputations skip "
+          "down_proj's unused output", "[lora]") {
+  for (bool checkpoint : {false, true}) {
+    INFO("grad_checkpointing " << checkpoint);
+    int64_t layers = 0, tokens = 0;
+    auto run = [&](int64_t chunk) {
+      qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+      qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
+      m.grad_checkpointing = checkpoint;
+      m.mlp_chunk_tokens = chunk;
+      layers = m.config.num_hidden_layers;
+      qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+      const at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
+      tokens = ids.numel();
+      at::Tensor loss = causal_lm_loss(m, ids, ref.load("labels", at::kLong, at::kCPU));
+      loss.backward();
+      std::vector<at::Tensor> out{loss.detach()};
+      for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().clone());
+      return out;
+    };
+    const std::vector<at::Tensor> plain = run(0);
+    const int64_t before = qt::recomputed_outputs_skipped();
+    const std::vector<at::Tensor> chunked = run(4);
+    const int64_t skipped = qt::recomputed_outputs_skipped() - before;
+    // Each chunk's recomputation in the chunked MLP's backward skips down_proj's output; under checkpointing the
+    // block's recomputation skips the chunked MLP's forward as well (one more per block).
+    CHECK(layers > 0);
+    CHECK(tokens > 4);
+    CHECK(skipped == layers * ((tokens + 3) / 4 + (checkpoint ? 1 : 0)));
+    REQUIRE(plain.size() == chunked.size());
+    CHECK(plain.size() > 10);
+    for (size_t i = 0; i < plain.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(plain[i].abs().max().item<double>() > 0);
+      CHECK(rel_err(chunked[i], plain[i]) < 1e-5);
+    }
+  }
+}
+
 TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made once per linear and optimizer "
           "step and follow every update; without it none are kept", "[lora]") {
   for (bool keep : {true, false}) {

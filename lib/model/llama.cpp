@@ -295,7 +295,8 @@ struct KeepDequantizedScope {
 // output value is never read (the backward takes the incoming gradient, not the output). So the last linear
 // (down_proj with a plain LoRA adapter) computes only what its backward saves, not its output (no dequantization,
 // no base GEMM: 2 x tokens x hidden x intermediate FLOPs a block), and the chunked MLP, which recomputes its chunks
-// in its own backward anyway, computes nothing there. torch.utils.checkpoint's non-reentrant form gets the same by
+// in its own backward anyway, computes nothing there. The chunked MLP's own recomputation of each chunk does not
+// read its output either: down_proj's is skipped there too. torch.utils.checkpoint's non-reentrant form gets the same by
 // stopping the recomputation early.
 thread_local bool g_output_unused = false;
 std::atomic<int64_t> g_outputs_skipped{0};
@@ -490,6 +491,7 @@ struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
       at::Tensor yc;
       {
         at::AutoGradMode enable(true);
+        OutputUnusedScope unused(model->skip_unused_outputs);  // yc's value is not read either: down_proj's is skipped
         yc = model->mlp_residual(layer, xc);
       }
       torch::autograd::backward({yc}, {dy.narrow(0, s, n)});
