@@ -195,6 +195,10 @@ TEST_CASE("keep_attention auto: offloaded rows from 4096 tokens whose offloaded 
   CHECK(!qt::keep_attention_auto(131072, L, H, Q, true, host));  // 64 GiB: over half the host
   CHECK(!qt::keep_attention_auto(32768, L, H, Q, /*offload=*/false, host));  // the outputs would stay on the GPU
   CHECK(!qt::keep_attention_auto(342733, L, H, Q, true, host));  // 167 GiB would not fit the host
+  // Tensors kept beside them (keep_qkv: 6144 more a token and layer; keep_residual: 4096) count in the same budget.
+  CHECK(qt::keep_attention_auto(65536, L, H, Q, true, host));                 // 32 GiB alone
+  CHECK(qt::keep_attention_auto(49152, L, H, Q, true, host, 6144 + 4096));    // 54 GiB with them: within 62.5
+  CHECK(!qt::keep_attention_auto(65536, L, H, Q, true, host, 6144 + 4096));   // 72 GiB: over
   CHECK(!qt::keep_attention_auto(32768, L, H, Q, true, uint64_t{8} << 30));
 }
 

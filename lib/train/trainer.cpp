@@ -183,10 +183,10 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
 }  // namespace
 
 bool keep_attention_auto(int64_t tokens, int64_t layers, int64_t hidden, int64_t q_size, bool offload,
-                         uint64_t host_bytes) {
+                         uint64_t host_bytes, int64_t kept_width) {
   if (!offload || tokens < 4096) return false;
   const double offloaded = 2.0 * static_cast<double>(tokens) * static_cast<double>(layers) *
-                           static_cast<double>(hidden + q_size);
+                           static_cast<double>(hidden + q_size + kept_width);
   return offloaded <= static_cast<double>(host_bytes) / 2;
 }
 
@@ -262,7 +262,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
                            (cfg.train.keep_attention == "true" ||
                             (cfg.train.keep_attention == "auto" &&
                              keep_attention_auto(micro * data.max_seq_len(), mc.num_hidden_layers, mc.hidden_size,
-                                                 mc.q_size(), model.offload_activations, host_bytes)));
+                                                 mc.q_size(), model.offload_activations, host_bytes,
+                                                 (model.keep_qkv ? mc.q_size() + 2 * mc.kv_size() : 0) +
+                                                     (model.keep_residual ? mc.hidden_size : 0))));
   }
   const bool full = cfg.train.full_finetune;
   const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
