@@ -296,8 +296,8 @@ struct KeepDequantizedScope {
 // (down_proj with a plain LoRA adapter) computes only what its backward saves, not its output (no dequantization,
 // no base GEMM: 2 x tokens x hidden x intermediate FLOPs a block), and the chunked MLP, which recomputes its chunks
 // in its own backward anyway, computes nothing there. The chunked MLP's own recomputation of each chunk does not
-// read its output either: down_proj's is skipped there too. torch.utils.checkpoint's non-reentrant form gets the same by
-// stopping the recomputation early.
+// read its output either: down_proj's is skipped there too. torch.utils.checkpoint's non-reentrant form gets the
+// same by stopping the recomputation early.
 thread_local bool g_output_unused = false;
 std::atomic<int64_t> g_outputs_skipped{0};
 std::atomic<int64_t> g_qkv_replays{0};
@@ -315,6 +315,11 @@ struct KeepValueFn : public torch::autograd::Function<KeepValueFn> {
     return {grads[0], at::Tensor()};
   }
 };
+// The tensors keep_qkv and keep_residual keep in a stash, with the keys BlockCheckpointFn saves them under.
+std::array<std::pair<const char*, at::Tensor*>, 4> kept_extras(AttentionStash& s) {
+  return {{{"attn_q", &s.q}, {"attn_k", &s.k}, {"attn_v", &s.v}, {"attn_residual", &s.residual}}};
+}
+
 struct OutputUnusedScope {
   explicit OutputUnusedScope(bool on) : before_(g_output_unused) { g_output_unused = on; }
   ~OutputUnusedScope() { g_output_unused = before_; }
@@ -368,15 +373,10 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       ctx->saved_data["attn_offset"] = stash.offset;
       ctx->saved_data["attn_cum_q"] = stash.cum_q;
       ctx->saved_data["attn_cum_k"] = stash.cum_k;
-      if (stash.q.defined()) {
-        const bool host = ctx->saved_data.count("host") > 0;
-        for (auto [key, t] : {std::pair{"attn_q", &stash.q}, {"attn_k", &stash.k}, {"attn_v", &stash.v}})
-          ctx->saved_data[std::string(key) + (host ? "_host" : "")] = host ? offload_to_host(*t) : *t;
-      }
-      if (stash.residual.defined()) {
-        if (ctx->saved_data.count("host")) ctx->saved_data["attn_residual_host"] = offload_to_host(stash.residual);
-        else ctx->saved_data["attn_residual"] = stash.residual;
-      }
+      // keep_qkv, keep_residual: kept (offloaded) the same way, under the same keys with "_host" when offloaded.
+      const bool host = ctx->saved_data.count("host") > 0;
+      for (auto [key, t] : kept_extras(stash))
+        if (t->defined()) ctx->saved_data[std::string(key) + (host ? "_host" : "")] = host ? offload_to_host(*t) : *t;
     }
     if (ctx->saved_data.count("host")) {
       std::vector<at::Tensor> hosts{ctx->saved_data["host"].toTensor()};
@@ -423,8 +423,7 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       if (ctx->saved_data.count("attn_out_host")) replay.out = prefetch.take(ctx->saved_data["attn_out_host"].toTensor(), x.device());
       else if (ctx->saved_data.count("attn_out")) replay.out = ctx->saved_data["attn_out"].toTensor();
       std::optional<StashScope> scope;
-      for (auto [key, t] : {std::pair{"attn_q", &replay.q}, {"attn_k", &replay.k}, {"attn_v", &replay.v},
-                            {"attn_residual", &replay.residual}}) {
+      for (auto [key, t] : kept_extras(replay)) {
         const std::string host = std::string(key) + "_host";
         if (ctx->saved_data.count(host)) *t = prefetch.take(ctx->saved_data[host].toTensor(), x.device());
         else if (ctx->saved_data.count(key)) *t = ctx->saved_data[key].toTensor();

@@ -75,8 +75,8 @@ int64_t lora_factor_builds();
 // How many forward passes of project_group took concat_b's path so far (for tests).
 int64_t lora_b_in_gemm_runs();
 
-// How many outputs the recomputations left unwritten so far (skip_unused_outputs: down_proj's, chunked MLPs'; for
-// tests).
+// How many outputs the recomputations left unwritten so far (skip_unused_outputs: down_proj's, chunked MLPs'; with
+// keep_qkv / keep_residual also q / k / v's and o_proj's; for tests).
 int64_t recomputed_outputs_skipped();
 
 // How many recomputations took their rotated q, k, v from keep_qkv so far (for tests).
