@@ -42,6 +42,24 @@ qt::LoadOptions nf4_load() {
   return o;
 }
 
+// The NF4 base of the LoRA fixtures with the all_targets adapter, on `device` in `dtype`, set up by `setup`: its
+// loss on the reference batch, then every LoRA gradient (fp32, in lora_parameters' order).
+std::vector<at::Tensor> fixture_loss_and_grads(const std::function<void(qt::LlamaModel&)>& setup,
+                                               const at::Device& device = at::kCPU,
+                                               c10::ScalarType dtype = at::kFloat) {
+  qt::LoadOptions opt{device, dtype};
+  opt.quantize_nf4 = true;
+  qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), opt);
+  qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
+  setup(m);
+  qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+  at::Tensor loss = causal_lm_loss(m, ref.load("input_ids", at::kLong, device), ref.load("labels", at::kLong, device));
+  loss.backward();
+  std::vector<at::Tensor> out{loss.detach().to(at::kFloat)};
+  for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().to(at::kFloat).clone());
+  return out;
+}
+
 void check_against_peft(const std::string& base_dir, const std::string& name, double loss_bound, double grad_bound,
                         const std::function<void(qt::LlamaModel&)>& setup = {}) {
   INFO(name << " on " << base_dir);
@@ -225,17 +243,11 @@ TEST_CASE("leaving the recomputation's unused output out changes no bit of the l
   for (bool b_in_gemm : {false, true}) {
     INFO("lora_b_in_gemm " << b_in_gemm);
     auto run = [&](bool skip) {
-      qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
-      qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
-      m.grad_checkpointing = true;
-      m.lora_b_in_gemm = b_in_gemm;
-      m.skip_unused_outputs = skip;
-      qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
-      at::Tensor loss = causal_lm_loss(m, ref.load("input_ids", at::kLong, at::kCPU), ref.load("labels", at::kLong, at::kCPU));
-      loss.backward();
-      std::vector<at::Tensor> out{loss.detach()};
-      for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().clone());
-      return out;
+      return fixture_loss_and_grads([&](qt::LlamaModel& m) {
+        m.grad_checkpointing = true;
+        m.lora_b_in_gemm = b_in_gemm;
+        m.skip_unused_outputs = skip;
+      });
     };
     const int64_t skipped = qt::recomputed_outputs_skipped();
     const std::vector<at::Tensor> full = run(false);
@@ -260,22 +272,21 @@ struct KeepRun {
   int64_t qkv_replays = 0, residual_replays = 0, layers = 0;
 };
 KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, bool keep_qkv, bool keep_residual, bool offload) {
-  qt::LoadOptions opt{device, dtype};
-  opt.quantize_nf4 = true;
-  qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), opt);
-  qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
-  m.grad_checkpointing = true;
-  m.keep_attention = true;
-  m.keep_qkv = keep_qkv;
-  m.keep_residual = keep_residual;
-  m.offload_activations = offload;
-  qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+  KeepRun r;
   const int64_t qkv = qt::qkv_replays(), residual = qt::residual_replays();
-  at::Tensor loss = causal_lm_loss(m, ref.load("input_ids", at::kLong, device), ref.load("labels", at::kLong, device));
-  loss.backward();
-  std::vector<at::Tensor> out{loss.detach().to(at::kFloat)};
-  for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().to(at::kFloat));
-  return {out, qt::qkv_replays() - qkv, qt::residual_replays() - residual, m.config.num_hidden_layers};
+  r.values = fixture_loss_and_grads(
+      [&](qt::LlamaModel& m) {
+        m.grad_checkpointing = true;
+        m.keep_attention = true;
+        m.keep_qkv = keep_qkv;
+        m.keep_residual = keep_residual;
+        m.offload_activations = offload;
+        r.layers = m.config.num_hidden_layers;
+      },
+      device, dtype);
+  r.qkv_replays = qt::qkv_replays() - qkv;
+  r.residual_replays = qt::residual_replays() - residual;
+  return r;
 }
 
 void check_keep(const at::Device& device, c10::ScalarType dtype, bool offload, double tol) {
@@ -316,20 +327,14 @@ TEST_CASE("the chunked MLP with NF4 LoRA gives the unchunked loss and gradients;
   for (bool checkpoint : {false, true}) {
     INFO("grad_checkpointing " << checkpoint);
     int64_t layers = 0, tokens = 0;
+    const qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+    tokens = ref.load("input_ids", at::kLong, at::kCPU).numel();
     auto run = [&](int64_t chunk) {
-      qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
-      qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
-      m.grad_checkpointing = checkpoint;
-      m.mlp_chunk_tokens = chunk;
-      layers = m.config.num_hidden_layers;
-      qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
-      const at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
-      tokens = ids.numel();
-      at::Tensor loss = causal_lm_loss(m, ids, ref.load("labels", at::kLong, at::kCPU));
-      loss.backward();
-      std::vector<at::Tensor> out{loss.detach()};
-      for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().clone());
-      return out;
+      return fixture_loss_and_grads([&](qt::LlamaModel& m) {
+        m.grad_checkpointing = checkpoint;
+        m.mlp_chunk_tokens = chunk;
+        layers = m.config.num_hidden_layers;
+      });
     };
     const std::vector<at::Tensor> plain = run(0);
     const int64_t before = qt::recomputed_outputs_skipped();
