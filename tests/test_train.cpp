@@ -178,6 +178,10 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   CHECK(parse(ok, {"train.fuse_lora_swiglu=true"}).train.fuse_lora_swiglu);
   CHECK(c.train.lora_b_in_gemm);
   CHECK(!parse(ok, {"train.lora_b_in_gemm=false"}).train.lora_b_in_gemm);
+  CHECK(c.train.keep_qkv);
+  CHECK(!c.train.keep_residual);
+  CHECK(!parse(ok, {"train.keep_qkv=false"}).train.keep_qkv);
+  CHECK(parse(ok, {"train.keep_residual=true"}).train.keep_residual);
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"keep_attention": "yes"}})", {"train.keep_attention", "true, false or \"auto\""});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"keep_dequantized": 2}})", {"train.keep_dequantized", "true, false or \"auto\""});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"offload_activations": 1}})", {"train.offload_activations", "true, false or \"auto\""});

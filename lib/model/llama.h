@@ -165,12 +165,13 @@ class LlamaModel {
   bool keep_attention = false;
   // With keep_attention and fuse_projections: keep the rotated q, k, v too (offloaded with the block input) and
   // give them to the recomputation, whose q / k / v projection and RoPE then compute nothing but what the
-  // backward saves (t = x A^T). [tokens, (q_heads + 2 kv_heads) head_dim] more per block. Off by default (not yet
-  // measured on a GPU).
+  // backward saves (t = x A^T). [tokens, (q_heads + 2 kv_heads) head_dim] more per block (run config
+  // train.keep_qkv, on there: +3.2% at 8B 1x8192 on an H200 for 0.10 GiB more peak memory).
   bool keep_qkv = false;
   // With keep_attention: keep the residual stream after attention, h + o_proj(attention), too (offloaded with the
   // block input) and give it to the recomputation, whose o_proj then computes only what its backward saves.
-  // [tokens, hidden] more per block. Off by default (not yet measured on a GPU).
+  // [tokens, hidden] more per block (run config train.keep_residual, off there: +1.8% at 8B 1x8192 on an H200,
+  // +0.07 GiB peak memory, which takes that row above Unsloth's).
   bool keep_residual = false;
   // q, k, v and gate, up of a block as one projection each where project_group takes them (NF4 bases with plain
   // LoRA adapters); off: each linear on its own (the same function, more launches).

@@ -271,7 +271,7 @@ void check_resume_compatible(const Json& saved, const Json& current, const std::
   // what it computes: a run stopped by out-of-memory resumes with them lowered.
   static const std::vector<std::string> kMayChange = {"train.steps",      "train.epochs",  "train.log_every",
                                                       "train.eval_every", "train.micro_batch_size",
-                                                      "train.grad_checkpointing", "train.offload_activations", "train.mlp_chunk_tokens", "train.attention", "train.keep_attention", "train.fuse_projections", "train.keep_dequantized", "train.fuse_lora_swiglu", "train.lora_b_in_gemm",
+                                                      "train.grad_checkpointing", "train.offload_activations", "train.mlp_chunk_tokens", "train.attention", "train.keep_attention", "train.fuse_projections", "train.keep_dequantized", "train.fuse_lora_swiglu", "train.lora_b_in_gemm", "train.keep_qkv", "train.keep_residual",
                                                       "train.shard", "train.shard_embeddings",
                                                       "checkpoint",       "logging",          "output_dir"};
   auto may_change = [](const std::string& key) {

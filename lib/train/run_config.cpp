@@ -82,7 +82,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
     fail_key(ErrorKind::Config, file, "model.device", "'" + c.model.device + "': expected auto, cpu or cuda");
 
   const Json& t = section(j, "train");
-  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "offload_activations", "mlp_chunk_tokens", "attention", "keep_attention", "fuse_projections", "keep_dequantized", "fuse_lora_swiglu", "lora_b_in_gemm", "neftune_alpha", "seed",
+  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "offload_activations", "mlp_chunk_tokens", "attention", "keep_attention", "fuse_projections", "keep_dequantized", "fuse_lora_swiglu", "lora_b_in_gemm", "keep_qkv", "keep_residual", "neftune_alpha", "seed",
                           "eval_every", "log_every", "loss", "full_finetune", "shard", "shard_embeddings"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
@@ -112,6 +112,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   tristate("keep_dequantized", c.train.keep_dequantized);
   c.train.fuse_lora_swiglu = tr.get_bool("fuse_lora_swiglu", c.train.fuse_lora_swiglu);
   c.train.lora_b_in_gemm = tr.get_bool("lora_b_in_gemm", c.train.lora_b_in_gemm);
+  c.train.keep_qkv = tr.get_bool("keep_qkv", c.train.keep_qkv);
+  c.train.keep_residual = tr.get_bool("keep_residual", c.train.keep_residual);
   c.train.neftune_alpha = tr.get_double("neftune_alpha", c.train.neftune_alpha);
   if (!(c.train.neftune_alpha >= 0)) fail_key(ErrorKind::Config, file, "train.neftune_alpha", "must be >= 0 (0: off)");
   c.train.attention = tr.get_string("attention", c.train.attention);

@@ -58,6 +58,15 @@ struct TrainSection {
   // where the hidden size is a multiple of 1024) instead of by an addmm over the [tokens, 2 * intermediate] output
   // (LlamaModel::lora_b_in_gemm). On: +1.1% to +3.0% on an H200, no memory (PERFORMANCE.md).
   bool lora_b_in_gemm = true;
+  // With keep_attention and fuse_projections: the rotated q, k, v kept (offloaded) beside the attention output, so
+  // the recomputation's q / k / v projection and RoPE compute only what the backward saves (LlamaModel::keep_qkv).
+  // On: +3.2% at 8B 1x8192, +3.0% at 2x2048, +2.2% at 1B 4x2048 on an H200, one block's q, k, v (0.10 GiB at
+  // 8B 1x8192) more peak memory (PERFORMANCE.md).
+  bool keep_qkv = true;
+  // With keep_attention: the residual after attention, h + o_proj(attention), kept (offloaded) too, so the
+  // recomputation's o_proj computes only what its backward saves (LlamaModel::keep_residual). Off: +1.8% at 8B
+  // 1x8192 on an H200 for 0.07 GiB more peak memory, which takes that row above Unsloth's (PERFORMANCE.md).
+  bool keep_residual = false;
   // NEFTune: uniform noise of magnitude alpha / sqrt(seq_len * hidden) on the input embeddings while training
   // (TRL's neftune_noise_alpha; 5 is the paper's common value); 0: off.
   double neftune_alpha = 0.0;

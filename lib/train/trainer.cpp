@@ -239,8 +239,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   model.fuse_projections = cfg.train.fuse_projections;
   model.fuse_lora_swiglu = cfg.train.fuse_lora_swiglu;
   model.lora_b_in_gemm = cfg.train.lora_b_in_gemm;
-  if (const char* v = std::getenv("QT_KEEP_QKV")) model.keep_qkv = std::string(v) == "1";  // A/B runs
-  if (const char* v = std::getenv("QT_KEEP_RESIDUAL")) model.keep_residual = std::string(v) == "1";  // A/B runs
+  model.keep_qkv = cfg.train.keep_qkv;
+  model.keep_residual = cfg.train.keep_residual;
   if (const char* v = std::getenv("QT_RECOMPUTE_ALL")) model.skip_unused_outputs = std::string(v) != "1";  // A/B runs
   model.keep_dequantized = cfg.train.grad_checkpointing &&
                            (cfg.train.keep_dequantized == "true" ||
