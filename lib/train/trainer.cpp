@@ -399,7 +399,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   }
   if (rank0 && model.grad_checkpointing && device.is_cuda())
     log::info(std::string("checkpointed block inputs ") + (model.offload_activations ? "offloaded to pinned host memory" : "kept on the GPU") +
-              (model.keep_attention ? "; attention outputs kept and replayed in the recomputation" : "") +
+              (model.keep_attention ? std::string("; attention outputs") +
+                                          (model.keep_qkv && model.fuse_projections ? ", rotated q, k, v" : "") +
+                                          (model.keep_residual ? ", residuals after attention" : "") +
+                                          " kept and replayed in the recomputation"
+                                    : std::string()) +
               (model.keep_dequantized ? "; the recomputation's 16-bit weights kept for the backward pass" : "") +
               " (train.offload_activations " + cfg.train.offload_activations + ", train.keep_attention " +
               cfg.train.keep_attention + ", train.keep_dequantized " + cfg.train.keep_dequantized + ")");
