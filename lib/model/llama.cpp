@@ -365,25 +365,30 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     at::Tensor out = model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1],
                                           AttentionMask{aux[2], aux[3], max_seqlen, window});
     scope.reset();
+    // The offloaded tensors, fetched back together a block ahead in the backward pass.
+    const bool host = ctx->saved_data.count("host") > 0;
+    std::vector<at::Tensor> hosts;
+    if (host) hosts.push_back(ctx->saved_data["host"].toTensor());
+    auto keep = [&](const std::string& key, const at::Tensor& t) {
+      if (!host) {
+        ctx->saved_data[key] = t;
+        return;
+      }
+      hosts.push_back(offload_to_host(t));
+      ctx->saved_data[key + "_host"] = hosts.back();
+    };
     if (stash.out.defined()) {
-      if (ctx->saved_data.count("host")) ctx->saved_data["attn_out_host"] = offload_to_host(stash.out);
-      else ctx->saved_data["attn_out"] = stash.out;
+      keep("attn_out", stash.out);
       ctx->saved_data["attn_lse"] = stash.lse;
       ctx->saved_data["attn_seed"] = stash.seed;
       ctx->saved_data["attn_offset"] = stash.offset;
       ctx->saved_data["attn_cum_q"] = stash.cum_q;
       ctx->saved_data["attn_cum_k"] = stash.cum_k;
-      // keep_qkv, keep_residual: kept (offloaded) the same way, under the same keys with "_host" when offloaded.
-      const bool host = ctx->saved_data.count("host") > 0;
+      // keep_qkv, keep_residual: kept (offloaded) the same way.
       for (auto [key, t] : kept_extras(stash))
-        if (t->defined()) ctx->saved_data[std::string(key) + (host ? "_host" : "")] = host ? offload_to_host(*t) : *t;
+        if (t->defined()) keep(key, *t);
     }
-    if (ctx->saved_data.count("host")) {
-      std::vector<at::Tensor> hosts{ctx->saved_data["host"].toTensor()};
-      for (const char* key : {"attn_out_host", "attn_q_host", "attn_k_host", "attn_v_host", "attn_residual_host"})
-        if (ctx->saved_data.count(key)) hosts.push_back(ctx->saved_data[key].toTensor());
-      model->offload_prefetch->note(layer, std::move(hosts));
-    }
+    if (host) model->offload_prefetch->note(layer, std::move(hosts));
     return out;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
