@@ -1,34 +1,103 @@
 """End-to-end training benchmark: our trainer and the peers on the same machine, one table last.
 
 Runs `qlora-train bench` (our trainer for a fixed number of steps on random NF4 weights of a named shape, no model
-directory) on each row, then the peers of ../shared/peers (carried as .peerscripts, .peers,
-.usite: see that README) on the same rows, and prints tokens/s, peak GPU memory, MFU and our ratio to each peer.
+directory) on each row, then the peers of ../shared/peers (carried as .peerscripts, .peers, .usite: see that
+README) on the same rows, and prints tokens/s, memory, MFU and our ratio to each peer.
 
-MFU, the same formula for everyone (issue 14): (6 N + 8 L S d) FLOPs per token, N the parameters of the block
-linears and lm_head, L layers, S the sequence length, d the hidden size, times tokens/s, over the bf16 matrix rate
-measured in this run (torch.matmul of 8192^3).
+MFU counts model FLOPs (issue 27): 4 N + causal attention forward and backward per token, whatever a plan
+recomputes. The one formula is the trainer's (lib/train/bench.h, `model_flops_per_token` in its JSON); the peers
+of a row are measured against the same figure, over the bf16 matrix rate measured in this run (torch.matmul of
+8192^3).
+
+Memory, two figures per case:
+  peak_gib    the allocator's peak (torch.cuda.max_memory_allocated or ours): what the tensors take;
+  device_gib  the most device memory the GPU had in use while the case ran, less what it had in use before it
+              started (nvidia-smi polled every 50 ms): context, library workspaces, the allocator's reserve and
+              fragmentation included. That, not the peak, decides whether a run fits a card.
+Budgets (issue 26): with --budget B[,B...] each case runs with the rest of the GPU held by a holder process
+(this script with --hold), so it sees only B GiB free, as on a smaller card; --min-budget searches, for each row and
+system, the least budget in 0.25 GiB steps at which the case completes (for Unsloth: over its checkpointing modes
+--unsloth-modes, its best that completes).
 
 Usage: python3 scripts/bench.py [--binary build-gpu/qlora-train] [--rows 1b-4x2048,8b-2x2048,...]
                                 [--peers unsloth,hf_qlora | none] [--steps 8] [--warm 3] [--out DIR]
-Rows: NAME-BxS with NAME in 1b, 3b, 8b (e.g. 8b-1x32768). Peer checkpointing modes follow issue 14: on the GPU
-up to 2048 tokens per row, offloaded ("u") for Unsloth beyond.
+                                [--budget 8,9 | --min-budget] [--set key=value]...
+Rows: NAME-BxS with NAME in 1b, 3b, 8b (e.g. 8b-1x32768). Unsloth's checkpointing mode per row: on the GPU up to
+2048 tokens per row, offloaded ("u") beyond, unless --unsloth-modes names several (then the best that completes).
 """
-import argparse, json, os, pathlib, subprocess, sys, time
+import argparse, json, os, pathlib, signal, subprocess, sys, threading, time
 
 SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b"}
-DIMS = {  # H, I, L, heads, kv heads, vocab, tied
-    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True),
-    "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128256, True),
-    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False),
-}
 DEFAULT_ROWS = "1b-4x2048,8b-2x2048,8b-1x8192,8b-1x32768"
+GIB = 2 ** 30
 
 
-def flops_per_token(shape, seq):
-    H, I, L, heads, kv, V, tied = DIMS[shape]
-    hd = H // heads
-    n = L * (2 * H * heads * hd + 2 * H * kv * hd + 3 * H * I) + V * H
-    return 6 * n + 8 * L * seq * H
+def hold(budget_gib):
+    """Holds all of the GPU's memory but budget_gib, prints 'holding', sleeps until killed."""
+    import torch
+    torch.cuda.init()
+    free, _ = torch.cuda.mem_get_info()
+    held = []
+    while free - budget_gib * GIB > 2 ** 25:
+        n = int(min(free - budget_gib * GIB, 2 ** 34)) // 2 ** 21 * 2 ** 21
+        if n <= 0:
+            break
+        held.append(torch.empty(n, dtype=torch.uint8, device="cuda"))
+        free, _ = torch.cuda.mem_get_info()
+    print(f"holding {free / GIB:.2f}", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+class Held:
+    """The GPU with only `budget` GiB free while inside (no holder when budget is None)."""
+
+    def __init__(self, budget):
+        self.budget, self.proc, self.free = budget, None, None
+
+    def __enter__(self):
+        if self.budget is not None:
+            self.proc = subprocess.Popen([sys.executable, __file__, "--hold", str(self.budget)],
+                                         stdout=subprocess.PIPE, text=True)
+            line = self.proc.stdout.readline()
+            if not line.startswith("holding"):
+                raise RuntimeError(f"the holder for {self.budget} GiB did not start: {line!r}")
+            self.free = float(line.split()[1])
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            time.sleep(1)  # the driver returns the holder's memory
+
+
+def gpu_used_mib():
+    p = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                       capture_output=True, text=True)
+    return float(p.stdout.strip().splitlines()[0])
+
+
+class DevicePeak:
+    """The most device memory in use while inside, less what was in use on entry (nvidia-smi, every 50 ms)."""
+
+    def __enter__(self):
+        self.base = self.peak = gpu_used_mib()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def poll(self):
+        while not self.stop.wait(0.05):
+            self.peak = max(self.peak, gpu_used_mib())
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+    def gib(self):
+        return round((self.peak - self.base) / 1024, 2)
 
 
 def matrix_rate():
@@ -42,48 +111,86 @@ def matrix_rate():
     for _ in range(n):
         a @ b
     torch.cuda.synchronize()
-    return 2 * 8192 ** 3 * n / (time.perf_counter() - t0)
+    rate = 2 * 8192 ** 3 * n / (time.perf_counter() - t0)
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
 
 
-def run_ours(binary, work, shape, batch, seq, steps, warm, extra):
+def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None):
     """`qlora-train bench` (random NF4 weights of the shape, LoRA r=16 on all seven linears, random tokens, one
-    document a row, gradient checkpointing on): median step after `warm` untimed ones."""
+    document a row, the default plan): median step after `warm` untimed ones."""
     out = work / f"bench_{shape}_{batch}x{seq}"
     cmd = [binary, "bench", "--shape", shape, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps),
            "--warmup", str(warm), "--device", "cuda", "--out", str(out)]
     for kv in extra:
         cmd += ["--set", kv]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    base = dict(system="qlora-train", model=shape, batch=batch, seq=seq, budget_gib=budget)
+    with Held(budget), DevicePeak() as dev:
+        p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        return dict(system="qlora-train", model=shape, batch=batch, seq=seq, error=p.stderr.strip()[-400:])
+        return dict(base, exit=p.returncode, error=p.stderr.strip()[-400:])
     r = json.loads(p.stdout.strip().splitlines()[-1])
-    return dict(system="qlora-train", model=shape, batch=batch, seq=seq, step_s=round(r["step_s"], 4),
-                tok_per_s=round(r["tokens_per_s"]), peak_gib=round(r["peak_gib"], 2))
+    return dict(base, step_s=round(r["step_s"], 4), tok_per_s=round(r["tokens_per_s"]), peak_gib=round(r["peak_gib"], 2),
+                device_gib=dev.gib(), model_flops_per_token=r["model_flops_per_token"],
+                **({"plan": r["plan"]} if "plan" in r else {}))
 
 
-def run_peer(script, shape, batch, seq, ckpt, env, timeout=900):
+def run_peer(script, shape, batch, seq, ckpt, env, budget=None, timeout=900):
     cmd = [sys.executable, script, shape, str(batch), str(seq), ckpt]
+    base = dict(model=shape, batch=batch, seq=seq, grad_ckpt=ckpt, budget_gib=budget)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        with Held(budget), DevicePeak() as dev:
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
     except subprocess.TimeoutExpired:
         lines = []
     if not lines:
-        return dict(model=shape, batch=batch, seq=seq, error="no result (timeout or crash)")
-    return json.loads(lines[-1])
+        return dict(base, error="no result (timeout or crash)")
+    r = dict(base, **json.loads(lines[-1]))
+    if "tok_per_s" in r:
+        r["device_gib"] = dev.gib()
+    return r
+
+
+def min_budget(run, lo, hi):
+    """The least budget in 0.25 GiB steps in [lo, hi] at which run(budget) completes (bisection: completing is
+    taken as monotone in the budget; lo is the allocator's peak, below which nothing completes), with that run's
+    result; None when it fails at hi."""
+    snap = lambda x: round(x * 4) / 4
+    lo, hi = snap(lo), snap(hi)
+    best = run(hi)
+    if "tok_per_s" not in best:
+        return None
+    while hi - lo > 0.25:
+        mid = snap((lo + hi) / 2)
+        if mid in (lo, hi):
+            break
+        r = run(mid)
+        if "tok_per_s" in r:
+            hi, best = mid, r
+        else:
+            lo = mid
+    return best
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--hold", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--binary", default="build-gpu/qlora-train")
     ap.add_argument("--rows", default=DEFAULT_ROWS)
     ap.add_argument("--peers", default="unsloth,hf_qlora")
+    ap.add_argument("--unsloth-modes", default="", help="checkpointing modes to try (1,u,0); default: one per row")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--work", default="/tmp/qt_bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--budget", default="", help="GiB left free for each case, comma-separated")
+    ap.add_argument("--min-budget", action="store_true", help="search each case's least budget (0.25 GiB steps)")
     ap.add_argument("--set", action="append", default=[], help="extra config key=value for our runs")
     a = ap.parse_args()
+    if a.hold is not None:
+        return hold(a.hold)
     rows = []
     for r in a.rows.split(","):
         name, bs = r.split("-")
@@ -95,38 +202,65 @@ def main():
     peers_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                  "PEER_STEPS": str(a.steps), "PEER_WARM": str(a.warm)}
     P = here / ".peerscripts"
+    budgets = [float(x) for x in a.budget.split(",") if x] or [None]
     results = []
-    for shape, b, s in rows:
-        r = run_ours(a.binary, pathlib.Path(a.work), shape, b, s, a.steps, a.warm, a.set)
+
+    def emit(r):
         print(json.dumps(r), flush=True)
         results.append(r)
+
+    for shape, b, s in rows:
+        ours = lambda budget: run_ours(a.binary, pathlib.Path(a.work), shape, b, s, a.steps, a.warm, a.set, budget)
+        free = ours(None)  # the whole GPU: also the upper end of a budget search
+        emit(free)
+        if a.min_budget and "device_gib" in free:
+            r = min_budget(ours, max(1.0, free["peak_gib"]), free["device_gib"] + 1.0)
+            emit(dict(r, search="min_budget") if r else dict(free, search="min_budget", error="no budget found"))
+        for budget in budgets:
+            if budget is not None:
+                emit(ours(budget))
         for peer in [p for p in a.peers.split(",") if p and p != "none"]:
             if not P.is_dir():
-                results.append(dict(system=peer, model=shape, batch=b, seq=s, error=".peerscripts not carried"))
+                emit(dict(system=peer, model=shape, batch=b, seq=s, error=".peerscripts not carried"))
                 continue
             if peer == "unsloth":
                 env = {**peers_env, "PYTHONPATH": f"{here}/.usite:{here}/.peers:{P}"}
-                rr = run_peer(str(P / "unsloth_baseline.py"), shape, b, s, "1" if b * s <= 8192 and s <= 2048 else "u", env)
+                script = str(P / "unsloth_baseline.py")
+                modes = a.unsloth_modes.split(",") if a.unsloth_modes else ["1" if b * s <= 8192 and s <= 2048 else "u"]
             else:
                 env = {**peers_env, "PYTHONPATH": f"{here}/.peers:{P}"}
-                rr = run_peer(str(P / "hf_qlora_baseline.py"), shape, b, s, "1", env)
-            rr["system"] = peer
-            print(json.dumps(rr), flush=True)
-            results.append(rr)
+                script, modes = str(P / "hf_qlora_baseline.py"), ["1"]
+            for mode in modes:
+                peer_run = lambda budget, mode=mode: dict(run_peer(script, shape, b, s, mode, env, budget), system=peer)
+                r = peer_run(None)  # also builds the peer's random model directory before any holder starts
+                emit(r)
+                if a.min_budget and "device_gib" in r:
+                    m = min_budget(peer_run, max(1.0, r.get("peak_gib", 1.0)), r["device_gib"] + 1.0)
+                    emit(dict(m, search="min_budget") if m else dict(r, search="min_budget", error="no budget found"))
+                for budget in budgets:
+                    if budget is not None:
+                        emit(peer_run(budget))
     pathlib.Path(a.out, "bench.json").write_text(json.dumps(dict(matrix_rate=rate, results=results), indent=1))
-    print(f"\n| row | system | tok/s | peak GiB | MFU | ours / this |  (bf16 matrix rate {rate / 1e12:.0f} TFLOP/s)")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| row | system | budget GiB | tok/s | peak GiB | device GiB | MFU | ours / this |  "
+          f"(bf16 matrix rate {rate / 1e12:.0f} TFLOP/s; MFU: 4N + attention)")
+    print("|---|---|---|---|---|---|---|---|")
     for shape, b, s in rows:
-        mine = next((r for r in results if r["system"] == "qlora-train" and r["model"] == shape
-                     and r["batch"] == b and r["seq"] == s), {})
-        for r in [x for x in results if x.get("model") == shape and x.get("batch") == b and x.get("seq") == s]:
+        row = [x for x in results if x.get("model") == shape and x.get("batch") == b and x.get("seq") == s]
+        flops = next((x["model_flops_per_token"] for x in row if "model_flops_per_token" in x), None)
+        for r in row:
+            label = (f"least: {r.get('budget_gib')}" if r.get("search")
+                     else r["budget_gib"] if r.get("budget_gib") is not None else "whole GPU")
+            system = r["system"] + (f" ({r['grad_ckpt']})" if "grad_ckpt" in r and r["system"] == "unsloth" else "")
             if "tok_per_s" not in r:
-                print(f"| {shape} {b}x{s} | {r['system']} | {r.get('error', '?')[:60]} | | | |")
+                print(f"| {shape} {b}x{s} | {system} | {label} | {r.get('error', '?')[:60]} | | | | |")
                 continue
-            mfu = r["tok_per_s"] * flops_per_token(shape, s) / rate
-            ratio = (f"{mine['tok_per_s'] / r['tok_per_s']:.2f}x speed, {mine['peak_gib'] / r['peak_gib']:.2f}x mem"
-                     if "tok_per_s" in mine and r is not mine else "")
-            print(f"| {shape} {b}x{s} | {r['system']} | {r['tok_per_s']:,} | {r['peak_gib']} | {100 * mfu:.1f}% | {ratio} |")
+            mine = next((x for x in row if x["system"] == "qlora-train" and x.get("budget_gib") == r.get("budget_gib")
+                         and bool(x.get("search")) == bool(r.get("search")) and "tok_per_s" in x), None)
+            mfu = f"{100 * r['tok_per_s'] * flops / rate:.1f}%" if flops else "?"
+            ratio = (f"{mine['tok_per_s'] / r['tok_per_s']:.2f}x speed, {mine['device_gib'] / r['device_gib']:.2f}x device mem"
+                     if mine and r is not mine and r.get("device_gib") else "")
+            print(f"| {shape} {b}x{s} | {system} | {label} | {r['tok_per_s']:,} | {r['peak_gib']} | "
+                  f"{r.get('device_gib', '?')} | {mfu} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #pragma once
 // `qlora-train bench`: our trainer on a model of random weights (a named shape or a directory's config.json) for
 // a few steps of random tokens, timed as scripts/bench.py times the peers: the median step after warm-up,
-// batch x seq tokens per step, the peak GPU memory, and the MFU of issue 14's formula against the bf16 matrix
+// batch x seq tokens per step, the peak GPU memory, and the MFU of model FLOPs (issue 27) against the bf16 matrix
 // rate measured on the device in the same process.
 #include <cstdint>
 #include <string>
@@ -24,11 +24,13 @@ struct BenchOptions {
   std::vector<std::string> overrides;  // --set key=value for the run config
 };
 
-// (6 N + 8 L S d) FLOPs per token: N the parameters of the block linears and lm_head, L layers, S the sequence
-// length, d the hidden size (forward, input gradient and recomputation; causal attention).
-double train_flops_per_token(const LlamaConfig& config, int64_t seq);
+// Model FLOPs per token, what QLoRA training needs whatever the plan (issue 27): 4 N + 6 L S q. N the parameters of
+// the block linears and lm_head (forward 2 N, input gradient 2 N; the frozen base has no weight gradient), L layers,
+// S the sequence length, q the attention width (heads x head_dim): causal attention's forward (2 S q) and backward
+// (4 S q). Recomputation is a plan's cost, never counted; the same formula serves the peers (scripts/bench.py).
+double model_flops_per_token(const LlamaConfig& config, int64_t seq);
 
-// Runs the benchmark and returns {model, batch, seq, steps, step_s, tokens_per_s, peak_gib (CUDA), flops_per_token,
+// Runs the benchmark and returns {model, batch, seq, steps, step_s, tokens_per_s, peak_gib (CUDA), model_flops_per_token,
 // matrix_tflops and mfu (CUDA; null on the CPU)}.
 Json run_bench(const BenchOptions& options);
 

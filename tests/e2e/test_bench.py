@@ -28,8 +28,9 @@ def main():
         hd = c.get("head_dim") or H // c["num_attention_heads"]
         q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
         n = L * (H * q + 2 * H * kv + q * H + 3 * H * I) + V * H
-        want = 6 * n + 8 * L * 24 * H
-        check(abs(r["flops_per_token"] - want) <= 1e-9 * want, f"FLOPs per token {r['flops_per_token']} = 6N + 8LSd = {want}")
+        want = 4 * n + 6 * L * 24 * q  # forward + input gradient of the linears, causal attention forward + backward
+        check(abs(r["model_flops_per_token"] - want) <= 1e-9 * want,
+              f"model FLOPs per token {r['model_flops_per_token']} = 4N + 6LSq = {want}")
         steps = [json.loads(l) for l in (TMP / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
         timed = sorted(s["step_s"] for s in steps if "loss" in s)[:]
         check(len(timed) == 4, f"the run made 1 warm-up and 3 timed steps ({len(timed)})")
