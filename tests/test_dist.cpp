@@ -55,6 +55,22 @@ TEST_CASE("without a launcher on the CPU every collective is the identity", "[di
   qt::check_same_across_ranks(*comm, "anything", "config");
 }
 
+TEST_CASE("one process on a GPU without a launcher runs no NCCL: collectives are the identity there", "[gpu]") {
+  auto comm = qt::make_communicator(qt::LaunchEnv{}, at::Device(at::kCUDA));
+  CHECK(std::string(comm->backend()) == "single");
+  REQUIRE(comm->device().is_cuda());
+  at::Tensor x = at::randn({1000}, at::TensorOptions().device(comm->device()));
+  at::Tensor out = at::full_like(x, std::nan(""));
+  comm->all_gather_into_tensor(out, x);
+  CHECK(at::equal(out, x));
+  at::Tensor t = x.clone();
+  comm->all_reduce(t, qt::ReduceOp::Sum);
+  CHECK(at::equal(t, x));
+  qt::CommOptions nccl;
+  nccl.nccl_for_one_rank = true;
+  CHECK(std::string(qt::make_communicator(qt::LaunchEnv{}, at::Device(at::kCUDA), nccl)->backend()) == "nccl");
+}
+
 TEST_CASE("collective misuse is reported with the rank and the collective", "[dist]") {
   auto comm = qt::make_communicator(qt::LaunchEnv{}, at::kCPU);
   auto e = dist_error_of([&] { comm->all_gather_into_tensor(at::empty({5}), at::empty({4})); });

@@ -20,7 +20,7 @@ namespace {
 using qt::Communicator;
 using qt::ReduceOp;
 
-const qt::CommOptions kTestOptions{std::chrono::seconds(60)};  // a broken test fails instead of hanging ctest
+const qt::CommOptions kTestOptions{std::chrono::seconds(60), /*nccl_for_one_rank=*/true};  // a broken test fails instead of hanging ctest
 
 // Rank `rank`'s input number `salt` (a different tensor per call site), on the CPU.
 at::Tensor rank_data(int rank, int salt, int64_t n, at::ScalarType dtype) {

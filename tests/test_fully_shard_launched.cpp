@@ -23,7 +23,7 @@ namespace {
 
 using qt::Communicator;
 
-const qt::CommOptions kTestOptions{std::chrono::seconds(60)};
+const qt::CommOptions kTestOptions{std::chrono::seconds(60), /*nccl_for_one_rank=*/true};
 
 using qt::test::rel_err;
 

@@ -37,13 +37,14 @@ class DoneWork final : public Work {
   void synchronize() override {}
 };
 
-// World size 1 on CPU without a launcher: every collective is the identity, and needs no MPI (a plain
-// `qlora-train` run must not depend on an MPI runtime being startable).
+// World size 1 without a launcher: every collective is the identity, and needs no MPI (a plain `qlora-train` run
+// must not depend on an MPI runtime being startable) and, on a GPU, no NCCL (CommOptions::nccl_for_one_rank).
 class SingleRankCommunicator final : public Communicator {
  public:
+  explicit SingleRankCommunicator(at::Device device) : device_(device) {}
   int rank() const override { return 0; }
   int world_size() const override { return 1; }
-  at::Device device() const override { return at::kCPU; }
+  at::Device device() const override { return device_; }
   const char* backend() const override { return "single"; }
 
   std::unique_ptr<Work> all_gather_into_tensor_async(const at::Tensor& out, const at::Tensor& in) override {
@@ -66,6 +67,9 @@ class SingleRankCommunicator final : public Communicator {
     return std::make_unique<DoneWork>();
   }
   void barrier() override {}
+
+ private:
+  at::Device device_;
 };
 
 // FNV-1a, 64-bit: stable across processes and builds, unlike std::hash.
@@ -87,6 +91,8 @@ std::unique_ptr<Communicator> make_communicator(const LaunchEnv& env, at::Device
       fail(ErrorKind::Usage, who + ": one process per GPU: local rank " + std::to_string(env.local_rank) +
                                  " must use cuda:" + std::to_string(env.local_rank) + ", not " + device.str());
 #if QT_WITH_CUDA
+    if (env.world_size == 1 && env.launcher == Launcher::None && !options.nccl_for_one_rank)
+      return std::make_unique<SingleRankCommunicator>(device.has_index() ? device : at::Device(at::kCUDA, 0));
     return std::make_unique<NcclCommunicator>(env, options);
 #else
     fail(ErrorKind::Usage, who + ": this build has no CUDA support; run on the CPU");
@@ -94,7 +100,7 @@ std::unique_ptr<Communicator> make_communicator(const LaunchEnv& env, at::Device
   }
   if (!device.is_cpu()) fail(ErrorKind::Usage, who + ": no communicator for device " + device.str());
   if (env.launcher == Launcher::Mpirun) return std::make_unique<MpiCommunicator>(options);
-  if (env.world_size == 1) return std::make_unique<SingleRankCommunicator>();
+  if (env.world_size == 1) return std::make_unique<SingleRankCommunicator>(at::kCPU);
   if (env.launcher == Launcher::Torchrun)
     fail(ErrorKind::Usage, who + ": CPU collectives need mpirun (world size " + std::to_string(env.world_size) +
                                " under torchrun works on GPUs only): use `mpirun -np " +

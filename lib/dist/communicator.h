@@ -37,6 +37,10 @@ struct CommOptions {
   // How long one collective (and the rendezvous) may take before it is declared failed. Generous by default:
   // the first gather of a step can wait behind a slow rank's data loading or checkpoint write.
   std::chrono::milliseconds timeout{std::chrono::minutes(10)};
+  // One process on a GPU without a launcher runs no NCCL: every collective is the identity there, and NCCL's
+  // initialization would take device memory (its module and buffers) that a run on a small card needs. Set to
+  // test NCCL itself with one rank.
+  bool nccl_for_one_rank = false;
 };
 
 // A collective in flight.
