@@ -132,7 +132,7 @@ def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None):
         return dict(base, exit=p.returncode, error=p.stderr.strip()[-400:])
     r = json.loads(p.stdout.strip().splitlines()[-1])
     return dict(base, step_s=round(r["step_s"], 4), tok_per_s=round(r["tokens_per_s"]), peak_gib=round(r["peak_gib"], 2),
-                device_gib=dev.gib(), model_flops_per_token=r["model_flops_per_token"],
+                reserved_gib=round(r.get("reserved_peak_gib") or 0, 2), device_gib=dev.gib(), model_flops_per_token=r["model_flops_per_token"],
                 **({"plan": r["plan"]} if "plan" in r else {}))
 
 

@@ -94,7 +94,7 @@ Json run_bench(const BenchOptions& o) {
   train(config, TrainOptions{});
 
   std::vector<double> step_s;
-  double peak = -1;
+  double peak = -1, reserved = -1;
   std::ifstream metrics(files::join(run_dir, "metrics.jsonl"));
   std::string line;
   int64_t seen = 0;
@@ -104,6 +104,7 @@ Json run_bench(const BenchOptions& o) {
     if (++seen <= o.warmup) continue;
     step_s.push_back(j["step_s"].get<double>());
     if (j.contains("gpu_mem_gib")) peak = std::max(peak, j["gpu_mem_gib"].get<double>());
+    if (j.contains("gpu_reserved_gib")) reserved = std::max(reserved, j["gpu_reserved_gib"].get<double>());
   }
   QT_CHECK(static_cast<int64_t>(step_s.size()) == o.steps, ErrorKind::Internal,
            "bench: " + std::to_string(step_s.size()) + " timed steps in metrics.jsonl, expected " + std::to_string(o.steps));
@@ -119,9 +120,11 @@ Json run_bench(const BenchOptions& o) {
               {"tokens_per_s", tok_s},
               {"model_flops_per_token", flops},
               {"peak_gib", nullptr},
+              {"reserved_peak_gib", nullptr},
               {"matrix_tflops", nullptr},
               {"mfu", nullptr}};
   if (peak >= 0) out["peak_gib"] = peak;
+  if (reserved >= 0) out["reserved_peak_gib"] = reserved;
   if (config.model.device == "cuda" || (config.model.device == "auto" && at::hasCUDA())) {
     const double rate = matrix_rate(at::Device(at::kCUDA, 0));
     out["matrix_tflops"] = rate / 1e12;

@@ -30,7 +30,8 @@ struct BenchOptions {
 // (4 S q). Recomputation is a plan's cost, never counted; the same formula serves the peers (scripts/bench.py).
 double model_flops_per_token(const LlamaConfig& config, int64_t seq);
 
-// Runs the benchmark and returns {model, batch, seq, steps, step_s, tokens_per_s, peak_gib (CUDA), model_flops_per_token,
+// Runs the benchmark and returns {model, batch, seq, steps, step_s, tokens_per_s, peak_gib and reserved_peak_gib
+// (CUDA: the caching allocator's peaks, allocated and held), model_flops_per_token,
 // matrix_tflops and mfu (CUDA; null on the CPU)}.
 Json run_bench(const BenchOptions& options);
 

@@ -53,6 +53,7 @@ void MetricsLog::step(const StepMetrics& m) {
   Json j = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}, {"grad_norm", m.grad_norm},
             {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s}, {"step_s", m.step_s}};
   if (m.gpu_mem_gib >= 0) j["gpu_mem_gib"] = m.gpu_mem_gib;
+  if (m.gpu_reserved_gib >= 0) j["gpu_reserved_gib"] = m.gpu_reserved_gib;
   write(j);
   char text[256];
   std::string mem = m.gpu_mem_gib >= 0 ? " | mem " + std::to_string(m.gpu_mem_gib).substr(0, 5) + " GiB" : "";

@@ -20,6 +20,7 @@ struct StepMetrics {
   double step_s = 0;
   int64_t tokens = 0;       // target tokens in this step
   double gpu_mem_gib = -1;  // peak allocated this step; < 0 on CPU
+  double gpu_reserved_gib = -1;  // peak the caching allocator held from the driver this step; < 0 on CPU
   double eta_s = 0;
 };
 

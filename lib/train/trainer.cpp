@@ -105,10 +105,13 @@ std::string oom_message(const RunConfig& cfg, const at::Device& device, const st
          ". The last checkpoint in " + cfg.output_dir + " is kept (resume with --resume auto). [torch: " + first + "]";
 }
 
-double gpu_peak_gib(const at::Device& device) {
+// The caching allocator's peaks since the last reset: what tensors took (allocated) and what it held from the
+// driver for them (reserved: allocated plus its rounding, cached blocks and fragmentation). -1 on the CPU.
+double gpu_peak_gib(const at::Device& device, bool reserved = false) {
   if (!device.is_cuda()) return -1;
   auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
-  return static_cast<double>(stats.allocated_bytes[0].peak) / static_cast<double>(int64_t{1} << 30);
+  const auto& stat = reserved ? stats.reserved_bytes[0] : stats.allocated_bytes[0];
+  return static_cast<double>(stat.peak) / static_cast<double>(int64_t{1} << 30);
 }
 
 void reset_gpu_peak(const at::Device& device) {
@@ -593,6 +596,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       m.tokens = tokens;
       m.tokens_per_s = tokens / std::max(1e-9, m.step_s);
       m.gpu_mem_gib = gpu_peak_gib(device);
+      m.gpu_reserved_gib = gpu_peak_gib(device, /*reserved=*/true);
       const double per_step = seconds_since(t_loop) / static_cast<double>(state.step - start_step);
       m.eta_s = per_step * static_cast<double>(total_steps - state.step);
       metrics.step(m);
