@@ -100,6 +100,41 @@ class DevicePeak:
         return round((self.peak - self.base) / 1024, 2)
 
 
+def library_overhead():
+    """What lies outside the caching allocator, step by step, in one process with torch's CUDA libraries (the
+    ones qlora-train links): the device memory in use (cudaMemGetInfo) less what the allocator holds, after each
+    library's first use. Prints one JSON line per step (GiB, cumulative)."""
+    import torch
+    import torch.nn.functional as F
+    free0, total = torch.cuda.mem_get_info()  # creates the context
+    out = []
+
+    def mark(what):
+        torch.cuda.synchronize()
+        free, _ = torch.cuda.mem_get_info()
+        out.append(dict(after=what, outside_allocator_gib=round((total - free - torch.cuda.memory_reserved()) / GIB, 3),
+                        reserved_gib=round(torch.cuda.memory_reserved() / GIB, 3)))
+        print(json.dumps(out[-1]), flush=True)
+
+    mark("context")
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    a @ a
+    mark("cuBLAS bf16 GEMM")
+    torch.addmm(a[0], a, a)
+    mark("cuBLASLt addmm epilogue")
+    q = torch.randn(1, 32, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 8, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 8, 2048, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True).sum().backward()
+    mark("cuDNN attention forward + backward")
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+    mark("flash attention forward + backward")
+    return out
+
+
 def matrix_rate():
     import torch
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -177,6 +212,7 @@ def min_budget(run, lo, hi):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hold", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--overhead", action="store_true", help="device memory outside the allocator, library by library")
     ap.add_argument("--binary", default="build-gpu/qlora-train")
     ap.add_argument("--rows", default=DEFAULT_ROWS)
     ap.add_argument("--peers", default="unsloth,hf_qlora")
@@ -191,6 +227,8 @@ def main():
     a = ap.parse_args()
     if a.hold is not None:
         return hold(a.hold)
+    if a.overhead:
+        return library_overhead()
     rows = []
     for r in a.rows.split(","):
         name, bs = r.split("-")

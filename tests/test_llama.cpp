@@ -176,6 +176,30 @@ TEST_CASE("llama on CUDA in bf16 matches transformers within bf16 bounds", "[lla
   }
 }
 
+TEST_CASE("input embeddings kept on the host give the logits and gradients of embeddings on the GPU, bit for bit",
+          "[llama][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const std::string dir = fixture("llama/gqa_untied");
+  qt::SafetensorsFile ref(dir + "/reference.safetensors");
+  at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
+  std::vector<at::Tensor> results;
+  for (bool host : {false, true}) {
+    qt::LlamaModel model = qt::load_llama(dir + "/model", {at::Device(at::kCUDA, 0), at::kBFloat16});
+    if (host) model.embeddings_to_host();
+    CHECK(model.embeddings_on_host() == host);
+    CHECK(model.embed_tokens.device().is_cuda() == !host);
+    CHECK(model.device().is_cuda());
+    model.layers[0].q_proj.weight.set_requires_grad(true);
+    at::Tensor emb = model.embed(ids);  // host ids either way
+    REQUIRE(emb.device().is_cuda());
+    emb.retain_grad();
+    at::Tensor logits = model.logits(model.forward_hidden(emb));
+    logits.to(at::kFloat).square().mean().backward();
+    results.insert(results.end(), {logits, emb.grad(), model.layers[0].q_proj.weight.grad()});
+  }
+  for (size_t i = 0; i < 3; ++i) CHECK(at::equal(results[i], results[i + 3]));
+}
+
 TEST_CASE("llama packed rows through flash varlen attention on CUDA equal the dense-mask path", "[llama][gpu]") {
   REQUIRE(at::hasCUDA());
   const at::Device cuda(at::kCUDA, 0);

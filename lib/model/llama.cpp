@@ -997,8 +997,18 @@ int64_t LlamaModel::prefetched_offloads() const {
   return offload_prefetch->hits;
 }
 
-at::Device LlamaModel::device() const { return embed_tokens.device(); }
-c10::ScalarType LlamaModel::dtype() const { return embed_tokens.scalar_type(); }
+// lm_head, not embed_tokens: the input embeddings may live on the host (embeddings_to_host).
+at::Device LlamaModel::device() const { return lm_head.device(); }
+c10::ScalarType LlamaModel::dtype() const { return lm_head.scalar_type(); }
+
+bool LlamaModel::embeddings_on_host() const { return embed_tokens.device() != device(); }
+
+void LlamaModel::embeddings_to_host() {
+  QT_CHECK(!config.tie_word_embeddings && !lm_head.is_same(embed_tokens) && !embed_tokens_trainable.defined(),
+           ErrorKind::Internal, "embeddings_to_host: only frozen, untied input embeddings can live on the host");
+  if (!device().is_cuda() || embeddings_on_host()) return;
+  embed_tokens = embed_tokens.to(at::kCPU).pin_memory();
+}
 
 namespace {
 at::Tensor compute_weight(const at::Tensor& frozen, const at::Tensor& trainable) {
@@ -1011,7 +1021,13 @@ at::Tensor compute_weight(const at::Tensor& frozen, const at::Tensor& trainable)
 at::Tensor LlamaModel::embed_weight() const { return compute_weight(embed_tokens, embed_tokens_trainable); }
 at::Tensor LlamaModel::lm_head_weight() const { return compute_weight(lm_head, lm_head_trainable); }
 
-at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const { return at::embedding(embed_weight(), input_ids); }
+at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const {
+  if (!embeddings_on_host()) return at::embedding(embed_weight(), input_ids.to(device()));
+  // The rows gathered on the host and only they shipped, from pinned memory without waiting (the caching host
+  // allocator keeps the staging block until the copy is done): [tokens, H] over PCIe instead of [V, H] on the GPU.
+  at::Tensor rows = at::embedding(embed_tokens, input_ids.to(at::kCPU)).pin_memory();
+  return rows.to(device(), /*non_blocking=*/true);
+}
 
 namespace {
 // Puts one SDPA backend first in torch's (process-wide) priority order for the guard's lifetime.

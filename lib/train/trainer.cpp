@@ -170,8 +170,7 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
       continue;
     }
     const Batch& b = batches[i];
-    at::Tensor ids = b.input_ids.to(model.device());
-    at::Tensor hidden = model.forward_hidden(model.embed(ids), b);
+    at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
     sum += loss_sum(model, hidden, b.targets, fused).item<double>();
     count += b.num_targets;
   }
@@ -508,11 +507,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     at::Tensor local_loss;
     try {
       for (const auto& b : micro_batches) {
-        at::Tensor ids = b.input_ids.to(device);
         at::Tensor embeds;
         {
           GatherScope g(fsdp.get(), FullyShard::Root::Embeddings);  // (no-op unless the embeddings are sharded)
-          embeds = neftune_noise(model.embed(ids), cfg.train.neftune_alpha);
+          embeds = neftune_noise(model.embed(b.input_ids), cfg.train.neftune_alpha);
         }
         at::Tensor hidden = model.forward_hidden(embeds, b);
         at::Tensor l;
