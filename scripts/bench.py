@@ -22,7 +22,8 @@ system, the least budget in 0.25 GiB steps at which the case completes (for Unsl
 Usage: python3 scripts/bench.py [--binary build-gpu/qlora-train] [--rows 1b-4x2048,8b-2x2048,...]
                                 [--peers unsloth,hf_qlora | none] [--steps 8] [--warm 3] [--out DIR]
                                 [--budget 8,9 | --min-budget] [--set key=value]...
-Rows: NAME-BxS with NAME in 1b, 3b, 8b (e.g. 8b-1x32768). Unsloth's checkpointing mode per row: on the GPU up to
+Rows: NAME-BxS with NAME in 1b, 3b, 8b (e.g. 8b-1x32768); NAME-BxSpD: packed rows of random documents of median
+length D (e.g. 8b-1x8192p330, SFT-like data; ours only). Unsloth's checkpointing mode per row: on the GPU up to
 2048 tokens per row, offloaded ("u") beyond, unless --unsloth-modes names several (then the best that completes).
 """
 import argparse, json, os, pathlib, signal, subprocess, sys, threading, time
@@ -152,15 +153,16 @@ def matrix_rate():
     return rate
 
 
-def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None):
+def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None, docs=0):
     """`qlora-train bench` (random NF4 weights of the shape, LoRA r=16 on all seven linears, random tokens, one
-    document a row, the default plan): median step after `warm` untimed ones."""
+    document a row or packed documents of median length `docs`, the default plan): median step after `warm`
+    untimed ones."""
     out = work / f"bench_{shape}_{batch}x{seq}"
     cmd = [binary, "bench", "--shape", shape, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps),
-           "--warmup", str(warm), "--device", "cuda", "--out", str(out)]
+           "--warmup", str(warm), "--device", "cuda", "--out", str(out), "--doc-tokens", str(docs)]
     for kv in extra:
         cmd += ["--set", kv]
-    base = dict(system="qlora-train", model=shape, batch=batch, seq=seq, budget_gib=budget)
+    base = dict(system="qlora-train", model=shape, batch=batch, seq=seq, budget_gib=budget, **({"docs": docs} if docs else {}))
     with Held(budget), DevicePeak() as dev:
         p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -229,11 +231,12 @@ def main():
         return hold(a.hold)
     if a.overhead:
         return library_overhead()
-    rows = []
+    rows = []  # (shape, batch, seq, median document length of packed rows or 0)
     for r in a.rows.split(","):
         name, bs = r.split("-")
         b, s = bs.split("x")
-        rows.append((SHAPES[name], int(b), int(s)))
+        s, _, docs = s.partition("p")
+        rows.append((SHAPES[name], int(b), int(s), int(docs or 0)))
     rate = matrix_rate()
     print(f"bf16 matrix rate: {rate / 1e12:.0f} TFLOP/s", flush=True)
     here = pathlib.Path.cwd()
@@ -247,8 +250,8 @@ def main():
         print(json.dumps(r), flush=True)
         results.append(r)
 
-    for shape, b, s in rows:
-        ours = lambda budget: run_ours(a.binary, pathlib.Path(a.work), shape, b, s, a.steps, a.warm, a.set, budget)
+    for shape, b, s, docs in rows:
+        ours = lambda budget: run_ours(a.binary, pathlib.Path(a.work), shape, b, s, a.steps, a.warm, a.set, budget, docs)
         free = ours(None)  # the whole GPU: also the upper end of a budget search
         emit(free)
         if a.min_budget and "device_gib" in free:
@@ -257,7 +260,7 @@ def main():
         for budget in budgets:
             if budget is not None:
                 emit(ours(budget))
-        for peer in [p for p in a.peers.split(",") if p and p != "none"]:
+        for peer in [p for p in a.peers.split(",") if p and p != "none" and not docs]:  # peers: whole documents
             if not P.is_dir():
                 emit(dict(system=peer, model=shape, batch=b, seq=s, error=".peerscripts not carried"))
                 continue
@@ -282,22 +285,23 @@ def main():
     print(f"\n| row | system | budget GiB | tok/s | peak GiB | device GiB | MFU | ours / this |  "
           f"(bf16 matrix rate {rate / 1e12:.0f} TFLOP/s; MFU: 4N + attention)")
     print("|---|---|---|---|---|---|---|---|")
-    for shape, b, s in rows:
-        row = [x for x in results if x.get("model") == shape and x.get("batch") == b and x.get("seq") == s]
+    for shape, b, s, docs in rows:
+        row = [x for x in results if x.get("model") == shape and x.get("batch") == b and x.get("seq") == s
+               and x.get("docs", 0) == docs]
         flops = next((x["model_flops_per_token"] for x in row if "model_flops_per_token" in x), None)
         for r in row:
             label = (f"least: {r.get('budget_gib')}" if r.get("search")
                      else r["budget_gib"] if r.get("budget_gib") is not None else "whole GPU")
             system = r["system"] + (f" ({r['grad_ckpt']})" if "grad_ckpt" in r and r["system"] == "unsloth" else "")
             if "tok_per_s" not in r:
-                print(f"| {shape} {b}x{s} | {system} | {label} | {r.get('error', '?')[:60]} | | | | |")
+                print(f"| {shape} {b}x{s}{f' packed {docs}' if docs else ''} | {system} | {label} | {r.get('error', '?')[:60]} | | | | |")
                 continue
             mine = next((x for x in row if x["system"] == "qlora-train" and x.get("budget_gib") == r.get("budget_gib")
                          and bool(x.get("search")) == bool(r.get("search")) and "tok_per_s" in x), None)
             mfu = f"{100 * r['tok_per_s'] * flops / rate:.1f}%" if flops else "?"
             ratio = (f"{mine['tok_per_s'] / r['tok_per_s']:.2f}x speed, {mine['device_gib'] / r['device_gib']:.2f}x device mem"
                      if mine and r is not mine and r.get("device_gib") else "")
-            print(f"| {shape} {b}x{s} | {system} | {label} | {r['tok_per_s']:,} | {r['peak_gib']} | "
+            print(f"| {shape} {b}x{s}{f' packed {docs}' if docs else ''} | {system} | {label} | {r['tok_per_s']:,} | {r['peak_gib']} | "
                   f"{r.get('device_gib', '?')} | {mfu} | {ratio} |")
 
 

@@ -312,6 +312,9 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--model", bench.model, "a model directory whose config.json gives the shape");
   bench_cmd->add_option("--batch", bench.batch, "rows per step")->check(CLI::PositiveNumber);
   bench_cmd->add_option("--seq", bench.seq, "tokens per row")->check(CLI::PositiveNumber);
+  bench_cmd->add_option("--doc-tokens", bench.doc_tokens,
+                        "packed rows of random documents of this median length (log-normal; 0: one document a row)")
+      ->check(CLI::NonNegativeNumber);
   bench_cmd->add_option("--steps", bench.steps, "timed steps (the median is reported)")->check(CLI::PositiveNumber);
   bench_cmd->add_option("--warmup", bench.warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
   bench_cmd->add_option("--device", bench.device, "cuda or cpu")->check(CLI::IsMember({"cuda", "cpu"}));

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <fstream>
+#include <cmath>
 #include <random>
 
 #include "lib/core/error.h"
@@ -50,22 +51,36 @@ double model_flops_per_token(const LlamaConfig& c, int64_t seq) {
 
 Json run_bench(const BenchOptions& o) {
   if (o.shape.empty() == o.model.empty()) fail(ErrorKind::Usage, "bench: give one of --shape NAME or --model DIR");
-  if (o.batch <= 0 || o.seq < 2 || o.steps <= 0 || o.warmup < 0)
-    fail(ErrorKind::Usage, "bench: --batch > 0, --seq >= 2, --steps > 0 and --warmup >= 0 expected");
+  if (o.batch <= 0 || o.seq < 2 || o.steps <= 0 || o.warmup < 0 || o.doc_tokens < 0)
+    fail(ErrorKind::Usage, "bench: --batch > 0, --seq >= 2, --steps > 0, --warmup >= 0 and --doc-tokens >= 0 expected");
   if (o.out.empty()) fail(ErrorKind::Usage, "bench: --out DIR is required");
   const LlamaConfig shape = o.shape.empty() ? LlamaConfig::from_file(files::join(o.model, "config.json"))
                                             : shape_config(o.shape, "bench", "--shape");
   files::make_dirs(o.out);
-  // Random token rows, one document each (no packing), as the peer scripts feed their trainers.
+  // Random token rows, one document each (no packing), as the peer scripts feed their trainers; or, with
+  // doc_tokens, documents of SFT-like lengths (log-normal, that median) packed in order, each row filled exactly
+  // (its last document cut to the space left), so that a step still holds batch x seq input tokens.
   const std::string data = files::join(o.out, "tokens.jsonl");
   {
     std::ofstream f(data);
     std::mt19937_64 rng(0);
     std::uniform_int_distribution<int64_t> token(0, shape.vocab_size - 1);
-    for (int64_t r = 0; r < o.batch; ++r) {
+    std::lognormal_distribution<double> doc_len(std::log(static_cast<double>(std::max<int64_t>(o.doc_tokens, 1))), 1.0);
+    auto write_doc = [&](int64_t len) {
       Json ids = Json::array();
-      for (int64_t t = 0; t < o.seq; ++t) ids.push_back(token(rng));
+      for (int64_t t = 0; t < len; ++t) ids.push_back(token(rng));
       f << Json{{"input_ids", ids}}.dump() << "\n";
+    };
+    for (int64_t r = 0; r < o.batch; ++r) {
+      if (o.doc_tokens <= 0) {
+        write_doc(o.seq);
+        continue;
+      }
+      for (int64_t left = o.seq; left > 0;) {
+        const int64_t len = std::clamp<int64_t>(std::llround(doc_len(rng)), 8, o.seq);
+        write_doc(left - len < 8 ? left : len);
+        left -= left - len < 8 ? left : len;
+      }
     }
     if (!f) fail_at(ErrorKind::Io, data, "cannot be written");
   }
@@ -77,7 +92,7 @@ Json run_bench(const BenchOptions& o) {
   Json cfg = {{"output_dir", run_dir},
               {"model", model},
               {"lora", {{"r", 16}, {"alpha", 16}}},
-              {"data", {{"train_file", data}, {"format", "tokenized"}, {"max_seq_len", o.seq}, {"packing", false},
+              {"data", {{"train_file", data}, {"format", "tokenized"}, {"max_seq_len", o.seq}, {"packing", o.doc_tokens > 0},
                         {"shuffle", false}}},
               {"train", {{"steps", o.warmup + o.steps}, {"batch_size", o.batch}, {"seed", 0}, {"log_every", 1},
                          {"grad_checkpointing", true}}},
@@ -115,6 +130,7 @@ Json run_bench(const BenchOptions& o) {
   Json out = {{"model", o.shape.empty() ? o.model : o.shape},
               {"batch", o.batch},
               {"seq", o.seq},
+              {"doc_tokens", o.doc_tokens},
               {"steps", o.steps},
               {"step_s", median},
               {"tokens_per_s", tok_s},

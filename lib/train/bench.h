@@ -17,6 +17,7 @@ struct BenchOptions {
   std::string model;  // a model directory whose config.json gives the shape
   int64_t batch = 1;
   int64_t seq = 2048;
+  int64_t doc_tokens = 0;  // > 0: packed rows of documents of about this median length (SFT-like); 0: one a row
   int64_t steps = 8;   // timed steps
   int64_t warmup = 3;  // untimed steps first
   std::string device = "cuda";

@@ -39,6 +39,25 @@ def main():
               f"the median timed step {r['step_s']} s and 2 x 24 tokens per step: {r['tokens_per_s']:.1f} tok/s")
         check(r["mfu"] is None and r["matrix_tflops"] is None and r["peak_gib"] is None and r["reserved_peak_gib"] is None,
               "no MFU or GPU memory on the CPU")
+    # Packed rows of SFT-like documents: several documents a row, every row filled to exactly --seq tokens.
+    p = bench("--model", TMP / "model", "--batch", 2, "--seq", 48, "--steps", 1, "--warmup", 0, "--device", "cpu",
+              "--doc-tokens", 6, "--out", TMP / "p", "--set", "train.attention=flash")
+    check(p.returncode == 0, f"packed bench exits 0 ({p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
+    if p.returncode == 0:
+        docs = [len(json.loads(l)["input_ids"]) for l in (TMP / "p" / "tokens.jsonl").read_text().splitlines()]
+        rows, used = [], 0
+        for n in docs:  # the trainer's packing: documents in order while they fit
+            if not rows or used + n > 48:
+                rows.append([])
+                used = 0
+            rows[-1].append(n)
+            used += n
+        check(len(docs) > 2 and len(rows) == 2 and all(sum(r) == 48 for r in rows) and min(docs) >= 8,
+              f"2 packed rows of 48 tokens from {len(docs)} documents of at least 8 tokens ({rows})")
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        check(r["doc_tokens"] == 6 and r["tokens_per_s"] > 0, "the packed row's JSON names its median document length")
+    p = bench("--model", TMP / "model", "--out", TMP / "e4", "--device", "cpu", "--doc-tokens", -3)
+    check(p.returncode != 0 and "--doc-tokens" in p.stderr, f"a negative --doc-tokens is refused (exit {p.returncode})")
     p = bench("--shape", "llama-9-huge", "--out", TMP / "e1", "--device", "cpu")
     check(p.returncode == 3 and "--shape" in p.stderr and "llama-3.1-8b" in p.stderr,
           f"an unknown shape names the option and the known shapes (exit {p.returncode})")
