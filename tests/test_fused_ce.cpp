@@ -7,6 +7,7 @@
 
 #include "lib/core/error.h"
 #include "lib/kernels/fused_linear_ce.h"
+#include "lib/kernels/streamed_linear_ce.h"
 #include "tests/catch.h"
 #include "tests/test_fused_ce_common.h"
 
@@ -147,6 +148,44 @@ TEST_CASE("fused linear CE scales its stored gradients by grad_output", "[fused_
     CHECK(rel_err(hidden.grad() * 2.0, want.dh) <= kTol);
     CHECK(rel_err(weight.grad() * 2.0, want.dw) <= kTol);
   }
+}
+
+TEST_CASE("the streamed loss (weight in vocabulary slices, online log-sum-exp) equals full-logits cross-entropy in "
+          "loss and dh", "[fused_ce]") {
+  at::manual_seed(21);
+  for (int64_t slice : {int64_t{16}, int64_t{101}, int64_t{0}}) {  // a short last slice, one slice, automatic
+    INFO("vocab_slice " << slice);
+    const int64_t tokens = 37, hid = 24, vocab = 101;
+    FusedLinearCeOptions o;
+    at::Tensor hidden = at::randn({tokens, hid}).requires_grad_(true);
+    const at::Tensor weight = at::randn({vocab, hid}) * 0.3;
+    const at::Tensor labels = random_labels(tokens, vocab, 3, o.ignore_index, at::TensorOptions());
+    const PlainCe want = plain_cross_entropy(hidden, weight, labels, o, true, false);
+    qt::StreamedLinearCeOptions so;
+    so.vocab_slice = slice;
+    at::Tensor loss = qt::streamed_linear_cross_entropy(hidden, weight, labels, so);
+    CHECK(rel_err(loss, want.loss) <= kTol);
+    (loss * 0.5).backward();
+    CHECK(rel_err(hidden.grad() * 2.0, want.dh) <= kTol);
+  }
+  // Every label ignored: zero loss, zero gradient.
+  at::Tensor hidden = at::randn({5, 8}).requires_grad_(true);
+  at::Tensor loss = qt::streamed_linear_cross_entropy(hidden, at::randn({20, 8}), at::full({5}, -100, at::kLong));
+  loss.backward();
+  CHECK(loss.item<double>() == 0.0);
+  CHECK(hidden.grad().abs().max().item<double>() == 0.0);
+  // A label outside the vocabulary is named.
+  at::Tensor labels = at::zeros({5}, at::kLong);
+  labels[3] = 20;
+  bool threw = false;
+  try {
+    qt::streamed_linear_cross_entropy(hidden, at::randn({20, 8}), labels);
+  } catch (const qt::Error& e) {
+    threw = true;
+    CHECK(e.kind() == qt::ErrorKind::Data);
+    CHECK(std::string(e.what()).find("token 3") != std::string::npos);
+  }
+  CHECK(threw);
 }
 
 TEST_CASE("fused linear CE rejects labels outside the vocabulary", "[fused_ce]") {

@@ -176,18 +176,20 @@ TEST_CASE("llama on CUDA in bf16 matches transformers within bf16 bounds", "[lla
   }
 }
 
-TEST_CASE("input embeddings kept on the host give the logits and gradients of embeddings on the GPU, bit for bit",
-          "[llama][gpu]") {
+TEST_CASE("input embeddings and lm_head kept on the host give the logits and gradients of tensors on the GPU, bit "
+          "for bit", "[llama][gpu]") {
   REQUIRE(at::hasCUDA());
   const std::string dir = fixture("llama/gqa_untied");
   qt::SafetensorsFile ref(dir + "/reference.safetensors");
   at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
   std::vector<at::Tensor> results;
-  for (bool host : {false, true}) {
+  for (int on_host : {0, 1, 2}) {  // nothing, the embeddings, both
+    INFO("on the host: " << on_host);
     qt::LlamaModel model = qt::load_llama(dir + "/model", {at::Device(at::kCUDA, 0), at::kBFloat16});
-    if (host) model.embeddings_to_host();
-    CHECK(model.embeddings_on_host() == host);
-    CHECK(model.embed_tokens.device().is_cuda() == !host);
+    model.to_host(/*embeddings=*/on_host >= 1, /*lm_head=*/on_host == 2);
+    CHECK(model.embeddings_on_host() == (on_host >= 1));
+    CHECK(model.lm_head_on_host() == (on_host == 2));
+    CHECK(model.embed_tokens.device().is_cuda() == (on_host == 0));
     CHECK(model.device().is_cuda());
     model.layers[0].q_proj.weight.set_requires_grad(true);
     at::Tensor emb = model.embed(ids);  // host ids either way
@@ -197,7 +199,10 @@ TEST_CASE("input embeddings kept on the host give the logits and gradients of em
     logits.to(at::kFloat).square().mean().backward();
     results.insert(results.end(), {logits, emb.grad(), model.layers[0].q_proj.weight.grad()});
   }
-  for (size_t i = 0; i < 3; ++i) CHECK(at::equal(results[i], results[i + 3]));
+  for (size_t i = 0; i < 3; ++i) {
+    CHECK(at::equal(results[i], results[i + 3]));
+    CHECK(at::equal(results[i], results[i + 6]));
+  }
 }
 
 TEST_CASE("llama packed rows through flash varlen attention on CUDA equal the dense-mask path", "[llama][gpu]") {

@@ -997,17 +997,22 @@ int64_t LlamaModel::prefetched_offloads() const {
   return offload_prefetch->hits;
 }
 
-// lm_head, not embed_tokens: the input embeddings may live on the host (embeddings_to_host).
-at::Device LlamaModel::device() const { return lm_head.device(); }
-c10::ScalarType LlamaModel::dtype() const { return lm_head.scalar_type(); }
+// The final norm's weight: embed_tokens and lm_head may live on the host (to_host).
+at::Device LlamaModel::device() const { return norm.device(); }
+c10::ScalarType LlamaModel::dtype() const { return norm.scalar_type(); }
 
 bool LlamaModel::embeddings_on_host() const { return embed_tokens.device() != device(); }
+bool LlamaModel::lm_head_on_host() const { return lm_head.device() != device(); }
 
-void LlamaModel::embeddings_to_host() {
-  QT_CHECK(!config.tie_word_embeddings && !lm_head.is_same(embed_tokens) && !embed_tokens_trainable.defined(),
-           ErrorKind::Internal, "embeddings_to_host: only frozen, untied input embeddings can live on the host");
-  if (!device().is_cuda() || embeddings_on_host()) return;
-  embed_tokens = embed_tokens.to(at::kCPU).pin_memory();
+void LlamaModel::to_host(bool embeddings, bool head) {
+  const bool tied = config.tie_word_embeddings || lm_head.is_same(embed_tokens);
+  QT_CHECK(!tied || embeddings == head, ErrorKind::Internal,
+           "to_host: tied embeddings are one tensor, on the host in both roles or in neither");
+  QT_CHECK((!embeddings || !embed_tokens_trainable.defined()) && (!head || !lm_head_trainable.defined()),
+           ErrorKind::Internal, "to_host: only frozen tensors live on the host (modules_to_save trains them)");
+  if (!device().is_cuda()) return;
+  if (embeddings && !embeddings_on_host()) embed_tokens = embed_tokens.to(at::kCPU).pin_memory();
+  if (head && !lm_head_on_host()) lm_head = tied ? embed_tokens : lm_head.to(at::kCPU).pin_memory();
 }
 
 namespace {
@@ -1256,7 +1261,10 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Bat
                     AttentionMask{window_mask(mask.unsqueeze(1), S, inputs_embeds.device()), {}, 0, -1});
 }
 
-at::Tensor LlamaModel::logits(const at::Tensor& hidden) const { return at::linear(hidden, lm_head_weight()); }
+// With lm_head on the host, each call copies it over (evaluation and generation; training's loss streams it instead).
+at::Tensor LlamaModel::logits(const at::Tensor& hidden) const {
+  return at::linear(hidden, lm_head_weight().to(hidden.device()));
+}
 
 std::vector<std::pair<std::string, at::Tensor*>> LlamaModel::named_tensors() {
   std::vector<std::pair<std::string, at::Tensor*>> out;

@@ -223,10 +223,13 @@ class LlamaModel {
 
   // [B, S] ids on any device -> [B, S, H] on device(). Host ids cost no sync when the embeddings live on the host.
   at::Tensor embed(const at::Tensor& input_ids) const;
-  // Keeps the input embeddings in pinned host memory (CUDA; a no-op on the CPU): embed() gathers the rows there and
-  // ships only them. Frozen, untied embeddings only ([V, H] in 16 bits: 0.98 GiB at Llama 3.1 8B).
-  void embeddings_to_host();
+  // Keeps the input embeddings and / or lm_head in pinned host memory (CUDA; a no-op on the CPU), frozen ones only;
+  // tied, the one tensor moves in both roles. embed() then gathers the rows on the host and ships only them;
+  // training's loss streams lm_head through the GPU in vocabulary slices (streamed_linear_cross_entropy). Each is
+  // [V, H] in 16 bits: 0.98 GiB at Llama 3.1 8B.
+  void to_host(bool embeddings, bool lm_head);
   bool embeddings_on_host() const;
+  bool lm_head_on_host() const;
   // The [V, H] weights the forward pass uses, in dtype(): the trainable copy when there is one (differentiable
   // while grad mode is on, detached otherwise), else the frozen tensor.
   at::Tensor embed_weight() const;

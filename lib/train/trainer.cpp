@@ -32,6 +32,7 @@
 #include "lib/train/exact_match.h"
 #include "lib/train/fully_shard.h"
 #include "lib/train/metrics.h"
+#include "lib/kernels/streamed_linear_ce.h"
 #include "lib/train/neftune.h"
 #include "lib/train/step_profile.h"
 #include "lib/train/train_data.h"
@@ -125,6 +126,7 @@ at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at:
   // lm_head_weight() requires grad when lm_head is trained (modules_to_save): the fused loss then also gives dW.
   const at::Tensor w = model.lm_head_weight();
   // The fused loss takes the targets from the host (checked and counted there: no sync with the GPU).
+  if (fused && model.lm_head_on_host()) return streamed_linear_cross_entropy(h, w, targets.reshape({-1}));
   if (fused) return fused_linear_cross_entropy(h, w, targets.reshape({-1})).loss_sum;
   at::Tensor t = targets.reshape({-1}).to(hidden.device());
   at::Tensor logits = at::linear(h, w).to(at::kFloat);
