@@ -2,7 +2,7 @@
 # A/B of our trainer under several environment settings, interleaved, on the GPU machine (after a build into
 # build-gpu): one `qlora-train bench` per (variant, row, round), the median tokens/s and the peak memory of each.
 # Usage: ROWS="8b:2:2048 1b:4:2048" ROUNDS=2 bash scripts/gpu_ab.sh "NAME=[ENV=V ...][|bench args]" ...
-#   e.g. bash scripts/gpu_ab.sh "base=" "kept=|--set train.keep_attention=true" "prof=QT_PROFILE_STEP=3"
+#   e.g. bash scripts/gpu_ab.sh "base=" "kept=|--set train.memory.keep=attention" "prof=QT_PROFILE_STEP=3"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${ROWS:-"8b:2:2048"}

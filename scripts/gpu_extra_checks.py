@@ -43,7 +43,7 @@ def main():
                                   unsharded_tok_per_s=round(base[-1]["tokens_per_s"]) if base else None,
                                   ok=bool(ok and diff < 1e-2), err=p.stderr[-400:] if p.returncode else "")), flush=True)
     if "oom" in which:
-        p, _ = run(binary, work, "oom", "llama-3.1-8b", 64, 8192, 1, ["--set", "train.grad_checkpointing=false"])
+        p, _ = run(binary, work, "oom", "llama-3.1-8b", 64, 8192, 1, ["--set", "train.memory.checkpointing=false"])
         line = [l for l in p.stderr.splitlines() if "out of GPU memory" in l]
         print(json.dumps(dict(check="real CUDA out of memory", rc=p.returncode, ok=p.returncode == 9 and bool(line),
                               message=(line[0] if line else p.stderr[-600:])[:900])), flush=True)

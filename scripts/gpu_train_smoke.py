@@ -42,7 +42,7 @@ def main():
     config = {"output_dir": str(out), "model": {"path": str(model_dir), "quant": "nf4", "device": "cuda"},
               "lora": {"r": 16, "alpha": 16},
               "data": {"train_file": str(data), "format": "tokenized", "max_seq_len": seq, "packing": False, "shuffle": False},
-              "train": {"steps": steps, "batch_size": batch, "seed": 0, "log_every": 1, "grad_checkpointing": True,
+              "train": {"steps": steps, "batch_size": batch, "seed": 0, "log_every": 1, "memory": {"checkpointing": True},
                         "loss": loss_kind},
               "optim": {"lr": 1e-3, "schedule": "constant"}, "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
     (work / "smoke.json").write_text(json.dumps(config))

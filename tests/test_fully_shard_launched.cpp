@@ -70,7 +70,7 @@ qt::LlamaModel make_model(at::Device device = at::kCPU, bool tied = false) {
   m.for_each_linear([&](const std::string&, qt::Linear& l) {
     l.lora->B = rnd({l.out_features(), lc.r}, 0.05).to(device).set_requires_grad(true);
   });
-  m.grad_checkpointing = true;
+  m.plan.checkpointing = true;
   return m;
 }
 
@@ -145,7 +145,7 @@ static void check_against_one_process(Communicator& comm_ref, at::Device device,
 
   // One process, the whole global batch, nothing sharded.
   qt::LlamaModel ref = make_model(device, tied);
-  ref.grad_checkpointing = false;
+  ref.plan.checkpointing = false;
   auto ref_params = qt::lora_parameters(ref);
   at::Tensor ref_loss = loss_sum(ref, ids, targets) / count;
   ref_loss.backward();
@@ -251,12 +251,12 @@ TEST_CASE("FullyShard through NCCL (gathers prefetched on the communicator's str
 TEST_CASE("FullyShard refuses a model without grad checkpointing", "[.fsdp]") {
   auto comm = qt::make_communicator(qt::read_launch_env(), at::kCPU, kTestOptions);
   qt::LlamaModel m = make_model();
-  m.grad_checkpointing = false;
+  m.plan.checkpointing = false;
   try {
     qt::FullyShard fs(m, *comm);
     FAIL("no error");
   } catch (const qt::Error& e) {
     CHECK(e.kind() == qt::ErrorKind::Config);
-    CHECK(std::string(e.what()).find("grad checkpointing") != std::string::npos);
+    CHECK(std::string(e.what()).find("train.memory.checkpointing") != std::string::npos);
   }
 }

@@ -168,41 +168,6 @@ TEST_CASE("fused SwiGLU kernel equals the ATen reference on CUDA", "[fused_ops][
   }
 }
 
-TEST_CASE("SwiGLU with the gate / up LoRA B terms inside: kernel equals the ATen reference on CUDA",
-          "[fused_ops][gpu]") {
-  REQUIRE(at::hasCUDA());
-  const at::Device cuda(at::kCUDA, 0);
-  // I past a tile edge (136, 24), rows past one (77, 130), rank splits equal and not; ranks that are not multiples
-  // of 8 (the tensor-core kernel's one-element fill) and padded ranks over 64 (the CUDA-core kernel for 16-bit types).
-  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat})
-    for (auto [rows, I, rg, ru] : {std::array<int64_t, 4>{77, 136, 16, 16}, {130, 14336, 16, 16}, {5, 24, 8, 24},
-                                   {64, 128, 32, 32}, {33, 40, 4, 12}, {9, 16, 1, 63}, {300, 200, 8, 8}}) {
-      INFO("dtype " << c10::toString(dtype) << " rows " << rows << " I " << I << " ranks " << rg << "+" << ru);
-      const auto opt = at::TensorOptions().dtype(dtype).device(cuda);
-      const at::Tensor base = (at::randn({rows, 2 * I}, opt.dtype(at::kFloat)) * 2).to(dtype);
-      const at::Tensor t = at::randn({rows, rg + ru}, opt);
-      // bg, bu as the rows of one block-diagonal [2I, rg + ru] factor, as the model passes them.
-      at::Tensor bd = at::zeros({2 * I, rg + ru}, opt);
-      bd.narrow(0, 0, I).narrow(1, 0, rg).copy_(at::randn({I, rg}, opt) * 0.1);
-      bd.narrow(0, I, I).narrow(1, rg, ru).copy_(at::randn({I, ru}, opt) * 0.1);
-      const at::Tensor bg = bd.narrow(0, 0, I).narrow(1, 0, rg), bu = bd.narrow(0, I, I).narrow(1, rg, ru);
-      const at::Tensor dh = at::randn({rows, I}, opt);
-      const at::Tensor outr = qt::swiglu_lora_forward_reference(base, t, bg, bu);
-      const at::Tensor dgur = qt::swiglu_lora_backward_reference(dh, base, t, bg, bu);
-      // The reference equals the unfused composition: the LoRA terms added to the output, then swiglu_reference.
-      const at::Tensor summed = (base.to(at::kFloat) + at::matmul(t.to(at::kFloat), bd.to(at::kFloat).t())).to(dtype);
-      CHECK(rel_err(outr, qt::swiglu_reference(summed.narrow(1, 0, I), summed.narrow(1, I, I))) < bound(dtype));
-      poison_cache(cuda);
-      const at::Tensor outf = qt::swiglu_lora_forward(base, t, bg, bu);
-      poison_cache(cuda);
-      const at::Tensor dguf = qt::swiglu_lora_backward(dh, base, t, bg, bu);
-      CHECK(!outf.isnan().any().item<bool>());
-      CHECK(!dguf.isnan().any().item<bool>());
-      CHECK(rel_err(outf, outr) < bound(dtype));
-      CHECK(rel_err(dguf, dgur) < bound(dtype));
-    }
-}
-
 TEST_CASE("fused RoPE kernel equals the ATen reference on CUDA", "[fused_ops][gpu]") {
   REQUIRE(at::hasCUDA());
   const at::Device cuda(at::kCUDA, 0);

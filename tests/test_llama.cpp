@@ -140,12 +140,12 @@ TEST_CASE("llama on CUDA in bf16 matches transformers within bf16 bounds", "[lla
   REQUIRE(at::hasCUDA());
   for (const char* name : {"gqa_untied", "mha_tied_sharded", "llama3_rope_v4", "linear_rope_v4", "dynamic_rope", "yarn_rope",
                            "yarn_rope_v4", "bias", "llama2_mha", "tinyllama_gqa", "mistral_window"})
-  for (auto kernel : {qt::LlamaModel::AttentionKernel::Flash, qt::LlamaModel::AttentionKernel::Cudnn}) {
-    const bool cudnn = kernel == qt::LlamaModel::AttentionKernel::Cudnn;
+  for (auto kernel : {qt::AttentionKernel::Flash, qt::AttentionKernel::Cudnn}) {
+    const bool cudnn = kernel == qt::AttentionKernel::Cudnn;
     INFO(name << (cudnn ? ", cuDNN attention first" : ", SDPA's order"));
     const std::string dir = fixture(std::string("llama/") + name);
     qt::LlamaModel model = qt::load_llama(dir + "/model", {at::Device(at::kCUDA, 0), at::kBFloat16});
-    model.attention_kernel = kernel;
+    model.plan.attention = kernel;
     // The kernel asked for is the one that runs where its constraints hold; cuDNN needs head_dim a multiple of 8
     // and is passed over otherwise (tinyllama_gqa's head_dim 4: seen on an H100, SDPA then ran flash).
     const int64_t backend = model.dense_attention_backend(8, at::Device(at::kCUDA, 0), at::kBFloat16);
@@ -231,7 +231,7 @@ TEST_CASE("llama packed rows through flash varlen attention on CUDA equal the de
     (h_ref * w).sum().backward();
     for (bool checkpoint : {false, true}) {
       INFO("grad_checkpointing " << checkpoint);
-      gpu.grad_checkpointing = checkpoint;
+      gpu.plan.checkpointing = checkpoint;
       at::Tensor e = gpu.embed(ids.to(cuda)).detach().requires_grad_(true);
       at::Tensor h = gpu.forward_hidden(e, batch);
       (h.to(at::kFloat) * w.to(cuda)).sum().backward();
@@ -254,8 +254,8 @@ TEST_CASE("llama rows of one whole document each under cuDNN attention equal the
   std::vector<at::Tensor> out[2];
   for (int cudnn = 0; cudnn < 2; ++cudnn) {
     qt::LlamaModel model = qt::load_llama(dir, {cuda, at::kBFloat16});
-    model.attention_kernel = cudnn ? qt::LlamaModel::AttentionKernel::Cudnn : qt::LlamaModel::AttentionKernel::Flash;
-    model.grad_checkpointing = true;
+    model.plan.attention = cudnn ? qt::AttentionKernel::Cudnn : qt::AttentionKernel::Flash;
+    model.plan.checkpointing = true;
     auto named = model.named_tensors();
     for (auto& [n, t] : named) t->set_requires_grad(true);
     at::Tensor e = model.embed(batch.input_ids.to(cuda)).detach().requires_grad_(true);
@@ -323,8 +323,8 @@ TEST_CASE("keep_attention replays the attention output in the recomputation: sam
     INFO(name);
     auto run = [&](bool keep, bool checkpoint, int64_t* forwards) {
       qt::LlamaModel model = qt::load_llama(fixture(std::string("llama/") + name + "/model"), {});
-      model.grad_checkpointing = checkpoint;
-      model.keep_attention = keep;
+      model.plan.checkpointing = checkpoint;
+      model.plan.keep = (keep) ? qt::KeepLevel::Attention : qt::KeepLevel::Input;
       auto named = model.named_tensors();
       for (auto& [n, t] : named) t->set_requires_grad(true);
       at::manual_seed(12);
@@ -359,18 +359,18 @@ TEST_CASE("keep_attention on CUDA (cuDNN and FlashAttention-2, bf16, block input
           "[llama][gpu]") {
   REQUIRE(at::hasCUDA());
   const at::Device cuda(at::kCUDA, 0);
-  for (auto kernel : {qt::LlamaModel::AttentionKernel::Cudnn, qt::LlamaModel::AttentionKernel::Flash})
+  for (auto kernel : {qt::AttentionKernel::Cudnn, qt::AttentionKernel::Flash})
     for (bool offload : {false, true}) {
-      INFO((kernel == qt::LlamaModel::AttentionKernel::Cudnn ? "cuDNN" : "flash") << (offload ? ", offloaded" : ""));
+      INFO((kernel == qt::AttentionKernel::Cudnn ? "cuDNN" : "flash") << (offload ? ", offloaded" : ""));
       std::vector<at::Tensor> out[2];
       int64_t runs[2] = {0, 0};
       int64_t layers = 0;
       for (int keep = 0; keep < 2; ++keep) {
         qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {cuda, at::kBFloat16});
-        model.grad_checkpointing = true;
-        model.offload_activations = offload;
-        model.attention_kernel = kernel;
-        model.keep_attention = keep == 1;
+        model.plan.checkpointing = true;
+        model.plan.offload = offload;
+        model.plan.attention = kernel;
+        model.plan.keep = (keep == 1) ? qt::KeepLevel::Attention : qt::KeepLevel::Input;
         layers = model.config.num_hidden_layers;
         auto named = model.named_tensors();
         for (auto& [n, t] : named) t->set_requires_grad(true);
@@ -405,10 +405,10 @@ TEST_CASE("offloaded block inputs, fetched ahead in the backward pass, give the 
     int64_t prefetched[2] = {0, 0}, layers = 0;
     for (int offload = 0; offload < 2; ++offload) {
       qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {cuda, at::kBFloat16});
-      model.grad_checkpointing = true;
-      model.offload_activations = offload == 1;
-      model.attention_kernel = qt::LlamaModel::AttentionKernel::Cudnn;
-      model.keep_attention = keep;
+      model.plan.checkpointing = true;
+      model.plan.offload = offload == 1;
+      model.plan.attention = qt::AttentionKernel::Cudnn;
+      model.plan.keep = (keep) ? qt::KeepLevel::Attention : qt::KeepLevel::Input;
       layers = model.config.num_hidden_layers;
       auto named = model.named_tensors();
       for (auto& [n, t] : named) t->set_requires_grad(true);
@@ -443,8 +443,8 @@ TEST_CASE("llama MLP over chunks of tokens gives the unchunked outputs and gradi
     INFO("grad_checkpointing " << checkpoint);
     auto run = [&](int64_t chunk) {
       qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {});
-      model.grad_checkpointing = checkpoint;
-      model.mlp_chunk_tokens = chunk;
+      model.plan.checkpointing = checkpoint;
+      model.plan.mlp_chunk_tokens = chunk;
       auto named = model.named_tensors();
       for (auto& [n, t] : named) t->set_requires_grad(true);
       at::manual_seed(11);

@@ -214,73 +214,60 @@ TEST_CASE("LoRA on NF4 linears matches PEFT on bitsandbytes' dequantized base: l
 }
 
 TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weights kept for the backward pass or "
-          "not, and with its unused outputs skipped or not; keeping saves one dequantization per weight, skipping "
-          "down_proj's", "[lora]") {
-  for (bool skip : {true, false})
-    for (bool keep : {false, true}) {
-      INFO("keep_dequantized " << keep << ", skip_unused_outputs " << skip);
-      int64_t weights = 0, layers = 0;
-      const int64_t before = qt::kernels::nf4_dequantized_weights(), skipped = qt::recomputed_outputs_skipped();
-      check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
-        m.grad_checkpointing = true;
-        m.keep_dequantized = keep;
-        m.skip_unused_outputs = skip;
-        m.for_each_linear([&](const std::string&, qt::Linear&) { ++weights; });
-        layers = m.config.num_hidden_layers;
-      });
-      // Forward, recomputation and backward each dequantize every weight, except the backward where the
-      // recomputation's weights were kept, and the recomputation of down_proj where its output is skipped (then
-      // the backward dequantizes it even when the others were kept).
-      CHECK(weights > 0);
-      CHECK(layers > 0);
-      CHECK(qt::recomputed_outputs_skipped() - skipped == (skip ? layers : 0));
-      CHECK(qt::kernels::nf4_dequantized_weights() - before == (keep ? 2 * weights : 3 * weights - (skip ? layers : 0)));
-    }
-}
-
-TEST_CASE("leaving the recomputation's unused output out changes no bit of the loss or of any LoRA gradient",
-          "[lora]") {
-  for (bool b_in_gemm : {false, true}) {
-    INFO("lora_b_in_gemm " << b_in_gemm);
-    auto run = [&](bool skip) {
-      return fixture_loss_and_grads([&](qt::LlamaModel& m) {
-        m.grad_checkpointing = true;
-        m.lora_b_in_gemm = b_in_gemm;
-        m.skip_unused_outputs = skip;
-      });
-    };
-    const int64_t skipped = qt::recomputed_outputs_skipped();
-    const std::vector<at::Tensor> full = run(false);
-    CHECK(qt::recomputed_outputs_skipped() == skipped);
-    const std::vector<at::Tensor> lean = run(true);
-    CHECK(qt::recomputed_outputs_skipped() > skipped);
-    REQUIRE(full.size() == lean.size());
-    CHECK(full.size() > 10);
-    for (size_t i = 0; i < full.size(); ++i) {
-      INFO("tensor " << i);
-      CHECK(full[i].abs().max().item<double>() > 0);
-      CHECK(at::equal(lean[i], full[i]));
-    }
+          "not: keeping saves one dequantization per weight, the recomputation leaves down_proj's out", "[lora]") {
+  for (bool keep : {false, true}) {
+    INFO("keep_dequantized " << keep);
+    int64_t weights = 0, layers = 0;
+    const int64_t before = qt::kernels::nf4_dequantized_weights(), skipped = qt::recomputed_outputs_skipped();
+    check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
+      m.plan.checkpointing = true;
+      m.plan.keep_dequantized = keep;
+      m.for_each_linear([&](const std::string&, qt::Linear&) { ++weights; });
+      layers = m.config.num_hidden_layers;
+    });
+    // Forward, recomputation and backward each dequantize every weight, except the backward where the
+    // recomputation's weights were kept, and the recomputation of down_proj, whose output is never read (then the
+    // backward dequantizes it even when the others were kept).
+    CHECK(weights > 0);
+    CHECK(layers > 0);
+    CHECK(qt::recomputed_outputs_skipped() - skipped == layers);
+    CHECK(qt::kernels::nf4_dequantized_weights() - before == (keep ? 2 * weights : 3 * weights - layers));
   }
 }
 
-// The NF4 + LoRA fixture model under checkpointing with keep_attention, with its rotated q, k, v (keep_qkv) and its
-// residual after attention (keep_residual) kept or not: the loss and every LoRA gradient, and how many
-// recomputations took the kept q, k, v and residual.
+TEST_CASE("a checkpointed run, its recomputation leaving the unused output out, gives the loss and every LoRA "
+          "gradient of the run without checkpointing", "[lora]") {
+  auto run = [&](bool checkpoint) {
+    return fixture_loss_and_grads([&](qt::LlamaModel& m) { m.plan.checkpointing = checkpoint; });
+  };
+  const int64_t skipped = qt::recomputed_outputs_skipped();
+  const std::vector<at::Tensor> full = run(false);
+  CHECK(qt::recomputed_outputs_skipped() == skipped);
+  const std::vector<at::Tensor> lean = run(true);
+  CHECK(qt::recomputed_outputs_skipped() > skipped);
+  REQUIRE(full.size() == lean.size());
+  CHECK(full.size() > 10);
+  for (size_t i = 0; i < full.size(); ++i) {
+    INFO("tensor " << i);
+    CHECK(full[i].abs().max().item<double>() > 0);
+    CHECK(rel_err(lean[i], full[i]) < 1e-6);
+  }
+}
+
+// The NF4 + LoRA fixture model under checkpointing with the keep ladder at `keep` (attention and above): the loss
+// and every LoRA gradient, and how many recomputations took the kept q, k, v and residual.
 struct KeepRun {
   std::vector<at::Tensor> values;
   int64_t qkv_replays = 0, residual_replays = 0, layers = 0;
 };
-KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, bool keep_qkv, bool keep_residual, bool offload) {
+KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, qt::KeepLevel keep, bool offload) {
   KeepRun r;
   const int64_t qkv = qt::qkv_replays(), residual = qt::residual_replays();
   r.values = fixture_loss_and_grads(
       [&](qt::LlamaModel& m) {
-        m.grad_checkpointing = true;
-        m.keep_attention = true;
-        m.keep_qkv = keep_qkv;
-        m.keep_residual = keep_residual;
-        m.offload_activations = offload;
+        m.plan.checkpointing = true;
+        m.plan.keep = keep;
+        m.plan.offload = offload;
         r.layers = m.config.num_hidden_layers;
       },
       device, dtype);
@@ -290,16 +277,15 @@ KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, bool keep_qkv,
 }
 
 void check_keep(const at::Device& device, c10::ScalarType dtype, bool offload, double tol) {
-  const KeepRun plain = keep_run(device, dtype, false, false, offload);
+  const KeepRun plain = keep_run(device, dtype, qt::KeepLevel::Attention, offload);
   CHECK(plain.qkv_replays == 0);
   CHECK(plain.residual_replays == 0);
-  for (auto [qkv, residual] : {std::pair{true, false}, {false, true}, {true, true}}) {
-    INFO(device << " " << c10::toString(dtype) << (offload ? ", offloaded" : "") << ", keep_qkv " << qkv
-                << ", keep_residual " << residual);
-    const KeepRun kept = keep_run(device, dtype, qkv, residual, offload);
+  for (qt::KeepLevel keep : {qt::KeepLevel::Qkv, qt::KeepLevel::Residual}) {
+    INFO(device << " " << c10::toString(dtype) << (offload ? ", offloaded" : "") << ", keep " << qt::keep_level_name(keep));
+    const KeepRun kept = keep_run(device, dtype, keep, offload);
     CHECK(kept.layers > 0);
-    CHECK(kept.qkv_replays == (qkv ? kept.layers : 0));  // every block's recomputation
-    CHECK(kept.residual_replays == (residual ? kept.layers : 0));
+    CHECK(kept.qkv_replays == kept.layers);  // every block's recomputation
+    CHECK(kept.residual_replays == (keep == qt::KeepLevel::Residual ? kept.layers : 0));
     REQUIRE(plain.values.size() == kept.values.size());
     CHECK(plain.values.size() > 10);
     for (size_t i = 0; i < plain.values.size(); ++i) {
@@ -310,15 +296,13 @@ void check_keep(const at::Device& device, c10::ScalarType dtype, bool offload, d
   }
 }
 
-TEST_CASE("keep_qkv and keep_residual: the recomputation takes the kept rotated q, k, v and residual after "
+TEST_CASE("the keep ladder's qkv and residual: the recomputation takes the kept rotated q, k, v and residual after "
           "attention and gives the loss and LoRA gradients of the full recomputation", "[lora]") {
   check_keep(at::kCPU, at::kFloat, /*offload=*/false, 1e-6);
   // And PEFT's, as every LoRA path here.
   check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [](qt::LlamaModel& m) {
-    m.grad_checkpointing = true;
-    m.keep_attention = true;
-    m.keep_qkv = true;
-    m.keep_residual = true;
+    m.plan.checkpointing = true;
+    m.plan.keep = qt::KeepLevel::Residual;
   });
 }
 
@@ -331,8 +315,8 @@ TEST_CASE("the chunked MLP with NF4 LoRA gives the unchunked loss and gradients;
     tokens = ref.load("input_ids", at::kLong, at::kCPU).numel();
     auto run = [&](int64_t chunk) {
       return fixture_loss_and_grads([&](qt::LlamaModel& m) {
-        m.grad_checkpointing = checkpoint;
-        m.mlp_chunk_tokens = chunk;
+        m.plan.checkpointing = checkpoint;
+        m.plan.mlp_chunk_tokens = chunk;
         layers = m.config.num_hidden_layers;
       });
     };
@@ -362,8 +346,8 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
     auto load = [&] {
       qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
       qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
-      m.grad_checkpointing = true;
-      m.keep_dequantized = keep;
+      m.plan.checkpointing = true;
+      m.plan.keep_dequantized = keep;
       return m;
     };
     qt::LlamaModel model = load();
@@ -381,7 +365,7 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
       CHECK(qt::lora_factor_builds() - before == (keep ? nodes : 0));
       // Another model with the same adapter values and nothing cached: the same loss to the bit.
       qt::LlamaModel fresh = load();
-      fresh.keep_dequantized = false;
+      fresh.plan.keep_dequantized = false;
       std::vector<qt::Linear*> ours, theirs;
       model.for_each_linear([&](const std::string&, qt::Linear& l) { ours.push_back(&l); });
       fresh.for_each_linear([&](const std::string&, qt::Linear& l) { theirs.push_back(&l); });
@@ -398,34 +382,15 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
   }
 }
 
-TEST_CASE("gate / up LoRA B terms added inside the SwiGLU (fuse_lora_swiglu) match PEFT, with and without "
-          "checkpointing and kept weights", "[lora]") {
-  for (int mode = 0; mode < 3; ++mode) {
-    INFO("mode " << mode);
-    check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
-      m.fuse_lora_swiglu = true;
-      m.grad_checkpointing = mode > 0;
-      m.keep_dequantized = mode == 2;
-      qt::Linear& gate = m.layers[0].gate_proj;
-      // The fused node is in the graph (not the fallback).
-      const at::Tensor x = at::randn({1, 3, gate.in_features()});
-      const at::Tensor h = qt::gate_up_swiglu(gate, m.layers[0].up_proj, x);
-      REQUIRE(h.defined());
-      CHECK(h.grad_fn()->name().find("SwigluLoraFn") != std::string::npos);
-    });
-  }
-}
-
-TEST_CASE("gate / up LoRA B terms inside the base GEMM (lora_b_in_gemm) match PEFT, with and without "
+TEST_CASE("gate / up LoRA B terms inside the base GEMM match PEFT, with and without "
           "checkpointing and kept weights", "[lora]") {
   for (int mode = 0; mode < 3; ++mode) {
     INFO("mode " << mode);
     const int64_t before = qt::lora_b_in_gemm_runs();
     int64_t layers = 0;
     check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
-      m.lora_b_in_gemm = true;
-      m.grad_checkpointing = mode > 0;
-      m.keep_dequantized = mode == 2;
+      m.plan.checkpointing = mode > 0;
+      m.plan.keep_dequantized = mode == 2;
       layers = m.config.num_hidden_layers;
     });
     // Every block's gate / up took the path (twice with the recomputation).
@@ -769,7 +734,7 @@ TEST_CASE("DoRA with per-block activation checkpointing gives the same loss and 
   for (bool ckpt : {false, true}) {
     qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
     qt::load_peft_adapter(model, fixture("lora/dora_all/adapter"));
-    model.grad_checkpointing = ckpt;
+    model.plan.checkpointing = ckpt;
     at::Tensor loss = causal_lm_loss(model, ids, labels);
     loss.backward();
     losses.push_back(loss.item<double>());
@@ -1043,21 +1008,18 @@ TEST_CASE("keep_qkv and keep_residual on CUDA (bf16, block inputs offloaded or n
 
 TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds", "[lora][dora][gpu]") {
   REQUIRE(at::hasCUDA());
-  for (const char* name : {"all_targets", "dora_all", "all_targets fuse_lora_swiglu"}) {
+  for (const char* name : {"all_targets", "dora_all"}) {
     INFO(name);
-    const bool fused_swiglu = std::string(name).find("fuse_lora_swiglu") != std::string::npos;
-    if (fused_swiglu) name = "all_targets";
     qt::LoadOptions opt{at::Device(at::kCUDA, 0), at::kBFloat16};
     opt.quantize_nf4 = true;
     qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), opt);
     qt::load_peft_adapter(model, fixture(std::string("lora/") + name + "/adapter"));
-    model.fuse_lora_swiglu = fused_swiglu;
     qt::SafetensorsFile ref(fixture(std::string("lora/") + name + "/reference.safetensors"));
     at::Tensor ids = ref.load("input_ids", at::kLong, at::kCUDA);
     at::Tensor labels = ref.load("labels", at::kLong, at::kCUDA);
     for (bool checkpoint : {false, true}) {
       INFO("grad_checkpointing " << checkpoint);
-      model.grad_checkpointing = checkpoint;
+      model.plan.checkpointing = checkpoint;
       auto params = qt::lora_parameters(model);
       for (auto& [key, t] : params)
         if (t.grad().defined()) t.mutable_grad().zero_();

@@ -109,7 +109,7 @@ TEST_CASE("activation checkpointing gives the gradients of the plain backward pa
   });
   at::Tensor ids = at::randint(0, model.config.vocab_size, {2, 9}, at::kLong);
   auto grads_with = [&](bool checkpoint) {
-    model.grad_checkpointing = checkpoint;
+    model.plan.checkpointing = checkpoint;
     for (auto& p : params) p.mutable_grad() = at::Tensor();
     at::Tensor logits = model.forward(ids);
     at::Tensor loss = at::cross_entropy_loss(logits.reshape({-1, model.config.vocab_size}), ids.reshape({-1}));
@@ -156,59 +156,46 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   CHECK(c.optim.lr == 1e-4);
   CHECK(c.train.batch_size == 4);
   CHECK(c.model.quant == "none");
-  CHECK(c.train.grad_checkpointing);
+  CHECK(!c.train.memory.checkpointing.has_value());  // the plan's to choose: checkpointing unless "auto" asks
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"weight_decy": 1}})", {"optim.weight_decy", "did you mean 'optim.weight_decay'"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "trian": {}})", {"trian", "'train'"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": "8"}})", {"train.batch_size", "integer"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": 0}})", {"train.batch_size", "> 0"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"schedule": "cosin"}})", {"optim.schedule", "cosine"});
-  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"attention": "fa3"}})", {"train.attention", "flash or cudnn"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"memory": {"attention": "fa3"}}})",
+         {"train.memory.attention", "\"cudnn\" or \"flash\""});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"neftune_alpha": -1}})", {"train.neftune_alpha", ">= 0"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"lr": 1e-4, "embedding_lr": -1}})", {"optim.embedding_lr", "[0, 1)"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}})", {"optim.lr"}, {"optim.lr=2"});
   expect(R"({"model": {"path": "m"}})", {"output_dir", "missing"});
-  // The memory switches: true, false or "auto" (the default).
-  CHECK(c.train.offload_activations == "auto");
-  CHECK(c.train.keep_attention == "auto");
-  CHECK(parse(ok, {"train.keep_attention=false"}).train.keep_attention == "false");
-  CHECK(parse(ok, {"train.keep_attention=true"}).train.keep_attention == "true");
-  CHECK(parse(ok, {"train.offload_activations=true"}).train.offload_activations == "true");
-  CHECK(c.train.fuse_projections);
-  CHECK(!parse(ok, {"train.fuse_projections=false"}).train.fuse_projections);
-  CHECK(parse(ok, {"train.fuse_lora_swiglu=true"}).train.fuse_lora_swiglu);
-  CHECK(c.train.lora_b_in_gemm);
-  CHECK(!parse(ok, {"train.lora_b_in_gemm=false"}).train.lora_b_in_gemm);
-  CHECK(c.train.keep_qkv);
-  CHECK(!c.train.keep_residual);
-  CHECK(!parse(ok, {"train.keep_qkv=false"}).train.keep_qkv);
-  CHECK(parse(ok, {"train.keep_residual=true"}).train.keep_residual);
-  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"keep_attention": "yes"}})", {"train.keep_attention", "true, false or \"auto\""});
-  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"keep_dequantized": 2}})", {"train.keep_dequantized", "true, false or \"auto\""});
-  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"offload_activations": 1}})", {"train.offload_activations", "true, false or \"auto\""});
+  // train.memory: the plan's fields, each true / false / "auto" (the default) or its named values.
+  CHECK(!c.train.memory.gpu_memory_gib);
+  CHECK(!c.train.memory.offload);
+  CHECK(!c.train.memory.keep);
+  const qt::PlanRequest m = parse(ok, {"train.memory.gpu_memory_gib=11.5", "train.memory.offload=true",
+                                       "train.memory.keep=qkv", "train.memory.embeddings=host",
+                                       "train.memory.checkpointing=auto", "train.memory.mlp_chunk_tokens=4096"})
+                                .train.memory;
+  CHECK(*m.gpu_memory_gib == 11.5);
+  CHECK(*m.offload);
+  CHECK(*m.keep == qt::KeepLevel::Qkv);
+  CHECK(*m.embeddings_on_host);
+  CHECK(m.checkpointing_auto);
+  CHECK(!m.checkpointing);
+  CHECK(*m.mlp_chunk_tokens == 4096);
+  CHECK(!m.lm_head_on_host);
+  expect(ok, {"train.memory.keep", "\"residual\""}, {"train.memory.keep=everything"});
+  expect(ok, {"train.memory.offload", "true, false or \"auto\""}, {"train.memory.offload=1"});
+  expect(ok, {"train.memory.gpu_memory_gib", "> 0"}, {"train.memory.gpu_memory_gib=-2"});
+  expect(ok, {"train.memory.lm_head", "\"host\""}, {"train.memory.lm_head=cpu"});
+  expect(ok, {"train.memory.keep_dequantised", "did you mean 'train.memory.keep_dequantized'"},
+         {"train.memory.keep_dequantised=true"});
+  // The speed keys of earlier versions name where they went.
+  expect(ok, {"train.keep_attention", "train.memory.keep"}, {"train.keep_attention=true"});
+  expect(ok, {"train.grad_checkpointing", "train.memory.checkpointing"}, {"train.grad_checkpointing=false"});
+  expect(ok, {"train.offload_activations", "train.memory.offload"}, {"train.offload_activations=auto"});
+  expect(ok, {"train.fuse_lora_swiglu", "no longer a setting"}, {"train.fuse_lora_swiglu=true"});
+  expect(ok, {"train.shard", "train.memory.checkpointing"}, {"train.shard=blocks", "train.memory.checkpointing=false"});
   expect("{\"output_dir\": \"o\",\n \"model\": {\"path\": }", {"run.json", "line 2"});
 }
 
-TEST_CASE("keep_attention auto: offloaded rows from 4096 tokens whose offloaded tensors fit half the host", "[train]") {
-  const int64_t L = 32, H = 4096, Q = 4096;  // Llama 3.1 8B
-  const uint64_t host = uint64_t{125} << 30;
-  CHECK(qt::keep_attention_auto(8192, L, H, Q, /*offload=*/true, host));
-  CHECK(qt::keep_attention_auto(4096, L, H, Q, true, host));
-  CHECK(!qt::keep_attention_auto(2048, L, H, Q, true, host));  // short rows: attention is a small share
-  CHECK(qt::keep_attention_auto(32768, L, H, Q, /*offload=*/true, host));
-  CHECK(qt::keep_attention_auto(98304, L, H, Q, true, host));    // 48 GiB of block inputs and outputs: within 62.5
-  CHECK(!qt::keep_attention_auto(131072, L, H, Q, true, host));  // 64 GiB: over half the host
-  CHECK(!qt::keep_attention_auto(32768, L, H, Q, /*offload=*/false, host));  // the outputs would stay on the GPU
-  CHECK(!qt::keep_attention_auto(342733, L, H, Q, true, host));  // 167 GiB would not fit the host
-  // Tensors kept beside them (keep_qkv: 6144 more a token and layer; keep_residual: 4096) count in the same budget.
-  CHECK(qt::keep_attention_auto(65536, L, H, Q, true, host));                 // 32 GiB alone
-  CHECK(qt::keep_attention_auto(49152, L, H, Q, true, host, 6144 + 4096));    // 54 GiB with them: within 62.5
-  CHECK(!qt::keep_attention_auto(65536, L, H, Q, true, host, 6144 + 4096));   // 72 GiB: over
-  CHECK(!qt::keep_attention_auto(32768, L, H, Q, true, uint64_t{8} << 30));
-}
-
-TEST_CASE("keep_dequantized auto: below 8192 tokens per micro-batch", "[train]") {
-  CHECK(qt::keep_dequantized_auto(4096));
-  CHECK(qt::keep_dequantized_auto(8191));
-  CHECK(!qt::keep_dequantized_auto(8192));
-  CHECK(!qt::keep_dequantized_auto(32768));
-}

@@ -110,6 +110,18 @@ at::Device parse_device(const std::string& name) {
   qt::fail(qt::ErrorKind::Usage, "--device '" + name + "': expected cpu or cuda");
 }
 
+// eval and generate run the model by the plan training would choose for the same device and row length (the same
+// defaults: the attention kernel, ...); what a plan keeps for a backward pass does not apply without one.
+void apply_plan(qt::LlamaModel& model, const at::Device& device, int64_t seq) {
+  qt::PlanInputs in;
+  in.model = model.config;
+  in.seq = std::max<int64_t>(seq, 1);
+  in.cuda = device.is_cuda();
+  in.element_size = static_cast<int64_t>(c10::elementSize(model.dtype()));
+  model.plan = qt::decide_plan(in, qt::PlanRequest{}).plan;
+  model.to_host(model.plan.embeddings_on_host, model.plan.lm_head_on_host);
+}
+
 int run_eval(const EvalArgs& args) {
   const at::Device device = parse_device(args.device);
   // fp32 on the CPU (exact comparisons with references), bf16 on the GPU.
@@ -118,6 +130,7 @@ int run_eval(const EvalArgs& args) {
   auto tokenizer = qt::load_tokenizer(args.model);
   qt::LlamaModel model = qt::load_llama(args.model, load);
   if (!args.adapter.empty()) qt::load_peft_adapter(model, args.adapter);
+  apply_plan(model, device, args.max_seq_len);
   std::vector<std::vector<int32_t>> docs;
   for (const auto& record : qt::read_jsonl(args.data))
     docs.push_back(tokenizer->encode_document(qt::record_string(record, args.data, "text")));
@@ -208,6 +221,7 @@ int run_generate(const GenerateArgs& args) {
   auto tokenizer = qt::load_tokenizer(args.model);
   qt::LlamaModel model = qt::load_llama(args.model, load);
   if (!args.adapter.empty()) qt::load_peft_adapter(model, args.adapter);
+  apply_plan(model, device, model.config.max_position_embeddings);
   std::vector<int32_t> prompt;
   if (tokenizer->add_bos() && tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
   for (int32_t id : tokenizer->encode(args.prompt)) prompt.push_back(id);

@@ -31,14 +31,7 @@ at::Tensor expand_kv(const at::Tensor& t, int64_t groups) {
 // measured in training: there cuDNN's grouped results equal the expanded ones (scripts/cudnn_gqa_probe.py, 240
 // shapes on an H200, all equal; the [gpu] test against the float64 oracle). An earlier model-level run at 40
 // tokens and head_dim 16 gave wrong K / V gradients that the probe did not reproduce, hence the narrow gate.
-// QT_ATTENTION_EXPAND_KV=1 expands always (for measurements).
-bool cudnn_grouped_kv(int64_t S, int64_t D) {
-  static const bool expand = [] {
-    const char* e = std::getenv("QT_ATTENTION_EXPAND_KV");
-    return e && std::string(e) == "1";
-  }();
-  return !expand && S % 128 == 0 && (D == 64 || D == 128);
-}
+bool cudnn_grouped_kv(int64_t S, int64_t D) { return S % 128 == 0 && (D == 64 || D == 128); }
 
 // The expanded K / V gradient summed back over each group of query heads: [B, Hkv * g, S, D] -> [B, Hkv, S, D].
 at::Tensor reduce_kv(const at::Tensor& g, int64_t groups) {

@@ -27,22 +27,6 @@ at::Tensor swiglu_reference(const at::Tensor& gate, const at::Tensor& up);
 // [.., 2I] tensor (no concatenation of two halves).
 at::Tensor swiglu_packed(const at::Tensor& gate_up);
 
-// The SwiGLU of a gate / up projection output whose LoRA B terms are not added yet: with I = bg.size(0),
-// g = base[.., :I] + t[.., :rg] bg^T and u = base[.., I:] + t[.., rg:] bu^T (bg [I, rg], bu [I, ru]: the scaled B
-// factors, rg + ru = t.size(-1)), each sum rounded to base's dtype as the projection's output would be, then
-// silu(g) * u as swiglu_fused rounds it -> [.., I]. So the [tokens, 2I] output is read once, not also read and
-// written by a rank-r GEMM that adds the LoRA terms to it. Not differentiable: swiglu_lora_backward gives the
-// gradient of base ([.., 2I], gate's then up's) for the gradient of the output. CUDA kernel where
-// fused_ops_apply(base), I % 8 == 0 and rg + ru <= 64; the ATen reference (fp32 sums, the same roundings) elsewhere.
-at::Tensor swiglu_lora_forward(const at::Tensor& base, const at::Tensor& t, const at::Tensor& bg, const at::Tensor& bu);
-at::Tensor swiglu_lora_backward(const at::Tensor& dh, const at::Tensor& base, const at::Tensor& t, const at::Tensor& bg,
-                                const at::Tensor& bu);
-// The same through the plain-ATen reference on any device (for tests).
-at::Tensor swiglu_lora_forward_reference(const at::Tensor& base, const at::Tensor& t, const at::Tensor& bg,
-                                         const at::Tensor& bu);
-at::Tensor swiglu_lora_backward_reference(const at::Tensor& dh, const at::Tensor& base, const at::Tensor& t,
-                                          const at::Tensor& bg, const at::Tensor& bu);
-
 // x [B, S, heads, D], cos / sin [B, S, D] in x's dtype -> [B, S, heads, D]. Differentiable in x.
 at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);

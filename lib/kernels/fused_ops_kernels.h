@@ -23,19 +23,6 @@ void swiglu_forward_launch(const void* g, const void* u, void* out, int64_t rows
 void swiglu_backward_launch(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t rows,
                             int64_t cols, int64_t ld_in, int64_t ld_out, ElemType type, CUstream_st* stream);
 
-// SwiGLU on a gate / up projection output whose LoRA B terms are added here: g = base_g + t_g bg^T, u = base_u +
-// t_u bu^T (fp32 sums over the ranks, rounded to T as the projection's output would be), then as swiglu_forward.
-// base rows [gate cols | up cols] `ld_base` apart; t [rows, rg + ru] rows ld_t apart (gate's rg first); bg [cols,
-// rg] and bu [cols, ru] rows ld_b apart (scaled B factors); rg + ru <= 64; cols and strides multiples of 8.
-void swiglu_lora_forward_launch(const void* base, int64_t ld_base, const void* t, int64_t ld_t, const void* bg,
-                                const void* bu, int64_t ld_b, int rg, int ru, void* out, int64_t ld_out, int64_t rows,
-                                int64_t cols, ElemType type, CUstream_st* stream);
-// Its backward as swiglu_backward from the same g, u: dg, du into one [rows, 2 cols] row (ld_dgu apart); dy rows
-// ld_dy apart.
-void swiglu_lora_backward_launch(const void* dy, int64_t ld_dy, const void* base, int64_t ld_base, const void* t,
-                                 int64_t ld_t, const void* bg, const void* bu, int64_t ld_b, int rg, int ru, void* dgu,
-                                 int64_t ld_dgu, int64_t rows, int64_t cols, ElemType type, CUstream_st* stream);
-
 // RoPE over tokens: x, y [tokens, heads, D], cos / sin [tokens, D], D % 16 == 0; token t's heads start at
 // t * x_ld in x and t * y_ld in y (elements, multiples of 8: heads * D when contiguous; q and k can be read out of
 // one fused q/k/v projection output and the gradient written back into one). With `inverse`, the transposed

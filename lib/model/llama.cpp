@@ -290,7 +290,7 @@ struct KeepDequantizedScope {
   bool weights_, factors_;
 };
 
-// LlamaModel::skip_unused_outputs: g_output_unused is set while a checkpointed block recomputes its forward pass
+// g_output_unused is set while a checkpointed block recomputes its forward pass
 // for its backward pass. That pass runs only to rebuild the graph and the tensors its backward saves; the block's
 // output value is never read (the backward takes the incoming gradient, not the output). So the last linear
 // (down_proj with a plain LoRA adapter) computes only what its backward saves, not its output (no dequantization,
@@ -344,7 +344,7 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     ctx->saved_data["layer"] = layer;
     ctx->saved_data["cpu_rng"] = at::detail::getDefaultCPUGenerator().get_state();
     if (h.is_cuda()) ctx->saved_data["cuda_rng"] = at::cuda::detail::getDefaultCUDAGenerator(h.get_device()).get_state();
-    if (model->offload_activations && h.is_cuda()) {
+    if (model->plan.offload && h.is_cuda()) {
       ctx->saved_data["host"] = offload_to_host(h);
     } else {
       ctx->save_for_backward({h});
@@ -358,10 +358,10 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     // keep_attention: the attention output and log-sum-exp of this pass are kept (the output offloaded with the
     // block input) and replayed in the recomputation.
     AttentionStash stash;
-    stash.keep_qkv = model->keep_qkv;
-    stash.keep_residual = model->keep_residual;
+    stash.keep_qkv = model->plan.keeps(KeepLevel::Qkv);
+    stash.keep_residual = model->plan.keeps(KeepLevel::Residual);
     std::optional<StashScope> scope;
-    if (model->keep_attention) scope.emplace(&stash);
+    if (model->plan.keeps(KeepLevel::Attention)) scope.emplace(&stash);
     at::Tensor out = model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1],
                                           AttentionMask{aux[2], aux[3], max_seqlen, window});
     scope.reset();
@@ -442,8 +442,8 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
         scope.emplace(&replay);
       }
       {
-        KeepDequantizedScope keep(model->keep_dequantized, model->keep_dequantized);
-        OutputUnusedScope unused(model->skip_unused_outputs);
+        KeepDequantizedScope keep(model->plan.keep_dequantized, model->plan.keep_dequantized);
+        OutputUnusedScope unused(true);
         out = model->block_forward(layer, x, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask);
       }
       scope.reset();
@@ -495,7 +495,7 @@ struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
       at::Tensor yc;
       {
         at::AutoGradMode enable(true);
-        OutputUnusedScope unused(model->skip_unused_outputs);  // yc's value is not read either: down_proj's is skipped
+        OutputUnusedScope unused(true);  // yc's value is not read either: down_proj's is skipped
         yc = model->mlp_residual(layer, xc);
       }
       torch::autograd::backward({yc}, {dy.narrow(0, s, n)});
@@ -671,9 +671,6 @@ std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
 // blocks, each with its scale, on the diagonal of a [sum out, sum r] matrix). The output is the members' outputs
 // side by side, [.., sum out]; its gradient comes back whole, so the input gradient is one GEMM with the LoRA
 // term on its epilogue, not one per member summed by autograd. ab: A0, B0, A1, B1, ... (fp32 masters).
-// With defer_b, the LoRA B terms are left to the consumer (swiglu_lora): the outputs are the bases' sum x W^T
-// and the rank-r product t = x A^T, and the backward takes their gradients (the B gradients come from the
-// consumer's node).
 struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   // The bases dequantized into [total, in], or with the LoRA B blocks `bd` in `extra` more columns (zero beyond
   // bd's): [total, in + extra] = [W | bd | 0] (concat_b).
@@ -706,13 +703,13 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   }
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 at::TensorList ab, const std::vector<int64_t>& linear_ptrs,
-                                                bool defer_b, bool concat_b, bool output_unused) {
+                                                bool concat_b, bool output_unused) {
     const auto ls = members(linear_ptrs);
     const auto dt = x.scalar_type();
     const auto [a, bd] = LoraFactorCache::instance().get(ls, ab, dt);  // [sum r, in], [sum out, sum r]
     const int64_t total = bd.size(0);
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
-    concat_b = concat_b && !defer_b && !output_unused && concat_applies(ls, x);
+    concat_b = concat_b && !output_unused && concat_applies(ls, x);
     at::Tensor t, W, y;
     if (output_unused) {  // only what the backward saves (a recomputation whose values are kept elsewhere)
       t = at::mm(x2, a.t());
@@ -734,39 +731,31 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       t = at::mm(x2, a.t());  // [N, sum r]
       W = weight(ls, total, dt);
       y = at::mm(x2, W.t());
-      if (!defer_b) y.addmm_(t, bd.t());
+      y.addmm_(t, bd.t());
     }
     ctx->save_for_backward({x2, a, bd, t, g_keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linears"] = linear_ptrs;
-    ctx->saved_data["defer_b"] = defer_b;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = total;
-    if (!defer_b) return {y.view(shape)};
-    std::vector<int64_t> tshape(x.sizes().begin(), x.sizes().end());
-    tshape.back() = t.size(1);
-    return {y.view(shape), t.view(tshape)};
+    return {y.view(shape)};
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto ls = members(ctx->saved_data["linears"].toIntVector());
-    const bool defer_b = ctx->saved_data["defer_b"].toBool();
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x2 = saved[0], &a = saved[1], &bd = saved[2], &t = saved[3], &kept = saved[4];
     const auto dt = x2.scalar_type();
     const int64_t total = bd.size(0);
     at::Tensor dy = grads[0].reshape({-1, total}).to(dt);
-    // g: the gradient of t, [N, sum r]: through the B terms here, or as the consumer gave it.
-    at::Tensor g = !defer_b ? at::mm(dy, bd)
-                   : grads[1].defined() ? grads[1].reshape({-1, bd.size(1)}).to(dt)
-                                        : at::zeros({x2.size(0), bd.size(1)}, x2.options());
+    at::Tensor g = at::mm(dy, bd);  // the gradient of t, [N, sum r]
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
       dx = at::mm(dy, kept.defined() ? kept : weight(ls, total, dt));
       dx.addmm_(g, a);
     }
     at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);  // [sum r, in]
-    std::vector<at::Tensor> dBs;
-    if (!defer_b) dBs = member_b_grads(ls, at::mm(dy.t(), t));  // [sum out, sum r]: the diagonal blocks are the members'
+    // [sum out, sum r]: the diagonal blocks are the members'
+    const std::vector<at::Tensor> dBs = member_b_grads(ls, at::mm(dy.t(), t));
     torch::autograd::variable_list out;
     std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
     shape.back() = x2.size(1);
@@ -774,47 +763,13 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     for (size_t i = 0, roff = 0; i < ls.size(); ++i) {
       const int64_t r = ls[i]->lora->A.size(0);
       out.push_back(dA.narrow(0, static_cast<int64_t>(roff), r));
-      out.push_back(defer_b ? at::Tensor() : dBs[i]);
+      out.push_back(dBs[i]);
       roff += static_cast<size_t>(r);
     }
     out.emplace_back();  // linear_ptrs
-    out.emplace_back();  // defer_b
     out.emplace_back();  // concat_b
     out.emplace_back();  // output_unused
     return out;
-  }
-};
-
-// gate and up's LoRA B terms and SwiGLU as one node over the deferred projection (GroupLoraLinearFn with
-// defer_b): h = swiglu_lora_forward(base, t, s_g B_g, s_u B_u). The backward gives base's gradient [.., 2I], t's
-// (dgu diag(s B)) and the B gradients (dgu^T t, per member). ab: A_g, B_g, A_u, B_u (fp32 masters; the As only
-// key the factor cache and get no gradient here).
-struct SwigluLoraFn : public torch::autograd::Function<SwigluLoraFn> {
-  static std::array<at::Tensor, 2> halves(const at::Tensor& bd, int64_t I, int64_t rg) {
-    return {bd.narrow(0, 0, I).narrow(1, 0, rg), bd.narrow(0, I, I).narrow(1, rg, bd.size(1) - rg)};
-  }
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& base, const at::Tensor& t,
-                            at::TensorList ab, const std::vector<int64_t>& linear_ptrs) {
-    const auto ls = members(linear_ptrs);
-    const at::Tensor bd = LoraFactorCache::instance().get(ls, ab, base.scalar_type()).second;
-    const int64_t I = ls[0]->out_features(), rg = ab[0].size(0);
-    const auto [bg, bu] = halves(bd, I, rg);
-    ctx->save_for_backward({base, t, bd});
-    ctx->saved_data["linears"] = linear_ptrs;
-    return swiglu_lora_forward(base, t, bg, bu);
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto ls = members(ctx->saved_data["linears"].toIntVector());
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor &base = saved[0], &t = saved[1], &bd = saved[2];
-    const int64_t I = ls[0]->out_features(), rg = ls[0]->lora->A.size(0), R = bd.size(1);
-    const auto [bg, bu] = halves(bd, I, rg);
-    const at::Tensor dgu = swiglu_lora_backward(grads[0], base, t, bg, bu);  // [.., 2I]
-    const at::Tensor dgu2 = dgu.reshape({-1, 2 * I}), t2 = t.reshape({-1, R});
-    const at::Tensor dt = at::mm(dgu2, bd).view(t.sizes());
-    const std::vector<at::Tensor> dBs = member_b_grads(ls, at::mm(dgu2.t(), t2));
-    return {dgu, dt, at::Tensor(), dBs[0], at::Tensor(), dBs[1], at::Tensor()};
   }
 };
 
@@ -937,18 +892,7 @@ at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor&
   std::vector<at::Tensor> ab;
   std::vector<int64_t> ptrs;
   if (!group_inputs(ls, x, ab, ptrs)) return {};
-  return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/false, concat_b, output_unused)[0];
-}
-
-at::Tensor gate_up_swiglu(const Linear& gate, const Linear& up, const at::Tensor& x) {
-  std::vector<at::Tensor> ab;
-  std::vector<int64_t> ptrs;
-  if (!group_inputs({&gate, &up}, x, ab, ptrs) || gate.out_features() != up.out_features() ||
-      gate.lora->A.size(0) + up.lora->A.size(0) > 64)
-    return {};
-  auto base_t = GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, /*defer_b=*/true, /*concat_b=*/false,
-                                         /*output_unused=*/false);
-  return SwigluLoraFn::apply(base_t[0], base_t[1], at::TensorList(ab), ptrs);
+  return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, concat_b, output_unused)[0];
 }
 
 // PEFT (peft.tuners.lora.variants.DoraLinearVariant.forward, DoraLinearLayer.forward) adds to the base result
@@ -1074,7 +1018,7 @@ int64_t LlamaModel::dense_attention_backend(int64_t seq, at::Device device, c10:
   at::Tensor q = at::empty({1, seq, Hq, hd}, opts).transpose(1, 2);
   at::Tensor k = at::empty({1, seq, Hkv, hd}, opts).transpose(1, 2);
   std::optional<SdpFirst> first;
-  if (attention_kernel == AttentionKernel::Cudnn && device.is_cuda()) first.emplace(at::SDPBackend::cudnn_attention);
+  if (plan.attention == AttentionKernel::Cudnn && device.is_cuda()) first.emplace(at::SDPBackend::cudnn_attention);
   return at::_fused_sdp_choice(q, k, k, std::nullopt, 0.0, /*is_causal=*/true, std::nullopt, /*enable_gqa=*/Hkv != Hq);
 }
 
@@ -1086,7 +1030,7 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
   at::Tensor q, k, v;
   AttentionStash* stash = current_attention_stash();  // set by a checkpointed block under keep_attention
   bool fused_qkv = false;
-  if (stash && stash->replay && stash->q.defined() && fuse_projections) {
+  if (stash && stash->replay && stash->q.defined()) {
     // keep_qkv's recomputation: the projection's node for the backward pass without its output, the rotated q,
     // k, v of the forward pass in place of RoPE's.
     if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x, false, /*output_unused=*/true);
@@ -1097,8 +1041,7 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
     }
   }
   if (!q.defined()) {
-    if (at::Tensor qkv = fuse_projections ? project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x) : at::Tensor();
-        qkv.defined()) {
+    if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x); qkv.defined()) {
       auto rotated = rope_qkv(qkv, cos, sin, Hq, Hkv);
       q = rotated[0], k = rotated[1], v = rotated[2];
       fused_qkv = true;
@@ -1117,7 +1060,7 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
             .view({B, S, Hq, hd});
   } else {
     const at::Tensor& dense = mask.dense;
-    const bool cudnn = attention_kernel == AttentionKernel::Cudnn && q.is_cuda() && cudnn_admits(B, S);
+    const bool cudnn = plan.attention == AttentionKernel::Cudnn && q.is_cuda() && cudnn_admits(B, S);
     if (stash && !dense.defined() && causal_attention_supported(q.transpose(1, 2))) {
       if (!stash->replay && stash->keep_qkv && fused_qkv) stash->q = q, stash->k = k, stash->v = v;
       o = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -1138,11 +1081,7 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
 }
 
 at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x) const {
-  if (at::Tensor h = fuse_projections && fuse_lora_swiglu ? gate_up_swiglu(b.gate_proj, b.up_proj, x) : at::Tensor();
-      h.defined())
-    return last_linear(b.down_proj, h);
-  if (at::Tensor gate_up = fuse_projections ? project_group({&b.gate_proj, &b.up_proj}, x, lora_b_in_gemm) : at::Tensor();
-      gate_up.defined())
+  if (at::Tensor gate_up = project_group({&b.gate_proj, &b.up_proj}, x, /*concat_b=*/true); gate_up.defined())
     return last_linear(b.down_proj, swiglu_packed(gate_up));
   return last_linear(b.down_proj, swiglu_fused(b.gate_proj.forward(x), b.up_proj.forward(x)));
 }
@@ -1196,13 +1135,13 @@ at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Ten
   }
   auto [cos, sin] = rope_cos_sin(freq, positions, inputs_embeds.scalar_type(), config.rope.attention_factor);
   at::Tensor h = inputs_embeds;
-  const bool checkpoint = grad_checkpointing && at::GradMode::is_enabled();
+  const bool checkpoint = plan.checkpointing && at::GradMode::is_enabled();
   // The checkpoint function records a backward node only when its input requires grad; with a frozen
   // embedding it would not, and the LoRA weights inside the blocks would get no gradient.
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
   QT_CHECK(!block_hooks || checkpoint || !at::GradMode::is_enabled(), ErrorKind::Internal,
-           "sharded blocks record for autograd only with grad_checkpointing (their weights are freed after forward)");
-  KeepDequantizedScope keep(/*weights=*/false, /*factors=*/keep_dequantized);
+           "sharded blocks record for autograd only with checkpointing (their weights are freed after forward)");
+  KeepDequantizedScope keep(/*weights=*/false, /*factors=*/plan.keep_dequantized);
   for (size_t i = 0; i < layers.size(); ++i) {
     if (block_hooks) block_hooks->before_block(i, /*backward=*/false);
     h = checkpoint ? BlockCheckpointFn::apply(h, reinterpret_cast<int64_t>(this), static_cast<int64_t>(i),
@@ -1227,9 +1166,9 @@ at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at
     }
   }
   auto dropout = [](const Linear& l) { return l.training && l.lora && l.lora->dropout > 0; };
-  if (mlp_chunk_tokens > 0 && at::GradMode::is_enabled() && x.numel() / x.size(-1) > mlp_chunk_tokens &&
+  if (plan.mlp_chunk_tokens > 0 && at::GradMode::is_enabled() && x.numel() / x.size(-1) > plan.mlp_chunk_tokens &&
       !dropout(b.gate_proj) && !dropout(b.up_proj) && !dropout(b.down_proj))
-    return ChunkedMlpFn::apply(x, reinterpret_cast<int64_t>(this), static_cast<int64_t>(layer), mlp_chunk_tokens);
+    return ChunkedMlpFn::apply(x, reinterpret_cast<int64_t>(this), static_cast<int64_t>(layer), plan.mlp_chunk_tokens);
   return mlp_residual(layer, x);
 }
 
@@ -1243,7 +1182,7 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Bat
   // One whole document in every row, no window to apply: plain causal attention, the call cuDNN's kernel takes
   // (it has no varlen path here).
   const int64_t S = inputs_embeds.size(1);
-  if (attention_kernel == AttentionKernel::Cudnn && inputs_embeds.is_cuda() &&
+  if (plan.attention == AttentionKernel::Cudnn && inputs_embeds.is_cuda() &&
       (!config.sliding_window || S <= *config.sliding_window) && (batch.doc_ids == 0).all().item<bool>() &&
       cudnn_admits(inputs_embeds.size(0), S))
     return forward_hidden(inputs_embeds, batch.positions.to(inputs_embeds.device()));

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "lib/core/batch.h"
+#include "lib/model/exec_plan.h"
 #include "lib/model/llama_config.h"
 #include "lib/quant/nf4.h"
 
@@ -85,12 +86,6 @@ int64_t qkv_replays();
 // How many recomputations took their residual after attention from keep_residual so far (for tests).
 int64_t residual_replays();
 
-// silu(gate(x)) * up(x) for a gate and an up linear that project_group takes, with their LoRA B terms added inside
-// the SwiGLU (swiglu_lora_forward) instead of onto the [tokens, 2 * intermediate] projection output; gradients
-// as project_group's followed by swiglu_packed. Undefined where it does not apply (as project_group, or ranks
-// summing to more than 64).
-at::Tensor gate_up_swiglu(const Linear& gate, const Linear& up, const at::Tensor& x);
-
 // DoRA's weight norm: the L2 norm of each row (output feature) of W + scale * B A, in fp32, without gradient.
 // Computed over blocks of rows so that W + scale * B A never exists whole; W may be any floating dtype.
 // PEFT: DoraLinearLayer.get_weight_norm (torch.linalg.norm(weight + scaling * lora_weight, dim=1)).
@@ -144,12 +139,13 @@ class LlamaModel {
   at::Tensor embed_tokens_trainable;
   at::Tensor lm_head_trainable;
 
-  // Recompute each block in the backward pass instead of keeping its activations (only the block inputs are
-  // kept). Takes effect while autograd records.
-  bool grad_checkpointing = false;
-  // With grad_checkpointing on CUDA: keep the checkpointed block inputs in pinned host memory instead of on the
-  // GPU (copied out on a side stream, back in the backward pass): long contexts need the GPU memory.
-  bool offload_activations = false;
+  // How a step runs (lib/model/exec_plan.h): checkpointing, offload, the keep ladder, kept dequantized weights, MLP
+  // chunks, the attention kernel, where embeddings and lm_head live. Decided once (decide_plan) and set before
+  // use; a default plan keeps everything (no checkpointing) on the model's device. The q, k, v and gate, up
+  // projections run as one each wherever project_group takes them, gate / up's LoRA B terms inside the base GEMM,
+  // and a checkpointed block's recomputation leaves out what only its output needs: not plan choices, the model's
+  // way.
+  ExecPlan plan;
   // The offloaded block inputs of the last forward pass, by layer, and the copies back to the GPU started ahead of
   // the backward pass (lib/model/llama.cpp: while block L's backward runs, block L-1's input is fetched on the side
   // stream). Shared by copies of the model.
@@ -158,49 +154,6 @@ class LlamaModel {
   // Offloaded tensors (block inputs, kept attention outputs) that the backward passes so far took from a copy
   // started ahead (for tests and logs).
   int64_t prefetched_offloads() const;
-  // With grad_checkpointing: keep each block's attention output and log-sum-exp from the forward pass (offloaded
-  // with the block input when offload_activations) and replay them in the recomputation instead of running the
-  // attention forward again. Unpacked, unmasked rows only (lib/kernels/attention_core.h); one more [tokens,
-  // heads * head_dim] tensor per block.
-  bool keep_attention = false;
-  // With keep_attention and fuse_projections: keep the rotated q, k, v too (offloaded with the block input) and
-  // give them to the recomputation, whose q / k / v projection and RoPE then compute nothing but what the
-  // backward saves (t = x A^T). [tokens, (q_heads + 2 kv_heads) head_dim] more per block (run config
-  // train.keep_qkv, on there: +3.2% at 8B 1x8192 on an H200 for 0.10 GiB more peak memory).
-  bool keep_qkv = false;
-  // With keep_attention: keep the residual stream after attention, h + o_proj(attention), too (offloaded with the
-  // block input) and give it to the recomputation, whose o_proj then computes only what its backward saves.
-  // [tokens, hidden] more per block (run config train.keep_residual, off there: +1.8% at 8B 1x8192 on an H200,
-  // +0.07 GiB peak memory, which takes that row above Unsloth's).
-  bool keep_residual = false;
-  // q, k, v and gate, up of a block as one projection each where project_group takes them (NF4 bases with plain
-  // LoRA adapters); off: each linear on its own (the same function, more launches).
-  bool fuse_projections = true;
-  // The LoRA linears keep the 16-bit copies they make while these can be reused: with grad_checkpointing, the
-  // weights dequantized in a block's recomputation for that block's backward pass, which follows at once (one
-  // dequantization less per linear and step; a block's 16-bit weights, 0.44 GB for the 8B shape, live until its
-  // backward has used them); and the compute-dtype LoRA factors from one forward pass to the next until the
-  // optimizer writes the fp32 masters (0.12 GiB for the 8B shape).
-  bool keep_dequantized = false;
-  // With fuse_projections: gate / up's LoRA B terms added inside the SwiGLU kernel (gate_up_swiglu) instead of by a
-  // rank-r GEMM over the [tokens, 2 * intermediate] projection output. Off by default: 2% slower on an H200.
-  bool fuse_lora_swiglu = false;
-  // With fuse_projections: gate / up's LoRA B terms inside the base GEMM (project_group's concat_b) instead of an
-  // addmm over the [tokens, 2 * intermediate] output (run config train.lora_b_in_gemm, on there).
-  bool lora_b_in_gemm = false;
-  // With grad_checkpointing: a block's recomputation leaves out what only its output needs (down_proj's base
-  // GEMM and dequantization where it has a plain LoRA adapter; the whole chunked MLP, which its own backward
-  // recomputes): the output value of that pass is never read. The same gradients.
-  bool skip_unused_outputs = true;
-  // > 0: while recording, the MLP half of each block runs over chunks of this many tokens, its activations
-  // recomputed chunk by chunk in the backward pass (long contexts); 0: off.
-  int64_t mlp_chunk_tokens = 0;
-  // The fused kernel first in line for causal attention on CUDA without a mask, and for batches whose rows are
-  // each one whole document (other batches take flash varlen): torch SDPA's own order (FlashAttention-2 first)
-  // or cuDNN's attention first. A kernel whose constraints the inputs miss is passed over for the next one, as
-  // SDPA does.
-  enum class AttentionKernel { Flash, Cudnn };
-  AttentionKernel attention_kernel = AttentionKernel::Flash;
   // The SDPA backend (at::SDPBackend's value) that attention() runs for unpacked, unmasked rows of `seq` tokens
   // on `device` in `dtype` (allocates one [1, seq, heads, head_dim] query to ask torch).
   int64_t dense_attention_backend(int64_t seq, at::Device device, c10::ScalarType dtype) const;

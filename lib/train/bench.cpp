@@ -95,7 +95,7 @@ Json run_bench(const BenchOptions& o) {
               {"data", {{"train_file", data}, {"format", "tokenized"}, {"max_seq_len", o.seq}, {"packing", o.doc_tokens > 0},
                         {"shuffle", false}}},
               {"train", {{"steps", o.warmup + o.steps}, {"batch_size", o.batch}, {"seed", 0}, {"log_every", 1},
-                         {"grad_checkpointing", true}}},
+                         {"memory", Json::object()}}},
               {"optim", {{"lr", 1e-4}, {"schedule", "constant"}}},
               {"checkpoint", {{"every", 0}}},
               {"logging", {{"progress", "lines"}}}};
@@ -110,11 +110,13 @@ Json run_bench(const BenchOptions& o) {
 
   std::vector<double> step_s;
   double peak = -1, reserved = -1;
+  Json plan;
   std::ifstream metrics(files::join(run_dir, "metrics.jsonl"));
   std::string line;
   int64_t seen = 0;
   while (std::getline(metrics, line)) {
     const Json j = Json::parse(line);
+    if (j.contains("plan")) plan = j["plan"];
     if (!j.contains("loss") || !j.contains("step_s")) continue;
     if (++seen <= o.warmup) continue;
     step_s.push_back(j["step_s"].get<double>());
@@ -141,6 +143,7 @@ Json run_bench(const BenchOptions& o) {
               {"mfu", nullptr}};
   if (peak >= 0) out["peak_gib"] = peak;
   if (reserved >= 0) out["reserved_peak_gib"] = reserved;
+  out["plan"] = plan;
   if (config.model.device == "cuda" || (config.model.device == "auto" && at::hasCUDA())) {
     const double rate = matrix_rate(at::Device(at::kCUDA, 0));
     out["matrix_tflops"] = rate / 1e12;

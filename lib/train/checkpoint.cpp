@@ -267,10 +267,11 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
 }
 
 void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir) {
-  // The memory settings (micro-batch, activation checkpointing, offload, MLP chunks) change how a step is computed, not
-  // what it computes: a run stopped by out-of-memory resumes with them lowered.
+  // The memory settings (micro-batch, the execution plan's train.memory) change how a step is computed, not what it
+  // computes: a run stopped by out-of-memory resumes with them lowered. The train.* speed keys of earlier versions
+  // (now train.memory's) may appear in a checkpoint's config and not in the current one.
   static const std::vector<std::string> kMayChange = {"train.steps",      "train.epochs",  "train.log_every",
-                                                      "train.eval_every", "train.micro_batch_size",
+                                                      "train.eval_every", "train.micro_batch_size", "train.memory",
                                                       "train.grad_checkpointing", "train.offload_activations", "train.mlp_chunk_tokens", "train.attention", "train.keep_attention", "train.fuse_projections", "train.keep_dequantized", "train.fuse_lora_swiglu", "train.lora_b_in_gemm", "train.keep_qkv", "train.keep_residual",
                                                       "train.shard", "train.shard_embeddings",
                                                       "checkpoint",       "logging",          "output_dir"};

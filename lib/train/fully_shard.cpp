@@ -50,9 +50,9 @@ void FullyShard::add_entry(Unit& u, const std::string& name, at::Tensor* slot, b
 
 FullyShard::FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions options)
     : model_(model), comm_(comm), rank_(comm.rank()), world_(comm.world_size()) {
-  if (!model.grad_checkpointing)
-    fail(ErrorKind::Config, "FullyShard (train.shard \"blocks\") needs grad checkpointing: a block's weights exist "
-                            "only while it runs, so its backward pass recomputes it");
+  if (!model.plan.checkpointing)
+    fail(ErrorKind::Config, "FullyShard (train.shard \"blocks\") needs checkpointing (train.memory.checkpointing): a "
+                            "block's weights exist only while it runs, so its backward pass recomputes it");
   at::NoGradGuard no_grad;
   std::string fingerprint;
   num_blocks_ = model.layers.size();

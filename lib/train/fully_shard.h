@@ -49,7 +49,7 @@ class FullyShard : public BlockHooks {
 
   // Shards the model's blocks in place (their unsharded tensors are released) and installs itself as the
   // model's block hooks. LoRA adapters must be attached (and loaded, when resuming) before. Requires
-  // model.grad_checkpointing. Throws qt::Error(Config) otherwise. While released, a sharded embedding or
+  // model.plan.checkpointing. Throws qt::Error(Config) otherwise. While released, a sharded embedding or
   // lm_head is a [0, hidden] tensor of its dtype and device (model.device() and dtype() keep working).
   FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions options = {});
   ~FullyShard() override;

@@ -36,6 +36,10 @@ class MetricsLog {
   void step(const StepMetrics& m);
   void eval(int64_t step, double loss, int64_t tokens);
   void line(const std::string& text);  // a message that must not be overwritten by the bar
+  // A record other than a step's or an evaluation's (the execution plan at start: {"plan": {...}}).
+  void record(const Json& j) {
+    if (enabled_) write(j);
+  }
 
   const std::vector<std::pair<int64_t, double>>& train_losses() const { return train_; }
   const std::vector<std::pair<int64_t, double>>& eval_losses() const { return eval_; }

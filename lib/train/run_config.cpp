@@ -82,7 +82,21 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
     fail_key(ErrorKind::Config, file, "model.device", "'" + c.model.device + "': expected auto, cpu or cuda");
 
   const Json& t = section(j, "train");
-  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "grad_checkpointing", "offload_activations", "mlp_chunk_tokens", "attention", "keep_attention", "fuse_projections", "keep_dequantized", "fuse_lora_swiglu", "lora_b_in_gemm", "keep_qkv", "keep_residual", "neftune_alpha", "seed",
+  // The speed keys of earlier versions now live in the execution plan's section (lib/model/exec_plan.h).
+  static const std::vector<std::pair<std::string, std::string>> moved = {
+      {"grad_checkpointing", "train.memory.checkpointing"}, {"offload_activations", "train.memory.offload"},
+      {"mlp_chunk_tokens", "train.memory.mlp_chunk_tokens"}, {"attention", "train.memory.attention"},
+      {"keep_attention", "train.memory.keep (\"attention\")"}, {"keep_qkv", "train.memory.keep (\"qkv\")"},
+      {"keep_residual", "train.memory.keep (\"residual\")"}, {"keep_dequantized", "train.memory.keep_dequantized"},
+      {"fuse_projections", "nothing: the projections are always fused where they apply"},
+      {"lora_b_in_gemm", "nothing: the LoRA B terms are always inside the base GEMM where that applies"},
+      {"fuse_lora_swiglu", "nothing: it was measured slower and removed"}};
+  for (const auto& [key, to] : moved)
+    if (t.is_object() && t.contains(key))
+      fail_key(ErrorKind::Config, file, "train." + key,
+               to.rfind("nothing: ", 0) == 0 ? "is no longer a setting (" + to.substr(9) + ")"
+                                             : "has moved to " + to + " (README, \"Memory and speed\")");
+  reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "memory", "neftune_alpha", "seed",
                           "eval_every", "log_every", "loss", "full_finetune", "shard", "shard_embeddings"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
@@ -94,31 +108,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   check_positive(c.train.batch_size, file, "train.batch_size");
   c.train.micro_batch_size = tr.get_int("micro_batch_size", c.train.micro_batch_size);
   check_positive(c.train.micro_batch_size, file, "train.micro_batch_size", true);
-  c.train.grad_checkpointing = tr.get_bool("grad_checkpointing", c.train.grad_checkpointing);
-  c.train.mlp_chunk_tokens = tr.get_int("mlp_chunk_tokens", c.train.mlp_chunk_tokens);
-  if (c.train.mlp_chunk_tokens < -1)
-    fail_key(ErrorKind::Config, file, "train.mlp_chunk_tokens", "expected -1 (auto), 0 (off) or a chunk size in tokens");
-  // true, false or "auto", kept as "true" / "false" / "auto".
-  auto tristate = [&](const char* key, std::string& value) {
-    if (!t.contains(key)) return;
-    const Json& o = t[key];
-    if (o.is_boolean()) value = o.get<bool>() ? "true" : "false";
-    else if (o.is_string() && o.get<std::string>() == "auto") value = "auto";
-    else fail_key(ErrorKind::Config, file, std::string("train.") + key, o.dump() + ": expected true, false or \"auto\"");
-  };
-  tristate("offload_activations", c.train.offload_activations);
-  tristate("keep_attention", c.train.keep_attention);
-  c.train.fuse_projections = tr.get_bool("fuse_projections", c.train.fuse_projections);
-  tristate("keep_dequantized", c.train.keep_dequantized);
-  c.train.fuse_lora_swiglu = tr.get_bool("fuse_lora_swiglu", c.train.fuse_lora_swiglu);
-  c.train.lora_b_in_gemm = tr.get_bool("lora_b_in_gemm", c.train.lora_b_in_gemm);
-  c.train.keep_qkv = tr.get_bool("keep_qkv", c.train.keep_qkv);
-  c.train.keep_residual = tr.get_bool("keep_residual", c.train.keep_residual);
+  if (t.contains("memory")) c.train.memory = PlanRequest::from_json(t["memory"], file);
   c.train.neftune_alpha = tr.get_double("neftune_alpha", c.train.neftune_alpha);
   if (!(c.train.neftune_alpha >= 0)) fail_key(ErrorKind::Config, file, "train.neftune_alpha", "must be >= 0 (0: off)");
-  c.train.attention = tr.get_string("attention", c.train.attention);
-  if (c.train.attention != "flash" && c.train.attention != "cudnn")
-    fail_key(ErrorKind::Config, file, "train.attention", "'" + c.train.attention + "': expected flash or cudnn");
   c.train.seed = static_cast<uint64_t>(tr.get_int("seed", static_cast<int64_t>(c.train.seed)));
   c.train.eval_every = tr.get_int("eval_every", c.train.eval_every);
   check_positive(c.train.eval_every, file, "train.eval_every", true);
@@ -132,9 +124,13 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   c.train.shard = tr.get_string("shard", c.train.shard);
   if (c.train.shard != "none" && c.train.shard != "blocks")
     fail_key(ErrorKind::Config, file, "train.shard", "'" + c.train.shard + "': expected none or blocks");
-  if (c.train.shard == "blocks" && !c.train.grad_checkpointing)
+  if (c.train.shard == "blocks" && c.train.memory.checkpointing.has_value() && !*c.train.memory.checkpointing)
     fail_key(ErrorKind::Config, file, "train.shard",
-             "\"blocks\" gathers each block again in the backward pass by recomputing it: set train.grad_checkpointing to true");
+             "\"blocks\" gathers each block again in the backward pass by recomputing it: set train.memory.checkpointing "
+             "to true");
+  if (c.train.shard == "blocks" && c.train.memory.checkpointing_auto)
+    fail_key(ErrorKind::Config, file, "train.shard",
+             "\"blocks\" needs checkpointing: set train.memory.checkpointing to true, not \"auto\"");
   if (c.train.shard == "blocks" && c.train.full_finetune)
     fail_key(ErrorKind::Config, file, "train.shard", "\"blocks\" shards LoRA training only, not train.full_finetune");
   c.train.shard_embeddings = tr.get_bool("shard_embeddings", c.train.shard_embeddings);

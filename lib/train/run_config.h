@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "lib/core/json.h"
+#include "lib/model/exec_plan.h"
 #include "lib/train/lr_schedule.h"
 
 namespace qt {
@@ -24,49 +25,9 @@ struct TrainSection {
   int64_t epochs = 1;
   int64_t batch_size = 8;        // global batch: sequences (packed rows) per optimizer step, over all ranks
   int64_t micro_batch_size = 0;  // per rank per forward; 0: the whole per-rank batch at once
-  bool grad_checkpointing = true;
-  // Checkpointed block inputs in pinned host memory (CUDA, with grad_checkpointing): "true", "false", or "auto"
-  // (on when a micro-batch holds at least 4096 tokens: the copies out overlap the forward pass and the copies back
-  // are fetched a block ahead, so offloading costs no time there and saves a block input per layer of GPU memory).
-  std::string offload_activations = "auto";
-  // The MLP half of each block over chunks of this many tokens, recomputed chunk by chunk in the backward pass:
-  // 0 off, -1 auto (8192-token chunks when a micro-batch holds more than 32768 tokens).
-  int64_t mlp_chunk_tokens = -1;
-  // The kernel first in line for causal attention on CUDA where every row of the micro-batch is one whole
-  // document: "cudnn" (cuDNN's fused attention, 1.7x FlashAttention-2's speed at 8k-32k tokens on an H100:
-  // docs/PERFORMANCE.md) or "flash" (FlashAttention-2 varlen). Rows holding several documents (packing) or
-  // padding take flash varlen either way.
-  std::string attention = "cudnn";
-  // With grad_checkpointing: keep each block's attention output from the forward pass and replay it in the
-  // recomputation (no second attention forward; one more [tokens, hidden]-sized tensor per block, offloaded with
-  // the block input when offload_activations is on). Unpacked rows of one document each. "true", "false" or
-  // "auto" (keep_attention_auto in trainer.h: offloaded, from 4096 tokens per micro-batch, within half the host's
-  // memory).
-  std::string keep_attention = "auto";
-  // q, k, v and gate, up of each block as one projection each (one dequantization launch, one GEMM for the bases,
-  // the LoRA As and the LoRA Bs, one for the input gradient) where the bases are NF4 and the adapters plain LoRA.
-  bool fuse_projections = true;
-  // With grad_checkpointing: the 16-bit weights dequantized in a block's recomputation are kept for its backward
-  // pass (one NF4 dequantization less per linear and step, a block's 16-bit weights more memory at the peak), and
-  // the compute-dtype LoRA factors are kept from one forward pass to the next (0.12 GiB at the 8B shape):
-  // "true", "false" or "auto" (keep_dequantized_auto in trainer.h: below 8192 tokens per micro-batch).
-  std::string keep_dequantized = "auto";
-  // gate / up's LoRA B terms added inside the SwiGLU kernel instead of by a rank-r GEMM over the [tokens,
-  // 2 * intermediate] projection output (LlamaModel::fuse_lora_swiglu). Off: 2% slower on an H200 (PERFORMANCE.md).
-  bool fuse_lora_swiglu = false;
-  // With fuse_projections: gate / up's LoRA B terms computed inside the base GEMM ([x | x A^T] [W | s B]^T, on CUDA
-  // where the hidden size is a multiple of 1024) instead of by an addmm over the [tokens, 2 * intermediate] output
-  // (LlamaModel::lora_b_in_gemm). On: +1.1% to +3.0% on an H200, no memory (PERFORMANCE.md).
-  bool lora_b_in_gemm = true;
-  // With keep_attention and fuse_projections: the rotated q, k, v kept (offloaded) beside the attention output, so
-  // the recomputation's q / k / v projection and RoPE compute only what the backward saves (LlamaModel::keep_qkv).
-  // On: +3.2% at 8B 1x8192, +3.0% at 2x2048, +2.2% at 1B 4x2048 on an H200, one block's q, k, v (0.10 GiB at
-  // 8B 1x8192) more peak memory (PERFORMANCE.md).
-  bool keep_qkv = true;
-  // With keep_attention: the residual after attention, h + o_proj(attention), kept (offloaded) too, so the
-  // recomputation's o_proj computes only what its backward saves (LlamaModel::keep_residual). Off: +1.8% at 8B
-  // 1x8192 on an H200 for 0.07 GiB more peak memory, which takes that row above Unsloth's (PERFORMANCE.md).
-  bool keep_residual = false;
+  // How a step runs and within what GPU memory (lib/model/exec_plan.h): the budget and any plan field forced;
+  // the rest is decided at start (decide_plan).
+  PlanRequest memory;
   // NEFTune: uniform noise of magnitude alpha / sqrt(seq_len * hidden) on the input embeddings while training
   // (TRL's neftune_noise_alpha; 5 is the paper's common value); 0: off.
   double neftune_alpha = 0.0;
@@ -79,7 +40,7 @@ struct TrainSection {
   bool full_finetune = false;
   // FullyShard (docs/ARCHITECTURE.md): "none" replicates the model on every rank (plain data parallel);
   // "blocks" shards every parameter of each decoder block (NF4 bytes and statistics, norms, LoRA A/B and their
-  // AdamW state) across the ranks, gathering one block at a time. Needs grad_checkpointing.
+  // AdamW state) across the ranks, gathering one block at a time. Needs checkpointing.
   std::string shard = "none";
   // With shard "blocks": embed_tokens and lm_head are sharded too (gathered around their use), else replicated.
   bool shard_embeddings = false;

@@ -78,7 +78,7 @@ bool is_out_of_memory(const c10::Error& e) {
 // The message of an out-of-memory error in a training step (`phase`: "step 3", "evaluation after step 3"):
 // where, how big, how much memory, what lowers it. One line: main prints it after "device: ".
 std::string oom_message(const RunConfig& cfg, const at::Device& device, const std::string& phase, int64_t micro,
-                        int64_t seq_len, bool offloading, const std::string& what) {
+                        int64_t seq_len, const Decision& decision, const std::string& what) {
   std::string mem = "memory not tracked on " + device.str();
   if (device.is_cuda()) {
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
@@ -88,26 +88,17 @@ std::string oom_message(const RunConfig& cfg, const at::Device& device, const st
   }
   std::string first = what.substr(0, what.find('\n'));
   if (first.size() > 300) first = first.substr(0, 300) + "...";
+  const double predicted = decision.footprint.total() / static_cast<double>(int64_t{1} << 30);
   return phase + ": out of GPU memory with micro-batches of " + std::to_string(micro) + " x " +
-         std::to_string(seq_len) + " tokens (" + mem + "). Lower train.micro_batch_size (now " +
-         std::to_string(micro) + ") or data.max_seq_len (now " + std::to_string(seq_len) + ")" +
-         (!cfg.train.grad_checkpointing
-              ? ", or turn on activation checkpointing, train.grad_checkpointing true (now false), and with it "
-                "train.offload_activations true"
-          : !offloading
-              ? ", or offload the checkpointed activations to the host: train.offload_activations true (now " +
-                    cfg.train.offload_activations + ", off at this size)"
-              : "; activation checkpointing and offload (train.grad_checkpointing, train.offload_activations) are "
-                "already on") +
-         ((cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens : (micro * seq_len > 32768 ? 8192 : 0)) == 0 &&
-                  micro * seq_len > 8192
-              ? "; or run the MLP over chunks of tokens: train.mlp_chunk_tokens 8192"
-              : "") +
-         ". The last checkpoint in " + cfg.output_dir + " is kept (resume with --resume auto). [torch: " + first + "]";
+         std::to_string(seq_len) + " tokens (" + mem + "; the plan, " + describe(decision) + ", predicted " +
+         fixed2(predicted) + " GiB). Lower train.micro_batch_size (now " + std::to_string(micro) +
+         ") or data.max_seq_len (now " + std::to_string(seq_len) +
+         "), or give train.memory.gpu_memory_gib a figure below " + fixed2(predicted) +
+         " so that the plan chooses leaner settings (checkpointing, offload, the embeddings and lm_head on the "
+         "host), or free the settings forced in train.memory. The last checkpoint in " + cfg.output_dir +
+         " is kept (resume with --resume auto). [torch: " + first + "]";
 }
 
-// The caching allocator's peaks since the last reset: what tensors took (allocated) and what it held from the
-// driver for them (reserved: allocated plus its rounding, cached blocks and fragmentation). -1 on the CPU.
 double gpu_peak_gib(const at::Device& device, bool reserved = false) {
   if (!device.is_cuda()) return -1;
   auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
@@ -186,15 +177,44 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
 
 }  // namespace
 
-bool keep_attention_auto(int64_t tokens, int64_t layers, int64_t hidden, int64_t q_size, bool offload,
-                         uint64_t host_bytes, int64_t kept_width) {
-  if (!offload || tokens < 4096) return false;
-  const double offloaded = 2.0 * static_cast<double>(tokens) * static_cast<double>(layers) *
-                           static_cast<double>(hidden + q_size + kept_width);
-  return offloaded <= static_cast<double>(host_bytes) / 2;
+PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micro, int64_t seq, const at::Device& device,
+                       c10::ScalarType dtype, int world, int local_world) {
+  PlanInputs in;
+  in.model = mc;
+  in.micro_batch = micro;
+  in.seq = seq;
+  in.cuda = device.is_cuda();
+  in.nf4 = cfg.model.quant == "nf4";
+  in.element_size = static_cast<int64_t>(c10::elementSize(dtype));
+  in.sharded = cfg.train.shard == "blocks";
+  in.world = world;
+  in.file = cfg.file;
+  // This rank's share of the host: the ranks on one host offload side by side.
+  in.host_bytes = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGE_SIZE)) /
+                  static_cast<uint64_t>(std::max(1, local_world));
+  const int64_t H = mc.hidden_size, I = mc.intermediate_size, L = mc.num_hidden_layers, V = mc.vocab_size;
+  if (cfg.train.full_finetune) {
+    in.full_params = L * (H * mc.q_size() * 2 + 2 * H * mc.kv_size() + 3 * H * I) + V * H * (mc.tie_word_embeddings ? 1 : 2);
+    in.embeddings_trained = in.lm_head_trained = true;
+    return in;
+  }
+  const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
+  const std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>> shapes = {
+      {"q_proj", {H, mc.q_size()}}, {"k_proj", {H, mc.kv_size()}}, {"v_proj", {H, mc.kv_size()}},
+      {"o_proj", {mc.q_size(), H}}, {"gate_proj", {H, I}},         {"up_proj", {H, I}},
+      {"down_proj", {I, H}}};
+  for (const auto& [name, io] : shapes)
+    if (lora.targets_module(name)) in.lora_params += L * lora.r * (io.first + io.second);
+  for (const auto& m : lora.modules_to_save) {
+    (m == "embed_tokens" ? in.embeddings_trained : in.lm_head_trained) = true;
+    in.full_params += V * H;
+  }
+  if (mc.tie_word_embeddings && (in.embeddings_trained || in.lm_head_trained)) {
+    in.embeddings_trained = in.lm_head_trained = true;
+    in.full_params = V * H;
+  }
+  return in;
 }
-
-bool keep_dequantized_auto(int64_t tokens) { return tokens < 8192; }
 
 TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const auto t_start = Clock::now();
@@ -235,41 +255,21 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   // Data: tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per
   // epoch, cut into this rank's micro-batches per step.
   TrainData data(cfg.data, cfg.file, *tokenizer, micro);
+  // The execution plan, before the model loads: a run that cannot fit its GPU memory budget is refused here, and the
+  // allocator's settings apply before the model's allocations.
+  const LlamaConfig model_config =
+      random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
+  const PlanInputs plan_in = plan_inputs(cfg, model_config, micro, data.max_seq_len(), device, dtype, world,
+                                         env.local_world_size);
+  const Decision decision = decide_plan(plan_in, cfg.train.memory, device_free_gib(device.is_cuda(), device.index()));
+  if (device.is_cuda()) apply_allocator_settings(decision.plan);
+  if (rank0) log::info("plan: " + describe(decision));
   LlamaModel model = random_init ? random_llama(random_shape, load, cfg.train.seed) : load_llama(cfg.model.path, load);
   const std::string base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : cfg.model.path;
-  model.grad_checkpointing = cfg.train.grad_checkpointing;
-  model.mlp_chunk_tokens = cfg.train.mlp_chunk_tokens >= 0 ? cfg.train.mlp_chunk_tokens
-                           : (micro * data.max_seq_len() > 32768 ? 8192 : 0);
-  model.fuse_projections = cfg.train.fuse_projections;
-  model.fuse_lora_swiglu = cfg.train.fuse_lora_swiglu;
-  model.lora_b_in_gemm = cfg.train.lora_b_in_gemm;
-  model.keep_qkv = cfg.train.keep_qkv;
-  model.keep_residual = cfg.train.keep_residual;
-  if (const char* v = std::getenv("QT_RECOMPUTE_ALL")) model.skip_unused_outputs = std::string(v) != "1";  // A/B runs
-  model.keep_dequantized = cfg.train.grad_checkpointing &&
-                           (cfg.train.keep_dequantized == "true" ||
-                            (cfg.train.keep_dequantized == "auto" && keep_dequantized_auto(micro * data.max_seq_len())));
-  model.attention_kernel =
-      cfg.train.attention == "cudnn" ? LlamaModel::AttentionKernel::Cudnn : LlamaModel::AttentionKernel::Flash;
+  model.plan = decision.plan;
   // The training shape first among the shapes cuDNN is admitted for, before an exact-match evaluation's
   // generation (a new length every token) could take the slots.
   if (device.is_cuda()) model.cudnn_admits(micro, data.max_seq_len());
-  model.offload_activations = device.is_cuda() && cfg.train.grad_checkpointing &&
-                              (cfg.train.offload_activations == "true" ||
-                               (cfg.train.offload_activations == "auto" && micro * data.max_seq_len() >= 4096));
-  {
-    // This rank's share of the host: the ranks on one host offload side by side.
-    const auto host_bytes = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGE_SIZE)) /
-                            static_cast<uint64_t>(std::max(1, env.local_world_size));
-    const LlamaConfig& mc = model.config;
-    model.keep_attention = cfg.train.grad_checkpointing &&
-                           (cfg.train.keep_attention == "true" ||
-                            (cfg.train.keep_attention == "auto" &&
-                             keep_attention_auto(micro * data.max_seq_len(), mc.num_hidden_layers, mc.hidden_size,
-                                                 mc.q_size(), model.offload_activations, host_bytes,
-                                                 (model.keep_qkv ? mc.q_size() + 2 * mc.kv_size() : 0) +
-                                                     (model.keep_residual ? mc.hidden_size : 0))));
-  }
   const bool full = cfg.train.full_finetune;
   const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
   std::vector<std::pair<std::string, at::Tensor>> params;
@@ -321,6 +321,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if (full) load_full_weights(model, files::join(resume_dir, "model"), load);
     else load_peft_adapter(model, resume_dir);
   }
+  // The plan's placement of the frozen embeddings and lm_head (decide_plan keeps trained or sharded ones here).
+  model.to_host(model.plan.embeddings_on_host, model.plan.lm_head_on_host);
   // FullyShard: each rank keeps 1/N of every block's tensors; the optimizer steps the LoRA shards.
   std::unique_ptr<FullyShard> fsdp;
   if (cfg.train.shard == "blocks") {
@@ -382,6 +384,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   if (!saved_modules.empty()) saved_modules += ")";
   const bool bar = cfg.progress == "bar" || (cfg.progress == "auto" && ::isatty(2));
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0, /*resume=*/state.step > 0);
+  metrics.record(Json{{"plan", to_json(decision)}, {"step", state.step}});
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
   if (rank0)
     log::info("training " + std::to_string(trainable) +
@@ -398,19 +401,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     static const char* kBackends[] = {"math (unfused)", "FlashAttention-2", "memory-efficient", "cuDNN", "overrideable"};
     const int64_t b = model.dense_attention_backend(std::min<int64_t>(data.max_seq_len(), 8192), device, dtype);
     log::info(std::string("attention: ") + (b >= 0 && b < 5 ? kBackends[b] : "none") +
-              " for rows of one whole document (train.attention " + cfg.train.attention +
-              "), FlashAttention-2 varlen for rows with several documents or padding");
+              " for rows of one whole document, FlashAttention-2 varlen for rows with several documents or padding");
   }
-  if (rank0 && model.grad_checkpointing && device.is_cuda())
-    log::info(std::string("checkpointed block inputs ") + (model.offload_activations ? "offloaded to pinned host memory" : "kept on the GPU") +
-              (model.keep_attention ? std::string("; attention outputs") +
-                                          (model.keep_qkv && model.fuse_projections ? ", rotated q, k, v" : "") +
-                                          (model.keep_residual ? ", residuals after attention" : "") +
-                                          " kept and replayed in the recomputation"
-                                    : std::string()) +
-              (model.keep_dequantized ? "; the recomputation's 16-bit weights kept for the backward pass" : "") +
-              " (train.offload_activations " + cfg.train.offload_activations + ", train.keep_attention " +
-              cfg.train.keep_attention + ", train.keep_dequantized " + cfg.train.keep_dequantized + ")");
   if (rank0 && cfg.train.neftune_alpha > 0) {
     std::ostringstream a;
     a << cfg.train.neftune_alpha;
@@ -462,7 +454,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e)) throw;
       fail(ErrorKind::Device, oom_message(cfg, device, "evaluation after step " + std::to_string(state.step), micro,
-                                          data.max_seq_len(), model.offload_activations, e.what_without_backtrace()));
+                                          data.max_seq_len(), decision, e.what_without_backtrace()));
     }
   };
   auto task_metric = [&](const char* when) {
@@ -535,7 +527,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       }
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e)) throw;
-      fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), model.offload_activations, e.what_without_backtrace()));
+      fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), decision, e.what_without_backtrace()));
     }
     // Data parallel: sum the LoRA gradients (already divided by the global count) and the loss over ranks.
     if (world > 1 && !fsdp) {  // (FullyShard has reduce-scattered them already, block by block)
@@ -561,7 +553,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       opt.step(lr, found_inf);
     } catch (const c10::Error& e) {
       if (!is_out_of_memory(e)) throw;
-      fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), model.offload_activations, e.what_without_backtrace()));
+      fail(ErrorKind::Device, oom_message(cfg, device, "step " + std::to_string(state.step + 1), micro, data.max_seq_len(), decision, e.what_without_backtrace()));
     }
     // The step's one sync: the loss and the norm together.
     const at::Tensor read = (norm_t.defined() ? at::cat({loss_t.to(at::kDouble), norm_t.reshape({1}).to(at::kDouble)})

@@ -20,7 +20,7 @@ def main():
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     c = json.loads((TMP / "model" / "config.json").read_text())
     p = bench("--model", TMP / "model", "--batch", 2, "--seq", 24, "--steps", 3, "--warmup", 1, "--device", "cpu",
-              "--out", TMP / "b", "--set", "train.attention=flash")
+              "--out", TMP / "b", "--set", "train.memory.attention=flash")
     check(p.returncode == 0, f"bench exits 0 ({p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
     if p.returncode == 0:
         r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -41,7 +41,7 @@ def main():
               "no MFU or GPU memory on the CPU")
     # Packed rows of SFT-like documents: several documents a row, every row filled to exactly --seq tokens.
     p = bench("--model", TMP / "model", "--batch", 2, "--seq", 48, "--steps", 1, "--warmup", 0, "--device", "cpu",
-              "--doc-tokens", 6, "--out", TMP / "p", "--set", "train.attention=flash")
+              "--doc-tokens", 6, "--out", TMP / "p", "--set", "train.memory.attention=flash")
     check(p.returncode == 0, f"packed bench exits 0 ({p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
     if p.returncode == 0:
         docs = [len(json.loads(l)["input_ids"]) for l in (TMP / "p" / "tokens.jsonl").read_text().splitlines()]

@@ -273,9 +273,9 @@ def main():
     check(p.returncode != 0 and "train.batch_size" in p.stderr and "world size 4" in p.stderr,
           f"4 ranks for a global batch of 6 are refused (exit {p.returncode})")
     # Sharding without grad checkpointing is refused at config time.
-    p = subprocess.run([BIN, "--config", str(write_config("nock", train__grad_checkpointing=False))],
+    p = subprocess.run([BIN, "--config", str(write_config("nock", train__memory={"checkpointing": False}))],
                        capture_output=True, text=True, env=ENV)
-    check(p.returncode == 3 and "train.shard" in p.stderr and "grad_checkpointing" in p.stderr,
+    check(p.returncode == 3 and "train.shard" in p.stderr and "train.memory.checkpointing" in p.stderr,
           f"train.shard blocks without grad checkpointing is a config error (exit {p.returncode})")
     finish("FullyShard checks")
 

@@ -29,7 +29,7 @@ def main():
     cfg = TMP / "oom.json"
     check(p.returncode == 9, f"an out-of-memory error exits 9 (Device), got {p.returncode}")
     for part in ("step 3", "out of GPU memory", "2 x 32 tokens", "train.micro_batch_size", "data.max_seq_len",
-                 "train.offload_activations", "last checkpoint", str(TMP / "oom")):
+                 "train.memory.gpu_memory_gib", "last checkpoint", str(TMP / "oom")):
         check(part in last, f"the message names '{part}'")
     check(sum("out of GPU memory" in l for l in err) == 1, "one message, said once")
     check((TMP / "oom" / "checkpoint-2" / "COMPLETE").exists() and not (TMP / "oom" / "checkpoint-4").exists(),
@@ -45,7 +45,7 @@ def main():
     # how a step is computed, not what, so its losses are the reference's to fp32 rounding of the accumulation.
     shutil.copytree(TMP / "oom", TMP / "oom2")
     p = train(write_config("oom2"), "--resume", "auto", "--set", "train.micro_batch_size=1",
-              "--set", "train.grad_checkpointing=false")
+              "--set", "train.memory.checkpointing=false")
     check(p.returncode == 0 and "checkpoint-2" in p.stderr,
           f"a resume may change the memory settings (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}")
     if p.returncode == 0:

@@ -102,7 +102,7 @@ def check_dora(tmp: pathlib.Path):
     cfg = {"output_dir": str(tmp / "run"), "model": {"path": str(tmp / "model"), "quant": "nf4", "device": "cpu"},
            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "use_dora": True, "targets": ["q_proj", "v_proj", "down_proj"]},
            "data": {"train_file": str(tmp / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
-           "train": {"steps": 4, "batch_size": 4, "seed": 3, "grad_checkpointing": True},
+           "train": {"steps": 4, "batch_size": 4, "seed": 3, "memory": {"checkpointing": True}},
            "optim": {"lr": 1e-2, "warmup_steps": 1}, "checkpoint": {"every": 100}, "logging": {"progress": "lines"}}
     (tmp / "run.json").write_text(json.dumps(cfg))
     p = subprocess.run([BIN, "--config", str(tmp / "run.json")], capture_output=True, text=True,

@@ -1,18 +1,19 @@
 """model.init "random" end to end (CPU): a run from a config.json alone (no weights, no tokenizer), a run from a
 named shape's config with pre-tokenized data (loss falls on a repeated batch), text data without a tokenizer and
-an unknown shape refused with the key named."""
+an unknown shape refused with the key named. The execution plan: its record opens metrics.jsonl, and a GPU memory
+budget its leanest plan cannot fit is refused before the model loads, with the figure it needs."""
 import json, os, pathlib, subprocess, sys, tempfile
 
 from checks import check, finish
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_random_"))
 
-def run(name, model, data_format="tokenized", steps=8, env=None):
+def run(name, model, data_format="tokenized", steps=8, env=None, memory=None):
     cfg = {"output_dir": str(TMP / name), "model": {"init": "random", "device": "cpu", **model},
            "lora": {"r": 4, "alpha": 8},
            "data": {"train_file": str(TMP / ("ids.jsonl" if data_format == "tokenized" else "text.jsonl")),
                     "format": data_format, "max_seq_len": 32, "packing": False, "shuffle": False},
-           "train": {"steps": steps, "batch_size": 2, "seed": 1, "log_every": 1},
+           "train": {"steps": steps, "batch_size": 2, "seed": 1, "log_every": 1, "memory": memory or {}},
            "optim": {"lr": 1e-2, "schedule": "constant"}, "logging": {"progress": "lines"}}
     path = TMP / f"{name}.json"
     path.write_text(json.dumps(cfg))
@@ -47,6 +48,22 @@ def main():
         check(any("mm" in n for n in names), "QT_PROFILE_STEP wrote a trace of the step's ops")
         check((TMP / "from_config" / "profile_kernels.txt").read_text().startswith("GPU time by kernel"),
               "and the kernel table")
+
+        plan = json.loads((TMP / "from_config" / "metrics.jsonl").read_text().splitlines()[0])
+        check("plan" in plan and plan["plan"]["checkpointing"] and plan["plan"]["budget_gib"] is None and
+              plan["plan"]["predicted_gib"]["total"] > 0 and plan["step"] == 0,
+              f"metrics.jsonl opens with the plan, its predicted memory and no budget on the CPU: {plan}")
+        check("plan: checkpointing" in p.stderr, "the log names the plan")
+
+    # A budget is honoured on any device when given: the 8B shape cannot fit 2 GiB, refused before it is built.
+    p = run("tight", {"shape": "llama-3.1-8b"}, steps=1, memory={"gpu_memory_gib": 2})
+    last = (p.stderr.strip().splitlines() or [""])[-1]
+    check(p.returncode == 3 and "train.memory.gpu_memory_gib 2.00 GiB" in last and "needs" in last and
+          "train.micro_batch_size" in last and not (TMP / "tight" / "metrics.jsonl").exists(),
+          f"a budget the leanest plan cannot fit is refused before the model loads (exit {p.returncode}): {last}")
+    p = run("forced", {"path": str(model_dir)}, steps=1, memory={"checkpointing": False, "keep": "qkv"})
+    check(p.returncode == 3 and "train.memory.keep" in p.stderr and "train.memory.checkpointing" in p.stderr,
+          f"a forced setting the plan cannot honour names both keys (exit {p.returncode})")
 
     p = run("text_no_tok", {"shape": "tinyllama-1.1b"}, data_format="text", steps=1)
     check(p.returncode != 0 and "tokenized" in p.stderr, f"text data without a tokenizer is refused: {p.stderr[-300:]}")

@@ -1,0 +1,373 @@
+#include "lib/model/exec_plan.h"
+
+#include <c10/core/AllocatorConfig.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+
+#include "lib/core/error.h"
+
+namespace qt {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+// Device memory outside the caching allocator: the CUDA context, cuBLAS / cuBLASLt / cuDNN handles and the modules
+// their kernels load. Measured on an H200 (docs/PERFORMANCE.md, "Memory budget"): the least budget a run completes
+// in, less the allocator's reserved peak.
+constexpr double kContextBytes = 1.25 * kGiB;
+// What the budget keeps back when it is the device's free memory (other processes, the driver's own growth).
+constexpr double kFreeMarginGiB = 0.25;
+
+std::string fmt_gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", bytes / kGiB);
+  return buf;
+}
+
+int64_t keep_width(const LlamaConfig& c, KeepLevel k) {  // elements per token and layer kept beyond the input
+  int64_t w = 0;
+  if (k >= KeepLevel::Attention) w += c.q_size();
+  if (k >= KeepLevel::Qkv) w += c.q_size() + 2 * c.kv_size();
+  if (k >= KeepLevel::Residual) w += c.hidden_size;
+  return w;
+}
+
+// Whether keeping to `level` fits half of this rank's host memory when offloaded (the pinned pool holds every
+// layer's kept tensors at once).
+bool host_holds(const PlanInputs& in, KeepLevel level) {
+  const double per_layer = static_cast<double>(in.element_size) * static_cast<double>(in.micro_batch * in.seq) *
+                           static_cast<double>(in.model.hidden_size + keep_width(in.model, level));
+  return per_layer * static_cast<double>(in.model.num_hidden_layers) <= static_cast<double>(in.host_bytes) / 2;
+}
+
+std::optional<bool> tri(const Json& v, const std::string& file, const std::string& key) {
+  if (v.is_boolean()) return v.get<bool>();
+  if (v.is_string() && v.get<std::string>() == "auto") return std::nullopt;
+  fail_key(ErrorKind::Config, file, key, "must be true, false or \"auto\" (got " + v.dump() + ")");
+}
+
+}  // namespace
+
+const char* keep_level_name(KeepLevel level) {
+  switch (level) {
+    case KeepLevel::Input: return "input";
+    case KeepLevel::Attention: return "attention";
+    case KeepLevel::Qkv: return "qkv";
+    case KeepLevel::Residual: return "residual";
+  }
+  return "?";
+}
+
+PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
+  PlanRequest r;
+  const std::string at = "train.memory.";
+  if (!json.is_object()) fail_key(ErrorKind::Config, file, "train.memory", "must be a JSON object");
+  reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "offload", "keep", "keep_dequantized",
+                             "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings", "lm_head"},
+                      file, "train.memory.", ErrorKind::Config);
+  if (json.contains("gpu_memory_gib")) {
+    const Json& v = json["gpu_memory_gib"];
+    if (!v.is_number() || !(v.get<double>() > 0))
+      fail_key(ErrorKind::Config, file, at + "gpu_memory_gib", "must be a number of GiB > 0 (got " + v.dump() + ")");
+    r.gpu_memory_gib = v.get<double>();
+  }
+  if (json.contains("checkpointing")) {
+    r.checkpointing = tri(json["checkpointing"], file, at + "checkpointing");
+    r.checkpointing_auto = !r.checkpointing.has_value();
+  }
+  if (json.contains("offload")) r.offload = tri(json["offload"], file, at + "offload");
+  if (json.contains("keep_dequantized")) r.keep_dequantized = tri(json["keep_dequantized"], file, at + "keep_dequantized");
+  if (json.contains("expandable_segments"))
+    r.expandable_segments = tri(json["expandable_segments"], file, at + "expandable_segments");
+  if (json.contains("keep")) {
+    const Json& v = json["keep"];
+    const std::string s = v.is_string() ? v.get<std::string>() : "";
+    if (s == "input") r.keep = KeepLevel::Input;
+    else if (s == "attention") r.keep = KeepLevel::Attention;
+    else if (s == "qkv") r.keep = KeepLevel::Qkv;
+    else if (s == "residual") r.keep = KeepLevel::Residual;
+    else if (s != "auto")
+      fail_key(ErrorKind::Config, file, at + "keep",
+               "must be \"auto\", \"input\", \"attention\", \"qkv\" or \"residual\" (got " + v.dump() + ")");
+  }
+  if (json.contains("mlp_chunk_tokens")) {
+    const Json& v = json["mlp_chunk_tokens"];
+    if (!v.is_number_integer() || v.get<int64_t>() < -1)
+      fail_key(ErrorKind::Config, file, at + "mlp_chunk_tokens", "must be -1 (auto), 0 (off) or a token count");
+    if (v.get<int64_t>() >= 0) r.mlp_chunk_tokens = v.get<int64_t>();
+  }
+  if (json.contains("attention")) {
+    const Json& v = json["attention"];
+    const std::string s = v.is_string() ? v.get<std::string>() : "";
+    if (s == "cudnn") r.attention = AttentionKernel::Cudnn;
+    else if (s == "flash") r.attention = AttentionKernel::Flash;
+    else fail_key(ErrorKind::Config, file, at + "attention", "must be \"cudnn\" or \"flash\" (got " + v.dump() + ")");
+  }
+  for (const char* k : {"embeddings", "lm_head"}) {
+    if (!json.contains(k)) continue;
+    const Json& v = json[k];
+    const std::string s = v.is_string() ? v.get<std::string>() : "";
+    std::optional<bool> host;
+    if (s == "host") host = true;
+    else if (s == "device") host = false;
+    else if (s != "auto")
+      fail_key(ErrorKind::Config, file, at + k, "must be \"auto\", \"device\" or \"host\" (got " + v.dump() + ")");
+    (std::string(k) == "embeddings" ? r.embeddings_on_host : r.lm_head_on_host) = host;
+  }
+  return r;
+}
+
+Json PlanRequest::to_json() const {
+  auto opt = [](const std::optional<bool>& b) { return b ? Json(*b) : Json("auto"); };
+  auto place = [](const std::optional<bool>& b) { return b ? Json(*b ? "host" : "device") : Json("auto"); };
+  Json j = {{"gpu_memory_gib", gpu_memory_gib ? Json(*gpu_memory_gib) : Json(nullptr)},
+            {"checkpointing", checkpointing_auto ? Json("auto") : Json(checkpointing.value_or(true))},
+            {"offload", opt(offload)},
+            {"keep", keep ? Json(keep_level_name(*keep)) : Json("auto")},
+            {"keep_dequantized", opt(keep_dequantized)},
+            {"mlp_chunk_tokens", mlp_chunk_tokens ? Json(*mlp_chunk_tokens) : Json(-1)},
+            {"attention", attention == AttentionKernel::Cudnn ? "cudnn" : "flash"},
+            {"expandable_segments", opt(expandable_segments)},
+            {"embeddings", place(embeddings_on_host)},
+            {"lm_head", place(lm_head_on_host)}};
+  return j;
+}
+
+double Footprint::total() const {
+  double t = 0;
+  for (const auto& [name, bytes] : terms) t += bytes;
+  return t;
+}
+
+Json Footprint::to_json() const {
+  Json j = Json::object();
+  for (const auto& [name, bytes] : terms) j[name] = std::round(bytes / kGiB * 1000) / 1000;
+  j["total"] = std::round(total() / kGiB * 1000) / 1000;
+  return j;
+}
+
+Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
+  const LlamaConfig& c = in.model;
+  const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
+  const double q = static_cast<double>(c.q_size()), kv = static_cast<double>(c.kv_size());
+  const double L = static_cast<double>(c.num_hidden_layers), V = static_cast<double>(c.vocab_size);
+  const double T = static_cast<double>(in.micro_batch * in.seq), e = static_cast<double>(in.element_size);
+  const bool tied = c.tie_word_embeddings;
+  const double block_params = H * q + 2 * H * kv + q * H + 3 * H * I;
+  // bitsandbytes' NF4 with double quantization: half a byte a weight, one 8-bit absmax per 64 weights, one fp32
+  // absmax per 256 of those.
+  const double per_weight = in.nf4 ? 0.5 + 1.0 / 64 + 4.0 / (64 * 256) : e;
+  const double shard = in.sharded ? 1.0 / std::max(1, in.world) : 1.0;
+  Footprint f;
+  f.terms.emplace_back("context_and_libraries", in.cuda ? kContextBytes : 0.0);
+  f.terms.emplace_back("base_weights", L * block_params * per_weight * shard + (2 * L + 1) * H * e);
+  f.terms.emplace_back("embeddings", p.embeddings_on_host ? 0.0 : V * H * e);
+  f.terms.emplace_back("lm_head", tied || p.lm_head_on_host ? 0.0 : V * H * e);
+  // fp32 value, gradient and AdamW's two moments; trained-in-full tensors likewise.
+  f.terms.emplace_back("trainable_and_optimizer",
+                       16.0 * static_cast<double>(in.lora_params) * shard + 16.0 * static_cast<double>(in.full_params));
+  // One block's activations as autograd keeps them for its backward pass, per token: the normed inputs (2 H),
+  // q and o_proj's input (q), k and v (2 kv), gate, up, the SwiGLU and down_proj's input (4 I), in the compute dtype
+  // (fitted on an H200 without checkpointing: 8B 2 x 2048, docs/PERFORMANCE.md).
+  const double mlp_tokens = p.mlp_chunk_tokens > 0 ? std::min(T, static_cast<double>(p.mlp_chunk_tokens)) : T;
+  const double block_acts = e * (T * (2 * H + q + 2 * kv) + mlp_tokens * 4 * I);
+  if (!p.checkpointing) {
+    f.terms.emplace_back("activations", L * block_acts);
+    f.terms.emplace_back("working_set", 0.5 * block_acts);
+  } else {
+    // Kept per block: its input and the keep ladder's tensors, all layers on the device, or two blocks' (the one
+    // in its backward pass and the one fetched ahead) when offloaded.
+    const double kept = e * T * (H + static_cast<double>(keep_width(c, p.keep)));
+    f.terms.emplace_back("kept_activations", (p.offload ? 2.0 : L) * kept);
+    // One block's recomputation and backward: its activations and their gradients (fitted: 1.5 blocks' worth),
+    // the 16-bit weights dequantized for it (the block's when kept, else the largest group, gate and up).
+    f.terms.emplace_back("working_set", 1.5 * block_acts + (p.keep_dequantized ? block_params * e : 2 * H * I * e));
+  }
+  if (p.keep_dequantized) f.terms.emplace_back("lora_factor_cache", 0.5 * static_cast<double>(in.lora_params) * e);
+  // The loss: a logits tile (at most 192 MiB; 64 MiB and two staging slices when lm_head streams) and dh in fp32.
+  f.terms.emplace_back("loss_chunk", (p.lm_head_on_host ? 64.0 * 1024 * 1024 + 2 * 8192 * H * e : 192.0 * 1024 * 1024) +
+                                   T * H * 4);
+  // The caching allocator's reserve beyond its peak: small with expandable segments, else the activations' churn
+  // fragments its segments (fitted on an H200: 8B 2 x 2048 and 1 x 8192, docs/PERFORMANCE.md).
+  double tensors = 0;
+  for (const auto& [name, bytes] : f.terms)
+    if (name != "context_and_libraries") tensors += bytes;
+  const double churn = tensors - f.terms[1].second - f.terms[2].second - f.terms[3].second - f.terms[4].second;
+  if (in.cuda) f.terms.emplace_back("allocator_reserve", p.expandable_segments ? 0.05 * tensors : churn + 0.25 * kGiB);
+  return f;
+}
+
+Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib) {
+  const std::string& file = in.file;
+  const std::string m = "train.memory.";
+  // Consistency of what was forced.
+  const bool ckpt_forced_off = r.checkpointing.has_value() && !*r.checkpointing;
+  if (ckpt_forced_off) {
+    if (r.offload.value_or(false))
+      fail_key(ErrorKind::Config, file, m + "offload", "true needs train.memory.checkpointing true (it is false)");
+    if (r.keep && *r.keep != KeepLevel::Input)
+      fail_key(ErrorKind::Config, file, m + "keep",
+               std::string("\"") + keep_level_name(*r.keep) + "\" needs train.memory.checkpointing true (it is false)");
+    if (r.keep_dequantized.value_or(false))
+      fail_key(ErrorKind::Config, file, m + "keep_dequantized", "true needs train.memory.checkpointing true (it is false)");
+    if (r.mlp_chunk_tokens.value_or(0) > 0)
+      fail_key(ErrorKind::Config, file, m + "mlp_chunk_tokens", "needs train.memory.checkpointing true (it is false)");
+  }
+  if (r.keep && *r.keep != KeepLevel::Input && r.offload.has_value() && !*r.offload)
+    fail_key(ErrorKind::Config, file, m + "keep",
+             std::string("\"") + keep_level_name(*r.keep) +
+                 "\" keeps tensors in the offloaded pool: it needs train.memory.offload true or \"auto\" (it is false)");
+  const bool tied = in.model.tie_word_embeddings;
+  if (tied && r.embeddings_on_host.has_value() && r.lm_head_on_host.has_value() &&
+      *r.embeddings_on_host != *r.lm_head_on_host)
+    fail_key(ErrorKind::Config, file, m + "embeddings",
+             "and train.memory.lm_head: the model ties them (one tensor), so both are \"host\" or both \"device\"");
+  if (r.embeddings_on_host.value_or(false) && in.embeddings_trained)
+    fail_key(ErrorKind::Config, file, m + "embeddings", "\"host\" holds frozen embeddings only; lora.modules_to_save trains them");
+  if (r.lm_head_on_host.value_or(false) && (in.lm_head_trained || (tied && in.embeddings_trained)))
+    fail_key(ErrorKind::Config, file, m + "lm_head", "\"host\" holds a frozen lm_head only; lora.modules_to_save trains it");
+  if ((r.embeddings_on_host.value_or(false) || r.lm_head_on_host.value_or(false)) && in.sharded)
+    fail_key(ErrorKind::Config, file, m + "embeddings", "\"host\" is not available with train.shard \"blocks\"");
+
+  const int64_t tokens = in.micro_batch * in.seq;
+  // The fastest plan (today's measured defaults, docs/PERFORMANCE.md): checkpointing; on CUDA from 4096 tokens per
+  // micro-batch the block inputs offloaded (the copies hide behind the forward pass) with q, k, v and the attention
+  // output kept where half the host holds them; the recomputation's 16-bit weights kept below 8192 tokens; the MLP
+  // chunked above 32768 tokens; everything on the device.
+  ExecPlan best;
+  best.checkpointing = r.checkpointing.value_or(!r.checkpointing_auto);
+  best.attention = r.attention;
+  best.expandable_segments = r.expandable_segments.value_or(in.cuda);
+  if (best.checkpointing) {
+    best.offload = r.offload.value_or(in.cuda && tokens >= 4096) && in.cuda;
+    KeepLevel k = KeepLevel::Input;
+    if (best.offload && tokens >= 4096)
+      for (KeepLevel l : {KeepLevel::Qkv, KeepLevel::Attention})
+        if (host_holds(in, l)) {
+          k = l;
+          break;
+        }
+    best.keep = r.keep.value_or(k);
+    best.keep_dequantized = r.keep_dequantized.value_or(tokens < 8192);
+    best.mlp_chunk_tokens = r.mlp_chunk_tokens.value_or(tokens > 32768 ? 8192 : 0);
+  }
+  best.embeddings_on_host = r.embeddings_on_host.value_or(false) && in.cuda;
+  best.lm_head_on_host = r.lm_head_on_host.value_or(tied && best.embeddings_on_host) && in.cuda;
+  if (tied) best.embeddings_on_host = best.lm_head_on_host = best.embeddings_on_host || best.lm_head_on_host;
+
+  Decision d;
+  d.budget_gib = r.gpu_memory_gib ? *r.gpu_memory_gib : (in.cuda && free_gib > 0 ? free_gib - kFreeMarginGiB : -1);
+  // Candidates from fastest to leanest: each step gives up what costs least speed for the memory it frees.
+  std::vector<ExecPlan> ladder;
+  if (r.checkpointing_auto && !best.checkpointing) {
+    ladder.push_back(best);
+    best.checkpointing = true;
+    best.offload = r.offload.value_or(in.cuda && tokens >= 4096) && in.cuda;
+    best.keep = r.keep.value_or(best.offload && host_holds(in, KeepLevel::Qkv) ? KeepLevel::Qkv : KeepLevel::Input);
+    best.keep_dequantized = r.keep_dequantized.value_or(tokens < 8192);
+    best.mlp_chunk_tokens = r.mlp_chunk_tokens.value_or(tokens > 32768 ? 8192 : 0);
+  }
+  ladder.push_back(best);
+  ExecPlan p = best;
+  auto step = [&](auto change) {
+    ExecPlan next = p;
+    change(next);
+    if (next.keep_dequantized != p.keep_dequantized || next.offload != p.offload || next.keep != p.keep ||
+        next.expandable_segments != p.expandable_segments || next.embeddings_on_host != p.embeddings_on_host ||
+        next.lm_head_on_host != p.lm_head_on_host || next.mlp_chunk_tokens != p.mlp_chunk_tokens) {
+      p = next;
+      ladder.push_back(p);
+    }
+  };
+  if (in.cuda && p.checkpointing) {
+    if (!r.expandable_segments) step([](ExecPlan& x) { x.expandable_segments = true; });
+    if (!r.keep_dequantized) step([](ExecPlan& x) { x.keep_dequantized = false; });
+    if (!r.offload) step([](ExecPlan& x) { x.offload = true; });
+    if (!r.keep)
+      for (KeepLevel l : {KeepLevel::Attention, KeepLevel::Input})
+        step([&](ExecPlan& x) { x.keep = std::min(x.keep, l); });
+    const bool embed_free = !r.embeddings_on_host && !in.embeddings_trained && !in.sharded && !tied;
+    if (embed_free) step([](ExecPlan& x) { x.embeddings_on_host = true; });
+    if (!r.mlp_chunk_tokens)
+      for (int64_t chunk : {int64_t{8192}, int64_t{4096}, int64_t{2048}})
+        if (tokens > chunk) step([&](ExecPlan& x) { x.mlp_chunk_tokens = x.mlp_chunk_tokens ? std::min(x.mlp_chunk_tokens, chunk) : chunk; });
+    const bool head_free = !r.lm_head_on_host && !in.lm_head_trained && !in.sharded &&
+                           !(tied && (in.embeddings_trained || r.embeddings_on_host.has_value()));
+    if (head_free)
+      step([&](ExecPlan& x) {
+        x.lm_head_on_host = true;
+        if (tied) x.embeddings_on_host = true;
+      });
+  }
+  for (const ExecPlan& cand : ladder) {
+    d.plan = cand;
+    d.footprint = predict_footprint(in, cand);
+    if (d.budget_gib < 0 || d.footprint.total() <= d.budget_gib * kGiB) return d;
+  }
+  // Nothing fits: name the budget, what the leanest plan needs, and what lowers it.
+  const std::string where = r.gpu_memory_gib ? "train.memory.gpu_memory_gib " + fmt_gib(*r.gpu_memory_gib * kGiB)
+                                             : "the GPU's free memory (" + fmt_gib(free_gib * kGiB) + " GiB) less a " +
+                                                   fmt_gib(kFreeMarginGiB * kGiB) + " GiB margin";
+  fail_at(ErrorKind::Config, file,
+          "the run does not fit " + where + " GiB: its leanest plan (" + describe(d) + ") needs " +
+              fmt_gib(d.footprint.total()) + " GiB. Lower train.micro_batch_size (now " +
+              std::to_string(in.micro_batch) + ") or data.max_seq_len (now " + std::to_string(in.seq) +
+              "), or free train.memory's forced settings, or use a GPU with more memory");
+}
+
+std::string describe(const Decision& d) {
+  const ExecPlan& p = d.plan;
+  std::string s = p.checkpointing ? "checkpointing" : "no checkpointing";
+  if (p.checkpointing) {
+    s += p.offload ? ", offloaded" : ", on the device";
+    s += std::string(", keep ") + keep_level_name(p.keep);
+    if (p.keep_dequantized) s += ", dequantized weights kept";
+    if (p.mlp_chunk_tokens > 0) s += ", MLP in chunks of " + std::to_string(p.mlp_chunk_tokens) + " tokens";
+  }
+  s += p.attention == AttentionKernel::Cudnn ? ", cuDNN attention" : ", flash attention";
+  if (p.expandable_segments) s += ", expandable segments";
+  if (p.embeddings_on_host) s += ", embeddings on the host";
+  if (p.lm_head_on_host) s += ", lm_head streamed from the host";
+  if (!d.footprint.terms.empty()) s += "; predicted " + fmt_gib(d.footprint.total()) + " GiB";
+  if (d.budget_gib >= 0) s += " of a " + fmt_gib(d.budget_gib * kGiB) + " GiB budget";
+  return s;
+}
+
+Json to_json(const Decision& d) {
+  const ExecPlan& p = d.plan;
+  return Json{{"checkpointing", p.checkpointing},
+              {"offload", p.offload},
+              {"keep", keep_level_name(p.keep)},
+              {"keep_dequantized", p.keep_dequantized},
+              {"mlp_chunk_tokens", p.mlp_chunk_tokens},
+              {"attention", p.attention == AttentionKernel::Cudnn ? "cudnn" : "flash"},
+              {"expandable_segments", p.expandable_segments},
+              {"embeddings", p.embeddings_on_host ? "host" : "device"},
+              {"lm_head", p.lm_head_on_host ? "host" : "device"},
+              {"budget_gib", d.budget_gib >= 0 ? Json(std::round(d.budget_gib * 1000) / 1000) : Json(nullptr)},
+              {"predicted_gib", d.footprint.to_json()}};
+}
+
+double device_free_gib(bool cuda, int device_index) {
+  if (!cuda) return -1;
+  int before = 0;
+  if (cudaGetDevice(&before) != cudaSuccess) return -1;
+  cudaSetDevice(device_index);
+  size_t free = 0, total = 0;
+  const bool ok = cudaMemGetInfo(&free, &total) == cudaSuccess;
+  cudaSetDevice(before);
+  return ok ? static_cast<double>(free) / kGiB : -1;
+}
+
+void apply_allocator_settings(const ExecPlan& plan) {
+  // PYTORCH_CUDA_ALLOC_CONF, when the user set it, is torch's own switch and wins.
+  if (std::getenv("PYTORCH_CUDA_ALLOC_CONF") || std::getenv("PYTORCH_ALLOC_CONF")) return;
+  c10::CachingAllocator::setAllocatorSettings(plan.expandable_segments ? "expandable_segments:True"
+                                                                       : "expandable_segments:False");
+}
+
+}  // namespace qt

@@ -1,0 +1,113 @@
+#pragma once
+// How a training step runs, decided once at start and held by the model (../shared/ARCHITECTURE.md, "The execution
+// plan"): what is checkpointed, offloaded to the host, kept for the backward pass, chunked, which attention kernel,
+// the caching allocator's settings, where the embeddings and lm_head live. decide_plan() picks, from a GPU memory
+// budget, the row shape, the model and the host, the fastest plan whose predicted device footprint fits; the user
+// may force any field (the run config's train.memory section, parsed by lib/train/run_config.cpp into a
+// PlanRequest). Training, `eval` and `generate` build their plans with the same function, so they share defaults.
+// Modules read the plan; nothing reads environment switches to find out.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lib/core/json.h"
+#include "lib/model/llama_config.h"
+
+namespace qt {
+
+// With checkpointing, what each block keeps from its forward pass beyond its input, a ladder: each rung keeps what
+// the ones below keep. Attention: the attention output and log-sum-exp, replayed in the recomputation (no second
+// attention forward); Qkv: the rotated q, k, v too (the recomputation's q / k / v projection and RoPE compute only
+// what the backward saves); Residual: h + o_proj(attention) too (o_proj likewise). Kept tensors are offloaded with
+// the block input when offload is on, and apply to rows of one whole document (others recompute attention).
+enum class KeepLevel { Input, Attention, Qkv, Residual };
+const char* keep_level_name(KeepLevel level);
+
+enum class AttentionKernel { Flash, Cudnn };
+
+struct ExecPlan {
+  bool checkpointing = false;        // per-block activation checkpointing (recompute in the backward pass)
+  bool offload = false;              // checkpointed block inputs (and kept tensors) in pinned host memory (CUDA)
+  KeepLevel keep = KeepLevel::Input;
+  // The 16-bit weights dequantized in a block's recomputation kept for its backward pass, and the compute-dtype LoRA
+  // factors kept between forward passes (one NF4 dequantization less per linear and step).
+  bool keep_dequantized = false;
+  int64_t mlp_chunk_tokens = 0;      // > 0: the MLP over chunks of this many tokens, recomputed chunk by chunk
+  // The kernel first in line for causal attention on CUDA where rows are whole documents (packed rows take flash
+  // varlen either way): cuDNN's fused attention, or torch SDPA's own order (FlashAttention-2 first).
+  AttentionKernel attention = AttentionKernel::Cudnn;
+  bool expandable_segments = false;  // the CUDA caching allocator grows segments in place (less fragmentation)
+  bool embeddings_on_host = false;   // input embeddings in pinned host memory: rows gathered there, shipped
+  bool lm_head_on_host = false;      // lm_head in pinned host memory: the loss streams it in vocabulary slices
+
+  bool keeps(KeepLevel level) const { return checkpointing && keep >= level; }
+};
+
+// What the user asked for (train.memory); unset fields are the plan's to choose.
+struct PlanRequest {
+  std::optional<double> gpu_memory_gib;  // the budget; default: the device's free memory at start, less a margin
+  std::optional<bool> checkpointing;     // default true; "auto": the plan may run without it where memory allows
+  bool checkpointing_auto = false;
+  std::optional<bool> offload;
+  std::optional<KeepLevel> keep;
+  std::optional<bool> keep_dequantized;
+  std::optional<int64_t> mlp_chunk_tokens;
+  AttentionKernel attention = AttentionKernel::Cudnn;
+  std::optional<bool> expandable_segments;
+  std::optional<bool> embeddings_on_host;
+  std::optional<bool> lm_head_on_host;
+
+  // Parses the train.memory object; `where` names it in errors ("run.json: train.memory").
+  static PlanRequest from_json(const Json& json, const std::string& file);
+  Json to_json() const;  // the request as written (for the resolved config)
+};
+
+// What the plan is decided from.
+struct PlanInputs {
+  LlamaConfig model;
+  int64_t micro_batch = 1;       // rows per forward pass on this rank
+  int64_t seq = 2048;            // tokens per row
+  bool cuda = false;
+  bool nf4 = true;               // NF4 base (else 16-bit)
+  int64_t lora_params = 0;       // trainable LoRA elements (fp32, with gradient and AdamW state)
+  int64_t full_params = 0;       // tensors trained in full (modules_to_save, full fine-tuning): fp32 + state
+  bool embeddings_trained = false, lm_head_trained = false;  // modules_to_save: they stay on the device
+  bool sharded = false;          // FullyShard: the blocks' bytes divided over `world` ranks
+  int world = 1;
+  int64_t element_size = 2;      // compute dtype
+  uint64_t host_bytes = 0;       // this rank's share of the host's memory
+  std::string file;              // the run config, for errors
+};
+
+// The device memory a plan is predicted to take, by term (bytes).
+struct Footprint {
+  std::vector<std::pair<std::string, double>> terms;
+  double total() const;
+  Json to_json() const;  // {term: GiB, ..., "total": GiB}
+};
+
+Footprint predict_footprint(const PlanInputs& in, const ExecPlan& plan);
+
+// The fastest plan whose predicted footprint fits the budget (request.gpu_memory_gib, or `free_gib` of the device
+// when unset; on the CPU without an explicit budget, the fastest plan). Throws qt::Error(Config) naming the keys
+// when the request is inconsistent, and naming the budget, the figure the leanest plan needs and what lowers it
+// when nothing fits.
+struct Decision {
+  ExecPlan plan;
+  Footprint footprint;
+  double budget_gib = -1;  // < 0: none (CPU without an explicit budget)
+};
+Decision decide_plan(const PlanInputs& in, const PlanRequest& request, double free_gib = -1);
+
+// One line for the log, and the whole decision as JSON (metrics.jsonl, the bench JSON).
+std::string describe(const Decision& d);
+Json to_json(const Decision& d);
+
+// The device's free memory in GiB (CUDA: cudaMemGetInfo, which creates the context); -1 on the CPU.
+double device_free_gib(bool cuda, int device_index = 0);
+
+// Applies the allocator settings of the plan; must run before the first CUDA allocation of the process.
+void apply_allocator_settings(const ExecPlan& plan);
+
+}  // namespace qt
