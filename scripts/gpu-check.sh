@@ -24,8 +24,11 @@ note() { echo "$*" | tee -a "$summary"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
-BUILD_DIR=build-gpu JOBS=$(nproc) bash scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90 2>&1 | tail -n 3 >"$OUT/build.log"
-if [ ! -x build-gpu/qlora-train ]; then cat "$OUT/build.log"; note "BUILD FAILED"; exit 1; fi
+BUILD_DIR=build-gpu JOBS=$(nproc) bash scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90 >"$OUT/build.log" 2>&1
+build_rc=$?
+if [ "$build_rc" != 0 ] || [ ! -x build-gpu/qlora-train ]; then
+  grep -B 2 -A 12 -E "error|FAILED" "$OUT/build.log" | head -n 60; note "BUILD FAILED (exit $build_rc)"; exit 1
+fi
 note "build: $(( $(date +%s) - t0 )) s"
 
 has() { [ "$MODE" = all ] || [[ ",$MODE," == *",$1,"* ]]; }  # MODE may list several: gputests,train
@@ -34,7 +37,7 @@ RUN_BENCH=0; has bench && RUN_BENCH=1
 if has gputests && [ "$MODE" != all ]; then
   PYTHONPATH=${PEERS} python3 tests/oracles/generate.py --out build-gpu/tests/fixtures >"$OUT/oracles.log" 2>&1 \
     || { tail -n 20 "$OUT/oracles.log"; note "oracles: FAILED"; }
-  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 900 -E oracles_generate) >"$OUT/ctest.log" 2>&1
+  (cd build-gpu && ctest -L gpu --output-on-failure --timeout 900 -E oracles_generate -j "${GPU_JOBS:-1}") >"$OUT/ctest.log" 2>&1
   grep -E "tests passed|tests failed|\(Failed\)|\(SEGFAULT\)|\(Timeout\)|Exception" "$OUT/ctest.log" | tee -a "$summary"
   RUN_TESTS=0
 fi
