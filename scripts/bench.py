@@ -192,8 +192,8 @@ def run_peer(script, shape, batch, seq, ckpt, env, budget=None, timeout=900):
 
 def min_budget(run, lo, hi):
     """The least budget in 0.25 GiB steps in [lo, hi] at which run(budget) completes (bisection: completing is
-    taken as monotone in the budget; lo is the allocator's peak, below which nothing completes), with that run's
-    result; None when it fails at hi."""
+    taken as monotone in the budget; lo where nothing completes), with that run's result; None when it fails at
+    hi."""
     snap = lambda x: round(x * 4) / 4
     lo, hi = snap(lo), snap(hi)
     best = run(hi)
@@ -255,7 +255,8 @@ def main():
         free = ours(None)  # the whole GPU: also the upper end of a budget search
         emit(free)
         if a.min_budget and "device_gib" in free:
-            r = min_budget(ours, max(1.0, free["peak_gib"]), free["device_gib"] + 1.0)
+            # The plan gets leaner under a budget: the least can lie below the whole GPU's peak.
+            r = min_budget(ours, max(1.0, 0.5 * free["peak_gib"]), free["device_gib"] + 1.0)
             emit(dict(r, search="min_budget") if r else dict(free, search="min_budget", error="no budget found"))
         for budget in budgets:
             if budget is not None:

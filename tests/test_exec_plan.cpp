@@ -155,13 +155,21 @@ TEST_CASE("a budget picks the fastest plan that fits; a smaller budget never nee
   const qt::PlanInputs in = inputs("llama-3.1-8b", 1, 8192);
   const auto e = error_of(in, {}, /*free_gib=*/4.0);
   REQUIRE(e);
-  CHECK(has(e->what(), "free memory (4.00 GiB)"));
-  // The leanest plan for 8B at 8k streams lm_head and keeps the embeddings on the host.
+  CHECK(has(e->what(), "free memory (4.00 GiB, its 0.50 GiB context included"));
+  // The leanest plan for 8B at 8k keeps the embeddings on the host and chunks the MLP; lm_head stays on the device
+  // unless asked for (not a rung of the ladder), and then it is leaner still.
   qt::PlanRequest r;
-  r.gpu_memory_gib = 7.0;
+  r.gpu_memory_gib = 8.5;
   const qt::Decision lean = qt::decide_plan(in, r);
   CHECK(lean.plan.embeddings_on_host);
-  CHECK(lean.plan.lm_head_on_host);
+  CHECK(lean.plan.mlp_chunk_tokens > 0);
+  CHECK(!lean.plan.lm_head_on_host);
+  r.gpu_memory_gib = 7.5;  // 8B 1 x 8192 with lm_head streamed completed at 7.5 GiB on an H200, not at 7.25
+  CHECK(error_of(in, r));
+  r.lm_head_on_host = true;
+  const qt::Decision streamed = qt::decide_plan(in, r);
+  CHECK(streamed.plan.lm_head_on_host);
+  CHECK(streamed.footprint.total() < lean.footprint.total());
 }
 
 TEST_CASE("checkpointing auto: without it where the budget allows, with it where not", "[plan]") {
@@ -185,7 +193,7 @@ TEST_CASE("forced plan fields are kept; contradictions name both keys", "[plan]"
   forced.keep_dequantized = true;
   forced.attention = qt::AttentionKernel::Flash;
   forced.expandable_segments = false;
-  forced.gpu_memory_gib = 9.5;  // tight: the ladder moves what was not forced
+  forced.gpu_memory_gib = 10.0;  // tight: the ladder moves what was not forced
   const qt::Decision d = qt::decide_plan(in, forced);
   CHECK(d.plan.keep == qt::KeepLevel::Attention);
   CHECK(d.plan.keep_dequantized);

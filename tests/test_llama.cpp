@@ -194,7 +194,7 @@ TEST_CASE("input embeddings and lm_head kept on the host give the logits and gra
     model.layers[0].q_proj.weight.set_requires_grad(true);
     at::Tensor emb = model.embed(ids);  // host ids either way
     REQUIRE(emb.device().is_cuda());
-    emb.retain_grad();
+    emb = emb.detach().requires_grad_(true);
     at::Tensor logits = model.logits(model.forward_hidden(emb));
     logits.to(at::kFloat).square().mean().backward();
     results.insert(results.end(), {logits, emb.grad(), model.layers[0].q_proj.weight.grad()});
