@@ -14,8 +14,8 @@
 #include <memory>
 
 #include "lib/core/error.h"
-#include "lib/dist/launch_env.h"
-#include "lib/dist/mpi_runtime.h"
+#include "lib/comm/launch_env.h"
+#include "lib/comm/mpi_runtime.h"
 
 int main(int argc, char* argv[]) {
   // Several ranks share the machine's cores: one intra-op thread each.

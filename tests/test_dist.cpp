@@ -3,7 +3,7 @@
 #include <optional>
 
 #include "lib/core/error.h"
-#include "lib/dist/communicator.h"
+#include "lib/comm/communicator.h"
 #include "tests/catch.h"
 
 namespace {

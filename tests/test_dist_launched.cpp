@@ -10,9 +10,9 @@
 #include <thread>
 
 #include "lib/core/error.h"
-#include "lib/dist/communicator.h"
-#include "lib/dist/mpi_communicator.h"
-#include "lib/dist/store_rendezvous.h"
+#include "lib/comm/communicator.h"
+#include "lib/comm/mpi_communicator.h"
+#include "lib/comm/store_rendezvous.h"
 #include "tests/catch.h"
 
 namespace {

@@ -1,4 +1,4 @@
-// FullyShard (lib/train/fully_shard.h) under mpirun -np 2 and 3 ("[fsdp]", run by tests/dist_driver.cpp with one
+// FullyShard (lib/dist/fully_shard.h) under mpirun -np 2 and 3 ("[fsdp]", run by tests/dist_driver.cpp with one
 // intra-op thread per rank). Every rank builds the same small NF4 LLaMA with LoRA from fixed seeds, so each can
 // compute the single-process reference (the whole global batch, an unsharded model) itself and compare its
 // shards, losses and updates with it.
@@ -10,12 +10,12 @@
 #include <cmath>
 
 #include "lib/core/error.h"
-#include "lib/dist/communicator.h"
+#include "lib/comm/communicator.h"
 #include "lib/model/llama.h"
 #include "lib/model/lora.h"
 #include "lib/quant/nf4.h"
 #include "lib/train/adamw.h"
-#include "lib/train/fully_shard.h"
+#include "lib/dist/fully_shard.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 

@@ -24,6 +24,7 @@
 
 #include "lib/core/json.h"
 #include "lib/data/dataset.h"
+#include "lib/dist/fully_shard.h"
 
 namespace qt {
 
@@ -81,5 +82,12 @@ void check_resume_compatible(const Json& saved, const Json& current, const std::
 // The CPU (and current CUDA device's) default generator states, and their restoration.
 std::vector<std::pair<std::string, at::Tensor>> capture_rng_states();
 void restore_rng_states(const std::vector<std::pair<std::string, at::Tensor>>& states);
+
+// The AdamW state of checkpoint `ck` for `params` (AdamW::state_tensors() names), re-sliced for this run: the
+// checkpoint may hold it unsharded or as shards of any world size; the result is whole tensors, or with
+// `fsdp` this rank's padded shards. A missing or misshapen tensor is a qt::Error(Checkpoint) naming it and `dir`.
+std::vector<std::pair<std::string, at::Tensor>> optimizer_state_for(
+    const CheckpointContents& ck, const std::vector<std::pair<std::string, at::Tensor>>& params,
+    const FullyShard* fsdp, const std::string& dir);
 
 }  // namespace qt

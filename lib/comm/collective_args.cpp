@@ -1,4 +1,4 @@
-#include "lib/dist/collective_args.h"
+#include "lib/comm/collective_args.h"
 
 #include "lib/core/error.h"
 

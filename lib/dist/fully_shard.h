@@ -33,9 +33,8 @@
 #include <utility>
 #include <vector>
 
-#include "lib/dist/communicator.h"
+#include "lib/comm/communicator.h"
 #include "lib/model/llama.h"
-#include "lib/train/checkpoint.h"
 
 namespace qt {
 
@@ -153,12 +152,5 @@ class GatherScope {
   FullyShard* fs_;
   FullyShard::Root which_;
 };
-
-// The AdamW state of checkpoint `ck` for `params` (AdamW::state_tensors() names), re-sliced for this run: the
-// checkpoint may hold it unsharded or as shards of any world size; the result is whole tensors, or with
-// `fsdp` this rank's padded shards. A missing or misshapen tensor is a qt::Error(Checkpoint) naming it and `dir`.
-std::vector<std::pair<std::string, at::Tensor>> optimizer_state_for(
-    const CheckpointContents& ck, const std::vector<std::pair<std::string, at::Tensor>>& params,
-    const FullyShard* fsdp, const std::string& dir);
 
 }  // namespace qt

@@ -2,7 +2,7 @@
 // Collectives on CPU tensors over OpenMPI (launch with mpirun). mpi.h stays in the .cpp (pimpl).
 #include <memory>
 
-#include "lib/dist/communicator.h"
+#include "lib/comm/communicator.h"
 
 namespace qt {
 

@@ -13,7 +13,7 @@
 // rank and the collective.
 #include <memory>
 
-#include "lib/dist/communicator.h"
+#include "lib/comm/communicator.h"
 
 namespace qt {
 

@@ -1,4 +1,4 @@
-#include "lib/dist/store_rendezvous.h"
+#include "lib/comm/store_rendezvous.h"
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 

@@ -11,7 +11,7 @@
 #include <memory>
 #include <string>
 
-#include "lib/dist/launch_env.h"
+#include "lib/comm/launch_env.h"
 
 namespace qt {
 

@@ -1,4 +1,4 @@
-#include "lib/dist/launch_env.h"
+#include "lib/comm/launch_env.h"
 
 #include <cstdlib>
 

@@ -1,4 +1,4 @@
-#include "lib/train/fully_shard.h"
+#include "lib/dist/fully_shard.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -376,36 +376,6 @@ int64_t FullyShard::gathered_bytes() const {
     for (const auto& e : u.entries)
       if (e.slot->defined() && !e.slot->is_meta()) n += e.slot->numel() * elem_size(e.dtype);
   return n;  // (a tied lm_head is the embeddings' tensor: counted once)
-}
-
-std::vector<std::pair<std::string, at::Tensor>> optimizer_state_for(
-    const CheckpointContents& ck, const std::vector<std::pair<std::string, at::Tensor>>& params,
-    const FullyShard* fsdp, const std::string& dir) {
-  // The whole (row-padded, when it was sharded) tensor of each name: the shards of all ranks in rank order.
-  std::map<std::string, std::vector<at::Tensor>> parts;
-  if (ck.optimizer_shards > 0) {
-    for (const auto& shard : ck.optimizer_shards_by_rank)
-      for (const auto& [name, t] : shard) parts[name].push_back(t);
-  } else {
-    for (const auto& [name, t] : ck.optimizer) parts[name].push_back(t);
-  }
-  std::vector<std::pair<std::string, at::Tensor>> out;
-  for (const auto& [name, p] : params) {
-    const int64_t rows = fsdp ? fsdp->full_rows(name) : p.size(0);
-    for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
-      auto it = parts.find(name + suffix);
-      if (it == parts.end())
-        fail_at(ErrorKind::Checkpoint, dir, "optimizer state for '" + name + suffix + "' is missing");
-      at::Tensor full = it->second.size() == 1 ? it->second[0] : at::cat(it->second, 0);
-      if (full.dim() < 1 || full.size(0) < rows)
-        fail_at(ErrorKind::Checkpoint, dir, "optimizer state for '" + name + suffix + "' has " +
-                                                (full.dim() ? std::to_string(full.size(0)) : "no") + " rows, expected " +
-                                                std::to_string(rows));
-      full = full.narrow(0, 0, rows).to(p.device());
-      out.emplace_back(name + suffix, fsdp ? fsdp->shard_of(name, full) : full);
-    }
-  }
-  return out;
 }
 
 }  // namespace qt

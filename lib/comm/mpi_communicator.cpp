@@ -1,4 +1,4 @@
-#include "lib/dist/mpi_communicator.h"
+#include "lib/comm/mpi_communicator.h"
 
 #include <mpi.h>
 
@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "lib/core/error.h"
-#include "lib/dist/collective_args.h"
-#include "lib/dist/mpi_runtime.h"
+#include "lib/comm/collective_args.h"
+#include "lib/comm/mpi_runtime.h"
 
 namespace qt {
 

@@ -1,4 +1,4 @@
-#include "lib/dist/mpi_runtime.h"
+#include "lib/comm/mpi_runtime.h"
 
 #include <mpi.h>
 

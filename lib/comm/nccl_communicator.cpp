@@ -1,4 +1,4 @@
-#include "lib/dist/nccl_communicator.h"
+#include "lib/comm/nccl_communicator.h"
 
 #if QT_WITH_CUDA
 
@@ -18,9 +18,9 @@
 #include <vector>
 
 #include "lib/core/error.h"
-#include "lib/dist/collective_args.h"
-#include "lib/dist/mpi_runtime.h"
-#include "lib/dist/store_rendezvous.h"
+#include "lib/comm/collective_args.h"
+#include "lib/comm/mpi_runtime.h"
+#include "lib/comm/store_rendezvous.h"
 
 namespace qt {
 

@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "lib/dist/communicator.h"
+#include "lib/comm/communicator.h"
 
 namespace qt::dist_detail {
 

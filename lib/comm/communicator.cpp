@@ -1,13 +1,13 @@
-#include "lib/dist/communicator.h"
+#include "lib/comm/communicator.h"
 
 #include <cstring>
 #include <sstream>
 #include <vector>
 
 #include "lib/core/error.h"
-#include "lib/dist/collective_args.h"
-#include "lib/dist/mpi_communicator.h"
-#include "lib/dist/nccl_communicator.h"
+#include "lib/comm/collective_args.h"
+#include "lib/comm/mpi_communicator.h"
+#include "lib/comm/nccl_communicator.h"
 
 namespace qt {
 
