@@ -5,18 +5,10 @@
 #include "lib/core/error.h"
 #include "lib/comm/communicator.h"
 #include "tests/catch.h"
+#include "tests/test_util.h"
 
 namespace {
 
-template <typename F>
-std::optional<qt::Error> dist_error_of(F&& f) {
-  try {
-    f();
-  } catch (const qt::Error& e) {
-    return e;
-  }
-  return std::nullopt;
-}
 
 bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
@@ -73,24 +65,24 @@ TEST_CASE("one process on a GPU without a launcher runs no NCCL: collectives are
 
 TEST_CASE("collective misuse is reported with the rank and the collective", "[dist]") {
   auto comm = qt::make_communicator(qt::LaunchEnv{}, at::kCPU);
-  auto e = dist_error_of([&] { comm->all_gather_into_tensor(at::empty({5}), at::empty({4})); });
+  auto e = qt::test::caught([&] { comm->all_gather_into_tensor(at::empty({5}), at::empty({4})); });
   REQUIRE(e);
   INFO(e->what());
   CHECK(has(e->what(), "rank 0: single all_gather_into_tensor"));
   CHECK(has(e->what(), "pad every shard"));
-  e = dist_error_of([&] { comm->all_reduce(at::ones({4}, at::kLong), qt::ReduceOp::Avg); });
+  e = qt::test::caught([&] { comm->all_reduce(at::ones({4}, at::kLong), qt::ReduceOp::Avg); });
   REQUIRE(e);
   CHECK(has(e->what(), "avg needs a floating dtype"));
-  e = dist_error_of([&] { comm->all_reduce(at::ones({4, 4}).t()); });
+  e = qt::test::caught([&] { comm->all_reduce(at::ones({4, 4}).t()); });
   REQUIRE(e);
   CHECK(has(e->what(), "not contiguous"));
-  e = dist_error_of([&] { comm->broadcast(at::ones({4}), 1); });
+  e = qt::test::caught([&] { comm->broadcast(at::ones({4}), 1); });
   REQUIRE(e);
   CHECK(has(e->what(), "root 1"));
 }
 
 TEST_CASE("CPU collectives under torchrun with several ranks are a usage error that points to mpirun", "[dist]") {
-  auto e = dist_error_of([&] { qt::make_communicator(torchrun_env(1, 2, 1), at::kCPU); });
+  auto e = qt::test::caught([&] { qt::make_communicator(torchrun_env(1, 2, 1), at::kCPU); });
   REQUIRE(e);
   INFO(e->what());
   CHECK(e->kind() == qt::ErrorKind::Usage);
@@ -100,12 +92,12 @@ TEST_CASE("CPU collectives under torchrun with several ranks are a usage error t
 
 TEST_CASE("more processes on a host than GPUs is a usage error", "[dist]") {
   // Local rank 64: more than any host has GPUs (and on a machine without CUDA, more than zero).
-  auto e = dist_error_of([&] { qt::make_communicator(torchrun_env(64, 65, 64), at::Device(at::kCUDA)); });
+  auto e = qt::test::caught([&] { qt::make_communicator(torchrun_env(64, 65, 64), at::Device(at::kCUDA)); });
   REQUIRE(e);
   INFO(e->what());
   CHECK(e->kind() == qt::ErrorKind::Usage);
   CHECK(has(e->what(), "rank 64"));
-  e = dist_error_of([&] { qt::make_communicator(torchrun_env(1, 2, 1), at::Device(at::kCUDA, 0)); });
+  e = qt::test::caught([&] { qt::make_communicator(torchrun_env(1, 2, 1), at::Device(at::kCUDA, 0)); });
   REQUIRE(e);
   CHECK(e->kind() == qt::ErrorKind::Usage);
   CHECK(has(e->what(), "one process per GPU"));

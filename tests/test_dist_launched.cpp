@@ -14,6 +14,7 @@
 #include "lib/comm/mpi_communicator.h"
 #include "lib/comm/store_rendezvous.h"
 #include "tests/catch.h"
+#include "tests/test_util.h"
 
 namespace {
 
@@ -149,16 +150,6 @@ void check_async_gathers(Communicator& comm) {
   }
 }
 
-// The qt::Error that f throws, if any.
-template <typename F>
-std::optional<qt::Error> error_of(F&& f) {
-  try {
-    f();
-  } catch (const qt::Error& e) {
-    return e;
-  }
-  return std::nullopt;
-}
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
@@ -196,7 +187,7 @@ TEST_CASE("check_same_across_ranks names the ranks whose config differs", "[.mpi
   qt::check_same_across_ranks(*comm, "{\"lr\": 1e-4}", "run config");  // equal: returns
   // The last rank has another learning rate: every rank reports it, none is left waiting.
   std::string cfg = me == W - 1 ? "{\"lr\": 2e-4}" : "{\"lr\": 1e-4}";
-  auto e = error_of([&] { qt::check_same_across_ranks(*comm, cfg, "run config"); });
+  auto e = qt::test::caught([&] { qt::check_same_across_ranks(*comm, cfg, "run config"); });
   REQUIRE(e);
   INFO(e->what());
   CHECK(e->kind() == qt::ErrorKind::Config);
@@ -212,13 +203,13 @@ TEST_CASE("an mpi collective that a peer does not join times out with the rank a
   qt::MpiCommunicator other(kTestOptions);
   at::Tensor t = at::ones({16});
   if (env.rank == 0) {
-    auto e = error_of([&] { slow.all_reduce(t); });
+    auto e = qt::test::caught([&] { slow.all_reduce(t); });
     REQUIRE(e);
     INFO(e->what());
     CHECK(e->kind() == qt::ErrorKind::Device);
     CHECK(contains(e->what(), "rank 0: mpi all_reduce"));
     CHECK(contains(e->what(), "did not complete"));
-    auto again = error_of([&] { slow.barrier(); });
+    auto again = qt::test::caught([&] { slow.barrier(); });
     REQUIRE(again);
     CHECK(contains(again->what(), "unusable"));
   } else {
@@ -249,7 +240,7 @@ TEST_CASE("torchrun ranks share rank 0's value through the TCPStore; CPU collect
   for (int r = 0; r < env.world_size; ++r) CHECK(store.get("test/echo/" + std::to_string(r)) == got);
   store.broadcast("test/done", "");  // a serving rank 0 keeps the store up until every rank is through
 
-  auto e = error_of([&] { qt::make_communicator(env, at::kCPU); });
+  auto e = qt::test::caught([&] { qt::make_communicator(env, at::kCPU); });
   REQUIRE(e);
   INFO(e->what());
   CHECK(e->kind() == qt::ErrorKind::Usage);

@@ -9,6 +9,7 @@
 #include "lib/model/exec_plan.h"
 #include "lib/model/random_init.h"
 #include "tests/catch.h"
+#include "tests/test_util.h"
 
 namespace {
 
@@ -31,15 +32,10 @@ qt::PlanInputs inputs(const std::string& shape, int64_t micro, int64_t seq, bool
 }
 
 std::optional<qt::Error> error_of(const qt::PlanInputs& in, const qt::PlanRequest& r, double free_gib = -1) {
-  try {
-    qt::decide_plan(in, r, free_gib);
-  } catch (const qt::Error& e) {
-    return e;
-  }
-  return std::nullopt;
+  return qt::test::caught([&] { qt::decide_plan(in, r, free_gib); });
 }
 
-bool has(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+using qt::test::has;
 
 }  // namespace
 

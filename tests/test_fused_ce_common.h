@@ -3,6 +3,8 @@
 // at::cross_entropy_loss with sum reduction, autograd) and error measures.
 #include <ATen/ATen.h>
 
+#include "tests/test_util.h"
+
 #include <cmath>
 
 #include "lib/kernels/fused_linear_ce.h"
@@ -35,11 +37,7 @@ inline PlainCe plain_cross_entropy(const at::Tensor& hidden, const at::Tensor& w
   return out;
 }
 
-// ||a - b|| / ||b|| in double (b must not be zero: the callers check it is not).
-inline double rel_err(const at::Tensor& a, const at::Tensor& b) {
-  const at::Tensor a64 = a.detach().to(at::kDouble), b64 = b.detach().to(at::kDouble);
-  return (a64 - b64).norm().item<double>() / b64.norm().item<double>();
-}
+using qt::test::rel_err;  // (NaN never passes a bound)
 
 inline double max_abs(const at::Tensor& a) { return a.detach().abs().max().to(at::kDouble).item<double>(); }
 

@@ -6,7 +6,7 @@
 #include "lib/core/files.h"
 
 #include <functional>
-
+#include <optional>
 #include <string>
 
 namespace qt::test {
@@ -39,6 +39,17 @@ inline std::string error_of(const std::function<void()>& f, qt::ErrorKind* kind 
     return e.what();
   }
   return "";
+}
+
+// The qt::Error that f() throws, if any (its kind and message together).
+template <typename F>
+std::optional<qt::Error> caught(F&& f) {
+  try {
+    f();
+  } catch (const qt::Error& e) {
+    return e;
+  }
+  return std::nullopt;
 }
 
 inline bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
