@@ -256,6 +256,24 @@ TEST_CASE("LoRA on NF4 linears matches PEFT on bitsandbytes' dequantized base: l
   check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4);
 }
 
+TEST_CASE("LoRA on a Qwen2 NF4 base (q / k / v biases, tied embeddings) matches PEFT, with and without "
+          "checkpointing",
+          "[lora][qwen]") {
+  check_against_peft("base_qwen2_nf4", "qwen2_all", 1e-5, 1e-4);
+  check_against_peft("base_qwen2_nf4", "qwen2_all", 1e-5, 1e-4,
+                     [](qt::LlamaModel& m) { m.grad_checkpointing = true; });
+}
+
+TEST_CASE("LoRA on a Qwen3 NF4 base (q / k norms before RoPE, head_dim given) matches PEFT, with and without "
+          "checkpointing, fused projections asked for",
+          "[lora][qwen]") {
+  check_against_peft("base_qwen3_nf4", "qwen3_all", 1e-5, 1e-4);
+  check_against_peft("base_qwen3_nf4", "qwen3_all", 1e-5, 1e-4, [](qt::LlamaModel& m) {
+    m.grad_checkpointing = true;
+    m.fuse_projections = true;  // q / k / v fall back to the per-linear path (the norms sit before RoPE)
+  });
+}
+
 TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weights kept for the backward pass or "
           "not, and with its unused outputs skipped or not; keeping saves one dequantization per weight, skipping "
           "down_proj's", "[lora]") {
