@@ -71,6 +71,11 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
   SECTION("llama3") { check_file("chat_llama3", "llama3", config()); }
   SECTION("llama2") { check_file("chat_llama2", "llama2", config()); }
   SECTION("mistral") { check_file("chat_mistral", "mistral", config()); }
+  SECTION("chatml (Qwen2.5's template: its default system prompt where there is no system message)") {
+    check_file("chat_qwen", "qwen", config());
+    check_file("chat_qwen", "qwen", config({{"format", "chat"}, {"chat_template", "chatml"}}));
+    check_file("chat_qwen", "qwen", config({{"train_on_prompt", true}}));
+  }
   SECTION("format named in the config") {
     check_file("chat_llama2", "llama2", config({{"format", "chat"}, {"chat_template", "llama2"}}));
   }
@@ -81,9 +86,11 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
 }
 
 TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
-  for (const std::string model : {"llama3", "llama2", "mistral"}) {
+  for (const std::string model : {"llama3", "llama2", "mistral", "qwen"}) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
-    const int32_t end = model == "llama3" ? tok->token_to_id("<|eot_id|>") : tok->eos_id();
+    const int32_t end = model == "llama3" ? tok->token_to_id("<|eot_id|>")
+                        : model == "qwen" ? tok->token_to_id("<|im_end|>")
+                                          : tok->eos_id();
     REQUIRE(end >= 0);
     const auto examples = qt::load_examples(qt::test::fixture("data/chat_" + model + ".jsonl"), config(), *tok);
     for (const auto& e : examples) {
@@ -120,16 +127,20 @@ TEST_CASE("alpaca and text records tokenize as transformers", "[data]") {
 TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
   using qt::ChatFormat;
   using qt::ChatTemplateChoice;
-  for (const std::string model : {"llama3", "llama2", "mistral"}) {
+  for (const std::string model : {"llama3", "llama2", "mistral", "qwen"}) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     CHECK(qt::chat_format_name(qt::resolve_chat_format(ChatTemplateChoice::Auto, tok->chat_template(), "run.json")) ==
-          model);
+          (model == "qwen" ? "chatml" : model));
   }
   CHECK(qt::resolve_chat_format(ChatTemplateChoice::Mistral, "", "run.json") == ChatFormat::Mistral);
-  // ChatML (Qwen, SmolLM): none of the built-in formats.
-  check_error(
-      [] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "{{'<|im_start|>' + message['role']}}", "run.json"); },
-      qt::ErrorKind::Config, {"run.json", "data.chat_template", "<|im_start|>", "llama3"});
+  CHECK(qt::resolve_chat_format(ChatTemplateChoice::ChatML, "", "run.json") == ChatFormat::ChatML);
+  // ChatML other than Qwen2.5's (SmolLM's, Qwen2's default system prompt, Qwen3's <think>): not built in; the
+  // error names the built-ins.
+  for (const std::string jinja :
+       {"{{'<|im_start|>' + message['role']}}", "<|im_start|>system\nYou are a helpful assistant.",
+        "<|im_start|>You are Qwen, created by Alibaba Cloud. You are a helpful assistant. <think>"})
+    check_error([&] { qt::resolve_chat_format(ChatTemplateChoice::Auto, jinja, "run.json"); }, qt::ErrorKind::Config,
+                {"run.json", "data.chat_template", "<|im_start|>", "llama3", "mistral", "chatml"});
   check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "", "run.json"); }, qt::ErrorKind::Config,
               {"run.json", "data.chat_template", "no chat_template"});
   check_error(

@@ -92,6 +92,39 @@ TEST_CASE("llama logits and gradients match transformers: Mistral sliding window
   check_against_transformers("mistral_window");
 }
 
+TEST_CASE("qwen2 logits and gradients match transformers' Qwen2ForCausalLM: q/k/v bias, tied, 5.x config with "
+          "use_sliding_window false",
+          "[llama][qwen]") {
+  check_against_transformers("qwen2_tied");
+}
+
+TEST_CASE("qwen2 logits and gradients match transformers' Qwen2ForCausalLM: untied, 8:1 GQA, 4.x config",
+          "[llama][qwen]") {
+  check_against_transformers("qwen2_v4");
+  const qt::LlamaModel model = qt::load_llama(fixture("llama/qwen2_v4/model"), {});
+  CHECK(model.config.model_type == "qwen2");
+  CHECK(!model.config.sliding_window);
+  CHECK(model.layers[0].q_proj.bias.defined());
+  CHECK(model.layers[0].v_proj.bias.defined());
+  CHECK(!model.layers[0].o_proj.bias.defined());
+  CHECK(!model.layers[0].down_proj.bias.defined());
+}
+
+TEST_CASE("qwen3 logits and gradients match transformers' Qwen3ForCausalLM: q / k norms, head_dim given, untied, "
+          "5.x config",
+          "[llama][qwen]") {
+  check_against_transformers("qwen3");
+}
+
+TEST_CASE("qwen3 logits and gradients match transformers' Qwen3ForCausalLM: tied, 4:1 GQA, 4.x config",
+          "[llama][qwen]") {
+  check_against_transformers("qwen3_tied_v4");
+  const qt::LlamaModel model = qt::load_llama(fixture("llama/qwen3_tied_v4/model"), {});
+  CHECK(model.config.qk_norm);
+  CHECK(model.layers[1].k_norm.sizes() == at::IntArrayRef({16}));
+  CHECK(!model.layers[0].q_proj.bias.defined());
+}
+
 TEST_CASE("llama biases stay dense beside NF4 bases", "[llama]") {
   const std::string dir = fixture("llama/bias/model");
   qt::LlamaModel dense = qt::load_llama(dir, {});

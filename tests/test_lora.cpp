@@ -209,8 +209,69 @@ TEST_CASE("q, k, v (gate, up) as one projection equal their separate LoRA linear
   CHECK(!qt::project_group({&five[0], &five[1], &five[2], &five[3], &five[4]}, x).defined());
 }
 
+TEST_CASE("LoRA on NF4 linears whose shapes are not whole blocks of 64 trains as on their dequantized weights",
+          "[lora][nf4]") {
+  at::manual_seed(11);
+  // [80, 203]: a short last block; q, k, v of 80, 21, 21 rows: 21 x 203 is odd (a padding nibble).
+  auto ls = group_members({80, 21, 21}, 203, {4, 4, 2}, at::kCPU);
+  const at::Tensor x0 = at::randn({2, 3, 203}), dy = at::randn({2, 3, 122});
+  std::vector<at::Tensor> dense_grads, grads;
+  at::Tensor xd = x0.clone().requires_grad_(true);
+  std::vector<at::Tensor> parts;
+  for (auto& l : ls) {
+    const at::Tensor W = l.base_weight(at::kFloat);
+    CHECK(W.sizes() == at::IntArrayRef({l.out_features(), 203}));
+    parts.push_back(at::linear(xd, W) + l.lora->scale * at::linear(at::linear(xd, l.lora->A), l.lora->B));
+  }
+  at::cat(parts, -1).backward(dy);
+  for (auto& l : ls)
+    for (at::Tensor* p : {&l.lora->A, &l.lora->B}) {
+      dense_grads.push_back(p->grad().clone());
+      p->mutable_grad() = at::Tensor();
+    }
+  for (const bool grouped : {false, true}) {
+    INFO((grouped ? "one projection" : "separate linears"));
+    at::Tensor x = x0.clone().requires_grad_(true);
+    at::Tensor y;
+    if (grouped) {
+      y = qt::project_group({&ls[0], &ls[1], &ls[2]}, x);
+      REQUIRE(y.defined());
+    } else {
+      std::vector<at::Tensor> ys;
+      for (const auto& l : ls) ys.push_back(l.forward(x));
+      y = at::cat(ys, -1);
+    }
+    y.backward(dy);
+    CHECK(rel_err(x.grad(), xd.grad()) < 1e-5);
+    size_t i = 0;
+    for (auto& l : ls)
+      for (at::Tensor* p : {&l.lora->A, &l.lora->B}) {
+        CHECK(rel_err(p->grad(), dense_grads[i++]) < 1e-5);
+        p->mutable_grad() = at::Tensor();
+      }
+  }
+}
+
 TEST_CASE("LoRA on NF4 linears matches PEFT on bitsandbytes' dequantized base: loss and every LoRA gradient", "[lora]") {
   check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4);
+}
+
+TEST_CASE("LoRA on a Qwen2 NF4 base (q / k / v biases, tied embeddings) matches PEFT, with and without "
+          "checkpointing",
+          "[lora][qwen]") {
+  check_against_peft("base_qwen2_nf4", "qwen2_all", 1e-5, 1e-4);
+  check_against_peft("base_qwen2_nf4", "qwen2_all", 1e-5, 1e-4,
+                     [](qt::LlamaModel& m) { m.plan.checkpointing = true; });
+}
+
+TEST_CASE("LoRA on a Qwen3 NF4 base (q / k norms before RoPE, head_dim given) matches PEFT, with and without "
+          "checkpointing, q / k / v kept by the plan",
+          "[lora][qwen]") {
+  check_against_peft("base_qwen3_nf4", "qwen3_all", 1e-5, 1e-4);
+  check_against_peft("base_qwen3_nf4", "qwen3_all", 1e-5, 1e-4, [](qt::LlamaModel& m) {
+    m.plan.checkpointing = true;
+    m.plan.keep = qt::KeepLevel::Qkv;  // q / k / v take the per-linear path (the norms sit before RoPE)
+  });
 }
 
 TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weights kept for the backward pass or "

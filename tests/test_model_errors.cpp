@@ -141,6 +141,22 @@ TEST_CASE("model loader reports bad model directories with the file and key", "[
     j["model_type"] = "gpt2";
     qt::write_json_file(dir + "/config.json", j);
     require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model_type", "gpt2"});
+    for (const char* other : {"gemma", "phi3", "mixtral", "qwen3_moe"}) {
+      j["model_type"] = other;
+      qt::write_json_file(dir + "/config.json", j);
+      require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
+                    {"model_type", other, "supported: llama, mistral, qwen2, qwen3"});
+    }
+  }
+  SECTION("Qwen2 with use_sliding_window true") {
+    std::string dir = copy_model("qwen2_window");
+    qt::Json j = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);
+    j["model_type"] = "qwen2";
+    j["use_sliding_window"] = true;
+    j["sliding_window"] = 4096;
+    qt::write_json_file(dir + "/config.json", j);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
+                  {"config.json", "use_sliding_window", "not supported"});
   }
   SECTION("unknown rope type") {
     std::string dir = copy_model("rope_type");

@@ -41,8 +41,8 @@ qt::kernels::Nf4Data random_nf4(int64_t rows, int64_t cols, int64_t blocksize = 
   qt::kernels::Nf4Data d;
   d.numel = rows * cols;
   d.blocksize = blocksize;
-  const int64_t blocks = d.numel / blocksize;
-  d.packed = at::randint(0, 256, {d.numel / 2}, u8);
+  const int64_t blocks = qt::kernels::nf4_blocks(d.numel, blocksize);
+  d.packed = at::randint(0, 256, {qt::kernels::nf4_packed_bytes(d.numel)}, u8);
   d.absmax_q = at::randint(0, 256, {blocks}, u8);
   d.nested_absmax = at::rand({(blocks + 255) / 256}, f32).mul_(0.05).add_(0.005);
   d.nested_map = qt::kernels::dynamic_map_tensor().to(at::kCUDA);
@@ -156,19 +156,66 @@ TEST_CASE("grouped NF4 dequantization into the first columns of a wider matrix l
   CHECK(wide.eq(0).all().item<bool>());
 }
 
-TEST_CASE("misaligned output buffers are refused, not written", "[gpu][nf4]") {
+TEST_CASE("misaligned output buffers are refused by the launch, written through a staging buffer by the tensor call",
+          "[gpu][nf4]") {
   require_cuda();
   const qt::kernels::Nf4Data d = random_nf4(64, 64);
   at::Tensor buf = at::zeros({64 * 64 + 8}, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
   at::Tensor out = buf.slice(0, 1, 1 + 64 * 64);  // 2-byte offset
+  qt::kernels::Nf4DequantJob job;
+  job.packed = d.packed.data_ptr<uint8_t>();
+  job.absmax_q = d.absmax_q.data_ptr<uint8_t>();
+  job.nested_absmax = d.nested_absmax.data_ptr<float>();
+  job.nested_map = d.nested_map.data_ptr<float>();
+  job.quant_map = d.quant_map.data_ptr<float>();
+  job.numel = d.numel;
+  job.out = out.data_ptr();
   bool threw = false;
   try {
-    qt::kernels::nf4_dequant_into(d, out);
+    qt::kernels::nf4_dequant_launch(&job, 1, qt::kernels::Nf4OutType::BFloat16, nullptr);
   } catch (const qt::Error& e) {
     threw = std::string(e.what()).find("aligned") != std::string::npos;
   }
   CHECK(threw);
   CHECK(buf.eq(0).all().item<bool>());
+  qt::kernels::nf4_dequant_into(d, out);
+  CHECK(same_bits(out, qt::kernels::nf4_dequant_ref(d, at::kBFloat16)));
+  CHECK(buf[0].item<float>() == 0.0f);
+  CHECK(buf.slice(0, 1 + 64 * 64).eq(0).all().item<bool>());
+}
+
+TEST_CASE("CUDA NF4 dequant of shapes that are not whole blocks (short last block, odd numel) equals the reference",
+          "[gpu][nf4]") {
+  require_cuda();
+  at::manual_seed(6);
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{80, 203}, {7, 45}, {300, 77}, {3, 70}, {1, 33}, {1, 1}};
+  for (const auto& [rows, cols] : shapes) {
+    for (int64_t bs : {64, 256}) {
+      const qt::kernels::Nf4Data d = random_nf4(rows, cols, bs);
+      for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+        INFO(rows << "x" << cols << " blocksize " << bs << " " << c10::toString(dtype));
+        at::Tensor out = at::full({rows, cols}, NAN, at::TensorOptions().dtype(dtype).device(at::kCUDA));
+        qt::kernels::nf4_dequant_into(d, out);
+        CHECK(same_bits(out.reshape({-1}), qt::kernels::nf4_dequant_ref(d, dtype)));
+      }
+    }
+  }
+  // Quantized on the device (the CPU's bytes), then q, k, v of such shapes in one grouped launch into one buffer,
+  // whose second and third parts do not start on 16 bytes.
+  std::vector<qt::Nf4Weight> ws;
+  for (const auto& [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{80, 203}, {21, 203}, {21, 203}}) {
+    at::Tensor w = at::randn({rows, cols}).mul_(0.02).to(at::kBFloat16);
+    const qt::Nf4Weight cpu = qt::quantize_nf4(w);
+    ws.push_back(qt::quantize_nf4(w.to(at::kCUDA)));
+    CHECK(same_bits(ws.back().data.packed.cpu(), cpu.data.packed));
+    CHECK(same_bits(ws.back().data.absmax_q.cpu(), cpu.data.absmax_q));
+    CHECK(same_bits(ws.back().data.nested_absmax.cpu(), cpu.data.nested_absmax));
+  }
+  at::Tensor W = at::full({122, 203}, NAN, at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA));
+  const std::vector<at::Tensor> outs = {W.narrow(0, 0, 80), W.narrow(0, 80, 21), W.narrow(0, 101, 21)};
+  qt::kernels::nf4_dequant_group_into({&ws[0].data, &ws[1].data, &ws[2].data}, outs);
+  for (int i = 0; i < 3; ++i)
+    CHECK(same_bits(outs[i].reshape({-1}), qt::kernels::nf4_dequant_ref(ws[i].data, at::kBFloat16)));
 }
 
 TEST_CASE("NF4 quantization on CUDA produces the CPU's bytes", "[gpu][nf4]") {

@@ -17,6 +17,17 @@ TEST_CASE("random init: named shapes have their published parameter counts", "[r
   CHECK(qt::shape_config("llama-2-7b", "t.json", "model.shape").num_parameters() == 6738415616);
   CHECK(qt::shape_config("mistral-7b", "t.json", "model.shape").num_parameters() == 7248023552);
   CHECK(qt::shape_config("tinyllama-1.1b", "t.json", "model.shape").num_parameters() == 1100048384);
+  // Qwen2.5-7B: 7.62B published (Qwen2.5 report; 7,615,616,512 counted), q / k / v biases included.
+  const qt::LlamaConfig qwen25 = qt::shape_config("qwen2.5-7b", "t.json", "model.shape");
+  CHECK(qwen25.num_parameters() == 7615616512);
+  CHECK(qwen25.linear_has_bias("model.layers.0.self_attn.k_proj"));
+  CHECK(!qwen25.linear_has_bias("model.layers.0.self_attn.o_proj"));
+  CHECK(!qwen25.linear_has_bias("model.layers.0.mlp.down_proj"));
+  // Qwen3-8B: 8.19B published (8,190,735,360 counted), q / k norms included, no bias.
+  const qt::LlamaConfig qwen3 = qt::shape_config("qwen3-8b", "t.json", "model.shape");
+  CHECK(qwen3.num_parameters() == 8190735360);
+  CHECK(qwen3.qk_norm);
+  CHECK(!qwen3.linear_has_bias("model.layers.0.self_attn.q_proj"));
   const qt::LlamaConfig c = qt::shape_config("llama-3.1-8b", "t.json", "model.shape");
   CHECK(c.rope.type == qt::RopeType::Llama3);
   CHECK(c.head_dim == 128);

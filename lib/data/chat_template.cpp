@@ -149,6 +149,38 @@ std::vector<RenderPiece> render_mistral(const std::vector<ChatMessage>& messages
   return out;
 }
 
+constexpr const char* kQwenDefaultSystem = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+
+// ChatML as Qwen2.5-*-Instruct's tokenizer_config.json chat_template renders it without tools:
+//   {%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+//   {%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful
+//   assistant.<|im_end|>\n' }}{%- endif %}
+//   {%- for message in messages %}{%- if (message.role == "user") or (message.role == "system" and not
+//   loop.first) or (message.role == "assistant" and not message.tool_calls) %}{{- '<|im_start|>' + message.role +
+//   '\n' + message.content + '<|im_end|>' + '\n' }}...
+// Contents are not stripped; roles need not alternate. An answer's loss runs from its content through <|im_end|>
+// and the newline that ends its turn.
+std::vector<RenderPiece> render_chatml(const std::vector<ChatMessage>& messages, const Tokenizer& tok, bool all) {
+  const int32_t start = required_token(tok, "<|im_start|>", ChatFormat::ChatML);
+  const int32_t end = required_token(tok, "<|im_end|>", ChatFormat::ChatML);
+  std::vector<RenderPiece> out;
+  if (messages[0].role != "system") {
+    out.push_back({"", start, all});
+    out.push_back({std::string("system\n") + kQwenDefaultSystem, -1, all});
+    out.push_back({"", end, all});
+    out.push_back({"\n", -1, all});
+  }
+  for (const auto& m : messages) {
+    const bool answer = all || m.role == "assistant";
+    out.push_back({"", start, all});
+    out.push_back({m.role + "\n", -1, all});
+    out.push_back({m.content, -1, answer});
+    out.push_back({"", end, answer});
+    out.push_back({"\n", -1, answer});
+  }
+  return out;
+}
+
 bool contains(const std::string& s, const char* what) { return s.find(what) != std::string::npos; }
 
 }  // namespace
@@ -161,6 +193,8 @@ const char* chat_format_name(ChatFormat format) {
       return "llama2";
     case ChatFormat::Mistral:
       return "mistral";
+    case ChatFormat::ChatML:
+      return "chatml";
   }
   return "?";
 }
@@ -173,11 +207,14 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
       return ChatFormat::Llama2;
     case ChatTemplateChoice::Mistral:
       return ChatFormat::Mistral;
+    case ChatTemplateChoice::ChatML:
+      return ChatFormat::ChatML;
     case ChatTemplateChoice::Auto:
       break;
   }
   const std::string choices =
-      "set data.chat_template to \"llama3\", \"llama2\" or \"mistral\" to use a built-in format";
+      "set data.chat_template to \"llama3\", \"llama2\", \"mistral\" or \"chatml\" (Qwen2.5's ChatML) to use a "
+      "built-in format";
   if (jinja.empty())
     fail_key(ErrorKind::Config, config_file, "data.chat_template",
              "is \"auto\" but the tokenizer has no chat_template (tokenizer_config.json); " + choices);
@@ -202,8 +239,18 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
                    choices);
     return ChatFormat::Mistral;
   }
+  if (contains(jinja, "<|im_start|>")) {
+    // Qwen2.5's template (its default system prompt) is the built-in ChatML. Qwen3's (a <think> block in the
+    // last answer, no default system prompt), Qwen2's ("You are a helpful assistant.") and other ChatML
+    // templates render different text.
+    if (contains(jinja, kQwenDefaultSystem) && !contains(jinja, "<think>")) return ChatFormat::ChatML;
+    fail_key(ErrorKind::Config, config_file, "data.chat_template",
+             "the tokenizer's chat_template is a ChatML one (<|im_start|>) other than Qwen2.5's (a different default "
+             "system prompt, or Qwen3's <think> blocks), which is not built in; " +
+                 choices);
+  }
   fail_key(ErrorKind::Config, config_file, "data.chat_template",
-           "the tokenizer's chat_template is not one of the built-in formats (Llama 3, Llama 2, Mistral): \"" +
+           "the tokenizer's chat_template is not one of the built-in formats (Llama 3, Llama 2, Mistral, ChatML): \"" +
                jinja.substr(0, 60) + (jinja.size() > 60 ? "...\"" : "\"") + "; " + choices);
 }
 
@@ -218,6 +265,8 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
       return render_llama2(messages, tokenizer, train_on_prompt, where);
     case ChatFormat::Mistral:
       return render_mistral(messages, tokenizer, train_on_prompt, where);
+    case ChatFormat::ChatML:
+      return render_chatml(messages, tokenizer, train_on_prompt);
   }
   fail(ErrorKind::Internal, "render_chat: unknown format");
 }

@@ -1,6 +1,6 @@
 #pragma once
-// Built-in renderers for the chat formats of Llama 3, Llama 2 and Mistral: there is no C++ Jinja library in
-// Debian or on the GPU image, so each official template is re-implemented here and held to transformers'
+// Built-in renderers for the chat formats of Llama 3, Llama 2, Mistral and ChatML (Qwen2.5's): there is no C++ Jinja
+// library in Debian or on the GPU image, so each official template is re-implemented here and held to transformers'
 // apply_chat_template by tests (tests/oracles/gen_data.py). The format is recognised from the tokenizer's
 // chat_template (tokenizer_config.json) or named in the run config (data.chat_template).
 #include <string>
@@ -12,12 +12,12 @@
 
 namespace qt {
 
-enum class ChatFormat { Llama3, Llama2, Mistral };
+enum class ChatFormat { Llama3, Llama2, Mistral, ChatML };
 
 const char* chat_format_name(ChatFormat format);
 
 // The format named by `choice`, or for Auto the one whose official Jinja template `jinja` is, recognised by
-// distinctive substrings. No template, or one that is none of the three, is a qt::Error(Config) naming
+// distinctive substrings. No template, or one that is none of the built-in ones, is a qt::Error(Config) naming
 // `config_file`'s data.chat_template and the choices.
 ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jinja, const std::string& config_file);
 

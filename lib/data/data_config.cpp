@@ -56,6 +56,8 @@ const char* chat_template_name(ChatTemplateChoice choice) {
       return "llama2";
     case ChatTemplateChoice::Mistral:
       return "mistral";
+    case ChatTemplateChoice::ChatML:
+      return "chatml";
   }
   return "?";
 }
@@ -78,7 +80,8 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file) {
                                              {{"auto", ChatTemplateChoice::Auto},
                                               {"llama3", ChatTemplateChoice::Llama3},
                                               {"llama2", ChatTemplateChoice::Llama2},
-                                              {"mistral", ChatTemplateChoice::Mistral}});
+                                              {"mistral", ChatTemplateChoice::Mistral},
+                                              {"chatml", ChatTemplateChoice::ChatML}});
   c.max_seq_len = r.get_int("max_seq_len", c.max_seq_len);
   c.packing = r.get_bool("packing", c.packing);
   c.shuffle = r.get_bool("shuffle", c.shuffle);

@@ -9,7 +9,7 @@
 namespace qt {
 
 enum class RecordFormat { Auto, Text, Alpaca, Chat, Tokenized };
-enum class ChatTemplateChoice { Auto, Llama3, Llama2, Mistral };
+enum class ChatTemplateChoice { Auto, Llama3, Llama2, Mistral, ChatML };
 
 struct DataConfig {
   std::string file;                          // the run config the section came from, for errors

@@ -97,12 +97,21 @@ void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, const std::ve
   const auto type = outs[0].scalar_type();
   const c10::cuda::CUDAGuard guard(outs[0].device());
   Nf4DequantJob jobs[kNf4MaxJobs];
+  // An output that does not start on 16 bytes (the rows of k after a q whose numel is not a multiple of 8, in
+  // one fused buffer: shapes that are not multiples of the blocksize) is written through an aligned buffer.
+  std::vector<std::pair<at::Tensor, at::Tensor>> staged;
   for (size_t i = 0; i < ds.size(); ++i) {
     QT_CHECK(outs[i].scalar_type() == type && outs[i].device() == outs[0].device(), ErrorKind::Internal,
              "nf4_dequant_group_into: all outputs must share one dtype and device");
-    jobs[i] = job_of(*ds[i], outs[i]);
+    if ((reinterpret_cast<uintptr_t>(outs[i].data_ptr()) & 15u) != 0 && !row_strided(outs[i])) {
+      staged.emplace_back(at::empty({ds[i]->numel}, outs[i].options()), outs[i]);
+      jobs[i] = job_of(*ds[i], staged.back().first);
+    } else {
+      jobs[i] = job_of(*ds[i], outs[i]);
+    }
   }
   nf4_dequant_launch(jobs, static_cast<int>(ds.size()), out_type(type), at::cuda::getCurrentCUDAStream().stream());
+  for (auto& [tmp, out] : staged) out.copy_(tmp.view(out.sizes()));
 #else
   fail(ErrorKind::Device, "NF4 dequantize: CUDA tensor given but this build has no CUDA kernels (QT_CUDA=OFF)");
 #endif

@@ -9,6 +9,11 @@
 // consecutive lanes hit consecutive addresses (each store instruction covers 512 contiguous bytes), instead of
 // each lane writing its own 64 or 128 bytes at a stride. Each job's warps start on a fresh warp, so a warp
 // never straddles two weights.
+//
+// Any numel (bitsandbytes quantizes any shape, nf4_format.h): where numel is not a multiple of 32 the last chunk
+// is short. Its lane reads its ceil(tail/2) packed bytes one by one (a 16-byte load would pass the end of the
+// codes) and writes its elements one by one; chunks never straddle blocks because blocks start at multiples of
+// 64, the short last block included.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -99,7 +104,8 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_kernel(const __grid_cons
   int j = 0;
   while (j + 1 < table.n && gwarp >= table.warp_begin[j + 1]) ++j;
   const Nf4DequantJob& job = table.job[j];
-  const int64_t chunks = job.numel / kChunkElems;
+  const int64_t full_chunks = job.numel / kChunkElems;
+  const int64_t chunks = (job.numel + kChunkElems - 1) / kChunkElems;
   const int64_t first = (gwarp - table.warp_begin[j]) * 32;  // first chunk of this warp
   const int64_t c = first + lane;
   const bool active = warp_active && c < chunks;
@@ -108,7 +114,15 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_kernel(const __grid_cons
   uint4 pk = make_uint4(0, 0, 0, 0);
   float scale = 0.0f;
   if (active) {
-    pk = __ldg(reinterpret_cast<const uint4*>(job.packed) + c);
+    if (c < full_chunks) {
+      pk = __ldg(reinterpret_cast<const uint4*>(job.packed) + c);
+    } else {  // the short last chunk
+      const int64_t bytes = (job.numel - c * kChunkElems + 1) / 2;
+      uint32_t words[4] = {0, 0, 0, 0};
+      for (int64_t i = 0; i < bytes; ++i)
+        words[i / 4] |= static_cast<uint32_t>(__ldg(job.packed + c * 16 + i)) << (8 * (i % 4));
+      pk = make_uint4(words[0], words[1], words[2], words[3]);
+    }
     const int64_t block = (c * kChunkElems) >> table.log2_blocksize[j];
     const uint32_t q = __ldg(job.absmax_q + block);
     const float group = __ldg(job.nested_absmax + (block / 256));
@@ -152,9 +166,16 @@ __global__ void __launch_bounds__(kThreads) nf4_dequant_kernel(const __grid_cons
   for (int k = 0; k < Tr::kPieces; ++k) {
     const int p = k * 32 + lane;
     const int src = p / Tr::kPieces;
-    if (first + src < chunks) {
+    if (first + src < full_chunks) {
       out[p] = *reinterpret_cast<const uint4*>(stage + src * Tr::kLaneStride + (p % Tr::kPieces) * 16);
     }
+  }
+  // The short last chunk, element by element (only a contiguous output has one: a row-strided output's numel
+  // is a multiple of kNf4StridedCols).
+  if (active && c == full_chunks) {
+    const OutT* staged = reinterpret_cast<const OutT*>(stage + lane * Tr::kLaneStride);
+    OutT* dst = static_cast<OutT*>(job.out) + c * kChunkElems;
+    for (int64_t i = 0; i < job.numel - c * kChunkElems; ++i) dst[i] = staged[i];
   }
 }
 
@@ -185,8 +206,7 @@ void nf4_dequant_launch(const Nf4DequantJob* jobs, int n_jobs, Nf4OutType type, 
     const int bs = job.blocksize;
     QT_CHECK(bs >= 64 && bs <= 4096 && (bs & (bs - 1)) == 0, ErrorKind::Internal,
              "nf4_dequant_launch: blocksize must be a power of two in [64, 4096], got " + std::to_string(bs));
-    QT_CHECK(job.numel > 0 && job.numel % bs == 0, ErrorKind::Internal,
-             "nf4_dequant_launch: numel " + std::to_string(job.numel) + " is not a multiple of the blocksize");
+    QT_CHECK(job.numel > 0, ErrorKind::Internal, "nf4_dequant_launch: numel " + std::to_string(job.numel));
     QT_CHECK(aligned16(job.packed) && aligned16(job.out), ErrorKind::Internal,
              "nf4_dequant_launch: packed codes and output must be 16-byte aligned");
     QT_CHECK(job.ld == 0 || (job.cols > 0 && job.cols % kNf4StridedCols == 0 && job.ld >= job.cols &&
@@ -199,7 +219,7 @@ void nf4_dequant_launch(const Nf4DequantJob* jobs, int n_jobs, Nf4OutType type, 
     int lg = 0;
     while ((1 << lg) < bs) ++lg;
     table.log2_blocksize[j] = lg;
-    const int64_t chunks = job.numel / kChunkElems;
+    const int64_t chunks = (job.numel + kChunkElems - 1) / kChunkElems;
     table.warp_begin[j + 1] = table.warp_begin[j] + (chunks + 31) / 32;
   }
   switch (type) {

@@ -18,13 +18,13 @@ enum class Nf4OutType : int32_t { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
 // Raw device pointers of one weight to dequantize.
 struct Nf4DequantJob {
-  const uint8_t* packed = nullptr;       // [numel/2], 16-byte aligned
-  const uint8_t* absmax_q = nullptr;     // [numel/blocksize]
-  const float* nested_absmax = nullptr;  // [ceil(numel/blocksize/256)]
+  const uint8_t* packed = nullptr;       // [ceil(numel/2)], 16-byte aligned
+  const uint8_t* absmax_q = nullptr;     // [ceil(numel/blocksize)]
+  const float* nested_absmax = nullptr;  // [ceil(ceil(numel/blocksize)/256)]
   const float* nested_map = nullptr;     // [256]
   const float* quant_map = nullptr;      // [16]
   float offset = 0.0f;
-  int64_t numel = 0;       // multiple of blocksize
+  int64_t numel = 0;       // any positive count (a short last block)
   int32_t blocksize = 64;  // power of two in [64, 4096]
   void* out = nullptr;     // [numel] of the output type, 16-byte aligned
   // Row-strided output: element e at out[(e / cols) * ld + e % cols]; 0 = contiguous. cols a multiple of
@@ -40,7 +40,7 @@ inline constexpr int64_t kNf4StridedCols = 1024;
 inline constexpr int kNf4MaxJobs = 4;
 
 // Dequantizes `n_jobs` (1..kNf4MaxJobs) weights in one kernel launch on `stream`, all to one output type.
-// Preconditions are checked (qt::Error Internal): alignment, numel % blocksize, blocksize. Asynchronous.
+// Preconditions are checked (qt::Error Internal): alignment, numel, blocksize. Asynchronous.
 void nf4_dequant_launch(const Nf4DequantJob* jobs, int n_jobs, Nf4OutType type, CUstream_st* stream);
 
 // True when this build compiled the CUDA kernel (QT_WITH_CUDA).
@@ -48,7 +48,8 @@ bool nf4_cuda_compiled();
 
 // Dequantizes `d` into `out` (contiguous, numel == d.numel, float32/bfloat16/float16, on d's device; any
 // shape; or a 2-D row-strided view, stride(1) == 1, such as the first columns of a wider matrix, whose columns
-// are a multiple of kNf4StridedCols on CUDA). CUDA: the kernel on the current CUDA stream (set it with a
+// are a multiple of kNf4StridedCols on CUDA; a contiguous output not 16-byte aligned is written through an
+// aligned temporary). CUDA: the kernel on the current CUDA stream (set it with a
 // c10::cuda::CUDAStreamGuard). CPU: the reference. Either way the bits are those of nf4_dequant_ref.
 void nf4_dequant_into(const Nf4Data& d, const at::Tensor& out);
 

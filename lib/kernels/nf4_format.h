@@ -2,12 +2,16 @@
 // The NF4 format with double-quantized statistics, as bitsandbytes (>= 0.39) stores it. Defined once here;
 // lib/quant/nf4.h builds Nf4Weight on it, the kernels in nf4_dequant.cu read it.
 //
-// Layout of one weight of `numel` elements (flattened row-major), blocksize B (64 for QLoRA):
-//   packed      uint8[numel/2]   two 4-bit code indices per byte, element 2i in the HIGH nibble, 2i+1 in the
-//                                low one (bitsandbytes' quantize_4bit packing: (q[::2] << 4) | q[1::2]).
-//   absmax_q    uint8[numel/B]   each block's absmax, 8-bit quantized with the dynamic map after subtracting
+// Layout of one weight of `numel` elements (flattened row-major), blocksize B (64 for QLoRA). The flat tensor is
+// cut into blocks of B; where numel is not a multiple of B the last block is short and has its own absmax, as
+// bitsandbytes quantizes any shape (backends/default/ops.py quantize_4bit, `rem`).
+//   packed      uint8[ceil(numel/2)]  two 4-bit code indices per byte, element 2i in the HIGH nibble, 2i+1 in
+//                                the low one (bitsandbytes' quantize_4bit packing: (q[::2] << 4) | q[1::2]); an
+//                                odd numel leaves a padding low nibble (the code of 0.0, index 7).
+//   absmax_q    uint8[ceil(numel/B)]  each block's absmax, 8-bit quantized with the dynamic map after subtracting
 //                                `offset` (QLoRA paper section 3, "Double Quantization").
-//   nested_absmax f32[ceil((numel/B)/256)]  absmax of each group of 256 (absmax - offset) values.
+//   nested_absmax f32[ceil(ceil(numel/B)/256)]  absmax of each group of 256 (absmax - offset) values (the last
+//                                group possibly short).
 //   offset      f32              mean of the unquantized absmax values.
 //   nested_map  f32[256]         bitsandbytes' signed dynamic map (create_dynamic_map()).
 //   quant_map   f32[16]          the NF4 code values below.
@@ -49,6 +53,10 @@ inline constexpr int64_t kNf4NestedBlocksize = 256;
 
 // The kernels read 32 elements (16 packed bytes) per thread, all inside one quantization block.
 inline constexpr int64_t kNf4MinBlocksize = 64;
+
+// Blocks (absmax values) and packed bytes of a weight of `numel` elements.
+inline constexpr int64_t nf4_blocks(int64_t numel, int64_t blocksize) { return (numel + blocksize - 1) / blocksize; }
+inline constexpr int64_t nf4_packed_bytes(int64_t numel) { return (numel + 1) / 2; }
 
 // float32[16] CPU tensor of kNf4Code.
 at::Tensor nf4_code_tensor();

@@ -44,16 +44,15 @@ void check_nf4_data(const Nf4Data& d) {
   };
   expect(d.blocksize >= kNf4MinBlocksize && (d.blocksize & (d.blocksize - 1)) == 0 && d.blocksize <= 4096,
          "blocksize " + std::to_string(d.blocksize) + " is not a power of two in [64, 4096]");
-  expect(d.numel > 0 && d.numel % d.blocksize == 0,
-         "numel " + std::to_string(d.numel) + " not a multiple of blocksize");
-  const int64_t blocks = d.numel / d.blocksize;
+  expect(d.numel > 0, "numel " + std::to_string(d.numel) + " is not positive");
+  const int64_t blocks = nf4_blocks(d.numel, d.blocksize);
   const int64_t groups = (blocks + kNf4NestedBlocksize - 1) / kNf4NestedBlocksize;
-  expect(d.packed.defined() && d.packed.scalar_type() == at::kByte && d.packed.numel() == d.numel / 2 &&
+  expect(d.packed.defined() && d.packed.scalar_type() == at::kByte && d.packed.numel() == nf4_packed_bytes(d.numel) &&
              d.packed.is_contiguous(),
-         "packed must be contiguous uint8[numel/2]");
+         "packed must be contiguous uint8[ceil(numel/2)]");
   expect(d.absmax_q.defined() && d.absmax_q.scalar_type() == at::kByte && d.absmax_q.numel() == blocks &&
              d.absmax_q.is_contiguous(),
-         "absmax_q must be contiguous uint8[numel/blocksize]");
+         "absmax_q must be contiguous uint8[ceil(numel/blocksize)]");
   expect(d.nested_absmax.defined() && d.nested_absmax.scalar_type() == at::kFloat &&
              d.nested_absmax.numel() == groups && d.nested_absmax.is_contiguous(),
          "nested_absmax must be contiguous float32[ceil(blocks/256)]");
@@ -101,9 +100,7 @@ Nf4Data nf4_quantize_ref(const at::Tensor& w, int64_t blocksize) {
            std::string("nf4_quantize_ref: expected float32/bfloat16/float16, got ") + c10::toString(t));
   QT_CHECK(blocksize >= kNf4MinBlocksize && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0,
            ErrorKind::Internal, "nf4_quantize_ref: blocksize must be a power of two in [64, 4096]");
-  QT_CHECK(
-      w.numel() > 0 && w.numel() % blocksize == 0, ErrorKind::Internal,
-      "nf4_quantize_ref: numel " + std::to_string(w.numel()) + " is not a multiple of " + std::to_string(blocksize));
+  QT_CHECK(w.numel() > 0, ErrorKind::Internal, "nf4_quantize_ref: empty tensor");
   const auto dev = w.device();
   const auto f32 = at::TensorOptions().dtype(at::kFloat).device(dev);
 
@@ -116,6 +113,9 @@ Nf4Data nf4_quantize_ref(const at::Tensor& w, int64_t blocksize) {
   // First level: 4-bit NF4 codes with fp32 absmax per block.
   at::Tensor a = w.reshape({-1}).to(f32);
   auto [q, absmax] = blockwise_codes(a, d.quant_map, blocksize);
+  // An odd count: bitsandbytes pads the scaled values with one 0 before bucketize, so the last low nibble holds
+  // the code of 0.0 (kNf4Code[7]).
+  if (q.numel() % 2) q = at::cat({q, at::full({1}, 7, q.options())});
   const int64_t n = q.numel();
   d.packed = at::bitwise_or(at::bitwise_left_shift(q.slice(0, 0, n, 2), 4), q.slice(0, 1, n, 2)).contiguous();
 
@@ -133,7 +133,7 @@ Nf4Data nf4_quantize_ref(const at::Tensor& w, int64_t blocksize) {
 
 at::Tensor nf4_absmax_ref(const Nf4Data& d) {
   check_nf4_data(d);
-  const int64_t blocks = d.numel / d.blocksize;
+  const int64_t blocks = nf4_blocks(d.numel, d.blocksize);
   // dequantize_blockwise: code[q] * absmax2[block] in fp32; then `absmax += offset` as a separate op.
   at::Tensor group_scale = d.nested_absmax.repeat_interleave(kNf4NestedBlocksize).slice(0, 0, blocks);
   at::Tensor scale = d.nested_map.index_select(0, d.absmax_q.to(at::kLong)) * group_scale;
@@ -145,9 +145,14 @@ at::Tensor nf4_dequant_ref(const Nf4Data& d, at::ScalarType dtype) {
            std::string("nf4_dequant_ref: output must be float32/bfloat16/float16, got ") + c10::toString(dtype));
   at::Tensor scale = nf4_absmax_ref(d);
   // High nibble first (element 2i), then the low nibble (element 2i + 1).
-  at::Tensor idx = at::stack({at::bitwise_right_shift(d.packed, 4), at::bitwise_and(d.packed, 15)}, 1).reshape({-1});
-  at::Tensor values = d.quant_map.index_select(0, idx.to(at::kLong)).view({-1, d.blocksize});
-  return (values * scale.view({-1, 1})).reshape({-1}).to(dtype);
+  // A short last block (numel not a multiple of the blocksize) takes its own scale; an odd numel leaves a
+  // padding nibble, dropped (ops.py _dequantize_4bit_compute: the same fp32 products, element by element).
+  at::Tensor idx = at::stack({at::bitwise_right_shift(d.packed, 4), at::bitwise_and(d.packed, 15)}, 1)
+                       .reshape({-1})
+                       .slice(0, 0, d.numel);
+  at::Tensor values = d.quant_map.index_select(0, idx.to(at::kLong));
+  if (d.numel % d.blocksize == 0) return (values.view({-1, d.blocksize}) * scale.view({-1, 1})).reshape({-1}).to(dtype);
+  return (values * scale.repeat_interleave(d.blocksize).slice(0, 0, d.numel)).to(dtype);
 }
 
 }  // namespace qt::kernels

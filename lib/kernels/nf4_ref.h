@@ -10,9 +10,9 @@ namespace qt::kernels {
 
 // The tensors of one NF4 weight (see nf4_format.h), all on one device, contiguous.
 struct Nf4Data {
-  at::Tensor packed;         // uint8 [numel/2]
-  at::Tensor absmax_q;       // uint8 [numel/blocksize]
-  at::Tensor nested_absmax;  // float32 [ceil(numel/blocksize/256)]
+  at::Tensor packed;         // uint8 [ceil(numel/2)]
+  at::Tensor absmax_q;       // uint8 [ceil(numel/blocksize)]
+  at::Tensor nested_absmax;  // float32 [ceil(ceil(numel/blocksize)/256)]
   at::Tensor nested_map;     // float32 [256]
   at::Tensor quant_map;      // float32 [16]
   float offset = 0.0f;
@@ -24,15 +24,15 @@ struct Nf4Data {
 // validated on load in lib/quant).
 void check_nf4_data(const Nf4Data& d);
 
-// Quantizes a floating tensor (fp32/bf16/fp16, any shape, numel % blocksize == 0, on CPU or CUDA) like
-// bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4", compress_statistics=True) with
-// bitsandbytes' reference rounding (nearest code; a value exactly on a midpoint takes the lower code), and the
-// nested 8-bit pass of quantize_blockwise(absmax - offset, blocksize=256). The offset (a mean, whose summation
-// order differs across devices) is always reduced on the CPU, so CPU and CUDA produce identical bytes.
+// Quantizes a floating tensor (fp32/bf16/fp16, any shape, a short last block where numel is not a multiple of
+// blocksize, on CPU or CUDA) like bitsandbytes.functional.quantize_4bit(w, blocksize, quant_type="nf4",
+// compress_statistics=True) with bitsandbytes' reference rounding (nearest code; a value exactly on a midpoint takes
+// the lower code), and the nested 8-bit pass of quantize_blockwise(absmax - offset, blocksize=256). The offset (a mean,
+// whose summation order differs across devices) is always reduced on the CPU, so CPU and CUDA produce identical bytes.
 // The result lives on w's device.
 Nf4Data nf4_quantize_ref(const at::Tensor& w, int64_t blocksize);
 
-// The per-block scales, float32 [numel/blocksize]: nested_map[absmax_q] * nested_absmax[b/256] + offset.
+// The per-block scales, float32 [ceil(numel/blocksize)]: nested_map[absmax_q] * nested_absmax[b/256] + offset.
 at::Tensor nf4_absmax_ref(const Nf4Data& d);
 
 // Dequantizes into a new flat tensor of `dtype` (float32, bfloat16 or float16) on the data's device.

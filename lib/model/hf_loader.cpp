@@ -54,6 +54,7 @@ std::vector<int64_t> expected_shape(const LlamaConfig& c, const std::string& nam
     return name.size() >= suffix.size() && name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
   };
   if (ends_with("layernorm.weight")) return {H};
+  if (ends_with("self_attn.q_norm.weight") || ends_with("self_attn.k_norm.weight")) return {c.head_dim};
   if (ends_with("q_proj.weight")) return {c.q_size(), H};
   if (ends_with("k_proj.weight") || ends_with("v_proj.weight")) return {c.kv_size(), H};
   if (ends_with("o_proj.weight")) return {H, c.q_size()};

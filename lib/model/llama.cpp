@@ -1030,7 +1030,9 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
   at::Tensor q, k, v;
   AttentionStash* stash = current_attention_stash();  // set by a checkpointed block under keep_attention
   bool fused_qkv = false;
-  if (stash && stash->replay && stash->q.defined()) {
+  // Qwen3's q / k norms sit between the projection and RoPE: the fused projection + RoPE paths do not take them.
+  const bool qk_norm = b.q_norm.defined();
+  if (stash && stash->replay && stash->q.defined() && !qk_norm) {
     // keep_qkv's recomputation: the projection's node for the backward pass without its output, the rotated q,
     // k, v of the forward pass in place of RoPE's.
     if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x, false, /*output_unused=*/true);
@@ -1041,13 +1043,20 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
     }
   }
   if (!q.defined()) {
-    if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x); qkv.defined()) {
+    if (at::Tensor qkv = !qk_norm ? project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x) : at::Tensor();
+        qkv.defined()) {
       auto rotated = rope_qkv(qkv, cos, sin, Hq, Hkv);
       q = rotated[0], k = rotated[1], v = rotated[2];
       fused_qkv = true;
     } else {
-      q = rope_fused(b.q_proj.forward(x).view({B, S, Hq, hd}), cos, sin);
-      k = rope_fused(b.k_proj.forward(x).view({B, S, Hkv, hd}), cos, sin);
+      q = b.q_proj.forward(x).view({B, S, Hq, hd});
+      k = b.k_proj.forward(x).view({B, S, Hkv, hd});
+      if (qk_norm) {  // transformers' Qwen3Attention: q_norm(q_proj(x).view(hidden_shape)), the same for k
+        q = rms_norm(q, b.q_norm, config.rms_norm_eps);
+        k = rms_norm(k, b.k_norm, config.rms_norm_eps);
+      }
+      q = rope_fused(q, cos, sin);
+      k = rope_fused(k, cos, sin);
       v = b.v_proj.forward(x).view({B, S, Hkv, hd});
     }
   }
@@ -1213,11 +1222,14 @@ std::vector<std::pair<std::string, at::Tensor*>> LlamaModel::named_tensors() {
     const std::string p = "model.layers." + std::to_string(i) + ".";
     out.emplace_back(p + "input_layernorm.weight", &b.input_layernorm);
     out.emplace_back(p + "post_attention_layernorm.weight", &b.post_attention_layernorm);
+    if (config.qk_norm) {
+      out.emplace_back(p + "self_attn.q_norm.weight", &b.q_norm);
+      out.emplace_back(p + "self_attn.k_norm.weight", &b.k_norm);
+    }
   }
   for_each_linear([&](const std::string& name, Linear& l) {
     if (!l.quantized()) out.emplace_back(name + ".weight", &l.weight);
-    const bool attn = name.find(".self_attn.") != std::string::npos;
-    if (attn ? config.attention_bias : config.mlp_bias) out.emplace_back(name + ".bias", &l.bias);
+    if (config.linear_has_bias(name)) out.emplace_back(name + ".bias", &l.bias);
   });
   out.emplace_back("model.norm.weight", &norm);
   if (!config.tie_word_embeddings) out.emplace_back("lm_head.weight", &lm_head);

@@ -101,6 +101,7 @@ struct LlamaBlock {
   at::Tensor post_attention_layernorm;  // [H]
   Linear q_proj, k_proj, v_proj, o_proj;
   Linear gate_proj, up_proj, down_proj;
+  at::Tensor q_norm, k_norm;  // Qwen3: RMSNorm weights [head_dim] applied per head to q and k before RoPE
 };
 
 // What a forward pass may attend to. All undefined: plain causal. `dense`: a boolean mask [B|1, 1, S, S] (true =

@@ -122,9 +122,14 @@ LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
   if (!j.is_object()) fail_at(ErrorKind::Model, file, "expected a JSON object");
   LlamaConfig c;
   c.model_type = r.get_string("model_type", "llama");
-  if (c.model_type != "llama" && c.model_type != "mistral")
+  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2" && c.model_type != "qwen3")
     fail_key(ErrorKind::Model, file, "model_type",
-             "unsupported architecture '" + c.model_type + "' (supported: llama, mistral)");
+             "unsupported architecture '" + c.model_type + "' (supported: llama, mistral, qwen2, qwen3)");
+  // Qwen2 (transformers' Qwen2Attention): q, k and v projections with a bias, o_proj without, whatever
+  // attention_bias says (Qwen2Config has no such key).
+  c.qkv_bias = c.model_type == "qwen2";
+  // Qwen3 (transformers' Qwen3Attention): q_norm / k_norm over head_dim; biases as attention_bias says.
+  c.qk_norm = c.model_type == "qwen3";
   if (r.has("hidden_act") && r.get_string("hidden_act") != "silu")
     fail_key(ErrorKind::Model, file, "hidden_act", "unsupported activation '" + r.get_string("hidden_act") + "' (expected silu)");
   c.attention_bias = r.get_bool("attention_bias", false);
@@ -161,7 +166,12 @@ LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
   if (r.has("dtype")) c.dtype = parse_dtype_name(r.get_string("dtype"), file, "dtype");
   else if (r.has("torch_dtype")) c.dtype = parse_dtype_name(r.get_string("torch_dtype"), file, "torch_dtype");
   c.rope = parse_rope(j, file, c.max_position_embeddings);
-  if (r.has("sliding_window")) {
+  // Qwen2 writes sliding_window (and max_window_layers) even where use_sliding_window is false: no window then.
+  const bool qwen = c.model_type == "qwen2" || c.model_type == "qwen3";
+  if (qwen && r.get_bool("use_sliding_window", false))
+    fail_key(ErrorKind::Model, file, "use_sliding_window",
+             "is true: Qwen's sliding window on the layers from max_window_layers on is not supported");
+  if (r.has("sliding_window") && !qwen) {
     c.sliding_window = r.get_int("sliding_window");
     if (*c.sliding_window <= 0)
       fail_key(ErrorKind::Model, file, "sliding_window", "must be a positive integer or null");
@@ -194,7 +204,11 @@ Json LlamaConfig::to_json() const {
     rope_params["high_freq_factor"] = rope.high_freq_factor;
     rope_params["original_max_position_embeddings"] = rope.original_max_position_embeddings;
   }
-  Json j = {{"architectures", {model_type == "mistral" ? "MistralForCausalLM" : "LlamaForCausalLM"}},
+  const char* arch = model_type == "mistral" ? "MistralForCausalLM"
+                     : model_type == "qwen2" ? "Qwen2ForCausalLM"
+                     : model_type == "qwen3" ? "Qwen3ForCausalLM"
+                                             : "LlamaForCausalLM";
+  Json j = {{"architectures", {arch}},
             {"model_type", model_type},
             {"hidden_size", hidden_size},
             {"intermediate_size", intermediate_size},
@@ -214,13 +228,22 @@ Json LlamaConfig::to_json() const {
   if (bos_token_id >= 0) j["bos_token_id"] = bos_token_id;
   if (eos_token_id >= 0) j["eos_token_id"] = eos_token_id;
   if (sliding_window) j["sliding_window"] = *sliding_window;
+  if (model_type == "qwen2" || model_type == "qwen3") j["use_sliding_window"] = false;
   return j;
+}
+
+bool LlamaConfig::linear_has_bias(const std::string& name) const {
+  if (name.find("self_attn.") == std::string::npos) return mlp_bias;
+  if (attention_bias) return true;
+  return qkv_bias && name.find("o_proj") == std::string::npos;
 }
 
 int64_t LlamaConfig::num_parameters() const {
   const int64_t h = hidden_size;
   int64_t block = h * q_size() + 2 * h * kv_size() + q_size() * h + 3 * h * intermediate_size + 2 * h;
   if (attention_bias) block += q_size() + 2 * kv_size() + h;
+  else if (qkv_bias) block += q_size() + 2 * kv_size();
+  if (qk_norm) block += 2 * head_dim;
   if (mlp_bias) block += 2 * intermediate_size + h;
   int64_t embed = vocab_size * h;
   return num_hidden_layers * block + embed * (tie_word_embeddings ? 1 : 2) + h;

@@ -48,6 +48,8 @@ struct LlamaConfig {
   c10::ScalarType dtype = c10::ScalarType::Float;  // torch_dtype / dtype: the dtype the weights were saved in
   std::optional<int64_t> sliding_window;           // Mistral: token i attends to j with i - window < j <= i
   bool attention_bias = false;                     // q/k/v/o_proj carry a bias
+  bool qkv_bias = false;                           // Qwen2: q/k/v_proj carry a bias, o_proj none
+  bool qk_norm = false;                            // Qwen3: RMSNorm of q and k per head before RoPE
   bool mlp_bias = false;                           // gate/up/down_proj carry a bias
   int64_t bos_token_id = -1;
   int64_t eos_token_id = -1;
@@ -57,6 +59,8 @@ struct LlamaConfig {
   static LlamaConfig from_file(const std::string& path);
   Json to_json() const;  // HF 5.x spelling (rope_parameters, dtype), with the 4.x rope_theta too
 
+  // Whether the linear named `name` ("model.layers.0.self_attn.q_proj", or just "self_attn.q_proj") has a bias.
+  bool linear_has_bias(const std::string& name) const;
   int64_t q_size() const { return num_attention_heads * head_dim; }
   int64_t kv_size() const { return num_key_value_heads * head_dim; }
   int64_t num_parameters() const;  // with the embeddings and lm_head (once when tied)

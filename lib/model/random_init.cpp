@@ -49,6 +49,19 @@ const std::map<std::string, Json>& shapes() {
                                {"tie_word_embeddings", false}, {"rms_norm_eps", 1e-5}, {"rope_theta", 10000.0},
                                {"max_position_embeddings", 2048}, {"bos_token_id", 1}, {"eos_token_id", 2},
                                {"torch_dtype", "float32"}};
+    // Qwen/Qwen2.5-7B config.json: q, k, v with a bias (model_type qwen2), 28 heads of 128 on 4 KV heads.
+    t["qwen2.5-7b"] = Json{{"hidden_size", 3584}, {"intermediate_size", 18944}, {"num_hidden_layers", 28},
+                           {"num_attention_heads", 28}, {"num_key_value_heads", 4}, {"vocab_size", 152064},
+                           {"tie_word_embeddings", false}, {"rms_norm_eps", 1e-6}, {"rope_theta", 1000000.0},
+                           {"max_position_embeddings", 131072}, {"bos_token_id", 151643}, {"eos_token_id", 151643},
+                           {"use_sliding_window", false}, {"torch_dtype", "bfloat16"}, {"model_type", "qwen2"}};
+    // Qwen/Qwen3-8B config.json: q / k norms (model_type qwen3), no bias, head_dim 128 given, untied.
+    t["qwen3-8b"] = Json{{"hidden_size", 4096}, {"intermediate_size", 12288}, {"num_hidden_layers", 36},
+                         {"num_attention_heads", 32}, {"num_key_value_heads", 8}, {"head_dim", 128},
+                         {"vocab_size", 151936}, {"tie_word_embeddings", false}, {"rms_norm_eps", 1e-6},
+                         {"rope_theta", 1000000.0}, {"max_position_embeddings", 40960}, {"bos_token_id", 151643},
+                         {"eos_token_id", 151645}, {"attention_bias", false}, {"use_sliding_window", false},
+                         {"torch_dtype", "bfloat16"}, {"model_type", "qwen3"}};
     for (auto& [name, j] : t)
       if (!j.contains("model_type")) j["model_type"] = "llama";
     return t;
@@ -94,6 +107,10 @@ LlamaModel random_llama(const LlamaConfig& config, const LoadOptions& options, u
   for (auto& b : model.layers) {
     b.input_layernorm = at::ones({config.hidden_size}, on.dtype(options.dtype));
     b.post_attention_layernorm = at::ones({config.hidden_size}, on.dtype(options.dtype));
+    if (config.qk_norm) {
+      b.q_norm = at::ones({config.head_dim}, on.dtype(options.dtype));
+      b.k_norm = at::ones({config.head_dim}, on.dtype(options.dtype));
+    }
   }
   model.for_each_linear([&](const std::string& name, Linear& l) {
     const std::vector<int64_t> shape = expected_shape(config, name + ".weight");
@@ -102,8 +119,7 @@ LlamaModel random_llama(const LlamaConfig& config, const LoadOptions& options, u
     } else {
       l.weight = normal(shape, options.dtype);
     }
-    const bool attn = name.find(".self_attn.") != std::string::npos;
-    if (attn ? config.attention_bias : config.mlp_bias) l.bias = at::zeros({shape[0]}, on.dtype(options.dtype));
+    if (config.linear_has_bias(name)) l.bias = at::zeros({shape[0]}, on.dtype(options.dtype));
   });
   return model;
 }

@@ -81,10 +81,8 @@ Nf4Weight quantize_nf4(const at::Tensor& weight, int64_t blocksize) {
     fail(ErrorKind::Model,
          "NF4 quantize: blocksize " + std::to_string(blocksize) + " is not a power of two in [64, 4096]");
   std::vector<int64_t> shape(weight.sizes().begin(), weight.sizes().end());
-  if (weight.numel() == 0 || weight.numel() % blocksize != 0)
-    fail(ErrorKind::Model, "NF4 quantize: weight of shape " + shape_str(shape) + " has " +
-                               std::to_string(weight.numel()) + " elements, not a positive multiple of the blocksize " +
-                               std::to_string(blocksize));
+  // Any positive count: bitsandbytes quantizes the flat tensor with a short last block (nf4_format.h).
+  if (weight.numel() == 0) fail(ErrorKind::Model, "NF4 quantize: weight of shape " + shape_str(shape) + " is empty");
   Nf4Weight w;
   w.data = kernels::nf4_quantize_ref(weight, blocksize);
   w.shape = std::move(shape);
@@ -162,8 +160,6 @@ Nf4Weight nf4_from_bnb_tensors(const std::map<std::string, at::Tensor>& tensors,
     shape.push_back(s.get<int64_t>());
     numel *= shape.back();
   }
-  expect(numel % blocksize == 0, state_key + ".shape",
-         "shape " + shape_str(shape) + " is not a whole number of blocks of " + std::to_string(blocksize));
   expect(r.has("nested_offset"), state_key + ".nested_absmax",
          "only double-quantized statistics (compress_statistics=True) are supported");
   expect(r.get_int("nested_blocksize") == kernels::kNf4NestedBlocksize, state_key + ".nested_blocksize",
@@ -171,7 +167,7 @@ Nf4Weight nf4_from_bnb_tensors(const std::map<std::string, at::Tensor>& tensors,
   expect(r.get_string("nested_dtype", "float32") == "float32", state_key + ".nested_dtype", "expected float32");
   const float offset = static_cast<float>(r.get_double("nested_offset"));
 
-  const int64_t blocks = numel / blocksize;
+  const int64_t blocks = kernels::nf4_blocks(numel, blocksize);
   const int64_t groups = (blocks + kernels::kNf4NestedBlocksize - 1) / kernels::kNf4NestedBlocksize;
   auto tensor = [&](const std::string& key, at::ScalarType type, int64_t n) {
     const at::Tensor& t = get(key);
@@ -188,7 +184,7 @@ Nf4Weight nf4_from_bnb_tensors(const std::map<std::string, at::Tensor>& tensors,
   out.data.blocksize = blocksize;
   out.data.numel = numel;
   out.data.offset = offset;
-  out.data.packed = tensor(w, at::kByte, numel / 2);
+  out.data.packed = tensor(w, at::kByte, kernels::nf4_packed_bytes(numel));
   out.data.absmax_q = tensor(w + ".absmax", at::kByte, blocks);
   out.data.nested_absmax = tensor(w + ".nested_absmax", at::kFloat, groups);
   out.data.quant_map = tensor(w + ".quant_map", at::kFloat, 16);

@@ -47,10 +47,10 @@ struct Nf4Weight {
   Nf4Weight to(const at::Device& device) const;
 
   // bitsandbytes / transformers serialization of a Linear4bit at `prefix` ("model.layers.0.mlp.up_proj"):
-  //   <prefix>.weight                                  uint8 [numel/2, 1]
-  //   <prefix>.weight.absmax                           uint8 [numel/blocksize]
+  //   <prefix>.weight                                  uint8 [ceil(numel/2), 1]
+  //   <prefix>.weight.absmax                           uint8 [ceil(numel/blocksize)]
   //   <prefix>.weight.quant_map                        float32 [16]
-  //   <prefix>.weight.nested_absmax                    float32 [ceil(numel/blocksize/256)]
+  //   <prefix>.weight.nested_absmax                    float32 [ceil(ceil(numel/blocksize)/256)]
   //   <prefix>.weight.nested_quant_map                 float32 [256]
   //   <prefix>.weight.quant_state.bitsandbytes__nf4    uint8 JSON: quant_type, blocksize, dtype, shape,
   //                                                    nested_blocksize, nested_dtype, nested_offset
@@ -58,9 +58,10 @@ struct Nf4Weight {
   std::vector<std::pair<std::string, at::Tensor>> to_bnb_tensors(const std::string& prefix) const;
 };
 
-// Quantizes `weight` (float32/bfloat16/float16, CPU or CUDA, any shape with numel % blocksize == 0) to NF4
-// with double quantization. Result on the weight's device; CPU and CUDA give identical bytes. Throws
-// qt::Error(Model) naming the shape when numel is not a multiple of the blocksize, or for another dtype.
+// Quantizes `weight` (float32/bfloat16/float16, CPU or CUDA, any non-empty shape; where numel is not a multiple
+// of the blocksize the last block is short, as in bitsandbytes) to NF4 with double quantization. Result on the
+// weight's device; CPU and CUDA give identical bytes. Throws qt::Error(Model) for an empty weight or another
+// dtype.
 // blocksize: 64 (QLoRA) .. 4096, a power of two.
 Nf4Weight quantize_nf4(const at::Tensor& weight, int64_t blocksize = 64);
 

@@ -46,6 +46,63 @@ MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] =
            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
            "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
 
+# Qwen/Qwen2.5-7B-Instruct (ChatML with a default system prompt and tools)
+QWEN25 = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- messages[0]['content'] }}
+    {%- else %}
+        {{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}
+    {%- endif %}
+    {{- "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0]['role'] == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
+    {%- else %}
+        {{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) or (message.role == "assistant" and not message.tool_calls) %}
+        {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}
+            {{- '\n' + message.content }}
+        {%- endif %}
+        {%- for tool_call in message.tool_calls %}
+            {%- if tool_call.function is defined %}
+                {%- set tool_call = tool_call.function %}
+            {%- endif %}
+            {{- '\n<tool_call>\n{"name": "' }}
+            {{- tool_call.name }}
+            {{- '", "arguments": ' }}
+            {{- tool_call.arguments | tojson }}
+            {{- '}\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if (loop.index0 == 0) or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- message.content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+{%- endif %}
+"""
+
 SYSTEM = {"role": "system", "content": "You are a brief assistant. Answer in one line."}
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hello! How can I help?"}],
@@ -169,6 +226,26 @@ def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def qwen_dir(d, bpe_dir, template):
+    """A Qwen2.5-style tokenizer: the byte-level BPE with <|endoftext|>, <|im_start|>, <|im_end|> as special tokens
+    after the vocabulary, no BOS (the post-processor only ByteLevel), EOS <|im_end|> (the Instruct models'), and
+    Qwen2.5's chat template. The pre-tokenizer stays Llama 3's (Qwen2's regex differs in splitting digits one by
+    one, and Qwen adds an NFC normalizer: neither is implemented by the C++ tokenizer)."""
+    from tokenizers import Tokenizer, processors
+    d.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.save(str(d / "tokenizer.json"))
+    cfg = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+           "clean_up_tokenization_spaces": False, "model_max_length": 131072, "errors": "replace",
+           "tokenizer_class": "PreTrainedTokenizerFast", "split_special_tokens": False, "chat_template": template,
+           "added_tokens_decoder": {str(tok.token_to_id(s)): {"content": s, "special": True} for s in specials}}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    return d
+
+
 def generate(out_dir: pathlib.Path):
     from transformers import AutoTokenizer
     out = out_dir / "data"
@@ -192,6 +269,8 @@ def generate(out_dir: pathlib.Path):
         return d
 
     l3 = AutoTokenizer.from_pretrained(str(model_dir("llama3", "bpe", LLAMA3)))
+    qw = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen", work / "bpe", QWEN25)))
+    assert qw.chat_template == QWEN25
     assert l3.chat_template == LLAMA3
     model_dir("llama2", "spm", LLAMA2)
     model_dir("mistral", "spm", MISTRAL)
@@ -204,7 +283,10 @@ def generate(out_dir: pathlib.Path):
     for name, tok, check, convs in [
             ("chat_llama3", l3, None, CONVERSATIONS),
             ("chat_llama2", l2, sp_check, CONVERSATIONS),
-            ("chat_mistral", mi, sp_check, [c for c in CONVERSATIONS if c[0]["role"] != "system"])]:
+            ("chat_mistral", mi, sp_check, [c for c in CONVERSATIONS if c[0]["role"] != "system"]),
+            ("chat_qwen", qw, None, CONVERSATIONS + [
+                [{"role": "user", "content": "  spaces stay  "}, {"role": "assistant", "content": "\n kept \n"},
+                 {"role": "assistant", "content": "two answers in a row"}]])]:
         cases = [chat_case(tok, c, check) for c in convs]
         write_jsonl(out / f"{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
         expected[name] = cases

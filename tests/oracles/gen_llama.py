@@ -6,7 +6,8 @@ respect to the input embeddings ("grad.inputs_embeds") and to every weight ("gra
 import json, pathlib
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, \
+    Qwen3Config, Qwen3ForCausalLM
 
 CASES = {
     # GQA, untied, one file, transformers 5.x config (rope_parameters, dtype).
@@ -62,6 +63,31 @@ CASES = {
     "mistral_window": dict(cfg=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False,
                                     sliding_window=5), shard=None, era=5, arch="mistral"),
+    # Qwen2 / 2.5: q, k, v with a bias, o_proj without; tied embeddings as the small sizes have; a sliding_window
+    # written beside use_sliding_window false (as Qwen2.5's config.json has it: no window). 5.x config.
+    "qwen2_tied": dict(cfg=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, vocab_size=300, tie_word_embeddings=True,
+                                use_sliding_window=False, sliding_window=4, max_window_layers=1,
+                                rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+                       shard=None, era=5, arch="qwen2"),
+    # Qwen2, untied, 8:1 GQA, written the transformers 4.x way (rope_theta, torch_dtype).
+    "qwen2_v4": dict(cfg=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                              num_key_value_heads=1, vocab_size=256, tie_word_embeddings=False,
+                              use_sliding_window=False, sliding_window=8,
+                              rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+                     shard=None, era=4, arch="qwen2"),
+    # Qwen3: q_norm / k_norm per head before RoPE (weights randomised below), head_dim given and != hidden / heads,
+    # no bias, untied. 5.x config.
+    "qwen3": dict(cfg=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=24, vocab_size=300, tie_word_embeddings=False,
+                           use_sliding_window=False, rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+                  shard=None, era=5, arch="qwen3"),
+    # Qwen3, tied (as the 0.6B-4B sizes), 4:1 GQA, 4.x config.
+    "qwen3_tied_v4": dict(cfg=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, head_dim=16, vocab_size=256, tie_word_embeddings=True,
+                                   use_sliding_window=False,
+                                   rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
+                          shard=None, era=4, arch="qwen3"),
 }
 
 def to_v4_config(path: pathlib.Path, type_key=False):
@@ -82,8 +108,10 @@ def generate(out: pathlib.Path):
     for name, case in CASES.items():
         d = out / "llama" / name
         (d / "model").mkdir(parents=True, exist_ok=True)
-        config_cls, model_cls = (MistralConfig, MistralForCausalLM) if case.get("arch") == "mistral" else \
-            (LlamaConfig, LlamaForCausalLM)
+        config_cls, model_cls = {"mistral": (MistralConfig, MistralForCausalLM),
+                                 "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                                 "qwen3": (Qwen3Config, Qwen3ForCausalLM)}.get(case.get("arch"),
+                                                                             (LlamaConfig, LlamaForCausalLM))
         cfg = config_cls(**case["cfg"], rms_norm_eps=1e-5, attn_implementation="eager")
         model = model_cls(cfg).float().eval()
         with torch.no_grad():  # norms at 1.0 (biases at 0) would hide a missing scale (bias): randomise them
@@ -98,6 +126,10 @@ def generate(out: pathlib.Path):
         model.save_pretrained(d / "model", **kw)
         if case["era"] == 4:
             to_v4_config(d / "model" / "config.json", case.get("v4_type_key", False))
+        if case.get("arch") == "qwen2":  # Qwen2.5's config.json keeps the window size beside use_sliding_window
+            c = json.loads((d / "model" / "config.json").read_text())
+            c["sliding_window"] = case["cfg"]["sliding_window"]
+            (d / "model" / "config.json").write_text(json.dumps(c, indent=2))
         B, S = 2, 17
         ids = torch.randint(0, cfg.vocab_size, (B, S))
         labels = ids.clone()

@@ -82,14 +82,19 @@ def write_nf4_dir(model, src: pathlib.Path, dst: pathlib.Path):
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-def make_base(root: pathlib.Path, name: str, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    cfg = LlamaConfig(**{**CFG, **overrides}, attn_implementation="eager")
-    base = LlamaForCausalLM(cfg).float().eval()
+def make_base(root: pathlib.Path, name: str, arch="llama", **overrides):
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}.get(arch, (LlamaConfig, LlamaForCausalLM))
+    cfg = config_cls(**{**CFG, **overrides}, attn_implementation="eager")
+    base = model_cls(cfg).float().eval()
     with torch.no_grad():
         for n, p in base.named_parameters():
             if "norm" in n:
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif n.endswith(".bias"):  # Qwen2's q / k / v biases: zero at init would hide a missing bias
+                p.copy_(0.1 * torch.randn_like(p))
     base.save_pretrained(root / name, safe_serialization=True)
     write_nf4_dir(base, root / name, root / (name + "_nf4"))  # base now holds the dequantized NF4 weights
     return base
@@ -144,3 +149,10 @@ def generate(out: pathlib.Path):
     labels[1, :4] = -100
     write_cases(root, base, CASES, ids, labels)
     write_cases(root, make_base(root, "base_tied", tie_word_embeddings=True), TIED_CASES, ids, labels)
+    # Qwen2 (q / k / v biases beside the NF4 bases, tied embeddings as the small Qwen2.5 sizes): last, so that the
+    # draws above stay as they were.
+    write_cases(root, make_base(root, "base_qwen2", arch="qwen2", tie_word_embeddings=True, use_sliding_window=False),
+                {"qwen2_all": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=False)}, ids, labels)
+    # Qwen3 (q / k norms before RoPE, head_dim 24 given, untied).
+    write_cases(root, make_base(root, "base_qwen3", arch="qwen3", head_dim=24, use_sliding_window=False),
+                {"qwen3_all": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=False)}, ids, labels)

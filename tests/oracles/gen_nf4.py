@@ -24,6 +24,12 @@ CASES = [  # name, shape, dtype, blocksize
     ("f16_96x192", (96, 192), torch.float16, 64),
     ("bf16_3d_4x32x96", (4, 32, 96), torch.bfloat16, 64),
     ("bf16_256x512_bs256", (256, 512), torch.bfloat16, 256),
+    # numel not a multiple of the blocksize: bitsandbytes quantizes the flat tensor with a short last block.
+    ("bf16_80x203", (80, 203), torch.bfloat16, 64),     # 16240 elements: 254 blocks, the last of 48
+    ("f32_7x45", (7, 45), torch.float32, 64),           # 315: odd, a padding nibble in the last byte
+    ("bf16_300x77", (300, 77), torch.bfloat16, 64),     # 361 blocks: short last block, short last nested group
+    ("f16_3x70", (3, 70), torch.float16, 64),           # 210: even last dimension (the native CPU kernel)
+    ("bf16_100x203_bs256", (100, 203), torch.bfloat16, 256),
 ]
 PREFIX = "layer"
 

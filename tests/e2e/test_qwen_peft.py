@@ -1,0 +1,112 @@
+"""A LoRA adapter trained by qlora-train on a tiny Qwen2 model (q / k / v biases, tied embeddings, model_type qwen2)
+and on a tiny Qwen3 model (q / k norms before RoPE, head_dim given, untied) loads in PEFT on transformers'
+Qwen2ForCausalLM / Qwen3ForCausalLM, and `qlora-train eval --adapter` gives the loss transformers + PEFT
+give with it on the base as training sees it (NF4: the dequantized values of our `qlora-train quantize` bytes, read
+back through bitsandbytes) and on the 16-bit base (--quant none)."""
+import json, os, pathlib, subprocess, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import torch
+import tiny_lm
+from test_eval import reference_loss
+from test_peft_roundtrip import run_ok, last_json, peft_loss
+
+BIN = os.environ["QT_BINARY"]
+
+
+def model_class(arch):
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    return (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+
+
+def make_qwen_dir(model_dir: pathlib.Path, seed: int, arch: str):
+    config_cls, model_cls = model_class(arch)
+    sp = tiny_lm.make_tokenizer(model_dir)
+    torch.manual_seed(seed)
+    extra = dict(tie_word_embeddings=True) if arch == "qwen2" else dict(tie_word_embeddings=False, head_dim=24)
+    cfg = config_cls(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=sp.get_piece_size(), max_position_embeddings=512,
+                     rms_norm_eps=1e-6, use_sliding_window=False, bos_token_id=1, eos_token_id=2, **extra)
+    model = model_cls(cfg).float().eval()
+    with torch.no_grad():  # zero biases and unit norms (transformers' init) would hide a missing bias or norm
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "q_norm" in n or "k_norm" in n:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return sp
+
+
+def dequantized(model_dir: pathlib.Path, nf4_dir: pathlib.Path, arch: str):
+    import bnb_cpu
+    bnb_cpu.make_row_safe()
+    import bitsandbytes.functional as F
+    from safetensors import safe_open
+    model = model_class(arch)[1].from_pretrained(model_dir, dtype=torch.float32).eval()
+    f = safe_open(str(nf4_dir / "model.safetensors"), "pt")
+    keys = set(f.keys())
+    n = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name + ".weight.absmax" in keys:
+            prefix = name + ".weight."
+            qs = F.QuantState.from_dict({k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)},
+                                        device=torch.device("cpu"))
+            with torch.no_grad():
+                module.weight.copy_(F.dequantize_4bit(f.get_tensor(name + ".weight"), qs).float())
+            n += 1
+    assert n == 7 * model.config.num_hidden_layers, n
+    return model
+
+
+def check(arch: str):
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"qt_{arch}_peft_"))
+    sp = make_qwen_dir(tmp / "model", 13, arch)
+    data = tmp / "eval.jsonl"
+    tiny_lm.write_text_jsonl(data, 10, 14)
+    tiny_lm.write_text_jsonl(tmp / "train.jsonl", 64, 15)
+    cfg = {"output_dir": str(tmp / "run"), "model": {"path": str(tmp / "model"), "quant": "nf4", "device": "cpu"},
+           "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"]},
+           "data": {"train_file": str(tmp / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
+           "train": {"steps": 4, "batch_size": 4, "seed": 3, "memory": {"checkpointing": True}},
+           "optim": {"lr": 1e-2, "warmup_steps": 1}, "checkpoint": {"every": 100}, "logging": {"progress": "lines"}}
+    (tmp / "run.json").write_text(json.dumps(cfg))
+    p = subprocess.run([BIN, "--config", str(tmp / "run.json")], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if p.returncode != 0:
+        return [f"{arch} training exited {p.returncode}: {p.stderr[-2000:]}"]
+    adapter = tmp / "run" / "adapter"
+    run_ok("quantize", "--model", tmp / "model", "--out", tmp / "model_nf4")
+    failures = []
+    checks = [(f"{arch}, nf4 (quantize on load)", (), dequantized(tmp / "model", tmp / "model_nf4", arch)),
+              (f"{arch}, 16-bit base (--quant none)", ("--quant", "none"),
+               model_class(arch)[1].from_pretrained(tmp / "model", dtype=torch.float32).eval())]
+    for name, extra, base in checks:
+        ref, count = peft_loss(base, adapter, sp, data)
+        ours = last_json(run_ok("eval", "--model", tmp / "model", "--adapter", adapter, "--data", data, *extra))
+        plain = last_json(run_ok("eval", "--model", tmp / "model", "--data", data, *extra))
+        rel = abs(ours["loss"] - ref) / ref
+        print(f"{name}: eval --adapter {ours['loss']:.6f}, PEFT {ref:.6f}, rel {rel:.2e} "
+              f"(without adapter {plain['loss']:.6f})")
+        if rel > 1e-5 or ours["tokens"] != count:
+            failures.append(f"{name}: {ours} vs PEFT loss {ref} over {count} tokens")
+        if abs(plain["loss"] - ours["loss"]) < 1e-3:
+            failures.append(f"{name}: the trained adapter does not change the loss ({plain['loss']} vs {ours['loss']})")
+        # Without the adapter: transformers' Qwen2 on the same base gives our plain eval loss.
+        pref, _ = reference_loss(base, sp, [json.loads(l) for l in data.read_text().splitlines()], 512)
+        if abs(pref - plain["loss"]) / pref > 1e-5:
+            failures.append(f"{name}: eval without adapter {plain['loss']}, transformers {pref}")
+    return failures
+
+
+def main():
+    failures = check("qwen2") + check("qwen3")
+    if failures:
+        print("FAILED:\n" + "\n".join(failures))
+        sys.exit(1)
+    print("all Qwen2 / Qwen3 PEFT round-trip checks passed")
+
+
+if __name__ == "__main__":
+    main()
