@@ -15,6 +15,7 @@
 #include "lib/data/jsonl.h"
 #include "lib/data/tokenizer.h"
 #include "lib/core/files.h"
+#include "lib/dist/launch_env.h"
 #include "lib/model/generate.h"
 #include "lib/model/hf_loader.h"
 #include "lib/model/merge.h"
@@ -22,6 +23,7 @@
 #include "lib/model/quantize_model.h"
 #include "lib/train/bench.h"
 #include "lib/train/evaluate.h"
+#include "lib/train/output_dir.h"
 #include "lib/train/run_config.h"
 #include "lib/train/trainer.h"
 
@@ -63,6 +65,7 @@ struct TrainArgs {
   std::string config;
   std::vector<std::string> overrides;
   std::string resume;
+  bool overwrite_output_dir = false;
 };
 
 // SIGTERM / SIGINT ask the loop to checkpoint after the current step and stop (a preempted node, Ctrl-C).
@@ -82,7 +85,9 @@ int run_train(const TrainArgs& args) {
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
   qt::TrainOptions options;
-  options.resume = args.resume;
+  // Decided before anything is read from or written to output_dir: resume, a new run, or a refusal.
+  options.resume = qt::prepare_output_dir(config.output_dir, args.resume, args.overwrite_output_dir,
+                                          /*remove=*/qt::read_launch_env().rank == 0, config.file);
   options.stop_requested = &g_stop_requested;
   qt::TrainSummary s = qt::train(config, options);
   if (g_stop_requested) return 128 + g_stop_signal.load();  // 143 for SIGTERM, 130 for SIGINT, as shells report
@@ -256,7 +261,11 @@ int main(int argc, char** argv) {
   auto add_train_options = [&](CLI::App* cmd) {
     cmd->add_option("--config", train.config, "run config (JSON), e.g. configs/demo.json");
     cmd->add_option("--set", train.overrides, "override a config key: --set optim.lr=1e-4 (repeatable)");
-    cmd->add_option("--resume", train.resume, "auto (newest complete checkpoint in output_dir) or a checkpoint directory");
+    cmd->add_option("--resume", train.resume,
+                    "auto (the newest complete checkpoint in output_dir; a new run if there is none) or a checkpoint directory");
+    cmd->add_flag("--overwrite-output-dir", train.overwrite_output_dir,
+                  "replace an earlier run's files in output_dir (checkpoints, adapter, metrics); without it such a "
+                  "directory is refused");
   };
   add_train_options(&app);
   CLI::App* train_cmd = app.add_subcommand("train", "Fine-tune with QLoRA (the default command)");

@@ -1,0 +1,81 @@
+"""What a user meets before training starts, on a tiny NF4 model (CPU): an output directory that holds another run
+is refused (naming its files, touching none) unless --resume or --overwrite-output-dir says what to do; `--resume
+auto` without a checkpoint starts a new run; an output_dir that is a file is a config error."""
+import json, os, pathlib, subprocess, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import tiny_lm
+
+from checks import check, finish, save_config
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_safety_"))
+
+
+def write_config(name, **over):
+    cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
+           "lora": {"r": 4, "alpha": 8},
+           "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
+           "train": {"steps": 2, "batch_size": 2, "seed": 3, "log_every": 1},
+           "optim": {"lr": 2e-3}, "checkpoint": {"every": 1, "keep_last": 3}, "logging": {"progress": "lines"}}
+    return save_config(TMP, name, cfg, over)
+
+
+def train(config, *extra):
+    return subprocess.run([BIN, "--config", str(config), *extra], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def last_line(p):
+    lines = p.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def snapshot(d):
+    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def main():
+    tiny_lm.make_model_dir(TMP / "model", seed=5)
+    tiny_lm.write_text_jsonl(TMP / "train.jsonl", 16, 21)
+
+    # A finished run, then a new run into its directory: refused at start, naming the files, none of them touched.
+    p = train(write_config("o"))
+    check(p.returncode == 0, f"a first run exits 0 ({p.returncode}) {last_line(p)}")
+    before = snapshot(TMP / "o")
+    p = train(write_config("o", train__seed=4))
+    check(p.returncode == 3 and "checkpoint-2" in p.stderr and "adapter" in p.stderr and "metrics.jsonl" in p.stderr
+          and "--overwrite-output-dir" in p.stderr and "output_dir" in p.stderr,
+          f"a new run into a used output_dir is refused naming its files (exit {p.returncode}): {last_line(p)}")
+    check("data:" not in p.stderr, "the refusal comes before the data is tokenized")
+    check(snapshot(TMP / "o") == before, "the refused run touched none of the earlier run's files")
+
+    # --overwrite-output-dir replaces the earlier run: its checkpoints do not survive beside the new run's.
+    p = train(write_config("o", train__seed=4, checkpoint__every=2), "--overwrite-output-dir")
+    check(p.returncode == 0 and "removing" in p.stderr, f"--overwrite-output-dir replaces it (exit {p.returncode}) {last_line(p)}")
+    check(not (TMP / "o" / "checkpoint-1").exists() and (TMP / "o" / "checkpoint-2" / "COMPLETE").exists(),
+          "the earlier run's checkpoint-1 is gone, the new run's checkpoint-2 is there")
+    p = train(write_config("o"), "--resume", "auto", "--overwrite-output-dir")
+    check(p.returncode == 2, f"--resume with --overwrite-output-dir is a usage error (exit {p.returncode})")
+
+    # --resume auto without a checkpoint starts a new run and says so (preemptible jobs); --resume PATH stays strict.
+    p = train(write_config("fresh"), "--resume", "auto")
+    check(p.returncode == 0 and "starting a new run" in p.stderr and (TMP / "fresh" / "adapter").is_dir(),
+          f"--resume auto with no checkpoint starts a new run (exit {p.returncode}) {last_line(p)}")
+    (TMP / "pre").mkdir()
+    (TMP / "pre" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    p = train(write_config("pre"), "--resume", "auto")
+    check(p.returncode == 0 and json.loads((TMP / "pre" / "metrics.jsonl").read_text().splitlines()[0])["loss"] != 9.0,
+          f"--resume auto replaces what a run left before its first checkpoint (exit {p.returncode})")
+    p = train(write_config("fresh2"), "--resume", str(TMP / "fresh2" / "checkpoint-9"))
+    check(p.returncode == 6 and "checkpoint-9" in p.stderr, f"--resume PATH without a checkpoint is an error (exit {p.returncode})")
+
+    # An output_dir that is a file: a config error naming it.
+    (TMP / "afile").write_text("x")
+    p = train(write_config("afile"))
+    check(p.returncode == 3 and "output_dir" in p.stderr and "is a file" in p.stderr,
+          f"an output_dir that is a file is refused (exit {p.returncode}): {last_line(p)}")
+    check("data:" not in p.stderr, "and before the data is tokenized")
+    finish("run safety checks")
+
+
+if __name__ == "__main__":
+    main()
