@@ -14,6 +14,7 @@
 #include "lib/core/log.h"
 #include "lib/data/jsonl.h"
 #include "lib/data/tokenizer.h"
+#include "lib/data/unicode_text.h"
 #include "lib/core/files.h"
 #include "lib/dist/launch_env.h"
 #include "lib/model/generate.h"
@@ -226,7 +227,9 @@ int run_generate(const GenerateArgs& args) {
   qt::GenerateResult r = qt::generate_tokens(model, prompt, options);
   std::vector<int32_t> text_ids = r.tokens;
   if (r.stopped) text_ids.pop_back();  // the stop token is not part of the text
-  const std::string text = tokenizer->decode(text_ids);
+  // A byte-level BPE model may stop inside a UTF-8 sequence: the text is made valid as transformers' decode makes
+  // it (U+FFFD per maximal ill-formed subpart), for the JSON line and the plain output alike.
+  const std::string text = qt::unicode::replace_invalid_utf8(tokenizer->decode(text_ids));
   if (args.json) {
     std::cout << qt::Json{{"prompt_ids", prompt}, {"ids", r.tokens}, {"text", text},
                           {"stop", r.stopped ? "eos" : "length"}}.dump()
