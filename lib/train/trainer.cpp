@@ -345,7 +345,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
 
   const int64_t steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size);
   const int64_t total_steps = cfg.train.steps > 0 ? cfg.train.steps : cfg.train.epochs * steps_per_epoch;
-  const LrSchedule schedule{cfg.optim.schedule, cfg.optim.lr, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio};
+  const LrSchedule schedule{cfg.optim.schedule, cfg.optim.lr,
+                            warmup_steps_of(cfg.optim.warmup_steps, cfg.optim.warmup_ratio, total_steps), total_steps,
+                            cfg.optim.min_lr_ratio};
   const std::vector<Batch> eval_batches = data.eval_batches(comm->rank(), world);
 
   TrainerState state;

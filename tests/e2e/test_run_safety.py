@@ -1,6 +1,7 @@
 """What a user meets before training starts, on a tiny NF4 model (CPU): an output directory that holds another run
 is refused (naming its files, touching none) unless --resume or --overwrite-output-dir says what to do; `--resume
-auto` without a checkpoint starts a new run; an output_dir that is a file is a config error."""
+auto` without a checkpoint starts a new run; an output_dir that is a file is a config error; bad keys and values
+(HF / PEFT / TRL spellings too) stop the run before any data is read; "all-linear" and optim.warmup_ratio."""
 import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
@@ -74,6 +75,28 @@ def main():
     check(p.returncode == 3 and "output_dir" in p.stderr and "is a file" in p.stderr,
           f"an output_dir that is a file is refused (exit {p.returncode}): {last_line(p)}")
     check("data:" not in p.stderr, "and before the data is tokenized")
+
+    # Configuration errors arrive before the data is tokenized and the model loads, naming the key.
+    for sets, needles, what in [
+            (["lora.targets=[\"qproj\"]"], ["lora.targets", "q_proj"], "a bad lora.targets"),
+            (["lora=5"], ["'lora'", "JSON object"], "--set lora=5"),
+            (["data.chat_template=llama-3"], ["data.chat_template", "llama3"], "an unknown data.chat_template"),
+            (["lora.lora_alpha=16"], ["lora.lora_alpha", "did you mean lora.alpha?"], "PEFT's lora.lora_alpha"),
+            (["optim.learning_rate=1e-4"], ["optim.learning_rate", "optim.lr"], "HF's optim.learning_rate"),
+            (["data.max_length=64"], ["data.max_length", "data.max_seq_len"], "TRL's data.max_length")]:
+        p = train(write_config("bad"), *[a for s in sets for a in ("--set", s)])
+        check(p.returncode == 3 and all(n in p.stderr for n in needles) and "data:" not in p.stderr
+              and not (TMP / "bad").exists(),
+              f"{what} is a config error before any data is read (exit {p.returncode}): {last_line(p)}")
+
+    # PEFT's "all-linear" trains the seven projections; optim.warmup_ratio gives ceil(ratio x steps) warmup steps.
+    p = train(write_config("all", lora__targets="all-linear", optim__warmup_ratio=0.5))
+    ref = train(write_config("seven", optim__warmup_steps=1))
+    lr = lambda name: [j["lr"] for j in map(json.loads, (TMP / name / "metrics.jsonl").read_text().splitlines()) if "lr" in j]
+    check(p.returncode == 0 and ref.returncode == 0 and lr("all") == lr("seven")
+          and (TMP / "all" / "adapter" / "adapter_model.safetensors").read_bytes()
+          == (TMP / "seven" / "adapter" / "adapter_model.safetensors").read_bytes(),
+          f"\"all-linear\" and warmup_ratio 0.5 of 2 steps train as the seven projections with 1 warmup step ({lr('all') if p.returncode == 0 else last_line(p)})")
     finish("run safety checks")
 
 
