@@ -1,7 +1,7 @@
 """What a user meets before training starts, on a tiny NF4 model (CPU): an output directory that holds another run
 is refused (naming its files, touching none) unless --resume or --overwrite-output-dir says what to do; `--resume
 auto` without a checkpoint starts a new run; an output_dir that is a file is a config error; bad keys and values
-(HF / PEFT / TRL spellings too) stop the run before any data is read; "all-linear" and optim.warmup_ratio."""
+(HF / PEFT / TRL spellings too) stop the run before any data is read; "all-linear" and optim.warmup_ratio; data.truncation."""
 import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
@@ -97,6 +97,30 @@ def main():
           and (TMP / "all" / "adapter" / "adapter_model.safetensors").read_bytes()
           == (TMP / "seven" / "adapter" / "adapter_model.safetensors").read_bytes(),
           f"\"all-linear\" and warmup_ratio 0.5 of 2 steps train as the seven projections with 1 warmup step ({lr('all') if p.returncode == 0 else last_line(p)})")
+
+    # data.truncation on chat records whose answers start after data.max_seq_len (lines 4-6): "truncate" (the default)
+    # warns that they lose every target, "drop" leaves them out, "error" stops naming them; records that leave no
+    # target at all stop the run before the model loads, naming data.max_seq_len.
+    short = [{"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}]}] * 3
+    long = [{"messages": [{"role": "user", "content": " ".join(["cat sat on the mat"] * 16)},
+                          {"role": "assistant", "content": "dog"}]}] * 3
+    (TMP / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short + long))
+    (TMP / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long))
+    chat = dict(data__train_file=str(TMP / "chat.jsonl"), data__format="chat", data__chat_template="llama2",
+                data__max_seq_len=48, data__packing=False, checkpoint__every=0)
+    p = train(write_config("trunc", **chat))
+    check(p.returncode == 0 and "lose every target token" in p.stderr and "lines 4, 5, 6" in p.stderr,
+          f"data.truncation \"truncate\" warns about the records that lose every target (exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("drop", data__truncation="drop", **chat))
+    check(p.returncode == 0 and "3 of 6 records" in p.stderr and "left out (3 remain)" in p.stderr,
+          f"data.truncation \"drop\" leaves the long records out, counted (exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("err", data__truncation="error", **chat))
+    check(p.returncode == 5 and "data.truncation" in p.stderr and "lines 4, 5, 6" in p.stderr and "max_seq_len = 48" in p.stderr,
+          f"data.truncation \"error\" stops naming the records (exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("none", **{**chat, "data__train_file": str(TMP / "long.jsonl")}))
+    check(p.returncode == 5 and "data.max_seq_len" in p.stderr and "no target token" in p.stderr and "lines 1, 2, 3" in p.stderr
+          and "LoRA parameters" not in p.stderr,
+          f"records that leave no target stop the run before the model loads (exit {p.returncode}): {last_line(p)}")
     finish("run safety checks")
 
 
