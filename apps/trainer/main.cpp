@@ -93,7 +93,8 @@ int run_train(const TrainArgs& args) {
   qt::TrainSummary s = qt::train(config, options);
   if (g_stop_requested) return 128 + g_stop_signal.load();  // 143 for SIGTERM, 130 for SIGINT, as shells report
   qt::Json out = {{"steps", s.steps}, {"first_loss", s.first_loss}, {"last_loss", s.last_loss},
-                  {"seconds", s.seconds}, {"tokens_per_s", s.tokens_per_s}, {"adapter", s.adapter_dir}};
+                  {"seconds", s.seconds}, {"tokens_per_s", s.tokens_per_s},
+                  {"target_tokens_per_s", s.target_tokens_per_s}, {"adapter", s.adapter_dir}};
   if (s.eval_loss >= 0) out["eval_loss"] = s.eval_loss;
   if (s.exact_match_before >= 0) out["exact_match_before"] = s.exact_match_before;
   if (s.exact_match_after >= 0) out["exact_match_after"] = s.exact_match_after;

@@ -51,7 +51,8 @@ void MetricsLog::step(const StepMetrics& m) {
   train_.emplace_back(m.step, m.loss);
   if (!enabled_) return;
   Json j = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}, {"grad_norm", m.grad_norm},
-            {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s}, {"step_s", m.step_s}};
+            {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s}, {"target_tokens", m.target_tokens},
+            {"target_tokens_per_s", m.target_tokens_per_s}, {"step_s", m.step_s}};
   if (m.gpu_mem_gib >= 0) j["gpu_mem_gib"] = m.gpu_mem_gib;
   write(j);
   char text[256];
@@ -67,9 +68,9 @@ void MetricsLog::step(const StepMetrics& m) {
     std::fflush(stderr);
     bar_open_ = true;
   } else {
-    std::snprintf(text, sizeof text, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s%s | eta %s",
+    std::snprintf(text, sizeof text, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s (%.0f target)%s | eta %s",
                   static_cast<long long>(m.step), static_cast<long long>(m.total_steps), m.loss, m.lr, m.grad_norm,
-                  m.tokens_per_s, mem.c_str(), format_duration(m.eta_s).c_str());
+                  m.tokens_per_s, m.target_tokens_per_s, mem.c_str(), format_duration(m.eta_s).c_str());
     std::fprintf(stderr, "%s\n", text);
   }
 }

@@ -16,9 +16,11 @@ struct StepMetrics {
   double loss = 0;
   double lr = 0;
   double grad_norm = 0;
-  double tokens_per_s = 0;
+  double tokens_per_s = 0;  // input tokens (padding not counted), as peers report throughput
+  double target_tokens_per_s = 0;
   double step_s = 0;
-  int64_t tokens = 0;       // target tokens in this step
+  int64_t tokens = 0;         // input tokens in this step (all ranks)
+  int64_t target_tokens = 0;  // tokens in the loss in this step
   double gpu_mem_gib = -1;  // peak allocated this step; < 0 on CPU
   double eta_s = 0;
 };

@@ -477,7 +477,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const bool run_task_metric = rank0 || fsdp;
   if (!cfg.eval.exact_match_file.empty() && state.step == 0 && run_task_metric) summary.exact_match_before = task_metric("before training");
   double first_loss = NAN, last_loss = NAN;
-  int64_t run_tokens = 0;
+  int64_t run_tokens = 0, run_inputs = 0;  // target and input tokens of the steps this process ran
   const int64_t profile_step = std::getenv("QT_PROFILE_STEP") ? std::atoll(std::getenv("QT_PROFILE_STEP")) : -1;
   const auto t_loop = Clock::now();
   const int64_t start_step = state.step;
@@ -491,14 +491,17 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     std::vector<Batch> micro_batches = data.next_step(cfg.train.batch_size, comm->rank(), world);
     // Normalise by the targets of the whole global step, so that accumulation over micro-batches and ranks gives
     // the gradient of the mean over all of them (not a mean of per-micro-batch means).
-    int64_t local_targets = 0;
-    for (const auto& b : micro_batches) local_targets += b.num_targets;
+    int64_t local_targets = 0, local_inputs = 0;
+    for (const auto& b : micro_batches) local_targets += b.num_targets, local_inputs += b.num_tokens;
     double step_targets = static_cast<double>(local_targets);
+    double step_inputs = static_cast<double>(local_inputs);  // for tokens/s alone
     if (world > 1) {  // (one rank: no round trip through the device, which would wait for the last step's kernels)
-      at::Tensor count = at::tensor({step_targets}, at::kDouble);
+      at::Tensor count = at::tensor({step_targets, step_inputs}, at::kDouble);
       count = count.to(device.is_cuda() ? at::kFloat : at::kDouble).to(device);
       comm->all_reduce(count);
-      step_targets = count.to(at::kCPU, at::kDouble).item<double>();
+      count = count.to(at::kCPU, at::kDouble);
+      step_targets = count[0].item<double>();
+      step_inputs = count[1].item<double>();
     }
     if (step_targets <= 0) fail(ErrorKind::Data, "step " + std::to_string(state.step + 1) + ": the batch has no target tokens (all masked?)");
     // The loss stays on the device until the update is queued: the host reads it with the gradient norm in one
@@ -579,8 +582,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       profile.reset();
     }
     const int64_t tokens = static_cast<int64_t>(step_targets);
+    const int64_t inputs = static_cast<int64_t>(step_inputs);
     state.tokens_seen += tokens;
     run_tokens += tokens;
+    run_inputs += inputs;
     if (std::isnan(first_loss)) first_loss = loss;
     last_loss = loss;
 
@@ -592,8 +597,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       m.lr = lr;
       m.grad_norm = grad_norm;
       m.step_s = seconds_since(t_step);
-      m.tokens = tokens;
-      m.tokens_per_s = tokens / std::max(1e-9, m.step_s);
+      m.tokens = inputs;
+      m.tokens_per_s = inputs / std::max(1e-9, m.step_s);
+      m.target_tokens = tokens;
+      m.target_tokens_per_s = tokens / std::max(1e-9, m.step_s);
       m.gpu_mem_gib = gpu_peak_gib(device);
       const double per_step = seconds_since(t_loop) / static_cast<double>(state.step - start_step);
       m.eta_s = per_step * static_cast<double>(total_steps - state.step);
@@ -648,7 +655,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   summary.first_loss = first_loss;
   summary.last_loss = last_loss;
   summary.seconds = seconds_since(t_start);
-  summary.tokens_per_s = run_tokens / std::max(1e-9, seconds_since(t_loop));
+  summary.tokens_per_s = run_inputs / std::max(1e-9, seconds_since(t_loop));
+  summary.target_tokens_per_s = run_tokens / std::max(1e-9, seconds_since(t_loop));
   return summary;
 }
 

@@ -18,7 +18,8 @@ struct TrainSummary {
   double exact_match_before = -1;  // < 0: no exact-match evaluation configured
   double exact_match_after = -1;
   double seconds = 0;
-  double tokens_per_s = 0;
+  double tokens_per_s = 0;         // input tokens (padding not counted) per second of the training loop
+  double target_tokens_per_s = 0;  // tokens in the loss per second
   std::string adapter_dir;
 };
 

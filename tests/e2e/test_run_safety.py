@@ -114,6 +114,17 @@ def main():
     p = train(write_config("drop", data__truncation="drop", **chat))
     check(p.returncode == 0 and "3 of 6 records" in p.stderr and "left out (3 remain)" in p.stderr,
           f"data.truncation \"drop\" leaves the long records out, counted (exit {p.returncode}): {last_line(p)}")
+
+    # tokens/s counts input tokens (as peers do), target tokens/s beside it: in the log line, metrics.jsonl and the
+    # summary. Prompts are masked here, so the two differ.
+    steps = [j for j in map(json.loads, (TMP / "drop" / "metrics.jsonl").read_text().splitlines()) if "loss" in j]
+    summary = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
+    check(len(steps) == 2 and all(s["tokens"] > s["target_tokens"] > 0 and
+                                  abs(s["tokens_per_s"] / s["target_tokens_per_s"] - s["tokens"] / s["target_tokens"]) < 1e-6
+                                  for s in steps)
+          and summary.get("tokens_per_s", 0) > summary.get("target_tokens_per_s", 1e30) > 0
+          and " target)" in p.stderr,
+          f"tokens/s counts input tokens, target tokens/s beside it ({steps[-1] if steps else None}; {summary})")
     p = train(write_config("err", data__truncation="error", **chat))
     check(p.returncode == 5 and "data.truncation" in p.stderr and "lines 4, 5, 6" in p.stderr and "max_seq_len = 48" in p.stderr,
           f"data.truncation \"error\" stops naming the records (exit {p.returncode}): {last_line(p)}")
