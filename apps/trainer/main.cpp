@@ -67,6 +67,7 @@ struct TrainArgs {
   std::vector<std::string> overrides;
   std::string resume;
   bool overwrite_output_dir = false;
+  bool resume_allow_changes = false;
 };
 
 // SIGTERM / SIGINT ask the loop to checkpoint after the current step and stop (a preempted node, Ctrl-C).
@@ -89,6 +90,7 @@ int run_train(const TrainArgs& args) {
   // Decided before anything is read from or written to output_dir: resume, a new run, or a refusal.
   options.resume = qt::prepare_output_dir(config.output_dir, args.resume, args.overwrite_output_dir,
                                           /*remove=*/qt::read_launch_env().rank == 0, config.file);
+  options.allow_resume_changes = args.resume_allow_changes;
   options.stop_requested = &g_stop_requested;
   qt::TrainSummary s = qt::train(config, options);
   if (g_stop_requested) return 128 + g_stop_signal.load();  // 143 for SIGTERM, 130 for SIGINT, as shells report
@@ -270,6 +272,9 @@ int main(int argc, char** argv) {
     cmd->add_flag("--overwrite-output-dir", train.overwrite_output_dir,
                   "replace an earlier run's files in output_dir (checkpoints, adapter, metrics); without it such a "
                   "directory is refused");
+    cmd->add_flag("--resume-allow-changes", train.resume_allow_changes,
+                  "resume although the schedule length (train.steps / train.epochs) or data.train_file's content "
+                  "changed since the checkpoint");
   };
   add_train_options(&app);
   CLI::App* train_cmd = app.add_subcommand("train", "Fine-tune with QLoRA (the default command)");

@@ -353,9 +353,12 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   TrainerState state;
   state.seed = cfg.train.seed;
   state.config = cfg.resolved;
+  state.train_file_hash = train_file_hash(data.config().train_file);
+  state.total_steps = total_steps;
   if (resumed) {
     const std::string& dir = resume_dir;
     const CheckpointContents& ck = *resumed;
+    check_resume_progress(ck.state, state, options.allow_resume_changes, dir, cfg.file);
     opt.load_state(optimizer_state_for(ck, params, fsdp.get(), dir), ck.state.step);
     restore_rng_states(ck.rng);
     state.step = ck.state.step;

@@ -25,6 +25,7 @@ struct TrainSummary {
 
 struct TrainOptions {
   std::string resume;  // "", "auto" or a checkpoint directory
+  bool allow_resume_changes = false;  // --resume-allow-changes: a changed schedule length or train file resumes
   // Set by a SIGTERM/SIGINT handler: the loop checkpoints after the current step and stops.
   const std::atomic<bool>* stop_requested = nullptr;
 };

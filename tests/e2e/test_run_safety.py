@@ -1,6 +1,6 @@
 """What a user meets before training starts, on a tiny NF4 model (CPU): an output directory that holds another run
 is refused (naming its files, touching none) unless --resume or --overwrite-output-dir says what to do; `--resume
-auto` without a checkpoint starts a new run; an output_dir that is a file is a config error; bad keys and values
+auto` without a checkpoint starts a new run; a resume refuses a changed schedule length or train file; an output_dir that is a file is a config error; bad keys and values
 (HF / PEFT / TRL spellings too) stop the run before any data is read; "all-linear" and optim.warmup_ratio; data.truncation."""
 import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
@@ -75,6 +75,26 @@ def main():
     check(p.returncode == 3 and "output_dir" in p.stderr and "is a file" in p.stderr,
           f"an output_dir that is a file is refused (exit {p.returncode}): {last_line(p)}")
     check("data:" not in p.stderr, "and before the data is tokenized")
+
+    # Resume gaps: a changed schedule length or train file is refused, naming it, unless --resume-allow-changes;
+    # fewer steps than the checkpoint has done is an error. ("o" holds checkpoint-2 of a 2-step run.)
+    p = train(write_config("o", train__seed=4, checkpoint__every=2, train__steps=4), "--resume", "auto")
+    check(p.returncode == 6 and "train.steps" in p.stderr and "2 -> 4" in p.stderr and "--resume-allow-changes" in p.stderr,
+          f"a changed train.steps is refused on resume (exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("o", train__seed=4, checkpoint__every=2, train__steps=1), "--resume", "auto")
+    check(p.returncode == 3 and "train.steps" in p.stderr and "fewer than the 2" in p.stderr,
+          f"fewer steps than the checkpoint has done is an error (exit {p.returncode}): {last_line(p)}")
+    (TMP / "train2.jsonl").write_text((TMP / "train.jsonl").read_text() + '{"text": "one more record"}\n')
+    (TMP / "train.jsonl").rename(TMP / "train.orig.jsonl")
+    (TMP / "train2.jsonl").rename(TMP / "train.jsonl")
+    p = train(write_config("o", train__seed=4, checkpoint__every=2), "--resume", "auto")
+    check(p.returncode == 6 and "data.train_file" in p.stderr,
+          f"a changed train file is refused on resume (exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("o", train__seed=4, checkpoint__every=2, train__steps=3), "--resume", "auto", "--resume-allow-changes")
+    check(p.returncode == 0 and "with changes" in p.stderr and (TMP / "o" / "checkpoint-3").exists(),
+          f"--resume-allow-changes resumes anyway, with a warning (exit {p.returncode}): {last_line(p)}")
+    (TMP / "train.jsonl").rename(TMP / "train2.jsonl")
+    (TMP / "train.orig.jsonl").rename(TMP / "train.jsonl")
 
     # Configuration errors arrive before the data is tokenized and the model loads, naming the key.
     for sets, needles, what in [

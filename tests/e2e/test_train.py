@@ -159,11 +159,12 @@ def main():
     check("resumed from" in p.stderr and "checkpoint-3" in p.stderr, "resume picks checkpoint-3")
     check(adapter_bytes("c") == adapter_bytes("a"), "after a crash during save, the run still ends with the straight run's adapter")
 
-    # Resuming with a LoRA shape or batch that differs is refused, naming the keys; more steps are allowed.
+    # Resuming with a LoRA shape or batch that differs is refused, naming the keys; more steps are allowed with
+    # --resume-allow-changes (the schedule length changes).
     p = train(write_config("a", lora__r=8, train__batch_size=8), "--resume", "auto", check_rc=False)
     check(p.returncode == 6 and "lora.r" in p.stderr and "train.batch_size" in p.stderr,
           f"a changed lora.r / batch_size is refused (exit {p.returncode}): {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
-    p = train(write_config("a", train__steps=8), "--resume", "auto", check_rc=False)
+    p = train(write_config("a", train__steps=8), "--resume", "auto", "--resume-allow-changes", check_rc=False)
     check(p.returncode == 0 and losses("a").get(8) is not None, "more steps may be added on resume")
 
     # Bad configs and data: clear errors, non-zero exit, nothing written.
