@@ -272,8 +272,8 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
 
 std::string train_file_hash(const std::string& path) { return file_hash(path); }
 
-void check_resume_progress(const TrainerState& saved, const TrainerState& current, bool allow_changes,
-                           const std::string& checkpoint_dir, const std::string& config_file) {
+void check_resume_progress(const TrainerState& saved, const TrainerState& current, bool length_matters,
+                           bool allow_changes, const std::string& checkpoint_dir, const std::string& config_file) {
   const std::string steps_key = current.config.contains("train") && current.config["train"].contains("steps") &&
                                         current.config["train"]["steps"] != 0
                                     ? "train.steps"
@@ -283,7 +283,7 @@ void check_resume_progress(const TrainerState& saved, const TrainerState& curren
              "gives " + std::to_string(current.total_steps) + " steps, fewer than the " + std::to_string(saved.step) +
                  " that " + checkpoint_dir + " has done; ask for at least " + std::to_string(saved.step));
   std::vector<std::string> changed;
-  if (saved.total_steps > 0 && saved.total_steps != current.total_steps)
+  if (length_matters && saved.total_steps > 0 && saved.total_steps != current.total_steps)
     changed.push_back("the schedule length (" + steps_key + "): " + std::to_string(saved.total_steps) + " -> " +
                       std::to_string(current.total_steps) + " steps, so the learning rate would jump");
   if (!saved.train_file_hash.empty() && saved.train_file_hash != current.train_file_hash)

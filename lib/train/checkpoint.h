@@ -85,11 +85,12 @@ std::string train_file_hash(const std::string& path);
 
 // What a resume may not change beyond the config keys: asking for fewer steps than the checkpoint has done is an
 // error (qt::Error Config, naming train.steps / train.epochs); a changed schedule length (the learning rate would
-// jump) or a changed training file (the order and the held-out split would differ) is refused (Checkpoint),
-// naming it, unless `allow_changes` (--resume-allow-changes), which logs a warning instead. Older checkpoints that
-// hold no hash or length are not checked for them.
-void check_resume_progress(const TrainerState& saved, const TrainerState& current, bool allow_changes,
-                           const std::string& checkpoint_dir, const std::string& config_file);
+// jump; only where `length_matters`: a decaying schedule or a warmup_ratio) or a changed training file (the order
+// and the held-out split would differ) is refused (Checkpoint), naming it, unless `allow_changes`
+// (--resume-allow-changes), which logs a warning instead. Older checkpoints that hold no hash or length are not
+// checked for them.
+void check_resume_progress(const TrainerState& saved, const TrainerState& current, bool length_matters,
+                           bool allow_changes, const std::string& checkpoint_dir, const std::string& config_file);
 
 // The CPU (and current CUDA device's) default generator states, and their restoration.
 std::vector<std::pair<std::string, at::Tensor>> capture_rng_states();

@@ -358,7 +358,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   if (resumed) {
     const std::string& dir = resume_dir;
     const CheckpointContents& ck = *resumed;
-    check_resume_progress(ck.state, state, options.allow_resume_changes, dir, cfg.file);
+    check_resume_progress(ck.state, state, cfg.optim.schedule != LrScheduleType::Constant || cfg.optim.warmup_ratio > 0,
+                          options.allow_resume_changes, dir, cfg.file);
     opt.load_state(optimizer_state_for(ck, params, fsdp.get(), dir), ck.state.step);
     restore_rng_states(ck.rng);
     state.step = ck.state.step;
