@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include <torch/headeronly/version.h>
+
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cmath>
@@ -100,7 +102,7 @@ int run_train(const TrainArgs& args) {
   if (s.eval_loss >= 0) out["eval_loss"] = s.eval_loss;
   if (s.exact_match_before >= 0) out["exact_match_before"] = s.exact_match_before;
   if (s.exact_match_after >= 0) out["exact_match_after"] = s.exact_match_after;
-  std::cout << out.dump() << std::endl;
+  if (qt::read_launch_env().rank == 0) std::cout << out.dump() << std::endl;  // one summary line per job
   return 0;
 }
 
@@ -189,13 +191,15 @@ int run_export(const ExportArgs& args) {
   return 0;
 }
 
-// Ids that end generation: the tokenizer's EOS, generation_config.json's eos_token_id (an id or a list), and
-// Llama 3's end-of-turn token when the vocabulary has it.
+// Ids that end generation: the tokenizer's EOS, generation_config.json's and config.json's eos_token_id (an id
+// or a list; transformers' generate falls back on the model config's), and Llama 3's end-of-turn token when the
+// vocabulary has it.
 std::vector<int32_t> stop_ids(const std::string& model_dir, const qt::Tokenizer& tokenizer) {
   std::vector<int32_t> ids;
   if (tokenizer.eos_id() >= 0) ids.push_back(tokenizer.eos_id());
-  const std::string gen = qt::files::join(model_dir, "generation_config.json");
-  if (qt::files::exists(gen)) {
+  for (const char* name : {"generation_config.json", "config.json"}) {
+    const std::string gen = qt::files::join(model_dir, name);
+    if (!qt::files::exists(gen)) continue;
     const qt::Json j = qt::read_json_file(gen, qt::ErrorKind::Model);
     if (j.contains("eos_token_id")) {
       const qt::Json& e = j["eos_token_id"];
@@ -257,7 +261,9 @@ int run_quantize(const QuantizeArgs& args) {
 
 int main(int argc, char** argv) {
   CLI::App app{"qlora-train: QLoRA fine-tuning of LLaMA-family models (NF4 base, LoRA adapters)"};
-  app.set_version_flag("--version", std::string("qlora-train ") + QT_VERSION);
+  app.set_version_flag("--version", std::string("qlora-train ") + QT_VERSION + " (commit " + QT_GIT_COMMIT +
+                                        ", LibTorch " + TORCH_VERSION + ", CUDA kernels " +
+                                        (QT_CUDA_BUILD ? "compiled" : "not compiled") + ")");
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "debug, info, warn, error or off");
   app.require_subcommand(0, 1);

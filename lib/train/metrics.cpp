@@ -75,6 +75,14 @@ void MetricsLog::step(const StepMetrics& m) {
   }
 }
 
+void MetricsLog::exact_match(int64_t step, int64_t correct, int64_t total) {
+  if (!enabled_) return;
+  write({{"step", step},
+         {"exact_match", total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0},
+         {"exact_match_correct", correct},
+         {"exact_match_total", total}});
+}
+
 void MetricsLog::eval(int64_t step, double loss, int64_t tokens) {
   eval_.emplace_back(step, loss);
   if (!enabled_) return;

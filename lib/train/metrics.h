@@ -36,6 +36,8 @@ class MetricsLog {
 
   void step(const StepMetrics& m);
   void eval(int64_t step, double loss, int64_t tokens);
+  // eval.exact_match_file's figure after `step` optimizer steps (0: before training), in metrics.jsonl.
+  void exact_match(int64_t step, int64_t correct, int64_t total);
   void line(const std::string& text);  // a message that must not be overwritten by the bar
 
   const std::vector<std::pair<int64_t, double>>& train_losses() const { return train_; }

@@ -475,6 +475,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
                        std::to_string(em.total) + " (" + std::to_string(100.0 * em.accuracy()).substr(0, 5) + "%)";
     for (const auto& s : em.samples) line += "\n    e.g. " + s;
     metrics.line(line);
+    metrics.exact_match(state.step, em.correct, em.total);
     return em.accuracy();
   };
   // Sharded blocks gather collectively: every rank generates (the same greedy tokens); rank 0 logs.

@@ -16,7 +16,8 @@ def write_config(name, **over):
            "lora": {"r": 4, "alpha": 8},
            "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
            "train": {"steps": 2, "batch_size": 2, "seed": 3, "log_every": 1},
-           "optim": {"lr": 2e-3}, "checkpoint": {"every": 1, "keep_last": 3}, "logging": {"progress": "lines"}}
+           "optim": {"lr": 2e-3}, "checkpoint": {"every": 1, "keep_last": 3}, "eval": {},
+           "logging": {"progress": "lines"}}
     return save_config(TMP, name, cfg, over)
 
 
@@ -35,6 +36,11 @@ def snapshot(d):
 
 
 def main():
+    import torch
+    p = subprocess.run([BIN, "--version"], capture_output=True, text=True)
+    check(p.returncode == 0 and "commit " in p.stdout and f"LibTorch {torch.__version__.split('+')[0]}" in p.stdout
+          and "CUDA kernels" in p.stdout, f"--version names the commit, LibTorch and CUDA: {p.stdout.strip()}")
+
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     tiny_lm.write_text_jsonl(TMP / "train.jsonl", 16, 21)
 
@@ -152,6 +158,33 @@ def main():
     check(p.returncode == 5 and "data.max_seq_len" in p.stderr and "no target token" in p.stderr and "lines 1, 2, 3" in p.stderr
           and "LoRA parameters" not in p.stderr,
           f"records that leave no target stop the run before the model loads (exit {p.returncode}): {last_line(p)}")
+
+    # generate stops at config.json's eos_token_id where the tokenizer files name no EOS (transformers' generate
+    # falls back on the model config's).
+    import shutil
+    shutil.copytree(TMP / "model", TMP / "noeos")
+    tc = json.loads((TMP / "noeos" / "tokenizer_config.json").read_text())
+    (TMP / "noeos" / "tokenizer_config.json").write_text(json.dumps({**tc, "eos_token": None}))
+    (TMP / "noeos" / "generation_config.json").unlink(missing_ok=True)
+    def gen(eos):
+        c = json.loads((TMP / "noeos" / "config.json").read_text())
+        (TMP / "noeos" / "config.json").write_text(json.dumps({**c, "eos_token_id": eos}))
+        p = subprocess.run([BIN, "generate", "--model", str(TMP / "noeos"), "--prompt", "the cat", "--max-new-tokens", "6",
+                            "--json"], capture_output=True, text=True)
+        return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": last_line(p)}
+    free = gen(None)
+    first = free.get("ids", [None])[0]
+    stopped = gen(first) if first is not None else {}
+    check(stopped.get("stop") == "eos" and stopped.get("ids") == [first],
+          f"generate stops at config.json's eos_token_id when the tokenizer names none ({free} / {stopped})")
+
+    # The exact-match metric lands in metrics.jsonl too, before (step 0) and after training.
+    (TMP / "em.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
+    p = train(write_config("em", eval__exact_match_file=str(TMP / "em.jsonl"), eval__max_new_tokens=3, **chat))
+    em = [j for j in map(json.loads, (TMP / "em" / "metrics.jsonl").read_text().splitlines()) if "exact_match" in j] \
+        if p.returncode == 0 else []
+    check([j["step"] for j in em] == [0, 2] and all(j["exact_match_total"] == 3 for j in em),
+          f"exact match is in metrics.jsonl before and after training (exit {p.returncode}): {em}")
     finish("run safety checks")
 
 
