@@ -42,6 +42,10 @@ class MetricsLog {
 
   const std::vector<std::pair<int64_t, double>>& train_losses() const { return train_; }
   const std::vector<std::pair<int64_t, double>>& eval_losses() const { return eval_; }
+  // Rewrite the loss plot at `path` (loss.html) at each logged step and evaluation, so that a run that stops in
+  // any way (a signal, an error, a kill) leaves the plot of its last logged step. write_plot() writes it now.
+  void set_plot(const std::string& path, const std::string& title);
+  void write_plot() const;
   // Reads an existing metrics.jsonl (resume) so that the plot shows the whole run.
   void load_history(const std::string& path, int64_t up_to_step);
 
@@ -51,12 +55,15 @@ class MetricsLog {
   bool bar_;
   bool enabled_;
   bool bar_open_ = false;
-  std::vector<std::pair<int64_t, double>> train_, eval_;
+  std::vector<std::pair<int64_t, double>> train_, eval_, lr_;
+  std::string plot_path_, plot_title_;
 };
 
-// Writes an HTML page with the training (and evaluation) loss against the step, as inline SVG.
+// Writes an HTML page with the training (and evaluation) loss against the step, and the learning rate on its own
+// axis at the right, as inline SVG with ticks on both axes; written to a temporary file and renamed into place.
 void write_loss_plot(const std::string& path, const std::vector<std::pair<int64_t, double>>& train,
-                     const std::vector<std::pair<int64_t, double>>& eval, const std::string& title);
+                     const std::vector<std::pair<int64_t, double>>& eval, const std::string& title,
+                     const std::vector<std::pair<int64_t, double>>& lr = {});
 
 std::string format_duration(double seconds);
 

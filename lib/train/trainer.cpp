@@ -385,6 +385,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const bool bar = cfg.progress == "bar" || (cfg.progress == "auto" && ::isatty(2));
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0, /*resume=*/state.step > 0);
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
+  metrics.set_plot(files::join(cfg.output_dir, "loss.html"), "qlora-train: " + cfg.output_dir);
   if (rank0)
     log::info("training " + std::to_string(trainable) +
               (full ? " parameters (full fine-tuning)"
@@ -629,6 +630,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || stop) checkpoint();
     if (stop) {
       metrics.line("stopped by a signal after step " + std::to_string(state.step) + "; resume with --resume auto");
+      metrics.write_plot();
       summary.steps = state.step;
       return summary;
     }
@@ -652,8 +654,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       files::make_dirs(summary.adapter_dir);
       write_adapter(summary.adapter_dir);
     }
-    write_loss_plot(files::join(cfg.output_dir, "loss.html"), metrics.train_losses(), metrics.eval_losses(),
-                    "qlora-train: " + cfg.output_dir);
+    metrics.write_plot();
   }
   if (fsdp) fsdp->release_lora();
   summary.steps = state.step;
