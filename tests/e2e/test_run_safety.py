@@ -2,7 +2,7 @@
 is refused (naming its files, touching none) unless --resume or --overwrite-output-dir says what to do; `--resume
 auto` without a checkpoint starts a new run; a resume refuses a changed schedule length or train file; an output_dir that is a file is a config error; bad keys and values
 (HF / PEFT / TRL spellings too) stop the run before any data is read; "all-linear" and optim.warmup_ratio; data.truncation."""
-import json, os, pathlib, subprocess, sys, tempfile
+import json, os, pathlib, shutil, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
@@ -161,7 +161,6 @@ def main():
 
     # generate stops at config.json's eos_token_id where the tokenizer files name no EOS (transformers' generate
     # falls back on the model config's).
-    import shutil
     shutil.copytree(TMP / "model", TMP / "noeos")
     tc = json.loads((TMP / "noeos" / "tokenizer_config.json").read_text())
     (TMP / "noeos" / "tokenizer_config.json").write_text(json.dumps({**tc, "eos_token": None}))
@@ -177,6 +176,44 @@ def main():
     stopped = gen(first) if first is not None else {}
     check(stopped.get("stop") == "eos" and stopped.get("ids") == [first],
           f"generate stops at config.json's eos_token_id when the tokenizer names none ({free} / {stopped})")
+
+    # A byte-level BPE model that stops inside a UTF-8 character: generate --json prints valid JSON whose text is
+    # what tokenizers' decode gives (U+FFFD for the partial sequence). The model is made to repeat id 0 (lm_head
+    # zero: all logits tie), and id 0 is given to the token of the lone byte 0xE2 (the start of a 3-byte character).
+    bpe = pathlib.Path(os.environ.get("QT_FIXTURES", "")) / "tokenizer" / "bpe"
+    if (bpe / "tokenizer.json").exists():
+        import torch
+        from safetensors.torch import load_file, save_file
+        from tokenizers import Tokenizer
+        doc = json.loads((bpe / "tokenizer.json").read_text())
+        vocab = doc["model"]["vocab"]
+        lone = "\u00e2"  # ByteLevel's character for the byte 0xE2
+        first = next(t for t, i in vocab.items() if i == 0)
+        vocab[first], vocab[lone] = vocab[lone], 0
+        (TMP / "bpe").mkdir()
+        (TMP / "bpe" / "tokenizer.json").write_text(json.dumps(doc))
+        shutil.copy(bpe / "tokenizer_config.json", TMP / "bpe" / "tokenizer_config.json")
+        n = max([*vocab.values(), *(a["id"] for a in doc.get("added_tokens", []))]) + 1
+        tiny_lm.make_model(TMP / "bpe", n, seed=1)
+        w = load_file(str(TMP / "bpe" / "model.safetensors"))
+        w["lm_head.weight"] = torch.zeros_like(w["lm_head.weight"])
+        save_file(w, str(TMP / "bpe" / "model.safetensors"), metadata={"format": "pt"})
+        p = subprocess.run([BIN, "generate", "--model", str(TMP / "bpe"), "--prompt", "hi", "--max-new-tokens", "4",
+                            "--quant", "none", "--json"], capture_output=True)
+        try:
+            out = json.loads(p.stdout.decode("utf-8").strip().splitlines()[-1])
+        except (UnicodeDecodeError, ValueError, IndexError):
+            out = {}
+        want = Tokenizer.from_file(str(TMP / "bpe" / "tokenizer.json")).decode(out.get("ids", [0]))
+        check(p.returncode == 0 and out.get("ids") == [0, 0, 0, 0] and out.get("text") == want and "\ufffd" in want,
+              f"generate --json on a partial UTF-8 sequence prints tokenizers' decode {want!r} (exit {p.returncode}): "
+              f"{out or p.stderr.decode(errors='replace').strip()[-300:]}")
+        p = subprocess.run([BIN, "generate", "--model", str(TMP / "bpe"), "--prompt", "hi", "--max-new-tokens", "4",
+                            "--quant", "none"], capture_output=True)
+        check(p.returncode == 0 and p.stdout.decode("utf-8", errors="strict").rstrip("\n") == want,
+              "and the plain output is the same valid UTF-8 text")
+    else:
+        check(False, f"the byte-level BPE fixture {bpe} exists (QT_FIXTURES)")
 
     # The exact-match metric lands in metrics.jsonl too, before (step 0) and after training.
     (TMP / "em.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
