@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --demo        # the Debian packages and torch; the Python test oracles are not needed here
 BUILD_TARGET=qlora-train bash scripts/build.sh   # the trainer alone, not the tests and benchmarks
-./build/qlora-train --config configs/demo.json
+./build/qlora-train --config configs/demo.json --overwrite-output-dir   # a rerun replaces the last demo run

@@ -55,7 +55,7 @@ def main():
     m = [x for x in m if "loss" in x]
     timed = m[3:] if len(m) > 4 else m
     tps = sorted(x["tokens_per_s"] for x in timed)[len(timed) // 2]
-    # tokens_per_s counts target tokens; the peers count batch * seq input tokens per step.
+    # The peers count batch * seq input tokens per step (padding too; there is none here).
     step_s = sorted(x["step_s"] for x in timed)[len(timed) // 2]
     res = dict(system="qlora-train", loss=loss_kind, model="llama-3.2-1b", batch=batch, seq=seq, steps=len(m),
                first_loss=round(m[0]["loss"], 4), last_loss=round(m[-1]["loss"], 4), step_s=round(step_s, 4),

@@ -69,6 +69,7 @@ int64_t check_rows(const qt::Batch& batch, const std::vector<std::vector<int64_t
   }
   CHECK(batch.num_targets == targets);
   CHECK(batch.targets.ne(-100).sum().item<int64_t>() == targets);
+  CHECK(batch.num_tokens == batch.doc_ids.ge(0).sum().item<int64_t>());  // input tokens: padding not counted
   return docs;
 }
 

@@ -136,6 +136,27 @@ TEST_CASE("UTF-8 decoding rejects malformed sequences byte by byte", "[tokenizer
   }
 }
 
+TEST_CASE("invalid UTF-8 becomes U+FFFD per maximal subpart, as Python's decode(errors='replace')", "[tokenizer]") {
+  // Expected values: bytes.decode("utf-8", "replace").encode() in Python 3 (the policy of Rust's from_utf8_lossy,
+  // which HF tokenizers' decode uses).
+  const std::string r = "\xEF\xBF\xBD";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"ok \xE2\x82", "ok " + r},
+      {"\xC0\xAF", r + r},
+      {"\xED\xA0\x80x", r + r + r + "x"},
+      {"\xF0\x9F\xA6", r},
+      {"\xF4\x90\x80\x80", r + r + r + r},
+      {"a\xFF" "b\xFE", "a" + r + "b" + r},
+      {"\xE2\x82\xAC\xF0\x9F\xA6\x84", "\xE2\x82\xAC\xF0\x9F\xA6\x84"},
+      {"\xE0\x80\xAF", r + r + r},
+      {"\xF0\x9F\xE2\x82\xAC", r + "\xE2\x82\xAC"},
+  };
+  for (const auto& [in, want] : cases) {
+    INFO("input of " << in.size() << " bytes");
+    CHECK(qt::unicode::replace_invalid_utf8(in) == want);
+  }
+}
+
 TEST_CASE("byte-level BPE round-trips invalid UTF-8 and long inputs byte for byte", "[tokenizer]") {
   auto tok = qt::load_tokenizer(k_dir + "/bpe");
   std::string corpus;

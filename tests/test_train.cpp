@@ -8,6 +8,7 @@
 #include "lib/train/adamw.h"
 #include "lib/train/lr_schedule.h"
 #include "lib/train/neftune.h"
+#include "lib/model/lora.h"
 #include "lib/train/run_config.h"
 #include "lib/train/trainer.h"
 #include "tests/catch.h"
@@ -151,7 +152,7 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
       for (const auto& n : needles) CHECK(std::string(e.what()).find(n) != std::string::npos);
     }
   };
-  const std::string ok = R"({"output_dir": "o", "model": {"path": "m"}})";
+  const std::string ok = R"({"output_dir": "o", "model": {"path": "m"}, "data": {"train_file": "t.jsonl"}})";
   qt::RunConfig c = parse(ok, {"optim.lr=1e-4", "train.batch_size=4", "model.quant=none"});
   CHECK(c.optim.lr == 1e-4);
   CHECK(c.train.batch_size == 4);
@@ -197,5 +198,28 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   expect(ok, {"train.fuse_lora_swiglu", "no longer a setting"}, {"train.fuse_lora_swiglu=true"});
   expect(ok, {"train.shard", "train.memory.checkpointing"}, {"train.shard=blocks", "train.memory.checkpointing=false"});
   expect("{\"output_dir\": \"o\",\n \"model\": {\"path\": }", {"run.json", "line 2"});
+  // The lora and data sections are checked with the rest, before any data or model is read.
+  expect(ok, {"lora.targets", "qproj", "q_proj"}, {"lora.targets=[\"qproj\"]"});
+  expect(ok, {"key 'lora'", "JSON object", "integer 5"}, {"lora=5"});
+  expect(ok, {"data.chat_template", "llama-3"}, {"data.chat_template=llama-3"});
+  // HF / PEFT / TRL spellings are answered with the key to use.
+  expect(ok, {"lora.lora_alpha", "did you mean lora.alpha?"}, {"lora.lora_alpha=16"});
+  expect(ok, {"lora.target_modules", "lora.targets"}, {"lora.target_modules=[\"q_proj\"]"});
+  expect(ok, {"lora.lora_dropout", "lora.dropout"}, {"lora.lora_dropout=0.1"});
+  expect(ok, {"train.max_steps", "train.steps"}, {"train.max_steps=10"});
+  expect(ok, {"train.gradient_accumulation_steps", "train.micro_batch_size"}, {"train.gradient_accumulation_steps=4"});
+  expect(ok, {"optim.learning_rate", "optim.lr"}, {"optim.learning_rate=1e-4"});
+  expect(ok, {"train.learning_rate", "optim.lr"}, {"train.learning_rate=1e-4"});
+  expect(ok, {"data.max_length", "data.max_seq_len"}, {"data.max_length=512"});
+  // PEFT's "all-linear" and TrainingArguments' warmup_ratio.
+  CHECK(qt::LoraConfig::from_json(parse(ok, {"lora.targets=\"all-linear\""}).lora, "run.json").targets ==
+        qt::lora_target_names());
+  CHECK(parse(ok, {"optim.warmup_ratio=0.1"}).optim.warmup_ratio == 0.1);
+  CHECK(qt::warmup_steps_of(0, 0.1, 30) == 3);  // math.ceil(total * ratio), as transformers
+  CHECK(qt::warmup_steps_of(0, 0.1, 35) == 4);
+  CHECK(qt::warmup_steps_of(0, 0.05, 100) == 5);
+  CHECK(qt::warmup_steps_of(7, 0.0, 100) == 7);
+  expect(ok, {"optim.warmup_ratio", "optim.warmup_steps"}, {"optim.warmup_ratio=0.1", "optim.warmup_steps=3"});
+  expect(ok, {"optim.warmup_ratio", "[0, 1]"}, {"optim.warmup_ratio=2"});
 }
 

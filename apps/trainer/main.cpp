@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include <torch/headeronly/version.h>
+
 #include <CLI/CLI.hpp>
 #include <atomic>
 #include <cmath>
@@ -14,7 +16,9 @@
 #include "lib/core/log.h"
 #include "lib/data/jsonl.h"
 #include "lib/data/tokenizer.h"
+#include "lib/data/unicode_text.h"
 #include "lib/core/files.h"
+#include "lib/comm/launch_env.h"
 #include "lib/model/generate.h"
 #include "lib/model/hf_loader.h"
 #include "lib/model/merge.h"
@@ -22,6 +26,7 @@
 #include "lib/model/quantize_model.h"
 #include "lib/train/bench.h"
 #include "lib/train/evaluate.h"
+#include "lib/train/output_dir.h"
 #include "lib/train/run_config.h"
 #include "lib/train/trainer.h"
 
@@ -63,6 +68,8 @@ struct TrainArgs {
   std::string config;
   std::vector<std::string> overrides;
   std::string resume;
+  bool overwrite_output_dir = false;
+  bool resume_allow_changes = false;
 };
 
 // SIGTERM / SIGINT ask the loop to checkpoint after the current step and stop (a preempted node, Ctrl-C).
@@ -82,16 +89,20 @@ int run_train(const TrainArgs& args) {
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
   qt::TrainOptions options;
-  options.resume = args.resume;
+  // Decided before anything is read from or written to output_dir: resume, a new run, or a refusal.
+  options.resume = qt::prepare_output_dir(config.output_dir, args.resume, args.overwrite_output_dir,
+                                          /*remove=*/qt::read_launch_env().rank == 0, config.file);
+  options.allow_resume_changes = args.resume_allow_changes;
   options.stop_requested = &g_stop_requested;
   qt::TrainSummary s = qt::train(config, options);
   if (g_stop_requested) return 128 + g_stop_signal.load();  // 143 for SIGTERM, 130 for SIGINT, as shells report
   qt::Json out = {{"steps", s.steps}, {"first_loss", s.first_loss}, {"last_loss", s.last_loss},
-                  {"seconds", s.seconds}, {"tokens_per_s", s.tokens_per_s}, {"adapter", s.adapter_dir}};
+                  {"seconds", s.seconds}, {"tokens_per_s", s.tokens_per_s},
+                  {"target_tokens_per_s", s.target_tokens_per_s}, {"adapter", s.adapter_dir}};
   if (s.eval_loss >= 0) out["eval_loss"] = s.eval_loss;
   if (s.exact_match_before >= 0) out["exact_match_before"] = s.exact_match_before;
   if (s.exact_match_after >= 0) out["exact_match_after"] = s.exact_match_after;
-  std::cout << out.dump() << std::endl;
+  if (qt::read_launch_env().rank == 0) std::cout << out.dump() << std::endl;  // one summary line per job
   return 0;
 }
 
@@ -193,13 +204,15 @@ int run_export(const ExportArgs& args) {
   return 0;
 }
 
-// Ids that end generation: the tokenizer's EOS, generation_config.json's eos_token_id (an id or a list), and
-// Llama 3's end-of-turn token when the vocabulary has it.
+// Ids that end generation: the tokenizer's EOS, generation_config.json's and config.json's eos_token_id (an id
+// or a list; transformers' generate falls back on the model config's), and Llama 3's end-of-turn token when the
+// vocabulary has it.
 std::vector<int32_t> stop_ids(const std::string& model_dir, const qt::Tokenizer& tokenizer) {
   std::vector<int32_t> ids;
   if (tokenizer.eos_id() >= 0) ids.push_back(tokenizer.eos_id());
-  const std::string gen = qt::files::join(model_dir, "generation_config.json");
-  if (qt::files::exists(gen)) {
+  for (const char* name : {"generation_config.json", "config.json"}) {
+    const std::string gen = qt::files::join(model_dir, name);
+    if (!qt::files::exists(gen)) continue;
     const qt::Json j = qt::read_json_file(gen, qt::ErrorKind::Model);
     if (j.contains("eos_token_id")) {
       const qt::Json& e = j["eos_token_id"];
@@ -235,7 +248,9 @@ int run_generate(const GenerateArgs& args) {
   qt::GenerateResult r = qt::generate_tokens(model, prompt, options);
   std::vector<int32_t> text_ids = r.tokens;
   if (r.stopped) text_ids.pop_back();  // the stop token is not part of the text
-  const std::string text = tokenizer->decode(text_ids);
+  // A byte-level BPE model may stop inside a UTF-8 sequence: the text is made valid as transformers' decode makes
+  // it (U+FFFD per maximal ill-formed subpart), for the JSON line and the plain output alike.
+  const std::string text = qt::unicode::replace_invalid_utf8(tokenizer->decode(text_ids));
   if (args.json) {
     std::cout << qt::Json{{"prompt_ids", prompt}, {"ids", r.tokens}, {"text", text},
                           {"stop", r.stopped ? "eos" : "length"}}.dump()
@@ -260,7 +275,9 @@ int run_quantize(const QuantizeArgs& args) {
 
 int main(int argc, char** argv) {
   CLI::App app{"qlora-train: QLoRA fine-tuning of LLaMA-family models (NF4 base, LoRA adapters)"};
-  app.set_version_flag("--version", std::string("qlora-train ") + QT_VERSION);
+  app.set_version_flag("--version", std::string("qlora-train ") + QT_VERSION + " (commit " + QT_GIT_COMMIT +
+                                        ", LibTorch " + TORCH_VERSION + ", CUDA kernels " +
+                                        (QT_CUDA_BUILD ? "compiled" : "not compiled") + ")");
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "debug, info, warn, error or off");
   app.require_subcommand(0, 1);
@@ -270,7 +287,14 @@ int main(int argc, char** argv) {
   auto add_train_options = [&](CLI::App* cmd) {
     cmd->add_option("--config", train.config, "run config (JSON), e.g. configs/demo.json");
     cmd->add_option("--set", train.overrides, "override a config key: --set optim.lr=1e-4 (repeatable)");
-    cmd->add_option("--resume", train.resume, "auto (newest complete checkpoint in output_dir) or a checkpoint directory");
+    cmd->add_option("--resume", train.resume,
+                    "auto (the newest complete checkpoint in output_dir; a new run if there is none) or a checkpoint directory");
+    cmd->add_flag("--overwrite-output-dir", train.overwrite_output_dir,
+                  "replace an earlier run's files in output_dir (checkpoints, adapter, metrics); without it such a "
+                  "directory is refused");
+    cmd->add_flag("--resume-allow-changes", train.resume_allow_changes,
+                  "resume although the schedule length (train.steps / train.epochs) or data.train_file's content "
+                  "changed since the checkpoint");
   };
   add_train_options(&app);
   CLI::App* train_cmd = app.add_subcommand("train", "Fine-tune with QLoRA (the default command)");

@@ -17,6 +17,7 @@ struct Batch {
   // crosses documents. Undefined means one causal document per row.
   at::Tensor doc_ids;    // [B, S] int32
   int64_t num_targets = 0;  // count of targets != -100
+  int64_t num_tokens = 0;   // input tokens of documents (padding not counted)
 };
 
 }  // namespace qt

@@ -82,13 +82,54 @@ std::optional<std::string> nearest_key(const std::string& key, const std::vector
   return best;
 }
 
+namespace {
+
+// Keys as Hugging Face's TrainingArguments, PEFT's LoraConfig and TRL's SFTConfig spell them, wherever they are put,
+// and what this trainer calls them: an unknown key found here is answered with the key to use.
+const std::vector<std::pair<std::string, std::string>>& peer_spellings() {
+  static const std::vector<std::pair<std::string, std::string>> table = {
+      {"lora_alpha", "lora.alpha"},
+      {"target_modules", "lora.targets"},
+      {"lora_dropout", "lora.dropout"},
+      {"max_steps", "train.steps"},
+      {"num_train_epochs", "train.epochs"},
+      {"gradient_accumulation_steps",
+       "train.batch_size (the global batch of one optimizer step, in rows) with train.micro_batch_size: the "
+       "accumulation steps follow from them and the world size"},
+      {"per_device_train_batch_size", "train.micro_batch_size (train.batch_size is the global batch)"},
+      {"gradient_checkpointing", "train.grad_checkpointing"},
+      {"logging_steps", "train.log_every"},
+      {"eval_steps", "train.eval_every"},
+      {"neftune_noise_alpha", "train.neftune_alpha"},
+      {"learning_rate", "optim.lr"},
+      {"lr_scheduler_type", "optim.schedule"},
+      {"adam_beta1", "optim.beta1"},
+      {"adam_beta2", "optim.beta2"},
+      {"adam_epsilon", "optim.eps"},
+      {"max_length", "data.max_seq_len"},
+      {"max_seq_length", "data.max_seq_len"},
+      {"save_steps", "checkpoint.every"},
+      {"save_total_limit", "checkpoint.keep_last"},
+  };
+  return table;
+}
+
+}  // namespace
+
 void reject_unknown_keys(const Json& object, const std::vector<std::string>& known, const std::string& file,
                          const std::string& prefix, ErrorKind kind) {
-  if (!object.is_object()) fail_at(kind, file, (prefix.empty() ? "top level" : prefix) + " must be a JSON object");
+  if (!object.is_object()) {
+    if (prefix.empty()) fail_at(kind, file, "top level must be a JSON object");
+    fail_key(kind, file, prefix.substr(0, prefix.size() - 1),
+             std::string("expected a JSON object (a section of keys), got ") + json_type_name(object) + " " + object.dump());
+  }
   for (const auto& item : object.items()) {
     if (std::find(known.begin(), known.end(), item.key()) != known.end()) continue;
     std::string msg = "unknown key '" + prefix + item.key() + "'";
-    if (auto near = nearest_key(item.key(), known)) msg += " (did you mean '" + prefix + *near + "'?)";
+    const auto& peers = peer_spellings();
+    auto peer = std::find_if(peers.begin(), peers.end(), [&](const auto& p) { return p.first == item.key(); });
+    if (peer != peers.end()) msg += " (did you mean " + peer->second + "?)";
+    else if (auto near = nearest_key(item.key(), known)) msg += " (did you mean '" + prefix + *near + "'?)";
     fail_at(kind, file, msg);
   }
 }

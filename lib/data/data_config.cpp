@@ -10,7 +10,7 @@ namespace {
 
 const std::vector<std::string> kKeys = {"train_file",    "eval_file",       "eval_fraction", "format",
                                         "chat_template", "max_seq_len",     "packing",       "shuffle",
-                                        "seed",          "train_on_prompt", "add_eos"};
+                                        "seed",          "train_on_prompt", "add_eos",       "truncation"};
 
 template <typename E>
 E pick(const JsonReader& r, const std::string& key, E fallback, const std::vector<std::pair<std::string, E>>& names) {
@@ -62,6 +62,18 @@ const char* chat_template_name(ChatTemplateChoice choice) {
   return "?";
 }
 
+const char* truncation_name(Truncation truncation) {
+  switch (truncation) {
+    case Truncation::Truncate:
+      return "truncate";
+    case Truncation::Drop:
+      return "drop";
+    case Truncation::Error:
+      return "error";
+  }
+  return "?";
+}
+
 DataConfig DataConfig::from_json(const Json& section, const std::string& file) {
   reject_unknown_keys(section, kKeys, file, "data.", ErrorKind::Config);
   const JsonReader r{section, file, ErrorKind::Config, "data."};
@@ -83,6 +95,8 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file) {
                                               {"mistral", ChatTemplateChoice::Mistral},
                                               {"chatml", ChatTemplateChoice::ChatML}});
   c.max_seq_len = r.get_int("max_seq_len", c.max_seq_len);
+  c.truncation = pick<Truncation>(r, "truncation", c.truncation,
+                                  {{"truncate", Truncation::Truncate}, {"drop", Truncation::Drop}, {"error", Truncation::Error}});
   c.packing = r.get_bool("packing", c.packing);
   c.shuffle = r.get_bool("shuffle", c.shuffle);
   const int64_t seed = r.get_int("seed", static_cast<int64_t>(c.seed));

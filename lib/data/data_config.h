@@ -10,6 +10,9 @@ namespace qt {
 
 enum class RecordFormat { Auto, Text, Alpaca, Chat, Tokenized };
 enum class ChatTemplateChoice { Auto, Llama3, Llama2, Mistral, ChatML };
+// What happens to a training record longer than max_seq_len: cut to its first max_seq_len tokens, left out, or
+// the run stops naming it.
+enum class Truncation { Truncate, Drop, Error };
 
 struct DataConfig {
   std::string file;                          // the run config the section came from, for errors
@@ -19,6 +22,7 @@ struct DataConfig {
   RecordFormat format = RecordFormat::Auto;  // auto: each record's keys decide
   ChatTemplateChoice chat_template = ChatTemplateChoice::Auto;  // auto: recognised from the tokenizer's template
   int64_t max_seq_len = 2048;
+  Truncation truncation = Truncation::Truncate;
   bool packing = true;  // several documents per row; false: one document per row, right-padded
   bool shuffle = true;
   uint64_t seed = 42;
@@ -31,5 +35,6 @@ struct DataConfig {
 
 const char* record_format_name(RecordFormat format);
 const char* chat_template_name(ChatTemplateChoice choice);
+const char* truncation_name(Truncation truncation);
 
 }  // namespace qt

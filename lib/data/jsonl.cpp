@@ -12,12 +12,17 @@ std::vector<JsonlRecord> read_jsonl(const std::string& path) {
   std::vector<JsonlRecord> records;
   std::string line;
   int64_t number = 0;
+  int64_t blank = 0;  // the first blank line not yet followed by a record
   while (std::getline(in, line)) {
     ++number;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     const std::string where = path + ":" + std::to_string(number);
-    if (line.find_first_not_of(" \t") == std::string::npos)
-      fail_at(ErrorKind::Data, where, "empty line (each line must hold one JSON object)");
+    if (line.find_first_not_of(" \t") == std::string::npos) {
+      if (!blank) blank = number;
+      continue;
+    }
+    if (blank)
+      fail_at(ErrorKind::Data, path + ":" + std::to_string(blank), "empty line (each line must hold one JSON object)");
     Json value = parse_json(line, where, ErrorKind::Data);
     if (!value.is_object()) fail_at(ErrorKind::Data, where, std::string("expected a JSON object, got ") + json_type_name(value));
     records.push_back({std::move(value), number});

@@ -12,7 +12,8 @@ struct JsonlRecord {
   int64_t line = 0;  // 1-based line number in the file
 };
 
-// Reads every record of `path`. A blank line, a line that is not valid JSON, or a value that is not an object is
+// Reads every record of `path`. Blank lines at the end are ignored (editors and `echo >>` leave them); a blank line
+// between records, a line that is not valid JSON, or a value that is not an object is
 // a qt::Error(Data) naming "path:line"; so is a file with no records at all.
 std::vector<JsonlRecord> read_jsonl(const std::string& path);
 

@@ -49,13 +49,14 @@ Batch build_batch(const std::vector<Example>& examples, const std::vector<std::v
   auto tgt_a = targets.accessor<int64_t, 2>();
   auto pos_a = positions.accessor<int64_t, 2>();
   auto doc_a = doc_ids.accessor<int32_t, 2>();
-  int64_t num_targets = 0;
+  int64_t num_targets = 0, num_tokens = 0;
   for (size_t r = 0; r < rows.size(); ++r) {
     int64_t t = 0;
     for (size_t d = 0; d < rows[r].size(); ++d) {
       const Example& ex = examples[rows[r][d]];
       const int64_t len = std::min<int64_t>(static_cast<int64_t>(ex.ids.size()), S);
       QT_CHECK(t + len <= S, ErrorKind::Internal, "build_batch: row overflows the sequence length");
+      num_tokens += len;
       for (int64_t k = 0; k < len; ++k, ++t) {
         ids_a[r][t] = ex.ids[k];
         pos_a[r][t] = k;
@@ -73,6 +74,7 @@ Batch build_batch(const std::vector<Example>& examples, const std::vector<std::v
   b.positions = positions;
   b.doc_ids = doc_ids;
   b.num_targets = num_targets;
+  b.num_tokens = num_tokens;
   return b;
 }
 

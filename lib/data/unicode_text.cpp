@@ -31,6 +31,38 @@ char32_t decode_utf8(std::string_view text, std::size_t pos, std::size_t* len) {
   return cp;
 }
 
+std::string replace_invalid_utf8(std::string_view bytes) {
+  static const char k_replacement[] = "\xEF\xBF\xBD";
+  std::string out;
+  out.reserve(bytes.size());
+  const auto at = [&](std::size_t i) { return static_cast<unsigned char>(bytes[i]); };
+  std::size_t pos = 0;
+  while (pos < bytes.size()) {
+    const unsigned char b0 = at(pos);
+    if (b0 < 0x80) {
+      out += static_cast<char>(b0);
+      ++pos;
+      continue;
+    }
+    // Well-formed sequences (Unicode Table 3-7): the length and the range of the second byte follow from the first.
+    std::size_t n = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (b0 >= 0xC2 && b0 <= 0xDF) n = 2;
+    else if (b0 >= 0xE0 && b0 <= 0xEF) n = 3, lo = b0 == 0xE0 ? 0xA0 : 0x80, hi = b0 == 0xED ? 0x9F : 0xBF;
+    else if (b0 >= 0xF0 && b0 <= 0xF4) n = 4, lo = b0 == 0xF0 ? 0x90 : 0x80, hi = b0 == 0xF4 ? 0x8F : 0xBF;
+    std::size_t k = 1;  // bytes of a well-formed prefix
+    while (n && k < n && pos + k < bytes.size()) {
+      const unsigned char b = at(pos + k);
+      if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) break;
+      ++k;
+    }
+    if (n && k == n) out.append(bytes.substr(pos, n));
+    else out += k_replacement;
+    pos += k;
+  }
+  return out;
+}
+
 bool in_table(const CodepointRange* table, std::size_t size, char32_t c) {
   std::size_t lo = 0, hi = size;  // binary search for the first range with hi >= c
   while (lo < hi) {

@@ -45,6 +45,8 @@ LoraConfig LoraConfig::from_json(const Json& section, const std::string& file, c
   c.alpha = j.get_double("alpha", c.alpha);
   c.dropout = j.get_double("dropout", c.dropout);
   if (j.has("targets")) c.targets = j.get_strings("targets");
+  // PEFT's "all-linear": every linear layer of the blocks (not lm_head), for LLaMA the seven projections.
+  if (c.targets == std::vector<std::string>{"all-linear"}) c.targets = lora_target_names();
   c.use_rslora = j.get_bool("use_rslora", c.use_rslora);
   c.use_dora = j.get_bool("use_dora", c.use_dora);
   c.init_from = j.get_string("init_from", c.init_from);

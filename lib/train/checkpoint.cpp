@@ -169,6 +169,8 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
                 {"tokens_seen", c.state.tokens_seen},
                 {"config", c.state.config},
                 {"files", manifest}};
+  if (!c.state.train_file_hash.empty()) state["train_file_hash"] = c.state.train_file_hash;
+  if (c.state.total_steps > 0) state["total_steps"] = c.state.total_steps;
   if (c.optimizer_shards > 0) state["optimizer_shards"] = c.optimizer_shards;
   test_delay();
   write_text_synced(files::join(tmp, kStateFile), state.dump(2) + "\n");
@@ -227,6 +229,8 @@ CheckpointContents load_checkpoint(const std::string& dir) {
   c.state.seed = state.at("seed").get<uint64_t>();
   c.state.tokens_seen = r.get_int("tokens_seen", 0);
   c.state.config = r.require("config");
+  c.state.train_file_hash = r.get_string("train_file_hash", "");
+  c.state.total_steps = r.get_int("total_steps", 0);
   c.optimizer_shards = static_cast<int>(r.get_int("optimizer_shards", 0));
   auto read = [&](const std::string& f, std::vector<std::pair<std::string, at::Tensor>>& dst) {
     const std::string p = files::join(dir, f);
@@ -264,6 +268,36 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
     }
   }
   return std::nullopt;
+}
+
+std::string train_file_hash(const std::string& path) { return file_hash(path); }
+
+void check_resume_progress(const TrainerState& saved, const TrainerState& current, bool length_matters,
+                           bool allow_changes, const std::string& checkpoint_dir, const std::string& config_file) {
+  const std::string steps_key = current.config.contains("train") && current.config["train"].contains("steps") &&
+                                        current.config["train"]["steps"] != 0
+                                    ? "train.steps"
+                                    : "train.epochs";
+  if (current.total_steps < saved.step)
+    fail_key(ErrorKind::Config, config_file, steps_key,
+             "gives " + std::to_string(current.total_steps) + " steps, fewer than the " + std::to_string(saved.step) +
+                 " that " + checkpoint_dir + " has done; ask for at least " + std::to_string(saved.step));
+  std::vector<std::string> changed;
+  if (length_matters && saved.total_steps > 0 && saved.total_steps != current.total_steps)
+    changed.push_back("the schedule length (" + steps_key + "): " + std::to_string(saved.total_steps) + " -> " +
+                      std::to_string(current.total_steps) + " steps, so the learning rate would jump");
+  if (!saved.train_file_hash.empty() && saved.train_file_hash != current.train_file_hash)
+    changed.push_back("data.train_file's content (hash " + saved.train_file_hash + " -> " + current.train_file_hash +
+                      "), so the data order and any held-out split would differ");
+  if (changed.empty()) return;
+  std::string what;
+  for (const auto& c : changed) what += (what.empty() ? "" : "; ") + c;
+  if (allow_changes) {
+    log::warn("resuming " + checkpoint_dir + " with changes (--resume-allow-changes): " + what);
+    return;
+  }
+  fail_at(ErrorKind::Checkpoint, checkpoint_dir,
+          "cannot resume: " + what + "; pass --resume-allow-changes to resume anyway");
 }
 
 void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir) {

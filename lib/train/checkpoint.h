@@ -36,6 +36,8 @@ struct TrainerState {
   uint64_t seed = 0;
   int64_t tokens_seen = 0;
   Json config;  // resolved run config
+  std::string train_file_hash;  // data.train_file's bytes (train_file_hash()); "" in older checkpoints
+  int64_t total_steps = 0;      // the length of the run's schedule; 0 in older checkpoints
 };
 
 struct CheckpointContents {
@@ -78,6 +80,18 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
 // offload) may change. Throws
 // qt::Error(Checkpoint) listing every differing key.
 void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir);
+
+// A 64-bit FNV-1a hash of a file's bytes (hex), stored in checkpoints for data.train_file.
+std::string train_file_hash(const std::string& path);
+
+// What a resume may not change beyond the config keys: asking for fewer steps than the checkpoint has done is an
+// error (qt::Error Config, naming train.steps / train.epochs); a changed schedule length (the learning rate would
+// jump; only where `length_matters`: a decaying schedule or a warmup_ratio) or a changed training file (the order
+// and the held-out split would differ) is refused (Checkpoint), naming it, unless `allow_changes`
+// (--resume-allow-changes), which logs a warning instead. Older checkpoints that hold no hash or length are not
+// checked for them.
+void check_resume_progress(const TrainerState& saved, const TrainerState& current, bool length_matters,
+                           bool allow_changes, const std::string& checkpoint_dir, const std::string& config_file);
 
 // The CPU (and current CUDA device's) default generator states, and their restoration.
 std::vector<std::pair<std::string, at::Tensor>> capture_rng_states();

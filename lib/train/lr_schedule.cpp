@@ -7,6 +7,11 @@
 
 namespace qt {
 
+int64_t warmup_steps_of(int64_t warmup_steps, double warmup_ratio, int64_t total_steps) {
+  if (warmup_steps > 0) return warmup_steps;
+  return static_cast<int64_t>(std::ceil(static_cast<double>(total_steps) * warmup_ratio));
+}
+
 double LrSchedule::at(int64_t step) const {
   // As transformers: the warmup starts at 0 (step 0 makes no update), reaching lr at step == warmup_steps.
   if (warmup_steps > 0 && step < warmup_steps) return lr * static_cast<double>(step) / static_cast<double>(warmup_steps);

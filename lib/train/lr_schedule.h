@@ -18,6 +18,10 @@ struct LrSchedule {
   double at(int64_t step) const;  // step counts from 0 (the first update uses at(0))
 };
 
+// The warmup of a run: warmup_steps, else ceil(warmup_ratio x total_steps) (transformers'
+// TrainingArguments.get_warmup_steps).
+int64_t warmup_steps_of(int64_t warmup_steps, double warmup_ratio, int64_t total_steps);
+
 LrScheduleType parse_lr_schedule(const std::string& name, const std::string& file, const std::string& key);
 const char* lr_schedule_name(LrScheduleType type);
 

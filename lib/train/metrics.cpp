@@ -47,11 +47,22 @@ void MetricsLog::line(const std::string& text) {
   std::fprintf(stderr, "%s\n", text.c_str());
 }
 
+void MetricsLog::set_plot(const std::string& path, const std::string& title) {
+  plot_path_ = path;
+  plot_title_ = title;
+}
+
+void MetricsLog::write_plot() const {
+  if (enabled_ && !plot_path_.empty()) write_loss_plot(plot_path_, train_, eval_, plot_title_, lr_);
+}
+
 void MetricsLog::step(const StepMetrics& m) {
   train_.emplace_back(m.step, m.loss);
+  lr_.emplace_back(m.step, m.lr);
   if (!enabled_) return;
   Json j = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}, {"grad_norm", m.grad_norm},
-            {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s}, {"step_s", m.step_s}};
+            {"tokens", m.tokens}, {"tokens_per_s", m.tokens_per_s}, {"target_tokens", m.target_tokens},
+            {"target_tokens_per_s", m.target_tokens_per_s}, {"step_s", m.step_s}};
   if (m.gpu_mem_gib >= 0) j["gpu_mem_gib"] = m.gpu_mem_gib;
   if (m.gpu_reserved_gib >= 0) j["gpu_reserved_gib"] = m.gpu_reserved_gib;
   write(j);
@@ -68,11 +79,20 @@ void MetricsLog::step(const StepMetrics& m) {
     std::fflush(stderr);
     bar_open_ = true;
   } else {
-    std::snprintf(text, sizeof text, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s%s | eta %s",
+    std::snprintf(text, sizeof text, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s (%.0f target)%s | eta %s",
                   static_cast<long long>(m.step), static_cast<long long>(m.total_steps), m.loss, m.lr, m.grad_norm,
-                  m.tokens_per_s, mem.c_str(), format_duration(m.eta_s).c_str());
+                  m.tokens_per_s, m.target_tokens_per_s, mem.c_str(), format_duration(m.eta_s).c_str());
     std::fprintf(stderr, "%s\n", text);
   }
+  write_plot();
+}
+
+void MetricsLog::exact_match(int64_t step, int64_t correct, int64_t total) {
+  if (!enabled_) return;
+  write({{"step", step},
+         {"exact_match", total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0},
+         {"exact_match_correct", correct},
+         {"exact_match_total", total}});
 }
 
 void MetricsLog::eval(int64_t step, double loss, int64_t tokens) {
@@ -83,6 +103,7 @@ void MetricsLog::eval(int64_t step, double loss, int64_t tokens) {
   std::snprintf(text, sizeof text, "eval at step %lld: loss %.4f, perplexity %.3f (%lld tokens)",
                 static_cast<long long>(step), loss, std::exp(loss), static_cast<long long>(tokens));
   line(text);
+  write_plot();
 }
 
 void MetricsLog::load_history(const std::string& path, int64_t up_to_step) {
@@ -95,12 +116,14 @@ void MetricsLog::load_history(const std::string& path, int64_t up_to_step) {
     if (s > up_to_step) continue;
     if (j.contains("loss")) train_.emplace_back(s, j["loss"].get<double>());
     if (j.contains("eval_loss")) eval_.emplace_back(s, j["eval_loss"].get<double>());
+    if (j.contains("lr")) lr_.emplace_back(s, j["lr"].get<double>());
   }
 }
 
 void write_loss_plot(const std::string& path, const std::vector<std::pair<int64_t, double>>& train,
-                     const std::vector<std::pair<int64_t, double>>& eval, const std::string& title) {
-  const double W = 760, H = 420, L = 60, R = 20, T = 40, B = 50;
+                     const std::vector<std::pair<int64_t, double>>& eval, const std::string& title,
+                     const std::vector<std::pair<int64_t, double>>& lr) {
+  const double W = 760, H = 420, L = 60, R = 70, T = 40, B = 50;
   double x_max = 1, y_min = INFINITY, y_max = -INFINITY;
   for (const auto* series : {&train, &eval})
     for (const auto& [s, v] : *series) {
@@ -129,14 +152,43 @@ void write_loss_plot(const std::string& path, const std::vector<std::pair<int64_
     h << "<line x1='" << L << "' x2='" << W - R << "' y1='" << Y(v) << "' y2='" << Y(v) << "' stroke='#eee'/>"
       << "<text x='5' y='" << Y(v) + 4 << "' font-size='11'>" << std::to_string(v).substr(0, 6) << "</text>";
   }
-  h << "<text x='" << W / 2 << "' y='" << H - 10 << "' font-size='12'>step (max " << static_cast<int64_t>(x_max) << ")</text>";
+  // Step ticks: 5 intervals of a whole number of steps.
+  const int64_t x_step = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(x_max / 5)));
+  for (int64_t s = 0; s <= static_cast<int64_t>(x_max); s += x_step) {
+    const double x = X(static_cast<double>(s));
+    h << "<line x1='" << x << "' x2='" << x << "' y1='" << T << "' y2='" << H - B << "' stroke='#eee'/>"
+      << "<text x='" << x - 8 << "' y='" << H - B + 15 << "' font-size='11'>" << s << "</text>";
+  }
+  h << "<text x='" << W / 2 - 10 << "' y='" << H - 12 << "' font-size='12'>step</text>";
   h << polyline(train, "#1f77b4") << polyline(eval, "#d62728");
+  // The learning rate on its own scale, [0, its maximum], labelled on the right.
+  double lr_max = 0;
+  for (const auto& p : lr) lr_max = std::max(lr_max, p.second);
+  if (lr_max > 0) {
+    std::ostringstream o;
+    o << "<polyline fill='none' stroke='#2ca02c' stroke-width='1.5' stroke-dasharray='5,3' points='";
+    for (const auto& [s, v] : lr) o << X(static_cast<double>(s)) << "," << T + (H - T - B) * (1 - v / lr_max) << " ";
+    h << o.str() << "'/>";
+    for (int i = 0; i <= 4; ++i) {
+      char label[32];
+      std::snprintf(label, sizeof label, "%.2e", lr_max * i / 4);
+      h << "<text x='" << W - R + 4 << "' y='" << T + (H - T - B) * (1 - i / 4.0) + 4 << "' font-size='11' fill='#2ca02c'>"
+        << label << "</text>";
+    }
+    h << "<text x='" << W - 300 << "' y='25' fill='#2ca02c' font-size='12'>learning rate</text>";
+  }
   h << "<text x='" << W - 200 << "' y='25' fill='#1f77b4' font-size='12'>train loss</text>";
   if (!eval.empty()) h << "<text x='" << W - 110 << "' y='25' fill='#d62728' font-size='12'>eval loss</text>";
   h << "</svg></body></html>\n";
-  std::ofstream out(path, std::ios::trunc);
-  out << h.str();
-  if (!out) fail_at(ErrorKind::Io, path, "cannot write the loss plot");
+  // A browser that reloads the page mid-run never reads a half-written file.
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << h.str();
+    out.flush();
+    if (!out) fail_at(ErrorKind::Io, tmp, "cannot write the loss plot");
+  }
+  files::rename_path(tmp, path);
 }
 
 }  // namespace qt

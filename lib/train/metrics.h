@@ -16,9 +16,11 @@ struct StepMetrics {
   double loss = 0;
   double lr = 0;
   double grad_norm = 0;
-  double tokens_per_s = 0;
+  double tokens_per_s = 0;  // input tokens (padding not counted), as peers report throughput
+  double target_tokens_per_s = 0;
   double step_s = 0;
-  int64_t tokens = 0;       // target tokens in this step
+  int64_t tokens = 0;         // input tokens in this step (all ranks)
+  int64_t target_tokens = 0;  // tokens in the loss in this step
   double gpu_mem_gib = -1;  // peak allocated this step; < 0 on CPU
   double gpu_reserved_gib = -1;  // peak the caching allocator held from the driver this step; < 0 on CPU
   double eta_s = 0;
@@ -35,6 +37,8 @@ class MetricsLog {
 
   void step(const StepMetrics& m);
   void eval(int64_t step, double loss, int64_t tokens);
+  // eval.exact_match_file's figure after `step` optimizer steps (0: before training), in metrics.jsonl.
+  void exact_match(int64_t step, int64_t correct, int64_t total);
   void line(const std::string& text);  // a message that must not be overwritten by the bar
   // A record other than a step's or an evaluation's (the execution plan at start: {"plan": {...}}).
   void record(const Json& j) {
@@ -43,6 +47,10 @@ class MetricsLog {
 
   const std::vector<std::pair<int64_t, double>>& train_losses() const { return train_; }
   const std::vector<std::pair<int64_t, double>>& eval_losses() const { return eval_; }
+  // Rewrite the loss plot at `path` (loss.html) at each logged step and evaluation, so that a run that stops in
+  // any way (a signal, an error, a kill) leaves the plot of its last logged step. write_plot() writes it now.
+  void set_plot(const std::string& path, const std::string& title);
+  void write_plot() const;
   // Reads an existing metrics.jsonl (resume) so that the plot shows the whole run.
   void load_history(const std::string& path, int64_t up_to_step);
 
@@ -52,12 +60,15 @@ class MetricsLog {
   bool bar_;
   bool enabled_;
   bool bar_open_ = false;
-  std::vector<std::pair<int64_t, double>> train_, eval_;
+  std::vector<std::pair<int64_t, double>> train_, eval_, lr_;
+  std::string plot_path_, plot_title_;
 };
 
-// Writes an HTML page with the training (and evaluation) loss against the step, as inline SVG.
+// Writes an HTML page with the training (and evaluation) loss against the step, and the learning rate on its own
+// axis at the right, as inline SVG with ticks on both axes; written to a temporary file and renamed into place.
 void write_loss_plot(const std::string& path, const std::vector<std::pair<int64_t, double>>& train,
-                     const std::vector<std::pair<int64_t, double>>& eval, const std::string& title);
+                     const std::vector<std::pair<int64_t, double>>& eval, const std::string& title,
+                     const std::vector<std::pair<int64_t, double>>& lr = {});
 
 std::string format_duration(double seconds);
 

@@ -1,5 +1,8 @@
 #include "lib/train/run_config.h"
 
+#include "lib/data/data_config.h"
+#include "lib/model/lora.h"
+
 namespace qt {
 namespace {
 
@@ -142,7 +145,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
 
   const Json& o = section(j, "optim");
   reject_unknown_keys(o, {"lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
-                          "min_lr_ratio", "embedding_lr"},
+                          "warmup_ratio", "min_lr_ratio", "embedding_lr"},
                       file, "optim.", ErrorKind::Config);
   JsonReader orr{o, file, ErrorKind::Config, "optim."};
   c.optim.lr = orr.get_double("lr", c.optim.lr);
@@ -160,6 +163,11 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   if (orr.has("schedule")) c.optim.schedule = parse_lr_schedule(orr.get_string("schedule"), file, "optim.schedule");
   c.optim.warmup_steps = orr.get_int("warmup_steps", c.optim.warmup_steps);
   check_positive(c.optim.warmup_steps, file, "optim.warmup_steps", true);
+  c.optim.warmup_ratio = orr.get_double("warmup_ratio", c.optim.warmup_ratio);
+  if (!(c.optim.warmup_ratio >= 0 && c.optim.warmup_ratio <= 1))
+    fail_key(ErrorKind::Config, file, "optim.warmup_ratio", "must be in [0, 1]");
+  if (c.optim.warmup_ratio > 0 && c.optim.warmup_steps > 0)
+    fail_key(ErrorKind::Config, file, "optim.warmup_ratio", "is set together with optim.warmup_steps: give one of them");
   c.optim.min_lr_ratio = orr.get_double("min_lr_ratio", c.optim.min_lr_ratio);
   if (!(c.optim.min_lr_ratio >= 0 && c.optim.min_lr_ratio <= 1))
     fail_key(ErrorKind::Config, file, "optim.min_lr_ratio", "must be in [0, 1]");
@@ -196,6 +204,10 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
 
   c.lora = section(j, "lora");
   c.data = section(j, "data");
+  // Their owners parse them again where they are used; parsed here too so that a bad key or value stops the run
+  // before the data is tokenized and the model loads.
+  LoraConfig::from_json(c.lora, file);
+  DataConfig::from_json(c.data, file);
   return c;
 }
 

@@ -55,6 +55,8 @@ struct OptimSection {
   double max_grad_norm = 1.0;  // 0: no clipping
   LrScheduleType schedule = LrScheduleType::Cosine;
   int64_t warmup_steps = 0;
+  // TrainingArguments' warmup_ratio: ceil(ratio x total steps) warmup steps; used where warmup_steps is 0.
+  double warmup_ratio = 0.0;
   double min_lr_ratio = 0.0;
   // The learning rate of the tensors trained in full (lora.modules_to_save: lm_head, embed_tokens), scheduled
   // like lr (Unsloth's embedding_learning_rate: embeddings usually want a smaller one); < 0: lr.

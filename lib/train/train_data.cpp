@@ -1,5 +1,7 @@
 #include "lib/train/train_data.h"
 
+#include <algorithm>
+
 #include "lib/core/error.h"
 #include "lib/core/log.h"
 #include "lib/data/packing.h"
@@ -18,9 +20,78 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
     train = std::move(t);
     eval_ = std::move(e);
   }
+  apply_truncation(train);
   train_ = std::make_unique<Dataset>(std::move(train), config_.max_seq_len, config_.shuffle, config_.seed);
+  check_has_targets();
   log::info("data: " + train_->stats().summary() + (eval_.empty() ? "" : "; " + std::to_string(eval_.size()) + " held-out documents"));
   seek({});
+}
+
+namespace {
+
+// Tokens of a document that are next-token targets once batched: in the loss, and not its first token.
+int64_t targets_in(const std::vector<uint8_t>& loss, size_t end) {
+  int64_t n = 0;
+  for (size_t i = 1; i < std::min(end, loss.size()); ++i) n += loss[i];
+  return n;
+}
+
+// "lines 3, 7, 9 and 12 more" of a file's records.
+std::string some_lines(const std::vector<int64_t>& lines) {
+  std::string out = lines.size() == 1 ? "line " : "lines ";
+  for (size_t i = 0; i < std::min<size_t>(lines.size(), 5); ++i) out += (i ? ", " : "") + std::to_string(lines[i]);
+  if (lines.size() > 5) out += " and " + std::to_string(lines.size() - 5) + " more";
+  return out;
+}
+
+}  // namespace
+
+void TrainData::apply_truncation(std::vector<Example>& train) const {
+  const auto len = static_cast<size_t>(config_.max_seq_len);
+  std::vector<int64_t> long_lines, emptied_lines;  // longer than a row; of those, left with no target by the cut
+  int64_t long_tokens = 0;
+  for (const auto& e : train) {
+    if (e.ids.size() <= len) continue;
+    long_lines.push_back(e.line);
+    long_tokens += static_cast<int64_t>(e.ids.size() - len);
+    if (targets_in(e.loss, len) == 0 && targets_in(e.loss, e.loss.size()) > 0) emptied_lines.push_back(e.line);
+  }
+  if (long_lines.empty()) return;
+  const std::string what = std::to_string(long_lines.size()) + " of " + std::to_string(train.size()) + " records of " +
+                           config_.train_file + " (" + some_lines(long_lines) + ") are longer than data.max_seq_len = " +
+                           std::to_string(config_.max_seq_len) + " tokens";
+  switch (config_.truncation) {
+    case Truncation::Error:
+      fail_key(ErrorKind::Data, config_.file, "data.truncation",
+               "\"error\": " + what + "; raise data.max_seq_len, or set data.truncation to \"truncate\" or \"drop\"");
+    case Truncation::Drop:
+      train.erase(std::remove_if(train.begin(), train.end(), [&](const Example& e) { return e.ids.size() > len; }),
+                  train.end());
+      log::info("data.truncation \"drop\": " + what + ", left out (" + std::to_string(train.size()) + " remain)");
+      return;
+    case Truncation::Truncate:
+      if (!emptied_lines.empty())
+        log::warn("data.truncation \"truncate\": " + std::to_string(emptied_lines.size()) + " records (" +
+                  some_lines(emptied_lines) + ") lose every target token to the cut at data.max_seq_len = " +
+                  std::to_string(config_.max_seq_len) + " (their answers start after it)");
+      return;
+  }
+}
+
+void TrainData::check_has_targets() const {
+  int64_t targets = 0;
+  std::vector<int64_t> lines;
+  for (const auto& e : train_->examples()) {
+    targets += targets_in(e.loss, e.loss.size());
+    lines.push_back(e.line);
+  }
+  if (targets > 0) return;
+  fail_key(ErrorKind::Data, config_.file, "data.max_seq_len",
+           "the " + std::to_string(train_->size()) + " training records of " + config_.train_file + " (" +
+               some_lines(lines) + ") leave no target token to train on with data.max_seq_len = " + std::to_string(config_.max_seq_len) +
+               " and data.truncation \"" + truncation_name(config_.truncation) + "\" (" +
+               train_->stats().summary() + "); raise data.max_seq_len" +
+               (config_.train_on_prompt ? "" : ", or set data.train_on_prompt"));
 }
 
 void TrainData::seek(const DataPosition& position) {

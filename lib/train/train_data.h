@@ -32,6 +32,12 @@ class TrainData {
   void seek(const DataPosition& position);
 
  private:
+  // data.truncation on the training records longer than a row: drop them, stop naming them, or leave the cut
+  // to Dataset (warning about the records the cut leaves with no target).
+  void apply_truncation(std::vector<Example>& train) const;
+  // A run that would train on no target token stops here, before the model loads, naming data.max_seq_len.
+  void check_has_targets() const;
+
   DataConfig config_;
   int64_t micro_;
   int32_t pad_id_;

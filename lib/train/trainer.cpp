@@ -351,15 +351,21 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
 
   const int64_t steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size);
   const int64_t total_steps = cfg.train.steps > 0 ? cfg.train.steps : cfg.train.epochs * steps_per_epoch;
-  const LrSchedule schedule{cfg.optim.schedule, cfg.optim.lr, cfg.optim.warmup_steps, total_steps, cfg.optim.min_lr_ratio};
+  const LrSchedule schedule{cfg.optim.schedule, cfg.optim.lr,
+                            warmup_steps_of(cfg.optim.warmup_steps, cfg.optim.warmup_ratio, total_steps), total_steps,
+                            cfg.optim.min_lr_ratio};
   const std::vector<Batch> eval_batches = data.eval_batches(comm->rank(), world);
 
   TrainerState state;
   state.seed = cfg.train.seed;
   state.config = cfg.resolved;
+  state.train_file_hash = train_file_hash(data.config().train_file);
+  state.total_steps = total_steps;
   if (resumed) {
     const std::string& dir = resume_dir;
     const CheckpointContents& ck = *resumed;
+    check_resume_progress(ck.state, state, cfg.optim.schedule != LrScheduleType::Constant || cfg.optim.warmup_ratio > 0,
+                          options.allow_resume_changes, dir, cfg.file);
     opt.load_state(optimizer_state_for(ck, params, fsdp.get(), dir), ck.state.step);
     restore_rng_states(ck.rng);
     state.step = ck.state.step;
@@ -386,6 +392,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0, /*resume=*/state.step > 0);
   metrics.record(Json{{"plan", to_json(decision)}, {"step", state.step}});
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
+  metrics.set_plot(files::join(cfg.output_dir, "loss.html"), "qlora-train: " + cfg.output_dir);
   if (rank0)
     log::info("training " + std::to_string(trainable) +
               (full ? " parameters (full fine-tuning)"
@@ -465,13 +472,14 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
                        std::to_string(em.total) + " (" + std::to_string(100.0 * em.accuracy()).substr(0, 5) + "%)";
     for (const auto& s : em.samples) line += "\n    e.g. " + s;
     metrics.line(line);
+    metrics.exact_match(state.step, em.correct, em.total);
     return em.accuracy();
   };
   // Sharded blocks gather collectively: every rank generates (the same greedy tokens); rank 0 logs.
   const bool run_task_metric = rank0 || fsdp;
   if (!cfg.eval.exact_match_file.empty() && state.step == 0 && run_task_metric) summary.exact_match_before = task_metric("before training");
   double first_loss = NAN, last_loss = NAN;
-  int64_t run_tokens = 0;
+  int64_t run_tokens = 0, run_inputs = 0;  // target and input tokens of the steps this process ran
   const int64_t profile_step = std::getenv("QT_PROFILE_STEP") ? std::atoll(std::getenv("QT_PROFILE_STEP")) : -1;
   const auto t_loop = Clock::now();
   const int64_t start_step = state.step;
@@ -485,14 +493,17 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     std::vector<Batch> micro_batches = data.next_step(cfg.train.batch_size, comm->rank(), world);
     // Normalise by the targets of the whole global step, so that accumulation over micro-batches and ranks gives
     // the gradient of the mean over all of them (not a mean of per-micro-batch means).
-    int64_t local_targets = 0;
-    for (const auto& b : micro_batches) local_targets += b.num_targets;
+    int64_t local_targets = 0, local_inputs = 0;
+    for (const auto& b : micro_batches) local_targets += b.num_targets, local_inputs += b.num_tokens;
     double step_targets = static_cast<double>(local_targets);
+    double step_inputs = static_cast<double>(local_inputs);  // for tokens/s alone
     if (world > 1) {  // (one rank: no round trip through the device, which would wait for the last step's kernels)
-      at::Tensor count = at::tensor({step_targets}, at::kDouble);
+      at::Tensor count = at::tensor({step_targets, step_inputs}, at::kDouble);
       count = count.to(device.is_cuda() ? at::kFloat : at::kDouble).to(device);
       comm->all_reduce(count);
-      step_targets = count.to(at::kCPU, at::kDouble).item<double>();
+      count = count.to(at::kCPU, at::kDouble);
+      step_targets = count[0].item<double>();
+      step_inputs = count[1].item<double>();
     }
     if (step_targets <= 0) fail(ErrorKind::Data, "step " + std::to_string(state.step + 1) + ": the batch has no target tokens (all masked?)");
     // The loss stays on the device until the update is queued: the host reads it with the gradient norm in one
@@ -572,8 +583,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       profile.reset();
     }
     const int64_t tokens = static_cast<int64_t>(step_targets);
+    const int64_t inputs = static_cast<int64_t>(step_inputs);
     state.tokens_seen += tokens;
     run_tokens += tokens;
+    run_inputs += inputs;
     if (std::isnan(first_loss)) first_loss = loss;
     last_loss = loss;
 
@@ -585,8 +598,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       m.lr = lr;
       m.grad_norm = grad_norm;
       m.step_s = seconds_since(t_step);
-      m.tokens = tokens;
-      m.tokens_per_s = tokens / std::max(1e-9, m.step_s);
+      m.tokens = inputs;
+      m.tokens_per_s = inputs / std::max(1e-9, m.step_s);
+      m.target_tokens = tokens;
+      m.target_tokens_per_s = tokens / std::max(1e-9, m.step_s);
       m.gpu_mem_gib = gpu_peak_gib(device);
       m.gpu_reserved_gib = gpu_peak_gib(device, /*reserved=*/true);
       const double per_step = seconds_since(t_loop) / static_cast<double>(state.step - start_step);
@@ -611,6 +626,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || stop) checkpoint();
     if (stop) {
       metrics.line("stopped by a signal after step " + std::to_string(state.step) + "; resume with --resume auto");
+      metrics.write_plot();
       summary.steps = state.step;
       return summary;
     }
@@ -634,15 +650,15 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       files::make_dirs(summary.adapter_dir);
       write_adapter(summary.adapter_dir);
     }
-    write_loss_plot(files::join(cfg.output_dir, "loss.html"), metrics.train_losses(), metrics.eval_losses(),
-                    "qlora-train: " + cfg.output_dir);
+    metrics.write_plot();
   }
   if (fsdp) fsdp->release_lora();
   summary.steps = state.step;
   summary.first_loss = first_loss;
   summary.last_loss = last_loss;
   summary.seconds = seconds_since(t_start);
-  summary.tokens_per_s = run_tokens / std::max(1e-9, seconds_since(t_loop));
+  summary.tokens_per_s = run_inputs / std::max(1e-9, seconds_since(t_loop));
+  summary.target_tokens_per_s = run_tokens / std::max(1e-9, seconds_since(t_loop));
   return summary;
 }
 

@@ -18,12 +18,14 @@ struct TrainSummary {
   double exact_match_before = -1;  // < 0: no exact-match evaluation configured
   double exact_match_after = -1;
   double seconds = 0;
-  double tokens_per_s = 0;
+  double tokens_per_s = 0;         // input tokens (padding not counted) per second of the training loop
+  double target_tokens_per_s = 0;  // tokens in the loss per second
   std::string adapter_dir;
 };
 
 struct TrainOptions {
   std::string resume;  // "", "auto" or a checkpoint directory
+  bool allow_resume_changes = false;  // --resume-allow-changes: a changed schedule length or train file resumes
   // Set by a SIGTERM/SIGINT handler: the loop checkpoints after the current step and stops.
   const std::atomic<bool>* stop_requested = nullptr;
 };

@@ -233,10 +233,12 @@ def main():
     check(proc.returncode != 0 and "rank 1" in err and "signal 9" in err,
           f"killing rank 1 ends the job with an error naming it (exit {proc.returncode}): {err.strip().splitlines()[-3:] if err.strip() else ''}")
 
-    # A rank that fails with an error (rank 0 cannot open its metrics file) ends the job at once with that error
-    # and its rank named, instead of the other rank waiting in a collective until the timeout.
+    # A rank that fails with an error (rank 0 cannot create the output directory: its parent is a file; the other
+    # ranks do not create it) ends the job at once with that error and its rank named, instead of the other rank
+    # waiting in a collective until the timeout.
+    (TMP / "fail0file").write_text("not a directory")
     cfg = write_config("fail0")
-    (TMP / "fail0" / "metrics.jsonl").mkdir(parents=True)
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "output_dir": str(TMP / "fail0file" / "out")}))
     t0 = time.time()
     try:
         p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)], capture_output=True,
@@ -244,7 +246,7 @@ def main():
         rc, err = p.returncode, p.stderr
     except subprocess.TimeoutExpired as e:
         rc, err = None, "(hung)"
-    check(rc not in (0, None) and "metrics.jsonl: cannot be opened" in err and "[[" in err and "],0]" in err
+    check(rc not in (0, None) and "cannot create directory" in err and "[[" in err and "],0]" in err
           and time.time() - t0 < 60, f"a failing rank 0 ends the 2-rank job in {time.time() - t0:.0f}s naming it (exit {rc})")
 
     # SIGTERM to one rank only: every rank stops after the same step with one complete checkpoint (the stop

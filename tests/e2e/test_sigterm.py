@@ -21,6 +21,7 @@ def config(name):
     return path
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+plots = {}  # loss.html as it was while each interrupted run trained
 
 def losses(name):
     out = {}
@@ -41,6 +42,7 @@ def interrupted(name, sig, second=False):
     t0 = time.time()
     while steps_logged(name) < 2 and p.poll() is None and time.time() - t0 < 300:
         time.sleep(0.02)
+    plots[name] = (TMP / name / "loss.html").read_text() if (TMP / name / "loss.html").exists() else ""
     p.send_signal(sig)
     if second:
         time.sleep(0.05)
@@ -64,6 +66,12 @@ def main():
         check(2 <= stopped_at < 8 and max(losses(name)) == stopped_at,
               f"{sig.name}: the checkpoint is of the last finished step ({stopped_at})")
         check("--resume auto" in err, f"{sig.name}: the log says how to resume")
+        # loss.html is rewritten at each logged step (there while training) and on the way out, with step ticks and
+        # the learning rate on its own axis.
+        plot = (TMP / name / "loss.html").read_text() if (TMP / name / "loss.html").exists() else ""
+        check("<polyline" in plots[name] and "learning rate" in plot and plot.count("<polyline") == 3
+              and ">0</text>" in plot and ">step</text>" in plot,
+              f"{sig.name}: loss.html exists while training and after the signal, with ticks and the learning rate")
         r = subprocess.run([BIN, "--config", str(config(name)), "--resume", "auto"], capture_output=True, text=True, env=ENV)
         check(r.returncode == 0, f"{sig.name}: --resume auto finishes ({r.returncode})")
         lr = losses(name)

@@ -80,6 +80,8 @@ def main():
     p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)], capture_output=True,
                        text=True, env=env)
     check(p.returncode == 0, f"mpirun -np 2 training exits 0 ({p.returncode}) {p.stderr[-500:] if p.returncode else ''}")
+    summaries = [l for l in p.stdout.splitlines() if l.startswith("{")]
+    check(len(summaries) == 1, f"rank 0 alone prints the summary line ({len(summaries)} printed)")
     if p.returncode == 0:
         lm = losses("mpi2")
         check(all(abs(lm[s] - la[s]) / la[s] < 1e-5 for s in (1, 2, 3)),
@@ -159,19 +161,23 @@ def main():
     check("resumed from" in p.stderr and "checkpoint-3" in p.stderr, "resume picks checkpoint-3")
     check(adapter_bytes("c") == adapter_bytes("a"), "after a crash during save, the run still ends with the straight run's adapter")
 
-    # Resuming with a LoRA shape or batch that differs is refused, naming the keys; more steps are allowed.
+    # Resuming with a LoRA shape or batch that differs is refused, naming the keys; more steps are allowed with
+    # --resume-allow-changes (the schedule length changes).
     p = train(write_config("a", lora__r=8, train__batch_size=8), "--resume", "auto", check_rc=False)
     check(p.returncode == 6 and "lora.r" in p.stderr and "train.batch_size" in p.stderr,
           f"a changed lora.r / batch_size is refused (exit {p.returncode}): {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
-    p = train(write_config("a", train__steps=8), "--resume", "auto", check_rc=False)
+    p = train(write_config("a", train__steps=8), "--resume", "auto", "--resume-allow-changes", check_rc=False)
     check(p.returncode == 0 and losses("a").get(8) is not None, "more steps may be added on resume")
 
     # Bad configs and data: clear errors, non-zero exit, nothing written.
     p = train(write_config("e", optim__lerning_rate=1), check_rc=False)
     check(p.returncode == 3 and "optim.lerning_rate" in p.stderr, f"a config typo is named (exit {p.returncode})")
-    (TMP / "bad.jsonl").write_text('{"text": "a b c"}\n\n')
+    (TMP / "bad.jsonl").write_text('{"text": "a b c"}\n\n{"text": "d e f"}\n')
     p = train(write_config("e2", data__train_file=str(TMP / "bad.jsonl")), check_rc=False)
-    check(p.returncode == 5 and "bad.jsonl:2" in p.stderr, f"an empty jsonl line is named (exit {p.returncode})")
+    check(p.returncode == 5 and "bad.jsonl:2" in p.stderr, f"an empty jsonl line between records is named (exit {p.returncode})")
+    (TMP / "trailing.jsonl").write_text((TMP / "train.jsonl").read_text() + "\n \n")
+    p = train(write_config("e4", data__train_file=str(TMP / "trailing.jsonl"), train__steps=1), check_rc=False)
+    check(p.returncode == 0, f"blank lines at the end of a jsonl file are accepted (exit {p.returncode})")
     (TMP / "chat.jsonl").write_text('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
     p = train(write_config("e3", data__train_file=str(TMP / "chat.jsonl"), data__format="chat", data__chat_template="llama2"), check_rc=False)
     check(p.returncode == 5 and "wizard" in p.stderr and "chat.jsonl:1" in p.stderr, f"an unknown chat role is named (exit {p.returncode})")

@@ -1,0 +1,73 @@
+#include "lib/train/output_dir.h"
+
+#include <algorithm>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/core/log.h"
+#include "lib/train/checkpoint.h"
+
+namespace qt {
+namespace {
+
+bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
+
+bool is_run_file(const std::string& name) {
+  return starts_with(name, "checkpoint-") || starts_with(name, ".checkpoint-") || name == "adapter" ||
+         name == "model" || name == "metrics.jsonl" || name == "loss.html" || starts_with(name, "profile_");
+}
+
+// What a run writes before its first checkpoint is complete: replaced by a `--resume auto` that finds none.
+bool is_pre_checkpoint_file(const std::string& name) {
+  return name == "metrics.jsonl" || name == "loss.html" || starts_with(name, ".checkpoint-") ||
+         starts_with(name, "profile_");
+}
+
+std::string join_names(const std::vector<std::string>& names) {
+  std::string out;
+  for (size_t i = 0; i < names.size(); ++i) out += (i ? ", " : "") + names[i];
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::string> run_files(const std::string& output_dir) {
+  std::vector<std::string> found;
+  if (!files::is_dir(output_dir)) return found;
+  for (const auto& name : files::list_dir(output_dir))
+    if (is_run_file(name)) found.push_back(name);
+  return found;
+}
+
+std::string prepare_output_dir(const std::string& output_dir, const std::string& resume, bool overwrite, bool remove,
+                               const std::string& config_file) {
+  if (files::exists(output_dir) && !files::is_dir(output_dir))
+    fail_key(ErrorKind::Config, config_file, "output_dir", "'" + output_dir + "' is a file, not a directory");
+  if (!resume.empty() && overwrite)
+    fail(ErrorKind::Usage, "--resume and --overwrite-output-dir exclude each other: resume a run or replace it");
+  if (!resume.empty() && resume != "auto") return resume;
+  std::vector<std::string> old = run_files(output_dir);
+  if (resume == "auto") {
+    if (auto latest = find_latest_checkpoint(output_dir)) return *latest;
+    log::info("--resume auto: no complete checkpoint in " + output_dir + "; starting a new run");
+    old.erase(std::remove_if(old.begin(), old.end(), is_pre_checkpoint_file), old.end());
+    overwrite = overwrite || old.empty();
+    if (!overwrite) {
+      fail_key(ErrorKind::Config, config_file, "output_dir",
+               "'" + output_dir + "' holds a finished run (" + join_names(old) +
+                   ") and no checkpoint to resume; use another output_dir, or --overwrite-output-dir (without --resume) to replace it");
+    }
+    old = run_files(output_dir);
+  } else if (!old.empty() && !overwrite) {
+    fail_key(ErrorKind::Config, config_file, "output_dir",
+             "'" + output_dir + "' holds another run's files (" + join_names(old) +
+                 "); use another output_dir, --resume auto to continue that run, or --overwrite-output-dir to replace it");
+  }
+  if (remove && !old.empty()) {
+    log::info("replacing the earlier run in " + output_dir + ": removing " + join_names(old));
+    for (const auto& name : old) files::remove_tree(files::join(output_dir, name));
+  }
+  return "";
+}
+
+}  // namespace qt

@@ -1,0 +1,24 @@
+#pragma once
+// The decision a training run takes about its output directory, before it reads or writes anything there: resume a
+// checkpoint, start fresh in an unused directory, or replace an older run's files only when asked to
+// (--overwrite-output-dir, as HF Trainer's overwrite_output_dir). A new run never mixes with an older one.
+#include <string>
+#include <vector>
+
+namespace qt {
+
+// The files a run leaves in its output directory (checkpoint-*, .checkpoint-*.tmp-*, adapter/, model/,
+// metrics.jsonl, loss.html, profile_*), by name, sorted. Other files are the user's and are left alone.
+std::vector<std::string> run_files(const std::string& output_dir);
+
+// resume: "" (a new run), "auto" (the newest complete checkpoint in output_dir, else a new run) or a checkpoint
+// directory (returned as it is; loading it checks it). Returns the checkpoint to resume from, "" for a new run.
+// A new run into a directory holding another run's files is refused (qt::Error Config, naming them) unless
+// `overwrite`, which removes them when `remove` (rank 0 alone removes). After `--resume auto` finds no checkpoint,
+// what a run leaves before its first checkpoint (metrics.jsonl, loss.html, incomplete checkpoints, profiles) is
+// that run's and is replaced; an adapter/ or model/ (a finished run) still needs `overwrite`.
+// An output_dir that is a file is a Config error. `config_file` names the run config in messages.
+std::string prepare_output_dir(const std::string& output_dir, const std::string& resume, bool overwrite, bool remove,
+                               const std::string& config_file);
+
+}  // namespace qt

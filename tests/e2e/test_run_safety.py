@@ -1,0 +1,230 @@
+"""What a user meets before training starts, on a tiny NF4 model (CPU): an output directory that holds another run
+is refused (naming its files, touching none) unless --resume or --overwrite-output-dir says what to do; `--resume
+auto` without a checkpoint starts a new run; a resume refuses a changed schedule length or train file; an output_dir that is a file is a config error; bad keys and values
+(HF / PEFT / TRL spellings too) stop the run before any data is read; "all-linear" and optim.warmup_ratio; data.truncation."""
+import json, os, pathlib, shutil, subprocess, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import tiny_lm
+
+from checks import check, finish, save_config
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_safety_"))
+
+
+def write_config(name, **over):
+    cfg = {"output_dir": str(TMP / name), "model": {"path": str(TMP / "model"), "quant": "nf4", "device": "cpu"},
+           "lora": {"r": 4, "alpha": 8},
+           "data": {"train_file": str(TMP / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
+           "train": {"steps": 2, "batch_size": 2, "seed": 3, "log_every": 1},
+           "optim": {"lr": 2e-3}, "checkpoint": {"every": 1, "keep_last": 3}, "eval": {},
+           "logging": {"progress": "lines"}}
+    return save_config(TMP, name, cfg, over)
+
+
+def train(config, *extra):
+    return subprocess.run([BIN, "--config", str(config), *extra], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def last_line(p):
+    lines = p.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def snapshot(d):
+    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def main():
+    import torch
+    p = subprocess.run([BIN, "--version"], capture_output=True, text=True)
+    check(p.returncode == 0 and "commit " in p.stdout and f"LibTorch {torch.__version__.split('+')[0]}" in p.stdout
+          and "CUDA kernels" in p.stdout, f"--version names the commit, LibTorch and CUDA: {p.stdout.strip()}")
+
+    tiny_lm.make_model_dir(TMP / "model", seed=5)
+    tiny_lm.write_text_jsonl(TMP / "train.jsonl", 16, 21)
+
+    # A finished run, then a new run into its directory: refused at start, naming the files, none of them touched.
+    p = train(write_config("o"))
+    check(p.returncode == 0, f"a first run exits 0 ({p.returncode}) {last_line(p)}")
+    before = snapshot(TMP / "o")
+    p = train(write_config("o", train__seed=4))
+    check(p.returncode == 3 and "checkpoint-2" in p.stderr and "adapter" in p.stderr and "metrics.jsonl" in p.stderr
+          and "--overwrite-output-dir" in p.stderr and "output_dir" in p.stderr,
+          f"a new run into a used output_dir is refused naming its files (exit {p.returncode}): {last_line(p)}")
+    check("data:" not in p.stderr, "the refusal comes before the data is tokenized")
+    check(snapshot(TMP / "o") == before, "the refused run touched none of the earlier run's files")
+
+    # --overwrite-output-dir replaces the earlier run: its checkpoints do not survive beside the new run's.
+    p = train(write_config("o", train__seed=4, checkpoint__every=2), "--overwrite-output-dir")
+    check(p.returncode == 0 and "removing" in p.stderr, f"--overwrite-output-dir replaces it (exit {p.returncode}) {last_line(p)}")
+    check(not (TMP / "o" / "checkpoint-1").exists() and (TMP / "o" / "checkpoint-2" / "COMPLETE").exists(),
+          "the earlier run's checkpoint-1 is gone, the new run's checkpoint-2 is there")
+    p = train(write_config("o"), "--resume", "auto", "--overwrite-output-dir")
+    check(p.returncode == 2, f"--resume with --overwrite-output-dir is a usage error (exit {p.returncode})")
+
+    # --resume auto without a checkpoint starts a new run and says so (preemptible jobs); --resume PATH stays strict.
+    p = train(write_config("fresh"), "--resume", "auto")
+    check(p.returncode == 0 and "starting a new run" in p.stderr and (TMP / "fresh" / "adapter").is_dir(),
+          f"--resume auto with no checkpoint starts a new run (exit {p.returncode}) {last_line(p)}")
+    (TMP / "pre").mkdir()
+    (TMP / "pre" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    p = train(write_config("pre"), "--resume", "auto")
+    records = [json.loads(l) for l in (TMP / "pre" / "metrics.jsonl").read_text().splitlines()]
+    check(p.returncode == 0 and "plan" in records[0] and [r["loss"] for r in records if "loss" in r][0] != 9.0,
+          f"--resume auto replaces what a run left before its first checkpoint (exit {p.returncode})")
+    p = train(write_config("fresh2"), "--resume", str(TMP / "fresh2" / "checkpoint-9"))
+    check(p.returncode == 6 and "checkpoint-9" in p.stderr, f"--resume PATH without a checkpoint is an error (exit {p.returncode})")
+
+    # An output_dir that is a file: a config error naming it.
+    (TMP / "afile").write_text("x")
+    p = train(write_config("afile"))
+    check(p.returncode == 3 and "output_dir" in p.stderr and "is a file" in p.stderr,
+          f"an output_dir that is a file is refused (exit {p.returncode}): {last_line(p)}")
+    check("data:" not in p.stderr, "and before the data is tokenized")
+
+    # Resume gaps: a changed schedule length or train file is refused, naming it, unless --resume-allow-changes;
+    # fewer steps than the checkpoint has done is an error. ("o" holds checkpoint-2 of a 2-step run.)
+    p = train(write_config("o", train__seed=4, checkpoint__every=2, train__steps=4), "--resume", "auto")
+    check(p.returncode == 6 and "train.steps" in p.stderr and "2 -> 4" in p.stderr and "--resume-allow-changes" in p.stderr,
+          f"a changed train.steps is refused on resume (exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("o", train__seed=4, checkpoint__every=2, train__steps=1), "--resume", "auto")
+    check(p.returncode == 3 and "train.steps" in p.stderr and "fewer than the 2" in p.stderr,
+          f"fewer steps than the checkpoint has done is an error (exit {p.returncode}): {last_line(p)}")
+    (TMP / "train2.jsonl").write_text((TMP / "train.jsonl").read_text() + '{"text": "one more record"}\n')
+    (TMP / "train.jsonl").rename(TMP / "train.orig.jsonl")
+    (TMP / "train2.jsonl").rename(TMP / "train.jsonl")
+    p = train(write_config("o", train__seed=4, checkpoint__every=2), "--resume", "auto")
+    check(p.returncode == 6 and "data.train_file" in p.stderr,
+          f"a changed train file is refused on resume (exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("o", train__seed=4, checkpoint__every=2, train__steps=3), "--resume", "auto", "--resume-allow-changes")
+    check(p.returncode == 0 and "with changes" in p.stderr and (TMP / "o" / "checkpoint-3").exists(),
+          f"--resume-allow-changes resumes anyway, with a warning (exit {p.returncode}): {last_line(p)}")
+    (TMP / "train.jsonl").rename(TMP / "train2.jsonl")
+    (TMP / "train.orig.jsonl").rename(TMP / "train.jsonl")
+
+    # Configuration errors arrive before the data is tokenized and the model loads, naming the key.
+    for sets, needles, what in [
+            (["lora.targets=[\"qproj\"]"], ["lora.targets", "q_proj"], "a bad lora.targets"),
+            (["lora=5"], ["'lora'", "JSON object"], "--set lora=5"),
+            (["data.chat_template=llama-3"], ["data.chat_template", "llama3"], "an unknown data.chat_template"),
+            (["lora.lora_alpha=16"], ["lora.lora_alpha", "did you mean lora.alpha?"], "PEFT's lora.lora_alpha"),
+            (["optim.learning_rate=1e-4"], ["optim.learning_rate", "optim.lr"], "HF's optim.learning_rate"),
+            (["data.max_length=64"], ["data.max_length", "data.max_seq_len"], "TRL's data.max_length")]:
+        p = train(write_config("bad"), *[a for s in sets for a in ("--set", s)])
+        check(p.returncode == 3 and all(n in p.stderr for n in needles) and "data:" not in p.stderr
+              and not (TMP / "bad").exists(),
+              f"{what} is a config error before any data is read (exit {p.returncode}): {last_line(p)}")
+
+    # PEFT's "all-linear" trains the seven projections; optim.warmup_ratio gives ceil(ratio x steps) warmup steps.
+    p = train(write_config("all", lora__targets="all-linear", optim__warmup_ratio=0.5))
+    ref = train(write_config("seven", optim__warmup_steps=1))
+    lr = lambda name: [j["lr"] for j in map(json.loads, (TMP / name / "metrics.jsonl").read_text().splitlines()) if "lr" in j]
+    check(p.returncode == 0 and ref.returncode == 0 and lr("all") == lr("seven")
+          and (TMP / "all" / "adapter" / "adapter_model.safetensors").read_bytes()
+          == (TMP / "seven" / "adapter" / "adapter_model.safetensors").read_bytes(),
+          f"\"all-linear\" and warmup_ratio 0.5 of 2 steps train as the seven projections with 1 warmup step ({lr('all') if p.returncode == 0 else last_line(p)})")
+
+    # data.truncation on chat records whose answers start after data.max_seq_len (lines 4-6): "truncate" (the default)
+    # warns that they lose every target, "drop" leaves them out, "error" stops naming them; records that leave no
+    # target at all stop the run before the model loads, naming data.max_seq_len.
+    short = [{"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}]}] * 3
+    long = [{"messages": [{"role": "user", "content": " ".join(["cat sat on the mat"] * 16)},
+                          {"role": "assistant", "content": "dog"}]}] * 3
+    (TMP / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short + long))
+    (TMP / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long))
+    chat = dict(data__train_file=str(TMP / "chat.jsonl"), data__format="chat", data__chat_template="llama2",
+                data__max_seq_len=48, data__packing=False, checkpoint__every=0)
+    p = train(write_config("trunc", **chat))
+    check(p.returncode == 0 and "lose every target token" in p.stderr and "lines 4, 5, 6" in p.stderr,
+          f"data.truncation \"truncate\" warns about the records that lose every target (exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("drop", data__truncation="drop", **chat))
+    check(p.returncode == 0 and "3 of 6 records" in p.stderr and "left out (3 remain)" in p.stderr,
+          f"data.truncation \"drop\" leaves the long records out, counted (exit {p.returncode}): {last_line(p)}")
+
+    # tokens/s counts input tokens (as peers do), target tokens/s beside it: in the log line, metrics.jsonl and the
+    # summary. Prompts are masked here, so the two differ.
+    steps = [j for j in map(json.loads, (TMP / "drop" / "metrics.jsonl").read_text().splitlines()) if "loss" in j]
+    summary = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
+    check(len(steps) == 2 and all(s["tokens"] > s["target_tokens"] > 0 and
+                                  abs(s["tokens_per_s"] / s["target_tokens_per_s"] - s["tokens"] / s["target_tokens"]) < 1e-6
+                                  for s in steps)
+          and summary.get("tokens_per_s", 0) > summary.get("target_tokens_per_s", 1e30) > 0
+          and " target)" in p.stderr,
+          f"tokens/s counts input tokens, target tokens/s beside it ({steps[-1] if steps else None}; {summary})")
+    p = train(write_config("err", data__truncation="error", **chat))
+    check(p.returncode == 5 and "data.truncation" in p.stderr and "lines 4, 5, 6" in p.stderr and "max_seq_len = 48" in p.stderr,
+          f"data.truncation \"error\" stops naming the records (exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("none", **{**chat, "data__train_file": str(TMP / "long.jsonl")}))
+    check(p.returncode == 5 and "data.max_seq_len" in p.stderr and "no target token" in p.stderr and "lines 1, 2, 3" in p.stderr
+          and "LoRA parameters" not in p.stderr,
+          f"records that leave no target stop the run before the model loads (exit {p.returncode}): {last_line(p)}")
+
+    # generate stops at config.json's eos_token_id where the tokenizer files name no EOS (transformers' generate
+    # falls back on the model config's).
+    shutil.copytree(TMP / "model", TMP / "noeos")
+    tc = json.loads((TMP / "noeos" / "tokenizer_config.json").read_text())
+    (TMP / "noeos" / "tokenizer_config.json").write_text(json.dumps({**tc, "eos_token": None}))
+    (TMP / "noeos" / "generation_config.json").unlink(missing_ok=True)
+    def gen(eos):
+        c = json.loads((TMP / "noeos" / "config.json").read_text())
+        (TMP / "noeos" / "config.json").write_text(json.dumps({**c, "eos_token_id": eos}))
+        p = subprocess.run([BIN, "generate", "--model", str(TMP / "noeos"), "--prompt", "the cat", "--max-new-tokens", "6",
+                            "--json"], capture_output=True, text=True)
+        return json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {"error": last_line(p)}
+    free = gen(None)
+    first = free.get("ids", [None])[0]
+    stopped = gen(first) if first is not None else {}
+    check(stopped.get("stop") == "eos" and stopped.get("ids") == [first],
+          f"generate stops at config.json's eos_token_id when the tokenizer names none ({free} / {stopped})")
+
+    # A byte-level BPE model that stops inside a UTF-8 character: generate --json prints valid JSON whose text is
+    # what tokenizers' decode gives (U+FFFD for the partial sequence). The model is made to repeat id 0 (lm_head
+    # zero: all logits tie), and id 0 is given to the token of the lone byte 0xE2 (the start of a 3-byte character).
+    bpe = pathlib.Path(os.environ.get("QT_FIXTURES", "")) / "tokenizer" / "bpe"
+    if (bpe / "tokenizer.json").exists():
+        import torch
+        from safetensors.torch import load_file, save_file
+        from tokenizers import Tokenizer
+        doc = json.loads((bpe / "tokenizer.json").read_text())
+        vocab = doc["model"]["vocab"]
+        lone = "\u00e2"  # ByteLevel's character for the byte 0xE2
+        first = next(t for t, i in vocab.items() if i == 0)
+        vocab[first], vocab[lone] = vocab[lone], 0
+        (TMP / "bpe").mkdir()
+        (TMP / "bpe" / "tokenizer.json").write_text(json.dumps(doc))
+        shutil.copy(bpe / "tokenizer_config.json", TMP / "bpe" / "tokenizer_config.json")
+        n = max([*vocab.values(), *(a["id"] for a in doc.get("added_tokens", []))]) + 1
+        tiny_lm.make_model(TMP / "bpe", n, seed=1)
+        w = load_file(str(TMP / "bpe" / "model.safetensors"))
+        w["lm_head.weight"] = torch.zeros_like(w["lm_head.weight"])
+        save_file(w, str(TMP / "bpe" / "model.safetensors"), metadata={"format": "pt"})
+        p = subprocess.run([BIN, "generate", "--model", str(TMP / "bpe"), "--prompt", "hi", "--max-new-tokens", "4",
+                            "--quant", "none", "--json"], capture_output=True)
+        try:
+            out = json.loads(p.stdout.decode("utf-8").strip().splitlines()[-1])
+        except (UnicodeDecodeError, ValueError, IndexError):
+            out = {}
+        want = Tokenizer.from_file(str(TMP / "bpe" / "tokenizer.json")).decode(out.get("ids", [0]))
+        check(p.returncode == 0 and out.get("ids") == [0, 0, 0, 0] and out.get("text") == want and "\ufffd" in want,
+              f"generate --json on a partial UTF-8 sequence prints tokenizers' decode {want!r} (exit {p.returncode}): "
+              f"{out or p.stderr.decode(errors='replace').strip()[-300:]}")
+        p = subprocess.run([BIN, "generate", "--model", str(TMP / "bpe"), "--prompt", "hi", "--max-new-tokens", "4",
+                            "--quant", "none"], capture_output=True)
+        check(p.returncode == 0 and p.stdout.decode("utf-8", errors="strict").rstrip("\n") == want,
+              "and the plain output is the same valid UTF-8 text")
+    else:
+        check(False, f"the byte-level BPE fixture {bpe} exists (QT_FIXTURES)")
+
+    # The exact-match metric lands in metrics.jsonl too, before (step 0) and after training.
+    (TMP / "em.jsonl").write_text("".join(json.dumps(r) + "\n" for r in short))
+    p = train(write_config("em", eval__exact_match_file=str(TMP / "em.jsonl"), eval__max_new_tokens=3, **chat))
+    em = [j for j in map(json.loads, (TMP / "em" / "metrics.jsonl").read_text().splitlines()) if "exact_match" in j] \
+        if p.returncode == 0 else []
+    check([j["step"] for j in em] == [0, 2] and all(j["exact_match_total"] == 3 for j in em),
+          f"exact match is in metrics.jsonl before and after training (exit {p.returncode}): {em}")
+    finish("run safety checks")
+
+
+if __name__ == "__main__":
+    main()
