@@ -56,13 +56,14 @@ def make_setup(tmp: pathlib.Path, seed=5, r=8, alpha=16, targets=TARGETS, b_std=
     return sp, data
 
 
-def dequantized_model(model_dir: pathlib.Path, nf4_dir: pathlib.Path):
-    """The fp32 transformers model whose block linears hold the dequantized NF4 weights of nf4_dir."""
+def dequantized_model(model_dir: pathlib.Path, nf4_dir: pathlib.Path, model_class=None):
+    """The fp32 transformers model (model_class, LlamaForCausalLM unless given) whose block linears hold the
+    dequantized NF4 weights of nf4_dir."""
     bnb_cpu.make_row_safe()
     import bitsandbytes.functional as F
     from safetensors import safe_open
     from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = (model_class or LlamaForCausalLM).from_pretrained(model_dir, dtype=torch.float32).eval()
     f = safe_open(str(nf4_dir / "model.safetensors"), "pt")
     keys = set(f.keys())
     n = 0

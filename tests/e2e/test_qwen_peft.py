@@ -9,7 +9,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import torch
 import tiny_lm
 from test_eval import reference_loss
-from test_peft_roundtrip import run_ok, last_json, peft_loss
+from test_peft_roundtrip import run_ok, last_json, peft_loss, dequantized_model
 
 BIN = os.environ["QT_BINARY"]
 
@@ -38,27 +38,6 @@ def make_qwen_dir(model_dir: pathlib.Path, seed: int, arch: str):
     return sp
 
 
-def dequantized(model_dir: pathlib.Path, nf4_dir: pathlib.Path, arch: str):
-    import bnb_cpu
-    bnb_cpu.make_row_safe()
-    import bitsandbytes.functional as F
-    from safetensors import safe_open
-    model = model_class(arch)[1].from_pretrained(model_dir, dtype=torch.float32).eval()
-    f = safe_open(str(nf4_dir / "model.safetensors"), "pt")
-    keys = set(f.keys())
-    n = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name + ".weight.absmax" in keys:
-            prefix = name + ".weight."
-            qs = F.QuantState.from_dict({k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)},
-                                        device=torch.device("cpu"))
-            with torch.no_grad():
-                module.weight.copy_(F.dequantize_4bit(f.get_tensor(name + ".weight"), qs).float())
-            n += 1
-    assert n == 7 * model.config.num_hidden_layers, n
-    return model
-
-
 def check(arch: str):
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"qt_{arch}_peft_"))
     sp = make_qwen_dir(tmp / "model", 13, arch)
@@ -79,7 +58,7 @@ def check(arch: str):
     adapter = tmp / "run" / "adapter"
     run_ok("quantize", "--model", tmp / "model", "--out", tmp / "model_nf4")
     failures = []
-    checks = [(f"{arch}, nf4 (quantize on load)", (), dequantized(tmp / "model", tmp / "model_nf4", arch)),
+    checks = [(f"{arch}, nf4 (quantize on load)", (), dequantized_model(tmp / "model", tmp / "model_nf4", model_class(arch)[1])),
               (f"{arch}, 16-bit base (--quant none)", ("--quant", "none"),
                model_class(arch)[1].from_pretrained(tmp / "model", dtype=torch.float32).eval())]
     for name, extra, base in checks:
