@@ -125,22 +125,6 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   return r;
 }
 
-Json PlanRequest::to_json() const {
-  auto opt = [](const std::optional<bool>& b) { return b ? Json(*b) : Json("auto"); };
-  auto place = [](const std::optional<bool>& b) { return b ? Json(*b ? "host" : "device") : Json("auto"); };
-  Json j = {{"gpu_memory_gib", gpu_memory_gib ? Json(*gpu_memory_gib) : Json(nullptr)},
-            {"checkpointing", checkpointing_auto ? Json("auto") : Json(checkpointing.value_or(true))},
-            {"offload", opt(offload)},
-            {"keep", keep ? Json(keep_level_name(*keep)) : Json("auto")},
-            {"keep_dequantized", opt(keep_dequantized)},
-            {"mlp_chunk_tokens", mlp_chunk_tokens ? Json(*mlp_chunk_tokens) : Json(-1)},
-            {"attention", attention == AttentionKernel::Cudnn ? "cudnn" : "flash"},
-            {"expandable_segments", opt(expandable_segments)},
-            {"embeddings", place(embeddings_on_host)},
-            {"lm_head", place(lm_head_on_host)}};
-  return j;
-}
-
 double Footprint::total() const {
   double t = 0;
   for (const auto& [name, bytes] : terms) t += bytes;

@@ -58,9 +58,8 @@ struct PlanRequest {
   std::optional<bool> embeddings_on_host;
   std::optional<bool> lm_head_on_host;
 
-  // Parses the train.memory object; `where` names it in errors ("run.json: train.memory").
+  // Parses the train.memory object; `file` names the run config in errors.
   static PlanRequest from_json(const Json& json, const std::string& file);
-  Json to_json() const;  // the request as written (for the resolved config)
 };
 
 // What the plan is decided from.
