@@ -153,6 +153,39 @@ TEST_CASE("CUDA streamed loss with the weight in pinned host memory equals the f
   }
 }
 
+TEST_CASE("CUDA streamed loss from the host gives the same bits call after call with large GEMMs in flight",
+          "[gpu][fused_ce]") {
+  // A slice's staging buffer comes from the compute stream's pool and may be the memory the previous pass (or
+  // call) was still reading in a queued GEMM: the copy on the side stream must wait for that work. Large GEMMs keep
+  // the compute stream busy while the copies are issued, so an unordered copy would change the result.
+  REQUIRE(at::hasCUDA());
+  at::manual_seed(37);
+  const at::Device cuda(at::kCUDA, 0);
+  const int64_t tokens = 8192, hid = 4096, vocab = 24000;
+  const at::Tensor weight = (at::randn({vocab, hid}) * 0.02).to(at::kBFloat16).pin_memory();
+  at::Tensor hidden = at::randn({tokens, hid}, at::TensorOptions().device(cuda)).to(at::kBFloat16);
+  const at::Tensor labels = at::randint(0, vocab, {tokens}, at::TensorOptions().dtype(at::kLong));
+  qt::StreamedLinearCeOptions so;
+  so.vocab_slice = 4096;
+  at::Tensor first_loss, first_grad;
+  for (int rep = 0; rep < 6; ++rep) {
+    INFO("call " << rep);
+    at::Tensor h = hidden.detach().requires_grad_(true);
+    at::Tensor loss = qt::streamed_linear_cross_entropy(h, weight, labels, so);
+    loss.backward();
+    REQUIRE(std::isfinite(loss.item<float>()));
+    if (rep == 0) {
+      first_loss = loss.detach().clone();
+      first_grad = h.grad().clone();
+      const at::Tensor on_device = qt::streamed_linear_cross_entropy(hidden, weight.to(cuda), labels, so);
+      CHECK(at::equal(on_device, first_loss));
+    } else {
+      CHECK(at::equal(loss, first_loss));
+      CHECK(at::equal(h.grad(), first_grad));
+    }
+  }
+}
+
 TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast inputs", "[gpu][fused_ce]") {
   REQUIRE(at::hasCUDA());
 #ifdef QT_WITH_CUDA

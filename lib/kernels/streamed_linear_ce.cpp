@@ -20,7 +20,8 @@ using torch::autograd::variable_list;
 
 // The weight's vocabulary slices on the compute device, in order. On CUDA with the weight on the host, slice i is
 // copied into staging buffer i % 2 on a side stream while slice i - 1's GEMMs run: the copy waits until the
-// compute stream has finished with the buffer's previous slice, the compute stream until the copy is done.
+// compute stream has finished with the buffer's previous slice (and, for the first two, with whatever held the
+// buffers' memory before), the compute stream until the copy is done.
 class SliceStream {
  public:
   SliceStream(const at::Tensor& weight, at::Device device, int64_t slice) : weight_(weight), slice_(slice) {
@@ -29,6 +30,11 @@ class SliceStream {
     compute_.emplace(c10::cuda::getCurrentCUDAStream(device.index()));
     side_.emplace(c10::cuda::getStreamFromPool(false, device.index()));
     for (auto& b : buffers_) b = at::empty({std::min(slice, weight.size(0)), weight.size(1)}, weight.options().device(device));
+    // The buffers come from the compute stream's pool: their memory may still be read by work queued there before
+    // (the previous pass's last slice, freed when its SliceStream ended). The side stream writes them only after it.
+    at::cuda::CUDAEvent allocated;
+    allocated.record(*compute_);
+    allocated.block(*side_);
   }
 
   int64_t count() const { return (weight_.size(0) + slice_ - 1) / slice_; }

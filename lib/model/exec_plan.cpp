@@ -288,9 +288,13 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     if (!r.mlp_chunk_tokens)
       for (int64_t chunk : {int64_t{8192}, int64_t{4096}, int64_t{2048}})
         if (tokens > chunk) step([&](ExecPlan& x) { x.mlp_chunk_tokens = x.mlp_chunk_tokens ? std::min(x.mlp_chunk_tokens, chunk) : chunk; });
-    // lm_head streamed from the host is not a rung: one GPU run of it (8B 2 x 2048 under an 8 GiB budget) ended with
-    // a non-finite gradient norm at step 2, while 8B 1 x 8192 ran (docs/PERFORMANCE.md); until that is understood it
-    // runs only when train.memory.lm_head asks for "host".
+    // lm_head streamed from the host (2 V H bytes over PCIe a step: about 2.1 GB at Llama 3.1 8B) after the MLP
+    // chunks, which cost less; then the MLP in chunks of 1024 tokens.
+    const bool head_free = !r.lm_head_on_host && !in.lm_head_trained && !in.sharded && !(tied && in.embeddings_trained) &&
+                           !(tied && r.embeddings_on_host.has_value());
+    if (head_free) step([&](ExecPlan& x) { x.lm_head_on_host = true; if (tied) x.embeddings_on_host = true; });
+    if (!r.mlp_chunk_tokens && tokens > 1024)
+      step([](ExecPlan& x) { x.mlp_chunk_tokens = x.mlp_chunk_tokens ? std::min<int64_t>(x.mlp_chunk_tokens, 1024) : 1024; });
   }
   for (const ExecPlan& cand : ladder) {
     d.plan = cand;
