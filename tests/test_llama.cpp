@@ -9,6 +9,7 @@
 #include "lib/core/safetensors.h"
 #include "lib/kernels/attention_core.h"
 #include "lib/model/hf_loader.h"
+#include "lib/model/random_init.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -216,12 +217,15 @@ TEST_CASE("input embeddings and lm_head kept on the host give the logits and gra
   qt::SafetensorsFile ref(dir + "/reference.safetensors");
   at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
   std::vector<at::Tensor> results;
-  for (int on_host : {0, 1, 2}) {  // nothing, the embeddings, both
+  for (int on_host : {0, 1, 2, 3}) {  // nothing, the embeddings, both; 3: both, loaded straight into the host
     INFO("on the host: " << on_host);
-    qt::LlamaModel model = qt::load_llama(dir + "/model", {at::Device(at::kCUDA, 0), at::kBFloat16});
-    model.to_host(/*embeddings=*/on_host >= 1, /*lm_head=*/on_host == 2);
+    qt::LoadOptions load{at::Device(at::kCUDA, 0), at::kBFloat16};
+    load.embeddings_on_host = load.lm_head_on_host = on_host == 3;
+    qt::LlamaModel model = qt::load_llama(dir + "/model", load);
+    if (on_host == 3) CHECK((model.embed_tokens.is_pinned() && model.lm_head.is_pinned()));
+    model.to_host(/*embeddings=*/on_host >= 1, /*lm_head=*/on_host >= 2);
     CHECK(model.embeddings_on_host() == (on_host >= 1));
-    CHECK(model.lm_head_on_host() == (on_host == 2));
+    CHECK(model.lm_head_on_host() == (on_host >= 2));
     CHECK(model.embed_tokens.device().is_cuda() == (on_host == 0));
     CHECK(model.device().is_cuda());
     model.layers[0].q_proj.weight.set_requires_grad(true);
@@ -235,7 +239,18 @@ TEST_CASE("input embeddings and lm_head kept on the host give the logits and gra
   for (size_t i = 0; i < 3; ++i) {
     CHECK(at::equal(results[i], results[i + 3]));
     CHECK(at::equal(results[i], results[i + 6]));
+    CHECK(at::equal(results[i], results[i + 9]));
   }
+  // A random model: drawn on the device and moved to the host at once, the same weights as one kept there.
+  const qt::LlamaConfig shape = qt::load_llama(dir + "/model", {}).config;
+  qt::LoadOptions load{at::Device(at::kCUDA, 0), at::kBFloat16};
+  const qt::LlamaModel on_device = qt::random_llama(shape, load, 5);
+  load.embeddings_on_host = load.lm_head_on_host = true;
+  const qt::LlamaModel on_host = qt::random_llama(shape, load, 5);
+  CHECK((on_host.embed_tokens.is_pinned() && on_host.lm_head.is_pinned()));
+  CHECK(at::equal(on_host.embed_tokens, on_device.embed_tokens.cpu()));
+  CHECK(at::equal(on_host.lm_head, on_device.lm_head.cpu()));
+  CHECK(at::equal(on_host.layers[1].q_proj.weight.cpu(), on_device.layers[1].q_proj.weight.cpu()));
 }
 
 TEST_CASE("llama packed rows through flash varlen attention on CUDA equal the dense-mask path", "[llama][gpu]") {

@@ -153,7 +153,11 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
       if (!files.weight_map.empty() && files.weight_map.count(info.name) && files.weight_map[info.name] != shard)
         fail_key(ErrorKind::Model, shard, info.name, "index maps it to " + files.weight_map[info.name]);
       check_dense(model.config, shard, info);
-      *it->second = file.load(info.name, options.dtype, options.device);
+      const bool to_host = options.device.is_cuda() &&
+                           ((info.name == "model.embed_tokens.weight" && options.embeddings_on_host) ||
+                            (info.name == "lm_head.weight" && options.lm_head_on_host));
+      *it->second = to_host ? file.load(info.name, options.dtype, at::kCPU).pin_memory()
+                            : file.load(info.name, options.dtype, options.device);
       loaded.insert(info.name);
     }
   }

@@ -32,6 +32,10 @@ struct LoadOptions {
   // bitsandbytes loads its NF4 bytes as they are (with quantize_nf4 off they are dequantized to `dtype`).
   bool quantize_nf4 = false;
   int64_t nf4_blocksize = 64;
+  // Frozen embeddings / lm_head that the execution plan keeps in pinned host memory go there straight from the file
+  // (on a CUDA device: never whole on the GPU, where a budget sized for training could not hold them at load).
+  bool embeddings_on_host = false;
+  bool lm_head_on_host = false;
 };
 
 // transformers' `quantization_config` for bitsandbytes 4-bit: present means the block linears are stored as

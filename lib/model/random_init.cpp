@@ -100,9 +100,13 @@ LlamaModel random_llama(const LlamaConfig& config, const LoadOptions& options, u
   auto normal = [&](std::vector<int64_t> shape, c10::ScalarType dtype) {
     return at::normal(0.0, 0.02, shape, gen, on.dtype(at::kFloat)).to(dtype);
   };
-  model.embed_tokens = normal({config.vocab_size, config.hidden_size}, options.dtype);
-  model.lm_head = config.tie_word_embeddings ? model.embed_tokens
-                                             : normal({config.vocab_size, config.hidden_size}, options.dtype);
+  // Drawn on the device (the same weights as a run that keeps them there), then moved at once where the plan
+  // keeps them: one at a time, before the blocks, so the GPU never holds both.
+  auto placed = [&](at::Tensor t, bool host) { return host && options.device.is_cuda() ? t.to(at::kCPU).pin_memory() : t; };
+  model.embed_tokens = placed(normal({config.vocab_size, config.hidden_size}, options.dtype), options.embeddings_on_host);
+  model.lm_head = config.tie_word_embeddings
+                      ? model.embed_tokens
+                      : placed(normal({config.vocab_size, config.hidden_size}, options.dtype), options.lm_head_on_host);
   model.norm = at::ones({config.hidden_size}, on.dtype(options.dtype));
   for (auto& b : model.layers) {
     b.input_layernorm = at::ones({config.hidden_size}, on.dtype(options.dtype));

@@ -264,6 +264,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const Decision decision = decide_plan(plan_in, cfg.train.memory, device_free_gib(device.is_cuda(), device.index()));
   if (device.is_cuda()) apply_allocator_settings(decision.plan);
   if (rank0) log::info("plan: " + describe(decision));
+  load.embeddings_on_host = decision.plan.embeddings_on_host;
+  load.lm_head_on_host = decision.plan.lm_head_on_host;
   LlamaModel model = random_init ? random_llama(random_shape, load, cfg.train.seed) : load_llama(cfg.model.path, load);
   const std::string base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : cfg.model.path;
   model.plan = decision.plan;
