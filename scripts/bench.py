@@ -226,6 +226,7 @@ def main():
     ap.add_argument("--budget", default="", help="GiB left free for each case, comma-separated")
     ap.add_argument("--min-budget", action="store_true", help="search each case's least budget (0.25 GiB steps)")
     ap.add_argument("--set", action="append", default=[], help="extra config key=value for our runs")
+    ap.add_argument("--no-whole", action="store_true", help="with --budget: skip the whole-GPU run of each row")
     a = ap.parse_args()
     if a.hold is not None:
         return hold(a.hold)
@@ -252,8 +253,9 @@ def main():
 
     for shape, b, s, docs in rows:
         ours = lambda budget: run_ours(a.binary, pathlib.Path(a.work), shape, b, s, a.steps, a.warm, a.set, budget, docs)
-        free = ours(None)  # the whole GPU: also the upper end of a budget search
-        emit(free)
+        if not (a.no_whole and a.budget and not a.min_budget):
+            free = ours(None)  # the whole GPU: also the upper end of a budget search
+            emit(free)
         if a.min_budget and "device_gib" in free:
             # The plan gets leaner under a budget: the least can lie below the whole GPU's peak.
             r = min_budget(ours, max(1.0, 0.5 * free["peak_gib"]), free["device_gib"] + 1.0)
@@ -282,6 +284,7 @@ def main():
                 for budget in budgets:
                     if budget is not None:
                         emit(peer_run(budget))
+    pathlib.Path(a.out).mkdir(parents=True, exist_ok=True)
     pathlib.Path(a.out, "bench.json").write_text(json.dumps(dict(matrix_rate=rate, results=results), indent=1))
     print(f"\n| row | system | budget GiB | tok/s | peak GiB | device GiB | MFU | ours / this |  "
           f"(bf16 matrix rate {rate / 1e12:.0f} TFLOP/s; MFU: 4N + attention)")
