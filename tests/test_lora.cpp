@@ -16,6 +16,7 @@
 #include "lib/model/lora.h"
 #include "lib/model/merge.h"
 #include "lib/model/peft_adapter.h"
+#include "lib/model/projection_group.h"
 #include "lib/quant/nf4.h"
 #include "lib/train/adamw.h"
 #include "tests/catch.h"
@@ -160,10 +161,12 @@ void check_project_group(const at::Device& device, c10::ScalarType dtype, double
       p->mutable_grad() = at::Tensor();
     }
   at::Tensor x = x0.clone().requires_grad_(true);
-  const int64_t concat_before = qt::lora_b_in_gemm_runs();
-  at::Tensor y = qt::project_group(group, x, concat_b);
+  qt::ModelStats stats;
+  qt::Pass pass;
+  pass.stats = &stats;
+  at::Tensor y = qt::project_group(group, x, pass, concat_b);
   REQUIRE(y.defined());
-  CHECK(qt::lora_b_in_gemm_runs() - concat_before == (concat_b ? 1 : 0));
+  CHECK(stats.lora_b_in_gemm_runs == (concat_b ? 1 : 0));
   CHECK(y.grad_fn()->name().find("GroupLoraLinearFn") != std::string::npos);
   y.backward(dy);
   CHECK(y.sizes() == yr.sizes());
@@ -279,10 +282,12 @@ TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weight
   for (bool keep : {false, true}) {
     INFO("keep_dequantized " << keep);
     int64_t weights = 0, layers = 0;
-    const int64_t before = qt::kernels::nf4_dequantized_weights(), skipped = qt::recomputed_outputs_skipped();
+    std::shared_ptr<qt::ModelStats> stats;
+    const int64_t before = qt::kernels::nf4_dequantized_weights();
     check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
       m.plan.checkpointing = true;
       m.plan.keep_dequantized = keep;
+      stats = m.stats;
       m.for_each_linear([&](const std::string&, qt::Linear&) { ++weights; });
       layers = m.config.num_hidden_layers;
     });
@@ -291,21 +296,26 @@ TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weight
     // backward dequantizes it even when the others were kept).
     CHECK(weights > 0);
     CHECK(layers > 0);
-    CHECK(qt::recomputed_outputs_skipped() - skipped == layers);
+    REQUIRE(stats);
+    CHECK(stats->outputs_skipped == layers);
     CHECK(qt::kernels::nf4_dequantized_weights() - before == (keep ? 2 * weights : 3 * weights - layers));
   }
 }
 
 TEST_CASE("a checkpointed run, its recomputation leaving the unused output out, gives the loss and every LoRA "
           "gradient of the run without checkpointing", "[lora]") {
+  std::shared_ptr<qt::ModelStats> stats;
   auto run = [&](bool checkpoint) {
-    return fixture_loss_and_grads([&](qt::LlamaModel& m) { m.plan.checkpointing = checkpoint; });
+    return fixture_loss_and_grads([&](qt::LlamaModel& m) {
+      m.plan.checkpointing = checkpoint;
+      stats = m.stats;
+    });
   };
-  const int64_t skipped = qt::recomputed_outputs_skipped();
   const std::vector<at::Tensor> full = run(false);
-  CHECK(qt::recomputed_outputs_skipped() == skipped);
+  REQUIRE(stats);
+  CHECK(stats->outputs_skipped == 0);
   const std::vector<at::Tensor> lean = run(true);
-  CHECK(qt::recomputed_outputs_skipped() > skipped);
+  CHECK(stats->outputs_skipped > 0);
   REQUIRE(full.size() == lean.size());
   CHECK(full.size() > 10);
   for (size_t i = 0; i < full.size(); ++i) {
@@ -323,17 +333,19 @@ struct KeepRun {
 };
 KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, qt::KeepLevel keep, bool offload) {
   KeepRun r;
-  const int64_t qkv = qt::qkv_replays(), residual = qt::residual_replays();
+  std::shared_ptr<qt::ModelStats> stats;
   r.values = fixture_loss_and_grads(
       [&](qt::LlamaModel& m) {
         m.plan.checkpointing = true;
         m.plan.keep = keep;
         m.plan.offload = offload;
         r.layers = m.config.num_hidden_layers;
+        stats = m.stats;
       },
       device, dtype);
-  r.qkv_replays = qt::qkv_replays() - qkv;
-  r.residual_replays = qt::residual_replays() - residual;
+  REQUIRE(stats);
+  r.qkv_replays = stats->qkv_replays;
+  r.residual_replays = stats->residual_replays;
   return r;
 }
 
@@ -374,17 +386,19 @@ TEST_CASE("the chunked MLP with NF4 LoRA gives the unchunked loss and gradients;
     int64_t layers = 0, tokens = 0;
     const qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
     tokens = ref.load("input_ids", at::kLong, at::kCPU).numel();
+    std::shared_ptr<qt::ModelStats> stats;
     auto run = [&](int64_t chunk) {
       return fixture_loss_and_grads([&](qt::LlamaModel& m) {
         m.plan.checkpointing = checkpoint;
         m.plan.mlp_chunk_tokens = chunk;
         layers = m.config.num_hidden_layers;
+        stats = m.stats;
       });
     };
     const std::vector<at::Tensor> plain = run(0);
-    const int64_t before = qt::recomputed_outputs_skipped();
     const std::vector<at::Tensor> chunked = run(4);
-    const int64_t skipped = qt::recomputed_outputs_skipped() - before;
+    REQUIRE(stats);
+    const int64_t skipped = stats->outputs_skipped;
     // Each chunk's recomputation in the chunked MLP's backward skips down_proj's output; under checkpointing the
     // block's recomputation skips the chunked MLP's forward as well (one more per block).
     CHECK(layers > 0);
@@ -420,10 +434,10 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
     const int64_t nodes = 4 * model.config.num_hidden_layers;
     for (int step = 0; step < 3; ++step) {
       INFO("step " << step);
-      const int64_t before = qt::lora_factor_builds();
+      const int64_t before = model.stats->lora_factor_builds;
       at::Tensor loss = causal_lm_loss(model, ids, labels);
       loss.backward();  // the recomputation reuses the forward pass's factors
-      CHECK(qt::lora_factor_builds() - before == (keep ? nodes : 0));
+      CHECK(model.stats->lora_factor_builds - before == (keep ? nodes : 0));
       // Another model with the same adapter values and nothing cached: the same loss to the bit.
       qt::LlamaModel fresh = load();
       fresh.plan.keep_dequantized = false;
@@ -447,16 +461,18 @@ TEST_CASE("gate / up LoRA B terms inside the base GEMM match PEFT, with and with
           "checkpointing and kept weights", "[lora]") {
   for (int mode = 0; mode < 3; ++mode) {
     INFO("mode " << mode);
-    const int64_t before = qt::lora_b_in_gemm_runs();
+    std::shared_ptr<qt::ModelStats> stats;
     int64_t layers = 0;
     check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
       m.plan.checkpointing = mode > 0;
       m.plan.keep_dequantized = mode == 2;
       layers = m.config.num_hidden_layers;
+      stats = m.stats;
     });
     // Every block's gate / up took the path (twice with the recomputation).
     CHECK(layers > 0);
-    CHECK(qt::lora_b_in_gemm_runs() - before == (mode > 0 ? 2 : 1) * layers);
+    REQUIRE(stats);
+    CHECK(stats->lora_b_in_gemm_runs == (mode > 0 ? 2 : 1) * layers);
   }
 }
 

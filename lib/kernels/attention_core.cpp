@@ -18,7 +18,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-thread_local AttentionStash* g_stash = nullptr;
 std::atomic<int64_t> g_forward_runs{0};
 
 at::Tensor expand_kv(const at::Tensor& t, int64_t groups) {
@@ -135,9 +134,6 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
 
 }  // namespace
 
-AttentionStash* current_attention_stash() { return g_stash; }
-StashScope::StashScope(AttentionStash* stash) : saved_(g_stash) { g_stash = stash; }
-StashScope::~StashScope() { g_stash = saved_; }
 
 bool causal_attention_supported(const at::Tensor& q) {
   if (!q.defined() || q.dim() != 4) return false;

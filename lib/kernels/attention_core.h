@@ -27,19 +27,6 @@ struct AttentionStash {
   at::Tensor residual;
 };
 
-// The stash of the block being run on this thread (null: none); set by StashScope.
-AttentionStash* current_attention_stash();
-class StashScope {
- public:
-  explicit StashScope(AttentionStash* stash);
-  ~StashScope();
-  StashScope(const StashScope&) = delete;
-  StashScope& operator=(const StashScope&) = delete;
-
- private:
-  AttentionStash* saved_;
-};
-
 enum class AttentionBackend { CpuFlash, CudaCudnn, CudaFlash };
 
 // True when causal_attention takes these inputs: CPU float / bfloat16, or CUDA bf16 / fp16 with head_dim a

@@ -1,6 +1,9 @@
 #pragma once
 // A LLaMA decoder in plain ATen ops (autograd-capable): RMSNorm, RoPE, grouped-query attention through
 // at::scaled_dot_product_attention, SwiGLU MLP, lm_head. Parameter names follow Hugging Face's LlamaForCausalLM.
+// The model (llama.cpp), its attention (attention.cpp), the block linears (qlora_linear.h), the grouped projections
+// (projection_group.h), block checkpointing (block_checkpoint.h) and the activation offload
+// (activation_offload.h) each have their file; a pass's settings travel explicitly (pass.h).
 #include <ATen/core/Tensor.h>
 
 #include <cstddef>
@@ -14,87 +17,12 @@
 #include "lib/core/batch.h"
 #include "lib/model/exec_plan.h"
 #include "lib/model/llama_config.h"
-#include "lib/quant/nf4.h"
+#include "lib/model/pass.h"
+#include "lib/model/qlora_linear.h"
 
 namespace qt {
 
-// Trainable low-rank adapter (Hu et al., LoRA, 2021): y += scale * B(A(dropout(x))).
-// With `magnitude` defined it is DoRA (Liu et al., 2024, arXiv:2402.09353) as PEFT computes it
-// (peft.tuners.lora.dora.DoraLinearLayer): y = m / ||W + scale B A||_row * (x W^T + scale B A x) (+ bias), the
-// norm per output feature taken without gradient (the paper's section 4.3).
-struct LoraAdapter {
-  at::Tensor A;          // [r, in]   (PEFT: lora_A.weight)
-  at::Tensor B;          // [out, r]  (PEFT: lora_B.weight), zero at init so training starts from the base
-  at::Tensor magnitude;  // [out]     DoRA only (PEFT: lora_magnitude_vector); undefined for plain LoRA
-  double scale = 1.0;    // alpha / r, or alpha / sqrt(r) with rsLoRA
-  double dropout = 0.0;
-
-  bool dora() const { return magnitude.defined(); }
-};
-
-// A block linear y = x W^T (+ b) (+ LoRA). The base is either dense (`weight`) or frozen NF4 (`nf4`), never both;
-// the bias (attention_bias / mlp_bias) is always dense, even beside an NF4 base.
-struct Linear {
-  at::Tensor weight;                 // dense base [out, in]; undefined when quantized
-  at::Tensor bias;                   // optional dense bias [out]; undefined when the config has none
-  std::shared_ptr<Nf4Weight> nf4;    // frozen NF4 base; dequantized just in time, never kept in 16-bit
-  std::shared_ptr<LoraAdapter> lora;  // null when the layer is not a LoRA target
-  bool training = false;              // LoRA dropout is active only while training
-
-  bool quantized() const { return static_cast<bool>(nf4); }
-  int64_t out_features() const;
-  int64_t in_features() const;
-  // The base weight in `dtype` (dequantized when NF4): for export and tests, not for the forward pass.
-  at::Tensor base_weight(c10::ScalarType dtype) const;
-  at::Tensor forward(const at::Tensor& x) const;
-
- private:
-  at::Tensor dora_forward(const at::Tensor& x) const;
-};
-
-// y = x W^T with W dequantized from NF4 into a scratch buffer in the forward pass and again in the backward
-// pass (the QLoRA recipe: no 16-bit copy of W lives between them). Gradient flows to x only.
-at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
-
-// Linears reading one input (q, k, v of a block; gate, up) as one projection: their outputs side by side,
-// [.., sum of out_features], equal to each member's forward() (the same rounding as LoraLinearFn, one launch
-// dequantizes every base, one GEMM each for the bases, the LoRA As and the LoRA Bs, one GEMM for the input
-// gradient). Undefined when a member is not an NF4 base with a plain LoRA adapter (no DoRA, no dropout in
-// training, no bias, fp32 A and B), the inputs differ in width, or there are more than 4: call each forward().
-// concat_b: the LoRA B terms inside the base GEMM, [x | x A^T] [W | s B]^T, instead of an addmm over the output
-// (on CUDA where the input width is a multiple of 1024; the same values, one rounding fewer).
-// output_unused: only what the backward saves is computed; the output is left unwritten (a recomputation that
-// takes the values from elsewhere).
-at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x, bool concat_b = false,
-                         bool output_unused = false);
-
-// How often the LoRA nodes have made their compute-dtype factors (the As stacked, the scaled Bs) and kept them so
-// far: under keep_dequantized once per linear or group and version of its fp32 masters, shared by every forward
-// pass in between; never otherwise (for tests).
-int64_t lora_factor_builds();
-
-// How many forward passes of project_group took concat_b's path so far (for tests).
-int64_t lora_b_in_gemm_runs();
-
-// How many outputs the recomputations left unwritten so far (skip_unused_outputs: down_proj's, chunked MLPs'; with
-// keep_qkv / keep_residual also q / k / v's and o_proj's; for tests).
-int64_t recomputed_outputs_skipped();
-
-// How many recomputations took their rotated q, k, v from keep_qkv so far (for tests).
-int64_t qkv_replays();
-
-// How many recomputations took their residual after attention from keep_residual so far (for tests).
-int64_t residual_replays();
-
-// DoRA's weight norm: the L2 norm of each row (output feature) of W + scale * B A, in fp32, without gradient.
-// Computed over blocks of rows so that W + scale * B A never exists whole; W may be any floating dtype.
-// PEFT: DoraLinearLayer.get_weight_norm (torch.linalg.norm(weight + scaling * lora_weight, dim=1)).
-at::Tensor dora_weight_norm(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale);
-
-// nf4_linear that also returns dora_weight_norm(W, A, B, scale) of the same just-in-time dequantized W (one
-// dequantization serves both). The norm carries no gradient; A and B are read detached.
-std::pair<at::Tensor, at::Tensor> nf4_linear_dora_norm(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w,
-                                                       const at::Tensor& A, const at::Tensor& B, double scale);
+class ActivationOffload;
 
 struct LlamaBlock {
   at::Tensor input_layernorm;           // [H]
@@ -147,14 +75,14 @@ class LlamaModel {
   // and a checkpointed block's recomputation leaves out what only its output needs: not plan choices, the model's
   // way.
   ExecPlan plan;
-  // The offloaded block inputs of the last forward pass, by layer, and the copies back to the GPU started ahead of
-  // the backward pass (lib/model/llama.cpp: while block L's backward runs, block L-1's input is fetched on the side
-  // stream). Shared by copies of the model.
-  struct OffloadPrefetch;
-  std::shared_ptr<OffloadPrefetch> offload_prefetch;
-  // Offloaded tensors (block inputs, kept attention outputs) that the backward passes so far took from a copy
-  // started ahead (for tests and logs).
-  int64_t prefetched_offloads() const;
+  // What the passes did (for tests and logs); the activation offload (its pinned buffers, side stream and copies
+  // in flight) and the compute-dtype LoRA factors kept between passes (keep_dequantized). Shared by copies of the
+  // model.
+  std::shared_ptr<ModelStats> stats;
+  std::shared_ptr<ActivationOffload> offload;
+  std::shared_ptr<LoraFactorCache> lora_factor_cache;
+  // The settings of a forward pass under this plan (the factor cache where keep_dequantized, the stats).
+  Pass base_pass() const;
   // The SDPA backend (at::SDPBackend's value) that attention() runs for unpacked, unmasked rows of `seq` tokens
   // on `device` in `dtype` (allocates one [1, seq, heads, head_dim] query to ask torch).
   int64_t dense_attention_backend(int64_t seq, at::Device device, c10::ScalarType dtype) const;
@@ -209,7 +137,7 @@ class LlamaModel {
 
  private:
   at::Tensor attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                       const AttentionMask& mask) const;
+                       const AttentionMask& mask, const Pass& pass) const;
   at::Tensor run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions, const AttentionMask& mask) const;
   // Mistral's sliding window on a boolean mask over token indices: keeps j with i - window < j (undefined mask:
   // the plain causal one). Returns an undefined mask when the window covers the whole sequence.
@@ -221,10 +149,10 @@ class LlamaModel {
   AttentionMask varlen_mask(const at::Tensor& doc_ids, at::Device device, c10::ScalarType dtype) const;
   // One decoder block (attention + MLP with their residuals); used by run_blocks and by the recomputation.
   at::Tensor block_forward(size_t layer, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
-                           const AttentionMask& mask) const;
-  at::Tensor mlp(const LlamaBlock& b, const at::Tensor& x) const;
+                           const AttentionMask& mask, const Pass& pass) const;
+  at::Tensor mlp(const LlamaBlock& b, const at::Tensor& x, const Pass& pass) const;
   // x + mlp(post_attention_layernorm(x)) of one block.
-  at::Tensor mlp_residual(size_t layer, const at::Tensor& x) const;
+  at::Tensor mlp_residual(size_t layer, const at::Tensor& x, const Pass& pass) const;
 };
 
 template <typename F>

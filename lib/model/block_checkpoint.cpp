@@ -1,0 +1,232 @@
+#include "lib/model/block_checkpoint.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <array>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lib/kernels/attention_core.h"
+#include "lib/model/activation_offload.h"
+
+namespace qt {
+namespace {
+
+// `value` in place of `graph`'s value: the gradient goes to graph as it is. For a recomputation that builds a
+// tensor's graph for the backward pass but takes its value from the forward pass (keep_residual).
+struct KeepValueFn : public torch::autograd::Function<KeepValueFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& graph, const at::Tensor& value) {
+    (void)graph;
+    return value;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    return {grads[0], at::Tensor()};
+  }
+};
+// The tensors keep_qkv and keep_residual keep in a stash, with the keys BlockCheckpointFn saves them under.
+std::array<std::pair<const char*, at::Tensor*>, 4> kept_extras(AttentionStash& s) {
+  return {{{"attn_q", &s.q}, {"attn_k", &s.k}, {"attn_v", &s.v}, {"attn_residual", &s.residual}}};
+}
+
+// Per-block activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"), the
+// reentrant form: forward runs the block without recording; backward re-runs it with recording on the saved
+// input and back-propagates through that, which also accumulates the gradients of the block's LoRA weights.
+// RNG state (LoRA dropout) is saved and restored so that the recomputation draws the same masks.
+struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
+  // cos, sin and the mask carry no gradient: they travel in saved_data, not as inputs (the mask may be undefined).
+  // aux: cos, sin, the dense mask, cu_seqlens (either mask may be undefined); ints: max_seqlen, window.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, int64_t model_ptr,
+                            int64_t layer, const std::vector<at::Tensor>& aux, int64_t max_seqlen, int64_t window) {
+    const auto* model = reinterpret_cast<const LlamaModel*>(model_ptr);
+    ctx->saved_data["model"] = model_ptr;
+    ctx->saved_data["layer"] = layer;
+    ctx->saved_data["cpu_rng"] = at::detail::getDefaultCPUGenerator().get_state();
+    if (h.is_cuda()) ctx->saved_data["cuda_rng"] = at::cuda::detail::getDefaultCUDAGenerator(h.get_device()).get_state();
+    if (model->plan.offload && h.is_cuda()) {
+      ctx->saved_data["host"] = model->offload->to_host(h);
+    } else {
+      ctx->save_for_backward({h});
+    }
+    ctx->saved_data["cos"] = aux[0];
+    ctx->saved_data["sin"] = aux[1];
+    if (aux[2].defined()) ctx->saved_data["mask"] = aux[2];
+    if (aux[3].defined()) ctx->saved_data["cu_seqlens"] = aux[3];
+    ctx->saved_data["max_seqlen"] = max_seqlen;
+    ctx->saved_data["window"] = window;
+    // keep_attention: the attention output and log-sum-exp of this pass are kept (the output offloaded with the
+    // block input) and replayed in the recomputation.
+    AttentionStash stash;
+    stash.keep_qkv = model->plan.keeps(KeepLevel::Qkv);
+    stash.keep_residual = model->plan.keeps(KeepLevel::Residual);
+    Pass pass = model->base_pass();
+    if (model->plan.keeps(KeepLevel::Attention)) pass.stash = &stash;
+    at::Tensor out = model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1],
+                                          AttentionMask{aux[2], aux[3], max_seqlen, window}, pass);
+    // The offloaded tensors, fetched back together a block ahead in the backward pass.
+    const bool host = ctx->saved_data.count("host") > 0;
+    std::vector<at::Tensor> hosts;
+    if (host) hosts.push_back(ctx->saved_data["host"].toTensor());
+    auto keep = [&](const std::string& key, const at::Tensor& t) {
+      if (!host) {
+        ctx->saved_data[key] = t;
+        return;
+      }
+      hosts.push_back(model->offload->to_host(t));
+      ctx->saved_data[key + "_host"] = hosts.back();
+    };
+    if (stash.out.defined()) {
+      keep("attn_out", stash.out);
+      ctx->saved_data["attn_lse"] = stash.lse;
+      ctx->saved_data["attn_seed"] = stash.seed;
+      ctx->saved_data["attn_offset"] = stash.offset;
+      ctx->saved_data["attn_cum_q"] = stash.cum_q;
+      ctx->saved_data["attn_cum_k"] = stash.cum_k;
+      // keep_qkv, keep_residual: kept (offloaded) the same way.
+      for (auto [key, t] : kept_extras(stash))
+        if (t->defined()) keep(key, *t);
+    }
+    if (host) model->offload->note(layer, std::move(hosts));
+    return out;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* model = reinterpret_cast<const LlamaModel*>(ctx->saved_data["model"].toInt());
+    const auto layer = static_cast<size_t>(ctx->saved_data["layer"].toInt());
+    if (model->block_hooks) model->block_hooks->before_block(layer, /*backward=*/true);
+    at::Tensor x;
+    ActivationOffload& prefetch = *model->offload;
+    if (ctx->saved_data.count("host")) {
+      x = prefetch.take(ctx->saved_data["host"].toTensor(), grads[0].device()).requires_grad_(true);
+      // The next block back (the layer before this one) copies its input in while this block recomputes.
+      if (layer > 0) prefetch.start(static_cast<int64_t>(layer) - 1, grads[0].device());
+    } else {
+      x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+    }
+    at::Tensor out;
+    {
+      auto cpu_gen = at::detail::getDefaultCPUGenerator();
+      at::Tensor cpu_now = cpu_gen.get_state();
+      cpu_gen.set_state(ctx->saved_data["cpu_rng"].toTensor());
+      std::optional<at::Generator> cuda_gen;
+      at::Tensor cuda_now;
+      if (x.is_cuda()) {
+        cuda_gen = at::cuda::detail::getDefaultCUDAGenerator(x.get_device());
+        cuda_now = cuda_gen->get_state();
+        cuda_gen->set_state(ctx->saved_data["cuda_rng"].toTensor());
+      }
+      at::AutoGradMode enable(true);
+      auto saved_tensor = [&](const char* key) {
+        return ctx->saved_data.count(key) ? ctx->saved_data[key].toTensor() : at::Tensor();
+      };
+      const AttentionMask mask{saved_tensor("mask"), saved_tensor("cu_seqlens"), ctx->saved_data["max_seqlen"].toInt(),
+                               ctx->saved_data["window"].toInt()};
+      AttentionStash replay;
+      replay.replay = true;
+      if (ctx->saved_data.count("attn_out_host")) replay.out = prefetch.take(ctx->saved_data["attn_out_host"].toTensor(), x.device());
+      else if (ctx->saved_data.count("attn_out")) replay.out = ctx->saved_data["attn_out"].toTensor();
+      for (auto [key, t] : kept_extras(replay)) {
+        const std::string host = std::string(key) + "_host";
+        if (ctx->saved_data.count(host)) *t = prefetch.take(ctx->saved_data[host].toTensor(), x.device());
+        else if (ctx->saved_data.count(key)) *t = ctx->saved_data[key].toTensor();
+      }
+      if (replay.out.defined()) {
+        replay.lse = saved_tensor("attn_lse");
+        replay.seed = saved_tensor("attn_seed");
+        replay.offset = saved_tensor("attn_offset");
+        replay.cum_q = saved_tensor("attn_cum_q");
+        replay.cum_k = saved_tensor("attn_cum_k");
+      }
+      // The recomputation for the backward below: the dequantized weights kept for it, the output not read.
+      Pass pass = model->base_pass();
+      pass.keep_dequantized = model->plan.keep_dequantized;
+      pass.output_unused = true;
+      if (replay.out.defined()) pass.stash = &replay;
+      out = model->block_forward(layer, x, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask,
+                                 pass);
+      cpu_gen.set_state(cpu_now);
+      if (cuda_gen) cuda_gen->set_state(cuda_now);
+    }
+    torch::autograd::backward({out}, {grads[0]});
+    if (model->block_hooks) model->block_hooks->after_block(layer, /*backward=*/true);
+    return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// The post-attention half of a block, x + mlp(norm(x)), over chunks of tokens: forward keeps only x; backward
+// recomputes each chunk with recording on and back-propagates it before the next, so the MLP's [tokens,
+// intermediate] activations and their gradients exist for one chunk at a time (long contexts). One more MLP
+// forward per step. Not used with LoRA dropout in the MLP (its masks would differ in the recomputation).
+struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
+  // pass_ptr: the Pass of the block (read in this call only).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t model_ptr,
+                            int64_t layer, int64_t chunk, int64_t pass_ptr) {
+    const auto* model = reinterpret_cast<const LlamaModel*>(model_ptr);
+    const Pass& pass = *reinterpret_cast<const Pass*>(pass_ptr);
+    ctx->save_for_backward({x});
+    ctx->saved_data["model"] = model_ptr;
+    ctx->saved_data["layer"] = layer;
+    ctx->saved_data["chunk"] = chunk;
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    at::Tensor out = at::empty_like(x2);
+    if (pass.output_unused) {  // a checkpointed block's recomputation: the backward below recomputes each chunk
+      pass.count(&ModelStats::outputs_skipped);
+      return out.view(x.sizes());
+    }
+    for (int64_t s = 0; s < x2.size(0); s += chunk) {
+      const int64_t n = std::min(chunk, x2.size(0) - s);
+      out.narrow(0, s, n).copy_(model->mlp_residual(static_cast<size_t>(layer), x2.narrow(0, s, n), pass));
+    }
+    return out.view(x.sizes());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* model = reinterpret_cast<const LlamaModel*>(ctx->saved_data["model"].toInt());
+    const auto layer = static_cast<size_t>(ctx->saved_data["layer"].toInt());
+    const int64_t chunk = ctx->saved_data["chunk"].toInt();
+    const at::Tensor x = ctx->get_saved_variables()[0];
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    at::Tensor dy = grads[0].reshape({-1, x.size(-1)});
+    at::Tensor dx = at::empty_like(x2);
+    Pass pass = model->base_pass();
+    pass.output_unused = true;  // yc's value is not read either: down_proj's is skipped
+    for (int64_t s = 0; s < x2.size(0); s += chunk) {
+      const int64_t n = std::min(chunk, x2.size(0) - s);
+      at::Tensor xc = x2.narrow(0, s, n).detach().requires_grad_(true);
+      at::Tensor yc;
+      {
+        at::AutoGradMode enable(true);
+        yc = model->mlp_residual(layer, xc, pass);
+      }
+      torch::autograd::backward({yc}, {dy.narrow(0, s, n)});
+      dx.narrow(0, s, n).copy_(xc.grad());
+    }
+    return {dx.view(x.sizes()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+at::Tensor checkpointed_block(const LlamaModel& model, size_t layer, const at::Tensor& h, const at::Tensor& cos,
+                              const at::Tensor& sin, const AttentionMask& mask) {
+  return BlockCheckpointFn::apply(h, reinterpret_cast<int64_t>(&model), static_cast<int64_t>(layer),
+                                  std::vector<at::Tensor>{cos, sin, mask.dense, mask.cu_seqlens}, mask.max_seqlen,
+                                  mask.window);
+}
+
+at::Tensor chunked_mlp_residual(const LlamaModel& model, size_t layer, const at::Tensor& x, int64_t chunk,
+                                const Pass& pass) {
+  return ChunkedMlpFn::apply(x, reinterpret_cast<int64_t>(&model), static_cast<int64_t>(layer), chunk,
+                             reinterpret_cast<int64_t>(&pass));
+}
+
+at::Tensor keep_value(const at::Tensor& graph, const at::Tensor& value) { return KeepValueFn::apply(graph, value); }
+
+}  // namespace qt

@@ -1,0 +1,45 @@
+#pragma once
+// How one pass through the model runs its linears and attention, handed down explicitly from the model to the
+// nodes (no thread-local switches): a training forward pass, a checkpointed block's recomputation for the backward
+// pass that follows at once, or an evaluation pass. The model makes the base pass from its plan
+// (LlamaModel::base_pass); block checkpointing derives the recomputation's from it.
+#include <atomic>
+#include <cstdint>
+
+namespace qt {
+
+class LoraFactorCache;  // lib/model/qlora_linear.h
+struct AttentionStash;  // lib/kernels/attention_core.h
+
+// What the model's passes did so far, one object per model (shared by its copies): for tests and logs.
+struct ModelStats {
+  std::atomic<int64_t> lora_factor_builds{0};   // compute-dtype LoRA factors made and kept (keep_dequantized)
+  std::atomic<int64_t> lora_b_in_gemm_runs{0};  // projections that took the LoRA B terms inside the base GEMM
+  std::atomic<int64_t> outputs_skipped{0};      // outputs a recomputation left unwritten (nobody reads them)
+  std::atomic<int64_t> qkv_replays{0};          // recomputations that took their rotated q, k, v from keep "qkv"
+  std::atomic<int64_t> residual_replays{0};     // recomputations that took the residual from keep "residual"
+  std::atomic<int64_t> prefetched_offloads{0};  // offloaded tensors the backward took from a copy started ahead
+};
+
+struct Pass {
+  // Non-null: the compute-dtype LoRA factors (the As stacked, the scaled Bs) come from this cache, made once per
+  // version of the fp32 masters (plans with keep_dequantized); null: made in each call, nothing held.
+  LoraFactorCache* factors = nullptr;
+  ModelStats* stats = nullptr;  // null: nothing counted
+  // A checkpointed block's recomputation for the backward pass that follows at once: the LoRA nodes keep the 16-bit
+  // weights they dequantize for that backward (one dequantization less per linear and step).
+  bool keep_dequantized = false;
+  // The recomputation rebuilds the graph and what the backward saves; the block's output value is never read. So
+  // the block's last linear (down_proj with a plain LoRA adapter) computes only what its backward saves, and a
+  // chunked MLP, which recomputes its chunks in its own backward anyway, computes nothing.
+  bool output_unused = false;
+  // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
+  // none.
+  AttentionStash* stash = nullptr;
+
+  void count(std::atomic<int64_t> ModelStats::*counter) const {
+    if (stats) ++(stats->*counter);
+  }
+};
+
+}  // namespace qt

@@ -1,0 +1,167 @@
+#include "lib/model/projection_group.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include "lib/kernels/nf4_dequant.h"
+
+namespace qt {
+namespace {
+
+// The members' B gradients out of dy^T t ([sum out, sum r]): its diagonal blocks, each times its scale, fp32.
+std::vector<at::Tensor> member_b_grads(const std::vector<const Linear*>& ls, const at::Tensor& dB) {
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0, off = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
+    const int64_t r = ls[i]->lora->A.size(0), n = ls[i]->out_features();
+    const double scale = ls[i]->lora->scale;
+    at::Tensor dBi = dB.narrow(0, off, n).narrow(1, roff, r).to(at::kFloat);
+    if (scale != 1.0) dBi.mul_(scale);
+    out.push_back(dBi);
+    off += n;
+    roff += r;
+  }
+  return out;
+}
+
+std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
+  std::vector<const Linear*> ls;
+  for (int64_t p : ptrs) ls.push_back(reinterpret_cast<const Linear*>(p));
+  return ls;
+}
+
+// Linears that read one input (q, k, v; gate, up), each an NF4 base with a plain LoRA adapter (LoraLinearFn's
+// case), as one projection: the bases dequantized in one launch into one [sum out, in] weight and multiplied in
+// one GEMM, every LoRA A in one GEMM (x read once), every LoRA B in one GEMM on the base GEMM's epilogue (the B
+// blocks, each with its scale, on the diagonal of a [sum out, sum r] matrix). The output is the members' outputs
+// side by side, [.., sum out]; its gradient comes back whole, so the input gradient is one GEMM with the LoRA
+// term on its epilogue, not one per member summed by autograd. ab: A0, B0, A1, B1, ... (fp32 masters).
+struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
+  // The bases dequantized into [total, in], or with the LoRA B blocks `bd` in `extra` more columns (zero beyond
+  // bd's): [total, in + extra] = [W | bd | 0] (concat_b).
+  static at::Tensor weight(const std::vector<const Linear*>& ls, int64_t total, at::ScalarType dt,
+                           const at::Tensor& bd = {}, int64_t extra = 0) {
+    const int64_t in = ls[0]->in_features();
+    at::Tensor W = at::empty({total, in + extra}, at::TensorOptions().dtype(dt).device(ls[0]->nf4->device()));
+    std::vector<const Nf4Weight*> ws;
+    std::vector<at::Tensor> outs;
+    int64_t off = 0;
+    for (const Linear* l : ls) {
+      ws.push_back(l->nf4.get());
+      outs.push_back(W.narrow(0, off, l->out_features()).narrow(1, 0, in));
+      off += l->out_features();
+    }
+    dequantize_group_into(ws, outs);
+    if (extra > 0) {
+      W.narrow(1, in, bd.size(1)).copy_(bd);
+      if (extra > bd.size(1)) W.narrow(1, in + bd.size(1), extra - bd.size(1)).zero_();
+    }
+    return W;
+  }
+  // concat_b: the LoRA B terms inside the base GEMM by concatenation along K, y = [x | t | 0] [W | bd | 0]^T,
+  // instead of an addmm over y (which reads and writes all of y: 0.94 GB for gate/up at 8k tokens of the 8B
+  // shape). Costs a copy of x into the wider input and 1-2% more GEMM FLOPs. The extra columns are bd's padded
+  // to 8 (16-byte rows); on CUDA the bases' columns a multiple of the dequantization kernel's strided rows.
+  static int64_t concat_columns(const at::Tensor& bd) { return (bd.size(1) + 7) / 8 * 8; }
+  static bool concat_applies(const std::vector<const Linear*>& ls, const at::Tensor& x) {
+    return !x.is_cuda() || ls[0]->in_features() % kernels::kNf4StridedCols == 0;
+  }
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                at::TensorList ab, const std::vector<int64_t>& linear_ptrs,
+                                                bool concat_b, bool output_unused, int64_t pass_ptr) {
+    const auto ls = members(linear_ptrs);
+    const Pass& pass = *reinterpret_cast<const Pass*>(pass_ptr);  // read in this call only
+    const auto dt = x.scalar_type();
+    const auto [a, bd] = lora_factors(pass, ls, ab, dt);  // [sum r, in], [sum out, sum r]
+    const int64_t total = bd.size(0);
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    concat_b = concat_b && !output_unused && concat_applies(ls, x);
+    at::Tensor t, W, y;
+    if (output_unused) {  // only what the backward saves (a recomputation whose values are kept elsewhere)
+      t = at::mm(x2, a.t());
+      y = at::empty({x2.size(0), total}, x2.options());
+      pass.count(&ModelStats::outputs_skipped);
+    } else if (concat_b) {
+      const int64_t in = x2.size(1), extra = concat_columns(bd), r = bd.size(1);
+      at::Tensor xc = at::empty({x2.size(0), in + extra}, x2.options());
+      xc.narrow(1, 0, in).copy_(x2);
+      t = xc.narrow(1, in, r);
+      at::mm_out(t, x2, a.t());  // [N, sum r], in place in the wider input
+      if (extra > r) xc.narrow(1, in + r, extra - r).zero_();
+      W = weight(ls, total, dt, bd, extra);
+      y = at::mm(xc, W.t());
+      W = W.narrow(1, 0, in);
+      x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
+      pass.count(&ModelStats::lora_b_in_gemm_runs);
+    } else {
+      t = at::mm(x2, a.t());  // [N, sum r]
+      W = weight(ls, total, dt);
+      y = at::mm(x2, W.t());
+      y.addmm_(t, bd.t());
+    }
+    ctx->save_for_backward({x2, a, bd, t, pass.keep_dequantized ? W : at::Tensor()});
+    ctx->saved_data["linears"] = linear_ptrs;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = total;
+    return {y.view(shape)};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto ls = members(ctx->saved_data["linears"].toIntVector());
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x2 = saved[0], &a = saved[1], &bd = saved[2], &t = saved[3], &kept = saved[4];
+    const auto dt = x2.scalar_type();
+    const int64_t total = bd.size(0);
+    at::Tensor dy = grads[0].reshape({-1, total}).to(dt);
+    at::Tensor g = at::mm(dy, bd);  // the gradient of t, [N, sum r]
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = at::mm(dy, kept.defined() ? kept : weight(ls, total, dt));
+      dx.addmm_(g, a);
+    }
+    at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);  // [sum r, in]
+    // [sum out, sum r]: the diagonal blocks are the members'
+    const std::vector<at::Tensor> dBs = member_b_grads(ls, at::mm(dy.t(), t));
+    torch::autograd::variable_list out;
+    std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
+    shape.back() = x2.size(1);
+    out.push_back(dx.defined() ? dx.view(shape) : dx);
+    for (size_t i = 0, roff = 0; i < ls.size(); ++i) {
+      const int64_t r = ls[i]->lora->A.size(0);
+      out.push_back(dA.narrow(0, static_cast<int64_t>(roff), r));
+      out.push_back(dBs[i]);
+      roff += static_cast<size_t>(r);
+    }
+    out.emplace_back();  // linear_ptrs
+    out.emplace_back();  // concat_b
+    out.emplace_back();  // output_unused
+    out.emplace_back();  // pass_ptr
+    return out;
+  }
+};
+
+// The group's LoRA masters (A0, B0, A1, B1, ...) and member pointers when project_group takes it, else false.
+bool group_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x, std::vector<at::Tensor>& ab,
+                  std::vector<int64_t>& ptrs) {
+  if (ls.empty() || ls.size() > static_cast<size_t>(kernels::kNf4MaxJobs)) return false;
+  for (const Linear* l : ls)
+    if (!lora_node_applies(*l) || !l->quantized() || l->bias.defined() || l->in_features() != ls[0]->in_features() || l->nf4->device() != x.device()) return false;
+  for (const Linear* l : ls) {
+    ab.push_back(l->lora->A);
+    ab.push_back(l->lora->B);
+    ptrs.push_back(reinterpret_cast<int64_t>(l));
+  }
+  return true;
+}
+
+}  // namespace
+
+at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor& x, const Pass& pass, bool concat_b,
+                         bool output_unused) {
+  std::vector<at::Tensor> ab;
+  std::vector<int64_t> ptrs;
+  if (!group_inputs(ls, x, ab, ptrs)) return {};
+  return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, concat_b, output_unused,
+                                  reinterpret_cast<int64_t>(&pass))[0];
+}
+
+}  // namespace qt

@@ -1,0 +1,24 @@
+#pragma once
+// Linears that read one input (q, k, v of a block; gate, up) as one projection: their outputs side by side,
+// [.., sum of out_features], equal to each member's forward() (the same rounding as the LoRA node, one launch
+// dequantizes every base, one GEMM each for the bases, the LoRA As and the LoRA Bs, one GEMM for the input
+// gradient).
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "lib/model/pass.h"
+#include "lib/model/qlora_linear.h"
+
+namespace qt {
+
+// Undefined when a member is not an NF4 base with a plain LoRA adapter (lora_node_applies, no bias), the inputs
+// differ in width, or there are more than 4: then call each forward().
+// concat_b: the LoRA B terms inside the base GEMM, [x | x A^T] [W | s B]^T, instead of an addmm over the output
+// (on CUDA where the input width is a multiple of 1024; the same values, one rounding fewer).
+// output_unused: only what the backward saves is computed; the output is left unwritten (a recomputation that
+// takes the values from elsewhere).
+at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x, const Pass& pass = {},
+                         bool concat_b = false, bool output_unused = false);
+
+}  // namespace qt

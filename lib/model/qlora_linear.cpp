@@ -1,0 +1,282 @@
+#include "lib/model/qlora_linear.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "lib/core/error.h"
+
+namespace qt {
+namespace {
+
+// The NF4 base matmul as an autograd function: saves nothing but a pointer to the (model-owned, frozen)
+// Nf4Weight, dequantizes into a scratch buffer in forward and again in backward.
+at::Tensor nf4_linear_backward(torch::autograd::AutogradContext* ctx, const at::Tensor& grad) {
+  const auto* w = reinterpret_cast<const Nf4Weight*>(ctx->saved_data["w"].toInt());
+  auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["dtype"].toInt());
+  at::Tensor W = w->dequantize(dtype);
+  return at::matmul(grad.to(dtype), W);
+}
+
+struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t weight_ptr) {
+    const auto* w = reinterpret_cast<const Nf4Weight*>(weight_ptr);
+    ctx->saved_data["w"] = weight_ptr;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    at::Tensor W = w->dequantize(x.scalar_type());
+    return at::matmul(x, W.t());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {nf4_linear_backward(ctx, grads[0]), at::Tensor()};
+  }
+};
+
+// The same for DoRA, which also needs the row norms of W + scale B A: taken from the W just dequantized for the
+// matmul, so that W is dequantized once in forward (and once in backward) as for plain LoRA, and never kept.
+// A and B come in detached; the norm output is not differentiable (DoRA section 4.3, PEFT's detach()).
+struct Nf4DoraFn : public torch::autograd::Function<Nf4DoraFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                int64_t weight_ptr, const at::Tensor& A, const at::Tensor& B,
+                                                double scale) {
+    const auto* w = reinterpret_cast<const Nf4Weight*>(weight_ptr);
+    ctx->saved_data["w"] = weight_ptr;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    at::Tensor W = w->dequantize(x.scalar_type());
+    at::Tensor y = at::matmul(x, W.t());
+    at::Tensor norm = dora_weight_norm(W, A, B, scale);
+    ctx->mark_non_differentiable({norm});
+    return {y, norm};
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    return {nf4_linear_backward(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// A frozen base plus LoRA without dropout, y = x W^T + (x A^T)(s B)^T, as one autograd node. The LoRA sums ride
+// on GEMM epilogues (addmm_ into the base product, forward and backward), so neither pass adds an elementwise
+// kernel over [tokens, out] or [tokens, in]; W (NF4: dequantized into scratch) is not kept between the passes.
+struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
+  // output_unused: only what the backward saves (t); the output is left unwritten.
+  // pass_ptr: the Pass (read in this call only).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
+                            const at::Tensor& B, double scale, int64_t linear_ptr, bool output_unused,
+                            int64_t pass_ptr) {
+    const auto* l = reinterpret_cast<const Linear*>(linear_ptr);
+    const Pass& pass = *reinterpret_cast<const Pass*>(pass_ptr);
+    const auto dt = x.scalar_type();
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    const auto [a, bs] = lora_factors(pass, {l}, {A, B}, dt);
+    at::Tensor t = at::mm(x2, a.t());  // [N, r]
+    at::Tensor W, y;
+    if (output_unused) {
+      y = at::empty({x2.size(0), l->out_features()}, x2.options());
+      pass.count(&ModelStats::outputs_skipped);
+    } else {
+      W = l->base_weight(dt);
+      y = at::mm(x2, W.t());
+      y.addmm_(t, bs.t());
+    }
+    ctx->save_for_backward({x2, a, bs, t, pass.keep_dequantized ? W : at::Tensor()});
+    ctx->saved_data["linear"] = linear_ptr;
+    ctx->saved_data["scale"] = scale;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = y.size(1);
+    return y.view(shape);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto* l = reinterpret_cast<const Linear*>(ctx->saved_data["linear"].toInt());
+    const double scale = ctx->saved_data["scale"].toDouble();
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x2 = saved[0], &a = saved[1], &bs = saved[2], &t = saved[3], &kept = saved[4];
+    const auto dt = x2.scalar_type();
+    at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)}).to(dt);
+    at::Tensor g = at::mm(dy, bs);  // [N, r]
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) {
+      dx = at::mm(dy, kept.defined() ? kept : l->base_weight(dt));
+      dx.addmm_(g, a);
+    }
+    at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);
+    at::Tensor dB = at::mm(dy.t(), t).to(at::kFloat);
+    if (scale != 1.0) dB.mul_(scale);
+    std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
+    shape.back() = x2.size(1);
+    return {dx.defined() ? dx.view(shape) : dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+std::pair<at::Tensor, at::Tensor> LoraFactorCache::get(const std::vector<const Linear*>& ls, at::TensorList ab,
+                                                       at::ScalarType dt, ModelStats* stats) {
+  std::vector<const void*> key;
+  for (const Linear* l : ls) key.push_back(l);
+  std::lock_guard<std::mutex> lock(mutex_);
+  Entry& e = entries_[key];
+  if (!fresh(e, ls, ab, dt)) {
+    e.a = at::Tensor();  // the old factors go before the new ones are made
+    e.b = at::Tensor();
+    std::tie(e.a, e.b) = make(ls, ab, dt);
+    e.dtype = dt;
+    e.sources.clear();
+    e.versions.clear();
+    e.scales.clear();
+    for (const Linear* l : ls) e.scales.push_back(l->lora->scale);
+    for (const at::Tensor& t : ab) {
+      e.sources.emplace_back(c10::weak_intrusive_ptr<c10::TensorImpl>(t.getIntrusivePtr()));
+      e.versions.push_back(t._version());
+    }
+    if (stats) ++stats->lora_factor_builds;
+  }
+  return {e.a, e.b};
+}
+
+bool LoraFactorCache::fresh(const Entry& e, const std::vector<const Linear*>& ls, at::TensorList ab,
+                            at::ScalarType dt) {
+  if (!e.a.defined() || e.dtype != dt || e.sources.size() != ab.size() || e.scales.size() != ls.size()) return false;
+  for (size_t i = 0; i < ls.size(); ++i)
+    if (e.scales[i] != ls[i]->lora->scale) return false;
+  for (size_t i = 0; i < ab.size(); ++i) {
+    c10::intrusive_ptr<c10::TensorImpl> alive = e.sources[i].lock();
+    if (!alive || alive.get() != ab[i].unsafeGetTensorImpl() || e.versions[i] != ab[i]._version()) return false;
+  }
+  return true;
+}
+
+std::pair<at::Tensor, at::Tensor> LoraFactorCache::make(const std::vector<const Linear*>& ls, at::TensorList ab,
+                                                        at::ScalarType dt) {
+  at::NoGradGuard no_grad;
+  if (ls.size() == 1) {
+    const double scale = ls[0]->lora->scale;
+    return {ab[0].detach().to(dt), (scale == 1.0 ? ab[1].detach() : ab[1].detach() * scale).to(dt)};
+  }
+  int64_t total = 0, rank = 0;
+  std::vector<at::Tensor> as;
+  for (size_t i = 0; i < ls.size(); ++i) {
+    total += ab[2 * i + 1].size(0);
+    rank += ab[2 * i].size(0);
+    as.push_back(ab[2 * i].detach());
+  }
+  at::Tensor a = at::cat(as, 0).to(dt);  // [sum r, in]
+  at::Tensor bd = at::zeros({total, rank}, a.options());
+  for (int64_t i = 0, off = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
+    const at::Tensor B = ab[2 * i + 1].detach();
+    const double scale = ls[i]->lora->scale;
+    bd.narrow(0, off, B.size(0)).narrow(1, roff, B.size(1)).copy_(scale == 1.0 ? B : B * scale);
+    off += B.size(0);
+    roff += B.size(1);
+  }
+  return {a, bd};
+}
+
+std::pair<at::Tensor, at::Tensor> lora_factors(const Pass& pass, const std::vector<const Linear*>& ls,
+                                               at::TensorList ab, at::ScalarType dt) {
+  return pass.factors ? pass.factors->get(ls, ab, dt, pass.stats) : LoraFactorCache::make(ls, ab, dt);
+}
+
+at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
+  return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()));
+}
+
+std::pair<at::Tensor, at::Tensor> nf4_linear_dora_norm(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w,
+                                                       const at::Tensor& A, const at::Tensor& B, double scale) {
+  auto out = Nf4DoraFn::apply(x, reinterpret_cast<int64_t>(w.get()), A.detach(), B.detach(), scale);
+  return {out[0], out[1]};
+}
+
+at::Tensor dora_weight_norm(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale) {
+  at::NoGradGuard no_grad;
+  QT_CHECK(W.dim() == 2 && A.dim() == 2 && B.dim() == 2 && A.size(1) == W.size(1) && B.size(0) == W.size(0) &&
+               A.size(0) == B.size(1),
+           ErrorKind::Internal, "dora_weight_norm: W [out, in], A [r, in] and B [out, r] do not fit");
+  const int64_t out = W.size(0), in = W.size(1);
+  const at::Tensor a = A.detach().to(W.device(), at::kFloat);
+  const at::Tensor b = B.detach().to(W.device(), at::kFloat);
+  at::Tensor norm = at::empty({out}, at::TensorOptions().dtype(at::kFloat).device(W.device()));
+  // Blocks of about 4M fp32 values (16 MiB): the sum W + scale B A exists one block at a time.
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 22) / std::max<int64_t>(in, 1));
+  for (int64_t r0 = 0; r0 < out; r0 += rows) {
+    const int64_t n = std::min(rows, out - r0);
+    at::Tensor sum = at::addmm(W.detach().narrow(0, r0, n).to(at::kFloat), b.narrow(0, r0, n), a, /*beta=*/1.0,
+                               /*alpha=*/scale);
+    norm.narrow(0, r0, n).copy_(at::linalg_vector_norm(sum, 2, at::IntArrayRef{1}));
+  }
+  return norm;
+}
+
+int64_t Linear::out_features() const { return quantized() ? nf4->shape.at(0) : weight.size(0); }
+int64_t Linear::in_features() const { return quantized() ? nf4->shape.at(1) : weight.size(1); }
+
+at::Tensor Linear::base_weight(c10::ScalarType dtype) const {
+  return quantized() ? nf4->dequantize(dtype) : weight.to(dtype);
+}
+
+bool lora_node_applies(const Linear& l) {
+  const bool frozen_base = l.quantized() || !l.weight.requires_grad();
+  return l.lora && !l.lora->dora() && frozen_base && !(l.training && l.lora->dropout > 0) &&
+         l.lora->A.scalar_type() == at::kFloat && l.lora->B.scalar_type() == at::kFloat;
+}
+
+at::Tensor linear_output_unused(const Linear& l, const at::Tensor& x, const Pass& pass) {
+  if (!lora_node_applies(l) || l.bias.defined()) return l.forward(x, pass);
+  return LoraLinearFn::apply(x, l.lora->A, l.lora->B, l.lora->scale, reinterpret_cast<int64_t>(&l),
+                             /*output_unused=*/true, reinterpret_cast<int64_t>(&pass));
+}
+
+at::Tensor Linear::forward(const at::Tensor& x, const Pass& pass) const {
+  if (lora && lora->dora()) return dora_forward(x);
+  if (lora_node_applies(*this)) {
+    at::Tensor y = LoraLinearFn::apply(x, lora->A, lora->B, lora->scale, reinterpret_cast<int64_t>(this),
+                                       /*output_unused=*/false, reinterpret_cast<int64_t>(&pass));
+    return bias.defined() ? y + bias.to(y.scalar_type()) : y;
+  }
+  at::Tensor y = quantized() ? nf4_linear(x, nf4) : at::linear(x, weight);
+  if (bias.defined()) y = y + bias.to(y.scalar_type());
+  if (lora) {
+    at::Tensor h = (training && lora->dropout > 0) ? at::dropout(x, lora->dropout, /*train=*/true) : x;
+    // LoRA weights stay fp32 (the optimizer's master copy); the matmuls run in the activations' dtype. The
+    // scale rides on the small B and the sum on the second GEMM's epilogue (addmm: y + t B^T in one kernel),
+    // so no elementwise pass over the [tokens, out] output is added.
+    const auto dt = h.scalar_type();
+    at::Tensor t = at::linear(h, lora->A.to(dt));  // [.., r]
+    at::Tensor Bs = lora->scale == 1.0 ? lora->B.to(dt) : (lora->B * lora->scale).to(dt);
+    const int64_t out = y.size(-1);
+    y = at::addmm(y.reshape({-1, out}), t.reshape({-1, t.size(-1)}), Bs.t()).view(y.sizes());
+  }
+  return y;
+}
+
+// PEFT (peft.tuners.lora.variants.DoraLinearVariant.forward, DoraLinearLayer.forward) adds to the base result
+//   (m / n - 1) * base + m / n * scale * B A h,    n = ||W + scale B A||_row (no gradient)
+// where h = dropout(x) and base = h W^T when dropout is active in training, else h = x and base = x W^T (the base
+// result less its bias). Without dropout that sums to m / n * (x W^T + scale B A x) + bias, computed so here; with
+// it, x W^T - h W^T + m / n * (h W^T + scale B A h) + bias. As for LoRA, h W^T + scale B A h is one addmm.
+at::Tensor Linear::dora_forward(const at::Tensor& x) const {
+  const LoraAdapter& a = *lora;
+  const bool drop = training && a.dropout > 0;
+  const at::Tensor h = drop ? at::dropout(x, a.dropout, /*train=*/true) : x;
+  const auto dt = x.scalar_type();
+  at::Tensor base_h, norm;
+  if (quantized()) {
+    std::tie(base_h, norm) = nf4_linear_dora_norm(h, nf4, a.A, a.B, a.scale);
+  } else {
+    base_h = at::linear(h, weight);
+    norm = dora_weight_norm(weight, a.A, a.B, a.scale);
+  }
+  const at::Tensor ratio = (a.magnitude / norm).to(dt);  // [out]; the gradient reaches m only
+  const at::Tensor t = at::linear(h, a.A.to(dt));         // [.., r]
+  const at::Tensor Bs = a.scale == 1.0 ? a.B.to(dt) : (a.B * a.scale).to(dt);
+  const int64_t out = base_h.size(-1);
+  const at::Tensor v = at::addmm(base_h.reshape({-1, out}), t.reshape({-1, t.size(-1)}), Bs.t()).view(base_h.sizes());
+  at::Tensor y = ratio * v;
+  if (drop) y = y + (quantized() ? nf4_linear(x, nf4) : at::linear(x, weight)) - base_h;
+  if (bias.defined()) y = y + bias.to(y.scalar_type());
+  return y;
+}
+
+}  // namespace qt

@@ -1,0 +1,111 @@
+#pragma once
+// A block linear of the QLoRA model: a frozen base (dense, or NF4 dequantized just in time) plus a trainable LoRA or
+// DoRA adapter, and the autograd nodes that run it (lib/model/qlora_linear.cpp): the NF4 base matmul, DoRA's norm,
+// and the LoRA node whose sums ride on GEMM epilogues. Linears that read one input run as one projection through
+// project_group (lib/model/projection_group.h).
+#include <ATen/core/Tensor.h>
+#include <c10/util/intrusive_ptr.h>
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "lib/model/pass.h"
+#include "lib/quant/nf4.h"
+
+namespace qt {
+
+// Trainable low-rank adapter (Hu et al., LoRA, 2021): y += scale * B(A(dropout(x))).
+// With `magnitude` defined it is DoRA (Liu et al., 2024, arXiv:2402.09353) as PEFT computes it
+// (peft.tuners.lora.dora.DoraLinearLayer): y = m / ||W + scale B A||_row * (x W^T + scale B A x) (+ bias), the
+// norm per output feature taken without gradient (the paper's section 4.3).
+struct LoraAdapter {
+  at::Tensor A;          // [r, in]   (PEFT: lora_A.weight)
+  at::Tensor B;          // [out, r]  (PEFT: lora_B.weight), zero at init so training starts from the base
+  at::Tensor magnitude;  // [out]     DoRA only (PEFT: lora_magnitude_vector); undefined for plain LoRA
+  double scale = 1.0;    // alpha / r, or alpha / sqrt(r) with rsLoRA
+  double dropout = 0.0;
+
+  bool dora() const { return magnitude.defined(); }
+};
+
+// A block linear y = x W^T (+ b) (+ LoRA). The base is either dense (`weight`) or frozen NF4 (`nf4`), never both;
+// the bias (attention_bias / mlp_bias) is always dense, even beside an NF4 base.
+struct Linear {
+  at::Tensor weight;                 // dense base [out, in]; undefined when quantized
+  at::Tensor bias;                   // optional dense bias [out]; undefined when the config has none
+  std::shared_ptr<Nf4Weight> nf4;    // frozen NF4 base; dequantized just in time, never kept in 16-bit
+  std::shared_ptr<LoraAdapter> lora;  // null when the layer is not a LoRA target
+  bool training = false;              // LoRA dropout is active only while training
+
+  bool quantized() const { return static_cast<bool>(nf4); }
+  int64_t out_features() const;
+  int64_t in_features() const;
+  // The base weight in `dtype` (dequantized when NF4): for export and tests, not for the forward pass.
+  at::Tensor base_weight(c10::ScalarType dtype) const;
+  at::Tensor forward(const at::Tensor& x, const Pass& pass = {}) const;
+
+ private:
+  at::Tensor dora_forward(const at::Tensor& x) const;
+};
+
+// The LoRA node's case, the fast path everywhere it applies: a frozen base (NF4, or dense without gradient), a
+// plain LoRA adapter with fp32 masters (no DoRA, no dropout active). project_group takes such linears with an NF4
+// base and no bias.
+bool lora_node_applies(const Linear& l);
+
+// The linear's forward pass where its output is not read (a recomputation that takes the value from elsewhere):
+// the LoRA node computes only what its backward saves; forward() where that node does not apply or there is a bias.
+at::Tensor linear_output_unused(const Linear& l, const at::Tensor& x, const Pass& pass);
+
+// y = x W^T with W dequantized from NF4 into a scratch buffer in the forward pass and again in the backward
+// pass (the QLoRA recipe: no 16-bit copy of W lives between them). Gradient flows to x only.
+at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
+
+// DoRA's weight norm: the L2 norm of each row (output feature) of W + scale * B A, in fp32, without gradient.
+// Computed over blocks of rows so that W + scale * B A never exists whole; W may be any floating dtype.
+// PEFT: DoraLinearLayer.get_weight_norm (torch.linalg.norm(weight + scaling * lora_weight, dim=1)).
+at::Tensor dora_weight_norm(const at::Tensor& W, const at::Tensor& A, const at::Tensor& B, double scale);
+
+// nf4_linear that also returns dora_weight_norm(W, A, B, scale) of the same just-in-time dequantized W (one
+// dequantization serves both). The norm carries no gradient; A and B are read detached.
+std::pair<at::Tensor, at::Tensor> nf4_linear_dora_norm(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w,
+                                                       const at::Tensor& A, const at::Tensor& B, double scale);
+
+// The LoRA factors as the GEMMs take them, for a linear or a group of linears reading one input: a = the As
+// stacked [sum r, in] and bd = the scaled Bs on the diagonal of [sum out, sum r], in the activations' dtype.
+// They change only when the optimizer (or a load) writes A or B, so under keep_dequantized they are made once per
+// version of the fp32 masters and reused by every forward pass until then (the forward, the recomputation, the
+// next micro-batch): a step of the 8B shape would otherwise run some 2,000 small cast / copy kernels for them.
+// One cache per model; one entry per linear (or group), checked against the masters' identity and version
+// counters.
+class LoraFactorCache {
+ public:
+  // ab: A0, B0, A1, B1, ... (fp32 masters of ls, in order).
+  std::pair<at::Tensor, at::Tensor> get(const std::vector<const Linear*>& ls, at::TensorList ab, at::ScalarType dt,
+                                        ModelStats* stats);
+  // The factors made now, nothing kept.
+  static std::pair<at::Tensor, at::Tensor> make(const std::vector<const Linear*>& ls, at::TensorList ab,
+                                                at::ScalarType dt);
+
+ private:
+  struct Entry {
+    std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> sources;
+    std::vector<int64_t> versions;
+    std::vector<double> scales;
+    at::ScalarType dtype = at::kFloat;
+    at::Tensor a, b;
+  };
+  static bool fresh(const Entry& e, const std::vector<const Linear*>& ls, at::TensorList ab, at::ScalarType dt);
+  std::mutex mutex_;
+  std::map<std::vector<const void*>, Entry> entries_;
+};
+
+// The factors of `ls` for a pass: from its cache when it has one, else made now.
+std::pair<at::Tensor, at::Tensor> lora_factors(const Pass& pass, const std::vector<const Linear*>& ls,
+                                               at::TensorList ab, at::ScalarType dt);
+
+}  // namespace qt
