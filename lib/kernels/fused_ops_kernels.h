@@ -1,5 +1,6 @@
 #pragma once
-// Raw launches of the fused block kernels (fused_ops.cu); callers pass device pointers and the CUDA stream.
+// Raw launches of the fused block kernels (rms_norm.cu, swiglu.cu, rope.cu); callers pass device pointers and the
+// CUDA stream.
 #include <cstdint>
 
 struct CUstream_st;
