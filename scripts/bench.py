@@ -5,7 +5,7 @@ directory) on each row, then the peers of ../shared/peers (carried as .peerscrip
 README) on the same rows, and prints tokens/s, memory, MFU and our ratio to each peer.
 
 MFU counts model FLOPs (issue 27): 4 N + causal attention forward and backward per token, whatever a plan
-recomputes. The one formula is the trainer's (lib/train/bench.h, `model_flops_per_token` in its JSON); the peers
+recomputes. The one formula is the trainer's (apps/trainer/bench.h, `model_flops_per_token` in its JSON); the peers
 of a row are measured against the same figure, over the bf16 matrix rate measured in this run (torch.matmul of
 8192^3).
 
@@ -19,9 +19,15 @@ Budgets (issue 26): with --budget B[,B...] each case runs with the rest of the G
 system, the least budget in 0.25 GiB steps at which the case completes (for Unsloth: over its checkpointing modes
 --unsloth-modes, its best that completes).
 
+A/B of our settings or builds (--ab NAME=SETTINGS, repeatable; SETTINGS as `--set k=v --set k2=v2` and / or
+`--binary PATH`, empty for the defaults): every variant on every row, interleaved over --rounds rounds, the median tokens/s of each; no peers.
+Smoke (--smoke): a Llama-3.2-1B-shaped model made with transformers and saved as an HF directory (the loading
+path, not random weights), a repeated batch of random ids, QLoRA r=16, checkpointing: the loss must fall by 0.5.
+
 Usage: python3 scripts/bench.py [--binary build-gpu/qlora-train] [--rows 1b-4x2048,8b-2x2048,...]
                                 [--peers unsloth,hf_qlora | none] [--steps 8] [--warm 3] [--out DIR]
                                 [--budget 8,9 | --min-budget] [--set key=value]...
+                                [--ab NAME=SETTINGS ... [--rounds 2]] [--smoke [--smoke-shape 4x2048x12]]
 Rows: NAME-BxS with NAME in 1b, 3b, 8b (e.g. 8b-1x32768); NAME-BxSpD: packed rows of random documents of median
 length D (e.g. 8b-1x8192p330, SFT-like data; ours only). Unsloth's checkpointing mode per row: on the GPU up to
 2048 tokens per row, offloaded ("u") beyond, unless --unsloth-modes names several (then the best that completes).
@@ -190,6 +196,99 @@ def run_peer(script, shape, batch, seq, ckpt, env, budget=None, timeout=900):
     return r
 
 
+def ab(a, rows):
+    """Each --ab variant on each row, interleaved over rounds; prints one JSON line per run and a table of medians."""
+    import shlex, statistics
+    variants = []
+    for v in a.ab:
+        name, _, spec = v.partition("=")
+        extra = shlex.split(spec)
+        sets = [extra[i + 1] for i in range(len(extra) - 1) if extra[i] == "--set"]
+        binary = next((extra[i + 1] for i in range(len(extra) - 1) if extra[i] == "--binary"), a.binary)
+        variants.append((name, sets, binary))
+    runs = []
+    for rnd in range(a.rounds):
+        for shape, b, s, docs in rows:
+            for name, sets, binary in variants:
+                r = run_ours(binary, pathlib.Path(a.work) / name, shape, b, s, a.steps, a.warm, a.set + sets, None, docs)
+                r.update(variant=name, round=rnd)
+                print(json.dumps(r), flush=True)
+                runs.append(r)
+    pathlib.Path(a.out).mkdir(parents=True, exist_ok=True)
+    pathlib.Path(a.out, "ab.json").write_text(json.dumps(runs, indent=1))
+    print("\n| row | variant | tok/s (median of rounds) | runs | peak GiB | device GiB |")
+    print("|---|---|---|---|---|---|")
+    for shape, b, s, docs in rows:
+        for name, _, _ in variants:
+            rs = [r for r in runs if r["variant"] == name and r["model"] == shape and r["batch"] == b and r["seq"] == s
+                  and r.get("docs", 0) == docs]
+            ok = [r for r in rs if "tok_per_s" in r]
+            label = f"{shape} {b}x{s}{f' packed {docs}' if docs else ''}"
+            if not ok:
+                print(f"| {label} | {name} | error: {rs[0].get('error', '')[-80:] if rs else '?'} | | | |")
+                continue
+            t = statistics.median(r["tok_per_s"] for r in ok)
+            print(f"| {label} | {name} | {t:,.0f} | {', '.join(format(r['tok_per_s'], ',') for r in ok)} | "
+                  f"{max(r['peak_gib'] for r in ok):.2f} | {max(r['device_gib'] for r in ok):.2f} |")
+
+
+def smoke(a):
+    """The trainer on an HF model directory made with transformers (Llama-3.2-1B's shape, random weights): the loss
+    of a repeated batch must fall by 0.5; one JSON line with tokens/s and peak memory (metrics.jsonl)."""
+    import torch
+    batch, seq, steps = (int(x) for x in a.smoke_shape.split("x"))
+    work = pathlib.Path(a.work) / "smoke"
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / "llama-3.2-1b"
+    if not (model_dir / "config.json").exists():
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                          max_position_embeddings=max(8192, seq), rope_theta=500000.0,
+                          rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                            original_max_position_embeddings=8192), bos_token_id=128000, eos_token_id=128001)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            m = LlamaForCausalLM(cfg).to(torch.bfloat16)
+        m.save_pretrained(model_dir, safe_serialization=True)
+        del m
+        torch.cuda.empty_cache()
+        # A tokenizer so that the directory is complete; the data below is already tokenized.
+        tok = pathlib.Path(os.environ.get("QT_FIXTURES", "build-gpu/tests/fixtures")) / "tokenizer" / "bpe"
+        if not (tok / "tokenizer.json").exists():
+            sys.exit(f"no tokenizer.json fixture under {tok}")
+        for f in tok.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                (model_dir / f.name).write_bytes(f.read_bytes())
+    g = torch.Generator().manual_seed(1)
+    # Ids below 256 exist in any byte-level BPE vocabulary (the copied tokenizer is a small test one).
+    rows = [torch.randint(0, 256, (seq,), generator=g).tolist() for _ in range(batch)]
+    data = work / "repeated.jsonl"
+    data.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+    out = work / "run"
+    config = {"output_dir": str(out), "model": {"path": str(model_dir), "quant": "nf4", "device": "cuda"},
+              "lora": {"r": 16, "alpha": 16},
+              "data": {"train_file": str(data), "format": "tokenized", "max_seq_len": seq, "packing": False, "shuffle": False},
+              "train": {"steps": steps, "batch_size": batch, "seed": 0, "log_every": 1, "memory": {"checkpointing": True}},
+              "optim": {"lr": 1e-3, "schedule": "constant"}, "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
+    (work / "smoke.json").write_text(json.dumps(config))
+    subprocess.run(["rm", "-rf", str(out)])
+    p = subprocess.run([a.binary, "--config", str(work / "smoke.json")], capture_output=True, text=True)
+    print(p.stderr[-2500:])
+    if p.returncode != 0:
+        sys.exit(f"qlora-train exited {p.returncode}")
+    m = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    m = [x for x in m if "loss" in x]
+    timed = m[3:] if len(m) > 4 else m
+    step_s = sorted(x["step_s"] for x in timed)[len(timed) // 2]
+    res = dict(system="qlora-train", model="llama-3.2-1b (HF directory)", batch=batch, seq=seq, steps=len(m),
+               first_loss=round(m[0]["loss"], 4), last_loss=round(m[-1]["loss"], 4), step_s=round(step_s, 4),
+               tok_per_s=round(batch * seq / step_s), peak_gib=round(max(x.get("gpu_mem_gib", 0) for x in m), 2))
+    print(json.dumps(res), flush=True)
+    if not m[-1]["loss"] < m[0]["loss"] - 0.5:
+        sys.exit("the loss did not fall on a repeated batch")
+
+
 def min_budget(run, lo, hi):
     """The least budget in 0.25 GiB steps in [lo, hi] at which run(budget) completes (bisection: completing is
     taken as monotone in the budget; lo where nothing completes), with that run's result; None when it fails at
@@ -227,6 +326,10 @@ def main():
     ap.add_argument("--min-budget", action="store_true", help="search each case's least budget (0.25 GiB steps)")
     ap.add_argument("--set", action="append", default=[], help="extra config key=value for our runs")
     ap.add_argument("--no-whole", action="store_true", help="with --budget: skip the whole-GPU run of each row")
+    ap.add_argument("--ab", action="append", default=[], help="NAME=SETTINGS (`--set k=v ...`, empty: defaults)")
+    ap.add_argument("--rounds", type=int, default=2, help="--ab: interleaved rounds")
+    ap.add_argument("--smoke", action="store_true", help="the loss falls on an HF directory made with transformers")
+    ap.add_argument("--smoke-shape", default="4x2048x12", help="--smoke: BATCHxSEQxSTEPS")
     a = ap.parse_args()
     if a.hold is not None:
         return hold(a.hold)
@@ -238,6 +341,10 @@ def main():
         b, s = bs.split("x")
         s, _, docs = s.partition("p")
         rows.append((SHAPES[name], int(b), int(s), int(docs or 0)))
+    if a.smoke:
+        return smoke(a)
+    if a.ab:
+        return ab(a, rows)
     rate = matrix_rate()
     print(f"bf16 matrix rate: {rate / 1e12:.0f} TFLOP/s", flush=True)
     here = pathlib.Path.cwd()

@@ -4,7 +4,7 @@
 # Usage (device tool, repo root): bash scripts/gpu-check.sh [tests|gputests|bench|train|peers|all]   (default all)
 #   tests: every test; gputests: the [gpu] ones only; bench: kernel benchmarks and their peers;
 #   train: scripts/bench.py on our trainer alone (BENCH_ROWS), with a per-kernel profile of one step per row
-#          (PROFILE_ROWS, and scripts/trace_summary.py's GPU time by op and shape); A/B of settings: scripts/gpu_ab.sh;
+#          (PROFILE_ROWS, and scripts/trace_summary.py's GPU time by op and shape); A/B of settings or builds: scripts/bench.py --ab;
 #   (several, comma-separated: gputests,train)
 #   attn: SDPA's attention kernels (flash, cuDNN, memory-efficient) at the 8B head shapes (scripts/attn_bench.py);
 #   extra: FullyShard with one NCCL rank, a real CUDA out-of-memory, long contexts (scripts/gpu_extra_checks.py);
@@ -83,7 +83,7 @@ if [ "$RUN_BENCH" = 1 ]; then
     "$b" 2>&1 | tee "$OUT/$(basename "$b").log" | tail -n 25 >>"$summary"
   done
   note "== trainer: QLoRA on a Llama-3.2-1B-shaped random model, 4 x 2048, bf16 (then HF + PEFT on the same shape)"
-  QT_FIXTURES=$PWD/build-gpu/tests/fixtures python3 scripts/gpu_train_smoke.py build-gpu/qlora-train /tmp/qt_smoke 4 2048 12 \
+  QT_FIXTURES=$PWD/build-gpu/tests/fixtures python3 scripts/bench.py --smoke --smoke-shape 4x2048x12 --work /tmp/qt_smoke \
     2>&1 | tee "$OUT/train_smoke.log" | grep -E '^\{|did not|exited' >>"$summary"
   if [ -d .peerscripts ]; then
     PEER_STEPS=6 python3 .peerscripts/hf_peft_baseline.py llama-3.2-1b 4 2048 1 2>&1 | tee "$OUT/peer_hf_peft.log" | grep '^{' >>"$summary"

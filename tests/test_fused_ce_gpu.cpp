@@ -29,12 +29,6 @@ using namespace qt::test_fused_ce;
 
 const at::TensorOptions kCuda = at::TensorOptions().device(at::kCUDA);
 
-// Leaves 256 MiB of NaN in the caching allocator's free blocks, so that an output the code forgets to write
-// (allocated with at::empty from that cache) shows up as NaN.
-void poison_allocator_cache() {
-  at::Tensor junk = at::full({int64_t{64} << 20}, std::numeric_limits<float>::quiet_NaN(), kCuda.dtype(at::kFloat));
-  junk.reset();
-}
 
 struct AllocatorStats {
   int64_t current, peak;
@@ -254,7 +248,7 @@ TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast input
         if (c.all_ignored_chunk) labels.narrow(0, 64, 64).fill_(o.ignore_index);
         const PlainCe want = plain_cross_entropy(hidden, weight, labels, o, true, c.weight_grad);
 
-        poison_allocator_cache();
+        qt::test::poison_allocator_cache(at::Device(at::kCUDA, 0));
         auto [loss_sum, count] = qt::fused_linear_cross_entropy(hidden, weight, host_labels ? labels.cpu() : labels, o);
         loss_sum.backward();
         const bool fp32 = c.dtype == at::kFloat;
@@ -349,7 +343,7 @@ TEST_CASE("CUDA fused linear CE with every label ignored gives zero loss and zer
       at::Tensor hidden = at::randn({50, 64}, kCuda).to(at::kBFloat16).requires_grad_(true);
       at::Tensor weight = at::randn({1000, 64}, kCuda).to(at::kBFloat16).requires_grad_(true);
       const at::Tensor labels = at::full({50}, o.ignore_index, host_labels ? at::TensorOptions() : kCuda).to(at::kLong);
-      poison_allocator_cache();
+      qt::test::poison_allocator_cache(at::Device(at::kCUDA, 0));
       auto [loss_sum, count] = qt::fused_linear_cross_entropy(hidden, weight, labels, o);
       loss_sum.backward();
       CHECK(loss_sum.item<float>() == 0.f);

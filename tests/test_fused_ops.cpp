@@ -16,10 +16,6 @@ using qt::test::rel_err;
 
 namespace {
 
-void poison_cache(const at::Device& device) {
-  at::Tensor nan = at::full({int64_t{64} << 20}, NAN, at::TensorOptions().dtype(at::kFloat).device(device));
-  nan.reset();  // back to the caching allocator, NaN bytes and all
-}
 
 double bound(c10::ScalarType t) { return t == at::kFloat ? 1e-5 : t == at::kHalf ? 2e-3 : 1e-2; }
 
@@ -41,10 +37,10 @@ void check_rope_qkv(const at::Device& device, c10::ScalarType dtype, int64_t Hq,
   at::Tensor v0 = qkv0.narrow(-1, (Hq + Hkv) * D, Hkv * D).reshape({B, S, Hkv, D});
   at::Tensor qr = qt::rope_reference(q0, cos, sin), kr = qt::rope_reference(k0, cos, sin);
   torch::autograd::backward({qr, kr}, {dq, dk});
-  if (device.is_cuda()) poison_cache(device);
+  if (device.is_cuda()) qt::test::poison_allocator_cache(device);
   at::Tensor qkv = qkv0.clone().requires_grad_(true);
   auto out = qt::rope_qkv(qkv, cos, sin, Hq, Hkv);
-  if (device.is_cuda()) poison_cache(device);
+  if (device.is_cuda()) qt::test::poison_allocator_cache(device);
   torch::autograd::backward({out[0], out[1], out[2]}, {dq, dk, dv});
   // On CUDA the kernel's node ran, not the reference's ops.
   if (device.is_cuda()) CHECK(out[0].grad_fn()->name().find("RopeQkvFn") != std::string::npos);
@@ -66,10 +62,10 @@ void check_swiglu_packed(const at::Device& device, c10::ScalarType dtype, int64_
   at::Tensor u = gu0.narrow(-1, I, I).contiguous().requires_grad_(true);
   at::Tensor yr = qt::swiglu_reference(g, u);
   yr.backward(dy);
-  if (device.is_cuda()) poison_cache(device);
+  if (device.is_cuda()) qt::test::poison_allocator_cache(device);
   at::Tensor gu = gu0.clone().requires_grad_(true);
   at::Tensor y = qt::swiglu_packed(gu);
-  if (device.is_cuda()) poison_cache(device);
+  if (device.is_cuda()) qt::test::poison_allocator_cache(device);
   y.backward(dy);
   if (device.is_cuda()) CHECK(y.grad_fn()->name().find("SwigluPackedFn") != std::string::npos);
   CHECK(y.sizes() == yr.sizes());
@@ -130,11 +126,11 @@ TEST_CASE("fused RMSNorm kernel equals the ATen reference on CUDA", "[fused_ops]
       at::Tensor xr = x0.clone().requires_grad_(true);
       at::Tensor yr = qt::rms_norm_reference(xr, w, 1e-5);
       yr.backward(dy);
-      poison_cache(cuda);
+      qt::test::poison_allocator_cache(cuda);
       at::Tensor xf = x0.clone().requires_grad_(true);
       REQUIRE(qt::fused_ops_apply(xf));
       at::Tensor yf = qt::rms_norm_fused(xf, w, 1e-5);
-      poison_cache(cuda);
+      qt::test::poison_allocator_cache(cuda);
       yf.backward(dy);
       CHECK(yf.scalar_type() == dtype);
       CHECK(rel_err(yf, yr) < bound(dtype));
@@ -156,10 +152,10 @@ TEST_CASE("fused SwiGLU kernel equals the ATen reference on CUDA", "[fused_ops][
       at::Tensor gr = g0.clone().requires_grad_(true), ur = u0.clone().requires_grad_(true);
       qt::swiglu_reference(gr, ur).backward(dy);
       at::Tensor outr = qt::swiglu_reference(g0, u0);
-      poison_cache(cuda);
+      qt::test::poison_allocator_cache(cuda);
       at::Tensor gf = g0.clone().requires_grad_(true), uf = u0.clone().requires_grad_(true);
       at::Tensor outf = qt::swiglu_fused(gf, uf);
-      poison_cache(cuda);
+      qt::test::poison_allocator_cache(cuda);
       outf.backward(dy);
       CHECK(rel_err(outf, outr) < bound(dtype));
       CHECK(rel_err(gf.grad(), gr.grad()) < bound(dtype));
@@ -185,10 +181,10 @@ TEST_CASE("fused RoPE kernel equals the ATen reference on CUDA", "[fused_ops][gp
       at::Tensor xr = x0.clone().requires_grad_(true);
       at::Tensor yr = qt::rope_reference(xr, cos, sin);
       yr.backward(dy);
-      poison_cache(cuda);
+      qt::test::poison_allocator_cache(cuda);
       at::Tensor xf = x0.clone().requires_grad_(true);
       at::Tensor yf = qt::rope_fused(xf, cos, sin);
-      poison_cache(cuda);
+      qt::test::poison_allocator_cache(cuda);
       yf.backward(dy);
       CHECK(yf.is_contiguous());
       CHECK(rel_err(yf, yr) < bound(dtype));

@@ -22,22 +22,7 @@ using qt::test::error_of;
 namespace {
 
 // Bit patterns, so that -0.0 != 0.0 and NaN payloads count.
-at::Tensor bits(const at::Tensor& t) {
-  at::Tensor c = t.to(at::kCPU).contiguous().reshape({-1});
-  switch (c.element_size()) {
-    case 1:
-      return c.view(at::kByte);
-    case 2:
-      return c.view(at::kShort);
-    case 4:
-      return c.view(at::kInt);
-    default:
-      return c.view(at::kLong);
-  }
-}
-bool same_bits(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == b.scalar_type() && a.numel() == b.numel() && at::equal(bits(a), bits(b));
-}
+using qt::test::same_bits;
 
 std::vector<std::string> nf4_cases() {
   std::ifstream in(qt::test::fixture("nf4/cases.txt"));

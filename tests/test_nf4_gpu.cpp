@@ -11,6 +11,7 @@
 #include "lib/kernels/nf4_format.h"
 #include "lib/quant/nf4.h"
 #include "tests/catch.h"
+#include "tests/test_util.h"
 
 #ifdef QT_WITH_CUDA
 #include <ATen/cuda/CUDAGraph.h>
@@ -20,14 +21,7 @@
 
 namespace {
 
-at::Tensor gpu_bits(const at::Tensor& t) {
-  at::Tensor c = t.contiguous().reshape({-1});
-  return c.element_size() == 2 ? c.view(at::kShort) : c.element_size() == 4 ? c.view(at::kInt) : c.view(at::kByte);
-}
-bool same_bits(const at::Tensor& a, const at::Tensor& b) {
-  return a.scalar_type() == b.scalar_type() && a.numel() == b.numel() && a.device() == b.device() &&
-         at::equal(gpu_bits(a), gpu_bits(b));
-}
+using qt::test::same_bits;
 
 void require_cuda() {
   REQUIRE(at::hasCUDA());

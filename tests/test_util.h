@@ -54,4 +54,25 @@ std::optional<qt::Error> caught(F&& f) {
 
 inline bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 
+// The same dtype, element count and bits (NaN payloads and signed zeros included), wherever each tensor lives.
+inline bool same_bits(const at::Tensor& a, const at::Tensor& b) {
+  auto bits = [](const at::Tensor& t) {
+    at::Tensor c = t.detach().to(at::kCPU).contiguous().reshape({-1});
+    switch (c.element_size()) {
+      case 1: return c.view(at::kByte);
+      case 2: return c.view(at::kShort);
+      case 4: return c.view(at::kInt);
+      default: return c.view(at::kLong);
+    }
+  };
+  return a.scalar_type() == b.scalar_type() && a.numel() == b.numel() && at::equal(bits(a), bits(b));
+}
+
+// Leaves 256 MiB of NaN in the caching allocator's free blocks of `device`, so that an output the code forgets to
+// write (allocated with at::empty from that cache) shows up as NaN.
+inline void poison_allocator_cache(const at::Device& device) {
+  at::Tensor nan = at::full({int64_t{64} << 20}, NAN, at::TensorOptions().dtype(at::kFloat).device(device));
+  nan.reset();  // back to the caching allocator, NaN bytes and all
+}
+
 }  // namespace qt::test

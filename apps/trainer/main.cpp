@@ -24,7 +24,7 @@
 #include "lib/model/merge.h"
 #include "lib/model/peft_adapter.h"
 #include "lib/model/quantize_model.h"
-#include "lib/train/bench.h"
+#include "apps/trainer/bench.h"
 #include "lib/train/evaluate.h"
 #include "lib/train/output_dir.h"
 #include "lib/train/run_config.h"

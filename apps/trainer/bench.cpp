@@ -1,4 +1,4 @@
-#include "lib/train/bench.h"
+#include "apps/trainer/bench.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAFunctions.h>
