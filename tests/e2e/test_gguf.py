@@ -1,0 +1,381 @@
+"""`qlora-train export --gguf f16|bf16|q8_0` writes one GGUF file of the merged model (base + adapter) and an Ollama
+Modelfile, for a sentencepiece model (Llama 2 style, Llama 2's chat template) and a byte-level BPE model (Llama 3
+style). gguf-py (llama.cpp's own reader) reads every file back: the llama metadata, the tokenizer, every tensor's
+name, dims and type, and its data equal to the merged HF model's (`export --merge --dtype fp32`) once llama.cpp's q/k
+row permutation is undone: exactly as fp16 / bf16 roundings of the merged fp32 weights, and q8_0 blocks byte-equal to
+gguf-py's quantizer and within the block's rounding. llama.cpp itself (llama-cpp-python) loads each file, tokenizes
+text into the ids our tokenizer gives, and gives the next-token logits transformers gives on the merged model with
+the same weight rounding (within the 16-bit / 8-bit arithmetic llama.cpp runs in), and the same greedy continuation.
+Refusals: an unresolvable base, a Qwen model, an unsupported rope type, an existing output file, an output path that
+is a file, a non-finite merged weight: each a clear error, a non-zero exit, nothing left behind."""
+import json, os, pathlib, shutil, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import numpy as np
+import torch
+import tiny_lm
+import gen_data
+import gen_tokenizer
+from test_peft_roundtrip import run, run_ok, last_json
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GGUF_TYPE = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+FILE_TYPE = {"f16": 1, "bf16": 32, "q8_0": 7}
+# llama.cpp computes a matmul with f16 / bf16 weights on activations rounded to that type (11 / 8 significant bits),
+# and with q8_0 weights on activations quantized to q8_0 blocks: bounds on max |logit difference| / max |logit|
+# against fp32 transformers on the same (rounded) weights. Measured on these models (llama-cpp-python 0.3.36, CPU):
+# f16 4.3e-3 / 3.9e-3, bf16 5.3e-2 / 1.3e-2, q8_0 3.7e-2 / 3.4e-2 (sentencepiece / BPE), about 8x apart as 2^3 bits.
+LOGIT_BOUND = {"f16": 1e-2, "bf16": 8e-2, "q8_0": 8e-2}
+failures = []
+
+
+def check(cond, msg):
+    if not cond:
+        failures.append(msg)
+        print("FAIL:", msg)
+    return cond
+
+
+def add_adapter(model, model_dir: pathlib.Path, out: pathlib.Path, seed: int):
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(seed)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * (0.2 if "lora_A" in n else 0.3))
+    peft.save_pretrained(out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(model_dir)
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    peft.unload()
+
+
+def spm_setup(tmp: pathlib.Path):
+    """Llama 2 style: sentencepiece tokenizer.model, Llama 2's chat template, untied lm_head."""
+    model_dir = tmp / "spm_model"
+    # A wider init than transformers' 0.02 gives sharper logits: fewer near-ties in the greedy comparison.
+    model, sp = tiny_lm.make_model_dir(model_dir, seed=3, initializer_range=0.1)
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = gen_data.LLAMA2
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    add_adapter(model, model_dir, tmp / "spm_adapter", seed=4)
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
+             else 1 for i in range(sp.get_piece_size())]
+    vocab = {"model": "llama", "pre": "default", "tokens": pieces, "types": types,
+             "scores": [sp.get_score(i) for i in range(sp.get_piece_size())], "merges": None,
+             "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "add_bos": True,
+             "template": gen_data.LLAMA2, "format": "llama2", "stops": ["[INST]", "[/INST]", "</s>"]}
+    encode = lambda text: [sp.bos_id()] + sp.encode(text)
+    return model_dir, tmp / "spm_adapter", vocab, encode
+
+
+def bpe_setup(tmp: pathlib.Path):
+    """Llama 3 style: byte-level BPE tokenizer.json with Llama 3's pre-tokenizer and specials, Llama 3's chat
+    template, tied embeddings."""
+    from tokenizers import Tokenizer
+    gen_tokenizer.make_bpe(tmp / "bpe_tok", gen_tokenizer.corpus_lines())
+    model_dir = tmp / "bpe_model"
+    model_dir.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp / "bpe_tok" / "bpe" / f, model_dir / f)
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = gen_data.LLAMA3
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    bos, eos = tok.token_to_id("<|begin_of_text|>"), tok.token_to_id("<|end_of_text|>")
+    model = tiny_lm.make_model(model_dir, tok.get_vocab_size(with_added_tokens=True), seed=5, bos_token_id=bos,
+                               eos_token_id=eos, tie_word_embeddings=True, initializer_range=0.1)
+    add_adapter(model, model_dir, tmp / "bpe_adapter", seed=6)
+    doc = json.loads((model_dir / "tokenizer.json").read_text())
+    n = tok.get_vocab_size(with_added_tokens=True)
+    tokens, types = [None] * n, [1] * n
+    for t, i in doc["model"]["vocab"].items():
+        tokens[i] = t
+    for a in doc["added_tokens"]:
+        tokens[a["id"]], types[a["id"]] = a["content"], 3 if a["special"] else 4
+    merges = [m if isinstance(m, str) else " ".join(m) for m in doc["model"]["merges"]]
+    vocab = {"model": "gpt2", "pre": "llama-bpe", "tokens": tokens, "types": types, "scores": None, "merges": merges,
+             "bos": bos, "eos": eos, "unk": None, "add_bos": True, "template": gen_data.LLAMA3, "format": "llama3",
+             "stops": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]}
+    encode = lambda text: tok.encode(text).ids  # the post-processor adds BOS
+    return model_dir, tmp / "bpe_adapter", vocab, encode
+
+
+def gguf_name(hf: str):
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf == "model.norm.weight":
+        return "output_norm.weight"
+    if hf == "lm_head.weight":
+        return "output.weight"
+    parts = hf.split(".")
+    rest = ".".join(parts[3:])
+    names = {"self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
+             "self_attn.o_proj.weight": "attn_output", "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
+             "mlp.down_proj.weight": "ffn_down", "input_layernorm.weight": "attn_norm",
+             "post_attention_layernorm.weight": "ffn_norm"}
+    return f"blk.{parts[2]}.{names[rest]}.weight"
+
+
+def permute(w: np.ndarray, n_head: int):
+    """convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w: np.ndarray, n_head: int):
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def rounded(w: torch.Tensor, gtype: str, name: str):
+    """The merged fp32 weight as the GGUF holds it (norms and 1-D tensors f32 in every mode)."""
+    import gguf
+    if w.dim() < 2 or name.endswith("norm.weight"):
+        return w
+    if gtype == "f16":
+        return w.half().float()
+    if gtype == "bf16":
+        return w.bfloat16().float()
+    q = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(w.shape).copy())
+
+
+def check_gguf(label, path: pathlib.Path, gtype, merged: dict, config: dict, vocab: dict):
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    f = lambda k: r.fields[k].contents() if k in r.fields else None
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // heads
+    want = {"general.architecture": "llama", "general.alignment": 32, "general.file_type": FILE_TYPE[gtype],
+            "llama.context_length": config["max_position_embeddings"], "llama.embedding_length": config["hidden_size"],
+            "llama.block_count": config["num_hidden_layers"], "llama.feed_forward_length": config["intermediate_size"],
+            "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
+            "llama.rope.dimension_count": head_dim, "llama.vocab_size": config["vocab_size"],
+            "tokenizer.ggml.model": vocab["model"], "tokenizer.ggml.pre": vocab["pre"],
+            "tokenizer.ggml.bos_token_id": vocab["bos"], "tokenizer.ggml.eos_token_id": vocab["eos"],
+            "tokenizer.ggml.unknown_token_id": vocab["unk"], "tokenizer.ggml.add_bos_token": vocab["add_bos"],
+            "tokenizer.ggml.add_eos_token": False, "tokenizer.chat_template": vocab["template"],
+            "tokenizer.ggml.tokens": vocab["tokens"], "tokenizer.ggml.token_type": vocab["types"],
+            "tokenizer.ggml.merges": vocab["merges"]}
+    for k, v in want.items():
+        check(f(k) == v, f"{label}: {k} = {str(f(k))[:200]} (want {str(v)[:200]})")
+    check(np.float32(f("llama.attention.layer_norm_rms_epsilon")) == np.float32(config["rms_norm_eps"]),
+          f"{label}: rms eps {f('llama.attention.layer_norm_rms_epsilon')}")
+    theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))
+    check(np.float32(f("llama.rope.freq_base")) == np.float32(theta), f"{label}: rope.freq_base {f('llama.rope.freq_base')}")
+    if vocab["scores"] is not None:
+        check(np.array_equal(np.float32(f("tokenizer.ggml.scores")), np.float32(vocab["scores"])), f"{label}: scores")
+    check(r.fields["GGUF.version"].contents() == 3, f"{label}: GGUF version")
+
+    tensors = {t.name: t for t in r.tensors}
+    names = {gguf_name(k) for k in merged}
+    check(set(tensors) == names, f"{label}: tensors {sorted(set(tensors) ^ names)} differ")
+    for hf, w in merged.items():
+        t = tensors.get(gguf_name(hf))
+        if t is None:
+            continue
+        is_f32 = w.dim() < 2 or hf.endswith("norm.weight")
+        want_type = "F32" if is_f32 else GGUF_TYPE[gtype]
+        check(t.tensor_type.name == want_type, f"{label}: {t.name} type {t.tensor_type.name} (want {want_type})")
+        check(list(t.shape) == list(reversed(w.shape)), f"{label}: {t.name} dims {list(t.shape)} (want innermost first "
+                                                          f"{list(reversed(w.shape))})")
+        heads_of = heads if ".attn_q." in t.name else kv_heads if ".attn_k." in t.name else None
+        w_np = w.numpy()
+        if heads_of:
+            w_np = permute(w_np, heads_of)  # compare in llama.cpp's layout, then undo it below
+        data = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+        if heads_of:
+            data = unpermute(data, heads_of)
+            w_np = unpermute(w_np, heads_of)
+        ref = w.numpy() if is_f32 else rounded(w, gtype, hf).numpy()
+        if gtype == "q8_0" and not is_f32:
+            # Byte-equal to gguf-py's reference quantizer (of the permuted rows), and each value within its block's
+            # rounding: |q d - x| <= d / 2 plus d's own fp16 rounding (127 |q| 2^-11 d).
+            wp = permute(w.numpy(), heads_of) if heads_of else w.numpy()
+            q = gguf.quants.quantize(wp, gguf.GGMLQuantizationType.Q8_0)
+            check(np.array_equal(np.asarray(t.data).reshape(-1), q.reshape(-1)), f"{label}: {t.name} q8_0 bytes differ from gguf-py's")
+            d = np.abs(w.numpy().reshape(-1, 32)).max(axis=1, keepdims=True) / 127
+            err = np.abs(data.reshape(-1, 32) - w.numpy().reshape(-1, 32))
+            check((err <= 0.57 * d + 1e-12).all(), f"{label}: {t.name} q8_0 error {float((err / (d + 1e-30)).max())} d")
+        else:
+            check(np.array_equal(data.astype(np.float32), ref), f"{label}: {t.name} data differ from the merged weight "
+                                                               f"(max {float(np.abs(data - ref).max())})")
+    return r
+
+
+def check_modelfile(label, out: pathlib.Path, gguf_file: str, vocab):
+    text = (out / "Modelfile").read_text()
+    check(f"FROM ./{gguf_file}\n" in text, f"{label}: Modelfile lacks FROM ./{gguf_file}: {text}")
+    markers = {"llama2": ["[INST] ", "<<SYS>>", "{{ .Prompt }} [/INST]"],
+               "llama3": ["<|start_header_id|>user<|end_header_id|>", "{{ .Prompt }}<|eot_id|>",
+                          "<|start_header_id|>assistant<|end_header_id|>"]}[vocab["format"]]
+    check("TEMPLATE \"\"\"" in text and all(m in text for m in markers), f"{label}: Modelfile TEMPLATE: {text}")
+    for s in vocab["stops"]:
+        check(f'PARAMETER stop "{s}"\n' in text, f"{label}: Modelfile lacks PARAMETER stop {s}: {text}")
+
+
+def reference_model(merged_dir: pathlib.Path, merged: dict, gtype: str):
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in merged:
+                p.copy_(rounded(merged[n], gtype, n))
+    return model
+
+
+def greedy_ref(model, ids, steps):
+    ids = list(ids)
+    margins = []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0, -1]
+        top = torch.topk(logits, 2).values
+        margins.append(float(top[0] - top[1]))
+        ids.append(int(logits.argmax()))
+    return ids, margins
+
+
+def check_llama_cpp(label, path: pathlib.Path, gtype, model, encode, texts):
+    import llama_cpp
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=2,
+                          seed=0)
+    for text in texts:
+        ours = encode(text)
+        theirs = llm.tokenize(text.encode(), add_bos=True, special=False)
+        check(theirs == ours, f"{label}: llama.cpp tokenizes {text!r} as {theirs}, our tokenizer {ours}")
+    ids = encode(texts[0])
+    llm.reset()
+    llm.eval(ids)
+    got = np.array(llm.scores[:llm.n_tokens], dtype=np.float32)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    rel = float(np.abs(got - ref).max() / np.abs(ref).max())
+    print(f"{label}: llama.cpp logits over {len(ids)} tokens vs transformers: max |diff| / max |logit| = {rel:.2e} "
+          f"(bound {LOGIT_BOUND[gtype]:.0e})")
+    check(rel <= LOGIT_BOUND[gtype], f"{label}: llama.cpp logits differ by {rel:.2e} of the largest (bound {LOGIT_BOUND[gtype]})")
+    # Greedy continuation, 12 tokens: the same, unless the reference's top two were within the logit bound at the
+    # step where they part (a tie that arithmetic of either side may break).
+    steps = 12
+    want, margins = greedy_ref(model, ids, steps)
+    llm.reset()
+    llm.eval(ids)
+    got_ids = list(ids)
+    for _ in range(steps):
+        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        got_ids.append(nxt)
+        llm.eval([nxt])
+    if got_ids != want:
+        k = next(i for i in range(len(want)) if got_ids[i] != want[i]) - len(ids)
+        tie = margins[k] <= 2 * LOGIT_BOUND[gtype] * float(np.abs(ref).max())
+        print(f"{label}: greedy continuations part at step {k} (reference top-2 margin {margins[k]:.2e}: "
+              f"{'a near tie' if tie else 'decided'})")
+        check(tie, f"{label}: llama.cpp's greedy continuation {got_ids[len(ids):]} vs transformers' {want[len(ids):]}")
+    else:
+        print(f"{label}: the same greedy continuation of {steps} tokens: {want[len(ids):]}")
+    llm.close()
+
+
+def export_model(tmp: pathlib.Path, kind, model_dir, adapter, vocab, encode):
+    import safetensors.torch
+    run_ok("export", "--adapter", adapter, "--out", tmp / f"{kind}_merged32", "--merge", "--dtype", "fp32")
+    merged = safetensors.torch.load_file(str(tmp / f"{kind}_merged32" / "model.safetensors"))
+    config = json.loads((model_dir / "config.json").read_text())
+    base = json.loads((model_dir / "config.json").read_text())
+    texts = ["the cat sat on the mat and the dog ran fast.", "qlora trains adapters quickly with four bit weights!",
+             "where why how what who"]
+    for gtype in ("f16", "bf16", "q8_0"):
+        label = f"{kind} {gtype}"
+        out = tmp / f"{kind}_{gtype}"
+        info = last_json(run_ok("export", "--adapter", adapter, "--out", out, "--gguf", gtype))
+        gguf_file = f"{model_dir.name}-{gtype}.gguf"
+        check(sorted(os.listdir(out)) == sorted([gguf_file, "Modelfile"]), f"{label}: files {os.listdir(out)}")
+        check(info["adapters"] == 7 * config["num_hidden_layers"] and info["chat_format"] == vocab["format"],
+              f"{label}: {info}")
+        check_gguf(label, out / gguf_file, gtype, merged, base, vocab)
+        check_modelfile(label, out, gguf_file, vocab)
+        check_llama_cpp(label, out / gguf_file, gtype, reference_model(tmp / f"{kind}_merged32", merged, gtype),
+                        encode, texts)
+
+
+def check_refusals(tmp: pathlib.Path, model_dir: pathlib.Path, adapter: pathlib.Path):
+    def refused(args, code, needles, out):
+        p = run(*args)
+        msg = p.stderr + p.stdout
+        ok = check(p.returncode == code and all(n in msg for n in needles),
+                   f"{args}: exit {p.returncode} (want {code}), message {msg.strip()[-500:]!r} lacks {needles}")
+        if ok:
+            print(f"ok: exit {code}: {msg.strip().splitlines()[-1]}")
+        leftovers = [str(p) for p in pathlib.Path(out).parent.rglob("*.partial")] if pathlib.Path(out).parent.exists() else []
+        check(not leftovers, f"{args}: left partial files {leftovers}")
+
+    # The base cannot be found: adapter_config.json names a missing directory; --model names one.
+    gone = tmp / "adapter_gone"
+    shutil.copytree(adapter, gone)
+    cfg = json.loads((gone / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp / "no_such_base")
+    (gone / "adapter_config.json").write_text(json.dumps(cfg))
+    refused(("export", "--adapter", gone, "--out", tmp / "r1", "--gguf", "f16"), 2,
+            ["adapter_config.json", "no_such_base"], tmp / "r1")
+    refused(("export", "--adapter", adapter, "--model", tmp / "no_such_model", "--out", tmp / "r2", "--gguf", "f16"), 4,
+            ["no_such_model"], tmp / "r2")
+    # Architectures and types llama.cpp would not load as `llama`.
+    for name, patch, needles in (
+            ("qwen2", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False},
+             ["model_type", "'qwen2'", "llama-architecture models only"]),
+            ("qwen3", {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "use_sliding_window": False},
+             ["model_type", "'qwen3'", "llama-architecture models only"]),
+            ("dynamic", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+             ["rope_scaling.rope_type", "'dynamic'", "default, linear and llama3"])):
+        d = tmp / f"model_{name}"
+        shutil.copytree(model_dir, d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.pop("rope_parameters", None) if name == "dynamic" else None
+        cfg.update(patch)
+        (d / "config.json").write_text(json.dumps(cfg))
+        refused(("export", "--adapter", adapter, "--model", d, "--out", tmp / f"r_{name}", "--gguf", "f16"), 4,
+                [str(d / "config.json"), *needles], tmp / f"r_{name}")
+        check(not (tmp / f"r_{name}").exists(), f"{name}: the refused export created its output directory")
+    refused(("export", "--adapter", adapter, "--out", tmp / "r3", "--gguf", "q4_0"), 2, ["--gguf", "q4_0"], tmp / "r3")
+    # An existing output file: named, and left as it was.
+    out = tmp / "exists"
+    run_ok("export", "--adapter", adapter, "--out", out, "--gguf", "f16")
+    gguf_file = out / f"{model_dir.name}-f16.gguf"
+    before = gguf_file.read_bytes()
+    refused(("export", "--adapter", adapter, "--out", out, "--gguf", "f16"), 2, [str(gguf_file), "exists"], out)
+    check(gguf_file.read_bytes() == before and sorted(os.listdir(out)) == sorted([gguf_file.name, "Modelfile"]),
+          "the refused export changed the existing output")
+    # Another type into the same directory: the Modelfile is there already.
+    refused(("export", "--adapter", adapter, "--out", out, "--gguf", "q8_0"), 2, [str(out / "Modelfile"), "exists"], out)
+    (tmp / "a_file").write_text("x")
+    refused(("export", "--adapter", adapter, "--out", tmp / "a_file", "--gguf", "f16"), 2,
+            [str(tmp / "a_file"), "not a directory"], tmp / "a_file")
+    # A failure while writing (a merged weight that is not finite): exit 7, no file and no directory left.
+    import safetensors.torch
+    nan = tmp / "adapter_nan"
+    shutil.copytree(adapter, nan)
+    t = safetensors.torch.load_file(str(nan / "adapter_model.safetensors"))
+    key = next(k for k in sorted(t) if "layers.1" in k and "down_proj.lora_B" in k)
+    t[key][0, 0] = float("inf")
+    safetensors.torch.save_file(t, str(nan / "adapter_model.safetensors"))
+    refused(("export", "--adapter", nan, "--out", tmp / "r_nan", "--gguf", "q8_0"), 7,
+            ["blk.1.ffn_down.weight", "non-finite"], tmp / "r_nan")
+    check(not (tmp / "r_nan").exists(), "a failed export left its output directory")
+
+
+def main():
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="qt_gguf_"))
+    spm = spm_setup(tmp)
+    export_model(tmp, "spm", *spm)
+    bpe = bpe_setup(tmp)
+    export_model(tmp, "bpe", *bpe)
+    check_refusals(tmp, spm[0], spm[1])
+    if failures:
+        print(f"FAILED ({len(failures)}):\n" + "\n".join(failures))
+        sys.exit(1)
+    print("all GGUF export checks passed")
+
+
+if __name__ == "__main__":
+    main()
