@@ -52,7 +52,7 @@ void check_gguf_llama_config(const LlamaConfig& c, const std::string& config_pat
   if (c.qk_norm)
     fail_key(ErrorKind::Model, config_path, "model_type", "q/k norms (Qwen3) have no place in llama.cpp's `llama`");
   if (c.rope.type != RopeType::Default && c.rope.type != RopeType::Linear && c.rope.type != RopeType::Llama3)
-    fail_key(ErrorKind::Model, config_path, "rope_scaling.rope_type",
+    fail_key(ErrorKind::Model, config_path, "rope_scaling.rope_type (rope_parameters.rope_type in transformers 5.x files)",
              std::string("'") + rope_type_name(c.rope.type) +
                  "': GGUF export writes default, linear and llama3 rope scaling only");
   if (c.head_dim % 2 != 0)

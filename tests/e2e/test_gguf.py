@@ -6,6 +6,7 @@ row permutation is undone: exactly as fp16 / bf16 roundings of the merged fp32 w
 gguf-py's quantizer and within the block's rounding. llama.cpp itself (llama-cpp-python) loads each file, tokenizes
 text into the ids our tokenizer gives, and gives the next-token logits transformers gives on the merged model with
 the same weight rounding (within the 16-bit / 8-bit arithmetic llama.cpp runs in), and the same greedy continuation.
+Rope scaling (linear, Llama 3.1's) as llama.cpp takes it, held to transformers the same way.
 Refusals: an unresolvable base, a Qwen model, an unsupported rope type, an existing output file, an output path that
 is a file, a non-finite merged weight: each a clear error, a non-zero exit, nothing left behind."""
 import json, os, pathlib, shutil, sys, tempfile
@@ -24,8 +25,10 @@ FILE_TYPE = {"f16": 1, "bf16": 32, "q8_0": 7}
 # llama.cpp computes a matmul with f16 / bf16 weights on activations rounded to that type (11 / 8 significant bits),
 # and with q8_0 weights on activations quantized to q8_0 blocks: bounds on max |logit difference| / max |logit|
 # against fp32 transformers on the same (rounded) weights. Measured on these models (llama-cpp-python 0.3.36, CPU):
-# f16 4.3e-3 / 3.9e-3, bf16 5.3e-2 / 1.3e-2, q8_0 3.7e-2 / 3.4e-2 (sentencepiece / BPE), about 8x apart as 2^3 bits.
-LOGIT_BOUND = {"f16": 1e-2, "bf16": 8e-2, "q8_0": 8e-2}
+# f16 4.3e-3 / 3.9e-3, bf16 5.3e-2 / 1.3e-2, q8_0 3.7e-2 / 3.4e-2 (sentencepiece / BPE), about 8x apart as 2^3 bits;
+# f16 2.7e-3 with linear rope scaling and 1.3e-2 with Llama 3.1's (its last position; 2e-3 at the others, where
+# leaving out the rope_freqs would differ by 0.01 to 1.4).
+LOGIT_BOUND = {"f16": 2e-2, "bf16": 8e-2, "q8_0": 8e-2}
 failures = []
 
 
@@ -51,15 +54,15 @@ def add_adapter(model, model_dir: pathlib.Path, out: pathlib.Path, seed: int):
     peft.unload()
 
 
-def spm_setup(tmp: pathlib.Path):
+def spm_setup(tmp: pathlib.Path, name="spm", **overrides):
     """Llama 2 style: sentencepiece tokenizer.model, Llama 2's chat template, untied lm_head."""
-    model_dir = tmp / "spm_model"
+    model_dir = tmp / f"{name}_model"
     # A wider init than transformers' 0.02 gives sharper logits: fewer near-ties in the greedy comparison.
-    model, sp = tiny_lm.make_model_dir(model_dir, seed=3, initializer_range=0.1)
+    model, sp = tiny_lm.make_model_dir(model_dir, seed=3, initializer_range=0.1, **overrides)
     cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
     cfg["chat_template"] = gen_data.LLAMA2
     (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
-    add_adapter(model, model_dir, tmp / "spm_adapter", seed=4)
+    add_adapter(model, model_dir, tmp / f"{name}_adapter", seed=4)
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
              else 1 for i in range(sp.get_piece_size())]
@@ -68,7 +71,7 @@ def spm_setup(tmp: pathlib.Path):
              "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "add_bos": True,
              "template": gen_data.LLAMA2, "format": "llama2", "stops": ["[INST]", "[/INST]", "</s>"]}
     encode = lambda text: [sp.bos_id()] + sp.encode(text)
-    return model_dir, tmp / "spm_adapter", vocab, encode
+    return model_dir, tmp / f"{name}_adapter", vocab, encode
 
 
 def bpe_setup(tmp: pathlib.Path):
@@ -117,6 +120,25 @@ def gguf_name(hf: str):
              "mlp.down_proj.weight": "ffn_down", "input_layernorm.weight": "attn_norm",
              "post_attention_layernorm.weight": "ffn_norm"}
     return f"blk.{parts[2]}.{names[rest]}.weight"
+
+
+def llama3_rope_factors(rope, head_dim):
+    """convert_hf_to_gguf.py's LlamaModel.generate_extra_tensors for rope_type llama3."""
+    import math
+    base, factor = rope["rope_theta"], rope["factor"]
+    low, high, old = rope["low_freq_factor"], rope["high_freq_factor"], rope["original_max_position_embeddings"]
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def permute(w: np.ndarray, n_head: int):
@@ -168,8 +190,20 @@ def check_gguf(label, path: pathlib.Path, gtype, merged: dict, config: dict, voc
         check(np.array_equal(np.float32(f("tokenizer.ggml.scores")), np.float32(vocab["scores"])), f"{label}: scores")
     check(r.fields["GGUF.version"].contents() == 3, f"{label}: GGUF version")
 
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type") == "linear":
+        check(f("llama.rope.scaling.type") == "linear" and np.float32(f("llama.rope.scaling.factor")) == rope["factor"],
+              f"{label}: rope scaling {f('llama.rope.scaling.type')} {f('llama.rope.scaling.factor')}")
+    else:
+        check(f("llama.rope.scaling.type") is None, f"{label}: rope scaling type {f('llama.rope.scaling.type')}")
     tensors = {t.name: t for t in r.tensors}
     names = {gguf_name(k) for k in merged}
+    if rope.get("rope_type") == "llama3":
+        names.add("rope_freqs.weight")
+        t = tensors.get("rope_freqs.weight")
+        want = llama3_rope_factors(rope, head_dim)
+        check(t is not None and t.tensor_type.name == "F32" and np.allclose(np.asarray(t.data), want, rtol=1e-6, atol=0),
+              f"{label}: rope_freqs {None if t is None else np.asarray(t.data)} (want {want})")
     check(set(tensors) == names, f"{label}: tensors {sorted(set(tensors) ^ names)} differ")
     for hf, w in merged.items():
         t = tensors.get(gguf_name(hf))
@@ -277,7 +311,7 @@ def check_llama_cpp(label, path: pathlib.Path, gtype, model, encode, texts):
     llm.close()
 
 
-def export_model(tmp: pathlib.Path, kind, model_dir, adapter, vocab, encode):
+def export_model(tmp: pathlib.Path, kind, model_dir, adapter, vocab, encode, gtypes=("f16", "bf16", "q8_0")):
     import safetensors.torch
     run_ok("export", "--adapter", adapter, "--out", tmp / f"{kind}_merged32", "--merge", "--dtype", "fp32")
     merged = safetensors.torch.load_file(str(tmp / f"{kind}_merged32" / "model.safetensors"))
@@ -285,7 +319,7 @@ def export_model(tmp: pathlib.Path, kind, model_dir, adapter, vocab, encode):
     base = json.loads((model_dir / "config.json").read_text())
     texts = ["the cat sat on the mat and the dog ran fast.", "qlora trains adapters quickly with four bit weights!",
              "where why how what who"]
-    for gtype in ("f16", "bf16", "q8_0"):
+    for gtype in gtypes:
         label = f"{kind} {gtype}"
         out = tmp / f"{kind}_{gtype}"
         info = last_json(run_ok("export", "--adapter", adapter, "--out", out, "--gguf", gtype))
@@ -368,6 +402,12 @@ def main():
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="qt_gguf_"))
     spm = spm_setup(tmp)
     export_model(tmp, "spm", *spm)
+    # Rope scaling: linear (llama.rope.scaling.*) and Llama 3.1's (a rope_freqs tensor), in llama.cpp as in transformers.
+    rope = {"rope_theta": 10000.0}
+    for name, params in (("linear", dict(rope, rope_type="linear", factor=4.0)),
+                         ("llama3", dict(rope, rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                         original_max_position_embeddings=64))):
+        export_model(tmp, f"rope_{name}", *spm_setup(tmp, f"rope_{name}", rope_parameters=params), gtypes=("f16",))
     bpe = bpe_setup(tmp)
     export_model(tmp, "bpe", *bpe)
     check_refusals(tmp, spm[0], spm[1])
