@@ -286,6 +286,11 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   const std::string config_path = find_model_files(req.base_dir).config_path;
   const LlamaConfig config = LlamaConfig::from_file(config_path);
   check_gguf_llama_config(config, config_path);
+  // convert_hf_to_gguf.py drops Mistral's window too: llama.cpp's `llama` attends to the whole context.
+  if (config.sliding_window && *config.sliding_window < config.max_position_embeddings)
+    log::warn(config_path + ": sliding_window " + std::to_string(*config.sliding_window) +
+              " is not in the GGUF (llama.cpp's llama architecture has no window): sequences longer than it attend "
+              "further back than in training");
   if (files::exists(req.out_dir) && !files::is_dir(req.out_dir))
     fail_at(ErrorKind::Usage, req.out_dir, "exists and is not a directory (--out names the output directory)");
   GgufExportStats stats;
