@@ -6,7 +6,7 @@ row permutation is undone: exactly as fp16 / bf16 roundings of the merged fp32 w
 gguf-py's quantizer and within the block's rounding. llama.cpp itself (llama-cpp-python) loads each file, tokenizes
 text into the ids our tokenizer gives, and gives the next-token logits transformers gives on the merged model with
 the same weight rounding (within the 16-bit / 8-bit arithmetic llama.cpp runs in), and the same greedy continuation.
-Rope scaling (linear, Llama 3.1's) as llama.cpp takes it, held to transformers the same way.
+A Mistral model (model_type mistral) the same way, in f16. Rope scaling (linear, Llama 3.1's) as llama.cpp takes it, held to transformers the same way.
 Refusals: an unresolvable base, a Qwen model, an unsupported rope type, an existing output file, an output path that
 is a file, a non-finite merged weight: each a clear error, a non-zero exit, nothing left behind."""
 import json, os, pathlib, shutil, sys, tempfile
@@ -72,6 +72,31 @@ def spm_setup(tmp: pathlib.Path, name="spm", **overrides):
              "template": gen_data.LLAMA2, "format": "llama2", "stops": ["[INST]", "[/INST]", "</s>"]}
     encode = lambda text: [sp.bos_id()] + sp.encode(text)
     return model_dir, tmp / f"{name}_adapter", vocab, encode
+
+
+def mistral_setup(tmp: pathlib.Path):
+    """model_type mistral (MistralForCausalLM, sentencepiece, Mistral Instruct's chat template): llama.cpp's llama."""
+    from transformers import MistralConfig, MistralForCausalLM
+    model_dir = tmp / "mistral_model"
+    sp = tiny_lm.make_tokenizer(model_dir)
+    cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = gen_data.MISTRAL
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    torch.manual_seed(7)
+    model = MistralForCausalLM(MistralConfig(
+        hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=sp.get_piece_size(), max_position_embeddings=512, rms_norm_eps=1e-5, sliding_window=4096,
+        bos_token_id=1, eos_token_id=2, initializer_range=0.1)).float().eval()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    add_adapter(model, model_dir, tmp / "mistral_adapter", seed=8)
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
+             else 1 for i in range(sp.get_piece_size())]
+    vocab = {"model": "llama", "pre": "default", "tokens": pieces, "types": types,
+             "scores": [sp.get_score(i) for i in range(sp.get_piece_size())], "merges": None,
+             "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "add_bos": True,
+             "template": gen_data.MISTRAL, "format": "mistral", "stops": ["[INST]", "[/INST]", "</s>"]}
+    return model_dir, tmp / "mistral_adapter", vocab, lambda text: [sp.bos_id()] + sp.encode(text)
 
 
 def bpe_setup(tmp: pathlib.Path):
@@ -241,7 +266,7 @@ def check_gguf(label, path: pathlib.Path, gtype, merged: dict, config: dict, voc
 def check_modelfile(label, out: pathlib.Path, gguf_file: str, vocab):
     text = (out / "Modelfile").read_text()
     check(f"FROM ./{gguf_file}\n" in text, f"{label}: Modelfile lacks FROM ./{gguf_file}: {text}")
-    markers = {"llama2": ["[INST] ", "<<SYS>>", "{{ .Prompt }} [/INST]"],
+    markers = {"llama2": ["[INST] ", "<<SYS>>", "{{ .Prompt }} [/INST]"], "mistral": ["[INST] ", "{{ .Prompt }} [/INST]"],
                "llama3": ["<|start_header_id|>user<|end_header_id|>", "{{ .Prompt }}<|eot_id|>",
                           "<|start_header_id|>assistant<|end_header_id|>"]}[vocab["format"]]
     check("TEMPLATE \"\"\"" in text and all(m in text for m in markers), f"{label}: Modelfile TEMPLATE: {text}")
@@ -250,8 +275,8 @@ def check_modelfile(label, out: pathlib.Path, gguf_file: str, vocab):
 
 
 def reference_model(merged_dir: pathlib.Path, merged: dict, gtype: str):
-    from transformers import LlamaForCausalLM
-    model = LlamaForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in merged:
@@ -408,6 +433,7 @@ def main():
                          ("llama3", dict(rope, rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                          original_max_position_embeddings=64))):
         export_model(tmp, f"rope_{name}", *spm_setup(tmp, f"rope_{name}", rope_parameters=params), gtypes=("f16",))
+    export_model(tmp, "mistral", *mistral_setup(tmp), gtypes=("f16",))
     bpe = bpe_setup(tmp)
     export_model(tmp, "bpe", *bpe)
     check_refusals(tmp, spm[0], spm[1])
