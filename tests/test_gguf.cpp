@@ -139,11 +139,17 @@ TEST_CASE("the Modelfile carries the chat format of the model's template and its
     std::vector<std::string> needles;
   };
   const std::vector<Case> cases = {
-      {"{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>' }}", "llama3",
-       {"<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>", "PARAMETER stop \"<|eot_id|>\"\n"}},
+      {"{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>' }}",
+       "llama3",
+       {"<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>",
+        "PARAMETER stop \"<|eot_id|>\"\n"}},
       {"{{ '[INST] ' + '<<SYS>>\\n' }}", "llama2", {"[INST] {{ if .System }}<<SYS>>", "PARAMETER stop \"[/INST]\"\n"}},
-      {"{{ '[INST] ' + message['content'] + ' [/INST]' }}", "mistral", {"{{ .Prompt }} [/INST]", "PARAMETER stop \"[INST]\"\n"}},
-      {"{{- '<|im_start|>system\\n' }}", "chatml", {"<|im_start|>assistant\n{{ .Response }}<|im_end|>", "PARAMETER stop \"<|im_end|>\"\n"}},
+      {"{{ '[INST] ' + message['content'] + ' [/INST]' }}",
+       "mistral",
+       {"{{ .Prompt }} [/INST]", "PARAMETER stop \"[INST]\"\n"}},
+      {"{{- '<|im_start|>system\\n' }}",
+       "chatml",
+       {"<|im_start|>assistant\n{{ .Response }}<|im_end|>", "PARAMETER stop \"<|im_end|>\"\n"}},
       {"", "none", {"# No TEMPLATE"}},
   };
   for (const auto& c : cases) {

@@ -31,9 +31,12 @@ GgufFileType parse_gguf_file_type(const std::string& name) {
 
 const char* gguf_file_type_name(GgufFileType type) {
   switch (type) {
-    case GgufFileType::F16: return "f16";
-    case GgufFileType::BF16: return "bf16";
-    case GgufFileType::Q8_0: return "q8_0";
+    case GgufFileType::F16:
+      return "f16";
+    case GgufFileType::BF16:
+      return "bf16";
+    case GgufFileType::Q8_0:
+      return "q8_0";
   }
   return "?";
 }
@@ -41,8 +44,9 @@ const char* gguf_file_type_name(GgufFileType type) {
 void check_gguf_llama_config(const LlamaConfig& c, const std::string& config_path) {
   if (c.model_type != "llama" && c.model_type != "mistral")
     fail_key(ErrorKind::Model, config_path, "model_type",
-             "'" + c.model_type + "': GGUF export supports llama-architecture models only (model_type llama or "
-             "mistral, which llama.cpp loads as `llama`)");
+             "'" + c.model_type +
+                 "': GGUF export supports llama-architecture models only (model_type llama or "
+                 "mistral, which llama.cpp loads as `llama`)");
   if (c.attention_bias || c.qkv_bias)
     fail_key(ErrorKind::Model, config_path, "attention_bias",
              "true: GGUF export maps bias-free q/k/v/o projections only (LLaMA / Mistral checkpoints have none)");
@@ -52,11 +56,11 @@ void check_gguf_llama_config(const LlamaConfig& c, const std::string& config_pat
   if (c.qk_norm)
     fail_key(ErrorKind::Model, config_path, "model_type", "q/k norms (Qwen3) have no place in llama.cpp's `llama`");
   if (c.rope.type != RopeType::Default && c.rope.type != RopeType::Linear && c.rope.type != RopeType::Llama3)
-    fail_key(ErrorKind::Model, config_path, "rope_scaling.rope_type (rope_parameters.rope_type in transformers 5.x files)",
+    fail_key(ErrorKind::Model, config_path,
+             "rope_scaling.rope_type (rope_parameters.rope_type in transformers 5.x files)",
              std::string("'") + rope_type_name(c.rope.type) +
                  "': GGUF export writes default, linear and llama3 rope scaling only");
-  if (c.head_dim % 2 != 0)
-    fail_key(ErrorKind::Model, config_path, "head_dim", "must be even for rotary embeddings");
+  if (c.head_dim % 2 != 0) fail_key(ErrorKind::Model, config_path, "head_dim", "must be even for rotary embeddings");
 }
 
 at::Tensor permute_for_llama_cpp_rope(const at::Tensor& w, int64_t n_head) {
@@ -75,9 +79,12 @@ enum TokenType : int32_t { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined
 // ggml's file types (llama.h, enum llama_ftype) for general.file_type.
 uint32_t ftype_id(GgufFileType t) {
   switch (t) {
-    case GgufFileType::F16: return 1;    // LLAMA_FTYPE_MOSTLY_F16
-    case GgufFileType::BF16: return 32;  // LLAMA_FTYPE_MOSTLY_BF16
-    case GgufFileType::Q8_0: return 7;   // LLAMA_FTYPE_MOSTLY_Q8_0
+    case GgufFileType::F16:
+      return 1;  // LLAMA_FTYPE_MOSTLY_F16
+    case GgufFileType::BF16:
+      return 32;  // LLAMA_FTYPE_MOSTLY_BF16
+    case GgufFileType::Q8_0:
+      return 7;  // LLAMA_FTYPE_MOSTLY_Q8_0
   }
   return 0;
 }
@@ -128,8 +135,11 @@ Vocab sentencepiece_vocab(const std::string& dir, const Json& tok_cfg) {
   for (int i = 0; i < n; ++i) {
     v.tokens.push_back(sp.IdToPiece(i));
     v.scores.push_back(sp.GetScore(i));
-    v.types.push_back(sp.IsUnknown(i) ? kUnknown : sp.IsControl(i) ? kControl : sp.IsUnused(i) ? kUnused
-                      : sp.IsByte(i) ? kByte : kNormal);
+    v.types.push_back(sp.IsUnknown(i)   ? kUnknown
+                      : sp.IsControl(i) ? kControl
+                      : sp.IsUnused(i)  ? kUnused
+                      : sp.IsByte(i)    ? kByte
+                                        : kNormal);
   }
   v.unk_id = sp.unk_id();
   if (tok_cfg.contains("added_tokens_decoder") && tok_cfg.at("added_tokens_decoder").is_object()) {
@@ -174,9 +184,12 @@ Vocab bpe_vocab(const std::string& json_path) {
   }
   if (model.contains("merges"))
     for (const auto& m : model.at("merges")) {
-      if (m.is_string()) v.merges.push_back(m.get<std::string>());
-      else if (m.is_array() && m.size() == 2) v.merges.push_back(m[0].get<std::string>() + " " + m[1].get<std::string>());
-      else fail_key(ErrorKind::Model, json_path, "model.merges", "expected \"a b\" strings or [a, b] pairs");
+      if (m.is_string())
+        v.merges.push_back(m.get<std::string>());
+      else if (m.is_array() && m.size() == 2)
+        v.merges.push_back(m[0].get<std::string>() + " " + m[1].get<std::string>());
+      else
+        fail_key(ErrorKind::Model, json_path, "model.merges", "expected \"a b\" strings or [a, b] pairs");
     }
   if (model.contains("unk_token") && model.at("unk_token").is_string()) {
     const std::string unk = model.at("unk_token").get<std::string>();
@@ -198,10 +211,10 @@ std::string gguf_tensor_name(const std::string& hf, int64_t* block) {
     *block = std::stoll(hf.substr(prefix.size(), dot - prefix.size()));
     const std::string rest = hf.substr(dot + 1);
     static const std::map<std::string, std::string> names = {
-        {"self_attn.q_proj.weight", "attn_q.weight"},      {"self_attn.k_proj.weight", "attn_k.weight"},
-        {"self_attn.v_proj.weight", "attn_v.weight"},      {"self_attn.o_proj.weight", "attn_output.weight"},
-        {"mlp.gate_proj.weight", "ffn_gate.weight"},       {"mlp.up_proj.weight", "ffn_up.weight"},
-        {"mlp.down_proj.weight", "ffn_down.weight"},       {"input_layernorm.weight", "attn_norm.weight"},
+        {"self_attn.q_proj.weight", "attn_q.weight"},          {"self_attn.k_proj.weight", "attn_k.weight"},
+        {"self_attn.v_proj.weight", "attn_v.weight"},          {"self_attn.o_proj.weight", "attn_output.weight"},
+        {"mlp.gate_proj.weight", "ffn_gate.weight"},           {"mlp.up_proj.weight", "ffn_up.weight"},
+        {"mlp.down_proj.weight", "ffn_down.weight"},           {"input_layernorm.weight", "attn_norm.weight"},
         {"post_attention_layernorm.weight", "ffn_norm.weight"}};
     auto it = names.find(rest);
     if (it != names.end()) return "blk." + std::to_string(*block) + "." + it->second;
@@ -223,8 +236,8 @@ std::vector<float> llama3_rope_factors(const RopeConfig& r, int64_t head_dim) {
     } else if (wavelen > low_wavelen) {
       factors.push_back(static_cast<float>(r.factor));
     } else {
-      const double smooth = (r.original_max_position_embeddings / wavelen - r.low_freq_factor) /
-                            (r.high_freq_factor - r.low_freq_factor);
+      const double smooth =
+          (r.original_max_position_embeddings / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
       factors.push_back(static_cast<float>(1.0 / ((1 - smooth) / r.factor + smooth)));
     }
   }
@@ -307,7 +320,8 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   const bool bpe = files::exists(tok_json) && is_byte_level_tokenizer_json(read_json_file(tok_json, ErrorKind::Model));
   Vocab vocab = bpe ? bpe_vocab(tok_json) : sentencepiece_vocab(req.base_dir, tok_cfg);
   pad_vocab(vocab, config.vocab_size, config_path);
-  if (const std::string pad = token_text(tok_cfg, "pad_token"); !pad.empty()) vocab.pad_id = tokenizer->token_to_id(pad);
+  if (const std::string pad = token_text(tok_cfg, "pad_token"); !pad.empty())
+    vocab.pad_id = tokenizer->token_to_id(pad);
 
   LlamaModel model = load_llama(req.base_dir, req.load);
   load_peft_adapter(model, req.adapter_dir);
@@ -364,9 +378,12 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   for (MergedTensor& t : merged_tensors(model)) {
     int64_t block = -1;
     std::string name = gguf_tensor_name(t.name, &block);
-    const int64_t order = name == "token_embd.weight" ? -2 : block >= 0 ? block : (name == "output_norm.weight" ? 1 << 30 : (1 << 30) + 1);
+    const int64_t order = name == "token_embd.weight" ? -2
+                          : block >= 0                ? block
+                                                      : (name == "output_norm.weight" ? 1 << 30 : (1 << 30) + 1);
     if (name.find(".attn_q.") != std::string::npos || name.find(".attn_k.") != std::string::npos) {
-      const int64_t heads = name.find(".attn_q.") != std::string::npos ? config.num_attention_heads : config.num_key_value_heads;
+      const int64_t heads =
+          name.find(".attn_q.") != std::string::npos ? config.num_attention_heads : config.num_key_value_heads;
       auto make = t.make;
       t.make = [make, heads] { return permute_for_llama_cpp_rope(make(), heads); };
     }
@@ -385,8 +402,12 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
     const bool is_norm = e.name.size() >= 12 && e.name.compare(e.name.size() - 12, 12, "_norm.weight") == 0;
     if (e.t.shape.size() >= 2 && !is_norm) {
       switch (req.type) {
-        case GgufFileType::F16: type = GgmlType::F16; break;
-        case GgufFileType::BF16: type = GgmlType::BF16; break;
+        case GgufFileType::F16:
+          type = GgmlType::F16;
+          break;
+        case GgufFileType::BF16:
+          type = GgmlType::BF16;
+          break;
         case GgufFileType::Q8_0:
           // Rows not a multiple of 32 values cannot be q8_0 blocks: f16, as the converter falls back.
           type = e.t.shape.back() % kQ8_0BlockSize == 0 ? GgmlType::Q8_0 : GgmlType::F16;
@@ -397,11 +418,12 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
     w.add_tensor(e.name, e.t.shape, type, e.t.make);
   }
   if (q8_fallbacks)
-    log::warn(std::to_string(q8_fallbacks) + " tensor(s) have rows that are not a multiple of 32 values: written as f16");
+    log::warn(std::to_string(q8_fallbacks) +
+              " tensor(s) have rows that are not a multiple of 32 values: written as f16");
 
   const std::string eos_text = tokenizer->eos_id() >= 0 ? tokenizer->id_to_token(tokenizer->eos_id()) : "";
-  const OllamaModelfile modelfile = ollama_modelfile("./" + files::base_name(stats.gguf_path),
-                                                     tokenizer->chat_template(), eos_text);
+  const OllamaModelfile modelfile =
+      ollama_modelfile("./" + files::base_name(stats.gguf_path), tokenizer->chat_template(), eos_text);
   stats.chat_format = modelfile.format;
 
   PendingOutputs out(req.out_dir);

@@ -34,15 +34,15 @@ struct GgufExportRequest {
   std::string adapter_dir;  // the PEFT adapter merged into it
   std::string out_dir;      // created if missing; must not hold the .gguf or Modelfile already
   GgufFileType type = GgufFileType::F16;
-  LoadOptions load;         // how the base is loaded for the merge (NF4 as training saw it, fp32)
+  LoadOptions load;  // how the base is loaded for the merge (NF4 as training saw it, fp32)
 };
 
 struct GgufExportStats {
   std::string gguf_path;
   std::string modelfile_path;
   int64_t tensors = 0;
-  int64_t bytes = 0;   // file size
-  int64_t merged = 0;  // linears that had an adapter
+  int64_t bytes = 0;        // file size
+  int64_t merged = 0;       // linears that had an adapter
   std::string chat_format;  // the Modelfile's TEMPLATE: llama3, llama2, mistral, chatml, or "none"
 };
 

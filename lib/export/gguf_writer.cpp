@@ -3,13 +3,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
-#include <unistd.h>
 
 #include "lib/core/error.h"
 
@@ -19,20 +19,27 @@ static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "GGUF is written little
 
 const char* ggml_type_name(GgmlType type) {
   switch (type) {
-    case GgmlType::F32: return "f32";
-    case GgmlType::F16: return "f16";
-    case GgmlType::Q8_0: return "q8_0";
-    case GgmlType::BF16: return "bf16";
+    case GgmlType::F32:
+      return "f32";
+    case GgmlType::F16:
+      return "f16";
+    case GgmlType::Q8_0:
+      return "q8_0";
+    case GgmlType::BF16:
+      return "bf16";
   }
   return "?";
 }
 
 int64_t ggml_nbytes(GgmlType type, int64_t n) {
   switch (type) {
-    case GgmlType::F32: return 4 * n;
+    case GgmlType::F32:
+      return 4 * n;
     case GgmlType::F16:
-    case GgmlType::BF16: return 2 * n;
-    case GgmlType::Q8_0: return n / kQ8_0BlockSize * kQ8_0BlockBytes;
+    case GgmlType::BF16:
+      return 2 * n;
+    case GgmlType::Q8_0:
+      return n / kQ8_0BlockSize * kQ8_0BlockBytes;
   }
   fail(ErrorKind::Internal, "ggml_nbytes: unknown type");
 }
@@ -107,7 +114,8 @@ class OutFile {
     if (f_) std::fclose(f_);
   }
   void write(const void* p, size_t n) {
-    if (n && std::fwrite(p, 1, n, f_) != n) fail_at(ErrorKind::Io, path_, std::string("write failed: ") + std::strerror(errno));
+    if (n && std::fwrite(p, 1, n, f_) != n)
+      fail_at(ErrorKind::Io, path_, std::string("write failed: ") + std::strerror(errno));
   }
   void pad(int64_t n) {
     static const char zeros[64] = {};
@@ -232,10 +240,18 @@ void GgufWriter::write(const std::string& path) const {
       fail(ErrorKind::Numeric, t.name + ": the merged weight holds a non-finite value; nothing exported");
     at::Tensor out;
     switch (t.type) {
-      case GgmlType::F32: out = x; break;
-      case GgmlType::F16: out = x.to(at::kHalf); break;
-      case GgmlType::BF16: out = x.to(at::kBFloat16); break;
-      case GgmlType::Q8_0: out = quantize_q8_0(x); break;
+      case GgmlType::F32:
+        out = x;
+        break;
+      case GgmlType::F16:
+        out = x.to(at::kHalf);
+        break;
+      case GgmlType::BF16:
+        out = x.to(at::kBFloat16);
+        break;
+      case GgmlType::Q8_0:
+        out = quantize_q8_0(x);
+        break;
     }
     QT_CHECK(out.nbytes() == static_cast<size_t>(t.nbytes) && pos == t.offset, ErrorKind::Internal,
              t.name + ": data size or offset differs from its tensor info");

@@ -36,8 +36,19 @@ at::Tensor dequantize_q8_0(const at::Tensor& blocks, int64_t n);
 
 // Metadata value types (gguf_type in gguf.h).
 enum class GgufValueType : uint32_t {
-  UInt8 = 0, Int8 = 1, UInt16 = 2, Int16 = 3, UInt32 = 4, Int32 = 5, Float32 = 6, Bool = 7, String = 8,
-  Array = 9, UInt64 = 10, Int64 = 11, Float64 = 12
+  UInt8 = 0,
+  Int8 = 1,
+  UInt16 = 2,
+  Int16 = 3,
+  UInt32 = 4,
+  Int32 = 5,
+  Float32 = 6,
+  Bool = 7,
+  String = 8,
+  Array = 9,
+  UInt64 = 10,
+  Int64 = 11,
+  Float64 = 12
 };
 
 class GgufWriter {

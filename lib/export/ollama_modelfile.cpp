@@ -15,28 +15,25 @@ struct Format {
   std::vector<std::string> stops;
 };
 
-const Format kLlama3 = {
-    "llama3",
-    "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-    "{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>",
-    {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}};
+const Format kLlama3 = {"llama3",
+                        "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+                        "{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}"
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>",
+                        {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}};
 // Llama 2 chat: "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>".
 const Format kLlama2 = {
     "llama2",
     "[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST] {{ .Response }}",
     {"[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"}};
 // Mistral Instruct: "[INST] {system}\n\n{user} [/INST]{answer}</s>" (the system text before the user's).
-const Format kMistral = {
-    "mistral",
-    "[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }} [/INST]{{ .Response }}",
-    {"[INST]", "[/INST]"}};
-const Format kChatML = {
-    "chatml",
-    "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-    "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
-    "<|im_start|>assistant\n{{ .Response }}<|im_end|>\n",
-    {"<|im_start|>", "<|im_end|>"}};
+const Format kMistral = {"mistral",
+                         "[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }} [/INST]{{ .Response }}",
+                         {"[INST]", "[/INST]"}};
+const Format kChatML = {"chatml",
+                        "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+                        "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
+                        "<|im_start|>assistant\n{{ .Response }}<|im_end|>\n",
+                        {"<|im_start|>", "<|im_end|>"}};
 
 // A Modelfile argument in double quotes (Ollama's parser takes \" and \\ escapes inside them).
 std::string quoted(const std::string& s) {
@@ -53,9 +50,12 @@ std::string quoted(const std::string& s) {
 OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string& chat_template,
                                  const std::string& eos_token) {
   const Format* f = nullptr;
-  if (contains(chat_template, "<|start_header_id|>")) f = &kLlama3;
-  else if (contains(chat_template, "<|im_start|>")) f = &kChatML;
-  else if (contains(chat_template, "[INST]")) f = contains(chat_template, "<<SYS>>") ? &kLlama2 : &kMistral;
+  if (contains(chat_template, "<|start_header_id|>"))
+    f = &kLlama3;
+  else if (contains(chat_template, "<|im_start|>"))
+    f = &kChatML;
+  else if (contains(chat_template, "[INST]"))
+    f = contains(chat_template, "<<SYS>>") ? &kLlama2 : &kMistral;
 
   OllamaModelfile m;
   m.format = f ? f->name : "none";
