@@ -41,26 +41,30 @@ const char* gguf_file_type_name(GgufFileType type) {
   return "?";
 }
 
-void check_gguf_llama_config(const LlamaConfig& c, const std::string& config_path) {
-  if (c.model_type != "llama" && c.model_type != "mistral")
+std::string gguf_architecture(const LlamaConfig& c, const std::string& config_path) {
+  const bool llama = c.model_type == "llama" || c.model_type == "mistral";
+  if (!llama && c.model_type != "qwen2" && c.model_type != "qwen3")
     fail_key(ErrorKind::Model, config_path, "model_type",
-             "'" + c.model_type +
-                 "': GGUF export supports llama-architecture models only (model_type llama or "
-                 "mistral, which llama.cpp loads as `llama`)");
-  if (c.attention_bias || c.qkv_bias)
+             "'" + c.model_type + "': GGUF export supports llama, mistral, qwen2 and qwen3");
+  // llama.cpp's `llama` has no biases in this mapping; its qwen2 has q / k / v biases only, its qwen3 none.
+  if (c.attention_bias || (llama && c.qkv_bias) || (c.model_type == "qwen3" && c.qkv_bias))
     fail_key(ErrorKind::Model, config_path, "attention_bias",
-             "true: GGUF export maps bias-free q/k/v/o projections only (LLaMA / Mistral checkpoints have none)");
+             "true: llama.cpp's " + std::string(llama ? "llama" : c.model_type) +
+                 " architecture has no place for these projection biases");
   if (c.mlp_bias)
     fail_key(ErrorKind::Model, config_path, "mlp_bias",
              "true: GGUF export maps bias-free gate/up/down projections only");
-  if (c.qk_norm)
-    fail_key(ErrorKind::Model, config_path, "model_type", "q/k norms (Qwen3) have no place in llama.cpp's `llama`");
-  if (c.rope.type != RopeType::Default && c.rope.type != RopeType::Linear && c.rope.type != RopeType::Llama3)
+  if (c.qk_norm && c.model_type != "qwen3")
+    fail_key(ErrorKind::Model, config_path, "model_type", "q/k norms are written for qwen3 only");
+  const bool rope_ok =
+      c.rope.type == RopeType::Default || c.rope.type == RopeType::Linear || (llama && c.rope.type == RopeType::Llama3);
+  if (!rope_ok)
     fail_key(ErrorKind::Model, config_path,
              "rope_scaling.rope_type (rope_parameters.rope_type in transformers 5.x files)",
-             std::string("'") + rope_type_name(c.rope.type) +
-                 "': GGUF export writes default, linear and llama3 rope scaling only");
+             std::string("'") + rope_type_name(c.rope.type) + "': GGUF export writes default, linear" +
+                 (llama ? " and llama3" : "") + " rope scaling only");
   if (c.head_dim % 2 != 0) fail_key(ErrorKind::Model, config_path, "head_dim", "must be even for rotary embeddings");
+  return llama ? "llama" : c.model_type;
 }
 
 at::Tensor permute_for_llama_cpp_rope(const at::Tensor& w, int64_t n_head) {
@@ -97,7 +101,21 @@ struct Vocab {
   std::vector<int32_t> types;
   std::vector<std::string> merges;  // BPE only
   int32_t unk_id = -1;
-  int32_t pad_id = -1;
+
+  int32_t id_of(const std::string& token) const {
+    for (size_t i = 0; i < tokens.size(); ++i)
+      if (tokens[i] == token) return static_cast<int32_t>(i);
+    return -1;
+  }
+};
+
+struct SpecialTokens {
+  int32_t bos = -1;
+  int32_t eos = -1;
+  int32_t pad = -1;
+  bool add_bos = false;
+  bool add_eos = false;
+  std::string chat_template;
 };
 
 // A token setting of tokenizer_config.json ("<pad>" or {"content": "<pad>", ...}); "" when absent or null.
@@ -160,6 +178,35 @@ Vocab sentencepiece_vocab(const std::string& dir, const Json& tok_cfg) {
   return v;
 }
 
+// Qwen2's pre-tokenization regex (Qwen2 / Qwen2.5 / Qwen3 tokenizer.json): Llama 3's with digits split one by one.
+constexpr const char* k_qwen2_pattern =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+// llama.cpp's name for a tokenizer.json's pre-tokenizer (tokenizer.ggml.pre: how its vocab loader splits text before
+// BPE), from the Split regex: Llama 3's -> llama-bpe, Qwen2's -> qwen2 (convert_hf_to_gguf.py tells them apart by
+// hashing the ids of a test text; the regex is what differs).
+std::string bpe_pre_tokenizer(const Json& doc, const std::string& json_path) {
+  std::vector<const Json*> steps;
+  if (doc.contains("pre_tokenizer") && doc.at("pre_tokenizer").is_object()) {
+    const Json& pre = doc.at("pre_tokenizer");
+    if (pre.value("type", "") == "Sequence" && pre.contains("pretokenizers"))
+      for (const auto& p : pre.at("pretokenizers")) steps.push_back(&p);
+    else
+      steps.push_back(&pre);
+  }
+  for (const Json* s : steps) {
+    if (s->value("type", "") != "Split" || !s->contains("pattern") || !s->at("pattern").contains("Regex")) continue;
+    const std::string regex = s->at("pattern").at("Regex").get<std::string>();
+    if (regex == k_llama3_pattern) return "llama-bpe";
+    if (regex == k_qwen2_pattern) return "qwen2";
+    fail_key(ErrorKind::Model, json_path, "pre_tokenizer",
+             "its Split regex is neither Llama 3's nor Qwen2's, the byte-level pre-tokenizers GGUF export names");
+  }
+  fail_key(ErrorKind::Model, json_path, "pre_tokenizer",
+           "expected a Split with Llama 3's or Qwen2's regex before ByteLevel");
+}
+
 // Byte-level BPE (Llama 3's tokenizer.json): the vocab strings as they are (GPT-2's byte-to-unicode characters),
 // added tokens as control (special) or user-defined, the merges as "left right" strings.
 Vocab bpe_vocab(const std::string& json_path) {
@@ -167,7 +214,7 @@ Vocab bpe_vocab(const std::string& json_path) {
   const Json& model = doc.at("model");
   Vocab v;
   v.model = "gpt2";
-  v.pre = "llama-bpe";  // llama.cpp's name for Llama 3's pre-tokenizer regex, the one our BpeTokenizer runs
+  v.pre = bpe_pre_tokenizer(doc, json_path);
   std::map<int64_t, std::pair<std::string, int32_t>> by_id;
   for (const auto& [tok, id] : model.at("vocab").items()) by_id[id.get<int64_t>()] = {tok, kNormal};
   if (doc.contains("added_tokens"))
@@ -199,6 +246,33 @@ Vocab bpe_vocab(const std::string& json_path) {
   return v;
 }
 
+// Special ids from tokenizer_config.json (bos_token, eos_token as strings or {"content": ...}; config.json's
+// eos_token_id when it names none), add_bos_token / add_eos_token (false when absent, as Qwen's files leave them),
+// and the chat template (tokenizer_config.json's, else chat_template.jinja).
+SpecialTokens special_tokens_from_files(const Vocab& v, const Json& cfg, const std::string& cfg_path,
+                                        const std::string& dir, const LlamaConfig& config) {
+  SpecialTokens s;
+  auto id = [&](const char* key) {
+    const std::string text = token_text(cfg, key);
+    if (text.empty()) return int32_t{-1};
+    const int32_t i = v.id_of(text);
+    if (i < 0) fail_key(ErrorKind::Model, cfg_path, key, "'" + text + "' is not a token of tokenizer.json");
+    return i;
+  };
+  s.bos = id("bos_token");
+  s.eos = id("eos_token");
+  if (s.eos < 0 && config.eos_token_id >= 0) s.eos = static_cast<int32_t>(config.eos_token_id);
+  if (cfg.contains("add_bos_token") && cfg.at("add_bos_token").is_boolean())
+    s.add_bos = cfg.at("add_bos_token").get<bool>();
+  if (cfg.contains("add_eos_token") && cfg.at("add_eos_token").is_boolean())
+    s.add_eos = cfg.at("add_eos_token").get<bool>();
+  if (cfg.contains("chat_template") && cfg.at("chat_template").is_string())
+    s.chat_template = cfg.at("chat_template").get<std::string>();
+  else if (const std::string jinja = files::join(dir, "chat_template.jinja"); files::exists(jinja))
+    s.chat_template = files::read_file(jinja);
+  return s;
+}
+
 // llama.cpp's tensor names (gguf-py's constants.py TENSOR_NAMES / tensor_mapping.py) for HF LlamaForCausalLM's.
 std::string gguf_tensor_name(const std::string& hf, int64_t* block) {
   *block = -1;
@@ -210,12 +284,20 @@ std::string gguf_tensor_name(const std::string& hf, int64_t* block) {
     const size_t dot = hf.find('.', prefix.size());
     *block = std::stoll(hf.substr(prefix.size(), dot - prefix.size()));
     const std::string rest = hf.substr(dot + 1);
-    static const std::map<std::string, std::string> names = {
-        {"self_attn.q_proj.weight", "attn_q.weight"},          {"self_attn.k_proj.weight", "attn_k.weight"},
-        {"self_attn.v_proj.weight", "attn_v.weight"},          {"self_attn.o_proj.weight", "attn_output.weight"},
-        {"mlp.gate_proj.weight", "ffn_gate.weight"},           {"mlp.up_proj.weight", "ffn_up.weight"},
-        {"mlp.down_proj.weight", "ffn_down.weight"},           {"input_layernorm.weight", "attn_norm.weight"},
-        {"post_attention_layernorm.weight", "ffn_norm.weight"}};
+    static const std::map<std::string, std::string> names = {{"self_attn.q_proj.weight", "attn_q.weight"},
+                                                             {"self_attn.k_proj.weight", "attn_k.weight"},
+                                                             {"self_attn.v_proj.weight", "attn_v.weight"},
+                                                             {"self_attn.o_proj.weight", "attn_output.weight"},
+                                                             {"mlp.gate_proj.weight", "ffn_gate.weight"},
+                                                             {"mlp.up_proj.weight", "ffn_up.weight"},
+                                                             {"mlp.down_proj.weight", "ffn_down.weight"},
+                                                             {"input_layernorm.weight", "attn_norm.weight"},
+                                                             {"post_attention_layernorm.weight", "ffn_norm.weight"},
+                                                             {"self_attn.q_proj.bias", "attn_q.bias"},
+                                                             {"self_attn.k_proj.bias", "attn_k.bias"},
+                                                             {"self_attn.v_proj.bias", "attn_v.bias"},
+                                                             {"self_attn.q_norm.weight", "attn_q_norm.weight"},
+                                                             {"self_attn.k_norm.weight", "attn_k_norm.weight"}};
     auto it = names.find(rest);
     if (it != names.end()) return "blk." + std::to_string(*block) + "." + it->second;
   }
@@ -298,9 +380,9 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   // Refusals first: nothing is loaded or written for a model llama.cpp would not load or an existing output.
   const std::string config_path = find_model_files(req.base_dir).config_path;
   const LlamaConfig config = LlamaConfig::from_file(config_path);
-  check_gguf_llama_config(config, config_path);
+  const std::string arch = gguf_architecture(config, config_path);
   // convert_hf_to_gguf.py drops Mistral's window too: llama.cpp's `llama` attends to the whole context.
-  if (config.sliding_window && *config.sliding_window < config.max_position_embeddings)
+  if (arch == "llama" && config.sliding_window && *config.sliding_window < config.max_position_embeddings)
     log::warn(config_path + ": sliding_window " + std::to_string(*config.sliding_window) +
               " is not in the GGUF (llama.cpp's llama architecture has no window): sequences longer than it attend "
               "further back than in training");
@@ -313,15 +395,28 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   for (const auto& p : {stats.gguf_path, stats.modelfile_path})
     if (files::exists(p)) fail_at(ErrorKind::Usage, p, "exists; remove it or choose another --out directory");
 
-  const std::unique_ptr<Tokenizer> tokenizer = load_tokenizer(req.base_dir);
   const std::string tok_cfg_path = files::join(req.base_dir, "tokenizer_config.json");
   const Json tok_cfg = files::exists(tok_cfg_path) ? read_json_file(tok_cfg_path, ErrorKind::Model) : Json::object();
   const std::string tok_json = files::join(req.base_dir, "tokenizer.json");
   const bool bpe = files::exists(tok_json) && is_byte_level_tokenizer_json(read_json_file(tok_json, ErrorKind::Model));
-  Vocab vocab = bpe ? bpe_vocab(tok_json) : sentencepiece_vocab(req.base_dir, tok_cfg);
+  Vocab vocab;
+  SpecialTokens special;
+  if (arch == "llama") {
+    // The special ids, add_bos and the chat template as training and generate resolve them.
+    const std::unique_ptr<Tokenizer> tokenizer = load_tokenizer(req.base_dir);
+    vocab = bpe ? bpe_vocab(tok_json) : sentencepiece_vocab(req.base_dir, tok_cfg);
+    special = {tokenizer->bos_id(),  tokenizer->eos_id(),  -1,
+               tokenizer->add_bos(), tokenizer->add_eos(), tokenizer->chat_template()};
+  } else {
+    // Qwen's tokenizer.json (NFC normalizer, its own digit regex) is not one our BPE tokenizer runs: its vocabulary,
+    // merges and special tokens are read from the files as they are.
+    if (!bpe)
+      fail_at(ErrorKind::Model, tok_json, "expected a byte-level BPE tokenizer.json (" + arch + " models have one)");
+    vocab = bpe_vocab(tok_json);
+    special = special_tokens_from_files(vocab, tok_cfg, tok_cfg_path, req.base_dir, config);
+  }
   pad_vocab(vocab, config.vocab_size, config_path);
-  if (const std::string pad = token_text(tok_cfg, "pad_token"); !pad.empty())
-    vocab.pad_id = tokenizer->token_to_id(pad);
+  if (const std::string pad = token_text(tok_cfg, "pad_token"); !pad.empty()) special.pad = vocab.id_of(pad);
 
   LlamaModel model = load_llama(req.base_dir, req.load);
   load_peft_adapter(model, req.adapter_dir);
@@ -330,7 +425,6 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   });
 
   GgufWriter w(32);
-  const std::string arch = "llama";
   w.add_string("general.architecture", arch);
   w.add_string("general.type", "model");
   w.add_string("general.name", file_stem(req.base_dir));
@@ -360,13 +454,13 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   if (!vocab.scores.empty()) w.add_f32_array("tokenizer.ggml.scores", vocab.scores);
   w.add_i32_array("tokenizer.ggml.token_type", vocab.types);
   if (!vocab.merges.empty()) w.add_string_array("tokenizer.ggml.merges", vocab.merges);
-  if (tokenizer->bos_id() >= 0) w.add_u32("tokenizer.ggml.bos_token_id", static_cast<uint32_t>(tokenizer->bos_id()));
-  if (tokenizer->eos_id() >= 0) w.add_u32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(tokenizer->eos_id()));
+  if (special.bos >= 0) w.add_u32("tokenizer.ggml.bos_token_id", static_cast<uint32_t>(special.bos));
+  if (special.eos >= 0) w.add_u32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(special.eos));
   if (vocab.unk_id >= 0) w.add_u32("tokenizer.ggml.unknown_token_id", static_cast<uint32_t>(vocab.unk_id));
-  if (vocab.pad_id >= 0) w.add_u32("tokenizer.ggml.padding_token_id", static_cast<uint32_t>(vocab.pad_id));
-  w.add_bool("tokenizer.ggml.add_bos_token", tokenizer->add_bos());
-  w.add_bool("tokenizer.ggml.add_eos_token", tokenizer->add_eos());
-  if (!tokenizer->chat_template().empty()) w.add_string("tokenizer.chat_template", tokenizer->chat_template());
+  if (special.pad >= 0) w.add_u32("tokenizer.ggml.padding_token_id", static_cast<uint32_t>(special.pad));
+  w.add_bool("tokenizer.ggml.add_bos_token", special.add_bos);
+  w.add_bool("tokenizer.ggml.add_eos_token", special.add_eos);
+  if (!special.chat_template.empty()) w.add_string("tokenizer.chat_template", special.chat_template);
 
   // Tensors: token_embd (and rope_freqs) first, then the blocks in order, output_norm and output last.
   struct Entry {
@@ -381,7 +475,8 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
     const int64_t order = name == "token_embd.weight" ? -2
                           : block >= 0                ? block
                                                       : (name == "output_norm.weight" ? 1 << 30 : (1 << 30) + 1);
-    if (name.find(".attn_q.") != std::string::npos || name.find(".attn_k.") != std::string::npos) {
+    // `llama` only: Qwen's rotate-half layout is what llama.cpp runs as NEOX rope for qwen2 / qwen3.
+    if (arch == "llama" && (name.find(".attn_q.") != std::string::npos || name.find(".attn_k.") != std::string::npos)) {
       const int64_t heads =
           name.find(".attn_q.") != std::string::npos ? config.num_attention_heads : config.num_key_value_heads;
       auto make = t.make;
@@ -421,9 +516,9 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
     log::warn(std::to_string(q8_fallbacks) +
               " tensor(s) have rows that are not a multiple of 32 values: written as f16");
 
-  const std::string eos_text = tokenizer->eos_id() >= 0 ? tokenizer->id_to_token(tokenizer->eos_id()) : "";
+  const std::string eos_text = special.eos >= 0 ? vocab.tokens[special.eos] : "";
   const OllamaModelfile modelfile =
-      ollama_modelfile("./" + files::base_name(stats.gguf_path), tokenizer->chat_template(), eos_text);
+      ollama_modelfile("./" + files::base_name(stats.gguf_path), special.chat_template, eos_text);
   stats.chat_format = modelfile.format;
 
   PendingOutputs out(req.out_dir);

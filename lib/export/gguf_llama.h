@@ -1,9 +1,11 @@
 #pragma once
 // `qlora-train export --gguf f16|bf16|q8_0`: the merged model (base + adapter, the base dequantized from NF4 as
-// `export --merge` merges it) as one GGUF file that llama.cpp (and so Ollama) loads as its `llama` architecture,
-// with an Ollama Modelfile beside it. The mapping follows llama.cpp's convert_hf_to_gguf.py (LlamaModel) for HF
-// checkpoints: its metadata keys, tensor names, the q / k row permutation for its rotary layout, f32 norms, and
-// the tokenizer as its vocab loader expects it (sentencepiece `llama`, byte-level BPE `gpt2` + `llama-bpe`).
+// `export --merge` merges it) as one GGUF file that llama.cpp (and so Ollama) loads, with an Ollama Modelfile
+// beside it. The mapping follows llama.cpp's convert_hf_to_gguf.py for HF checkpoints (LlamaModel for LLaMA and
+// Mistral as its `llama` architecture; Qwen2Model / Qwen3Model as `qwen2` / `qwen3`): its metadata keys, tensor
+// names, the q / k row permutation of `llama` for its rotary layout (Qwen's rotate-half layout is llama.cpp's NEOX
+// rope, kept as it is), f32 norms and biases, and the tokenizer as its vocab loader expects it (sentencepiece
+// `llama`; byte-level BPE `gpt2` with the pre-tokenizer `llama-bpe` or `qwen2`, by tokenizer.json's regex).
 #include <cstdint>
 #include <string>
 
@@ -19,10 +21,11 @@ enum class GgufFileType { F16, BF16, Q8_0 };
 GgufFileType parse_gguf_file_type(const std::string& name);
 const char* gguf_file_type_name(GgufFileType type);
 
-// Refuses, naming `config_path` and the key, what llama.cpp would not load as `llama` or what this exporter does
-// not map: model types other than llama / mistral (Qwen2 / Qwen3 have their own llama.cpp architectures), biases
-// on the linears, Qwen3's q / k norms, rope types other than default / linear / llama3.
-void check_gguf_llama_config(const LlamaConfig& config, const std::string& config_path);
+// The llama.cpp architecture a model is written as: `llama` for model_type llama and mistral, `qwen2`, `qwen3`.
+// Refuses, naming `config_path` and the key, what llama.cpp would not load or this exporter does not map: other
+// model types, biases llama.cpp's architecture has no place for (any on llama / mistral, o_proj's or the MLP's on
+// Qwen), rope types other than default / linear (and llama3 for `llama`).
+std::string gguf_architecture(const LlamaConfig& config, const std::string& config_path);
 
 // HF rows of q_proj / k_proj (rotate-half layout: the two halves of each head) reordered to llama.cpp's
 // interleaved pairs: convert_hf_to_gguf.py's LlamaModel.permute (reshape [heads, 2, head_dim / 2, ...], swap the

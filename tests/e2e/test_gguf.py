@@ -8,7 +8,10 @@ text into the ids our tokenizer gives, and gives the next-token logits transform
 the same weight rounding (within the 16-bit / 8-bit arithmetic llama.cpp runs in), and the same greedy continuation.
 The sentencepiece adapter trains lm_head too (modules_to_save): the GGUF's output is the trained one. A base
 saved pre-quantized gives the same file; --quant none merges onto the 16-bit base. A Mistral model (model_type mistral) the same way, in f16. Rope scaling (linear, Llama 3.1's) as llama.cpp takes it, held to transformers the same way.
-Refusals: an unresolvable base, a Qwen model, an unsupported rope type, an existing output file, an output path that
+Qwen2 (biases, tied) and Qwen3 (q / k norms, head_dim 24) models with Qwen's own style of tokenizer.json (Qwen2's
+digit regex, NFC) as llama.cpp's qwen2 / qwen3, in f16 and q8_0.
+Refusals: an unresolvable base, a model type llama.cpp has no mapping here for, projection biases `llama` cannot hold,
+an unsupported rope type, an existing output file, an output path that
 is a file, a non-finite merged weight: each a clear error, a non-zero exit, nothing left behind."""
 import json, os, pathlib, shutil, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
@@ -137,6 +140,55 @@ def bpe_setup(tmp: pathlib.Path):
     return model_dir, tmp / "bpe_adapter", vocab, encode
 
 
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def qwen_setup(tmp: pathlib.Path, arch: str):
+    """A Qwen2 (q / k / v biases, tied embeddings) or Qwen3 (q / k norms, head_dim 24, untied) model with a
+    Qwen2.5-style tokenizer.json as Qwen ships it: Qwen2's regex (digits one by one), an NFC normalizer, no BOS,
+    EOS <|im_end|>, ChatML. Our BPE tokenizer does not run it (train on pre-tokenized data); the export reads it."""
+    from tokenizers import Tokenizer, normalizers
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    if not (tmp / "bpe_tok" / "bpe").exists():
+        gen_tokenizer.make_bpe(tmp / "bpe_tok", gen_tokenizer.corpus_lines())
+    model_dir = gen_data.qwen_dir(tmp / f"{arch}_model", tmp / "bpe_tok" / "bpe", gen_data.QWEN25)
+    doc = json.loads((model_dir / "tokenizer.json").read_text())
+    doc["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = QWEN2_PATTERN
+    doc["normalizer"] = {"type": "NFC"}
+    (model_dir / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False))
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    check(tok.encode("ab 12345").ids == [tok.token_to_id(t) for t in tok.encode("ab 12345").tokens] and
+          len([t for t in tok.encode("12345").tokens]) == 5, "the Qwen-style tokenizer does not split digits one by one")
+    n = tok.get_vocab_size(with_added_tokens=True)
+    eos = tok.token_to_id("<|im_end|>")
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+    extra = dict(tie_word_embeddings=True) if arch == "qwen2" else dict(tie_word_embeddings=False, head_dim=24)
+    torch.manual_seed(9)
+    model = model_cls(config_cls(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=n, max_position_embeddings=512, rms_norm_eps=1e-6,
+                                 use_sliding_window=False, bos_token_id=None, eos_token_id=eos,
+                                 initializer_range=0.1, **extra)).float().eval()
+    with torch.no_grad():  # zero biases and unit norms (transformers' init) would hide a missing bias or norm
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "q_norm" in name or "k_norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(model_dir, safe_serialization=True)
+    add_adapter(model, model_dir, tmp / f"{arch}_adapter", seed=10)
+    tokens, types = [None] * n, [1] * n
+    for t, i in doc["model"]["vocab"].items():
+        tokens[i] = t
+    for a in doc["added_tokens"]:
+        tokens[a["id"]], types[a["id"]] = a["content"], 3 if a["special"] else 4
+    merges = [m if isinstance(m, str) else " ".join(m) for m in doc["model"]["merges"]]
+    vocab = {"arch": arch, "model": "gpt2", "pre": "qwen2", "tokens": tokens, "types": types, "scores": None,
+             "merges": merges, "bos": None, "eos": eos, "unk": None, "add_bos": False, "template": gen_data.QWEN25,
+             "format": "chatml", "stops": ["<|im_start|>", "<|im_end|>"]}
+    return model_dir, tmp / f"{arch}_adapter", vocab, lambda text: tok.encode(text).ids
+
+
 def gguf_name(hf: str):
     if hf == "model.embed_tokens.weight":
         return "token_embd.weight"
@@ -149,7 +201,11 @@ def gguf_name(hf: str):
     names = {"self_attn.q_proj.weight": "attn_q", "self_attn.k_proj.weight": "attn_k", "self_attn.v_proj.weight": "attn_v",
              "self_attn.o_proj.weight": "attn_output", "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
              "mlp.down_proj.weight": "ffn_down", "input_layernorm.weight": "attn_norm",
-             "post_attention_layernorm.weight": "ffn_norm"}
+             "post_attention_layernorm.weight": "ffn_norm", "self_attn.q_proj.bias": "attn_q",
+             "self_attn.k_proj.bias": "attn_k", "self_attn.v_proj.bias": "attn_v", "self_attn.q_norm.weight": "attn_q_norm",
+             "self_attn.k_norm.weight": "attn_k_norm"}
+    if rest.endswith(".bias"):
+        return f"blk.{parts[2]}.{names[rest]}.bias"
     return f"blk.{parts[2]}.{names[rest]}.weight"
 
 
@@ -199,12 +255,14 @@ def check_gguf(label, path: pathlib.Path, gtype, merged: dict, config: dict, voc
     r = gguf.GGUFReader(str(path))
     f = lambda k: r.fields[k].contents() if k in r.fields else None
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    head_dim = config["hidden_size"] // heads
-    want = {"general.architecture": "llama", "general.alignment": 32, "general.file_type": FILE_TYPE[gtype],
-            "llama.context_length": config["max_position_embeddings"], "llama.embedding_length": config["hidden_size"],
-            "llama.block_count": config["num_hidden_layers"], "llama.feed_forward_length": config["intermediate_size"],
-            "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads,
-            "llama.rope.dimension_count": head_dim, "llama.vocab_size": config["vocab_size"],
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    a = vocab.get("arch", "llama")
+    want = {"general.architecture": a, "general.alignment": 32, "general.file_type": FILE_TYPE[gtype],
+            f"{a}.context_length": config["max_position_embeddings"], f"{a}.embedding_length": config["hidden_size"],
+            f"{a}.block_count": config["num_hidden_layers"], f"{a}.feed_forward_length": config["intermediate_size"],
+            f"{a}.attention.head_count": heads, f"{a}.attention.head_count_kv": kv_heads,
+            f"{a}.attention.key_length": head_dim, f"{a}.attention.value_length": head_dim,
+            f"{a}.rope.dimension_count": head_dim, f"{a}.vocab_size": config["vocab_size"],
             "tokenizer.ggml.model": vocab["model"], "tokenizer.ggml.pre": vocab["pre"],
             "tokenizer.ggml.bos_token_id": vocab["bos"], "tokenizer.ggml.eos_token_id": vocab["eos"],
             "tokenizer.ggml.unknown_token_id": vocab["unk"], "tokenizer.ggml.add_bos_token": vocab["add_bos"],
@@ -213,10 +271,10 @@ def check_gguf(label, path: pathlib.Path, gtype, merged: dict, config: dict, voc
             "tokenizer.ggml.merges": vocab["merges"]}
     for k, v in want.items():
         check(f(k) == v, f"{label}: {k} = {str(f(k))[:200]} (want {str(v)[:200]})")
-    check(np.float32(f("llama.attention.layer_norm_rms_epsilon")) == np.float32(config["rms_norm_eps"]),
-          f"{label}: rms eps {f('llama.attention.layer_norm_rms_epsilon')}")
+    check(np.float32(f(f"{a}.attention.layer_norm_rms_epsilon")) == np.float32(config["rms_norm_eps"]),
+          f"{label}: rms eps {f(f'{a}.attention.layer_norm_rms_epsilon')}")
     theta = config.get("rope_theta", (config.get("rope_parameters") or {}).get("rope_theta"))
-    check(np.float32(f("llama.rope.freq_base")) == np.float32(theta), f"{label}: rope.freq_base {f('llama.rope.freq_base')}")
+    check(np.float32(f(f"{a}.rope.freq_base")) == np.float32(theta), f"{label}: rope.freq_base {f(f'{a}.rope.freq_base')}")
     if vocab["scores"] is not None:
         check(np.array_equal(np.float32(f("tokenizer.ggml.scores")), np.float32(vocab["scores"])), f"{label}: scores")
     check(r.fields["GGUF.version"].contents() == 3, f"{label}: GGUF version")
@@ -226,7 +284,7 @@ def check_gguf(label, path: pathlib.Path, gtype, merged: dict, config: dict, voc
         check(f("llama.rope.scaling.type") == "linear" and np.float32(f("llama.rope.scaling.factor")) == rope["factor"],
               f"{label}: rope scaling {f('llama.rope.scaling.type')} {f('llama.rope.scaling.factor')}")
     else:
-        check(f("llama.rope.scaling.type") is None, f"{label}: rope scaling type {f('llama.rope.scaling.type')}")
+        check(f(f"{a}.rope.scaling.type") is None, f"{label}: rope scaling type {f(f'{a}.rope.scaling.type')}")
     tensors = {t.name: t for t in r.tensors}
     names = {gguf_name(k) for k in merged}
     if rope.get("rope_type") == "llama3":
@@ -245,7 +303,8 @@ def check_gguf(label, path: pathlib.Path, gtype, merged: dict, config: dict, voc
         check(t.tensor_type.name == want_type, f"{label}: {t.name} type {t.tensor_type.name} (want {want_type})")
         check(list(t.shape) == list(reversed(w.shape)), f"{label}: {t.name} dims {list(t.shape)} (want innermost first "
                                                           f"{list(reversed(w.shape))})")
-        heads_of = heads if ".attn_q." in t.name else kv_heads if ".attn_k." in t.name else None
+        # llama.cpp's `llama` takes q / k rows interleaved; qwen2 / qwen3 run NEOX rope on HF's layout as it is.
+        heads_of = None if a != "llama" else heads if ".attn_q." in t.name else kv_heads if ".attn_k." in t.name else None
         w_np = w.numpy()
         if heads_of:
             w_np = permute(w_np, heads_of)  # compare in llama.cpp's layout, then undo it below
@@ -272,7 +331,7 @@ def check_gguf(label, path: pathlib.Path, gtype, merged: dict, config: dict, voc
 def check_modelfile(label, out: pathlib.Path, gguf_file: str, vocab):
     text = (out / "Modelfile").read_text()
     check(f"FROM ./{gguf_file}\n" in text, f"{label}: Modelfile lacks FROM ./{gguf_file}: {text}")
-    markers = {"llama2": ["[INST] ", "<<SYS>>", "{{ .Prompt }} [/INST]"], "mistral": ["[INST] ", "{{ .Prompt }} [/INST]"],
+    markers = {"chatml": ["<|im_start|>user\n{{ .Prompt }}<|im_end|>", "<|im_start|>assistant\n"], "llama2": ["[INST] ", "<<SYS>>", "{{ .Prompt }} [/INST]"], "mistral": ["[INST] ", "{{ .Prompt }} [/INST]"],
                "llama3": ["<|start_header_id|>user<|end_header_id|>", "{{ .Prompt }}<|eot_id|>",
                           "<|start_header_id|>assistant<|end_header_id|>"]}[vocab["format"]]
     check("TEMPLATE \"\"\"" in text and all(m in text for m in markers), f"{label}: Modelfile TEMPLATE: {text}")
@@ -359,7 +418,7 @@ def export_model(tmp: pathlib.Path, kind, model_dir, adapter, vocab, encode, gty
     config = json.loads((model_dir / "config.json").read_text())
     base = json.loads((model_dir / "config.json").read_text())
     texts = ["the cat sat on the mat and the dog ran fast.", "qlora trains adapters quickly with four bit weights!",
-             "where why how what who"]
+             "where why how what who", "1234567 and 89 ten"]
     for gtype in gtypes:
         label = f"{kind} {gtype}"
         out = tmp / f"{kind}_{gtype}"
@@ -427,16 +486,19 @@ def check_refusals(tmp: pathlib.Path, model_dir: pathlib.Path, adapter: pathlib.
             ["no_such_model"], tmp / "r2")
     # Architectures and types llama.cpp would not load as `llama`.
     for name, patch, needles in (
-            ("qwen2", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False},
-             ["model_type", "'qwen2'", "llama-architecture models only"]),
-            ("qwen3", {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "use_sliding_window": False},
-             ["model_type", "'qwen3'", "llama-architecture models only"]),
+            ("gemma", {"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, ["model_type", "'gemma'"]),
+            ("attention_bias", {"attention_bias": True}, ["attention_bias", "no place for these projection biases"]),
+            ("mlp_bias", {"mlp_bias": True}, ["mlp_bias", "bias-free gate/up/down"]),
+            ("qwen2_llama3_rope", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False,
+                                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+             ["rope_scaling.rope_type", "'llama3'", "default, linear rope scaling only"]),
             ("dynamic", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
              ["rope_scaling.rope_type", "'dynamic'", "default, linear and llama3"])):
         d = tmp / f"model_{name}"
         shutil.copytree(model_dir, d)
         cfg = json.loads((d / "config.json").read_text())
-        cfg.pop("rope_parameters", None) if name == "dynamic" else None
+        cfg.pop("rope_parameters", None) if "rope" in name or name == "dynamic" else None
         cfg.update(patch)
         (d / "config.json").write_text(json.dumps(cfg))
         refused(("export", "--adapter", adapter, "--model", d, "--out", tmp / f"r_{name}", "--gguf", "f16"), 4,
@@ -482,6 +544,8 @@ def main():
     export_model(tmp, "mistral", *mistral_setup(tmp), gtypes=("f16",))
     bpe = bpe_setup(tmp)
     export_model(tmp, "bpe", *bpe)
+    for arch in ("qwen2", "qwen3"):
+        export_model(tmp, arch, *qwen_setup(tmp, arch), gtypes=("f16", "q8_0"))
     # The trained lm_head (modules_to_save) is the GGUF's output.weight (checked against the merge above): it moved.
     check_lm_head_trained(tmp, spm[0])
     check_prequantized_base(tmp, spm[0], spm[1])
