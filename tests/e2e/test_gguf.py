@@ -408,6 +408,18 @@ def check_llama_cpp(label, path: pathlib.Path, gtype, model, encode, texts):
         check(tie, f"{label}: llama.cpp's greedy continuation {got_ids[len(ids):]} vs transformers' {want[len(ids):]}")
     else:
         print(f"{label}: the same greedy continuation of {steps} tokens: {want[len(ids):]}")
+    # Teacher-forced along the reference's continuation: llama.cpp's argmax at every step is the reference's token,
+    # except where the reference's top two are within the bound.
+    llm.reset()
+    llm.eval(want[:-1])
+    preds = np.array(llm.scores[:llm.n_tokens], dtype=np.float32)[len(ids) - 1:].argmax(axis=1)
+    differ = [k for k in range(steps) if preds[k] != want[len(ids) + k]]
+    print(f"{label}: teacher-forced, llama.cpp's next token is transformers' at {steps - len(differ)} of {steps} steps"
+          + (f" (the others have reference margins {[round(margins[k], 5) for k in differ]})" if differ else ""))
+    for k in differ:
+        check(margins[k] <= 2 * LOGIT_BOUND[gtype] * float(np.abs(ref).max()),
+              f"{label}: teacher-forced step {k}: llama.cpp picks {preds[k]}, transformers {want[len(ids) + k]} "
+              f"(margin {margins[k]:.2e})")
     llm.close()
 
 
