@@ -161,3 +161,20 @@ TEST_CASE("the Modelfile carries the chat format of the model's template and its
     for (const auto& n : c.needles) CHECK(has(m.text, n));
   }
 }
+
+TEST_CASE("a ChatML Modelfile carries the template's default system prompt as SYSTEM", "[gguf]") {
+  // Qwen2.5's: the system message when there is one, else its own literal default.
+  const std::string qwen25 =
+      "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+      "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+      "helpful assistant.<|im_end|>\\n' }}{%- endif %}";
+  const qt::OllamaModelfile m = qt::ollama_modelfile("./q.gguf", qwen25, "<|im_end|>");
+  INFO(m.text);
+  CHECK(m.format == "chatml");
+  CHECK(has(m.text, "SYSTEM \"You are Qwen, created by Alibaba Cloud. You are a helpful assistant.\"\n"));
+  // Qwen3's: no default.
+  const std::string qwen3 =
+      "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + "
+      "messages[0].content + '<|im_end|>\\n' }}{%- endif %}";
+  CHECK(!has(qt::ollama_modelfile("./q.gguf", qwen3, "<|im_end|>").text, "SYSTEM"));
+}

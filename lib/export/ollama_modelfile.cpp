@@ -45,6 +45,23 @@ std::string quoted(const std::string& s) {
   return out + "\"";
 }
 
+// A ChatML template's default system prompt: the literal text of a '<|im_start|>system\n...<|im_end|>' it renders
+// when the conversation has no system message (Qwen2.5's "You are Qwen, created by Alibaba Cloud. ...", Qwen2's
+// "You are a helpful assistant."); "" when it has none (Qwen3) or the text is not a literal.
+std::string chatml_default_system(const std::string& jinja) {
+  for (const char* open : {"<|im_start|>system\\n", "<|im_start|>system\n"}) {
+    size_t pos = 0;
+    while ((pos = jinja.find(open, pos)) != std::string::npos) {
+      pos += std::string(open).size();
+      const size_t end = jinja.find("<|im_end|>", pos);
+      if (end == std::string::npos) break;
+      const std::string text = jinja.substr(pos, end - pos);
+      if (!text.empty() && text.find_first_of("'\"{}+\\\n") == std::string::npos) return text;
+    }
+  }
+  return "";
+}
+
 }  // namespace
 
 OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string& chat_template,
@@ -64,6 +81,10 @@ OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string
   std::vector<std::string> stops;
   if (f) {
     m.text += "TEMPLATE \"\"\"" + std::string(f->tmpl) + "\"\"\"\n";
+    // Ollama fills .System with SYSTEM when a conversation has none: the chat template's own default.
+    if (f == &kChatML)
+      if (const std::string system = chatml_default_system(chat_template); !system.empty())
+        m.text += "SYSTEM " + quoted(system) + "\n";
     stops = f->stops;
   } else {
     m.text += "# No TEMPLATE: the model's chat_template is none of llama3, llama2, mistral, chatml\n";

@@ -337,6 +337,9 @@ def check_modelfile(label, out: pathlib.Path, gguf_file: str, vocab):
     check("TEMPLATE \"\"\"" in text and all(m in text for m in markers), f"{label}: Modelfile TEMPLATE: {text}")
     for s in vocab["stops"]:
         check(f'PARAMETER stop "{s}"\n' in text, f"{label}: Modelfile lacks PARAMETER stop {s}: {text}")
+    if vocab["template"] == gen_data.QWEN25:  # its default system prompt, as Ollama's SYSTEM
+        check('SYSTEM "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."\n' in text,
+              f"{label}: Modelfile lacks Qwen2.5's default system prompt: {text}")
 
 
 def round_activations(x: torch.Tensor, gtype: str):
