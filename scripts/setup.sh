@@ -32,6 +32,11 @@ if "$PY" -c "import importlib.metadata as m; m.version('kernels')" 2>/dev/null; 
   "$PY" -m pip uninstall -y -q kernels
 fi
 if ! "$PY" scripts/check_requirements.py "$REQ"; then
-  "$PY" -m pip install -q --disable-pip-version-check -r "$REQ"
+  # llama-cpp-python is built from its sdist (about 6 minutes on 2 cores the first time; pip keeps the wheel in its
+  # cache): CPU only, for any x86-64 (no -march=native, so that a cached wheel runs on another machine), without
+  # the server, examples, tests, libcurl or the multimodal library, none of which the tests use.
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    "$PY" -m pip install -q --disable-pip-version-check --no-binary llama-cpp-python -r "$REQ"
   "$PY" scripts/check_requirements.py "$REQ" --verbose
 fi

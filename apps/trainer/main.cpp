@@ -18,6 +18,7 @@
 #include "lib/data/tokenizer.h"
 #include "lib/data/unicode_text.h"
 #include "lib/core/files.h"
+#include "lib/export/gguf_llama.h"
 #include "lib/comm/launch_env.h"
 #include "lib/model/generate.h"
 #include "lib/model/hf_loader.h"
@@ -49,6 +50,7 @@ struct ExportArgs {
   std::string dtype = "auto";
   std::string device = "cpu";
   std::string quant = "nf4";
+  std::string gguf;  // f16 | bf16 | q8_0: one GGUF file of the merged model (+ an Ollama Modelfile)
 };
 
 struct GenerateArgs {
@@ -172,6 +174,19 @@ std::string adapter_base(const std::string& model, const std::string& adapter_di
 
 int run_export(const ExportArgs& args) {
   const std::string base = adapter_base(args.model, args.adapter);
+  if (!args.gguf.empty()) {
+    qt::GgufExportRequest req{base, args.adapter, args.out, qt::parse_gguf_file_type(args.gguf), {}};
+    req.load = qt::LoadOptions{parse_device(args.device), at::kFloat};
+    req.load.quantize_nf4 = args.quant == "nf4";  // the base as training saw it, as --merge merges it
+    const qt::GgufExportStats s = qt::export_gguf(req);
+    qt::log::info("merged " + std::to_string(s.merged) + " adapters into " + base + ": " + std::to_string(s.tensors) +
+                  " tensors, " + std::to_string(s.bytes >> 20) + " MiB at " + s.gguf_path);
+    std::cout << qt::Json{{"out", args.out}, {"gguf", s.gguf_path}, {"modelfile", s.modelfile_path},
+                          {"type", args.gguf}, {"base", base}, {"adapters", s.merged}, {"tensors", s.tensors},
+                          {"bytes", s.bytes}, {"chat_format", s.chat_format}}.dump()
+              << std::endl;
+    return 0;
+  }
   if (!args.merge) {
     // The adapter alone, in PEFT's format, checked against the base's shapes (config.json only is read).
     const std::string config_path = qt::find_model_files(base).config_path;
@@ -323,6 +338,8 @@ int main(int argc, char** argv) {
   export_cmd->add_option("--device", exp.device, "where to merge: cpu or cuda");
   export_cmd->add_option("--quant", exp.quant, "nf4 (merge onto the NF4 base training saw) or none (the 16-bit base)")
       ->check(CLI::IsMember({"nf4", "none"}));
+  export_cmd->add_option("--gguf", exp.gguf, "write the merged model as one GGUF file for llama.cpp / Ollama, with a Modelfile, its weights f16, bf16 or q8_0 (instead of --merge; --dtype does not apply)")
+      ->check(CLI::IsMember({"f16", "bf16", "q8_0"}));
 
   GenerateArgs gen;
   CLI::App* gen_cmd = app.add_subcommand("generate", "Continue a prompt (greedy, or temperature + top-p sampling)");

@@ -38,13 +38,36 @@ bool is_weight_file(const std::string& name) {
   return false;
 }
 
-struct PlannedTensor {
-  std::string name;
-  int64_t bytes;
-  std::function<at::Tensor()> make;  // the tensor in the output dtype, on the CPU
-};
-
 }  // namespace
+
+std::vector<MergedTensor> merged_tensors(LlamaModel& model) {
+  std::vector<MergedTensor> plan;
+  // Dense linears: named_tensors() holds their base only; their merged weight takes its place.
+  std::map<std::string, const Linear*> dense;
+  model.for_each_linear([&](const std::string& name, Linear& l) {
+    if (!l.quantized()) dense[name + ".weight"] = &l;
+  });
+  for (auto& [name, t] : model.named_tensors()) {
+    at::Tensor* src = t;
+    // modules_to_save: the trained copy replaces the base tensor (a tied pair is one tensor, written once).
+    if (name == "model.embed_tokens.weight" && model.embed_tokens_trainable.defined()) src = &model.embed_tokens_trainable;
+    if (name == "lm_head.weight" && model.lm_head_trainable.defined()) src = &model.lm_head_trainable;
+    auto it = dense.find(name);
+    if (it != dense.end()) {
+      const Linear* lp = it->second;
+      plan.push_back({name, src->sizes().vec(), [lp] { return merged_weight(*lp).to(at::kCPU).contiguous(); }});
+    } else {
+      plan.push_back({name, src->sizes().vec(), [src] { return src->detach().to(at::kCPU, at::kFloat).contiguous(); }});
+    }
+  }
+  model.for_each_linear([&](const std::string& name, Linear& l) {
+    if (!l.quantized()) return;  // dense ones came with named_tensors()
+    const Linear* lp = &l;
+    plan.push_back({name + ".weight", {l.out_features(), l.in_features()},
+                    [lp] { return merged_weight(*lp).to(at::kCPU).contiguous(); }});
+  });
+  return plan;
+}
 
 MergedExportStats save_merged_model(LlamaModel& model, const std::string& base_dir, const std::string& out_dir,
                                     at::ScalarType dtype, int64_t max_shard_bytes) {
@@ -56,45 +79,27 @@ MergedExportStats save_merged_model(LlamaModel& model, const std::string& base_d
   Json config = read_json_file(config_path, ErrorKind::Model);
 
   const int64_t esize = static_cast<int64_t>(c10::elementSize(dtype));
-  std::vector<PlannedTensor> plan;
+  std::vector<MergedTensor> plan = merged_tensors(model);
   MergedExportStats stats;
-  for (auto& [name, t] : model.named_tensors()) {
-    at::Tensor* src = t;
-    // modules_to_save: the trained copy replaces the base tensor (a tied pair is one tensor, written once).
-    if (name == "model.embed_tokens.weight" && model.embed_tokens_trainable.defined()) src = &model.embed_tokens_trainable;
-    if (name == "lm_head.weight" && model.lm_head_trainable.defined()) src = &model.lm_head_trainable;
-    plan.push_back({name, src->numel() * esize, [src, dtype] { return src->detach().to(at::kCPU, dtype).contiguous(); }});
-  }
-  model.for_each_linear([&](const std::string& name, Linear& l) {
-    if (!l.quantized()) return;  // dense ones came with named_tensors() (merged below)
-    const Linear* lp = &l;
-    plan.push_back({name + ".weight", l.out_features() * l.in_features() * esize,
-                    [lp, dtype] { return merged_weight(*lp).to(at::kCPU, dtype).contiguous(); }});
-  });
-  // Dense linears: named_tensors() holds their base only; swap in the merged weight.
-  std::map<std::string, const Linear*> dense;
-  model.for_each_linear([&](const std::string& name, Linear& l) {
+  model.for_each_linear([&](const std::string&, Linear& l) {
     if (l.lora) ++stats.merged;
-    if (!l.quantized()) dense[name + ".weight"] = &l;
   });
-  for (auto& p : plan) {
-    auto it = dense.find(p.name);
-    if (it != dense.end()) {
-      const Linear* lp = it->second;
-      p.make = [lp, dtype] { return merged_weight(*lp).to(at::kCPU, dtype).contiguous(); };
-    }
-  }
+  auto bytes_of = [&](const MergedTensor& t) {
+    int64_t n = esize;
+    for (int64_t d : t.shape) n *= d;
+    return n;
+  };
 
   // Shards in plan order, cut before a tensor that would overflow the limit (as transformers' split does).
   std::vector<std::vector<size_t>> shards(1);
   int64_t current = 0;
   for (size_t i = 0; i < plan.size(); ++i) {
-    if (current > 0 && current + plan[i].bytes > max_shard_bytes) {
+    if (current > 0 && current + bytes_of(plan[i]) > max_shard_bytes) {
       shards.emplace_back();
       current = 0;
     }
     shards.back().push_back(i);
-    current += plan[i].bytes;
+    current += bytes_of(plan[i]);
   }
 
   const std::string tmp = out_dir + ".tmp-export";
@@ -107,7 +112,7 @@ MergedExportStats save_merged_model(LlamaModel& model, const std::string& base_d
     else std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", s + 1, shards.size());
     std::vector<std::pair<std::string, at::Tensor>> tensors;
     for (size_t i : shards[s]) {
-      at::Tensor t = plan[i].make();
+      at::Tensor t = plan[i].make().to(dtype).contiguous();
       if (!t.isfinite().all().item<bool>())
         fail(ErrorKind::Numeric, plan[i].name + ": the merged weight holds a non-finite value; nothing exported");
       stats.bytes += t.numel() * t.element_size();

@@ -7,7 +7,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "lib/model/llama.h"
 
@@ -16,6 +18,19 @@ namespace qt {
 // The merged weight of one linear in fp32 (the base alone when it has no adapter): W + scale B A, and for DoRA
 // m / ||W + scale B A||_row * (W + scale B A), as PEFT's merge_and_unload computes it.
 at::Tensor merged_weight(const Linear& linear);
+
+// One tensor of the merged model under its Hugging Face name: its shape, and how to make it (fp32, on the CPU),
+// one at a time, so that a writer holds a single merged tensor at once.
+struct MergedTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::function<at::Tensor()> make;
+};
+
+// Every tensor of the merged model, in named_tensors() order then the NF4 linears: dense tensors as they are
+// (modules_to_save's trained copies in place of embed_tokens / lm_head; lm_head omitted when tied), each linear
+// as merged_weight(). The model must outlive the result.
+std::vector<MergedTensor> merged_tensors(LlamaModel& model);
 
 struct MergedExportStats {
   int64_t merged = 0;   // linears that had an adapter

@@ -1,0 +1,541 @@
+#include "lib/export/gguf_llama.h"
+
+#include <ATen/ATen.h>
+#include <sentencepiece_processor.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <memory>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/core/json.h"
+#include "lib/core/log.h"
+#include "lib/data/bpe_tokenizer.h"
+#include "lib/data/tokenizer.h"
+#include "lib/export/ollama_modelfile.h"
+#include "lib/model/merge.h"
+#include "lib/model/peft_adapter.h"
+
+namespace qt {
+
+GgufFileType parse_gguf_file_type(const std::string& name) {
+  if (name == "f16") return GgufFileType::F16;
+  if (name == "bf16") return GgufFileType::BF16;
+  if (name == "q8_0") return GgufFileType::Q8_0;
+  fail(ErrorKind::Usage, "--gguf '" + name + "': expected f16, bf16 or q8_0");
+}
+
+const char* gguf_file_type_name(GgufFileType type) {
+  switch (type) {
+    case GgufFileType::F16:
+      return "f16";
+    case GgufFileType::BF16:
+      return "bf16";
+    case GgufFileType::Q8_0:
+      return "q8_0";
+  }
+  return "?";
+}
+
+std::string gguf_architecture(const LlamaConfig& c, const std::string& config_path) {
+  const bool llama = c.model_type == "llama" || c.model_type == "mistral";
+  if (!llama && c.model_type != "qwen2" && c.model_type != "qwen3")
+    fail_key(ErrorKind::Model, config_path, "model_type",
+             "'" + c.model_type + "': GGUF export supports llama, mistral, qwen2 and qwen3");
+  // llama.cpp's `llama` has no biases in this mapping; its qwen2 has q / k / v biases only, its qwen3 none.
+  if (c.attention_bias || (llama && c.qkv_bias) || (c.model_type == "qwen3" && c.qkv_bias))
+    fail_key(ErrorKind::Model, config_path, "attention_bias",
+             "true: llama.cpp's " + std::string(llama ? "llama" : c.model_type) +
+                 " architecture has no place for these projection biases");
+  if (c.mlp_bias)
+    fail_key(ErrorKind::Model, config_path, "mlp_bias",
+             "true: GGUF export maps bias-free gate/up/down projections only");
+  if (c.qk_norm && c.model_type != "qwen3")
+    fail_key(ErrorKind::Model, config_path, "model_type", "q/k norms are written for qwen3 only");
+  const bool rope_ok =
+      c.rope.type == RopeType::Default || c.rope.type == RopeType::Linear || (llama && c.rope.type == RopeType::Llama3);
+  if (!rope_ok)
+    fail_key(ErrorKind::Model, config_path,
+             "rope_scaling.rope_type (rope_parameters.rope_type in transformers 5.x files)",
+             std::string("'") + rope_type_name(c.rope.type) + "': GGUF export writes default, linear" +
+                 (llama ? " and llama3" : "") + " rope scaling only");
+  if (c.head_dim % 2 != 0) fail_key(ErrorKind::Model, config_path, "head_dim", "must be even for rotary embeddings");
+  return llama ? "llama" : c.model_type;
+}
+
+at::Tensor permute_for_llama_cpp_rope(const at::Tensor& w, int64_t n_head) {
+  const int64_t rows = w.size(0);
+  QT_CHECK(rows % (2 * n_head) == 0, ErrorKind::Internal, "rope permutation: rows not a multiple of 2 x heads");
+  std::vector<int64_t> shape = {n_head, 2, rows / n_head / 2};
+  for (int64_t d = 1; d < w.dim(); ++d) shape.push_back(w.size(d));
+  return w.reshape(shape).transpose(1, 2).reshape(w.sizes()).contiguous();
+}
+
+namespace {
+
+// llama.cpp's token types (llama.h, enum llama_token_type / gguf's TokenType).
+enum TokenType : int32_t { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6 };
+
+// ggml's file types (llama.h, enum llama_ftype) for general.file_type.
+uint32_t ftype_id(GgufFileType t) {
+  switch (t) {
+    case GgufFileType::F16:
+      return 1;  // LLAMA_FTYPE_MOSTLY_F16
+    case GgufFileType::BF16:
+      return 32;  // LLAMA_FTYPE_MOSTLY_BF16
+    case GgufFileType::Q8_0:
+      return 7;  // LLAMA_FTYPE_MOSTLY_Q8_0
+  }
+  return 0;
+}
+
+struct Vocab {
+  std::string model;  // tokenizer.ggml.model
+  std::string pre;    // tokenizer.ggml.pre
+  std::vector<std::string> tokens;
+  std::vector<float> scores;  // sentencepiece only
+  std::vector<int32_t> types;
+  std::vector<std::string> merges;  // BPE only
+  int32_t unk_id = -1;
+
+  int32_t id_of(const std::string& token) const {
+    for (size_t i = 0; i < tokens.size(); ++i)
+      if (tokens[i] == token) return static_cast<int32_t>(i);
+    return -1;
+  }
+};
+
+struct SpecialTokens {
+  int32_t bos = -1;
+  int32_t eos = -1;
+  int32_t pad = -1;
+  bool add_bos = false;
+  bool add_eos = false;
+  std::string chat_template;
+};
+
+// A token setting of tokenizer_config.json ("<pad>" or {"content": "<pad>", ...}); "" when absent or null.
+std::string token_text(const Json& cfg, const std::string& key) {
+  if (!cfg.contains(key)) return "";
+  const Json& v = cfg.at(key);
+  if (v.is_string()) return v.get<std::string>();
+  if (v.is_object() && v.contains("content") && v.at("content").is_string()) return v.at("content").get<std::string>();
+  return "";
+}
+
+// Pads `v` to `n` tokens as convert_hf_to_gguf.py does for ids the tokenizer lacks ("[PAD<id>]", unused); a
+// tokenizer larger than the model's vocab_size cannot be written.
+void pad_vocab(Vocab& v, int64_t n, const std::string& config_path) {
+  if (static_cast<int64_t>(v.tokens.size()) > n)
+    fail_key(ErrorKind::Model, config_path, "vocab_size",
+             std::to_string(n) + " is smaller than the tokenizer's " + std::to_string(v.tokens.size()) + " tokens");
+  for (int64_t i = static_cast<int64_t>(v.tokens.size()); i < n; ++i) {
+    v.tokens.push_back("[PAD" + std::to_string(i) + "]");
+    v.types.push_back(kUnused);
+    if (v.model == "llama") v.scores.push_back(-1000.f);
+  }
+}
+
+// Sentencepiece (Llama 2, Mistral): every piece with its score and type, as convert_hf_to_gguf.py's
+// _create_vocab_sentencepiece reads them; tokenizer_config.json's added tokens past the model's pieces.
+Vocab sentencepiece_vocab(const std::string& dir, const Json& tok_cfg) {
+  const std::string path = files::join(dir, "tokenizer.model");
+  sentencepiece::SentencePieceProcessor sp;
+  if (!sp.Load(path).ok()) fail_at(ErrorKind::Model, path, "cannot be read as a sentencepiece model");
+  Vocab v;
+  v.model = "llama";
+  v.pre = "default";
+  const int n = sp.GetPieceSize();
+  for (int i = 0; i < n; ++i) {
+    v.tokens.push_back(sp.IdToPiece(i));
+    v.scores.push_back(sp.GetScore(i));
+    v.types.push_back(sp.IsUnknown(i)   ? kUnknown
+                      : sp.IsControl(i) ? kControl
+                      : sp.IsUnused(i)  ? kUnused
+                      : sp.IsByte(i)    ? kByte
+                                        : kNormal);
+  }
+  v.unk_id = sp.unk_id();
+  if (tok_cfg.contains("added_tokens_decoder") && tok_cfg.at("added_tokens_decoder").is_object()) {
+    std::map<int64_t, Json> added;
+    for (const auto& [id, t] : tok_cfg.at("added_tokens_decoder").items()) added[std::stoll(id)] = t;
+    for (const auto& [id, t] : added) {
+      if (id < n || !t.contains("content")) continue;  // the model's own pieces keep their types
+      while (static_cast<int64_t>(v.tokens.size()) < id) {
+        v.tokens.push_back("[PAD" + std::to_string(v.tokens.size()) + "]");
+        v.scores.push_back(-1000.f);
+        v.types.push_back(kUnused);
+      }
+      v.tokens.push_back(t.at("content").get<std::string>());
+      v.scores.push_back(-1000.f);
+      v.types.push_back(t.value("special", false) ? kControl : kUserDefined);
+    }
+  }
+  return v;
+}
+
+// Qwen2's pre-tokenization regex (Qwen2 / Qwen2.5 / Qwen3 tokenizer.json): Llama 3's with digits split one by one.
+constexpr const char* k_qwen2_pattern =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+// llama.cpp's name for a tokenizer.json's pre-tokenizer (tokenizer.ggml.pre: how its vocab loader splits text before
+// BPE), from the Split regex: Llama 3's -> llama-bpe, Qwen2's -> qwen2 (convert_hf_to_gguf.py tells them apart by
+// hashing the ids of a test text; the regex is what differs).
+std::string bpe_pre_tokenizer(const Json& doc, const std::string& json_path) {
+  std::vector<const Json*> steps;
+  if (doc.contains("pre_tokenizer") && doc.at("pre_tokenizer").is_object()) {
+    const Json& pre = doc.at("pre_tokenizer");
+    if (pre.value("type", "") == "Sequence" && pre.contains("pretokenizers"))
+      for (const auto& p : pre.at("pretokenizers")) steps.push_back(&p);
+    else
+      steps.push_back(&pre);
+  }
+  for (const Json* s : steps) {
+    if (s->value("type", "") != "Split" || !s->contains("pattern") || !s->at("pattern").contains("Regex")) continue;
+    const std::string regex = s->at("pattern").at("Regex").get<std::string>();
+    if (regex == k_llama3_pattern) return "llama-bpe";
+    if (regex == k_qwen2_pattern) return "qwen2";
+    fail_key(ErrorKind::Model, json_path, "pre_tokenizer",
+             "its Split regex is neither Llama 3's nor Qwen2's, the byte-level pre-tokenizers GGUF export names");
+  }
+  fail_key(ErrorKind::Model, json_path, "pre_tokenizer",
+           "expected a Split with Llama 3's or Qwen2's regex before ByteLevel");
+}
+
+// Byte-level BPE (Llama 3's tokenizer.json): the vocab strings as they are (GPT-2's byte-to-unicode characters),
+// added tokens as control (special) or user-defined, the merges as "left right" strings.
+Vocab bpe_vocab(const std::string& json_path) {
+  const Json doc = read_json_file(json_path, ErrorKind::Model);
+  const Json& model = doc.at("model");
+  Vocab v;
+  v.model = "gpt2";
+  v.pre = bpe_pre_tokenizer(doc, json_path);
+  std::map<int64_t, std::pair<std::string, int32_t>> by_id;
+  for (const auto& [tok, id] : model.at("vocab").items()) by_id[id.get<int64_t>()] = {tok, kNormal};
+  if (doc.contains("added_tokens"))
+    for (const auto& t : doc.at("added_tokens"))
+      by_id[t.at("id").get<int64_t>()] = {t.at("content").get<std::string>(),
+                                          t.value("special", false) ? kControl : kUserDefined};
+  for (const auto& [id, tok] : by_id) {
+    while (static_cast<int64_t>(v.tokens.size()) < id) {
+      v.tokens.push_back("[PAD" + std::to_string(v.tokens.size()) + "]");
+      v.types.push_back(kUnused);
+    }
+    v.tokens.push_back(tok.first);
+    v.types.push_back(tok.second);
+  }
+  if (model.contains("merges"))
+    for (const auto& m : model.at("merges")) {
+      if (m.is_string())
+        v.merges.push_back(m.get<std::string>());
+      else if (m.is_array() && m.size() == 2)
+        v.merges.push_back(m[0].get<std::string>() + " " + m[1].get<std::string>());
+      else
+        fail_key(ErrorKind::Model, json_path, "model.merges", "expected \"a b\" strings or [a, b] pairs");
+    }
+  if (model.contains("unk_token") && model.at("unk_token").is_string()) {
+    const std::string unk = model.at("unk_token").get<std::string>();
+    for (size_t i = 0; i < v.tokens.size(); ++i)
+      if (v.tokens[i] == unk) v.unk_id = static_cast<int32_t>(i);
+  }
+  return v;
+}
+
+// Special ids from tokenizer_config.json (bos_token, eos_token as strings or {"content": ...}; config.json's
+// eos_token_id when it names none), add_bos_token / add_eos_token (false when absent, as Qwen's files leave them),
+// and the chat template (tokenizer_config.json's, else chat_template.jinja).
+SpecialTokens special_tokens_from_files(const Vocab& v, const Json& cfg, const std::string& cfg_path,
+                                        const std::string& dir, const LlamaConfig& config) {
+  SpecialTokens s;
+  auto id = [&](const char* key) {
+    const std::string text = token_text(cfg, key);
+    if (text.empty()) return int32_t{-1};
+    const int32_t i = v.id_of(text);
+    if (i < 0) fail_key(ErrorKind::Model, cfg_path, key, "'" + text + "' is not a token of tokenizer.json");
+    return i;
+  };
+  s.bos = id("bos_token");
+  s.eos = id("eos_token");
+  if (s.eos < 0 && config.eos_token_id >= 0) s.eos = static_cast<int32_t>(config.eos_token_id);
+  if (cfg.contains("add_bos_token") && cfg.at("add_bos_token").is_boolean())
+    s.add_bos = cfg.at("add_bos_token").get<bool>();
+  if (cfg.contains("add_eos_token") && cfg.at("add_eos_token").is_boolean())
+    s.add_eos = cfg.at("add_eos_token").get<bool>();
+  if (cfg.contains("chat_template") && cfg.at("chat_template").is_string())
+    s.chat_template = cfg.at("chat_template").get<std::string>();
+  else if (const std::string jinja = files::join(dir, "chat_template.jinja"); files::exists(jinja))
+    s.chat_template = files::read_file(jinja);
+  return s;
+}
+
+// llama.cpp's tensor names (gguf-py's constants.py TENSOR_NAMES / tensor_mapping.py) for HF LlamaForCausalLM's.
+std::string gguf_tensor_name(const std::string& hf, int64_t* block) {
+  *block = -1;
+  if (hf == "model.embed_tokens.weight") return "token_embd.weight";
+  if (hf == "model.norm.weight") return "output_norm.weight";
+  if (hf == "lm_head.weight") return "output.weight";
+  const std::string prefix = "model.layers.";
+  if (hf.compare(0, prefix.size(), prefix) == 0) {
+    const size_t dot = hf.find('.', prefix.size());
+    *block = std::stoll(hf.substr(prefix.size(), dot - prefix.size()));
+    const std::string rest = hf.substr(dot + 1);
+    static const std::map<std::string, std::string> names = {{"self_attn.q_proj.weight", "attn_q.weight"},
+                                                             {"self_attn.k_proj.weight", "attn_k.weight"},
+                                                             {"self_attn.v_proj.weight", "attn_v.weight"},
+                                                             {"self_attn.o_proj.weight", "attn_output.weight"},
+                                                             {"mlp.gate_proj.weight", "ffn_gate.weight"},
+                                                             {"mlp.up_proj.weight", "ffn_up.weight"},
+                                                             {"mlp.down_proj.weight", "ffn_down.weight"},
+                                                             {"input_layernorm.weight", "attn_norm.weight"},
+                                                             {"post_attention_layernorm.weight", "ffn_norm.weight"},
+                                                             {"self_attn.q_proj.bias", "attn_q.bias"},
+                                                             {"self_attn.k_proj.bias", "attn_k.bias"},
+                                                             {"self_attn.v_proj.bias", "attn_v.bias"},
+                                                             {"self_attn.q_norm.weight", "attn_q_norm.weight"},
+                                                             {"self_attn.k_norm.weight", "attn_k_norm.weight"}};
+    auto it = names.find(rest);
+    if (it != names.end()) return "blk." + std::to_string(*block) + "." + it->second;
+  }
+  fail(ErrorKind::Internal, "GGUF export: no llama.cpp name for tensor " + hf);
+}
+
+// Llama 3.1's rope scaling as llama.cpp takes it: a rope_freqs tensor of per-frequency divisors
+// (convert_hf_to_gguf.py LlamaModel.generate_extra_tensors; Meta's apply_scaling).
+std::vector<float> llama3_rope_factors(const RopeConfig& r, int64_t head_dim) {
+  const double low_wavelen = r.original_max_position_embeddings / r.low_freq_factor;
+  const double high_wavelen = r.original_max_position_embeddings / r.high_freq_factor;
+  std::vector<float> factors;
+  for (int64_t i = 0; i < head_dim; i += 2) {
+    const float freq = 1.0f / std::pow(static_cast<float>(r.theta), static_cast<float>(i) / head_dim);
+    const double wavelen = 2 * M_PI / freq;
+    if (wavelen < high_wavelen) {
+      factors.push_back(1.0f);
+    } else if (wavelen > low_wavelen) {
+      factors.push_back(static_cast<float>(r.factor));
+    } else {
+      const double smooth =
+          (r.original_max_position_embeddings / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+      factors.push_back(static_cast<float>(1.0 / ((1 - smooth) / r.factor + smooth)));
+    }
+  }
+  return factors;
+}
+
+// The output files under temporary names until commit(); otherwise removed (and the directory, if made here).
+class PendingOutputs {
+ public:
+  explicit PendingOutputs(const std::string& dir) : dir_(dir) {
+    if (!files::exists(dir)) {
+      files::make_dirs(dir);
+      created_ = true;
+    }
+  }
+  ~PendingOutputs() {
+    if (committed_) return;
+    try {
+      for (const auto& [tmp, final_path] : files_) files::remove_tree(tmp);
+      if (created_) files::remove_tree(dir_);
+    } catch (...) {
+    }
+  }
+  std::string add(const std::string& final_path) {
+    const std::string tmp = files::join(dir_, "." + files::base_name(final_path) + ".partial");
+    files::remove_tree(tmp);  // left by a killed earlier run
+    files_.emplace_back(tmp, final_path);
+    return tmp;
+  }
+  void commit() {
+    for (const auto& [tmp, final_path] : files_) {
+      if (files::exists(final_path)) fail_at(ErrorKind::Usage, final_path, "exists (appeared during the export)");
+      files::rename_path(tmp, final_path);
+    }
+    files::sync_path(dir_);
+    committed_ = true;
+  }
+
+ private:
+  std::string dir_;
+  bool created_ = false;
+  bool committed_ = false;
+  std::vector<std::pair<std::string, std::string>> files_;
+};
+
+std::string file_stem(const std::string& base_dir) {
+  std::string d = base_dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  std::string name = files::base_name(d);
+  for (char& ch : name)
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '_' && ch != '.') ch = '-';
+  return name.empty() || name == "." || name == ".." ? "model" : name;
+}
+
+}  // namespace
+
+GgufExportStats export_gguf(const GgufExportRequest& req) {
+  // Refusals first: nothing is loaded or written for a model llama.cpp would not load or an existing output.
+  const std::string config_path = find_model_files(req.base_dir).config_path;
+  const LlamaConfig config = LlamaConfig::from_file(config_path);
+  const std::string arch = gguf_architecture(config, config_path);
+  // convert_hf_to_gguf.py drops Mistral's window too: llama.cpp's `llama` attends to the whole context.
+  if (arch == "llama" && config.sliding_window && *config.sliding_window < config.max_position_embeddings)
+    log::warn(config_path + ": sliding_window " + std::to_string(*config.sliding_window) +
+              " is not in the GGUF (llama.cpp's llama architecture has no window): sequences longer than it attend "
+              "further back than in training");
+  if (files::exists(req.out_dir) && !files::is_dir(req.out_dir))
+    fail_at(ErrorKind::Usage, req.out_dir, "exists and is not a directory (--out names the output directory)");
+  GgufExportStats stats;
+  const std::string stem = file_stem(req.base_dir) + "-" + gguf_file_type_name(req.type);
+  stats.gguf_path = files::join(req.out_dir, stem + ".gguf");
+  stats.modelfile_path = files::join(req.out_dir, "Modelfile");
+  for (const auto& p : {stats.gguf_path, stats.modelfile_path})
+    if (files::exists(p)) fail_at(ErrorKind::Usage, p, "exists; remove it or choose another --out directory");
+
+  const std::string tok_cfg_path = files::join(req.base_dir, "tokenizer_config.json");
+  const Json tok_cfg = files::exists(tok_cfg_path) ? read_json_file(tok_cfg_path, ErrorKind::Model) : Json::object();
+  const std::string tok_json = files::join(req.base_dir, "tokenizer.json");
+  const bool bpe = files::exists(tok_json) && is_byte_level_tokenizer_json(read_json_file(tok_json, ErrorKind::Model));
+  Vocab vocab;
+  SpecialTokens special;
+  if (arch == "llama") {
+    // The special ids, add_bos and the chat template as training and generate resolve them.
+    const std::unique_ptr<Tokenizer> tokenizer = load_tokenizer(req.base_dir);
+    vocab = bpe ? bpe_vocab(tok_json) : sentencepiece_vocab(req.base_dir, tok_cfg);
+    special = {tokenizer->bos_id(),  tokenizer->eos_id(),  -1,
+               tokenizer->add_bos(), tokenizer->add_eos(), tokenizer->chat_template()};
+  } else {
+    // Qwen's tokenizer.json (NFC normalizer, its own digit regex) is not one our BPE tokenizer runs: its vocabulary,
+    // merges and special tokens are read from the files as they are.
+    if (!bpe)
+      fail_at(ErrorKind::Model, tok_json, "expected a byte-level BPE tokenizer.json (" + arch + " models have one)");
+    vocab = bpe_vocab(tok_json);
+    special = special_tokens_from_files(vocab, tok_cfg, tok_cfg_path, req.base_dir, config);
+  }
+  pad_vocab(vocab, config.vocab_size, config_path);
+  if (const std::string pad = token_text(tok_cfg, "pad_token"); !pad.empty()) special.pad = vocab.id_of(pad);
+
+  LlamaModel model = load_llama(req.base_dir, req.load);
+  load_peft_adapter(model, req.adapter_dir);
+  model.for_each_linear([&](const std::string&, Linear& l) {
+    if (l.lora) ++stats.merged;
+  });
+
+  GgufWriter w(32);
+  w.add_string("general.architecture", arch);
+  w.add_string("general.type", "model");
+  w.add_string("general.name", file_stem(req.base_dir));
+  w.add_u32("general.alignment", 32);
+  w.add_u32(arch + ".context_length", static_cast<uint32_t>(config.max_position_embeddings));
+  w.add_u32(arch + ".embedding_length", static_cast<uint32_t>(config.hidden_size));
+  w.add_u32(arch + ".block_count", static_cast<uint32_t>(config.num_hidden_layers));
+  w.add_u32(arch + ".feed_forward_length", static_cast<uint32_t>(config.intermediate_size));
+  w.add_u32(arch + ".attention.head_count", static_cast<uint32_t>(config.num_attention_heads));
+  w.add_u32(arch + ".attention.head_count_kv", static_cast<uint32_t>(config.num_key_value_heads));
+  w.add_u32(arch + ".attention.key_length", static_cast<uint32_t>(config.head_dim));
+  w.add_u32(arch + ".attention.value_length", static_cast<uint32_t>(config.head_dim));
+  w.add_f32(arch + ".attention.layer_norm_rms_epsilon", static_cast<float>(config.rms_norm_eps));
+  w.add_f32(arch + ".rope.freq_base", static_cast<float>(config.rope.theta));
+  w.add_u32(arch + ".rope.dimension_count", static_cast<uint32_t>(config.head_dim));
+  if (config.rope.type == RopeType::Linear) {
+    w.add_string(arch + ".rope.scaling.type", "linear");
+    w.add_f32(arch + ".rope.scaling.factor", static_cast<float>(config.rope.factor));
+  }
+  w.add_u32(arch + ".vocab_size", static_cast<uint32_t>(config.vocab_size));
+  w.add_u32("general.file_type", ftype_id(req.type));
+  w.add_u32("general.quantization_version", 2);  // GGML_QNT_VERSION
+
+  w.add_string("tokenizer.ggml.model", vocab.model);
+  w.add_string("tokenizer.ggml.pre", vocab.pre);
+  w.add_string_array("tokenizer.ggml.tokens", vocab.tokens);
+  if (!vocab.scores.empty()) w.add_f32_array("tokenizer.ggml.scores", vocab.scores);
+  w.add_i32_array("tokenizer.ggml.token_type", vocab.types);
+  if (!vocab.merges.empty()) w.add_string_array("tokenizer.ggml.merges", vocab.merges);
+  if (special.bos >= 0) w.add_u32("tokenizer.ggml.bos_token_id", static_cast<uint32_t>(special.bos));
+  if (special.eos >= 0) w.add_u32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(special.eos));
+  if (vocab.unk_id >= 0) w.add_u32("tokenizer.ggml.unknown_token_id", static_cast<uint32_t>(vocab.unk_id));
+  if (special.pad >= 0) w.add_u32("tokenizer.ggml.padding_token_id", static_cast<uint32_t>(special.pad));
+  w.add_bool("tokenizer.ggml.add_bos_token", special.add_bos);
+  w.add_bool("tokenizer.ggml.add_eos_token", special.add_eos);
+  if (!special.chat_template.empty()) w.add_string("tokenizer.chat_template", special.chat_template);
+
+  // Tensors: token_embd (and rope_freqs) first, then the blocks in order, output_norm and output last.
+  struct Entry {
+    int64_t order;
+    std::string name;
+    MergedTensor t;
+  };
+  std::vector<Entry> entries;
+  for (MergedTensor& t : merged_tensors(model)) {
+    int64_t block = -1;
+    std::string name = gguf_tensor_name(t.name, &block);
+    const int64_t order = name == "token_embd.weight" ? -2
+                          : block >= 0                ? block
+                                                      : (name == "output_norm.weight" ? 1 << 30 : (1 << 30) + 1);
+    // `llama` only: Qwen's rotate-half layout is what llama.cpp runs as NEOX rope for qwen2 / qwen3.
+    if (arch == "llama" && (name.find(".attn_q.") != std::string::npos || name.find(".attn_k.") != std::string::npos)) {
+      const int64_t heads =
+          name.find(".attn_q.") != std::string::npos ? config.num_attention_heads : config.num_key_value_heads;
+      auto make = t.make;
+      t.make = [make, heads] { return permute_for_llama_cpp_rope(make(), heads); };
+    }
+    entries.push_back({order, std::move(name), std::move(t)});
+  }
+  std::stable_sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.order < b.order; });
+  if (config.rope.type == RopeType::Llama3) {
+    const std::vector<float> f = llama3_rope_factors(config.rope, config.head_dim);
+    w.add_tensor("rope_freqs.weight", {static_cast<int64_t>(f.size())}, GgmlType::F32,
+                 [f] { return at::tensor(f, at::kFloat); });
+  }
+  int64_t q8_fallbacks = 0;
+  for (Entry& e : entries) {
+    // Norms and other 1-D tensors stay f32 in every mode, as convert_hf_to_gguf.py keeps them.
+    GgmlType type = GgmlType::F32;
+    const bool is_norm = e.name.size() >= 12 && e.name.compare(e.name.size() - 12, 12, "_norm.weight") == 0;
+    if (e.t.shape.size() >= 2 && !is_norm) {
+      switch (req.type) {
+        case GgufFileType::F16:
+          type = GgmlType::F16;
+          break;
+        case GgufFileType::BF16:
+          type = GgmlType::BF16;
+          break;
+        case GgufFileType::Q8_0:
+          // Rows not a multiple of 32 values cannot be q8_0 blocks: f16, as the converter falls back.
+          type = e.t.shape.back() % kQ8_0BlockSize == 0 ? GgmlType::Q8_0 : GgmlType::F16;
+          if (type == GgmlType::F16) ++q8_fallbacks;
+          break;
+      }
+    }
+    w.add_tensor(e.name, e.t.shape, type, e.t.make);
+  }
+  if (q8_fallbacks)
+    log::warn(std::to_string(q8_fallbacks) +
+              " tensor(s) have rows that are not a multiple of 32 values: written as f16");
+
+  const std::string eos_text = special.eos >= 0 ? vocab.tokens[special.eos] : "";
+  const OllamaModelfile modelfile =
+      ollama_modelfile("./" + files::base_name(stats.gguf_path), special.chat_template, eos_text);
+  stats.chat_format = modelfile.format;
+
+  PendingOutputs out(req.out_dir);
+  const std::string gguf_tmp = out.add(stats.gguf_path);
+  const std::string modelfile_tmp = out.add(stats.modelfile_path);
+  w.write(gguf_tmp);
+  if (std::FILE* f = std::fopen(modelfile_tmp.c_str(), "wb")) {
+    const bool written = std::fwrite(modelfile.text.data(), 1, modelfile.text.size(), f) == modelfile.text.size();
+    if (std::fclose(f) != 0 || !written) fail_at(ErrorKind::Io, modelfile_tmp, "write failed");
+  } else {
+    fail_at(ErrorKind::Io, modelfile_tmp, "cannot create");
+  }
+  files::sync_path(modelfile_tmp);
+  out.commit();
+  stats.tensors = w.tensor_count();
+  stats.bytes = files::file_size(stats.gguf_path);
+  return stats;
+}
+
+}  // namespace qt

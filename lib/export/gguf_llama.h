@@ -1,0 +1,57 @@
+#pragma once
+// `qlora-train export --gguf f16|bf16|q8_0`: the merged model (base + adapter, the base dequantized from NF4 as
+// `export --merge` merges it) as one GGUF file that llama.cpp (and so Ollama) loads, with an Ollama Modelfile
+// beside it. The mapping follows llama.cpp's convert_hf_to_gguf.py for HF checkpoints (LlamaModel for LLaMA and
+// Mistral as its `llama` architecture; Qwen2Model / Qwen3Model as `qwen2` / `qwen3`): its metadata keys, tensor
+// names, the q / k row permutation of `llama` for its rotary layout (Qwen's rotate-half layout is llama.cpp's NEOX
+// rope, kept as it is), f32 norms and biases, and the tokenizer as its vocab loader expects it (sentencepiece
+// `llama`; byte-level BPE `gpt2` with the pre-tokenizer `llama-bpe` or `qwen2`, by tokenizer.json's regex).
+#include <cstdint>
+#include <string>
+
+#include "lib/export/gguf_writer.h"
+#include "lib/model/hf_loader.h"
+#include "lib/model/llama_config.h"
+
+namespace qt {
+
+enum class GgufFileType { F16, BF16, Q8_0 };
+
+// "f16", "bf16", "q8_0"; anything else is qt::Error(Usage) naming the choices.
+GgufFileType parse_gguf_file_type(const std::string& name);
+const char* gguf_file_type_name(GgufFileType type);
+
+// The llama.cpp architecture a model is written as: `llama` for model_type llama and mistral, `qwen2`, `qwen3`.
+// Refuses, naming `config_path` and the key, what llama.cpp would not load or this exporter does not map: other
+// model types, biases llama.cpp's architecture has no place for (any on llama / mistral, o_proj's or the MLP's on
+// Qwen), rope types other than default / linear (and llama3 for `llama`).
+std::string gguf_architecture(const LlamaConfig& config, const std::string& config_path);
+
+// HF rows of q_proj / k_proj (rotate-half layout: the two halves of each head) reordered to llama.cpp's
+// interleaved pairs: convert_hf_to_gguf.py's LlamaModel.permute (reshape [heads, 2, head_dim / 2, ...], swap the
+// middle two axes). `n_head` is the query heads for q and the key-value heads for k.
+at::Tensor permute_for_llama_cpp_rope(const at::Tensor& w, int64_t n_head);
+
+struct GgufExportRequest {
+  std::string base_dir;     // the base model directory (config.json, weights, tokenizer)
+  std::string adapter_dir;  // the PEFT adapter merged into it
+  std::string out_dir;      // created if missing; must not hold the .gguf or Modelfile already
+  GgufFileType type = GgufFileType::F16;
+  LoadOptions load;  // how the base is loaded for the merge (NF4 as training saw it, fp32)
+};
+
+struct GgufExportStats {
+  std::string gguf_path;
+  std::string modelfile_path;
+  int64_t tensors = 0;
+  int64_t bytes = 0;        // file size
+  int64_t merged = 0;       // linears that had an adapter
+  std::string chat_format;  // the Modelfile's TEMPLATE: llama3, llama2, mistral, chatml, or "none"
+};
+
+// Checks the base's config.json and the output paths first (nothing loaded or written on a refusal), then loads,
+// merges and writes <out_dir>/<base name>-<type>.gguf and <out_dir>/Modelfile under temporary names renamed at
+// the end; a failure removes them (and out_dir when this call created it).
+GgufExportStats export_gguf(const GgufExportRequest& request);
+
+}  // namespace qt

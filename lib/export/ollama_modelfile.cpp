@@ -1,0 +1,97 @@
+#include "lib/export/ollama_modelfile.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace qt {
+
+namespace {
+
+bool contains(const std::string& s, const char* needle) { return s.find(needle) != std::string::npos; }
+
+struct Format {
+  const char* name;
+  const char* tmpl;
+  std::vector<std::string> stops;
+};
+
+const Format kLlama3 = {"llama3",
+                        "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+                        "{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}"
+                        "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>",
+                        {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}};
+// Llama 2 chat: "[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s>".
+const Format kLlama2 = {
+    "llama2",
+    "[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST] {{ .Response }}",
+    {"[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"}};
+// Mistral Instruct: "[INST] {system}\n\n{user} [/INST]{answer}</s>" (the system text before the user's).
+const Format kMistral = {"mistral",
+                         "[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }} [/INST]{{ .Response }}",
+                         {"[INST]", "[/INST]"}};
+const Format kChatML = {"chatml",
+                        "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+                        "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
+                        "<|im_start|>assistant\n{{ .Response }}<|im_end|>\n",
+                        {"<|im_start|>", "<|im_end|>"}};
+
+// A Modelfile argument in double quotes (Ollama's parser takes \" and \\ escapes inside them).
+std::string quoted(const std::string& s) {
+  std::string out = "\"";
+  for (char c : s) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out + "\"";
+}
+
+// A ChatML template's default system prompt: the literal text of a '<|im_start|>system\n...<|im_end|>' it renders
+// when the conversation has no system message (Qwen2.5's "You are Qwen, created by Alibaba Cloud. ...", Qwen2's
+// "You are a helpful assistant."); "" when it has none (Qwen3) or the text is not a literal.
+std::string chatml_default_system(const std::string& jinja) {
+  for (const char* open : {"<|im_start|>system\\n", "<|im_start|>system\n"}) {
+    size_t pos = 0;
+    while ((pos = jinja.find(open, pos)) != std::string::npos) {
+      pos += std::string(open).size();
+      const size_t end = jinja.find("<|im_end|>", pos);
+      if (end == std::string::npos) break;
+      const std::string text = jinja.substr(pos, end - pos);
+      if (!text.empty() && text.find_first_of("'\"{}+\\\n") == std::string::npos) return text;
+    }
+  }
+  return "";
+}
+
+}  // namespace
+
+OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string& chat_template,
+                                 const std::string& eos_token) {
+  const Format* f = nullptr;
+  if (contains(chat_template, "<|start_header_id|>"))
+    f = &kLlama3;
+  else if (contains(chat_template, "<|im_start|>"))
+    f = &kChatML;
+  else if (contains(chat_template, "[INST]"))
+    f = contains(chat_template, "<<SYS>>") ? &kLlama2 : &kMistral;
+
+  OllamaModelfile m;
+  m.format = f ? f->name : "none";
+  m.text = "# Ollama Modelfile written by qlora-train export --gguf: `ollama create NAME -f Modelfile`\n";
+  m.text += "FROM " + gguf_file + "\n";
+  std::vector<std::string> stops;
+  if (f) {
+    m.text += "TEMPLATE \"\"\"" + std::string(f->tmpl) + "\"\"\"\n";
+    // Ollama fills .System with SYSTEM when a conversation has none: the chat template's own default.
+    if (f == &kChatML)
+      if (const std::string system = chatml_default_system(chat_template); !system.empty())
+        m.text += "SYSTEM " + quoted(system) + "\n";
+    stops = f->stops;
+  } else {
+    m.text += "# No TEMPLATE: the model's chat_template is none of llama3, llama2, mistral, chatml\n";
+  }
+  if (!eos_token.empty() && std::find(stops.begin(), stops.end(), eos_token) == stops.end()) stops.push_back(eos_token);
+  for (const auto& s : stops) m.text += "PARAMETER stop " + quoted(s) + "\n";
+  return m;
+}
+
+}  // namespace qt

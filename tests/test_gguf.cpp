@@ -1,0 +1,180 @@
+// The GGUF writer's pieces on inputs built here: q8_0 blocks against ggml's quantize_row_q8_0_ref by hand, the q/k
+// row permutation of convert_hf_to_gguf.py, the file layout (header, key/values, tensor infos, aligned data), and
+// the Ollama Modelfile per chat format. Files read back by gguf-py and run in llama.cpp: tests/e2e/test_gguf.py.
+#include <ATen/ATen.h>
+
+#include <cstring>
+
+#include "lib/core/files.h"
+#include "lib/export/gguf_llama.h"
+#include "lib/export/gguf_writer.h"
+#include "lib/export/ollama_modelfile.h"
+#include "tests/catch.h"
+#include "tests/test_util.h"
+
+using qt::test::has;
+using qt::test::scratch_dir;
+
+namespace {
+
+template <typename T>
+T read_at(const std::string& s, size_t& pos) {
+  T v;
+  std::memcpy(&v, s.data() + pos, sizeof v);
+  pos += sizeof v;
+  return v;
+}
+
+std::string read_str(const std::string& s, size_t& pos) {
+  const auto n = read_at<uint64_t>(s, pos);
+  std::string out = s.substr(pos, n);
+  pos += n;
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("q8_0 blocks hold an fp16 scale max over 127 and values rounded half away from zero", "[gguf]") {
+  // Block 0: max |x| = 127, so d = 1 and q = round(x): 2.5 -> 3, -2.5 -> -3, 0.49 -> 0. Block 1: all zero.
+  at::Tensor x = at::zeros({64}, at::kFloat);
+  x[0] = 127.f;
+  x[1] = 2.5f;
+  x[2] = -2.5f;
+  x[3] = 0.49f;
+  x[4] = -127.f;
+  const at::Tensor q = qt::quantize_q8_0(x);
+  REQUIRE(q.numel() == 2 * 34);
+  const uint8_t* b = q.data_ptr<uint8_t>();
+  uint16_t d0, d1;
+  std::memcpy(&d0, b, 2);
+  std::memcpy(&d1, b + 34, 2);
+  CHECK(d0 == c10::Half(1.0f).x);
+  CHECK(d1 == 0);
+  const auto* q0 = reinterpret_cast<const int8_t*>(b + 2);
+  CHECK(q0[0] == 127);
+  CHECK(q0[1] == 3);
+  CHECK(q0[2] == -3);
+  CHECK(q0[3] == 0);
+  CHECK(q0[4] == -127);
+  for (int j = 0; j < 32; ++j) CHECK(b[36 + j] == 0);
+
+  // Random values: dequantized within half a step plus the scale's fp16 rounding.
+  at::manual_seed(0);
+  const at::Tensor r = at::randn({32 * 40}, at::kFloat) * 3;
+  const at::Tensor back = qt::dequantize_q8_0(qt::quantize_q8_0(r), r.numel());
+  const at::Tensor d = r.view({-1, 32}).abs().amax(1, true) / 127;
+  CHECK(((back - r).view({-1, 32}).abs() <= d * 0.57).all().item<bool>());
+}
+
+TEST_CASE("the rope permutation interleaves the two halves of each head as convert_hf_to_gguf does", "[gguf]") {
+  // 2 heads of head_dim 4, one column: HF rows [h0: 0 1 | 2 3, h1: 4 5 | 6 7] -> llama.cpp [0 2 1 3 4 6 5 7].
+  const at::Tensor w = at::arange(8, at::kFloat).view({8, 1});
+  const at::Tensor p = qt::permute_for_llama_cpp_rope(w, 2).view({8});
+  const std::vector<float> want = {0, 2, 1, 3, 4, 6, 5, 7};
+  for (int i = 0; i < 8; ++i) CHECK(p[i].item<float>() == want[i]);
+}
+
+TEST_CASE("a GGUF file has the v3 header, typed key values, innermost-first dims and aligned data", "[gguf]") {
+  const std::string dir = scratch_dir("gguf_writer");
+  qt::GgufWriter w(32);
+  w.add_string("general.architecture", "llama");
+  w.add_u32("llama.block_count", 2);
+  w.add_string_array("tokenizer.ggml.tokens", {"a", "bc"});
+  const at::Tensor t = at::arange(6, at::kFloat).view({2, 3});
+  w.add_tensor("x.weight", {2, 3}, qt::GgmlType::F16, [t] { return t; });
+  w.add_tensor("n.weight", {3}, qt::GgmlType::F32, [] { return at::ones({3}, at::kFloat); });
+  const std::string path = qt::files::join(dir, "t.gguf");
+  w.write(path);
+  const std::string s = qt::files::read_file(path);
+
+  size_t pos = 0;
+  CHECK(s.substr(0, 4) == "GGUF");
+  pos = 4;
+  CHECK(read_at<uint32_t>(s, pos) == 3);
+  CHECK(read_at<uint64_t>(s, pos) == 2);  // tensors
+  CHECK(read_at<uint64_t>(s, pos) == 4);  // key values: general.alignment added
+  CHECK(read_str(s, pos) == "general.architecture");
+  CHECK(read_at<uint32_t>(s, pos) == 8);  // string
+  CHECK(read_str(s, pos) == "llama");
+  CHECK(read_str(s, pos) == "llama.block_count");
+  CHECK(read_at<uint32_t>(s, pos) == 4);  // uint32
+  CHECK(read_at<uint32_t>(s, pos) == 2);
+  CHECK(read_str(s, pos) == "tokenizer.ggml.tokens");
+  CHECK(read_at<uint32_t>(s, pos) == 9);  // array
+  CHECK(read_at<uint32_t>(s, pos) == 8);  // of strings
+  CHECK(read_at<uint64_t>(s, pos) == 2);
+  CHECK(read_str(s, pos) == "a");
+  CHECK(read_str(s, pos) == "bc");
+  CHECK(read_str(s, pos) == "general.alignment");
+  CHECK(read_at<uint32_t>(s, pos) == 4);
+  CHECK(read_at<uint32_t>(s, pos) == 32);
+  CHECK(read_str(s, pos) == "x.weight");
+  CHECK(read_at<uint32_t>(s, pos) == 2);
+  CHECK(read_at<uint64_t>(s, pos) == 3);  // innermost first
+  CHECK(read_at<uint64_t>(s, pos) == 2);
+  CHECK(read_at<uint32_t>(s, pos) == 1);  // F16
+  CHECK(read_at<uint64_t>(s, pos) == 0);
+  CHECK(read_str(s, pos) == "n.weight");
+  CHECK(read_at<uint32_t>(s, pos) == 1);
+  CHECK(read_at<uint64_t>(s, pos) == 3);
+  CHECK(read_at<uint32_t>(s, pos) == 0);   // F32
+  CHECK(read_at<uint64_t>(s, pos) == 32);  // 12 bytes of f16, padded to 32
+  const size_t data = (pos + 31) / 32 * 32;
+  for (size_t i = pos; i < data; ++i) CHECK(s[i] == 0);
+  for (int i = 0; i < 6; ++i) {
+    c10::Half h;
+    std::memcpy(&h.x, s.data() + data + 2 * i, 2);
+    CHECK(static_cast<float>(h) == static_cast<float>(i));
+  }
+  float one;
+  std::memcpy(&one, s.data() + data + 32, 4);
+  CHECK(one == 1.0f);
+  CHECK(s.size() == data + 64);
+}
+
+TEST_CASE("the Modelfile carries the chat format of the model's template and its stop tokens", "[gguf]") {
+  struct Case {
+    const char* jinja;
+    const char* format;
+    std::vector<std::string> needles;
+  };
+  const std::vector<Case> cases = {
+      {"{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>' }}",
+       "llama3",
+       {"<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>",
+        "PARAMETER stop \"<|eot_id|>\"\n"}},
+      {"{{ '[INST] ' + '<<SYS>>\\n' }}", "llama2", {"[INST] {{ if .System }}<<SYS>>", "PARAMETER stop \"[/INST]\"\n"}},
+      {"{{ '[INST] ' + message['content'] + ' [/INST]' }}",
+       "mistral",
+       {"{{ .Prompt }} [/INST]", "PARAMETER stop \"[INST]\"\n"}},
+      {"{{- '<|im_start|>system\\n' }}",
+       "chatml",
+       {"<|im_start|>assistant\n{{ .Response }}<|im_end|>", "PARAMETER stop \"<|im_end|>\"\n"}},
+      {"", "none", {"# No TEMPLATE"}},
+  };
+  for (const auto& c : cases) {
+    const qt::OllamaModelfile m = qt::ollama_modelfile("./m-f16.gguf", c.jinja, "</s>");
+    INFO(m.text);
+    CHECK(m.format == c.format);
+    CHECK(has(m.text, "FROM ./m-f16.gguf\n"));
+    CHECK(has(m.text, "PARAMETER stop \"</s>\"\n"));
+    for (const auto& n : c.needles) CHECK(has(m.text, n));
+  }
+}
+
+TEST_CASE("a ChatML Modelfile carries the template's default system prompt as SYSTEM", "[gguf]") {
+  // Qwen2.5's: the system message when there is one, else its own literal default.
+  const std::string qwen25 =
+      "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+      "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+      "helpful assistant.<|im_end|>\\n' }}{%- endif %}";
+  const qt::OllamaModelfile m = qt::ollama_modelfile("./q.gguf", qwen25, "<|im_end|>");
+  INFO(m.text);
+  CHECK(m.format == "chatml");
+  CHECK(has(m.text, "SYSTEM \"You are Qwen, created by Alibaba Cloud. You are a helpful assistant.\"\n"));
+  // Qwen3's: no default.
+  const std::string qwen3 =
+      "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + "
+      "messages[0].content + '<|im_end|>\\n' }}{%- endif %}";
+  CHECK(!has(qt::ollama_modelfile("./q.gguf", qwen3, "<|im_end|>").text, "SYSTEM"));
+}
