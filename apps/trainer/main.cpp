@@ -15,6 +15,7 @@
 #include "lib/core/json.h"
 #include "lib/core/log.h"
 #include "lib/data/jsonl.h"
+#include "lib/data/records.h"
 #include "lib/data/tokenizer.h"
 #include "lib/data/unicode_text.h"
 #include "lib/core/files.h"
@@ -39,6 +40,12 @@ struct EvalArgs {
   std::string device = "cpu";
   std::string quant = "nf4";
   std::string adapter;
+  // How records are read, rendered and masked: the run config's data.format, data.chat_template,
+  // data.train_on_prompt and data.add_eos, with the same defaults.
+  std::string format = "auto";
+  std::string chat_template = "auto";
+  bool train_on_prompt = false;
+  bool add_eos = true;
 };
 
 struct ExportArgs {
@@ -62,6 +69,10 @@ struct GenerateArgs {
   std::string device = "cpu";
   std::string quant = "nf4";
   bool json = false;
+  std::string format = "text";  // text: the prompt as it is; alpaca / chat: rendered as training renders it
+  std::string chat_template = "auto";
+  std::string system;  // chat: a system message before the prompt
+  std::string input;   // alpaca: the record's "input"
 };
 
 struct TrainArgs {
@@ -133,23 +144,61 @@ void apply_plan(qt::LlamaModel& model, const at::Device& device, int64_t seq) {
   model.to_host(model.plan.embeddings_on_host, model.plan.lm_head_on_host);
 }
 
+// The data section's reading of records (lib/data/data_config.h) from eval's / generate's options, which take
+// the run config's names and defaults; `command` names them in errors.
+qt::DataConfig record_config(const std::string& command, const std::string& format, const std::string& chat_template,
+                             bool train_on_prompt, bool add_eos) {
+  return qt::DataConfig::from_json(qt::Json{{"train_file", "-"}, {"format", format}, {"chat_template", chat_template},
+                                            {"train_on_prompt", train_on_prompt}, {"add_eos", add_eos}},
+                                   command);
+}
+
+// Runs f; a data error that names the run config's data.format / data.chat_template names the options instead.
+template <typename F>
+auto with_option_names(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const qt::Error& e) {
+    std::string m = e.what();
+    for (auto [from, to] : {std::pair<std::string, std::string>{"data.chat_template", "--chat-template"},
+                            {"data.format", "--format"}})
+      for (size_t at = m.find(from); at != std::string::npos; at = m.find(from, at + to.size()))
+        m.replace(at, from.size(), to);
+    throw qt::Error(e.kind(), m);
+  }
+}
+
+// A LoRA adapter directory given where a model directory belongs: say so, before a tokenizer is looked for.
+void check_not_adapter(const std::string& model_dir) {
+  if (qt::files::exists(qt::files::join(model_dir, qt::kAdapterConfigFile)) &&
+      !qt::files::exists(qt::files::join(model_dir, "config.json")))
+    qt::fail(qt::ErrorKind::Model, model_dir + " is a LoRA adapter (" + qt::kAdapterConfigFile +
+                                       "); pass it as --adapter and its base as --model");
+}
+
 int run_eval(const EvalArgs& args) {
   const at::Device device = parse_device(args.device);
+  check_not_adapter(args.model);
+  const qt::DataConfig data =
+      record_config("eval", args.format, args.chat_template, args.train_on_prompt, args.add_eos);
   // fp32 on the CPU (exact comparisons with references), bf16 on the GPU.
   qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
   load.quantize_nf4 = args.quant == "nf4";  // as training loads the base, so that eval's figures are the trained model's
   auto tokenizer = qt::load_tokenizer(args.model);
+  // Records read, rendered and masked by training's code (lib/data/records.h), before the model loads.
+  const std::vector<qt::Example> docs =
+      with_option_names([&] { return qt::load_examples(args.data, data, *tokenizer); });
   qt::LlamaModel model = qt::load_llama(args.model, load);
   if (!args.adapter.empty()) qt::load_peft_adapter(model, args.adapter);
   apply_plan(model, device, args.max_seq_len);
-  std::vector<std::vector<int32_t>> docs;
-  for (const auto& record : qt::read_jsonl(args.data))
-    docs.push_back(tokenizer->encode_document(qt::record_string(record, args.data, "text")));
   qt::EvalResult r = qt::evaluate_loss(model, docs, args.max_seq_len);
   if (r.truncated) qt::log::warn(std::to_string(r.truncated) + " of " + std::to_string(r.documents) +
                                  " records were longer than --max-seq-len " + std::to_string(args.max_seq_len) +
                                  " tokens and were truncated");
-  if (r.tokens == 0) qt::fail_at(qt::ErrorKind::Data, args.data, "no record has two or more tokens to evaluate");
+  if (r.tokens == 0)
+    qt::fail_at(qt::ErrorKind::Data, args.data,
+                "no record has a target token to evaluate (a text record needs two or more tokens; prompts are not "
+                "targets unless --train-on-prompt)");
   if (!std::isfinite(r.mean_loss())) qt::fail(qt::ErrorKind::Numeric, "evaluation loss is not finite");
   qt::Json out = {{"loss", r.mean_loss()}, {"perplexity", r.perplexity()}, {"tokens", r.tokens},
                   {"records", r.documents}, {"truncated", r.truncated}};
@@ -206,7 +255,7 @@ int run_export(const ExportArgs& args) {
 
 // Ids that end generation: the tokenizer's EOS, generation_config.json's and config.json's eos_token_id (an id
 // or a list; transformers' generate falls back on the model config's), and Llama 3's end-of-turn token when the
-// vocabulary has it.
+// vocabulary has it, and ChatML's end of turn.
 std::vector<int32_t> stop_ids(const std::string& model_dir, const qt::Tokenizer& tokenizer) {
   std::vector<int32_t> ids;
   if (tokenizer.eos_id() >= 0) ids.push_back(tokenizer.eos_id());
@@ -222,22 +271,40 @@ std::vector<int32_t> stop_ids(const std::string& model_dir, const qt::Tokenizer&
           if (v.is_number_integer()) ids.push_back(v.get<int32_t>());
     }
   }
-  for (const char* t : {"<|eot_id|>", "<|end_of_text|>"})
+  for (const char* t : {"<|eot_id|>", "<|end_of_text|>", "<|im_end|>"})
     if (int32_t id = tokenizer.token_to_id(t); id >= 0) ids.push_back(id);
   return ids;
 }
 
+// The prompt's tokens: as they are (text: BOS as the tokenizer says), or an alpaca / chat record's prompt as
+// training renders and masks it (the tokens before the answer).
+std::vector<int32_t> generation_prompt(const GenerateArgs& args, const qt::Tokenizer& tokenizer) {
+  if (!args.system.empty() && args.format != "chat")
+    qt::fail(qt::ErrorKind::Usage, "--system is the system message of --format chat");
+  if (!args.input.empty() && args.format != "alpaca")
+    qt::fail(qt::ErrorKind::Usage, "--input is the alpaca record's input (--format alpaca)");
+  if (args.format == "text") {
+    std::vector<int32_t> prompt;
+    if (tokenizer.add_bos() && tokenizer.bos_id() >= 0) prompt.push_back(tokenizer.bos_id());
+    for (int32_t id : tokenizer.encode(args.prompt)) prompt.push_back(id);
+    return prompt;
+  }
+  const qt::DataConfig data = record_config("generate", args.format, args.chat_template, false, true);
+  const qt::Json record = qt::prompt_record(data.format, args.prompt, args.input, args.system);
+  return with_option_names(
+      [&] { return qt::prompt_tokens(qt::tokenize_record(record, "--prompt", data, tokenizer)); });
+}
+
 int run_generate(const GenerateArgs& args) {
   const at::Device device = parse_device(args.device);
+  check_not_adapter(args.model);
   qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
   load.quantize_nf4 = args.quant == "nf4";  // as training loads the base
   auto tokenizer = qt::load_tokenizer(args.model);
+  const std::vector<int32_t> prompt = generation_prompt(args, *tokenizer);
   qt::LlamaModel model = qt::load_llama(args.model, load);
   if (!args.adapter.empty()) qt::load_peft_adapter(model, args.adapter);
   apply_plan(model, device, model.config.max_position_embeddings);
-  std::vector<int32_t> prompt;
-  if (tokenizer->add_bos() && tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
-  for (int32_t id : tokenizer->encode(args.prompt)) prompt.push_back(id);
   qt::GenerateOptions options;
   options.max_new_tokens = args.max_new_tokens;
   options.temperature = args.temperature;
@@ -303,7 +370,7 @@ int main(int argc, char** argv) {
   EvalArgs eval;
   CLI::App* eval_cmd = app.add_subcommand("eval", "Mean token cross-entropy and perplexity over a jsonl file's text records");
   eval_cmd->add_option("--model", eval.model, "Hugging Face model directory (config.json, safetensors, tokenizer)")->required();
-  eval_cmd->add_option("--data", eval.data, "jsonl file of {\"text\": ...} records")->required();
+  eval_cmd->add_option("--data", eval.data, "jsonl file of records, in any format training reads (--format)")->required();
   eval_cmd->add_option("--max-seq-len", eval.max_seq_len, "truncate each record to this many tokens")
       ->check(CLI::PositiveNumber);
   eval_cmd->add_option("--device", eval.device, "cpu or cuda");
@@ -311,6 +378,16 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"nf4", "none"}));
 
   eval_cmd->add_option("--adapter", eval.adapter, "LoRA adapter directory (PEFT format) applied to the base");
+  eval_cmd->add_option("--format", eval.format,
+                       "record format, as data.format: auto (each record's keys decide), text, alpaca, chat or tokenized")
+      ->check(CLI::IsMember({"auto", "text", "alpaca", "chat", "tokenized"}));
+  eval_cmd->add_option("--chat-template", eval.chat_template,
+                       "chat records' template, as data.chat_template: auto (from tokenizer_config.json), llama3, "
+                       "llama2, mistral or chatml")
+      ->check(CLI::IsMember({"auto", "llama3", "llama2", "mistral", "chatml"}));
+  eval_cmd->add_flag("--train-on-prompt", eval.train_on_prompt,
+                     "prompts are targets too (data.train_on_prompt); by default only answers are, as in training");
+  eval_cmd->add_option("--add-eos", eval.add_eos, "text records end with EOS (data.add_eos)");
 
   ExportArgs exp;
   CLI::App* export_cmd = app.add_subcommand("export", "Write an adapter in PEFT format, or merged into a 16-bit HF model (--merge)");
@@ -328,7 +405,7 @@ int main(int argc, char** argv) {
   CLI::App* gen_cmd = app.add_subcommand("generate", "Continue a prompt (greedy, or temperature + top-p sampling)");
   gen_cmd->add_option("--model", gen.model, "Hugging Face model directory")->required();
   gen_cmd->add_option("--adapter", gen.adapter, "LoRA adapter directory (PEFT format)");
-  gen_cmd->add_option("--prompt", gen.prompt, "prompt text (BOS added as the tokenizer says)")->required();
+  gen_cmd->add_option("--prompt", gen.prompt, "prompt text (text: BOS added as the tokenizer says); see --format")->required();
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "at most this many new tokens")->check(CLI::NonNegativeNumber);
   gen_cmd->add_option("--temperature", gen.temperature, "0: greedy; > 0: sample")->check(CLI::NonNegativeNumber);
   gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling mass in (0, 1]");
@@ -337,6 +414,16 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--quant", gen.quant, "nf4 (quantize the base on load, as training does) or none")
       ->check(CLI::IsMember({"nf4", "none"}));
   gen_cmd->add_flag("--json", gen.json, "print {prompt_ids, ids, text, stop} instead of the text");
+  gen_cmd->add_option("--format", gen.format,
+                      "text (the prompt as it is), alpaca (--prompt is the instruction) or chat (--prompt is the user "
+                      "message), rendered as training renders the prompt of such a record")
+      ->check(CLI::IsMember({"text", "alpaca", "chat"}));
+  gen_cmd->add_option("--chat-template", gen.chat_template,
+                      "with --format chat, as data.chat_template: auto (from tokenizer_config.json), llama3, llama2, "
+                      "mistral or chatml")
+      ->check(CLI::IsMember({"auto", "llama3", "llama2", "mistral", "chatml"}));
+  gen_cmd->add_option("--system", gen.system, "with --format chat: a system message before the prompt");
+  gen_cmd->add_option("--input", gen.input, "with --format alpaca: the record's input (context)");
 
   QuantizeArgs quantize;
   CLI::App* quantize_cmd = app.add_subcommand("quantize", "Write a pre-quantized NF4 copy of a model directory (bitsandbytes layout)");

@@ -157,6 +157,26 @@ Example tokenize_record(const Json& value, const std::string& where, const DataC
   return tokenize_one(value, where, config, tokenizer, chat);
 }
 
+std::vector<int32_t> prompt_tokens(const Example& example) {
+  std::vector<int32_t> prompt;
+  for (size_t i = 0; i < example.ids.size() && !example.loss[i]; ++i) prompt.push_back(example.ids[i]);
+  return prompt;
+}
+
+Json prompt_record(RecordFormat format, const std::string& prompt, const std::string& input,
+                   const std::string& system) {
+  // The answer's first token is where the prompt ends: a word, as most answers start (a token that straddles the
+  // prompt's end and the answer goes to the answer, lib/data/rendered_text.h).
+  const std::string answer = "Answer";
+  if (format == RecordFormat::Alpaca) return Json{{"instruction", prompt}, {"input", input}, {"output", answer}};
+  QT_CHECK(format == RecordFormat::Chat, ErrorKind::Internal, "prompt_record: alpaca or chat only");
+  Json messages = Json::array();
+  if (!system.empty()) messages.push_back(Json{{"role", "system"}, {"content", system}});
+  messages.push_back(Json{{"role", "user"}, {"content", prompt}});
+  messages.push_back(Json{{"role", "assistant"}, {"content", answer}});
+  return Json{{"messages", messages}};
+}
+
 std::vector<Example> load_examples(const std::string& path, const DataConfig& config, const Tokenizer& tokenizer) {
   const std::vector<JsonlRecord> records = read_jsonl(path);
   std::vector<Example> out;
