@@ -255,6 +255,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   // Data: tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per
   // epoch, cut into this rank's micro-batches per step.
   TrainData data(cfg.data, cfg.file, *tokenizer, micro);
+  // The held-out records as they were in their file: `qlora-train eval --data output_dir/eval.jsonl` recomputes the
+  // logged eval_loss.
+  if (rank0) data.write_eval_records(files::join(cfg.output_dir, "eval.jsonl"));
   // The execution plan, before the model loads: a run that cannot fit its GPU memory budget is refused here, and the
   // allocator's settings apply before the model's allocations.
   const LlamaConfig model_config =
