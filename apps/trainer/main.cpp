@@ -117,6 +117,28 @@ int run_train(const TrainArgs& args) {
   return 0;
 }
 
+struct ConfigArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  bool print = false;
+};
+
+// `config --print`: the run config as training would read it, every default included (the same JSON as
+// output_dir/config.resolved.json); without --config, the defaults, with the keys a run must give null.
+int run_config(const ConfigArgs& args) {
+  if (!args.print) qt::fail(qt::ErrorKind::Usage, "config: pass --print (the resolved config on stdout)");
+  qt::RunConfig config;
+  if (args.config.empty()) {
+    qt::Json j = qt::Json::object();
+    for (const auto& o : args.overrides) qt::apply_override(j, o);
+    config = qt::RunConfig::from_json(j, "--set", /*complete=*/false);
+  } else {
+    config = qt::RunConfig::load(args.config, args.overrides);
+  }
+  std::cout << config.to_json().dump(2) << std::endl;
+  return 0;
+}
+
 struct QuantizeArgs {
   std::string model;
   std::string out;
@@ -130,6 +152,15 @@ at::Device parse_device(const std::string& name) {
     return at::Device(at::kCUDA, 0);
   }
   qt::fail(qt::ErrorKind::Usage, "--device '" + name + "': expected cpu or cuda");
+}
+
+// `export --dtype`: auto, or a dtype name as the run config's model.dtype takes them (lib/model/llama_config.h),
+// given to run_export as bf16, fp16 or fp32.
+std::string export_dtype_name(const std::string& name) {
+  if (name == "auto") return name;
+  const auto dtype = qt::user_dtype(name);
+  if (!dtype) throw CLI::ValidationError("'" + name + "': expected auto, " + qt::kUserDtypeNames);
+  return qt::dtype_short_name(*dtype);
 }
 
 // eval and generate run the model by the plan training would choose for the same device and row length (the same
@@ -396,7 +427,7 @@ int main(int argc, char** argv) {
   export_cmd->add_option("--out", exp.out, "output directory (new or empty)")->required();
   export_cmd->add_flag("--merge", exp.merge, "fold W + scale * B A into the base weights and write a plain HF model");
   export_cmd->add_option("--dtype", exp.dtype, "merged weights: auto (the base's 16-bit dtype, else bf16), bf16, fp16 or fp32")
-      ->check(CLI::IsMember({"auto", "bf16", "fp16", "fp32"}));
+      ->transform(export_dtype_name, "auto|bf16|fp16|fp32 (or bfloat16, float16, float32)");
   export_cmd->add_option("--device", exp.device, "where to merge: cpu or cuda");
   export_cmd->add_option("--quant", exp.quant, "nf4 (merge onto the NF4 base training saw) or none (the 16-bit base)")
       ->check(CLI::IsMember({"nf4", "none"}));
@@ -446,6 +477,12 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--out", bench.out, "working directory (random data, run config, the run)")->required();
   bench_cmd->add_option("--set", bench.overrides, "override a run config key: --set train.attention=flash (repeatable)");
 
+  ConfigArgs config_args;
+  CLI::App* config_cmd = app.add_subcommand("config", "Print the resolved run config, every default included");
+  config_cmd->add_flag("--print", config_args.print, "print the config as training reads it (JSON) on stdout");
+  config_cmd->add_option("--config", config_args.config, "run config (JSON); without it, the defaults");
+  config_cmd->add_option("--set", config_args.overrides, "override a config key: --set optim.lr=1e-4 (repeatable)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -460,6 +497,7 @@ int main(int argc, char** argv) {
       return run_train(train);
     }
     if (quantize_cmd->parsed()) return run_quantize(quantize);
+    if (config_cmd->parsed()) return run_config(config_args);
     if (export_cmd->parsed()) return run_export(exp);
     if (gen_cmd->parsed()) return run_generate(gen);
     if (bench_cmd->parsed()) {

@@ -54,8 +54,7 @@ at::Device resolve_device(const std::string& name, const LaunchEnv& env) {
 }
 
 c10::ScalarType resolve_dtype(const std::string& name, const at::Device& device) {
-  if (name == "bfloat16") return at::kBFloat16;
-  if (name == "float32") return at::kFloat;
+  if (const auto named = user_dtype(name)) return *named;
   return device.is_cuda() ? at::kBFloat16 : at::kFloat;
 }
 
@@ -233,6 +232,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const int64_t per_rank = cfg.train.batch_size / world;
   const int64_t micro = cfg.train.micro_batch_size > 0 ? std::min(cfg.train.micro_batch_size, per_rank) : per_rank;
   if (rank0) files::make_dirs(cfg.output_dir);
+  // The config as this run reads it, every default included (`qlora-train config --print` prints the same).
+  if (rank0) write_json_file(files::join(cfg.output_dir, "config.resolved.json"), cfg.to_json());
 
   // Model: NF4 base (quantized as it streams in) with LoRA adapters in fp32.
   at::manual_seed(cfg.train.seed);
