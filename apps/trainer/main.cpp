@@ -376,8 +376,11 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("qlora-train ") + QT_VERSION + " (commit " + QT_GIT_COMMIT +
                                         ", LibTorch " + TORCH_VERSION + ", CUDA kernels " +
                                         (QT_CUDA_BUILD ? "compiled" : "not compiled") + ")");
+  // Help texts show each option's default (options added from here on inherit the setting, subcommands' too).
+  app.option_defaults()->always_capture_default();
   std::string log_level = "info";
-  app.add_option("--log-level", log_level, "debug, info, warn, error or off");
+  app.add_option("--log-level", log_level, "debug, info, warn, error or off")
+      ->check(CLI::IsMember({"debug", "info", "warn", "error", "off"}));
   app.require_subcommand(0, 1);
 
   // Training is the default command: `qlora-train --config F` and `qlora-train train --config F` are the same.
@@ -399,7 +402,7 @@ int main(int argc, char** argv) {
   add_train_options(train_cmd);
 
   EvalArgs eval;
-  CLI::App* eval_cmd = app.add_subcommand("eval", "Mean token cross-entropy and perplexity over a jsonl file's text records");
+  CLI::App* eval_cmd = app.add_subcommand("eval", "Mean token cross-entropy and perplexity over a jsonl file's records (training's formats)");
   eval_cmd->add_option("--model", eval.model, "Hugging Face model directory (config.json, safetensors, tokenizer)")->required();
   eval_cmd->add_option("--data", eval.data, "jsonl file of records, in any format training reads (--format)")->required();
   eval_cmd->add_option("--max-seq-len", eval.max_seq_len, "truncate each record to this many tokens")
@@ -418,7 +421,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "llama3", "llama2", "mistral", "chatml"}));
   eval_cmd->add_flag("--train-on-prompt", eval.train_on_prompt,
                      "prompts are targets too (data.train_on_prompt); by default only answers are, as in training");
-  eval_cmd->add_option("--add-eos", eval.add_eos, "text records end with EOS (data.add_eos)");
+  eval_cmd->add_option("--add-eos", eval.add_eos, "text records end with EOS (data.add_eos)")->default_str("true");
 
   ExportArgs exp;
   CLI::App* export_cmd = app.add_subcommand("export", "Write an adapter in PEFT format, or merged into a 16-bit HF model (--merge)");
@@ -482,6 +485,11 @@ int main(int argc, char** argv) {
   config_cmd->add_flag("--print", config_args.print, "print the config as training reads it (JSON) on stdout");
   config_cmd->add_option("--config", config_args.config, "run config (JSON); without it, the defaults");
   config_cmd->add_option("--set", config_args.overrides, "override a config key: --set optim.lr=1e-4 (repeatable)");
+
+  // --log-level after the subcommand too (`qlora-train eval --log-level debug ...`), into the same value.
+  for (CLI::App* cmd : app.get_subcommands({}))
+    cmd->add_option("--log-level", log_level, "debug, info, warn, error or off")
+        ->check(CLI::IsMember({"debug", "info", "warn", "error", "off"}));
 
   try {
     app.parse(argc, argv);
