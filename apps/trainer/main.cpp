@@ -207,6 +207,15 @@ void check_not_adapter(const std::string& model_dir) {
                                        "); pass it as --adapter and its base as --model");
 }
 
+// --adapter onto --model, with a warning when the adapter names another local base.
+void load_adapter(qt::LlamaModel& model, const std::string& adapter, const std::string& model_dir) {
+  std::string named;
+  if (qt::adapter_names_other_base(adapter, model_dir, &named))
+    qt::log::warn("the adapter " + adapter + " was trained on " + named + ", not on --model " + model_dir +
+                  " (adapter_config.json's base_model_name_or_path); its outputs may be meaningless");
+  qt::load_peft_adapter(model, adapter);
+}
+
 int run_eval(const EvalArgs& args) {
   const at::Device device = parse_device(args.device);
   check_not_adapter(args.model);
@@ -220,7 +229,7 @@ int run_eval(const EvalArgs& args) {
   const std::vector<qt::Example> docs =
       with_option_names([&] { return qt::load_examples(args.data, data, *tokenizer); });
   qt::LlamaModel model = qt::load_llama(args.model, load);
-  if (!args.adapter.empty()) qt::load_peft_adapter(model, args.adapter);
+  if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
   apply_plan(model, device, args.max_seq_len);
   qt::EvalResult r = qt::evaluate_loss(model, docs, args.max_seq_len);
   if (r.truncated) qt::log::warn(std::to_string(r.truncated) + " of " + std::to_string(r.documents) +
@@ -334,7 +343,7 @@ int run_generate(const GenerateArgs& args) {
   auto tokenizer = qt::load_tokenizer(args.model);
   const std::vector<int32_t> prompt = generation_prompt(args, *tokenizer);
   qt::LlamaModel model = qt::load_llama(args.model, load);
-  if (!args.adapter.empty()) qt::load_peft_adapter(model, args.adapter);
+  if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
   apply_plan(model, device, model.config.max_position_embeddings);
   qt::GenerateOptions options;
   options.max_new_tokens = args.max_new_tokens;

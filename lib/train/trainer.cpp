@@ -231,9 +231,12 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
              std::to_string(cfg.train.batch_size) + " is not divisible by the world size " + std::to_string(world));
   const int64_t per_rank = cfg.train.batch_size / world;
   const int64_t micro = cfg.train.micro_batch_size > 0 ? std::min(cfg.train.micro_batch_size, per_rank) : per_rank;
+  if (!cfg.model.path.empty() && files::exists(files::join(cfg.model.path, kAdapterConfigFile)) &&
+      !files::exists(files::join(cfg.model.path, "config.json")))
+    fail_key(ErrorKind::Config, cfg.file, "model.path",
+             cfg.model.path + " is a LoRA adapter (adapter_config.json); give its base as model.path (and the adapter "
+             "as lora.init_from to train on from it)");
   if (rank0) files::make_dirs(cfg.output_dir);
-  // The config as this run reads it, every default included (`qlora-train config --print` prints the same).
-  if (rank0) write_json_file(files::join(cfg.output_dir, "config.resolved.json"), cfg.to_json());
 
   // Model: NF4 base (quantized as it streams in) with LoRA adapters in fp32.
   at::manual_seed(cfg.train.seed);
@@ -256,9 +259,6 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   // Data: tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per
   // epoch, cut into this rank's micro-batches per step.
   TrainData data(cfg.data, cfg.file, *tokenizer, micro);
-  // The held-out records as they were in their file: `qlora-train eval --data output_dir/eval.jsonl` recomputes the
-  // logged eval_loss.
-  if (rank0) data.write_eval_records(files::join(cfg.output_dir, "eval.jsonl"));
   // The execution plan, before the model loads: a run that cannot fit its GPU memory budget is refused here, and the
   // allocator's settings apply before the model's allocations.
   const LlamaConfig model_config =
@@ -269,7 +269,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   if (device.is_cuda()) apply_allocator_settings(decision.plan);
   if (rank0) log::info("plan: " + describe(decision));
   LlamaModel model = random_init ? random_llama(random_shape, load, cfg.train.seed) : load_llama(cfg.model.path, load);
-  const std::string base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : cfg.model.path;
+  // The adapter's base_model_name_or_path: from the root, so that PEFT's AutoPeftModelForCausalLM finds the base from
+  // any directory.
+  const std::string base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : files::absolute(cfg.model.path);
   model.plan = decision.plan;
   // The training shape first among the shapes cuDNN is admitted for, before an exact-match evaluation's
   // generation (a new length every token) could take the slots.
@@ -303,6 +305,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
         fail_at(ErrorKind::Config, cfg.file, msg);
       }
       load_peft_adapter(model, lora.init_from);
+      std::string named;
+      if (rank0 && !random_init && adapter_names_other_base(lora.init_from, cfg.model.path, &named))
+        log::warn("lora.init_from " + lora.init_from + " was trained on " + named + ", not on model.path " +
+                  cfg.model.path + " (adapter_config.json's base_model_name_or_path)");
       // The adapter file's lora_dropout is the run that made it; this run's is the config's.
       model.for_each_linear([&](const std::string&, Linear& l) {
         if (l.lora) l.lora->dropout = lora.dropout;
@@ -393,6 +399,14 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   }
   if (!saved_modules.empty()) saved_modules += ")";
   const bool bar = cfg.progress == "bar" || (cfg.progress == "auto" && ::isatty(2));
+  // Written with the metrics, once the data and the model have loaded (a run that fails before leaves nothing that
+  // would make its output_dir another run's): the config as this run reads it, every default included (`qlora-train
+  // config --print` prints the same), and the held-out records as they were in their file (`qlora-train eval --data
+  // output_dir/eval.jsonl` recomputes the logged eval_loss).
+  if (rank0) {
+    write_json_file(files::join(cfg.output_dir, "config.resolved.json"), cfg.to_json());
+    data.write_eval_records(files::join(cfg.output_dir, "eval.jsonl"));
+  }
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0, /*resume=*/state.step > 0);
   metrics.record(Json{{"plan", to_json(decision)}, {"step", state.step}});
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
