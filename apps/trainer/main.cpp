@@ -9,6 +9,8 @@
 #include <atomic>
 #include <cmath>
 #include <csignal>
+#include <cstring>
+#include <unistd.h>
 #include <iostream>
 
 #include "lib/core/error.h"
@@ -84,15 +86,27 @@ struct TrainArgs {
 };
 
 // SIGTERM / SIGINT ask the loop to checkpoint after the current step and stop (a preempted node, Ctrl-C).
-// A second signal ends the process at once.
+// A second signal ends the process at once. Each says so on stderr (write(2): async-signal-safe).
 std::atomic<bool> g_stop_requested{false};
 std::atomic<int> g_stop_signal{0};
+void say(const char* text) {
+  ssize_t ignored = ::write(2, text, std::strlen(text));
+  (void)ignored;
+}
 extern "C" void on_stop_signal(int sig) {
   g_stop_signal.store(sig);
-  if (g_stop_requested.exchange(true)) {
+  const bool second = g_stop_requested.exchange(true);
+  const char* name = sig == SIGINT ? "Ctrl-C (SIGINT)" : "SIGTERM";
+  say("\nqlora-train: ");
+  say(name);
+  if (second) {
+    say(" again: exiting now, without checkpointing the current step (--resume auto continues from the last "
+        "complete checkpoint)\n");
     std::signal(sig, SIG_DFL);
     std::raise(sig);
+    return;
   }
+  say(": checkpointing after the current step, then stopping (send it again to exit at once)\n");
 }
 
 int run_train(const TrainArgs& args) {
