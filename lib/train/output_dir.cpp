@@ -15,7 +15,8 @@ bool starts_with(const std::string& s, const std::string& prefix) { return s.rfi
 // What a run writes at its start, before its first checkpoint: the resolved config, the held-out records, the
 // metrics and their plot.
 bool is_start_file(const std::string& name) {
-  return name == "metrics.jsonl" || name == "loss.html" || name == "config.resolved.json" || name == "eval.jsonl";
+  return name == "metrics.jsonl" || name == "loss.html" || name == "config.resolved.json" || name == "eval.jsonl" ||
+         starts_with(name, "events.out.tfevents.");
 }
 
 bool is_run_file(const std::string& name) {

@@ -8,7 +8,7 @@
 namespace qt {
 
 // The files a run leaves in its output directory (checkpoint-*, .checkpoint-*.tmp-*, adapter/, model/,
-// metrics.jsonl, loss.html, config.resolved.json, eval.jsonl, profile_*), by name, sorted. Other files are the user's and are left alone.
+// metrics.jsonl, loss.html, config.resolved.json, eval.jsonl, events.out.tfevents.*, profile_*), by name, sorted. Other files are the user's and are left alone.
 std::vector<std::string> run_files(const std::string& output_dir);
 
 // resume: "" (a new run), "auto" (the newest complete checkpoint in output_dir, else a new run) or a checkpoint

@@ -411,6 +411,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   metrics.record(Json{{"plan", to_json(decision)}, {"step", state.step}});
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
   metrics.set_plot(files::join(cfg.output_dir, "loss.html"), "qlora-train: " + cfg.output_dir);
+  metrics.set_tensorboard(cfg.output_dir);
   if (rank0)
     log::info("training " + std::to_string(trainable) +
               (full ? " parameters (full fine-tuning)"
