@@ -327,7 +327,15 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       resume_dir = *latest;
     }
     resumed = load_checkpoint(resume_dir);
-    check_resume_compatible(resumed->state.config, cfg.resolved, resume_dir);
+    // Compared with every default filled in on both sides, so that a key written out at its default is no change;
+    // a checkpoint whose config this version no longer reads (keys of earlier versions) is compared as typed.
+    std::optional<Json> saved_full;
+    try {
+      saved_full = RunConfig::from_json(resumed->state.config, resume_dir).to_json();
+    } catch (const Error&) {
+    }
+    if (saved_full) check_resume_compatible(*saved_full, cfg.to_json(), resume_dir);
+    else check_resume_compatible(resumed->state.config, cfg.resolved, resume_dir);
     if (full) load_full_weights(model, files::join(resume_dir, "model"), load);
     else load_peft_adapter(model, resume_dir);
   }
@@ -368,7 +376,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
 
   TrainerState state;
   state.seed = cfg.train.seed;
-  state.config = cfg.resolved;
+  state.config = cfg.to_json();  // every default filled in, as config.resolved.json
   state.train_file_hash = train_file_hash(data.config().train_file);
   state.total_steps = total_steps;
   if (resumed) {

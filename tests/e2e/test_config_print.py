@@ -126,6 +126,24 @@ def main():
     want = json.loads(run("config", "--print", "--config", run_cfg).stdout)
     check(p.returncode == 0 and kept.exists() and json.loads(kept.read_text()) == want,
           f"output_dir/config.resolved.json holds what config --print prints for the run's config (exit {p.returncode})")
+    ck = json.loads((TMP / "run" / "checkpoint-1" / "trainer_state.json").read_text()) \
+        if (TMP / "run" / "checkpoint-1" / "trainer_state.json").exists() else {}
+    check(ck.get("config") == want, "the checkpoint keeps the same resolved config")
+
+    # A resume compares the resolved configs: a key written out at its default is no change, another value is.
+    j = json.loads(run_cfg.read_text())
+    j["train"]["steps"], j["checkpoint"] = 2, {"every": 1, "keep_last": 3}
+    j["output_dir"] = str(TMP / "resume")
+    run_cfg.write_text(json.dumps(j))
+    p = run("--config", run_cfg)
+    subprocess.run(["rm", "-rf", str(TMP / "resume" / "checkpoint-2"), str(TMP / "resume" / "adapter")])
+    p = run("--config", run_cfg, "--resume", "auto", "--set", "lora.alpha=16", "--set", "lora.targets=all-linear")
+    check(p.returncode == 0 and "resumed from" in p.stderr,
+          f"a resume with defaults written out (lora.alpha 16, all-linear) is no change (exit {p.returncode}) "
+          f"{p.stderr.strip()[-200:]}")
+    p = run("--config", run_cfg, "--resume", str(TMP / "resume" / "checkpoint-1"), "--set", "lora.alpha=8")
+    check(p.returncode == 6 and "lora.alpha (16.0 -> 8.0)" in p.stderr,
+          f"another value is refused naming the key (exit {p.returncode}) {p.stderr.strip()[-200:]}")
     finish("config checks")
 
 
