@@ -12,6 +12,7 @@
 #include <cstring>
 #include <unistd.h>
 #include <iostream>
+#include <set>
 
 #include "lib/core/error.h"
 #include "lib/core/json.h"
@@ -48,6 +49,9 @@ struct EvalArgs {
   std::string chat_template = "auto";
   bool train_on_prompt = false;
   bool add_eos = true;
+  std::string config;  // a run config: its model.path, data options and max_seq_len, model.quant
+  std::vector<std::string> overrides;
+  std::set<std::string> given;  // the options on the command line ("--format", ...): they win over --config
 };
 
 struct ExportArgs {
@@ -230,7 +234,28 @@ void load_adapter(qt::LlamaModel& model, const std::string& adapter, const std::
   qt::load_peft_adapter(model, adapter);
 }
 
-int run_eval(const EvalArgs& args) {
+// eval --config FILE: the run config's model.path, data.format, data.chat_template, data.train_on_prompt,
+// data.add_eos, data.max_seq_len and model.quant, each where the command line does not give it.
+EvalArgs with_run_config(EvalArgs a) {
+  if (!a.config.empty()) {
+    const qt::RunConfig c = qt::RunConfig::load(a.config, a.overrides, /*complete=*/false);
+    auto unset = [&](const char* option) { return a.given.count(option) == 0; };
+    if (unset("--model")) a.model = c.model.path;
+    if (unset("--format")) a.format = qt::record_format_name(c.parsed_data.format);
+    if (unset("--chat-template")) a.chat_template = qt::chat_template_name(c.parsed_data.chat_template);
+    if (unset("--train-on-prompt")) a.train_on_prompt = c.parsed_data.train_on_prompt;
+    if (unset("--add-eos")) a.add_eos = c.parsed_data.add_eos;
+    if (unset("--max-seq-len")) a.max_seq_len = c.parsed_data.max_seq_len;
+    if (unset("--quant")) a.quant = c.model.quant;
+  } else if (!a.overrides.empty()) {
+    qt::fail(qt::ErrorKind::Usage, "eval: --set overrides a key of --config FILE");
+  }
+  if (a.model.empty()) qt::fail(qt::ErrorKind::Usage, "eval: --model DIR is required (or --config FILE: its model.path)");
+  return a;
+}
+
+int run_eval(const EvalArgs& given) {
+  const EvalArgs args = with_run_config(given);
   const at::Device device = parse_device(args.device);
   check_not_adapter(args.model);
   const qt::DataConfig data =
@@ -426,7 +451,8 @@ int main(int argc, char** argv) {
 
   EvalArgs eval;
   CLI::App* eval_cmd = app.add_subcommand("eval", "Mean token cross-entropy and perplexity over a jsonl file's records (training's formats)");
-  eval_cmd->add_option("--model", eval.model, "Hugging Face model directory (config.json, safetensors, tokenizer)")->required();
+  eval_cmd->add_option("--model", eval.model, "Hugging Face model directory (config.json, safetensors, tokenizer); "
+                                              "required unless --config names it");
   eval_cmd->add_option("--data", eval.data, "jsonl file of records, in any format training reads (--format)")->required();
   eval_cmd->add_option("--max-seq-len", eval.max_seq_len, "truncate each record to this many tokens")
       ->check(CLI::PositiveNumber);
@@ -445,6 +471,11 @@ int main(int argc, char** argv) {
   eval_cmd->add_flag("--train-on-prompt", eval.train_on_prompt,
                      "prompts are targets too (data.train_on_prompt); by default only answers are, as in training");
   eval_cmd->add_option("--add-eos", eval.add_eos, "text records end with EOS (data.add_eos)")->default_str("true");
+  eval_cmd->add_option("--config", eval.config,
+                       "a run config (or a run's config.resolved.json): its model.path, data.format, "
+                       "data.chat_template, data.train_on_prompt, data.add_eos, data.max_seq_len and model.quant, "
+                       "where these options are not given");
+  eval_cmd->add_option("--set", eval.overrides, "override a key of --config: --set data.max_seq_len=512 (repeatable)");
 
   ExportArgs exp;
   CLI::App* export_cmd = app.add_subcommand("export", "Write an adapter in PEFT format, or merged into a 16-bit HF model (--merge)");
@@ -522,7 +553,12 @@ int main(int argc, char** argv) {
   }
   try {
     qt::log::set_level(qt::log::parse_level(log_level));
-    if (eval_cmd->parsed()) return run_eval(eval);
+    if (eval_cmd->parsed()) {
+      for (const CLI::Option* o : eval_cmd->get_options())
+        if (o->count() > 0)
+          for (const auto& name : o->get_lnames()) eval.given.insert("--" + name);
+      return run_eval(eval);
+    }
     if (train_cmd->parsed() || (!train.config.empty() && app.get_subcommands().empty())) {
       if (train.config.empty()) qt::fail(qt::ErrorKind::Usage, "train: --config FILE is required");
       return run_train(train);

@@ -1,7 +1,7 @@
 """The held-out split is written to the output directory (issue 29): output_dir/eval.jsonl holds the held-out records
 of data.train_file (data.eval_fraction) as they were in that file, and `qlora-train eval --data output_dir/eval.jsonl
 --adapter output_dir/adapter` recomputes the logged eval_loss (packed rows in training, one record at a time in
-eval). With data.eval_file the file's records are written. A new run into that directory names eval.jsonl among the
+eval), given the run's max_seq_len or its config (`eval --config`). With data.eval_file the file's records are written. A new run into that directory names eval.jsonl among the
 earlier run's files."""
 import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
@@ -57,6 +57,20 @@ def main():
     check(p.returncode == 0 and ours["tokens"] == tokens and abs(ours["loss"] - logged) <= 1e-4 * logged,
           f"eval on output_dir/eval.jsonl recomputes the logged eval_loss: {ours.get('loss')} vs {logged} over "
           f"{ours.get('tokens')} / {tokens} target tokens (exit {p.returncode}) {p.stderr[-300:]}")
+
+    # eval --config takes the model, the record options and max_seq_len from the run's config (the resolved one too).
+    for cfg in (TMP / "run.json", TMP / "run" / "config.resolved.json"):
+        p = run("eval", "--config", cfg, "--adapter", TMP / "run" / "adapter", "--data", TMP / "run" / "eval.jsonl")
+        ours = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
+        check(p.returncode == 0 and ours["tokens"] == tokens and abs(ours["loss"] - logged) <= 1e-4 * logged,
+              f"eval --config {cfg.name} recomputes it too: {ours.get('loss')} (exit {p.returncode}) {p.stderr[-300:]}")
+    p = run("eval", "--config", TMP / "run.json", "--adapter", TMP / "run" / "adapter", "--data",
+            TMP / "run" / "eval.jsonl", "--train-on-prompt")
+    ours = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
+    check(p.returncode == 0 and ours["tokens"] > 4 * tokens,
+          f"an option given on the command line wins over --config's key (--train-on-prompt: {ours.get('tokens')} tokens)")
+    p = run("eval", "--data", TMP / "run" / "eval.jsonl")
+    check(p.returncode == 2 and "--model" in p.stderr, f"eval without --model or --config is a usage error ({p.returncode})")
 
     # data.eval_file: its records are the held-out split, written as they are.
     (TMP / "heldout.jsonl").write_text("\n".join(lines[:3]) + "\n")
