@@ -468,7 +468,7 @@ int main(int argc, char** argv) {
                        "chat records' template, as data.chat_template: auto (from tokenizer_config.json), llama3, "
                        "llama2, mistral or chatml")
       ->check(CLI::IsMember({"auto", "llama3", "llama2", "mistral", "chatml"}));
-  eval_cmd->add_flag("--train-on-prompt", eval.train_on_prompt,
+  eval_cmd->add_flag("--train-on-prompt,!--no-train-on-prompt", eval.train_on_prompt,
                      "prompts are targets too (data.train_on_prompt); by default only answers are, as in training");
   eval_cmd->add_option("--add-eos", eval.add_eos, "text records end with EOS (data.add_eos)")->default_str("true");
   eval_cmd->add_option("--config", eval.config,

@@ -69,6 +69,10 @@ def main():
     ours = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
     check(p.returncode == 0 and ours["tokens"] > 4 * tokens,
           f"an option given on the command line wins over --config's key (--train-on-prompt: {ours.get('tokens')} tokens)")
+    p = run("eval", "--config", TMP / "run.json", "--set", "data.train_on_prompt=true", "--adapter", TMP / "run" / "adapter",
+            "--data", TMP / "run" / "eval.jsonl", "--no-train-on-prompt")
+    ours = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
+    check(p.returncode == 0 and ours["tokens"] == tokens, "--no-train-on-prompt turns off the config's train_on_prompt")
     p = run("eval", "--data", TMP / "run" / "eval.jsonl")
     check(p.returncode == 2 and "--model" in p.stderr, f"eval without --model or --config is a usage error ({p.returncode})")
 
