@@ -92,7 +92,7 @@ struct RunConfig {
   std::string log_level = "info";
   std::string progress = "auto";  // auto (a bar on a terminal, lines otherwise), bar, lines
 
-  Json resolved;  // the whole config after --set overrides (saved with checkpoints)
+  Json resolved;  // the config as typed, after --set overrides (the ranks compare it at start)
 
   // `complete` false: the keys a run must give (output_dir, model.path, data.train_file) may be absent (`config
   // --print` of the defaults).
