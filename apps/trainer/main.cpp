@@ -9,12 +9,16 @@
 #include <atomic>
 #include <cmath>
 #include <csignal>
+#include <cstring>
+#include <unistd.h>
 #include <iostream>
+#include <set>
 
 #include "lib/core/error.h"
 #include "lib/core/json.h"
 #include "lib/core/log.h"
 #include "lib/data/jsonl.h"
+#include "lib/data/records.h"
 #include "lib/data/tokenizer.h"
 #include "lib/data/unicode_text.h"
 #include "lib/core/files.h"
@@ -40,6 +44,15 @@ struct EvalArgs {
   std::string device = "cpu";
   std::string quant = "nf4";
   std::string adapter;
+  // How records are read, rendered and masked: the run config's data.format, data.chat_template,
+  // data.train_on_prompt and data.add_eos, with the same defaults.
+  std::string format = "auto";
+  std::string chat_template = "auto";
+  bool train_on_prompt = false;
+  bool add_eos = true;
+  std::string config;  // a run config: its model.path, data options and max_seq_len, model.quant
+  std::vector<std::string> overrides;
+  std::set<std::string> given;  // the options on the command line ("--format", ...): they win over --config
 };
 
 struct ExportArgs {
@@ -64,6 +77,10 @@ struct GenerateArgs {
   std::string device = "cpu";
   std::string quant = "nf4";
   bool json = false;
+  std::string format = "text";  // text: the prompt as it is; alpaca / chat: rendered as training renders it
+  std::string chat_template = "auto";
+  std::string system;  // chat: a system message before the prompt
+  std::string input;   // alpaca: the record's "input"
 };
 
 struct TrainArgs {
@@ -75,15 +92,27 @@ struct TrainArgs {
 };
 
 // SIGTERM / SIGINT ask the loop to checkpoint after the current step and stop (a preempted node, Ctrl-C).
-// A second signal ends the process at once.
+// A second signal ends the process at once. Each says so on stderr (write(2): async-signal-safe).
 std::atomic<bool> g_stop_requested{false};
 std::atomic<int> g_stop_signal{0};
+void say(const char* text) {
+  ssize_t ignored = ::write(2, text, std::strlen(text));
+  (void)ignored;
+}
 extern "C" void on_stop_signal(int sig) {
   g_stop_signal.store(sig);
-  if (g_stop_requested.exchange(true)) {
+  const bool second = g_stop_requested.exchange(true);
+  const char* name = sig == SIGINT ? "Ctrl-C (SIGINT)" : "SIGTERM";
+  say("\nqlora-train: ");
+  say(name);
+  if (second) {
+    say(" again: exiting now, without checkpointing the current step (--resume auto continues from the last "
+        "complete checkpoint)\n");
     std::signal(sig, SIG_DFL);
     std::raise(sig);
+    return;
   }
+  say(": checkpointing after the current step, then stopping (send it again to exit at once)\n");
 }
 
 int run_train(const TrainArgs& args) {
@@ -108,6 +137,28 @@ int run_train(const TrainArgs& args) {
   return 0;
 }
 
+struct ConfigArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  bool print = false;
+};
+
+// `config --print`: the run config as training would read it, every default included (the same JSON as
+// output_dir/config.resolved.json); without --config, the defaults, with the keys a run must give null.
+int run_config(const ConfigArgs& args) {
+  if (!args.print) qt::fail(qt::ErrorKind::Usage, "config: pass --print (the resolved config on stdout)");
+  qt::RunConfig config;
+  if (args.config.empty()) {
+    qt::Json j = qt::Json::object();
+    for (const auto& o : args.overrides) qt::apply_override(j, o);
+    config = qt::RunConfig::from_json(j, "--set", /*complete=*/false);
+  } else {
+    config = qt::RunConfig::load(args.config, args.overrides);
+  }
+  std::cout << config.to_json().dump(2) << std::endl;
+  return 0;
+}
+
 struct QuantizeArgs {
   std::string model;
   std::string out;
@@ -123,6 +174,15 @@ at::Device parse_device(const std::string& name) {
   qt::fail(qt::ErrorKind::Usage, "--device '" + name + "': expected cpu or cuda");
 }
 
+// `export --dtype`: auto, or a dtype name as the run config's model.dtype takes them (lib/model/llama_config.h),
+// given to run_export as bf16, fp16 or fp32.
+std::string export_dtype_name(const std::string& name) {
+  if (name == "auto") return name;
+  const auto dtype = qt::user_dtype(name);
+  if (!dtype) throw CLI::ValidationError("'" + name + "': expected auto, " + qt::kUserDtypeNames);
+  return qt::dtype_short_name(*dtype);
+}
+
 // eval and generate run the model by the plan training would choose for the same device and row length (the same
 // defaults: the attention kernel, ...); what a plan keeps for a backward pass does not apply without one.
 void apply_plan(qt::LlamaModel& model, const at::Device& device, int64_t seq) {
@@ -135,23 +195,91 @@ void apply_plan(qt::LlamaModel& model, const at::Device& device, int64_t seq) {
   model.to_host(model.plan.embeddings_on_host, model.plan.lm_head_on_host);
 }
 
-int run_eval(const EvalArgs& args) {
+// The data section's reading of records (lib/data/data_config.h) from eval's / generate's options, which take
+// the run config's names and defaults; `command` names them in errors.
+qt::DataConfig record_config(const std::string& command, const std::string& format, const std::string& chat_template,
+                             bool train_on_prompt, bool add_eos) {
+  return qt::DataConfig::from_json(qt::Json{{"train_file", "-"}, {"format", format}, {"chat_template", chat_template},
+                                            {"train_on_prompt", train_on_prompt}, {"add_eos", add_eos}},
+                                   command);
+}
+
+// Runs f; a data error that names the run config's data.format / data.chat_template names the options instead.
+template <typename F>
+auto with_option_names(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const qt::Error& e) {
+    std::string m = e.what();
+    for (auto [from, to] : {std::pair<std::string, std::string>{"data.chat_template", "--chat-template"},
+                            {"data.format", "--format"}})
+      for (size_t at = m.find(from); at != std::string::npos; at = m.find(from, at + to.size()))
+        m.replace(at, from.size(), to);
+    throw qt::Error(e.kind(), m);
+  }
+}
+
+// A LoRA adapter directory given where a model directory belongs: say so, before a tokenizer is looked for.
+void check_not_adapter(const std::string& model_dir) {
+  if (qt::files::exists(qt::files::join(model_dir, qt::kAdapterConfigFile)) &&
+      !qt::files::exists(qt::files::join(model_dir, "config.json")))
+    qt::fail(qt::ErrorKind::Model, model_dir + " is a LoRA adapter (" + qt::kAdapterConfigFile +
+                                       "); pass it as --adapter and its base as --model");
+}
+
+// --adapter onto --model, with a warning when the adapter names another local base.
+void load_adapter(qt::LlamaModel& model, const std::string& adapter, const std::string& model_dir) {
+  std::string named;
+  if (qt::adapter_names_other_base(adapter, model_dir, &named))
+    qt::log::warn("the adapter " + adapter + " was trained on " + named + ", not on --model " + model_dir +
+                  " (adapter_config.json's base_model_name_or_path); its outputs may be meaningless");
+  qt::load_peft_adapter(model, adapter);
+}
+
+// eval --config FILE: the run config's model.path, data.format, data.chat_template, data.train_on_prompt,
+// data.add_eos, data.max_seq_len and model.quant, each where the command line does not give it.
+EvalArgs with_run_config(EvalArgs a) {
+  if (!a.config.empty()) {
+    const qt::RunConfig c = qt::RunConfig::load(a.config, a.overrides, /*complete=*/false);
+    auto unset = [&](const char* option) { return a.given.count(option) == 0; };
+    if (unset("--model")) a.model = c.model.path;
+    if (unset("--format")) a.format = qt::record_format_name(c.parsed_data.format);
+    if (unset("--chat-template")) a.chat_template = qt::chat_template_name(c.parsed_data.chat_template);
+    if (unset("--train-on-prompt")) a.train_on_prompt = c.parsed_data.train_on_prompt;
+    if (unset("--add-eos")) a.add_eos = c.parsed_data.add_eos;
+    if (unset("--max-seq-len")) a.max_seq_len = c.parsed_data.max_seq_len;
+    if (unset("--quant")) a.quant = c.model.quant;
+  } else if (!a.overrides.empty()) {
+    qt::fail(qt::ErrorKind::Usage, "eval: --set overrides a key of --config FILE");
+  }
+  if (a.model.empty()) qt::fail(qt::ErrorKind::Usage, "eval: --model DIR is required (or --config FILE: its model.path)");
+  return a;
+}
+
+int run_eval(const EvalArgs& given) {
+  const EvalArgs args = with_run_config(given);
   const at::Device device = parse_device(args.device);
+  check_not_adapter(args.model);
+  const qt::DataConfig data =
+      record_config("eval", args.format, args.chat_template, args.train_on_prompt, args.add_eos);
   // fp32 on the CPU (exact comparisons with references), bf16 on the GPU.
   qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
   load.quantize_nf4 = args.quant == "nf4";  // as training loads the base, so that eval's figures are the trained model's
   auto tokenizer = qt::load_tokenizer(args.model);
+  // Records read, rendered and masked by training's code (lib/data/records.h), before the model loads.
+  const std::vector<qt::Example> docs =
+      with_option_names([&] { return qt::load_examples(args.data, data, *tokenizer); });
   qt::LlamaModel model = qt::load_llama(args.model, load);
-  if (!args.adapter.empty()) qt::load_peft_adapter(model, args.adapter);
+  if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
   apply_plan(model, device, args.max_seq_len);
-  std::vector<std::vector<int32_t>> docs;
-  for (const auto& record : qt::read_jsonl(args.data))
-    docs.push_back(tokenizer->encode_document(qt::record_string(record, args.data, "text")));
   qt::EvalResult r = qt::evaluate_loss(model, docs, args.max_seq_len);
   if (r.truncated) qt::log::warn(std::to_string(r.truncated) + " of " + std::to_string(r.documents) +
                                  " records were longer than --max-seq-len " + std::to_string(args.max_seq_len) +
                                  " tokens and were truncated");
-  if (r.tokens == 0) qt::fail_at(qt::ErrorKind::Data, args.data, "no record has two or more tokens to evaluate");
+  if (r.tokens == 0)
+    qt::fail_at(qt::ErrorKind::Data, args.data,
+                "no record has a target token to evaluate (a text record needs two or more tokens; prompts are not "
+                "targets unless --train-on-prompt)");
   if (!std::isfinite(r.mean_loss())) qt::fail(qt::ErrorKind::Numeric, "evaluation loss is not finite");
   qt::Json out = {{"loss", r.mean_loss()}, {"perplexity", r.perplexity()}, {"tokens", r.tokens},
                   {"records", r.documents}, {"truncated", r.truncated}};
@@ -221,7 +349,7 @@ int run_export(const ExportArgs& args) {
 
 // Ids that end generation: the tokenizer's EOS, generation_config.json's and config.json's eos_token_id (an id
 // or a list; transformers' generate falls back on the model config's), and Llama 3's end-of-turn token when the
-// vocabulary has it.
+// vocabulary has it, and ChatML's end of turn.
 std::vector<int32_t> stop_ids(const std::string& model_dir, const qt::Tokenizer& tokenizer) {
   std::vector<int32_t> ids;
   if (tokenizer.eos_id() >= 0) ids.push_back(tokenizer.eos_id());
@@ -237,22 +365,40 @@ std::vector<int32_t> stop_ids(const std::string& model_dir, const qt::Tokenizer&
           if (v.is_number_integer()) ids.push_back(v.get<int32_t>());
     }
   }
-  for (const char* t : {"<|eot_id|>", "<|end_of_text|>"})
+  for (const char* t : {"<|eot_id|>", "<|end_of_text|>", "<|im_end|>"})
     if (int32_t id = tokenizer.token_to_id(t); id >= 0) ids.push_back(id);
   return ids;
 }
 
+// The prompt's tokens: as they are (text: BOS as the tokenizer says), or an alpaca / chat record's prompt as
+// training renders and masks it (the tokens before the answer).
+std::vector<int32_t> generation_prompt(const GenerateArgs& args, const qt::Tokenizer& tokenizer) {
+  if (!args.system.empty() && args.format != "chat")
+    qt::fail(qt::ErrorKind::Usage, "--system is the system message of --format chat");
+  if (!args.input.empty() && args.format != "alpaca")
+    qt::fail(qt::ErrorKind::Usage, "--input is the alpaca record's input (--format alpaca)");
+  if (args.format == "text") {
+    std::vector<int32_t> prompt;
+    if (tokenizer.add_bos() && tokenizer.bos_id() >= 0) prompt.push_back(tokenizer.bos_id());
+    for (int32_t id : tokenizer.encode(args.prompt)) prompt.push_back(id);
+    return prompt;
+  }
+  const qt::DataConfig data = record_config("generate", args.format, args.chat_template, false, true);
+  const qt::Json record = qt::prompt_record(data.format, args.prompt, args.input, args.system);
+  return with_option_names(
+      [&] { return qt::prompt_tokens(qt::tokenize_record(record, "--prompt", data, tokenizer)); });
+}
+
 int run_generate(const GenerateArgs& args) {
   const at::Device device = parse_device(args.device);
+  check_not_adapter(args.model);
   qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
   load.quantize_nf4 = args.quant == "nf4";  // as training loads the base
   auto tokenizer = qt::load_tokenizer(args.model);
+  const std::vector<int32_t> prompt = generation_prompt(args, *tokenizer);
   qt::LlamaModel model = qt::load_llama(args.model, load);
-  if (!args.adapter.empty()) qt::load_peft_adapter(model, args.adapter);
+  if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
   apply_plan(model, device, model.config.max_position_embeddings);
-  std::vector<int32_t> prompt;
-  if (tokenizer->add_bos() && tokenizer->bos_id() >= 0) prompt.push_back(tokenizer->bos_id());
-  for (int32_t id : tokenizer->encode(args.prompt)) prompt.push_back(id);
   qt::GenerateOptions options;
   options.max_new_tokens = args.max_new_tokens;
   options.temperature = args.temperature;
@@ -293,8 +439,11 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("qlora-train ") + QT_VERSION + " (commit " + QT_GIT_COMMIT +
                                         ", LibTorch " + TORCH_VERSION + ", CUDA kernels " +
                                         (QT_CUDA_BUILD ? "compiled" : "not compiled") + ")");
+  // Help texts show each option's default (options added from here on inherit the setting, subcommands' too).
+  app.option_defaults()->always_capture_default();
   std::string log_level = "info";
-  app.add_option("--log-level", log_level, "debug, info, warn, error or off");
+  app.add_option("--log-level", log_level, "debug, info, warn, error or off")
+      ->check(CLI::IsMember({"debug", "info", "warn", "error", "off"}));
   app.require_subcommand(0, 1);
 
   // Training is the default command: `qlora-train --config F` and `qlora-train train --config F` are the same.
@@ -316,9 +465,10 @@ int main(int argc, char** argv) {
   add_train_options(train_cmd);
 
   EvalArgs eval;
-  CLI::App* eval_cmd = app.add_subcommand("eval", "Mean token cross-entropy and perplexity over a jsonl file's text records");
-  eval_cmd->add_option("--model", eval.model, "Hugging Face model directory (config.json, safetensors, tokenizer)")->required();
-  eval_cmd->add_option("--data", eval.data, "jsonl file of {\"text\": ...} records")->required();
+  CLI::App* eval_cmd = app.add_subcommand("eval", "Mean token cross-entropy and perplexity over a jsonl file's records (training's formats)");
+  eval_cmd->add_option("--model", eval.model, "Hugging Face model directory (config.json, safetensors, tokenizer); "
+                                              "required unless --config names it");
+  eval_cmd->add_option("--data", eval.data, "jsonl file of records, in any format training reads (--format)")->required();
   eval_cmd->add_option("--max-seq-len", eval.max_seq_len, "truncate each record to this many tokens")
       ->check(CLI::PositiveNumber);
   eval_cmd->add_option("--device", eval.device, "cpu or cuda");
@@ -326,6 +476,21 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"nf4", "none"}));
 
   eval_cmd->add_option("--adapter", eval.adapter, "LoRA adapter directory (PEFT format) applied to the base");
+  eval_cmd->add_option("--format", eval.format,
+                       "record format, as data.format: auto (each record's keys decide), text, alpaca, chat or tokenized")
+      ->check(CLI::IsMember({"auto", "text", "alpaca", "chat", "tokenized"}));
+  eval_cmd->add_option("--chat-template", eval.chat_template,
+                       "chat records' template, as data.chat_template: auto (from tokenizer_config.json), llama3, "
+                       "llama2, mistral or chatml")
+      ->check(CLI::IsMember({"auto", "llama3", "llama2", "mistral", "chatml"}));
+  eval_cmd->add_flag("--train-on-prompt,!--no-train-on-prompt", eval.train_on_prompt,
+                     "prompts are targets too (data.train_on_prompt); by default only answers are, as in training");
+  eval_cmd->add_option("--add-eos", eval.add_eos, "text records end with EOS (data.add_eos)")->default_str("true");
+  eval_cmd->add_option("--config", eval.config,
+                       "a run config (or a run's config.resolved.json): its model.path, data.format, "
+                       "data.chat_template, data.train_on_prompt, data.add_eos, data.max_seq_len and model.quant, "
+                       "where these options are not given");
+  eval_cmd->add_option("--set", eval.overrides, "override a key of --config: --set data.max_seq_len=512 (repeatable)");
 
   ExportArgs exp;
   CLI::App* export_cmd = app.add_subcommand("export", "Write an adapter in PEFT format, or merged into a 16-bit HF model (--merge)");
@@ -334,7 +499,7 @@ int main(int argc, char** argv) {
   export_cmd->add_option("--out", exp.out, "output directory (new or empty)")->required();
   export_cmd->add_flag("--merge", exp.merge, "fold W + scale * B A into the base weights and write a plain HF model");
   export_cmd->add_option("--dtype", exp.dtype, "merged weights: auto (the base's 16-bit dtype, else bf16), bf16, fp16 or fp32")
-      ->check(CLI::IsMember({"auto", "bf16", "fp16", "fp32"}));
+      ->transform(export_dtype_name, "auto|bf16|fp16|fp32 (or bfloat16, float16, float32)");
   export_cmd->add_option("--device", exp.device, "where to merge: cpu or cuda");
   export_cmd->add_option("--quant", exp.quant, "nf4 (merge onto the NF4 base training saw) or none (the 16-bit base)")
       ->check(CLI::IsMember({"nf4", "none"}));
@@ -345,7 +510,7 @@ int main(int argc, char** argv) {
   CLI::App* gen_cmd = app.add_subcommand("generate", "Continue a prompt (greedy, or temperature + top-p sampling)");
   gen_cmd->add_option("--model", gen.model, "Hugging Face model directory")->required();
   gen_cmd->add_option("--adapter", gen.adapter, "LoRA adapter directory (PEFT format)");
-  gen_cmd->add_option("--prompt", gen.prompt, "prompt text (BOS added as the tokenizer says)")->required();
+  gen_cmd->add_option("--prompt", gen.prompt, "prompt text (text: BOS added as the tokenizer says); see --format")->required();
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "at most this many new tokens")->check(CLI::NonNegativeNumber);
   gen_cmd->add_option("--temperature", gen.temperature, "0: greedy; > 0: sample")->check(CLI::NonNegativeNumber);
   gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling mass in (0, 1]");
@@ -354,6 +519,16 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--quant", gen.quant, "nf4 (quantize the base on load, as training does) or none")
       ->check(CLI::IsMember({"nf4", "none"}));
   gen_cmd->add_flag("--json", gen.json, "print {prompt_ids, ids, text, stop} instead of the text");
+  gen_cmd->add_option("--format", gen.format,
+                      "text (the prompt as it is), alpaca (--prompt is the instruction) or chat (--prompt is the user "
+                      "message), rendered as training renders the prompt of such a record")
+      ->check(CLI::IsMember({"text", "alpaca", "chat"}));
+  gen_cmd->add_option("--chat-template", gen.chat_template,
+                      "with --format chat, as data.chat_template: auto (from tokenizer_config.json), llama3, llama2, "
+                      "mistral or chatml")
+      ->check(CLI::IsMember({"auto", "llama3", "llama2", "mistral", "chatml"}));
+  gen_cmd->add_option("--system", gen.system, "with --format chat: a system message before the prompt");
+  gen_cmd->add_option("--input", gen.input, "with --format alpaca: the record's input (context)");
 
   QuantizeArgs quantize;
   CLI::App* quantize_cmd = app.add_subcommand("quantize", "Write a pre-quantized NF4 copy of a model directory (bitsandbytes layout)");
@@ -376,6 +551,17 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--out", bench.out, "working directory (random data, run config, the run)")->required();
   bench_cmd->add_option("--set", bench.overrides, "override a run config key: --set train.attention=flash (repeatable)");
 
+  ConfigArgs config_args;
+  CLI::App* config_cmd = app.add_subcommand("config", "Print the resolved run config, every default included");
+  config_cmd->add_flag("--print", config_args.print, "print the config as training reads it (JSON) on stdout");
+  config_cmd->add_option("--config", config_args.config, "run config (JSON); without it, the defaults");
+  config_cmd->add_option("--set", config_args.overrides, "override a config key: --set optim.lr=1e-4 (repeatable)");
+
+  // --log-level after the subcommand too (`qlora-train eval --log-level debug ...`), into the same value.
+  for (CLI::App* cmd : app.get_subcommands({}))
+    cmd->add_option("--log-level", log_level, "debug, info, warn, error or off")
+        ->check(CLI::IsMember({"debug", "info", "warn", "error", "off"}));
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -384,12 +570,18 @@ int main(int argc, char** argv) {
   }
   try {
     qt::log::set_level(qt::log::parse_level(log_level));
-    if (eval_cmd->parsed()) return run_eval(eval);
+    if (eval_cmd->parsed()) {
+      for (const CLI::Option* o : eval_cmd->get_options())
+        if (o->count() > 0)
+          for (const auto& name : o->get_lnames()) eval.given.insert("--" + name);
+      return run_eval(eval);
+    }
     if (train_cmd->parsed() || (!train.config.empty() && app.get_subcommands().empty())) {
       if (train.config.empty()) qt::fail(qt::ErrorKind::Usage, "train: --config FILE is required");
       return run_train(train);
     }
     if (quantize_cmd->parsed()) return run_quantize(quantize);
+    if (config_cmd->parsed()) return run_config(config_args);
     if (export_cmd->parsed()) return run_export(exp);
     if (gen_cmd->parsed()) return run_generate(gen);
     if (bench_cmd->parsed()) {

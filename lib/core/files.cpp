@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <climits>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -48,6 +49,21 @@ std::string join(const std::string& a, const std::string& b) {
   if (b.empty()) return a;
   if (!b.empty() && b.front() == '/') return b;
   return a.back() == '/' ? a + b : a + "/" + b;
+}
+
+std::string absolute(const std::string& path) {
+  if (!path.empty() && path[0] == '/') return path;
+  char buf[4096];
+  if (!::getcwd(buf, sizeof buf)) fail(ErrorKind::Io, std::string("cannot read the working directory: ") + std::strerror(errno));
+  std::string rest = path;
+  while (rest.rfind("./", 0) == 0) rest = rest.substr(2);
+  if (rest.empty() || rest == ".") return buf;
+  return join(buf, rest);
+}
+
+std::string real_path(const std::string& path) {
+  char buf[PATH_MAX];
+  return ::realpath(path.c_str(), buf) ? std::string(buf) : std::string();
 }
 
 std::string parent(const std::string& path) {

@@ -15,6 +15,11 @@ int64_t file_size(const std::string& path);  // -1 if it cannot be stat'ed
 std::string join(const std::string& a, const std::string& b);
 std::string parent(const std::string& path);
 std::string base_name(const std::string& path);
+// `path` from the root: as it is when it starts with '/', else after the working directory (symbolic links are
+// not resolved; "./" prefixes dropped). Throws qt::Error(Io) if the working directory cannot be read.
+std::string absolute(const std::string& path);
+// realpath(3): the path with every symbolic link, "." and ".." resolved; "" if it does not exist.
+std::string real_path(const std::string& path);
 
 // mkdir -p. Throws qt::Error(Io) naming the path.
 void make_dirs(const std::string& path);

@@ -74,12 +74,27 @@ const char* truncation_name(Truncation truncation) {
   return "?";
 }
 
-DataConfig DataConfig::from_json(const Json& section, const std::string& file) {
+Json DataConfig::to_json() const {
+  return Json{{"train_file", train_file.empty() ? Json(nullptr) : Json(train_file)},
+              {"eval_file", eval_file},
+              {"eval_fraction", eval_fraction},
+              {"format", record_format_name(format)},
+              {"chat_template", chat_template_name(chat_template)},
+              {"max_seq_len", max_seq_len},
+              {"truncation", truncation_name(truncation)},
+              {"packing", packing},
+              {"shuffle", shuffle},
+              {"seed", seed},
+              {"train_on_prompt", train_on_prompt},
+              {"add_eos", add_eos}};
+}
+
+DataConfig DataConfig::from_json(const Json& section, const std::string& file, bool complete) {
   reject_unknown_keys(section, kKeys, file, "data.", ErrorKind::Config);
   const JsonReader r{section, file, ErrorKind::Config, "data."};
   DataConfig c;
   c.file = file;
-  c.train_file = r.get_string("train_file");
+  c.train_file = complete || r.has("train_file") ? r.get_string("train_file") : "";
   c.eval_file = r.get_string("eval_file", c.eval_file);
   c.eval_fraction = r.get_double("eval_fraction", c.eval_fraction);
   c.format = pick<RecordFormat>(r, "format", c.format,
@@ -103,7 +118,7 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file) {
   c.train_on_prompt = r.get_bool("train_on_prompt", c.train_on_prompt);
   c.add_eos = r.get_bool("add_eos", c.add_eos);
 
-  if (c.train_file.empty()) fail_key(ErrorKind::Config, file, "data.train_file", "must name a jsonl file");
+  if (complete && c.train_file.empty()) fail_key(ErrorKind::Config, file, "data.train_file", "must name a jsonl file");
   if (!(c.eval_fraction >= 0.0 && c.eval_fraction < 1.0))
     fail_key(ErrorKind::Config, file, "data.eval_fraction",
              "must be in [0, 1), got " + section.at("eval_fraction").dump());

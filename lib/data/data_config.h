@@ -30,7 +30,10 @@ struct DataConfig {
   bool add_eos = true;           // text records end with EOS, so that the model learns where a document stops
 
   // `section` is the run config's "data" object; `file` names the config in errors (key "data.<name>").
-  static DataConfig from_json(const Json& section, const std::string& file);
+  // `complete` false: train_file may be absent (`config --print` of the defaults).
+  static DataConfig from_json(const Json& section, const std::string& file, bool complete = true);
+  // The section with every key (`qlora-train config --print`); from_json reads it back.
+  Json to_json() const;
 };
 
 const char* record_format_name(RecordFormat format);

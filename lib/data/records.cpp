@@ -1,8 +1,10 @@
 #include "lib/data/records.h"
 
+#include <algorithm>
 #include <optional>
 
 #include "lib/core/error.h"
+#include "lib/core/log.h"
 #include "lib/data/chat_template.h"
 #include "lib/data/jsonl.h"
 #include "lib/data/rendered_text.h"
@@ -157,15 +159,58 @@ Example tokenize_record(const Json& value, const std::string& where, const DataC
   return tokenize_one(value, where, config, tokenizer, chat);
 }
 
+std::vector<int32_t> prompt_tokens(const Example& example) {
+  std::vector<int32_t> prompt;
+  for (size_t i = 0; i < example.ids.size() && !example.loss[i]; ++i) prompt.push_back(example.ids[i]);
+  return prompt;
+}
+
+Json prompt_record(RecordFormat format, const std::string& prompt, const std::string& input,
+                   const std::string& system) {
+  // The answer's first token is where the prompt ends: a word, as most answers start (a token that straddles the
+  // prompt's end and the answer goes to the answer, lib/data/rendered_text.h).
+  const std::string answer = "Answer";
+  if (format == RecordFormat::Alpaca) return Json{{"instruction", prompt}, {"input", input}, {"output", answer}};
+  QT_CHECK(format == RecordFormat::Chat, ErrorKind::Internal, "prompt_record: alpaca or chat only");
+  Json messages = Json::array();
+  if (!system.empty()) messages.push_back(Json{{"role", "system"}, {"content", system}});
+  messages.push_back(Json{{"role", "user"}, {"content", prompt}});
+  messages.push_back(Json{{"role", "assistant"}, {"content", answer}});
+  return Json{{"messages", messages}};
+}
+
+namespace {
+
+// A chat record without an assistant message: nothing of it is in the loss (unless train_on_prompt).
+bool chat_without_answer(const Json& value) {
+  if (!value.contains("messages") || !value.at("messages").is_array()) return false;
+  for (const auto& m : value.at("messages"))
+    if (m.is_object() && m.contains("role") && m.at("role") == "assistant") return false;
+  return true;
+}
+
+}  // namespace
+
 std::vector<Example> load_examples(const std::string& path, const DataConfig& config, const Tokenizer& tokenizer) {
   const std::vector<JsonlRecord> records = read_jsonl(path);
   std::vector<Example> out;
   out.reserve(records.size());
   std::optional<ChatFormat> chat;  // resolved once, at the first chat record
+  std::vector<int64_t> unanswered;  // lines of chat records with no assistant message
   for (const auto& r : records) {
     Example e = tokenize_one(r.value, path + ":" + std::to_string(r.line), config, tokenizer, chat);
     e.line = r.line;
+    if (!config.train_on_prompt && chat_without_answer(r.value)) unanswered.push_back(r.line);
     out.push_back(std::move(e));
+  }
+  if (!unanswered.empty()) {
+    std::string lines;
+    for (size_t i = 0; i < std::min<size_t>(unanswered.size(), 10); ++i)
+      lines += (i ? ", " : "") + std::to_string(unanswered[i]);
+    if (unanswered.size() > 10) lines += " and " + std::to_string(unanswered.size() - 10) + " more";
+    log::warn(path + ": " + std::to_string(unanswered.size()) + " chat record(s) with no assistant message (" +
+              (unanswered.size() == 1 ? "line " : "lines ") + lines +
+              "): nothing of them is in the loss (only assistant turns are, unless data.train_on_prompt)");
   }
   return out;
 }

@@ -27,4 +27,13 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
 Example tokenize_record(const Json& value, const std::string& where, const DataConfig& config,
                         const Tokenizer& tokenizer);
 
+// The tokens of a tokenized record before its first loss token: its prompt as training renders and masks it.
+std::vector<int32_t> prompt_tokens(const Example& example);
+
+// A record of `format` (alpaca or chat) asking `prompt` (alpaca: the instruction, with `input`; chat: one user
+// message, after a system message when `system` is not empty) with a placeholder answer: prompt_tokens() of it,
+// tokenized, is what a model trained on such records is given before its answer (`qlora-train generate --format`).
+Json prompt_record(RecordFormat format, const std::string& prompt, const std::string& input,
+                   const std::string& system);
+
 }  // namespace qt

@@ -73,7 +73,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "offload", "keep", "keep_dequantized",
                              "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings", "lm_head"},
                       file, "train.memory.", ErrorKind::Config);
-  if (json.contains("gpu_memory_gib")) {
+  if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
     if (!v.is_number() || !(v.get<double>() > 0))
       fail_key(ErrorKind::Config, file, at + "gpu_memory_gib", "must be a number of GiB > 0 (got " + v.dump() + ")");
@@ -123,6 +123,21 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
     (std::string(k) == "embeddings" ? r.embeddings_on_host : r.lm_head_on_host) = host;
   }
   return r;
+}
+
+Json PlanRequest::to_json() const {
+  auto opt = [](const std::optional<bool>& b) { return b ? Json(*b) : Json("auto"); };
+  auto place = [](const std::optional<bool>& b) { return b ? Json(*b ? "host" : "device") : Json("auto"); };
+  return Json{{"gpu_memory_gib", gpu_memory_gib ? Json(*gpu_memory_gib) : Json("auto")},
+              {"checkpointing", checkpointing_auto ? Json("auto") : Json(checkpointing.value_or(true))},
+              {"offload", opt(offload)},
+              {"keep", keep ? Json(keep_level_name(*keep)) : Json("auto")},
+              {"keep_dequantized", opt(keep_dequantized)},
+              {"mlp_chunk_tokens", mlp_chunk_tokens ? Json(*mlp_chunk_tokens) : Json(-1)},
+              {"attention", attention == AttentionKernel::Cudnn ? "cudnn" : "flash"},
+              {"expandable_segments", opt(expandable_segments)},
+              {"embeddings", place(embeddings_on_host)},
+              {"lm_head", place(lm_head_on_host)}};
 }
 
 double Footprint::total() const {

@@ -60,6 +60,8 @@ struct PlanRequest {
 
   // Parses the train.memory object; `file` names the run config in errors.
   static PlanRequest from_json(const Json& json, const std::string& file);
+  // Every key, "auto" where the plan decides (what `qlora-train config --print` shows; from_json reads it back).
+  Json to_json() const;
 };
 
 // What the plan is decided from.

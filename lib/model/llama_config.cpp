@@ -13,6 +13,21 @@ c10::ScalarType parse_dtype_name(const std::string& name, const std::string& fil
   fail_key(ErrorKind::Model, file, key, "unsupported dtype '" + name + "' (expected bfloat16, float16 or float32)");
 }
 
+std::optional<c10::ScalarType> user_dtype(const std::string& name) {
+  if (name == "bf16" || name == "bfloat16") return c10::ScalarType::BFloat16;
+  if (name == "fp16" || name == "float16") return c10::ScalarType::Half;
+  if (name == "fp32" || name == "float32") return c10::ScalarType::Float;
+  return std::nullopt;
+}
+
+const char* dtype_short_name(c10::ScalarType type) {
+  switch (type) {
+    case c10::ScalarType::BFloat16: return "bf16";
+    case c10::ScalarType::Half: return "fp16";
+    default: return "fp32";
+  }
+}
+
 std::string dtype_hf_name(c10::ScalarType type) {
   switch (type) {
     case c10::ScalarType::BFloat16: return "bfloat16";

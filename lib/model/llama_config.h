@@ -69,4 +69,10 @@ struct LlamaConfig {
 c10::ScalarType parse_dtype_name(const std::string& name, const std::string& file, const std::string& key);
 std::string dtype_hf_name(c10::ScalarType type);  // "bfloat16", "float16", "float32"
 
+// The dtype names a user types, the same wherever a dtype is asked for (model.dtype, `export --dtype`): the short
+// names bf16 / fp16 / fp32 and torch's bfloat16 / float16 / float32. nullopt for anything else.
+std::optional<c10::ScalarType> user_dtype(const std::string& name);
+inline constexpr const char* kUserDtypeNames = "bf16, bfloat16, fp16, float16, fp32 or float32";
+const char* dtype_short_name(c10::ScalarType type);  // "bf16", "fp16", "fp32"
+
 }  // namespace qt

@@ -55,6 +55,17 @@ LoraConfig LoraConfig::from_json(const Json& section, const std::string& file, c
   return c;
 }
 
+Json LoraConfig::to_json() const {
+  return Json{{"r", r},
+              {"alpha", alpha},
+              {"dropout", dropout},
+              {"targets", targets},
+              {"use_rslora", use_rslora},
+              {"use_dora", use_dora},
+              {"init_from", init_from},
+              {"modules_to_save", modules_to_save}};
+}
+
 std::vector<std::string> LoraConfig::differences_from(const LoraConfig& adapter) const {
   std::vector<std::string> out;
   auto num = [](double v) {

@@ -49,6 +49,8 @@ struct LoraConfig {
   // wrong types and out-of-range values are qt::Error(kind) naming `file` and the key (prefix + key).
   static LoraConfig from_json(const Json& section, const std::string& file, const std::string& prefix = "lora.",
                               ErrorKind kind = ErrorKind::Config);
+  // The section with every key (`qlora-train config --print`); from_json reads it back.
+  Json to_json() const;
   // Range checks (r > 0, alpha > 0, 0 <= dropout < 1, targets non-empty, known and unique, modules_to_save among
   // lm_head / embed_tokens and unique). Errors name the keys
   // of our run config, or with `peft_keys` those of adapter_config.json (lora_alpha, lora_dropout, target_modules).

@@ -370,10 +370,21 @@ PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
   return cfg;
 }
 
+bool adapter_names_other_base(const std::string& adapter_dir, const std::string& model_dir, std::string* named) {
+  const std::string base = read_peft_adapter_config(adapter_dir).base_model_name_or_path;
+  if (named) *named = base;
+  // A hub id, or a path that no longer resolves from here, cannot be compared with a local directory.
+  const std::string a = files::real_path(base), b = files::real_path(model_dir);
+  return !a.empty() && !b.empty() && files::is_dir(a) && a != b;
+}
+
 PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& to,
                                     const std::string& base_model_name_or_path, const LlamaConfig* base) {
   PeftAdapterConfig cfg = read_peft_adapter_config(from);
   if (!base_model_name_or_path.empty()) cfg.base_model_name_or_path = base_model_name_or_path;
+  // A local base is named from the root, so that the copy finds it from any directory (AutoPeftModel).
+  if (files::is_dir(cfg.base_model_name_or_path))
+    cfg.base_model_name_or_path = files::absolute(cfg.base_model_name_or_path);
   const std::string weights = files::join(from, kAdapterWeightsFile);
   if (!files::exists(weights)) fail_at(ErrorKind::Checkpoint, weights, "file not found");
   SafetensorsFile file(weights);

@@ -38,6 +38,8 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir);
 // (created if needed): adapter_model.safetensors first, then adapter_config.json, each through a temporary file
 // and a rename. Tensors are saved in fp32. Throws qt::Error(Checkpoint) when the model has no adapter or an
 // adapter is empty or inconsistent with `config`, qt::Error(Numeric) when one holds a non-finite value.
+// base_model_name_or_path is written as given (the trainer passes its base from the root, so that PEFT's
+// AutoPeftModelForCausalLM finds it from any directory).
 void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::string& dir,
                        const std::string& base_model_name_or_path);
 
@@ -48,6 +50,11 @@ void save_peft_adapter(LlamaModel& model, const LoraConfig& config, const std::s
 // represent). A missing tensor, an unexpected one, or a shape that does not fit the model is
 // qt::Error(Checkpoint) naming the file and the key.
 PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir);
+
+// Whether adapter_config.json's base_model_name_or_path names a local directory other than `model_dir` (both
+// resolved: symbolic links, relative paths); false for a hub id or a path that does not exist here. `named` gets
+// the name the adapter gives.
+bool adapter_names_other_base(const std::string& adapter_dir, const std::string& model_dir, std::string* named = nullptr);
 
 // `qlora-train export` without --merge: reads the adapter in `from` (validated as load_peft_adapter does, against
 // `base`'s shapes when given) and writes it to `to` in our PEFT writer's form (fp32 tensors, the config fields

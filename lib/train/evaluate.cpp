@@ -9,24 +9,30 @@ namespace qt {
 
 double EvalResult::perplexity() const { return std::exp(mean_loss()); }
 
-EvalResult evaluate_loss(const LlamaModel& model, const std::vector<std::vector<int32_t>>& documents,
-                         int64_t max_seq_len) {
+EvalResult evaluate_loss(const LlamaModel& model, const std::vector<Example>& documents, int64_t max_seq_len) {
   at::NoGradGuard no_grad;
   EvalResult result;
   for (const auto& doc : documents) {
     ++result.documents;
-    int64_t n = static_cast<int64_t>(doc.size());
+    int64_t n = static_cast<int64_t>(doc.ids.size());
     if (n > max_seq_len) {
       n = max_seq_len;
       ++result.truncated;
     }
-    if (n < 2) continue;  // nothing to predict
-    at::Tensor ids = at::from_blob(const_cast<int32_t*>(doc.data()), {1, n}, at::kInt).to(model.device(), at::kLong);
+    // Targets as training batches them: token i predicted from position i - 1 where loss[i]; -100 elsewhere.
+    std::vector<int64_t> targets(static_cast<size_t>(std::max<int64_t>(n - 1, 0)), -100);
+    int64_t count = 0;
+    for (int64_t i = 1; i < n; ++i)
+      if (doc.loss[i]) targets[i - 1] = doc.ids[i], ++count;
+    if (count == 0) continue;  // nothing to predict
+    at::Tensor ids =
+        at::from_blob(const_cast<int32_t*>(doc.ids.data()), {1, n}, at::kInt).to(model.device(), at::kLong);
     at::Tensor logits = model.forward(ids).squeeze(0).to(at::kFloat);
-    at::Tensor loss = at::cross_entropy_loss(logits.narrow(0, 0, n - 1), ids.squeeze(0).narrow(0, 1, n - 1),
-                                             /*weight=*/{}, at::Reduction::Sum);
+    at::Tensor t = at::from_blob(targets.data(), {n - 1}, at::kLong).to(model.device());
+    at::Tensor loss = at::cross_entropy_loss(logits.narrow(0, 0, n - 1), t, /*weight=*/{}, at::Reduction::Sum,
+                                             /*ignore_index=*/-100);
     result.loss_sum += loss.item<double>();
-    result.tokens += n - 1;
+    result.tokens += count;
   }
   return result;
 }

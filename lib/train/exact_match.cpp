@@ -44,8 +44,7 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
       fail_at(ErrorKind::Data, where, "an exact-match record needs an answer (\"output\", or a last assistant message)");
     }
     Example e = tokenize_record(record.value, where, data, tokenizer);
-    std::vector<int32_t> prompt;
-    for (size_t i = 0; i < e.ids.size() && !e.loss[i]; ++i) prompt.push_back(e.ids[i]);
+    const std::vector<int32_t> prompt = prompt_tokens(e);
     if (prompt.empty()) fail_at(ErrorKind::Data, where, "the record has no prompt tokens");
     GenerateResult g = generate_tokens(model, prompt, gen);
     std::vector<int32_t> answer = g.tokens;

@@ -7,6 +7,7 @@
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
+#include "lib/train/tensorboard_events.h"
 
 namespace qt {
 
@@ -52,6 +53,10 @@ void MetricsLog::set_plot(const std::string& path, const std::string& title) {
   plot_title_ = title;
 }
 
+void MetricsLog::set_tensorboard(const std::string& dir) {
+  if (enabled_) tensorboard_ = std::make_unique<TensorBoardWriter>(dir);
+}
+
 void MetricsLog::write_plot() const {
   if (enabled_ && !plot_path_.empty()) write_loss_plot(plot_path_, train_, eval_, plot_title_, lr_);
 }
@@ -66,6 +71,13 @@ void MetricsLog::step(const StepMetrics& m) {
   if (m.gpu_mem_gib >= 0) j["gpu_mem_gib"] = m.gpu_mem_gib;
   if (m.gpu_reserved_gib >= 0) j["gpu_reserved_gib"] = m.gpu_reserved_gib;
   write(j);
+  if (tensorboard_) {
+    tensorboard_->scalar("train/loss", m.step, m.loss);
+    tensorboard_->scalar("train/learning_rate", m.step, m.lr);
+    tensorboard_->scalar("train/grad_norm", m.step, m.grad_norm);
+    tensorboard_->scalar("train/tokens_per_s", m.step, m.tokens_per_s);
+    tensorboard_->scalar("train/target_tokens_per_s", m.step, m.target_tokens_per_s);
+  }
   char text[256];
   std::string mem = m.gpu_mem_gib >= 0 ? " | mem " + std::to_string(m.gpu_mem_gib).substr(0, 5) + " GiB" : "";
   if (bar_) {
@@ -89,6 +101,7 @@ void MetricsLog::step(const StepMetrics& m) {
 
 void MetricsLog::exact_match(int64_t step, int64_t correct, int64_t total) {
   if (!enabled_) return;
+  if (tensorboard_) tensorboard_->scalar("eval/exact_match", step, total ? static_cast<double>(correct) / total : 0.0);
   write({{"step", step},
          {"exact_match", total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0},
          {"exact_match_correct", correct},
@@ -99,6 +112,7 @@ void MetricsLog::eval(int64_t step, double loss, int64_t tokens) {
   eval_.emplace_back(step, loss);
   if (!enabled_) return;
   write({{"step", step}, {"eval_loss", loss}, {"eval_perplexity", std::exp(loss)}, {"eval_tokens", tokens}});
+  if (tensorboard_) tensorboard_->scalar("eval/loss", step, loss);
   char text[160];
   std::snprintf(text, sizeof text, "eval at step %lld: loss %.4f, perplexity %.3f (%lld tokens)",
                 static_cast<long long>(step), loss, std::exp(loss), static_cast<long long>(tokens));

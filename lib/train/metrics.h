@@ -1,8 +1,9 @@
 #pragma once
 // What the user sees: a progress line per logged step (a redrawn bar on a terminal, plain lines otherwise),
-// metrics.jsonl in the output directory (one JSON object per logged step or evaluation), and at the end a
-// self-contained HTML file with the loss curves (inline SVG: no network, no plotting library).
+// metrics.jsonl in the output directory (one JSON object per logged step or evaluation), TensorBoard event files
+// there, and a self-contained HTML file with the loss curves (inline SVG: no network, no plotting library).
 #include <cstdio>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,8 @@ struct StepMetrics {
   double gpu_reserved_gib = -1;  // peak the caching allocator held from the driver this step; < 0 on CPU
   double eta_s = 0;
 };
+
+class TensorBoardWriter;
 
 class MetricsLog {
  public:
@@ -50,6 +53,10 @@ class MetricsLog {
   // Rewrite the loss plot at `path` (loss.html) at each logged step and evaluation, so that a run that stops in
   // any way (a signal, an error, a kill) leaves the plot of its last logged step. write_plot() writes it now.
   void set_plot(const std::string& path, const std::string& title);
+  // The scalars also as a TensorBoard event file in `dir` (lib/train/tensorboard_events.h): train/loss,
+  // train/learning_rate, train/grad_norm, train/tokens_per_s, train/target_tokens_per_s, eval/loss,
+  // eval/exact_match. A resumed run adds a new file; TensorBoard reads a directory's files as one run.
+  void set_tensorboard(const std::string& dir);
   void write_plot() const;
   // Reads an existing metrics.jsonl (resume) so that the plot shows the whole run.
   void load_history(const std::string& path, int64_t up_to_step);
@@ -62,6 +69,7 @@ class MetricsLog {
   bool bar_open_ = false;
   std::vector<std::pair<int64_t, double>> train_, eval_, lr_;
   std::string plot_path_, plot_title_;
+  std::unique_ptr<TensorBoardWriter> tensorboard_;
 };
 
 // Writes an HTML page with the training (and evaluation) loss against the step, and the learning rate on its own

@@ -12,15 +12,21 @@ namespace {
 
 bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
 
+// What a run writes at its start, before its first checkpoint: the resolved config, the held-out records, the
+// metrics and their plot.
+bool is_start_file(const std::string& name) {
+  return name == "metrics.jsonl" || name == "loss.html" || name == "config.resolved.json" || name == "eval.jsonl" ||
+         starts_with(name, "events.out.tfevents.");
+}
+
 bool is_run_file(const std::string& name) {
   return starts_with(name, "checkpoint-") || starts_with(name, ".checkpoint-") || name == "adapter" ||
-         name == "model" || name == "metrics.jsonl" || name == "loss.html" || starts_with(name, "profile_");
+         name == "model" || is_start_file(name) || starts_with(name, "profile_");
 }
 
 // What a run writes before its first checkpoint is complete: replaced by a `--resume auto` that finds none.
 bool is_pre_checkpoint_file(const std::string& name) {
-  return name == "metrics.jsonl" || name == "loss.html" || starts_with(name, ".checkpoint-") ||
-         starts_with(name, "profile_");
+  return is_start_file(name) || starts_with(name, ".checkpoint-") || starts_with(name, "profile_");
 }
 
 std::string join_names(const std::vector<std::string>& names) {

@@ -8,14 +8,15 @@
 namespace qt {
 
 // The files a run leaves in its output directory (checkpoint-*, .checkpoint-*.tmp-*, adapter/, model/,
-// metrics.jsonl, loss.html, profile_*), by name, sorted. Other files are the user's and are left alone.
+// metrics.jsonl, loss.html, config.resolved.json, eval.jsonl, events.out.tfevents.*, profile_*), by name, sorted. Other files are the user's and are left alone.
 std::vector<std::string> run_files(const std::string& output_dir);
 
 // resume: "" (a new run), "auto" (the newest complete checkpoint in output_dir, else a new run) or a checkpoint
 // directory (returned as it is; loading it checks it). Returns the checkpoint to resume from, "" for a new run.
 // A new run into a directory holding another run's files is refused (qt::Error Config, naming them) unless
 // `overwrite`, which removes them when `remove` (rank 0 alone removes). After `--resume auto` finds no checkpoint,
-// what a run leaves before its first checkpoint (metrics.jsonl, loss.html, incomplete checkpoints, profiles) is
+// what a run leaves before its first checkpoint (metrics.jsonl, loss.html, config.resolved.json, eval.jsonl,
+// incomplete checkpoints, profiles) is
 // that run's and is replaced; an adapter/ or model/ (a finished run) still needs `overwrite`.
 // An output_dir that is a file is a Config error. `config_file` names the run config in messages.
 std::string prepare_output_dir(const std::string& output_dir, const std::string& resume, bool overwrite, bool remove,

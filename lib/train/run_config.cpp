@@ -1,6 +1,7 @@
 #include "lib/train/run_config.h"
 
 #include "lib/data/data_config.h"
+#include "lib/model/llama_config.h"
 #include "lib/model/lora.h"
 
 namespace qt {
@@ -49,13 +50,13 @@ void apply_override(Json& json, const std::string& assignment) {
   }
 }
 
-RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
+RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool complete) {
   RunConfig c;
   c.file = file;
   c.resolved = j;
   reject_unknown_keys(j, kTopKeys, file, "", ErrorKind::Config);
   JsonReader top{j, file, ErrorKind::Config};
-  c.output_dir = top.get_string("output_dir");
+  c.output_dir = complete || top.has("output_dir") ? top.get_string("output_dir") : "";
 
   const Json& m = section(j, "model");
   reject_unknown_keys(m, {"path", "quant", "dtype", "device", "init", "shape"}, file, "model.", ErrorKind::Config);
@@ -65,7 +66,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
     fail_key(ErrorKind::Config, file, "model.init", "'" + c.model.init + "': expected pretrained or random");
   c.model.shape = mr.get_string("shape", "");
   if (c.model.init == "pretrained") {
-    c.model.path = mr.get_string("path");
+    c.model.path = complete || mr.has("path") ? mr.get_string("path") : "";
     if (!c.model.shape.empty())
       fail_key(ErrorKind::Config, file, "model.shape", "only with model.init \"random\" (a pretrained model's shape is its config.json)");
   } else {
@@ -78,8 +79,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   if (c.model.quant != "nf4" && c.model.quant != "none")
     fail_key(ErrorKind::Config, file, "model.quant", "'" + c.model.quant + "': expected nf4 or none");
   c.model.dtype = mr.get_string("dtype", c.model.dtype);
-  if (c.model.dtype != "auto" && c.model.dtype != "bfloat16" && c.model.dtype != "float32")
-    fail_key(ErrorKind::Config, file, "model.dtype", "'" + c.model.dtype + "': expected auto, bfloat16 or float32");
+  if (c.model.dtype != "auto" && !user_dtype(c.model.dtype))
+    fail_key(ErrorKind::Config, file, "model.dtype",
+             "'" + c.model.dtype + "': expected auto, " + kUserDtypeNames + " (the names `export --dtype` takes)");
   c.model.device = mr.get_string("device", c.model.device);
   if (c.model.device != "auto" && c.model.device != "cpu" && c.model.device != "cuda")
     fail_key(ErrorKind::Config, file, "model.device", "'" + c.model.device + "': expected auto, cpu or cuda");
@@ -198,6 +200,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   reject_unknown_keys(lg, {"level", "progress"}, file, "logging.", ErrorKind::Config);
   JsonReader lr{lg, file, ErrorKind::Config, "logging."};
   c.log_level = lr.get_string("level", c.log_level);
+  if (c.log_level != "debug" && c.log_level != "info" && c.log_level != "warn" && c.log_level != "error" &&
+      c.log_level != "off")
+    fail_key(ErrorKind::Config, file, "logging.level", "'" + c.log_level + "': expected debug, info, warn, error or off");
   c.progress = lr.get_string("progress", c.progress);
   if (c.progress != "auto" && c.progress != "bar" && c.progress != "lines")
     fail_key(ErrorKind::Config, file, "logging.progress", "'" + c.progress + "': expected auto, bar or lines");
@@ -206,16 +211,66 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file) {
   c.data = section(j, "data");
   // Their owners parse them again where they are used; parsed here too so that a bad key or value stops the run
   // before the data is tokenized and the model loads.
-  LoraConfig::from_json(c.lora, file);
-  DataConfig::from_json(c.data, file);
+  c.parsed_lora = LoraConfig::from_json(c.lora, file);
+  c.parsed_data = DataConfig::from_json(c.data, file, complete);
   return c;
 }
 
-RunConfig RunConfig::load(const std::string& path, const std::vector<std::string>& overrides) {
+namespace {
+
+Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig& data) {
+  auto or_null = [](const std::string& s) { return s.empty() ? Json(nullptr) : Json(s); };
+  Json j;
+  j["output_dir"] = or_null(c.output_dir);
+  j["model"] = {{"path", c.model.init == "pretrained" ? or_null(c.model.path) : Json(c.model.path)},
+                {"init", c.model.init},
+                {"shape", c.model.shape},
+                {"quant", c.model.quant},
+                {"dtype", c.model.dtype},
+                {"device", c.model.device}};
+  j["lora"] = lora.to_json();
+  j["data"] = data.to_json();
+  j["train"] = {{"steps", c.train.steps},
+                {"epochs", c.train.epochs},
+                {"batch_size", c.train.batch_size},
+                {"micro_batch_size", c.train.micro_batch_size},
+                {"memory", c.train.memory.to_json()},
+                {"neftune_alpha", c.train.neftune_alpha},
+                {"seed", c.train.seed},
+                {"eval_every", c.train.eval_every},
+                {"log_every", c.train.log_every},
+                {"loss", c.train.loss},
+                {"full_finetune", c.train.full_finetune},
+                {"shard", c.train.shard},
+                {"shard_embeddings", c.train.shard_embeddings}};
+  j["optim"] = {{"lr", c.optim.lr},
+                {"weight_decay", c.optim.weight_decay},
+                {"beta1", c.optim.beta1},
+                {"beta2", c.optim.beta2},
+                {"eps", c.optim.eps},
+                {"max_grad_norm", c.optim.max_grad_norm},
+                {"schedule", lr_schedule_name(c.optim.schedule)},
+                {"warmup_steps", c.optim.warmup_steps},
+                {"warmup_ratio", c.optim.warmup_ratio},
+                {"min_lr_ratio", c.optim.min_lr_ratio},
+                {"embedding_lr", c.optim.embedding_lr < 0 ? Json(nullptr) : Json(c.optim.embedding_lr)}};
+  j["checkpoint"] = {{"every", c.checkpoint.every}, {"keep_last", c.checkpoint.keep_last}};
+  j["eval"] = {{"exact_match_file", c.eval.exact_match_file},
+               {"max_examples", c.eval.max_examples},
+               {"max_new_tokens", c.eval.max_new_tokens}};
+  j["logging"] = {{"level", c.log_level}, {"progress", c.progress}};
+  return j;
+}
+
+}  // namespace
+
+Json RunConfig::to_json() const { return resolved_json(*this, parsed_lora, parsed_data); }
+
+RunConfig RunConfig::load(const std::string& path, const std::vector<std::string>& overrides, bool complete) {
   Json j = read_json_file(path, ErrorKind::Config);
   if (!j.is_object()) fail_at(ErrorKind::Config, path, "expected a JSON object at the top level");
   for (const auto& o : overrides) apply_override(j, o);
-  return from_json(j, path);
+  return from_json(j, path, complete);
 }
 
 }  // namespace qt

@@ -6,6 +6,8 @@
 #include <vector>
 
 #include "lib/core/json.h"
+#include "lib/data/data_config.h"
+#include "lib/model/lora.h"
 #include "lib/model/exec_plan.h"
 #include "lib/train/lr_schedule.h"
 
@@ -16,7 +18,7 @@ struct ModelSection {
   std::string init = "pretrained";  // "pretrained" (weights from path) or "random" (no weights read)
   std::string shape;            // init "random": a named shape (lib/model/random_init.h), else path's config.json
   std::string quant = "nf4";    // "nf4" (QLoRA) or "none" (LoRA on a 16-bit base)
-  std::string dtype = "auto";   // compute dtype: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32
+  std::string dtype = "auto";   // compute dtype: auto (bf16 on CUDA, fp32 on CPU), or a name user_dtype() reads
   std::string device = "auto";  // auto (CUDA when present), cpu, cuda
 };
 
@@ -85,14 +87,21 @@ struct RunConfig {
   EvalSection eval;
   Json lora = Json::object();  // parsed by lib/model/lora.h
   Json data = Json::object();  // parsed by lib/data/data_config.h
+  LoraConfig parsed_lora;      // the two sections as their owners parsed them (for to_json)
+  DataConfig parsed_data;
   std::string log_level = "info";
   std::string progress = "auto";  // auto (a bar on a terminal, lines otherwise), bar, lines
 
-  Json resolved;  // the whole config after --set overrides (saved with checkpoints)
+  Json resolved;  // the config as typed, after --set overrides (the ranks compare it at start)
 
-  static RunConfig from_json(const Json& json, const std::string& file);
+  // `complete` false: the keys a run must give (output_dir, model.path, data.train_file) may be absent (`config
+  // --print` of the defaults).
+  static RunConfig from_json(const Json& json, const std::string& file, bool complete = true);
+  // Every key of the config, defaults included: what `qlora-train config --print` prints and
+  // output_dir/config.resolved.json keeps (absent required keys are null); from_json reads it back.
+  Json to_json() const;
   // Reads `path` and applies overrides "a.b=value" (value parsed as JSON when it is valid JSON, else a string).
-  static RunConfig load(const std::string& path, const std::vector<std::string>& overrides);
+  static RunConfig load(const std::string& path, const std::vector<std::string>& overrides, bool complete = true);
 };
 
 // Applies one "section.key=value" override to `json`; throws qt::Error(Usage) naming the override.

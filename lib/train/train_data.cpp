@@ -1,8 +1,10 @@
 #include "lib/train/train_data.h"
 
 #include <algorithm>
+#include <fstream>
 
 #include "lib/core/error.h"
+#include "lib/core/files.h"
 #include "lib/core/log.h"
 #include "lib/data/packing.h"
 #include "lib/data/records.h"
@@ -92,6 +94,33 @@ void TrainData::check_has_targets() const {
                " and data.truncation \"" + truncation_name(config_.truncation) + "\" (" +
                train_->stats().summary() + "); raise data.max_seq_len" +
                (config_.train_on_prompt ? "" : ", or set data.train_on_prompt"));
+}
+
+void TrainData::write_eval_records(const std::string& path) const {
+  if (eval_.empty()) return;
+  const std::string& source = config_.eval_file.empty() ? config_.train_file : config_.eval_file;
+  const std::string text = files::read_file(source);
+  std::vector<std::pair<size_t, size_t>> lines;  // [begin, end) of each line, '\n' excluded
+  for (size_t begin = 0; begin < text.size();) {
+    size_t end = text.find('\n', begin);
+    if (end == std::string::npos) end = text.size();
+    lines.emplace_back(begin, end);
+    begin = end + 1;
+  }
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    for (const auto& e : eval_) {
+      QT_CHECK(e.line >= 1 && e.line <= static_cast<int64_t>(lines.size()), ErrorKind::Data,
+               source + ": changed while the run read it (line " + std::to_string(e.line) + " is gone)");
+      const auto [begin, end] = lines[static_cast<size_t>(e.line - 1)];
+      out.write(text.data() + begin, static_cast<std::streamsize>(end - begin));
+      out.put('\n');
+    }
+    out.flush();
+    if (!out) fail_at(ErrorKind::Io, tmp, "could not write the held-out records");
+  }
+  files::rename_path(tmp, path);
 }
 
 void TrainData::seek(const DataPosition& position) {

@@ -54,8 +54,7 @@ at::Device resolve_device(const std::string& name, const LaunchEnv& env) {
 }
 
 c10::ScalarType resolve_dtype(const std::string& name, const at::Device& device) {
-  if (name == "bfloat16") return at::kBFloat16;
-  if (name == "float32") return at::kFloat;
+  if (const auto named = user_dtype(name)) return *named;
   return device.is_cuda() ? at::kBFloat16 : at::kFloat;
 }
 
@@ -232,6 +231,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
              std::to_string(cfg.train.batch_size) + " is not divisible by the world size " + std::to_string(world));
   const int64_t per_rank = cfg.train.batch_size / world;
   const int64_t micro = cfg.train.micro_batch_size > 0 ? std::min(cfg.train.micro_batch_size, per_rank) : per_rank;
+  if (!cfg.model.path.empty() && files::exists(files::join(cfg.model.path, kAdapterConfigFile)) &&
+      !files::exists(files::join(cfg.model.path, "config.json")))
+    fail_key(ErrorKind::Config, cfg.file, "model.path",
+             cfg.model.path + " is a LoRA adapter (adapter_config.json); give its base as model.path (and the adapter "
+             "as lora.init_from to train on from it)");
   if (rank0) files::make_dirs(cfg.output_dir);
 
   // Model: NF4 base (quantized as it streams in) with LoRA adapters in fp32.
@@ -267,7 +271,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   load.embeddings_on_host = decision.plan.embeddings_on_host;
   load.lm_head_on_host = decision.plan.lm_head_on_host;
   LlamaModel model = random_init ? random_llama(random_shape, load, cfg.train.seed) : load_llama(cfg.model.path, load);
-  const std::string base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : cfg.model.path;
+  // The adapter's base_model_name_or_path: from the root, so that PEFT's AutoPeftModelForCausalLM finds the base from
+  // any directory.
+  const std::string base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : files::absolute(cfg.model.path);
   model.plan = decision.plan;
   // The training shape first among the shapes cuDNN is admitted for, before an exact-match evaluation's
   // generation (a new length every token) could take the slots.
@@ -301,6 +307,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
         fail_at(ErrorKind::Config, cfg.file, msg);
       }
       load_peft_adapter(model, lora.init_from);
+      std::string named;
+      if (rank0 && !random_init && adapter_names_other_base(lora.init_from, cfg.model.path, &named))
+        log::warn("lora.init_from " + lora.init_from + " was trained on " + named + ", not on model.path " +
+                  cfg.model.path + " (adapter_config.json's base_model_name_or_path)");
       // The adapter file's lora_dropout is the run that made it; this run's is the config's.
       model.for_each_linear([&](const std::string&, Linear& l) {
         if (l.lora) l.lora->dropout = lora.dropout;
@@ -319,7 +329,15 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       resume_dir = *latest;
     }
     resumed = load_checkpoint(resume_dir);
-    check_resume_compatible(resumed->state.config, cfg.resolved, resume_dir);
+    // Compared with every default filled in on both sides, so that a key written out at its default is no change;
+    // a checkpoint whose config this version no longer reads (keys of earlier versions) is compared as typed.
+    std::optional<Json> saved_full;
+    try {
+      saved_full = RunConfig::from_json(resumed->state.config, resume_dir).to_json();
+    } catch (const Error&) {
+    }
+    if (saved_full) check_resume_compatible(*saved_full, cfg.to_json(), resume_dir);
+    else check_resume_compatible(resumed->state.config, cfg.resolved, resume_dir);
     if (full) load_full_weights(model, files::join(resume_dir, "model"), load);
     else load_peft_adapter(model, resume_dir);
   }
@@ -360,7 +378,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
 
   TrainerState state;
   state.seed = cfg.train.seed;
-  state.config = cfg.resolved;
+  state.config = cfg.to_json();  // every default filled in, as config.resolved.json
   state.train_file_hash = train_file_hash(data.config().train_file);
   state.total_steps = total_steps;
   if (resumed) {
@@ -391,10 +409,19 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   }
   if (!saved_modules.empty()) saved_modules += ")";
   const bool bar = cfg.progress == "bar" || (cfg.progress == "auto" && ::isatty(2));
+  // Written with the metrics, once the data and the model have loaded (a run that fails before leaves nothing that
+  // would make its output_dir another run's): the config as this run reads it, every default included (`qlora-train
+  // config --print` prints the same), and the held-out records as they were in their file (`qlora-train eval --data
+  // output_dir/eval.jsonl` recomputes the logged eval_loss).
+  if (rank0) {
+    write_json_file(files::join(cfg.output_dir, "config.resolved.json"), cfg.to_json());
+    data.write_eval_records(files::join(cfg.output_dir, "eval.jsonl"));
+  }
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, rank0, /*resume=*/state.step > 0);
   metrics.record(Json{{"plan", to_json(decision)}, {"step", state.step}});
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
   metrics.set_plot(files::join(cfg.output_dir, "loss.html"), "qlora-train: " + cfg.output_dir);
+  metrics.set_tensorboard(cfg.output_dir);
   if (rank0)
     log::info("training " + std::to_string(trainable) +
               (full ? " parameters (full fine-tuning)"

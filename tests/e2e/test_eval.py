@@ -1,4 +1,5 @@
-"""`qlora-train eval` gives the loss transformers gives on the same jsonl, and bad inputs give clear errors."""
+"""`qlora-train eval` gives the loss transformers gives on the same jsonl (text records as training renders them:
+BOS, text, EOS), and bad inputs give clear errors."""
 import json, math, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import torch
@@ -13,7 +14,7 @@ def reference_loss(model, sp, records, max_len):
     total, count = 0.0, 0
     with torch.no_grad():
         for r in records:
-            ids = ([sp.bos_id()] + sp.encode(r["text"]))[:max_len]
+            ids = ([sp.bos_id()] + sp.encode(r["text"]) + [sp.eos_id()])[:max_len]
             x = torch.tensor([ids])
             logits = model(input_ids=x).logits[0].float()
             total += torch.nn.functional.cross_entropy(logits[:-1], x[0, 1:], reduction="sum").item()
@@ -56,7 +57,10 @@ def main():
     cases.append((("eval", "--model", str(tmp / "model"), "--data", str(empty)), 5, ["empty.jsonl", "no records"]))
     notext = tmp / "notext.jsonl"
     notext.write_text('{"txt": "x"}\n')
-    cases.append((("eval", "--model", str(tmp / "model"), "--data", str(notext)), 5, ["notext.jsonl:1", "'text'"]))
+    cases.append((("eval", "--model", str(tmp / "model"), "--data", str(notext), "--format", "text"), 5,
+                  ["notext.jsonl:1", "'text'"]))
+    cases.append((("eval", "--model", str(tmp / "model"), "--data", str(notext)), 5,
+                  ["notext.jsonl:1", "cannot tell the record's format", "txt"]))
     for args, code, needles in cases:
         p = run(*args)
         msg = p.stderr + p.stdout

@@ -1,0 +1,46 @@
+"""Help texts show defaults and --log-level works after the subcommand too (issue 29)."""
+import os, pathlib, subprocess, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import tiny_lm
+
+from checks import check, finish
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_help_"))
+
+
+def run(*args):
+    return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def main():
+    for cmd, needles in [([], ["--log-level", "=info"]),
+                         (["eval"], ["--max-seq-len", "=2048", "--device TEXT=cpu", "--format", "=auto", "--quant",
+                                     "=nf4", "--add-eos", "=true", "--log-level"]),
+                         (["generate"], ["--max-new-tokens", "=128", "--temperature", "=0", "--top-p", "=1",
+                                         "--format", "=text", "--log-level"]),
+                         (["export"], ["--dtype", "=auto", "--quant", "=nf4", "--log-level"]),
+                         (["bench"], ["--steps", "--log-level"]),
+                         (["config"], ["--print", "--config", "--log-level"])]:
+        p = run(*cmd, "--help")
+        missing = [n for n in needles if n not in p.stdout]
+        check(p.returncode == 0 and not missing, f"`{' '.join(cmd + ['--help'])}` shows the defaults: missing {missing}")
+
+    tiny_lm.make_model_dir(TMP / "model", seed=1)
+    tiny_lm.write_text_jsonl(TMP / "d.jsonl", 4, 2)
+    args = ["--model", TMP / "model", "--data", TMP / "d.jsonl", "--max-seq-len", 4]
+    p = run("eval", *args)
+    check(p.returncode == 0 and "[warning]" in p.stderr, "eval warns about truncated records at the default level")
+    p = run("eval", *args, "--log-level", "off")
+    check(p.returncode == 0 and p.stderr == "", f"eval ... --log-level off (after the subcommand) silences it: {p.stderr!r}")
+    p = run("eval", *args, "--log-level", "debug")
+    check(p.returncode == 0 and "[debug]" in p.stderr, "eval ... --log-level debug shows debug lines")
+    p = run("--log-level", "off", "eval", *args)
+    check(p.returncode == 0 and p.stderr == "", "--log-level before the subcommand still works")
+    p = run("eval", *args, "--log-level", "loud")
+    check(p.returncode == 2 and "loud" in p.stderr, f"an unknown level is a usage error (exit {p.returncode})")
+    finish("help and log-level checks")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""`eval` and `generate` take the training formats (issue 29): `eval` reads alpaca and chat records (the training
+file itself) through training's rendering and masking, and gives transformers' loss over the answer tokens alone
+(prompt tokens too with --train-on-prompt); `generate --format alpaca|chat` gives the model the prompt of such a
+record as training rendered it (the documented Alpaca template; the chat template's user turn); an adapter directory
+passed as --model is named as such."""
+import json, os, pathlib, subprocess, sys, tempfile
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import torch
+import tiny_lm
+
+from checks import check, finish
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_formats_"))
+
+# README, "Prompt formats": the Stanford Alpaca templates (tatsu-lab/stanford_alpaca train.py PROMPT_DICT).
+PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                "### Input:\n{input}\n\n### Response:")
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                   "request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+
+
+def run(*args):
+    return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def last_json(p):
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def masked(sp, prompt, answer):
+    """[BOS] + ids(prompt + answer) + [EOS] and its loss mask, as training tokenizes a rendered record: the whole text
+    at once, a token in the loss from the first one where the ids of the whole text and of the prompt alone differ."""
+    whole, pre = sp.encode(prompt + answer), sp.encode(prompt)
+    k = next((i for i, (a, b) in enumerate(zip(whole, pre)) if a != b), min(len(whole), len(pre)))
+    return [sp.bos_id()] + whole + [sp.eos_id()], [0] + [0] * k + [1] * (len(whole) - k) + [1]
+
+
+def llama2_chat(sp, user, answer):
+    """Llama 2's chat template (one user turn, one answer): <s>[INST] user [/INST] answer </s>, the answer in the
+    loss."""
+    ids, mask = masked(sp, f"[INST] {user.strip()} [/INST] ", f"{answer.strip()} ")
+    return ids, mask
+
+
+def reference(model, docs, all_tokens=False):
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in docs:
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits[0].float()
+            t = torch.tensor([ids[i] if (mask[i] or all_tokens) else -100 for i in range(1, len(ids))])
+            total += torch.nn.functional.cross_entropy(logits[:-1], t, reduction="sum", ignore_index=-100).item()
+            count += int((t != -100).sum())
+    return total / count, count
+
+
+def main():
+    model, sp = tiny_lm.make_model_dir(TMP / "model", seed=11)
+    words = tiny_lm.corpus(24, 3)
+    alpaca = [{"instruction": words[i], "input": words[i + 1] if i % 4 == 0 else "", "output": words[i + 2]}
+              for i in range(0, 18, 3)]
+    (TMP / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in alpaca))
+    chat = [{"messages": [{"role": "user", "content": words[i]}, {"role": "assistant", "content": words[i + 1]}]}
+            for i in range(0, 12, 2)]
+    (TMP / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+
+    # eval on the alpaca training file (format auto, as data.format's default): the answers' loss.
+    docs = [masked(sp, (PROMPT_INPUT if r["input"] else PROMPT_NO_INPUT).format(**r), r["output"]) for r in alpaca]
+    ref, count = reference(model, docs)
+    p = run("eval", "--model", TMP / "model", "--data", TMP / "alpaca.jsonl", "--quant", "none")
+    ours = last_json(p) if p.returncode == 0 else {}
+    check(p.returncode == 0 and ours["tokens"] == count and abs(ours["loss"] - ref) / ref < 1e-5,
+          f"eval on an alpaca training file gives transformers' loss over the answers: {ours} vs {ref:.6f} "
+          f"over {count} tokens (exit {p.returncode}) {p.stderr[-300:]}")
+    ref_all, count_all = reference(model, docs, all_tokens=True)
+    p = run("eval", "--model", TMP / "model", "--data", TMP / "alpaca.jsonl", "--quant", "none", "--train-on-prompt")
+    ours = last_json(p) if p.returncode == 0 else {}
+    check(p.returncode == 0 and ours["tokens"] == count_all and abs(ours["loss"] - ref_all) / ref_all < 1e-5,
+          f"--train-on-prompt: the prompt tokens count too: {ours} vs {ref_all:.6f} over {count_all}")
+    p = run("eval", "--model", TMP / "model", "--data", TMP / "alpaca.jsonl", "--format", "text")
+    check(p.returncode == 5 and "alpaca.jsonl:1" in p.stderr and "'text'" in p.stderr,
+          f"--format text on alpaca records names the missing key (exit {p.returncode}) {p.stderr.strip()[-200:]}")
+
+    # Chat records with a named template; the tokenizer has none, so "auto" is refused naming the option.
+    docs = [llama2_chat(sp, r["messages"][0]["content"], r["messages"][1]["content"]) for r in chat]
+    ref, count = reference(model, docs)
+    p = run("eval", "--model", TMP / "model", "--data", TMP / "chat.jsonl", "--quant", "none", "--format", "chat",
+            "--chat-template", "llama2")
+    ours = last_json(p) if p.returncode == 0 else {}
+    check(p.returncode == 0 and ours["tokens"] == count and abs(ours["loss"] - ref) / ref < 1e-5,
+          f"eval --format chat --chat-template llama2 gives transformers' loss over the answers: {ours} vs "
+          f"{ref:.6f} over {count} tokens (exit {p.returncode}) {p.stderr[-300:]}")
+    p = run("eval", "--model", TMP / "model", "--data", TMP / "chat.jsonl")
+    check(p.returncode == 3 and "--chat-template" in p.stderr and "data.chat_template" not in p.stderr
+          and "model.safetensors" not in p.stderr,
+          f"chat records without a template name --chat-template (exit {p.returncode}) {p.stderr.strip()[-300:]}")
+
+    # generate: the prompt of an alpaca / chat record as training rendered it.
+    instruction, context = "name three birds", "red blue"
+    for fmt, extra, text in [("alpaca", [], PROMPT_NO_INPUT.format(instruction=instruction)),
+                             ("alpaca", ["--input", context], PROMPT_INPUT.format(instruction=instruction, input=context)),
+                             ("chat", ["--chat-template", "llama2"], f"[INST] {instruction} [/INST]")]:
+        p = run("generate", "--model", TMP / "model", "--prompt", instruction, "--format", fmt, *extra,
+                "--max-new-tokens", 3, "--json", "--quant", "none")
+        ours = last_json(p) if p.returncode == 0 else {}
+        want = [sp.bos_id()] + sp.encode(text)
+        got = ours.get("prompt_ids")
+        check(p.returncode == 0 and got == want,
+              f"generate --format {fmt} {' '.join(extra)} prompts with the training prompt {text!r} "
+              f"(exit {p.returncode}): " + (f"{len(want)} ids, equal" if got == want else f"{got} vs {want} {p.stderr[-300:]}"))
+    p = run("generate", "--model", TMP / "model", "--prompt", "hi", "--format", "chat", "--json")
+    check(p.returncode == 3 and "--chat-template" in p.stderr,
+          f"generate --format chat without a template names --chat-template (exit {p.returncode})")
+    p = run("generate", "--model", TMP / "model", "--prompt", "hi", "--system", "be brief")
+    check(p.returncode == 2 and "--format chat" in p.stderr, f"--system without --format chat is a usage error "
+          f"(exit {p.returncode})")
+    p = run("generate", "--model", TMP / "model", "--prompt", "the cat", "--max-new-tokens", 2, "--json", "--quant", "none")
+    check(p.returncode == 0 and last_json(p)["prompt_ids"] == [sp.bos_id()] + sp.encode("the cat"),
+          "generate's default (--format text) is the prompt as it is, after BOS")
+
+    # An adapter directory where the model belongs.
+    (TMP / "adapter").mkdir()
+    (TMP / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    for cmd in (["eval", "--data", TMP / "alpaca.jsonl"], ["generate", "--prompt", "x"]):
+        p = run(cmd[0], "--model", TMP / "adapter", *cmd[1:])
+        check(p.returncode == 4 and f"{TMP / 'adapter'} is a LoRA adapter (adapter_config.json); pass it as --adapter "
+              "and its base as --model" in p.stderr,
+              f"{cmd[0]} --model ADAPTER_DIR says what it is (exit {p.returncode}) {p.stderr.strip()[-200:]}")
+    finish("prompt format checks")
+
+
+if __name__ == "__main__":
+    main()

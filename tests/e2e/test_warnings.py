@@ -1,0 +1,89 @@
+"""Warnings a user should see (issue 29): chat records with no assistant message (nothing to train on) are named by
+line; an adapter applied to another base than the one adapter_config.json names is warned about (eval, generate,
+lora.init_from), the same base through a symbolic link is not; a second Ctrl-C says that it exits at once."""
+import json, os, pathlib, signal, subprocess, sys, tempfile, time
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
+import tiny_lm
+
+from checks import check, finish
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_warnings_"))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def config(name, **data):
+    path = TMP / f"{name}.json"
+    path.write_text(json.dumps({
+        "output_dir": str(TMP / name), "model": {"path": str(TMP / "a"), "device": "cpu"}, "lora": {"r": 4},
+        "data": {"train_file": str(TMP / "train.jsonl"), "max_seq_len": 32, **data},
+        "train": {"steps": 2, "batch_size": 2}, "checkpoint": {}, "logging": {"progress": "lines"}}))
+    return path
+
+
+def run(*args):
+    return subprocess.run([BIN, *map(str, args)], capture_output=True, text=True, env=ENV)
+
+
+def main():
+    tiny_lm.make_model_dir(TMP / "a", seed=1)
+    tiny_lm.make_model_dir(TMP / "b", seed=2)
+    (TMP / "a_link").symlink_to(TMP / "a")
+    words = tiny_lm.corpus(16, 5)
+    chat = []
+    for i in range(8):
+        m = [{"role": "user", "content": words[2 * i]}]
+        if i not in (1, 4):
+            m.append({"role": "assistant", "content": words[2 * i + 1]})
+        chat.append({"messages": m})
+    (TMP / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    tiny_lm.write_text_jsonl(TMP / "train.jsonl", 8, 3)
+
+    p = run("--config", config("chat", train_file=str(TMP / "chat.jsonl"), chat_template="llama2", max_seq_len=128))
+    check(p.returncode == 0 and "2 chat record(s) with no assistant message (lines 2, 5)" in p.stderr
+          and "chat.jsonl" in p.stderr, f"chat records with only a user turn are named by line (exit {p.returncode}) "
+          f"{[l for l in p.stderr.splitlines() if 'assistant' in l]}")
+    p = run("--config", config("chat_all", train_file=str(TMP / "chat.jsonl"), chat_template="llama2", max_seq_len=128,
+                               train_on_prompt=True))
+    check(p.returncode == 0 and "no assistant message" not in p.stderr, "not with data.train_on_prompt (they train)")
+
+    # An adapter trained on a, applied to b: warned; to a through a link: not.
+    p = run("--config", config("on_a"))
+    check(p.returncode == 0, f"an adapter is trained on a ({p.returncode})")
+    adapter = TMP / "on_a" / "adapter"
+    data = TMP / "train.jsonl"
+    for cmd in (["eval", "--data", data], ["generate", "--prompt", "the", "--max-new-tokens", 2]):
+        p = run(cmd[0], "--model", TMP / "b", "--adapter", adapter, *cmd[1:])
+        check(p.returncode == 0 and "was trained on " + str(TMP / "a") in p.stderr and "not on --model" in p.stderr,
+              f"{cmd[0]}: an adapter on another base is warned about (exit {p.returncode})")
+        p = run(cmd[0], "--model", TMP / "a_link", "--adapter", adapter, *cmd[1:])
+        check(p.returncode == 0 and "was trained on" not in p.stderr, f"{cmd[0]}: the same base through a link is not")
+    cfg = config("init_b")
+    j = json.loads(cfg.read_text())
+    j["model"]["path"] = str(TMP / "b")
+    j["lora"]["init_from"] = str(adapter)
+    j["lora"]["alpha"] = 16
+    cfg.write_text(json.dumps(j))
+    p = run("--config", cfg)
+    check(p.returncode == 0 and "lora.init_from" in p.stderr and "was trained on" in p.stderr,
+          f"lora.init_from an adapter of another base is warned about (exit {p.returncode}) {p.stderr[-300:]}")
+
+    # A second Ctrl-C: a message, then the process ends at once.
+    proc = subprocess.Popen([BIN, "--config", str(config("ctrl_c")), "--set", "train.steps=50"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**ENV, "QT_TEST_STEP_DELAY_MS": "500"})
+    t0 = time.time()
+    while not (TMP / "ctrl_c" / "metrics.jsonl").exists() and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    check(proc.returncode == -signal.SIGINT and "Ctrl-C (SIGINT): checkpointing after the current step" in err
+          and "Ctrl-C (SIGINT) again: exiting now" in err,
+          f"the first Ctrl-C says what happens, the second says it exits at once (rc {proc.returncode}) "
+          f"{[l for l in err.splitlines() if 'Ctrl-C' in l]}")
+    finish("warning checks")
+
+
+if __name__ == "__main__":
+    main()
