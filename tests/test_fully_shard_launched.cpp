@@ -14,6 +14,7 @@
 #include "lib/model/llama.h"
 #include "lib/model/lora.h"
 #include "lib/quant/nf4.h"
+#include "lib/dist/parallel.h"
 #include "lib/train/adamw.h"
 #include "lib/dist/fully_shard.h"
 #include "tests/catch.h"

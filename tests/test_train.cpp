@@ -5,6 +5,7 @@
 #include "lib/core/files.h"
 #include "lib/core/safetensors.h"
 #include "lib/model/hf_loader.h"
+#include "lib/dist/parallel.h"
 #include "lib/train/adamw.h"
 #include "lib/train/lr_schedule.h"
 #include "lib/train/neftune.h"

@@ -16,13 +16,15 @@ int64_t elem_size(at::ScalarType t) { return static_cast<int64_t>(c10::elementSi
 
 }  // namespace
 
-void FullyShard::add_entry(Unit& u, const std::string& name, at::Tensor* slot, bool trainable, Entry::Released released,
-                           std::string& fingerprint) {
+void FullyShard::add_entry(Unit& u, const ShardTensor& st, std::string& fingerprint) {
+  const std::string& name = st.name;
+  at::Tensor* slot = st.slot;
+  const bool trainable = st.trainable;
   Entry e;
   e.name = name;
   e.slot = slot;
   e.trainable = trainable;
-  e.released = released;
+  e.released = st.released;
   QT_CHECK(slot->defined() && slot->dim() >= 1 && slot->size(0) > 0, ErrorKind::Internal,
            "FullyShard: " + name + " is not a tensor with rows");
   at::Tensor t = slot->detach().contiguous();
@@ -57,54 +59,20 @@ FullyShard::FullyShard(LlamaModel& model, Communicator& comm, FullyShardOptions 
   std::string fingerprint;
   num_blocks_ = model.layers.size();
   units_.resize(num_blocks_);
-  for (size_t i = 0; i < num_blocks_; ++i) {
-    LlamaBlock& b = model.layers[i];
-    Unit& u = units_[i];
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    auto add = [&](const std::string& name, at::Tensor* slot, bool trainable) {
-      add_entry(u, name, slot, trainable, Entry::Released::Undefined, fingerprint);
-    };
-    add(p + "input_layernorm.weight", &b.input_layernorm, false);
-    add(p + "post_attention_layernorm.weight", &b.post_attention_layernorm, false);
-    const std::pair<const char*, Linear*> linears[] = {
-        {"self_attn.q_proj", &b.q_proj}, {"self_attn.k_proj", &b.k_proj}, {"self_attn.v_proj", &b.v_proj},
-        {"self_attn.o_proj", &b.o_proj}, {"mlp.gate_proj", &b.gate_proj}, {"mlp.up_proj", &b.up_proj},
-        {"mlp.down_proj", &b.down_proj}};
-    for (const auto& [suffix, l] : linears) {
-      const std::string name = p + suffix;
-      if (l->quantized()) {
-        // A private copy of the NF4 weight: the sharded fields must not alias another model's weight.
-        l->nf4 = std::make_shared<Nf4Weight>(*l->nf4);
-        auto& d = l->nf4->data;
-        add(name + ".weight", &d.packed, false);
-        add(name + ".weight.absmax", &d.absmax_q, false);
-        add(name + ".weight.nested_absmax", &d.nested_absmax, false);
-        add(name + ".weight.nested_quant_map", &d.nested_map, false);
-        add(name + ".weight.quant_map", &d.quant_map, false);
-      } else {
-        add_entry(u, name + ".weight", &l->weight, false, Entry::Released::Meta, fingerprint);
-      }
-      if (l->bias.defined()) add_entry(u, name + ".bias", &l->bias, false, Entry::Released::Meta, fingerprint);
-      if (l->lora) {
-        l->lora = std::make_shared<LoraAdapter>(*l->lora);
-        add(peft_lora_key(name, 'A'), &l->lora->A, true);
-        add(peft_lora_key(name, 'B'), &l->lora->B, true);
-        // DoRA's magnitude: a meta tensor while released, so that LoraAdapter::dora() stays true.
-        if (l->lora->dora()) add_entry(u, peft_dora_key(name), &l->lora->magnitude, true, Entry::Released::Meta, fingerprint);
-      }
-    }
-  }
+  // The model names each unit's tensors (lib/model/llama.h, ShardTensor); nothing here knows NF4's fields.
+  for (size_t i = 0; i < num_blocks_; ++i)
+    for (const ShardTensor& t : model.block_shard_tensors(i)) add_entry(units_[i], t, fingerprint);
   if (options.shard_embeddings) {
     tied_ = model.lm_head.defined() && model.lm_head.is_same(model.embed_tokens);
     embed_unit_ = static_cast<int>(units_.size());
     units_.emplace_back();
-    add_entry(units_.back(), "model.embed_tokens.weight", &model.embed_tokens, false, Entry::Released::EmptyRows, fingerprint);
+    add_entry(units_.back(), model.embeddings_shard_tensor(), fingerprint);
     if (tied_) {
       model.lm_head = model.embed_tokens;
     } else {
       head_unit_ = static_cast<int>(units_.size());
       units_.emplace_back();
-      add_entry(units_.back(), "lm_head.weight", &model.lm_head, false, Entry::Released::EmptyRows, fingerprint);
+      add_entry(units_.back(), model.lm_head_shard_tensor(), fingerprint);
     }
   }
   // modules_to_save: the trained copies stay whole (a tied model has one tensor in both roles).
@@ -217,11 +185,11 @@ void FullyShard::after_block(size_t layer, bool backward) {
 void FullyShard::release(Unit& u, bool lora_only) {
   for (auto& e : u.entries) {
     if (lora_only && !e.trainable) continue;
-    if (e.released == Entry::Released::EmptyRows) {
+    if (e.released == ShardTensor::Released::EmptyRows) {
       std::vector<int64_t> empty = e.shape;
       empty[0] = 0;
       *e.slot = at::empty(empty, e.shard.options().requires_grad(false));
-    } else if (e.released == Entry::Released::Meta) {
+    } else if (e.released == ShardTensor::Released::Meta) {
       *e.slot = at::empty(e.shape, at::TensorOptions().dtype(e.dtype).device(at::kMeta));
     } else {
       *e.slot = at::Tensor();

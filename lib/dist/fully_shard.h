@@ -99,10 +99,7 @@ class FullyShard : public BlockHooks {
     int64_t rows = 0, row_numel = 0, chunk = 0;  // chunk: rows per rank (padded)
     bool trainable = false;
     at::Tensor shard;  // [chunk, ...]
-    // What the slot holds while released: nothing (undefined), a [0, ...] tensor of the device and dtype
-    // (embeddings: model.device() keeps working), or a meta tensor of the full shape (a dense base weight:
-    // Linear::in_features() / out_features() keep working, any compute on it fails loudly).
-    enum class Released { Undefined, EmptyRows, Meta } released = Released::Undefined;
+    ShardTensor::Released released = ShardTensor::Released::Undefined;  // what the slot holds while released
   };
   struct Unit {
     std::vector<Entry> entries;
@@ -118,8 +115,7 @@ class FullyShard : public BlockHooks {
   void finish_gather(Unit& u);
   void gather(size_t layer);
   void release(Unit& u, bool lora_only);
-  void add_entry(Unit& u, const std::string& name, at::Tensor* slot, bool trainable, Entry::Released released,
-                 std::string& fingerprint);
+  void add_entry(Unit& u, const ShardTensor& tensor, std::string& fingerprint);
   Unit* root_unit(Root which);
   void reduce_scatter_grads(Unit& u);
   const Entry& entry(const std::string& param) const;

@@ -12,6 +12,7 @@
 #include "lib/kernels/fused_ops.h"
 #include "lib/model/activation_offload.h"
 #include "lib/model/block_checkpoint.h"
+#include "lib/model/lora.h"
 #include "lib/model/projection_group.h"
 #include "lib/model/rope.h"
 
@@ -183,6 +184,48 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Bat
 // With lm_head on the host, each call copies it over (evaluation and generation; training's loss streams it instead).
 at::Tensor LlamaModel::logits(const at::Tensor& hidden) const {
   return at::linear(hidden, lm_head_weight().to(hidden.device()));
+}
+
+std::vector<ShardTensor> LlamaModel::block_shard_tensors(size_t layer) {
+  LlamaBlock& b = layers.at(layer);
+  const std::string p = "model.layers." + std::to_string(layer) + ".";
+  using R = ShardTensor::Released;
+  std::vector<ShardTensor> out{{p + "input_layernorm.weight", &b.input_layernorm, false, R::Undefined},
+                               {p + "post_attention_layernorm.weight", &b.post_attention_layernorm, false, R::Undefined}};
+  const std::pair<const char*, Linear*> linears[] = {
+      {"self_attn.q_proj", &b.q_proj}, {"self_attn.k_proj", &b.k_proj}, {"self_attn.v_proj", &b.v_proj},
+      {"self_attn.o_proj", &b.o_proj}, {"mlp.gate_proj", &b.gate_proj}, {"mlp.up_proj", &b.up_proj},
+      {"mlp.down_proj", &b.down_proj}};
+  for (const auto& [suffix, l] : linears) {
+    const std::string name = p + suffix;
+    if (l->quantized()) {
+      l->nf4 = std::make_shared<Nf4Weight>(*l->nf4);
+      auto& d = l->nf4->data;
+      out.push_back({name + ".weight", &d.packed, false, R::Undefined});
+      out.push_back({name + ".weight.absmax", &d.absmax_q, false, R::Undefined});
+      out.push_back({name + ".weight.nested_absmax", &d.nested_absmax, false, R::Undefined});
+      out.push_back({name + ".weight.nested_quant_map", &d.nested_map, false, R::Undefined});
+      out.push_back({name + ".weight.quant_map", &d.quant_map, false, R::Undefined});
+    } else {
+      out.push_back({name + ".weight", &l->weight, false, R::Meta});
+    }
+    if (l->bias.defined()) out.push_back({name + ".bias", &l->bias, false, R::Meta});
+    if (l->lora) {
+      l->lora = std::make_shared<LoraAdapter>(*l->lora);
+      out.push_back({peft_lora_key(name, 'A'), &l->lora->A, true, R::Undefined});
+      out.push_back({peft_lora_key(name, 'B'), &l->lora->B, true, R::Undefined});
+      if (l->lora->dora()) out.push_back({peft_dora_key(name), &l->lora->magnitude, true, R::Meta});
+    }
+  }
+  return out;
+}
+
+ShardTensor LlamaModel::embeddings_shard_tensor() {
+  return {"model.embed_tokens.weight", &embed_tokens, false, ShardTensor::Released::EmptyRows};
+}
+
+ShardTensor LlamaModel::lm_head_shard_tensor() {
+  return {"lm_head.weight", &lm_head, false, ShardTensor::Released::EmptyRows};
 }
 
 std::vector<std::pair<std::string, at::Tensor*>> LlamaModel::named_tensors() {

@@ -24,6 +24,19 @@ namespace qt {
 
 class ActivationOffload;
 
+// A tensor of the model as a sharding layer sees it (lib/dist/fully_shard.h): its name (HF's, or PEFT's for the
+// adapters), the model field that holds it whole while gathered, whether it is trained, and what the field holds
+// while the tensor is released: nothing, a [0, ...] tensor of its dtype and device (embeddings: model.device()
+// keeps working), or a meta tensor of the full shape (Linear::in_features() and LoraAdapter::dora() keep working,
+// any compute on it fails loudly).
+struct ShardTensor {
+  enum class Released { Undefined, EmptyRows, Meta };
+  std::string name;
+  at::Tensor* slot = nullptr;
+  bool trainable = false;
+  Released released = Released::Undefined;
+};
+
 struct LlamaBlock {
   at::Tensor input_layernorm;           // [H]
   at::Tensor post_attention_layernorm;  // [H]
@@ -127,6 +140,15 @@ class LlamaModel {
   template <typename F>
   void for_each_linear(F&& f);
   void set_training(bool training);
+
+  // The tensors of decoder block `layer`, one unit of sharding: its two norms, each linear's base (NF4: the packed
+  // codes and their statistics) and bias, the LoRA A and B and DoRA's magnitude. The block's linears get private
+  // copies of their NF4 weights and adapters first, so that the fields a sharding layer rewrites alias no other
+  // model's. Qwen3's q / k norms are not listed (they stay whole).
+  std::vector<ShardTensor> block_shard_tensors(size_t layer);
+  // The input embeddings, and lm_head unless tied (then the one tensor is the embeddings'), as units of their own.
+  ShardTensor embeddings_shard_tensor();
+  ShardTensor lm_head_shard_tensor();
 
   // Hugging Face names of every dense tensor the model holds (lm_head omitted when tied; NF4 linears omitted;
   // linear biases included when the config has them, NF4 base or not).

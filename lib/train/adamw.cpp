@@ -119,28 +119,4 @@ void AdamW::load_state(const std::vector<std::pair<std::string, at::Tensor>>& te
   step_ = step;
 }
 
-at::Tensor clip_grad_norm_async(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm) {
-  at::NoGradGuard no_grad;
-  std::vector<at::Tensor> grads;
-  for (const auto& [name, p] : params)
-    if (p.grad().defined()) grads.push_back(p.grad().to(at::kFloat));
-  if (grads.empty()) return at::zeros({}, at::kFloat);
-  // Per-tensor norms in multi-tensor kernels, then the norm of the norms, and the gradients times
-  // min(1, max_norm / (norm + 1e-6)) as torch.nn.utils.clip_grad_norm_ computes it: on the device, without
-  // waiting for the norm (a factor of exactly 1 leaves the gradients as they are).
-  const at::Tensor norm = at::linalg_vector_norm(at::stack(at::_foreach_norm(grads, 2)), 2);
-  if (max_norm > 0) {
-    std::vector<at::Tensor> own;
-    for (const auto& [name, p] : params)
-      if (p.grad().defined()) own.push_back(p.grad());
-    const at::Tensor coef = (max_norm / (norm + 1e-6)).clamp_max_(1.0);
-    at::_foreach_mul_(own, coef.to(own[0].scalar_type()));
-  }
-  return norm;
-}
-
-double clip_grad_norm(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm) {
-  return clip_grad_norm_async(params, max_norm).item<double>();
-}
-
 }  // namespace qt

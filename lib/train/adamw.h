@@ -42,10 +42,4 @@ class AdamW {
   int64_t step_ = 0;
 };
 
-// Global L2 norm of the gradients (fp32), and scales them down to max_norm when above it (max_norm <= 0: no
-// clipping). Returns the norm before clipping.
-double clip_grad_norm(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm);
-// The same without waiting for the GPU: the norm as a scalar tensor on the gradients' device.
-at::Tensor clip_grad_norm_async(const std::vector<std::pair<std::string, at::Tensor>>& params, double max_norm);
-
 }  // namespace qt

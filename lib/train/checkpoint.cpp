@@ -330,7 +330,7 @@ void check_resume_compatible(const Json& saved, const Json& current, const std::
 
 std::vector<std::pair<std::string, at::Tensor>> optimizer_state_for(
     const CheckpointContents& ck, const std::vector<std::pair<std::string, at::Tensor>>& params,
-    const FullyShard* fsdp, const std::string& dir) {
+    const Parallel& parallel, const std::string& dir) {
   // The whole (row-padded, when it was sharded) tensor of each name: the shards of all ranks in rank order.
   std::map<std::string, std::vector<at::Tensor>> parts;
   if (ck.optimizer_shards > 0) {
@@ -341,7 +341,7 @@ std::vector<std::pair<std::string, at::Tensor>> optimizer_state_for(
   }
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (const auto& [name, p] : params) {
-    const int64_t rows = fsdp ? fsdp->full_rows(name) : p.size(0);
+    const int64_t rows = parallel.full_rows(name, p);
     for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
       auto it = parts.find(name + suffix);
       if (it == parts.end())
@@ -352,7 +352,7 @@ std::vector<std::pair<std::string, at::Tensor>> optimizer_state_for(
                                                 (full.dim() ? std::to_string(full.size(0)) : "no") + " rows, expected " +
                                                 std::to_string(rows));
       full = full.narrow(0, 0, rows).to(p.device());
-      out.emplace_back(name + suffix, fsdp ? fsdp->shard_of(name, full) : full);
+      out.emplace_back(name + suffix, parallel.shard_of(name, full));
     }
   }
   return out;

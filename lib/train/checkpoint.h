@@ -24,7 +24,7 @@
 
 #include "lib/core/json.h"
 #include "lib/data/dataset.h"
-#include "lib/dist/fully_shard.h"
+#include "lib/dist/parallel.h"
 
 namespace qt {
 
@@ -98,10 +98,11 @@ std::vector<std::pair<std::string, at::Tensor>> capture_rng_states();
 void restore_rng_states(const std::vector<std::pair<std::string, at::Tensor>>& states);
 
 // The AdamW state of checkpoint `ck` for `params` (AdamW::state_tensors() names), re-sliced for this run: the
-// checkpoint may hold it unsharded or as shards of any world size; the result is whole tensors, or with
-// `fsdp` this rank's padded shards. A missing or misshapen tensor is a qt::Error(Checkpoint) naming it and `dir`.
+// checkpoint may hold it unsharded or as shards of any world size; the result is the parallel strategy's part
+// (whole tensors, or when sharded this rank's padded shards). A missing or misshapen tensor is a
+// qt::Error(Checkpoint) naming it and `dir`.
 std::vector<std::pair<std::string, at::Tensor>> optimizer_state_for(
     const CheckpointContents& ck, const std::vector<std::pair<std::string, at::Tensor>>& params,
-    const FullyShard* fsdp, const std::string& dir);
+    const Parallel& parallel, const std::string& dir);
 
 }  // namespace qt

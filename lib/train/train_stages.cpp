@@ -1,0 +1,479 @@
+#include "lib/train/train_stages.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <sstream>
+#include <thread>
+
+#include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/core/log.h"
+#include "lib/kernels/fused_linear_ce.h"
+#include "lib/kernels/streamed_linear_ce.h"
+#include "lib/model/merge.h"
+#include "lib/model/peft_adapter.h"
+#include "lib/model/random_init.h"
+#include "lib/train/exact_match.h"
+
+namespace qt {
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+TestHooks TestHooks::from_env() {
+  TestHooks h;
+  auto number = [](const char* name, int64_t off) {
+    const char* v = std::getenv(name);
+    return v ? static_cast<int64_t>(std::atoll(v)) : off;
+  };
+  h.oom_at_step = number("QT_TEST_OOM_AT_STEP", -1);
+  if (const char* v = std::getenv("QT_TEST_OOM_AT_STEP")) h.oom_as_cublas = std::string(v).find(":cublas") != std::string::npos;
+  h.nan_loss_at_step = number("QT_TEST_NAN_LOSS_AT_STEP", -1);
+  h.step_delay_ms = number("QT_TEST_STEP_DELAY_MS", 0);
+  h.sleep_after_checkpoint_ms = number("QT_TEST_SLEEP_AFTER_CHECKPOINT_MS", 0);
+  h.profile_step = number("QT_PROFILE_STEP", -1);
+  return h;
+}
+
+namespace {
+
+at::Device resolve_device(const std::string& name, const LaunchEnv& env) {
+  if (name == "cpu") return at::kCPU;
+  if (name == "cuda" || (name == "auto" && at::hasCUDA())) {
+    if (!at::hasCUDA()) fail(ErrorKind::Device, "model.device is cuda but no CUDA device is available");
+    return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(env.local_rank));
+  }
+  return at::kCPU;
+}
+
+c10::ScalarType resolve_dtype(const std::string& name, const at::Device& device) {
+  if (const auto named = user_dtype(name)) return *named;
+  return device.is_cuda() ? at::kBFloat16 : at::kFloat;
+}
+
+double gib(int64_t bytes) { return static_cast<double>(bytes) / static_cast<double>(int64_t{1} << 30); }
+
+std::string fixed2(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f", v);
+  return buf;
+}
+
+// train.full_finetune resume: every trained tensor from the checkpoint's model directory (written in the training
+// dtype), copied into the model in place so that the optimizer's parameter list stays valid.
+void load_full_weights(LlamaModel& model, const std::string& dir, const LoadOptions& load) {
+  LlamaModel saved = load_llama(dir, load);
+  auto into = model.named_tensors();
+  auto from = saved.named_tensors();
+  QT_CHECK(into.size() == from.size(), ErrorKind::Checkpoint,
+           dir + ": holds " + std::to_string(from.size()) + " tensors, the model " + std::to_string(into.size()));
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < into.size(); ++i) {
+    QT_CHECK(into[i].first == from[i].first && into[i].second->sizes() == from[i].second->sizes(), ErrorKind::Checkpoint,
+             dir + ": " + from[i].first + " does not match the model's " + into[i].first);
+    into[i].second->copy_(*from[i].second);
+  }
+}
+
+std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>& batches, bool fused, Communicator& comm,
+                                    FullyShard* fsdp) {
+  at::NoGradGuard no_grad;
+  model.set_training(false);
+  GatherScope embeddings(fsdp, FullyShard::Root::Embeddings), head(fsdp, FullyShard::Root::LmHead);
+  // Sharded blocks gather collectively: a rank with fewer held-out batches runs discarded forwards until every
+  // rank has run as many as the busiest one.
+  size_t forwards = batches.size();
+  if (fsdp) {
+    at::Tensor n = at::tensor({static_cast<double>(batches.size())}, at::kDouble)
+                       .to(comm.device().is_cuda() ? at::kFloat : at::kDouble).to(comm.device());
+    comm.all_reduce(n, ReduceOp::Max);
+    forwards = static_cast<size_t>(std::llround(n.to(at::kCPU, at::kDouble).item<double>()));
+  }
+  double sum = 0;
+  int64_t count = 0;
+  for (size_t i = 0; i < forwards; ++i) {
+    if (i >= batches.size()) {
+      model.forward_hidden(model.embed(at::zeros({1, 1}, at::TensorOptions().dtype(at::kLong).device(model.device()))));
+      continue;
+    }
+    const Batch& b = batches[i];
+    at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
+    sum += loss_sum(model, hidden, b.targets, fused).item<double>();
+    count += b.num_targets;
+  }
+  at::Tensor totals = at::tensor({sum, static_cast<double>(count)}, at::kDouble).to(comm.device().is_cuda() ? at::kFloat : at::kDouble).to(comm.device());
+  comm.all_reduce(totals);
+  totals = totals.to(at::kCPU, at::kDouble);
+  const double all_sum = totals[0].item<double>();
+  const int64_t all_count = static_cast<int64_t>(std::llround(totals[1].item<double>()));
+  return {all_count ? all_sum / static_cast<double>(all_count) : 0.0, all_count};
+}
+
+}  // namespace
+
+// The caching allocator throws c10::OutOfMemoryError; a library that allocates on its own (cuBLAS workspaces,
+// cuDNN, NCCL buffers) surfaces as a c10::Error from a CUDA status check instead.
+bool is_out_of_memory(const c10::Error& e) {
+  if (dynamic_cast<const c10::OutOfMemoryError*>(&e)) return true;
+  const std::string m = e.what_without_backtrace();
+  return m.find("out of memory") != std::string::npos || m.find("ALLOC_FAILED") != std::string::npos;
+}
+
+// The message of an out-of-memory error in a training step (`phase`: "step 3", "evaluation after step 3"):
+// where, how big, how much memory, what lowers it. One line: main prints it after "device: ".
+std::string oom_message(const RunConfig& cfg, const at::Device& device, const std::string& phase, int64_t micro,
+                        int64_t seq_len, const Decision& decision, const std::string& what) {
+  std::string mem = "memory not tracked on " + device.str();
+  if (device.is_cuda()) {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    mem = "in use " + fixed2(gib(stats.allocated_bytes[0].current)) + " GiB, reserved " +
+          fixed2(gib(stats.reserved_bytes[0].current)) + " GiB, peak in use " +
+          fixed2(gib(stats.allocated_bytes[0].peak)) + " GiB on " + device.str();
+  }
+  std::string first = what.substr(0, what.find('\n'));
+  if (first.size() > 300) first = first.substr(0, 300) + "...";
+  const double predicted = decision.footprint.total() / static_cast<double>(int64_t{1} << 30);
+  return phase + ": out of GPU memory with micro-batches of " + std::to_string(micro) + " x " +
+         std::to_string(seq_len) + " tokens (" + mem + "; the plan, " + describe(decision) + ", predicted " +
+         fixed2(predicted) + " GiB). Lower train.micro_batch_size (now " + std::to_string(micro) +
+         ") or data.max_seq_len (now " + std::to_string(seq_len) +
+         "), or give train.memory.gpu_memory_gib a figure below " + fixed2(predicted) +
+         " so that the plan chooses leaner settings (checkpointing, offload, the embeddings and lm_head on the "
+         "host), or free the settings forced in train.memory. The last checkpoint in " + cfg.output_dir +
+         " is kept (resume with --resume auto). [torch: " + first + "]";
+}
+
+double gpu_peak_gib(const at::Device& device, bool reserved) {
+  if (!device.is_cuda()) return -1;
+  auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  const auto& stat = reserved ? stats.reserved_bytes[0] : stats.allocated_bytes[0];
+  return static_cast<double>(stat.peak) / static_cast<double>(int64_t{1} << 30);
+}
+
+void reset_gpu_peak(const at::Device& device) {
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+}
+
+at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at::Tensor& targets, bool fused) {
+  at::Tensor h = hidden.reshape({-1, hidden.size(-1)});
+  // lm_head_weight() requires grad when lm_head is trained (modules_to_save): the fused loss then also gives dW.
+  const at::Tensor w = model.lm_head_weight();
+  // The fused loss takes the targets from the host (checked and counted there: no sync with the GPU).
+  if (fused && model.lm_head_on_host()) return streamed_linear_cross_entropy(h, w, targets.reshape({-1}));
+  if (fused) return fused_linear_cross_entropy(h, w, targets.reshape({-1})).loss_sum;
+  at::Tensor t = targets.reshape({-1}).to(hidden.device());
+  at::Tensor logits = at::linear(h, w).to(at::kFloat);
+  return at::cross_entropy_loss(logits, t, /*weight=*/{}, at::Reduction::Sum, /*ignore_index=*/-100);
+}
+
+PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micro, int64_t seq, const at::Device& device,
+                       c10::ScalarType dtype, int world, int local_world) {
+  PlanInputs in;
+  in.model = mc;
+  in.micro_batch = micro;
+  in.seq = seq;
+  in.cuda = device.is_cuda();
+  in.nf4 = cfg.model.quant == "nf4";
+  in.element_size = static_cast<int64_t>(c10::elementSize(dtype));
+  in.sharded = cfg.train.shard == "blocks";
+  in.world = world;
+  in.file = cfg.file;
+  // This rank's share of the host: the ranks on one host offload side by side.
+  in.host_bytes = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGE_SIZE)) /
+                  static_cast<uint64_t>(std::max(1, local_world));
+  const int64_t H = mc.hidden_size, I = mc.intermediate_size, L = mc.num_hidden_layers, V = mc.vocab_size;
+  if (cfg.train.full_finetune) {
+    in.full_params = L * (H * mc.q_size() * 2 + 2 * H * mc.kv_size() + 3 * H * I) + V * H * (mc.tie_word_embeddings ? 1 : 2);
+    in.embeddings_trained = in.lm_head_trained = true;
+    return in;
+  }
+  const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
+  const std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>> shapes = {
+      {"q_proj", {H, mc.q_size()}}, {"k_proj", {H, mc.kv_size()}}, {"v_proj", {H, mc.kv_size()}},
+      {"o_proj", {mc.q_size(), H}}, {"gate_proj", {H, I}},         {"up_proj", {H, I}},
+      {"down_proj", {I, H}}};
+  for (const auto& [name, io] : shapes)
+    if (lora.targets_module(name)) in.lora_params += L * lora.r * (io.first + io.second);
+  for (const auto& m : lora.modules_to_save) {
+    (m == "embed_tokens" ? in.embeddings_trained : in.lm_head_trained) = true;
+    in.full_params += V * H;
+  }
+  if (mc.tie_word_embeddings && (in.embeddings_trained || in.lm_head_trained)) {
+    in.embeddings_trained = in.lm_head_trained = true;
+    in.full_params = V * H;
+  }
+  return in;
+}
+
+Session start_session(const RunConfig& cfg) {
+  log::set_level(log::parse_level(cfg.log_level));
+  Session s;
+  s.env = read_launch_env();
+  log::set_rank(s.env.rank);
+  s.device = resolve_device(cfg.model.device, s.env);
+  s.dtype = resolve_dtype(cfg.model.dtype, s.device);
+  s.comm = make_communicator(s.env, s.device);
+  check_same_across_ranks(*s.comm, cfg.resolved.dump(), "run config");
+  s.rank0 = s.comm->rank() == 0;
+  s.world = s.comm->world_size();
+  if (cfg.train.batch_size % s.world != 0)
+    fail_key(ErrorKind::Config, cfg.file, "train.batch_size",
+             std::to_string(cfg.train.batch_size) + " is not divisible by the world size " + std::to_string(s.world));
+  s.per_rank = cfg.train.batch_size / s.world;
+  s.micro = cfg.train.micro_batch_size > 0 ? std::min(cfg.train.micro_batch_size, s.per_rank) : s.per_rank;
+  if (!cfg.model.path.empty() && files::exists(files::join(cfg.model.path, kAdapterConfigFile)) &&
+      !files::exists(files::join(cfg.model.path, "config.json")))
+    fail_key(ErrorKind::Config, cfg.file, "model.path",
+             cfg.model.path + " is a LoRA adapter (adapter_config.json); give its base as model.path (and the adapter "
+             "as lora.init_from to train on from it)");
+  if (s.rank0) files::make_dirs(cfg.output_dir);
+  at::manual_seed(cfg.train.seed);
+  return s;
+}
+
+DataStage load_data(const RunConfig& cfg, const Session& s) {
+  DataStage d;
+  d.random_init = cfg.model.init == "random";
+  const LlamaConfig random_shape = !d.random_init ? LlamaConfig{}
+                                   : cfg.model.shape.empty()
+                                       ? LlamaConfig::from_file(files::join(cfg.model.path, "config.json"))
+                                       : shape_config(cfg.model.shape, cfg.file, "model.shape");
+  // A random model without tokenizer files has ids only (pre-tokenized data).
+  const bool has_tokenizer = !cfg.model.path.empty() && (!d.random_init ||
+                                                         files::exists(files::join(cfg.model.path, "tokenizer.json")) ||
+                                                         files::exists(files::join(cfg.model.path, "tokenizer.model")));
+  d.tokenizer = has_tokenizer ? load_tokenizer(cfg.model.path)
+                              : ids_only_tokenizer(static_cast<int32_t>(random_shape.vocab_size),
+                                                   static_cast<int32_t>(random_shape.bos_token_id),
+                                                   static_cast<int32_t>(random_shape.eos_token_id));
+  // Tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per epoch, cut
+  // into this rank's micro-batches per step.
+  d.data = std::make_unique<TrainData>(cfg.data, cfg.file, *d.tokenizer, s.micro);
+  d.model_config = d.random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
+  return d;
+}
+
+ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& d, bool resuming) {
+  ModelStage m;
+  // The plan, before the model loads: a run that cannot fit its GPU memory budget is refused here, and the
+  // allocator's settings apply before the model's allocations.
+  const PlanInputs plan_in = plan_inputs(cfg, d.model_config, s.micro, d.data->max_seq_len(), s.device, s.dtype, s.world,
+                                         s.env.local_world_size);
+  m.decision = decide_plan(plan_in, cfg.train.memory, device_free_gib(s.device.is_cuda(), s.device.index()));
+  if (s.device.is_cuda()) apply_allocator_settings(m.decision.plan);
+  if (s.rank0) log::info("plan: " + describe(m.decision));
+  // The NF4 base quantized as it streams in; the embeddings and lm_head straight to where the plan keeps them.
+  m.load = LoadOptions{s.device, s.dtype};
+  m.load.quantize_nf4 = cfg.model.quant == "nf4";
+  m.load.embeddings_on_host = m.decision.plan.embeddings_on_host;
+  m.load.lm_head_on_host = m.decision.plan.lm_head_on_host;
+  m.model = std::make_unique<LlamaModel>(d.random_init ? random_llama(d.model_config, m.load, cfg.train.seed)
+                                                       : load_llama(cfg.model.path, m.load));
+  LlamaModel& model = *m.model;
+  // The adapter's base_model_name_or_path: from the root, so that PEFT's AutoPeftModelForCausalLM finds the base from
+  // any directory.
+  m.base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : files::absolute(cfg.model.path);
+  model.plan = m.decision.plan;
+  // The training shape first among the shapes cuDNN is admitted for, before an exact-match evaluation's
+  // generation (a new length every token) could take the slots.
+  if (s.device.is_cuda()) model.cudnn_admits(s.micro, d.data->max_seq_len());
+  m.full = cfg.train.full_finetune;
+  m.lora = LoraConfig::from_json(cfg.lora, cfg.file);
+  const LoraConfig& lora = m.lora;
+  if (m.full) {
+    if (!lora.init_from.empty())
+      fail_key(ErrorKind::Config, cfg.file, "lora.init_from", "is not supported with train.full_finetune");
+    if (!lora.modules_to_save.empty())
+      fail_key(ErrorKind::Config, cfg.file, "lora.modules_to_save",
+               "is not used with train.full_finetune (every tensor is trained already)");
+    for (auto& [name, t] : model.named_tensors()) t->requires_grad_(true);
+    return m;
+  }
+  attach_lora(model, lora, cfg.train.seed, s.device, at::kFloat);
+  attach_modules_to_save(model, lora, s.device);
+  // lora.init_from: start from an adapter instead of the fresh init (a resume loads its checkpoint's instead).
+  if (!lora.init_from.empty() && !resuming) {
+    PeftAdapterConfig from = read_peft_adapter_config(lora.init_from);
+    // Tied embeddings: lm_head, embed_tokens or both name the same one tensor (PEFT rewrites the list so).
+    if (model.config.tie_word_embeddings && !lora.modules_to_save.empty() && !from.lora.modules_to_save.empty())
+      from.lora.modules_to_save = lora.modules_to_save;
+    const std::vector<std::string> differ = lora.differences_from(from.lora);
+    if (!differ.empty()) {
+      std::string msg = "lora.init_from " + lora.init_from + ": the adapter does not match the lora section:";
+      for (const auto& diff : differ) msg += " " + diff + ";";
+      fail_at(ErrorKind::Config, cfg.file, msg);
+    }
+    load_peft_adapter(model, lora.init_from);
+    std::string named;
+    if (s.rank0 && !d.random_init && adapter_names_other_base(lora.init_from, cfg.model.path, &named))
+      log::warn("lora.init_from " + lora.init_from + " was trained on " + named + ", not on model.path " +
+                cfg.model.path + " (adapter_config.json's base_model_name_or_path)");
+    // The adapter file's lora_dropout is the run that made it; this run's is the config's.
+    model.for_each_linear([&](const std::string&, Linear& l) {
+      if (l.lora) l.lora->dropout = lora.dropout;
+    });
+    if (s.rank0) log::info("LoRA adapters initialised from " + lora.init_from);
+  }
+  return m;
+}
+
+std::optional<ResumePoint> load_resume_point(const RunConfig& cfg, const TrainOptions& options, ModelStage& m) {
+  if (options.resume.empty()) return std::nullopt;
+  ResumePoint r;
+  r.dir = options.resume;
+  if (r.dir == "auto") {
+    auto latest = find_latest_checkpoint(cfg.output_dir);
+    if (!latest) fail_at(ErrorKind::Checkpoint, cfg.output_dir, "--resume auto: no complete checkpoint to resume from");
+    r.dir = *latest;
+  }
+  r.contents = load_checkpoint(r.dir);
+  // Compared with every default filled in on both sides, so that a key written out at its default is no change;
+  // a checkpoint whose config this version no longer reads (keys of earlier versions) is compared as typed.
+  std::optional<Json> saved_full;
+  try {
+    saved_full = RunConfig::from_json(r.contents.state.config, r.dir).to_json();
+  } catch (const Error&) {
+  }
+  if (saved_full) check_resume_compatible(*saved_full, cfg.to_json(), r.dir);
+  else check_resume_compatible(r.contents.state.config, cfg.resolved, r.dir);
+  if (m.full) load_full_weights(*m.model, files::join(r.dir, "model"), m.load);
+  else load_peft_adapter(*m.model, r.dir);
+  return r;
+}
+
+std::unique_ptr<Parallel> make_parallel(const RunConfig& cfg, ModelStage& m, Communicator& comm) {
+  LlamaModel& model = *m.model;
+  // The plan's placement of the frozen embeddings and lm_head (decide_plan keeps trained or sharded ones here).
+  model.to_host(model.plan.embeddings_on_host, model.plan.lm_head_on_host);
+  if (cfg.train.shard == "blocks") {
+    // Each rank keeps 1/N of every block's tensors; the optimizer steps the LoRA shards.
+    FullyShardOptions so;
+    so.shard_embeddings = cfg.train.shard_embeddings;
+    return make_sharded(model, comm, so);
+  }
+  NamedTensors params;
+  if (m.full) {
+    for (auto& [name, t] : model.named_tensors()) params.emplace_back(name, *t);
+  } else {
+    params = lora_parameters(model);
+  }
+  return make_data_parallel(comm, std::move(params));
+}
+
+std::unique_ptr<AdamW> make_optimizer(const RunConfig& cfg, const NamedTensors& params) {
+  auto opt = std::make_unique<AdamW>(params, AdamWOptions{cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps,
+                                                          cfg.optim.weight_decay});
+  if (cfg.optim.embedding_lr >= 0) {
+    int scaled = 0;
+    for (const auto& [n, p] : params)
+      if (n == peft_module_key("embed_tokens") || n == peft_module_key("lm_head")) {
+        opt->set_lr_scale(n, cfg.optim.embedding_lr / cfg.optim.lr);
+        ++scaled;
+      }
+    if (scaled == 0)
+      fail_key(ErrorKind::Config, cfg.file, "optim.embedding_lr",
+               "is the learning rate of the tensors lora.modules_to_save trains in full, and there are none: add "
+               "lora.modules_to_save or drop the key");
+  }
+  return opt;
+}
+
+Evaluator::Evaluator(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel,
+                     MetricsLog& metrics)
+    : cfg_(cfg), s_(s), m_(m), d_(d), parallel_(parallel), metrics_(metrics),
+      batches_(d.data->eval_batches(s.comm->rank(), s.world)) {}
+
+std::pair<double, int64_t> Evaluator::loss(int64_t step) {
+  try {
+    return evaluate(*m_.model, batches_, cfg_.train.loss == "fused", *s_.comm, parallel_.sharded());
+  } catch (const c10::Error& e) {
+    if (!is_out_of_memory(e)) throw;
+    fail(ErrorKind::Device, oom_message(cfg_, s_.device, "evaluation after step " + std::to_string(step), s_.micro,
+                                        d_.data->max_seq_len(), m_.decision, e.what_without_backtrace()));
+  }
+}
+
+// Sharded blocks gather collectively: every rank generates (the same greedy tokens); rank 0 logs.
+bool Evaluator::runs_task_metric() const { return s_.rank0 || parallel_.sharded(); }
+
+double Evaluator::task_metric(const char* when, int64_t step) {
+  GatherScope embeddings(parallel_.sharded(), FullyShard::Root::Embeddings),
+      head(parallel_.sharded(), FullyShard::Root::LmHead);
+  ExactMatchResult em = exact_match(*m_.model, *d_.tokenizer, d_.data->config(), cfg_.eval.exact_match_file,
+                                    cfg_.eval.max_examples, cfg_.eval.max_new_tokens);
+  std::string line = std::string("exact-match accuracy ") + when + ": " + std::to_string(em.correct) + "/" +
+                     std::to_string(em.total) + " (" + std::to_string(100.0 * em.accuracy()).substr(0, 5) + "%)";
+  for (const auto& sample : em.samples) line += "\n    e.g. " + sample;
+  metrics_.line(line);
+  metrics_.exact_match(step, em.correct, em.total);
+  return em.accuracy();
+}
+
+Checkpointer::Checkpointer(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel,
+                           AdamW& opt, MetricsLog& metrics, const TestHooks& hooks)
+    : cfg_(cfg), s_(s), m_(m), d_(d), parallel_(parallel), opt_(opt), metrics_(metrics), hooks_(hooks) {}
+
+void Checkpointer::write_adapter(const std::string& dir) {
+  // Full fine-tuning checkpoints hold the weights in the training dtype, so that a resume continues exactly.
+  if (m_.full) save_merged_model(*m_.model, cfg_.model.path, files::join(dir, "model"), m_.model->dtype());
+  else save_peft_adapter(*m_.model, m_.lora, dir, m_.base_name);
+}
+
+void Checkpointer::save(const TrainerState& state) {
+  CheckpointContents c;
+  c.state = state;
+  c.optimizer = opt_.state_tensors();
+  c.rng = capture_rng_states();
+  c.state.data = d_.data->position();
+  int64_t tmp_pid = -1;
+  Communicator& comm = *s_.comm;
+  if (parallel_.sharded()) {
+    // Every rank writes its optimizer shard into rank 0's temporary directory; rank 0 writes the rest (the
+    // adapter from the gathered LoRA weights) and completes the checkpoint.
+    at::Tensor pid = at::tensor({static_cast<int64_t>(::getpid())}, at::kLong).to(s_.device);
+    comm.broadcast(pid, 0);
+    tmp_pid = pid.to(at::kCPU).item<int64_t>();
+    const std::string tmp = checkpoint_tmp_dir(cfg_.output_dir, state.step, tmp_pid);
+    if (s_.rank0) begin_checkpoint_dir(tmp);
+    comm.barrier();
+    write_optimizer_shard(tmp, comm.rank(), s_.world, c.optimizer);
+    c.optimizer.clear();
+    c.optimizer_shards = s_.world;
+  }
+  parallel_.gather_lora();
+  if (parallel_.sharded()) comm.barrier();
+  if (s_.rank0) {
+    std::string path = save_checkpoint(cfg_.output_dir, c, [this](const std::string& dir) { write_adapter(dir); },
+                                       cfg_.checkpoint.keep_last, tmp_pid);
+    metrics_.line("checkpoint saved: " + path);
+  }
+  parallel_.release_lora();
+  comm.barrier();
+  if (hooks_.sleep_after_checkpoint_ms > 0)  // time for a test to kill the process right after a complete checkpoint
+    std::this_thread::sleep_for(std::chrono::milliseconds(hooks_.sleep_after_checkpoint_ms));
+}
+
+std::string Checkpointer::write_final() {
+  const std::string dir = files::join(cfg_.output_dir, m_.full ? "model" : "adapter");
+  parallel_.gather_lora();
+  if (s_.rank0) {
+    files::remove_tree(dir);
+    if (m_.full) {
+      save_merged_model(*m_.model, cfg_.model.path, dir, m_.model->config.dtype);
+    } else {
+      files::make_dirs(dir);
+      write_adapter(dir);
+    }
+    metrics_.write_plot();
+  }
+  parallel_.release_lora();
+  return dir;
+}
+
+}  // namespace qt

@@ -1,0 +1,151 @@
+#pragma once
+// The stages train() (trainer.cpp) runs in order, each a function of what the ones before made (torchtune's recipe
+// stages; ../shared/ARCHITECTURE.md): the session (launcher, device, communicator), the data, the model (plan,
+// load, LoRA, init_from), the resume point, the parallel strategy, the optimizer, the evaluator and the
+// checkpointer. The step itself is in train_step.cpp.
+#include <ATen/core/Tensor.h>
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "lib/comm/communicator.h"
+#include "lib/comm/launch_env.h"
+#include "lib/data/tokenizer.h"
+#include "lib/dist/parallel.h"
+#include "lib/model/exec_plan.h"
+#include "lib/model/hf_loader.h"
+#include "lib/model/llama.h"
+#include "lib/model/lora.h"
+#include "lib/train/adamw.h"
+#include "lib/train/checkpoint.h"
+#include "lib/train/metrics.h"
+#include "lib/train/run_config.h"
+#include "lib/train/train_data.h"
+#include "lib/train/trainer.h"
+
+namespace qt {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t);
+
+// The test hooks of the environment (QT_TEST_*, QT_PROFILE_STEP), read once when the run starts; 0 / -1: off.
+struct TestHooks {
+  int64_t oom_at_step = -1;           // QT_TEST_OOM_AT_STEP=N[:cublas]: an out-of-memory error in step N's forward
+  bool oom_as_cublas = false;         //   ":cublas": as cuBLAS's status check raises it
+  int64_t nan_loss_at_step = -1;      // QT_TEST_NAN_LOSS_AT_STEP=N: step N's loss not finite
+  int64_t step_delay_ms = 0;          // QT_TEST_STEP_DELAY_MS: a sleep after each step (a test signals between)
+  int64_t sleep_after_checkpoint_ms = 0;  // QT_TEST_SLEEP_AFTER_CHECKPOINT_MS: time to kill after a checkpoint
+  int64_t profile_step = -1;          // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir
+  static TestHooks from_env();
+};
+
+// Launch: the launcher's environment, the device and dtype, the communicator, the rows of each rank and forward.
+struct Session {
+  LaunchEnv env;
+  at::Device device = at::kCPU;
+  c10::ScalarType dtype = at::kFloat;
+  std::unique_ptr<Communicator> comm;
+  bool rank0 = true;
+  int world = 1;
+  int64_t per_rank = 0;  // rows of a step on each rank
+  int64_t micro = 0;     // rows of one forward pass
+};
+Session start_session(const RunConfig& cfg);
+
+// Data: the tokenizer (or ids only for a random model without one) and the tokenized, ordered training data.
+struct DataStage {
+  bool random_init = false;
+  LlamaConfig model_config;  // the model's shape (config.json, or the named random shape)
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<TrainData> data;
+};
+DataStage load_data(const RunConfig& cfg, const Session& s);
+
+// Model: the plan decided from the budget, the base loaded where the plan puts it, LoRA attached (or every tensor
+// trained), lora.init_from applied.
+struct ModelStage {
+  Decision decision;
+  LoadOptions load;
+  std::unique_ptr<LlamaModel> model;
+  LoraConfig lora;
+  bool full = false;          // train.full_finetune
+  std::string base_name;      // the adapter's base_model_name_or_path (from the root)
+};
+ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& d, bool resuming);
+PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micro, int64_t seq, const at::Device& device,
+                       c10::ScalarType dtype, int world, int local_world);
+
+// Resume point: the checkpoint --resume names (checked against this run's config), its weights loaded into the
+// model (before any sharding: the files hold whole tensors).
+struct ResumePoint {
+  std::string dir;
+  CheckpointContents contents;
+};
+std::optional<ResumePoint> load_resume_point(const RunConfig& cfg, const TrainOptions& options, ModelStage& m);
+
+// The parallel strategy (lib/dist/parallel.h): train.shard "blocks" shards the blocks, else data parallel over the
+// trained tensors. Places the frozen embeddings and lm_head as the plan says first.
+std::unique_ptr<Parallel> make_parallel(const RunConfig& cfg, ModelStage& m, Communicator& comm);
+
+// AdamW over the strategy's parameters, modules_to_save at optim.embedding_lr.
+std::unique_ptr<AdamW> make_optimizer(const RunConfig& cfg, const NamedTensors& params);
+
+// Sum of the cross-entropy over the batch's targets: the fused loss (never the [tokens, vocab] logits; lm_head
+// streamed when it lives on the host) or the plain reference path.
+at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at::Tensor& targets, bool fused);
+
+// The message of an out-of-memory error in `phase` ("step 3", "evaluation after step 3"): where, how big, how much
+// memory, what lowers it.
+bool is_out_of_memory(const c10::Error& e);
+std::string oom_message(const RunConfig& cfg, const at::Device& device, const std::string& phase, int64_t micro,
+                        int64_t seq_len, const Decision& decision, const std::string& what);
+double gpu_peak_gib(const at::Device& device, bool reserved = false);
+void reset_gpu_peak(const at::Device& device);
+
+// Held-out loss and the exact-match metric, guarded for out-of-memory errors.
+class Evaluator {
+ public:
+  Evaluator(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel, MetricsLog& metrics);
+  bool has_data() const { return !batches_.empty(); }
+  // The mean loss over the held-out targets and their count (collective).
+  std::pair<double, int64_t> loss(int64_t step);
+  // Logs the exact-match accuracy of greedy answers; its accuracy (every rank when sharded, else rank 0 alone).
+  bool runs_task_metric() const;
+  double task_metric(const char* when, int64_t step);
+
+ private:
+  const RunConfig& cfg_;
+  Session& s_;
+  ModelStage& m_;
+  DataStage& d_;
+  Parallel& parallel_;
+  MetricsLog& metrics_;
+  std::vector<Batch> batches_;
+};
+
+// Crash-safe checkpoints of the run (rank 0 writes, sharded optimizer state from every rank) and the final adapter.
+class Checkpointer {
+ public:
+  Checkpointer(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel, AdamW& opt,
+               MetricsLog& metrics, const TestHooks& hooks);
+  void save(const TrainerState& state);
+  // The adapter (or the full model) into output_dir; returns its directory.
+  std::string write_final();
+
+ private:
+  void write_adapter(const std::string& dir);
+  const RunConfig& cfg_;
+  Session& s_;
+  ModelStage& m_;
+  DataStage& d_;
+  Parallel& parallel_;
+  AdamW& opt_;
+  MetricsLog& metrics_;
+  const TestHooks& hooks_;
+};
+
+}  // namespace qt
