@@ -63,6 +63,17 @@ def add_adapter(model, model_dir: pathlib.Path, out: pathlib.Path, seed: int, mo
     peft.unload()
 
 
+def spm_vocab(sp, template: str, fmt: str):
+    """What the GGUF file must hold for a sentencepiece model (llama.cpp's `llama` vocabulary) and its Modelfile."""
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
+             else 1 for i in range(sp.get_piece_size())]
+    return {"model": "llama", "pre": "default", "tokens": pieces, "types": types,
+            "scores": [sp.get_score(i) for i in range(sp.get_piece_size())], "merges": None,
+            "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "add_bos": True,
+            "template": template, "format": fmt, "stops": ["[INST]", "[/INST]", "</s>"]}
+
+
 def spm_setup(tmp: pathlib.Path, name="spm", **overrides):
     """Llama 2 style: sentencepiece tokenizer.model, Llama 2's chat template, untied lm_head."""
     model_dir = tmp / f"{name}_model"
@@ -72,13 +83,7 @@ def spm_setup(tmp: pathlib.Path, name="spm", **overrides):
     cfg["chat_template"] = gen_data.LLAMA2
     (model_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     add_adapter(model, model_dir, tmp / f"{name}_adapter", seed=4, modules_to_save=["lm_head"] if name == "spm" else None)
-    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
-             else 1 for i in range(sp.get_piece_size())]
-    vocab = {"model": "llama", "pre": "default", "tokens": pieces, "types": types,
-             "scores": [sp.get_score(i) for i in range(sp.get_piece_size())], "merges": None,
-             "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "add_bos": True,
-             "template": gen_data.LLAMA2, "format": "llama2", "stops": ["[INST]", "[/INST]", "</s>"]}
+    vocab = spm_vocab(sp, gen_data.LLAMA2, "llama2")
     encode = lambda text: [sp.bos_id()] + sp.encode(text)
     return model_dir, tmp / f"{name}_adapter", vocab, encode
 
@@ -98,13 +103,7 @@ def mistral_setup(tmp: pathlib.Path):
         bos_token_id=1, eos_token_id=2, initializer_range=0.1)).float().eval()
     model.save_pretrained(model_dir, safe_serialization=True)
     add_adapter(model, model_dir, tmp / "mistral_adapter", seed=8)
-    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
-    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i)
-             else 1 for i in range(sp.get_piece_size())]
-    vocab = {"model": "llama", "pre": "default", "tokens": pieces, "types": types,
-             "scores": [sp.get_score(i) for i in range(sp.get_piece_size())], "merges": None,
-             "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id(), "add_bos": True,
-             "template": gen_data.MISTRAL, "format": "mistral", "stops": ["[INST]", "[/INST]", "</s>"]}
+    vocab = spm_vocab(sp, gen_data.MISTRAL, "mistral")
     return model_dir, tmp / "mistral_adapter", vocab, lambda text: [sp.bos_id()] + sp.encode(text)
 
 
@@ -149,7 +148,6 @@ def qwen_setup(tmp: pathlib.Path, arch: str):
     Qwen2.5-style tokenizer.json as Qwen ships it: Qwen2's regex (digits one by one), an NFC normalizer, no BOS,
     EOS <|im_end|>, ChatML. Our BPE tokenizer does not run it (train on pre-tokenized data); the export reads it."""
     from tokenizers import Tokenizer, normalizers
-    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
     if not (tmp / "bpe_tok" / "bpe").exists():
         gen_tokenizer.make_bpe(tmp / "bpe_tok", gen_tokenizer.corpus_lines())
     model_dir = gen_data.qwen_dir(tmp / f"{arch}_model", tmp / "bpe_tok" / "bpe", gen_data.QWEN25)
@@ -162,20 +160,8 @@ def qwen_setup(tmp: pathlib.Path, arch: str):
           len([t for t in tok.encode("12345").tokens]) == 5, "the Qwen-style tokenizer does not split digits one by one")
     n = tok.get_vocab_size(with_added_tokens=True)
     eos = tok.token_to_id("<|im_end|>")
-    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
-    extra = dict(tie_word_embeddings=True) if arch == "qwen2" else dict(tie_word_embeddings=False, head_dim=24)
-    torch.manual_seed(9)
-    model = model_cls(config_cls(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=n, max_position_embeddings=512, rms_norm_eps=1e-6,
-                                 use_sliding_window=False, bos_token_id=None, eos_token_id=eos,
-                                 initializer_range=0.1, **extra)).float().eval()
-    with torch.no_grad():  # zero biases and unit norms (transformers' init) would hide a missing bias or norm
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif "q_norm" in name or "k_norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    model.save_pretrained(model_dir, safe_serialization=True)
+    model = tiny_lm.make_qwen_model(model_dir, arch, n, seed=9, bos_token_id=None, eos_token_id=eos,
+                                    initializer_range=0.1)
     add_adapter(model, model_dir, tmp / f"{arch}_adapter", seed=10)
     tokens, types = [None] * n, [1] * n
     for t, i in doc["model"]["vocab"].items():

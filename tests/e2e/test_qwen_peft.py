@@ -20,21 +20,8 @@ def model_class(arch):
 
 
 def make_qwen_dir(model_dir: pathlib.Path, seed: int, arch: str):
-    config_cls, model_cls = model_class(arch)
     sp = tiny_lm.make_tokenizer(model_dir)
-    torch.manual_seed(seed)
-    extra = dict(tie_word_embeddings=True) if arch == "qwen2" else dict(tie_word_embeddings=False, head_dim=24)
-    cfg = config_cls(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=sp.get_piece_size(), max_position_embeddings=512,
-                     rms_norm_eps=1e-6, use_sliding_window=False, bos_token_id=1, eos_token_id=2, **extra)
-    model = model_cls(cfg).float().eval()
-    with torch.no_grad():  # zero biases and unit norms (transformers' init) would hide a missing bias or norm
-        for n, p in model.named_parameters():
-            if n.endswith(".bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif "q_norm" in n or "k_norm" in n:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-    model.save_pretrained(model_dir, safe_serialization=True)
+    tiny_lm.make_qwen_model(model_dir, arch, sp.get_piece_size(), seed)
     return sp
 
 

@@ -41,6 +41,29 @@ def make_model(model_dir: pathlib.Path, vocab_size: int, seed: int = 0, **overri
     model.save_pretrained(model_dir, safe_serialization=True)
     return model
 
+def make_qwen_model(model_dir: pathlib.Path, arch: str, vocab_size: int, seed: int, **overrides):
+    """A tiny Qwen2 (q / k / v biases, tied embeddings) or Qwen3 (q / k norms, head_dim 24, untied) model, saved;
+    the biases and norms random (transformers' zero biases and unit norms would hide a missing one)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    config_cls, model_cls = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+    cfg = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               vocab_size=vocab_size, max_position_embeddings=512, rms_norm_eps=1e-6, use_sliding_window=False,
+               bos_token_id=1, eos_token_id=2)
+    cfg.update(dict(tie_word_embeddings=True) if arch == "qwen2" else dict(tie_word_embeddings=False, head_dim=24))
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**cfg)).float().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "q_norm" in n or "k_norm" in n:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return model
+
+
 def make_model_dir(model_dir: pathlib.Path, seed: int = 0, **overrides):
     sp = make_tokenizer(model_dir)
     model = make_model(model_dir, sp.get_piece_size(), seed, **overrides)
