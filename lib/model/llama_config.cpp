@@ -147,8 +147,10 @@ LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
   c.qk_norm = c.model_type == "qwen3";
   if (r.has("hidden_act") && r.get_string("hidden_act") != "silu")
     fail_key(ErrorKind::Model, file, "hidden_act", "unsupported activation '" + r.get_string("hidden_act") + "' (expected silu)");
-  c.attention_bias = r.get_bool("attention_bias", false);
-  c.mlp_bias = r.get_bool("mlp_bias", false);
+  // Qwen2's modules read neither key (q / k / v always with a bias, o_proj and the MLP never): a config.json that
+  // carries them (some exports do) changes nothing there.
+  c.attention_bias = c.model_type != "qwen2" && r.get_bool("attention_bias", false);
+  c.mlp_bias = c.model_type != "qwen2" && r.get_bool("mlp_bias", false);
   c.hidden_size = r.get_int("hidden_size");
   c.intermediate_size = r.get_int("intermediate_size");
   c.num_hidden_layers = r.get_int("num_hidden_layers");

@@ -70,10 +70,11 @@ CASES = {
                                 use_sliding_window=False, sliding_window=4, max_window_layers=1,
                                 rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
                        shard=None, era=5, arch="qwen2"),
-    # Qwen2, untied, 8:1 GQA, written the transformers 4.x way (rope_theta, torch_dtype).
+    # Qwen2, untied, 8:1 GQA, written the transformers 4.x way (rope_theta, torch_dtype); attention_bias and
+    # mlp_bias true in config.json, which Qwen2's modules ignore (o_proj and the MLP have no bias whatever they say).
     "qwen2_v4": dict(cfg=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
                               num_key_value_heads=1, vocab_size=256, tie_word_embeddings=False,
-                              use_sliding_window=False, sliding_window=8,
+                              use_sliding_window=False, sliding_window=8, attention_bias=True, mlp_bias=True,
                               rope_parameters=dict(rope_type="default", rope_theta=1000000.0)),
                      shard=None, era=4, arch="qwen2"),
     # Qwen3: q_norm / k_norm per head before RoPE (weights randomised below), head_dim given and != hidden / heads,
