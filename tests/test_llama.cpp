@@ -173,7 +173,8 @@ TEST_CASE("llama sliding window in packed rows equals each document run alone", 
 TEST_CASE("llama on CUDA in bf16 matches transformers within bf16 bounds", "[llama][gpu]") {
   REQUIRE(at::hasCUDA());
   for (const char* name : {"gqa_untied", "mha_tied_sharded", "llama3_rope_v4", "linear_rope_v4", "dynamic_rope", "yarn_rope",
-                           "yarn_rope_v4", "bias", "llama2_mha", "tinyllama_gqa", "mistral_window"})
+                           "yarn_rope_v4", "bias", "llama2_mha", "tinyllama_gqa", "mistral_window", "qwen2_tied",
+                           "qwen2_v4", "qwen3", "qwen3_tied_v4"})
   for (auto kernel : {qt::AttentionKernel::Flash, qt::AttentionKernel::Cudnn}) {
     const bool cudnn = kernel == qt::AttentionKernel::Cudnn;
     INFO(name << (cudnn ? ", cuDNN attention first" : ", SDPA's order"));

@@ -5,29 +5,12 @@
 
 #include "lib/core/error.h"
 #include "lib/core/json.h"
+#include "lib/data/unicode_nfc.h"
 #include "lib/data/unicode_tables.h"
 #include "lib/data/unicode_text.h"
 
 namespace qt {
 namespace {
-
-void append_utf8(char32_t c, std::string* out) {
-  if (c < 0x80) {
-    out->push_back(static_cast<char>(c));
-  } else if (c < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (c >> 6)));
-    out->push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  } else if (c < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (c >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (c >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((c >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((c >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (c & 0x3F)));
-  }
-}
 
 // GPT-2's bytes_to_unicode (openai/gpt-2 src/encoder.py): printable Latin-1 bytes map to themselves, the other
 // 68 bytes to U+0100.. in byte order, so that every byte is a visible character in vocab strings ("Ġ" = space).
@@ -63,7 +46,7 @@ std::string type_of(const Json& object) {
 
 }  // namespace
 
-std::vector<std::string_view> llama3_pre_tokenize(std::string_view text) {
+std::vector<std::string_view> llama3_pre_tokenize(std::string_view text, int max_digits) {
   using namespace unicode;
   std::vector<char32_t> cp;
   std::vector<size_t> off;  // byte offset of each codepoint, plus the end
@@ -101,10 +84,10 @@ std::vector<std::string_view> llama3_pre_tokenize(std::string_view text) {
       while (L(j)) ++j;
       return j;
     }
-    // \p{N}{1,3}
+    // \p{N}{1,3} (Qwen2: \p{N})
     if (N(i)) {
       size_t j = i + 1;
-      while (j < i + 3 && N(j)) ++j;
+      while (j < i + static_cast<size_t>(max_digits) && N(j)) ++j;
       return j;
     }
     // " ?[^\s\p{L}\p{N}]+[\r\n]*" (only U+0020 is the optional space)
@@ -173,10 +156,13 @@ BpeTokenizer::BpeTokenizer(const Json& doc, const std::string& path) {
     ignore_merges_ = v->get<bool>();
   }
 
-  // Pre-tokenization: only Llama 3's layout is implemented (Split with its regex, then ByteLevel without regex).
-  if (find_member(doc, "normalizer"))
-    fail("normalizer", "expected null (byte-level BPE as in Llama 3 has no normalizer), got " +
-                           doc.at("normalizer").dump().substr(0, 80));
+  // Normalizer: none (Llama 3) or NFC (Qwen2 / 2.5 / 3).
+  if (const Json* n = find_member(doc, "normalizer")) {
+    if (type_of(*n) != "NFC")
+      fail("normalizer", "expected null (Llama 3) or {\"type\": \"NFC\"} (Qwen2), got " + n->dump().substr(0, 80));
+    nfc_ = true;
+  }
+  // Pre-tokenization: Llama 3's layout (Split with its regex or Qwen2's, then ByteLevel without regex).
   const Json& pre = doc.at("pre_tokenizer");
   std::vector<const Json*> steps;
   if (type_of(pre) == "Sequence") {
@@ -189,9 +175,11 @@ BpeTokenizer::BpeTokenizer(const Json& doc, const std::string& path) {
     const Json& split = *steps[0];
     const Json* pattern = find_member(split, "pattern");
     const Json* regex = pattern ? find_member(*pattern, "Regex") : nullptr;
-    if (!regex || !regex->is_string() || regex->get<std::string>() != k_llama3_pattern)
+    if (regex && regex->is_string() && regex->get<std::string>() == k_qwen2_pattern) max_digits_ = 1;
+    else if (!regex || !regex->is_string() || regex->get<std::string>() != k_llama3_pattern)
       fail("pre_tokenizer.pretokenizers[0].pattern",
-           "only Llama 3's pre-tokenization regex is implemented, got " + (pattern ? pattern->dump() : "none"));
+           "only Llama 3's and Qwen2's pre-tokenization regexes are implemented, got " +
+               (pattern ? pattern->dump() : "none"));
     if (split.value("behavior", "") != "Isolated" || split.value("invert", false))
       fail("pre_tokenizer.pretokenizers[0]", "expected behavior \"Isolated\" and invert false, as in Llama 3");
     const Json& bl = *steps[1];
@@ -268,7 +256,7 @@ BpeTokenizer::BpeTokenizer(const Json& doc, const std::string& path) {
   const auto b2u = bytes_to_unicode();
   std::unordered_map<char32_t, unsigned char> u2b;
   for (int b = 0; b < 256; ++b) {
-    append_utf8(b2u[b], &byte_to_char_[b]);
+    unicode::append_utf8(b2u[b], &byte_to_char_[b]);
     auto it = vocab_.find(byte_to_char_[b]);
     byte_id_[b] = it == vocab_.end() ? -1 : it->second;
     u2b[b2u[b]] = static_cast<unsigned char>(b);
@@ -378,7 +366,9 @@ std::vector<int32_t> BpeTokenizer::encode_impl(std::string_view text, bool split
 
 void BpeTokenizer::encode_pre_tokenized(std::string_view text, std::vector<int32_t>* out) const {
   if (text.empty()) return;
-  for (std::string_view word : llama3_pre_tokenize(text)) encode_word(word, out);
+  const std::string normalized = nfc_ ? unicode::nfc(text) : std::string();
+  for (std::string_view word : llama3_pre_tokenize(nfc_ ? std::string_view(normalized) : text, max_digits_))
+    encode_word(word, out);
 }
 
 void BpeTokenizer::encode_word(std::string_view word, std::vector<int32_t>* out) const {

@@ -23,8 +23,14 @@ inline constexpr const char* k_llama3_pattern =
     "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
     "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
 
-// Splits `text` as tokenizers' Split(Regex(k_llama3_pattern), "isolated") does; the pieces cover the text.
-std::vector<std::string_view> llama3_pre_tokenize(std::string_view text);
+// Qwen2's (Qwen2 / 2.5 / 3 tokenizer.json): Llama 3's with digits one at a time (\p{N} for \p{N}{1,3}).
+inline constexpr const char* k_qwen2_pattern =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
+    "\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+// Splits `text` as tokenizers' Split(Regex(k_llama3_pattern), "isolated") does (max_digits 3), or with
+// k_qwen2_pattern (max_digits 1); the pieces cover the text.
+std::vector<std::string_view> llama3_pre_tokenize(std::string_view text, int max_digits = 3);
 
 // True if tokenizer.json's pre_tokenizer is ByteLevel, alone or in a Sequence (how we recognise Llama 3 style).
 bool is_byte_level_tokenizer_json(const nlohmann::json& doc);
@@ -70,6 +76,8 @@ class BpeTokenizer : public Tokenizer {
   std::vector<AddedToken> added_;              // sorted longest first, for leftmost-longest matching
   std::array<std::vector<uint32_t>, 256> added_by_first_byte_;  // indices into added_, per first byte
   bool ignore_merges_ = false;
+  int max_digits_ = 3;  // the pre-tokenization regex's run of digits: 3 (Llama 3) or 1 (Qwen2)
+  bool nfc_ = false;    // normalizer NFC (Qwen2): applied to the text between added tokens
   int32_t unk_id_ = -1;
   TokenizerDefaults defaults_;
 

@@ -20,4 +20,7 @@ char32_t decode_utf8(std::string_view text, std::size_t pos, std::size_t* len);
 // String::from_utf8_lossy (the decode of HF tokenizers' ByteLevel decoder) do. Valid text comes back unchanged.
 std::string replace_invalid_utf8(std::string_view bytes);
 
+// Appends scalar value c as UTF-8.
+void append_utf8(char32_t c, std::string* out);
+
 }  // namespace qt::unicode

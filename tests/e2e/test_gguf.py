@@ -139,8 +139,7 @@ def bpe_setup(tmp: pathlib.Path):
     return model_dir, tmp / "bpe_adapter", vocab, encode
 
 
-QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = gen_tokenizer.QWEN2_PATTERN  # Qwen2's regex: Llama 3's with digits one at a time
 
 
 def qwen_setup(tmp: pathlib.Path, arch: str):

@@ -13,6 +13,8 @@ import json, pathlib, random, shutil
 
 LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                   r"\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's (Qwen2 / 2.5 / 3): the same with digits one at a time.
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                    "<|eot_id|>"]
 CHAT_TEMPLATE_L3 = ("{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
@@ -159,14 +161,14 @@ def make_bpe(out, lines):
 
     split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
 
-    def expected(path):
+    def expected(path, texts=TEST_STRINGS):
         t = Tokenizer.from_file(str(path))
         # transformers reads tokenizer_config.json on top of tokenizer.json: the BOS/EOS ids and whether a
         # document gets them come from it (a second oracle for the same document ids).
         from transformers import AutoTokenizer
         hf = AutoTokenizer.from_pretrained(str(path.parent))
         cases = []
-        for text in TEST_STRINGS:
+        for text in texts:
             t.encode_special_tokens = True  # special token strings in the text are plain text
             ids = t.encode(text, add_special_tokens=False).ids
             document = t.encode(text, add_special_tokens=True).ids  # post-processor adds BOS; text stays text
@@ -179,10 +181,35 @@ def make_bpe(out, lines):
         return {"bos_id": hf.bos_token_id, "eos_id": hf.eos_token_id, "chat_template": hf.chat_template,
                 "cases": cases}
 
+    # Variant: Qwen2's layout (Qwen2 / 2.5 / 3 tokenizer.json): its regex (digits one at a time) and an NFC
+    # normalizer; test strings with decomposed and reorderable marks, Hangul jamo, singletons, exclusions.
+    qwen = json.loads((d / "tokenizer.json").read_text())
+    qwen["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = QWEN2_PATTERN
+    qwen["normalizer"] = {"type": "NFC"}
+    qd = out / "bpe_qwen"
+    qd.mkdir(parents=True, exist_ok=True)
+    (qd / "tokenizer.json").write_text(json.dumps(qwen, ensure_ascii=False))
+    (qd / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    rng = random.Random(77)
+    pool = ["a", "e", "o", "u", "A", "n", "c", "s", " ", "1", "\u0301", "\u0300", "\u0308", "\u0327", "\u0328",
+            "\u0323", "\u0302", "\u0306", "\u031b", "\u0345", "\u0344", "\u212b", "\u2126", "\u1100", "\u1161",
+            "\u11a8", "\uac00", "\u0958", "\u0915", "\u093c", "\u05d1", "\u05bc", "\u0f73", "\u1e9b", "\u00c5",
+            "\u3099", "\u304b"]
+    nfc_strings = ["cafe\u0301 nai\u0308ve re\u0301sume\u0301", "a\u0328\u0301 a\u0301\u0328 o\u031b\u0323",
+                   "\u212b \u2126 \u0344 \u0958", "\u1100\u1161\u11a8 \uac00\u11a8 \u1100\u1161",
+                   "Vie\u0323\u0302t Nam 2024", "\u304b\u3099 \u05d1\u05bc", "digits 1234567 12.5"] + \
+                  ["".join(rng.choice(pool) for _ in range(rng.randint(1, 12))) for _ in range(150)]
+    qwen_expected = expected(qd / "tokenizer.json", TEST_STRINGS + nfc_strings)
+    normalizer = Tokenizer.from_file(str(qd / "tokenizer.json")).normalizer
+    for c in qwen_expected["cases"]:
+        c["normalized"] = normalizer.normalize_str(c["text"])
+        c.pop("pretokens")
+
     common = {"vocab_size": tok.get_vocab_size(with_added_tokens=True), "add_bos": True, "add_eos": False,
               "pieces": {p: tok.token_to_id(p) for p in LLAMA3_SPECIALS + ["Ġthe", "the", "a"]}}
     return [dict(common, dir="bpe", **expected(d / "tokenizer.json")),
-            dict(common, dir="bpe_legacy", **expected(ld / "tokenizer.json"))]
+            dict(common, dir="bpe_legacy", **expected(ld / "tokenizer.json")),
+            dict(common, dir="bpe_qwen", **qwen_expected)]
 
 
 def unicode_classes():
