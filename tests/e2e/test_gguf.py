@@ -63,6 +63,18 @@ def add_adapter(model, model_dir: pathlib.Path, out: pathlib.Path, seed: int, mo
     peft.unload()
 
 
+def bpe_vocab(doc: dict, n: int):
+    """A byte-level BPE tokenizer.json's tokens, token types (normal 1, control 3, user-defined 4) and merges as
+    the GGUF file must hold them."""
+    tokens, types = [None] * n, [1] * n
+    for t, i in doc["model"]["vocab"].items():
+        tokens[i] = t
+    for a in doc["added_tokens"]:
+        tokens[a["id"]], types[a["id"]] = a["content"], 3 if a["special"] else 4
+    merges = [m if isinstance(m, str) else " ".join(m) for m in doc["model"]["merges"]]
+    return tokens, types, merges
+
+
 def spm_vocab(sp, template: str, fmt: str):
     """What the GGUF file must hold for a sentencepiece model (llama.cpp's `llama` vocabulary) and its Modelfile."""
     pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
@@ -126,12 +138,7 @@ def bpe_setup(tmp: pathlib.Path):
     add_adapter(model, model_dir, tmp / "bpe_adapter", seed=6)
     doc = json.loads((model_dir / "tokenizer.json").read_text())
     n = tok.get_vocab_size(with_added_tokens=True)
-    tokens, types = [None] * n, [1] * n
-    for t, i in doc["model"]["vocab"].items():
-        tokens[i] = t
-    for a in doc["added_tokens"]:
-        tokens[a["id"]], types[a["id"]] = a["content"], 3 if a["special"] else 4
-    merges = [m if isinstance(m, str) else " ".join(m) for m in doc["model"]["merges"]]
+    tokens, types, merges = bpe_vocab(doc, n)
     vocab = {"model": "gpt2", "pre": "llama-bpe", "tokens": tokens, "types": types, "scores": None, "merges": merges,
              "bos": bos, "eos": eos, "unk": None, "add_bos": True, "template": gen_data.LLAMA3, "format": "llama3",
              "stops": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]}
@@ -162,12 +169,7 @@ def qwen_setup(tmp: pathlib.Path, arch: str):
     model = tiny_lm.make_qwen_model(model_dir, arch, n, seed=9, bos_token_id=None, eos_token_id=eos,
                                     initializer_range=0.1)
     add_adapter(model, model_dir, tmp / f"{arch}_adapter", seed=10)
-    tokens, types = [None] * n, [1] * n
-    for t, i in doc["model"]["vocab"].items():
-        tokens[i] = t
-    for a in doc["added_tokens"]:
-        tokens[a["id"]], types[a["id"]] = a["content"], 3 if a["special"] else 4
-    merges = [m if isinstance(m, str) else " ".join(m) for m in doc["model"]["merges"]]
+    tokens, types, merges = bpe_vocab(doc, n)
     vocab = {"arch": arch, "model": "gpt2", "pre": "qwen2", "tokens": tokens, "types": types, "scores": None,
              "merges": merges, "bos": None, "eos": eos, "unk": None, "add_bos": False, "template": gen_data.QWEN25,
              "format": "chatml", "stops": ["<|im_start|>", "<|im_end|>"]}
