@@ -182,6 +182,57 @@ TEST_CASE("checkpointing auto: without it where the budget allows, with it where
   qt::PlanRequest off;
   off.checkpointing = false;
   CHECK(!qt::decide_plan(in, off).plan.checkpointing);
+  // Between the two: the last blocks without checkpointing, more of them the more the budget holds; each step of
+  // the sweep predicts no more than the budget and no less than a smaller budget's plan.
+  const double none = qt::decide_plan(in, [] {
+                        qt::PlanRequest q;
+                        q.checkpointing = false;
+                        return q;
+                      }()).footprint.total() / kGiB;
+  const double all = qt::decide_plan(in, [] {
+                       qt::PlanRequest q;
+                       q.gpu_memory_gib = 1000;
+                       return q;
+                     }()).footprint.total() / kGiB;
+  REQUIRE(none > all + 1);
+  int64_t last_whole = -1, partial = 0;
+  for (double b = all; b < none; b += (none - all) / 40) {
+    INFO("budget " << b);
+    r.gpu_memory_gib = b;
+    const qt::Decision d = qt::decide_plan(in, r);
+    CHECK(d.plan.checkpointing);
+    CHECK(d.footprint.total() <= b * kGiB);
+    CHECK(d.plan.blocks_without_checkpointing >= last_whole);
+    CHECK(d.plan.blocks_without_checkpointing < in.model.num_hidden_layers);
+    last_whole = d.plan.blocks_without_checkpointing;
+    if (last_whole > 0) ++partial;
+  }
+  CHECK(partial > 0);
+  CHECK(last_whole == 3 * in.model.num_hidden_layers / 4);
+  // Forced: kept as asked; refused without checkpointing, for every block, or with sharded blocks.
+  qt::PlanRequest forced;
+  forced.blocks_without_checkpointing = 5;
+  forced.gpu_memory_gib = 1000;
+  const qt::Decision f = qt::decide_plan(in, forced);
+  CHECK(f.plan.checkpointing);
+  CHECK(f.plan.blocks_without_checkpointing == 5);
+  CHECK(has(qt::describe(f), "the last 5 blocks without"));
+  forced.checkpointing = false;
+  auto e = error_of(in, forced);
+  REQUIRE(e);
+  CHECK(has(e->what(), "train.memory.blocks_without_checkpointing"));
+  forced.checkpointing = true;
+  forced.blocks_without_checkpointing = in.model.num_hidden_layers;
+  e = error_of(in, forced);
+  REQUIRE(e);
+  CHECK(has(e->what(), "at most 31"));
+  qt::PlanInputs sharded = in;
+  sharded.sharded = true;
+  sharded.world = 2;
+  forced.blocks_without_checkpointing = 1;
+  e = error_of(sharded, forced);
+  REQUIRE(e);
+  CHECK(has(e->what(), "train.shard"));
 }
 
 TEST_CASE("forced plan fields are kept; contradictions name both keys", "[plan]") {

@@ -70,8 +70,9 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   PlanRequest r;
   const std::string at = "train.memory.";
   if (!json.is_object()) fail_key(ErrorKind::Config, file, "train.memory", "must be a JSON object");
-  reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "offload", "keep", "keep_dequantized",
-                             "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings", "lm_head"},
+  reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "blocks_without_checkpointing", "offload", "keep",
+                             "keep_dequantized", "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings",
+                             "lm_head"},
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
@@ -82,6 +83,13 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   if (json.contains("checkpointing")) {
     r.checkpointing = tri(json["checkpointing"], file, at + "checkpointing");
     r.checkpointing_auto = !r.checkpointing.has_value();
+  }
+  if (json.contains("blocks_without_checkpointing") && json["blocks_without_checkpointing"] != "auto") {
+    const Json& v = json["blocks_without_checkpointing"];
+    if (!v.is_number_integer() || v.get<int64_t>() < 0)
+      fail_key(ErrorKind::Config, file, at + "blocks_without_checkpointing",
+               "must be \"auto\" or a number of blocks >= 0 (got " + v.dump() + ")");
+    r.blocks_without_checkpointing = v.get<int64_t>();
   }
   if (json.contains("offload")) r.offload = tri(json["offload"], file, at + "offload");
   if (json.contains("keep_dequantized")) r.keep_dequantized = tri(json["keep_dequantized"], file, at + "keep_dequantized");
@@ -130,6 +138,8 @@ Json PlanRequest::to_json() const {
   auto place = [](const std::optional<bool>& b) { return b ? Json(*b ? "host" : "device") : Json("auto"); };
   return Json{{"gpu_memory_gib", gpu_memory_gib ? Json(*gpu_memory_gib) : Json("auto")},
               {"checkpointing", checkpointing_auto ? Json("auto") : Json(checkpointing.value_or(true))},
+              {"blocks_without_checkpointing",
+               blocks_without_checkpointing ? Json(*blocks_without_checkpointing) : Json("auto")},
               {"offload", opt(offload)},
               {"keep", keep ? Json(keep_level_name(*keep)) : Json("auto")},
               {"keep_dequantized", opt(keep_dequantized)},
@@ -185,7 +195,10 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
     // Kept per block: its input and the keep ladder's tensors, all layers on the device, or two blocks' (the one
     // in its backward pass and the one fetched ahead) when offloaded.
     const double kept = e * T * (H + static_cast<double>(keep_width(c, p.keep)));
-    f.terms.emplace_back("kept_activations", (p.offload ? 2.0 : L) * kept);
+    const double whole = static_cast<double>(std::min<int64_t>(p.blocks_without_checkpointing, c.num_hidden_layers));
+    f.terms.emplace_back("kept_activations", (p.offload ? std::min(2.0, L - whole) : L - whole) * kept);
+    // Blocks run without checkpointing keep what autograd saves, as a run without checkpointing does.
+    if (whole > 0) f.terms.emplace_back("activations", whole * block_acts);
     // One block's recomputation and backward: its activations and their gradients (fitted: 1.5 blocks' worth),
     // the 16-bit weights dequantized for it (the block's when kept, else the largest group, gate and up).
     f.terms.emplace_back("working_set", 1.5 * block_acts + (p.keep_dequantized ? block_params * e : 2 * H * I * e));
@@ -224,7 +237,18 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
       fail_key(ErrorKind::Config, file, m + "keep_dequantized", "true needs train.memory.checkpointing true (it is false)");
     if (r.mlp_chunk_tokens.value_or(0) > 0)
       fail_key(ErrorKind::Config, file, m + "mlp_chunk_tokens", "needs train.memory.checkpointing true (it is false)");
+    if (r.blocks_without_checkpointing.value_or(0) > 0)
+      fail_key(ErrorKind::Config, file, m + "blocks_without_checkpointing",
+               "needs train.memory.checkpointing true or \"auto\" (it is false: no block is checkpointed)");
   }
+  if (r.blocks_without_checkpointing.value_or(0) >= in.model.num_hidden_layers)
+    fail_key(ErrorKind::Config, file, m + "blocks_without_checkpointing",
+             "is " + std::to_string(*r.blocks_without_checkpointing) + ", the model has " +
+                 std::to_string(in.model.num_hidden_layers) + " blocks: at most " +
+                 std::to_string(in.model.num_hidden_layers - 1) + " (train.memory.checkpointing false runs none)");
+  if (r.blocks_without_checkpointing.value_or(0) > 0 && in.sharded)
+    fail_key(ErrorKind::Config, file, m + "blocks_without_checkpointing",
+             "is not available with train.shard \"blocks\" (a sharded block's weights exist only while it runs)");
   if (r.keep && *r.keep != KeepLevel::Input && r.offload.has_value() && !*r.offload)
     fail_key(ErrorKind::Config, file, m + "keep",
              std::string("\"") + keep_level_name(*r.keep) +
@@ -251,6 +275,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   best.attention = r.attention;
   best.expandable_segments = r.expandable_segments.value_or(in.cuda);
   if (best.checkpointing) {
+    best.blocks_without_checkpointing = r.blocks_without_checkpointing.value_or(0);
     best.offload = r.offload.value_or(in.cuda && tokens >= 4096) && in.cuda;
     KeepLevel k = KeepLevel::Input;
     if (best.offload && tokens >= 4096)
@@ -279,6 +304,19 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     best.keep = r.keep.value_or(best.offload && host_holds(in, KeepLevel::Qkv) ? KeepLevel::Qkv : KeepLevel::Input);
     best.keep_dequantized = r.keep_dequantized.value_or(tokens < 8192);
     best.mlp_chunk_tokens = r.mlp_chunk_tokens.value_or(tokens > 32768 ? 8192 : 0);
+    // Between no checkpointing and all of it: the last 3/4, 1/2, 1/4 of the blocks without it (each block
+    // checkpointed costs one more forward pass of it per step; sharded blocks are all checkpointed).
+    const int64_t L = in.model.num_hidden_layers;
+    if (!r.blocks_without_checkpointing && !in.sharded)
+      for (int64_t whole : {3 * L / 4, L / 2, L / 4}) {
+        if (whole <= 0 || whole >= L || (!ladder.empty() && ladder.back().checkpointing &&
+                                         ladder.back().blocks_without_checkpointing == whole))
+          continue;
+        ExecPlan partial = best;
+        partial.blocks_without_checkpointing = whole;
+        ladder.push_back(partial);
+      }
+    best.blocks_without_checkpointing = r.blocks_without_checkpointing.value_or(0);
   }
   ladder.push_back(best);
   ExecPlan p = best;
@@ -333,6 +371,8 @@ std::string describe(const Decision& d) {
   const ExecPlan& p = d.plan;
   std::string s = p.checkpointing ? "checkpointing" : "no checkpointing";
   if (p.checkpointing) {
+    if (p.blocks_without_checkpointing > 0)
+      s += " (the last " + std::to_string(p.blocks_without_checkpointing) + " blocks without)";
     s += p.offload ? ", offloaded" : ", on the device";
     s += std::string(", keep ") + keep_level_name(p.keep);
     if (p.keep_dequantized) s += ", dequantized weights kept";
@@ -350,6 +390,7 @@ std::string describe(const Decision& d) {
 Json to_json(const Decision& d) {
   const ExecPlan& p = d.plan;
   return Json{{"checkpointing", p.checkpointing},
+              {"blocks_without_checkpointing", p.blocks_without_checkpointing},
               {"offload", p.offload},
               {"keep", keep_level_name(p.keep)},
               {"keep_dequantized", p.keep_dequantized},

@@ -28,6 +28,9 @@ enum class AttentionKernel { Flash, Cudnn };
 
 struct ExecPlan {
   bool checkpointing = false;        // per-block activation checkpointing (recompute in the backward pass)
+  // With checkpointing, the last this many blocks run without it: their activations kept for the backward pass
+  // (no recomputation), where the budget holds them (checkpointing "auto").
+  int64_t blocks_without_checkpointing = 0;
   bool offload = false;              // checkpointed block inputs (and kept tensors) in pinned host memory (CUDA)
   KeepLevel keep = KeepLevel::Input;
   // The 16-bit weights dequantized in a block's recomputation kept for its backward pass, and the compute-dtype LoRA
@@ -49,6 +52,7 @@ struct PlanRequest {
   std::optional<double> gpu_memory_gib;  // the budget; default: the device's free memory at start, less a margin
   std::optional<bool> checkpointing;     // default true; "auto": the plan may run without it where memory allows
   bool checkpointing_auto = false;
+  std::optional<int64_t> blocks_without_checkpointing;
   std::optional<bool> offload;
   std::optional<KeepLevel> keep;
   std::optional<bool> keep_dequantized;

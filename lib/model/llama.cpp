@@ -123,12 +123,15 @@ at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Ten
   // The checkpoint function records a backward node only when its input requires grad; with a frozen
   // embedding it would not, and the LoRA weights inside the blocks would get no gradient.
   if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
-  QT_CHECK(!block_hooks || checkpoint || !at::GradMode::is_enabled(), ErrorKind::Internal,
+  QT_CHECK(!block_hooks || ((checkpoint && plan.blocks_without_checkpointing == 0) || !at::GradMode::is_enabled()),
+           ErrorKind::Internal,
            "sharded blocks record for autograd only with checkpointing (their weights are freed after forward)");
+  // The last plan.blocks_without_checkpointing blocks keep their activations (no recomputation).
+  const size_t checkpointed = checkpoint ? layers.size() - std::min<size_t>(layers.size(), static_cast<size_t>(std::max<int64_t>(0, plan.blocks_without_checkpointing))) : 0;
   const Pass pass = base_pass();
   for (size_t i = 0; i < layers.size(); ++i) {
     if (block_hooks) block_hooks->before_block(i, /*backward=*/false);
-    h = checkpoint ? checkpointed_block(*this, i, h, cos, sin, mask) : block_forward(i, h, cos, sin, mask, pass);
+    h = i < checkpointed ? checkpointed_block(*this, i, h, cos, sin, mask) : block_forward(i, h, cos, sin, mask, pass);
     if (block_hooks) block_hooks->after_block(i, /*backward=*/false);
   }
   return rms_norm(h, norm, config.rms_norm_eps);
