@@ -1,0 +1,325 @@
+#include "apps/trainer/commands.h"
+
+// qlora-train's subcommands other than train: eval, export, generate, quantize, config (apps/trainer/commands.h).
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+
+#include <torch/headeronly/version.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <cmath>
+#include <csignal>
+#include <cstring>
+#include <unistd.h>
+#include <iostream>
+#include <set>
+
+#include "lib/core/error.h"
+#include "lib/core/json.h"
+#include "lib/core/log.h"
+#include "lib/data/jsonl.h"
+#include "lib/data/records.h"
+#include "lib/data/tokenizer.h"
+#include "lib/data/unicode_text.h"
+#include "lib/core/files.h"
+#include "lib/export/gguf_llama.h"
+#include "lib/comm/launch_env.h"
+#include "lib/model/generate.h"
+#include "lib/model/hf_loader.h"
+#include "lib/model/merge.h"
+#include "lib/model/peft_adapter.h"
+#include "lib/model/quantize_model.h"
+#include "lib/train/evaluate.h"
+#include "lib/train/output_dir.h"
+#include "lib/train/run_config.h"
+#include "lib/train/trainer.h"
+
+namespace qt::cli {
+
+// `config --print`: the run config as training would read it, every default included (the same JSON as
+// output_dir/config.resolved.json); without --config, the defaults, with the keys a run must give null.
+int run_config(const ConfigArgs& args) {
+  if (!args.print) qt::fail(qt::ErrorKind::Usage, "config: pass --print (the resolved config on stdout)");
+  qt::RunConfig config;
+  if (args.config.empty()) {
+    qt::Json j = qt::Json::object();
+    for (const auto& o : args.overrides) qt::apply_override(j, o);
+    config = qt::RunConfig::from_json(j, "--set", /*complete=*/false);
+  } else {
+    config = qt::RunConfig::load(args.config, args.overrides);
+  }
+  std::cout << config.to_json().dump(2) << std::endl;
+  return 0;
+}
+
+
+
+at::Device parse_device(const std::string& name) {
+  if (name == "cpu") return at::kCPU;
+  if (name == "cuda") {
+    if (!at::hasCUDA()) qt::fail(qt::ErrorKind::Device, "--device cuda: no CUDA device is available");
+    return at::Device(at::kCUDA, 0);
+  }
+  qt::fail(qt::ErrorKind::Usage, "--device '" + name + "': expected cpu or cuda");
+}
+
+// `export --dtype`: auto, or a dtype name as the run config's model.dtype takes them (lib/model/llama_config.h),
+// given to run_export as bf16, fp16 or fp32.
+std::string export_dtype_name(const std::string& name) {
+  if (name == "auto") return name;
+  const auto dtype = qt::user_dtype(name);
+  if (!dtype) throw CLI::ValidationError("'" + name + "': expected auto, " + qt::kUserDtypeNames);
+  return qt::dtype_short_name(*dtype);
+}
+
+// eval and generate run the model by the plan training would choose for the same device and row length (the same
+// defaults: the attention kernel, ...); what a plan keeps for a backward pass does not apply without one.
+void apply_plan(qt::LlamaModel& model, const at::Device& device, int64_t seq) {
+  qt::PlanInputs in;
+  in.model = model.config;
+  in.seq = std::max<int64_t>(seq, 1);
+  in.cuda = device.is_cuda();
+  in.element_size = static_cast<int64_t>(c10::elementSize(model.dtype()));
+  model.plan = qt::decide_plan(in, qt::PlanRequest{}).plan;
+  model.to_host(model.plan.embeddings_on_host, model.plan.lm_head_on_host);
+}
+
+// The data section's reading of records (lib/data/data_config.h) from eval's / generate's options, which take
+// the run config's names and defaults; `command` names them in errors.
+qt::DataConfig record_config(const std::string& command, const std::string& format, const std::string& chat_template,
+                             bool train_on_prompt, bool add_eos) {
+  return qt::DataConfig::from_json(qt::Json{{"train_file", "-"}, {"format", format}, {"chat_template", chat_template},
+                                            {"train_on_prompt", train_on_prompt}, {"add_eos", add_eos}},
+                                   command);
+}
+
+// Runs f; a data error that names the run config's data.format / data.chat_template names the options instead.
+template <typename F>
+auto with_option_names(F&& f) -> decltype(f()) {
+  try {
+    return f();
+  } catch (const qt::Error& e) {
+    std::string m = e.what();
+    for (auto [from, to] : {std::pair<std::string, std::string>{"data.chat_template", "--chat-template"},
+                            {"data.format", "--format"}})
+      for (size_t at = m.find(from); at != std::string::npos; at = m.find(from, at + to.size()))
+        m.replace(at, from.size(), to);
+    throw qt::Error(e.kind(), m);
+  }
+}
+
+// A LoRA adapter directory given where a model directory belongs: say so, before a tokenizer is looked for.
+void check_not_adapter(const std::string& model_dir) {
+  if (qt::files::exists(qt::files::join(model_dir, qt::kAdapterConfigFile)) &&
+      !qt::files::exists(qt::files::join(model_dir, "config.json")))
+    qt::fail(qt::ErrorKind::Model, model_dir + " is a LoRA adapter (" + qt::kAdapterConfigFile +
+                                       "); pass it as --adapter and its base as --model");
+}
+
+// --adapter onto --model, with a warning when the adapter names another local base.
+void load_adapter(qt::LlamaModel& model, const std::string& adapter, const std::string& model_dir) {
+  std::string named;
+  if (qt::adapter_names_other_base(adapter, model_dir, &named))
+    qt::log::warn("the adapter " + adapter + " was trained on " + named + ", not on --model " + model_dir +
+                  " (adapter_config.json's base_model_name_or_path); its outputs may be meaningless");
+  qt::load_peft_adapter(model, adapter);
+}
+
+// eval --config FILE: the run config's model.path, data.format, data.chat_template, data.train_on_prompt,
+// data.add_eos, data.max_seq_len and model.quant, each where the command line does not give it.
+EvalArgs with_run_config(EvalArgs a) {
+  if (!a.config.empty()) {
+    const qt::RunConfig c = qt::RunConfig::load(a.config, a.overrides, /*complete=*/false);
+    auto unset = [&](const char* option) { return a.given.count(option) == 0; };
+    if (unset("--model")) a.model = c.model.path;
+    if (unset("--format")) a.format = qt::record_format_name(c.parsed_data.format);
+    if (unset("--chat-template")) a.chat_template = qt::chat_template_name(c.parsed_data.chat_template);
+    if (unset("--train-on-prompt")) a.train_on_prompt = c.parsed_data.train_on_prompt;
+    if (unset("--add-eos")) a.add_eos = c.parsed_data.add_eos;
+    if (unset("--max-seq-len")) a.max_seq_len = c.parsed_data.max_seq_len;
+    if (unset("--quant")) a.quant = c.model.quant;
+  } else if (!a.overrides.empty()) {
+    qt::fail(qt::ErrorKind::Usage, "eval: --set overrides a key of --config FILE");
+  }
+  if (a.model.empty()) qt::fail(qt::ErrorKind::Usage, "eval: --model DIR is required (or --config FILE: its model.path)");
+  return a;
+}
+
+int run_eval(const EvalArgs& given) {
+  const EvalArgs args = with_run_config(given);
+  const at::Device device = parse_device(args.device);
+  check_not_adapter(args.model);
+  const qt::DataConfig data =
+      record_config("eval", args.format, args.chat_template, args.train_on_prompt, args.add_eos);
+  // fp32 on the CPU (exact comparisons with references), bf16 on the GPU.
+  qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
+  load.quantize_nf4 = args.quant == "nf4";  // as training loads the base, so that eval's figures are the trained model's
+  auto tokenizer = qt::load_tokenizer(args.model);
+  // Records read, rendered and masked by training's code (lib/data/records.h), before the model loads.
+  const std::vector<qt::Example> docs =
+      with_option_names([&] { return qt::load_examples(args.data, data, *tokenizer); });
+  qt::LlamaModel model = qt::load_llama(args.model, load);
+  if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
+  apply_plan(model, device, args.max_seq_len);
+  qt::EvalResult r = qt::evaluate_loss(model, docs, args.max_seq_len);
+  if (r.truncated) qt::log::warn(std::to_string(r.truncated) + " of " + std::to_string(r.documents) +
+                                 " records were longer than --max-seq-len " + std::to_string(args.max_seq_len) +
+                                 " tokens and were truncated");
+  if (r.tokens == 0)
+    qt::fail_at(qt::ErrorKind::Data, args.data,
+                "no record has a target token to evaluate (a text record needs two or more tokens; prompts are not "
+                "targets unless --train-on-prompt)");
+  if (!std::isfinite(r.mean_loss())) qt::fail(qt::ErrorKind::Numeric, "evaluation loss is not finite");
+  qt::Json out = {{"loss", r.mean_loss()}, {"perplexity", r.perplexity()}, {"tokens", r.tokens},
+                  {"records", r.documents}, {"truncated", r.truncated}};
+  std::cout << out.dump() << std::endl;
+  return 0;
+}
+
+// The base of an adapter: --model, else adapter_config.json's base_model_name_or_path (a local directory).
+std::string adapter_base(const std::string& model, const std::string& adapter_dir) {
+  if (!model.empty()) return model;
+  const std::string base = qt::read_peft_adapter_config(adapter_dir).base_model_name_or_path;
+  if (base.empty())
+    qt::fail_at(qt::ErrorKind::Usage, qt::files::join(adapter_dir, qt::kAdapterConfigFile),
+                "base_model_name_or_path is null: pass --model DIR");
+  if (!qt::files::is_dir(base))
+    qt::fail_at(qt::ErrorKind::Usage, qt::files::join(adapter_dir, qt::kAdapterConfigFile),
+                "base_model_name_or_path '" + base + "' is not a local directory (no downloads): pass --model DIR");
+  return base;
+}
+
+int run_export(const ExportArgs& args) {
+  const std::string base = adapter_base(args.model, args.adapter);
+  if (!args.gguf.empty()) {
+    qt::GgufExportRequest req{base, args.adapter, args.out, qt::parse_gguf_file_type(args.gguf), {}};
+    req.load = qt::LoadOptions{parse_device(args.device), at::kFloat};
+    req.load.quantize_nf4 = args.quant == "nf4";  // the base as training saw it, as --merge merges it
+    const qt::GgufExportStats s = qt::export_gguf(req);
+    qt::log::info("merged " + std::to_string(s.merged) + " adapters into " + base + ": " + std::to_string(s.tensors) +
+                  " tensors, " + std::to_string(s.bytes >> 20) + " MiB at " + s.gguf_path);
+    std::cout << qt::Json{{"out", args.out}, {"gguf", s.gguf_path}, {"modelfile", s.modelfile_path},
+                          {"type", args.gguf}, {"base", base}, {"adapters", s.merged}, {"tensors", s.tensors},
+                          {"bytes", s.bytes}, {"chat_format", s.chat_format}}.dump()
+              << std::endl;
+    return 0;
+  }
+  if (!args.merge) {
+    // The adapter alone, in PEFT's format, checked against the base's shapes (config.json only is read).
+    const std::string config_path = qt::find_model_files(base).config_path;
+    const qt::LlamaConfig config =
+        qt::LlamaConfig::from_json(qt::read_json_file(config_path, qt::ErrorKind::Model), config_path);
+    if (qt::files::exists(args.out) && !qt::files::list_dir(args.out).empty())
+      qt::fail_at(qt::ErrorKind::Usage, args.out, "output directory exists and is not empty");
+    qt::copy_peft_adapter(args.adapter, args.out, args.model, &config);
+    std::cout << qt::Json{{"out", args.out}, {"merged", false}, {"base", base}}.dump() << std::endl;
+    return 0;
+  }
+  const at::Device device = parse_device(args.device);
+  // The base as training saw it (NF4, quantized on load, unless --quant none); merged in fp32.
+  qt::LoadOptions load{device, at::kFloat};
+  load.quantize_nf4 = args.quant == "nf4";
+  qt::LlamaModel model = qt::load_llama(base, load);
+  qt::load_peft_adapter(model, args.adapter);
+  at::ScalarType dtype = at::kBFloat16;  // auto: the base's 16-bit dtype, else bf16
+  if (args.dtype == "auto") {
+    if (model.config.dtype == at::kHalf || model.config.dtype == at::kBFloat16) dtype = model.config.dtype;
+  } else {
+    dtype = args.dtype == "fp32" ? at::kFloat : args.dtype == "fp16" ? at::kHalf : at::kBFloat16;
+  }
+  qt::MergedExportStats s = qt::save_merged_model(model, base, args.out, dtype);
+  qt::log::info("merged " + std::to_string(s.merged) + " adapters into " + base + ": " + std::to_string(s.tensors) +
+                " tensors, " + std::to_string(s.bytes >> 20) + " MiB in " + std::to_string(s.shards) + " shard(s) at " + args.out);
+  std::cout << qt::Json{{"out", args.out}, {"merged", true}, {"base", base}, {"adapters", s.merged},
+                        {"dtype", qt::dtype_hf_name(dtype)}, {"shards", s.shards}}.dump()
+            << std::endl;
+  return 0;
+}
+
+// Ids that end generation: the tokenizer's EOS, generation_config.json's and config.json's eos_token_id (an id
+// or a list; transformers' generate falls back on the model config's), and Llama 3's end-of-turn token when the
+// vocabulary has it, and ChatML's end of turn.
+std::vector<int32_t> stop_ids(const std::string& model_dir, const qt::Tokenizer& tokenizer) {
+  std::vector<int32_t> ids;
+  if (tokenizer.eos_id() >= 0) ids.push_back(tokenizer.eos_id());
+  for (const char* name : {"generation_config.json", "config.json"}) {
+    const std::string gen = qt::files::join(model_dir, name);
+    if (!qt::files::exists(gen)) continue;
+    const qt::Json j = qt::read_json_file(gen, qt::ErrorKind::Model);
+    if (j.contains("eos_token_id")) {
+      const qt::Json& e = j["eos_token_id"];
+      if (e.is_number_integer()) ids.push_back(e.get<int32_t>());
+      else if (e.is_array())
+        for (const auto& v : e)
+          if (v.is_number_integer()) ids.push_back(v.get<int32_t>());
+    }
+  }
+  for (const char* t : {"<|eot_id|>", "<|end_of_text|>", "<|im_end|>"})
+    if (int32_t id = tokenizer.token_to_id(t); id >= 0) ids.push_back(id);
+  return ids;
+}
+
+// The prompt's tokens: as they are (text: BOS as the tokenizer says), or an alpaca / chat record's prompt as
+// training renders and masks it (the tokens before the answer).
+std::vector<int32_t> generation_prompt(const GenerateArgs& args, const qt::Tokenizer& tokenizer) {
+  if (!args.system.empty() && args.format != "chat")
+    qt::fail(qt::ErrorKind::Usage, "--system is the system message of --format chat");
+  if (!args.input.empty() && args.format != "alpaca")
+    qt::fail(qt::ErrorKind::Usage, "--input is the alpaca record's input (--format alpaca)");
+  if (args.format == "text") {
+    std::vector<int32_t> prompt;
+    if (tokenizer.add_bos() && tokenizer.bos_id() >= 0) prompt.push_back(tokenizer.bos_id());
+    for (int32_t id : tokenizer.encode(args.prompt)) prompt.push_back(id);
+    return prompt;
+  }
+  const qt::DataConfig data = record_config("generate", args.format, args.chat_template, false, true);
+  const qt::Json record = qt::prompt_record(data.format, args.prompt, args.input, args.system);
+  return with_option_names(
+      [&] { return qt::prompt_tokens(qt::tokenize_record(record, "--prompt", data, tokenizer)); });
+}
+
+int run_generate(const GenerateArgs& args) {
+  const at::Device device = parse_device(args.device);
+  check_not_adapter(args.model);
+  qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
+  load.quantize_nf4 = args.quant == "nf4";  // as training loads the base
+  auto tokenizer = qt::load_tokenizer(args.model);
+  const std::vector<int32_t> prompt = generation_prompt(args, *tokenizer);
+  qt::LlamaModel model = qt::load_llama(args.model, load);
+  if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
+  apply_plan(model, device, model.config.max_position_embeddings);
+  qt::GenerateOptions options;
+  options.max_new_tokens = args.max_new_tokens;
+  options.temperature = args.temperature;
+  options.top_p = args.top_p;
+  options.seed = args.seed;
+  options.stop_ids = stop_ids(args.model, *tokenizer);
+  options.max_seq_len = model.config.max_position_embeddings;
+  qt::GenerateResult r = qt::generate_tokens(model, prompt, options);
+  std::vector<int32_t> text_ids = r.tokens;
+  if (r.stopped) text_ids.pop_back();  // the stop token is not part of the text
+  // A byte-level BPE model may stop inside a UTF-8 sequence: the text is made valid as transformers' decode makes
+  // it (U+FFFD per maximal ill-formed subpart), for the JSON line and the plain output alike.
+  const std::string text = qt::unicode::replace_invalid_utf8(tokenizer->decode(text_ids));
+  if (args.json) {
+    std::cout << qt::Json{{"prompt_ids", prompt}, {"ids", r.tokens}, {"text", text},
+                          {"stop", r.stopped ? "eos" : "length"}}.dump()
+              << std::endl;
+  } else {
+    std::cout << text << std::endl;
+  }
+  return 0;
+}
+
+int run_quantize(const QuantizeArgs& args) {
+  qt::QuantizeStats s = qt::quantize_model_dir(args.model, args.out, parse_device(args.device));
+  qt::log::info("quantized " + std::to_string(s.linears) + " linears: " + std::to_string(s.input_bytes >> 20) + " MiB -> " +
+                std::to_string(s.output_bytes >> 20) + " MiB in " + std::to_string(s.shards) + " shard(s) at " + args.out);
+  std::cout << qt::Json{{"linears", s.linears}, {"input_bytes", s.input_bytes}, {"output_bytes", s.output_bytes},
+                        {"shards", s.shards}, {"out", args.out}}.dump()
+            << std::endl;
+  return 0;
+}
+
+}  // namespace qt::cli

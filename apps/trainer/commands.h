@@ -1,0 +1,86 @@
+#pragma once
+// The subcommands other than train (apps/trainer/commands.cpp): their options as CLI11 fills them, and the runs.
+#include <cstdint>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace qt::cli {
+
+struct EvalArgs {
+  std::string model;
+  std::string data;
+  int64_t max_seq_len = 2048;
+  std::string device = "cpu";
+  std::string quant = "nf4";
+  std::string adapter;
+  // How records are read, rendered and masked: the run config's data.format, data.chat_template,
+  // data.train_on_prompt and data.add_eos, with the same defaults.
+  std::string format = "auto";
+  std::string chat_template = "auto";
+  bool train_on_prompt = false;
+  bool add_eos = true;
+  std::string config;  // a run config: its model.path, data options and max_seq_len, model.quant
+  std::vector<std::string> overrides;
+  std::set<std::string> given;  // the options on the command line ("--format", ...): they win over --config
+};
+
+struct ExportArgs {
+  std::string adapter;
+  std::string model;  // default: adapter_config.json's base_model_name_or_path
+  std::string out;
+  bool merge = false;
+  std::string dtype = "auto";
+  std::string device = "cpu";
+  std::string quant = "nf4";
+  std::string gguf;  // f16 | bf16 | q8_0: one GGUF file of the merged model (+ an Ollama Modelfile)
+};
+
+struct GenerateArgs {
+  std::string model;
+  std::string adapter;
+  std::string prompt;
+  int64_t max_new_tokens = 128;
+  double temperature = 0.0;
+  double top_p = 1.0;
+  uint64_t seed = 0;
+  std::string device = "cpu";
+  std::string quant = "nf4";
+  bool json = false;
+  std::string format = "text";  // text: the prompt as it is; alpaca / chat: rendered as training renders it
+  std::string chat_template = "auto";
+  std::string system;  // chat: a system message before the prompt
+  std::string input;   // alpaca: the record's "input"
+};
+
+struct TrainArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  std::string resume;
+  bool overwrite_output_dir = false;
+  bool resume_allow_changes = false;
+};
+
+struct ConfigArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  bool print = false;
+};
+
+struct QuantizeArgs {
+  std::string model;
+  std::string out;
+  std::string device = "cpu";
+};
+
+// `export --dtype`'s check: auto, or a dtype name as model.dtype takes them, given to run_export as bf16, fp16 or
+// fp32 (CLI::ValidationError otherwise).
+std::string export_dtype_name(const std::string& name);
+
+int run_eval(const EvalArgs& args);
+int run_export(const ExportArgs& args);
+int run_generate(const GenerateArgs& args);
+int run_quantize(const QuantizeArgs& args);
+int run_config(const ConfigArgs& args);
+
+}  // namespace qt::cli
