@@ -358,9 +358,9 @@ TEST_CASE("causal_attention (one node over the fused kernel, grouped K/V) equals
     }
     REQUIRE(stash.out.defined());
     stash.replay = true;
-    const int64_t runs = qt::causal_attention_forward_runs();
+    REQUIRE(stash.forward_runs == 1);
     at::Tensor again = qt::causal_attention(q, k, v, 0.25, false, &stash);
-    CHECK(qt::causal_attention_forward_runs() == runs);
+    CHECK(stash.forward_runs == 1);
     auto replay_grads = torch::autograd::grad({(again * w).sum()}, {q, k, v});
     CHECK(at::equal(again.detach(), out.detach()));
     for (int i = 0; i < 3; ++i) CHECK(rel_err(replay_grads[i], grads[i]) < 1e-6);
@@ -379,10 +379,9 @@ TEST_CASE("keep_attention replays the attention output in the recomputation: sam
       at::manual_seed(12);
       at::Tensor ids = at::randint(0, model.config.vocab_size, {2, 13}, at::kLong);
       at::Tensor w = at::randn({2, 13, model.config.hidden_size});
-      const int64_t before = qt::causal_attention_forward_runs();
       at::Tensor h = model.forward_hidden(model.embed(ids));
       (h * w).sum().backward();
-      *forwards = qt::causal_attention_forward_runs() - before;
+      *forwards = model.stats->attention_forwards;
       std::vector<at::Tensor> out{h.detach()};
       for (auto& [n, t] : named)
         if (t->grad().defined()) out.push_back(t->grad().clone());
@@ -426,10 +425,9 @@ TEST_CASE("keep_attention on CUDA (cuDNN and FlashAttention-2, bf16, block input
         at::manual_seed(21);
         at::Tensor ids = at::randint(0, model.config.vocab_size, {2, 40}, at::kLong).to(cuda);
         at::Tensor w = at::randn({2, 40, model.config.hidden_size}).to(cuda);
-        const int64_t before = qt::causal_attention_forward_runs();
         at::Tensor h = model.forward_hidden(model.embed(ids));
         (h.to(at::kFloat) * w).sum().backward();
-        runs[keep] = qt::causal_attention_forward_runs() - before;
+        runs[keep] = model.stats->attention_forwards;
         out[keep].push_back(h.detach().to(at::kFloat));
         for (auto& [n, t] : named)
           if (t->grad().defined()) out[keep].push_back(t->grad().to(at::kFloat));

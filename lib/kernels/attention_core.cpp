@@ -18,7 +18,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-std::atomic<int64_t> g_forward_runs{0};
 
 at::Tensor expand_kv(const at::Tensor& t, int64_t groups) {
   return groups == 1 ? t : t.repeat_interleave(groups, /*dim=*/1);
@@ -59,7 +58,7 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
       cum_q = stash->cum_q;
       cum_k = stash->cum_k;
     } else {
-      ++g_forward_runs;
+      if (stash) ++stash->forward_runs;
       if (backend == AttentionBackend::CpuFlash) {
         std::tie(out, lse) = at::_scaled_dot_product_flash_attention_for_cpu(q, ke, ve, 0.0, /*is_causal=*/true,
                                                                                std::nullopt, scale);
@@ -155,6 +154,5 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return CausalAttentionFn::apply(q, k, v, scale, static_cast<int64_t>(backend), reinterpret_cast<int64_t>(stash))[0];
 }
 
-int64_t causal_attention_forward_runs() { return g_forward_runs.load(); }
 
 }  // namespace qt

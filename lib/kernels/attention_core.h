@@ -13,6 +13,7 @@ namespace qt {
 
 struct AttentionStash {
   bool replay = false;  // false: record the output and log-sum-exp here; true: give them back instead of computing
+  int64_t forward_runs = 0;  // forward kernels causal_attention ran with this stash (replays run none)
   at::Tensor out, lse;
   // The CUDA kernels' other outputs, passed back to their backward as autograd would: philox state (unused
   // without dropout) and the cumulative-length tensors (empty for dense rows).
@@ -40,7 +41,5 @@ bool causal_attention_supported(const at::Tensor& q);
 at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                             bool prefer_cudnn, AttentionStash* stash);
 
-// Forward kernel launches of causal_attention so far in this process (replays not counted): for tests.
-int64_t causal_attention_forward_runs();
 
 }  // namespace qt

@@ -25,7 +25,6 @@ void nf4_dequant_launch(const Nf4DequantJob*, int, Nf4OutType, CUstream_st*) {
 
 namespace {
 
-std::atomic<int64_t> g_dequantized{0};
 
 Nf4OutType out_type(at::ScalarType t) {
   switch (t) {
@@ -85,7 +84,6 @@ void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, const std::ve
   QT_CHECK(!ds.empty() && ds.size() == outs.size(), ErrorKind::Internal,
            "nf4_dequant_group_into: one output per weight expected");
   for (size_t i = 0; i < ds.size(); ++i) check_out(*ds[i], outs[i]);
-  g_dequantized += static_cast<int64_t>(ds.size());
   if (!outs[0].is_cuda()) {
     for (size_t i = 0; i < ds.size(); ++i)
       outs[i].copy_(nf4_dequant_ref(*ds[i], outs[i].scalar_type()).view(outs[i].sizes()));
@@ -117,7 +115,6 @@ void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, const std::ve
 #endif
 }
 
-int64_t nf4_dequantized_weights() { return g_dequantized.load(); }
 
 void nf4_dequant_into(const Nf4Data& d, const at::Tensor& out) {
   std::vector<const Nf4Data*> ds{&d};

@@ -53,10 +53,6 @@ bool nf4_cuda_compiled();
 // c10::cuda::CUDAStreamGuard). CPU: the reference. Either way the bits are those of nf4_dequant_ref.
 void nf4_dequant_into(const Nf4Data& d, const at::Tensor& out);
 
-// Weights dequantized so far by the two calls below, in this process (for tests: how often the training step
-// dequantizes each weight).
-int64_t nf4_dequantized_weights();
-
 // Several weights in one launch on CUDA (at most kNf4MaxJobs, one output dtype); one after another on CPU.
 void nf4_dequant_group_into(const std::vector<const Nf4Data*>& ds, const std::vector<at::Tensor>& outs);
 

@@ -111,9 +111,11 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
     const bool cudnn = plan.attention == AttentionKernel::Cudnn && q.is_cuda() && cudnn_admits(B, S);
     if (stash && !dense.defined() && causal_attention_supported(q.transpose(1, 2))) {
       if (!stash->replay && stash->keep_qkv && fused_qkv) stash->q = q, stash->k = k, stash->v = v;
+      const int64_t runs = stash->forward_runs;
       o = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                            1.0 / std::sqrt(static_cast<double>(hd)), cudnn, stash)
               .transpose(1, 2);
+      if (stash->forward_runs > runs) pass.count(&ModelStats::attention_forwards);
       // keep_residual's recomputation: block_forward puts the kept residual in place of h + this output.
       const at::Tensor o2 = o.reshape({B, S, config.q_size()});
       return stash->replay && stash->residual.defined() ? linear_output_unused(b.o_proj, o2, pass)

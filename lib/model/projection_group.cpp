@@ -88,6 +88,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       at::mm_out(t, x2, a.t());  // [N, sum r], in place in the wider input
       if (extra > r) xc.narrow(1, in + r, extra - r).zero_();
       W = weight(ls, total, dt, bd, extra);
+      if (pass.stats) pass.stats->dequantized_weights += static_cast<int64_t>(ls.size());
       y = at::mm(xc, W.t());
       W = W.narrow(1, 0, in);
       x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
@@ -95,11 +96,13 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     } else {
       t = at::mm(x2, a.t());  // [N, sum r]
       W = weight(ls, total, dt);
+      if (pass.stats) pass.stats->dequantized_weights += static_cast<int64_t>(ls.size());
       y = at::mm(x2, W.t());
       y.addmm_(t, bd.t());
     }
     ctx->save_for_backward({x2, a, bd, t, pass.keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linears"] = linear_ptrs;
+    ctx->saved_data["stats"] = reinterpret_cast<int64_t>(pass.stats);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = total;
     return {y.view(shape)};
@@ -115,6 +118,8 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     at::Tensor g = at::mm(dy, bd);  // the gradient of t, [N, sum r]
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
+      auto* stats = reinterpret_cast<ModelStats*>(ctx->saved_data["stats"].toInt());
+      if (!kept.defined() && stats) stats->dequantized_weights += static_cast<int64_t>(ls.size());
       dx = at::mm(dy, kept.defined() ? kept : weight(ls, total, dt));
       dx.addmm_(g, a);
     }

@@ -16,21 +16,26 @@ namespace {
 at::Tensor nf4_linear_backward(torch::autograd::AutogradContext* ctx, const at::Tensor& grad) {
   const auto* w = reinterpret_cast<const Nf4Weight*>(ctx->saved_data["w"].toInt());
   auto dtype = static_cast<c10::ScalarType>(ctx->saved_data["dtype"].toInt());
+  if (auto* stats = reinterpret_cast<ModelStats*>(ctx->saved_data["stats"].toInt())) ++stats->dequantized_weights;
   at::Tensor W = w->dequantize(dtype);
   return at::matmul(grad.to(dtype), W);
 }
 
 struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t weight_ptr) {
+  // stats_ptr: the ModelStats that count the dequantizations (0: none).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t weight_ptr,
+                            int64_t stats_ptr) {
     const auto* w = reinterpret_cast<const Nf4Weight*>(weight_ptr);
     ctx->saved_data["w"] = weight_ptr;
     ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    ctx->saved_data["stats"] = stats_ptr;
+    if (auto* stats = reinterpret_cast<ModelStats*>(stats_ptr)) ++stats->dequantized_weights;
     at::Tensor W = w->dequantize(x.scalar_type());
     return at::matmul(x, W.t());
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    return {nf4_linear_backward(ctx, grads[0]), at::Tensor()};
+    return {nf4_linear_backward(ctx, grads[0]), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -40,10 +45,12 @@ struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
 struct Nf4DoraFn : public torch::autograd::Function<Nf4DoraFn> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 int64_t weight_ptr, const at::Tensor& A, const at::Tensor& B,
-                                                double scale) {
+                                                double scale, int64_t stats_ptr) {
     const auto* w = reinterpret_cast<const Nf4Weight*>(weight_ptr);
     ctx->saved_data["w"] = weight_ptr;
     ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    ctx->saved_data["stats"] = stats_ptr;
+    if (auto* stats = reinterpret_cast<ModelStats*>(stats_ptr)) ++stats->dequantized_weights;
     at::Tensor W = w->dequantize(x.scalar_type());
     at::Tensor y = at::matmul(x, W.t());
     at::Tensor norm = dora_weight_norm(W, A, B, scale);
@@ -52,7 +59,7 @@ struct Nf4DoraFn : public torch::autograd::Function<Nf4DoraFn> {
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    return {nf4_linear_backward(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {nf4_linear_backward(ctx, grads[0]), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -77,11 +84,13 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       pass.count(&ModelStats::outputs_skipped);
     } else {
       W = l->base_weight(dt);
+      if (l->quantized()) pass.count(&ModelStats::dequantized_weights);
       y = at::mm(x2, W.t());
       y.addmm_(t, bs.t());
     }
     ctx->save_for_backward({x2, a, bs, t, pass.keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linear"] = linear_ptr;
+    ctx->saved_data["stats"] = reinterpret_cast<int64_t>(pass.stats);
     ctx->saved_data["scale"] = scale;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = y.size(1);
@@ -98,6 +107,8 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     at::Tensor g = at::mm(dy, bs);  // [N, r]
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
+      auto* stats = reinterpret_cast<ModelStats*>(ctx->saved_data["stats"].toInt());
+      if (!kept.defined() && l->quantized() && stats) ++stats->dequantized_weights;
       dx = at::mm(dy, kept.defined() ? kept : l->base_weight(dt));
       dx.addmm_(g, a);
     }
@@ -179,13 +190,15 @@ std::pair<at::Tensor, at::Tensor> lora_factors(const Pass& pass, const std::vect
   return pass.factors ? pass.factors->get(ls, ab, dt, pass.stats) : LoraFactorCache::make(ls, ab, dt);
 }
 
-at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w) {
-  return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()));
+at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w, ModelStats* stats) {
+  return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()), reinterpret_cast<int64_t>(stats));
 }
 
 std::pair<at::Tensor, at::Tensor> nf4_linear_dora_norm(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w,
-                                                       const at::Tensor& A, const at::Tensor& B, double scale) {
-  auto out = Nf4DoraFn::apply(x, reinterpret_cast<int64_t>(w.get()), A.detach(), B.detach(), scale);
+                                                       const at::Tensor& A, const at::Tensor& B, double scale,
+                                                       ModelStats* stats) {
+  auto out = Nf4DoraFn::apply(x, reinterpret_cast<int64_t>(w.get()), A.detach(), B.detach(), scale,
+                              reinterpret_cast<int64_t>(stats));
   return {out[0], out[1]};
 }
 
@@ -229,13 +242,13 @@ at::Tensor linear_output_unused(const Linear& l, const at::Tensor& x, const Pass
 }
 
 at::Tensor Linear::forward(const at::Tensor& x, const Pass& pass) const {
-  if (lora && lora->dora()) return dora_forward(x);
+  if (lora && lora->dora()) return dora_forward(x, pass);
   if (lora_node_applies(*this)) {
     at::Tensor y = LoraLinearFn::apply(x, lora->A, lora->B, lora->scale, reinterpret_cast<int64_t>(this),
                                        /*output_unused=*/false, reinterpret_cast<int64_t>(&pass));
     return bias.defined() ? y + bias.to(y.scalar_type()) : y;
   }
-  at::Tensor y = quantized() ? nf4_linear(x, nf4) : at::linear(x, weight);
+  at::Tensor y = quantized() ? nf4_linear(x, nf4, pass.stats) : at::linear(x, weight);
   if (bias.defined()) y = y + bias.to(y.scalar_type());
   if (lora) {
     at::Tensor h = (training && lora->dropout > 0) ? at::dropout(x, lora->dropout, /*train=*/true) : x;
@@ -256,14 +269,14 @@ at::Tensor Linear::forward(const at::Tensor& x, const Pass& pass) const {
 // where h = dropout(x) and base = h W^T when dropout is active in training, else h = x and base = x W^T (the base
 // result less its bias). Without dropout that sums to m / n * (x W^T + scale B A x) + bias, computed so here; with
 // it, x W^T - h W^T + m / n * (h W^T + scale B A h) + bias. As for LoRA, h W^T + scale B A h is one addmm.
-at::Tensor Linear::dora_forward(const at::Tensor& x) const {
+at::Tensor Linear::dora_forward(const at::Tensor& x, const Pass& pass) const {
   const LoraAdapter& a = *lora;
   const bool drop = training && a.dropout > 0;
   const at::Tensor h = drop ? at::dropout(x, a.dropout, /*train=*/true) : x;
   const auto dt = x.scalar_type();
   at::Tensor base_h, norm;
   if (quantized()) {
-    std::tie(base_h, norm) = nf4_linear_dora_norm(h, nf4, a.A, a.B, a.scale);
+    std::tie(base_h, norm) = nf4_linear_dora_norm(h, nf4, a.A, a.B, a.scale, pass.stats);
   } else {
     base_h = at::linear(h, weight);
     norm = dora_weight_norm(weight, a.A, a.B, a.scale);
@@ -274,7 +287,7 @@ at::Tensor Linear::dora_forward(const at::Tensor& x) const {
   const int64_t out = base_h.size(-1);
   const at::Tensor v = at::addmm(base_h.reshape({-1, out}), t.reshape({-1, t.size(-1)}), Bs.t()).view(base_h.sizes());
   at::Tensor y = ratio * v;
-  if (drop) y = y + (quantized() ? nf4_linear(x, nf4) : at::linear(x, weight)) - base_h;
+  if (drop) y = y + (quantized() ? nf4_linear(x, nf4, pass.stats) : at::linear(x, weight)) - base_h;
   if (bias.defined()) y = y + bias.to(y.scalar_type());
   return y;
 }

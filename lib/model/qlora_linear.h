@@ -49,7 +49,7 @@ struct Linear {
   at::Tensor forward(const at::Tensor& x, const Pass& pass = {}) const;
 
  private:
-  at::Tensor dora_forward(const at::Tensor& x) const;
+  at::Tensor dora_forward(const at::Tensor& x, const Pass& pass) const;
 };
 
 // The LoRA node's case, the fast path everywhere it applies: a frozen base (NF4, or dense without gradient), a
@@ -63,7 +63,8 @@ at::Tensor linear_output_unused(const Linear& l, const at::Tensor& x, const Pass
 
 // y = x W^T with W dequantized from NF4 into a scratch buffer in the forward pass and again in the backward
 // pass (the QLoRA recipe: no 16-bit copy of W lives between them). Gradient flows to x only.
-at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w);
+// `stats`, when given, counts the dequantizations.
+at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w, ModelStats* stats = nullptr);
 
 // DoRA's weight norm: the L2 norm of each row (output feature) of W + scale * B A, in fp32, without gradient.
 // Computed over blocks of rows so that W + scale * B A never exists whole; W may be any floating dtype.
@@ -73,7 +74,8 @@ at::Tensor dora_weight_norm(const at::Tensor& W, const at::Tensor& A, const at::
 // nf4_linear that also returns dora_weight_norm(W, A, B, scale) of the same just-in-time dequantized W (one
 // dequantization serves both). The norm carries no gradient; A and B are read detached.
 std::pair<at::Tensor, at::Tensor> nf4_linear_dora_norm(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w,
-                                                       const at::Tensor& A, const at::Tensor& B, double scale);
+                                                       const at::Tensor& A, const at::Tensor& B, double scale,
+                                                       ModelStats* stats = nullptr);
 
 // The LoRA factors as the GEMMs take them, for a linear or a group of linears reading one input: a = the As
 // stacked [sum r, in] and bd = the scaled Bs on the diagonal of [sum out, sum r], in the activations' dtype.
