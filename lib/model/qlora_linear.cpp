@@ -21,17 +21,21 @@ at::Tensor nf4_linear_backward(torch::autograd::AutogradContext* ctx, const at::
   return at::matmul(grad.to(dtype), W);
 }
 
+// The forward pass's W, its weight, dtype and stats noted for the backward pass.
+at::Tensor nf4_forward_weight(torch::autograd::AutogradContext* ctx, int64_t weight_ptr, c10::ScalarType dtype,
+                              int64_t stats_ptr) {
+  ctx->saved_data["w"] = weight_ptr;
+  ctx->saved_data["dtype"] = static_cast<int64_t>(dtype);
+  ctx->saved_data["stats"] = stats_ptr;
+  if (auto* stats = reinterpret_cast<ModelStats*>(stats_ptr)) ++stats->dequantized_weights;
+  return reinterpret_cast<const Nf4Weight*>(weight_ptr)->dequantize(dtype);
+}
+
 struct Nf4LinearFn : public torch::autograd::Function<Nf4LinearFn> {
   // stats_ptr: the ModelStats that count the dequantizations (0: none).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t weight_ptr,
                             int64_t stats_ptr) {
-    const auto* w = reinterpret_cast<const Nf4Weight*>(weight_ptr);
-    ctx->saved_data["w"] = weight_ptr;
-    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
-    ctx->saved_data["stats"] = stats_ptr;
-    if (auto* stats = reinterpret_cast<ModelStats*>(stats_ptr)) ++stats->dequantized_weights;
-    at::Tensor W = w->dequantize(x.scalar_type());
-    return at::matmul(x, W.t());
+    return at::matmul(x, nf4_forward_weight(ctx, weight_ptr, x.scalar_type(), stats_ptr).t());
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -46,12 +50,7 @@ struct Nf4DoraFn : public torch::autograd::Function<Nf4DoraFn> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 int64_t weight_ptr, const at::Tensor& A, const at::Tensor& B,
                                                 double scale, int64_t stats_ptr) {
-    const auto* w = reinterpret_cast<const Nf4Weight*>(weight_ptr);
-    ctx->saved_data["w"] = weight_ptr;
-    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
-    ctx->saved_data["stats"] = stats_ptr;
-    if (auto* stats = reinterpret_cast<ModelStats*>(stats_ptr)) ++stats->dequantized_weights;
-    at::Tensor W = w->dequantize(x.scalar_type());
+    at::Tensor W = nf4_forward_weight(ctx, weight_ptr, x.scalar_type(), stats_ptr);
     at::Tensor y = at::matmul(x, W.t());
     at::Tensor norm = dora_weight_norm(W, A, B, scale);
     ctx->mark_non_differentiable({norm});

@@ -16,10 +16,28 @@ def check(cond, what):
         failures.append(what)
 
 
-def finish(what="checks"):
+def finish(what="checks", more=()):
+    """`more`: failures a script collected itself (printed here)."""
+    for f in more:
+        print("FAILED: " + f, flush=True)
+    failures.extend(more)
     if failures:
         sys.exit(f"{len(failures)} check(s) FAILED")
     print(f"all {what} passed", flush=True)
+
+
+def exit_case_failures(run, cases):
+    """Runs each (args, exit code, needles) case through run(*args) (the binary); the failures: another exit code,
+    or a message (stderr and stdout) lacking a needle."""
+    out = []
+    for args, code, needles in cases:
+        p = run(*args)
+        msg = p.stderr + p.stdout
+        if p.returncode != code or any(n not in msg for n in needles):
+            out.append(f"{args}: exit {p.returncode} (want {code}), message {msg!r} lacks {needles}")
+        else:
+            print(f"ok: exit {code}: {msg.strip().splitlines()[-1] if msg.strip() else ''}")
+    return out
 
 
 def save_config(directory, name, cfg, over):
@@ -32,11 +50,11 @@ def save_config(directory, name, cfg, over):
     return path
 
 
-def tiny_cpu_config(tmp, name, train, optim, checkpoint):
-    """tmp/name.json: NF4 model tmp/model on the CPU, LoRA r 4, packed 32-token rows of tmp/train.jsonl, output in
-    tmp/name; train, optim and checkpoint are those sections."""
+def tiny_cpu_config(tmp, name, train, optim, checkpoint, lora=None):
+    """tmp/name.json: NF4 model tmp/model on the CPU, LoRA r 4 (and the keys of `lora`), packed 32-token rows of
+    tmp/train.jsonl, output in tmp/name; train, optim and checkpoint are those sections."""
     cfg = {"output_dir": str(tmp / name), "model": {"path": str(tmp / "model"), "quant": "nf4", "device": "cpu"},
-           "lora": {"r": 4, "alpha": 8},
+           "lora": {"r": 4, "alpha": 8, **(lora or {})},
            "data": {"train_file": str(tmp / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
            "train": train, "optim": optim, "checkpoint": checkpoint, "logging": {"progress": "lines"}}
     path = tmp / f"{name}.json"

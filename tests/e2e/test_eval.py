@@ -4,6 +4,7 @@ import json, math, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import torch
 import tiny_lm
+from checks import exit_case_failures, finish
 
 BIN = os.environ["QT_BINARY"]
 
@@ -61,21 +62,12 @@ def main():
                   ["notext.jsonl:1", "'text'"]))
     cases.append((("eval", "--model", str(tmp / "model"), "--data", str(notext)), 5,
                   ["notext.jsonl:1", "cannot tell the record's format", "txt"]))
-    for args, code, needles in cases:
-        p = run(*args)
-        msg = p.stderr + p.stdout
-        if p.returncode != code or any(n not in msg for n in needles):
-            failures.append(f"{args}: exit {p.returncode} (want {code}), message {msg!r} lacks {needles}")
-        else:
-            print(f"ok: {' '.join(args[:1])} ... -> exit {code}: {msg.strip().splitlines()[-1] if msg.strip() else ''}")
+    failures += exit_case_failures(run, cases)
     for v in ("--help", "--version"):
         p = run(v)
         if p.returncode != 0 or "qlora-train" not in p.stdout:
             failures.append(f"{v}: exit {p.returncode}, {p.stdout!r}")
-    if failures:
-        print("FAILED:\n" + "\n".join(failures))
-        sys.exit(1)
-    print("all eval checks passed")
+    finish("eval checks", failures)
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ import json, os, pathlib, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import torch
+from checks import exit_case_failures, finish
 from test_eval import reference_loss
 from test_peft_roundtrip import last_json, make_setup, run, run_ok
 
@@ -72,17 +73,8 @@ def main():
          ["not empty"]),
         (("export", "--adapter", tmp / "none", "--model", tmp / "model", "--out", tmp / "y", "--merge"), 6, ["none"]),
     ]
-    for args, code, needles in cases:
-        p = run(*args)
-        msg = p.stderr + p.stdout
-        if p.returncode != code or any(n not in msg for n in needles):
-            failures.append(f"{args}: exit {p.returncode} (want {code}), message {msg!r} lacks {needles}")
-        else:
-            print(f"ok: exit {code}: {msg.strip().splitlines()[-1]}")
-    if failures:
-        print("FAILED:\n" + "\n".join(failures))
-        sys.exit(1)
-    print("all export checks passed")
+    failures += exit_case_failures(run, cases)
+    finish("export checks", failures)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import torch
 from test_peft_roundtrip import dequantized_model, last_json, make_setup, run, run_ok
+from checks import finish
 
 PROMPTS = ["the cat sat on", "qlora trains adapters"]
 N = 24
@@ -67,10 +68,7 @@ def main():
         p = run("generate", "--model", tmp / "model", "--prompt", "x", *args)
         if p.returncode != 2 or any(n not in p.stderr for n in needles):
             failures.append(f"{args}: exit {p.returncode}, {p.stderr!r}")
-    if failures:
-        print("FAILED:\n" + "\n".join(failures))
-        sys.exit(1)
-    print("all generate checks passed")
+    finish("generate checks", failures)
 
 
 if __name__ == "__main__":

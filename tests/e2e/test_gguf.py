@@ -22,6 +22,7 @@ import tiny_lm
 import gen_data
 import gen_tokenizer
 from test_peft_roundtrip import run, run_ok, last_json
+from checks import finish
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GGUF_TYPE = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
@@ -552,10 +553,7 @@ def main():
     check_lm_head_trained(tmp, spm[0])
     check_prequantized_base(tmp, spm[0], spm[1])
     check_refusals(tmp, spm[0], spm[1])
-    if failures:
-        print(f"FAILED ({len(failures)}):\n" + "\n".join(failures))
-        sys.exit(1)
-    print("all GGUF export checks passed")
+    finish("GGUF export checks", failures)
 
 
 if __name__ == "__main__":

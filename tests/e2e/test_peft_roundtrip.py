@@ -11,6 +11,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import torch
 import tiny_lm
 import bnb_cpu
+from checks import exit_case_failures, finish, run_binary, tiny_cpu_config
 from test_eval import reference_loss
 
 BIN = os.environ["QT_BINARY"]
@@ -88,6 +89,12 @@ def peft_loss(base_model, adapter_dir, sp, data):
     return loss, count
 
 
+def tiny_training_config(tmp: pathlib.Path, lora: dict):
+    """tmp/run.json: 4 steps of LoRA r 4 (and `lora`'s keys) on tmp/model with checkpointing, output in tmp/run."""
+    return tiny_cpu_config(tmp, "run", {"steps": 4, "batch_size": 4, "seed": 3, "memory": {"checkpointing": True}},
+                           {"lr": 1e-2, "warmup_steps": 1}, {"every": 100}, lora)
+
+
 def check_dora(tmp: pathlib.Path):
     """DoRA adapters: PEFT's through our writer, and one trained here, give in PEFT the loss of `eval --adapter`."""
     import safetensors.torch
@@ -100,14 +107,8 @@ def check_dora(tmp: pathlib.Path):
 
     # A DoRA adapter trained by qlora-train: B and the magnitudes move away from their initial values.
     tiny_lm.write_text_jsonl(tmp / "train.jsonl", 64, 11)
-    cfg = {"output_dir": str(tmp / "run"), "model": {"path": str(tmp / "model"), "quant": "nf4", "device": "cpu"},
-           "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "use_dora": True, "targets": ["q_proj", "v_proj", "down_proj"]},
-           "data": {"train_file": str(tmp / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
-           "train": {"steps": 4, "batch_size": 4, "seed": 3, "memory": {"checkpointing": True}},
-           "optim": {"lr": 1e-2, "warmup_steps": 1}, "checkpoint": {"every": 100}, "logging": {"progress": "lines"}}
-    (tmp / "run.json").write_text(json.dumps(cfg))
-    p = subprocess.run([BIN, "--config", str(tmp / "run.json")], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = run_binary(BIN, tiny_training_config(tmp, {"dropout": 0.1, "use_dora": True,
+                                                   "targets": ["q_proj", "v_proj", "down_proj"]}))
     if p.returncode != 0:
         return [f"DoRA training exited {p.returncode}: {p.stderr[-2000:]}"]
     trained = tmp / "run" / "adapter"
@@ -189,20 +190,11 @@ def main():
         (("export", "--adapter", bad, "--out", tmp / "never"), 6, ["adapter_model.safetensors", "r=4"]),
         (("export", "--adapter", tmp / "ours", "--out", tmp / "ours"), 2, ["not empty"]),
     ]
-    for args, code, needles in cases:
-        p = run(*args)
-        msg = p.stderr + p.stdout
-        if p.returncode != code or any(n not in msg for n in needles):
-            failures.append(f"{args}: exit {p.returncode} (want {code}), message {msg!r} lacks {needles}")
-        else:
-            print(f"ok: exit {code}: {msg.strip().splitlines()[-1]}")
+    failures += exit_case_failures(run, cases)
     if (tmp / "never").exists():
         failures.append("a failed export left its output directory")
     failures += check_dora(pathlib.Path(tempfile.mkdtemp(prefix="qt_peft_dora_")))
-    if failures:
-        print("FAILED:\n" + "\n".join(failures))
-        sys.exit(1)
-    print("all PEFT round-trip checks passed")
+    finish("PEFT round-trip checks", failures)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import torch
 import tiny_lm
 import bnb_cpu
 from test_eval import reference_loss
+from checks import finish
 
 BIN = os.environ["QT_BINARY"]
 
@@ -83,10 +84,7 @@ def main():
     p = run("quantize", "--model", str(tmp / "q"), "--out", str(tmp / "qq"))
     if p.returncode != 4 or "already quantized" not in p.stderr:
         failures.append(f"re-quantize: exit {p.returncode}, {p.stderr!r}")
-    if failures:
-        print("FAILED:\n" + "\n".join(failures))
-        sys.exit(1)
-    print("all quantize checks passed")
+    finish("quantize checks", failures)
 
 if __name__ == "__main__":
     main()

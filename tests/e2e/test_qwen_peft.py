@@ -9,7 +9,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import torch
 import tiny_lm
 from test_eval import reference_loss
-from test_peft_roundtrip import run_ok, last_json, peft_loss, dequantized_model
+from test_peft_roundtrip import run_ok, last_json, peft_loss, dequantized_model, tiny_training_config
+from checks import finish, run_binary
 
 BIN = os.environ["QT_BINARY"]
 
@@ -31,15 +32,8 @@ def check(arch: str):
     data = tmp / "eval.jsonl"
     tiny_lm.write_text_jsonl(data, 10, 14)
     tiny_lm.write_text_jsonl(tmp / "train.jsonl", 64, 15)
-    cfg = {"output_dir": str(tmp / "run"), "model": {"path": str(tmp / "model"), "quant": "nf4", "device": "cpu"},
-           "lora": {"r": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                    "down_proj"]},
-           "data": {"train_file": str(tmp / "train.jsonl"), "format": "text", "max_seq_len": 32, "packing": True},
-           "train": {"steps": 4, "batch_size": 4, "seed": 3, "memory": {"checkpointing": True}},
-           "optim": {"lr": 1e-2, "warmup_steps": 1}, "checkpoint": {"every": 100}, "logging": {"progress": "lines"}}
-    (tmp / "run.json").write_text(json.dumps(cfg))
-    p = subprocess.run([BIN, "--config", str(tmp / "run.json")], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = run_binary(BIN, tiny_training_config(tmp, {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                "up_proj", "down_proj"]}))
     if p.returncode != 0:
         return [f"{arch} training exited {p.returncode}: {p.stderr[-2000:]}"]
     adapter = tmp / "run" / "adapter"
@@ -68,10 +62,7 @@ def check(arch: str):
 
 def main():
     failures = check("qwen2") + check("qwen3")
-    if failures:
-        print("FAILED:\n" + "\n".join(failures))
-        sys.exit(1)
-    print("all Qwen2 / Qwen3 PEFT round-trip checks passed")
+    finish("Qwen2 / Qwen3 PEFT round-trip checks", failures)
 
 
 if __name__ == "__main__":
