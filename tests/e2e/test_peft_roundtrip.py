@@ -89,6 +89,31 @@ def peft_loss(base_model, adapter_dir, sp, data):
     return loss, count
 
 
+def compare_with_peft(name, model_dir, adapter, extra, base, sp, data):
+    """`eval --adapter` against PEFT's loss on `base` (transformers) with the same adapter, and against eval without
+    the adapter (it must change the loss); returns (failures, our eval's JSON)."""
+    failures = []
+    ref, count = peft_loss(base, adapter, sp, data)
+    ours = last_json(run_ok("eval", "--model", model_dir, "--adapter", adapter, "--data", data, *extra))
+    plain = last_json(run_ok("eval", "--model", model_dir, "--data", data, *extra))
+    rel = abs(ours["loss"] - ref) / ref
+    print(f"{name}: eval --adapter {ours['loss']:.6f}, PEFT {ref:.6f}, rel {rel:.2e} (without adapter {plain['loss']:.6f})")
+    if rel > 1e-5 or ours["tokens"] != count:
+        failures.append(f"{name}: {ours} vs PEFT loss {ref} over {count} tokens")
+    if abs(plain["loss"] - ours["loss"]) < 1e-3:
+        failures.append(f"{name}: the adapter does not change the loss ({plain['loss']} vs {ours['loss']})")
+    return failures, ours, plain
+
+
+def check_merged(name, merged_dir, model_class, sp, data, loss):
+    """The merged export (export --merge --dtype fp32) in transformers gives `loss` (eval --adapter's)."""
+    records = [json.loads(l) for l in data.read_text().splitlines()]
+    merged = model_class.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    mref, _ = reference_loss(merged, sp, records, 512)
+    print(f"{name}, merged export in transformers: {mref:.6f}")
+    return [] if abs(mref - loss) / loss <= 1e-5 else [f"{name}: the merged export gives {mref} in transformers, eval --adapter {loss}"]
+
+
 def tiny_training_config(tmp: pathlib.Path, lora: dict):
     """tmp/run.json: 4 steps of LoRA r 4 (and `lora`'s keys) on tmp/model with checkpointing, output in tmp/run."""
     return tiny_cpu_config(tmp, "run", {"steps": 4, "batch_size": 4, "seed": 3, "memory": {"checkpointing": True}},
@@ -129,22 +154,10 @@ def check_dora(tmp: pathlib.Path):
                LlamaForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32).eval()),
               ("DoRA trained by qlora-train, nf4", trained, (), nf4_base)]
     for name, adapter, extra, base in checks:
-        ref, count = peft_loss(base, adapter, sp, data)
-        ours = last_json(run_ok("eval", "--model", tmp / "model", "--adapter", adapter, "--data", data, *extra))
-        plain = last_json(run_ok("eval", "--model", tmp / "model", "--data", data, *extra))
-        rel = abs(ours["loss"] - ref) / ref
-        print(f"{name}: eval --adapter {ours['loss']:.6f}, PEFT {ref:.6f}, rel {rel:.2e} (without adapter {plain['loss']:.6f})")
-        if rel > 1e-5 or ours["tokens"] != count:
-            failures.append(f"{name}: {ours} vs PEFT loss {ref} over {count} tokens")
-        if abs(plain["loss"] - ours["loss"]) < 1e-3:
-            failures.append(f"{name}: the adapter does not change the loss ({plain['loss']} vs {ours['loss']})")
+        found, ours, _ = compare_with_peft(name, tmp / "model", adapter, extra, base, sp, data)
+        failures += found
         if adapter == trained:
-            records = [json.loads(l) for l in data.read_text().splitlines()]
-            merged = LlamaForCausalLM.from_pretrained(tmp / "merged", dtype=torch.float32).eval()
-            mref, _ = reference_loss(merged, sp, records, 512)
-            print(f"{name}, merged export in transformers: {mref:.6f}")
-            if abs(mref - ours["loss"]) / ours["loss"] > 1e-5:
-                failures.append(f"{name}: the merged export gives {mref} in transformers, eval --adapter {ours['loss']}")
+            failures += check_merged(name, tmp / "merged", LlamaForCausalLM, sp, data, ours["loss"])
     return failures
 
 
@@ -166,15 +179,7 @@ def main():
          LlamaForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32).eval()),
     ]
     for name, extra, base in checks:
-        ref, count = peft_loss(base, tmp / "ours", sp, data)
-        ours = last_json(run_ok("eval", "--model", tmp / "model", "--adapter", tmp / "ours", "--data", data, *extra))
-        plain = last_json(run_ok("eval", "--model", tmp / "model", "--data", data, *extra))
-        rel = abs(ours["loss"] - ref) / ref
-        print(f"{name}: eval --adapter {ours['loss']:.6f}, PEFT {ref:.6f}, rel {rel:.2e} (without adapter {plain['loss']:.6f})")
-        if rel > 1e-5 or ours["tokens"] != count:
-            failures.append(f"{name}: {ours} vs PEFT loss {ref} over {count} tokens")
-        if abs(plain["loss"] - ours["loss"]) < 1e-3:
-            failures.append(f"{name}: the adapter does not change the loss ({plain['loss']} vs {ours['loss']})")
+        failures += compare_with_peft(name, tmp / "model", tmp / "ours", extra, base, sp, data)[0]
 
     # Bad adapters: the checkpoint exit code (6) and a message naming the file.
     bad = tmp / "bad_rank"

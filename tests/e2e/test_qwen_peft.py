@@ -9,7 +9,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import torch
 import tiny_lm
 from test_eval import reference_loss
-from test_peft_roundtrip import run_ok, last_json, peft_loss, dequantized_model, tiny_training_config
+from test_peft_roundtrip import (check_merged, compare_with_peft, dequantized_model, run_ok,
+                                 tiny_training_config)
 from checks import finish, run_binary
 
 BIN = os.environ["QT_BINARY"]
@@ -26,37 +27,49 @@ def make_qwen_dir(model_dir: pathlib.Path, seed: int, arch: str):
     return sp
 
 
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def check(arch: str):
+    """LoRA on every linear, DoRA, and LoRA with lm_head trained in full (modules_to_save; Qwen2's is tied to the
+    embeddings: one tensor in both roles), each trained by qlora-train for 4 steps, then evaluated by us and by
+    PEFT on transformers' model (NF4 base; LoRA also on the 16-bit base) and merged (transformers loads it)."""
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"qt_{arch}_peft_"))
     sp = make_qwen_dir(tmp / "model", 13, arch)
     data = tmp / "eval.jsonl"
     tiny_lm.write_text_jsonl(data, 10, 14)
     tiny_lm.write_text_jsonl(tmp / "train.jsonl", 64, 15)
-    p = run_binary(BIN, tiny_training_config(tmp, {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                                "up_proj", "down_proj"]}))
-    if p.returncode != 0:
-        return [f"{arch} training exited {p.returncode}: {p.stderr[-2000:]}"]
-    adapter = tmp / "run" / "adapter"
     run_ok("quantize", "--model", tmp / "model", "--out", tmp / "model_nf4")
+    cls = model_class(arch)[1]
+    nf4_base = lambda: dequantized_model(tmp / "model", tmp / "model_nf4", cls)
     failures = []
-    checks = [(f"{arch}, nf4 (quantize on load)", (), dequantized_model(tmp / "model", tmp / "model_nf4", model_class(arch)[1])),
-              (f"{arch}, 16-bit base (--quant none)", ("--quant", "none"),
-               model_class(arch)[1].from_pretrained(tmp / "model", dtype=torch.float32).eval())]
-    for name, extra, base in checks:
-        ref, count = peft_loss(base, adapter, sp, data)
-        ours = last_json(run_ok("eval", "--model", tmp / "model", "--adapter", adapter, "--data", data, *extra))
-        plain = last_json(run_ok("eval", "--model", tmp / "model", "--data", data, *extra))
-        rel = abs(ours["loss"] - ref) / ref
-        print(f"{name}: eval --adapter {ours['loss']:.6f}, PEFT {ref:.6f}, rel {rel:.2e} "
-              f"(without adapter {plain['loss']:.6f})")
-        if rel > 1e-5 or ours["tokens"] != count:
-            failures.append(f"{name}: {ours} vs PEFT loss {ref} over {count} tokens")
-        if abs(plain["loss"] - ours["loss"]) < 1e-3:
-            failures.append(f"{name}: the trained adapter does not change the loss ({plain['loss']} vs {ours['loss']})")
-        # Without the adapter: transformers' Qwen2 on the same base gives our plain eval loss.
-        pref, _ = reference_loss(base, sp, [json.loads(l) for l in data.read_text().splitlines()], 512)
-        if abs(pref - plain["loss"]) / pref > 1e-5:
-            failures.append(f"{name}: eval without adapter {plain['loss']}, transformers {pref}")
+    for variant, lora in [("LoRA", {"targets": ALL}), ("DoRA", {"use_dora": True, "targets": ["q_proj", "v_proj", "down_proj"]}),
+                          ("LoRA + lm_head trained", {"targets": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]})]:
+        run_tmp = tmp / variant.replace(" ", "_").replace("+", "")
+        run_tmp.mkdir()
+        for f in ("model", "train.jsonl"):
+            (run_tmp / f).symlink_to(tmp / f)
+        p = run_binary(BIN, tiny_training_config(run_tmp, lora))
+        if p.returncode != 0:
+            failures.append(f"{arch} {variant}: training exited {p.returncode}: {p.stderr[-2000:]}")
+            continue
+        adapter = run_tmp / "run" / "adapter"
+        checks = [(f"{arch} {variant}, nf4 (quantize on load)", (), nf4_base())]
+        if variant == "LoRA":
+            checks.append((f"{arch} {variant}, 16-bit base (--quant none)", ("--quant", "none"),
+                           cls.from_pretrained(tmp / "model", dtype=torch.float32).eval()))
+        for name, extra, base in checks:
+            # Without the adapter: transformers' model on the same base gives our plain eval loss (taken before PEFT
+            # wraps the model: modules_to_save replaces its lm_head in place).
+            pref, _ = reference_loss(base, sp, [json.loads(l) for l in data.read_text().splitlines()], 512)
+            found, ours, plain = compare_with_peft(name, tmp / "model", adapter, extra, base, sp, data)
+            failures += found
+            if abs(pref - plain["loss"]) / pref > 1e-5:
+                failures.append(f"{name}: eval without adapter {plain['loss']}, transformers {pref}")
+            if not extra:
+                run_ok("export", "--adapter", adapter, "--model", tmp / "model", "--out", run_tmp / "merged", "--merge",
+                       "--dtype", "fp32")
+                failures += check_merged(name, run_tmp / "merged", cls, sp, data, ours["loss"])
     return failures
 
 
