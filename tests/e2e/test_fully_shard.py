@@ -279,6 +279,20 @@ def main():
                        capture_output=True, text=True, env=ENV)
     check(p.returncode == 3 and "train.shard" in p.stderr and "train.memory.checkpointing" in p.stderr,
           f"train.shard blocks without grad checkpointing is a config error (exit {p.returncode})")
+    # Qwen2 (q / k / v biases, tied embeddings) and Qwen3 (q / k norms, which stay whole on every rank): two
+    # sharded ranks give the single process's losses.
+    for arch in ("qwen2", "qwen3"):
+        d = TMP / f"{arch}_model"
+        sp = tiny_lm.make_tokenizer(d)
+        tiny_lm.make_qwen_model(d, arch, sp.get_piece_size(), seed=6)
+        r = run(write_config(f"{arch}_ref", train__shard="none", model__path=str(d)), 0)
+        s2 = run(write_config(f"{arch}_s2", model__path=str(d)), 2)
+        if r.returncode == 0 and s2.returncode == 0:
+            got, want = losses(f"{arch}_s2"), losses(f"{arch}_ref")
+            check(close_losses(got, want, (1, 2, 3, 4)),
+                  f"{arch}: 2 sharded ranks give the single-process losses {[got.get(k) for k in (1, 2, 3, 4)]} vs "
+                  f"{[want.get(k) for k in (1, 2, 3, 4)]}")
+
     finish("FullyShard checks")
 
 if __name__ == "__main__":
