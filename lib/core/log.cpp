@@ -36,13 +36,21 @@ Level parse_level(const std::string& name) {
   fail(ErrorKind::Config, "log level '" + name + "': expected one of debug, info, warn, error, off");
 }
 
+namespace {
+int g_rank = 0;
+}  // namespace
+
 void set_rank(int rank) {
+  g_rank = rank;
   if (rank != 0 && logger()->level() < spdlog::level::warn) logger()->set_level(spdlog::level::warn);
 }
 
 void debug(const std::string& message) { logger()->debug(message); }
 void info(const std::string& message) { logger()->info(message); }
 void warn(const std::string& message) { logger()->warn(message); }
+void warn_rank0(const std::string& message) {
+  if (g_rank == 0) logger()->warn(message);
+}
 void error(const std::string& message) { logger()->error(message); }
 
 }  // namespace qt::log

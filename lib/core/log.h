@@ -13,6 +13,8 @@ void set_rank(int rank);                     // ranks other than 0 log warnings 
 void debug(const std::string& message);
 void info(const std::string& message);
 void warn(const std::string& message);
+// A warning every rank would give alike (about the data each rank reads whole): rank 0 gives it.
+void warn_rank0(const std::string& message);
 void error(const std::string& message);
 
 }  // namespace qt::log

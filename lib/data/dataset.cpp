@@ -74,7 +74,7 @@ Dataset::Dataset(std::vector<Example> examples, int64_t max_seq_len, bool shuffl
     stats_.add(e);
   }
   if (stats_.truncated > 0)
-    log::warn(std::to_string(stats_.truncated) + " of " + std::to_string(stats_.documents) +
+    log::warn_rank0(std::to_string(stats_.truncated) + " of " + std::to_string(stats_.documents) +
               " documents are longer than data.max_seq_len = " + std::to_string(max_seq_len_) +
               " and were truncated (" + std::to_string(stats_.truncated_tokens) + " tokens dropped)");
 }

@@ -208,7 +208,7 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
     for (size_t i = 0; i < std::min<size_t>(unanswered.size(), 10); ++i)
       lines += (i ? ", " : "") + std::to_string(unanswered[i]);
     if (unanswered.size() > 10) lines += " and " + std::to_string(unanswered.size() - 10) + " more";
-    log::warn(path + ": " + std::to_string(unanswered.size()) + " chat record(s) with no assistant message (" +
+    log::warn_rank0(path + ": " + std::to_string(unanswered.size()) + " chat record(s) with no assistant message (" +
               (unanswered.size() == 1 ? "line " : "lines ") + lines +
               "): nothing of them is in the loss (only assistant turns are, unless data.train_on_prompt)");
   }

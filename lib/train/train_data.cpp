@@ -73,7 +73,7 @@ void TrainData::apply_truncation(std::vector<Example>& train) const {
       return;
     case Truncation::Truncate:
       if (!emptied_lines.empty())
-        log::warn("data.truncation \"truncate\": " + std::to_string(emptied_lines.size()) + " records (" +
+        log::warn_rank0("data.truncation \"truncate\": " + std::to_string(emptied_lines.size()) + " records (" +
                   some_lines(emptied_lines) + ") lose every target token to the cut at data.max_seq_len = " +
                   std::to_string(config_.max_seq_len) + " (their answers start after it)");
       return;

@@ -42,6 +42,12 @@ def main():
     check(p.returncode == 0 and "2 chat record(s) with no assistant message (lines 2, 5)" in p.stderr
           and "chat.jsonl" in p.stderr, f"chat records with only a user turn are named by line (exit {p.returncode}) "
           f"{[l for l in p.stderr.splitlines() if 'assistant' in l]}")
+    # Under mpirun with 2 ranks (each reads the data whole) the data's warning comes once, from rank 0.
+    cfg = config("chat_2", train_file=str(TMP / "chat.jsonl"), chat_template="llama2", max_seq_len=128)
+    p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)], capture_output=True,
+                       text=True, env={**ENV, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    said = (p.stderr + p.stdout).count("with no assistant message")
+    check(p.returncode == 0 and said == 1, f"2 ranks: the data's warning once (exit {p.returncode}, {said} times)")
     p = run("--config", config("chat_all", train_file=str(TMP / "chat.jsonl"), chat_template="llama2", max_seq_len=128,
                                train_on_prompt=True))
     check(p.returncode == 0 and "no assistant message" not in p.stderr, "not with data.train_on_prompt (they train)")
