@@ -38,6 +38,9 @@ struct TrainerState {
   Json config;  // resolved run config
   std::string train_file_hash;  // data.train_file's bytes (train_file_hash()); "" in older checkpoints
   int64_t total_steps = 0;      // the length of the run's schedule; 0 in older checkpoints
+  // fp16 compute: the dynamic loss scale and the steps since it last changed (0: no loss scaling).
+  double loss_scale = 0;
+  int64_t loss_scale_good_steps = 0;
 };
 
 struct CheckpointContents {

@@ -38,6 +38,7 @@ TestHooks TestHooks::from_env() {
   h.step_delay_ms = number("QT_TEST_STEP_DELAY_MS", 0);
   h.sleep_after_checkpoint_ms = number("QT_TEST_SLEEP_AFTER_CHECKPOINT_MS", 0);
   h.profile_step = number("QT_PROFILE_STEP", -1);
+  if (const char* v = std::getenv("QT_TEST_LOSS_SCALE")) h.loss_scale = std::atof(v);
   return h;
 }
 

@@ -40,7 +40,27 @@ struct TestHooks {
   int64_t step_delay_ms = 0;          // QT_TEST_STEP_DELAY_MS: a sleep after each step (a test signals between)
   int64_t sleep_after_checkpoint_ms = 0;  // QT_TEST_SLEEP_AFTER_CHECKPOINT_MS: time to kill after a checkpoint
   int64_t profile_step = -1;          // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir
+  double loss_scale = 0;              // QT_TEST_LOSS_SCALE: fp16's initial loss scale (an overflow at once)
   static TestHooks from_env();
+};
+
+// Dynamic loss scaling for fp16 compute (torch.amp.GradScaler's rule and defaults, as HF Trainer's fp16 uses it): the
+// loss is multiplied by `scale` before the backward pass so that small gradients survive fp16, and the gradients
+// divided back before clipping; a step whose gradients overflow is not applied and the scale halves; after
+// `growth_interval` steps without overflow it doubles.
+struct LossScaler {
+  double scale = 65536.0;
+  int64_t good_steps = 0;
+  int64_t growth_interval = 2000;
+  void update(bool overflow) {
+    if (overflow) {
+      scale /= 2;
+      good_steps = 0;
+    } else if (++good_steps >= growth_interval) {
+      scale *= 2;
+      good_steps = 0;
+    }
+  }
 };
 
 // Launch: the launcher's environment, the device and dtype, the communicator, the rows of each rank and forward.

@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -25,12 +26,13 @@ namespace {
 struct StepOutcome {
   double loss = 0, grad_norm = 0, lr = 0;
   int64_t targets = 0, inputs = 0;  // tokens in the loss and input tokens of the global step
+  bool overflow = false;            // fp16: the scaled gradients overflowed, the update was not applied
 };
 
 // One optimizer step (`step`: the steps done before it): this rank's micro-batches forward and backward, the
 // gradients reduced over the ranks and clipped, AdamW, then the loss and norm read back together.
 StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel, AdamW& opt,
-                     const LrSchedule& schedule, int64_t step, const TestHooks& hooks) {
+                     const LrSchedule& schedule, int64_t step, const TestHooks& hooks, LossScaler* scaler) {
   LlamaModel& model = *m.model;
   Communicator& comm = *s.comm;
   model.set_training(true);
@@ -80,7 +82,7 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
         TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (QT_TEST_OOM_AT_STEP)");
       }
       if (hooks.nan_loss_at_step == step + 1) l = l * std::numeric_limits<double>::quiet_NaN();
-      (l / step_targets).backward();
+      (l * ((scaler ? scaler->scale : 1.0) / step_targets)).backward();
       local_loss = local_loss.defined() ? local_loss + l.detach() : l.detach();
     }
   } catch (const c10::Error& e) {
@@ -88,6 +90,12 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
     out_of_memory(e);
   }
   parallel.reduce_gradients();
+  if (scaler) {  // the gradients back to their true size before clipping (an overflow stays non-finite)
+    std::vector<at::Tensor> grads;
+    for (const auto& [n, p] : parallel.parameters())
+      if (p.grad().defined()) grads.push_back(p.mutable_grad());
+    if (!grads.empty()) at::_foreach_mul_(grads, 1.0 / scaler->scale);
+  }
   const auto wire = s.device.is_cuda() ? at::kFloat : at::kDouble;
   at::Tensor loss_t = local_loss.defined() ? local_loss.reshape({1}).to(wire)
                                            : at::zeros({1}, at::TensorOptions().dtype(wire).device(s.device));
@@ -110,7 +118,9 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
   if (!std::isfinite(r.loss))
     fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(r.loss) +
                                  "); the last checkpoint in " + cfg.output_dir + " is intact (lower optim.lr?)");
-  if (!std::isfinite(r.grad_norm))
+  r.overflow = scaler && !std::isfinite(r.grad_norm);
+  if (scaler) scaler->update(r.overflow);
+  if (!std::isfinite(r.grad_norm) && !r.overflow)
     fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the gradient norm is not finite; the last "
                              "checkpoint in " + cfg.output_dir + " is intact");
   opt.zero_grad();
@@ -180,6 +190,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     state.step = ck.state.step;
     state.data = ck.state.data;
     state.tokens_seen = ck.state.tokens_seen;
+    state.loss_scale = ck.state.loss_scale;
+    state.loss_scale_good_steps = ck.state.loss_scale_good_steps;
     if (s.rank0) log::info("resumed from " + resume->dir + " at step " + std::to_string(state.step));
   }
   data.seek(state.data);
@@ -216,6 +228,18 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     a << cfg.train.neftune_alpha;
     log::info("NEFTune: uniform noise, alpha " + a.str() + ", on the input embeddings of training steps");
   }
+  // fp16 compute: dynamic loss scaling (continued from the checkpoint when resuming).
+  std::optional<LossScaler> scaler;
+  if (s.dtype == at::kHalf) {
+    scaler.emplace();
+    if (hooks.loss_scale > 0) scaler->scale = hooks.loss_scale;
+    if (state.loss_scale > 0) {
+      scaler->scale = state.loss_scale;
+      scaler->good_steps = state.loss_scale_good_steps;
+    }
+    state.loss_scale = scaler->scale;
+    if (s.rank0) log::info("fp16: dynamic loss scaling from " + std::to_string(static_cast<int64_t>(scaler->scale)));
+  }
   Evaluator evaluator(cfg, s, m, d, *parallel, metrics);
   Checkpointer checkpointer(cfg, s, m, d, *parallel, *opt, metrics, hooks);
 
@@ -232,8 +256,16 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir (rank 0).
     std::unique_ptr<StepProfile> profile;
     if (s.rank0 && hooks.profile_step == state.step + 1) profile = std::make_unique<StepProfile>(s.device.is_cuda());
-    const StepOutcome r = run_step(cfg, s, m, d, *parallel, *opt, schedule, state.step, hooks);
+    const StepOutcome r = run_step(cfg, s, m, d, *parallel, *opt, schedule, state.step, hooks, scaler ? &*scaler : nullptr);
     ++state.step;
+    if (scaler) {
+      state.loss_scale = scaler->scale;
+      state.loss_scale_good_steps = scaler->good_steps;
+      if (r.overflow)
+        metrics.line("step " + std::to_string(state.step) + ": the fp16 gradients overflowed at loss scale " +
+                     std::to_string(static_cast<int64_t>(scaler->scale * 2)) + ": the update was not applied; the "
+                     "scale is now " + std::to_string(static_cast<int64_t>(scaler->scale)));
+    }
     if (profile) {
       if (s.device.is_cuda()) c10::cuda::device_synchronize();
       metrics.line(profile->finish(cfg.output_dir));
