@@ -27,14 +27,25 @@ path, not random weights), a repeated batch of random ids, QLoRA r=16, checkpoin
 Usage: python3 scripts/bench.py [--binary build-gpu/qlora-train] [--rows 1b-4x2048,8b-2x2048,...]
                                 [--peers unsloth,hf_qlora | none] [--steps 8] [--warm 3] [--out DIR]
                                 [--budget 8,9 | --min-budget] [--set key=value]...
-                                [--ab NAME=SETTINGS ... [--rounds 2]] [--smoke [--smoke-shape 4x2048x12]]
-Rows: NAME-BxS with NAME in 1b, 3b, 8b (e.g. 8b-1x32768); NAME-BxSpD: packed rows of random documents of median
-length D (e.g. 8b-1x8192p330, SFT-like data; ours only). Unsloth's checkpointing mode per row: on the GPU up to
-2048 tokens per row, offloaded ("u") beyond, unless --unsloth-modes names several (then the best that completes).
+                                [--ab NAME=SETTINGS ... [--rounds 2]] [--smoke [--smoke-shape 4x2048x12]] [--dry-run]
+Rows: NAME-BxS with NAME in 1b, 3b, 8b (Llama-3.2-1B, -3B, Llama-3.1-8B), q2.5-7b, q3-8b (Qwen2.5-7B, Qwen3-8B)
+(e.g. 8b-1x32768, q3-8b-2x2048); NAME-BxSpD: packed rows of random documents of median length D (e.g.
+8b-1x8192p330, SFT-like data; ours only). Unsloth's checkpointing mode per row: on the GPU up to 2048 tokens per
+row, offloaded ("u") beyond, unless --unsloth-modes names several (then the best that completes).
+Qwen rows: the peer is Unsloth alone, run by scripts/peers/unsloth_qwen.py (.peerscripts' unsloth_baseline.run() on
+a Qwen2 / Qwen3 model of the same shape made with transformers; hf_qlora reports no peer script). One GPU call
+(device tool, carry .usite .peers .peerscripts; the build first, as gpu-check.sh does):
+    BENCH_ROWS=q2.5-7b-2x2048,q3-8b-2x2048 BENCH_PEERS=unsloth bash scripts/gpu-check.sh peers
+or, with build-gpu/qlora-train built:
+    python3 scripts/bench.py --rows q2.5-7b-2x2048,q3-8b-2x2048 --peers unsloth --out $OUT
+--dry-run prints each row's commands and runs nothing (no GPU needed).
 """
 import argparse, json, os, pathlib, signal, subprocess, sys, threading, time
 
-SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b"}
+SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b", "q2.5-7b": "qwen2.5-7b", "q3-8b": "qwen3-8b"}
+# Peers that run a shape family: .peerscripts' scripts know the Llama shapes; Qwen rows get Unsloth through our
+# scripts/peers/unsloth_qwen.py (its run() on a Qwen2 / Qwen3 model made with transformers), no HF + bnb peer.
+PEERS_DIR = pathlib.Path(__file__).resolve().parent / "peers"
 DEFAULT_ROWS = "1b-4x2048,8b-2x2048,8b-1x8192,8b-1x32768"
 GIB = 2 ** 30
 
@@ -179,6 +190,39 @@ def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None, d
                 **({"plan": r["plan"]} if "plan" in r else {}))
 
 
+def parse_rows(spec):
+    """[(shape, batch, seq, median document length of packed rows or 0)] of `NAME-BxS[pD],...`; NAME may hold '-'
+    (q2.5-7b): the last '-' ends it."""
+    rows = []
+    for r in spec.split(","):
+        name, sep, bs = r.strip().rpartition("-")
+        if not sep or name not in SHAPES:
+            sys.exit(f"row {r!r}: expected NAME-BxS[pD] with NAME in {', '.join(SHAPES)}")
+        b, x, s = bs.partition("x")
+        s, _, docs = s.partition("p")
+        if not (x and b.isdigit() and s.isdigit() and (docs == "" or docs.isdigit())):
+            sys.exit(f"row {r!r}: expected NAME-BxS[pD], e.g. 8b-2x2048 or 8b-1x8192p330")
+        rows.append((SHAPES[name], int(b), int(s), int(docs or 0)))
+    return rows
+
+
+def peer_case(peer, shape, batch, seq, here, unsloth_modes=""):
+    """(script, PYTHONPATH, checkpointing modes) of a peer on a row, or an error string when there is none."""
+    P = here / ".peerscripts"
+    if not P.is_dir():
+        return ".peerscripts not carried"
+    qwen = shape.startswith("qwen")
+    if peer == "unsloth":
+        script = PEERS_DIR / "unsloth_qwen.py" if qwen else P / "unsloth_baseline.py"
+        modes = unsloth_modes.split(",") if unsloth_modes else ["1" if batch * seq <= 8192 and seq <= 2048 else "u"]
+        return str(script), f"{here}/.usite:{here}/.peers:{P}", modes
+    if peer == "hf_qlora":
+        if qwen:
+            return "no HF + bnb peer script for Qwen shapes (.peerscripts' know Llama ones)"
+        return str(P / "hf_qlora_baseline.py"), f"{here}/.peers:{P}", ["1"]
+    return f"unknown peer {peer!r} (unsloth, hf_qlora)"
+
+
 def run_peer(script, shape, batch, seq, ckpt, env, budget=None, timeout=900):
     cmd = [sys.executable, script, shape, str(batch), str(seq), ckpt]
     base = dict(model=shape, batch=batch, seq=seq, grad_ckpt=ckpt, budget_gib=budget)
@@ -315,7 +359,7 @@ def main():
     ap.add_argument("--hold", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--overhead", action="store_true", help="device memory outside the allocator, library by library")
     ap.add_argument("--binary", default="build-gpu/qlora-train")
-    ap.add_argument("--rows", default=DEFAULT_ROWS)
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"NAME-BxS[pD],... with NAME in {', '.join(SHAPES)}")
     ap.add_argument("--peers", default="unsloth,hf_qlora")
     ap.add_argument("--unsloth-modes", default="", help="checkpointing modes to try (1,u,0); default: one per row")
     ap.add_argument("--steps", type=int, default=8)
@@ -330,27 +374,30 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="--ab: interleaved rounds")
     ap.add_argument("--smoke", action="store_true", help="the loss falls on an HF directory made with transformers")
     ap.add_argument("--smoke-shape", default="4x2048x12", help="--smoke: BATCHxSEQxSTEPS")
+    ap.add_argument("--dry-run", action="store_true", help="print what each row would run (ours, the peers), run nothing")
     a = ap.parse_args()
     if a.hold is not None:
         return hold(a.hold)
     if a.overhead:
         return library_overhead()
-    rows = []  # (shape, batch, seq, median document length of packed rows or 0)
-    for r in a.rows.split(","):
-        name, bs = r.split("-")
-        b, s = bs.split("x")
-        s, _, docs = s.partition("p")
-        rows.append((SHAPES[name], int(b), int(s), int(docs or 0)))
+    rows = parse_rows(a.rows)  # (shape, batch, seq, median document length of packed rows or 0)
+    here = pathlib.Path.cwd()
+    if a.dry_run:
+        for shape, b, s, docs in rows:
+            print(f"{shape} {b}x{s}{f' packed {docs}' if docs else ''}: {a.binary} bench --shape {shape} --batch {b} --seq {s} ...")
+            for peer in [p for p in a.peers.split(",") if p and p != "none" and not docs]:
+                c = peer_case(peer, shape, b, s, here, a.unsloth_modes)
+                print(f"  {peer}: {c}" if isinstance(c, str) else
+                      f"  {peer}: PYTHONPATH={c[1]} {sys.executable} {c[0]} {shape} {b} {s} {{{','.join(c[2])}}}")
+        return
     if a.smoke:
         return smoke(a)
     if a.ab:
         return ab(a, rows)
     rate = matrix_rate()
     print(f"bf16 matrix rate: {rate / 1e12:.0f} TFLOP/s", flush=True)
-    here = pathlib.Path.cwd()
     peers_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                  "PEER_STEPS": str(a.steps), "PEER_WARM": str(a.warm)}
-    P = here / ".peerscripts"
     budgets = [float(x) for x in a.budget.split(",") if x] or [None]
     results = []
 
@@ -371,16 +418,12 @@ def main():
             if budget is not None:
                 emit(ours(budget))
         for peer in [p for p in a.peers.split(",") if p and p != "none" and not docs]:  # peers: whole documents
-            if not P.is_dir():
-                emit(dict(system=peer, model=shape, batch=b, seq=s, error=".peerscripts not carried"))
+            case = peer_case(peer, shape, b, s, here, a.unsloth_modes)
+            if isinstance(case, str):
+                emit(dict(system=peer, model=shape, batch=b, seq=s, error=case))
                 continue
-            if peer == "unsloth":
-                env = {**peers_env, "PYTHONPATH": f"{here}/.usite:{here}/.peers:{P}"}
-                script = str(P / "unsloth_baseline.py")
-                modes = a.unsloth_modes.split(",") if a.unsloth_modes else ["1" if b * s <= 8192 and s <= 2048 else "u"]
-            else:
-                env = {**peers_env, "PYTHONPATH": f"{here}/.peers:{P}"}
-                script, modes = str(P / "hf_qlora_baseline.py"), ["1"]
+            script, path, modes = case
+            env = {**peers_env, "PYTHONPATH": path}
             for mode in modes:
                 peer_run = lambda budget, mode=mode: dict(run_peer(script, shape, b, s, mode, env, budget), system=peer)
                 r = peer_run(None)  # also builds the peer's random model directory before any holder starts

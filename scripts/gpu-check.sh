@@ -8,7 +8,9 @@
 #   (several, comma-separated: gputests,train)
 #   attn: SDPA's attention kernels (flash, cuDNN, memory-efficient) at the 8B head shapes (scripts/attn_bench.py);
 #   extra: FullyShard with one NCCL rank, a real CUDA out-of-memory, long contexts (scripts/gpu_extra_checks.py);
-#   peers: scripts/bench.py with Unsloth and HF + bitsandbytes QLoRA (carry .usite, .peers, .peerscripts).
+#   peers: scripts/bench.py with Unsloth and HF + bitsandbytes QLoRA (carry .usite, .peers, .peerscripts);
+#          BENCH_ROWS / BENCH_PEERS pick rows and peers, e.g. the Qwen rows against Unsloth (scripts/peers/unsloth_qwen.py):
+#          BENCH_ROWS=q2.5-7b-2x2048,q3-8b-2x2048 BENCH_PEERS=unsloth bash scripts/gpu-check.sh peers
 # Peers: carry .peers and .peerscripts (../shared/peers/README.md); missing ones are reported, not faked.
 set -uo pipefail
 cd "$(dirname "$0")/.."
