@@ -53,6 +53,49 @@ void check_rope_qkv(const at::Device& device, c10::ScalarType dtype, int64_t Hq,
   CHECK(rel_err(qkv.grad(), expect) < tol);
 }
 
+// rope_qkv_norm (Qwen3: each q / k head RMS-normed, then rotated) against the formula written out here from the
+// parts (transformers' Qwen3RMSNorm: normalise in fp32, cast, times the weight; then rope_reference): forward and
+// the gradient of qkv. With `kept`, the values come from a kept copy and the graph input is NaN-filled (a
+// recomputation's projection that computed no output): the same outputs and gradient, nothing of it read.
+void check_rope_qkv_norm(const at::Device& device, c10::ScalarType dtype, int64_t Hq, int64_t Hkv, int64_t D,
+                         double tol, bool kept) {
+  INFO("dtype " << c10::toString(dtype) << " heads " << Hq << "/" << Hkv << " D " << D << (kept ? " kept" : ""));
+  const auto opt = at::TensorOptions().dtype(dtype).device(device);
+  const int64_t B = 2, S = 37, width = (Hq + 2 * Hkv) * D;
+  const double eps = 1e-6;
+  at::Tensor qkv0 = (at::randn({B, S, width}, opt.dtype(at::kFloat)) * 3).to(dtype);
+  at::Tensor angle = at::rand({B, S, D / 2}, opt.dtype(at::kFloat)) * 100;
+  angle = at::cat({angle, angle}, -1);
+  at::Tensor cos = angle.cos().to(dtype), sin = angle.sin().to(dtype);
+  const qt::QkNorm norm{(at::rand({D}, opt.dtype(at::kFloat)) + 0.5).to(dtype),
+                        (at::rand({D}, opt.dtype(at::kFloat)) + 0.5).to(dtype), eps};
+  at::Tensor dq = at::randn({B, S, Hq, D}, opt), dk = at::randn({B, S, Hkv, D}, opt), dv = at::randn({B, S, Hkv, D}, opt);
+  auto normed = [&](const at::Tensor& x, const at::Tensor& w) {
+    at::Tensor h = x.to(at::kFloat);
+    return w * (h * at::rsqrt(h.pow(2).mean(-1, true) + eps)).to(dtype);
+  };
+  at::Tensor q0 = qkv0.narrow(-1, 0, Hq * D).reshape({B, S, Hq, D}).clone().requires_grad_(true);
+  at::Tensor k0 = qkv0.narrow(-1, Hq * D, Hkv * D).reshape({B, S, Hkv, D}).clone().requires_grad_(true);
+  at::Tensor v0 = qkv0.narrow(-1, (Hq + Hkv) * D, Hkv * D).reshape({B, S, Hkv, D});
+  at::Tensor qr = qt::rope_reference(normed(q0, norm.q_weight), cos, sin);
+  at::Tensor kr = qt::rope_reference(normed(k0, norm.k_weight), cos, sin);
+  torch::autograd::backward({qr, kr}, {dq, dk});
+  if (device.is_cuda()) qt::test::poison_allocator_cache(device);
+  at::Tensor qkv = (kept ? at::full_like(qkv0, NAN) : qkv0.clone()).requires_grad_(true);
+  auto out = qt::rope_qkv_norm(qkv, cos, sin, Hq, Hkv, norm, kept ? qkv0 : at::Tensor());
+  if (device.is_cuda()) qt::test::poison_allocator_cache(device);
+  torch::autograd::backward({out[0], out[1], out[2]}, {dq, dk, dv});
+  if (device.is_cuda()) CHECK(out[0].grad_fn()->name().find("RopeQkvNormFn") != std::string::npos);
+  CHECK(out[0].sizes() == qr.sizes());
+  CHECK(out[2].sizes() == v0.sizes());
+  CHECK(qr.abs().max().item<double>() > 0);
+  CHECK(rel_err(out[0], qr) < tol);
+  CHECK(rel_err(out[1], kr) < tol);
+  CHECK(rel_err(out[2], v0) == 0);
+  const at::Tensor expect = at::cat({q0.grad().reshape({B, S, -1}), k0.grad().reshape({B, S, -1}), dv.reshape({B, S, -1})}, -1);
+  CHECK(rel_err(qkv.grad(), expect) < tol);
+}
+
 void check_swiglu_packed(const at::Device& device, c10::ScalarType dtype, int64_t I, double tol) {
   INFO("dtype " << c10::toString(dtype) << " I " << I);
   const auto opt = at::TensorOptions().dtype(dtype).device(device);
@@ -99,6 +142,10 @@ TEST_CASE("fused ops on one q/k/v or gate/up projection output equal the ops on 
   check_rope_qkv(at::kCPU, at::kFloat, 4, 2, 8, 1e-6);
   check_rope_qkv(at::kCPU, at::kFloat, 3, 3, 16, 1e-6);
   check_swiglu_packed(at::kCPU, at::kFloat, 24, 1e-6);
+  for (bool kept : {false, true}) {
+    check_rope_qkv_norm(at::kCPU, at::kFloat, 4, 2, 16, 1e-6, kept);
+    check_rope_qkv_norm(at::kCPU, at::kFloat, 3, 3, 32, 1e-6, kept);
+  }
 }
 
 TEST_CASE("fused RoPE of q and k read out of one q/k/v projection output, and SwiGLU of one gate/up output, on CUDA",
@@ -111,6 +158,19 @@ TEST_CASE("fused RoPE of q and k read out of one q/k/v projection output, and Sw
     check_rope_qkv(cuda, dtype, 6, 2, 16, bound(dtype));
     for (int64_t I : {14336, 8192, 24}) check_swiglu_packed(cuda, dtype, I, bound(dtype));
   }
+}
+
+TEST_CASE("fused q / k norm and RoPE (Qwen3) read out of one q/k/v projection output, on CUDA, and from kept values",
+          "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat})
+    for (bool kept : {false, true}) {
+      check_rope_qkv_norm(cuda, dtype, 32, 8, 128, bound(dtype), kept);  // Qwen3 8B
+      check_rope_qkv_norm(cuda, dtype, 5, 5, 64, bound(dtype), kept);
+      check_rope_qkv_norm(cuda, dtype, 6, 2, 256, bound(dtype), kept);
+      check_rope_qkv_norm(cuda, dtype, 3, 1, 16, bound(dtype), kept);
+    }
 }
 
 TEST_CASE("fused RMSNorm kernel equals the ATen reference on CUDA", "[fused_ops][gpu]") {

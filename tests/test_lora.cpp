@@ -265,16 +265,38 @@ TEST_CASE("LoRA on a Qwen2 NF4 base (q / k / v biases, tied embeddings) matches 
   check_against_peft("base_qwen2_nf4", "qwen2_all", 1e-5, 1e-4);
   check_against_peft("base_qwen2_nf4", "qwen2_all", 1e-5, 1e-4,
                      [](qt::LlamaModel& m) { m.plan.checkpointing = true; });
+  // q / k / v with their biases as one projection (the bias in the base GEMM), replayed from kept tensors.
+  std::shared_ptr<qt::ModelStats> stats;
+  int64_t layers = 0;
+  check_against_peft("base_qwen2_nf4", "qwen2_all", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
+    m.plan.checkpointing = true;
+    m.plan.keep = qt::KeepLevel::Qkv;
+    stats = m.stats;
+    layers = m.config.num_hidden_layers;
+  });
+  REQUIRE(stats);
+  CHECK(layers > 0);
+  CHECK(stats->qkv_replays == layers);
 }
 
 TEST_CASE("LoRA on a Qwen3 NF4 base (q / k norms before RoPE, head_dim given) matches PEFT, with and without "
           "checkpointing, q / k / v kept by the plan",
           "[lora][qwen]") {
   check_against_peft("base_qwen3_nf4", "qwen3_all", 1e-5, 1e-4);
-  check_against_peft("base_qwen3_nf4", "qwen3_all", 1e-5, 1e-4, [](qt::LlamaModel& m) {
+  // The keep ladder: the projection output kept, renormed and rotated in the recomputation (rope_qkv_norm's kept
+  // values), whose q / k / v projection computes no output.
+  std::shared_ptr<qt::ModelStats> stats;
+  int64_t layers = 0;
+  check_against_peft("base_qwen3_nf4", "qwen3_all", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
     m.plan.checkpointing = true;
-    m.plan.keep = qt::KeepLevel::Qkv;  // q / k / v take the per-linear path (the norms sit before RoPE)
+    m.plan.keep = qt::KeepLevel::Residual;
+    stats = m.stats;
+    layers = m.config.num_hidden_layers;
   });
+  REQUIRE(stats);
+  CHECK(layers > 0);
+  CHECK(stats->qkv_replays == layers);
+  CHECK(stats->outputs_skipped >= 2 * layers);  // q / k / v and o_proj of each recomputation
 }
 
 TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weights kept for the backward pass or "

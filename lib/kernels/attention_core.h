@@ -22,6 +22,9 @@ struct AttentionStash {
   // while recording) and given back in the recomputation, whose q / k / v projection then computes no output.
   bool keep_qkv = false;
   at::Tensor q, k, v;
+  // keep_qkv where q and k are normed per head before RoPE (Qwen3): the projection output [B, S, (Hq + 2 Hkv) D]
+  // instead, from which the recomputation renorms and rotates q and k (rope_qkv_norm's kept values).
+  at::Tensor qkv;
   // keep_residual (LlamaModel): the block's residual stream after attention, h + o_proj(attention), recorded and
   // given back the same way; the recomputation's o_proj then computes no output.
   bool keep_residual = false;

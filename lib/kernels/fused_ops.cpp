@@ -2,6 +2,7 @@
 #include "lib/kernels/fused_ops.h"
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <array>
@@ -339,6 +340,113 @@ std::array<at::Tensor, 3> rope_qkv(const at::Tensor& qkv, const at::Tensor& cos,
   auto parts = at::split_with_sizes(qkv, {q_heads * D, kv_heads * D, kv_heads * D}, -1);
   return {rope_reference(parts[0].view({B, S, q_heads, D}), cos, sin),
           rope_reference(parts[1].view({B, S, kv_heads, D}), cos, sin), parts[2].view({B, S, kv_heads, D})};
+}
+
+std::array<at::Tensor, 3> rope_qkv_norm_reference(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                                  int64_t q_heads, int64_t kv_heads, const QkNorm& norm) {
+  const int64_t B = qkv.size(0), S = qkv.size(1), D = cos.size(-1);
+  auto parts = at::split_with_sizes(qkv, {q_heads * D, kv_heads * D, kv_heads * D}, -1);
+  return {rope_reference(rms_norm_reference(parts[0].view({B, S, q_heads, D}), norm.q_weight, norm.eps), cos, sin),
+          rope_reference(rms_norm_reference(parts[1].view({B, S, kv_heads, D}), norm.k_weight, norm.eps), cos, sin),
+          parts[2].view({B, S, kv_heads, D})};
+}
+
+namespace {
+// rope_qkv_norm's node: forward from `src` (qkv's values, or the kept ones), the gradient to qkv. On CUDA through
+// rope_norm_launch and its backward; elsewhere the reference, differentiated by autograd in the backward pass.
+struct RopeQkvNormFn : public torch::autograd::Function<RopeQkvNormFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& qkv, const at::Tensor& src, const at::Tensor& cos,
+                               const at::Tensor& sin, const at::Tensor& wq, const at::Tensor& wk, double eps,
+                               int64_t q_heads, int64_t kv_heads, bool cuda) {
+    ctx->save_for_backward({src, cos, sin, wq, wk});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["q_heads"] = q_heads;
+    ctx->saved_data["kv_heads"] = kv_heads;
+    ctx->saved_data["cuda"] = cuda;
+    ctx->saved_data["shape"] = qkv.sizes().vec();
+    const int64_t B = src.size(0), S = src.size(1), D = cos.size(-1), ld = src.size(-1);
+#ifdef QT_WITH_CUDA
+    if (cuda) {
+      c10::cuda::CUDAGuard guard(src.device());
+      at::Tensor q = at::empty({B, S, q_heads, D}, src.options()), k = at::empty({B, S, kv_heads, D}, src.options());
+      const int64_t tokens = B * S;
+      kernels::rope_norm_launch(src.data_ptr(), wq.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), tokens,
+                                q_heads, D, ld, q_heads * D, static_cast<float>(eps), elem_type(src), stream_of(src));
+      kernels::rope_norm_launch(src.narrow(-1, q_heads * D, kv_heads * D).data_ptr(), wk.data_ptr(), cos.data_ptr(),
+                                sin.data_ptr(), k.data_ptr(), tokens, kv_heads, D, ld, kv_heads * D,
+                                static_cast<float>(eps), elem_type(src), stream_of(src));
+      at::Tensor v = src.narrow(-1, (q_heads + kv_heads) * D, kv_heads * D).reshape({B, S, kv_heads, D}).contiguous();
+      return {q, k, v};
+    }
+#endif
+    (void)ld;
+    at::NoGradGuard no_grad;
+    auto out = rope_qkv_norm_reference(src, cos, sin, q_heads, kv_heads, QkNorm{wq, wk, eps});
+    return {out[0], out[1], out[2].contiguous()};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const at::Tensor &src = s[0], &cos = s[1], &sin = s[2], &wq = s[3], &wk = s[4];
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const int64_t q_heads = ctx->saved_data["q_heads"].toInt(), kv_heads = ctx->saved_data["kv_heads"].toInt();
+    const int64_t B = src.size(0), S = src.size(1), D = cos.size(-1), ld = src.size(-1);
+    auto grad = [&](int i, int64_t heads) {
+      return grads[i].defined() ? grads[i].to(src.scalar_type()).contiguous() : at::zeros({B, S, heads, D}, src.options());
+    };
+    at::Tensor dqkv;
+#ifdef QT_WITH_CUDA
+    if (ctx->saved_data["cuda"].toBool()) {
+      c10::cuda::CUDAGuard guard(src.device());
+      dqkv = at::empty({B, S, ld}, src.options());
+      const int64_t tokens = B * S;
+      const at::Tensor dq = grad(0, q_heads), dk = grad(1, kv_heads);
+      kernels::rope_norm_backward_launch(dq.data_ptr(), src.data_ptr(), wq.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                         dqkv.data_ptr(), tokens, q_heads, D, q_heads * D, ld, ld,
+                                         static_cast<float>(eps), elem_type(src), stream_of(src));
+      kernels::rope_norm_backward_launch(dk.data_ptr(), src.narrow(-1, q_heads * D, kv_heads * D).data_ptr(),
+                                         wk.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                         dqkv.narrow(-1, q_heads * D, kv_heads * D).data_ptr(), tokens, kv_heads, D,
+                                         kv_heads * D, ld, ld, static_cast<float>(eps), elem_type(src), stream_of(src));
+      dqkv.narrow(-1, (q_heads + kv_heads) * D, kv_heads * D).copy_(grad(2, kv_heads).view({B, S, kv_heads * D}));
+    }
+#endif
+    if (!dqkv.defined()) {
+      at::AutoGradMode enable(true);
+      at::Tensor leaf = src.detach().requires_grad_(true);
+      auto out = rope_qkv_norm_reference(leaf, cos, sin, q_heads, kv_heads, QkNorm{wq, wk, eps});
+      dqkv = torch::autograd::grad({out[0], out[1], out[2]}, {leaf}, {grad(0, q_heads), grad(1, kv_heads), grad(2, kv_heads)})[0];
+    }
+    variable_list out(10);
+    out[0] = dqkv.view(ctx->saved_data["shape"].toIntVector());
+    return out;
+  }
+};
+}  // namespace
+
+std::array<at::Tensor, 3> rope_qkv_norm(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                        int64_t q_heads, int64_t kv_heads, const QkNorm& norm, const at::Tensor& kept) {
+  QT_CHECK(qkv.dim() == 3 && cos.dim() == 3 && qkv.size(-1) == (q_heads + 2 * kv_heads) * cos.size(-1) &&
+               norm.q_weight.numel() == cos.size(-1) && norm.k_weight.numel() == cos.size(-1) &&
+               (!kept.defined() || kept.sizes() == qkv.sizes()),
+           ErrorKind::Internal, "rope_qkv_norm: expected qkv [B, S, (q_heads + 2 kv_heads) head_dim], cos [B, S, "
+                                "head_dim], q / k norm weights [head_dim] and kept values of qkv's shape");
+  QT_CHECK(!norm.q_weight.requires_grad() && !norm.k_weight.requires_grad(), ErrorKind::Internal,
+           "rope_qkv_norm: the q / k norm weights are frozen");
+  const at::Tensor src = kept.defined() ? kept.detach() : qkv;
+  const int64_t D = cos.size(-1);
+  bool cuda = false;
+  at::Tensor c = cos, s = sin, wq = norm.q_weight, wk = norm.k_weight;
+#ifdef QT_WITH_CUDA
+  if (src.is_contiguous() && rope_kernel_takes(src, D, cos, sin) && kernels::rope_norm_takes_head_dim(D) &&
+      wq.scalar_type() == src.scalar_type() && wk.scalar_type() == src.scalar_type() && wq.is_cuda() && wk.is_cuda()) {
+    c = cos.contiguous(), s = sin.contiguous(), wq = wq.contiguous(), wk = wk.contiguous();
+    cuda = aligned(c) && aligned(s) && aligned(wq) && aligned(wk);
+  }
+#endif
+  if (!cuda && !kept.defined()) return rope_qkv_norm_reference(qkv, cos, sin, q_heads, kv_heads, norm);
+  (void)D;
+  auto out = RopeQkvNormFn::apply(qkv, src.detach(), c, s, wq, wk, norm.eps, q_heads, kv_heads, cuda);
+  return {out[0], out[1], out[2]};
 }
 
 }  // namespace qt

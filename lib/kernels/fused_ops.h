@@ -43,6 +43,23 @@ std::array<at::Tensor, 3> rope_qkv_replay(const at::Tensor& qkv, const at::Tenso
                                           int64_t q_heads, int64_t kv_heads, const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& v);
 
+// Qwen3's q / k norms (transformers' Qwen3Attention: q_norm(q_proj(x).view(.., heads, D)), the same for k): frozen
+// RMSNorm weights [D] over each head.
+struct QkNorm {
+  at::Tensor q_weight, k_weight;
+  double eps = 1e-6;
+};
+// rope_qkv with each q and k head RMS-normed first: {rope(q_norm(q)), rope(k_norm(k)), v}, one kernel for the norm
+// and the rotation of q (and of k) on CUDA; the backward recomputes 1/rms from qkv's values, which it keeps. With
+// `kept`, qkv's values recorded in an earlier pass are used in place of qkv's (qkv is then the node of a
+// recomputation's projection that computed no output: rope_qkv_replay's case); the gradient flows to qkv.
+std::array<at::Tensor, 3> rope_qkv_norm(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                        int64_t q_heads, int64_t kv_heads, const QkNorm& norm,
+                                        const at::Tensor& kept = {});
+// Its plain-ATen reference (differentiable in qkv).
+std::array<at::Tensor, 3> rope_qkv_norm_reference(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                                  int64_t q_heads, int64_t kv_heads, const QkNorm& norm);
+
 // True when the fused kernels take these inputs (a CUDA build, CUDA tensors of a supported shape and dtype).
 bool fused_ops_apply(const at::Tensor& x);
 

@@ -32,4 +32,16 @@ void swiglu_backward_launch(const void* dy, const void* g, const void* u, void* 
 void rope_launch(const void* x, const void* cos, const void* sin, void* y, int64_t tokens, int64_t heads, int64_t D,
                  int64_t x_ld, int64_t y_ld, bool inverse, ElemType type, CUstream_st* stream);
 
+// Qwen3's q / k: y = rope(weight * cast(x * rstd)) per [D] row, rstd = 1 / sqrt(mean(x^2) + eps), in one pass
+// (rows, strides and rounding as rope_launch; weight [D]). D = 16 times a power of two up to 512
+// (rope_norm_takes_head_dim).
+bool rope_norm_takes_head_dim(int64_t D);
+void rope_norm_launch(const void* x, const void* weight, const void* cos, const void* sin, void* y, int64_t tokens,
+                      int64_t heads, int64_t D, int64_t x_ld, int64_t y_ld, float eps, ElemType type,
+                      CUstream_st* stream);
+// Its gradient: dx from dy (dy rows dy_ld apart), x the norm's input; rstd recomputed from x.
+void rope_norm_backward_launch(const void* dy, const void* x, const void* weight, const void* cos, const void* sin,
+                               void* dx, int64_t tokens, int64_t heads, int64_t D, int64_t dy_ld, int64_t x_ld,
+                               int64_t dx_ld, float eps, ElemType type, CUstream_st* stream);
+
 }  // namespace qt::kernels

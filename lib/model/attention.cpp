@@ -69,24 +69,31 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
   at::Tensor q, k, v;
   AttentionStash* stash = pass.stash;  // a checkpointed block's under the keep ladder
   bool fused_qkv = false;
-  // Qwen3's q / k norms sit between the projection and RoPE: the fused projection + RoPE paths do not take them.
+  at::Tensor projected;  // the fused projection's output, kept by keep_qkv where q / k norms come before RoPE
+  // Qwen3's q / k norms sit between the projection and RoPE: rope_qkv_norm applies them with the rotation.
   const bool qk_norm = b.q_norm.defined();
-  if (stash && stash->replay && stash->q.defined() && !qk_norm) {
+  const QkNorm norm{b.q_norm, b.k_norm, config.rms_norm_eps};
+  auto rotate = [&](const at::Tensor& qkv) {
+    return qk_norm ? rope_qkv_norm(qkv, cos, sin, Hq, Hkv, norm) : rope_qkv(qkv, cos, sin, Hq, Hkv);
+  };
+  if (stash && stash->replay && (qk_norm ? stash->qkv.defined() : stash->q.defined())) {
     // keep_qkv's recomputation: the projection's node for the backward pass without its output, the rotated q,
-    // k, v of the forward pass in place of RoPE's.
+    // k, v of the forward pass in place of RoPE's (or, with q / k norms, the kept projection output renormed and
+    // rotated again: an elementwise pass instead of the GEMMs).
     if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x, pass, false, /*output_unused=*/true);
         qkv.defined()) {
-      auto kept = rope_qkv_replay(qkv, cos, sin, Hq, Hkv, stash->q, stash->k, stash->v);
+      auto kept = qk_norm ? rope_qkv_norm(qkv, cos, sin, Hq, Hkv, norm, stash->qkv)
+                          : rope_qkv_replay(qkv, cos, sin, Hq, Hkv, stash->q, stash->k, stash->v);
       q = kept[0], k = kept[1], v = kept[2];
       pass.count(&ModelStats::qkv_replays);
     }
   }
   if (!q.defined()) {
-    if (at::Tensor qkv = !qk_norm ? project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x, pass) : at::Tensor();
-        qkv.defined()) {
-      auto rotated = rope_qkv(qkv, cos, sin, Hq, Hkv);
+    if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x, pass); qkv.defined()) {
+      auto rotated = rotate(qkv);
       q = rotated[0], k = rotated[1], v = rotated[2];
       fused_qkv = true;
+      projected = qkv;
     } else {
       q = b.q_proj.forward(x, pass).view({B, S, Hq, hd});
       k = b.k_proj.forward(x, pass).view({B, S, Hkv, hd});
@@ -110,7 +117,10 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
     const at::Tensor& dense = mask.dense;
     const bool cudnn = plan.attention == AttentionKernel::Cudnn && q.is_cuda() && cudnn_admits(B, S);
     if (stash && !dense.defined() && causal_attention_supported(q.transpose(1, 2))) {
-      if (!stash->replay && stash->keep_qkv && fused_qkv) stash->q = q, stash->k = k, stash->v = v;
+      if (!stash->replay && stash->keep_qkv && fused_qkv) {
+        if (qk_norm) stash->qkv = projected;
+        else stash->q = q, stash->k = k, stash->v = v;
+      }
       const int64_t runs = stash->forward_runs;
       o = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                            1.0 / std::sqrt(static_cast<double>(hd)), cudnn, stash)

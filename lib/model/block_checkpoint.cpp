@@ -32,8 +32,8 @@ struct KeepValueFn : public torch::autograd::Function<KeepValueFn> {
   }
 };
 // The tensors keep_qkv and keep_residual keep in a stash, with the keys BlockCheckpointFn saves them under.
-std::array<std::pair<const char*, at::Tensor*>, 4> kept_extras(AttentionStash& s) {
-  return {{{"attn_q", &s.q}, {"attn_k", &s.k}, {"attn_v", &s.v}, {"attn_residual", &s.residual}}};
+std::array<std::pair<const char*, at::Tensor*>, 5> kept_extras(AttentionStash& s) {
+  return {{{"attn_q", &s.q}, {"attn_k", &s.k}, {"attn_v", &s.v}, {"attn_qkv", &s.qkv}, {"attn_residual", &s.residual}}};
 }
 
 // Per-block activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"), the

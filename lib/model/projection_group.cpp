@@ -34,7 +34,8 @@ std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
 // one GEMM, every LoRA A in one GEMM (x read once), every LoRA B in one GEMM on the base GEMM's epilogue (the B
 // blocks, each with its scale, on the diagonal of a [sum out, sum r] matrix). The output is the members' outputs
 // side by side, [.., sum out]; its gradient comes back whole, so the input gradient is one GEMM with the LoRA
-// term on its epilogue, not one per member summed by autograd. ab: A0, B0, A1, B1, ... (fp32 masters).
+// term on its epilogue, not one per member summed by autograd. ab: A0, B0, A1, B1, ... (fp32 masters). bias: the
+// members' frozen biases side by side (Qwen2's q / k / v), added by the base GEMM (addmm), or undefined.
 struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   // The bases dequantized into [total, in], or with the LoRA B blocks `bd` in `extra` more columns (zero beyond
   // bd's): [total, in + extra] = [W | bd | 0] (concat_b).
@@ -67,8 +68,10 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   }
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 at::TensorList ab, const std::vector<int64_t>& linear_ptrs,
-                                                bool concat_b, bool output_unused, int64_t pass_ptr) {
+                                                bool concat_b, bool output_unused, int64_t pass_ptr,
+                                                int64_t bias_ptr) {
     const auto ls = members(linear_ptrs);
+    const at::Tensor& bias = *reinterpret_cast<const at::Tensor*>(bias_ptr);  // read in this call only
     const Pass& pass = *reinterpret_cast<const Pass*>(pass_ptr);  // read in this call only
     const auto dt = x.scalar_type();
     const auto [a, bd] = lora_factors(pass, ls, ab, dt);  // [sum r, in], [sum out, sum r]
@@ -89,7 +92,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       if (extra > r) xc.narrow(1, in + r, extra - r).zero_();
       W = weight(ls, total, dt, bd, extra);
       if (pass.stats) pass.stats->dequantized_weights += static_cast<int64_t>(ls.size());
-      y = at::mm(xc, W.t());
+      y = bias.defined() ? at::addmm(bias, xc, W.t()) : at::mm(xc, W.t());
       W = W.narrow(1, 0, in);
       x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
       pass.count(&ModelStats::lora_b_in_gemm_runs);
@@ -97,7 +100,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       t = at::mm(x2, a.t());  // [N, sum r]
       W = weight(ls, total, dt);
       if (pass.stats) pass.stats->dequantized_weights += static_cast<int64_t>(ls.size());
-      y = at::mm(x2, W.t());
+      y = bias.defined() ? at::addmm(bias, x2, W.t()) : at::mm(x2, W.t());
       y.addmm_(t, bd.t());
     }
     ctx->save_for_backward({x2, a, bd, t, pass.keep_dequantized ? W : at::Tensor()});
@@ -140,21 +143,30 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     out.emplace_back();  // concat_b
     out.emplace_back();  // output_unused
     out.emplace_back();  // pass_ptr
+    out.emplace_back();  // bias_ptr
     return out;
   }
 };
 
-// The group's LoRA masters (A0, B0, A1, B1, ...) and member pointers when project_group takes it, else false.
+// The group's LoRA masters (A0, B0, A1, B1, ...), member pointers and biases (every member's, frozen, or none)
+// when project_group takes it, else false.
 bool group_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x, std::vector<at::Tensor>& ab,
-                  std::vector<int64_t>& ptrs) {
+                  std::vector<int64_t>& ptrs, at::Tensor& bias) {
   if (ls.empty() || ls.size() > static_cast<size_t>(kernels::kNf4MaxJobs)) return false;
+  const bool biased = ls[0]->bias.defined();
   for (const Linear* l : ls)
-    if (!lora_node_applies(*l) || !l->quantized() || l->bias.defined() || l->in_features() != ls[0]->in_features() || l->nf4->device() != x.device()) return false;
+    if (!lora_node_applies(*l) || !l->quantized() || l->bias.defined() != biased ||
+        (biased && l->bias.requires_grad()) || l->in_features() != ls[0]->in_features() ||
+        l->nf4->device() != x.device())
+      return false;
+  std::vector<at::Tensor> biases;
   for (const Linear* l : ls) {
     ab.push_back(l->lora->A);
     ab.push_back(l->lora->B);
     ptrs.push_back(reinterpret_cast<int64_t>(l));
+    if (biased) biases.push_back(l->bias.to(x.scalar_type()));
   }
+  if (biased) bias = at::cat(biases);
   return true;
 }
 
@@ -164,9 +176,10 @@ at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor&
                          bool output_unused) {
   std::vector<at::Tensor> ab;
   std::vector<int64_t> ptrs;
-  if (!group_inputs(ls, x, ab, ptrs)) return {};
+  at::Tensor bias;
+  if (!group_inputs(ls, x, ab, ptrs, bias)) return {};
   return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, concat_b, output_unused,
-                                  reinterpret_cast<int64_t>(&pass))[0];
+                                  reinterpret_cast<int64_t>(&pass), reinterpret_cast<int64_t>(&bias))[0];
 }
 
 }  // namespace qt

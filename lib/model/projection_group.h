@@ -12,8 +12,9 @@
 
 namespace qt {
 
-// Undefined when a member is not an NF4 base with a plain LoRA adapter (lora_node_applies, no bias), the inputs
-// differ in width, or there are more than 4: then call each forward().
+// Undefined when a member is not an NF4 base with a plain LoRA adapter (lora_node_applies), some members have a
+// bias and others not (or a trained one), the inputs differ in width, or there are more than 4: then call each
+// forward(). Frozen biases (Qwen2's q / k / v) are added by the base GEMM.
 // concat_b: the LoRA B terms inside the base GEMM, [x | x A^T] [W | s B]^T, instead of an addmm over the output
 // (on CUDA where the input width is a multiple of 1024; the same values, one rounding fewer).
 // output_unused: only what the backward saves is computed; the output is left unwritten (a recomputation that
