@@ -1116,20 +1116,28 @@ TEST_CASE("keep_qkv and keep_residual on CUDA (bf16, block inputs offloaded or n
   for (bool offload : {false, true}) check_keep(at::Device(at::kCUDA, 0), at::kBFloat16, offload, 2e-2);
 }
 
-TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds", "[lora][dora][gpu]") {
+TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds, Llama, Qwen2 and Qwen3, with the "
+          "plan's checkpointing, offload and keep ladder",
+          "[lora][dora][qwen][gpu]") {
   REQUIRE(at::hasCUDA());
-  for (const char* name : {"all_targets", "dora_all"}) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"base_nf4", "all_targets"}, {"base_nf4", "dora_all"}, {"base_qwen2_nf4", "qwen2_all"}, {"base_qwen3_nf4", "qwen3_all"}};
+  for (const auto& [base, name] : cases) {
     INFO(name);
     qt::LoadOptions opt{at::Device(at::kCUDA, 0), at::kBFloat16};
     opt.quantize_nf4 = true;
-    qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), opt);
-    qt::load_peft_adapter(model, fixture(std::string("lora/") + name + "/adapter"));
+    qt::LlamaModel model = qt::load_llama(fixture(std::string("lora/") + base), opt);
+    const qt::PeftAdapterConfig cfg = qt::load_peft_adapter(model, fixture(std::string("lora/") + name + "/adapter"));
     qt::SafetensorsFile ref(fixture(std::string("lora/") + name + "/reference.safetensors"));
     at::Tensor ids = ref.load("input_ids", at::kLong, at::kCUDA);
     at::Tensor labels = ref.load("labels", at::kLong, at::kCUDA);
-    for (bool checkpoint : {false, true}) {
-      INFO("grad_checkpointing " << checkpoint);
-      model.plan.checkpointing = checkpoint;
+    // 0: no checkpointing; 1: checkpointing; 2: checkpointing, inputs offloaded, q / k / v and the residual kept.
+    for (int plan : {0, 1, 2}) {
+      INFO("plan " << plan);
+      model.plan.checkpointing = plan > 0;
+      model.plan.offload = plan == 2;
+      model.plan.keep = plan == 2 ? qt::KeepLevel::Residual : qt::KeepLevel::Input;
+      model.stats->qkv_replays = 0;
       auto params = qt::lora_parameters(model);
       for (auto& [key, t] : params)
         if (t.grad().defined()) t.mutable_grad().zero_();
@@ -1142,6 +1150,8 @@ TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds", 
         CHECK(t.grad().scalar_type() == at::kFloat);
         CHECK(rel_err(t.grad(), ref.view("grad." + key)) < 8e-2);
       }
+      // Plain LoRA: q / k / v ran as one projection, replayed from the kept tensors (biases and norms included).
+      if (plan == 2 && !cfg.lora.use_dora) CHECK(model.stats->qkv_replays == model.config.num_hidden_layers);
     }
   }
 }
