@@ -95,6 +95,23 @@ void check_against_peft(const std::string& base_dir, const std::string& name, do
         (cfg.lora.use_dora ? 3 : 2) * static_cast<int64_t>(cfg.lora.targets.size()) * model.config.num_hidden_layers);
 }
 
+// check_against_peft under checkpointing with the keep ladder at `keep` (qkv or above): every block's
+// recomputation took its q / k / v from the kept tensors and computed no projection output.
+void check_keep_against_peft(const std::string& base_dir, const std::string& name, qt::KeepLevel keep) {
+  std::shared_ptr<qt::ModelStats> stats;
+  int64_t layers = 0;
+  check_against_peft(base_dir, name, 1e-5, 1e-4, [&](qt::LlamaModel& m) {
+    m.plan.checkpointing = true;
+    m.plan.keep = keep;
+    stats = m.stats;
+    layers = m.config.num_hidden_layers;
+  });
+  REQUIRE(stats);
+  CHECK(layers > 0);
+  CHECK(stats->qkv_replays == layers);
+  CHECK(stats->outputs_skipped >= (keep == qt::KeepLevel::Residual ? 2 : 1) * layers);  // q / k / v (and o_proj)
+}
+
 std::string copy_adapter(const std::string& from, const std::string& scratch) {
   const std::string dir = qt::test::scratch_dir(scratch);
   qt::files::copy_file(qt::files::join(from, qt::kAdapterConfigFile), qt::files::join(dir, qt::kAdapterConfigFile));
@@ -266,17 +283,7 @@ TEST_CASE("LoRA on a Qwen2 NF4 base (q / k / v biases, tied embeddings) matches 
   check_against_peft("base_qwen2_nf4", "qwen2_all", 1e-5, 1e-4,
                      [](qt::LlamaModel& m) { m.plan.checkpointing = true; });
   // q / k / v with their biases as one projection (the bias in the base GEMM), replayed from kept tensors.
-  std::shared_ptr<qt::ModelStats> stats;
-  int64_t layers = 0;
-  check_against_peft("base_qwen2_nf4", "qwen2_all", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
-    m.plan.checkpointing = true;
-    m.plan.keep = qt::KeepLevel::Qkv;
-    stats = m.stats;
-    layers = m.config.num_hidden_layers;
-  });
-  REQUIRE(stats);
-  CHECK(layers > 0);
-  CHECK(stats->qkv_replays == layers);
+  check_keep_against_peft("base_qwen2_nf4", "qwen2_all", qt::KeepLevel::Qkv);
 }
 
 TEST_CASE("LoRA on a Qwen3 NF4 base (q / k norms before RoPE, head_dim given) matches PEFT, with and without "
@@ -285,18 +292,7 @@ TEST_CASE("LoRA on a Qwen3 NF4 base (q / k norms before RoPE, head_dim given) ma
   check_against_peft("base_qwen3_nf4", "qwen3_all", 1e-5, 1e-4);
   // The keep ladder: the projection output kept, renormed and rotated in the recomputation (rope_qkv_norm's kept
   // values), whose q / k / v projection computes no output.
-  std::shared_ptr<qt::ModelStats> stats;
-  int64_t layers = 0;
-  check_against_peft("base_qwen3_nf4", "qwen3_all", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
-    m.plan.checkpointing = true;
-    m.plan.keep = qt::KeepLevel::Residual;
-    stats = m.stats;
-    layers = m.config.num_hidden_layers;
-  });
-  REQUIRE(stats);
-  CHECK(layers > 0);
-  CHECK(stats->qkv_replays == layers);
-  CHECK(stats->outputs_skipped >= 2 * layers);  // q / k / v and o_proj of each recomputation
+  check_keep_against_peft("base_qwen3_nf4", "qwen3_all", qt::KeepLevel::Residual);
 }
 
 TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weights kept for the backward pass or "

@@ -65,21 +65,11 @@ class CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
       } else if (backend == AttentionBackend::CudaCudnn) {
         auto r = at::_scaled_dot_product_cudnn_attention(q, ke, ve, std::nullopt, /*compute_log_sumexp=*/true, 0.0,
                                                          /*is_causal=*/true, /*return_debug_mask=*/false, scale);
-        out = std::get<0>(r);
-        lse = std::get<1>(r);
-        cum_q = std::get<2>(r);
-        cum_k = std::get<3>(r);
-        seed = std::get<6>(r);
-        offset = std::get<7>(r);
+        std::tie(out, lse, cum_q, cum_k, std::ignore, std::ignore, seed, offset, std::ignore) = r;
       } else {
         auto r = at::_scaled_dot_product_flash_attention(q, ke, ve, 0.0, /*is_causal=*/true,
                                                          /*return_debug_mask=*/false, scale);
-        out = std::get<0>(r);
-        lse = std::get<1>(r);
-        cum_q = std::get<2>(r);
-        cum_k = std::get<3>(r);
-        seed = std::get<6>(r);
-        offset = std::get<7>(r);
+        std::tie(out, lse, cum_q, cum_k, std::ignore, std::ignore, seed, offset, std::ignore) = r;
       }
       if (stash && !stash->replay) {
         stash->out = out;

@@ -277,22 +277,24 @@ void check_launch() {
 
 }  // namespace
 
+// f(T{}) for the tile's element type.
+template <typename F>
+void dispatch_ce(CeTileDtype dtype, F&& f) {
+  switch (dtype) {
+    case CeTileDtype::F32: f(float{}); break;
+    case CeTileDtype::BF16: f(__nv_bfloat16{}); break;
+    case CeTileDtype::F16: f(__half{}); break;
+  }
+}
+
 void ce_tile_loss_grad(void* logits, CeTileDtype dtype, int64_t rows, int64_t vocab, int64_t ld, const int64_t* labels,
                        float* loss_rows, bool write_grad, const CeTileParams& params, void* stream, float* lse_rows) {
   if (rows <= 0) return;
   QT_CHECK(rows <= INT32_MAX && vocab > 0 && ld >= vocab, ErrorKind::Internal, "ce_tile_loss_grad: bad tile shape");
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case CeTileDtype::F32:
-      launch<float>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params, s);
-      break;
-    case CeTileDtype::BF16:
-      launch<__nv_bfloat16>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params, s);
-      break;
-    case CeTileDtype::F16:
-      launch<__half>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params, s);
-      break;
-  }
+  dispatch_ce(dtype, [&](auto t) {
+    launch<decltype(t)>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params, s);
+  });
   check_launch();
 }
 
@@ -301,17 +303,9 @@ void ce_slice_grad(void* logits, CeTileDtype dtype, int64_t rows, int64_t cols, 
   if (rows <= 0 || cols <= 0) return;
   QT_CHECK(ld >= cols && col0 >= 0 && col0 + cols <= vocab, ErrorKind::Internal, "ce_slice_grad: bad slice shape");
   auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case CeTileDtype::F32:
-      launch_slice<float>(logits, rows, cols, ld, col0, vocab, labels, lse_rows, params, s);
-      break;
-    case CeTileDtype::BF16:
-      launch_slice<__nv_bfloat16>(logits, rows, cols, ld, col0, vocab, labels, lse_rows, params, s);
-      break;
-    case CeTileDtype::F16:
-      launch_slice<__half>(logits, rows, cols, ld, col0, vocab, labels, lse_rows, params, s);
-      break;
-  }
+  dispatch_ce(dtype, [&](auto t) {
+    launch_slice<decltype(t)>(logits, rows, cols, ld, col0, vocab, labels, lse_rows, params, s);
+  });
   check_launch();
 }
 

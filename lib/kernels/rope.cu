@@ -7,6 +7,18 @@
 namespace qt::kernels {
 namespace {
 
+// Elements j..j+7 of a row and their partners in the second half (the rotation's pairs), through fp32.
+template <typename T>
+__device__ __forceinline__ void load_pairs(const T* row, int64_t j, int64_t half, float a[kVec], float b[kVec]) {
+  load8(row + j, a);
+  load8(row + half + j, b);
+}
+template <typename T>
+__device__ __forceinline__ void store_pairs(T* row, int64_t j, int64_t half, const float a[kVec], const float b[kVec]) {
+  store8(row + j, a);
+  store8(row + half + j, b);
+}
+
 // One thread: 8 consecutive elements of the first half of one (token, head) row and their 8 partners in the
 // second half.
 template <typename T>
@@ -25,12 +37,9 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x,
     const T* cr = cos + token * D;
     const T* sr = sin + token * D;
     float x1[kVec], x2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec], y1[kVec], y2[kVec];
-    load8(xr + j, x1);
-    load8(xr + half + j, x2);
-    load8(cr + j, c1);
-    load8(cr + half + j, c2);
-    load8(sr + j, s1);
-    load8(sr + half + j, s2);
+    load_pairs(xr, j, half, x1, x2);
+    load_pairs(cr, j, half, c1, c2);
+    load_pairs(sr, j, half, s1, s2);
     if (!inverse) {
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
@@ -45,9 +54,20 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x,
       }
     }
     T* yr = y + token * y_ld + head * D;
-    store8(yr + j, y1);
-    store8(yr + half + j, y2);
+    store_pairs(yr, j, half, y1, y2);
   }
+}
+
+// Where thread i works in the norm kernels' rounds: its (token, head) row and first element j; lanes past the
+// end (active false) take part in the shuffles with zeros.
+struct Lane {
+  bool active;
+  int64_t token, head, j;
+};
+__device__ __forceinline__ Lane lane_of(int64_t i, int64_t total, int per_row, int64_t heads) {
+  const bool active = i < total;
+  const int64_t row = active ? i / per_row : 0;
+  return {active, row / heads, row % heads, active ? (i % per_row) * kVec : 0};
 }
 
 // Threads of one (token, head) row: D / 16, consecutive lanes of one warp (D / 16 a power of two up to 32).
@@ -68,15 +88,13 @@ __global__ void __launch_bounds__(kThreads) rope_norm_kernel(const T* __restrict
   // Every lane of a warp runs each round (the shuffles), lanes past the end with zeros.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads; base < total;
        base += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t i = base + threadIdx.x;
-    const bool active = i < total;
-    const int64_t row = active ? i / per_row : 0, j = active ? (i % per_row) * kVec : 0;
-    const int64_t token = row / heads, head = row - token * heads;
+    const Lane l = lane_of(base + threadIdx.x, total, per_row, heads);
+    const bool active = l.active;
+    const int64_t token = l.token, head = l.head, j = l.j;
     const T* xr = x + token * x_ld + head * D;
     float x1[kVec] = {}, x2[kVec] = {};
     if (active) {
-      load8(xr + j, x1);
-      load8(xr + half + j, x2);
+      load_pairs(xr, j, half, x1, x2);
     }
     float ss = 0;
 #pragma unroll
@@ -84,12 +102,9 @@ __global__ void __launch_bounds__(kThreads) rope_norm_kernel(const T* __restrict
     const float r = rsqrtf(row_sum(ss, per_row) / static_cast<float>(D) + eps);
     if (!active) continue;
     float w1[kVec], w2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec], y1[kVec], y2[kVec];
-    load8(w + j, w1);
-    load8(w + half + j, w2);
-    load8(cos + token * D + j, c1);
-    load8(cos + token * D + half + j, c2);
-    load8(sin + token * D + j, s1);
-    load8(sin + token * D + half + j, s2);
+    load_pairs(w, j, half, w1, w2);
+    load_pairs(cos + token * D, j, half, c1, c2);
+    load_pairs(sin + token * D, j, half, s1, s2);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const float n1 = round_t<T>(w1[k] * round_t<T>(x1[k] * r)), n2 = round_t<T>(w2[k] * round_t<T>(x2[k] * r));
@@ -97,8 +112,7 @@ __global__ void __launch_bounds__(kThreads) rope_norm_kernel(const T* __restrict
       y2[k] = round_t<T>(n2 * c2[k]) + round_t<T>(n1 * s2[k]);
     }
     T* yr = y + token * y_ld + head * D;
-    store8(yr + j, y1);
-    store8(yr + half + j, y2);
+    store_pairs(yr, j, half, y1, y2);
   }
 }
 
@@ -113,25 +127,19 @@ __global__ void __launch_bounds__(kThreads) rope_norm_backward_kernel(
   const int64_t half = D / 2, total = tokens * heads * per_row;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads; base < total;
        base += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t i = base + threadIdx.x;
-    const bool active = i < total;
-    const int64_t row = active ? i / per_row : 0, j = active ? (i % per_row) * kVec : 0;
-    const int64_t token = row / heads, head = row - token * heads;
+    const Lane l = lane_of(base + threadIdx.x, total, per_row, heads);
+    const bool active = l.active;
+    const int64_t token = l.token, head = l.head, j = l.j;
     float x1[kVec] = {}, x2[kVec] = {}, g1[kVec] = {}, g2[kVec] = {};
     if (active) {
       float d1[kVec], d2[kVec], w1[kVec], w2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec];
       const T* xr = x + token * x_ld + head * D;
       const T* dr = dy + token * dy_ld + head * D;
-      load8(xr + j, x1);
-      load8(xr + half + j, x2);
-      load8(dr + j, d1);
-      load8(dr + half + j, d2);
-      load8(w + j, w1);
-      load8(w + half + j, w2);
-      load8(cos + token * D + j, c1);
-      load8(cos + token * D + half + j, c2);
-      load8(sin + token * D + j, s1);
-      load8(sin + token * D + half + j, s2);
+      load_pairs(xr, j, half, x1, x2);
+      load_pairs(dr, j, half, d1, d2);
+      load_pairs(w, j, half, w1, w2);
+      load_pairs(cos + token * D, j, half, c1, c2);
+      load_pairs(sin + token * D, j, half, s1, s2);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         g1[k] = (d1[k] * c1[k] + d2[k] * s2[k]) * w1[k];
@@ -153,8 +161,7 @@ __global__ void __launch_bounds__(kThreads) rope_norm_backward_kernel(
       g2[k] = r * (g2[k] - x2[k] * r * mean);
     }
     T* dr = dx + token * dx_ld + head * D;
-    store8(dr + j, g1);
-    store8(dr + half + j, g2);
+    store_pairs(dr, j, half, g1, g2);
   }
 }
 
