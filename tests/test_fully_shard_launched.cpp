@@ -31,14 +31,7 @@ using qt::test::rel_err;
 // A 2-layer NF4 LLaMA (hidden 128, GQA) with LoRA r=6 on every linear, B random so that A gets gradients too.
 // Identical on every rank and for every call.
 qt::LlamaModel make_model(at::Device device = at::kCPU, bool tied = false) {
-  qt::LlamaConfig c;
-  c.hidden_size = 128;
-  c.intermediate_size = 256;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 32;
-  c.vocab_size = 61;
+  qt::LlamaConfig c = qt::test::tiny_llama_config(61);
   c.rms_norm_eps = 1e-5;
   qt::LlamaModel m(c);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(7);

@@ -18,23 +18,33 @@ using qt::test::rel_err;
 
 namespace {
 
+// The fixture's input through the model with every tensor requiring a gradient: logits, the next-token loss (in
+// fp32) after its backward pass, and the input embeddings (their gradient kept).
+struct ForwardBackward {
+  at::Tensor logits, loss, emb;
+};
+ForwardBackward forward_backward(qt::LlamaModel& model, std::vector<std::pair<std::string, at::Tensor*>>& named,
+                                 qt::SafetensorsFile& ref, at::Device device) {
+  for (auto& [n, t] : named) t->set_requires_grad(true);
+  if (model.config.tie_word_embeddings) model.lm_head = model.embed_tokens;
+  at::Tensor ids = ref.load("input_ids", at::kLong, device);
+  at::Tensor labels = ref.load("labels", at::kLong, device);
+  at::Tensor emb = model.embed(ids);
+  emb.retain_grad();
+  at::Tensor logits = model.logits(model.forward_hidden(emb));
+  const int64_t V = model.config.vocab_size;
+  at::Tensor loss = at::cross_entropy_loss(logits.narrow(1, 0, logits.size(1) - 1).reshape({-1, V}).to(at::kFloat),
+                                           labels.narrow(1, 1, labels.size(1) - 1).reshape({-1}));
+  loss.backward();
+  return {logits, loss, emb};
+}
+
 void check_against_transformers(const std::string& name) {
   const std::string dir = fixture("llama/" + name);
   qt::LlamaModel model = qt::load_llama(dir + "/model", {});
   qt::SafetensorsFile ref(dir + "/reference.safetensors");
   auto named = model.named_tensors();
-  for (auto& [n, t] : named) t->set_requires_grad(true);
-  if (model.config.tie_word_embeddings) model.lm_head = model.embed_tokens;
-
-  at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU);
-  at::Tensor labels = ref.load("labels", at::kLong, at::kCPU);
-  at::Tensor emb = model.embed(ids);
-  emb.retain_grad();
-  at::Tensor logits = model.logits(model.forward_hidden(emb));
-  const int64_t V = model.config.vocab_size;
-  at::Tensor loss = at::cross_entropy_loss(logits.narrow(1, 0, logits.size(1) - 1).reshape({-1, V}),
-                                           labels.narrow(1, 1, labels.size(1) - 1).reshape({-1}));
-  loss.backward();
+  const auto [logits, loss, emb] = forward_backward(model, named, ref, at::kCPU);
 
   INFO(name);
   CHECK(rel_err(logits, ref.view("logits")) < 1e-4);
@@ -188,17 +198,7 @@ TEST_CASE("llama on CUDA in bf16 matches transformers within bf16 bounds", "[lla
     if (cudnn) CHECK((backend == static_cast<int64_t>(at::SDPBackend::cudnn_attention)) == (model.config.head_dim % 8 == 0));
     qt::SafetensorsFile ref(dir + "/reference.safetensors");
     auto named = model.named_tensors();
-    for (auto& [n, t] : named) t->set_requires_grad(true);
-    if (model.config.tie_word_embeddings) model.lm_head = model.embed_tokens;
-    at::Tensor ids = ref.load("input_ids", at::kLong, at::kCUDA);
-    at::Tensor labels = ref.load("labels", at::kLong, at::kCUDA);
-    at::Tensor emb = model.embed(ids);
-    emb.retain_grad();
-    at::Tensor logits = model.logits(model.forward_hidden(emb));
-    const int64_t V = model.config.vocab_size;
-    at::Tensor loss = at::cross_entropy_loss(logits.narrow(1, 0, logits.size(1) - 1).reshape({-1, V}).to(at::kFloat),
-                                             labels.narrow(1, 1, labels.size(1) - 1).reshape({-1}));
-    loss.backward();
+    const auto [logits, loss, emb] = forward_backward(model, named, ref, at::kCUDA);
     CHECK(rel_err(logits, ref.view("logits")) < 2e-2);
     CHECK(rel_err(loss, ref.view("loss")) < 1e-2);
     CHECK(rel_err(emb.grad(), ref.view("grad.inputs_embeds")) < 5e-2);

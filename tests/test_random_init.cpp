@@ -43,14 +43,7 @@ TEST_CASE("random init: named shapes have their published parameter counts", "[r
 }
 
 TEST_CASE("random init: transformers' distribution, seeded, NF4 on arrival", "[random_init]") {
-  qt::LlamaConfig c;
-  c.hidden_size = 128;
-  c.intermediate_size = 256;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 32;
-  c.vocab_size = 300;
+  qt::LlamaConfig c = qt::test::tiny_llama_config(300);
   c.mlp_bias = true;
   qt::LoadOptions dense{at::kCPU, at::kFloat};
   qt::LlamaModel a = qt::random_llama(c, dense, 7);

@@ -4,6 +4,7 @@
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
+#include "lib/model/llama_config.h"
 
 #include <functional>
 #include <optional>
@@ -73,6 +74,19 @@ inline bool same_bits(const at::Tensor& a, const at::Tensor& b) {
 inline void poison_allocator_cache(const at::Device& device) {
   at::Tensor nan = at::full({int64_t{64} << 20}, NAN, at::TensorOptions().dtype(at::kFloat).device(device));
   nan.reset();  // back to the caching allocator, NaN bytes and all
+}
+
+// A 2-layer LLaMA shape (hidden 128, 4 heads of 32, GQA 2:1, intermediate 256) with `vocab` tokens.
+inline qt::LlamaConfig tiny_llama_config(int64_t vocab) {
+  qt::LlamaConfig c;
+  c.hidden_size = 128;
+  c.intermediate_size = 256;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 32;
+  c.vocab_size = vocab;
+  return c;
 }
 
 }  // namespace qt::test
