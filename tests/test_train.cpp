@@ -20,21 +20,46 @@ using qt::test::rel_err;
 using qt::test::error_of;
 using qt::test::has;
 
-TEST_CASE("AdamW follows torch.optim.AdamW step for step", "[train]") {
+namespace {
+// AdamW over the fixture's steps on `device` (its state there or on the host), with a skipped step (found_inf)
+// after the second: the parameter after each step and the final state against torch.optim.AdamW's.
+void check_adamw_against_torch(const at::Device& device, bool state_on_host) {
+  INFO(device << (state_on_host ? ", state on the host" : ""));
   qt::SafetensorsFile ref(fixture("train/adamw.safetensors"));
-  at::Tensor p = ref.load("p0", at::kFloat, at::kCPU).requires_grad_(true);
-  qt::AdamW opt({{"p", p}}, {0.9, 0.95, 1e-8, 0.1});
+  at::Tensor p = ref.load("p0", at::kFloat, device).requires_grad_(true);
+  qt::AdamW opt({{"p", p}}, {0.9, 0.95, 1e-8, 0.1}, state_on_host);
+  CHECK(opt.state_on_host() == state_on_host);
   for (int i = 0; i < 4; ++i) {
-    p.mutable_grad() = ref.load("grad" + std::to_string(i), at::kFloat, at::kCPU);
+    if (i == 2) {  // an overflowing step (fp16 loss scaling): nothing moves
+      p.mutable_grad() = at::full_like(p, NAN);
+      const at::Tensor before = p.detach().clone();
+      opt.step(3e-3, at::ones({}, at::TensorOptions().device(device)));
+      opt.step_skipped();
+      CHECK(at::equal(p.detach(), before));
+    }
+    p.mutable_grad() = ref.load("grad" + std::to_string(i), at::kFloat, device);
     opt.step(3e-3);
     INFO("step " << i + 1);
-    CHECK(rel_err(p, ref.view("p" + std::to_string(i + 1))) < 1e-6);
+    CHECK(rel_err(p.cpu(), ref.view("p" + std::to_string(i + 1))) < 1e-6);
   }
   // In place, as in-place ops are: the version counter moved (readers keyed on it see each update).
   CHECK(p._version() >= 4);
   auto state = opt.state_tensors();
-  CHECK(rel_err(state[0].second, ref.view("exp_avg")) < 1e-6);
-  CHECK(rel_err(state[1].second, ref.view("exp_avg_sq")) < 1e-6);
+  CHECK(state[0].second.device().is_cpu() == (state_on_host || device.is_cpu()));
+  CHECK(rel_err(state[0].second.cpu(), ref.view("exp_avg")) < 1e-6);
+  CHECK(rel_err(state[1].second.cpu(), ref.view("exp_avg_sq")) < 1e-6);
+}
+}  // namespace
+
+TEST_CASE("AdamW follows torch.optim.AdamW step for step, its state on the device or on the host", "[train]") {
+  check_adamw_against_torch(at::kCPU, false);
+  check_adamw_against_torch(at::kCPU, true);
+}
+
+TEST_CASE("AdamW on CUDA follows torch.optim.AdamW, its state on the GPU or in pinned host memory", "[train][gpu]") {
+  REQUIRE(at::hasCUDA());
+  check_adamw_against_torch(at::Device(at::kCUDA, 0), false);
+  check_adamw_against_torch(at::Device(at::kCUDA, 0), true);
 }
 
 TEST_CASE("AdamW with a parameter's learning rate scaled follows torch.optim.AdamW at that learning rate", "[train]") {

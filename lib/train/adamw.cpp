@@ -9,13 +9,27 @@
 
 #include "lib/core/error.h"
 
+#ifdef QT_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace qt {
 
-AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions options)
-    : params_(std::move(params)), options_(options) {
+namespace {
+// A zero fp32 tensor of p's shape: on p's device, or in host memory (pinned where p is on CUDA).
+at::Tensor state_like(const at::Tensor& p, bool on_host) {
+  if (!on_host) return at::zeros_like(p, p.options().dtype(at::kFloat));
+  return at::zeros(p.sizes(), at::TensorOptions().dtype(at::kFloat).pinned_memory(p.is_cuda()));
+}
+}  // namespace
+
+AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOptions options, bool state_on_host)
+    : params_(std::move(params)), options_(options), on_host_(state_on_host) {
   for (const auto& [name, p] : params_) {
-    exp_avg_.push_back(at::zeros_like(p, p.options().dtype(at::kFloat)));
-    exp_avg_sq_.push_back(at::zeros_like(p, p.options().dtype(at::kFloat)));
+    QT_CHECK(!on_host_ || p.scalar_type() == at::kFloat, ErrorKind::Internal,
+             "AdamW with its state on the host takes fp32 parameters ('" + name + "' is not)");
+    exp_avg_.push_back(state_like(p, on_host_));
+    exp_avg_sq_.push_back(state_like(p, on_host_));
   }
   lr_scale_.assign(params_.size(), 1.0);
 }
@@ -37,7 +51,49 @@ void AdamW::step(double lr, const at::Tensor& found_inf) {
   // One group per learning rate (parameter order kept within each).
   std::map<double, std::vector<size_t>> groups;
   for (size_t i = 0; i < params_.size(); ++i) groups[lr_scale_[i]].push_back(i);
-  for (const auto& [scale, group] : groups) step_group(group, lr * scale, bc1, bc2, found_inf);
+  for (const auto& [scale, group] : groups) {
+    if (on_host_) step_group_on_host(group, lr * scale, found_inf);
+    else step_group(group, lr * scale, bc1, bc2, found_inf);
+  }
+}
+
+void AdamW::step_group_on_host(const std::vector<size_t>& group, double lr, const at::Tensor& found_inf) {
+  if (host_param_.empty()) {  // pinned staging for the parameters and gradients, made once
+    for (const auto& [name, p] : params_) {
+      host_param_.push_back(state_like(p, true));
+      host_grad_.push_back(state_like(p, true));
+    }
+  }
+  // In: every parameter and its gradient (queued on the current stream, then one wait); the update on the CPU's
+  // fused kernel; out: the parameters, queued behind whatever the device runs next.
+  std::vector<at::Tensor> ps, gs, ms, vs;
+  std::vector<size_t> taken;
+  for (size_t i : group) {
+    const at::Tensor& p = params_[i].second;
+    if (!p.grad().defined()) continue;
+    host_param_[i].copy_(p, /*non_blocking=*/true);
+    host_grad_[i].copy_(p.grad(), /*non_blocking=*/true);
+    ps.push_back(host_param_[i]);
+    gs.push_back(host_grad_[i]);
+    ms.push_back(exp_avg_[i]);
+    vs.push_back(exp_avg_sq_[i]);
+    taken.push_back(i);
+  }
+  if (ps.empty()) return;
+#ifdef QT_WITH_CUDA
+  if (params_[taken[0]].second.is_cuda()) c10::cuda::getCurrentCUDAStream().synchronize();  // the copies landed
+#endif
+  std::optional<at::Tensor> inf;
+  if (found_inf.defined()) inf = found_inf.to(at::kCPU, at::kFloat);
+  const at::Tensor step = at::full({}, static_cast<double>(step_), ps[0].options());
+  const std::vector<at::Tensor> steps(ps.size(), step);
+  at::_fused_adamw_(ps, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, lr, options_.beta1, options_.beta2,
+                    options_.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false,
+                    /*grad_scale=*/std::nullopt, inf);
+  for (size_t k = 0; k < taken.size(); ++k) {
+    at::Tensor& p = params_[taken[k]].second;
+    p.copy_(host_param_[taken[k]], /*non_blocking=*/true);
+  }
 }
 
 void AdamW::step_group(const std::vector<size_t>& group, double lr, double bc1, double bc2,

@@ -119,6 +119,7 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
     fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(r.loss) +
                                  "); the last checkpoint in " + cfg.output_dir + " is intact (lower optim.lr?)");
   r.overflow = scaler && !std::isfinite(r.grad_norm);
+  if (r.overflow) opt.step_skipped();
   if (scaler) scaler->update(r.overflow);
   if (!std::isfinite(r.grad_norm) && !r.overflow)
     fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the gradient norm is not finite; the last "
