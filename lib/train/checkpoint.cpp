@@ -175,6 +175,7 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
     state["loss_scale"] = c.state.loss_scale;
     state["loss_scale_good_steps"] = c.state.loss_scale_good_steps;
   }
+  if (c.state.optimizer_steps >= 0) state["optimizer_steps"] = c.state.optimizer_steps;
   if (c.optimizer_shards > 0) state["optimizer_shards"] = c.optimizer_shards;
   test_delay();
   write_text_synced(files::join(tmp, kStateFile), state.dump(2) + "\n");
@@ -237,6 +238,7 @@ CheckpointContents load_checkpoint(const std::string& dir) {
   c.state.total_steps = r.get_int("total_steps", 0);
   c.state.loss_scale = state.contains("loss_scale") && state.at("loss_scale").is_number() ? state.at("loss_scale").get<double>() : 0.0;
   c.state.loss_scale_good_steps = r.get_int("loss_scale_good_steps", 0);
+  c.state.optimizer_steps = r.get_int("optimizer_steps", -1);
   c.optimizer_shards = static_cast<int>(r.get_int("optimizer_shards", 0));
   auto read = [&](const std::string& f, std::vector<std::pair<std::string, at::Tensor>>& dst) {
     const std::string p = files::join(dir, f);

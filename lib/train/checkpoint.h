@@ -41,6 +41,9 @@ struct TrainerState {
   // fp16 compute: the dynamic loss scale and the steps since it last changed (0: no loss scaling).
   double loss_scale = 0;
   int64_t loss_scale_good_steps = 0;
+  // AdamW's step count (its bias corrections): `step` less the steps fp16 loss scaling skipped; -1 in older
+  // checkpoints (then `step`).
+  int64_t optimizer_steps = -1;
 };
 
 struct CheckpointContents {

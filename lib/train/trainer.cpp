@@ -186,7 +186,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     const CheckpointContents& ck = resume->contents;
     check_resume_progress(ck.state, state, cfg.optim.schedule != LrScheduleType::Constant || cfg.optim.warmup_ratio > 0,
                           options.allow_resume_changes, resume->dir, cfg.file);
-    opt->load_state(optimizer_state_for(ck, parallel->parameters(), *parallel, resume->dir), ck.state.step);
+    opt->load_state(optimizer_state_for(ck, parallel->parameters(), *parallel, resume->dir),
+                    ck.state.optimizer_steps >= 0 ? ck.state.optimizer_steps : ck.state.step);
     restore_rng_states(ck.rng);
     state.step = ck.state.step;
     state.data = ck.state.data;
@@ -259,6 +260,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if (s.rank0 && hooks.profile_step == state.step + 1) profile = std::make_unique<StepProfile>(s.device.is_cuda());
     const StepOutcome r = run_step(cfg, s, m, d, *parallel, *opt, schedule, state.step, hooks, scaler ? &*scaler : nullptr);
     ++state.step;
+    state.optimizer_steps = opt->steps();
     if (scaler) {
       state.loss_scale = scaler->scale;
       state.loss_scale_good_steps = scaler->good_steps;
