@@ -183,7 +183,7 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   CHECK(c.optim.lr == 1e-4);
   CHECK(c.train.batch_size == 4);
   CHECK(c.model.quant == "none");
-  CHECK(!c.train.memory.checkpointing.has_value());  // the plan's to choose: checkpointing unless "auto" asks
+  CHECK(!c.train.memory.checkpointing.has_value());  // "auto": the plan's to choose
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"weight_decy": 1}})", {"optim.weight_decy", "did you mean 'optim.weight_decay'"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "trian": {}})", {"trian", "'train'"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": "8"}})", {"train.batch_size", "integer"});
@@ -207,7 +207,6 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   CHECK(*m.offload);
   CHECK(*m.keep == qt::KeepLevel::Qkv);
   CHECK(*m.embeddings_on_host);
-  CHECK(m.checkpointing_auto);
   CHECK(!m.checkpointing);
   CHECK(*m.mlp_chunk_tokens == 4096);
   CHECK(!m.lm_head_on_host);

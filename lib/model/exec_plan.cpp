@@ -80,10 +80,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
       fail_key(ErrorKind::Config, file, at + "gpu_memory_gib", "must be a number of GiB > 0 (got " + v.dump() + ")");
     r.gpu_memory_gib = v.get<double>();
   }
-  if (json.contains("checkpointing")) {
-    r.checkpointing = tri(json["checkpointing"], file, at + "checkpointing");
-    r.checkpointing_auto = !r.checkpointing.has_value();
-  }
+  if (json.contains("checkpointing")) r.checkpointing = tri(json["checkpointing"], file, at + "checkpointing");
   if (json.contains("blocks_without_checkpointing") && json["blocks_without_checkpointing"] != "auto") {
     const Json& v = json["blocks_without_checkpointing"];
     if (!v.is_number_integer() || v.get<int64_t>() < 0)
@@ -137,7 +134,7 @@ Json PlanRequest::to_json() const {
   auto opt = [](const std::optional<bool>& b) { return b ? Json(*b) : Json("auto"); };
   auto place = [](const std::optional<bool>& b) { return b ? Json(*b ? "host" : "device") : Json("auto"); };
   return Json{{"gpu_memory_gib", gpu_memory_gib ? Json(*gpu_memory_gib) : Json("auto")},
-              {"checkpointing", checkpointing_auto ? Json("auto") : Json(checkpointing.value_or(true))},
+              {"checkpointing", opt(checkpointing)},
               {"blocks_without_checkpointing",
                blocks_without_checkpointing ? Json(*blocks_without_checkpointing) : Json("auto")},
               {"offload", opt(offload)},
@@ -222,6 +219,137 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   return f;
 }
 
+double StepTime::total() const {
+  double t = 0;
+  for (const auto& [name, s] : terms) t += s;
+  return t;
+}
+
+Json StepTime::to_json() const {
+  auto rounded = [](double s) {  // to 4 significant digits (a tiny model's step takes microseconds)
+    if (s <= 0) return 0.0;
+    const double unit = std::pow(10.0, std::floor(std::log10(s)) - 3);
+    return std::round(s / unit) * unit;
+  };
+  Json j = Json::object();
+  for (const auto& [name, s] : terms) j[name] = rounded(s);
+  j["total"] = rounded(total());
+  return j;
+}
+
+namespace {
+
+// The cost model's rates: one H200, bf16, torch 2.11 (cuBLAS, cuDNN 9.19); docs/PERFORMANCE.md, "Cost model (issue
+// 27)", has the rows they come from and the error on each.
+// Fitted on the two rows without checkpointing (8B 2 x 2048: 16,812 tok/s, 0.2436 s; 1B 4 x 2048: 83,390 tok/s,
+// 0.0982 s), with the attention term below: the rate of the model's matrix FLOPs (4 N a token: forward and input
+// gradient of every linear and lm_head), near the bf16 GEMM rate the bench measures on an H200 (778-805 TFLOP/s)...
+constexpr double kMatrixFlopsPerS = 772e12;
+// ... and the memory-bound rest (RMSNorm, RoPE, SwiGLU, residual adds, LoRA's rank-r GEMMs and sums, the
+// dequantization in the forward and backward pass, the loss's tiles, AdamW), per token, layer and element of
+// hidden + intermediate width; the forward pass's share is a third (the backward reads and writes about twice as
+// much).
+constexpr double kSecondsPerTokenWidth = 2.685e-11;
+// cuDNN's causal attention, forward + backward, over its FLOPs (2 S q a token and layer forward, twice that
+// backward): 338, 504 and 549 TFLOP/s at 2 x 2048, 1 x 8192 and 1 x 32768 tokens (PERFORMANCE.md, "cuDNN
+// attention", attn_bench; 453-503 TFLOP/s in the H200 profile at 8k), as rate * S / (S + 1420).
+constexpr double kAttentionFlopsPerS = 573e12, kAttentionHalfRateSeq = 1420;
+// FlashAttention-2 takes 1.65-1.76 times cuDNN's time on the same shapes (the same table).
+constexpr double kFlashSlowdown = 1.7;
+// NF4 dequantization, bytes read and written: about 384 launches (every 8B block's weights, three passes: 53 GB)
+// in 13.9 ms in the H200 profile (PERFORMANCE.md, "NF4 dequantization").
+constexpr double kDequantBytesPerS = 3.8e12;
+// Pinned host <-> device copies: the offloaded block inputs and attention outputs of 8B 1 x 8192, 32 x 128 MiB in
+// 77.8 ms each way (the H200 profile of "Before: cuDNN's grouped K/V").
+constexpr double kPcieBytesPerS = 55e9;
+// Embeddings on the host: the rows gathered there, pinned and shipped before the first block can start, per byte of
+// the [tokens, H] rows. Fitted: 8B 2 x 2048 at an 8 GiB budget (11,589 tok/s) and 1 x 8192 at 9 GiB (10,290),
+// both with the embeddings on the host, give the same figure (1.42 and 1.41 GB/s) after the other terms: far below
+// a host copy's bandwidth, so the gather and pin_memory on the host, before the GPU has work, are what it counts.
+constexpr double kHostRowsBytesPerS = 1.4e9;
+// A block run without checkpointing while others are checkpointed saves about half the recomputation it avoids:
+// 8B 2 x 2048 with the last 16 of 32 blocks without checkpointing ran 0.3026 s a step against 0.3201 s with all 32
+// checkpointed (5.7% faster) and 0.2436 s with none (31%); the 16 blocks' recomputation is predicted at 0.0336 s
+// (2.1 ms a block; all 32, 0.0672 s and the offload's first fetch, against the 0.0765 s measured), their measured
+// gain is 0.0175 s, 52% of it. Nothing in block_checkpoint.cpp, llama.cpp or activation_offload.cpp shows why: the
+// blocks without it run as in a plan without checkpointing (the same autograd nodes, two NF4 dequantizations per
+// linear; their LoRA factors even cached), the checkpointed ones as in a plan with it (their offloaded inputs prefetched a
+// block ahead; the first of the backward pass fetched late, as all 32 blocks' first is). Modelled as measured, one
+// row: the next ones to measure are 8 and 24 blocks of 32, and 1 x 8192.
+constexpr double kPartialShortfall = 0.48;
+
+}  // namespace
+
+StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
+  const LlamaConfig& c = in.model;
+  const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
+  const double q = static_cast<double>(c.q_size()), kv = static_cast<double>(c.kv_size());
+  const double L = static_cast<double>(c.num_hidden_layers), V = static_cast<double>(c.vocab_size);
+  const double S = static_cast<double>(in.seq), T = static_cast<double>(in.micro_batch * in.seq);
+  const double e = static_cast<double>(in.element_size);
+  const double block_params = H * q + 2 * H * kv + q * H + 3 * H * I;
+  // An NF4 weight's dequantization: half a byte and its statistics read, e bytes written.
+  const double dequant_s = in.nf4 ? (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) / kDequantBytesPerS : 0.0;
+  const double attention_rate = kAttentionFlopsPerS * S / (S + kAttentionHalfRateSeq) /
+                                (p.attention == AttentionKernel::Flash ? kFlashSlowdown : 1.0);
+  const double width_s = kSecondsPerTokenWidth * T * (H + I);  // one layer's memory-bound work, forward + backward
+  StepTime t;
+  // Model FLOPs (apps/trainer/bench.cpp's model_flops_per_token): 4 N a token for the linears and lm_head, and
+  // causal attention, 2 S q a token and layer forward and 4 S q backward.
+  const double linears = T * 4 * (L * block_params + V * H) / kMatrixFlopsPerS;
+  const double attention = T * 6 * L * S * q / attention_rate;
+  t.terms.emplace_back("matrix", linears);
+  t.terms.emplace_back("attention", attention);
+  t.terms.emplace_back("memory_bound", L * width_s);
+  const double block_forward = 2 * T * block_params / kMatrixFlopsPerS + 2 * S * q * T / attention_rate + width_s / 3;
+  const int64_t chunks = p.mlp_chunk_tokens > 0 && in.micro_batch * in.seq > p.mlp_chunk_tokens
+                             ? (in.micro_batch * in.seq + p.mlp_chunk_tokens - 1) / p.mlp_chunk_tokens
+                             : 1;
+  const double n = static_cast<double>(chunks), gate_up = 2 * H * I, down = H * I;
+  if (p.checkpointing) {
+    const double whole = static_cast<double>(std::min<int64_t>(p.blocks_without_checkpointing, c.num_hidden_layers));
+    const double recomputed_blocks = L - whole;
+    // A checkpointed block's recomputation runs its forward pass again less what the keep ladder kept and what its
+    // backward pass never reads: down_proj's output always, q / k / v's projection from qkv, o_proj from residual;
+    // the attention forward from attention (replayed).
+    double attn_weights = 0;
+    if (p.keep < KeepLevel::Qkv) attn_weights += H * (q + 2 * kv);
+    if (p.keep < KeepLevel::Residual) attn_weights += q * H;
+    const double recompute = 2 * T * (attn_weights + gate_up) / kMatrixFlopsPerS +
+                             (p.keep < KeepLevel::Attention ? 2 * S * q * T / attention_rate : 0.0) + width_s / 3;
+    t.terms.emplace_back("recomputation", recomputed_blocks * recompute);
+    // The weights a recomputation dequantizes are dequantized once more in the backward pass unless kept; the MLP
+    // in chunks dequantizes gate and up twice and down once per chunk (its backward pass recomputes chunk by chunk
+    // and keeps nothing), where one backward pass without chunks dequantizes each once.
+    double weights = p.keep_dequantized ? 0.0 : attn_weights;
+    if (chunks > 1) weights += (n - 1) * (2 * gate_up + down) + gate_up;
+    else if (!p.keep_dequantized) weights += gate_up;
+    if (weights > 0 && in.nf4) t.terms.emplace_back("dequantization", recomputed_blocks * weights * dequant_s);
+    // Blocks without checkpointing whose MLP runs in chunks recompute it in the backward pass, chunk by chunk.
+    if (whole > 0 && chunks > 1)
+      t.terms.emplace_back("mlp_chunks_recomputed",
+                           whole * (2 * T * gate_up / kMatrixFlopsPerS + width_s / 3 +
+                                    (2 * (n - 1) * (gate_up + down) + n * gate_up) * dequant_s));
+    // Offloaded block inputs (and what the ladder keeps) go to the host behind the next block's forward pass and
+    // come back behind the backward pass of the block after them; what a block's compute does not cover shows,
+    // and so does the first fetch of the backward pass (nothing before it to hide behind).
+    if (p.offload && in.cuda && recomputed_blocks > 0) {
+      const double copy = e * T * (H + static_cast<double>(keep_width(c, p.keep))) / kPcieBytesPerS;
+      const double backward = 2 * block_forward + recompute;
+      t.terms.emplace_back("offload", recomputed_blocks * (std::max(0.0, copy - block_forward) +
+                                                           std::max(0.0, copy - backward)) + copy);
+    }
+    if (whole > 0 && recomputed_blocks > 0)
+      t.terms.emplace_back("partial_checkpointing", kPartialShortfall * whole * recompute);
+  }
+  if (p.embeddings_on_host && in.cuda) t.terms.emplace_back("embeddings_on_host", T * H * e / kHostRowsBytesPerS);
+  // lm_head streamed: V H e bytes over PCIe in each of the loss's two passes, behind that pass's GEMM (2 T V H).
+  if (p.lm_head_on_host && in.cuda)
+    t.terms.emplace_back("lm_head_streamed",
+                         2 * std::max(0.0, V * H * e / kPcieBytesPerS - 2 * T * V * H / kMatrixFlopsPerS));
+  return t;
+}
+
 Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib) {
   const std::string& file = in.file;
   const std::string m = "train.memory.";
@@ -266,14 +394,32 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     fail_key(ErrorKind::Config, file, m + "embeddings", "\"host\" is not available with train.shard \"blocks\"");
 
   const int64_t tokens = in.micro_batch * in.seq;
-  // The fastest plan (today's measured defaults, docs/PERFORMANCE.md): checkpointing; on CUDA from 4096 tokens per
+  const int64_t L = in.model.num_hidden_layers;
+  Decision d;
+  d.budget_gib = r.gpu_memory_gib ? *r.gpu_memory_gib
+                                 : (in.cuda && free_gib > 0 ? free_gib + kContextAtStartGiB - kFreeMarginGiB : -1);
+  // Checkpointing "auto" weighs plans without it, or without it for the last blocks, where there is a budget to
+  // weigh their activations against (without one, on the CPU, every block is checkpointed, as before "auto"
+  // became the default) and the blocks are not sharded (a sharded block's weights exist only while it runs). Not
+  // where a forced field needs checkpointing.
+  const bool weigh_checkpointing = !r.checkpointing && d.budget_gib >= 0 && !in.sharded;
+  const bool may_skip = weigh_checkpointing && !r.offload.value_or(false) &&
+                        r.keep.value_or(KeepLevel::Input) == KeepLevel::Input && !r.keep_dequantized.value_or(false) &&
+                        r.mlp_chunk_tokens.value_or(0) == 0 && r.blocks_without_checkpointing.value_or(0) == 0;
+  // The fastest plan with checkpointing (the measured defaults, docs/PERFORMANCE.md): on CUDA from 4096 tokens per
   // micro-batch the block inputs offloaded (the copies hide behind the forward pass) with q, k, v and the attention
   // output kept where half the host holds them; the recomputation's 16-bit weights kept below 8192 tokens; the MLP
   // chunked above 32768 tokens; everything on the device.
   ExecPlan best;
-  best.checkpointing = r.checkpointing.value_or(!r.checkpointing_auto);
   best.attention = r.attention;
   best.expandable_segments = r.expandable_segments.value_or(in.cuda);
+  best.embeddings_on_host = r.embeddings_on_host.value_or(false) && in.cuda;
+  best.lm_head_on_host = r.lm_head_on_host.value_or(tied && best.embeddings_on_host) && in.cuda;
+  if (tied) best.embeddings_on_host = best.lm_head_on_host = best.embeddings_on_host || best.lm_head_on_host;
+  std::vector<ExecPlan> candidates;  // every plan weighed, in the order that settles ties
+  if (may_skip) candidates.push_back(best);  // no checkpointing (ExecPlan's defaults)
+  best.checkpointing = r.checkpointing.value_or(true);
+  if (!best.checkpointing) candidates.push_back(best);  // forced off
   if (best.checkpointing) {
     best.blocks_without_checkpointing = r.blocks_without_checkpointing.value_or(0);
     best.offload = r.offload.value_or(in.cuda && tokens >= 4096) && in.cuda;
@@ -288,38 +434,11 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     best.keep_dequantized = r.keep_dequantized.value_or(tokens < 8192);
     best.mlp_chunk_tokens = r.mlp_chunk_tokens.value_or(tokens > 32768 ? 8192 : 0);
   }
-  best.embeddings_on_host = r.embeddings_on_host.value_or(false) && in.cuda;
-  best.lm_head_on_host = r.lm_head_on_host.value_or(tied && best.embeddings_on_host) && in.cuda;
-  if (tied) best.embeddings_on_host = best.lm_head_on_host = best.embeddings_on_host || best.lm_head_on_host;
-
-  Decision d;
-  d.budget_gib = r.gpu_memory_gib ? *r.gpu_memory_gib
-                                 : (in.cuda && free_gib > 0 ? free_gib + kContextAtStartGiB - kFreeMarginGiB : -1);
-  // Candidates from fastest to leanest: each step gives up what costs least speed for the memory it frees.
+  // With checkpointing, a ladder from fastest to leanest: each step gives up what costs least speed for the memory
+  // it frees.
   std::vector<ExecPlan> ladder;
-  if (r.checkpointing_auto && !best.checkpointing) {
-    ladder.push_back(best);
-    best.checkpointing = true;
-    best.offload = r.offload.value_or(in.cuda && tokens >= 4096) && in.cuda;
-    best.keep = r.keep.value_or(best.offload && host_holds(in, KeepLevel::Qkv) ? KeepLevel::Qkv : KeepLevel::Input);
-    best.keep_dequantized = r.keep_dequantized.value_or(tokens < 8192);
-    best.mlp_chunk_tokens = r.mlp_chunk_tokens.value_or(tokens > 32768 ? 8192 : 0);
-    // Between no checkpointing and all of it: the last 3/4, 1/2, 1/4 of the blocks without it (each block
-    // checkpointed costs one more forward pass of it per step; sharded blocks are all checkpointed).
-    const int64_t L = in.model.num_hidden_layers;
-    if (!r.blocks_without_checkpointing && !in.sharded)
-      for (int64_t whole : {3 * L / 4, L / 2, L / 4}) {
-        if (whole <= 0 || whole >= L || (!ladder.empty() && ladder.back().checkpointing &&
-                                         ladder.back().blocks_without_checkpointing == whole))
-          continue;
-        ExecPlan partial = best;
-        partial.blocks_without_checkpointing = whole;
-        ladder.push_back(partial);
-      }
-    best.blocks_without_checkpointing = r.blocks_without_checkpointing.value_or(0);
-  }
-  ladder.push_back(best);
   ExecPlan p = best;
+  if (p.checkpointing) ladder.push_back(p);
   auto step = [&](auto change) {
     ExecPlan next = p;
     change(next);
@@ -350,11 +469,32 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     if (!r.mlp_chunk_tokens && tokens > 1024)
       step([](ExecPlan& x) { x.mlp_chunk_tokens = x.mlp_chunk_tokens ? std::min<int64_t>(x.mlp_chunk_tokens, 1024) : 1024; });
   }
-  for (const ExecPlan& cand : ladder) {
+  // Between no checkpointing and all of it: each rung of the ladder without MLP chunks with its last 1 to L - 1
+  // blocks run without checkpointing (their activations kept, their recomputation saved).
+  if (weigh_checkpointing && !r.blocks_without_checkpointing)
+    for (const ExecPlan& rung : ladder)
+      if (rung.mlp_chunk_tokens == 0)
+        for (int64_t whole = L - 1; whole >= 1; --whole) {
+          ExecPlan partial = rung;
+          partial.blocks_without_checkpointing = whole;
+          candidates.push_back(partial);
+        }
+  candidates.insert(candidates.end(), ladder.begin(), ladder.end());
+  // The least predicted step time among the candidates that fit (the first of equal ones).
+  bool found = false;
+  for (const ExecPlan& cand : candidates) {
+    Footprint f = predict_footprint(in, cand);
+    if (d.budget_gib >= 0 && f.total() > d.budget_gib * kGiB) continue;
+    StepTime t = predict_step_time(in, cand);
+    if (found && t.total() >= d.step.total()) continue;
     d.plan = cand;
-    d.footprint = predict_footprint(in, cand);
-    if (d.budget_gib < 0 || d.footprint.total() <= d.budget_gib * kGiB) return d;
+    d.footprint = std::move(f);
+    d.step = std::move(t);
+    found = true;
   }
+  if (found) return d;
+  d.plan = ladder.empty() ? candidates.back() : ladder.back();
+  d.footprint = predict_footprint(in, d.plan);
   // Nothing fits: name the budget, what the leanest plan needs, and what lowers it.
   const std::string where = r.gpu_memory_gib ? "train.memory.gpu_memory_gib " + fmt_gib(*r.gpu_memory_gib * kGiB)
                                              : "the GPU's free memory (" + fmt_gib(free_gib * kGiB) + " GiB, its " +
@@ -372,7 +512,9 @@ std::string describe(const Decision& d) {
   std::string s = p.checkpointing ? "checkpointing" : "no checkpointing";
   if (p.checkpointing) {
     if (p.blocks_without_checkpointing > 0)
-      s += " (the last " + std::to_string(p.blocks_without_checkpointing) + " blocks without)";
+      s += p.blocks_without_checkpointing == 1
+               ? std::string(" (the last block without)")
+               : " (the last " + std::to_string(p.blocks_without_checkpointing) + " blocks without)";
     s += p.offload ? ", offloaded" : ", on the device";
     s += std::string(", keep ") + keep_level_name(p.keep);
     if (p.keep_dequantized) s += ", dequantized weights kept";
@@ -384,6 +526,11 @@ std::string describe(const Decision& d) {
   if (p.lm_head_on_host) s += ", lm_head streamed from the host";
   if (!d.footprint.terms.empty()) s += "; predicted " + fmt_gib(d.footprint.total()) + " GiB";
   if (d.budget_gib >= 0) s += " of a " + fmt_gib(d.budget_gib * kGiB) + " GiB budget";
+  if (!d.step.terms.empty()) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, " and %.3f s a step (at an H200's rates)", d.step.total());
+    s += buf;
+  }
   return s;
 }
 
@@ -400,7 +547,8 @@ Json to_json(const Decision& d) {
               {"embeddings", p.embeddings_on_host ? "host" : "device"},
               {"lm_head", p.lm_head_on_host ? "host" : "device"},
               {"budget_gib", d.budget_gib >= 0 ? Json(std::round(d.budget_gib * 1000) / 1000) : Json(nullptr)},
-              {"predicted_gib", d.footprint.to_json()}};
+              {"predicted_gib", d.footprint.to_json()},
+              {"predicted_step_s", d.step.terms.empty() ? Json(nullptr) : d.step.to_json()}};
 }
 
 double device_free_gib(bool cuda, int device_index) {

@@ -2,10 +2,11 @@
 // How a training step runs, decided once at start and held by the model (../shared/ARCHITECTURE.md, "The execution
 // plan"): what is checkpointed, offloaded to the host, kept for the backward pass, chunked, which attention kernel,
 // the caching allocator's settings, where the embeddings and lm_head live. decide_plan() picks, from a GPU memory
-// budget, the row shape, the model and the host, the fastest plan whose predicted device footprint fits; the user
-// may force any field (the run config's train.memory section, parsed by lib/train/run_config.cpp into a
-// PlanRequest). Training, `eval` and `generate` build their plans with the same function, so they share defaults.
-// Modules read the plan; nothing reads environment switches to find out.
+// budget, the row shape, the model and the host, the plan of least predicted step time whose predicted device
+// footprint fits (both predictions calibrated on an H200, docs/PERFORMANCE.md); the user may force any field (the
+// run config's train.memory section, parsed by lib/train/run_config.cpp into a PlanRequest). Training, `eval` and
+// `generate` build their plans with the same function, so they share defaults. Modules read the plan; nothing reads
+// environment switches to find out.
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -50,8 +51,9 @@ struct ExecPlan {
 // What the user asked for (train.memory); unset fields are the plan's to choose.
 struct PlanRequest {
   std::optional<double> gpu_memory_gib;  // the budget; default: the device's free memory at start, less a margin
-  std::optional<bool> checkpointing;     // default true; "auto": the plan may run without it where memory allows
-  bool checkpointing_auto = false;
+  // Unset ("auto", the default): the plan may run without it, or without it for the last blocks, where the budget
+  // holds their activations; with no budget (the CPU) and with sharded blocks, every block is checkpointed.
+  std::optional<bool> checkpointing;
   std::optional<int64_t> blocks_without_checkpointing;
   std::optional<bool> offload;
   std::optional<KeepLevel> keep;
@@ -94,13 +96,25 @@ struct Footprint {
 
 Footprint predict_footprint(const PlanInputs& in, const ExecPlan& plan);
 
-// The fastest plan whose predicted footprint fits the budget (request.gpu_memory_gib, or `free_gib` of the device
-// when unset; on the CPU without an explicit budget, the fastest plan). Throws qt::Error(Config) naming the keys
-// when the request is inconsistent, and naming the budget, the figure the leanest plan needs and what lowers it
-// when nothing fits.
+// The time a training step of one micro-batch (its forward and backward pass and the update) is predicted to take
+// under a plan, by term: seconds at the rates of an H200 in bf16, a cost model for comparing plans (its formula,
+// constants and error on each measured row: docs/PERFORMANCE.md, "Cost model (issue 27)").
+struct StepTime {
+  std::vector<std::pair<std::string, double>> terms;
+  double total() const;
+  Json to_json() const;  // {term: s, ..., "total": s}
+};
+
+StepTime predict_step_time(const PlanInputs& in, const ExecPlan& plan);
+
+// Of the candidate plans whose predicted footprint fits the budget (request.gpu_memory_gib, or `free_gib` of the
+// device when unset; on the CPU without an explicit budget, every candidate), the one of least predicted step time.
+// Throws qt::Error(Config) naming the keys when the request is inconsistent, and naming the budget, the figure the
+// leanest plan needs and what lowers it when nothing fits.
 struct Decision {
   ExecPlan plan;
   Footprint footprint;
+  StepTime step;
   double budget_gib = -1;  // < 0: none (CPU without an explicit budget)
 };
 Decision decide_plan(const PlanInputs& in, const PlanRequest& request, double free_gib = -1);

@@ -132,10 +132,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   if (c.train.shard == "blocks" && c.train.memory.checkpointing.has_value() && !*c.train.memory.checkpointing)
     fail_key(ErrorKind::Config, file, "train.shard",
              "\"blocks\" gathers each block again in the backward pass by recomputing it: set train.memory.checkpointing "
-             "to true");
-  if (c.train.shard == "blocks" && c.train.memory.checkpointing_auto)
-    fail_key(ErrorKind::Config, file, "train.shard",
-             "\"blocks\" needs checkpointing: set train.memory.checkpointing to true, not \"auto\"");
+             "to true or \"auto\" (the default)");
   if (c.train.shard == "blocks" && c.train.full_finetune)
     fail_key(ErrorKind::Config, file, "train.shard", "\"blocks\" shards LoRA training only, not train.full_finetune");
   c.train.shard_embeddings = tr.get_bool("shard_embeddings", c.train.shard_embeddings);

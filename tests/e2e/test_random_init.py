@@ -51,8 +51,9 @@ def main():
 
         plan = json.loads((TMP / "from_config" / "metrics.jsonl").read_text().splitlines()[0])
         check("plan" in plan and plan["plan"]["checkpointing"] and plan["plan"]["budget_gib"] is None and
-              plan["plan"]["predicted_gib"]["total"] > 0 and plan["step"] == 0,
-              f"metrics.jsonl opens with the plan, its predicted memory and no budget on the CPU: {plan}")
+              plan["plan"]["predicted_gib"]["total"] > 0 and plan["plan"]["predicted_step_s"]["total"] > 0 and
+              plan["step"] == 0,
+              f"metrics.jsonl opens with the plan, its predicted memory and step time, no budget on the CPU: {plan}")
         check("plan: checkpointing" in p.stderr, "the log names the plan")
 
     # A budget is honoured on any device when given: the 8B shape cannot fit 2 GiB, refused before it is built.
