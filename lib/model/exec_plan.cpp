@@ -72,7 +72,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   if (!json.is_object()) fail_key(ErrorKind::Config, file, "train.memory", "must be a JSON object");
   reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "blocks_without_checkpointing", "offload", "keep",
                              "keep_dequantized", "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings",
-                             "lm_head"},
+                             "lm_head", "optimizer"},
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
@@ -116,7 +116,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
     else if (s == "flash") r.attention = AttentionKernel::Flash;
     else fail_key(ErrorKind::Config, file, at + "attention", "must be \"cudnn\" or \"flash\" (got " + v.dump() + ")");
   }
-  for (const char* k : {"embeddings", "lm_head"}) {
+  for (const char* k : {"embeddings", "lm_head", "optimizer"}) {
     if (!json.contains(k)) continue;
     const Json& v = json[k];
     const std::string s = v.is_string() ? v.get<std::string>() : "";
@@ -125,7 +125,8 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
     else if (s == "device") host = false;
     else if (s != "auto")
       fail_key(ErrorKind::Config, file, at + k, "must be \"auto\", \"device\" or \"host\" (got " + v.dump() + ")");
-    (std::string(k) == "embeddings" ? r.embeddings_on_host : r.lm_head_on_host) = host;
+    const std::string key = k;
+    (key == "embeddings" ? r.embeddings_on_host : key == "lm_head" ? r.lm_head_on_host : r.optimizer_on_host) = host;
   }
   return r;
 }
@@ -144,7 +145,8 @@ Json PlanRequest::to_json() const {
               {"attention", attention == AttentionKernel::Cudnn ? "cudnn" : "flash"},
               {"expandable_segments", opt(expandable_segments)},
               {"embeddings", place(embeddings_on_host)},
-              {"lm_head", place(lm_head_on_host)}};
+              {"lm_head", place(lm_head_on_host)},
+              {"optimizer", place(optimizer_on_host)}};
 }
 
 double Footprint::total() const {
@@ -177,14 +179,17 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   f.terms.emplace_back("base_weights", L * block_params * per_weight * shard + (2 * L + 1) * H * e);
   f.terms.emplace_back("embeddings", p.embeddings_on_host ? 0.0 : V * H * e);
   f.terms.emplace_back("lm_head", tied || p.lm_head_on_host ? 0.0 : V * H * e);
-  // fp32 value, gradient and AdamW's two moments; trained-in-full tensors likewise.
-  f.terms.emplace_back("trainable_and_optimizer",
-                       16.0 * static_cast<double>(in.lora_params) * shard + 16.0 * static_cast<double>(in.full_params));
+  // fp32 value, gradient and AdamW's two moments (those on the host with optimizer_on_host); trained-in-full
+  // tensors likewise.
+  const double trainable_bytes = p.optimizer_on_host ? 8.0 : 16.0;
+  f.terms.emplace_back("trainable_and_optimizer", trainable_bytes * static_cast<double>(in.lora_params) * shard +
+                                                      trainable_bytes * static_cast<double>(in.full_params));
   // One block's activations as autograd keeps them for its backward pass, per token: the normed inputs (2 H),
   // q and o_proj's input (q), k and v (2 kv), gate, up, the SwiGLU and down_proj's input (4 I), in the compute dtype
   // (fitted on an H200 without checkpointing: 8B 2 x 2048, docs/PERFORMANCE.md).
   const double mlp_tokens = p.mlp_chunk_tokens > 0 ? std::min(T, static_cast<double>(p.mlp_chunk_tokens)) : T;
-  const double block_acts = e * (T * (2 * H + q + 2 * kv) + mlp_tokens * 4 * I);
+  // Qwen3's q / k norms keep the q / k / v projection output too (rope_qkv_norm's backward pass reads it).
+  const double block_acts = e * (T * (2 * H + q + 2 * kv) + mlp_tokens * 4 * I + (c.qk_norm ? T * (q + 2 * kv) : 0.0));
   if (!p.checkpointing) {
     f.terms.emplace_back("activations", L * block_acts);
     f.terms.emplace_back("working_set", 0.5 * block_acts);
@@ -277,6 +282,12 @@ constexpr double kHostRowsBytesPerS = 1.4e9;
 // block ahead; the first of the backward pass fetched late, as all 32 blocks' first is). Modelled as measured, one
 // row: the next ones to measure are 8 and 24 blocks of 32, and 1 x 8192.
 constexpr double kPartialShortfall = 0.48;
+// AdamW on the CPU (optimizer_on_host): torch's fused CPU kernel, elements a second. 3.6e9 measured on two cores of
+// the build machine (5 M elements); taken as 3e9 until the GPU machine measures it. Beside it, 12 bytes an element
+// over PCIe (the fp32 parameters and gradients in, the parameters back).
+constexpr double kHostAdamwElemsPerS = 3e9;
+// The share of the budget left free by plans that keep whole blocks' activations (see decide_plan).
+constexpr double kSpeedHeadroom = 0.05;
 
 }  // namespace
 
@@ -343,6 +354,10 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
       t.terms.emplace_back("partial_checkpointing", kPartialShortfall * whole * recompute);
   }
   if (p.embeddings_on_host && in.cuda) t.terms.emplace_back("embeddings_on_host", T * H * e / kHostRowsBytesPerS);
+  if (p.optimizer_on_host && in.cuda) {
+    const double trained = static_cast<double>(in.lora_params + in.full_params);
+    t.terms.emplace_back("optimizer_on_host", trained * (12.0 / kPcieBytesPerS + 1.0 / kHostAdamwElemsPerS));
+  }
   // lm_head streamed: V H e bytes over PCIe in each of the loss's two passes, behind that pass's GEMM (2 T V H).
   if (p.lm_head_on_host && in.cuda)
     t.terms.emplace_back("lm_head_streamed",
@@ -416,6 +431,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   best.embeddings_on_host = r.embeddings_on_host.value_or(false) && in.cuda;
   best.lm_head_on_host = r.lm_head_on_host.value_or(tied && best.embeddings_on_host) && in.cuda;
   if (tied) best.embeddings_on_host = best.lm_head_on_host = best.embeddings_on_host || best.lm_head_on_host;
+  best.optimizer_on_host = r.optimizer_on_host.value_or(false);  // forced on the CPU too (the same code runs)
   std::vector<ExecPlan> candidates;  // every plan weighed, in the order that settles ties
   if (may_skip) candidates.push_back(best);  // no checkpointing (ExecPlan's defaults)
   best.checkpointing = r.checkpointing.value_or(true);
@@ -444,7 +460,8 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     change(next);
     if (next.keep_dequantized != p.keep_dequantized || next.offload != p.offload || next.keep != p.keep ||
         next.expandable_segments != p.expandable_segments || next.embeddings_on_host != p.embeddings_on_host ||
-        next.lm_head_on_host != p.lm_head_on_host || next.mlp_chunk_tokens != p.mlp_chunk_tokens) {
+        next.lm_head_on_host != p.lm_head_on_host || next.mlp_chunk_tokens != p.mlp_chunk_tokens ||
+        next.optimizer_on_host != p.optimizer_on_host) {
       p = next;
       ladder.push_back(p);
     }
@@ -468,6 +485,9 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     if (head_free) step([&](ExecPlan& x) { x.lm_head_on_host = true; if (tied) x.embeddings_on_host = true; });
     if (!r.mlp_chunk_tokens && tokens > 1024)
       step([](ExecPlan& x) { x.mlp_chunk_tokens = x.mlp_chunk_tokens ? std::min<int64_t>(x.mlp_chunk_tokens, 1024) : 1024; });
+    // Last, AdamW's moments on the host (8 bytes an element of the device; 0.31 GiB at 8B with r = 16 on all seven
+    // linears, for about 20 ms a step of copies and the update on the CPU).
+    if (!r.optimizer_on_host) step([](ExecPlan& x) { x.optimizer_on_host = true; });
   }
   // Between no checkpointing and all of it: each rung of the ladder without MLP chunks with its last 1 to L - 1
   // blocks run without checkpointing (their activations kept, their recomputation saved).
@@ -484,7 +504,10 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   bool found = false;
   for (const ExecPlan& cand : candidates) {
     Footprint f = predict_footprint(in, cand);
-    if (d.budget_gib >= 0 && f.total() > d.budget_gib * kGiB) continue;
+    // Plans that keep whole blocks' activations (none or some blocks without checkpointing) fit with headroom:
+    // their activation term is fitted on one row, and a run that dies of memory loses more than they gain.
+    const bool keeps_blocks = !cand.checkpointing || cand.blocks_without_checkpointing > 0;
+    if (d.budget_gib >= 0 && f.total() > (keeps_blocks ? 1 - kSpeedHeadroom : 1.0) * d.budget_gib * kGiB) continue;
     StepTime t = predict_step_time(in, cand);
     if (found && t.total() >= d.step.total()) continue;
     d.plan = cand;
@@ -524,6 +547,7 @@ std::string describe(const Decision& d) {
   if (p.expandable_segments) s += ", expandable segments";
   if (p.embeddings_on_host) s += ", embeddings on the host";
   if (p.lm_head_on_host) s += ", lm_head streamed from the host";
+  if (p.optimizer_on_host) s += ", AdamW on the host";
   if (!d.footprint.terms.empty()) s += "; predicted " + fmt_gib(d.footprint.total()) + " GiB";
   if (d.budget_gib >= 0) s += " of a " + fmt_gib(d.budget_gib * kGiB) + " GiB budget";
   if (!d.step.terms.empty()) {
@@ -546,6 +570,7 @@ Json to_json(const Decision& d) {
               {"expandable_segments", p.expandable_segments},
               {"embeddings", p.embeddings_on_host ? "host" : "device"},
               {"lm_head", p.lm_head_on_host ? "host" : "device"},
+              {"optimizer", p.optimizer_on_host ? "host" : "device"},
               {"budget_gib", d.budget_gib >= 0 ? Json(std::round(d.budget_gib * 1000) / 1000) : Json(nullptr)},
               {"predicted_gib", d.footprint.to_json()},
               {"predicted_step_s", d.step.terms.empty() ? Json(nullptr) : d.step.to_json()}};

@@ -44,6 +44,8 @@ struct ExecPlan {
   bool expandable_segments = false;  // the CUDA caching allocator grows segments in place (less fragmentation)
   bool embeddings_on_host = false;   // input embeddings in pinned host memory: rows gathered there, shipped
   bool lm_head_on_host = false;      // lm_head in pinned host memory: the loss streams it in vocabulary slices
+  // AdamW's moments in pinned host memory, the update on the CPU (parameters and gradients copied over each step).
+  bool optimizer_on_host = false;
 
   bool keeps(KeepLevel level) const { return checkpointing && keep >= level; }
 };
@@ -63,6 +65,7 @@ struct PlanRequest {
   std::optional<bool> expandable_segments;
   std::optional<bool> embeddings_on_host;
   std::optional<bool> lm_head_on_host;
+  std::optional<bool> optimizer_on_host;
 
   // Parses the train.memory object; `file` names the run config in errors.
   static PlanRequest from_json(const Json& json, const std::string& file);

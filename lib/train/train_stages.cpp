@@ -367,9 +367,10 @@ std::unique_ptr<Parallel> make_parallel(const RunConfig& cfg, ModelStage& m, Com
   return make_data_parallel(comm, std::move(params));
 }
 
-std::unique_ptr<AdamW> make_optimizer(const RunConfig& cfg, const NamedTensors& params) {
+std::unique_ptr<AdamW> make_optimizer(const RunConfig& cfg, const NamedTensors& params, bool state_on_host) {
   auto opt = std::make_unique<AdamW>(params, AdamWOptions{cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps,
-                                                          cfg.optim.weight_decay});
+                                                          cfg.optim.weight_decay},
+                                     state_on_host);
   if (cfg.optim.embedding_lr >= 0) {
     int scaled = 0;
     for (const auto& [n, p] : params)

@@ -112,7 +112,8 @@ std::optional<ResumePoint> load_resume_point(const RunConfig& cfg, const TrainOp
 std::unique_ptr<Parallel> make_parallel(const RunConfig& cfg, ModelStage& m, Communicator& comm);
 
 // AdamW over the strategy's parameters, modules_to_save at optim.embedding_lr.
-std::unique_ptr<AdamW> make_optimizer(const RunConfig& cfg, const NamedTensors& params);
+// state_on_host: the execution plan's optimizer_on_host (AdamW's moments in pinned host memory).
+std::unique_ptr<AdamW> make_optimizer(const RunConfig& cfg, const NamedTensors& params, bool state_on_host);
 
 // Sum of the cross-entropy over the batch's targets: the fused loss (never the [tokens, vocab] logits; lm_head
 // streamed when it lives on the host) or the plain reference path.

@@ -166,7 +166,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   ModelStage m = build_model(cfg, s, d, /*resuming=*/!options.resume.empty());
   std::optional<ResumePoint> resume = load_resume_point(cfg, options, m);
   std::unique_ptr<Parallel> parallel = make_parallel(cfg, m, *s.comm);
-  std::unique_ptr<AdamW> opt = make_optimizer(cfg, parallel->parameters());
+  std::unique_ptr<AdamW> opt = make_optimizer(cfg, parallel->parameters(), m.decision.plan.optimizer_on_host);
   LlamaModel& model = *m.model;
   TrainData& data = *d.data;
   int64_t trainable = 0;
