@@ -2,6 +2,7 @@
 // gen_dora.py): the loss and every LoRA gradient; PEFT's initialisation; the "lora" config section; the PEFT adapter
 // files both ways; the merged export; generation's stopping and top-p rules.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <functional>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
@@ -11,6 +12,7 @@
 #include "lib/core/json.h"
 #include "lib/core/safetensors.h"
 #include "lib/model/generate.h"
+#include "lib/kernels/fused_ops.h"
 #include "lib/kernels/nf4_dequant.h"
 #include "lib/model/hf_loader.h"
 #include "lib/model/lora.h"
@@ -202,7 +204,70 @@ void check_project_group(const at::Device& device, c10::ScalarType dtype, double
     }
 }
 
+// Bytes the CUDA caching allocator has handed out on `device` now (torch.cuda.memory_allocated).
+int64_t cuda_allocated(const at::Device& device) {
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
+}
+
+// down_proj on a packed gate / up output through swiglu_linear (the node keeps gate_up, recomputes the SwiGLU in
+// its backward pass) against swiglu_packed then forward(): the output and every gradient bit for bit (the same
+// kernels or reference ops), and with output_unused the same gradients. On CUDA the node keeps no [tokens, I]
+// tensor: the memory a forward pass leaves allocated grows by less than the SwiGLU output's size, where the two
+// nodes' path keeps it.
+void check_swiglu_linear(const at::Device& device, c10::ScalarType dtype) {
+  INFO(device << " " << c10::toString(dtype));
+  const int64_t H = 64, I = 4096, N = 2048;
+  auto ls = group_members({H}, I, {8}, device);
+  qt::Linear& down = ls[0];
+  const auto opt = at::TensorOptions().dtype(dtype).device(device);
+  const at::Tensor gu0 = (at::randn({2, N / 2, 2 * I}, opt.dtype(at::kFloat)) * 2).to(dtype);
+  const at::Tensor dy = at::randn({2, N / 2, H}, opt);
+  auto run = [&](bool fused, bool output_unused, int64_t* kept_bytes) {
+    at::Tensor gu = gu0.clone().requires_grad_(true);
+    down.lora->A.mutable_grad() = at::Tensor();
+    down.lora->B.mutable_grad() = at::Tensor();
+    const int64_t before = device.is_cuda() ? cuda_allocated(device) : 0;
+    at::Tensor y = fused ? qt::swiglu_linear(down, gu, {}, output_unused) : down.forward(qt::swiglu_packed(gu));
+    REQUIRE(y.defined());
+    if (kept_bytes) *kept_bytes = cuda_allocated(device) - before;
+    if (fused) CHECK(y.grad_fn()->name().find("LoraLinearFn") != std::string::npos);
+    y.backward(dy);
+    return std::vector<at::Tensor>{y, gu.grad(), down.lora->A.grad().clone(), down.lora->B.grad().clone()};
+  };
+  int64_t kept_fused = 0, kept_two = 0;
+  const auto two = run(false, false, device.is_cuda() ? &kept_two : nullptr);
+  const auto fused = run(true, false, device.is_cuda() ? &kept_fused : nullptr);
+  const auto unused = run(true, true, nullptr);
+  for (size_t i = 0; i < two.size(); ++i) {
+    INFO("tensor " << i);
+    CHECK(two[i].abs().max().item<double>() > 0);
+    CHECK(qt::test::same_bits(fused[i], two[i]));
+    if (i > 0) CHECK(qt::test::same_bits(unused[i], two[i]));  // the gradients (its output is not written)
+  }
+  if (device.is_cuda()) {
+    const int64_t swiglu_out = N * I * static_cast<int64_t>(c10::elementSize(dtype));
+    INFO("kept by the forward pass: " << kept_fused << " bytes fused, " << kept_two << " in two nodes");
+    CHECK(kept_two >= swiglu_out);
+    CHECK(kept_fused < swiglu_out / 2);
+  }
+}
+
 }  // namespace
+
+TEST_CASE("down_proj on the packed SwiGLU keeps gate_up instead of the SwiGLU output: the same bits", "[lora]") {
+  check_swiglu_linear(at::kCPU, at::kFloat);
+  // Not taken where the LoRA node does not apply: a bias, or DoRA.
+  auto ls = group_members({16}, 64, {4}, at::kCPU);
+  ls[0].bias = at::zeros({16});
+  CHECK(!qt::swiglu_linear(ls[0], at::randn({3, 128}), {}, false).defined());
+}
+
+TEST_CASE("down_proj on the packed SwiGLU on CUDA: the same bits, no [tokens, intermediate] tensor kept",
+          "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  for (auto dtype : {at::kBFloat16, at::kFloat}) check_swiglu_linear(at::Device(at::kCUDA, 0), dtype);
+}
 
 TEST_CASE("q, k, v (gate, up) as one projection equal their separate LoRA linears; other linears are refused",
           "[lora]") {

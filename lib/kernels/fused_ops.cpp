@@ -244,6 +244,47 @@ at::Tensor swiglu_packed(const at::Tensor& gate_up) {
   return swiglu_reference(halves[0], halves[1]);
 }
 
+namespace {
+bool swiglu_packed_kernel_takes(const at::Tensor& gate_up) {
+  return fused_ops_apply(gate_up) && (gate_up.size(-1) / 2) % 8 == 0 && gate_up.is_contiguous();
+}
+}  // namespace
+
+at::Tensor swiglu_packed_values(const at::Tensor& gate_up) {
+  QT_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0, ErrorKind::Internal,
+           "swiglu_packed_values: expected [.., 2 * intermediate]");
+  at::NoGradGuard no_grad;
+  const int64_t I = gate_up.size(-1) / 2;
+#ifdef QT_WITH_CUDA
+  if (swiglu_packed_kernel_takes(gate_up)) {
+    c10::cuda::CUDAGuard guard(gate_up.device());
+    std::vector<int64_t> sizes(gate_up.sizes().begin(), gate_up.sizes().end());
+    sizes.back() = I;
+    return swiglu_forward(gate_up, gate_up.narrow(-1, I, I), I, 2 * I, sizes);
+  }
+#endif
+  auto halves = at::split_with_sizes(gate_up, {I, I}, -1);
+  return swiglu_reference(halves[0], halves[1]);
+}
+
+at::Tensor swiglu_packed_grad(const at::Tensor& gate_up, const at::Tensor& grad) {
+  const int64_t I = gate_up.size(-1) / 2;
+#ifdef QT_WITH_CUDA
+  if (swiglu_packed_kernel_takes(gate_up)) {
+    c10::cuda::CUDAGuard guard(gate_up.device());
+    at::Tensor dy = grad.to(gate_up.scalar_type()).contiguous();
+    at::Tensor dgu = at::empty_like(gate_up);
+    swiglu_backward(dy, gate_up, gate_up.narrow(-1, I, I), dgu, dgu.narrow(-1, I, I), I, 2 * I);
+    return dgu;
+  }
+#endif
+  // The reference's own backward (autograd through its ops), as swiglu_packed's graph would run it.
+  at::AutoGradMode enable(true);
+  at::Tensor leaf = gate_up.detach().requires_grad_(true);
+  auto halves = at::split_with_sizes(leaf, {I, I}, -1);
+  return torch::autograd::grad({swiglu_reference(halves[0], halves[1])}, {leaf}, {grad})[0];
+}
+
 at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   // transformers' apply_rotary_pos_emb on [B, heads, S, D] (unsqueeze_dim=1), viewed from [B, S, heads, D].
   at::Tensor xt = x.transpose(1, 2);

@@ -26,6 +26,11 @@ at::Tensor swiglu_reference(const at::Tensor& gate, const at::Tensor& up);
 // The same on one fused gate / up projection output [.., 2I] (gate first) -> [.., I]; its gradient comes back as one
 // [.., 2I] tensor (no concatenation of two halves).
 at::Tensor swiglu_packed(const at::Tensor& gate_up);
+// swiglu_packed's two passes as plain functions, outside autograd (a node that keeps gate_up and recomputes the
+// SwiGLU in its backward pass instead of keeping it): the values [.., I], and the gradient of gate_up [.., 2I] from
+// that of the values. The same kernels (or reference ops) as swiglu_packed, so the same bits.
+at::Tensor swiglu_packed_values(const at::Tensor& gate_up);
+at::Tensor swiglu_packed_grad(const at::Tensor& gate_up, const at::Tensor& grad);
 
 // x [B, S, heads, D], cos / sin [B, S, D] in x's dtype -> [B, S, heads, D]. Differentiable in x.
 at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);

@@ -185,14 +185,18 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   f.terms.emplace_back("trainable_and_optimizer", trainable_bytes * static_cast<double>(in.lora_params) * shard +
                                                       trainable_bytes * static_cast<double>(in.full_params));
   // One block's activations as autograd keeps them for its backward pass, per token: the normed inputs (2 H),
-  // q and o_proj's input (q), k and v (2 kv), gate, up, the SwiGLU and down_proj's input (4 I), in the compute dtype
-  // (fitted on an H200 without checkpointing: 8B 2 x 2048, docs/PERFORMANCE.md).
+  // q and o_proj's input (q), k and v (2 kv), and the MLP's 3 I (gate and up, kept by down_proj's node, which
+  // recomputes the SwiGLU; and I more, fitted) in the compute dtype (fitted on an H200 without checkpointing: 8B
+  // 2 x 2048, docs/PERFORMANCE.md, with the SwiGLU output kept then: 4 I). The working set of a block's backward
+  // pass counts the 4 I (the SwiGLU and its gradient exist there).
   const double mlp_tokens = p.mlp_chunk_tokens > 0 ? std::min(T, static_cast<double>(p.mlp_chunk_tokens)) : T;
   // Qwen3's q / k norms keep the q / k / v projection output too (rope_qkv_norm's backward pass reads it).
-  const double block_acts = e * (T * (2 * H + q + 2 * kv) + mlp_tokens * 4 * I + (c.qk_norm ? T * (q + 2 * kv) : 0.0));
+  const double attn_acts = e * T * (2 * H + q + 2 * kv + (c.qk_norm ? q + 2 * kv : 0.0));
+  const double block_acts = attn_acts + e * mlp_tokens * 3 * I;
+  const double block_work = attn_acts + e * mlp_tokens * 4 * I;
   if (!p.checkpointing) {
     f.terms.emplace_back("activations", L * block_acts);
-    f.terms.emplace_back("working_set", 0.5 * block_acts);
+    f.terms.emplace_back("working_set", 0.5 * block_work);
   } else {
     // Kept per block: its input and the keep ladder's tensors, all layers on the device, or two blocks' (the one
     // in its backward pass and the one fetched ahead) when offloaded.
@@ -203,7 +207,7 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
     if (whole > 0) f.terms.emplace_back("activations", whole * block_acts);
     // One block's recomputation and backward: its activations and their gradients (fitted: 1.5 blocks' worth),
     // the 16-bit weights dequantized for it (the block's when kept, else the largest group, gate and up).
-    f.terms.emplace_back("working_set", 1.5 * block_acts + (p.keep_dequantized ? block_params * e : 2 * H * I * e));
+    f.terms.emplace_back("working_set", 1.5 * block_work + (p.keep_dequantized ? block_params * e : 2 * H * I * e));
   }
   if (p.keep_dequantized) f.terms.emplace_back("lora_factor_cache", 0.5 * static_cast<double>(in.lora_params) * e);
   // The loss: a logits tile (at most 192 MiB; 64 MiB and two staging slices when lm_head streams) and dh in fp32.

@@ -85,8 +85,11 @@ at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x, const Pass&
   auto down = [&](const at::Tensor& a) {
     return pass.output_unused ? linear_output_unused(b.down_proj, a, pass) : b.down_proj.forward(a, pass);
   };
-  if (at::Tensor gate_up = project_group({&b.gate_proj, &b.up_proj}, x, pass, /*concat_b=*/true); gate_up.defined())
+  if (at::Tensor gate_up = project_group({&b.gate_proj, &b.up_proj}, x, pass, /*concat_b=*/true); gate_up.defined()) {
+    // down_proj keeps gate_up, not the SwiGLU output (recomputed in its backward pass): I elements a token less.
+    if (at::Tensor y = swiglu_linear(b.down_proj, gate_up, pass, pass.output_unused); y.defined()) return y;
     return down(swiglu_packed(gate_up));
+  }
   return down(swiglu_fused(b.gate_proj.forward(x, pass), b.up_proj.forward(x, pass)));
 }
 

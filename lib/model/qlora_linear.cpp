@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "lib/core/error.h"
+#include "lib/kernels/fused_ops.h"
 
 namespace qt {
 namespace {
@@ -68,13 +69,17 @@ struct Nf4DoraFn : public torch::autograd::Function<Nf4DoraFn> {
 struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
   // output_unused: only what the backward saves (t); the output is left unwritten.
   // pass_ptr: the Pass (read in this call only).
+  // swiglu_input: x is a gate / up projection output [.., 2 I] and the linear reads silu(gate) * up (down_proj):
+  // the node keeps x, not the SwiGLU output, and recomputes that in its backward pass (I elements a token less
+  // kept per block; the same bits, the same kernels).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
                             const at::Tensor& B, double scale, int64_t linear_ptr, bool output_unused,
-                            int64_t pass_ptr) {
+                            int64_t pass_ptr, bool swiglu_input) {
     const auto* l = reinterpret_cast<const Linear*>(linear_ptr);
     const Pass& pass = *reinterpret_cast<const Pass*>(pass_ptr);
     const auto dt = x.scalar_type();
-    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    const at::Tensor h = swiglu_input ? swiglu_packed_values(x) : x;
+    at::Tensor x2 = h.reshape({-1, h.size(-1)});
     const auto [a, bs] = lora_factors(pass, {l}, {A, B}, dt);
     at::Tensor t = at::mm(x2, a.t());  // [N, r]
     at::Tensor W, y;
@@ -87,10 +92,12 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       y = at::mm(x2, W.t());
       y.addmm_(t, bs.t());
     }
-    ctx->save_for_backward({x2, a, bs, t, pass.keep_dequantized ? W : at::Tensor()});
+    ctx->save_for_backward({swiglu_input ? x.reshape({-1, x.size(-1)}) : x2, a, bs, t,
+                            pass.keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linear"] = linear_ptr;
     ctx->saved_data["stats"] = reinterpret_cast<int64_t>(pass.stats);
     ctx->saved_data["scale"] = scale;
+    ctx->saved_data["swiglu"] = swiglu_input;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = y.size(1);
     return y.view(shape);
@@ -100,7 +107,9 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     const auto* l = reinterpret_cast<const Linear*>(ctx->saved_data["linear"].toInt());
     const double scale = ctx->saved_data["scale"].toDouble();
     auto saved = ctx->get_saved_variables();
-    const at::Tensor &x2 = saved[0], &a = saved[1], &bs = saved[2], &t = saved[3], &kept = saved[4];
+    const at::Tensor &in2 = saved[0], &a = saved[1], &bs = saved[2], &t = saved[3], &kept = saved[4];
+    const bool swiglu_input = ctx->saved_data["swiglu"].toBool();
+    const at::Tensor x2 = swiglu_input ? swiglu_packed_values(in2) : in2;  // the linear's input, recomputed
     const auto dt = x2.scalar_type();
     at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)}).to(dt);
     at::Tensor g = at::mm(dy, bs);  // [N, r]
@@ -114,9 +123,11 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);
     at::Tensor dB = at::mm(dy.t(), t).to(at::kFloat);
     if (scale != 1.0) dB.mul_(scale);
+    if (dx.defined() && swiglu_input) dx = swiglu_packed_grad(in2, dx);
     std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
-    shape.back() = x2.size(1);
-    return {dx.defined() ? dx.view(shape) : dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    shape.back() = in2.size(1);
+    return {dx.defined() ? dx.view(shape) : dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -237,14 +248,21 @@ bool lora_node_applies(const Linear& l) {
 at::Tensor linear_output_unused(const Linear& l, const at::Tensor& x, const Pass& pass) {
   if (!lora_node_applies(l) || l.bias.defined()) return l.forward(x, pass);
   return LoraLinearFn::apply(x, l.lora->A, l.lora->B, l.lora->scale, reinterpret_cast<int64_t>(&l),
-                             /*output_unused=*/true, reinterpret_cast<int64_t>(&pass));
+                             /*output_unused=*/true, reinterpret_cast<int64_t>(&pass), /*swiglu_input=*/false);
+}
+
+at::Tensor swiglu_linear(const Linear& l, const at::Tensor& gate_up, const Pass& pass, bool output_unused) {
+  if (!lora_node_applies(l) || l.bias.defined()) return {};
+  return LoraLinearFn::apply(gate_up, l.lora->A, l.lora->B, l.lora->scale, reinterpret_cast<int64_t>(&l),
+                             output_unused, reinterpret_cast<int64_t>(&pass), /*swiglu_input=*/true);
 }
 
 at::Tensor Linear::forward(const at::Tensor& x, const Pass& pass) const {
   if (lora && lora->dora()) return dora_forward(x, pass);
   if (lora_node_applies(*this)) {
     at::Tensor y = LoraLinearFn::apply(x, lora->A, lora->B, lora->scale, reinterpret_cast<int64_t>(this),
-                                       /*output_unused=*/false, reinterpret_cast<int64_t>(&pass));
+                                       /*output_unused=*/false, reinterpret_cast<int64_t>(&pass),
+                                       /*swiglu_input=*/false);
     return bias.defined() ? y + bias.to(y.scalar_type()) : y;
   }
   at::Tensor y = quantized() ? nf4_linear(x, nf4, pass.stats) : at::linear(x, weight);

@@ -61,6 +61,11 @@ bool lora_node_applies(const Linear& l);
 // the LoRA node computes only what its backward saves; forward() where that node does not apply or there is a bias.
 at::Tensor linear_output_unused(const Linear& l, const at::Tensor& x, const Pass& pass);
 
+// l(silu(gate) * up) from one gate / up projection output [.., 2 I] (down_proj after the packed SwiGLU), as one
+// LoRA node that keeps gate_up and recomputes the SwiGLU in its backward pass instead of keeping its [.., I] output
+// (swiglu_packed then l.forward keep both). Undefined where the LoRA node does not apply (or there is a bias).
+at::Tensor swiglu_linear(const Linear& l, const at::Tensor& gate_up, const Pass& pass, bool output_unused);
+
 // y = x W^T with W dequantized from NF4 into a scratch buffer in the forward pass and again in the backward
 // pass (the QLoRA recipe: no 16-bit copy of W lives between them). Gradient flows to x only.
 // `stats`, when given, counts the dequantizations.
