@@ -492,3 +492,53 @@ TEST_CASE("AdamW on the host is the ladder's last rung: 8 bytes a trainable elem
   CHECK(parsed.to_json()["optimizer"] == "host");
   CHECK(qt::PlanRequest{}.to_json()["optimizer"] == "auto");
 }
+
+TEST_CASE("block weights streamed from the host (forced): every block checkpointed, two blocks' weights on the "
+          "device, the copies in the step time, contradictions refused",
+          "[plan]") {
+  const qt::PlanInputs in = inputs("llama-3.1-70b", 1, 8192);
+  qt::PlanRequest r;
+  r.gpu_memory_gib = 1000;
+  const qt::Decision whole = qt::decide_plan(in, r);
+  r.weights_on_host = true;
+  const qt::Decision streamed = qt::decide_plan(in, r);
+  CHECK(streamed.plan.weights_on_host);
+  CHECK(streamed.plan.checkpointing);
+  CHECK(streamed.plan.blocks_without_checkpointing == 0);
+  auto term = [](const qt::Footprint& f, const std::string& name) {
+    for (const auto& [n, bytes] : f.terms)
+      if (n == name) return bytes;
+    return -1.0;
+  };
+  const double L = static_cast<double>(in.model.num_hidden_layers);
+  // 70B's NF4 blocks: about 35 GiB whole, two of 80 blocks streamed.
+  CHECK(term(whole.footprint, "base_weights") > 30 * kGiB);
+  CHECK(std::abs(term(streamed.footprint, "base_weights") * L / 2 - term(whole.footprint, "base_weights")) <
+        0.01 * term(whole.footprint, "base_weights"));
+  const qt::Json step = qt::to_json(streamed)["predicted_step_s"];
+  REQUIRE(step.contains("weights_streamed"));
+  CHECK(step["weights_streamed"].get<double>() > 0);
+  CHECK(has(qt::describe(streamed), "block weights streamed from the host"));
+  CHECK(qt::to_json(streamed)["weights"] == "host");
+  // 70B at 1 x 8192 in a 24 GiB budget (its NF4 blocks alone take 35): only with the weights streamed.
+  r.gpu_memory_gib = 24;
+  CHECK(qt::decide_plan(in, r).plan.weights_on_host);
+  r.weights_on_host.reset();
+  CHECK(error_of(in, r));
+  // Contradictions name both keys.
+  r = {};
+  r.weights_on_host = true;
+  r.checkpointing = false;
+  auto e = error_of(in, r);
+  REQUIRE(e);
+  CHECK(has(e->what(), "train.memory.weights"));
+  CHECK(has(e->what(), "train.memory.checkpointing"));
+  r.checkpointing.reset();
+  r.blocks_without_checkpointing = 4;
+  e = error_of(in, r);
+  REQUIRE(e);
+  CHECK(has(e->what(), "blocks_without_checkpointing"));
+  const qt::PlanRequest parsed = qt::PlanRequest::from_json(qt::Json{{"weights", "host"}}, "run.json");
+  CHECK(parsed.weights_on_host == std::optional<bool>(true));
+  CHECK(qt::PlanRequest{}.to_json()["weights"] == "auto");
+}

@@ -19,6 +19,7 @@
 #include "lib/model/merge.h"
 #include "lib/model/peft_adapter.h"
 #include "lib/model/projection_group.h"
+#include "lib/model/weight_streaming.h"
 #include "lib/quant/nf4.h"
 #include "lib/train/adamw.h"
 #include "tests/catch.h"
@@ -47,9 +48,11 @@ qt::LoadOptions nf4_load() {
 
 // The NF4 base of the LoRA fixtures with the all_targets adapter, on `device` in `dtype`, set up by `setup`: its
 // loss on the reference batch, then every LoRA gradient (fp32, in lora_parameters' order).
+// `after` runs once the backward pass is done, the model still alive.
 std::vector<at::Tensor> fixture_loss_and_grads(const std::function<void(qt::LlamaModel&)>& setup,
                                                const at::Device& device = at::kCPU,
-                                               c10::ScalarType dtype = at::kFloat) {
+                                               c10::ScalarType dtype = at::kFloat,
+                                               const std::function<void(qt::LlamaModel&)>& after = {}) {
   qt::LoadOptions opt{device, dtype};
   opt.quantize_nf4 = true;
   qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), opt);
@@ -60,6 +63,7 @@ std::vector<at::Tensor> fixture_loss_and_grads(const std::function<void(qt::Llam
   loss.backward();
   std::vector<at::Tensor> out{loss.detach().to(at::kFloat)};
   for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().to(at::kFloat).clone());
+  if (after) after(m);
   return out;
 }
 
@@ -1215,4 +1219,62 @@ TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds, L
       if (plan == 2 && !cfg.lora.use_dora) CHECK(model.stats->qkv_replays == model.config.num_hidden_layers);
     }
   }
+}
+
+namespace {
+// The fixture model under checkpointing with its block weights streamed from the host (StreamedWeights) against
+// the same model with them in place: the same loss and LoRA gradients bit for bit; no block's weights on the
+// device once the step is done, each block fetched once for its forward pass and once for its recomputation, the
+// slots holding the host copies in between.
+void check_streamed_weights(const at::Device& device, c10::ScalarType dtype) {
+  INFO(device << " " << c10::toString(dtype));
+  auto checkpointed = [](qt::LlamaModel& m) { m.plan.checkpointing = true; };
+  const std::vector<at::Tensor> kept = fixture_loss_and_grads(checkpointed, device, dtype);
+  std::unique_ptr<qt::StreamedWeights> streamed;
+  int64_t layers = 0;
+  const std::vector<at::Tensor> fetched = fixture_loss_and_grads(
+      [&](qt::LlamaModel& m) {
+        checkpointed(m);
+        layers = m.config.num_hidden_layers;
+        streamed = std::make_unique<qt::StreamedWeights>(m);
+        CHECK(streamed->block_bytes() > 0);
+        CHECK(streamed->blocks_on_device() == 0);
+        if (device.is_cuda()) CHECK(m.layers[0].q_proj.nf4->data.packed.is_pinned());
+      },
+      device, dtype,
+      [&](qt::LlamaModel& m) {
+        CHECK(streamed->blocks_on_device() == 0);
+        CHECK(streamed->fetches() == 2 * layers);
+        CHECK(m.layers[layers - 1].down_proj.nf4->data.packed.device().is_cpu());
+        streamed.reset();  // before the model goes
+      });
+  REQUIRE(kept.size() == fetched.size());
+  CHECK(kept.size() > 10);
+  for (size_t i = 0; i < kept.size(); ++i) {
+    INFO("tensor " << i);
+    CHECK(kept[i].abs().max().item<double>() > 0);
+    CHECK(qt::test::same_bits(fetched[i], kept[i]));
+  }
+}
+}  // namespace
+
+TEST_CASE("block weights streamed from the host give the loss and LoRA gradients of weights in place, bit for bit; "
+          "without checkpointing they are refused",
+          "[lora]") {
+  check_streamed_weights(at::kCPU, at::kFloat);
+  fixture_loss_and_grads([](qt::LlamaModel& m) {
+    m.plan.checkpointing = false;
+    CHECK(qt::test::has(error_of([&] { qt::StreamedWeights s(m); }), "checkpointed"));
+    m.plan.checkpointing = true;
+    m.plan.blocks_without_checkpointing = 1;
+    CHECK(qt::test::has(error_of([&] { qt::StreamedWeights s(m); }), "checkpointed"));
+    m.plan.blocks_without_checkpointing = 0;
+  });
+}
+
+TEST_CASE("block weights streamed from pinned host memory on CUDA (fetched a block ahead on a side stream) give the "
+          "loss and LoRA gradients of weights on the GPU, bit for bit",
+          "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  check_streamed_weights(at::Device(at::kCUDA, 0), at::kBFloat16);
 }

@@ -72,7 +72,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   if (!json.is_object()) fail_key(ErrorKind::Config, file, "train.memory", "must be a JSON object");
   reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "blocks_without_checkpointing", "offload", "keep",
                              "keep_dequantized", "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings",
-                             "lm_head", "optimizer"},
+                             "lm_head", "optimizer", "weights"},
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
@@ -116,7 +116,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
     else if (s == "flash") r.attention = AttentionKernel::Flash;
     else fail_key(ErrorKind::Config, file, at + "attention", "must be \"cudnn\" or \"flash\" (got " + v.dump() + ")");
   }
-  for (const char* k : {"embeddings", "lm_head", "optimizer"}) {
+  for (const char* k : {"embeddings", "lm_head", "optimizer", "weights"}) {
     if (!json.contains(k)) continue;
     const Json& v = json[k];
     const std::string s = v.is_string() ? v.get<std::string>() : "";
@@ -126,7 +126,10 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
     else if (s != "auto")
       fail_key(ErrorKind::Config, file, at + k, "must be \"auto\", \"device\" or \"host\" (got " + v.dump() + ")");
     const std::string key = k;
-    (key == "embeddings" ? r.embeddings_on_host : key == "lm_head" ? r.lm_head_on_host : r.optimizer_on_host) = host;
+    (key == "embeddings" ? r.embeddings_on_host
+     : key == "lm_head"  ? r.lm_head_on_host
+     : key == "optimizer" ? r.optimizer_on_host
+                          : r.weights_on_host) = host;
   }
   return r;
 }
@@ -146,7 +149,8 @@ Json PlanRequest::to_json() const {
               {"expandable_segments", opt(expandable_segments)},
               {"embeddings", place(embeddings_on_host)},
               {"lm_head", place(lm_head_on_host)},
-              {"optimizer", place(optimizer_on_host)}};
+              {"optimizer", place(optimizer_on_host)},
+              {"weights", place(weights_on_host)}};
 }
 
 double Footprint::total() const {
@@ -176,7 +180,9 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   const double shard = in.sharded ? 1.0 / std::max(1, in.world) : 1.0;
   Footprint f;
   f.terms.emplace_back("context_and_libraries", in.cuda ? kContextBytes : 0.0);
-  f.terms.emplace_back("base_weights", L * block_params * per_weight * shard + (2 * L + 1) * H * e);
+  // Streamed from the host: the block running and the one fetched ahead.
+  const double blocks_held = p.weights_on_host ? std::min(2.0, L) : L;
+  f.terms.emplace_back("base_weights", blocks_held * (block_params * per_weight * shard + 2 * H * e) + H * e);
   f.terms.emplace_back("embeddings", p.embeddings_on_host ? 0.0 : V * H * e);
   f.terms.emplace_back("lm_head", tied || p.lm_head_on_host ? 0.0 : V * H * e);
   // fp32 value, gradient and AdamW's two moments (those on the host with optimizer_on_host); trained-in-full
@@ -361,6 +367,16 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
       t.terms.emplace_back("partial_checkpointing", kPartialShortfall * whole * recompute);
   }
   if (p.embeddings_on_host && in.cuda) t.terms.emplace_back("embeddings_on_host", T * H * e / kHostRowsBytesPerS);
+  // Block weights streamed from the host: each block's bytes over PCIe before its forward pass and again before its
+  // recomputation, behind the block before it (what its compute does not cover shows), the first of each pass not.
+  if (p.weights_on_host && in.cuda) {
+    const double per_weight = in.nf4 ? 0.5 + 1.0 / 64 + 4.0 / (64 * 256) : e;
+    const double copy = (block_params * per_weight + 2 * H * e) / kPcieBytesPerS;
+    const double block_fwd = 2 * T * block_params / kMatrixFlopsPerS + width_s / 3;
+    const double block_bwd = 2 * block_fwd + block_fwd;  // its recomputation and backward pass
+    t.terms.emplace_back("weights_streamed",
+                         (L - 1) * (std::max(0.0, copy - block_fwd) + std::max(0.0, copy - block_bwd)) + 2 * copy);
+  }
   if (p.optimizer_on_host && in.cuda) {
     const double trained = static_cast<double>(in.lora_params + in.full_params);
     t.terms.emplace_back("optimizer_on_host", trained * (12.0 / kPcieBytesPerS + 1.0 / kHostAdamwElemsPerS));
@@ -415,6 +431,18 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   if ((r.embeddings_on_host.value_or(false) || r.lm_head_on_host.value_or(false)) && in.sharded)
     fail_key(ErrorKind::Config, file, m + "embeddings", "\"host\" is not available with train.shard \"blocks\"");
 
+  if (r.weights_on_host.value_or(false)) {
+    if (ckpt_forced_off)
+      fail_key(ErrorKind::Config, file, m + "weights",
+               "\"host\" needs train.memory.checkpointing true or \"auto\" (it is false): a block's weights are on the "
+               "GPU only while it runs or is recomputed");
+    if (r.blocks_without_checkpointing.value_or(0) > 0)
+      fail_key(ErrorKind::Config, file, m + "weights",
+               "\"host\" needs every block checkpointed: train.memory.blocks_without_checkpointing is " +
+                   std::to_string(*r.blocks_without_checkpointing));
+    if (in.sharded)
+      fail_key(ErrorKind::Config, file, m + "weights", "\"host\" is not available with train.shard \"blocks\"");
+  }
   const int64_t tokens = in.micro_batch * in.seq;
   const int64_t L = in.model.num_hidden_layers;
   Decision d;
@@ -424,7 +452,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // weigh their activations against (without one, on the CPU, every block is checkpointed, as before "auto"
   // became the default) and the blocks are not sharded (a sharded block's weights exist only while it runs). Not
   // where a forced field needs checkpointing.
-  const bool weigh_checkpointing = !r.checkpointing && d.budget_gib >= 0 && !in.sharded;
+  const bool weigh_checkpointing = !r.checkpointing && d.budget_gib >= 0 && !in.sharded && !r.weights_on_host.value_or(false);
   const bool may_skip = weigh_checkpointing && !r.offload.value_or(false) &&
                         r.keep.value_or(KeepLevel::Input) == KeepLevel::Input && !r.keep_dequantized.value_or(false) &&
                         r.mlp_chunk_tokens.value_or(0) == 0 && r.blocks_without_checkpointing.value_or(0) == 0;
@@ -439,6 +467,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   best.lm_head_on_host = r.lm_head_on_host.value_or(tied && best.embeddings_on_host) && in.cuda;
   if (tied) best.embeddings_on_host = best.lm_head_on_host = best.embeddings_on_host || best.lm_head_on_host;
   best.optimizer_on_host = r.optimizer_on_host.value_or(false);  // forced on the CPU too (the same code runs)
+  best.weights_on_host = r.weights_on_host.value_or(false);      // forced only (likewise)
   std::vector<ExecPlan> candidates;  // every plan weighed, in the order that settles ties
   if (may_skip) candidates.push_back(best);  // no checkpointing (ExecPlan's defaults)
   best.checkpointing = r.checkpointing.value_or(true);
@@ -555,6 +584,7 @@ std::string describe(const Decision& d) {
   if (p.embeddings_on_host) s += ", embeddings on the host";
   if (p.lm_head_on_host) s += ", lm_head streamed from the host";
   if (p.optimizer_on_host) s += ", AdamW on the host";
+  if (p.weights_on_host) s += ", block weights streamed from the host";
   if (!d.footprint.terms.empty()) s += "; predicted " + fmt_gib(d.footprint.total()) + " GiB";
   if (d.budget_gib >= 0) s += " of a " + fmt_gib(d.budget_gib * kGiB) + " GiB budget";
   if (!d.step.terms.empty()) {
@@ -578,6 +608,7 @@ Json to_json(const Decision& d) {
               {"embeddings", p.embeddings_on_host ? "host" : "device"},
               {"lm_head", p.lm_head_on_host ? "host" : "device"},
               {"optimizer", p.optimizer_on_host ? "host" : "device"},
+              {"weights", p.weights_on_host ? "host" : "device"},
               {"budget_gib", d.budget_gib >= 0 ? Json(std::round(d.budget_gib * 1000) / 1000) : Json(nullptr)},
               {"predicted_gib", d.footprint.to_json()},
               {"predicted_step_s", d.step.terms.empty() ? Json(nullptr) : d.step.to_json()}};

@@ -46,6 +46,10 @@ struct ExecPlan {
   bool lm_head_on_host = false;      // lm_head in pinned host memory: the loss streams it in vocabulary slices
   // AdamW's moments in pinned host memory, the update on the CPU (parameters and gradients copied over each step).
   bool optimizer_on_host = false;
+  // Every block's frozen weights in pinned host memory, each block's fetched to the GPU a block ahead of its run
+  // and its recomputation (lib/model/weight_streaming.h); needs every block checkpointed. Forced only (not yet
+  // measured on a GPU).
+  bool weights_on_host = false;
 
   bool keeps(KeepLevel level) const { return checkpointing && keep >= level; }
 };
@@ -66,6 +70,7 @@ struct PlanRequest {
   std::optional<bool> embeddings_on_host;
   std::optional<bool> lm_head_on_host;
   std::optional<bool> optimizer_on_host;
+  std::optional<bool> weights_on_host;
 
   // Parses the train.memory object; `file` names the run config in errors.
   static PlanRequest from_json(const Json& json, const std::string& file);

@@ -135,6 +135,8 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
             l.weight = file.load(info.name, options.dtype, options.device);
           }
         }
+        if (options.blocks_on_host && options.device.is_cuda() && l.nf4)
+          l.nf4 = std::make_shared<Nf4Weight>(l.nf4->to_pinned_host());
         loaded.insert(info.name);
         continue;
       }

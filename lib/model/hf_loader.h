@@ -36,6 +36,9 @@ struct LoadOptions {
   // (on a CUDA device: never whole on the GPU, where a budget sized for training could not hold them at load).
   bool embeddings_on_host = false;
   bool lm_head_on_host = false;
+  // The block linears' NF4 weights (quantized on `device` one at a time) kept in pinned host memory (the plan's
+  // weights streamed from the host: the GPU never holds them all).
+  bool blocks_on_host = false;
 };
 
 // transformers' `quantization_config` for bitsandbytes 4-bit: present means the block linears are stored as

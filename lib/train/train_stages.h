@@ -20,6 +20,7 @@
 #include "lib/model/hf_loader.h"
 #include "lib/model/llama.h"
 #include "lib/model/lora.h"
+#include "lib/model/weight_streaming.h"
 #include "lib/train/adamw.h"
 #include "lib/train/checkpoint.h"
 #include "lib/train/metrics.h"
@@ -91,6 +92,7 @@ struct ModelStage {
   Decision decision;
   LoadOptions load;
   std::unique_ptr<LlamaModel> model;
+  std::unique_ptr<StreamedWeights> streamed;  // plan.weights_on_host: the block hooks that fetch them (after model)
   LoraConfig lora;
   bool full = false;          // train.full_finetune
   std::string base_name;      // the adapter's base_model_name_or_path (from the root)
