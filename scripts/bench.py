@@ -16,7 +16,8 @@ Memory, two figures per case:
               fragmentation included. That, not the peak, decides whether a run fits a card.
 Budgets (issue 26): with --budget B[,B...] each case runs with the rest of the GPU held by a holder process
 (this script with --hold), so it sees only B GiB free, as on a smaller card; --min-budget searches, for each row and
-system, the least budget in 0.25 GiB steps at which the case completes (for Unsloth: over its checkpointing modes
+system, the least budget in 0.25 GiB steps at which the case completes; --max-context (rows of batch 1) the longest
+row, in 1024-token steps from the row's length, that each system completes at each budget (for Unsloth: over its checkpointing modes
 --unsloth-modes, its best that completes).
 
 A/B of our settings or builds (--ab NAME=SETTINGS, repeatable; SETTINGS as `--set k=v --set k2=v2` and / or
@@ -26,7 +27,7 @@ path, not random weights), a repeated batch of random ids, QLoRA r=16, checkpoin
 
 Usage: python3 scripts/bench.py [--binary build-gpu/qlora-train] [--rows 1b-4x2048,8b-2x2048,...]
                                 [--peers unsloth,hf_qlora | none] [--steps 8] [--warm 3] [--out DIR]
-                                [--budget 8,9 | --min-budget] [--set key=value]...
+                                [--budget 8,9 [--min-budget | --max-context]] [--set key=value]...
                                 [--ab NAME=SETTINGS ... [--rounds 2]] [--smoke [--smoke-shape 4x2048x12]] [--dry-run]
 Rows: NAME-BxS with NAME in 1b, 3b, 8b (Llama-3.2-1B, -3B, Llama-3.1-8B), q2.5-7b, q3-8b (Qwen2.5-7B, Qwen3-8B)
 (e.g. 8b-1x32768, q3-8b-2x2048); NAME-BxSpD: packed rows of random documents of median length D (e.g.
@@ -354,6 +355,72 @@ def min_budget(run, lo, hi):
     return best
 
 
+def context_search(a, rows, budgets, peers_env, here, emit, results, rate):
+    """--max-context: per row (batch 1), budget and system, the longest row that completes; one table."""
+    if any(b != 1 for _, b, _, _ in rows) or None in budgets:
+        sys.exit("--max-context takes rows of batch 1 (NAME-1xS) and --budget")
+    found = []
+    for shape, _, s, docs in rows:
+        for budget in budgets:
+            ours = lambda seq: run_ours(a.binary, pathlib.Path(a.work), shape, 1, seq, a.steps, a.warm, a.set, budget, docs)
+            best, tried = max_context(ours, s)
+            for r in tried:
+                emit(dict(r, search="max_context"))
+            found.append(("qlora-train", shape, budget, best))
+            for peer in [p for p in a.peers.split(",") if p and p != "none" and not docs]:
+                case = peer_case(peer, shape, 1, s, here, a.unsloth_modes)
+                if isinstance(case, str):
+                    continue
+                script, path, modes = case
+                env = {**peers_env, "PYTHONPATH": path}
+                for mode in modes:
+                    # The peer's model directory first, without a holder (it is built on the GPU).
+                    run_peer(script, shape, 1, 1024, mode, env, None)
+                    peer_run = lambda seq, mode=mode: dict(run_peer(script, shape, 1, seq, mode, env, budget), system=peer)
+                    best_p, tried_p = max_context(peer_run, s)
+                    for r in tried_p:
+                        emit(dict(r, search="max_context"))
+                    found.append((f"{peer} ({mode})", shape, budget, best_p))
+    pathlib.Path(a.out).mkdir(parents=True, exist_ok=True)
+    pathlib.Path(a.out, "bench.json").write_text(json.dumps(dict(matrix_rate=rate, results=results), indent=1))
+    print("\n| row | budget GiB | system | longest row that completes | tok/s there | device GiB |")
+    print("|---|---|---|---|---|---|")
+    for system, shape, budget, best in found:
+        print(f"| {shape} | {budget} | {system} | " + (f"{best['seq']:,} | {best['tok_per_s']:,} | {best.get('device_gib', '?')} |"
+                                                     if best else "none from the row's length | | |"))
+
+
+def max_context(run, start, step=1024, cap=1 << 20):
+    """The longest row (batch 1) in multiples of `step` at which run(seq) completes (completing is taken as monotone
+    in the length): doubling from `start` until a run fails or `cap`, then bisection between the last length that
+    completed and the first that failed. Returns (the longest length's result or None, [every result])."""
+    tried = []
+    def probe(seq):
+        r = run(seq)
+        tried.append(r)
+        return "tok_per_s" in r
+    seq = max(step, start // step * step)
+    best, fail = None, None
+    while seq <= cap:
+        if probe(seq):
+            best, seq = tried[-1], seq * 2
+        else:
+            fail = seq
+            break
+    if best is None:
+        return None, tried
+    lo, hi = best["seq"], fail if fail is not None else None
+    while hi is not None and hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        if mid in (lo, hi):
+            break
+        if probe(mid):
+            lo, best = mid, tried[-1]
+        else:
+            hi = mid
+    return best, tried
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hold", type=float, help=argparse.SUPPRESS)
@@ -368,6 +435,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--budget", default="", help="GiB left free for each case, comma-separated")
     ap.add_argument("--min-budget", action="store_true", help="search each case's least budget (0.25 GiB steps)")
+    ap.add_argument("--max-context", action="store_true",
+                    help="with --budget: the longest batch-1 row (1024-token steps) each system completes at each "
+                         "budget, from the row's length up (rows NAME-1xS)")
     ap.add_argument("--set", action="append", default=[], help="extra config key=value for our runs")
     ap.add_argument("--no-whole", action="store_true", help="with --budget: skip the whole-GPU run of each row")
     ap.add_argument("--ab", action="append", default=[], help="NAME=SETTINGS (`--set k=v ...`, empty: defaults)")
@@ -405,6 +475,8 @@ def main():
         print(json.dumps(r), flush=True)
         results.append(r)
 
+    if a.max_context:
+        return context_search(a, rows, budgets, peers_env, here, emit, results, rate)
     for shape, b, s, docs in rows:
         ours = lambda budget: run_ours(a.binary, pathlib.Path(a.work), shape, b, s, a.steps, a.warm, a.set, budget, docs)
         if not (a.no_whole and a.budget and not a.min_budget):

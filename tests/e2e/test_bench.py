@@ -16,7 +16,26 @@ def bench(*args):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def check_context_search():
+    """scripts/bench.py --max-context's search on a fake run that completes up to 21,848 tokens (Unsloth's published
+    8B limit on 12 GB): doubling, then bisection, to the longest multiple of 1024 below the limit."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_script", pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench.py")
+    bench_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_script)
+    seen = []
+    def run(seq):
+        seen.append(seq)
+        return dict(seq=seq, tok_per_s=100) if seq <= 21848 else dict(seq=seq, error="out of memory")
+    best, tried = bench_script.max_context(run, 2048)
+    check(best is not None and best["seq"] == 21504 and len(tried) == len(seen) and seen[:5] == [2048, 4096, 8192, 16384, 32768],
+          f"the context search finds the longest 1024-multiple that completes (21,504 of 21,848; probes {seen})")
+    best, tried = bench_script.max_context(lambda seq: dict(seq=seq, error="out of memory"), 2048)
+    check(best is None and len(tried) == 1, "nothing completing at the row's length: none, after one probe")
+
+
 def main():
+    check_context_search()
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     c = json.loads((TMP / "model" / "config.json").read_text())
     p = bench("--model", TMP / "model", "--batch", 2, "--seq", 24, "--steps", 3, "--warmup", 1, "--device", "cpu",
