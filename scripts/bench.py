@@ -355,6 +355,17 @@ def min_budget(run, lo, hi):
     return best
 
 
+def prepare_peer_dir(script, shape, seq, env):
+    """The peer's random model directory for a row of `seq` tokens (its max_position_embeddings follows the length
+    past 8192), made before a holder starts: the peers build it on the GPU, which a budget would not hold."""
+    import tempfile
+    if (pathlib.Path(tempfile.gettempdir()) / f"rand-{shape}-{max(8192, seq)}" / "config.json").exists():
+        return
+    code = (f"import sys; sys.path.insert(0, {str(pathlib.Path(script).parent)!r}); "
+            f"import {pathlib.Path(script).stem} as m; m.make_model_dir({shape!r}, {seq})")
+    subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1800)
+
+
 def context_search(a, rows, budgets, peers_env, here, emit, results, rate):
     """--max-context: per row (batch 1), budget and system, the longest row that completes; one table."""
     if any(b != 1 for _, b, _, _ in rows) or None in budgets:
@@ -374,9 +385,9 @@ def context_search(a, rows, budgets, peers_env, here, emit, results, rate):
                 script, path, modes = case
                 env = {**peers_env, "PYTHONPATH": path}
                 for mode in modes:
-                    # The peer's model directory first, without a holder (it is built on the GPU).
-                    run_peer(script, shape, 1, 1024, mode, env, None)
-                    peer_run = lambda seq, mode=mode: dict(run_peer(script, shape, 1, seq, mode, env, budget), system=peer)
+                    def peer_run(seq, mode=mode, script=script, env=env):
+                        prepare_peer_dir(script, shape, seq, env)
+                        return dict(run_peer(script, shape, 1, seq, mode, env, budget), system=peer)
                     best_p, tried_p = max_context(peer_run, s)
                     for r in tried_p:
                         emit(dict(r, search="max_context"))
