@@ -295,9 +295,9 @@ constexpr double kPartialShortfall = 0.48;
 // AdamW on the CPU (optimizer_on_host): the update, the wait for the copies and the stream sync, elements a second,
 // beside 12 bytes an element over PCIe (the fp32 parameters and gradients in, the parameters back). Fitted: 8B
 // 1 x 2048 at a 5.5 GiB budget, the leanest plan with AdamW on the host, ran 0.299 s a step against 0.224 s with it
-// on the device (an H200 host, 16 cores; 42 M LoRA elements): 75 ms, 9 of them the copies. (Two cores of the
-// build machine run torch's fused CPU kernel alone at 3.6e9 a second: the rest is the copies' wait and the host's
-// memory bandwidth.)
+// on the device (an H200 host, 16 cores; 42 M LoRA elements): 75 ms, 9 of them the copies. The update reads the
+// parameter, gradient and two moments and writes three of them, 28 bytes an element, 1.2 GB a step: the other 66 ms
+// are about 18 GB/s of host memory traffic (not separated here from the wait for the copies).
 constexpr double kHostAdamwElemsPerS = 6.4e8;
 // The share of the budget left free by plans that keep whole blocks' activations (see decide_plan).
 constexpr double kSpeedHeadroom = 0.05;
