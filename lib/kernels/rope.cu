@@ -58,6 +58,19 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x,
   }
 }
 
+// A thread's 8 pairs of the norm weight, cos and sin (elements j.. and j + D/2.. of token `token`'s rows).
+struct Rotation {
+  float w1[kVec], w2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec];
+};
+template <typename T>
+__device__ __forceinline__ void load_rotation(const T* w, const T* cos, const T* sin, int64_t token, int64_t D,
+                                              int64_t j, Rotation& r) {
+  const int64_t half = D / 2;
+  load_pairs(w, j, half, r.w1, r.w2);
+  load_pairs(cos + token * D, j, half, r.c1, r.c2);
+  load_pairs(sin + token * D, j, half, r.s1, r.s2);
+}
+
 // Where thread i works in the norm kernels' rounds: its (token, head) row and first element j; lanes past the
 // end (active false) take part in the shuffles with zeros.
 struct Lane {
@@ -101,15 +114,14 @@ __global__ void __launch_bounds__(kThreads) rope_norm_kernel(const T* __restrict
     for (int k = 0; k < kVec; ++k) ss += x1[k] * x1[k] + x2[k] * x2[k];
     const float r = rsqrtf(row_sum(ss, per_row) / static_cast<float>(D) + eps);
     if (!active) continue;
-    float w1[kVec], w2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec], y1[kVec], y2[kVec];
-    load_pairs(w, j, half, w1, w2);
-    load_pairs(cos + token * D, j, half, c1, c2);
-    load_pairs(sin + token * D, j, half, s1, s2);
+    Rotation q;
+    float y1[kVec], y2[kVec];
+    load_rotation(w, cos, sin, token, D, j, q);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      const float n1 = round_t<T>(w1[k] * round_t<T>(x1[k] * r)), n2 = round_t<T>(w2[k] * round_t<T>(x2[k] * r));
-      y1[k] = round_t<T>(n1 * c1[k]) + round_t<T>(-n2 * s1[k]);
-      y2[k] = round_t<T>(n2 * c2[k]) + round_t<T>(n1 * s2[k]);
+      const float n1 = round_t<T>(q.w1[k] * round_t<T>(x1[k] * r)), n2 = round_t<T>(q.w2[k] * round_t<T>(x2[k] * r));
+      y1[k] = round_t<T>(n1 * q.c1[k]) + round_t<T>(-n2 * q.s1[k]);
+      y2[k] = round_t<T>(n2 * q.c2[k]) + round_t<T>(n1 * q.s2[k]);
     }
     T* yr = y + token * y_ld + head * D;
     store_pairs(yr, j, half, y1, y2);
@@ -132,18 +144,15 @@ __global__ void __launch_bounds__(kThreads) rope_norm_backward_kernel(
     const int64_t token = l.token, head = l.head, j = l.j;
     float x1[kVec] = {}, x2[kVec] = {}, g1[kVec] = {}, g2[kVec] = {};
     if (active) {
-      float d1[kVec], d2[kVec], w1[kVec], w2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec];
-      const T* xr = x + token * x_ld + head * D;
-      const T* dr = dy + token * dy_ld + head * D;
-      load_pairs(xr, j, half, x1, x2);
-      load_pairs(dr, j, half, d1, d2);
-      load_pairs(w, j, half, w1, w2);
-      load_pairs(cos + token * D, j, half, c1, c2);
-      load_pairs(sin + token * D, j, half, s1, s2);
+      float d1[kVec], d2[kVec];
+      Rotation q;
+      load_pairs(x + token * x_ld + head * D, j, half, x1, x2);
+      load_pairs(dy + token * dy_ld + head * D, j, half, d1, d2);
+      load_rotation(w, cos, sin, token, D, j, q);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        g1[k] = (d1[k] * c1[k] + d2[k] * s2[k]) * w1[k];
-        g2[k] = (d2[k] * c2[k] - d1[k] * s1[k]) * w2[k];
+        g1[k] = (d1[k] * q.c1[k] + d2[k] * q.s2[k]) * q.w1[k];
+        g2[k] = (d2[k] * q.c2[k] - d1[k] * q.s1[k]) * q.w2[k];
       }
     }
     float ss = 0, dot = 0;

@@ -18,24 +18,20 @@ Check (CPU, no Unsloth, no GPU, 10 s): python3 scripts/peers/unsloth_qwen.py --d
 import json, os, shutil, sys, tempfile
 
 # config.json fields of lib/model/random_init.cpp's entries (Qwen/Qwen2.5-7B, Qwen/Qwen3-8B on the hub).
+QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151643, use_sliding_window=False)
+QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False, rms_norm_eps=1e-6,
+                rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645, attention_bias=False,
+                use_sliding_window=False)
+# The same structures, small (the vocabulary kept, so that the tokenizer and the special ids are the real ones).
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 SHAPES = {
-    "qwen2.5-7b": ("qwen2", dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                                 num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-6,
-                                 rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151643,
-                                 use_sliding_window=False)),
-    "qwen3-8b": ("qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
-                               rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645,
-                               attention_bias=False, use_sliding_window=False)),
-    # The same structure, small (the vocabulary kept, so that the tokenizer and the special ids are the real ones).
-    "qwen2-tiny": ("qwen2", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-6,
-                                 rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151643,
-                                 use_sliding_window=False)),
-    "qwen3-tiny": ("qwen3", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, head_dim=32, vocab_size=151936, tie_word_embeddings=False,
-                                 rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645,
-                                 attention_bias=False, use_sliding_window=False)),
+    "qwen2.5-7b": ("qwen2", QWEN2_7B),
+    "qwen3-8b": ("qwen3", QWEN3_8B),
+    "qwen2-tiny": ("qwen2", dict(QWEN2_7B, **TINY)),
+    "qwen3-tiny": ("qwen3", dict(QWEN3_8B, **TINY, head_dim=32)),
 }
 # Parameter counts (Qwen2.5 report: 7.62B; Qwen3-8B model card: 8.2B), as tests/test_random_init.cpp checks ours.
 PUBLISHED = {"qwen2.5-7b": 7615616512, "qwen3-8b": 8190735360}
