@@ -559,11 +559,22 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
                                              : "the GPU's free memory (" + fmt_gib(free_gib * kGiB) + " GiB, its " +
                                                    fmt_gib(kContextAtStartGiB * kGiB) + " GiB context included, less a " +
                                                    fmt_gib(kFreeMarginGiB * kGiB) + " GiB margin)";
+  // The block weights streamed from the host are not a rung yet (not measured on a GPU): named where they would fit.
+  std::string streamed;
+  if (!r.weights_on_host && !in.sharded && in.cuda && d.plan.checkpointing && d.budget_gib >= 0) {
+    ExecPlan lean = d.plan;
+    lean.weights_on_host = true;
+    lean.blocks_without_checkpointing = 0;
+    const double need = predict_footprint(in, lean).total();
+    if (need <= d.budget_gib * kGiB)
+      streamed = ", or stream the block weights from the host (train.memory.weights \"host\": predicted " +
+                 fmt_gib(need) + " GiB; not yet measured on a GPU)";
+  }
   fail_at(ErrorKind::Config, file,
           "the run does not fit " + where + (r.gpu_memory_gib ? " GiB" : "") + ": its leanest plan (" + describe(d) + ") needs " +
               fmt_gib(d.footprint.total()) + " GiB. Lower train.micro_batch_size (now " +
               std::to_string(in.micro_batch) + ") or data.max_seq_len (now " + std::to_string(in.seq) +
-              "), or free train.memory's forced settings, or use a GPU with more memory");
+              "), or free train.memory's forced settings" + streamed + ", or use a GPU with more memory");
 }
 
 std::string describe(const Decision& d) {
