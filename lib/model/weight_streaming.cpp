@@ -8,27 +8,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 
 #include "lib/core/error.h"
 
 namespace qt {
-namespace {
-
-// The side stream of the copies to `device`: one per device for the process (the pool's streams are few and
-// reused; one of them taken once).
-c10::cuda::CUDAStream copy_stream(const at::Device& device) {
-  static std::mutex mutex;
-  static std::map<int, c10::cuda::CUDAStream> streams;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = streams.find(device.index());
-  if (it == streams.end())
-    it = streams.emplace(device.index(), c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device.index())).first;
-  return it->second;
-}
-
-}  // namespace
 
 StreamedWeights::StreamedWeights(LlamaModel& model) : model_(model), device_(model.device()) {
   if (!model.plan.checkpointing || model.plan.blocks_without_checkpointing > 0)
@@ -39,6 +22,7 @@ StreamedWeights::StreamedWeights(LlamaModel& model) : model_(model), device_(mod
     fail(ErrorKind::Config, "block weights streamed from the host (train.memory.weights \"host\") do not combine with "
                             "train.shard \"blocks\"");
   at::NoGradGuard no_grad;
+  if (device_.is_cuda()) side_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device_.index()).unwrap();
   units_.resize(model.layers.size());
   for (size_t i = 0; i < units_.size(); ++i) {
     int64_t bytes = 0;
@@ -73,7 +57,7 @@ void StreamedWeights::issue(Unit& u) {
   }
   c10::cuda::CUDAGuard guard(device_);
   const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device_.index());
-  const c10::cuda::CUDAStream side = copy_stream(device_);
+  const c10::cuda::CUDAStream side(c10::cuda::CUDAStream::UNCHECKED, *side_);
   // The buffers come from the compute stream's pool: the side stream starts after the compute stream's work so far
   // (memory the allocator hands out again may still be read there), and the buffers are marked as used by it.
   at::cuda::CUDAEvent before;

@@ -11,8 +11,10 @@
 // so checkpointing of every block is required (a block kept whole would need its weights in its backward pass,
 // which calls no hook). On the CPU the same code runs with host copies of the tensors.
 #include <ATen/core/Tensor.h>
+#include <c10/core/Stream.h>
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "lib/model/llama.h"
@@ -55,6 +57,7 @@ class StreamedWeights : public BlockHooks {
 
   LlamaModel& model_;
   at::Device device_;
+  std::optional<c10::Stream> side_;  // CUDA: the copies' stream (one of the pool's, taken at construction)
   std::vector<Unit> units_;
   int64_t block_bytes_ = 0;
   int64_t fetches_ = 0;
