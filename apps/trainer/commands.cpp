@@ -33,6 +33,9 @@
 #include "lib/train/evaluate.h"
 #include "lib/train/output_dir.h"
 #include "lib/train/run_config.h"
+#include "lib/train/train_stages.h"
+#include "lib/model/exec_plan.h"
+#include "lib/model/random_init.h"
 #include "lib/train/trainer.h"
 
 namespace qt::cli {
@@ -54,6 +57,49 @@ int run_config(const ConfigArgs& args) {
 }
 
 
+
+int run_plan(const PlanArgs& args) {
+  qt::RunConfig cfg;
+  if (args.config.empty()) {
+    qt::Json j = qt::Json::object();
+    for (const auto& o : args.overrides) qt::apply_override(j, o);
+    cfg = qt::RunConfig::from_json(j, "plan", /*complete=*/false);
+  } else {
+    cfg = qt::RunConfig::load(args.config, args.overrides, /*complete=*/false);
+  }
+  if (!args.shape.empty() && !args.model.empty()) qt::fail(qt::ErrorKind::Usage, "plan: --shape or --model, not both");
+  qt::LlamaConfig mc;
+  if (!args.shape.empty()) mc = qt::shape_config(args.shape, "--shape", "--shape");
+  else if (!args.model.empty()) mc = qt::LlamaConfig::from_file(qt::files::join(args.model, "config.json"));
+  else if (cfg.model.init == "random" && !cfg.model.shape.empty()) mc = qt::shape_config(cfg.model.shape, cfg.file, "model.shape");
+  else if (!cfg.model.path.empty()) mc = qt::LlamaConfig::from_file(qt::files::join(cfg.model.path, "config.json"));
+  else qt::fail(qt::ErrorKind::Usage, "plan: name the model (--shape, --model, or a --config with model.path or model.shape)");
+  if (args.world < 1) qt::fail(qt::ErrorKind::Usage, "plan: --world must be at least 1");
+  const int64_t per_rank = std::max<int64_t>(1, cfg.train.batch_size / args.world);
+  const int64_t micro = args.batch > 0 ? args.batch
+                        : args.config.empty() ? 1
+                        : cfg.train.micro_batch_size > 0 ? std::min(cfg.train.micro_batch_size, per_rank) : per_rank;
+  const int64_t seq = args.seq > 0                         ? args.seq
+                      : cfg.data.contains("max_seq_len") ? cfg.data["max_seq_len"].get<int64_t>()
+                                                         : 2048;
+  const c10::ScalarType dtype = qt::user_dtype(cfg.model.dtype).value_or(at::kBFloat16);  // auto: bf16 on CUDA
+  qt::PlanInputs in = qt::plan_inputs(cfg, mc, micro, seq, at::Device(at::kCUDA, 0), dtype, args.world, args.world);
+  if (args.host_gib > 0) in.host_bytes = static_cast<uint64_t>(args.host_gib * 1024 * 1024 * 1024) / static_cast<uint64_t>(args.world);
+  qt::PlanRequest request = cfg.train.memory;
+  if (args.gpu_memory_gib > 0) request.gpu_memory_gib = args.gpu_memory_gib;
+  const double free_gib = at::hasCUDA() ? qt::device_free_gib(true, 0) : -1;
+  if (!request.gpu_memory_gib && free_gib < 0)
+    qt::fail(qt::ErrorKind::Usage, "plan: no GPU here to read the free memory of: give --gpu-memory-gib (or "
+                                   "train.memory.gpu_memory_gib)");
+  const qt::Decision d = qt::decide_plan(in, request, free_gib);
+  std::cerr << "plan: " << qt::describe(d) << std::endl;
+  qt::Json out = qt::to_json(d);
+  out["model"] = !args.shape.empty() ? args.shape : !args.model.empty() ? args.model : cfg.model.path.empty() ? cfg.model.shape : cfg.model.path;
+  out["micro_batch"] = micro;
+  out["seq"] = seq;
+  std::cout << out.dump() << std::endl;
+  return 0;
+}
 
 at::Device parse_device(const std::string& name) {
   if (name == "cpu") return at::kCPU;

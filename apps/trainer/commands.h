@@ -67,6 +67,21 @@ struct ConfigArgs {
   bool print = false;
 };
 
+// `plan`: the execution plan training would take for a model, row shape and GPU memory budget, decided on this
+// machine (no GPU needed): what is checkpointed, offloaded, kept, where the embeddings, lm_head, AdamW and the
+// block weights live, the predicted device memory and step time (an H200's rates), or the refusal.
+struct PlanArgs {
+  std::string config;  // a run config: its model, lora, data.max_seq_len, train.batch sizes and train.memory
+  std::vector<std::string> overrides;
+  std::string shape;   // a named shape (instead of the config's model)
+  std::string model;   // a model directory (its config.json)
+  int64_t batch = 0;   // rows per micro-batch (0: the config's micro-batch, else 1)
+  int64_t seq = 0;     // tokens per row (0: the config's data.max_seq_len)
+  double gpu_memory_gib = 0;  // the budget (0: the config's, else this machine's GPU's free memory)
+  double host_gib = 0;        // the host's memory (0: this machine's)
+  int world = 1;              // ranks (data parallel, or FullyShard with train.shard "blocks")
+};
+
 struct QuantizeArgs {
   std::string model;
   std::string out;
@@ -82,5 +97,6 @@ int run_export(const ExportArgs& args);
 int run_generate(const GenerateArgs& args);
 int run_quantize(const QuantizeArgs& args);
 int run_config(const ConfigArgs& args);
+int run_plan(const PlanArgs& args);
 
 }  // namespace qt::cli

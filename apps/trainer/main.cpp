@@ -204,6 +204,19 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--out", bench.out, "working directory (random data, run config, the run)")->required();
   bench_cmd->add_option("--set", bench.overrides, "override a run config key: --set train.attention=flash (repeatable)");
 
+  PlanArgs plan_args;
+  CLI::App* plan_cmd = app.add_subcommand("plan", "Print the execution plan training would take for a GPU memory budget (no GPU needed): what is checkpointed, offloaded, kept on the host, the predicted device memory and step time, or why it does not fit");
+  plan_cmd->add_option("--config", plan_args.config, "run config (JSON): its model, lora, data.max_seq_len, batch sizes and train.memory");
+  plan_cmd->add_option("--set", plan_args.overrides, "override a run config key: --set lora.r=64 (repeatable)");
+  plan_cmd->add_option("--shape", plan_args.shape, "a named shape: llama-3.1-8b, qwen3-8b, ... (instead of the config's model)");
+  plan_cmd->add_option("--model", plan_args.model, "a model directory whose config.json gives the shape");
+  plan_cmd->add_option("--batch", plan_args.batch, "rows per micro-batch (default: the config's, else 1)")->check(CLI::PositiveNumber);
+  plan_cmd->add_option("--seq", plan_args.seq, "tokens per row (default: the config's data.max_seq_len)")->check(CLI::PositiveNumber);
+  plan_cmd->add_option("--gpu-memory-gib", plan_args.gpu_memory_gib, "the GPU memory budget in GiB (default: train.memory.gpu_memory_gib, else this machine's free GPU memory)")
+      ->check(CLI::PositiveNumber);
+  plan_cmd->add_option("--host-gib", plan_args.host_gib, "the host's memory in GiB (default: this machine's)")->check(CLI::PositiveNumber);
+  plan_cmd->add_option("--world", plan_args.world, "ranks on the host")->check(CLI::PositiveNumber);
+
   ConfigArgs config_args;
   CLI::App* config_cmd = app.add_subcommand("config", "Print the resolved run config, every default included");
   config_cmd->add_flag("--print", config_args.print, "print the config as training reads it (JSON) on stdout");
@@ -235,6 +248,7 @@ int main(int argc, char** argv) {
     }
     if (quantize_cmd->parsed()) return run_quantize(quantize);
     if (config_cmd->parsed()) return run_config(config_args);
+    if (plan_cmd->parsed()) return run_plan(plan_args);
     if (export_cmd->parsed()) return run_export(exp);
     if (gen_cmd->parsed()) return run_generate(gen);
     if (bench_cmd->parsed()) {

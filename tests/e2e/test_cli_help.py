@@ -21,7 +21,8 @@ def main():
                                          "--format", "=text", "--log-level"]),
                          (["export"], ["--dtype", "=auto", "--quant", "=nf4", "--log-level"]),
                          (["bench"], ["--steps", "--log-level"]),
-                         (["config"], ["--print", "--config", "--log-level"])]:
+                         (["config"], ["--print", "--config", "--log-level"]),
+                         (["plan"], ["--gpu-memory-gib", "--shape", "--host-gib", "--log-level"])]:
         p = run(*cmd, "--help")
         missing = [n for n in needles if n not in p.stdout]
         check(p.returncode == 0 and not missing, f"`{' '.join(cmd + ['--help'])}` shows the defaults: missing {missing}")

@@ -1,0 +1,61 @@
+"""`qlora-train plan`: the execution plan training would take for a GPU memory budget, decided without a GPU (issue
+26: the budget is the input). Named shapes at several budgets: the plan and its predicted device memory within the
+budget, leaner plans for smaller budgets and never a faster predicted step for less memory, no checkpointing where
+the budget holds it; a model that cannot fit is refused (exit 3) with the figure and, for 70B, the streamed block
+weights named; a run config's lora.r counts; no budget on a machine without a GPU is a usage error naming the flag."""
+import json, os, pathlib, subprocess, sys, tempfile
+
+from checks import check, finish
+BIN = os.environ["QT_BINARY"]
+TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_plan_"))
+
+
+def plan(*args):
+    p = subprocess.run([BIN, "plan", *map(str, args)], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return p, (json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else None)
+
+
+def main():
+    decided = []
+    for budget in (8, 12, 16, 24, 80):
+        p, d = plan("--shape", "llama-3.1-8b", "--batch", 2, "--seq", 2048, "--gpu-memory-gib", budget, "--host-gib", 256)
+        check(p.returncode == 0 and d is not None and d["predicted_gib"]["total"] <= budget and d["budget_gib"] == budget,
+              f"8B 2 x 2048 at {budget} GiB: a plan within the budget ({d and d['predicted_gib']['total']} GiB) "
+              f"{p.stderr.strip()[-300:] if p.returncode else ''}")
+        check("plan: " in p.stderr, f"the plan's line on stderr at {budget} GiB")
+        if d:
+            decided.append((budget, d))
+    if len(decided) == 5:
+        steps = [d["predicted_step_s"]["total"] for _, d in decided]
+        check(all(a >= b for a, b in zip(steps, steps[1:])), f"more memory never a slower predicted step: {steps}")
+        check(decided[0][1]["checkpointing"] and decided[0][1]["embeddings"] == "host",
+              "8 GiB: checkpointing, the embeddings on the host")
+        check(not decided[-1][1]["checkpointing"] and not decided[3][1]["checkpointing"],
+              "24 and 80 GiB: no checkpointing (the whole model's activations fit)")
+        check(0 < decided[2][1]["blocks_without_checkpointing"] < 32, "16 GiB: some of the last blocks without checkpointing")
+
+    p, _ = plan("--shape", "llama-3.1-70b", "--seq", 8192, "--gpu-memory-gib", 24)
+    check(p.returncode == 3 and "does not fit" in p.stderr and 'train.memory.weights "host"' in p.stderr,
+          f"70B 1 x 8192 at 24 GiB is refused, naming the streamed block weights: {p.stderr.strip()[-400:]}")
+    p, d = plan("--shape", "llama-3.1-70b", "--seq", 8192, "--gpu-memory-gib", 24, "--set", "train.memory.weights=host")
+    check(p.returncode == 0 and d and d["weights"] == "host" and d["predicted_gib"]["total"] <= 24,
+          f"... and planned with them streamed ({d and d['predicted_gib']['total']} GiB)")
+
+    cfg = TMP / "run.json"
+    cfg.write_text(json.dumps({"model": {"init": "random", "shape": "llama-3.2-1b"}, "lora": {"r": 64},
+                               "data": {"max_seq_len": 4096}, "train": {"batch_size": 8, "micro_batch_size": 2}}))
+    p16, d16 = plan("--shape", "llama-3.2-1b", "--batch", 2, "--seq", 4096, "--gpu-memory-gib", 40)
+    p64, d64 = plan("--config", cfg, "--gpu-memory-gib", 40)
+    check(p64.returncode == 0 and d64 and d64["micro_batch"] == 2 and d64["seq"] == 4096 and d16 and
+          abs(d64["predicted_gib"]["trainable_and_optimizer"] - 4 * d16["predicted_gib"]["trainable_and_optimizer"]) < 0.01,
+          "a run config's micro-batch, max_seq_len and lora.r (64: four times r 16's trainable bytes) count")
+
+    import shutil
+    if shutil.which("nvidia-smi") is None:
+        p, _ = plan("--shape", "llama-3.1-8b")
+        check(p.returncode != 0 and "--gpu-memory-gib" in p.stderr, f"no budget and no GPU: {p.stderr.strip()[-200:]}")
+    finish("plan command checks")
+
+
+if __name__ == "__main__":
+    main()
