@@ -42,16 +42,21 @@ namespace qt::cli {
 
 // `config --print`: the run config as training would read it, every default included (the same JSON as
 // output_dir/config.resolved.json); without --config, the defaults, with the keys a run must give null.
+namespace {
+// The run config `file` with `overrides` applied, or without a file the defaults and the overrides (`label` names
+// them in errors; required keys may be absent there). complete: a file must have its required keys.
+qt::RunConfig config_or_defaults(const std::string& file, const std::vector<std::string>& overrides,
+                                 const std::string& label, bool complete) {
+  if (!file.empty()) return qt::RunConfig::load(file, overrides, complete);
+  qt::Json j = qt::Json::object();
+  for (const auto& o : overrides) qt::apply_override(j, o);
+  return qt::RunConfig::from_json(j, label, /*complete=*/false);
+}
+}  // namespace
+
 int run_config(const ConfigArgs& args) {
   if (!args.print) qt::fail(qt::ErrorKind::Usage, "config: pass --print (the resolved config on stdout)");
-  qt::RunConfig config;
-  if (args.config.empty()) {
-    qt::Json j = qt::Json::object();
-    for (const auto& o : args.overrides) qt::apply_override(j, o);
-    config = qt::RunConfig::from_json(j, "--set", /*complete=*/false);
-  } else {
-    config = qt::RunConfig::load(args.config, args.overrides);
-  }
+  const qt::RunConfig config = config_or_defaults(args.config, args.overrides, "--set", /*complete=*/true);
   std::cout << config.to_json().dump(2) << std::endl;
   return 0;
 }
@@ -59,14 +64,7 @@ int run_config(const ConfigArgs& args) {
 
 
 int run_plan(const PlanArgs& args) {
-  qt::RunConfig cfg;
-  if (args.config.empty()) {
-    qt::Json j = qt::Json::object();
-    for (const auto& o : args.overrides) qt::apply_override(j, o);
-    cfg = qt::RunConfig::from_json(j, "plan", /*complete=*/false);
-  } else {
-    cfg = qt::RunConfig::load(args.config, args.overrides, /*complete=*/false);
-  }
+  const qt::RunConfig cfg = config_or_defaults(args.config, args.overrides, "plan", /*complete=*/false);
   if (!args.shape.empty() && !args.model.empty()) qt::fail(qt::ErrorKind::Usage, "plan: --shape or --model, not both");
   qt::LlamaConfig mc;
   if (!args.shape.empty()) mc = qt::shape_config(args.shape, "--shape", "--shape");
