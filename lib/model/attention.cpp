@@ -68,14 +68,10 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
   // [B, S, heads, hd] throughout: the projections' layout, which flash attention takes as it is.
   at::Tensor q, k, v;
   AttentionStash* stash = pass.stash;  // a checkpointed block's under the keep ladder
-  bool fused_qkv = false;
-  at::Tensor projected;  // the fused projection's output, kept by keep_qkv where q / k norms come before RoPE
+  at::Tensor projected;  // the fused q / k / v projection's output (undefined: the per-linear path ran)
   // Qwen3's q / k norms sit between the projection and RoPE: rope_qkv_norm applies them with the rotation.
   const bool qk_norm = b.q_norm.defined();
   const QkNorm norm{b.q_norm, b.k_norm, config.rms_norm_eps};
-  auto rotate = [&](const at::Tensor& qkv) {
-    return qk_norm ? rope_qkv_norm(qkv, cos, sin, Hq, Hkv, norm) : rope_qkv(qkv, cos, sin, Hq, Hkv);
-  };
   if (stash && stash->replay && (qk_norm ? stash->qkv.defined() : stash->q.defined())) {
     // keep_qkv's recomputation: the projection's node for the backward pass without its output, the rotated q,
     // k, v of the forward pass in place of RoPE's (or, with q / k norms, the kept projection output renormed and
@@ -90,9 +86,8 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
   }
   if (!q.defined()) {
     if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x, pass); qkv.defined()) {
-      auto rotated = rotate(qkv);
+      auto rotated = qk_norm ? rope_qkv_norm(qkv, cos, sin, Hq, Hkv, norm) : rope_qkv(qkv, cos, sin, Hq, Hkv);
       q = rotated[0], k = rotated[1], v = rotated[2];
-      fused_qkv = true;
       projected = qkv;
     } else {
       q = b.q_proj.forward(x, pass).view({B, S, Hq, hd});
@@ -117,7 +112,8 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
     const at::Tensor& dense = mask.dense;
     const bool cudnn = plan.attention == AttentionKernel::Cudnn && q.is_cuda() && cudnn_admits(B, S);
     if (stash && !dense.defined() && causal_attention_supported(q.transpose(1, 2))) {
-      if (!stash->replay && stash->keep_qkv && fused_qkv) {
+      if (!stash->replay && stash->keep_qkv && projected.defined()) {
+        // With q / k norms the projection output is kept (renormed and rotated in the recomputation).
         if (qk_norm) stash->qkv = projected;
         else stash->q = q, stash->k = k, stash->v = v;
       }
