@@ -373,7 +373,7 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
     const double per_weight = in.nf4 ? 0.5 + 1.0 / 64 + 4.0 / (64 * 256) : e;
     const double copy = (block_params * per_weight + 2 * H * e) / kPcieBytesPerS;
     const double block_fwd = 2 * T * block_params / kMatrixFlopsPerS + width_s / 3;
-    const double block_bwd = 2 * block_fwd + block_fwd;  // its recomputation and backward pass
+    const double block_bwd = 3 * block_fwd;  // its recomputation (one forward) and backward pass (two)
     t.terms.emplace_back("weights_streamed",
                          (L - 1) * (std::max(0.0, copy - block_fwd) + std::max(0.0, copy - block_bwd)) + 2 * copy);
   }
