@@ -7,18 +7,6 @@
 namespace qt::kernels {
 namespace {
 
-// Elements j..j+7 of a row and their partners in the second half (the rotation's pairs), through fp32.
-template <typename T>
-__device__ __forceinline__ void load_pairs(const T* row, int64_t j, int64_t half, float a[kVec], float b[kVec]) {
-  load8(row + j, a);
-  load8(row + half + j, b);
-}
-template <typename T>
-__device__ __forceinline__ void store_pairs(T* row, int64_t j, int64_t half, const float a[kVec], const float b[kVec]) {
-  store8(row + j, a);
-  store8(row + half + j, b);
-}
-
 // One thread: 8 consecutive elements of the first half of one (token, head) row and their 8 partners in the
 // second half.
 template <typename T>
@@ -37,9 +25,12 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x,
     const T* cr = cos + token * D;
     const T* sr = sin + token * D;
     float x1[kVec], x2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec], y1[kVec], y2[kVec];
-    load_pairs(xr, j, half, x1, x2);
-    load_pairs(cr, j, half, c1, c2);
-    load_pairs(sr, j, half, s1, s2);
+    load8(xr + j, x1);
+    load8(xr + half + j, x2);
+    load8(cr + j, c1);
+    load8(cr + half + j, c2);
+    load8(sr + j, s1);
+    load8(sr + half + j, s2);
     if (!inverse) {
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
@@ -54,33 +45,9 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x,
       }
     }
     T* yr = y + token * y_ld + head * D;
-    store_pairs(yr, j, half, y1, y2);
+    store8(yr + j, y1);
+    store8(yr + half + j, y2);
   }
-}
-
-// A thread's 8 pairs of the norm weight, cos and sin (elements j.. and j + D/2.. of token `token`'s rows).
-struct Rotation {
-  float w1[kVec], w2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec];
-};
-template <typename T>
-__device__ __forceinline__ void load_rotation(const T* w, const T* cos, const T* sin, int64_t token, int64_t D,
-                                              int64_t j, Rotation& r) {
-  const int64_t half = D / 2;
-  load_pairs(w, j, half, r.w1, r.w2);
-  load_pairs(cos + token * D, j, half, r.c1, r.c2);
-  load_pairs(sin + token * D, j, half, r.s1, r.s2);
-}
-
-// Where thread i works in the norm kernels' rounds: its (token, head) row and first element j; lanes past the
-// end (active false) take part in the shuffles with zeros.
-struct Lane {
-  bool active;
-  int64_t token, head, j;
-};
-__device__ __forceinline__ Lane lane_of(int64_t i, int64_t total, int per_row, int64_t heads) {
-  const bool active = i < total;
-  const int64_t row = active ? i / per_row : 0;
-  return {active, row / heads, row % heads, active ? (i % per_row) * kVec : 0};
 }
 
 // Threads of one (token, head) row: D / 16, consecutive lanes of one warp (D / 16 a power of two up to 32).
@@ -101,30 +68,37 @@ __global__ void __launch_bounds__(kThreads) rope_norm_kernel(const T* __restrict
   // Every lane of a warp runs each round (the shuffles), lanes past the end with zeros.
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads; base < total;
        base += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Lane l = lane_of(base + threadIdx.x, total, per_row, heads);
-    const bool active = l.active;
-    const int64_t token = l.token, head = l.head, j = l.j;
+    const int64_t i = base + threadIdx.x;
+    const bool active = i < total;
+    const int64_t row = active ? i / per_row : 0, j = active ? (i % per_row) * kVec : 0;
+    const int64_t token = row / heads, head = row - token * heads;
     const T* xr = x + token * x_ld + head * D;
     float x1[kVec] = {}, x2[kVec] = {};
     if (active) {
-      load_pairs(xr, j, half, x1, x2);
+      load8(xr + j, x1);
+      load8(xr + half + j, x2);
     }
     float ss = 0;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) ss += x1[k] * x1[k] + x2[k] * x2[k];
     const float r = rsqrtf(row_sum(ss, per_row) / static_cast<float>(D) + eps);
     if (!active) continue;
-    Rotation q;
-    float y1[kVec], y2[kVec];
-    load_rotation(w, cos, sin, token, D, j, q);
+    float w1[kVec], w2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec], y1[kVec], y2[kVec];
+    load8(w + j, w1);
+    load8(w + half + j, w2);
+    load8(cos + token * D + j, c1);
+    load8(cos + token * D + half + j, c2);
+    load8(sin + token * D + j, s1);
+    load8(sin + token * D + half + j, s2);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      const float n1 = round_t<T>(q.w1[k] * round_t<T>(x1[k] * r)), n2 = round_t<T>(q.w2[k] * round_t<T>(x2[k] * r));
-      y1[k] = round_t<T>(n1 * q.c1[k]) + round_t<T>(-n2 * q.s1[k]);
-      y2[k] = round_t<T>(n2 * q.c2[k]) + round_t<T>(n1 * q.s2[k]);
+      const float n1 = round_t<T>(w1[k] * round_t<T>(x1[k] * r)), n2 = round_t<T>(w2[k] * round_t<T>(x2[k] * r));
+      y1[k] = round_t<T>(n1 * c1[k]) + round_t<T>(-n2 * s1[k]);
+      y2[k] = round_t<T>(n2 * c2[k]) + round_t<T>(n1 * s2[k]);
     }
     T* yr = y + token * y_ld + head * D;
-    store_pairs(yr, j, half, y1, y2);
+    store8(yr + j, y1);
+    store8(yr + half + j, y2);
   }
 }
 
@@ -139,20 +113,29 @@ __global__ void __launch_bounds__(kThreads) rope_norm_backward_kernel(
   const int64_t half = D / 2, total = tokens * heads * per_row;
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads; base < total;
        base += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const Lane l = lane_of(base + threadIdx.x, total, per_row, heads);
-    const bool active = l.active;
-    const int64_t token = l.token, head = l.head, j = l.j;
+    const int64_t i = base + threadIdx.x;
+    const bool active = i < total;
+    const int64_t row = active ? i / per_row : 0, j = active ? (i % per_row) * kVec : 0;
+    const int64_t token = row / heads, head = row - token * heads;
     float x1[kVec] = {}, x2[kVec] = {}, g1[kVec] = {}, g2[kVec] = {};
     if (active) {
-      float d1[kVec], d2[kVec];
-      Rotation q;
-      load_pairs(x + token * x_ld + head * D, j, half, x1, x2);
-      load_pairs(dy + token * dy_ld + head * D, j, half, d1, d2);
-      load_rotation(w, cos, sin, token, D, j, q);
+      float d1[kVec], d2[kVec], w1[kVec], w2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec];
+      const T* xr = x + token * x_ld + head * D;
+      const T* dr = dy + token * dy_ld + head * D;
+      load8(xr + j, x1);
+      load8(xr + half + j, x2);
+      load8(dr + j, d1);
+      load8(dr + half + j, d2);
+      load8(w + j, w1);
+      load8(w + half + j, w2);
+      load8(cos + token * D + j, c1);
+      load8(cos + token * D + half + j, c2);
+      load8(sin + token * D + j, s1);
+      load8(sin + token * D + half + j, s2);
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        g1[k] = (d1[k] * q.c1[k] + d2[k] * q.s2[k]) * q.w1[k];
-        g2[k] = (d2[k] * q.c2[k] - d1[k] * q.s1[k]) * q.w2[k];
+        g1[k] = (d1[k] * c1[k] + d2[k] * s2[k]) * w1[k];
+        g2[k] = (d2[k] * c2[k] - d1[k] * s1[k]) * w2[k];
       }
     }
     float ss = 0, dot = 0;
@@ -170,7 +153,8 @@ __global__ void __launch_bounds__(kThreads) rope_norm_backward_kernel(
       g2[k] = r * (g2[k] - x2[k] * r * mean);
     }
     T* dr = dx + token * dx_ld + head * D;
-    store_pairs(dr, j, half, g1, g2);
+    store8(dr + j, g1);
+    store8(dr + half + j, g2);
   }
 }
 
