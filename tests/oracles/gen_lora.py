@@ -153,6 +153,7 @@ def generate(out: pathlib.Path):
     # draws above stay as they were.
     write_cases(root, make_base(root, "base_qwen2", arch="qwen2", tie_word_embeddings=True, use_sliding_window=False),
                 {"qwen2_all": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=False)}, ids, labels)
-    # Qwen3 (q / k norms before RoPE, head_dim 24 given, untied).
-    write_cases(root, make_base(root, "base_qwen3", arch="qwen3", head_dim=24, use_sliding_window=False),
+    # Qwen3 (q / k norms before RoPE, head_dim 32 given (not hidden / heads = 16), untied; 32: a width the fused q / k
+    # norm + RoPE kernel takes, so that the model's CUDA path runs it).
+    write_cases(root, make_base(root, "base_qwen3", arch="qwen3", head_dim=32, use_sliding_window=False),
                 {"qwen3_all": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=False)}, ids, labels)
