@@ -1223,30 +1223,38 @@ TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds, L
 
 namespace {
 // The fixture model under checkpointing with its block weights streamed from the host (StreamedWeights) against
-// the same model with them in place: the same loss and LoRA gradients bit for bit; no block's weights on the
-// device once the step is done, each block fetched once for its forward pass and once for its recomputation, the
-// slots holding the host copies in between.
-void check_streamed_weights(const at::Device& device, c10::ScalarType dtype) {
-  INFO(device << " " << c10::toString(dtype));
+// the same model with them in place: the same loss and LoRA gradients bit for bit; no streamed block's weights on
+// the device once the step is done, each streamed block fetched once for its forward pass and once for its
+// recomputation, the slots holding the host copies in between; the resident blocks' on the device throughout.
+// `streamed`: how many blocks stream (< 0: all).
+void check_streamed_weights(const at::Device& device, c10::ScalarType dtype, int64_t streamed = -1) {
+  INFO(device << " " << c10::toString(dtype) << ", streamed blocks " << streamed);
   auto checkpointed = [](qt::LlamaModel& m) { m.plan.checkpointing = true; };
   const std::vector<at::Tensor> kept = fixture_loss_and_grads(checkpointed, device, dtype);
-  std::unique_ptr<qt::StreamedWeights> streamed;
+  std::unique_ptr<qt::StreamedWeights> streamed_weights;
   int64_t layers = 0;
   const std::vector<at::Tensor> fetched = fixture_loss_and_grads(
       [&](qt::LlamaModel& m) {
         checkpointed(m);
         layers = m.config.num_hidden_layers;
-        streamed = std::make_unique<qt::StreamedWeights>(m);
-        CHECK(streamed->block_bytes() > 0);
-        CHECK(streamed->blocks_on_device() == 0);
-        if (device.is_cuda()) CHECK(m.layers[0].q_proj.nf4->data.packed.is_pinned());
+        streamed_weights = std::make_unique<qt::StreamedWeights>(m, streamed);
+        CHECK(streamed_weights->block_bytes() > 0);
+        CHECK(streamed_weights->blocks_on_device() == 0);
+        CHECK(streamed_weights->streamed_blocks() == (streamed < 0 ? layers : streamed));
+        if (device.is_cuda()) CHECK(m.layers[layers - 1].q_proj.nf4->data.packed.is_pinned());  // the last streams
       },
       device, dtype,
       [&](qt::LlamaModel& m) {
-        CHECK(streamed->blocks_on_device() == 0);
-        CHECK(streamed->fetches() == 2 * layers);
+        const int64_t n = streamed < 0 ? layers : streamed;
+        CHECK(streamed_weights->blocks_on_device() == 0);
+        CHECK(streamed_weights->fetches() == 2 * n);
         CHECK(m.layers[layers - 1].down_proj.nf4->data.packed.device().is_cpu());
-        streamed.reset();  // before the model goes
+        for (int64_t i = 0; i < layers; ++i)
+          if (!qt::streamed_block(i, n, layers)) {
+            INFO("resident block " << i);
+            CHECK(m.layers[i].down_proj.nf4->data.packed.device() == device);
+          }
+        streamed_weights.reset();  // before the model goes
       });
   REQUIRE(kept.size() == fetched.size());
   CHECK(kept.size() > 10);
@@ -1258,10 +1266,11 @@ void check_streamed_weights(const at::Device& device, c10::ScalarType dtype) {
 }
 }  // namespace
 
-TEST_CASE("block weights streamed from the host give the loss and LoRA gradients of weights in place, bit for bit; "
-          "without checkpointing they are refused",
+TEST_CASE("block weights streamed from the host, all blocks or some, give the loss and LoRA gradients of weights in "
+          "place, bit for bit; without checkpointing they are refused",
           "[lora]") {
   check_streamed_weights(at::kCPU, at::kFloat);
+  check_streamed_weights(at::kCPU, at::kFloat, 1);
   fixture_loss_and_grads([](qt::LlamaModel& m) {
     m.plan.checkpointing = false;
     CHECK(qt::test::has(error_of([&] { qt::StreamedWeights s(m); }), "checkpointed"));
@@ -1277,4 +1286,5 @@ TEST_CASE("block weights streamed from pinned host memory on CUDA (fetched a blo
           "[lora][gpu]") {
   REQUIRE(at::hasCUDA());
   check_streamed_weights(at::Device(at::kCUDA, 0), at::kBFloat16);
+  check_streamed_weights(at::Device(at::kCUDA, 0), at::kBFloat16, 1);
 }

@@ -42,6 +42,16 @@ int64_t keep_width(const LlamaConfig& c, KeepLevel k) {  // elements per token a
 
 // Whether keeping to `level` fits half of this rank's host memory when offloaded (the pinned pool holds every
 // layer's kept tensors at once).
+// The pinned host bytes of one block's frozen weights (NF4 codes and statistics, or the 16-bit base; its norms).
+double block_host_bytes(const PlanInputs& in) {
+  const LlamaConfig& c = in.model;
+  const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
+  const double q = static_cast<double>(c.q_size()), kv = static_cast<double>(c.kv_size());
+  const double e = static_cast<double>(in.element_size);
+  const double per_weight = in.nf4 ? 0.5 + 1.0 / 64 + 4.0 / (64 * 256) : e;
+  return (H * q + 2 * H * kv + q * H + 3 * H * I) * per_weight + 2 * H * e;
+}
+
 bool host_holds(const PlanInputs& in, KeepLevel level) {
   const double per_layer = static_cast<double>(in.element_size) * static_cast<double>(in.micro_batch * in.seq) *
                            static_cast<double>(in.model.hidden_size + keep_width(in.model, level));
@@ -72,7 +82,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   if (!json.is_object()) fail_key(ErrorKind::Config, file, "train.memory", "must be a JSON object");
   reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "blocks_without_checkpointing", "offload", "keep",
                              "keep_dequantized", "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings",
-                             "lm_head", "optimizer", "weights"},
+                             "lm_head", "optimizer", "weights", "streamed_blocks"},
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
@@ -87,6 +97,13 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
       fail_key(ErrorKind::Config, file, at + "blocks_without_checkpointing",
                "must be \"auto\" or a number of blocks >= 0 (got " + v.dump() + ")");
     r.blocks_without_checkpointing = v.get<int64_t>();
+  }
+  if (json.contains("streamed_blocks") && json["streamed_blocks"] != "auto") {
+    const Json& v = json["streamed_blocks"];
+    if (!v.is_number_integer() || v.get<int64_t>() < 0)
+      fail_key(ErrorKind::Config, file, at + "streamed_blocks",
+               "must be \"auto\" or a number of blocks >= 0 whose weights stream from the host (got " + v.dump() + ")");
+    r.streamed_blocks = v.get<int64_t>();
   }
   if (json.contains("offload")) r.offload = tri(json["offload"], file, at + "offload");
   if (json.contains("keep_dequantized")) r.keep_dequantized = tri(json["keep_dequantized"], file, at + "keep_dequantized");
@@ -150,7 +167,14 @@ Json PlanRequest::to_json() const {
               {"embeddings", place(embeddings_on_host)},
               {"lm_head", place(lm_head_on_host)},
               {"optimizer", place(optimizer_on_host)},
-              {"weights", place(weights_on_host)}};
+              {"weights", place(weights_on_host)},
+              {"streamed_blocks", streamed_blocks ? Json(*streamed_blocks) : Json("auto")}};
+}
+
+bool streamed_block(int64_t layer, int64_t streamed, int64_t layers) {
+  if (streamed <= 0 || layers <= 0) return false;
+  if (streamed >= layers) return true;
+  return (layer + 1) * streamed / layers > layer * streamed / layers;
 }
 
 double Footprint::total() const {
@@ -180,8 +204,9 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   const double shard = in.sharded ? 1.0 / std::max(1, in.world) : 1.0;
   Footprint f;
   f.terms.emplace_back("context_and_libraries", in.cuda ? kContextBytes : 0.0);
-  // Streamed from the host: the block running and the one fetched ahead.
-  const double blocks_held = p.weights_on_host ? std::min(2.0, L) : L;
+  // Streamed from the host: of those, the block running and the one fetched ahead; the others stay.
+  const double streamed = static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers));
+  const double blocks_held = L - streamed + std::min(2.0, streamed);
   f.terms.emplace_back("base_weights", blocks_held * (block_params * per_weight * shard + 2 * H * e) + H * e);
   f.terms.emplace_back("embeddings", p.embeddings_on_host ? 0.0 : V * H * e);
   f.terms.emplace_back("lm_head", tied || p.lm_head_on_host ? 0.0 : V * H * e);
@@ -299,6 +324,15 @@ constexpr double kPartialShortfall = 0.48;
 // parameter, gradient and two moments and writes three of them, 28 bytes an element, 1.2 GB a step: the other 66 ms
 // are about 18 GB/s of host memory traffic (not separated here from the wait for the copies).
 constexpr double kHostAdamwElemsPerS = 6.4e8;
+// Block weights streamed from the host (lib/model/weight_streaming): the copies' rate and a cost per fetch, fitted
+// on the two rows measured on an H200 (2026-12-04, session 4, call 1; every block streamed, docs/PERFORMANCE.md,
+// "Weights streamed from the host"): 70B 1 x 2048 ran 1.601 s a step against 1.282 s predicted without streaming
+// (0.319 s for 160 fetches of 441 MB, which its forward pass of 5.2 ms a block cannot hide), 8B 2 x 2048 0.3414 s
+// against 0.313 s (28 ms for 64 fetches of 113 MB that its 3.0 ms blocks would hide): 53 GB/s and 0.36 ms a fetch
+// (the allocation, the events and the copy engine's start, and the copies' share of PCIe with the offloaded block
+// inputs). Two rows, two constants: the next rows to check them on are 70B 1 x 8192 and partial streaming.
+constexpr double kStreamBytesPerS = 53e9;
+constexpr double kStreamFetchS = 0.36e-3;
 // The share of the budget left free by plans that keep whole blocks' activations (see decide_plan).
 constexpr double kSpeedHeadroom = 0.05;
 
@@ -367,15 +401,19 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
       t.terms.emplace_back("partial_checkpointing", kPartialShortfall * whole * recompute);
   }
   if (p.embeddings_on_host && in.cuda) t.terms.emplace_back("embeddings_on_host", T * H * e / kHostRowsBytesPerS);
-  // Block weights streamed from the host: each block's bytes over PCIe before its forward pass and again before its
-  // recomputation, behind the block before it (what its compute does not cover shows), the first of each pass not.
-  if (p.weights_on_host && in.cuda) {
+  // Block weights streamed from the host: each streamed block's bytes over PCIe before its forward pass and again
+  // before its recomputation, behind the blocks since the streamed one before it (L / streamed of them; what their
+  // compute does not cover shows), the first of each pass behind nothing; and a cost per fetch.
+  if (p.streamed_blocks > 0 && in.cuda) {
+    const double streamed = static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers));
     const double per_weight = in.nf4 ? 0.5 + 1.0 / 64 + 4.0 / (64 * 256) : e;
-    const double copy = (block_params * per_weight + 2 * H * e) / kPcieBytesPerS;
+    const double copy = (block_params * per_weight + 2 * H * e) / kStreamBytesPerS;
+    const double behind = L / streamed;  // blocks of compute each fetch hides behind
     const double block_fwd = 2 * T * block_params / kMatrixFlopsPerS + width_s / 3;
     const double block_bwd = 3 * block_fwd;  // its recomputation (one forward) and backward pass (two)
-    t.terms.emplace_back("weights_streamed",
-                         (L - 1) * (std::max(0.0, copy - block_fwd) + std::max(0.0, copy - block_bwd)) + 2 * copy);
+    t.terms.emplace_back("weights_streamed", (streamed - 1) * (std::max(0.0, copy - behind * block_fwd) +
+                                                               std::max(0.0, copy - behind * block_bwd)) +
+                                                 2 * copy + 2 * streamed * kStreamFetchS);
   }
   if (p.optimizer_on_host && in.cuda) {
     const double trained = static_cast<double>(in.lora_params + in.full_params);
@@ -431,28 +469,44 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   if ((r.embeddings_on_host.value_or(false) || r.lm_head_on_host.value_or(false)) && in.sharded)
     fail_key(ErrorKind::Config, file, m + "embeddings", "\"host\" is not available with train.shard \"blocks\"");
 
-  if (r.weights_on_host.value_or(false)) {
+  const int64_t L = in.model.num_hidden_layers;
+  // Block weights streamed: "host" streams every block unless streamed_blocks names how many; "device" none.
+  std::optional<int64_t> stream_forced;
+  if (r.streamed_blocks) {
+    if (*r.streamed_blocks > L)
+      fail_key(ErrorKind::Config, file, m + "streamed_blocks",
+               "is " + std::to_string(*r.streamed_blocks) + ", the model has " + std::to_string(L) + " blocks");
+    if (*r.streamed_blocks > 0 && r.weights_on_host == std::optional<bool>(false))
+      fail_key(ErrorKind::Config, file, m + "streamed_blocks",
+               "is " + std::to_string(*r.streamed_blocks) + " but train.memory.weights is \"device\"");
+    stream_forced = *r.streamed_blocks;
+  } else if (r.weights_on_host) {
+    stream_forced = *r.weights_on_host ? L : 0;
+  }
+  if (stream_forced.value_or(0) > 0) {
+    const std::string key = m + (r.streamed_blocks ? "streamed_blocks" : "weights");
     if (ckpt_forced_off)
-      fail_key(ErrorKind::Config, file, m + "weights",
-               "\"host\" needs train.memory.checkpointing true or \"auto\" (it is false): a block's weights are on the "
-               "GPU only while it runs or is recomputed");
+      fail_key(ErrorKind::Config, file, key,
+               "(block weights streamed from the host) needs train.memory.checkpointing true or \"auto\" (it is "
+               "false): a block's weights are on the GPU only while it runs or is recomputed");
     if (r.blocks_without_checkpointing.value_or(0) > 0)
-      fail_key(ErrorKind::Config, file, m + "weights",
-               "\"host\" needs every block checkpointed: train.memory.blocks_without_checkpointing is " +
-                   std::to_string(*r.blocks_without_checkpointing));
+      fail_key(ErrorKind::Config, file, key,
+               "(block weights streamed from the host) needs every block checkpointed: "
+               "train.memory.blocks_without_checkpointing is " + std::to_string(*r.blocks_without_checkpointing));
     if (in.sharded)
-      fail_key(ErrorKind::Config, file, m + "weights", "\"host\" is not available with train.shard \"blocks\"");
+      fail_key(ErrorKind::Config, file, key,
+               "(block weights streamed from the host) is not available with train.shard \"blocks\"");
   }
   const int64_t tokens = in.micro_batch * in.seq;
-  const int64_t L = in.model.num_hidden_layers;
   Decision d;
+  d.layers = L;
   d.budget_gib = r.gpu_memory_gib ? *r.gpu_memory_gib
                                  : (in.cuda && free_gib > 0 ? free_gib + kContextAtStartGiB - kFreeMarginGiB : -1);
   // Checkpointing "auto" weighs plans without it, or without it for the last blocks, where there is a budget to
   // weigh their activations against (without one, on the CPU, every block is checkpointed, as before "auto"
   // became the default) and the blocks are not sharded (a sharded block's weights exist only while it runs). Not
   // where a forced field needs checkpointing.
-  const bool weigh_checkpointing = !r.checkpointing && d.budget_gib >= 0 && !in.sharded && !r.weights_on_host.value_or(false);
+  const bool weigh_checkpointing = !r.checkpointing && d.budget_gib >= 0 && !in.sharded && stream_forced.value_or(0) == 0;
   const bool may_skip = weigh_checkpointing && !r.offload.value_or(false) &&
                         r.keep.value_or(KeepLevel::Input) == KeepLevel::Input && !r.keep_dequantized.value_or(false) &&
                         r.mlp_chunk_tokens.value_or(0) == 0 && r.blocks_without_checkpointing.value_or(0) == 0;
@@ -467,7 +521,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   best.lm_head_on_host = r.lm_head_on_host.value_or(tied && best.embeddings_on_host) && in.cuda;
   if (tied) best.embeddings_on_host = best.lm_head_on_host = best.embeddings_on_host || best.lm_head_on_host;
   best.optimizer_on_host = r.optimizer_on_host.value_or(false);  // forced on the CPU too (the same code runs)
-  best.weights_on_host = r.weights_on_host.value_or(false);      // forced only (likewise)
+  best.streamed_blocks = stream_forced.value_or(0);
   std::vector<ExecPlan> candidates;  // every plan weighed, in the order that settles ties
   if (may_skip) candidates.push_back(best);  // no checkpointing (ExecPlan's defaults)
   best.checkpointing = r.checkpointing.value_or(true);
@@ -536,6 +590,20 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
           candidates.push_back(partial);
         }
   candidates.insert(candidates.end(), ladder.begin(), ladder.end());
+  // Block weights streamed from the host, as few blocks as fit: each rung of the ladder with 1 to L of them, where
+  // there is a budget to weigh them against, every block is checkpointed, and half the host holds their NF4 bytes.
+  const bool may_stream = !stream_forced && in.cuda && !in.sharded && d.budget_gib >= 0 && !ckpt_forced_off &&
+                          r.blocks_without_checkpointing.value_or(0) == 0;
+  std::vector<ExecPlan> streamed_rungs;
+  if (may_stream)
+    for (const ExecPlan& rung : ladder)
+      for (int64_t n = 1; n <= L; ++n) {
+        if (static_cast<double>(n) * block_host_bytes(in) > static_cast<double>(in.host_bytes) / 2) break;
+        ExecPlan streamed = rung;
+        streamed.streamed_blocks = n;
+        streamed_rungs.push_back(streamed);
+      }
+  candidates.insert(candidates.end(), streamed_rungs.begin(), streamed_rungs.end());
   // The least predicted step time among the candidates that fit (the first of equal ones).
   bool found = false;
   for (const ExecPlan& cand : candidates) {
@@ -552,23 +620,23 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     found = true;
   }
   if (found) return d;
-  d.plan = ladder.empty() ? candidates.back() : ladder.back();
+  d.plan = !streamed_rungs.empty() ? streamed_rungs.back() : ladder.empty() ? candidates.back() : ladder.back();
   d.footprint = predict_footprint(in, d.plan);
   // Nothing fits: name the budget, what the leanest plan needs, and what lowers it.
   const std::string where = r.gpu_memory_gib ? "train.memory.gpu_memory_gib " + fmt_gib(*r.gpu_memory_gib * kGiB)
                                              : "the GPU's free memory (" + fmt_gib(free_gib * kGiB) + " GiB, its " +
                                                    fmt_gib(kContextAtStartGiB * kGiB) + " GiB context included, less a " +
                                                    fmt_gib(kFreeMarginGiB * kGiB) + " GiB margin)";
-  // The block weights streamed from the host are not a rung yet (not measured on a GPU): named where they would fit.
+  // Streaming forced off (or limited): named where streaming every block would fit.
   std::string streamed;
-  if (!r.weights_on_host && !in.sharded && in.cuda && d.plan.checkpointing && d.budget_gib >= 0) {
+  if (stream_forced && *stream_forced < L && !in.sharded && in.cuda && d.plan.checkpointing && d.budget_gib >= 0) {
     ExecPlan lean = d.plan;
-    lean.weights_on_host = true;
+    lean.streamed_blocks = L;
     lean.blocks_without_checkpointing = 0;
     const double need = predict_footprint(in, lean).total();
     if (need <= d.budget_gib * kGiB)
       streamed = ", or stream the block weights from the host (train.memory.weights \"host\": predicted " +
-                 fmt_gib(need) + " GiB; not yet measured on a GPU)";
+                 fmt_gib(need) + " GiB)";
   }
   fail_at(ErrorKind::Config, file,
           "the run does not fit " + where + (r.gpu_memory_gib ? " GiB" : "") + ": its leanest plan (" + describe(d) + ") needs " +
@@ -595,7 +663,11 @@ std::string describe(const Decision& d) {
   if (p.embeddings_on_host) s += ", embeddings on the host";
   if (p.lm_head_on_host) s += ", lm_head streamed from the host";
   if (p.optimizer_on_host) s += ", AdamW on the host";
-  if (p.weights_on_host) s += ", block weights streamed from the host";
+  if (p.streamed_blocks > 0)
+    s += p.streamed_blocks >= d.layers && d.layers > 0
+             ? std::string(", block weights streamed from the host")
+             : ", " + std::to_string(p.streamed_blocks) + (d.layers > 0 ? " of " + std::to_string(d.layers) : std::string()) +
+                   " blocks' weights streamed from the host";
   if (!d.footprint.terms.empty()) s += "; predicted " + fmt_gib(d.footprint.total()) + " GiB";
   if (d.budget_gib >= 0) s += " of a " + fmt_gib(d.budget_gib * kGiB) + " GiB budget";
   if (!d.step.terms.empty()) {
@@ -619,7 +691,8 @@ Json to_json(const Decision& d) {
               {"embeddings", p.embeddings_on_host ? "host" : "device"},
               {"lm_head", p.lm_head_on_host ? "host" : "device"},
               {"optimizer", p.optimizer_on_host ? "host" : "device"},
-              {"weights", p.weights_on_host ? "host" : "device"},
+              {"weights", p.streamed_blocks > 0 ? "host" : "device"},
+              {"streamed_blocks", p.streamed_blocks},
               {"budget_gib", d.budget_gib >= 0 ? Json(std::round(d.budget_gib * 1000) / 1000) : Json(nullptr)},
               {"predicted_gib", d.footprint.to_json()},
               {"predicted_step_s", d.step.terms.empty() ? Json(nullptr) : d.step.to_json()}};

@@ -46,13 +46,19 @@ struct ExecPlan {
   bool lm_head_on_host = false;      // lm_head in pinned host memory: the loss streams it in vocabulary slices
   // AdamW's moments in pinned host memory, the update on the CPU (parameters and gradients copied over each step).
   bool optimizer_on_host = false;
-  // Every block's frozen weights in pinned host memory, each block's fetched to the GPU a block ahead of its run
-  // and its recomputation (lib/model/weight_streaming.h); needs every block checkpointed. Forced only (not yet
-  // measured on a GPU).
-  bool weights_on_host = false;
+  // This many blocks' frozen weights in pinned host memory, spread evenly over the model (streamed_block()), each
+  // fetched to the GPU ahead of its run and its recomputation behind the blocks before it
+  // (lib/model/weight_streaming.h); the others stay on the device. Needs every block checkpointed.
+  int64_t streamed_blocks = 0;
 
   bool keeps(KeepLevel level) const { return checkpointing && keep >= level; }
+  bool weights_on_host() const { return streamed_blocks > 0; }
 };
+
+// Whether block `layer` of `layers` is one of `streamed` whose weights live on the host: spread evenly (every
+// layers / streamed-th block, the last always among them), so that each fetch hides behind the resident blocks
+// before it.
+bool streamed_block(int64_t layer, int64_t streamed, int64_t layers);
 
 // What the user asked for (train.memory); unset fields are the plan's to choose.
 struct PlanRequest {
@@ -70,7 +76,8 @@ struct PlanRequest {
   std::optional<bool> embeddings_on_host;
   std::optional<bool> lm_head_on_host;
   std::optional<bool> optimizer_on_host;
-  std::optional<bool> weights_on_host;
+  std::optional<bool> weights_on_host;   // "host": every block streamed unless streamed_blocks says how many
+  std::optional<int64_t> streamed_blocks;
 
   // Parses the train.memory object; `file` names the run config in errors.
   static PlanRequest from_json(const Json& json, const std::string& file);
@@ -124,6 +131,7 @@ struct Decision {
   Footprint footprint;
   StepTime step;
   double budget_gib = -1;  // < 0: none (CPU without an explicit budget)
+  int64_t layers = 0;      // the model's blocks (for describe())
 };
 Decision decide_plan(const PlanInputs& in, const PlanRequest& request, double free_gib = -1);
 

@@ -10,6 +10,7 @@
 #include "lib/core/json.h"
 #include "lib/core/log.h"
 #include "lib/core/safetensors.h"
+#include "lib/model/exec_plan.h"
 #include "lib/quant/nf4.h"
 
 namespace qt {
@@ -101,6 +102,12 @@ static void check_dense(const LlamaConfig& config, const std::string& shard, con
     fail_key(ErrorKind::Model, shard, info.name, "dtype " + info.dtype + " is not a floating-point type (BF16, F16, F32)");
 }
 
+bool LoadOptions::linear_on_host(const std::string& name, int64_t layers) const {
+  const std::string prefix = "model.layers.";
+  if (streamed_blocks <= 0 || !device.is_cuda() || name.compare(0, prefix.size(), prefix) != 0) return false;
+  return streamed_block(std::stoll(name.substr(prefix.size())), streamed_blocks, layers);
+}
+
 LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   ModelFiles files = find_model_files(dir);
   const Json config_json = read_json_file(files.config_path, ErrorKind::Model);
@@ -135,7 +142,7 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
             l.weight = file.load(info.name, options.dtype, options.device);
           }
         }
-        if (options.blocks_on_host && options.device.is_cuda() && l.nf4)
+        if (l.nf4 && options.linear_on_host(info.name, model.config.num_hidden_layers))
           l.nf4 = std::make_shared<Nf4Weight>(l.nf4->to_pinned_host());
         loaded.insert(info.name);
         continue;

@@ -36,9 +36,12 @@ struct LoadOptions {
   // (on a CUDA device: never whole on the GPU, where a budget sized for training could not hold them at load).
   bool embeddings_on_host = false;
   bool lm_head_on_host = false;
-  // The block linears' NF4 weights (quantized on `device` one at a time) kept in pinned host memory (the plan's
-  // weights streamed from the host: the GPU never holds them all).
-  bool blocks_on_host = false;
+  // The plan's blocks whose weights stream from the host (exec_plan.h's streamed_block() picks which): their
+  // linears' NF4 weights (quantized on `device` one at a time) go to pinned host memory as they are made, so the
+  // GPU never holds them all.
+  int64_t streamed_blocks = 0;
+  // Whether the linear `name` ("model.layers.N. ...") of a model of `layers` blocks is one of those (CUDA only).
+  bool linear_on_host(const std::string& name, int64_t layers) const;
 };
 
 // transformers' `quantization_config` for bitsandbytes 4-bit: present means the block linears are stored as

@@ -10,10 +10,14 @@
 #include <algorithm>
 
 #include "lib/core/error.h"
+#include "lib/model/exec_plan.h"
 
 namespace qt {
+namespace {
+constexpr int64_t kAlign = 512;  // a tensor's offset in a streaming buffer
+}  // namespace
 
-StreamedWeights::StreamedWeights(LlamaModel& model) : model_(model), device_(model.device()) {
+StreamedWeights::StreamedWeights(LlamaModel& model, int64_t streamed) : model_(model), device_(model.device()) {
   if (!model.plan.checkpointing || model.plan.blocks_without_checkpointing > 0)
     fail(ErrorKind::Config, "block weights streamed from the host (train.memory.weights \"host\") need every block "
                             "checkpointed (train.memory.checkpointing true, blocks_without_checkpointing 0): a "
@@ -24,21 +28,35 @@ StreamedWeights::StreamedWeights(LlamaModel& model) : model_(model), device_(mod
   at::NoGradGuard no_grad;
   if (device_.is_cuda()) side_ = c10::cuda::getStreamFromPool(/*isHighPriority=*/false, device_.index()).unwrap();
   units_.resize(model.layers.size());
+  const int64_t layers = static_cast<int64_t>(units_.size());
+  if (streamed < 0 || streamed > layers) streamed = layers;
   for (size_t i = 0; i < units_.size(); ++i) {
+    units_[i].streamed = streamed_block(static_cast<int64_t>(i), streamed, layers);
     int64_t bytes = 0;
     for (const ShardTensor& t : model.block_shard_tensors(i)) {
       if (t.trainable || !t.slot->defined()) continue;
+      if (!units_[i].streamed) {  // resident: on the device (a loader may have put it on the host)
+        if (t.slot->device() != device_) *t.slot = t.slot->to(device_);
+        continue;
+      }
       Entry e;
       e.slot = t.slot;
-      const at::Tensor& now = *t.slot;
+      const at::Tensor now = t.slot->contiguous();
       // On the CPU host and device are one memory: the tensor stays, and each fetch is a copy of it.
       if (!device_.is_cuda()) e.host = now;
       else e.host = now.is_cuda() ? now.to(at::kCPU).pin_memory() : now.is_pinned() ? now : now.pin_memory();
-      bytes += e.host.numel() * static_cast<int64_t>(e.host.element_size());
+      e.offset = bytes;
+      bytes += (e.host.numel() * static_cast<int64_t>(e.host.element_size()) + kAlign - 1) / kAlign * kAlign;
       units_[i].entries.push_back(std::move(e));
     }
     block_bytes_ = std::max(block_bytes_, bytes);
-    release(units_[i]);
+    if (units_[i].streamed) release(units_[i]);
+  }
+  for (at::Tensor& b : buffers_) {
+    b = at::empty({std::max<int64_t>(block_bytes_, 1)}, at::TensorOptions().dtype(at::kByte).device(device_));
+    // Freed at the end behind the side stream's copies too.
+    if (side_) c10::cuda::CUDACachingAllocator::recordStream(b.storage().data_ptr(),
+                                                             c10::cuda::CUDAStream(c10::cuda::CUDAStream::UNCHECKED, *side_));
   }
   model_.block_hooks = this;
 }
@@ -47,11 +65,36 @@ StreamedWeights::~StreamedWeights() {
   if (model_.block_hooks == this) model_.block_hooks = nullptr;
 }
 
+int StreamedWeights::free_buffer() {
+  for (int b = 0; b < 2; ++b)
+    if (holder_[b] == SIZE_MAX) return b;
+  // Both held: one by a prefetch not yet used gives it up (it is issued again when its block comes).
+  for (int b = 0; b < 2; ++b) {
+    Unit& h = units_[holder_[b]];
+    if (!h.on_device) {
+      h.device.clear();
+      h.ready.reset();
+      h.buffer = -1;
+      holder_[b] = SIZE_MAX;
+      return b;
+    }
+  }
+  fail(ErrorKind::Internal, "weight streaming: three blocks' weights wanted on the device at once");
+}
+
 void StreamedWeights::issue(Unit& u) {
   at::NoGradGuard no_grad;
   u.device.clear();
+  const int b = free_buffer();
+  holder_[b] = static_cast<size_t>(&u - units_.data());
+  u.buffer = b;
+  // Each tensor a view of its bytes in the buffer (offsets aligned, so any dtype's view holds).
+  auto view = [&](const Entry& e) {
+    const int64_t n = e.host.numel() * static_cast<int64_t>(e.host.element_size());
+    return buffers_[b].narrow(0, e.offset, n).view(e.host.scalar_type()).view(e.host.sizes());
+  };
   if (!device_.is_cuda()) {
-    for (const Entry& e : u.entries) u.device.push_back(e.host.clone());
+    for (const Entry& e : u.entries) u.device.push_back(view(e).copy_(e.host));
     ++fetches_;
     return;
   }
@@ -63,13 +106,13 @@ void StreamedWeights::issue(Unit& u) {
   at::cuda::CUDAEvent before;
   before.record(compute);
   before.block(side);
+  // The buffer's last holder was read by compute-stream work issued before now: the side stream waits for it.
   for (const Entry& e : u.entries) {
-    at::Tensor d = at::empty(e.host.sizes(), e.host.options().device(device_).pinned_memory(false));
+    at::Tensor d = view(e);
     {
       c10::cuda::CUDAStreamGuard on_side(side);
       d.copy_(e.host, /*non_blocking=*/true);
     }
-    c10::cuda::CUDACachingAllocator::recordStream(d.storage().data_ptr(), side);
     u.device.push_back(std::move(d));
   }
   auto ready = std::make_shared<at::cuda::CUDAEvent>();
@@ -95,25 +138,41 @@ void StreamedWeights::release(Unit& u) {
   // adapter's save) reads the same values, from the host.
   for (Entry& e : u.entries) *e.slot = e.host;
   u.on_device = false;
+  if (u.buffer >= 0) holder_[u.buffer] = SIZE_MAX;  // its views stay valid until the next copies into it
+  u.buffer = -1;
+}
+
+void StreamedWeights::prefetch_after(size_t layer, bool backward) {
+  const int64_t step = backward ? -1 : 1;
+  for (int64_t next = static_cast<int64_t>(layer) + step; next >= 0 && next < static_cast<int64_t>(units_.size());
+       next += step) {
+    Unit& n = units_[static_cast<size_t>(next)];
+    if (!n.streamed) continue;
+    if (!n.on_device && n.device.empty()) issue(n);
+    return;
+  }
 }
 
 void StreamedWeights::before_block(size_t layer, bool backward) {
   Unit& u = units_.at(layer);
-  if (!u.on_device) finish(u);
-  const int64_t next = static_cast<int64_t>(layer) + (backward ? -1 : 1);
-  if (next >= 0 && next < static_cast<int64_t>(units_.size())) {
-    Unit& n = units_[static_cast<size_t>(next)];
-    if (!n.on_device && n.device.empty()) issue(n);
-  }
+  if (u.streamed && !u.on_device) finish(u);
+  // The next streamed block's copies start now, behind this block and the resident ones before that one: at most
+  // two streamed blocks are on the device (this one and the next), none while a resident block runs but the next.
+  prefetch_after(layer, backward);
 }
 
 void StreamedWeights::after_block(size_t layer, bool backward) {
   (void)backward;
-  release(units_.at(layer));
+  Unit& u = units_.at(layer);
+  if (u.streamed) release(u);
+}
+
+int64_t StreamedWeights::streamed_blocks() const {
+  return std::count_if(units_.begin(), units_.end(), [](const Unit& u) { return u.streamed; });
 }
 
 int64_t StreamedWeights::blocks_on_device() const {
-  return std::count_if(units_.begin(), units_.end(), [](const Unit& u) { return u.on_device; });
+  return std::count_if(units_.begin(), units_.end(), [](const Unit& u) { return u.streamed && u.on_device; });
 }
 
 }  // namespace qt

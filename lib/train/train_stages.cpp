@@ -274,7 +274,7 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
   m.load.quantize_nf4 = cfg.model.quant == "nf4";
   m.load.embeddings_on_host = m.decision.plan.embeddings_on_host;
   m.load.lm_head_on_host = m.decision.plan.lm_head_on_host;
-  m.load.blocks_on_host = m.decision.plan.weights_on_host;
+  m.load.streamed_blocks = m.decision.plan.streamed_blocks;
   m.model = std::make_unique<LlamaModel>(d.random_init ? random_llama(d.model_config, m.load, cfg.train.seed)
                                                        : load_llama(cfg.model.path, m.load));
   LlamaModel& model = *m.model;
@@ -360,7 +360,7 @@ std::unique_ptr<Parallel> make_parallel(const RunConfig& cfg, ModelStage& m, Com
     return make_sharded(model, comm, so);
   }
   // The plan's block weights streamed from the host: fetched a block ahead by the block hooks.
-  if (model.plan.weights_on_host) m.streamed = std::make_unique<StreamedWeights>(model);
+  if (model.plan.weights_on_host()) m.streamed = std::make_unique<StreamedWeights>(model, model.plan.streamed_blocks);
   NamedTensors params;
   if (m.full) {
     for (auto& [name, t] : model.named_tensors()) params.emplace_back(name, *t);

@@ -92,7 +92,7 @@ struct ModelStage {
   Decision decision;
   LoadOptions load;
   std::unique_ptr<LlamaModel> model;
-  std::unique_ptr<StreamedWeights> streamed;  // plan.weights_on_host: the block hooks that fetch them (after model)
+  std::unique_ptr<StreamedWeights> streamed;  // plan.streamed_blocks > 0: the block hooks that fetch them (after model)
   LoraConfig lora;
   bool full = false;          // train.full_finetune
   std::string base_name;      // the adapter's base_model_name_or_path (from the root)
