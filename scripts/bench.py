@@ -29,7 +29,7 @@ Usage: python3 scripts/bench.py [--binary build-gpu/qlora-train] [--rows 1b-4x20
                                 [--peers unsloth,hf_qlora | none] [--steps 8] [--warm 3] [--out DIR]
                                 [--budget 8,9 [--min-budget | --max-context]] [--set key=value]...
                                 [--ab NAME=SETTINGS ... [--rounds 2]] [--smoke [--smoke-shape 4x2048x12]] [--dry-run]
-Rows: NAME-BxS with NAME in 1b, 3b, 8b (Llama-3.2-1B, -3B, Llama-3.1-8B), q2.5-7b, q3-8b (Qwen2.5-7B, Qwen3-8B)
+Rows: NAME-BxS with NAME in 1b, 3b, 8b, 70b (Llama-3.2-1B, -3B, Llama-3.1-8B, -70B), q2.5-7b, q3-8b (Qwen2.5-7B, Qwen3-8B)
 (e.g. 8b-1x32768, q3-8b-2x2048); NAME-BxSpD: packed rows of random documents of median length D (e.g.
 8b-1x8192p330, SFT-like data; ours only). Unsloth's checkpointing mode per row: on the GPU up to 2048 tokens per
 row, offloaded ("u") beyond, unless --unsloth-modes names several (then the best that completes).
@@ -43,7 +43,7 @@ or, with build-gpu/qlora-train built:
 """
 import argparse, json, os, pathlib, signal, subprocess, sys, threading, time
 
-SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b", "q2.5-7b": "qwen2.5-7b", "q3-8b": "qwen3-8b"}
+SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b", "70b": "llama-3.1-70b", "q2.5-7b": "qwen2.5-7b", "q3-8b": "qwen3-8b"}
 # Peers that run a shape family: .peerscripts' scripts know the Llama shapes; Qwen rows get Unsloth through our
 # scripts/peers/unsloth_qwen.py (its run() on a Qwen2 / Qwen3 model made with transformers), no HF + bnb peer.
 PEERS_DIR = pathlib.Path(__file__).resolve().parent / "peers"
