@@ -91,20 +91,17 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
     r.gpu_memory_gib = v.get<double>();
   }
   if (json.contains("checkpointing")) r.checkpointing = tri(json["checkpointing"], file, at + "checkpointing");
-  if (json.contains("blocks_without_checkpointing") && json["blocks_without_checkpointing"] != "auto") {
-    const Json& v = json["blocks_without_checkpointing"];
+  // Block counts: "auto" (unset) or an integer >= 0.
+  auto blocks = [&](const char* key, const std::string& what) -> std::optional<int64_t> {
+    if (!json.contains(key) || json[key] == "auto") return std::nullopt;
+    const Json& v = json[key];
     if (!v.is_number_integer() || v.get<int64_t>() < 0)
-      fail_key(ErrorKind::Config, file, at + "blocks_without_checkpointing",
-               "must be \"auto\" or a number of blocks >= 0 (got " + v.dump() + ")");
-    r.blocks_without_checkpointing = v.get<int64_t>();
-  }
-  if (json.contains("streamed_blocks") && json["streamed_blocks"] != "auto") {
-    const Json& v = json["streamed_blocks"];
-    if (!v.is_number_integer() || v.get<int64_t>() < 0)
-      fail_key(ErrorKind::Config, file, at + "streamed_blocks",
-               "must be \"auto\" or a number of blocks >= 0 whose weights stream from the host (got " + v.dump() + ")");
-    r.streamed_blocks = v.get<int64_t>();
-  }
+      fail_key(ErrorKind::Config, file, at + key,
+               "must be \"auto\" or a number of blocks >= 0" + what + " (got " + v.dump() + ")");
+    return v.get<int64_t>();
+  };
+  r.blocks_without_checkpointing = blocks("blocks_without_checkpointing", "");
+  r.streamed_blocks = blocks("streamed_blocks", " whose weights stream from the host");
   if (json.contains("offload")) r.offload = tri(json["offload"], file, at + "offload");
   if (json.contains("keep_dequantized")) r.keep_dequantized = tri(json["keep_dequantized"], file, at + "keep_dequantized");
   if (json.contains("expandable_segments"))
