@@ -1,0 +1,73 @@
+"""Will it fit my GPU? A markdown table of what `qlora-train plan` decides for each model, context and card: no GPU
+needed (the plan's footprint and cost model, calibrated on an H200: docs/PERFORMANCE.md).
+
+A card sold as N GB holds about N x 0.93 GiB for a process (issue 26); each cell is the plan at that budget for one
+row of that many tokens (batch 1, LoRA r=16 on all seven linears, bf16, NF4 base): "fits" with what the plan had to
+do beyond its fastest plan (blocks streamed from the host, lm_head streamed, AdamW on the host, MLP chunks), or
+"no" with the GiB its leanest plan needs. Streaming needs host memory: --host-gib (default 64) bounds it.
+
+Usage: python3 scripts/fit_table.py [--binary build/qlora-train] [--shapes llama-3.1-8b,llama-3.1-70b]
+                                    [--seqs 2048,8192,32768] [--cards 6,8,12,16,24,40,48,80] [--host-gib 64]
+"""
+import argparse, json, re, subprocess, sys
+
+GIB_PER_GB = 0.93
+
+
+def plan(binary, shape, seq, budget, host_gib):
+    """(decision JSON or None, stderr) of `qlora-train plan` for one cell."""
+    p = subprocess.run([binary, "plan", "--shape", shape, "--batch", "1", "--seq", str(seq), "--gpu-memory-gib",
+                        f"{budget:.2f}", "--host-gib", str(host_gib), "--log-level", "error"],
+                       capture_output=True, text=True)
+    if p.returncode == 0:
+        return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
+    if p.returncode != 3:
+        sys.exit(f"qlora-train plan {shape} 1x{seq} at {budget:.2f} GiB: exit {p.returncode}: {p.stderr.strip()[-300:]}")
+    return None, p.stderr
+
+
+def cell(decision, stderr, layers):
+    if decision is None:
+        m = re.search(r"needs ([0-9.]+) GiB", stderr)
+        return f"no ({m.group(1)} GiB)" if m else "no"
+    notes = []
+    if decision["weights"] == "host":
+        notes.append(f"{decision['streamed_blocks']}/{layers} blocks streamed")
+    if decision["lm_head"] == "host":
+        notes.append("lm_head streamed")
+    if decision["optimizer"] == "host":
+        notes.append("AdamW on host")
+    if decision["mlp_chunk_tokens"]:
+        notes.append(f"MLP chunks {decision['mlp_chunk_tokens']}")
+    return "fits" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def layers_of(binary, shape):
+    p = subprocess.run([binary, "plan", "--shape", shape, "--batch", "1", "--seq", "128", "--gpu-memory-gib", "10000",
+                        "--host-gib", "64", "--log-level", "error", "--set", "train.memory.checkpointing=true",
+                        "--set", "train.memory.weights=host"], capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"qlora-train plan --shape {shape}: exit {p.returncode}: {p.stderr.strip()[-300:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])["streamed_blocks"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", default="build/qlora-train")
+    ap.add_argument("--shapes", default="llama-3.1-8b,llama-3.1-70b")
+    ap.add_argument("--seqs", default="2048,8192,32768")
+    ap.add_argument("--cards", default="6,8,12,16,24,40,48,80", help="card sizes in GB")
+    ap.add_argument("--host-gib", type=float, default=64)
+    a = ap.parse_args()
+    cards = [int(c) for c in a.cards.split(",")]
+    print(f"| model | tokens | " + " | ".join(f"{c} GB ({c * GIB_PER_GB:.1f} GiB)" for c in cards) + " |")
+    print("|---|---|" + "---|" * len(cards))
+    for shape in a.shapes.split(","):
+        layers = layers_of(a.binary, shape)
+        for seq in (int(s) for s in a.seqs.split(",")):
+            cells = [cell(*plan(a.binary, shape, seq, c * GIB_PER_GB, a.host_gib), layers) for c in cards]
+            print(f"| {shape} | {seq:,} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
