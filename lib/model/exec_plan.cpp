@@ -40,8 +40,6 @@ int64_t keep_width(const LlamaConfig& c, KeepLevel k) {  // elements per token a
   return w;
 }
 
-// Whether keeping to `level` fits half of this rank's host memory when offloaded (the pinned pool holds every
-// layer's kept tensors at once).
 // The pinned host bytes of one block's frozen weights (NF4 codes and statistics, or the 16-bit base; its norms).
 double block_host_bytes(const PlanInputs& in) {
   const LlamaConfig& c = in.model;
@@ -52,6 +50,8 @@ double block_host_bytes(const PlanInputs& in) {
   return (H * q + 2 * H * kv + q * H + 3 * H * I) * per_weight + 2 * H * e;
 }
 
+// Whether keeping to `level` fits half of this rank's host memory when offloaded (the pinned pool holds every
+// layer's kept tensors at once).
 bool host_holds(const PlanInputs& in, KeepLevel level) {
   const double per_layer = static_cast<double>(in.element_size) * static_cast<double>(in.micro_batch * in.seq) *
                            static_cast<double>(in.model.hidden_size + keep_width(in.model, level));
@@ -323,11 +323,12 @@ constexpr double kPartialShortfall = 0.48;
 constexpr double kHostAdamwElemsPerS = 6.4e8;
 // Block weights streamed from the host (lib/model/weight_streaming): the copies' rate and a cost per fetch, fitted
 // on the two rows measured on an H200 (2026-12-04, session 4, call 1; every block streamed, docs/PERFORMANCE.md,
-// "Weights streamed from the host"): 70B 1 x 2048 ran 1.601 s a step against 1.282 s predicted without streaming
+// "Fourth session"): 70B 1 x 2048 ran 1.601 s a step against 1.282 s predicted without streaming
 // (0.319 s for 160 fetches of 441 MB, which its forward pass of 5.2 ms a block cannot hide), 8B 2 x 2048 0.3414 s
 // against 0.313 s (28 ms for 64 fetches of 113 MB that its 3.0 ms blocks would hide): 53 GB/s and 0.36 ms a fetch
-// (the allocation, the events and the copy engine's start, and the copies' share of PCIe with the offloaded block
-// inputs). Two rows, two constants: the next rows to check them on are 70B 1 x 8192 and partial streaming.
+// (then each fetch allocated its tensors; the events, the copy engine's start, the copies' share of PCIe with the
+// offloaded block inputs). Checked since on the rows with some blocks streamed (tests/test_exec_plan.cpp): within
+// 5% with room in the budget, 10-13% slow at its very edge (the allocator's retries, not modelled).
 constexpr double kStreamBytesPerS = 53e9;
 constexpr double kStreamFetchS = 0.36e-3;
 // The share of the budget left free by plans that keep whole blocks' activations (see decide_plan).
@@ -403,8 +404,7 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
   // compute does not cover shows), the first of each pass behind nothing; and a cost per fetch.
   if (p.streamed_blocks > 0 && in.cuda) {
     const double streamed = static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers));
-    const double per_weight = in.nf4 ? 0.5 + 1.0 / 64 + 4.0 / (64 * 256) : e;
-    const double copy = (block_params * per_weight + 2 * H * e) / kStreamBytesPerS;
+    const double copy = block_host_bytes(in) / kStreamBytesPerS;
     const double behind = L / streamed;  // blocks of compute each fetch hides behind
     const double block_fwd = 2 * T * block_params / kMatrixFlopsPerS + width_s / 3;
     const double block_bwd = 3 * block_fwd;  // its recomputation (one forward) and backward pass (two)
