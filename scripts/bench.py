@@ -31,7 +31,8 @@ Usage: python3 scripts/bench.py [--binary build-gpu/qlora-train] [--rows 1b-4x20
                                 [--ab NAME=SETTINGS ... [--rounds 2]] [--smoke [--smoke-shape 4x2048x12]] [--dry-run]
 Rows: NAME-BxS with NAME in 1b, 3b, 8b, 70b (Llama-3.2-1B, -3B, Llama-3.1-8B, -70B), q2.5-7b, q3-8b (Qwen2.5-7B, Qwen3-8B)
 (e.g. 8b-1x32768, q3-8b-2x2048); NAME-BxSpD: packed rows of random documents of median length D (e.g.
-8b-1x8192p330, SFT-like data; ours only). Unsloth's checkpointing mode per row: on the GPU up to 2048 tokens per
+8b-1x8192p330, SFT-like data; the peer: Unsloth padding-free on the same documents, scripts/peers/unsloth_packed.py,
+Llama shapes). Unsloth's checkpointing mode per row: on the GPU up to 2048 tokens per
 row, offloaded ("u") beyond, unless --unsloth-modes names several (then the best that completes).
 Qwen rows: the peer is Unsloth alone, run by scripts/peers/unsloth_qwen.py (.peerscripts' unsloth_baseline.run() on
 a Qwen2 / Qwen3 model of the same shape made with transformers; hf_qlora reports no peer script). One GPU call
@@ -171,11 +172,16 @@ def matrix_rate():
     return rate
 
 
+def tokens_of(work, shape, batch, seq):
+    """The token file `qlora-train bench` writes for a row under `work` (run_ours' --out)."""
+    return pathlib.Path(work) / f"bench_{shape}_{batch}x{seq}" / "tokens.jsonl"
+
+
 def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None, docs=0):
     """`qlora-train bench` (random NF4 weights of the shape, LoRA r=16 on all seven linears, random tokens, one
     document a row or packed documents of median length `docs`, the default plan): median step after `warm`
     untimed ones."""
-    out = work / f"bench_{shape}_{batch}x{seq}"
+    out = tokens_of(work, shape, batch, seq).parent
     cmd = [binary, "bench", "--shape", shape, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps),
            "--warmup", str(warm), "--device", "cuda", "--out", str(out), "--doc-tokens", str(docs)]
     for kv in extra:
@@ -207,14 +213,18 @@ def parse_rows(spec):
     return rows
 
 
-def peer_case(peer, shape, batch, seq, here, unsloth_modes=""):
-    """(script, PYTHONPATH, checkpointing modes) of a peer on a row, or an error string when there is none."""
+def peer_case(peer, shape, batch, seq, here, unsloth_modes="", docs=0):
+    """(script, PYTHONPATH, checkpointing modes) of a peer on a row, or an error string when there is none. Packed
+    rows (docs > 0): Unsloth padding-free on our run's documents (scripts/peers/unsloth_packed.py, Llama shapes)."""
     P = here / ".peerscripts"
     if not P.is_dir():
         return ".peerscripts not carried"
     qwen = shape.startswith("qwen")
+    if docs and (peer != "unsloth" or qwen):
+        return f"no packed-row script for {peer} on {shape} (scripts/peers/unsloth_packed.py: Unsloth, Llama shapes)"
     if peer == "unsloth":
-        script = PEERS_DIR / "unsloth_qwen.py" if qwen else P / "unsloth_baseline.py"
+        script = (PEERS_DIR / "unsloth_packed.py" if docs else PEERS_DIR / "unsloth_qwen.py" if qwen
+                  else P / "unsloth_baseline.py")
         modes = unsloth_modes.split(",") if unsloth_modes else ["1" if batch * seq <= 8192 and seq <= 2048 else "u"]
         return str(script), f"{here}/.usite:{here}/.peers:{P}", modes
     if peer == "hf_qlora":
@@ -224,9 +234,10 @@ def peer_case(peer, shape, batch, seq, here, unsloth_modes=""):
     return f"unknown peer {peer!r} (unsloth, hf_qlora)"
 
 
-def run_peer(script, shape, batch, seq, ckpt, env, budget=None, timeout=900):
-    cmd = [sys.executable, script, shape, str(batch), str(seq), ckpt]
-    base = dict(model=shape, batch=batch, seq=seq, grad_ckpt=ckpt, budget_gib=budget)
+def run_peer(script, shape, batch, seq, ckpt, env, budget=None, timeout=900, docs=0, tokens=None):
+    """A peer's case in its own process; packed rows (docs > 0) pass the token file our run trained on."""
+    cmd = [sys.executable, script, shape, str(batch), str(seq), ckpt] + ([str(tokens)] if docs else [])
+    base = dict(model=shape, batch=batch, seq=seq, grad_ckpt=ckpt, budget_gib=budget, **({"docs": docs} if docs else {}))
     try:
         with Held(budget), DevicePeak() as dev:
             p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -466,10 +477,11 @@ def main():
     if a.dry_run:
         for shape, b, s, docs in rows:
             print(f"{shape} {b}x{s}{f' packed {docs}' if docs else ''}: {a.binary} bench --shape {shape} --batch {b} --seq {s} ...")
-            for peer in [p for p in a.peers.split(",") if p and p != "none" and not docs]:
-                c = peer_case(peer, shape, b, s, here, a.unsloth_modes)
+            for peer in [p for p in a.peers.split(",") if p and p != "none"]:
+                c = peer_case(peer, shape, b, s, here, a.unsloth_modes, docs)
                 print(f"  {peer}: {c}" if isinstance(c, str) else
-                      f"  {peer}: PYTHONPATH={c[1]} {sys.executable} {c[0]} {shape} {b} {s} {{{','.join(c[2])}}}")
+                      f"  {peer}: PYTHONPATH={c[1]} {sys.executable} {c[0]} {shape} {b} {s} {{{','.join(c[2])}}}"
+                      + (f" {tokens_of(a.work, shape, b, s)}" if docs else ""))
         return
     if a.smoke:
         return smoke(a)
@@ -500,15 +512,17 @@ def main():
         for budget in budgets:
             if budget is not None:
                 emit(ours(budget))
-        for peer in [p for p in a.peers.split(",") if p and p != "none" and not docs]:  # peers: whole documents
-            case = peer_case(peer, shape, b, s, here, a.unsloth_modes)
+        for peer in [p for p in a.peers.split(",") if p and p != "none"]:
+            case = peer_case(peer, shape, b, s, here, a.unsloth_modes, docs)
             if isinstance(case, str):
-                emit(dict(system=peer, model=shape, batch=b, seq=s, error=case))
+                emit(dict(system=peer, model=shape, batch=b, seq=s, error=case, **({"docs": docs} if docs else {})))
                 continue
             script, path, modes = case
             env = {**peers_env, "PYTHONPATH": path}
+            tokens = tokens_of(a.work, shape, b, s)  # packed rows: the documents our run (above) trained on
             for mode in modes:
-                peer_run = lambda budget, mode=mode: dict(run_peer(script, shape, b, s, mode, env, budget), system=peer)
+                peer_run = lambda budget, mode=mode: dict(run_peer(script, shape, b, s, mode, env, budget, docs=docs,
+                                                                   tokens=tokens), system=peer)
                 r = peer_run(None)  # also builds the peer's random model directory before any holder starts
                 emit(r)
                 if a.min_budget and "device_gib" in r:

@@ -75,6 +75,18 @@ def main():
               f"2 packed rows of 48 tokens from {len(docs)} documents of at least 8 tokens ({rows})")
         r = json.loads(p.stdout.strip().splitlines()[-1])
         check(r["doc_tokens"] == 6 and r["tokens_per_s"] > 0, "the packed row's JSON names its median document length")
+        # The Unsloth peer of packed rows reads the same documents: one row of 2 x 48 tokens, positions restarting
+        # at each document, its first token no target.
+        peer = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "peers" / "unsloth_packed.py"
+        q = subprocess.run([sys.executable, str(peer), "--dry-run", str(TMP / "p" / "tokens.jsonl"), "2", "48"],
+                           capture_output=True, text=True)
+        d = json.loads(q.stdout) if q.returncode == 0 else {}
+        check(d.get("tokens") == 96 and d.get("docs") == len(docs) and d.get("restarts") == len(docs)
+              and d.get("targets") == 96 - len(docs), f"the packed peer's row from our documents: {d} {q.stderr[-300:]}")
+        q = subprocess.run([sys.executable, str(peer), "--dry-run", str(TMP / "p" / "tokens.jsonl"), "2", "40"],
+                           capture_output=True, text=True)
+        check(q.returncode != 0 and "crosses a row of 40" in q.stderr,
+              f"documents that do not fill rows of the given length are refused: {q.stderr[-200:]}")
     p = bench("--model", TMP / "model", "--out", TMP / "e4", "--device", "cpu", "--doc-tokens", -3)
     check(p.returncode != 0 and "--doc-tokens" in p.stderr, f"a negative --doc-tokens is refused (exit {p.returncode})")
     p = bench("--shape", "llama-9-huge", "--out", TMP / "e1", "--device", "cpu")
