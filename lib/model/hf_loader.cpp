@@ -143,7 +143,7 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
           }
         }
         if (l.nf4 && options.linear_on_host(info.name, model.config.num_hidden_layers))
-          l.nf4 = std::make_shared<Nf4Weight>(l.nf4->to_pinned_host());
+          l.nf4 = std::make_shared<Nf4Weight>(l.nf4->to(at::kCPU));
         loaded.insert(info.name);
         continue;
       }

@@ -37,8 +37,8 @@ struct LoadOptions {
   bool embeddings_on_host = false;
   bool lm_head_on_host = false;
   // The plan's blocks whose weights stream from the host (exec_plan.h's streamed_block() picks which): their
-  // linears' NF4 weights (quantized on `device` one at a time) go to pinned host memory as they are made, so the
-  // GPU never holds them all.
+  // linears' NF4 weights (quantized on `device` one at a time) go to host memory as they are made, so the GPU never
+  // holds them all (StreamedWeights then moves each block's into one pinned arena).
   int64_t streamed_blocks = 0;
   // Whether the linear `name` ("model.layers.N. ...") of a model of `layers` blocks is one of those (CUDA only).
   bool linear_on_host(const std::string& name, int64_t layers) const;

@@ -120,7 +120,7 @@ LlamaModel random_llama(const LlamaConfig& config, const LoadOptions& options, u
     const std::vector<int64_t> shape = expected_shape(config, name + ".weight");
     if (options.quantize_nf4) {
       l.nf4 = std::make_shared<Nf4Weight>(quantize_nf4(normal(shape, at::kBFloat16), options.nf4_blocksize));
-      if (options.linear_on_host(name, config.num_hidden_layers)) l.nf4 = std::make_shared<Nf4Weight>(l.nf4->to_pinned_host());
+      if (options.linear_on_host(name, config.num_hidden_layers)) l.nf4 = std::make_shared<Nf4Weight>(l.nf4->to(at::kCPU));
     } else {
       l.weight = normal(shape, options.dtype);
     }

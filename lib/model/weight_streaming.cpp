@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 
 #include <algorithm>
 
@@ -14,7 +15,27 @@
 
 namespace qt {
 namespace {
-constexpr int64_t kAlign = 512;  // a tensor's offset in a streaming buffer
+constexpr int64_t kAlign = 512;  // a tensor's offset in a streaming buffer and in its block's host arena
+
+int64_t aligned_bytes(const at::Tensor& t) {
+  return (t.numel() * static_cast<int64_t>(t.element_size()) + kAlign - 1) / kAlign * kAlign;
+}
+
+// One block's host memory, `bytes` long: pinned at its own size on CUDA (cudaHostAlloc; torch's pinned allocator
+// would round each tensor up to a power of two, up to 1.9 times its bytes for 70B's q_proj), plain on the CPU.
+at::Tensor host_arena(int64_t bytes, bool cuda) {
+  const at::TensorOptions bytes_on_host = at::TensorOptions().dtype(at::kByte);
+  if (!cuda) return at::empty({bytes}, bytes_on_host);
+  void* ptr = nullptr;
+  const cudaError_t e = cudaHostAlloc(&ptr, static_cast<size_t>(std::max<int64_t>(bytes, 1)), cudaHostAllocDefault);
+  if (e != cudaSuccess) {
+    (void)cudaGetLastError();
+    fail(ErrorKind::Device, "block weights streamed from the host: cannot pin " + std::to_string(bytes >> 20) +
+                            " MiB of host memory for a block (" + cudaGetErrorString(e) +
+                            "); stream fewer blocks (train.memory.streamed_blocks) or use a host with more memory");
+  }
+  return at::from_blob(ptr, {bytes}, [](void* q) { cudaFreeHost(q); }, bytes_on_host);
+}
 }  // namespace
 
 StreamedWeights::StreamedWeights(LlamaModel& model, int64_t streamed) : model_(model), device_(model.device()) {
@@ -41,16 +62,23 @@ StreamedWeights::StreamedWeights(LlamaModel& model, int64_t streamed) : model_(m
       }
       Entry e;
       e.slot = t.slot;
-      const at::Tensor now = t.slot->contiguous();
-      // On the CPU host and device are one memory: the tensor stays, and each fetch is a copy of it.
-      if (!device_.is_cuda()) e.host = now;
-      else e.host = now.is_cuda() ? now.to(at::kCPU).pin_memory() : now.is_pinned() ? now : now.pin_memory();
       e.offset = bytes;
-      bytes += (e.host.numel() * static_cast<int64_t>(e.host.element_size()) + kAlign - 1) / kAlign * kAlign;
+      bytes += aligned_bytes(*t.slot);
       units_[i].entries.push_back(std::move(e));
     }
+    if (!units_[i].streamed) continue;
     block_bytes_ = std::max(block_bytes_, bytes);
-    if (units_[i].streamed) release(units_[i]);
+    // The block's tensors move into one host arena at the offsets they take in a device buffer (on the CPU host
+    // and device are one memory: each fetch is still a copy); the loader's copies go.
+    const at::Tensor arena = host_arena(bytes, device_.is_cuda());
+    for (Entry& e : units_[i].entries) {
+      const at::Tensor now = e.slot->contiguous();
+      e.host = arena.narrow(0, e.offset, now.numel() * static_cast<int64_t>(now.element_size()))
+                   .view(now.scalar_type())
+                   .view(now.sizes());
+      e.host.copy_(now);
+    }
+    release(units_[i]);
   }
   for (at::Tensor& b : buffers_) {
     b = at::empty({std::max<int64_t>(block_bytes_, 1)}, at::TensorOptions().dtype(at::kByte).device(device_));

@@ -51,7 +51,7 @@ class StreamedWeights : public BlockHooks {
  private:
   struct Entry {
     at::Tensor* slot = nullptr;
-    at::Tensor host;     // contiguous (pinned on CUDA)
+    at::Tensor host;     // a view of its block's host arena (pinned at its own size on CUDA)
     int64_t offset = 0;  // its bytes' place in a buffer
   };
   struct Unit {

@@ -72,13 +72,6 @@ Nf4Weight Nf4Weight::to(const at::Device& dev) const {
   return w;
 }
 
-Nf4Weight Nf4Weight::to_pinned_host() const {
-  Nf4Weight w = to(at::kCPU);
-  for (at::Tensor* t : {&w.data.packed, &w.data.absmax_q, &w.data.nested_absmax, &w.data.nested_map, &w.data.quant_map})
-    *t = t->pin_memory();
-  return w;
-}
-
 Nf4Weight quantize_nf4(const at::Tensor& weight, int64_t blocksize) {
   const auto t = weight.scalar_type();
   if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf)

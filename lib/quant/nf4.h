@@ -45,8 +45,6 @@ struct Nf4Weight {
 
   // The same weight on another device (statistics included).
   Nf4Weight to(const at::Device& device) const;
-  // The same weight in pinned host memory (for copies to the GPU that overlap compute).
-  Nf4Weight to_pinned_host() const;
 
   // bitsandbytes / transformers serialization of a Linear4bit at `prefix` ("model.layers.0.mlp.up_proj"):
   //   <prefix>.weight                                  uint8 [ceil(numel/2), 1]
