@@ -4,7 +4,8 @@ needed (the plan's footprint and cost model, calibrated on an H200: docs/PERFORM
 A card sold as N GB holds about N x 0.93 GiB for a process (issue 26); each cell is the plan at that budget for one
 row of that many tokens (batch 1, LoRA r=16 on all seven linears, bf16, NF4 base): "fits" with what the plan had to
 do beyond its fastest plan (blocks streamed from the host, lm_head streamed, AdamW on the host, MLP chunks), or
-"no" with the GiB its leanest plan needs. Streaming needs host memory: --host-gib (default 64) bounds it.
+"no" with the GiB its leanest plan needs (or, where the host is what is short, the host memory it would pin: a plan
+pins at most three quarters of --host-gib, default 64).
 
 Usage: python3 scripts/fit_table.py [--binary build/qlora-train] [--shapes llama-3.1-8b,llama-3.1-70b]
                                     [--seqs 2048,8192,32768] [--cards 6,8,12,16,24,40,48,80] [--host-gib 64]
@@ -26,10 +27,13 @@ def plan(binary, shape, seq, budget, host_gib):
     return None, p.stderr
 
 
-def cell(decision, stderr, layers):
+def cell(decision, stderr, layers, budget):
     if decision is None:
-        m = re.search(r"needs ([0-9.]+) GiB", stderr)
-        return f"no ({m.group(1)} GiB)" if m else "no"
+        need = re.search(r"needs ([0-9.]+) GiB", stderr)
+        host = re.search(r"would pin ([0-9.]+) GiB of host memory", stderr)
+        if need and host and float(need.group(1)) <= budget:  # the GPU would hold its leanest plan, the host not
+            return f"no (host: {host.group(1)} GiB pinned)"
+        return f"no ({need.group(1)} GiB)" if need else "no"
     notes = []
     if decision["weights"] == "host":
         notes.append(f"{decision['streamed_blocks']}/{layers} blocks streamed")
@@ -65,7 +69,7 @@ def main():
     for shape in a.shapes.split(","):
         layers = layers_of(a.binary, shape)
         for seq in (int(s) for s in a.seqs.split(",")):
-            cells = [cell(*plan(a.binary, shape, seq, c * GIB_PER_GB, a.host_gib), layers) for c in cards]
+            cells = [cell(*plan(a.binary, shape, seq, c * GIB_PER_GB, a.host_gib), layers, c * GIB_PER_GB) for c in cards]
             print(f"| {shape} | {seq:,} | " + " | ".join(cells) + " |")
 
 

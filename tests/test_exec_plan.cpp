@@ -676,11 +676,54 @@ TEST_CASE("block weights streamed as the budget needs: as few blocks as fit, mor
   e = qt::test::caught([] { qt::PlanRequest::from_json(qt::Json{{"streamed_blocks", -1}}, "run.json"); });
   REQUIRE(e);
   CHECK(has(e->what(), "train.memory.streamed_blocks"));
-  // A host of 8 GiB pins at most half of it for streamed blocks.
+  // The host's memory bounds what streams: 48 GiB lets 38 GiB plans pin at most 36; 8 GiB too little for any plan
+  // that fits 38 GiB of device memory (refused, naming the host's figure).
   qt::PlanInputs small_host = in;
-  small_host.host_bytes = uint64_t{8} << 30;
+  small_host.host_bytes = uint64_t{48} << 30;
   r = {};
   r.gpu_memory_gib = 38;
   const qt::Decision d = qt::decide_plan(small_host, r);
-  CHECK(static_cast<double>(d.plan.streamed_blocks) * block <= 4.0 * kGiB * 1.01);
+  CHECK(d.host.total() <= 36 * kGiB);
+  CHECK(d.plan.streamed_blocks > 0);
+  small_host.host_bytes = uint64_t{8} << 30;
+  e = error_of(small_host, r);
+  REQUIRE(e);
+  CHECK(has(e->what(), "GiB of host memory (6.00 GiB is three quarters of this rank's share of the host)"));
+  CHECK(has(e->what(), "or a host with more memory"));
+}
+
+TEST_CASE("the plan pins at most three quarters of the host: streamed weights, offloaded activations and tensors on "
+          "the host counted together",
+          "[plan]") {
+  qt::PlanInputs in = inputs("llama-3.1-70b", 1, 8192);
+  qt::PlanRequest r;
+  r.gpu_memory_gib = 22.3;
+  double before = 0;
+  for (int64_t host : {256, 96, 64}) {
+    INFO(host << " GiB of host memory");
+    in.host_bytes = static_cast<uint64_t>(host) << 30;
+    const qt::Decision d = qt::decide_plan(in, r);
+    CHECK(d.footprint.total() <= 22.3 * kGiB);
+    CHECK(d.host.total() <= 0.75 * static_cast<double>(host) * kGiB);
+    // Its terms: the streamed blocks' bytes and the offload pool of every checkpointed block.
+    double streamed = -1, offloaded = -1;
+    for (const auto& [name, bytes] : d.host.terms) {
+      if (name == "streamed_weights") streamed = bytes;
+      if (name == "offloaded_activations") offloaded = bytes;
+    }
+    CHECK(streamed > 0.4e9 * static_cast<double>(d.plan.streamed_blocks));  // 441 MB a 70B block
+    CHECK(streamed < 0.45e9 * static_cast<double>(d.plan.streamed_blocks));
+    CHECK((offloaded > 0) == d.plan.offload);
+    const qt::Json j = qt::to_json(d);
+    CHECK(std::abs(j["predicted_host_gib"]["total"].get<double>() - d.host.total() / kGiB) < 1e-3);
+    if (before > 0) CHECK(d.step.total() >= before);  // less host, no faster
+    before = d.step.total();
+  }
+  // On a host of 256 GiB the plan pins more than a 64 GiB host allows.
+  in.host_bytes = uint64_t{256} << 30;
+  CHECK(qt::decide_plan(in, r).host.total() > 48 * kGiB);
+  // On the CPU nothing is pinned, and the host's size does not matter.
+  qt::PlanInputs cpu = inputs("llama-3.2-1b", 2, 512, /*cuda=*/false);
+  cpu.host_bytes = 1;
+  CHECK(qt::decide_plan(cpu, {}).plan.checkpointing);
 }

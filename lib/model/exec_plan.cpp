@@ -256,6 +256,26 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   return f;
 }
 
+Footprint predict_host(const PlanInputs& in, const ExecPlan& p) {
+  const LlamaConfig& c = in.model;
+  const double H = static_cast<double>(c.hidden_size), V = static_cast<double>(c.vocab_size);
+  const double T = static_cast<double>(in.micro_batch * in.seq), e = static_cast<double>(in.element_size);
+  const int64_t whole = std::min<int64_t>(p.blocks_without_checkpointing, c.num_hidden_layers);
+  Footprint f;
+  f.terms.emplace_back("streamed_weights", static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers)) *
+                                               block_host_bytes(in));
+  // The offload pool holds every checkpointed block's input and kept tensors at once.
+  f.terms.emplace_back("offloaded_activations",
+                       p.checkpointing && p.offload ? static_cast<double>(c.num_hidden_layers - whole) * e * T *
+                                                          static_cast<double>(c.hidden_size + keep_width(c, p.keep))
+                                                    : 0.0);
+  f.terms.emplace_back("embeddings", p.embeddings_on_host ? V * H * e : 0.0);
+  f.terms.emplace_back("lm_head", p.lm_head_on_host && !c.tie_word_embeddings ? V * H * e : 0.0);
+  // AdamW's two moments and the fp32 parameters and gradients staged for the CPU's update.
+  f.terms.emplace_back("optimizer", p.optimizer_on_host ? 16.0 * static_cast<double>(in.lora_params + in.full_params) : 0.0);
+  return f;
+}
+
 double StepTime::total() const {
   double t = 0;
   for (const auto& [name, s] : terms) t += s;
@@ -333,6 +353,9 @@ constexpr double kStreamBytesPerS = 53e9;
 constexpr double kStreamFetchS = 0.36e-3;
 // The share of the budget left free by plans that keep whole blocks' activations (see decide_plan).
 constexpr double kSpeedHeadroom = 0.05;
+// The share of this rank's host memory a plan may pin (block weights streamed, offloaded activations, embeddings /
+// lm_head / AdamW's state on the host): the rest is the process's own and the system's.
+constexpr double kHostPinnedShare = 0.75;
 
 }  // namespace
 
@@ -525,7 +548,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   if (!best.checkpointing) candidates.push_back(best);  // forced off
   if (best.checkpointing) {
     best.blocks_without_checkpointing = r.blocks_without_checkpointing.value_or(0);
-    best.offload = r.offload.value_or(in.cuda && tokens >= 4096) && in.cuda;
+    best.offload = r.offload.value_or(in.cuda && tokens >= 4096 && host_holds(in, KeepLevel::Input)) && in.cuda;
     KeepLevel k = KeepLevel::Input;
     if (best.offload && tokens >= 4096)
       for (KeepLevel l : {KeepLevel::Qkv, KeepLevel::Attention})
@@ -595,13 +618,16 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   if (may_stream)
     for (const ExecPlan& rung : ladder)
       for (int64_t n = 1; n <= L; ++n) {
-        if (static_cast<double>(n) * block_host_bytes(in) > static_cast<double>(in.host_bytes) / 2) break;
         ExecPlan streamed = rung;
         streamed.streamed_blocks = n;
         streamed_rungs.push_back(streamed);
       }
   candidates.insert(candidates.end(), streamed_rungs.begin(), streamed_rungs.end());
   // The least predicted step time among the candidates that fit (the first of equal ones).
+  // What a plan pins of the host's memory must leave it the rest (on the CPU nothing is pinned).
+  auto host_fits = [&](const Footprint& h) {
+    return !in.cuda || in.host_bytes == 0 || h.total() <= kHostPinnedShare * static_cast<double>(in.host_bytes);
+  };
   bool found = false;
   for (const ExecPlan& cand : candidates) {
     Footprint f = predict_footprint(in, cand);
@@ -609,16 +635,28 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     // their activation term is fitted on one row, and a run that dies of memory loses more than they gain.
     const bool keeps_blocks = !cand.checkpointing || cand.blocks_without_checkpointing > 0;
     if (d.budget_gib >= 0 && f.total() > (keeps_blocks ? 1 - kSpeedHeadroom : 1.0) * d.budget_gib * kGiB) continue;
+    Footprint h = predict_host(in, cand);
+    if (!host_fits(h)) continue;
     StepTime t = predict_step_time(in, cand);
     if (found && t.total() >= d.step.total()) continue;
     d.plan = cand;
     d.footprint = std::move(f);
+    d.host = std::move(h);
     d.step = std::move(t);
     found = true;
   }
   if (found) return d;
-  d.plan = !streamed_rungs.empty() ? streamed_rungs.back() : ladder.empty() ? candidates.back() : ladder.back();
+  // Nothing fits: the plan of least device memory is named, and the host memory it would pin where that is more
+  // than the host gives.
+  const ExecPlan* least = nullptr;
+  double least_bytes = 0;
+  for (const ExecPlan& cand : candidates) {
+    const double bytes = predict_footprint(in, cand).total();
+    if (!least || bytes < least_bytes) least = &cand, least_bytes = bytes;
+  }
+  d.plan = *least;
   d.footprint = predict_footprint(in, d.plan);
+  d.host = predict_host(in, d.plan);
   // Nothing fits: name the budget, what the leanest plan needs, and what lowers it.
   const std::string where = r.gpu_memory_gib ? "train.memory.gpu_memory_gib " + fmt_gib(*r.gpu_memory_gib * kGiB)
                                              : "the GPU's free memory (" + fmt_gib(free_gib * kGiB) + " GiB, its " +
@@ -635,11 +673,16 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
       streamed = ", or stream the block weights from the host (train.memory.weights \"host\": predicted " +
                  fmt_gib(need) + " GiB)";
   }
+  const std::string host = host_fits(d.host) ? std::string()
+                                             : " and would pin " + fmt_gib(d.host.total()) + " GiB of host memory (" +
+                                                   fmt_gib(kHostPinnedShare * static_cast<double>(in.host_bytes)) +
+                                                   " GiB is three quarters of this rank's share of the host)";
   fail_at(ErrorKind::Config, file,
           "the run does not fit " + where + (r.gpu_memory_gib ? " GiB" : "") + ": its leanest plan (" + describe(d) + ") needs " +
-              fmt_gib(d.footprint.total()) + " GiB. Lower train.micro_batch_size (now " +
+              fmt_gib(d.footprint.total()) + " GiB" + host + ". Lower train.micro_batch_size (now " +
               std::to_string(in.micro_batch) + ") or data.max_seq_len (now " + std::to_string(in.seq) +
-              "), or free train.memory's forced settings" + streamed + ", or use a GPU with more memory");
+              "), or free train.memory's forced settings" + streamed + ", or use a GPU" +
+              (host.empty() ? "" : " or a host") + " with more memory");
 }
 
 std::string describe(const Decision& d) {
@@ -692,6 +735,7 @@ Json to_json(const Decision& d) {
               {"streamed_blocks", p.streamed_blocks},
               {"budget_gib", d.budget_gib >= 0 ? Json(std::round(d.budget_gib * 1000) / 1000) : Json(nullptr)},
               {"predicted_gib", d.footprint.to_json()},
+              {"predicted_host_gib", d.host.to_json()},
               {"predicted_step_s", d.step.terms.empty() ? Json(nullptr) : d.step.to_json()}};
 }
 

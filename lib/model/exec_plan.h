@@ -110,6 +110,10 @@ struct Footprint {
 };
 
 Footprint predict_footprint(const PlanInputs& in, const ExecPlan& plan);
+// The pinned host memory a plan takes on CUDA, by term: streamed block weights, the offload pool (every checkpointed
+// block's input and kept tensors), embeddings / lm_head / AdamW's state on the host. decide_plan() takes only plans
+// that pin at most three quarters of PlanInputs::host_bytes.
+Footprint predict_host(const PlanInputs& in, const ExecPlan& plan);
 
 // The time a training step of one micro-batch (its forward and backward pass and the update) is predicted to take
 // under a plan, by term: seconds at the rates of an H200 in bf16, a cost model for comparing plans (its formula,
@@ -129,6 +133,7 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& plan);
 struct Decision {
   ExecPlan plan;
   Footprint footprint;
+  Footprint host;  // the pinned host memory it takes, by term (predict_host)
   StepTime step;
   double budget_gib = -1;  // < 0: none (CPU without an explicit budget)
   int64_t layers = 0;      // the model's blocks (for describe())
