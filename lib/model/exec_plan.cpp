@@ -611,18 +611,17 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
         }
   candidates.insert(candidates.end(), ladder.begin(), ladder.end());
   // Block weights streamed from the host, as few blocks as fit: each rung of the ladder with 1 to L of them, where
-  // there is a budget to weigh them against, every block is checkpointed, and half the host holds their NF4 bytes.
+  // there is a budget to weigh them against and every block is checkpointed (what they pin of the host is checked
+  // with the rest below).
   const bool may_stream = !stream_forced && in.cuda && !in.sharded && d.budget_gib >= 0 && !ckpt_forced_off &&
                           r.blocks_without_checkpointing.value_or(0) == 0;
-  std::vector<ExecPlan> streamed_rungs;
   if (may_stream)
     for (const ExecPlan& rung : ladder)
       for (int64_t n = 1; n <= L; ++n) {
         ExecPlan streamed = rung;
         streamed.streamed_blocks = n;
-        streamed_rungs.push_back(streamed);
+        candidates.push_back(streamed);
       }
-  candidates.insert(candidates.end(), streamed_rungs.begin(), streamed_rungs.end());
   // The least predicted step time among the candidates that fit (the first of equal ones).
   // What a plan pins of the host's memory must leave it the rest (on the CPU nothing is pinned).
   auto host_fits = [&](const Footprint& h) {
