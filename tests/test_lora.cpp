@@ -1266,6 +1266,98 @@ void check_streamed_weights(const at::Device& device, c10::ScalarType dtype, int
 }
 }  // namespace
 
+// Two steps' loss and LoRA gradients (the B factors moved between them, as the optimizer moves them: the held
+// gate / up buffer carries them in its extra columns) under `setup`, with the model's stats.
+std::vector<at::Tensor> two_steps(const std::function<void(qt::LlamaModel&)>& setup, const at::Device& device,
+                                  c10::ScalarType dtype, std::shared_ptr<qt::ModelStats>* stats) {
+  qt::LoadOptions opt{device, dtype};
+  opt.quantize_nf4 = true;
+  qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), opt);
+  qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
+  setup(m);
+  *stats = m.stats;
+  qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+  const at::Tensor ids = ref.load("input_ids", at::kLong, device), labels = ref.load("labels", at::kLong, device);
+  std::vector<at::Tensor> out;
+  for (int step = 0; step < 2; ++step) {
+    at::Tensor loss = causal_lm_loss(m, ids, labels);
+    loss.backward();
+    out.push_back(loss.detach().to(at::kFloat));
+    auto params = qt::lora_parameters(m);
+    for (auto& [key, t] : params) out.push_back(t.grad().to(at::kFloat).clone());
+    at::NoGradGuard no_grad;
+    int64_t i = 0;
+    for (auto& [key, t] : params) {
+      t.mutable_grad().zero_();
+      if (key.find("lora_B") != std::string::npos)
+        t.add_(at::sin(at::arange(t.numel(), t.options()).view(t.sizes()) + static_cast<double>(++i)) * 0.01);
+    }
+  }
+  return out;
+}
+
+void check_held_weights(const at::Device& device, c10::ScalarType dtype, bool checkpointing, bool exact) {
+  INFO(device << " " << c10::toString(dtype) << ", checkpointing " << checkpointing);
+  std::shared_ptr<qt::ModelStats> plain_stats, held_stats;
+  int64_t weights = 0, layers = 0;
+  const std::vector<at::Tensor> plain = two_steps(
+      [&](qt::LlamaModel& m) {
+        m.plan.checkpointing = checkpointing;
+        m.for_each_linear([&](const std::string&, qt::Linear&) { ++weights; });
+        layers = m.config.num_hidden_layers;
+      },
+      device, dtype, &plain_stats);
+  const std::vector<at::Tensor> held = two_steps(
+      [&](qt::LlamaModel& m) {
+        m.plan.checkpointing = checkpointing;
+        m.plan.dequantized_blocks = layers;
+        m.hold_dequantized(layers);
+        m.for_each_linear([&](const std::string& n, qt::Linear& l) {
+          INFO(n);
+          CHECK(l.held);
+          CHECK(!l.held->weight.defined());  // made on first use
+        });
+      },
+      device, dtype, &held_stats);
+  // Each weight dequantized once for the run, against about twice (three times checkpointed) a step: the forward
+  // pass, the backward pass where an input gradient is needed (not the first block's q / k / v), the recomputation.
+  REQUIRE(weights > 0);
+  CHECK(plain_stats->dequantized_weights >= 2 * (2 * weights - 3));
+  CHECK(held_stats->dequantized_weights == weights);
+  REQUIRE(plain.size() == held.size());
+  CHECK(plain.size() > 20);
+  for (size_t i = 0; i < plain.size(); ++i) {
+    INFO("tensor " << i);
+    CHECK(plain[i].abs().max().item<double>() > 0);
+    if (exact) CHECK(qt::test::same_bits(held[i], plain[i]));
+    else CHECK(rel_err(held[i], plain[i]) < 2e-2);
+  }
+  // hold_dequantized(0) lets go of them; a block count holds those blocks only.
+  qt::LoadOptions opt{device, dtype};
+  opt.quantize_nf4 = true;
+  qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), opt);
+  m.hold_dequantized(1);
+  CHECK(m.layers[0].gate_proj.held);
+  CHECK(!m.layers[1].gate_proj.held);
+  m.hold_dequantized(0);
+  CHECK(!m.layers[0].gate_proj.held);
+}
+
+TEST_CASE("blocks holding their weights dequantized give the loss and LoRA gradients of weights dequantized in each "
+          "pass, bit for bit, over two steps with the LoRA factors moved; each weight dequantized once",
+          "[lora]") {
+  check_held_weights(at::kCPU, at::kFloat, false, true);
+  check_held_weights(at::kCPU, at::kFloat, true, true);
+}
+
+TEST_CASE("blocks holding their weights dequantized on CUDA give the loss and LoRA gradients of weights dequantized "
+          "in each pass",
+          "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  check_held_weights(at::Device(at::kCUDA, 0), at::kBFloat16, false, false);
+  check_held_weights(at::Device(at::kCUDA, 0), at::kBFloat16, true, false);
+}
+
 TEST_CASE("block weights streamed from the host, all blocks or some, give the loss and LoRA gradients of weights in "
           "place, bit for bit; without checkpointing they are refused",
           "[lora]") {

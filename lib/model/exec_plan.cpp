@@ -50,6 +50,13 @@ double block_host_bytes(const PlanInputs& in) {
   return (H * q + 2 * H * kv + q * H + 3 * H * I) * per_weight + 2 * H * e;
 }
 
+// A block's linear weights (elements).
+double block_params(const LlamaConfig& c) {
+  const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
+  const double q = static_cast<double>(c.q_size()), kv = static_cast<double>(c.kv_size());
+  return H * q + 2 * H * kv + q * H + 3 * H * I;
+}
+
 // Whether keeping to `level` fits half of this rank's host memory when offloaded (the pinned pool holds every
 // layer's kept tensors at once).
 bool host_holds(const PlanInputs& in, KeepLevel level) {
@@ -82,7 +89,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   if (!json.is_object()) fail_key(ErrorKind::Config, file, "train.memory", "must be a JSON object");
   reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "blocks_without_checkpointing", "offload", "keep",
                              "keep_dequantized", "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings",
-                             "lm_head", "optimizer", "weights", "streamed_blocks"},
+                             "lm_head", "optimizer", "weights", "streamed_blocks", "dequantized_blocks"},
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
@@ -102,6 +109,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   };
   r.blocks_without_checkpointing = blocks("blocks_without_checkpointing", "");
   r.streamed_blocks = blocks("streamed_blocks", " whose weights stream from the host");
+  r.dequantized_blocks = blocks("dequantized_blocks", " whose weights stay dequantized on the device");
   if (json.contains("offload")) r.offload = tri(json["offload"], file, at + "offload");
   if (json.contains("keep_dequantized")) r.keep_dequantized = tri(json["keep_dequantized"], file, at + "keep_dequantized");
   if (json.contains("expandable_segments"))
@@ -165,7 +173,8 @@ Json PlanRequest::to_json() const {
               {"lm_head", place(lm_head_on_host)},
               {"optimizer", place(optimizer_on_host)},
               {"weights", place(weights_on_host)},
-              {"streamed_blocks", streamed_blocks ? Json(*streamed_blocks) : Json("auto")}};
+              {"streamed_blocks", streamed_blocks ? Json(*streamed_blocks) : Json("auto")},
+              {"dequantized_blocks", dequantized_blocks ? Json(*dequantized_blocks) : Json("auto")}};
 }
 
 bool streamed_block(int64_t layer, int64_t streamed, int64_t layers) {
@@ -205,6 +214,9 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   const double streamed = static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers));
   const double blocks_held = L - streamed + std::min(2.0, streamed);
   f.terms.emplace_back("base_weights", blocks_held * (block_params * per_weight * shard + 2 * H * e) + H * e);
+  // Held dequantized for the run: each such block's weights in the compute dtype too (the NF4 bytes stay).
+  f.terms.emplace_back("dequantized_weights",
+                       static_cast<double>(std::min<int64_t>(p.dequantized_blocks, c.num_hidden_layers)) * block_params * e);
   f.terms.emplace_back("embeddings", p.embeddings_on_host ? 0.0 : V * H * e);
   f.terms.emplace_back("lm_head", tied || p.lm_head_on_host ? 0.0 : V * H * e);
   // fp32 value, gradient and AdamW's two moments (those on the host with optimizer_on_host); trained-in-full
@@ -241,18 +253,22 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   // The loss: a logits tile (at most 192 MiB; 64 MiB and two staging slices when lm_head streams) and dh in fp32.
   f.terms.emplace_back("loss_chunk", (p.lm_head_on_host ? 64.0 * 1024 * 1024 + 2 * 8192 * H * e : 192.0 * 1024 * 1024) +
                                    T * H * 4);
-  // The caching allocator's reserve beyond its peak: with expandable segments 5% of the tensors and 0.05 GiB (the
-  // side streams' pools, the small-block pool, cuDNN's workspaces), else the activations' churn fragments its
-  // segments. Fitted on an H200 under budgets (docs/PERFORMANCE.md, "Memory budget"; the embeddings and lm_head
-  // loaded straight to the host): 8B with both on the host, offloaded inputs and 1024-token MLP chunks completes at
-  // 6.0 GiB for 2 x 2048 (not 5.5; predicted 5.98), at 6.25 for 1 x 8192 (not 5.75; predicted 6.29), not at 5.5
-  // for 1 x 2048 (predicted 5.83).
-  double tensors = 0;
+  // The caching allocator's reserve beyond its peak. With expandable segments: 0.65 GiB and 6% of the tensors that
+  // come and go within a block (the working set, the two offloaded blocks' kept tensors, the loss; not the weights,
+  // embeddings, LoRA and optimizer state, allocated once, nor whole blocks' saved activations, made and freed in
+  // step with the blocks: 8B 2 x 2048 without checkpointing took 21.47 GiB of the device, 0.9 less than 5% of them):
+  // the side streams' pools, the small-block pool, cuDNN's workspaces and the blocks freed at one size and wanted at
+  // another. Fitted on an H200 under budgets (docs/PERFORMANCE.md, "Memory budget", fifth session): reserved less
+  // allocated peak 0.73 GiB at 8B 1 x 4460 (1.9 GiB transient), 0.85 at 2 x 2048 (1.7), 1.16 at 1 x 32768 (8.5),
+  // 0.46 at 70B 1 x 2048 (5.4: over-predicted by half a GiB); 8B 1 x 32800 at 11.1 GiB ran out of memory where
+  // 5% of all tensors and 0.05 GiB had predicted 11.03. Without expandable segments the activations' churn fragments
+  // the segments: its size again and 0.5 GiB.
+  double churn = 0;
   for (const auto& [name, bytes] : f.terms)
-    if (name != "context_and_libraries") tensors += bytes;
-  const double churn = tensors - f.terms[1].second - f.terms[2].second - f.terms[3].second - f.terms[4].second;
+    if (name == "working_set" || name == "kept_activations" || name == "loss_chunk") churn += bytes;
   if (in.cuda)
-    f.terms.emplace_back("allocator_reserve", p.expandable_segments ? 0.05 * tensors + 0.05 * kGiB : churn + 0.5 * kGiB);
+    f.terms.emplace_back("allocator_reserve",
+                         p.expandable_segments ? 0.65 * kGiB + 0.06 * churn : churn + 0.5 * kGiB);
   return f;
 }
 
@@ -283,9 +299,9 @@ double StepTime::total() const {
 }
 
 Json StepTime::to_json() const {
-  auto rounded = [](double s) {  // to 4 significant digits (a tiny model's step takes microseconds)
-    if (s <= 0) return 0.0;
-    const double unit = std::pow(10.0, std::floor(std::log10(s)) - 3);
+  auto rounded = [](double s) {  // to 4 significant digits (a tiny model's step takes microseconds); savings < 0
+    if (s == 0) return 0.0;
+    const double unit = std::pow(10.0, std::floor(std::log10(std::abs(s))) - 3);
     return std::round(s / unit) * unit;
   };
   Json j = Json::object();
@@ -316,6 +332,11 @@ constexpr double kFlashSlowdown = 1.7;
 // NF4 dequantization, bytes read and written: about 384 launches (every 8B block's weights, three passes: 53 GB)
 // in 13.9 ms in the H200 profile (PERFORMANCE.md, "NF4 dequantization").
 constexpr double kDequantBytesPerS = 3.8e12;
+// The two dequantizations a step of every linear (forward and backward) inside the memory-bound term above, as
+// the H200 profile of 8B 2 x 2048 without checkpointing measured them (2026-12-04, fifth session): 17.8 ms for two
+// passes over the 7.0 G block weights, 1.97 TB/s of NF4 read and 16-bit written (the single linears' launches, o_proj
+// and down_proj, run at 1.3 TB/s, the grouped ones at 2.8). What a block holding its weights dequantized saves.
+constexpr double kInlineDequantBytesPerS = 1.97e12;
 // Pinned host <-> device copies: the offloaded block inputs and attention outputs of 8B 1 x 8192, 32 x 128 MiB in
 // 77.8 ms each way (the H200 profile of "Before: cuDNN's grouped K/V").
 constexpr double kPcieBytesPerS = 55e9;
@@ -380,6 +401,12 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
   t.terms.emplace_back("matrix", linears);
   t.terms.emplace_back("attention", attention);
   t.terms.emplace_back("memory_bound", L * width_s);
+  // The memory-bound term counts every block's two NF4 dequantizations a step; those holding their weights
+  // dequantized run none.
+  const double held = in.nf4 ? static_cast<double>(std::min<int64_t>(p.dequantized_blocks, c.num_hidden_layers)) : 0.0;
+  if (held > 0)
+    t.terms.emplace_back("dequantization_held", -held * 2 * block_params * (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) /
+                                                    kInlineDequantBytesPerS);
   const double block_forward = 2 * T * block_params / kMatrixFlopsPerS + 2 * S * q * T / attention_rate + width_s / 3;
   const int64_t chunks = p.mlp_chunk_tokens > 0 && in.micro_batch * in.seq > p.mlp_chunk_tokens
                              ? (in.micro_batch * in.seq + p.mlp_chunk_tokens - 1) / p.mlp_chunk_tokens
@@ -403,7 +430,10 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
     double weights = p.keep_dequantized ? 0.0 : attn_weights;
     if (chunks > 1) weights += (n - 1) * (2 * gate_up + down) + gate_up;
     else if (!p.keep_dequantized) weights += gate_up;
-    if (weights > 0 && in.nf4) t.terms.emplace_back("dequantization", recomputed_blocks * weights * dequant_s);
+    // Blocks holding their weights dequantized (the first ones, checkpointed) dequantize nothing.
+    const double held_recomputed = std::min(recomputed_blocks, held);
+    if (weights > 0 && in.nf4 && recomputed_blocks > held_recomputed)
+      t.terms.emplace_back("dequantization", (recomputed_blocks - held_recomputed) * weights * dequant_s);
     // Blocks without checkpointing whose MLP runs in chunks recompute it in the backward pass, chunk by chunk.
     if (whole > 0 && chunks > 1)
       t.terms.emplace_back("mlp_chunks_recomputed",
@@ -517,6 +547,24 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
       fail_key(ErrorKind::Config, file, key,
                "(block weights streamed from the host) is not available with train.shard \"blocks\"");
   }
+  // Blocks holding their weights dequantized, forced: NF4 weights, not streamed, not sharded.
+  if (r.dequantized_blocks.value_or(0) > 0) {
+    const std::string key = m + "dequantized_blocks";
+    if (*r.dequantized_blocks > L)
+      fail_key(ErrorKind::Config, file, key,
+               "is " + std::to_string(*r.dequantized_blocks) + ", the model has " + std::to_string(L) + " blocks");
+    if (!in.nf4)
+      fail_key(ErrorKind::Config, file, key,
+               "holds NF4 weights dequantized, and the base is not NF4 (model.quant): its 16-bit weights are used as "
+               "they are");
+    if (stream_forced.value_or(0) > 0)
+      fail_key(ErrorKind::Config, file, key,
+               "and block weights streamed from the host (train.memory.weights / streamed_blocks) exclude each other: "
+               "set one of them to 0 or \"device\"");
+    if (in.sharded)
+      fail_key(ErrorKind::Config, file, key,
+               "is not available with train.shard \"blocks\" (a sharded block's weights exist only while it runs)");
+  }
   const int64_t tokens = in.micro_batch * in.seq;
   Decision d;
   d.layers = L;
@@ -542,6 +590,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   if (tied) best.embeddings_on_host = best.lm_head_on_host = best.embeddings_on_host || best.lm_head_on_host;
   best.optimizer_on_host = r.optimizer_on_host.value_or(false);  // forced on the CPU too (the same code runs)
   best.streamed_blocks = stream_forced.value_or(0);
+  best.dequantized_blocks = r.dequantized_blocks.value_or(0);
   std::vector<ExecPlan> candidates;  // every plan weighed, in the order that settles ties
   if (may_skip) candidates.push_back(best);  // no checkpointing (ExecPlan's defaults)
   best.checkpointing = r.checkpointing.value_or(true);
@@ -614,7 +663,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // there is a budget to weigh them against and every block is checkpointed (what they pin of the host is checked
   // with the rest below).
   const bool may_stream = !stream_forced && in.cuda && !in.sharded && d.budget_gib >= 0 && !ckpt_forced_off &&
-                          r.blocks_without_checkpointing.value_or(0) == 0;
+                          r.blocks_without_checkpointing.value_or(0) == 0 && r.dequantized_blocks.value_or(0) == 0;
   if (may_stream)
     for (const ExecPlan& rung : ladder)
       for (int64_t n = 1; n <= L; ++n) {
@@ -627,13 +676,31 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   auto host_fits = [&](const Footprint& h) {
     return !in.cuda || in.host_bytes == 0 || h.total() <= kHostPinnedShare * static_cast<double>(in.host_bytes);
   };
+  // Blocks holding their weights dequantized ("auto"): each candidate that fits, with as many as the rest of the
+  // budget holds (each saves time, none costs any), where its weights are on the device and its MLP unchunked.
+  const bool may_hold = !r.dequantized_blocks && in.cuda && in.nf4 && !in.sharded && d.budget_gib >= 0;
+  const double held_block_bytes = block_params(in.model) * static_cast<double>(in.element_size);
   bool found = false;
-  for (const ExecPlan& cand : candidates) {
+  for (ExecPlan cand : candidates) {
     Footprint f = predict_footprint(in, cand);
     // Plans that keep whole blocks' activations (none or some blocks without checkpointing) fit with headroom:
     // their activation term is fitted on one row, and a run that dies of memory loses more than they gain.
     const bool keeps_blocks = !cand.checkpointing || cand.blocks_without_checkpointing > 0;
-    if (d.budget_gib >= 0 && f.total() > (keeps_blocks ? 1 - kSpeedHeadroom : 1.0) * d.budget_gib * kGiB) continue;
+    const double limit = (keeps_blocks ? 1 - kSpeedHeadroom : 1.0) * d.budget_gib * kGiB;
+    if (d.budget_gib >= 0 && f.total() > limit) continue;
+    if (may_hold && cand.streamed_blocks == 0 && cand.mlp_chunk_tokens == 0) {
+      int64_t n = std::min<int64_t>(L, static_cast<int64_t>(std::floor((limit - f.total()) / held_block_bytes)));
+      for (; n > 0; --n) {
+        ExecPlan held = cand;
+        held.dequantized_blocks = n;
+        Footprint fh = predict_footprint(in, held);
+        if (fh.total() <= limit) {
+          cand = held;
+          f = std::move(fh);
+          break;
+        }
+      }
+    }
     Footprint h = predict_host(in, cand);
     if (!host_fits(h)) continue;
     StepTime t = predict_step_time(in, cand);
@@ -702,6 +769,11 @@ std::string describe(const Decision& d) {
   if (p.embeddings_on_host) s += ", embeddings on the host";
   if (p.lm_head_on_host) s += ", lm_head streamed from the host";
   if (p.optimizer_on_host) s += ", AdamW on the host";
+  if (p.dequantized_blocks > 0)
+    s += p.dequantized_blocks >= d.layers && d.layers > 0
+             ? std::string(", every block's weights held dequantized")
+             : ", " + std::to_string(p.dequantized_blocks) + (d.layers > 0 ? " of " + std::to_string(d.layers) : std::string()) +
+                   " blocks' weights held dequantized";
   if (p.streamed_blocks > 0)
     s += p.streamed_blocks >= d.layers && d.layers > 0
              ? std::string(", block weights streamed from the host")
@@ -732,6 +804,7 @@ Json to_json(const Decision& d) {
               {"optimizer", p.optimizer_on_host ? "host" : "device"},
               {"weights", p.streamed_blocks > 0 ? "host" : "device"},
               {"streamed_blocks", p.streamed_blocks},
+              {"dequantized_blocks", p.dequantized_blocks},
               {"budget_gib", d.budget_gib >= 0 ? Json(std::round(d.budget_gib * 1000) / 1000) : Json(nullptr)},
               {"predicted_gib", d.footprint.to_json()},
               {"predicted_host_gib", d.host.to_json()},

@@ -49,6 +49,19 @@ c10::ScalarType LlamaModel::dtype() const { return norm.scalar_type(); }
 bool LlamaModel::embeddings_on_host() const { return embed_tokens.device() != device(); }
 bool LlamaModel::lm_head_on_host() const { return lm_head.device() != device(); }
 
+void LlamaModel::hold_dequantized(int64_t blocks) {
+  for (int64_t i = 0; i < static_cast<int64_t>(layers.size()); ++i) {
+    LlamaBlock& b = layers[static_cast<size_t>(i)];
+    for (Linear* l : {&b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj}) {
+      if (i < blocks && l->quantized()) {
+        if (!l->held) l->held = std::make_shared<HeldWeight>();
+      } else {
+        l->held.reset();
+      }
+    }
+  }
+}
+
 void LlamaModel::to_host(bool embeddings, bool head) {
   const bool tied = config.tie_word_embeddings || lm_head.is_same(embed_tokens);
   QT_CHECK(!tied || embeddings == head, ErrorKind::Internal,

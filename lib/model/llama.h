@@ -125,6 +125,9 @@ class LlamaModel {
   void to_host(bool embeddings, bool lm_head);
   bool embeddings_on_host() const;
   bool lm_head_on_host() const;
+  // The first `blocks` blocks' NF4 linears hold their weights dequantized for the run (plan.dequantized_blocks: a
+  // HeldWeight each, filled on first use), the others none (0: none hold).
+  void hold_dequantized(int64_t blocks);
   // The [V, H] weights the forward pass uses, in dtype(): the trainable copy when there is one (differentiable
   // while grad mode is on, detached otherwise), else the frozen tensor.
   at::Tensor embed_weight() const;

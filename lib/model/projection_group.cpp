@@ -38,25 +38,37 @@ std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
 // members' frozen biases side by side (Qwen2's q / k / v), added by the base GEMM (addmm), or undefined.
 struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   // The bases dequantized into [total, in], or with the LoRA B blocks `bd` in `extra` more columns (zero beyond
-  // bd's): [total, in + extra] = [W | bd | 0] (concat_b).
-  static at::Tensor weight(const std::vector<const Linear*>& ls, int64_t total, at::ScalarType dt,
+  // bd's): [total, in + extra] = [W | bd | 0] (concat_b). Where the group holds its weight (the first member's
+  // `held`), that buffer, dequantized on first use only (the B columns written each call); `stats` counts the
+  // dequantizations that run.
+  static at::Tensor weight(const std::vector<const Linear*>& ls, int64_t total, at::ScalarType dt, ModelStats* stats,
                            const at::Tensor& bd = {}, int64_t extra = 0) {
     const int64_t in = ls[0]->in_features();
-    at::Tensor W = at::empty({total, in + extra}, at::TensorOptions().dtype(dt).device(ls[0]->nf4->device()));
-    std::vector<const Nf4Weight*> ws;
-    std::vector<at::Tensor> outs;
-    int64_t off = 0;
-    for (const Linear* l : ls) {
-      ws.push_back(l->nf4.get());
-      outs.push_back(W.narrow(0, off, l->out_features()).narrow(1, 0, in));
-      off += l->out_features();
+    HeldWeight* held = ls[0]->held.get();
+    at::Tensor W;
+    if (held && held->weight.defined() && held->weight.scalar_type() == dt && held->weight.size(0) == total &&
+        (extra == 0 ? held->weight.size(1) >= in : held->weight.size(1) == in + extra)) {
+      W = held->weight;
+    } else {
+      W = at::empty({total, in + extra}, at::TensorOptions().dtype(dt).device(ls[0]->nf4->device()));
+      std::vector<const Nf4Weight*> ws;
+      std::vector<at::Tensor> outs;
+      int64_t off = 0;
+      for (const Linear* l : ls) {
+        ws.push_back(l->nf4.get());
+        outs.push_back(W.narrow(0, off, l->out_features()).narrow(1, 0, in));
+        off += l->out_features();
+      }
+      dequantize_group_into(ws, outs);
+      if (stats) stats->dequantized_weights += static_cast<int64_t>(ls.size());
+      if (held) held->weight = W;
     }
-    dequantize_group_into(ws, outs);
     if (extra > 0) {
       W.narrow(1, in, bd.size(1)).copy_(bd);
       if (extra > bd.size(1)) W.narrow(1, in + bd.size(1), extra - bd.size(1)).zero_();
+      return W;
     }
-    return W;
+    return W.narrow(1, 0, in);
   }
   // concat_b: the LoRA B terms inside the base GEMM by concatenation along K, y = [x | t | 0] [W | bd | 0]^T,
   // instead of an addmm over y (which reads and writes all of y: 0.94 GB for gate/up at 8k tokens of the 8B
@@ -90,16 +102,14 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       t = xc.narrow(1, in, r);
       at::mm_out(t, x2, a.t());  // [N, sum r], in place in the wider input
       if (extra > r) xc.narrow(1, in + r, extra - r).zero_();
-      W = weight(ls, total, dt, bd, extra);
-      if (pass.stats) pass.stats->dequantized_weights += static_cast<int64_t>(ls.size());
+      W = weight(ls, total, dt, pass.stats, bd, extra);
       y = bias.defined() ? at::addmm(bias, xc, W.t()) : at::mm(xc, W.t());
       W = W.narrow(1, 0, in);
       x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
       pass.count(&ModelStats::lora_b_in_gemm_runs);
     } else {
       t = at::mm(x2, a.t());  // [N, sum r]
-      W = weight(ls, total, dt);
-      if (pass.stats) pass.stats->dequantized_weights += static_cast<int64_t>(ls.size());
+      W = weight(ls, total, dt, pass.stats);
       y = bias.defined() ? at::addmm(bias, x2, W.t()) : at::mm(x2, W.t());
       y.addmm_(t, bd.t());
     }
@@ -122,8 +132,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
       auto* stats = reinterpret_cast<ModelStats*>(ctx->saved_data["stats"].toInt());
-      if (!kept.defined() && stats) stats->dequantized_weights += static_cast<int64_t>(ls.size());
-      dx = at::mm(dy, kept.defined() ? kept : weight(ls, total, dt));
+      dx = at::mm(dy, kept.defined() ? kept : weight(ls, total, dt, stats));
       dx.addmm_(g, a);
     }
     at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);  // [sum r, in]

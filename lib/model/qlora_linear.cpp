@@ -87,8 +87,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       y = at::empty({x2.size(0), l->out_features()}, x2.options());
       pass.count(&ModelStats::outputs_skipped);
     } else {
-      W = l->base_weight(dt);
-      if (l->quantized()) pass.count(&ModelStats::dequantized_weights);
+      W = frozen_weight(*l, dt, pass.stats);
       y = at::mm(x2, W.t());
       y.addmm_(t, bs.t());
     }
@@ -116,8 +115,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
       auto* stats = reinterpret_cast<ModelStats*>(ctx->saved_data["stats"].toInt());
-      if (!kept.defined() && l->quantized() && stats) ++stats->dequantized_weights;
-      dx = at::mm(dy, kept.defined() ? kept : l->base_weight(dt));
+      dx = at::mm(dy, kept.defined() ? kept : frozen_weight(*l, dt, stats));
       dx.addmm_(g, a);
     }
     at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);
@@ -237,6 +235,16 @@ int64_t Linear::in_features() const { return quantized() ? nf4->shape.at(1) : we
 
 at::Tensor Linear::base_weight(c10::ScalarType dtype) const {
   return quantized() ? nf4->dequantize(dtype) : weight.to(dtype);
+}
+
+at::Tensor frozen_weight(const Linear& l, c10::ScalarType dtype, ModelStats* stats) {
+  if (l.held && l.held->weight.defined() && l.held->weight.scalar_type() == dtype &&
+      l.held->weight.size(0) == l.out_features() && l.held->weight.size(1) == l.in_features())
+    return l.held->weight;
+  at::Tensor W = l.base_weight(dtype);
+  if (l.quantized() && stats) ++stats->dequantized_weights;
+  if (l.held && l.quantized()) l.held->weight = W;
+  return W;
 }
 
 bool lora_node_applies(const Linear& l) {

@@ -32,6 +32,13 @@ struct LoraAdapter {
   bool dora() const { return magnitude.defined(); }
 };
 
+// A block linear's frozen NF4 base dequantized once and held for the run (the plan's dequantized_blocks): made on
+// first use in the compute dtype, then read by every pass instead of dequantizing again. For a projection group
+// (q / k / v, gate / up) its first member's holds the group's weight as project_group lays it out.
+struct HeldWeight {
+  at::Tensor weight;
+};
+
 // A block linear y = x W^T (+ b) (+ LoRA). The base is either dense (`weight`) or frozen NF4 (`nf4`), never both;
 // the bias (attention_bias / mlp_bias) is always dense, even beside an NF4 base.
 struct Linear {
@@ -39,6 +46,9 @@ struct Linear {
   at::Tensor bias;                   // optional dense bias [out]; undefined when the config has none
   std::shared_ptr<Nf4Weight> nf4;    // frozen NF4 base; dequantized just in time, never kept in 16-bit
   std::shared_ptr<LoraAdapter> lora;  // null when the layer is not a LoRA target
+  // Non-null: the NF4 base dequantized is held here for the run (the LoRA node and project_group read it; DoRA and
+  // dropout's paths dequantize as before). Null: dequantized just in time.
+  std::shared_ptr<HeldWeight> held;
   bool training = false;              // LoRA dropout is active only while training
 
   bool quantized() const { return static_cast<bool>(nf4); }
@@ -65,6 +75,10 @@ at::Tensor linear_output_unused(const Linear& l, const at::Tensor& x, const Pass
 // LoRA node that keeps gate_up and recomputes the SwiGLU in its backward pass instead of keeping its [.., I] output
 // (swiglu_packed then l.forward keep both). Undefined where the LoRA node does not apply (or there is a bias).
 at::Tensor swiglu_linear(const Linear& l, const at::Tensor& gate_up, const Pass& pass, bool output_unused);
+
+// The 16-bit base weight [out, in] of a frozen linear for a pass: the held one where the linear holds it (made now on
+// first use), else dequantized now (NF4) or cast. `stats` counts the dequantizations that run.
+at::Tensor frozen_weight(const Linear& l, c10::ScalarType dtype, ModelStats* stats);
 
 // y = x W^T with W dequantized from NF4 into a scratch buffer in the forward pass and again in the backward
 // pass (the QLoRA recipe: no 16-bit copy of W lives between them). Gradient flows to x only.

@@ -15,6 +15,7 @@
 #include "lib/core/error.h"
 #include "lib/core/files.h"
 #include "lib/core/log.h"
+#include "lib/kernels/attention_core.h"
 #include "lib/kernels/fused_linear_ce.h"
 #include "lib/kernels/streamed_linear_ce.h"
 #include "lib/model/merge.h"
@@ -43,6 +44,26 @@ TestHooks TestHooks::from_env() {
 }
 
 namespace {
+
+// The CUDA libraries' handles, made before the model takes the device's memory. cuBLAS, cuBLASLt and cuDNN make a
+// handle per thread on first use (cublasCreate and cudnnCreate allocate device memory outside the caching
+// allocator), and the backward pass runs on autograd's device thread, whose first GEMM would otherwise make them in
+// the first step's backward pass, when a run planned to its budget's edge has left nothing outside the allocator's
+// segments: 8B 1 x 61100 at a 14.9 GiB budget ended in CUBLAS_STATUS_ALLOC_FAILED from cublasCreate (H200,
+// 2026-12-04). A small forward and backward pass through a GEMM, a GEMM with a bias and causal attention in the
+// compute dtype makes them on both threads. Their memory is part of the plan's context_and_libraries term.
+void warm_cuda_libraries(const at::Device& device, c10::ScalarType dtype) {
+  const auto opt = at::TensorOptions().device(device).dtype(dtype);
+  at::Tensor x = at::randn({128, 64}, opt).requires_grad_(true);
+  at::Tensor w = at::randn({64, 64}, opt).requires_grad_(true);
+  at::Tensor b = at::randn({64}, opt).requires_grad_(true);
+  at::Tensor y = at::addmm(b, at::mm(x, w), w.t());
+  if (dtype != at::kFloat) {
+    at::Tensor q = y.view({1, 128, 1, 64}).transpose(1, 2);
+    if (causal_attention_supported(q)) y = causal_attention(q, q, q, 0.125, /*prefer_cudnn=*/true, nullptr);
+  }
+  y.to(at::kFloat).sum().backward();
+}
 
 at::Device resolve_device(const std::string& name, const LaunchEnv& env) {
   if (name == "cpu") return at::kCPU;
@@ -267,7 +288,10 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
   const PlanInputs plan_in = plan_inputs(cfg, d.model_config, s.micro, d.data->max_seq_len(), s.device, s.dtype, s.world,
                                          s.env.local_world_size);
   m.decision = decide_plan(plan_in, cfg.train.memory, device_free_gib(s.device.is_cuda(), s.device.index()));
-  if (s.device.is_cuda()) apply_allocator_settings(m.decision.plan);
+  if (s.device.is_cuda()) {
+    apply_allocator_settings(m.decision.plan);
+    warm_cuda_libraries(s.device, s.dtype);
+  }
   if (s.rank0) log::info("plan: " + describe(m.decision));
   // The NF4 base quantized as it streams in; the embeddings and lm_head straight to where the plan keeps them.
   m.load = LoadOptions{s.device, s.dtype};
@@ -282,6 +306,7 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
   // any directory.
   m.base_name = cfg.model.path.empty() ? "random:" + cfg.model.shape : files::absolute(cfg.model.path);
   model.plan = m.decision.plan;
+  model.hold_dequantized(model.plan.dequantized_blocks);
   // The training shape first among the shapes cuDNN is admitted for, before an exact-match evaluation's
   // generation (a new length every token) could take the slots.
   if (s.device.is_cuda()) model.cudnn_admits(s.micro, d.data->max_seq_len());

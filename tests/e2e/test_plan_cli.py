@@ -33,6 +33,8 @@ def main():
         check(not decided[-1][1]["checkpointing"] and not decided[3][1]["checkpointing"],
               "24 and 80 GiB: no checkpointing (the whole model's activations fit)")
         check(0 < decided[2][1]["blocks_without_checkpointing"] < 32, "16 GiB: some of the last blocks without checkpointing")
+        check(decided[-1][1]["dequantized_blocks"] == 32 and decided[0][1]["dequantized_blocks"] == 0,
+              "80 GiB: every block's weights held dequantized; 8 GiB: none")
 
     p, _ = plan("--shape", "llama-3.1-70b", "--seq", 8192, "--gpu-memory-gib", 24, "--host-gib", 128,
                 "--set", "train.memory.weights=device")
