@@ -167,8 +167,8 @@ TEST_CASE("a budget picks the fastest plan that fits, a smaller budget never nee
   CHECK(has(refused->what(),
             "the run does not fit train.memory.gpu_memory_gib 2.00 GiB: its leanest plan (checkpointing, offloaded, "
             "keep input, MLP in chunks of 1024 tokens, cuDNN attention, expandable segments, embeddings on the host, "
-            "lm_head streamed from the host, AdamW on the host, block weights streamed from the host; predicted 2.93 GiB "
-            "of a 2.00 GiB budget) needs 2.93 GiB. Lower "
+            "lm_head streamed from the host, AdamW on the host, block weights streamed from the host; predicted 3.00 GiB "
+            "of a 2.00 GiB budget) needs 3.00 GiB. Lower "
             "train.micro_batch_size (now 2) or data.max_seq_len (now 2048), or free train.memory's forced settings, "
             "or use a GPU with more memory"));
   // At 8 GiB, 8B at 8k keeps the embeddings on the host and chunks the MLP with lm_head still on the device; at 7
@@ -415,6 +415,7 @@ TEST_CASE("the cost model predicts the measured H200 step times of docs/PERFORMA
     double tokens_per_s;
     double bound;
     int64_t streamed = 0;  // blocks whose weights streamed from the host
+    int64_t held = 0;      // blocks holding their weights dequantized
   };
   using K = qt::KeepLevel;
   const char* b8 = "llama-3.1-8b";
@@ -449,6 +450,21 @@ TEST_CASE("the cost model predicts the measured H200 step times of docs/PERFORMA
        27},
       {"70B 1x8192 63 of 80 streamed at 22.3 GiB", b70, 1, 8192, true, 0, true, K::Qkv, false, 0, false, false, 1335, 0.15,
        63},
+      // Fifth session: every block's weights held dequantized on the whole GPU (two calls at 2 x 2048); the budget
+      // rows, each at its budget's edge (device memory = budget), 0-20% slower than predicted there (the
+      // longest rows most).
+      {"8B 2x2048 no checkpointing, every block held", b8, 2, 2048, false, 0, false, K::Input, false, 0, false, false,
+       17117, 0.05, 0, 32},
+      {"8B 1x8192 no checkpointing, every block held", b8, 1, 8192, false, 0, false, K::Input, false, 0, false, false,
+       14623, 0.05, 0, 32},
+      {"8B 2x2048 17 of 32 streamed at 8 GiB", b8, 2, 2048, true, 0, true, K::Qkv, true, 0, false, false, 12414, 0.05, 17},
+      {"8B 1x8192 16 of 32 streamed at 9 GiB", b8, 1, 8192, true, 0, true, K::Qkv, false, 0, false, false, 10817, 0.08, 16},
+      {"8B 1x4460 26 of 32 streamed at 7.4 GiB", b8, 1, 4460, true, 0, true, K::Qkv, true, 0, false, false, 11124, 0.08, 26},
+      {"8B 1x32768 30 of 32 streamed at 14 GiB", b8, 1, 32768, true, 0, true, K::Qkv, false, 0, false, false, 7351, 0.15, 30},
+      {"8B 1x32800 29 of 32 streamed at 11.1 GiB", b8, 1, 32800, true, 0, true, K::Qkv, false, 8192, false, false, 6958, 0.20,
+       29},
+      {"70B 1x15104 26 of 80 streamed at 44.7 GiB", b70, 1, 15104, true, 0, true, K::Qkv, false, 0, false, false, 1296, 0.12,
+       26},
   };
   for (const Row& r : rows) {
     INFO(r.what);
@@ -463,6 +479,7 @@ TEST_CASE("the cost model predicts the measured H200 step times of docs/PERFORMA
     p.embeddings_on_host = r.embeddings_on_host;
     p.lm_head_on_host = r.lm_head_on_host;
     p.streamed_blocks = r.streamed;
+    p.dequantized_blocks = r.held;
     const double measured = static_cast<double>(r.micro * r.seq) / r.tokens_per_s;
     const double predicted = qt::predict_step_time(inputs(r.shape, r.micro, r.seq), p).total();
     INFO("predicted " << predicted << " s, measured " << measured << " s");
@@ -757,9 +774,9 @@ TEST_CASE("blocks hold their weights dequantized where the budget has room: as m
   none.dequantized_blocks = 0;
   const double saved = qt::predict_step_time(in, none).total() - big.step.total();
   INFO("saved " << saved << " s");
-  CHECK(saved > 0.015);  // the H200 profile: 17.8 ms of dequantization a step
-  CHECK(saved < 0.020);
-  CHECK(term(big.step.terms, "dequantization_held") == Approx(-saved));
+  CHECK(saved > 0.007);  // measured on an H200: 8.7 ms a step (17,066 against 16,517 tok/s)
+  CHECK(saved < 0.011);
+  CHECK(std::abs(term(big.step.terms, "dequantization_held") + saved) < 1e-9);
   const qt::Json j = qt::to_json(big);
   CHECK(j["dequantized_blocks"] == L);
   CHECK(j["predicted_step_s"]["dequantization_held"].get<double>() < 0);
@@ -802,9 +819,9 @@ TEST_CASE("blocks hold their weights dequantized where the budget has room: as m
   forced.dequantized_blocks = 0;
   const qt::Decision zero = qt::decide_plan(in, forced);
   CHECK(zero.plan.dequantized_blocks == 0);
-  CHECK(term(zero.step.terms, "dequantization") - term(four.step.terms, "dequantization") ==
-        Approx(4.0 / 32 * term(zero.step.terms, "dequantization")));
-  CHECK(zero.footprint.total() - four.footprint.total() == Approx(-4 * block_bytes));
+  CHECK(std::abs(term(zero.step.terms, "dequantization") - term(four.step.terms, "dequantization") -
+                 4.0 / 32 * term(zero.step.terms, "dequantization")) < 1e-9);
+  CHECK(std::abs(four.footprint.total() - zero.footprint.total() - 4 * block_bytes) < 1e-3 * block_bytes);
   // Refused: more blocks than the model has, beside streamed weights, with sharded blocks, on a 16-bit base.
   forced.dequantized_blocks = L + 1;
   auto e = error_of(in, forced);

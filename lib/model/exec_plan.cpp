@@ -234,9 +234,15 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   const double attn_acts = e * T * (2 * H + q + 2 * kv + (c.qk_norm ? q + 2 * kv : 0.0));
   const double block_acts = attn_acts + e * mlp_tokens * 3 * I;
   const double block_work = attn_acts + e * mlp_tokens * 4 * I;
+  // With the MLP in chunks the block's backward pass also holds the attention backward's fp32 accumulator of dq
+  // over every token (4 bytes a token and query element: 0.5 GiB at 32k tokens of the 8B shape): 8B 1 x 32800 at
+  // 11.1 GiB peaked 0.25 GiB above the predicted tensors and 1 x 61100 at 14.9 GiB ran out of memory by 0.03 GiB
+  // (H200, fifth session), both chunked. Without chunks the 1.5 blocks' work fitted above covers it (8B 1 x 32768
+  // keeping attention: 0.26 GiB below the prediction).
+  const double attention_backward = mlp_tokens < T ? 4 * T * q : 0.0;
   if (!p.checkpointing) {
     f.terms.emplace_back("activations", L * block_acts);
-    f.terms.emplace_back("working_set", 0.5 * block_work);
+    f.terms.emplace_back("working_set", 0.5 * block_work + attention_backward);
   } else {
     // Kept per block: its input and the keep ladder's tensors, all layers on the device, or two blocks' (the one
     // in its backward pass and the one fetched ahead) when offloaded.
@@ -247,7 +253,8 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
     if (whole > 0) f.terms.emplace_back("activations", whole * block_acts);
     // One block's recomputation and backward: its activations and their gradients (fitted: 1.5 blocks' worth),
     // the 16-bit weights dequantized for it (the block's when kept, else the largest group, gate and up).
-    f.terms.emplace_back("working_set", 1.5 * block_work + (p.keep_dequantized ? block_params * e : 2 * H * I * e));
+    f.terms.emplace_back("working_set", 1.5 * block_work + attention_backward +
+                                            (p.keep_dequantized ? block_params * e : 2 * H * I * e));
   }
   if (p.keep_dequantized) f.terms.emplace_back("lora_factor_cache", 0.5 * static_cast<double>(in.lora_params) * e);
   // The loss: a logits tile (at most 192 MiB; 64 MiB and two staging slices when lm_head streams) and dh in fp32.
@@ -332,11 +339,13 @@ constexpr double kFlashSlowdown = 1.7;
 // NF4 dequantization, bytes read and written: about 384 launches (every 8B block's weights, three passes: 53 GB)
 // in 13.9 ms in the H200 profile (PERFORMANCE.md, "NF4 dequantization").
 constexpr double kDequantBytesPerS = 3.8e12;
-// The two dequantizations a step of every linear (forward and backward) inside the memory-bound term above, as
-// the H200 profile of 8B 2 x 2048 without checkpointing measured them (2026-12-04, fifth session): 17.8 ms for two
-// passes over the 7.0 G block weights, 1.97 TB/s of NF4 read and 16-bit written (the single linears' launches, o_proj
-// and down_proj, run at 1.3 TB/s, the grouped ones at 2.8). What a block holding its weights dequantized saves.
-constexpr double kInlineDequantBytesPerS = 1.97e12;
+// The two dequantizations a step of every linear (forward and backward) inside the memory-bound term above: what a
+// block holding its weights dequantized saves, as a rate over the NF4 bytes read and 16-bit bytes written. Measured
+// on an H200 (fifth session, 8B 2 x 2048 without checkpointing, one call): every block held 17,066 tok/s, none
+// 16,517, 8.7 ms a step for two passes over the 7.0 G block weights (4.0 TB/s), where the profile of the step
+// without them counts 17.8 ms of dequantization kernels: the held path's GEMMs read the B columns' wider rows and
+// gate / up's B columns are rewritten each pass, and not all of the kernels' time was on the critical path.
+constexpr double kInlineDequantBytesPerS = 4.0e12;
 // Pinned host <-> device copies: the offloaded block inputs and attention outputs of 8B 1 x 8192, 32 x 128 MiB in
 // 77.8 ms each way (the H200 profile of "Before: cuDNN's grouped K/V").
 constexpr double kPcieBytesPerS = 55e9;
