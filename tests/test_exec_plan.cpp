@@ -39,6 +39,34 @@ std::optional<qt::Error> error_of(const qt::PlanInputs& in, const qt::PlanReques
 
 using qt::test::has;
 
+// A plan measured on the H200: the fields the measured rows name, expandable segments on.
+struct MeasuredPlan {
+  bool checkpointing = false;
+  int64_t whole = 0;  // blocks without checkpointing
+  bool offload = false;
+  qt::KeepLevel keep = qt::KeepLevel::Input;
+  bool keep_dequantized = false;
+  int64_t chunk = 0;
+  bool embeddings_on_host = false, lm_head_on_host = false;
+  int64_t streamed = 0, held = 0;
+
+  qt::ExecPlan plan() const {
+    qt::ExecPlan p;
+    p.checkpointing = checkpointing;
+    p.blocks_without_checkpointing = whole;
+    p.offload = offload;
+    p.keep = keep;
+    p.keep_dequantized = keep_dequantized;
+    p.mlp_chunk_tokens = chunk;
+    p.expandable_segments = true;
+    p.embeddings_on_host = embeddings_on_host;
+    p.lm_head_on_host = lm_head_on_host;
+    p.streamed_blocks = streamed;
+    p.dequantized_blocks = held;
+    return p;
+  }
+};
+
 }  // namespace
 
 TEST_CASE("without a budget the plan is the measured defaults of each bench row", "[plan]") {
@@ -468,18 +496,10 @@ TEST_CASE("the cost model predicts the measured H200 step times of docs/PERFORMA
   };
   for (const Row& r : rows) {
     INFO(r.what);
-    qt::ExecPlan p;
-    p.checkpointing = r.checkpointing;
-    p.blocks_without_checkpointing = r.whole;
-    p.offload = r.offload;
-    p.keep = r.keep;
-    p.keep_dequantized = r.keep_dequantized;
-    p.mlp_chunk_tokens = r.chunk;
-    p.expandable_segments = true;
-    p.embeddings_on_host = r.embeddings_on_host;
-    p.lm_head_on_host = r.lm_head_on_host;
-    p.streamed_blocks = r.streamed;
-    p.dequantized_blocks = r.held;
+    const qt::ExecPlan p = MeasuredPlan{r.checkpointing,      r.whole,           r.offload,  r.keep,
+                                        r.keep_dequantized,   r.chunk,           r.embeddings_on_host,
+                                        r.lm_head_on_host,    r.streamed,        r.held}
+                               .plan();
     const double measured = static_cast<double>(r.micro * r.seq) / r.tokens_per_s;
     const double predicted = qt::predict_step_time(inputs(r.shape, r.micro, r.seq), p).total();
     INFO("predicted " << predicted << " s, measured " << measured << " s");
@@ -905,16 +925,9 @@ TEST_CASE("the footprint against the H200's runs: what completed within a few pe
     INFO(row.what);
     qt::PlanInputs in = inputs(row.shape, row.micro, row.seq);
     in.lora_params = in.lora_params / 16 * row.r;
-    qt::ExecPlan p;
-    p.checkpointing = row.checkpointing;
-    p.offload = row.offload;
-    p.keep = row.keep;
-    p.keep_dequantized = row.keep_dequantized;
-    p.embeddings_on_host = row.embeddings_on_host;
-    p.mlp_chunk_tokens = row.chunk;
-    p.streamed_blocks = row.streamed;
-    p.dequantized_blocks = row.held;
-    p.expandable_segments = true;
+    const qt::ExecPlan p = MeasuredPlan{row.checkpointing, 0, row.offload, row.keep, row.keep_dequantized, row.chunk,
+                                        row.embeddings_on_host, false, row.streamed, row.held}
+                               .plan();
     const double predicted = qt::predict_footprint(in, p).total() / kGiB;
     INFO("predicted " << predicted << " GiB, measured " << row.gib << " GiB");
     if (row.completed) {

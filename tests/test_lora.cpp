@@ -49,14 +49,20 @@ qt::LoadOptions nf4_load() {
 // The NF4 base of the LoRA fixtures with the all_targets adapter, on `device` in `dtype`, set up by `setup`: its
 // loss on the reference batch, then every LoRA gradient (fp32, in lora_parameters' order).
 // `after` runs once the backward pass is done, the model still alive.
-std::vector<at::Tensor> fixture_loss_and_grads(const std::function<void(qt::LlamaModel&)>& setup,
-                                               const at::Device& device = at::kCPU,
-                                               c10::ScalarType dtype = at::kFloat,
-                                               const std::function<void(qt::LlamaModel&)>& after = {}) {
+// The NF4 fixture base with the all-targets PEFT adapter.
+qt::LlamaModel fixture_model(const at::Device& device, c10::ScalarType dtype) {
   qt::LoadOptions opt{device, dtype};
   opt.quantize_nf4 = true;
   qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), opt);
   qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
+  return m;
+}
+
+std::vector<at::Tensor> fixture_loss_and_grads(const std::function<void(qt::LlamaModel&)>& setup,
+                                               const at::Device& device = at::kCPU,
+                                               c10::ScalarType dtype = at::kFloat,
+                                               const std::function<void(qt::LlamaModel&)>& after = {}) {
+  qt::LlamaModel m = fixture_model(device, dtype);
   setup(m);
   qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
   at::Tensor loss = causal_lm_loss(m, ref.load("input_ids", at::kLong, device), ref.load("labels", at::kLong, device));
@@ -1270,10 +1276,7 @@ void check_streamed_weights(const at::Device& device, c10::ScalarType dtype, int
 // gate / up buffer carries them in its extra columns) under `setup`, with the model's stats.
 std::vector<at::Tensor> two_steps(const std::function<void(qt::LlamaModel&)>& setup, const at::Device& device,
                                   c10::ScalarType dtype, std::shared_ptr<qt::ModelStats>* stats) {
-  qt::LoadOptions opt{device, dtype};
-  opt.quantize_nf4 = true;
-  qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), opt);
-  qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
+  qt::LlamaModel m = fixture_model(device, dtype);
   setup(m);
   *stats = m.stats;
   qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
