@@ -533,27 +533,45 @@ def main():
                         emit(peer_run(budget))
     pathlib.Path(a.out).mkdir(parents=True, exist_ok=True)
     pathlib.Path(a.out, "bench.json").write_text(json.dumps(dict(matrix_rate=rate, results=results), indent=1))
-    print(f"\n| row | system | budget GiB | tok/s | peak GiB | device GiB | MFU | ours / this |  "
-          f"(bf16 matrix rate {rate / 1e12:.0f} TFLOP/s; MFU: 4N + attention)")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n" + "\n".join(table(rows, results, rate)))
+
+
+def table(rows, results, rate):
+    """The markdown table of a run: every case, its MFU and our ratio at the same budget; and where a peer ran in
+    several modes (Unsloth's checkpointing 1, u, 0), a line for its best that completed at each budget, with ours
+    against it (issue 27: ours against the peer's best mode that fits)."""
+    out = [f"| row | system | budget GiB | tok/s | peak GiB | device GiB | MFU | ours / this |  "
+           f"(bf16 matrix rate {rate / 1e12:.0f} TFLOP/s; MFU: 4N + attention)", "|---|---|---|---|---|---|---|---|"]
     for shape, b, s, docs in rows:
         row = [x for x in results if x.get("model") == shape and x.get("batch") == b and x.get("seq") == s
                and x.get("docs", 0) == docs]
+        name = f"{shape} {b}x{s}{f' packed {docs}' if docs else ''}"
         flops = next((x["model_flops_per_token"] for x in row if "model_flops_per_token" in x), None)
-        for r in row:
+
+        def line(r, system):
             label = (f"least: {r.get('budget_gib')}" if r.get("search")
                      else r["budget_gib"] if r.get("budget_gib") is not None else "whole GPU")
-            system = r["system"] + (f" ({r['grad_ckpt']})" if "grad_ckpt" in r and r["system"] == "unsloth" else "")
             if "tok_per_s" not in r:
-                print(f"| {shape} {b}x{s}{f' packed {docs}' if docs else ''} | {system} | {label} | {r.get('error', '?')[:60]} | | | | |")
-                continue
+                return f"| {name} | {system} | {label} | {r.get('error', '?')[:60]} | | | | |"
             mine = next((x for x in row if x["system"] == "qlora-train" and x.get("budget_gib") == r.get("budget_gib")
                          and bool(x.get("search")) == bool(r.get("search")) and "tok_per_s" in x), None)
             mfu = f"{100 * r['tok_per_s'] * flops / rate:.1f}%" if flops else "?"
             ratio = (f"{mine['tok_per_s'] / r['tok_per_s']:.2f}x speed, {mine['device_gib'] / r['device_gib']:.2f}x device mem"
                      if mine and r is not mine and r.get("device_gib") else "")
-            print(f"| {shape} {b}x{s}{f' packed {docs}' if docs else ''} | {system} | {label} | {r['tok_per_s']:,} | {r['peak_gib']} | "
-                  f"{r.get('device_gib', '?')} | {mfu} | {ratio} |")
+            return (f"| {name} | {system} | {label} | {r['tok_per_s']:,} | {r['peak_gib']} | "
+                    f"{r.get('device_gib', '?')} | {mfu} | {ratio} |")
+
+        for r in row:
+            out.append(line(r, r["system"] + (f" ({r['grad_ckpt']})" if "grad_ckpt" in r and r["system"] == "unsloth" else "")))
+        peers = sorted({x["system"] for x in row if x["system"] != "qlora-train"})
+        for peer in peers:
+            for budget in dict.fromkeys(x.get("budget_gib") for x in row if x["system"] == peer and not x.get("search")):
+                done = [x for x in row if x["system"] == peer and x.get("budget_gib") == budget and not x.get("search")
+                        and "tok_per_s" in x]
+                if len({x.get("grad_ckpt") for x in row if x["system"] == peer and x.get("budget_gib") == budget}) > 1 and done:
+                    best = max(done, key=lambda x: x["tok_per_s"])
+                    out.append(line(best, f"{peer}'s best ({best.get('grad_ckpt')})"))
+    return out
 
 
 if __name__ == "__main__":
