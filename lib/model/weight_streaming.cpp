@@ -71,7 +71,6 @@ StreamedWeights::StreamedWeights(LlamaModel& model, int64_t streamed) : model_(m
     // The block's tensors move into one host arena at the offsets they take in a device buffer (on the CPU host
     // and device are one memory: each fetch is still a copy); the loader's copies go.
     const at::Tensor arena = host_arena(bytes, device_.is_cuda());
-    units_[i].arena = arena;
     for (Entry& e : units_[i].entries) {
       const at::Tensor now = e.slot->contiguous();
       e.host = arena.narrow(0, e.offset, now.numel() * static_cast<int64_t>(now.element_size()))
@@ -122,12 +121,8 @@ void StreamedWeights::issue(Unit& u) {
     const int64_t n = e.host.numel() * static_cast<int64_t>(e.host.element_size());
     return buffers_[b].narrow(0, e.offset, n).view(e.host.scalar_type()).view(e.host.sizes());
   };
-  // The arena holds the block's tensors at their offsets in a buffer: one copy of its bytes fetches them all (one
-  // transfer for the copy engine, where a copy per tensor took some 30 small ones a block).
-  at::Tensor dst = buffers_[b].narrow(0, 0, u.arena.numel());
   if (!device_.is_cuda()) {
-    dst.copy_(u.arena);
-    for (const Entry& e : u.entries) u.device.push_back(view(e));
+    for (const Entry& e : u.entries) u.device.push_back(view(e).copy_(e.host));
     ++fetches_;
     return;
   }
@@ -140,11 +135,14 @@ void StreamedWeights::issue(Unit& u) {
   before.record(compute);
   before.block(side);
   // The buffer's last holder was read by compute-stream work issued before now: the side stream waits for it.
-  {
-    c10::cuda::CUDAStreamGuard on_side(side);
-    dst.copy_(u.arena, /*non_blocking=*/true);
+  for (const Entry& e : u.entries) {
+    at::Tensor d = view(e);
+    {
+      c10::cuda::CUDAStreamGuard on_side(side);
+      d.copy_(e.host, /*non_blocking=*/true);
+    }
+    u.device.push_back(std::move(d));
   }
-  for (const Entry& e : u.entries) u.device.push_back(view(e));
   auto ready = std::make_shared<at::cuda::CUDAEvent>();
   ready->record(side);
   u.ready = ready;

@@ -57,7 +57,6 @@ class StreamedWeights : public BlockHooks {
   struct Unit {
     bool streamed = false;           // else resident: its tensors stay on the device, no hook work
     std::vector<Entry> entries;
-    at::Tensor arena;                // the block's host bytes, laid out as in a buffer: one copy fetches them all
     std::vector<at::Tensor> device;  // the copies (issued or ready), one per entry
     bool on_device = false;          // the slots hold the device copies
     std::shared_ptr<void> ready;     // CUDA: the side stream's event after the copies (null: none pending)
