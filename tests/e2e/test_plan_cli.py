@@ -59,14 +59,14 @@ def main():
     # scripts/fit_table.py: the plan for each model, context and card, as a markdown table.
     script = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "fit_table.py"
     t = subprocess.run([sys.executable, str(script), "--binary", BIN, "--shapes", "llama-3.1-8b,llama-3.1-70b",
-                        "--seqs", "32768", "--cards", "6,80"], capture_output=True, text=True)
+                        "--seqs", "32768", "--cards", "8,80"], capture_output=True, text=True)
     rows = [l for l in t.stdout.splitlines() if l.startswith("| llama")]
     check(t.returncode == 0 and len(rows) == 2, f"fit_table: a row per model ({t.stderr.strip()[-300:]})")
     if len(rows) == 2:
         eight, seventy = ([c.strip() for c in r.strip("|").split("|")] for r in rows)
-        check(eight[2].startswith("fits") and eight[3] == "fits", f"8B 1 x 32768 fits a 6 GB card and an 80 GB one: {eight}")
+        check(eight[2].startswith("fits") and eight[3] == "fits", f"8B 1 x 32768 fits an 8 GB card and an 80 GB one: {eight}")
         check(seventy[2].startswith("no (") and "GiB)" in seventy[2] and seventy[3] == "fits",
-              f"70B 1 x 32768 does not fit a 6 GB card (the figure it needs), fits an 80 GB one: {seventy}")
+              f"70B 1 x 32768 does not fit an 8 GB card (the figure it needs), fits an 80 GB one: {seventy}")
 
     import shutil
     if shutil.which("nvidia-smi") is None:
