@@ -353,6 +353,8 @@ constexpr double kPcieBytesPerS = 55e9;
 // the [tokens, H] rows. Fitted: 8B 2 x 2048 at an 8 GiB budget (11,589 tok/s) and 1 x 8192 at 9 GiB (10,290),
 // both with the embeddings on the host, give the same figure (1.42 and 1.41 GB/s) after the other terms: far below
 // a host copy's bandwidth, so the gather and pin_memory on the host, before the GPU has work, are what it counts.
+// (Fitted before the rows were gathered straight into a reused pinned block, without at::embedding's fresh tensor
+// and pin_memory's second copy: 5-10 times faster on the CPU; to refit on the GPU.)
 constexpr double kHostRowsBytesPerS = 1.4e9;
 // A block run without checkpointing while others are checkpointed saves about half the recomputation it avoids:
 // 8B 2 x 2048 with the last 16 of 32 blocks without checkpointing ran 0.3026 s a step against 0.3201 s with all 32
