@@ -343,8 +343,8 @@ constexpr double kDequantBytesPerS = 3.8e12;
 // block holding its weights dequantized saves, as a rate over the NF4 bytes read and 16-bit bytes written. Measured
 // on an H200 (fifth session, 8B 2 x 2048 without checkpointing, one call): every block held 17,066 tok/s, none
 // 16,517, 8.7 ms a step for two passes over the 7.0 G block weights (4.0 TB/s), where the profile of the step
-// without them counts 17.8 ms of dequantization kernels: the held path's GEMMs read the B columns' wider rows and
-// gate / up's B columns are rewritten each pass, and not all of the kernels' time was on the critical path.
+// without them counts 17.8 ms of dequantization kernels (not profiled with them: the backward GEMMs reading gate /
+// up's held weight as a view of its wider [W | B | 0] rows may be slower, for one).
 constexpr double kInlineDequantBytesPerS = 4.0e12;
 // Pinned host <-> device copies: the offloaded block inputs and attention outputs of 8B 1 x 8192, 32 x 128 MiB in
 // 77.8 ms each way (the H200 profile of "Before: cuDNN's grouped K/V").

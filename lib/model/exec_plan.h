@@ -57,7 +57,6 @@ struct ExecPlan {
 
   bool keeps(KeepLevel level) const { return checkpointing && keep >= level; }
   bool weights_on_host() const { return streamed_blocks > 0; }
-  bool holds_dequantized(int64_t layer) const { return layer < dequantized_blocks; }
 };
 
 // Whether block `layer` of `layers` is one of `streamed` whose weights live on the host: spread evenly (every
