@@ -194,7 +194,7 @@ def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None, d
     r = json.loads(p.stdout.strip().splitlines()[-1])
     return dict(base, step_s=round(r["step_s"], 4), tok_per_s=round(r["tokens_per_s"]), peak_gib=round(r["peak_gib"], 2),
                 reserved_gib=round(r.get("reserved_peak_gib") or 0, 2), device_gib=dev.gib(), model_flops_per_token=r["model_flops_per_token"],
-                **({"plan": r["plan"]} if "plan" in r else {}))
+                **({"plan": r["plan"]} if "plan" in r else {}), **({"allocator": r["allocator"]} if r.get("allocator") else {}))
 
 
 def parse_rows(spec):
@@ -558,7 +558,9 @@ def table(rows, results, rate):
             mfu = f"{100 * r['tok_per_s'] * flops / rate:.1f}%" if flops else "?"
             ratio = (f"{mine['tok_per_s'] / r['tok_per_s']:.2f}x speed, {mine['device_gib'] / r['device_gib']:.2f}x device mem"
                      if mine and r is not mine and r.get("device_gib") else "")
-            return (f"| {name} | {system} | {label} | {r['tok_per_s']:,} | {r['peak_gib']} | "
+            frees = (r.get("allocator") or {}).get("device_frees_timed", 0)
+            churn = f" ({frees} cudaFree in the timed steps)" if frees else ""
+            return (f"| {name} | {system} | {label} | {r['tok_per_s']:,}{churn} | {r['peak_gib']} | "
                     f"{r.get('device_gib', '?')} | {mfu} | {ratio} |")
 
         for r in row:

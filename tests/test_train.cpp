@@ -1,5 +1,7 @@
 // Training-loop pieces against torch and transformers: AdamW, LR schedules, clipping, checkpointing, config.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -11,6 +13,7 @@
 #include "lib/train/neftune.h"
 #include "lib/model/lora.h"
 #include "lib/train/run_config.h"
+#include "lib/train/train_stages.h"
 #include "lib/train/trainer.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
@@ -248,3 +251,44 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   expect(ok, {"optim.warmup_ratio", "[0, 1]"}, {"optim.warmup_ratio=2"});
 }
 
+
+TEST_CASE("a step at its budget's edge is told what happened and which budget lets the plan lean", "[train]") {
+  qt::Decision d;
+  d.budget_gib = 8.0;
+  d.footprint.terms = {{"kept_activations", 3.0 * (1 << 30)}, {"working_set", 4.5 * (1 << 30)}};
+  const std::string m = qt::edge_of_budget_message(3, 2, 1, d);
+  for (const char* part : {"step 3:", "gave 2 blocks of its cache back", "retried 1 allocation after",
+                           "predicted at 7.50 GiB of a budget of 8.00 GiB",
+                           "train.memory.gpu_memory_gib of 7.50 (now 8.00)", "once a run"})
+    CHECK(has(m, part));
+  const std::string one = qt::edge_of_budget_message(1, 1, 0, qt::Decision{});
+  CHECK(has(one, "gave 1 block of its cache back to the driver ("));
+  CHECK(!has(one, "retried"));
+  CHECK(has(one, "no budget"));
+}
+
+TEST_CASE("the allocator's counts see it give cached memory back when an allocation does not fit beside it",
+          "[train][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device dev(at::kCUDA, 0);
+  c10::cuda::CUDACachingAllocator::emptyCache();
+  const double total = static_cast<double>(at::cuda::getDeviceProperties(0)->totalGlobalMem);
+  c10::cuda::CUDACachingAllocator::setMemoryFraction(0.5, 0);
+  const auto elements = [&](double share) { return static_cast<int64_t>(share * total) / 2; };
+  {
+    at::Tensor a = at::empty({elements(0.3)}, at::TensorOptions().dtype(at::kHalf).device(dev));
+    a.fill_(1);
+  }  // cached, not given back
+  const qt::GpuAllocatorCounts before = qt::gpu_allocator_counts(dev);
+  REQUIRE(before.device_frees >= 0);
+  at::Tensor b = at::empty({elements(0.35)}, at::TensorOptions().dtype(at::kHalf).device(dev));
+  b.fill_(2);  // 0.3 cached + 0.35 exceeds the 0.5 allowed: the cached block goes back first
+  const qt::GpuAllocatorCounts after = qt::gpu_allocator_counts(dev);
+  b.reset();
+  c10::cuda::CUDACachingAllocator::setMemoryFraction(1.0, 0);
+  c10::cuda::CUDACachingAllocator::emptyCache();
+  CHECK(after.device_frees > before.device_frees);
+  CHECK(after.device_allocs > before.device_allocs);
+  CHECK(after.alloc_retries >= before.alloc_retries);
+  CHECK(qt::gpu_allocator_counts(at::Device(at::kCPU)).device_frees == -1);
+}

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <chrono>
 #include <fstream>
+#include <map>
 #include <cmath>
 #include <random>
 
@@ -110,6 +111,10 @@ Json run_bench(const BenchOptions& o) {
 
   std::vector<double> step_s;
   double peak = -1, reserved = -1;
+  // The caching allocator's counts (cumulative in metrics.jsonl) at the end of the untimed steps and of the run:
+  // cudaFree calls and retries in the timed steps mean a run at its budget's edge (its time is not the plan's).
+  const std::vector<std::string> counters = {"gpu_alloc_retries", "gpu_device_allocs", "gpu_device_frees"};
+  std::map<std::string, int64_t> counts_warm, counts_end;
   Json plan;
   std::ifstream metrics(files::join(run_dir, "metrics.jsonl"));
   std::string line;
@@ -118,7 +123,12 @@ Json run_bench(const BenchOptions& o) {
     const Json j = Json::parse(line);
     if (j.contains("plan")) plan = j["plan"];
     if (!j.contains("loss") || !j.contains("step_s")) continue;
-    if (++seen <= o.warmup) continue;
+    ++seen;
+    for (const std::string& k : counters) {
+      if (!j.contains(k)) continue;
+      (seen <= o.warmup ? counts_warm : counts_end)[k] = j[k].get<int64_t>();
+    }
+    if (seen <= o.warmup) continue;
     step_s.push_back(j["step_s"].get<double>());
     if (j.contains("gpu_mem_gib")) peak = std::max(peak, j["gpu_mem_gib"].get<double>());
     if (j.contains("gpu_reserved_gib")) reserved = std::max(reserved, j["gpu_reserved_gib"].get<double>());
@@ -144,6 +154,14 @@ Json run_bench(const BenchOptions& o) {
   if (peak >= 0) out["peak_gib"] = peak;
   if (reserved >= 0) out["reserved_peak_gib"] = reserved;
   out["plan"] = plan;
+  // In the timed steps (with no untimed step: since the process started, the load included); null off CUDA.
+  out["allocator"] = nullptr;
+  if (!counts_end.empty()) {
+    Json a = Json::object();
+    for (const std::string& k : counters)
+      if (counts_end.count(k)) a[k.substr(4) + "_timed"] = counts_end[k] - (counts_warm.count(k) ? counts_warm[k] : 0);
+    out["allocator"] = a;
+  }
   if (config.model.device == "cuda" || (config.model.device == "auto" && at::hasCUDA())) {
     const double rate = matrix_rate(at::Device(at::kCUDA, 0));
     out["matrix_tflops"] = rate / 1e12;

@@ -70,6 +70,9 @@ void MetricsLog::step(const StepMetrics& m) {
             {"target_tokens_per_s", m.target_tokens_per_s}, {"step_s", m.step_s}};
   if (m.gpu_mem_gib >= 0) j["gpu_mem_gib"] = m.gpu_mem_gib;
   if (m.gpu_reserved_gib >= 0) j["gpu_reserved_gib"] = m.gpu_reserved_gib;
+  if (m.gpu_alloc_retries >= 0) j["gpu_alloc_retries"] = m.gpu_alloc_retries;
+  if (m.gpu_device_allocs >= 0) j["gpu_device_allocs"] = m.gpu_device_allocs;
+  if (m.gpu_device_frees >= 0) j["gpu_device_frees"] = m.gpu_device_frees;
   write(j);
   if (tensorboard_) {
     tensorboard_->scalar("train/loss", m.step, m.loss);

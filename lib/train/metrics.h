@@ -25,6 +25,11 @@ struct StepMetrics {
   double gpu_mem_gib = -1;  // peak allocated this step; < 0 on CPU
   double gpu_reserved_gib = -1;  // peak the caching allocator held from the driver this step; < 0 on CPU
   double eta_s = 0;
+  // The caching allocator's retries after giving its cache back, cudaMalloc and cudaFree calls since the process
+  // started (gpu_allocator_counts); < 0 on CPU.
+  int64_t gpu_alloc_retries = -1;
+  int64_t gpu_device_allocs = -1;
+  int64_t gpu_device_frees = -1;
 };
 
 class TensorBoardWriter;

@@ -171,11 +171,37 @@ std::string oom_message(const RunConfig& cfg, const at::Device& device, const st
          " is kept (resume with --resume auto). [torch: " + first + "]";
 }
 
+std::string edge_of_budget_message(int64_t step, int64_t frees, int64_t retries, const Decision& decision) {
+  const double predicted = decision.footprint.total() / static_cast<double>(int64_t{1} << 30);
+  std::string budget = "no budget";
+  std::string lower = "give train.memory.gpu_memory_gib a figure";
+  if (decision.budget_gib > 0) {
+    budget = "a budget of " + fixed2(decision.budget_gib) + " GiB";
+    lower = "a train.memory.gpu_memory_gib of " + fixed2(std::max(0.5, decision.budget_gib - 0.5)) +
+            " (now " + fixed2(decision.budget_gib) + ")";
+  }
+  const auto count = [](int64_t n, const char* one, const char* many) {
+    return std::to_string(n) + " " + (n == 1 ? one : many);
+  };
+  std::string what = "gave " + count(frees, "block", "blocks") + " of its cache back to the driver";
+  if (retries > 0) what += " and retried " + count(retries, "allocation", "allocations") + " after freeing all of it";
+  return "step " + std::to_string(step) + ": GPU memory ran short: the caching allocator " + what +
+         " (each cudaFree synchronizes the device). The run goes on, slower: the plan's footprint was predicted at " +
+         fixed2(predicted) + " GiB of " + budget + ". With " + lower +
+         " the plan picks leaner settings, which may run faster. (Said once a run.)";
+}
+
 double gpu_peak_gib(const at::Device& device, bool reserved) {
   if (!device.is_cuda()) return -1;
   auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
   const auto& stat = reserved ? stats.reserved_bytes[0] : stats.allocated_bytes[0];
   return static_cast<double>(stat.peak) / static_cast<double>(int64_t{1} << 30);
+}
+
+GpuAllocatorCounts gpu_allocator_counts(const at::Device& device) {
+  if (!device.is_cuda()) return {};
+  const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+  return {stats.num_alloc_retries, stats.num_device_alloc, stats.num_device_free};
 }
 
 void reset_gpu_peak(const at::Device& device) {

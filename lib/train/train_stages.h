@@ -126,8 +126,21 @@ at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at:
 bool is_out_of_memory(const c10::Error& e);
 std::string oom_message(const RunConfig& cfg, const at::Device& device, const std::string& phase, int64_t micro,
                         int64_t seq_len, const Decision& decision, const std::string& what);
+// What the user is told, once a run, of a step in which the allocator gave `frees` blocks of its cache back to the
+// driver and retried `retries` allocations after giving back all of it: the plan's figures and the budget that
+// would let the plan pick leaner settings.
+std::string edge_of_budget_message(int64_t step, int64_t frees, int64_t retries, const Decision& decision);
 double gpu_peak_gib(const at::Device& device, bool reserved = false);
 void reset_gpu_peak(const at::Device& device);
+// The caching allocator's counts since the process started: the allocations that failed and were retried after it
+// gave its cache back to the driver (each a device synchronization: a run at its budget's edge), and its
+// cudaMalloc / cudaFree calls (with expandable segments, the maps and unmaps of pages). -1 each off CUDA.
+struct GpuAllocatorCounts {
+  int64_t alloc_retries = -1;
+  int64_t device_allocs = -1;
+  int64_t device_frees = -1;
+};
+GpuAllocatorCounts gpu_allocator_counts(const at::Device& device);
 
 // Held-out loss and the exact-match metric, guarded for out-of-memory errors.
 class Evaluator {

@@ -252,6 +252,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   int64_t run_tokens = 0, run_inputs = 0;  // target and input tokens of the steps this process ran
   const auto t_loop = Clock::now();
   const int64_t start_step = state.step;
+  // The allocator's counts before the step: the first step in which it gave cached memory back to the driver
+  // (cudaFree, a device synchronization; then, if that was not enough, all of its cache and a retry) is reported,
+  // once a run, since a run at its budget's edge goes on, slower.
+  GpuAllocatorCounts before_step = gpu_allocator_counts(s.device);
+  bool edge_reported = !s.device.is_cuda();
   while (state.step < total_steps) {
     const auto t_step = Clock::now();
     reset_gpu_peak(s.device);
@@ -268,6 +273,13 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
         metrics.line("step " + std::to_string(state.step) + ": the fp16 gradients overflowed at loss scale " +
                      std::to_string(static_cast<int64_t>(scaler->scale * 2)) + ": the update was not applied; the "
                      "scale is now " + std::to_string(static_cast<int64_t>(scaler->scale)));
+    }
+    const GpuAllocatorCounts counts = gpu_allocator_counts(s.device);
+    if (!edge_reported && (counts.device_frees > before_step.device_frees ||
+                           counts.alloc_retries > before_step.alloc_retries)) {
+      metrics.line(edge_of_budget_message(state.step, counts.device_frees - before_step.device_frees,
+                                          counts.alloc_retries - before_step.alloc_retries, m.decision));
+      edge_reported = true;
     }
     if (profile) {
       if (s.device.is_cuda()) c10::cuda::device_synchronize();
@@ -293,6 +305,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       sm.target_tokens_per_s = r.targets / std::max(1e-9, sm.step_s);
       sm.gpu_mem_gib = gpu_peak_gib(s.device);
       sm.gpu_reserved_gib = gpu_peak_gib(s.device, /*reserved=*/true);
+      sm.gpu_alloc_retries = counts.alloc_retries;
+      sm.gpu_device_allocs = counts.device_allocs;
+      sm.gpu_device_frees = counts.device_frees;
       const double per_step = seconds_since(t_loop) / static_cast<double>(state.step - start_step);
       sm.eta_s = per_step * static_cast<double>(total_steps - state.step);
       metrics.step(sm);
@@ -301,6 +316,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       auto [el, et] = evaluator.loss(state.step);
       metrics.eval(state.step, el, et);
     }
+    before_step = gpu_allocator_counts(s.device);  // after the evaluation, which is not the step's
     if (hooks.step_delay_ms > 0)  // slow steps, so that a test can signal the process between two of them
       std::this_thread::sleep_for(std::chrono::milliseconds(hooks.step_delay_ms));
     const bool stop = stop_requested(options, s);
