@@ -194,7 +194,8 @@ def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None, d
     r = json.loads(p.stdout.strip().splitlines()[-1])
     return dict(base, step_s=round(r["step_s"], 4), tok_per_s=round(r["tokens_per_s"]), peak_gib=round(r["peak_gib"], 2),
                 reserved_gib=round(r.get("reserved_peak_gib") or 0, 2), device_gib=dev.gib(), model_flops_per_token=r["model_flops_per_token"],
-                **({"plan": r["plan"]} if "plan" in r else {}), **({"allocator": r["allocator"]} if r.get("allocator") else {}))
+                **({"plan": r["plan"]} if "plan" in r else {}), **({"allocator": r["allocator"]} if r.get("allocator") else {}),
+                **({"replans": len(r["out_of_memory_under"])} if r.get("out_of_memory_under") else {}))
 
 
 def parse_rows(spec):
@@ -560,6 +561,8 @@ def table(rows, results, rate):
                      if mine and r is not mine and r.get("device_gib") else "")
             frees = (r.get("allocator") or {}).get("device_frees_timed", 0)
             churn = f" ({frees} cudaFree in the timed steps)" if frees else ""
+            if r.get("replans"):
+                churn += f" (after {r['replans']} plan(s) ran out of memory)"
             return (f"| {name} | {system} | {label} | {r['tok_per_s']:,}{churn} | {r['peak_gib']} | "
                     f"{r.get('device_gib', '?')} | {mfu} | {ratio} |")
 

@@ -213,6 +213,9 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   CHECK(!m.checkpointing);
   CHECK(*m.mlp_chunk_tokens == 4096);
   CHECK(!m.lm_head_on_host);
+  CHECK(m.replan_on_oom);
+  CHECK(!parse(ok, {"train.memory.replan_on_oom=false"}).train.memory.replan_on_oom);
+  expect(ok, {"train.memory.replan_on_oom", "true or false"}, {"train.memory.replan_on_oom=\"auto\""});
   expect(ok, {"train.memory.keep", "\"residual\""}, {"train.memory.keep=everything"});
   expect(ok, {"train.memory.offload", "true, false or \"auto\""}, {"train.memory.offload=1"});
   expect(ok, {"train.memory.gpu_memory_gib", "> 0"}, {"train.memory.gpu_memory_gib=-2"});

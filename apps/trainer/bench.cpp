@@ -115,13 +115,16 @@ Json run_bench(const BenchOptions& o) {
   // cudaFree calls and retries in the timed steps mean a run at its budget's edge (its time is not the plan's).
   const std::vector<std::string> counters = {"gpu_alloc_retries", "gpu_device_allocs", "gpu_device_frees"};
   std::map<std::string, int64_t> counts_warm, counts_end;
-  Json plan;
+  Json plan, replans = Json::array();  // the plan that ran, and those that ran out of memory before it
   std::ifstream metrics(files::join(run_dir, "metrics.jsonl"));
   std::string line;
   int64_t seen = 0;
   while (std::getline(metrics, line)) {
     const Json j = Json::parse(line);
-    if (j.contains("plan")) plan = j["plan"];
+    if (j.contains("plan")) {
+      plan = j["plan"];
+      if (j.contains("out_of_memory_under")) replans = j["out_of_memory_under"];
+    }
     if (!j.contains("loss") || !j.contains("step_s")) continue;
     ++seen;
     for (const std::string& k : counters) {
@@ -154,6 +157,7 @@ Json run_bench(const BenchOptions& o) {
   if (peak >= 0) out["peak_gib"] = peak;
   if (reserved >= 0) out["reserved_peak_gib"] = reserved;
   out["plan"] = plan;
+  out["out_of_memory_under"] = replans;
   // In the timed steps (with no untimed step: since the process started, the load included); null off CUDA.
   out["allocator"] = nullptr;
   if (!counts_end.empty()) {

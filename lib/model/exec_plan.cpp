@@ -89,7 +89,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   if (!json.is_object()) fail_key(ErrorKind::Config, file, "train.memory", "must be a JSON object");
   reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "blocks_without_checkpointing", "offload", "keep",
                              "keep_dequantized", "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings",
-                             "lm_head", "optimizer", "weights", "streamed_blocks", "dequantized_blocks"},
+                             "lm_head", "optimizer", "weights", "streamed_blocks", "dequantized_blocks", "replan_on_oom"},
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
@@ -114,6 +114,12 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   if (json.contains("keep_dequantized")) r.keep_dequantized = tri(json["keep_dequantized"], file, at + "keep_dequantized");
   if (json.contains("expandable_segments"))
     r.expandable_segments = tri(json["expandable_segments"], file, at + "expandable_segments");
+  if (json.contains("replan_on_oom")) {
+    const Json& v = json["replan_on_oom"];
+    if (!v.is_boolean())
+      fail_key(ErrorKind::Config, file, at + "replan_on_oom", "must be true or false (got " + v.dump() + ")");
+    r.replan_on_oom = v.get<bool>();
+  }
   if (json.contains("keep")) {
     const Json& v = json["keep"];
     const std::string s = v.is_string() ? v.get<std::string>() : "";
@@ -174,7 +180,8 @@ Json PlanRequest::to_json() const {
               {"optimizer", place(optimizer_on_host)},
               {"weights", place(weights_on_host)},
               {"streamed_blocks", streamed_blocks ? Json(*streamed_blocks) : Json("auto")},
-              {"dequantized_blocks", dequantized_blocks ? Json(*dequantized_blocks) : Json("auto")}};
+              {"dequantized_blocks", dequantized_blocks ? Json(*dequantized_blocks) : Json("auto")},
+              {"replan_on_oom", replan_on_oom}};
 }
 
 bool streamed_block(int64_t layer, int64_t streamed, int64_t layers) {

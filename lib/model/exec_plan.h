@@ -83,6 +83,9 @@ struct PlanRequest {
   std::optional<bool> weights_on_host;   // "host": every block streamed unless streamed_blocks says how many
   std::optional<int64_t> streamed_blocks;
   std::optional<int64_t> dequantized_blocks;  // "auto" (unset): as many as the budget holds
+  // A single-process run that runs out of device memory before its first step completes (loading, the CUDA
+  // libraries' handles, step 1) starts again under a leaner plan, at most twice (lib/train/trainer.cpp).
+  bool replan_on_oom = true;
 
   // Parses the train.memory object; `file` names the run config in errors.
   static PlanRequest from_json(const Json& json, const std::string& file);

@@ -40,6 +40,7 @@ TestHooks TestHooks::from_env() {
   h.sleep_after_checkpoint_ms = number("QT_TEST_SLEEP_AFTER_CHECKPOINT_MS", 0);
   h.profile_step = number("QT_PROFILE_STEP", -1);
   if (const char* v = std::getenv("QT_TEST_LOSS_SCALE")) h.loss_scale = std::atof(v);
+  h.oom_plans = number("QT_TEST_OOM_PLANS", 0);
   return h;
 }
 
@@ -307,13 +308,18 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
   return d;
 }
 
-ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& d, bool resuming) {
-  ModelStage m;
-  // The plan, before the model loads: a run that cannot fit its GPU memory budget is refused here, and the
-  // allocator's settings apply before the model's allocations.
+Decision decide_run_plan(const RunConfig& cfg, const Session& s, const DataStage& d, std::optional<double> budget_gib) {
   const PlanInputs plan_in = plan_inputs(cfg, d.model_config, s.micro, d.data->max_seq_len(), s.device, s.dtype, s.world,
                                          s.env.local_world_size);
-  m.decision = decide_plan(plan_in, cfg.train.memory, device_free_gib(s.device.is_cuda(), s.device.index()));
+  PlanRequest request = cfg.train.memory;
+  if (budget_gib) request.gpu_memory_gib = *budget_gib;
+  return decide_plan(plan_in, request, device_free_gib(s.device.is_cuda(), s.device.index()));
+}
+
+ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& d, bool resuming, Decision decision) {
+  ModelStage m;
+  // The allocator's settings apply before the model's allocations.
+  m.decision = std::move(decision);
   if (s.device.is_cuda()) {
     apply_allocator_settings(m.decision.plan);
     warm_cuda_libraries(s.device, s.dtype);

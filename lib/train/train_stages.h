@@ -42,6 +42,7 @@ struct TestHooks {
   int64_t sleep_after_checkpoint_ms = 0;  // QT_TEST_SLEEP_AFTER_CHECKPOINT_MS: time to kill after a checkpoint
   int64_t profile_step = -1;          // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir
   double loss_scale = 0;              // QT_TEST_LOSS_SCALE: fp16's initial loss scale (an overflow at once)
+  int64_t oom_plans = 0;              // QT_TEST_OOM_PLANS=N: the first N plans run out of memory in their first step
   static TestHooks from_env();
 };
 
@@ -97,7 +98,13 @@ struct ModelStage {
   bool full = false;          // train.full_finetune
   std::string base_name;      // the adapter's base_model_name_or_path (from the root)
 };
-ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& d, bool resuming);
+// The plan, before the model loads: a run that cannot fit its GPU memory budget is refused here. `budget_gib`, when
+// set, stands for train.memory.gpu_memory_gib (a leaner plan after running out of memory).
+Decision decide_run_plan(const RunConfig& cfg, const Session& s, const DataStage& d,
+                         std::optional<double> budget_gib = std::nullopt);
+// The model under `decision`: the allocator's settings and the CUDA libraries' handles first, then the base loaded
+// where the plan keeps it, LoRA attached (or init_from's adapter).
+ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& d, bool resuming, Decision decision);
 PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micro, int64_t seq, const at::Device& device,
                        c10::ScalarType dtype, int world, int local_world);
 
@@ -124,6 +131,11 @@ at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at:
 // The message of an out-of-memory error in `phase` ("step 3", "evaluation after step 3"): where, how big, how much
 // memory, what lowers it.
 bool is_out_of_memory(const c10::Error& e);
+// Running out of device memory in a training step, with oom_message's text (kind Device, exit 9).
+class OutOfMemory : public Error {
+ public:
+  explicit OutOfMemory(std::string message) : Error(ErrorKind::Device, std::move(message)) {}
+};
 std::string oom_message(const RunConfig& cfg, const at::Device& device, const std::string& phase, int64_t micro,
                         int64_t seq_len, const Decision& decision, const std::string& what);
 // What the user is told, once a run, of a step in which the allocator gave `frees` blocks of its cache back to the

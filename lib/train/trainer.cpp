@@ -1,6 +1,7 @@
 #include "lib/train/trainer.h"
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <unistd.h>
 
@@ -31,8 +32,9 @@ struct StepOutcome {
 
 // One optimizer step (`step`: the steps done before it): this rank's micro-batches forward and backward, the
 // gradients reduced over the ranks and clipped, AdamW, then the loss and norm read back together.
+// `oom`: the test hook's out-of-memory error in this step (QT_TEST_OOM_AT_STEP, QT_TEST_OOM_PLANS).
 StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel, AdamW& opt,
-                     const LrSchedule& schedule, int64_t step, const TestHooks& hooks, LossScaler* scaler) {
+                     const LrSchedule& schedule, int64_t step, const TestHooks& hooks, bool oom, LossScaler* scaler) {
   LlamaModel& model = *m.model;
   Communicator& comm = *s.comm;
   model.set_training(true);
@@ -53,8 +55,8 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
   }
   if (step_targets <= 0) fail(ErrorKind::Data, "step " + std::to_string(step + 1) + ": the batch has no target tokens (all masked?)");
   const auto out_of_memory = [&](const c10::Error& e) {
-    fail(ErrorKind::Device, oom_message(cfg, s.device, "step " + std::to_string(step + 1), s.micro,
-                                        d.data->max_seq_len(), m.decision, e.what_without_backtrace()));
+    throw OutOfMemory(oom_message(cfg, s.device, "step " + std::to_string(step + 1), s.micro, d.data->max_seq_len(),
+                                  m.decision, e.what_without_backtrace()));
   };
   // The loss stays on the device until the update is queued: the host reads it with the gradient norm in one sync at
   // the end of the step, so that it queues the clipping and the optimizer while the GPU still runs the backward pass
@@ -76,7 +78,7 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
       }
       // Test hooks: an out-of-memory error at this step, with the forward graph alive, thrown as CUDA's caching
       // allocator throws it (on any device) or as cuBLAS's status check does; a loss that is not finite.
-      if (hooks.oom_at_step == step + 1) {
+      if (oom) {
         if (hooks.oom_as_cublas)
           TORCH_CHECK(false, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` (QT_TEST_OOM_AT_STEP)");
         TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (QT_TEST_OOM_AT_STEP)");
@@ -156,14 +158,20 @@ std::string trained_text(const RunConfig& cfg, const ModelStage& m) {
   return (m.lora.use_dora ? " DoRA" : " LoRA") + std::string(" parameters (r=") + std::to_string(m.lora.r) + ")" + saved;
 }
 
-}  // namespace
+// What train_under() got to before it ran out of memory: the plan it ran under, the steps it completed.
+struct Attempt {
+  int index = 0;  // 0: the first plan
+  std::optional<Decision> decision;
+  int64_t steps_done = 0;
+  Json earlier = Json::array();  // the plans that ran out of memory before this one, for metrics.jsonl
+};
 
-TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
-  const auto t_start = Clock::now();
-  const TestHooks hooks = TestHooks::from_env();
-  Session s = start_session(cfg);
-  DataStage d = load_data(cfg, s);
-  ModelStage m = build_model(cfg, s, d, /*resuming=*/!options.resume.empty());
+// The run from the plan on (train()'s stages after the session and the data): the model, the resume point, the
+// parallel strategy, the optimizer, the steps.
+TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, const TestHooks& hooks, Session& s,
+                         DataStage& d, std::optional<double> budget_gib, Clock::time_point t_start, Attempt& attempt) {
+  attempt.decision = decide_run_plan(cfg, s, d, budget_gib);
+  ModelStage m = build_model(cfg, s, d, /*resuming=*/!options.resume.empty(), *attempt.decision);
   std::optional<ResumePoint> resume = load_resume_point(cfg, options, m);
   std::unique_ptr<Parallel> parallel = make_parallel(cfg, m, *s.comm);
   std::unique_ptr<AdamW> opt = make_optimizer(cfg, parallel->parameters(), m.decision.plan.optimizer_on_host);
@@ -209,7 +217,9 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     data.write_eval_records(files::join(cfg.output_dir, "eval.jsonl"));
   }
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, s.rank0, /*resume=*/state.step > 0);
-  metrics.record(Json{{"plan", to_json(m.decision)}, {"step", state.step}});
+  Json plan_record = {{"plan", to_json(m.decision)}, {"step", state.step}};
+  if (!attempt.earlier.empty()) plan_record["out_of_memory_under"] = attempt.earlier;
+  metrics.record(plan_record);
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
   metrics.set_plot(files::join(cfg.output_dir, "loss.html"), "qlora-train: " + cfg.output_dir);
   metrics.set_tensorboard(cfg.output_dir);
@@ -263,8 +273,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir (rank 0).
     std::unique_ptr<StepProfile> profile;
     if (s.rank0 && hooks.profile_step == state.step + 1) profile = std::make_unique<StepProfile>(s.device.is_cuda());
-    const StepOutcome r = run_step(cfg, s, m, d, *parallel, *opt, schedule, state.step, hooks, scaler ? &*scaler : nullptr);
+    const bool oom = hooks.oom_at_step == state.step + 1 || (attempt.steps_done == 0 && attempt.index < hooks.oom_plans);
+    const StepOutcome r = run_step(cfg, s, m, d, *parallel, *opt, schedule, state.step, hooks, oom, scaler ? &*scaler : nullptr);
     ++state.step;
+    ++attempt.steps_done;
     state.optimizer_steps = opt->steps();
     if (scaler) {
       state.loss_scale = scaler->scale;
@@ -346,6 +358,79 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   summary.tokens_per_s = run_inputs / std::max(1e-9, seconds_since(t_loop));
   summary.target_tokens_per_s = run_tokens / std::max(1e-9, seconds_since(t_loop));
   return summary;
+}
+
+std::string gib_text(double v) {
+  std::ostringstream o;
+  o.setf(std::ios::fixed);
+  o.precision(2);
+  o << v;
+  return o.str();
+}
+
+// At most this many leaner plans after the first runs out of memory.
+constexpr int kMaxReplans = 2;
+
+}  // namespace
+
+// One process that runs out of device memory before its first step completes (loading the model, the CUDA
+// libraries' handles, step 1) starts again under a leaner plan: the budget 5% under the lesser of the last plan's
+// budget and its predicted footprint, so that the plan that did not fit cannot be chosen again; the model loads
+// anew, the seed and the data position are reset, so the run is the one a user would start under that plan. Several
+// processes do not (the others wait in a collective), nor does a run that completed a step (its budget was right
+// then), nor train.memory.replan_on_oom false.
+TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
+  const auto t_start = Clock::now();
+  const TestHooks hooks = TestHooks::from_env();
+  Session s = start_session(cfg);
+  DataStage d = load_data(cfg, s);
+  std::optional<double> budget;
+  Json earlier = Json::array();
+  for (int index = 0;; ++index) {
+    Attempt attempt;
+    attempt.index = index;
+    attempt.earlier = earlier;
+    std::string what, phase;
+    const auto may_replan = [&] {
+      return cfg.train.memory.replan_on_oom && s.world == 1 && attempt.decision && attempt.steps_done == 0 &&
+             attempt.decision->budget_gib > 0 && index < kMaxReplans;
+    };
+    try {
+      return train_under(cfg, options, hooks, s, d, budget, t_start, attempt);
+    } catch (const OutOfMemory& e) {
+      if (!may_replan()) {
+        if (index == 0) throw;
+        throw OutOfMemory(std::string(e.what()) + " (" + std::to_string(index) + " plan(s) before this one ran out of "
+                          "memory too; the first within " + gib_text(earlier[0]["budget_gib"].get<double>()) + " GiB)");
+      }
+      what = e.what();
+      phase = what.substr(0, what.find(':'));
+    } catch (const c10::Error& e) {
+      if (!is_out_of_memory(e) || !may_replan()) throw;
+      const std::string first = e.what_without_backtrace();
+      phase = "before the first step";
+      what = "out of GPU memory " + phase + " (" + first.substr(0, std::min<size_t>(first.find('\n'), 300)) + ")";
+    }
+    // Everything of the attempt is gone with its scope; its cached device memory goes back to the driver.
+    if (s.device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+    const Decision& last = *attempt.decision;
+    const double predicted = last.footprint.total() / static_cast<double>(int64_t{1} << 30);
+    const double next = std::min(last.budget_gib, predicted) * 0.95;
+    try {
+      decide_run_plan(cfg, s, d, next);
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::Config) throw;
+      fail(ErrorKind::Device, what + " No leaner plan fits " + gib_text(next) + " GiB either: " + e.what());
+    }
+    earlier.push_back(Json{{"plan", describe(last)}, {"predicted_gib", predicted}, {"budget_gib", last.budget_gib},
+                           {"error", what.substr(0, 400)}});
+    if (s.rank0)
+      log::warn(phase + ": out of GPU memory under the plan " + describe(last) + ". Starting again under a leaner plan "
+                "within " + gib_text(next) + " GiB (the model loads again; train.memory.replan_on_oom false stops "
+                "instead)");
+    budget = next;
+    at::manual_seed(cfg.train.seed);
+  }
 }
 
 }  // namespace qt

@@ -1,7 +1,9 @@
 """Out of device memory in a training step (CPU, through the QT_TEST_OOM_AT_STEP hook, which throws torch's
 c10::OutOfMemoryError as CUDA's caching allocator does): exit code 9 (Device), one message naming the step, the
 micro-batch shape and the settings that lower memory, and the checkpoint from before intact (a resume from it
-ends as a run that never failed)."""
+ends as a run that never failed). Out of memory before the first step completes (QT_TEST_OOM_PLANS=N: the first N
+plans fail in their first step): the run starts again under a leaner plan and ends as a run started under that plan
+would; after two leaner plans, or with train.memory.replan_on_oom false, it stops with exit 9."""
 import json, os, pathlib, shutil, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 
@@ -23,6 +25,61 @@ def losses(name):
 
 def train(config, *extra, env=None):
     return run_binary(BIN, config, *extra, env=env)
+
+def plan_records(name):
+    return [j for j in map(json.loads, (TMP / name / "metrics.jsonl").read_text().splitlines()) if "plan" in j]
+
+
+def check_replan():
+    """The demo's model and data (32 x 128 tokens a step: the activations are a fifth of the footprint, so that a
+    plan 5% leaner exists; the tiny model's footprint is its constant terms)."""
+    demo = pathlib.Path(__file__).resolve().parents[2] / "configs" / "demo"
+    memory = lambda budget, **kw: {"memory": {"gpu_memory_gib": budget, **kw}}
+
+    def conf(name, mem):
+        cfg = {"output_dir": str(TMP / name), "model": {"path": str(demo / "base"), "quant": "nf4", "device": "cpu"},
+               "lora": {"r": 8, "alpha": 16},
+               "data": {"train_file": str(demo / "task_train.jsonl"), "format": "chat", "chat_template": "llama2",
+                        "max_seq_len": 128},
+               "train": {"steps": 2, "batch_size": 32, "seed": 3, "log_every": 1, **mem}, "optim": {"lr": 2e-3},
+               "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
+        (TMP / f"{name}.json").write_text(json.dumps(cfg))
+        return TMP / f"{name}.json"
+
+    p = train(conf("replan", memory(100.0)), env={"QT_TEST_OOM_PLANS": "1"})
+    warn = [l for l in p.stderr.splitlines() if "Starting again under a leaner plan" in l]
+    check(p.returncode == 0 and len(warn) == 1 and "step 1: out of GPU memory under the plan" in warn[0],
+          f"out of memory in step 1: one warning, then the run completes under a leaner plan (exit {p.returncode}) "
+          f"{warn} {p.stderr[-600:] if p.returncode else ''}")
+    if p.returncode != 0:
+        return
+    (rec,) = plan_records("replan")
+    (first,) = rec.get("out_of_memory_under", [None])
+    check(first is not None and first["budget_gib"] == 100.0 and "out of GPU memory" in first["error"]
+          and first["plan"] != "" and rec["plan"]["budget_gib"] < first["predicted_gib"],
+          f"metrics.jsonl's plan record names the plan that ran out and a budget below its prediction: {rec}")
+    # The run is the one started under the leaner plan's budget: the same plan, byte-identical adapter.
+    budget = min(100.0, first["predicted_gib"]) * 0.95
+    check(abs(rec["plan"]["budget_gib"] - budget) < 1e-3, f"the budget is 5% under the plan that ran out: {budget}")
+    p = train(conf("direct", memory(budget)))
+    check(p.returncode == 0, f"the run started at that budget completes (exit {p.returncode})")
+    if p.returncode == 0:
+        (direct,) = plan_records("direct")
+        a, b = (TMP / n / "adapter" / "adapter_model.safetensors" for n in ("replan", "direct"))
+        check(direct["plan"]["predicted_gib"] == rec["plan"]["predicted_gib"] and a.read_bytes() == b.read_bytes(),
+              "... under the same plan, with a byte-identical adapter (the seed, the data and the model started anew)")
+    # Every plan out of memory: two leaner plans, then exit 9 naming them.
+    p = train(conf("replan3", memory(100.0)), env={"QT_TEST_OOM_PLANS": "3"})
+    last = (p.stderr.strip().splitlines() or [""])[-1]
+    warns = sum("Starting again under a leaner plan" in l for l in p.stderr.splitlines())
+    check(p.returncode == 9 and "out of GPU memory" in last and warns <= 2 and
+          ("2 plan(s) before this one ran out of memory too" in last or "No leaner plan fits" in last),
+          f"with every plan out of memory: exit 9 after at most two leaner plans ({warns}): {last}")
+    p = train(conf("noreplan", memory(100.0, replan_on_oom=False)), env={"QT_TEST_OOM_PLANS": "1"})
+    last = (p.stderr.strip().splitlines() or [""])[-1]
+    check(p.returncode == 9 and "step 1: out of GPU memory" in last and "Starting again" not in p.stderr,
+          f"train.memory.replan_on_oom false: exit 9 at once: {last}")
+
 
 def main():
     p, err, last = ref_then_failing_run(BIN, TMP, write_config, "oom", 48, {"QT_TEST_OOM_AT_STEP": "3"})
@@ -56,6 +113,7 @@ def main():
     a = (TMP / "oom" / "adapter" / "adapter_model.safetensors")
     check(a.exists() and a.read_bytes() == (TMP / "ref" / "adapter" / "adapter_model.safetensors").read_bytes(),
           "resumed after the error, the run ends with the adapter of a run that never failed")
+    check_replan()
     finish("out-of-memory checks")
 
 if __name__ == "__main__":
