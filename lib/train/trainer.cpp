@@ -55,6 +55,9 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
   }
   if (step_targets <= 0) fail(ErrorKind::Data, "step " + std::to_string(step + 1) + ": the batch has no target tokens (all masked?)");
   const auto out_of_memory = [&](const c10::Error& e) {
+    // The kernels and copies already queued finish before the step's tensors and the model's buffers (pinned host
+    // blocks among them) go: the run may start again in this process (train.memory.replan_on_oom).
+    if (s.device.is_cuda()) c10::cuda::device_synchronize();
     throw OutOfMemory(oom_message(cfg, s.device, "step " + std::to_string(step + 1), s.micro, d.data->max_seq_len(),
                                   m.decision, e.what_without_backtrace()));
   };
