@@ -2,7 +2,9 @@
 (scripts/bench.py's holder): a budget the plan accepts is one the run completes in, within the device memory the plan
 claims; a budget the plan refuses (exit 3, naming the figure its leanest plan needs) is one that plan would not fit:
 forced onto it (train.memory.gpu_memory_gib set to that figure while the holder leaves less), the run runs out of
-memory. Llama-3.2-1B-shaped random NF4 weights, 2 x 1024 tokens, a few steps each."""
+memory (and no leaner plan is left to start again under). A run told 8% more than it has completes, under a leaner
+plan where the first runs out of memory before its first step (train.memory.replan_on_oom). Llama-3.2-1B-shaped
+random NF4 weights, 2 x 1024 tokens, a few steps each."""
 import importlib.util, json, os, pathlib, re, subprocess, sys, tempfile
 
 from checks import check, finish
@@ -47,6 +49,16 @@ def main():
     if "tok_per_s" in r:
         check(r["device_gib"] <= budget + 0.1, f"... and takes {r['device_gib']} GiB of the device (budget {budget})")
         print(json.dumps({k: r.get(k) for k in ("budget_gib", "tok_per_s", "peak_gib", "device_gib")} | {"claimed": claimed}))
+
+    # Told 8% more than it has: a plan that does not fit runs out of memory before its first step completes, and the
+    # run starts again under a leaner plan (train.memory.replan_on_oom), at most twice, and completes.
+    told = round(budget * 1.08, 2)
+    r = run(budget, [f"train.memory.gpu_memory_gib={told}"])
+    plan = r.get("plan") or {}
+    claimed = (plan.get("predicted_gib") or {}).get("total")
+    check("tok_per_s" in r and (r.get("replans") or claimed <= budget),
+          f"{budget} GiB left free, the plan told {told}: completes ({r.get('replans', 0)} plan(s) out of memory first; "
+          f"the last claims {claimed} GiB) {r.get('error', '')[-300:]}")
 
     # Below the leanest plan: refused before the model loads, naming the figure.
     small = round(0.85 * need, 2)
