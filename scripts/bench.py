@@ -21,7 +21,8 @@ row, in 1024-token steps from the row's length, that each system completes at ea
 --unsloth-modes, its best that completes).
 
 A/B of our settings or builds (--ab NAME=SETTINGS, repeatable; SETTINGS as `--set k=v --set k2=v2` and / or
-`--binary PATH`, empty for the defaults): every variant on every row, interleaved over --rounds rounds, the median tokens/s of each; no peers.
+`--binary PATH`, empty for the defaults): every variant on every row (and under each --budget, the rest of the GPU held),
+interleaved over --rounds rounds, the median tokens/s of each; no peers.
 Smoke (--smoke): a Llama-3.2-1B-shaped model made with transformers and saved as an HF directory (the loading
 path, not random weights), a repeated batch of random ids, QLoRA r=16, checkpointing: the loss must fall by 0.5.
 
@@ -255,7 +256,7 @@ def run_peer(script, shape, batch, seq, ckpt, env, budget=None, timeout=900, doc
 
 def ab(a, rows):
     """Each --ab variant on each row, interleaved over rounds; prints one JSON line per run and a table of medians."""
-    import shlex, statistics
+    import itertools, shlex, statistics
     variants = []
     for v in a.ab:
         name, _, spec = v.partition("=")
@@ -263,30 +264,32 @@ def ab(a, rows):
         sets = [extra[i + 1] for i in range(len(extra) - 1) if extra[i] == "--set"]
         binary = next((extra[i + 1] for i in range(len(extra) - 1) if extra[i] == "--binary"), a.binary)
         variants.append((name, sets, binary))
+    budgets = [float(x) for x in a.budget.split(",") if x] or [None]  # each variant under each (the holder)
     runs = []
     for rnd in range(a.rounds):
         for shape, b, s, docs in rows:
-            for name, sets, binary in variants:
-                r = run_ours(binary, pathlib.Path(a.work) / name, shape, b, s, a.steps, a.warm, a.set + sets, None, docs)
-                r.update(variant=name, round=rnd)
-                print(json.dumps(r), flush=True)
-                runs.append(r)
+            for budget in budgets:
+                for name, sets, binary in variants:
+                    r = run_ours(binary, pathlib.Path(a.work) / name, shape, b, s, a.steps, a.warm, a.set + sets, budget,
+                                 docs)
+                    r.update(variant=name, round=rnd)
+                    print(json.dumps(r), flush=True)
+                    runs.append(r)
     pathlib.Path(a.out).mkdir(parents=True, exist_ok=True)
     pathlib.Path(a.out, "ab.json").write_text(json.dumps(runs, indent=1))
     print("\n| row | variant | tok/s (median of rounds) | runs | peak GiB | device GiB |")
     print("|---|---|---|---|---|---|")
-    for shape, b, s, docs in rows:
-        for name, _, _ in variants:
-            rs = [r for r in runs if r["variant"] == name and r["model"] == shape and r["batch"] == b and r["seq"] == s
-                  and r.get("docs", 0) == docs]
-            ok = [r for r in rs if "tok_per_s" in r]
-            label = f"{shape} {b}x{s}{f' packed {docs}' if docs else ''}"
-            if not ok:
-                print(f"| {label} | {name} | error: {rs[0].get('error', '')[-80:] if rs else '?'} | | | |")
-                continue
-            t = statistics.median(r["tok_per_s"] for r in ok)
-            print(f"| {label} | {name} | {t:,.0f} | {', '.join(format(r['tok_per_s'], ',') for r in ok)} | "
-                  f"{max(r['peak_gib'] for r in ok):.2f} | {max(r['device_gib'] for r in ok):.2f} |")
+    for (shape, b, s, docs), budget, (name, _, _) in itertools.product(rows, budgets, variants):
+        rs = [r for r in runs if r["variant"] == name and r["model"] == shape and r["batch"] == b and r["seq"] == s
+              and r.get("docs", 0) == docs and r.get("budget_gib") == budget]
+        ok = [r for r in rs if "tok_per_s" in r]
+        label = f"{shape} {b}x{s}{f' packed {docs}' if docs else ''}{f' at {budget} GiB' if budget is not None else ''}"
+        if not ok:
+            print(f"| {label} | {name} | error: {rs[0].get('error', '')[-80:] if rs else '?'} | | | |")
+            continue
+        t = statistics.median(r["tok_per_s"] for r in ok)
+        print(f"| {label} | {name} | {t:,.0f} | {', '.join(format(r['tok_per_s'], ',') for r in ok)} | "
+              f"{max(r['peak_gib'] for r in ok):.2f} | {max(r['device_gib'] for r in ok):.2f} |")
 
 
 def smoke(a):

@@ -48,6 +48,24 @@ def check_context_search():
     check(len(best) == 2 and "unsloth's best (0) | 80.0 | 15,000" in best[0] and "1.13x speed" in best[0]
           and "unsloth's best (u) | 8.0 | 9,000" in best[1],
           f"the table names Unsloth's best mode at each budget, ours against it: {best}")
+    # --ab under budgets: every variant at every budget (the holder's), each its own line of the table.
+    import argparse, contextlib, io
+    calls = []
+    def fake_ours(binary, work, shape, b, s, steps, warm, sets, budget, docs):
+        calls.append((pathlib.Path(work).name, budget, tuple(sets)))
+        return dict(system="qlora-train", model=shape, batch=b, seq=s, budget_gib=budget, tok_per_s=int(1000 + len(sets)),
+                    peak_gib=1.0, device_gib=2.0)
+    bench_script.run_ours = fake_ours
+    a = argparse.Namespace(ab=["auto=", "s24=--set train.memory.streamed_blocks=24"], budget="9,14", rounds=1,
+                           binary="qt", work=str(TMP / "ab"), out=str(TMP / "ab"), steps=2, warm=1, set=[])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bench_script.ab(a, [("llama-3.1-8b", 1, 8192, 0)])
+    table = [l for l in out.getvalue().splitlines() if l.startswith("| llama-3.1-8b")]
+    check(sorted((c[0], c[1]) for c in calls) == [("auto", 9.0), ("auto", 14.0), ("s24", 9.0), ("s24", 14.0)]
+          and ("s24", 9.0, ("train.memory.streamed_blocks=24",)) in calls and len(table) == 4
+          and "| llama-3.1-8b 1x8192 at 9.0 GiB | s24 | 1,001 |" in table[1],
+          f"--ab runs each variant under each --budget, one table line each: {calls} {table}")
     ours = [l for l in lines if "| qlora-train |" in l]
     check(len(ours) == 2 and "cudaFree" not in ours[0] and "11,000 (5 cudaFree in the timed steps)" in ours[1],
           f"a run whose allocator gave memory back in its timed steps is marked so: {ours}")
