@@ -7,6 +7,7 @@
 #include <torch/headeronly/version.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <csignal>
@@ -95,6 +96,27 @@ int run_plan(const PlanArgs& args) {
   out["model"] = !args.shape.empty() ? args.shape : !args.model.empty() ? args.model : cfg.model.path.empty() ? cfg.model.shape : cfg.model.path;
   out["micro_batch"] = micro;
   out["seq"] = seq;
+  if (args.alternatives > 0) {
+    // The fastest first; of plans that read the same (their fields alike), the first weighed.
+    std::vector<qt::Decision::Alternative> alts = d.alternatives;
+    std::stable_sort(alts.begin(), alts.end(), [](const auto& a, const auto& b) { return a.step_s < b.step_s; });
+    const std::string chosen = qt::describe(d.plan, d.layers);
+    std::set<std::string> seen = {chosen};
+    qt::Json list = qt::Json::array();
+    std::cerr << "alternatives that fit, fastest first (predicted step, device memory, plan):" << std::endl;
+    for (const auto& a : alts) {
+      if (static_cast<int>(list.size()) >= args.alternatives) break;
+      const std::string text = qt::describe(a.plan, d.layers);
+      if (!seen.insert(text).second) continue;
+      const double gib = a.bytes / (1024.0 * 1024.0 * 1024.0);
+      char line[96];
+      std::snprintf(line, sizeof line, "  %.3f s (%+.1f%%)  %.2f GiB  ", a.step_s, 100.0 * (a.step_s / d.step.total() - 1), gib);
+      std::cerr << line << text << std::endl;
+      list.push_back(qt::Json{{"plan", text}, {"predicted_gib", std::round(gib * 1000) / 1000},
+                              {"predicted_step_s", a.step_s}});
+    }
+    out["alternatives"] = list;
+  }
   std::cout << out.dump() << std::endl;
   return 0;
 }

@@ -80,6 +80,7 @@ struct PlanArgs {
   double gpu_memory_gib = 0;  // the budget (0: the config's, else this machine's GPU's free memory)
   double host_gib = 0;        // the host's memory (0: this machine's)
   int world = 1;              // ranks (data parallel, or FullyShard with train.shard "blocks")
+  int alternatives = 0;       // also the N fastest other plans that fit (distinct in their fields)
 };
 
 struct QuantizeArgs {

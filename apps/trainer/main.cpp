@@ -216,6 +216,7 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   plan_cmd->add_option("--host-gib", plan_args.host_gib, "the host's memory in GiB (default: this machine's)")->check(CLI::PositiveNumber);
   plan_cmd->add_option("--world", plan_args.world, "ranks on the host")->check(CLI::PositiveNumber);
+  plan_cmd->add_option("--alternatives", plan_args.alternatives, "also print the N fastest other plans that fit the budget, with their predicted memory and step time (default 0)")->check(CLI::NonNegativeNumber);
 
   ConfigArgs config_args;
   CLI::App* config_cmd = app.add_subcommand("config", "Print the resolved run config, every default included");

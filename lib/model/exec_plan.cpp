@@ -722,6 +722,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     Footprint h = predict_host(in, cand);
     if (!host_fits(h)) continue;
     StepTime t = predict_step_time(in, cand);
+    d.alternatives.push_back({cand, f.total(), t.total()});
     if (found && t.total() >= d.step.total()) continue;
     d.plan = cand;
     d.footprint = std::move(f);
@@ -769,8 +770,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
               (host.empty() ? "" : " or a host") + " with more memory");
 }
 
-std::string describe(const Decision& d) {
-  const ExecPlan& p = d.plan;
+std::string describe(const ExecPlan& p, int64_t layers) {
   std::string s = p.checkpointing ? "checkpointing" : "no checkpointing";
   if (p.checkpointing) {
     if (p.blocks_without_checkpointing > 0)
@@ -788,15 +788,20 @@ std::string describe(const Decision& d) {
   if (p.lm_head_on_host) s += ", lm_head streamed from the host";
   if (p.optimizer_on_host) s += ", AdamW on the host";
   if (p.dequantized_blocks > 0)
-    s += p.dequantized_blocks >= d.layers && d.layers > 0
+    s += p.dequantized_blocks >= layers && layers > 0
              ? std::string(", every block's weights held dequantized")
-             : ", " + std::to_string(p.dequantized_blocks) + (d.layers > 0 ? " of " + std::to_string(d.layers) : std::string()) +
+             : ", " + std::to_string(p.dequantized_blocks) + (layers > 0 ? " of " + std::to_string(layers) : std::string()) +
                    " blocks' weights held dequantized";
   if (p.streamed_blocks > 0)
-    s += p.streamed_blocks >= d.layers && d.layers > 0
+    s += p.streamed_blocks >= layers && layers > 0
              ? std::string(", block weights streamed from the host")
-             : ", " + std::to_string(p.streamed_blocks) + (d.layers > 0 ? " of " + std::to_string(d.layers) : std::string()) +
+             : ", " + std::to_string(p.streamed_blocks) + (layers > 0 ? " of " + std::to_string(layers) : std::string()) +
                    " blocks' weights streamed from the host";
+  return s;
+}
+
+std::string describe(const Decision& d) {
+  std::string s = describe(d.plan, d.layers);
   if (!d.footprint.terms.empty()) s += "; predicted " + fmt_gib(d.footprint.total()) + " GiB";
   if (d.budget_gib >= 0) s += " of a " + fmt_gib(d.budget_gib * kGiB) + " GiB budget";
   if (!d.step.terms.empty()) {

@@ -145,11 +145,20 @@ struct Decision {
   StepTime step;
   double budget_gib = -1;  // < 0: none (CPU without an explicit budget)
   int64_t layers = 0;      // the model's blocks (for describe())
+  // Every other candidate that fits the budget, with its predicted footprint (bytes) and step time (s), in the
+  // order weighed (`qlora-train plan --alternatives N` prints the fastest); empty where nothing fits.
+  struct Alternative {
+    ExecPlan plan;
+    double bytes = 0;
+    double step_s = 0;
+  };
+  std::vector<Alternative> alternatives;
 };
 Decision decide_plan(const PlanInputs& in, const PlanRequest& request, double free_gib = -1);
 
 // One line for the log, and the whole decision as JSON (metrics.jsonl, the bench JSON).
 std::string describe(const Decision& d);
+std::string describe(const ExecPlan& p, int64_t layers);  // the plan's fields alone
 Json to_json(const Decision& d);
 
 // The device's free memory in GiB (CUDA: cudaMemGetInfo, which creates the context); -1 on the CPU.

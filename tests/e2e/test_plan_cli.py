@@ -36,6 +36,16 @@ def main():
         check(decided[-1][1]["dequantized_blocks"] == 32 and decided[0][1]["dequantized_blocks"] == 0,
               "80 GiB: every block's weights held dequantized; 8 GiB: none")
 
+    # --alternatives N: the N fastest other plans that fit, each distinct from the plan and the others, none faster.
+    p, d = plan("--shape", "llama-3.1-8b", "--seq", 8192, "--gpu-memory-gib", 9, "--host-gib", 128, "--alternatives", 5)
+    alts = (d or {}).get("alternatives", [])
+    lines = [l for l in p.stderr.splitlines() if l.startswith("  ") and " GiB  " in l]
+    check(p.returncode == 0 and len(alts) == 5 and len(lines) == 5 and len({a["plan"] for a in alts}) == 5
+          and all(a["predicted_gib"] <= 9 for a in alts)
+          and all(a["predicted_step_s"] >= d["predicted_step_s"]["total"] * (1 - 1e-3) for a in alts)
+          and [a["predicted_step_s"] for a in alts] == sorted(a["predicted_step_s"] for a in alts),
+          f"--alternatives 5: five other plans within 9 GiB, fastest first, none faster than the plan: {alts} {lines}")
+
     p, _ = plan("--shape", "llama-3.1-70b", "--seq", 8192, "--gpu-memory-gib", 24, "--host-gib", 128,
                 "--set", "train.memory.weights=device")
     check(p.returncode == 3 and "does not fit" in p.stderr and 'train.memory.weights "host"' in p.stderr,
