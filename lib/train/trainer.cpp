@@ -265,13 +265,13 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   int64_t run_tokens = 0, run_inputs = 0;  // target and input tokens of the steps this process ran
   const auto t_loop = Clock::now();
   const int64_t start_step = state.step;
-  // The allocator's counts before the step: the first step in which it gave cached memory back to the driver
-  // (cudaFree, a device synchronization; then, if that was not enough, all of its cache and a retry) is reported,
-  // once a run, since a run at its budget's edge goes on, slower.
-  GpuAllocatorCounts before_step = gpu_allocator_counts(s.device);
+  // The first step in which the allocator gave cached memory back to the driver (cudaFree, a device
+  // synchronization; then, if that was not enough, all of its cache and a retry) is reported, once a run: a run at
+  // its budget's edge goes on, slower.
   bool edge_reported = !s.device.is_cuda();
   while (state.step < total_steps) {
     const auto t_step = Clock::now();
+    const GpuAllocatorCounts before_step = gpu_allocator_counts(s.device);
     reset_gpu_peak(s.device);
     // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir (rank 0).
     std::unique_ptr<StepProfile> profile;
@@ -331,7 +331,6 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
       auto [el, et] = evaluator.loss(state.step);
       metrics.eval(state.step, el, et);
     }
-    before_step = gpu_allocator_counts(s.device);  // after the evaluation, which is not the step's
     if (hooks.step_delay_ms > 0)  // slow steps, so that a test can signal the process between two of them
       std::this_thread::sleep_for(std::chrono::milliseconds(hooks.step_delay_ms));
     const bool stop = stop_requested(options, s);
