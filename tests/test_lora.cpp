@@ -351,6 +351,37 @@ TEST_CASE("LoRA on NF4 linears matches PEFT on bitsandbytes' dequantized base: l
   check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4);
 }
 
+TEST_CASE("LoRA dropout in training matches PEFT's (the same masks from the same seed), with and without "
+          "checkpointing and the keep ladder", "[lora]") {
+  qt::SafetensorsFile ref(fixture("lora/dropout_all/reference.safetensors"));
+  const int64_t seed = ref.load("seed", at::kLong, at::kCPU).item<int64_t>();
+  std::shared_ptr<qt::ModelStats> stats;
+  auto dropout = [&](const std::function<void(qt::LlamaModel&)>& more) {
+    return [&, more](qt::LlamaModel& m) {
+      m.for_each_linear([](const std::string&, qt::Linear& l) { REQUIRE(l.lora); l.lora->dropout = 0.1; });
+      m.set_training(true);
+      if (more) more(m);
+      stats = m.stats;
+      at::manual_seed(seed);  // the masks PEFT drew: each linear's in the order the model calls them
+    };
+  };
+  check_against_peft("base_nf4", "dropout_all", 1e-5, 1e-4, dropout({}));
+  // The recomputation draws the masks again from the saved generator state.
+  check_against_peft("base_nf4", "dropout_all", 1e-5, 1e-4, dropout([](qt::LlamaModel& m) { m.plan.checkpointing = true; }));
+  check_against_peft("base_nf4", "dropout_all", 1e-5, 1e-4, dropout([](qt::LlamaModel& m) {
+    m.plan.checkpointing = true;
+    m.plan.keep = qt::KeepLevel::Residual;
+    m.plan.keep_dequantized = true;
+  }));
+  // Dropout changes the result: without it the loss differs by many times the bound above (so the reference does
+  // exercise PEFT's dropout; the gradients differ by 40-60% with other masks).
+  qt::LlamaModel plain = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+  qt::load_peft_adapter(plain, fixture("lora/dropout_all/adapter"));
+  const at::Tensor no_dropout = causal_lm_loss(plain, ref.load("input_ids", at::kLong, at::kCPU),
+                                               ref.load("labels", at::kLong, at::kCPU));
+  CHECK(rel_err(no_dropout, ref.view("loss")) > 1e-4);
+}
+
 TEST_CASE("LoRA on a Qwen2 NF4 base (q / k / v biases, tied embeddings) matches PEFT, with and without "
           "checkpointing",
           "[lora][qwen]") {

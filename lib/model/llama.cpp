@@ -110,7 +110,11 @@ at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x, const Pass&
     if (at::Tensor y = swiglu_linear(b.down_proj, gate_up, pass, pass.output_unused); y.defined()) return y;
     return down(swiglu_packed(gate_up));
   }
-  return down(swiglu_fused(b.gate_proj.forward(x, pass), b.up_proj.forward(x, pass)));
+  // gate before up, as transformers calls them: with LoRA dropout each draws its mask in that order (an argument
+  // list would leave the order to the compiler).
+  const at::Tensor gate = b.gate_proj.forward(x, pass);
+  const at::Tensor up = b.up_proj.forward(x, pass);
+  return down(swiglu_fused(gate, up));
 }
 
 at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const at::Tensor& positions) const {

@@ -107,7 +107,7 @@ def write_cases(root: pathlib.Path, base, cases: dict, ids, labels):
     for case, lcfg in cases.items():
         d = root / case
         base.load_state_dict(state)
-        model = get_peft_model(base, LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **lcfg))
+        model = get_peft_model(base, LoraConfig(**{"lora_dropout": 0.0, "task_type": "CAUSAL_LM", **lcfg}))
         init = {"init." + peft_key(n): p.detach().clone() for n, p in model.named_parameters()
                 if "lora_magnitude_vector" in n}
         with torch.no_grad():  # random non-zero A and B (B = 0 would leave A's gradient zero)
@@ -119,11 +119,19 @@ def write_cases(root: pathlib.Path, base, cases: dict, ids, labels):
                 elif "modules_to_save" in n:  # a trained copy differs from the base: loading the base would fail
                     p.add_(torch.randn_like(p) * 0.02)
         model.save_pretrained(d / "adapter")
+        extra = {}
+        if lcfg.get("lora_dropout", 0.0) > 0:  # in training, the masks drawn from this seed (the CPU generator)
+            seed = 1234
+            model.train()
+            torch.manual_seed(seed)
+            extra["seed"] = torch.tensor([seed])
         logits = model(input_ids=ids).logits
+        model.eval()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V).float(),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
         loss.backward()
-        ref = {"input_ids": ids, "labels": labels, "loss": loss.detach().reshape(1), "logits": logits.detach(), **init}
+        ref = {"input_ids": ids, "labels": labels, "loss": loss.detach().reshape(1), "logits": logits.detach(), **init,
+               **extra}
         for n, p in model.named_parameters():
             if p.requires_grad:
                 ref["grad." + peft_key(n)] = p.grad.detach().clone()
@@ -157,3 +165,8 @@ def generate(out: pathlib.Path):
     # norm + RoPE kernel takes, so that the model's CUDA path runs it).
     write_cases(root, make_base(root, "base_qwen3", arch="qwen3", head_dim=32, use_sliding_window=False),
                 {"qwen3_all": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=False)}, ids, labels)
+    # LoRA dropout in training (PEFT's lora_dropout on every block linear), on the NF4 base of the first cases (base_nf4): each
+    # linear draws its own mask of its input from the CPU generator, in the order the model calls them (q, k, v, o,
+    # gate, up, down); the reference holds the seed. Last, so that the draws above stay as they were.
+    write_cases(root, base, {"dropout_all": dict(r=8, lora_alpha=16, target_modules=TARGETS, use_rslora=False,
+                                                     lora_dropout=0.1)}, ids, labels)
