@@ -940,3 +940,27 @@ TEST_CASE("the footprint against the H200's runs: what completed within a few pe
     }
   }
 }
+
+TEST_CASE("with LoRA dropout on the MLP the plan never runs it in chunks, and refuses chunks forced", "[plan]") {
+  qt::PlanInputs in = inputs("llama-3.1-8b", 1, 65536);
+  CHECK(qt::decide_plan(in, {}).plan.mlp_chunk_tokens > 0);  // the default above 32768 tokens
+  qt::PlanRequest lean;
+  lean.gpu_memory_gib = 16.0;
+  const qt::Decision chunked = qt::decide_plan(in, lean);
+  CHECK(chunked.plan.mlp_chunk_tokens > 0);
+  in.mlp_dropout = true;
+  CHECK(qt::decide_plan(in, {}).plan.mlp_chunk_tokens == 0);
+  for (double budget : {16.0, 24.0, 48.0}) {
+    INFO(budget << " GiB");
+    qt::PlanRequest r;
+    r.gpu_memory_gib = budget;
+    const auto error = error_of(in, r);
+    if (!error) CHECK(qt::decide_plan(in, r).plan.mlp_chunk_tokens == 0);
+  }
+  qt::PlanRequest forced;
+  forced.mlp_chunk_tokens = 4096;
+  const auto e = error_of(in, forced);
+  REQUIRE(e);
+  CHECK(has(e->what(), "train.memory.mlp_chunk_tokens"));
+  CHECK(has(e->what(), "lora.dropout"));
+}

@@ -168,19 +168,36 @@ std::vector<qt::Linear> group_members(const std::vector<int64_t>& outs, int64_t 
 
 // project_group against each member's forward() side by side: output, input gradient, every A and B gradient.
 // concat_b: the LoRA B terms inside the base GEMM (input width 1024: a multiple of 1024 for the CUDA kernel's
-// strided rows; ranks summing to 13 leave 3 zero columns of padding).
-void check_project_group(const at::Device& device, c10::ScalarType dtype, double tol, bool concat_b = false) {
-  INFO(device << " " << c10::toString(dtype) << (concat_b ? ", LoRA B in the base GEMM" : ""));
+// strided rows; ranks summing to 13 leave 3 zero columns of padding). dropout > 0: every member's LoRA dropout in
+// training, against x W^T + s (at::dropout(x) A^T) B^T in plain ops from the same seed (each member's mask drawn
+// in turn, as PEFT's modules draw them); and the first member alone (the single LoRA node) the same way.
+void check_project_group(const at::Device& device, c10::ScalarType dtype, double tol, bool concat_b = false,
+                         double dropout = 0) {
+  INFO(device << " " << c10::toString(dtype) << (concat_b ? ", LoRA B in the base GEMM" : "")
+              << (dropout > 0 ? ", LoRA dropout" : ""));
   const int64_t in = concat_b ? 1024 : 64;
   auto ls = group_members({48, 16, 16}, in, concat_b ? std::vector<int64_t>{4, 4, 5} : std::vector<int64_t>{4, 4, 8},
                           device);
   std::vector<const qt::Linear*> group;
-  for (const auto& l : ls) group.push_back(&l);
+  for (auto& l : ls) {
+    group.push_back(&l);
+    l.lora->dropout = dropout;
+    l.training = dropout > 0;
+  }
   const auto opt = at::TensorOptions().dtype(dtype).device(device);
   const at::Tensor x0 = at::randn({2, 5, in}, opt), dy = at::randn({2, 5, 80}, opt);
+  // The reference: each member's forward(), or with dropout its sum in plain ops.
+  auto plain = [&](const qt::Linear& l, const at::Tensor& x) {
+    if (dropout == 0) return l.forward(x);
+    const at::Tensor h = at::dropout(x, dropout, /*train=*/true);
+    return at::linear(x, l.base_weight(dtype)) +
+           at::linear(at::linear(h, l.lora->A.to(dtype)), (l.lora->B * l.lora->scale).to(dtype));
+  };
+  constexpr int64_t kSeed = 7;
+  at::manual_seed(kSeed);
   at::Tensor xr = x0.clone().requires_grad_(true);
   std::vector<at::Tensor> parts;
-  for (const auto& l : ls) parts.push_back(l.forward(xr));
+  for (const auto& l : ls) parts.push_back(plain(l, xr));
   at::Tensor yr = at::cat(parts, -1);
   yr.backward(dy);
   std::vector<at::Tensor> ref_grads;
@@ -193,6 +210,7 @@ void check_project_group(const at::Device& device, c10::ScalarType dtype, double
   qt::ModelStats stats;
   qt::Pass pass;
   pass.stats = &stats;
+  at::manual_seed(kSeed);
   at::Tensor y = qt::project_group(group, x, pass, concat_b);
   REQUIRE(y.defined());
   CHECK(stats.lora_b_in_gemm_runs == (concat_b ? 1 : 0));
@@ -212,6 +230,33 @@ void check_project_group(const at::Device& device, c10::ScalarType dtype, double
       CHECK(rel_err(p->grad(), ref_grads[i]) < tol);
       ++i;
     }
+  if (dropout > 0) {  // the single LoRA node: the first member alone
+    qt::Linear& l = ls[0];
+    const at::Tensor dy0 = dy.narrow(-1, 0, l.out_features());
+    std::vector<at::Tensor> runs[2];  // the plain ops', the node's
+    for (bool node : {false, true}) {
+      l.lora->A.mutable_grad() = at::Tensor();
+      l.lora->B.mutable_grad() = at::Tensor();
+      at::Tensor xs = x0.clone().requires_grad_(true);
+      at::manual_seed(kSeed);
+      at::Tensor ys = node ? l.forward(xs) : plain(l, xs);
+      REQUIRE(ys.grad_fn());
+      if (node) CHECK(ys.grad_fn()->name().find("LoraLinearFn") != std::string::npos);
+      ys.backward(dy0);
+      REQUIRE(xs.grad().defined());
+      REQUIRE(l.lora->A.grad().defined());
+      REQUIRE(l.lora->B.grad().defined());
+      runs[node ? 1 : 0] = std::vector<at::Tensor>{ys, xs.grad(), l.lora->A.grad().clone(), l.lora->B.grad().clone()};
+    }
+    const std::vector<at::Tensor>&want = runs[0], &got = runs[1];
+    for (size_t k = 0; k < got.size(); ++k) {
+      INFO("single node, tensor " << k);
+      CHECK(rel_err(got[k], want[k]) < tol);
+    }
+    // Dropout does act: without it the output is another.
+    l.training = false;
+    CHECK(rel_err(l.forward(x0), want[0]) > 10 * tol);
+  }
 }
 
 // Bytes the CUDA caching allocator has handed out on `device` now (torch.cuda.memory_allocated).
@@ -283,6 +328,8 @@ TEST_CASE("q, k, v (gate, up) as one projection equal their separate LoRA linear
           "[lora]") {
   check_project_group(at::kCPU, at::kFloat, 1e-5);
   check_project_group(at::kCPU, at::kFloat, 1e-5, /*concat_b=*/true);
+  check_project_group(at::kCPU, at::kFloat, 1e-5, false, /*dropout=*/0.2);
+  check_project_group(at::kCPU, at::kFloat, 1e-5, /*concat_b=*/true, /*dropout=*/0.2);
   auto ls = group_members({16, 16}, 64, {4, 4}, at::kCPU);
   const at::Tensor x = at::randn({3, 64});
   CHECK(qt::project_group({&ls[0], &ls[1]}, x).defined());
@@ -292,6 +339,7 @@ TEST_CASE("q, k, v (gate, up) as one projection equal their separate LoRA linear
     return !qt::project_group({&copy[0], &copy[1]}, x).defined();
   };
   CHECK(refused([](qt::Linear& l) { l.bias = at::randn({16}); }));
+  // (members' LoRA dropout differing: each would need its own node's draws in its own order)
   CHECK(refused([](qt::Linear& l) { l.lora->dropout = 0.1, l.training = true; }));
   CHECK(refused([](qt::Linear& l) { l.lora->magnitude = at::ones({16}); }));
   CHECK(refused([](qt::Linear& l) { l.lora.reset(); }));
@@ -366,6 +414,9 @@ TEST_CASE("LoRA dropout in training matches PEFT's (the same masks from the same
     };
   };
   check_against_peft("base_nf4", "dropout_all", 1e-5, 1e-4, dropout({}));
+  // ... through the fused nodes: q / k / v and gate / up as one projection each (the B terms in the GEMM).
+  REQUIRE(stats);
+  CHECK(stats->lora_b_in_gemm_runs > 0);
   // The recomputation draws the masks again from the saved generator state.
   check_against_peft("base_nf4", "dropout_all", 1e-5, 1e-4, dropout([](qt::LlamaModel& m) { m.plan.checkpointing = true; }));
   check_against_peft("base_nf4", "dropout_all", 1e-5, 1e-4, dropout([](qt::LlamaModel& m) {
@@ -1204,12 +1255,16 @@ TEST_CASE("generation stops at a stop id and top-p keeps the nucleus transformer
   CHECK(has(error_of([&] { qt::generate_tokens(model, {}, o); }), "prompt"));
 }
 
-TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears in bf16 and fp32", "[lora][gpu]") {
+TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears in bf16 and fp32, with LoRA dropout "
+          "too", "[lora][gpu]") {
   REQUIRE(at::hasCUDA());
   check_project_group(at::Device(at::kCUDA, 0), at::kFloat, 1e-5);
   check_project_group(at::Device(at::kCUDA, 0), at::kBFloat16, 1e-2);
   check_project_group(at::Device(at::kCUDA, 0), at::kFloat, 1e-5, /*concat_b=*/true);
   check_project_group(at::Device(at::kCUDA, 0), at::kBFloat16, 1e-2, /*concat_b=*/true);
+  // LoRA dropout: native_dropout's masks (at::dropout's kernel on CUDA) drawn again in the backward pass.
+  check_project_group(at::Device(at::kCUDA, 0), at::kFloat, 1e-5, false, /*dropout=*/0.2);
+  check_project_group(at::Device(at::kCUDA, 0), at::kBFloat16, 1e-2, /*concat_b=*/true, /*dropout=*/0.2);
 }
 
 TEST_CASE("keep_qkv and keep_residual on CUDA (bf16, block inputs offloaded or not) give the gradients of the full "

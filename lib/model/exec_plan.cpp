@@ -513,6 +513,10 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
       fail_key(ErrorKind::Config, file, m + "blocks_without_checkpointing",
                "needs train.memory.checkpointing true or \"auto\" (it is false: no block is checkpointed)");
   }
+  if (r.mlp_chunk_tokens.value_or(0) > 0 && in.mlp_dropout)
+    fail_key(ErrorKind::Config, file, m + "mlp_chunk_tokens",
+             "needs no LoRA dropout on the MLP's linears (lora.dropout is set): a chunk's recomputation would draw "
+             "other masks");
   if (r.blocks_without_checkpointing.value_or(0) >= in.model.num_hidden_layers)
     fail_key(ErrorKind::Config, file, m + "blocks_without_checkpointing",
              "is " + std::to_string(*r.blocks_without_checkpointing) + ", the model has " +
@@ -625,7 +629,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
         }
     best.keep = r.keep.value_or(k);
     best.keep_dequantized = r.keep_dequantized.value_or(tokens < 8192);
-    best.mlp_chunk_tokens = r.mlp_chunk_tokens.value_or(tokens > 32768 ? 8192 : 0);
+    best.mlp_chunk_tokens = r.mlp_chunk_tokens.value_or(tokens > 32768 && !in.mlp_dropout ? 8192 : 0);
   }
   // With checkpointing, a ladder from fastest to leanest: each step gives up what costs least speed for the memory
   // it frees.
@@ -652,7 +656,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
         step([&](ExecPlan& x) { x.keep = std::min(x.keep, l); });
     const bool embed_free = !r.embeddings_on_host && !in.embeddings_trained && !in.sharded && !tied;
     if (embed_free) step([](ExecPlan& x) { x.embeddings_on_host = true; });
-    if (!r.mlp_chunk_tokens)
+    if (!r.mlp_chunk_tokens && !in.mlp_dropout)
       for (int64_t chunk : {int64_t{8192}, int64_t{4096}, int64_t{2048}})
         if (tokens > chunk) step([&](ExecPlan& x) { x.mlp_chunk_tokens = x.mlp_chunk_tokens ? std::min(x.mlp_chunk_tokens, chunk) : chunk; });
     // lm_head streamed from the host (2 V H bytes over PCIe a step: about 2.1 GB at Llama 3.1 8B) after the MLP
@@ -660,7 +664,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     const bool head_free = !r.lm_head_on_host && !in.lm_head_trained && !in.sharded && !(tied && in.embeddings_trained) &&
                            !(tied && r.embeddings_on_host.has_value());
     if (head_free) step([&](ExecPlan& x) { x.lm_head_on_host = true; if (tied) x.embeddings_on_host = true; });
-    if (!r.mlp_chunk_tokens && tokens > 1024)
+    if (!r.mlp_chunk_tokens && !in.mlp_dropout && tokens > 1024)
       step([](ExecPlan& x) { x.mlp_chunk_tokens = x.mlp_chunk_tokens ? std::min<int64_t>(x.mlp_chunk_tokens, 1024) : 1024; });
     // Last, AdamW's moments on the host (8 bytes an element of the device; 0.31 GiB at 8B with r = 16 on all seven
     // linears, for about 75 ms a step of copies and the update on the CPU, measured on an H200 host).

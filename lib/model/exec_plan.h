@@ -107,6 +107,8 @@ struct PlanInputs {
   int world = 1;
   int64_t element_size = 2;      // compute dtype
   uint64_t host_bytes = 0;       // this rank's share of the host's memory
+  // LoRA dropout on an MLP linear: the MLP never runs in chunks (a chunk's recomputation would draw other masks).
+  bool mlp_dropout = false;
   std::string file;              // the run config, for errors
 };
 

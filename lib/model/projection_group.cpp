@@ -35,7 +35,9 @@ std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
 // blocks, each with its scale, on the diagonal of a [sum out, sum r] matrix). The output is the members' outputs
 // side by side, [.., sum out]; its gradient comes back whole, so the input gradient is one GEMM with the LoRA
 // term on its epilogue, not one per member summed by autograd. ab: A0, B0, A1, B1, ... (fp32 masters). bias: the
-// members' frozen biases side by side (Qwen2's q / k / v), added by the base GEMM (addmm), or undefined.
+// members' frozen biases side by side (Qwen2's q / k / v), added by the base GEMM (addmm), or undefined. With LoRA
+// dropout (every member's the same) each member's A reads its own mask of x (drawn in member order, drawn again in
+// the backward pass: qlora_linear.h), so the A products are one GEMM a member.
 struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   // The bases dequantized into [total, in], or with the LoRA B blocks `bd` in `extra` more columns (zero beyond
   // bd's): [total, in + extra] = [W | bd | 0] (concat_b). Where the group holds its weight (the first member's
@@ -78,10 +80,24 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   static bool concat_applies(const std::vector<const Linear*>& ls, const at::Tensor& x) {
     return !x.is_cuda() || ls[0]->in_features() % kernels::kNf4StridedCols == 0;
   }
+  // t = [dropout_0(x) A_0^T | dropout_1(x) A_1^T | ...] into `t` ([N, sum r]): each member's mask drawn in turn
+  // (as the members' own nodes would draw them), its generator state before the draw pushed to `states`.
+  static void dropped_lora_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x2, const at::Tensor& a,
+                                  double p, at::Tensor t, std::vector<at::Tensor>& states) {
+    const at::Tensor xd = x2.contiguous();
+    for (int64_t i = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
+      const int64_t r = ls[i]->lora->A.size(0);
+      at::Tensor state;
+      at::Tensor ti = t.narrow(1, roff, r);
+      at::mm_out(ti, draw_lora_dropout(xd, p, state), a.narrow(0, roff, r).t());
+      states.push_back(state);
+      roff += r;
+    }
+  }
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 at::TensorList ab, const std::vector<int64_t>& linear_ptrs,
                                                 bool concat_b, bool output_unused, int64_t pass_ptr,
-                                                int64_t bias_ptr) {
+                                                int64_t bias_ptr, double dropout) {
     const auto ls = members(linear_ptrs);
     const at::Tensor& bias = *reinterpret_cast<const at::Tensor*>(bias_ptr);  // read in this call only
     const Pass& pass = *reinterpret_cast<const Pass*>(pass_ptr);  // read in this call only
@@ -90,9 +106,16 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     const int64_t total = bd.size(0);
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
     concat_b = concat_b && !output_unused && concat_applies(ls, x);
+    std::vector<at::Tensor> states;  // LoRA dropout: each member's generator state before its draw
+    // [N, sum r] into `out`: x A^T, or with dropout each member's dropped input times its A.
+    auto lora_inputs = [&](at::Tensor out) {
+      if (dropout > 0) dropped_lora_inputs(ls, x2, a, dropout, out, states);
+      else at::mm_out(out, x2, a.t());
+    };
     at::Tensor t, W, y;
     if (output_unused) {  // only what the backward saves (a recomputation whose values are kept elsewhere)
-      t = at::mm(x2, a.t());
+      t = at::empty({x2.size(0), a.size(0)}, x2.options());
+      lora_inputs(t);
       y = at::empty({x2.size(0), total}, x2.options());
       pass.count(&ModelStats::outputs_skipped);
     } else if (concat_b) {
@@ -100,7 +123,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       at::Tensor xc = at::empty({x2.size(0), in + extra}, x2.options());
       xc.narrow(1, 0, in).copy_(x2);
       t = xc.narrow(1, in, r);
-      at::mm_out(t, x2, a.t());  // [N, sum r], in place in the wider input
+      lora_inputs(t);  // [N, sum r], in place in the wider input
       if (extra > r) xc.narrow(1, in + r, extra - r).zero_();
       W = weight(ls, total, dt, pass.stats, bd, extra);
       y = bias.defined() ? at::addmm(bias, xc, W.t()) : at::mm(xc, W.t());
@@ -108,7 +131,8 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
       pass.count(&ModelStats::lora_b_in_gemm_runs);
     } else {
-      t = at::mm(x2, a.t());  // [N, sum r]
+      t = at::empty({x2.size(0), a.size(0)}, x2.options());
+      lora_inputs(t);  // [N, sum r]
       W = weight(ls, total, dt, pass.stats);
       y = bias.defined() ? at::addmm(bias, x2, W.t()) : at::mm(x2, W.t());
       y.addmm_(t, bd.t());
@@ -116,6 +140,8 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     ctx->save_for_backward({x2, a, bd, t, pass.keep_dequantized ? W : at::Tensor()});
     ctx->saved_data["linears"] = linear_ptrs;
     ctx->saved_data["stats"] = reinterpret_cast<int64_t>(pass.stats);
+    ctx->saved_data["dropout"] = dropout;
+    if (dropout > 0) ctx->saved_data["dropout_states"] = at::TensorList(states);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = total;
     return {y.view(shape)};
@@ -133,9 +159,25 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     if (ctx->needs_input_grad(0)) {
       auto* stats = reinterpret_cast<ModelStats*>(ctx->saved_data["stats"].toInt());
       dx = at::mm(dy, kept.defined() ? kept : weight(ls, total, dt, stats));
-      dx.addmm_(g, a);
     }
-    at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);  // [sum r, in]
+    at::Tensor dA;  // [sum r, in]
+    const double dropout = ctx->saved_data["dropout"].toDouble();
+    if (dropout > 0) {  // each member's mask drawn again: its A's gradient and its input gradient term
+      const auto states = ctx->saved_data["dropout_states"].toTensorVector();
+      const at::Tensor xd = x2.contiguous();
+      dA = at::empty(a.sizes(), a.options().dtype(at::kFloat));
+      for (int64_t i = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
+        const int64_t r = ls[i]->lora->A.size(0);
+        const RedrawnDropout drop = redraw_lora_dropout(xd, dropout, states[static_cast<size_t>(i)]);
+        const at::Tensor gi = g.narrow(1, roff, r);
+        dA.narrow(0, roff, r).copy_(at::mm(gi.t(), drop.h));
+        if (dx.defined()) dx.add_(lora_dropout_grad(at::mm(gi, a.narrow(0, roff, r)), drop, dropout));
+        roff += r;
+      }
+    } else {
+      if (dx.defined()) dx.addmm_(g, a);
+      dA = at::mm(g.t(), x2).to(at::kFloat);
+    }
     // [sum out, sum r]: the diagonal blocks are the members'
     const std::vector<at::Tensor> dBs = member_b_grads(ls, at::mm(dy.t(), t));
     torch::autograd::variable_list out;
@@ -153,6 +195,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     out.emplace_back();  // output_unused
     out.emplace_back();  // pass_ptr
     out.emplace_back();  // bias_ptr
+    out.emplace_back();  // dropout
     return out;
   }
 };
@@ -165,6 +208,7 @@ bool group_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x, std
   const bool biased = ls[0]->bias.defined();
   for (const Linear* l : ls)
     if (!lora_node_applies(*l) || !l->quantized() || l->bias.defined() != biased ||
+        active_dropout(*l) != active_dropout(*ls[0]) ||
         (biased && l->bias.requires_grad()) || l->in_features() != ls[0]->in_features() ||
         l->nf4->device() != x.device())
       return false;
@@ -188,7 +232,8 @@ at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor&
   at::Tensor bias;
   if (!group_inputs(ls, x, ab, ptrs, bias)) return {};
   return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, concat_b, output_unused,
-                                  reinterpret_cast<int64_t>(&pass), reinterpret_cast<int64_t>(&bias))[0];
+                                  reinterpret_cast<int64_t>(&pass), reinterpret_cast<int64_t>(&bias),
+                                  active_dropout(*ls[0]))[0];
 }
 
 }  // namespace qt

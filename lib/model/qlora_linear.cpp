@@ -1,6 +1,8 @@
 #include "lib/model/qlora_linear.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
@@ -63,25 +65,28 @@ struct Nf4DoraFn : public torch::autograd::Function<Nf4DoraFn> {
   }
 };
 
-// A frozen base plus LoRA without dropout, y = x W^T + (x A^T)(s B)^T, as one autograd node. The LoRA sums ride
-// on GEMM epilogues (addmm_ into the base product, forward and backward), so neither pass adds an elementwise
-// kernel over [tokens, out] or [tokens, in]; W (NF4: dequantized into scratch) is not kept between the passes.
+// A frozen base plus LoRA, y = x W^T + (dropout(x) A^T)(s B)^T, as one autograd node. The LoRA sums ride on GEMM
+// epilogues (addmm_ into the base product, forward and backward; with dropout the input gradient's LoRA term is
+// an add after its mask), so neither pass adds an elementwise kernel over [tokens, out] or [tokens, in]; W (NF4:
+// dequantized into scratch) is not kept between the passes, nor is the dropout mask (drawn again).
 struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
   // output_unused: only what the backward saves (t); the output is left unwritten.
   // pass_ptr: the Pass (read in this call only).
   // swiglu_input: x is a gate / up projection output [.., 2 I] and the linear reads silu(gate) * up (down_proj):
   // the node keeps x, not the SwiGLU output, and recomputes that in its backward pass (I elements a token less
   // kept per block; the same bits, the same kernels).
+  // dropout: LoRA dropout's probability (0: none).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
                             const at::Tensor& B, double scale, int64_t linear_ptr, bool output_unused,
-                            int64_t pass_ptr, bool swiglu_input) {
+                            int64_t pass_ptr, bool swiglu_input, double dropout) {
     const auto* l = reinterpret_cast<const Linear*>(linear_ptr);
     const Pass& pass = *reinterpret_cast<const Pass*>(pass_ptr);
     const auto dt = x.scalar_type();
     const at::Tensor h = swiglu_input ? swiglu_packed_values(x) : x;
     at::Tensor x2 = h.reshape({-1, h.size(-1)});
     const auto [a, bs] = lora_factors(pass, {l}, {A, B}, dt);
-    at::Tensor t = at::mm(x2, a.t());  // [N, r]
+    at::Tensor state;
+    at::Tensor t = at::mm(dropout > 0 ? draw_lora_dropout(x2.contiguous(), dropout, state) : x2, a.t());  // [N, r]
     at::Tensor W, y;
     if (output_unused) {
       y = at::empty({x2.size(0), l->out_features()}, x2.options());
@@ -97,6 +102,8 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     ctx->saved_data["stats"] = reinterpret_cast<int64_t>(pass.stats);
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["swiglu"] = swiglu_input;
+    ctx->saved_data["dropout"] = dropout;
+    if (dropout > 0) ctx->saved_data["dropout_state"] = state;
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = y.size(1);
     return y.view(shape);
@@ -110,26 +117,68 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     const bool swiglu_input = ctx->saved_data["swiglu"].toBool();
     const at::Tensor x2 = swiglu_input ? swiglu_packed_values(in2) : in2;  // the linear's input, recomputed
     const auto dt = x2.scalar_type();
+    const double dropout = ctx->saved_data["dropout"].toDouble();
+    const RedrawnDropout drop =
+        dropout > 0 ? redraw_lora_dropout(x2.contiguous(), dropout, ctx->saved_data["dropout_state"].toTensor())
+                    : RedrawnDropout{};
     at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)}).to(dt);
     at::Tensor g = at::mm(dy, bs);  // [N, r]
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
       auto* stats = reinterpret_cast<ModelStats*>(ctx->saved_data["stats"].toInt());
       dx = at::mm(dy, kept.defined() ? kept : frozen_weight(*l, dt, stats));
-      dx.addmm_(g, a);
+      if (dropout > 0) dx.add_(lora_dropout_grad(at::mm(g, a), drop, dropout));
+      else dx.addmm_(g, a);
     }
-    at::Tensor dA = at::mm(g.t(), x2).to(at::kFloat);
+    at::Tensor dA = at::mm(g.t(), dropout > 0 ? drop.h : x2).to(at::kFloat);
     at::Tensor dB = at::mm(dy.t(), t).to(at::kFloat);
     if (scale != 1.0) dB.mul_(scale);
     if (dx.defined() && swiglu_input) dx = swiglu_packed_grad(in2, dx);
     std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
     shape.back() = in2.size(1);
     return {dx.defined() ? dx.view(shape) : dx, dA, dB, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
 }  // namespace
+
+double active_dropout(const Linear& l) { return l.training && l.lora ? l.lora->dropout : 0.0; }
+
+namespace {
+at::Generator default_generator(const at::Device& device) {
+  return device.is_cuda() ? at::cuda::detail::getDefaultCUDAGenerator(device.index())
+                          : at::detail::getDefaultCPUGenerator();
+}
+}  // namespace
+
+at::Tensor draw_lora_dropout(const at::Tensor& x, double p, at::Tensor& state) {
+  state = default_generator(x.device()).get_state();
+  at::NoGradGuard no_grad;
+  return at::dropout(x, p, /*train=*/true);
+}
+
+RedrawnDropout redraw_lora_dropout(const at::Tensor& x, double p, const at::Tensor& state) {
+  at::Generator gen = default_generator(x.device());
+  const at::Tensor now = gen.get_state();
+  gen.set_state(state);
+  RedrawnDropout r;
+  {
+    at::NoGradGuard no_grad;
+    if (x.is_cuda()) {
+      std::tie(r.h, r.factor) = at::native_dropout(x, p, /*train=*/true);
+    } else {  // at::dropout's noise: a draw of x's shape and dtype, whatever its values
+      r.factor = at::dropout(at::ones_like(x), p, /*train=*/true);
+      r.h = x * r.factor;
+    }
+  }
+  gen.set_state(now);
+  return r;
+}
+
+at::Tensor lora_dropout_grad(const at::Tensor& grad, const RedrawnDropout& r, double p) {
+  return grad.is_cuda() ? at::native_dropout_backward(grad, r.factor, 1.0 / (1.0 - p)) : grad * r.factor;
+}
 
 std::pair<at::Tensor, at::Tensor> LoraFactorCache::get(const std::vector<const Linear*>& ls, at::TensorList ab,
                                                        at::ScalarType dt, ModelStats* stats) {
@@ -249,20 +298,22 @@ at::Tensor frozen_weight(const Linear& l, c10::ScalarType dtype, ModelStats* sta
 
 bool lora_node_applies(const Linear& l) {
   const bool frozen_base = l.quantized() || !l.weight.requires_grad();
-  return l.lora && !l.lora->dora() && frozen_base && !(l.training && l.lora->dropout > 0) &&
-         l.lora->A.scalar_type() == at::kFloat && l.lora->B.scalar_type() == at::kFloat;
+  return l.lora && !l.lora->dora() && frozen_base && l.lora->A.scalar_type() == at::kFloat &&
+         l.lora->B.scalar_type() == at::kFloat;
 }
 
 at::Tensor linear_output_unused(const Linear& l, const at::Tensor& x, const Pass& pass) {
   if (!lora_node_applies(l) || l.bias.defined()) return l.forward(x, pass);
   return LoraLinearFn::apply(x, l.lora->A, l.lora->B, l.lora->scale, reinterpret_cast<int64_t>(&l),
-                             /*output_unused=*/true, reinterpret_cast<int64_t>(&pass), /*swiglu_input=*/false);
+                             /*output_unused=*/true, reinterpret_cast<int64_t>(&pass), /*swiglu_input=*/false,
+                             active_dropout(l));
 }
 
 at::Tensor swiglu_linear(const Linear& l, const at::Tensor& gate_up, const Pass& pass, bool output_unused) {
   if (!lora_node_applies(l) || l.bias.defined()) return {};
   return LoraLinearFn::apply(gate_up, l.lora->A, l.lora->B, l.lora->scale, reinterpret_cast<int64_t>(&l),
-                             output_unused, reinterpret_cast<int64_t>(&pass), /*swiglu_input=*/true);
+                             output_unused, reinterpret_cast<int64_t>(&pass), /*swiglu_input=*/true,
+                             active_dropout(l));
 }
 
 at::Tensor Linear::forward(const at::Tensor& x, const Pass& pass) const {
@@ -270,7 +321,7 @@ at::Tensor Linear::forward(const at::Tensor& x, const Pass& pass) const {
   if (lora_node_applies(*this)) {
     at::Tensor y = LoraLinearFn::apply(x, lora->A, lora->B, lora->scale, reinterpret_cast<int64_t>(this),
                                        /*output_unused=*/false, reinterpret_cast<int64_t>(&pass),
-                                       /*swiglu_input=*/false);
+                                       /*swiglu_input=*/false, active_dropout(*this));
     return bias.defined() ? y + bias.to(y.scalar_type()) : y;
   }
   at::Tensor y = quantized() ? nf4_linear(x, nf4, pass.stats) : at::linear(x, weight);

@@ -46,8 +46,8 @@ struct Linear {
   at::Tensor bias;                   // optional dense bias [out]; undefined when the config has none
   std::shared_ptr<Nf4Weight> nf4;    // frozen NF4 base; dequantized just in time, never kept in 16-bit
   std::shared_ptr<LoraAdapter> lora;  // null when the layer is not a LoRA target
-  // Non-null: the NF4 base dequantized is held here for the run (the LoRA node and project_group read it; DoRA and
-  // dropout's paths dequantize as before). Null: dequantized just in time.
+  // Non-null: the NF4 base dequantized is held here for the run (the LoRA node and project_group read it; DoRA's
+  // path dequantizes as before). Null: dequantized just in time.
   std::shared_ptr<HeldWeight> held;
   bool training = false;              // LoRA dropout is active only while training
 
@@ -63,9 +63,24 @@ struct Linear {
 };
 
 // The LoRA node's case, the fast path everywhere it applies: a frozen base (NF4, or dense without gradient), a
-// plain LoRA adapter with fp32 masters (no DoRA, no dropout active). project_group takes such linears with an NF4
+// plain LoRA adapter with fp32 masters (no DoRA), LoRA dropout or none. project_group takes such linears with an NF4
 // base and no bias.
 bool lora_node_applies(const Linear& l);
+
+// LoRA dropout in the LoRA nodes (y = x W^T + s (dropout(x) A^T) B^T, as PEFT computes it): the input's mask drawn
+// as at::dropout draws it, so that PEFT's masks and the unfused path's come from the same seed; not kept for the
+// backward pass: the default generator's state before the draw is, and the backward pass draws the same mask again
+// from it (the generator's state put back after). The probability in training, else 0.
+double active_dropout(const Linear& l);
+// dropout(x) in training, `state` the generator's state before the draw.
+at::Tensor draw_lora_dropout(const at::Tensor& x, double p, at::Tensor& state);
+// The same draw again from `state`: dropout(x) and what its gradient is multiplied by (on CUDA the bool mask of
+// native_dropout, the kernel at::dropout runs there; on the CPU the scaled noise, at::dropout's x * noise).
+struct RedrawnDropout {
+  at::Tensor h, factor;
+};
+RedrawnDropout redraw_lora_dropout(const at::Tensor& x, double p, const at::Tensor& state);
+at::Tensor lora_dropout_grad(const at::Tensor& grad, const RedrawnDropout& r, double p);
 
 // The linear's forward pass where its output is not read (a recomputation that takes the value from elsewhere):
 // the LoRA node computes only what its backward saves; forward() where that node does not apply or there is a bias.

@@ -249,6 +249,8 @@ PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micr
       {"down_proj", {I, H}}};
   for (const auto& [name, io] : shapes)
     if (lora.targets_module(name)) in.lora_params += L * lora.r * (io.first + io.second);
+  in.mlp_dropout = lora.dropout > 0 && (lora.targets_module("gate_proj") || lora.targets_module("up_proj") ||
+                                        lora.targets_module("down_proj"));
   for (const auto& m : lora.modules_to_save) {
     (m == "embed_tokens" ? in.embeddings_trained : in.lm_head_trained) = true;
     in.full_params += V * H;
