@@ -622,7 +622,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     best.offload = r.offload.value_or(in.cuda && tokens >= 4096 && host_holds(in, KeepLevel::Input)) && in.cuda;
     KeepLevel k = KeepLevel::Input;
     if (best.offload && tokens >= 4096)
-      for (KeepLevel l : {KeepLevel::Qkv, KeepLevel::Attention})
+      for (KeepLevel l : {KeepLevel::Residual, KeepLevel::Qkv, KeepLevel::Attention})
         if (host_holds(in, l)) {
           k = l;
           break;
@@ -652,7 +652,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     if (!r.keep_dequantized) step([](ExecPlan& x) { x.keep_dequantized = false; });
     if (!r.offload) step([](ExecPlan& x) { x.offload = true; });
     if (!r.keep)
-      for (KeepLevel l : {KeepLevel::Attention, KeepLevel::Input})
+      for (KeepLevel l : {KeepLevel::Qkv, KeepLevel::Attention, KeepLevel::Input})
         step([&](ExecPlan& x) { x.keep = std::min(x.keep, l); });
     const bool embed_free = !r.embeddings_on_host && !in.embeddings_trained && !in.sharded && !tied;
     if (embed_free) step([](ExecPlan& x) { x.embeddings_on_host = true; });
