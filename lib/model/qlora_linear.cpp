@@ -159,20 +159,22 @@ at::Tensor draw_lora_dropout(const at::Tensor& x, double p, at::Tensor& state) {
 }
 
 RedrawnDropout redraw_lora_dropout(const at::Tensor& x, double p, const at::Tensor& state) {
-  at::Generator gen = default_generator(x.device());
-  const at::Tensor now = gen.get_state();
-  gen.set_state(state);
+  // The generator's state as it was, put back however the draw ends (an out-of-memory error included).
+  struct Restore {
+    at::Generator gen;
+    at::Tensor now;
+    ~Restore() { gen.set_state(now); }
+  } restore{default_generator(x.device()), {}};
+  restore.now = restore.gen.get_state();
+  restore.gen.set_state(state);
   RedrawnDropout r;
-  {
-    at::NoGradGuard no_grad;
-    if (x.is_cuda()) {
-      std::tie(r.h, r.factor) = at::native_dropout(x, p, /*train=*/true);
-    } else {  // at::dropout's noise: a draw of x's shape and dtype, whatever its values
-      r.factor = at::dropout(at::ones_like(x), p, /*train=*/true);
-      r.h = x * r.factor;
-    }
+  at::NoGradGuard no_grad;
+  if (x.is_cuda()) {
+    std::tie(r.h, r.factor) = at::native_dropout(x, p, /*train=*/true);
+  } else {  // at::dropout's noise: a draw of x's shape and dtype, whatever its values
+    r.factor = at::dropout(at::ones_like(x), p, /*train=*/true);
+    r.h = x * r.factor;
   }
-  gen.set_state(now);
   return r;
 }
 
