@@ -23,13 +23,17 @@ row, in 1024-token steps from the row's length, that each system completes at ea
 A/B of our settings or builds (--ab NAME=SETTINGS, repeatable; SETTINGS as `--set k=v --set k2=v2` and / or
 `--binary PATH`, empty for the defaults): every variant on every row (and under each --budget, the rest of the GPU held),
 interleaved over --rounds rounds, the median tokens/s of each; no peers.
+Hand search (--hand-search N, issue 27's "the plan picked is within 3% of the best found by hand"): at each row and
+budget, ours under the plan it picks and under each of the N fastest other plans that fit (`qlora-train plan
+--alternatives N`, forced through their train.memory fields), each run told the budget; a line per row and budget.
 Smoke (--smoke): a Llama-3.2-1B-shaped model made with transformers and saved as an HF directory (the loading
 path, not random weights), a repeated batch of random ids, QLoRA r=16, checkpointing: the loss must fall by 0.5.
 
 Usage: python3 scripts/bench.py [--binary build-gpu/qlora-train] [--rows 1b-4x2048,8b-2x2048,...]
                                 [--peers unsloth,hf_qlora | none] [--steps 8] [--warm 3] [--out DIR]
                                 [--budget 8,9 [--min-budget | --max-context]] [--set key=value]...
-                                [--ab NAME=SETTINGS ... [--rounds 2]] [--smoke [--smoke-shape 4x2048x12]] [--dry-run]
+                                [--ab NAME=SETTINGS ... [--rounds 2]] [--hand-search N]
+                                [--smoke [--smoke-shape 4x2048x12]] [--dry-run]
 Rows: NAME-BxS with NAME in 1b, 3b, 8b, 70b (Llama-3.2-1B, -3B, Llama-3.1-8B, -70B), q2.5-7b, q3-8b (Qwen2.5-7B, Qwen3-8B)
 (e.g. 8b-1x32768, q3-8b-2x2048); NAME-BxSpD: packed rows of random documents of median length D (e.g.
 8b-1x8192p330, SFT-like data; the peer: Unsloth padding-free on the same documents, scripts/peers/unsloth_packed.py,
@@ -292,6 +296,60 @@ def ab(a, rows):
               f"{max(r['peak_gib'] for r in ok):.2f} | {max(r['device_gib'] for r in ok):.2f} |")
 
 
+def memory_sets(fields):
+    """`--set train.memory.KEY=VALUE` arguments forcing a plan's fields (`qlora-train plan`'s alternatives' "memory")."""
+    return [f"train.memory.{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in fields.items()]
+
+
+def hand_search(a, rows):
+    """Issue 27's check of the plan: at each row and budget, our run under the plan the trainer picks and under each
+    of the N fastest other plans that fit (`qlora-train plan --alternatives N`, each forced through its train.memory
+    fields), each its own process with the rest of the GPU held; every run told the budget
+    (train.memory.gpu_memory_gib), so that it weighs the plans `plan` weighed. Prints a JSON line per run and a line
+    per row and budget: the picked plan against the fastest measured (the target: within 3%)."""
+    budgets = [float(x) for x in a.budget.split(",") if x] or [None]
+    runs, lines = [], []
+    for shape, b, s, docs in rows:
+        for budget in budgets:
+            told = [f"train.memory.gpu_memory_gib={budget}"] if budget is not None else []
+            cmd = [a.binary, "plan", "--shape", shape, "--batch", str(b), "--seq", str(s), "--alternatives",
+                   str(a.hand_search)] + [x for kv in a.set + told for x in ("--set", kv)]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                lines.append(f"| {shape} {b}x{s} | {budget} | plan refused: {p.stderr.strip()[-80:]} | | | |")
+                continue
+            decided = json.loads(p.stdout.strip().splitlines()[-1])
+            variants = [("picked", [], decided["predicted_step_s"]["total"])]
+            variants += [(f"alt{i + 1}: {alt['plan']}", memory_sets(alt["memory"]), alt["predicted_step_s"])
+                         for i, alt in enumerate(decided.get("alternatives", []))]
+            done = []
+            for name, sets, predicted in variants:
+                r = run_ours(a.binary, pathlib.Path(a.work) / "hand", shape, b, s, a.steps, a.warm, a.set + told + sets,
+                             budget, docs)
+                r.update(variant=name, predicted_step_s=predicted)
+                print(json.dumps(r), flush=True)
+                runs.append(r)
+                if "tok_per_s" in r:
+                    done.append(r)
+            picked = next((r for r in done if r["variant"] == "picked"), None)
+            best = max(done, key=lambda r: r["tok_per_s"], default=None)
+            label = f"{shape} {b}x{s}{f' packed {docs}' if docs else ''}"
+            if picked is None or best is None:
+                lines.append(f"| {label} | {budget} | the picked plan did not complete | | | |")
+                continue
+            ratio = picked["tok_per_s"] / best["tok_per_s"]
+            lines.append(f"| {label} | {budget if budget is not None else 'whole GPU'} | {picked['tok_per_s']:,} | "
+                         f"{best['tok_per_s']:,} ({best['variant'][:70]}) | {ratio:.3f} | "
+                         f"{'yes' if ratio >= 0.97 else 'NO'} |")
+    pathlib.Path(a.out).mkdir(parents=True, exist_ok=True)
+    pathlib.Path(a.out, "hand_search.json").write_text(json.dumps(runs, indent=1))
+    print("\n| row | budget GiB | picked plan tok/s | fastest measured (plan) | picked / fastest | within 3% |")
+    print("|---|---|---|---|---|---|")
+    for line in lines:
+        print(line)
+    return lines
+
+
 def smoke(a):
     """The trainer on an HF model directory made with transformers (Llama-3.2-1B's shape, random weights): the loss
     of a repeated batch must fall by 0.5; one JSON line with tokens/s and peak memory (metrics.jsonl)."""
@@ -468,6 +526,9 @@ def main():
     ap.add_argument("--no-whole", action="store_true", help="with --budget: skip the whole-GPU run of each row")
     ap.add_argument("--ab", action="append", default=[], help="NAME=SETTINGS (`--set k=v ...`, empty: defaults)")
     ap.add_argument("--rounds", type=int, default=2, help="--ab: interleaved rounds")
+    ap.add_argument("--hand-search", type=int, default=0, metavar="N",
+                    help="ours under the plan it picks and under the N fastest other plans that fit (qlora-train plan "
+                         "--alternatives), at each --budget (or the whole GPU): the picked plan against the fastest")
     ap.add_argument("--smoke", action="store_true", help="the loss falls on an HF directory made with transformers")
     ap.add_argument("--smoke-shape", default="4x2048x12", help="--smoke: BATCHxSEQxSTEPS")
     ap.add_argument("--dry-run", action="store_true", help="print what each row would run (ours, the peers), run nothing")
@@ -491,6 +552,8 @@ def main():
         return smoke(a)
     if a.ab:
         return ab(a, rows)
+    if a.hand_search:
+        return hand_search(a, rows)
     rate = matrix_rate()
     print(f"bf16 matrix rate: {rate / 1e12:.0f} TFLOP/s", flush=True)
     peers_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",

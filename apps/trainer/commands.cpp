@@ -113,7 +113,7 @@ int run_plan(const PlanArgs& args) {
       std::snprintf(line, sizeof line, "  %.3f s (%+.1f%%)  %.2f GiB  ", a.step_s, 100.0 * (a.step_s / d.step.total() - 1), gib);
       std::cerr << line << text << std::endl;
       list.push_back(qt::Json{{"plan", text}, {"predicted_gib", std::round(gib * 1000) / 1000},
-                              {"predicted_step_s", a.step_s}});
+                              {"predicted_step_s", a.step_s}, {"memory", qt::plan_fields(a.plan)}});
     }
     out["alternatives"] = list;
   }

@@ -816,8 +816,7 @@ std::string describe(const Decision& d) {
   return s;
 }
 
-Json to_json(const Decision& d) {
-  const ExecPlan& p = d.plan;
+Json plan_fields(const ExecPlan& p) {
   return Json{{"checkpointing", p.checkpointing},
               {"blocks_without_checkpointing", p.blocks_without_checkpointing},
               {"offload", p.offload},
@@ -831,11 +830,16 @@ Json to_json(const Decision& d) {
               {"optimizer", p.optimizer_on_host ? "host" : "device"},
               {"weights", p.streamed_blocks > 0 ? "host" : "device"},
               {"streamed_blocks", p.streamed_blocks},
-              {"dequantized_blocks", p.dequantized_blocks},
-              {"budget_gib", d.budget_gib >= 0 ? Json(std::round(d.budget_gib * 1000) / 1000) : Json(nullptr)},
-              {"predicted_gib", d.footprint.to_json()},
-              {"predicted_host_gib", d.host.to_json()},
-              {"predicted_step_s", d.step.terms.empty() ? Json(nullptr) : d.step.to_json()}};
+              {"dequantized_blocks", p.dequantized_blocks}};
+}
+
+Json to_json(const Decision& d) {
+  Json j = plan_fields(d.plan);
+  j["budget_gib"] = d.budget_gib >= 0 ? Json(std::round(d.budget_gib * 1000) / 1000) : Json(nullptr);
+  j["predicted_gib"] = d.footprint.to_json();
+  j["predicted_host_gib"] = d.host.to_json();
+  j["predicted_step_s"] = d.step.terms.empty() ? Json(nullptr) : d.step.to_json();
+  return j;
 }
 
 double device_free_gib(bool cuda, int device_index) {

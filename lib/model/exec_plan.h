@@ -162,6 +162,8 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& request, double fr
 std::string describe(const Decision& d);
 std::string describe(const ExecPlan& p, int64_t layers);  // the plan's fields alone
 Json to_json(const Decision& d);
+// A plan's fields under train.memory's keys (what `--set train.memory.KEY=VALUE` forces; to_json's first fields).
+Json plan_fields(const ExecPlan& p);
 
 // The device's free memory in GiB (CUDA: cudaMemGetInfo, which creates the context); -1 on the CPU.
 double device_free_gib(bool cuda, int device_index = 0);

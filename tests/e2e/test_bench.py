@@ -66,6 +66,27 @@ def check_context_search():
           and ("s24", 9.0, ("train.memory.streamed_blocks=24",)) in calls and len(table) == 4
           and "| llama-3.1-8b 1x8192 at 9.0 GiB | s24 | 1,001 |" in table[1],
           f"--ab runs each variant under each --budget, one table line each: {calls} {table}")
+    # --hand-search: the plan command's alternatives (the real binary, no GPU needed with a budget) each forced,
+    # every run told the budget; the picked plan against the fastest measured (a fake run: the second alternative
+    # 5% faster, so that the picked plan is flagged).
+    hand = []
+    def fake_hand(binary, work, shape, b, s, steps, warm, sets, budget, docs):
+        hand.append((budget, tuple(sets)))
+        fast = len(hand) == 3
+        return dict(system="qlora-train", model=shape, batch=b, seq=s, budget_gib=budget,
+                    tok_per_s=1050 if fast else 1000, peak_gib=1.0, device_gib=2.0)
+    bench_script.run_ours = fake_hand
+    a = argparse.Namespace(budget="9", hand_search=3, binary=BIN, work=str(TMP / "hand"), out=str(TMP / "hand"), steps=2,
+                           warm=1, set=[])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        hand_lines = bench_script.hand_search(a, [("llama-3.1-8b", 1, 8192, 0)])
+    forced = [dict(kv.split("=", 1) for kv in sets) for _, sets in hand]
+    check(len(hand) == 4 and all(b == 9.0 for b, _ in hand)
+          and all(f.get("train.memory.gpu_memory_gib") == "9.0" for f in forced)
+          and len(forced[0]) == 1 and all("train.memory.streamed_blocks" in f and "train.memory.keep" in f for f in forced[1:])
+          and len(hand_lines) == 1 and "| 1,000 | 1,050 (alt2" in hand_lines[0] and "| 0.952 | NO |" in hand_lines[0],
+          f"--hand-search runs the picked plan and 3 alternatives forced, each told the budget: {hand} {hand_lines}")
     ours = [l for l in lines if "| qlora-train |" in l]
     check(len(ours) == 2 and "cudaFree" not in ours[0] and "11,000 (5 cudaFree in the timed steps)" in ours[1],
           f"a run whose allocator gave memory back in its timed steps is marked so: {ours}")

@@ -45,6 +45,17 @@ def main():
           and all(a["predicted_step_s"] >= d["predicted_step_s"]["total"] * (1 - 1e-3) for a in alts)
           and [a["predicted_step_s"] for a in alts] == sorted(a["predicted_step_s"] for a in alts),
           f"--alternatives 5: five other plans within 9 GiB, fastest first, none faster than the plan: {alts} {lines}")
+    # Each alternative's train.memory fields, forced, give that plan (what bench.py --hand-search runs).
+    for budget, row in ((9, ("--seq", 8192)), (24, ("--batch", 2, "--seq", 2048))):
+        p, d = plan("--shape", "llama-3.1-8b", *row, "--gpu-memory-gib", budget, "--host-gib", 128, "--alternatives", 4)
+        for a in (d or {}).get("alternatives", []):
+            sets = [x for k, v in a["memory"].items()
+                    for x in ("--set", f"train.memory.{k}={json.dumps(v) if isinstance(v, bool) else v}")]
+            q, f = plan("--shape", "llama-3.1-8b", *row, "--gpu-memory-gib", budget, "--host-gib", 128, *sets)
+            check(q.returncode == 0 and f is not None and abs(f["predicted_gib"]["total"] - a["predicted_gib"]) < 2e-3
+                  and abs(f["predicted_step_s"]["total"] - a["predicted_step_s"]) < 1e-3 * a["predicted_step_s"],
+                  f"{budget} GiB: the alternative '{a['plan'][:60]}...' forced gives its plan "
+                  f"({f and f['predicted_gib']['total']} GiB, {f and f['predicted_step_s']['total']} s) {q.stderr[-300:]}")
 
     p, _ = plan("--shape", "llama-3.1-70b", "--seq", 8192, "--gpu-memory-gib", 24, "--host-gib", 128,
                 "--set", "train.memory.weights=device")
