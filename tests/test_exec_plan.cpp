@@ -967,3 +967,18 @@ TEST_CASE("with LoRA dropout on the MLP the plan never runs it in chunks, and re
   CHECK(has(e->what(), "train.memory.mlp_chunk_tokens"));
   CHECK(has(e->what(), "lora.dropout"));
 }
+
+TEST_CASE("LoRA dropout's redrawn masks add to the working set of the widest linear it drops", "[plan]") {
+  qt::PlanInputs in = inputs("llama-3.1-8b", 1, 8192);
+  qt::ExecPlan p;
+  p.checkpointing = true;
+  p.expandable_segments = true;
+  const double without = qt::predict_footprint(in, p).total();
+  in.dropout_width = in.model.intermediate_size;  // down_proj's input
+  const double with = qt::predict_footprint(in, p).total();
+  // (2 bytes: the input dropped, the LoRA term's gradient and that masked; 1: the mask) a token and element, and the
+  // allocator's reserve on it.
+  const double transient = 7.0 * 8192 * 14336;
+  CHECK(with - without >= transient);
+  CHECK(with - without < 1.1 * transient);
+}

@@ -247,9 +247,12 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   // (H200, fifth session), both chunked. Without chunks the 1.5 blocks' work fitted above covers it (8B 1 x 32768
   // keeping attention: 0.26 GiB below the prediction).
   const double attention_backward = mlp_tokens < T ? 4 * T * q : 0.0;
+  // LoRA dropout's backward pass of its widest linear: the input dropped again, its mask (bool), the LoRA term's
+  // input gradient and that masked (sizes, not measured).
+  const double dropout_redraw = (3 * e + 1) * T * static_cast<double>(in.dropout_width);
   if (!p.checkpointing) {
     f.terms.emplace_back("activations", L * block_acts);
-    f.terms.emplace_back("working_set", 0.5 * block_work + attention_backward);
+    f.terms.emplace_back("working_set", 0.5 * block_work + attention_backward + dropout_redraw);
   } else {
     // Kept per block: its input and the keep ladder's tensors, all layers on the device, or two blocks' (the one
     // in its backward pass and the one fetched ahead) when offloaded.
@@ -260,7 +263,7 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
     if (whole > 0) f.terms.emplace_back("activations", whole * block_acts);
     // One block's recomputation and backward: its activations and their gradients (fitted: 1.5 blocks' worth),
     // the 16-bit weights dequantized for it (the block's when kept, else the largest group, gate and up).
-    f.terms.emplace_back("working_set", 1.5 * block_work + attention_backward +
+    f.terms.emplace_back("working_set", 1.5 * block_work + attention_backward + dropout_redraw +
                                             (p.keep_dequantized ? block_params * e : 2 * H * I * e));
   }
   if (p.keep_dequantized) f.terms.emplace_back("lora_factor_cache", 0.5 * static_cast<double>(in.lora_params) * e);

@@ -251,6 +251,9 @@ PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micr
     if (lora.targets_module(name)) in.lora_params += L * lora.r * (io.first + io.second);
   in.mlp_dropout = lora.dropout > 0 && (lora.targets_module("gate_proj") || lora.targets_module("up_proj") ||
                                         lora.targets_module("down_proj"));
+  if (lora.dropout > 0)
+    for (const auto& [name, io] : shapes)
+      if (lora.targets_module(name)) in.dropout_width = std::max(in.dropout_width, io.first);
   for (const auto& m : lora.modules_to_save) {
     (m == "embed_tokens" ? in.embeddings_trained : in.lm_head_trained) = true;
     in.full_params += V * H;
