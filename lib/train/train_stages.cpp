@@ -41,6 +41,7 @@ TestHooks TestHooks::from_env() {
   h.profile_step = number("QT_PROFILE_STEP", -1);
   if (const char* v = std::getenv("QT_TEST_LOSS_SCALE")) h.loss_scale = std::atof(v);
   h.oom_plans = number("QT_TEST_OOM_PLANS", 0);
+  if (const char* v = std::getenv("QT_TEST_OOM_PLANS")) h.oom_plans_at_load = std::string(v).find(":load") != std::string::npos;
   return h;
 }
 

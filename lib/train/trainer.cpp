@@ -175,6 +175,8 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
                          DataStage& d, std::optional<double> budget_gib, Clock::time_point t_start, Attempt& attempt) {
   attempt.decision = decide_run_plan(cfg, s, d, budget_gib);
   ModelStage m = build_model(cfg, s, d, /*resuming=*/!options.resume.empty(), *attempt.decision);
+  if (hooks.oom_plans_at_load && attempt.index < hooks.oom_plans)  // test hook: as the caching allocator throws it
+    TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (QT_TEST_OOM_PLANS, loading)");
   std::optional<ResumePoint> resume = load_resume_point(cfg, options, m);
   std::unique_ptr<Parallel> parallel = make_parallel(cfg, m, *s.comm);
   std::unique_ptr<AdamW> opt = make_optimizer(cfg, parallel->parameters(), m.decision.plan.optimizer_on_host);
@@ -276,7 +278,8 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir (rank 0).
     std::unique_ptr<StepProfile> profile;
     if (s.rank0 && hooks.profile_step == state.step + 1) profile = std::make_unique<StepProfile>(s.device.is_cuda());
-    const bool oom = hooks.oom_at_step == state.step + 1 || (attempt.steps_done == 0 && attempt.index < hooks.oom_plans);
+    const bool oom = hooks.oom_at_step == state.step + 1 ||
+                     (!hooks.oom_plans_at_load && attempt.steps_done == 0 && attempt.index < hooks.oom_plans);
     const StepOutcome r = run_step(cfg, s, m, d, *parallel, *opt, schedule, state.step, hooks, oom, scaler ? &*scaler : nullptr);
     ++state.step;
     ++attempt.steps_done;

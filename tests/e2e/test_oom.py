@@ -68,6 +68,15 @@ def check_replan():
         a, b = (TMP / n / "adapter" / "adapter_model.safetensors" for n in ("replan", "direct"))
         check(direct["plan"]["predicted_gib"] == rec["plan"]["predicted_gib"] and a.read_bytes() == b.read_bytes(),
               "... under the same plan, with a byte-identical adapter (the seed, the data and the model started anew)")
+    # Out of memory while the model loads (a library's allocation, the weights): the same, before the first step.
+    p = train(conf("replan_load", memory(100.0)), env={"QT_TEST_OOM_PLANS": "1:load"})
+    warn = [l for l in p.stderr.splitlines() if "Starting again under a leaner plan" in l]
+    check(p.returncode == 0 and len(warn) == 1 and "before the first step: out of GPU memory under the plan" in warn[0],
+          f"out of memory as the model loads: one warning, then the run completes under a leaner plan "
+          f"(exit {p.returncode}) {warn} {p.stderr[-400:] if p.returncode else ''}")
+    if p.returncode == 0:
+        a, b = (TMP / n / "adapter" / "adapter_model.safetensors" for n in ("replan_load", "direct"))
+        check(a.read_bytes() == b.read_bytes(), "... with the adapter of the run started at that budget")
     # Every plan out of memory: two leaner plans, then exit 9 naming them.
     p = train(conf("replan3", memory(100.0)), env={"QT_TEST_OOM_PLANS": "3"})
     last = (p.stderr.strip().splitlines() or [""])[-1]
