@@ -1,9 +1,10 @@
 """Out of device memory in a training step (CPU, through the QT_TEST_OOM_AT_STEP hook, which throws torch's
 c10::OutOfMemoryError as CUDA's caching allocator does): exit code 9 (Device), one message naming the step, the
 micro-batch shape and the settings that lower memory, and the checkpoint from before intact (a resume from it
-ends as a run that never failed). Out of memory before the first step completes (QT_TEST_OOM_PLANS=N: the first N
-plans fail in their first step): the run starts again under a leaner plan and ends as a run started under that plan
-would; after two leaner plans, or with train.memory.replan_on_oom false, it stops with exit 9."""
+ends as a run that never failed). Out of memory before the first step completes (QT_TEST_OOM_PLANS=N[:load]: the
+first N plans fail in their first step, or as their model loads): the run starts again under a leaner plan and ends
+as a run started under that plan would; after two leaner plans, or with train.memory.replan_on_oom false, it stops
+with exit 9."""
 import json, os, pathlib, shutil, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 
