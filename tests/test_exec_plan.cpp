@@ -982,3 +982,27 @@ TEST_CASE("LoRA dropout's redrawn masks add to the working set of the widest lin
   CHECK(with - without >= transient);
   CHECK(with - without < 1.1 * transient);
 }
+
+TEST_CASE("the micro-batch is the plan's: the fastest per optimizer step among those dividing a rank's rows", "[plan]") {
+  const qt::PlanInputs in = inputs("llama-3.1-8b", 8, 2048);
+  // Without a budget (every plan fits) the whole batch: per token the plans cost the same.
+  CHECK(qt::decide_micro_batch(in, {}, -1, 8, 0).micro_batch == 8);
+  // 24 GiB: micro-batches of 2 without checkpointing beat the whole batch with it, per optimizer step.
+  qt::PlanRequest r;
+  r.gpu_memory_gib = 24.0;
+  const qt::MicroDecision md = qt::decide_micro_batch(in, r, -1, 8, 0);
+  CHECK(md.micro_batch < 8);
+  CHECK(8 % md.micro_batch == 0);
+  CHECK(md.decision.footprint.total() <= 24.0 * kGiB);
+  qt::PlanInputs whole = in;
+  whole.micro_batch = 8;
+  const qt::Decision eight = qt::decide_plan(whole, r);
+  CHECK(static_cast<double>(8 / md.micro_batch) * md.decision.step.total() < eight.step.total());
+  // A forced micro-batch is taken as it is; a budget no micro-batch fits is refused with the smallest's figure.
+  CHECK(qt::decide_micro_batch(in, r, -1, 8, 8).micro_batch == 8);
+  CHECK(qt::decide_micro_batch(in, r, -1, 8, 3).micro_batch == 3);
+  r.gpu_memory_gib = 1.0;
+  const auto e = qt::test::caught([&] { qt::decide_micro_batch(in, r, -1, 8, 0); });
+  REQUIRE(e);
+  CHECK(has(e->what(), "micro_batch_size (now 1)"));
+}

@@ -74,15 +74,16 @@ int run_plan(const PlanArgs& args) {
   else if (!cfg.model.path.empty()) mc = qt::LlamaConfig::from_file(qt::files::join(cfg.model.path, "config.json"));
   else qt::fail(qt::ErrorKind::Usage, "plan: name the model (--shape, --model, or a --config with model.path or model.shape)");
   if (args.world < 1) qt::fail(qt::ErrorKind::Usage, "plan: --world must be at least 1");
-  const int64_t per_rank = std::max<int64_t>(1, cfg.train.batch_size / args.world);
-  const int64_t micro = args.batch > 0 ? args.batch
-                        : args.config.empty() ? 1
-                        : cfg.train.micro_batch_size > 0 ? std::min(cfg.train.micro_batch_size, per_rank) : per_rank;
+  // --batch: that many rows a micro-batch; else a config's step (its micro-batch, or the plan's: "auto"), or 1 row.
+  const int64_t per_rank = args.batch > 0 ? args.batch
+                           : args.config.empty() ? 1
+                                                 : std::max<int64_t>(1, cfg.train.batch_size / args.world);
+  const int64_t forced_micro = args.batch > 0 || args.config.empty() ? per_rank : cfg.train.micro_batch_size;
   const int64_t seq = args.seq > 0                         ? args.seq
                       : cfg.data.contains("max_seq_len") ? cfg.data["max_seq_len"].get<int64_t>()
                                                          : 2048;
   const c10::ScalarType dtype = qt::user_dtype(cfg.model.dtype).value_or(at::kBFloat16);  // auto: bf16 on CUDA
-  qt::PlanInputs in = qt::plan_inputs(cfg, mc, micro, seq, at::Device(at::kCUDA, 0), dtype, args.world, args.world);
+  qt::PlanInputs in = qt::plan_inputs(cfg, mc, per_rank, seq, at::Device(at::kCUDA, 0), dtype, args.world, args.world);
   if (args.host_gib > 0) in.host_bytes = static_cast<uint64_t>(args.host_gib * 1024 * 1024 * 1024) / static_cast<uint64_t>(args.world);
   qt::PlanRequest request = cfg.train.memory;
   if (args.gpu_memory_gib > 0) request.gpu_memory_gib = args.gpu_memory_gib;
@@ -90,11 +91,16 @@ int run_plan(const PlanArgs& args) {
   if (!request.gpu_memory_gib && free_gib < 0)
     qt::fail(qt::ErrorKind::Usage, "plan: no GPU here to read the free memory of: give --gpu-memory-gib (or "
                                    "train.memory.gpu_memory_gib)");
-  const qt::Decision d = qt::decide_plan(in, request, free_gib);
-  std::cerr << "plan: " << qt::describe(d) << std::endl;
+  const qt::MicroDecision md = qt::decide_micro_batch(in, request, free_gib, per_rank, forced_micro);
+  const qt::Decision& d = md.decision;
+  const int64_t micro = md.micro_batch;
+  std::cerr << "plan: " << qt::describe(d);
+  if (per_rank > micro) std::cerr << "; micro-batches of " << micro << " rows, " << per_rank / micro << " a step";
+  std::cerr << std::endl;
   qt::Json out = qt::to_json(d);
   out["model"] = !args.shape.empty() ? args.shape : !args.model.empty() ? args.model : cfg.model.path.empty() ? cfg.model.shape : cfg.model.path;
   out["micro_batch"] = micro;
+  out["micro_batches_a_step"] = per_rank / micro;
   out["seq"] = seq;
   if (args.alternatives > 0) {
     // The fastest first; of plans that read the same (their fields alike), the first weighed.

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 
 #include "lib/core/error.h"
 
@@ -395,6 +396,8 @@ constexpr double kStreamBytesPerS = 53e9;
 constexpr double kStreamFetchS = 0.36e-3;
 // The share of the budget left free by plans that keep whole blocks' activations (see decide_plan).
 constexpr double kSpeedHeadroom = 0.05;
+// A smaller micro-batch is taken only where its plan is predicted this much faster per optimizer step.
+constexpr double kMicroBatchTie = 0.02;
 // The share of this rank's host memory a plan may pin (block weights streamed, offloaded activations, embeddings /
 // lm_head / AdamW's state on the host): the rest is the process's own and the system's.
 constexpr double kHostPinnedShare = 0.75;
@@ -775,6 +778,43 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
               std::to_string(in.micro_batch) + ") or data.max_seq_len (now " + std::to_string(in.seq) +
               "), or free train.memory's forced settings" + streamed + ", or use a GPU" +
               (host.empty() ? "" : " or a host") + " with more memory");
+}
+
+MicroDecision decide_micro_batch(PlanInputs in, const PlanRequest& request, double free_gib, int64_t per_rank,
+                                 int64_t forced) {
+  per_rank = std::max<int64_t>(1, per_rank);
+  std::vector<int64_t> sizes;  // the largest first
+  if (forced > 0) sizes.push_back(std::min(forced, per_rank));
+  else
+    for (int64_t m = per_rank; m >= 1; --m)
+      if (per_rank % m == 0) sizes.push_back(m);
+  std::optional<MicroDecision> best;
+  double best_s = 0;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    in.micro_batch = sizes[i];
+    const bool last = i + 1 == sizes.size();
+    Decision d;
+    try {
+      d = decide_plan(in, request, free_gib);
+    } catch (const Error&) {
+      if (last && !best) throw;  // the smallest does not fit either: its refusal names the figure
+      continue;
+    }
+    // Per optimizer step; where the step time is unknown (no terms), the micro-batches a step count alone. The
+    // held weights' saving is left out of the comparison: the memory-bound term counts the dequantizations per
+    // token (fitted at 4096 tokens) while the saving is per pass, which would credit small micro-batches with
+    // dequantizations they never paid for.
+    double held = 0;
+    for (const auto& [name, sec] : d.step.terms)
+      if (name == "dequantization_held") held += sec;
+    const double per_step =
+        static_cast<double>(per_rank / sizes[i]) * (d.step.terms.empty() ? 1.0 : d.step.total() - held);
+    if (!best || per_step < best_s * (1 - kMicroBatchTie)) {
+      best = MicroDecision{sizes[i], std::move(d)};
+      best_s = per_step;
+    }
+  }
+  return *best;
 }
 
 std::string describe(const ExecPlan& p, int64_t layers) {

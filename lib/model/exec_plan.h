@@ -160,6 +160,17 @@ struct Decision {
 };
 Decision decide_plan(const PlanInputs& in, const PlanRequest& request, double free_gib = -1);
 
+// The micro-batch too (train.micro_batch_size 0, "auto"): of the micro-batches that divide a rank's `per_rank` rows,
+// the one whose plan (decide_plan, with in.micro_batch that size) is predicted fastest per optimizer step (its step
+// time times the micro-batches a step), the larger on a near tie (within 2%: the cost model is linear in tokens,
+// launches and small GEMMs are not); `forced` > 0 takes that one. Refused as decide_plan refuses the smallest.
+struct MicroDecision {
+  int64_t micro_batch = 1;
+  Decision decision;
+};
+MicroDecision decide_micro_batch(PlanInputs in, const PlanRequest& request, double free_gib, int64_t per_rank,
+                                 int64_t forced);
+
 // One line for the log, and the whole decision as JSON (metrics.jsonl, the bench JSON).
 std::string describe(const Decision& d);
 std::string describe(const ExecPlan& p, int64_t layers);  // the plan's fields alone

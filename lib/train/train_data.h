@@ -35,6 +35,8 @@ class TrainData {
 
   DataPosition position() const { return iterator_->position(); }
   void seek(const DataPosition& position);
+  // Rows per micro-batch from now on (the plan's; the next seek() cuts the data so).
+  void set_micro_batch(int64_t micro) { micro_ = micro; }
 
  private:
   // data.truncation on the training records longer than a row: drop them, stop naming them, or leave the cut

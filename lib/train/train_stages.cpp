@@ -314,12 +314,14 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
   return d;
 }
 
-Decision decide_run_plan(const RunConfig& cfg, const Session& s, const DataStage& d, std::optional<double> budget_gib) {
-  const PlanInputs plan_in = plan_inputs(cfg, d.model_config, s.micro, d.data->max_seq_len(), s.device, s.dtype, s.world,
-                                         s.env.local_world_size);
+MicroDecision decide_run_plan(const RunConfig& cfg, const Session& s, const DataStage& d,
+                              std::optional<double> budget_gib) {
+  const PlanInputs plan_in = plan_inputs(cfg, d.model_config, s.per_rank, d.data->max_seq_len(), s.device, s.dtype,
+                                         s.world, s.env.local_world_size);
   PlanRequest request = cfg.train.memory;
   if (budget_gib) request.gpu_memory_gib = *budget_gib;
-  return decide_plan(plan_in, request, device_free_gib(s.device.is_cuda(), s.device.index()));
+  return decide_micro_batch(plan_in, request, device_free_gib(s.device.is_cuda(), s.device.index()), s.per_rank,
+                            cfg.train.micro_batch_size);
 }
 
 ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& d, bool resuming, Decision decision) {

@@ -75,6 +75,7 @@ struct Session {
   bool rank0 = true;
   int world = 1;
   int64_t per_rank = 0;  // rows of a step on each rank
+  // (`micro`: rows per forward pass: train.micro_batch_size, or the plan's where that is 0; set with the plan)
   int64_t micro = 0;     // rows of one forward pass
 };
 Session start_session(const RunConfig& cfg);
@@ -99,10 +100,11 @@ struct ModelStage {
   bool full = false;          // train.full_finetune
   std::string base_name;      // the adapter's base_model_name_or_path (from the root)
 };
-// The plan, before the model loads: a run that cannot fit its GPU memory budget is refused here. `budget_gib`, when
-// set, stands for train.memory.gpu_memory_gib (a leaner plan after running out of memory).
-Decision decide_run_plan(const RunConfig& cfg, const Session& s, const DataStage& d,
-                         std::optional<double> budget_gib = std::nullopt);
+// The plan and the micro-batch (train.micro_batch_size, 0: the plan's), before the model loads: a run that cannot
+// fit its GPU memory budget is refused here. `budget_gib`, when set, stands for train.memory.gpu_memory_gib (a
+// leaner plan after running out of memory).
+MicroDecision decide_run_plan(const RunConfig& cfg, const Session& s, const DataStage& d,
+                              std::optional<double> budget_gib = std::nullopt);
 // The model under `decision`: the allocator's settings and the CUDA libraries' handles first, then the base loaded
 // where the plan keeps it, LoRA attached (or init_from's adapter).
 ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& d, bool resuming, Decision decision);

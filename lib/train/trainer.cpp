@@ -173,7 +173,10 @@ struct Attempt {
 // parallel strategy, the optimizer, the steps.
 TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, const TestHooks& hooks, Session& s,
                          DataStage& d, std::optional<double> budget_gib, Clock::time_point t_start, Attempt& attempt) {
-  attempt.decision = decide_run_plan(cfg, s, d, budget_gib);
+  const MicroDecision planned = decide_run_plan(cfg, s, d, budget_gib);
+  attempt.decision = planned.decision;
+  s.micro = planned.micro_batch;
+  d.data->set_micro_batch(s.micro);
   ModelStage m = build_model(cfg, s, d, /*resuming=*/!options.resume.empty(), *attempt.decision);
   if (hooks.oom_plans_at_load && attempt.index < hooks.oom_plans)  // test hook: as the caching allocator throws it
     TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (QT_TEST_OOM_PLANS, loading)");
@@ -222,7 +225,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     data.write_eval_records(files::join(cfg.output_dir, "eval.jsonl"));
   }
   MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, s.rank0, /*resume=*/state.step > 0);
-  Json plan_record = {{"plan", to_json(m.decision)}, {"step", state.step}};
+  Json plan_record = {{"plan", to_json(m.decision)}, {"step", state.step}, {"micro_batch", s.micro}};
   if (!attempt.earlier.empty()) plan_record["out_of_memory_under"] = attempt.earlier;
   metrics.record(plan_record);
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);

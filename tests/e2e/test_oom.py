@@ -4,7 +4,8 @@ micro-batch shape and the settings that lower memory, and the checkpoint from be
 ends as a run that never failed). Out of memory before the first step completes (QT_TEST_OOM_PLANS=N[:load]: the
 first N plans fail in their first step, or as their model loads): the run starts again under a leaner plan and ends
 as a run started under that plan would; after two leaner plans, or with train.memory.replan_on_oom false, it stops
-with exit 9."""
+with exit 9. The micro-batch is the plan's: under a budget the whole batch does not fit, micro-batches that train as
+a run told them."""
 import json, os, pathlib, shutil, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 
@@ -78,6 +79,17 @@ def check_replan():
     if p.returncode == 0:
         a, b = (TMP / n / "adapter" / "adapter_model.safetensors" for n in ("replan_load", "direct"))
         check(a.read_bytes() == b.read_bytes(), "... with the adapter of the run started at that budget")
+    # The micro-batch is the plan's (train.micro_batch_size 0): a budget the whole batch of 32 rows does not fit
+    # without checkpointing takes micro-batches of 16 (2 a step), and trains as a run told micro-batches of 16 does.
+    p = train(conf("micro_auto", memory(0.3)))
+    rec = plan_records("micro_auto") if p.returncode == 0 else [{}]
+    check(p.returncode == 0 and rec[0].get("micro_batch") == 16 and "2 micro-batch(es) of 16 per rank" in p.stderr,
+          f"0.3 GiB: the plan takes micro-batches of 16 (exit {p.returncode}, {rec[0].get('micro_batch')}) "
+          f"{p.stderr[-300:] if p.returncode else ''}")
+    q = train(conf("micro_16", {"micro_batch_size": 16}))
+    if p.returncode == 0 and q.returncode == 0:
+        a, b = (TMP / n / "adapter" / "adapter_model.safetensors" for n in ("micro_auto", "micro_16"))
+        check(a.read_bytes() == b.read_bytes(), "... the adapter of the run told micro-batches of 16")
     # Every plan out of memory: two leaner plans, then exit 9 naming them.
     p = train(conf("replan3", memory(100.0)), env={"QT_TEST_OOM_PLANS": "3"})
     last = (p.stderr.strip().splitlines() or [""])[-1]
