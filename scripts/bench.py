@@ -200,7 +200,8 @@ def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None, d
     return dict(base, step_s=round(r["step_s"], 4), tok_per_s=round(r["tokens_per_s"]), peak_gib=round(r["peak_gib"], 2),
                 reserved_gib=round(r.get("reserved_peak_gib") or 0, 2), device_gib=dev.gib(), model_flops_per_token=r["model_flops_per_token"],
                 **({"plan": r["plan"]} if "plan" in r else {}), **({"allocator": r["allocator"]} if r.get("allocator") else {}),
-                **({"replans": len(r["out_of_memory_under"])} if r.get("out_of_memory_under") else {}))
+                **({"replans": len(r["out_of_memory_under"])} if r.get("out_of_memory_under") else {}),
+                **({"micro_batch": r["micro_batch"]} if r.get("micro_batch", batch) != batch else {}))
 
 
 def parse_rows(spec):
@@ -633,7 +634,8 @@ def table(rows, results, rate):
                     f"{r.get('device_gib', '?')} | {mfu} | {ratio} |")
 
         for r in row:
-            out.append(line(r, r["system"] + (f" ({r['grad_ckpt']})" if "grad_ckpt" in r and r["system"] == "unsloth" else "")))
+            out.append(line(r, r["system"] + (f" ({r['grad_ckpt']})" if "grad_ckpt" in r and r["system"] == "unsloth" else "")
+                            + (f" (micro-batches of {r['micro_batch']})" if r.get("micro_batch") else "")))
         peers = sorted({x["system"] for x in row if x["system"] != "qlora-train"})
         for peer in peers:
             for budget in dict.fromkeys(x.get("budget_gib") for x in row if x["system"] == peer and not x.get("search")):

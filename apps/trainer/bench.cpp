@@ -116,6 +116,7 @@ Json run_bench(const BenchOptions& o) {
   const std::vector<std::string> counters = {"gpu_alloc_retries", "gpu_device_allocs", "gpu_device_frees"};
   std::map<std::string, int64_t> counts_warm, counts_end;
   Json plan, replans = Json::array();  // the plan that ran, and those that ran out of memory before it
+  int64_t micro = o.batch;             // rows a forward pass (the plan's)
   std::ifstream metrics(files::join(run_dir, "metrics.jsonl"));
   std::string line;
   int64_t seen = 0;
@@ -123,6 +124,7 @@ Json run_bench(const BenchOptions& o) {
     const Json j = Json::parse(line);
     if (j.contains("plan")) {
       plan = j["plan"];
+      if (j.contains("micro_batch")) micro = j["micro_batch"].get<int64_t>();
       if (j.contains("out_of_memory_under")) replans = j["out_of_memory_under"];
     }
     if (!j.contains("loss") || !j.contains("step_s")) continue;
@@ -158,6 +160,7 @@ Json run_bench(const BenchOptions& o) {
   if (reserved >= 0) out["reserved_peak_gib"] = reserved;
   out["plan"] = plan;
   out["out_of_memory_under"] = replans;
+  out["micro_batch"] = micro;
   // In the timed steps (with no untimed step: since the process started, the load included); null off CUDA.
   out["allocator"] = nullptr;
   if (!counts_end.empty()) {

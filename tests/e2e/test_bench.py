@@ -116,6 +116,7 @@ def main():
               f"the median timed step {r['step_s']} s and 2 x 24 tokens per step: {r['tokens_per_s']:.1f} tok/s")
         check(r["mfu"] is None and r["matrix_tflops"] is None and r["peak_gib"] is None and r["reserved_peak_gib"] is None
               and r["allocator"] is None, "no MFU, GPU memory or allocator counts on the CPU")
+        check(r["micro_batch"] == 2, f"the plan's micro-batch: the whole batch of 2 without a budget ({r['micro_batch']})")
         check(not any("gpu_alloc_retries" in s or "gpu_device_frees" in s for s in steps),
               "metrics.jsonl holds no allocator counts on the CPU")
     # Packed rows of SFT-like documents: several documents a row, every row filled to exactly --seq tokens.
