@@ -75,7 +75,7 @@ struct PlanArgs {
   std::vector<std::string> overrides;
   std::string shape;   // a named shape (instead of the config's model)
   std::string model;   // a model directory (its config.json)
-  int64_t batch = 0;   // rows per micro-batch (0: the config's micro-batch, else 1)
+  int64_t batch = 0;   // rows per micro-batch (0: the config's micro-batch or the plan's, else 1)
   int64_t seq = 0;     // tokens per row (0: the config's data.max_seq_len)
   double gpu_memory_gib = 0;  // the budget (0: the config's, else this machine's GPU's free memory)
   double host_gib = 0;        // the host's memory (0: this machine's)

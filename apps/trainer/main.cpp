@@ -210,7 +210,7 @@ int main(int argc, char** argv) {
   plan_cmd->add_option("--set", plan_args.overrides, "override a run config key: --set lora.r=64 (repeatable)");
   plan_cmd->add_option("--shape", plan_args.shape, "a named shape: llama-3.1-8b, qwen3-8b, ... (instead of the config's model)");
   plan_cmd->add_option("--model", plan_args.model, "a model directory whose config.json gives the shape");
-  plan_cmd->add_option("--batch", plan_args.batch, "rows per micro-batch (default: the config's, else 1)")->check(CLI::PositiveNumber);
+  plan_cmd->add_option("--batch", plan_args.batch, "rows per micro-batch (default: the config's train.micro_batch_size, or where that is 0 the plan's among the sizes dividing its per-rank batch; else 1)")->check(CLI::PositiveNumber);
   plan_cmd->add_option("--seq", plan_args.seq, "tokens per row (default: the config's data.max_seq_len)")->check(CLI::PositiveNumber);
   plan_cmd->add_option("--gpu-memory-gib", plan_args.gpu_memory_gib, "the GPU memory budget in GiB (default: train.memory.gpu_memory_gib, else this machine's free GPU memory)")
       ->check(CLI::PositiveNumber);
