@@ -1,6 +1,7 @@
 // Training-loop pieces against torch and transformers: AdamW, LR schedules, clipping, checkpointing, config.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/core/AllocatorConfig.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 
 #include "lib/core/error.h"
@@ -274,6 +275,10 @@ TEST_CASE("the allocator's counts see it give cached memory back when an allocat
           "[train][gpu]") {
   REQUIRE(at::hasCUDA());
   const at::Device dev(at::kCUDA, 0);
+  // Segments of their own size (an earlier test's run may have set expandable segments, which would grow the
+  // cached segment instead of giving it back).
+  const bool expandable = c10::CachingAllocator::AcceleratorAllocatorConfig::use_expandable_segments();
+  c10::CachingAllocator::setAllocatorSettings("expandable_segments:False");
   c10::cuda::CUDACachingAllocator::emptyCache();
   const double total = static_cast<double>(at::cuda::getDeviceProperties(0)->totalGlobalMem);
   c10::cuda::CUDACachingAllocator::setMemoryFraction(0.5, 0);
@@ -290,6 +295,7 @@ TEST_CASE("the allocator's counts see it give cached memory back when an allocat
   b.reset();
   c10::cuda::CUDACachingAllocator::setMemoryFraction(1.0, 0);
   c10::cuda::CUDACachingAllocator::emptyCache();
+  if (expandable) c10::CachingAllocator::setAllocatorSettings("expandable_segments:True");
   CHECK(after.device_frees > before.device_frees);
   CHECK(after.device_allocs > before.device_allocs);
   CHECK(after.alloc_retries >= before.alloc_retries);
