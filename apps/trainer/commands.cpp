@@ -102,6 +102,19 @@ int run_plan(const PlanArgs& args) {
   out["micro_batch"] = micro;
   out["micro_batches_a_step"] = per_rank / micro;
   out["seq"] = seq;
+  if (md.sizes.size() > 1) {  // the micro-batch sizes weighed (train.micro_batch_size 0)
+    qt::Json sizes = qt::Json::array();
+    std::cerr << "micro-batch sizes that fit, per optimizer step (the held weights' saving left out):" << std::endl;
+    for (const auto& z : md.sizes) {
+      char line[128];
+      std::snprintf(line, sizeof line, "  %lld rows x %lld: %.3f s, %.2f GiB%s  ", static_cast<long long>(z.micro_batch),
+                    static_cast<long long>(per_rank / z.micro_batch), z.step_s, z.bytes / (1024.0 * 1024.0 * 1024.0),
+                    z.micro_batch == micro ? " (the plan's)" : "");
+      std::cerr << line << z.plan << std::endl;
+      sizes.push_back(qt::Json{{"micro_batch", z.micro_batch}, {"step_s", z.step_s}, {"plan", z.plan}});
+    }
+    out["micro_batch_sizes"] = sizes;
+  }
   if (args.alternatives > 0) {
     // The fastest first; of plans that read the same (their fields alike), the first weighed.
     std::vector<qt::Decision::Alternative> alts = d.alternatives;

@@ -789,6 +789,7 @@ MicroDecision decide_micro_batch(PlanInputs in, const PlanRequest& request, doub
     for (int64_t m = per_rank; m >= 1; --m)
       if (per_rank % m == 0) sizes.push_back(m);
   std::optional<MicroDecision> best;
+  std::vector<MicroDecision::Size> weighed;
   double best_s = 0;
   for (size_t i = 0; i < sizes.size(); ++i) {
     in.micro_batch = sizes[i];
@@ -809,11 +810,13 @@ MicroDecision decide_micro_batch(PlanInputs in, const PlanRequest& request, doub
       if (name == "dequantization_held") held += sec;
     const double per_step =
         static_cast<double>(per_rank / sizes[i]) * (d.step.terms.empty() ? 1.0 : d.step.total() - held);
+    weighed.push_back({sizes[i], per_step, d.footprint.total(), describe(d)});
     if (!best || per_step < best_s * (1 - kMicroBatchTie)) {
-      best = MicroDecision{sizes[i], std::move(d)};
+      best = MicroDecision{sizes[i], std::move(d), {}};
       best_s = per_step;
     }
   }
+  best->sizes = std::move(weighed);
   return *best;
 }
 

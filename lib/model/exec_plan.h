@@ -167,6 +167,13 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& request, double fr
 struct MicroDecision {
   int64_t micro_batch = 1;
   Decision decision;
+  // Each size weighed that fits: its plan's predicted time per optimizer step (as compared) and footprint (bytes).
+  struct Size {
+    int64_t micro_batch = 1;
+    double step_s = 0, bytes = 0;
+    std::string plan;  // describe(its decision)
+  };
+  std::vector<Size> sizes;
 };
 MicroDecision decide_micro_batch(PlanInputs in, const PlanRequest& request, double free_gib, int64_t per_rank,
                                  int64_t forced);

@@ -77,6 +77,19 @@ def main():
           abs(d64["predicted_gib"]["trainable_and_optimizer"] - 4 * d16["predicted_gib"]["trainable_and_optimizer"]) < 0.01,
           "a run config's micro-batch, max_seq_len and lora.r (64: four times r 16's trainable bytes) count")
 
+    # A config's batch without a micro-batch: the plan's, weighed per optimizer step over the sizes dividing it.
+    auto = TMP / "auto.json"
+    auto.write_text(json.dumps({"model": {"init": "random", "shape": "llama-3.1-8b"}, "data": {"max_seq_len": 2048},
+                                "train": {"batch_size": 8}}))
+    p, d = plan("--config", auto, "--gpu-memory-gib", 24, "--host-gib", 128)
+    sizes = (d or {}).get("micro_batch_sizes", [])
+    check(p.returncode == 0 and [z["micro_batch"] for z in sizes] == [8, 4, 2, 1] and d["micro_batch"] in (1, 2, 4, 8)
+          and d["micro_batches_a_step"] * d["micro_batch"] == 8
+          and next(z for z in sizes if z["micro_batch"] == d["micro_batch"])["step_s"] <= 1.02 * min(z["step_s"] for z in sizes)
+          and d["micro_batch"] < 8 and "micro-batches of" in p.stderr,
+          f"8B batch 8 x 2048 at 24 GiB: the plan's micro-batch is among the fastest per step, not the whole batch "
+          f"({d and d['micro_batch']}; {sizes})")
+
     # scripts/fit_table.py: the plan for each model, context and card, as a markdown table.
     script = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "fit_table.py"
     t = subprocess.run([sys.executable, str(script), "--binary", BIN, "--shapes", "llama-3.1-8b,llama-3.1-70b",
