@@ -1006,3 +1006,16 @@ TEST_CASE("the micro-batch is the plan's: the fastest per optimizer step among t
   REQUIRE(e);
   CHECK(has(e->what(), "micro_batch_size (now 1)"));
 }
+
+TEST_CASE("LoRA dropout's elementwise passes are a step-time term, one draw more for a checkpointed block", "[plan]") {
+  qt::PlanInputs in = inputs("llama-3.1-8b", 2, 2048);
+  qt::ExecPlan none, ckpt;
+  ckpt.checkpointing = true;
+  const double base_none = qt::predict_step_time(in, none).total(), base_ckpt = qt::predict_step_time(in, ckpt).total();
+  in.dropout_widths = 6 * 4096 + 14336;  // q, k, v, o, gate, up read 4096 wide, down 14336
+  const double with_none = qt::predict_step_time(in, none).total(), with_ckpt = qt::predict_step_time(in, ckpt).total();
+  // 2 x 5 + 13 bytes an element without checkpointing, 5 more with it, over 4096 tokens, 32 blocks, at 3 TB/s.
+  const double elements = 32.0 * 4096 * in.dropout_widths;
+  CHECK(std::abs((with_none - base_none) - 23 * elements / 3e12) < 1e-9);
+  CHECK(std::abs((with_ckpt - base_ckpt) - 28 * elements / 3e12) < 1e-9);
+}

@@ -398,6 +398,12 @@ constexpr double kStreamFetchS = 0.36e-3;
 constexpr double kSpeedHeadroom = 0.05;
 // A smaller micro-batch is taken only where its plan is predicted this much faster per optimizer step.
 constexpr double kMicroBatchTie = 0.02;
+// LoRA dropout's elementwise passes over each dropped linear's input, bytes per element (e = 2): the draw in the
+// forward pass (x read, the dropped input and the mask written: 2e + 1), again in a checkpointed block's
+// recomputation, again in the backward pass, and the input gradient's masked LoRA term (the rank-r product written,
+// read with the mask, written masked, added: 6e + 1); at an elementwise rate. An estimate from the tensors' sizes, not
+// measured (the next GPU call's A/B of lora.dropout 0.05 against 0 is to fit it).
+constexpr double kDropoutBytesPerS = 3.0e12;
 // The share of this rank's host memory a plan may pin (block weights streamed, offloaded activations, embeddings /
 // lm_head / AdamW's state on the host): the rest is the process's own and the system's.
 constexpr double kHostPinnedShare = 0.75;
@@ -474,6 +480,14 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
     }
     if (whole > 0 && recomputed_blocks > 0)
       t.terms.emplace_back("partial_checkpointing", kPartialShortfall * whole * recompute);
+  }
+  if (in.dropout_widths > 0) {  // bytes an element, as kDropoutBytesPerS's comment counts them
+    const double draw = 2 * e + 1, every_block = 2 * draw + 6 * e + 1;
+    const double recomputed =
+        p.checkpointing ? L - static_cast<double>(std::min<int64_t>(p.blocks_without_checkpointing, c.num_hidden_layers))
+                        : 0.0;
+    t.terms.emplace_back("lora_dropout", (L * every_block + recomputed * draw) * T *
+                                             static_cast<double>(in.dropout_widths) / kDropoutBytesPerS);
   }
   if (p.embeddings_on_host && in.cuda) t.terms.emplace_back("embeddings_on_host", T * H * e / kHostRowsBytesPerS);
   // Block weights streamed from the host: each streamed block's bytes over PCIe before its forward pass and again

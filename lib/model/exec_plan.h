@@ -109,8 +109,10 @@ struct PlanInputs {
   uint64_t host_bytes = 0;       // this rank's share of the host's memory
   // LoRA dropout on an MLP linear: the MLP never runs in chunks (a chunk's recomputation would draw other masks).
   bool mlp_dropout = false;
-  // LoRA dropout: the widest input of a linear it drops (0: none), whose mask is drawn again in its backward pass.
+  // LoRA dropout: the widest input of a linear it drops (0: none), whose mask is drawn again in its backward pass,
+  // and the inputs of all the linears it drops in a block, summed.
   int64_t dropout_width = 0;
+  int64_t dropout_widths = 0;
   std::string file;              // the run config, for errors
 };
 

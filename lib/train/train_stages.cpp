@@ -254,7 +254,10 @@ PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micr
                                         lora.targets_module("down_proj"));
   if (lora.dropout > 0)
     for (const auto& [name, io] : shapes)
-      if (lora.targets_module(name)) in.dropout_width = std::max(in.dropout_width, io.first);
+      if (lora.targets_module(name)) {
+        in.dropout_width = std::max(in.dropout_width, io.first);
+        in.dropout_widths += io.first;
+      }
   for (const auto& m : lora.modules_to_save) {
     (m == "embed_tokens" ? in.embeddings_trained : in.lm_head_trained) = true;
     in.full_params += V * H;
