@@ -40,14 +40,14 @@ double matrix_rate(at::Device device) {
 
 }  // namespace
 
-double model_flops_per_token(const LlamaConfig& c, int64_t seq) {
+double model_flops_per_token(const LlamaConfig& c, double attention_span) {
   const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
   const double q = static_cast<double>(c.q_size()), kv = static_cast<double>(c.num_key_value_heads * c.head_dim);
   const double per_layer = H * q + 2 * H * kv + q * H + 3 * H * I;
   const double n = static_cast<double>(c.num_hidden_layers) * per_layer + static_cast<double>(c.vocab_size) * H;
   // Causal attention per token and layer: Q K^T and P V over S / 2 keys on average, 2 S q FLOPs forward; its
   // backward twice that.
-  return 4 * n + 6.0 * static_cast<double>(c.num_hidden_layers) * static_cast<double>(seq) * q;
+  return 4 * n + 6.0 * static_cast<double>(c.num_hidden_layers) * attention_span * q;
 }
 
 Json run_bench(const BenchOptions& o) {
@@ -62,12 +62,15 @@ Json run_bench(const BenchOptions& o) {
   // doc_tokens, documents of SFT-like lengths (log-normal, that median) packed in order, each row filled exactly
   // (its last document cut to the space left), so that a step still holds batch x seq input tokens.
   const std::string data = files::join(o.out, "tokens.jsonl");
+  double tokens = 0, squares = 0;  // the documents' lengths summed, and their squares: the attention span
   {
     std::ofstream f(data);
     std::mt19937_64 rng(0);
     std::uniform_int_distribution<int64_t> token(0, shape.vocab_size - 1);
     std::lognormal_distribution<double> doc_len(std::log(static_cast<double>(std::max<int64_t>(o.doc_tokens, 1))), 1.0);
     auto write_doc = [&](int64_t len) {
+      tokens += static_cast<double>(len);
+      squares += static_cast<double>(len) * static_cast<double>(len);
       Json ids = Json::array();
       for (int64_t t = 0; t < len; ++t) ids.push_back(token(rng));
       f << Json{{"input_ids", ids}}.dump() << "\n";
@@ -143,7 +146,10 @@ Json run_bench(const BenchOptions& o) {
   std::sort(step_s.begin(), step_s.end());
   const double median = step_s[step_s.size() / 2];
   const double tok_s = static_cast<double>(o.batch * o.seq) / median;
-  const double flops = model_flops_per_token(shape, o.seq);
+  // A token attends over its own document: the span is the documents' token-weighted mean length (the row's for
+  // one document a row).
+  const double span = squares / std::max(1.0, tokens);
+  const double flops = model_flops_per_token(shape, span);
   Json out = {{"model", o.shape.empty() ? o.model : o.shape},
               {"batch", o.batch},
               {"seq", o.seq},
@@ -152,6 +158,7 @@ Json run_bench(const BenchOptions& o) {
               {"step_s", median},
               {"tokens_per_s", tok_s},
               {"model_flops_per_token", flops},
+              {"attention_span_tokens", span},
               {"peak_gib", nullptr},
               {"reserved_peak_gib", nullptr},
               {"matrix_tflops", nullptr},

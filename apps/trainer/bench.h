@@ -27,9 +27,12 @@ struct BenchOptions {
 
 // Model FLOPs per token, what QLoRA training needs whatever the plan (issue 27): 4 N + 6 L S q. N the parameters of
 // the block linears and lm_head (forward 2 N, input gradient 2 N; the frozen base has no weight gradient), L layers,
-// S the sequence length, q the attention width (heads x head_dim): causal attention's forward (2 S q) and backward
-// (4 S q). Recomputation is a plan's cost, never counted; the same formula serves the peers (scripts/bench.py).
-double model_flops_per_token(const LlamaConfig& config, int64_t seq);
+// S the attention span, q the attention width (heads x head_dim): causal attention's forward (2 S q) and backward
+// (4 S q). S is the row length for one document a row; for packed rows, where a token attends within its own
+// document, the documents' token-weighted mean length (sum of squared lengths over tokens: the FLOPs of causal
+// attention per document, per token). Recomputation is a plan's cost, never counted; the same formula serves the
+// peers (scripts/bench.py).
+double model_flops_per_token(const LlamaConfig& config, double attention_span);
 
 // Runs the benchmark and returns {model, batch, seq, steps, step_s, tokens_per_s, peak_gib and reserved_peak_gib
 // (CUDA: the caching allocator's peaks, allocated and held), model_flops_per_token,

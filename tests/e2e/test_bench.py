@@ -125,6 +125,15 @@ def main():
     check(p.returncode == 0, f"packed bench exits 0 ({p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
     if p.returncode == 0:
         docs = [len(json.loads(l)["input_ids"]) for l in (TMP / "p" / "tokens.jsonl").read_text().splitlines()]
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        span = sum(n * n for n in docs) / sum(docs)
+        H, I, L, V = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+        hd = c.get("head_dim") or H // c["num_attention_heads"]
+        q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+        n = L * (H * q + 2 * H * kv + q * H + 3 * H * I) + V * H
+        check(abs(r["attention_span_tokens"] - span) < 1e-9 * span and span < 48
+              and abs(r["model_flops_per_token"] - (4 * n + 6 * L * span * q)) < 1e-9 * r["model_flops_per_token"],
+              f"packed rows: attention counted over the documents' spans ({r['attention_span_tokens']:.2f} of 48 tokens)")
         rows, used = [], 0
         for n in docs:  # the trainer's packing: documents in order while they fit
             if not rows or used + n > 48:
