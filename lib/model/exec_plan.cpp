@@ -420,14 +420,16 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
   const double block_params = H * q + 2 * H * kv + q * H + 3 * H * I;
   // An NF4 weight's dequantization: half a byte and its statistics read, e bytes written.
   const double dequant_s = in.nf4 ? (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) / kDequantBytesPerS : 0.0;
-  const double attention_rate = kAttentionFlopsPerS * S / (S + kAttentionHalfRateSeq) /
-                                (p.attention == AttentionKernel::Flash ? kFlashSlowdown : 1.0);
+  // Packed rows: a token attends within its document, through the varlen kernel.
+  const double span = in.attention_span > 0 ? std::min(in.attention_span, S) : S;
+  const double attention_rate = kAttentionFlopsPerS * span / (span + kAttentionHalfRateSeq) /
+                                (p.attention == AttentionKernel::Flash || in.varlen ? kFlashSlowdown : 1.0);
   const double width_s = kSecondsPerTokenWidth * T * (H + I);  // one layer's memory-bound work, forward + backward
   StepTime t;
   // Model FLOPs (apps/trainer/bench.cpp's model_flops_per_token): 4 N a token for the linears and lm_head, and
   // causal attention, 2 S q a token and layer forward and 4 S q backward.
   const double linears = T * 4 * (L * block_params + V * H) / kMatrixFlopsPerS;
-  const double attention = T * 6 * L * S * q / attention_rate;
+  const double attention = T * 6 * L * span * q / attention_rate;
   t.terms.emplace_back("matrix", linears);
   t.terms.emplace_back("attention", attention);
   t.terms.emplace_back("memory_bound", L * width_s);
@@ -437,7 +439,7 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
   if (held > 0)
     t.terms.emplace_back("dequantization_held", -held * 2 * block_params * (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) /
                                                     kInlineDequantBytesPerS);
-  const double block_forward = 2 * T * block_params / kMatrixFlopsPerS + 2 * S * q * T / attention_rate + width_s / 3;
+  const double block_forward = 2 * T * block_params / kMatrixFlopsPerS + 2 * span * q * T / attention_rate + width_s / 3;
   const int64_t chunks = p.mlp_chunk_tokens > 0 && in.micro_batch * in.seq > p.mlp_chunk_tokens
                              ? (in.micro_batch * in.seq + p.mlp_chunk_tokens - 1) / p.mlp_chunk_tokens
                              : 1;
@@ -452,7 +454,7 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
     if (p.keep < KeepLevel::Qkv) attn_weights += H * (q + 2 * kv);
     if (p.keep < KeepLevel::Residual) attn_weights += q * H;
     const double recompute = 2 * T * (attn_weights + gate_up) / kMatrixFlopsPerS +
-                             (p.keep < KeepLevel::Attention ? 2 * S * q * T / attention_rate : 0.0) + width_s / 3;
+                             (p.keep < KeepLevel::Attention ? 2 * span * q * T / attention_rate : 0.0) + width_s / 3;
     t.terms.emplace_back("recomputation", recomputed_blocks * recompute);
     // The weights a recomputation dequantizes are dequantized once more in the backward pass unless kept; the MLP
     // in chunks dequantizes gate and up twice and down once per chunk (its backward pass recomputes chunk by chunk

@@ -113,6 +113,11 @@ struct PlanInputs {
   // and the inputs of all the linears it drops in a block, summed.
   int64_t dropout_width = 0;
   int64_t dropout_widths = 0;
+  // The tokens a token attends over, as causal attention's FLOPs count them: the documents' token-weighted mean
+  // length (0: seq, one whole document a row); `varlen`: rows of several documents or padding, which take
+  // FlashAttention-2's varlen kernel.
+  double attention_span = 0;
+  bool varlen = false;
   std::string file;              // the run config, for errors
 };
 

@@ -123,6 +123,22 @@ void TrainData::write_eval_records(const std::string& path) const {
   files::rename_path(tmp, path);
 }
 
+double TrainData::attention_span() const {
+  double tokens = 0, squares = 0;
+  for (const Example& e : train_->examples()) {
+    const double n = static_cast<double>(std::min<int64_t>(static_cast<int64_t>(e.ids.size()), config_.max_seq_len));
+    tokens += n;
+    squares += n * n;
+  }
+  return tokens > 0 ? squares / tokens : static_cast<double>(config_.max_seq_len);
+}
+
+bool TrainData::varlen_rows() const {
+  for (const Example& e : train_->examples())
+    if (static_cast<int64_t>(e.ids.size()) < config_.max_seq_len) return true;  // packed with others, or padded
+  return false;
+}
+
 void TrainData::seek(const DataPosition& position) {
   iterator_ = std::make_unique<BatchIterator>(*train_, micro_, config_.packing, position, pad_id_);
 }

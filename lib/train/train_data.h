@@ -35,6 +35,10 @@ class TrainData {
 
   DataPosition position() const { return iterator_->position(); }
   void seek(const DataPosition& position);
+  // The training documents' token-weighted mean length, each cut to max_seq_len (the tokens a token attends over,
+  // as causal attention's FLOPs count them), and whether rows hold several documents or padding (the varlen kernel).
+  double attention_span() const;
+  bool varlen_rows() const;
   // Rows per micro-batch from now on (the plan's; the next seek() cuts the data so).
   void set_micro_batch(int64_t micro) { micro_ = micro; }
 

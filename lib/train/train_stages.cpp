@@ -319,8 +319,10 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
 
 MicroDecision decide_run_plan(const RunConfig& cfg, const Session& s, const DataStage& d,
                               std::optional<double> budget_gib) {
-  const PlanInputs plan_in = plan_inputs(cfg, d.model_config, s.per_rank, d.data->max_seq_len(), s.device, s.dtype,
-                                         s.world, s.env.local_world_size);
+  PlanInputs plan_in = plan_inputs(cfg, d.model_config, s.per_rank, d.data->max_seq_len(), s.device, s.dtype, s.world,
+                                   s.env.local_world_size);
+  plan_in.attention_span = d.data->attention_span();
+  plan_in.varlen = d.data->varlen_rows();
   PlanRequest request = cfg.train.memory;
   if (budget_gib) request.gpu_memory_gib = *budget_gib;
   return decide_micro_batch(plan_in, request, device_free_gib(s.device.is_cuda(), s.device.index()), s.per_rank,
