@@ -169,11 +169,10 @@ struct Attempt {
   Json earlier = Json::array();  // the plans that ran out of memory before this one, for metrics.jsonl
 };
 
-// The run from the plan on (train()'s stages after the session and the data): the model, the resume point, the
-// parallel strategy, the optimizer, the steps.
+// The run under a plan (train()'s stages after the session, the data and the plan): the model, the resume point,
+// the parallel strategy, the optimizer, the steps.
 TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, const TestHooks& hooks, Session& s,
-                         DataStage& d, std::optional<double> budget_gib, Clock::time_point t_start, Attempt& attempt) {
-  const MicroDecision planned = decide_run_plan(cfg, s, d, budget_gib);
+                         DataStage& d, const MicroDecision& planned, Clock::time_point t_start, Attempt& attempt) {
   attempt.decision = planned.decision;
   s.micro = planned.micro_batch;
   d.data->set_micro_batch(s.micro);
@@ -392,7 +391,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const TestHooks hooks = TestHooks::from_env();
   Session s = start_session(cfg);
   DataStage d = load_data(cfg, s);
-  std::optional<double> budget;
+  MicroDecision planned = decide_run_plan(cfg, s, d);
   Json earlier = Json::array();
   for (int index = 0;; ++index) {
     Attempt attempt;
@@ -404,7 +403,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
              attempt.decision->budget_gib > 0 && index < kMaxReplans;
     };
     try {
-      return train_under(cfg, options, hooks, s, d, budget, t_start, attempt);
+      return train_under(cfg, options, hooks, s, d, planned, t_start, attempt);
     } catch (const OutOfMemory& e) {
       if (!may_replan()) {
         if (index == 0) throw;
@@ -425,7 +424,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     const double predicted = last.footprint.total() / static_cast<double>(int64_t{1} << 30);
     const double next = std::min(last.budget_gib, predicted) * 0.95;
     try {
-      decide_run_plan(cfg, s, d, next);
+      planned = decide_run_plan(cfg, s, d, next);
     } catch (const Error& e) {
       if (e.kind() != ErrorKind::Config) throw;
       fail(ErrorKind::Device, what + " No leaner plan fits " + gib_text(next) + " GiB either: " + e.what());
@@ -436,7 +435,6 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       log::warn(phase + ": out of GPU memory under the plan " + describe(last) + ". Starting again under a leaner plan "
                 "within " + gib_text(next) + " GiB (the model loads again; train.memory.replan_on_oom false stops "
                 "instead)");
-    budget = next;
     at::manual_seed(cfg.train.seed);
   }
 }
