@@ -13,6 +13,9 @@
 #include "lib/comm/communicator.h"
 #include "lib/comm/mpi_communicator.h"
 #include "lib/comm/store_rendezvous.h"
+#include "lib/model/exec_plan.h"
+#include "lib/model/random_init.h"
+#include "lib/train/train_stages.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -194,6 +197,42 @@ TEST_CASE("check_same_across_ranks names the ranks whose config differs", "[.mpi
   CHECK(contains(e->what(), "rank " + std::to_string(W - 1) + " differs"));
   CHECK(contains(e->what(), "run config"));
   comm->barrier();  // the communicator still works after a config mismatch
+}
+
+TEST_CASE("every rank decides one plan, from the least free device memory and host share over the ranks", "[.mpi]") {
+  auto comm = qt::make_communicator(qt::read_launch_env(), at::kCPU, kTestOptions);
+  const int W = comm->world_size(), me = comm->rank();
+  REQUIRE(W >= 2);
+  CHECK(qt::min_across_ranks(*comm, {10.0 + me, 5.5 - me, -1.0}) ==
+        std::vector<double>{10.0, 5.5 - (W - 1), -1.0});
+
+  // 8B on an H200's rates, 8 rows of 2048 tokens a rank, micro-batch and plan left to the plan; the ranks' GPUs
+  // have from 20 to 36 GiB free and their hosts from 125 GiB down.
+  qt::PlanInputs in;
+  in.model = qt::shape_config("llama-3.1-8b", "test", "shape");
+  in.micro_batch = 8;
+  in.seq = 2048;
+  in.cuda = true;
+  in.world = W;
+  const auto& c = in.model;
+  in.lora_params = c.num_hidden_layers * 16 *
+                   ((c.hidden_size + c.q_size()) * 2 + (c.hidden_size + c.kv_size()) * 2 +
+                    (c.hidden_size + c.intermediate_size) * 3);
+  in.host_bytes = (uint64_t{125} << 30) - (uint64_t{1} << 30) * static_cast<uint64_t>(me);
+  const double free_gib = 20.0 + 16.0 * me / (W - 1);
+  auto fields = [](const qt::MicroDecision& d) {
+    return qt::plan_fields(d.decision.plan).dump() + " micro " + std::to_string(d.micro_batch) + " budget " +
+           std::to_string(d.decision.budget_gib);
+  };
+  // Each rank alone would run another plan: the case the agreement is for.
+  const qt::MicroDecision own = qt::decide_micro_batch(in, {}, free_gib, 8, 0);
+  CHECK(qt::test::caught([&] { qt::check_same_across_ranks(*comm, fields(own), "plan"); }));
+  // Decided across the ranks: one plan, that of rank 0's free memory (the least) and the last rank's host (the least).
+  qt::PlanInputs rank0_host = in;
+  rank0_host.host_bytes = (uint64_t{125} << 30) - (uint64_t{1} << 30) * static_cast<uint64_t>(W - 1);
+  const qt::MicroDecision agreed = qt::decide_plan_across_ranks(*comm, in, {}, free_gib, 8, 0);
+  qt::check_same_across_ranks(*comm, fields(agreed), "plan");
+  CHECK(fields(agreed) == fields(qt::decide_micro_batch(rank0_host, {}, 20.0, 8, 0)));
 }
 
 TEST_CASE("an mpi collective that a peer does not join times out with the rank and the collective", "[.mpi]") {

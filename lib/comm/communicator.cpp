@@ -127,4 +127,14 @@ void check_same_across_ranks(Communicator& comm, const std::string& fingerprint,
                                 " from rank 0 (every rank must start with the same " + what + ")");
 }
 
+std::vector<double> min_across_ranks(Communicator& comm, const std::vector<double>& values) {
+  const int64_t n = static_cast<int64_t>(values.size());
+  if (n == 0) return {};
+  at::Tensor mine = at::tensor(at::ArrayRef<double>(values), at::kDouble).to(comm.device());
+  at::Tensor all = at::empty({comm.world_size() * n}, mine.options());
+  comm.all_gather_into_tensor(all, mine);
+  at::Tensor least = std::get<0>(all.view({comm.world_size(), n}).min(0)).to(at::kCPU).contiguous();
+  return std::vector<double>(least.data_ptr<double>(), least.data_ptr<double>() + n);
+}
+
 }  // namespace qt

@@ -25,6 +25,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "lib/comm/launch_env.h"
 
@@ -91,5 +92,8 @@ std::unique_ptr<Communicator> make_communicator(const LaunchEnv& env, at::Device
 // All-gathers a 64-bit hash of `fingerprint` (e.g. the serialized config, or shapes) and throws
 // qt::Error(Config) on every rank, naming the ranks whose `what` differs from rank 0's, when they differ.
 void check_same_across_ranks(Communicator& comm, const std::string& fingerprint, const std::string& what);
+
+// The least of each of `values` over the ranks, the same bits on every rank (all-gathered as float64).
+std::vector<double> min_across_ranks(Communicator& comm, const std::vector<double>& values);
 
 }  // namespace qt

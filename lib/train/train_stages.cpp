@@ -325,8 +325,18 @@ MicroDecision decide_run_plan(const RunConfig& cfg, const Session& s, const Data
   plan_in.varlen = d.data->varlen_rows();
   PlanRequest request = cfg.train.memory;
   if (budget_gib) request.gpu_memory_gib = *budget_gib;
-  return decide_micro_batch(plan_in, request, device_free_gib(s.device.is_cuda(), s.device.index()), s.per_rank,
-                            cfg.train.micro_batch_size);
+  return decide_plan_across_ranks(*s.comm, plan_in, request, device_free_gib(s.device.is_cuda(), s.device.index()),
+                                  s.per_rank, cfg.train.micro_batch_size);
+}
+
+MicroDecision decide_plan_across_ranks(Communicator& comm, PlanInputs in, const PlanRequest& request, double free_gib,
+                                       int64_t per_rank, int64_t forced) {
+  if (comm.world_size() > 1) {
+    const std::vector<double> least = min_across_ranks(comm, {free_gib, static_cast<double>(in.host_bytes)});
+    free_gib = least[0];
+    in.host_bytes = static_cast<uint64_t>(least[1]);
+  }
+  return decide_micro_batch(std::move(in), request, free_gib, per_rank, forced);
 }
 
 ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& d, bool resuming, Decision decision) {

@@ -105,6 +105,12 @@ struct ModelStage {
 // leaner plan after running out of memory).
 MicroDecision decide_run_plan(const RunConfig& cfg, const Session& s, const DataStage& d,
                               std::optional<double> budget_gib = std::nullopt);
+// decide_micro_batch from the least free device memory and host share over the ranks, so that every rank runs one
+// plan: a rank's own figures differ by what else its GPU holds and when its CUDA context started, and plans that
+// differ in their micro-batch run different numbers of passes a step (sharded blocks gather once a pass: the ranks
+// would wait on each other).
+MicroDecision decide_plan_across_ranks(Communicator& comm, PlanInputs in, const PlanRequest& request, double free_gib,
+                                       int64_t per_rank, int64_t forced);
 // The model under `decision`: the allocator's settings and the CUDA libraries' handles first, then the base loaded
 // where the plan keeps it, LoRA attached (or init_from's adapter).
 ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& d, bool resuming, Decision decision);
