@@ -277,7 +277,18 @@ TEST_CASE("the allocator's counts see it give cached memory back when an allocat
   const at::Device dev(at::kCUDA, 0);
   // Segments of their own size (an earlier test's run may have set expandable segments, which would grow the
   // cached segment instead of giving it back).
-  const bool expandable = c10::CachingAllocator::AcceleratorAllocatorConfig::use_expandable_segments();
+  // The allocator started on the device first: setMemoryFraction refuses a device it has not initialized.
+  (void)at::empty({1}, at::TensorOptions().device(dev));
+  // The settings and the fraction put back however the test ends (setAllocatorSettings resets the keys it is not
+  // given, so the whole string is restored).
+  struct Restore {
+    std::string settings = c10::CachingAllocator::getAllocatorSettings();
+    ~Restore() {
+      c10::cuda::CUDACachingAllocator::setMemoryFraction(1.0, 0);
+      c10::cuda::CUDACachingAllocator::emptyCache();
+      c10::CachingAllocator::setAllocatorSettings(settings);
+    }
+  } restore;
   c10::CachingAllocator::setAllocatorSettings("expandable_segments:False");
   c10::cuda::CUDACachingAllocator::emptyCache();
   const double total = static_cast<double>(at::cuda::getDeviceProperties(0)->totalGlobalMem);
@@ -293,9 +304,6 @@ TEST_CASE("the allocator's counts see it give cached memory back when an allocat
   b.fill_(2);  // 0.3 cached + 0.35 exceeds the 0.5 allowed: the cached block goes back first
   const qt::GpuAllocatorCounts after = qt::gpu_allocator_counts(dev);
   b.reset();
-  c10::cuda::CUDACachingAllocator::setMemoryFraction(1.0, 0);
-  c10::cuda::CUDACachingAllocator::emptyCache();
-  if (expandable) c10::CachingAllocator::setAllocatorSettings("expandable_segments:True");
   CHECK(after.device_frees > before.device_frees);
   CHECK(after.device_allocs > before.device_allocs);
   CHECK(after.alloc_retries >= before.alloc_retries);

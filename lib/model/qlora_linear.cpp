@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
 
 #include "lib/core/error.h"
@@ -150,12 +151,21 @@ at::Generator default_generator(const at::Device& device) {
   return device.is_cuda() ? at::cuda::detail::getDefaultCUDAGenerator(device.index())
                           : at::detail::getDefaultCPUGenerator();
 }
+
+// The input of a draw: on CUDA at::native_dropout picks its kernel's vector width from the input's address (and
+// size), and the width decides which random number lands on which element, so the draw and the redraw must read
+// inputs aligned alike: on 16 bytes, as fresh allocations are.
+at::Tensor dropout_input(const at::Tensor& x) {
+  at::Tensor c = x.contiguous();
+  if (c.is_cuda() && reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
+}
 }  // namespace
 
 at::Tensor draw_lora_dropout(const at::Tensor& x, double p, at::Tensor& state) {
   state = default_generator(x.device()).get_state();
   at::NoGradGuard no_grad;
-  return at::dropout(x, p, /*train=*/true);
+  return at::dropout(dropout_input(x), p, /*train=*/true);
 }
 
 RedrawnDropout redraw_lora_dropout(const at::Tensor& x, double p, const at::Tensor& state) {
@@ -170,7 +180,7 @@ RedrawnDropout redraw_lora_dropout(const at::Tensor& x, double p, const at::Tens
   RedrawnDropout r;
   at::NoGradGuard no_grad;
   if (x.is_cuda()) {
-    std::tie(r.h, r.factor) = at::native_dropout(x, p, /*train=*/true);
+    std::tie(r.h, r.factor) = at::native_dropout(dropout_input(x), p, /*train=*/true);
   } else {  // at::dropout's noise: a draw of x's shape and dtype, whatever its values
     r.factor = at::dropout(at::ones_like(x), p, /*train=*/true);
     r.h = x * r.factor;

@@ -34,7 +34,10 @@ TestHooks TestHooks::from_env() {
     return v ? static_cast<int64_t>(std::atoll(v)) : off;
   };
   h.oom_at_step = number("QT_TEST_OOM_AT_STEP", -1);
-  if (const char* v = std::getenv("QT_TEST_OOM_AT_STEP")) h.oom_as_cublas = std::string(v).find(":cublas") != std::string::npos;
+  if (const char* v = std::getenv("QT_TEST_OOM_AT_STEP")) {
+    h.oom_as_cublas = std::string(v).find(":cublas") != std::string::npos;
+    h.oom_as_pinned = std::string(v).find(":pinned") != std::string::npos;
+  }
   h.nan_loss_at_step = number("QT_TEST_NAN_LOSS_AT_STEP", -1);
   h.step_delay_ms = number("QT_TEST_STEP_DELAY_MS", 0);
   h.sleep_after_checkpoint_ms = number("QT_TEST_SLEEP_AFTER_CHECKPOINT_MS", 0);

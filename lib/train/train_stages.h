@@ -37,6 +37,7 @@ double seconds_since(Clock::time_point t);
 struct TestHooks {
   int64_t oom_at_step = -1;           // QT_TEST_OOM_AT_STEP=N[:cublas]: an out-of-memory error in step N's forward
   bool oom_as_cublas = false;         //   ":cublas": as cuBLAS's status check raises it
+  bool oom_as_pinned = false;         //   ":pinned": as the offload's pinned host pool raises it
   int64_t nan_loss_at_step = -1;      // QT_TEST_NAN_LOSS_AT_STEP=N: step N's loss not finite
   int64_t step_delay_ms = 0;          // QT_TEST_STEP_DELAY_MS: a sleep after each step (a test signals between)
   int64_t sleep_after_checkpoint_ms = 0;  // QT_TEST_SLEEP_AFTER_CHECKPOINT_MS: time to kill after a checkpoint

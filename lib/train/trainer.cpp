@@ -1,6 +1,7 @@
 #include "lib/train/trainer.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/CachingHostAllocator.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <unistd.h>
@@ -66,15 +67,16 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
   // (a non-finite loss or norm makes the update leave the parameters as they were).
   at::Tensor local_loss;
   const bool fused = cfg.train.loss == "fused";
+  // Outside the try block: an out-of-memory error's handler synchronizes while the micro-batch's graph (its pinned
+  // offload blocks among it) is still alive.
+  at::Tensor embeds, hidden, l;
   try {
     for (const auto& b : micro_batches) {
-      at::Tensor embeds;
       {
         GatherScope g(parallel.sharded(), FullyShard::Root::Embeddings);  // (no-op unless the embeddings are sharded)
         embeds = neftune_noise(model.embed(b.input_ids), cfg.train.neftune_alpha);
       }
-      at::Tensor hidden = model.forward_hidden(embeds, b);
-      at::Tensor l;
+      hidden = model.forward_hidden(embeds, b);
       {
         GatherScope g(parallel.sharded(), FullyShard::Root::LmHead);
         l = loss_sum(model, hidden, b.targets, fused);
@@ -82,6 +84,9 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
       // Test hooks: an out-of-memory error at this step, with the forward graph alive, thrown as CUDA's caching
       // allocator throws it (on any device) or as cuBLAS's status check does; a loss that is not finite.
       if (oom) {
+        if (hooks.oom_as_pinned)
+          TORCH_CHECK_WITH(OutOfMemoryError, false,
+                           "pinned host memory: cannot allocate 1 MiB for an offloaded block input (QT_TEST_OOM_AT_STEP)");
         if (hooks.oom_as_cublas)
           TORCH_CHECK(false, "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)` (QT_TEST_OOM_AT_STEP)");
         TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (QT_TEST_OOM_AT_STEP)");
@@ -398,14 +403,16 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     attempt.index = index;
     attempt.earlier = earlier;
     std::string what, phase;
-    const auto may_replan = [&] {
+    // Not for pinned host memory (activation_offload's pool): a leaner device plan may pin more of the host.
+    const auto may_replan = [&](const std::string& message) {
       return cfg.train.memory.replan_on_oom && s.world == 1 && attempt.decision && attempt.steps_done == 0 &&
-             attempt.decision->budget_gib > 0 && index < kMaxReplans;
+             attempt.decision->budget_gib > 0 && index < kMaxReplans &&
+             message.find("pinned host memory") == std::string::npos;
     };
     try {
       return train_under(cfg, options, hooks, s, d, planned, t_start, attempt);
     } catch (const OutOfMemory& e) {
-      if (!may_replan()) {
+      if (!may_replan(e.what())) {
         if (index == 0) throw;
         throw OutOfMemory(std::string(e.what()) + " (" + std::to_string(index) + " plan(s) before this one ran out of "
                           "memory too; the first within " + gib_text(earlier[0]["budget_gib"].get<double>()) + " GiB)");
@@ -413,13 +420,17 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
       what = e.what();
       phase = what.substr(0, what.find(':'));
     } catch (const c10::Error& e) {
-      if (!is_out_of_memory(e) || !may_replan()) throw;
+      if (!is_out_of_memory(e) || !may_replan(e.what_without_backtrace())) throw;
       const std::string first = e.what_without_backtrace();
       phase = "before the first step";
       what = "out of GPU memory " + phase + " (" + first.substr(0, std::min<size_t>(first.find('\n'), 300)) + ")";
     }
-    // Everything of the attempt is gone with its scope; its cached device memory goes back to the driver.
-    if (s.device.is_cuda()) c10::cuda::CUDACachingAllocator::emptyCache();
+    // Everything of the attempt is gone with its scope; its cached device memory goes back to the driver, and the
+    // pinned host blocks torch's host allocator kept (the embeddings' rows, pin_memory() copies) to the host.
+    if (s.device.is_cuda()) {
+      c10::cuda::CUDACachingAllocator::emptyCache();
+      at::getHostAllocator(at::kCUDA)->empty_cache();
+    }
     const Decision& last = *attempt.decision;
     const double predicted = last.footprint.total() / static_cast<double>(int64_t{1} << 30);
     const double next = std::min(last.budget_gib, predicted) * 0.95;

@@ -56,7 +56,7 @@ def main():
     r = run(budget, [f"train.memory.gpu_memory_gib={told}"])
     plan = r.get("plan") or {}
     claimed = (plan.get("predicted_gib") or {}).get("total")
-    check("tok_per_s" in r and (r.get("replans") or claimed <= budget),
+    check("tok_per_s" in r and (r.get("replans") or (claimed is not None and claimed <= budget)),
           f"{budget} GiB left free, the plan told {told}: completes ({r.get('replans', 0)} plan(s) out of memory first; "
           f"the last claims {claimed} GiB) {r.get('error', '')[-300:]}")
 

@@ -4,7 +4,7 @@ micro-batch shape and the settings that lower memory, and the checkpoint from be
 ends as a run that never failed). Out of memory before the first step completes (QT_TEST_OOM_PLANS=N[:load]: the
 first N plans fail in their first step, or as their model loads): the run starts again under a leaner plan and ends
 as a run started under that plan would; after two leaner plans, or with train.memory.replan_on_oom false, it stops
-with exit 9. The micro-batch is the plan's: under a budget the whole batch does not fit, micro-batches that train as
+with exit 9; pinned host memory running out stops at once. The micro-batch is the plan's: under a budget the whole batch does not fit, micro-batches that train as
 a run told them."""
 import json, os, pathlib, shutil, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
@@ -97,6 +97,12 @@ def check_replan():
     check(p.returncode == 9 and "out of GPU memory" in last and warns <= 2 and
           ("2 plan(s) before this one ran out of memory too" in last or "No leaner plan fits" in last),
           f"with every plan out of memory: exit 9 after at most two leaner plans ({warns}): {last}")
+    # Pinned host memory that runs out (the offload's pool) is not the device's: a leaner device plan may pin more
+    # of the host, so the run stops with exit 9 naming it, without starting again.
+    p = train(conf("pinned", memory(100.0)), env={"QT_TEST_OOM_AT_STEP": "1:pinned"})
+    last = (p.stderr.strip().splitlines() or [""])[-1]
+    check(p.returncode == 9 and "pinned host memory" in last and "Starting again" not in p.stderr,
+          f"pinned host memory out in step 1: exit 9 at once, no leaner plan (exit {p.returncode}): {last}")
     p = train(conf("noreplan", memory(100.0, replan_on_oom=False)), env={"QT_TEST_OOM_PLANS": "1"})
     last = (p.stderr.strip().splitlines() or [""])[-1]
     check(p.returncode == 9 and "step 1: out of GPU memory" in last and "Starting again" not in p.stderr,
