@@ -1,6 +1,7 @@
 #include "lib/model/exec_plan.h"
 
 #include <c10/core/AllocatorConfig.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -906,12 +907,12 @@ Json to_json(const Decision& d) {
 
 double device_free_gib(bool cuda, int device_index) {
   if (!cuda) return -1;
-  int before = 0;
-  if (cudaGetDevice(&before) != cudaSuccess) return -1;
-  cudaSetDevice(device_index);
+  // Back to the device current before only where that one has a context already: cudaSetDevice would make one
+  // (hundreds of MiB) on device 0 for a run on another GPU.
+  const c10::DeviceIndex before = c10::cuda::ExchangeDevice(static_cast<c10::DeviceIndex>(device_index));
   size_t free = 0, total = 0;
   const bool ok = cudaMemGetInfo(&free, &total) == cudaSuccess;
-  cudaSetDevice(before);
+  (void)c10::cuda::MaybeSetDevice(before);
   return ok ? static_cast<double>(free) / kGiB : -1;
 }
 
