@@ -511,6 +511,47 @@ TEST_CASE("a checkpointed run, its recomputation leaving the unused output out, 
   }
 }
 
+TEST_CASE("the SwiGLU output kept for down_proj's backward pass or computed again there gives the same bits",
+          "[lora]") {
+  // Without checkpointing, checkpointed, the last block without, and the MLP in chunks.
+  struct Case {
+    const char* what;
+    bool checkpointing;
+    int64_t whole, chunk;
+  };
+  for (const Case& c : {Case{"no checkpointing", false, 0, 0}, Case{"checkpointing", true, 0, 0},
+                        Case{"the last block without", true, 1, 0}, Case{"MLP in chunks of 3 tokens", true, 0, 3}}) {
+    INFO(c.what);
+    std::shared_ptr<qt::ModelStats> stats;
+    int64_t layers = 0;
+    auto run = [&](bool keep) {
+      return fixture_loss_and_grads([&](qt::LlamaModel& m) {
+        m.plan.checkpointing = c.checkpointing;
+        m.plan.blocks_without_checkpointing = c.whole;
+        m.plan.mlp_chunk_tokens = c.chunk;
+        m.plan.keep_swiglu = keep;
+        layers = m.config.num_hidden_layers;
+        stats = m.stats;
+      });
+    };
+    const std::vector<at::Tensor> recomputed = run(false);
+    REQUIRE(stats);
+    const int64_t recomputations = stats->swiglu_recomputed;
+    const std::vector<at::Tensor> kept = run(true);
+    CHECK(stats->swiglu_recomputed == 0);
+    // The blocks that keep their activations computed it again; checkpointed blocks keep it whatever the plan says
+    // (their recomputation has just made it).
+    CHECK(recomputations == (c.checkpointing ? c.whole : layers));
+    REQUIRE(kept.size() == recomputed.size());
+    CHECK(kept.size() > 10);
+    for (size_t i = 0; i < kept.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(recomputed[i].abs().max().item<double>() > 0);
+      CHECK(at::equal(kept[i], recomputed[i]));
+    }
+  }
+}
+
 // The NF4 + LoRA fixture model under checkpointing with the keep ladder at `keep` (attention and above): the loss
 // and every LoRA gradient, and how many recomputations took the kept q, k, v and residual.
 struct KeepRun {

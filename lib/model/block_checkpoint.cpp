@@ -148,6 +148,7 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       Pass pass = model->base_pass();
       pass.keep_dequantized = model->plan.keep_dequantized;
       pass.output_unused = true;
+      pass.keep_swiglu = true;  // made the moment before its backward pass: kept, not computed again there
       if (replay.out.defined()) pass.stash = &replay;
       out = model->block_forward(layer, x, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask,
                                  pass);
@@ -197,6 +198,7 @@ struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
     at::Tensor dx = at::empty_like(x2);
     Pass pass = model->base_pass();
     pass.output_unused = true;  // yc's value is not read either: down_proj's is skipped
+    pass.keep_swiglu = true;    // the chunk's SwiGLU output, for the backward pass that follows at once
     for (int64_t s = 0; s < x2.size(0); s += chunk) {
       const int64_t n = std::min(chunk, x2.size(0) - s);
       at::Tensor xc = x2.narrow(0, s, n).detach().requires_grad_(true);

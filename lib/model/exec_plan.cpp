@@ -91,7 +91,8 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   if (!json.is_object()) fail_key(ErrorKind::Config, file, "train.memory", "must be a JSON object");
   reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "blocks_without_checkpointing", "offload", "keep",
                              "keep_dequantized", "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings",
-                             "lm_head", "optimizer", "weights", "streamed_blocks", "dequantized_blocks", "replan_on_oom"},
+                             "lm_head", "optimizer", "weights", "streamed_blocks", "dequantized_blocks", "keep_swiglu",
+                             "replan_on_oom"},
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
@@ -114,6 +115,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   r.dequantized_blocks = blocks("dequantized_blocks", " whose weights stay dequantized on the device");
   if (json.contains("offload")) r.offload = tri(json["offload"], file, at + "offload");
   if (json.contains("keep_dequantized")) r.keep_dequantized = tri(json["keep_dequantized"], file, at + "keep_dequantized");
+  if (json.contains("keep_swiglu")) r.keep_swiglu = tri(json["keep_swiglu"], file, at + "keep_swiglu");
   if (json.contains("expandable_segments"))
     r.expandable_segments = tri(json["expandable_segments"], file, at + "expandable_segments");
   if (json.contains("replan_on_oom")) {
@@ -183,6 +185,7 @@ Json PlanRequest::to_json() const {
               {"weights", place(weights_on_host)},
               {"streamed_blocks", streamed_blocks ? Json(*streamed_blocks) : Json("auto")},
               {"dequantized_blocks", dequantized_blocks ? Json(*dequantized_blocks) : Json("auto")},
+              {"keep_swiglu", opt(keep_swiglu)},
               {"replan_on_oom", replan_on_oom}};
 }
 
@@ -241,7 +244,8 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   const double mlp_tokens = p.mlp_chunk_tokens > 0 ? std::min(T, static_cast<double>(p.mlp_chunk_tokens)) : T;
   // Qwen3's q / k norms keep the q / k / v projection output too (rope_qkv_norm's backward pass reads it).
   const double attn_acts = e * T * (2 * H + q + 2 * kv + (c.qk_norm ? q + 2 * kv : 0.0));
-  const double block_acts = attn_acts + e * mlp_tokens * 3 * I;
+  // The SwiGLU output kept (keep_swiglu) by blocks that keep their activations: I more (the fit's 4 I).
+  const double block_acts = attn_acts + e * mlp_tokens * (p.keep_swiglu ? 4 : 3) * I;
   const double block_work = attn_acts + e * mlp_tokens * 4 * I;
   // With the MLP in chunks the block's backward pass also holds the attention backward's fp32 accumulator of dq
   // over every token (4 bytes a token and query element: 0.5 GiB at 32k tokens of the 8B shape): 8B 1 x 32800 at
@@ -405,11 +409,21 @@ constexpr double kMicroBatchTie = 0.02;
 // read with the mask, written masked, added: 6e + 1); at an elementwise rate. An estimate from the tensors' sizes, not
 // measured (the next GPU call's A/B of lora.dropout 0.05 against 0 is to fit it).
 constexpr double kDropoutBytesPerS = 3.0e12;
+// down_proj's backward pass computing the SwiGLU output again from gate and up (2 I read, I written in the compute
+// dtype) where the plan does not keep it: measured on an H200 as what keeping it bought, 8B 2 x 2048 without
+// checkpointing, 16,493 tok/s kept against 16,299 recomputed (fourth session, two calls: 1.2%, 3.0 ms a step for 32
+// blocks' 352 MB each: 3.75 TB/s). The memory-bound term above was fitted on rows that recomputed it.
+constexpr double kSwigluBytesPerS = 3.75e12;
 // The share of this rank's host memory a plan may pin (block weights streamed, offloaded activations, embeddings /
 // lm_head / AdamW's state on the host): the rest is the process's own and the system's.
 constexpr double kHostPinnedShare = 0.75;
 
 }  // namespace
+
+double swiglu_recompute_s(const PlanInputs& in) {
+  return static_cast<double>(in.micro_batch * in.seq) * 3 * static_cast<double>(in.model.intermediate_size) *
+         static_cast<double>(in.element_size) / kSwigluBytesPerS;
+}
 
 StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
   const LlamaConfig& c = in.model;
@@ -484,6 +498,12 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
     if (whole > 0 && recomputed_blocks > 0)
       t.terms.emplace_back("partial_checkpointing", kPartialShortfall * whole * recompute);
   }
+  // The memory-bound term counts every block's SwiGLU computed again in its backward pass: checkpointed blocks never
+  // do (their recomputation keeps it), the others where the plan does not keep it.
+  const double whole_blocks =
+      p.checkpointing ? static_cast<double>(std::min<int64_t>(p.blocks_without_checkpointing, c.num_hidden_layers)) : L;
+  const double swiglu_kept = (L - whole_blocks) + (p.keep_swiglu ? whole_blocks : 0.0);
+  if (swiglu_kept > 0) t.terms.emplace_back("swiglu_kept", -swiglu_kept * swiglu_recompute_s(in));
   if (in.dropout_widths > 0) {  // bytes an element, as kDropoutBytesPerS's comment counts them
     const double draw = 2 * e + 1, every_block = 2 * draw + 6 * e + 1;
     const double recomputed =
@@ -727,11 +747,19 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   const double held_block_bytes = block_params(in.model) * static_cast<double>(in.element_size);
   bool found = false;
   for (ExecPlan cand : candidates) {
+    // The SwiGLU output kept by blocks that keep their activations ("auto"): where the plan still fits with it (I
+    // elements a token and block), before blocks hold their weights dequantized (its saving per byte is the larger:
+    // a pass over 3 I elements for I elements, against two dequantizations for a block's 16-bit weights).
+    cand.keep_swiglu = r.keep_swiglu.value_or(true);
     Footprint f = predict_footprint(in, cand);
     // Plans that keep whole blocks' activations (none or some blocks without checkpointing) fit with headroom:
     // their activation term is fitted on one row, and a run that dies of memory loses more than they gain.
     const bool keeps_blocks = !cand.checkpointing || cand.blocks_without_checkpointing > 0;
     const double limit = (keeps_blocks ? 1 - kSpeedHeadroom : 1.0) * d.budget_gib * kGiB;
+    if (d.budget_gib >= 0 && f.total() > limit && !r.keep_swiglu && keeps_blocks) {
+      cand.keep_swiglu = false;
+      f = predict_footprint(in, cand);
+    }
     if (d.budget_gib >= 0 && f.total() > limit) continue;
     if (may_hold && cand.streamed_blocks == 0 && cand.mlp_chunk_tokens == 0) {
       int64_t n = std::min<int64_t>(L, static_cast<int64_t>(std::floor((limit - f.total()) / held_block_bytes)));
@@ -762,7 +790,8 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // than the host gives.
   const ExecPlan* least = nullptr;
   double least_bytes = 0;
-  for (const ExecPlan& cand : candidates) {
+  for (ExecPlan& cand : candidates) {
+    cand.keep_swiglu = r.keep_swiglu.value_or(false);
     const double bytes = predict_footprint(in, cand).total();
     if (!least || bytes < least_bytes) least = &cand, least_bytes = bytes;
   }
@@ -849,6 +878,7 @@ std::string describe(const ExecPlan& p, int64_t layers) {
     if (p.keep_dequantized) s += ", dequantized weights kept";
     if (p.mlp_chunk_tokens > 0) s += ", MLP in chunks of " + std::to_string(p.mlp_chunk_tokens) + " tokens";
   }
+  if (p.keep_swiglu && (!p.checkpointing || p.blocks_without_checkpointing > 0)) s += ", SwiGLU kept";
   s += p.attention == AttentionKernel::Cudnn ? ", cuDNN attention" : ", flash attention";
   if (p.expandable_segments) s += ", expandable segments";
   if (p.embeddings_on_host) s += ", embeddings on the host";
@@ -893,7 +923,8 @@ Json plan_fields(const ExecPlan& p) {
               {"optimizer", p.optimizer_on_host ? "host" : "device"},
               {"weights", p.streamed_blocks > 0 ? "host" : "device"},
               {"streamed_blocks", p.streamed_blocks},
-              {"dequantized_blocks", p.dequantized_blocks}};
+              {"dequantized_blocks", p.dequantized_blocks},
+              {"keep_swiglu", p.keep_swiglu}};
 }
 
 Json to_json(const Decision& d) {

@@ -54,6 +54,11 @@ struct ExecPlan {
   // whole run (made on first use; the base never changes), so that no pass dequantizes them again: a block's 16-bit
   // weights (0.41 GiB at 8B) for two or three NF4 dequantizations a step. Where the budget has room (a large GPU).
   int64_t dequantized_blocks = 0;
+  // Blocks that keep their activations (no checkpointing, or the last blocks without it) keep the SwiGLU output for
+  // down_proj's backward pass too (I elements a token and block) instead of computing it again there from gate and
+  // up (an elementwise pass over 3 I elements a token). Checkpointed blocks always keep it: their recomputation made
+  // it the moment before their backward pass, so it costs them no memory.
+  bool keep_swiglu = false;
 
   bool keeps(KeepLevel level) const { return checkpointing && keep >= level; }
   bool weights_on_host() const { return streamed_blocks > 0; }
@@ -83,6 +88,7 @@ struct PlanRequest {
   std::optional<bool> weights_on_host;   // "host": every block streamed unless streamed_blocks says how many
   std::optional<int64_t> streamed_blocks;
   std::optional<int64_t> dequantized_blocks;  // "auto" (unset): as many as the budget holds
+  std::optional<bool> keep_swiglu;            // "auto" (unset): where the budget holds it
   // A single-process run that runs out of device memory before its first step completes (loading, the CUDA
   // libraries' handles, step 1) starts again under a leaner plan, at most twice (lib/train/trainer.cpp).
   bool replan_on_oom = true;
@@ -129,6 +135,8 @@ struct Footprint {
 };
 
 Footprint predict_footprint(const PlanInputs& in, const ExecPlan& plan);
+// One block's SwiGLU computed again in down_proj's backward pass (where it is not kept), as the cost model counts it.
+double swiglu_recompute_s(const PlanInputs& in);
 // The pinned host memory a plan takes on CUDA, by term: streamed block weights, the offload pool (every checkpointed
 // block's input and kept tensors), embeddings / lm_head / AdamW's state on the host. decide_plan() takes only plans
 // that pin at most three quarters of PlanInputs::host_bytes.

@@ -39,6 +39,7 @@ Pass LlamaModel::base_pass() const {
   Pass p;
   p.factors = plan.keep_dequantized ? lora_factor_cache.get() : nullptr;
   p.stats = stats.get();
+  p.keep_swiglu = plan.keep_swiglu;
   return p;
 }
 

@@ -21,6 +21,7 @@ struct ModelStats {
   std::atomic<int64_t> prefetched_offloads{0};  // offloaded tensors the backward took from a copy started ahead
   std::atomic<int64_t> dequantized_weights{0};  // NF4 weights dequantized (forward, recomputation, backward)
   std::atomic<int64_t> attention_forwards{0};   // attention kernels run on a block's stash (not replayed)
+  std::atomic<int64_t> swiglu_recomputed{0};    // SwiGLU outputs down_proj's backward pass computed again
 };
 
 struct Pass {
@@ -35,6 +36,10 @@ struct Pass {
   // the block's last linear (down_proj with a plain LoRA adapter) computes only what its backward saves, and a
   // chunked MLP, which recomputes its chunks in its own backward anyway, computes nothing.
   bool output_unused = false;
+  // down_proj's node keeps the SwiGLU output it computed for its backward pass instead of recomputing it there from
+  // gate and up: a recomputation's always (its backward pass follows at once), a forward pass's where the plan keeps
+  // it (ExecPlan::keep_swiglu: blocks that keep their activations).
+  bool keep_swiglu = false;
   // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
   // none.
   AttentionStash* stash = nullptr;

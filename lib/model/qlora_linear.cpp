@@ -74,8 +74,9 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
   // output_unused: only what the backward saves (t); the output is left unwritten.
   // pass_ptr: the Pass (read in this call only).
   // swiglu_input: x is a gate / up projection output [.., 2 I] and the linear reads silu(gate) * up (down_proj):
-  // the node keeps x, not the SwiGLU output, and recomputes that in its backward pass (I elements a token less
-  // kept per block; the same bits, the same kernels).
+  // the node keeps x, and the SwiGLU output too where the pass keeps it (Pass::keep_swiglu), else recomputes that
+  // in its backward pass (I elements a token less kept per block, an elementwise pass over 3 I more; the same
+  // bits, the same kernels).
   // dropout: LoRA dropout's probability (0: none).
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& A,
                             const at::Tensor& B, double scale, int64_t linear_ptr, bool output_unused,
@@ -98,7 +99,8 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       y.addmm_(t, bs.t());
     }
     ctx->save_for_backward({swiglu_input ? x.reshape({-1, x.size(-1)}) : x2, a, bs, t,
-                            pass.keep_dequantized ? W : at::Tensor()});
+                            pass.keep_dequantized ? W : at::Tensor(),
+                            swiglu_input && pass.keep_swiglu ? x2 : at::Tensor()});
     ctx->saved_data["linear"] = linear_ptr;
     ctx->saved_data["stats"] = reinterpret_cast<int64_t>(pass.stats);
     ctx->saved_data["scale"] = scale;
@@ -116,7 +118,15 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     auto saved = ctx->get_saved_variables();
     const at::Tensor &in2 = saved[0], &a = saved[1], &bs = saved[2], &t = saved[3], &kept = saved[4];
     const bool swiglu_input = ctx->saved_data["swiglu"].toBool();
-    const at::Tensor x2 = swiglu_input ? swiglu_packed_values(in2) : in2;  // the linear's input, recomputed
+    auto* stats = reinterpret_cast<ModelStats*>(ctx->saved_data["stats"].toInt());
+    // The linear's input: the SwiGLU output kept, or recomputed from gate and up.
+    at::Tensor x2 = in2;
+    if (swiglu_input && saved[5].defined()) {
+      x2 = saved[5];
+    } else if (swiglu_input) {
+      x2 = swiglu_packed_values(in2);
+      if (stats) ++stats->swiglu_recomputed;
+    }
     const auto dt = x2.scalar_type();
     const double dropout = ctx->saved_data["dropout"].toDouble();
     const RedrawnDropout drop =
@@ -126,7 +136,6 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     at::Tensor g = at::mm(dy, bs);  // [N, r]
     at::Tensor dx;
     if (ctx->needs_input_grad(0)) {
-      auto* stats = reinterpret_cast<ModelStats*>(ctx->saved_data["stats"].toInt());
       dx = at::mm(dy, kept.defined() ? kept : frozen_weight(*l, dt, stats));
       if (dropout > 0) dx.add_(lora_dropout_grad(at::mm(g, a), drop, dropout));
       else dx.addmm_(g, a);
