@@ -69,8 +69,8 @@ int run_train(const TrainArgs& args) {
   std::signal(SIGINT, on_stop_signal);
   qt::TrainOptions options;
   // Decided before anything is read from or written to output_dir: resume, a new run, or a refusal.
-  options.resume = qt::prepare_output_dir(config.output_dir, args.resume, args.overwrite_output_dir,
-                                          /*remove=*/qt::read_launch_env().rank == 0, config.file);
+  options.resume = qt::prepare_output_dir(config.output_dir, args.resume, args.overwrite_output_dir, options.replace,
+                                          config.file);
   options.allow_resume_changes = args.resume_allow_changes;
   options.stop_requested = &g_stop_requested;
   qt::TrainSummary s = qt::train(config, options);

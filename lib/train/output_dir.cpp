@@ -45,8 +45,11 @@ std::vector<std::string> run_files(const std::string& output_dir) {
   return found;
 }
 
-std::string prepare_output_dir(const std::string& output_dir, const std::string& resume, bool overwrite, bool remove,
-                               const std::string& config_file) {
+std::string prepare_output_dir(const std::string& output_dir, const std::string& resume, bool overwrite,
+                               std::vector<std::string>& replace, const std::string& config_file) {
+  replace.clear();
+  if (output_dir.empty())
+    fail_key(ErrorKind::Config, config_file, "output_dir", "is empty: name the directory the run writes to");
   if (files::exists(output_dir) && !files::is_dir(output_dir))
     fail_key(ErrorKind::Config, config_file, "output_dir", "'" + output_dir + "' is a file, not a directory");
   if (!resume.empty() && overwrite)
@@ -69,11 +72,17 @@ std::string prepare_output_dir(const std::string& output_dir, const std::string&
              "'" + output_dir + "' holds another run's files (" + join_names(old) +
                  "); use another output_dir, --resume auto to continue that run, or --overwrite-output-dir to replace it");
   }
-  if (remove && !old.empty()) {
-    log::info("replacing the earlier run in " + output_dir + ": removing " + join_names(old));
-    for (const auto& name : old) files::remove_tree(files::join(output_dir, name));
-  }
+  replace = old;
   return "";
+}
+
+void replace_earlier_run(const std::string& output_dir, const std::vector<std::string>& names) {
+  std::vector<std::string> present;
+  for (const auto& name : names)
+    if (files::exists(files::join(output_dir, name))) present.push_back(name);
+  if (present.empty()) return;
+  log::info("replacing the earlier run in " + output_dir + ": removing " + join_names(present));
+  for (const auto& name : present) files::remove_tree(files::join(output_dir, name));
 }
 
 }  // namespace qt

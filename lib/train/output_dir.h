@@ -14,12 +14,16 @@ std::vector<std::string> run_files(const std::string& output_dir);
 // resume: "" (a new run), "auto" (the newest complete checkpoint in output_dir, else a new run) or a checkpoint
 // directory (returned as it is; loading it checks it). Returns the checkpoint to resume from, "" for a new run.
 // A new run into a directory holding another run's files is refused (qt::Error Config, naming them) unless
-// `overwrite`, which removes them when `remove` (rank 0 alone removes). After `--resume auto` finds no checkpoint,
-// what a run leaves before its first checkpoint (metrics.jsonl, loss.html, config.resolved.json, eval.jsonl,
-// incomplete checkpoints, profiles) is
-// that run's and is replaced; an adapter/ or model/ (a finished run) still needs `overwrite`.
-// An output_dir that is a file is a Config error. `config_file` names the run config in messages.
-std::string prepare_output_dir(const std::string& output_dir, const std::string& resume, bool overwrite, bool remove,
-                               const std::string& config_file);
+// `overwrite`; then `replace` receives their names, and the run removes them with replace_earlier_run() only once its
+// own data and model have loaded (a run that fails before that leaves the earlier one whole). After `--resume auto`
+// finds no checkpoint, what a run leaves before its first checkpoint (metrics.jsonl, loss.html, config.resolved.json,
+// eval.jsonl, incomplete checkpoints, profiles) is that run's and is replaced; an adapter/ or model/ (a finished
+// run) still needs `overwrite`. An empty output_dir, or one that is a file, is a Config error. `config_file` names
+// the run config in messages.
+std::string prepare_output_dir(const std::string& output_dir, const std::string& resume, bool overwrite,
+                               std::vector<std::string>& replace, const std::string& config_file);
+
+// Removes `names` (prepare_output_dir's `replace`) from output_dir, saying so; names already gone are skipped.
+void replace_earlier_run(const std::string& output_dir, const std::vector<std::string>& names);
 
 }  // namespace qt

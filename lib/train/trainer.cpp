@@ -18,6 +18,7 @@
 #include "lib/core/log.h"
 #include "lib/train/lr_schedule.h"
 #include "lib/train/neftune.h"
+#include "lib/train/output_dir.h"
 #include "lib/train/step_profile.h"
 #include "lib/train/train_stages.h"
 
@@ -225,6 +226,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   // config --print` prints the same), and the held-out records as they were in their file (`qlora-train eval --data
   // output_dir/eval.jsonl` recomputes the logged eval_loss).
   if (s.rank0) {
+    replace_earlier_run(cfg.output_dir, options.replace);
     write_json_file(files::join(cfg.output_dir, "config.resolved.json"), cfg.to_json());
     data.write_eval_records(files::join(cfg.output_dir, "eval.jsonl"));
   }

@@ -25,6 +25,9 @@ struct TrainSummary {
 
 struct TrainOptions {
   std::string resume;  // "", "auto" or a checkpoint directory
+  // An earlier run's files in output_dir that this one replaces (--overwrite-output-dir: prepare_output_dir), removed
+  // by rank 0 once the data and the model have loaded, before the run writes anything there.
+  std::vector<std::string> replace;
   bool allow_resume_changes = false;  // --resume-allow-changes: a changed schedule length or train file resumes
   // Set by a SIGTERM/SIGINT handler: the loop checkpoints after the current step and stops.
   const std::atomic<bool>* stop_requested = nullptr;

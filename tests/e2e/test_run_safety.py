@@ -55,6 +55,22 @@ def main():
     check("data:" not in p.stderr, "the refusal comes before the data is tokenized")
     check(snapshot(TMP / "o") == before, "the refused run touched none of the earlier run's files")
 
+    # --overwrite-output-dir with data that does not load (a line cut short) or a missing model: the earlier run is
+    # left whole (it is replaced only once the new run's data and model have loaded).
+    bad = TMP / "bad.jsonl"
+    bad.write_text((TMP / "train.jsonl").read_text() + '{"text": "cut\n')
+    p = train(write_config("o", train__seed=4, data__train_file=str(bad)), "--overwrite-output-dir")
+    check(p.returncode == 5 and "bad.jsonl" in p.stderr and "removing" not in p.stderr,
+          f"--overwrite-output-dir with a bad data line: exit 5 naming the file (exit {p.returncode}) {last_line(p)}")
+    check(snapshot(TMP / "o") == before, "... and the earlier run's files are all there, untouched")
+    p = train(write_config("o", train__seed=4, model__path=str(TMP / "no_model")), "--overwrite-output-dir")
+    check(p.returncode == 4 and snapshot(TMP / "o") == before,
+          f"... a missing model: exit 4, the earlier run untouched (exit {p.returncode}) {last_line(p)}")
+    empty = write_config("empty")
+    empty.write_text(json.dumps({**json.loads(empty.read_text()), "output_dir": ""}))
+    p = train(empty)
+    check(p.returncode == 3 and "output_dir" in last_line(p) and "empty" in last_line(p),
+          f"an empty output_dir is a config error naming the key (exit {p.returncode}) {last_line(p)}")
     # --overwrite-output-dir replaces the earlier run: its checkpoints do not survive beside the new run's.
     p = train(write_config("o", train__seed=4, checkpoint__every=2), "--overwrite-output-dir")
     check(p.returncode == 0 and "removing" in p.stderr, f"--overwrite-output-dir replaces it (exit {p.returncode}) {last_line(p)}")
