@@ -192,6 +192,14 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "trian": {}})", {"trian", "'train'"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": "8"}})", {"train.batch_size", "integer"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": 0}})", {"train.batch_size", "> 0"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": 1099511627776}})",
+         {"train.batch_size", "at most"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": 4, "micro_batch_size": 3}})",
+         {"train.micro_batch_size", "does not divide train.batch_size 4"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"batch_size": 4, "micro_batch_size": 8}})",
+         {"train.micro_batch_size", "more than train.batch_size 4"});
+  expect(R"({"output_dir": "o", "model": {"path": ""}})", {"model.path", "is empty"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"lr": 1e400}})", {"out of range", "1e400"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"schedule": "cosin"}})", {"optim.schedule", "cosine"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"memory": {"attention": "fa3"}}})",
          {"train.memory.attention", "\"cudnn\" or \"flash\""});

@@ -40,9 +40,11 @@ namespace {
 using namespace qt::cli;
 
 // SIGTERM / SIGINT ask the loop to checkpoint after the current step and stop (a preempted node, Ctrl-C).
-// A second signal ends the process at once. Each says so on stderr (write(2): async-signal-safe).
+// A second signal ends the process at once, and so does the first before the first step (nothing to checkpoint).
+// Each says so on stderr (write(2): async-signal-safe).
 std::atomic<bool> g_stop_requested{false};
 std::atomic<int> g_stop_signal{0};
+std::atomic<bool> g_in_steps{false};
 void say(const char* text) {
   ssize_t ignored = ::write(2, text, std::strlen(text));
   (void)ignored;
@@ -53,9 +55,10 @@ extern "C" void on_stop_signal(int sig) {
   const char* name = sig == SIGINT ? "Ctrl-C (SIGINT)" : "SIGTERM";
   say("\nqlora-train: ");
   say(name);
-  if (second) {
-    say(" again: exiting now, without checkpointing the current step (--resume auto continues from the last "
-        "complete checkpoint)\n");
+  if (second || !g_in_steps.load()) {
+    say(second ? " again: exiting now, without checkpointing the current step (--resume auto continues from the last "
+                 "complete checkpoint)\n"
+               : " before the first step: exiting now (nothing to checkpoint yet)\n");
     std::signal(sig, SIG_DFL);
     std::raise(sig);
     return;
@@ -73,6 +76,7 @@ int run_train(const TrainArgs& args) {
                                           config.file);
   options.allow_resume_changes = args.resume_allow_changes;
   options.stop_requested = &g_stop_requested;
+  options.in_steps = &g_in_steps;
   qt::TrainSummary s = qt::train(config, options);
   if (g_stop_requested) return 128 + g_stop_signal.load();  // 143 for SIGTERM, 130 for SIGINT, as shells report
   qt::Json out = {{"steps", s.steps}, {"first_loss", s.first_loss}, {"last_loss", s.last_loss},

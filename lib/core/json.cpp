@@ -26,6 +26,10 @@ Json parse_json(const std::string& text, const std::string& where, ErrorKind kin
     auto pos = what.find("parse error");
     fail_at(kind, where, "malformed JSON at line " + std::to_string(line) + ", column " + std::to_string(col) +
                              " (" + (pos == std::string::npos ? what : what.substr(pos)) + ")");
+  } catch (const Json::out_of_range& e) {  // a number beyond a double's range (1e400)
+    const std::string what = e.what();
+    const auto pos = what.find(']');
+    fail_at(kind, where, "a number out of range: " + (pos == std::string::npos ? what : what.substr(pos + 2)));
   }
 }
 

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <optional>
 
 #include "lib/core/error.h"
@@ -830,10 +831,16 @@ MicroDecision decide_micro_batch(PlanInputs in, const PlanRequest& request, doub
                                  int64_t forced) {
   per_rank = std::max<int64_t>(1, per_rank);
   std::vector<int64_t> sizes;  // the largest first
-  if (forced > 0) sizes.push_back(std::min(forced, per_rank));
-  else
-    for (int64_t m = per_rank; m >= 1; --m)
-      if (per_rank % m == 0) sizes.push_back(m);
+  if (forced > 0) {
+    sizes.push_back(std::min(forced, per_rank));
+  } else {  // the divisors of per_rank, in pairs up to its square root
+    for (int64_t m = 1; m * m <= per_rank; ++m)
+      if (per_rank % m == 0) {
+        sizes.push_back(m);
+        if (m != per_rank / m) sizes.push_back(per_rank / m);
+      }
+    std::sort(sizes.begin(), sizes.end(), std::greater<int64_t>());
+  }
   std::optional<MicroDecision> best;
   std::vector<MicroDecision::Size> weighed;
   double best_s = 0;

@@ -67,6 +67,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   c.model.shape = mr.get_string("shape", "");
   if (c.model.init == "pretrained") {
     c.model.path = complete || mr.has("path") ? mr.get_string("path") : "";
+    if (mr.has("path") && c.model.path.empty())
+      fail_key(ErrorKind::Config, file, "model.path", "is empty: name the model directory (config.json, weights, tokenizer)");
     if (!c.model.shape.empty())
       fail_key(ErrorKind::Config, file, "model.shape", "only with model.init \"random\" (a pretrained model's shape is its config.json)");
   } else {
@@ -111,8 +113,21 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   check_positive(c.train.epochs, file, "train.epochs");
   c.train.batch_size = tr.get_int("batch_size", c.train.batch_size);
   check_positive(c.train.batch_size, file, "train.batch_size");
+  // Rows a step: the data is cut into this many rows per step in memory, and the plan weighs its divisors.
+  constexpr int64_t kMaxBatchRows = int64_t{1} << 24;
+  if (c.train.batch_size > kMaxBatchRows)
+    fail_key(ErrorKind::Config, file, "train.batch_size",
+             "is " + std::to_string(c.train.batch_size) + " rows a step: at most " + std::to_string(kMaxBatchRows));
   c.train.micro_batch_size = tr.get_int("micro_batch_size", c.train.micro_batch_size);
   check_positive(c.train.micro_batch_size, file, "train.micro_batch_size", true);
+  if (c.train.micro_batch_size > c.train.batch_size)
+    fail_key(ErrorKind::Config, file, "train.micro_batch_size",
+             std::to_string(c.train.micro_batch_size) + " is more than train.batch_size " +
+                 std::to_string(c.train.batch_size) + " (rows a forward pass, of the rows a step)");
+  if (c.train.micro_batch_size > 0 && c.train.batch_size % c.train.micro_batch_size != 0)
+    fail_key(ErrorKind::Config, file, "train.micro_batch_size",
+             std::to_string(c.train.micro_batch_size) + " does not divide train.batch_size " +
+                 std::to_string(c.train.batch_size) + " (each step takes whole micro-batches)");
   if (t.contains("memory")) c.train.memory = PlanRequest::from_json(t["memory"], file);
   c.train.neftune_alpha = tr.get_double("neftune_alpha", c.train.neftune_alpha);
   if (!(c.train.neftune_alpha >= 0)) fail_key(ErrorKind::Config, file, "train.neftune_alpha", "must be >= 0 (0: off)");

@@ -40,6 +40,7 @@ TestHooks TestHooks::from_env() {
   }
   h.nan_loss_at_step = number("QT_TEST_NAN_LOSS_AT_STEP", -1);
   h.step_delay_ms = number("QT_TEST_STEP_DELAY_MS", 0);
+  h.setup_delay_ms = number("QT_TEST_SETUP_DELAY_MS", 0);
   h.sleep_after_checkpoint_ms = number("QT_TEST_SLEEP_AFTER_CHECKPOINT_MS", 0);
   h.profile_step = number("QT_PROFILE_STEP", -1);
   if (const char* v = std::getenv("QT_TEST_LOSS_SCALE")) h.loss_scale = std::atof(v);
@@ -287,7 +288,12 @@ Session start_session(const RunConfig& cfg) {
     fail_key(ErrorKind::Config, cfg.file, "train.batch_size",
              std::to_string(cfg.train.batch_size) + " is not divisible by the world size " + std::to_string(s.world));
   s.per_rank = cfg.train.batch_size / s.world;
-  s.micro = cfg.train.micro_batch_size > 0 ? std::min(cfg.train.micro_batch_size, s.per_rank) : s.per_rank;
+  if (cfg.train.micro_batch_size > 0 && s.per_rank % cfg.train.micro_batch_size != 0)
+    fail_key(ErrorKind::Config, cfg.file, "train.micro_batch_size",
+             std::to_string(cfg.train.micro_batch_size) + " does not divide a rank's " + std::to_string(s.per_rank) +
+                 " rows (train.batch_size " + std::to_string(cfg.train.batch_size) + " over " +
+                 std::to_string(s.world) + " ranks)");
+  s.micro = cfg.train.micro_batch_size > 0 ? cfg.train.micro_batch_size : s.per_rank;
   if (!cfg.model.path.empty() && files::exists(files::join(cfg.model.path, kAdapterConfigFile)) &&
       !files::exists(files::join(cfg.model.path, "config.json")))
     fail_key(ErrorKind::Config, cfg.file, "model.path",

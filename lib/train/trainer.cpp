@@ -280,6 +280,9 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   // synchronization; then, if that was not enough, all of its cache and a retry) is reported, once a run: a run at
   // its budget's edge goes on, slower.
   bool edge_reported = !s.device.is_cuda();
+  if (hooks.setup_delay_ms > 0)  // a slow start, so that a test can signal the process before the first step
+    std::this_thread::sleep_for(std::chrono::milliseconds(hooks.setup_delay_ms));
+  if (options.in_steps) options.in_steps->store(true);
   while (state.step < total_steps) {
     const auto t_step = Clock::now();
     const GpuAllocatorCounts before_step = gpu_allocator_counts(s.device);

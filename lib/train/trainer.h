@@ -31,6 +31,9 @@ struct TrainOptions {
   bool allow_resume_changes = false;  // --resume-allow-changes: a changed schedule length or train file resumes
   // Set by a SIGTERM/SIGINT handler: the loop checkpoints after the current step and stops.
   const std::atomic<bool>* stop_requested = nullptr;
+  // Set by train() when its first step starts: before that a stop signal has nothing to checkpoint, and the handler
+  // ends the process at once (loading a large model takes minutes).
+  std::atomic<bool>* in_steps = nullptr;
 };
 
 TrainSummary train(const RunConfig& config, const TrainOptions& options);

@@ -1,6 +1,6 @@
 """SIGTERM (a preempted node) and SIGINT (Ctrl-C) on the real binary (CPU): the run checkpoints after the current
 step, says how to resume, exits 128 + the signal (143, 130), and `--resume auto` ends with the straight run's losses and adapter
-bit for bit. A second signal ends the process at once."""
+bit for bit. A second signal ends the process at once, and so does the first before the first step.""" 
 import json, os, pathlib, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
@@ -82,6 +82,20 @@ def main():
 
     rc, _ = interrupted("twice", signal.SIGTERM, second=True)
     check(rc == -signal.SIGTERM, f"a second SIGTERM ends the process at once ({rc})")
+    # Before the first step (loading, a slow start held by the test hook) there is nothing to checkpoint: the first
+    # SIGTERM ends the process at once.
+    p = subprocess.Popen([BIN, "--config", str(config("early"))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**ENV, "QT_TEST_SETUP_DELAY_MS": "60000"})
+    t0 = time.time()
+    while not (TMP / "early" / "metrics.jsonl").exists() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.02)
+    t_signal = time.time()
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    check(p.returncode == -signal.SIGTERM and time.time() - t_signal < 30 and "before the first step" in err
+          and steps_logged("early") == 0,
+          f"a SIGTERM before the first step ends the process at once ({p.returncode}, "
+          f"{time.time() - t_signal:.1f} s): {err.strip().splitlines()[-1:] if err.strip() else ''}")
     finish()
 
 if __name__ == "__main__":
