@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 
 #include <fstream>
+#include <limits>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -158,6 +159,13 @@ TEST_CASE("model loader reports bad model directories with the file and key", "[
     require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
                   {"config.json", "use_sliding_window", "not supported"});
   }
+  SECTION("rms_norm_eps not > 0") {
+    std::string dir = copy_model("eps");
+    qt::Json j = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);
+    j["rms_norm_eps"] = -1;
+    qt::write_json_file(dir + "/config.json", j);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"config.json", "rms_norm_eps", "> 0"});
+  }
   SECTION("unknown rope type") {
     std::string dir = copy_model("rope_type");
     qt::Json j = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);
@@ -188,6 +196,22 @@ TEST_CASE("model loader reports bad model directories with the file and key", "[
         if (n == "model.norm.weight") t = t.to(at::kInt);
       qt::save_safetensors(dir + "/model.safetensors", tensors);
       require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model.norm.weight", "I32"});
+    }
+    SECTION("a NaN or an infinity in a weight, quantized on load or not") {
+      for (auto& [n, t] : tensors) {
+        if (n == "model.layers.1.self_attn.q_proj.weight") t.view(-1)[7] = std::numeric_limits<float>::quiet_NaN();
+        if (n == "model.norm.weight") t.view(-1)[3] = std::numeric_limits<float>::infinity();
+      }
+      qt::save_safetensors(dir + "/model.safetensors", tensors);
+      qt::LoadOptions nf4;
+      nf4.quantize_nf4 = true;
+      require_error([&] { qt::load_llama(dir, nf4); }, qt::ErrorKind::Model,
+                    {"model.safetensors", "model.layers.1.self_attn.q_proj.weight", "NaN or infinite"});
+      for (auto& [n, t] : tensors)
+        if (n == "model.layers.1.self_attn.q_proj.weight") t.view(-1)[7] = 0.5f;
+      qt::save_safetensors(dir + "/model.safetensors", tensors);
+      require_error([&] { qt::load_llama(dir, nf4); }, qt::ErrorKind::Model,
+                    {"model.safetensors", "model.norm.weight", "NaN or infinite"});
     }
     SECTION("missing tensor") {
       tensors.erase(std::remove_if(tensors.begin(), tensors.end(),

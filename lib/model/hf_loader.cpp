@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <memory>
 #include <set>
 
@@ -108,6 +109,18 @@ bool LoadOptions::linear_on_host(const std::string& name, int64_t layers) const 
   return streamed_block(std::stoll(name.substr(prefix.size())), streamed_blocks, layers);
 }
 
+void check_finite(const at::Tensor& t, const std::string& file, const std::string& name) {
+  if (t.numel() > 0 && !at::isfinite(t).all().item<bool>())
+    fail_key(ErrorKind::Model, file, name, "holds NaN or infinite values");
+}
+
+// Its block scales are the largest magnitude of each block, so a NaN or an infinity anywhere in the weight shows in
+// them (and in their double quantization's statistics).
+void check_finite(const Nf4Weight& w, const std::string& file, const std::string& name) {
+  check_finite(w.data.nested_absmax, file, name);
+  if (!std::isfinite(w.data.offset)) fail_key(ErrorKind::Model, file, name, "holds NaN or infinite values");
+}
+
 LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   ModelFiles files = find_model_files(dir);
   const Json config_json = read_json_file(files.config_path, ErrorKind::Model);
@@ -131,6 +144,7 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
           if (w->shape != want)
             fail_key(ErrorKind::Model, shard, info.name,
                      "quantized shape " + shape_str(w->shape) + " does not match config.json, which implies " + shape_str(want));
+          check_finite(*w, shard, info.name);
           if (options.quantize_nf4) l.nf4 = std::move(w);
           else l.weight = w->dequantize(options.dtype);
         } else {
@@ -138,8 +152,10 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
           if (options.quantize_nf4) {
             // Quantized from the stored dtype on the target device; only this one tensor is ever in 16-bit.
             l.nf4 = std::make_shared<Nf4Weight>(quantize_nf4(file.view(info.name).to(options.device), options.nf4_blocksize));
+            check_finite(*l.nf4, shard, info.name);
           } else {
             l.weight = file.load(info.name, options.dtype, options.device);
+            check_finite(l.weight, shard, info.name);
           }
         }
         if (l.nf4 && options.linear_on_host(info.name, model.config.num_hidden_layers))
@@ -167,6 +183,7 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
                             (info.name == "lm_head.weight" && options.lm_head_on_host));
       *it->second = to_host ? file.load(info.name, options.dtype, at::kCPU).pin_memory()
                             : file.load(info.name, options.dtype, options.device);
+      check_finite(*it->second, shard, info.name);
       loaded.insert(info.name);
     }
   }

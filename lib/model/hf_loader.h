@@ -53,4 +53,9 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options);
 // Shape each HF tensor name must have under `config`; throws for a name the model does not have.
 std::vector<int64_t> expected_shape(const LlamaConfig& config, const std::string& name);
 
+// Throws qt::Error(Model) naming `file` and the tensor `name` where the weight holds a NaN or an infinity (a model
+// that would train to a non-finite loss at its first step).
+void check_finite(const at::Tensor& t, const std::string& file, const std::string& name);
+void check_finite(const Nf4Weight& w, const std::string& file, const std::string& name);
+
 }  // namespace qt

@@ -178,6 +178,8 @@ LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
   if (c.head_dim <= 0 || c.head_dim % 2 != 0)
     fail_key(ErrorKind::Model, file, "head_dim", "must be a positive even integer, got " + std::to_string(c.head_dim));
   c.rms_norm_eps = r.get_double("rms_norm_eps", 1e-6);
+  if (!(c.rms_norm_eps > 0) || !std::isfinite(c.rms_norm_eps))
+    fail_key(ErrorKind::Model, file, "rms_norm_eps", "must be a finite number > 0, got " + std::to_string(c.rms_norm_eps));
   c.max_position_embeddings = r.get_int("max_position_embeddings", 2048);
   c.tie_word_embeddings = r.get_bool("tie_word_embeddings", false);
   if (r.has("dtype")) c.dtype = parse_dtype_name(r.get_string("dtype"), file, "dtype");

@@ -81,10 +81,12 @@ QuantizeStats quantize_model_dir(const std::string& in_dir, const std::string& o
         const auto want = expected_shape(parsed, info.name);
         if (info.shape != want) fail_key(ErrorKind::Model, shard, info.name, "shape does not match config.json");
         Nf4Weight w = quantize_nf4(file.view(info.name).to(device));
+        check_finite(w, shard, info.name);
         out = w.to_bnb_tensors(info.name.substr(0, info.name.size() - std::string(".weight").size()));
         ++stats.linears;
       } else {
         out.emplace_back(info.name, file.view(info.name).clone());
+        check_finite(out.back().second, shard, info.name);
       }
       for (auto& [n, t] : out) {
         pending_bytes += t.numel() * t.element_size();

@@ -67,6 +67,11 @@ std::string prepare_output_dir(const std::string& output_dir, const std::string&
                    ") and no checkpoint to resume; use another output_dir, or --overwrite-output-dir (without --resume) to replace it");
     }
     old = run_files(output_dir);
+  } else if (!old.empty() && !overwrite && std::all_of(old.begin(), old.end(), is_pre_checkpoint_file)) {
+    // What a run left that stopped before its first checkpoint (a bad step 1, a signal): nothing to resume, and its
+    // config and metrics would otherwise block the corrected run.
+    log::info(output_dir + " holds only what a run left before its first checkpoint (" + join_names(old) +
+              "): replaced by this run");
   } else if (!old.empty() && !overwrite) {
     fail_key(ErrorKind::Config, config_file, "output_dir",
              "'" + output_dir + "' holds another run's files (" + join_names(old) +

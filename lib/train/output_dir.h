@@ -16,9 +16,9 @@ std::vector<std::string> run_files(const std::string& output_dir);
 // A new run into a directory holding another run's files is refused (qt::Error Config, naming them) unless
 // `overwrite`; then `replace` receives their names, and the run removes them with replace_earlier_run() only once its
 // own data and model have loaded (a run that fails before that leaves the earlier one whole). After `--resume auto`
-// finds no checkpoint, what a run leaves before its first checkpoint (metrics.jsonl, loss.html, config.resolved.json,
-// eval.jsonl, incomplete checkpoints, profiles) is that run's and is replaced; an adapter/ or model/ (a finished
-// run) still needs `overwrite`. An empty output_dir, or one that is a file, is a Config error. `config_file` names
+// finds no checkpoint, or for a new run, what a run leaves before its first checkpoint (metrics.jsonl, loss.html,
+// config.resolved.json, eval.jsonl, incomplete checkpoints, profiles) is that run's and is replaced; a checkpoint,
+// an adapter/ or model/ (a finished run) still needs `overwrite`. An empty output_dir, or one that is a file, is a Config error. `config_file` names
 // the run config in messages.
 std::string prepare_output_dir(const std::string& output_dir, const std::string& resume, bool overwrite,
                                std::vector<std::string>& replace, const std::string& config_file);

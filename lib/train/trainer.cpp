@@ -35,6 +35,18 @@ struct StepOutcome {
 // One optimizer step (`step`: the steps done before it): this rank's micro-batches forward and backward, the
 // gradients reduced over the ranks and clipped, AdamW, then the loss and norm read back together.
 // `oom`: the test hook's out-of-memory error in this step (QT_TEST_OOM_AT_STEP, QT_TEST_OOM_PLANS).
+// What a non-finite loss or gradient norm at `step` (0-based) leaves and what to look at: before any update of this
+// run's first step the learning rate is not the cause, the model, the adapter it starts from or the data are.
+std::string nonfinite_advice(const RunConfig& cfg, int64_t step) {
+  const std::optional<std::string> last = find_latest_checkpoint(cfg.output_dir);
+  const std::string kept = last ? "the last checkpoint (" + *last + ") is intact"
+                                : "no checkpoint was written in " + cfg.output_dir;
+  if (step == 0)
+    return kept + "; at the first step, before any update: the base model's weights (config.json, safetensors), " +
+           "the adapter it starts from (lora.init_from) or the data give a non-finite value, not the learning rate";
+  return kept + " (lower optim.lr?)";
+}
+
 StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel, AdamW& opt,
                      const LrSchedule& schedule, int64_t step, const TestHooks& hooks, bool oom, LossScaler* scaler) {
   LlamaModel& model = *m.model;
@@ -128,13 +140,13 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
   r.grad_norm = read[1].item<double>();
   if (!std::isfinite(r.loss))
     fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(r.loss) +
-                                 "); the last checkpoint in " + cfg.output_dir + " is intact (lower optim.lr?)");
+                                 "); " + nonfinite_advice(cfg, step));
   r.overflow = scaler && !std::isfinite(r.grad_norm);
   if (r.overflow) opt.step_skipped();
   if (scaler) scaler->update(r.overflow);
   if (!std::isfinite(r.grad_norm) && !r.overflow)
-    fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the gradient norm is not finite; the last "
-                             "checkpoint in " + cfg.output_dir + " is intact");
+    fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the gradient norm is not finite; " +
+                                 nonfinite_advice(cfg, step));
   opt.zero_grad();
   r.targets = static_cast<int64_t>(step_targets);
   r.inputs = static_cast<int64_t>(step_inputs);

@@ -71,6 +71,18 @@ def main():
     p = train(empty)
     check(p.returncode == 3 and "output_dir" in last_line(p) and "empty" in last_line(p),
           f"an empty output_dir is a config error naming the key (exit {p.returncode}) {last_line(p)}")
+    # A run that stopped before its first checkpoint (a non-finite loss at step 1) leaves its config and metrics:
+    # the corrected run replaces them without --overwrite-output-dir (nothing there to resume).
+    p = subprocess.run([BIN, "--config", str(write_config("early")), "--set", "checkpoint.every=0"], capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "QT_TEST_NAN_LOSS_AT_STEP": "1"})
+    check(p.returncode == 7 and (TMP / "early" / "metrics.jsonl").exists() and
+          not any(n.name.startswith("checkpoint-") for n in (TMP / "early").iterdir()),
+          f"a run stopped at step 1 leaves metrics and no checkpoint (exit {p.returncode}) {last_line(p)}")
+    check("no checkpoint was written" in last_line(p) and "first step" in last_line(p) and "lr?" not in last_line(p),
+          "... and says so: no checkpoint, and at the first step the model, adapter or data, not the learning rate")
+    p = train(write_config("early"))
+    check(p.returncode == 0 and "before its first checkpoint" in p.stderr and (TMP / "early" / "adapter").is_dir(),
+          f"... and the run started again in that output_dir replaces them (exit {p.returncode}) {last_line(p)}")
     # --overwrite-output-dir replaces the earlier run: its checkpoints do not survive beside the new run's.
     p = train(write_config("o", train__seed=4, checkpoint__every=2), "--overwrite-output-dir")
     check(p.returncode == 0 and "removing" in p.stderr, f"--overwrite-output-dir replaces it (exit {p.returncode}) {last_line(p)}")
