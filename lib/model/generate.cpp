@@ -34,6 +34,15 @@ GenerateResult generate_tokens(const LlamaModel& model, const std::vector<int32_
   if (!(o.temperature >= 0)) fail(ErrorKind::Usage, "generate: --temperature must be >= 0");
   if (!(o.top_p > 0 && o.top_p <= 1)) fail(ErrorKind::Usage, "generate: --top-p must be in (0, 1]");
   if (o.max_new_tokens < 0) fail(ErrorKind::Usage, "generate: --max-new-tokens must be >= 0");
+  if (o.max_seq_len > 0 && o.max_new_tokens > 0 && static_cast<int64_t>(prompt.size()) >= o.max_seq_len)
+    fail(ErrorKind::Usage, "generate: the prompt is " + std::to_string(prompt.size()) + " tokens, and the model's context " +
+                               "(config.json's max_position_embeddings) is " + std::to_string(o.max_seq_len) +
+                               ": no token can follow it; shorten the prompt");
+  for (int32_t id : prompt)
+    if (id < 0 || id >= model.config.vocab_size)
+      fail(ErrorKind::Model, "generate: the prompt holds token id " + std::to_string(id) + " and the model has " +
+                                 std::to_string(model.config.vocab_size) + " embeddings (config.json's vocab_size): " +
+                                 "the tokenizer and the model do not belong together");
   at::NoGradGuard no_grad;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   std::vector<int64_t> seq(prompt.begin(), prompt.end());

@@ -133,6 +133,22 @@ double TrainData::attention_span() const {
   return tokens > 0 ? squares / tokens : static_cast<double>(config_.max_seq_len);
 }
 
+std::pair<int64_t, std::string> TrainData::max_token_id() const {
+  int64_t best = -1;
+  std::string where;
+  auto scan = [&](const std::vector<Example>& examples, const std::string& file) {
+    for (const Example& e : examples)
+      for (int32_t id : e.ids)
+        if (id > best) {
+          best = id;
+          where = file + (e.line > 0 ? ":" + std::to_string(e.line) : std::string());
+        }
+  };
+  scan(train_->examples(), config_.train_file);
+  scan(eval_, config_.eval_file.empty() ? config_.train_file : config_.eval_file);
+  return {best, where};
+}
+
 bool TrainData::varlen_rows() const {
   for (const Example& e : train_->examples())
     if (static_cast<int64_t>(e.ids.size()) < config_.max_seq_len) return true;  // packed with others, or padded

@@ -39,6 +39,8 @@ class TrainData {
   // as causal attention's FLOPs count them), and whether rows hold several documents or padding (the varlen kernel).
   double attention_span() const;
   bool varlen_rows() const;
+  // The largest token id of the training and held-out records (-1: none), the one with it (file:line).
+  std::pair<int64_t, std::string> max_token_id() const;
   // Rows per micro-batch from now on (the plan's; the next seek() cuts the data so).
   void set_micro_batch(int64_t micro) { micro_ = micro; }
 

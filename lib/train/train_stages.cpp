@@ -323,6 +323,15 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
   // into this rank's micro-batches per step.
   d.data = std::make_unique<TrainData>(cfg.data, cfg.file, *d.tokenizer, s.micro);
   d.model_config = d.random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
+  // A tokenizer with more ids than the model has embeddings (a config.json and tokenizer that do not belong
+  // together) would fail inside the first step's embedding lookup.
+  const auto [max_id, where] = d.data->max_token_id();
+  if (max_id >= d.model_config.vocab_size)
+    fail_key(ErrorKind::Model, d.random_init && cfg.model.path.empty() ? cfg.file : files::join(cfg.model.path, "config.json"),
+             d.random_init && cfg.model.path.empty() ? "model.shape" : "vocab_size",
+             std::to_string(d.model_config.vocab_size) + " embeddings, but the data holds token id " +
+                 std::to_string(max_id) + " (" + where + ", as the tokenizer gives it): the tokenizer and the "
+                 "model do not belong together");
   return d;
 }
 

@@ -68,6 +68,11 @@ def main():
         p = run("generate", "--model", tmp / "model", "--prompt", "x", *args)
         if p.returncode != 2 or any(n not in p.stderr for n in needles):
             failures.append(f"{args}: exit {p.returncode}, {p.stderr!r}")
+    # A prompt that fills the model's context: a usage error naming both lengths, not an empty answer.
+    ctx = json.loads((tmp / "model" / "config.json").read_text())["max_position_embeddings"]
+    p = run("generate", "--model", tmp / "model", "--prompt", " ".join(["cat"] * (ctx + 8)), "--quant", "none")
+    if p.returncode != 2 or "max_position_embeddings" not in p.stderr or f"is {ctx}" not in p.stderr:
+        failures.append(f"a prompt beyond the context: exit {p.returncode}, {p.stderr[-300:]!r}")
     finish("generate checks", failures)
 
 

@@ -83,6 +83,15 @@ def main():
     p = train(write_config("early"))
     check(p.returncode == 0 and "before its first checkpoint" in p.stderr and (TMP / "early" / "adapter").is_dir(),
           f"... and the run started again in that output_dir replaces them (exit {p.returncode}) {last_line(p)}")
+    # A config.json whose vocab_size is below the tokenizer's ids (a tokenizer and a model that do not belong
+    # together): a model error naming config.json's key and the data's token, before the model loads.
+    shutil.copytree(TMP / "model", TMP / "model_v")
+    cj = json.loads((TMP / "model_v" / "config.json").read_text())
+    cj["vocab_size"] = 10
+    (TMP / "model_v" / "config.json").write_text(json.dumps(cj))
+    p = train(write_config("vocab", model__path=str(TMP / "model_v")))
+    check(p.returncode == 4 and "vocab_size" in last_line(p) and "token id" in last_line(p) and "train.jsonl" in last_line(p),
+          f"vocab_size below the tokenizer's ids: exit 4 naming the key and the data (exit {p.returncode}) {last_line(p)}")
     # --overwrite-output-dir replaces the earlier run: its checkpoints do not survive beside the new run's.
     p = train(write_config("o", train__seed=4, checkpoint__every=2), "--overwrite-output-dir")
     check(p.returncode == 0 and "removing" in p.stderr, f"--overwrite-output-dir replaces it (exit {p.returncode}) {last_line(p)}")
