@@ -894,6 +894,12 @@ TEST_CASE("blocks hold their weights dequantized where the budget has room: as m
   CHECK(j["dequantized_blocks"] == L);
   CHECK(j["predicted_step_s"]["dequantization_held"].get<double>() < 0);
   CHECK(has(qt::describe(big), "every block's weights held dequantized"));
+  // A token a step: the held weights save at most the memory-bound work the model counts, never a negative step.
+  qt::PlanRequest one;
+  one.gpu_memory_gib = 24;
+  const qt::Decision tiny = qt::decide_plan(inputs("llama-3.1-8b", 1, 1), one);
+  CHECK(tiny.plan.dequantized_blocks > 0);
+  CHECK(tiny.step.total() > 0);
   // Budgets from no room to all of them: as many as fit in what the plan leaves, never slower for more budget.
   double last_time = 1e30;
   int64_t some = 0;

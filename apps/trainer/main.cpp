@@ -39,6 +39,28 @@ namespace {
 
 using namespace qt::cli;
 
+// Numbers on the command line: CLI11's PositiveNumber / NonNegativeNumber let inf and nan through (nan read as
+// unset later) and word their range with the largest double written out in full.
+CLI::Validator finite_number(bool zero_allowed) {
+  return CLI::Validator(
+      [zero_allowed](std::string& text) -> std::string {
+        double v = 0;
+        size_t used = 0;
+        try {
+          v = std::stod(text, &used);
+        } catch (const std::exception&) {
+          used = 0;
+        }
+        if (used == 0 || used != text.size()) return "must be a number, got '" + text + "'";
+        if (!std::isfinite(v) || v < 0 || (v == 0 && !zero_allowed))
+          return std::string("must be a finite number ") + (zero_allowed ? ">= 0" : "> 0") + ", got " + text;
+        return "";
+      },
+      zero_allowed ? "NONNEGATIVE" : "POSITIVE");
+}
+const CLI::Validator kPositive = finite_number(false);
+const CLI::Validator kNonNegative = finite_number(true);
+
 // SIGTERM / SIGINT ask the loop to checkpoint after the current step and stop (a preempted node, Ctrl-C).
 // A second signal ends the process at once, and so does the first before the first step (nothing to checkpoint).
 // Each says so on stderr (write(2): async-signal-safe).
@@ -127,7 +149,7 @@ int main(int argc, char** argv) {
                                               "required unless --config names it");
   eval_cmd->add_option("--data", eval.data, "jsonl file of records, in any format training reads (--format)")->required();
   eval_cmd->add_option("--max-seq-len", eval.max_seq_len, "truncate each record to this many tokens")
-      ->check(CLI::PositiveNumber);
+      ->check(kPositive);
   eval_cmd->add_option("--device", eval.device, "cpu or cuda");
   eval_cmd->add_option("--quant", eval.quant, "nf4 (quantize the base on load, as training does) or none")
       ->check(CLI::IsMember({"nf4", "none"}));
@@ -168,8 +190,8 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--model", gen.model, "Hugging Face model directory")->required();
   gen_cmd->add_option("--adapter", gen.adapter, "LoRA adapter directory (PEFT format)");
   gen_cmd->add_option("--prompt", gen.prompt, "prompt text (text: BOS added as the tokenizer says); see --format")->required();
-  gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "at most this many new tokens")->check(CLI::NonNegativeNumber);
-  gen_cmd->add_option("--temperature", gen.temperature, "0: greedy; > 0: sample")->check(CLI::NonNegativeNumber);
+  gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "at most this many new tokens")->check(kNonNegative);
+  gen_cmd->add_option("--temperature", gen.temperature, "0: greedy; > 0: sample")->check(kNonNegative);
   gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling mass in (0, 1]");
   gen_cmd->add_option("--seed", gen.seed, "sampling seed");
   gen_cmd->add_option("--device", gen.device, "cpu or cuda");
@@ -197,13 +219,13 @@ int main(int argc, char** argv) {
   CLI::App* bench_cmd = app.add_subcommand("bench", "Time training steps on a model of random weights (tokens/s, peak memory, MFU)");
   bench_cmd->add_option("--shape", bench.shape, "a named shape: llama-3.2-1b, llama-3.1-8b, ... (or --model)");
   bench_cmd->add_option("--model", bench.model, "a model directory whose config.json gives the shape");
-  bench_cmd->add_option("--batch", bench.batch, "rows per step")->check(CLI::PositiveNumber);
-  bench_cmd->add_option("--seq", bench.seq, "tokens per row")->check(CLI::PositiveNumber);
+  bench_cmd->add_option("--batch", bench.batch, "rows per step")->check(kPositive);
+  bench_cmd->add_option("--seq", bench.seq, "tokens per row")->check(kPositive);
   bench_cmd->add_option("--doc-tokens", bench.doc_tokens,
                         "packed rows of random documents of this median length (log-normal; 0: one document a row)")
-      ->check(CLI::NonNegativeNumber);
-  bench_cmd->add_option("--steps", bench.steps, "timed steps (the median is reported)")->check(CLI::PositiveNumber);
-  bench_cmd->add_option("--warmup", bench.warmup, "untimed steps first")->check(CLI::NonNegativeNumber);
+      ->check(kNonNegative);
+  bench_cmd->add_option("--steps", bench.steps, "timed steps (the median is reported)")->check(kPositive);
+  bench_cmd->add_option("--warmup", bench.warmup, "untimed steps first")->check(kNonNegative);
   bench_cmd->add_option("--device", bench.device, "cuda or cpu")->check(CLI::IsMember({"cuda", "cpu"}));
   bench_cmd->add_option("--out", bench.out, "working directory (random data, run config, the run)")->required();
   bench_cmd->add_option("--set", bench.overrides, "override a run config key: --set train.attention=flash (repeatable)");
@@ -214,13 +236,13 @@ int main(int argc, char** argv) {
   plan_cmd->add_option("--set", plan_args.overrides, "override a run config key: --set lora.r=64 (repeatable)");
   plan_cmd->add_option("--shape", plan_args.shape, "a named shape: llama-3.1-8b, qwen3-8b, ... (instead of the config's model)");
   plan_cmd->add_option("--model", plan_args.model, "a model directory whose config.json gives the shape");
-  plan_cmd->add_option("--batch", plan_args.batch, "rows per micro-batch (default: the config's train.micro_batch_size, or where that is 0 the plan's among the sizes dividing its per-rank batch; else 1)")->check(CLI::PositiveNumber);
-  plan_cmd->add_option("--seq", plan_args.seq, "tokens per row (default: the config's data.max_seq_len)")->check(CLI::PositiveNumber);
+  plan_cmd->add_option("--batch", plan_args.batch, "rows per micro-batch (default: the config's train.micro_batch_size, or where that is 0 the plan's among the sizes dividing its per-rank batch; else 1)")->check(kPositive);
+  plan_cmd->add_option("--seq", plan_args.seq, "tokens per row (default: the config's data.max_seq_len)")->check(kPositive);
   plan_cmd->add_option("--gpu-memory-gib", plan_args.gpu_memory_gib, "the GPU memory budget in GiB (default: train.memory.gpu_memory_gib, else this machine's free GPU memory)")
-      ->check(CLI::PositiveNumber);
-  plan_cmd->add_option("--host-gib", plan_args.host_gib, "the host's memory in GiB (default: this machine's)")->check(CLI::PositiveNumber);
-  plan_cmd->add_option("--world", plan_args.world, "ranks on the host")->check(CLI::PositiveNumber);
-  plan_cmd->add_option("--alternatives", plan_args.alternatives, "also print the N fastest other plans that fit the budget, with their predicted memory and step time (default 0)")->check(CLI::NonNegativeNumber);
+      ->check(kPositive);
+  plan_cmd->add_option("--host-gib", plan_args.host_gib, "the host's memory in GiB (default: this machine's)")->check(kPositive);
+  plan_cmd->add_option("--world", plan_args.world, "ranks on the host")->check(kPositive);
+  plan_cmd->add_option("--alternatives", plan_args.alternatives, "also print the N fastest other plans that fit the budget, with their predicted memory and step time (default 0)")->check(kNonNegative);
 
   ConfigArgs config_args;
   CLI::App* config_cmd = app.add_subcommand("config", "Print the resolved run config, every default included");

@@ -452,9 +452,13 @@ StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
   // The memory-bound term counts every block's two NF4 dequantizations a step; those holding their weights
   // dequantized run none.
   const double held = in.nf4 ? static_cast<double>(std::min<int64_t>(p.dequantized_blocks, c.num_hidden_layers)) : 0.0;
+  // (At most the memory-bound work the term counts for those blocks: it scales with the tokens, the saving does not,
+  // and a few tokens a step would otherwise be predicted a negative time.)
   if (held > 0)
-    t.terms.emplace_back("dequantization_held", -held * 2 * block_params * (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) /
-                                                    kInlineDequantBytesPerS);
+    t.terms.emplace_back("dequantization_held",
+                         -held * std::min(2 * block_params * (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) /
+                                              kInlineDequantBytesPerS,
+                                          width_s));
   const double block_forward = 2 * T * block_params / kMatrixFlopsPerS + 2 * span * q * T / attention_rate + width_s / 3;
   const int64_t chunks = p.mlp_chunk_tokens > 0 && in.micro_batch * in.seq > p.mlp_chunk_tokens
                              ? (in.micro_batch * in.seq + p.mlp_chunk_tokens - 1) / p.mlp_chunk_tokens

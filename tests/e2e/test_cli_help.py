@@ -40,6 +40,14 @@ def main():
     check(p.returncode == 0 and p.stderr == "", "--log-level before the subcommand still works")
     p = run("eval", *args, "--log-level", "loud")
     check(p.returncode == 2 and "loud" in p.stderr, f"an unknown level is a usage error (exit {p.returncode})")
+    # Numbers: finite and in range, said in a short line (no range written out with the largest double).
+    for value, words in (("inf", "finite number > 0"), ("nan", "finite number > 0"), ("0", "> 0"), ("x", "a number")):
+        p = run("plan", "--shape", "llama-3.1-8b", "--gpu-memory-gib", value)
+        check(p.returncode == 2 and words in p.stderr and len(p.stderr) < 300,
+              f"plan --gpu-memory-gib {value}: a usage error saying '{words}' (exit {p.returncode}) {p.stderr.strip()!r}")
+    p = run("generate", "--model", TMP / "model", "--prompt", "x", "--max-new-tokens", "-1")
+    check(p.returncode == 2 and ">= 0" in p.stderr and len(p.stderr) < 300,
+          f"generate --max-new-tokens -1: a usage error saying '>= 0' (exit {p.returncode}) {p.stderr.strip()!r}")
     finish("help and log-level checks")
 
 
