@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <unistd.h>
 
+#include <algorithm>
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -226,6 +228,16 @@ at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at:
   return at::cross_entropy_loss(logits, t, /*weight=*/{}, at::Reduction::Sum, /*ignore_index=*/-100);
 }
 
+namespace {
+// A block's seven linears: HF module name, (in features, out features).
+std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>> block_linear_shapes(const LlamaConfig& mc) {
+  const int64_t H = mc.hidden_size, I = mc.intermediate_size;
+  return {{"q_proj", {H, mc.q_size()}}, {"k_proj", {H, mc.kv_size()}}, {"v_proj", {H, mc.kv_size()}},
+          {"o_proj", {mc.q_size(), H}}, {"gate_proj", {H, I}},         {"up_proj", {H, I}},
+          {"down_proj", {I, H}}};
+}
+}  // namespace
+
 PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micro, int64_t seq, const at::Device& device,
                        c10::ScalarType dtype, int world, int local_world) {
   PlanInputs in;
@@ -248,10 +260,7 @@ PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micr
     return in;
   }
   const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
-  const std::vector<std::pair<std::string, std::pair<int64_t, int64_t>>> shapes = {
-      {"q_proj", {H, mc.q_size()}}, {"k_proj", {H, mc.kv_size()}}, {"v_proj", {H, mc.kv_size()}},
-      {"o_proj", {mc.q_size(), H}}, {"gate_proj", {H, I}},         {"up_proj", {H, I}},
-      {"down_proj", {I, H}}};
+  const auto shapes = block_linear_shapes(mc);
   for (const auto& [name, io] : shapes)
     if (lora.targets_module(name)) in.lora_params += L * lora.r * (io.first + io.second);
   in.mlp_dropout = lora.dropout > 0 && (lora.targets_module("gate_proj") || lora.targets_module("up_proj") ||
@@ -332,6 +341,29 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
              std::to_string(d.model_config.vocab_size) + " embeddings, but the data holds token id " +
                  std::to_string(max_id) + " (" + where + ", as the tokenizer gives it): the tokenizer and the "
                  "model do not belong together");
+  // A LoRA rank above a targeted linear's smaller side adds parameters, not rank (lora.r 1e8 asked the host for
+  // 16,000 GiB and ended in an abort).
+  if (!cfg.train.full_finetune) {
+    const LoraConfig lora = LoraConfig::from_json(cfg.lora, cfg.file);
+    for (const auto& [name, io] : block_linear_shapes(d.model_config))
+      if (lora.targets_module(name) && lora.r > std::min(io.first, io.second))
+        fail_key(ErrorKind::Config, cfg.file, "lora.r",
+                 std::to_string(lora.r) + " is more than " + name + "'s smaller side (" + std::to_string(io.first) +
+                     " in, " + std::to_string(io.second) + " out): a rank above it adds parameters, not rank");
+  }
+  // On the CPU, rows of several documents (or padding) attend through a block-diagonal [rows, S, S] mask, built in
+  // a few boolean temporaries: refused where those alone would take half the host.
+  if (!s.device.is_cuda() && d.data->varlen_rows()) {
+    const double S = static_cast<double>(d.data->max_seq_len());
+    const double mask_bytes = 4.0 * static_cast<double>(s.micro) * S * S;
+    const double host = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGE_SIZE));
+    if (mask_bytes > host / 2)
+      fail_key(ErrorKind::Config, cfg.file, "data.max_seq_len",
+               std::to_string(d.data->max_seq_len()) + " tokens a row: on the CPU, rows of several documents attend "
+               "through masks of " + std::to_string(static_cast<int64_t>(mask_bytes / (1 << 30))) + " GiB (" +
+               std::to_string(s.micro) + " rows of S x S), more than half this host's memory; lower data.max_seq_len "
+               "or train.micro_batch_size, or train on a GPU");
+  }
   return d;
 }
 

@@ -92,6 +92,14 @@ def main():
     p = train(write_config("vocab", model__path=str(TMP / "model_v")))
     check(p.returncode == 4 and "vocab_size" in last_line(p) and "token id" in last_line(p) and "train.jsonl" in last_line(p),
           f"vocab_size below the tokenizer's ids: exit 4 naming the key and the data (exit {p.returncode}) {last_line(p)}")
+    # Sizes no run can hold, refused with the key before the model loads (a CPU allocation failure aborts the
+    # process): a LoRA rank above a linear's smaller side, packed rows whose masks exceed the host on the CPU.
+    p = train(write_config("rank", lora__r=100000))
+    check(p.returncode == 3 and "lora.r" in last_line(p) and "smaller side" in last_line(p),
+          f"lora.r above a linear's smaller side: exit 3 naming the key (exit {p.returncode}) {last_line(p)}")
+    p = train(write_config("long", data__max_seq_len=10000000))
+    check(p.returncode == 3 and "data.max_seq_len" in last_line(p) and "on the CPU" in last_line(p),
+          f"packed rows whose masks exceed the host: exit 3 naming the key (exit {p.returncode}) {last_line(p)}")
     # --overwrite-output-dir replaces the earlier run: its checkpoints do not survive beside the new run's.
     p = train(write_config("o", train__seed=4, checkpoint__every=2), "--overwrite-output-dir")
     check(p.returncode == 0 and "removing" in p.stderr, f"--overwrite-output-dir replaces it (exit {p.returncode}) {last_line(p)}")
