@@ -95,6 +95,10 @@ TEST_CASE("corrupt truncated or incomplete checkpoints are reported and skipped 
   }
   // Auto resume falls back to the previous complete checkpoint.
   CHECK(qt::find_latest_checkpoint(out) == out + "/checkpoint-2");
+  // A directory that was never a checkpoint (a model directory given to --resume) is named as such.
+  const std::string other = qt::test::scratch_dir("ckpt_not_one");
+  qt::files::make_dirs(other);
+  require_checkpoint_error([&] { qt::load_checkpoint(other); }, {"ckpt_not_one", "not a checkpoint directory"});
 }
 
 TEST_CASE("keep_last prunes old checkpoints only after the new one is complete", "[checkpoint]") {

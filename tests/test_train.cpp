@@ -205,6 +205,13 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
          {"train.memory.attention", "\"cudnn\" or \"flash\""});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"neftune_alpha": -1}})", {"train.neftune_alpha", ">= 0"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"lr": 1e-4, "embedding_lr": -1}})", {"optim.embedding_lr", "[0, 1)"});
+  // A directory given as the run config.
+  try {
+    qt::RunConfig::load(dir, {});
+    FAIL("expected an error for a directory as the run config");
+  } catch (const qt::Error& e) {
+    CHECK(std::string(e.what()).find("is a directory, not a JSON file") != std::string::npos);
+  }
   expect(R"({"output_dir": "o", "model": {"path": "m"}})", {"optim.lr"}, {"optim.lr=2"});
   expect(R"({"model": {"path": "m"}})", {"output_dir", "missing"});
   // train.memory: the plan's fields, each true / false / "auto" (the default) or its named values.

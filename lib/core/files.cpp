@@ -151,4 +151,16 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
+RemoveUnlessKept::~RemoveUnlessKept() {
+  if (kept_) return;
+  try {
+    if (!contents_only_) {
+      remove_tree(path_);
+    } else if (is_dir(path_)) {
+      for (const auto& name : list_dir(path_)) remove_tree(join(path_, name));
+    }
+  } catch (...) {
+  }
+}
+
 }  // namespace qt::files

@@ -4,6 +4,7 @@
 // link order; seen on the GPU image: std::filesystem::remove_all on a non-empty directory jumped to address 0.
 // The project uses these helpers instead (a ctest check keeps std::filesystem out).
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace qt::files {
@@ -25,6 +26,24 @@ std::string real_path(const std::string& path);
 void make_dirs(const std::string& path);
 // rm -rf; a missing path is not an error. Throws qt::Error(Io) naming what could not be removed.
 void remove_tree(const std::string& path);
+
+// What a writer that fails part-way leaves is removed when this goes out of scope, unless keep() was called: the
+// directory `path` (made by the writer), or with `contents_only` what was written into it (a directory the user
+// gave, empty before). Errors while removing are swallowed (the writer's own error is the one reported).
+class RemoveUnlessKept {
+ public:
+  explicit RemoveUnlessKept(std::string path, bool contents_only = false)
+      : path_(std::move(path)), contents_only_(contents_only) {}
+  ~RemoveUnlessKept();
+  RemoveUnlessKept(const RemoveUnlessKept&) = delete;
+  RemoveUnlessKept& operator=(const RemoveUnlessKept&) = delete;
+  void keep() { kept_ = true; }
+
+ private:
+  std::string path_;
+  bool contents_only_;
+  bool kept_ = false;
+};
 // rename(2): atomic within one file system. Throws qt::Error(Io).
 void rename_path(const std::string& from, const std::string& to);
 // Names in a directory (no "." or ".."), sorted. Throws qt::Error(Io) if it cannot be read.

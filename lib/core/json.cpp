@@ -34,6 +34,7 @@ Json parse_json(const std::string& text, const std::string& where, ErrorKind kin
 }
 
 Json read_json_file(const std::string& path, ErrorKind kind) {
+  if (files::is_dir(path)) fail_at(kind, path, "is a directory, not a JSON file");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail_at(kind, path, files::exists(path) ? "cannot be read" : "file not found");
   std::stringstream ss;

@@ -7,6 +7,7 @@
 namespace qt {
 
 std::vector<JsonlRecord> read_jsonl(const std::string& path) {
+  if (files::is_dir(path)) fail_at(ErrorKind::Data, path, "is a directory, not a jsonl file");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail_at(ErrorKind::Data, path, files::exists(path) ? "cannot be read" : "file not found");
   std::vector<JsonlRecord> records;

@@ -105,6 +105,7 @@ MergedExportStats save_merged_model(LlamaModel& model, const std::string& base_d
   const std::string tmp = out_dir + ".tmp-export";
   files::remove_tree(tmp);
   files::make_dirs(tmp);
+  files::RemoveUnlessKept cleanup(tmp);  // a failed export leaves nothing
   Json weight_map = Json::object();
   for (size_t s = 0; s < shards.size(); ++s) {
     char name[64];
@@ -140,6 +141,7 @@ MergedExportStats save_merged_model(LlamaModel& model, const std::string& base_d
   files::sync_path(tmp);
   if (files::exists(out_dir)) files::remove_tree(out_dir);  // empty (checked above)
   files::rename_path(tmp, out_dir);
+  cleanup.keep();
   return stats;
 }
 

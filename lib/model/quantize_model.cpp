@@ -55,6 +55,9 @@ QuantizeStats quantize_model_dir(const std::string& in_dir, const std::string& o
     fail_at(ErrorKind::Model, files.config_path, "the model is already quantized (quantization_config is present)");
   if (files::exists(out_dir) && !files::list_dir(out_dir).empty())
     fail_at(ErrorKind::Usage, out_dir, "output directory exists and is not empty");
+  // A quantization that fails part-way leaves nothing: the directory made here, or what was written into the
+  // empty one given.
+  files::RemoveUnlessKept cleanup(out_dir, /*contents_only=*/files::exists(out_dir));
   files::make_dirs(out_dir);
 
   QuantizeStats stats;
@@ -118,6 +121,7 @@ QuantizeStats quantize_model_dir(const std::string& in_dir, const std::string& o
     if (!weights && files::is_file(files::join(in_dir, name)))
       files::copy_file(files::join(in_dir, name), files::join(out_dir, name));
   }
+  cleanup.keep();
   return stats;
 }
 

@@ -207,7 +207,11 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
 CheckpointContents load_checkpoint(const std::string& dir) {
   if (!files::is_dir(dir)) fail_at(ErrorKind::Checkpoint, dir, "checkpoint directory not found");
   if (!files::exists(files::join(dir, kComplete)))
-    fail_at(ErrorKind::Checkpoint, dir, "incomplete checkpoint (no COMPLETE marker: the save was interrupted)");
+    fail_at(ErrorKind::Checkpoint, dir,
+            files::exists(files::join(dir, kStateFile))
+                ? "incomplete checkpoint (no COMPLETE marker: the save was interrupted)"
+                : "not a checkpoint directory (no " + std::string(kStateFile) + ", no COMPLETE marker; a run's "
+                  "checkpoints are its output_dir/checkpoint-N)");
   const std::string state_path = files::join(dir, kStateFile);
   Json state = read_json_file(state_path, ErrorKind::Checkpoint);
   JsonReader r{state, state_path, ErrorKind::Checkpoint};

@@ -69,6 +69,12 @@ void TrainData::apply_truncation(std::vector<Example>& train) const {
     case Truncation::Drop:
       train.erase(std::remove_if(train.begin(), train.end(), [&](const Example& e) { return e.ids.size() > len; }),
                   train.end());
+      if (train.empty())
+        fail_key(ErrorKind::Data, config_.file, "data.truncation",
+                 "\"drop\" leaves no training record: every one of " + config_.train_file + "'s " +
+                     std::to_string(long_lines.size()) + " records is longer than data.max_seq_len = " +
+                     std::to_string(config_.max_seq_len) + " tokens; raise data.max_seq_len, or set data.truncation " +
+                     "to \"truncate\"");
       log::info("data.truncation \"drop\": " + what + ", left out (" + std::to_string(train.size()) + " remain)");
       return;
     case Truncation::Truncate:

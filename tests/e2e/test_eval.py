@@ -56,6 +56,7 @@ def main():
     empty = tmp / "empty.jsonl"
     empty.write_text("")
     cases.append((("eval", "--model", str(tmp / "model"), "--data", str(empty)), 5, ["empty.jsonl", "no records"]))
+    cases.append((("eval", "--model", str(tmp / "model"), "--data", str(tmp)), 5, ["is a directory, not a jsonl file"]))
     notext = tmp / "notext.jsonl"
     notext.write_text('{"txt": "x"}\n')
     cases.append((("eval", "--model", str(tmp / "model"), "--data", str(notext), "--format", "text"), 5,

@@ -74,6 +74,19 @@ def main():
         (("export", "--adapter", tmp / "none", "--model", tmp / "model", "--out", tmp / "y", "--merge"), 6, ["none"]),
     ]
     failures += exit_case_failures(run, cases)
+    # A merged weight that is not finite: exit 7 naming it, and neither the output nor its temporary directory left.
+    import shutil
+    from safetensors.torch import load_file, save_file
+    nan = tmp / "adapter_nan"
+    shutil.copytree(adapter, nan)
+    t = load_file(nan / "adapter_model.safetensors")
+    key = next(k for k in sorted(t) if "lora_B" in k)
+    t[key][0, 0] = float("inf")
+    save_file(t, nan / "adapter_model.safetensors")
+    p = run("export", "--adapter", nan, "--model", tmp / "model", "--out", tmp / "m_nan", "--merge", "--dtype", "fp32")
+    left = [x.name for x in tmp.iterdir() if x.name.startswith("m_nan")]
+    if p.returncode != 7 or "non-finite" not in p.stderr or left:
+        failures.append(f"a non-finite merged weight: exit {p.returncode}, left {left}, {p.stderr[-300:]!r}")
     finish("export checks", failures)
 
 

@@ -87,12 +87,17 @@ def main():
     p = run("--config", write_config("none"), "--set", "data.eval_fraction=0")
     check(p.returncode == 0 and not (TMP / "none" / "eval.jsonl").exists(), "without held-out data no eval.jsonl is written")
 
-    # eval.jsonl belongs to the run: a new run into that directory names it.
+    # eval.jsonl belongs to the run: a new run into a directory holding only it (what a run leaves before its first
+    # checkpoint) replaces it, naming it; beside a checkpoint it is refused with the rest.
     (TMP / "only").mkdir()
     (TMP / "only" / "eval.jsonl").write_text(lines[0] + "\n")
     p = run("--config", write_config("only"))
-    check(p.returncode == 3 and "eval.jsonl" in p.stderr, f"an output_dir with an earlier eval.jsonl is refused naming it "
-          f"(exit {p.returncode})")
+    check(p.returncode == 0 and "eval.jsonl" in p.stderr and "replaced by this run" in p.stderr,
+          f"an output_dir with only an earlier eval.jsonl is replaced naming it (exit {p.returncode})")
+    (TMP / "only" / "checkpoint-9").mkdir()
+    p = run("--config", write_config("only"))
+    check(p.returncode == 3 and "eval.jsonl" in p.stderr and "checkpoint-9" in p.stderr,
+          f"... beside a checkpoint it is refused, named with it (exit {p.returncode})")
     finish("held-out split checks")
 
 

@@ -84,6 +84,21 @@ def main():
     p = run("quantize", "--model", str(tmp / "q"), "--out", str(tmp / "qq"))
     if p.returncode != 4 or "already quantized" not in p.stderr:
         failures.append(f"re-quantize: exit {p.returncode}, {p.stderr!r}")
+    # A weight with a NaN: quantize names it and leaves no output directory behind (nor files in a given empty one).
+    nan = tmp / "nan"
+    shutil.copytree(tmp / "model", nan)
+    t = load_file(nan / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    t[key][0, 3] = float("nan")
+    save_file(t, nan / "model.safetensors")
+    for out in (tmp / "nan_q", tmp / "nan_empty"):
+        if out.name == "nan_empty":
+            out.mkdir()
+        p = run("quantize", "--model", str(nan), "--out", str(out))
+        left = sorted(x.name for x in out.iterdir()) if out.exists() else None
+        if p.returncode != 4 or key not in p.stderr or "NaN" not in p.stderr or left not in (None, []) \
+                or (out.name == "nan_empty") != (left == []):
+            failures.append(f"NaN weight, --out {out.name}: exit {p.returncode}, left {left}, {p.stderr[-300:]!r}")
     finish("quantize checks", failures)
 
 if __name__ == "__main__":

@@ -197,6 +197,9 @@ def main():
           and summary.get("tokens_per_s", 0) > summary.get("target_tokens_per_s", 1e30) > 0
           and " target)" in p.stderr,
           f"tokens/s counts input tokens, target tokens/s beside it ({steps[-1] if steps else None}; {summary})")
+    p = train(write_config("dropall", data__truncation="drop", **{**chat, "data__train_file": str(TMP / "long.jsonl")}))
+    check(p.returncode == 5 and "data.truncation" in last_line(p) and "leaves no training record" in last_line(p),
+          f"\"drop\" of every record: exit 5 naming data.truncation (exit {p.returncode}): {last_line(p)}")
     p = train(write_config("err", data__truncation="error", **chat))
     check(p.returncode == 5 and "data.truncation" in p.stderr and "lines 4, 5, 6" in p.stderr and "max_seq_len = 48" in p.stderr,
           f"data.truncation \"error\" stops naming the records (exit {p.returncode}): {last_line(p)}")
