@@ -39,6 +39,13 @@ std::optional<qt::Error> error_of(const qt::PlanInputs& in, const qt::PlanReques
 
 using qt::test::has;
 
+// A named term of a footprint or step time (0 when absent).
+double term(const std::vector<std::pair<std::string, double>>& terms, const std::string& name) {
+  for (const auto& [n, v] : terms)
+    if (n == name) return v;
+  return 0.0;
+}
+
 // A plan measured on the H200: the fields the measured rows name, expandable segments on.
 struct MeasuredPlan {
   bool checkpointing = false;
@@ -588,16 +595,11 @@ TEST_CASE("block weights streamed from the host (forced): every block checkpoint
   CHECK(streamed.plan.streamed_blocks == in.model.num_hidden_layers);
   CHECK(streamed.plan.checkpointing);
   CHECK(streamed.plan.blocks_without_checkpointing == 0);
-  auto term = [](const qt::Footprint& f, const std::string& name) {
-    for (const auto& [n, bytes] : f.terms)
-      if (n == name) return bytes;
-    return -1.0;
-  };
   const double L = static_cast<double>(in.model.num_hidden_layers);
   // 70B's NF4 blocks: about 35 GiB whole, two of 80 blocks streamed.
-  CHECK(term(whole.footprint, "base_weights") > 30 * kGiB);
-  CHECK(std::abs(term(streamed.footprint, "base_weights") * L / 2 - term(whole.footprint, "base_weights")) <
-        0.01 * term(whole.footprint, "base_weights"));
+  CHECK(term(whole.footprint.terms, "base_weights") > 30 * kGiB);
+  CHECK(std::abs(term(streamed.footprint.terms, "base_weights") * L / 2 - term(whole.footprint.terms, "base_weights")) <
+        0.01 * term(whole.footprint.terms, "base_weights"));
   const qt::Json step = qt::to_json(streamed)["predicted_step_s"];
   REQUIRE(step.contains("weights_streamed"));
   CHECK(step["weights_streamed"].get<double>() > 0);
@@ -664,12 +666,7 @@ TEST_CASE("block weights streamed as the budget needs: as few blocks as fit, mor
   r.gpu_memory_gib = 1000;
   const qt::Decision whole = qt::decide_plan(in, r);
   CHECK(whole.plan.streamed_blocks == 0);  // what fits streams nothing
-  auto term = [](const qt::Footprint& f, const std::string& name) {
-    for (const auto& [n, bytes] : f.terms)
-      if (n == name) return bytes;
-    return -1.0;
-  };
-  const double block = term(whole.footprint, "base_weights") / static_cast<double>(L);
+  const double block = term(whole.footprint.terms, "base_weights") / static_cast<double>(L);
   int64_t last = 0;
   double last_time = 0;
   int streaming = 0;
@@ -687,7 +684,7 @@ TEST_CASE("block weights streamed as the budget needs: as few blocks as fit, mor
     CHECK(d.plan.blocks_without_checkpointing == 0);
     // Resident blocks and two streamed ones on the device.
     const double held = static_cast<double>(L - d.plan.streamed_blocks + std::min<int64_t>(2, d.plan.streamed_blocks));
-    CHECK(std::abs(term(d.footprint, "base_weights") - held * block) < 0.01 * block * held);
+    CHECK(std::abs(term(d.footprint.terms, "base_weights") - held * block) < 0.01 * block * held);
     const qt::Json j = qt::to_json(d);
     CHECK(j["weights"] == "host");
     CHECK(j["streamed_blocks"] == d.plan.streamed_blocks);
@@ -797,11 +794,6 @@ TEST_CASE("down_proj keeps the SwiGLU output wherever the plan fits it: free in 
   const qt::PlanInputs in = inputs("llama-3.1-8b", 2, 2048);
   const auto& c = in.model;
   const double L = static_cast<double>(c.num_hidden_layers), T = 2.0 * 2048, I = static_cast<double>(c.intermediate_size);
-  auto term = [](const auto& terms, const std::string& name) {
-    for (const auto& [n, v] : terms)
-      if (n == name) return v;
-    return 0.0;
-  };
   // 80 GiB: no checkpointing, the SwiGLU output kept: L T I elements more than the same plan without it, and its
   // pass over 3 I elements a token and block less (3.75 TB/s: 3.0 ms a step, as measured on an H200).
   qt::PlanRequest r;
@@ -870,11 +862,6 @@ TEST_CASE("blocks hold their weights dequantized where the budget has room: as m
   const auto& c = in.model;
   const double block_bytes = 2.0 * static_cast<double>(c.hidden_size * c.q_size() * 2 + c.hidden_size * c.kv_size() * 2 +
                                                        3 * c.hidden_size * c.intermediate_size);
-  auto term = [](const auto& terms, const std::string& name) {
-    for (const auto& [n, v] : terms)
-      if (n == name) return v;
-    return 0.0;
-  };
   // An 80 GiB budget: no checkpointing and every block's weights held (13 GiB in 16 bits), two dequantizations of
   // every weight a step less than the same plan without them.
   qt::PlanRequest r;
