@@ -3,6 +3,7 @@
 // files both ways; the merged export; generation's stopping and top-p rules.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <fstream>
 #include <functional>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
@@ -929,6 +930,13 @@ TEST_CASE("bad adapters are checkpoint errors naming the file and the key", "[lo
        {"adapter_model.safetensors", "not found"}},
       {"no config", [&](const std::string& d) { qt::files::remove_tree(qt::files::join(d, qt::kAdapterConfigFile)); },
        {"adapter_config.json", "not found"}},
+      {"truncated weights",
+       [&](const std::string& d) {
+         const std::string path = qt::files::join(d, qt::kAdapterWeightsFile);
+         const std::string bytes = qt::files::read_file(path);
+         std::ofstream(path, std::ios::binary | std::ios::trunc) << bytes.substr(0, bytes.size() - 100);
+       },
+       {"adapter_model.safetensors", "truncated"}},
   };
   for (const auto& c : cases) {
     INFO(c.name);

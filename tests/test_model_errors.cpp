@@ -95,6 +95,15 @@ TEST_CASE("safetensors reader rejects truncated and inconsistent files and names
     write_bytes(path, raw_safetensors(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8));
     require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "'w'", "past the end"});
   }
+  SECTION("data offsets reversed") {
+    write_bytes(path, raw_safetensors(R"({"w":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", 8));
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "'w'", "reversed"});
+  }
+  SECTION("an adapter's or checkpoint's file is reported as such") {
+    write_bytes(path, raw_safetensors(R"({"w":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})", 8));
+    require_error([&] { qt::SafetensorsFile f(path, qt::ErrorKind::Checkpoint); }, qt::ErrorKind::Checkpoint,
+                  {path, "'w'", "past the end"});
+  }
   SECTION("byte range does not hold the shape") {
     write_bytes(path, raw_safetensors(R"({"w":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8));
     require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "'w'", "do not hold"});

@@ -51,7 +51,17 @@ std::string safetensors_dtype_name(at::ScalarType type) {
   fail(ErrorKind::Internal, std::string("no safetensors dtype for ") + c10::toString(type));
 }
 
-SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+SafetensorsFile::SafetensorsFile(const std::string& path, ErrorKind kind) : path_(path) {
+  try {
+    open();
+  } catch (const Error& e) {
+    if (kind == ErrorKind::Model || e.kind() != ErrorKind::Model) throw;
+    throw Error(kind, e.what());
+  }
+}
+
+void SafetensorsFile::open() {
+  const std::string& path = path_;
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail_at(ErrorKind::Model, path, files::exists(path) ? std::strerror(errno) : "file not found");
   struct stat st {};
@@ -110,7 +120,10 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
         bad(path, "tensor '" + name + "': data_offsets is not a pair of non-negative integers");
       t.begin = off[0].get<uint64_t>();
       t.end = off[1].get<uint64_t>();
-      if (t.begin > t.end || t.end > data_size)
+      if (t.begin > t.end)
+        bad(path, "tensor '" + name + "': data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
+                      "] are reversed (the end before the start)");
+      if (t.end > data_size)
         bad(path, "tensor '" + name + "': data_offsets [" + std::to_string(t.begin) + ", " + std::to_string(t.end) +
                       "] point past the end of the data (" + std::to_string(data_size) + " bytes; truncated?)");
       // numel * itemsize must equal the byte range; guard the multiplication against overflow.

@@ -12,6 +12,8 @@
 #include <utility>
 #include <vector>
 
+#include "lib/core/error.h"
+
 namespace qt {
 
 struct TensorInfo {
@@ -30,7 +32,9 @@ std::string safetensors_dtype_name(at::ScalarType type);
 
 class SafetensorsFile {
  public:
-  explicit SafetensorsFile(const std::string& path);
+  // `kind`: what a missing, truncated or malformed file is reported as (a model's weights: Model; an adapter's or
+  // checkpoint's: Checkpoint).
+  explicit SafetensorsFile(const std::string& path, ErrorKind kind = ErrorKind::Model);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -47,6 +51,7 @@ class SafetensorsFile {
   at::Tensor load(const std::string& name, at::ScalarType dtype, const at::Device& device) const;
 
  private:
+  void open();
   std::string path_;
   void* map_ = nullptr;
   size_t size_ = 0;

@@ -139,7 +139,7 @@ void write_peft_files(const std::string& dir, const LoraConfig& config,
   const std::string weights = files::join(dir, kAdapterWeightsFile);
   save_safetensors(weights, tensors, {{"format", "pt"}});
   {  // Read back what landed on disk: an adapter that does not reopen whole is never left looking complete.
-    SafetensorsFile check(weights);
+    SafetensorsFile check(weights, ErrorKind::Checkpoint);
     if (check.tensors().size() != tensors.size())
       fail_at(ErrorKind::Io, weights, "wrote " + std::to_string(tensors.size()) + " tensors, read back " +
                                           std::to_string(check.tensors().size()));
@@ -263,7 +263,7 @@ PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
                                               "is a pickle: re-save with save_pretrained(safe_serialization=True))");
     fail_at(ErrorKind::Checkpoint, weights, "file not found");
   }
-  SafetensorsFile file(weights);
+  SafetensorsFile file(weights, ErrorKind::Checkpoint);
   const std::string file_cfg = files::join(dir, kAdapterConfigFile);
   Json raw = read_json_file(file_cfg, ErrorKind::Checkpoint);
   TargetMatcher matcher;
@@ -387,7 +387,7 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
     cfg.base_model_name_or_path = files::absolute(cfg.base_model_name_or_path);
   const std::string weights = files::join(from, kAdapterWeightsFile);
   if (!files::exists(weights)) fail_at(ErrorKind::Checkpoint, weights, "file not found");
-  SafetensorsFile file(weights);
+  SafetensorsFile file(weights, ErrorKind::Checkpoint);
   const std::string prefix = "base_model.model.";
   const int all_parts = cfg.lora.use_dora ? 7 : 3;
   std::map<std::string, int> parts;  // module -> 1 (A) | 2 (B) | 4 (DoRA magnitude)

@@ -247,7 +247,7 @@ CheckpointContents load_checkpoint(const std::string& dir) {
   auto read = [&](const std::string& f, std::vector<std::pair<std::string, at::Tensor>>& dst) {
     const std::string p = files::join(dir, f);
     if (!manifest.contains(f)) fail_at(ErrorKind::Checkpoint, p, "missing from the checkpoint's manifest");
-    SafetensorsFile file(p);
+    SafetensorsFile file(p, ErrorKind::Checkpoint);
     for (const auto& t : file.tensors()) dst.emplace_back(t.name, file.view(t.name).clone());
   };
   if (c.optimizer_shards > 0) {
