@@ -236,4 +236,20 @@ TEST_CASE("model loader reports bad model directories with the file and key", "[
     qt::files::remove_tree(dir + "/model-00003-of-00009.safetensors");
     require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model-00003-of-00009.safetensors", "missing"});
   }
+  SECTION("an index naming a tensor no shard holds, or a path for a shard") {
+    std::string dir = scratch_dir("bad_index");
+    qt::files::copy_tree(fixture("llama/mha_tied_sharded/model"), dir);
+    const std::string index = dir + "/model.safetensors.index.json";
+    qt::Json j = qt::read_json_file(index, qt::ErrorKind::Model);
+    const std::string shard = j["weight_map"].begin().value().get<std::string>();
+    j["weight_map"]["model.layers.0.extra.weight"] = shard;
+    qt::write_json_file(index, j);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
+                  {"model.safetensors.index.json", "model.layers.0.extra.weight", shard, "does not hold it"});
+    j["weight_map"].erase("model.layers.0.extra.weight");
+    j["weight_map"][j["weight_map"].begin().key()] = "../" + shard;
+    qt::write_json_file(index, j);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
+                  {"model.safetensors.index.json", "not a file name in the model directory"});
+  }
 }

@@ -32,6 +32,10 @@ ModelFiles find_model_files(const std::string& dir) {
     for (const auto& item : j["weight_map"].items()) {
       if (!item.value().is_string())
         fail_key(ErrorKind::Model, index, "weight_map." + item.key(), "expected a file name");
+      const std::string name = item.value().get<std::string>();
+      if (name.empty() || name.find('/') != std::string::npos || name == "." || name == "..")
+        fail_key(ErrorKind::Model, index, "weight_map." + item.key(),
+                 "'" + name + "' is not a file name in the model directory");
       const std::string shard = files::join(dir, item.value().get<std::string>());
       files.weight_map[item.key()] = shard;
       if (seen.insert(shard).second) files.shards.push_back(shard);
@@ -130,10 +134,11 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   model.for_each_linear([&](const std::string& name, Linear& l) { linears[name + ".weight"] = &l; });
   std::map<std::string, at::Tensor*> wanted;
   for (auto& [name, ptr] : model.named_tensors()) wanted[name] = ptr;
-  std::set<std::string> loaded;
+  std::set<std::string> loaded, seen;
   for (const auto& shard : files.shards) {
     SafetensorsFile file(shard);  // mapped for this shard only
     for (const auto& info : file.tensors()) {
+      seen.insert(info.name);
       auto lin = linears.find(info.name);
       if (lin != linears.end()) {
         Linear& l = *lin->second;
@@ -187,6 +192,12 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
       loaded.insert(info.name);
     }
   }
+  // The index lists only what its shards hold (a tensor it names that no shard has means a shard of another
+  // version of the model, or a cut-short copy).
+  for (const auto& [name, shard] : files.weight_map)
+    if (!seen.count(name))
+      fail_key(ErrorKind::Model, files::join(dir, "model.safetensors.index.json"), name,
+               "listed for " + files::base_name(shard) + ", which does not hold it");
   for (const auto& [name, ptr] : wanted)
     if (!loaded.count(name))
       fail_at(ErrorKind::Model, dir, "tensor '" + name + "' is missing from the safetensors files");
