@@ -32,9 +32,6 @@ struct StepOutcome {
   bool overflow = false;            // fp16: the scaled gradients overflowed, the update was not applied
 };
 
-// One optimizer step (`step`: the steps done before it): this rank's micro-batches forward and backward, the
-// gradients reduced over the ranks and clipped, AdamW, then the loss and norm read back together.
-// `oom`: the test hook's out-of-memory error in this step (QT_TEST_OOM_AT_STEP, QT_TEST_OOM_PLANS).
 // What a non-finite loss or gradient norm at `step` (0-based) leaves and what to look at: before any update of this
 // run's first step the learning rate is not the cause, the model, the adapter it starts from or the data are.
 std::string nonfinite_advice(const RunConfig& cfg, int64_t step) {
@@ -47,6 +44,9 @@ std::string nonfinite_advice(const RunConfig& cfg, int64_t step) {
   return kept + " (lower optim.lr?)";
 }
 
+// One optimizer step (`step`: the steps done before it): this rank's micro-batches forward and backward, the
+// gradients reduced over the ranks and clipped, AdamW, then the loss and norm read back together.
+// `oom`: the test hook's out-of-memory error in this step (QT_TEST_OOM_AT_STEP, QT_TEST_OOM_PLANS).
 StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel, AdamW& opt,
                      const LrSchedule& schedule, int64_t step, const TestHooks& hooks, bool oom, LossScaler* scaler) {
   LlamaModel& model = *m.model;
