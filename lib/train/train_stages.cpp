@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -313,25 +312,11 @@ Session start_session(const RunConfig& cfg) {
   return s;
 }
 
-DataStage load_data(const RunConfig& cfg, const Session& s) {
-  DataStage d;
-  d.random_init = cfg.model.init == "random";
-  const LlamaConfig random_shape = !d.random_init ? LlamaConfig{}
-                                   : cfg.model.shape.empty()
-                                       ? LlamaConfig::from_file(files::join(cfg.model.path, "config.json"))
-                                       : shape_config(cfg.model.shape, cfg.file, "model.shape");
-  // A random model without tokenizer files has ids only (pre-tokenized data).
-  const bool has_tokenizer = !cfg.model.path.empty() && (!d.random_init ||
-                                                         files::exists(files::join(cfg.model.path, "tokenizer.json")) ||
-                                                         files::exists(files::join(cfg.model.path, "tokenizer.model")));
-  d.tokenizer = has_tokenizer ? load_tokenizer(cfg.model.path)
-                              : ids_only_tokenizer(static_cast<int32_t>(random_shape.vocab_size),
-                                                   static_cast<int32_t>(random_shape.bos_token_id),
-                                                   static_cast<int32_t>(random_shape.eos_token_id));
-  // Tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per epoch, cut
-  // into this rank's micro-batches per step.
-  d.data = std::make_unique<TrainData>(cfg.data, cfg.file, *d.tokenizer, s.micro);
-  d.model_config = d.random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
+namespace {
+// What the data and the config ask of the model, checked before it loads (each would otherwise fail inside the first
+// step or abort the process): token ids within its vocabulary, LoRA ranks within its linears, CPU masks within the
+// host.
+void check_data_fits_model(const RunConfig& cfg, const Session& s, const DataStage& d) {
   // A tokenizer with more ids than the model has embeddings (a config.json and tokenizer that do not belong
   // together) would fail inside the first step's embedding lookup.
   const auto [max_id, where] = d.data->max_token_id();
@@ -364,6 +349,29 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
                std::to_string(s.micro) + " rows of S x S), more than half this host's memory; lower data.max_seq_len "
                "or train.micro_batch_size, or train on a GPU");
   }
+}
+}  // namespace
+
+DataStage load_data(const RunConfig& cfg, const Session& s) {
+  DataStage d;
+  d.random_init = cfg.model.init == "random";
+  const LlamaConfig random_shape = !d.random_init ? LlamaConfig{}
+                                   : cfg.model.shape.empty()
+                                       ? LlamaConfig::from_file(files::join(cfg.model.path, "config.json"))
+                                       : shape_config(cfg.model.shape, cfg.file, "model.shape");
+  // A random model without tokenizer files has ids only (pre-tokenized data).
+  const bool has_tokenizer = !cfg.model.path.empty() && (!d.random_init ||
+                                                         files::exists(files::join(cfg.model.path, "tokenizer.json")) ||
+                                                         files::exists(files::join(cfg.model.path, "tokenizer.model")));
+  d.tokenizer = has_tokenizer ? load_tokenizer(cfg.model.path)
+                              : ids_only_tokenizer(static_cast<int32_t>(random_shape.vocab_size),
+                                                   static_cast<int32_t>(random_shape.bos_token_id),
+                                                   static_cast<int32_t>(random_shape.eos_token_id));
+  // Tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per epoch, cut
+  // into this rank's micro-batches per step.
+  d.data = std::make_unique<TrainData>(cfg.data, cfg.file, *d.tokenizer, s.micro);
+  d.model_config = d.random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
+  check_data_fits_model(cfg, s, d);
   return d;
 }
 
