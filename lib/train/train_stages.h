@@ -88,7 +88,10 @@ struct DataStage {
   LlamaConfig model_config;  // the model's shape (config.json, or the named random shape)
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<TrainData> data;
+  std::string train_file_hash;  // data.train_file's content (checkpoints record it; every rank reads the same)
 };
+// With several ranks, every one has read the same training data (a node-local copy that differs would train a
+// different run on each rank), checked before the model loads.
 DataStage load_data(const RunConfig& cfg, const Session& s);
 
 // Model: the plan decided from the budget, the base loaded where the plan puts it, LoRA attached (or every tensor

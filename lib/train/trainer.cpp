@@ -213,7 +213,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   TrainerState state;
   state.seed = cfg.train.seed;
   state.config = cfg.to_json();  // every default filled in, as config.resolved.json
-  state.train_file_hash = train_file_hash(data.config().train_file);
+  state.train_file_hash = d.train_file_hash;
   state.total_steps = total_steps;
   if (resume) {
     const CheckpointContents& ck = resume->contents;
@@ -412,6 +412,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const auto t_start = Clock::now();
   const TestHooks hooks = TestHooks::from_env();
   Session s = start_session(cfg);
+  // Every rank resumes the same checkpoint or starts a new run: a rank that saw another output_dir (a node without
+  // the shared filesystem) or was given other flags would pair its collectives with other steps.
+  if (s.world > 1)
+    check_same_across_ranks(*s.comm, options.resume.empty() ? std::string("a new run") : files::base_name(options.resume),
+                            "resume point (--resume, and the checkpoints each rank sees in output_dir)");
   DataStage d = load_data(cfg, s);
   MicroDecision planned = decide_run_plan(cfg, s, d);
   Json earlier = Json::array();

@@ -87,6 +87,23 @@ def main():
         check(all(abs(lm[s] - la[s]) / la[s] < 1e-5 for s in (1, 2, 3)),
               f"2 ranks give the single-rank losses {[lm[s] for s in (1, 2, 3)]} vs {[la[s] for s in (1, 2, 3)]}")
 
+    # Ranks that read different training data under one path (node-local copies; here one relative path from two
+    # working directories) or would resume different checkpoints stop before training, naming the rank.
+    for sub, n in (("wa", 16), ("wb", 17)):
+        (TMP / sub).mkdir(exist_ok=True)
+        (TMP / sub / "train.jsonl").write_text("".join(l + "\n" for l in (TMP / "train.jsonl").read_text().splitlines()[:n]))
+    cfg = write_config("mpi_data", data__train_file="train.jsonl")
+    mpmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(TMP / "wa"), BIN, "--config", str(cfg), ":",
+            "-np", "1", "-wdir", str(TMP / "wb"), BIN, "--config", str(cfg)]
+    p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
+    check(p.returncode != 0 and "content of data.train_file" in p.stderr and "rank 1" in p.stderr,
+          f"ranks reading different data: a config error naming the rank (exit {p.returncode}) {p.stderr[-400:]}")
+    mpmd = ["mpirun", "--oversubscribe", "-np", "1", BIN, "--config", str(write_config("mpi2")), "--resume", "auto", ":",
+            "-np", "1", BIN, "--config", str(write_config("mpi2")), "--resume", str(TMP / "k_none")]
+    p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
+    check(p.returncode != 0 and "resume point" in p.stderr,
+          f"ranks resuming different points: an error naming it, no hang (exit {p.returncode}) {p.stderr[-400:]}")
+
     # Exact resume after kill -9 once checkpoint-3 is complete.
     cfg = write_config("k")
     start_and_kill(cfg, lambda: (TMP / "k" / "checkpoint-3" / "COMPLETE").exists(),
