@@ -111,6 +111,19 @@ TEST_CASE("keep_last prunes old checkpoints only after the new one is complete",
   CHECK_THROWS_AS(qt::save_checkpoint(out, sample_contents(5), failing, 2), qt::Error);
   CHECK(qt::find_latest_checkpoint(out) == out + "/checkpoint-4");
   CHECK(qt::files::exists(out + "/checkpoint-3/COMPLETE"));
+  // ... and takes its partial directory with it; one a killed save left is removed by the next complete save.
+  CHECK(qt::files::list_dir(out) == std::vector<std::string>{"checkpoint-3", "checkpoint-4"});
+  qt::files::make_dirs(out + "/.checkpoint-9.tmp-12345");
+  qt::save_checkpoint(out, sample_contents(6), fake_adapter, 2);
+  CHECK(qt::files::list_dir(out) == std::vector<std::string>{"checkpoint-4", "checkpoint-6"});
+}
+
+TEST_CASE("a checkpoint whose trainer_state.json names another step is refused", "[checkpoint]") {
+  const std::string out = qt::test::scratch_dir("ckpt_step");
+  qt::save_checkpoint(out, sample_contents(3), fake_adapter, 2);
+  qt::files::rename_path(out + "/checkpoint-3", out + "/checkpoint-5");
+  require_checkpoint_error([&] { qt::load_checkpoint(out + "/checkpoint-5"); },
+                           {"trainer_state.json", "step", "does not match the checkpoint (checkpoint-5)"});
 }
 
 TEST_CASE("resume refuses config changes that matter and allows the rest", "[checkpoint]") {

@@ -143,6 +143,9 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
   } else {
     begin_checkpoint_dir(tmp);
   }
+  // A save that fails part-way (a full disk) takes its partial directory with it: the space comes back and the next
+  // --resume auto finds nothing to skip.
+  files::RemoveUnlessKept cleanup(tmp);
   write_adapter(tmp);
   test_delay();
   if (c.optimizer_shards == 0)
@@ -188,8 +191,20 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
     files::rename_path(final_dir, old);
   }
   files::rename_path(tmp, final_dir);
+  cleanup.keep();
   files::sync_path(output_dir);
-  if (!old.empty()) files::remove_tree(old);
+  // The new checkpoint is complete: what cannot be removed now (the replaced one, old checkpoints past keep_last,
+  // partial ones of saves that were killed) is warned about, not an error of the run.
+  auto remove_or_warn = [&](const std::string& path) {
+    try {
+      files::remove_tree(path);
+    } catch (const Error& e) {
+      log::warn(std::string("could not remove ") + path + " (" + e.what() + "); the run goes on");
+    }
+  };
+  if (!old.empty()) remove_or_warn(old);
+  for (const auto& f : files::list_dir(output_dir))
+    if (f.rfind(".checkpoint-", 0) == 0) remove_or_warn(files::join(output_dir, f));  // saves that were killed
 
   std::vector<std::pair<int64_t, std::string>> complete;
   for (const auto& f : files::list_dir(output_dir)) {
@@ -199,7 +214,7 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
   std::sort(complete.begin(), complete.end());
   for (size_t i = 0; i + static_cast<size_t>(keep_last) < complete.size(); ++i) {
     if (complete[i].second == name) continue;
-    files::remove_tree(files::join(output_dir, complete[i].second));
+    remove_or_warn(files::join(output_dir, complete[i].second));
   }
   return final_dir;
 }
@@ -232,6 +247,9 @@ CheckpointContents load_checkpoint(const std::string& dir) {
   }
   CheckpointContents c;
   c.state.step = r.get_int("step");
+  if (c.state.step < 0 || (checkpoint_step(files::base_name(dir)) >= 0 && checkpoint_step(files::base_name(dir)) != c.state.step))
+    fail_key(ErrorKind::Checkpoint, state_path, "step",
+             std::to_string(c.state.step) + " does not match the checkpoint (" + files::base_name(dir) + ")");
   const Json& data = r.require("data");
   c.state.data.epoch = data.at("epoch").get<int64_t>();
   c.state.data.index = data.at("index").get<int64_t>();
