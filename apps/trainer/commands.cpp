@@ -276,6 +276,13 @@ std::string adapter_base(const std::string& model, const std::string& adapter_di
 }
 
 int run_export(const ExportArgs& args) {
+  // --dtype is the merged weights' (--merge); GGUF has its own types and a plain adapter copy none.
+  if (args.dtype != "auto" && (!args.merge || !args.gguf.empty()))
+    qt::fail(qt::ErrorKind::Usage, "export: --dtype " + args.dtype + " applies to --merge only" +
+                                       (args.gguf.empty() ? std::string(" (add --merge)")
+                                                          : " (--gguf " + args.gguf + " sets the GGUF weights' type)"));
+  if (qt::files::exists(args.out) && !qt::files::is_dir(args.out))
+    qt::fail_at(qt::ErrorKind::Usage, args.out, "is a file, not a directory (--out names the directory to write)");
   const std::string base = adapter_base(args.model, args.adapter);
   if (!args.gguf.empty()) {
     qt::GgufExportRequest req{base, args.adapter, args.out, qt::parse_gguf_file_type(args.gguf), {}};

@@ -145,7 +145,7 @@ void sync_path(const std::string& path) {
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail_at(ErrorKind::Io, path, exists(path) ? "cannot be read" : "file not found");
+  if (!in) fail_at(ErrorKind::Io, path, exists(path) ? std::string("cannot be read (") + std::strerror(errno) + ")" : std::string("file not found"));
   std::stringstream ss;
   ss << in.rdbuf();
   return ss.str();

@@ -2,6 +2,8 @@
 
 #include "lib/core/files.h"
 
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 
 namespace qt {
@@ -9,7 +11,7 @@ namespace qt {
 std::vector<JsonlRecord> read_jsonl(const std::string& path) {
   if (files::is_dir(path)) fail_at(ErrorKind::Data, path, "is a directory, not a jsonl file");
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail_at(ErrorKind::Data, path, files::exists(path) ? "cannot be read" : "file not found");
+  if (!in) fail_at(ErrorKind::Data, path, files::exists(path) ? std::string("cannot be read (") + std::strerror(errno) + ")" : std::string("file not found"));
   std::vector<JsonlRecord> records;
   std::string line;
   int64_t number = 0;

@@ -21,7 +21,15 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
     auto [t, e] = split_eval(std::move(train), config_.eval_fraction, config_.seed);
     train = std::move(t);
     eval_ = std::move(e);
+    if (eval_.empty())
+      log::warn_rank0("data.eval_fraction " + std::to_string(config_.eval_fraction) + " of " + config_.train_file +
+                      "'s " + std::to_string(train.size()) + " records holds none out: no held-out evaluation");
   }
+  // Text documents end with EOS (data.add_eos) so that the model learns to stop; a tokenizer without one cannot.
+  if (config_.add_eos && tokenizer.eos_id() < 0 &&
+      (config_.format == RecordFormat::Text || config_.format == RecordFormat::Auto))
+    log::warn_rank0("data.add_eos: the tokenizer has no EOS token, so the text documents of " + config_.train_file +
+                    " train without one (the model will not learn where a document ends)");
   apply_truncation(train);
   train_ = std::make_unique<Dataset>(std::move(train), config_.max_seq_len, config_.shuffle, config_.seed);
   check_has_targets();
@@ -94,6 +102,13 @@ void TrainData::check_has_targets() const {
     lines.push_back(e.line);
   }
   if (targets > 0) return;
+  if (train_->stats().truncated == 0)  // nothing was cut: the records themselves hold no target
+    fail_key(ErrorKind::Data, config_.file, "data.train_file",
+             "the " + std::to_string(train_->size()) + " training records of " + config_.train_file + " (" +
+                 some_lines(lines) + ") hold no target token to train on (" + train_->stats().summary() +
+                 "): every token is masked (tokenized records whose labels are all -100, chat records without an "
+                 "assistant answer, or answers rendered empty)" +
+                 (config_.train_on_prompt ? "" : "; data.train_on_prompt trains on the prompts too"));
   fail_key(ErrorKind::Data, config_.file, "data.max_seq_len",
            "the " + std::to_string(train_->size()) + " training records of " + config_.train_file + " (" +
                some_lines(lines) + ") leave no target token to train on with data.max_seq_len = " + std::to_string(config_.max_seq_len) +

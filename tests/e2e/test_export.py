@@ -72,7 +72,14 @@ def main():
         (("export", "--adapter", adapter, "--model", tmp / "model", "--out", tmp / "merged_fp32", "--merge"), 2,
          ["not empty"]),
         (("export", "--adapter", tmp / "none", "--model", tmp / "model", "--out", tmp / "y", "--merge"), 6, ["none"]),
+        (("export", "--adapter", adapter, "--model", tmp / "model", "--out", tmp / "z", "--dtype", "fp32"), 2,
+         ["--dtype fp32", "--merge"]),
+        (("export", "--adapter", adapter, "--model", tmp / "model", "--out", tmp / "z", "--gguf", "f16", "--dtype", "bf16"),
+         2, ["--dtype bf16", "--gguf"]),
     ]
+    (tmp / "a_file").write_text("x")
+    cases.append((("export", "--adapter", adapter, "--model", tmp / "model", "--out", tmp / "a_file", "--merge"), 2,
+                  ["a_file", "is a file"]))
     failures += exit_case_failures(run, cases)
     # A merged weight that is not finite: exit 7 naming it, and neither the output nor its temporary directory left.
     import shutil

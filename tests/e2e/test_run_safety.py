@@ -207,6 +207,13 @@ def main():
     check(p.returncode == 5 and "data.max_seq_len" in p.stderr and "no target token" in p.stderr and "lines 1, 2, 3" in p.stderr
           and "LoRA parameters" not in p.stderr,
           f"records that leave no target stop the run before the model loads (exit {p.returncode}): {last_line(p)}")
+    # Records with no target at all, nothing cut (chat records of a system message only): named as such, not
+    # blamed on data.max_seq_len.
+    (TMP / "system.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": "be brief"}]}) + "\n")
+    p = train(write_config("sys", **{**chat, "data__train_file": str(TMP / "system.jsonl")}))
+    check(p.returncode == 5 and "data.train_file" in last_line(p) and "hold no target token" in last_line(p)
+          and "data.max_seq_len" not in last_line(p),
+          f"records without any target: exit 5 naming data.train_file (exit {p.returncode}): {last_line(p)}")
 
     # generate stops at config.json's eos_token_id where the tokenizer files name no EOS (transformers' generate
     # falls back on the model config's).

@@ -42,6 +42,11 @@ def main():
     check(p.returncode == 0 and "2 chat record(s) with no assistant message (lines 2, 5)" in p.stderr
           and "chat.jsonl" in p.stderr, f"chat records with only a user turn are named by line (exit {p.returncode}) "
           f"{[l for l in p.stderr.splitlines() if 'assistant' in l]}")
+    # A held-out share too small to hold out a record: warned, the run trains without evaluation.
+    (TMP / "one.jsonl").write_text((TMP / "train.jsonl").read_text().splitlines()[0] + "\n")
+    p = run("--config", config("one", train_file=str(TMP / "one.jsonl"), eval_fraction=0.5))
+    check(p.returncode == 0 and "holds none out" in p.stderr,
+          f"data.eval_fraction that holds out nothing is warned about (exit {p.returncode}) {p.stderr[-300:]}")
     # Under mpirun with 2 ranks (each reads the data whole) the data's warning comes once, from rank 0.
     cfg = config("chat_2", train_file=str(TMP / "chat.jsonl"), chat_template="llama2", max_seq_len=128)
     p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)], capture_output=True,
