@@ -118,12 +118,19 @@ TEST_CASE("keep_last prunes old checkpoints only after the new one is complete",
   CHECK(qt::files::list_dir(out) == std::vector<std::string>{"checkpoint-4", "checkpoint-6"});
 }
 
-TEST_CASE("a checkpoint whose trainer_state.json names another step is refused", "[checkpoint]") {
+TEST_CASE("a checkpoint whose trainer_state.json names another step or a file outside it is refused", "[checkpoint]") {
   const std::string out = qt::test::scratch_dir("ckpt_step");
   qt::save_checkpoint(out, sample_contents(3), fake_adapter, 2);
   qt::files::rename_path(out + "/checkpoint-3", out + "/checkpoint-5");
   require_checkpoint_error([&] { qt::load_checkpoint(out + "/checkpoint-5"); },
                            {"trainer_state.json", "step", "does not match the checkpoint (checkpoint-5)"});
+  qt::files::rename_path(out + "/checkpoint-5", out + "/checkpoint-3");
+  const std::string state = out + "/checkpoint-3/trainer_state.json";
+  qt::Json j = qt::read_json_file(state, qt::ErrorKind::Checkpoint);
+  j["files"]["../../elsewhere.jsonl"] = {{"bytes", 1}, {"fnv1a64", "0"}};
+  qt::write_json_file(state, j);
+  require_checkpoint_error([&] { qt::load_checkpoint(out + "/checkpoint-3"); },
+                           {"trainer_state.json", "../../elsewhere.jsonl", "not a path inside the checkpoint"});
 }
 
 TEST_CASE("resume refuses config changes that matter and allows the rest", "[checkpoint]") {

@@ -235,8 +235,16 @@ CheckpointContents load_checkpoint(const std::string& dir) {
              "version " + std::to_string(r.get_int("format_version")) + " is not the supported " +
                  std::to_string(kCheckpointFormatVersion));
   const Json& manifest = r.require("files");
+  if (!manifest.is_object()) fail_key(ErrorKind::Checkpoint, state_path, "files", "must be a JSON object");
   for (const auto& item : manifest.items()) {
-    const std::string p = files::join(dir, item.key());
+    const std::string& rel = item.key();
+    if (rel.empty() || rel[0] == '/' || ("/" + rel + "/").find("/../") != std::string::npos)
+      fail_key(ErrorKind::Checkpoint, state_path, "files." + rel, "is not a path inside the checkpoint");
+    const Json& v = item.value();
+    if (!v.is_object() || !v.contains("bytes") || !v["bytes"].is_number_integer() || !v.contains("fnv1a64") ||
+        !v["fnv1a64"].is_string())
+      fail_key(ErrorKind::Checkpoint, state_path, "files." + rel, "expected {\"bytes\": integer, \"fnv1a64\": string}");
+    const std::string p = files::join(dir, rel);
     if (!files::exists(p)) fail_at(ErrorKind::Checkpoint, p, "missing from the checkpoint");
     const int64_t want = item.value().at("bytes").get<int64_t>();
     const int64_t have = files::file_size(p);
