@@ -210,24 +210,29 @@ TEST_CASE("resuming from a saved position yields the same remaining batches", "[
   }
 }
 
-TEST_CASE("each epoch visits every document once in its order", "[data]") {
+TEST_CASE("the epochs are one stream: each visits every document once in its order, micro-batches full", "[data]") {
   const auto examples = random_examples(23, 30, 6);
   const qt::Dataset ds(examples, 32, true, 11);
-  qt::BatchIterator it(ds, 3, true);
+  // The rows of two epochs, packed greedily epoch by epoch (a new row at each epoch's start).
+  std::vector<std::vector<int64_t>> stream;
   for (int64_t epoch = 0; epoch < 2; ++epoch) {
-    CHECK(it.position() == qt::DataPosition{epoch, 0});
     const auto order = ds.order(epoch);
-    std::vector<int64_t> seen;
-    while (it.position().epoch == epoch) {
-      const qt::DataPosition at = it.position();
-      std::vector<std::vector<int64_t>> rows;
-      const int64_t end = qt::plan_rows(ds.examples(), order, at.index, {3, 32, true}, &rows);
+    std::vector<std::vector<int64_t>> rows;
+    CHECK(qt::plan_rows(ds.examples(), order, 0, {1000, 32, true}, &rows) == static_cast<int64_t>(order.size()));
+    stream.insert(stream.end(), rows.begin(), rows.end());
+  }
+  // Cut into micro-batches of any size, the same rows in the same order, every micro-batch full (the one that
+  // reaches an epoch's end continues into the next epoch).
+  for (int64_t micro : {1, 3, 4}) {
+    INFO("micro-batches of " << micro);
+    qt::BatchIterator it(ds, micro, true);
+    size_t at = 0;
+    while (at + static_cast<size_t>(micro) <= stream.size()) {
       const qt::Batch b = it.next();
-      check_rows(b, rows, ds.examples(), 32);
-      for (const auto& r : rows) seen.insert(seen.end(), r.begin(), r.end());
-      CHECK((it.position().epoch == epoch ? it.position().index : int64_t(order.size())) == end);
+      const std::vector<std::vector<int64_t>> want(stream.begin() + at, stream.begin() + at + micro);
+      check_rows(b, want, ds.examples(), 32);
+      at += static_cast<size_t>(micro);
     }
-    CHECK(seen == order);
   }
 }
 

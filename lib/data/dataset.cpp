@@ -118,15 +118,25 @@ BatchIterator::BatchIterator(const Dataset& dataset, int64_t micro_batch_size, b
 }
 
 Batch BatchIterator::next() {
-  if (order_epoch_ != pos_.epoch) {
-    order_ = dataset_.order(pos_.epoch);
-    order_epoch_ = pos_.epoch;
-  }
+  // The epochs are one stream of rows: a micro-batch that reaches an epoch's end takes its remaining rows from the
+  // next epoch's start, so that every micro-batch is full and a step's rows (the next batch_size rows of the stream)
+  // do not depend on how the step is cut into micro-batches (the micro-batch size, the world size). Greedy packing
+  // starts a new row at each call, so the rows themselves do not depend on it either.
   std::vector<std::vector<int64_t>> rows;
-  const int64_t end = plan_rows(dataset_.examples(), order_, pos_.index, shape_, &rows);
-  Batch b = build_batch(dataset_.examples(), rows, shape_, pad_id_);
-  pos_ = end == dataset_.size() ? DataPosition{pos_.epoch + 1, 0} : DataPosition{pos_.epoch, end};
-  return b;
+  while (static_cast<int64_t>(rows.size()) < shape_.micro_batch_size) {
+    if (order_epoch_ != pos_.epoch) {
+      order_ = dataset_.order(pos_.epoch);
+      order_epoch_ = pos_.epoch;
+    }
+    BatchShape rest = shape_;
+    rest.micro_batch_size = shape_.micro_batch_size - static_cast<int64_t>(rows.size());
+    std::vector<std::vector<int64_t>> part;
+    const int64_t end = plan_rows(dataset_.examples(), order_, pos_.index, rest, &part);
+    QT_CHECK(end > pos_.index, ErrorKind::Internal, "BatchIterator: no progress (an empty data set?)");
+    rows.insert(rows.end(), part.begin(), part.end());
+    pos_ = end == dataset_.size() ? DataPosition{pos_.epoch + 1, 0} : DataPosition{pos_.epoch, end};
+  }
+  return build_batch(dataset_.examples(), rows, shape_, pad_id_);
 }
 
 std::pair<std::vector<Example>, std::vector<Example>> split_eval(std::vector<Example> examples, double fraction,

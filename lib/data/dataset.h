@@ -50,8 +50,9 @@ class Dataset {
   DataStats stats_;
 };
 
-// Micro-batches over the epochs of a Dataset, starting at `start`. A micro-batch never spans two epochs: the
-// last one of an epoch may hold fewer rows (the rest is padding, without targets).
+// Micro-batches over the epochs of a Dataset, starting at `start`: the epochs are one stream of rows, each
+// micro-batch its next micro_batch_size rows (the one that reaches an epoch's end continues into the next epoch's
+// order), so that the rows of a step do not depend on its micro-batch size.
 class BatchIterator {
  public:
   BatchIterator(const Dataset& dataset, int64_t micro_batch_size, bool packing, DataPosition start = {},
