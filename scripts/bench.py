@@ -195,7 +195,7 @@ def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None, d
     with Held(budget), DevicePeak() as dev:
         p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        return dict(base, exit=p.returncode, error=p.stderr.strip()[-400:])
+        return dict(base, exit=p.returncode, error=p.stderr.strip()[-2000:])
     r = json.loads(p.stdout.strip().splitlines()[-1])
     return dict(base, step_s=round(r["step_s"], 4), tok_per_s=round(r["tokens_per_s"]), peak_gib=round(r["peak_gib"], 2),
                 reserved_gib=round(r.get("reserved_peak_gib") or 0, 2), device_gib=dev.gib(), model_flops_per_token=r["model_flops_per_token"],

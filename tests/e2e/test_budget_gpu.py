@@ -56,9 +56,10 @@ def main():
     r = run(budget, [f"train.memory.gpu_memory_gib={told}"])
     plan = r.get("plan") or {}
     claimed = (plan.get("predicted_gib") or {}).get("total")
-    check("tok_per_s" in r and (r.get("replans") or (claimed is not None and claimed <= budget)),
+    # (A first plan that fits although it claims more than is free is a prediction on the safe side: it completes.)
+    check("tok_per_s" in r,
           f"{budget} GiB left free, the plan told {told}: completes ({r.get('replans', 0)} plan(s) out of memory first; "
-          f"the last claims {claimed} GiB) {r.get('error', '')[-300:]}")
+          f"the last claims {claimed} GiB, took {r.get('device_gib')}) {r.get('error', '')[-300:]}")
 
     # Below the leanest plan: refused before the model loads, naming the figure.
     small = round(0.85 * need, 2)
@@ -69,8 +70,8 @@ def main():
     told = round(need + 0.05, 2)  # (the figure is rounded to 2 decimals: a little above it)
     r = run(small, [f"train.memory.gpu_memory_gib={told}"])
     err = r.get("error", "")
-    check("tok_per_s" not in r and r.get("exit", 0) != 0 and
-          any(s in err for s in ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")),
+    check("tok_per_s" not in r and r.get("exit") == 9 and
+          any(s in err for s in ("out of memory", "out of GPU memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")),
           f"{small} GiB left free, the plan told it has {told}: out of memory (exit {r.get('exit')}): {err[-300:]}")
     finish("budget checks on the GPU")
 
