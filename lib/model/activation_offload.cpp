@@ -105,10 +105,22 @@ class PinnedPool : public std::enable_shared_from_this<PinnedPool> {
 
 }  // namespace
 
+// No record_stream: the caching allocator makes a block freed under record_stream wait for the side stream's
+// event, which it sees complete only once the GPU has caught up with the CPU (a few blocks behind), so under a
+// budget every block of the run-ahead was allocated anew until the device was full, then the allocator synchronized
+// and released its whole cache (8B 1 x 8192 at 9 GiB, H200: 6 such retries and 70 frees a step). Instead a tensor
+// the side stream reads or writes is held here and freed on the compute stream after it waits for the copy: an
+// offloaded tensor once the next block's forward pass has been queued (its copy has had a block of compute to finish,
+// so the wait costs nothing), a fetched one once the compute stream waited for it (take).
 struct ActivationOffload::Impl {
   struct Copy {
     at::Tensor host, device;
     std::shared_ptr<at::cuda::CUDAEvent> done;
+  };
+  struct Leaving {  // a tensor copied to the host: freed after the compute stream waits for `copied`
+    at::Tensor src;
+    std::shared_ptr<at::cuda::CUDAEvent> copied;
+    int64_t block;  // the number of blocks noted before it
   };
   ModelStats* stats = nullptr;
   std::shared_ptr<PinnedPool> pool = std::make_shared<PinnedPool>();
@@ -116,6 +128,30 @@ struct ActivationOffload::Impl {
   std::map<c10::DeviceIndex, c10::cuda::CUDAStream> streams;  // the side stream of each device
   std::map<int64_t, std::vector<at::Tensor>> offloaded;       // layer -> host tensors of the last forward pass
   std::map<const void*, Copy> started;                        // host data -> its copy on the GPU
+  std::vector<Leaving> leaving;
+  int64_t noted = 0;
+
+  ~Impl() {
+    settle(INT64_MAX);
+    for (auto& [ptr, c] : started) wait_for(c);
+  }
+  // The compute stream waits for the copies of the tensors offloaded before block `before`, which are then freed
+  // (their memory reused in the compute stream's order, after the copy). Called with the mutex held.
+  void settle(int64_t before) {
+    auto keep = leaving.begin();
+    for (auto it = leaving.begin(); it != leaving.end(); ++it) {
+      if (it->block < before) {
+        it->copied->block(c10::cuda::getCurrentCUDAStream(it->src.get_device()));
+      } else {
+        *keep++ = std::move(*it);
+      }
+    }
+    leaving.erase(keep, leaving.end());
+  }
+  // A fetched copy dropped without being taken: the compute stream waits for it before its memory is reused.
+  static void wait_for(Copy& c) {
+    if (c.done && c.device.defined()) c.done->block(c10::cuda::getCurrentCUDAStream(c.device.get_device()));
+  }
 
   c10::cuda::CUDAStream side(c10::DeviceIndex device) {
     std::lock_guard<std::mutex> lock(mutex);
@@ -146,13 +182,19 @@ at::Tensor ActivationOffload::to_host(const at::Tensor& h) {
     c10::cuda::CUDAStreamGuard guard(side);
     host.copy_(src, /*non_blocking=*/true);
   }
-  c10::cuda::CUDACachingAllocator::recordStream(src.storage().data_ptr(), side);
+  auto copied = std::make_shared<at::cuda::CUDAEvent>();
+  copied->record(side);
+  std::lock_guard<std::mutex> lock(impl_->mutex);
+  impl_->leaving.push_back({src, std::move(copied), impl_->noted});
   return host;
 }
 
+// The end of a block's forward pass: the tensors the block before it offloaded are freed behind their copies.
 void ActivationOffload::note(int64_t layer, std::vector<at::Tensor> hosts) {
   std::lock_guard<std::mutex> lock(impl_->mutex);
   impl_->offloaded[layer] = std::move(hosts);
+  ++impl_->noted;
+  impl_->settle(impl_->noted - 1);
 }
 
 // The copies run on the side stream after the compute stream's work so far: the GPU memory comes from the compute
@@ -161,6 +203,8 @@ void ActivationOffload::start(int64_t layer, const at::Device& device) {
   std::vector<at::Tensor> hosts;
   {
     std::lock_guard<std::mutex> lock(impl_->mutex);
+    // The backward pass has begun: whatever the forward pass offloaded last is freed behind its copy.
+    impl_->settle(INT64_MAX);
     auto it = impl_->offloaded.find(layer);
     if (it == impl_->offloaded.end()) return;
     hosts = std::move(it->second);
@@ -177,10 +221,12 @@ void ActivationOffload::start(int64_t layer, const at::Device& device) {
       c10::cuda::CUDAStreamGuard guard(side);
       c.device.copy_(host, /*non_blocking=*/true);
     }
-    c10::cuda::CUDACachingAllocator::recordStream(c.device.storage().data_ptr(), side);
+    // (No record_stream: the copy is used, and so freed, only after the compute stream waits for it, see take.)
     c.done->record(side);
     std::lock_guard<std::mutex> lock(impl_->mutex);
-    impl_->started[host.data_ptr()] = std::move(c);
+    Impl::Copy& slot = impl_->started[host.data_ptr()];
+    Impl::wait_for(slot);
+    slot = std::move(c);
   }
 }
 
@@ -189,6 +235,7 @@ at::Tensor ActivationOffload::take(const at::Tensor& host, const at::Device& dev
   std::optional<Impl::Copy> c;
   {
     std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->settle(INT64_MAX);  // (the backward pass has begun, as in start)
     auto it = impl_->started.find(host.data_ptr());
     if (it != impl_->started.end() && it->second.host.is_same(host)) {
       c = std::move(it->second);
