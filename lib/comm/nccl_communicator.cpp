@@ -162,14 +162,32 @@ namespace {
 
 using ImplPtr = std::shared_ptr<NcclCommunicator::Impl>;
 
+// The collective's tensors are held until the caller's stream has waited for it (wait, synchronize, or the Work's
+// end), then freed in that stream's order: no record_stream, under which the caching allocator could hand their
+// memory out again only once it saw the communication stream's later work complete, so that under a budget the
+// blocks of the CPU's run-ahead were allocated anew until the device was full (the offloaded activations showed it:
+// lib/model/activation_offload.cpp).
 class NcclWork final : public Work {
  public:
-  NcclWork(ImplPtr impl, std::shared_ptr<at::cuda::CUDAEvent> done, std::string label)
-      : impl_(std::move(impl)), done_(std::move(done)), label_(std::move(label)) {}
+  NcclWork(ImplPtr impl, std::shared_ptr<at::cuda::CUDAEvent> done, std::string label, std::vector<at::Tensor> tensors,
+           c10::cuda::CUDAStream caller)
+      : impl_(std::move(impl)),
+        done_(std::move(done)),
+        label_(std::move(label)),
+        tensors_(std::move(tensors)),
+        caller_(caller) {}
+
+  ~NcclWork() override {
+    try {
+      release();
+    } catch (...) {  // (a CUDA error here is reported by the communicator's next call)
+    }
+  }
 
   void wait() override {
     check();
     done_->block(at::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(impl_->device_index)));
+    release();
   }
 
   void synchronize() override {
@@ -184,9 +202,16 @@ class NcclWork final : public Work {
       std::this_thread::sleep_for(std::chrono::microseconds(50));
     }
     check();
+    tensors_.clear();  // the collective is complete
   }
 
  private:
+  // The stream the tensors were taken on waits for the collective before their memory can be handed out again.
+  void release() {
+    if (tensors_.empty()) return;
+    done_->block(caller_);
+    tensors_.clear();
+  }
   void check() {
     std::lock_guard<std::mutex> lock(impl_->mu);
     if (!impl_->broken.empty()) fail(ErrorKind::Device, label_ + ": failed: " + impl_->broken);
@@ -195,6 +220,8 @@ class NcclWork final : public Work {
   ImplPtr impl_;
   std::shared_ptr<at::cuda::CUDAEvent> done_;
   std::string label_;
+  std::vector<at::Tensor> tensors_;
+  c10::cuda::CUDAStream caller_;
 };
 
 // Orders the communication stream after the caller's current stream, runs `issue` on it, and records the
@@ -205,13 +232,14 @@ std::unique_ptr<Work> launch(const ImplPtr& impl, const char* collective, std::i
   const auto dev = static_cast<c10::DeviceIndex>(impl->device_index);
   c10::cuda::CUDAGuard guard(dev);
   c10::cuda::CUDAStream comm_stream = *impl->stream;
+  const c10::cuda::CUDAStream caller = at::cuda::getCurrentCUDAStream(dev);
   at::cuda::CUDAEvent ready(cudaEventDisableTiming);
-  ready.record(at::cuda::getCurrentCUDAStream(dev));
+  ready.record(caller);
   ready.block(comm_stream);
-  // The caller may drop its tensors before the collective ran: tell the caching allocator not to hand their
-  // memory to the caller's stream until the communication stream is past this point.
+  // The caller may drop its tensors before the collective ran: the Work holds them (see NcclWork).
+  std::vector<at::Tensor> held;
   for (const at::Tensor& t : tensors)
-    if (t.numel() > 0) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), comm_stream);
+    if (t.numel() > 0) held.push_back(t);
 
   auto done = std::make_shared<at::cuda::CUDAEvent>(cudaEventDisableTiming);
   std::string label = impl->label(collective);
@@ -224,7 +252,7 @@ std::unique_ptr<Work> launch(const ImplPtr& impl, const char* collective, std::i
     done->record(comm_stream);
     impl->in_flight.push_back({done, Clock::now() + impl->options.timeout, label});
   }
-  return std::make_unique<NcclWork>(impl, std::move(done), std::move(label));
+  return std::make_unique<NcclWork>(impl, std::move(done), std::move(label), std::move(held), caller);
 }
 
 ncclUniqueId exchange_unique_id(NcclCommunicator::Impl& impl, const LaunchEnv& env) {
