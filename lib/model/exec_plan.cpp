@@ -277,7 +277,7 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   // The loss: a logits tile (at most 192 MiB; 64 MiB and two staging slices when lm_head streams) and dh in fp32.
   f.terms.emplace_back("loss_chunk", (p.lm_head_on_host ? 64.0 * 1024 * 1024 + 2 * 8192 * H * e : 192.0 * 1024 * 1024) +
                                    T * H * 4);
-  // The caching allocator's reserve beyond its peak. With expandable segments: 0.65 GiB and 6% of the tensors that
+  // The caching allocator's reserve beyond its peak. With expandable segments: 0.25 GiB and 6% of the tensors that
   // come and go within a block (the working set, the two offloaded blocks' kept tensors, the loss; not the weights,
   // embeddings, LoRA and optimizer state, allocated once, nor whole blocks' saved activations, made and freed in
   // step with the blocks: 8B 2 x 2048 without checkpointing took 21.47 GiB of the device, 0.9 less than 5% of them):
@@ -285,14 +285,19 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   // another. Fitted on an H200 under budgets (docs/PERFORMANCE.md, "Memory budget", fifth session): reserved less
   // allocated peak 0.73 GiB at 8B 1 x 4460 (1.9 GiB transient), 0.85 at 2 x 2048 (1.7), 1.16 at 1 x 32768 (8.5),
   // 0.46 at 70B 1 x 2048 (5.4: over-predicted by half a GiB); 8B 1 x 32800 at 11.1 GiB ran out of memory where
-  // 5% of all tensors and 0.05 GiB had predicted 11.03. Without expandable segments the activations' churn fragments
-  // the segments: its size again and 0.5 GiB.
+  // 5% of all tensors and 0.05 GiB had predicted 11.03. Those runs freed the offloaded tensors under record_stream,
+  // which made the allocator take new memory for the CPU's run-ahead until the budget was full (eighth session): since
+  // then reserved less peak is 0.37 GiB at 8B 1 x 8192 (2.7 GiB transient; 9 GiB budget, 17 or 25 blocks streamed:
+  // 0.37, 0.34) and 0.24 at 2 x 2048 (1.8; 8 GiB), with the device 1 GiB under the budget: the constant went from 0.65
+  // to 0.25 GiB (the longest rows not yet measured again; a run that runs out of memory in its first step starts
+  // again under a leaner plan). Without expandable segments the activations' churn fragments the segments: its size
+  // again and 0.5 GiB.
   double churn = 0;
   for (const auto& [name, bytes] : f.terms)
     if (name == "working_set" || name == "kept_activations" || name == "loss_chunk") churn += bytes;
   if (in.cuda)
     f.terms.emplace_back("allocator_reserve",
-                         p.expandable_segments ? 0.65 * kGiB + 0.06 * churn : churn + 0.5 * kGiB);
+                         p.expandable_segments ? 0.25 * kGiB + 0.06 * churn : churn + 0.5 * kGiB);
   return f;
 }
 
