@@ -214,7 +214,6 @@ TEST_CASE("a budget picks the fastest plan that fits, a smaller budget never nee
   const qt::Decision forced = qt::decide_plan(inputs("llama-3.1-8b", 2, 2048), leanest);
   char need[16];
   std::snprintf(need, sizeof need, "%.2f", forced.footprint.total() / kGiB);
-  INFO("forced: " << forced.footprint.to_json().dump());
   CHECK(forced.footprint.total() > 2 * kGiB);
   CHECK(has(refused->what(),
             "the run does not fit train.memory.gpu_memory_gib 2.00 GiB: its leanest plan (checkpointing, offloaded, "
@@ -223,9 +222,9 @@ TEST_CASE("a budget picks the fastest plan that fits, a smaller budget never nee
                 std::string(need) + " GiB of a 2.00 GiB budget) needs " + std::string(need) + " GiB. Lower "
             "train.micro_batch_size (now 2) or data.max_seq_len (now 2048), or free train.memory's forced settings, "
             "or use a GPU with more memory"));
-  // At 8 GiB, 8B at 8k keeps the embeddings on the host and chunks the MLP with lm_head still on the device; at 7
-  // the ladder streams lm_head from the host too; its leanest needs 6.38 GiB (8B 1 x 8192 completed so at 6.25 GiB
-  // on an H200). (The block weights on the device: streaming some of them is the ladder's other way down, tested
+  // At 8 GiB, 8B at 8k keeps the embeddings on the host and chunks the MLP with lm_head still on the device; at 6.8
+  // the ladder streams lm_head from the host too (8B 1 x 8192 completed with a plan of that kind at 6.25 GiB on an
+  // H200); lm_head forced onto the device needs 6.91 GiB. (The block weights on the device: streaming some of them is the ladder's other way down, tested
   // below.)
   qt::PlanRequest r;
   r.weights_on_host = false;
@@ -234,12 +233,12 @@ TEST_CASE("a budget picks the fastest plan that fits, a smaller budget never nee
   CHECK(lean.plan.embeddings_on_host);
   CHECK(lean.plan.mlp_chunk_tokens > 0);
   CHECK(!lean.plan.lm_head_on_host);
-  r.gpu_memory_gib = 7;
+  r.gpu_memory_gib = 6.8;
   const qt::Decision streamed = qt::decide_plan(in, r);
   CHECK(streamed.plan.lm_head_on_host);
   CHECK(streamed.footprint.total() < lean.footprint.total());
-  CHECK(streamed.footprint.total() <= 7 * kGiB);
-  // Forced to stay on the device, lm_head is not streamed, and 7 GiB is refused.
+  CHECK(streamed.footprint.total() <= 6.8 * kGiB);
+  // Forced to stay on the device, lm_head is not streamed, and 6.8 GiB is refused.
   r.lm_head_on_host = false;
   CHECK(error_of(in, r));
 }
@@ -1002,6 +1001,7 @@ TEST_CASE("the footprint against the H200's runs: what completed within a few pe
     int64_t chunk, streamed, held;
     double gib;
     bool completed;
+    double filled_peak = 0;  // > 0: record_stream filled the budget (gib); the allocated peak it measured
   };
   using K = qt::KeepLevel;
   const char* b8 = "llama-3.1-8b";
@@ -1011,7 +1011,7 @@ TEST_CASE("the footprint against the H200's runs: what completed within a few pe
       {"8B 2x2048 every block held, whole GPU", b8, 2, 2048, 16, false, false, K::Input, false, false, 0, 0, 32, 34.36, true},
       {"8B 1x8192 every block held, whole GPU", b8, 1, 8192, 16, false, false, K::Input, false, false, 0, 0, 32, 49.01, true},
       {"8B 1x2048 at 5.5 GiB", b8, 1, 2048, 16, true, true, K::Input, false, true, 0, 18, 0, 5.30, true},
-      {"8B 1x4460 at 7.4 GiB", b8, 1, 4460, 32, true, true, K::Qkv, true, false, 0, 26, 0, 7.40, true},
+      {"8B 1x4460 at 7.4 GiB", b8, 1, 4460, 32, true, true, K::Qkv, true, false, 0, 26, 0, 7.40, true, 5.84},
       {"8B 1x2048 at 5.5 GiB, 22 streamed", b8, 1, 2048, 16, true, true, K::Input, false, true, 0, 22, 0, 4.71, true},
       {"8B 2x2048 at 8 GiB", b8, 2, 2048, 16, true, true, K::Residual, true, false, 0, 17, 0, 6.97, true},
       {"8B 1x8192 at 9 GiB", b8, 1, 8192, 16, true, true, K::Residual, false, false, 0, 17, 0, 7.92, true},
@@ -1033,11 +1033,15 @@ TEST_CASE("the footprint against the H200's runs: what completed within a few pe
                                .plan();
     const double predicted = qt::predict_footprint(in, p).total() / kGiB;
     INFO("predicted " << predicted << " GiB, measured " << row.gib << " GiB");
-    if (row.completed) {
-      // Within 5% under and 8% over: the allocator's reserve is sized for speed at the budget's edge (8B 2 x 2048 at 8
-      // GiB ran at its predicted speed with it, 5-16% slower without), which the smallest row does not need.
+    if (row.completed && row.filled_peak > 0) {
+      // The device at the budget was record_stream's churn: the need lies between the allocated peak with the
+      // context and the least reserve measured since (0.24 GiB), and the budget.
+      CHECK(predicted >= row.filled_peak + 0.85 + 0.2);
+      CHECK(predicted <= 1.05 * row.gib);
+    } else if (row.completed) {
+      // Within 5% (issue 26's bound on the prediction against the driver's figure).
       CHECK(predicted >= 0.95 * row.gib);
-      CHECK(predicted <= 1.08 * row.gib);
+      CHECK(predicted <= 1.05 * row.gib);
     } else {
       CHECK(predicted > row.gib);
     }
