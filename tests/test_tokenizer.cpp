@@ -86,6 +86,26 @@ TEST_CASE("sentencepiece tokenizer gives the sentencepiece library's ids, specia
   check_parity("spm");
 }
 
+// Past 80 KB the text is encoded in pieces cut at single spaces (sentencepiece's own Encode takes ~250 bytes a
+// byte); the ids are the library's for the whole text.
+TEST_CASE("sentencepiece tokenizer on long text gives the library's ids for the whole text", "[tokenizer]") {
+  auto tok = qt::load_tokenizer(k_dir + "/spm");
+  const qt::Json& longs = model_cases("spm").at("long");
+  REQUIRE(longs.size() == 2);
+  for (const auto& c : longs) {
+    const std::string text = c.at("text");
+    const auto ids = ids_of(c.at("ids"));
+    REQUIRE(text.size() > 150000);
+    const auto got = tok->encode(text);
+    size_t first = 0;
+    while (first < std::min(got.size(), ids.size()) && got[first] == ids[first]) ++first;
+    INFO(text.size() << " bytes, " << ids.size() << " ids; first difference at id " << first);
+    CHECK(got == ids);
+    CHECK(tok->encode_with_special(text) == ids);
+    CHECK(tok->decode(ids) == text);
+  }
+}
+
 TEST_CASE("byte-level BPE gives tokenizers' ids (merges as pairs)", "[tokenizer]") {
   auto tok = qt::load_tokenizer(k_dir + "/bpe");
   CHECK(dynamic_cast<qt::BpeTokenizer*>(tok.get()) != nullptr);

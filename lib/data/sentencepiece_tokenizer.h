@@ -29,6 +29,8 @@ class SentencePieceTokenizer : public Tokenizer {
   TokenizerDefaults defaults() const override;
 
  private:
+  std::vector<int32_t> encode_whole(std::string_view text) const;
+
   std::string path_;
   std::unique_ptr<sentencepiece::SentencePieceProcessor> sp_;
   std::vector<std::pair<std::string, int32_t>> controls_;  // control pieces, longest first

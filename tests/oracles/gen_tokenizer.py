@@ -114,7 +114,26 @@ def make_spm(out, corpus_file):
     return {"dir": "spm", "vocab_size": sp.get_piece_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
             "add_bos": True, "add_eos": False, "chat_template": CHAT_TEMPLATE_L2,
             "pieces": {p: sp.piece_to_id(p) for p in ["<unk>", "<s>", "</s>", "<0x41>", "▁the"]},
-            "cases": cases}
+            "cases": cases,
+            "long": [{"text": t, "ids": sp.encode(t)} for t in long_texts()]}
+
+
+def long_texts():
+    """Texts past the C++ sentencepiece wrapper's 80 KB, which it encodes in pieces cut at single spaces: one of
+    ~300 KB of words, separators of every kind and lines of code, and one with 30 KB without a space in its middle
+    (where no cut is found and the rest is encoded whole)."""
+    rng = random.Random(99)
+    seps = [" "] * 8 + ["  ", "\n", "\t", " \n", "\n    ", ", ", ". "]
+    def words(nbytes):
+        parts, n = [], 0
+        while n < nbytes:
+            w = rng.choice(WORDS) if rng.random() < 0.7 else "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 5)))
+            if rng.random() < 0.01:
+                w = "x" * rng.randint(200, 400)  # a word longer than the cut's look-around
+            parts += [w, rng.choice(seps)]
+            n += len(w.encode()) + 1
+        return "".join(parts)
+    return [words(300_000), words(90_000) + "日本語のテキスト" * 1400 + words(90_000)]
 
 
 def make_bpe(out, lines):
