@@ -67,6 +67,9 @@ class Communicator {
   virtual at::Device device() const = 0;
   virtual const char* backend() const = 0;  // "nccl", "mpi", "single" (world size 1 without a launcher)
 
+  // CUDA: the tensors come from the pool of the caller's current stream (as any tensor made on it does); the Work
+  // holds them until that stream has waited for the collective (wait(), synchronize() or the Work's end), so the
+  // caller may drop them at once.
   virtual std::unique_ptr<Work> all_gather_into_tensor_async(const at::Tensor& out, const at::Tensor& in) = 0;
   virtual std::unique_ptr<Work> reduce_scatter_tensor_async(const at::Tensor& out, const at::Tensor& in,
                                                             ReduceOp op) = 0;

@@ -248,7 +248,17 @@ std::unique_ptr<Work> launch(const ImplPtr& impl, const char* collective, std::i
     impl->ensure_usable_locked(collective);
     // Empty tensors have null data pointers, which NCCL's argument checks may reject: nothing to move, no call
     // (every rank skips alike, since sizes agree across ranks).
-    if (count > 0) impl->settle_locked(collective, issue(impl->comm, comm_stream.stream()));
+    try {
+      if (count > 0) impl->settle_locked(collective, issue(impl->comm, comm_stream.stream()));
+    } catch (...) {
+      // The collective may be queued all the same (NCCL's in-progress state): its tensors are freed behind it.
+      try {
+        done->record(comm_stream);
+        done->block(caller);
+      } catch (...) {
+      }
+      throw;
+    }
     done->record(comm_stream);
     impl->in_flight.push_back({done, Clock::now() + impl->options.timeout, label});
   }

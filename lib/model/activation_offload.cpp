@@ -116,10 +116,12 @@ struct ActivationOffload::Impl {
   struct Copy {
     at::Tensor host, device;
     std::shared_ptr<at::cuda::CUDAEvent> done;
+    std::optional<c10::cuda::CUDAStream> compute;  // the stream `device` was allocated on
   };
-  struct Leaving {  // a tensor copied to the host: freed after the compute stream waits for `copied`
+  struct Leaving {  // a tensor copied to the host: freed after `compute` (its stream) waits for `copied`
     at::Tensor src;
     std::shared_ptr<at::cuda::CUDAEvent> copied;
+    c10::cuda::CUDAStream compute;
     int64_t block;  // the number of blocks noted before it
   };
   ModelStats* stats = nullptr;
@@ -132,25 +134,24 @@ struct ActivationOffload::Impl {
   int64_t noted = 0;
 
   ~Impl() {
-    settle(INT64_MAX);
-    for (auto& [ptr, c] : started) wait_for(c);
-  }
-  // The compute stream waits for the copies of the tensors offloaded before block `before`, which are then freed
-  // (their memory reused in the compute stream's order, after the copy). Called with the mutex held.
-  void settle(int64_t before) {
-    auto keep = leaving.begin();
-    for (auto it = leaving.begin(); it != leaving.end(); ++it) {
-      if (it->block < before) {
-        it->copied->block(c10::cuda::getCurrentCUDAStream(it->src.get_device()));
-      } else {
-        *keep++ = std::move(*it);
-      }
+    try {
+      settle(INT64_MAX);
+      for (auto& [ptr, c] : started) wait_for(c);
+    } catch (...) {  // (a CUDA error: the step that hit it has reported it)
     }
-    leaving.erase(keep, leaving.end());
   }
-  // A fetched copy dropped without being taken: the compute stream waits for it before its memory is reused.
+  // The stream each tensor was allocated on waits for the copies of the tensors offloaded before block `before`,
+  // which are then freed (their memory reused in that stream's order, after the copy). Called with the mutex held.
+  // Every wait is queued before any tensor is let go, so a CUDA error part way leaves the list whole.
+  void settle(int64_t before) {
+    for (const Leaving& l : leaving)
+      if (l.block < before) l.copied->block(l.compute);
+    leaving.erase(std::remove_if(leaving.begin(), leaving.end(), [&](const Leaving& l) { return l.block < before; }),
+                  leaving.end());
+  }
+  // A fetched copy dropped without being taken: its stream waits for it before its memory is reused.
   static void wait_for(Copy& c) {
-    if (c.done && c.device.defined()) c.done->block(c10::cuda::getCurrentCUDAStream(c.device.get_device()));
+    if (c.done && c.device.defined() && c.compute) c.done->block(*c.compute);
   }
 
   c10::cuda::CUDAStream side(c10::DeviceIndex device) {
@@ -185,7 +186,8 @@ at::Tensor ActivationOffload::to_host(const at::Tensor& h) {
   auto copied = std::make_shared<at::cuda::CUDAEvent>();
   copied->record(side);
   std::lock_guard<std::mutex> lock(impl_->mutex);
-  impl_->leaving.push_back({src, std::move(copied), impl_->noted});
+  // (src comes from the compute stream's pool: the block's forward pass made it, or contiguous() just now.)
+  impl_->leaving.push_back({src, std::move(copied), current, impl_->noted});
   return host;
 }
 
@@ -211,12 +213,13 @@ void ActivationOffload::start(int64_t layer, const at::Device& device) {
     impl_->offloaded.erase(it);
   }
   const c10::cuda::CUDAStream side = impl_->side(device.index());
+  const c10::cuda::CUDAStream compute = c10::cuda::getCurrentCUDAStream(device.index());
   at::cuda::CUDAEvent ready;
-  ready.record(c10::cuda::getCurrentCUDAStream(device.index()));
+  ready.record(compute);
   ready.block(side);
   for (const at::Tensor& host : hosts) {
     Impl::Copy c{host, at::empty_strided(host.sizes(), host.strides(), host.options().device(device)),
-                 std::make_shared<at::cuda::CUDAEvent>()};
+                 std::make_shared<at::cuda::CUDAEvent>(), compute};
     {
       c10::cuda::CUDAStreamGuard guard(side);
       c.device.copy_(host, /*non_blocking=*/true);
@@ -244,7 +247,9 @@ at::Tensor ActivationOffload::take(const at::Tensor& host, const at::Device& dev
   }
   if (!c) return impl_->fetch(host, device);
   if (impl_->stats) ++impl_->stats->prefetched_offloads;
-  c->done->block(c10::cuda::getCurrentCUDAStream(device.index()));
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device.index());
+  c->done->block(current);
+  if (c->compute && *c->compute != current) c->done->block(*c->compute);  // (the pool its memory returns to)
   return c->device;
 }
 
