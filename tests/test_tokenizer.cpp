@@ -1,5 +1,6 @@
 // Tokenizer parity with the reference libraries. Expected ids come from tests/oracles/gen_tokenizer.py
 // (sentencepiece, tokenizers) at fixture time; nothing here is hard-coded.
+#include <functional>
 #include <set>
 
 #include <unistd.h>
@@ -215,6 +216,29 @@ TEST_CASE("load_tokenizer reports missing, malformed and unsupported tokenizer f
   SECTION("tokenizer.json whose model is not BPE") {
     check_load_error(k_dir + "/bad_wordpiece", "bad_wordpiece/tokenizer.json", "WordPiece");
   }
+}
+
+// Found by fuzzing: a negative added id wrote out of bounds, 2^32 + 5 wrapped to 5, an id of 1e9 built a table of
+// 1e9 strings, a field of another type or a missing key deep in the file was an internal error.
+TEST_CASE("tokenizer.json with ids out of range or fields of the wrong type is a model error naming it", "[tokenizer]") {
+  const qt::Json good = qt::read_json_file(k_dir + "/bpe/tokenizer.json", qt::ErrorKind::Internal);
+  int n = 0;
+  auto broken = [&](const std::function<void(qt::Json&)>& edit, const std::string& where, const std::string& says) {
+    const std::string dir = qt::test::scratch_dir("tokenizer_broken_" + std::to_string(n++));
+    qt::files::copy_file(k_dir + "/bpe/tokenizer_config.json", dir + "/tokenizer_config.json");
+    qt::Json doc = good;
+    edit(doc);
+    qt::write_json_file(dir + "/tokenizer.json", doc);
+    check_load_error(dir, where, says);
+  };
+  const qt::Json extra = {{"id", -5}, {"content", "<x>"}, {"special", true}};
+  broken([&](qt::Json& t) { t["added_tokens"].push_back(extra); }, "key 'added_tokens'", "32-bit integer id");
+  broken([&](qt::Json& t) { t["added_tokens"].push_back(qt::Json{{"id", (int64_t{1} << 32) + 5}, {"content", "<x>"}}); },
+         "key 'added_tokens'", "32-bit integer id");
+  broken([&](qt::Json& t) { t["model"]["vocab"]["zzz"] = 1000000000; }, "key 'model.vocab'", "far beyond");
+  broken([&](qt::Json& t) { t["added_tokens"][0]["special"] = "yes"; }, "key 'added_tokens'", "true or false");
+  broken([&](qt::Json& t) { t["pre_tokenizer"]["pretokenizers"][0]["behavior"] = 5; }, "tokenizer file",
+         "unexpected type");
 }
 
 TEST_CASE("sentencepiece model alone: BOS/EOS from the model, BOS added as transformers' LlamaTokenizer does",

@@ -196,8 +196,9 @@ BpeTokenizer::BpeTokenizer(const Json& doc, const std::string& path) {
   int32_t max_id = -1;
   vocab_.reserve(vocab->size());
   for (const auto& item : vocab->items()) {
-    if (!item.value().is_number_integer() || item.value().get<int64_t>() < 0)
-      fail("model.vocab." + item.key(), "expected a non-negative integer id, got " + item.value().dump());
+    if (!item.value().is_number_integer() || item.value().get<int64_t>() < 0 ||
+        item.value().get<int64_t>() > INT32_MAX)
+      fail("model.vocab." + item.key(), "expected a non-negative 32-bit integer id, got " + item.value().dump());
     int32_t id = item.value().get<int32_t>();
     vocab_.emplace(item.key(), id);
     max_id = std::max(max_id, id);
@@ -205,12 +206,26 @@ BpeTokenizer::BpeTokenizer(const Json& doc, const std::string& path) {
   const Json* added = find_member(doc, "added_tokens");
   if (added) {
     for (const auto& t : *added) {
-      if (!t.contains("id") || !t.contains("content") || !t["id"].is_number_integer() || !t["content"].is_string())
-        fail("added_tokens", "expected entries with an integer id and a string content, got " + t.dump());
+      if (!t.is_object() || !t.contains("id") || !t.contains("content") || !t["id"].is_number_integer() ||
+          !t["content"].is_string() || t["id"].get<int64_t>() < 0 || t["id"].get<int64_t>() > INT32_MAX)
+        fail("added_tokens", "expected entries with a non-negative 32-bit integer id and a string content, got " +
+                                 t.dump().substr(0, 200));
+      if (const Json* sp = find_member(t, "special"); sp && !sp->is_boolean())
+        fail("added_tokens", "expected \"special\" true or false, got " + t.dump().substr(0, 200));
       added_.push_back({t["content"].get<std::string>(), t["id"].get<int32_t>(), t.value("special", false)});
       max_id = std::max(max_id, added_.back().id);
     }
   }
+  // Ids number the tokens from 0 (a few unused ones at most): one far beyond their count is a broken file, whose
+  // table of max_id strings would take the host's memory.
+  const int64_t count = static_cast<int64_t>(vocab_.size() + added_.size());
+  if (max_id >= 2 * count + 1024)
+    fail(max_id >= 0 && !added_.empty() && std::any_of(added_.begin(), added_.end(),
+                                                        [&](const AddedToken& a) { return a.id == max_id; })
+             ? "added_tokens"
+             : "model.vocab",
+         "id " + std::to_string(max_id) + " is far beyond the " + std::to_string(count) +
+             " tokens (ids number the tokens from 0)");
   id_to_token_.assign(max_id + 1, "");
   for (const auto& [token, id] : vocab_) id_to_token_[id] = token;
   for (const auto& t : added_) id_to_token_[t.id] = t.content;

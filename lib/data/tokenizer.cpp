@@ -89,7 +89,9 @@ std::string chat_template(const Json& cfg, const std::string& dir, const std::st
 
 }  // namespace
 
-std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir) {
+// A field of an unexpected type deep in a tokenizer file (nlohmann's type errors) is the file's fault: a model
+// error naming the directory's tokenizer files, not an internal error.
+std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir) try {
   const std::string& dir = model_dir;
   if (!files::is_dir(dir))
     fail_at(ErrorKind::Model, model_dir, "not a directory (expected a model directory with tokenizer files)");
@@ -149,6 +151,10 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir) {
     fail_key(ErrorKind::Model, cfg_file, "add_eos_token", "is true but the tokenizer has no EOS token");
   tok->chat_template_ = chat_template(cfg, dir, cfg_file);
   return tok;
+} catch (const nlohmann::json::exception& e) {
+  fail_at(ErrorKind::Model, model_dir,
+          std::string("a tokenizer file (tokenizer.json, tokenizer_config.json or special_tokens_map.json) holds a "
+                      "field of an unexpected type or lacks a key: ") + e.what());
 }
 
 namespace {
