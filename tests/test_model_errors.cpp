@@ -2,6 +2,8 @@
 #include <ATen/ATen.h>
 
 #include <fstream>
+#include <functional>
+#include <optional>
 #include <limits>
 
 #include "lib/core/error.h"
@@ -145,6 +147,19 @@ TEST_CASE("model loader reports bad model directories with the file and key", "[
     qt::write_json_file(dir + "/config.json", j);
     require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"config.json", "num_attention_heads", "integer"});
   }
+  SECTION("num_hidden_layers beyond the layers the files hold, or beyond any model") {
+    // Found by fuzzing: 1e6 built a million layers' state (4.3 GB) before a tensor was missing; 1e12 bad_alloc.
+    std::string dir = copy_model("many_layers");
+    qt::Json j = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);
+    const int64_t held = j["num_hidden_layers"].get<int64_t>();
+    j["num_hidden_layers"] = held + 3;
+    qt::write_json_file(dir + "/config.json", j);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
+                  {"config.json", "num_hidden_layers", "model.layers." + std::to_string(held) + " is missing"});
+    j["num_hidden_layers"] = int64_t{1000000000000};
+    qt::write_json_file(dir + "/config.json", j);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"num_hidden_layers", "at most 4096"});
+  }
   SECTION("config.json of another architecture") {
     std::string dir = copy_model("other_arch");
     qt::Json j = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);
@@ -252,4 +267,52 @@ TEST_CASE("model loader reports bad model directories with the file and key", "[
     require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
                   {"model.safetensors.index.json", "not a file name in the model directory"});
   }
+}
+
+// As transformers 5.17 reads config.json (found by fuzzing, each gave other logits than transformers with exit 0):
+// LlamaConfig has no sliding window and ignores the key, MistralConfig's is 4096 when absent; a rope_parameters'
+// rope_theta wins over a top-level one (convert_rope_params_to_dict's setdefault); a non-empty rope_scaling replaces
+// rope_parameters; a top-level original_max_position_embeddings wins for llama3 as for yarn (standardize_rope_params,
+// run again when the rope is computed).
+TEST_CASE("config.json keys read with transformers' precedence", "[llama][errors]") {
+  const qt::Json base = {{"hidden_size", 64}, {"intermediate_size", 128}, {"num_hidden_layers", 2},
+                         {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"vocab_size", 512},
+                         {"max_position_embeddings", 2048}};
+  auto parse = [&](const std::function<void(qt::Json&)>& edit) {
+    qt::Json j = base;
+    edit(j);
+    return qt::LlamaConfig::from_json(j, "config.json");
+  };
+  CHECK(!parse([](qt::Json& j) { j["sliding_window"] = 8; }).sliding_window);
+  CHECK(parse([](qt::Json& j) { j["model_type"] = "mistral"; }).sliding_window == std::optional<int64_t>(4096));
+  CHECK(!parse([](qt::Json& j) { j["model_type"] = "mistral"; j["sliding_window"] = nullptr; }).sliding_window);
+  CHECK(parse([](qt::Json& j) { j["model_type"] = "mistral"; j["sliding_window"] = 8; }).sliding_window ==
+        std::optional<int64_t>(8));
+  CHECK(parse([](qt::Json& j) {
+          j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 10000.0}};
+          j["rope_theta"] = 500000.0;
+        }).rope.theta == 10000.0);
+  CHECK(parse([](qt::Json& j) {
+          j["rope_parameters"] = {{"rope_type", "default"}};
+          j["rope_theta"] = 500000.0;
+        }).rope.theta == 500000.0);
+  const qt::Json llama3 = {{"rope_type", "llama3"}, {"factor", 8.0}, {"low_freq_factor", 1.0},
+                           {"high_freq_factor", 4.0}, {"original_max_position_embeddings", 256}};
+  const qt::LlamaConfig scaled = parse([&](qt::Json& j) {
+    j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 1000.0}};
+    j["rope_scaling"] = llama3;
+    j["rope_theta"] = 500000.0;
+  });
+  CHECK(scaled.rope.type == qt::RopeType::Llama3);
+  CHECK(scaled.rope.theta == 500000.0);
+  CHECK(scaled.rope.original_max_position_embeddings == 256);
+  CHECK(parse([&](qt::Json& j) {
+          j["rope_scaling"] = llama3;
+          j["original_max_position_embeddings"] = 64;
+        }).rope.original_max_position_embeddings == 64);
+  CHECK(parse([&](qt::Json& j) {
+          qt::Json l = llama3;
+          l.erase("original_max_position_embeddings");
+          j["rope_scaling"] = l;
+        }).rope.original_max_position_embeddings == 2048);
 }

@@ -244,6 +244,20 @@ int run_eval(const EvalArgs& given) {
   // Records read, rendered and masked by training's code (lib/data/records.h), before the model loads.
   const std::vector<qt::Example> docs =
       with_option_names([&] { return qt::load_examples(args.data, data, *tokenizer); });
+  // Token ids within the model's embeddings (as training and generate check): a tokenizer with more ids than the
+  // model, or a tokenized record's id, would fail inside the embedding lookup.
+  {
+    const qt::LlamaConfig config =
+        qt::LlamaConfig::from_file(qt::files::join(args.model, "config.json"));
+    for (const qt::Example& e : docs)
+      for (int32_t id : e.ids)
+        if (id < 0 || id >= config.vocab_size)
+          qt::fail_at(qt::ErrorKind::Model, qt::files::join(args.model, "config.json"),
+                      "vocab_size " + std::to_string(config.vocab_size) + ", but " + args.data + " line " +
+                          std::to_string(e.line) + " holds token id " + std::to_string(id) +
+                          " (as the tokenizer gives it, or as the record writes it): the tokenizer, the data and the "
+                          "model do not belong together");
+  }
   qt::LlamaModel model = qt::load_llama(args.model, load);
   if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
   apply_plan(model, device, args.max_seq_len);

@@ -1,5 +1,7 @@
 #include "lib/model/hf_loader.h"
 
+#include <algorithm>
+
 #include <ATen/ATen.h>
 
 #include <cmath>
@@ -128,7 +130,34 @@ void check_finite(const Nf4Weight& w, const std::string& file, const std::string
 LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   ModelFiles files = find_model_files(dir);
   const Json config_json = read_json_file(files.config_path, ErrorKind::Model);
-  LlamaModel model(LlamaConfig::from_json(config_json, files.config_path));
+  const LlamaConfig config = LlamaConfig::from_json(config_json, files.config_path);
+  // The layers the files hold, before the model's layers are built (a num_hidden_layers of 1e6 built a million
+  // layers' state before a tensor was found missing).
+  {
+    int64_t layers_held = 0;
+    const std::string prefix = "model.layers.";
+    auto note = [&](const std::string& name) {
+      if (name.compare(0, prefix.size(), prefix) != 0) return;
+      const size_t end = name.find('.', prefix.size());
+      const std::string n = name.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
+      if (!n.empty() && n.size() < 10 && std::all_of(n.begin(), n.end(), ::isdigit))
+        layers_held = std::max<int64_t>(layers_held, std::stoll(n) + 1);
+    };
+    if (!files.weight_map.empty()) {
+      for (const auto& [name, shard] : files.weight_map) note(name);
+    } else {
+      for (const auto& shard : files.shards) {
+        const SafetensorsFile file(shard);
+        for (const auto& info : file.tensors()) note(info.name);
+      }
+    }
+    if (config.num_hidden_layers > layers_held)
+      fail_key(ErrorKind::Model, files.config_path, "num_hidden_layers",
+               std::to_string(config.num_hidden_layers) + ", but the safetensors files hold " +
+                   (layers_held ? "layers 0 to " + std::to_string(layers_held - 1) : std::string("no layers")) +
+                   " (model.layers." + std::to_string(layers_held) + " is missing)");
+  }
+  LlamaModel model(config);
   const bool prequantized = is_prequantized_nf4(config_json, files.config_path);
   std::map<std::string, Linear*> linears;  // "<module>.weight" -> linear
   model.for_each_linear([&](const std::string& name, Linear& l) { linears[name + ".weight"] = &l; });

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 
 namespace qt {
 
@@ -49,22 +50,31 @@ const char* rope_type_name(RopeType type) {
 static RopeConfig parse_rope(const Json& j, const std::string& file, int64_t max_position_embeddings) {
   RopeConfig rope;
   // 5.x: rope_parameters {rope_type, rope_theta, factor, ...}; 4.x: rope_theta + rope_scaling {rope_type|type, ...}.
+  // As transformers' convert_rope_params_to_dict: a non-empty rope_scaling replaces rope_parameters; the dict's
+  // rope_theta wins over a top-level one.
   const Json* scaling = nullptr;
   std::string scaling_key;
-  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+  if (j.contains("rope_scaling") && !j["rope_scaling"].is_null()) {
+    if (!j["rope_scaling"].is_object()) fail_key(ErrorKind::Model, file, "rope_scaling", "expected an object or null");
+    if (!j["rope_scaling"].empty()) {
+      scaling = &j["rope_scaling"];
+      scaling_key = "rope_scaling";
+    }
+  }
+  if (!scaling && j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
     scaling = &j["rope_parameters"];
     scaling_key = "rope_parameters";
-    JsonReader r{*scaling, file, ErrorKind::Model, "rope_parameters."};
-    if (r.has("rope_theta")) rope.theta = r.get_double("rope_theta");
   }
   JsonReader top{j, file, ErrorKind::Model};
-  if (top.has("rope_theta")) rope.theta = top.get_double("rope_theta");
-  if (top.has("rope_scaling")) {
-    if (!j["rope_scaling"].is_object()) fail_key(ErrorKind::Model, file, "rope_scaling", "expected an object or null");
-    scaling = &j["rope_scaling"];
-    scaling_key = "rope_scaling";
+  std::string theta_key = "rope_theta";
+  if (scaling && scaling->contains("rope_theta")) {
+    JsonReader r{*scaling, file, ErrorKind::Model, scaling_key + "."};
+    rope.theta = r.get_double("rope_theta");
+    theta_key = scaling_key + ".rope_theta";
+  } else if (top.has("rope_theta")) {
+    rope.theta = top.get_double("rope_theta");
   }
-  if (!(rope.theta > 0)) fail_key(ErrorKind::Model, file, "rope_theta", "must be positive");
+  if (!(rope.theta > 0)) fail_key(ErrorKind::Model, file, theta_key, "must be positive");
   if (!scaling) return rope;
   JsonReader s{*scaling, file, ErrorKind::Model, scaling_key + "."};
   std::string type = s.has("rope_type") ? s.get_string("rope_type") : s.get_string("type", "default");
@@ -121,7 +131,14 @@ static RopeConfig parse_rope(const Json& j, const std::string& file, int64_t max
     rope.factor = s.get_double("factor");
     rope.low_freq_factor = s.get_double("low_freq_factor");
     rope.high_freq_factor = s.get_double("high_freq_factor");
-    rope.original_max_position_embeddings = s.get_int("original_max_position_embeddings");
+    // As for yarn (transformers' standardize_rope_params): a top-level original_max_position_embeddings wins, else
+    // the dict's, else max_position_embeddings.
+    if (top.has("original_max_position_embeddings"))
+      rope.original_max_position_embeddings = top.get_int("original_max_position_embeddings");
+    else if (s.has("original_max_position_embeddings"))
+      rope.original_max_position_embeddings = s.get_int("original_max_position_embeddings");
+    else
+      rope.original_max_position_embeddings = max_position_embeddings;
     if (!(rope.factor > 0) || !(rope.high_freq_factor > rope.low_freq_factor) || rope.original_max_position_embeddings <= 0)
       fail_key(ErrorKind::Model, file, scaling_key,
                "llama3 scaling needs factor > 0, high_freq_factor > low_freq_factor and original_max_position_embeddings > 0");
@@ -164,6 +181,16 @@ LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
                         {"num_key_value_heads", c.num_key_value_heads},
                         {"vocab_size", c.vocab_size}})
     if (v <= 0) fail_key(ErrorKind::Model, file, key, "must be a positive integer, got " + std::to_string(v));
+  // Far beyond any LLaMA-family model (405B: 126 layers, hidden 16384, vocab 128256; Qwen: 152k): a broken file,
+  // whose per-layer state or shapes would take the host's memory before anything else was checked.
+  for (auto [key, v, most] : {std::tuple<const char*, int64_t, int64_t>{"num_hidden_layers", c.num_hidden_layers, 4096},
+                              {"hidden_size", c.hidden_size, int64_t{1} << 20},
+                              {"intermediate_size", c.intermediate_size, int64_t{1} << 22},
+                              {"num_attention_heads", c.num_attention_heads, int64_t{1} << 16},
+                              {"vocab_size", c.vocab_size, int64_t{1} << 26}})
+    if (v > most)
+      fail_key(ErrorKind::Model, file, key, std::to_string(v) + " is beyond what this trainer takes (at most " +
+                                                std::to_string(most) + ")");
   if (c.num_attention_heads % c.num_key_value_heads != 0)
     fail_key(ErrorKind::Model, file, "num_key_value_heads",
              std::to_string(c.num_key_value_heads) + " does not divide num_attention_heads " +
@@ -190,10 +217,16 @@ LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
   if (qwen && r.get_bool("use_sliding_window", false))
     fail_key(ErrorKind::Model, file, "use_sliding_window",
              "is true: Qwen's sliding window on the layers from max_window_layers on is not supported");
-  if (r.has("sliding_window") && !qwen) {
-    c.sliding_window = r.get_int("sliding_window");
-    if (*c.sliding_window <= 0)
-      fail_key(ErrorKind::Model, file, "sliding_window", "must be a positive integer or null");
+  // Mistral's window (transformers' MistralConfig: 4096 when the key is absent, none when null). LlamaConfig has no
+  // sliding window and ignores the key (some conversions keep it): so do we.
+  if (c.model_type == "mistral") {
+    if (r.has("sliding_window")) {
+      c.sliding_window = r.get_int("sliding_window");
+      if (*c.sliding_window <= 0)
+        fail_key(ErrorKind::Model, file, "sliding_window", "must be a positive integer or null");
+    } else if (!j.contains("sliding_window")) {
+      c.sliding_window = 4096;
+    }
   }
   if (r.has("bos_token_id") && j["bos_token_id"].is_number_integer()) c.bos_token_id = r.get_int("bos_token_id");
   if (r.has("eos_token_id") && j["eos_token_id"].is_number_integer()) c.eos_token_id = r.get_int("eos_token_id");

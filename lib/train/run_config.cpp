@@ -33,6 +33,8 @@ void apply_override(Json& json, const std::string& assignment) {
     value = Json::parse(text);
   } catch (const Json::parse_error&) {
     value = text;  // a bare word is a string
+  } catch (const Json::out_of_range&) {  // a number beyond a double's range (1e400), as in a config file
+    fail(ErrorKind::Config, "--set '" + assignment + "': the value is a number out of range (beyond a double)");
   }
   Json* node = &json;
   size_t start = 0;

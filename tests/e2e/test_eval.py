@@ -63,6 +63,28 @@ def main():
                   ["notext.jsonl:1", "'text'"]))
     cases.append((("eval", "--model", str(tmp / "model"), "--data", str(notext)), 5,
                   ["notext.jsonl:1", "cannot tell the record's format", "txt"]))
+    # A tokenized record with an id beyond the model's embeddings (found by fuzzing: an internal error in the lookup).
+    # (A model of fewer embeddings than its tokenizer's ids: the same weights, the embedding rows cut to 300.)
+    import shutil
+    from safetensors.torch import load_file, save_file
+    small = tmp / "small_vocab"
+    shutil.copytree(tmp / "model", small)
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["vocab_size"] = 300
+    (small / "config.json").write_text(json.dumps(cfg))
+    st = load_file(str(small / "model.safetensors"))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        if k in st:
+            st[k] = st[k][:300].clone()
+    save_file(st, str(small / "model.safetensors"), metadata={"format": "pt"})
+    big = tmp / "bigid.jsonl"
+    big.write_text(json.dumps({"input_ids": [1, 350, 5, 6]}) + "\n")
+    cases.append((("eval", "--model", str(small), "--data", str(big), "--format", "tokenized", "--quant", "none"), 4,
+                  ["config.json", "vocab_size 300", "bigid.jsonl line 1", "token id 350"]))
+    cases.append((("eval", "--model", str(small), "--data", str(data), "--quant", "none"), 4,
+                  ["config.json", "vocab_size 300", "do not belong together"]))
+    # A number beyond a double through --set (an internal error; in a config file it was a config error).
+    cases.append((("plan", "--shape", "llama-3.2-1b", "--set", "optim.lr=1e999"), 3, ["optim.lr=1e999", "out of range"]))
     failures += exit_case_failures(run, cases)
     for v in ("--help", "--version"):
         p = run(v)
