@@ -138,7 +138,11 @@ void SafetensorsFile::open() {
                       Json(t.shape).dump() + " of " + t.dtype);
       tensors_.push_back(std::move(t));
     }
-    std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) { return a.begin < b.begin; });
+    // By start, then end: a zero-size tensor at [n, n] comes before the one that starts at n (safetensors writes
+    // them so), and neither overlaps the other.
+    std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
+      return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+    });
     for (size_t i = 0; i < tensors_.size(); ++i) {
       if (i > 0 && tensors_[i].begin < tensors_[i - 1].end)
         bad(path, "tensors '" + tensors_[i - 1].name + "' and '" + tensors_[i].name + "' overlap");
