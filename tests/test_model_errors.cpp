@@ -162,6 +162,29 @@ TEST_CASE("model loader reports bad model directories with the file and key", "[
     qt::write_json_file(dir + "/config.json", j);
     require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"num_hidden_layers", "at most 4096"});
   }
+  SECTION("tie_word_embeddings true with an lm_head.weight that differs from the embeddings") {
+    // Found by fuzzing: lm_head.weight was dropped and the two tied, where transformers keeps them apart.
+    std::string dir = copy_model("tied_differs");
+    qt::Json j = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);
+    j["tie_word_embeddings"] = true;
+    qt::write_json_file(dir + "/config.json", j);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
+                  {"model.safetensors", "lm_head.weight", "differs from model.embed_tokens.weight", "tie_word_embeddings"});
+    // Equal, as some exports keep both: tied.
+    std::vector<std::pair<std::string, at::Tensor>> tensors;
+    {
+      qt::SafetensorsFile f(dir + "/model.safetensors");
+      for (const auto& info : f.tensors()) tensors.emplace_back(info.name, f.view(info.name).clone());
+    }
+    at::Tensor embed;
+    for (auto& [name, t] : tensors)
+      if (name == "model.embed_tokens.weight") embed = t;
+    for (auto& [name, t] : tensors)
+      if (name == "lm_head.weight") t = embed.clone();
+    qt::save_safetensors(dir + "/model.safetensors", tensors, {{"format", "pt"}});
+    const qt::LlamaModel m = qt::load_llama(dir, {});
+    CHECK(m.lm_head.is_same(m.embed_tokens));
+  }
   SECTION("config.json of another architecture") {
     std::string dir = copy_model("other_arch");
     qt::Json j = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);

@@ -164,6 +164,8 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   std::map<std::string, at::Tensor*> wanted;
   for (auto& [name, ptr] : model.named_tensors()) wanted[name] = ptr;
   std::set<std::string> loaded, seen;
+  at::Tensor tied_head;  // lm_head.weight in the files of a tied model
+  std::string tied_head_shard;
   for (const auto& shard : files.shards) {
     SafetensorsFile file(shard);  // mapped for this shard only
     for (const auto& info : file.tensors()) {
@@ -202,7 +204,14 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
         continue;  // statistics of a quantized linear, read with its ".weight"
       auto it = wanted.find(info.name);
       if (it == wanted.end()) {
-        if (info.name == "lm_head.weight" && model.config.tie_word_embeddings) continue;  // some exports keep both
+        if (info.name == "lm_head.weight" && model.config.tie_word_embeddings) {
+          // Some exports keep both, equal. One that differs is not a tied model: transformers then keeps the two
+          // apart (a warning), which a run here must not silently undo.
+          check_dense(model.config, shard, info);
+          tied_head = file.load(info.name, options.dtype, at::kCPU);
+          tied_head_shard = shard;
+          continue;
+        }
         if (info.name.find("rotary_emb.inv_freq") != std::string::npos) continue;        // recomputed from config
         fail_key(ErrorKind::Model, shard, info.name,
                  "unexpected tensor (a layer this LLaMA implementation does not have: biases that config.json's "
@@ -233,6 +242,11 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   for (const auto& [name, l] : linears)
     if (!loaded.count(name))
       fail_at(ErrorKind::Model, dir, "tensor '" + name + "' is missing from the safetensors files");
+  if (tied_head.defined() && !at::equal(tied_head, model.embed_tokens.to(at::kCPU)))
+    fail_key(ErrorKind::Model, tied_head_shard, "lm_head.weight",
+             "differs from model.embed_tokens.weight while " + files.config_path +
+                 " says tie_word_embeddings true (transformers then uses lm_head.weight, untied): set "
+                 "tie_word_embeddings to false to train this model so, or drop lm_head.weight to tie them");
   if (model.config.tie_word_embeddings) model.lm_head = model.embed_tokens;
   log::debug("loaded " + std::to_string(loaded.size()) + " tensors from " + dir);
   return model;
