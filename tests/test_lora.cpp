@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/function.h>
@@ -1301,6 +1302,12 @@ TEST_CASE("generation stops at a stop id and top-p keeps the nucleus transformer
   }
   s.temperature = 0;
   CHECK(qt::choose_next_token(at::tensor({1.0f, 3.0f, 3.0f}), s, gen) == 1);  // ties: the lowest id, as torch.argmax
+  // Non-finite logits (a broken model): an error, greedy or sampled, not token 0 every step.
+  const at::Tensor nan_logits = at::tensor({1.0f, std::numeric_limits<float>::quiet_NaN(), 3.0f});
+  CHECK(has(error_of([&] { qt::choose_next_token(nan_logits, s, gen); }), "NaN or infinite"));
+  s.temperature = 0.7;
+  CHECK(has(error_of([&] { qt::choose_next_token(nan_logits, s, gen); }), "NaN or infinite"));
+  s.temperature = 0;
   CHECK(has(error_of([&] { qt::generate_tokens(model, {}, o); }), "prompt"));
 }
 

@@ -12,6 +12,10 @@ namespace qt {
 
 int64_t choose_next_token(const at::Tensor& logits_row, const GenerateOptions& o, at::Generator& gen) {
   at::Tensor logits = logits_row.detach().to(at::kCPU, at::kFloat).reshape({-1});
+  // (Greedy decoding of NaN logits printed token 0 every step with exit 0; sampling ended in an internal error.)
+  if (!at::isfinite(logits).all().item<bool>())
+    fail(ErrorKind::Numeric, "generate: the model's next-token logits hold NaN or infinite values (a broken model "
+                             "directory or adapter: its weights, or the NF4 statistics of a pre-quantized one)");
   if (o.temperature == 0) return logits.argmax().item<int64_t>();
   at::Tensor probs = at::softmax(logits / o.temperature, 0);
   if (o.top_p < 1.0) {

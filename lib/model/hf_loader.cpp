@@ -122,8 +122,11 @@ void check_finite(const at::Tensor& t, const std::string& file, const std::strin
 
 // Its block scales are the largest magnitude of each block, so a NaN or an infinity anywhere in the weight shows in
 // them (and in their double quantization's statistics).
+// The code maps too (a pre-quantized file brings its own): a NaN there made every weight of that code NaN.
 void check_finite(const Nf4Weight& w, const std::string& file, const std::string& name) {
   check_finite(w.data.nested_absmax, file, name);
+  check_finite(w.data.quant_map, file, name + ".quant_map");
+  check_finite(w.data.nested_map, file, name + ".nested_quant_map");
   if (!std::isfinite(w.data.offset)) fail_key(ErrorKind::Model, file, name, "holds NaN or infinite values");
 }
 

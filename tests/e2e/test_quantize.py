@@ -81,6 +81,21 @@ def main():
         failures.append(f"truncated absmax: exit {p.returncode}, {p.stderr!r}")
     else:
         print("ok:", p.stderr.strip().splitlines()[-1])
+    # A NaN in a pre-quantized file's code map (found by fuzzing: loaded, generate printed token 0 with exit 0).
+    for suffix in ("quant_map", "nested_quant_map"):
+        bad = tmp / suffix
+        shutil.copytree(tmp / "q", bad)
+        t = load_file(bad / "model.safetensors")
+        key = "model.layers.0.mlp.down_proj.weight." + suffix
+        t[key][3] = float("nan")
+        save_file(t, bad / "model.safetensors")
+        for cmd in (("eval", "--model", str(bad), "--data", str(data)),
+                    ("generate", "--model", str(bad), "--prompt", "hello", "--max-new-tokens", "2")):
+            p = run(*cmd)
+            if p.returncode != 4 or key not in p.stderr or "NaN" not in p.stderr:
+                failures.append(f"NaN {suffix}, {cmd[0]}: exit {p.returncode}, {p.stderr[-300:]!r}")
+            else:
+                print("ok:", p.stderr.strip().splitlines()[-1])
     p = run("quantize", "--model", str(tmp / "q"), "--out", str(tmp / "qq"))
     if p.returncode != 4 or "already quantized" not in p.stderr:
         failures.append(f"re-quantize: exit {p.returncode}, {p.stderr!r}")
