@@ -11,6 +11,7 @@
 #include "lib/core/json.h"
 #include "lib/core/safetensors.h"
 #include "lib/model/hf_loader.h"
+#include "lib/model/quantize_model.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -269,6 +270,35 @@ TEST_CASE("model loader reports bad model directories with the file and key", "[
       qt::save_safetensors(dir + "/model.safetensors", tensors);
       require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model.layers.0.self_attn.k_proj.weight", "missing"});
     }
+  }
+  SECTION("a tensor in two shards, or one the model does not take, refused by loading and quantize alike") {
+    // Found by fuzzing: a duplicated linear was taken from the later shard silently (a norm was refused), quantize
+    // ended in an internal error on it, and quantized an unexpected tensor into a directory that did not load.
+    std::string dir = scratch_dir("dup_shard");
+    qt::files::copy_tree(fixture("llama/mha_tied_sharded/model"), dir);
+    const std::string first = dir + "/model-00001-of-00009.safetensors", second = dir + "/model-00002-of-00009.safetensors";
+    auto read_all = [](const std::string& path) {
+      std::vector<std::pair<std::string, at::Tensor>> out;
+      qt::SafetensorsFile f(path);
+      for (const auto& info : f.tensors()) out.emplace_back(info.name, f.view(info.name).clone());
+      return out;
+    };
+    const auto original = read_all(second);
+    auto doubled = original;
+    doubled.push_back(read_all(first).front());
+    qt::save_safetensors(second, doubled, {{"format", "pt"}});
+    const std::string name = doubled.back().first;
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
+                  {"model-00002-of-00009.safetensors", name, "model-00001-of-00009.safetensors too"});
+    require_error([&] { qt::quantize_model_dir(dir, dir + "_q", at::kCPU); }, qt::ErrorKind::Model,
+                  {name, "two shards"});
+    CHECK(!qt::files::exists(dir + "_q"));
+    auto extra = original;
+    extra.emplace_back("model.layers.0.foo.weight", at::randn({4}));
+    qt::save_safetensors(second, extra, {{"format", "pt"}});
+    require_error([&] { qt::quantize_model_dir(dir, dir + "_q", at::kCPU); }, qt::ErrorKind::Model,
+                  {"model.layers.0.foo.weight", "unexpected tensor"});
+    CHECK(!qt::files::exists(dir + "_q"));
   }
   SECTION("missing shard") {
     std::string dir = scratch_dir("missing_shard");

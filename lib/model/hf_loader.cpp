@@ -130,6 +130,39 @@ void check_finite(const Nf4Weight& w, const std::string& file, const std::string
   if (!std::isfinite(w.data.offset)) fail_key(ErrorKind::Model, file, name, "holds NaN or infinite values");
 }
 
+void check_model_headers(const ModelFiles& files, const LlamaConfig& config, bool prequantized) {
+  LlamaModel model(config);  // (its tensors' names; nothing is allocated)
+  std::set<std::string> linears, wanted;
+  model.for_each_linear([&](const std::string& name, Linear&) { linears.insert(name + ".weight"); });
+  for (auto& [name, ptr] : model.named_tensors()) wanted.insert(name);
+  std::map<std::string, std::string> where;  // tensor -> the shard holding it
+  for (const auto& shard : files.shards) {
+    const SafetensorsFile file(shard);
+    for (const auto& info : file.tensors()) {
+      const auto [it, fresh] = where.emplace(info.name, shard);
+      if (!fresh)
+        fail_key(ErrorKind::Model, shard, info.name, "is in " + files::base_name(it->second) + " too: a tensor in two shards");
+      if (const auto m = files.weight_map.find(info.name); m != files.weight_map.end() && m->second != shard)
+        fail_key(ErrorKind::Model, shard, info.name, "index maps it to " + m->second);
+      const size_t stat = info.name.find(".weight.");
+      if (prequantized && stat != std::string::npos && linears.count(info.name.substr(0, stat + 7))) continue;
+      if (linears.count(info.name)) {
+        if (!prequantized) check_dense(config, shard, info);
+        continue;
+      }
+      if (wanted.count(info.name) || (info.name == "lm_head.weight" && config.tie_word_embeddings)) {
+        check_dense(config, shard, info);
+        continue;
+      }
+      if (info.name.find("rotary_emb.inv_freq") != std::string::npos) continue;  // recomputed from config
+      fail_key(ErrorKind::Model, shard, info.name,
+               "unexpected tensor (a layer this LLaMA implementation does not have: biases that config.json's "
+               "attention_bias / mlp_bias do not announce, quantized weights without quantization_config, or "
+               "another architecture?)");
+    }
+  }
+}
+
 LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   ModelFiles files = find_model_files(dir);
   const Json config_json = read_json_file(files.config_path, ErrorKind::Model);
@@ -160,8 +193,10 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
                    (layers_held ? "layers 0 to " + std::to_string(layers_held - 1) : std::string("no layers")) +
                    " (model.layers." + std::to_string(layers_held) + " is missing)");
   }
-  LlamaModel model(config);
   const bool prequantized = is_prequantized_nf4(config_json, files.config_path);
+  // Every tensor's name, shard, shape and dtype from the headers, before any weight is read.
+  check_model_headers(files, config, prequantized);
+  LlamaModel model(config);
   std::map<std::string, Linear*> linears;  // "<module>.weight" -> linear
   model.for_each_linear([&](const std::string& name, Linear& l) { linears[name + ".weight"] = &l; });
   std::map<std::string, at::Tensor*> wanted;

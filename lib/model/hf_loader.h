@@ -53,6 +53,11 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options);
 // Shape each HF tensor name must have under `config`; throws for a name the model does not have.
 std::vector<int64_t> expected_shape(const LlamaConfig& config, const std::string& name);
 
+// From the safetensors headers alone: every tensor is one the model takes (or a pre-quantized linear's statistics,
+// a tied model's lm_head, rotary inv_freq), with the shape and dtype config.json implies, in one shard only and the
+// shard the index names. Throws qt::Error(Model) naming the shard and tensor. (Loading and quantize both check it.)
+void check_model_headers(const ModelFiles& files, const LlamaConfig& config, bool prequantized);
+
 // Throws qt::Error(Model) naming `file` and the tensor `name` where the weight holds a NaN or an infinity (a model
 // that would train to a non-finite loss at its first step).
 void check_finite(const at::Tensor& t, const std::string& file, const std::string& name);

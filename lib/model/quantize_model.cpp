@@ -53,6 +53,7 @@ QuantizeStats quantize_model_dir(const std::string& in_dir, const std::string& o
   const LlamaConfig parsed = LlamaConfig::from_json(config, files.config_path);  // validates the architecture
   if (is_prequantized_nf4(config, files.config_path))
     fail_at(ErrorKind::Model, files.config_path, "the model is already quantized (quantization_config is present)");
+  check_model_headers(files, parsed, /*prequantized=*/false);  // what loading would refuse, before any output
   if (files::exists(out_dir) && !files::list_dir(out_dir).empty())
     fail_at(ErrorKind::Usage, out_dir, "output directory exists and is not empty");
   // A quantization that fails part-way leaves nothing: the directory made here, or what was written into the
