@@ -419,6 +419,8 @@ int run_generate(const GenerateArgs& args) {
 }
 
 int run_quantize(const QuantizeArgs& args) {
+  if (qt::files::exists(args.out) && !qt::files::is_dir(args.out))
+    qt::fail_at(qt::ErrorKind::Usage, args.out, "is a file, not a directory (--out names the directory to write)");
   qt::QuantizeStats s = qt::quantize_model_dir(args.model, args.out, parse_device(args.device));
   qt::log::info("quantized " + std::to_string(s.linears) + " linears: " + std::to_string(s.input_bytes >> 20) + " MiB -> " +
                 std::to_string(s.output_bytes >> 20) + " MiB in " + std::to_string(s.shards) + " shard(s) at " + args.out);

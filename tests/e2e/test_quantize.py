@@ -96,6 +96,11 @@ def main():
                 failures.append(f"NaN {suffix}, {cmd[0]}: exit {p.returncode}, {p.stderr[-300:]!r}")
             else:
                 print("ok:", p.stderr.strip().splitlines()[-1])
+    afile = tmp / "a_file"
+    afile.write_text("x")
+    p = run("quantize", "--model", str(tmp / "model"), "--out", str(afile))
+    if p.returncode != 2 or "is a file, not a directory" not in p.stderr or afile.read_text() != "x":
+        failures.append(f"--out a file: exit {p.returncode}, {p.stderr[-300:]!r}")
     p = run("quantize", "--model", str(tmp / "q"), "--out", str(tmp / "qq"))
     if p.returncode != 4 or "already quantized" not in p.stderr:
         failures.append(f"re-quantize: exit {p.returncode}, {p.stderr!r}")
