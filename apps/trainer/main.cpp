@@ -60,6 +60,15 @@ CLI::Validator finite_number(bool zero_allowed) {
 }
 const CLI::Validator kPositive = finite_number(false);
 const CLI::Validator kNonNegative = finite_number(true);
+// (0, 1]: generate's --top-p, checked before the model loads.
+const CLI::Validator kUnitInterval = CLI::Validator(
+    [](std::string& text) -> std::string {
+      std::string copy = text;
+      if (std::string e = kPositive(copy); !e.empty()) return e;
+      if (std::stod(text) > 1) return "must be in (0, 1], got " + text;
+      return "";
+    },
+    "(0, 1]");
 
 // SIGTERM / SIGINT ask the loop to checkpoint after the current step and stop (a preempted node, Ctrl-C).
 // A second signal ends the process at once, and so does the first before the first step (nothing to checkpoint).
@@ -192,7 +201,7 @@ int main(int argc, char** argv) {
   gen_cmd->add_option("--prompt", gen.prompt, "prompt text (text: BOS added as the tokenizer says); see --format")->required();
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "at most this many new tokens")->check(kNonNegative);
   gen_cmd->add_option("--temperature", gen.temperature, "0: greedy; > 0: sample")->check(kNonNegative);
-  gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling mass in (0, 1]");
+  gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling mass in (0, 1]")->check(kUnitInterval);
   gen_cmd->add_option("--seed", gen.seed, "sampling seed");
   gen_cmd->add_option("--device", gen.device, "cpu or cuda");
   gen_cmd->add_option("--quant", gen.quant, "nf4 (quantize the base on load, as training does) or none")

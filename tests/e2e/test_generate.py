@@ -64,8 +64,10 @@ def main():
         failures.append(f"seeds 1 and 2 sampled the same {N} tokens: {a}")
     if sample(3, top_p="1e-9") != greedy:
         failures.append("top-p keeping only the most likely token is not greedy")
-    for args, needles in ((("--top-p", "0"), ["top-p"]), (("--temperature", "-1"), ["temperature"])):
-        p = run("generate", "--model", tmp / "model", "--prompt", "x", *args)
+    # (Checked before the model loads: a directory that does not exist is not reached.)
+    for args, needles in ((("--top-p", "0"), ["top-p"]), (("--top-p", "1.5"), ["top-p", "(0, 1]"]),
+                          (("--top-p", "nan"), ["top-p"]), (("--temperature", "-1"), ["temperature"])):
+        p = run("generate", "--model", tmp / "no_such_model", "--prompt", "x", *args)
         if p.returncode != 2 or any(n not in p.stderr for n in needles):
             failures.append(f"{args}: exit {p.returncode}, {p.stderr!r}")
     # A prompt that fills the model's context: a usage error naming both lengths, not an empty answer.
