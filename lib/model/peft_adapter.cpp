@@ -50,12 +50,45 @@ void require_unused(const Json& j, const std::string& key, const std::string& fi
 struct TargetMatcher {
   bool is_regex = false;
   std::regex regex;
-  std::vector<std::string> names;
+  std::vector<std::string> names;  // list entries as written: "q_proj", "self_attn.q_proj", full module names
   bool matches(const std::string& module) const {
     if (is_regex) return std::regex_match(module, regex);
-    return std::find(names.begin(), names.end(), last_component(module)) != names.end();
+    for (const auto& n : names)
+      if (module == n || ends_with(module, "." + n)) return true;
+    return false;
   }
 };
+
+// adapter_config.json's target_modules as PEFT matches it (cfg: the config read from it).
+TargetMatcher target_matcher(const Json& raw, const LoraConfig& cfg) {
+  TargetMatcher matcher;
+  if (raw["target_modules"].is_string() && raw["target_modules"].get<std::string>() != "all-linear") {
+    matcher.is_regex = true;
+    matcher.regex = std::regex(raw["target_modules"].get<std::string>());
+  } else if (raw["target_modules"].is_array()) {
+    matcher.names = raw["target_modules"].get<std::vector<std::string>>();
+  } else {
+    matcher.names = cfg.targets;  // all-linear
+  }
+  return matcher;
+}
+
+// Adapters on some layers only (a regex or full module names over a subset) are not supported: the model, its
+// checkpoints and exports adapt a module kind on every layer (found by fuzzing: an adapter of layer 0 only trained,
+// then failed to save; its export named every layer).
+void check_targets_every_layer(const LlamaModel& model, const TargetMatcher& matcher, const std::string& file_cfg) {
+  std::map<std::string, std::vector<std::string>> kinds;  // module kind -> the layers' modules of that kind
+  const_cast<LlamaModel&>(model).for_each_linear(
+      [&](const std::string& name, Linear&) { kinds[last_component(name)].push_back(name); });
+  for (const auto& [kind, names] : kinds) {
+    size_t hit = 0;
+    for (const auto& n : names) hit += matcher.matches(n) ? 1 : 0;
+    if (hit > 0 && hit < names.size())
+      fail_key(ErrorKind::Checkpoint, file_cfg, "target_modules",
+               "selects " + kind + " on " + std::to_string(hit) + " of the model's " + std::to_string(names.size()) +
+                   " layers: adapters on a subset of layers are not supported (as layers_to_transform)");
+  }
+}
 
 }  // namespace
 
@@ -77,6 +110,23 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
   require_unused(j, "lora_bias", file, "LoRA B has no bias here");
   require_unused(j, "layer_replication", file, "not implemented");
   require_unused(j, "use_qalora", file, "not implemented");
+  // Found by fuzzing against PEFT 0.21 (each was read as plain LoRA on every token, other logits with exit 0):
+  // activated LoRA applies only after its invocation tokens; PiSSA, OLoRA, CorDA and LoftQ initialisations change
+  // the base weights, which PEFT's loader does again before it loads A and B.
+  require_unused(j, "alora_invocation_tokens", file, "activated LoRA (applied only after its invocation tokens) is not implemented");
+  if (j.contains("init_lora_weights") && j.at("init_lora_weights").is_string()) {
+    const std::string init = j.at("init_lora_weights").get<std::string>();
+    for (const char* base_changing : {"pissa", "olora", "corda", "loftq"})
+      if (init.rfind(base_changing, 0) == 0)
+        fail_key(ErrorKind::Checkpoint, file, "init_lora_weights",
+                 "'" + init + "' is not supported: that initialisation changes the base weights, which this trainer "
+                 "keeps as the model directory has them (convert the adapter to plain LoRA with PEFT's "
+                 "path_initial_model_for_weight_conversion when saving it)");
+  }
+  require_unused(j, "exclude_modules", file, "not implemented: name the modules to adapt in target_modules");
+  require_unused(j, "target_parameters", file, "LoRA on parameters rather than modules is not implemented");
+  for (const char* variant : {"use_bdlora", "kasa_config", "monteclora_config", "velora_config"})
+    require_unused(j, variant, file, "this LoRA variant is not implemented");
 
   PeftAdapterConfig out;
   out.base_model_name_or_path = r.get_string("base_model_name_or_path", "");
@@ -106,23 +156,34 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
     if (s == "all-linear") {
       c.targets = lora_target_names();  // PEFT: every nn.Linear but the output layer
     } else {
-      // A regular expression: which of the seven names it selects is settled against the model at load time.
+      // A regular expression: which of the seven names it selects, on any layer (each layer alike is checked
+      // against the model at load time).
       try {
         std::regex re(s);
         c.targets.clear();
         for (const auto& name : lora_target_names())
           for (const char* parent : {"self_attn", "mlp"})
-            if (std::regex_match("model.layers.0." + std::string(parent) + "." + name, re) &&
-                std::find(c.targets.begin(), c.targets.end(), name) == c.targets.end())
-              c.targets.push_back(name);
+            for (int layer = 0; layer < 512; ++layer)
+              if (std::regex_match("model.layers." + std::to_string(layer) + "." + std::string(parent) + "." + name, re) &&
+                  std::find(c.targets.begin(), c.targets.end(), name) == c.targets.end())
+                c.targets.push_back(name);
       } catch (const std::regex_error&) {
-        fail_key(ErrorKind::Checkpoint, file, "target_modules", "'" + s + "' is not a valid regular expression");
+        fail_key(ErrorKind::Checkpoint, file, "target_modules",
+                 "'" + s + "' is not a valid regular expression here (the ECMAScript dialect: no look-behind, no "
+                 "inline flags such as (?i))");
       }
       if (c.targets.empty())
         fail_key(ErrorKind::Checkpoint, file, "target_modules", "'" + s + "' matches no LLaMA block linear");
     }
   } else {
-    c.targets = r.get_strings("target_modules");
+    // PEFT matches an entry against a module's whole name or the end of it after a dot ("self_attn.q_proj", or the
+    // full names PEFT writes for "all-linear" on a small model): the module kinds are their last components, and
+    // which layers they select is checked against the model at load time.
+    c.targets.clear();
+    for (const auto& entry : r.get_strings("target_modules")) {
+      const std::string name = last_component(entry);
+      if (std::find(c.targets.begin(), c.targets.end(), name) == c.targets.end()) c.targets.push_back(name);
+    }
   }
   c.validate(file, "", ErrorKind::Checkpoint, /*peft_keys=*/true);
   return out;
@@ -266,14 +327,8 @@ PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir) {
   SafetensorsFile file(weights, ErrorKind::Checkpoint);
   const std::string file_cfg = files::join(dir, kAdapterConfigFile);
   Json raw = read_json_file(file_cfg, ErrorKind::Checkpoint);
-  TargetMatcher matcher;
-  if (raw["target_modules"].is_string() && raw["target_modules"].get<std::string>() != "all-linear") {
-    matcher.is_regex = true;
-    matcher.regex = std::regex(raw["target_modules"].get<std::string>());
-  } else {
-    matcher.names = cfg.lora.targets;
-  }
-
+  const TargetMatcher matcher = target_matcher(raw, cfg.lora);
+  check_targets_every_layer(model, matcher, file_cfg);
   std::set<std::string> expected;
   std::map<std::string, std::shared_ptr<LoraAdapter>> adapters;
   const at::Device device = model.device();
@@ -381,6 +436,11 @@ bool adapter_names_other_base(const std::string& adapter_dir, const std::string&
 PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& to,
                                     const std::string& base_model_name_or_path, const LlamaConfig* base) {
   PeftAdapterConfig cfg = read_peft_adapter_config(from);
+  if (base) {  // the layers it adapts, on a skeleton of the base (no weights)
+    const std::string file_cfg = files::join(from, kAdapterConfigFile);
+    check_targets_every_layer(LlamaModel(*base), target_matcher(read_json_file(file_cfg, ErrorKind::Checkpoint), cfg.lora),
+                              file_cfg);
+  }
   if (!base_model_name_or_path.empty()) cfg.base_model_name_or_path = base_model_name_or_path;
   // A local base is named from the root, so that the copy finds it from any directory (AutoPeftModel).
   if (files::is_dir(cfg.base_model_name_or_path))

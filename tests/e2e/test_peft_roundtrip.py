@@ -199,7 +199,44 @@ def main():
     if (tmp / "never").exists():
         failures.append("a failed export left its output directory")
     failures += check_dora(pathlib.Path(tempfile.mkdtemp(prefix="qt_peft_dora_")))
+    failures += check_peft_features(pathlib.Path(tempfile.mkdtemp(prefix="qt_peft_features_")))
     finish("PEFT round-trip checks", failures)
+
+
+def check_peft_features(tmp: pathlib.Path):
+    """Found by fuzzing against PEFT 0.21 (the fourth round): target_modules entries matched as PEFT does (a dotted
+    suffix such as "self_attn.q_proj": PEFT's loss; were refused as unknown modules); adapters on a subset of the
+    layers, base-changing initialisations (PiSSA, OLoRA: read as plain LoRA, other losses with exit 0) and activated
+    LoRA refused with exit 6 naming the key."""
+    from transformers import LlamaForCausalLM
+    failures = []
+    sp, data = make_setup(tmp, seed=9, targets=["self_attn.q_proj", "mlp.down_proj"])
+    base = LlamaForCausalLM.from_pretrained(tmp / "model", dtype=torch.float32).eval()
+    failures += compare_with_peft("dotted target_modules", tmp / "model", tmp / "peft_adapter", ("--quant", "none"),
+                                  base, sp, data)[0]
+    def variant(name, edit):
+        d = tmp / name
+        d.mkdir()
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            (d / f).write_bytes((tmp / "peft_adapter" / f).read_bytes())
+        cfg = json.loads((d / "adapter_config.json").read_text())
+        edit(cfg)
+        (d / "adapter_config.json").write_text(json.dumps(cfg))
+        return d
+    layer0 = variant("layer0", lambda c: c.update(target_modules=r"model\.layers\.0\.self_attn\.q_proj"))
+    pissa = variant("pissa", lambda c: c.update(init_lora_weights="pissa_niter_4"))
+    alora = variant("alora", lambda c: c.update(alora_invocation_tokens=[5, 6]))
+    ev = ("eval", "--model", tmp / "model", "--data", data, "--quant", "none", "--adapter")
+    cases = [
+        ((*ev, layer0), 6, ["adapter_config.json", "target_modules", "subset of layers"]),
+        (("export", "--adapter", layer0, "--out", tmp / "never"), 6, ["target_modules", "subset of layers"]),
+        ((*ev, pissa), 6, ["adapter_config.json", "init_lora_weights", "changes the base weights"]),
+        ((*ev, alora), 6, ["adapter_config.json", "alora_invocation_tokens"]),
+    ]
+    failures += exit_case_failures(run, cases)
+    if (tmp / "never").exists():
+        failures.append("a refused export left its output directory")
+    return failures
 
 
 if __name__ == "__main__":
