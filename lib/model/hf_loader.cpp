@@ -130,6 +130,13 @@ void check_finite(const Nf4Weight& w, const std::string& file, const std::string
   if (!std::isfinite(w.data.offset)) fail_key(ErrorKind::Model, file, name, "holds NaN or infinite values");
 }
 
+[[noreturn]] static void unexpected_tensor(const std::string& shard, const std::string& name) {
+  fail_key(ErrorKind::Model, shard, name,
+           "unexpected tensor (a layer this LLaMA implementation does not have: biases that config.json's "
+           "attention_bias / mlp_bias do not announce, quantized weights without quantization_config, or "
+           "another architecture?)");
+}
+
 void check_model_headers(const ModelFiles& files, const LlamaConfig& config, bool prequantized) {
   LlamaModel model(config);  // (its tensors' names; nothing is allocated)
   std::set<std::string> linears, wanted;
@@ -155,10 +162,7 @@ void check_model_headers(const ModelFiles& files, const LlamaConfig& config, boo
         continue;
       }
       if (info.name.find("rotary_emb.inv_freq") != std::string::npos) continue;  // recomputed from config
-      fail_key(ErrorKind::Model, shard, info.name,
-               "unexpected tensor (a layer this LLaMA implementation does not have: biases that config.json's "
-               "attention_bias / mlp_bias do not announce, quantized weights without quantization_config, or "
-               "another architecture?)");
+      unexpected_tensor(shard, info.name);
     }
   }
 }
@@ -251,10 +255,7 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
           continue;
         }
         if (info.name.find("rotary_emb.inv_freq") != std::string::npos) continue;        // recomputed from config
-        fail_key(ErrorKind::Model, shard, info.name,
-                 "unexpected tensor (a layer this LLaMA implementation does not have: biases that config.json's "
-                 "attention_bias / mlp_bias do not announce, quantized weights without quantization_config, or "
-                 "another architecture?)");
+        unexpected_tensor(shard, info.name);
       }
       if (!files.weight_map.empty() && files.weight_map.count(info.name) && files.weight_map[info.name] != shard)
         fail_key(ErrorKind::Model, shard, info.name, "index maps it to " + files.weight_map[info.name]);

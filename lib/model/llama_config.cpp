@@ -79,6 +79,13 @@ static RopeConfig parse_rope(const Json& j, const std::string& file, int64_t max
   JsonReader s{*scaling, file, ErrorKind::Model, scaling_key + "."};
   std::string type = s.has("rope_type") ? s.get_string("rope_type") : s.get_string("type", "default");
   if (type == "default") return rope;
+  // llama3 and yarn, as transformers' standardize_rope_params (run again when the rope is computed): a top-level
+  // original_max_position_embeddings wins, else the one in the scaling dict, else max_position_embeddings.
+  auto original_max = [&]() -> int64_t {
+    if (top.has("original_max_position_embeddings")) return top.get_int("original_max_position_embeddings");
+    if (s.has("original_max_position_embeddings")) return s.get_int("original_max_position_embeddings");
+    return max_position_embeddings;
+  };
   auto positive_factor = [&]() {
     rope.factor = s.get_double("factor");
     if (!(rope.factor > 0)) fail_key(ErrorKind::Model, file, scaling_key + ".factor", "must be positive");
@@ -95,14 +102,7 @@ static RopeConfig parse_rope(const Json& j, const std::string& file, int64_t max
   }
   if (type == "yarn") {
     rope.type = RopeType::Yarn;
-    // As transformers' standardize_rope_params: a top-level original_max_position_embeddings wins, else the one
-    // in the scaling dict, else max_position_embeddings.
-    if (top.has("original_max_position_embeddings"))
-      rope.original_max_position_embeddings = top.get_int("original_max_position_embeddings");
-    else if (s.has("original_max_position_embeddings"))
-      rope.original_max_position_embeddings = s.get_int("original_max_position_embeddings");
-    else
-      rope.original_max_position_embeddings = max_position_embeddings;
+    rope.original_max_position_embeddings = original_max();
     if (rope.original_max_position_embeddings <= 0)
       fail_key(ErrorKind::Model, file, scaling_key + ".original_max_position_embeddings", "must be positive");
     if (s.has("factor")) positive_factor();
@@ -131,14 +131,7 @@ static RopeConfig parse_rope(const Json& j, const std::string& file, int64_t max
     rope.factor = s.get_double("factor");
     rope.low_freq_factor = s.get_double("low_freq_factor");
     rope.high_freq_factor = s.get_double("high_freq_factor");
-    // As for yarn (transformers' standardize_rope_params): a top-level original_max_position_embeddings wins, else
-    // the dict's, else max_position_embeddings.
-    if (top.has("original_max_position_embeddings"))
-      rope.original_max_position_embeddings = top.get_int("original_max_position_embeddings");
-    else if (s.has("original_max_position_embeddings"))
-      rope.original_max_position_embeddings = s.get_int("original_max_position_embeddings");
-    else
-      rope.original_max_position_embeddings = max_position_embeddings;
+    rope.original_max_position_embeddings = original_max();
     if (!(rope.factor > 0) || !(rope.high_freq_factor > rope.low_freq_factor) || rope.original_max_position_embeddings <= 0)
       fail_key(ErrorKind::Model, file, scaling_key,
                "llama3 scaling needs factor > 0, high_freq_factor > low_freq_factor and original_max_position_embeddings > 0");
