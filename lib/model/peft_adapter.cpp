@@ -8,6 +8,7 @@
 #include <set>
 
 #include "lib/core/error.h"
+#include "lib/core/log.h"
 #include "lib/core/files.h"
 #include "lib/core/json.h"
 #include "lib/core/safetensors.h"
@@ -116,7 +117,7 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
   require_unused(j, "alora_invocation_tokens", file, "activated LoRA (applied only after its invocation tokens) is not implemented");
   if (j.contains("init_lora_weights") && j.at("init_lora_weights").is_string()) {
     const std::string init = j.at("init_lora_weights").get<std::string>();
-    for (const char* base_changing : {"pissa", "olora", "corda", "loftq"})
+    for (const char* base_changing : {"pissa", "olora", "corda", "loftq", "lora_ga"})
       if (init.rfind(base_changing, 0) == 0)
         fail_key(ErrorKind::Checkpoint, file, "init_lora_weights",
                  "'" + init + "' is not supported: that initialisation changes the base weights, which this trainer "
@@ -125,8 +126,26 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
   }
   require_unused(j, "exclude_modules", file, "not implemented: name the modules to adapt in target_modules");
   require_unused(j, "target_parameters", file, "LoRA on parameters rather than modules is not implemented");
-  for (const char* variant : {"use_bdlora", "kasa_config", "monteclora_config", "velora_config"})
+  for (const char* variant : {"use_bdlora", "kasa_config", "monteclora_config", "velora_config", "arrow_config"})
     require_unused(j, variant, file, "this LoRA variant is not implemented");
+  // Keys PEFT 0.21's LoraConfig does not have (a newer PEFT's feature, which this trainer would not apply): named,
+  // as PEFT warns of them.
+  {
+    static const std::set<std::string> known = {
+        "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping", "base_model_name_or_path", "bias",
+        "corda_config", "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
+        "init_lora_weights", "kasa_config", "layer_replication", "layers_pattern", "layers_to_transform",
+        "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core",
+        "modules_to_save", "monteclora_config", "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern",
+        "revision", "runtime_config", "target_modules", "target_parameters", "task_type", "trainable_token_indices",
+        "use_bdlora", "use_dora", "use_qalora", "use_rslora", "velora_config"};
+    std::string unknown;
+    for (const auto& item : j.items())
+      if (!known.count(item.key())) unknown += (unknown.empty() ? "" : ", ") + item.key();
+    if (!unknown.empty())
+      log::warn(file + ": keys PEFT 0.21's LoraConfig does not have, ignored: " + unknown +
+                " (written by a newer PEFT? a feature they turn on is not applied here)");
+  }
 
   PeftAdapterConfig out;
   out.base_model_name_or_path = r.get_string("base_model_name_or_path", "");
