@@ -219,13 +219,12 @@ BpeTokenizer::BpeTokenizer(const Json& doc, const std::string& path) {
   // Ids number the tokens from 0 (a few unused ones at most): one far beyond their count is a broken file, whose
   // table of max_id strings would take the host's memory.
   const int64_t count = static_cast<int64_t>(vocab_.size() + added_.size());
-  if (max_id >= 2 * count + 1024)
-    fail(max_id >= 0 && !added_.empty() && std::any_of(added_.begin(), added_.end(),
-                                                        [&](const AddedToken& a) { return a.id == max_id; })
-             ? "added_tokens"
-             : "model.vocab",
-         "id " + std::to_string(max_id) + " is far beyond the " + std::to_string(count) +
-             " tokens (ids number the tokens from 0)");
+  if (max_id >= 2 * count + 1024) {
+    const bool added_max =
+        std::any_of(added_.begin(), added_.end(), [&](const AddedToken& a) { return a.id == max_id; });
+    fail(added_max ? "added_tokens" : "model.vocab", "id " + std::to_string(max_id) + " is far beyond the " +
+                                                         std::to_string(count) + " tokens (ids number the tokens from 0)");
+  }
   id_to_token_.assign(max_id + 1, "");
   for (const auto& [token, id] : vocab_) id_to_token_[id] = token;
   for (const auto& t : added_) id_to_token_[t.id] = t.content;

@@ -130,13 +130,6 @@ void check_finite(const Nf4Weight& w, const std::string& file, const std::string
   if (!std::isfinite(w.data.offset)) fail_key(ErrorKind::Model, file, name, "holds NaN or infinite values");
 }
 
-[[noreturn]] static void unexpected_tensor(const std::string& shard, const std::string& name) {
-  fail_key(ErrorKind::Model, shard, name,
-           "unexpected tensor (a layer this LLaMA implementation does not have: biases that config.json's "
-           "attention_bias / mlp_bias do not announce, quantized weights without quantization_config, or "
-           "another architecture?)");
-}
-
 void check_model_headers(const ModelFiles& files, const LlamaConfig& config, bool prequantized) {
   LlamaModel model(config);  // (its tensors' names; nothing is allocated)
   std::set<std::string> linears, wanted;
@@ -162,41 +155,39 @@ void check_model_headers(const ModelFiles& files, const LlamaConfig& config, boo
         continue;
       }
       if (info.name.find("rotary_emb.inv_freq") != std::string::npos) continue;  // recomputed from config
-      unexpected_tensor(shard, info.name);
+      fail_key(ErrorKind::Model, shard, info.name,
+               "unexpected tensor (a layer this LLaMA implementation does not have: biases that config.json's "
+               "attention_bias / mlp_bias do not announce, quantized weights without quantization_config, or "
+               "another architecture?)");
     }
   }
+  // The index lists only what its shards hold (a tensor it names that no shard has means a shard of another
+  // version of the model, or a cut-short copy).
+  for (const auto& [name, shard] : files.weight_map)
+    if (!where.count(name))
+      fail_key(ErrorKind::Model, files::join(files.dir, "model.safetensors.index.json"), name,
+               "listed for " + files::base_name(shard) + ", which does not hold it");
+  // Every layer config.json announces (1e6 layers took 4.3 GB of per-layer state before a tensor was missing).
+  int64_t layers_held = 0;
+  const std::string prefix = "model.layers.";
+  for (const auto& [name, shard] : where) {
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    const size_t end = name.find('.', prefix.size());
+    const std::string n = name.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
+    if (!n.empty() && n.size() < 10 && std::all_of(n.begin(), n.end(), ::isdigit))
+      layers_held = std::max<int64_t>(layers_held, std::stoll(n) + 1);
+  }
+  if (config.num_hidden_layers > layers_held)
+    fail_key(ErrorKind::Model, files.config_path, "num_hidden_layers",
+             std::to_string(config.num_hidden_layers) + ", but the safetensors files hold " +
+                 (layers_held ? "layers 0 to " + std::to_string(layers_held - 1) : std::string("no layers")) +
+                 " (model.layers." + std::to_string(layers_held) + " is missing)");
 }
 
 LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   ModelFiles files = find_model_files(dir);
   const Json config_json = read_json_file(files.config_path, ErrorKind::Model);
   const LlamaConfig config = LlamaConfig::from_json(config_json, files.config_path);
-  // The layers the files hold, before the model's layers are built (a num_hidden_layers of 1e6 built a million
-  // layers' state before a tensor was found missing).
-  {
-    int64_t layers_held = 0;
-    const std::string prefix = "model.layers.";
-    auto note = [&](const std::string& name) {
-      if (name.compare(0, prefix.size(), prefix) != 0) return;
-      const size_t end = name.find('.', prefix.size());
-      const std::string n = name.substr(prefix.size(), end == std::string::npos ? std::string::npos : end - prefix.size());
-      if (!n.empty() && n.size() < 10 && std::all_of(n.begin(), n.end(), ::isdigit))
-        layers_held = std::max<int64_t>(layers_held, std::stoll(n) + 1);
-    };
-    if (!files.weight_map.empty()) {
-      for (const auto& [name, shard] : files.weight_map) note(name);
-    } else {
-      for (const auto& shard : files.shards) {
-        const SafetensorsFile file(shard);
-        for (const auto& info : file.tensors()) note(info.name);
-      }
-    }
-    if (config.num_hidden_layers > layers_held)
-      fail_key(ErrorKind::Model, files.config_path, "num_hidden_layers",
-               std::to_string(config.num_hidden_layers) + ", but the safetensors files hold " +
-                   (layers_held ? "layers 0 to " + std::to_string(layers_held - 1) : std::string("no layers")) +
-                   " (model.layers." + std::to_string(layers_held) + " is missing)");
-  }
   const bool prequantized = is_prequantized_nf4(config_json, files.config_path);
   // Every tensor's name, shard, shape and dtype from the headers, before any weight is read.
   check_model_headers(files, config, prequantized);
@@ -205,13 +196,12 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
   model.for_each_linear([&](const std::string& name, Linear& l) { linears[name + ".weight"] = &l; });
   std::map<std::string, at::Tensor*> wanted;
   for (auto& [name, ptr] : model.named_tensors()) wanted[name] = ptr;
-  std::set<std::string> loaded, seen;
+  std::set<std::string> loaded;
   at::Tensor tied_head;  // lm_head.weight in the files of a tied model
   std::string tied_head_shard;
   for (const auto& shard : files.shards) {
     SafetensorsFile file(shard);  // mapped for this shard only
     for (const auto& info : file.tensors()) {
-      seen.insert(info.name);
       auto lin = linears.find(info.name);
       if (lin != linears.end()) {
         Linear& l = *lin->second;
@@ -225,8 +215,7 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
           check_finite(*w, shard, info.name);
           if (options.quantize_nf4) l.nf4 = std::move(w);
           else l.weight = w->dequantize(options.dtype);
-        } else {
-          check_dense(model.config, shard, info);
+        } else {  // (shape and dtype: check_model_headers)
           if (options.quantize_nf4) {
             // Quantized from the stored dtype on the target device; only this one tensor is ever in 16-bit.
             l.nf4 = std::make_shared<Nf4Weight>(quantize_nf4(file.view(info.name).to(options.device), options.nf4_blocksize));
@@ -249,17 +238,12 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
         if (info.name == "lm_head.weight" && model.config.tie_word_embeddings) {
           // Some exports keep both, equal. One that differs is not a tied model: transformers then keeps the two
           // apart (a warning), which a run here must not silently undo.
-          check_dense(model.config, shard, info);
           tied_head = file.load(info.name, options.dtype, at::kCPU);
           tied_head_shard = shard;
           continue;
         }
-        if (info.name.find("rotary_emb.inv_freq") != std::string::npos) continue;        // recomputed from config
-        unexpected_tensor(shard, info.name);
+        continue;  // rotary inv_freq (recomputed from config); anything else check_model_headers refused
       }
-      if (!files.weight_map.empty() && files.weight_map.count(info.name) && files.weight_map[info.name] != shard)
-        fail_key(ErrorKind::Model, shard, info.name, "index maps it to " + files.weight_map[info.name]);
-      check_dense(model.config, shard, info);
       const bool to_host = options.device.is_cuda() &&
                            ((info.name == "model.embed_tokens.weight" && options.embeddings_on_host) ||
                             (info.name == "lm_head.weight" && options.lm_head_on_host));
@@ -269,12 +253,6 @@ LlamaModel load_llama(const std::string& dir, const LoadOptions& options) {
       loaded.insert(info.name);
     }
   }
-  // The index lists only what its shards hold (a tensor it names that no shard has means a shard of another
-  // version of the model, or a cut-short copy).
-  for (const auto& [name, shard] : files.weight_map)
-    if (!seen.count(name))
-      fail_key(ErrorKind::Model, files::join(dir, "model.safetensors.index.json"), name,
-               "listed for " + files::base_name(shard) + ", which does not hold it");
   for (const auto& [name, ptr] : wanted)
     if (!loaded.count(name))
       fail_at(ErrorKind::Model, dir, "tensor '" + name + "' is missing from the safetensors files");

@@ -77,9 +77,9 @@ TargetMatcher target_matcher(const Json& raw, const LoraConfig& cfg) {
 // Adapters on some layers only (a regex or full module names over a subset) are not supported: the model, its
 // checkpoints and exports adapt a module kind on every layer (found by fuzzing: an adapter of layer 0 only trained,
 // then failed to save; its export named every layer).
-void check_targets_every_layer(const LlamaModel& model, const TargetMatcher& matcher, const std::string& file_cfg) {
+void check_targets_every_layer(LlamaModel& model, const TargetMatcher& matcher, const std::string& file_cfg) {
   std::map<std::string, std::vector<std::string>> kinds;  // module kind -> the layers' modules of that kind
-  const_cast<LlamaModel&>(model).for_each_linear(
+  model.for_each_linear(
       [&](const std::string& name, Linear&) { kinds[last_component(name)].push_back(name); });
   for (const auto& [kind, names] : kinds) {
     size_t hit = 0;
@@ -180,12 +180,14 @@ PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
       try {
         std::regex re(s);
         c.targets.clear();
-        for (const auto& name : lora_target_names())
+        const auto selects = [&](const std::string& name) {
           for (const char* parent : {"self_attn", "mlp"})
             for (int layer = 0; layer < 512; ++layer)
-              if (std::regex_match("model.layers." + std::to_string(layer) + "." + std::string(parent) + "." + name, re) &&
-                  std::find(c.targets.begin(), c.targets.end(), name) == c.targets.end())
-                c.targets.push_back(name);
+              if (std::regex_match("model.layers." + std::to_string(layer) + "." + parent + "." + name, re)) return true;
+          return false;
+        };
+        for (const auto& name : lora_target_names())
+          if (selects(name)) c.targets.push_back(name);
       } catch (const std::regex_error&) {
         fail_key(ErrorKind::Checkpoint, file, "target_modules",
                  "'" + s + "' is not a valid regular expression here (the ECMAScript dialect: no look-behind, no "
@@ -457,7 +459,8 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
   PeftAdapterConfig cfg = read_peft_adapter_config(from);
   if (base) {  // the layers it adapts, on a skeleton of the base (no weights)
     const std::string file_cfg = files::join(from, kAdapterConfigFile);
-    check_targets_every_layer(LlamaModel(*base), target_matcher(read_json_file(file_cfg, ErrorKind::Checkpoint), cfg.lora),
+    LlamaModel skeleton(*base);
+    check_targets_every_layer(skeleton, target_matcher(read_json_file(file_cfg, ErrorKind::Checkpoint), cfg.lora),
                               file_cfg);
   }
   if (!base_model_name_or_path.empty()) cfg.base_model_name_or_path = base_model_name_or_path;
