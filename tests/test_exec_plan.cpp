@@ -1123,3 +1123,32 @@ TEST_CASE("LoRA dropout's elementwise passes are a step-time term, one draw more
   CHECK(std::abs((with_none - base_none) - 23 * elements / 3e12) < 1e-9);
   CHECK(std::abs((with_ckpt - base_ckpt) - 28 * elements / 3e12) < 1e-9);
 }
+
+TEST_CASE("after a plan runs out of memory the next budget lies under it by the measured shortfall too", "[plan]") {
+  // 8B 1 x 117696 (r=32) at 22.3 GiB on an H200 (ninth session): plans predicted at 21.91, 20.75 and 19.71 GiB each
+  // ran out of memory, the last with 21.22 GiB of tensors at its peak against 17.79 predicted.
+  qt::PlanInputs in = inputs("llama-3.1-8b", 1, 117696);
+  in.lora_params = in.lora_params / 16 * 32;
+  const auto within = [&](double gib) {
+    qt::PlanRequest r;
+    r.gpu_memory_gib = gib;
+    return qt::decide_plan(in, r);
+  };
+  const qt::Decision d = within(22.1);
+  const double predicted = d.footprint.total() / kGiB;
+  double overhead = 0;  // the context and the allocator's reserve: not what the allocator hands out
+  for (const auto& [name, bytes] : d.footprint.terms)
+    if (name == "context_and_libraries" || name == "allocator_reserve") overhead += bytes / kGiB;
+  REQUIRE(overhead > 0.5);
+  // Without a measurement: 5% under the lesser of the budget and the prediction, as before.
+  CHECK(qt::replan_budget_gib(22.1, d.footprint, std::nullopt) == Approx(0.95 * std::min(22.1, predicted)));
+  // A shortfall within those 5% changes nothing; a larger one lowers the next budget by itself and 0.25 GiB.
+  const double tensors = predicted - overhead;
+  CHECK(qt::replan_budget_gib(22.1, d.footprint, tensors + 0.1) == Approx(0.95 * std::min(22.1, predicted)));
+  CHECK(qt::replan_budget_gib(22.1, d.footprint, tensors + 3.4) == Approx(22.1 - 3.4 - 0.25));
+  // A failure below the prediction (the allocation that failed came early) is no shortfall.
+  CHECK(qt::replan_budget_gib(22.1, d.footprint, tensors - 2.0) == Approx(0.95 * std::min(22.1, predicted)));
+  // The plan the lowered budget gives predicts less by at least the shortfall.
+  const qt::Decision next = within(qt::replan_budget_gib(22.1, d.footprint, tensors + 3.4));
+  CHECK(next.footprint.total() / kGiB <= predicted - 3.4);
+}

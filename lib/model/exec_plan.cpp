@@ -310,6 +310,18 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   return f;
 }
 
+double replan_budget_gib(double budget_gib, const Footprint& footprint, std::optional<double> needed_gib) {
+  const double predicted = footprint.total() / kGiB;
+  double next = std::min(budget_gib, predicted) * 0.95;
+  if (needed_gib) {
+    double tensors = predicted;  // what the allocator hands out: not the context and libraries, nor its reserve
+    for (const auto& [name, bytes] : footprint.terms)
+      if (name == "context_and_libraries" || name == "allocator_reserve") tensors -= bytes / kGiB;
+    next = std::min(next, budget_gib - std::max(0.0, *needed_gib - tensors) - 0.25);
+  }
+  return next;
+}
+
 Footprint predict_host(const PlanInputs& in, const ExecPlan& p) {
   const LlamaConfig& c = in.model;
   const double H = static_cast<double>(c.hidden_size), V = static_cast<double>(c.vocab_size);

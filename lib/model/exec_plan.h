@@ -135,6 +135,13 @@ struct Footprint {
 };
 
 Footprint predict_footprint(const PlanInputs& in, const ExecPlan& plan);
+// The budget (GiB) for the plan after one that ran out of device memory before its first step completed: 5% under
+// the lesser of its budget and its predicted footprint, so that it cannot be chosen again; and where the failure
+// measured the tensors that plan needed at least (`needed_gib`: the caching allocator's bytes in use when an
+// allocation failed, plus that allocation), under its budget by as much more as they took than predicted, and 0.25
+// GiB: the long rows' first plans were short by more than 5% (8B 1 x 117696 at 22.3 GiB, H200: three plans each 5%
+// under the last ran out of memory).
+double replan_budget_gib(double budget_gib, const Footprint& footprint, std::optional<double> needed_gib);
 // One block's SwiGLU computed again in down_proj's backward pass (where it is not kept), as the cost model counts it.
 double swiglu_recompute_s(const PlanInputs& in);
 // The pinned host memory a plan takes on CUDA, by term: streamed block weights, the offload pool (every checkpointed

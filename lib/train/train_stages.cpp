@@ -3,13 +3,17 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <torch/csrc/cuda/memory_snapshot.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -47,6 +51,7 @@ TestHooks TestHooks::from_env() {
   if (const char* v = std::getenv("QT_TEST_LOSS_SCALE")) h.loss_scale = std::atof(v);
   h.oom_plans = number("QT_TEST_OOM_PLANS", 0);
   if (const char* v = std::getenv("QT_TEST_OOM_PLANS")) h.oom_plans_at_load = std::string(v).find(":load") != std::string::npos;
+  if (const char* v = std::getenv("QT_MEMORY_HISTORY")) h.memory_history = v;
   return h;
 }
 
@@ -213,6 +218,44 @@ GpuAllocatorCounts gpu_allocator_counts(const at::Device& device) {
 
 void reset_gpu_peak(const at::Device& device) {
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+}
+
+namespace {
+std::atomic<int64_t> g_out_of_memory_need{-1};  // bytes; -1: none since last taken
+}  // namespace
+
+void watch_out_of_memory(const at::Device& device) {
+  static std::once_flag once;
+  if (!device.is_cuda()) return;
+  std::call_once(once, [] {
+    // Called by the allocator after it has released its lock, before it throws.
+    c10::cuda::CUDACachingAllocator::attachOutOfMemoryObserver(
+        [](int64_t dev, size_t requested, size_t /*device_total*/, size_t /*device_free*/) {
+          const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(dev));
+          g_out_of_memory_need.store(stats.allocated_bytes[0].current + static_cast<int64_t>(requested));
+        });
+  });
+}
+
+std::optional<double> take_out_of_memory_need_gib() {
+  const int64_t bytes = g_out_of_memory_need.exchange(-1);
+  if (bytes < 0) return std::nullopt;
+  return static_cast<double>(bytes) / static_cast<double>(int64_t{1} << 30);
+}
+
+void start_memory_history(const at::Device& device, const std::string& file) {
+  if (!device.is_cuda() || file.empty()) return;
+  torch::cuda::_record_memory_history("all", "all", "cpp", /*max_entries=*/1000000);
+  log::info("recording the caching allocator's history for " + file + " (QT_MEMORY_HISTORY; slower)");
+}
+
+void write_memory_history(const at::Device& device, const std::string& file) {
+  if (!device.is_cuda() || file.empty()) return;
+  const std::string pickled = torch::cuda::_memory_snapshot_pickled();
+  std::ofstream out(file, std::ios::binary | std::ios::trunc);
+  out.write(pickled.data(), static_cast<std::streamsize>(pickled.size()));
+  if (!out.flush()) fail(ErrorKind::Io, file + ": cannot write the allocator's history (QT_MEMORY_HISTORY)");
+  log::info("wrote the caching allocator's history to " + file);
 }
 
 at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at::Tensor& targets, bool fused) {

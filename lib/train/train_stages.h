@@ -46,6 +46,9 @@ struct TestHooks {
   double loss_scale = 0;              // QT_TEST_LOSS_SCALE: fp16's initial loss scale (an overflow at once)
   int64_t oom_plans = 0;              // QT_TEST_OOM_PLANS=N[:load]: the first N plans run out of memory in their
   bool oom_plans_at_load = false;     //   first step (":load": as their model loads)
+  std::string memory_history;         // QT_MEMORY_HISTORY=FILE: the caching allocator's history (every allocation
+                                      //   with its C++ stack) written to FILE after step 1 and at an out-of-memory
+                                      //   error, as torch.cuda.memory._dump_snapshot writes it (pytorch.org/memory_viz)
   static TestHooks from_env();
 };
 
@@ -158,6 +161,15 @@ std::string oom_message(const RunConfig& cfg, const at::Device& device, const st
 std::string edge_of_budget_message(int64_t step, int64_t frees, int64_t retries, const Decision& decision);
 double gpu_peak_gib(const at::Device& device, bool reserved = false);
 void reset_gpu_peak(const at::Device& device);
+// The device memory the caching allocator's last failed allocation needed (GiB): its bytes in use then, plus that
+// allocation; taken once (nullopt when none failed since, or off CUDA). watch_out_of_memory attaches the observer
+// that records it (once a process).
+void watch_out_of_memory(const at::Device& device);
+std::optional<double> take_out_of_memory_need_gib();
+// QT_MEMORY_HISTORY: start recording the caching allocator's history (CUDA; a no-op when `file` is empty), and write
+// what it recorded to `file` (replacing it).
+void start_memory_history(const at::Device& device, const std::string& file);
+void write_memory_history(const at::Device& device, const std::string& file);
 // The caching allocator's counts since the process started: the allocations that failed and were retried after it
 // gave its cache back to the driver (each a device synchronization: a run at its budget's edge), and its
 // cudaMalloc / cudaFree calls (with expandable segments, the maps and unmaps of pages). -1 each off CUDA.

@@ -72,6 +72,7 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
     // The kernels and copies already queued finish before the step's tensors and the model's buffers (pinned host
     // blocks among them) go: the run may start again in this process (train.memory.replan_on_oom).
     if (s.device.is_cuda()) c10::cuda::device_synchronize();
+    write_memory_history(s.device, hooks.memory_history);
     throw OutOfMemory(oom_message(cfg, s.device, "step " + std::to_string(step + 1), s.micro, d.data->max_seq_len(),
                                   m.decision, e.what_without_backtrace()));
   };
@@ -306,7 +307,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
                      (!hooks.oom_plans_at_load && attempt.steps_done == 0 && attempt.index < hooks.oom_plans);
     const StepOutcome r = run_step(cfg, s, m, d, *parallel, *opt, schedule, state.step, hooks, oom, scaler ? &*scaler : nullptr);
     ++state.step;
-    ++attempt.steps_done;
+    if (++attempt.steps_done == 1 && s.rank0) write_memory_history(s.device, hooks.memory_history);
     state.optimizer_steps = opt->steps();
     if (scaler) {
       state.loss_scale = scaler->scale;
@@ -398,7 +399,7 @@ std::string gib_text(double v) {
 }
 
 // At most this many leaner plans after the first runs out of memory.
-constexpr int kMaxReplans = 2;
+constexpr int kMaxReplans = 3;
 
 }  // namespace
 
@@ -412,6 +413,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   const auto t_start = Clock::now();
   const TestHooks hooks = TestHooks::from_env();
   Session s = start_session(cfg);
+  start_memory_history(s.device, hooks.memory_history);
+  watch_out_of_memory(s.device);
   // Every rank resumes the same checkpoint or starts a new run: a rank that saw another output_dir (a node without
   // the shared filesystem) or was given other flags would pair its collectives with other steps.
   if (s.world > 1)
@@ -431,6 +434,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
              attempt.decision->budget_gib > 0 && index < kMaxReplans &&
              message.find("pinned host memory") == std::string::npos;
     };
+    take_out_of_memory_need_gib();  // (a failure before this attempt is not its own)
     try {
       return train_under(cfg, options, hooks, s, d, planned, t_start, attempt);
     } catch (const OutOfMemory& e) {
@@ -455,7 +459,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     }
     const Decision& last = *attempt.decision;
     const double predicted = last.footprint.total() / static_cast<double>(int64_t{1} << 30);
-    const double next = std::min(last.budget_gib, predicted) * 0.95;
+    const std::optional<double> needed = take_out_of_memory_need_gib();
+    const double next = replan_budget_gib(last.budget_gib, last.footprint, needed);
     try {
       planned = decide_run_plan(cfg, s, d, next);
     } catch (const Error& e) {
@@ -464,9 +469,11 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     }
     earlier.push_back(Json{{"plan", describe(last)}, {"predicted_gib", predicted}, {"budget_gib", last.budget_gib},
                            {"error", what.substr(0, 400)}});
+    if (needed) earlier.back()["needed_gib"] = *needed;
     if (s.rank0)
-      log::warn(phase + ": out of GPU memory under the plan " + describe(last) + ". Starting again under a leaner plan "
-                "within " + gib_text(next) + " GiB (the model loads again; train.memory.replan_on_oom false stops "
+      log::warn(phase + ": out of GPU memory under the plan " + describe(last) +
+                (needed ? " (its tensors needed at least " + gib_text(*needed) + " GiB when an allocation failed)" : "") +
+                ". Starting again under a leaner plan within " + gib_text(next) + " GiB (the model loads again; train.memory.replan_on_oom false stops "
                 "instead)");
     at::manual_seed(cfg.train.seed);
   }
