@@ -129,6 +129,14 @@ TEST_CASE("a checkpoint whose trainer_state.json names another step or a file ou
   qt::Json j = qt::read_json_file(state, qt::ErrorKind::Checkpoint);
   j["files"]["../../elsewhere.jsonl"] = {{"bytes", 1}, {"fnv1a64", "0"}};
   qt::write_json_file(state, j);
+  // The COMPLETE marker holds the state file's hash: an edited trainer_state.json is refused as such.
+  require_checkpoint_error([&] { qt::load_checkpoint(out + "/checkpoint-3"); },
+                           {"trainer_state.json", "checksum mismatch with the COMPLETE marker"});
+  // A marker without the hash (checkpoints of earlier versions): the manifest's paths are checked.
+  {
+    std::ofstream marker(out + "/checkpoint-3/COMPLETE", std::ios::trunc);
+    marker << "checkpoint-3\n";
+  }
   require_checkpoint_error([&] { qt::load_checkpoint(out + "/checkpoint-3"); },
                            {"trainer_state.json", "../../elsewhere.jsonl", "not a path inside the checkpoint"});
 }
@@ -147,4 +155,13 @@ TEST_CASE("resume refuses config changes that matter and allows the rest", "[che
   bad["lora"]["r"] = 32;
   bad["train"]["batch_size"] = 16;
   require_checkpoint_error([&] { qt::check_resume_compatible(saved, bad, "ck"); }, {"lora.r", "train.batch_size"});
+  // The model (or a data file) at another path: refused, naming the flag; resumed with it. Other changes are refused
+  // with it too.
+  qt::Json moved = saved;
+  moved["model"]["path"] = "elsewhere/m";
+  require_checkpoint_error([&] { qt::check_resume_compatible(saved, moved, "ck"); },
+                           {"model.path", "elsewhere/m", "--resume-allow-changes"});
+  CHECK_NOTHROW(qt::check_resume_compatible(saved, moved, "ck", /*allow_changes=*/true));
+  moved["lora"]["r"] = 32;
+  require_checkpoint_error([&] { qt::check_resume_compatible(saved, moved, "ck", true); }, {"lora.r", "model.path"});
 }

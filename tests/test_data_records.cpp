@@ -196,6 +196,36 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
     const std::string p = write_file("bad.jsonl", ok + ok + "{\"text\": \"x\"\n");
     check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":3", "malformed JSON"});
   }
+  SECTION("a NUL byte") {
+    // nlohmann's parser stops at a NUL: what follows it on the line would be dropped without a word.
+    const std::string p = write_file("nul.jsonl", ok + "{\"text\": \"kept\"}" + std::string(1, '\0') + "{\"text\": \"dropped\"}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":2", "NUL byte", "column 17"});
+  }
+  SECTION("gzip-compressed file") {
+    const std::string p = write_file("gz.jsonl", std::string("\x1f\x8b\x08\x00\x00\x00\x00\x00", 8) + "rest");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p, "gzip-compressed", "gunzip"});
+  }
+  SECTION("invalid UTF-8 quoted as escapes") {
+    const std::string p = write_file("utf8.jsonl", ok + "{\"text\": \"a\xff\xfe\"}\n");
+    try {
+      qt::load_examples(p, config(), *l3);
+      FAIL("no error thrown");
+    } catch (const qt::Error& e) {
+      const std::string what = e.what();
+      INFO(what);
+      CHECK(what.find(p + ":2") != std::string::npos);
+      CHECK(what.find("\\xff") != std::string::npos);
+      CHECK(what.find('\xff') == std::string::npos);
+    }
+  }
+  SECTION("an id beyond int64") {
+    const std::string p = write_file("huge.jsonl", "{\"input_ids\": [1, 18446744073709551615]}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":1", "input_ids", "18446744073709551615", "out of range"});
+  }
+  SECTION("an attention mask that leaves a token out") {
+    const std::string p = write_file("mask.jsonl", "{\"input_ids\": [1, 2, 3], \"attention_mask\": [1, 1, 0]}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":1", "attention_mask", "entry 2 is 0"});
+  }
   SECTION("record of no known shape") {
     const std::string p = write_file("shape.jsonl", "{\"prompt\": \"x\", \"completion\": \"y\"}\n");
     check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":1", "prompt", "completion"});
@@ -217,6 +247,9 @@ TEST_CASE("tokenized records keep their ids and mask labels of -100", "[data]") 
   CHECK(ex[0].loss == std::vector<uint8_t>{1, 1, 1, 1});
   CHECK(ex[1].ids == std::vector<int32_t>{9, 10, 11});
   CHECK(ex[1].loss == std::vector<uint8_t>{0, 0, 1});
+  // An all-ones attention mask (as tokenizers write it) is read.
+  const std::string m = write_file("ones.jsonl", "{\"input_ids\": [5, 6], \"attention_mask\": [1, 1]}\n");
+  CHECK(qt::load_examples(m, config(), *tok).at(0).ids == std::vector<int32_t>{5, 6});
 }
 
 TEST_CASE("data config defaults and errors", "[data]") {

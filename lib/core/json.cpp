@@ -10,7 +10,56 @@
 
 namespace qt {
 
+namespace {
+
+// The parser's message with the bytes it quotes made printable: control bytes and bytes of invalid UTF-8 as \xNN
+// (a terminal would otherwise get them raw); valid multi-byte characters are kept.
+std::string printable(const std::string& s) {
+  std::string out;
+  const auto hex = [&](unsigned char c) {
+    static const char* digits = "0123456789abcdef";
+    out += "\\x";
+    out += digits[c >> 4];
+    out += digits[c & 15];
+  };
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    if (c >= 0x20 && c < 0x7f) {
+      out += static_cast<char>(c);
+      ++i;
+      continue;
+    }
+    const size_t n = c >= 0xf0 && c < 0xf5 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 && c < 0xe0 ? 2 : 0;
+    bool valid = n > 0 && i + n <= s.size();
+    for (size_t k = 1; valid && k < n; ++k) valid = (static_cast<unsigned char>(s[i + k]) & 0xc0) == 0x80;
+    if (valid) {
+      out.append(s, i, n);
+      i += n;
+    } else {
+      hex(c);
+      ++i;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
 Json parse_json(const std::string& text, const std::string& where, ErrorKind kind) {
+  // nlohmann's lexer takes a NUL byte for the end of the input: what follows would be dropped without a word.
+  if (const size_t nul = text.find('\0'); nul != std::string::npos) {
+    size_t line = 1, col = 1;
+    for (size_t i = 0; i < nul; ++i) {
+      if (text[i] == '\n') {
+        ++line;
+        col = 1;
+      } else {
+        ++col;
+      }
+    }
+    fail_at(kind, where, "a NUL byte at line " + std::to_string(line) + ", column " + std::to_string(col) +
+                             " (JSON text holds none)");
+  }
   try {
     return Json::parse(text);
   } catch (const Json::parse_error& e) {
@@ -27,7 +76,7 @@ Json parse_json(const std::string& text, const std::string& where, ErrorKind kin
     std::string what = e.what();
     auto pos = what.find("parse error");
     fail_at(kind, where, "malformed JSON at line " + std::to_string(line) + ", column " + std::to_string(col) +
-                             " (" + (pos == std::string::npos ? what : what.substr(pos)) + ")");
+                             " (" + printable(pos == std::string::npos ? what : what.substr(pos)) + ")");
   } catch (const Json::out_of_range& e) {  // a number beyond a double's range (1e400)
     const std::string what = e.what();
     const auto pos = what.find(']');

@@ -12,6 +12,15 @@ std::vector<JsonlRecord> read_jsonl(const std::string& path) {
   if (files::is_dir(path)) fail_at(ErrorKind::Data, path, "is a directory, not a jsonl file");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail_at(ErrorKind::Data, path, files::exists(path) ? std::string("cannot be read (") + std::strerror(errno) + ")" : std::string("file not found"));
+  // A compressed file would otherwise read as malformed JSON at line 1.
+  if (in.peek() == 0x1f) {
+    char magic[2] = {0, 0};
+    in.read(magic, 2);
+    if (static_cast<unsigned char>(magic[1]) == 0x8b)
+      fail_at(ErrorKind::Data, path, "is gzip-compressed; decompress it first (gunzip): jsonl is read as plain text");
+    in.clear();
+    in.seekg(0);
+  }
   std::vector<JsonlRecord> records;
   std::string line;
   int64_t number = 0;

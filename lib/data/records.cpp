@@ -1,6 +1,7 @@
 #include "lib/data/records.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 
 #include "lib/core/error.h"
@@ -83,6 +84,8 @@ Example tokenized_example(const Json& value, const std::string& where, const Tok
     for (size_t i = 0; i < v.size(); ++i) {
       if (!v[i].is_number_integer())
         fail_key(ErrorKind::Data, where, key, "element " + std::to_string(i) + " is not an integer: " + v[i].dump());
+      if (v[i].is_number_unsigned() && v[i].get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
+        fail_key(ErrorKind::Data, where, key, "element " + std::to_string(i) + " is " + v[i].dump() + ": out of range");
       out.push_back(v[i].get<int64_t>());
     }
     return out;
@@ -97,6 +100,20 @@ Example tokenized_example(const Json& value, const std::string& where, const Tok
                "id " + std::to_string(ids[i]) + " at index " + std::to_string(i) + " is outside the vocabulary [0, " +
                    std::to_string(tok.vocab_size()) + ")");
     e.ids.push_back(static_cast<int32_t>(ids[i]));
+  }
+  // An attention mask that leaves tokens out is not supported (the rows are causal, packed or padded by the
+  // trainer): such a token would be trained on without a word.
+  if (value.contains("attention_mask") && !value.at("attention_mask").is_null()) {
+    const std::vector<int64_t> mask = int_list("attention_mask");
+    if (mask.size() != ids.size())
+      fail_key(ErrorKind::Data, where, "attention_mask",
+               "has " + std::to_string(mask.size()) + " entries, input_ids " + std::to_string(ids.size()));
+    for (size_t i = 0; i < mask.size(); ++i)
+      if (mask[i] != 1)
+        fail_key(ErrorKind::Data, where, "attention_mask",
+                 "entry " + std::to_string(i) + " is " + std::to_string(mask[i]) +
+                     ": only all-ones masks are read; leave such tokens out of input_ids (labels -100 keeps a token "
+                     "out of the loss)");
   }
   e.loss.assign(ids.size(), 1);
   if (value.contains("labels") && !value.at("labels").is_null()) {

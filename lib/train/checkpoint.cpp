@@ -182,7 +182,9 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
   if (c.optimizer_shards > 0) state["optimizer_shards"] = c.optimizer_shards;
   test_delay();
   write_text_synced(files::join(tmp, kStateFile), state.dump(2) + "\n");
-  write_text_synced(files::join(tmp, kComplete), name + "\n");
+  // The marker also holds the state file's hash (the manifest inside it covers every other file).
+  write_text_synced(files::join(tmp, kComplete), name + "\n" + kStateFile + " fnv1a64 " +
+                                                     file_hash(files::join(tmp, kStateFile)) + "\n");
   files::sync_path(tmp);
   // Replace a checkpoint of the same step (a resumed run saving again) only once the new one is complete.
   std::string old;
@@ -228,6 +230,18 @@ CheckpointContents load_checkpoint(const std::string& dir) {
                 : "not a checkpoint directory (no " + std::string(kStateFile) + ", no COMPLETE marker; a run's "
                   "checkpoints are its output_dir/checkpoint-N)");
   const std::string state_path = files::join(dir, kStateFile);
+  {
+    // COMPLETE's "trainer_state.json fnv1a64 HASH" line (checkpoints of earlier versions have none).
+    const std::string marker = files::read_file(files::join(dir, kComplete));
+    const std::string tag = std::string(kStateFile) + " fnv1a64 ";
+    if (const size_t at = marker.find(tag); at != std::string::npos) {
+      const size_t from = at + tag.size();
+      const std::string want = marker.substr(from, marker.find('\n', from) - from);
+      if (!files::exists(state_path)) fail_at(ErrorKind::Checkpoint, state_path, "missing from the checkpoint");
+      if (file_hash(state_path) != want)
+        fail_at(ErrorKind::Checkpoint, state_path, "checksum mismatch with the COMPLETE marker (the file is corrupt or was edited)");
+    }
+  }
   Json state = read_json_file(state_path, ErrorKind::Checkpoint);
   JsonReader r{state, state_path, ErrorKind::Checkpoint};
   if (r.get_int("format_version") != kCheckpointFormatVersion)
@@ -338,7 +352,8 @@ void check_resume_progress(const TrainerState& saved, const TrainerState& curren
           "cannot resume: " + what + "; pass --resume-allow-changes to resume anyway");
 }
 
-void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir) {
+void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir,
+                             bool allow_changes) {
   // The memory settings (micro-batch, the execution plan's train.memory) change how a step is computed, not what it
   // computes: a run stopped by out-of-memory resumes with them lowered. The train.* speed keys of earlier versions
   // (now train.memory's) may appear in a checkpoint's config and not in the current one.
@@ -347,22 +362,40 @@ void check_resume_compatible(const Json& saved, const Json& current, const std::
                                                       "train.grad_checkpointing", "train.offload_activations", "train.mlp_chunk_tokens", "train.attention", "train.keep_attention", "train.fuse_projections", "train.keep_dequantized", "train.fuse_lora_swiglu", "train.lora_b_in_gemm", "train.keep_qkv", "train.keep_residual",
                                                       "train.shard", "train.shard_embeddings",
                                                       "checkpoint",       "logging",          "output_dir"};
+  // Where files are: a run moved to another machine or directory resumes with --resume-allow-changes (the training
+  // file's content is checked by its hash in check_resume_progress; the model's is not).
+  static const std::vector<std::string> kPaths = {"model.path", "data.train_file", "data.eval_file",
+                                                  "eval.exact_match_file", "lora.init_from"};
   auto may_change = [](const std::string& key) {
     for (const auto& k : kMayChange)
       if (key == k || key.rfind(k + ".", 0) == 0) return true;
     return false;
   };
+  auto is_path = [](const std::string& key) { return std::find(kPaths.begin(), kPaths.end(), key) != kPaths.end(); };
   std::map<std::string, Json> a, b;
   flatten(saved, "", a);
   flatten(current, "", b);
-  std::vector<std::string> differ;
+  std::vector<std::string> differ, moved;
   for (const auto& [k, v] : a)
-    if (!may_change(k) && (!b.count(k) || b[k] != v)) differ.push_back(k + " (" + v.dump() + " -> " + (b.count(k) ? b[k].dump() : "absent") + ")");
+    if (!may_change(k) && (!b.count(k) || b[k] != v))
+      (is_path(k) && b.count(k) ? moved : differ).push_back(k + " (" + v.dump() + " -> " + (b.count(k) ? b[k].dump() : "absent") + ")");
   for (const auto& [k, v] : b)
     if (!may_change(k) && !a.count(k)) differ.push_back(k + " (absent -> " + v.dump() + ")");
-  if (differ.empty()) return;
-  std::string msg = "cannot resume: the run config differs in keys that must not change:";
-  for (const auto& d : differ) msg += " " + d + ";";
+  const auto join = [](const std::vector<std::string>& items) {
+    std::string out;
+    for (const auto& d : items) out += (out.empty() ? "" : "; ") + d;
+    return out;
+  };
+  if (differ.empty() && moved.empty()) return;
+  if (differ.empty() && allow_changes) {
+    log::warn("resuming " + checkpoint_dir + " with files named by other paths (--resume-allow-changes): " + join(moved) +
+              ". data.train_file's content is checked by its hash; the model's is not: it must hold the same weights");
+    return;
+  }
+  std::string msg = differ.empty() ? "cannot resume: the run's files are named by other paths: " + join(moved) +
+                                         " (pass --resume-allow-changes to resume with the files where they are now)"
+                                   : "cannot resume: the run config differs in keys that must not change: " + join(differ);
+  if (!differ.empty() && !moved.empty()) msg += "; and its files are named by other paths: " + join(moved);
   fail_at(ErrorKind::Checkpoint, checkpoint_dir, msg);
 }
 

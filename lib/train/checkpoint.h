@@ -83,9 +83,11 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
 
 // Keys of the run config that a resumed run must keep (model, LoRA shape, data, batch geometry, seed); the
 // rest (total steps, logging, eval and checkpoint intervals, micro-batch size, activation checkpointing and
-// offload) may change. Throws
-// qt::Error(Checkpoint) listing every differing key.
-void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir);
+// offload) may change. Throws qt::Error(Checkpoint) listing every differing key; the paths of the model and the
+// data files (model.path, data.train_file, data.eval_file, eval.exact_match_file, lora.init_from) may differ with
+// `allow_changes` (--resume-allow-changes: a run moved to another directory), with a warning.
+void check_resume_compatible(const Json& saved, const Json& current, const std::string& checkpoint_dir,
+                             bool allow_changes = false);
 
 // A 64-bit FNV-1a hash of a file's bytes (hex), stored in checkpoints for data.train_file.
 std::string train_file_hash(const std::string& path);

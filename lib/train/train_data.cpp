@@ -31,6 +31,18 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
     log::warn_rank0("data.add_eos: the tokenizer has no EOS token, so the text documents of " + config_.train_file +
                     " train without one (the model will not learn where a document ends)");
   apply_truncation(train);
+  leave_out_untrained(train, config_.train_file, "training");
+  if (!eval_.empty()) {
+    const std::string& source = config_.eval_file.empty() ? config_.train_file : config_.eval_file;
+    leave_out_untrained(eval_, source, "held-out");
+    if (eval_.empty() && !config_.eval_file.empty())
+      fail_key(ErrorKind::Data, config_.file, "data.eval_file",
+               "none of the records of " + config_.eval_file + " holds a target token within data.max_seq_len = " +
+                   std::to_string(config_.max_seq_len) + " (every token masked, or the answers start after the cut): "
+                   "its loss would be over no token");
+    if (eval_.empty())
+      log::warn_rank0("data.eval_fraction: none of the held-out records holds a target token: no held-out evaluation");
+  }
   train_ = std::make_unique<Dataset>(std::move(train), config_.max_seq_len, config_.shuffle, config_.seed);
   check_has_targets();
   log::info("data: " + train_->stats().summary() + (eval_.empty() ? "" : "; " + std::to_string(eval_.size()) + " held-out documents"));
@@ -55,6 +67,26 @@ std::string some_lines(const std::vector<int64_t>& lines) {
 }
 
 }  // namespace
+
+// Records with no target token within a row (chat records without an answer, labels all -100, answers the cut at
+// data.max_seq_len removes) add nothing to the loss: they are left out, with a warning naming them, so that no batch
+// is made of them alone (a step would have nothing to train on). Where no record has a target nothing is left out:
+// check_has_targets says why (training) or the caller does (held-out).
+void TrainData::leave_out_untrained(std::vector<Example>& examples, const std::string& source, const char* what) const {
+  const auto len = static_cast<size_t>(config_.max_seq_len);
+  std::vector<int64_t> lines;
+  for (const auto& e : examples)
+    if (targets_in(e.loss, len) == 0) lines.push_back(e.line);
+  if (lines.empty()) return;
+  if (lines.size() == examples.size() && std::string(what) == "training") return;
+  const size_t before = examples.size();
+  examples.erase(std::remove_if(examples.begin(), examples.end(),
+                                [&](const Example& e) { return targets_in(e.loss, len) == 0; }),
+                 examples.end());
+  log::warn_rank0(source + ": " + std::to_string(lines.size()) + " of " + std::to_string(before) + " " + what +
+                  " records (" + some_lines(lines) + ") hold no target token within data.max_seq_len = " +
+                  std::to_string(config_.max_seq_len) + ": left out (they add nothing to the loss)");
+}
 
 void TrainData::apply_truncation(std::vector<Example>& train) const {
   const auto len = static_cast<size_t>(config_.max_seq_len);
@@ -107,7 +139,8 @@ void TrainData::check_has_targets() const {
              "the " + std::to_string(train_->size()) + " training records of " + config_.train_file + " (" +
                  some_lines(lines) + ") hold no target token to train on (" + train_->stats().summary() +
                  "): every token is masked (tokenized records whose labels are all -100, chat records without an "
-                 "assistant answer, or answers rendered empty)" +
+                 "assistant answer, or answers rendered empty), or the records are one token long (a token is a "
+                 "target only after another)" +
                  (config_.train_on_prompt ? "" : "; data.train_on_prompt trains on the prompts too"));
   fail_key(ErrorKind::Data, config_.file, "data.max_seq_len",
            "the " + std::to_string(train_->size()) + " training records of " + config_.train_file + " (" +

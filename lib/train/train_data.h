@@ -48,6 +48,7 @@ class TrainData {
   // data.truncation on the training records longer than a row: drop them, stop naming them, or leave the cut
   // to Dataset (warning about the records the cut leaves with no target).
   void apply_truncation(std::vector<Example>& train) const;
+  void leave_out_untrained(std::vector<Example>& examples, const std::string& source, const char* what) const;
   // A run that would train on no target token stops here, before the model loads, naming data.max_seq_len.
   void check_has_targets() const;
 

@@ -525,10 +525,25 @@ std::optional<ResumePoint> load_resume_point(const RunConfig& cfg, const TrainOp
     saved_full = RunConfig::from_json(r.contents.state.config, r.dir).to_json();
   } catch (const Error&) {
   }
-  if (saved_full) check_resume_compatible(*saved_full, cfg.to_json(), r.dir);
-  else check_resume_compatible(r.contents.state.config, cfg.resolved, r.dir);
-  if (m.full) load_full_weights(*m.model, files::join(r.dir, "model"), m.load);
-  else load_peft_adapter(*m.model, r.dir);
+  if (saved_full) check_resume_compatible(*saved_full, cfg.to_json(), r.dir, options.allow_resume_changes);
+  else check_resume_compatible(r.contents.state.config, cfg.resolved, r.dir, options.allow_resume_changes);
+  if (m.full) {
+    load_full_weights(*m.model, files::join(r.dir, "model"), m.load);
+    return r;
+  }
+  // The checkpoint's adapter against the run's lora section (as lora.init_from is checked): its own
+  // adapter_config.json, not trainer_state.json's config, says what its tensors are.
+  PeftAdapterConfig saved = read_peft_adapter_config(r.dir);
+  if (m.model->config.tie_word_embeddings && !m.lora.modules_to_save.empty() && !saved.lora.modules_to_save.empty())
+    saved.lora.modules_to_save = m.lora.modules_to_save;
+  const std::vector<std::string> differ = m.lora.differences_from(saved.lora);
+  if (!differ.empty()) {
+    std::string msg = "cannot resume: the checkpoint's adapter (adapter_config.json) does not match the lora section:";
+    for (const auto& diff : differ) msg += " " + diff + ";";
+    msg.back() = '.';
+    fail_at(ErrorKind::Checkpoint, r.dir, msg);
+  }
+  load_peft_adapter(*m.model, r.dir);
   return r;
 }
 

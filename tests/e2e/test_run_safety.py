@@ -1,7 +1,8 @@
 """What a user meets before training starts, on a tiny NF4 model (CPU): an output directory that holds another run
 is refused (naming its files, touching none) unless --resume or --overwrite-output-dir says what to do; `--resume
 auto` without a checkpoint starts a new run; a resume refuses a changed schedule length or train file; an output_dir that is a file is a config error; bad keys and values
-(HF / PEFT / TRL spellings too) stop the run before any data is read; "all-linear" and optim.warmup_ratio; data.truncation."""
+(HF / PEFT / TRL spellings too) stop the run before any data is read; "all-linear" and optim.warmup_ratio; data.truncation;
+records with no target left out; a resume with the data at another path."""
 import json, os, pathlib, shutil, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
@@ -145,6 +146,20 @@ def main():
     p = train(write_config("o", train__seed=4, checkpoint__every=2, train__steps=3), "--resume", "auto", "--resume-allow-changes")
     check(p.returncode == 0 and "with changes" in p.stderr and (TMP / "o" / "checkpoint-3").exists(),
           f"--resume-allow-changes resumes anyway, with a warning (exit {p.returncode}): {last_line(p)}")
+    # The same file at another path (a run moved to another directory): refused, naming the flag; resumed with it
+    # (its content is the same: no warning about it).
+    (TMP / "moved").mkdir()
+    shutil.copy(TMP / "train.jsonl", TMP / "moved" / "train.jsonl")
+    moved = dict(train__seed=4, checkpoint__every=2, train__steps=4, data__train_file=str(TMP / "moved" / "train.jsonl"))
+    p = train(write_config("o", **moved), "--resume", "auto")
+    check(p.returncode == 6 and "data.train_file" in p.stderr and "other paths" in p.stderr
+          and "--resume-allow-changes" in p.stderr, f"a moved train file is refused on resume, naming the flag "
+          f"(exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("o", **moved), "--resume", "auto", "--resume-allow-changes")
+    check(p.returncode == 0 and "other paths" in p.stderr and "content (hash" not in p.stderr
+          and (TMP / "o" / "checkpoint-4").exists(),
+          f"... and resumed with --resume-allow-changes (exit {p.returncode}): "
+          f"{[l for l in p.stderr.splitlines() if 'warn' in l] or last_line(p)}")
     (TMP / "train.jsonl").rename(TMP / "train2.jsonl")
     (TMP / "train.orig.jsonl").rename(TMP / "train.jsonl")
 
@@ -181,8 +196,10 @@ def main():
     chat = dict(data__train_file=str(TMP / "chat.jsonl"), data__format="chat", data__chat_template="llama2",
                 data__max_seq_len=48, data__packing=False, checkpoint__every=0)
     p = train(write_config("trunc", **chat))
-    check(p.returncode == 0 and "lose every target token" in p.stderr and "lines 4, 5, 6" in p.stderr,
-          f"data.truncation \"truncate\" warns about the records that lose every target (exit {p.returncode}): {last_line(p)}")
+    check(p.returncode == 0 and "lose every target token" in p.stderr and "lines 4, 5, 6" in p.stderr
+          and "3 of 6 training records (lines 4, 5, 6) hold no target token" in p.stderr and "left out" in p.stderr,
+          f"data.truncation \"truncate\" warns about the records that lose every target, and leaves them out "
+          f"(exit {p.returncode}): {last_line(p)}")
     p = train(write_config("drop", data__truncation="drop", **chat))
     check(p.returncode == 0 and "3 of 6 records" in p.stderr and "left out (3 remain)" in p.stderr,
           f"data.truncation \"drop\" leaves the long records out, counted (exit {p.returncode}): {last_line(p)}")
@@ -278,6 +295,23 @@ def main():
         if p.returncode == 0 else []
     check([j["step"] for j in em] == [0, 2] and all(j["exact_match_total"] == 3 for j in em),
           f"exact match is in metrics.jsonl before and after training (exit {p.returncode}): {em}")
+    # Chat records without an answer among others: left out at load, named, so that no batch is made of them alone
+    # (one row a step, no packing: a step of such a record had nothing to train on and stopped the run).
+    answered = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+                for w in ("one", "two", "three", "four")]
+    unanswered = [{"messages": [{"role": "user", "content": f"ask {w}"}]} for w in ("five", "six", "seven", "eight")]
+    (TMP / "half.jsonl").write_text("".join(json.dumps(r) + "\n" for pair in zip(answered, unanswered) for r in pair))
+    half = dict(data__train_file=str(TMP / "half.jsonl"), data__format="chat", data__chat_template="llama2",
+                data__packing=False, data__shuffle=False, train__batch_size=1, train__steps=6, checkpoint__every=0)
+    p = train(write_config("half", **half))
+    check(p.returncode == 0 and "4 of 8 training records (lines 2, 4, 6, 8) hold no target token" in p.stderr,
+          f"records with no target are left out at load and the run trains on the rest (exit {p.returncode}): "
+          f"{last_line(p)}")
+    # Held-out records with no target at all: refused before the model loads (their loss would be over no token).
+    (TMP / "noeval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in unanswered))
+    p = train(write_config("noeval", data__eval_file=str(TMP / "noeval.jsonl"), **half))
+    check(p.returncode == 5 and "data.eval_file" in last_line(p) and "no token" in last_line(p),
+          f"an eval_file with no target token is refused (exit {p.returncode}): {last_line(p)}")
     finish("run safety checks")
 
 
