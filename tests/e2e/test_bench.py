@@ -92,8 +92,36 @@ def check_context_search():
           f"a run whose allocator gave memory back in its timed steps is marked so: {ours}")
 
 
+def check_memory_history():
+    """scripts/memory_history.py on a history of the allocator's format (torch.cuda.memory._snapshot): the peak of
+    bytes in use and what held it, grouped by the first frames of our code; frees replayed."""
+    import pickle
+    frames = lambda fn: [{"name": "c10::cuda::CUDACachingAllocator::malloc", "filename": "", "line": 0},
+                         {"name": f"qt::{fn}(at::Tensor const&)", "filename": "", "line": 0},
+                         {"name": "qt::train(qt::RunConfig const&)", "filename": "", "line": 0}]
+    gib = 2 ** 30
+    events = [{"action": "alloc", "addr": 1, "size": gib, "frames": frames("embed")},
+              {"action": "alloc", "addr": 2, "size": 3 * gib, "frames": frames("attention_backward")},
+              {"action": "free_requested", "addr": 2, "size": 3 * gib},
+              {"action": "free_completed", "addr": 2, "size": 3 * gib},
+              {"action": "alloc", "addr": 3, "size": 2 * gib, "frames": frames("mlp_chunk")},
+              {"action": "oom", "size": gib, "device_free": 0}]
+    path = TMP / "history.pickle"
+    path.write_bytes(pickle.dumps({"device_traces": [events], "segments": [{"total_size": 4 * gib, "allocated_size": 3 * gib}]}))
+    script = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "memory_history.py"
+    p = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True)
+    peak = p.stdout.split("peak (event 1 of 6): ")[-1].split("\n\n")[0] if p.returncode == 0 else ""
+    end = p.stdout.split("at the history's end: ")[-1].split("\n\n")[0] if p.returncode == 0 else ""
+    check(peak.startswith("4.000 GiB in 2 blocks") and "3.000 GiB      1  qt::attention_backward <- qt::train" in peak
+          and "1.000 GiB      1  qt::embed <- qt::train" in peak,
+          f"memory_history.py: the peak and what held it, by our frames (exit {p.returncode}): {peak or p.stderr[-300:]}")
+    check(end.startswith("3.000 GiB in 2 blocks") and "qt::mlp_chunk" in end and "attention_backward" not in end
+          and "out of memory at event 5" in p.stdout, f"... the history's end after the frees, and the failure: {end}")
+
+
 def main():
     check_context_search()
+    check_memory_history()
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     c = json.loads((TMP / "model" / "config.json").read_text())
     p = bench("--model", TMP / "model", "--batch", 2, "--seq", 24, "--steps", 3, "--warmup", 1, "--device", "cpu",
