@@ -1,6 +1,7 @@
 // Records -> tokenized examples: chat templates, Alpaca and text documents against transformers (expected ids
 // and loss masks come from tests/oracles/gen_data.py at fixture time), the run config's data section, and the
 // errors a user sees for bad data.
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -200,6 +201,12 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
     // nlohmann's parser stops at a NUL: what follows it on the line would be dropped without a word.
     const std::string p = write_file("nul.jsonl", ok + "{\"text\": \"kept\"}" + std::string(1, '\0') + "{\"text\": \"dropped\"}\n");
     check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":2", "NUL byte", "column 17"});
+  }
+  SECTION("a symbolic link loop") {
+    const std::string p = qt::files::join(qt::test::scratch_dir("data_loop"), "loop.jsonl");
+    std::filesystem::remove(p);
+    std::filesystem::create_symlink(p, p);
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p, "cannot be read", "symbolic links"});
   }
   SECTION("gzip-compressed file") {
     const std::string p = write_file("gz.jsonl", std::string("\x1f\x8b\x08\x00\x00\x00\x00\x00", 8) + "rest");

@@ -2,8 +2,8 @@
 
 #include "lib/core/files.h"
 
-#include <cstdio>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -87,7 +87,7 @@ Json parse_json(const std::string& text, const std::string& where, ErrorKind kin
 Json read_json_file(const std::string& path, ErrorKind kind) {
   if (files::is_dir(path)) fail_at(kind, path, "is a directory, not a JSON file");
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail_at(kind, path, files::exists(path) ? std::string("cannot be read (") + std::strerror(errno) + ")" : std::string("file not found"));
+  if (!in) fail_at(kind, path, errno == ENOENT ? std::string("file not found") : std::string("cannot be read (") + std::strerror(errno) + ")");
   std::stringstream ss;
   ss << in.rdbuf();
   return parse_json(ss.str(), path, kind);

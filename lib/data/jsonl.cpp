@@ -11,7 +11,7 @@ namespace qt {
 std::vector<JsonlRecord> read_jsonl(const std::string& path) {
   if (files::is_dir(path)) fail_at(ErrorKind::Data, path, "is a directory, not a jsonl file");
   std::ifstream in(path, std::ios::binary);
-  if (!in) fail_at(ErrorKind::Data, path, files::exists(path) ? std::string("cannot be read (") + std::strerror(errno) + ")" : std::string("file not found"));
+  if (!in) fail_at(ErrorKind::Data, path, errno == ENOENT ? std::string("file not found") : std::string("cannot be read (") + std::strerror(errno) + ")");
   // A compressed file would otherwise read as malformed JSON at line 1.
   if (in.peek() == 0x1f) {
     char magic[2] = {0, 0};
