@@ -146,7 +146,7 @@ int main(int argc, char** argv) {
                   "directory is refused");
     cmd->add_flag("--resume-allow-changes", train.resume_allow_changes,
                   "resume although the schedule length (train.steps / train.epochs) or data.train_file's content "
-                  "changed since the checkpoint");
+                  "changed since the checkpoint, or the model and data files are at other paths");
   };
   add_train_options(&app);
   CLI::App* train_cmd = app.add_subcommand("train", "Fine-tune with QLoRA (the default command)");
