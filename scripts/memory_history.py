@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """What held the GPU's memory at a run's peak: reads the caching allocator's history that `QT_MEMORY_HISTORY=FILE
-qlora-train ...` writes (after step 1, or at an out-of-memory error; the format of torch.cuda.memory._dump_snapshot),
-replays its allocations and frees, and prints the peak of bytes in use with the tensors alive there, grouped by the
-first frames of our code (qt::) in their C++ stacks, largest first; and the same at the history's end.
+qlora-train ...` writes (FILE after step 1, FILE.oom at an out-of-memory error in a step; the format of
+torch.cuda.memory._dump_snapshot), replays its allocations and frees, and prints the peak of bytes in use with the
+tensors alive there, grouped by the first frames of our code (qt::) in their C++ stacks, largest first; and the same
+at the history's end.
 
-Usage: python3 scripts/memory_history.py FILE [--top 25] [--depth 2] [--at-end]"""
+Usage: python3 scripts/memory_history.py FILE [--top 25] [--depth 2]"""
 import argparse
 import collections
 import pickle

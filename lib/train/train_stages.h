@@ -47,8 +47,8 @@ struct TestHooks {
   int64_t oom_plans = 0;              // QT_TEST_OOM_PLANS=N[:load]: the first N plans run out of memory in their
   bool oom_plans_at_load = false;     //   first step (":load": as their model loads)
   std::string memory_history;         // QT_MEMORY_HISTORY=FILE: the caching allocator's history (every allocation
-                                      //   with its C++ stack) written to FILE after step 1 and at an out-of-memory
-                                      //   error, as torch.cuda.memory._dump_snapshot writes it (pytorch.org/memory_viz)
+                                      //   with its C++ stack) written to FILE after step 1, and to FILE.oom at an
+                                      //   out-of-memory error in a step, as torch.cuda.memory._dump_snapshot writes it
   static TestHooks from_env();
 };
 

@@ -72,7 +72,7 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
     // The kernels and copies already queued finish before the step's tensors and the model's buffers (pinned host
     // blocks among them) go: the run may start again in this process (train.memory.replan_on_oom).
     if (s.device.is_cuda()) c10::cuda::device_synchronize();
-    write_memory_history(s.device, hooks.memory_history);
+    if (!hooks.memory_history.empty()) write_memory_history(s.device, hooks.memory_history + ".oom");
     throw OutOfMemory(oom_message(cfg, s.device, "step " + std::to_string(step + 1), s.micro, d.data->max_seq_len(),
                                   m.decision, e.what_without_backtrace()));
   };
@@ -473,8 +473,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
     if (s.rank0)
       log::warn(phase + ": out of GPU memory under the plan " + describe(last) +
                 (needed ? " (its tensors needed at least " + gib_text(*needed) + " GiB when an allocation failed)" : "") +
-                ". Starting again under a leaner plan within " + gib_text(next) + " GiB (the model loads again; train.memory.replan_on_oom false stops "
-                "instead)");
+                ". Starting again under a leaner plan within " + gib_text(next) +
+                " GiB (the model loads again; train.memory.replan_on_oom false stops instead)");
     at::manual_seed(cfg.train.seed);
   }
 }
