@@ -95,6 +95,9 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
         GatherScope g(parallel.sharded(), FullyShard::Root::LmHead);
         l = loss_sum(model, hidden, b.targets, fused);
       }
+      // The final norm's output is not needed past the loss's forward pass (the fused loss keeps dh; a trained
+      // lm_head's node keeps its own reference): 1 H a token freed for the backward pass.
+      hidden = at::Tensor();
       // Test hooks: an out-of-memory error at this step, with the forward graph alive, thrown as CUDA's caching
       // allocator throws it (on any device) or as cuBLAS's status check does; a loss that is not finite.
       if (oom) {
