@@ -209,6 +209,59 @@ Json Footprint::to_json() const {
   return j;
 }
 
+namespace {
+
+// One checkpointed block's recomputation and backward pass, itemized from the code (ninth session; the fit of 1.5
+// blocks' activations before it held for rows up to 32k tokens, but rows that keep the attention output with the
+// MLP in chunks peaked 1.5 GiB (8B 1 x 61100) and 3.4 GiB or more (1 x 117696) above it, in the attention
+// backward). The peak is the largest of three moments: the attention backward, the MLP's SwiGLU backward, and
+// gate / up's backward with its weight dequantized for it. Per token, in elements of e unless said otherwise:
+//   held through the step: the embedding output (H: the first block's input leaf), cos and sin (2 D), the final
+//     norm's output (H: the trainer lets it go after the loss's forward pass since the ninth session, not yet
+//     measured: counted still), and with keep >= attention every block's softmax statistics (fp32, L heads);
+//   the incoming gradient, the input norm's output and the recomputation's unused MLP output (3 H: down_proj or
+//     the chunked MLP allocate it and write nothing);
+//   what the recomputation makes and the attention backward reads: the rotated q below keep qkv, K and V
+//     (expanded to the query heads where cuDNN does not take them grouped: rows not a multiple of 128 tokens,
+//     FlashAttention-2), the attention output and its statistics (fp32) below keep attention, and Qwen3's
+//     projection output (its q / k norms' backward reads it) below keep qkv;
+//   the attention backward: the MLP half's gradient (H), o_proj's input gradient (q), dq, dk and dv, cuDNN's fp32
+//     dQ accumulator and softmax sums (4 (q + heads) bytes);
+//   the MLP backward: the residual below keep residual (H), the (chunk's) gate / up output, SwiGLU output and
+//     their gradients (6 I + H; in gate / up's backward 2 I + 2 H and the weight), and with chunks the input
+//     gradient accumulated over the row (H (T + chunk)).
+// dh of the loss (fp32 H) is dead by then: loss_chunk counts it. The blocks' weights held dequantized
+// (keep_dequantized) are there throughout. Against the allocated peaks measured on an H200 (PERFORMANCE.md, "Ninth
+// session"): -1.6% to +0.9% on 13 rows from 1 x 2048 to 1 x 117696 tokens and 70B 1 x 15104.
+double checkpointed_working_set(const PlanInputs& in, const ExecPlan& p, double mlp_tokens) {
+  const LlamaConfig& c = in.model;
+  const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
+  const double q = static_cast<double>(c.q_size()), kv = static_cast<double>(c.kv_size());
+  const double L = static_cast<double>(c.num_hidden_layers), D = static_cast<double>(c.head_dim);
+  const double heads = static_cast<double>(c.num_attention_heads);
+  const double T = static_cast<double>(in.micro_batch * in.seq), e = static_cast<double>(in.element_size);
+  const double block_params = H * q + 2 * H * kv + q * H + 3 * H * I;
+  const int k = static_cast<int>(p.keep);
+  const bool attention_kept = k >= static_cast<int>(KeepLevel::Attention);
+  const bool qkv_kept = k >= static_cast<int>(KeepLevel::Qkv);
+  const bool residual_kept = k >= static_cast<int>(KeepLevel::Residual);
+  const bool grouped = p.attention == AttentionKernel::Cudnn && in.seq % 128 == 0 && (c.head_dim == 64 || c.head_dim == 128);
+  const double kv_held = grouped ? kv : q;  // K and V as the attention backward holds them
+  const double chunked = mlp_tokens < T ? e * H * (T + mlp_tokens) : 0.0;
+  const double common = e * T * (2 * H + 2 * D) + (attention_kept ? 4 * T * L * heads : 0.0) + 3 * e * T * H +
+                        e * T * ((qkv_kept ? 0.0 : q) + (grouped && !qkv_kept ? 2 * kv : 0.0) + (grouped ? 0.0 : 2 * q) +
+                                 (attention_kept ? 0.0 : q) + (c.qk_norm && !qkv_kept ? q + 2 * kv : 0.0)) +
+                        (attention_kept ? 0.0 : 4 * T * heads);
+  const double residual = residual_kept ? 0.0 : e * T * H;
+  const double attention = common + e * T * (H + 2 * q + 2 * kv_held) + 4 * T * (q + heads);
+  const double swiglu = common + residual + e * mlp_tokens * (6 * I + H) + chunked;
+  const double gate_up = common + residual + e * mlp_tokens * (2 * I + 2 * H) + chunked +
+                         (p.keep_dequantized ? 0.0 : 2 * H * I * e);
+  return std::max({attention, swiglu, gate_up}) - 4 * T * H + (p.keep_dequantized ? block_params * e : 0.0);
+}
+
+}  // namespace
+
 Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   const LlamaConfig& c = in.model;
   const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
@@ -248,18 +301,12 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   // The SwiGLU output kept (keep_swiglu) by blocks that keep their activations: I more (the fit's 4 I).
   const double block_acts = attn_acts + e * mlp_tokens * (p.keep_swiglu ? 4 : 3) * I;
   const double block_work = attn_acts + e * mlp_tokens * 4 * I;
-  // With the MLP in chunks the block's backward pass also holds the attention backward's fp32 accumulator of dq
-  // over every token (4 bytes a token and query element: 0.5 GiB at 32k tokens of the 8B shape): 8B 1 x 32800 at
-  // 11.1 GiB peaked 0.25 GiB above the predicted tensors and 1 x 61100 at 14.9 GiB ran out of memory by 0.03 GiB
-  // (H200, fifth session), both chunked. Without chunks the 1.5 blocks' work fitted above covers it (8B 1 x 32768
-  // keeping attention: 0.26 GiB below the prediction).
-  const double attention_backward = mlp_tokens < T ? 4 * T * q : 0.0;
   // LoRA dropout's backward pass of its widest linear: the input dropped again, its mask (bool), the LoRA term's
   // input gradient and that masked (sizes, not measured).
   const double dropout_redraw = (3 * e + 1) * T * static_cast<double>(in.dropout_width);
   if (!p.checkpointing) {
     f.terms.emplace_back("activations", L * block_acts);
-    f.terms.emplace_back("working_set", 0.5 * block_work + attention_backward + dropout_redraw);
+    f.terms.emplace_back("working_set", 0.5 * block_work + dropout_redraw);
   } else {
     // Kept per block: its input and the keep ladder's tensors, all layers on the device, or two blocks' (the one
     // in its backward pass and the one fetched ahead) when offloaded.
@@ -268,10 +315,7 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
     f.terms.emplace_back("kept_activations", (p.offload ? std::min(2.0, L - whole) : L - whole) * kept);
     // Blocks run without checkpointing keep what autograd saves, as a run without checkpointing does.
     if (whole > 0) f.terms.emplace_back("activations", whole * block_acts);
-    // One block's recomputation and backward: its activations and their gradients (fitted: 1.5 blocks' worth),
-    // the 16-bit weights dequantized for it (the block's when kept, else the largest group, gate and up).
-    f.terms.emplace_back("working_set", 1.5 * block_work + attention_backward + dropout_redraw +
-                                            (p.keep_dequantized ? block_params * e : 2 * H * I * e));
+    f.terms.emplace_back("working_set", checkpointed_working_set(in, p, mlp_tokens) + dropout_redraw);
   }
   if (p.keep_dequantized) f.terms.emplace_back("lora_factor_cache", 0.5 * static_cast<double>(in.lora_params) * e);
   // The loss: a logits tile (at most 192 MiB; 64 MiB and two staging slices when lm_head streams) and dh in fp32.
