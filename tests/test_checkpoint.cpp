@@ -165,3 +165,24 @@ TEST_CASE("resume refuses config changes that matter and allows the rest", "[che
   moved["lora"]["r"] = 32;
   require_checkpoint_error([&] { qt::check_resume_compatible(saved, moved, "ck", true); }, {"lora.r", "model.path"});
 }
+
+TEST_CASE("a resume refuses a data position that counts other records", "[checkpoint]") {
+  qt::TrainerState saved, now;
+  saved.step = 2;
+  now.total_steps = saved.total_steps = 10;
+  saved.train_file_hash = now.train_file_hash = "abc";
+  saved.train_records = now.train_records = 40;
+  CHECK_NOTHROW(qt::check_resume_progress(saved, now, true, false, "ck", "run.json"));
+  now.train_records = 36;
+  require_checkpoint_error([&] { qt::check_resume_progress(saved, now, true, false, "ck", "run.json"); },
+                           {"training records", "40 -> 36", "--resume-allow-changes"});
+  CHECK_NOTHROW(qt::check_resume_progress(saved, now, true, /*allow_changes=*/true, "ck", "run.json"));
+  // A checkpoint of a version that counted the records without a target (no count saved): refused where this run
+  // left some out, resumed where it left none out.
+  saved.train_records = -1;
+  now.records_left_out = 4;
+  require_checkpoint_error([&] { qt::check_resume_progress(saved, now, true, false, "ck", "run.json"); },
+                           {"4 record(s) with no target token", "data position"});
+  now.records_left_out = 0;
+  CHECK_NOTHROW(qt::check_resume_progress(saved, now, true, false, "ck", "run.json"));
+}

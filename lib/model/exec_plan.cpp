@@ -223,8 +223,9 @@ namespace {
 //     the chunked MLP allocate it and write nothing);
 //   what the recomputation makes and the attention backward reads: the rotated q below keep qkv, K and V
 //     (expanded to the query heads where cuDNN does not take them grouped: rows not a multiple of 128 tokens,
-//     FlashAttention-2), the attention output and its statistics (fp32) below keep attention, and Qwen3's
-//     projection output (its q / k norms' backward reads it) below keep qkv;
+//     FlashAttention-2), the attention output and its statistics (fp32) below keep attention, and with Qwen3's
+//     q / k norms the projection output (their backward reads it) or, kept, the rotated copies the fused kernel
+//     makes of it;
 //   the attention backward: the MLP half's gradient (H), o_proj's input gradient (q), dq, dk and dv, cuDNN's fp32
 //     dQ accumulator and softmax sums (4 (q + heads) bytes);
 //   the MLP backward: the residual below keep residual (H), the (chunk's) gate / up output, SwiGLU output and
@@ -245,12 +246,15 @@ double checkpointed_working_set(const PlanInputs& in, const ExecPlan& p, double 
   const bool attention_kept = k >= static_cast<int>(KeepLevel::Attention);
   const bool qkv_kept = k >= static_cast<int>(KeepLevel::Qkv);
   const bool residual_kept = k >= static_cast<int>(KeepLevel::Residual);
-  const bool grouped = p.attention == AttentionKernel::Cudnn && in.seq % 128 == 0 && (c.head_dim == 64 || c.head_dim == 128);
+  // (Rows of several documents or padding take FlashAttention-2's varlen kernel, whose dk and dv are at the query
+  // width too.)
+  const bool grouped = p.attention == AttentionKernel::Cudnn && !in.varlen && in.seq % 128 == 0 &&
+                       (c.head_dim == 64 || c.head_dim == 128);
   const double kv_held = grouped ? kv : q;  // K and V as the attention backward holds them
   const double chunked = mlp_tokens < T ? e * H * (T + mlp_tokens) : 0.0;
   const double common = e * T * (2 * H + 2 * D) + (attention_kept ? 4 * T * L * heads : 0.0) + 3 * e * T * H +
                         e * T * ((qkv_kept ? 0.0 : q) + (grouped && !qkv_kept ? 2 * kv : 0.0) + (grouped ? 0.0 : 2 * q) +
-                                 (attention_kept ? 0.0 : q) + (c.qk_norm && !qkv_kept ? q + 2 * kv : 0.0)) +
+                                 (attention_kept ? 0.0 : q) + (c.qk_norm ? q + 2 * kv : 0.0)) +
                         (attention_kept ? 0.0 : 4 * T * heads);
   const double residual = residual_kept ? 0.0 : e * T * H;
   const double attention = common + e * T * (H + 2 * q + 2 * kv_held) + 4 * T * (q + heads);
@@ -306,7 +310,8 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   const double dropout_redraw = (3 * e + 1) * T * static_cast<double>(in.dropout_width);
   if (!p.checkpointing) {
     f.terms.emplace_back("activations", L * block_acts);
-    f.terms.emplace_back("working_set", 0.5 * block_work + dropout_redraw);
+    // (With the MLP in chunks, the attention backward's fp32 dq accumulator over every token.)
+    f.terms.emplace_back("working_set", 0.5 * block_work + (mlp_tokens < T ? 4 * T * q : 0.0) + dropout_redraw);
   } else {
     // Kept per block: its input and the keep ladder's tensors, all layers on the device, or two blocks' (the one
     // in its backward pass and the one fetched ahead) when offloaded.

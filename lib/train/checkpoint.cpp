@@ -179,6 +179,7 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
     state["loss_scale_good_steps"] = c.state.loss_scale_good_steps;
   }
   if (c.state.optimizer_steps >= 0) state["optimizer_steps"] = c.state.optimizer_steps;
+  if (c.state.train_records >= 0) state["train_records"] = c.state.train_records;
   if (c.optimizer_shards > 0) state["optimizer_shards"] = c.optimizer_shards;
   test_delay();
   write_text_synced(files::join(tmp, kStateFile), state.dump(2) + "\n");
@@ -283,6 +284,7 @@ CheckpointContents load_checkpoint(const std::string& dir) {
   c.state.loss_scale = state.contains("loss_scale") && state.at("loss_scale").is_number() ? state.at("loss_scale").get<double>() : 0.0;
   c.state.loss_scale_good_steps = r.get_int("loss_scale_good_steps", 0);
   c.state.optimizer_steps = r.get_int("optimizer_steps", -1);
+  c.state.train_records = r.get_int("train_records", -1);
   c.optimizer_shards = static_cast<int>(r.get_int("optimizer_shards", 0));
   auto read = [&](const std::string& f, std::vector<std::pair<std::string, at::Tensor>>& dst) {
     const std::string p = files::join(dir, f);
@@ -341,6 +343,14 @@ void check_resume_progress(const TrainerState& saved, const TrainerState& curren
   if (!saved.train_file_hash.empty() && saved.train_file_hash != current.train_file_hash)
     changed.push_back("data.train_file's content (hash " + saved.train_file_hash + " -> " + current.train_file_hash +
                       "), so the data order and any held-out split would differ");
+  else if (saved.train_records >= 0 && current.train_records >= 0 && saved.train_records != current.train_records)
+    changed.push_back("the training records as loaded (" + std::to_string(saved.train_records) + " -> " +
+                      std::to_string(current.train_records) + ": data settings such as data.max_seq_len or "
+                      "data.truncation), so the data order would differ");
+  else if (saved.train_records < 0 && current.records_left_out > 0)
+    changed.push_back("the training records as loaded: this version leaves out the " +
+                      std::to_string(current.records_left_out) + " record(s) with no target token that the checkpoint's "
+                      "version counted, so the data position points elsewhere");
   if (changed.empty()) return;
   std::string what;
   for (const auto& c : changed) what += (what.empty() ? "" : "; ") + c;

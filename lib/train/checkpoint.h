@@ -44,6 +44,11 @@ struct TrainerState {
   // AdamW's step count (its bias corrections): `step` less the steps fp16 loss scaling skipped; -1 in older
   // checkpoints (then `step`).
   int64_t optimizer_steps = -1;
+  // Training records after loading (data.position counts among them); -1 in checkpoints before the ninth session,
+  // which counted the records without a target token that are left out since.
+  int64_t train_records = -1;
+  // Not saved: the training records left out at load for holding no target (this run's).
+  int64_t records_left_out = 0;
 };
 
 struct CheckpointContents {

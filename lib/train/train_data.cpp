@@ -31,7 +31,7 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
     log::warn_rank0("data.add_eos: the tokenizer has no EOS token, so the text documents of " + config_.train_file +
                     " train without one (the model will not learn where a document ends)");
   apply_truncation(train);
-  leave_out_untrained(train, config_.train_file, "training");
+  untrained_left_out_ = leave_out_untrained(train, config_.train_file, "training");
   if (!eval_.empty()) {
     const std::string& source = config_.eval_file.empty() ? config_.train_file : config_.eval_file;
     leave_out_untrained(eval_, source, "held-out");
@@ -72,13 +72,13 @@ std::string some_lines(const std::vector<int64_t>& lines) {
 // data.max_seq_len removes) add nothing to the loss: they are left out, with a warning naming them, so that no batch
 // is made of them alone (a step would have nothing to train on). Where no record has a target nothing is left out:
 // check_has_targets says why (training) or the caller does (held-out).
-void TrainData::leave_out_untrained(std::vector<Example>& examples, const std::string& source, const char* what) const {
+int64_t TrainData::leave_out_untrained(std::vector<Example>& examples, const std::string& source, const char* what) const {
   const auto len = static_cast<size_t>(config_.max_seq_len);
   std::vector<int64_t> lines;
   for (const auto& e : examples)
     if (targets_in(e.loss, len) == 0) lines.push_back(e.line);
-  if (lines.empty()) return;
-  if (lines.size() == examples.size() && std::string(what) == "training") return;
+  if (lines.empty()) return 0;
+  if (lines.size() == examples.size() && std::string(what) == "training") return 0;
   const size_t before = examples.size();
   examples.erase(std::remove_if(examples.begin(), examples.end(),
                                 [&](const Example& e) { return targets_in(e.loss, len) == 0; }),
@@ -86,6 +86,7 @@ void TrainData::leave_out_untrained(std::vector<Example>& examples, const std::s
   log::warn_rank0(source + ": " + std::to_string(lines.size()) + " of " + std::to_string(before) + " " + what +
                   " records (" + some_lines(lines) + ") hold no target token within data.max_seq_len = " +
                   std::to_string(config_.max_seq_len) + ": left out (they add nothing to the loss)");
+  return static_cast<int64_t>(lines.size());
 }
 
 void TrainData::apply_truncation(std::vector<Example>& train) const {

@@ -34,6 +34,9 @@ class TrainData {
   void write_eval_records(const std::string& path) const;
 
   DataPosition position() const { return iterator_->position(); }
+  // Training records left out at load for holding no target token (a checkpoint's data position counts without
+  // them since the ninth session).
+  int64_t untrained_left_out() const { return untrained_left_out_; }
   void seek(const DataPosition& position);
   // The training documents' token-weighted mean length, each cut to max_seq_len (the tokens a token attends over,
   // as causal attention's FLOPs count them), and whether rows hold several documents or padding (the varlen kernel).
@@ -48,7 +51,8 @@ class TrainData {
   // data.truncation on the training records longer than a row: drop them, stop naming them, or leave the cut
   // to Dataset (warning about the records the cut leaves with no target).
   void apply_truncation(std::vector<Example>& train) const;
-  void leave_out_untrained(std::vector<Example>& examples, const std::string& source, const char* what) const;
+  // Returns how many it left out.
+  int64_t leave_out_untrained(std::vector<Example>& examples, const std::string& source, const char* what) const;
   // A run that would train on no target token stops here, before the model loads, naming data.max_seq_len.
   void check_has_targets() const;
 
@@ -58,6 +62,7 @@ class TrainData {
   std::unique_ptr<Dataset> train_;
   std::vector<Example> eval_;
   std::unique_ptr<BatchIterator> iterator_;
+  int64_t untrained_left_out_ = 0;
 };
 
 }  // namespace qt

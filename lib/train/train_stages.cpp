@@ -228,12 +228,19 @@ void watch_out_of_memory(const at::Device& device) {
   static std::once_flag once;
   if (!device.is_cuda()) return;
   std::call_once(once, [] {
-    // Called by the allocator after it has released its lock, before it throws.
-    c10::cuda::CUDACachingAllocator::attachOutOfMemoryObserver(
-        [](int64_t dev, size_t requested, size_t /*device_total*/, size_t /*device_free*/) {
-          const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(dev));
-          g_out_of_memory_need.store(stats.allocated_bytes[0].current + static_cast<int64_t>(requested));
-        });
+    // The allocator attaches observers to the devices it has set up: CUDA initialized first.
+    at::globalContext().lazyInitDevice(at::kCUDA);
+    try {
+      // Called by the allocator after it has released its lock, before it throws.
+      c10::cuda::CUDACachingAllocator::attachOutOfMemoryObserver(
+          [](int64_t dev, size_t requested, size_t /*device_total*/, size_t /*device_free*/) {
+            const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(dev));
+            g_out_of_memory_need.store(stats.allocated_bytes[0].current + static_cast<int64_t>(requested));
+          });
+    } catch (const c10::Error& e) {  // another allocator backend (PYTORCH_CUDA_ALLOC_CONF backend:cudaMallocAsync)
+      log::warn(std::string("no out-of-memory observer on this allocator (a plan that runs out of memory is followed "
+                            "by one 5% leaner only): ") + e.what_without_backtrace());
+    }
   });
 }
 
@@ -245,7 +252,13 @@ std::optional<double> take_out_of_memory_need_gib() {
 
 void start_memory_history(const at::Device& device, const std::string& file) {
   if (!device.is_cuda() || file.empty()) return;
-  torch::cuda::_record_memory_history("all", "all", "cpp", /*max_entries=*/1000000);
+  try {
+    // Stacks "all": the C++ frames (a process without Python has no Python frames to add).
+    torch::cuda::_record_memory_history("all", "all", "all", /*max_entries=*/1000000);
+  } catch (const c10::Error& e) {
+    log::warn("QT_MEMORY_HISTORY: the allocator's history cannot be recorded: " + std::string(e.what_without_backtrace()));
+    return;
+  }
   log::info("recording the caching allocator's history for " + file + " (QT_MEMORY_HISTORY; slower)");
 }
 

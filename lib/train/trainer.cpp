@@ -72,7 +72,13 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
     // The kernels and copies already queued finish before the step's tensors and the model's buffers (pinned host
     // blocks among them) go: the run may start again in this process (train.memory.replan_on_oom).
     if (s.device.is_cuda()) c10::cuda::device_synchronize();
-    if (!hooks.memory_history.empty()) write_memory_history(s.device, hooks.memory_history + ".oom");
+    if (!hooks.memory_history.empty() && s.rank0) {
+      try {  // (never in the way of the out-of-memory error and its replan)
+        write_memory_history(s.device, hooks.memory_history + ".oom");
+      } catch (const std::exception& w) {
+        log::warn(std::string("QT_MEMORY_HISTORY: ") + w.what());
+      }
+    }
     throw OutOfMemory(oom_message(cfg, s.device, "step " + std::to_string(step + 1), s.micro, d.data->max_seq_len(),
                                   m.decision, e.what_without_backtrace()));
   };
@@ -218,6 +224,8 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   state.seed = cfg.train.seed;
   state.config = cfg.to_json();  // every default filled in, as config.resolved.json
   state.train_file_hash = d.train_file_hash;
+  state.train_records = static_cast<int64_t>(data.train_set().size());
+  state.records_left_out = data.untrained_left_out();
   state.total_steps = total_steps;
   if (resume) {
     const CheckpointContents& ck = resume->contents;

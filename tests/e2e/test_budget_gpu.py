@@ -3,8 +3,9 @@
 claims; a budget the plan refuses (exit 3, naming the figure its leanest plan needs) is one that plan would not fit:
 forced onto it (train.memory.gpu_memory_gib set to that figure while the holder leaves less), the run runs out of
 memory (and no leaner plan is left to start again under). A run told 8% more than it has completes, under a leaner
-plan where the first runs out of memory before its first step (train.memory.replan_on_oom). Llama-3.2-1B-shaped
-random NF4 weights, 2 x 1024 tokens, a few steps each."""
+plan where the first runs out of memory before its first step (train.memory.replan_on_oom). QT_MEMORY_HISTORY writes
+the caching allocator's history, which scripts/memory_history.py reads. Llama-3.2-1B-shaped random NF4 weights,
+2 x 1024 tokens, a few steps each."""
 import importlib.util, json, os, pathlib, re, subprocess, sys, tempfile
 
 from checks import check, finish
@@ -73,6 +74,17 @@ def main():
     check("tok_per_s" not in r and r.get("exit") == 9 and
           any(s in err for s in ("out of memory", "out of GPU memory", "CUBLAS_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")),
           f"{small} GiB left free, the plan told it has {told}: out of memory (exit {r.get('exit')}): {err[-300:]}")
+    # The caching allocator's history (QT_MEMORY_HISTORY, written after step 1) names what held the memory.
+    hist = TMP / "history.pickle"
+    env = {**os.environ, "QT_MEMORY_HISTORY": str(hist)}
+    p = subprocess.run([BIN, "bench", "--shape", SHAPE, "--batch", str(BATCH), "--seq", str(SEQ), "--steps", "1",
+                        "--warmup", "0", "--device", "cuda", "--out", str(TMP / "hist")], capture_output=True, text=True,
+                       env=env)
+    q = subprocess.run([sys.executable, str(ROOT / "scripts" / "memory_history.py"), str(hist)], capture_output=True,
+                       text=True) if hist.exists() else None
+    check(p.returncode == 0 and q is not None and q.returncode == 0 and "peak (event" in q.stdout and "qt::" in q.stdout,
+          f"QT_MEMORY_HISTORY: the allocator's history after step 1, read by scripts/memory_history.py (exit "
+          f"{p.returncode}): {(q.stdout[:600] if q else p.stderr[-400:])}")
     finish("budget checks on the GPU")
 
 
