@@ -1,6 +1,12 @@
 #include "lib/train/output_dir.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -79,6 +85,37 @@ std::string prepare_output_dir(const std::string& output_dir, const std::string&
   }
   replace = old;
   return "";
+}
+
+OutputDirLock::OutputDirLock(const std::string& output_dir, const std::string& config_file) {
+  if (output_dir.empty() || (files::exists(output_dir) && !files::is_dir(output_dir))) return;  // (prepare_output_dir says)
+  files::make_dirs(output_dir);
+  const std::string path = files::join(output_dir, ".qlora-train.lock");
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd_ < 0) fail_at(ErrorKind::Io, path, std::string("cannot be opened (") + std::strerror(errno) + ")");
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    std::string holder;
+    char buf[256];
+    const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
+    if (n > 0) holder.assign(buf, static_cast<size_t>(n));
+    while (!holder.empty() && (holder.back() == '\n' || holder.back() == '\0')) holder.pop_back();
+    ::close(fd_);
+    fd_ = -1;
+    if (err != EWOULDBLOCK) fail_at(ErrorKind::Io, path, std::string("cannot be locked (") + std::strerror(err) + ")");
+    fail_key(ErrorKind::Config, config_file, "output_dir",
+             "'" + output_dir + "' is in use by another run" + (holder.empty() ? "" : " (" + holder + ")") +
+                 ", which holds " + path + "; wait for it to end, stop it, or use another output_dir");
+  }
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  const std::string who = "pid " + std::to_string(::getpid()) + " on " + host + "\n";
+  if (::ftruncate(fd_, 0) != 0 || ::pwrite(fd_, who.data(), who.size(), 0) != static_cast<ssize_t>(who.size()))
+    log::warn(path + ": could not write who holds it (" + std::strerror(errno) + ")");
+}
+
+OutputDirLock::~OutputDirLock() {
+  if (fd_ >= 0) ::close(fd_);  // (closing lets the lock go; the file stays: removing it would race a new holder)
 }
 
 void replace_earlier_run(const std::string& output_dir, const std::vector<std::string>& names) {

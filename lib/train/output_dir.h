@@ -2,6 +2,7 @@
 // The decision a training run takes about its output directory, before it reads or writes anything there: resume a
 // checkpoint, start fresh in an unused directory, or replace an older run's files only when asked to
 // (--overwrite-output-dir, as HF Trainer's overwrite_output_dir). A new run never mixes with an older one.
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,22 @@ std::vector<std::string> run_files(const std::string& output_dir);
 // the run config in messages.
 std::string prepare_output_dir(const std::string& output_dir, const std::string& resume, bool overwrite,
                                std::vector<std::string>& replace, const std::string& config_file);
+
+// An exclusive lock (flock) on output_dir/.qlora-train.lock, held while this object lives (the process: the kernel
+// lets it go when the process ends, however it ends). Taken by rank 0 before prepare_output_dir: a second run into
+// the same directory at the same time (a job submitted twice, a requeued job whose first copy still runs) is refused
+// (qt::Error Config) naming the process and host that hold it, instead of removing the live run's files. On file
+// systems without flock across hosts it guards one host only. Makes output_dir if it does not exist.
+class OutputDirLock {
+ public:
+  OutputDirLock(const std::string& output_dir, const std::string& config_file);
+  ~OutputDirLock();
+  OutputDirLock(const OutputDirLock&) = delete;
+  OutputDirLock& operator=(const OutputDirLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
 
 // Removes `names` (prepare_output_dir's `replace`) from output_dir, saying so; names already gone are skipped.
 void replace_earlier_run(const std::string& output_dir, const std::vector<std::string>& names);

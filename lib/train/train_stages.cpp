@@ -408,6 +408,46 @@ void check_data_fits_model(const RunConfig& cfg, const Session& s, const DataSta
 }
 }  // namespace
 
+namespace {
+
+// What a model directory holds, cheaply, for comparing ranks (a node whose copy differs would train another model in
+// its half of the gradients, or of a sharded block): config.json and the tokenizer files whole; each safetensors
+// file's size, header and 64 KiB of its data at the start, middle and end.
+std::string model_fingerprint(const std::string& dir) {
+  std::string out;
+  for (const std::string& name : files::list_dir(dir)) {
+    const std::string path = files::join(dir, name);
+    const bool whole = name == "config.json" || name.rfind("tokenizer", 0) == 0 || name == "special_tokens_map.json";
+    const bool tensors = name.size() > 12 && name.compare(name.size() - 12, 12, ".safetensors") == 0;
+    if ((!whole && !tensors) || !files::is_file(path)) continue;
+    out += name + "\n";
+    if (whole) {
+      out += files::read_file(path);
+      continue;
+    }
+    std::ifstream in(path, std::ios::binary);
+    const int64_t size = files::file_size(path);
+    out += std::to_string(size) + "\n";
+    uint64_t header = 0;
+    if (size < 8 || !in.read(reinterpret_cast<char*>(&header), 8)) continue;
+    const int64_t data_begin = 8 + static_cast<int64_t>(std::min<uint64_t>(header, static_cast<uint64_t>(size - 8)));
+    const auto take = [&](int64_t from, int64_t n) {
+      n = std::max<int64_t>(0, std::min(n, size - from));
+      std::string bytes(static_cast<size_t>(n), '\0');
+      in.clear();
+      in.seekg(from);
+      in.read(bytes.data(), n);
+      out += bytes.substr(0, static_cast<size_t>(in.gcount()));
+    };
+    take(8, data_begin - 8);  // the header: names, dtypes, shapes, offsets
+    constexpr int64_t kSample = 64 * 1024;
+    for (int64_t at : {data_begin, data_begin + (size - data_begin) / 2, size - kSample}) take(std::max(at, data_begin), kSample);
+  }
+  return out;
+}
+
+}  // namespace
+
 DataStage load_data(const RunConfig& cfg, const Session& s) {
   DataStage d;
   d.random_init = cfg.model.init == "random";
@@ -429,7 +469,17 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
   d.model_config = d.random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
   check_data_fits_model(cfg, s, d);
   d.train_file_hash = train_file_hash(d.data->config().train_file);
-  if (s.world > 1) check_same_across_ranks(*s.comm, d.train_file_hash, "content of data.train_file");
+  if (s.world > 1) {
+    check_same_across_ranks(*s.comm, d.train_file_hash, "content of data.train_file");
+    // Held-out and exact-match files: ranks that evaluate other records pair their collectives wrongly (other
+    // sizes) or average other losses.
+    const std::string& eval_file = d.data->config().eval_file;
+    check_same_across_ranks(*s.comm, eval_file.empty() ? "" : train_file_hash(eval_file), "content of data.eval_file");
+    check_same_across_ranks(*s.comm, cfg.eval.exact_match_file.empty() ? "" : train_file_hash(cfg.eval.exact_match_file),
+                            "content of eval.exact_match_file");
+    if (!d.random_init)
+      check_same_across_ranks(*s.comm, model_fingerprint(cfg.model.path), "model directory (model.path)");
+  }
   return d;
 }
 

@@ -431,6 +431,13 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   if (s.world > 1)
     check_same_across_ranks(*s.comm, options.resume.empty() ? std::string("a new run") : files::base_name(options.resume),
                             "resume point (--resume, and the checkpoints each rank sees in output_dir)");
+  // Sharded checkpoints are written by every rank into rank 0's directory: every rank must see one output_dir (the
+  // lock file rank 0 took in it says whose it is; a node without the shared file system sees none or another).
+  if (s.world > 1 && cfg.train.shard == "blocks") {
+    const std::string lock = files::join(cfg.output_dir, ".qlora-train.lock");
+    check_same_across_ranks(*s.comm, files::is_file(lock) ? files::read_file(lock) : std::string(),
+                            "output_dir " + cfg.output_dir + " (sharded checkpoints need one that every rank sees)");
+  }
   DataStage d = load_data(cfg, s);
   MicroDecision planned = decide_run_plan(cfg, s, d);
   Json earlier = Json::array();

@@ -3,7 +3,7 @@ is refused (naming its files, touching none) unless --resume or --overwrite-outp
 auto` without a checkpoint starts a new run; a resume refuses a changed schedule length or train file; an output_dir that is a file is a config error; bad keys and values
 (HF / PEFT / TRL spellings too) stop the run before any data is read; "all-linear" and optim.warmup_ratio; data.truncation;
 records with no target left out; a resume with the data at another path."""
-import json, os, pathlib, shutil, subprocess, sys, tempfile
+import json, os, pathlib, shutil, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
@@ -33,7 +33,9 @@ def last_line(p):
 
 
 def snapshot(d):
-    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*")) if p.is_file()}
+    """Every file of a run under d, its bytes and time (not the lock file each run takes: .qlora-train.lock)."""
+    return {str(p.relative_to(d)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(d.rglob("*"))
+            if p.is_file() and p.name != ".qlora-train.lock"}
 
 
 def main():
@@ -295,6 +297,21 @@ def main():
         if p.returncode == 0 else []
     check([j["step"] for j in em] == [0, 2] and all(j["exact_match_total"] == 3 for j in em),
           f"exact match is in metrics.jsonl before and after training (exit {p.returncode}): {em}")
+    # Two runs into one output_dir at the same time (a job submitted twice): the second is refused, naming the
+    # first's process, and the first runs on.
+    first = subprocess.Popen([BIN, "--config", str(write_config("busy"))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "QT_TEST_SETUP_DELAY_MS": "6000"})
+    lock = TMP / "busy" / ".qlora-train.lock"
+    for _ in range(100):
+        if lock.exists() and lock.read_text().startswith("pid "):
+            break
+        time.sleep(0.1)
+    p = train(write_config("busy"), "--resume", "auto")
+    out, err = first.communicate(timeout=300)
+    check(p.returncode == 3 and "in use by another run" in last_line(p) and f"pid {first.pid}" in last_line(p),
+          f"a second run into a busy output_dir is refused, naming the first (exit {p.returncode}): {last_line(p)}")
+    check(first.returncode == 0 and (TMP / "busy" / "adapter").is_dir(),
+          f"... and the first completes (exit {first.returncode}) {err.strip().splitlines()[-1:] if first.returncode else ''}")
     # Chat records without an answer among others: left out at load, named, so that no batch is made of them alone
     # (one row a step, no packing: a step of such a record had nothing to train on and stopped the run).
     answered = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}

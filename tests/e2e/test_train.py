@@ -98,6 +98,29 @@ def main():
     p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
     check(p.returncode != 0 and "content of data.train_file" in p.stderr and "rank 1" in p.stderr,
           f"ranks reading different data: a config error naming the rank (exit {p.returncode}) {p.stderr[-400:]}")
+    # ... or other held-out records, or another model under one path (here one weight byte changed).
+    for sub, n in (("wa", 6), ("wb", 7)):
+        (TMP / sub / "eval.jsonl").write_text("".join(l + "\n" for l in (TMP / "train.jsonl").read_text().splitlines()[:n]))
+    cfg = write_config("mpi_eval", data__eval_file="eval.jsonl")
+    mpmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(TMP / "wa"), BIN, "--config", str(cfg), ":",
+            "-np", "1", "-wdir", str(TMP / "wb"), BIN, "--config", str(cfg)]
+    p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
+    check(p.returncode != 0 and "content of data.eval_file" in p.stderr and "rank 1" in p.stderr,
+          f"ranks holding out different records: a config error naming the rank (exit {p.returncode}) {p.stderr[-400:]}")
+    for sub in ("wa", "wb"):
+        shutil.copytree(TMP / "model", TMP / sub / "model", dirs_exist_ok=True)
+    weights = sorted((TMP / "wb" / "model").glob("*.safetensors"))[0]
+    raw = bytearray(weights.read_bytes())
+    begin = 8 + int.from_bytes(raw[:8], "little")
+    raw[begin + (len(raw) - begin) // 2] ^= 0x55
+    weights.write_bytes(bytes(raw))
+    cfg = write_config("mpi_model", model__path="model")
+    mpmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(TMP / "wa"), BIN, "--config", str(cfg), ":",
+            "-np", "1", "-wdir", str(TMP / "wb"), BIN, "--config", str(cfg)]
+    p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
+    check(p.returncode != 0 and "model directory" in p.stderr and "rank 1" in p.stderr,
+          f"ranks loading different models under one path: a config error naming the rank (exit {p.returncode}) "
+          f"{p.stderr[-400:]}")
     mpmd = ["mpirun", "--oversubscribe", "-np", "1", BIN, "--config", str(write_config("mpi2")), "--resume", "auto", ":",
             "-np", "1", BIN, "--config", str(write_config("mpi2")), "--resume", str(TMP / "k_none")]
     p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
