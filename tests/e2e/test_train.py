@@ -121,6 +121,15 @@ def main():
     check(p.returncode != 0 and "model directory" in p.stderr and "rank 1" in p.stderr,
           f"ranks loading different models under one path: a config error naming the rank (exit {p.returncode}) "
           f"{p.stderr[-400:]}")
+    # A sharded run whose ranks see other output_dirs (one relative path from two working directories): refused at
+    # start (every rank writes its optimizer shard into rank 0's checkpoint).
+    cfg = write_config("mpi_out", train__shard="blocks")
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "output_dir": "out"}))
+    mpmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(TMP / "wa"), BIN, "--config", str(cfg), ":",
+            "-np", "1", "-wdir", str(TMP / "wb"), BIN, "--config", str(cfg)]
+    p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
+    check(p.returncode == 3 and "output_dir out" in p.stderr and "rank 1" in p.stderr,
+          f"a sharded run whose ranks see other output_dirs: refused at start (exit {p.returncode}) {p.stderr[-400:]}")
     mpmd = ["mpirun", "--oversubscribe", "-np", "1", BIN, "--config", str(write_config("mpi2")), "--resume", "auto", ":",
             "-np", "1", BIN, "--config", str(write_config("mpi2")), "--resume", str(TMP / "k_none")]
     p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
