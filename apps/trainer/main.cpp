@@ -102,9 +102,6 @@ int run_train(const TrainArgs& args) {
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
   qt::TrainOptions options;
-  // Rank 0 holds output_dir for the run: a second run into it at the same time is refused.
-  std::unique_ptr<qt::OutputDirLock> lock;
-  if (qt::read_launch_env().rank == 0) lock = std::make_unique<qt::OutputDirLock>(config.output_dir, config.file);
   // Decided before anything is read from or written to output_dir: resume, a new run, or a refusal.
   options.resume = qt::prepare_output_dir(config.output_dir, args.resume, args.overwrite_output_dir, options.replace,
                                           config.file);

@@ -25,10 +25,11 @@ std::string prepare_output_dir(const std::string& output_dir, const std::string&
                                std::vector<std::string>& replace, const std::string& config_file);
 
 // An exclusive lock (flock) on output_dir/.qlora-train.lock, held while this object lives (the process: the kernel
-// lets it go when the process ends, however it ends). Taken by rank 0 before prepare_output_dir: a second run into
-// the same directory at the same time (a job submitted twice, a requeued job whose first copy still runs) is refused
-// (qt::Error Config) naming the process and host that hold it, instead of removing the live run's files. On file
-// systems without flock across hosts it guards one host only. Makes output_dir if it does not exist.
+// lets it go when the process ends, however it ends). Taken by rank 0 as training starts, before the run removes or
+// writes anything in output_dir: a second run into the same directory at the same time (a job submitted twice, a
+// requeued job whose first copy still runs) is refused (qt::Error Config) naming the process and host that hold it,
+// instead of removing the live run's files. On file systems without flock across hosts it guards one host only.
+// Makes output_dir if it does not exist.
 class OutputDirLock {
  public:
   OutputDirLock(const std::string& output_dir, const std::string& config_file);

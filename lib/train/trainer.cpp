@@ -426,6 +426,10 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   Session s = start_session(cfg);
   start_memory_history(s.device, hooks.memory_history);
   watch_out_of_memory(s.device);
+  // Rank 0 holds output_dir for the run (before the collective below, which the other ranks pass only after it): a
+  // second run into it at the same time is refused.
+  std::unique_ptr<OutputDirLock> lock;
+  if (s.rank0) lock = std::make_unique<OutputDirLock>(cfg.output_dir, cfg.file);
   // Every rank resumes the same checkpoint or starts a new run: a rank that saw another output_dir (a node without
   // the shared filesystem) or was given other flags would pair its collectives with other steps.
   if (s.world > 1)
@@ -434,8 +438,8 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   // Sharded checkpoints are written by every rank into rank 0's directory: every rank must see one output_dir (the
   // lock file rank 0 took in it says whose it is; a node without the shared file system sees none or another).
   if (s.world > 1 && cfg.train.shard == "blocks") {
-    const std::string lock = files::join(cfg.output_dir, ".qlora-train.lock");
-    check_same_across_ranks(*s.comm, files::is_file(lock) ? files::read_file(lock) : std::string(),
+    const std::string lock_file = files::join(cfg.output_dir, ".qlora-train.lock");
+    check_same_across_ranks(*s.comm, files::is_file(lock_file) ? files::read_file(lock_file) : std::string(),
                             "output_dir " + cfg.output_dir + " (sharded checkpoints need one that every rank sees)");
   }
   DataStage d = load_data(cfg, s);
