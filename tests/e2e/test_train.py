@@ -88,48 +88,37 @@ def main():
               f"2 ranks give the single-rank losses {[lm[s] for s in (1, 2, 3)]} vs {[la[s] for s in (1, 2, 3)]}")
 
     # Ranks that read different training data under one path (node-local copies; here one relative path from two
-    # working directories) or would resume different checkpoints stop before training, naming the rank.
+    # working directories), other held-out records, another model (one weight byte changed) or, sharded, other
+    # output_dirs stop before training, naming the rank; so do ranks that would resume different checkpoints.
+    def two_dirs(cfg):
+        """Rank 0 in wa, rank 1 in wb, one config: its relative paths name each directory's own files."""
+        mpmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(TMP / "wa"), BIN, "--config", str(cfg), ":",
+                "-np", "1", "-wdir", str(TMP / "wb"), BIN, "--config", str(cfg)]
+        return subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
+
+    lines = (TMP / "train.jsonl").read_text().splitlines()
     for sub, n in (("wa", 16), ("wb", 17)):
         (TMP / sub).mkdir(exist_ok=True)
-        (TMP / sub / "train.jsonl").write_text("".join(l + "\n" for l in (TMP / "train.jsonl").read_text().splitlines()[:n]))
-    cfg = write_config("mpi_data", data__train_file="train.jsonl")
-    mpmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(TMP / "wa"), BIN, "--config", str(cfg), ":",
-            "-np", "1", "-wdir", str(TMP / "wb"), BIN, "--config", str(cfg)]
-    p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
-    check(p.returncode != 0 and "content of data.train_file" in p.stderr and "rank 1" in p.stderr,
-          f"ranks reading different data: a config error naming the rank (exit {p.returncode}) {p.stderr[-400:]}")
-    # ... or other held-out records, or another model under one path (here one weight byte changed).
-    for sub, n in (("wa", 6), ("wb", 7)):
-        (TMP / sub / "eval.jsonl").write_text("".join(l + "\n" for l in (TMP / "train.jsonl").read_text().splitlines()[:n]))
-    cfg = write_config("mpi_eval", data__eval_file="eval.jsonl")
-    mpmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(TMP / "wa"), BIN, "--config", str(cfg), ":",
-            "-np", "1", "-wdir", str(TMP / "wb"), BIN, "--config", str(cfg)]
-    p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
-    check(p.returncode != 0 and "content of data.eval_file" in p.stderr and "rank 1" in p.stderr,
-          f"ranks holding out different records: a config error naming the rank (exit {p.returncode}) {p.stderr[-400:]}")
-    for sub in ("wa", "wb"):
+        (TMP / sub / "train.jsonl").write_text("".join(l + "\n" for l in lines[:n]))
+        (TMP / sub / "eval.jsonl").write_text("".join(l + "\n" for l in lines[:n - 10]))
         shutil.copytree(TMP / "model", TMP / sub / "model", dirs_exist_ok=True)
     weights = sorted((TMP / "wb" / "model").glob("*.safetensors"))[0]
     raw = bytearray(weights.read_bytes())
     begin = 8 + int.from_bytes(raw[:8], "little")
     raw[begin + (len(raw) - begin) // 2] ^= 0x55
     weights.write_bytes(bytes(raw))
-    cfg = write_config("mpi_model", model__path="model")
-    mpmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(TMP / "wa"), BIN, "--config", str(cfg), ":",
-            "-np", "1", "-wdir", str(TMP / "wb"), BIN, "--config", str(cfg)]
-    p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
-    check(p.returncode != 0 and "model directory" in p.stderr and "rank 1" in p.stderr,
-          f"ranks loading different models under one path: a config error naming the rank (exit {p.returncode}) "
-          f"{p.stderr[-400:]}")
-    # A sharded run whose ranks see other output_dirs (one relative path from two working directories): refused at
-    # start (every rank writes its optimizer shard into rank 0's checkpoint).
-    cfg = write_config("mpi_out", train__shard="blocks")
-    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "output_dir": "out"}))
-    mpmd = ["mpirun", "--oversubscribe", "-np", "1", "-wdir", str(TMP / "wa"), BIN, "--config", str(cfg), ":",
-            "-np", "1", "-wdir", str(TMP / "wb"), BIN, "--config", str(cfg)]
-    p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
-    check(p.returncode == 3 and "output_dir out" in p.stderr and "rank 1" in p.stderr,
-          f"a sharded run whose ranks see other output_dirs: refused at start (exit {p.returncode}) {p.stderr[-400:]}")
+    sharded = write_config("mpi_out", train__shard="blocks")
+    sharded.write_text(json.dumps({**json.loads(sharded.read_text()), "output_dir": "out"}))
+    for cfg, says, what in [(write_config("mpi_data", data__train_file="train.jsonl"), "content of data.train_file",
+                             "reading different data"),
+                            (write_config("mpi_eval", data__eval_file="eval.jsonl"), "content of data.eval_file",
+                             "holding out different records"),
+                            (write_config("mpi_model", model__path="model"), "model directory",
+                             "loading different models under one path"),
+                            (sharded, "output_dir out", "sharded, seeing other output_dirs")]:
+        p = two_dirs(cfg)
+        check(p.returncode == 3 and says in p.stderr and "rank 1" in p.stderr,
+              f"ranks {what}: a config error naming the rank (exit {p.returncode}) {p.stderr[-400:]}")
     mpmd = ["mpirun", "--oversubscribe", "-np", "1", BIN, "--config", str(write_config("mpi2")), "--resume", "auto", ":",
             "-np", "1", BIN, "--config", str(write_config("mpi2")), "--resume", str(TMP / "k_none")]
     p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
