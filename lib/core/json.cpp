@@ -43,40 +43,34 @@ std::string printable(const std::string& s) {
   return out;
 }
 
+// "line L, column C" of the byte at `offset` of `text`, for humans.
+std::string line_column(const std::string& text, size_t offset) {
+  size_t line = 1, col = 1;
+  for (size_t i = 0; i < offset && i < text.size(); ++i) {
+    if (text[i] == '\n') {
+      ++line;
+      col = 1;
+    } else {
+      ++col;
+    }
+  }
+  return "line " + std::to_string(line) + ", column " + std::to_string(col);
+}
+
 }  // namespace
 
 Json parse_json(const std::string& text, const std::string& where, ErrorKind kind) {
   // nlohmann's lexer takes a NUL byte for the end of the input: what follows would be dropped without a word.
-  if (const size_t nul = text.find('\0'); nul != std::string::npos) {
-    size_t line = 1, col = 1;
-    for (size_t i = 0; i < nul; ++i) {
-      if (text[i] == '\n') {
-        ++line;
-        col = 1;
-      } else {
-        ++col;
-      }
-    }
-    fail_at(kind, where, "a NUL byte at line " + std::to_string(line) + ", column " + std::to_string(col) +
-                             " (JSON text holds none)");
-  }
+  if (const size_t nul = text.find('\0'); nul != std::string::npos)
+    fail_at(kind, where, "a NUL byte at " + line_column(text, nul) + " (JSON text holds none)");
   try {
     return Json::parse(text);
   } catch (const Json::parse_error& e) {
-    // nlohmann reports a byte offset; turn it into line:column for humans.
-    size_t line = 1, col = 1;
-    for (size_t i = 0; i < e.byte - (e.byte > 0 ? 1 : 0) && i < text.size(); ++i) {
-      if (text[i] == '\n') {
-        ++line;
-        col = 1;
-      } else {
-        ++col;
-      }
-    }
+    // nlohmann reports a byte offset (one past the byte it stopped at).
     std::string what = e.what();
     auto pos = what.find("parse error");
-    fail_at(kind, where, "malformed JSON at line " + std::to_string(line) + ", column " + std::to_string(col) +
-                             " (" + printable(pos == std::string::npos ? what : what.substr(pos)) + ")");
+    fail_at(kind, where, "malformed JSON at " + line_column(text, e.byte - (e.byte > 0 ? 1 : 0)) + " (" +
+                             printable(pos == std::string::npos ? what : what.substr(pos)) + ")");
   } catch (const Json::out_of_range& e) {  // a number beyond a double's range (1e400)
     const std::string what = e.what();
     const auto pos = what.find(']');

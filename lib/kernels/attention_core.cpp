@@ -23,13 +23,6 @@ at::Tensor expand_kv(const at::Tensor& t, int64_t groups) {
   return groups == 1 ? t : t.repeat_interleave(groups, /*dim=*/1);
 }
 
-// Whether cuDNN takes grouped K / V as they are (its backward sums each group's K / V gradients itself): saves the
-// two expansions (and the expanded copies held for the backward pass: 128 MiB a block at 8,192 tokens for the 8B
-// shape) and the gradient sums. Only for rows a multiple of 128 tokens long and head_dim 64 or 128, the shapes
-// measured in training: there cuDNN's grouped results equal the expanded ones (scripts/cudnn_gqa_probe.py, 240
-// shapes on an H200, all equal; the [gpu] test against the float64 oracle). An earlier model-level run at 40
-// tokens and head_dim 16 gave wrong K / V gradients that the probe did not reproduce, hence the narrow gate.
-bool cudnn_grouped_kv(int64_t S, int64_t D) { return S % 128 == 0 && (D == 64 || D == 128); }
 
 // The expanded K / V gradient summed back over each group of query heads: [B, Hkv * g, S, D] -> [B, Hkv, S, D].
 at::Tensor reduce_kv(const at::Tensor& g, int64_t groups) {
@@ -144,5 +137,7 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return CausalAttentionFn::apply(q, k, v, scale, static_cast<int64_t>(backend), reinterpret_cast<int64_t>(stash))[0];
 }
 
+// (The gate's reasons: attention_core.h.)
+bool cudnn_grouped_kv(int64_t S, int64_t D) { return S % 128 == 0 && (D == 64 || D == 128); }
 
 }  // namespace qt

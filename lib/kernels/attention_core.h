@@ -33,6 +33,15 @@ struct AttentionStash {
 
 enum class AttentionBackend { CpuFlash, CudaCudnn, CudaFlash };
 
+// Whether cuDNN takes grouped K / V as they are (its backward sums each group's K / V gradients itself): saves the
+// two expansions (and the expanded copies held for the backward pass: 128 MiB a block at 8,192 tokens for the 8B
+// shape) and the gradient sums. Only for rows a multiple of 128 tokens long and head_dim 64 or 128, the shapes
+// measured in training: there cuDNN's grouped results equal the expanded ones (scripts/cudnn_gqa_probe.py, 240
+// shapes on an H200, all equal; the [gpu] test against the float64 oracle). An earlier model-level run at 40
+// tokens and head_dim 16 gave wrong K / V gradients that the probe did not reproduce, hence the narrow gate.
+// (Rows S tokens long, head_dim D; the execution plan's footprint counts K / V expanded where this is false.)
+bool cudnn_grouped_kv(int64_t S, int64_t D);
+
 // True when causal_attention takes these inputs: CPU float / bfloat16, or CUDA bf16 / fp16 with head_dim a
 // multiple of 8 and at most 128.
 bool causal_attention_supported(const at::Tensor& q);

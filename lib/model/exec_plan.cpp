@@ -12,6 +12,7 @@
 #include <optional>
 
 #include "lib/core/error.h"
+#include "lib/kernels/attention_core.h"
 
 namespace qt {
 namespace {
@@ -248,8 +249,7 @@ double checkpointed_working_set(const PlanInputs& in, const ExecPlan& p, double 
   const bool residual_kept = k >= static_cast<int>(KeepLevel::Residual);
   // (Rows of several documents or padding take FlashAttention-2's varlen kernel, whose dk and dv are at the query
   // width too.)
-  const bool grouped = p.attention == AttentionKernel::Cudnn && !in.varlen && in.seq % 128 == 0 &&
-                       (c.head_dim == 64 || c.head_dim == 128);
+  const bool grouped = p.attention == AttentionKernel::Cudnn && !in.varlen && cudnn_grouped_kv(in.seq, c.head_dim);
   const double kv_held = grouped ? kv : q;  // K and V as the attention backward holds them
   const double chunked = mlp_tokens < T ? e * H * (T + mlp_tokens) : 0.0;
   const double common = e * T * (2 * H + 2 * D) + (attention_kept ? 4 * T * L * heads : 0.0) + 3 * e * T * H +

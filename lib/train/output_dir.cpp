@@ -87,10 +87,12 @@ std::string prepare_output_dir(const std::string& output_dir, const std::string&
   return "";
 }
 
+std::string output_dir_lock_file(const std::string& output_dir) { return files::join(output_dir, ".qlora-train.lock"); }
+
 OutputDirLock::OutputDirLock(const std::string& output_dir, const std::string& config_file) {
   if (output_dir.empty() || (files::exists(output_dir) && !files::is_dir(output_dir))) return;  // (prepare_output_dir says)
   files::make_dirs(output_dir);
-  const std::string path = files::join(output_dir, ".qlora-train.lock");
+  const std::string path = output_dir_lock_file(output_dir);
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   if (fd_ < 0) fail_at(ErrorKind::Io, path, std::string("cannot be opened (") + std::strerror(errno) + ")");
   if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {

@@ -30,6 +30,8 @@ std::string prepare_output_dir(const std::string& output_dir, const std::string&
 // requeued job whose first copy still runs) is refused (qt::Error Config) naming the process and host that hold it,
 // instead of removing the live run's files. On file systems without flock across hosts it guards one host only.
 // Makes output_dir if it does not exist.
+// output_dir/.qlora-train.lock: the lock file, holding "pid P on HOST" of the run that holds it.
+std::string output_dir_lock_file(const std::string& output_dir);
 class OutputDirLock {
  public:
   OutputDirLock(const std::string& output_dir, const std::string& config_file);

@@ -31,10 +31,10 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
     log::warn_rank0("data.add_eos: the tokenizer has no EOS token, so the text documents of " + config_.train_file +
                     " train without one (the model will not learn where a document ends)");
   apply_truncation(train);
-  untrained_left_out_ = leave_out_untrained(train, config_.train_file, "training");
+  untrained_left_out_ = leave_out_untrained(train, config_.train_file, /*training=*/true);
   if (!eval_.empty()) {
     const std::string& source = config_.eval_file.empty() ? config_.train_file : config_.eval_file;
-    leave_out_untrained(eval_, source, "held-out");
+    leave_out_untrained(eval_, source, /*training=*/false);
     if (eval_.empty() && !config_.eval_file.empty())
       fail_key(ErrorKind::Data, config_.file, "data.eval_file",
                "none of the records of " + config_.eval_file + " holds a target token within data.max_seq_len = " +
@@ -72,19 +72,17 @@ std::string some_lines(const std::vector<int64_t>& lines) {
 // data.max_seq_len removes) add nothing to the loss: they are left out, with a warning naming them, so that no batch
 // is made of them alone (a step would have nothing to train on). Where no record has a target nothing is left out:
 // check_has_targets says why (training) or the caller does (held-out).
-int64_t TrainData::leave_out_untrained(std::vector<Example>& examples, const std::string& source, const char* what) const {
+int64_t TrainData::leave_out_untrained(std::vector<Example>& examples, const std::string& source, bool training) const {
   const auto len = static_cast<size_t>(config_.max_seq_len);
+  const auto untrained = [&](const Example& e) { return targets_in(e.loss, len) == 0; };
   std::vector<int64_t> lines;
   for (const auto& e : examples)
-    if (targets_in(e.loss, len) == 0) lines.push_back(e.line);
-  if (lines.empty()) return 0;
-  if (lines.size() == examples.size() && std::string(what) == "training") return 0;
+    if (untrained(e)) lines.push_back(e.line);
+  if (lines.empty() || (training && lines.size() == examples.size())) return 0;
   const size_t before = examples.size();
-  examples.erase(std::remove_if(examples.begin(), examples.end(),
-                                [&](const Example& e) { return targets_in(e.loss, len) == 0; }),
-                 examples.end());
-  log::warn_rank0(source + ": " + std::to_string(lines.size()) + " of " + std::to_string(before) + " " + what +
-                  " records (" + some_lines(lines) + ") hold no target token within data.max_seq_len = " +
+  examples.erase(std::remove_if(examples.begin(), examples.end(), untrained), examples.end());
+  log::warn_rank0(source + ": " + std::to_string(lines.size()) + " of " + std::to_string(before) + " " +
+                  (training ? "training" : "held-out") + " records (" + some_lines(lines) + ") hold no target token within data.max_seq_len = " +
                   std::to_string(config_.max_seq_len) + ": left out (they add nothing to the loss)");
   return static_cast<int64_t>(lines.size());
 }

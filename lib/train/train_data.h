@@ -51,8 +51,8 @@ class TrainData {
   // data.truncation on the training records longer than a row: drop them, stop naming them, or leave the cut
   // to Dataset (warning about the records the cut leaves with no target).
   void apply_truncation(std::vector<Example>& train) const;
-  // Returns how many it left out.
-  int64_t leave_out_untrained(std::vector<Example>& examples, const std::string& source, const char* what) const;
+  // Returns how many it left out; `training`: none where none has a target (check_has_targets says why).
+  int64_t leave_out_untrained(std::vector<Example>& examples, const std::string& source, bool training) const;
   // A run that would train on no target token stops here, before the model loads, naming data.max_seq_len.
   void check_has_targets() const;
 

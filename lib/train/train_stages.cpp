@@ -410,6 +410,17 @@ void check_data_fits_model(const RunConfig& cfg, const Session& s, const DataSta
 
 namespace {
 
+// How the lora section differs from the adapter in `dir` (its adapter_config.json), " difference;" each; "" when it
+// does not. Tied embeddings: lm_head, embed_tokens or both name the same one tensor (PEFT rewrites the list so).
+std::string adapter_differences(const LoraConfig& lora, const LlamaModel& model, const std::string& dir) {
+  PeftAdapterConfig adapter = read_peft_adapter_config(dir);
+  if (model.config.tie_word_embeddings && !lora.modules_to_save.empty() && !adapter.lora.modules_to_save.empty())
+    adapter.lora.modules_to_save = lora.modules_to_save;
+  std::string out;
+  for (const auto& diff : lora.differences_from(adapter.lora)) out += " " + diff + ";";
+  return out;
+}
+
 // What a model directory holds, cheaply, for comparing ranks (a node whose copy differs would train another model in
 // its half of the gradients, or of a sharded block): config.json and the tokenizer files whole; each safetensors
 // file's size, header and 64 KiB of its data at the start, middle and end.
@@ -547,16 +558,9 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
   attach_modules_to_save(model, lora, s.device);
   // lora.init_from: start from an adapter instead of the fresh init (a resume loads its checkpoint's instead).
   if (!lora.init_from.empty() && !resuming) {
-    PeftAdapterConfig from = read_peft_adapter_config(lora.init_from);
-    // Tied embeddings: lm_head, embed_tokens or both name the same one tensor (PEFT rewrites the list so).
-    if (model.config.tie_word_embeddings && !lora.modules_to_save.empty() && !from.lora.modules_to_save.empty())
-      from.lora.modules_to_save = lora.modules_to_save;
-    const std::vector<std::string> differ = lora.differences_from(from.lora);
-    if (!differ.empty()) {
-      std::string msg = "lora.init_from " + lora.init_from + ": the adapter does not match the lora section:";
-      for (const auto& diff : differ) msg += " " + diff + ";";
-      fail_at(ErrorKind::Config, cfg.file, msg);
-    }
+    if (const std::string differ = adapter_differences(lora, model, lora.init_from); !differ.empty())
+      fail_at(ErrorKind::Config, cfg.file,
+              "lora.init_from " + lora.init_from + ": the adapter does not match the lora section:" + differ);
     load_peft_adapter(model, lora.init_from);
     std::string named;
     if (s.rank0 && !d.random_init && adapter_names_other_base(lora.init_from, cfg.model.path, &named))
@@ -596,15 +600,10 @@ std::optional<ResumePoint> load_resume_point(const RunConfig& cfg, const TrainOp
   }
   // The checkpoint's adapter against the run's lora section (as lora.init_from is checked): its own
   // adapter_config.json, not trainer_state.json's config, says what its tensors are.
-  PeftAdapterConfig saved = read_peft_adapter_config(r.dir);
-  if (m.model->config.tie_word_embeddings && !m.lora.modules_to_save.empty() && !saved.lora.modules_to_save.empty())
-    saved.lora.modules_to_save = m.lora.modules_to_save;
-  const std::vector<std::string> differ = m.lora.differences_from(saved.lora);
-  if (!differ.empty()) {
-    std::string msg = "cannot resume: the checkpoint's adapter (adapter_config.json) does not match the lora section:";
-    for (const auto& diff : differ) msg += " " + diff + ";";
-    msg.back() = '.';
-    fail_at(ErrorKind::Checkpoint, r.dir, msg);
+  if (std::string differ = adapter_differences(m.lora, *m.model, r.dir); !differ.empty()) {
+    differ.back() = '.';
+    fail_at(ErrorKind::Checkpoint, r.dir,
+            "cannot resume: the checkpoint's adapter (adapter_config.json) does not match the lora section:" + differ);
   }
   load_peft_adapter(*m.model, r.dir);
   return r;

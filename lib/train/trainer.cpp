@@ -438,7 +438,7 @@ TrainSummary train(const RunConfig& cfg, const TrainOptions& options) {
   // Sharded checkpoints are written by every rank into rank 0's directory: every rank must see one output_dir (the
   // lock file rank 0 took in it says whose it is; a node without the shared file system sees none or another).
   if (s.world > 1 && cfg.train.shard == "blocks") {
-    const std::string lock_file = files::join(cfg.output_dir, ".qlora-train.lock");
+    const std::string lock_file = output_dir_lock_file(cfg.output_dir);
     check_same_across_ranks(*s.comm, files::is_file(lock_file) ? files::read_file(lock_file) : std::string(),
                             "output_dir " + cfg.output_dir + " (sharded checkpoints need one that every rank sees)");
   }
