@@ -222,9 +222,9 @@ TEST_CASE("a budget picks the fastest plan that fits, a smaller budget never nee
                 std::string(need) + " GiB of a 2.00 GiB budget) needs " + std::string(need) + " GiB. Lower "
             "train.micro_batch_size (now 2) or data.max_seq_len (now 2048), or free train.memory's forced settings, "
             "or use a GPU with more memory"));
-  // At 8 GiB, 8B at 8k keeps the embeddings on the host and chunks the MLP with lm_head still on the device; at 6.8
+  // At 8 GiB, 8B at 8k keeps the embeddings on the host and chunks the MLP with lm_head still on the device; at 6.6
   // the ladder streams lm_head from the host too (8B 1 x 8192 completed with a plan of that kind at 6.25 GiB on an
-  // H200); lm_head forced onto the device needs 6.91 GiB. (The block weights on the device: streaming some of them is the ladder's other way down, tested
+  // H200); lm_head forced onto the device needs 6.71 GiB. (The block weights on the device: streaming some of them is the ladder's other way down, tested
   // below.)
   qt::PlanRequest r;
   r.weights_on_host = false;
@@ -233,12 +233,12 @@ TEST_CASE("a budget picks the fastest plan that fits, a smaller budget never nee
   CHECK(lean.plan.embeddings_on_host);
   CHECK(lean.plan.mlp_chunk_tokens > 0);
   CHECK(!lean.plan.lm_head_on_host);
-  r.gpu_memory_gib = 6.8;
+  r.gpu_memory_gib = 6.6;
   const qt::Decision streamed = qt::decide_plan(in, r);
   CHECK(streamed.plan.lm_head_on_host);
   CHECK(streamed.footprint.total() < lean.footprint.total());
-  CHECK(streamed.footprint.total() <= 6.8 * kGiB);
-  // Forced to stay on the device, lm_head is not streamed, and 6.8 GiB is refused.
+  CHECK(streamed.footprint.total() <= 6.6 * kGiB);
+  // Forced to stay on the device, lm_head is not streamed, and 6.6 GiB is refused.
   r.lm_head_on_host = false;
   CHECK(error_of(in, r));
 }
@@ -1047,7 +1047,18 @@ TEST_CASE("the footprint against the H200's runs: what completed within a few pe
     const qt::ExecPlan p = MeasuredPlan{row.checkpointing, 0, row.offload, row.keep, row.keep_dequantized, row.chunk,
                                         row.embeddings_on_host, false, row.streamed, row.held}
                                .plan();
-    const double predicted = qt::predict_footprint(in, p).total() / kGiB;
+    // Measured before the tenth session's changes, which the model counts as freed (not yet measured): the
+    // recomputation's unused block output (1 H a token), with offload the embedding output and the softmax
+    // statistics of the blocks whose kept tensors are on the host (fp32, a query head). Added back here: the rows
+    // hold the rest of the model to what ran. (K / V as the attention backward holds them: these plans have
+    // row_multiple 1, padded nothing, as they ran.)
+    const qt::LlamaConfig& c = in.model;
+    const double T = static_cast<double>(row.micro * row.seq), L = static_cast<double>(c.num_hidden_layers);
+    const double freed_since = T * (2.0 * static_cast<double>(c.hidden_size) * (row.offload ? 2 : 1) +
+                                    (row.offload && row.keep >= K::Attention
+                                         ? 4.0 * static_cast<double>(c.num_attention_heads) * (L - 2)
+                                         : 0.0));
+    const double predicted = (qt::predict_footprint(in, p).total() + (row.checkpointing ? freed_since : 0.0)) / kGiB;
     INFO("predicted " << predicted << " GiB, measured " << row.gib << " GiB");
     if (row.completed && row.filled_peak < 0) {
       // It completed within the budget it filled: the need lies at or under it.

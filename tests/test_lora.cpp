@@ -16,11 +16,13 @@
 #include "lib/model/generate.h"
 #include "lib/kernels/fused_ops.h"
 #include "lib/kernels/nf4_dequant.h"
+#include "lib/model/block_checkpoint.h"
 #include "lib/model/hf_loader.h"
 #include "lib/model/lora.h"
 #include "lib/model/merge.h"
 #include "lib/model/peft_adapter.h"
 #include "lib/model/projection_group.h"
+#include "lib/model/random_init.h"
 #include "lib/model/weight_streaming.h"
 #include "lib/quant/nf4.h"
 #include "lib/train/adamw.h"
@@ -468,13 +470,14 @@ TEST_CASE("LoRA under checkpointing matches PEFT with the recomputation's weight
       layers = m.config.num_hidden_layers;
     });
     // Forward, recomputation and backward each dequantize every weight, except the backward where the
-    // recomputation's weights were kept, and the recomputation of down_proj, whose output is never read (then the
-    // backward dequantizes it even when the others were kept).
+    // recomputation's weights were kept, the recomputation of down_proj, whose output is never read (then the
+    // backward dequantizes it even when the others were kept), and the first block's q / k / v in the backward pass
+    // (no input gradient over frozen embeddings).
     CHECK(weights > 0);
     CHECK(layers > 0);
     REQUIRE(stats);
     CHECK(stats->outputs_skipped == layers);
-    CHECK(stats->dequantized_weights == (keep ? 2 * weights : 3 * weights - layers));
+    CHECK(stats->dequantized_weights == (keep ? 2 * weights : 3 * weights - layers - 3));
   }
 }
 
@@ -1524,4 +1527,143 @@ TEST_CASE("block weights streamed from pinned host memory on CUDA (fetched a blo
   REQUIRE(at::hasCUDA());
   check_streamed_weights(at::Device(at::kCUDA, 0), at::kBFloat16);
   check_streamed_weights(at::Device(at::kCUDA, 0), at::kBFloat16, 1);
+}
+
+namespace {
+
+// A small NF4 model with head_dim 64 (a shape cuDNN takes grouped K / V in), LoRA on every linear with its B drawn
+// (every factor gets a gradient), frozen embeddings (the first checkpointed block's node anchored by an empty leaf):
+// one row of S tokens, its hidden states against fixed weights. Returns the hidden states and every LoRA gradient;
+// `padded`: the forward passes that padded the row (plan.row_multiple).
+std::vector<at::Tensor> one_long_row(const at::Device& device, c10::ScalarType dtype, int64_t S,
+                                     const std::function<void(qt::LlamaModel&)>& setup, int64_t* padded) {
+  qt::LlamaConfig c = qt::test::tiny_llama_config(300);
+  c.hidden_size = 256;
+  c.intermediate_size = 512;
+  c.head_dim = 64;
+  qt::LoadOptions opt{device, dtype};
+  opt.quantize_nf4 = true;
+  qt::LlamaModel model = qt::random_llama(c, opt, 3);
+  qt::LoraConfig lora;
+  lora.r = 8;
+  qt::attach_lora(model, lora, 4, device);
+  at::manual_seed(5);
+  model.for_each_linear([&](const std::string&, qt::Linear& l) {
+    at::NoGradGuard g;
+    if (l.lora) l.lora->B.copy_(at::randn(l.lora->B.sizes()) * 0.05);
+  });
+  setup(model);
+  const at::Tensor ids = at::randint(0, c.vocab_size, {1, S}, at::kLong).to(device);
+  const at::Tensor w = at::randn({1, S, c.hidden_size}).to(device);
+  at::Tensor h = model.forward_hidden(model.embed(ids));
+  REQUIRE(h.size(1) == S);
+  (h.to(at::kFloat) * w).sum().backward();
+  *padded = model.stats->padded_runs;
+  std::vector<at::Tensor> out{h.detach().to(at::kFloat).cpu()};
+  model.for_each_linear([&](const std::string&, qt::Linear& l) {
+    REQUIRE(l.lora);
+    REQUIRE(l.lora->A.grad().defined());
+    out.push_back(l.lora->A.grad().to(at::kFloat).cpu());
+    out.push_back(l.lora->B.grad().to(at::kFloat).cpu());
+  });
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("a row padded at its end for cuDNN (plan.row_multiple) gives the hidden states and LoRA gradients of the "
+          "row as it is, with checkpointing, the MLP in chunks and the attention output kept",
+          "[lora]") {
+  for (int variant = 0; variant < 4; ++variant) {
+    INFO("variant " << variant);
+    auto setup = [&](int64_t multiple) {
+      return [=](qt::LlamaModel& m) {
+        m.plan.row_multiple = multiple;
+        m.plan.checkpointing = variant > 0;
+        if (variant >= 2) m.plan.keep = qt::KeepLevel::Attention;
+        if (variant == 3) m.plan.mlp_chunk_tokens = 300;
+      };
+    };
+    // 1,030 tokens, at least 64 x 16: padded to 1,040 (a multiple of 16); 1,024 is one already.
+    int64_t padded = -1, as_is = -1, whole = -1;
+    const std::vector<at::Tensor> a = one_long_row(at::kCPU, at::kFloat, 1030, setup(1), &as_is);
+    const std::vector<at::Tensor> b = one_long_row(at::kCPU, at::kFloat, 1030, setup(16), &padded);
+    one_long_row(at::kCPU, at::kFloat, 1024, setup(16), &whole);
+    CHECK(as_is == 0);
+    CHECK(padded == 1);
+    CHECK(whole == 0);
+    REQUIRE(a.size() == b.size());
+    CHECK(a.size() == 29);  // the hidden states, A and B of 14 linears
+    for (size_t i = 0; i < a.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(a[i].abs().max().item<double>() > 0);
+      CHECK(rel_err(b[i], a[i]) < 1e-5);
+    }
+  }
+  CHECK(qt::padded_row_length(1030, 16) == 1040);
+  CHECK(qt::padded_row_length(1000, 16) == 1000);  // under 64 x 16 tokens: as it is
+  CHECK(qt::padded_row_length(117696, 128) == 117760);
+  CHECK(qt::padded_row_length(8192, 128) == 8192);
+  CHECK(qt::padded_row_length(8200, 1) == 8200);
+}
+
+TEST_CASE("a row padded for cuDNN on CUDA (grouped K / V at 8,320 tokens) gives the hidden states and LoRA gradients "
+          "of the row as it is (K / V expanded at 8,200); offloaded, the embedding output is let go after the forward "
+          "pass",
+          "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  auto setup = [](int64_t multiple) {
+    return [=](qt::LlamaModel& m) {
+      m.plan.row_multiple = multiple;
+      m.plan.attention = qt::AttentionKernel::Cudnn;
+      m.plan.checkpointing = m.plan.offload = true;
+      m.plan.keep = qt::KeepLevel::Attention;
+    };
+  };
+  int64_t padded = -1, as_is = -1;
+  const std::vector<at::Tensor> a = one_long_row(cuda, at::kBFloat16, 8200, setup(1), &as_is);
+  const std::vector<at::Tensor> b = one_long_row(cuda, at::kBFloat16, 8200, setup(128), &padded);
+  CHECK(as_is == 0);
+  CHECK(padded == 1);
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO("tensor " << i);
+    CHECK(a[i].abs().max().item<double>() > 0);
+    CHECK(rel_err(b[i], a[i]) < 3e-2);
+  }
+  // The first block's input offloaded with the others: once the caller lets go of the embedding output, nothing
+  // holds it (the leaf made of it until the tenth session held it through the backward pass).
+  qt::LlamaConfig c = qt::test::tiny_llama_config(300);
+  qt::LoadOptions opt{cuda, at::kBFloat16};
+  opt.quantize_nf4 = true;
+  qt::LlamaModel model = qt::random_llama(c, opt, 3);
+  qt::attach_lora(model, qt::LoraConfig{}, 4, cuda);
+  setup(1)(model);
+  at::Tensor e = model.embed(at::randint(0, c.vocab_size, {1, 4096}, at::kLong).to(cuda));
+  const c10::weak_intrusive_ptr<c10::StorageImpl> weak(e.storage().getWeakStorageImpl());
+  at::Tensor h = model.forward_hidden(e);
+  e = at::Tensor();
+  CHECK(weak.expired());
+  h.to(at::kFloat).sum().backward();
+  bool graded = false;
+  model.for_each_linear([&](const std::string&, qt::Linear& l) { graded = graded || l.lora->B.grad().defined(); });
+  CHECK(graded);
+}
+
+TEST_CASE("a recomputation's unread outputs hold one element: unwritten_output, and unused_sum's gradient goes to "
+          "both sides as a sum's",
+          "[lora]") {
+  const at::Tensor u = qt::unwritten_output({3, 1000, 64}, at::TensorOptions().dtype(at::kBFloat16));
+  CHECK(u.sizes() == at::IntArrayRef({3, 1000, 64}));
+  CHECK(u.storage().nbytes() == 2);
+  at::manual_seed(9);
+  const at::Tensor a = at::randn({4, 5}).requires_grad_(true), b = at::randn({4, 5}).requires_grad_(true);
+  const at::Tensor g = at::randn({4, 5});
+  const at::Tensor s = qt::unused_sum(a, b);
+  CHECK(s.storage().nbytes() == 4);
+  s.backward(g);
+  CHECK(at::equal(a.grad(), g));
+  CHECK(at::equal(b.grad(), g));
+  CHECK(qt::test::has(qt::test::error_of([&] { qt::unused_sum(a, at::randn({4, 6})); }), "differ in shape"));
 }

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "lib/core/error.h"
 #include "lib/kernels/attention_core.h"
 #include "lib/model/activation_offload.h"
 
@@ -31,9 +32,23 @@ struct KeepValueFn : public torch::autograd::Function<KeepValueFn> {
     return {grads[0], at::Tensor()};
   }
 };
-// The tensors keep_qkv and keep_residual keep in a stash, with the keys BlockCheckpointFn saves them under.
-std::array<std::pair<const char*, at::Tensor*>, 5> kept_extras(AttentionStash& s) {
-  return {{{"attn_q", &s.q}, {"attn_k", &s.k}, {"attn_v", &s.v}, {"attn_qkv", &s.qkv}, {"attn_residual", &s.residual}}};
+// a + b for the graph alone (a recomputation's block output, never read): the gradient goes to both as it is, the
+// value is unwritten_output's (no [tokens, hidden] bytes held through the block's backward pass).
+struct UnusedSumFn : public torch::autograd::Function<UnusedSumFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext*, const at::Tensor& a, const at::Tensor& b) {
+    QT_CHECK(a.sizes() == b.sizes(), ErrorKind::Internal, "unused_sum: the two sides differ in shape");
+    return unwritten_output(a.sizes(), a.options());
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext*,
+                                                 torch::autograd::variable_list grads) {
+    return {grads[0], grads[0]};
+  }
+};
+// The tensors the keep ladder keeps in a stash beside the attention output (its softmax statistics; keep_qkv's
+// and keep_residual's), with the keys BlockCheckpointFn saves them under (offloaded with the output).
+std::array<std::pair<const char*, at::Tensor*>, 6> kept_extras(AttentionStash& s) {
+  return {{{"attn_lse", &s.lse}, {"attn_q", &s.q}, {"attn_k", &s.k}, {"attn_v", &s.v}, {"attn_qkv", &s.qkv},
+           {"attn_residual", &s.residual}}};
 }
 
 // Per-block activation checkpointing (Chen et al., 2016, "Training Deep Nets with Sublinear Memory Cost"), the
@@ -43,8 +58,11 @@ std::array<std::pair<const char*, at::Tensor*>, 5> kept_extras(AttentionStash& s
 struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
   // cos, sin and the mask carry no gradient: they travel in saved_data, not as inputs (the mask may be undefined).
   // aux: cos, sin, the dense mask, cu_seqlens (either mask may be undefined); ints: max_seqlen, window.
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, int64_t model_ptr,
-                            int64_t layer, const std::vector<at::Tensor>& aux, int64_t max_seqlen, int64_t window) {
+  // anchor: an empty leaf that requires grad where h does not (BlockCheckpointFn records a node only then).
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h, const at::Tensor& anchor,
+                            int64_t model_ptr, int64_t layer, const std::vector<at::Tensor>& aux, int64_t max_seqlen,
+                            int64_t window) {
+    (void)anchor;
     const auto* model = reinterpret_cast<const LlamaModel*>(model_ptr);
     ctx->saved_data["model"] = model_ptr;
     ctx->saved_data["layer"] = layer;
@@ -84,12 +102,11 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     };
     if (stash.out.defined()) {
       keep("attn_out", stash.out);
-      ctx->saved_data["attn_lse"] = stash.lse;
       ctx->saved_data["attn_seed"] = stash.seed;
       ctx->saved_data["attn_offset"] = stash.offset;
       ctx->saved_data["attn_cum_q"] = stash.cum_q;
       ctx->saved_data["attn_cum_k"] = stash.cum_k;
-      // keep_qkv, keep_residual: kept (offloaded) the same way.
+      // The softmax statistics, keep_qkv's and keep_residual's tensors: kept (offloaded) the same way.
       for (auto [key, t] : kept_extras(stash))
         if (t->defined()) keep(key, *t);
     }
@@ -102,13 +119,15 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     const auto layer = static_cast<size_t>(ctx->saved_data["layer"].toInt());
     if (model->block_hooks) model->block_hooks->before_block(layer, /*backward=*/true);
     at::Tensor x;
+    // (The first block over frozen embeddings: no gradient for its input, so none computed.)
+    const bool input_grad = ctx->needs_input_grad(0);
     ActivationOffload& prefetch = *model->offload;
     if (ctx->saved_data.count("host")) {
-      x = prefetch.take(ctx->saved_data["host"].toTensor(), grads[0].device()).requires_grad_(true);
+      x = prefetch.take(ctx->saved_data["host"].toTensor(), grads[0].device()).requires_grad_(input_grad);
       // The next block back (the layer before this one) copies its input in while this block recomputes.
       if (layer > 0) prefetch.start(static_cast<int64_t>(layer) - 1, grads[0].device());
     } else {
-      x = ctx->get_saved_variables()[0].detach().requires_grad_(true);
+      x = ctx->get_saved_variables()[0].detach().requires_grad_(input_grad);
     }
     at::Tensor out;
     {
@@ -138,7 +157,6 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
         else if (ctx->saved_data.count(key)) *t = ctx->saved_data[key].toTensor();
       }
       if (replay.out.defined()) {
-        replay.lse = saved_tensor("attn_lse");
         replay.seed = saved_tensor("attn_seed");
         replay.offset = saved_tensor("attn_offset");
         replay.cum_q = saved_tensor("attn_cum_q");
@@ -155,9 +173,10 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       cpu_gen.set_state(cpu_now);
       if (cuda_gen) cuda_gen->set_state(cuda_now);
     }
-    torch::autograd::backward({out}, {grads[0]});
+    if (out.requires_grad()) torch::autograd::backward({out}, {grads[0]});
     if (model->block_hooks) model->block_hooks->after_block(layer, /*backward=*/true);
-    return {x.grad(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {input_grad ? x.grad() : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
   }
 };
 
@@ -175,12 +194,12 @@ struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
     ctx->saved_data["model"] = model_ptr;
     ctx->saved_data["layer"] = layer;
     ctx->saved_data["chunk"] = chunk;
-    at::Tensor x2 = x.reshape({-1, x.size(-1)});
-    at::Tensor out = at::empty_like(x2);
     if (pass.output_unused) {  // a checkpointed block's recomputation: the backward below recomputes each chunk
       pass.count(&ModelStats::outputs_skipped);
-      return out.view(x.sizes());
+      return unwritten_output(x.sizes(), x.options());
     }
+    at::Tensor x2 = x.reshape({-1, x.size(-1)});
+    at::Tensor out = at::empty_like(x2);
     for (int64_t s = 0; s < x2.size(0); s += chunk) {
       const int64_t n = std::min(chunk, x2.size(0) - s);
       out.narrow(0, s, n).copy_(model->mlp_residual(static_cast<size_t>(layer), x2.narrow(0, s, n), pass));
@@ -217,8 +236,10 @@ struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
 }  // namespace
 
 at::Tensor checkpointed_block(const LlamaModel& model, size_t layer, const at::Tensor& h, const at::Tensor& cos,
-                              const at::Tensor& sin, const AttentionMask& mask) {
-  return BlockCheckpointFn::apply(h, reinterpret_cast<int64_t>(&model), static_cast<int64_t>(layer),
+                              const at::Tensor& sin, const AttentionMask& mask, const at::Tensor& anchor) {
+  // (An undefined tensor is no input a custom function takes: an empty one that needs no gradient stands for none.)
+  return BlockCheckpointFn::apply(h, anchor.defined() ? anchor : at::empty({0}, h.options()),
+                                  reinterpret_cast<int64_t>(&model), static_cast<int64_t>(layer),
                                   std::vector<at::Tensor>{cos, sin, mask.dense, mask.cu_seqlens}, mask.max_seqlen,
                                   mask.window);
 }
@@ -230,5 +251,7 @@ at::Tensor chunked_mlp_residual(const LlamaModel& model, size_t layer, const at:
 }
 
 at::Tensor keep_value(const at::Tensor& graph, const at::Tensor& value) { return KeepValueFn::apply(graph, value); }
+
+at::Tensor unused_sum(const at::Tensor& a, const at::Tensor& b) { return UnusedSumFn::apply(a, b); }
 
 }  // namespace qt

@@ -61,11 +61,17 @@ double block_params(const LlamaConfig& c) {
   return H * q + 2 * H * kv + q * H + 3 * H * I;
 }
 
+// Bytes a token that a checkpointed block keeps for its backward pass, offloaded or not: its input, the keep
+// ladder's tensors, and from keep "attention" the softmax statistics (fp32 a query head), which go with them.
+double kept_bytes_per_token(const LlamaConfig& c, KeepLevel level, int64_t element_size) {
+  return static_cast<double>(element_size) * static_cast<double>(c.hidden_size + keep_width(c, level)) +
+         (level >= KeepLevel::Attention ? 4.0 * static_cast<double>(c.num_attention_heads) : 0.0);
+}
+
 // Whether keeping to `level` fits half of this rank's host memory when offloaded (the pinned pool holds every
 // layer's kept tensors at once).
 bool host_holds(const PlanInputs& in, KeepLevel level) {
-  const double per_layer = static_cast<double>(in.element_size) * static_cast<double>(in.micro_batch * in.seq) *
-                           static_cast<double>(in.model.hidden_size + keep_width(in.model, level));
+  const double per_layer = static_cast<double>(in.micro_batch * in.seq) * kept_bytes_per_token(in.model, level, in.element_size);
   return per_layer * static_cast<double>(in.model.num_hidden_layers) <= static_cast<double>(in.host_bytes) / 2;
 }
 
@@ -76,6 +82,11 @@ std::optional<bool> tri(const Json& v, const std::string& file, const std::strin
 }
 
 }  // namespace
+
+int64_t padded_row_length(int64_t S, int64_t multiple) {
+  if (multiple <= 1 || S % multiple == 0 || S < 64 * multiple) return S;
+  return (S / multiple + 1) * multiple;
+}
 
 const char* keep_level_name(KeepLevel level) {
   switch (level) {
@@ -212,19 +223,29 @@ Json Footprint::to_json() const {
 
 namespace {
 
+// The inputs as a plan runs them: rows padded for cuDNN (row_multiple) are that many tokens long.
+PlanInputs as_run(const PlanInputs& in, const ExecPlan& p) {
+  PlanInputs r = in;
+  r.seq = padded_row_length(in.seq, p.row_multiple);
+  return r;
+}
+
 // One checkpointed block's recomputation and backward pass, itemized from the code (ninth session; the fit of 1.5
 // blocks' activations before it held for rows up to 32k tokens, but rows that keep the attention output with the
 // MLP in chunks peaked 1.5 GiB (8B 1 x 61100) and 3.4 GiB or more (1 x 117696) above it, in the attention
 // backward). The peak is the largest of three moments: the attention backward, the MLP's SwiGLU backward, and
 // gate / up's backward with its weight dequantized for it. Per token, in elements of e unless said otherwise:
-//   held through the step: the embedding output (H: the first block's input leaf), cos and sin (2 D), the final
-//     norm's output (H: the trainer lets it go after the loss's forward pass since the ninth session, not yet
-//     measured: counted still), and with keep >= attention every block's softmax statistics (fp32, L heads);
-//   the incoming gradient, the input norm's output and the recomputation's unused MLP output (3 H: down_proj or
-//     the chunked MLP allocate it and write nothing);
+//   held through the step: the embedding output where the block inputs stay on the device (H; offloaded, the
+//     first block's input goes to the host with the others since the tenth session: an empty leaf anchors its
+//     node, and the trainer lets it go), cos and sin (2 D), the final norm's output (H: the trainer lets it go
+//     after the loss's forward pass since the ninth session, not yet measured: counted still); with
+//     keep >= attention the softmax statistics (fp32, a query head) of every block (offloaded with the attention
+//     output since the tenth session: kept_activations counts them with the other kept tensors);
+//   the incoming gradient and the input norm's output (2 H; the recomputation's unused block output, 1 H until the
+//     tenth session, is one element: unwritten_output);
 //   what the recomputation makes and the attention backward reads: the rotated q below keep qkv, K and V
-//     (expanded to the query heads where cuDNN does not take them grouped: rows not a multiple of 128 tokens,
-//     FlashAttention-2), the attention output and its statistics (fp32) below keep attention, and with Qwen3's
+//     (expanded to the query heads where cuDNN does not take them grouped: rows not a multiple of 128 tokens that
+//     the plan does not pad (row_multiple), FlashAttention-2), the attention output and its statistics (fp32) below keep attention, and with Qwen3's
 //     q / k norms the projection output (their backward reads it) or, kept, the rotated copies the fused kernel
 //     makes of it;
 //   the attention backward: the MLP half's gradient (H), o_proj's input gradient (q), dq, dk and dv, cuDNN's fp32
@@ -239,7 +260,7 @@ double checkpointed_working_set(const PlanInputs& in, const ExecPlan& p, double 
   const LlamaConfig& c = in.model;
   const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
   const double q = static_cast<double>(c.q_size()), kv = static_cast<double>(c.kv_size());
-  const double L = static_cast<double>(c.num_hidden_layers), D = static_cast<double>(c.head_dim);
+  const double D = static_cast<double>(c.head_dim);
   const double heads = static_cast<double>(c.num_attention_heads);
   const double T = static_cast<double>(in.micro_batch * in.seq), e = static_cast<double>(in.element_size);
   const double block_params = H * q + 2 * H * kv + q * H + 3 * H * I;
@@ -249,10 +270,11 @@ double checkpointed_working_set(const PlanInputs& in, const ExecPlan& p, double 
   const bool residual_kept = k >= static_cast<int>(KeepLevel::Residual);
   // (Rows of several documents or padding take FlashAttention-2's varlen kernel, whose dk and dv are at the query
   // width too.)
+  // (in.seq: the row as the plan runs it, padded for cuDNN where row_multiple says so.)
   const bool grouped = p.attention == AttentionKernel::Cudnn && !in.varlen && cudnn_grouped_kv(in.seq, c.head_dim);
   const double kv_held = grouped ? kv : q;  // K and V as the attention backward holds them
   const double chunked = mlp_tokens < T ? e * H * (T + mlp_tokens) : 0.0;
-  const double common = e * T * (2 * H + 2 * D) + (attention_kept ? 4 * T * L * heads : 0.0) + 3 * e * T * H +
+  const double common = e * T * ((p.offload ? 1 : 2) * H + 2 * D) + 2 * e * T * H +
                         e * T * ((qkv_kept ? 0.0 : q) + (grouped && !qkv_kept ? 2 * kv : 0.0) + (grouped ? 0.0 : 2 * q) +
                                  (attention_kept ? 0.0 : q) + (c.qk_norm ? q + 2 * kv : 0.0)) +
                         (attention_kept ? 0.0 : 4 * T * heads);
@@ -266,7 +288,8 @@ double checkpointed_working_set(const PlanInputs& in, const ExecPlan& p, double 
 
 }  // namespace
 
-Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
+Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
+  const PlanInputs in = as_run(given, p);
   const LlamaConfig& c = in.model;
   const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
   const double q = static_cast<double>(c.q_size()), kv = static_cast<double>(c.kv_size());
@@ -315,7 +338,7 @@ Footprint predict_footprint(const PlanInputs& in, const ExecPlan& p) {
   } else {
     // Kept per block: its input and the keep ladder's tensors, all layers on the device, or two blocks' (the one
     // in its backward pass and the one fetched ahead) when offloaded.
-    const double kept = e * T * (H + static_cast<double>(keep_width(c, p.keep)));
+    const double kept = T * kept_bytes_per_token(c, p.keep, in.element_size);
     const double whole = static_cast<double>(std::min<int64_t>(p.blocks_without_checkpointing, c.num_hidden_layers));
     f.terms.emplace_back("kept_activations", (p.offload ? std::min(2.0, L - whole) : L - whole) * kept);
     // Blocks run without checkpointing keep what autograd saves, as a run without checkpointing does.
@@ -371,7 +394,8 @@ double replan_budget_gib(double budget_gib, const Footprint& footprint, std::opt
   return next;
 }
 
-Footprint predict_host(const PlanInputs& in, const ExecPlan& p) {
+Footprint predict_host(const PlanInputs& given, const ExecPlan& p) {
+  const PlanInputs in = as_run(given, p);
   const LlamaConfig& c = in.model;
   const double H = static_cast<double>(c.hidden_size), V = static_cast<double>(c.vocab_size);
   const double T = static_cast<double>(in.micro_batch * in.seq), e = static_cast<double>(in.element_size);
@@ -381,8 +405,8 @@ Footprint predict_host(const PlanInputs& in, const ExecPlan& p) {
                                                block_host_bytes(in));
   // The offload pool holds every checkpointed block's input and kept tensors at once.
   f.terms.emplace_back("offloaded_activations",
-                       p.checkpointing && p.offload ? static_cast<double>(c.num_hidden_layers - whole) * e * T *
-                                                          static_cast<double>(c.hidden_size + keep_width(c, p.keep))
+                       p.checkpointing && p.offload ? static_cast<double>(c.num_hidden_layers - whole) * T *
+                                                          kept_bytes_per_token(c, p.keep, in.element_size)
                                                     : 0.0);
   f.terms.emplace_back("embeddings", p.embeddings_on_host ? V * H * e : 0.0);
   f.terms.emplace_back("lm_head", p.lm_head_on_host && !c.tie_word_embeddings ? V * H * e : 0.0);
@@ -501,7 +525,8 @@ double swiglu_recompute_s(const PlanInputs& in) {
          static_cast<double>(in.element_size) / kSwigluBytesPerS;
 }
 
-StepTime predict_step_time(const PlanInputs& in, const ExecPlan& p) {
+StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
+  const PlanInputs in = as_run(given, p);
   const LlamaConfig& c = in.model;
   const double H = static_cast<double>(c.hidden_size), I = static_cast<double>(c.intermediate_size);
   const double q = static_cast<double>(c.q_size()), kv = static_cast<double>(c.kv_size());
@@ -729,6 +754,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // chunked above 32768 tokens; everything on the device.
   ExecPlan best;
   best.attention = r.attention;
+  best.row_multiple = in.cuda && r.attention == AttentionKernel::Cudnn && !in.varlen && cudnn_grouped_kv(128, in.model.head_dim) ? 128 : 1;
   best.expandable_segments = r.expandable_segments.value_or(in.cuda);
   best.embeddings_on_host = r.embeddings_on_host.value_or(false) && in.cuda;
   best.lm_head_on_host = r.lm_head_on_host.value_or(tied && best.embeddings_on_host) && in.cuda;
@@ -865,7 +891,11 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     d.step = std::move(t);
     found = true;
   }
-  if (found) return d;
+  d.seq = in.seq;
+  if (found) {
+    d.run_seq = padded_row_length(in.seq, d.plan.row_multiple);
+    return d;
+  }
   // Nothing fits: the plan of least device memory is named, and the host memory it would pin where that is more
   // than the host gives.
   const ExecPlan* least = nullptr;
@@ -876,6 +906,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     if (!least || bytes < least_bytes) least = &cand, least_bytes = bytes;
   }
   d.plan = *least;
+  d.run_seq = padded_row_length(in.seq, d.plan.row_multiple);
   d.footprint = predict_footprint(in, d.plan);
   d.host = predict_host(in, d.plan);
   // Nothing fits: name the budget, what the leanest plan needs, and what lowers it.
@@ -985,6 +1016,8 @@ std::string describe(const ExecPlan& p, int64_t layers) {
 
 std::string describe(const Decision& d) {
   std::string s = describe(d.plan, d.layers);
+  if (d.run_seq > d.seq && d.seq > 0)
+    s += " (rows of " + std::to_string(d.seq) + " tokens padded to " + std::to_string(d.run_seq) + " for cuDNN's grouped K / V)";
   if (!d.footprint.terms.empty()) s += "; predicted " + fmt_gib(d.footprint.total()) + " GiB";
   if (d.budget_gib >= 0) s += " of a " + fmt_gib(d.budget_gib * kGiB) + " GiB budget";
   if (!d.step.terms.empty()) {
@@ -1015,6 +1048,8 @@ Json plan_fields(const ExecPlan& p) {
 
 Json to_json(const Decision& d) {
   Json j = plan_fields(d.plan);
+  // (Not a train.memory key: the plan pads rows for cuDNN where it applies.)
+  if (d.run_seq > 0) j["seq_as_run"] = d.run_seq;
   j["budget_gib"] = d.budget_gib >= 0 ? Json(std::round(d.budget_gib * 1000) / 1000) : Json(nullptr);
   j["predicted_gib"] = d.footprint.to_json();
   j["predicted_host_gib"] = d.host.to_json();

@@ -59,10 +59,21 @@ struct ExecPlan {
   // up (an elementwise pass over 3 I elements a token). Checkpointed blocks always keep it: their recomputation made
   // it the moment before their backward pass, so it costs them no memory.
   bool keep_swiglu = false;
+  // > 1: rows of one whole document padded at their end to a multiple of this many tokens (padded_row_length), so
+  // that cuDNN takes grouped K / V as they are (cudnn_grouped_kv: rows a multiple of 128 tokens) instead of K and V
+  // expanded to every query head with their expanded gradients (3 H a token less in the attention backward of the
+  // 8B shape). Causal attention keeps the padding out of every real token's output; its outputs carry no target,
+  // so that the loss and every gradient are those of the row as it is. The plan sets 128 under cuDNN with head_dim
+  // 64 or 128.
+  int64_t row_multiple = 1;
 
   bool keeps(KeepLevel level) const { return checkpointing && keep >= level; }
   bool weights_on_host() const { return streamed_blocks > 0; }
 };
+
+// The length a row of S tokens runs at under a plan's row_multiple m: the next multiple of m where S is not one and
+// the padding is at most 1/64 of the row (S >= 64 m: from 8,192 tokens for 128), else S.
+int64_t padded_row_length(int64_t S, int64_t multiple);
 
 // Whether block `layer` of `layers` is one of `streamed` whose weights live on the host: spread evenly (every
 // layers / streamed-th block, the last always among them), so that each fetch hides behind the resident blocks
@@ -171,6 +182,8 @@ struct Decision {
   StepTime step;
   double budget_gib = -1;  // < 0: none (CPU without an explicit budget)
   int64_t layers = 0;      // the model's blocks (for describe())
+  // A row's tokens, and as the plan runs it (padded for cuDNN: ExecPlan::row_multiple); for describe().
+  int64_t seq = 0, run_seq = 0;
   // Every other candidate that fits the budget, with its predicted footprint (bytes) and step time (s), in the
   // order weighed (`qlora-train plan --alternatives N` prints the fastest); empty where nothing fits.
   struct Alternative {

@@ -136,6 +136,20 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const at:
 
 at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions,
                                   const AttentionMask& mask) const {
+  // Rows of one whole document padded at their end for cuDNN (plan.row_multiple): zero embeddings at position 0
+  // (finite through every block; no real token attends to them), the outputs cut back to the row.
+  const int64_t S = inputs_embeds.size(1), run_seq = padded_row_length(S, plan.row_multiple);
+  if (run_seq != S && !mask.dense.defined() && !mask.cu_seqlens.defined()) {
+    const at::Tensor h = at::constant_pad_nd(inputs_embeds, {0, 0, 0, run_seq - S});
+    const at::Tensor pos = at::constant_pad_nd(positions, {0, run_seq - S});
+    if (stats) ++stats->padded_runs;
+    return run_blocks_as_they_are(h, pos, mask).narrow(1, 0, S);
+  }
+  return run_blocks_as_they_are(inputs_embeds, positions, mask);
+}
+
+at::Tensor LlamaModel::run_blocks_as_they_are(const at::Tensor& inputs_embeds, const at::Tensor& positions,
+                                              const AttentionMask& mask) const {
   at::Tensor freq = inv_freq;
   if (config.rope.type == RopeType::Dynamic) {
     // transformers' dynamic_rope_update: the frequencies follow the longest position of the batch
@@ -148,9 +162,13 @@ at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Ten
   auto [cos, sin] = rope_cos_sin(freq, positions, inputs_embeds.scalar_type(), config.rope.attention_factor);
   at::Tensor h = inputs_embeds;
   const bool checkpoint = plan.checkpointing && at::GradMode::is_enabled();
-  // The checkpoint function records a backward node only when its input requires grad; with a frozen
-  // embedding it would not, and the LoRA weights inside the blocks would get no gradient.
-  if (checkpoint && !h.requires_grad()) h = h.detach().requires_grad_(true);
+  // The checkpoint function records a backward node only when an input requires grad; with frozen embeddings the
+  // first block's input does not, and the LoRA weights inside the blocks would get no gradient. An empty leaf that
+  // requires grad goes in beside it: a leaf made of the embedding output itself would hold those [tokens, hidden]
+  // bytes through the step (its gradient accumulator keeps it) after the block's input went to the host.
+  const at::Tensor anchor = checkpoint && !h.requires_grad()
+                                ? at::empty({0}, h.options()).requires_grad_(true)
+                                : at::Tensor();
   QT_CHECK(!block_hooks || ((checkpoint && plan.blocks_without_checkpointing == 0) || !at::GradMode::is_enabled()),
            ErrorKind::Internal,
            "sharded blocks record for autograd only with checkpointing (their weights are freed after forward)");
@@ -159,7 +177,8 @@ at::Tensor LlamaModel::run_blocks(const at::Tensor& inputs_embeds, const at::Ten
   const Pass pass = base_pass();
   for (size_t i = 0; i < layers.size(); ++i) {
     if (block_hooks) block_hooks->before_block(i, /*backward=*/false);
-    h = i < checkpointed ? checkpointed_block(*this, i, h, cos, sin, mask) : block_forward(i, h, cos, sin, mask, pass);
+    h = i < checkpointed ? checkpointed_block(*this, i, h, cos, sin, mask, i == 0 ? anchor : at::Tensor())
+                         : block_forward(i, h, cos, sin, mask, pass);
     if (block_hooks) block_hooks->after_block(i, /*backward=*/false);
   }
   return rms_norm(h, norm, config.rms_norm_eps);
@@ -186,7 +205,8 @@ at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at
 
 at::Tensor LlamaModel::mlp_residual(size_t layer, const at::Tensor& x, const Pass& pass) const {
   const LlamaBlock& b = layers[layer];
-  return x + mlp(b, rms_norm(x, b.post_attention_layernorm, config.rms_norm_eps), pass);
+  const at::Tensor y = mlp(b, rms_norm(x, b.post_attention_layernorm, config.rms_norm_eps), pass);
+  return pass.output_unused ? unused_sum(x, y) : x + y;
 }
 
 at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Batch& batch) const {
@@ -196,7 +216,7 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Bat
   const int64_t S = inputs_embeds.size(1);
   if (plan.attention == AttentionKernel::Cudnn && inputs_embeds.is_cuda() &&
       (!config.sliding_window || S <= *config.sliding_window) && (batch.doc_ids == 0).all().item<bool>() &&
-      cudnn_admits(inputs_embeds.size(0), S))
+      cudnn_admits(inputs_embeds.size(0), padded_row_length(S, plan.row_multiple)))
     return forward_hidden(inputs_embeds, batch.positions.to(inputs_embeds.device()));
   AttentionMask varlen = varlen_mask(batch.doc_ids, inputs_embeds.device(), inputs_embeds.scalar_type());
   if (varlen.cu_seqlens.defined())

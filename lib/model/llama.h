@@ -163,7 +163,11 @@ class LlamaModel {
  private:
   at::Tensor attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                        const AttentionMask& mask, const Pass& pass) const;
+  // The blocks and the final norm; rows of one whole document padded for cuDNN where the plan says so
+  // (ExecPlan::row_multiple), the output cut back to the rows given.
   at::Tensor run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions, const AttentionMask& mask) const;
+  at::Tensor run_blocks_as_they_are(const at::Tensor& inputs_embeds, const at::Tensor& positions,
+                                    const AttentionMask& mask) const;
   // Mistral's sliding window on a boolean mask over token indices: keeps j with i - window < j (undefined mask:
   // the plain causal one). Returns an undefined mask when the window covers the whole sequence.
   at::Tensor window_mask(const at::Tensor& mask, int64_t S, at::Device device) const;

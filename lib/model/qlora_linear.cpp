@@ -90,8 +90,10 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     at::Tensor state;
     at::Tensor t = at::mm(dropout > 0 ? draw_lora_dropout(x2.contiguous(), dropout, state) : x2, a.t());  // [N, r]
     at::Tensor W, y;
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = l->out_features();
     if (output_unused) {
-      y = at::empty({x2.size(0), l->out_features()}, x2.options());
+      y = unwritten_output(shape, x2.options());
       pass.count(&ModelStats::outputs_skipped);
     } else {
       W = frozen_weight(*l, dt, pass.stats);
@@ -107,9 +109,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     ctx->saved_data["swiglu"] = swiglu_input;
     ctx->saved_data["dropout"] = dropout;
     if (dropout > 0) ctx->saved_data["dropout_state"] = state;
-    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-    shape.back() = y.size(1);
-    return y.view(shape);
+    return output_unused ? y : y.view(shape);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -321,6 +321,10 @@ bool lora_node_applies(const Linear& l) {
   const bool frozen_base = l.quantized() || !l.weight.requires_grad();
   return l.lora && !l.lora->dora() && frozen_base && l.lora->A.scalar_type() == at::kFloat &&
          l.lora->B.scalar_type() == at::kFloat;
+}
+
+at::Tensor unwritten_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::empty({}, options).expand(sizes);
 }
 
 at::Tensor linear_output_unused(const Linear& l, const at::Tensor& x, const Pass& pass) {

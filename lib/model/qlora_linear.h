@@ -82,6 +82,10 @@ struct RedrawnDropout {
 RedrawnDropout redraw_lora_dropout(const at::Tensor& x, double p, const at::Tensor& state);
 at::Tensor lora_dropout_grad(const at::Tensor& grad, const RedrawnDropout& r, double p);
 
+// A stand-in for an output nobody reads (a recomputation's, whose value is kept elsewhere): `sizes` over one
+// element (stride 0), so that its graph exists without the [tokens, features] bytes.
+at::Tensor unwritten_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // The linear's forward pass where its output is not read (a recomputation that takes the value from elsewhere):
 // the LoRA node computes only what its backward saves; forward() where that node does not apply or there is a bias.
 at::Tensor linear_output_unused(const Linear& l, const at::Tensor& x, const Pass& pass);

@@ -97,6 +97,9 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
         embeds = neftune_noise(model.embed(b.input_ids), cfg.train.neftune_alpha);
       }
       hidden = model.forward_hidden(embeds, b);
+      // The embedding output is the first block's input: kept by its checkpoint where that keeps it, else (offloaded)
+      // not needed past the forward pass: 1 H a token.
+      embeds = at::Tensor();
       {
         GatherScope g(parallel.sharded(), FullyShard::Root::LmHead);
         l = loss_sum(model, hidden, b.targets, fused);
