@@ -1183,3 +1183,37 @@ TEST_CASE("after a plan runs out of memory the next budget lies under it by the 
   const qt::Decision next = within(qt::replan_budget_gib(14.9, d.footprint, tensors + 1.0));
   CHECK(next.footprint.total() / kGiB <= predicted - 1.0);
 }
+
+TEST_CASE("rows padded for cuDNN: whole-document rows of 8,192 tokens and more under cuDNN on CUDA, not packed rows, "
+          "rows longer than a sliding window, flash attention or the CPU; the footprint counts K / V grouped then",
+          "[plan]") {
+  qt::PlanRequest r;
+  r.gpu_memory_gib = 40;
+  const qt::Decision d = qt::decide_plan(inputs("llama-3.1-8b", 1, 61100), r);
+  CHECK(d.plan.row_multiple == 128);
+  CHECK(d.seq == 61100);
+  CHECK(d.run_seq == 61184);
+  CHECK(has(qt::describe(d), "rows of 61100 tokens padded to 61184 for cuDNN's grouped K / V"));
+  CHECK(qt::to_json(d)["seq_as_run"] == 61184);
+  CHECK(qt::decide_plan(inputs("llama-3.1-8b", 1, 65536), r).run_seq == 65536);  // a multiple already
+  qt::PlanInputs packed = inputs("llama-3.1-8b", 1, 61100);
+  packed.varlen = true;
+  CHECK(qt::decide_plan(packed, r).plan.row_multiple == 1);
+  CHECK(qt::decide_plan(inputs("llama-3.1-8b", 1, 61100, /*cuda=*/false), r).plan.row_multiple == 1);
+  qt::PlanRequest flash = r;
+  flash.attention = qt::AttentionKernel::Flash;
+  CHECK(qt::decide_plan(inputs("llama-3.1-8b", 1, 61100), flash).plan.row_multiple == 1);
+  // Mistral's 4,096-token window is shorter than the row: the varlen path, never padded.
+  CHECK(qt::decide_plan(inputs("mistral-7b", 1, 8200), r).plan.row_multiple == 1);
+  // Padded, the attention backward holds K and V grouped, not expanded to the query heads: 3.5 H a token less at
+  // 8B (keep qkv; with the allocator's reserve on it).
+  qt::ExecPlan p = d.plan;
+  const qt::PlanInputs in = inputs("llama-3.1-8b", 1, 61100);
+  const double padded = qt::predict_footprint(in, p).total();
+  p.row_multiple = 1;
+  const double expanded = qt::predict_footprint(in, p).total();
+  const double H = static_cast<double>(in.model.hidden_size);
+  CHECK(d.plan.keep == qt::KeepLevel::Qkv);
+  CHECK(expanded - padded > 3.4 * 2 * H * 61100);
+  CHECK(expanded - padded < 3.8 * 2 * H * 61100);
+}

@@ -1536,7 +1536,8 @@ namespace {
 // one row of S tokens, its hidden states against fixed weights. Returns the hidden states and every LoRA gradient;
 // `padded`: the forward passes that padded the row (plan.row_multiple).
 std::vector<at::Tensor> one_long_row(const at::Device& device, c10::ScalarType dtype, int64_t S,
-                                     const std::function<void(qt::LlamaModel&)>& setup, int64_t* padded) {
+                                     const std::function<void(qt::LlamaModel&)>& setup, int64_t* padded,
+                                     const std::vector<std::string>& targets = qt::lora_target_names()) {
   qt::LlamaConfig c = qt::test::tiny_llama_config(300);
   c.hidden_size = 256;
   c.intermediate_size = 512;
@@ -1546,6 +1547,7 @@ std::vector<at::Tensor> one_long_row(const at::Device& device, c10::ScalarType d
   qt::LlamaModel model = qt::random_llama(c, opt, 3);
   qt::LoraConfig lora;
   lora.r = 8;
+  lora.targets = targets;
   qt::attach_lora(model, lora, 4, device);
   at::manual_seed(5);
   model.for_each_linear([&](const std::string&, qt::Linear& l) {
@@ -1560,8 +1562,9 @@ std::vector<at::Tensor> one_long_row(const at::Device& device, c10::ScalarType d
   (h.to(at::kFloat) * w).sum().backward();
   *padded = model.stats->padded_runs;
   std::vector<at::Tensor> out{h.detach().to(at::kFloat).cpu()};
-  model.for_each_linear([&](const std::string&, qt::Linear& l) {
-    REQUIRE(l.lora);
+  model.for_each_linear([&](const std::string& name, qt::Linear& l) {
+    if (!l.lora) return;
+    INFO(name);
     REQUIRE(l.lora->A.grad().defined());
     out.push_back(l.lora->A.grad().to(at::kFloat).cpu());
     out.push_back(l.lora->B.grad().to(at::kFloat).cpu());
@@ -1605,6 +1608,28 @@ TEST_CASE("a row padded at its end for cuDNN (plan.row_multiple) gives the hidde
   CHECK(qt::padded_row_length(117696, 128) == 117760);
   CHECK(qt::padded_row_length(8192, 128) == 8192);
   CHECK(qt::padded_row_length(8200, 1) == 8200);
+}
+
+TEST_CASE("LoRA on the MLP alone, in chunks under checkpointing over frozen embeddings: the first block's MLP gets "
+          "its gradients (its chunked node anchored where nothing before it requires grad)",
+          "[lora]") {
+  const std::vector<std::string> mlp{"gate_proj", "up_proj", "down_proj"};
+  int64_t padded = -1;
+  auto setup = [](int64_t chunk) {
+    return [=](qt::LlamaModel& m) {
+      m.plan.checkpointing = true;
+      m.plan.mlp_chunk_tokens = chunk;
+    };
+  };
+  const std::vector<at::Tensor> whole = one_long_row(at::kCPU, at::kFloat, 100, setup(0), &padded, mlp);
+  const std::vector<at::Tensor> chunked = one_long_row(at::kCPU, at::kFloat, 100, setup(30), &padded, mlp);
+  REQUIRE(whole.size() == chunked.size());
+  CHECK(whole.size() == 13);  // the hidden states, A and B of 3 linears in 2 blocks
+  for (size_t i = 0; i < whole.size(); ++i) {
+    INFO("tensor " << i);
+    CHECK(whole[i].abs().max().item<double>() > 0);
+    CHECK(rel_err(chunked[i], whole[i]) < 1e-5);
+  }
 }
 
 TEST_CASE("a row padded for cuDNN on CUDA (grouped K / V at 8,320 tokens) gives the hidden states and LoRA gradients "

@@ -185,9 +185,12 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
 // intermediate] activations and their gradients exist for one chunk at a time (long contexts). One more MLP
 // forward per step. Not used with LoRA dropout in the MLP (its masks would differ in the recomputation).
 struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
-  // pass_ptr: the Pass of the block (read in this call only).
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, int64_t model_ptr,
-                            int64_t layer, int64_t chunk, int64_t pass_ptr) {
+  // pass_ptr: the Pass of the block (read in this call only). anchor: an empty leaf that requires grad where x does
+  // not (the first block's recomputation over frozen embeddings with no trainable tensor in its attention): the MLP's
+  // LoRA weights reach this node through the model, not as inputs, so that without it no node would be recorded.
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& anchor,
+                            int64_t model_ptr, int64_t layer, int64_t chunk, int64_t pass_ptr) {
+    (void)anchor;
     const auto* model = reinterpret_cast<const LlamaModel*>(model_ptr);
     const Pass& pass = *reinterpret_cast<const Pass*>(pass_ptr);
     ctx->save_for_backward({x});
@@ -214,22 +217,24 @@ struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
     const at::Tensor x = ctx->get_saved_variables()[0];
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
     at::Tensor dy = grads[0].reshape({-1, x.size(-1)});
-    at::Tensor dx = at::empty_like(x2);
+    const bool input_grad = ctx->needs_input_grad(0);
+    at::Tensor dx = input_grad ? at::empty_like(x2) : at::Tensor();
     Pass pass = model->base_pass();
     pass.output_unused = true;  // yc's value is not read either: down_proj's is skipped
     pass.keep_swiglu = true;    // the chunk's SwiGLU output, for the backward pass that follows at once
     for (int64_t s = 0; s < x2.size(0); s += chunk) {
       const int64_t n = std::min(chunk, x2.size(0) - s);
-      at::Tensor xc = x2.narrow(0, s, n).detach().requires_grad_(true);
+      at::Tensor xc = x2.narrow(0, s, n).detach().requires_grad_(input_grad);
       at::Tensor yc;
       {
         at::AutoGradMode enable(true);
         yc = model->mlp_residual(layer, xc, pass);
       }
-      torch::autograd::backward({yc}, {dy.narrow(0, s, n)});
-      dx.narrow(0, s, n).copy_(xc.grad());
+      if (yc.requires_grad()) torch::autograd::backward({yc}, {dy.narrow(0, s, n)});
+      if (input_grad) dx.narrow(0, s, n).copy_(xc.grad());
     }
-    return {dx.view(x.sizes()), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {input_grad ? dx.view(x.sizes()) : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -246,7 +251,9 @@ at::Tensor checkpointed_block(const LlamaModel& model, size_t layer, const at::T
 
 at::Tensor chunked_mlp_residual(const LlamaModel& model, size_t layer, const at::Tensor& x, int64_t chunk,
                                 const Pass& pass) {
-  return ChunkedMlpFn::apply(x, reinterpret_cast<int64_t>(&model), static_cast<int64_t>(layer), chunk,
+  const bool anchored = at::GradMode::is_enabled() && !x.requires_grad();
+  const at::Tensor anchor = at::empty({0}, x.options()).requires_grad_(anchored);
+  return ChunkedMlpFn::apply(x, anchor, reinterpret_cast<int64_t>(&model), static_cast<int64_t>(layer), chunk,
                              reinterpret_cast<int64_t>(&pass));
 }
 

@@ -235,9 +235,9 @@ PlanInputs as_run(const PlanInputs& in, const ExecPlan& p) {
 // MLP in chunks peaked 1.5 GiB (8B 1 x 61100) and 3.4 GiB or more (1 x 117696) above it, in the attention
 // backward). The peak is the largest of three moments: the attention backward, the MLP's SwiGLU backward, and
 // gate / up's backward with its weight dequantized for it. Per token, in elements of e unless said otherwise:
-//   held through the step: the embedding output where the block inputs stay on the device (H; offloaded, the
-//     first block's input goes to the host with the others since the tenth session: an empty leaf anchors its
-//     node, and the trainer lets it go), cos and sin (2 D), the final norm's output (H: the trainer lets it go
+//   held through the step: cos and sin (2 D; the embedding output is the first block's input, counted with the
+//     kept inputs: offloaded, it goes to the host with the others since the tenth session, an empty leaf anchoring
+//     its node, the trainer letting it go; until then the leaf made of it held it, 1 H), the final norm's output (H: the trainer lets it go
 //     after the loss's forward pass since the ninth session, not yet measured: counted still); with
 //     keep >= attention the softmax statistics (fp32, a query head) of every block (offloaded with the attention
 //     output since the tenth session: kept_activations counts them with the other kept tensors);
@@ -271,10 +271,12 @@ double checkpointed_working_set(const PlanInputs& in, const ExecPlan& p, double 
   // (Rows of several documents or padding take FlashAttention-2's varlen kernel, whose dk and dv are at the query
   // width too.)
   // (in.seq: the row as the plan runs it, padded for cuDNN where row_multiple says so.)
-  const bool grouped = p.attention == AttentionKernel::Cudnn && !in.varlen && cudnn_grouped_kv(in.seq, c.head_dim);
+  // (Rows longer than a sliding window take FlashAttention-2's varlen kernel or a dense mask.)
+  const bool windowed = c.sliding_window && in.seq > *c.sliding_window;
+  const bool grouped = p.attention == AttentionKernel::Cudnn && !in.varlen && !windowed && cudnn_grouped_kv(in.seq, c.head_dim);
   const double kv_held = grouped ? kv : q;  // K and V as the attention backward holds them
   const double chunked = mlp_tokens < T ? e * H * (T + mlp_tokens) : 0.0;
-  const double common = e * T * ((p.offload ? 1 : 2) * H + 2 * D) + 2 * e * T * H +
+  const double common = e * T * (H + 2 * D) + 2 * e * T * H +
                         e * T * ((qkv_kept ? 0.0 : q) + (grouped && !qkv_kept ? 2 * kv : 0.0) + (grouped ? 0.0 : 2 * q) +
                                  (attention_kept ? 0.0 : q) + (c.qk_norm ? q + 2 * kv : 0.0)) +
                         (attention_kept ? 0.0 : 4 * T * heads);
@@ -754,7 +756,12 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // chunked above 32768 tokens; everything on the device.
   ExecPlan best;
   best.attention = r.attention;
-  best.row_multiple = in.cuda && r.attention == AttentionKernel::Cudnn && !in.varlen && cudnn_grouped_kv(128, in.model.head_dim) ? 128 : 1;
+  // (Rows longer than a sliding window take the varlen or masked path, never padded.)
+  const bool windowed = in.model.sliding_window && in.seq > *in.model.sliding_window;
+  best.row_multiple =
+      in.cuda && r.attention == AttentionKernel::Cudnn && !in.varlen && !windowed && cudnn_grouped_kv(128, in.model.head_dim)
+          ? 128
+          : 1;
   best.expandable_segments = r.expandable_segments.value_or(in.cuda);
   best.embeddings_on_host = r.embeddings_on_host.value_or(false) && in.cuda;
   best.lm_head_on_host = r.lm_head_on_host.value_or(tied && best.embeddings_on_host) && in.cuda;

@@ -541,7 +541,7 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
   model.hold_dequantized(model.plan.dequantized_blocks);
   // The training shape first among the shapes cuDNN is admitted for, before an exact-match evaluation's
   // generation (a new length every token) could take the slots.
-  if (s.device.is_cuda()) model.cudnn_admits(s.micro, d.data->max_seq_len());
+  if (s.device.is_cuda()) model.cudnn_admits(s.micro, padded_row_length(d.data->max_seq_len(), model.plan.row_multiple));
   m.full = cfg.train.full_finetune;
   m.lora = LoraConfig::from_json(cfg.lora, cfg.file);
   const LoraConfig& lora = m.lora;
