@@ -21,9 +21,38 @@ std::string format_duration(double seconds) {
   return buf;
 }
 
-MetricsLog::MetricsLog(const std::string& path, bool bar, bool enabled, bool resume) : bar_(bar), enabled_(enabled) {
+namespace {
+
+// metrics.jsonl without the lines of steps after `step` (written whole to a temporary file, then renamed over it).
+void drop_lines_after(const std::string& path, int64_t step) {
+  if (!files::exists(path)) return;
+  std::istringstream in(files::read_file(path));
+  std::string text, kept;
+  bool dropped = false;
+  while (std::getline(in, text)) {
+    const Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (j.is_object() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() > step) {
+      dropped = true;
+      continue;
+    }
+    kept += text + "\n";
+  }
+  if (!dropped) return;
+  const std::string tmp = path + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "w");
+  if (!f) fail_at(ErrorKind::Io, tmp, "cannot be opened for writing");
+  const bool ok = std::fwrite(kept.data(), 1, kept.size(), f) == kept.size();
+  if (std::fclose(f) != 0 || !ok) fail_at(ErrorKind::Io, tmp, "writing failed (disk full?)");
+  files::rename_path(tmp, path);
+}
+
+}  // namespace
+
+MetricsLog::MetricsLog(const std::string& path, bool bar, bool enabled, int64_t resume_step)
+    : bar_(bar), enabled_(enabled) {
   if (!enabled_) return;
-  file_ = std::fopen(path.c_str(), resume ? "a" : "w");
+  if (resume_step > 0) drop_lines_after(path, resume_step);
+  file_ = std::fopen(path.c_str(), resume_step > 0 ? "a" : "w");
   if (!file_) fail_at(ErrorKind::Io, path, "cannot be opened for writing");
 }
 

@@ -36,9 +36,10 @@ class TensorBoardWriter;
 
 class MetricsLog {
  public:
-  // `path` is metrics.jsonl: appended to when `resume` (a resumed run continues it), else started anew;
-  // `bar`: redraw one line on a terminal.
-  MetricsLog(const std::string& path, bool bar, bool enabled, bool resume);
+  // `path` is metrics.jsonl: started anew where `resume_step` is 0, else continued by a run resumed after that many
+  // steps, the lines of later steps (a run that went on past the checkpoint, then stopped) dropped first so that no
+  // step is logged twice; `bar`: redraw one line on a terminal.
+  MetricsLog(const std::string& path, bool bar, bool enabled, int64_t resume_step);
   ~MetricsLog();
   MetricsLog(const MetricsLog&) = delete;
   MetricsLog& operator=(const MetricsLog&) = delete;

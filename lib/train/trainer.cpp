@@ -257,7 +257,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     write_json_file(files::join(cfg.output_dir, "config.resolved.json"), cfg.to_json());
     data.write_eval_records(files::join(cfg.output_dir, "eval.jsonl"));
   }
-  MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, s.rank0, /*resume=*/state.step > 0);
+  MetricsLog metrics(files::join(cfg.output_dir, "metrics.jsonl"), bar, s.rank0, /*resume_step=*/state.step);
   Json plan_record = {{"plan", to_json(m.decision)}, {"step", state.step}, {"micro_batch", s.micro}};
   if (!attempt.earlier.empty()) plan_record["out_of_memory_under"] = attempt.earlier;
   metrics.record(plan_record);

@@ -198,6 +198,9 @@ def main():
     check("incomplete checkpoint" in p.stderr and ".checkpoint-6" in p.stderr, "resume warns about the interrupted save")
     check("resumed from" in p.stderr and "checkpoint-3" in p.stderr, "resume picks checkpoint-3")
     check(adapter_bytes("c") == adapter_bytes("a"), "after a crash during save, the run still ends with the straight run's adapter")
+    steps = [json.loads(l)["step"] for l in (TMP / "c" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(l)]
+    check(steps == [1, 2, 3, 4, 5, 6],
+          f"metrics.jsonl logs each step once: the killed run's steps after checkpoint-3 dropped at the resume ({steps})")
 
     # Resuming with a LoRA shape or batch that differs is refused, naming the keys; more steps are allowed with
     # --resume-allow-changes (the schedule length changes).
