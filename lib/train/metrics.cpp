@@ -82,8 +82,10 @@ void MetricsLog::set_plot(const std::string& path, const std::string& title) {
   plot_title_ = title;
 }
 
-void MetricsLog::set_tensorboard(const std::string& dir) {
-  if (enabled_) tensorboard_ = std::make_unique<TensorBoardWriter>(dir);
+void MetricsLog::set_tensorboard(const std::string& dir, int64_t resume_step) {
+  if (!enabled_) return;
+  tensorboard_ = std::make_unique<TensorBoardWriter>(dir);
+  if (resume_step > 0) tensorboard_->session_start(resume_step + 1);
 }
 
 void MetricsLog::write_plot() const {

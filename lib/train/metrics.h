@@ -62,7 +62,9 @@ class MetricsLog {
   // The scalars also as a TensorBoard event file in `dir` (lib/train/tensorboard_events.h): train/loss,
   // train/learning_rate, train/grad_norm, train/tokens_per_s, train/target_tokens_per_s, eval/loss,
   // eval/exact_match. A resumed run adds a new file; TensorBoard reads a directory's files as one run.
-  void set_tensorboard(const std::string& dir);
+  // TensorBoard event files in `dir`; a run resumed after `resume_step` steps starts its file with a purge of the
+  // later steps an earlier file holds.
+  void set_tensorboard(const std::string& dir, int64_t resume_step = 0);
   void write_plot() const;
   // Reads an existing metrics.jsonl (resume) so that the plot shows the whole run.
   void load_history(const std::string& path, int64_t up_to_step);

@@ -90,6 +90,15 @@ TensorBoardWriter::~TensorBoardWriter() {
   if (file_) std::fclose(file_);
 }
 
+void TensorBoardWriter::session_start(int64_t step) {
+  std::string log;  // SessionLog {status = 1: START}
+  varint(log, 1 << 3 | 0);
+  varint(log, 1);
+  std::string e = event_head(step);
+  bytes_field(e, 7, log);
+  write_record(e);
+}
+
 void TensorBoardWriter::scalar(const std::string& tag, int64_t step, double value) {
   std::string v;  // Summary.Value {tag = 1, simple_value = 2 (float)}
   bytes_field(v, 1, tag);

@@ -27,6 +27,9 @@ class TensorBoardWriter {
   // One scalar at `step` (TensorBoard's simple_value, a float), flushed at once so that a live TensorBoard and a
   // stopped run see it.
   void scalar(const std::string& tag, int64_t step, double value);
+  // SessionLog START at `step` (Event.session_log = 7, SessionLog.status = 1, START = 1): TensorBoard drops what
+  // earlier files hold from that step on, so that a run resumed from a checkpoint shows its steps once.
+  void session_start(int64_t step);
   const std::string& path() const { return path_; }
 
  private:

@@ -263,7 +263,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   metrics.record(plan_record);
   if (state.step > 0) metrics.load_history(files::join(cfg.output_dir, "metrics.jsonl"), state.step);
   metrics.set_plot(files::join(cfg.output_dir, "loss.html"), "qlora-train: " + cfg.output_dir);
-  metrics.set_tensorboard(cfg.output_dir);
+  metrics.set_tensorboard(cfg.output_dir, state.step);
   if (s.rank0)
     log::info("training " + std::to_string(trainable) + trained_text(cfg, m) + " on " + s.device.str() + " in " +
               std::string(c10::toString(s.dtype)) + ", " + std::to_string(s.world) + " rank(s), " +

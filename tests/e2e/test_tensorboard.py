@@ -2,7 +2,7 @@
 `tensorboard` package reads back (checking the TFRecord CRCs) the scalars metrics.jsonl holds: train/loss,
 train/learning_rate, train/grad_norm, train/tokens_per_s, train/target_tokens_per_s, eval/loss; a resumed run adds
 its steps in a new file of the same run."""
-import json, os, pathlib, subprocess, sys, tempfile
+import json, os, pathlib, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
@@ -58,25 +58,27 @@ def main():
     bad = [t for t in TAGS if not close(got.get(t, []), want[t]) or not want[t]]
     check(not bad, f"each holds metrics.jsonl's values at its steps: {[(t, got.get(t), want[t]) for t in bad]}")
 
-    # Resume: a straight 6-step run (checkpoints at 3 and 6) made to look stopped after step 3 (what it wrote later
-    # removed, its event file too); `--resume auto` writes a new event file with steps 4-6, equal to the straight
-    # run's.
+    # Resume: a straight 6-step run (checkpoints at 3 and 6) made to look stopped after step 3 (its checkpoint-6 and
+    # adapter removed; its event file and metrics.jsonl kept, steps 4-6 in them); `--resume auto` writes a new event
+    # file that starts with a purge of step 4 on: TensorBoard shows steps 1-6 once, 4-6 from the resumed run (equal to
+    # the straight run's), and metrics.jsonl too.
     p = run("--config", cfg, "--set", "output_dir=" + str(TMP / "resumed"), "--set", "train.steps=6")
     check(p.returncode == 0, "a 6-step run")
     full = read_back(TMP / "resumed")
     for f in (TMP / "resumed").iterdir():
-        if f.name.startswith(("checkpoint-6", "adapter", "events.out.tfevents.")):
+        if f.name.startswith(("checkpoint-6", "adapter")):
             subprocess.run(["rm", "-rf", str(f)])
-    mj = (TMP / "resumed" / "metrics.jsonl")
-    mj.write_text("".join(l + "\n" for l in mj.read_text().splitlines()
-                          if json.loads(l).get("step", 0) <= 3))
+    time.sleep(1.1)  # (event files are read in name order, which starts with the second they were made in)
     p = run("--config", cfg, "--set", "output_dir=" + str(TMP / "resumed"), "--set", "train.steps=6", "--resume", "auto")
     files = [f.name for f in (TMP / "resumed").iterdir() if f.name.startswith("events.out.tfevents.")]
     got = read_back(TMP / "resumed")
-    check(p.returncode == 0 and len(files) == 1 and [s for s, _ in got.get("train/loss", [])] == [4, 5, 6]
-          and close(got["train/loss"], full["train/loss"][3:]),
-          f"a resumed run's event file continues the steps with the straight run's values (exit {p.returncode}): "
-          f"{got.get('train/loss')}")
+    check(p.returncode == 0 and len(files) == 2 and [s for s, _ in got.get("train/loss", [])] == [1, 2, 3, 4, 5, 6]
+          and close(got["train/loss"], full["train/loss"]),
+          f"a resumed run's event file purges the later steps of the first and continues with the straight run's "
+          f"values (exit {p.returncode}): {got.get('train/loss')}")
+    mj = [json.loads(l) for l in (TMP / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    check([j["step"] for j in mj if "loss" in j] == [1, 2, 3, 4, 5, 6],
+          f"metrics.jsonl holds each step once: {[j['step'] for j in mj if 'loss' in j]}")
 
     p = run("--config", cfg, "--set", "train.steps=3")
     check(p.returncode == 3 and "events.out.tfevents." in p.stderr, "an output_dir with event files is another run's")
