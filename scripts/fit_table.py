@@ -7,18 +7,23 @@ do beyond its fastest plan (blocks streamed from the host, lm_head streamed, Ada
 "no" with the GiB its leanest plan needs (or, where the host is what is short, the host memory it would pin: a plan
 pins at most three quarters of --host-gib, default 64).
 
+With --longest: the longest batch-1 row the plan fits on each card instead (a search over multiples of --step
+tokens; LoRA r as --r), with its predicted step time and tokens/s at an H200's rates: predicted, not measured.
+
 Usage: python3 scripts/fit_table.py [--binary build/qlora-train] [--shapes llama-3.1-8b,llama-3.1-70b]
                                     [--seqs 2048,8192,32768] [--cards 6,8,12,16,24,40,48,80] [--host-gib 64]
+                                    [--longest [--r 32] [--step 128] [--max-seq 1048576]]
 """
 import argparse, json, re, subprocess, sys
 
 GIB_PER_GB = 0.93
 
 
-def plan(binary, shape, seq, budget, host_gib):
+def plan(binary, shape, seq, budget, host_gib, r=None):
     """(decision JSON or None, stderr) of `qlora-train plan` for one cell."""
+    lora = ["--set", f"lora.r={r}", "--set", f"lora.alpha={r}"] if r else []
     p = subprocess.run([binary, "plan", "--shape", shape, "--batch", "1", "--seq", str(seq), "--gpu-memory-gib",
-                        f"{budget:.2f}", "--host-gib", str(host_gib), "--log-level", "error"],
+                        f"{budget:.2f}", "--host-gib", str(host_gib), "--log-level", "error", *lora],
                        capture_output=True, text=True)
     if p.returncode == 0:
         return json.loads(p.stdout.strip().splitlines()[-1]), p.stderr
@@ -55,6 +60,20 @@ def layers_of(binary, shape):
     return json.loads(p.stdout.strip().splitlines()[-1])["streamed_blocks"]
 
 
+def longest(binary, shape, budget, host_gib, r, step, max_seq):
+    """The longest multiple of `step` tokens (at most max_seq) whose batch-1 row the plan fits, and its decision;
+    (0, None) where not even `step` tokens fit. A bisection: a longer row never needs less."""
+    lo, hi, best = 0, max_seq // step, None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        d, _ = plan(binary, shape, mid * step, budget, host_gib, r)
+        if d is None:
+            hi = mid - 1
+        else:
+            lo, best = mid, d
+    return lo * step, best
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", default="build/qlora-train")
@@ -62,8 +81,26 @@ def main():
     ap.add_argument("--seqs", default="2048,8192,32768")
     ap.add_argument("--cards", default="6,8,12,16,24,40,48,80", help="card sizes in GB")
     ap.add_argument("--host-gib", type=float, default=64)
+    ap.add_argument("--longest", action="store_true", help="the longest row each card fits, instead of --seqs")
+    ap.add_argument("--r", type=int, default=32, help="--longest: LoRA rank (Unsloth's published contexts: 32)")
+    ap.add_argument("--step", type=int, default=128, help="--longest: lengths searched in multiples of this")
+    ap.add_argument("--max-seq", type=int, default=1 << 20, help="--longest: the longest length tried")
     a = ap.parse_args()
     cards = [int(c) for c in a.cards.split(",")]
+    if a.longest:
+        print(f"| model | " + " | ".join(f"{c} GB ({c * GIB_PER_GB:.1f} GiB)" for c in cards) + " |")
+        print("|---|" + "---|" * len(cards))
+        for shape in a.shapes.split(","):
+            cells = []
+            for c in cards:
+                seq, d = longest(a.binary, shape, c * GIB_PER_GB, a.host_gib, a.r, a.step, a.max_seq)
+                if d is None:
+                    cells.append("-")
+                    continue
+                s = d["predicted_step_s"]["total"]
+                cells.append(f"{seq:,} ({s:.1f} s, {seq / s:,.0f} tok/s)")
+            print(f"| {shape} | " + " | ".join(cells) + " |")
+        return
     print(f"| model | tokens | " + " | ".join(f"{c} GB ({c * GIB_PER_GB:.1f} GiB)" for c in cards) + " |")
     print("|---|---|" + "---|" * len(cards))
     for shape in a.shapes.split(","):

@@ -102,6 +102,24 @@ def main():
         check(seventy[2].startswith("no (") and "GiB)" in seventy[2] and seventy[3] == "fits",
               f"70B 1 x 32768 does not fit an 8 GB card (the figure it needs), fits an 80 GB one: {seventy}")
 
+    # --longest: the longest row each card fits (a bisection over multiples of --step), more on the larger card.
+    t = subprocess.run([sys.executable, str(script), "--binary", BIN, "--shapes", "llama-3.1-8b", "--cards", "8,80",
+                        "--longest", "--step", "4096", "--max-seq", "262144"], capture_output=True, text=True)
+    rows = [l for l in t.stdout.splitlines() if l.startswith("| llama")]
+    longest = [c.strip() for c in rows[0].strip("|").split("|")][1:] if len(rows) == 1 else []
+    seqs = [int(c.split(" ")[0].replace(",", "")) for c in longest if c != "-"]
+    check(t.returncode == 0 and len(seqs) == 2 and seqs[0] % 4096 == 0 and 4096 <= seqs[0] < seqs[1] <= 262144
+          and all("tok/s" in c for c in longest),
+          f"fit_table --longest: a length and its predicted speed per card, longer on 80 GB ({longest} {t.stderr[-300:]})")
+    if len(seqs) == 2:
+        fits = subprocess.run([BIN, "plan", "--shape", "llama-3.1-8b", "--seq", str(seqs[0]), "--gpu-memory-gib", "7.44",
+                               "--host-gib", "64", "--set", "lora.r=32", "--set", "lora.alpha=32"], capture_output=True, text=True)
+        over = subprocess.run([BIN, "plan", "--shape", "llama-3.1-8b", "--seq", str(seqs[0] + 4096), "--gpu-memory-gib",
+                               "7.44", "--host-gib", "64", "--set", "lora.r=32", "--set", "lora.alpha=32"],
+                              capture_output=True, text=True)
+        check(fits.returncode == 0 and over.returncode == 3,
+              f"the length found fits the 8 GB card and one step longer does not (exit {fits.returncode}, {over.returncode})")
+
     import shutil
     if shutil.which("nvidia-smi") is None:
         p, _ = plan("--shape", "llama-3.1-8b")
