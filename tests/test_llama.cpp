@@ -488,7 +488,7 @@ TEST_CASE("offloaded block inputs, fetched ahead in the backward pass, give the 
 TEST_CASE("llama MLP over chunks of tokens gives the unchunked outputs and gradients", "[llama]") {
   for (bool checkpoint : {false, true}) {
     INFO("grad_checkpointing " << checkpoint);
-    int64_t skipped = 0;
+    int64_t skipped = 0, chunked_passes = 0;
     auto run = [&](int64_t chunk) {
       qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {});
       model.plan.checkpointing = checkpoint;
@@ -505,9 +505,12 @@ TEST_CASE("llama MLP over chunks of tokens gives the unchunked outputs and gradi
       for (auto& [n, t] : named)
         if (t->grad().defined()) out.push_back(t->grad().clone());  // lm_head takes no part in the hidden states
       skipped += stats->outputs_skipped.load();
+      chunked_passes += stats->mlp_chunked_passes.load();
       return out;
     };
     std::vector<at::Tensor> plain = run(0), chunked = run(5);  // 26 tokens: chunks of 5, 5, 5, 5, 5, 1
+    // Each block's forward pass runs its MLP in chunks, the checkpointed ones' too (no graph there).
+    CHECK(chunked_passes == 2);
     // Under checkpointing each block's recomputation leaves the chunked MLP's output unwritten (its backward
     // recomputes the chunks); the dense base without LoRA computes its down_proj as ever.
     CHECK(skipped == (checkpoint ? 2 : 0));

@@ -180,6 +180,19 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
   }
 };
 
+// x + mlp(norm(x)) chunk by chunk into one output, with no graph of its own.
+at::Tensor mlp_residual_by_chunks(const LlamaModel& model, size_t layer, const at::Tensor& x, int64_t chunk,
+                                  const Pass& pass) {
+  at::Tensor x2 = x.reshape({-1, x.size(-1)});
+  at::Tensor out = at::empty_like(x2);
+  for (int64_t s = 0; s < x2.size(0); s += chunk) {
+    const int64_t n = std::min(chunk, x2.size(0) - s);
+    out.narrow(0, s, n).copy_(model.mlp_residual(layer, x2.narrow(0, s, n), pass));
+  }
+  pass.count(&ModelStats::mlp_chunked_passes);
+  return out.view(x.sizes());
+}
+
 // The post-attention half of a block, x + mlp(norm(x)), over chunks of tokens: forward keeps only x; backward
 // recomputes each chunk with recording on and back-propagates it before the next, so the MLP's [tokens,
 // intermediate] activations and their gradients exist for one chunk at a time (long contexts). One more MLP
@@ -201,13 +214,7 @@ struct ChunkedMlpFn : public torch::autograd::Function<ChunkedMlpFn> {
       pass.count(&ModelStats::outputs_skipped);
       return unwritten_output(x.sizes(), x.options());
     }
-    at::Tensor x2 = x.reshape({-1, x.size(-1)});
-    at::Tensor out = at::empty_like(x2);
-    for (int64_t s = 0; s < x2.size(0); s += chunk) {
-      const int64_t n = std::min(chunk, x2.size(0) - s);
-      out.narrow(0, s, n).copy_(model->mlp_residual(static_cast<size_t>(layer), x2.narrow(0, s, n), pass));
-    }
-    return out.view(x.sizes());
+    return mlp_residual_by_chunks(*model, static_cast<size_t>(layer), x, chunk, pass);
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
@@ -251,7 +258,9 @@ at::Tensor checkpointed_block(const LlamaModel& model, size_t layer, const at::T
 
 at::Tensor chunked_mlp_residual(const LlamaModel& model, size_t layer, const at::Tensor& x, int64_t chunk,
                                 const Pass& pass) {
-  const bool anchored = at::GradMode::is_enabled() && !x.requires_grad();
+  // With no graph to record (a checkpointed block's forward pass, evaluation): the chunks alone.
+  if (!at::GradMode::is_enabled()) return mlp_residual_by_chunks(model, layer, x, chunk, pass);
+  const bool anchored = !x.requires_grad();
   const at::Tensor anchor = at::empty({0}, x.options()).requires_grad_(anchored);
   return ChunkedMlpFn::apply(x, anchor, reinterpret_cast<int64_t>(&model), static_cast<int64_t>(layer), chunk,
                              reinterpret_cast<int64_t>(&pass));

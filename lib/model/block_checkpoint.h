@@ -20,6 +20,7 @@ at::Tensor checkpointed_block(const LlamaModel& model, size_t layer, const at::T
 
 // x + mlp(post_attention_layernorm(x)) of block `layer` over chunks of `chunk` tokens: the MLP's [tokens,
 // intermediate] activations and their gradients exist for one chunk at a time (one more MLP forward per step).
+// Without grad mode (a checkpointed block's forward pass, evaluation) the chunks alone, no node.
 at::Tensor chunked_mlp_residual(const LlamaModel& model, size_t layer, const at::Tensor& x, int64_t chunk,
                                 const Pass& pass);
 
