@@ -23,7 +23,8 @@ std::string format_duration(double seconds) {
 
 namespace {
 
-// metrics.jsonl without the lines of steps after `step` (written whole to a temporary file, then renamed over it).
+// metrics.jsonl without the lines of steps after `step`, nor a line a killed run left half written (written whole to
+// a temporary file, then renamed over it).
 void drop_lines_after(const std::string& path, int64_t step) {
   if (!files::exists(path)) return;
   std::istringstream in(files::read_file(path));
@@ -31,7 +32,8 @@ void drop_lines_after(const std::string& path, int64_t step) {
   bool dropped = false;
   while (std::getline(in, text)) {
     const Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (j.is_object() && j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() > step) {
+    if (!j.is_object() ||
+        (j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() > step)) {
       dropped = true;
       continue;
     }
