@@ -59,6 +59,7 @@ struct TrainArgs {
   std::string resume;
   bool overwrite_output_dir = false;
   bool resume_allow_changes = false;
+  std::string log_level;  // --log-level as given (empty: not given): it wins over the config's logging.level
 };
 
 struct ConfigArgs {

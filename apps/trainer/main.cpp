@@ -99,6 +99,7 @@ extern "C" void on_stop_signal(int sig) {
 
 int run_train(const TrainArgs& args) {
   qt::RunConfig config = qt::RunConfig::load(args.config, args.overrides);
+  if (!args.log_level.empty()) config.log_level = args.log_level;
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
   qt::TrainOptions options;
@@ -237,7 +238,7 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--warmup", bench.warmup, "untimed steps first")->check(kNonNegative);
   bench_cmd->add_option("--device", bench.device, "cuda or cpu")->check(CLI::IsMember({"cuda", "cpu"}));
   bench_cmd->add_option("--out", bench.out, "working directory (random data, run config, the run)")->required();
-  bench_cmd->add_option("--set", bench.overrides, "override a run config key: --set train.attention=flash (repeatable)");
+  bench_cmd->add_option("--set", bench.overrides, "override a run config key: --set train.memory.attention=flash (repeatable)");
 
   PlanArgs plan_args;
   CLI::App* plan_cmd = app.add_subcommand("plan", "Print the execution plan training would take for a GPU memory budget (no GPU needed): what is checkpointed, offloaded, kept on the host, the predicted device memory and step time, or why it does not fit");
@@ -280,6 +281,9 @@ int main(int argc, char** argv) {
     }
     if (train_cmd->parsed() || (!train.config.empty() && app.get_subcommands().empty())) {
       if (train.config.empty()) qt::fail(qt::ErrorKind::Usage, "train: --config FILE is required");
+      // --log-level given, before or after `train`: it wins over the config's logging.level.
+      if (app.get_option("--log-level")->count() > 0 || train_cmd->get_option("--log-level")->count() > 0)
+        train.log_level = log_level;
       return run_train(train);
     }
     if (quantize_cmd->parsed()) return run_quantize(quantize);

@@ -226,8 +226,8 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
     special = {tokenizer->bos_id(),  tokenizer->eos_id(),  -1,
                tokenizer->add_bos(), tokenizer->add_eos(), tokenizer->chat_template()};
   } else {
-    // Qwen's tokenizer.json (NFC normalizer, its own digit regex) is not one our BPE tokenizer runs: its vocabulary,
-    // merges and special tokens are read from the files as they are.
+    // Qwen's tokenizer.json (NFC normalizer, its own digit regex): its vocabulary, merges and special tokens are read
+    // from the files as they are.
     if (!bpe)
       fail_at(ErrorKind::Model, tok_json, "expected a byte-level BPE tokenizer.json (" + arch + " models have one)");
     vocab = bpe_vocab(tok_json);

@@ -1,5 +1,5 @@
 """Help texts show defaults and --log-level works after the subcommand too (issue 29)."""
-import os, pathlib, subprocess, sys, tempfile
+import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
 
@@ -40,6 +40,18 @@ def main():
     check(p.returncode == 0 and p.stderr == "", "--log-level before the subcommand still works")
     p = run("eval", *args, "--log-level", "loud")
     check(p.returncode == 2 and "loud" in p.stderr, f"an unknown level is a usage error (exit {p.returncode})")
+    # Training: --log-level, before or after `train`, wins over the config's logging.level (info).
+    cfg = TMP / "run.json"
+    cfg.write_text(json.dumps({"model": {"path": str(TMP / "model"), "device": "cpu"}, "lora": {"r": 2},
+                               "data": {"train_file": str(TMP / "d.jsonl"), "max_seq_len": 16},
+                               "train": {"steps": 1, "batch_size": 2}, "logging": {"progress": "lines"}}))
+    for where in (["--log-level", "warn", "train"], ["train", "--log-level", "warn"]):
+        out = TMP / ("t" + where[0])
+        p = run(*where, "--config", cfg, "--set", f"output_dir={out}")
+        check(p.returncode == 0 and "[info]" not in p.stderr,
+              f"`{' '.join(where)}` silences training's info lines (exit {p.returncode}) {p.stderr[-300:]!r}")
+    p = run("train", "--config", cfg, "--set", f"output_dir={TMP / 'tdefault'}")
+    check(p.returncode == 0 and "[info]" in p.stderr, "without it, training logs at its config's level (info)")
     # Numbers: finite and in range, said in a short line (no range written out with the largest double).
     for value, words in (("inf", "finite number > 0"), ("nan", "finite number > 0"), ("0", "> 0"), ("x", "a number")):
         p = run("plan", "--shape", "llama-3.1-8b", "--gpu-memory-gib", value)
