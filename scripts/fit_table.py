@@ -8,7 +8,9 @@ do beyond its fastest plan (blocks streamed from the host, lm_head streamed, Ada
 pins at most three quarters of --host-gib, default 64).
 
 With --longest: the longest batch-1 row the plan fits on each card instead (a search over multiples of --step
-tokens; LoRA r as --r), with its predicted step time and tokens/s at an H200's rates: predicted, not measured.
+tokens; LoRA r as --r), with its predicted step time and tokens/s at an H200's rates, and "host-limited" where the
+card would hold a longer row but the host's pinned share (three quarters of --host-gib) would not: predicted, not
+measured.
 
 Usage: python3 scripts/fit_table.py [--binary build/qlora-train] [--shapes llama-3.1-8b,llama-3.1-70b]
                                     [--seqs 2048,8192,32768] [--cards 6,8,12,16,24,40,48,80] [--host-gib 64]
@@ -61,8 +63,10 @@ def layers_of(binary, shape):
 
 
 def longest(binary, shape, budget, host_gib, r, step, max_seq):
-    """The longest multiple of `step` tokens (at most max_seq) whose batch-1 row the plan fits, and its decision;
-    (0, None) where not even `step` tokens fit. A bisection: a longer row never needs less."""
+    """The longest multiple of `step` tokens (at most max_seq) whose batch-1 row the plan fits, its decision, and
+    what stops the next length: "host" (the card would hold it, the host's pinned share not), "max" (max_seq
+    reached) or "" (the card); (0, None, "") where not even `step` tokens fit. A bisection: a longer row never
+    needs less."""
     lo, hi, best = 0, max_seq // step, None
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -71,7 +75,14 @@ def longest(binary, shape, budget, host_gib, r, step, max_seq):
             hi = mid - 1
         else:
             lo, best = mid, d
-    return lo * step, best
+    if best is None:
+        return 0, None, ""
+    if lo == max_seq // step:
+        return lo * step, best, "max"
+    _, stderr = plan(binary, shape, (lo + 1) * step, budget, host_gib, r)
+    need = re.search(r"needs ([0-9.]+) GiB", stderr)
+    host = "would pin" in stderr and need is not None and float(need.group(1)) <= budget
+    return lo * step, best, "host" if host else ""
 
 
 def main():
@@ -93,12 +104,13 @@ def main():
         for shape in a.shapes.split(","):
             cells = []
             for c in cards:
-                seq, d = longest(a.binary, shape, c * GIB_PER_GB, a.host_gib, a.r, a.step, a.max_seq)
+                seq, d, limit = longest(a.binary, shape, c * GIB_PER_GB, a.host_gib, a.r, a.step, a.max_seq)
                 if d is None:
                     cells.append("-")
                     continue
                 s = d["predicted_step_s"]["total"]
-                cells.append(f"{seq:,} ({s:.1f} s, {seq / s:,.0f} tok/s)")
+                note = {"host": ", host-limited", "max": ", --max-seq reached"}[limit] if limit else ""
+                cells.append(f"{'>= ' if limit == 'max' else ''}{seq:,} ({s:.1f} s, {seq / s:,.0f} tok/s{note})")
             print(f"| {shape} | " + " | ".join(cells) + " |")
         return
     print(f"| model | tokens | " + " | ".join(f"{c} GB ({c * GIB_PER_GB:.1f} GiB)" for c in cards) + " |")

@@ -109,7 +109,8 @@ Json run_bench(const BenchOptions& o) {
     f << cfg.dump(2) << "\n";
     if (!f) fail_at(ErrorKind::Io, cfg_path, "cannot be written");
   }
-  const RunConfig config = RunConfig::load(cfg_path, o.overrides);
+  RunConfig config = RunConfig::load(cfg_path, o.overrides);
+  if (!o.log_level.empty()) config.log_level = o.log_level;
   train(config, TrainOptions{});
 
   std::vector<double> step_s;

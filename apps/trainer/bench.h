@@ -23,6 +23,7 @@ struct BenchOptions {
   std::string device = "cuda";
   std::string out;     // working directory (data, config, run); created
   std::vector<std::string> overrides;  // --set key=value for the run config
+  std::string log_level;               // --log-level as given (empty: not given): it wins over logging.level
 };
 
 // Model FLOPs per token, what QLoRA training needs whatever the plan (issue 27): 4 N + 6 L S q. N the parameters of

@@ -292,6 +292,8 @@ int main(int argc, char** argv) {
     if (export_cmd->parsed()) return run_export(exp);
     if (gen_cmd->parsed()) return run_generate(gen);
     if (bench_cmd->parsed()) {
+      if (app.get_option("--log-level")->count() > 0 || bench_cmd->get_option("--log-level")->count() > 0)
+        bench.log_level = log_level;
       std::cout << qt::run_bench(bench).dump() << std::endl;
       return 0;
     }

@@ -580,9 +580,10 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
     t.terms.emplace_back("recomputation", recomputed_blocks * recompute);
     // The weights a recomputation dequantizes are dequantized once more in the backward pass unless kept; the MLP
     // in chunks dequantizes gate and up twice and down once per chunk (its backward pass recomputes chunk by chunk
-    // and keeps nothing), where one backward pass without chunks dequantizes each once.
+    // and keeps nothing), where one backward pass without chunks dequantizes each once; and since the tenth session
+    // the block's forward pass runs its MLP in chunks too, each chunk dequantizing gate / up and down again.
     double weights = p.keep_dequantized ? 0.0 : attn_weights;
-    if (chunks > 1) weights += (n - 1) * (2 * gate_up + down) + gate_up;
+    if (chunks > 1) weights += (n - 1) * (2 * gate_up + down) + gate_up + (n - 1) * (gate_up + down);
     else if (!p.keep_dequantized) weights += gate_up;
     // Blocks holding their weights dequantized (the first ones, checkpointed) dequantize nothing.
     const double held_recomputed = std::min(recomputed_blocks, held);

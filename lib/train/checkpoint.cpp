@@ -324,6 +324,20 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
   return std::nullopt;
 }
 
+std::vector<std::string> set_aside_checkpoints_after(const std::string& output_dir, int64_t step) {
+  std::vector<std::string> moved;
+  if (!files::is_dir(output_dir)) return moved;
+  for (const auto& f : files::list_dir(output_dir)) {
+    if (checkpoint_step(f) <= step) continue;
+    std::string to = f + ".abandoned";
+    for (int i = 2; files::exists(files::join(output_dir, to)); ++i) to = f + ".abandoned-" + std::to_string(i);
+    files::rename_path(files::join(output_dir, f), files::join(output_dir, to));
+    moved.push_back(files::join(output_dir, to));
+  }
+  if (!moved.empty()) files::sync_path(output_dir);
+  return moved;
+}
+
 std::string train_file_hash(const std::string& path) { return file_hash(path); }
 
 void check_resume_progress(const TrainerState& saved, const TrainerState& current, bool length_matters,

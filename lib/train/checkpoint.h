@@ -86,6 +86,12 @@ CheckpointContents load_checkpoint(const std::string& dir);
 // naming them. nullopt when there is none.
 std::optional<std::string> find_latest_checkpoint(const std::string& output_dir);
 
+// A run resumed at `step` from an older checkpoint than output_dir's newest: the later checkpoints belong to the run
+// it departs from. Renamed aside (checkpoint-N -> checkpoint-N.abandoned, which `--resume auto` and the pruning of
+// keep_last pass over), so that the resumed run's own checkpoints, its metrics.jsonl and its next `--resume auto`
+// follow one line of steps. Returns the new names.
+std::vector<std::string> set_aside_checkpoints_after(const std::string& output_dir, int64_t step);
+
 // Keys of the run config that a resumed run must keep (model, LoRA shape, data, batch geometry, seed); the
 // rest (total steps, logging, eval and checkpoint intervals, micro-batch size, activation checkpointing and
 // offload) may change. Throws qt::Error(Checkpoint) listing every differing key; the paths of the model and the

@@ -41,11 +41,15 @@ void drop_lines_after(const std::string& path, int64_t step) {
   }
   if (!dropped) return;
   const std::string tmp = path + ".tmp";
+  files::RemoveUnlessKept cleanup(tmp);  // (a failed write leaves nothing beside metrics.jsonl)
   std::FILE* f = std::fopen(tmp.c_str(), "w");
   if (!f) fail_at(ErrorKind::Io, tmp, "cannot be opened for writing");
   const bool ok = std::fwrite(kept.data(), 1, kept.size(), f) == kept.size();
   if (std::fclose(f) != 0 || !ok) fail_at(ErrorKind::Io, tmp, "writing failed (disk full?)");
+  files::sync_path(tmp);
   files::rename_path(tmp, path);
+  cleanup.keep();
+  files::sync_path(files::parent(path));
 }
 
 }  // namespace

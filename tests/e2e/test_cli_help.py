@@ -50,6 +50,9 @@ def main():
         p = run(*where, "--config", cfg, "--set", f"output_dir={out}")
         check(p.returncode == 0 and "[info]" not in p.stderr,
               f"`{' '.join(where)}` silences training's info lines (exit {p.returncode}) {p.stderr[-300:]!r}")
+    p = run("bench", "--model", TMP / "model", "--device", "cpu", "--seq", 16, "--steps", 1, "--warmup", 0,
+            "--out", TMP / "bench", "--log-level", "error")
+    check(p.returncode == 0 and "[info]" not in p.stderr, f"bench ... --log-level error too (exit {p.returncode}) {p.stderr[-300:]!r}")
     p = run("train", "--config", cfg, "--set", f"output_dir={TMP / 'tdefault'}")
     check(p.returncode == 0 and "[info]" in p.stderr, "without it, training logs at its config's level (info)")
     # Numbers: finite and in range, said in a short line (no range written out with the largest double).

@@ -198,6 +198,18 @@ def main():
     check("incomplete checkpoint" in p.stderr and ".checkpoint-6" in p.stderr, "resume warns about the interrupted save")
     check("resumed from" in p.stderr and "checkpoint-3" in p.stderr, "resume picks checkpoint-3")
     check(adapter_bytes("c") == adapter_bytes("a"), "after a crash during save, the run still ends with the straight run's adapter")
+    # Resumed from a checkpoint older than the newest (--resume PATH): the later checkpoint belongs to the run it
+    # departs from and is moved aside (a later `--resume auto` would have taken it, and metrics.jsonl no longer
+    # holds its steps); the resumed run's own checkpoint-6 and adapter equal the straight run's.
+    shutil.copytree(TMP / "a", TMP / "o")
+    p = train(write_config("o"), "--resume", str(TMP / "o" / "checkpoint-3"))
+    check("moved aside" in p.stderr and (TMP / "o" / "checkpoint-6.abandoned" / "COMPLETE").exists()
+          and (TMP / "o" / "checkpoint-6" / "COMPLETE").exists() and adapter_bytes("o") == adapter_bytes("a"),
+          f"resumed from checkpoint-3 with checkpoint-6 there: moved aside, a new checkpoint-6, the straight run's "
+          f"adapter {sorted(f.name for f in (TMP / 'o').iterdir())} {p.stderr[-300:]}")
+    p = train(write_config("o"), "--resume", "auto")
+    check("checkpoint-6.abandoned" not in p.stderr.split("resumed from")[-1].split("\n")[0]
+          and "checkpoint-6" in p.stderr, "--resume auto then takes the resumed run's checkpoint-6, not the one aside")
     steps = [json.loads(l)["step"] for l in (TMP / "c" / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(l)]
     check(steps == [1, 2, 3, 4, 5, 6],
           f"metrics.jsonl logs each step once: the killed run's steps after checkpoint-3 dropped at the resume ({steps})")
