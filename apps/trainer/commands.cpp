@@ -79,19 +79,44 @@ int run_plan(const PlanArgs& args) {
                            : args.config.empty() ? 1
                                                  : std::max<int64_t>(1, cfg.train.batch_size / args.world);
   const int64_t forced_micro = args.batch > 0 || args.config.empty() ? per_rank : cfg.train.micro_batch_size;
-  const int64_t seq = args.seq > 0                         ? args.seq
-                      : cfg.data.contains("max_seq_len") ? cfg.data["max_seq_len"].get<int64_t>()
-                                                         : 2048;
+  if (args.longest && args.seq > 0) qt::fail(qt::ErrorKind::Usage, "plan: --longest or --seq, not both");
+  int64_t seq = args.seq > 0                         ? args.seq
+                : cfg.data.contains("max_seq_len") ? cfg.data["max_seq_len"].get<int64_t>()
+                                                   : 2048;
   const c10::ScalarType dtype = qt::user_dtype(cfg.model.dtype).value_or(at::kBFloat16);  // auto: bf16 on CUDA
-  qt::PlanInputs in = qt::plan_inputs(cfg, mc, per_rank, seq, at::Device(at::kCUDA, 0), dtype, args.world, args.world);
-  if (args.host_gib > 0) in.host_bytes = static_cast<uint64_t>(args.host_gib * 1024 * 1024 * 1024) / static_cast<uint64_t>(args.world);
   qt::PlanRequest request = cfg.train.memory;
   if (args.gpu_memory_gib > 0) request.gpu_memory_gib = args.gpu_memory_gib;
   const double free_gib = at::hasCUDA() ? qt::device_free_gib(true, 0) : -1;
   if (!request.gpu_memory_gib && free_gib < 0)
     qt::fail(qt::ErrorKind::Usage, "plan: no GPU here to read the free memory of: give --gpu-memory-gib (or "
                                    "train.memory.gpu_memory_gib)");
-  const qt::MicroDecision md = qt::decide_micro_batch(in, request, free_gib, per_rank, forced_micro);
+  auto decide_at = [&](int64_t tokens) {
+    qt::PlanInputs in = qt::plan_inputs(cfg, mc, per_rank, tokens, at::Device(at::kCUDA, 0), dtype, args.world, args.world);
+    if (args.host_gib > 0)
+      in.host_bytes = static_cast<uint64_t>(args.host_gib * 1024 * 1024 * 1024) / static_cast<uint64_t>(args.world);
+    return qt::decide_micro_batch(in, request, free_gib, per_rank, forced_micro);
+  };
+  if (args.longest) {
+    // A bisection over multiples of 128 tokens: a longer row never needs less memory. Refused at 128 tokens: that
+    // refusal, with its figure.
+    constexpr int64_t kStep = 128, kMost = int64_t{1} << 22;
+    int64_t lo = 1, hi = kMost / kStep;
+    decide_at(lo * kStep);
+    while (lo < hi) {
+      const int64_t mid = (lo + hi + 1) / 2;
+      try {
+        decide_at(mid * kStep);
+        lo = mid;
+      } catch (const qt::Error& e) {
+        if (e.kind() != qt::ErrorKind::Config) throw;
+        hi = mid - 1;
+      }
+    }
+    seq = lo * kStep;
+    std::cerr << "longest row that fits: " << seq << " tokens" << (lo == kMost / kStep ? " (the most tried)" : "")
+              << std::endl;
+  }
+  const qt::MicroDecision md = decide_at(seq);
   const qt::Decision& d = md.decision;
   const int64_t micro = md.micro_batch;
   std::cerr << "plan: " << qt::describe(d);
@@ -102,6 +127,7 @@ int run_plan(const PlanArgs& args) {
   out["micro_batch"] = micro;
   out["micro_batches_a_step"] = per_rank / micro;
   out["seq"] = seq;
+  if (args.longest) out["longest"] = true;
   if (md.sizes.size() > 1) {  // the micro-batch sizes weighed (train.micro_batch_size 0)
     qt::Json sizes = qt::Json::array();
     std::cerr << "micro-batch sizes that fit, per optimizer step (the held weights' saving left out):" << std::endl;

@@ -82,6 +82,7 @@ struct PlanArgs {
   double host_gib = 0;        // the host's memory (0: this machine's)
   int world = 1;              // ranks (data parallel, or FullyShard with train.shard "blocks")
   int alternatives = 0;       // also the N fastest other plans that fit (distinct in their fields)
+  bool longest = false;       // the longest row (a multiple of 128 tokens) whose plan fits, instead of --seq
 };
 
 struct QuantizeArgs {

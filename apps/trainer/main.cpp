@@ -252,6 +252,9 @@ int main(int argc, char** argv) {
       ->check(kPositive);
   plan_cmd->add_option("--host-gib", plan_args.host_gib, "the host's memory in GiB (default: this machine's)")->check(kPositive);
   plan_cmd->add_option("--world", plan_args.world, "ranks on the host")->check(kPositive);
+  plan_cmd->add_flag("--longest", plan_args.longest,
+                     "the longest row (a multiple of 128 tokens, at most 4,194,304) whose plan fits the budget and the "
+                     "host, with its plan (instead of --seq)");
   plan_cmd->add_option("--alternatives", plan_args.alternatives, "also print the N fastest other plans that fit the budget, with their predicted memory and step time (default 0)")->check(kNonNegative);
 
   ConfigArgs config_args;

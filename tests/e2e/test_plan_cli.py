@@ -120,6 +120,24 @@ def main():
         check(fits.returncode == 0 and over.returncode == 3,
               f"the length found fits the 8 GB card and one step longer does not (exit {fits.returncode}, {over.returncode})")
 
+    # plan --longest: the same search in the binary (multiples of 128 tokens): that length fits, 128 more do not.
+    lora32 = ["--set", "lora.r=32", "--set", "lora.alpha=32"]
+    p = subprocess.run([BIN, "plan", "--shape", "llama-3.1-8b", "--gpu-memory-gib", "7.44", "--host-gib", "64", *lora32,
+                        "--longest"], capture_output=True, text=True)
+    d = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
+    n = d.get("seq", 0)
+    nxt = subprocess.run([BIN, "plan", "--shape", "llama-3.1-8b", "--gpu-memory-gib", "7.44", "--host-gib", "64", *lora32,
+                          "--seq", str(n + 128)], capture_output=True, text=True)
+    check(p.returncode == 0 and d.get("longest") is True and n > 4460 and n % 128 == 0
+          and f"longest row that fits: {n} tokens" in p.stderr and nxt.returncode == 3,
+          f"plan --longest: {n} tokens fit an 8 GB card, {n + 128} do not (exit {p.returncode}, {nxt.returncode}) {p.stderr[-200:]}")
+    p = subprocess.run([BIN, "plan", "--shape", "llama-3.1-8b", "--gpu-memory-gib", "9", "--longest", "--seq", "100"],
+                       capture_output=True, text=True)
+    check(p.returncode == 2 and "--longest or --seq" in p.stderr, f"--longest with --seq is a usage error ({p.returncode})")
+    p = subprocess.run([BIN, "plan", "--shape", "llama-3.1-70b", "--gpu-memory-gib", "2", "--host-gib", "64", "--longest"],
+                       capture_output=True, text=True)
+    check(p.returncode == 3 and "does not fit" in p.stderr, f"--longest where nothing fits: the refusal at 128 tokens ({p.returncode})")
+
     import shutil
     if shutil.which("nvidia-smi") is None:
         p, _ = plan("--shape", "llama-3.1-8b")
