@@ -937,8 +937,14 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
                                              : " and would pin " + fmt_gib(d.host.total()) + " GiB of host memory (" +
                                                    fmt_gib(kHostPinnedShare * static_cast<double>(in.host_bytes)) +
                                                    " GiB is three quarters of this rank's share of the host)";
+  // (The GPU would hold the leanest plan and the host's pinned share not: the host is named first.)
+  const bool device_fits = d.budget_gib >= 0 && d.footprint.total() <= d.budget_gib * kGiB;
+  const std::string headline = device_fits && !host.empty()
+                                   ? "the run does not fit this host's memory (the GPU's budget, " + where +
+                                         (r.gpu_memory_gib ? " GiB" : "") + ", would hold it)"
+                                   : "the run does not fit " + where + (r.gpu_memory_gib ? " GiB" : "");
   fail_at(ErrorKind::Config, file,
-          "the run does not fit " + where + (r.gpu_memory_gib ? " GiB" : "") + ": its leanest plan (" + describe(d) + ") needs " +
+          headline + ": its leanest plan (" + describe(d) + ") needs " +
               fmt_gib(d.footprint.total()) + " GiB" + host + ". Lower train.micro_batch_size (now " +
               std::to_string(in.micro_batch) + ") or data.max_seq_len (now " + std::to_string(in.seq) +
               "), or free train.memory's forced settings" + streamed + ", or use a GPU" +

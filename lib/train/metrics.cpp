@@ -7,6 +7,7 @@
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
+#include "lib/core/log.h"
 #include "lib/train/tensorboard_events.h"
 
 namespace qt {
@@ -23,23 +24,35 @@ std::string format_duration(double seconds) {
 
 namespace {
 
-// metrics.jsonl without the lines of steps after `step`, nor a line a killed run left half written (written whole to
-// a temporary file, then renamed over it).
+// metrics.jsonl without the lines of steps after `step`, nor lines that are no JSON object with a numeric step (a
+// killed run leaves one half written), a last line given its newline (written whole to a temporary file, then renamed
+// over it).
 void drop_lines_after(const std::string& path, int64_t step) {
   if (!files::exists(path)) return;
-  std::istringstream in(files::read_file(path));
+  const std::string all = files::read_file(path);
+  std::istringstream in(all);
   std::string text, kept;
-  bool dropped = false;
+  // (A last line without its newline is rewritten with one: the resumed run's lines would run on from it.)
+  bool rewrite = !all.empty() && all.back() != '\n';
+  int64_t broken = 0;
   while (std::getline(in, text)) {
     const Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (!j.is_object() ||
-        (j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() > step)) {
-      dropped = true;
+    const bool blank = text.find_first_not_of(" \t\r") == std::string::npos;
+    if (!j.is_object() || (j.contains("step") && !j["step"].is_number())) {
+      broken += blank ? 0 : 1;
+      rewrite = true;
+      continue;
+    }
+    if (j.contains("step") && j["step"].is_number() && j["step"].get<double>() > static_cast<double>(step)) {
+      rewrite = true;
       continue;
     }
     kept += text + "\n";
   }
-  if (!dropped) return;
+  if (broken > 0)
+    log::warn(path + ": " + std::to_string(broken) + " line(s) that are no JSON object with a numeric step dropped (a run "
+              "killed while writing leaves one half written)");
+  if (!rewrite) return;
   const std::string tmp = path + ".tmp";
   files::RemoveUnlessKept cleanup(tmp);  // (a failed write leaves nothing beside metrics.jsonl)
   std::FILE* f = std::fopen(tmp.c_str(), "w");
@@ -165,12 +178,17 @@ void MetricsLog::load_history(const std::string& path, int64_t up_to_step) {
   std::string text;
   while (std::getline(in, text)) {
     Json j = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (!j.is_object() || !j.contains("step")) continue;
-    int64_t s = j["step"].get<int64_t>();
-    if (s > up_to_step) continue;
-    if (j.contains("loss")) train_.emplace_back(s, j["loss"].get<double>());
-    if (j.contains("eval_loss")) eval_.emplace_back(s, j["eval_loss"].get<double>());
-    if (j.contains("lr")) lr_.emplace_back(s, j["lr"].get<double>());
+    if (!j.is_object() || !j.contains("step") || !j["step"].is_number()) continue;
+    const double step = j["step"].get<double>();
+    if (step > static_cast<double>(up_to_step)) continue;
+    const auto s = static_cast<int64_t>(step);
+    // (A value written as null, a non-finite one, is no point of the plot.)
+    auto number = [&](const char* key, std::vector<std::pair<int64_t, double>>& series) {
+      if (j.contains(key) && j[key].is_number()) series.emplace_back(s, j[key].get<double>());
+    };
+    number("loss", train_);
+    number("eval_loss", eval_);
+    number("lr", lr_);
   }
 }
 

@@ -243,6 +243,10 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     state.loss_scale = ck.state.loss_scale;
     state.loss_scale_good_steps = ck.state.loss_scale_good_steps;
     if (s.rank0) log::info("resumed from " + resume->dir + " at step " + std::to_string(state.step));
+    if (s.rank0 && files::real_path(files::parent(resume->dir)) != files::real_path(cfg.output_dir))
+      log::warn("resumed from a checkpoint outside output_dir (" + resume->dir + "): " + cfg.output_dir +
+                "'s checkpoints after step " + std::to_string(state.step) + " are moved aside and its metrics.jsonl " +
+                "goes on from that step");
     if (s.rank0)
       for (const std::string& moved : set_aside_checkpoints_after(cfg.output_dir, state.step))
         log::warn("resumed at step " + std::to_string(state.step) + " before a later checkpoint of the run it departs " +

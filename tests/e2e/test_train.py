@@ -207,6 +207,9 @@ def main():
           and (TMP / "o" / "checkpoint-6" / "COMPLETE").exists() and adapter_bytes("o") == adapter_bytes("a"),
           f"resumed from checkpoint-3 with checkpoint-6 there: moved aside, a new checkpoint-6, the straight run's "
           f"adapter {sorted(f.name for f in (TMP / 'o').iterdir())} {p.stderr[-300:]}")
+    p = train(write_config("o2"), "--resume", str(TMP / "a" / "checkpoint-3"))
+    check("outside output_dir" in p.stderr and adapter_bytes("o2") == adapter_bytes("a"),
+          f"a resume from another output_dir's checkpoint says so, and trains on: {p.stderr[-300:]}")
     p = train(write_config("o"), "--resume", "auto")
     check("checkpoint-6.abandoned" not in p.stderr.split("resumed from")[-1].split("\n")[0]
           and "checkpoint-6" in p.stderr, "--resume auto then takes the resumed run's checkpoint-6, not the one aside")
