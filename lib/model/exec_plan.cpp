@@ -223,6 +223,13 @@ Json Footprint::to_json() const {
 
 namespace {
 
+// Whether rows take `kernel`'s plain causal attention under cuDNN: rows of one whole document each (packed rows and
+// padding take FlashAttention-2's varlen kernel, as do rows longer than a sliding window, or a dense mask).
+bool whole_rows_under_cudnn(const PlanInputs& in, AttentionKernel kernel) {
+  const auto& window = in.model.sliding_window;
+  return kernel == AttentionKernel::Cudnn && !in.varlen && !(window && in.seq > *window);
+}
+
 // The inputs as a plan runs them: rows padded for cuDNN (row_multiple) are that many tokens long.
 PlanInputs as_run(const PlanInputs& in, const ExecPlan& p) {
   PlanInputs r = in;
@@ -271,9 +278,7 @@ double checkpointed_working_set(const PlanInputs& in, const ExecPlan& p, double 
   // (Rows of several documents or padding take FlashAttention-2's varlen kernel, whose dk and dv are at the query
   // width too.)
   // (in.seq: the row as the plan runs it, padded for cuDNN where row_multiple says so.)
-  // (Rows longer than a sliding window take FlashAttention-2's varlen kernel or a dense mask.)
-  const bool windowed = c.sliding_window && in.seq > *c.sliding_window;
-  const bool grouped = p.attention == AttentionKernel::Cudnn && !in.varlen && !windowed && cudnn_grouped_kv(in.seq, c.head_dim);
+  const bool grouped = whole_rows_under_cudnn(in, p.attention) && cudnn_grouped_kv(in.seq, c.head_dim);
   const double kv_held = grouped ? kv : q;  // K and V as the attention backward holds them
   const double chunked = mlp_tokens < T ? e * H * (T + mlp_tokens) : 0.0;
   const double common = e * T * (H + 2 * D) + 2 * e * T * H +
@@ -757,12 +762,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // chunked above 32768 tokens; everything on the device.
   ExecPlan best;
   best.attention = r.attention;
-  // (Rows longer than a sliding window take the varlen or masked path, never padded.)
-  const bool windowed = in.model.sliding_window && in.seq > *in.model.sliding_window;
-  best.row_multiple =
-      in.cuda && r.attention == AttentionKernel::Cudnn && !in.varlen && !windowed && cudnn_grouped_kv(128, in.model.head_dim)
-          ? 128
-          : 1;
+  best.row_multiple = in.cuda && whole_rows_under_cudnn(in, r.attention) && cudnn_grouped_kv(128, in.model.head_dim) ? 128 : 1;
   best.expandable_segments = r.expandable_segments.value_or(in.cuda);
   best.embeddings_on_host = r.embeddings_on_host.value_or(false) && in.cuda;
   best.lm_head_on_host = r.lm_head_on_host.value_or(tied && best.embeddings_on_host) && in.cuda;
