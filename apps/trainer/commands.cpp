@@ -250,6 +250,8 @@ EvalArgs with_run_config(EvalArgs a) {
     if (unset("--add-eos")) a.add_eos = c.parsed_data.add_eos;
     if (unset("--max-seq-len")) a.max_seq_len = c.parsed_data.max_seq_len;
     if (unset("--quant")) a.quant = c.model.quant;
+    // The config's logging.level, as training takes it, unless --log-level was given (before or after `eval`).
+    if (unset("--log-level")) qt::log::set_level(qt::log::parse_level(c.log_level));
   } else if (!a.overrides.empty()) {
     qt::fail(qt::ErrorKind::Usage, "eval: --set overrides a key of --config FILE");
   }

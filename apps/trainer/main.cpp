@@ -280,6 +280,7 @@ int main(int argc, char** argv) {
       for (const CLI::Option* o : eval_cmd->get_options())
         if (o->count() > 0)
           for (const auto& name : o->get_lnames()) eval.given.insert("--" + name);
+      if (app.get_option("--log-level")->count() > 0) eval.given.insert("--log-level");
       return run_eval(eval);
     }
     if (train_cmd->parsed() || (!train.config.empty() && app.get_subcommands().empty())) {

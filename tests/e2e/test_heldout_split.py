@@ -73,6 +73,15 @@ def main():
             "--data", TMP / "run" / "eval.jsonl", "--no-train-on-prompt")
     ours = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
     check(p.returncode == 0 and ours["tokens"] == tokens, "--no-train-on-prompt turns off the config's train_on_prompt")
+    # eval --config takes logging.level too (eval's one debug line: the tensors loaded); --log-level, before or
+    # after `eval`, wins over it.
+    args = ("--config", TMP / "run.json", "--set", "logging.level=debug", "--adapter", TMP / "run" / "adapter", "--data",
+            TMP / "run" / "eval.jsonl")
+    loud = run("eval", *args)
+    quiet = [run(*before, "eval", *args, *after) for before, after in ((("--log-level", "info"), ()), ((), ("--log-level", "info")))]
+    check(loud.returncode == 0 and "[debug]" in loud.stderr and all(q.returncode == 0 and "[debug]" not in q.stderr for q in quiet),
+          f"eval --config honours logging.level=debug (debug lines: {loud.stderr.count('[debug]')}), and --log-level info "
+          f"wins over it ({[q.stderr.count('[debug]') for q in quiet]})")
     p = run("eval", "--data", TMP / "run" / "eval.jsonl")
     check(p.returncode == 2 and "--model" in p.stderr, f"eval without --model or --config is a usage error ({p.returncode})")
 
