@@ -1,10 +1,11 @@
 // Bad model directories and safetensors files get a qt::Error that names the file and what was expected.
 #include <ATen/ATen.h>
+#include <unistd.h>
 
 #include <fstream>
 #include <functional>
-#include <optional>
 #include <limits>
+#include <optional>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -222,6 +223,41 @@ TEST_CASE("model loader reports bad model directories with the file and key", "[
     j["rope_parameters"]["rope_type"] = "longrope";
     qt::write_json_file(dir + "/config.json", j);
     require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"rope_type", "longrope"});
+  }
+  // Found by fuzzing (round 8): an eos_token_id list holding a string or null was an internal error (train,
+  // generate, export, quantize, plan); max_position_embeddings 0 trained a yarn rope to a NaN loss (its factor
+  // max / original was 0) and a negative one silently; a rope_parameters that was no object was ignored.
+  SECTION("config.json values of the wrong kind: eos_token_id entries, max_position_embeddings, rope_parameters") {
+    std::string dir = copy_model("config_values");
+    const qt::Json good = qt::read_json_file(dir + "/config.json", qt::ErrorKind::Model);
+    auto refused = [&](const std::string& key, const qt::Json& value, std::initializer_list<std::string> needles) {
+      qt::Json j = good;
+      j[key] = value;
+      qt::write_json_file(dir + "/config.json", j);
+      require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, needles);
+    };
+    refused("eos_token_id", qt::Json::array({"a"}), {"config.json", "eos_token_id[0]", "token id", "string"});
+    refused("eos_token_id", qt::Json::array({2, nullptr}), {"config.json", "eos_token_id[1]", "null"});
+    refused("eos_token_id", "2", {"config.json", "eos_token_id", "integer"});
+    refused("max_position_embeddings", 0, {"config.json", "max_position_embeddings", "positive", "got 0"});
+    refused("max_position_embeddings", -512, {"config.json", "max_position_embeddings", "got -512"});
+    refused("rope_parameters", "default", {"config.json", "rope_parameters", "object or null"});
+    qt::Json j = good;
+    j["eos_token_id"] = qt::Json::array({2, 5});
+    qt::write_json_file(dir + "/config.json", j);
+    CHECK(qt::load_llama(dir, {}).config.eos_token_id == 2);
+  }
+  // Found by fuzzing (round 8): a directory named model.safetensors said "mmap failed: No such device", and a
+  // broken symbolic link (a Hugging Face cache snapshot whose blob is gone) "no model.safetensors".
+  SECTION("model.safetensors that is a directory or a broken symbolic link") {
+    std::string dir = copy_model("weights_dir");
+    qt::files::remove_tree(dir + "/model.safetensors");
+    qt::files::make_dirs(dir + "/model.safetensors");
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model, {"model.safetensors", "is a directory"});
+    qt::files::remove_tree(dir + "/model.safetensors");
+    REQUIRE(::symlink("../blobs/0123abcd", (dir + "/model.safetensors").c_str()) == 0);
+    require_error([&] { qt::load_llama(dir, {}); }, qt::ErrorKind::Model,
+                  {"model.safetensors", "symbolic link to '../blobs/0123abcd', which does not exist"});
   }
   SECTION("truncated safetensors") {
     std::string dir = copy_model("truncated");

@@ -216,6 +216,19 @@ TEST_CASE("load_tokenizer reports missing, malformed and unsupported tokenizer f
   SECTION("tokenizer.json whose model is not BPE") {
     check_load_error(k_dir + "/bad_wordpiece", "bad_wordpiece/tokenizer.json", "WordPiece");
   }
+  // Found by fuzzing (round 8): a directory named tokenizer.model was an internal error (a stream that threw), a
+  // tokenizer_config.json holding a list was read as no settings.
+  SECTION("tokenizer.model that is a directory") {
+    const std::string dir = qt::test::scratch_dir("tokenizer_model_dir");
+    qt::files::make_dirs(dir + "/tokenizer.model");
+    check_load_error(dir, "tokenizer_model_dir/tokenizer.model", "is a directory");
+  }
+  SECTION("tokenizer_config.json that is no JSON object") {
+    const std::string dir = qt::test::scratch_dir("tokenizer_config_list");
+    qt::files::copy_file(k_dir + "/spm/tokenizer.model", dir + "/tokenizer.model");
+    std::ofstream(dir + "/tokenizer_config.json") << "[]";
+    check_load_error(dir, "tokenizer_config_list/tokenizer_config.json", "expected a JSON object, got array");
+  }
 }
 
 // Found by fuzzing: a negative added id wrote out of bounds, 2^32 + 5 wrapped to 5, an id of 1e9 built a table of

@@ -29,6 +29,16 @@ bool exists(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0;
 }
 
+std::string why_missing(const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0 || !S_ISLNK(st.st_mode)) return "file not found";
+  char target[PATH_MAX];
+  const ssize_t n = ::readlink(path.c_str(), target, sizeof(target) - 1);
+  return "is a symbolic link to " +
+         (n > 0 ? "'" + std::string(target, static_cast<size_t>(n)) + "'" : std::string("a path")) +
+         ", which does not exist";
+}
+
 bool is_dir(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
@@ -144,6 +154,7 @@ void sync_path(const std::string& path) {
 }
 
 std::string read_file(const std::string& path) {
+  if (is_dir(path)) fail_at(ErrorKind::Io, path, "is a directory, not a file");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail_at(ErrorKind::Io, path, exists(path) ? std::string("cannot be read (") + std::strerror(errno) + ")" : std::string("file not found"));
   std::stringstream ss;

@@ -21,6 +21,9 @@ std::string base_name(const std::string& path);
 std::string absolute(const std::string& path);
 // realpath(3): the path with every symbolic link, "." and ".." resolved; "" if it does not exist.
 std::string real_path(const std::string& path);
+// Why `path`, which does not exist, is missing: "file not found", or, for a symbolic link whose target is gone (a
+// Hugging Face cache snapshot whose blob was deleted or never finished), that link and its target.
+std::string why_missing(const std::string& path);
 
 // mkdir -p. Throws qt::Error(Io) naming the path.
 void make_dirs(const std::string& path);

@@ -69,6 +69,11 @@ void SafetensorsFile::open() {
     ::close(fd);
     fail_at(ErrorKind::Model, path, std::string("stat failed: ") + std::strerror(errno));
   }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail_at(ErrorKind::Model, path,
+            S_ISDIR(st.st_mode) ? "is a directory, not a safetensors file" : "is not a regular file");
+  }
   size_ = static_cast<size_t>(st.st_size);
   if (size_ < 8) {
     ::close(fd);

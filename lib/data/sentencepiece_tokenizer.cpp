@@ -5,11 +5,15 @@
 #include <algorithm>
 
 #include "lib/core/error.h"
+#include "lib/core/files.h"
 
 namespace qt {
 
 SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model_path)
     : path_(model_path), sp_(std::make_unique<sentencepiece::SentencePieceProcessor>()) {
+  // sentencepiece reads a directory through a stream that throws (an internal error, not a model error).
+  if (files::is_dir(model_path))
+    fail_at(ErrorKind::Model, model_path, "is a directory, not a sentencepiece model file");
   auto status = sp_->Load(model_path);
   if (!status.ok()) fail_at(ErrorKind::Model, model_path, "not a valid sentencepiece model: " + status.ToString());
   for (int id = 0; id < sp_->GetPieceSize(); ++id)

@@ -57,6 +57,7 @@ std::optional<bool> bool_setting(const Json& doc, const std::string& file, const
 }
 
 std::string read_text_file(const std::string& path) {
+  if (files::is_dir(path)) fail_at(ErrorKind::Model, path, "is a directory, not a text file");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail_at(ErrorKind::Model, path, "cannot be read");
   std::stringstream ss;
@@ -128,6 +129,9 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir) try {
   const std::string map_file = files::join(dir, "special_tokens_map.json");
   const Json cfg = files::exists(cfg_file) ? read_json_file(cfg_file, ErrorKind::Model) : Json::object();
   const Json map = files::exists(map_file) ? read_json_file(map_file, ErrorKind::Model) : Json::object();
+  for (const auto& [doc, file] : {std::pair<const Json&, const std::string&>{cfg, cfg_file}, {map, map_file}})
+    if (!doc.is_object())
+      fail_at(ErrorKind::Model, file, std::string("expected a JSON object, got ") + json_type_name(doc));
   const TokenizerDefaults d = tok->defaults();
 
   auto resolve = [&](const std::string& key, int32_t fallback) {

@@ -23,7 +23,9 @@ ModelFiles find_model_files(const std::string& dir) {
   files.dir = dir;
   if (!files::is_dir(dir)) fail_at(ErrorKind::Model, dir, "model directory not found");
   files.config_path = files::join(dir, "config.json");
-  if (!files::exists(files.config_path)) fail_at(ErrorKind::Model, files.config_path, "file not found (every HF model directory has one)");
+  if (!files::exists(files.config_path))
+    fail_at(ErrorKind::Model, files.config_path,
+            files::why_missing(files.config_path) + " (every HF model directory has one)");
   const std::string index = files::join(dir, "model.safetensors.index.json");
   const std::string single = files::join(dir, "model.safetensors");
   if (files::exists(index)) {
@@ -44,10 +46,13 @@ ModelFiles find_model_files(const std::string& dir) {
     }
     for (const auto& shard : files.shards)
       if (!files::exists(shard))
-        fail_at(ErrorKind::Model, shard, "shard named by " + index + " is missing");
+        fail_at(ErrorKind::Model, shard, "shard named by " + index + " is missing: " + files::why_missing(shard));
   } else if (files::exists(single)) {
     files.shards.push_back(single);
   } else {
+    for (const auto& path : {index, single})
+      if (const std::string why = files::why_missing(path); why != "file not found")
+        fail_at(ErrorKind::Model, path, why);
     fail_at(ErrorKind::Model, dir, "no model.safetensors or model.safetensors.index.json (only safetensors weights are read)");
   }
   return files;

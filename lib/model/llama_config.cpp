@@ -61,6 +61,8 @@ static RopeConfig parse_rope(const Json& j, const std::string& file, int64_t max
       scaling_key = "rope_scaling";
     }
   }
+  if (j.contains("rope_parameters") && !j["rope_parameters"].is_null() && !j["rope_parameters"].is_object())
+    fail_key(ErrorKind::Model, file, "rope_parameters", "expected an object or null");
   if (!scaling && j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
     scaling = &j["rope_parameters"];
     scaling_key = "rope_parameters";
@@ -201,6 +203,10 @@ LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
   if (!(c.rms_norm_eps > 0) || !std::isfinite(c.rms_norm_eps))
     fail_key(ErrorKind::Model, file, "rms_norm_eps", "must be a finite number > 0, got " + std::to_string(c.rms_norm_eps));
   c.max_position_embeddings = r.get_int("max_position_embeddings", 2048);
+  // The context generation stops at, and what yarn's factor (when absent) and llama3's scaling are computed from.
+  if (c.max_position_embeddings <= 0)
+    fail_key(ErrorKind::Model, file, "max_position_embeddings",
+             "must be a positive integer, got " + std::to_string(c.max_position_embeddings));
   c.tie_word_embeddings = r.get_bool("tie_word_embeddings", false);
   if (r.has("dtype")) c.dtype = parse_dtype_name(r.get_string("dtype"), file, "dtype");
   else if (r.has("torch_dtype")) c.dtype = parse_dtype_name(r.get_string("torch_dtype"), file, "torch_dtype");
@@ -221,10 +227,21 @@ LlamaConfig LlamaConfig::from_json(const Json& j, const std::string& file) {
       c.sliding_window = 4096;
     }
   }
-  if (r.has("bos_token_id") && j["bos_token_id"].is_number_integer()) c.bos_token_id = r.get_int("bos_token_id");
-  if (r.has("eos_token_id") && j["eos_token_id"].is_number_integer()) c.eos_token_id = r.get_int("eos_token_id");
-  if (r.has("eos_token_id") && j["eos_token_id"].is_array() && !j["eos_token_id"].empty())
-    c.eos_token_id = j["eos_token_id"][0].get<int64_t>();
+  // transformers: an id, a list of ids (Llama 3.1's eos_token_id; the first is the one recorded here), or null.
+  auto token_id = [&](const char* key) -> int64_t {
+    if (!r.has(key)) return -1;
+    const Json& v = j.at(key);
+    if (v.is_array()) {
+      for (size_t i = 0; i < v.size(); ++i)
+        if (!v[i].is_number_integer())
+          fail_key(ErrorKind::Model, file, std::string(key) + "[" + std::to_string(i) + "]",
+                   "expected a token id (an integer), got " + std::string(json_type_name(v[i])) + " " + v[i].dump());
+      return v.empty() ? -1 : v[0].get<int64_t>();
+    }
+    return r.get_int(key);
+  };
+  c.bos_token_id = token_id("bos_token_id");
+  c.eos_token_id = token_id("eos_token_id");
   return c;
 }
 
