@@ -201,6 +201,26 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   expect(R"({"output_dir": "o", "model": {"path": ""}})", {"model.path", "is empty"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"lr": 1e400}})", {"out of range", "1e400"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"schedule": "cosin"}})", {"optim.schedule", "cosine"});
+  // Found by fuzzing (round 8): integers above 2^63 - 1 wrapped ("must be >= 0, got -1" for 2^64 - 1; train.seed
+  // 2^63 read as -2^63; mlp_chunk_tokens 2^64 - 1 as -1, auto); "all-linear" beside modules was an "unknown
+  // module"; data.max_seq_len had no upper bound (2^63 - 1 overflowed the plan's figures, which then "fitted").
+  expect(ok, {"checkpoint.every", "18446744073709551615", "64-bit"}, {"checkpoint.every=18446744073709551615"});
+  expect(ok, {"train.seed", "9223372036854775808", "64-bit"}, {"train.seed=9223372036854775808"});
+  expect(ok, {"train.steps", "1e+30", "64-bit"}, {"train.steps=1e30"});
+  expect(ok, {"train.memory.mlp_chunk_tokens", "18446744073709551615"},
+         {"train.memory.mlp_chunk_tokens=18446744073709551615"});
+  expect(ok, {"lora.targets", "\"all-linear\"", "alone"}, {R"(lora.targets=["all-linear", "q_proj"])"});
+  CHECK(parse(ok, {"lora.targets=all-linear"}).parsed_lora.targets.size() == 7);
+  expect(ok, {"data.max_seq_len", "at most 16777216"}, {"data.max_seq_len=9223372036854775807"});
+  CHECK(parse(ok, {"data.max_seq_len=16777216"}).parsed_data.max_seq_len == 16777216);
+  try {
+    parse(ok, {"optim.schedule=cos\xffine"});
+    FAIL("expected an error for a --set value that is not UTF-8");
+  } catch (const qt::Error& e) {
+    INFO(e.what());
+    CHECK(e.kind() == qt::ErrorKind::Usage);
+    CHECK(std::string(e.what()).find("optim.schedule=...': not valid UTF-8") != std::string::npos);
+  }
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"memory": {"attention": "fa3"}}})",
          {"train.memory.attention", "\"cudnn\" or \"flash\""});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"neftune_alpha": -1}})", {"train.neftune_alpha", ">= 0"});

@@ -80,6 +80,14 @@ int run_plan(const PlanArgs& args) {
                                                  : std::max<int64_t>(1, cfg.train.batch_size / args.world);
   const int64_t forced_micro = args.batch > 0 || args.config.empty() ? per_rank : cfg.train.micro_batch_size;
   if (args.longest && args.seq > 0) qt::fail(qt::ErrorKind::Usage, "plan: --longest or --seq, not both");
+  // As the run config's bounds (train.batch_size, data.max_seq_len): beyond them the plan's figures overflowed, and
+  // --seq 2^63 - 1 "fitted" 80 GiB.
+  if (args.batch > qt::kMaxBatchRows)
+    qt::fail(qt::ErrorKind::Usage, "plan: --batch " + std::to_string(args.batch) + ": at most " +
+                                       std::to_string(qt::kMaxBatchRows) + " rows");
+  if (args.seq > qt::kMaxSeqLen)
+    qt::fail(qt::ErrorKind::Usage,
+             "plan: --seq " + std::to_string(args.seq) + ": at most " + std::to_string(qt::kMaxSeqLen) + " tokens");
   int64_t seq = args.seq > 0                         ? args.seq
                 : cfg.data.contains("max_seq_len") ? cfg.data["max_seq_len"].get<int64_t>()
                                                    : 2048;

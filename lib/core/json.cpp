@@ -1,12 +1,14 @@
 #include "lib/core/json.h"
 
-#include "lib/core/files.h"
-
 #include <cerrno>
+#include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
+
+#include "lib/core/files.h"
 
 namespace qt {
 
@@ -192,6 +194,12 @@ const Json& JsonReader::require(const std::string& key) const {
 
 int64_t JsonReader::get_int(const std::string& key) const {
   const Json& v = require(key);
+  // nlohmann keeps integers above 2^63 - 1 unsigned: read as int64 they would wrap to negative ones (-1 for 2^64 - 1).
+  constexpr double kInt64Bound = 9223372036854775808.0;  // 2^63
+  const bool too_large = v.is_number_unsigned() ? v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX)
+                                                : v.is_number_float() && std::abs(v.get<double>()) >= kInt64Bound;
+  if (too_large)
+    fail_key(kind, file, path(key), "expected an integer, got " + v.dump() + ", beyond a 64-bit integer's range");
   if (v.is_number_integer()) return v.get<int64_t>();
   if (v.is_number_float()) {
     double d = v.get<double>();

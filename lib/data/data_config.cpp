@@ -128,6 +128,9 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file, b
   // Two tokens is the least that holds one next-token target.
   if (c.max_seq_len < 2)
     fail_key(ErrorKind::Config, file, "data.max_seq_len", "must be at least 2, got " + std::to_string(c.max_seq_len));
+  if (c.max_seq_len > kMaxSeqLen)
+    fail_key(ErrorKind::Config, file, "data.max_seq_len",
+             "is " + std::to_string(c.max_seq_len) + " tokens a row: at most " + std::to_string(kMaxSeqLen));
   if (seed < 0) fail_key(ErrorKind::Config, file, "data.seed", "must be >= 0, got " + std::to_string(seed));
   c.seed = static_cast<uint64_t>(seed);
   return c;

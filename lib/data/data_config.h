@@ -14,6 +14,10 @@ enum class ChatTemplateChoice { Auto, Llama3, Llama2, Mistral, ChatML };
 // the run stops naming it.
 enum class Truncation { Truncate, Drop, Error };
 
+// The longest row: 16M tokens, far beyond any LLaMA-family context (Qwen's 1M); rows x tokens of a plan then stay
+// within 2^48 (train.batch_size is at most 2^24 rows), where the plan's products of them are exact.
+constexpr int64_t kMaxSeqLen = int64_t{1} << 24;
+
 struct DataConfig {
   std::string file;                          // the run config the section came from, for errors
   std::string train_file;                    // jsonl, required

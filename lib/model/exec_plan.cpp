@@ -150,8 +150,10 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   }
   if (json.contains("mlp_chunk_tokens")) {
     const Json& v = json["mlp_chunk_tokens"];
-    if (!v.is_number_integer() || v.get<int64_t>() < -1)
-      fail_key(ErrorKind::Config, file, at + "mlp_chunk_tokens", "must be -1 (auto), 0 (off) or a token count");
+    // (2^64 - 1, kept unsigned by nlohmann, read as int64 is -1: auto.)
+    if (!v.is_number_integer() || v.get<int64_t>() < -1 || (v.is_number_unsigned() && v.get<int64_t>() < 0))
+      fail_key(ErrorKind::Config, file, at + "mlp_chunk_tokens",
+               "must be -1 (auto), 0 (off) or a token count (got " + v.dump() + ")");
     if (v.get<int64_t>() >= 0) r.mlp_chunk_tokens = v.get<int64_t>();
   }
   if (json.contains("attention")) {

@@ -107,6 +107,8 @@ void LoraConfig::validate(const std::string& file, const std::string& prefix, Er
   std::set<std::string> seen;
   for (const auto& t : targets) {
     const auto& known = lora_target_names();
+    if (t == "all-linear")
+      fail_key(kind, file, k_targets, "\"all-linear\" (every projection) stands alone: give it alone, or list modules");
     if (std::find(known.begin(), known.end(), t) == known.end()) {
       std::string msg = "unknown module '" + t + "'";
       if (auto near = nearest_key(t, known)) msg += " (did you mean '" + *near + "'?)";

@@ -28,6 +28,12 @@ void apply_override(Json& json, const std::string& assignment) {
     fail(ErrorKind::Usage, "--set '" + assignment + "': expected section.key=value");
   const std::string path = assignment.substr(0, eq);
   const std::string text = assignment.substr(eq + 1);
+  // The config is JSON text, UTF-8 only: a value of other bytes would stop the run when it is printed or saved.
+  try {
+    (void)Json(assignment).dump();
+  } catch (const Json::type_error&) {
+    fail(ErrorKind::Usage, "--set '" + path + "=...': not valid UTF-8 text (a JSON config holds UTF-8)");
+  }
   Json value;
   try {
     value = Json::parse(text);
@@ -115,8 +121,6 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   check_positive(c.train.epochs, file, "train.epochs");
   c.train.batch_size = tr.get_int("batch_size", c.train.batch_size);
   check_positive(c.train.batch_size, file, "train.batch_size");
-  // Rows a step: the data is cut into this many rows per step in memory, and the plan weighs its divisors.
-  constexpr int64_t kMaxBatchRows = int64_t{1} << 24;
   if (c.train.batch_size > kMaxBatchRows)
     fail_key(ErrorKind::Config, file, "train.batch_size",
              "is " + std::to_string(c.train.batch_size) + " rows a step: at most " + std::to_string(kMaxBatchRows));

@@ -13,6 +13,9 @@
 
 namespace qt {
 
+// train.batch_size's bound: the data is cut into this many rows per step in memory, and the plan weighs its divisors.
+constexpr int64_t kMaxBatchRows = int64_t{1} << 24;
+
 struct ModelSection {
   std::string path;             // Hugging Face model directory (with init "random": optional, its config.json)
   std::string init = "pretrained";  // "pretrained" (weights from path) or "random" (no weights read)

@@ -219,6 +219,12 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   for (const auto& [n, p] : parallel->parameters()) trainable += p.numel() / std::max<int64_t>(1, p.size(0)) * parallel->full_rows(n, p);
 
   const int64_t steps_per_epoch = data.steps_per_epoch(cfg.train.batch_size);
+  // (The product wrapped: train.epochs 2^62 ran no step and saved an untrained adapter with exit 0.)
+  if (cfg.train.steps == 0 &&
+      cfg.train.epochs > std::numeric_limits<int64_t>::max() / std::max<int64_t>(1, steps_per_epoch))
+    fail_key(ErrorKind::Config, cfg.file, "train.epochs",
+             std::to_string(cfg.train.epochs) + " epochs of " + std::to_string(steps_per_epoch) +
+                 " steps are more steps than a 64-bit count holds");
   const int64_t total_steps = cfg.train.steps > 0 ? cfg.train.steps : cfg.train.epochs * steps_per_epoch;
   const LrSchedule schedule{cfg.optim.schedule, cfg.optim.lr,
                             warmup_steps_of(cfg.optim.warmup_steps, cfg.optim.warmup_ratio, total_steps), total_steps,

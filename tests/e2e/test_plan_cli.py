@@ -134,6 +134,11 @@ def main():
     p = subprocess.run([BIN, "plan", "--shape", "llama-3.1-8b", "--gpu-memory-gib", "9", "--longest", "--seq", "100"],
                        capture_output=True, text=True)
     check(p.returncode == 2 and "--longest or --seq" in p.stderr, f"--longest with --seq is a usage error ({p.returncode})")
+    # Found by fuzzing (round 8): --seq or --batch 2^63 - 1 overflowed the plan's figures, and the plan "fitted" 80 GiB.
+    for flag, bound in (("--seq", "16777216 tokens"), ("--batch", "16777216 rows")):
+        p = subprocess.run([BIN, "plan", "--shape", "llama-3.1-8b", "--gpu-memory-gib", "80", flag, str(2**63 - 1)],
+                           capture_output=True, text=True)
+        check(p.returncode == 2 and f"at most {bound}" in p.stderr, f"plan {flag} 2^63 - 1: exit {p.returncode} {p.stderr.strip()[-200:]}")
     p = subprocess.run([BIN, "plan", "--shape", "llama-3.1-70b", "--gpu-memory-gib", "2", "--host-gib", "64", "--longest"],
                        capture_output=True, text=True)
     check(p.returncode == 3 and "does not fit" in p.stderr, f"--longest where nothing fits: the refusal at 128 tokens ({p.returncode})")

@@ -103,6 +103,12 @@ def main():
     p = train(write_config("long", data__max_seq_len=10000000))
     check(p.returncode == 3 and "data.max_seq_len" in last_line(p) and "on the CPU" in last_line(p),
           f"packed rows whose masks exceed the host: exit 3 naming the key (exit {p.returncode}) {last_line(p)}")
+    # Found by fuzzing (round 8): train.epochs 2^62 times the steps of an epoch wrapped to 0 steps, and the run saved
+    # an untrained adapter with exit 0.
+    p = train(write_config("epochs", train__steps=0, train__epochs=2**62))
+    check(p.returncode == 3 and "train.epochs" in last_line(p) and "64-bit" in last_line(p)
+          and not (TMP / "epochs" / "adapter").exists(),
+          f"train.epochs whose steps overflow a 64-bit count: exit 3 naming the key (exit {p.returncode}) {last_line(p)}")
     # --overwrite-output-dir replaces the earlier run: its checkpoints do not survive beside the new run's.
     p = train(write_config("o", train__seed=4, checkpoint__every=2), "--overwrite-output-dir")
     check(p.returncode == 0 and "removing" in p.stderr, f"--overwrite-output-dir replaces it (exit {p.returncode}) {last_line(p)}")
