@@ -213,6 +213,14 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
     const std::string p = write_file("gz.jsonl", std::string("\x1f\x8b\x08\x00\x00\x00\x00\x00", 8) + "rest");
     check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p, "gzip-compressed", "gunzip"});
   }
+  // Found by fuzzing (round 8): a UTF-16 file was "a NUL byte at line 1, column 4", one of blank lines alone "the
+  // file is empty".
+  SECTION("UTF-16 file, and a file of blank lines") {
+    const std::string u16 = write_file("utf16.jsonl", std::string("\xff\xfe{\0\n\0", 6));
+    check_error(load(u16, *l3, config()), qt::ErrorKind::Data, {u16, "UTF-16", "iconv"});
+    const std::string blank = write_file("blank.jsonl", "\n \n\n");
+    check_error(load(blank, *l3, config()), qt::ErrorKind::Data, {blank, "only blank lines"});
+  }
   SECTION("invalid UTF-8 quoted as escapes") {
     const std::string p = write_file("utf8.jsonl", ok + "{\"text\": \"a\xff\xfe\"}\n");
     try {

@@ -60,6 +60,10 @@ CLI::Validator finite_number(bool zero_allowed) {
 }
 const CLI::Validator kPositive = finite_number(false);
 const CLI::Validator kNonNegative = finite_number(true);
+// A path given as "" (an unset shell variable) is a mistake: `quantize --out ""` wrote the model into the working
+// directory, over its files.
+const CLI::Validator kPath = CLI::Validator(
+    [](std::string& text) -> std::string { return text.empty() ? "is empty: name a file or directory" : ""; }, "PATH");
 // (0, 1]: generate's --top-p, checked before the model loads.
 const CLI::Validator kUnitInterval = CLI::Validator(
     [](std::string& text) -> std::string {
@@ -138,7 +142,7 @@ int main(int argc, char** argv) {
   // Training is the default command: `qlora-train --config F` and `qlora-train train --config F` are the same.
   TrainArgs train;
   auto add_train_options = [&](CLI::App* cmd) {
-    cmd->add_option("--config", train.config, "run config (JSON), e.g. configs/demo.json");
+    cmd->add_option("--config", train.config, "run config (JSON), e.g. configs/demo.json")->check(kPath);
     cmd->add_option("--set", train.overrides, "override a config key: --set optim.lr=1e-4 (repeatable)");
     cmd->add_option("--resume", train.resume,
                     "auto (the newest complete checkpoint in output_dir; a new run if there is none) or a checkpoint directory");
@@ -155,16 +159,22 @@ int main(int argc, char** argv) {
 
   EvalArgs eval;
   CLI::App* eval_cmd = app.add_subcommand("eval", "Mean token cross-entropy and perplexity over a jsonl file's records (training's formats)");
-  eval_cmd->add_option("--model", eval.model, "Hugging Face model directory (config.json, safetensors, tokenizer); "
-                                              "required unless --config names it");
-  eval_cmd->add_option("--data", eval.data, "jsonl file of records, in any format training reads (--format)")->required();
+  eval_cmd
+      ->add_option("--model", eval.model,
+                   "Hugging Face model directory (config.json, safetensors, tokenizer); "
+                   "required unless --config names it")
+      ->check(kPath);
+  eval_cmd->add_option("--data", eval.data, "jsonl file of records, in any format training reads (--format)")
+      ->required()
+      ->check(kPath);
   eval_cmd->add_option("--max-seq-len", eval.max_seq_len, "truncate each record to this many tokens")
       ->check(kPositive);
   eval_cmd->add_option("--device", eval.device, "cpu or cuda");
   eval_cmd->add_option("--quant", eval.quant, "nf4 (quantize the base on load, as training does) or none")
       ->check(CLI::IsMember({"nf4", "none"}));
 
-  eval_cmd->add_option("--adapter", eval.adapter, "LoRA adapter directory (PEFT format) applied to the base");
+  eval_cmd->add_option("--adapter", eval.adapter, "LoRA adapter directory (PEFT format) applied to the base")
+      ->check(kPath);
   eval_cmd->add_option("--format", eval.format,
                        "record format, as data.format: auto (each record's keys decide), text, alpaca, chat or tokenized")
       ->check(CLI::IsMember({"auto", "text", "alpaca", "chat", "tokenized"}));
@@ -175,17 +185,22 @@ int main(int argc, char** argv) {
   eval_cmd->add_flag("--train-on-prompt,!--no-train-on-prompt", eval.train_on_prompt,
                      "prompts are targets too (data.train_on_prompt); by default only answers are, as in training");
   eval_cmd->add_option("--add-eos", eval.add_eos, "text records end with EOS (data.add_eos)")->default_str("true");
-  eval_cmd->add_option("--config", eval.config,
-                       "a run config (or a run's config.resolved.json): its model.path, data.format, "
-                       "data.chat_template, data.train_on_prompt, data.add_eos, data.max_seq_len and model.quant, "
-                       "where these options are not given");
+  eval_cmd
+      ->add_option("--config", eval.config,
+                   "a run config (or a run's config.resolved.json): its model.path, data.format, "
+                   "data.chat_template, data.train_on_prompt, data.add_eos, data.max_seq_len and model.quant, "
+                   "where these options are not given")
+      ->check(kPath);
   eval_cmd->add_option("--set", eval.overrides, "override a key of --config: --set data.max_seq_len=512 (repeatable)");
 
   ExportArgs exp;
   CLI::App* export_cmd = app.add_subcommand("export", "Write an adapter in PEFT format, or merged into a 16-bit HF model (--merge)");
-  export_cmd->add_option("--adapter", exp.adapter, "LoRA adapter directory (PEFT format)")->required();
-  export_cmd->add_option("--model", exp.model, "base model directory (default: adapter_config.json's base_model_name_or_path)");
-  export_cmd->add_option("--out", exp.out, "output directory (new or empty)")->required();
+  export_cmd->add_option("--adapter", exp.adapter, "LoRA adapter directory (PEFT format)")->required()->check(kPath);
+  export_cmd
+      ->add_option("--model", exp.model,
+                   "base model directory (default: adapter_config.json's base_model_name_or_path)")
+      ->check(kPath);
+  export_cmd->add_option("--out", exp.out, "output directory (new or empty)")->required()->check(kPath);
   export_cmd->add_flag("--merge", exp.merge, "fold W + scale * B A into the base weights and write a plain HF model");
   export_cmd->add_option("--dtype", exp.dtype, "merged weights: auto (the base's 16-bit dtype, else bf16), bf16, fp16 or fp32")
       ->transform(export_dtype_name, "auto|bf16|fp16|fp32 (or bfloat16, float16, float32)");
@@ -197,8 +212,8 @@ int main(int argc, char** argv) {
 
   GenerateArgs gen;
   CLI::App* gen_cmd = app.add_subcommand("generate", "Continue a prompt (greedy, or temperature + top-p sampling)");
-  gen_cmd->add_option("--model", gen.model, "Hugging Face model directory")->required();
-  gen_cmd->add_option("--adapter", gen.adapter, "LoRA adapter directory (PEFT format)");
+  gen_cmd->add_option("--model", gen.model, "Hugging Face model directory")->required()->check(kPath);
+  gen_cmd->add_option("--adapter", gen.adapter, "LoRA adapter directory (PEFT format)")->check(kPath);
   gen_cmd->add_option("--prompt", gen.prompt, "prompt text (text: BOS added as the tokenizer says); see --format")->required();
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "at most this many new tokens")->check(kNonNegative);
   gen_cmd->add_option("--temperature", gen.temperature, "0: greedy; > 0: sample")->check(kNonNegative);
@@ -221,14 +236,16 @@ int main(int argc, char** argv) {
 
   QuantizeArgs quantize;
   CLI::App* quantize_cmd = app.add_subcommand("quantize", "Write a pre-quantized NF4 copy of a model directory (bitsandbytes layout)");
-  quantize_cmd->add_option("--model", quantize.model, "Hugging Face model directory (16-bit safetensors)")->required();
-  quantize_cmd->add_option("--out", quantize.out, "output directory (new or empty)")->required();
+  quantize_cmd->add_option("--model", quantize.model, "Hugging Face model directory (16-bit safetensors)")
+      ->required()
+      ->check(kPath);
+  quantize_cmd->add_option("--out", quantize.out, "output directory (new or empty)")->required()->check(kPath);
   quantize_cmd->add_option("--device", quantize.device, "where to quantize: cpu or cuda");
 
   qt::BenchOptions bench;
   CLI::App* bench_cmd = app.add_subcommand("bench", "Time training steps on a model of random weights (tokens/s, peak memory, MFU)");
   bench_cmd->add_option("--shape", bench.shape, "a named shape: llama-3.2-1b, llama-3.1-8b, ... (or --model)");
-  bench_cmd->add_option("--model", bench.model, "a model directory whose config.json gives the shape");
+  bench_cmd->add_option("--model", bench.model, "a model directory whose config.json gives the shape")->check(kPath);
   bench_cmd->add_option("--batch", bench.batch, "rows per step")->check(kPositive);
   bench_cmd->add_option("--seq", bench.seq, "tokens per row")->check(kPositive);
   bench_cmd->add_option("--doc-tokens", bench.doc_tokens,
@@ -237,15 +254,20 @@ int main(int argc, char** argv) {
   bench_cmd->add_option("--steps", bench.steps, "timed steps (the median is reported)")->check(kPositive);
   bench_cmd->add_option("--warmup", bench.warmup, "untimed steps first")->check(kNonNegative);
   bench_cmd->add_option("--device", bench.device, "cuda or cpu")->check(CLI::IsMember({"cuda", "cpu"}));
-  bench_cmd->add_option("--out", bench.out, "working directory (random data, run config, the run)")->required();
+  bench_cmd->add_option("--out", bench.out, "working directory (random data, run config, the run)")
+      ->required()
+      ->check(kPath);
   bench_cmd->add_option("--set", bench.overrides, "override a run config key: --set train.memory.attention=flash (repeatable)");
 
   PlanArgs plan_args;
   CLI::App* plan_cmd = app.add_subcommand("plan", "Print the execution plan training would take for a GPU memory budget (no GPU needed): what is checkpointed, offloaded, kept on the host, the predicted device memory and step time, or why it does not fit");
-  plan_cmd->add_option("--config", plan_args.config, "run config (JSON): its model, lora, data.max_seq_len, batch sizes and train.memory");
+  plan_cmd
+      ->add_option("--config", plan_args.config,
+                   "run config (JSON): its model, lora, data.max_seq_len, batch sizes and train.memory")
+      ->check(kPath);
   plan_cmd->add_option("--set", plan_args.overrides, "override a run config key: --set lora.r=64 (repeatable)");
   plan_cmd->add_option("--shape", plan_args.shape, "a named shape: llama-3.1-8b, qwen3-8b, ... (instead of the config's model)");
-  plan_cmd->add_option("--model", plan_args.model, "a model directory whose config.json gives the shape");
+  plan_cmd->add_option("--model", plan_args.model, "a model directory whose config.json gives the shape")->check(kPath);
   plan_cmd->add_option("--batch", plan_args.batch, "rows per micro-batch (default: the config's train.micro_batch_size, or where that is 0 the plan's among the sizes dividing its per-rank batch; else 1)")->check(kPositive);
   plan_cmd->add_option("--seq", plan_args.seq, "tokens per row (default: the config's data.max_seq_len)")->check(kPositive);
   plan_cmd->add_option("--gpu-memory-gib", plan_args.gpu_memory_gib, "the GPU memory budget in GiB (default: train.memory.gpu_memory_gib, else this machine's free GPU memory)")
@@ -260,7 +282,7 @@ int main(int argc, char** argv) {
   ConfigArgs config_args;
   CLI::App* config_cmd = app.add_subcommand("config", "Print the resolved run config, every default included");
   config_cmd->add_flag("--print", config_args.print, "print the config as training reads it (JSON) on stdout");
-  config_cmd->add_option("--config", config_args.config, "run config (JSON); without it, the defaults");
+  config_cmd->add_option("--config", config_args.config, "run config (JSON); without it, the defaults")->check(kPath);
   config_cmd->add_option("--set", config_args.overrides, "override a config key: --set optim.lr=1e-4 (repeatable)");
 
   // --log-level after the subcommand too (`qlora-train eval --log-level debug ...`), into the same value.

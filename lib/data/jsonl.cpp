@@ -12,12 +12,17 @@ std::vector<JsonlRecord> read_jsonl(const std::string& path) {
   if (files::is_dir(path)) fail_at(ErrorKind::Data, path, "is a directory, not a jsonl file");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail_at(ErrorKind::Data, path, errno == ENOENT ? std::string("file not found") : std::string("cannot be read (") + std::strerror(errno) + ")");
-  // A compressed file would otherwise read as malformed JSON at line 1.
-  if (in.peek() == 0x1f) {
-    char magic[2] = {0, 0};
-    in.read(magic, 2);
-    if (static_cast<unsigned char>(magic[1]) == 0x8b)
+  // A compressed file would otherwise read as malformed JSON at line 1, and a UTF-16 one (Windows editors' "Unicode",
+  // PowerShell's `>`) as a NUL byte at column 2.
+  {
+    unsigned char magic[2] = {0, 0};
+    in.read(reinterpret_cast<char*>(magic), 2);
+    if (magic[0] == 0x1f && magic[1] == 0x8b)
       fail_at(ErrorKind::Data, path, "is gzip-compressed; decompress it first (gunzip): jsonl is read as plain text");
+    if ((magic[0] == 0xff && magic[1] == 0xfe) || (magic[0] == 0xfe && magic[1] == 0xff))
+      fail_at(ErrorKind::Data, path,
+              "is UTF-16 encoded (it starts with a UTF-16 byte order mark); jsonl is read as UTF-8: convert it first "
+              "(iconv -f UTF-16 -t UTF-8)");
     in.clear();
     in.seekg(0);
   }
@@ -39,7 +44,9 @@ std::vector<JsonlRecord> read_jsonl(const std::string& path) {
     if (!value.is_object()) fail_at(ErrorKind::Data, where, std::string("expected a JSON object, got ") + json_type_name(value));
     records.push_back({std::move(value), number});
   }
-  if (records.empty()) fail_at(ErrorKind::Data, path, "no records (the file is empty)");
+  if (records.empty())
+    fail_at(ErrorKind::Data, path,
+            number > 0 ? "no records (the file holds only blank lines)" : "no records (the file is empty)");
   return records;
 }
 

@@ -17,7 +17,11 @@ int64_t choose_next_token(const at::Tensor& logits_row, const GenerateOptions& o
     fail(ErrorKind::Numeric, "generate: the model's next-token logits hold NaN or infinite values (a broken model "
                              "directory or adapter: its weights, or the NF4 statistics of a pre-quantized one)");
   if (o.temperature == 0) return logits.argmax().item<int64_t>();
-  at::Tensor probs = at::softmax(logits / o.temperature, 0);
+  const at::Tensor scaled = logits / o.temperature;
+  // A temperature so small (1e-300) that the logits overflow float (softmax: NaN, multinomial: an internal error) is
+  // the limit of sampling as the temperature goes to 0: greedy.
+  if (!at::isfinite(scaled).all().item<bool>()) return logits.argmax().item<int64_t>();
+  at::Tensor probs = at::softmax(scaled, 0);
   if (o.top_p < 1.0) {
     // transformers' TopPLogitsWarper: sort ascending, drop the tokens whose cumulative probability is
     // <= 1 - top_p, always keep the most likely one.

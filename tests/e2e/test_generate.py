@@ -64,6 +64,10 @@ def main():
         failures.append(f"seeds 1 and 2 sampled the same {N} tokens: {a}")
     if sample(3, top_p="1e-9") != greedy:
         failures.append("top-p keeping only the most likely token is not greedy")
+    # Found by fuzzing (round 8): a temperature whose logits overflow float was an internal error in sampling; its
+    # limit is greedy.
+    if sample(4, temperature="1e-300") != greedy:
+        failures.append("a temperature of 1e-300 is not greedy")
     # (Checked before the model loads: a directory that does not exist is not reached.)
     for args, needles in ((("--top-p", "0"), ["top-p"]), (("--top-p", "1.5"), ["top-p", "(0, 1]"]),
                           (("--top-p", "nan"), ["top-p"]), (("--temperature", "-1"), ["temperature"])):

@@ -101,6 +101,18 @@ def main():
     p = run("quantize", "--model", str(tmp / "model"), "--out", str(afile))
     if p.returncode != 2 or "is a file, not a directory" not in p.stderr or afile.read_text() != "x":
         failures.append(f"--out a file: exit {p.returncode}, {p.stderr[-300:]!r}")
+    # Found by fuzzing (round 8): --out "" (an unset shell variable) wrote the model into the working directory, over
+    # its config.json; every path option now refuses "".
+    cwd = tmp / "cwd"
+    cwd.mkdir()
+    (cwd / "config.json").write_text("mine")
+    for cmd in (["quantize", "--model", str(tmp / "model"), "--out", ""],
+                ["export", "--adapter", str(tmp / "no_adapter"), "--out", ""],
+                ["eval", "--model", str(tmp / "model"), "--data", ""]):
+        p = subprocess.run([BIN, *cmd], capture_output=True, text=True, cwd=cwd)
+        if p.returncode != 2 or "is empty" not in p.stderr or sorted(x.name for x in cwd.iterdir()) != ["config.json"] \
+                or (cwd / "config.json").read_text() != "mine":
+            failures.append(f"{cmd[0]} with an empty path: exit {p.returncode}, {sorted(cwd.iterdir())}, {p.stderr[-300:]!r}")
     p = run("quantize", "--model", str(tmp / "q"), "--out", str(tmp / "qq"))
     if p.returncode != 4 or "already quantized" not in p.stderr:
         failures.append(f"re-quantize: exit {p.returncode}, {p.stderr!r}")
