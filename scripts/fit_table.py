@@ -1,7 +1,9 @@
 """Will it fit my GPU? A markdown table of what `qlora-train plan` decides for each model, context and card: no GPU
 needed (the plan's footprint and cost model, calibrated on an H200: docs/PERFORMANCE.md).
 
-A card sold as N GB holds about N x 0.93 GiB for a process (issue 26); each cell is the plan at that budget for one
+A card sold as N GB holds about N x 0.93 GiB for a process (issue 26); a run reads that free memory and keeps a 0.1
+GiB margin (lib/model/exec_plan.cpp, kFreeMarginGiB: a run with B GiB free plans within B - 0.1, measured on an H200
+in the eleventh session); each cell is the plan at that budget for one
 row of that many tokens (batch 1, LoRA r=16 on all seven linears, bf16, NF4 base): "fits" with what the plan had to
 do beyond its fastest plan (blocks streamed from the host, lm_head streamed, AdamW on the host, MLP chunks), or
 "no" with the GiB its leanest plan needs (or, where the host is what is short, the host memory it would pin: a plan
@@ -19,6 +21,12 @@ Usage: python3 scripts/fit_table.py [--binary build/qlora-train] [--shapes llama
 import argparse, json, re, subprocess, sys
 
 GIB_PER_GB = 0.93
+FREE_MARGIN_GIB = 0.1  # what a run keeps back of the free memory it reads (exec_plan.cpp's kFreeMarginGiB)
+
+
+def budget_of(card_gb):
+    """The budget a run plans within on a card sold as card_gb GB (its free memory less the run's margin)."""
+    return card_gb * GIB_PER_GB - FREE_MARGIN_GIB
 
 
 def plan(binary, shape, seq, budget, host_gib, r=None):
@@ -104,7 +112,7 @@ def main():
         for shape in a.shapes.split(","):
             cells = []
             for c in cards:
-                seq, d, limit = longest(a.binary, shape, c * GIB_PER_GB, a.host_gib, a.r, a.step, a.max_seq)
+                seq, d, limit = longest(a.binary, shape, budget_of(c), a.host_gib, a.r, a.step, a.max_seq)
                 if d is None:
                     cells.append("-")
                     continue
@@ -118,7 +126,7 @@ def main():
     for shape in a.shapes.split(","):
         layers = layers_of(a.binary, shape)
         for seq in (int(s) for s in a.seqs.split(",")):
-            cells = [cell(*plan(a.binary, shape, seq, c * GIB_PER_GB, a.host_gib), layers, c * GIB_PER_GB) for c in cards]
+            cells = [cell(*plan(a.binary, shape, seq, budget_of(c), a.host_gib), layers, budget_of(c)) for c in cards]
             print(f"| {shape} | {seq:,} | " + " | ".join(cells) + " |")
 
 

@@ -24,9 +24,11 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 // the allocator's reserved peak, 0.82-0.83 GiB on the 8B and 1B rows (0.69 GiB in a torch process after a GEMM and
 // cuDNN's and flash attention's forward and backward).
 constexpr double kContextBytes = 0.85 * kGiB;
-// The part of kContextBytes that exists when the plan reads the device's free memory (the context itself: 0.51 GiB
-// in a fresh torch process on an H200): the free figure is read after it, so it is added back.
-constexpr double kContextAtStartGiB = 0.5;
+// The part of kContextBytes that exists when the plan reads the device's free memory: the free figure is read after
+// it, so it is added back. 0.51 GiB in a fresh torch process on an H200; in qlora-train 0.60 (the holder's free
+// memory less the free memory the plan read, 8B at 7.44, 8, 22.3 and 44.7 GiB, eleventh session): with the margin
+// below, a run with B GiB free plans within B - 0.1.
+constexpr double kContextAtStartGiB = 0.6;
 // What the budget keeps back when it is the device's free memory (other processes, the driver's own growth).
 constexpr double kFreeMarginGiB = 0.1;
 
@@ -457,8 +459,11 @@ constexpr double kMatrixFlopsPerS = 772e12;
 constexpr double kSecondsPerTokenWidth = 2.685e-11;
 // cuDNN's causal attention, forward + backward, over its FLOPs (2 S q a token and layer forward, twice that
 // backward): 338, 504 and 549 TFLOP/s at 2 x 2048, 1 x 8192 and 1 x 32768 tokens (PERFORMANCE.md, "cuDNN
-// attention", attn_bench; 453-503 TFLOP/s in the H200 profile at 8k), as rate * S / (S + 1420).
-constexpr double kAttentionFlopsPerS = 573e12, kAttentionHalfRateSeq = 1420;
+// attention", attn_bench; 453-503 TFLOP/s in the H200 profile at 8k), as rate * S / (S + 1420), at most 455
+// TFLOP/s: what the training step's attention ran at on the long rows (8B 1 x 117,760 and 1 x 287,616, eleventh
+// session: 464 and 449 TFLOP/s with the rest of the step as predicted; the uncapped rate predicted them 13% and 19%
+// short).
+constexpr double kAttentionFlopsPerS = 573e12, kAttentionHalfRateSeq = 1420, kAttentionMostFlopsPerS = 455e12;
 // FlashAttention-2 takes 1.65-1.76 times cuDNN's time on the same shapes (the same table).
 constexpr double kFlashSlowdown = 1.7;
 // NF4 dequantization, bytes read and written: about 384 launches (every 8B block's weights, three passes: 53 GB)
@@ -547,7 +552,7 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   const double dequant_s = in.nf4 ? (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) / kDequantBytesPerS : 0.0;
   // Packed rows: a token attends within its document, through the varlen kernel.
   const double span = in.attention_span > 0 ? std::min(in.attention_span, S) : S;
-  const double attention_rate = kAttentionFlopsPerS * span / (span + kAttentionHalfRateSeq) /
+  const double attention_rate = std::min(kAttentionFlopsPerS * span / (span + kAttentionHalfRateSeq), kAttentionMostFlopsPerS) /
                                 (p.attention == AttentionKernel::Flash || in.varlen ? kFlashSlowdown : 1.0);
   const double width_s = kSecondsPerTokenWidth * T * (H + I);  // one layer's memory-bound work, forward + backward
   StepTime t;
@@ -921,9 +926,10 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   d.host = predict_host(in, d.plan);
   // Nothing fits: name the budget, what the leanest plan needs, and what lowers it.
   const std::string where = r.gpu_memory_gib ? "train.memory.gpu_memory_gib " + fmt_gib(*r.gpu_memory_gib * kGiB)
-                                             : "the GPU's free memory (" + fmt_gib(free_gib * kGiB) + " GiB, its " +
-                                                   fmt_gib(kContextAtStartGiB * kGiB) + " GiB context included, less a " +
-                                                   fmt_gib(kFreeMarginGiB * kGiB) + " GiB margin)";
+                                             : "the GPU's free memory (" + fmt_gib(free_gib * kGiB) +
+                                                   " GiB, with this process's " + fmt_gib(kContextAtStartGiB * kGiB) +
+                                                   " GiB context added back and a " + fmt_gib(kFreeMarginGiB * kGiB) +
+                                                   " GiB margin kept: " + fmt_gib(d.budget_gib * kGiB) + " GiB)";
   // Streaming forced off (or limited): named where streaming every block would fit.
   std::string streamed;
   if (stream_forced && *stream_forced < L && !in.sharded && in.cuda && d.plan.checkpointing && d.budget_gib >= 0) {
