@@ -119,8 +119,11 @@ QuantizeStats quantize_model_dir(const std::string& in_dir, const std::string& o
   write_json_file(files::join(out_dir, "config.json"), config);
   for (const auto& name : files::list_dir(in_dir)) {
     const bool weights = name.find(".safetensors") != std::string::npos || name == "config.json";
-    if (!weights && files::is_file(files::join(in_dir, name)))
+    if (weights) continue;
+    if (files::is_file(files::join(in_dir, name)))
       files::copy_file(files::join(in_dir, name), files::join(out_dir, name));
+    else  // (Meta's original/ beside the HF files; a tokenizer.model that is a directory: the copy would lack it)
+      log::warn("quantize: " + files::join(in_dir, name) + " is not a file: not copied to " + out_dir);
   }
   cleanup.keep();
   return stats;

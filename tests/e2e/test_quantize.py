@@ -113,6 +113,14 @@ def main():
         if p.returncode != 2 or "is empty" not in p.stderr or sorted(x.name for x in cwd.iterdir()) != ["config.json"] \
                 or (cwd / "config.json").read_text() != "mine":
             failures.append(f"{cmd[0]} with an empty path: exit {p.returncode}, {sorted(cwd.iterdir())}, {p.stderr[-300:]!r}")
+    # What is not a file in the model directory (Meta's original/ beside the HF files, a tokenizer.model that is a
+    # directory) is not copied, and the run says so (fuzzing round 8: the copy silently lacked the tokenizer).
+    sub = tmp / "with_dir"
+    shutil.copytree(tmp / "model", sub)
+    (sub / "original").mkdir()
+    p = run("quantize", "--model", str(sub), "--out", str(tmp / "with_dir_q"))
+    if p.returncode != 0 or "original is not a file: not copied" not in p.stderr or (tmp / "with_dir_q" / "original").exists():
+        failures.append(f"a directory in the model directory: exit {p.returncode}, {p.stderr[-300:]!r}")
     p = run("quantize", "--model", str(tmp / "q"), "--out", str(tmp / "qq"))
     if p.returncode != 4 or "already quantized" not in p.stderr:
         failures.append(f"re-quantize: exit {p.returncode}, {p.stderr!r}")
