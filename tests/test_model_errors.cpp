@@ -12,6 +12,7 @@
 #include "lib/core/json.h"
 #include "lib/core/safetensors.h"
 #include "lib/model/hf_loader.h"
+#include "lib/model/peft_adapter.h"
 #include "lib/model/quantize_model.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
@@ -130,6 +131,13 @@ TEST_CASE("safetensors reader rejects truncated and inconsistent files and names
   SECTION("missing file") {
     require_error([&] { qt::SafetensorsFile f(dir + "/nope.safetensors"); }, qt::ErrorKind::Model,
                   {"nope.safetensors", "not found"});
+  }
+  SECTION("an adapter given as a file, or missing (eval / export / generate --adapter)") {
+    write_bytes(path, "{}");
+    require_error([&] { qt::read_peft_adapter_config(path); }, qt::ErrorKind::Checkpoint,
+                  {path, "is a file: an adapter is a directory"});
+    require_error([&] { qt::read_peft_adapter_config(dir + "/nope"); }, qt::ErrorKind::Checkpoint,
+                  {"nope", "adapter directory not found"});
   }
 }
 

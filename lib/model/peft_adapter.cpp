@@ -95,7 +95,10 @@ void check_targets_every_layer(LlamaModel& model, const TargetMatcher& matcher, 
 
 PeftAdapterConfig read_peft_adapter_config(const std::string& dir) {
   const std::string file = files::join(dir, kAdapterConfigFile);
-  if (!files::is_dir(dir)) fail_at(ErrorKind::Checkpoint, dir, "adapter directory not found");
+  if (!files::is_dir(dir))
+    fail_at(ErrorKind::Checkpoint, dir,
+            files::exists(dir) ? "is a file: an adapter is a directory (adapter_config.json, adapter_model.safetensors)"
+                               : "adapter directory not found");
   const Json j = read_json_file(file, ErrorKind::Checkpoint);
   if (!j.is_object()) fail_at(ErrorKind::Checkpoint, file, "expected a JSON object");
   JsonReader r{j, file, ErrorKind::Checkpoint};
