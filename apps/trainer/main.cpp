@@ -271,8 +271,9 @@ int main(int argc, char** argv) {
   plan_cmd->add_option("--batch", plan_args.batch, "rows per micro-batch (default: the config's train.micro_batch_size, or where that is 0 the plan's among the sizes dividing its per-rank batch; else 1)")->check(kPositive);
   plan_cmd->add_option("--seq", plan_args.seq, "tokens per row (default: the config's data.max_seq_len)")->check(kPositive);
   plan_cmd->add_option("--gpu-memory-gib", plan_args.gpu_memory_gib, "the GPU memory budget in GiB (default: train.memory.gpu_memory_gib, else this machine's free GPU memory)")
-      ->check(kPositive);
-  plan_cmd->add_option("--host-gib", plan_args.host_gib, "the host's memory in GiB (default: this machine's)")->check(kPositive);
+      ->check(kPositive & CLI::Range(0.0, 1048576.0));
+  plan_cmd->add_option("--host-gib", plan_args.host_gib, "the host's memory in GiB (default: this machine's)")
+      ->check(kPositive & CLI::Range(0.0, 1048576.0));
   plan_cmd->add_option("--world", plan_args.world, "ranks on the host")->check(kPositive);
   plan_cmd->add_flag("--longest", plan_args.longest,
                      "the longest row (a multiple of 128 tokens, at most 4,194,304) whose plan fits the budget and the "

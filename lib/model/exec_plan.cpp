@@ -111,8 +111,10 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
-    if (!v.is_number() || !(v.get<double>() > 0))
-      fail_key(ErrorKind::Config, file, at + "gpu_memory_gib", "must be a number of GiB > 0 (got " + v.dump() + ")");
+    // (At most 2^20 GiB: beyond, the byte counts the plan compares overflow to inf.)
+    if (!v.is_number() || !(v.get<double>() > 0) || !(v.get<double>() <= 1048576.0))
+      fail_key(ErrorKind::Config, file, at + "gpu_memory_gib",
+               "must be a number of GiB > 0 and at most 1048576 (got " + v.dump() + ")");
     r.gpu_memory_gib = v.get<double>();
   }
   if (json.contains("checkpointing")) r.checkpointing = tri(json["checkpointing"], file, at + "checkpointing");

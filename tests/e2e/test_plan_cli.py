@@ -140,6 +140,12 @@ def main():
         p = subprocess.run([BIN, "plan", "--shape", "llama-3.1-8b", "--gpu-memory-gib", "80", flag, str(2**63 - 1)],
                            capture_output=True, text=True)
         check(p.returncode == 2 and f"at most {bound}" in p.stderr, f"plan {flag} 2^63 - 1: exit {p.returncode} {p.stderr.strip()[-200:]}")
+    # ... and a budget of 1e308 GiB overflowed to "a inf GiB budget": at most 2^20 GiB.
+    for args, code in ((["--gpu-memory-gib", "1e308"], 2), (["--host-gib", "1e308", "--gpu-memory-gib", "80"], 2),
+                       (["--set", "train.memory.gpu_memory_gib=1e308"], 3)):
+        p = subprocess.run([BIN, "plan", "--shape", "llama-3.1-8b", "--seq", "2048", *args], capture_output=True, text=True)
+        check(p.returncode == code and "1048576" in p.stderr and "inf GiB" not in p.stderr,
+              f"plan {' '.join(args)}: exit {p.returncode} {p.stderr.strip()[-200:]}")
     p = subprocess.run([BIN, "plan", "--shape", "llama-3.1-70b", "--gpu-memory-gib", "2", "--host-gib", "64", "--longest"],
                        capture_output=True, text=True)
     check(p.returncode == 3 and "does not fit" in p.stderr, f"--longest where nothing fits: the refusal at 128 tokens ({p.returncode})")
