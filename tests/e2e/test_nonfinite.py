@@ -29,6 +29,12 @@ def main():
     a = TMP / "run" / "adapter" / "adapter_model.safetensors"
     check(a.exists() and a.read_bytes() == (TMP / "ref" / "adapter" / "adapter_model.safetensors").read_bytes(),
           "resumed after the error, the run ends with the adapter of a run that never failed")
+    # An adapter scaled far past the usual (fuzzing round 8: lora.alpha 1e30 blamed the base weights and the data):
+    # the message names the scale and lora.alpha.
+    p = run_binary(BIN, write_config("scaled"), "--set", "lora.alpha=1e30")
+    last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+    check(p.returncode == 7 and "not finite" in last and "lora.alpha" in last and "lower lora.alpha" in last,
+          f"a huge lora.alpha: exit 7 naming it ({p.returncode}: {last[-300:]})")
     finish("non-finite loss checks")
 
 
