@@ -554,8 +554,9 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   const double dequant_s = in.nf4 ? (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) / kDequantBytesPerS : 0.0;
   // Packed rows: a token attends within its document, through the varlen kernel.
   const double span = in.attention_span > 0 ? std::min(in.attention_span, S) : S;
-  const double attention_rate = std::min(kAttentionFlopsPerS * span / (span + kAttentionHalfRateSeq), kAttentionMostFlopsPerS) /
-                                (p.attention == AttentionKernel::Flash || in.varlen ? kFlashSlowdown : 1.0);
+  const double attention_rate =
+      std::min(kAttentionFlopsPerS * span / (span + kAttentionHalfRateSeq), kAttentionMostFlopsPerS) /
+      (p.attention == AttentionKernel::Flash || in.varlen ? kFlashSlowdown : 1.0);
   const double width_s = kSecondsPerTokenWidth * T * (H + I);  // one layer's memory-bound work, forward + backward
   StepTime t;
   // Model FLOPs (apps/trainer/bench.cpp's model_flops_per_token): 4 N a token for the linears and lm_head, and

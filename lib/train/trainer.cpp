@@ -36,13 +36,13 @@ struct StepOutcome {
 // run's first step the learning rate is not the cause, the model, the adapter it starts from or the data are.
 std::string nonfinite_advice(const RunConfig& cfg, int64_t step) {
   const std::optional<std::string> last = find_latest_checkpoint(cfg.output_dir);
-  std::string kept = last ? "the last checkpoint (" + *last + ") is intact"
-                          : "no checkpoint was written in " + cfg.output_dir;
+  const std::string kept = last ? "the last checkpoint (" + *last + ") is intact"
+                                : "no checkpoint was written in " + cfg.output_dir;
   // An adapter scaled far past PEFT's usual 0.5 - 4 (lora.alpha 1e30, say) overflows before anything else does.
   if (const double scale = cfg.parsed_lora.scale(); scale > 1e3) {
     std::ostringstream os;
-    os << "; the adapter's scale lora.alpha / lora.r" << (cfg.parsed_lora.use_rslora ? " (rsLoRA: / sqrt(r))" : "") << " is "
-       << scale << " (lora.alpha " << cfg.parsed_lora.alpha << "): lower lora.alpha";
+    os << "; the adapter's scale lora.alpha / lora.r" << (cfg.parsed_lora.use_rslora ? " (rsLoRA: / sqrt(r))" : "")
+       << " is " << scale << " (lora.alpha " << cfg.parsed_lora.alpha << "): lower lora.alpha";
     return kept + os.str();
   }
   if (step == 0)
