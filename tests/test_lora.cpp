@@ -2,10 +2,16 @@
 // gen_dora.py): the loss and every LoRA gradient; PEFT's initialisation; the "lora" config section; the PEFT adapter
 // files both ways; the merged export; generation's stopping and top-p rules.
 #include <ATen/ATen.h>
+#include <c10/core/CPUAllocator.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <atomic>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/function.h>
@@ -1691,4 +1697,86 @@ TEST_CASE("a recomputation's unread outputs hold one element: unwritten_output, 
   CHECK(at::equal(a.grad(), g));
   CHECK(at::equal(b.grad(), g));
   CHECK(qt::test::has(qt::test::error_of([&] { qt::unused_sum(a, at::randn({4, 6})); }), "differ in shape"));
+}
+
+namespace {
+
+// Live CPU bytes, counted by an allocator installed for one test (c10::SetCPUAllocator; the one before it is put back).
+struct LiveBytes final : c10::Allocator {
+  std::atomic<int64_t> live{0};
+  std::mutex mu;
+  std::map<void*, size_t> sizes;
+  static LiveBytes* self;
+  static void del(void* p) {
+    {
+      std::lock_guard<std::mutex> l(self->mu);
+      auto it = self->sizes.find(p);
+      if (it != self->sizes.end()) self->live -= static_cast<int64_t>(it->second), self->sizes.erase(it);
+    }
+    c10::free_cpu(p);
+  }
+  c10::DataPtr allocate(size_t n) override {
+    void* p = c10::alloc_cpu(n ? n : 1);
+    std::lock_guard<std::mutex> l(mu);
+    sizes[p] = n;
+    live += static_cast<int64_t>(n);
+    return {p, p, &LiveBytes::del, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return &LiveBytes::del; }
+  void copy_data(void* d, const void* s, std::size_t n) const override { std::memcpy(d, s, n); }
+};
+LiveBytes* LiveBytes::self = nullptr;
+
+}  // namespace
+
+TEST_CASE("with the attention output kept on the device, a checkpointed block's recomputation is let go once its "
+          "backward pass is done (it lived to the end of the step: 2 H a token more with each block done)",
+          "[lora]") {
+  qt::LlamaConfig c = qt::test::tiny_llama_config(300);
+  c.num_hidden_layers = 6;
+  qt::LoadOptions opt{at::kCPU, at::kFloat};
+  opt.quantize_nf4 = true;
+  qt::LlamaModel model = qt::random_llama(c, opt, 3);
+  qt::attach_lora(model, qt::LoraConfig{}, 4, at::kCPU);
+  model.plan.checkpointing = true;
+  model.plan.offload = false;
+  model.plan.keep = qt::KeepLevel::Attention;
+  model.set_training(true);
+  const int64_t S = 2048;
+  const at::Tensor ids = at::randint(0, c.vocab_size, {1, S}, at::kLong);
+
+  // Never destroyed: tensors made under it (the LoRA gradients) are freed through it after the test.
+  static LiveBytes& counter = *new LiveBytes;
+  LiveBytes::self = &counter;
+  counter.live = 0;
+  c10::Allocator* before = c10::GetCPUAllocator();
+  c10::SetCPUAllocator(&counter, /*priority=*/255);
+  struct Restore {
+    c10::Allocator* a;
+    ~Restore() { c10::SetCPUAllocator(a, 255); }
+  } restore{before};
+  // Live bytes as each block's backward pass starts: block L - 1 first, block 0 last.
+  struct Hooks : qt::BlockHooks {
+    LiveBytes* counter;
+    std::vector<int64_t> at_start;
+    void before_block(size_t, bool backward) override {
+      if (backward) at_start.push_back(counter->live.load());
+    }
+    void after_block(size_t, bool) override {}
+  } hooks;
+  hooks.counter = &counter;
+  model.block_hooks = &hooks;
+  at::Tensor h = model.forward_hidden(model.embed(ids));
+  h.sum().backward();
+  model.block_hooks = nullptr;
+  REQUIRE(hooks.at_start.size() == static_cast<size_t>(c.num_hidden_layers));
+  // Each block done lets go of its saved input (and keeps its kept attention output, saved for the step): what is
+  // live as a block starts falls from the first block back to the last, by about 1 H a token a block; it grew by
+  // about that much a block while each block's recomputed input and its gradient stayed alive.
+  const double H = static_cast<double>(S * c.hidden_size * 4);
+  for (size_t i = 1; i < hooks.at_start.size(); ++i) {
+    INFO("block " << c.num_hidden_layers - 1 - static_cast<int64_t>(i) << ": " << hooks.at_start[i] / H << " H against "
+                  << hooks.at_start[i - 1] / H << " H at the block before");
+    CHECK(hooks.at_start[i] < hooks.at_start[i - 1]);
+  }
 }

@@ -149,12 +149,17 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
                                ctx->saved_data["window"].toInt()};
       AttentionStash replay;
       replay.replay = true;
+      // A kept tensor kept on the device is handed over as an alias (detach): the attention output becomes the
+      // replayed attention node's output, and autograd gives that tensor the recomputation's graph as its history.
+      // Given as saved_data's own tensor, that history (the block's recomputed input and its gradient) lived as long
+      // as this node's saved_data, i.e. to the end of the step: 2 H a token for every block done (fuzzing helper,
+      // eleventh session). The offloaded ones are fresh copies.
       if (ctx->saved_data.count("attn_out_host")) replay.out = prefetch.take(ctx->saved_data["attn_out_host"].toTensor(), x.device());
-      else if (ctx->saved_data.count("attn_out")) replay.out = ctx->saved_data["attn_out"].toTensor();
+      else if (ctx->saved_data.count("attn_out")) replay.out = ctx->saved_data["attn_out"].toTensor().detach();
       for (auto [key, t] : kept_extras(replay)) {
         const std::string host = std::string(key) + "_host";
         if (ctx->saved_data.count(host)) *t = prefetch.take(ctx->saved_data[host].toTensor(), x.device());
-        else if (ctx->saved_data.count(key)) *t = ctx->saved_data[key].toTensor();
+        else if (ctx->saved_data.count(key)) *t = ctx->saved_data[key].toTensor().detach();
       }
       if (replay.out.defined()) {
         replay.seed = saved_tensor("attn_seed");
