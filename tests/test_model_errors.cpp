@@ -124,6 +124,25 @@ TEST_CASE("safetensors reader rejects truncated and inconsistent files and names
                                       R"("b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}})", 6));
     require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "overlap"});
   }
+  // The safetensors library refuses both (InvalidOffset, MetadataIncompleteBuffer): transformers cannot load them.
+  SECTION("bytes between two tensors") {
+    write_bytes(path, raw_safetensors(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},)"
+                                      R"("b":{"dtype":"U8","shape":[4],"data_offsets":[6,10]}})", 10));
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model,
+                  {path, "'b' starts at byte 6", "'a' ends at 4", "2 bytes belong to no tensor"});
+  }
+  SECTION("bytes before the first tensor") {
+    write_bytes(path, raw_safetensors(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[3,7]}})", 7));
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model,
+                  {path, "'a' starts at byte 3", "3 bytes belong to no tensor"});
+  }
+  SECTION("bytes after the last tensor") {
+    write_bytes(path, raw_safetensors(R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}})", 9));
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model,
+                  {path, "5 bytes after the last tensor's data", "end at byte 4 of 9"});
+    write_bytes(path, raw_safetensors(R"({"__metadata__":{"format":"pt"}})", 3));
+    require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "3 bytes after"});
+  }
   SECTION("malformed header JSON") {
     write_bytes(path, raw_safetensors(R"({"w":{"dtype":"F32",)", 0));
     require_error([&] { qt::SafetensorsFile f(path); }, qt::ErrorKind::Model, {path, "malformed JSON"});

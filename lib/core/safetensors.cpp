@@ -148,11 +148,26 @@ void SafetensorsFile::open() {
     std::sort(tensors_.begin(), tensors_.end(), [](const TensorInfo& a, const TensorInfo& b) {
       return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
     });
+    // The data is the tensors' bytes back to back and nothing else, as the safetensors library requires (it refuses
+    // a gap as an invalid offset and bytes past the last tensor as an incomplete buffer, so transformers could not
+    // load such a file): bytes unaccounted for mean a header that does not describe the data (a file written over a
+    // longer one, two files joined, a hand-edited header).
+    uint64_t end = 0;
     for (size_t i = 0; i < tensors_.size(); ++i) {
       if (i > 0 && tensors_[i].begin < tensors_[i - 1].end)
         bad(path, "tensors '" + tensors_[i - 1].name + "' and '" + tensors_[i].name + "' overlap");
+      if (tensors_[i].begin > end)
+        bad(path, "tensor '" + tensors_[i].name + "' starts at byte " + std::to_string(tensors_[i].begin) +
+                      " of the data, where " + (i > 0 ? "'" + tensors_[i - 1].name + "' ends at " : "the data begins at ") +
+                      std::to_string(end) + ": " + std::to_string(tensors_[i].begin - end) +
+                      " bytes belong to no tensor (safetensors' data is the tensors back to back)");
+      end = tensors_[i].end;
       index_[tensors_[i].name] = i;
     }
+    if (end != data_size)
+      bad(path, std::to_string(data_size - end) + " bytes after the last tensor's data (the header's tensors end at byte " +
+                    std::to_string(end) + " of " + std::to_string(data_size) +
+                    "; safetensors allows none: a file written over a longer one, or two files joined?)");
   } catch (...) {
     ::munmap(map_, size_);
     map_ = nullptr;
