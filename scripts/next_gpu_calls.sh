@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
+# a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3
+#   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
+#      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
+#   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 1 and 0
+#      and at 80 GiB against its mode 0 (its fastest where memory allows; issue 27's table), each its own process.
+#   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
+#      at 7.44 GiB free from the 50,816 tokens fit_table.py predicts for an 8 GB card, r=32).
+# Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+CALL=${1:?usage: next_gpu_calls.sh 1|2}
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT/logs"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+[ -x /opt/torch/.venv/bin/python3 ] && export PATH=/opt/torch/.venv/bin:$PATH
+summary=$OUT/summary.txt
+: >"$summary"
+note() { echo "$*" | tee -a "$summary"; }
+pack() { tar -C "$OUT" -czf "$OUT/logs.tgz" logs 2>/dev/null && rm -rf "$OUT/logs"; }
+trap pack EXIT
+L=$OUT/logs
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$summary"
+note "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --short 2>/dev/null | wc -l) files changed"
+t0=$(date +%s)
+BUILD_DIR=build-gpu JOBS=$(nproc) bash scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90 >"$L/build.log" 2>&1
+if [ ! -x build-gpu/qlora-train ]; then
+  grep -B 2 -A 12 -E "error|FAILED" "$L/build.log" | head -n 60 | tee -a "$summary"
+  note "BUILD FAILED"
+  exit 1
+fi
+note "build: $(($(date +%s) - t0)) s"
+BENCH="python3 scripts/bench.py --binary build-gpu/qlora-train --out $L"
+R32="--set lora.r=32 --set lora.alpha=32"
+
+case "$CALL" in
+1 | 3)
+  [ "$CALL" = 3 ] && {
+    note "== issue 26: the longest 8B row at 7.44 GiB free (bench.py --max-context from 50,816, r=32)"
+    timeout 480 $BENCH --peers none --rows 8b-1x50816 --budget 7.44 --no-whole --max-context --steps 2 --warm 1 $R32 \
+      >"$L/max_context.log" 2>&1
+    grep -E '^\{|^\|' "$L/max_context.log" | cut -c1-400 | tail -n 12 >>"$summary"
+    exit 0
+  }
+  mkdir -p build-gpu/tests
+  if [ -d build/tests/fixtures ]; then
+    rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
+  else
+    PYTHONPATH=$PWD/.peers python3 tests/oracles/generate.py --out build-gpu/tests/fixtures >"$L/oracles.log" 2>&1 ||
+      note "oracles: FAILED"
+  fi
+  t0=$(date +%s)
+  (cd build-gpu && timeout 300 ctest -L gpu --output-on-failure --timeout 900 -E oracles_generate) >"$L/ctest_gpu.log" 2>&1
+  grep -E "tests passed|tests failed|\(Failed\)|\(SEGFAULT\)|\(Timeout\)|Exception" "$L/ctest_gpu.log" | tee -a "$summary"
+  note "[gpu] tests: $(($(date +%s) - t0)) s"
+  note "== the allocator's history of 8B 1 x 117,760 at 22.3 GiB (QT_MEMORY_HISTORY)"
+  QT_MEMORY_HISTORY=/tmp/h117.pickle timeout 200 $BENCH --peers none --rows 8b-1x117760 --budget 22.3 --no-whole \
+    --steps 1 --warm 0 $R32 >"$L/history_117760.log" 2>&1
+  grep -E '^\{' "$L/history_117760.log" | cut -c1-400 >>"$summary"
+  for f in /tmp/h117.pickle /tmp/h117.pickle.oom; do
+    [ -f "$f" ] && python3 scripts/memory_history.py "$f" --top 25 --depth 2 2>&1 | tee "$L/$(basename "$f").txt" |
+      head -n 40 >>"$summary"
+  done
+  ;;
+2)
+  note "== issue 27: 8B 2 x 2048 at 24 GiB (Unsloth 1, 0) and 80 GiB (Unsloth 0)"
+  timeout 300 $BENCH --peers unsloth --unsloth-modes 1,0 --rows 8b-2x2048 --budget 24 --no-whole --steps 6 --warm 2 \
+    >"$L/budget_24.log" 2>&1
+  grep -E '^\|' "$L/budget_24.log" >>"$summary"
+  timeout 200 $BENCH --peers unsloth --unsloth-modes 0 --rows 8b-2x2048 --budget 80 --no-whole --steps 6 --warm 2 \
+    >"$L/budget_80.log" 2>&1
+  grep -E '^\|' "$L/budget_80.log" >>"$summary"
+  ;;
+*)
+  echo "unknown call $CALL" >&2
+  exit 2
+  ;;
+esac
