@@ -1,5 +1,7 @@
 // lib/dist in one process: the single-rank communicator, argument checks, and the launches make_communicator
 // refuses before it contacts anything. The multi-process tests are in test_dist_launched.cpp.
+#include <cstdlib>
+#include <map>
 #include <optional>
 
 #include "lib/core/error.h"
@@ -23,7 +25,97 @@ qt::LaunchEnv torchrun_env(int rank, int world, int local_rank) {
   return env;
 }
 
+// The launcher variables as given (the others unset) for the scope; the process's own come back after.
+class LaunchVars {
+ public:
+  explicit LaunchVars(const std::map<std::string, std::string>& vars) {
+    for (const char* name : kNames) {
+      if (const char* v = std::getenv(name)) saved_[name] = v;
+      ::unsetenv(name);
+    }
+    for (const auto& [name, value] : vars) ::setenv(name.c_str(), value.c_str(), 1);
+  }
+  ~LaunchVars() {
+    for (const char* name : kNames) ::unsetenv(name);
+    for (const auto& [name, value] : saved_) ::setenv(name.c_str(), value.c_str(), 1);
+  }
+
+ private:
+  static constexpr const char* kNames[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                                           "MASTER_PORT", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                                           "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"};
+  std::map<std::string, std::string> saved_;
+};
+
+// The Usage error's message read_launch_env throws under `vars` ("" when it throws none).
+std::string launch_error(const std::map<std::string, std::string>& vars) {
+  LaunchVars scope(vars);
+  qt::ErrorKind kind = qt::ErrorKind::Internal;
+  std::string message = qt::test::error_of([] { qt::read_launch_env(); }, &kind);
+  if (!message.empty() && kind != qt::ErrorKind::Usage) return "(not a usage error) " + message;
+  return message;
+}
+
 }  // namespace
+
+TEST_CASE("malformed launcher variables are usage errors naming the variable, the value and what was expected",
+          "[dist]") {
+  const std::map<std::string, std::string> two = {{"RANK", "0"}, {"WORLD_SIZE", "2"}};
+  const auto with = [&](std::map<std::string, std::string> more) {
+    for (const auto& kv : two) more.emplace(kv);
+    return more;
+  };
+  struct Case {
+    std::map<std::string, std::string> vars;
+    std::vector<std::string> says;
+  };
+  const std::vector<Case> cases = {
+      // Past INT_MAX: wrapped to 1215752191 (or -1) in the cast to int before.
+      {{{"RANK", "0"}, {"WORLD_SIZE", "99999999999"}}, {"WORLD_SIZE='99999999999'", "1..2147483647"}},
+      {{{"RANK", "0"}, {"WORLD_SIZE", "99999999999999999999999"}}, {"WORLD_SIZE='99999999999999999999999'"}},
+      {{{"RANK", "4294967296"}, {"WORLD_SIZE", "2"}}, {"RANK='4294967296'"}},
+      {{{"OMPI_COMM_WORLD_SIZE", "4294967298"}, {"OMPI_COMM_WORLD_RANK", "0"}}, {"OMPI_COMM_WORLD_SIZE='4294967298'"}},
+      {{{"RANK", "x"}, {"WORLD_SIZE", "2"}}, {"RANK='x'", "0..2147483647"}},
+      {{{"RANK", "-1"}, {"WORLD_SIZE", "2"}}, {"RANK='-1'"}},
+      {{{"RANK", "0"}, {"WORLD_SIZE", "0"}}, {"WORLD_SIZE='0'", "1..2147483647"}},
+      {{{"RANK", "2"}, {"WORLD_SIZE", "2"}}, {"RANK=2 is not below WORLD_SIZE=2"}},
+      // One of the pair alone ran as a single process of its own before.
+      {{{"RANK", "1"}}, {"RANK is set but WORLD_SIZE is not"}},
+      {{{"WORLD_SIZE", "2"}}, {"WORLD_SIZE is set but RANK is not"}},
+      // MASTER_PORT past 65535 was accepted here (and the store said only "must be in 1..65535").
+      {with({{"MASTER_PORT", "70000"}}), {"MASTER_PORT='70000'", "1..65535"}},
+      {with({{"MASTER_PORT", "0"}}), {"MASTER_PORT='0'", "1..65535"}},
+      {with({{"MASTER_PORT", "http"}}), {"MASTER_PORT='http'"}},
+      {with({{"MASTER_ADDR", ""}}), {"MASTER_ADDR is empty"}},
+      {with({{"LOCAL_RANK", "2"}, {"LOCAL_WORLD_SIZE", "2"}}), {"LOCAL_RANK=2 is not below LOCAL_WORLD_SIZE=2"}},
+      {with({{"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "8"}}), {"LOCAL_WORLD_SIZE=8 is more than WORLD_SIZE=2"}},
+      {with({{"LOCAL_RANK", "5"}}), {"LOCAL_RANK=5 is not below LOCAL_WORLD_SIZE=2"}},
+      // torchrun's variables beside mpirun's must name the same ranks (a torchrun started by mpirun).
+      {{{"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_RANK", "1"}, {"RANK", "3"}, {"WORLD_SIZE", "8"}},
+       {"both mpirun's and torchrun's variables are set and disagree", "OMPI_COMM_WORLD_SIZE=2", "WORLD_SIZE=8",
+        "RANK=3"}},
+  };
+  for (const Case& c : cases) {
+    std::string vars;
+    for (const auto& [k, v] : c.vars) vars += k + "=" + v + " ";
+    INFO(vars);
+    const std::string message = launch_error(c.vars);
+    INFO(message);
+    CHECK(!message.empty());
+    for (const std::string& part : c.says) CHECK(has(message, part));
+  }
+  // Well-formed launches read as given.
+  CHECK(launch_error(with({{"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"}, {"MASTER_PORT", "65535"}})).empty());
+  CHECK(launch_error({{"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_RANK", "1"}, {"RANK", "1"}, {"WORLD_SIZE", "2"}})
+            .empty());
+  CHECK(launch_error({}).empty());
+  LaunchVars scope({{"RANK", "1"}, {"WORLD_SIZE", "4"}, {"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"},
+                    {"MASTER_ADDR", "node0"}, {"MASTER_PORT", "29400"}});
+  const qt::LaunchEnv env = qt::read_launch_env();
+  CHECK(env.launcher == qt::Launcher::Torchrun);
+  CHECK((env.rank == 1 && env.world_size == 4 && env.local_rank == 1 && env.local_world_size == 2));
+  CHECK((env.master_addr == "node0" && env.master_port == 29400));
+}
 
 TEST_CASE("without a launcher on the CPU every collective is the identity", "[dist]") {
   auto comm = qt::make_communicator(qt::LaunchEnv{}, at::kCPU);
