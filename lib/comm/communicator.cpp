@@ -7,6 +7,7 @@
 #include "lib/core/error.h"
 #include "lib/comm/collective_args.h"
 #include "lib/comm/mpi_communicator.h"
+#include "lib/comm/mpi_runtime.h"
 #include "lib/comm/nccl_communicator.h"
 
 namespace qt {
@@ -99,7 +100,11 @@ std::unique_ptr<Communicator> make_communicator(const LaunchEnv& env, at::Device
 #endif
   }
   if (!device.is_cpu()) fail(ErrorKind::Usage, who + ": no communicator for device " + device.str());
-  if (env.launcher == Launcher::Mpirun) return std::make_unique<MpiCommunicator>(options);
+  if (env.launcher == Launcher::Mpirun) {
+    auto comm = std::make_unique<MpiCommunicator>(options);
+    check_mpi_world(env);
+    return comm;
+  }
   if (env.world_size == 1) return std::make_unique<SingleRankCommunicator>(at::kCPU);
   if (env.launcher == Launcher::Torchrun)
     fail(ErrorKind::Usage, who + ": CPU collectives need mpirun (world size " + std::to_string(env.world_size) +

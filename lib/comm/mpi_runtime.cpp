@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <exception>
+#include <string>
 
 #include "lib/core/error.h"
 
@@ -35,6 +36,18 @@ MpiRuntime::~MpiRuntime() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) MPI_Finalize();
+}
+
+void check_mpi_world(const LaunchEnv& env) {
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (rank != env.rank || size != env.world_size)
+    fail(ErrorKind::Usage, "OMPI_COMM_WORLD_RANK=" + std::to_string(env.rank) + " and OMPI_COMM_WORLD_SIZE=" +
+                               std::to_string(env.world_size) + " are set, but MPI started this process as rank " +
+                               std::to_string(rank) + " of " + std::to_string(size) +
+                               ": the variables were set by hand or left from another job; start the ranks with "
+                               "`mpirun -np " + std::to_string(env.world_size) + " qlora-train ...`");
 }
 
 }  // namespace qt

@@ -4,6 +4,8 @@
 // several communicators one after another (the test driver) holds one MpiRuntime in main(); a communicator
 // also holds one, which initializes MPI only when nobody has yet and then finalizes it when the communicator
 // goes. No mpi.h here: CPU-only code includes this header.
+#include "lib/comm/launch_env.h"
+
 namespace qt {
 
 class MpiRuntime {
@@ -20,5 +22,9 @@ class MpiRuntime {
  private:
   bool owns_ = false;
 };
+
+// Throws qt::Error(Usage) unless MPI (initialized) put this process where mpirun's variables in `env` say: a process
+// started without mpirun but with OMPI_COMM_WORLD_SIZE=2 in its environment is a world of its own (MPI's singleton).
+void check_mpi_world(const LaunchEnv& env);
 
 }  // namespace qt

@@ -275,6 +275,7 @@ ncclUniqueId exchange_unique_id(NcclCommunicator::Impl& impl, const LaunchEnv& e
     make_id();
   } else if (env.launcher == Launcher::Mpirun) {
     impl.mpi = std::make_unique<MpiRuntime>();
+    check_mpi_world(env);
     if (env.rank == 0) make_id();
     MPI_Request req = MPI_REQUEST_NULL;
     if (MPI_Ibcast(&id, sizeof(id), MPI_BYTE, 0, MPI_COMM_WORLD, &req) != MPI_SUCCESS)

@@ -335,6 +335,22 @@ def main():
     p = train(write_config("noeval", data__eval_file=str(TMP / "noeval.jsonl"), **half))
     check(p.returncode == 5 and "data.eval_file" in last_line(p) and "no token" in last_line(p),
           f"an eval_file with no target token is refused (exit {p.returncode}): {last_line(p)}")
+
+    # Found by fuzzing (round 9): launcher variables that no launcher sets ran one process of its own, silently (RANK
+    # alone; WORLD_SIZE 2^32 + 1 wrapped to 1; OMPI_COMM_WORLD_SIZE=2 without mpirun made MPI's singleton, which
+    # trained as rank 0 of 1 with its log and summary line muted as rank 1's). A usage error naming the variables.
+    cfg = write_config("launch")
+    for env, says in [({"RANK": "1"}, "RANK is set but WORLD_SIZE is not"),
+                      ({"RANK": "0", "WORLD_SIZE": "4294967297"}, "WORLD_SIZE='4294967297': expected an integer in"),
+                      ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"},
+                       "OMPI_COMM_WORLD_RANK=1 and OMPI_COMM_WORLD_SIZE=2 are set, but MPI started this process as "
+                       "rank 0 of 1")]:
+        launch_env = {k: v for k, v in os.environ.items() if not k.startswith("OMPI_COMM_WORLD") and
+                      k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+        p = subprocess.run([BIN, "--config", str(cfg)], capture_output=True, text=True, timeout=120,
+                           env={**launch_env, "OMP_NUM_THREADS": "1", **env})
+        check(p.returncode == 2 and says in last_line(p) and not (TMP / "launch" / "metrics.jsonl").exists(),
+              f"launcher variables {env}: a usage error before training (exit {p.returncode}): {last_line(p)}")
     finish("run safety checks")
 
 
