@@ -101,6 +101,18 @@ extern "C" void on_stop_signal(int sig) {
   say(": checkpointing after the current step, then stopping (send it again to exit at once)\n");
 }
 
+// eval, export, generate, quantize and bench are one process's work: under mpirun or torchrun with several ranks
+// every rank ran the whole command (export and quantize wrote one output directory from each rank at once: a
+// stray model.safetensors.tmp left in it, or "cannot create" on the rank that lost the race).
+void require_one_process(const char* command) {
+  const qt::LaunchEnv env = qt::read_launch_env();
+  if (env.world_size > 1)
+    qt::fail(qt::ErrorKind::Usage, std::string(command) + " runs in one process, but this is rank " +
+                                       std::to_string(env.rank) + " of " + std::to_string(env.world_size) +
+                                       " (launcher " + qt::launcher_name(env.launcher) + "): run `qlora-train " +
+                                       command + " ...` without mpirun or torchrun (only training uses several ranks)");
+}
+
 int run_train(const TrainArgs& args) {
   qt::RunConfig config = qt::RunConfig::load(args.config, args.overrides);
   if (!args.log_level.empty()) config.log_level = args.log_level;
@@ -299,6 +311,8 @@ int main(int argc, char** argv) {
   }
   try {
     qt::log::set_level(qt::log::parse_level(log_level));
+    for (CLI::App* cmd : {eval_cmd, quantize_cmd, export_cmd, gen_cmd, bench_cmd})
+      if (cmd->parsed()) require_one_process(cmd->get_name().c_str());
     if (eval_cmd->parsed()) {
       for (const CLI::Option* o : eval_cmd->get_options())
         if (o->count() > 0)

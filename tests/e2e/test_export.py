@@ -2,7 +2,7 @@
 transformers loss equals `qlora-train eval --adapter`'s: exactly up to fp32 rounding with --dtype fp32, within bf16
 rounding in the default 16-bit output. The base from adapter_config.json or --model, and refusals, are checked
 too (sharding: tests/test_lora.cpp)."""
-import json, os, pathlib, sys, tempfile
+import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import torch
@@ -94,6 +94,24 @@ def main():
     left = [x.name for x in tmp.iterdir() if x.name.startswith("m_nan")]
     if p.returncode != 7 or "non-finite" not in p.stderr or left:
         failures.append(f"a non-finite merged weight: exit {p.returncode}, left {left}, {p.stderr[-300:]!r}")
+    # Found by fuzzing (round 9): `mpirun -np 2 qlora-train export` ran the export on both ranks into one --out (a
+    # stray model.safetensors.tmp left in it, or "cannot create" on one rank). Every command but training is refused
+    # under a launcher of several ranks, naming the rank; nothing is written.
+    mpi_env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", os.environ["QT_BINARY"], "export", "--adapter",
+                        str(adapter), "--model", str(tmp / "model"), "--out", str(tmp / "m_mpi"), "--merge"],
+                       capture_output=True, text=True, env=mpi_env, timeout=120)
+    left = [x.name for x in tmp.iterdir() if x.name.startswith("m_mpi")]
+    if p.returncode != 2 or "export runs in one process, but this is rank 1 of 2 (launcher mpirun)" not in p.stderr or left:
+        failures.append(f"export under mpirun -np 2: exit {p.returncode}, left {left}, {p.stderr[-300:]!r}")
+    torchrun_env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
+    for command in (["quantize", "--model", tmp / "model", "--out", tmp / "q_rank1"],
+                    ["eval", "--model", tmp / "model", "--data", data],
+                    ["generate", "--model", tmp / "model", "--prompt", "a"]):
+        p = subprocess.run([os.environ["QT_BINARY"], *map(str, command)], capture_output=True, text=True,
+                           env=torchrun_env, timeout=120)
+        if p.returncode != 2 or f"{command[0]} runs in one process, but this is rank 1 of 2 (launcher torchrun)" not in p.stderr:
+            failures.append(f"{command[0]} as rank 1 of 2: exit {p.returncode}, {p.stderr[-300:]!r}")
     finish("export checks", failures)
 
 
