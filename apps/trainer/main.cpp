@@ -113,6 +113,21 @@ void require_one_process(const char* command) {
                                        command + " ...` without mpirun or torchrun (only training uses several ranks)");
 }
 
+// "rank R of W: " under a launcher of several ranks (each prints its own error line: a rank's missing data file said
+// only "data error: train.jsonl: file not found"), else "".
+std::string rank_tag() {
+  try {
+    const qt::LaunchEnv env = qt::read_launch_env();
+    if (env.world_size > 1) return "rank " + std::to_string(env.rank) + " of " + std::to_string(env.world_size) + ": ";
+  } catch (const qt::Error&) {
+    // (the launcher variables themselves are what the error says is wrong)
+  }
+  return "";
+}
+
+// One write, so that the lines other ranks print meanwhile do not land inside it.
+void print_error(const std::string& what) { std::cerr << ("qlora-train: " + rank_tag() + what + "\n") << std::flush; }
+
 int run_train(const TrainArgs& args) {
   qt::RunConfig config = qt::RunConfig::load(args.config, args.overrides);
   if (!args.log_level.empty()) config.log_level = args.log_level;
@@ -341,19 +356,18 @@ int main(int argc, char** argv) {
     std::cerr << app.help() << std::endl;
     return qt::exit_code(qt::ErrorKind::Usage);
   } catch (const qt::Error& e) {
-    std::cerr << "qlora-train: " << qt::kind_name(e.kind()) << ": " << e.what() << std::endl;
+    print_error(std::string(qt::kind_name(e.kind())) + ": " + e.what());
     return qt::exit_code(e.kind());
   } catch (const c10::OutOfMemoryError& e) {
     // Outside a training step (loading, checkpointing, eval, generate): still a device failure, not a bug.
-    std::cerr << "qlora-train: " << qt::kind_name(qt::ErrorKind::Device) << ": out of device memory ("
-              << e.what_without_backtrace() << "); lower the batch or sequence length, or use a larger device"
-              << std::endl;
+    print_error(std::string(qt::kind_name(qt::ErrorKind::Device)) + ": out of device memory (" +
+                e.what_without_backtrace() + "); lower the batch or sequence length, or use a larger device");
     return qt::exit_code(qt::ErrorKind::Device);
   } catch (const c10::Error& e) {
-    std::cerr << "qlora-train: internal error (torch): " << e.what_without_backtrace() << std::endl;
+    print_error(std::string("internal error (torch): ") + e.what_without_backtrace());
     return qt::exit_code(qt::ErrorKind::Internal);
   } catch (const std::exception& e) {
-    std::cerr << "qlora-train: internal error: " << e.what() << std::endl;
+    print_error(std::string("internal error: ") + e.what());
     return qt::exit_code(qt::ErrorKind::Internal);
   }
 }

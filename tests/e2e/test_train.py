@@ -119,6 +119,12 @@ def main():
         p = two_dirs(cfg)
         check(p.returncode == 3 and says in p.stderr and "rank 1" in p.stderr,
               f"ranks {what}: a config error naming the rank (exit {p.returncode}) {p.stderr[-400:]}")
+    # A rank whose data file is missing: its error line names it (it said only "data error: only_a.jsonl: file not
+    # found" before, fuzzing round 9), and the job ends at once.
+    (TMP / "wa" / "only_a.jsonl").write_text((TMP / "wa" / "train.jsonl").read_text())
+    p = two_dirs(write_config("mpi_missing", data__train_file="only_a.jsonl"))
+    check(p.returncode == 5 and "qlora-train: rank 1 of 2: data error: only_a.jsonl: file not found" in p.stderr,
+          f"a rank without the data file: a data error naming the rank (exit {p.returncode}) {p.stderr[-400:]}")
     mpmd = ["mpirun", "--oversubscribe", "-np", "1", BIN, "--config", str(write_config("mpi2")), "--resume", "auto", ":",
             "-np", "1", BIN, "--config", str(write_config("mpi2")), "--resume", str(TMP / "k_none")]
     p = subprocess.run(mpmd, capture_output=True, text=True, env=env, timeout=300)
