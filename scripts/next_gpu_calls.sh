@@ -8,6 +8,9 @@
 #      and at 80 GiB against its mode 0 (its fastest where memory allows; issue 27's table), each its own process.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 50,816 tokens fit_table.py predicts for an 8 GB card, r=32).
+# Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
+#   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
+#   (cd build && python3 ../tests/oracles/generate.py --out tests/fixtures)     # the fixtures call 1 carries
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
