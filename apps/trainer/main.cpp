@@ -6,6 +6,7 @@
 
 #include <CLI/CLI.hpp>
 #include <atomic>
+#include <cctype>
 #include <cmath>
 #include <csignal>
 #include <cstring>
@@ -125,8 +126,16 @@ std::string rank_tag() {
   return "";
 }
 
-// One write, so that the lines other ranks print meanwhile do not land inside it.
-void print_error(const std::string& what) { std::cerr << ("qlora-train: " + rank_tag() + what + "\n") << std::flush; }
+// "qlora-train: [rank R of W: ]KIND: MESSAGE" in one write, so that the lines other ranks print meanwhile do not land
+// inside it; without the tag where the message starts by naming the rank itself (the collectives' errors do).
+void print_error(const std::string& kind, const std::string& message) {
+  std::string tag = rank_tag();
+  const std::string rank = tag.substr(0, tag.find(" of "));  // "rank R"
+  const bool named = message.rfind(rank, 0) == 0 &&
+                     (message.size() == rank.size() || !std::isdigit(static_cast<unsigned char>(message[rank.size()])));
+  if (named) tag.clear();
+  std::cerr << ("qlora-train: " + tag + kind + ": " + message + "\n") << std::flush;
+}
 
 int run_train(const TrainArgs& args) {
   qt::RunConfig config = qt::RunConfig::load(args.config, args.overrides);
@@ -356,18 +365,19 @@ int main(int argc, char** argv) {
     std::cerr << app.help() << std::endl;
     return qt::exit_code(qt::ErrorKind::Usage);
   } catch (const qt::Error& e) {
-    print_error(std::string(qt::kind_name(e.kind())) + ": " + e.what());
+    print_error(qt::kind_name(e.kind()), e.what());
     return qt::exit_code(e.kind());
   } catch (const c10::OutOfMemoryError& e) {
     // Outside a training step (loading, checkpointing, eval, generate): still a device failure, not a bug.
-    print_error(std::string(qt::kind_name(qt::ErrorKind::Device)) + ": out of device memory (" +
-                e.what_without_backtrace() + "); lower the batch or sequence length, or use a larger device");
+    print_error(qt::kind_name(qt::ErrorKind::Device),
+                std::string("out of device memory (") + e.what_without_backtrace() +
+                    "); lower the batch or sequence length, or use a larger device");
     return qt::exit_code(qt::ErrorKind::Device);
   } catch (const c10::Error& e) {
-    print_error(std::string("internal error (torch): ") + e.what_without_backtrace());
+    print_error("internal error (torch)", e.what_without_backtrace());
     return qt::exit_code(qt::ErrorKind::Internal);
   } catch (const std::exception& e) {
-    print_error(std::string("internal error: ") + e.what());
+    print_error("internal error", e.what());
     return qt::exit_code(qt::ErrorKind::Internal);
   }
 }
