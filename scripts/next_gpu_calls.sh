@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 1 and 0
 #      and at 80 GiB against its mode 0 (its fastest where memory allows; issue 27's table), each its own process.
+#   4: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 8192 whole-document and packed (documents of median
+#      330 tokens) at 80 GiB against Unsloth's mode 0 (issue 27's table: its packed row against Unsloth's fastest).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 50,816 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
@@ -14,7 +16,7 @@
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -77,6 +79,12 @@ case "$CALL" in
   timeout 200 $BENCH --peers unsloth --unsloth-modes 0 --rows 8b-2x2048 --budget 80 --no-whole --steps 6 --warm 2 \
     >"$L/budget_80.log" 2>&1
   grep -E '^\|' "$L/budget_80.log" >>"$summary"
+  ;;
+4)
+  note "== issue 27: 8B 1 x 8192, whole documents and packed (median 330), at 80 GiB against Unsloth 0"
+  timeout 480 $BENCH --peers unsloth --unsloth-modes 0 --rows 8b-1x8192,8b-1x8192p330 --budget 80 --no-whole --steps 4 \
+    --warm 2 >"$L/budget_80_8k.log" 2>&1
+  grep -E '^\|' "$L/budget_80_8k.log" >>"$summary"
   ;;
 *)
   echo "unknown call $CALL" >&2
