@@ -4,8 +4,11 @@
 #include <map>
 #include <optional>
 
+#include <unistd.h>
+
 #include "lib/core/error.h"
 #include "lib/comm/communicator.h"
+#include "lib/comm/store_rendezvous.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -193,4 +196,44 @@ TEST_CASE("more processes on a host than GPUs is a usage error", "[dist]") {
   REQUIRE(e);
   CHECK(e->kind() == qt::ErrorKind::Usage);
   CHECK(has(e->what(), "one process per GPU"));
+}
+
+TEST_CASE("a torchrun rank whose store cannot be reached fails in its timeout with one line naming the address",
+          "[dist]") {
+  // Rank 1 of 2: a client of rank 0's store, which nothing serves (port 1: privileged, never a store here), and of
+  // a host name that does not resolve (spaces: refused by the resolver itself, without asking DNS).
+  for (const std::string addr : {"127.0.0.1", "no such host"}) {
+    qt::LaunchEnv env;
+    env.launcher = qt::Launcher::Torchrun;
+    env.rank = 1;
+    env.world_size = 2;
+    env.local_world_size = 2;
+    env.master_addr = addr;
+    env.master_port = 1;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto e = qt::test::caught([&] { qt::StoreRendezvous store(env, std::chrono::milliseconds(500)); });
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    REQUIRE(e);
+    INFO(e->what());
+    CHECK(e->kind() == qt::ErrorKind::Device);
+    CHECK(has(e->what(), "rank 1: TCPStore at " + addr + ":1: cannot connect"));
+    CHECK(has(e->what(), "does not resolve") == (addr != "127.0.0.1"));
+    // c10's message without its C++ backtrace (it filled the one error line with 20 lines of frames).
+    CHECK(!has(e->what(), "frame #"));
+    CHECK(!has(e->what(), "Exception raised from"));
+    CHECK(seconds < 30);
+  }
+  // Rank 0 of 2 alone (WORLD_SIZE=2, one process started): it serves the store and gives up on the other rank in its
+  // timeout, naming the key it waited for.
+  qt::LaunchEnv env;
+  env.launcher = qt::Launcher::Torchrun;
+  env.world_size = env.local_world_size = 2;
+  env.master_addr = "127.0.0.1";
+  env.master_port = 20000 + static_cast<int>(::getpid() % 20000);
+  qt::StoreRendezvous store(env, std::chrono::milliseconds(500));
+  auto e = qt::test::caught([&] { store.broadcast("test/alone", "x"); });
+  REQUIRE(e);
+  INFO(e->what());
+  CHECK(has(e->what(), "only 0 of 1 ranks read key 'qlora-train/none/0/test/alone' in time (500 ms); did all 2 ranks "
+                       "(WORLD_SIZE) start?"));
 }

@@ -2,6 +2,8 @@
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <netdb.h>
+
 #include <cstdlib>
 #include <thread>
 
@@ -16,6 +18,24 @@ std::string env_or(const char* name, const char* fallback) {
 }
 
 std::vector<uint8_t> bytes(const std::string& s) { return {s.begin(), s.end()}; }
+
+// c10d's errors without c10's C++ backtrace: what() appends 20-odd lines of frames to the one error line.
+std::string message_of(const std::exception& e) {
+  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) return c10_error->what_without_backtrace();
+  return e.what();
+}
+
+// " (MASTER_ADDR 'x' does not resolve: ...)" when the host name does not resolve now, else "": c10d only says that
+// connecting timed out. (Not checked before connecting: a host's DNS record may appear after its workers start.)
+std::string resolve_failure(const std::string& host) {
+  addrinfo* found = nullptr;
+  const int rc = ::getaddrinfo(host.c_str(), nullptr, nullptr, &found);
+  if (rc == 0) {
+    ::freeaddrinfo(found);
+    return "";
+  }
+  return " (MASTER_ADDR '" + host + "' does not resolve: " + ::gai_strerror(rc) + ")";
+}
 
 }  // namespace
 
@@ -50,7 +70,8 @@ StoreRendezvous::StoreRendezvous(const LaunchEnv& env, std::chrono::milliseconds
   try {
     impl_->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, opts);
   } catch (const std::exception& e) {
-    fail(ErrorKind::Device, impl_->where() + ": cannot " + (impl_->server ? "serve" : "connect") + ": " + e.what());
+    fail(ErrorKind::Device, impl_->where() + ": cannot " + (impl_->server ? "serve" : "connect") + ": " +
+                                message_of(e) + resolve_failure(env.master_addr));
   }
 }
 
@@ -63,7 +84,7 @@ void StoreRendezvous::set(const std::string& key, const std::string& value) {
   try {
     impl_->store->set(impl_->prefix + key, bytes(value));
   } catch (const std::exception& e) {
-    fail(ErrorKind::Device, impl_->where() + ": set '" + impl_->prefix + key + "': " + e.what());
+    fail(ErrorKind::Device, impl_->where() + ": set '" + impl_->prefix + key + "': " + message_of(e));
   }
 }
 
@@ -75,7 +96,7 @@ std::string StoreRendezvous::get(const std::string& key) {
     return {v.begin(), v.end()};
   } catch (const std::exception& e) {
     fail(ErrorKind::Device, impl_->where() + ": waiting for key '" + full + "' (written by rank 0) failed after " +
-                                std::to_string(impl_->timeout.count()) + " ms; did rank 0 start? " + e.what());
+                                std::to_string(impl_->timeout.count()) + " ms; did rank 0 start? " + message_of(e));
   }
 }
 
@@ -83,7 +104,7 @@ int64_t StoreRendezvous::add(const std::string& key, int64_t delta) {
   try {
     return impl_->store->add(impl_->prefix + key, delta);
   } catch (const std::exception& e) {
-    fail(ErrorKind::Device, impl_->where() + ": add '" + impl_->prefix + key + "': " + e.what());
+    fail(ErrorKind::Device, impl_->where() + ": add '" + impl_->prefix + key + "': " + message_of(e));
   }
 }
 
@@ -94,11 +115,13 @@ std::string StoreRendezvous::broadcast(const std::string& key, const std::string
     if (!impl_->server) return value;
     const auto deadline = std::chrono::steady_clock::now() + impl_->timeout;
     int64_t n = 0;
-    while ((n = impl_->store->add(impl_->prefix + read_count, 0)) < impl_->env.world_size - 1) {
+    while ((n = add(read_count, 0)) < impl_->env.world_size - 1) {
       if (std::chrono::steady_clock::now() > deadline)
         fail(ErrorKind::Device, impl_->where() + ": only " + std::to_string(n) + " of " +
                                     std::to_string(impl_->env.world_size - 1) + " ranks read key '" +
-                                    impl_->prefix + key + "' in time");
+                                    impl_->prefix + key + "' in time (" + std::to_string(impl_->timeout.count()) +
+                                    " ms); did all " + std::to_string(impl_->env.world_size) +
+                                    " ranks (WORLD_SIZE) start?");
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }
     return value;
