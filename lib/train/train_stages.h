@@ -184,7 +184,9 @@ GpuAllocatorCounts gpu_allocator_counts(const at::Device& device);
 class Evaluator {
  public:
   Evaluator(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel, MetricsLog& metrics);
-  bool has_data() const { return !batches_.empty(); }
+  // Held-out data on any rank: every rank then calls loss(), also one whose share is empty (fewer held-out batches
+  // than ranks), or the ranks' collectives pair up wrongly.
+  bool has_data() const { return d_.data->has_eval(); }
   // The mean loss over the held-out targets and their count (collective).
   std::pair<double, int64_t> loss(int64_t step);
   // Logs the exact-match accuracy of greedy answers; its accuracy (every rank when sharded, else rank 0 alone).

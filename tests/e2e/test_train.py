@@ -87,6 +87,25 @@ def main():
         check(all(abs(lm[s] - la[s]) / la[s] < 1e-5 for s in (1, 2, 3)),
               f"2 ranks give the single-rank losses {[lm[s] for s in (1, 2, 3)]} vs {[la[s] for s in (1, 2, 3)]}")
 
+    # Held-out data of one batch over 2 ranks (rank 1's share empty): every rank evaluates, and the eval losses are
+    # the single process's. Before (fuzzing round 9) rank 1 skipped evaluation, rank 0's all-reduce of the eval loss
+    # paired with rank 1's gradient all-reduce: a wrong eval loss (3.0101 over 16 tokens for 6.0202 over 8), then
+    # MPI_ERR_TRUNCATE (sharded: an abort).
+    (TMP / "eval1.jsonl").write_text((TMP / "train.jsonl").read_text().splitlines()[0] + "\n")
+    ev = dict(data__eval_file=str(TMP / "eval1.jsonl"), train__eval_every=1, train__steps=2, checkpoint__every=0)
+    train(write_config("ev_ref", **ev))
+    want = {j["step"]: j["eval_loss"] for j in map(json.loads, (TMP / "ev_ref" / "metrics.jsonl").read_text().splitlines())
+            if "eval_loss" in j}
+    for shard in ("none", "blocks"):
+        p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config",
+                            str(write_config(f"ev_{shard}", train__shard=shard, **ev))],
+                           capture_output=True, text=True, env=env, timeout=120)
+        got = {j["step"]: j["eval_loss"] for j in map(json.loads, (TMP / f"ev_{shard}" / "metrics.jsonl").read_text().splitlines())
+               if "eval_loss" in j} if p.returncode == 0 else {}
+        check(p.returncode == 0 and len(got) == 2 and all(abs(got[s] - want[s]) / want[s] < 1e-5 for s in want),
+              f"one held-out batch over 2 ranks (shard {shard}): the single-process eval losses {got} vs {want} "
+              f"(exit {p.returncode}) {p.stderr[-300:] if p.returncode else ''}")
+
     # Ranks that read different training data under one path (node-local copies; here one relative path from two
     # working directories), other held-out records, another model (one weight byte changed) or, sharded, other
     # output_dirs stop before training, naming the rank; so do ranks that would resume different checkpoints.
