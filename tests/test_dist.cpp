@@ -46,7 +46,8 @@ class LaunchVars {
  private:
   static constexpr const char* kNames[] = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                                            "MASTER_PORT", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
-                                           "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"};
+                                           "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMI_SIZE",
+                                           "PMI_RANK"};
   std::map<std::string, std::string> saved_;
 };
 
@@ -107,6 +108,9 @@ TEST_CASE("malformed launcher variables are usage errors naming the variable, th
     CHECK(!message.empty());
     for (const std::string& part : c.says) CHECK(has(message, part));
   }
+  // A PMI launcher's ranks (MPICH / Intel MPI mpiexec, srun --mpi=pmi2) each trained alone before.
+  CHECK(has(launch_error({{"PMI_SIZE", "2"}, {"PMI_RANK", "1"}}), "PMI_SIZE=2 PMI_RANK=1: started as one of several"));
+  CHECK(launch_error({{"PMI_SIZE", "1"}, {"PMI_RANK", "0"}}).empty());
   // Well-formed launches read as given.
   CHECK(launch_error(with({{"LOCAL_RANK", "1"}, {"LOCAL_WORLD_SIZE", "2"}, {"MASTER_PORT", "65535"}})).empty());
   CHECK(launch_error({{"OMPI_COMM_WORLD_SIZE", "2"}, {"OMPI_COMM_WORLD_RANK", "1"}, {"RANK", "1"}, {"WORLD_SIZE", "2"}})

@@ -78,6 +78,14 @@ LaunchEnv read_launch_env() {
       fail(ErrorKind::Usage, "environment variable MASTER_ADDR is empty: expected the host name or address of rank 0");
     env.master_addr = addr ? addr : "127.0.0.1";
     env.master_port = has_env("MASTER_PORT") ? env_int("MASTER_PORT", 1, 65535) : 29500;
+  } else if (has_env("PMI_SIZE") && std::string(std::getenv("PMI_SIZE")) != "1") {
+    // The PMI launchers (MPICH's and Intel MPI's mpiexec / mpirun, srun --mpi=pmi2) name the ranks in PMI_RANK and
+    // PMI_SIZE only: each process read no launcher here and trained alone, all of them into one output_dir.
+    const std::string rank = has_env("PMI_RANK") ? std::string(" PMI_RANK=") + std::getenv("PMI_RANK") : "";
+    fail(ErrorKind::Usage, std::string("PMI_SIZE=") + std::getenv("PMI_SIZE") + rank +
+                               ": started as one of several processes by a PMI launcher (MPICH's or Intel MPI's "
+                               "mpiexec, srun --mpi=pmi2), which this build cannot join; start the ranks with Open "
+                               "MPI's mpirun, or with torchrun on GPUs");
   }
   if (env.rank >= env.world_size)
     fail(ErrorKind::Usage, named(rank_var, env.rank) + " is not below " + named(world_var, env.world_size) +
