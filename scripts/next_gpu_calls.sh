@@ -9,7 +9,7 @@
 #   4: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 8192 whole-document and packed (documents of median
 #      330 tokens) at 80 GiB against Unsloth's mode 0 (issue 27's table: its packed row against Unsloth's fastest).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
-#      at 7.44 GiB free from the 50,816 tokens fit_table.py predicts for an 8 GB card, r=32).
+#      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
 #   (cd build && python3 ../tests/oracles/generate.py --out tests/fixtures)     # the fixtures call 1 carries
@@ -45,8 +45,8 @@ R32="--set lora.r=32 --set lora.alpha=32"
 case "$CALL" in
 1 | 3)
   [ "$CALL" = 3 ] && {
-    note "== issue 26: the longest 8B row at 7.44 GiB free (bench.py --max-context from 50,816, r=32)"
-    timeout 480 $BENCH --peers none --rows 8b-1x50816 --budget 7.44 --no-whole --max-context --steps 2 --warm 1 $R32 \
+    note "== issue 26: the longest 8B row at 7.44 GiB free (bench.py --max-context from 47,232, r=32)"
+    timeout 480 $BENCH --peers none --rows 8b-1x47232 --budget 7.44 --no-whole --max-context --steps 2 --warm 1 $R32 \
       >"$L/max_context.log" 2>&1
     grep -E '^\{|^\|' "$L/max_context.log" | cut -c1-400 | tail -n 12 >>"$summary"
     exit 0

@@ -250,8 +250,9 @@ PlanInputs as_run(const PlanInputs& in, const ExecPlan& p) {
 // gate / up's backward with its weight dequantized for it. Per token, in elements of e unless said otherwise:
 //   held through the step: cos and sin (2 D; the embedding output is the first block's input, counted with the
 //     kept inputs: offloaded, it goes to the host with the others since the tenth session, an empty leaf anchoring
-//     its node, the trainer letting it go; until then the leaf made of it held it, 1 H), the final norm's output (H: the trainer lets it go
-//     after the loss's forward pass since the ninth session, not yet measured: counted still); with
+//     its node, the trainer letting it go; until then the leaf made of it held it, 1 H); not the final norm's
+//     output (the trainer lets it go after the loss's forward pass since the ninth session; counted until the
+//     twelfth); with
 //     keep >= attention the softmax statistics (fp32, a query head) of every block (offloaded with the attention
 //     output since the tenth session: kept_activations counts them with the other kept tensors);
 //   the incoming gradient and the input norm's output (2 H; the recomputation's unused block output, 1 H until the
@@ -262,7 +263,11 @@ PlanInputs as_run(const PlanInputs& in, const ExecPlan& p) {
 //     q / k norms the projection output (their backward reads it) or, kept, the rotated copies the fused kernel
 //     makes of it;
 //   the attention backward: the MLP half's gradient (H), o_proj's input gradient (q), dq, dk and dv, cuDNN's fp32
-//     dQ accumulator and softmax sums (4 (q + heads) bytes);
+//     dQ accumulator and softmax sums (4 (q + heads) bytes), and with grouped K / V cuDNN's dK and dV partials at
+//     every query head (2 q; cuDNN's GQA backward engines document dk_ws / dv_ws of B S H_q D elements each, summed
+//     into dk and dv after). Those two changes (twelfth session) fit the eleventh session's rows: their allocated
+//     peaks exceeded the tensors predicted by 1 H a token (0.97 GiB at 1 x 117,760, 2.3 at 1 x 287,600; 8B, q = H);
+//     the next allocator history is to show where (scripts/next_gpu_calls.sh 1);
 //   the MLP backward: the residual below keep residual (H), the (chunk's) gate / up output, SwiGLU output and
 //     their gradients (6 I + H; in gate / up's backward 2 I + 2 H and the weight), and with chunks the input
 //     gradient accumulated over the row (H (T + chunk)).
@@ -287,12 +292,12 @@ double checkpointed_working_set(const PlanInputs& in, const ExecPlan& p, double 
   const bool grouped = whole_rows_under_cudnn(in, p.attention) && cudnn_grouped_kv(in.seq, c.head_dim);
   const double kv_held = grouped ? kv : q;  // K and V as the attention backward holds them
   const double chunked = mlp_tokens < T ? e * H * (T + mlp_tokens) : 0.0;
-  const double common = e * T * (H + 2 * D) + 2 * e * T * H +
+  const double common = e * T * 2 * D + 2 * e * T * H +
                         e * T * ((qkv_kept ? 0.0 : q) + (grouped && !qkv_kept ? 2 * kv : 0.0) + (grouped ? 0.0 : 2 * q) +
                                  (attention_kept ? 0.0 : q) + (c.qk_norm ? q + 2 * kv : 0.0)) +
                         (attention_kept ? 0.0 : 4 * T * heads);
   const double residual = residual_kept ? 0.0 : e * T * H;
-  const double attention = common + e * T * (H + 2 * q + 2 * kv_held) + 4 * T * (q + heads);
+  const double attention = common + e * T * (H + 2 * q + 2 * kv_held + (grouped ? 2 * q : 0.0)) + 4 * T * (q + heads);
   const double swiglu = common + residual + e * mlp_tokens * (6 * I + H) + chunked;
   const double gate_up = common + residual + e * mlp_tokens * (2 * I + 2 * H) + chunked +
                          (p.keep_dequantized ? 0.0 : 2 * H * I * e);
