@@ -182,10 +182,10 @@ def tokens_of(work, shape, batch, seq):
     return pathlib.Path(work) / f"bench_{shape}_{batch}x{seq}" / "tokens.jsonl"
 
 
-def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None, docs=0):
+def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None, docs=0, env=None):
     """`qlora-train bench` (random NF4 weights of the shape, LoRA r=16 on all seven linears, random tokens, one
     document a row or packed documents of median length `docs`, the default plan): median step after `warm`
-    untimed ones."""
+    untimed ones. `env`: variables set for the run (an --ab variant's --env, e.g. TORCH_BLAS_PREFER_CUBLASLT=1)."""
     out = tokens_of(work, shape, batch, seq).parent
     cmd = [binary, "bench", "--shape", shape, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps),
            "--warmup", str(warm), "--device", "cuda", "--out", str(out), "--doc-tokens", str(docs)]
@@ -193,7 +193,7 @@ def run_ours(binary, work, shape, batch, seq, steps, warm, extra, budget=None, d
         cmd += ["--set", kv]
     base = dict(system="qlora-train", model=shape, batch=batch, seq=seq, budget_gib=budget, **({"docs": docs} if docs else {}))
     with Held(budget), DevicePeak() as dev:
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if p.returncode != 0:
         return dict(base, exit=p.returncode, error=p.stderr.strip()[-2000:])
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -268,15 +268,16 @@ def ab(a, rows):
         extra = shlex.split(spec)
         sets = [extra[i + 1] for i in range(len(extra) - 1) if extra[i] == "--set"]
         binary = next((extra[i + 1] for i in range(len(extra) - 1) if extra[i] == "--binary"), a.binary)
-        variants.append((name, sets, binary))
+        env = dict(extra[i + 1].partition("=")[::2] for i in range(len(extra) - 1) if extra[i] == "--env")
+        variants.append((name, sets, binary, env))
     budgets = [float(x) for x in a.budget.split(",") if x] or [None]  # each variant under each (the holder)
     runs = []
     for rnd in range(a.rounds):
         for shape, b, s, docs in rows:
             for budget in budgets:
-                for name, sets, binary in variants:
+                for name, sets, binary, env in variants:
                     r = run_ours(binary, pathlib.Path(a.work) / name, shape, b, s, a.steps, a.warm, a.set + sets, budget,
-                                 docs)
+                                 docs, **({"env": env} if env else {}))
                     r.update(variant=name, round=rnd)
                     print(json.dumps(r), flush=True)
                     runs.append(r)
@@ -284,7 +285,7 @@ def ab(a, rows):
     pathlib.Path(a.out, "ab.json").write_text(json.dumps(runs, indent=1))
     print("\n| row | variant | tok/s (median of rounds) | runs | peak GiB | device GiB |")
     print("|---|---|---|---|---|---|")
-    for (shape, b, s, docs), budget, (name, _, _) in itertools.product(rows, budgets, variants):
+    for (shape, b, s, docs), budget, (name, _, _, _) in itertools.product(rows, budgets, variants):
         rs = [r for r in runs if r["variant"] == name and r["model"] == shape and r["batch"] == b and r["seq"] == s
               and r.get("docs", 0) == docs and r.get("budget_gib") == budget]
         ok = [r for r in rs if "tok_per_s" in r]
@@ -525,7 +526,7 @@ def main():
                          "budget, from the row's length up (rows NAME-1xS)")
     ap.add_argument("--set", action="append", default=[], help="extra config key=value for our runs")
     ap.add_argument("--no-whole", action="store_true", help="with --budget: skip the whole-GPU run of each row")
-    ap.add_argument("--ab", action="append", default=[], help="NAME=SETTINGS (`--set k=v ...`, empty: defaults)")
+    ap.add_argument("--ab", action="append", default=[], help="NAME=SETTINGS (`--set k=v ...`, `--binary B`, `--env VAR=VALUE`; empty: defaults)")
     ap.add_argument("--rounds", type=int, default=2, help="--ab: interleaved rounds")
     ap.add_argument("--hand-search", type=int, default=0, metavar="N",
                     help="ours under the plan it picks and under the N fastest other plans that fit (qlora-train plan "

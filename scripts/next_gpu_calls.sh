@@ -7,7 +7,9 @@
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 1 and 0
 #      and at 80 GiB against its mode 0 (its fastest where memory allows; issue 27's table), each its own process.
 #   4: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 8192 whole-document and packed (documents of median
-#      330 tokens) at 80 GiB against Unsloth's mode 0 (issue 27's table: its packed row against Unsloth's fastest).
+#      330 tokens) at 80 GiB against Unsloth's mode 0 (issue 27's table: its packed row against Unsloth's fastest);
+#      then 8B 2 x 2048 at 80 GiB with cuBLASLt preferred for the base GEMMs against cuBLAS (TORCH_BLAS_PREFER_CUBLASLT,
+#      read by ATen at start; the base GEMMs ran at 710-771 TFLOP/s of the 790 the bench measures), two rounds.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
@@ -82,9 +84,13 @@ case "$CALL" in
   ;;
 4)
   note "== issue 27: 8B 1 x 8192, whole documents and packed (median 330), at 80 GiB against Unsloth 0"
-  timeout 480 $BENCH --peers unsloth --unsloth-modes 0 --rows 8b-1x8192,8b-1x8192p330 --budget 80 --no-whole --steps 4 \
+  timeout 280 $BENCH --peers unsloth --unsloth-modes 0 --rows 8b-1x8192,8b-1x8192p330 --budget 80 --no-whole --steps 4 \
     --warm 2 >"$L/budget_80_8k.log" 2>&1
   grep -E '^\|' "$L/budget_80_8k.log" >>"$summary"
+  note "== issue 27: cuBLASLt against cuBLAS, 8B 2 x 2048 at 80 GiB"
+  timeout 200 $BENCH --rows 8b-2x2048 --budget 80 --ab base= --ab lt="--env TORCH_BLAS_PREFER_CUBLASLT=1" --rounds 2 \
+    --steps 6 --warm 2 >"$L/ab_cublaslt.log" 2>&1
+  grep -E '^\|' "$L/ab_cublaslt.log" >>"$summary"
   ;;
 *)
   echo "unknown call $CALL" >&2

@@ -51,21 +51,24 @@ def check_context_search():
     # --ab under budgets: every variant at every budget (the holder's), each its own line of the table.
     import argparse, contextlib, io
     calls = []
-    def fake_ours(binary, work, shape, b, s, steps, warm, sets, budget, docs):
-        calls.append((pathlib.Path(work).name, budget, tuple(sets)))
+    def fake_ours(binary, work, shape, b, s, steps, warm, sets, budget, docs, env=None):
+        calls.append((pathlib.Path(work).name, budget, tuple(sets)) + ((tuple(sorted(env.items())),) if env else ()))
         return dict(system="qlora-train", model=shape, batch=b, seq=s, budget_gib=budget, tok_per_s=int(1000 + len(sets)),
                     peak_gib=1.0, device_gib=2.0)
     bench_script.run_ours = fake_ours
-    a = argparse.Namespace(ab=["auto=", "s24=--set train.memory.streamed_blocks=24"], budget="9,14", rounds=1,
+    a = argparse.Namespace(ab=["auto=", "s24=--set train.memory.streamed_blocks=24",
+                               "lt=--env TORCH_BLAS_PREFER_CUBLASLT=1"], budget="9,14", rounds=1,
                            binary="qt", work=str(TMP / "ab"), out=str(TMP / "ab"), steps=2, warm=1, set=[])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         bench_script.ab(a, [("llama-3.1-8b", 1, 8192, 0)])
     table = [l for l in out.getvalue().splitlines() if l.startswith("| llama-3.1-8b")]
-    check(sorted((c[0], c[1]) for c in calls) == [("auto", 9.0), ("auto", 14.0), ("s24", 9.0), ("s24", 14.0)]
-          and ("s24", 9.0, ("train.memory.streamed_blocks=24",)) in calls and len(table) == 4
+    check(sorted((c[0], c[1]) for c in calls) == [("auto", 9.0), ("auto", 14.0), ("lt", 9.0), ("lt", 14.0),
+                                                   ("s24", 9.0), ("s24", 14.0)]
+          and ("s24", 9.0, ("train.memory.streamed_blocks=24",)) in calls
+          and ("lt", 14.0, (), (("TORCH_BLAS_PREFER_CUBLASLT", "1"),)) in calls and len(table) == 6
           and "| llama-3.1-8b 1x8192 at 9.0 GiB | s24 | 1,001 |" in table[1],
-          f"--ab runs each variant under each --budget, one table line each: {calls} {table}")
+          f"--ab runs each variant under each --budget (its --set, its --env), one table line each: {calls} {table}")
     # --hand-search: the plan command's alternatives (the real binary, no GPU needed with a budget) each forced,
     # every run told the budget; the picked plan against the fastest measured (a fake run: the second alternative
     # 5% faster, so that the picked plan is flagged).
