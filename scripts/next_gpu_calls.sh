@@ -12,6 +12,8 @@
 #      read by ATen at start; the base GEMMs ran at 710-771 TFLOP/s of the 790 the bench measures), two rounds.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
+# Order for a session of 30 device minutes: 1 then 3 (they settle issue 26; a warm machine keeps build-gpu, so the
+# second call's build takes seconds), then 2 and 4 as time allows.
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
 #   (cd build && python3 ../tests/oracles/generate.py --out tests/fixtures)     # the fixtures call 1 carries
