@@ -1,6 +1,9 @@
 // Checkpoint files: round trip, corruption detection, pruning, resume compatibility.
 #include <ATen/ATen.h>
 
+#include <sys/resource.h>
+
+#include <csignal>
 #include <fstream>
 
 #include "lib/core/error.h"
@@ -116,6 +119,38 @@ TEST_CASE("keep_last prunes old checkpoints only after the new one is complete",
   qt::files::make_dirs(out + "/.checkpoint-9.tmp-12345");
   qt::save_checkpoint(out, sample_contents(6), fake_adapter, 2);
   CHECK(qt::files::list_dir(out) == std::vector<std::string>{"checkpoint-4", "checkpoint-6"});
+}
+
+TEST_CASE("a full disk while copying or writing a file is an error naming it and never a shorter file", "[checkpoint]") {
+  const std::string dir = qt::test::scratch_dir("files_full");
+  const std::string src = dir + "/tokenizer.model";
+  std::ofstream(src, std::ios::binary) << std::string(300000, 'x');
+  // quantize and export --merge copied tokenizer.model with `out << in.rdbuf()`, which stopped where the disk filled
+  // and said nothing: a 20 KB tokenizer.model, an empty tokenizer_config.json, exit 0.
+  const std::string msg = qt::test::error_of([&] { qt::files::copy_file(src, "/dev/full"); });
+  INFO(msg);
+  CHECK(msg.find("/dev/full") != std::string::npos);
+  CHECK(msg.find("write failed: No space left on device") != std::string::npos);
+  // A file size limit (ulimit -f, its signal ignored) fails a write part-way: write_file_atomically leaves the
+  // earlier file as it was and no temporary file beside it.
+  const std::string json = dir + "/config.json";
+  qt::files::write_file_atomically(json, "{}\n");
+  struct rlimit old {};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
+  struct rlimit small = old;
+  small.rlim_cur = 4096;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+  const std::string big = qt::test::error_of([&] { qt::files::write_file_atomically(json, std::string(10000, 'y')); });
+  const std::string copy = qt::test::error_of([&] { qt::files::copy_file(src, dir + "/copy.model"); });
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, old_handler);
+  INFO(big);
+  CHECK(big.find(json + ".tmp: write failed: File too large") != std::string::npos);
+  CHECK(qt::files::read_file(json) == "{}\n");
+  CHECK(!qt::files::exists(json + ".tmp"));
+  INFO(copy);
+  CHECK(copy.find("copy.model: write failed: File too large") != std::string::npos);
 }
 
 TEST_CASE("a checkpoint whose trainer_state.json names another step or a file outside it is refused", "[checkpoint]") {

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <fstream>
 #include <sstream>
+#include <vector>
 
 #include "lib/core/error.h"
 
@@ -127,13 +128,71 @@ std::vector<std::string> list_dir(const std::string& path) {
   return names;
 }
 
+namespace {
+
+// write(2) until all of `n` bytes are written (a short write is not an error; a failed one is, errno kept).
+bool write_all(int fd, const char* p, size_t n) {
+  while (n > 0) {
+    const ssize_t w = ::write(fd, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      if (w == 0) errno = EIO;
+      return false;
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+  }
+  return true;
+}
+
+// Closes `fd` and throws qt::Error(Io) naming `path`, `what` failed and errno's text (errno as `what` left it).
+[[noreturn]] void close_and_fail(int fd, const std::string& path, const std::string& what) {
+  const int err = errno;
+  ::close(fd);
+  fail_at(ErrorKind::Io, path, what + ": " + std::strerror(err));
+}
+
+// Writes what `fill` writes (it returns false with errno set on a failed write) to `path`, created or truncated,
+// then fsync and close, each checked. Throws qt::Error(Io) naming the file, the operation and errno's text.
+template <typename Fill>
+void write_synced(const std::string& path, Fill&& fill) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) io_fail(path, "cannot be created");
+  fill(fd);
+  if (::fsync(fd) != 0) close_and_fail(fd, path, "fsync failed");
+  if (::close(fd) != 0) io_fail(path, "close failed");  // (NFS reports a failed write-back here)
+}
+
+}  // namespace
+
 void copy_file(const std::string& from, const std::string& to) {
-  std::ifstream in(from, std::ios::binary);
-  if (!in) io_fail(from, "cannot open for reading");
-  std::ofstream out(to, std::ios::binary | std::ios::trunc);
-  if (!out) io_fail(to, "cannot open for writing");
-  out << in.rdbuf();
-  if (!out) io_fail(to, "write failed");
+  const int in = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (in < 0) io_fail(from, "cannot open for reading");
+  struct InGuard {
+    int fd;
+    ~InGuard() { ::close(fd); }
+  } guard{in};
+  // (Was `out << in.rdbuf()`, which stops quietly where the disk fills: a truncated tokenizer.model, exit 0.)
+  write_synced(to, [&](int out) {
+    std::vector<char> buf(1 << 20);
+    for (;;) {
+      const ssize_t n = ::read(in, buf.data(), buf.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) close_and_fail(out, from, "read failed");
+      if (n == 0) break;
+      if (!write_all(out, buf.data(), static_cast<size_t>(n))) close_and_fail(out, to, "write failed");
+    }
+  });
+}
+
+void write_file_atomically(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  RemoveUnlessKept cleanup(tmp);
+  write_synced(tmp, [&](int fd) {
+    if (!write_all(fd, text.data(), text.size())) close_and_fail(fd, tmp, "write failed");
+  });
+  rename_path(tmp, path);
+  cleanup.keep();
 }
 
 void copy_tree(const std::string& from, const std::string& to) {

@@ -51,7 +51,12 @@ class RemoveUnlessKept {
 void rename_path(const std::string& from, const std::string& to);
 // Names in a directory (no "." or ".."), sorted. Throws qt::Error(Io) if it cannot be read.
 std::vector<std::string> list_dir(const std::string& path);
+// The bytes of `from` into `to` (created or truncated), fsync'ed. Throws qt::Error(Io) naming the file, the operation
+// and errno's text (a full disk is an error, not a shorter copy).
 void copy_file(const std::string& from, const std::string& to);
+// `text` as the whole of `path`, or `path` untouched: written to path + ".tmp", fsync'ed, renamed over `path`; on a
+// failure the temporary file is removed and qt::Error(Io) names the file, the operation and errno's text.
+void write_file_atomically(const std::string& path, const std::string& text);
 void copy_tree(const std::string& from, const std::string& to);  // directories and regular files
 // fsync a file or a directory (a rename is durable only once its directory is synced).
 void sync_path(const std::string& path);

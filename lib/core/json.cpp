@@ -90,15 +90,7 @@ Json read_json_file(const std::string& path, ErrorKind kind) {
 }
 
 void write_json_file(const std::string& path, const Json& value) {
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) fail_at(ErrorKind::Io, tmp, "cannot be opened for writing");
-    out << value.dump(2) << "\n";
-    out.flush();
-    if (!out) fail_at(ErrorKind::Io, tmp, "write failed (disk full?)");
-  }
-  files::rename_path(tmp, path);
+  files::write_file_atomically(path, value.dump(2) + "\n");
 }
 
 const char* json_type_name(const Json& value) {

@@ -52,16 +52,6 @@ void test_delay() {
     std::this_thread::sleep_for(std::chrono::milliseconds(std::atol(v)));
 }
 
-void write_text_synced(const std::string& path, const std::string& text) {
-  {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    if (!out) fail_at(ErrorKind::Io, path, "cannot be created");
-    out << text;
-    out.flush();
-    if (!out) fail_at(ErrorKind::Io, path, "write failed (disk full?)");
-  }
-  files::sync_path(path);
-}
 
 int64_t checkpoint_step(const std::string& name) {
   const std::string prefix = "checkpoint-";
@@ -182,9 +172,9 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
   if (c.state.train_records >= 0) state["train_records"] = c.state.train_records;
   if (c.optimizer_shards > 0) state["optimizer_shards"] = c.optimizer_shards;
   test_delay();
-  write_text_synced(files::join(tmp, kStateFile), state.dump(2) + "\n");
+  files::write_file_atomically(files::join(tmp, kStateFile), state.dump(2) + "\n");
   // The marker also holds the state file's hash (the manifest inside it covers every other file).
-  write_text_synced(files::join(tmp, kComplete), name + "\n" + kStateFile + " fnv1a64 " +
+  files::write_file_atomically(files::join(tmp, kComplete), name + "\n" + kStateFile + " fnv1a64 " +
                                                      file_hash(files::join(tmp, kStateFile)) + "\n");
   files::sync_path(tmp);
   // Replace a checkpoint of the same step (a resumed run saving again) only once the new one is complete.

@@ -1,7 +1,9 @@
 #include "lib/train/metrics.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
@@ -53,26 +55,18 @@ void drop_lines_after(const std::string& path, int64_t step) {
     log::warn(path + ": " + std::to_string(broken) + " line(s) that are no JSON object with a numeric step dropped (a run "
               "killed while writing leaves one half written)");
   if (!rewrite) return;
-  const std::string tmp = path + ".tmp";
-  files::RemoveUnlessKept cleanup(tmp);  // (a failed write leaves nothing beside metrics.jsonl)
-  std::FILE* f = std::fopen(tmp.c_str(), "w");
-  if (!f) fail_at(ErrorKind::Io, tmp, "cannot be opened for writing");
-  const bool ok = std::fwrite(kept.data(), 1, kept.size(), f) == kept.size();
-  if (std::fclose(f) != 0 || !ok) fail_at(ErrorKind::Io, tmp, "writing failed (disk full?)");
-  files::sync_path(tmp);
-  files::rename_path(tmp, path);
-  cleanup.keep();
+  files::write_file_atomically(path, kept);
   files::sync_path(files::parent(path));
 }
 
 }  // namespace
 
 MetricsLog::MetricsLog(const std::string& path, bool bar, bool enabled, int64_t resume_step)
-    : bar_(bar), enabled_(enabled) {
+    : bar_(bar), enabled_(enabled), path_(path) {
   if (!enabled_) return;
   if (resume_step > 0) drop_lines_after(path, resume_step);
   file_ = std::fopen(path.c_str(), resume_step > 0 ? "a" : "w");
-  if (!file_) fail_at(ErrorKind::Io, path, "cannot be opened for writing");
+  if (!file_) fail_at(ErrorKind::Io, path, std::string("cannot be opened for writing: ") + std::strerror(errno));
 }
 
 MetricsLog::~MetricsLog() {
@@ -84,7 +78,7 @@ void MetricsLog::write(const Json& j) {
   if (!file_) return;
   std::string s = j.dump() + "\n";
   if (std::fwrite(s.data(), 1, s.size(), file_) != s.size() || std::fflush(file_) != 0)
-    fail(ErrorKind::Io, "writing metrics.jsonl failed (disk full?)");
+    fail_at(ErrorKind::Io, path_, std::string("write failed: ") + std::strerror(errno));
 }
 
 void MetricsLog::line(const std::string& text) {
@@ -253,14 +247,7 @@ void write_loss_plot(const std::string& path, const std::vector<std::pair<int64_
   if (!eval.empty()) h << "<text x='" << W - 110 << "' y='25' fill='#d62728' font-size='12'>eval loss</text>";
   h << "</svg></body></html>\n";
   // A browser that reloads the page mid-run never reads a half-written file.
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << h.str();
-    out.flush();
-    if (!out) fail_at(ErrorKind::Io, tmp, "cannot write the loss plot");
-  }
-  files::rename_path(tmp, path);
+  files::write_file_atomically(path, h.str());
 }
 
 }  // namespace qt

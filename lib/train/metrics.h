@@ -74,6 +74,7 @@ class MetricsLog {
   FILE* file_ = nullptr;
   bool bar_;
   bool enabled_;
+  std::string path_;  // metrics.jsonl
   bool bar_open_ = false;
   std::vector<std::pair<int64_t, double>> train_, eval_, lr_;
   std::string plot_path_, plot_title_;

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 
@@ -80,7 +81,7 @@ TensorBoardWriter::TensorBoardWriter(const std::string& dir) {
   path_ = files::join(dir, "events.out.tfevents." + std::to_string(static_cast<int64_t>(now_seconds())) + "." + host +
                                "." + std::to_string(::getpid()));
   file_ = std::fopen(path_.c_str(), "wb");
-  if (!file_) fail_at(ErrorKind::Io, path_, "cannot be opened for writing");
+  if (!file_) fail_at(ErrorKind::Io, path_, std::string("cannot be opened for writing: ") + std::strerror(errno));
   std::string e = event_head(0);
   bytes_field(e, 3, "brain.Event:2");  // file_version: what TensorBoard's loader expects first
   write_record(e);
@@ -119,7 +120,7 @@ void TensorBoardWriter::write_record(const std::string& event) {
   r += event;
   fixed(r, masked_crc32c(event.data(), event.size()));
   if (std::fwrite(r.data(), 1, r.size(), file_) != r.size() || std::fflush(file_) != 0)
-    fail_at(ErrorKind::Io, path_, "write failed (disk full?)");
+    fail_at(ErrorKind::Io, path_, std::string("write failed: ") + std::strerror(errno));
 }
 
 }  // namespace qt

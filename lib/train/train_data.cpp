@@ -160,20 +160,15 @@ void TrainData::write_eval_records(const std::string& path) const {
     lines.emplace_back(begin, end);
     begin = end + 1;
   }
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    for (const auto& e : eval_) {
-      QT_CHECK(e.line >= 1 && e.line <= static_cast<int64_t>(lines.size()), ErrorKind::Data,
-               source + ": changed while the run read it (line " + std::to_string(e.line) + " is gone)");
-      const auto [begin, end] = lines[static_cast<size_t>(e.line - 1)];
-      out.write(text.data() + begin, static_cast<std::streamsize>(end - begin));
-      out.put('\n');
-    }
-    out.flush();
-    if (!out) fail_at(ErrorKind::Io, tmp, "could not write the held-out records");
+  std::string out;
+  for (const auto& e : eval_) {
+    QT_CHECK(e.line >= 1 && e.line <= static_cast<int64_t>(lines.size()), ErrorKind::Data,
+             source + ": changed while the run read it (line " + std::to_string(e.line) + " is gone)");
+    const auto [begin, end] = lines[static_cast<size_t>(e.line - 1)];
+    out.append(text, begin, end - begin);
+    out += '\n';
   }
-  files::rename_path(tmp, path);
+  files::write_file_atomically(path, out);
 }
 
 double TrainData::attention_span() const {
