@@ -1,9 +1,6 @@
 // Checkpoint files: round trip, corruption detection, pruning, resume compatibility.
 #include <ATen/ATen.h>
 
-#include <sys/resource.h>
-
-#include <csignal>
 #include <fstream>
 
 #include "lib/core/error.h"
@@ -135,22 +132,44 @@ TEST_CASE("a full disk while copying or writing a file is an error naming it and
   // earlier file as it was and no temporary file beside it.
   const std::string json = dir + "/config.json";
   qt::files::write_file_atomically(json, "{}\n");
-  struct rlimit old {};
-  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
-  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
-  struct rlimit small = old;
-  small.rlim_cur = 4096;
-  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
-  const std::string big = qt::test::error_of([&] { qt::files::write_file_atomically(json, std::string(10000, 'y')); });
-  const std::string copy = qt::test::error_of([&] { qt::files::copy_file(src, dir + "/copy.model"); });
-  ::setrlimit(RLIMIT_FSIZE, &old);
-  std::signal(SIGXFSZ, old_handler);
+  std::string big, copy;
+  {
+    qt::test::FileSizeLimit limit(4096);
+    big = qt::test::error_of([&] { qt::files::write_file_atomically(json, std::string(10000, 'y')); });
+    copy = qt::test::error_of([&] { qt::files::copy_file(src, dir + "/copy.model"); });
+  }
   INFO(big);
   CHECK(big.find(json + ".tmp: write failed: File too large") != std::string::npos);
   CHECK(qt::files::read_file(json) == "{}\n");
   CHECK(!qt::files::exists(json + ".tmp"));
   INFO(copy);
   CHECK(copy.find("copy.model: write failed: File too large") != std::string::npos);
+}
+
+TEST_CASE("a checkpoint saved again at its step takes the old one's place in one step", "[checkpoint]") {
+  const std::string out = qt::test::scratch_dir("ckpt_resave");
+  qt::save_checkpoint(out, sample_contents(4), fake_adapter, 1);
+  qt::CheckpointContents again = sample_contents(4);
+  again.state.tokens_seen = 1000;
+  qt::save_checkpoint(out, again, fake_adapter, 1);
+  CHECK(qt::files::list_dir(out) == std::vector<std::string>{"checkpoint-4"});
+  CHECK(qt::load_checkpoint(out + "/checkpoint-4").state.tokens_seen == 1000);
+  // The old one was moved aside (.checkpoint-4.tmp-PID.old) before the new one was renamed in: where that rename
+  // failed (seen with an injected EIO) or the process died between the two, checkpoint-4 was gone, the aside copy was
+  // removed by the next save as a killed save's, and --resume auto went back to an older checkpoint (or none with
+  // keep_last 1). replace_path exchanges the two, and where it cannot, leaves `to` as it was.
+  const std::string a = out + "/a", b = out + "/b";
+  qt::files::make_dirs(a);
+  qt::files::make_dirs(b);
+  std::ofstream(a + "/x") << "new";
+  std::ofstream(b + "/x") << "old";
+  const std::string old = qt::files::replace_path(a, b, b + ".aside");
+  CHECK(qt::files::read_file(b + "/x") == "new");
+  CHECK(qt::files::read_file(old + "/x") == "old");
+  CHECK(qt::test::has(qt::test::error_of([&] { qt::files::replace_path(out + "/gone", b, b + ".aside"); }), b));
+  CHECK(qt::files::read_file(b + "/x") == "new");
+  CHECK(qt::files::replace_path(old, out + "/c", out + "/c.aside").empty());
+  CHECK(qt::files::read_file(out + "/c/x") == "old");
 }
 
 TEST_CASE("a checkpoint whose trainer_state.json names another step or a file outside it is refused", "[checkpoint]") {

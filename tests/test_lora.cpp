@@ -986,6 +986,37 @@ TEST_CASE("an adapter is never saved empty or inconsistent with its config", "[l
   CHECK(!qt::files::exists(qt::files::join(dir, qt::kAdapterWeightsFile)));
 }
 
+TEST_CASE("an export of an adapter that fails part-way leaves nothing in its output directory", "[lora]") {
+  qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+  qt::LoraConfig cfg;
+  cfg.r = 1;
+  cfg.targets = {"v_proj"};
+  qt::attach_lora(model, cfg, 1);
+  const std::string root = qt::test::scratch_dir("lora_export_full");
+  const std::string dir = qt::files::join(root, "adapter");
+  qt::save_peft_adapter(model, cfg, dir, "");
+  REQUIRE(qt::files::file_size(qt::files::join(dir, qt::kAdapterWeightsFile)) < 4096);
+  // The weights fit under the limit and adapter_config.json (a long base name) does not, as on a disk that fills
+  // between the two: `export` left adapter_model.safetensors without adapter_config.json, beside a .tmp.
+  const std::string base(6000, 'b');
+  const std::string made = qt::files::join(root, "new"), empty = qt::files::join(root, "empty");
+  qt::files::make_dirs(empty);
+  std::string msg_new, msg_empty;
+  {
+    qt::test::FileSizeLimit limit(4096);
+    msg_new = error_of([&] { qt::copy_peft_adapter(dir, made, base); });
+    msg_empty = error_of([&] { qt::copy_peft_adapter(dir, empty, base); });
+  }
+  INFO(msg_new);
+  CHECK(has(msg_new, "adapter_config.json.tmp: write failed: File too large"));
+  CHECK(!qt::files::exists(made));
+  INFO(msg_empty);
+  CHECK(has(msg_empty, "File too large"));
+  CHECK(qt::files::list_dir(empty).empty());
+  qt::copy_peft_adapter(dir, empty, base);
+  CHECK(qt::files::list_dir(empty) == std::vector<std::string>{qt::kAdapterConfigFile, qt::kAdapterWeightsFile});
+}
+
 TEST_CASE("a merged export is sharded and loads back as the adapted model", "[lora]") {
   qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
   qt::load_peft_adapter(model, fixture("lora/all_targets/adapter"));

@@ -1,11 +1,13 @@
 #pragma once
 // Small helpers shared by the C++ tests.
 #include <ATen/ATen.h>
+#include <sys/resource.h>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
 #include "lib/model/llama_config.h"
 
+#include <csignal>
 #include <functional>
 #include <optional>
 #include <string>
@@ -41,6 +43,29 @@ inline std::string error_of(const std::function<void()>& f, qt::ErrorKind* kind 
   }
   return "";
 }
+
+// While alive, a file this process writes cannot grow past `bytes` (RLIMIT_FSIZE, as `ulimit -f`) and SIGXFSZ is
+// ignored: a write beyond fails with EFBIG ("File too large"), as one on a full disk fails with ENOSPC.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) {
+    ::getrlimit(RLIMIT_FSIZE, &old_);
+    handler_ = std::signal(SIGXFSZ, SIG_IGN);
+    struct rlimit small = old_;
+    small.rlim_cur = bytes;
+    ::setrlimit(RLIMIT_FSIZE, &small);
+  }
+  ~FileSizeLimit() {
+    ::setrlimit(RLIMIT_FSIZE, &old_);
+    std::signal(SIGXFSZ, handler_);
+  }
+  FileSizeLimit(const FileSizeLimit&) = delete;
+  FileSizeLimit& operator=(const FileSizeLimit&) = delete;
+
+ private:
+  struct rlimit old_ {};
+  void (*handler_)(int) = nullptr;
+};
 
 // The qt::Error that f() throws, if any (its kind and message together).
 template <typename F>

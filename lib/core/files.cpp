@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -113,6 +114,25 @@ void remove_tree(const std::string& path) {
 
 void rename_path(const std::string& from, const std::string& to) {
   if (::rename(from.c_str(), to.c_str()) != 0) io_fail(to, "cannot rename " + from + " to it");
+}
+
+std::string replace_path(const std::string& from, const std::string& to, const std::string& aside) {
+  struct stat st {};
+  if (::lstat(to.c_str(), &st) != 0) {
+    rename_path(from, to);
+    return "";
+  }
+  // One step: a crash leaves either the old or the new one at `to`, never neither.
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_EXCHANGE) == 0) return from;
+  if (errno != EINVAL && errno != ENOSYS && errno != ENOTSUP) io_fail(to, "cannot exchange " + from + " with it");
+  // A file system that cannot exchange (NFS): the old one aside, the new one in, the old one back if that fails.
+  rename_path(to, aside);
+  if (::rename(from.c_str(), to.c_str()) != 0) {
+    const int err = errno;
+    ::rename(aside.c_str(), to.c_str());
+    fail_at(ErrorKind::Io, to, "cannot rename " + from + " to it: " + std::strerror(err));
+  }
+  return aside;
 }
 
 std::vector<std::string> list_dir(const std::string& path) {

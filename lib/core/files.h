@@ -49,6 +49,11 @@ class RemoveUnlessKept {
 };
 // rename(2): atomic within one file system. Throws qt::Error(Io).
 void rename_path(const std::string& from, const std::string& to);
+// Moves `from` (a file or a directory) to `to`, replacing what is there: in one step where the file system can
+// (renameat2's RENAME_EXCHANGE; a crash leaves the old or the new one at `to`), else by moving the old one to `aside`
+// first and back if `from` cannot take its place. Returns where the replaced one is now, for the caller to remove
+// (`from` or `aside`; "" when `to` did not exist). Throws qt::Error(Io) with `to` as it was.
+std::string replace_path(const std::string& from, const std::string& to, const std::string& aside);
 // Names in a directory (no "." or ".."), sorted. Throws qt::Error(Io) if it cannot be read.
 std::vector<std::string> list_dir(const std::string& path);
 // The bytes of `from` into `to` (created or truncated), fsync'ed. Throws qt::Error(Io) naming the file, the operation

@@ -536,7 +536,11 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
       fail_key(ErrorKind::Checkpoint, weights, peft_dora_key(module), "missing (adapter_config.json has use_dora)");
   }
   if (tensors.empty()) fail_at(ErrorKind::Checkpoint, weights, "the adapter holds no tensor");
+  // A copy that fails part-way (a full disk) leaves nothing: the directory made here, or what was written into the
+  // empty one given (it left adapter_model.safetensors without adapter_config.json, beside a .tmp).
+  files::RemoveUnlessKept cleanup(to, /*contents_only=*/files::exists(to));
   write_peft_files(to, cfg.lora, tensors, cfg.base_model_name_or_path, cfg.ensure_weight_tying);
+  cleanup.keep();
   return cfg;
 }
 

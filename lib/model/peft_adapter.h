@@ -58,7 +58,8 @@ bool adapter_names_other_base(const std::string& adapter_dir, const std::string&
 
 // `qlora-train export` without --merge: reads the adapter in `from` (validated as load_peft_adapter does, against
 // `base`'s shapes when given) and writes it to `to` in our PEFT writer's form (fp32 tensors, the config fields
-// PEFT writes). base_model_name_or_path is replaced when non-empty. Returns the adapter's config.
+// PEFT writes). base_model_name_or_path is replaced when non-empty. `to` is new or empty; a copy that fails leaves it
+// so. Returns the adapter's config.
 PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& to,
                                     const std::string& base_model_name_or_path, const LlamaConfig* base = nullptr);
 

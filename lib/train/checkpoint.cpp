@@ -177,13 +177,10 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
   files::write_file_atomically(files::join(tmp, kComplete), name + "\n" + kStateFile + " fnv1a64 " +
                                                      file_hash(files::join(tmp, kStateFile)) + "\n");
   files::sync_path(tmp);
-  // Replace a checkpoint of the same step (a resumed run saving again) only once the new one is complete.
-  std::string old;
-  if (files::exists(final_dir)) {
-    old = tmp + ".old";
-    files::rename_path(final_dir, old);
-  }
-  files::rename_path(tmp, final_dir);
+  // Replace a checkpoint of the same step (a resumed run saving again) only once the new one is complete, and in one
+  // step: moved aside first, it stayed aside when the second rename failed (or the process died between the two),
+  // named as a killed save's partial directory, and the next save removed it.
+  const std::string old = files::replace_path(tmp, final_dir, tmp + ".old");
   cleanup.keep();
   files::sync_path(output_dir);
   // The new checkpoint is complete: what cannot be removed now (the replaced one, old checkpoints past keep_last,

@@ -728,13 +728,24 @@ std::string Checkpointer::write_final() {
   const std::string dir = files::join(cfg_.output_dir, m_.full ? "model" : "adapter");
   parallel_.gather_lora();
   if (s_.rank0) {
-    files::remove_tree(dir);
+    // Written beside it and put in its place whole: written in place, a failed write (a full disk) left
+    // adapter_model.safetensors without adapter_config.json, and the earlier run's adapter was gone before it began.
+    const std::string name = files::base_name(dir);
+    for (const auto& f : files::list_dir(cfg_.output_dir))  // what a killed write left (this run holds output_dir)
+      if (f.rfind("." + name + ".tmp-", 0) == 0) files::remove_tree(files::join(cfg_.output_dir, f));
+    const std::string tmp = files::join(cfg_.output_dir, "." + name + ".tmp-" + std::to_string(::getpid()));
+    files::RemoveUnlessKept cleanup(tmp);
     if (m_.full) {
-      save_merged_model(*m_.model, cfg_.model.path, dir, m_.model->config.dtype);
+      save_merged_model(*m_.model, cfg_.model.path, tmp, m_.model->config.dtype);
     } else {
-      files::make_dirs(dir);
-      write_adapter(dir);
+      files::make_dirs(tmp);
+      write_adapter(tmp);
+      files::sync_path(tmp);
     }
+    const std::string old = files::replace_path(tmp, dir, tmp + ".old");
+    cleanup.keep();
+    files::sync_path(cfg_.output_dir);
+    if (!old.empty()) files::remove_tree(old);
     metrics_.write_plot();
   }
   parallel_.release_lora();
