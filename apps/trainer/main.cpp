@@ -138,6 +138,8 @@ void print_error(const std::string& kind, const std::string& message) {
 }
 
 int run_train(const TrainArgs& args) {
+  // Before output_dir is looked at: what every rank finds there (an incomplete checkpoint) is said once, by rank 0.
+  qt::log::set_rank(qt::read_launch_env().rank);
   qt::RunConfig config = qt::RunConfig::load(args.config, args.overrides);
   if (!args.log_level.empty()) config.log_level = args.log_level;
   std::signal(SIGTERM, on_stop_signal);

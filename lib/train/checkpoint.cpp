@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <thread>
 
@@ -56,9 +57,16 @@ void test_delay() {
 int64_t checkpoint_step(const std::string& name) {
   const std::string prefix = "checkpoint-";
   if (name.rfind(prefix, 0) != 0 || name.size() == prefix.size()) return -1;
-  for (size_t i = prefix.size(); i < name.size(); ++i)
+  // (Digits past int64, checkpoint-99999999999999999999 made by hand, are no checkpoint of ours: std::stoll threw,
+  // and `--resume auto` and every save ended in "internal error: stoll".)
+  int64_t step = 0;
+  for (size_t i = prefix.size(); i < name.size(); ++i) {
     if (name[i] < '0' || name[i] > '9') return -1;
-  return std::stoll(name.substr(prefix.size()));
+    const int digit = name[i] - '0';
+    if (step > (std::numeric_limits<int64_t>::max() - digit) / 10) return -1;
+    step = step * 10 + digit;
+  }
+  return step;
 }
 
 void flatten(const Json& j, const std::string& prefix, std::map<std::string, Json>& out) {
@@ -295,7 +303,7 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
   std::vector<std::pair<int64_t, std::string>> found;
   for (const auto& f : files::list_dir(output_dir)) {
     if (f.rfind(".checkpoint-", 0) == 0)
-      log::warn("ignoring the incomplete checkpoint " + files::join(output_dir, f) + " (a save that was interrupted)");
+      log::warn_rank0("ignoring the incomplete checkpoint " + files::join(output_dir, f) + " (a save that was interrupted)");
     int64_t s = checkpoint_step(f);
     if (s >= 0) found.emplace_back(s, files::join(output_dir, f));
   }
@@ -305,7 +313,7 @@ std::optional<std::string> find_latest_checkpoint(const std::string& output_dir)
       load_checkpoint(path);
       return path;
     } catch (const Error& e) {
-      log::warn(std::string("ignoring checkpoint ") + path + ": " + e.what());
+      log::warn_rank0(std::string("ignoring checkpoint ") + path + ": " + e.what());
     }
   }
   return std::nullopt;
@@ -356,7 +364,7 @@ void check_resume_progress(const TrainerState& saved, const TrainerState& curren
   std::string what;
   for (const auto& c : changed) what += (what.empty() ? "" : "; ") + c;
   if (allow_changes) {
-    log::warn("resuming " + checkpoint_dir + " with changes (--resume-allow-changes): " + what);
+    log::warn_rank0("resuming " + checkpoint_dir + " with changes (--resume-allow-changes): " + what);
     return;
   }
   fail_at(ErrorKind::Checkpoint, checkpoint_dir,
@@ -399,7 +407,7 @@ void check_resume_compatible(const Json& saved, const Json& current, const std::
   };
   if (differ.empty() && moved.empty()) return;
   if (differ.empty() && allow_changes) {
-    log::warn("resuming " + checkpoint_dir + " with files named by other paths (--resume-allow-changes): " + join(moved) +
+    log::warn_rank0("resuming " + checkpoint_dir + " with files named by other paths (--resume-allow-changes): " + join(moved) +
               ". data.train_file's content is checked by its hash; the model's is not: it must hold the same weights");
     return;
   }

@@ -53,6 +53,15 @@ def main():
                        text=True, env={**ENV, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
     said = (p.stderr + p.stdout).count("with no assistant message")
     check(p.returncode == 0 and said == 1, f"2 ranks: the data's warning once (exit {p.returncode}, {said} times)")
+    # ... and so do the resume's warnings (every rank printed them before, fuzzing round 9): an interrupted save
+    # passed over, a resume with a changed schedule length.
+    (TMP / "chat_2" / ".checkpoint-9.tmp-1").mkdir()
+    cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "train": {"steps": 3, "batch_size": 2}}))
+    p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg), "--resume", "auto",
+                        "--resume-allow-changes"], capture_output=True, text=True,
+                       env={**ENV, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    said = [(p.stderr + p.stdout).count(w) for w in ("ignoring the incomplete checkpoint", "with changes")]
+    check(p.returncode == 0 and said == [1, 1], f"2 ranks: the resume's warnings once (exit {p.returncode}, {said} times)")
     p = run("--config", config("chat_all", train_file=str(TMP / "chat.jsonl"), chat_template="llama2", max_seq_len=128,
                                train_on_prompt=True))
     check(p.returncode == 0 and "no assistant message" not in p.stderr, "not with data.train_on_prompt (they train)")
