@@ -116,6 +116,13 @@ TEST_CASE("keep_last prunes old checkpoints only after the new one is complete",
   qt::files::make_dirs(out + "/.checkpoint-9.tmp-12345");
   qt::save_checkpoint(out, sample_contents(6), fake_adapter, 2);
   CHECK(qt::files::list_dir(out) == std::vector<std::string>{"checkpoint-4", "checkpoint-6"});
+  // A directory named past int64's steps (made by hand) is no checkpoint: it was "internal error: stoll" at every
+  // save and --resume auto.
+  qt::files::make_dirs(out + "/checkpoint-99999999999999999999");
+  CHECK(qt::find_latest_checkpoint(out) == out + "/checkpoint-6");
+  qt::save_checkpoint(out, sample_contents(7), fake_adapter, 2);
+  CHECK(qt::files::list_dir(out) ==
+        std::vector<std::string>{"checkpoint-6", "checkpoint-7", "checkpoint-99999999999999999999"});
 }
 
 TEST_CASE("a full disk while copying or writing a file is an error naming it and never a shorter file", "[checkpoint]") {
