@@ -222,6 +222,7 @@ TEST_CASE("a torchrun rank whose store cannot be reached fails in its timeout wi
     CHECK(e->kind() == qt::ErrorKind::Device);
     CHECK(has(e->what(), "rank 1: TCPStore at " + addr + ":1: cannot connect"));
     CHECK(has(e->what(), "does not resolve") == (addr != "127.0.0.1"));
+    CHECK(has(e->what(), "is rank 0 (or torchrun's agent) running at MASTER_ADDR:MASTER_PORT?"));
     // c10's message without its C++ backtrace (it filled the one error line with 20 lines of frames).
     CHECK(!has(e->what(), "frame #"));
     CHECK(!has(e->what(), "Exception raised from"));

@@ -20,9 +20,12 @@ std::string env_or(const char* name, const char* fallback) {
 std::vector<uint8_t> bytes(const std::string& s) { return {s.begin(), s.end()}; }
 
 // c10d's errors without c10's C++ backtrace: what() appends 20-odd lines of frames to the one error line.
+// (Its closing period dropped: our text goes on after it.)
 std::string message_of(const std::exception& e) {
-  if (const auto* c10_error = dynamic_cast<const c10::Error*>(&e)) return c10_error->what_without_backtrace();
-  return e.what();
+  const auto* c10_error = dynamic_cast<const c10::Error*>(&e);
+  std::string m = c10_error ? c10_error->what_without_backtrace() : e.what();
+  while (!m.empty() && (m.back() == '.' || m.back() == '\n' || m.back() == ' ')) m.pop_back();
+  return m;
 }
 
 // " (MASTER_ADDR 'x' does not resolve: ...)" when the host name does not resolve now, else "": c10d only says that
@@ -70,8 +73,10 @@ StoreRendezvous::StoreRendezvous(const LaunchEnv& env, std::chrono::milliseconds
   try {
     impl_->store = c10::make_intrusive<c10d::TCPStore>(env.master_addr, opts);
   } catch (const std::exception& e) {
-    fail(ErrorKind::Device, impl_->where() + ": cannot " + (impl_->server ? "serve" : "connect") + ": " +
-                                message_of(e) + resolve_failure(env.master_addr));
+    fail(ErrorKind::Device,
+         impl_->where() + ": cannot " + (impl_->server ? "serve" : "connect") + ": " + message_of(e) +
+             resolve_failure(env.master_addr) +
+             (impl_->server ? "" : "; is rank 0 (or torchrun's agent) running at MASTER_ADDR:MASTER_PORT?"));
   }
 }
 
