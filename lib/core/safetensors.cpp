@@ -257,7 +257,11 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
     ::unlink(tmp.c_str());
     fail_at(ErrorKind::Io, tmp, std::string("fsync failed: ") + std::strerror(err));
   }
-  ::close(fd);
+  if (::close(fd) != 0) {  // (NFS reports a failed write-back here; it was not checked)
+    int err = errno;
+    ::unlink(tmp.c_str());
+    fail_at(ErrorKind::Io, tmp, std::string("close failed: ") + std::strerror(err));
+  }
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
     int err = errno;
     ::unlink(tmp.c_str());

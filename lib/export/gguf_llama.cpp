@@ -343,13 +343,7 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   const std::string gguf_tmp = out.add(stats.gguf_path);
   const std::string modelfile_tmp = out.add(stats.modelfile_path);
   w.write(gguf_tmp);
-  if (std::FILE* f = std::fopen(modelfile_tmp.c_str(), "wb")) {
-    const bool written = std::fwrite(modelfile.text.data(), 1, modelfile.text.size(), f) == modelfile.text.size();
-    if (std::fclose(f) != 0 || !written) fail_at(ErrorKind::Io, modelfile_tmp, "write failed");
-  } else {
-    fail_at(ErrorKind::Io, modelfile_tmp, "cannot create");
-  }
-  files::sync_path(modelfile_tmp);
+  files::write_file_atomically(modelfile_tmp, modelfile.text);  // (its errors name errno's text: "write failed" alone)
   out.commit();
   stats.tensors = w.tensor_count();
   stats.bytes = files::file_size(stats.gguf_path);

@@ -56,7 +56,7 @@ std::string StepProfile::finish(const std::string& dir) {
                   rows[i].first.c_str());
     table += line;
   }
-  std::ofstream(files::join(dir, "profile_kernels.txt")) << table;
+  files::write_file_atomically(files::join(dir, "profile_kernels.txt"), table);  // (was unchecked: cut short on a full disk)
   return table;
 }
 
