@@ -173,13 +173,14 @@ bool write_all(int fd, const char* p, size_t n) {
 }
 
 // Writes what `fill` writes (it returns false with errno set on a failed write) to `path`, created or truncated,
-// then fsync and close, each checked. Throws qt::Error(Io) naming the file, the operation and errno's text.
+// then fsync (unless `sync` is false) and close, each checked. Throws qt::Error(Io) naming the file, the operation
+// and errno's text.
 template <typename Fill>
-void write_synced(const std::string& path, Fill&& fill) {
+void write_synced(const std::string& path, Fill&& fill, bool sync = true) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) io_fail(path, "cannot be created");
   fill(fd);
-  if (::fsync(fd) != 0) close_and_fail(fd, path, "fsync failed");
+  if (sync && ::fsync(fd) != 0) close_and_fail(fd, path, "fsync failed");
   if (::close(fd) != 0) io_fail(path, "close failed");  // (NFS reports a failed write-back here)
 }
 
@@ -205,12 +206,14 @@ void copy_file(const std::string& from, const std::string& to) {
   });
 }
 
-void write_file_atomically(const std::string& path, const std::string& text) {
+void write_file_atomically(const std::string& path, const std::string& text, bool sync) {
   const std::string tmp = path + ".tmp";
   RemoveUnlessKept cleanup(tmp);
-  write_synced(tmp, [&](int fd) {
-    if (!write_all(fd, text.data(), text.size())) close_and_fail(fd, tmp, "write failed");
-  });
+  write_synced(
+      tmp, [&](int fd) {
+        if (!write_all(fd, text.data(), text.size())) close_and_fail(fd, tmp, "write failed");
+      },
+      sync);
   rename_path(tmp, path);
   cleanup.keep();
 }

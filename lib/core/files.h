@@ -61,7 +61,9 @@ std::vector<std::string> list_dir(const std::string& path);
 void copy_file(const std::string& from, const std::string& to);
 // `text` as the whole of `path`, or `path` untouched: written to path + ".tmp", fsync'ed, renamed over `path`; on a
 // failure the temporary file is removed and qt::Error(Io) names the file, the operation and errno's text.
-void write_file_atomically(const std::string& path, const std::string& text);
+// sync false: no fsync (readers still see the old file or the new one whole; a power loss may leave either): for
+// files rewritten at every step, where the fsync would stall the step (the loss plot).
+void write_file_atomically(const std::string& path, const std::string& text, bool sync = true);
 void copy_tree(const std::string& from, const std::string& to);  // directories and regular files
 // fsync a file or a directory (a rename is durable only once its directory is synced).
 void sync_path(const std::string& path);
