@@ -68,9 +68,14 @@ std::string prepare_output_dir(const std::string& output_dir, const std::string&
     old.erase(std::remove_if(old.begin(), old.end(), is_pre_checkpoint_file), old.end());
     overwrite = overwrite || old.empty();
     if (!overwrite) {
+      // Checkpoints alone, none of which loads (a file deleted by hand, a damaged disk), are no finished run: said so
+      // (it read "holds a finished run (checkpoint-2)").
+      const bool damaged = std::all_of(old.begin(), old.end(), [](const std::string& n) { return starts_with(n, "checkpoint-"); });
       fail_key(ErrorKind::Config, config_file, "output_dir",
-               "'" + output_dir + "' holds a finished run (" + join_names(old) +
-                   ") and no checkpoint to resume; use another output_dir, or --overwrite-output-dir (without --resume) to replace it");
+               "'" + output_dir + "' holds " +
+                   (damaged ? "checkpoints none of which loads (" + join_names(old) + "; the warnings above say why)"
+                            : "a finished run (" + join_names(old) + ") and no checkpoint to resume") +
+                   "; use another output_dir, or --overwrite-output-dir (without --resume) to replace it");
     }
     old = run_files(output_dir);
   } else if (!old.empty() && !overwrite && std::all_of(old.begin(), old.end(), is_pre_checkpoint_file)) {

@@ -127,6 +127,15 @@ def main():
     records = [json.loads(l) for l in (TMP / "pre" / "metrics.jsonl").read_text().splitlines()]
     check(p.returncode == 0 and "plan" in records[0] and [r["loss"] for r in records if "loss" in r][0] != 9.0,
           f"--resume auto replaces what a run left before its first checkpoint (exit {p.returncode})")
+    # Its only checkpoint damaged (a file deleted by hand): refused, saying so (it read "holds a finished run"), the
+    # checkpoint left as it is.
+    shutil.copytree(TMP / "fresh", TMP / "damaged", ignore=shutil.ignore_patterns("adapter", "checkpoint-1"))
+    (TMP / "damaged" / "checkpoint-2" / "optimizer.safetensors").unlink()
+    p = train(write_config("damaged"), "--resume", "auto")
+    check(p.returncode == 3 and "optimizer.safetensors: missing from the checkpoint" in p.stderr
+          and "holds checkpoints none of which loads (checkpoint-2" in last_line(p)
+          and (TMP / "damaged" / "checkpoint-2" / "COMPLETE").exists(),
+          f"--resume auto with its only checkpoint damaged: exit 3 naming it (exit {p.returncode}) {last_line(p)}")
     p = train(write_config("fresh2"), "--resume", str(TMP / "fresh2" / "checkpoint-9"))
     check(p.returncode == 6 and "checkpoint-9" in p.stderr, f"--resume PATH without a checkpoint is an error (exit {p.returncode})")
 
