@@ -9,6 +9,7 @@
 #include <map>
 #include <cmath>
 #include <random>
+#include <sstream>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -64,7 +65,7 @@ Json run_bench(const BenchOptions& o) {
   const std::string data = files::join(o.out, "tokens.jsonl");
   double tokens = 0, squares = 0;  // the documents' lengths summed, and their squares: the attention span
   {
-    std::ofstream f(data);
+    std::ostringstream f;  // (written whole below: an ofstream's last buffer was flushed unchecked at its close)
     std::mt19937_64 rng(0);
     std::uniform_int_distribution<int64_t> token(0, shape.vocab_size - 1);
     std::lognormal_distribution<double> doc_len(std::log(static_cast<double>(std::max<int64_t>(o.doc_tokens, 1))), 1.0);
@@ -86,7 +87,7 @@ Json run_bench(const BenchOptions& o) {
         left -= left - len < 8 ? left : len;
       }
     }
-    if (!f) fail_at(ErrorKind::Io, data, "cannot be written");
+    files::write_file_atomically(data, f.str());
   }
   const std::string run_dir = files::join(o.out, "run");
   files::remove_tree(run_dir);
@@ -104,11 +105,7 @@ Json run_bench(const BenchOptions& o) {
               {"checkpoint", {{"every", 0}}},
               {"logging", {{"progress", "lines"}}}};
   const std::string cfg_path = files::join(o.out, "bench_config.json");
-  {
-    std::ofstream f(cfg_path);
-    f << cfg.dump(2) << "\n";
-    if (!f) fail_at(ErrorKind::Io, cfg_path, "cannot be written");
-  }
+  write_json_file(cfg_path, cfg);
   RunConfig config = RunConfig::load(cfg_path, o.overrides);
   if (!o.log_level.empty()) config.log_level = o.log_level;
   train(config, TrainOptions{});
