@@ -745,7 +745,11 @@ std::string Checkpointer::write_final() {
     const std::string old = files::replace_path(tmp, dir, tmp + ".old");
     cleanup.keep();
     files::sync_path(cfg_.output_dir);
-    if (!old.empty()) files::remove_tree(old);
+    try {  // (the new one is in place: what cannot be removed of the old one is no error of the run)
+      if (!old.empty()) files::remove_tree(old);
+    } catch (const Error& e) {
+      log::warn("could not remove the replaced " + old + " (" + e.what() + "); the run goes on");
+    }
     metrics_.write_plot();
   }
   parallel_.release_lora();
