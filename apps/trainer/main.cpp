@@ -166,6 +166,10 @@ int run_train(const TrainArgs& args) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // A file past the process's file size limit (ulimit -f, a batch system's quota) fails its write with EFBIG, which
+  // the writers report naming the file (exit 8, the last checkpoint kept), instead of SIGXFSZ killing the process
+  // with no word of its own and a half-written checkpoint directory (fuzzing round 10).
+  std::signal(SIGXFSZ, SIG_IGN);
   CLI::App app{"qlora-train: QLoRA fine-tuning of LLaMA-family models (NF4 base, LoRA adapters)"};
   app.set_version_flag("--version", std::string("qlora-train ") + QT_VERSION + " (commit " + QT_GIT_COMMIT +
                                         ", LibTorch " + TORCH_VERSION + ", CUDA kernels " +

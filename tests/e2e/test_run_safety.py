@@ -47,6 +47,19 @@ def main():
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     tiny_lm.write_text_jsonl(TMP / "train.jsonl", 16, 21)
 
+    # A file size limit (ulimit -f) the first checkpoint's optimizer state passes: the write fails naming the file
+    # and EFBIG, exit 8 (SIGXFSZ killed the process with no message, exit 153, before it was ignored); the run
+    # resumed without the limit completes.
+    import resource
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (60000, 60000))  # the adapter 39 KB, AdamW's 79 KB
+    p = subprocess.run([BIN, "--config", str(write_config("fsz"))], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=limit)
+    check(p.returncode == 8 and "optimizer.safetensors" in p.stderr and "File too large" in p.stderr,
+          f"a file past the size limit is an I/O error naming it, not SIGXFSZ (exit {p.returncode}): {last_line(p)}")
+    p = train(write_config("fsz"), "--resume", "auto")
+    check(p.returncode == 0 and (TMP / "fsz" / "adapter" / "adapter_model.safetensors").is_file(),
+          f"the run resumed without the limit completes (exit {p.returncode}): {last_line(p)}")
+
     # A finished run, then a new run into its directory: refused at start, naming the files, none of them touched.
     p = train(write_config("o"))
     check(p.returncode == 0, f"a first run exits 0 ({p.returncode}) {last_line(p)}")
