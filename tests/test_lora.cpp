@@ -32,6 +32,7 @@
 #include "lib/model/weight_streaming.h"
 #include "lib/quant/nf4.h"
 #include "lib/train/adamw.h"
+#include "lib/train/exact_match.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -1810,4 +1811,38 @@ TEST_CASE("with the attention output kept on the device, a checkpointed block's 
                   << hooks.at_start[i - 1] / H << " H at the block before");
     CHECK(hooks.at_start[i] < hooks.at_start[i - 1]);
   }
+}
+
+TEST_CASE("exact match over ranks: each share answers its records (index modulo the ranks), and the shares' counts "
+          "sum to the whole's",
+          "[generate]") {
+  const auto tok = qt::load_tokenizer(fixture("data/llama3"));
+  qt::LlamaModel model = qt::random_llama(qt::test::tiny_llama_config(tok->vocab_size()), {at::kCPU, at::kFloat}, 4);
+  qt::DataConfig data;
+  data.format = qt::RecordFormat::Alpaca;
+  data.max_seq_len = 256;
+  // The model's own greedy answers (its three examples) become the expected answers of records 0 and 1.
+  const qt::ExactMatchResult first = qt::exact_match(model, *tok, data, fixture("data/alpaca_llama3.jsonl"), 3, 2);
+  REQUIRE(first.samples.size() == 3);
+  const std::string path = qt::test::scratch_dir("exact_match_shares") + "/em.jsonl";
+  {
+    std::ifstream in(fixture("data/alpaca_llama3.jsonl"));
+    std::ofstream out(path);
+    std::string line;
+    for (size_t i = 0; std::getline(in, line) && i < 3; ++i) {
+      qt::Json j = qt::Json::parse(line);
+      const std::string& s = first.samples[i];
+      j["output"] = i < 2 ? s.substr(1, s.find("' (expected '") - 1) : std::string("not this answer");
+      out << j.dump() << "\n";
+    }
+  }
+  const qt::ExactMatchResult whole = qt::exact_match(model, *tok, data, path, 3, 2);
+  const qt::ExactMatchResult r0 = qt::exact_match(model, *tok, data, path, 3, 2, 0, 2);
+  const qt::ExactMatchResult r1 = qt::exact_match(model, *tok, data, path, 3, 2, 1, 2);
+  CHECK(whole.total == 3);
+  CHECK(whole.correct == 2);
+  CHECK(r0.total == 2);  // records 0 and 2
+  CHECK(r0.correct == 1);
+  CHECK(r1.total == 1);  // record 1
+  CHECK(r1.correct == 1);
 }

@@ -22,7 +22,8 @@ std::string trim(const std::string& s) {
 }  // namespace
 
 ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, const DataConfig& data,
-                             const std::string& path, int64_t max_examples, int64_t max_new_tokens) {
+                             const std::string& path, int64_t max_examples, int64_t max_new_tokens, int shard,
+                             int shards) {
   at::NoGradGuard no_grad;
   model.set_training(false);
   ExactMatchResult r;
@@ -31,8 +32,10 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
   if (tokenizer.eos_id() >= 0) gen.stop_ids.push_back(tokenizer.eos_id());
   for (const char* t : {"<|eot_id|>", "<|end_of_text|>"})
     if (tokenizer.token_to_id(t) >= 0) gen.stop_ids.push_back(tokenizer.token_to_id(t));
+  int64_t index = 0;
   for (const auto& record : read_jsonl(path)) {
-    if (r.total >= max_examples) break;
+    if (index >= max_examples) break;
+    const bool mine = index++ % shards == shard;
     const std::string where = path + ":" + std::to_string(record.line);
     std::string expected;
     if (record.value.contains("output")) {
@@ -46,6 +49,7 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
     Example e = tokenize_record(record.value, where, data, tokenizer);
     const std::vector<int32_t> prompt = prompt_tokens(e);
     if (prompt.empty()) fail_at(ErrorKind::Data, where, "the record has no prompt tokens");
+    if (!mine) continue;
     GenerateResult g = generate_tokens(model, prompt, gen);
     std::vector<int32_t> answer = g.tokens;
     if (g.stopped && !answer.empty()) answer.pop_back();

@@ -664,14 +664,27 @@ std::pair<double, int64_t> Evaluator::loss(int64_t step) {
   }
 }
 
-// Sharded blocks gather collectively: every rank generates (the same greedy tokens); rank 0 logs.
-bool Evaluator::runs_task_metric() const { return s_.rank0 || parallel_.sharded(); }
-
+// Every rank takes part. Sharded blocks gather collectively: every rank generates every answer (the same greedy
+// tokens). Data parallel: each rank generates its share of the records and the counts are summed (rank 0 alone used
+// to generate them all while the others waited in their next collective, which timed out after 10 minutes on a long
+// evaluation). Rank 0 logs, with examples from its share.
 double Evaluator::task_metric(const char* when, int64_t step) {
   GatherScope embeddings(parallel_.sharded(), FullyShard::Root::Embeddings),
       head(parallel_.sharded(), FullyShard::Root::LmHead);
+  const bool split = !parallel_.sharded() && s_.world > 1;
   ExactMatchResult em = exact_match(*m_.model, *d_.tokenizer, d_.data->config(), cfg_.eval.exact_match_file,
-                                    cfg_.eval.max_examples, cfg_.eval.max_new_tokens);
+                                    cfg_.eval.max_examples, cfg_.eval.max_new_tokens, split ? s_.comm->rank() : 0,
+                                    split ? s_.world : 1);
+  if (split) {
+    const auto wire = s_.device.is_cuda() ? at::kFloat : at::kDouble;  // (counts exact in float below 2^24)
+    at::Tensor counts = at::tensor(std::vector<double>{static_cast<double>(em.correct), static_cast<double>(em.total)},
+                                   at::TensorOptions().dtype(at::kDouble))
+                            .to(s_.device, wire);
+    s_.comm->all_reduce(counts);
+    counts = counts.to(at::kCPU, at::kDouble);
+    em.correct = std::llround(counts[0].item<double>());
+    em.total = std::llround(counts[1].item<double>());
+  }
   std::string line = std::string("exact-match accuracy ") + when + ": " + std::to_string(em.correct) + "/" +
                      std::to_string(em.total) + " (" + std::to_string(100.0 * em.accuracy()).substr(0, 5) + "%)";
   for (const auto& sample : em.samples) line += "\n    e.g. " + sample;

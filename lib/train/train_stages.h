@@ -189,8 +189,7 @@ class Evaluator {
   bool has_data() const { return d_.data->has_eval(); }
   // The mean loss over the held-out targets and their count (collective).
   std::pair<double, int64_t> loss(int64_t step);
-  // Logs the exact-match accuracy of greedy answers; its accuracy (every rank when sharded, else rank 0 alone).
-  bool runs_task_metric() const;
+  // Logs the exact-match accuracy of greedy answers; its accuracy (collective: every rank calls it).
   double task_metric(const char* when, int64_t step);
 
  private:

@@ -318,7 +318,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   Checkpointer checkpointer(cfg, s, m, d, *parallel, *opt, metrics, hooks);
 
   TrainSummary summary;
-  if (!cfg.eval.exact_match_file.empty() && state.step == 0 && evaluator.runs_task_metric())
+  if (!cfg.eval.exact_match_file.empty() && state.step == 0)
     summary.exact_match_before = evaluator.task_metric("before training", state.step);
   double first_loss = NAN, last_loss = NAN;
   int64_t run_tokens = 0, run_inputs = 0;  // target and input tokens of the steps this process ran
@@ -413,7 +413,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     summary.eval_loss = metrics.eval_losses().back().second;
   }
   if (cfg.checkpoint.every == 0 || state.step % cfg.checkpoint.every != 0) checkpointer.save(state);
-  if (!cfg.eval.exact_match_file.empty() && evaluator.runs_task_metric())
+  if (!cfg.eval.exact_match_file.empty())
     summary.exact_match_after = evaluator.task_metric("after training", state.step);
   summary.adapter_dir = checkpointer.write_final();
   summary.steps = state.step;

@@ -205,7 +205,8 @@ def main():
     em_over = {"data__train_file": str(TMP / "alpaca.jsonl"), "data__format": "alpaca", "data__eval_fraction": 0.0, "data__max_seq_len": 192,
                "train__steps": 2, "train__eval_every": 0}
     em_lines = {}
-    for np, name, over in ((0, "em_ref", {"train__shard": "none"}), (2, "em2", {"train__shard_embeddings": True})):
+    for np, name, over in ((0, "em_ref", {"train__shard": "none"}), (2, "em2", {"train__shard_embeddings": True}),
+                           (2, "em_dp", {"train__shard": "none"})):
         cfg = json.loads(write_config(name, **em_over, **over).read_text())
         cfg["eval"] = {"exact_match_file": str(TMP / "alpaca.jsonl"), "max_examples": 3, "max_new_tokens": 4}
         (TMP / f"{name}.json").write_text(json.dumps(cfg))
@@ -213,6 +214,15 @@ def main():
         em_lines[name] = [l.strip() for l in p.stderr.splitlines() if "exact-match accuracy" in l or l.strip().startswith("e.g.")]
     check(len(em_lines["em_ref"]) >= 4 and em_lines["em2"] == em_lines["em_ref"],
           f"exact match on 2 sharded ranks logs once what one process logs ({em_lines['em2'][:2]} vs {em_lines['em_ref'][:2]})")
+    # Data parallel: each rank answers its share (rank 0 records 0 and 2, rank 1 record 1; rank 0 alone answered all
+    # three while rank 1 waited in its next collective, whose 10-minute timeout a long evaluation passed); the
+    # counts summed over the ranks give the single process's accuracy lines (the examples are rank 0's).
+    acc = lambda name: [l for l in em_lines[name] if "exact-match accuracy" in l]
+    check(len(acc("em_ref")) == 2 and acc("em_dp") == acc("em_ref"),
+          f"exact match on 2 data-parallel ranks sums their shares to one process's accuracy ({acc('em_dp')} vs {acc('em_ref')})")
+    dp_metrics = [json.loads(l) for l in (TMP / "em_dp" / "metrics.jsonl").read_text().splitlines() if "exact_match" in l]
+    check(len(dp_metrics) == 2 and all(m["exact_match_total"] == 3 for m in dp_metrics),
+          f"metrics.jsonl holds the summed counts: {dp_metrics}")
 
     # Bad launches: ranks started with different configs stop at once naming the rank (MPMD launch) ...
     cfg_a, cfg_b = write_config("mm"), write_config("mm_b", optim__lr=1e-3)
