@@ -224,6 +224,10 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"memory": {"attention": "fa3"}}})",
          {"train.memory.attention", "\"cudnn\" or \"flash\""});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"neftune_alpha": -1}})", {"train.neftune_alpha", ">= 0"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"collective_timeout_s": 0}})",
+         {"train.collective_timeout_s", "from 1 to 604800"});
+  expect(R"({"output_dir": "o", "model": {"path": "m"}, "train": {"collective_timeout_s": 1e300}})",
+         {"train.collective_timeout_s", "from 1 to 604800"});
   expect(R"({"output_dir": "o", "model": {"path": "m"}, "optim": {"lr": 1e-4, "embedding_lr": -1}})", {"optim.embedding_lr", "[0, 1)"});
   // A directory given as the run config.
   try {

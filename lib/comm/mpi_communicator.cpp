@@ -58,7 +58,7 @@ struct MpiCommunicator::Impl {
         req = MPI_REQUEST_NULL;
         broken = op_label(rank, "mpi", collective) + ": did not complete within " +
                  std::to_string(options.timeout.count()) +
-                 " ms; another rank may have died, be stuck, or have called a different collective";
+                 " ms (train.collective_timeout_s); another rank may have died, be stuck, or have called a different collective";
         fail(ErrorKind::Device, broken);
       }
       // Spin briefly (collectives between local ranks finish in microseconds), then back off so that a rank

@@ -123,7 +123,7 @@ struct NcclCommunicator::Impl {
       if (state != ncclInProgress) fail_locked(label(collective) + ": " + nccl_message(comm, state));
       if (Clock::now() > deadline)
         fail_locked(label(collective) + ": not ready within " + std::to_string(options.timeout.count()) +
-                    " ms; another rank may have died or not reached this call");
+                    " ms (train.collective_timeout_s); another rank may have died or not reached this call");
       std::this_thread::yield();
     }
   }
@@ -147,7 +147,7 @@ struct NcclCommunicator::Impl {
         if (w.done->query()) continue;
         if (now > w.deadline) {
           abort_locked(w.label + ": did not complete within " + std::to_string(options.timeout.count()) +
-                       " ms; another rank may have died, be stuck, or have called a different collective");
+                       " ms (train.collective_timeout_s); another rank may have died, be stuck, or have called a different collective");
           still.clear();
           break;
         }

@@ -379,7 +379,7 @@ void check_resume_compatible(const Json& saved, const Json& current, const std::
   static const std::vector<std::string> kMayChange = {"train.steps",      "train.epochs",  "train.log_every",
                                                       "train.eval_every", "train.micro_batch_size", "train.memory",
                                                       "train.grad_checkpointing", "train.offload_activations", "train.mlp_chunk_tokens", "train.attention", "train.keep_attention", "train.fuse_projections", "train.keep_dequantized", "train.fuse_lora_swiglu", "train.lora_b_in_gemm", "train.keep_qkv", "train.keep_residual",
-                                                      "train.shard", "train.shard_embeddings",
+                                                      "train.shard", "train.shard_embeddings", "train.collective_timeout_s",
                                                       "checkpoint",       "logging",          "output_dir"};
   // Where files are: a run moved to another machine or directory resumes with --resume-allow-changes (the training
   // file's content is checked by its hash in check_resume_progress; the model's is not).

@@ -112,7 +112,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
                to.rfind("nothing: ", 0) == 0 ? "is no longer a setting (" + to.substr(9) + ")"
                                              : "has moved to " + to + " (README, \"Memory and speed\")");
   reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "memory", "neftune_alpha", "seed",
-                          "eval_every", "log_every", "loss", "full_finetune", "shard", "shard_embeddings"},
+                          "eval_every", "log_every", "loss", "full_finetune", "shard", "shard_embeddings",
+                          "collective_timeout_s"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
   c.train.steps = tr.get_int("steps", c.train.steps);
@@ -159,6 +160,10 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   c.train.shard_embeddings = tr.get_bool("shard_embeddings", c.train.shard_embeddings);
   if (c.train.shard_embeddings && c.train.shard != "blocks")
     fail_key(ErrorKind::Config, file, "train.shard_embeddings", "shards the embeddings along with the blocks: set train.shard to \"blocks\"");
+  c.train.collective_timeout_s = tr.get_double("collective_timeout_s", c.train.collective_timeout_s);
+  if (!(c.train.collective_timeout_s >= 1 && c.train.collective_timeout_s <= 7 * 24 * 3600.0))
+    fail_key(ErrorKind::Config, file, "train.collective_timeout_s",
+             "must be seconds from 1 to 604800 (a week): how long a collective waits for the other ranks");
   c.train.loss = tr.get_string("loss", c.train.loss);
   if (c.train.loss != "fused" && c.train.loss != "plain")
     fail_key(ErrorKind::Config, file, "train.loss", "'" + c.train.loss + "': expected fused or plain");
@@ -260,7 +265,8 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
                 {"loss", c.train.loss},
                 {"full_finetune", c.train.full_finetune},
                 {"shard", c.train.shard},
-                {"shard_embeddings", c.train.shard_embeddings}};
+                {"shard_embeddings", c.train.shard_embeddings},
+                {"collective_timeout_s", c.train.collective_timeout_s}};
   j["optim"] = {{"lr", c.optim.lr},
                 {"weight_decay", c.optim.weight_decay},
                 {"beta1", c.optim.beta1},

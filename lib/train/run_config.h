@@ -49,6 +49,10 @@ struct TrainSection {
   std::string shard = "none";
   // With shard "blocks": embed_tokens and lm_head are sharded too (gathered around their use), else replicated.
   bool shard_embeddings = false;
+  // Seconds a collective (and the start's rendezvous) may wait for the other ranks before the run ends with an
+  // error naming it (PyTorch's init_process_group timeout). A rank that stalls, or a long evaluation or save on
+  // some ranks only, ends the job after this long instead of hanging.
+  double collective_timeout_s = 600.0;
 };
 
 struct OptimSection {

@@ -344,7 +344,9 @@ Session start_session(const RunConfig& cfg) {
   log::set_rank(s.env.rank);
   s.device = resolve_device(cfg.model.device, s.env);
   s.dtype = resolve_dtype(cfg.model.dtype, s.device);
-  s.comm = make_communicator(s.env, s.device);
+  CommOptions comm_options;
+  comm_options.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.train.collective_timeout_s * 1000));
+  s.comm = make_communicator(s.env, s.device, comm_options);
   check_same_across_ranks(*s.comm, cfg.resolved.dump(), "run config");
   s.rank0 = s.comm->rank() == 0;
   s.world = s.comm->world_size();

@@ -243,6 +243,22 @@ def main():
     check(proc.returncode != 0 and "rank 1" in err and "signal 9" in err,
           f"killing rank 1 ends the job with an error naming it (exit {proc.returncode}): {err.strip().splitlines()[-3:] if err.strip() else ''}")
 
+    # A rank that stalls (stopped: SIGSTOP) ends the job after train.collective_timeout_s with an error naming the
+    # timeout and the key, instead of a hang until the 10-minute default.
+    cfg = write_config("stall", train__steps=200, train__collective_timeout_s=3, checkpoint__every=0)
+    proc = subprocess.Popen(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    t0 = time.time()
+    metrics = TMP / "stall" / "metrics.jsonl"
+    while proc.poll() is None and time.time() - t0 < 120 and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    t1 = time.time()
+    found, err = signal_rank(proc, 1, signal.SIGSTOP)
+    waited = time.time() - t1
+    check(found and proc.returncode != 0 and "within 3000 ms (train.collective_timeout_s)" in err and waited < 60,
+          f"a stalled rank 1 ends the job after train.collective_timeout_s 3 in {waited:.0f}s (exit {proc.returncode}): "
+          f"{err.strip().splitlines()[-3:] if err.strip() else ''}")
+
     # A rank that fails with an error (rank 0 cannot create the output directory: its parent is a file; the other
     # ranks do not create it) ends the job at once with that error and its rank named, instead of the other rank
     # waiting in a collective until the timeout.
