@@ -80,7 +80,7 @@ const CLI::Validator kUnitInterval = CLI::Validator(
 // Each says so on stderr (write(2): async-signal-safe).
 std::atomic<bool> g_stop_requested{false};
 std::atomic<int> g_stop_signal{0};
-std::atomic<bool> g_in_steps{false};
+std::atomic<int> g_phase{qt::kBeforeSteps};
 void say(const char* text) {
   ssize_t ignored = ::write(2, text, std::strlen(text));
   (void)ignored;
@@ -91,7 +91,8 @@ extern "C" void on_stop_signal(int sig) {
   const char* name = sig == SIGINT ? "Ctrl-C (SIGINT)" : "SIGTERM";
   say("\nqlora-train: ");
   say(name);
-  if (second || !g_in_steps.load()) {
+  const int phase = g_phase.load();
+  if (second || phase == qt::kBeforeSteps) {
     say(second ? " again: exiting now, without checkpointing the current step (--resume auto continues from the last "
                  "complete checkpoint)\n"
                : " before the first step: exiting now (nothing to checkpoint yet)\n");
@@ -99,7 +100,10 @@ extern "C" void on_stop_signal(int sig) {
     std::raise(sig);
     return;
   }
-  say(": checkpointing after the current step, then stopping (send it again to exit at once)\n");
+  say(phase == qt::kFinishing
+          ? " after the last step: completing the run's final evaluation and saves (send it again to exit at once; "
+            "--resume auto then completes them)\n"
+          : ": checkpointing after the current step, then stopping (send it again to exit at once)\n");
 }
 
 // eval, export, generate, quantize and bench are one process's work: under mpirun or torchrun with several ranks
@@ -150,9 +154,12 @@ int run_train(const TrainArgs& args) {
                                           config.file);
   options.allow_resume_changes = args.resume_allow_changes;
   options.stop_requested = &g_stop_requested;
-  options.in_steps = &g_in_steps;
+  options.phase = &g_phase;
   qt::TrainSummary s = qt::train(config, options);
-  if (g_stop_requested) return 128 + g_stop_signal.load();  // 143 for SIGTERM, 130 for SIGINT, as shells report
+  // 143 for SIGTERM, 130 for SIGINT, as shells report. A signal after the last step let the run complete: its summary
+  // and exit 0.
+  // A rank stopped by another rank's signal (the ranks agree to stop together) exits as the signalled one would.
+  if (s.stopped) return 128 + (g_stop_signal.load() != 0 ? g_stop_signal.load() : SIGTERM);
   qt::Json out = {{"steps", s.steps}, {"first_loss", s.first_loss}, {"last_loss", s.last_loss},
                   {"seconds", s.seconds}, {"tokens_per_s", s.tokens_per_s},
                   {"target_tokens_per_s", s.target_tokens_per_s}, {"adapter", s.adapter_dir}};

@@ -46,6 +46,7 @@ TestHooks TestHooks::from_env() {
   h.nan_loss_at_step = number("QT_TEST_NAN_LOSS_AT_STEP", -1);
   h.step_delay_ms = number("QT_TEST_STEP_DELAY_MS", 0);
   h.setup_delay_ms = number("QT_TEST_SETUP_DELAY_MS", 0);
+  h.finish_delay_ms = number("QT_TEST_FINISH_DELAY_MS", 0);
   h.sleep_after_checkpoint_ms = number("QT_TEST_SLEEP_AFTER_CHECKPOINT_MS", 0);
   h.profile_step = number("QT_PROFILE_STEP", -1);
   if (const char* v = std::getenv("QT_TEST_LOSS_SCALE")) h.loss_scale = std::atof(v);

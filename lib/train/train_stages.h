@@ -41,6 +41,7 @@ struct TestHooks {
   int64_t nan_loss_at_step = -1;      // QT_TEST_NAN_LOSS_AT_STEP=N: step N's loss not finite
   int64_t step_delay_ms = 0;          // QT_TEST_STEP_DELAY_MS: a sleep after each step (a test signals between)
   int64_t setup_delay_ms = 0;         // QT_TEST_SETUP_DELAY_MS: a sleep before the first step (a test signals there)
+  int64_t finish_delay_ms = 0;        // QT_TEST_FINISH_DELAY_MS: a sleep after the last step, before the final saves
   int64_t sleep_after_checkpoint_ms = 0;  // QT_TEST_SLEEP_AFTER_CHECKPOINT_MS: time to kill after a checkpoint
   int64_t profile_step = -1;          // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir
   double loss_scale = 0;              // QT_TEST_LOSS_SCALE: fp16's initial loss scale (an overflow at once)

@@ -330,7 +330,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   bool edge_reported = !s.device.is_cuda();
   if (hooks.setup_delay_ms > 0)  // a slow start, so that a test can signal the process before the first step
     std::this_thread::sleep_for(std::chrono::milliseconds(hooks.setup_delay_ms));
-  if (options.in_steps) options.in_steps->store(true);
+  if (options.phase) options.phase->store(kInSteps);
   while (state.step < total_steps) {
     const auto t_step = Clock::now();
     const GpuAllocatorCounts before_step = gpu_allocator_counts(s.device);
@@ -402,9 +402,14 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
       metrics.line("stopped by a signal after step " + std::to_string(state.step) + "; resume with --resume auto");
       metrics.write_plot();
       summary.steps = state.step;
+      summary.stopped = true;
       return summary;
     }
   }
+  // A stop signal from here on finds the run's steps done: the final evaluation and saves complete it.
+  if (options.phase) options.phase->store(kFinishing);
+  if (hooks.finish_delay_ms > 0)  // a slow finish, so that a test can signal the process after the last step
+    std::this_thread::sleep_for(std::chrono::milliseconds(hooks.finish_delay_ms));
   if (evaluator.has_data()) {
     if (metrics.eval_losses().empty() || metrics.eval_losses().back().first != state.step) {
       auto [el, et] = evaluator.loss(state.step);

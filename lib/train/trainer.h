@@ -21,7 +21,10 @@ struct TrainSummary {
   double tokens_per_s = 0;         // input tokens (padding not counted) per second of the training loop
   double target_tokens_per_s = 0;  // tokens in the loss per second
   std::string adapter_dir;
+  bool stopped = false;  // stopped by a signal before its last step (a checkpoint to resume from), not complete
 };
+
+enum TrainPhase : int { kBeforeSteps = 0, kInSteps = 1, kFinishing = 2 };
 
 struct TrainOptions {
   std::string resume;  // "", "auto" or a checkpoint directory
@@ -31,9 +34,10 @@ struct TrainOptions {
   bool allow_resume_changes = false;  // --resume-allow-changes: a changed schedule length or train file resumes
   // Set by a SIGTERM/SIGINT handler: the loop checkpoints after the current step and stops.
   const std::atomic<bool>* stop_requested = nullptr;
-  // Set by train() when its first step starts: before that a stop signal has nothing to checkpoint, and the handler
-  // ends the process at once (loading a large model takes minutes).
-  std::atomic<bool>* in_steps = nullptr;
+  // Where train() is, for a stop signal's handler: kBeforeSteps (nothing to checkpoint: the handler ends the process
+  // at once; loading a large model takes minutes), kInSteps (the loop checkpoints after the current step and stops)
+  // or kFinishing (after the last step: the final evaluation and saves complete the run, which ends as if unsignalled).
+  std::atomic<int>* phase = nullptr;
 };
 
 TrainSummary train(const RunConfig& config, const TrainOptions& options);

@@ -96,6 +96,21 @@ def main():
           and steps_logged("early") == 0,
           f"a SIGTERM before the first step ends the process at once ({p.returncode}, "
           f"{time.time() - t_signal:.1f} s): {err.strip().splitlines()[-1:] if err.strip() else ''}")
+    # After the last step (the final saves, held by the test hook) the run's steps are done: a SIGTERM lets it
+    # complete, with its summary line, its final adapter and exit 0 (it used to exit 143 with no summary).
+    p = subprocess.Popen([BIN, "--config", str(config("late"))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**ENV, "QT_TEST_FINISH_DELAY_MS": "3000"})
+    t0 = time.time()
+    while steps_logged("late") < 8 and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    summary = json.loads(out.strip().splitlines()[-1]) if out.strip().startswith("{") else {}
+    adapter_file = TMP / "late" / "adapter" / "adapter_model.safetensors"
+    check(p.returncode == 0 and summary.get("steps") == 8 and "after the last step" in err and adapter_file.exists()
+          and adapter_file.read_bytes() == (TMP / "straight" / "adapter" / "adapter_model.safetensors").read_bytes(),
+          f"a SIGTERM after the last step lets the run complete with its summary and adapter ({p.returncode}, "
+          f"{summary}): {err.strip().splitlines()[-1:] if err.strip() else ''}")
     finish()
 
 if __name__ == "__main__":
