@@ -91,6 +91,21 @@ def signal_rank(proc, rank, sig):
         err = "(hung) " + err
     return victim is not None, err
 
+def signal_rank_mid_run(name, sig, **over):
+    """Starts a long 2-rank run, sends `sig` to rank 1 once two lines are in metrics.jsonl; returns (found,
+    stderr, proc) with proc.waited the seconds from the signal to the job's end."""
+    cfg = write_config(name, train__steps=200, checkpoint__every=0, **over)
+    proc = subprocess.Popen(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    t0 = time.time()
+    metrics = TMP / name / "metrics.jsonl"
+    while proc.poll() is None and time.time() - t0 < 120 and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    t1 = time.time()
+    found, err = signal_rank(proc, 1, sig)
+    proc.waited = time.time() - t1
+    return found, err, proc
+
 def main():
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
@@ -231,30 +246,15 @@ def main():
     check(p.returncode == 3 and "run config differs across ranks: rank 1 differs" in p.stderr,
           f"ranks with different configs are refused at start, naming rank 1 (exit {p.returncode})")
     # ... and a rank that dies mid-run takes the job down with an error naming it, instead of a hang.
-    cfg = write_config("die", train__steps=200, checkpoint__every=0)
-    proc = subprocess.Popen(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    t0 = time.time()
-    metrics = TMP / "die" / "metrics.jsonl"
-    while proc.poll() is None and time.time() - t0 < 120 and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.05)
-    found, err = signal_rank(proc, 1, signal.SIGKILL)
+    found, err, proc = signal_rank_mid_run("die", signal.SIGKILL)
     check(found, "found rank 1's process")
     check(proc.returncode != 0 and "rank 1" in err and "signal 9" in err,
           f"killing rank 1 ends the job with an error naming it (exit {proc.returncode}): {err.strip().splitlines()[-3:] if err.strip() else ''}")
 
     # A rank that stalls (stopped: SIGSTOP) ends the job after train.collective_timeout_s with an error naming the
     # timeout and the key, instead of a hang until the 10-minute default.
-    cfg = write_config("stall", train__steps=200, train__collective_timeout_s=3, checkpoint__every=0)
-    proc = subprocess.Popen(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    t0 = time.time()
-    metrics = TMP / "stall" / "metrics.jsonl"
-    while proc.poll() is None and time.time() - t0 < 120 and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.05)
-    t1 = time.time()
-    found, err = signal_rank(proc, 1, signal.SIGSTOP)
-    waited = time.time() - t1
+    found, err, proc = signal_rank_mid_run("stall", signal.SIGSTOP, train__collective_timeout_s=3)
+    waited = proc.waited
     check(found and proc.returncode != 0 and "within 3000 ms (train.collective_timeout_s)" in err and waited < 60,
           f"a stalled rank 1 ends the job after train.collective_timeout_s 3 in {waited:.0f}s (exit {proc.returncode}): "
           f"{err.strip().splitlines()[-3:] if err.strip() else ''}")
