@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 1 and 0
@@ -10,17 +10,20 @@
 #      330 tokens) at 80 GiB against Unsloth's mode 0 (issue 27's table: its packed row against Unsloth's fastest);
 #      then 8B 2 x 2048 at 80 GiB with cuBLASLt preferred for the base GEMMs against cuBLAS (TORCH_BLAS_PREFER_CUBLASLT,
 #      read by ATen at start; the base GEMMs ran at 710-771 TFLOP/s of the 790 the bench measures), two rounds.
+#   5: carry [".peers", ".peerscripts"]: build, issue 27's hand search (the plan picked against the 3 fastest other
+#      plans that fit, 8B 2 x 2048 at 24 and 80 GiB: the 3% target) and LoRA dropout's cost (0.05 against none at
+#      80 GiB, two rounds: the cost model's BW_elem is an estimate).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
-# Order for a session of 30 device minutes: 1 then 3 (they settle issue 26; a warm machine keeps build-gpu, so the
-# second call's build takes seconds), then 2 and 4 as time allows.
+# Calls 1-3 and most of 4 ran on an H100 in the thirteenth session (docs/PERFORMANCE.md); what is left: 5, then 2
+# and 4 again on an H200 (the cost model's machine), Unsloth's runs under the hog included.
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
 #   (cd build && python3 ../tests/oracles/generate.py --out tests/fixtures)     # the fixtures call 1 carries
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -93,6 +96,15 @@ case "$CALL" in
   timeout 200 $BENCH --rows 8b-2x2048 --budget 80 --ab base= --ab lt="--env TORCH_BLAS_PREFER_CUBLASLT=1" --rounds 2 \
     --steps 6 --warm 2 >"$L/ab_cublaslt.log" 2>&1
   grep -E '^\|' "$L/ab_cublaslt.log" >>"$summary"
+  ;;
+5)
+  note "== issue 27: the plan picked against the 3 fastest others that fit, 8B 2 x 2048 at 24 and 80 GiB"
+  timeout 330 $BENCH --rows 8b-2x2048 --budget 24,80 --hand-search 3 --steps 6 --warm 2 >"$L/hand_search.log" 2>&1
+  grep -E '^\|' "$L/hand_search.log" >>"$summary"
+  note "== issue 27: LoRA dropout 0.05 against none, 8B 2 x 2048 at 80 GiB"
+  timeout 200 $BENCH --rows 8b-2x2048 --budget 80 --ab none= --ab drop="--set lora.dropout=0.05" --rounds 2 \
+    --steps 6 --warm 2 >"$L/ab_dropout.log" 2>&1
+  grep -E '^\|' "$L/ab_dropout.log" >>"$summary"
   ;;
 *)
   echo "unknown call $CALL" >&2
