@@ -216,19 +216,46 @@ def make_bpe(out, lines):
             "\u3099", "\u304b"]
     nfc_strings = ["cafe\u0301 nai\u0308ve re\u0301sume\u0301", "a\u0328\u0301 a\u0301\u0328 o\u031b\u0323",
                    "\u212b \u2126 \u0344 \u0958", "\u1100\u1161\u11a8 \uac00\u11a8 \u1100\u1161",
-                   "Vie\u0323\u0302t Nam 2024", "\u304b\u3099 \u05d1\u05bc", "digits 1234567 12.5"] + \
+                   "Vie\u0323\u0302t Nam 2024", "\u304b\u3099 \u05d1\u05bc", "digits 1234567 12.5",
+                   # Marks and a composite assigned after Unicode 9.0, which tokenizers' NFC does not know: no
+                   # reordering, composition blocked, no decomposition.
+                   "\u0898\u0898\u0899\u0899", "a\u0899\u0301 a\u0301\u0899", "\u1df6\u0316 \U00011839\U0001183a",
+                   "\U00011935\U00011930 \U00011938"] + \
                   ["".join(rng.choice(pool) for _ in range(rng.randint(1, 12))) for _ in range(150)]
     qwen_expected = expected(qd / "tokenizer.json", TEST_STRINGS + nfc_strings)
     normalizer = Tokenizer.from_file(str(qd / "tokenizer.json")).normalizer
     for c in qwen_expected["cases"]:
         c["normalized"] = normalizer.normalize_str(c["text"])
         c.pop("pretokens")
+    qwen_expected["nfc_table"] = nfc_table(normalizer)
 
     common = {"vocab_size": tok.get_vocab_size(with_added_tokens=True), "add_bos": True, "add_eos": False,
               "pieces": {p: tok.token_to_id(p) for p in LLAMA3_SPECIALS + ["Ġthe", "the", "a"]}}
     return [dict(common, dir="bpe", **expected(d / "tokenizer.json")),
             dict(common, dir="bpe_legacy", **expected(ld / "tokenizer.json")),
             dict(common, dir="bpe_qwen", **qwen_expected)]
+
+
+def nfc_table(normalizer):
+    """[text, tokenizers' NFC of it] for every entry of an NFC table as Python's unicodedata (a newer Unicode than
+    tokenizers') has it: each precomposed character and its canonical decomposition, each two-codepoint
+    decomposition as a pair, each combining mark after U+0345 (class 240) or, for 240 and above, before U+0334
+    (class 1). Holds lib/data/unicode_nfc_tables.cpp to the normalizer the ids come from."""
+    import unicodedata
+    texts = []
+    for c in range(0x110000):
+        if 0xD800 <= c <= 0xDFFF:
+            continue
+        ch = chr(c)
+        k = unicodedata.combining(ch)
+        if k:
+            texts.append("a\u0345" + ch if k < 240 else "a" + ch + "\u0334")
+        if unicodedata.normalize("NFD", ch) != ch:
+            texts += [ch, unicodedata.normalize("NFD", ch)]
+        raw = unicodedata.decomposition(ch)
+        if raw and not raw.startswith("<") and len(raw.split()) == 2:
+            texts.append("".join(chr(int(x, 16)) for x in raw.split()))
+    return [[t, normalizer.normalize_str(t)] for t in texts]
 
 
 def unicode_classes():
