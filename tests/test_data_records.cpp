@@ -165,6 +165,28 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
     const std::string p = write_file("role.jsonl", ok + "{\"messages\": [{\"role\": \"tool\", \"content\": \"x\"}]}\n");
     check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":2", "unknown role \"tool\""});
   }
+  SECTION("tools and tool calls with the chatml template") {
+    // Qwen2.5's template renders them (a <tools> system prompt, <tool_call> blocks): they were dropped, the answer
+    // trained as its empty content. The Llama 3 template ignores both, as here; an empty tool_calls is no call.
+    auto qw = qt::load_tokenizer(qt::test::fixture("data/qwen"));
+    const std::string user = "{\"role\": \"user\", \"content\": \"weather?\"}";
+    const std::string call =
+        "{\"role\": \"assistant\", \"content\": \"\", \"tool_calls\": [{\"type\": \"function\", \"function\": "
+        "{\"name\": \"get\", \"arguments\": {\"city\": \"Paris\"}}}]}";
+    const std::string calls = write_file("calls.jsonl", ok + "{\"messages\": [" + user + ", " + call + "]}\n");
+    check_error(load(calls, *qw, config({{"chat_template", "chatml"}})), qt::ErrorKind::Data,
+                {calls + ":2", "messages[1].tool_calls", "not built in"});
+    const std::string tools = write_file(
+        "tools.jsonl", "{\"messages\": [" + user + "], \"tools\": [{\"type\": \"function\", \"function\": {\"name\": "
+                       "\"get\"}}]}\n");
+    check_error(load(tools, *qw, config({{"chat_template", "chatml"}})), qt::ErrorKind::Data,
+                {tools + ":1", "key 'tools'", "not built in"});
+    const std::string none = write_file(
+        "no_calls.jsonl", "{\"messages\": [" + user + ", {\"role\": \"assistant\", \"content\": \"sunny\", "
+                          "\"tool_calls\": []}], \"tools\": null}\n");
+    CHECK(qt::load_examples(none, config({{"chat_template", "chatml"}}), *qw).size() == 1);
+    CHECK(qt::load_examples(calls, config({{"chat_template", "llama3"}}), *l3).size() == 2);
+  }
   SECTION("roles that do not alternate") {
     const std::string p = write_file(
         "alt.jsonl",

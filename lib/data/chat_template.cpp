@@ -255,9 +255,19 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
 }
 
 std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMessage>& messages,
-                                     const Tokenizer& tokenizer, bool train_on_prompt, const std::string& where) {
+                                     const Tokenizer& tokenizer, bool train_on_prompt, const std::string& where,
+                                     bool tools) {
   if (messages.empty()) fail_key(ErrorKind::Data, where, "messages", "is empty");
   for (size_t i = 0; i < messages.size(); ++i) check_role(messages[i], i, where);
+  // Qwen2.5's template renders tools into its system prompt and an assistant's tool_calls as <tool_call> JSON
+  // (Python's json.dumps of them, key order kept); the Llama 3, Llama 2 and Mistral v0.1 templates ignore both.
+  if (format == ChatFormat::ChatML) {
+    const std::string why = "the chatml format's tools and tool calls (Qwen2.5's <tools> system prompt, <tool_call> "
+                            "blocks) are not built in; leave them out of the record";
+    if (tools) fail_key(ErrorKind::Data, where, "tools", why);
+    for (size_t i = 0; i < messages.size(); ++i)
+      if (messages[i].tool_calls) fail_key(ErrorKind::Data, where, "messages[" + std::to_string(i) + "].tool_calls", why);
+  }
   switch (format) {
     case ChatFormat::Llama3:
       return render_llama3(messages, tokenizer, train_on_prompt);

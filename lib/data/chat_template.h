@@ -24,13 +24,17 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
 struct ChatMessage {
   std::string role;  // "system", "user" or "assistant"
   std::string content;
+  bool tool_calls = false;  // the message has a non-empty "tool_calls" (what a template may render beside content)
 };
 
 // The conversation as the template renders it, as pieces: assistant answers and their end-of-turn token in the
 // loss (everything when train_on_prompt). Roles the format does not accept (an unknown role, a system message
 // not first, user/assistant not alternating where the template raises) are qt::Error(Data) naming `where`
-// ("file:line") and the role.
+// ("file:line") and the role. `tools`: the record has a non-empty "tools" list (TRL passes it to the template).
+// Tools and tool calls that the format's template renders (ChatML: Qwen2.5's <tools> system prompt and <tool_call>
+// blocks) are not built in: qt::Error(Data) naming the key, never rendered without them.
 std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMessage>& messages,
-                                     const Tokenizer& tokenizer, bool train_on_prompt, const std::string& where);
+                                     const Tokenizer& tokenizer, bool train_on_prompt, const std::string& where,
+                                     bool tools);
 
 }  // namespace qt

@@ -21,6 +21,15 @@ std::string string_field(const Json& value, const std::string& where, const std:
   return v.get<std::string>();
 }
 
+// A value as a chat template's `{% if %}` tests it: null, false, 0, "" and empty lists and objects are false.
+bool jinja_truthy(const Json& v) {
+  if (v.is_null()) return false;
+  if (v.is_boolean()) return v.get<bool>();
+  if (v.is_number()) return v.get<double>() != 0;
+  if (v.is_string()) return !v.get_ref<const std::string&>().empty();
+  return !v.empty();  // arrays, objects
+}
+
 RecordFormat detect_format(const Json& value, const std::string& where) {
   if (value.contains("messages")) return RecordFormat::Chat;
   if (value.contains("input_ids")) return RecordFormat::Tokenized;
@@ -68,10 +77,12 @@ Example chat_example(const Json& value, const std::string& where, const DataConf
     const std::string key = "messages[" + std::to_string(i) + "]";
     if (!m.is_object())
       fail_key(ErrorKind::Data, where, key, std::string("expected an object, got ") + json_type_name(m));
-    messages.push_back({string_field(m, where + ": " + key, "role"), string_field(m, where + ": " + key, "content")});
+    messages.push_back({string_field(m, where + ": " + key, "role"), string_field(m, where + ": " + key, "content"),
+                         m.contains("tool_calls") && jinja_truthy(m.at("tool_calls"))});
   }
   if (!format) format = resolve_chat_format(config.chat_template, tok.chat_template(), config.file);
-  return tokenize_rendered(render_chat(*format, messages, tok, config.train_on_prompt, where), tok);
+  const bool tools = value.contains("tools") && jinja_truthy(value.at("tools"));
+  return tokenize_rendered(render_chat(*format, messages, tok, config.train_on_prompt, where, tools), tok);
 }
 
 Example tokenized_example(const Json& value, const std::string& where, const Tokenizer& tok) {
