@@ -152,6 +152,18 @@ TEST_CASE("NFC applies the classes, decompositions and composites of tokenizers'
   CHECK(differ == 0);
 }
 
+// lstrip / rstrip added tokens take the white space beside them (they were matched alone: other ids for
+// "end<|eom|>  \n next"); single_word is refused.
+TEST_CASE("byte-level BPE gives tokenizers' ids for added tokens that strip white space", "[tokenizer]") {
+  check_parity("bpe_strip");
+  qt::Json doc = qt::read_json_file(k_dir + "/bpe_strip/tokenizer.json", qt::ErrorKind::Internal);
+  for (auto& t : doc["added_tokens"])
+    if (t["content"] == "<tool>") t["single_word"] = true;
+  const std::string dir = qt::test::scratch_dir("tokenizer_single_word");
+  std::ofstream(qt::files::join(dir, "tokenizer.json")) << doc.dump();
+  check_load_error(dir, "added_tokens", "single_word");
+}
+
 TEST_CASE("Llama 3 pre-tokenization splits as tokenizers' regex does", "[tokenizer]") {
   for (const auto& c : model_cases("bpe").at("cases")) {
     const std::string text = c.at("text");

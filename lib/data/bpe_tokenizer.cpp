@@ -44,6 +44,29 @@ std::string type_of(const Json& object) {
   return type && type->is_string() ? type->get<std::string>() : "";
 }
 
+// The start of the run of white space that ends at `end`, not before `floor`.
+size_t white_space_start(std::string_view text, size_t floor, size_t end) {
+  while (end > floor) {
+    size_t b = end - 1;
+    while (b > floor && (static_cast<unsigned char>(text[b]) & 0xC0) == 0x80) --b;
+    size_t len = 0;
+    const char32_t c = unicode::decode_utf8(text, b, &len);
+    if (b + len != end || !unicode::is_white_space(c)) break;
+    end = b;
+  }
+  return end;
+}
+
+// The end of the run of white space that starts at `begin`.
+size_t white_space_end(std::string_view text, size_t begin) {
+  while (begin < text.size()) {
+    size_t len = 0;
+    if (!unicode::is_white_space(unicode::decode_utf8(text, begin, &len))) break;
+    begin += len;
+  }
+  return begin;
+}
+
 }  // namespace
 
 std::vector<std::string_view> llama3_pre_tokenize(std::string_view text, int max_digits) {
@@ -210,9 +233,15 @@ BpeTokenizer::BpeTokenizer(const Json& doc, const std::string& path) {
           !t["content"].is_string() || t["id"].get<int64_t>() < 0 || t["id"].get<int64_t>() > INT32_MAX)
         fail("added_tokens", "expected entries with a non-negative 32-bit integer id and a string content, got " +
                                  t.dump().substr(0, 200));
-      if (const Json* sp = find_member(t, "special"); sp && !sp->is_boolean())
-        fail("added_tokens", "expected \"special\" true or false, got " + t.dump().substr(0, 200));
-      added_.push_back({t["content"].get<std::string>(), t["id"].get<int32_t>(), t.value("special", false)});
+      for (const char* key : {"special", "lstrip", "rstrip", "single_word"})
+        if (const Json* v = find_member(t, key); v && !v->is_boolean())
+          fail("added_tokens", std::string("expected \"") + key + "\" true or false, got " + t.dump().substr(0, 200));
+      // single_word matches only where no word character (Rust regex's \w: Alphabetic, marks, digits, connector
+      // punctuation) touches the token: not implemented, so refused rather than matched everywhere.
+      if (t.value("single_word", false))
+        fail("added_tokens", "single_word true is not supported (token " + t["content"].dump() + ")");
+      added_.push_back({t["content"].get<std::string>(), t["id"].get<int32_t>(), t.value("special", false),
+                        t.value("lstrip", false), t.value("rstrip", false)});
       max_id = std::max(max_id, added_.back().id);
     }
   }
@@ -369,10 +398,14 @@ std::vector<int32_t> BpeTokenizer::encode_impl(std::string_view text, bool split
       ++pos;
       continue;
     }
-    encode_pre_tokenized(text.substr(start, pos - start), &out);
+    // AddedVocabulary::find_matches: lstrip takes the white space (\s) before the token back to the previous match,
+    // rstrip the white space after it; that white space is part of the token, not text.
+    size_t begin = pos, end = pos + hit->content.size();
+    if (hit->lstrip) begin = white_space_start(text, start, begin);
+    if (hit->rstrip) end = white_space_end(text, end);
+    encode_pre_tokenized(text.substr(start, begin - start), &out);
     out.push_back(hit->id);
-    pos += hit->content.size();
-    start = pos;
+    pos = start = end;
   }
   encode_pre_tokenized(text.substr(start), &out);
   return out;

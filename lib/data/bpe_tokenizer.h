@@ -1,6 +1,7 @@
 #pragma once
 // Byte-level BPE as Hugging Face `tokenizers` runs it for Llama 3's tokenizer.json:
-//   1. added tokens are split out first (exact match, leftmost-longest);
+//   1. added tokens are split out first (exact match, leftmost-longest; lstrip / rstrip ones with the white space
+//      beside them);
 //   2. the rest is pre-tokenized by Llama 3's regex (hand-written here: no regex library on the GPU image);
 //   3. each pre-token's bytes are mapped to printable characters (GPT-2's bytes_to_unicode) and merged by
 //      rank (tokenizers' BPE model: lowest rank first, leftmost on ties), with a per-pre-token cache.
@@ -53,6 +54,8 @@ class BpeTokenizer : public Tokenizer {
     std::string content;
     int32_t id;
     bool special;
+    bool lstrip = false;  // the match takes the white space before it (tokenizers' AddedToken.lstrip)
+    bool rstrip = false;  // and after it
   };
   struct Merge {
     int32_t rank;

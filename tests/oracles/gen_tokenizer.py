@@ -229,11 +229,33 @@ def make_bpe(out, lines):
         c.pop("pretokens")
     qwen_expected["nfc_table"] = nfc_table(normalizer)
 
+    # Variant: added tokens that take the white space around them (AddedToken lstrip / rstrip), special or not.
+    from tokenizers import AddedToken
+    strip = Tokenizer.from_file(str(d / "tokenizer.json"))
+    strip.add_tokens([AddedToken("<tool>", lstrip=True, special=False)])
+    strip.add_special_tokens([AddedToken("<|eom|>", rstrip=True, special=True),
+                              AddedToken("<|both|>", lstrip=True, rstrip=True, special=True)])
+    sd = out / "bpe_strip"
+    sd.mkdir(parents=True, exist_ok=True)
+    strip.save(str(sd / "tokenizer.json"))
+    (sd / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    rng = random.Random(5)
+    parts = ["<tool>", "<|eom|>", "<|both|>", "<|eot_id|>", " ", "  ", "\n", "\t", "\u3000", "\u00a0", "\u200b", "a",
+             "word", "日本", "<tool", "x<tool>y"]
+    strip_strings = ["call <tool> now", "end<|eom|>  \n next", "a \t<|both|>\u3000 b", "<|eot_id|> <tool>",
+                     "<|eom|> <tool>", "  <tool>"] + \
+                    ["".join(rng.choice(parts) for _ in range(rng.randint(1, 8))) for _ in range(80)]
+    strip_expected = expected(sd / "tokenizer.json", TEST_STRINGS + strip_strings)
+    for c in strip_expected["cases"]:
+        c.pop("pretokens")
+        c["normalized"] = strip.decode(c["ids"], skip_special_tokens=False)  # the stripped white space is gone
+
     common = {"vocab_size": tok.get_vocab_size(with_added_tokens=True), "add_bos": True, "add_eos": False,
               "pieces": {p: tok.token_to_id(p) for p in LLAMA3_SPECIALS + ["Ġthe", "the", "a"]}}
     return [dict(common, dir="bpe", **expected(d / "tokenizer.json")),
             dict(common, dir="bpe_legacy", **expected(ld / "tokenizer.json")),
-            dict(common, dir="bpe_qwen", **qwen_expected)]
+            dict(common, dir="bpe_qwen", **qwen_expected),
+            dict(common, dir="bpe_strip", **strip_expected, vocab_size=strip.get_vocab_size(with_added_tokens=True))]
 
 
 def nfc_table(normalizer):
