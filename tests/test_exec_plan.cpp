@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdio>
 #include <optional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -569,6 +570,58 @@ TEST_CASE("the cost model predicts the measured H200 step times of docs/PERFORMA
   INFO("packed: predicted " << predicted << " s (" << whole_rows << " over whole rows), measured " << measured << " s");
   CHECK(std::abs(predicted - measured) <= 0.03 * measured);
   CHECK(whole_rows > 1.1 * measured);
+}
+
+TEST_CASE("the cost model at an H100's memory bandwidth predicts the H100's step times of docs/PERFORMANCE.md",
+          "[plan]") {
+  // Thirteenth session, one H100 80GB HBM3 (memory clock 2,619 MHz, 5,120 bits: 3.35 TB/s), the plans the budget
+  // chose, no checkpointing: the memory-bound terms take the H200's time x 4.92 / 3.35, the matrix and attention
+  // terms the H200's (the same tensor cores). At the H200's bandwidth every row is predicted 5-9% fast.
+  using K = qt::KeepLevel;
+  struct Row {
+    const char* what;
+    int64_t seq;
+    int64_t held;
+    bool keep_swiglu;
+    double span;  // the documents' token-weighted mean length (0: one whole document)
+    double tokens_per_s;
+    double bound;
+  };
+  const Row rows[] = {
+      {"8B 2x2048 at 24 GiB, 3 blocks held", 2048, 3, false, 0, 15326, 0.03},
+      {"8B 2x2048 at 80 GiB, every block held", 2048, 32, true, 0, 16147, 0.03},
+      {"8B 1x8192 at 80 GiB, every block held", 8192, 32, true, 0, 13987, 0.04},
+      {"8B 1x8192 packed (median 330) at 80 GiB, every block held", 8192, 32, true, 745.7, 16430, 0.07},
+  };
+  for (const Row& r : rows) {
+    INFO(r.what);
+    qt::ExecPlan p = MeasuredPlan{false, 0, false, K::Input, false, 0, false, false, 0, r.held}.plan(128);
+    p.keep_swiglu = r.keep_swiglu;
+    qt::PlanInputs in = inputs("llama-3.1-8b", r.seq == 2048 ? 2 : 1, r.seq);
+    if (r.span > 0) {
+      in.attention_span = r.span;
+      in.varlen = true;
+    }
+    const double measured = static_cast<double>(in.micro_batch * r.seq) / r.tokens_per_s;
+    const double at_h200 = qt::predict_step_time(in, p).total();
+    in.memory_bytes_per_s = 2 * 2619e6 * 5120 / 8;
+    const double predicted = qt::predict_step_time(in, p).total();
+    INFO("predicted " << predicted << " s (" << at_h200 << " at the H200's bandwidth), measured " << measured << " s");
+    CHECK(std::abs(predicted - measured) <= r.bound * measured);
+    CHECK(at_h200 < 0.96 * measured);
+    // Only the memory-bound terms move.
+    qt::PlanInputs h200 = in;
+    h200.memory_bytes_per_s = qt::kReferenceMemoryBytesPerS;
+    const auto terms = [](const qt::StepTime& t) {
+      std::map<std::string, double> m(t.terms.begin(), t.terms.end());
+      return m;
+    };
+    auto slow = terms(qt::predict_step_time(in, p)), fast = terms(qt::predict_step_time(h200, p));
+    CHECK(slow.at("matrix") == fast.at("matrix"));
+    CHECK(slow.at("attention") == fast.at("attention"));
+    CHECK(std::abs(slow.at("memory_bound") / fast.at("memory_bound") - qt::kReferenceMemoryBytesPerS / in.memory_bytes_per_s) < 1e-9);
+    CHECK(std::abs(qt::predict_step_time(h200, p).total() - at_h200) < 1e-12);
+  }
 }
 
 TEST_CASE("AdamW on the host is the ladder's last rung: 8 bytes a trainable element less, a step a little slower",

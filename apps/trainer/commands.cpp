@@ -102,6 +102,7 @@ int run_plan(const PlanArgs& args) {
     qt::PlanInputs in = qt::plan_inputs(cfg, mc, per_rank, tokens, at::Device(at::kCUDA, 0), dtype, args.world, args.world);
     if (args.host_gib > 0)
       in.host_bytes = static_cast<uint64_t>(args.host_gib * 1024 * 1024 * 1024) / static_cast<uint64_t>(args.world);
+    if (args.memory_tb_s > 0) in.memory_bytes_per_s = args.memory_tb_s * 1e12;
     return qt::decide_micro_batch(in, request, free_gib, per_rank, forced_micro);
   };
   if (args.longest) {

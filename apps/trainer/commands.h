@@ -80,6 +80,7 @@ struct PlanArgs {
   int64_t seq = 0;     // tokens per row (0: the config's data.max_seq_len)
   double gpu_memory_gib = 0;  // the budget (0: the config's, else this machine's GPU's free memory)
   double host_gib = 0;        // the host's memory (0: this machine's)
+  double memory_tb_s = 0;     // the GPU's memory bandwidth (0: this machine's GPU's, else the H200's)
   int world = 1;              // ranks (data parallel, or FullyShard with train.shard "blocks")
   int alternatives = 0;       // also the N fastest other plans that fit (distinct in their fields)
   bool longest = false;       // the longest row (a multiple of 128 tokens) whose plan fits, instead of --seq

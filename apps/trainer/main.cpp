@@ -323,6 +323,10 @@ int main(int argc, char** argv) {
       ->check(kPositive & CLI::Range(0.0, 1048576.0));
   plan_cmd->add_option("--host-gib", plan_args.host_gib, "the host's memory in GiB (default: this machine's)")
       ->check(kPositive & CLI::Range(0.0, 1048576.0));
+  plan_cmd->add_option("--memory-tb-s", plan_args.memory_tb_s,
+                       "the GPU's memory bandwidth in TB/s, for the predicted step time (default: this machine's GPU's, "
+                       "else an H200's 4.92; an H100 SXM: 3.35)")
+      ->check(kPositive & CLI::Range(0.0, 1000.0));
   plan_cmd->add_option("--world", plan_args.world, "ranks on the host")->check(kPositive);
   plan_cmd->add_flag("--longest", plan_args.longest,
                      "the longest row (a multiple of 128 tokens, at most 4,194,304) whose plan fits the budget and the "

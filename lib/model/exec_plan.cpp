@@ -541,9 +541,16 @@ constexpr double kHostPinnedShare = 0.75;
 
 }  // namespace
 
+// How much longer the memory-bound work takes on this device than on the H200 the rates were measured on (PlanInputs::
+// memory_bytes_per_s). Bounded to [0.25, 4]: a device reporting a clock far from any GPU's is not believed.
+static double memory_slowdown(const PlanInputs& in) {
+  if (!(in.memory_bytes_per_s > 0)) return 1.0;
+  return std::clamp(kReferenceMemoryBytesPerS / in.memory_bytes_per_s, 0.25, 4.0);
+}
+
 double swiglu_recompute_s(const PlanInputs& in) {
   return static_cast<double>(in.micro_batch * in.seq) * 3 * static_cast<double>(in.model.intermediate_size) *
-         static_cast<double>(in.element_size) / kSwigluBytesPerS;
+         static_cast<double>(in.element_size) / kSwigluBytesPerS * memory_slowdown(in);
 }
 
 StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
@@ -556,13 +563,15 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   const double e = static_cast<double>(in.element_size);
   const double block_params = H * q + 2 * H * kv + q * H + 3 * H * I;
   // An NF4 weight's dequantization: half a byte and its statistics read, e bytes written.
-  const double dequant_s = in.nf4 ? (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) / kDequantBytesPerS : 0.0;
+  // Memory-bound work (the dequantization, norms, SwiGLU, LoRA's rank-r products, ...) at this device's bandwidth.
+  const double slow = memory_slowdown(in);
+  const double dequant_s = in.nf4 ? (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) / kDequantBytesPerS * slow : 0.0;
   // Packed rows: a token attends within its document, through the varlen kernel.
   const double span = in.attention_span > 0 ? std::min(in.attention_span, S) : S;
   const double attention_rate =
       std::min(kAttentionFlopsPerS * span / (span + kAttentionHalfRateSeq), kAttentionMostFlopsPerS) /
       (p.attention == AttentionKernel::Flash || in.varlen ? kFlashSlowdown : 1.0);
-  const double width_s = kSecondsPerTokenWidth * T * (H + I);  // one layer's memory-bound work, forward + backward
+  const double width_s = kSecondsPerTokenWidth * T * (H + I) * slow;  // one layer's memory-bound work, forward + backward
   StepTime t;
   // Model FLOPs (apps/trainer/bench.cpp's model_flops_per_token): 4 N a token for the linears and lm_head, and
   // causal attention, 2 S q a token and layer forward and 4 S q backward.
@@ -579,7 +588,7 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   if (held > 0)
     t.terms.emplace_back("dequantization_held",
                          -held * std::min(2 * block_params * (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) /
-                                              kInlineDequantBytesPerS,
+                                              kInlineDequantBytesPerS * slow,
                                           width_s));
   const double block_forward = 2 * T * block_params / kMatrixFlopsPerS + 2 * span * q * T / attention_rate + width_s / 3;
   const int64_t chunks = p.mlp_chunk_tokens > 0 && in.micro_batch * in.seq > p.mlp_chunk_tokens
@@ -638,7 +647,7 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
         p.checkpointing ? L - static_cast<double>(std::min<int64_t>(p.blocks_without_checkpointing, c.num_hidden_layers))
                         : 0.0;
     t.terms.emplace_back("lora_dropout", (L * every_block + recomputed * draw) * T *
-                                             static_cast<double>(in.dropout_widths) / kDropoutBytesPerS);
+                                             static_cast<double>(in.dropout_widths) / kDropoutBytesPerS * slow);
   }
   if (p.embeddings_on_host && in.cuda) t.terms.emplace_back("embeddings_on_host", T * H * e / kHostRowsBytesPerS);
   // Block weights streamed from the host: each streamed block's bytes over PCIe before its forward pass and again
@@ -761,6 +770,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   const int64_t tokens = in.micro_batch * in.seq;
   Decision d;
   d.layers = L;
+  d.memory_bytes_per_s = in.memory_bytes_per_s;
   d.budget_gib = r.gpu_memory_gib ? *r.gpu_memory_gib
                                  : (in.cuda && free_gib > 0 ? free_gib + kContextAtStartGiB - kFreeMarginGiB : -1);
   // Checkpointing "auto" weighs plans without it, or without it for the last blocks, where there is a budget to
@@ -1051,8 +1061,12 @@ std::string describe(const Decision& d) {
   if (!d.footprint.terms.empty()) s += "; predicted " + fmt_gib(d.footprint.total()) + " GiB";
   if (d.budget_gib >= 0) s += " of a " + fmt_gib(d.budget_gib * kGiB) + " GiB budget";
   if (!d.step.terms.empty()) {
-    char buf[64];
-    std::snprintf(buf, sizeof buf, " and %.3f s a step (at an H200's rates)", d.step.total());
+    char buf[128];
+    if (d.memory_bytes_per_s > 0 && std::abs(d.memory_bytes_per_s / kReferenceMemoryBytesPerS - 1) > 0.01)
+      std::snprintf(buf, sizeof buf, " and %.3f s a step (at an H200's rates, memory-bound work at %.2f TB/s)",
+                    d.step.total(), d.memory_bytes_per_s / 1e12);
+    else
+      std::snprintf(buf, sizeof buf, " and %.3f s a step (at an H200's rates)", d.step.total());
     s += buf;
   }
   return s;
@@ -1096,6 +1110,17 @@ double device_free_gib(bool cuda, int device_index) {
   const bool ok = cudaMemGetInfo(&free, &total) == cudaSuccess;
   (void)c10::cuda::MaybeSetDevice(before);
   return ok ? static_cast<double>(free) / kGiB : -1;
+}
+
+double device_memory_bytes_per_s(bool cuda, int device_index) {
+  if (!cuda) return 0;
+  int clock_khz = 0, bus_bits = 0;
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device_index) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device_index) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  return 2.0 * clock_khz * 1e3 * bus_bits / 8;
 }
 
 void apply_allocator_settings(const ExecPlan& plan) {

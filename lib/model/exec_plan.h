@@ -116,6 +116,10 @@ struct PlanInputs {
   int64_t micro_batch = 1;       // rows per forward pass on this rank
   int64_t seq = 2048;            // tokens per row
   bool cuda = false;
+  // The GPU's memory bandwidth, bytes/s, from its memory clock and bus width (device_memory_bytes_per_s); 0: the
+  // H200's, on which the cost model's rates were measured. Its memory-bound terms scale by the H200's over this
+  // (an H100 SXM: 1.47 times as long); the matrix and attention rates do not (the same tensor cores).
+  double memory_bytes_per_s = 0;
   bool nf4 = true;               // NF4 base (else 16-bit)
   int64_t lora_params = 0;       // trainable LoRA elements (fp32, with gradient and AdamW state)
   int64_t full_params = 0;       // tensors trained in full (modules_to_save, full fine-tuning): fp32 + state
@@ -182,6 +186,7 @@ struct Decision {
   StepTime step;
   double budget_gib = -1;  // < 0: none (CPU without an explicit budget)
   int64_t layers = 0;      // the model's blocks (for describe())
+  double memory_bytes_per_s = 0;  // PlanInputs::memory_bytes_per_s (for describe())
   // A row's tokens, and as the plan runs it (padded for cuDNN: ExecPlan::row_multiple); for describe().
   int64_t seq = 0, run_seq = 0;
   // Every other candidate that fits the budget, with its predicted footprint (bytes) and step time (s), in the
@@ -222,6 +227,11 @@ Json plan_fields(const ExecPlan& p);
 
 // The device's free memory in GiB (CUDA: cudaMemGetInfo, which creates the context); -1 on the CPU.
 double device_free_gib(bool cuda, int device_index = 0);
+// The device's memory bandwidth in bytes/s (2 x its memory clock x its bus width); 0 on the CPU or where CUDA does
+// not say.
+double device_memory_bytes_per_s(bool cuda, int device_index = 0);
+// The H200's, as device_memory_bytes_per_s reads it (3,201 MHz x 6,144 bits, DDR): the cost model's reference.
+constexpr double kReferenceMemoryBytesPerS = 2 * 3201e6 * 6144 / 8;
 
 // Applies the allocator settings of the plan; must run before the first CUDA allocation of the process.
 void apply_allocator_settings(const ExecPlan& plan);

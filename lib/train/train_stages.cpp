@@ -301,6 +301,7 @@ PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micr
   in.micro_batch = micro;
   in.seq = seq;
   in.cuda = device.is_cuda();
+  in.memory_bytes_per_s = device_memory_bytes_per_s(in.cuda, device.has_index() ? device.index() : 0);
   in.nf4 = cfg.model.quant == "nf4";
   in.element_size = static_cast<int64_t>(c10::elementSize(dtype));
   in.sharded = cfg.train.shard == "blocks";
