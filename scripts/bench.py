@@ -47,7 +47,7 @@ or, with build-gpu/qlora-train built:
     python3 scripts/bench.py --rows q2.5-7b-2x2048,q3-8b-2x2048 --peers unsloth --out $OUT
 --dry-run prints each row's commands and runs nothing (no GPU needed).
 """
-import argparse, json, os, pathlib, signal, subprocess, sys, threading, time
+import argparse, json, os, pathlib, signal, subprocess, sys, tempfile, threading, time
 
 SHAPES = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b", "70b": "llama-3.1-70b", "q2.5-7b": "qwen2.5-7b", "q3-8b": "qwen3-8b"}
 # Peers that run a shape family: .peerscripts' scripts know the Llama shapes; Qwen rows get Unsloth through our
@@ -239,6 +239,12 @@ def peer_case(peer, shape, batch, seq, here, unsloth_modes="", docs=0):
             return "no HF + bnb peer script for Qwen shapes (.peerscripts' know Llama ones)"
         return str(P / "hf_qlora_baseline.py"), f"{here}/.peers:{P}", ["1"]
     return f"unknown peer {peer!r} (unsloth, hf_qlora)"
+
+
+def peer_model_ready(shape, seq):
+    """Whether the peers' random model directory for this shape and row length is built (unsloth_baseline.py's
+    make_model_dir: TMPDIR/rand-SHAPE-max(8192, seq) with its config.json)."""
+    return (pathlib.Path(tempfile.gettempdir()) / f"rand-{shape}-{max(8192, seq)}" / "config.json").exists()
 
 
 def run_peer(script, shape, batch, seq, ckpt, env, budget=None, timeout=900, docs=0, tokens=None):
@@ -433,8 +439,7 @@ def min_budget(run, lo, hi):
 def prepare_peer_dir(script, shape, seq, env):
     """The peer's random model directory for a row of `seq` tokens (its max_position_embeddings follows the length
     past 8192), made before a holder starts: the peers build it on the GPU, which a budget would not hold."""
-    import tempfile
-    if (pathlib.Path(tempfile.gettempdir()) / f"rand-{shape}-{max(8192, seq)}" / "config.json").exists():
+    if peer_model_ready(shape, seq):
         return
     code = (f"import sys; sys.path.insert(0, {str(pathlib.Path(script).parent)!r}); "
             f"import {pathlib.Path(script).stem} as m; m.make_model_dir({shape!r}, {seq})")
@@ -525,7 +530,7 @@ def main():
                     help="with --budget: the longest batch-1 row (1024-token steps) each system completes at each "
                          "budget, from the row's length up (rows NAME-1xS)")
     ap.add_argument("--set", action="append", default=[], help="extra config key=value for our runs")
-    ap.add_argument("--no-whole", action="store_true", help="with --budget: skip the whole-GPU run of each row")
+    ap.add_argument("--no-whole", action="store_true", help="with --budget: skip the whole-GPU run of each row, ours and the peers' (their model directory is made alone)")
     ap.add_argument("--ab", action="append", default=[], help="NAME=SETTINGS (`--set k=v ...`, `--binary B`, `--env VAR=VALUE`; empty: defaults)")
     ap.add_argument("--rounds", type=int, default=2, help="--ab: interleaved rounds")
     ap.add_argument("--hand-search", type=int, default=0, metavar="N",
@@ -592,9 +597,15 @@ def main():
             for mode in modes:
                 peer_run = lambda budget, mode=mode: dict(run_peer(script, shape, b, s, mode, env, budget, docs=docs,
                                                                    tokens=tokens), system=peer)
-                r = peer_run(None)  # also builds the peer's random model directory before any holder starts
-                emit(r)
-                if a.min_budget and "device_gib" in r:
+                # The whole-GPU run (skipped with --no-whole: the model directory made alone, on the GPU, before any
+                # holder starts).
+                r = None
+                if a.no_whole and a.budget and not a.min_budget:
+                    prepare_peer_dir(script, shape, s, env)
+                else:
+                    r = peer_run(None)
+                    emit(r)
+                if a.min_budget and r and "device_gib" in r:
                     m = min_budget(peer_run, max(1.0, r.get("peak_gib", 1.0)), r["device_gib"] + 1.0)
                     emit(dict(m, search="min_budget") if m else dict(r, search="min_budget", error="no budget found"))
                 for budget in budgets:

@@ -80,7 +80,7 @@ case "$CALL" in
   ;;
 2)
   note "== issue 27: 8B 2 x 2048 at 24 GiB (Unsloth 1, 0) and 80 GiB (Unsloth 0)"
-  timeout 300 $BENCH --peers unsloth --unsloth-modes 1,0 --rows 8b-2x2048 --budget 24 --no-whole --steps 6 --warm 2 \
+  timeout 300 $BENCH --peers unsloth --unsloth-modes 0,1 --rows 8b-2x2048 --budget 24 --no-whole --steps 6 --warm 2 \
     >"$L/budget_24.log" 2>&1
   grep -E '^\|' "$L/budget_24.log" >>"$summary"
   timeout 200 $BENCH --peers unsloth --unsloth-modes 0 --rows 8b-2x2048 --budget 80 --no-whole --steps 6 --warm 2 \
