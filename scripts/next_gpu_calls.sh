@@ -4,7 +4,7 @@
 # Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
-#   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 1 and 0
+#   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
 #      and at 80 GiB against its mode 0 (its fastest where memory allows; issue 27's table), each its own process.
 #   4: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 8192 whole-document and packed (documents of median
 #      330 tokens) at 80 GiB against Unsloth's mode 0 (issue 27's table: its packed row against Unsloth's fastest);
@@ -79,7 +79,7 @@ case "$CALL" in
   done
   ;;
 2)
-  note "== issue 27: 8B 2 x 2048 at 24 GiB (Unsloth 1, 0) and 80 GiB (Unsloth 0)"
+  note "== issue 27: 8B 2 x 2048 at 24 GiB (Unsloth 0, 1) and 80 GiB (Unsloth 0)"
   timeout 300 $BENCH --peers unsloth --unsloth-modes 0,1 --rows 8b-2x2048 --budget 24 --no-whole --steps 6 --warm 2 \
     >"$L/budget_24.log" 2>&1
   grep -E '^\|' "$L/budget_24.log" >>"$summary"
