@@ -16,8 +16,11 @@ SentencePieceTokenizer::SentencePieceTokenizer(const std::string& model_path)
     fail_at(ErrorKind::Model, model_path, "is a directory, not a sentencepiece model file");
   auto status = sp_->Load(model_path);
   if (!status.ok()) fail_at(ErrorKind::Model, model_path, "not a valid sentencepiece model: " + status.ToString());
+  // The control pieces (<s>, </s>) and the unknown piece (<unk>): transformers' Llama tokenizers hold all three as
+  // special added tokens, so their text in a chat or prompt becomes their id.
   for (int id = 0; id < sp_->GetPieceSize(); ++id)
-    if (sp_->IsControl(id) && !sp_->IdToPiece(id).empty()) controls_.emplace_back(sp_->IdToPiece(id), id);
+    if ((sp_->IsControl(id) || sp_->IsUnknown(id)) && !sp_->IdToPiece(id).empty())
+      controls_.emplace_back(sp_->IdToPiece(id), id);
   std::stable_sort(controls_.begin(), controls_.end(),
                    [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
 }

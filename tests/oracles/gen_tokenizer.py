@@ -37,7 +37,7 @@ TEST_STRINGS = [
     "emoji 😀🚀 and 👍🏽 skin", "🚀🚀🚀", "العربية نص", "हिन्दी पाठ", "x=y+1; (a,b) -- ...",
     "\"quoted\" #tag e-mail", "mixed 中文 and English 123", "   ", "\t", "\n", "a", "",
     "<|begin_of_text|>Hello<|eot_id|>", "<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>",
-    "text <|eot_id|> more", "<|eot_id|><|eot_id|>", "not <|special|> token", "<s>Hello</s> world",
+    "text <|eot_id|> more", "<|eot_id|><|eot_id|>", "not <|special|> token", "<s>Hello</s> world", "a <unk> b<unk>c",
     "non-breaking\u00a0space", "zero\u200bwidth", "ideographic\u3000space", "long " + "abc" * 60,
     "'ſx long s ('ſ folds to s in the contraction group)", "U+1C89 \u1c89 new letter", "punctuation!!! ??? ...\n\n\n", "   spaces\n   after newline",
 ]
@@ -90,7 +90,8 @@ def make_spm(out, corpus_file):
     (d / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2))
 
-    specials = {sp.id_to_piece(i): i for i in (sp.bos_id(), sp.eos_id())}
+    # transformers' Llama tokenizers hold <unk>, <s> and </s> as special added tokens: split out of the text.
+    specials = {sp.id_to_piece(i): i for i in (sp.unk_id(), sp.bos_id(), sp.eos_id())}
     cases = []
     for text in TEST_STRINGS:
         ids = sp.encode(text)
