@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -13,17 +13,20 @@
 #   5: carry [".peers", ".peerscripts"]: build, issue 27's hand search (the plan picked against the 3 fastest other
 #      plans that fit, 8B 2 x 2048 at 24 and 80 GiB: the 3% target) and LoRA dropout's cost (0.05 against none at
 #      80 GiB, two rounds: the cost model's BW_elem is an estimate).
+#   6: no carry: build, one profiled step of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
+#      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
+#      against cuBLAS's before writing them (issue 27: LoRA's 20 ms a step against a ~5 ms bandwidth floor).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
-# Calls 1-3 and most of 4 ran on an H100 in the thirteenth session (docs/PERFORMANCE.md); what is left: 5, then 2
-# and 4 again on an H200 (the cost model's machine), Unsloth's runs under the hog included.
+# Calls 1-3 and most of 4 ran on an H100 in the thirteenth session (docs/PERFORMANCE.md); what is left: 5 and 6,
+# then 2 and 4 again on an H200 (the cost model's machine), Unsloth's runs under the hog included.
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
 #   (cd build && python3 ../tests/oracles/generate.py --out tests/fixtures)     # the fixtures call 1 carries
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -105,6 +108,16 @@ case "$CALL" in
   timeout 200 $BENCH --rows 8b-2x2048 --budget 80 --ab none= --ab drop="--set lora.dropout=0.05" --rounds 2 \
     --steps 6 --warm 2 >"$L/ab_dropout.log" 2>&1
   grep -E '^\|' "$L/ab_dropout.log" >>"$summary"
+  ;;
+6)
+  note "== issue 27: one profiled step, 8B 2 x 2048, whole GPU"
+  QT_PROFILE_STEP=4 timeout 240 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 2 --seq 2048 --out "$L/prof" \
+    --steps 6 --warmup 2 >"$L/prof.log" 2>&1
+  tail -n 1 "$L/prof.log" | cut -c1-300 >>"$summary"
+  trace=$(find "$L/prof" -name profile_trace.json | head -n 1)
+  [ -n "$trace" ] && python3 scripts/trace_summary.py "$trace" --top 80 >"$L/trace_summary.txt" 2>&1 &&
+    head -n 60 "$L/trace_summary.txt" >>"$summary"
+  rm -f "$trace"  # (tens of MB; the summary is what comes back)
   ;;
 *)
   echo "unknown call $CALL" >&2
