@@ -51,6 +51,13 @@ fi
 note "build: $(($(date +%s) - t0)) s"
 BENCH="python3 scripts/bench.py --binary build-gpu/qlora-train --out $L"
 R32="--set lora.r=32 --set lora.alpha=32"
+# run LOG SECONDS BENCH-ARGS...: one bench.py run within SECONDS, its log in logs/LOG, its table into the summary.
+run() {
+  local log=$1 seconds=$2
+  shift 2
+  timeout "$seconds" $BENCH "$@" >"$L/$log" 2>&1
+  grep -E '^\|' "$L/$log" >>"$summary"
+}
 
 case "$CALL" in
 1 | 3)
@@ -83,31 +90,23 @@ case "$CALL" in
   ;;
 2)
   note "== issue 27: 8B 2 x 2048 at 24 GiB (Unsloth 0, 1) and 80 GiB (Unsloth 0)"
-  timeout 300 $BENCH --peers unsloth --unsloth-modes 0,1 --rows 8b-2x2048 --budget 24 --no-whole --steps 6 --warm 2 \
-    >"$L/budget_24.log" 2>&1
-  grep -E '^\|' "$L/budget_24.log" >>"$summary"
-  timeout 200 $BENCH --peers unsloth --unsloth-modes 0 --rows 8b-2x2048 --budget 80 --no-whole --steps 6 --warm 2 \
-    >"$L/budget_80.log" 2>&1
-  grep -E '^\|' "$L/budget_80.log" >>"$summary"
+  run budget_24.log 300 --peers unsloth --unsloth-modes 0,1 --rows 8b-2x2048 --budget 24 --no-whole --steps 6 --warm 2
+  run budget_80.log 200 --peers unsloth --unsloth-modes 0 --rows 8b-2x2048 --budget 80 --no-whole --steps 6 --warm 2
   ;;
 4)
   note "== issue 27: 8B 1 x 8192, whole documents and packed (median 330), at 80 GiB against Unsloth 0"
-  timeout 280 $BENCH --peers unsloth --unsloth-modes 0 --rows 8b-1x8192,8b-1x8192p330 --budget 80 --no-whole --steps 4 \
-    --warm 2 >"$L/budget_80_8k.log" 2>&1
-  grep -E '^\|' "$L/budget_80_8k.log" >>"$summary"
+  run budget_80_8k.log 280 --peers unsloth --unsloth-modes 0 --rows 8b-1x8192,8b-1x8192p330 --budget 80 --no-whole --steps 4 \
+    --warm 2
   note "== issue 27: cuBLASLt against cuBLAS, 8B 2 x 2048 at 80 GiB"
-  timeout 200 $BENCH --rows 8b-2x2048 --budget 80 --ab base= --ab lt="--env TORCH_BLAS_PREFER_CUBLASLT=1" --rounds 2 \
-    --steps 6 --warm 2 >"$L/ab_cublaslt.log" 2>&1
-  grep -E '^\|' "$L/ab_cublaslt.log" >>"$summary"
+  run ab_cublaslt.log 200 --rows 8b-2x2048 --budget 80 --ab base= --ab lt="--env TORCH_BLAS_PREFER_CUBLASLT=1" --rounds 2 \
+    --steps 6 --warm 2
   ;;
 5)
   note "== issue 27: the plan picked against the 3 fastest others that fit, 8B 2 x 2048 at 24 and 80 GiB"
-  timeout 330 $BENCH --rows 8b-2x2048 --budget 24,80 --hand-search 3 --steps 6 --warm 2 >"$L/hand_search.log" 2>&1
-  grep -E '^\|' "$L/hand_search.log" >>"$summary"
+  run hand_search.log 330 --rows 8b-2x2048 --budget 24,80 --hand-search 3 --steps 6 --warm 2
   note "== issue 27: LoRA dropout 0.05 against none, 8B 2 x 2048 at 80 GiB"
-  timeout 200 $BENCH --rows 8b-2x2048 --budget 80 --ab none= --ab drop="--set lora.dropout=0.05" --rounds 2 \
-    --steps 6 --warm 2 >"$L/ab_dropout.log" 2>&1
-  grep -E '^\|' "$L/ab_dropout.log" >>"$summary"
+  run ab_dropout.log 200 --rows 8b-2x2048 --budget 80 --ab none= --ab drop="--set lora.dropout=0.05" --rounds 2 \
+    --steps 6 --warm 2
   ;;
 6)
   note "== issue 27: one profiled step, 8B 2 x 2048, whole GPU"
