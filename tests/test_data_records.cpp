@@ -331,4 +331,17 @@ TEST_CASE("data config defaults and errors", "[data]") {
   check_error([] { config({{"max_seq_len", 1}}); }, qt::ErrorKind::Config, {"data.max_seq_len"});
   check_error([] { qt::DataConfig::from_json(qt::Json::object(), "run.json"); }, qt::ErrorKind::Config,
               {"data.train_file", "missing"});
+  // One file or a list of them: train_files holds them, train_file names them, to_json gives back what was read.
+  CHECK(d.train_files == std::vector<std::string>{"train.jsonl"});
+  CHECK(d.to_json()["train_file"] == "train.jsonl");
+  const qt::DataConfig l = config({{"train_file", {"a.jsonl", "b/c.jsonl"}}});
+  CHECK(l.train_files == std::vector<std::string>{"a.jsonl", "b/c.jsonl"});
+  CHECK(l.train_file == "a.jsonl, b/c.jsonl");
+  CHECK(l.to_json()["train_file"] == qt::Json::array({"a.jsonl", "b/c.jsonl"}));
+  CHECK(qt::DataConfig::from_json(l.to_json(), "run.json").train_files == l.train_files);
+  check_error([] { config({{"train_file", qt::Json::array()}}); }, qt::ErrorKind::Config,
+              {"data.train_file", "empty list"});
+  check_error([] { config({{"train_file", {"a.jsonl", ""}}}); }, qt::ErrorKind::Config, {"data.train_file[1]", "empty"});
+  check_error([] { config({{"train_file", {"a.jsonl", 3}}}); }, qt::ErrorKind::Config,
+              {"data.train_file", "list of strings"});
 }

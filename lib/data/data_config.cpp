@@ -75,7 +75,9 @@ const char* truncation_name(Truncation truncation) {
 }
 
 Json DataConfig::to_json() const {
-  return Json{{"train_file", train_file.empty() ? Json(nullptr) : Json(train_file)},
+  return Json{{"train_file", train_files.empty()       ? Json(nullptr)
+                             : train_files.size() == 1 ? Json(train_files[0])
+                                                       : Json(train_files)},
               {"eval_file", eval_file},
               {"eval_fraction", eval_fraction},
               {"format", record_format_name(format)},
@@ -94,7 +96,19 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file, b
   const JsonReader r{section, file, ErrorKind::Config, "data."};
   DataConfig c;
   c.file = file;
-  c.train_file = complete || r.has("train_file") ? r.get_string("train_file") : "";
+  if (section.is_object() && section.contains("train_file") && section["train_file"].is_array()) {
+    c.train_files = r.get_strings("train_file");
+    if (c.train_files.empty())
+      fail_key(ErrorKind::Config, file, "data.train_file", "is an empty list: name a jsonl file, or several");
+    for (size_t i = 0; i < c.train_files.size(); ++i) {
+      if (c.train_files[i].empty())
+        fail_key(ErrorKind::Config, file, "data.train_file[" + std::to_string(i) + "]", "is empty: name a jsonl file");
+    }
+  } else if (complete || r.has("train_file")) {
+    const std::string one = r.get_string("train_file");
+    if (!one.empty()) c.train_files = {one};
+  }
+  for (const auto& f : c.train_files) c.train_file += (c.train_file.empty() ? "" : ", ") + f;
   c.eval_file = r.get_string("eval_file", c.eval_file);
   c.eval_fraction = r.get_double("eval_fraction", c.eval_fraction);
   c.format = pick<RecordFormat>(r, "format", c.format,

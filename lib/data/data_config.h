@@ -3,6 +3,7 @@
 // batched. Parsed and validated here once; defaults are written once, below.
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "lib/core/json.h"
 
@@ -20,7 +21,11 @@ constexpr int64_t kMaxSeqLen = int64_t{1} << 24;
 
 struct DataConfig {
   std::string file;                          // the run config the section came from, for errors
-  std::string train_file;                    // jsonl, required
+  // jsonl, required: one file, or a list of them read one after another as one set of records (JSON: a string or
+  // a list of strings). train_files holds them; train_file names them in messages (the one path, or "a.jsonl,
+  // b.jsonl" for several).
+  std::vector<std::string> train_files;
+  std::string train_file;
   std::string eval_file;                     // jsonl, optional
   double eval_fraction = 0.0;                // held out of train_file when there is no eval_file; [0, 1)
   RecordFormat format = RecordFormat::Auto;  // auto: each record's keys decide

@@ -11,7 +11,8 @@ struct Example {
   // 1 where the token is in the loss (predicted from the tokens before it): answers and their end-of-turn
   // token, all of a text document; 0 on prompt tokens. Same length as ids.
   std::vector<uint8_t> loss;
-  int64_t line = 0;  // line of the jsonl record it came from (0: none)
+  int64_t line = 0;    // line of the jsonl record it came from (0: none)
+  int32_t source = 0;  // which of data.train_file's files (DataConfig::train_files) it came from
 };
 
 struct DataStats {

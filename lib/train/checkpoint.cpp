@@ -335,6 +335,12 @@ std::vector<std::string> set_aside_checkpoints_after(const std::string& output_d
 
 std::string train_file_hash(const std::string& path) { return file_hash(path); }
 
+std::string train_files_hash(const std::vector<std::string>& paths) {
+  std::string out;
+  for (const auto& p : paths) out += (out.empty() ? "" : "+") + file_hash(p);
+  return out;
+}
+
 void check_resume_progress(const TrainerState& saved, const TrainerState& current, bool length_matters,
                            bool allow_changes, const std::string& checkpoint_dir, const std::string& config_file) {
   const std::string steps_key = current.config.contains("train") && current.config["train"].contains("steps") &&

@@ -102,6 +102,9 @@ void check_resume_compatible(const Json& saved, const Json& current, const std::
 
 // A 64-bit FNV-1a hash of a file's bytes (hex), stored in checkpoints for data.train_file.
 std::string train_file_hash(const std::string& path);
+// data.train_file's files: the one file's hash, or the files' hashes joined by "+" in their order (a file added,
+// removed or moved in the list changes it, as a changed file does).
+std::string train_files_hash(const std::vector<std::string>& paths);
 
 // What a resume may not change beyond the config keys: asking for fewer steps than the checkpoint has done is an
 // error (qt::Error Config, naming train.steps / train.epochs); a changed schedule length (the learning rate would

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <optional>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -14,7 +15,14 @@ namespace qt {
 TrainData::TrainData(const Json& section, const std::string& file, const Tokenizer& tokenizer, int64_t micro)
     : config_(DataConfig::from_json(section, file)), micro_(micro) {
   pad_id_ = tokenizer.eos_id() >= 0 ? tokenizer.eos_id() : 0;  // padding carries no target; any id will do
-  std::vector<Example> train = load_examples(config_.train_file, config_, tokenizer);
+  std::vector<Example> train;
+  for (size_t i = 0; i < config_.train_files.size(); ++i) {
+    std::vector<Example> part = load_examples(config_.train_files[i], config_, tokenizer);
+    for (Example& e : part) {
+      e.source = static_cast<int32_t>(i);
+      train.push_back(std::move(e));
+    }
+  }
   if (!config_.eval_file.empty()) {
     eval_ = load_examples(config_.eval_file, config_, tokenizer);
   } else if (config_.eval_fraction > 0) {
@@ -31,10 +39,10 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
     log::warn_rank0("data.add_eos: the tokenizer has no EOS token, so the text documents of " + config_.train_file +
                     " train without one (the model will not learn where a document ends)");
   apply_truncation(train);
-  untrained_left_out_ = leave_out_untrained(train, config_.train_file, /*training=*/true);
+  untrained_left_out_ = leave_out_untrained(train, config_.train_file, /*training=*/true, /*from_train_files=*/true);
   if (!eval_.empty()) {
     const std::string& source = config_.eval_file.empty() ? config_.train_file : config_.eval_file;
-    leave_out_untrained(eval_, source, /*training=*/false);
+    leave_out_untrained(eval_, source, /*training=*/false, /*from_train_files=*/config_.eval_file.empty());
     if (eval_.empty() && !config_.eval_file.empty())
       fail_key(ErrorKind::Data, config_.file, "data.eval_file",
                "none of the records of " + config_.eval_file + " holds a target token within data.max_seq_len = " +
@@ -58,10 +66,11 @@ int64_t targets_in(const std::vector<uint8_t>& loss, size_t end) {
   return n;
 }
 
-// "lines 3, 7, 9 and 12 more" of a file's records.
-std::string some_lines(const std::vector<int64_t>& lines) {
+// "lines 3, 7, 9 and 12 more" of a file's records; of several files' (data.train_file a list), "lines a.jsonl:3,
+// b.jsonl:7, ...".
+std::string some_lines(const std::vector<std::string>& lines) {
   std::string out = lines.size() == 1 ? "line " : "lines ";
-  for (size_t i = 0; i < std::min<size_t>(lines.size(), 5); ++i) out += (i ? ", " : "") + std::to_string(lines[i]);
+  for (size_t i = 0; i < std::min<size_t>(lines.size(), 5); ++i) out += (i ? ", " : "") + lines[i];
   if (lines.size() > 5) out += " and " + std::to_string(lines.size() - 5) + " more";
   return out;
 }
@@ -72,12 +81,18 @@ std::string some_lines(const std::vector<int64_t>& lines) {
 // data.max_seq_len removes) add nothing to the loss: they are left out, with a warning naming them, so that no batch
 // is made of them alone (a step would have nothing to train on). Where no record has a target nothing is left out:
 // check_has_targets says why (training) or the caller does (held-out).
-int64_t TrainData::leave_out_untrained(std::vector<Example>& examples, const std::string& source, bool training) const {
+std::string TrainData::where(const Example& e, bool from_train_files) const {
+  if (!from_train_files || config_.train_files.size() < 2) return std::to_string(e.line);
+  return config_.train_files[static_cast<size_t>(e.source)] + ":" + std::to_string(e.line);
+}
+
+int64_t TrainData::leave_out_untrained(std::vector<Example>& examples, const std::string& source, bool training,
+                                       bool from_train_files) const {
   const auto len = static_cast<size_t>(config_.max_seq_len);
   const auto untrained = [&](const Example& e) { return targets_in(e.loss, len) == 0; };
-  std::vector<int64_t> lines;
+  std::vector<std::string> lines;
   for (const auto& e : examples)
-    if (untrained(e)) lines.push_back(e.line);
+    if (untrained(e)) lines.push_back(where(e, from_train_files));
   if (lines.empty() || (training && lines.size() == examples.size())) return 0;
   const size_t before = examples.size();
   examples.erase(std::remove_if(examples.begin(), examples.end(), untrained), examples.end());
@@ -89,13 +104,13 @@ int64_t TrainData::leave_out_untrained(std::vector<Example>& examples, const std
 
 void TrainData::apply_truncation(std::vector<Example>& train) const {
   const auto len = static_cast<size_t>(config_.max_seq_len);
-  std::vector<int64_t> long_lines, emptied_lines;  // longer than a row; of those, left with no target by the cut
+  std::vector<std::string> long_lines, emptied_lines;  // longer than a row; of those, left with no target by the cut
   int64_t long_tokens = 0;
   for (const auto& e : train) {
     if (e.ids.size() <= len) continue;
-    long_lines.push_back(e.line);
+    long_lines.push_back(where(e, true));
     long_tokens += static_cast<int64_t>(e.ids.size() - len);
-    if (targets_in(e.loss, len) == 0 && targets_in(e.loss, e.loss.size()) > 0) emptied_lines.push_back(e.line);
+    if (targets_in(e.loss, len) == 0 && targets_in(e.loss, e.loss.size()) > 0) emptied_lines.push_back(where(e, true));
   }
   if (long_lines.empty()) return;
   const std::string what = std::to_string(long_lines.size()) + " of " + std::to_string(train.size()) + " records of " +
@@ -127,10 +142,10 @@ void TrainData::apply_truncation(std::vector<Example>& train) const {
 
 void TrainData::check_has_targets() const {
   int64_t targets = 0;
-  std::vector<int64_t> lines;
+  std::vector<std::string> lines;
   for (const auto& e : train_->examples()) {
     targets += targets_in(e.loss, e.loss.size());
-    lines.push_back(e.line);
+    lines.push_back(where(e, true));
   }
   if (targets > 0) return;
   if (train_->stats().truncated == 0)  // nothing was cut: the records themselves hold no target
@@ -151,21 +166,32 @@ void TrainData::check_has_targets() const {
 
 void TrainData::write_eval_records(const std::string& path) const {
   if (eval_.empty()) return;
-  const std::string& source = config_.eval_file.empty() ? config_.train_file : config_.eval_file;
-  const std::string text = files::read_file(source);
-  std::vector<std::pair<size_t, size_t>> lines;  // [begin, end) of each line, '\n' excluded
-  for (size_t begin = 0; begin < text.size();) {
-    size_t end = text.find('\n', begin);
-    if (end == std::string::npos) end = text.size();
-    lines.emplace_back(begin, end);
-    begin = end + 1;
-  }
+  // The held-out share's records come from data.train_file's files (e.source), data.eval_file's from it alone.
+  const std::vector<std::string> sources =
+      config_.eval_file.empty() ? config_.train_files : std::vector<std::string>{config_.eval_file};
+  struct Text {
+    std::string bytes;
+    std::vector<std::pair<size_t, size_t>> lines;  // [begin, end) of each line, '\n' excluded
+  };
+  std::vector<std::optional<Text>> texts(sources.size());
   std::string out;
   for (const auto& e : eval_) {
-    QT_CHECK(e.line >= 1 && e.line <= static_cast<int64_t>(lines.size()), ErrorKind::Data,
-             source + ": changed while the run read it (line " + std::to_string(e.line) + " is gone)");
-    const auto [begin, end] = lines[static_cast<size_t>(e.line - 1)];
-    out.append(text, begin, end - begin);
+    const auto i = config_.eval_file.empty() ? static_cast<size_t>(e.source) : size_t{0};
+    if (!texts[i]) {
+      Text t{files::read_file(sources[i]), {}};
+      for (size_t begin = 0; begin < t.bytes.size();) {
+        size_t end = t.bytes.find('\n', begin);
+        if (end == std::string::npos) end = t.bytes.size();
+        t.lines.emplace_back(begin, end);
+        begin = end + 1;
+      }
+      texts[i] = std::move(t);
+    }
+    const Text& t = *texts[i];
+    QT_CHECK(e.line >= 1 && e.line <= static_cast<int64_t>(t.lines.size()), ErrorKind::Data,
+             sources[i] + ": changed while the run read it (line " + std::to_string(e.line) + " is gone)");
+    const auto [begin, end] = t.lines[static_cast<size_t>(e.line - 1)];
+    out.append(t.bytes, begin, end - begin);
     out += '\n';
   }
   files::write_file_atomically(path, out);
@@ -184,16 +210,18 @@ double TrainData::attention_span() const {
 std::pair<int64_t, std::string> TrainData::max_token_id() const {
   int64_t best = -1;
   std::string where;
+  // file: the examples' one file, or "" for data.train_file's (each example's own).
   auto scan = [&](const std::vector<Example>& examples, const std::string& file) {
     for (const Example& e : examples)
       for (int32_t id : e.ids)
         if (id > best) {
           best = id;
-          where = file + (e.line > 0 ? ":" + std::to_string(e.line) : std::string());
+          const std::string& f = file.empty() ? config_.train_files[static_cast<size_t>(e.source)] : file;
+          where = f + (e.line > 0 ? ":" + std::to_string(e.line) : std::string());
         }
   };
-  scan(train_->examples(), config_.train_file);
-  scan(eval_, config_.eval_file.empty() ? config_.train_file : config_.eval_file);
+  scan(train_->examples(), "");
+  scan(eval_, config_.eval_file.empty() ? "" : config_.eval_file);
   return {best, where};
 }
 

@@ -54,7 +54,12 @@ class TrainData {
   // to Dataset (warning about the records the cut leaves with no target).
   void apply_truncation(std::vector<Example>& train) const;
   // Returns how many it left out; `training`: none where none has a target (check_has_targets says why).
-  int64_t leave_out_untrained(std::vector<Example>& examples, const std::string& source, bool training) const;
+  // from_train_files: the examples came from data.train_file's files (the training set or its held-out share), so
+  // that a record's place names its file where there are several.
+  int64_t leave_out_untrained(std::vector<Example>& examples, const std::string& source, bool training,
+                              bool from_train_files) const;
+  // A record's place in messages: its line, with its file where data.train_file lists several.
+  std::string where(const Example& e, bool from_train_files) const;
   // A run that would train on no target token stops here, before the model loads, naming data.max_seq_len.
   void check_has_targets() const;
 

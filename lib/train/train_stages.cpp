@@ -483,7 +483,7 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
   d.data = std::make_unique<TrainData>(cfg.data, cfg.file, *d.tokenizer, s.micro);
   d.model_config = d.random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
   check_data_fits_model(cfg, s, d);
-  d.train_file_hash = train_file_hash(d.data->config().train_file);
+  d.train_file_hash = train_files_hash(d.data->config().train_files);
   if (s.world > 1) {
     check_same_across_ranks(*s.comm, d.train_file_hash, "content of data.train_file");
     // Held-out and exact-match files: ranks that evaluate other records pair their collectives wrongly (other

@@ -67,6 +67,34 @@ def main():
           and all(k.startswith("base_model.model.model.layers.") for k in keys),
           f"the adapter holds PEFT's 28 lora_A/lora_B tensors ({len(keys)})")
 
+    # data.train_file as a list: its files read in order are one set of records, so two parts of train.jsonl give
+    # the whole file's run (losses, adapter, held-out records); a record is named by its file and line; the
+    # checkpoint's hash covers every file, so a changed part refuses the resume.
+    lines = (TMP / "train.jsonl").read_text().splitlines(keepends=True)
+    (TMP / "part1.jsonl").write_text("".join(lines[:20]))
+    (TMP / "part2.jsonl").write_text("".join(lines[20:]))
+    parts = [str(TMP / "part1.jsonl"), str(TMP / "part2.jsonl")]
+    train(write_config("whole", data__eval_fraction=0.2))
+    train(write_config("parts", data__train_file=parts, data__eval_fraction=0.2))
+    check(losses("parts") == losses("whole") and adapter_bytes("parts") == adapter_bytes("whole")
+          and (TMP / "parts" / "eval.jsonl").read_text() == (TMP / "whole" / "eval.jsonl").read_text()
+          and (TMP / "parts" / "eval.jsonl").read_text().count("\n") >= 2,
+          f"data.train_file [part1, part2] trains as the file they were cut from ({losses('parts')} vs {losses('whole')})")
+    (TMP / "part2_long.jsonl").write_text("".join(lines[20:22]) + json.dumps({"text": " ".join(["word"] * 200)}) + "\n")
+    p = train(write_config("parts_long", data__train_file=[parts[0], str(TMP / "part2_long.jsonl")],
+                           data__truncation="error"), check_rc=False)
+    check(p.returncode != 0 and "part2_long.jsonl:3" in p.stderr and "data.truncation" in p.stderr,
+          f"a record too long in the second file is named by its file and line (exit {p.returncode}): "
+          f"{p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else ''}")
+    p = train(write_config("parts_empty", data__train_file=[]), check_rc=False)
+    check(p.returncode == 3 and "data.train_file" in p.stderr and "empty list" in p.stderr,
+          f"an empty list is a config error naming data.train_file (exit {p.returncode})")
+    (TMP / "part2.jsonl").write_text("".join(lines[20:-1]))
+    p = train(write_config("parts", data__train_file=parts, data__eval_fraction=0.2), "--resume", "auto",
+              check_rc=False)
+    check(p.returncode != 0 and "data.train_file's content" in p.stderr,
+          f"a changed second file refuses the resume, naming data.train_file's content (exit {p.returncode})")
+
     # Accumulation: 4 micro-batches of 1 row give the step of one batch of 4 rows (token-normalised).
     train(write_config("m1", train__micro_batch_size=1, train__steps=2))
     train(write_config("m4", train__micro_batch_size=4, train__steps=2))
