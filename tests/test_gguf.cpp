@@ -6,7 +6,9 @@
 #include <cstring>
 
 #include "lib/core/files.h"
+#include "lib/data/bpe_tokenizer.h"
 #include "lib/export/gguf_llama.h"
+#include "lib/export/gguf_vocab.h"
 #include "lib/export/gguf_writer.h"
 #include "lib/export/ollama_modelfile.h"
 #include "tests/catch.h"
@@ -177,4 +179,49 @@ TEST_CASE("a ChatML Modelfile carries the template's default system prompt as SY
       "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + "
       "messages[0].content + '<|im_end|>\\n' }}{%- endif %}";
   CHECK(!has(qt::ollama_modelfile("./q.gguf", qwen3, "<|im_end|>").text, "SYSTEM"));
+}
+
+// Found in fuzzing round 12: added tokens were control only when marked special, so a Qwen2.5 / Qwen3 tokenizer's
+// non-special <|fim_prefix|> ... <|file_sep|> were user-defined where convert_hf_to_gguf.py makes them control
+// (llama.cpp then reads them from typed text and prints them in its output).
+TEST_CASE("GGUF vocabularies type added tokens as convert_hf_to_gguf does, special-looking ones as control", "[gguf]") {
+  const std::string dir = scratch_dir("gguf_added_tokens");
+  const qt::Json added = qt::Json::array({
+      {{"id", 3}, {"content", "<|endoftext|>"}, {"special", true}},
+      {{"id", 4}, {"content", "<|fim_prefix|>"}, {"special", false}},
+      {{"id", 5}, {"content", "<tool_call>"}, {"special", false}},
+      {{"id", 6}, {"content", "<unused0>"}, {"special", false}},
+      {{"id", 7}, {"content", "<\xef\xbd\x9c" "fim\xe2\x96\x81" "begin\xef\xbd\x9c>"}, {"special", false}},
+      {{"id", 8}, {"content", "a\xe2\x96\x81" "b"}, {"special", false}},
+      {{"id", 9}, {"content", "<pad>"}, {"special", false}},
+      {{"id", 10}, {"content", "<|x"}, {"special", false}},
+  });
+  const qt::Json doc = {
+      {"model", {{"type", "BPE"}, {"vocab", {{"a", 0}, {"b", 1}, {"ab", 2}}}, {"merges", {"a b"}}}},
+      {"pre_tokenizer",
+       {{"type", "Sequence"},
+        {"pretokenizers",
+         {{{"type", "Split"}, {"pattern", {{"Regex", qt::k_llama3_pattern}}}, {"behavior", "Isolated"}},
+          {{"type", "ByteLevel"}}}}}},
+      {"added_tokens", added}};
+  qt::files::write_file_atomically(qt::files::join(dir, "tokenizer.json"), doc.dump());
+  const qt::Vocab v = qt::bpe_vocab(qt::files::join(dir, "tokenizer.json"));
+  using T = qt::TokenType;
+  CHECK(v.types == std::vector<int32_t>{T::kNormal, T::kNormal, T::kNormal, T::kControl, T::kControl, T::kUserDefined,
+                                        T::kControl, T::kControl, T::kUserDefined, T::kControl, T::kUserDefined});
+  CHECK(v.tokens[7] == "<\xef\xbd\x9c" "fim\xe2\x96\x81" "begin\xef\xbd\x9c>");  // control tokens keep their text
+  CHECK(v.tokens[8] == "a b");  // a user-defined token's "▁" is a space, as the converter pre-normalizes it
+
+  // Sentencepiece: tokenizer_config.json's added tokens past the model's pieces, the same way.
+  const std::string spm = qt::test::fixture("tokenizer/spm");
+  const int32_t n = static_cast<int32_t>(qt::sentencepiece_vocab(spm, qt::Json::object()).tokens.size());
+  qt::Json decoder = qt::Json::object();
+  decoder[std::to_string(n)] = {{"content", "<|im_start|>"}, {"special", false}};
+  decoder[std::to_string(n + 1)] = {{"content", "<tool_call>"}, {"special", false}};
+  decoder[std::to_string(n + 2)] = {{"content", "<eot>"}, {"special", true}};
+  const qt::Vocab s = qt::sentencepiece_vocab(spm, {{"added_tokens_decoder", decoder}});
+  REQUIRE(s.types.size() == static_cast<size_t>(n) + 3);
+  CHECK(s.types[n] == T::kControl);
+  CHECK(s.types[n + 1] == T::kUserDefined);
+  CHECK(s.types[n + 2] == T::kControl);
 }

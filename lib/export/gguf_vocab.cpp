@@ -11,7 +11,6 @@
 namespace qt {
 namespace {
 
-
 // llama.cpp's name for a tokenizer.json's pre-tokenizer (tokenizer.ggml.pre: how its vocab loader splits text before
 // BPE), from the Split regex: Llama 3's -> llama-bpe, Qwen2's -> qwen2 (convert_hf_to_gguf.py tells them apart by
 // hashing the ids of a test text; the regex is what differs).
@@ -34,6 +33,24 @@ std::string bpe_pre_tokenizer(const Json& doc, const std::string& json_path) {
   }
   fail_key(ErrorKind::Model, json_path, "pre_tokenizer",
            "expected a Split with Llama 3's or Qwen2's regex before ByteLevel");
+}
+
+// An added token as convert_hf_to_gguf.py types it (get_vocab_base, _create_vocab_sentencepiece): control when it
+// is special or looks special (does_token_look_special: "<|...|>", "<｜...｜>", "<unused...>", "<pad>", "<mask>",
+// "<2mass>", "[@BOS@]"; Qwen2.5 and Qwen3 leave <|fim_prefix|> and its kin non-special), else user-defined, its "▁"
+// written as a space (the converter pre-normalizes user-defined tokens so).
+void add_token(Vocab& v, std::string text, bool special) {
+  auto wraps = [&](const std::string& open, const std::string& close) {
+    return text.size() >= open.size() && text.size() >= close.size() && text.compare(0, open.size(), open) == 0 &&
+           text.compare(text.size() - close.size(), close.size(), close) == 0;
+  };
+  const bool looks_special = text == "<pad>" || text == "<mask>" || text == "<2mass>" || text == "[@BOS@]" ||
+                             wraps("<|", "|>") || wraps("<\xef\xbd\x9c", "\xef\xbd\x9c>") || wraps("<unused", ">");
+  if (!special && !looks_special)
+    for (size_t at = text.find("\xe2\x96\x81"); at != std::string::npos; at = text.find("\xe2\x96\x81", at + 1))
+      text.replace(at, 3, " ");
+  v.tokens.push_back(std::move(text));
+  v.types.push_back(special || looks_special ? kControl : kUserDefined);
 }
 
 }  // namespace
@@ -90,9 +107,8 @@ Vocab sentencepiece_vocab(const std::string& dir, const Json& tok_cfg) {
         v.scores.push_back(-1000.f);
         v.types.push_back(kUnused);
       }
-      v.tokens.push_back(t.at("content").get<std::string>());
+      add_token(v, t.at("content").get<std::string>(), t.value("special", false));
       v.scores.push_back(-1000.f);
-      v.types.push_back(t.value("special", false) ? kControl : kUserDefined);
     }
   }
   return v;
@@ -106,19 +122,26 @@ Vocab bpe_vocab(const std::string& json_path) {
   Vocab v;
   v.model = "gpt2";
   v.pre = bpe_pre_tokenizer(doc, json_path);
-  std::map<int64_t, std::pair<std::string, int32_t>> by_id;
-  for (const auto& [tok, id] : model.at("vocab").items()) by_id[id.get<int64_t>()] = {tok, kNormal};
+  struct Entry {
+    std::string text;
+    bool added = false, special = false;
+  };
+  std::map<int64_t, Entry> by_id;
+  for (const auto& [tok, id] : model.at("vocab").items()) by_id[id.get<int64_t>()] = {tok};
   if (doc.contains("added_tokens"))
     for (const auto& t : doc.at("added_tokens"))
-      by_id[t.at("id").get<int64_t>()] = {t.at("content").get<std::string>(),
-                                          t.value("special", false) ? kControl : kUserDefined};
-  for (const auto& [id, tok] : by_id) {
+      by_id[t.at("id").get<int64_t>()] = {t.at("content").get<std::string>(), true, t.value("special", false)};
+  for (auto& [id, tok] : by_id) {
     while (static_cast<int64_t>(v.tokens.size()) < id) {
       v.tokens.push_back("[PAD" + std::to_string(v.tokens.size()) + "]");
       v.types.push_back(kUnused);
     }
-    v.tokens.push_back(tok.first);
-    v.types.push_back(tok.second);
+    if (tok.added) {
+      add_token(v, std::move(tok.text), tok.special);
+    } else {
+      v.tokens.push_back(std::move(tok.text));
+      v.types.push_back(kNormal);
+    }
   }
   if (model.contains("merges"))
     for (const auto& m : model.at("merges")) {
