@@ -225,3 +225,25 @@ TEST_CASE("GGUF vocabularies type added tokens as convert_hf_to_gguf does, speci
   CHECK(s.types[n + 1] == T::kUserDefined);
   CHECK(s.types[n + 2] == T::kControl);
 }
+
+// Found in fuzzing round 12: a merged weight finite in fp32 but beyond fp16's 65504 was written to an f16 GGUF as
+// infinity (NaN logits in llama.cpp) with exit 0, where export --merge --dtype fp16 refuses it; likewise a q8_0
+// block whose fp16 scale amax / 127 overflows.
+TEST_CASE("a GGUF weight its type cannot store is a numeric error naming the tensor", "[gguf]") {
+  const std::string dir = scratch_dir("gguf_overflow");
+  auto write = [&](qt::GgmlType type, float value) {
+    qt::GgufWriter w(32);
+    w.add_string("general.architecture", "llama");
+    at::Tensor t = at::ones({2, 32}, at::kFloat);
+    t[1][5] = value;
+    w.add_tensor("blk.0.ffn_down.weight", {2, 32}, type, [t] { return t; });
+    return qt::test::error_of([&] { w.write(qt::files::join(dir, "t.gguf")); });
+  };
+  CHECK(write(qt::GgmlType::F16, 65504.f).empty());
+  CHECK(write(qt::GgmlType::F32, 1e30f).empty());
+  CHECK(write(qt::GgmlType::BF16, 1e30f).empty());
+  CHECK(write(qt::GgmlType::Q8_0, 127.f * 65504.f).empty());
+  CHECK(has(write(qt::GgmlType::F16, 7e4f), "blk.0.ffn_down.weight: the merged weight holds a value f16 cannot store"));
+  CHECK(has(write(qt::GgmlType::F16, -1e5f), "(|w| > 65504)"));
+  CHECK(has(write(qt::GgmlType::Q8_0, 1e7f), "q8_0 cannot store (|w| > 127 x 65504"));
+}

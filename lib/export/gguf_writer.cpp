@@ -253,6 +253,19 @@ void GgufWriter::write(const std::string& path) const {
         out = quantize_q8_0(x);
         break;
     }
+    // Finite in fp32 is not enough: past fp16's 65504 a value (f16), or a block's fp16 scale amax / 127 (q8_0), is
+    // stored as infinity and llama.cpp's logits turn NaN (convert_hf_to_gguf.py's astype writes it so, silently);
+    // export --merge --dtype fp16 refuses the same weights.
+    const bool stored_finite = t.type == GgmlType::Q8_0  ? (x.abs().amax() / 127).to(at::kHalf).isfinite().item<bool>()
+                               : t.type == GgmlType::F32 ? true
+                                                         : out.isfinite().all().item<bool>();
+    if (!stored_finite)
+      fail(ErrorKind::Numeric, t.name + ": the merged weight holds a value " + ggml_type_name(t.type) +
+                                   " cannot store" +
+                                   (t.type == GgmlType::Q8_0  ? " (|w| > 127 x 65504, its block's fp16 scale)"
+                                    : t.type == GgmlType::F16 ? " (|w| > 65504)"
+                                                              : "") +
+                                   "; nothing exported");
     QT_CHECK(out.nbytes() == static_cast<size_t>(t.nbytes) && pos == t.offset, ErrorKind::Internal,
              t.name + ": data size or offset differs from its tensor info");
     f.write(out.data_ptr(), out.nbytes());
