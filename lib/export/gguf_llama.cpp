@@ -65,6 +65,14 @@ std::string gguf_architecture(const LlamaConfig& c, const std::string& config_pa
              std::string("'") + rope_type_name(c.rope.type) + "': GGUF export writes default, linear" +
                  (llama ? " and llama3" : "") + " rope scaling only");
   if (c.head_dim % 2 != 0) fail_key(ErrorKind::Model, config_path, "head_dim", "must be even for rotary embeddings");
+  // llama.cpp's qwen2 sizes its q / k / v / o tensors from the hidden size (n_embd x n_embd), not from key_length:
+  // a file with another head_dim does not load there ("check_tensor_dims: wrong shape"); llama / mistral and qwen3
+  // take head_dim from attention.key_length.
+  if (c.model_type == "qwen2" && c.head_dim * c.num_attention_heads != c.hidden_size)
+    fail_key(ErrorKind::Model, config_path, "head_dim",
+             std::to_string(c.head_dim) + " x " + std::to_string(c.num_attention_heads) + " heads is not hidden_size " +
+                 std::to_string(c.hidden_size) +
+                 ": llama.cpp's qwen2 architecture takes its heads' width from hidden_size");
   return llama ? "llama" : c.model_type;
 }
 

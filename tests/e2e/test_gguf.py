@@ -497,7 +497,11 @@ def check_refusals(tmp: pathlib.Path, model_dir: pathlib.Path, adapter: pathlib.
                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
              ["rope_scaling.rope_type", "'llama3'", "default, linear rope scaling only"]),
             ("dynamic", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
-             ["rope_scaling.rope_type", "'dynamic'", "default, linear and llama3"])):
+             ["rope_scaling.rope_type", "'dynamic'", "default, linear and llama3"]),
+            # Found in fuzzing round 12: a Qwen2 model whose head_dim is not hidden_size / heads (transformers runs it)
+            # was written as a GGUF that llama.cpp's qwen2 refuses to load (q / k / v sized n_embd x n_embd), exit 0.
+            ("qwen2_head_dim", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False,
+                                "head_dim": 32}, ["head_dim", "32 x 4 heads is not hidden_size 64", "qwen2"])):
         d = tmp / f"model_{name}"
         shutil.copytree(model_dir, d)
         cfg = json.loads((d / "config.json").read_text())
