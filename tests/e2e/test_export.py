@@ -67,6 +67,12 @@ def main():
     b = (tmp / "merged_model_arg" / "model.safetensors").read_bytes()
     if a != b:
         failures.append("export with --model differs from export with base_model_name_or_path")
+    # Found in fuzzing round 12: --out with a trailing slash (shell completion) put the temporary directory inside the
+    # output ("out/.tmp-export") and failed to rename it into place (exit 8, nothing written).
+    p = run("export", "--adapter", adapter, "--model", tmp / "model", "--out", f"{tmp / 'merged_slash'}/", "--merge",
+            "--dtype", "fp32")
+    if p.returncode != 0 or (tmp / "merged_slash" / "model.safetensors").read_bytes() != a:
+        failures.append(f"export --merge --out DIR/: exit {p.returncode}, {p.stderr[-300:]!r}")
     cases = [
         (("export", "--adapter", adapter, "--out", tmp / "x", "--merge"), 2, ["base_model_name_or_path", "--model"]),
         (("export", "--adapter", adapter, "--model", tmp / "model", "--out", tmp / "merged_fp32", "--merge"), 2,
