@@ -78,17 +78,21 @@ std::string real_path(const std::string& path) {
   return ::realpath(path.c_str(), buf) ? std::string(buf) : std::string();
 }
 
-std::string parent(const std::string& path) {
+std::string without_trailing_slashes(const std::string& path) {
   std::string p = path;
   while (p.size() > 1 && p.back() == '/') p.pop_back();
+  return p;
+}
+
+std::string parent(const std::string& path) {
+  const std::string p = without_trailing_slashes(path);
   auto pos = p.rfind('/');
   if (pos == std::string::npos) return ".";
   return pos == 0 ? "/" : p.substr(0, pos);
 }
 
 std::string base_name(const std::string& path) {
-  std::string p = path;
-  while (p.size() > 1 && p.back() == '/') p.pop_back();
+  const std::string p = without_trailing_slashes(path);
   auto pos = p.rfind('/');
   return pos == std::string::npos ? p : p.substr(pos + 1);
 }

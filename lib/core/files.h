@@ -16,6 +16,8 @@ int64_t file_size(const std::string& path);  // -1 if it cannot be stat'ed
 std::string join(const std::string& a, const std::string& b);
 std::string parent(const std::string& path);
 std::string base_name(const std::string& path);
+// "out/" (a shell's completion) as "out"; "/" stays.
+std::string without_trailing_slashes(const std::string& path);
 // `path` from the root: as it is when it starts with '/', else after the working directory (symbolic links are
 // not resolved; "./" prefixes dropped). Throws qt::Error(Io) if the working directory cannot be read.
 std::string absolute(const std::string& path);

@@ -192,9 +192,7 @@ class PendingOutputs {
 };
 
 std::string file_stem(const std::string& base_dir) {
-  std::string d = base_dir;
-  while (d.size() > 1 && d.back() == '/') d.pop_back();
-  std::string name = files::base_name(d);
+  std::string name = files::base_name(base_dir);
   for (char& ch : name)
     if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '-' && ch != '_' && ch != '.') ch = '-';
   return name.empty() || name == "." || name == ".." ? "model" : name;

@@ -73,8 +73,7 @@ MergedExportStats save_merged_model(LlamaModel& model, const std::string& base_d
                                     at::ScalarType dtype, int64_t max_shard_bytes) {
   // "out/" (a shell's completion) names the directory "out": its temporary sibling is "out.tmp-export", not
   // "out/.tmp-export", a directory inside the one it is renamed to.
-  std::string out_dir = given_out;
-  while (out_dir.size() > 1 && out_dir.back() == '/') out_dir.pop_back();
+  const std::string out_dir = files::without_trailing_slashes(given_out);
   if (dtype != at::kBFloat16 && dtype != at::kHalf && dtype != at::kFloat)
     fail(ErrorKind::Usage, "export dtype must be bfloat16, float16 or float32");
   if (files::exists(out_dir) && (!files::is_dir(out_dir) || !files::list_dir(out_dir).empty()))
