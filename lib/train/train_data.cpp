@@ -141,13 +141,10 @@ void TrainData::apply_truncation(std::vector<Example>& train) const {
 }
 
 void TrainData::check_has_targets() const {
-  int64_t targets = 0;
-  std::vector<std::string> lines;
-  for (const auto& e : train_->examples()) {
-    targets += targets_in(e.loss, e.loss.size());
-    lines.push_back(where(e, true));
-  }
-  if (targets > 0) return;
+  for (const auto& e : train_->examples())
+    if (targets_in(e.loss, e.loss.size()) > 0) return;
+  std::vector<std::string> lines;  // (every record: none has a target)
+  for (const auto& e : train_->examples()) lines.push_back(where(e, true));
   if (train_->stats().truncated == 0)  // nothing was cut: the records themselves hold no target
     fail_key(ErrorKind::Data, config_.file, "data.train_file",
              "the " + std::to_string(train_->size()) + " training records of " + config_.train_file + " (" +
