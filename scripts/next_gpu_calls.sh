@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -11,8 +11,12 @@
 #      then 8B 2 x 2048 at 80 GiB with cuBLASLt preferred for the base GEMMs against cuBLAS (TORCH_BLAS_PREFER_CUBLASLT,
 #      read by ATen at start; the base GEMMs ran at 710-771 TFLOP/s of the 790 the bench measures), two rounds.
 #   5: carry [".peers", ".peerscripts"]: build, issue 27's hand search (the plan picked against the 3 fastest other
-#      plans that fit, 8B 2 x 2048 at 24 and 80 GiB: the 3% target) and LoRA dropout's cost (0.05 against none at
-#      80 GiB, two rounds: the cost model's BW_elem is an estimate).
+#      plans that fit, 8B 2 x 2048 at 24 and 80 GiB: the 3% target).
+#   7: carry [".peers", ".peerscripts"]: build, LoRA dropout's cost (0.05 against none at 80 GiB, two rounds: the
+#      cost model's BW_elem is an estimate).
+#   8: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [lora] and [fused_ops] [gpu] tests, the
+#      input gradients' LoRA terms inside the base GEMMs against their own GEMMs (QT_LORA_GRAD_GEMM=0), two rounds.
+#   Several calls in one command: SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6; SUMMARY=s7.txt ... 7
 #   6: no carry: build, one profiled step of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
 #      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
 #      against cuBLAS's before writing them (issue 27: LoRA's 20 ms a step against a ~5 ms bandwidth floor).
@@ -26,16 +30,16 @@
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 [ -x /opt/torch/.venv/bin/python3 ] && export PATH=/opt/torch/.venv/bin:$PATH
-summary=$OUT/summary.txt
+summary=$OUT/${SUMMARY:-summary.txt}
 : >"$summary"
 note() { echo "$*" | tee -a "$summary"; }
-pack() { tar -C "$OUT" -czf "$OUT/logs.tgz" logs 2>/dev/null && rm -rf "$OUT/logs"; }
+pack() { tar -C "$OUT" -czf "$OUT/logs$CALL.tgz" logs 2>/dev/null && rm -rf "$OUT/logs"; }
 trap pack EXIT
 L=$OUT/logs
 
@@ -104,8 +108,23 @@ case "$CALL" in
 5)
   note "== issue 27: the plan picked against the 3 fastest others that fit, 8B 2 x 2048 at 24 and 80 GiB"
   run hand_search.log 330 --rows 8b-2x2048 --budget 24,80 --hand-search 3 --steps 6 --warm 2
+  ;;
+7)
   note "== issue 27: LoRA dropout 0.05 against none, 8B 2 x 2048 at 80 GiB"
   run ab_dropout.log 200 --rows 8b-2x2048 --budget 80 --ab none= --ab drop="--set lora.dropout=0.05" --rounds 2 \
+    --steps 6 --warm 2
+  ;;
+8)
+  note "== issue 27: the LoRA [gpu] and fused-op [gpu] tests, then the input gradients' LoRA terms in the base GEMMs"
+  note "   against their own GEMMs (QT_LORA_GRAD_GEMM=0), 8B 2 x 2048 at 80 GiB, two rounds"
+  mkdir -p build-gpu/tests
+  rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
+  t0=$(date +%s)
+  (cd build-gpu && timeout 150 ./tests/qt_tests "[lora][gpu],[fused_ops][gpu]") >"$L/tests_gpu.log" 2>&1
+  tail -n 4 "$L/tests_gpu.log" >>"$summary"
+  grep -B 4 -A 8 "FAILED" "$L/tests_gpu.log" | head -n 40 >>"$summary"
+  note "tests: $(($(date +%s) - t0)) s"
+  run ab_grad_gemm.log 220 --rows 8b-2x2048 --budget 80 --ab fold= --ab own="--env QT_LORA_GRAD_GEMM=0" --rounds 2 \
     --steps 6 --warm 2
   ;;
 6)
@@ -115,8 +134,9 @@ case "$CALL" in
   tail -n 1 "$L/prof.log" | cut -c1-300 >>"$summary"
   trace=$(find "$L/prof" -name profile_trace.json | head -n 1)
   [ -n "$trace" ] && python3 scripts/trace_summary.py "$trace" --top 80 >"$L/trace_summary.txt" 2>&1 &&
-    head -n 60 "$L/trace_summary.txt" >>"$summary"
-  rm -f "$trace"  # (tens of MB; the summary is what comes back)
+    { head -n 40 "$L/trace_summary.txt"; grep -A 30 '^compute stream' "$L/trace_summary.txt"; } >>"$summary"
+  grep -E '^\{' "$L/prof.log" | tail -n 1 | tr ',' '\n' | grep -E 'tokens_per_s|step_ms|mfu|wall' >>"$summary"
+  rm -rf "$L/prof"  # (tens of MB; the summary is what comes back)
   ;;
 *)
   echo "unknown call $CALL" >&2

@@ -195,6 +195,14 @@ TEST_CASE("fused RMSNorm kernel equals the ATen reference on CUDA", "[fused_ops]
       CHECK(yf.scalar_type() == dtype);
       CHECK(rel_err(yf, yr) < bound(dtype));
       CHECK(rel_err(xf.grad(), xr.grad()) < 2 * bound(dtype));
+      // The gradient as the first columns of a wider GEMM output (q / k / v's [dx | dy B]), read in place.
+      at::Tensor wide = at::randn({3, 37, H + 24}, opt);
+      wide.narrow(-1, 0, H).copy_(dy);
+      at::Tensor xs = x0.clone().requires_grad_(true);
+      at::Tensor ys = qt::rms_norm_fused(xs, w, 1e-5);
+      qt::test::poison_allocator_cache(cuda);
+      ys.backward(wide.narrow(-1, 0, H));
+      CHECK(rel_err(xs.grad(), xr.grad()) < 2 * bound(dtype));
     }
   }
 }

@@ -6,6 +6,7 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
@@ -227,6 +228,8 @@ void check_project_group(const at::Device& device, c10::ScalarType dtype, double
   CHECK(stats.lora_b_in_gemm_runs == (concat_b ? 1 : 0));
   CHECK(y.grad_fn()->name().find("GroupLoraLinearFn") != std::string::npos);
   y.backward(dy);
+  // [dx | dy bd] in one GEMM where the wider weight's columns can be strided (any width on the CPU)
+  CHECK(stats.lora_in_grad_gemm_runs == (!x.is_cuda() || concat_b ? 1 : 0));
   CHECK(y.sizes() == yr.sizes());
   CHECK(rel_err(y, yr) < tol);
   CHECK(rel_err(x.grad(), xr.grad()) < tol);
@@ -698,20 +701,32 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
 
 TEST_CASE("gate / up LoRA B terms inside the base GEMM match PEFT, with and without "
           "checkpointing and kept weights", "[lora]") {
-  for (int mode = 0; mode < 3; ++mode) {
+  for (int mode = 0; mode < 4; ++mode) {
     INFO("mode " << mode);
     std::shared_ptr<qt::ModelStats> stats;
     int64_t layers = 0;
+    // mode 3: kept weights with the input gradients' LoRA terms in GEMMs of their own (QT_LORA_GRAD_GEMM=0, the A/B
+    // switch)
+    if (mode == 3) ::setenv("QT_LORA_GRAD_GEMM", "0", 1);
     check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
       m.plan.checkpointing = mode > 0;
-      m.plan.keep_dequantized = mode == 2;
+      m.plan.keep_dequantized = mode >= 2;
       layers = m.config.num_hidden_layers;
       stats = m.stats;
     });
     // Every block's gate / up took the path (twice with the recomputation).
     CHECK(layers > 0);
     REQUIRE(stats);
+    if (mode == 3) ::unsetenv("QT_LORA_GRAD_GEMM");
     CHECK(stats->lora_b_in_gemm_runs == (mode > 0 ? 2 : 1) * layers);
+    if (mode == 3) {
+      CHECK(stats->lora_in_grad_gemm_runs == 0);
+      continue;
+    }
+    // Every block's input gradients took their LoRA terms in the base GEMMs: q / k / v's and gate / up's [dx | dy B],
+    // down_proj's [dy | dy B] [W; A] (intermediate 160 >= 2 x hidden 64); o_proj's not (as wide in as out), nor the
+    // first block's q / k / v (their input, the frozen embedding's output, needs no gradient).
+    CHECK(stats->lora_in_grad_gemm_runs == 3 * layers - 1);
   }
 }
 

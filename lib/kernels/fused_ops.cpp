@@ -36,6 +36,17 @@ bool aligned(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.data_ptr()) % (t.element_size() * 8) == 0;
 }
 
+// The distance between rows of t (elements) where its rows are of contiguous elements a uniform, 16-byte aligned
+// stride apart (a contiguous tensor, or the first columns of a wider one), else 0.
+int64_t row_stride(const at::Tensor& t) {
+  if (t.dim() < 2 || t.stride(-1) != 1 || !aligned(t)) return 0;
+  const int64_t ld = t.size(-2) == 1 ? t.size(-1) : t.stride(-2);
+  if (ld < t.size(-1) || ld % 8 != 0) return 0;
+  for (int64_t d = t.dim() - 3, inner = ld * t.size(-2); d >= 0; inner *= t.size(d), --d)
+    if (t.size(d) != 1 && t.stride(d) != inner) return 0;
+  return ld;
+}
+
 #ifdef QT_WITH_CUDA
 CUstream_st* stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 
@@ -55,11 +66,16 @@ struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
     auto s = ctx->get_saved_variables();
     const at::Tensor &x = s[0], &w = s[1], &rstd = s[2];
     c10::cuda::CUDAGuard guard(x.device());
-    at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
-    at::Tensor dx = at::empty_like(x);
     const int64_t H = x.size(-1), rows = x.numel() / H;
+    at::Tensor dy = grads[0].to(x.scalar_type());
+    int64_t ld = row_stride(dy);  // the first columns of a wider GEMM output are read in place
+    if (ld == 0) {
+      dy = dy.contiguous();
+      ld = H;
+    }
+    at::Tensor dx = at::empty_like(x);
     kernels::rms_norm_backward_launch(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr<float>(), dx.data_ptr(),
-                                      rows, H, elem_type(x), stream_of(x));
+                                      rows, H, ld, elem_type(x), stream_of(x));
     return {dx, at::Tensor(), at::Tensor()};
   }
 };

@@ -12,9 +12,10 @@ enum class ElemType : int32_t { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 // y = weight * cast(x * rstd), rstd[r] = 1 / sqrt(mean(x[r]^2) + eps). x, y [rows, H]; weight [H]; H % 8 == 0.
 void rms_norm_forward_launch(const void* x, const void* weight, void* y, float* rstd, int64_t rows, int64_t H,
                              float eps, ElemType type, CUstream_st* stream);
-// dx = rstd * (dn - n * mean(dn * n)), n = x * rstd, dn = dy * weight (fp32 inside).
+// dx = rstd * (dn - n * mean(dn * n)), n = x * rstd, dn = dy * weight (fp32 inside). dy's rows ld_dy elements apart
+// (>= H, a multiple of 8: the first columns of a wider GEMM output), x's and dx's contiguous.
 void rms_norm_backward_launch(const void* dy, const void* x, const void* weight, const float* rstd, void* dx,
-                              int64_t rows, int64_t H, ElemType type, CUstream_st* stream);
+                              int64_t rows, int64_t H, int64_t ld_dy, ElemType type, CUstream_st* stream);
 // out = cast(cast(silu(g)) * u), as ATen's silu then mul round, over `rows` rows of `cols` elements (cols % 8 == 0):
 // row r of g and u at r * ld_in, of out at r * ld_out (elements; multiples of 8). Gate and up may be the two halves
 // of one [rows, 2 * cols] tensor (u = g + cols, ld_in = 2 * cols).

@@ -50,14 +50,15 @@ __global__ void __launch_bounds__(kThreads) rms_norm_fwd(const T* __restrict__ x
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rms_norm_bwd(const T* __restrict__ dy, const T* __restrict__ x,
                                                          const T* __restrict__ w, const float* __restrict__ rstd,
-                                                         T* __restrict__ dx, int64_t H) {
+                                                         T* __restrict__ dx, int64_t H, int64_t ld_dy) {
   __shared__ float shared[kThreads / 32];
   const int64_t off = blockIdx.x * H;
+  dy += blockIdx.x * ld_dy;
   const float r = rstd[blockIdx.x];
   float dot = 0;  // sum(dn * n)
   for (int64_t j = threadIdx.x * kVec; j < H; j += kThreads * kVec) {
     float d[kVec], a[kVec], g[kVec];
-    load8(dy + off + j, d);
+    load8(dy + j, d);
     load8(x + off + j, a);
     load8(w + j, g);
 #pragma unroll
@@ -66,7 +67,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_bwd(const T* __restrict__ d
   const float mean = block_sum(dot, shared) / static_cast<float>(H);
   for (int64_t j = threadIdx.x * kVec; j < H; j += kThreads * kVec) {
     float d[kVec], a[kVec], g[kVec];
-    load8(dy + off + j, d);
+    load8(dy + j, d);
     load8(x + off + j, a);
     load8(w + j, g);
 #pragma unroll
@@ -90,13 +91,14 @@ void rms_norm_forward_launch(const void* x, const void* weight, void* y, float* 
 }
 
 void rms_norm_backward_launch(const void* dy, const void* x, const void* weight, const float* rstd, void* dx,
-                              int64_t rows, int64_t H, ElemType type, CUstream_st* stream) {
-  QT_CHECK(H % kVec == 0, ErrorKind::Internal, "rms_norm kernel: the row length must be a multiple of 8");
+                              int64_t rows, int64_t H, int64_t ld_dy, ElemType type, CUstream_st* stream) {
+  QT_CHECK(H % kVec == 0 && ld_dy >= H && ld_dy % kVec == 0, ErrorKind::Internal,
+           "rms_norm kernel: the row length and dy's row stride must be multiples of 8");
   if (rows == 0) return;
   dispatch(type, [&](auto t) {
     using T = decltype(t);
     rms_norm_bwd<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(weight), rstd, static_cast<T*>(dx), H);
+        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(weight), rstd, static_cast<T*>(dx), H, ld_dy);
   });
   check_launch("rms_norm backward");
 }

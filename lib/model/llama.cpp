@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>
@@ -40,6 +41,8 @@ Pass LlamaModel::base_pass() const {
   p.factors = plan.keep_dequantized ? lora_factor_cache.get() : nullptr;
   p.stats = stats.get();
   p.keep_swiglu = plan.keep_swiglu;
+  const char* fold = std::getenv("QT_LORA_GRAD_GEMM");
+  p.lora_in_grad_gemm = !(fold && std::string(fold) == "0");
   return p;
 }
 

@@ -15,6 +15,9 @@ struct AttentionStash;  // lib/kernels/attention_core.h
 struct ModelStats {
   std::atomic<int64_t> lora_factor_builds{0};   // compute-dtype LoRA factors made and kept (keep_dequantized)
   std::atomic<int64_t> lora_b_in_gemm_runs{0};  // projections that took the LoRA B terms inside the base GEMM
+  // Input gradients that took their LoRA term inside the base GEMM: a group's [dx | dy B] (N wider), down_proj's
+  // [dy | dy B] [W; A] (K wider)
+  std::atomic<int64_t> lora_in_grad_gemm_runs{0};
   std::atomic<int64_t> outputs_skipped{0};      // outputs a recomputation left unwritten (nobody reads them)
   std::atomic<int64_t> qkv_replays{0};          // recomputations that took their rotated q, k, v from keep "qkv"
   std::atomic<int64_t> residual_replays{0};     // recomputations that took the residual from keep "residual"
@@ -42,6 +45,9 @@ struct Pass {
   // gate and up: a recomputation's always (its backward pass follows at once), a forward pass's where the plan keeps
   // it (ExecPlan::keep_swiglu: blocks that keep their activations).
   bool keep_swiglu = false;
+  // The input gradients' LoRA terms inside the base GEMMs (ModelStats::lora_in_grad_gemm_runs); false: their own
+  // GEMMs and an addmm after the base GEMM, as before 2026-12-05 (QT_LORA_GRAD_GEMM=0, for A/B measurements).
+  bool lora_in_grad_gemm = true;
   // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
   // none.
   AttentionStash* stash = nullptr;

@@ -66,6 +66,35 @@ struct Nf4DoraFn : public torch::autograd::Function<Nf4DoraFn> {
   }
 };
 
+// The input gradient of a linear much wider in than out (down_proj: 14,336 in, 4,096 out at the 8B shape) takes
+// its LoRA term along K of the base GEMM, dx = [dy | dy B_s | 0] [W; A; 0], instead of an addmm over the [N, in]
+// product after it: that addmm read and wrote 235 MB a block at 2 x 2048 tokens (3.8 ms a step on an H100), the
+// widened dy costs a copy of [N, out]. Not with LoRA dropout (its term is masked before the sum).
+bool tall_applies(const Linear& l, double dropout) {
+  return dropout == 0 && l.in_features() >= 2 * l.out_features() && l.out_features() % 8 == 0;
+}
+
+// [W; a; 0], [out + extra, in] with extra = r rounded up to 8 rows (16-byte rows of dy widened): the base weight
+// in `dtype` (the held one where the linear holds it, made now on first use) with the LoRA A rows written now.
+at::Tensor tall_weight(const Linear& l, c10::ScalarType dtype, ModelStats* stats, const at::Tensor& a) {
+  const int64_t out = l.out_features(), in = l.in_features(), r = a.size(0), rows = out + (r + 7) / 8 * 8;
+  const bool held = l.held && l.held->weight.defined() && l.held->weight.scalar_type() == dtype &&
+                    l.held->weight.size(0) == rows && l.held->weight.size(1) == in;
+  at::Tensor T = held ? l.held->weight : at::empty({rows, in}, a.options().dtype(dtype));
+  if (!held) {
+    if (l.quantized()) {
+      dequantize_group_into({l.nf4.get()}, {T.narrow(0, 0, out)});
+      if (stats) ++stats->dequantized_weights;
+    } else {
+      T.narrow(0, 0, out).copy_(l.weight);
+    }
+    if (rows > out + r) T.narrow(0, out + r, rows - out - r).zero_();
+    if (l.held && l.quantized()) l.held->weight = T;
+  }
+  T.narrow(0, out, r).copy_(a);
+  return T;
+}
+
 // A frozen base plus LoRA, y = x W^T + (dropout(x) A^T)(s B)^T, as one autograd node. The LoRA sums ride on GEMM
 // epilogues (addmm_ into the base product, forward and backward; with dropout the input gradient's LoRA term is
 // an add after its mask), so neither pass adds an elementwise kernel over [tokens, out] or [tokens, in]; W (NF4:
@@ -90,14 +119,15 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     at::Tensor state;
     at::Tensor t = at::mm(dropout > 0 ? draw_lora_dropout(x2.contiguous(), dropout, state) : x2, a.t());  // [N, r]
     at::Tensor W, y;
+    const bool tall = pass.lora_in_grad_gemm && tall_applies(*l, dropout);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = l->out_features();
     if (output_unused) {
       y = unwritten_output(shape, x2.options());
       pass.count(&ModelStats::outputs_skipped);
     } else {
-      W = frozen_weight(*l, dt, pass.stats);
-      y = at::mm(x2, W.t());
+      W = tall ? tall_weight(*l, dt, pass.stats, a) : frozen_weight(*l, dt, pass.stats);
+      y = at::mm(x2, W.narrow(0, 0, l->out_features()).t());
       y.addmm_(t, bs.t());
     }
     ctx->save_for_backward({swiglu_input ? x.reshape({-1, x.size(-1)}) : x2, a, bs, t,
@@ -108,6 +138,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["swiglu"] = swiglu_input;
     ctx->saved_data["dropout"] = dropout;
+    ctx->saved_data["tall"] = tall;
     if (dropout > 0) ctx->saved_data["dropout_state"] = state;
     return output_unused ? y : y.view(shape);
   }
@@ -133,16 +164,29 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
         dropout > 0 ? redraw_lora_dropout(x2.contiguous(), dropout, ctx->saved_data["dropout_state"].toTensor())
                     : RedrawnDropout{};
     at::Tensor dy = grads[0].reshape({-1, grads[0].size(-1)}).to(dt);
-    at::Tensor g = at::mm(dy, bs);  // [N, r]
-    at::Tensor dx;
-    if (ctx->needs_input_grad(0)) {
-      dx = at::mm(dy, kept.defined() ? kept : frozen_weight(*l, dt, stats));
-      if (dropout > 0) dx.add_(lora_dropout_grad(at::mm(g, a), drop, dropout));
-      else dx.addmm_(g, a);
+    at::Tensor g, dx;  // g: the gradient of t, [N, r]
+    if (ctx->needs_input_grad(0) && ctx->saved_data["tall"].toBool()) {
+      // dx = [dy | dy bs | 0] [W; a; 0]: the LoRA term along K of the base GEMM, no addmm over [N, in] after it.
+      const at::Tensor Wt = kept.defined() ? kept : tall_weight(*l, dt, stats, a);
+      const int64_t out = dy.size(1), r = a.size(0);
+      at::Tensor dyw = at::empty({dy.size(0), Wt.size(0)}, dy.options());
+      dyw.narrow(1, 0, out).copy_(dy);
+      g = dyw.narrow(1, out, r);
+      at::mm_out(g, dy, bs);
+      if (Wt.size(0) > out + r) dyw.narrow(1, out + r, Wt.size(0) - out - r).zero_();
+      dx = at::mm(dyw, Wt);
+      if (stats) ++stats->lora_in_grad_gemm_runs;
+    } else {
+      g = at::mm(dy, bs);
+      if (ctx->needs_input_grad(0)) {
+        const at::Tensor W = kept.defined() ? kept : frozen_weight(*l, dt, stats);
+        dx = at::mm(dy, W.narrow(0, 0, dy.size(1)));
+        if (dropout > 0) dx.add_(lora_dropout_grad(at::mm(g, a), drop, dropout));
+        else dx.addmm_(g, a);
+      }
     }
-    at::Tensor dA = at::mm(g.t(), dropout > 0 ? drop.h : x2).to(at::kFloat);
-    at::Tensor dB = at::mm(dy.t(), t).to(at::kFloat);
-    if (scale != 1.0) dB.mul_(scale);
+    at::Tensor dA = mm_float(g.t(), dropout > 0 ? drop.h : x2);
+    at::Tensor dB = mm_float(dy.t(), t, scale);
     if (dx.defined() && swiglu_input) dx = swiglu_packed_grad(in2, dx);
     std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
     shape.back() = in2.size(1);
@@ -268,6 +312,13 @@ std::pair<at::Tensor, at::Tensor> lora_factors(const Pass& pass, const std::vect
   return pass.factors ? pass.factors->get(ls, ab, dt, pass.stats) : LoraFactorCache::make(ls, ab, dt);
 }
 
+at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b, double alpha) {
+  const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
+  at::Tensor out = a.is_cuda() && half ? at::mm(a, b, at::kFloat) : at::mm(a, b).to(at::kFloat);
+  if (alpha != 1.0) out.mul_(alpha);
+  return out;
+}
+
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w, ModelStats* stats) {
   return Nf4LinearFn::apply(x, reinterpret_cast<int64_t>(w.get()), reinterpret_cast<int64_t>(stats));
 }
@@ -309,8 +360,8 @@ at::Tensor Linear::base_weight(c10::ScalarType dtype) const {
 
 at::Tensor frozen_weight(const Linear& l, c10::ScalarType dtype, ModelStats* stats) {
   if (l.held && l.held->weight.defined() && l.held->weight.scalar_type() == dtype &&
-      l.held->weight.size(0) == l.out_features() && l.held->weight.size(1) == l.in_features())
-    return l.held->weight;
+      l.held->weight.size(0) >= l.out_features() && l.held->weight.size(1) == l.in_features())
+    return l.held->weight.narrow(0, 0, l.out_features());  // (a tall weight's base rows: tall_weight)
   at::Tensor W = l.base_weight(dtype);
   if (l.quantized() && stats) ++stats->dequantized_weights;
   if (l.held && l.quantized()) l.held->weight = W;
