@@ -17,7 +17,8 @@
 #   8: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [lora] and [fused_ops] [gpu] tests, the
 #      input gradients' LoRA terms inside the base GEMMs against their own GEMMs (QT_LORA_GRAD_GEMM=0), two rounds.
 #   Several calls in one command: SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6; SUMMARY=s7.txt ... 7
-#   6: no carry: build, one profiled step of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
+#   6: no carry: build, two profiled steps of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
+#      QT_PROFILE_STEPS=2: the host's work between two steps, where the GPU waits, is in the trace;
 #      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
 #      against cuBLAS's before writing them (issue 27: LoRA's 20 ms a step against a ~5 ms bandwidth floor).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
@@ -124,17 +125,17 @@ case "$CALL" in
   tail -n 4 "$L/tests_gpu.log" >>"$summary"
   grep -B 4 -A 8 "FAILED" "$L/tests_gpu.log" | head -n 40 >>"$summary"
   note "tests: $(($(date +%s) - t0)) s"
-  run ab_grad_gemm.log 220 --rows 8b-2x2048 --budget 80 --ab fold= --ab own="--env QT_LORA_GRAD_GEMM=0" --rounds 2 \
+  run ab_grad_gemm.log 220 --rows 8b-2x2048 --budget 80 --ab fold= --ab own="--env QT_LORA_GRAD_GEMM=0" --rounds "${ROUNDS:-2}" \
     --steps 6 --warm 2
   ;;
 6)
-  note "== issue 27: one profiled step, 8B 2 x 2048, whole GPU"
-  QT_PROFILE_STEP=4 timeout 240 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 2 --seq 2048 --out "$L/prof" \
+  note "== issue 27: two profiled steps (the boundary between them included), 8B 2 x 2048, whole GPU"
+  QT_PROFILE_STEP=4 QT_PROFILE_STEPS=2 timeout 240 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 2 --seq 2048 --out "$L/prof" \
     --steps 6 --warmup 2 >"$L/prof.log" 2>&1
   tail -n 1 "$L/prof.log" | cut -c1-300 >>"$summary"
   trace=$(find "$L/prof" -name profile_trace.json | head -n 1)
   [ -n "$trace" ] && python3 scripts/trace_summary.py "$trace" --top 80 >"$L/trace_summary.txt" 2>&1 &&
-    { head -n 40 "$L/trace_summary.txt"; grep -A 30 '^compute stream' "$L/trace_summary.txt"; } >>"$summary"
+    { head -n 40 "$L/trace_summary.txt"; grep -A 40 '^compute stream' "$L/trace_summary.txt"; } >>"$summary"
   grep -E '^\{' "$L/prof.log" | tail -n 1 | tr ',' '\n' | grep -E 'tokens_per_s|step_ms|mfu|wall' >>"$summary"
   rm -rf "$L/prof"  # (tens of MB; the summary is what comes back)
   ;;

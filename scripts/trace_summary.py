@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""GPU time of one profiled step (QT_PROFILE_STEP's profile_trace.json) by ATen op and input shapes, and the
-idle time between kernels on the compute stream, with the ops that ran just before the longest gaps.
+"""GPU time of the profiled steps (QT_PROFILE_STEP's profile_trace.json; QT_PROFILE_STEPS=2 takes a step boundary in)
+by ATen op and input shapes, and the idle time between kernels on the compute stream: by the ops around each gap,
+and the longest gaps one by one with what the host ran meanwhile.
 
     python3 scripts/trace_summary.py RUN_DIR/profile_trace.json [--top 45]
 
@@ -8,6 +9,7 @@ Each kernel is attributed to the innermost CPU op that launched it (the trace's 
 outside any recorded op show as their kernel's name.
 """
 import argparse
+import bisect
 import collections
 import json
 
@@ -16,6 +18,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=45)
+    ap.add_argument("--gaps", type=int, default=8, help="the longest gaps listed one by one")
     args = ap.parse_args()
     with open(args.trace) as f:
         trace = json.load(f)
@@ -95,6 +98,18 @@ def main():
     print("idle by (op before -> op after), top 15:")
     for (a, b), (us, n) in sorted(ctx.items(), key=lambda kv: -kv[1][0])[:15]:
         print(f"{us / 1e3:8.2f} ms {n:6d}  {a} -> {b}")
+    # The longest gaps one by one (a step's boundary among them when QT_PROFILE_STEPS > 1), with what the host ran
+    # meanwhile: the CPU ops that began inside the gap, by total time (nested ops count within their callers).
+    all_cpu = sorted((e for evs in cpu_ops.values() for e in evs), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in all_cpu]
+    print(f"longest gaps, top {args.gaps}, with the CPU ops that began in each:")
+    for g, prev, nxt in sorted(gaps, key=lambda t: -t[0])[: args.gaps]:
+        a, b = prev["ts"] + prev["dur"], nxt["ts"]
+        host = collections.Counter()
+        for e in all_cpu[bisect.bisect_left(starts, a): bisect.bisect_right(starts, b)]:
+            host[e["name"]] += e.get("dur", 0)
+        print(f"{g / 1e3:8.2f} ms at +{(a - main_k[0]['ts']) / 1e3:.1f} ms  {label(prev)} -> {label(nxt)};  host: "
+              + ", ".join(f"{n} {d / 1e3:.2f}" for n, d in host.most_common(6)))
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 // input gradients on random inputs of LLaMA widths, bf16 / fp16 / fp32, outputs poisoned through the caching
 // allocator (a freed NaN-filled block is what the kernels' empty outputs get).
 #include <ATen/ATen.h>
-
-#include <array>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
+
+#include <array>
+#include <limits>
 
 #include "lib/kernels/fused_ops.h"
 #include "tests/catch.h"
@@ -203,6 +204,27 @@ TEST_CASE("fused RMSNorm kernel equals the ATen reference on CUDA", "[fused_ops]
       qt::test::poison_allocator_cache(cuda);
       ys.backward(wide.narrow(-1, 0, H));
       CHECK(rel_err(xs.grad(), xr.grad()) < 2 * bound(dtype));
+    }
+  }
+}
+
+TEST_CASE("copy_rows into the first columns of a wider matrix equals copy_, on CUDA and off", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  for (const at::Device device : {at::Device(at::kCPU), at::Device(at::kCUDA, 0)}) {
+    for (auto dtype : {at::kBFloat16, at::kFloat}) {
+      for (int64_t cols : {4096, 8, 24}) {
+        INFO(device << " " << c10::toString(dtype) << " cols " << cols);
+        const auto opt = at::TensorOptions().dtype(dtype).device(device);
+        const at::Tensor src = at::randn({37, cols}, opt);
+        at::Tensor wide = at::full({37, cols + 16}, std::numeric_limits<float>::quiet_NaN(), opt);
+        qt::copy_rows(wide.narrow(1, 0, cols), src);
+        CHECK(at::equal(wide.narrow(1, 0, cols), src));
+        CHECK(wide.narrow(1, cols, 16).isnan().all().item<bool>());  // the columns beyond untouched
+        // ... and out of a wider one into a contiguous tensor
+        at::Tensor back = at::full({37, cols}, std::numeric_limits<float>::quiet_NaN(), opt);
+        qt::copy_rows(back, wide.narrow(1, 0, cols));
+        CHECK(at::equal(back, src));
+      }
     }
   }
 }

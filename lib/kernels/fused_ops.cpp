@@ -222,6 +222,22 @@ bool fused_ops_apply(const at::Tensor& x) {
 #endif
 }
 
+void copy_rows(const at::Tensor& dst, const at::Tensor& src) {
+#ifdef QT_WITH_CUDA
+  const int64_t e = dst.element_size();
+  if (dst.is_cuda() && src.device() == dst.device() && dst.dim() == 2 && src.sizes() == dst.sizes() &&
+      src.scalar_type() == dst.scalar_type() && dst.stride(1) == 1 && src.stride(1) == 1 &&
+      (dst.size(1) * e) % 16 == 0 && (dst.stride(0) * e) % 16 == 0 && (src.stride(0) * e) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(dst.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(src.data_ptr()) % 16 == 0) {
+    c10::cuda::CUDAGuard guard(dst.device());
+    kernels::copy_rows_launch(dst.data_ptr(), dst.stride(0) * e, src.data_ptr(), src.stride(0) * e, dst.size(0),
+                              dst.size(1) * e, stream_of(dst));
+    return;
+  }
+#endif
+  dst.copy_(src);
+}
+
 at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor h = x.to(at::kFloat);
   at::Tensor var = h.pow(2).mean(-1, /*keepdim=*/true);

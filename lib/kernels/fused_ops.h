@@ -32,6 +32,11 @@ at::Tensor swiglu_packed(const at::Tensor& gate_up);
 at::Tensor swiglu_packed_values(const at::Tensor& gate_up);
 at::Tensor swiglu_packed_grad(const at::Tensor& gate_up, const at::Tensor& grad);
 
+// dst.copy_(src) for 2-D tensors of one dtype whose rows are contiguous (dst the first columns of a wider matrix,
+// say): on CUDA, where sizes, strides and addresses are 16-byte multiples, one kernel of 16-byte vectors (ATen's
+// copy_ runs its generic strided kernel there, at half the bandwidth); else copy_.
+void copy_rows(const at::Tensor& dst, const at::Tensor& src);
+
 // x [B, S, heads, D], cos / sin [B, S, D] in x's dtype -> [B, S, heads, D]. Differentiable in x.
 at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);

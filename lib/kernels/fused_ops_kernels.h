@@ -16,6 +16,10 @@ void rms_norm_forward_launch(const void* x, const void* weight, void* y, float* 
 // (>= H, a multiple of 8: the first columns of a wider GEMM output), x's and dx's contiguous.
 void rms_norm_backward_launch(const void* dy, const void* x, const void* weight, const float* rstd, void* dx,
                               int64_t rows, int64_t H, int64_t ld_dy, ElemType type, CUstream_st* stream);
+// rows x row_bytes copied from src (rows ld_src_bytes apart) to dst (rows ld_dst_bytes apart); every size, stride
+// and pointer a multiple of 16 bytes.
+void copy_rows_launch(void* dst, int64_t ld_dst_bytes, const void* src, int64_t ld_src_bytes, int64_t rows,
+                      int64_t row_bytes, CUstream_st* stream);
 // out = cast(cast(silu(g)) * u), as ATen's silu then mul round, over `rows` rows of `cols` elements (cols % 8 == 0):
 // row r of g and u at r * ld_in, of out at r * ld_out (elements; multiples of 8). Gate and up may be the two halves
 // of one [rows, 2 * cols] tensor (u = g + cols, ld_in = 2 * cols).

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "lib/kernels/fused_ops.h"
 #include "lib/kernels/nf4_dequant.h"
 
 namespace qt {
@@ -121,7 +122,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     } else if (concat_b) {
       const int64_t in = x2.size(1), extra = concat_columns(bd), r = bd.size(1);
       at::Tensor xc = at::empty({x2.size(0), in + extra}, x2.options());
-      xc.narrow(1, 0, in).copy_(x2);
+      copy_rows(xc.narrow(1, 0, in), x2);
       t = xc.narrow(1, in, r);
       lora_inputs(t);  // [N, sum r], in place in the wider input
       if (extra > r) xc.narrow(1, in + r, extra - r).zero_();

@@ -170,7 +170,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       const at::Tensor Wt = kept.defined() ? kept : tall_weight(*l, dt, stats, a);
       const int64_t out = dy.size(1), r = a.size(0);
       at::Tensor dyw = at::empty({dy.size(0), Wt.size(0)}, dy.options());
-      dyw.narrow(1, 0, out).copy_(dy);
+      copy_rows(dyw.narrow(1, 0, out), dy);
       g = dyw.narrow(1, out, r);
       at::mm_out(g, dy, bs);
       if (Wt.size(0) > out + r) dyw.narrow(1, out + r, Wt.size(0) - out - r).zero_();

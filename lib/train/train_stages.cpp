@@ -49,6 +49,7 @@ TestHooks TestHooks::from_env() {
   h.finish_delay_ms = number("QT_TEST_FINISH_DELAY_MS", 0);
   h.sleep_after_checkpoint_ms = number("QT_TEST_SLEEP_AFTER_CHECKPOINT_MS", 0);
   h.profile_step = number("QT_PROFILE_STEP", -1);
+  h.profile_steps = std::max<int64_t>(1, number("QT_PROFILE_STEPS", 1));
   if (const char* v = std::getenv("QT_TEST_LOSS_SCALE")) h.loss_scale = std::atof(v);
   h.oom_plans = number("QT_TEST_OOM_PLANS", 0);
   if (const char* v = std::getenv("QT_TEST_OOM_PLANS")) h.oom_plans_at_load = std::string(v).find(":load") != std::string::npos;

@@ -44,6 +44,7 @@ struct TestHooks {
   int64_t finish_delay_ms = 0;        // QT_TEST_FINISH_DELAY_MS: a sleep after the last step, before the final saves
   int64_t sleep_after_checkpoint_ms = 0;  // QT_TEST_SLEEP_AFTER_CHECKPOINT_MS: time to kill after a checkpoint
   int64_t profile_step = -1;          // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir
+  int64_t profile_steps = 1;          // QT_PROFILE_STEPS=K: of steps N to N + K - 1 (K > 1: their boundaries too)
   double loss_scale = 0;              // QT_TEST_LOSS_SCALE: fp16's initial loss scale (an overflow at once)
   int64_t oom_plans = 0;              // QT_TEST_OOM_PLANS=N[:load]: the first N plans run out of memory in their
   bool oom_plans_at_load = false;     //   first step (":load": as their model loads)

@@ -331,12 +331,12 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   if (hooks.setup_delay_ms > 0)  // a slow start, so that a test can signal the process before the first step
     std::this_thread::sleep_for(std::chrono::milliseconds(hooks.setup_delay_ms));
   if (options.phase) options.phase->store(kInSteps);
+  // QT_PROFILE_STEP=N (QT_PROFILE_STEPS=K): a per-kernel profile of steps N to N + K - 1 into output_dir (rank 0).
+  std::unique_ptr<StepProfile> profile;
   while (state.step < total_steps) {
     const auto t_step = Clock::now();
     const GpuAllocatorCounts before_step = gpu_allocator_counts(s.device);
     reset_gpu_peak(s.device);
-    // QT_PROFILE_STEP=N: a per-kernel profile of step N into output_dir (rank 0).
-    std::unique_ptr<StepProfile> profile;
     if (s.rank0 && hooks.profile_step == state.step + 1) profile = std::make_unique<StepProfile>(s.device.is_cuda());
     const bool oom = hooks.oom_at_step == state.step + 1 ||
                      (!hooks.oom_plans_at_load && attempt.steps_done == 0 && attempt.index < hooks.oom_plans);
@@ -359,7 +359,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
                                           counts.alloc_retries - before_step.alloc_retries, m.decision));
       edge_reported = true;
     }
-    if (profile) {
+    if (profile && (state.step >= hooks.profile_step + hooks.profile_steps - 1 || state.step == total_steps)) {
       if (s.device.is_cuda()) c10::cuda::device_synchronize();
       metrics.line(profile->finish(cfg.output_dir));
       profile.reset();

@@ -36,7 +36,7 @@ def main():
     (TMP / "ids.jsonl").write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
     (TMP / "text.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
 
-    p = run("from_config", {"path": str(model_dir)}, env={"QT_PROFILE_STEP": "3"})
+    p = run("from_config", {"path": str(model_dir)}, env={"QT_PROFILE_STEP": "3", "QT_PROFILE_STEPS": "2"})
     check(p.returncode == 0, f"random init from a config.json trains (rc {p.returncode}) {p.stderr[-800:]}")
     if p.returncode == 0:
         l = losses("from_config")
@@ -46,6 +46,8 @@ def main():
         trace = json.loads((TMP / "from_config" / "profile_trace.json").read_text())
         names = {e.get("name", "") for e in trace.get("traceEvents", [])}
         check(any("mm" in n for n in names), "QT_PROFILE_STEP wrote a trace of the step's ops")
+        updates = sum(e.get("name", "") == "aten::_fused_adamw_" for e in trace.get("traceEvents", []))
+        check(updates == 2, f"QT_PROFILE_STEPS=2: the trace holds two steps' updates ({updates})")
         check((TMP / "from_config" / "profile_kernels.txt").read_text().startswith("GPU time by kernel"),
               "and the kernel table")
 
