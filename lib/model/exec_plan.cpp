@@ -462,7 +462,9 @@ constexpr double kMatrixFlopsPerS = 772e12;
 // ... and the memory-bound rest (RMSNorm, RoPE, SwiGLU, residual adds, LoRA's rank-r GEMMs and sums, the
 // dequantization in the forward and backward pass, the loss's tiles, AdamW), per token, layer and element of
 // hidden + intermediate width; the forward pass's share is a third (the backward reads and writes about twice as
-// much).
+// much). Fitted before the input gradients took their LoRA terms inside the base GEMMs (2026-12-05): on an H100 that
+// took 7.1 ms of kernels off a step of 8B 2 x 2048 without checkpointing (240.0 to 232.9 ms, 7.5% of the 95 ms this
+// term predicts there), so the rows are now predicted 2-4% slow; to refit on an H200 with the rows above.
 constexpr double kSecondsPerTokenWidth = 2.685e-11;
 // cuDNN's causal attention, forward + backward, over its FLOPs (2 S q a token and layer forward, twice that
 // backward): 338, 504 and 549 TFLOP/s at 2 x 2048, 1 x 8192 and 1 x 32768 tokens (PERFORMANCE.md, "cuDNN
@@ -501,7 +503,10 @@ constexpr double kHostRowsBytesPerS = 1.4e9;
 // blocks without it run as in a plan without checkpointing (the same autograd nodes, two NF4 dequantizations per
 // linear; their LoRA factors even cached), the checkpointed ones as in a plan with it (their offloaded inputs prefetched a
 // block ahead; the first of the backward pass fetched late, as all 32 blocks' first is). Modelled as measured, one
-// row: the next ones to measure are 8 and 24 blocks of 32, and 1 x 8192.
+// row. It does not grow past half the blocks: on an H100 (2026-12-05, issue 27's hand search at 24 and 80 GiB) 1 and 2
+// checkpointed blocks of 32 cost 5.5 and 9.6 ms a step over none at 80 GiB, 5.4-7.9 and 8.0 ms at 24 GiB: about
+// their recomputation and offload (5.0 and 7.2 ms predicted), where 0.48 x whole x recompute had put 33 ms on. So
+// it goes with the fewer of the blocks with and without checkpointing (the same at 16 of 32, the row it was fitted on).
 constexpr double kPartialShortfall = 0.48;
 // AdamW on the CPU (optimizer_on_host): the update, the wait for the copies and the stream sync, elements a second,
 // beside 12 bytes an element over PCIe (the fp32 parameters and gradients in, the parameters back). Fitted: 8B
@@ -633,7 +638,7 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
                                                            std::max(0.0, copy - backward)) + copy);
     }
     if (whole > 0 && recomputed_blocks > 0)
-      t.terms.emplace_back("partial_checkpointing", kPartialShortfall * whole * recompute);
+      t.terms.emplace_back("partial_checkpointing", kPartialShortfall * std::min(whole, recomputed_blocks) * recompute);
   }
   // The memory-bound term counts every block's SwiGLU computed again in its backward pass: checkpointed blocks never
   // do (their recomputation keeps it), the others where the plan does not keep it.
