@@ -23,8 +23,9 @@
 #      against cuBLAS's before writing them (issue 27: LoRA's 20 ms a step against a ~5 ms bandwidth floor).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
-# Calls 1-3 and most of 4 ran on an H100 in the thirteenth session (docs/PERFORMANCE.md); what is left: 5 and 6,
-# then 2 and 4 again on an H200 (the cost model's machine), Unsloth's runs under the hog included.
+# Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth (docs/PERFORMANCE.md);
+# what is left: 7 (LoRA dropout's cost), then 2 and 4 again on an H200 (the cost model's machine: the memory-bound
+# rate's refit after the LoRA change), Unsloth's runs under the hog included.
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
 #   (cd build && python3 ../tests/oracles/generate.py --out tests/fixtures)     # the fixtures call 1 carries
