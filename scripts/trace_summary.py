@@ -26,12 +26,15 @@ def main():
     ops = {}
     kernels = []
     cpu_ops = collections.defaultdict(list)
+    phases = []
     for e in events:
         cat = e.get("cat", "")
         a = e.get("args", {})
         if cat == "cpu_op" and "External id" in a:
             ops[a["External id"]] = (e["name"], a.get("Input Dims"))
             cpu_ops[e.get("tid")].append(e)
+        elif cat == "user_annotation" and e.get("name", "").startswith("qt::"):
+            phases.append(e)  # the trainer's host phases (RECORD_USER_SCOPE in lib/train/trainer.cpp)
         elif cat in ("kernel", "gpu_memcpy", "gpu_memset"):
             kernels.append(e)
     # The op that encloses each op on its thread (its caller), so that a copy_ shows what asked for it.
@@ -108,8 +111,15 @@ def main():
         host = collections.Counter()
         for e in all_cpu[bisect.bisect_left(starts, a): bisect.bisect_right(starts, b)]:
             host[e["name"]] += e.get("dur", 0)
+        # the trainer's phases that overlap the gap, with how much of it each covers
+        inside = collections.Counter()
+        for ph in phases:
+            o = min(b, ph["ts"] + ph.get("dur", 0)) - max(a, ph["ts"])
+            if o > 0:
+                inside[ph["name"]] += o
         print(f"{g / 1e3:8.2f} ms at +{(a - main_k[0]['ts']) / 1e3:.1f} ms  {label(prev)} -> {label(nxt)};  host: "
-              + ", ".join(f"{n} {d / 1e3:.2f}" for n, d in host.most_common(6)))
+              + ", ".join(f"{n} {d / 1e3:.2f}" for n, d in host.most_common(6))
+              + ("; phases: " + ", ".join(f"{n} {d / 1e3:.2f}" for n, d in inside.most_common()) if inside else ""))
 
 
 if __name__ == "__main__":

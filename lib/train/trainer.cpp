@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/CachingHostAllocator.h>
+#include <ATen/record_function.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <unistd.h>
@@ -59,7 +60,13 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
   LlamaModel& model = *m.model;
   Communicator& comm = *s.comm;
   model.set_training(true);
-  std::vector<Batch> micro_batches = d.data->next_step(cfg.train.batch_size, comm.rank(), s.world);
+  // (RECORD_USER_SCOPE: the host's phases named in QT_PROFILE_STEP's trace, where scripts/trace_summary.py lists
+  // what the host ran while the GPU waited)
+  std::vector<Batch> micro_batches;
+  {
+    RECORD_USER_SCOPE("qt::next_batch");
+    micro_batches = d.data->next_step(cfg.train.batch_size, comm.rank(), s.world);
+  }
   // Normalise by the targets of the whole global step, so that accumulation over micro-batches and ranks gives the
   // gradient of the mean over all of them (not a mean of per-micro-batch means).
   int64_t local_targets = 0, local_inputs = 0;
@@ -103,7 +110,10 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
         GatherScope g(parallel.sharded(), FullyShard::Root::Embeddings);  // (no-op unless the embeddings are sharded)
         embeds = neftune_noise(model.embed(b.input_ids), cfg.train.neftune_alpha);
       }
-      hidden = model.forward_hidden(embeds, b);
+      {
+        RECORD_USER_SCOPE("qt::forward");
+        hidden = model.forward_hidden(embeds, b);
+      }
       // The embedding output is the first block's input: kept by its checkpoint where that keeps it, else (offloaded)
       // not needed past the forward pass: 1 H a token.
       embeds = at::Tensor();
@@ -125,7 +135,10 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
         TORCH_CHECK_WITH(OutOfMemoryError, false, "CUDA out of memory (QT_TEST_OOM_AT_STEP)");
       }
       if (hooks.nan_loss_at_step == step + 1) l = l * std::numeric_limits<double>::quiet_NaN();
-      (l * ((scaler ? scaler->scale : 1.0) / step_targets)).backward();
+      {
+        RECORD_USER_SCOPE("qt::backward");
+        (l * ((scaler ? scaler->scale : 1.0) / step_targets)).backward();
+      }
       local_loss = local_loss.defined() ? local_loss + l.detach() : l.detach();
     }
   } catch (const c10::Error& e) {
@@ -149,13 +162,18 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
   StepOutcome r;
   r.lr = schedule.at(step);
   try {
+    RECORD_USER_SCOPE("qt::optimizer");
     opt.step(r.lr, found_inf);
   } catch (const c10::Error& e) {
     if (!is_out_of_memory(e)) throw;
     out_of_memory(e);
   }
   // The step's one sync: the loss and the norm together.
-  const at::Tensor read = at::cat({loss_t.to(at::kDouble), norm_t.reshape({1}).to(at::kDouble)}).to(at::kCPU);
+  at::Tensor read;
+  {
+    RECORD_USER_SCOPE("qt::read_loss_and_norm");
+    read = at::cat({loss_t.to(at::kDouble), norm_t.reshape({1}).to(at::kDouble)}).to(at::kCPU);
+  }
   r.loss = read[0].item<double>() / step_targets;
   r.grad_norm = read[1].item<double>();
   if (!std::isfinite(r.loss))
@@ -370,6 +388,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     if (std::isnan(first_loss)) first_loss = r.loss;
     last_loss = r.loss;
     if (state.step % cfg.train.log_every == 0 || state.step == total_steps) {
+      RECORD_USER_SCOPE("qt::log_step");
       StepMetrics sm;
       sm.step = state.step;
       sm.total_steps = total_steps;

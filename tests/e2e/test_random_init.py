@@ -48,6 +48,9 @@ def main():
         check(any("mm" in n for n in names), "QT_PROFILE_STEP wrote a trace of the step's ops")
         updates = sum(e.get("name", "") == "aten::_fused_adamw_" for e in trace.get("traceEvents", []))
         check(updates == 2, f"QT_PROFILE_STEPS=2: the trace holds two steps' updates ({updates})")
+        phases = {e.get("name") for e in trace.get("traceEvents", []) if e.get("cat") == "user_annotation"}
+        check({"qt::next_batch", "qt::forward", "qt::backward", "qt::optimizer", "qt::read_loss_and_norm",
+               "qt::log_step"} <= phases, f"the trainer's host phases are named in the trace: {sorted(phases)}")
         check((TMP / "from_config" / "profile_kernels.txt").read_text().startswith("GPU time by kernel"),
               "and the kernel table")
 
