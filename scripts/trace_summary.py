@@ -27,6 +27,7 @@ def main():
     kernels = []
     cpu_ops = collections.defaultdict(list)
     phases = []
+    launches = {}  # correlation id -> when the host launched it
     for e in events:
         cat = e.get("cat", "")
         a = e.get("args", {})
@@ -37,6 +38,8 @@ def main():
             phases.append(e)  # the trainer's host phases (RECORD_USER_SCOPE in lib/train/trainer.cpp)
         elif cat in ("kernel", "gpu_memcpy", "gpu_memset"):
             kernels.append(e)
+        elif cat == "cuda_runtime" and "correlation" in a:
+            launches[a["correlation"]] = e["ts"]
     # The op that encloses each op on its thread (its caller), so that a copy_ shows what asked for it.
     parent = {}
     for evs in cpu_ops.values():
@@ -101,6 +104,14 @@ def main():
     print("idle by (op before -> op after), top 15:")
     for (a, b), (us, n) in sorted(ctx.items(), key=lambda kv: -kv[1][0])[:15]:
         print(f"{us / 1e3:8.2f} ms {n:6d}  {a} -> {b}")
+    # How far ahead of the GPU the host was: each compute-stream kernel's start less its launch on the host. Near zero,
+    # the GPU was waiting for the host to launch it (host-bound); large, the host was ahead.
+    lead = sorted(k["ts"] - launches[k["args"]["correlation"]] for k in main_k
+                  if k["args"].get("correlation") in launches)
+    if lead:
+        q = lambda f: lead[min(len(lead) - 1, int(f * len(lead)))] / 1e3
+        print(f"host lead (kernel start - its launch), ms: median {q(0.5):.3f}, 10% {q(0.1):.3f}, 90% {q(0.9):.3f}; "
+              f"{sum(x < 20 for x in lead)} of {len(lead)} kernels started within 20 us of their launch")
     # The longest gaps one by one (a step's boundary among them when QT_PROFILE_STEPS > 1), with what the host ran
     # meanwhile: the CPU ops that began inside the gap, by total time (nested ops count within their callers).
     all_cpu = sorted((e for evs in cpu_ops.values() for e in evs), key=lambda e: e["ts"])
