@@ -324,6 +324,42 @@ void check_swiglu_linear(const at::Device& device, c10::ScalarType dtype) {
 
 }  // namespace
 
+TEST_CASE("a linear much wider in than out takes its input gradient's LoRA term along K over an NF4 base, not over a "
+          "dense one: the same gradients as the plain ops", "[lora]") {
+  for (bool nf4 : {true, false}) {
+    INFO((nf4 ? "NF4" : "dense") << " base");
+    auto ls = group_members({16}, 64, {4}, at::kCPU);  // out 16, in 64
+    qt::Linear& l = ls[0];
+    if (!nf4) {
+      l.weight = l.base_weight(at::kFloat);
+      l.nf4.reset();
+    }
+    const at::Tensor x0 = at::randn({2, 5, 64}), dy = at::randn({2, 5, 16});
+    qt::ModelStats stats;
+    qt::Pass pass;
+    pass.stats = &stats;
+    at::Tensor x = x0.clone().requires_grad_(true);
+    at::Tensor y = l.forward(x, pass);
+    y.backward(dy);
+    CHECK(y.grad_fn()->name().find("LoraLinearFn") != std::string::npos);
+    CHECK(stats.lora_in_grad_gemm_runs == (nf4 ? 1 : 0));
+    const std::vector<at::Tensor> got{y.detach(), x.grad(), l.lora->A.grad().clone(), l.lora->B.grad().clone()};
+    l.lora->A.mutable_grad() = at::Tensor();
+    l.lora->B.mutable_grad() = at::Tensor();
+    // The plain ops: x W^T + s (x A^T) B^T
+    at::Tensor xr = x0.clone().requires_grad_(true);
+    at::Tensor yr = at::linear(xr, l.base_weight(at::kFloat)) +
+                    l.lora->scale * at::linear(at::linear(xr, l.lora->A), l.lora->B);
+    yr.backward(dy);
+    const std::vector<at::Tensor> want{yr.detach(), xr.grad(), l.lora->A.grad(), l.lora->B.grad()};
+    for (size_t i = 0; i < want.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(want[i].abs().max().item<double>() > 0);
+      CHECK(rel_err(got[i], want[i]) < 1e-5);
+    }
+  }
+}
+
 TEST_CASE("down_proj on the packed SwiGLU keeps gate_up instead of the SwiGLU output: the same bits", "[lora]") {
   check_swiglu_linear(at::kCPU, at::kFloat);
   // Not taken where the LoRA node does not apply: a bias, or DoRA.

@@ -69,27 +69,25 @@ struct Nf4DoraFn : public torch::autograd::Function<Nf4DoraFn> {
 // The input gradient of a linear much wider in than out (down_proj: 14,336 in, 4,096 out at the 8B shape) takes
 // its LoRA term along K of the base GEMM, dx = [dy | dy B_s | 0] [W; A; 0], instead of an addmm over the [N, in]
 // product after it: that addmm read and wrote 235 MB a block at 2 x 2048 tokens (3.8 ms a step on an H100), the
-// widened dy costs a copy of [N, out]. Not with LoRA dropout (its term is masked before the sum).
+// widened dy costs a copy of [N, out]. Not with LoRA dropout (its term is masked before the sum), nor over a dense
+// base (its weight exists already: the A rows would cost a copy of it each pass).
 bool tall_applies(const Linear& l, double dropout) {
-  return dropout == 0 && l.in_features() >= 2 * l.out_features() && l.out_features() % 8 == 0;
+  return dropout == 0 && l.quantized() && l.in_features() >= 2 * l.out_features() && l.out_features() % 8 == 0;
 }
 
-// [W; a; 0], [out + extra, in] with extra = r rounded up to 8 rows (16-byte rows of dy widened): the base weight
-// in `dtype` (the held one where the linear holds it, made now on first use) with the LoRA A rows written now.
+// [W; a; 0], [out + extra, in] with extra = r rounded up to 8 rows (16-byte rows of dy widened): the NF4 base
+// dequantized in `dtype` (the held one where the linear holds it, made now on first use) with the LoRA A rows
+// written now.
 at::Tensor tall_weight(const Linear& l, c10::ScalarType dtype, ModelStats* stats, const at::Tensor& a) {
   const int64_t out = l.out_features(), in = l.in_features(), r = a.size(0), rows = out + (r + 7) / 8 * 8;
   const bool held = l.held && l.held->weight.defined() && l.held->weight.scalar_type() == dtype &&
                     l.held->weight.size(0) == rows && l.held->weight.size(1) == in;
   at::Tensor T = held ? l.held->weight : at::empty({rows, in}, a.options().dtype(dtype));
   if (!held) {
-    if (l.quantized()) {
-      dequantize_group_into({l.nf4.get()}, {T.narrow(0, 0, out)});
-      if (stats) ++stats->dequantized_weights;
-    } else {
-      T.narrow(0, 0, out).copy_(l.weight);
-    }
+    dequantize_group_into({l.nf4.get()}, {T.narrow(0, 0, out)});
+    if (stats) ++stats->dequantized_weights;
     if (rows > out + r) T.narrow(0, out + r, rows - out - r).zero_();
-    if (l.held && l.quantized()) l.held->weight = T;
+    if (l.held) l.held->weight = T;
   }
   T.narrow(0, out, r).copy_(a);
   return T;
