@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -186,6 +187,46 @@ void MetricsLog::load_history(const std::string& path, int64_t up_to_step) {
   }
 }
 
+namespace {
+
+using Series = std::vector<std::pair<int64_t, double>>;
+
+// The points a plot `columns` pixels wide shows of a series: at most the lowest and the highest finite value of each
+// pixel column, in step order, and the last point. The plot is rewritten at every logged step, between the step's
+// one sync and the next step's launches, so its cost is the GPU's idle time: with every point it grew with the run
+// (13.6 ms a step at 10,000 logged steps, 70 ms at 50,000); now it stops growing at 2 points a column.
+Series per_column(const Series& pts, double x_max, int64_t columns) {
+  if (static_cast<int64_t>(pts.size()) <= 2 * columns) return pts;
+  Series out;
+  out.reserve(static_cast<size_t>(2 * columns + 1));
+  const auto column = [&](size_t i) { return static_cast<int64_t>(static_cast<double>(pts[i].first) / x_max * columns); };
+  for (size_t i = 0; i < pts.size();) {
+    const int64_t c = column(i);
+    size_t lo = pts.size(), hi = pts.size(), j = i;
+    for (; j < pts.size() && column(j) == c; ++j) {
+      if (!std::isfinite(pts[j].second)) continue;
+      if (lo == pts.size() || pts[j].second < pts[lo].second) lo = j;
+      if (hi == pts.size() || pts[j].second > pts[hi].second) hi = j;
+    }
+    if (lo != pts.size()) {
+      out.push_back(pts[std::min(lo, hi)]);
+      if (lo != hi) out.push_back(pts[std::max(lo, hi)]);
+    }
+    i = j;
+  }
+  if (out.empty() || out.back().first != pts.back().first) out.push_back(pts.back());
+  return out;
+}
+
+// "x,y " at a tenth of a pixel (snprintf: an ostream's double formatting was most of the plot's time).
+void append_point(std::string& s, double x, double y) {
+  char buf[48];
+  const int n = std::snprintf(buf, sizeof buf, "%.1f,%.1f ", x, y);
+  if (n > 0) s.append(buf, static_cast<size_t>(std::min<int>(n, sizeof buf - 1)));
+}
+
+}  // namespace
+
 void write_loss_plot(const std::string& path, const std::vector<std::pair<int64_t, double>>& train,
                      const std::vector<std::pair<int64_t, double>>& eval, const std::string& title,
                      const std::vector<std::pair<int64_t, double>>& lr) {
@@ -202,13 +243,12 @@ void write_loss_plot(const std::string& path, const std::vector<std::pair<int64_
   if (y_max - y_min < 1e-9) y_max = y_min + 1;
   auto X = [&](double s) { return L + (W - L - R) * s / x_max; };
   auto Y = [&](double v) { return T + (H - T - B) * (1 - (v - y_min) / (y_max - y_min)); };
+  const int64_t columns = static_cast<int64_t>(W - L - R);
   auto polyline = [&](const std::vector<std::pair<int64_t, double>>& pts, const char* color) {
-    std::ostringstream o;
-    o << "<polyline fill='none' stroke='" << color << "' stroke-width='2' points='";
-    for (const auto& [s, v] : pts)
-      if (std::isfinite(v)) o << X(static_cast<double>(s)) << "," << Y(v) << " ";
-    o << "'/>";
-    return o.str();
+    std::string o = std::string("<polyline fill='none' stroke='") + color + "' stroke-width='2' points='";
+    for (const auto& [s, v] : per_column(pts, x_max, columns))
+      if (std::isfinite(v)) append_point(o, X(static_cast<double>(s)), Y(v));
+    return o + "'/>";
   };
   std::ostringstream h;
   h << "<!doctype html><html><head><meta charset='utf-8'><title>" << title << "</title></head><body style='font-family:sans-serif'>"
@@ -231,10 +271,10 @@ void write_loss_plot(const std::string& path, const std::vector<std::pair<int64_
   double lr_max = 0;
   for (const auto& p : lr) lr_max = std::max(lr_max, p.second);
   if (lr_max > 0) {
-    std::ostringstream o;
-    o << "<polyline fill='none' stroke='#2ca02c' stroke-width='1.5' stroke-dasharray='5,3' points='";
-    for (const auto& [s, v] : lr) o << X(static_cast<double>(s)) << "," << T + (H - T - B) * (1 - v / lr_max) << " ";
-    h << o.str() << "'/>";
+    std::string o = "<polyline fill='none' stroke='#2ca02c' stroke-width='1.5' stroke-dasharray='5,3' points='";
+    for (const auto& [s, v] : per_column(lr, x_max, columns))
+      append_point(o, X(static_cast<double>(s)), T + (H - T - B) * (1 - v / lr_max));
+    h << o << "'/>";
     for (int i = 0; i <= 4; ++i) {
       char label[32];
       std::snprintf(label, sizeof label, "%.2e", lr_max * i / 4);
