@@ -508,6 +508,13 @@ constexpr double kHostRowsBytesPerS = 1.4e9;
 // their recomputation and offload (5.0 and 7.2 ms predicted), where 0.48 x whole x recompute had put 33 ms on. So
 // it goes with the fewer of the blocks with and without checkpointing (the same at 16 of 32, the row it was fitted on).
 constexpr double kPartialShortfall = 0.48;
+// The input gradients' LoRA terms inside the base GEMMs (2026-12-05, lib/model/qlora_linear.cpp and
+// projection_group.cpp): what they no longer move a token and block, against a rate fitted on the kernels they
+// removed. q / k / v's and gate / up's g = dy B no longer read dy ((q + 2 kv + 2 I) e bytes); down_proj's addmm no
+// longer reads and writes its [tokens, I] input gradient (2 I e), less the copy of dy into the wider operand (2 H e;
+// not taken with LoRA dropout). On an H100 the profile of 8B 2 x 2048 lost 6.3 ms of those kernels a step for
+// 14.5 GB (2.30 TB/s there, 3.38 at the H200's bandwidth). The rates above were fitted before it.
+constexpr double kLoraFoldBytesPerS = 3.38e12;
 // AdamW on the CPU (optimizer_on_host): the update, the wait for the copies and the stream sync, elements a second,
 // beside 12 bytes an element over PCIe (the fp32 parameters and gradients in, the parameters back). Fitted: 8B
 // 1 x 2048 at a 5.5 GiB budget, the leanest plan with AdamW on the host, ran 0.299 s a step against 0.224 s with it
@@ -585,6 +592,10 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   t.terms.emplace_back("matrix", linears);
   t.terms.emplace_back("attention", attention);
   t.terms.emplace_back("memory_bound", L * width_s);
+  if (in.nf4) {
+    const double groups = q + 2 * kv + 2 * I, down = in.dropout_widths > 0 ? 0.0 : 2 * I - 2 * H;
+    t.terms.emplace_back("lora_terms_in_gemms", -L * T * e * (groups + down) / kLoraFoldBytesPerS * slow);
+  }
   // The memory-bound term counts every block's two NF4 dequantizations a step; those holding their weights
   // dequantized run none.
   const double held = in.nf4 ? static_cast<double>(std::min<int64_t>(p.dequantized_blocks, c.num_hidden_layers)) : 0.0;
