@@ -462,9 +462,8 @@ constexpr double kMatrixFlopsPerS = 772e12;
 // ... and the memory-bound rest (RMSNorm, RoPE, SwiGLU, residual adds, LoRA's rank-r GEMMs and sums, the
 // dequantization in the forward and backward pass, the loss's tiles, AdamW), per token, layer and element of
 // hidden + intermediate width; the forward pass's share is a third (the backward reads and writes about twice as
-// much). Fitted before the input gradients took their LoRA terms inside the base GEMMs (2026-12-05): on an H100 that
-// took 7.1 ms of kernels off a step of 8B 2 x 2048 without checkpointing (240.0 to 232.9 ms, 7.5% of the 95 ms this
-// term predicts there), so the rows are now predicted 2-4% slow; to refit on an H200 with the rows above.
+// much). Fitted before the input gradients took their LoRA terms inside the base GEMMs (2026-12-05), whose saving
+// is a term of its own (kLoraFoldBytesPerS).
 constexpr double kSecondsPerTokenWidth = 2.685e-11;
 // cuDNN's causal attention, forward + backward, over its FLOPs (2 S q a token and layer forward, twice that
 // backward): 338, 504 and 549 TFLOP/s at 2 x 2048, 1 x 8192 and 1 x 32768 tokens (PERFORMANCE.md, "cuDNN
