@@ -1291,6 +1291,32 @@ TEST_CASE("LoRA dropout's elementwise passes are a step-time term, one draw more
   CHECK(std::abs((with_ckpt - base_ckpt) - 28 * elements / 3e12 - down_fold) < 1e-9);
 }
 
+TEST_CASE("the input gradients' LoRA terms in the base GEMMs save their bytes where the code takes them", "[plan]") {
+  const auto fold = [](const qt::PlanInputs& in) {
+    for (const auto& [name, s] : qt::predict_step_time(in, qt::ExecPlan{}).terms)
+      if (name == "lora_terms_in_gemms") return s;
+    return 0.0;
+  };
+  qt::PlanInputs in = inputs("llama-3.1-8b", 2, 2048);
+  // 8B: q 4096, kv 1024, I 14336, H 4096; 4096 tokens, 32 blocks, 2 bytes, at 3.38 TB/s (the H200's bandwidth).
+  const double per_byte = 32.0 * 4096 * 2 / 3.38e12;
+  CHECK(std::abs(fold(in) + per_byte * ((4096 + 2 * 1024 + 2 * 14336) + (2 * 14336 - 2 * 4096))) < 1e-12);
+  // A group's fold needs an input width of a multiple of 1024 (the strided dequantization); down_proj's, an MLP at
+  // least twice as wide as the hidden size and no LoRA dropout; none over a 16-bit base.
+  qt::PlanInputs odd = in;
+  odd.model.hidden_size = 3584;
+  CHECK(std::abs(fold(odd) + per_byte * (2 * 14336 - 2 * 3584)) < 1e-12);
+  qt::PlanInputs narrow = in;
+  narrow.model.intermediate_size = 6144;
+  CHECK(std::abs(fold(narrow) + per_byte * (4096 + 2 * 1024 + 2 * 6144)) < 1e-12);
+  qt::PlanInputs dropped = in;
+  dropped.dropout_widths = 4096;
+  CHECK(std::abs(fold(dropped) + per_byte * (4096 + 2 * 1024 + 2 * 14336)) < 1e-12);
+  qt::PlanInputs dense = in;
+  dense.nf4 = false;
+  CHECK(fold(dense) == 0.0);
+}
+
 TEST_CASE("after a plan runs out of memory the next budget lies under it by the measured shortfall too", "[plan]") {
   // 8B 1 x 117696 (r=32) at 22.3 GiB on an H200 (ninth session): plans predicted at 21.91, 20.75 and 19.71 GiB by the
   // footprint model of then each ran out of memory, the last with 21.22 GiB of tensors at its peak against 17.79

@@ -13,6 +13,7 @@
 
 #include "lib/core/error.h"
 #include "lib/kernels/attention_core.h"
+#include "lib/kernels/nf4_dequant.h"
 
 namespace qt {
 namespace {
@@ -592,7 +593,11 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   t.terms.emplace_back("attention", attention);
   t.terms.emplace_back("memory_bound", L * width_s);
   if (in.nf4) {
-    const double groups = q + 2 * kv + 2 * I, down = in.dropout_widths > 0 ? 0.0 : 2 * I - 2 * H;
+    // (where the code takes them: a group's [dx | g] where its input width is a multiple of the dequantization
+    // kernel's strided rows, down_proj's [dy | g] [W; A] where it is at least twice as wide in as out)
+    const int64_t hidden = c.hidden_size, inter = c.intermediate_size;
+    const double groups = hidden % kernels::kNf4StridedCols == 0 ? q + 2 * kv + 2 * I : 0.0;
+    const double down = in.dropout_widths > 0 || inter < 2 * hidden || hidden % 8 != 0 ? 0.0 : 2 * I - 2 * H;
     t.terms.emplace_back("lora_terms_in_gemms", -L * T * e * (groups + down) / kLoraFoldBytesPerS * slow);
   }
   // The memory-bound term counts every block's two NF4 dequantizations a step; those holding their weights
