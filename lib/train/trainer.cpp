@@ -360,6 +360,10 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
                      (!hooks.oom_plans_at_load && attempt.steps_done == 0 && attempt.index < hooks.oom_plans);
     const StepOutcome r = run_step(cfg, s, m, d, *parallel, *opt, schedule, state.step, hooks, oom, scaler ? &*scaler : nullptr);
     ++state.step;
+    // The last step is done: a signal from here on (its log line written, its evaluation) finds the run's steps done,
+    // and the final evaluation and saves complete it. (The phase changed only after the loop, and a SIGTERM sent on
+    // seeing the last step's line could land before that and stop the run as if in mid-training.)
+    if (state.step == total_steps && options.phase) options.phase->store(kFinishing);
     if (++attempt.steps_done == 1 && s.rank0) write_memory_history(s.device, hooks.memory_history);
     state.optimizer_steps = opt->steps();
     if (scaler) {
@@ -415,7 +419,8 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     }
     if (hooks.step_delay_ms > 0)  // slow steps, so that a test can signal the process between two of them
       std::this_thread::sleep_for(std::chrono::milliseconds(hooks.step_delay_ms));
-    const bool stop = stop_requested(options, s);
+    // (after the last step a request stops nothing: the run completes; every rank skips the collective alike)
+    const bool stop = state.step < total_steps && stop_requested(options, s);
     if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || stop) checkpointer.save(state);
     if (stop) {
       metrics.line("stopped by a signal after step " + std::to_string(state.step) + "; resume with --resume auto");
