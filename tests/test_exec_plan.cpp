@@ -77,6 +77,13 @@ struct MeasuredPlan {
   }
 };
 
+// The named term of a plan's predicted step time (0 where the model leaves it out).
+double step_term(const qt::PlanInputs& in, const qt::ExecPlan& p, const std::string& name) {
+  for (const auto& [n, s] : qt::predict_step_time(in, p).terms)
+    if (n == name) return s;
+  return 0.0;
+}
+
 }  // namespace
 
 TEST_CASE("without a budget the plan is the measured defaults of each bench row", "[plan]") {
@@ -432,11 +439,7 @@ TEST_CASE("the cost model: each block checkpointed and each memory saver costs t
   // (Measured before checkpointed blocks kept their SwiGLU output: each computed it again in its backward pass; and
   // before the input gradients' LoRA terms moved into the base GEMMs: the prediction less that term.)
   const double old_pass = qt::swiglu_recompute_s(in);
-  const auto fold = [&](const qt::ExecPlan& p) {
-    for (const auto& [name, s] : qt::predict_step_time(in, p).terms)
-      if (name == "lora_terms_in_gemms") return s;
-    return 0.0;
-  };
+  const auto fold = [&](const qt::ExecPlan& p) { return step_term(in, p, "lora_terms_in_gemms"); };
   CHECK(fold(none) < 0);
   CHECK(std::abs(t_none - fold(none) - 0.2436) < 0.01);
   CHECK(std::abs(t_half - fold(half) + 16 * old_pass - 0.3026) < 0.01);
@@ -1292,11 +1295,7 @@ TEST_CASE("LoRA dropout's elementwise passes are a step-time term, one draw more
 }
 
 TEST_CASE("the input gradients' LoRA terms in the base GEMMs save their bytes where the code takes them", "[plan]") {
-  const auto fold = [](const qt::PlanInputs& in) {
-    for (const auto& [name, s] : qt::predict_step_time(in, qt::ExecPlan{}).terms)
-      if (name == "lora_terms_in_gemms") return s;
-    return 0.0;
-  };
+  const auto fold = [](const qt::PlanInputs& in) { return step_term(in, qt::ExecPlan{}, "lora_terms_in_gemms"); };
   qt::PlanInputs in = inputs("llama-3.1-8b", 2, 2048);
   // 8B: q 4096, kv 1024, I 14336, H 4096; 4096 tokens, 32 blocks, 2 bytes, at 3.38 TB/s (the H200's bandwidth).
   const double per_byte = 32.0 * 4096 * 2 / 3.38e12;
