@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -17,6 +17,9 @@
 #   8: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [lora] and [fused_ops] [gpu] tests, the
 #      input gradients' LoRA terms inside the base GEMMs against their own GEMMs (QT_LORA_GRAD_GEMM=0), two rounds.
 #   Several calls in one command: SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6; SUMMARY=s7.txt ... 7
+#   9: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests, LoRA
+#      dropout 0.05 through the counter-based mask kernels against at::dropout's masks (QT_LORA_DROPOUT_KERNELS=0) and
+#      against no dropout, 8B 2 x 2048 at 80 GiB, two rounds.
 #   6: no carry: build, two profiled steps of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
 #      QT_PROFILE_STEPS=2: the host's work between two steps, where the GPU waits, is in the trace;
 #      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
@@ -32,7 +35,7 @@
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -127,6 +130,20 @@ case "$CALL" in
   grep -B 4 -A 8 "FAILED" "$L/tests_gpu.log" | head -n 40 >>"$summary"
   note "tests: $(($(date +%s) - t0)) s"
   run ab_grad_gemm.log 220 --rows 8b-2x2048 --budget 80 --ab fold= --ab own="--env QT_LORA_GRAD_GEMM=0" --rounds "${ROUNDS:-2}" \
+    --steps 6 --warm 2
+  ;;
+9)
+  note "== LoRA dropout's kernels: the [fused_ops] and [lora] [gpu] tests, then dropout 0.05 through them against"
+  note "   at::dropout's masks (QT_LORA_DROPOUT_KERNELS=0) and against none, 8B 2 x 2048 at 80 GiB, two rounds"
+  mkdir -p build-gpu/tests
+  rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
+  t0=$(date +%s)
+  (cd build-gpu && timeout 200 ./tests/qt_tests "[fused_ops][gpu],[lora][gpu]") >"$L/tests_gpu.log" 2>&1
+  tail -n 4 "$L/tests_gpu.log" >>"$summary"
+  grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
+  note "tests: $(($(date +%s) - t0)) s"
+  run ab_dropout_kernels.log 300 --rows 8b-2x2048 --budget 80 --ab kernels="--set lora.dropout=0.05" \
+    --ab at_dropout="--set lora.dropout=0.05 --env QT_LORA_DROPOUT_KERNELS=0" --ab none= --rounds "${ROUNDS:-2}" \
     --steps 6 --warm 2
   ;;
 6)

@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/function.h>
 
 #include <array>
+#include <cmath>
 #include <limits>
 
 #include "lib/kernels/fused_ops.h"
@@ -224,6 +225,81 @@ TEST_CASE("copy_rows into the first columns of a wider matrix equals copy_, on C
         at::Tensor back = at::full({37, cols}, std::numeric_limits<float>::quiet_NaN(), opt);
         qt::copy_rows(back, wide.narrow(1, 0, cols));
         CHECK(at::equal(back, src));
+      }
+    }
+  }
+}
+
+// LoRA dropout's counter-based masks (lib/kernels/dropout_hash.h): each draw keeps 1 - p of the elements, draws of
+// different keys are independent, and so are neighbouring elements within a draw (the 4 of one hash word, and the
+// rows); the references apply exactly that mask.
+TEST_CASE("LoRA dropout's counter-based masks keep 1 - p, independently across keys and elements; the references "
+          "apply them", "[fused_ops]") {
+  const int64_t rows = 96, cols = 4104, n = rows * cols;  // (cols not a multiple of 4: words straddle rows)
+  for (double p : {0.05, 0.1, 0.5}) {
+    INFO("p " << p);
+    const qt::DropoutMask m{0x1234567ull, p}, other{0x1234568ull, p};
+    const at::Tensor a = qt::lora_dropout_mask(rows, cols, m).to(at::kDouble);
+    const at::Tensor b = qt::lora_dropout_mask(rows, cols, other).to(at::kDouble);
+    const double sigma = std::sqrt(p * (1 - p) / static_cast<double>(n));
+    CHECK(std::abs(a.mean().item<double>() - (1 - p)) < 5 * sigma);
+    CHECK(std::abs(b.mean().item<double>() - (1 - p)) < 5 * sigma);
+    // Independence: P(both kept) = (1 - p)^2 for another key, the next element, the element a row below.
+    const double both = (1 - p) * (1 - p), sigma2 = std::sqrt(both * (1 - both) / static_cast<double>(n));
+    CHECK(std::abs((a * b).mean().item<double>() - both) < 5 * sigma2);
+    const at::Tensor flat = a.reshape({-1});
+    CHECK(std::abs((flat.narrow(0, 0, n - 1) * flat.narrow(0, 1, n - 1)).mean().item<double>() - both) < 5 * sigma2);
+    CHECK(std::abs((a.narrow(0, 0, rows - 1) * a.narrow(0, 1, rows - 1)).mean().item<double>() - both) < 5 * sigma2);
+    // The same key, the same mask.
+    CHECK(at::equal(qt::lora_dropout_mask(rows, cols, m), qt::lora_dropout_mask(rows, cols, m)));
+  }
+  // The references: kept elements scaled by 1 / (1 - p), the others zero; the rank-r term added under the mask.
+  const qt::DropoutMask m{42, 0.25};
+  const at::Tensor x = at::randn({33, 64}), mask = qt::lora_dropout_mask(33, 64, m);
+  const at::Tensor y = qt::lora_dropout_apply_reference(x, m);
+  CHECK(at::equal(y.masked_select(mask.logical_not()), at::zeros({mask.logical_not().sum().item<int64_t>()})));
+  CHECK(at::allclose(y.masked_select(mask), x.masked_select(mask) / 0.75, 1e-6, 0));
+  CHECK(at::equal(qt::lora_dropout_apply(x, m), y));  // (off CUDA the reference runs)
+  const at::Tensor g = at::randn({33, 5}), a = at::randn({5, 64}), dx0 = at::randn({33, 64});
+  at::Tensor dx = dx0.clone();
+  qt::lora_dropout_rank_update(dx, g, a, m);
+  CHECK(at::allclose(dx, dx0 + at::mm(g, a) * mask.to(at::kFloat) / 0.75, 1e-5, 1e-5));
+}
+
+// The kernels against their references on CUDA: the same mask bit for bit (apply is exact; the rank update's fp32
+// sums round once), rows strided (the first columns of a wider tensor), widths of a block's linears and odd ones,
+// ranks below, at and above the kernel's chunk of 16; outputs poisoned through the caching allocator.
+TEST_CASE("LoRA dropout's kernels equal their references on CUDA", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (int64_t cols : {4096, 14336, 8, 264}) {
+      for (int64_t rows : {1, 70, 129}) {
+        INFO("dtype " << c10::toString(dtype) << " rows " << rows << " cols " << cols);
+        const auto opt = at::TensorOptions().dtype(dtype).device(cuda);
+        const qt::DropoutMask m{0x9E3779B9ull * static_cast<uint64_t>(rows + cols), 0.1};
+        const at::Tensor wide = at::randn({rows, cols + 24}, opt), x = wide.narrow(1, 0, cols);
+        REQUIRE(qt::lora_dropout_kernels_take(x));
+        qt::test::poison_allocator_cache(cuda);
+        const at::Tensor y = qt::lora_dropout_apply(x, m);
+        CHECK(y.is_contiguous());
+        CHECK(at::equal(y, qt::lora_dropout_apply_reference(x, m)));
+        for (int64_t r : {1, 16, 33}) {
+          INFO("rank " << r);
+          const at::Tensor g = at::randn({rows, r + 3}, opt).narrow(1, 3, r), a = at::randn({r, cols}, opt);
+          at::Tensor dxw = at::randn({rows, cols + 8}, opt);
+          const at::Tensor before = dxw.clone();
+          at::Tensor dx = dxw.narrow(1, 0, cols), want = dx.clone();
+          qt::lora_dropout_rank_update(dx, g, a, m);
+          qt::lora_dropout_rank_update_reference(want, g, a, m);
+          CHECK(rel_err(dx, want) < bound(dtype));
+          CHECK(at::equal(dxw.narrow(1, cols, 8), before.narrow(1, cols, 8)));  // the columns beyond untouched
+          // Where the mask drops, dx is as it was; elsewhere it moved (by how much depends on the draw of g and a:
+          // a rank-1 term over one row can be small next to dx, but not zero).
+          const at::Tensor dropped = qt::lora_dropout_mask(rows, cols, m).logical_not().to(cuda);
+          CHECK(at::equal(dx.masked_select(dropped), before.narrow(1, 0, cols).masked_select(dropped)));
+          CHECK(dx.ne(before.narrow(1, 0, cols)).logical_and(dropped.logical_not()).any().item<bool>());
+        }
       }
     }
   }

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "lib/core/error.h"
+#include "lib/kernels/dropout_hash.h"
 #include "lib/kernels/fused_ops_kernels.h"
 
 #ifdef QT_WITH_CUDA
@@ -236,6 +237,83 @@ void copy_rows(const at::Tensor& dst, const at::Tensor& src) {
   }
 #endif
   dst.copy_(src);
+}
+
+bool lora_dropout_kernels_take(const at::Tensor& x2) {
+#ifdef QT_WITH_CUDA
+  const auto t = x2.scalar_type();
+  return x2.is_cuda() && x2.dim() == 2 && (t == at::kFloat || t == at::kHalf || t == at::kBFloat16) &&
+         x2.size(1) % 8 == 0 && row_stride(x2) != 0;
+#else
+  (void)x2;
+  return false;
+#endif
+}
+
+at::Tensor lora_dropout_mask(int64_t rows, int64_t cols, const DropoutMask& m) {
+  const uint32_t threshold = dropout_hash::threshold_of(m.p);
+  at::Tensor mask = at::empty({rows, cols}, at::kBool);
+  bool* out = mask.data_ptr<bool>();
+  uint64_t bits = 0;
+  for (int64_t e = 0, n = rows * cols; e < n; ++e) {
+    if (e == 0 || e % 4 == 0) bits = dropout_hash::bits4(m.key, static_cast<uint64_t>(e) >> 2);
+    out[e] = dropout_hash::kept(bits, static_cast<int>(e % 4), threshold);
+  }
+  return mask;
+}
+
+namespace {
+float dropout_scale(double p) { return static_cast<float>(1.0 / (1.0 - p)); }
+at::Tensor scaled_mask(int64_t rows, int64_t cols, const DropoutMask& m, const at::Device& device) {
+  return lora_dropout_mask(rows, cols, m).to(device).to(at::kFloat).mul_(dropout_scale(m.p));
+}
+}  // namespace
+
+at::Tensor lora_dropout_apply_reference(const at::Tensor& x2, const DropoutMask& m) {
+  return (x2.to(at::kFloat) * scaled_mask(x2.size(0), x2.size(1), m, x2.device())).to(x2.scalar_type());
+}
+
+at::Tensor lora_dropout_apply(const at::Tensor& x2, const DropoutMask& m) {
+#ifdef QT_WITH_CUDA
+  if (lora_dropout_kernels_take(x2)) {
+    c10::cuda::CUDAGuard guard(x2.device());
+    at::Tensor y = at::empty(x2.sizes(), x2.options().memory_format(at::MemoryFormat::Contiguous));
+    kernels::dropout_apply_launch(x2.data_ptr(), row_stride(x2), y.data_ptr(), x2.size(1), x2.size(0), x2.size(1),
+                                  m.key, dropout_hash::threshold_of(m.p), dropout_scale(m.p), elem_type(x2),
+                                  stream_of(x2));
+    return y;
+  }
+#endif
+  return lora_dropout_apply_reference(x2, m);
+}
+
+void lora_dropout_rank_update_reference(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& a,
+                                        const DropoutMask& m) {
+  const at::Tensor term = at::mm(g.to(at::kFloat), a.to(at::kFloat)) * scaled_mask(dx.size(0), dx.size(1), m, dx.device());
+  dx.copy_((dx.to(at::kFloat) + term).to(dx.scalar_type()));
+}
+
+void lora_dropout_rank_update(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& a, const DropoutMask& m) {
+  QT_CHECK(dx.dim() == 2 && g.dim() == 2 && a.dim() == 2 && g.size(0) == dx.size(0) && a.size(1) == dx.size(1) &&
+               g.size(1) == a.size(0),
+           ErrorKind::Internal, "lora_dropout_rank_update: dx [rows, cols], g [rows, r], a [r, cols] expected");
+#ifdef QT_WITH_CUDA
+  if (lora_dropout_kernels_take(dx) && g.device() == dx.device() && a.device() == dx.device() &&
+      g.scalar_type() == dx.scalar_type() && a.scalar_type() == dx.scalar_type()) {
+    c10::cuda::CUDAGuard guard(dx.device());
+    const at::Tensor gc = g.stride(1) == 1 ? g : g.contiguous();
+    // a's rows are read 4 elements a load: a row stride of a multiple of 4, the start aligned to the 4.
+    const bool a_vectors = a.stride(1) == 1 && (a.size(0) == 1 || a.stride(0) % 4 == 0) &&
+                           reinterpret_cast<uintptr_t>(a.data_ptr()) % (4 * a.element_size()) == 0;
+    const at::Tensor ac = a_vectors ? a : at::empty(a.sizes(), a.options()).copy_(a);
+    kernels::dropout_rank_update_launch(dx.data_ptr(), row_stride(dx), gc.data_ptr(), gc.size(0) > 1 ? gc.stride(0) : gc.size(1),
+                                        ac.data_ptr(), ac.size(0) > 1 ? ac.stride(0) : ac.size(1), dx.size(0), dx.size(1),
+                                        g.size(1), m.key, dropout_hash::threshold_of(m.p), dropout_scale(m.p),
+                                        elem_type(dx), stream_of(dx));
+    return;
+  }
+#endif
+  lora_dropout_rank_update_reference(dx, g, a, m);
 }
 
 at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps) {

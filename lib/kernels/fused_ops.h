@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <cstdint>
 
 namespace qt {
 
@@ -36,6 +37,27 @@ at::Tensor swiglu_packed_grad(const at::Tensor& gate_up, const at::Tensor& grad)
 // say): on CUDA, where sizes, strides and addresses are 16-byte multiples, one kernel of 16-byte vectors (ATen's
 // copy_ runs its generic strided kernel there, at half the bandwidth); else copy_.
 void copy_rows(const at::Tensor& dst, const at::Tensor& src);
+
+// LoRA dropout without a stored mask (lib/kernels/lora_dropout.cu; the masks: lib/kernels/dropout_hash.h): a draw
+// is a key and a probability, and every pass draws the same mask again from them. Kept elements are scaled by
+// 1 / (1 - p) (in fp32), as at::dropout scales them.
+struct DropoutMask {
+  uint64_t key = 0;
+  double p = 0;
+};
+// Whether the kernels take x2 [rows, cols]: on CUDA, fp32 / fp16 / bf16, cols a multiple of 8, rows of contiguous
+// elements 16-byte aligned, a multiple of 8 elements apart.
+bool lora_dropout_kernels_take(const at::Tensor& x2);
+// x2 * mask / (1 - p) as a new contiguous [rows, cols] tensor: the kernel where it takes x2, else the reference.
+at::Tensor lora_dropout_apply(const at::Tensor& x2, const DropoutMask& m);
+at::Tensor lora_dropout_apply_reference(const at::Tensor& x2, const DropoutMask& m);
+// dx += mask * (g a) / (1 - p), in place, the product in fp32 and rounded once: dx [rows, cols], g [rows, r],
+// a [r, cols], one dtype. The kernel where it takes dx (g a never written), else the reference.
+void lora_dropout_rank_update(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& a, const DropoutMask& m);
+void lora_dropout_rank_update_reference(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& a,
+                                        const DropoutMask& m);
+// The mask itself, bool [rows, cols] on the CPU.
+at::Tensor lora_dropout_mask(int64_t rows, int64_t cols, const DropoutMask& m);
 
 // x [B, S, heads, D], cos / sin [B, S, D] in x's dtype -> [B, S, heads, D]. Differentiable in x.
 at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);

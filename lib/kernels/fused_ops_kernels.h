@@ -29,6 +29,16 @@ void swiglu_forward_launch(const void* g, const void* u, void* out, int64_t rows
 void swiglu_backward_launch(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t rows,
                             int64_t cols, int64_t ld_in, int64_t ld_out, ElemType type, CUstream_st* stream);
 
+// LoRA dropout's masks drawn from `key` (dropout_hash.h; element e of the [rows, cols] draw at e = row * cols + col).
+// y = x * mask * scale; x rows ld_x apart, y rows ld_y (cols and both strides multiples of 8).
+void dropout_apply_launch(const void* x, int64_t ld_x, void* y, int64_t ld_y, int64_t rows, int64_t cols,
+                          uint64_t key, uint32_t threshold, float scale, ElemType type, CUstream_st* stream);
+// dx += mask * scale * (g a) in fp32, rounded once: dx [rows, cols] (rows ld_dx apart; cols and ld_dx multiples of
+// 8, 8-byte aligned), g [rows, rank] (rows ld_g apart), a [rank, cols] (rows ld_a apart).
+void dropout_rank_update_launch(void* dx, int64_t ld_dx, const void* g, int64_t ld_g, const void* a, int64_t ld_a,
+                                int64_t rows, int64_t cols, int64_t rank, uint64_t key, uint32_t threshold,
+                                float scale, ElemType type, CUstream_st* stream);
+
 // RoPE over tokens: x, y [tokens, heads, D], cos / sin [tokens, D], D % 16 == 0; token t's heads start at
 // t * x_ld in x and t * y_ld in y (elements, multiples of 8: heads * D when contiguous; q and k can be read out of
 // one fused q/k/v projection output and the gradient written back into one). With `inverse`, the transposed

@@ -43,6 +43,8 @@ Pass LlamaModel::base_pass() const {
   p.keep_swiglu = plan.keep_swiglu;
   const char* fold = std::getenv("QT_LORA_GRAD_GEMM");
   p.lora_in_grad_gemm = !(fold && std::string(fold) == "0");
+  const char* dropout_kernels = std::getenv("QT_LORA_DROPOUT_KERNELS");
+  p.dropout_kernels = !(dropout_kernels && std::string(dropout_kernels) == "0");
   return p;
 }
 

@@ -48,6 +48,9 @@ struct Pass {
   // The input gradients' LoRA terms inside the base GEMMs (ModelStats::lora_in_grad_gemm_runs); false: their own
   // GEMMs and an addmm after the base GEMM, as before 2026-12-05 (QT_LORA_GRAD_GEMM=0, for A/B measurements).
   bool lora_in_grad_gemm = true;
+  // LoRA dropout through the counter-based mask kernels where they take the input (qlora_linear.h); false:
+  // at::dropout's masks everywhere, as before 2026-12-05 (QT_LORA_DROPOUT_KERNELS=0, for A/B measurements).
+  bool dropout_kernels = true;
   // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
   // none.
   AttentionStash* stash = nullptr;

@@ -83,13 +83,13 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   // t = [dropout_0(x) A_0^T | dropout_1(x) A_1^T | ...] into `t` ([N, sum r]): each member's mask drawn in turn
   // (as the members' own nodes would draw them), its generator state before the draw pushed to `states`.
   static void dropped_lora_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x2, const at::Tensor& a,
-                                  double p, at::Tensor t, std::vector<at::Tensor>& states) {
+                                  double p, bool kernels, at::Tensor t, std::vector<at::Tensor>& states) {
     const at::Tensor xd = x2.contiguous();
     for (int64_t i = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
       const int64_t r = ls[i]->lora->A.size(0);
       at::Tensor state;
       at::Tensor ti = t.narrow(1, roff, r);
-      at::mm_out(ti, draw_lora_dropout(xd, p, state), a.narrow(0, roff, r).t());
+      at::mm_out(ti, draw_lora_dropout(xd, p, state, kernels), a.narrow(0, roff, r).t());
       states.push_back(state);
       roff += r;
     }
@@ -110,7 +110,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     std::vector<at::Tensor> states;  // LoRA dropout: each member's generator state before its draw
     // [N, sum r] into `out`: x A^T, or with dropout each member's dropped input times its A.
     auto lora_inputs = [&](at::Tensor out) {
-      if (dropout > 0) dropped_lora_inputs(ls, x2, a, dropout, out, states);
+      if (dropout > 0) dropped_lora_inputs(ls, x2, a, dropout, pass.dropout_kernels, out, states);
       else at::mm_out(out, x2, a.t());
     };
     at::Tensor t, W, y;
@@ -190,7 +190,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
         const RedrawnDropout drop = redraw_lora_dropout(xd, dropout, states[static_cast<size_t>(i)]);
         const at::Tensor gi = g.narrow(1, roff, r);
         dA.narrow(0, roff, r).copy_(at::mm(gi.t(), drop.h));
-        if (dx.defined()) dx.add_(lora_dropout_grad(at::mm(gi, a.narrow(0, roff, r)), drop, dropout));
+        if (dx.defined()) add_lora_dropout_grad(dx, gi, a.narrow(0, roff, r), drop, dropout);
         roff += r;
       }
     } else {

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "lib/core/error.h"
+#include "lib/kernels/dropout_hash.h"
 #include "lib/kernels/fused_ops.h"
 
 namespace qt {
@@ -115,7 +116,8 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     at::Tensor x2 = h.reshape({-1, h.size(-1)});
     const auto [a, bs] = lora_factors(pass, {l}, {A, B}, dt);
     at::Tensor state;
-    at::Tensor t = at::mm(dropout > 0 ? draw_lora_dropout(x2.contiguous(), dropout, state) : x2, a.t());  // [N, r]
+    const at::Tensor xd = dropout > 0 ? draw_lora_dropout(x2.contiguous(), dropout, state, pass.dropout_kernels) : x2;
+    at::Tensor t = at::mm(xd, a.t());  // [N, r]
     at::Tensor W, y;
     const bool tall = pass.lora_in_grad_gemm && tall_applies(*l, dropout);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -179,7 +181,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       if (ctx->needs_input_grad(0)) {
         const at::Tensor W = kept.defined() ? kept : frozen_weight(*l, dt, stats);
         dx = at::mm(dy, W.narrow(0, 0, dy.size(1)));
-        if (dropout > 0) dx.add_(lora_dropout_grad(at::mm(g, a), drop, dropout));
+        if (dropout > 0) add_lora_dropout_grad(dx, g, a, drop, dropout);
         else dx.addmm_(g, a);
       }
     }
@@ -213,13 +215,39 @@ at::Tensor dropout_input(const at::Tensor& x) {
 }
 }  // namespace
 
-at::Tensor draw_lora_dropout(const at::Tensor& x, double p, at::Tensor& state) {
+namespace {
+// The counter-based mask of a draw on CUDA: its key from the default CUDA generator's seed and offset, the offset
+// advanced by 4 (the unit of ATen's Philox offsets).
+DropoutMask next_hashed_mask(const at::Tensor& x, double p) {
+  at::Generator gen = at::cuda::detail::getDefaultCUDAGenerator(x.get_device());
+  std::pair<uint64_t, uint64_t> seed_offset;
+  {
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    seed_offset = at::check_generator<at::CUDAGeneratorImpl>(gen)->philox_engine_inputs(4);
+  }
+  return DropoutMask{dropout_hash::key_of(seed_offset.first, seed_offset.second), p};
+}
+}  // namespace
+
+at::Tensor draw_lora_dropout(const at::Tensor& x, double p, at::Tensor& state, bool kernels) {
+  if (kernels && lora_dropout_kernels_take(x)) {
+    const DropoutMask m = next_hashed_mask(x, p);
+    state = at::full({1}, static_cast<int64_t>(m.key), at::kLong);
+    return lora_dropout_apply(x, m);
+  }
   state = default_generator(x.device()).get_state();
   at::NoGradGuard no_grad;
   return at::dropout(dropout_input(x), p, /*train=*/true);
 }
 
 RedrawnDropout redraw_lora_dropout(const at::Tensor& x, double p, const at::Tensor& state) {
+  RedrawnDropout r;
+  if (state.scalar_type() == at::kLong) {  // a counter-based mask's key
+    r.hashed = true;
+    r.mask = DropoutMask{static_cast<uint64_t>(state.item<int64_t>()), p};
+    r.h = lora_dropout_apply(x, r.mask);
+    return r;
+  }
   // The generator's state as it was, put back however the draw ends (an out-of-memory error included).
   struct Restore {
     at::Generator gen;
@@ -228,7 +256,6 @@ RedrawnDropout redraw_lora_dropout(const at::Tensor& x, double p, const at::Tens
   } restore{default_generator(x.device()), {}};
   restore.now = restore.gen.get_state();
   restore.gen.set_state(state);
-  RedrawnDropout r;
   at::NoGradGuard no_grad;
   if (x.is_cuda()) {
     std::tie(r.h, r.factor) = at::native_dropout(dropout_input(x), p, /*train=*/true);
@@ -239,8 +266,14 @@ RedrawnDropout redraw_lora_dropout(const at::Tensor& x, double p, const at::Tens
   return r;
 }
 
-at::Tensor lora_dropout_grad(const at::Tensor& grad, const RedrawnDropout& r, double p) {
-  return grad.is_cuda() ? at::native_dropout_backward(grad, r.factor, 1.0 / (1.0 - p)) : grad * r.factor;
+void add_lora_dropout_grad(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& a, const RedrawnDropout& r,
+                           double p) {
+  if (r.hashed) {
+    lora_dropout_rank_update(dx, g, a, r.mask);
+    return;
+  }
+  const at::Tensor grad = at::mm(g, a);
+  dx.add_(grad.is_cuda() ? at::native_dropout_backward(grad, r.factor, 1.0 / (1.0 - p)) : grad * r.factor);
 }
 
 std::pair<at::Tensor, at::Tensor> LoraFactorCache::get(const std::vector<const Linear*>& ls, at::TensorList ab,

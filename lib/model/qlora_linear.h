@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "lib/kernels/fused_ops.h"
 #include "lib/model/pass.h"
 #include "lib/quant/nf4.h"
 
@@ -67,20 +68,31 @@ struct Linear {
 // base and no bias.
 bool lora_node_applies(const Linear& l);
 
-// LoRA dropout in the LoRA nodes (y = x W^T + s (dropout(x) A^T) B^T, as PEFT computes it): the input's mask drawn
-// as at::dropout draws it, so that PEFT's masks and the unfused path's come from the same seed; not kept for the
-// backward pass: the default generator's state before the draw is, and the backward pass draws the same mask again
-// from it (the generator's state put back after). The probability in training, else 0.
+// LoRA dropout in the LoRA nodes (y = x W^T + s (dropout(x) A^T) B^T, as PEFT computes it). The mask is never kept
+// for the backward pass: the draw's record is, and the backward pass draws the same mask again from it.
+//   - On CUDA where the kernels take the input (fused_ops.h: lora_dropout_kernels_take), a counter-based mask
+//     (lib/kernels/dropout_hash.h) whose key comes from the default CUDA generator's seed and offset (the offset
+//     advanced by 4 a draw, so a checkpointed block's recomputation, which puts the generator's state back, draws the
+//     same masks): no mask stored, the dropped input written once a pass, and the input gradient's LoRA term added
+//     under its mask in one kernel. The record: the key, an int64 CPU tensor [1].
+//   - Elsewhere (the CPU) at::dropout's mask, so that PEFT's masks and the unfused path's come from the same seed.
+//     The record: the default generator's state before the draw (put back after the backward pass's draw).
+// The probability in training, else 0.
 double active_dropout(const Linear& l);
-// dropout(x) in training, `state` the generator's state before the draw.
-at::Tensor draw_lora_dropout(const at::Tensor& x, double p, at::Tensor& state);
-// The same draw again from `state`: dropout(x) and what its gradient is multiplied by (on CUDA the bool mask of
-// native_dropout, the kernel at::dropout runs there; on the CPU the scaled noise, at::dropout's x * noise).
+// dropout(x) in training (x [rows, cols]), `state` the draw's record; `kernels`: the counter-based masks where the
+// kernels take x (Pass::dropout_kernels).
+at::Tensor draw_lora_dropout(const at::Tensor& x, double p, at::Tensor& state, bool kernels = true);
+// The same draw again from its record: dropout(x), and what its gradient needs (at::dropout's mask: on CUDA the bool
+// mask of native_dropout, on the CPU the scaled noise; the counter-based mask: its key).
 struct RedrawnDropout {
   at::Tensor h, factor;
+  bool hashed = false;
+  DropoutMask mask;
 };
 RedrawnDropout redraw_lora_dropout(const at::Tensor& x, double p, const at::Tensor& state);
-at::Tensor lora_dropout_grad(const at::Tensor& grad, const RedrawnDropout& r, double p);
+// dx += dropout'(g a): the input gradient's LoRA term under the draw's mask (g [rows, r], a [r, cols]).
+void add_lora_dropout_grad(const at::Tensor& dx, const at::Tensor& g, const at::Tensor& a, const RedrawnDropout& r,
+                           double p);
 
 // A stand-in for an output nobody reads (a recomputation's, whose value is kept elsewhere): `sizes` over one
 // element (stride 0), so that its graph exists without the [tokens, features] bytes.
