@@ -347,9 +347,9 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
   // The SwiGLU output kept (keep_swiglu) by blocks that keep their activations: I more (the fit's 4 I).
   const double block_acts = attn_acts + e * mlp_tokens * (p.keep_swiglu ? 4 : 3) * I;
   const double block_work = attn_acts + e * mlp_tokens * 4 * I;
-  // LoRA dropout's backward pass of its widest linear: the input dropped again, its mask (bool), the LoRA term's
-  // input gradient and that masked (sizes, not measured).
-  const double dropout_redraw = (3 * e + 1) * T * static_cast<double>(in.dropout_width);
+  // LoRA dropout's backward pass of its widest linear: the input dropped again (the counter-based masks on CUDA are
+  // never stored, and the input gradient's LoRA term is added under its mask in place).
+  const double dropout_redraw = e * T * static_cast<double>(in.dropout_width);
   if (!p.checkpointing) {
     f.terms.emplace_back("activations", L * block_acts);
     // (With the MLP in chunks, the attention backward's fp32 dq accumulator over every token.)
@@ -536,12 +536,15 @@ constexpr double kStreamFetchS = 0.36e-3;
 constexpr double kSpeedHeadroom = 0.05;
 // A smaller micro-batch is taken only where its plan is predicted this much faster per optimizer step.
 constexpr double kMicroBatchTie = 0.02;
-// LoRA dropout's elementwise passes over each dropped linear's input, bytes per element (e = 2): the draw in the
-// forward pass (x read, the dropped input and the mask written: 2e + 1), again in a checkpointed block's
-// recomputation, again in the backward pass, and the input gradient's masked LoRA term (the rank-r product written,
-// read with the mask, written masked, added: 6e + 1); at an elementwise rate. An estimate from the tensors' sizes, not
-// measured (the next GPU call's A/B of lora.dropout 0.05 against 0 is to fit it).
-constexpr double kDropoutBytesPerS = 3.0e12;
+// LoRA dropout's passes over each dropped linear's input, bytes per element (e = 2), the counter-based masks on CUDA
+// (lib/kernels/lora_dropout.cu; no mask stored): the draw in the forward pass (x read, the dropped input written:
+// 2e), again in a checkpointed block's recomputation, again in the backward pass, and the input gradient's LoRA
+// term added under its mask (dx read and written: 2e): 6e a block; at the reference device's rate. Fitted on an
+// H100 (fifteenth session, two calls): lora.dropout 0.05 cost 26.8 and 28.2 ms a step at 8B 2 x 2048 without
+// checkpointing (14,918 against 16,534 and 14,902 against 16,607 tok/s), 4.7 ms of it down_proj's input gradient's
+// LoRA term out of its GEMM (lora_terms_in_gemms). (at::dropout's passes, 13 e + 2 bytes an element, had cost
+// 42.6-46.0 ms: 13,946-14,122 tok/s.)
+constexpr double kDropoutBytesPerS = 3.94e12;
 // down_proj's backward pass computing the SwiGLU output again from gate and up (2 I read, I written in the compute
 // dtype) where the plan does not keep it: measured on an H200 as what keeping it bought, 8B 2 x 2048 without
 // checkpointing, 16,493 tok/s kept against 16,299 recomputed (fourth session, two calls: 1.2%, 3.0 ms a step for 32
@@ -662,7 +665,7 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   const double swiglu_kept = (L - whole_blocks) + (p.keep_swiglu ? whole_blocks : 0.0);
   if (swiglu_kept > 0) t.terms.emplace_back("swiglu_kept", -swiglu_kept * swiglu_recompute_s(in));
   if (in.dropout_widths > 0) {  // bytes an element, as kDropoutBytesPerS's comment counts them
-    const double draw = 2 * e + 1, every_block = 2 * draw + 6 * e + 1;
+    const double draw = 2 * e, every_block = 2 * draw + 2 * e;
     const double recomputed =
         p.checkpointing ? L - static_cast<double>(std::min<int64_t>(p.blocks_without_checkpointing, c.num_hidden_layers))
                         : 0.0;
