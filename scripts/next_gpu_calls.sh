@@ -26,8 +26,8 @@
 #      against cuBLAS's before writing them (issue 27: LoRA's 20 ms a step against a ~5 ms bandwidth floor).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
-# Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth (docs/PERFORMANCE.md);
-# what is left: 7 (LoRA dropout's cost), then 2 and 4 again on an H200 (the cost model's machine: the memory-bound
+# Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
+# the fifteenth (docs/PERFORMANCE.md); what is left: 2 and 4 again on an H200 (the cost model's machine: the memory-bound
 # rate's refit after the LoRA change), Unsloth's runs under the hog included.
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
@@ -66,6 +66,19 @@ run() {
   shift 2
   timeout "$seconds" $BENCH "$@" >"$L/$log" 2>&1
   grep -E '^\|' "$L/$log" >>"$summary"
+}
+
+# lora_gpu_tests SECONDS: the [lora] and [fused_ops] [gpu] tests on the carried fixtures, their count and any failure
+# into the summary.
+lora_gpu_tests() {
+  mkdir -p build-gpu/tests
+  rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
+  local t0
+  t0=$(date +%s)
+  (cd build-gpu && timeout "$1" ./tests/qt_tests "[lora][gpu],[fused_ops][gpu]") >"$L/tests_gpu.log" 2>&1
+  tail -n 4 "$L/tests_gpu.log" >>"$summary"
+  grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
+  note "tests: $(($(date +%s) - t0)) s"
 }
 
 case "$CALL" in
@@ -122,26 +135,14 @@ case "$CALL" in
 8)
   note "== issue 27: the LoRA [gpu] and fused-op [gpu] tests, then the input gradients' LoRA terms in the base GEMMs"
   note "   against their own GEMMs (QT_LORA_GRAD_GEMM=0), 8B 2 x 2048 at 80 GiB, two rounds"
-  mkdir -p build-gpu/tests
-  rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
-  t0=$(date +%s)
-  (cd build-gpu && timeout 150 ./tests/qt_tests "[lora][gpu],[fused_ops][gpu]") >"$L/tests_gpu.log" 2>&1
-  tail -n 4 "$L/tests_gpu.log" >>"$summary"
-  grep -B 4 -A 8 "FAILED" "$L/tests_gpu.log" | head -n 40 >>"$summary"
-  note "tests: $(($(date +%s) - t0)) s"
+  lora_gpu_tests 150
   run ab_grad_gemm.log 220 --rows 8b-2x2048 --budget 80 --ab fold= --ab own="--env QT_LORA_GRAD_GEMM=0" --rounds "${ROUNDS:-2}" \
     --steps 6 --warm 2
   ;;
 9)
   note "== LoRA dropout's kernels: the [fused_ops] and [lora] [gpu] tests, then dropout 0.05 through them against"
   note "   at::dropout's masks (QT_LORA_DROPOUT_KERNELS=0) and against none, 8B 2 x 2048 at 80 GiB, two rounds"
-  mkdir -p build-gpu/tests
-  rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
-  t0=$(date +%s)
-  (cd build-gpu && timeout 200 ./tests/qt_tests "[fused_ops][gpu],[lora][gpu]") >"$L/tests_gpu.log" 2>&1
-  tail -n 4 "$L/tests_gpu.log" >>"$summary"
-  grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
-  note "tests: $(($(date +%s) - t0)) s"
+  lora_gpu_tests 200
   run ab_dropout_kernels.log 300 --rows 8b-2x2048 --budget 80 --ab kernels="--set lora.dropout=0.05" \
     --ab at_dropout="--set lora.dropout=0.05 --env QT_LORA_DROPOUT_KERNELS=0" --ab none= --rounds "${ROUNDS:-2}" \
     --steps 6 --warm 2
