@@ -19,7 +19,7 @@
 #   Several calls in one command: SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6; SUMMARY=s7.txt ... 7
 #   9: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests, LoRA
 #      dropout 0.05 through the counter-based mask kernels against at::dropout's masks (QT_LORA_DROPOUT_KERNELS=0) and
-#      against no dropout, 8B 2 x 2048 at 80 GiB, two rounds.
+#      against no dropout, 8B 2 x 2048 at 80 GiB, two rounds; then one profiled step with dropout (the kernels' time).
 #   6: no carry: build, two profiled steps of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
 #      QT_PROFILE_STEPS=2: the host's work between two steps, where the GPU waits, is in the trace;
 #      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
@@ -146,6 +146,13 @@ case "$CALL" in
   run ab_dropout_kernels.log 300 --rows 8b-2x2048 --budget 80 --ab kernels="--set lora.dropout=0.05" \
     --ab at_dropout="--set lora.dropout=0.05 --env QT_LORA_DROPOUT_KERNELS=0" --ab none= --rounds "${ROUNDS:-2}" \
     --steps 6 --warm 2
+  note "== one profiled step with dropout 0.05: the dropout kernels' time (the backward nodes' rows include SwiGLU's)"
+  QT_PROFILE_STEP=4 timeout 200 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 2 --seq 2048 --out "$L/prof" \
+    --steps 5 --warmup 2 --set lora.dropout=0.05 >"$L/prof.log" 2>&1
+  trace=$(find "$L/prof" -name profile_trace.json | head -n 1)
+  [ -n "$trace" ] && python3 scripts/trace_summary.py "$trace" --top 40 >"$L/trace_summary.txt" 2>&1 &&
+    grep -E 'GPU time|dropout|LoraLinearFn|GroupLora' "$L/trace_summary.txt" | cut -c1-200 | head -n 8 >>"$summary"
+  rm -rf "$L/prof"
   ;;
 6)
   note "== issue 27: two profiled steps (the boundary between them included), 8B 2 x 2048, whole GPU"
