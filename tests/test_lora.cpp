@@ -1435,6 +1435,51 @@ TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears i
   check_project_group(at::Device(at::kCUDA, 0), at::kBFloat16, 1e-2, /*concat_b=*/true, /*dropout=*/0.2);
 }
 
+// LoRA dropout's counter-based masks on CUDA under checkpointing: the recomputation, which puts the CUDA generator's
+// state back, must draw the forward pass's masks again (its keys from the same seed and offsets), or the gradients
+// would be those of other masks; so the loss and every LoRA gradient equal those without checkpointing, with the
+// keep ladder's replay too. Another seed gives other gradients (the masks do act).
+TEST_CASE("LoRA dropout on CUDA: checkpointing and the keep ladder give the gradients of no checkpointing (the "
+          "recomputation draws the same masks)", "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (auto dtype : {at::kFloat, at::kBFloat16}) {
+    const double tol = dtype == at::kFloat ? 1e-5 : 2e-2;
+    auto run = [&](int plan, uint64_t seed) {
+      return fixture_loss_and_grads(
+          [&](qt::LlamaModel& m) {
+            m.for_each_linear([](const std::string&, qt::Linear& l) {
+              REQUIRE(l.lora);
+              l.lora->dropout = 0.1;
+            });
+            m.set_training(true);
+            m.plan.checkpointing = plan > 0;
+            if (plan == 2) {
+              m.plan.keep = qt::KeepLevel::Residual;
+              m.plan.keep_dequantized = true;
+            }
+            at::manual_seed(seed);
+          },
+          cuda, dtype);
+    };
+    const std::vector<at::Tensor> plain = run(0, 11);
+    REQUIRE(plain.size() > 10);
+    for (int plan : {1, 2}) {
+      INFO(c10::toString(dtype) << ", plan " << plan);
+      const std::vector<at::Tensor> other = run(plan, 11);
+      REQUIRE(other.size() == plain.size());
+      for (size_t i = 0; i < plain.size(); ++i) {
+        INFO("tensor " << i);
+        CHECK(rel_err(other[i], plain[i]) < tol);
+      }
+    }
+    const std::vector<at::Tensor> reseeded = run(0, 12);
+    double largest = 0;
+    for (size_t i = 1; i < plain.size(); ++i) largest = std::max(largest, rel_err(reseeded[i], plain[i]));
+    CHECK(largest > 10 * tol);
+  }
+}
+
 TEST_CASE("keep_qkv and keep_residual on CUDA (bf16, block inputs offloaded or not) give the gradients of the full "
           "recomputation", "[lora][gpu]") {
   REQUIRE(at::hasCUDA());
