@@ -8,6 +8,8 @@
 //   - RoPE (rotate_half form, as transformers' apply_rotary_pos_emb) on [B, S, heads, head_dim], the layout the
 //     projections produce and flash attention takes: one kernel, no cat, no broadcast copies; the backward is
 //     the inverse rotation and needs only cos and sin (nothing of x is kept).
+//   - LoRA dropout without a stored mask (counter-based masks drawn again in every pass): the dropped input, and the
+//     input gradient's rank-r term added under its mask.
 // On CUDA (fp32 / fp16 / bf16, rows of a multiple of 8 elements, contiguous) the kernels run; elsewhere, and
 // when the RMSNorm weight itself needs a gradient (full fine-tuning), the reference runs.
 #include <ATen/core/Tensor.h>

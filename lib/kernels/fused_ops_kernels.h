@@ -1,6 +1,6 @@
 #pragma once
-// Raw launches of the fused block kernels (rms_norm.cu, swiglu.cu, rope.cu); callers pass device pointers and the
-// CUDA stream.
+// Raw launches of the fused block kernels (rms_norm.cu, swiglu.cu, rope.cu, copy_rows.cu, lora_dropout.cu); callers
+// pass device pointers and the CUDA stream.
 #include <cstdint>
 
 struct CUstream_st;
