@@ -256,7 +256,7 @@ at::Tensor lora_dropout_mask(int64_t rows, int64_t cols, const DropoutMask& m) {
   bool* out = mask.data_ptr<bool>();
   uint64_t bits = 0;
   for (int64_t e = 0, n = rows * cols; e < n; ++e) {
-    if (e == 0 || e % 4 == 0) bits = dropout_hash::bits4(m.key, static_cast<uint64_t>(e) >> 2);
+    if (e % 4 == 0) bits = dropout_hash::bits4(m.key, static_cast<uint64_t>(e) >> 2);
     out[e] = dropout_hash::kept(bits, static_cast<int>(e % 4), threshold);
   }
   return mask;

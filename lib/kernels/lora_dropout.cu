@@ -115,8 +115,8 @@ __global__ void __launch_bounds__(kThreads, 3) dropout_rank_update_kernel(T* __r
     }
     __syncthreads();
   }
-  // The thread's dx: every load issued before the first sum (one at a time, each waited for, the kernel ran at a
-  // third of the memory bandwidth).
+  // The thread's dx: every load issued before the first sum (the first version loaded, summed and stored one run at
+  // a time, each load waited for: about 1.1 TB/s on an H100).
   Vec4<T> d[kRowsPerThread][2];
   bool in[kRowsPerThread][2];
 #pragma unroll

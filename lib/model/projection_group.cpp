@@ -81,7 +81,8 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     return !x.is_cuda() || ls[0]->in_features() % kernels::kNf4StridedCols == 0;
   }
   // t = [dropout_0(x) A_0^T | dropout_1(x) A_1^T | ...] into `t` ([N, sum r]): each member's mask drawn in turn
-  // (as the members' own nodes would draw them), its generator state before the draw pushed to `states`.
+  // (as the members' own nodes would draw them), the draw's record (qlora_linear.h: draw_lora_dropout) pushed to
+  // `states`; `kernels`: Pass::dropout_kernels.
   static void dropped_lora_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x2, const at::Tensor& a,
                                   double p, bool kernels, at::Tensor t, std::vector<at::Tensor>& states) {
     const at::Tensor xd = x2.contiguous();
@@ -107,7 +108,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     at::Tensor x2 = x.reshape({-1, x.size(-1)});
     concat_b = concat_b && !output_unused && concat_applies(ls, x);
     const bool wide = pass.lora_in_grad_gemm && concat_applies(ls, x);  // the backward's [dx | g] GEMM
-    std::vector<at::Tensor> states;  // LoRA dropout: each member's generator state before its draw
+    std::vector<at::Tensor> states;  // LoRA dropout: each member's draw's record
     // [N, sum r] into `out`: x A^T, or with dropout each member's dropped input times its A.
     auto lora_inputs = [&](at::Tensor out) {
       if (dropout > 0) dropped_lora_inputs(ls, x2, a, dropout, pass.dropout_kernels, out, states);
