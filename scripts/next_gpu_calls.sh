@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -20,6 +20,10 @@
 #   9: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests, LoRA
 #      dropout 0.05 through the counter-based mask kernels against at::dropout's masks (QT_LORA_DROPOUT_KERNELS=0) and
 #      against no dropout, 8B 2 x 2048 at 80 GiB, two rounds; then one profiled step with dropout (the kernels' time).
+#   10: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests (the
+#      dropout recomputation test among them, not yet run on a GPU), steps overlapped against read back one by one
+#      (QT_OVERLAP_STEPS=0), 8B 2 x 2048 at 80 GiB, two rounds; then call 6 in the same command for the boundary's
+#      profile: SUMMARY=s10.txt bash scripts/next_gpu_calls.sh 10; SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
 #   6: no carry: build, two profiled steps of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
 #      QT_PROFILE_STEPS=2: the host's work between two steps, where the GPU waits, is in the trace;
 #      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
@@ -35,7 +39,7 @@
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -153,6 +157,13 @@ case "$CALL" in
   [ -n "$trace" ] && python3 scripts/trace_summary.py "$trace" --top 40 >"$L/trace_summary.txt" 2>&1 &&
     grep -E 'GPU time|dropout|LoraLinearFn|GroupLora' "$L/trace_summary.txt" | cut -c1-200 | head -n 8 >>"$summary"
   rm -rf "$L/prof"
+  ;;
+10)
+  note "== the [fused_ops] and [lora] [gpu] tests; steps overlapped (the next queued before the host reads one back)"
+  note "   against each read back first (QT_OVERLAP_STEPS=0), 8B 2 x 2048 at 80 GiB, two rounds"
+  lora_gpu_tests 200
+  run ab_overlap.log 240 --rows 8b-2x2048 --budget 80 --ab overlap= --ab serial="--env QT_OVERLAP_STEPS=0" \
+    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
   ;;
 6)
   note "== issue 27: two profiled steps (the boundary between them included), 8B 2 x 2048, whole GPU"

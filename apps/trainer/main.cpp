@@ -162,7 +162,8 @@ int run_train(const TrainArgs& args) {
   if (s.stopped) return 128 + (g_stop_signal.load() != 0 ? g_stop_signal.load() : SIGTERM);
   qt::Json out = {{"steps", s.steps}, {"first_loss", s.first_loss}, {"last_loss", s.last_loss},
                   {"seconds", s.seconds}, {"tokens_per_s", s.tokens_per_s},
-                  {"target_tokens_per_s", s.target_tokens_per_s}, {"adapter", s.adapter_dir}};
+                  {"target_tokens_per_s", s.target_tokens_per_s}, {"steps_overlapped", s.steps_overlapped},
+                  {"adapter", s.adapter_dir}};
   if (s.eval_loss >= 0) out["eval_loss"] = s.eval_loss;
   if (s.exact_match_before >= 0) out["exact_match_before"] = s.exact_match_before;
   if (s.exact_match_after >= 0) out["exact_match_after"] = s.exact_match_after;

@@ -53,6 +53,7 @@ TestHooks TestHooks::from_env() {
   if (const char* v = std::getenv("QT_TEST_LOSS_SCALE")) h.loss_scale = std::atof(v);
   h.oom_plans = number("QT_TEST_OOM_PLANS", 0);
   if (const char* v = std::getenv("QT_TEST_OOM_PLANS")) h.oom_plans_at_load = std::string(v).find(":load") != std::string::npos;
+  h.overlap_steps = number("QT_OVERLAP_STEPS", 1) != 0;
   if (const char* v = std::getenv("QT_MEMORY_HISTORY")) h.memory_history = v;
   return h;
 }

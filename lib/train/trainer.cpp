@@ -2,6 +2,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/CachingHostAllocator.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/record_function.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -52,11 +53,25 @@ std::string nonfinite_advice(const RunConfig& cfg, int64_t step) {
   return kept + " (lower optim.lr?)";
 }
 
-// One optimizer step (`step`: the steps done before it): this rank's micro-batches forward and backward, the
-// gradients reduced over the ranks and clipped, AdamW, then the loss and norm read back together.
-// `oom`: the test hook's out-of-memory error in this step (QT_TEST_OOM_AT_STEP, QT_TEST_OOM_PLANS).
-StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel, AdamW& opt,
-                     const LrSchedule& schedule, int64_t step, const TestHooks& hooks, bool oom, LossScaler* scaler) {
+// A step queued on the device and not yet read back: its loss and gradient norm on their way to the host.
+struct QueuedStep {
+  int64_t step = 0;             // the steps done before it
+  double lr = 0, targets = 0, inputs = 0;
+  at::Tensor read;              // [loss sum, gradient norm] in fp64: pinned host memory the device copies into
+                                // without blocking (CUDA), or the values themselves (CPU)
+  std::shared_ptr<at::cuda::CUDAEvent> copied;  // recorded on the compute stream after that copy (CUDA)
+  Clock::time_point queued_at;  // when the host began to queue it
+};
+
+// One optimizer step (`step`: the steps done before it) queued: this rank's micro-batches forward and backward, the
+// gradients reduced over the ranks and clipped, AdamW, then the loss and norm copied to the host together, without
+// waiting for them (finish_step reads them). `oom`: the test hook's out-of-memory error in this step
+// (QT_TEST_OOM_AT_STEP, QT_TEST_OOM_PLANS).
+QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel, AdamW& opt,
+                      const LrSchedule& schedule, int64_t step, const TestHooks& hooks, bool oom, LossScaler* scaler) {
+  QueuedStep q;
+  q.step = step;
+  q.queued_at = Clock::now();
   LlamaModel& model = *m.model;
   Communicator& comm = *s.comm;
   model.set_training(true);
@@ -159,23 +174,42 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
   const at::Tensor norm_t = parallel.clip_grad_norm(cfg.optim.max_grad_norm, s.device);
   const at::Tensor found_inf =
       at::logical_not(at::isfinite(loss_t)).reshape({}).logical_or(at::logical_not(at::isfinite(norm_t)).reshape({}));
-  StepOutcome r;
-  r.lr = schedule.at(step);
+  q.lr = schedule.at(step);
   try {
     RECORD_USER_SCOPE("qt::optimizer");
-    opt.step(r.lr, found_inf);
+    opt.step(q.lr, found_inf);
   } catch (const c10::Error& e) {
     if (!is_out_of_memory(e)) throw;
     out_of_memory(e);
   }
-  // The step's one sync: the loss and the norm together.
-  at::Tensor read;
+  // (the gradients go now: the next step's backward pass, which may be queued before this step is read, makes new ones)
+  opt.zero_grad();
+  q.targets = step_targets;
+  q.inputs = step_inputs;
+  const at::Tensor values = at::cat({loss_t.to(at::kDouble), norm_t.reshape({1}).to(at::kDouble)});
+  if (s.device.is_cuda()) {
+    q.read = at::empty({2}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+    q.read.copy_(values, /*non_blocking=*/true);
+    q.copied = std::make_shared<at::cuda::CUDAEvent>();
+    q.copied->record(c10::cuda::getCurrentCUDAStream(s.device.index()));
+  } else {
+    q.read = values.to(at::kCPU);
+  }
+  return q;
+}
+
+// A queued step's outcome: waits for its loss and norm (the step's one sync), fails on a loss or norm that is not
+// finite (fp16: an overflow skips the update and halves the loss scale instead).
+StepOutcome finish_step(const RunConfig& cfg, QueuedStep& q, AdamW& opt, LossScaler* scaler) {
   {
     RECORD_USER_SCOPE("qt::read_loss_and_norm");
-    read = at::cat({loss_t.to(at::kDouble), norm_t.reshape({1}).to(at::kDouble)}).to(at::kCPU);
+    if (q.copied) q.copied->synchronize();
   }
-  r.loss = read[0].item<double>() / step_targets;
-  r.grad_norm = read[1].item<double>();
+  const int64_t step = q.step;
+  StepOutcome r;
+  r.lr = q.lr;
+  r.loss = q.read[0].item<double>() / q.targets;
+  r.grad_norm = q.read[1].item<double>();
   if (!std::isfinite(r.loss))
     fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(r.loss) +
                                  "); " + nonfinite_advice(cfg, step));
@@ -185,9 +219,8 @@ StepOutcome run_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
   if (!std::isfinite(r.grad_norm) && !r.overflow)
     fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the gradient norm is not finite; " +
                                  nonfinite_advice(cfg, step));
-  opt.zero_grad();
-  r.targets = static_cast<int64_t>(step_targets);
-  r.inputs = static_cast<int64_t>(step_inputs);
+  r.targets = static_cast<int64_t>(q.targets);
+  r.inputs = static_cast<int64_t>(q.inputs);
   return r;
 }
 
@@ -351,21 +384,28 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   if (options.phase) options.phase->store(kInSteps);
   // QT_PROFILE_STEP=N (QT_PROFILE_STEPS=K): a per-kernel profile of steps N to N + K - 1 into output_dir (rank 0).
   std::unique_ptr<StepProfile> profile;
-  while (state.step < total_steps) {
-    const auto t_step = Clock::now();
-    const GpuAllocatorCounts before_step = gpu_allocator_counts(s.device);
-    reset_gpu_peak(s.device);
-    if (s.rank0 && hooks.profile_step == state.step + 1) profile = std::make_unique<StepProfile>(s.device.is_cuda());
-    const bool oom = hooks.oom_at_step == state.step + 1 ||
-                     (!hooks.oom_plans_at_load && attempt.steps_done == 0 && attempt.index < hooks.oom_plans);
-    const StepOutcome r = run_step(cfg, s, m, d, *parallel, *opt, schedule, state.step, hooks, oom, scaler ? &*scaler : nullptr);
+  // Steps overlap on one device: step N + 1 is queued before the host waits for step N's loss and norm and logs them,
+  // so the GPU does not wait for the host at the boundary (2 ms a step at 8B 2 x 2048 on an H100, 2026-12-05). A
+  // boundary where the host needs the model as step N left it (a checkpoint, an evaluation, a stop signal, the last
+  // step, the end of a profile, an attempt's first step) waits for step N first, as every boundary did before.
+  // Not with fp16's loss scaling (the next step's scale depends on this one's overflow) nor over several ranks (the
+  // stop signal is agreed on in a collective each step). QT_OVERLAP_STEPS=0: no overlap (A/B measurements).
+  const bool overlap = hooks.overlap_steps && s.world == 1 && !scaler;
+  std::optional<QueuedStep> pending;  // queued, not yet read back
+  int64_t queued = state.step;        // steps queued (state.step: steps read back)
+  // The peak memory and the allocator's counts are taken from the last read back (or the queueing of a step after a
+  // boundary that waited): a step's worth of the host's queueing either way.
+  GpuAllocatorCounts since_counts = gpu_allocator_counts(s.device);
+  Clock::time_point last_read = t_loop;
+  const auto read_back = [&](QueuedStep& q) {
+    const StepOutcome r = finish_step(cfg, q, *opt, scaler ? &*scaler : nullptr);
     ++state.step;
     // The last step is done: a signal from here on (its log line written, its evaluation) finds the run's steps done,
     // and the final evaluation and saves complete it. (The phase changed only after the loop, and a SIGTERM sent on
     // seeing the last step's line could land before that and stop the run as if in mid-training.)
     if (state.step == total_steps && options.phase) options.phase->store(kFinishing);
     if (++attempt.steps_done == 1 && s.rank0) write_memory_history(s.device, hooks.memory_history);
-    state.optimizer_steps = opt->steps();
+    state.optimizer_steps = opt->steps() - (queued - state.step);  // (a step queued after this one counted too)
     if (scaler) {
       state.loss_scale = scaler->scale;
       state.loss_scale_good_steps = scaler->good_steps;
@@ -375,17 +415,16 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
                      "scale is now " + std::to_string(static_cast<int64_t>(scaler->scale)));
     }
     const GpuAllocatorCounts counts = gpu_allocator_counts(s.device);
-    if (!edge_reported && (counts.device_frees > before_step.device_frees ||
-                           counts.alloc_retries > before_step.alloc_retries)) {
-      metrics.line(edge_of_budget_message(state.step, counts.device_frees - before_step.device_frees,
-                                          counts.alloc_retries - before_step.alloc_retries, m.decision));
+    if (!edge_reported && (counts.device_frees > since_counts.device_frees ||
+                           counts.alloc_retries > since_counts.alloc_retries)) {
+      metrics.line(edge_of_budget_message(state.step, counts.device_frees - since_counts.device_frees,
+                                          counts.alloc_retries - since_counts.alloc_retries, m.decision));
       edge_reported = true;
     }
-    if (profile && (state.step >= hooks.profile_step + hooks.profile_steps - 1 || state.step == total_steps)) {
-      if (s.device.is_cuda()) c10::cuda::device_synchronize();
-      metrics.line(profile->finish(cfg.output_dir));
-      profile.reset();
-    }
+    // The step's time: from its queueing, or from the last read back where it was queued before that (overlap).
+    const auto now = Clock::now();
+    const double step_s = std::chrono::duration<double>(now - std::max(q.queued_at, last_read)).count();
+    last_read = now;
     state.tokens_seen += r.targets;
     run_tokens += r.targets;
     run_inputs += r.inputs;
@@ -399,7 +438,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
       sm.loss = r.loss;
       sm.lr = r.lr;
       sm.grad_norm = r.grad_norm;
-      sm.step_s = seconds_since(t_step);
+      sm.step_s = step_s;
       sm.tokens = r.inputs;
       sm.tokens_per_s = r.inputs / std::max(1e-9, sm.step_s);
       sm.target_tokens = r.targets;
@@ -413,15 +452,48 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
       sm.eta_s = per_step * static_cast<double>(total_steps - state.step);
       metrics.step(sm);
     }
-    if (evaluator.has_data() && cfg.train.eval_every > 0 && state.step % cfg.train.eval_every == 0) {
-      auto [el, et] = evaluator.loss(state.step);
-      metrics.eval(state.step, el, et);
+    reset_gpu_peak(s.device);
+    since_counts = counts;
+  };
+  while (queued < total_steps) {
+    if (!pending) {
+      reset_gpu_peak(s.device);
+      since_counts = gpu_allocator_counts(s.device);
+    }
+    if (s.rank0 && hooks.profile_step == queued + 1) profile = std::make_unique<StepProfile>(s.device.is_cuda());
+    const bool oom = hooks.oom_at_step == queued + 1 ||
+                     (!hooks.oom_plans_at_load && attempt.steps_done == 0 && attempt.index < hooks.oom_plans);
+    QueuedStep q = queue_step(cfg, s, m, d, *parallel, *opt, schedule, queued, hooks, oom, scaler ? &*scaler : nullptr);
+    ++queued;
+    if (pending) {  // the step before, read back and logged while this one runs
+      read_back(*pending);
+      pending.reset();
+      ++summary.steps_overlapped;
     }
     if (hooks.step_delay_ms > 0)  // slow steps, so that a test can signal the process between two of them
       std::this_thread::sleep_for(std::chrono::milliseconds(hooks.step_delay_ms));
+    const bool checkpoint_due = cfg.checkpoint.every > 0 && queued % cfg.checkpoint.every == 0;
+    const bool eval_due = evaluator.has_data() && cfg.train.eval_every > 0 && queued % cfg.train.eval_every == 0;
+    const bool profile_ends = profile && (queued >= hooks.profile_step + hooks.profile_steps - 1 || queued == total_steps);
+    const bool signalled = options.stop_requested && options.stop_requested->load();
+    if (overlap && attempt.steps_done > 0 && queued < total_steps && !checkpoint_due && !eval_due && !profile_ends &&
+        !signalled) {
+      pending = std::move(q);
+      continue;
+    }
+    read_back(q);
+    if (profile_ends) {
+      if (s.device.is_cuda()) c10::cuda::device_synchronize();
+      metrics.line(profile->finish(cfg.output_dir));
+      profile.reset();
+    }
+    if (eval_due) {
+      auto [el, et] = evaluator.loss(state.step);
+      metrics.eval(state.step, el, et);
+    }
     // (after the last step a request stops nothing: the run completes; every rank skips the collective alike)
     const bool stop = state.step < total_steps && stop_requested(options, s);
-    if ((cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || stop) checkpointer.save(state);
+    if (checkpoint_due || stop) checkpointer.save(state);
     if (stop) {
       metrics.line("stopped by a signal after step " + std::to_string(state.step) + "; resume with --resume auto");
       metrics.write_plot();

@@ -21,6 +21,7 @@ struct TrainSummary {
   double tokens_per_s = 0;         // input tokens (padding not counted) per second of the training loop
   double target_tokens_per_s = 0;  // tokens in the loss per second
   std::string adapter_dir;
+  int64_t steps_overlapped = 0;  // steps read back while the next step was already queued (trainer.cpp: overlap)
   bool stopped = false;  // stopped by a signal before its last step (a checkpoint to resume from), not complete
 };
 

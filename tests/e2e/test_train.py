@@ -67,6 +67,29 @@ def main():
           and all(k.startswith("base_model.model.model.layers.") for k in keys),
           f"the adapter holds PEFT's 28 lora_A/lora_B tensors ({len(keys)})")
 
+    # Steps overlap (step N + 1 queued before step N is read back and logged) except at the boundaries that need
+    # the model as a step left it: here the first step, the checkpoints at 3 and 6 and the evaluation at 4 leave
+    # steps 2 and 5 read back with the next step queued. QT_OVERLAP_STEPS=0 reads every step back first: the same
+    # losses, evaluation losses, checkpoints and adapter bit for bit, with LoRA dropout (the CPU generator's draws)
+    # and NEFTune's noise on.
+    def summary_line(p):
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    over = dict(lora__dropout=0.1, train__neftune_alpha=5.0, train__eval_every=4, data__eval_fraction=0.2)
+    po = train(write_config("ov", **over))
+    ps = train(write_config("ov0", **over), env={"QT_OVERLAP_STEPS": "0"})
+    so, ss = summary_line(po), summary_line(ps)
+    evals = lambda name: [json.loads(l).get("eval_loss") for l in (TMP / name / "metrics.jsonl").read_text().splitlines()
+                          if "eval_loss" in l]
+    check(so.get("steps_overlapped") == 2 and ss.get("steps_overlapped") == 0,
+          f"steps 2 and 5 are read back while the next is queued, none with QT_OVERLAP_STEPS=0 "
+          f"({so.get('steps_overlapped')}, {ss.get('steps_overlapped')})")
+    check(losses("ov") == losses("ov0") and len(losses("ov")) == 6 and evals("ov") == evals("ov0")
+          and len(evals("ov")) == 2 and adapter_bytes("ov") == adapter_bytes("ov0")
+          and all((TMP / "ov" / "checkpoint-3" / f).read_bytes() == (TMP / "ov0" / "checkpoint-3" / f).read_bytes()
+                  for f in ("adapter_model.safetensors", "optimizer.safetensors", "rng.safetensors")),
+          f"overlapped steps give the losses, evaluations, checkpoint and adapter of steps read back one by one "
+          f"({list(losses('ov').values())}, {evals('ov')})")
+
     # data.train_file as a list: its files read in order are one set of records, so two parts of train.jsonl give
     # the whole file's run (losses, adapter, held-out records); a record is named by its file and line; the
     # checkpoint's hash covers every file, so a changed part refuses the resume.
