@@ -21,9 +21,9 @@
 #      dropout 0.05 through the counter-based mask kernels against at::dropout's masks (QT_LORA_DROPOUT_KERNELS=0) and
 #      against no dropout, 8B 2 x 2048 at 80 GiB, two rounds; then one profiled step with dropout (the kernels' time).
 #   10: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests (the
-#      dropout recomputation test among them, not yet run on a GPU), steps overlapped against read back one by one
-#      (QT_OVERLAP_STEPS=0), 8B 2 x 2048 at 80 GiB, two rounds; then call 6 in the same command for the boundary's
-#      profile: SUMMARY=s10.txt bash scripts/next_gpu_calls.sh 10; SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
+#      dropout recomputation test and scaled_copies' among them, not yet run on a GPU), steps overlapped against read
+#      back one by one (QT_OVERLAP_STEPS=0) and the LoRA factors refreshed in one launch against remade one by one
+#      (QT_LORA_FACTOR_REFRESH=0), 8B 2 x 2048 at 80 GiB, two rounds; then call 6 in the same command for the profile: SUMMARY=s10.txt bash scripts/next_gpu_calls.sh 10; SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
 #   6: no carry: build, two profiled steps of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
 #      QT_PROFILE_STEPS=2: the host's work between two steps, where the GPU waits, is in the trace;
 #      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
@@ -160,10 +160,11 @@ case "$CALL" in
   ;;
 10)
   note "== the [fused_ops] and [lora] [gpu] tests; steps overlapped (the next queued before the host reads one back)"
-  note "   against each read back first (QT_OVERLAP_STEPS=0), 8B 2 x 2048 at 80 GiB, two rounds"
+  note "   against each read back first (QT_OVERLAP_STEPS=0) and the LoRA factors refreshed in one launch against each"
+  note "   remade in its first use (QT_LORA_FACTOR_REFRESH=0), 8B 2 x 2048 at 80 GiB, two rounds"
   lora_gpu_tests 200
-  run ab_overlap.log 240 --rows 8b-2x2048 --budget 80 --ab overlap= --ab serial="--env QT_OVERLAP_STEPS=0" \
-    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
+  run ab_overlap.log 300 --rows 8b-2x2048 --budget 80 --ab overlap= --ab serial="--env QT_OVERLAP_STEPS=0" \
+    --ab remade="--env QT_LORA_FACTOR_REFRESH=0" --rounds "${ROUNDS:-2}" --steps 6 --warm 2
   ;;
 6)
   note "== issue 27: two profiled steps (the boundary between them included), 8B 2 x 2048, whole GPU"

@@ -230,6 +230,64 @@ TEST_CASE("copy_rows into the first columns of a wider matrix equals copy_, on C
   }
 }
 
+// scaled_copies on `device` against the reference applied to a copy: the LoRA factors' layout (As into the rows of a
+// stacked matrix, scaled Bs into diagonal blocks of a wider one) for a few hundred linears of widths up to the 8B
+// shape's, sources with strided rows, scales 1, 2 and -0.5; the destinations poisoned, the space between the blocks
+// left as it was.
+void check_scaled_copies(const at::Device& device) {
+  at::manual_seed(11);
+  for (auto dt : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    INFO(device << " " << c10::toString(dt));
+    const auto opt = at::TensorOptions().dtype(dt).device(device);
+    const auto f32 = at::TensorOptions().dtype(at::kFloat).device(device);
+    std::vector<at::Tensor> outs;
+    std::vector<qt::ScaledCopy> copies;
+    const int64_t widths[] = {4096, 1024, 14336, 24, 8};
+    for (int i = 0; i < 120; ++i) {
+      const int64_t in = widths[i % 5], out = widths[(i + 2) % 5], r = i % 7 == 0 ? 1 : 16;
+      at::Tensor a = at::full({2 * r, in}, std::numeric_limits<float>::quiet_NaN(), opt);
+      at::Tensor bd = at::full({out + 8, 2 * r}, std::numeric_limits<float>::quiet_NaN(), opt);
+      const at::Tensor A = at::randn({r, in}, f32);
+      const at::Tensor B = at::randn({out, r + 3}, f32).narrow(1, 0, r);  // rows r + 3 apart
+      const double scale = i % 3 == 0 ? 1.0 : i % 3 == 1 ? 2.0 : -0.5;
+      copies.push_back({a.narrow(0, r, r), A, 1.0});
+      copies.push_back({bd.narrow(0, 8, out).narrow(1, r, r), B, scale});
+      outs.push_back(a);
+      outs.push_back(bd);
+    }
+    std::vector<at::Tensor> want;
+    std::vector<qt::ScaledCopy> ref;
+    for (const at::Tensor& t : outs) want.push_back(t.clone());
+    for (size_t i = 0; i < copies.size(); ++i) {
+      const at::Tensor& w = want[i];
+      ref.push_back({i % 2 == 0 ? w.narrow(0, copies[i].dst.size(0), copies[i].dst.size(0))
+                                : w.narrow(0, 8, copies[i].dst.size(0)).narrow(1, copies[i].dst.size(1), copies[i].dst.size(1)),
+                     copies[i].src, copies[i].scale});
+    }
+    qt::scaled_copies(copies);
+    qt::scaled_copies_reference(ref);
+    for (size_t i = 0; i < outs.size(); ++i) {
+      INFO("matrix " << i);
+      const at::Tensor got = outs[i].cpu().to(at::kFloat), exp = want[i].cpu().to(at::kFloat);
+      CHECK(at::equal(got.isnan(), exp.isnan()));  // the same elements written, the rest still poisoned
+      CHECK(at::equal(at::nan_to_num(got, 0.0), at::nan_to_num(exp, 0.0)));
+      CHECK(got.isnan().logical_not().sum().item<int64_t>() > 0);
+    }
+    // the reference itself: a scaled cast copy
+    CHECK(at::equal(want[3].narrow(0, 8, copies[3].dst.size(0)).narrow(1, copies[3].dst.size(1), copies[3].dst.size(1)),
+                    (copies[3].src * copies[3].scale).to(dt)));
+  }
+}
+
+TEST_CASE("scaled_copies of fp32 blocks into strided blocks equals the reference, off CUDA", "[fused_ops]") {
+  check_scaled_copies(at::Device(at::kCPU));
+}
+
+TEST_CASE("scaled_copies' one launch equals the reference on CUDA", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  check_scaled_copies(at::Device(at::kCUDA, 0));
+}
+
 // LoRA dropout's counter-based masks (lib/kernels/dropout_hash.h): each draw keeps 1 - p of the elements, draws of
 // different keys are independent, and so are neighbouring elements within a draw (the 4 of one hash word, and the
 // rows); the references apply exactly that mask.

@@ -714,13 +714,23 @@ TEST_CASE("the chunked MLP with NF4 LoRA gives the unchunked loss and gradients;
 
 TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made once per linear and optimizer "
           "step and follow every update; without it none are kept", "[lora]") {
-  for (bool keep : {true, false}) {
-    INFO("keep_dequantized " << keep);
+  // mode 0: kept, refreshed in one batch after each step; 1: kept, each remade in its first use
+  // (QT_LORA_FACTOR_REFRESH=0); 2: none kept; 3: as 0, without checkpointing and with every block's weights held
+  // (the factors copied into the held [W | B | 0] and [W; A; 0] once a step, not again by the backward pass); 4: as
+  // 3 in bf16. In fp32 a single linear's factors are its masters themselves (make() returns them as they are): they
+  // are made again, not refreshed.
+  for (int mode = 0; mode < 5; ++mode) {
+    const bool keep = mode != 2, batched = mode == 0 || mode >= 3, held = mode >= 3, bf16 = mode == 4;
+    INFO("mode " << mode);
+    if (mode == 1) ::setenv("QT_LORA_FACTOR_REFRESH", "0", 1);
     auto load = [&] {
-      qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+      qt::LoadOptions o = nf4_load();
+      if (bf16) o.dtype = at::kBFloat16;
+      qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), o);
       qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
-      m.plan.checkpointing = true;
+      m.plan.checkpointing = !held;
       m.plan.keep_dequantized = keep;
+      if (held) m.hold_dequantized(m.config.num_hidden_layers);
       return m;
     };
     qt::LlamaModel model = load();
@@ -732,10 +742,17 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
     const int64_t nodes = 4 * model.config.num_hidden_layers;
     for (int step = 0; step < 3; ++step) {
       INFO("step " << step);
-      const int64_t before = model.stats->lora_factor_builds;
+      const int64_t before = model.stats->lora_factor_builds, refreshed = model.stats->lora_factor_refreshes,
+                    launches = model.stats->lora_factor_refresh_launches, writes = model.stats->held_lora_writes;
       at::Tensor loss = causal_lm_loss(model, ids, labels);
       loss.backward();  // the recomputation reuses the forward pass's factors
-      CHECK(model.stats->lora_factor_builds - before == (keep ? nodes : 0));
+      // Made in the first forward pass; after an optimizer step, written again in place in one batch (or remade).
+      const int64_t singles = bf16 ? 0 : nodes / 2;  // o_proj and down_proj in fp32
+      CHECK(model.stats->lora_factor_builds - before == (keep && (step == 0 || !batched) ? nodes : batched ? singles : 0));
+      CHECK(model.stats->lora_factor_refreshes - refreshed == (batched && step > 0 ? nodes - singles : 0));
+      CHECK(model.stats->lora_factor_refresh_launches - launches == (batched && step > 0 ? 1 : 0));
+      // q / k / v's and gate / up's B columns, down_proj's A rows: once a block and step (o_proj holds no factor)
+      CHECK(model.stats->held_lora_writes - writes == (held ? 3 * model.config.num_hidden_layers : 0));
       // Another model with the same adapter values and nothing cached: the same loss to the bit.
       qt::LlamaModel fresh = load();
       fresh.plan.keep_dequantized = false;
@@ -752,6 +769,7 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
       opt.step(1e-2);  // writes A and B in place: the next forward pass makes new factors
       opt.zero_grad();
     }
+    if (mode == 1) ::unsetenv("QT_LORA_FACTOR_REFRESH");
   }
 }
 

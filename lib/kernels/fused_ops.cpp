@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <array>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -237,6 +238,49 @@ void copy_rows(const at::Tensor& dst, const at::Tensor& src) {
   }
 #endif
   dst.copy_(src);
+}
+
+void scaled_copies_reference(const std::vector<ScaledCopy>& copies) {
+  for (const ScaledCopy& c : copies) c.dst.copy_(c.scale == 1.0 ? c.src : c.src * c.scale);
+}
+
+void scaled_copies(const std::vector<ScaledCopy>& copies) {
+  if (copies.empty()) return;
+#ifdef QT_WITH_CUDA
+  const at::Tensor& first = copies[0].dst;
+  const auto t = first.scalar_type();
+  bool take = first.is_cuda() && (t == at::kFloat || t == at::kHalf || t == at::kBFloat16);
+  for (const ScaledCopy& c : copies) {
+    if (!take) break;
+    take = c.dst.device() == first.device() && c.src.device() == first.device() && c.dst.scalar_type() == t &&
+           c.src.scalar_type() == at::kFloat && c.dst.dim() == 2 && c.src.sizes() == c.dst.sizes() &&
+           (c.dst.size(1) <= 1 || c.dst.stride(1) == 1) && (c.src.size(1) <= 1 || c.src.stride(1) == 1);
+  }
+  if (take) {
+    std::vector<kernels::ScaledCopyJob> jobs;
+    int64_t blocks = 0;
+    for (const ScaledCopy& c : copies) {
+      const int64_t n = c.dst.numel();
+      if (n == 0) continue;
+      jobs.push_back({c.src.data_ptr<float>(), c.dst.data_ptr(), c.dst.size(0), c.dst.size(1), c.src.stride(0),
+                      c.dst.stride(0), static_cast<float>(c.scale), blocks});
+      blocks += (n + kernels::kScaledCopyChunk - 1) / kernels::kScaledCopyChunk;
+    }
+    if (jobs.empty()) return;
+    // The table goes to the device through pinned memory, queued ahead of the kernel (the host allocator keeps the
+    // pinned block until the copy has run; the device block is the stream's until the kernel has).
+    const int64_t bytes = static_cast<int64_t>(jobs.size() * sizeof(kernels::ScaledCopyJob));
+    at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.data_ptr(), jobs.data(), static_cast<size_t>(bytes));
+    c10::cuda::CUDAGuard guard(first.device());
+    at::Tensor table = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(first.device()));
+    table.copy_(host, /*non_blocking=*/true);
+    kernels::scaled_copies_launch(static_cast<const kernels::ScaledCopyJob*>(table.data_ptr()),
+                                  static_cast<int64_t>(jobs.size()), blocks, elem_type(first), stream_of(first));
+    return;
+  }
+#endif
+  scaled_copies_reference(copies);
 }
 
 bool lora_dropout_kernels_take(const at::Tensor& x2) {

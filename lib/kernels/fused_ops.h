@@ -16,6 +16,7 @@
 
 #include <array>
 #include <cstdint>
+#include <vector>
 
 namespace qt {
 
@@ -39,6 +40,17 @@ at::Tensor swiglu_packed_grad(const at::Tensor& gate_up, const at::Tensor& grad)
 // say): on CUDA, where sizes, strides and addresses are 16-byte multiples, one kernel of 16-byte vectors (ATen's
 // copy_ runs its generic strided kernel there, at half the bandwidth); else copy_.
 void copy_rows(const at::Tensor& dst, const at::Tensor& src);
+
+// dst = src * scale in fp32, cast to dst's dtype, for many pairs at once: src fp32 and 2-D with contiguous rows,
+// dst 2-D of src's shape with contiguous rows (a block of a larger matrix, say). On CUDA, where every dst is of one
+// dtype (fp32 / fp16 / bf16) on src's device, one launch for all of them (their table copied to the device ahead of
+// it); elsewhere the reference: dst.copy_(scale == 1 ? src : src * scale), one pair at a time.
+struct ScaledCopy {
+  at::Tensor dst, src;
+  double scale = 1.0;
+};
+void scaled_copies(const std::vector<ScaledCopy>& copies);
+void scaled_copies_reference(const std::vector<ScaledCopy>& copies);
 
 // LoRA dropout without a stored mask (lib/kernels/lora_dropout.cu; the masks: lib/kernels/dropout_hash.h): a draw
 // is a key and a probability, and every pass draws the same mask again from them. Kept elements are scaled by

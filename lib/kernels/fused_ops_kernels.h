@@ -20,6 +20,17 @@ void rms_norm_backward_launch(const void* dy, const void* x, const void* weight,
 // and pointer a multiple of 16 bytes.
 void copy_rows_launch(void* dst, int64_t ld_dst_bytes, const void* src, int64_t ld_src_bytes, int64_t rows,
                       int64_t row_bytes, CUstream_st* stream);
+// One copy of scaled_copies_launch: dst[r * ld_dst + c] = cast(src[r * ld_src + c] * scale) for r < rows, c < cols.
+struct ScaledCopyJob {
+  const float* src;
+  void* dst;
+  int64_t rows, cols, ld_src, ld_dst;
+  float scale;
+  int64_t first_block;  // the job's first block: the blocks before it, kScaledCopyChunk elements each
+};
+constexpr int64_t kScaledCopyChunk = 2048;
+// n jobs (a device array, first_block ascending from 0; `blocks` in all) in one launch, every dst of `type`.
+void scaled_copies_launch(const ScaledCopyJob* jobs, int64_t n, int64_t blocks, ElemType type, CUstream_st* stream);
 // out = cast(cast(silu(g)) * u), as ATen's silu then mul round, over `rows` rows of `cols` elements (cols % 8 == 0):
 // row r of g and u at r * ld_in, of out at r * ld_out (elements; multiples of 8). Gate and up may be the two halves
 // of one [rows, 2 * cols] tensor (u = g + cols, ld_in = 2 * cols).

@@ -45,6 +45,8 @@ Pass LlamaModel::base_pass() const {
   p.lora_in_grad_gemm = !(fold && std::string(fold) == "0");
   const char* dropout_kernels = std::getenv("QT_LORA_DROPOUT_KERNELS");
   p.dropout_kernels = !(dropout_kernels && std::string(dropout_kernels) == "0");
+  const char* refresh = std::getenv("QT_LORA_FACTOR_REFRESH");
+  p.refresh_factors = !(refresh && std::string(refresh) == "0");
   return p;
 }
 
@@ -180,6 +182,7 @@ at::Tensor LlamaModel::run_blocks_as_they_are(const at::Tensor& inputs_embeds, c
   // The last plan.blocks_without_checkpointing blocks keep their activations (no recomputation).
   const size_t checkpointed = checkpoint ? layers.size() - std::min<size_t>(layers.size(), static_cast<size_t>(std::max<int64_t>(0, plan.blocks_without_checkpointing))) : 0;
   const Pass pass = base_pass();
+  if (pass.factors && pass.refresh_factors) pass.factors->refresh(pass.stats);
   for (size_t i = 0; i < layers.size(); ++i) {
     if (block_hooks) block_hooks->before_block(i, /*backward=*/false);
     h = i < checkpointed ? checkpointed_block(*this, i, h, cos, sin, mask, i == 0 ? anchor : at::Tensor())

@@ -14,6 +14,10 @@ struct AttentionStash;  // lib/kernels/attention_core.h
 // What the model's passes did so far, one object per model (shared by its copies): for tests and logs.
 struct ModelStats {
   std::atomic<int64_t> lora_factor_builds{0};   // compute-dtype LoRA factors made and kept (keep_dequantized)
+  std::atomic<int64_t> lora_factor_refreshes{0};  // kept factors written again in place (LoraFactorCache::refresh)
+  std::atomic<int64_t> lora_factor_refresh_launches{0};  // the refreshes' batches (one launch each on CUDA)
+  // LoRA factors copied into held weights' extra columns or rows (HeldWeight::lora_current: not again while current)
+  std::atomic<int64_t> held_lora_writes{0};
   std::atomic<int64_t> lora_b_in_gemm_runs{0};  // projections that took the LoRA B terms inside the base GEMM
   // Input gradients that took their LoRA term inside the base GEMM: a group's [dx | dy B] (N wider), down_proj's
   // [dy | dy B] [W; A] (K wider)
@@ -51,6 +55,10 @@ struct Pass {
   // LoRA dropout through the counter-based mask kernels where they take the input (qlora_linear.h); false:
   // at::dropout's masks everywhere, as before 2026-12-05 (QT_LORA_DROPOUT_KERNELS=0, for A/B measurements).
   bool dropout_kernels = true;
+  // The kept LoRA factors whose masters an optimizer step changed are written again in one batch at the start of
+  // a forward pass (LoraFactorCache::refresh); false: each remade in its first use, as before 2026-12-05
+  // (QT_LORA_FACTOR_REFRESH=0, for A/B measurements).
+  bool refresh_factors = true;
   // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
   // none.
   AttentionStash* stash = nullptr;

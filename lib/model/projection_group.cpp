@@ -41,8 +41,8 @@ std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
 struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   // The bases dequantized into [total, in], or with the LoRA B blocks `bd` in `extra` more columns (zero beyond
   // bd's): [total, in + extra] = [W | bd | 0] (concat_b). Where the group holds its weight (the first member's
-  // `held`), that buffer, dequantized on first use only (the B columns written each call); `stats` counts the
-  // dequantizations that run.
+  // `held`), that buffer, dequantized on first use only (the B columns written when bd is not the tensor, at the
+  // version, written there last: HeldWeight::lora_current); `stats` counts the dequantizations that run.
   static at::Tensor weight(const std::vector<const Linear*>& ls, int64_t total, at::ScalarType dt, ModelStats* stats,
                            const at::Tensor& bd = {}, int64_t extra = 0) {
     const int64_t in = ls[0]->in_features();
@@ -63,11 +63,18 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       }
       dequantize_group_into(ws, outs);
       if (stats) stats->dequantized_weights += static_cast<int64_t>(ls.size());
-      if (held) held->weight = W;
+      if (held) held->hold(W);
     }
     if (extra > 0) {
-      W.narrow(1, in, bd.size(1)).copy_(bd);
-      if (extra > bd.size(1)) W.narrow(1, in + bd.size(1), extra - bd.size(1)).zero_();
+      const bool kept = held && W.is_same(held->weight);
+      if (!kept || !held->lora_current(bd)) {
+        W.narrow(1, in, bd.size(1)).copy_(bd);
+        if (extra > bd.size(1)) W.narrow(1, in + bd.size(1), extra - bd.size(1)).zero_();
+        if (kept) {
+          held->lora_wrote(bd);
+          if (stats) ++stats->held_lora_writes;
+        }
+      }
       return W;
     }
     return W.narrow(1, 0, in);

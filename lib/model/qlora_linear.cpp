@@ -88,9 +88,15 @@ at::Tensor tall_weight(const Linear& l, c10::ScalarType dtype, ModelStats* stats
     dequantize_group_into({l.nf4.get()}, {T.narrow(0, 0, out)});
     if (stats) ++stats->dequantized_weights;
     if (rows > out + r) T.narrow(0, out + r, rows - out - r).zero_();
-    if (l.held) l.held->weight = T;
+    if (l.held) l.held->hold(T);
   }
-  T.narrow(0, out, r).copy_(a);
+  if (!held || !l.held->lora_current(a)) {
+    T.narrow(0, out, r).copy_(a);
+    if (l.held && T.is_same(l.held->weight)) {
+      l.held->lora_wrote(a);
+      if (stats) ++stats->held_lora_writes;
+    }
+  }
   return T;
 }
 
@@ -287,6 +293,7 @@ std::pair<at::Tensor, at::Tensor> LoraFactorCache::get(const std::vector<const L
     e.b = at::Tensor();
     std::tie(e.a, e.b) = make(ls, ab, dt);
     e.dtype = dt;
+    e.linears = ls;
     e.sources.clear();
     e.versions.clear();
     e.scales.clear();
@@ -298,6 +305,64 @@ std::pair<at::Tensor, at::Tensor> LoraFactorCache::get(const std::vector<const L
     if (stats) ++stats->lora_factor_builds;
   }
   return {e.a, e.b};
+}
+
+void LoraFactorCache::refresh(ModelStats* stats) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<ScaledCopy> copies;
+  std::vector<std::pair<Entry*, std::vector<at::Tensor>>> refreshed;
+  for (auto& [key, e] : entries_) {
+    if (!e.a.defined() || e.sources.size() != 2 * e.linears.size() || e.scales.size() != e.linears.size()) continue;
+    std::vector<at::Tensor> ab;
+    bool changed = false, same = true;
+    for (size_t i = 0; i < e.sources.size() && same; ++i) {
+      c10::intrusive_ptr<c10::TensorImpl> alive = e.sources[i].lock();
+      if (!alive) {
+        same = false;
+        break;
+      }
+      ab.emplace_back(std::move(alive));
+      changed = changed || ab.back()._version() != e.versions[i];
+      same = ab.back().scalar_type() == at::kFloat && ab.back().dim() == 2 && ab.back().device() == e.a.device();
+    }
+    for (size_t i = 0; i < e.linears.size() && same; ++i) same = e.scales[i] == e.linears[i]->lora->scale;
+    // (fp32 compute: a single linear's factors may be its masters themselves, which make() returns as they are)
+    for (size_t i = 0; i < ab.size() && same; ++i) same = !e.a.is_alias_of(ab[i]) && !e.b.is_alias_of(ab[i]);
+    if (!same || !changed) continue;
+    // The layout make() gives: the As stacked into a's rows, each B scaled on bd's diagonal.
+    int64_t off = 0, roff = 0;
+    std::vector<ScaledCopy> mine;
+    for (size_t i = 0; i < e.linears.size() && same; ++i) {
+      const at::Tensor A = ab[2 * i].detach(), B = ab[2 * i + 1].detach();
+      const int64_t r = A.size(0);
+      same = B.size(1) == r && A.size(1) == e.a.size(1) && roff + r <= e.a.size(0) && off + B.size(0) <= e.b.size(0) &&
+             roff + r <= e.b.size(1);
+      if (!same) break;
+      mine.push_back({e.a.narrow(0, roff, r), A, 1.0});
+      mine.push_back({e.b.narrow(0, off, B.size(0)).narrow(1, roff, r), B, e.scales[i]});
+      off += B.size(0);
+      roff += r;
+    }
+    if (!same || roff != e.a.size(0) || off != e.b.size(0)) continue;
+    copies.insert(copies.end(), mine.begin(), mine.end());
+    refreshed.emplace_back(&e, std::move(ab));
+  }
+  if (copies.empty()) return;
+  {
+    at::NoGradGuard no_grad;
+    scaled_copies(copies);
+  }
+  for (auto& [e, ab] : refreshed) {
+    // (the kernel writes through raw pointers: the factors' versions move as copy_'s would, so that a held weight's
+    // copy of them (HeldWeight::lora_current) and autograd's saved-tensor checks see the change)
+    e->a.unsafeGetTensorImpl()->bump_version();
+    e->b.unsafeGetTensorImpl()->bump_version();
+    for (size_t i = 0; i < ab.size(); ++i) e->versions[i] = ab[i]._version();
+  }
+  if (stats) {
+    stats->lora_factor_refreshes += static_cast<int64_t>(refreshed.size());
+    ++stats->lora_factor_refresh_launches;
+  }
 }
 
 bool LoraFactorCache::fresh(const Entry& e, const std::vector<const Linear*>& ls, at::TensorList ab,
@@ -395,7 +460,7 @@ at::Tensor frozen_weight(const Linear& l, c10::ScalarType dtype, ModelStats* sta
     return l.held->weight.narrow(0, 0, l.out_features());  // (a tall weight's base rows: tall_weight)
   at::Tensor W = l.base_weight(dtype);
   if (l.quantized() && stats) ++stats->dequantized_weights;
-  if (l.held && l.quantized()) l.held->weight = W;
+  if (l.held && l.quantized()) l.held->hold(W);
   return W;
 }
 

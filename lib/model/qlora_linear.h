@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -38,6 +39,25 @@ struct LoraAdapter {
 // (q / k / v, gate / up) its first member's holds the group's weight as project_group lays it out.
 struct HeldWeight {
   at::Tensor weight;
+  // The LoRA factor last written into the weight's extra columns (a group's [W | bd | 0]) or rows (down_proj's
+  // [W; a; 0]), and its version then: a pass skips the copy while the factor is that tensor at that version (the
+  // factor cache's between optimizer steps, or the one a forward pass made and its backward pass reads).
+  std::optional<c10::weak_intrusive_ptr<c10::TensorImpl>> lora_written;
+  int64_t lora_version = -1;
+
+  void hold(at::Tensor w) {
+    weight = std::move(w);
+    lora_written.reset();
+  }
+  bool lora_current(const at::Tensor& f) const {
+    if (!lora_written || lora_version != static_cast<int64_t>(f._version())) return false;
+    const c10::intrusive_ptr<c10::TensorImpl> alive = lora_written->lock();
+    return alive && alive.get() == f.unsafeGetTensorImpl();
+  }
+  void lora_wrote(const at::Tensor& f) {
+    lora_written.emplace(f.getIntrusivePtr());
+    lora_version = static_cast<int64_t>(f._version());
+  }
 };
 
 // A block linear y = x W^T (+ b) (+ LoRA). The base is either dense (`weight`) or frozen NF4 (`nf4`), never both;
@@ -146,9 +166,15 @@ class LoraFactorCache {
   // The factors made now, nothing kept.
   static std::pair<at::Tensor, at::Tensor> make(const std::vector<const Linear*>& ls, at::TensorList ab,
                                                 at::ScalarType dt);
+  // Every entry whose masters changed in value only (an optimizer step; the same tensors, shapes, dtype and
+  // scales) has its factors written again in place, all of them in one scaled_copies launch, instead of some ten
+  // cast, cat, fill and copy kernels an entry in its first get() after the step (600 a step of the 8B shape). Called
+  // at the start of a forward pass (QT_LORA_FACTOR_REFRESH=0: not, for A/B); get() makes what it leaves.
+  void refresh(ModelStats* stats);
 
  private:
   struct Entry {
+    std::vector<const Linear*> linears;
     std::vector<c10::weak_intrusive_ptr<c10::TensorImpl>> sources;
     std::vector<int64_t> versions;
     std::vector<double> scales;
