@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -24,6 +24,9 @@
 #      dropout recomputation test and scaled_copies' among them, not yet run on a GPU), steps overlapped against read
 #      back one by one (QT_OVERLAP_STEPS=0) and the LoRA factors refreshed in one launch against remade one by one
 #      (QT_LORA_FACTOR_REFRESH=0), 8B 2 x 2048 at 80 GiB, two rounds; then call 6 in the same command for the profile: SUMMARY=s10.txt bash scripts/next_gpu_calls.sh 10; SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
+#   11: no carry: build, the residual add and RMSNorm in one kernel against apart (QT_FUSED_ADD_NORM=0), 8B 2 x 2048
+#      at 80 GiB, two rounds (its [gpu] test runs in call 10's [fused_ops] tests); then call 6 in the same command:
+#      SUMMARY=s11.txt bash scripts/next_gpu_calls.sh 11; SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
 #   6: no carry: build, two profiled steps of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
 #      QT_PROFILE_STEPS=2: the host's work between two steps, where the GPU waits, is in the trace;
 #      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
@@ -31,15 +34,16 @@
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
-# the fifteenth (docs/PERFORMANCE.md); what is left: 2 and 4 again on an H200 (the cost model's machine: the memory-bound
-# rate's refit after the LoRA change), Unsloth's runs under the hog included.
+# the fifteenth (docs/PERFORMANCE.md); what is left: 10, 11 and 6 (the sixteenth session's overlapped steps, factor
+# refresh and residual-add norm, written without a GPU: their [gpu] tests first), then 2 and 4 again on an H200 (the
+# cost model's machine: the memory-bound rate's refit after the LoRA change), Unsloth's runs under the hog included.
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
 #   (cd build && python3 ../tests/oracles/generate.py --out tests/fixtures)     # the fixtures call 1 carries
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -165,6 +169,11 @@ case "$CALL" in
   lora_gpu_tests 200
   run ab_overlap.log 300 --rows 8b-2x2048 --budget 80 --ab overlap= --ab serial="--env QT_OVERLAP_STEPS=0" \
     --ab remade="--env QT_LORA_FACTOR_REFRESH=0" --rounds "${ROUNDS:-2}" --steps 6 --warm 2
+  ;;
+11)
+  note "== the residual add and RMSNorm in one kernel against apart (QT_FUSED_ADD_NORM=0), 8B 2 x 2048 at 80 GiB"
+  run ab_add_norm.log 240 --rows 8b-2x2048 --budget 80 --ab fused= --ab apart="--env QT_FUSED_ADD_NORM=0" \
+    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
   ;;
 6)
   note "== issue 27: two profiled steps (the boundary between them included), 8B 2 x 2048, whole GPU"

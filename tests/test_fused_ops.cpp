@@ -209,6 +209,69 @@ TEST_CASE("fused RMSNorm kernel equals the ATen reference on CUDA", "[fused_ops]
   }
 }
 
+// add_rms_norm_fused (the attention residual and the MLP's input norm) against the ops apart on `device`: x = h + a
+// bit for bit, the norm as rms_norm_fused's (bit for bit: the same rounding) and within the dtype's bound of the
+// reference; the gradients of h and a, each x's residual gradient plus the norm's, bit for bit those of the ops
+// apart (autograd adding the two rounded gradients) and within bounds of the reference; dy also read as the first
+// columns of a wider GEMM output; x's residual gradient absent (only the norm's).
+void check_add_rms_norm(const at::Device& device) {
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (int64_t H : {4096, 3072, 40}) {
+      INFO(device << " " << c10::toString(dtype) << " H " << H);
+      const auto opt = at::TensorOptions().dtype(dtype).device(device);
+      const at::Tensor h0 = (at::randn({3, 37, H}, opt.dtype(at::kFloat)) * 3).to(dtype);
+      const at::Tensor a0 = at::randn({3, 37, H}, opt);
+      const at::Tensor w = (at::rand({H}, opt.dtype(at::kFloat)) + 0.5).to(dtype);
+      const at::Tensor dres = at::randn({3, 37, H}, opt), dy = at::randn({3, 37, H}, opt);
+      for (int variant = 0; variant < 3; ++variant) {  // 0: both gradients, 1: dy strided, 2: no residual gradient
+        INFO("variant " << variant);
+        // The ops apart (the kernels' RMSNorm on CUDA) and the plain reference.
+        at::Tensor hs = h0.clone().requires_grad_(true), as = a0.clone().requires_grad_(true);
+        at::Tensor xs = hs + as;
+        at::Tensor ys = qt::rms_norm_fused(xs, w, 1e-5);
+        at::Tensor hr = h0.clone().requires_grad_(true), ar = a0.clone().requires_grad_(true);
+        auto ref = qt::add_rms_norm_reference(hr, ar, w, 1e-5);
+        at::Tensor wide = at::randn({3, 37, H + 24}, opt);
+        wide.narrow(-1, 0, H).copy_(dy);
+        const at::Tensor dyv = variant == 1 ? wide.narrow(-1, 0, H) : dy;
+        if (variant == 2) {
+          ys.backward(dyv);
+          ref[1].backward(dyv);
+        } else {
+          torch::autograd::backward({xs, ys}, {dres, dyv});
+          torch::autograd::backward({ref[0], ref[1]}, {dres, dyv});
+        }
+        if (device.is_cuda()) qt::test::poison_allocator_cache(device);
+        at::Tensor hf = h0.clone().requires_grad_(true), af = a0.clone().requires_grad_(true);
+        auto out = qt::add_rms_norm_fused(hf, af, w, 1e-5);
+        if (device.is_cuda()) {
+          REQUIRE(out[1].grad_fn());
+          CHECK(out[1].grad_fn()->name().find("AddRmsNormFn") != std::string::npos);
+          qt::test::poison_allocator_cache(device);
+        }
+        if (variant == 2) out[1].backward(dyv);
+        else torch::autograd::backward({out[0], out[1]}, {dres, dyv});
+        CHECK(at::equal(out[0], xs));
+        CHECK(at::equal(out[1], ys));
+        CHECK(rel_err(out[1], ref[1]) < bound(dtype));
+        CHECK(at::equal(hf.grad(), hs.grad()));
+        CHECK(at::equal(af.grad(), as.grad()));
+        CHECK(rel_err(hf.grad(), hr.grad()) < 2 * bound(dtype));
+        CHECK(hf.grad().abs().max().item<double>() > 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("the residual add and RMSNorm as one op equal the ops apart, off CUDA", "[fused_ops]") {
+  check_add_rms_norm(at::Device(at::kCPU));
+}
+
+TEST_CASE("the residual add and RMSNorm in one kernel equal the ops apart bit for bit on CUDA", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  check_add_rms_norm(at::Device(at::kCUDA, 0));
+}
+
 TEST_CASE("copy_rows into the first columns of a wider matrix equals copy_, on CUDA and off", "[fused_ops][gpu]") {
   REQUIRE(at::hasCUDA());
   for (const at::Device device : {at::Device(at::kCPU), at::Device(at::kCUDA, 0)}) {

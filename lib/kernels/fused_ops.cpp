@@ -82,6 +82,48 @@ struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
   }
 };
 
+// x = h + a and y = RMSNorm(x) in one kernel; the backward's one kernel writes the gradient of h and a: x's own
+// gradient (the residual stream's) plus the norm's input gradient.
+struct AddRmsNormFn : public torch::autograd::Function<AddRmsNormFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& a, const at::Tensor& weight,
+                               double eps) {
+    c10::cuda::CUDAGuard guard(h.device());
+    const at::Tensor hc = h.contiguous(), ac = a.contiguous();
+    const int64_t H = h.size(-1), rows = h.numel() / H;
+    at::Tensor x = at::empty_like(hc), y = at::empty_like(hc);
+    at::Tensor rstd = at::empty({rows}, h.options().dtype(at::kFloat));
+    kernels::add_rms_norm_forward_launch(hc.data_ptr(), ac.data_ptr(), weight.data_ptr(), x.data_ptr(), y.data_ptr(),
+                                         rstd.data_ptr<float>(), rows, H, static_cast<float>(eps), elem_type(h),
+                                         stream_of(h));
+    ctx->save_for_backward({x, weight, rstd});
+    ctx->set_materialize_grads(false);  // (x without a gradient of its own: the norm's alone, no zeros read)
+    return {x, y};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto s = ctx->get_saved_variables();
+    const at::Tensor &x = s[0], &w = s[1], &rstd = s[2];
+    at::Tensor dres = grads[0], dy = grads[1];
+    if (!dy.defined()) return {dres, dres, at::Tensor(), at::Tensor()};
+    c10::cuda::CUDAGuard guard(x.device());
+    const int64_t H = x.size(-1), rows = x.numel() / H;
+    dy = dy.to(x.scalar_type());
+    int64_t ld = row_stride(dy);  // the first columns of a wider GEMM output are read in place
+    if (ld == 0) {
+      dy = dy.contiguous();
+      ld = H;
+    }
+    if (dres.defined()) {
+      dres = dres.to(x.scalar_type()).contiguous();
+      if (!aligned(dres)) dres = dres.clone();
+    }
+    at::Tensor g = at::empty_like(x);
+    kernels::add_rms_norm_backward_launch(dy.data_ptr(), dres.defined() ? dres.data_ptr() : nullptr, x.data_ptr(),
+                                          w.data_ptr(), rstd.data_ptr<float>(), g.data_ptr(), rows, H, ld, elem_type(x),
+                                          stream_of(x));
+    return {g, g, at::Tensor(), at::Tensor()};
+  }
+};
+
 // SwiGLU over gate and up rows `ld_in` elements apart (two [.., I] tensors, or one [.., 2I] projection output).
 at::Tensor swiglu_forward(const at::Tensor& g, const at::Tensor& u, int64_t cols, int64_t ld_in,
                           at::IntArrayRef out_sizes) {
@@ -374,6 +416,25 @@ at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& weight, double 
     return RmsNormFn::apply(x, weight, eps);
 #endif
   return rms_norm_reference(x, weight, eps);
+}
+
+std::array<at::Tensor, 2> add_rms_norm_reference(const at::Tensor& h, const at::Tensor& a, const at::Tensor& weight,
+                                                 double eps) {
+  at::Tensor x = h + a;
+  return {x, rms_norm_reference(x, weight, eps)};
+}
+
+std::array<at::Tensor, 2> add_rms_norm_fused(const at::Tensor& h, const at::Tensor& a, const at::Tensor& weight,
+                                             double eps) {
+#ifdef QT_WITH_CUDA
+  if (fused_ops_apply(h) && h.sizes() == a.sizes() && a.scalar_type() == h.scalar_type() && a.device() == h.device() &&
+      !weight.requires_grad() && weight.scalar_type() == h.scalar_type() && weight.is_contiguous() &&
+      weight.numel() == h.size(-1) && aligned(weight) && (a.is_contiguous() ? aligned(a) : true)) {
+    const variable_list out = AddRmsNormFn::apply(h, a, weight, eps);
+    return {out[0], out[1]};
+  }
+#endif
+  return add_rms_norm_reference(h, a, weight, eps);
 }
 
 at::Tensor swiglu_reference(const at::Tensor& gate, const at::Tensor& up) { return at::silu(gate) * up; }

@@ -24,6 +24,15 @@ namespace qt {
 at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+// x = h + a and rms_norm_fused(x, weight, eps), returned as {x, the norm}: a block's attention residual and its MLP's
+// input norm in one kernel (x's 2 bytes an element read back by the norm, and one launch, saved), the backward in
+// one kernel that writes the gradient of h and a (x's own plus the norm's input gradient: autograd's add of the two
+// saved). The same bits as the ops apart. Differentiable in h and a; the reference runs where rms_norm_fused's would.
+std::array<at::Tensor, 2> add_rms_norm_fused(const at::Tensor& h, const at::Tensor& a, const at::Tensor& weight,
+                                             double eps);
+std::array<at::Tensor, 2> add_rms_norm_reference(const at::Tensor& h, const at::Tensor& a, const at::Tensor& weight,
+                                                 double eps);
+
 // silu(gate) * up, both [..., I] of one dtype. Differentiable in both.
 at::Tensor swiglu_fused(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor swiglu_reference(const at::Tensor& gate, const at::Tensor& up);

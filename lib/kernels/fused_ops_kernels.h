@@ -16,6 +16,14 @@ void rms_norm_forward_launch(const void* x, const void* weight, void* y, float* 
 // (>= H, a multiple of 8: the first columns of a wider GEMM output), x's and dx's contiguous.
 void rms_norm_backward_launch(const void* dy, const void* x, const void* weight, const float* rstd, void* dx,
                               int64_t rows, int64_t H, int64_t ld_dy, ElemType type, CUstream_st* stream);
+// x = h + a (rounded as ATen's add), y = rms_norm(x) as rms_norm_forward_launch; all [rows, H] contiguous.
+void add_rms_norm_forward_launch(const void* h, const void* a, const void* weight, void* x, void* y, float* rstd,
+                                 int64_t rows, int64_t H, float eps, ElemType type, CUstream_st* stream);
+// dx = dres + cast(the norm's input gradient) (as rms_norm_backward_launch, dy rows ld_dy apart); dres [rows, H]
+// contiguous, or null (then rms_norm_backward_launch's dx).
+void add_rms_norm_backward_launch(const void* dy, const void* dres, const void* x, const void* weight,
+                                  const float* rstd, void* dx, int64_t rows, int64_t H, int64_t ld_dy, ElemType type,
+                                  CUstream_st* stream);
 // rows x row_bytes copied from src (rows ld_src_bytes apart) to dst (rows ld_dst_bytes apart); every size, stride
 // and pointer a multiple of 16 bytes.
 void copy_rows_launch(void* dst, int64_t ld_dst_bytes, const void* src, int64_t ld_src_bytes, int64_t rows,

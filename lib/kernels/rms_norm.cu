@@ -2,7 +2,8 @@
 // fused_ops.cpp; the [gpu] tests compare the two on random inputs). One 256-thread block per row; each thread takes
 // 8-element (16-byte for 16-bit types) vectors at a stride of the block. Pass 1 sums squares in fp32 (warp
 // shuffles, then one value per warp in shared memory); pass 2 re-reads the row (now in L1/L2) and writes.
-// Backward: the same two passes over dy, x and the weight.
+// Backward: the same two passes over dy, x and the weight. Also the residual add before a norm (x = h + a, then the
+// norm of x) in the same passes, and its backward adding x's other gradient (the residual stream's) as it writes.
 #include "lib/kernels/fused_ops_common.cuh"
 
 namespace qt::kernels {
@@ -47,10 +48,46 @@ __global__ void __launch_bounds__(kThreads) rms_norm_fwd(const T* __restrict__ x
   }
 }
 
+// x = h + a (rounded to T, as ATen's add), then y as rms_norm_fwd from x; x written in the first pass and read back
+// (the thread's own writes) in the second.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) add_rms_norm_fwd(const T* __restrict__ h, const T* __restrict__ a,
+                                                             const T* __restrict__ w, T* __restrict__ x,
+                                                             T* __restrict__ y, float* __restrict__ rstd, int64_t H,
+                                                             float eps) {
+  __shared__ float shared[kThreads / 32];
+  const int64_t off = blockIdx.x * H;
+  float ss = 0;
+  for (int64_t j = threadIdx.x * kVec; j < H; j += kThreads * kVec) {
+    float u[kVec], v[kVec];
+    load8(h + off + j, u);
+    load8(a + off + j, v);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      u[i] = round_t<T>(u[i] + v[i]);
+      ss += u[i] * u[i];
+    }
+    store8(x + off + j, u);
+  }
+  const float r = rsqrtf(block_sum(ss, shared) / static_cast<float>(H) + eps);
+  if (threadIdx.x == 0) rstd[blockIdx.x] = r;
+  for (int64_t j = threadIdx.x * kVec; j < H; j += kThreads * kVec) {
+    float u[kVec], g[kVec];
+    load8(x + off + j, u);
+    load8(w + j, g);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) u[i] = g[i] * round_t<T>(u[i] * r);
+    store8(y + off + j, u);
+  }
+}
+
+// dres (nullable, rows contiguous): the gradient x has from elsewhere (the residual stream), added to the norm's
+// input gradient rounded to T, as autograd's sum of the two T gradients rounds.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rms_norm_bwd(const T* __restrict__ dy, const T* __restrict__ x,
                                                          const T* __restrict__ w, const float* __restrict__ rstd,
-                                                         T* __restrict__ dx, int64_t H, int64_t ld_dy) {
+                                                         T* __restrict__ dx, int64_t H, int64_t ld_dy,
+                                                         const T* __restrict__ dres) {
   __shared__ float shared[kThreads / 32];
   const int64_t off = blockIdx.x * H;
   dy += blockIdx.x * ld_dy;
@@ -72,6 +109,12 @@ __global__ void __launch_bounds__(kThreads) rms_norm_bwd(const T* __restrict__ d
     load8(w + j, g);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) d[i] = r * (d[i] * g[i] - a[i] * r * mean);
+    if (dres != nullptr) {
+      float e[kVec];
+      load8(dres + off + j, e);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) d[i] = round_t<T>(d[i]) + e[i];
+    }
     store8(dx + off + j, d);
   }
 }
@@ -98,9 +141,38 @@ void rms_norm_backward_launch(const void* dy, const void* x, const void* weight,
   dispatch(type, [&](auto t) {
     using T = decltype(t);
     rms_norm_bwd<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(weight), rstd, static_cast<T*>(dx), H, ld_dy);
+        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(weight), rstd, static_cast<T*>(dx), H, ld_dy,
+        nullptr);
   });
   check_launch("rms_norm backward");
+}
+
+void add_rms_norm_forward_launch(const void* h, const void* a, const void* weight, void* x, void* y, float* rstd,
+                                 int64_t rows, int64_t H, float eps, ElemType type, CUstream_st* stream) {
+  QT_CHECK(H % kVec == 0, ErrorKind::Internal, "add_rms_norm kernel: the row length must be a multiple of 8");
+  if (rows == 0) return;
+  dispatch(type, [&](auto t) {
+    using T = decltype(t);
+    add_rms_norm_fwd<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        static_cast<const T*>(h), static_cast<const T*>(a), static_cast<const T*>(weight), static_cast<T*>(x),
+        static_cast<T*>(y), rstd, H, eps);
+  });
+  check_launch("add_rms_norm forward");
+}
+
+void add_rms_norm_backward_launch(const void* dy, const void* dres, const void* x, const void* weight,
+                                  const float* rstd, void* dx, int64_t rows, int64_t H, int64_t ld_dy, ElemType type,
+                                  CUstream_st* stream) {
+  QT_CHECK(H % kVec == 0 && ld_dy >= H && ld_dy % kVec == 0, ErrorKind::Internal,
+           "add_rms_norm kernel: the row length and dy's row stride must be multiples of 8");
+  if (rows == 0) return;
+  dispatch(type, [&](auto t) {
+    using T = decltype(t);
+    rms_norm_bwd<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(weight), rstd, static_cast<T*>(dx), H, ld_dy,
+        static_cast<const T*>(dres));
+  });
+  check_launch("add_rms_norm backward");
 }
 
 }  // namespace qt::kernels

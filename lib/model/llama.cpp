@@ -47,6 +47,8 @@ Pass LlamaModel::base_pass() const {
   p.dropout_kernels = !(dropout_kernels && std::string(dropout_kernels) == "0");
   const char* refresh = std::getenv("QT_LORA_FACTOR_REFRESH");
   p.refresh_factors = !(refresh && std::string(refresh) == "0");
+  const char* add_norm = std::getenv("QT_FUSED_ADD_NORM");
+  p.fused_add_norm = !(add_norm && std::string(add_norm) == "0");
   return p;
 }
 
@@ -195,7 +197,20 @@ at::Tensor LlamaModel::run_blocks_as_they_are(const at::Tensor& inputs_embeds, c
 at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
                                      const AttentionMask& mask, const Pass& pass) const {
   const LlamaBlock& b = layers[layer];
-  at::Tensor x = h + attention(b, rms_norm(h, b.input_layernorm, config.rms_norm_eps), cos, sin, mask, pass);
+  const at::Tensor attn = attention(b, rms_norm(h, b.input_layernorm, config.rms_norm_eps), cos, sin, mask, pass);
+  auto dropout = [](const Linear& l) { return l.training && l.lora && l.lora->dropout > 0; };
+  // (Without a graph too: a checkpointed block's forward pass runs with none, and a whole row's MLP there took
+  // 3 I a token at once, 10 GB at 117,760 tokens of the 8B shape.)
+  const bool chunked = plan.mlp_chunk_tokens > 0 && h.numel() / h.size(-1) > plan.mlp_chunk_tokens &&
+                       !dropout(b.gate_proj) && !dropout(b.up_proj) && !dropout(b.down_proj);
+  // The attention residual and the MLP's input norm in one kernel, where the keep ladder neither records nor
+  // replays the residual and the MLP runs whole (Pass::fused_add_norm).
+  if (pass.fused_add_norm && !chunked && !(pass.stash && pass.stash->out.defined())) {
+    const auto [x, n] = add_rms_norm_fused(h, attn, b.post_attention_layernorm, config.rms_norm_eps);
+    const at::Tensor y = mlp(b, n, pass);
+    return pass.output_unused ? unused_sum(x, y) : x + y;
+  }
+  at::Tensor x = h + attn;
   if (AttentionStash* stash = pass.stash; stash && stash->out.defined()) {
     if (stash->replay && stash->residual.defined()) {
       x = keep_value(x, stash->residual.detach());
@@ -204,12 +219,7 @@ at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at
       stash->residual = x;
     }
   }
-  auto dropout = [](const Linear& l) { return l.training && l.lora && l.lora->dropout > 0; };
-  // (Without a graph too: a checkpointed block's forward pass runs with none, and a whole row's MLP there took
-  // 3 I a token at once, 10 GB at 117,760 tokens of the 8B shape.)
-  if (plan.mlp_chunk_tokens > 0 && x.numel() / x.size(-1) > plan.mlp_chunk_tokens && !dropout(b.gate_proj) &&
-      !dropout(b.up_proj) && !dropout(b.down_proj))
-    return chunked_mlp_residual(*this, layer, x, plan.mlp_chunk_tokens, pass);
+  if (chunked) return chunked_mlp_residual(*this, layer, x, plan.mlp_chunk_tokens, pass);
   return mlp_residual(layer, x, pass);
 }
 

@@ -59,6 +59,9 @@ struct Pass {
   // a forward pass (LoraFactorCache::refresh); false: each remade in its first use, as before 2026-12-05
   // (QT_LORA_FACTOR_REFRESH=0, for A/B measurements).
   bool refresh_factors = true;
+  // A block's attention residual and its MLP's input norm in one kernel each way (add_rms_norm_fused); false: the add
+  // and the norm apart, as before 2026-12-05 (QT_FUSED_ADD_NORM=0, for A/B measurements).
+  bool fused_add_norm = true;
   // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
   // none.
   AttentionStash* stash = nullptr;
