@@ -582,6 +582,58 @@ TEST_CASE("a checkpointed run, its recomputation leaving the unused output out, 
   }
 }
 
+// The residual adds and RMSNorms fused (each block's attention residual with its MLP's norm; a block's MLP residual
+// carried unsummed into the next block's input norm, the last block's into the final norm) against the ops apart
+// (QT_FUSED_ADD_NORM=0): the same loss and LoRA gradients bit for bit, without checkpointing (every block carries its
+// output on), with the last block without checkpointing (it alone does) and with checkpointing (none does).
+void check_fused_add_norm(const at::Device& device, c10::ScalarType dtype) {
+  struct Case {
+    const char* what;
+    bool checkpointing;
+    int64_t whole, carried;
+  };
+  for (const Case& c : {Case{"no checkpointing", false, 0, 2}, Case{"the last block without", true, 1, 1},
+                        Case{"checkpointing", true, 0, 0}}) {
+    INFO(c.what << " on " << device << " in " << c10::toString(dtype));
+    std::shared_ptr<qt::ModelStats> stats;
+    auto run = [&](bool fused) {
+      if (!fused) ::setenv("QT_FUSED_ADD_NORM", "0", 1);
+      std::vector<at::Tensor> out = fixture_loss_and_grads(
+          [&](qt::LlamaModel& m) {
+            REQUIRE(m.config.num_hidden_layers == 2);
+            m.plan.checkpointing = c.checkpointing;
+            m.plan.blocks_without_checkpointing = c.whole;
+            stats = m.stats;
+          },
+          device, dtype);
+      ::unsetenv("QT_FUSED_ADD_NORM");
+      return out;
+    };
+    const std::vector<at::Tensor> fused = run(true);
+    REQUIRE(stats);
+    CHECK(stats->residuals_carried == c.carried);
+    const std::vector<at::Tensor> apart = run(false);
+    CHECK(stats->residuals_carried == 0);
+    REQUIRE(fused.size() == apart.size());
+    CHECK(fused.size() > 10);
+    for (size_t i = 0; i < fused.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(fused[i].abs().max().item<double>() > 0);
+      CHECK(at::equal(fused[i], apart[i]));
+    }
+  }
+}
+
+TEST_CASE("the residual adds fused with the RMSNorms after them give the bits of the ops apart", "[lora]") {
+  check_fused_add_norm(at::kCPU, at::kFloat);
+}
+
+TEST_CASE("on CUDA the residual adds fused with the RMSNorms after them give the bits of the ops apart",
+          "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  for (auto dtype : {at::kBFloat16, at::kFloat}) check_fused_add_norm(at::Device(at::kCUDA, 0), dtype);
+}
+
 TEST_CASE("the SwiGLU output kept for down_proj's backward pass or computed again there gives the same bits",
           "[lora]") {
   // Without checkpointing, checkpointed, the last block without, and the MLP in chunks.

@@ -4,6 +4,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -185,19 +186,49 @@ at::Tensor LlamaModel::run_blocks_as_they_are(const at::Tensor& inputs_embeds, c
   const size_t checkpointed = checkpoint ? layers.size() - std::min<size_t>(layers.size(), static_cast<size_t>(std::max<int64_t>(0, plan.blocks_without_checkpointing))) : 0;
   const Pass pass = base_pass();
   if (pass.factors && pass.refresh_factors) pass.factors->refresh(pass.stats);
+  // Blocks that keep their activations hand their output on unsummed (x, y) where they ran the fused add and norm:
+  // the next block's input norm (or the final norm) adds it in its own kernel, one add a block less each way.
+  std::optional<Residual> carried;
   for (size_t i = 0; i < layers.size(); ++i) {
     if (block_hooks) block_hooks->before_block(i, /*backward=*/false);
-    h = i < checkpointed ? checkpointed_block(*this, i, h, cos, sin, mask, i == 0 ? anchor : at::Tensor())
-                         : block_forward(i, h, cos, sin, mask, pass);
+    if (i < checkpointed) {
+      if (carried) {  // (not reached: the checkpointed blocks come first)
+        h = carried->x + carried->y;
+        carried.reset();
+      }
+      h = checkpointed_block(*this, i, h, cos, sin, mask, i == 0 ? anchor : at::Tensor());
+    } else {
+      Residual next;
+      h = block_forward_residual(i, carried ? &*carried : nullptr, h, cos, sin, mask, pass,
+                                 pass.fused_add_norm ? &next : nullptr);
+      carried.reset();
+      if (!h.defined()) carried = std::move(next);
+    }
     if (block_hooks) block_hooks->after_block(i, /*backward=*/false);
   }
+  if (carried) return add_rms_norm_fused(carried->x, carried->y, norm, config.rms_norm_eps)[1];
   return rms_norm(h, norm, config.rms_norm_eps);
 }
 
 at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
                                      const AttentionMask& mask, const Pass& pass) const {
+  return block_forward_residual(layer, nullptr, h, cos, sin, mask, pass, nullptr);
+}
+
+at::Tensor LlamaModel::block_forward_residual(size_t layer, const Residual* in, const at::Tensor& h_in,
+                                              const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
+                                              const Pass& pass, Residual* out) const {
   const LlamaBlock& b = layers[layer];
-  const at::Tensor attn = attention(b, rms_norm(h, b.input_layernorm, config.rms_norm_eps), cos, sin, mask, pass);
+  at::Tensor h, normed;
+  if (in) {
+    auto sum = add_rms_norm_fused(in->x, in->y, b.input_layernorm, config.rms_norm_eps);
+    h = std::move(sum[0]);
+    normed = std::move(sum[1]);
+  } else {
+    h = h_in;
+    normed = rms_norm(h, b.input_layernorm, config.rms_norm_eps);
+  }
+  const at::Tensor attn = attention(b, normed, cos, sin, mask, pass);
   auto dropout = [](const Linear& l) { return l.training && l.lora && l.lora->dropout > 0; };
   // (Without a graph too: a checkpointed block's forward pass runs with none, and a whole row's MLP there took
   // 3 I a token at once, 10 GB at 117,760 tokens of the 8B shape.)
@@ -208,6 +239,12 @@ at::Tensor LlamaModel::block_forward(size_t layer, const at::Tensor& h, const at
   if (pass.fused_add_norm && !chunked && !(pass.stash && pass.stash->out.defined())) {
     const auto [x, n] = add_rms_norm_fused(h, attn, b.post_attention_layernorm, config.rms_norm_eps);
     const at::Tensor y = mlp(b, n, pass);
+    if (out && !pass.output_unused) {
+      out->x = x;
+      out->y = y;
+      pass.count(&ModelStats::residuals_carried);
+      return at::Tensor();
+    }
     return pass.output_unused ? unused_sum(x, y) : x + y;
   }
   at::Tensor x = h + attn;

@@ -179,6 +179,16 @@ class LlamaModel {
   // One decoder block (attention + MLP with their residuals); used by run_blocks and by the recomputation.
   at::Tensor block_forward(size_t layer, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
                            const AttentionMask& mask, const Pass& pass) const;
+  // A block's output left unsummed, h = x + y (x the residual after attention, y the MLP's output), so that the next
+  // block's input norm (or the final norm) adds it in its own kernel (add_rms_norm_fused).
+  struct Residual {
+    at::Tensor x, y;
+  };
+  // block_forward whose input comes unsummed (`in` non-null: h is not read) and / or whose output is left unsummed
+  // (`out` non-null: filled, and an undefined tensor returned, where the block ran the fused add and norm).
+  at::Tensor block_forward_residual(size_t layer, const Residual* in, const at::Tensor& h, const at::Tensor& cos,
+                                    const at::Tensor& sin, const AttentionMask& mask, const Pass& pass,
+                                    Residual* out) const;
   at::Tensor mlp(const LlamaBlock& b, const at::Tensor& x, const Pass& pass) const;
   // x + mlp(post_attention_layernorm(x)) of one block.
   at::Tensor mlp_residual(size_t layer, const at::Tensor& x, const Pass& pass) const;

@@ -30,6 +30,7 @@ struct ModelStats {
   std::atomic<int64_t> attention_forwards{0};   // attention kernels run on a block's stash (not replayed)
   std::atomic<int64_t> swiglu_recomputed{0};    // SwiGLU outputs down_proj's backward pass computed again
   std::atomic<int64_t> mlp_chunked_passes{0};   // MLP halves of a block computed chunk by chunk (their forward)
+  std::atomic<int64_t> residuals_carried{0};    // block outputs handed on unsummed to the next norm (fused_add_norm)
   std::atomic<int64_t> padded_runs{0};          // forward passes whose rows were padded for cuDNN (row_multiple)
 };
 
