@@ -167,6 +167,12 @@ case "$CALL" in
   note "   against each read back first (QT_OVERLAP_STEPS=0) and the LoRA factors refreshed in one launch against each"
   note "   remade in its first use (QT_LORA_FACTOR_REFRESH=0), 8B 2 x 2048 at 80 GiB, two rounds"
   lora_gpu_tests 200
+  note "== a step queued behind another waits for nothing (QT_TEST_SYNC_DEBUG=2: CUDA's sync debug mode raises there)"
+  QT_TEST_SYNC_DEBUG=2 TORCH_SHOW_CPP_STACKTRACES=1 timeout 120 build-gpu/qlora-train bench --shape llama-3.1-8b \
+    --batch 2 --seq 2048 --out "$L/sync" --steps 3 --warmup 1 >"$L/sync_debug.log" 2>&1
+  note "sync debug: exit $? $(grep -m1 -iE 'synchroniz' "$L/sync_debug.log" | cut -c1-200)"
+  grep -A 12 -m1 -iE 'synchroniz' "$L/sync_debug.log" | grep -E 'qt::|at::' | head -n 8 >>"$summary"
+  rm -rf "$L/sync"
   run ab_overlap.log 300 --rows 8b-2x2048 --budget 80 --ab overlap= --ab serial="--env QT_OVERLAP_STEPS=0" \
     --ab remade="--env QT_LORA_FACTOR_REFRESH=0" --rounds "${ROUNDS:-2}" --steps 6 --warm 2
   ;;

@@ -3,6 +3,7 @@
 // allocator (a freed NaN-filled block is what the kernels' empty outputs get).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 
@@ -340,6 +341,30 @@ void check_scaled_copies(const at::Device& device) {
     CHECK(at::equal(want[3].narrow(0, 8, copies[3].dst.size(0)).narrow(1, copies[3].dst.size(1), copies[3].dst.size(1)),
                     (copies[3].src * copies[3].scale).to(dt)));
   }
+}
+
+TEST_CASE("to_device_async copies host tensors to CUDA without a sync, the values of .to(device)", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  const at::Tensor ids = at::randint(0, 1000, {2, 37}, at::kLong);
+  const at::Tensor strided = at::randn({8, 6}).t();  // not contiguous
+  // Work queued ahead, as the step before would have queued it; a sync would wait for it and raise here.
+  at::Tensor busy = at::randn({4096, 4096}, at::TensorOptions().device(cuda));
+  for (int i = 0; i < 8; ++i) busy = at::mm(busy, busy).div_(64.0);
+  at::Tensor a, b;
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_ERROR);
+  try {
+    a = qt::to_device_async(ids, cuda);
+    b = qt::to_device_async(strided, cuda);
+  } catch (...) {
+    c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+    throw;
+  }
+  c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+  CHECK(a.is_cuda());
+  CHECK(at::equal(a.cpu(), ids));
+  CHECK(at::equal(b.cpu(), strided));
+  CHECK(qt::to_device_async(ids, at::kCPU).is_same(ids));  // already there
 }
 
 TEST_CASE("scaled_copies of fp32 blocks into strided blocks equals the reference, off CUDA", "[fused_ops]") {

@@ -282,6 +282,14 @@ void copy_rows(const at::Tensor& dst, const at::Tensor& src) {
   dst.copy_(src);
 }
 
+at::Tensor to_device_async(const at::Tensor& t, const at::Device& device) {
+  if (t.device() == device) return t;
+  if (!device.is_cuda() || !t.device().is_cpu()) return t.to(device);
+  at::Tensor pinned = at::empty(t.sizes(), t.options().pinned_memory(true));
+  pinned.copy_(t);
+  return pinned.to(device, /*non_blocking=*/true);
+}
+
 void scaled_copies_reference(const std::vector<ScaledCopy>& copies) {
   for (const ScaledCopy& c : copies) c.dst.copy_(c.scale == 1.0 ? c.src : c.src * c.scale);
 }

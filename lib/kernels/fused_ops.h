@@ -50,6 +50,12 @@ at::Tensor swiglu_packed_grad(const at::Tensor& gate_up, const at::Tensor& grad)
 // copy_ runs its generic strided kernel there, at half the bandwidth); else copy_.
 void copy_rows(const at::Tensor& dst, const at::Tensor& src);
 
+// A host tensor on `device` without waiting for the device: copied into a fresh pinned block (the host allocator
+// keeps it until the copy has run) and from there on the current stream, where a plain .to(device) from pageable
+// memory waits for all the stream's work so far (the next step's first copies, queued while the step before still
+// runs, would stall it). Tensors already there, or not going from the CPU to CUDA, take .to(device).
+at::Tensor to_device_async(const at::Tensor& t, const at::Device& device);
+
 // dst = src * scale in fp32, cast to dst's dtype, for many pairs at once: src fp32 and 2-D with contiguous rows,
 // dst 2-D of src's shape with contiguous rows (a block of a larger matrix, say). On CUDA, where every dst is of one
 // dtype (fp32 / fp16 / bf16) on src's device, one launch for all of them (their table copied to the device ahead of

@@ -141,7 +141,7 @@ AttentionMask LlamaModel::varlen_mask(const at::Tensor& doc_ids, at::Device devi
   at::Tensor probe = at::empty({0, 1, config.head_dim}, at::TensorOptions().dtype(dtype).device(device));
   if (!varlen_attention_uses_flash(probe)) return {};
   VarlenLayout layout = cu_seqlens_from_doc_ids(doc_ids.to(at::kInt));
-  return AttentionMask{{}, layout.cu_seqlens.to(device), layout.max_seqlen,
+  return AttentionMask{{}, to_device_async(layout.cu_seqlens, device), layout.max_seqlen,
                        config.sliding_window ? *config.sliding_window : -1};
 }
 

@@ -96,7 +96,7 @@ at::Tensor LlamaModel::embed_weight() const { return compute_weight(embed_tokens
 at::Tensor LlamaModel::lm_head_weight() const { return compute_weight(lm_head, lm_head_trainable); }
 
 at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const {
-  if (!embeddings_on_host()) return at::embedding(embed_weight(), input_ids.to(device()));
+  if (!embeddings_on_host()) return at::embedding(embed_weight(), to_device_async(input_ids, device()));
   // The rows gathered on the host and only they shipped, from pinned memory without waiting (the caching host
   // allocator keeps the staging block until the copy is done): [tokens, H] over PCIe instead of [V, H] on the GPU.
   // Gathered straight into a pinned block the host allocator reuses: at::embedding's fresh [tokens, H] tensor took
@@ -274,18 +274,18 @@ at::Tensor LlamaModel::forward_hidden(const at::Tensor& inputs_embeds, const Bat
   if (plan.attention == AttentionKernel::Cudnn && inputs_embeds.is_cuda() &&
       (!config.sliding_window || S <= *config.sliding_window) && (batch.doc_ids == 0).all().item<bool>() &&
       cudnn_admits(inputs_embeds.size(0), padded_row_length(S, plan.row_multiple)))
-    return forward_hidden(inputs_embeds, batch.positions.to(inputs_embeds.device()));
+    return forward_hidden(inputs_embeds, to_device_async(batch.positions, inputs_embeds.device()));
   AttentionMask varlen = varlen_mask(batch.doc_ids, inputs_embeds.device(), inputs_embeds.scalar_type());
   if (varlen.cu_seqlens.defined())
-    return run_blocks(inputs_embeds, batch.positions.to(inputs_embeds.device()), varlen);
+    return run_blocks(inputs_embeds, to_device_async(batch.positions, inputs_embeds.device()), varlen);
   // Block-diagonal causal mask [B, 1, S, S]: token i sees token j <= i of its own document. Padding (doc -1)
   // sees only itself, so that no softmax row is empty (its outputs carry no target).
-  at::Tensor doc = batch.doc_ids.to(inputs_embeds.device());
+  at::Tensor doc = to_device_async(batch.doc_ids, inputs_embeds.device());
   at::Tensor same = doc.unsqueeze(2) == doc.unsqueeze(1);
   at::Tensor causal = at::ones({S, S}, at::TensorOptions().dtype(at::kBool).device(doc.device())).tril();
   at::Tensor eye = at::eye(S, at::TensorOptions().dtype(at::kBool).device(doc.device()));
   at::Tensor mask = ((same & causal) & (doc >= 0).unsqueeze(2)) | eye;
-  return run_blocks(inputs_embeds, batch.positions.to(inputs_embeds.device()),
+  return run_blocks(inputs_embeds, to_device_async(batch.positions, inputs_embeds.device()),
                     AttentionMask{window_mask(mask.unsqueeze(1), S, inputs_embeds.device()), {}, 0, -1});
 }
 

@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "lib/kernels/fused_ops.h"
+
 namespace qt {
 
 static at::Tensor default_inv_freq(double theta, int64_t head_dim) {
@@ -71,7 +73,8 @@ at::Tensor rope_inv_freq(const RopeConfig& rope, int64_t head_dim) {
 
 std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& inv_freq, const at::Tensor& positions,
                                                c10::ScalarType dtype, double scale) {
-  at::Tensor freqs = positions.to(at::kFloat).unsqueeze(-1) * inv_freq.to(positions.device()).view({1, 1, -1});
+  at::Tensor freqs =
+      positions.to(at::kFloat).unsqueeze(-1) * to_device_async(inv_freq, positions.device()).view({1, 1, -1});
   at::Tensor emb = at::cat({freqs, freqs}, -1);
   if (scale == 1.0) return {emb.cos().to(dtype), emb.sin().to(dtype)};
   return {(emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)};

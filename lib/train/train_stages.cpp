@@ -54,6 +54,7 @@ TestHooks TestHooks::from_env() {
   h.oom_plans = number("QT_TEST_OOM_PLANS", 0);
   if (const char* v = std::getenv("QT_TEST_OOM_PLANS")) h.oom_plans_at_load = std::string(v).find(":load") != std::string::npos;
   h.overlap_steps = number("QT_OVERLAP_STEPS", 1) != 0;
+  h.sync_debug = static_cast<int>(std::clamp<int64_t>(number("QT_TEST_SYNC_DEBUG", 0), 0, 2));
   if (const char* v = std::getenv("QT_MEMORY_HISTORY")) h.memory_history = v;
   return h;
 }

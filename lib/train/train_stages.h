@@ -49,6 +49,8 @@ struct TestHooks {
   int64_t oom_plans = 0;              // QT_TEST_OOM_PLANS=N[:load]: the first N plans run out of memory in their
   bool oom_plans_at_load = false;     //   first step (":load": as their model loads)
   bool overlap_steps = true;          // QT_OVERLAP_STEPS=0: each step read back before the next is queued (A/B)
+  int sync_debug = 0;                 // QT_TEST_SYNC_DEBUG=1 (warn) or 2 (error): CUDA's sync debug mode while a step
+                                      //   is queued behind another (any host sync there stalls the overlap)
   std::string memory_history;         // QT_MEMORY_HISTORY=FILE: the caching allocator's history (every allocation
                                       //   with its C++ stack) written to FILE after step 1, and to FILE.oom at an
                                       //   out-of-memory error in a step, as torch.cuda.memory._dump_snapshot writes it

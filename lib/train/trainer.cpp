@@ -63,6 +63,23 @@ struct QueuedStep {
   Clock::time_point queued_at;  // when the host began to queue it
 };
 
+// CUDA's sync debug mode (1: warn, 2: error) for a scope, then off again.
+struct SyncDebug {
+  explicit SyncDebug(int level) : on(level > 0) {
+    if (on)
+      c10::cuda::warning_state().set_sync_debug_mode(level > 1 ? c10::cuda::SyncDebugMode::L_ERROR
+                                                               : c10::cuda::SyncDebugMode::L_WARN);
+  }
+  void end() {
+    if (on) c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED);
+    on = false;
+  }
+  ~SyncDebug() { end(); }
+  SyncDebug(const SyncDebug&) = delete;
+  SyncDebug& operator=(const SyncDebug&) = delete;
+  bool on;
+};
+
 // One optimizer step (`step`: the steps done before it) queued: this rank's micro-batches forward and backward, the
 // gradients reduced over the ranks and clipped, AdamW, then the loss and norm copied to the host together, without
 // waiting for them (finish_step reads them). `oom`: the test hook's out-of-memory error in this step
@@ -463,7 +480,11 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     if (s.rank0 && hooks.profile_step == queued + 1) profile = std::make_unique<StepProfile>(s.device.is_cuda());
     const bool oom = hooks.oom_at_step == queued + 1 ||
                      (!hooks.oom_plans_at_load && attempt.steps_done == 0 && attempt.index < hooks.oom_plans);
+    // QT_TEST_SYNC_DEBUG: a step queued behind another must not wait for the device (CUDA's sync debug mode names
+    // the call that would); the mode is process-wide, so autograd's device thread is covered too.
+    SyncDebug sync_debug(pending && s.device.is_cuda() ? hooks.sync_debug : 0);
     QueuedStep q = queue_step(cfg, s, m, d, *parallel, *opt, schedule, queued, hooks, oom, scaler ? &*scaler : nullptr);
+    sync_debug.end();
     ++queued;
     if (pending) {  // the step before, read back and logged while this one runs
       read_back(*pending);
