@@ -135,16 +135,7 @@ void rms_norm_forward_launch(const void* x, const void* weight, void* y, float* 
 
 void rms_norm_backward_launch(const void* dy, const void* x, const void* weight, const float* rstd, void* dx,
                               int64_t rows, int64_t H, int64_t ld_dy, ElemType type, CUstream_st* stream) {
-  QT_CHECK(H % kVec == 0 && ld_dy >= H && ld_dy % kVec == 0, ErrorKind::Internal,
-           "rms_norm kernel: the row length and dy's row stride must be multiples of 8");
-  if (rows == 0) return;
-  dispatch(type, [&](auto t) {
-    using T = decltype(t);
-    rms_norm_bwd<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(weight), rstd, static_cast<T*>(dx), H, ld_dy,
-        nullptr);
-  });
-  check_launch("rms_norm backward");
+  add_rms_norm_backward_launch(dy, nullptr, x, weight, rstd, dx, rows, H, ld_dy, type, stream);
 }
 
 void add_rms_norm_forward_launch(const void* h, const void* a, const void* weight, void* x, void* y, float* rstd,
@@ -164,7 +155,7 @@ void add_rms_norm_backward_launch(const void* dy, const void* dres, const void* 
                                   const float* rstd, void* dx, int64_t rows, int64_t H, int64_t ld_dy, ElemType type,
                                   CUstream_st* stream) {
   QT_CHECK(H % kVec == 0 && ld_dy >= H && ld_dy % kVec == 0, ErrorKind::Internal,
-           "add_rms_norm kernel: the row length and dy's row stride must be multiples of 8");
+           "rms_norm kernel: the row length and dy's row stride must be multiples of 8");
   if (rows == 0) return;
   dispatch(type, [&](auto t) {
     using T = decltype(t);
@@ -172,7 +163,7 @@ void add_rms_norm_backward_launch(const void* dy, const void* dres, const void* 
         static_cast<const T*>(dy), static_cast<const T*>(x), static_cast<const T*>(weight), rstd, static_cast<T*>(dx), H, ld_dy,
         static_cast<const T*>(dres));
   });
-  check_launch("add_rms_norm backward");
+  check_launch(dres ? "add_rms_norm backward" : "rms_norm backward");
 }
 
 }  // namespace qt::kernels
