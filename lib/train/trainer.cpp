@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <exception>
 #include <limits>
 #include <optional>
 #include <sstream>
@@ -483,8 +484,25 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     // QT_TEST_SYNC_DEBUG: a step queued behind another must not wait for the device (CUDA's sync debug mode names
     // the call that would); the mode is process-wide, so autograd's device thread is covered too.
     SyncDebug sync_debug(pending && s.device.is_cuda() ? hooks.sync_debug : 0);
-    QueuedStep q = queue_step(cfg, s, m, d, *parallel, *opt, schedule, queued, hooks, oom, scaler ? &*scaler : nullptr);
+    std::optional<QueuedStep> queued_step;
+    try {
+      queued_step = queue_step(cfg, s, m, d, *parallel, *opt, schedule, queued, hooks, oom, scaler ? &*scaler : nullptr);
+    } catch (...) {
+      // The step before still gets its log line (its loss is on the host by now) before this step's error ends the
+      // run; its own failure, if it has one, is not the error reported.
+      sync_debug.end();
+      if (pending) {
+        const std::exception_ptr first = std::current_exception();
+        try {
+          read_back(*pending);
+        } catch (...) {
+        }
+        std::rethrow_exception(first);
+      }
+      throw;
+    }
     sync_debug.end();
+    QueuedStep q = std::move(*queued_step);
     ++queued;
     if (pending) {  // the step before, read back and logged while this one runs
       read_back(*pending);

@@ -119,6 +119,15 @@ def main():
     check(sum("out of GPU memory" in l for l in err) == 1, "one message, said once")
     check((TMP / "oom" / "checkpoint-2" / "COMPLETE").exists() and not (TMP / "oom" / "checkpoint-4").exists(),
           "checkpoint-2 is complete, nothing after it")
+    # Without a checkpoint at step 2, step 2 is still to be read back (steps overlap) when step 3 runs out of memory:
+    # its log line is written before the error ends the run.
+    cfg_late = tiny_cpu_config(TMP, "oom_late", {"steps": 4, "batch_size": 4, "micro_batch_size": 2, "seed": 3,
+                                                 "log_every": 1}, {"lr": 2e-3}, {"every": 4, "keep_last": 3})
+    p = train(cfg_late, env={"QT_TEST_OOM_AT_STEP": "3"})
+    late = losses("oom_late")
+    check(p.returncode == 9 and sorted(late) == [1, 2] and late[2] == losses("ref")[2],
+          f"out of memory in step 3 with step 2 not yet read back: step 2 is logged first (exit {p.returncode}, "
+          f"steps logged {sorted(late)})")
     # cuBLAS's allocation failure is a plain c10::Error from a status check: the same message and exit code.
     p = train(cfg, "--resume", "auto", env={"QT_TEST_OOM_AT_STEP": "4:cublas"})
     last = (p.stderr.strip().splitlines() or [""])[-1]
