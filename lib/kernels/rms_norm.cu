@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(kThreads) rms_norm_bwd(const T* __restrict__ d
       float e[kVec];
       load8(dres + off + j, e);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) d[i] = round_t<T>(d[i]) + e[i];
+      for (int i = 0; i < kVec; ++i) d[i] = __fadd_rn(round_t<T>(d[i]), e[i]);  // (never fused into an FMA: fp32's
+                                                                                // norm gradient is rounded first)
     }
     store8(dx + off + j, d);
   }

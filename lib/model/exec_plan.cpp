@@ -364,7 +364,8 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
     if (whole > 0) f.terms.emplace_back("activations", whole * block_acts);
     f.terms.emplace_back("working_set", checkpointed_working_set(in, p, mlp_tokens) + dropout_redraw);
   }
-  if (p.keep_dequantized) f.terms.emplace_back("lora_factor_cache", 0.5 * static_cast<double>(in.lora_params) * e);
+  if (p.keep_dequantized || p.dequantized_blocks > 0)
+    f.terms.emplace_back("lora_factor_cache", 0.5 * static_cast<double>(in.lora_params) * e);
   // The loss: a logits tile (at most 192 MiB; 64 MiB and two staging slices when lm_head streams) and dh in fp32.
   // The tile lives only in the loss's forward pass, between the last block's forward pass and the first block's
   // backward pass: it and the blocks' working set are never live together, so only what it needs beyond that

@@ -39,7 +39,8 @@ LlamaModel::LlamaModel(LlamaConfig cfg)
 
 Pass LlamaModel::base_pass() const {
   Pass p;
-  p.factors = plan.keep_dequantized ? lora_factor_cache.get() : nullptr;
+  // (the cache is kept where the plan keeps dequantized weights, for the recomputation or held for the run)
+  p.factors = plan.keep_dequantized || plan.dequantized_blocks > 0 ? lora_factor_cache.get() : nullptr;
   p.stats = stats.get();
   p.keep_swiglu = plan.keep_swiglu;
   const char* fold = std::getenv("QT_LORA_GRAD_GEMM");

@@ -36,7 +36,8 @@ struct ModelStats {
 
 struct Pass {
   // Non-null: the compute-dtype LoRA factors (the As stacked, the scaled Bs) come from this cache, made once per
-  // version of the fp32 masters (plans with keep_dequantized); null: made in each call, nothing held.
+  // version of the fp32 masters (plans with keep_dequantized or blocks holding their weights); null: made in each call,
+  // nothing held.
   LoraFactorCache* factors = nullptr;
   ModelStats* stats = nullptr;  // null: nothing counted
   // A checkpointed block's recomputation for the backward pass that follows at once: the LoRA nodes keep the 16-bit
