@@ -192,11 +192,7 @@ at::Tensor LlamaModel::run_blocks_as_they_are(const at::Tensor& inputs_embeds, c
   std::optional<Residual> carried;
   for (size_t i = 0; i < layers.size(); ++i) {
     if (block_hooks) block_hooks->before_block(i, /*backward=*/false);
-    if (i < checkpointed) {
-      if (carried) {  // (not reached: the checkpointed blocks come first)
-        h = carried->x + carried->y;
-        carried.reset();
-      }
+    if (i < checkpointed) {  // (the checkpointed blocks come first: nothing is carried into them)
       h = checkpointed_block(*this, i, h, cos, sin, mask, i == 0 ? anchor : at::Tensor());
     } else {
       Residual next;
