@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -31,6 +31,10 @@
 #      QT_PROFILE_STEPS=2: the host's work between two steps, where the GPU waits, is in the trace;
 #      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
 #      against cuBLAS's before writing them (issue 27: LoRA's 20 ms a step against a ~5 ms bandwidth floor).
+#   12: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests (LoRA's
+#      rank-r GEMM kernels' among them), bench_lora_gemm (the kernels against cuBLAS on the 8B LoRA products), the
+#      kernels against ATen's GEMMs (QT_LORA_GEMM_KERNELS=0), 8B 2 x 2048 at 80 GiB, three rounds; then call 6:
+#      SUMMARY=s12.txt bash scripts/next_gpu_calls.sh 12; SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -43,7 +47,7 @@
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -180,6 +184,16 @@ case "$CALL" in
   note "== the residual add and RMSNorm in one kernel against apart (QT_FUSED_ADD_NORM=0), 8B 2 x 2048 at 80 GiB"
   run ab_add_norm.log 240 --rows 8b-2x2048 --budget 80 --ab fused= --ab apart="--env QT_FUSED_ADD_NORM=0" \
     --rounds "${ROUNDS:-2}" --steps 6 --warm 2
+  ;;
+12)
+  note "== LoRA's rank-r GEMM kernels: the [fused_ops] and [lora] [gpu] tests, their benchmark against cuBLAS, then"
+  note "   the kernels against ATen's GEMMs (QT_LORA_GEMM_KERNELS=0), 8B 2 x 2048 at 80 GiB"
+  lora_gpu_tests 200
+  timeout 120 build-gpu/bench_lora_gemm >"$L/bench_lora_gemm.log" 2>&1
+  note "bench_lora_gemm: exit $?"
+  cat "$L/bench_lora_gemm.log" >>"$summary"
+  run ab_lora_gemm.log 300 --rows 8b-2x2048 --budget 80 --ab kernels= --ab aten="--env QT_LORA_GEMM_KERNELS=0" \
+    --rounds "${ROUNDS:-3}" --steps 6 --warm 2
   ;;
 6)
   note "== issue 27: two profiled steps (the boundary between them included), 8B 2 x 2048, whole GPU"

@@ -10,6 +10,8 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <utility>
+#include <vector>
 
 #include "lib/kernels/fused_ops.h"
 #include "tests/catch.h"
@@ -502,5 +504,95 @@ TEST_CASE("fused RoPE kernel equals the ATen reference on CUDA", "[fused_ops][gp
       CHECK(rel_err(yf, yr) < bound(dtype));
       CHECK(rel_err(xf.grad(), xr.grad()) < bound(dtype));
     }
+  }
+}
+
+// LoRA's rank-r GEMM kernels (lora_project, lora_grads) against fp32 products of the same 16-bit values: ranks 1 to
+// 128 (every tile count the kernels take up to 8 x 16), widths not a multiple of a stage, token counts not a multiple
+// of a tile, operands and outputs the columns of wider matrices, outputs poisoned, each cluster size; and the same
+// bits when run again.
+TEST_CASE("LoRA's rank-r GEMM kernels against fp32 products of their operands", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device dev(at::kCUDA, 0);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (auto dtype : {at::kBFloat16, at::kHalf}) {
+    const double rel = dtype == at::kBFloat16 ? 8e-3 : 2e-3;  // the output's rounding (x a^T in 16 bits), and some
+    const auto opt = at::TensorOptions().dtype(dtype).device(dev);
+    struct P {
+      int64_t M, K, r;
+    };
+    for (const P& p : {P{4096, 4096, 48}, P{4096, 14336, 16}, P{333, 1000, 8}, P{77, 4104, 72}, P{129, 264, 128},
+                       P{5, 8, 1}, P{200, 136, 33}, P{64, 128, 120}}) {
+      INFO(c10::toString(dtype) << " project M " << p.M << " K " << p.K << " r " << p.r);
+      // x: the columns 8.. of a wider matrix; out: columns 5.. of a wider one, poisoned
+      const at::Tensor xw = at::randn({p.M, p.K + 24}, opt), x = xw.narrow(1, 8, p.K);
+      const at::Tensor a = at::randn({p.r, p.K}, opt) * 0.05;
+      at::Tensor ow = at::full({p.M, p.r + 11}, nan, opt);
+      const at::Tensor out = ow.narrow(1, 5, p.r);
+      CHECK(qt::lora_project(out, x, a));
+      const at::Tensor ref = at::mm(x.to(at::kFloat), a.to(at::kFloat).t());
+      const at::Tensor err = (out.to(at::kFloat) - ref).abs();
+      const at::Tensor tol = ref.abs() * rel + 1e-4 * std::sqrt(static_cast<double>(p.K));
+      CHECK(err.le(tol).all().item<bool>());
+      CHECK(ref.abs().max().item<double>() > 1e-3);
+      CHECK(ow.narrow(1, 0, 5).isnan().all().item<bool>());  // nothing written beside it
+      CHECK(ow.narrow(1, 5 + p.r, 6).isnan().all().item<bool>());
+      at::Tensor again = at::full({p.M, p.r}, nan, opt);
+      qt::lora_project(again, x, a);
+      CHECK(at::equal(again, out));
+      // the switch off: the reference
+      at::Tensor off = at::full({p.M, p.r}, nan, opt);
+      CHECK_FALSE(qt::lora_project(off, x, a, false));
+      at::Tensor expect = at::empty({p.M, p.r}, opt);
+      qt::lora_project_reference(expect, x, a);
+      CHECK(at::equal(off, expect));
+    }
+    struct G {
+      int64_t M;
+      std::vector<std::pair<int64_t, int64_t>> jobs;  // (r, N); the first not transposed (an A gradient)
+    };
+    for (const G& c : {G{4096, {{48, 4096}, {16, 4096}, {16, 1024}, {16, 1024}}}, G{4096, {{16, 14336}, {16, 4096}}},
+                       G{333, {{8, 1000}, {128, 136}}}, G{64, {{64, 264}}}, G{1, {{24, 40}, {8, 8}}},
+                       G{1000, {{120, 4104}, {32, 520}, {8, 16}}}}) {
+      for (int cluster : {0, 1, 2, 4, 8}) {
+        INFO(c10::toString(dtype) << " grads M " << c.M << " jobs " << c.jobs.size() << " cluster " << cluster);
+        std::vector<qt::LoraGrad> jobs;
+        std::vector<at::Tensor> refs, bounds;
+        for (size_t i = 0; i < c.jobs.size(); ++i) {
+          const auto [r, n] = c.jobs[i];
+          // g: columns 8.. of a wider matrix (t inside [x | t | 0]); x: columns 16.. of one (a member's dy)
+          const at::Tensor g = at::randn({c.M, r + 16}, opt).narrow(1, 8, r);
+          const at::Tensor x = at::randn({c.M, n + 24}, opt).narrow(1, 16, n);
+          const double alpha = i == 0 ? 1.0 : i == 1 ? 2.0 : -0.5;
+          const bool transposed = i > 0;
+          jobs.push_back({g, x, alpha, transposed});
+          at::Tensor ref = at::mm(g.to(at::kFloat).t(), x.to(at::kFloat)) * alpha;
+          at::Tensor mag = at::mm(g.to(at::kFloat).abs().t(), x.to(at::kFloat).abs()) * std::abs(alpha);
+          refs.push_back(transposed ? ref.t() : ref);
+          bounds.push_back(transposed ? mag.t() : mag);
+        }
+        bool ran = false;
+        const std::vector<at::Tensor> got = qt::lora_grads(jobs, true, cluster, &ran);
+        CHECK(ran);
+        REQUIRE(got.size() == refs.size());
+        for (size_t i = 0; i < got.size(); ++i) {
+          INFO("job " << i);
+          CHECK(got[i].scalar_type() == at::kFloat);
+          REQUIRE(got[i].sizes() == refs[i].sizes());
+          // fp32 sums of exact products in another order
+          CHECK((got[i] - refs[i]).abs().le(bounds[i] * 1e-4 + 1e-30).all().item<bool>());
+        }
+        const std::vector<at::Tensor> again = qt::lora_grads(jobs, true, cluster);
+        for (size_t i = 0; i < got.size(); ++i) CHECK(at::equal(again[i], got[i]));
+      }
+    }
+    // A rank the kernel does not take (r % 8 != 0): every job by the reference
+    const at::Tensor g = at::randn({100, 4}, opt), x = at::randn({100, 64}, opt);
+    bool ran = true;
+    const std::vector<at::Tensor> got = qt::lora_grads({{g, x, 1.0, false}, {g, x, 3.0, true}}, true, 0, &ran);
+    CHECK_FALSE(ran);
+    const std::vector<at::Tensor> ref = qt::lora_grads_reference({{g, x, 1.0, false}, {g, x, 3.0, true}});
+    CHECK(at::equal(got[0], ref[0]));
+    CHECK(at::equal(got[1], ref[1]));
   }
 }

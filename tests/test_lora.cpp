@@ -634,6 +634,41 @@ TEST_CASE("on CUDA the residual adds fused with the RMSNorms after them give the
   for (auto dtype : {at::kBFloat16, at::kFloat}) check_fused_add_norm(at::Device(at::kCUDA, 0), dtype);
 }
 
+// LoRA's rank-r GEMM kernels (lora_project, lora_grads) in the model against ATen's GEMMs (QT_LORA_GEMM_KERNELS=0) on
+// CUDA in bf16: the loss and every LoRA gradient within bf16's rounding, with and without checkpointing (the
+// recomputation projects again), and the kernels counted in the first run only.
+TEST_CASE("on CUDA LoRA's rank-r GEMM kernels give the loss and gradients of ATen's GEMMs", "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  for (bool checkpointing : {false, true}) {
+    INFO("checkpointing " << checkpointing);
+    std::shared_ptr<qt::ModelStats> stats;
+    auto run = [&](bool kernels) {
+      if (!kernels) ::setenv("QT_LORA_GEMM_KERNELS", "0", 1);
+      std::vector<at::Tensor> out = fixture_loss_and_grads(
+          [&](qt::LlamaModel& m) {
+            m.plan.checkpointing = checkpointing;
+            stats = m.stats;
+          },
+          at::Device(at::kCUDA, 0), at::kBFloat16);
+      ::unsetenv("QT_LORA_GEMM_KERNELS");
+      return out;
+    };
+    const std::vector<at::Tensor> kernels = run(true);
+    REQUIRE(stats);
+    // per block: q / k / v and gate / up (a projection and one gradient launch each), o_proj and down_proj (the same)
+    CHECK(stats->lora_gemm_kernel_runs >= 2 * 8);
+    const std::vector<at::Tensor> aten = run(false);
+    CHECK(stats->lora_gemm_kernel_runs == 0);
+    REQUIRE(kernels.size() == aten.size());
+    CHECK(kernels.size() > 10);
+    for (size_t i = 0; i < kernels.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(aten[i].abs().max().item<double>() > 0);
+      CHECK(rel_err(kernels[i], aten[i]) < 2e-2);
+    }
+  }
+}
+
 TEST_CASE("the SwiGLU output kept for down_proj's backward pass or computed again there gives the same bits",
           "[lora]") {
   // Without checkpointing, checkpointed, the last block without, and the MLP in chunks.

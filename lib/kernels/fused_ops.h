@@ -88,6 +88,27 @@ void lora_dropout_rank_update_reference(const at::Tensor& dx, const at::Tensor& 
 // The mask itself, bool [rows, cols] on the CPU.
 at::Tensor lora_dropout_mask(int64_t rows, int64_t cols, const DropoutMask& m);
 
+// LoRA's rank-r GEMMs (lib/kernels/lora_gemm.cu): products that read a [tokens, width] operand once against r <= 128
+// rows, which cuBLAS runs at 35-75% of the memory bandwidth (8B 2 x 2048 on an H100: 18 ms of a 237 ms step). The
+// kernels run on CUDA where `kernels` is set and they take the operands (fp16 / bf16 on sm_90 or later, r <= 128, rows
+// of contiguous elements 16-byte aligned and a multiple of 8 elements apart); elsewhere the references, ATen's GEMMs.
+// out = x a^T into `out` ([M, r], x's dtype, rows of contiguous elements: the columns of a wider matrix, say): x [M, K],
+// a [r, K]. Returns whether the kernel ran.
+bool lora_project(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, bool kernels = true);
+void lora_project_reference(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a);
+// alpha g^T x in fp32, [r, N], or its transpose [N, r] (a B gradient: alpha dy^T t): g [M, r], x [M, N].
+struct LoraGrad {
+  at::Tensor g, x;
+  double alpha = 1.0;
+  bool transposed = false;
+};
+// Every job's result, in one launch where the kernel takes them all (up to 4 of one M; r and N multiples of 8), else
+// each by its reference (`kernel_ran`, where given, says which). `cluster` (tests): the CTAs that split a column tile's
+// tokens, 1, 2, 4 or 8 (0: picked).
+std::vector<at::Tensor> lora_grads(const std::vector<LoraGrad>& jobs, bool kernels = true, int cluster = 0,
+                                   bool* kernel_ran = nullptr);
+std::vector<at::Tensor> lora_grads_reference(const std::vector<LoraGrad>& jobs);
+
 // x [B, S, heads, D], cos / sin [B, S, D] in x's dtype -> [B, S, heads, D]. Differentiable in x.
 at::Tensor rope_fused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_reference(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);

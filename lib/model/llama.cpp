@@ -51,6 +51,8 @@ Pass LlamaModel::base_pass() const {
   p.refresh_factors = !(refresh && std::string(refresh) == "0");
   const char* add_norm = std::getenv("QT_FUSED_ADD_NORM");
   p.fused_add_norm = !(add_norm && std::string(add_norm) == "0");
+  const char* lora_gemm = std::getenv("QT_LORA_GEMM_KERNELS");
+  p.lora_gemm_kernels = !(lora_gemm && std::string(lora_gemm) == "0");
   return p;
 }
 

@@ -31,7 +31,8 @@ struct ModelStats {
   std::atomic<int64_t> swiglu_recomputed{0};    // SwiGLU outputs down_proj's backward pass computed again
   std::atomic<int64_t> mlp_chunked_passes{0};   // MLP halves of a block computed chunk by chunk (their forward)
   std::atomic<int64_t> residuals_carried{0};    // block outputs handed on unsummed to the next norm (fused_add_norm)
-  std::atomic<int64_t> padded_runs{0};          // forward passes whose rows were padded for cuDNN (row_multiple)
+  std::atomic<int64_t> padded_runs{0};
+  std::atomic<int64_t> lora_gemm_kernel_runs{0};  // launches of LoRA's rank-r GEMM kernels (Pass::lora_gemm_kernels)          // forward passes whose rows were padded for cuDNN (row_multiple)
 };
 
 struct Pass {
@@ -64,6 +65,10 @@ struct Pass {
   // A block's attention residual and its MLP's input norm in one kernel each way (add_rms_norm_fused); false: the add
   // and the norm apart, as before 2026-12-05 (QT_FUSED_ADD_NORM=0, for A/B measurements).
   bool fused_add_norm = true;
+  // LoRA's rank-r GEMMs (x A^T forward; the A and B gradients, one launch a node) through lora_project / lora_grads'
+  // kernels where they take the operands (fused_ops.h); false: ATen's GEMMs, as before 2026-12-06
+  // (QT_LORA_GEMM_KERNELS=0, for A/B measurements).
+  bool lora_gemm_kernels = true;
   // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
   // none.
   AttentionStash* stash = nullptr;

@@ -9,18 +9,17 @@
 namespace qt {
 namespace {
 
-// The members' B gradients, fp32: each member's block of dy^T t ([sum out, sum r]'s diagonal), times its scale, one
-// GEMM a member over its columns of dy (the off-diagonal blocks are never computed).
-std::vector<at::Tensor> member_b_grads(const std::vector<const Linear*>& ls, const at::Tensor& dy,
-                                       const at::Tensor& t) {
-  std::vector<at::Tensor> out;
+// The members' B gradients (lora_grads' jobs), fp32: each member's block of dy^T t ([sum out, sum r]'s diagonal),
+// times its scale, over its columns of dy (the off-diagonal blocks are never computed).
+std::vector<LoraGrad> member_b_jobs(const std::vector<const Linear*>& ls, const at::Tensor& dy, const at::Tensor& t) {
+  std::vector<LoraGrad> jobs;
   for (int64_t i = 0, off = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
     const int64_t r = ls[i]->lora->A.size(0), n = ls[i]->out_features();
-    out.push_back(mm_float(dy.narrow(1, off, n).t(), t.narrow(1, roff, r), ls[i]->lora->scale));
+    jobs.push_back({t.narrow(1, roff, r), dy.narrow(1, off, n), ls[i]->lora->scale, true});
     off += n;
     roff += r;
   }
-  return out;
+  return jobs;
 }
 
 std::vector<const Linear*> members(const std::vector<int64_t>& ptrs) {
@@ -89,15 +88,16 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   }
   // t = [dropout_0(x) A_0^T | dropout_1(x) A_1^T | ...] into `t` ([N, sum r]): each member's mask drawn in turn
   // (as the members' own nodes would draw them), the draw's record (qlora_linear.h: draw_lora_dropout) pushed to
-  // `states`; `kernels`: Pass::dropout_kernels.
+  // `states`.
   static void dropped_lora_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x2, const at::Tensor& a,
-                                  double p, bool kernels, at::Tensor t, std::vector<at::Tensor>& states) {
+                                  double p, const Pass& pass, at::Tensor t, std::vector<at::Tensor>& states) {
     const at::Tensor xd = x2.contiguous();
     for (int64_t i = 0, roff = 0; i < static_cast<int64_t>(ls.size()); ++i) {
       const int64_t r = ls[i]->lora->A.size(0);
       at::Tensor state;
-      at::Tensor ti = t.narrow(1, roff, r);
-      at::mm_out(ti, draw_lora_dropout(xd, p, state, kernels), a.narrow(0, roff, r).t());
+      if (lora_project(t.narrow(1, roff, r), draw_lora_dropout(xd, p, state, pass.dropout_kernels),
+                       a.narrow(0, roff, r), pass.lora_gemm_kernels))
+        pass.count(&ModelStats::lora_gemm_kernel_runs);
       states.push_back(state);
       roff += r;
     }
@@ -118,8 +118,8 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     std::vector<at::Tensor> states;  // LoRA dropout: each member's draw's record
     // [N, sum r] into `out`: x A^T, or with dropout each member's dropped input times its A.
     auto lora_inputs = [&](at::Tensor out) {
-      if (dropout > 0) dropped_lora_inputs(ls, x2, a, dropout, pass.dropout_kernels, out, states);
-      else at::mm_out(out, x2, a.t());
+      if (dropout > 0) dropped_lora_inputs(ls, x2, a, dropout, pass, out, states);
+      else if (lora_project(out, x2, a, pass.lora_gemm_kernels)) pass.count(&ModelStats::lora_gemm_kernel_runs);
     };
     at::Tensor t, W, y;
     if (output_unused) {  // only what the backward saves (a recomputation whose values are kept elsewhere)
@@ -153,6 +153,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     ctx->saved_data["stats"] = reinterpret_cast<int64_t>(pass.stats);
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["wide"] = wide;
+    ctx->saved_data["lora_gemm"] = pass.lora_gemm_kernels;
     if (dropout > 0) ctx->saved_data["dropout_states"] = at::TensorList(states);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = total;
@@ -188,7 +189,10 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       g = at::mm(dy, bd);
     }
     at::Tensor dA;  // [sum r, in]
+    std::vector<at::Tensor> dBs;
     const double dropout = ctx->saved_data["dropout"].toDouble();
+    const bool lora_gemm = ctx->saved_data["lora_gemm"].toBool();
+    bool ran = false;  // the gradients' kernel
     if (dropout > 0) {  // each member's mask drawn again: its A's gradient and its input gradient term
       const auto states = ctx->saved_data["dropout_states"].toTensorVector();
       const at::Tensor xd = x2.contiguous();
@@ -201,11 +205,18 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
         if (dx.defined()) add_lora_dropout_grad(dx, gi, a.narrow(0, roff, r), drop, dropout);
         roff += r;
       }
+      dBs = lora_grads(member_b_jobs(ls, dy, t), lora_gemm, 0, &ran);
     } else {
       if (dx.defined()) dx.addmm_(g, a);
-      dA = mm_float(g.t(), x2);
+      // dA = g^T x and the members' B gradients: one launch where the kernel takes them
+      std::vector<LoraGrad> jobs{{g, x2, 1.0, false}};
+      for (LoraGrad& j : member_b_jobs(ls, dy, t)) jobs.push_back(std::move(j));
+      dBs = lora_grads(jobs, lora_gemm, 0, &ran);
+      dA = dBs.front();
+      dBs.erase(dBs.begin());
     }
-    const std::vector<at::Tensor> dBs = member_b_grads(ls, dy, t);
+    auto* stats = reinterpret_cast<ModelStats*>(ctx->saved_data["stats"].toInt());
+    if (ran && stats) ++stats->lora_gemm_kernel_runs;
     torch::autograd::variable_list out;
     std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
     shape.back() = x2.size(1);

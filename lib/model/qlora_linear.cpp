@@ -123,7 +123,8 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     const auto [a, bs] = lora_factors(pass, {l}, {A, B}, dt);
     at::Tensor state;
     const at::Tensor xd = dropout > 0 ? draw_lora_dropout(x2.contiguous(), dropout, state, pass.dropout_kernels) : x2;
-    at::Tensor t = at::mm(xd, a.t());  // [N, r]
+    at::Tensor t = at::empty({xd.size(0), a.size(0)}, xd.options());  // [N, r]
+    if (lora_project(t, xd, a, pass.lora_gemm_kernels)) pass.count(&ModelStats::lora_gemm_kernel_runs);
     at::Tensor W, y;
     const bool tall = pass.lora_in_grad_gemm && tall_applies(*l, dropout);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -145,6 +146,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     ctx->saved_data["swiglu"] = swiglu_input;
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["tall"] = tall;
+    ctx->saved_data["lora_gemm"] = pass.lora_gemm_kernels;
     if (dropout > 0) ctx->saved_data["dropout_state"] = state;
     return output_unused ? y : y.view(shape);
   }
@@ -191,8 +193,12 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
         else dx.addmm_(g, a);
       }
     }
-    at::Tensor dA = mm_float(g.t(), dropout > 0 ? drop.h : x2);
-    at::Tensor dB = mm_float(dy.t(), t, scale);
+    // dA = g^T x, dB = scale dy^T t: one launch where the kernel takes them
+    bool ran = false;
+    const std::vector<at::Tensor> dAB = lora_grads({{g, dropout > 0 ? drop.h : x2, 1.0, false}, {t, dy, scale, true}},
+                                                   ctx->saved_data["lora_gemm"].toBool(), 0, &ran);
+    if (ran && stats) ++stats->lora_gemm_kernel_runs;
+    const at::Tensor &dA = dAB[0], &dB = dAB[1];
     if (dx.defined() && swiglu_input) dx = swiglu_packed_grad(in2, dx);
     std::vector<int64_t> shape(grads[0].sizes().begin(), grads[0].sizes().end());
     shape.back() = in2.size(1);
@@ -406,13 +412,6 @@ std::pair<at::Tensor, at::Tensor> LoraFactorCache::make(const std::vector<const 
 std::pair<at::Tensor, at::Tensor> lora_factors(const Pass& pass, const std::vector<const Linear*>& ls,
                                                at::TensorList ab, at::ScalarType dt) {
   return pass.factors ? pass.factors->get(ls, ab, dt, pass.stats) : LoraFactorCache::make(ls, ab, dt);
-}
-
-at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b, double alpha) {
-  const bool half = a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf;
-  at::Tensor out = a.is_cuda() && half ? at::mm(a, b, at::kFloat) : at::mm(a, b).to(at::kFloat);
-  if (alpha != 1.0) out.mul_(alpha);
-  return out;
 }
 
 at::Tensor nf4_linear(const at::Tensor& x, const std::shared_ptr<Nf4Weight>& w, ModelStats* stats) {

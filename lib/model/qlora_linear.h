@@ -147,9 +147,6 @@ std::pair<at::Tensor, at::Tensor> nf4_linear_dora_norm(const at::Tensor& x, cons
                                                        const at::Tensor& A, const at::Tensor& B, double scale,
                                                        ModelStats* stats = nullptr);
 
-// a b (times alpha) in fp32, for the adapters' gradients from 16-bit operands: on CUDA one GEMM that writes fp32
-// (aten::mm.dtype: no 16-bit product and cast kernel after it, no rounding to 16 bits); elsewhere the product cast.
-at::Tensor mm_float(const at::Tensor& a, const at::Tensor& b, double alpha = 1.0);
 
 // The LoRA factors as the GEMMs take them, for a linear or a group of linears reading one input: a = the As
 // stacked [sum r, in] and bd = the scaled Bs on the diagonal of [sum out, sum r], in the activations' dtype.

@@ -1,0 +1,109 @@
+// LoRA's rank-r GEMM kernels (lib/kernels/lora_gemm.cu: lora_project, lora_grads) against their references (ATen's
+// GEMMs through cuBLAS, the calls the LoRA nodes made before) on the 8B shape's LoRA products at 2 x 2048 tokens, r 16:
+// the forward pass's x A^T of each projection, and each node's A and B gradients (one kernel launch against one GEMM
+// a gradient). The physical limit beside each: the bytes the case must read and write over the device's copy
+// bandwidth (a 1 GiB device-to-device copy, read and write counted). Times: medians of 7 batches of 20 calls timed
+// with CUDA events, each call on another set of buffers (the sets together several times the L2 cache: DRAM figures).
+// Usage: bench_lora_gemm [tokens=4096]. Results: docs/PERFORMANCE.md.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "lib/kernels/fused_ops.h"
+
+#ifdef QT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
+#endif
+
+#ifdef QT_WITH_CUDA
+namespace {
+
+// Median over batches of the time a call takes (us); call(i) runs on buffer set i.
+double time_us(int sets, const std::function<void(int)>& call) {
+  for (int i = 0; i < sets; ++i) call(i);  // warm up (and any one-time setup)
+  std::vector<double> per;
+  for (int b = 0; b < 7; ++b) {
+    at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
+    start.record();
+    for (int i = 0; i < 20; ++i) call(i % sets);
+    stop.record();
+    stop.synchronize();
+    per.push_back(start.elapsed_time(stop) * 1000.0 / 20);
+  }
+  std::sort(per.begin(), per.end());
+  return per[per.size() / 2];
+}
+
+int sets_for(double bytes) { return std::max(2, static_cast<int>(400e6 / bytes) + 1); }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int64_t M = argc > 1 ? std::atoll(argv[1]) : 4096;
+  const auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  // the copy bandwidth: 1 GiB read and written
+  at::Tensor src = at::empty({int64_t{1} << 29}, opt), dst = at::empty_like(src);
+  const double copy_us = time_us(1, [&](int) { dst.copy_(src); });
+  const double bw = 2.0 * src.numel() * 2 / (copy_us * 1e-6);  // bytes/s
+  src = dst = at::Tensor();
+  std::printf("%s, %lld tokens; copy bandwidth %.0f GB/s\n", at::cuda::getCurrentDeviceProperties()->name,
+              static_cast<long long>(M), bw / 1e9);
+  std::printf("| case | MB moved | limit us | kernel us | reference us | reference / kernel | kernel GB/s |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
+  auto row = [&](const std::string& name, double bytes, double k, double ref) {
+    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f |\n", name.c_str(), bytes / 1e6, bytes / bw * 1e6, k,
+                ref, ref / k, bytes / (k * 1e-6) / 1e9);
+  };
+  struct Proj {
+    const char* name;
+    int64_t K, r;
+  };
+  for (const Proj& p : {Proj{"x A^T q/k/v (K 4096, r 48)", 4096, 48}, Proj{"x A^T o_proj (K 4096, r 16)", 4096, 16},
+                        Proj{"x A^T gate/up (K 4096, r 32)", 4096, 32},
+                        Proj{"x A^T down_proj (K 14336, r 16)", 14336, 16}}) {
+    const double bytes = 2.0 * (M * p.K + p.r * p.K + M * p.r);
+    const int sets = sets_for(bytes);
+    std::vector<at::Tensor> xs, outs;
+    const at::Tensor a = at::randn({p.r, p.K}, opt);
+    for (int i = 0; i < sets; ++i) {
+      xs.push_back(at::randn({M, p.K}, opt));
+      outs.push_back(at::empty({M, p.r}, opt));
+    }
+    const double k = time_us(sets, [&](int i) { qt::lora_project(outs[i], xs[i], a); });
+    const double ref = time_us(sets, [&](int i) { qt::lora_project_reference(outs[i], xs[i], a); });
+    row(p.name, bytes, k, ref);
+  }
+  struct Grad {
+    const char* name;
+    std::vector<std::pair<int64_t, int64_t>> jobs;  // (r, N): the first g^T x, the rest transposed (B gradients)
+  };
+  for (const Grad& gcase : {Grad{"dA, dB q/k/v (x 4096; dy 4096, 1024, 1024)", {{48, 4096}, {16, 4096}, {16, 1024}, {16, 1024}}},
+                            Grad{"dA, dB o_proj (x 4096; dy 4096)", {{16, 4096}, {16, 4096}}},
+                            Grad{"dA, dB gate/up (x 4096; dy 14336 x 2)", {{32, 4096}, {16, 14336}, {16, 14336}}},
+                            Grad{"dA, dB down_proj (x 14336; dy 4096)", {{16, 14336}, {16, 4096}}}}) {
+    double bytes = 0;
+    for (const auto& [r, n] : gcase.jobs) bytes += 2.0 * (M * n + M * r) + 4.0 * r * n;
+    const int sets = sets_for(bytes);
+    std::vector<std::vector<qt::LoraGrad>> jobs(static_cast<size_t>(sets));
+    for (int i = 0; i < sets; ++i)
+      for (size_t j = 0; j < gcase.jobs.size(); ++j)
+        jobs[static_cast<size_t>(i)].push_back({at::randn({M, gcase.jobs[j].first}, opt),
+                                                at::randn({M, gcase.jobs[j].second}, opt), j == 0 ? 1.0 : 2.0, j > 0});
+    const double k = time_us(sets, [&](int i) { qt::lora_grads(jobs[static_cast<size_t>(i)]); });
+    const double ref = time_us(sets, [&](int i) { qt::lora_grads_reference(jobs[static_cast<size_t>(i)]); });
+    row(gcase.name, bytes, k, ref);
+  }
+  return 0;
+}
+#else
+int main() {
+  std::printf("bench_lora_gemm: built without CUDA\n");
+  return 0;
+}
+#endif
