@@ -275,6 +275,51 @@ TEST_CASE("the residual add and RMSNorm in one kernel equal the ops apart bit fo
   check_add_rms_norm(at::Device(at::kCUDA, 0));
 }
 
+// The norms' output written into the first columns of a wider buffer (`spare` columns after each row: a LoRA group's
+// concatenated input) against the contiguous output: the same values and input gradients bit for bit, the row stride
+// H + spare.
+void check_norm_spare(const at::Device& device) {
+  for (auto dtype : {at::kBFloat16, at::kFloat}) {
+    for (int64_t H : {4096, 40}) {
+      for (int64_t spare : {48, 8}) {
+        INFO(device << " " << c10::toString(dtype) << " H " << H << " spare " << spare);
+        const auto opt = at::TensorOptions().dtype(dtype).device(device);
+        const at::Tensor x0 = at::randn({2, 19, H}, opt), a0 = at::randn({2, 19, H}, opt);
+        const at::Tensor w = (at::rand({H}, opt.dtype(at::kFloat)) + 0.5).to(dtype);
+        const at::Tensor dy = at::randn({2, 19, H}, opt);
+        at::Tensor xa = x0.clone().requires_grad_(true), xb = x0.clone().requires_grad_(true);
+        const at::Tensor ya = qt::rms_norm_fused(xa, w, 1e-5);
+        const at::Tensor yb = qt::rms_norm_fused(xb, w, 1e-5, spare);
+        CHECK(yb.stride(1) == H + spare);
+        CHECK(at::equal(ya, yb));
+        ya.backward(dy);
+        yb.backward(dy);
+        CHECK(at::equal(xa.grad(), xb.grad()));
+        at::Tensor ha = x0.clone().requires_grad_(true), hb = x0.clone().requires_grad_(true);
+        const auto oa = qt::add_rms_norm_fused(ha, a0, w, 1e-5);
+        const auto ob = qt::add_rms_norm_fused(hb, a0, w, 1e-5, spare);
+        CHECK(ob[1].stride(1) == H + spare);
+        CHECK(at::equal(oa[0], ob[0]));
+        CHECK(at::equal(oa[1], ob[1]));
+        torch::autograd::backward({oa[0], oa[1]}, {dy, dy * 2});
+        torch::autograd::backward({ob[0], ob[1]}, {dy, dy * 2});
+        CHECK(at::equal(ha.grad(), hb.grad()));
+        CHECK(ha.grad().abs().max().item<double>() > 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("the norms' output in the first columns of a wider buffer equals the contiguous one", "[fused_ops]") {
+  check_norm_spare(at::Device(at::kCPU));
+}
+
+TEST_CASE("on CUDA the norms' output in the first columns of a wider buffer equals the contiguous one",
+          "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  check_norm_spare(at::Device(at::kCUDA, 0));
+}
+
 TEST_CASE("copy_rows into the first columns of a wider matrix equals copy_, on CUDA and off", "[fused_ops][gpu]") {
   REQUIRE(at::hasCUDA());
   for (const at::Device device : {at::Device(at::kCPU), at::Device(at::kCUDA, 0)}) {

@@ -669,6 +669,52 @@ TEST_CASE("on CUDA LoRA's rank-r GEMM kernels give the loss and gradients of ATe
   }
 }
 
+// The norms writing into the q / k / v and gate / up groups' concatenated inputs (QT_NORM_INTO_CONCAT, on by default)
+// against the inputs copied there and q / k / v's B terms added after the base GEMM: the same loss and gradients within
+// fp32's rounding (q / k / v's output is one GEMM instead of a GEMM and an addmm), the inputs built in place counted
+// (two a block: every block keeps its activations, and with checkpointing the forward pass and the recomputation).
+void check_norm_into_concat(const at::Device& device, c10::ScalarType dtype, double bound) {
+  for (bool checkpointing : {false, true}) {
+    INFO("checkpointing " << checkpointing << " on " << device << " in " << c10::toString(dtype));
+    std::shared_ptr<qt::ModelStats> stats;
+    auto run = [&](bool into) {
+      if (!into) ::setenv("QT_NORM_INTO_CONCAT", "0", 1);
+      std::vector<at::Tensor> out = fixture_loss_and_grads(
+          [&](qt::LlamaModel& m) {
+            REQUIRE(m.config.num_hidden_layers == 2);
+            m.plan.checkpointing = checkpointing;
+            stats = m.stats;
+          },
+          device, dtype);
+      ::unsetenv("QT_NORM_INTO_CONCAT");
+      return out;
+    };
+    const std::vector<at::Tensor> into = run(true);
+    REQUIRE(stats);
+    CHECK(stats->concat_inputs_in_place == (checkpointing ? 8 : 4));
+    const std::vector<at::Tensor> copied = run(false);
+    CHECK(stats->concat_inputs_in_place == 0);
+    REQUIRE(into.size() == copied.size());
+    CHECK(into.size() > 10);
+    for (size_t i = 0; i < into.size(); ++i) {
+      INFO("tensor " << i);
+      CHECK(copied[i].abs().max().item<double>() > 0);
+      CHECK(rel_err(into[i], copied[i]) < bound);
+    }
+  }
+}
+
+TEST_CASE("the norms writing into the LoRA groups' concatenated inputs give the loss and gradients of a copy",
+          "[lora]") {
+  check_norm_into_concat(at::kCPU, at::kFloat, 1e-5);
+}
+
+TEST_CASE("on CUDA the norms writing into the LoRA groups' concatenated inputs give the loss and gradients of a copy",
+          "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  check_norm_into_concat(at::Device(at::kCUDA, 0), at::kBFloat16, 2e-2);
+}
+
 TEST_CASE("the SwiGLU output kept for down_proj's backward pass or computed again there gives the same bits",
           "[lora]") {
   // Without checkpointing, checkpointed, the last block without, and the MLP in chunks.
@@ -875,11 +921,13 @@ TEST_CASE("gate / up LoRA B terms inside the base GEMM match PEFT, with and with
       layers = m.config.num_hidden_layers;
       stats = m.stats;
     });
-    // Every block's gate / up took the path (twice with the recomputation).
+    // Every block's gate / up and q / k / v took the path (twice with the recomputation; q / k / v where the norm
+    // writes into the concatenated input, Pass::norm_into_concat).
     CHECK(layers > 0);
     REQUIRE(stats);
     if (mode == 3) ::unsetenv("QT_LORA_GRAD_GEMM");
-    CHECK(stats->lora_b_in_gemm_runs == (mode > 0 ? 2 : 1) * layers);
+    CHECK(stats->lora_b_in_gemm_runs == (mode > 0 ? 2 : 1) * 2 * layers);
+    CHECK(stats->concat_inputs_in_place == (mode > 0 ? 2 : 1) * 2 * layers);
     if (mode == 3) {
       CHECK(stats->lora_in_grad_gemm_runs == 0);
       continue;

@@ -52,15 +52,24 @@ int64_t row_stride(const at::Tensor& t) {
 #ifdef QT_WITH_CUDA
 CUstream_st* stream_of(const at::Tensor& t) { return at::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 
+// y of x's shape, as the first H columns of a [rows, H + spare] buffer where spare > 0 (rms_norm_fused).
+at::Tensor norm_output(const at::Tensor& x, int64_t spare) {
+  if (spare == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t H = x.size(-1);
+  return at::empty({x.numel() / H, H + spare}, x.options()).narrow(1, 0, H).view(x.sizes());
+}
+int64_t norm_output_ld(const at::Tensor& y) { return y.dim() >= 2 && y.size(-2) > 1 ? y.stride(-2) : y.size(-1); }
+
 struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight, double eps,
+                            int64_t spare) {
     c10::cuda::CUDAGuard guard(x.device());
     at::Tensor xc = x.contiguous();
     const int64_t H = x.size(-1), rows = x.numel() / H;
-    at::Tensor y = at::empty_like(xc);
+    at::Tensor y = norm_output(xc, spare);
     at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
     kernels::rms_norm_forward_launch(xc.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr<float>(), rows, H,
-                                     static_cast<float>(eps), elem_type(x), stream_of(x));
+                                     norm_output_ld(y), static_cast<float>(eps), elem_type(x), stream_of(x));
     ctx->save_for_backward({xc, weight, rstd});
     return y;
   }
@@ -78,7 +87,7 @@ struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
     at::Tensor dx = at::empty_like(x);
     kernels::rms_norm_backward_launch(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr<float>(), dx.data_ptr(),
                                       rows, H, ld, elem_type(x), stream_of(x));
-    return {dx, at::Tensor(), at::Tensor()};
+    return {dx, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -86,15 +95,15 @@ struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
 // gradient (the residual stream's) plus the norm's input gradient.
 struct AddRmsNormFn : public torch::autograd::Function<AddRmsNormFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& a, const at::Tensor& weight,
-                               double eps) {
+                               double eps, int64_t spare) {
     c10::cuda::CUDAGuard guard(h.device());
     const at::Tensor hc = h.contiguous(), ac = a.contiguous();
     const int64_t H = h.size(-1), rows = h.numel() / H;
-    at::Tensor x = at::empty_like(hc), y = at::empty_like(hc);
+    at::Tensor x = at::empty_like(hc), y = norm_output(hc, spare);
     at::Tensor rstd = at::empty({rows}, h.options().dtype(at::kFloat));
     kernels::add_rms_norm_forward_launch(hc.data_ptr(), ac.data_ptr(), weight.data_ptr(), x.data_ptr(), y.data_ptr(),
-                                         rstd.data_ptr<float>(), rows, H, static_cast<float>(eps), elem_type(h),
-                                         stream_of(h));
+                                         rstd.data_ptr<float>(), rows, H, norm_output_ld(y), static_cast<float>(eps),
+                                         elem_type(h), stream_of(h));
     ctx->save_for_backward({x, weight, rstd});
     ctx->set_materialize_grads(false);  // (x without a gradient of its own: the norm's alone, no zeros read)
     return {x, y};
@@ -103,7 +112,7 @@ struct AddRmsNormFn : public torch::autograd::Function<AddRmsNormFn> {
     auto s = ctx->get_saved_variables();
     const at::Tensor &x = s[0], &w = s[1], &rstd = s[2];
     at::Tensor dres = grads[0], dy = grads[1];
-    if (!dy.defined()) return {dres, dres, at::Tensor(), at::Tensor()};
+    if (!dy.defined()) return {dres, dres, at::Tensor(), at::Tensor(), at::Tensor()};
     c10::cuda::CUDAGuard guard(x.device());
     const int64_t H = x.size(-1), rows = x.numel() / H;
     dy = dy.to(x.scalar_type());
@@ -120,7 +129,7 @@ struct AddRmsNormFn : public torch::autograd::Function<AddRmsNormFn> {
     kernels::add_rms_norm_backward_launch(dy.data_ptr(), dres.defined() ? dres.data_ptr() : nullptr, x.data_ptr(),
                                           w.data_ptr(), rstd.data_ptr<float>(), g.data_ptr(), rows, H, ld, elem_type(x),
                                           stream_of(x));
-    return {g, g, at::Tensor(), at::Tensor()};
+    return {g, g, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -417,13 +426,26 @@ at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, dou
   return weight * h.to(x.scalar_type());
 }
 
-at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& weight, double eps) {
+namespace {
+// y (x's shape) copied into the first columns of a [rows, H + spare] buffer, for the references (differentiable).
+at::Tensor widened(const at::Tensor& y, int64_t spare) {
+  if (spare == 0) return y;
+  const int64_t H = y.size(-1);
+  at::Tensor wide = at::empty({y.numel() / H, H + spare}, y.options());
+  at::Tensor first = wide.narrow(1, 0, H);
+  first.copy_(y.reshape({-1, H}));
+  return first.view(y.sizes());
+}
+}  // namespace
+
+at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t spare) {
+  QT_CHECK(spare >= 0 && spare % 8 == 0, ErrorKind::Internal, "rms_norm_fused: spare columns a multiple of 8");
 #ifdef QT_WITH_CUDA
   if (fused_ops_apply(x) && x.is_contiguous() && !weight.requires_grad() && weight.scalar_type() == x.scalar_type() &&
       weight.is_contiguous() && weight.numel() == x.size(-1) && aligned(weight))
-    return RmsNormFn::apply(x, weight, eps);
+    return RmsNormFn::apply(x, weight, eps, spare);
 #endif
-  return rms_norm_reference(x, weight, eps);
+  return widened(rms_norm_reference(x, weight, eps), spare);
 }
 
 std::array<at::Tensor, 2> add_rms_norm_reference(const at::Tensor& h, const at::Tensor& a, const at::Tensor& weight,
@@ -433,16 +455,19 @@ std::array<at::Tensor, 2> add_rms_norm_reference(const at::Tensor& h, const at::
 }
 
 std::array<at::Tensor, 2> add_rms_norm_fused(const at::Tensor& h, const at::Tensor& a, const at::Tensor& weight,
-                                             double eps) {
+                                             double eps, int64_t spare) {
+  QT_CHECK(spare >= 0 && spare % 8 == 0, ErrorKind::Internal, "add_rms_norm_fused: spare columns a multiple of 8");
 #ifdef QT_WITH_CUDA
   if (fused_ops_apply(h) && h.sizes() == a.sizes() && a.scalar_type() == h.scalar_type() && a.device() == h.device() &&
       !weight.requires_grad() && weight.scalar_type() == h.scalar_type() && weight.is_contiguous() &&
       weight.numel() == h.size(-1) && aligned(weight) && (a.is_contiguous() ? aligned(a) : true)) {
-    const variable_list out = AddRmsNormFn::apply(h, a, weight, eps);
+    const variable_list out = AddRmsNormFn::apply(h, a, weight, eps, spare);
     return {out[0], out[1]};
   }
 #endif
-  return add_rms_norm_reference(h, a, weight, eps);
+  auto out = add_rms_norm_reference(h, a, weight, eps);
+  out[1] = widened(out[1], spare);
+  return out;
 }
 
 at::Tensor swiglu_reference(const at::Tensor& gate, const at::Tensor& up) { return at::silu(gate) * up; }

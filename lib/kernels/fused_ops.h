@@ -20,16 +20,19 @@
 
 namespace qt {
 
-// x [.., H], weight [H] -> [..., H] in x's dtype. Differentiable in x (and, through the reference, in weight).
-at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& weight, double eps);
+// x [.., H], weight [H] -> [..., H] in x's dtype. Differentiable in x (and, through the reference, in weight). With
+// `spare` (a multiple of 8) the output is the first H columns of a [rows, H + spare] buffer whose last columns are the
+// caller's to write (a LoRA group's concatenated input [x | x A^T | 0], built in place: project_group's x_widened).
+at::Tensor rms_norm_fused(const at::Tensor& x, const at::Tensor& weight, double eps, int64_t spare = 0);
 at::Tensor rms_norm_reference(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 // x = h + a and rms_norm_fused(x, weight, eps), returned as {x, the norm}: a block's attention residual and its MLP's
 // input norm in one kernel (x's 2 bytes an element read back by the norm, and one launch, saved), the backward in
 // one kernel that writes the gradient of h and a (x's own plus the norm's input gradient: autograd's add of the two
 // saved). The same bits as the ops apart. Differentiable in h and a; the reference runs where rms_norm_fused's would.
+// `spare`: the norm's output as rms_norm_fused's.
 std::array<at::Tensor, 2> add_rms_norm_fused(const at::Tensor& h, const at::Tensor& a, const at::Tensor& weight,
-                                             double eps);
+                                             double eps, int64_t spare = 0);
 std::array<at::Tensor, 2> add_rms_norm_reference(const at::Tensor& h, const at::Tensor& a, const at::Tensor& weight,
                                                  double eps);
 

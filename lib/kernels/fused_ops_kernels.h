@@ -9,16 +9,18 @@ namespace qt::kernels {
 
 enum class ElemType : int32_t { Float32 = 0, Float16 = 1, BFloat16 = 2 };
 
-// y = weight * cast(x * rstd), rstd[r] = 1 / sqrt(mean(x[r]^2) + eps). x, y [rows, H]; weight [H]; H % 8 == 0.
+// y = weight * cast(x * rstd), rstd[r] = 1 / sqrt(mean(x[r]^2) + eps). x [rows, H] contiguous, y's rows ld_y apart
+// (>= H, a multiple of 8: the first columns of a wider matrix); weight [H]; H % 8 == 0.
 void rms_norm_forward_launch(const void* x, const void* weight, void* y, float* rstd, int64_t rows, int64_t H,
-                             float eps, ElemType type, CUstream_st* stream);
+                             int64_t ld_y, float eps, ElemType type, CUstream_st* stream);
 // dx = rstd * (dn - n * mean(dn * n)), n = x * rstd, dn = dy * weight (fp32 inside). dy's rows ld_dy elements apart
 // (>= H, a multiple of 8: the first columns of a wider GEMM output), x's and dx's contiguous.
 void rms_norm_backward_launch(const void* dy, const void* x, const void* weight, const float* rstd, void* dx,
                               int64_t rows, int64_t H, int64_t ld_dy, ElemType type, CUstream_st* stream);
-// x = h + a (rounded as ATen's add), y = rms_norm(x) as rms_norm_forward_launch; all [rows, H] contiguous.
+// x = h + a (rounded as ATen's add), y = rms_norm(x) as rms_norm_forward_launch; h, a, x [rows, H] contiguous, y's
+// rows ld_y apart.
 void add_rms_norm_forward_launch(const void* h, const void* a, const void* weight, void* x, void* y, float* rstd,
-                                 int64_t rows, int64_t H, float eps, ElemType type, CUstream_st* stream);
+                                 int64_t rows, int64_t H, int64_t ld_y, float eps, ElemType type, CUstream_st* stream);
 // dx = dres + cast(the norm's input gradient) (as rms_norm_backward_launch, dy rows ld_dy apart); dres [rows, H]
 // contiguous, or null (then rms_norm_backward_launch's dx).
 void add_rms_norm_backward_launch(const void* dy, const void* dres, const void* x, const void* weight,

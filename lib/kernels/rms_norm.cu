@@ -25,10 +25,10 @@ __device__ __forceinline__ float block_sum(float v, float* shared) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rms_norm_fwd(const T* __restrict__ x, const T* __restrict__ w,
                                                          T* __restrict__ y, float* __restrict__ rstd, int64_t H,
-                                                         float eps) {
+                                                         int64_t ld_y, float eps) {
   __shared__ float shared[kThreads / 32];
   const T* xr = x + blockIdx.x * H;
-  T* yr = y + blockIdx.x * H;
+  T* yr = y + blockIdx.x * ld_y;
   float ss = 0;
   for (int64_t j = threadIdx.x * kVec; j < H; j += kThreads * kVec) {
     float a[kVec];
@@ -54,7 +54,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) add_rms_norm_fwd(const T* __restrict__ h, const T* __restrict__ a,
                                                              const T* __restrict__ w, T* __restrict__ x,
                                                              T* __restrict__ y, float* __restrict__ rstd, int64_t H,
-                                                             float eps) {
+                                                             int64_t ld_y, float eps) {
   __shared__ float shared[kThreads / 32];
   const int64_t off = blockIdx.x * H;
   float ss = 0;
@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) add_rms_norm_fwd(const T* __restrict
     load8(w + j, g);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) u[i] = g[i] * round_t<T>(u[i] * r);
-    store8(y + off + j, u);
+    store8(y + blockIdx.x * ld_y + j, u);
   }
 }
 
@@ -123,13 +123,14 @@ __global__ void __launch_bounds__(kThreads) rms_norm_bwd(const T* __restrict__ d
 }  // namespace
 
 void rms_norm_forward_launch(const void* x, const void* weight, void* y, float* rstd, int64_t rows, int64_t H,
-                             float eps, ElemType type, CUstream_st* stream) {
-  QT_CHECK(H % kVec == 0, ErrorKind::Internal, "rms_norm kernel: the row length must be a multiple of 8");
+                             int64_t ld_y, float eps, ElemType type, CUstream_st* stream) {
+  QT_CHECK(H % kVec == 0 && ld_y >= H && ld_y % kVec == 0, ErrorKind::Internal,
+           "rms_norm kernel: the row length and y's row stride must be multiples of 8");
   if (rows == 0) return;
   dispatch(type, [&](auto t) {
     using T = decltype(t);
     rms_norm_fwd<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<T*>(y), rstd, H, eps);
+        static_cast<const T*>(x), static_cast<const T*>(weight), static_cast<T*>(y), rstd, H, ld_y, eps);
   });
   check_launch("rms_norm forward");
 }
@@ -140,14 +141,15 @@ void rms_norm_backward_launch(const void* dy, const void* x, const void* weight,
 }
 
 void add_rms_norm_forward_launch(const void* h, const void* a, const void* weight, void* x, void* y, float* rstd,
-                                 int64_t rows, int64_t H, float eps, ElemType type, CUstream_st* stream) {
-  QT_CHECK(H % kVec == 0, ErrorKind::Internal, "add_rms_norm kernel: the row length must be a multiple of 8");
+                                 int64_t rows, int64_t H, int64_t ld_y, float eps, ElemType type, CUstream_st* stream) {
+  QT_CHECK(H % kVec == 0 && ld_y >= H && ld_y % kVec == 0, ErrorKind::Internal,
+           "add_rms_norm kernel: the row length and y's row stride must be multiples of 8");
   if (rows == 0) return;
   dispatch(type, [&](auto t) {
     using T = decltype(t);
     add_rms_norm_fwd<T><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
         static_cast<const T*>(h), static_cast<const T*>(a), static_cast<const T*>(weight), static_cast<T*>(x),
-        static_cast<T*>(y), rstd, H, eps);
+        static_cast<T*>(y), rstd, H, ld_y, eps);
   });
   check_launch("add_rms_norm forward");
 }

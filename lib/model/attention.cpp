@@ -62,7 +62,8 @@ int64_t LlamaModel::dense_attention_backend(int64_t seq, at::Device device, c10:
 }
 
 at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos,
-                                 const at::Tensor& sin, const AttentionMask& mask, const Pass& pass) const {
+                                 const at::Tensor& sin, const AttentionMask& mask, const Pass& pass,
+                                 bool x_widened) const {
   const int64_t B = x.size(0), S = x.size(1), hd = config.head_dim;
   const int64_t Hq = config.num_attention_heads, Hkv = config.num_key_value_heads;
   // [B, S, heads, hd] throughout: the projections' layout, which flash attention takes as it is.
@@ -85,7 +86,10 @@ at::Tensor LlamaModel::attention(const LlamaBlock& b, const at::Tensor& x, const
     }
   }
   if (!q.defined()) {
-    if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x, pass); qkv.defined()) {
+    // (the LoRA B terms inside the base GEMM where the norm left room for [x | x A^T | 0]: no copy of x for it)
+    if (at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x, pass, /*concat_b=*/x_widened,
+                                       /*output_unused=*/false, x_widened);
+        qkv.defined()) {
       auto rotated = qk_norm ? rope_qkv_norm(qkv, cos, sin, Hq, Hkv, norm) : rope_qkv(qkv, cos, sin, Hq, Hkv);
       q = rotated[0], k = rotated[1], v = rotated[2];
       projected = qkv;

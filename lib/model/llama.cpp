@@ -53,6 +53,8 @@ Pass LlamaModel::base_pass() const {
   p.fused_add_norm = !(add_norm && std::string(add_norm) == "0");
   const char* lora_gemm = std::getenv("QT_LORA_GEMM_KERNELS");
   p.lora_gemm_kernels = !(lora_gemm && std::string(lora_gemm) == "0");
+  const char* norm_concat = std::getenv("QT_NORM_INTO_CONCAT");
+  p.norm_into_concat = !(norm_concat && std::string(norm_concat) == "0");
   return p;
 }
 
@@ -115,11 +117,13 @@ at::Tensor LlamaModel::embed(const at::Tensor& input_ids) const {
 
 // The block's last linear: in a recomputation whose output is not read, down_proj computes only what its backward
 // saves.
-at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x, const Pass& pass) const {
+at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x, const Pass& pass, bool x_widened) const {
   auto down = [&](const at::Tensor& a) {
     return pass.output_unused ? linear_output_unused(b.down_proj, a, pass) : b.down_proj.forward(a, pass);
   };
-  if (at::Tensor gate_up = project_group({&b.gate_proj, &b.up_proj}, x, pass, /*concat_b=*/true); gate_up.defined()) {
+  if (at::Tensor gate_up = project_group({&b.gate_proj, &b.up_proj}, x, pass, /*concat_b=*/true,
+                                         /*output_unused=*/false, x_widened);
+      gate_up.defined()) {
     // down_proj keeps gate_up, not the SwiGLU output (recomputed in its backward pass): I elements a token less.
     if (at::Tensor y = swiglu_linear(b.down_proj, gate_up, pass, pass.output_unused); y.defined()) return y;
     return down(swiglu_packed(gate_up));
@@ -218,16 +222,23 @@ at::Tensor LlamaModel::block_forward_residual(size_t layer, const Residual* in, 
                                               const at::Tensor& cos, const at::Tensor& sin, const AttentionMask& mask,
                                               const Pass& pass, Residual* out) const {
   const LlamaBlock& b = layers[layer];
+  // The norms write into the first columns of the q / k / v and gate / up groups' concatenated inputs
+  // (Pass::norm_into_concat), except where keep_qkv's recomputation projects nothing.
+  const at::Tensor& like = in ? in->x : h_in;
+  const bool replay_qkv = pass.stash && pass.stash->replay &&
+                          (b.q_norm.defined() ? pass.stash->qkv.defined() : pass.stash->q.defined());
+  const int64_t qkv_spare =
+      pass.norm_into_concat && !replay_qkv ? concat_input_spare({&b.q_proj, &b.k_proj, &b.v_proj}, like) : 0;
   at::Tensor h, normed;
   if (in) {
-    auto sum = add_rms_norm_fused(in->x, in->y, b.input_layernorm, config.rms_norm_eps);
+    auto sum = add_rms_norm_fused(in->x, in->y, b.input_layernorm, config.rms_norm_eps, qkv_spare);
     h = std::move(sum[0]);
     normed = std::move(sum[1]);
   } else {
     h = h_in;
-    normed = rms_norm(h, b.input_layernorm, config.rms_norm_eps);
+    normed = rms_norm_fused(h, b.input_layernorm, config.rms_norm_eps, qkv_spare);
   }
-  const at::Tensor attn = attention(b, normed, cos, sin, mask, pass);
+  const at::Tensor attn = attention(b, normed, cos, sin, mask, pass, qkv_spare > 0);
   auto dropout = [](const Linear& l) { return l.training && l.lora && l.lora->dropout > 0; };
   // (Without a graph too: a checkpointed block's forward pass runs with none, and a whole row's MLP there took
   // 3 I a token at once, 10 GB at 117,760 tokens of the 8B shape.)
@@ -236,8 +247,10 @@ at::Tensor LlamaModel::block_forward_residual(size_t layer, const Residual* in, 
   // The attention residual and the MLP's input norm in one kernel, where the keep ladder neither records nor
   // replays the residual and the MLP runs whole (Pass::fused_add_norm).
   if (pass.fused_add_norm && !chunked && !(pass.stash && pass.stash->out.defined())) {
-    const auto [x, n] = add_rms_norm_fused(h, attn, b.post_attention_layernorm, config.rms_norm_eps);
-    const at::Tensor y = mlp(b, n, pass);
+    const int64_t mlp_spare =
+        pass.norm_into_concat ? concat_input_spare({&b.gate_proj, &b.up_proj}, h) : 0;
+    const auto [x, n] = add_rms_norm_fused(h, attn, b.post_attention_layernorm, config.rms_norm_eps, mlp_spare);
+    const at::Tensor y = mlp(b, n, pass, mlp_spare > 0);
     if (out && !pass.output_unused) {
       out->x = x;
       out->y = y;

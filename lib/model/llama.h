@@ -161,8 +161,9 @@ class LlamaModel {
   c10::ScalarType dtype() const;
 
  private:
+  // x_widened: x has the q / k / v group's concatenation columns after it (project_group's x_widened).
   at::Tensor attention(const LlamaBlock& b, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                       const AttentionMask& mask, const Pass& pass) const;
+                       const AttentionMask& mask, const Pass& pass, bool x_widened = false) const;
   // The blocks and the final norm; rows of one whole document padded for cuDNN where the plan says so
   // (ExecPlan::row_multiple), the output cut back to the rows given.
   at::Tensor run_blocks(const at::Tensor& inputs_embeds, const at::Tensor& positions, const AttentionMask& mask) const;
@@ -189,7 +190,8 @@ class LlamaModel {
   at::Tensor block_forward_residual(size_t layer, const Residual* in, const at::Tensor& h, const at::Tensor& cos,
                                     const at::Tensor& sin, const AttentionMask& mask, const Pass& pass,
                                     Residual* out) const;
-  at::Tensor mlp(const LlamaBlock& b, const at::Tensor& x, const Pass& pass) const;
+  // x_widened: x has gate / up's concatenation columns after it (project_group's x_widened).
+  at::Tensor mlp(const LlamaBlock& b, const at::Tensor& x, const Pass& pass, bool x_widened = false) const;
   // x + mlp(post_attention_layernorm(x)) of one block.
   at::Tensor mlp_residual(size_t layer, const at::Tensor& x, const Pass& pass) const;
 };

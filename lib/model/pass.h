@@ -32,7 +32,9 @@ struct ModelStats {
   std::atomic<int64_t> mlp_chunked_passes{0};   // MLP halves of a block computed chunk by chunk (their forward)
   std::atomic<int64_t> residuals_carried{0};    // block outputs handed on unsummed to the next norm (fused_add_norm)
   std::atomic<int64_t> padded_runs{0};
-  std::atomic<int64_t> lora_gemm_kernel_runs{0};  // launches of LoRA's rank-r GEMM kernels (Pass::lora_gemm_kernels)          // forward passes whose rows were padded for cuDNN (row_multiple)
+  std::atomic<int64_t> lora_gemm_kernel_runs{0};
+  // concatenated inputs [x | x A^T | 0] built where the norm wrote x (project_group's x_widened), no copy of x
+  std::atomic<int64_t> concat_inputs_in_place{0};  // launches of LoRA's rank-r GEMM kernels (Pass::lora_gemm_kernels)          // forward passes whose rows were padded for cuDNN (row_multiple)
 };
 
 struct Pass {
@@ -69,6 +71,10 @@ struct Pass {
   // kernels where they take the operands (fused_ops.h); false: ATen's GEMMs, as before 2026-12-06
   // (QT_LORA_GEMM_KERNELS=0, for A/B measurements).
   bool lora_gemm_kernels = true;
+  // The norms before q / k / v and gate / up write into the first columns of the groups' concatenated inputs
+  // [x | x A^T | 0] (rms_norm_fused's spare columns): gate / up's input not copied there, and q / k / v's LoRA B terms
+  // inside the base GEMM too (no addmm over the output); false: as before 2026-12-06 (QT_NORM_INTO_CONCAT=0).
+  bool norm_into_concat = true;
   // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
   // none.
   AttentionStash* stash = nullptr;

@@ -105,7 +105,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                                                 at::TensorList ab, const std::vector<int64_t>& linear_ptrs,
                                                 bool concat_b, bool output_unused, int64_t pass_ptr,
-                                                int64_t bias_ptr, double dropout) {
+                                                int64_t bias_ptr, double dropout, bool x_widened) {
     const auto ls = members(linear_ptrs);
     const at::Tensor& bias = *reinterpret_cast<const at::Tensor*>(bias_ptr);  // read in this call only
     const Pass& pass = *reinterpret_cast<const Pass*>(pass_ptr);  // read in this call only
@@ -129,15 +129,28 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       pass.count(&ModelStats::outputs_skipped);
     } else if (concat_b) {
       const int64_t in = x2.size(1), extra = concat_columns(bd), r = bd.size(1);
-      at::Tensor xc = at::empty({x2.size(0), in + extra}, x2.options());
-      copy_rows(xc.narrow(1, 0, in), x2);
+      at::Tensor xc;
+      const bool in_place =
+          x_widened && x2.stride(1) == 1 && (x2.size(0) <= 1 || x2.stride(0) == in + extra) &&
+          x2.storage().nbytes() >=
+              static_cast<size_t>((x2.storage_offset() + x2.size(0) * (in + extra)) * x2.element_size());
+      if (in_place) {
+        // x already sits in the first columns of [x | spare]: the norm wrote it there. An alias autograd does not
+        // track (a view of x's buffer made here would be one made without grad mode of a base autograd records);
+        // x's buffer stays alive with x2, saved below beside t.
+        xc = at::from_blob(x2.data_ptr(), {x2.size(0), in + extra}, {in + extra, 1}, x2.options());
+        pass.count(&ModelStats::concat_inputs_in_place);
+      } else {
+        xc = at::empty({x2.size(0), in + extra}, x2.options());
+        copy_rows(xc.narrow(1, 0, in), x2);
+      }
       t = xc.narrow(1, in, r);
       lora_inputs(t);  // [N, sum r], in place in the wider input
       if (extra > r) xc.narrow(1, in + r, extra - r).zero_();
       W = weight(ls, total, dt, pass.stats, bd, extra);  // kept whole where the backward's [dx | g] GEMM reads it
       y = bias.defined() ? at::addmm(bias, xc, W.t()) : at::mm(xc, W.t());
       if (!wide) W = W.narrow(1, 0, in);
-      x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
+      if (!in_place) x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
       pass.count(&ModelStats::lora_b_in_gemm_runs);
     } else {
       t = at::empty({x2.size(0), a.size(0)}, x2.options());
@@ -233,6 +246,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     out.emplace_back();  // pass_ptr
     out.emplace_back();  // bias_ptr
     out.emplace_back();  // dropout
+    out.emplace_back();  // x_widened
     return out;
   }
 };
@@ -263,14 +277,24 @@ bool group_inputs(const std::vector<const Linear*>& ls, const at::Tensor& x, std
 }  // namespace
 
 at::Tensor project_group(const std::vector<const Linear*>& ls, const at::Tensor& x, const Pass& pass, bool concat_b,
-                         bool output_unused) {
+                         bool output_unused, bool x_widened) {
   std::vector<at::Tensor> ab;
   std::vector<int64_t> ptrs;
   at::Tensor bias;
   if (!group_inputs(ls, x, ab, ptrs, bias)) return {};
   return GroupLoraLinearFn::apply(x, at::TensorList(ab), ptrs, concat_b, output_unused,
                                   reinterpret_cast<int64_t>(&pass), reinterpret_cast<int64_t>(&bias),
-                                  active_dropout(*ls[0]))[0];
+                                  active_dropout(*ls[0]), x_widened)[0];
+}
+
+int64_t concat_input_spare(const std::vector<const Linear*>& ls, const at::Tensor& x) {
+  std::vector<at::Tensor> ab;
+  std::vector<int64_t> ptrs;
+  at::Tensor bias;
+  if (!group_inputs(ls, x, ab, ptrs, bias) || !GroupLoraLinearFn::concat_applies(ls, x)) return 0;
+  int64_t r = 0;
+  for (const Linear* l : ls) r += l->lora->A.size(0);
+  return (r + 7) / 8 * 8;
 }
 
 }  // namespace qt

@@ -19,7 +19,13 @@ namespace qt {
 // (on CUDA where the input width is a multiple of 1024; the same values, one rounding fewer).
 // output_unused: only what the backward saves is computed; the output is left unwritten (a recomputation that
 // takes the values from elsewhere).
+// x_widened: x is the first columns of a buffer with concat_input_spare(linears, x) columns more, unused and the
+// group's to write (rms_norm_fused's `spare`): with concat_b the concatenated input is built there, x not copied.
 at::Tensor project_group(const std::vector<const Linear*>& linears, const at::Tensor& x, const Pass& pass = {},
-                         bool concat_b = false, bool output_unused = false);
+                         bool concat_b = false, bool output_unused = false, bool x_widened = false);
+
+// The columns a concat_b input has beyond x's (the members' LoRA ranks summed, rounded up to 8), where project_group
+// takes these linears and x and concatenates along K; else 0.
+int64_t concat_input_spare(const std::vector<const Linear*>& linears, const at::Tensor& x);
 
 }  // namespace qt
