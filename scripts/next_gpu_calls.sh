@@ -192,7 +192,7 @@ case "$CALL" in
   timeout 120 build-gpu/bench_lora_gemm >"$L/bench_lora_gemm.log" 2>&1
   note "bench_lora_gemm: exit $?"
   cat "$L/bench_lora_gemm.log" >>"$summary"
-  run ab_lora_gemm.log 300 --rows 8b-2x2048 --budget 80 --ab kernels= --ab aten="--env QT_LORA_GEMM_KERNELS=0" \
+  run ab_lora_gemm.log 300 --rows 8b-2x2048 --budget 80 --ab all="--env QT_LORA_GEMM_KERNELS=1" --ab aten="--env QT_LORA_GEMM_KERNELS=0" --ab copied="--env QT_LORA_GEMM_KERNELS=1 --env QT_NORM_INTO_CONCAT=0" --ab neither="--env QT_LORA_GEMM_KERNELS=0 --env QT_NORM_INTO_CONCAT=0" \
     --rounds "${ROUNDS:-3}" --steps 6 --warm 2
   ;;
 6)

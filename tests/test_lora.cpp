@@ -634,7 +634,7 @@ TEST_CASE("on CUDA the residual adds fused with the RMSNorms after them give the
   for (auto dtype : {at::kBFloat16, at::kFloat}) check_fused_add_norm(at::Device(at::kCUDA, 0), dtype);
 }
 
-// LoRA's rank-r GEMM kernels (lora_project, lora_grads) in the model against ATen's GEMMs (QT_LORA_GEMM_KERNELS=0) on
+// LoRA's rank-r GEMM kernels (lora_project, lora_grads) in the model (QT_LORA_GEMM_KERNELS=1) against ATen's GEMMs on
 // CUDA in bf16: the loss and every LoRA gradient within bf16's rounding, with and without checkpointing (the
 // recomputation projects again), and the kernels counted in the first run only.
 TEST_CASE("on CUDA LoRA's rank-r GEMM kernels give the loss and gradients of ATen's GEMMs", "[lora][gpu]") {
@@ -643,7 +643,7 @@ TEST_CASE("on CUDA LoRA's rank-r GEMM kernels give the loss and gradients of ATe
     INFO("checkpointing " << checkpointing);
     std::shared_ptr<qt::ModelStats> stats;
     auto run = [&](bool kernels) {
-      if (!kernels) ::setenv("QT_LORA_GEMM_KERNELS", "0", 1);
+      ::setenv("QT_LORA_GEMM_KERNELS", kernels ? "1" : "0", 1);
       std::vector<at::Tensor> out = fixture_loss_and_grads(
           [&](qt::LlamaModel& m) {
             m.plan.checkpointing = checkpointing;

@@ -37,6 +37,10 @@ struct ModelStats {
   std::atomic<int64_t> concat_inputs_in_place{0};  // launches of LoRA's rank-r GEMM kernels (Pass::lora_gemm_kernels)          // forward passes whose rows were padded for cuDNN (row_multiple)
 };
 
+// The LoRA GEMM kernels (Pass::lora_gemm_kernels) are off unless asked for until they have run on a GPU: written and
+// compiled on 2026-12-06 without one (docs/PERFORMANCE.md, "Seventeenth session"; scripts/next_gpu_calls.sh 12).
+constexpr bool kLoraGemmKernelsByDefault = false;
+
 struct Pass {
   // Non-null: the compute-dtype LoRA factors (the As stacked, the scaled Bs) come from this cache, made once per
   // version of the fp32 masters (plans with keep_dequantized or blocks holding their weights); null: made in each call,
@@ -68,9 +72,9 @@ struct Pass {
   // and the norm apart, as before 2026-12-05 (QT_FUSED_ADD_NORM=0, for A/B measurements).
   bool fused_add_norm = true;
   // LoRA's rank-r GEMMs (x A^T forward; the A and B gradients, one launch a node) through lora_project / lora_grads'
-  // kernels where they take the operands (fused_ops.h); false: ATen's GEMMs, as before 2026-12-06
-  // (QT_LORA_GEMM_KERNELS=0, for A/B measurements).
-  bool lora_gemm_kernels = true;
+  // kernels where they take the operands (fused_ops.h); false: ATen's GEMMs. QT_LORA_GEMM_KERNELS=1 / 0 sets it (A/B
+  // measurements); unset, kLoraGemmKernelsByDefault.
+  bool lora_gemm_kernels = false;
   // The norms before q / k / v and gate / up write into the first columns of the groups' concatenated inputs
   // [x | x A^T | 0] (rms_norm_fused's spare columns): gate / up's input not copied there, and q / k / v's LoRA B terms
   // inside the base GEMM too (no addmm over the output); false: as before 2026-12-06 (QT_NORM_INTO_CONCAT=0).
