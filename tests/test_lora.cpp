@@ -582,6 +582,38 @@ TEST_CASE("a checkpointed run, its recomputation leaving the unused output out, 
   }
 }
 
+// fixture_loss_and_grads on the two-block fixture with checkpointing (the last `whole` blocks without) and the
+// environment variable `name` set to `value` for the run (null: left unset), unset after; `stats` gets the model's
+// counters.
+std::vector<at::Tensor> switched_loss_and_grads(const char* name, const char* value, bool checkpointing, int64_t whole,
+                                                std::shared_ptr<qt::ModelStats>& stats, const at::Device& device,
+                                                c10::ScalarType dtype) {
+  if (value) ::setenv(name, value, 1);
+  std::vector<at::Tensor> out = fixture_loss_and_grads(
+      [&](qt::LlamaModel& m) {
+        REQUIRE(m.config.num_hidden_layers == 2);
+        m.plan.checkpointing = checkpointing;
+        m.plan.blocks_without_checkpointing = whole;
+        stats = m.stats;
+      },
+      device, dtype);
+  ::unsetenv(name);
+  return out;
+}
+
+// Two runs' loss and LoRA gradients: as many, not all zero, each within `bound` relative error of the other's (0: bit
+// for bit).
+void check_same_loss_and_grads(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, double bound) {
+  REQUIRE(a.size() == b.size());
+  CHECK(a.size() > 10);
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO("tensor " << i);
+    CHECK(b[i].abs().max().item<double>() > 0);
+    if (bound == 0) CHECK(at::equal(a[i], b[i]));
+    else CHECK(rel_err(a[i], b[i]) < bound);
+  }
+}
+
 // The residual adds and RMSNorms fused (each block's attention residual with its MLP's norm; a block's MLP residual
 // carried unsummed into the next block's input norm, the last block's into the final norm) against the ops apart
 // (QT_FUSED_ADD_NORM=0): the same loss and LoRA gradients bit for bit, without checkpointing (every block carries its
@@ -596,31 +628,14 @@ void check_fused_add_norm(const at::Device& device, c10::ScalarType dtype) {
                         Case{"checkpointing", true, 0, 0}}) {
     INFO(c.what << " on " << device << " in " << c10::toString(dtype));
     std::shared_ptr<qt::ModelStats> stats;
-    auto run = [&](bool fused) {
-      if (!fused) ::setenv("QT_FUSED_ADD_NORM", "0", 1);
-      std::vector<at::Tensor> out = fixture_loss_and_grads(
-          [&](qt::LlamaModel& m) {
-            REQUIRE(m.config.num_hidden_layers == 2);
-            m.plan.checkpointing = c.checkpointing;
-            m.plan.blocks_without_checkpointing = c.whole;
-            stats = m.stats;
-          },
-          device, dtype);
-      ::unsetenv("QT_FUSED_ADD_NORM");
-      return out;
-    };
-    const std::vector<at::Tensor> fused = run(true);
+    const std::vector<at::Tensor> fused =
+        switched_loss_and_grads("QT_FUSED_ADD_NORM", nullptr, c.checkpointing, c.whole, stats, device, dtype);
     REQUIRE(stats);
     CHECK(stats->residuals_carried == c.carried);
-    const std::vector<at::Tensor> apart = run(false);
+    const std::vector<at::Tensor> apart =
+        switched_loss_and_grads("QT_FUSED_ADD_NORM", "0", c.checkpointing, c.whole, stats, device, dtype);
     CHECK(stats->residuals_carried == 0);
-    REQUIRE(fused.size() == apart.size());
-    CHECK(fused.size() > 10);
-    for (size_t i = 0; i < fused.size(); ++i) {
-      INFO("tensor " << i);
-      CHECK(fused[i].abs().max().item<double>() > 0);
-      CHECK(at::equal(fused[i], apart[i]));
-    }
+    check_same_loss_and_grads(fused, apart, 0);
   }
 }
 
@@ -639,33 +654,19 @@ TEST_CASE("on CUDA the residual adds fused with the RMSNorms after them give the
 // recomputation projects again), and the kernels counted in the first run only.
 TEST_CASE("on CUDA LoRA's rank-r GEMM kernels give the loss and gradients of ATen's GEMMs", "[lora][gpu]") {
   REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
   for (bool checkpointing : {false, true}) {
     INFO("checkpointing " << checkpointing);
     std::shared_ptr<qt::ModelStats> stats;
-    auto run = [&](bool kernels) {
-      ::setenv("QT_LORA_GEMM_KERNELS", kernels ? "1" : "0", 1);
-      std::vector<at::Tensor> out = fixture_loss_and_grads(
-          [&](qt::LlamaModel& m) {
-            m.plan.checkpointing = checkpointing;
-            stats = m.stats;
-          },
-          at::Device(at::kCUDA, 0), at::kBFloat16);
-      ::unsetenv("QT_LORA_GEMM_KERNELS");
-      return out;
-    };
-    const std::vector<at::Tensor> kernels = run(true);
+    const std::vector<at::Tensor> kernels =
+        switched_loss_and_grads("QT_LORA_GEMM_KERNELS", "1", checkpointing, 0, stats, cuda, at::kBFloat16);
     REQUIRE(stats);
     // per block: q / k / v and gate / up (a projection and one gradient launch each), o_proj and down_proj (the same)
     CHECK(stats->lora_gemm_kernel_runs >= 2 * 8);
-    const std::vector<at::Tensor> aten = run(false);
+    const std::vector<at::Tensor> aten =
+        switched_loss_and_grads("QT_LORA_GEMM_KERNELS", "0", checkpointing, 0, stats, cuda, at::kBFloat16);
     CHECK(stats->lora_gemm_kernel_runs == 0);
-    REQUIRE(kernels.size() == aten.size());
-    CHECK(kernels.size() > 10);
-    for (size_t i = 0; i < kernels.size(); ++i) {
-      INFO("tensor " << i);
-      CHECK(aten[i].abs().max().item<double>() > 0);
-      CHECK(rel_err(kernels[i], aten[i]) < 2e-2);
-    }
+    check_same_loss_and_grads(kernels, aten, 2e-2);
   }
 }
 
@@ -677,30 +678,14 @@ void check_norm_into_concat(const at::Device& device, c10::ScalarType dtype, dou
   for (bool checkpointing : {false, true}) {
     INFO("checkpointing " << checkpointing << " on " << device << " in " << c10::toString(dtype));
     std::shared_ptr<qt::ModelStats> stats;
-    auto run = [&](bool into) {
-      if (!into) ::setenv("QT_NORM_INTO_CONCAT", "0", 1);
-      std::vector<at::Tensor> out = fixture_loss_and_grads(
-          [&](qt::LlamaModel& m) {
-            REQUIRE(m.config.num_hidden_layers == 2);
-            m.plan.checkpointing = checkpointing;
-            stats = m.stats;
-          },
-          device, dtype);
-      ::unsetenv("QT_NORM_INTO_CONCAT");
-      return out;
-    };
-    const std::vector<at::Tensor> into = run(true);
+    const std::vector<at::Tensor> into =
+        switched_loss_and_grads("QT_NORM_INTO_CONCAT", nullptr, checkpointing, 0, stats, device, dtype);
     REQUIRE(stats);
     CHECK(stats->concat_inputs_in_place == (checkpointing ? 8 : 4));
-    const std::vector<at::Tensor> copied = run(false);
+    const std::vector<at::Tensor> copied =
+        switched_loss_and_grads("QT_NORM_INTO_CONCAT", "0", checkpointing, 0, stats, device, dtype);
     CHECK(stats->concat_inputs_in_place == 0);
-    REQUIRE(into.size() == copied.size());
-    CHECK(into.size() > 10);
-    for (size_t i = 0; i < into.size(); ++i) {
-      INFO("tensor " << i);
-      CHECK(copied[i].abs().max().item<double>() > 0);
-      CHECK(rel_err(into[i], copied[i]) < bound);
-    }
+    check_same_loss_and_grads(into, copied, bound);
   }
 }
 

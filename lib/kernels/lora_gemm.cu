@@ -12,6 +12,8 @@
 // sm_90 (clusters); built for an older architecture the kernels are empty and lora_gemm_takes says no.
 #include <cooperative_groups.h>
 
+#include <type_traits>
+
 #include "lib/kernels/fused_ops_common.cuh"
 #include "lib/kernels/lora_gemm.h"
 
@@ -45,29 +47,21 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_u32(p)));
 }
 
-// d += a b, m16n8k16, fp32 accumulators (a: 4 registers of the 16 x 16 row-major tile, b: 2 of the 16 x 8 column-major).
+// d += a b, m16n8k16, fp32 accumulators (a: 4 registers of the 16 x 16 row-major tile, b: 2 of the 16 x 8 column-major),
+// T (bf16 or fp16) the operands' type.
+#define QT_MMA_16816(TYPE)                                                                                       \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE                                           \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"                         \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                                  \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 template <typename T>
-struct Mma;
-template <>
-struct Mma<__nv_bfloat16> {
+struct Mma {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) QT_MMA_16816("bf16");
+    else QT_MMA_16816("f16");
   }
 };
-template <>
-struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
+#undef QT_MMA_16816
 
 // ---- project: out = x a^T ----
 constexpr int kProjRows = 32;                  // rows of x a CTA
