@@ -38,8 +38,9 @@
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
-# the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth (docs/PERFORMANCE.md); what is left: 2 (24 GiB)
-# and 4 again, on an H200 where one comes (the cost model's machine: the memory-bound rate's refit after the LoRA
+# the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth (docs/PERFORMANCE.md); what is left: 12 first (the
+# seventeenth session's LoRA GEMM kernels, never run on a GPU, off by default until it passes), then 2 (24 GiB) and 4
+# again, on an H200 where one comes (the cost model's machine: the memory-bound rate's refit after the LoRA
 # change and the sixteenth session's), Unsloth's runs under the hog included.
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
