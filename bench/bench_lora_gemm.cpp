@@ -54,11 +54,14 @@ int main(int argc, char** argv) {
   src = dst = at::Tensor();
   std::printf("%s, %lld tokens; copy bandwidth %.0f GB/s\n", at::cuda::getCurrentDeviceProperties()->name,
               static_cast<long long>(M), bw / 1e9);
-  std::printf("| case | MB moved | limit us | kernel us | reference us | reference / kernel | kernel GB/s |\n");
-  std::printf("|---|---|---|---|---|---|---|\n");
-  auto row = [&](const std::string& name, double bytes, double k, double ref) {
-    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f |\n", name.c_str(), bytes / 1e6, bytes / bw * 1e6, k,
-                ref, ref / k, bytes / (k * 1e-6) / 1e9);
+  std::printf("| case | MB moved | limit us | kernel us | reference us | reference / kernel | kernel GB/s | us with 1, 2, "
+              "4, 8 CTAs a cluster |\n");
+  std::printf("|---|---|---|---|---|---|---|---|\n");
+  // k: the kernel's time with the cluster it picks; by_cluster: with 1, 2, 4 and 8 CTAs a cluster
+  auto row = [&](const std::string& name, double bytes, double k, double ref, const std::vector<double>& by_cluster) {
+    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f | %.1f, %.1f, %.1f, %.1f |\n", name.c_str(),
+                bytes / 1e6, bytes / bw * 1e6, k, ref, ref / k, bytes / (k * 1e-6) / 1e9, by_cluster[0], by_cluster[1],
+                by_cluster[2], by_cluster[3]);
   };
   struct Proj {
     const char* name;
@@ -77,7 +80,9 @@ int main(int argc, char** argv) {
     }
     const double k = time_us(sets, [&](int i) { qt::lora_project(outs[i], xs[i], a); });
     const double ref = time_us(sets, [&](int i) { qt::lora_project_reference(outs[i], xs[i], a); });
-    row(p.name, bytes, k, ref);
+    std::vector<double> by_cluster;
+    for (int c : {1, 2, 4, 8}) by_cluster.push_back(time_us(sets, [&](int i) { qt::lora_project(outs[i], xs[i], a, true, c); }));
+    row(p.name, bytes, k, ref, by_cluster);
   }
   struct Grad {
     const char* name;
@@ -97,7 +102,10 @@ int main(int argc, char** argv) {
                                                 at::randn({M, gcase.jobs[j].second}, opt), j == 0 ? 1.0 : 2.0, j > 0});
     const double k = time_us(sets, [&](int i) { qt::lora_grads(jobs[static_cast<size_t>(i)]); });
     const double ref = time_us(sets, [&](int i) { qt::lora_grads_reference(jobs[static_cast<size_t>(i)]); });
-    row(gcase.name, bytes, k, ref);
+    std::vector<double> by_cluster;
+    for (int c : {1, 2, 4, 8})
+      by_cluster.push_back(time_us(sets, [&](int i) { qt::lora_grads(jobs[static_cast<size_t>(i)], true, c); }));
+    row(gcase.name, bytes, k, ref, by_cluster);
   }
   return 0;
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12|13
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -35,6 +35,10 @@
 #      rank-r GEMM kernels' among them), bench_lora_gemm (the kernels against cuBLAS on the 8B LoRA products), the
 #      kernels against ATen's GEMMs (QT_LORA_GEMM_KERNELS=0), 8B 2 x 2048 at 80 GiB, three rounds; then call 6:
 #      SUMMARY=s12.txt bash scripts/next_gpu_calls.sh 12; SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
+#   13: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests, bench_lora_gemm
+#      (each kernel at 1, 2, 4 and 8 CTAs a cluster), the projection kernel alone, the gradients' alone and both against
+#      ATen's GEMMs, 8B 2 x 2048 at 80 GiB, three rounds; then call 6 with the kernels on (their in-model times):
+#      SUMMARY=s13.txt bash scripts/next_gpu_calls.sh 13; QT_LORA_GEMM_KERNELS=1 SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -48,7 +52,7 @@
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12|13}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -196,14 +200,26 @@ case "$CALL" in
   run ab_lora_gemm.log 300 --rows 8b-2x2048 --budget 80 --ab all="--env QT_LORA_GEMM_KERNELS=1" --ab aten="--env QT_LORA_GEMM_KERNELS=0" --ab copied="--env QT_LORA_GEMM_KERNELS=1 --env QT_NORM_INTO_CONCAT=0" --ab neither="--env QT_LORA_GEMM_KERNELS=0 --env QT_NORM_INTO_CONCAT=0" \
     --rounds "${ROUNDS:-3}" --steps 6 --warm 2
   ;;
+13)
+  note "== LoRA's rank-r GEMM kernels, the projection's second version: the [fused_ops] and [lora] [gpu] tests, their"
+  note "   benchmark against cuBLAS with 1 to 8 CTAs a cluster, then each kernel alone and both against ATen's GEMMs"
+  note "   (QT_LORA_GEMM_KERNELS=0), 8B 2 x 2048 at 80 GiB"
+  lora_gpu_tests 200
+  timeout 150 build-gpu/bench_lora_gemm >"$L/bench_lora_gemm.log" 2>&1
+  note "bench_lora_gemm: exit $?"
+  cat "$L/bench_lora_gemm.log" >>"$summary"
+  run ab_lora_gemm.log 300 --rows 8b-2x2048 --budget 80 --ab aten="--env QT_LORA_GEMM_KERNELS=0" --ab both="--env QT_LORA_GEMM_KERNELS=1" --ab project="--env QT_LORA_GEMM_KERNELS=project" --ab grads="--env QT_LORA_GEMM_KERNELS=grads" \
+    --rounds "${ROUNDS:-3}" --steps 6 --warm 2
+  ;;
 6)
   note "== issue 27: two profiled steps (the boundary between them included), 8B 2 x 2048, whole GPU"
   QT_PROFILE_STEP=4 QT_PROFILE_STEPS=2 timeout 240 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 2 --seq 2048 --out "$L/prof" \
     --steps 6 --warmup 2 >"$L/prof.log" 2>&1
   tail -n 1 "$L/prof.log" | cut -c1-300 >>"$summary"
   trace=$(find "$L/prof" -name profile_trace.json | head -n 1)
-  [ -n "$trace" ] && python3 scripts/trace_summary.py "$trace" --top 80 >"$L/trace_summary.txt" 2>&1 &&
-    { head -n 40 "$L/trace_summary.txt"; grep -A 40 '^compute stream' "$L/trace_summary.txt"; } >>"$summary"
+  [ -n "$trace" ] && python3 scripts/trace_summary.py "$trace" --top 80 --kernels lora_ >"$L/trace_summary.txt" 2>&1 &&
+    { head -n 40 "$L/trace_summary.txt"; grep -A 12 '^kernels matching' "$L/trace_summary.txt";
+      grep -A 40 '^compute stream' "$L/trace_summary.txt"; } >>"$summary"
   grep -E '^\{' "$L/prof.log" | tail -n 1 | tr ',' '\n' | grep -E 'tokens_per_s|step_ms|mfu|wall' >>"$summary"
   rm -rf "$L/prof"  # (tens of MB; the summary is what comes back)
   ;;

@@ -19,6 +19,8 @@ def main():
     ap.add_argument("trace")
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--gaps", type=int, default=8, help="the longest gaps listed one by one")
+    ap.add_argument("--kernels", default="", help="also list the GPU time of every kernel whose name contains one of "
+                    "these comma-separated strings, by kernel name, grid and the op that launched it")
     args = ap.parse_args()
     with open(args.trace) as f:
         trace = json.load(f)
@@ -77,6 +79,20 @@ def main():
     print(f"{'ms':>8} {'calls':>6}  op [input shapes]  (a kernel)")
     for (name, shape), (us, n, kname) in sorted(rows.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{us / 1e3:8.2f} {n:6d}  {name} [{shape[:70]}]  ({kname})")
+    if args.kernels:
+        # Kernels by name: where an op's row sums several kernels (a node's backward), each one's own time.
+        wanted = [w for w in args.kernels.split(",") if w]
+        by_name = collections.defaultdict(lambda: [0.0, 0])
+        for k in kernels:
+            if any(w in k["name"] for w in wanted):
+                op = ops.get(k["args"].get("External id"))
+                key = (k["name"][:70], str(k["args"].get("grid")), (op[0] if op else "").replace("torch::autograd::", "")[:40])
+                by_name[key][0] += k["dur"]
+                by_name[key][1] += 1
+        print(f"kernels matching {args.kernels}:")
+        print(f"{'ms':>8} {'calls':>6} {'us/call':>8}  kernel  grid  (op)")
+        for (name, grid, op), (us, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
+            print(f"{us / 1e3:8.2f} {n:6d} {us / n:8.1f}  {name}  {grid}  ({op})")
     main_k = sorted((k for k in kernels if k["args"].get("stream") == main_stream), key=lambda k: k["ts"])
     gaps = []
     for prev, nxt in zip(main_k, main_k[1:]):

@@ -554,8 +554,9 @@ TEST_CASE("fused RoPE kernel equals the ATen reference on CUDA", "[fused_ops][gp
 
 // LoRA's rank-r GEMM kernels (lora_project, lora_grads) against fp32 products of the same 16-bit values: ranks 1 to
 // 128 (every tile count the kernels take up to 8 x 16), widths not a multiple of a stage, token counts not a multiple
-// of a tile, operands and outputs the columns of wider matrices, outputs poisoned, each cluster size; and the same
-// bits when run again.
+// of a tile, operands and outputs the columns of wider matrices, outputs poisoned, each cluster size (K split for the
+// projection, the tokens for the gradients; ranks left without work where the extent is short); and the same bits
+// when run again.
 TEST_CASE("LoRA's rank-r GEMM kernels against fp32 products of their operands", "[fused_ops][gpu]") {
   REQUIRE(at::hasCUDA());
   const at::Device dev(at::kCUDA, 0);
@@ -567,24 +568,25 @@ TEST_CASE("LoRA's rank-r GEMM kernels against fp32 products of their operands", 
       int64_t M, K, r;
     };
     for (const P& p : {P{4096, 4096, 48}, P{4096, 14336, 16}, P{333, 1000, 8}, P{77, 4104, 72}, P{129, 264, 128},
-                       P{5, 8, 1}, P{200, 136, 33}, P{64, 128, 120}}) {
-      INFO(c10::toString(dtype) << " project M " << p.M << " K " << p.K << " r " << p.r);
+                       P{5, 8, 1}, P{200, 136, 33}, P{64, 128, 120}, P{300, 72, 16}}) {
       // x: the columns 8.. of a wider matrix; out: columns 5.. of a wider one, poisoned
       const at::Tensor xw = at::randn({p.M, p.K + 24}, opt), x = xw.narrow(1, 8, p.K);
       const at::Tensor a = at::randn({p.r, p.K}, opt) * 0.05;
-      at::Tensor ow = at::full({p.M, p.r + 11}, nan, opt);
-      const at::Tensor out = ow.narrow(1, 5, p.r);
-      CHECK(qt::lora_project(out, x, a));
       const at::Tensor ref = at::mm(x.to(at::kFloat), a.to(at::kFloat).t());
-      const at::Tensor err = (out.to(at::kFloat) - ref).abs();
       const at::Tensor tol = ref.abs() * rel + 1e-4 * std::sqrt(static_cast<double>(p.K));
-      CHECK(err.le(tol).all().item<bool>());
       CHECK(ref.abs().max().item<double>() > 1e-3);
-      CHECK(ow.narrow(1, 0, 5).isnan().all().item<bool>());  // nothing written beside it
-      CHECK(ow.narrow(1, 5 + p.r, 6).isnan().all().item<bool>());
-      at::Tensor again = at::full({p.M, p.r}, nan, opt);
-      qt::lora_project(again, x, a);
-      CHECK(at::equal(again, out));
+      for (int cluster : {0, 1, 2, 4, 8}) {  // K split over 1 to 8 CTAs (more than K's stages at K 72 and 8)
+        INFO(c10::toString(dtype) << " project M " << p.M << " K " << p.K << " r " << p.r << " cluster " << cluster);
+        at::Tensor ow = at::full({p.M, p.r + 11}, nan, opt);
+        const at::Tensor out = ow.narrow(1, 5, p.r);
+        CHECK(qt::lora_project(out, x, a, true, cluster));
+        CHECK((out.to(at::kFloat) - ref).abs().le(tol).all().item<bool>());
+        CHECK(ow.narrow(1, 0, 5).isnan().all().item<bool>());  // nothing written beside it
+        CHECK(ow.narrow(1, 5 + p.r, 6).isnan().all().item<bool>());
+        at::Tensor again = at::full({p.M, p.r}, nan, opt);
+        qt::lora_project(again, x, a, true, cluster);
+        CHECK(at::equal(again, out));
+      }
       // the switch off: the reference
       at::Tensor off = at::full({p.M, p.r}, nan, opt);
       CHECK_FALSE(qt::lora_project(off, x, a, false));

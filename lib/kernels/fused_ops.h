@@ -96,8 +96,10 @@ at::Tensor lora_dropout_mask(int64_t rows, int64_t cols, const DropoutMask& m);
 // kernels run on CUDA where `kernels` is set and they take the operands (fp16 / bf16 on sm_90 or later, r <= 128, rows
 // of contiguous elements 16-byte aligned and a multiple of 8 elements apart); elsewhere the references, ATen's GEMMs.
 // out = x a^T into `out` ([M, r], x's dtype, rows of contiguous elements: the columns of a wider matrix, say): x [M, K],
-// a [r, K]. Returns whether the kernel ran.
-bool lora_project(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, bool kernels = true);
+// a [r, K]. Returns whether the kernel ran. `cluster` (tests, benchmarks): the CTAs that split a row tile's K, 1, 2, 4
+// or 8 (0: picked).
+bool lora_project(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, bool kernels = true,
+                  int cluster = 0);
 void lora_project_reference(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a);
 // alpha g^T x in fp32, [r, N], or its transpose [N, r] (a B gradient: alpha dy^T t): g [M, r], x [M, N].
 struct LoraGrad {

@@ -63,7 +63,7 @@ void lora_project_reference(const at::Tensor& out, const at::Tensor& x, const at
   at::mm_out(const_cast<at::Tensor&>(out), x, a.t());
 }
 
-bool lora_project(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, bool kernels) {
+bool lora_project(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, bool kernels, int cluster) {
   QT_CHECK(x.dim() == 2 && a.dim() == 2 && out.dim() == 2 && a.size(1) == x.size(1) && out.size(0) == x.size(0) &&
                out.size(1) == a.size(0),
            ErrorKind::Internal, "lora_project: x [M, K], a [r, K], out [M, r]");
@@ -77,13 +77,14 @@ bool lora_project(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
       c10::cuda::CUDAGuard guard(x.device());
       const int64_t ld_out = out.size(0) <= 1 ? out.size(1) : out.stride(0);
       kernels::lora_project_launch(x.data_ptr(), ldx, a.data_ptr(), lda, out.data_ptr(), ld_out, x.size(0), x.size(1),
-                                   a.size(0), half_type(x),
+                                   a.size(0), cluster, half_type(x),
                                    at::cuda::getCurrentCUDAStream(x.get_device()).stream());
       return true;
     }
   }
 #else
   (void)kernels;
+  (void)cluster;
 #endif
   lora_project_reference(out, x, a);
   return false;

@@ -64,43 +64,54 @@ struct Mma {
 #undef QT_MMA_16816
 
 // ---- project: out = x a^T ----
-constexpr int kProjRows = 32;                  // rows of x a CTA
-constexpr int kProjK = 128;                    // columns of x (and a) a stage
-constexpr int kProjLd = kProjK + kPad;         // a staged row, elements
-constexpr int kProjThreads = 256;              // 8 warps: 2 row halves x 4 column quarters of a stage
+// A CTA takes 128 rows of x (16 a warp) and one slice of K; the K slices of a row tile are one thread-block cluster
+// whose CTAs add their partial sums through distributed shared memory in rank order. Rows a CTA: a (r rows, from L2)
+// is staged once for 128 rows of x, not for 32 (the first version's: 32 rows a CTA read 1.5 times as many bytes of a
+// from L2 as of x from HBM at r 48, and ran at 35-60% of the bandwidth on an H100).
+constexpr int kProjRows = 128;                 // rows of x a CTA
+constexpr int kProjK = 64;                     // columns of x (and a) a stage
+constexpr int kProjLd = kProjK + kPad;         // a staged row, elements (144 bytes: 9 16-byte units, odd)
+constexpr int kProjThreads = 256;              // 8 warps, 16 rows each
+constexpr int kProjStages = 4;
 constexpr int proj_pairs(int nt) { return (nt + 1) / 2; }          // n-tile pairs (a's rows staged: 16 a pair)
-constexpr int proj_stages(int nt) { return nt <= 8 ? 6 : 4; }
+constexpr int proj_red_ld(int nt) { return proj_pairs(nt) * 16 + 4; }  // a row of the partial sums (fp32)
 constexpr size_t proj_stage_elems(int nt) { return size_t(kProjRows + proj_pairs(nt) * 16) * kProjLd; }
-constexpr size_t proj_smem(int nt) { return proj_stages(nt) * proj_stage_elems(nt) * 2; }
+constexpr size_t proj_smem(int nt) {
+  return kProjStages * proj_stage_elems(nt) * 2 > size_t(kProjRows) * proj_red_ld(nt) * 4
+             ? kProjStages * proj_stage_elems(nt) * 2
+             : size_t(kProjRows) * proj_red_ld(nt) * 4;
+}
 
-// NT: n-tiles of 8 columns of out (r <= 8 NT).
+// NT: n-tiles of 8 columns of out (r <= 8 NT). blockIdx.x: the row tile; blockIdx.y: the K slice (k_slice columns,
+// a multiple of kProjK), the cluster rank.
 template <typename T, int NT>
 __global__ void __launch_bounds__(kProjThreads) lora_project_kernel(const T* __restrict__ x, int64_t ld_x,
                                                                     const T* __restrict__ a, int64_t ld_a,
                                                                     T* __restrict__ out, int64_t ld_out, int64_t M,
-                                                                    int64_t K, int r) {
+                                                                    int64_t K, int r, int64_t k_slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr int NP = proj_pairs(NT), S = proj_stages(NT), AR = NP * 16;
+  constexpr int NP = proj_pairs(NT), AR = NP * 16, RL = proj_red_ld(NT);
   constexpr int kVecs = kProjK / 8;  // 16-byte vectors a staged row
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* smem = reinterpret_cast<T*>(smem_raw);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int wm = warp & 1, wk = warp >> 1;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kProjRows;
-  const int64_t chunks = (K + kProjK - 1) / kProjK;
+  const int64_t kb = static_cast<int64_t>(blockIdx.y) * k_slice;
+  const int64_t ke = kb + k_slice < K ? kb + k_slice : K;
+  const int64_t chunks = ke > kb ? (ke - kb + kProjK - 1) / kProjK : 0;
 
   auto load = [&](int stage, int64_t chunk) {
     T* xs = smem + stage * proj_stage_elems(NT);
     T* as = xs + kProjRows * kProjLd;
-    const int64_t k0 = chunk * kProjK;
+    const int64_t k0 = kb + chunk * kProjK;
     for (int c = tid; c < kProjRows * kVecs; c += kProjThreads) {
       const int rr = c / kVecs, cc = (c % kVecs) * 8;
-      const bool ok = row0 + rr < M && k0 + cc < K;
+      const bool ok = row0 + rr < M && k0 + cc < ke;
       cp_async16(xs + rr * kProjLd + cc, ok ? x + (row0 + rr) * ld_x + k0 + cc : x, ok);
     }
     for (int c = tid; c < AR * kVecs; c += kProjThreads) {
       const int rr = c / kVecs, cc = (c % kVecs) * 8;
-      const bool ok = rr < r && k0 + cc < K;
+      const bool ok = rr < r && k0 + cc < ke;
       cp_async16(as + rr * kProjLd + cc, ok ? a + rr * ld_a + k0 + cc : a, ok);
     }
   };
@@ -112,22 +123,23 @@ __global__ void __launch_bounds__(kProjThreads) lora_project_kernel(const T* __r
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
 #pragma unroll
-  for (int s = 0; s < S - 1; ++s) {
+  for (int s = 0; s < kProjStages - 1; ++s) {
     if (s < chunks) load(s, s);
     cp_async_commit();
   }
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    cp_async_wait<S - 2>();
+    cp_async_wait<kProjStages - 2>();
     __syncthreads();  // chunk's stage landed for every thread; the stage read in the last iteration is free
-    if (chunk + S - 1 < chunks) load(static_cast<int>((chunk + S - 1) % S), chunk + S - 1);
+    if (chunk + kProjStages - 1 < chunks)
+      load(static_cast<int>((chunk + kProjStages - 1) % kProjStages), chunk + kProjStages - 1);
     cp_async_commit();
-    const T* xs = smem + static_cast<int>(chunk % S) * proj_stage_elems(NT);
+    const T* xs = smem + static_cast<int>(chunk % kProjStages) * proj_stage_elems(NT);
     const T* as = xs + kProjRows * kProjLd;
 #pragma unroll
-    for (int ks = 0; ks < 2; ++ks) {
-      const int kk = wk * 32 + ks * 16;
+    for (int ks = 0; ks < kProjK / 16; ++ks) {
+      const int kk = ks * 16;
       uint32_t af[4];
-      ldmatrix_x4(af, xs + (wm * 16 + lane % 16) * kProjLd + kk + (lane / 16) * 8);
+      ldmatrix_x4(af, xs + (warp * 16 + lane % 16) * kProjLd + kk + (lane / 16) * 8);
 #pragma unroll
       for (int p = 0; p < NP; ++p) {
         uint32_t bf[4];
@@ -139,27 +151,28 @@ __global__ void __launch_bounds__(kProjThreads) lora_project_kernel(const T* __r
   }
   cp_async_wait<0>();
   __syncthreads();
-  // The four column quarters' sums, added in order.
-  constexpr int RC = NP * 16;
-  float* red = reinterpret_cast<float*>(smem_raw);  // [4][kProjRows][RC]
+  // This CTA's partial sums, [kProjRows][RL]; the cluster's ranks add theirs in rank order.
+  float* red = reinterpret_cast<float*>(smem_raw);
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int n = 0; n < 2 * NP; ++n) {
-    const int col = n * 8 + 2 * t, row = wm * 16 + g;
-    float* base = red + (wk * kProjRows + row) * RC + col;
+    float* base = red + (warp * 16 + g) * RL + n * 8 + 2 * t;
     base[0] = acc[n][0];
     base[1] = acc[n][1];
-    base[8 * RC] = acc[n][2];
-    base[8 * RC + 1] = acc[n][3];
+    base[8 * RL] = acc[n][2];
+    base[8 * RL + 1] = acc[n][3];
   }
-  __syncthreads();
-  for (int e = tid; e < kProjRows * RC; e += kProjThreads) {
-    const int rr = e / RC, cc = e % RC;
-    if (row0 + rr < M && cc < r) {
-      const float v = ((red[e] + red[kProjRows * RC + e]) + red[2 * kProjRows * RC + e]) + red[3 * kProjRows * RC + e];
-      out[(row0 + rr) * ld_out + cc] = from_f<T>(v);
-    }
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();  // every rank's partial sums written
+  const int ranks = static_cast<int>(cluster.num_blocks()), rank = static_cast<int>(cluster.block_rank());
+  for (int e = rank * kProjThreads + tid; e < kProjRows * AR; e += ranks * kProjThreads) {
+    const int rr = e / AR, cc = e % AR;
+    if (row0 + rr >= M || cc >= r) continue;
+    float v = 0.f;
+    for (int q = 0; q < ranks; ++q) v += cluster.map_shared_rank(red, q)[rr * RL + cc];
+    out[(row0 + rr) * ld_out + cc] = from_f<T>(v);
   }
+  cluster.sync();  // no rank's shared memory released while another reads it
 #else
   __trap();
 #endif
@@ -312,6 +325,39 @@ void dispatch_tiles(int n, F&& f) {
   }
 }
 
+// The ranks a cluster (a power of two, at most 8) that split `extent` (K or the tokens) over `tiles` tiles: the most that
+// keep every CTA resident at once, each rank with at least `min_per_rank` of the extent.
+template <typename K>
+int resident_ranks(K* kernel, int threads, size_t smem, int64_t tiles, int64_t extent, int64_t min_per_rank) {
+  int device = 0, sms = 0, per_sm = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+  const int64_t resident = static_cast<int64_t>(sms) * std::max(per_sm, 1);
+  int ranks = 1;
+  while (ranks < 8 && tiles * ranks * 2 <= resident && extent >= 2 * ranks * min_per_rank) ranks *= 2;
+  return ranks;
+}
+
+// kernel<<<grid, threads, smem, stream>>>(args...) with thread-block clusters of `ranks` CTAs along y.
+template <typename... KArgs, typename... Args>
+void launch_cluster(void (*kernel)(KArgs...), dim3 grid, int threads, size_t smem, int ranks, CUstream_st* stream,
+                    Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(static_cast<unsigned>(threads), 1, 1);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(ranks);
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
+}
+
 }  // namespace
 
 bool lora_gemm_kernels_built(int device) {
@@ -328,12 +374,16 @@ bool lora_gemm_kernels_built(int device) {
   return major >= 9 && attr.binaryVersion >= 90;
 }
 
-void lora_project_launch(const void* x, int64_t ld_x, const void* a, int64_t ld_a, void* out, int64_t ld_out,
-                         int64_t M, int64_t K, int64_t r, ElemType type, CUstream_st* stream) {
+int lora_project_launch(const void* x, int64_t ld_x, const void* a, int64_t ld_a, void* out, int64_t ld_out,
+                        int64_t M, int64_t K, int64_t r, int cluster, ElemType type, CUstream_st* stream) {
   QT_CHECK(r >= 1 && r <= kLoraGemmMaxRank && K % 8 == 0 && ld_x % 8 == 0 && ld_a % 8 == 0 &&
                reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0,
            ErrorKind::Internal, "lora_project kernel: r <= 128, K and strides multiples of 8, 16-byte aligned");
-  if (M == 0) return;
+  QT_CHECK(cluster >= 0 && cluster <= 8 && (cluster & (cluster - 1)) == 0, ErrorKind::Internal,
+           "lora_project kernel: a cluster of 1, 2, 4 or 8");
+  if (M == 0) return 0;
+  const int64_t tiles = (M + kProjRows - 1) / kProjRows;
+  QT_CHECK(tiles < (int64_t{1} << 31), ErrorKind::Internal, "lora_project kernel: too many rows");
   dispatch_half(type, [&](auto tag) {
     using T = decltype(tag);
     dispatch_tiles<1, kLoraGemmMaxRank / 8>(static_cast<int>((r + 7) / 8), [&](auto nt) {
@@ -341,12 +391,16 @@ void lora_project_launch(const void* x, int64_t ld_x, const void* a, int64_t ld_
       auto* k = lora_project_kernel<T, NT>;
       const size_t smem = proj_smem(NT);
       cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      k<<<static_cast<unsigned>((M + kProjRows - 1) / kProjRows), kProjThreads, smem, stream>>>(
-          static_cast<const T*>(x), ld_x, static_cast<const T*>(a), ld_a, static_cast<T*>(out), ld_out, M, K,
-          static_cast<int>(r));
+      // K split over the ranks where the row tiles alone leave SMs idle: at least 16 stages a rank.
+      if (cluster == 0) cluster = resident_ranks(k, kProjThreads, smem, tiles, K, 16 * kProjK);
+      const int64_t slice = ((K + cluster - 1) / cluster + kProjK - 1) / kProjK * kProjK;
+      launch_cluster(k, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(cluster), 1), kProjThreads, smem,
+                     cluster, stream, static_cast<const T*>(x), ld_x, static_cast<const T*>(a), ld_a,
+                     static_cast<T*>(out), ld_out, M, K, static_cast<int>(r), slice);
     });
   });
   check_launch("lora_project");
+  return cluster;
 }
 
 int lora_grad_launch(const LoraGradJob* jobs, int njobs, int64_t M, int cluster, ElemType type, CUstream_st* stream) {
@@ -378,32 +432,12 @@ int lora_grad_launch(const LoraGradJob* jobs, int njobs, int64_t M, int cluster,
       auto* k = lora_grad_kernel<T, MT>;
       const size_t smem = grad_smem(MT);
       cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (cluster == 0) {
-        // The most ranks (a power of two, at most 8) that keep every CTA resident at once, with at least 128 tokens
-        // a rank.
-        int device = 0, sms = 0, per_sm = 1;
-        cudaGetDevice(&device);
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kGradThreads, smem);
-        const int64_t resident = static_cast<int64_t>(sms) * std::max(per_sm, 1);
-        cluster = 1;
-        while (cluster < 8 && tiles * cluster * 2 <= resident && M >= 2 * cluster * 128) cluster *= 2;
-      }
+      // Tokens split over the ranks where the column tiles alone leave SMs idle: at least 4 stages a rank.
+      if (cluster == 0) cluster = resident_ranks(k, kGradThreads, smem, tiles, M, 4 * kGradTokens);
       const int64_t slice = (M + cluster - 1) / cluster;
       p.slice = (slice + kGradTokens - 1) / kGradTokens * kGradTokens;
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(cluster), 1);
-      cfg.blockDim = dim3(kGradThreads, 1, 1);
-      cfg.dynamicSmemBytes = smem;
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 1;
-      attr[0].val.clusterDim.y = static_cast<unsigned>(cluster);
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      cudaLaunchKernelEx(&cfg, k, p);
+      launch_cluster(k, dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(cluster), 1), kGradThreads, smem,
+                     cluster, stream, p);
     });
   });
   check_launch("lora_grad");

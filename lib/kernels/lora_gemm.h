@@ -17,9 +17,10 @@ bool lora_gemm_kernels_built(int device);
 
 // out[m, j] = sum_k x[m, k] a[j, k], fp32 accumulators rounded to `type` (fp16 / bf16): x [M, K] rows ld_x apart,
 // a [r, K] rows ld_a apart, out [M, r] rows ld_out apart (elements). r <= 128; K, ld_x, ld_a multiples of 8; x and a
-// 16-byte aligned.
-void lora_project_launch(const void* x, int64_t ld_x, const void* a, int64_t ld_a, void* out, int64_t ld_out,
-                         int64_t M, int64_t K, int64_t r, ElemType type, CUstream_st* stream);
+// 16-byte aligned. `cluster`: the CTAs (1, 2, 4 or 8) that split a row tile's K and add their sums; 0 picks it from
+// the device's SMs. Returns the cluster size used.
+int lora_project_launch(const void* x, int64_t ld_x, const void* a, int64_t ld_a, void* out, int64_t ld_out,
+                        int64_t M, int64_t K, int64_t r, int cluster, ElemType type, CUstream_st* stream);
 
 // out = alpha g^T x in fp32: g [M, r] rows ld_g apart, x [M, n] rows ld_x apart; out [r, n] (rows ld_out apart) or,
 // transposed, [n, r] (rows ld_out apart). r, n, ld_g, ld_x multiples of 8 (r <= 128); g and x 16-byte aligned.

@@ -52,7 +52,11 @@ Pass LlamaModel::base_pass() const {
   const char* add_norm = std::getenv("QT_FUSED_ADD_NORM");
   p.fused_add_norm = !(add_norm && std::string(add_norm) == "0");
   const char* lora_gemm = std::getenv("QT_LORA_GEMM_KERNELS");
-  p.lora_gemm_kernels = lora_gemm && *lora_gemm ? std::string(lora_gemm) != "0" : kLoraGemmKernelsByDefault;
+  const std::string gemm = lora_gemm ? lora_gemm : "";
+  QT_CHECK(gemm.empty() || gemm == "0" || gemm == "1" || gemm == "project" || gemm == "grads", ErrorKind::Usage,
+           "QT_LORA_GEMM_KERNELS=" + gemm + ": expected 0, 1, project or grads");
+  p.lora_project_kernel = gemm.empty() ? kLoraProjectKernelByDefault : gemm == "1" || gemm == "project";
+  p.lora_grad_kernel = gemm.empty() ? kLoraGradKernelByDefault : gemm == "1" || gemm == "grads";
   const char* norm_concat = std::getenv("QT_NORM_INTO_CONCAT");
   p.norm_into_concat = !(norm_concat && std::string(norm_concat) == "0");
   return p;

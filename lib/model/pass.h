@@ -31,15 +31,17 @@ struct ModelStats {
   std::atomic<int64_t> swiglu_recomputed{0};    // SwiGLU outputs down_proj's backward pass computed again
   std::atomic<int64_t> mlp_chunked_passes{0};   // MLP halves of a block computed chunk by chunk (their forward)
   std::atomic<int64_t> residuals_carried{0};    // block outputs handed on unsummed to the next norm (fused_add_norm)
-  std::atomic<int64_t> padded_runs{0};
+  std::atomic<int64_t> padded_runs{0};            // forward passes whose rows were padded for cuDNN (row_multiple)
+  // launches of LoRA's rank-r GEMM kernels (Pass::lora_project_kernel, Pass::lora_grad_kernel)
   std::atomic<int64_t> lora_gemm_kernel_runs{0};
   // concatenated inputs [x | x A^T | 0] built where the norm wrote x (project_group's x_widened), no copy of x
-  std::atomic<int64_t> concat_inputs_in_place{0};  // launches of LoRA's rank-r GEMM kernels (Pass::lora_gemm_kernels)          // forward passes whose rows were padded for cuDNN (row_multiple)
+  std::atomic<int64_t> concat_inputs_in_place{0};
 };
 
-// The LoRA GEMM kernels (Pass::lora_gemm_kernels) are off unless asked for until they have run on a GPU: written and
-// compiled on 2026-12-06 without one (docs/PERFORMANCE.md, "Seventeenth session"; scripts/next_gpu_calls.sh 12).
-constexpr bool kLoraGemmKernelsByDefault = false;
+// LoRA's rank-r GEMM kernels by default (Pass::lora_project_kernel, Pass::lora_grad_kernel), set from their runs on
+// an H100 (docs/PERFORMANCE.md, "Eighteenth session").
+constexpr bool kLoraProjectKernelByDefault = false;
+constexpr bool kLoraGradKernelByDefault = false;
 
 struct Pass {
   // Non-null: the compute-dtype LoRA factors (the As stacked, the scaled Bs) come from this cache, made once per
@@ -71,10 +73,12 @@ struct Pass {
   // A block's attention residual and its MLP's input norm in one kernel each way (add_rms_norm_fused); false: the add
   // and the norm apart, as before 2026-12-05 (QT_FUSED_ADD_NORM=0, for A/B measurements).
   bool fused_add_norm = true;
-  // LoRA's rank-r GEMMs (x A^T forward; the A and B gradients, one launch a node) through lora_project / lora_grads'
-  // kernels where they take the operands (fused_ops.h); false: ATen's GEMMs. QT_LORA_GEMM_KERNELS=1 / 0 sets it (A/B
-  // measurements); unset, kLoraGemmKernelsByDefault.
-  bool lora_gemm_kernels = false;
+  // LoRA's rank-r GEMMs through lora_project's kernel (x A^T, forward) and lora_grads' (the A and B gradients, one
+  // launch a node) where they take the operands (fused_ops.h); false: ATen's GEMMs. QT_LORA_GEMM_KERNELS sets them
+  // (A/B measurements): 1 both, 0 neither, "project" or "grads" one; unset, kLoraProjectKernelByDefault and
+  // kLoraGradKernelByDefault.
+  bool lora_project_kernel = false;
+  bool lora_grad_kernel = false;
   // The norms before q / k / v and gate / up write into the first columns of the groups' concatenated inputs
   // [x | x A^T | 0] (rms_norm_fused's spare columns): gate / up's input not copied there, and q / k / v's LoRA B terms
   // inside the base GEMM too (no addmm over the output); false: as before 2026-12-06 (QT_NORM_INTO_CONCAT=0).
