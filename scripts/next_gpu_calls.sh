@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12|13
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -39,20 +39,20 @@
 #      (each kernel at 1, 2, 4 and 8 CTAs a cluster), the projection kernel alone, the gradients' alone and both against
 #      ATen's GEMMs, 8B 2 x 2048 at 80 GiB, three rounds; then call 6 with the kernels on (their in-model times):
 #      SUMMARY=s13.txt bash scripts/next_gpu_calls.sh 13; QT_LORA_GEMM_KERNELS=1 SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
+#   14: carry [".peers", ".peerscripts"]: build, 8B 2 x 2048 at 80 GiB, ours alone (MFU at the run's own matrix rate).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
-# the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth (docs/PERFORMANCE.md); what is left: 12 first (the
-# seventeenth session's LoRA GEMM kernels, never run on a GPU, off by default until it passes), then 2 (24 GiB) and 4
-# again, on an H200 where one comes (the cost model's machine: the memory-bound rate's refit after the LoRA
-# change and the sixteenth session's), Unsloth's runs under the hog included.
+# the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth, 12 and 6 (H100) and 13 (H200) in the eighteenth
+# (docs/PERFORMANCE.md); what is left: 14, then 2 (24 GiB) and 4 again, on an H200 where one comes (the cost model's
+# machine), Unsloth's runs under the hog included.
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
 #   (cd build && python3 ../tests/oracles/generate.py --out tests/fixtures)     # the fixtures call 1 carries
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12|13}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -199,6 +199,10 @@ case "$CALL" in
   cat "$L/bench_lora_gemm.log" >>"$summary"
   run ab_lora_gemm.log 300 --rows 8b-2x2048 --budget 80 --ab all="--env QT_LORA_GEMM_KERNELS=1" --ab aten="--env QT_LORA_GEMM_KERNELS=0" --ab copied="--env QT_LORA_GEMM_KERNELS=1 --env QT_NORM_INTO_CONCAT=0" --ab neither="--env QT_LORA_GEMM_KERNELS=0 --env QT_NORM_INTO_CONCAT=0" \
     --rounds "${ROUNDS:-3}" --steps 6 --warm 2
+  ;;
+14)
+  note "== issue 27: 8B 2 x 2048 at 80 GiB, ours alone (the default plan and code; MFU at this run's matrix rate)"
+  run ours_80.log 120 --peers none --rows 8b-2x2048 --budget 80 --no-whole --steps 6 --warm 2
   ;;
 13)
   note "== LoRA's rank-r GEMM kernels, the projection's second version: the [fused_ops] and [lora] [gpu] tests, their"

@@ -678,6 +678,22 @@ TEST_CASE("on CUDA LoRA's rank-r GEMM kernels give the loss and gradients of ATe
   }
 }
 
+// QT_LORA_GEMM_KERNELS takes 0, 1, project or grads; anything else is an error that names it, not a silent default.
+TEST_CASE("an unknown QT_LORA_GEMM_KERNELS value is an error naming the variable and its values", "[lora]") {
+  std::shared_ptr<qt::ModelStats> stats;
+  try {
+    switched_loss_and_grads("QT_LORA_GEMM_KERNELS", "yes", false, 0, stats, at::kCPU, at::kFloat);
+    FAIL("no error");
+  } catch (const qt::Error& e) {
+    ::unsetenv("QT_LORA_GEMM_KERNELS");
+    CHECK(e.kind() == qt::ErrorKind::Usage);
+    const std::string what = e.what();
+    CHECK(what.find("QT_LORA_GEMM_KERNELS=yes") != std::string::npos);
+    CHECK(what.find("0, 1, project or grads") != std::string::npos);
+  }
+  ::unsetenv("QT_LORA_GEMM_KERNELS");
+}
+
 // The norms writing into the q / k / v and gate / up groups' concatenated inputs (QT_NORM_INTO_CONCAT, on by default)
 // against the inputs copied there and q / k / v's B terms added after the base GEMM: the same loss and gradients within
 // fp32's rounding (q / k / v's output is one GEMM instead of a GEMM and an addmm), the inputs built in place counted

@@ -38,8 +38,10 @@ struct ModelStats {
   std::atomic<int64_t> concat_inputs_in_place{0};
 };
 
-// LoRA's rank-r GEMM kernels by default (Pass::lora_project_kernel, Pass::lora_grad_kernel), set from their runs on
-// an H100 (docs/PERFORMANCE.md, "Eighteenth session").
+// LoRA's rank-r GEMM kernels by default (Pass::lora_project_kernel, Pass::lora_grad_kernel): off. They pass their
+// [gpu] tests on an H100 and an H200, but cuBLAS's GEMMs were faster in the model, 8B 2 x 2048 on an H200: 17,610 tok/s
+// against 17,469 with the gradients' kernel, 17,338 with the projection's, 17,242 with both (docs/PERFORMANCE.md,
+// "Eighteenth session": their cp.async loads move 13-23 GB/s an SM where a bandwidth-bound kernel needs 25-36).
 constexpr bool kLoraProjectKernelByDefault = false;
 constexpr bool kLoraGradKernelByDefault = false;
 
