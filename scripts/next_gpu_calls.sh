@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -31,10 +31,7 @@
 #      QT_PROFILE_STEPS=2: the host's work between two steps, where the GPU waits, is in the trace;
 #      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
 #      against cuBLAS's before writing them (issue 27: LoRA's 20 ms a step against a ~5 ms bandwidth floor).
-#   12: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests (LoRA's
-#      rank-r GEMM kernels' among them), bench_lora_gemm (the kernels against cuBLAS on the 8B LoRA products), the
-#      kernels against ATen's GEMMs (QT_LORA_GEMM_KERNELS=0), 8B 2 x 2048 at 80 GiB, three rounds; then call 6:
-#      SUMMARY=s12.txt bash scripts/next_gpu_calls.sh 12; SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
+#   12: the seventeenth session's LoRA GEMM kernels (ran in the eighteenth); 13 replaces it.
 #   13: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests, bench_lora_gemm
 #      (each kernel at 1, 2, 4 and 8 CTAs a cluster), the projection kernel alone, the gradients' alone and both against
 #      ATen's GEMMs, 8B 2 x 2048 at 80 GiB, three rounds; then call 6 with the kernels on (their in-model times):
@@ -52,7 +49,7 @@
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|12|13|14}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -189,16 +186,6 @@ case "$CALL" in
   note "== the residual add and RMSNorm in one kernel against apart (QT_FUSED_ADD_NORM=0), 8B 2 x 2048 at 80 GiB"
   run ab_add_norm.log 240 --rows 8b-2x2048 --budget 80 --ab fused= --ab apart="--env QT_FUSED_ADD_NORM=0" \
     --rounds "${ROUNDS:-2}" --steps 6 --warm 2
-  ;;
-12)
-  note "== LoRA's rank-r GEMM kernels: the [fused_ops] and [lora] [gpu] tests, their benchmark against cuBLAS, then"
-  note "   the kernels against ATen's GEMMs (QT_LORA_GEMM_KERNELS=0), 8B 2 x 2048 at 80 GiB"
-  lora_gpu_tests 200
-  timeout 120 build-gpu/bench_lora_gemm >"$L/bench_lora_gemm.log" 2>&1
-  note "bench_lora_gemm: exit $?"
-  cat "$L/bench_lora_gemm.log" >>"$summary"
-  run ab_lora_gemm.log 300 --rows 8b-2x2048 --budget 80 --ab all="--env QT_LORA_GEMM_KERNELS=1" --ab aten="--env QT_LORA_GEMM_KERNELS=0" --ab copied="--env QT_LORA_GEMM_KERNELS=1 --env QT_NORM_INTO_CONCAT=0" --ab neither="--env QT_LORA_GEMM_KERNELS=0 --env QT_NORM_INTO_CONCAT=0" \
-    --rounds "${ROUNDS:-3}" --steps 6 --warm 2
   ;;
 14)
   note "== issue 27: 8B 2 x 2048 at 80 GiB, ours alone (the default plan and code; MFU at this run's matrix rate)"
