@@ -177,6 +177,12 @@ def matrix_rate():
     return rate
 
 
+def matrix_rate_if_cuda():
+    """matrix_rate() where torch sees a GPU, else None (--ab's tests run on the CPU)."""
+    import torch
+    return matrix_rate() if torch.cuda.is_available() else None
+
+
 def tokens_of(work, shape, batch, seq):
     """The token file `qlora-train bench` writes for a row under `work` (run_ours' --out)."""
     return pathlib.Path(work) / f"bench_{shape}_{batch}x{seq}" / "tokens.jsonl"
@@ -277,6 +283,9 @@ def ab(a, rows):
         env = dict(extra[i + 1].partition("=")[::2] for i in range(len(extra) - 1) if extra[i] == "--env")
         variants.append((name, sets, binary, env))
     budgets = [float(x) for x in a.budget.split(",") if x] or [None]  # each variant under each (the holder)
+    rate = matrix_rate_if_cuda()  # the variants' MFU at this run's own matrix rate (none without a GPU)
+    if rate:
+        print(f"bf16 matrix rate: {rate / 1e12:.0f} TFLOP/s", flush=True)
     runs = []
     for rnd in range(a.rounds):
         for shape, b, s, docs in rows:
@@ -284,24 +293,27 @@ def ab(a, rows):
                 for name, sets, binary, env in variants:
                     r = run_ours(binary, pathlib.Path(a.work) / name, shape, b, s, a.steps, a.warm, a.set + sets, budget,
                                  docs, **({"env": env} if env else {}))
-                    r.update(variant=name, round=rnd)
+                    r.update(variant=name, round=rnd, **({"matrix_rate": rate} if rate else {}))
                     print(json.dumps(r), flush=True)
                     runs.append(r)
     pathlib.Path(a.out).mkdir(parents=True, exist_ok=True)
     pathlib.Path(a.out, "ab.json").write_text(json.dumps(runs, indent=1))
-    print("\n| row | variant | tok/s (median of rounds) | runs | peak GiB | device GiB |")
-    print("|---|---|---|---|---|---|")
+    print("\n| row | variant | tok/s (median of rounds) | runs | peak GiB | device GiB | MFU (4N + attention"
+          + (f" at {rate / 1e12:.0f} TFLOP/s)" if rate else ")") + " |")
+    print("|---|---|---|---|---|---|---|")
     for (shape, b, s, docs), budget, (name, _, _, _) in itertools.product(rows, budgets, variants):
         rs = [r for r in runs if r["variant"] == name and r["model"] == shape and r["batch"] == b and r["seq"] == s
               and r.get("docs", 0) == docs and r.get("budget_gib") == budget]
         ok = [r for r in rs if "tok_per_s" in r]
         label = f"{shape} {b}x{s}{f' packed {docs}' if docs else ''}{f' at {budget} GiB' if budget is not None else ''}"
         if not ok:
-            print(f"| {label} | {name} | error: {rs[0].get('error', '')[-80:] if rs else '?'} | | | |")
+            print(f"| {label} | {name} | error: {rs[0].get('error', '')[-80:] if rs else '?'} | | | | |")
             continue
         t = statistics.median(r["tok_per_s"] for r in ok)
+        flops = ok[0].get("model_flops_per_token")
+        mfu = f"{100 * t * flops / rate:.1f}%" if rate and flops else "?"
         print(f"| {label} | {name} | {t:,.0f} | {', '.join(format(r['tok_per_s'], ',') for r in ok)} | "
-              f"{max(r['peak_gib'] for r in ok):.2f} | {max(r['device_gib'] for r in ok):.2f} |")
+              f"{max(r['peak_gib'] for r in ok):.2f} | {max(r['device_gib'] for r in ok):.2f} | {mfu} |")
 
 
 def memory_sets(fields):

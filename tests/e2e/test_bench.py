@@ -54,8 +54,9 @@ def check_context_search():
     def fake_ours(binary, work, shape, b, s, steps, warm, sets, budget, docs, env=None):
         calls.append((pathlib.Path(work).name, budget, tuple(sets)) + ((tuple(sorted(env.items())),) if env else ()))
         return dict(system="qlora-train", model=shape, batch=b, seq=s, budget_gib=budget, tok_per_s=int(1000 + len(sets)),
-                    peak_gib=1.0, device_gib=2.0)
+                    peak_gib=1.0, device_gib=2.0, model_flops_per_token=4e11)
     bench_script.run_ours = fake_ours
+    bench_script.matrix_rate_if_cuda = lambda: 8e14  # the GPU's matrix rate, as measured before the variants run
     a = argparse.Namespace(ab=["auto=", "s24=--set train.memory.streamed_blocks=24",
                                "lt=--env TORCH_BLAS_PREFER_CUBLASLT=1"], budget="9,14", rounds=1,
                            binary="qt", work=str(TMP / "ab"), out=str(TMP / "ab"), steps=2, warm=1, set=[])
@@ -69,6 +70,10 @@ def check_context_search():
           and ("lt", 14.0, (), (("TORCH_BLAS_PREFER_CUBLASLT", "1"),)) in calls and len(table) == 6
           and "| llama-3.1-8b 1x8192 at 9.0 GiB | s24 | 1,001 |" in table[1],
           f"--ab runs each variant under each --budget (its --set, its --env), one table line each: {calls} {table}")
+    header = [l for l in out.getvalue().splitlines() if l.startswith("| row | variant")]
+    check(len(header) == 1 and "at 800 TFLOP/s" in header[0] and table[0].endswith("| 50.0% |")
+          and table[1].endswith("| 50.0% |"),
+          f"--ab's table gives each variant's MFU at the run's matrix rate (1,000 tok/s x 4e11 / 8e14): {header} {table}")
     # --hand-search: the plan command's alternatives (the real binary, no GPU needed with a budget) each forced,
     # every run told the budget; the picked plan against the fastest measured (a fake run: the second alternative
     # 5% faster, so that the picked plan is flagged).
