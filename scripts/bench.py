@@ -177,6 +177,11 @@ def matrix_rate():
     return rate
 
 
+def mfu_text(tok_per_s, flops_per_token, rate):
+    """MFU as the tables print it: model FLOPs (4 N + attention a token) per second over the matrix rate."""
+    return f"{100 * tok_per_s * flops_per_token / rate:.1f}%" if rate and flops_per_token else "?"
+
+
 def matrix_rate_if_cuda():
     """matrix_rate() where torch sees a GPU, else None (--ab's tests run on the CPU)."""
     import torch
@@ -310,8 +315,7 @@ def ab(a, rows):
             print(f"| {label} | {name} | error: {rs[0].get('error', '')[-80:] if rs else '?'} | | | | |")
             continue
         t = statistics.median(r["tok_per_s"] for r in ok)
-        flops = ok[0].get("model_flops_per_token")
-        mfu = f"{100 * t * flops / rate:.1f}%" if rate and flops else "?"
+        mfu = mfu_text(t, ok[0].get("model_flops_per_token"), rate)
         print(f"| {label} | {name} | {t:,.0f} | {', '.join(format(r['tok_per_s'], ',') for r in ok)} | "
               f"{max(r['peak_gib'] for r in ok):.2f} | {max(r['device_gib'] for r in ok):.2f} | {mfu} |")
 
@@ -647,7 +651,7 @@ def table(rows, results, rate):
                 return f"| {name} | {system} | {label} | {r.get('error', '?')[:60]} | | | | |"
             mine = next((x for x in row if x["system"] == "qlora-train" and x.get("budget_gib") == r.get("budget_gib")
                          and bool(x.get("search")) == bool(r.get("search")) and "tok_per_s" in x), None)
-            mfu = f"{100 * r['tok_per_s'] * flops / rate:.1f}%" if flops else "?"
+            mfu = mfu_text(r['tok_per_s'], flops, rate)
             ratio = (f"{mine['tok_per_s'] / r['tok_per_s']:.2f}x speed, {mine['device_gib'] / r['device_gib']:.2f}x device mem"
                      if mine and r is not mine and r.get("device_gib") else "")
             frees = (r.get("allocator") or {}).get("device_frees_timed", 0)

@@ -1,15 +1,16 @@
 // LoRA's rank-r GEMMs on the tensor cores (lora_gemm.h): memory-bound products where one side is [tokens, width]
 // (read once, from HBM) and the other has r <= 128 rows (from L2). cuBLAS runs them at 35-75% of the memory
 // bandwidth on an H100 (split-K with a reduce kernel, or tiles shaped for square GEMMs); these stream the wide
-// operand through a cp.async pipeline and multiply with mma.sync m16n8k16 (fp32 accumulators).
-//   - project: out [M, r] = x [M, K] a [r, K]^T, rounded to x's dtype. A CTA takes 32 rows of x and all of K; its 8
-//     warps split each 128-column stage of x in 2 row halves x 4 column quarters, and add their quarters in a fixed
-//     order at the end.
+// operand through a cp.async pipeline and multiply with mma.sync m16n8k16 (fp32 accumulators). Measured on an H100 and
+// an H200 they were slower than cuBLAS in the model, so the model calls them only when asked (lib/model/pass.h).
+//   - project: out [M, r] = x [M, K] a [r, K]^T, rounded to x's dtype. A CTA takes 128 rows of x (16 a warp) and a
+//     slice of K; the K slices of a row tile form one thread-block cluster, whose CTAs add their partial sums through
+//     distributed shared memory in rank order.
 //   - grads: out = alpha g^T x in fp32, g [M, r], x [M, N], as [r, N] or its transpose [N, r]; several jobs in one
 //     launch (a LoRA node's A and B gradients, or a group's). A CTA takes 128 columns of one job's x and a slice of the
 //     tokens; the slices of a column tile form one thread-block cluster, whose CTAs add their partial sums through
 //     distributed shared memory in rank order (deterministic, no workspace, no second kernel).
-// sm_90 (clusters); built for an older architecture the kernels are empty and lora_gemm_takes says no.
+// sm_90 (clusters); built for an older architecture the kernels are empty and lora_gemm_kernels_built says no.
 #include <cooperative_groups.h>
 
 #include <type_traits>
