@@ -583,13 +583,13 @@ TEST_CASE("a checkpointed run, its recomputation leaving the unused output out, 
 }
 
 // fixture_loss_and_grads on the two-block fixture with checkpointing (the last `whole` blocks without) and the
-// environment variable `name` set to `value` for the run (null: left unset), unset after; `stats` gets the model's
+// environment variable `name` set to `value` for the run (null: unset), restored after; `stats` gets the model's
 // counters.
 std::vector<at::Tensor> switched_loss_and_grads(const char* name, const char* value, bool checkpointing, int64_t whole,
                                                 std::shared_ptr<qt::ModelStats>& stats, const at::Device& device,
                                                 c10::ScalarType dtype) {
-  if (value) ::setenv(name, value, 1);
-  std::vector<at::Tensor> out = fixture_loss_and_grads(
+  const qt::test::ScopedEnv env(name, value);
+  return fixture_loss_and_grads(
       [&](qt::LlamaModel& m) {
         REQUIRE(m.config.num_hidden_layers == 2);
         m.plan.checkpointing = checkpointing;
@@ -597,8 +597,6 @@ std::vector<at::Tensor> switched_loss_and_grads(const char* name, const char* va
         stats = m.stats;
       },
       device, dtype);
-  ::unsetenv(name);
-  return out;
 }
 
 // Two runs' loss and LoRA gradients: as many, not all zero, each within `bound` relative error of the other's (0: bit
@@ -685,13 +683,11 @@ TEST_CASE("an unknown QT_LORA_GEMM_KERNELS value is an error naming the variable
     switched_loss_and_grads("QT_LORA_GEMM_KERNELS", "yes", false, 0, stats, at::kCPU, at::kFloat);
     FAIL("no error");
   } catch (const qt::Error& e) {
-    ::unsetenv("QT_LORA_GEMM_KERNELS");
     CHECK(e.kind() == qt::ErrorKind::Usage);
     const std::string what = e.what();
     CHECK(what.find("QT_LORA_GEMM_KERNELS=yes") != std::string::npos);
     CHECK(what.find("0, 1, project or grads") != std::string::npos);
   }
-  ::unsetenv("QT_LORA_GEMM_KERNELS");
 }
 
 // The norms writing into the q / k / v and gate / up groups' concatenated inputs (QT_NORM_INTO_CONCAT, on by default)
@@ -859,7 +855,7 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
   for (int mode = 0; mode < 5; ++mode) {
     const bool keep = mode != 2, batched = mode == 0 || mode >= 3, held = mode >= 3, bf16 = mode == 4;
     INFO("mode " << mode);
-    if (mode == 1) ::setenv("QT_LORA_FACTOR_REFRESH", "0", 1);
+    const qt::test::ScopedEnv refresh("QT_LORA_FACTOR_REFRESH", mode == 1 ? "0" : nullptr);
     auto load = [&] {
       qt::LoadOptions o = nf4_load();
       if (bf16) o.dtype = at::kBFloat16;
@@ -906,7 +902,6 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
       opt.step(1e-2);  // writes A and B in place: the next forward pass makes new factors
       opt.zero_grad();
     }
-    if (mode == 1) ::unsetenv("QT_LORA_FACTOR_REFRESH");
   }
 }
 
@@ -918,7 +913,8 @@ TEST_CASE("gate / up LoRA B terms inside the base GEMM match PEFT, with and with
     int64_t layers = 0;
     // mode 3: kept weights with the input gradients' LoRA terms in GEMMs of their own (QT_LORA_GRAD_GEMM=0, the A/B
     // switch)
-    if (mode == 3) ::setenv("QT_LORA_GRAD_GEMM", "0", 1);
+    std::optional<qt::test::ScopedEnv> own_gemms;
+    if (mode == 3) own_gemms.emplace("QT_LORA_GRAD_GEMM", "0");
     check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [&](qt::LlamaModel& m) {
       m.plan.checkpointing = mode > 0;
       m.plan.keep_dequantized = mode >= 2;
@@ -929,7 +925,7 @@ TEST_CASE("gate / up LoRA B terms inside the base GEMM match PEFT, with and with
     // writes into the concatenated input, Pass::norm_into_concat).
     CHECK(layers > 0);
     REQUIRE(stats);
-    if (mode == 3) ::unsetenv("QT_LORA_GRAD_GEMM");
+    own_gemms.reset();
     CHECK(stats->lora_b_in_gemm_runs == (mode > 0 ? 2 : 1) * 2 * layers);
     CHECK(stats->concat_inputs_in_place == (mode > 0 ? 2 : 1) * 2 * layers);
     if (mode == 3) {
@@ -1902,8 +1898,8 @@ TEST_CASE("on CUDA the norms writing into the LoRA groups' concatenated inputs g
     std::shared_ptr<qt::ModelStats> stats;
     int64_t padded = 0;
     auto run = [&](const char* value) {
-      if (value) ::setenv("QT_NORM_INTO_CONCAT", value, 1);
-      std::vector<at::Tensor> out = one_long_row(
+      const qt::test::ScopedEnv env("QT_NORM_INTO_CONCAT", value);
+      return one_long_row(
           cuda, at::kBFloat16, 256,
           [&](qt::LlamaModel& m) {
             REQUIRE(m.config.num_hidden_layers == 2);
@@ -1911,8 +1907,6 @@ TEST_CASE("on CUDA the norms writing into the LoRA groups' concatenated inputs g
             stats = m.stats;
           },
           &padded, qt::lora_target_names(), 1024);
-      ::unsetenv("QT_NORM_INTO_CONCAT");
-      return out;
     };
     const std::vector<at::Tensor> into = run(nullptr);
     CHECK(stats->concat_inputs_in_place == (checkpointing ? 8 : 4));

@@ -8,6 +8,7 @@
 #include "lib/model/llama_config.h"
 
 #include <csignal>
+#include <cstdlib>
 #include <functional>
 #include <optional>
 #include <string>
@@ -77,6 +78,27 @@ std::optional<qt::Error> caught(F&& f) {
   }
   return std::nullopt;
 }
+
+// An environment variable set to `value` (null: unset) for the scope, its previous value (or absence) restored after,
+// also when the scope is left by an exception or a failed REQUIRE.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) saved_ = old;
+    if (value) ::setenv(name, value, 1);
+    else ::unsetenv(name);
+  }
+  ~ScopedEnv() {
+    if (saved_) ::setenv(name_.c_str(), saved_->c_str(), 1);
+    else ::unsetenv(name_.c_str());
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  std::string name_;
+  std::optional<std::string> saved_;
+};
 
 inline bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
 
