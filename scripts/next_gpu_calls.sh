@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -37,6 +37,11 @@
 #      ATen's GEMMs, 8B 2 x 2048 at 80 GiB, three rounds; then call 6 with the kernels on (their in-model times):
 #      SUMMARY=s13.txt bash scripts/next_gpu_calls.sh 13; QT_LORA_GEMM_KERNELS=1 SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
 #   14: carry [".peers", ".peerscripts"]: build, 8B 2 x 2048 at 80 GiB, ours alone (MFU at the run's own matrix rate).
+#   15: carry [".peers", ".usite", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests
+#      (RoPE's q / k / v in one launch), 8B 1 x 8192 whole and packed at 80 GiB against Unsloth 0 (call 4's first half);
+#      then call 6 for the profile: SUMMARY=s15.txt bash scripts/next_gpu_calls.sh 15; SUMMARY=s6.txt ... 6
+#   16: carry as 15: build, the [fused_ops] and [lora] [gpu] tests (RoPE's kernel a token a CTA), 1B 4 x 2048 at 80 GiB
+#      against Unsloth 0; then call 6 for the profile (RoPE's time).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -49,7 +54,7 @@
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -186,6 +191,19 @@ case "$CALL" in
   note "== the residual add and RMSNorm in one kernel against apart (QT_FUSED_ADD_NORM=0), 8B 2 x 2048 at 80 GiB"
   run ab_add_norm.log 240 --rows 8b-2x2048 --budget 80 --ab fused= --ab apart="--env QT_FUSED_ADD_NORM=0" \
     --rounds "${ROUNDS:-2}" --steps 6 --warm 2
+  ;;
+15)
+  note "== RoPE's q / k / v in one launch (v copied by the rope kernel): the [fused_ops] and [lora] [gpu] tests;"
+  note "   issue 27: 8B 1 x 8192 whole and packed (median 330) at 80 GiB against Unsloth 0"
+  lora_gpu_tests 150
+  run budget_80_8k.log 300 --peers unsloth --unsloth-modes 0 --rows 8b-1x8192,8b-1x8192p330 --budget 80 --no-whole --steps 4 \
+    --warm 2
+  ;;
+16)
+  note "== RoPE's kernel a token a CTA (32-bit indices): the [fused_ops] and [lora] [gpu] tests; issue 27: 1B 4 x 2048"
+  note "   at 80 GiB against Unsloth 0"
+  lora_gpu_tests 150
+  run budget_80_1b.log 200 --peers unsloth --unsloth-modes 0 --rows 1b-4x2048 --budget 80 --no-whole --steps 6 --warm 2
   ;;
 14)
   note "== issue 27: 8B 2 x 2048 at 80 GiB, ours alone (the default plan and code; MFU at this run's matrix rate)"

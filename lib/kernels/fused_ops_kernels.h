@@ -67,6 +67,18 @@ void dropout_rank_update_launch(void* dx, int64_t ld_dx, const void* g, int64_t 
 // Forward: y_j = cast(cast(x_j c_j) + cast(r_j s_j)), r = rotate_half(x) = [-x2, x1], as ATen rounds.
 void rope_launch(const void* x, const void* cos, const void* sin, void* y, int64_t tokens, int64_t heads, int64_t D,
                  int64_t x_ld, int64_t y_ld, bool inverse, ElemType type, CUstream_st* stream);
+// One run of heads for rope_runs_launch: `heads` [D] rows a token, token t's at t * src_ld in src and t * dst_ld in
+// dst (elements, multiples of 8; pointers 16-byte aligned), rotated (as rope_launch) or copied as they are.
+struct RopeRows {
+  const void* src;
+  void* dst;
+  int64_t src_ld, dst_ld, heads;
+  bool rotate;
+};
+// Up to three runs in one launch, the same cos / sin rows for each: rope_qkv's q, k and v (v copied), forward from
+// the projection output into three tensors or backward from three gradients into one.
+void rope_runs_launch(const RopeRows* runs, int count, const void* cos, const void* sin, int64_t tokens, int64_t D,
+                      bool inverse, ElemType type, CUstream_st* stream);
 
 // Qwen3's q / k: y = rope(weight * cast(x * rstd)) per [D] row, rstd = 1 / sqrt(mean(x^2) + eps), in one pass
 // (rows, strides and rounding as rope_launch; weight [D]). D = 16 times a power of two up to 512

@@ -2,51 +2,80 @@
 // rope_qkv; reference rope_reference): one thread rotates 8 elements of a row's first half with their partners
 // in the second half. Qwen3's per-head RMSNorm before RoPE (rope_qkv with a QkNorm; reference: rms_norm_reference
 // then rope_reference) in the same pass: the D / 16 threads of a row sum its squares with warp shuffles.
+#include <algorithm>
+
 #include "lib/kernels/fused_ops_common.cuh"
 
 namespace qt::kernels {
 namespace {
 
-// One thread: 8 consecutive elements of the first half of one (token, head) row and their 8 partners in the
-// second half.
+// Up to three runs of heads one launch rotates or copies (RopeRows in fused_ops_kernels.h), typed; the runs side by
+// side make a token's heads: run 0's first, then run 1's, then run 2's.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) rope_kernel(const T* __restrict__ x, const T* __restrict__ cos,
-                                                        const T* __restrict__ sin, T* __restrict__ y,
-                                                        int64_t tokens, int64_t heads, int64_t D, int64_t x_ld,
-                                                        int64_t y_ld, bool inverse) {
-  const int64_t half = D / 2, per_row = half / kVec;
-  const int64_t total = tokens * heads * per_row;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t row = i / per_row, j = (i % per_row) * kVec;  // row = token * heads + head
-    const int64_t token = row / heads;
-    const int64_t head = row - token * heads;
-    const T* xr = x + token * x_ld + head * D;
-    const T* cr = cos + token * D;
-    const T* sr = sin + token * D;
-    float x1[kVec], x2[kVec], c1[kVec], c2[kVec], s1[kVec], s2[kVec], y1[kVec], y2[kVec];
-    load8(xr + j, x1);
-    load8(xr + half + j, x2);
-    load8(cr + j, c1);
-    load8(cr + half + j, c2);
-    load8(sr + j, s1);
-    load8(sr + half + j, s2);
-    if (!inverse) {
+struct RopeRuns {
+  const T* src[3];
+  T* dst[3];
+  int64_t src_ld[3], dst_ld[3], heads[3];
+  bool rotate[3];
+  int64_t all_heads;
+};
+
+// One thread: 8 consecutive elements of the first half of one (token, head) row and their 8 partners in the
+// second half, rotated or (a run without `rotate`: v beside q and k) copied as they are. A CTA takes a token at a time
+// and its threads the token's (head, 8 columns) items, in 32-bit arithmetic (the 64-bit divisions of a flat index ran
+// this kernel at two thirds of the copy bandwidth).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    rope_kernel(RopeRuns<T> runs, const T* __restrict__ cos, const T* __restrict__ sin, int64_t tokens, int D,
+                bool inverse) {
+  const int half = D / 2, per_row = half / kVec;
+  const int h0 = static_cast<int>(runs.heads[0]), h01 = h0 + static_cast<int>(runs.heads[1]);
+  const int items = static_cast<int>(runs.all_heads) * per_row;
+  for (int64_t token = blockIdx.x; token < tokens; token += gridDim.x) {
+    for (int item = static_cast<int>(threadIdx.x); item < items; item += static_cast<int>(blockDim.x)) {
+      int head = item / per_row;
+      const int j = (item - head * per_row) * kVec;
+      // (selects, not an indexed parameter array: that would go through local memory)
+      const bool in0 = head < h0, in1 = !in0 && head < h01;
+      head -= in0 ? 0 : in1 ? h0 : h01;
+      const T* src = in0 ? runs.src[0] : in1 ? runs.src[1] : runs.src[2];
+      T* dst = in0 ? runs.dst[0] : in1 ? runs.dst[1] : runs.dst[2];
+      const int64_t src_ld = in0 ? runs.src_ld[0] : in1 ? runs.src_ld[1] : runs.src_ld[2];
+      const int64_t dst_ld = in0 ? runs.dst_ld[0] : in1 ? runs.dst_ld[1] : runs.dst_ld[2];
+      const bool rotate = in0 ? runs.rotate[0] : in1 ? runs.rotate[1] : runs.rotate[2];
+      const T* xr = src + token * src_ld + head * D;
+      float x1[kVec], x2[kVec], y1[kVec], y2[kVec];
+      load8(xr + j, x1);
+      load8(xr + half + j, x2);
+      if (!rotate) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        y1[k] = round_t<T>(x1[k] * c1[k]) + round_t<T>(-x2[k] * s1[k]);
-        y2[k] = round_t<T>(x2[k] * c2[k]) + round_t<T>(x1[k] * s2[k]);
-      }
-    } else {
+        for (int k = 0; k < kVec; ++k) y1[k] = x1[k], y2[k] = x2[k];  // exact: T's values are floats
+      } else {
+        const T* cr = cos + token * D;
+        const T* sr = sin + token * D;
+        float c1[kVec], c2[kVec], s1[kVec], s2[kVec];
+        load8(cr + j, c1);
+        load8(cr + half + j, c2);
+        load8(sr + j, s1);
+        load8(sr + half + j, s2);
+        if (!inverse) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        y1[k] = x1[k] * c1[k] + x2[k] * s2[k];
-        y2[k] = x2[k] * c2[k] - x1[k] * s1[k];
+          for (int k = 0; k < kVec; ++k) {
+            y1[k] = round_t<T>(x1[k] * c1[k]) + round_t<T>(-x2[k] * s1[k]);
+            y2[k] = round_t<T>(x2[k] * c2[k]) + round_t<T>(x1[k] * s2[k]);
+          }
+        } else {
+#pragma unroll
+          for (int k = 0; k < kVec; ++k) {
+            y1[k] = x1[k] * c1[k] + x2[k] * s2[k];
+            y2[k] = x2[k] * c2[k] - x1[k] * s1[k];
+          }
+        }
       }
+      T* yr = dst + token * dst_ld + head * D;
+      store8(yr + j, y1);
+      store8(yr + half + j, y2);
     }
-    T* yr = y + token * y_ld + head * D;
-    store8(yr + j, y1);
-    store8(yr + half + j, y2);
   }
 }
 
@@ -209,21 +238,49 @@ void rope_norm_backward_launch(const void* dy, const void* x, const void* weight
   check_launch("rope_norm backward");
 }
 
-void rope_launch(const void* x, const void* cos, const void* sin, void* y, int64_t tokens, int64_t heads, int64_t D,
-                 int64_t x_ld, int64_t y_ld, bool inverse, ElemType type, CUstream_st* stream) {
-  QT_CHECK(D % (2 * kVec) == 0 && x_ld % kVec == 0 && y_ld % kVec == 0 && x_ld >= heads * D && y_ld >= heads * D,
-           ErrorKind::Internal, "rope kernel: head_dim must be a multiple of 16, token strides multiples of 8 and rows apart");
-  const int64_t work = tokens * heads * (D / 2 / kVec);
-  if (work == 0) return;
-  int64_t blocks = (work + kThreads - 1) / kThreads;
-  if (blocks > 132 * 16) blocks = 132 * 16;
+void rope_runs_launch(const RopeRows* runs, int count, const void* cos, const void* sin, int64_t tokens, int64_t D,
+                      bool inverse, ElemType type, CUstream_st* stream) {
+  QT_CHECK(count >= 1 && count <= 3 && D % (2 * kVec) == 0, ErrorKind::Internal,
+           "rope kernel: 1 to 3 runs of heads, head_dim a multiple of 16");
+  int64_t all_heads = 0;
+  for (int r = 0; r < count; ++r) {
+    const RopeRows& run = runs[r];
+    QT_CHECK(run.heads >= 0 && run.src_ld % kVec == 0 && run.dst_ld % kVec == 0 && run.src_ld >= run.heads * D &&
+                 run.dst_ld >= run.heads * D && reinterpret_cast<uintptr_t>(run.src) % 16 == 0 &&
+                 reinterpret_cast<uintptr_t>(run.dst) % 16 == 0,
+             ErrorKind::Internal, "rope kernel: token strides multiples of 8, rows apart, 16-byte aligned");
+    all_heads += run.heads;
+  }
+  QT_CHECK(all_heads * D < (int64_t{1} << 30), ErrorKind::Internal, "rope kernel: too many heads a token");
+  if (tokens * all_heads == 0) return;
+  // A token a CTA, its items spread evenly over the fewest rounds of at most kThreads threads (Llama 3 8B's q / k / v:
+  // 384 items, two rounds of 192), at most 64 CTAs an SM's worth in the grid.
+  const int64_t items = all_heads * (D / 2 / kVec), rounds = (items + kThreads - 1) / kThreads;
+  const unsigned threads = static_cast<unsigned>(((items + rounds - 1) / rounds + 31) / 32 * 32);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tokens, int64_t{132} * 64));
   dispatch(type, [&](auto t) {
     using T = decltype(t);
-    rope_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), static_cast<const T*>(cos), static_cast<const T*>(sin), static_cast<T*>(y), tokens,
-        heads, D, x_ld, y_ld, inverse);
+    RopeRuns<T> typed{};
+    for (int r = 0; r < 3; ++r) {
+      const RopeRows& run = runs[r < count ? r : count - 1];
+      typed.src[r] = static_cast<const T*>(run.src);
+      typed.dst[r] = static_cast<T*>(run.dst);
+      typed.src_ld[r] = run.src_ld;
+      typed.dst_ld[r] = run.dst_ld;
+      typed.heads[r] = r < count ? run.heads : 0;
+      typed.rotate[r] = run.rotate;
+    }
+    typed.all_heads = all_heads;
+    rope_kernel<T><<<blocks, threads, 0, stream>>>(typed, static_cast<const T*>(cos), static_cast<const T*>(sin),
+                                                   tokens, static_cast<int>(D), inverse);
   });
   check_launch("rope");
+}
+
+void rope_launch(const void* x, const void* cos, const void* sin, void* y, int64_t tokens, int64_t heads, int64_t D,
+                 int64_t x_ld, int64_t y_ld, bool inverse, ElemType type, CUstream_st* stream) {
+  const RopeRows run{x, y, x_ld, y_ld, heads, /*rotate=*/true};
+  rope_runs_launch(&run, 1, cos, sin, tokens, D, inverse, type, stream);
 }
 
 }  // namespace qt::kernels
