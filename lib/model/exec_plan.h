@@ -117,8 +117,9 @@ struct PlanInputs {
   int64_t seq = 2048;            // tokens per row
   bool cuda = false;
   // The GPU's memory bandwidth, bytes/s, from its memory clock and bus width (device_memory_bytes_per_s); 0: the
-  // H200's, on which the cost model's rates were measured. Its memory-bound terms scale by the H200's over this
-  // (an H100 SXM: 1.47 times as long); the matrix and attention rates do not (the same tensor cores).
+  // H200's, on which the cost model's rates were measured. Its memory-bound terms scale by the square root of the
+  // H200's over this (an H100 SXM: 1.21 times as long; fitted, exec_plan.cpp's memory_slowdown); the matrix and
+  // attention rates do not (the same tensor cores).
   double memory_bytes_per_s = 0;
   bool nf4 = true;               // NF4 base (else 16-bit)
   int64_t lora_params = 0;       // trainable LoRA elements (fp32, with gradient and AdamW state)
