@@ -29,8 +29,8 @@
 #      SUMMARY=s11.txt bash scripts/next_gpu_calls.sh 11; SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
 #   6: no carry: build, two profiled steps of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
 #      QT_PROFILE_STEPS=2: the host's work between two steps, where the GPU waits, is in the trace;
-#      scripts/trace_summary.py): each LoRA rank-r kernel's time and shapes, to weigh skinny-GEMM kernels of our own
-#      against cuBLAS's before writing them (issue 27: LoRA's 20 ms a step against a ~5 ms bandwidth floor).
+#      scripts/trace_summary.py): the time by op, and by kernel name for LoRA's, cuDNN attention's (its backward's
+#      three kernels apart: the grouped K / V's reduction over query heads among them), RoPE's, SwiGLU's and the norms'.
 #   12: the seventeenth session's LoRA GEMM kernels (ran in the eighteenth); 13 replaces it.
 #   13: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, the [fused_ops] and [lora] [gpu] tests, bench_lora_gemm
 #      (each kernel at 1, 2, 4 and 8 CTAs a cluster), the projection kernel alone, the gradients' alone and both against
@@ -46,8 +46,10 @@
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
 # the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth, 12 and 6 (H100) and 13 (H200) in the eighteenth
-# (docs/PERFORMANCE.md); what is left: 14, then 2 (24 GiB) and 4 again, on an H200 where one comes (the cost model's
-# machine), Unsloth's runs under the hog included.
+# (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth. What is left: 2, 15 and 16 on an H200 where
+# one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit there), 6 there
+# (cuDNN's backward kernels by name), 5 (the hand search with the current code). Carry at most 64 MiB: with .usite,
+# carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests' fixtures).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
 #   (cd build && python3 ../tests/oracles/generate.py --out tests/fixtures)     # the fixtures call 1 carries
@@ -226,8 +228,9 @@ case "$CALL" in
     --steps 6 --warmup 2 >"$L/prof.log" 2>&1
   tail -n 1 "$L/prof.log" | cut -c1-300 >>"$summary"
   trace=$(find "$L/prof" -name profile_trace.json | head -n 1)
-  [ -n "$trace" ] && python3 scripts/trace_summary.py "$trace" --top 80 --kernels lora_ >"$L/trace_summary.txt" 2>&1 &&
-    { head -n 40 "$L/trace_summary.txt"; grep -A 12 '^kernels matching' "$L/trace_summary.txt";
+  [ -n "$trace" ] && python3 scripts/trace_summary.py "$trace" --top 80 --kernels lora_,fmha,sdpa,cudnn,rope_,swiglu_,rms_ \
+    >"$L/trace_summary.txt" 2>&1 &&
+    { head -n 40 "$L/trace_summary.txt"; grep -A 24 '^kernels matching' "$L/trace_summary.txt";
       grep -A 40 '^compute stream' "$L/trace_summary.txt"; } >>"$summary"
   grep -E '^\{' "$L/prof.log" | tail -n 1 | tr ',' '\n' | grep -E 'tokens_per_s|step_ms|mfu|wall' >>"$summary"
   rm -rf "$L/prof"  # (tens of MB; the summary is what comes back)
