@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -42,21 +42,25 @@
 #      then call 6 for the profile: SUMMARY=s15.txt bash scripts/next_gpu_calls.sh 15; SUMMARY=s6.txt ... 6
 #   16: carry as 15: build, the [fused_ops] and [lora] [gpu] tests (RoPE's kernel a token a CTA), 1B 4 x 2048 at 80 GiB
 #      against Unsloth 0; then call 6 for the profile (RoPE's time).
+#   17: carry build/tests/fixtures/lora, data and dora: build, the [fused_ops] and [lora] [gpu] tests, bench_elementwise
+#      (SwiGLU's flat grid-stride loop against the rows grid: where the rows grid wins, swiglu.cu's launches take it
+#      by default; RoPE's one launch against its bytes).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
 # the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth, 12 and 6 (H100) and 13 (H200) in the eighteenth
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth. What is left: 2, 15 and 16 on an H200 where
 # one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit there), 6 there
-# (cuDNN's backward kernels by name), 5 (the hand search with the current code). Carry at most 64 MiB: with .usite,
-# carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests' fixtures).
+# (cuDNN's backward kernels by name), 5 (the hand search with the current code), 17 (any GPU: SwiGLU's grid). Carry
+# at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
+# fixtures).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
 #   cp -r ../shared/peers .peerscripts && bash .peerscripts/get-peers.sh .peers && bash .peerscripts/get-unsloth.sh .usite
 #   (cd build && python3 ../tests/oracles/generate.py --out tests/fixtures)     # the fixtures call 1 carries
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -206,6 +210,14 @@ case "$CALL" in
   note "   at 80 GiB against Unsloth 0"
   lora_gpu_tests 150
   run budget_80_1b.log 200 --peers unsloth --unsloth-modes 0 --rows 1b-4x2048 --budget 80 --no-whole --steps 6 --warm 2
+  ;;
+17)
+  note "== the elementwise kernels against the copy bandwidth (bench_elementwise: SwiGLU's flat loop against its rows"
+  note "   grid, RoPE's one launch) and the [fused_ops] and [lora] [gpu] tests (the rows grid's bits among them)"
+  lora_gpu_tests 150
+  timeout 120 build-gpu/bench_elementwise >"$L/bench_elementwise.log" 2>&1
+  note "bench_elementwise: exit $?"
+  cat "$L/bench_elementwise.log" >>"$summary"
   ;;
 14)
   note "== issue 27: 8B 2 x 2048 at 80 GiB, ours alone (the default plan and code; MFU at this run's matrix rate)"

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "lib/kernels/fused_ops.h"
+#include "lib/kernels/fused_ops_kernels.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -167,6 +169,43 @@ TEST_CASE("fused RoPE of q and k read out of one q/k/v projection output, and Sw
     check_rope_qkv(cuda, dtype, 5, 5, 64, bound(dtype));
     check_rope_qkv(cuda, dtype, 6, 2, 16, bound(dtype));
     for (int64_t I : {14336, 8192, 24}) check_swiglu_packed(cuda, dtype, I, bound(dtype));
+  }
+}
+
+// SwiGLU's kernels on the [rows, runs of 256 vectors] grid (bench/bench_elementwise.cpp weighs it against the flat
+// grid-stride loop the model takes) give the flat loop's bits, forward and backward, on gate / up read out of one
+// packed output; rows whose vectors are not a multiple of 256 included. Outputs start as NaN.
+TEST_CASE("SwiGLU's kernels on a rows grid give the bits of the flat loop, on CUDA", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (auto dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    const auto type = dtype == at::kFloat  ? qt::kernels::ElemType::Float32
+                      : dtype == at::kHalf ? qt::kernels::ElemType::Float16
+                                           : qt::kernels::ElemType::BFloat16;
+    for (auto [rows, cols] : {std::pair<int64_t, int64_t>{37, 14336}, {5, 24}, {300, 2056}}) {
+      INFO(c10::toString(dtype) << " rows " << rows << " cols " << cols);
+      const auto opt = at::TensorOptions().dtype(dtype).device(cuda);
+      const at::Tensor gu = at::randn({rows, 2 * cols}, opt) * 3, dy = at::randn({rows, cols}, opt);
+      cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+      std::array<at::Tensor, 2> out, dgu;
+      for (int by_rows = 0; by_rows < 2; ++by_rows) {
+        out[by_rows] = at::full({rows, cols}, NAN, opt);
+        dgu[by_rows] = at::full({rows, 2 * cols}, NAN, opt);
+        const char* g = static_cast<const char*>(gu.data_ptr());
+        const int64_t half = cols * gu.element_size();
+        qt::kernels::swiglu_forward_launch(g, g + half, out[by_rows].data_ptr(), rows, cols, 2 * cols, cols, type,
+                                           stream, by_rows == 1);
+        char* d = static_cast<char*>(dgu[by_rows].data_ptr());
+        qt::kernels::swiglu_backward_launch(dy.data_ptr(), g, g + half, d, d + half, rows, cols, 2 * cols, cols, type,
+                                            stream, by_rows == 1);
+      }
+      CHECK(out[0].isfinite().all().item<bool>());
+      CHECK(dgu[0].isfinite().all().item<bool>());
+      CHECK(qt::test::same_bits(out[1], out[0]));
+      CHECK(qt::test::same_bits(dgu[1], dgu[0]));
+      // and the flat loop is the op the model runs: swiglu_packed's forward
+      CHECK(qt::test::same_bits(out[0], qt::swiglu_packed_values(gu)));
+    }
   }
 }
 
