@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_timing.h"
 #include "lib/kernels/fused_ops.h"
 
 #ifdef QT_WITH_CUDA
@@ -22,36 +23,14 @@
 #endif
 
 #ifdef QT_WITH_CUDA
-namespace {
-
-// Median over batches of the time a call takes (us); call(i) runs on buffer set i.
-double time_us(int sets, const std::function<void(int)>& call) {
-  for (int i = 0; i < sets; ++i) call(i);  // warm up (and any one-time setup)
-  std::vector<double> per;
-  for (int b = 0; b < 7; ++b) {
-    at::cuda::CUDAEvent start(cudaEventDefault), stop(cudaEventDefault);
-    start.record();
-    for (int i = 0; i < 20; ++i) call(i % sets);
-    stop.record();
-    stop.synchronize();
-    per.push_back(start.elapsed_time(stop) * 1000.0 / 20);
-  }
-  std::sort(per.begin(), per.end());
-  return per[per.size() / 2];
-}
-
-int sets_for(double bytes) { return std::max(2, static_cast<int>(400e6 / bytes) + 1); }
-
-}  // namespace
+using qt::bench::sets_for;
+using qt::bench::time_us;
 
 int main(int argc, char** argv) {
   const int64_t M = argc > 1 ? std::atoll(argv[1]) : 4096;
   const auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
   // the copy bandwidth: 1 GiB read and written
-  at::Tensor src = at::empty({int64_t{1} << 29}, opt), dst = at::empty_like(src);
-  const double copy_us = time_us(1, [&](int) { dst.copy_(src); });
-  const double bw = 2.0 * src.numel() * 2 / (copy_us * 1e-6);  // bytes/s
-  src = dst = at::Tensor();
+  const double bw = qt::bench::copy_bytes_per_s();
   std::printf("%s, %lld tokens; copy bandwidth %.0f GB/s\n", at::cuda::getCurrentDeviceProperties()->name,
               static_cast<long long>(M), bw / 1e9);
   std::printf("| case | MB moved | limit us | kernel us | reference us | reference / kernel | kernel GB/s | us with 1, 2, "

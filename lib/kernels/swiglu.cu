@@ -22,6 +22,33 @@ __device__ __forceinline__ void swiglu_grad_one(float d, float g, float u, float
 
 // Rows of `cols` elements (a multiple of 8); gate and up rows start `ld_in` elements apart from row to row (the
 // two halves of one [rows, 2 * cols] projection output, or two tensors of [rows, cols]), dy / out rows `ld_out`.
+// One thread's 8 elements at row r, column c, forward and backward:
+template <typename T>
+__device__ __forceinline__ void swiglu_fwd_vec(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out,
+                                               int64_t r, int64_t c, int64_t ld_in, int64_t ld_out) {
+  float a[kVec], b[kVec];
+  load8(g + r * ld_in + c, a);
+  load8(u + r * ld_in + c, b);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) a[k] = swiglu_one<T>(a[k], b[k]);
+  store8(out + r * ld_out + c, a);
+}
+
+template <typename T>
+__device__ __forceinline__ void swiglu_bwd_vec(const T* __restrict__ dy, const T* __restrict__ g,
+                                               const T* __restrict__ u, T* __restrict__ dg, T* __restrict__ du,
+                                               int64_t r, int64_t c, int64_t ld_in, int64_t ld_out) {
+  float d[kVec], a[kVec], b[kVec], ga[kVec], gb[kVec];
+  load8(dy + r * ld_out + c, d);
+  load8(g + r * ld_in + c, a);
+  load8(u + r * ld_in + c, b);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) swiglu_grad_one<T>(d[k], a[k], b[k], ga[k], gb[k]);
+  store8(dg + r * ld_in + c, ga);
+  store8(du + r * ld_in + c, gb);
+}
+
+// A grid-stride loop over the rows' vectors as one flat index.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) swiglu_fwd(const T* __restrict__ g, const T* __restrict__ u,
                                                        T* __restrict__ out, int64_t rows, int64_t cols,
@@ -29,13 +56,8 @@ __global__ void __launch_bounds__(kThreads) swiglu_fwd(const T* __restrict__ g, 
   const int64_t per_row = cols / kVec, total = rows * per_row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t r = i / per_row, c = (i - r * per_row) * kVec;
-    float a[kVec], b[kVec];
-    load8(g + r * ld_in + c, a);
-    load8(u + r * ld_in + c, b);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) a[k] = swiglu_one<T>(a[k], b[k]);
-    store8(out + r * ld_out + c, a);
+    const int64_t r = i / per_row;
+    swiglu_fwd_vec(g, u, out, r, (i - r * per_row) * kVec, ld_in, ld_out);
   }
 }
 
@@ -47,32 +69,19 @@ __global__ void __launch_bounds__(kThreads) swiglu_bwd(const T* __restrict__ dy,
   const int64_t per_row = cols / kVec, total = rows * per_row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    const int64_t r = i / per_row, c = (i - r * per_row) * kVec;
-    float d[kVec], a[kVec], b[kVec], ga[kVec], gb[kVec];
-    load8(dy + r * ld_out + c, d);
-    load8(g + r * ld_in + c, a);
-    load8(u + r * ld_in + c, b);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) swiglu_grad_one<T>(d[k], a[k], b[k], ga[k], gb[k]);
-    store8(dg + r * ld_in + c, ga);
-    store8(du + r * ld_in + c, gb);
+    const int64_t r = i / per_row;
+    swiglu_bwd_vec(dy, g, u, dg, du, r, (i - r * per_row) * kVec, ld_in, ld_out);
   }
 }
 
-// The same two kernels on a two-dimensional grid: blockIdx.x a row, blockIdx.y a run of kThreads vectors of it; no
-// division (the grid-stride loop above divides a 64-bit index by the row's vectors for every 8 elements).
+// The same on a two-dimensional grid: blockIdx.x a row, blockIdx.y a run of kThreads vectors of it; no division (the
+// loop above divides a 64-bit index by the row's vectors for every 8 elements).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) swiglu_fwd_rows(const T* __restrict__ g, const T* __restrict__ u,
                                                             T* __restrict__ out, int64_t cols, int64_t ld_in,
                                                             int64_t ld_out) {
-  const int64_t r = blockIdx.x, c = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * kVec;
-  if (c >= cols) return;
-  float a[kVec], b[kVec];
-  load8(g + r * ld_in + c, a);
-  load8(u + r * ld_in + c, b);
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) a[k] = swiglu_one<T>(a[k], b[k]);
-  store8(out + r * ld_out + c, a);
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * kVec;
+  if (c < cols) swiglu_fwd_vec(g, u, out, static_cast<int64_t>(blockIdx.x), c, ld_in, ld_out);
 }
 
 template <typename T>
@@ -80,16 +89,8 @@ __global__ void __launch_bounds__(kThreads) swiglu_bwd_rows(const T* __restrict_
                                                             const T* __restrict__ u, T* __restrict__ dg,
                                                             T* __restrict__ du, int64_t cols, int64_t ld_in,
                                                             int64_t ld_out) {
-  const int64_t r = blockIdx.x, c = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * kVec;
-  if (c >= cols) return;
-  float d[kVec], a[kVec], b[kVec], ga[kVec], gb[kVec];
-  load8(dy + r * ld_out + c, d);
-  load8(g + r * ld_in + c, a);
-  load8(u + r * ld_in + c, b);
-#pragma unroll
-  for (int k = 0; k < kVec; ++k) swiglu_grad_one<T>(d[k], a[k], b[k], ga[k], gb[k]);
-  store8(dg + r * ld_in + c, ga);
-  store8(du + r * ld_in + c, gb);
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * kVec;
+  if (c < cols) swiglu_bwd_vec(dy, g, u, dg, du, static_cast<int64_t>(blockIdx.x), c, ld_in, ld_out);
 }
 
 // The rows grid where it fits CUDA's limits (rows < 2^31, a row's runs < 65,536).
