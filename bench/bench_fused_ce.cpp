@@ -5,7 +5,7 @@
 // gradient bytes), the targets of issue 11 (the fastest peer's time and Liger's memory for the default; CCE's
 // time and 1.05x the gradient bytes for low-memory; ../shared/peers/ce_peers.py measures the peers) and the
 // naive path, full logits + at::cross_entropy_loss. Modes: the automatic schedule (default and low-memory) and
-// each schedule forced.
+// each schedule forced; frozen (QLoRA's lm_head) with the rule's token chunks and with 512, 1024 and 2048 rows.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -148,6 +148,7 @@ int main() {
       qt::FusedCeSchedule schedule = qt::FusedCeSchedule::Auto;
       bool overlap_dw = true;
       int64_t vocab_tile = 0;
+      int64_t chunk_tokens = 0;  // 0: the rule's (frozen: 768 rows at this vocabulary in bf16)
     };
     using S = qt::FusedCeSchedule;
     const std::vector<Mode> modes = {
@@ -158,6 +159,10 @@ int main() {
         {"  token chunks low-mem", true, true, true, S::TokenChunks},
         {"  vocab tiles", true, true, false, S::VocabTiles},
         {"fused frozen", true, false},
+        // QLoRA's lm_head is frozen: larger token chunks (more tile memory) against the rule's 768 rows
+        {"  frozen chunk 512", true, false, false, S::Auto, true, 0, 512},
+        {"  frozen chunk 1024", true, false, false, S::Auto, true, 0, 1024},
+        {"  frozen chunk 2048", true, false, false, S::Auto, true, 0, 2048},
         {"naive trainable", false, true},
         {"naive frozen", false, false},
     };
@@ -168,6 +173,7 @@ int main() {
       o.schedule = m.schedule;
       o.overlap_dw = m.overlap_dw;
       o.vocab_tile = m.vocab_tile;
+      o.chunk_tokens = m.chunk_tokens;
       double fused_loss = 0;
       std::function<void()> run = [&] {
         weight.requires_grad_(trainable);
