@@ -4,6 +4,8 @@
 // a gradient). The physical limit beside each: the bytes the case must read and write over the device's copy
 // bandwidth (a 1 GiB device-to-device copy, read and write counted). Times: medians of 7 batches of 20 calls timed
 // with CUDA events, each call on another set of buffers (the sets together several times the L2 cache: DRAM figures).
+// Beside them cuBLAS on each product transposed (a x^T into [r, M]; a B gradient as g^T x into [r, N]): whether the
+// other orientation gets cuBLAS a better kernel for the ATen path.
 // Usage: bench_lora_gemm [tokens=4096]. Results: docs/PERFORMANCE.md.
 #include <ATen/ATen.h>
 
@@ -34,13 +36,16 @@ int main(int argc, char** argv) {
   std::printf("%s, %lld tokens; copy bandwidth %.0f GB/s\n", at::cuda::getCurrentDeviceProperties()->name,
               static_cast<long long>(M), bw / 1e9);
   std::printf("| case | MB moved | limit us | kernel us | reference us | reference / kernel | kernel GB/s | us with 1, 2, "
-              "4, 8 CTAs a cluster |\n");
-  std::printf("|---|---|---|---|---|---|---|---|\n");
-  // k: the kernel's time with the cluster it picks; by_cluster: with 1, 2, 4 and 8 CTAs a cluster
-  auto row = [&](const std::string& name, double bytes, double k, double ref, const std::vector<double>& by_cluster) {
-    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f | %.1f, %.1f, %.1f, %.1f |\n", name.c_str(),
+              "4, 8 CTAs a cluster | cuBLAS, the product transposed us |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  // k: the kernel's time with the cluster it picks; by_cluster: with 1, 2, 4 and 8 CTAs a cluster; flipped: cuBLAS
+  // on the transposed product (out^T = a x^T; a B gradient as g^T x instead of x^T g): another kernel choice, for
+  // the ATen path's orientation
+  auto row = [&](const std::string& name, double bytes, double k, double ref, const std::vector<double>& by_cluster,
+                 double flipped) {
+    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f | %.1f, %.1f, %.1f, %.1f | %.1f |\n", name.c_str(),
                 bytes / 1e6, bytes / bw * 1e6, k, ref, ref / k, bytes / (k * 1e-6) / 1e9, by_cluster[0], by_cluster[1],
-                by_cluster[2], by_cluster[3]);
+                by_cluster[2], by_cluster[3], flipped);
   };
   struct Proj {
     const char* name;
@@ -61,7 +66,10 @@ int main(int argc, char** argv) {
     const double ref = time_us(sets, [&](int i) { qt::lora_project_reference(outs[i], xs[i], a); });
     std::vector<double> by_cluster;
     for (int c : {1, 2, 4, 8}) by_cluster.push_back(time_us(sets, [&](int i) { qt::lora_project(outs[i], xs[i], a, true, c); }));
-    row(p.name, bytes, k, ref, by_cluster);
+    std::vector<at::Tensor> outs_t;
+    for (int i = 0; i < sets; ++i) outs_t.push_back(at::empty({p.r, M}, opt));
+    const double flipped = time_us(sets, [&](int i) { at::mm_out(outs_t[i], a, xs[i].t()); });
+    row(p.name, bytes, k, ref, by_cluster, flipped);
   }
   struct Grad {
     const char* name;
@@ -84,7 +92,13 @@ int main(int argc, char** argv) {
     std::vector<double> by_cluster;
     for (int c : {1, 2, 4, 8})
       by_cluster.push_back(time_us(sets, [&](int i) { qt::lora_grads(jobs[static_cast<size_t>(i)], true, c); }));
-    row(gcase.name, bytes, k, ref, by_cluster);
+    const double flipped = time_us(sets, [&](int i) {
+      for (qt::LoraGrad j : jobs[static_cast<size_t>(i)]) {
+        j.transposed = !j.transposed;
+        qt::lora_grads_reference({j});
+      }
+    });
+    row(gcase.name, bytes, k, ref, by_cluster, flipped);
   }
   return 0;
 }

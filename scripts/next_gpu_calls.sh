@@ -45,7 +45,8 @@
 #   17: carry build/tests/fixtures/lora, data and dora: build, the [fused_ops] and [lora] [gpu] tests, bench_elementwise
 #      (SwiGLU's flat grid-stride loop against the rows grid: where the rows grid wins, swiglu.cu's launches take it
 #      by default; RoPE's one launch against its bytes); bench_fused_ce's frozen rows (the loss's token chunks of 512
-#      to 2048 rows against the rule's 768: lm_head's GEMMs ran at 86% of the bench's rate in the 8B step).
+#      to 2048 rows against the rule's 768: lm_head's GEMMs ran at 86% of the bench's rate in the 8B step);
+#      bench_lora_gemm (cuBLAS on each LoRA product transposed beside the ATen path's orientation).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -222,6 +223,9 @@ case "$CALL" in
   timeout 200 build-gpu/bench_fused_ce >"$L/bench_fused_ce.log" 2>&1
   note "bench_fused_ce: exit $?"
   grep -iE "frozen|matmul rate|T x H x V" "$L/bench_fused_ce.log" | grep -v " done" >>"$summary"
+  timeout 150 build-gpu/bench_lora_gemm >"$L/bench_lora_gemm.log" 2>&1
+  note "bench_lora_gemm: exit $?"
+  cat "$L/bench_lora_gemm.log" >>"$summary"
   ;;
 14)
   note "== issue 27: 8B 2 x 2048 at 80 GiB, ours alone (the default plan and code; MFU at this run's matrix rate)"
