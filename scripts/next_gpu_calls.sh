@@ -27,7 +27,8 @@
 #   11: no carry: build, the residual add and RMSNorm in one kernel against apart (QT_FUSED_ADD_NORM=0), 8B 2 x 2048
 #      at 80 GiB, two rounds (its [gpu] test runs in call 10's [fused_ops] tests); then call 6 in the same command:
 #      SUMMARY=s11.txt bash scripts/next_gpu_calls.sh 11; SUMMARY=s6.txt bash scripts/next_gpu_calls.sh 6
-#   6: no carry: build, two profiled steps of 8B 2 x 2048 without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
+#   6: no carry: build, two profiled steps of 8B 2 x 2048 (another row: PROF_ROW="--shape llama-3.2-1b --batch 4
+#      --seq 2048") without checkpointing on the whole GPU (QT_PROFILE_STEP=4,
 #      QT_PROFILE_STEPS=2: the host's work between two steps, where the GPU waits, is in the trace;
 #      scripts/trace_summary.py): the time by op, and by kernel name for LoRA's, cuDNN attention's (its backward's
 #      three kernels apart: the grouped K / V's reduction over query heads among them), RoPE's, SwiGLU's and the norms'.
@@ -243,8 +244,9 @@ case "$CALL" in
     --rounds "${ROUNDS:-3}" --steps 6 --warm 2
   ;;
 6)
-  note "== issue 27: two profiled steps (the boundary between them included), 8B 2 x 2048, whole GPU"
-  QT_PROFILE_STEP=4 QT_PROFILE_STEPS=2 timeout 240 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 2 --seq 2048 --out "$L/prof" \
+  PROF_ROW=${PROF_ROW:---shape llama-3.1-8b --batch 2 --seq 2048}
+  note "== issue 27: two profiled steps (the boundary between them included), $PROF_ROW, whole GPU"
+  QT_PROFILE_STEP=4 QT_PROFILE_STEPS=2 timeout 240 build-gpu/qlora-train bench $PROF_ROW --out "$L/prof" \
     --steps 6 --warmup 2 >"$L/prof.log" 2>&1
   tail -n 1 "$L/prof.log" | cut -c1-300 >>"$summary"
   trace=$(find "$L/prof" -name profile_trace.json | head -n 1)
