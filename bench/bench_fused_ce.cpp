@@ -5,7 +5,8 @@
 // gradient bytes), the targets of issue 11 (the fastest peer's time and Liger's memory for the default; CCE's
 // time and 1.05x the gradient bytes for low-memory; ../shared/peers/ce_peers.py measures the peers) and the
 // naive path, full logits + at::cross_entropy_loss. Modes: the automatic schedule (default and low-memory) and
-// each schedule forced; frozen (QLoRA's lm_head) with the rule's token chunks and with 512, 1024 and 2048 rows.
+// each schedule forced; frozen (QLoRA's lm_head) with the rule's token chunks and with 512 to 4096 rows (the plan's
+// train.memory.loss_chunk_tokens), also at the 8B step's 4096 x 4096 x 128256.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -112,9 +113,12 @@ int main() {
     int64_t t, h, v;
     // Trainable targets on an H100 (issue 11, peers of 2026-11-25): default, then low-memory.
     double target_ms, target_gib, low_ms, low_gib;
+    bool frozen_only = false;  // the frozen modes only (no trainable targets at this shape)
   };
+  // The third: the 8B step's own (2 x 2048 tokens), where the plan's 2048-token tiles make 2 against the rule's 6.
   const std::vector<Shape> shapes = {{8192, 2048, 128256, 28.2, 0.583, 28.2, 0.547},
-                                     {16384, 4096, 128256, 91.7, 1.226, 272.0, 1.159}};
+                                     {16384, 4096, 128256, 91.7, 1.226, 272.0, 1.159},
+                                     {4096, 4096, 128256, 0, 0, 0, 0, true}};
   std::vector<Row> rows;
   for (const Shape& s : shapes) {
     const auto opts = at::TensorOptions().device(at::kCUDA).dtype(at::kBFloat16);
@@ -163,11 +167,13 @@ int main() {
         {"  frozen chunk 512", true, false, false, S::Auto, true, 0, 512},
         {"  frozen chunk 1024", true, false, false, S::Auto, true, 0, 1024},
         {"  frozen chunk 2048", true, false, false, S::Auto, true, 0, 2048},
+        {"  frozen chunk 4096", true, false, false, S::Auto, true, 0, 4096},
         {"naive trainable", false, true},
         {"naive frozen", false, false},
     };
     for (const Mode& m : modes) {
       const bool trainable = m.trainable, fused = m.fused;
+      if (s.frozen_only && trainable) continue;
       qt::FusedLinearCeOptions o;
       o.low_memory = m.low_memory;
       o.schedule = m.schedule;

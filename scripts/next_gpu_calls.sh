@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -48,6 +48,8 @@
 #      by default; RoPE's one launch against its bytes); bench_fused_ce's frozen rows (the loss's token chunks of 512
 #      to 2048 rows against the rule's 768: lm_head's GEMMs ran at 86% of the bench's rate in the 8B step);
 #      bench_lora_gemm (cuBLAS on each LoRA product transposed beside the ATen path's orientation).
+#   18: carry [".peers", ".peerscripts"]: build, the loss's logits in the plan's 2048-token tiles against the loss's own
+#      rule (train.memory.loss_chunk_tokens=0), 1B 4 x 2048 and 8B 2 x 2048 at 80 GiB, two rounds.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -63,7 +65,7 @@
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -227,6 +229,14 @@ case "$CALL" in
   timeout 150 build-gpu/bench_lora_gemm >"$L/bench_lora_gemm.log" 2>&1
   note "bench_lora_gemm: exit $?"
   cat "$L/bench_lora_gemm.log" >>"$summary"
+  ;;
+18)
+  note "== the loss's logits in the plan's 2048-token tiles against the loss's own rule (768 tokens at this vocabulary;"
+  note "   train.memory.loss_chunk_tokens=0), 1B 4 x 2048 and 8B 2 x 2048 at 80 GiB, two rounds"
+  run ab_loss_tiles_1b.log 170 --rows 1b-4x2048 --budget 80 --ab wide= --ab rule="--set train.memory.loss_chunk_tokens=0" \
+    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
+  run ab_loss_tiles_8b.log 240 --rows 8b-2x2048 --budget 80 --ab wide= --ab rule="--set train.memory.loss_chunk_tokens=0" \
+    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
   ;;
 14)
   note "== issue 27: 8B 2 x 2048 at 80 GiB, ours alone (the default plan and code; MFU at this run's matrix rate)"

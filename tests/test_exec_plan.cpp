@@ -1376,3 +1376,76 @@ TEST_CASE("rows padded for cuDNN: whole-document rows of 8,192 tokens and more u
   CHECK(expanded - padded > 1.4 * 2 * H * 61100);
   CHECK(expanded - padded < 1.7 * 2 * H * 61100);
 }
+
+TEST_CASE("the loss's logits in tiles of 2048 tokens where the budget holds the larger tile, over a frozen lm_head on "
+          "the device whose own rule takes fewer; forced values kept, refused where they cannot apply",
+          "[plan]") {
+  qt::PlanRequest r;
+  r.gpu_memory_gib = 80;
+  const qt::PlanInputs in = inputs("llama-3.1-8b", 2, 2048);
+  const qt::Decision d = qt::decide_plan(in, r);
+  CHECK(d.plan.loss_chunk_tokens == 2048);
+  CHECK(has(qt::describe(d), "the loss in tiles of 2048 tokens"));
+  CHECK(qt::to_json(d)["loss_chunk_tokens"] == 2048);
+  // What it buys: 9.5% of the loss's two GEMMs (4 T V H FLOPs at the cost model's matrix rate, 772 TFLOP/s); what it
+  // costs: the 2048 x V logits tile beyond the rule's 192 MiB and beyond the blocks' working set it alternates with.
+  qt::ExecPlan rule = d.plan;
+  rule.loss_chunk_tokens = 0;
+  const double T = 4096, H = 4096, V = 128256;
+  const double saved = qt::predict_step_time(in, rule).total() - qt::predict_step_time(in, d.plan).total();
+  CHECK(std::abs(saved - 0.095 * 4 * T * V * H / 772e12) < 1e-9);
+  CHECK(term(qt::predict_step_time(in, d.plan).terms, "loss_tiles") < 0);
+  CHECK(term(qt::predict_step_time(in, rule).terms, "loss_tiles") == 0);
+  const double more = qt::predict_footprint(in, d.plan).total() - qt::predict_footprint(in, rule).total();
+  CHECK(more > 0);
+  CHECK(more <= 1.1 * (2048 * V * 2 - 192.0 * 1024 * 1024));  // (the allocator's reserve grows with it)
+  // Within 24 GiB it still fits (one block's weights held dequantized fewer: the tile buys more a byte).
+  qt::PlanRequest r24;
+  r24.gpu_memory_gib = 24;
+  const qt::Decision d24 = qt::decide_plan(in, r24);
+  CHECK(d24.plan.loss_chunk_tokens == 2048);
+  CHECK(d24.footprint.total() <= 24 * kGiB);
+  // Not where it cannot apply or buys nothing: no budget (the CPU), a trained lm_head, one tied to trained embeddings,
+  // a vocabulary whose rule already takes 2048 tokens or more (32,000: 3,136), a micro-batch within the rule's tile.
+  CHECK(qt::decide_plan(inputs("llama-3.1-8b", 2, 2048, /*cuda=*/false), qt::PlanRequest{}).plan.loss_chunk_tokens == 0);
+  qt::PlanInputs trained = in;
+  trained.lm_head_trained = true;
+  CHECK(qt::decide_plan(trained, r).plan.loss_chunk_tokens == 0);
+  qt::PlanInputs tied = inputs("llama-3.2-1b", 4, 2048);
+  REQUIRE(tied.model.tie_word_embeddings);
+  CHECK(qt::decide_plan(tied, r).plan.loss_chunk_tokens == 2048);
+  tied.embeddings_trained = true;
+  CHECK(qt::decide_plan(tied, r).plan.loss_chunk_tokens == 0);
+  CHECK(qt::decide_plan(inputs("tinyllama-1.1b", 4, 2048), r).plan.loss_chunk_tokens == 0);
+  CHECK(qt::decide_plan(inputs("llama-3.1-8b", 1, 512), r).plan.loss_chunk_tokens == 0);
+  // Forced: kept, the rule's (0) and another size alike; no time term for a size not measured faster.
+  qt::PlanRequest forced = r;
+  forced.loss_chunk_tokens = 0;
+  CHECK(qt::decide_plan(in, forced).plan.loss_chunk_tokens == 0);
+  forced.loss_chunk_tokens = 1024;
+  const qt::Decision d1024 = qt::decide_plan(in, forced);
+  CHECK(d1024.plan.loss_chunk_tokens == 1024);
+  CHECK(term(d1024.step.terms, "loss_tiles") == 0);
+  CHECK(qt::decide_plan(inputs("llama-3.1-8b", 2, 2048, /*cuda=*/false), forced).plan.loss_chunk_tokens == 1024);
+  // Refused with a trained lm_head (its loss takes its own tiles) or one streamed from the host.
+  auto e = error_of(trained, forced);
+  REQUIRE(e);
+  CHECK(has(e->what(), "train.memory.loss_chunk_tokens"));
+  CHECK(has(e->what(), "frozen lm_head"));
+  qt::PlanRequest host = forced;
+  host.lm_head_on_host = true;
+  e = error_of(in, host);
+  REQUIRE(e);
+  CHECK(has(e->what(), "train.memory.loss_chunk_tokens"));
+  // The config key: -1 (auto), 0 or a token count from 16 to 65536.
+  CHECK(!qt::PlanRequest::from_json(qt::Json{{"loss_chunk_tokens", -1}}, "run.json").loss_chunk_tokens);
+  CHECK(qt::PlanRequest::from_json(qt::Json{{"loss_chunk_tokens", 0}}, "run.json").loss_chunk_tokens == int64_t{0});
+  CHECK(qt::PlanRequest::from_json(qt::Json{{"loss_chunk_tokens", 4096}}, "run.json").to_json()["loss_chunk_tokens"] ==
+        4096);
+  CHECK(qt::PlanRequest{}.to_json()["loss_chunk_tokens"] == -1);
+  for (const qt::Json& bad : {qt::Json(8), qt::Json(-2), qt::Json(70000), qt::Json("big"), qt::Json(1.5)}) {
+    e = qt::test::caught([&] { qt::PlanRequest::from_json(qt::Json{{"loss_chunk_tokens", bad}}, "run.json"); });
+    REQUIRE(e);
+    CHECK(has(e->what(), "train.memory.loss_chunk_tokens"));
+  }
+}

@@ -162,6 +162,32 @@ TEST_CASE("activation checkpointing gives the gradients of the plain backward pa
   }
 }
 
+TEST_CASE("the loss takes the plan's logits tiles over a frozen lm_head: the same loss and input gradient as the "
+          "loss's own rule and as the full logits", "[train]") {
+  qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {});
+  at::manual_seed(5);
+  const int64_t T = 37, H = model.config.hidden_size;
+  at::Tensor targets = at::randint(0, model.config.vocab_size, {1, T}, at::kLong);
+  targets.index_put_({0, at::indexing::Slice(0, 5)}, -100);
+  const at::Tensor h0 = at::randn({1, T, H});
+  auto run = [&](bool fused, int64_t chunk) {
+    model.plan.loss_chunk_tokens = chunk;
+    at::Tensor h = h0.clone().requires_grad_(true);
+    at::Tensor loss = qt::loss_sum(model, h, targets, fused);
+    loss.backward();
+    return std::make_pair(loss.item<double>(), h.grad().clone());
+  };
+  const auto [full, g_full] = run(false, 0);
+  REQUIRE(g_full.abs().sum().item<double>() > 0);
+  for (int64_t chunk : {int64_t{0}, int64_t{16}, int64_t{2048}}) {
+    INFO("loss_chunk_tokens " << chunk);
+    const auto [loss, g] = run(true, chunk);
+    CHECK(std::abs(loss - full) / std::abs(full) < 1e-5);
+    CHECK(rel_err(g, g_full) < 1e-5);
+  }
+  model.plan.loss_chunk_tokens = 0;
+}
+
 TEST_CASE("run config rejects unknown keys with a suggestion and bad values with the key", "[train][config]") {
   const std::string dir = qt::test::scratch_dir("run_config");
   auto parse = [&](const std::string& text, std::vector<std::string> overrides = {}) {

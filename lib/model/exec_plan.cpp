@@ -13,6 +13,7 @@
 
 #include "lib/core/error.h"
 #include "lib/kernels/attention_core.h"
+#include "lib/kernels/fused_linear_ce.h"
 #include "lib/kernels/nf4_dequant.h"
 
 namespace qt {
@@ -108,7 +109,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "blocks_without_checkpointing", "offload", "keep",
                              "keep_dequantized", "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings",
                              "lm_head", "optimizer", "weights", "streamed_blocks", "dequantized_blocks", "keep_swiglu",
-                             "replan_on_oom"},
+                             "loss_chunk_tokens", "replan_on_oom"},
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
@@ -161,6 +162,14 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
                "must be -1 (auto), 0 (off) or a token count (got " + v.dump() + ")");
     if (v.get<int64_t>() >= 0) r.mlp_chunk_tokens = v.get<int64_t>();
   }
+  if (json.contains("loss_chunk_tokens")) {
+    const Json& v = json["loss_chunk_tokens"];
+    if (!v.is_number_integer() || v.get<int64_t>() < -1 || (v.is_number_unsigned() && v.get<int64_t>() < 0) ||
+        (v.get<int64_t>() > 0 && v.get<int64_t>() < 16) || v.get<int64_t>() > 65536)
+      fail_key(ErrorKind::Config, file, at + "loss_chunk_tokens",
+               "must be -1 (auto), 0 (the loss's own rule) or a token count from 16 to 65536 (got " + v.dump() + ")");
+    if (v.get<int64_t>() >= 0) r.loss_chunk_tokens = v.get<int64_t>();
+  }
   if (json.contains("attention")) {
     const Json& v = json["attention"];
     const std::string s = v.is_string() ? v.get<std::string>() : "";
@@ -206,6 +215,7 @@ Json PlanRequest::to_json() const {
               {"streamed_blocks", streamed_blocks ? Json(*streamed_blocks) : Json("auto")},
               {"dequantized_blocks", dequantized_blocks ? Json(*dequantized_blocks) : Json("auto")},
               {"keep_swiglu", opt(keep_swiglu)},
+              {"loss_chunk_tokens", loss_chunk_tokens ? Json(*loss_chunk_tokens) : Json(-1)},
               {"replan_on_oom", replan_on_oom}};
 }
 
@@ -373,7 +383,10 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
   // eighth session, allocated peak against the tensors predicted so: 8B 2 x 2048 at 8 GiB 5.90 against 5.97 GiB,
   // 1 x 8192 at 9 GiB 6.71 against 6.91 (17 blocks streamed) and 5.87 against 6.07 (25), 1 x 2048 at 5.5 GiB 3.44
   // against 3.55 (with the tile added: 4-6% above).
-  const double tile = p.lm_head_on_host ? 64.0 * 1024 * 1024 + 2 * 8192 * H * e : 192.0 * 1024 * 1024;
+  // (A plan's loss_chunk_tokens: that many tokens' logits, at most the micro-batch's.)
+  const double tile = p.lm_head_on_host          ? 64.0 * 1024 * 1024 + 2 * 8192 * H * e
+                      : p.loss_chunk_tokens > 0 ? std::min(T, static_cast<double>(p.loss_chunk_tokens)) * V * e
+                                                : 192.0 * 1024 * 1024;
   double working = 0;
   for (const auto& [name, bytes] : f.terms)
     if (name == "working_set") working += bytes;
@@ -551,6 +564,13 @@ constexpr double kDropoutBytesPerS = 3.94e12;
 // checkpointing, 16,493 tok/s kept against 16,299 recomputed (fourth session, two calls: 1.2%, 3.0 ms a step for 32
 // blocks' 352 MB each: 3.75 TB/s). The memory-bound term above was fitted on rows that recomputed it.
 constexpr double kSwigluBytesPerS = 3.75e12;
+// The fused loss over a frozen lm_head in logits tiles of kWideLossChunk tokens instead of its rule's 192 MiB ones
+// (768 tokens at a vocabulary of 128,256 in bf16): measured on an H100 (bench_fused_ce, 2026-12-06), 8192 x 2048 x
+// 128256 (the 1B step's) 12.59 ms against 13.75 and 16384 x 4096 x 128256 48.38 against 52.05: 10.6% and 8.4% of
+// the two GEMMs' time at the bench's matrix rate (4 T V H FLOPs). Tiles of 512 and 1024 tokens were no faster than
+// 768 (cuBLAS's kernels for those M), so the plan takes 2048 or the rule.
+constexpr int64_t kWideLossChunk = 2048;
+constexpr double kWideLossSaving = 0.095;
 // The share of this rank's host memory a plan may pin (block weights streamed, offloaded activations, embeddings /
 // lm_head / AdamW's state on the host): the rest is the process's own and the system's.
 constexpr double kHostPinnedShare = 0.75;
@@ -569,6 +589,18 @@ constexpr double kHostPinnedShare = 0.75;
 static double memory_slowdown(const PlanInputs& in) {
   if (!(in.memory_bytes_per_s > 0)) return 1.0;
   return std::clamp(std::sqrt(kReferenceMemoryBytesPerS / in.memory_bytes_per_s), 0.25, 4.0);
+}
+
+// Whether the fused loss runs over a frozen lm_head on the device in tiles of at least kWideLossChunk tokens where
+// its own rule takes fewer (the cost model's loss_tiles term; what decide_plan weighs).
+static bool wide_loss_tiles(const PlanInputs& in, const ExecPlan& p) {
+  if (p.loss_chunk_tokens < kWideLossChunk || p.lm_head_on_host || in.lm_head_trained ||
+      (in.model.tie_word_embeddings && in.embeddings_trained))
+    return false;
+  const int64_t tokens = in.micro_batch * in.seq;
+  const int64_t rule = fused_linear_ce_chunk_tokens(tokens, in.model.hidden_size, in.model.vocab_size,
+                                                    /*weight_trainable=*/false, FusedLinearCeOptions{}, in.element_size);
+  return rule < kWideLossChunk && tokens > rule;
 }
 
 double swiglu_recompute_s(const PlanInputs& in) {
@@ -698,6 +730,8 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
     const double trained = static_cast<double>(in.lora_params + in.full_params);
     t.terms.emplace_back("optimizer_on_host", trained * (12.0 / kPcieBytesPerS + 1.0 / kHostAdamwElemsPerS));
   }
+  if (wide_loss_tiles(in, p))
+    t.terms.emplace_back("loss_tiles", -kWideLossSaving * T * 4 * V * H / kMatrixFlopsPerS);
   // lm_head streamed: V H e bytes over PCIe in each of the loss's two passes, behind that pass's GEMM (2 T V H).
   if (p.lm_head_on_host && in.cuda)
     t.terms.emplace_back("lm_head_streamed",
@@ -751,6 +785,12 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     fail_key(ErrorKind::Config, file, m + "lm_head", "\"host\" holds a frozen lm_head only; lora.modules_to_save trains it");
   if ((r.embeddings_on_host.value_or(false) || r.lm_head_on_host.value_or(false)) && in.sharded)
     fail_key(ErrorKind::Config, file, m + "embeddings", "\"host\" is not available with train.shard \"blocks\"");
+  if (r.loss_chunk_tokens.value_or(0) > 0 && (in.lm_head_trained || (tied && in.embeddings_trained)))
+    fail_key(ErrorKind::Config, file, m + "loss_chunk_tokens",
+             "applies to a frozen lm_head only (lora.modules_to_save trains it; its loss takes its own tiles)");
+  if (r.loss_chunk_tokens.value_or(0) > 0 && r.lm_head_on_host.value_or(false))
+    fail_key(ErrorKind::Config, file, m + "loss_chunk_tokens",
+             "applies to an lm_head on the device (train.memory.lm_head is \"host\": its loss streams it in slices)");
 
   const int64_t L = in.model.num_hidden_layers;
   // Block weights streamed: "host" streams every block unless streamed_blocks names how many; "device" none.
@@ -931,6 +971,22 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
       f = predict_footprint(in, cand);
     }
     if (d.budget_gib >= 0 && f.total() > limit) continue;
+    // The loss's logits in tiles of kWideLossChunk tokens ("auto"): where the plan still fits with the larger tile,
+    // before blocks hold their weights dequantized (about 1 ms a step at 8B for 0.3 GiB, against 0.27 ms for a
+    // block's 0.41 GiB).
+    if (r.loss_chunk_tokens) {
+      cand.loss_chunk_tokens = *r.loss_chunk_tokens;
+    } else if (in.cuda && d.budget_gib >= 0) {
+      ExecPlan wide = cand;
+      wide.loss_chunk_tokens = kWideLossChunk;
+      if (wide_loss_tiles(in, wide)) {
+        Footprint fw = predict_footprint(in, wide);
+        if (fw.total() <= limit) {
+          cand = wide;
+          f = std::move(fw);
+        }
+      }
+    }
     if (may_hold && cand.streamed_blocks == 0 && cand.mlp_chunk_tokens == 0) {
       int64_t n = std::min<int64_t>(L, static_cast<int64_t>(std::floor((limit - f.total()) / held_block_bytes)));
       for (; n > 0; --n) {
@@ -966,6 +1022,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   double least_bytes = 0;
   for (ExecPlan& cand : candidates) {
     cand.keep_swiglu = r.keep_swiglu.value_or(false);
+    cand.loss_chunk_tokens = r.loss_chunk_tokens.value_or(0);
     const double bytes = predict_footprint(in, cand).total();
     if (!least || bytes < least_bytes) least = &cand, least_bytes = bytes;
   }
@@ -1072,6 +1129,7 @@ std::string describe(const ExecPlan& p, int64_t layers) {
   if (p.embeddings_on_host) s += ", embeddings on the host";
   if (p.lm_head_on_host) s += ", lm_head streamed from the host";
   if (p.optimizer_on_host) s += ", AdamW on the host";
+  if (p.loss_chunk_tokens > 0) s += ", the loss in tiles of " + std::to_string(p.loss_chunk_tokens) + " tokens";
   if (p.dequantized_blocks > 0)
     s += p.dequantized_blocks >= layers && layers > 0
              ? std::string(", every block's weights held dequantized")
@@ -1118,7 +1176,8 @@ Json plan_fields(const ExecPlan& p) {
               {"weights", p.streamed_blocks > 0 ? "host" : "device"},
               {"streamed_blocks", p.streamed_blocks},
               {"dequantized_blocks", p.dequantized_blocks},
-              {"keep_swiglu", p.keep_swiglu}};
+              {"keep_swiglu", p.keep_swiglu},
+              {"loss_chunk_tokens", p.loss_chunk_tokens}};
 }
 
 Json to_json(const Decision& d) {

@@ -66,6 +66,11 @@ struct ExecPlan {
   // so that the loss and every gradient are those of the row as it is. The plan sets 128 under cuDNN with head_dim
   // 64 or 128.
   int64_t row_multiple = 1;
+  // > 0: the fused loss over a frozen lm_head on the device takes this many tokens a logits tile instead of its own
+  // rule's (a tile of at most 192 MiB: 768 tokens at a vocabulary of 128,256 in bf16): fewer, larger GEMMs, for the
+  // larger tile's memory. The plan sets 2048 where the budget holds it (measured 7-8% faster than 768 on an H100,
+  // bench_fused_ce).
+  int64_t loss_chunk_tokens = 0;
 
   bool keeps(KeepLevel level) const { return checkpointing && keep >= level; }
   bool weights_on_host() const { return streamed_blocks > 0; }
@@ -100,6 +105,7 @@ struct PlanRequest {
   std::optional<int64_t> streamed_blocks;
   std::optional<int64_t> dequantized_blocks;  // "auto" (unset): as many as the budget holds
   std::optional<bool> keep_swiglu;            // "auto" (unset): where the budget holds it
+  std::optional<int64_t> loss_chunk_tokens;   // "auto" (unset): 2048 where the budget holds it; 0: the loss's rule
   // A single-process run that runs out of device memory before its first step completes (loading, the CUDA
   // libraries' handles, step 1) starts again under a leaner plan, at most twice (lib/train/trainer.cpp).
   bool replan_on_oom = true;

@@ -281,7 +281,12 @@ at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at:
   const at::Tensor w = model.lm_head_weight();
   // The fused loss takes the targets from the host (checked and counted there: no sync with the GPU).
   if (fused && model.lm_head_on_host()) return streamed_linear_cross_entropy(h, w, targets.reshape({-1}));
-  if (fused) return fused_linear_cross_entropy(h, w, targets.reshape({-1})).loss_sum;
+  if (fused) {
+    // A frozen lm_head's logits in the plan's tiles (ExecPlan::loss_chunk_tokens; 0: the loss's own rule).
+    FusedLinearCeOptions options;
+    if (!w.requires_grad()) options.chunk_tokens = model.plan.loss_chunk_tokens;
+    return fused_linear_cross_entropy(h, w, targets.reshape({-1}), options).loss_sum;
+  }
   at::Tensor t = targets.reshape({-1}).to(hidden.device());
   at::Tensor logits = at::linear(h, w).to(at::kFloat);
   return at::cross_entropy_loss(logits, t, /*weight=*/{}, at::Reduction::Sum, /*ignore_index=*/-100);
