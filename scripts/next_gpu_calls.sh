@@ -54,9 +54,9 @@
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
 # the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth, 12 and 6 (H100) and 13 (H200) in the eighteenth
-# (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth. What is left: 2, 15 and 16 on an H200 where
-# one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit there), 6 there
-# (cuDNN's backward kernels by name), 5 (the hand search with the current code), 17 (any GPU: SwiGLU's grid). Carry
+# (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
+# twentieth. What is left: 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its
+# table and the memory-bound rate's refit there), 6 there. Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
 # fixtures).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):

@@ -565,12 +565,14 @@ constexpr double kDropoutBytesPerS = 3.94e12;
 // blocks' 352 MB each: 3.75 TB/s). The memory-bound term above was fitted on rows that recomputed it.
 constexpr double kSwigluBytesPerS = 3.75e12;
 // The fused loss over a frozen lm_head in logits tiles of kWideLossChunk tokens instead of its rule's 192 MiB ones
-// (768 tokens at a vocabulary of 128,256 in bf16): measured on an H100 (bench_fused_ce, 2026-12-06), 8192 x 2048 x
-// 128256 (the 1B step's) 12.59 ms against 13.75 and 16384 x 4096 x 128256 48.38 against 52.05: 10.6% and 8.4% of
-// the two GEMMs' time at the bench's matrix rate (4 T V H FLOPs). Tiles of 512 and 1024 tokens were no faster than
-// 768 (cuBLAS's kernels for those M), so the plan takes 2048 or the rule.
+// (768 tokens at a vocabulary of 128,256 in bf16), as a share of the loss's two GEMMs at the matrix rate above (4 T V
+// H FLOPs). Measured on an H100 (2026-12-06): alone (bench_fused_ce) 8192 x 2048 x 128256 (the 1B step's) 12.59 ms
+// against 13.75 and 16384 x 4096 x 128256 48.38 against 52.05; in the step (one call, two rounds each, 80 GiB)
+// 1B 4 x 2048 88,870 tok/s against 87,214 and 8B 2 x 2048 17,551 against 17,420: 1.75 ms a step both, 15.7% of
+// the 11.15 ms that 4 T V H takes at 772 TFLOP/s on either row. Tiles of 512 and 1024 tokens were no faster than 768
+// alone (cuBLAS's kernels for those M), so the plan takes 2048 or the rule.
 constexpr int64_t kWideLossChunk = 2048;
-constexpr double kWideLossSaving = 0.095;
+constexpr double kWideLossSaving = 0.157;
 // The share of this rank's host memory a plan may pin (block weights streamed, offloaded activations, embeddings /
 // lm_head / AdamW's state on the host): the rest is the process's own and the system's.
 constexpr double kHostPinnedShare = 0.75;
