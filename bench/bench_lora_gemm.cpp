@@ -6,7 +6,9 @@
 // with CUDA events, each call on another set of buffers (the sets together several times the L2 cache: DRAM figures).
 // Beside them cuBLAS on each product transposed (a x^T into [r, M]; a B gradient as g^T x into [r, N]): whether the
 // other orientation gets cuBLAS a better kernel for the ATen path.
-// Usage: bench_lora_gemm [tokens=4096]. Results: docs/PERFORMANCE.md.
+// Usage: bench_lora_gemm [tokens=4096] [8b|1b]: the LoRA products of Llama 3.1 8B's block (the default) or Llama 3.2
+// 1B's (H 2048, I 8192, kv 512: the 1B step's profile ran its x A^T at 37-45% of the bandwidth, at 8192 tokens).
+// Results: docs/PERFORMANCE.md.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -30,30 +32,50 @@ using qt::bench::time_us;
 
 int main(int argc, char** argv) {
   const int64_t M = argc > 1 ? std::atoll(argv[1]) : 4096;
+  const std::string model = argc > 2 ? argv[2] : "8b";
+  if (model != "8b" && model != "1b") {
+    std::fprintf(stderr, "bench_lora_gemm: the model is 8b or 1b (got %s)\n", model.c_str());
+    return 2;
+  }
+  // The block's widths: hidden (= q), intermediate, k / v.
+  const int64_t H = model == "8b" ? 4096 : 2048, I = model == "8b" ? 14336 : 8192, KV = model == "8b" ? 1024 : 512;
+  auto name = [](const char* fmt, auto... v) {
+    char buf[128];
+    std::snprintf(buf, sizeof buf, fmt, static_cast<long long>(v)...);
+    return std::string(buf);
+  };
   const auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
   // the copy bandwidth: 1 GiB read and written
   const double bw = qt::bench::copy_bytes_per_s();
-  std::printf("%s, %lld tokens; copy bandwidth %.0f GB/s\n", at::cuda::getCurrentDeviceProperties()->name,
-              static_cast<long long>(M), bw / 1e9);
+  std::printf("%s, %lld tokens, the %s block's products; copy bandwidth %.0f GB/s\n",
+              at::cuda::getCurrentDeviceProperties()->name, static_cast<long long>(M), model.c_str(), bw / 1e9);
   std::printf("| case | MB moved | limit us | kernel us | reference us | reference / kernel | kernel GB/s | us with 1, 2, "
-              "4, 8 CTAs a cluster | cuBLAS, the product transposed us |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+              "4, 8 CTAs a cluster | cuBLAS, the product transposed us | cuBLAS batched over 2, 4, 8 K slices, summed us |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   // k: the kernel's time with the cluster it picks; by_cluster: with 1, 2, 4 and 8 CTAs a cluster; flipped: cuBLAS
   // on the transposed product (out^T = a x^T; a B gradient as g^T x instead of x^T g): another kernel choice, for
   // the ATen path's orientation
+  // split: x A^T as a batched GEMM over K slices (x's and A's slices strided views, no copy) summed after (more
+  // output tiles in flight where r is narrow); empty for the gradients
   auto row = [&](const std::string& name, double bytes, double k, double ref, const std::vector<double>& by_cluster,
-                 double flipped) {
-    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f | %.1f, %.1f, %.1f, %.1f | %.1f |\n", name.c_str(),
+                 double flipped, const std::vector<double>& split = {}) {
+    std::string splits = "-";
+    if (split.size() == 3) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%.1f, %.1f, %.1f", split[0], split[1], split[2]);
+      splits = buf;
+    }
+    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f | %.1f, %.1f, %.1f, %.1f | %.1f | %s |\n", name.c_str(),
                 bytes / 1e6, bytes / bw * 1e6, k, ref, ref / k, bytes / (k * 1e-6) / 1e9, by_cluster[0], by_cluster[1],
-                by_cluster[2], by_cluster[3], flipped);
+                by_cluster[2], by_cluster[3], flipped, splits.c_str());
   };
   struct Proj {
-    const char* name;
+    std::string name;
     int64_t K, r;
   };
-  for (const Proj& p : {Proj{"x A^T q/k/v (K 4096, r 48)", 4096, 48}, Proj{"x A^T o_proj (K 4096, r 16)", 4096, 16},
-                        Proj{"x A^T gate/up (K 4096, r 32)", 4096, 32},
-                        Proj{"x A^T down_proj (K 14336, r 16)", 14336, 16}}) {
+  for (const Proj& p : {Proj{name("x A^T q/k/v (K %lld, r 48)", H), H, 48}, Proj{name("x A^T o_proj (K %lld, r 16)", H), H, 16},
+                        Proj{name("x A^T gate/up (K %lld, r 32)", H), H, 32},
+                        Proj{name("x A^T down_proj (K %lld, r 16)", I), I, 16}}) {
     const double bytes = 2.0 * (M * p.K + p.r * p.K + M * p.r);
     const int sets = sets_for(bytes);
     std::vector<at::Tensor> xs, outs;
@@ -69,16 +91,36 @@ int main(int argc, char** argv) {
     std::vector<at::Tensor> outs_t;
     for (int i = 0; i < sets; ++i) outs_t.push_back(at::empty({p.r, M}, opt));
     const double flipped = time_us(sets, [&](int i) { at::mm_out(outs_t[i], a, xs[i].t()); });
-    row(p.name, bytes, k, ref, by_cluster, flipped);
+    // [M, K] as [s, M, K / s] (strides K / s, K, 1) times A's slices [s, K / s, r], summed over s in fp32.
+    std::vector<double> split;
+    for (int64_t slices : {2, 4, 8}) {
+      const int64_t ks = p.K / slices;
+      const at::Tensor a_s = a.as_strided({slices, ks, p.r}, {ks, 1, p.K});
+      std::vector<at::Tensor> parts;
+      for (int i = 0; i < sets; ++i) parts.push_back(at::empty({slices, M, p.r}, opt));
+      split.push_back(time_us(sets, [&](int i) {
+        at::bmm_out(parts[i], xs[i].as_strided({slices, M, ks}, {ks, p.K, 1}), a_s);
+        at::sum_out(outs[i], parts[i], {0}, false, at::kBFloat16);
+      }));
+      // (the same product: checked once)
+      if (slices == 2) {
+        at::bmm_out(parts[0], xs[0].as_strided({slices, M, ks}, {ks, p.K, 1}), a_s);
+        const at::Tensor got = parts[0].to(at::kFloat).sum(0), want = at::mm(xs[0], a.t()).to(at::kFloat);
+        const double err = (got - want).abs().max().item<double>() / want.abs().max().item<double>();
+        if (!(err < 2e-2)) std::printf("| %s: the split product differs from x A^T by %.3g (relative) |\n", p.name.c_str(), err);
+      }
+    }
+    row(p.name, bytes, k, ref, by_cluster, flipped, split);
   }
   struct Grad {
-    const char* name;
+    std::string name;
     std::vector<std::pair<int64_t, int64_t>> jobs;  // (r, N): the first g^T x, the rest transposed (B gradients)
   };
-  for (const Grad& gcase : {Grad{"dA, dB q/k/v (x 4096; dy 4096, 1024, 1024)", {{48, 4096}, {16, 4096}, {16, 1024}, {16, 1024}}},
-                            Grad{"dA, dB o_proj (x 4096; dy 4096)", {{16, 4096}, {16, 4096}}},
-                            Grad{"dA, dB gate/up (x 4096; dy 14336 x 2)", {{32, 4096}, {16, 14336}, {16, 14336}}},
-                            Grad{"dA, dB down_proj (x 14336; dy 4096)", {{16, 14336}, {16, 4096}}}}) {
+  for (const Grad& gcase :
+       {Grad{name("dA, dB q/k/v (x %lld; dy %lld, %lld, %lld)", H, H, KV, KV), {{48, H}, {16, H}, {16, KV}, {16, KV}}},
+        Grad{name("dA, dB o_proj (x %lld; dy %lld)", H, H), {{16, H}, {16, H}}},
+        Grad{name("dA, dB gate/up (x %lld; dy %lld x 2)", H, I), {{32, H}, {16, I}, {16, I}}},
+        Grad{name("dA, dB down_proj (x %lld; dy %lld)", I, H), {{16, I}, {16, H}}}}) {
     double bytes = 0;
     for (const auto& [r, n] : gcase.jobs) bytes += 2.0 * (M * n + M * r) + 4.0 * r * n;
     const int sets = sets_for(bytes);

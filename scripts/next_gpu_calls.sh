@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -50,13 +50,16 @@
 #      bench_lora_gemm (cuBLAS on each LoRA product transposed beside the ATen path's orientation).
 #   18: carry [".peers", ".peerscripts"]: build, the loss's logits in the plan's 2048-token tiles against the loss's own
 #      rule (train.memory.loss_chunk_tokens=0), 1B 4 x 2048 and 8B 2 x 2048 at 80 GiB, two rounds.
+#   19: no carry: build, bench_lora_gemm at the 1B block's shapes (8192 tokens) and the 8B's (4096), each product also
+#      as cuBLAS batched over 2, 4 and 8 K slices summed (where r is narrow, more output tiles in flight: if it wins,
+#      the LoRA nodes take it); bench_fused_ce's frozen rows at the 8B step's 4096 tokens and with 4096-token tiles.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
 # the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth, 12 and 6 (H100) and 13 (H200) in the eighteenth
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
 # twentieth. What is left: 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its
-# table and the memory-bound rate's refit there), 6 there. Carry
+# table and the memory-bound rate's refit there), 6 there; 19 (any GPU: LoRA's products at the 1B shapes). Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
 # fixtures).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
@@ -65,7 +68,7 @@
 # Everything but summary.txt goes back in logs.tgz (at most 8 files come back from $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18}
+CALL=${1:?usage: next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19}
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/logs"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -229,6 +232,19 @@ case "$CALL" in
   timeout 150 build-gpu/bench_lora_gemm >"$L/bench_lora_gemm.log" 2>&1
   note "bench_lora_gemm: exit $?"
   cat "$L/bench_lora_gemm.log" >>"$summary"
+  ;;
+19)
+  note "== LoRA's products at the 1B block's shapes (8192 tokens: the 1B profile ran x A^T at 37-45% of the bandwidth)"
+  note "   and the 8B's, with cuBLAS batched over K slices beside; bench_fused_ce's frozen rows (the 8B step's 4096 tokens)"
+  timeout 150 build-gpu/bench_lora_gemm 8192 1b >"$L/bench_lora_gemm_1b.log" 2>&1
+  note "bench_lora_gemm 1b: exit $?"
+  cat "$L/bench_lora_gemm_1b.log" >>"$summary"
+  timeout 150 build-gpu/bench_lora_gemm 4096 8b >"$L/bench_lora_gemm_8b.log" 2>&1
+  note "bench_lora_gemm 8b: exit $?"
+  cat "$L/bench_lora_gemm_8b.log" >>"$summary"
+  timeout 200 build-gpu/bench_fused_ce >"$L/bench_fused_ce.log" 2>&1
+  note "bench_fused_ce: exit $?"
+  grep -iE "frozen|matmul rate|T x H x V" "$L/bench_fused_ce.log" | grep -v " done" >>"$summary"
   ;;
 18)
   note "== the loss's logits in the plan's 2048-token tiles against the loss's own rule (768 tokens at this vocabulary;"
