@@ -6,7 +6,8 @@
 // time and 1.05x the gradient bytes for low-memory; ../shared/peers/ce_peers.py measures the peers) and the
 // naive path, full logits + at::cross_entropy_loss. Modes: the automatic schedule (default and low-memory) and
 // each schedule forced; frozen (QLoRA's lm_head) with the rule's token chunks and with 512 to 4096 rows (the plan's
-// train.memory.loss_chunk_tokens), also at the 8B step's 4096 x 4096 x 128256.
+// train.memory.loss_chunk_tokens), also at the 8B step's 4096 x 4096 x 128256; and the tile kernel on its persistent
+// grid (resident: one CTA an SM) beside the default grid.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -153,6 +154,7 @@ int main() {
       bool overlap_dw = true;
       int64_t vocab_tile = 0;
       int64_t chunk_tokens = 0;  // 0: the rule's (frozen: 768 rows at this vocabulary in bf16)
+      int resident = 0;          // the tile kernel's persistent grid (FusedLinearCeOptions::resident_tiles)
     };
     using S = qt::FusedCeSchedule;
     const std::vector<Mode> modes = {
@@ -168,6 +170,10 @@ int main() {
         {"  frozen chunk 1024", true, false, false, S::Auto, true, 0, 1024},
         {"  frozen chunk 2048", true, false, false, S::Auto, true, 0, 2048},
         {"  frozen chunk 4096", true, false, false, S::Auto, true, 0, 4096},
+        // the tile kernel on its persistent grid (one CTA an SM: each row's second read from L2)
+        {"  frozen resident", true, false, false, S::Auto, true, 0, 0, 1},
+        {"  frozen chunk 2048 resident", true, false, false, S::Auto, true, 0, 2048, 1},
+        {"  trainable resident", true, true, false, S::Auto, true, 0, 0, 1},
         {"naive trainable", false, true},
         {"naive frozen", false, false},
     };
@@ -180,6 +186,7 @@ int main() {
       o.overlap_dw = m.overlap_dw;
       o.vocab_tile = m.vocab_tile;
       o.chunk_tokens = m.chunk_tokens;
+      o.resident_tiles = m.resident;
       double fused_loss = 0;
       std::function<void()> run = [&] {
         weight.requires_grad_(trainable);

@@ -52,7 +52,9 @@
 #      rule (train.memory.loss_chunk_tokens=0), 1B 4 x 2048 and 8B 2 x 2048 at 80 GiB, two rounds.
 #   19: no carry: build, bench_lora_gemm at the 1B block's shapes (8192 tokens) and the 8B's (4096), each product also
 #      as cuBLAS batched over 2, 4 and 8 K slices summed (where r is narrow, more output tiles in flight: if it wins,
-#      the LoRA nodes take it); bench_fused_ce's frozen rows at the 8B step's 4096 tokens and with 4096-token tiles.
+#      the LoRA nodes take it); the [fused_ce] [gpu] tests; bench_fused_ce's frozen rows at the 8B step's 4096 tokens,
+#      with 4096-token tiles and with the tile kernel on its persistent grid (one CTA an SM: where it wins, the
+#      default); that grid in the step (QT_CE_RESIDENT_TILES=1 against off), 1B 4 x 2048 at 80 GiB, two rounds.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -242,9 +244,16 @@ case "$CALL" in
   timeout 150 build-gpu/bench_lora_gemm 4096 8b >"$L/bench_lora_gemm_8b.log" 2>&1
   note "bench_lora_gemm 8b: exit $?"
   cat "$L/bench_lora_gemm_8b.log" >>"$summary"
-  timeout 200 build-gpu/bench_fused_ce >"$L/bench_fused_ce.log" 2>&1
+  note "== the fused loss's [gpu] tests (the tile kernel's persistent grid against the default grid's bits)"
+  (cd build-gpu && timeout 200 ./tests/qt_tests "[fused_ce][gpu]") >"$L/tests_fused_ce.log" 2>&1
+  tail -n 4 "$L/tests_fused_ce.log" >>"$summary"
+  grep -B 4 -A 12 "FAILED" "$L/tests_fused_ce.log" | head -n 40 >>"$summary"
+  timeout 240 build-gpu/bench_fused_ce >"$L/bench_fused_ce.log" 2>&1
   note "bench_fused_ce: exit $?"
-  grep -iE "frozen|matmul rate|T x H x V" "$L/bench_fused_ce.log" | grep -v " done" >>"$summary"
+  grep -iE "frozen|resident|fused trainable|matmul rate|T x H x V" "$L/bench_fused_ce.log" | grep -v " done" >>"$summary"
+  note "== the tile kernel's persistent grid in the step (QT_CE_RESIDENT_TILES=1), 1B 4 x 2048 at 80 GiB, two rounds"
+  run ab_resident_1b.log 170 --rows 1b-4x2048 --budget 80 --ab grid= --ab resident="--env QT_CE_RESIDENT_TILES=1" \
+    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
   ;;
 18)
   note "== the loss's logits in the plan's 2048-token tiles against the loss's own rule (768 tokens at this vocabulary;"

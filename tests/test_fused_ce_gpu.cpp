@@ -118,6 +118,53 @@ TEST_CASE("CUDA CE tile kernel equals ATen on the same logits (fp32, bf16, fp16;
 #endif
 }
 
+TEST_CASE("CUDA CE tile kernel on its persistent grid (one CTA an SM, rows in turn) gives the default grid's bits",
+          "[gpu][fused_ce]") {
+  REQUIRE(at::hasCUDA());
+#ifdef QT_WITH_CUDA
+  at::manual_seed(22);
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Fewer rows than SMs (a row a CTA) and several rows a CTA with a partial last round; a vocabulary of 16-byte
+  // vectors only and one with a scalar tail in padded rows; with and without the extras.
+  for (const at::ScalarType dtype : {at::kBFloat16, at::kHalf, at::kFloat}) {
+    for (const int64_t rows : {int64_t{67}, 3 * sms + 5}) {
+      for (const auto& [vocab, ld] : std::vector<std::pair<int64_t, int64_t>>{{32064, 32064}, {40001, 40008}}) {
+        INFO("dtype " << dtype << ", rows " << rows << ", vocab " << vocab);
+        qt::kernels::CeTileParams p;
+        if (rows > 100) {
+          p.label_smoothing = 0.1f;
+          p.z_loss = 1e-3f;
+          p.logit_softcap = 15.f;
+        }
+        const at::Tensor full = (at::randn({rows, ld}, kCuda) * 4).to(dtype);
+        at::Tensor labels = random_labels(rows, vocab, 5, p.ignore_index, kCuda);
+        labels.narrow(0, 0, 3).fill_(p.ignore_index);
+        labels.narrow(0, rows - 1, 1).fill_(vocab);  // out of range: NaN loss, zero gradient
+        auto run = [&](bool resident) {
+          p.resident = resident;
+          at::Tensor x = full.clone();
+          at::Tensor loss = at::full({rows}, -7.f, kCuda.dtype(at::kFloat));
+          at::Tensor lse = at::full({rows}, -7.f, kCuda.dtype(at::kFloat));
+          qt::kernels::ce_tile_loss_grad(x.data_ptr(), tile_dtype(dtype), rows, vocab, ld, labels.data_ptr<int64_t>(),
+                                         loss.data_ptr<float>(), true, p, at::cuda::getCurrentCUDAStream().stream(),
+                                         lse.data_ptr<float>());
+          return std::make_tuple(x, loss, lse);
+        };
+        const auto [x0, loss0, lse0] = run(false);
+        const auto [x1, loss1, lse1] = run(true);
+        REQUIRE(std::isnan(loss1[rows - 1].item<float>()));
+        CHECK(at::isfinite(loss1.narrow(0, 0, rows - 1)).all().item<bool>());
+        CHECK(loss1.narrow(0, 0, rows - 1).equal(loss0.narrow(0, 0, rows - 1)));
+        CHECK(lse1.equal(lse0));  // (ignored and bad rows left at -7 by both)
+        CHECK(x1.equal(x0));
+        CHECK(max_abs(x1.narrow(0, 3, rows - 4).narrow(1, 0, vocab)) > 0);
+        CHECK(x1.narrow(0, rows - 1, 1).narrow(1, 0, vocab).eq(0).all().item<bool>());
+      }
+    }
+  }
+#endif
+}
+
 TEST_CASE("CUDA streamed loss with the weight in pinned host memory equals the fp32 full-logits path and the weight "
           "on the device", "[gpu][fused_ce]") {
   REQUIRE(at::hasCUDA());
@@ -231,6 +278,7 @@ TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast input
         o.vocab_tile = sched.vocab_tile;
         o.chunk_tokens = c.chunk;
         o.overlap_dw = c.overlap_dw;
+        o.resident_tiles = host_labels ? 1 : 0;  // the tile kernel's persistent grid on the trainer's path
         if (c.extras) {
           o.label_smoothing = 0.1;
           o.z_loss = 1e-4;

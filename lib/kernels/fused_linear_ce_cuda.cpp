@@ -12,8 +12,10 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
+#include <string>
 #endif
 
 namespace qt::detail {
@@ -34,6 +36,16 @@ at::cuda::CUDAStream side_stream(c10::DeviceIndex device) {
   auto it = streams.find(device);
   if (it == streams.end()) it = streams.emplace(device, at::cuda::getStreamFromPool(false, device)).first;
   return it->second;
+}
+
+// QT_CE_RESIDENT_TILES=1: the tile kernel on its persistent grid by default (FusedLinearCeOptions::resident_tiles),
+// read once; anything else, or unset: the grid of one CTA a row.
+bool resident_tiles_from_env() {
+  static const bool on = [] {
+    const char* v = std::getenv("QT_CE_RESIDENT_TILES");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
 }
 
 }  // namespace
@@ -99,6 +111,7 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
   params.label_smoothing = static_cast<float>(options.label_smoothing);
   params.z_loss = static_cast<float>(options.z_loss);
   params.logit_softcap = static_cast<float>(options.logit_softcap);
+  params.resident = options.resident_tiles < 0 ? resident_tiles_from_env() : options.resident_tiles > 0;
 
   // A weight with odd strides would be copied by every GEMM; copy it once instead (a no-op when contiguous).
   const at::Tensor weight = weight_in.contiguous();
