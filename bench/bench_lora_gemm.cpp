@@ -55,8 +55,8 @@ int main(int argc, char** argv) {
   // k: the kernel's time with the cluster it picks; by_cluster: with 1, 2, 4 and 8 CTAs a cluster; flipped: cuBLAS
   // on the transposed product (out^T = a x^T; a B gradient as g^T x instead of x^T g): another kernel choice, for
   // the ATen path's orientation
-  // split: x A^T as a batched GEMM over K slices (x's and A's slices strided views, no copy) summed after (more
-  // output tiles in flight where r is narrow); empty for the gradients
+  // split: x A^T as a batched GEMM over K slices (qt::lora_project_split: more output tiles in flight where r is
+  // narrow); empty for the gradients
   auto row = [&](const std::string& name, double bytes, double k, double ref, const std::vector<double>& by_cluster,
                  double flipped, const std::vector<double>& split = {}) {
     std::string splits = "-";
@@ -91,25 +91,11 @@ int main(int argc, char** argv) {
     std::vector<at::Tensor> outs_t;
     for (int i = 0; i < sets; ++i) outs_t.push_back(at::empty({p.r, M}, opt));
     const double flipped = time_us(sets, [&](int i) { at::mm_out(outs_t[i], a, xs[i].t()); });
-    // [M, K] as [s, M, K / s] (strides K / s, K, 1) times A's slices [s, K / s, r], summed over s in fp32.
+    // lora_project_split: [M, K] as [s, M, K / s] (strided views) times A's slices in one batched GEMM, fp32 partials
+    // summed.
     std::vector<double> split;
-    for (int64_t slices : {2, 4, 8}) {
-      const int64_t ks = p.K / slices;
-      const at::Tensor a_s = a.as_strided({slices, ks, p.r}, {ks, 1, p.K});
-      std::vector<at::Tensor> parts;
-      for (int i = 0; i < sets; ++i) parts.push_back(at::empty({slices, M, p.r}, opt));
-      split.push_back(time_us(sets, [&](int i) {
-        at::bmm_out(parts[i], xs[i].as_strided({slices, M, ks}, {ks, p.K, 1}), a_s);
-        at::sum_out(outs[i], parts[i], {0}, false, at::kBFloat16);
-      }));
-      // (the same product: checked once)
-      if (slices == 2) {
-        at::bmm_out(parts[0], xs[0].as_strided({slices, M, ks}, {ks, p.K, 1}), a_s);
-        const at::Tensor got = parts[0].to(at::kFloat).sum(0), want = at::mm(xs[0], a.t()).to(at::kFloat);
-        const double err = (got - want).abs().max().item<double>() / want.abs().max().item<double>();
-        if (!(err < 2e-2)) std::printf("| %s: the split product differs from x A^T by %.3g (relative) |\n", p.name.c_str(), err);
-      }
-    }
+    for (int64_t slices : {2, 4, 8})
+      split.push_back(time_us(sets, [&](int i) { qt::lora_project_split(outs[i], xs[i], a, slices); }));
     row(p.name, bytes, k, ref, by_cluster, flipped, split);
   }
   struct Grad {

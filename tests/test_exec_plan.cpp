@@ -1445,7 +1445,15 @@ TEST_CASE("the loss's logits in tiles of 2048 tokens where the budget holds the 
   const qt::Decision d1024 = qt::decide_plan(in, forced);
   CHECK(d1024.plan.loss_chunk_tokens == 1024);
   CHECK(term(d1024.step.terms, "loss_tiles") == 0);
-  CHECK(qt::decide_plan(inputs("llama-3.1-8b", 2, 2048, /*cuda=*/false), forced).plan.loss_chunk_tokens == 1024);
+  // A forced tile is weighed with its size: the decision's footprint and step are its plan's (what a forced
+  // alternative of `plan --alternatives` must reproduce).
+  forced.loss_chunk_tokens = 2048;
+  const qt::Decision d2048 = qt::decide_plan(in, forced);
+  CHECK(d2048.footprint.total() == qt::predict_footprint(in, d2048.plan).total());
+  CHECK(d2048.step.total() == qt::predict_step_time(in, d2048.plan).total());
+  CHECK(d1024.footprint.total() == qt::predict_footprint(in, d1024.plan).total());
+  CHECK(qt::decide_plan(inputs("llama-3.1-8b", 2, 2048, /*cuda=*/false), forced).plan.loss_chunk_tokens ==
+        *forced.loss_chunk_tokens);
   // Refused with a trained lm_head (its loss takes its own tiles) or one streamed from the host.
   auto e = error_of(trained, forced);
   REQUIRE(e);

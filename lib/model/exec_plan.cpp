@@ -963,6 +963,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     // elements a token and block), before blocks hold their weights dequantized (its saving per byte is the larger:
     // a pass over 3 I elements for I elements, against two dequantizations for a block's 16-bit weights).
     cand.keep_swiglu = r.keep_swiglu.value_or(true);
+    cand.loss_chunk_tokens = r.loss_chunk_tokens.value_or(0);  // (forced: weighed with its tile from the start)
     Footprint f = predict_footprint(in, cand);
     // Plans that keep whole blocks' activations (none or some blocks without checkpointing) fit with headroom:
     // their activation term is fitted on one row, and a run that dies of memory loses more than they gain.
@@ -974,11 +975,9 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     }
     if (d.budget_gib >= 0 && f.total() > limit) continue;
     // The loss's logits in tiles of kWideLossChunk tokens ("auto"): where the plan still fits with the larger tile,
-    // before blocks hold their weights dequantized (about 1 ms a step at 8B for 0.3 GiB, against 0.27 ms for a
+    // before blocks hold their weights dequantized (about 1.75 ms a step at 8B for 0.3 GiB, against 0.27 ms for a
     // block's 0.41 GiB).
-    if (r.loss_chunk_tokens) {
-      cand.loss_chunk_tokens = *r.loss_chunk_tokens;
-    } else if (in.cuda && d.budget_gib >= 0) {
+    if (!r.loss_chunk_tokens && in.cuda && d.budget_gib >= 0) {
       ExecPlan wide = cand;
       wide.loss_chunk_tokens = kWideLossChunk;
       if (wide_loss_tiles(in, wide)) {

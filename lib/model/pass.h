@@ -81,6 +81,10 @@ struct Pass {
   // kLoraGradKernelByDefault.
   bool lora_project_kernel = false;
   bool lora_grad_kernel = false;
+  // > 1: x A^T where lora_project's kernel does not run as cuBLAS batched over this many K slices
+  // (lora_project_split); 0: one GEMM. QT_LORA_PROJECT_SPLIT=2|4|8 sets it (A/B measurements until a GPU has timed
+  // it).
+  int64_t lora_project_split = 0;
   // The norms before q / k / v and gate / up write into the first columns of the groups' concatenated inputs
   // [x | x A^T | 0] (rms_norm_fused's spare columns): gate / up's input not copied there, and q / k / v's LoRA B terms
   // inside the base GEMM too (no addmm over the output); false: as before 2026-12-06 (QT_NORM_INTO_CONCAT=0).

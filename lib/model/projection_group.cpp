@@ -96,7 +96,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       const int64_t r = ls[i]->lora->A.size(0);
       at::Tensor state;
       if (lora_project(t.narrow(1, roff, r), draw_lora_dropout(xd, p, state, pass.dropout_kernels),
-                       a.narrow(0, roff, r), pass.lora_project_kernel))
+                       a.narrow(0, roff, r), pass.lora_project_kernel, 0, pass.lora_project_split))
         pass.count(&ModelStats::lora_gemm_kernel_runs);
       states.push_back(state);
       roff += r;
@@ -119,7 +119,8 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     // [N, sum r] into `out`: x A^T, or with dropout each member's dropped input times its A.
     auto lora_inputs = [&](at::Tensor out) {
       if (dropout > 0) dropped_lora_inputs(ls, x2, a, dropout, pass, out, states);
-      else if (lora_project(out, x2, a, pass.lora_project_kernel)) pass.count(&ModelStats::lora_gemm_kernel_runs);
+      else if (lora_project(out, x2, a, pass.lora_project_kernel, 0, pass.lora_project_split))
+        pass.count(&ModelStats::lora_gemm_kernel_runs);
     };
     at::Tensor t, W, y;
     if (output_unused) {  // only what the backward saves (a recomputation whose values are kept elsewhere)

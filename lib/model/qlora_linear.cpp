@@ -124,7 +124,8 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     at::Tensor state;
     const at::Tensor xd = dropout > 0 ? draw_lora_dropout(x2.contiguous(), dropout, state, pass.dropout_kernels) : x2;
     at::Tensor t = at::empty({xd.size(0), a.size(0)}, xd.options());  // [N, r]
-    if (lora_project(t, xd, a, pass.lora_project_kernel)) pass.count(&ModelStats::lora_gemm_kernel_runs);
+    if (lora_project(t, xd, a, pass.lora_project_kernel, 0, pass.lora_project_split))
+      pass.count(&ModelStats::lora_gemm_kernel_runs);
     at::Tensor W, y;
     const bool tall = pass.lora_in_grad_gemm && tall_applies(*l, dropout);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
