@@ -50,11 +50,13 @@
 #      bench_lora_gemm (cuBLAS on each LoRA product transposed beside the ATen path's orientation).
 #   18: carry [".peers", ".peerscripts"]: build, the loss's logits in the plan's 2048-token tiles against the loss's own
 #      rule (train.memory.loss_chunk_tokens=0), 1B 4 x 2048 and 8B 2 x 2048 at 80 GiB, two rounds.
-#   19: no carry: build, bench_lora_gemm at the 1B block's shapes (8192 tokens) and the 8B's (4096), each product also
-#      as cuBLAS batched over 2, 4 and 8 K slices summed (where r is narrow, more output tiles in flight: if it wins,
-#      the LoRA nodes take it); the [fused_ce] [gpu] tests; bench_fused_ce's frozen rows at the 8B step's 4096 tokens,
+#   19: carry [".peers", ".peerscripts", "build/tests/fixtures/lora", "build/tests/fixtures/data",
+#      "build/tests/fixtures/dora"]: build, the [fused_ops] and [lora] [gpu] tests, bench_lora_gemm at the 1B block's
+#      shapes (8192 tokens) and the 8B's (4096), each projection also as cuBLAS batched over 2, 4 and 8 K slices
+#      (lora_project_split; where it wins, the LoRA nodes take it by default); the [fused_ce] [gpu] tests; bench_fused_ce's frozen rows at the 8B step's 4096 tokens,
 #      with 4096-token tiles and with the tile kernel on its persistent grid (one CTA an SM: where it wins, the
-#      default); that grid in the step (QT_CE_RESIDENT_TILES=1 against off), 1B 4 x 2048 at 80 GiB, two rounds.
+#      default); in the step, that grid (QT_CE_RESIDENT_TILES=1) and the 4-slice x A^T (QT_LORA_PROJECT_SPLIT=4)
+#      against neither, 1B 4 x 2048 at 80 GiB, two rounds.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -236,6 +238,8 @@ case "$CALL" in
   cat "$L/bench_lora_gemm.log" >>"$summary"
   ;;
 19)
+  note "== the [fused_ops] and [lora] [gpu] tests (x A^T over K slices among them)"
+  lora_gpu_tests 150
   note "== LoRA's products at the 1B block's shapes (8192 tokens: the 1B profile ran x A^T at 37-45% of the bandwidth)"
   note "   and the 8B's, with cuBLAS batched over K slices beside; bench_fused_ce's frozen rows (the 8B step's 4096 tokens)"
   timeout 150 build-gpu/bench_lora_gemm 8192 1b >"$L/bench_lora_gemm_1b.log" 2>&1
@@ -251,9 +255,10 @@ case "$CALL" in
   timeout 240 build-gpu/bench_fused_ce >"$L/bench_fused_ce.log" 2>&1
   note "bench_fused_ce: exit $?"
   grep -iE "frozen|resident|fused trainable|matmul rate|T x H x V" "$L/bench_fused_ce.log" | grep -v " done" >>"$summary"
-  note "== the tile kernel's persistent grid in the step (QT_CE_RESIDENT_TILES=1), 1B 4 x 2048 at 80 GiB, two rounds"
-  run ab_resident_1b.log 170 --rows 1b-4x2048 --budget 80 --ab grid= --ab resident="--env QT_CE_RESIDENT_TILES=1" \
-    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
+  note "== in the step: the tile kernel's persistent grid (QT_CE_RESIDENT_TILES=1) and x A^T over 4 K slices"
+  note "   (QT_LORA_PROJECT_SPLIT=4) against neither, 1B 4 x 2048 at 80 GiB, two rounds"
+  run ab_resident_split_1b.log 250 --rows 1b-4x2048 --budget 80 --ab base= --ab resident="--env QT_CE_RESIDENT_TILES=1" \
+    --ab split4="--env QT_LORA_PROJECT_SPLIT=4" --rounds "${ROUNDS:-2}" --steps 6 --warm 2
   ;;
 18)
   note "== the loss's logits in the plan's 2048-token tiles against the loss's own rule (768 tokens at this vocabulary;"
