@@ -94,122 +94,39 @@ struct GradOf {
   }
 };
 
-template <typename T, int kThreads, bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    ce_tile_kernel(T* __restrict__ logits, int64_t vocab, int64_t ld, const int64_t* __restrict__ labels,
+// f(vector, its index) for a thread's 16-byte vectors of a row, tid, + kThreads, ... in that order, loaded kDepth at
+// a time ahead of their calls.
+template <int kThreads, int kDepth, typename F>
+__device__ __forceinline__ void each_vector(const uint4* xv, int64_t nvec, int tid, F&& f) {
+  int64_t i = tid;
+  if constexpr (kDepth > 1)
+    for (; i + (kDepth - 1) * kThreads < nvec; i += kDepth * kThreads) {
+      uint4 raw[kDepth];
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) raw[d] = xv[i + d * kThreads];
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) f(raw[d], i + d * kThreads);
+    }
+  for (; i < nvec; i += kThreads) f(xv[i], i);
+}
+
+// Rows blockIdx.x, + gridDim.x, ... of the tile: with the default grid (a CTA a row) one row each; with the
+// persistent grid (CeTileParams::resident: one 1024-thread CTA an SM, kDepth 4) each CTA takes rows in turn, each
+// thread keeping kDepth 16-byte loads in flight. A 1024-thread CTA takes an SM either way (50-62 registers a thread),
+// so about one row an SM is in flight (132 rows of 256 KB at a 128k vocabulary in bf16 on an H100: 33 MB, within the
+// 50 MB L2: pass 2 reads its row again from L2), but the default grid keeps one load a thread in flight, 16 KB an SM:
+// about 2 TB/s over 132 SMs at a microsecond's latency, where pass 1 reads DRAM. Four deep: 64 KB an SM. A thread
+// visits its vectors in the same order at any kDepth and the reductions are the same: both grids give the same bits.
+template <typename T, int kThreads, bool kVec, int kDepth>
+__global__ void __launch_bounds__(kThreads, 1)
+    ce_tile_kernel(T* __restrict__ logits, int64_t rows, int64_t vocab, int64_t ld, const int64_t* __restrict__ labels,
                    float* __restrict__ loss_rows, float* __restrict__ lse_rows, bool write_grad, CeTileParams p) {
   constexpr int kWarps = kThreads / 32;
   constexpr int kVecElems = 16 / sizeof(T);  // one 16-byte load
-  __shared__ float smem[3 * 32 + 4];
+  __shared__ float smem[3 * 32 + 3];
   const int tid = threadIdx.x;
-  const int64_t row = blockIdx.x;
-  T* x = logits + row * ld;
-  const int64_t y = labels[row];
-  const bool ignored = y == p.ignore_index;
-  const bool bad = !ignored && (y < 0 || y >= vocab);
+  const int warp = tid / 32, lane = tid % 32;
   const int64_t nvec = kVec ? vocab / kVecElems : 0;
-
-  if (ignored || bad) {
-    if (write_grad) {
-      if constexpr (kVec) {
-        uint4* xv = reinterpret_cast<uint4*>(x);
-        for (int64_t i = tid; i < nvec; i += kThreads) xv[i] = make_uint4(0, 0, 0, 0);
-      }
-      for (int64_t j = nvec * kVecElems + tid; j < vocab; j += kThreads) x[j] = Io<T>::store(0.f);
-    }
-    if (tid == 0) loss_rows[row] = bad ? NAN : 0.f;
-    return;
-  }
-
-  const Capper capped{p.logit_softcap};
-  if (tid == 0) smem[3 * 32] = capped(Io<T>::load(x[y]));  // z_y, read before pass 2 overwrites the row
-
-  float m = -INFINITY, s = 0.f, zsum = 0.f;
-  if constexpr (kVec) {
-    const uint4* xv = reinterpret_cast<const uint4*>(x);
-    for (int64_t i = tid; i < nvec; i += kThreads) {
-      const uint4 raw = xv[i];
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int k = 0; k < kVecElems; ++k) {
-        const float z = capped(Io<T>::load(e[k]));
-        online_add(m, s, z);
-        zsum += z;
-      }
-    }
-  }
-  for (int64_t j = nvec * kVecElems + tid; j < vocab; j += kThreads) {
-    const float z = capped(Io<T>::load(x[j]));
-    online_add(m, s, z);
-    zsum += z;
-  }
-
-  warp_reduce(m, s, zsum);
-  const int warp = tid / 32, lane = tid % 32;
-  if (lane == 0) {
-    smem[warp] = m;
-    smem[32 + warp] = s;
-    smem[64 + warp] = zsum;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    m = lane < kWarps ? smem[lane] : -INFINITY;
-    s = lane < kWarps ? smem[32 + lane] : 0.f;
-    zsum = lane < kWarps ? smem[64 + lane] : 0.f;
-    warp_reduce(m, s, zsum);
-    if (lane == 0) {
-      smem[3 * 32 + 1] = m;
-      smem[3 * 32 + 2] = s;
-      smem[3 * 32 + 3] = zsum;
-    }
-  }
-  __syncthreads();
-  m = smem[3 * 32 + 1];
-  s = smem[3 * 32 + 2];
-  zsum = smem[3 * 32 + 3];
-  const float z_y = smem[3 * 32];
-
-  const float eps = p.label_smoothing;
-  const float lse = m + logf(s);
-  if (tid == 0) {
-    loss_rows[row] = lse - (1.f - eps) * z_y - eps / static_cast<float>(vocab) * zsum + p.z_loss * lse * lse;
-    if (lse_rows != nullptr) lse_rows[row] = lse;
-  }
-  if (!write_grad) return;
-
-  const GradOf grad(lse, y, vocab, p);
-  if constexpr (kVec) {
-    uint4* xv = reinterpret_cast<uint4*>(x);
-    for (int64_t i = tid; i < nvec; i += kThreads) {
-      const uint4 raw = xv[i];
-      const T* e = reinterpret_cast<const T*>(&raw);
-      uint4 packed;
-      T* o = reinterpret_cast<T*>(&packed);
-#pragma unroll
-      for (int k = 0; k < kVecElems; ++k) o[k] = Io<T>::store(grad(Io<T>::load(e[k]), i * kVecElems + k));
-      xv[i] = packed;
-    }
-  }
-  for (int64_t j = nvec * kVecElems + tid; j < vocab; j += kThreads) x[j] = Io<T>::store(grad(Io<T>::load(x[j]), j));
-}
-
-// The tile kernel as a persistent grid (CeTileParams::resident): one 1024-thread CTA an SM, each taking rows
-// blockIdx.x, + gridDim.x, ... in turn, so that about one row an SM is in flight (132 rows of 256 KB at a 128k
-// vocabulary in bf16 on an H100: 33 MB, within the 50 MB L2) and pass 2 reads its row again from L2, where the
-// one-row-a-CTA grid (two CTAs an SM) keeps twice that in flight and reads much of it from DRAM again. Each thread
-// keeps kDepth 16-byte loads in flight (64 KB an SM). A thread visits its vectors in the same order as
-// ce_tile_kernel's and the reductions are the same, so the two give the same bits. 16-byte rows only.
-template <typename T>
-__global__ void __launch_bounds__(1024, 1)
-    ce_tile_resident_kernel(T* __restrict__ logits, int64_t rows, int64_t vocab, int64_t ld,
-                            const int64_t* __restrict__ labels, float* __restrict__ loss_rows,
-                            float* __restrict__ lse_rows, bool write_grad, CeTileParams p) {
-  constexpr int kThreads = 1024, kWarps = kThreads / 32, kDepth = 4;
-  constexpr int kVecElems = 16 / sizeof(T);
-  __shared__ float smem[3 * 32 + 4];
-  const int tid = threadIdx.x;
-  const int warp = tid / 32, lane = tid % 32;
-  const int64_t nvec = vocab / kVecElems;
   const Capper capped{p.logit_softcap};
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     T* x = logits + row * ld;
@@ -219,7 +136,8 @@ __global__ void __launch_bounds__(1024, 1)
     const bool bad = !ignored && (y < 0 || y >= vocab);
     if (ignored || bad) {  // (the whole CTA takes the same branch: no barrier is skipped by some threads only)
       if (write_grad) {
-        for (int64_t i = tid; i < nvec; i += kThreads) xv[i] = make_uint4(0, 0, 0, 0);
+        if constexpr (kVec)
+          for (int64_t i = tid; i < nvec; i += kThreads) xv[i] = make_uint4(0, 0, 0, 0);
         for (int64_t j = nvec * kVecElems + tid; j < vocab; j += kThreads) x[j] = Io<T>::store(0.f);
       }
       if (tid == 0) loss_rows[row] = bad ? NAN : 0.f;
@@ -228,32 +146,22 @@ __global__ void __launch_bounds__(1024, 1)
     const float z_y = tid == 0 ? capped(Io<T>::load(x[y])) : 0.f;  // read before pass 2 overwrites the row
 
     float m = -INFINITY, s = 0.f, zsum = 0.f;
-    auto add = [&](const uint4& raw) {
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int k = 0; k < kVecElems; ++k) {
-        const float z = capped(Io<T>::load(e[k]));
-        online_add(m, s, z);
-        zsum += z;
-      }
-    };
-    int64_t i = tid;
-    for (; i + (kDepth - 1) * kThreads < nvec; i += kDepth * kThreads) {
-      uint4 raw[kDepth];
-#pragma unroll
-      for (int d = 0; d < kDepth; ++d) raw[d] = xv[i + d * kThreads];
-#pragma unroll
-      for (int d = 0; d < kDepth; ++d) add(raw[d]);
-    }
-    for (; i < nvec; i += kThreads) add(xv[i]);
-    for (int64_t j = nvec * kVecElems + tid; j < vocab; j += kThreads) {
-      const float z = capped(Io<T>::load(x[j]));
+    auto add = [&](float z) {
       online_add(m, s, z);
       zsum += z;
+    };
+    if constexpr (kVec) {
+      auto add_vec = [&](const uint4& raw) {
+        const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int k = 0; k < kVecElems; ++k) add(capped(Io<T>::load(e[k])));
+      };
+      each_vector<kThreads, kDepth>(xv, nvec, tid, [&](const uint4& raw, int64_t) { add_vec(raw); });
     }
+    for (int64_t j = nvec * kVecElems + tid; j < vocab; j += kThreads) add(capped(Io<T>::load(x[j])));
 
-    // The block's (max, sum-exp, sum) as ce_tile_kernel forms them. The next row's first writes to smem come after
-    // its own first barrier, which every thread reaches only after reading this row's results.
+    // The block's (max, sum-exp, sum). A row's first write to smem comes after its first barrier, which every thread
+    // reaches only after reading the previous row's results.
     warp_reduce(m, s, zsum);
     if (lane == 0) {
       smem[warp] = m;
@@ -267,15 +175,15 @@ __global__ void __launch_bounds__(1024, 1)
       zsum = lane < kWarps ? smem[64 + lane] : 0.f;
       warp_reduce(m, s, zsum);
       if (lane == 0) {
-        smem[3 * 32 + 1] = m;
-        smem[3 * 32 + 2] = s;
-        smem[3 * 32 + 3] = zsum;
+        smem[3 * 32] = m;
+        smem[3 * 32 + 1] = s;
+        smem[3 * 32 + 2] = zsum;
       }
     }
     __syncthreads();
-    m = smem[3 * 32 + 1];
-    s = smem[3 * 32 + 2];
-    zsum = smem[3 * 32 + 3];
+    m = smem[3 * 32];
+    s = smem[3 * 32 + 1];
+    zsum = smem[3 * 32 + 2];
 
     const float eps = p.label_smoothing;
     const float lse = m + logf(s);
@@ -286,23 +194,17 @@ __global__ void __launch_bounds__(1024, 1)
     if (!write_grad) continue;
 
     const GradOf grad(lse, y, vocab, p);
-    auto out = [&](const uint4& raw, int64_t v) {
-      const T* e = reinterpret_cast<const T*>(&raw);
-      uint4 packed;
-      T* o = reinterpret_cast<T*>(&packed);
+    if constexpr (kVec) {
+      auto out = [&](const uint4& raw, int64_t v) {
+        const T* e = reinterpret_cast<const T*>(&raw);
+        uint4 packed;
+        T* o = reinterpret_cast<T*>(&packed);
 #pragma unroll
-      for (int k = 0; k < kVecElems; ++k) o[k] = Io<T>::store(grad(Io<T>::load(e[k]), v * kVecElems + k));
-      return packed;
-    };
-    i = tid;
-    for (; i + (kDepth - 1) * kThreads < nvec; i += kDepth * kThreads) {
-      uint4 raw[kDepth];
-#pragma unroll
-      for (int d = 0; d < kDepth; ++d) raw[d] = xv[i + d * kThreads];
-#pragma unroll
-      for (int d = 0; d < kDepth; ++d) xv[i + d * kThreads] = out(raw[d], i + d * kThreads);
+        for (int k = 0; k < kVecElems; ++k) o[k] = Io<T>::store(grad(Io<T>::load(e[k]), v * kVecElems + k));
+        return packed;
+      };
+      each_vector<kThreads, kDepth>(xv, nvec, tid, [&](const uint4& raw, int64_t v) { xv[v] = out(raw, v); });
     }
-    for (; i < nvec; i += kThreads) xv[i] = out(xv[i], i);
     for (int64_t j = nvec * kVecElems + tid; j < vocab; j += kThreads) x[j] = Io<T>::store(grad(Io<T>::load(x[j]), j));
   }
 }
@@ -327,16 +229,20 @@ void launch_threads(T* logits, int64_t rows, int64_t vocab, int64_t ld, const in
   // 16-byte accesses need every row start 16-byte aligned: base pointer and row stride.
   const bool vec = reinterpret_cast<uintptr_t>(logits) % 16 == 0 && ld % kVecElems == 0;
   const dim3 grid(static_cast<unsigned>(rows));
-  if (vec && kThreads == 1024 && params.resident) {
-    const dim3 resident(static_cast<unsigned>(std::min<int64_t>(rows, sm_count())));
-    ce_tile_resident_kernel<T>
-        <<<resident, 1024, 0, stream>>>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params);
-  } else if (vec) {
-    ce_tile_kernel<T, kThreads, true>
-        <<<grid, kThreads, 0, stream>>>(logits, vocab, ld, labels, loss_rows, lse_rows, write_grad, params);
+  if constexpr (kThreads == 1024) {
+    if (vec && params.resident) {
+      const dim3 resident(static_cast<unsigned>(std::min<int64_t>(rows, sm_count())));
+      ce_tile_kernel<T, kThreads, true, 4>
+          <<<resident, kThreads, 0, stream>>>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params);
+      return;
+    }
+  }
+  if (vec) {
+    ce_tile_kernel<T, kThreads, true, 1>
+        <<<grid, kThreads, 0, stream>>>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params);
   } else {
-    ce_tile_kernel<T, kThreads, false>
-        <<<grid, kThreads, 0, stream>>>(logits, vocab, ld, labels, loss_rows, lse_rows, write_grad, params);
+    ce_tile_kernel<T, kThreads, false, 1>
+        <<<grid, kThreads, 0, stream>>>(logits, rows, vocab, ld, labels, loss_rows, lse_rows, write_grad, params);
   }
 }
 

@@ -52,9 +52,9 @@ struct FusedLinearCeOptions {
   bool overlap_dw = true;
   // Run the plain-ATen reference even for CUDA tensors (tests, debugging).
   bool force_reference = false;
-  // CUDA: the tile kernel on a persistent grid, one CTA an SM (kernels::CeTileParams::resident: the same bits, each
-  // row's second read from L2). -1: QT_CE_RESIDENT_TILES=1 turns it on (read once; for A/B measurements until a GPU
-  // has timed it), else off.
+  // CUDA: the tile kernel on a persistent grid, one CTA an SM with four loads in flight a thread
+  // (kernels::CeTileParams::resident: the same bits). -1: QT_CE_RESIDENT_TILES=1 turns it on (read once; for A/B
+  // measurements until a GPU has timed it), else off.
   int resident_tiles = -1;
 };
 
