@@ -55,8 +55,9 @@
 #      shapes (8192 tokens) and the 8B's (4096), each projection also as cuBLAS batched over 2, 4 and 8 K slices
 #      (lora_project_split; where it wins, the LoRA nodes take it by default); the [fused_ce] [gpu] tests; bench_fused_ce's frozen rows at the 8B step's 4096 tokens,
 #      with 4096-token tiles and with the tile kernel on its persistent grid (one CTA an SM: where it wins, the
-#      default); in the step, that grid (QT_CE_RESIDENT_TILES=1) and the 4-slice x A^T (QT_LORA_PROJECT_SPLIT=4)
-#      against neither, 1B 4 x 2048 at 80 GiB, two rounds.
+#      default); in the step, that grid (QT_CE_RESIDENT_TILES=1), the 4-slice x A^T (QT_LORA_PROJECT_SPLIT=4) and
+#      flash attention at head_dim 64 against none of them, 1B 4 x 2048 at 80 GiB, two rounds (within 600 s: run the
+#      call alone).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -255,10 +256,12 @@ case "$CALL" in
   timeout 240 build-gpu/bench_fused_ce >"$L/bench_fused_ce.log" 2>&1
   note "bench_fused_ce: exit $?"
   grep -iE "frozen|resident|fused trainable|matmul rate|T x H x V" "$L/bench_fused_ce.log" | grep -v " done" >>"$summary"
-  note "== in the step: the tile kernel's persistent grid (QT_CE_RESIDENT_TILES=1) and x A^T over 4 K slices"
-  note "   (QT_LORA_PROJECT_SPLIT=4) against neither, 1B 4 x 2048 at 80 GiB, two rounds"
-  run ab_resident_split_1b.log 250 --rows 1b-4x2048 --budget 80 --ab base= --ab resident="--env QT_CE_RESIDENT_TILES=1" \
-    --ab split4="--env QT_LORA_PROJECT_SPLIT=4" --rounds "${ROUNDS:-2}" --steps 6 --warm 2
+  note "== in the step: the tile kernel's persistent grid (QT_CE_RESIDENT_TILES=1), x A^T over 4 K slices"
+  note "   (QT_LORA_PROJECT_SPLIT=4) and FlashAttention-2 for head_dim 64 (cuDNN's backward ran at 255 TFLOP/s there)"
+  note "   against none of them, 1B 4 x 2048 at 80 GiB, two rounds"
+  run ab_resident_split_1b.log 330 --rows 1b-4x2048 --budget 80 --ab base= --ab resident="--env QT_CE_RESIDENT_TILES=1" \
+    --ab split4="--env QT_LORA_PROJECT_SPLIT=4" --ab flash="--set train.memory.attention=flash" --rounds "${ROUNDS:-2}" \
+    --steps 6 --warm 2
   ;;
 18)
   note "== the loss's logits in the plan's 2048-token tiles against the loss's own rule (768 tokens at this vocabulary;"
