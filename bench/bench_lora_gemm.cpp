@@ -50,24 +50,16 @@ int main(int argc, char** argv) {
   std::printf("%s, %lld tokens, the %s block's products; copy bandwidth %.0f GB/s\n",
               at::cuda::getCurrentDeviceProperties()->name, static_cast<long long>(M), model.c_str(), bw / 1e9);
   std::printf("| case | MB moved | limit us | kernel us | reference us | reference / kernel | kernel GB/s | us with 1, 2, "
-              "4, 8 CTAs a cluster | cuBLAS, the product transposed us | cuBLAS batched over 2, 4, 8 K slices, summed us |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+              "4, 8 CTAs a cluster | cuBLAS, the product transposed us |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
   // k: the kernel's time with the cluster it picks; by_cluster: with 1, 2, 4 and 8 CTAs a cluster; flipped: cuBLAS
   // on the transposed product (out^T = a x^T; a B gradient as g^T x instead of x^T g): another kernel choice, for
   // the ATen path's orientation
-  // split: x A^T as a batched GEMM over K slices (qt::lora_project_split: more output tiles in flight where r is
-  // narrow); empty for the gradients
   auto row = [&](const std::string& name, double bytes, double k, double ref, const std::vector<double>& by_cluster,
-                 double flipped, const std::vector<double>& split = {}) {
-    std::string splits = "-";
-    if (split.size() == 3) {
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%.1f, %.1f, %.1f", split[0], split[1], split[2]);
-      splits = buf;
-    }
-    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f | %.1f, %.1f, %.1f, %.1f | %.1f | %s |\n", name.c_str(),
+                 double flipped) {
+    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.2fx | %.0f | %.1f, %.1f, %.1f, %.1f | %.1f |\n", name.c_str(),
                 bytes / 1e6, bytes / bw * 1e6, k, ref, ref / k, bytes / (k * 1e-6) / 1e9, by_cluster[0], by_cluster[1],
-                by_cluster[2], by_cluster[3], flipped, splits.c_str());
+                by_cluster[2], by_cluster[3], flipped);
   };
   struct Proj {
     std::string name;
@@ -91,12 +83,7 @@ int main(int argc, char** argv) {
     std::vector<at::Tensor> outs_t;
     for (int i = 0; i < sets; ++i) outs_t.push_back(at::empty({p.r, M}, opt));
     const double flipped = time_us(sets, [&](int i) { at::mm_out(outs_t[i], a, xs[i].t()); });
-    // lora_project_split: [M, K] as [s, M, K / s] (strided views) times A's slices in one batched GEMM, fp32 partials
-    // summed.
-    std::vector<double> split;
-    for (int64_t slices : {2, 4, 8})
-      split.push_back(time_us(sets, [&](int i) { qt::lora_project_split(outs[i], xs[i], a, slices); }));
-    row(p.name, bytes, k, ref, by_cluster, flipped, split);
+    row(p.name, bytes, k, ref, by_cluster, flipped);
   }
   struct Grad {
     std::string name;

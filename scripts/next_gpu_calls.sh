@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -58,13 +58,17 @@
 #      default); in the step, that grid (QT_CE_RESIDENT_TILES=1), the 4-slice x A^T (QT_LORA_PROJECT_SPLIT=4) and
 #      flash attention at head_dim 64 against none of them, 1B 4 x 2048 at 80 GiB, two rounds (within 600 s: run the
 #      call alone).
+#   20: carry as 19: build, the [fused_ops] and [lora] [gpu] tests; in the step, LoRA's gradients' kernel on the narrow
+#      nodes only (QT_LORA_GEMM_KERNELS=narrow: q / k / v and o_proj, where call 19's bench_lora_gemm ran it 1.1-2.3x
+#      cuBLAS), on every node (grads) and the loss's persistent tile grid (QT_CE_RESIDENT_TILES=1) against none of
+#      them, 8B 2 x 2048 at 80 GiB, three rounds; then base / narrow / resident at 1B 4 x 2048, three rounds.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
 # the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth, 12 and 6 (H100) and 13 (H200) in the eighteenth
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
 # twentieth. What is left: 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its
-# table and the memory-bound rate's refit there), 6 there; 19 (any GPU: LoRA's products at the 1B shapes). Carry
+# table and the memory-bound rate's refit there), 6 there; 20. Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
 # fixtures).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
@@ -262,6 +266,18 @@ case "$CALL" in
   run ab_resident_split_1b.log 330 --rows 1b-4x2048 --budget 80 --ab base= --ab resident="--env QT_CE_RESIDENT_TILES=1" \
     --ab split4="--env QT_LORA_PROJECT_SPLIT=4" --ab flash="--set train.memory.attention=flash" --rounds "${ROUNDS:-2}" \
     --steps 6 --warm 2
+  ;;
+20)
+  note "== the [fused_ops] and [lora] [gpu] tests (QT_LORA_GEMM_KERNELS=narrow in the model among them)"
+  lora_gpu_tests 150
+  note "== in the step: LoRA's gradients' kernel on q / k / v and o_proj only (narrow), on every node (grads), the loss's"
+  note "   persistent tile grid (resident) against none of them, 8B 2 x 2048 at 80 GiB, three rounds"
+  run ab_narrow_8b.log 330 --rows 8b-2x2048 --budget 80 --ab base= --ab narrow="--env QT_LORA_GEMM_KERNELS=narrow" \
+    --ab grads="--env QT_LORA_GEMM_KERNELS=grads" --ab resident="--env QT_CE_RESIDENT_TILES=1" --rounds "${ROUNDS:-3}" \
+    --steps 6 --warm 2
+  note "== the same at 1B 4 x 2048 (base, narrow, resident), three rounds"
+  run ab_narrow_1b.log 150 --rows 1b-4x2048 --budget 80 --ab base= --ab narrow="--env QT_LORA_GEMM_KERNELS=narrow" \
+    --ab resident="--env QT_CE_RESIDENT_TILES=1" --rounds "${ROUNDS:-3}" --steps 6 --warm 2
   ;;
 18)
   note "== the loss's logits in the plan's 2048-token tiles against the loss's own rule (768 tokens at this vocabulary;"

@@ -666,7 +666,8 @@ TEST_CASE("on CUDA LoRA's rank-r GEMM kernels give the loss and gradients of ATe
     CHECK(stats->lora_gemm_kernel_runs == 0);
     check_same_loss_and_grads(kernels, aten, 2e-2);
     // each kernel alone: the forward projections (4 a block) or the gradients' launches (4 a block)
-    for (const char* one : {"project", "grads"}) {
+    // ("narrow": the gradients' kernel where a node's operands are at most 4,096 wide: every node of this model)
+    for (const char* one : {"project", "grads", "narrow"}) {
       INFO(one);
       const std::vector<at::Tensor> alone =
           switched_loss_and_grads("QT_LORA_GEMM_KERNELS", one, checkpointing, 0, stats, cuda, at::kBFloat16);
@@ -676,7 +677,7 @@ TEST_CASE("on CUDA LoRA's rank-r GEMM kernels give the loss and gradients of ATe
   }
 }
 
-// QT_LORA_GEMM_KERNELS takes 0, 1, project or grads; anything else is an error that names it, not a silent default.
+// QT_LORA_GEMM_KERNELS takes 0, 1, project, grads or narrow; anything else is an error that names it, not a silent default.
 TEST_CASE("an unknown QT_LORA_GEMM_KERNELS value is an error naming the variable and its values", "[lora]") {
   std::shared_ptr<qt::ModelStats> stats;
   try {
@@ -686,8 +687,24 @@ TEST_CASE("an unknown QT_LORA_GEMM_KERNELS value is an error naming the variable
     CHECK(e.kind() == qt::ErrorKind::Usage);
     const std::string what = e.what();
     CHECK(what.find("QT_LORA_GEMM_KERNELS=yes") != std::string::npos);
-    CHECK(what.find("0, 1, project or grads") != std::string::npos);
+    CHECK(what.find("0, 1, project, grads or narrow") != std::string::npos);
   }
+}
+
+// QT_LORA_GEMM_KERNELS=narrow: the gradients' kernel for nodes no wider than kLoraGradNarrowWidth (q / k / v, o_proj),
+// not for the intermediate-wide ones (gate / up, down_proj); "grads" for every node, "0" for none.
+TEST_CASE("the gradients' kernel on narrow nodes only takes the nodes up to its width", "[lora]") {
+  qt::Pass p;
+  p.lora_grad_kernel = true;
+  p.lora_grad_max_width = qt::kLoraGradNarrowWidth;
+  CHECK(p.lora_grad_kernel_for(4096));
+  CHECK(p.lora_grad_kernel_for(1024));
+  CHECK_FALSE(p.lora_grad_kernel_for(14336));
+  CHECK_FALSE(p.lora_grad_kernel_for(4097));
+  p.lora_grad_max_width = 0;
+  CHECK(p.lora_grad_kernel_for(14336));
+  p.lora_grad_kernel = false;
+  CHECK_FALSE(p.lora_grad_kernel_for(1024));
 }
 
 // The norms writing into the q / k / v and gate / up groups' concatenated inputs (QT_NORM_INTO_CONCAT, on by default)

@@ -97,15 +97,10 @@ at::Tensor lora_dropout_mask(int64_t rows, int64_t cols, const DropoutMask& m);
 // of contiguous elements 16-byte aligned and a multiple of 8 elements apart); elsewhere the references, ATen's GEMMs.
 // out = x a^T into `out` ([M, r], x's dtype, rows of contiguous elements: the columns of a wider matrix, say): x [M, K],
 // a [r, K]. Returns whether the kernel ran. `cluster` (tests, benchmarks): the CTAs that split a row tile's K, 1, 2, 4
-// or 8 (0: picked). Where the kernel does not run, `split` > 1 takes lora_project_split (below) with that many slices.
+// or 8 (0: picked).
 bool lora_project(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, bool kernels = true,
-                  int cluster = 0, int64_t split = 0);
+                  int cluster = 0);
 void lora_project_reference(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a);
-// out = x a^T as cuBLAS batched over `slices` K slices (strided views of x and a, fp32 products summed, then rounded
-// once): more output tiles in flight where r is narrow (bench_lora_gemm times it: the 1B step ran x A^T at 37-45% of
-// the bandwidth). CUDA, fp16 / bf16, K / slices a multiple of 8 and rows of contiguous elements; elsewhere the
-// reference. Returns whether the split ran.
-bool lora_project_split(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, int64_t slices);
 // alpha g^T x in fp32, [r, N], or its transpose [N, r] (a B gradient: alpha dy^T t): g [M, r], x [M, N].
 struct LoraGrad {
   at::Tensor g, x;

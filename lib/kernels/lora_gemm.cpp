@@ -63,8 +63,7 @@ void lora_project_reference(const at::Tensor& out, const at::Tensor& x, const at
   at::mm_out(const_cast<at::Tensor&>(out), x, a.t());
 }
 
-bool lora_project(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, bool kernels, int cluster,
-                  int64_t split) {
+bool lora_project(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, bool kernels, int cluster) {
   QT_CHECK(x.dim() == 2 && a.dim() == 2 && out.dim() == 2 && a.size(1) == x.size(1) && out.size(0) == x.size(0) &&
                out.size(1) == a.size(0),
            ErrorKind::Internal, "lora_project: x [M, K], a [r, K], out [M, r]");
@@ -87,33 +86,8 @@ bool lora_project(const at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   (void)kernels;
   (void)cluster;
 #endif
-  if (split > 1) lora_project_split(out, x, a, split);
-  else lora_project_reference(out, x, a);
+  lora_project_reference(out, x, a);
   return false;
-}
-
-bool lora_project_split(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, int64_t slices) {
-  QT_CHECK(x.dim() == 2 && a.dim() == 2 && out.dim() == 2 && a.size(1) == x.size(1) && out.size(0) == x.size(0) &&
-               out.size(1) == a.size(0),
-           ErrorKind::Internal, "lora_project_split: x [M, K], a [r, K], out [M, r]");
-  const int64_t M = x.size(0), K = x.size(1), r = a.size(0);
-  const bool half = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  const bool takes = slices > 1 && x.is_cuda() && half && a.scalar_type() == x.scalar_type() &&
-                     a.device() == x.device() && K % slices == 0 && (K / slices) % 8 == 0 && M > 0 && r > 0 &&
-                     x.stride(1) == 1 && a.stride(1) == 1 && x.stride(0) >= K && a.stride(0) >= K;
-  if (!takes) {
-    lora_project_reference(out, x, a);
-    return false;
-  }
-  // Slice s of x, [M, K / s], and of a as [K / s, r]: strided views of the operands (no copy), one GEMM each in
-  // one batched call, their products in fp32 (no rounding before the sum).
-  const int64_t ks = K / slices;
-  const at::Tensor xs = x.as_strided({slices, M, ks}, {ks, x.stride(0), 1});
-  const at::Tensor as = a.as_strided({slices, ks, r}, {ks, 1, a.stride(0)});
-  at::Tensor parts = at::empty({slices, M, r}, x.options().dtype(at::kFloat));
-  at::bmm_out(parts, xs, as, at::kFloat);
-  const_cast<at::Tensor&>(out).copy_(parts.sum(0));
-  return true;
 }
 
 std::vector<at::Tensor> lora_grads_reference(const std::vector<LoraGrad>& jobs) {

@@ -53,15 +53,11 @@ Pass LlamaModel::base_pass() const {
   p.fused_add_norm = !(add_norm && std::string(add_norm) == "0");
   const char* lora_gemm = std::getenv("QT_LORA_GEMM_KERNELS");
   const std::string gemm = lora_gemm ? lora_gemm : "";
-  QT_CHECK(gemm.empty() || gemm == "0" || gemm == "1" || gemm == "project" || gemm == "grads", ErrorKind::Usage,
-           "QT_LORA_GEMM_KERNELS=" + gemm + ": expected 0, 1, project or grads");
+  QT_CHECK(gemm.empty() || gemm == "0" || gemm == "1" || gemm == "project" || gemm == "grads" || gemm == "narrow",
+           ErrorKind::Usage, "QT_LORA_GEMM_KERNELS=" + gemm + ": expected 0, 1, project, grads or narrow");
   p.lora_project_kernel = gemm.empty() ? kLoraProjectKernelByDefault : gemm == "1" || gemm == "project";
-  p.lora_grad_kernel = gemm.empty() ? kLoraGradKernelByDefault : gemm == "1" || gemm == "grads";
-  const char* split = std::getenv("QT_LORA_PROJECT_SPLIT");
-  const std::string splits = split ? split : "";
-  QT_CHECK(splits.empty() || splits == "0" || splits == "2" || splits == "4" || splits == "8", ErrorKind::Usage,
-           "QT_LORA_PROJECT_SPLIT=" + splits + ": expected 0, 2, 4 or 8");
-  p.lora_project_split = splits.empty() ? 0 : std::stoll(splits);
+  p.lora_grad_kernel = gemm.empty() ? kLoraGradKernelByDefault : gemm == "1" || gemm == "grads" || gemm == "narrow";
+  p.lora_grad_max_width = gemm == "narrow" ? kLoraGradNarrowWidth : 0;
   const char* norm_concat = std::getenv("QT_NORM_INTO_CONCAT");
   p.norm_into_concat = !(norm_concat && std::string(norm_concat) == "0");
   return p;

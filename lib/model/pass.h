@@ -44,6 +44,7 @@ struct ModelStats {
 // "Eighteenth session": their cp.async loads move 13-23 GB/s an SM where a bandwidth-bound kernel needs 25-36).
 constexpr bool kLoraProjectKernelByDefault = false;
 constexpr bool kLoraGradKernelByDefault = false;
+constexpr int64_t kLoraGradNarrowWidth = 4096;
 
 struct Pass {
   // Non-null: the compute-dtype LoRA factors (the As stacked, the scaled Bs) come from this cache, made once per
@@ -77,14 +78,18 @@ struct Pass {
   bool fused_add_norm = true;
   // LoRA's rank-r GEMMs through lora_project's kernel (x A^T, forward) and lora_grads' (the A and B gradients, one
   // launch a node) where they take the operands (fused_ops.h); false: ATen's GEMMs. QT_LORA_GEMM_KERNELS sets them
-  // (A/B measurements): 1 both, 0 neither, "project" or "grads" one; unset, kLoraProjectKernelByDefault and
-  // kLoraGradKernelByDefault.
+  // (A/B measurements): 1 both, 0 neither, "project" or "grads" one, "narrow" the gradients' on narrow nodes only
+  // (lora_grad_max_width); unset, kLoraProjectKernelByDefault and kLoraGradKernelByDefault.
   bool lora_project_kernel = false;
   bool lora_grad_kernel = false;
-  // > 1: x A^T where lora_project's kernel does not run as cuBLAS batched over this many K slices
-  // (lora_project_split); 0: one GEMM. QT_LORA_PROJECT_SPLIT=2|4|8 sets it (A/B measurements until a GPU has timed
-  // it).
-  int64_t lora_project_split = 0;
+  // > 0: the gradients' kernel only for nodes whose operands are all at most this wide (q / k / v and o_proj; not
+  // gate / up or down_proj, whose intermediate-wide operands cuBLAS reads faster: bench_lora_gemm on an H100).
+  // QT_LORA_GEMM_KERNELS=narrow sets it to kLoraGradNarrowWidth.
+  int64_t lora_grad_max_width = 0;
+  // Whether a node whose widest operand (input, output or a member's output) is `widest` takes the gradients' kernel.
+  bool lora_grad_kernel_for(int64_t widest) const {
+    return lora_grad_kernel && (lora_grad_max_width <= 0 || widest <= lora_grad_max_width);
+  }
   // The norms before q / k / v and gate / up write into the first columns of the groups' concatenated inputs
   // [x | x A^T | 0] (rms_norm_fused's spare columns): gate / up's input not copied there, and q / k / v's LoRA B terms
   // inside the base GEMM too (no addmm over the output); false: as before 2026-12-06 (QT_NORM_INTO_CONCAT=0).

@@ -1,6 +1,7 @@
 #include "lib/model/projection_group.h"
 
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include "lib/kernels/fused_ops.h"
@@ -96,7 +97,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       const int64_t r = ls[i]->lora->A.size(0);
       at::Tensor state;
       if (lora_project(t.narrow(1, roff, r), draw_lora_dropout(xd, p, state, pass.dropout_kernels),
-                       a.narrow(0, roff, r), pass.lora_project_kernel, 0, pass.lora_project_split))
+                       a.narrow(0, roff, r), pass.lora_project_kernel))
         pass.count(&ModelStats::lora_gemm_kernel_runs);
       states.push_back(state);
       roff += r;
@@ -119,7 +120,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     // [N, sum r] into `out`: x A^T, or with dropout each member's dropped input times its A.
     auto lora_inputs = [&](at::Tensor out) {
       if (dropout > 0) dropped_lora_inputs(ls, x2, a, dropout, pass, out, states);
-      else if (lora_project(out, x2, a, pass.lora_project_kernel, 0, pass.lora_project_split))
+      else if (lora_project(out, x2, a, pass.lora_project_kernel))
         pass.count(&ModelStats::lora_gemm_kernel_runs);
     };
     at::Tensor t, W, y;
@@ -167,7 +168,9 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     ctx->saved_data["stats"] = reinterpret_cast<int64_t>(pass.stats);
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["wide"] = wide;
-    ctx->saved_data["lora_gemm"] = pass.lora_grad_kernel;
+    int64_t widest = x2.size(1);
+    for (const Linear* l : ls) widest = std::max(widest, l->out_features());
+    ctx->saved_data["lora_gemm"] = pass.lora_grad_kernel_for(widest);
     if (dropout > 0) ctx->saved_data["dropout_states"] = at::TensorList(states);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = total;

@@ -124,7 +124,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     at::Tensor state;
     const at::Tensor xd = dropout > 0 ? draw_lora_dropout(x2.contiguous(), dropout, state, pass.dropout_kernels) : x2;
     at::Tensor t = at::empty({xd.size(0), a.size(0)}, xd.options());  // [N, r]
-    if (lora_project(t, xd, a, pass.lora_project_kernel, 0, pass.lora_project_split))
+    if (lora_project(t, xd, a, pass.lora_project_kernel))
       pass.count(&ModelStats::lora_gemm_kernel_runs);
     at::Tensor W, y;
     const bool tall = pass.lora_in_grad_gemm && tall_applies(*l, dropout);
@@ -147,7 +147,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     ctx->saved_data["swiglu"] = swiglu_input;
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["tall"] = tall;
-    ctx->saved_data["lora_gemm"] = pass.lora_grad_kernel;
+    ctx->saved_data["lora_gemm"] = pass.lora_grad_kernel_for(std::max(x2.size(1), l->out_features()));
     if (dropout > 0) ctx->saved_data["dropout_state"] = state;
     return output_unused ? y : y.view(shape);
   }
