@@ -7,7 +7,8 @@ wider) and down_proj's [dy | dy B] [W; A] (K wider). The profiles ran the base G
 8192^3 GEMM reaches. This times each GEMM at its folded shape against the base GEMM alone plus the rank-r GEMM apart,
 so that a shape whose widened side costs more than the separate product shows (tile and wave quantization), and
 with the widened side padded further (zero columns) to a multiple of 64, 128 or 256 beyond the base's. Then LoRA's
-x A^T in the trainer's layouts against contiguous operands.
+x A^T in the trainer's layouts against contiguous operands, and the rank-r term added after a base GEMM against the
+base GEMM accumulating onto it.
 
     python3 scripts/gemm_shapes.py            # 8B at 4096 tokens, 1B at 8192 (bf16, CUDA events, the variants interleaved, median of 9 rounds)
 """
@@ -136,6 +137,40 @@ def main():
             vals = list(med.values())
             print(f"| {name} | {label} | {T} x {K} x {r} | {vals[0]:.1f} ({gbs(vals[0]):.0f}) | {vals[1]:.1f} "
                   f"({gbs(vals[1]):.0f}) | {vals[2]:.1f} | {vals[3]:.1f} |")
+
+    # The rank-r term added over a base GEMM's output where it is not folded (o_proj's and down_proj's forward,
+    # o_proj's input gradient): y = x W^T, then y += t B^T (an addmm reading and writing y), against y = t B^T first
+    # and the base GEMM accumulating onto it (beta 1: y is read in its epilogue).
+    print()
+    print("| model | y = x W^T + t B^T | T x N x K, r | base, then addmm us | t B^T, then the base accumulating us | "
+          "base alone us |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        H, I, Q, KV, T = MODELS[name]
+        for label, N, K in (("o_proj forward", H, Q), ("down_proj forward", H, I), ("o_proj input gradient", Q, H)):
+            r = 16
+            x = torch.randn(T, K, device=dev, dtype=dt)
+            w = torch.randn(N, K, device=dev, dtype=dt)
+            t = torch.randn(T, r, device=dev, dtype=dt)
+            b = torch.randn(N, r, device=dev, dtype=dt)
+            y = torch.empty(T, N, device=dev, dtype=dt)
+
+            def after():
+                torch.mm(x, w.t(), out=y)
+                y.addmm_(t, b.t())
+
+            def onto():
+                torch.mm(t, b.t(), out=y)
+                y.addmm_(x, w.t())
+
+            fns = {"after": after, "onto": onto, "base": lambda: torch.mm(x, w.t(), out=y)}
+            runs = {k: [] for k in fns}
+            for _ in range(args.rounds):
+                for k, fn in fns.items():
+                    runs[k].append(timed(fn, reps=20, rounds=1))
+            med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+            print(f"| {name} | {label} | {T} x {N} x {K}, {r} | {med['after']:.1f} | {med['onto']:.1f} | "
+                  f"{med['base']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -62,13 +62,17 @@
 #      nodes only (QT_LORA_GEMM_KERNELS=narrow: q / k / v and o_proj, where call 19's bench_lora_gemm ran it 1.1-2.3x
 #      cuBLAS), on every node (grads) and the loss's persistent tile grid (QT_CE_RESIDENT_TILES=1) against none of
 #      them, 8B 2 x 2048 at 80 GiB, three rounds; then base / narrow / resident at 1B 4 x 2048, three rounds.
+#   21: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test (a linear's base GEMM
+#      accumulating onto its rank-r term, the default since the twenty-first session, among them); in the step, that
+#      order against the addmm after the base GEMM (QT_LORA_ADD_AFTER=1), 8B 2 x 2048 (two rounds) and 1B 4 x 2048
+#      (three) at 80 GiB.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
 # the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth, 12 and 6 (H100) and 13 (H200) in the eighteenth
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
-# twentieth. What is left: 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its
-# table and the memory-bound rate's refit there), 6 there; 20. Carry
+# twentieth; 19 and 20 in the twenty-first. What is left: 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its
+# table and the memory-bound rate's refit there), 6 there; 21. Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
 # fixtures).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
@@ -266,6 +270,22 @@ case "$CALL" in
   run ab_resident_split_1b.log 330 --rows 1b-4x2048 --budget 80 --ab base= --ab resident="--env QT_CE_RESIDENT_TILES=1" \
     --ab split4="--env QT_LORA_PROJECT_SPLIT=4" --ab flash="--set train.memory.attention=flash" --rounds "${ROUNDS:-2}" \
     --steps 6 --warm 2
+  ;;
+21)
+  note "== every [gpu] test (the base GEMM accumulating onto a linear's rank-r term among them)"
+  mkdir -p build-gpu/tests
+  rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
+  t1=$(date +%s)
+  (cd build-gpu && timeout 200 ./tests/qt_tests "[gpu]") >"$L/tests_gpu.log" 2>&1
+  tail -n 4 "$L/tests_gpu.log" >>"$summary"
+  grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
+  note "tests: $(($(date +%s) - t1)) s"
+  note "== in the step: the rank-r term first and the base GEMM accumulating onto it (base) against the addmm after it"
+  note "   (after: QT_LORA_ADD_AFTER=1), 8B 2 x 2048 (two rounds) and 1B 4 x 2048 (three) at 80 GiB"
+  run ab_add_order_8b.log 150 --rows 8b-2x2048 --budget 80 --ab base= --ab after="--env QT_LORA_ADD_AFTER=1" \
+    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
+  run ab_add_order_1b.log 100 --rows 1b-4x2048 --budget 80 --ab base= --ab after="--env QT_LORA_ADD_AFTER=1" \
+    --rounds 3 --steps 6 --warm 2
   ;;
 20)
   note "== the [fused_ops] and [lora] [gpu] tests (QT_LORA_GEMM_KERNELS=narrow in the model among them)"

@@ -691,6 +691,55 @@ TEST_CASE("an unknown QT_LORA_GEMM_KERNELS value is an error naming the variable
   }
 }
 
+// A linear's rank-r term first and the base GEMM accumulating onto it (the default: o_proj's and down_proj's forward,
+// o_proj's input gradient) against the base GEMM first and an addmm after it (QT_LORA_ADD_AFTER=1). In fp32 each order
+// adds the same two sums once: the same loss and LoRA gradients to fp32's rounding. In 16 bits one of the two products
+// is rounded before the other is added to it, so bits differ (the switch took effect): each order's loss and gradients
+// against fp32's on the same device, within 16-bit bounds, and the default's error no larger than the addmm-after's
+// beyond the rounding's noise. With and without checkpointing.
+void check_lora_add_order(const at::Device& device, c10::ScalarType dtype, double bound) {
+  for (bool checkpointing : {false, true}) {
+    INFO("checkpointing " << checkpointing << " on " << device << " in " << c10::toString(dtype));
+    std::shared_ptr<qt::ModelStats> stats;
+    const std::vector<at::Tensor> exact =
+        switched_loss_and_grads("QT_LORA_ADD_AFTER", nullptr, checkpointing, 0, stats, device, at::kFloat);
+    const std::vector<at::Tensor> exact_after =
+        switched_loss_and_grads("QT_LORA_ADD_AFTER", "1", checkpointing, 0, stats, device, at::kFloat);
+    check_same_loss_and_grads(exact, exact_after, 1e-6);
+    if (dtype == at::kFloat) continue;
+    const std::vector<at::Tensor> onto =
+        switched_loss_and_grads("QT_LORA_ADD_AFTER", nullptr, checkpointing, 0, stats, device, dtype);
+    const std::vector<at::Tensor> after =
+        switched_loss_and_grads("QT_LORA_ADD_AFTER", "1", checkpointing, 0, stats, device, dtype);
+    REQUIRE(onto.size() == exact.size());
+    REQUIRE(after.size() == exact.size());
+    bool differs = false;
+    double worst_onto = 0, worst_after = 0;
+    for (size_t i = 0; i < onto.size(); ++i) {
+      INFO("tensor " << i);
+      differs = differs || !at::equal(onto[i], after[i]);
+      const double e_onto = rel_err(onto[i], exact[i]), e_after = rel_err(after[i], exact[i]);
+      CHECK(e_onto < bound);
+      CHECK(e_after < bound);
+      worst_onto = std::max(worst_onto, e_onto);
+      worst_after = std::max(worst_after, e_after);
+    }
+    CHECK(differs);
+    CHECK(worst_onto <= 1.5 * worst_after);
+  }
+}
+
+TEST_CASE("a linear's base GEMM accumulating onto its rank-r term gives the addmm-after's loss and gradients",
+          "[lora]") {
+  check_lora_add_order(at::kCPU, at::kBFloat16, 5e-2);
+}
+
+TEST_CASE("on CUDA a linear's base GEMM accumulating onto its rank-r term gives the addmm-after's loss and gradients",
+          "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  check_lora_add_order(at::Device(at::kCUDA, 0), at::kBFloat16, 5e-2);
+}
+
 // QT_LORA_GEMM_KERNELS=narrow: the gradients' kernel for nodes no wider than kLoraGradNarrowWidth (q / k / v, o_proj),
 // not for the intermediate-wide ones (gate / up, down_proj); "grads" for every node, "0" for none.
 TEST_CASE("the gradients' kernel on narrow nodes only takes the nodes up to its width", "[lora]") {

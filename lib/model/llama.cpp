@@ -58,6 +58,8 @@ Pass LlamaModel::base_pass() const {
   p.lora_project_kernel = gemm.empty() ? kLoraProjectKernelByDefault : gemm == "1" || gemm == "project";
   p.lora_grad_kernel = gemm.empty() ? kLoraGradKernelByDefault : gemm == "1" || gemm == "grads" || gemm == "narrow";
   p.lora_grad_max_width = gemm == "narrow" ? kLoraGradNarrowWidth : 0;
+  const char* add_after = std::getenv("QT_LORA_ADD_AFTER");
+  p.lora_add_after = add_after && std::string(add_after) == "1";
   const char* norm_concat = std::getenv("QT_NORM_INTO_CONCAT");
   p.norm_into_concat = !(norm_concat && std::string(norm_concat) == "0");
   return p;

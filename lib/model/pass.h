@@ -90,6 +90,10 @@ struct Pass {
   bool lora_grad_kernel_for(int64_t widest) const {
     return lora_grad_kernel && (lora_grad_max_width <= 0 || widest <= lora_grad_max_width);
   }
+  // A linear's rank-r term (o_proj, down_proj forward; o_proj's input gradient) computed first and the base GEMM
+  // accumulating onto it (beta 1); true: the base GEMM first and an addmm over its output after it, as before
+  // 2026-12-06 (QT_LORA_ADD_AFTER=1, for A/B measurements).
+  bool lora_add_after = false;
   // The norms before q / k / v and gate / up write into the first columns of the groups' concatenated inputs
   // [x | x A^T | 0] (rms_norm_fused's spare columns): gate / up's input not copied there, and q / k / v's LoRA B terms
   // inside the base GEMM too (no addmm over the output); false: as before 2026-12-06 (QT_NORM_INTO_CONCAT=0).

@@ -101,9 +101,10 @@ at::Tensor tall_weight(const Linear& l, c10::ScalarType dtype, ModelStats* stats
 }
 
 // A frozen base plus LoRA, y = x W^T + (dropout(x) A^T)(s B)^T, as one autograd node. The LoRA sums ride on GEMM
-// epilogues (addmm_ into the base product, forward and backward; with dropout the input gradient's LoRA term is
-// an add after its mask), so neither pass adds an elementwise kernel over [tokens, out] or [tokens, in]; W (NF4:
-// dequantized into scratch) is not kept between the passes, nor is the dropout mask (drawn again).
+// epilogues (the base GEMM accumulating onto the rank-r product, forward and backward; with dropout the input
+// gradient's LoRA term is an add after its mask), so neither pass adds an elementwise kernel over [tokens, out] or
+// [tokens, in]; W (NF4: dequantized into scratch) is not kept between the passes, nor is the dropout mask (drawn
+// again).
 struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
   // output_unused: only what the backward saves (t); the output is left unwritten.
   // pass_ptr: the Pass (read in this call only).
@@ -135,8 +136,15 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       pass.count(&ModelStats::outputs_skipped);
     } else {
       W = tall ? tall_weight(*l, dt, pass.stats, a) : frozen_weight(*l, dt, pass.stats);
-      y = at::mm(x2, W.narrow(0, 0, l->out_features()).t());
-      y.addmm_(t, bs.t());
+      // The rank-r term first, then the base GEMM accumulating onto it (beta 1: y read in its epilogue), not an
+      // addmm reading and writing y after it: 8-12 us less a linear at 8B 2 x 2048 (scripts/gemm_shapes.py).
+      if (pass.lora_add_after) {
+        y = at::mm(x2, W.narrow(0, 0, l->out_features()).t());
+        y.addmm_(t, bs.t());
+      } else {
+        y = at::mm(t, bs.t());
+        y.addmm_(x2, W.narrow(0, 0, l->out_features()).t());
+      }
     }
     ctx->save_for_backward({swiglu_input ? x.reshape({-1, x.size(-1)}) : x2, a, bs, t,
                             pass.keep_dequantized ? W : at::Tensor(),
@@ -147,6 +155,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     ctx->saved_data["swiglu"] = swiglu_input;
     ctx->saved_data["dropout"] = dropout;
     ctx->saved_data["tall"] = tall;
+    ctx->saved_data["add_after"] = pass.lora_add_after;
     ctx->saved_data["lora_gemm"] = pass.lora_grad_kernel_for(std::max(x2.size(1), l->out_features()));
     if (dropout > 0) ctx->saved_data["dropout_state"] = state;
     return output_unused ? y : y.view(shape);
@@ -189,9 +198,16 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       g = at::mm(dy, bs);
       if (ctx->needs_input_grad(0)) {
         const at::Tensor W = kept.defined() ? kept : frozen_weight(*l, dt, stats);
-        dx = at::mm(dy, W.narrow(0, 0, dy.size(1)));
-        if (dropout > 0) add_lora_dropout_grad(dx, g, a, drop, dropout);
-        else dx.addmm_(g, a);
+        if (dropout > 0) {
+          dx = at::mm(dy, W.narrow(0, 0, dy.size(1)));
+          add_lora_dropout_grad(dx, g, a, drop, dropout);
+        } else if (ctx->saved_data["add_after"].toBool()) {
+          dx = at::mm(dy, W.narrow(0, 0, dy.size(1)));
+          dx.addmm_(g, a);
+        } else {  // g a first, the base GEMM accumulating onto it (as the forward pass)
+          dx = at::mm(g, a);
+          dx.addmm_(dy, W.narrow(0, 0, dy.size(1)));
+        }
       }
     }
     // dA = g^T x, dB = scale dy^T t: one launch where the kernel takes them
