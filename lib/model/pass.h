@@ -36,6 +36,8 @@ struct ModelStats {
   std::atomic<int64_t> lora_gemm_kernel_runs{0};
   // concatenated inputs [x | x A^T | 0] built where the norm wrote x (project_group's x_widened), no copy of x
   std::atomic<int64_t> concat_inputs_in_place{0};
+  // a linear's base GEMM accumulating onto its rank-r term (forward or input gradient; Pass::lora_add_after false)
+  std::atomic<int64_t> base_onto_lora_runs{0};
 };
 
 // LoRA's rank-r GEMM kernels by default (Pass::lora_project_kernel, Pass::lora_grad_kernel): off. They pass their

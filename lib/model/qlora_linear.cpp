@@ -144,6 +144,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       } else {
         y = at::mm(t, bs.t());
         y.addmm_(x2, W.narrow(0, 0, l->out_features()).t());
+        pass.count(&ModelStats::base_onto_lora_runs);
       }
     }
     ctx->save_for_backward({swiglu_input ? x.reshape({-1, x.size(-1)}) : x2, a, bs, t,
@@ -207,6 +208,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
         } else {  // g a first, the base GEMM accumulating onto it (as the forward pass)
           dx = at::mm(g, a);
           dx.addmm_(dy, W.narrow(0, 0, dy.size(1)));
+          if (stats) ++stats->base_onto_lora_runs;
         }
       }
     }
