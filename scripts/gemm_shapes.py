@@ -37,6 +37,16 @@ def timed(fn, reps=30, rounds=5):
     return sorted(times)[len(times) // 2]
 
 
+def interleaved(fns, rounds, reps):
+    """Each variant's median time in us over `rounds` rounds, every round timing the variants in turn (the clocks
+    drift between runs of one shape by 5-10% on an H100: a variant timed apart from another is not compared with it)."""
+    runs = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            runs[k].append(timed(fn, reps=reps, rounds=1))
+    return {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+
+
 def pad8(n):
     return (n + 7) // 8 * 8
 
@@ -67,8 +77,7 @@ def main():
         cases.append(("gate/up input gradient", T, H, 2 * I, pad8(2 * r), "N"))
         cases.append(("down_proj input gradient", T, I, H, pad8(r), "K"))
         for label, M, N, K, e, side in cases:
-            # the variants' operands, then their timings interleaved over rounds (the clocks drift between runs of
-            # one shape by 5-10% on an H100: a variant timed apart from another is not compared with it)
+            # the variants' operands, then their timings interleaved over rounds
             fns = {}
             if side == "K":  # [M, K + e] x [K + e, N]: the rank-r part is [M, e] x [e, N] (an addmm over the output)
                 x = torch.randn(M, K + 256, device=dev, dtype=dt)
@@ -94,11 +103,7 @@ def main():
                 fns["base"] = lambda: torch.mm(dy, wb, out=ob)
                 fns["apart"] = lambda: torch.mm(dy, wr, out=orr)
                 shape = f"{M} x {N}+{e} x {K}"
-            runs = {k: [] for k in fns}
-            for _ in range(args.rounds):
-                for k, fn in fns.items():
-                    runs[k].append(timed(fn, reps=20, rounds=1))
-            med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+            med = interleaved(fns, args.rounds, 20)
             flops = 2 * M * N * K
             tf = lambda us: flops / (us * 1e-6) / 1e12  # noqa: E731 (the base's FLOPs: the useful work)
             folded, base, apart = med[e], med["base"], med["apart"]
@@ -128,11 +133,7 @@ def main():
                 fns[w] = (lambda b=b: torch.mm(b[:, :K], a.t(), out=b[:, K:K + r]))
             b0 = bufs[K + pad8(r)]
             fns["out contiguous"] = lambda: torch.mm(b0[:, :K], a.t(), out=out)
-            runs = {k: [] for k in fns}
-            for _ in range(args.rounds):
-                for k, fn in fns.items():
-                    runs[k].append(timed(fn, reps=50, rounds=1))
-            med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+            med = interleaved(fns, args.rounds, 50)
             gbs = lambda us: 2 * (T * K + r * K + T * r) / (us * 1e-6) / 1e9  # noqa: E731
             vals = list(med.values())
             print(f"| {name} | {label} | {T} x {K} x {r} | {vals[0]:.1f} ({gbs(vals[0]):.0f}) | {vals[1]:.1f} "
@@ -164,11 +165,7 @@ def main():
                 y.addmm_(x, w.t())
 
             fns = {"after": after, "onto": onto, "base": lambda: torch.mm(x, w.t(), out=y)}
-            runs = {k: [] for k in fns}
-            for _ in range(args.rounds):
-                for k, fn in fns.items():
-                    runs[k].append(timed(fn, reps=20, rounds=1))
-            med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+            med = interleaved(fns, args.rounds, 20)
             print(f"| {name} | {label} | {T} x {N} x {K}, {r} | {med['after']:.1f} | {med['onto']:.1f} | "
                   f"{med['base']:.1f} |")
 

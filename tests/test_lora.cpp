@@ -599,6 +599,23 @@ std::vector<at::Tensor> switched_loss_and_grads(const char* name, const char* va
       device, dtype);
 }
 
+// switched_loss_and_grads with `name` at `on`, then at `off`: both runs' loss and LoRA gradients, the ModelStats counter
+// `runs` at least `least` in the first and 0 in the second (the switch took its path).
+std::pair<std::vector<at::Tensor>, std::vector<at::Tensor>> switched_pair(const char* name, const char* on,
+                                                                         const char* off, bool checkpointing,
+                                                                         const at::Device& device,
+                                                                         c10::ScalarType dtype,
+                                                                         std::atomic<int64_t> qt::ModelStats::*runs,
+                                                                         int64_t least) {
+  std::shared_ptr<qt::ModelStats> stats;
+  std::vector<at::Tensor> first = switched_loss_and_grads(name, on, checkpointing, 0, stats, device, dtype);
+  REQUIRE(stats);
+  CHECK(((*stats).*runs).load() >= least);
+  std::vector<at::Tensor> second = switched_loss_and_grads(name, off, checkpointing, 0, stats, device, dtype);
+  CHECK(((*stats).*runs).load() == 0);
+  return {std::move(first), std::move(second)};
+}
+
 // Two runs' loss and LoRA gradients: as many, not all zero, each within `bound` relative error of the other's (0: bit
 // for bit).
 void check_same_loss_and_grads(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b, double bound) {
@@ -655,16 +672,11 @@ TEST_CASE("on CUDA LoRA's rank-r GEMM kernels give the loss and gradients of ATe
   const at::Device cuda(at::kCUDA, 0);
   for (bool checkpointing : {false, true}) {
     INFO("checkpointing " << checkpointing);
-    std::shared_ptr<qt::ModelStats> stats;
-    const std::vector<at::Tensor> kernels =
-        switched_loss_and_grads("QT_LORA_GEMM_KERNELS", "1", checkpointing, 0, stats, cuda, at::kBFloat16);
-    REQUIRE(stats);
     // per block: q / k / v and gate / up (a projection and one gradient launch each), o_proj and down_proj (the same)
-    CHECK(stats->lora_gemm_kernel_runs >= 2 * 8);
-    const std::vector<at::Tensor> aten =
-        switched_loss_and_grads("QT_LORA_GEMM_KERNELS", "0", checkpointing, 0, stats, cuda, at::kBFloat16);
-    CHECK(stats->lora_gemm_kernel_runs == 0);
+    const auto [kernels, aten] = switched_pair("QT_LORA_GEMM_KERNELS", "1", "0", checkpointing, cuda, at::kBFloat16,
+                                               &qt::ModelStats::lora_gemm_kernel_runs, 2 * 8);
     check_same_loss_and_grads(kernels, aten, 2e-2);
+    std::shared_ptr<qt::ModelStats> stats;
     // each kernel alone: the forward projections (4 a block) or the gradients' launches (4 a block)
     // ("narrow": the gradients' kernel where a node's operands are at most 4,096 wide: every node of this model)
     for (const char* one : {"project", "grads", "narrow"}) {
@@ -700,21 +712,13 @@ TEST_CASE("an unknown QT_LORA_GEMM_KERNELS value is an error naming the variable
 void check_lora_add_order(const at::Device& device, c10::ScalarType dtype, double bound) {
   for (bool checkpointing : {false, true}) {
     INFO("checkpointing " << checkpointing << " on " << device << " in " << c10::toString(dtype));
-    std::shared_ptr<qt::ModelStats> stats;
-    const std::vector<at::Tensor> exact =
-        switched_loss_and_grads("QT_LORA_ADD_AFTER", nullptr, checkpointing, 0, stats, device, at::kFloat);
-    REQUIRE(stats);
     // per block: o_proj's and down_proj's forward (again in the recomputation) and o_proj's input gradient
-    CHECK(stats->base_onto_lora_runs >= 2 * 3);
-    const std::vector<at::Tensor> exact_after =
-        switched_loss_and_grads("QT_LORA_ADD_AFTER", "1", checkpointing, 0, stats, device, at::kFloat);
-    CHECK(stats->base_onto_lora_runs == 0);
+    const auto [exact, exact_after] = switched_pair("QT_LORA_ADD_AFTER", nullptr, "1", checkpointing, device,
+                                                    at::kFloat, &qt::ModelStats::base_onto_lora_runs, 2 * 3);
     check_same_loss_and_grads(exact, exact_after, 1e-6);
     if (dtype == at::kFloat) continue;
-    const std::vector<at::Tensor> onto =
-        switched_loss_and_grads("QT_LORA_ADD_AFTER", nullptr, checkpointing, 0, stats, device, dtype);
-    const std::vector<at::Tensor> after =
-        switched_loss_and_grads("QT_LORA_ADD_AFTER", "1", checkpointing, 0, stats, device, dtype);
+    const auto [onto, after] = switched_pair("QT_LORA_ADD_AFTER", nullptr, "1", checkpointing, device, dtype,
+                                             &qt::ModelStats::base_onto_lora_runs, 2 * 3);
     REQUIRE(onto.size() == exact.size());
     REQUIRE(after.size() == exact.size());
     double worst_onto = 0, worst_after = 0;
