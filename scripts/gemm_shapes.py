@@ -47,6 +47,13 @@ def interleaved(fns, rounds, reps):
     return {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
 
 
+def header(*columns):
+    """A markdown table's first two lines, after a blank line."""
+    print()
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
 def pad8(n):
     return (n + 7) // 8 * 8
 
@@ -62,9 +69,8 @@ def main():
     rate = 2 * 8192**3 / (timed(lambda: torch.mm(a, a), reps=10) * 1e-6)
     del a
     print(f"{torch.cuda.get_device_name()}: one 8192^3 bf16 GEMM {rate / 1e12:.0f} TFLOP/s")
-    print("| model | GEMM | M x N x K | folded us (TFLOP/s, % of 8192^3) | base alone us (TFLOP/s) | rank-r part apart us "
-          "| folded / (base + apart) | folded, the side padded to 64 / 128 / 256 us |")
-    print("|---|---|---|---|---|---|---|---|")
+    header("model", "GEMM", "M x N x K", "folded us (TFLOP/s, % of 8192^3)", "base alone us (TFLOP/s)",
+           "rank-r part apart us", "folded / (base + apart)", "folded, the side padded to 64 / 128 / 256 us")
     for name in args.models.split(","):
         H, I, Q, KV, T = MODELS[name]
         r = 16
@@ -117,10 +123,8 @@ def main():
     # up's x are the first columns of the group's concatenated input [x | x A^T | 0] (K + sum r rounded up to 8) and
     # the product is written into its next columns; against contiguous operands (bench_lora_gemm's), the buffer's rows
     # padded to 64 elements, and the product into a contiguous [T, r] (a copy into the buffer after it).
-    print()
-    print("| model | x A^T | T x K x r | contiguous us (GB/s) | trainer's layout us (GB/s) | rows padded to 64 us | "
-          "out contiguous us |")
-    print("|---|---|---|---|---|---|---|")
+    header("model", "x A^T", "T x K x r", "contiguous us (GB/s)", "trainer's layout us (GB/s)", "rows padded to 64 us",
+           "out contiguous us")
     for name in args.models.split(","):
         H, I, Q, KV, T = MODELS[name]
         for label, K, r in (("q/k/v", H, 48), ("gate/up", H, 32), ("down_proj", I, 16)):
@@ -142,10 +146,8 @@ def main():
     # The rank-r term added over a base GEMM's output where it is not folded (o_proj's and down_proj's forward,
     # o_proj's input gradient): y = x W^T, then y += t B^T (an addmm reading and writing y), against y = t B^T first
     # and the base GEMM accumulating onto it (beta 1: y is read in its epilogue).
-    print()
-    print("| model | y = x W^T + t B^T | T x N x K, r | base, then addmm us | t B^T, then the base accumulating us | "
-          "base alone us |")
-    print("|---|---|---|---|---|---|")
+    header("model", "y = x W^T + t B^T", "T x N x K, r", "base, then addmm us", "t B^T, then the base accumulating us",
+           "base alone us")
     for name in args.models.split(","):
         H, I, Q, KV, T = MODELS[name]
         for label, N, K in (("o_proj forward", H, Q), ("down_proj forward", H, I), ("o_proj input gradient", Q, H)):
