@@ -138,12 +138,13 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       W = tall ? tall_weight(*l, dt, pass.stats, a) : frozen_weight(*l, dt, pass.stats);
       // The rank-r term first, then the base GEMM accumulating onto it (beta 1: y read in its epilogue), not an
       // addmm reading and writing y after it: 8-12 us less a linear at 8B 2 x 2048 (scripts/gemm_shapes.py).
+      const at::Tensor Wb = W.narrow(0, 0, l->out_features());
       if (pass.lora_add_after) {
-        y = at::mm(x2, W.narrow(0, 0, l->out_features()).t());
+        y = at::mm(x2, Wb.t());
         y.addmm_(t, bs.t());
       } else {
         y = at::mm(t, bs.t());
-        y.addmm_(x2, W.narrow(0, 0, l->out_features()).t());
+        y.addmm_(x2, Wb.t());
         pass.count(&ModelStats::base_onto_lora_runs);
       }
     }
@@ -198,16 +199,16 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     } else {
       g = at::mm(dy, bs);
       if (ctx->needs_input_grad(0)) {
-        const at::Tensor W = kept.defined() ? kept : frozen_weight(*l, dt, stats);
+        const at::Tensor W = (kept.defined() ? kept : frozen_weight(*l, dt, stats)).narrow(0, 0, dy.size(1));
         if (dropout > 0) {
-          dx = at::mm(dy, W.narrow(0, 0, dy.size(1)));
+          dx = at::mm(dy, W);
           add_lora_dropout_grad(dx, g, a, drop, dropout);
         } else if (ctx->saved_data["add_after"].toBool()) {
-          dx = at::mm(dy, W.narrow(0, 0, dy.size(1)));
+          dx = at::mm(dy, W);
           dx.addmm_(g, a);
         } else {  // g a first, the base GEMM accumulating onto it (as the forward pass)
           dx = at::mm(g, a);
-          dx.addmm_(dy, W.narrow(0, 0, dy.size(1)));
+          dx.addmm_(dy, W);
           if (stats) ++stats->base_onto_lora_runs;
         }
       }
