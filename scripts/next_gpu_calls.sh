@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -66,13 +66,18 @@
 #      accumulating onto its rank-r term, the default since the twenty-first session, among them); in the step, that
 #      order against the addmm after the base GEMM (QT_LORA_ADD_AFTER=1), 8B 2 x 2048 (two rounds) and 1B 4 x 2048
 #      (three) at 80 GiB.
+#   22: carry [".peers", ".usite", ".peerscripts"]: build, issue 27's 8B 1 x 32768 row (not measured since the plan
+#      chooses for speed): at 24 GiB against Unsloth's modes u and 1, at 80 GiB against 0, u and 1 (its best that
+#      completes), each its own process.
+#   23: carry [".peers", ".peerscripts"]: build, issue 27's hand search on the rows it has not covered (only 8B
+#      2 x 2048 so far): 1B 4 x 2048 and 8B 1 x 8192 at 24 and 80 GiB, the plan picked against the 3 fastest others.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
 # the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth, 12 and 6 (H100) and 13 (H200) in the eighteenth
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
 # twentieth; 19 and 20 in the twenty-first. What is left: 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its
-# table and the memory-bound rate's refit there), 6 there; 21. Carry
+# table and the memory-bound rate's refit there), 6 there; 21 (its counter check), 22, 23. Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
 # fixtures).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
@@ -270,6 +275,16 @@ case "$CALL" in
   run ab_resident_split_1b.log 330 --rows 1b-4x2048 --budget 80 --ab base= --ab resident="--env QT_CE_RESIDENT_TILES=1" \
     --ab split4="--env QT_LORA_PROJECT_SPLIT=4" --ab flash="--set train.memory.attention=flash" --rounds "${ROUNDS:-2}" \
     --steps 6 --warm 2
+  ;;
+22)
+  note "== issue 27: 8B 1 x 32768 at 24 GiB (Unsloth u, 1) and 80 GiB (Unsloth 0, u, 1)"
+  run budget_24_32k.log 270 --peers unsloth --unsloth-modes u,1 --rows 8b-1x32768 --budget 24 --no-whole --steps 3 --warm 1
+  run budget_80_32k.log 300 --peers unsloth --unsloth-modes 0,u,1 --rows 8b-1x32768 --budget 80 --no-whole --steps 3 \
+    --warm 1
+  ;;
+23)
+  note "== issue 27: the plan picked against the 3 fastest others that fit, 1B 4 x 2048 and 8B 1 x 8192 at 24 and 80 GiB"
+  run hand_search_rows.log 540 --rows 1b-4x2048,8b-1x8192 --budget 24,80 --hand-search 3 --steps 4 --warm 2
   ;;
 21)
   note "== every [gpu] test (the base GEMM accumulating onto a linear's rank-r term among them)"
