@@ -9,13 +9,16 @@
 #include <torch/csrc/autograd/function.h>
 
 #include <array>
+#include <string>
 #include <cmath>
 #include <limits>
 #include <utility>
 #include <vector>
 
+#include "lib/core/error.h"
 #include "lib/kernels/fused_ops.h"
 #include "lib/kernels/fused_ops_kernels.h"
+#include "lib/kernels/tuned_gemm.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -686,4 +689,121 @@ TEST_CASE("LoRA's rank-r GEMM kernels against fp32 products of their operands", 
     CHECK(at::equal(got[0], ref[0]));
     CHECK(at::equal(got[1], ref[1]));
   }
+}
+
+// The tuned GEMM (lib/kernels/tuned_gemm.h) in the trainer's layouts: a weight's transpose view (the forward pass),
+// a row-major right operand (the input gradient), the output as the first columns of a wider buffer, the left
+// operand as the first columns of one (the widened inputs), and accumulating onto the output (o_proj's and
+// down_proj's base GEMM onto their rank-r term). Each case: out (=|+=) a b.
+struct GemmCase {
+  const char* what;
+  int64_t M, N, K;
+  bool b_transposed;   // b = w.t() for a stored [N, K] w
+  int64_t out_extra;   // out = the first N columns of [M, N + out_extra]
+  int64_t a_extra;     // a = the first K columns of [M, K + a_extra]
+  bool accumulate;
+};
+const GemmCase kGemmCases[] = {
+    {"forward, a weight's transpose", 320, 384, 256, true, 0, 0, false},
+    {"forward, the widened input's first columns", 256, 320, 192, true, 0, 64, false},
+    {"input gradient, into a wider buffer's first columns", 192, 256, 384, false, 128, 0, false},
+    {"accumulating onto the output", 256, 192, 320, true, 0, 0, true},
+    {"accumulating, row-major right operand", 128, 256, 192, false, 0, 0, true},
+};
+
+struct GemmOperands {
+  at::Tensor a, b, out, c0;
+};
+GemmOperands gemm_operands(const GemmCase& c, const at::TensorOptions& opt) {
+  GemmOperands o;
+  o.a = at::randn({c.M, c.K + c.a_extra}, opt).narrow(1, 0, c.K);
+  o.b = c.b_transposed ? at::randn({c.N, c.K}, opt).t() : at::randn({c.K, c.N}, opt);
+  o.out = at::empty({c.M, c.N + c.out_extra}, opt).narrow(1, 0, c.N);
+  o.c0 = at::randn({c.M, c.N}, opt);
+  return o;
+}
+
+TEST_CASE("the tuned GEMM on the CPU is ATen's GEMM, bit for bit, in every layout the trainer uses", "[fused_ops]") {
+  at::manual_seed(11);
+  for (const GemmCase& c : kGemmCases) {
+    INFO(c.what);
+    const GemmOperands o = gemm_operands(c, at::TensorOptions().dtype(at::kFloat));
+    const int64_t aten_before = qt::kernels::gemm_tuner_counts().aten_calls;
+    o.out.copy_(c.accumulate ? o.c0 : at::full_like(o.c0, std::numeric_limits<float>::quiet_NaN()));
+    qt::kernels::gemm_out(o.out, o.a, o.b, c.accumulate);
+    at::Tensor ref = c.accumulate ? o.c0.clone() : at::empty_like(o.c0);
+    if (c.accumulate)
+      ref.addmm_(o.a, o.b);
+    else
+      at::mm_out(ref, o.a, o.b);
+    CHECK(at::equal(o.out, ref));
+    CHECK(qt::kernels::gemm_tuner_counts().aten_calls == aten_before + 1);
+  }
+  const at::Tensor a = at::randn({8, 4}), b = at::randn({5, 3});
+  bool threw = false;
+  try {
+    (void)qt::kernels::gemm(a, b);
+  } catch (const qt::Error& e) {
+    threw = std::string(e.what()).find("shapes do not chain") != std::string::npos;
+  }
+  CHECK(threw);
+  CHECK(at::equal(qt::kernels::gemm(a, b.narrow(0, 0, 4)), at::mm(a, b.narrow(0, 0, 4))));
+}
+
+// On CUDA in bf16: within bf16's rounding of the fp32 product; the same bits at every later call of a problem (its
+// algorithm is kept) and with other values; each new problem timed once over candidates of one output (the tuner
+// keeps only those with the first candidate's bits); tuning off gives ATen's path.
+TEST_CASE("the tuned GEMM on CUDA: bf16 bounds, one algorithm a problem, the same bits every call", "[fused_ops][gpu]") {
+  REQUIRE(at::hasCUDA());
+  at::manual_seed(12);
+  const auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  qt::kernels::set_gemm_tuning(true);
+  for (const GemmCase& c : kGemmCases) {
+    INFO(c.what);
+    const GemmOperands o = gemm_operands(c, opt);
+    const auto before = qt::kernels::gemm_tuner_counts();
+    auto run = [&] {
+      o.out.copy_(c.accumulate ? o.c0 : at::full_like(o.c0, std::numeric_limits<float>::quiet_NaN()));
+      qt::kernels::gemm_out(o.out, o.a, o.b, c.accumulate);
+      return o.out.clone();
+    };
+    const at::Tensor first = run();
+    const auto after = qt::kernels::gemm_tuner_counts();
+    CHECK(after.problems_tuned == before.problems_tuned + 1);
+    CHECK(after.candidates_timed >= before.candidates_timed + 1);
+    CHECK(after.lt_calls == before.lt_calls + 1);
+    at::Tensor ref = at::mm(o.a.to(at::kFloat), o.b.to(at::kFloat));
+    if (c.accumulate) ref.add_(o.c0.to(at::kFloat));
+    const double scale = ref.abs().max().item<double>();
+    CHECK(first.isfinite().all().item<bool>());
+    CHECK((first.to(at::kFloat) - ref).abs().max().item<double>() <= 1e-2 * scale);
+    // kept: the same bits, no new timing
+    for (int i = 0; i < 3; ++i) CHECK(at::equal(run(), first));
+    CHECK(qt::kernels::gemm_tuner_counts().problems_tuned == after.problems_tuned);
+    CHECK(qt::kernels::gemm_tuner_counts().lt_calls == after.lt_calls + 3);
+    // other values of the same problem: its algorithm, within bounds
+    o.a.copy_(at::randn(o.a.sizes(), opt));
+    const at::Tensor other = run();
+    at::Tensor ref2 = at::mm(o.a.to(at::kFloat), o.b.to(at::kFloat));
+    if (c.accumulate) ref2.add_(o.c0.to(at::kFloat));
+    CHECK((other.to(at::kFloat) - ref2).abs().max().item<double>() <= 1e-2 * ref2.abs().max().item<double>());
+    CHECK(qt::kernels::gemm_tuner_counts().problems_tuned == after.problems_tuned);
+    // tuning off: ATen's own call
+    qt::kernels::set_gemm_tuning(false);
+    const int64_t aten_before = qt::kernels::gemm_tuner_counts().aten_calls;
+    const at::Tensor off = run();
+    at::Tensor aten = c.accumulate ? o.c0.clone() : at::empty_like(o.c0);
+    if (c.accumulate)
+      aten.addmm_(o.a, o.b);
+    else
+      at::mm_out(aten, o.a, o.b);
+    CHECK(at::equal(off, aten));
+    CHECK(qt::kernels::gemm_tuner_counts().aten_calls == aten_before + 1);
+    qt::kernels::set_gemm_tuning(true);
+  }
+  // A layout cuBLASLt cannot take here (a row stride that is no 16-byte multiple): ATen's path
+  const at::Tensor a = at::randn({128, 100 + 3}, opt).narrow(1, 0, 100), b = at::randn({100, 128}, opt);
+  const int64_t aten_before = qt::kernels::gemm_tuner_counts().aten_calls;
+  CHECK(at::equal(qt::kernels::gemm(a, b), at::mm(a, b)));
+  CHECK(qt::kernels::gemm_tuner_counts().aten_calls == aten_before + 1);
 }

@@ -5,6 +5,7 @@
 #include "lib/core/error.h"
 #include "lib/kernels/fused_linear_ce_impl.h"
 #include "lib/kernels/fused_linear_ce_kernel.h"
+#include "lib/kernels/tuned_gemm.h"
 
 #ifdef QT_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -76,7 +77,7 @@ void write_dw_by_vocab_slices(const at::Tensor& hidden, const at::Tensor& weight
       z = last_tile.narrow(0, 0, tokens * n).view({tokens, n});
     }
     const at::Tensor w = weight.narrow(0, v0, n);
-    at::mm_out(z, hidden, w.t());
+    kernels::gemm_out(z, hidden, w.t());
     kernels::ce_slice_grad(z.data_ptr(), dtype, tokens, n, n, v0, vocab, labels.data_ptr<int64_t>(),
                            lse.data_ptr<float>(), params, stream);
     at::Tensor dw_slice = dw.narrow(0, v0, n);
@@ -156,9 +157,9 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
   auto write_dh = [&](int64_t c0, int64_t rows, const at::Tensor& z, at::Tensor& h) {
     if (!compact) {
       at::Tensor dh = out.dh.narrow(0, c0, rows);
-      at::mm_out(dh, z, weight);
+      kernels::gemm_out(dh, z, weight);
     } else {
-      at::mm_out(h, z, weight);
+      kernels::gemm_out(h, z, weight);
       out.dh.index_copy_(0, idx.narrow(0, c0, rows), h);
     }
   };
@@ -174,7 +175,7 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
       const int64_t rows = std::min(chunk1, counted - c0);
       at::Tensor h = rows_of(c0, rows, gather_buf);
       at::Tensor z = flat.narrow(0, 0, rows * vocab).view({rows, vocab});
-      at::mm_out(z, h, weight.t());
+      kernels::gemm_out(z, h, weight.t());
       kernels::ce_tile_loss_grad(z.data_ptr(), dtype, rows, vocab, vocab, y.data_ptr<int64_t>() + c0,
                                  loss_c.data_ptr<float>() + c0, want_dh, params, main.stream(),
                                  lse_c.data_ptr<float>() + c0);
@@ -216,7 +217,7 @@ FusedCeForward fused_linear_ce_cuda(const at::Tensor& hidden, const at::Tensor& 
     const int64_t rows = std::min(chunk_t, counted - c0);
     at::Tensor h = rows_of(c0, rows, gather_buf);
     at::Tensor z = tile.narrow(0, 0, rows);
-    at::mm_out(z, h, weight.t());
+    kernels::gemm_out(z, h, weight.t());
     kernels::ce_tile_loss_grad(z.data_ptr(), dtype, rows, vocab, vocab, y.data_ptr<int64_t>() + c0,
                                loss_c.data_ptr<float>() + c0, write_grad, params, main.stream());
     if (want_dw) {

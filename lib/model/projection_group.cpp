@@ -6,6 +6,7 @@
 
 #include "lib/kernels/fused_ops.h"
 #include "lib/kernels/nf4_dequant.h"
+#include "lib/kernels/tuned_gemm.h"
 
 namespace qt {
 namespace {
@@ -150,7 +151,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       lora_inputs(t);  // [N, sum r], in place in the wider input
       if (extra > r) xc.narrow(1, in + r, extra - r).zero_();
       W = weight(ls, total, dt, pass.stats, bd, extra);  // kept whole where the backward's [dx | g] GEMM reads it
-      y = bias.defined() ? at::addmm(bias, xc, W.t()) : at::mm(xc, W.t());
+      y = bias.defined() ? at::addmm(bias, xc, W.t()) : kernels::gemm(xc, W.t());
       if (!wide) W = W.narrow(1, 0, in);
       if (!in_place) x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
       pass.count(&ModelStats::lora_b_in_gemm_runs);
@@ -160,7 +161,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       // [W | bd | 0] where its columns can be strided (the backward's [dx | g] GEMM reads it whole), else [W]
       W = wide ? weight(ls, total, dt, pass.stats, bd, concat_columns(bd)) : weight(ls, total, dt, pass.stats);
       const at::Tensor Wb = W.narrow(1, 0, x2.size(1));
-      y = bias.defined() ? at::addmm(bias, x2, Wb.t()) : at::mm(x2, Wb.t());
+      y = bias.defined() ? at::addmm(bias, x2, Wb.t()) : kernels::gemm(x2, Wb.t());
       y.addmm_(t, bd.t());
     }
     ctx->save_for_backward({x2, a, bd, t, pass.keep_dequantized ? W : at::Tensor()});
@@ -194,13 +195,13 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       if (wide && W.size(1) == in + extra) {
         // [dx | g | 0] = dy [W | bd | 0]: g rides on the input gradient's GEMM (N wider by sum r rounded up to 8)
         // instead of its own GEMM reading all of dy again (0.09 ms a block for gate / up at 2 x 2048 tokens)
-        const at::Tensor o = at::mm(dy, W);
+        const at::Tensor o = kernels::gemm(dy, W);
         dx = o.narrow(1, 0, in);
         g = o.narrow(1, in, r);
         if (stats) ++stats->lora_in_grad_gemm_runs;
       } else {
         g = at::mm(dy, bd);
-        dx = at::mm(dy, W.narrow(1, 0, in));
+        dx = kernels::gemm(dy, W.narrow(1, 0, in));
       }
     } else {
       g = at::mm(dy, bd);

@@ -12,6 +12,7 @@
 #include "lib/core/error.h"
 #include "lib/kernels/dropout_hash.h"
 #include "lib/kernels/fused_ops.h"
+#include "lib/kernels/tuned_gemm.h"
 
 namespace qt {
 namespace {
@@ -140,11 +141,11 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       // addmm reading and writing y after it: 8-12 us less a linear at 8B 2 x 2048 (scripts/gemm_shapes.py).
       const at::Tensor Wb = W.narrow(0, 0, l->out_features());
       if (pass.lora_add_after) {
-        y = at::mm(x2, Wb.t());
+        y = kernels::gemm(x2, Wb.t());
         y.addmm_(t, bs.t());
       } else {
         y = at::mm(t, bs.t());
-        y.addmm_(x2, Wb.t());
+        kernels::gemm_out(y, x2, Wb.t(), /*accumulate=*/true);
         pass.count(&ModelStats::base_onto_lora_runs);
       }
     }
@@ -194,21 +195,21 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
       g = dyw.narrow(1, out, r);
       at::mm_out(g, dy, bs);
       if (Wt.size(0) > out + r) dyw.narrow(1, out + r, Wt.size(0) - out - r).zero_();
-      dx = at::mm(dyw, Wt);
+      dx = kernels::gemm(dyw, Wt);
       if (stats) ++stats->lora_in_grad_gemm_runs;
     } else {
       g = at::mm(dy, bs);
       if (ctx->needs_input_grad(0)) {
         const at::Tensor W = (kept.defined() ? kept : frozen_weight(*l, dt, stats)).narrow(0, 0, dy.size(1));
         if (dropout > 0) {
-          dx = at::mm(dy, W);
+          dx = kernels::gemm(dy, W);
           add_lora_dropout_grad(dx, g, a, drop, dropout);
         } else if (ctx->saved_data["add_after"].toBool()) {
-          dx = at::mm(dy, W);
+          dx = kernels::gemm(dy, W);
           dx.addmm_(g, a);
         } else {  // g a first, the base GEMM accumulating onto it (as the forward pass)
           dx = at::mm(g, a);
-          dx.addmm_(dy, W);
+          kernels::gemm_out(dx, dy, W, /*accumulate=*/true);
           if (stats) ++stats->base_onto_lora_runs;
         }
       }
