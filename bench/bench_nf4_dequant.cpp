@@ -9,7 +9,7 @@
 // bandwidth, and a cudaMemcpyAsync of the case's own byte count (half read, half written, rotated buffers,
 // graph-timed): the practical ceiling at that size, where launch latency and the ramp of a kernel weigh; and
 // "fill@", an ATen fill_ of the same outputs (the writes alone, nothing read). Results: docs/PERFORMANCE.md.
-// Usage: bench_nf4_dequant [reps=30] [--no-ref] [--only=SUBSTRING,...]
+// Usage: bench_nf4_dequant [reps=30] [--no-ref] [--only=SUBSTRING,...] [--overlap=TOKENS: overlap_case's table alone]
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -187,6 +188,118 @@ double copy_bandwidth_gbps(int reps) {
   return 2.0 * static_cast<double>(n) / (us * 1e-6) / 1e9;
 }
 
+
+// The 24 GiB plan's dequantization (each linear's bf16 weight made just before its GEMM) as the trainer runs it, one
+// stream, against the same dequantizations on a side stream one linear ahead (double-buffered weights: linear j + 1's
+// made while linear j's GEMM runs, an event each way), over 8 blocks of Llama-3.1-8B's forward linears at `tokens`
+// tokens: q / k / v in one launch, o, gate / up in one launch, down. Whether the memory-bound pass hides under the
+// GEMMs (their CTAs fill the SMs' registers: the dequantization's blocks may only fill the waves' tails). Prints the
+// GEMMs alone, the dequantizations alone, in turn on one stream, and overlapped; interleaved rounds, medians (ms).
+void overlap_case(int64_t tokens, int rounds) {
+  struct Lin {
+    std::vector<std::pair<int64_t, int64_t>> parts;  // [out, in] of each weight dequantized in one launch
+  };
+  const std::vector<Lin> lins = {{{{4096, 4096}, {1024, 4096}, {1024, 4096}}}, {{{4096, 4096}}},
+                                 {{{14336, 4096}, {14336, 4096}}}, {{{4096, 14336}}}};
+  const auto bf = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const int blocks = 8;
+  std::vector<std::vector<Nf4Data>> data;   // [linear][part], shared by the blocks (109 MB: beyond the L2)
+  std::vector<at::Tensor> x;                // [tokens, in] per linear
+  std::vector<at::Tensor> y;                // [tokens, out] per linear
+  std::vector<std::vector<at::Tensor>> w[2];  // [buffer][linear]: the [out, in] weight, its parts as row slices
+  std::vector<at::Tensor> wfull[2];
+  for (const Lin& l : lins) {
+    std::vector<Nf4Data> ds;
+    int64_t out = 0;
+    const int64_t in = l.parts[0].second;
+    for (auto [r, c] : l.parts) {
+      ds.push_back(random_nf4(r * c));
+      out += r;
+    }
+    data.push_back(std::move(ds));
+    x.push_back(at::randn({tokens, in}, bf));
+    y.push_back(at::empty({tokens, out}, bf));
+    for (int b = 0; b < 2; ++b) {
+      at::Tensor full = at::empty({out, in}, bf);
+      std::vector<at::Tensor> parts;
+      int64_t row = 0;
+      for (auto [r, c] : l.parts) {
+        parts.push_back(full.narrow(0, row, r));
+        row += r;
+      }
+      wfull[b].push_back(full);
+      w[b].push_back(parts);
+    }
+  }
+  const int n = blocks * static_cast<int>(lins.size());
+  auto dequant = [&](int j, int buf) {
+    const int li = j % static_cast<int>(lins.size());
+    std::vector<const Nf4Data*> ds;
+    for (const auto& d : data[li]) ds.push_back(&d);
+    qt::kernels::nf4_dequant_group_into(ds, w[buf][li]);
+  };
+  auto gemm = [&](int j, int buf) {
+    const int li = j % static_cast<int>(lins.size());
+    at::mm_out(y[li], x[li], wfull[buf][li].t());
+  };
+  auto main_stream = at::cuda::getCurrentCUDAStream();
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+  std::vector<at::cuda::CUDAEvent> made(n), used(n);
+  auto serial = [&] {
+    for (int j = 0; j < n; ++j) {
+      dequant(j, j & 1);
+      gemm(j, j & 1);
+    }
+  };
+  auto gemms_only = [&] {
+    for (int j = 0; j < n; ++j) gemm(j, j & 1);
+  };
+  auto dequants_only = [&] {
+    for (int j = 0; j < n; ++j) dequant(j, j & 1);
+  };
+  auto overlapped = [&] {
+    {  // the first weight on the side stream too, after what the main stream queued before
+      at::cuda::CUDAEvent start;
+      start.record(main_stream);
+      start.block(side);
+    }
+    for (int j = 0; j < n; ++j) {
+      if (j == 0) {
+        c10::cuda::CUDAStreamGuard g(side);
+        dequant(0, 0);
+        made[0].record(side);
+      }
+      if (j + 1 < n) {  // linear j + 1's weight into the buffer linear j - 1 used
+        c10::cuda::CUDAStreamGuard g(side);
+        if (j >= 1) used[j - 1].block(side);
+        dequant(j + 1, (j + 1) & 1);
+        made[j + 1].record(side);
+      }
+      made[j].block(main_stream);
+      gemm(j, j & 1);
+      used[j].record(main_stream);
+    }
+  };
+  std::vector<double> t[4];
+  for (int r = 0; r < rounds + 1; ++r) {
+    const std::function<void()> fns[4] = {gemms_only, dequants_only, serial, overlapped};
+    for (int k = 0; k < 4; ++k) {
+      at::cuda::CUDAEvent start(0), stop(0);
+      start.record(main_stream);
+      fns[k]();
+      stop.record(main_stream);
+      stop.synchronize();
+      if (r > 0) t[k].push_back(start.elapsed_time(stop));
+    }
+  }
+  for (auto& v : t) std::sort(v.begin(), v.end());
+  const double g = t[0][t[0].size() / 2], d = t[1][t[1].size() / 2], s = t[2][t[2].size() / 2],
+               o = t[3][t[3].size() / 2];
+  std::printf("\n8B forward linears, %d blocks, %lld tokens (ms): GEMMs alone %.2f, dequantizations alone %.2f, in "
+              "turn on one stream %.2f, dequantization a linear ahead on a side stream %.2f: %.2f of the %.2f "
+              "dequantization hidden (%.0f%%)\n",
+              blocks, static_cast<long long>(tokens), g, d, s, o, s - o, d, 100.0 * (s - o) / d);
+}
 #endif
 
 // `only`: comma-separated substrings of case names; empty: every case.
@@ -218,10 +331,13 @@ int main(int argc, char** argv) {
     int reps = 30;
     bool with_ref = true;
     std::string only;
+    int64_t overlap_tokens = 0;
     for (int i = 1; i < argc; ++i) {
       const std::string a = argv[i];
       if (a == "--no-ref") {
         with_ref = false;
+      } else if (a.rfind("--overlap=", 0) == 0) {
+        overlap_tokens = std::atoll(a.c_str() + 10);
       } else if (a.rfind("--only=", 0) == 0) {
         only = a.substr(7);
       } else {
@@ -229,6 +345,10 @@ int main(int argc, char** argv) {
       }
     }
     at::manual_seed(0);
+    if (overlap_tokens > 0) {
+      overlap_case(overlap_tokens, reps / 3);
+      return 0;
+    }
     const double copy_gbps = copy_bandwidth_gbps(reps);
     const auto props = at::cuda::getCurrentDeviceProperties();
     std::printf("device: %s, %d SMs, %d MB L2; device-to-device copy of 1 GiB: %.0f GB/s (read + write)\n", props->name,
