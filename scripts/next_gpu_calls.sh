@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -71,6 +71,15 @@
 #      completes), each its own process.
 #   23: carry [".peers", ".peerscripts"]: build, issue 27's hand search on the rows it has not covered (only 8B
 #      2 x 2048 so far): 1B 4 x 2048 and 8B 1 x 8192 at 24 and 80 GiB, the plan picked against the 3 fastest others.
+#   24: no carry (WITH_TESTS=1: carry build/tests/fixtures, and every [gpu] test runs after): build, bench_gemm_algos
+#      (the trainer's base GEMMs through ATen against each candidate of cuBLASLt's heuristic, timed: whether GEMMs picked
+#      by measurement reach nearer the 8192^3 rate) and bench_nf4_dequant --overlap=4096 (the 24 GiB plan's
+#      dequantization a linear ahead on a side stream against in turn, 8 blocks of the 8B forward linears).
+#   25: carry build/tests/fixtures: build, every [gpu] test (the tuned GEMM's, and 21's counter check), bench_gemm_algos
+#      with the tuned GEMM's column (lib/kernels/tuned_gemm.h) and the candidates' bits.
+#   26: no carry (or build/tests/fixtures/lora, data and dora: the [lora] and [fused_ops] [gpu] tests first): build, in the
+#      step the tuned GEMMs against ATen's (QT_GEMM_TUNE=0): 8B 2 x 2048 at 80 GiB, 1B 4 x 2048 at 80, 8B 2 x 2048 at 24
+#      (two rounds each).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -285,6 +294,51 @@ case "$CALL" in
 23)
   note "== issue 27: the plan picked against the 3 fastest others that fit, 1B 4 x 2048 and 8B 1 x 8192 at 24 and 80 GiB"
   run hand_search_rows.log 540 --rows 1b-4x2048,8b-1x8192 --budget 24,80 --hand-search 3 --steps 4 --warm 2
+  ;;
+25)
+  note "== every [gpu] test (the tuned GEMM's among them; the base GEMM onto a linear's rank-r term counted)"
+  mkdir -p build-gpu/tests
+  rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
+  t1=$(date +%s)
+  (cd build-gpu && timeout 240 ./tests/qt_tests "[gpu]") >"$L/tests_gpu.log" 2>&1
+  tail -n 4 "$L/tests_gpu.log" >>"$summary"
+  grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
+  note "tests: $(($(date +%s) - t1)) s"
+  note "== the trainer's GEMMs: ATen, cuBLASLt's candidates, and the tuned GEMM (bench_gemm_algos)"
+  timeout 200 build-gpu/bench_gemm_algos 32 >"$L/bench_gemm_algos.log" 2>&1
+  note "bench_gemm_algos: exit $?"
+  cat "$L/bench_gemm_algos.log" >>"$summary"
+  ;;
+26)
+  [ -d build/tests/fixtures ] && lora_gpu_tests 100
+  note "== in the step: the tuned GEMMs (base) against ATen's (QT_GEMM_TUNE=0), 8B 2 x 2048 (two rounds) and 1B 4 x 2048"
+  note "   (two) at 80 GiB, 8B 2 x 2048 at 24 GiB (two)"
+  run ab_tune_8b.log 170 --rows 8b-2x2048 --budget 80 --ab base= --ab aten="--env QT_GEMM_TUNE=0" \
+    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
+  run ab_tune_1b.log 100 --rows 1b-4x2048 --budget 80 --ab base= --ab aten="--env QT_GEMM_TUNE=0" \
+    --rounds 2 --steps 6 --warm 2
+  run ab_tune_8b_24.log 170 --rows 8b-2x2048 --budget 24 --ab base= --ab aten="--env QT_GEMM_TUNE=0" \
+    --rounds 2 --steps 6 --warm 2
+  ;;
+24)
+  note "== the trainer's base GEMMs through ATen against every candidate of cuBLASLt's heuristic (bench_gemm_algos)"
+  timeout 240 build-gpu/bench_gemm_algos "${CANDIDATES:-32}" >"$L/bench_gemm_algos.log" 2>&1
+  note "bench_gemm_algos: exit $?"
+  cat "$L/bench_gemm_algos.log" >>"$summary"
+  note "== the 24 GiB plan's NF4 dequantization a linear ahead on a side stream against in turn (bench_nf4_dequant --overlap)"
+  timeout 90 build-gpu/bench_nf4_dequant 30 --overlap=4096 >"$L/bench_overlap.log" 2>&1
+  note "bench_nf4_dequant --overlap: exit $?"
+  cat "$L/bench_overlap.log" >>"$summary"
+  [ -n "${WITH_TESTS:-}" ] && {
+    note "== every [gpu] test"
+    mkdir -p build-gpu/tests
+    rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
+    t1=$(date +%s)
+    (cd build-gpu && timeout 240 ./tests/qt_tests "[gpu]") >"$L/tests_gpu.log" 2>&1
+    tail -n 4 "$L/tests_gpu.log" >>"$summary"
+    grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
+    note "tests: $(($(date +%s) - t1)) s"
+  }
   ;;
 21)
   note "== every [gpu] test (the base GEMM accumulating onto a linear's rank-r term among them)"
