@@ -9,7 +9,8 @@
 // clocks drift 5-10% between runs of one shape, so only variants timed in turn are compared.
 // Beside them: how many candidates give the first one's bits, and lib/kernels/tuned_gemm.h's GEMM (the fastest of those,
 // picked at its first call), the path the trainer takes.
-// Usage: bench_gemm_algos [candidates=32] [8b,1b]. Results: docs/PERFORMANCE.md.
+// Usage: bench_gemm_algos [candidates=32] [8b,1b] [calls a timing=10: 200 for sustained load]. Results:
+// docs/PERFORMANCE.md.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -89,6 +90,9 @@ int main(int argc, char** argv) {
   }
   const int want = argc > 1 ? std::atoi(argv[1]) : 32;
   const std::string models = argc > 2 ? argv[2] : "8b,1b";
+  // Calls a timing in the interleaved rounds: 10 lasts 1-30 ms; 200 keeps the GPU busy long enough (0.02-0.6 s) to
+  // reach the clock its power cap allows under that kernel (whether a candidate's lead survives sustained load).
+  const int reps = argc > 3 ? std::max(1, std::atoi(argv[3])) : 10;
   const auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
   at::manual_seed(0);
   double rate = 0;
@@ -97,8 +101,9 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 3; ++i) at::mm_out(c, a, a);
     rate = 2.0 * 8192.0 * 8192.0 * 8192.0 / (time_us([&] { at::mm_out(c, a, a); }, 10, 5) * 1e-6);
   }
-  std::printf("%s: one 8192^3 bf16 GEMM through ATen %.0f TFLOP/s; cuBLASLt's heuristic asked for %d candidates\n",
-              at::cuda::getCurrentDeviceProperties()->name, rate / 1e12, want);
+  std::printf("%s: one 8192^3 bf16 GEMM through ATen %.0f TFLOP/s; cuBLASLt's heuristic asked for %d candidates; %d "
+              "calls a timing\n",
+              at::cuda::getCurrentDeviceProperties()->name, rate / 1e12, want, reps);
 
   struct Dims {
     int64_t H, I, Q, KV, T, V;
@@ -219,10 +224,11 @@ int main(int argc, char** argv) {
     tuned();
     std::vector<std::vector<double>> t(finalists.size() + 3);
     for (int round = 0; round < 9; ++round) {
-      t.back().push_back(time_us(tuned, 10, 1));
-      t[0].push_back(time_us(aten, 10, 1));
-      t[1].push_back(g.onto ? time_us([&] { C.copy_(C0); }, 10, 1) : 0.0);
-      for (size_t f = 0; f < finalists.size(); ++f) t[f + 2].push_back(time_us([&] { run_lt(finalists[f]); }, 10, 1));
+      t.back().push_back(time_us(tuned, reps, 1));
+      t[0].push_back(time_us(aten, reps, 1));
+      t[1].push_back(g.onto ? time_us([&] { C.copy_(C0); }, reps, 1) : 0.0);
+      for (size_t f = 0; f < finalists.size(); ++f)
+        t[f + 2].push_back(time_us([&] { run_lt(finalists[f]); }, reps, 1));
     }
     auto med = [](std::vector<double> v) {
       std::sort(v.begin(), v.end());

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -80,6 +80,10 @@
 #   26: no carry (or build/tests/fixtures/lora, data and dora: the [lora] and [fused_ops] [gpu] tests first): build, in the
 #      step the tuned GEMMs against ATen's (QT_GEMM_TUNE=0): 8B 2 x 2048 at 80 GiB, 1B 4 x 2048 at 80, 8B 2 x 2048 at 24
 #      (two rounds each).
+#   27: no carry: build, bench_gemm_algos at 8B with 200 calls a timing (the candidates' leads under sustained load),
+#      then 8B 2 x 2048 on the whole GPU with the tuned GEMMs and without (QT_GEMM_TUNE=0), two rounds, the SM clock and
+#      power sampled by nvidia-smi every 100 ms (the twenty-second session's hypothesis: the power cap, not the tile, sets
+#      the 8B step's GEMM rate, so the tuner's isolated gains vanish there).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -321,6 +325,30 @@ case "$CALL" in
     --rounds 2 --steps 6 --warm 2
   run ab_tune_8b_24.log 170 --rows 8b-2x2048 --budget 24 --ab base= --ab aten="--env QT_GEMM_TUNE=0" \
     --rounds 2 --steps 6 --warm 2
+  ;;
+27)
+  note "== the tuned GEMMs under sustained load: bench_gemm_algos at 8B with 200 calls a timing (whether tile 201's lead"
+  note "   survives the power cap), then the step tuned and not, 8B 2 x 2048 on the whole GPU, SM clock and power sampled"
+  timeout 240 build-gpu/bench_gemm_algos 32 8b 200 >"$L/bench_gemm_algos_sustained.log" 2>&1
+  note "bench_gemm_algos 8b 200: exit $?"
+  cat "$L/bench_gemm_algos_sustained.log" >>"$summary"
+  for round in 1 2; do
+    for tune in 1 0; do
+      nvidia-smi --query-gpu=clocks.sm,power.draw --format=csv,noheader,nounits -lms 100 >"$L/smi_${tune}_$round.csv" &
+      smi=$!
+      QT_GEMM_TUNE=$tune timeout 150 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 2 --seq 2048 \
+        --out "$L/b_${tune}_$round" --steps 8 --warmup 3 >"$L/b_${tune}_$round.log" 2>&1
+      kill $smi 2>/dev/null
+      wait $smi 2>/dev/null
+      tps=$(grep -E '^\{' "$L/b_${tune}_$round.log" | tail -n 1 | tr ',' '\n' | grep -E '"tokens_per_s"' | cut -d: -f2)
+      # the samples while the GPU was busy (power over 300 W): the steps, not the load
+      f="$L/smi_${tune}_$round.csv"
+      clk=$(awk -F', ' '$2 > 300 {print $1}' "$f" | sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)]}')
+      pw=$(awk -F', ' '$2 > 300 {print $2}' "$f" | sort -n | awk '{a[NR] = $1} END {if (NR) print a[int((NR + 1) / 2)] " W, " NR " samples"}')
+      note "round $round, QT_GEMM_TUNE=$tune: $tps tok/s; median SM clock and power while busy: $clk MHz, $pw"
+      rm -rf "$L/b_${tune}_$round"
+    done
+  done
   ;;
 24)
   note "== the trainer's base GEMMs through ATen against every candidate of cuBLASLt's heuristic (bench_gemm_algos)"
