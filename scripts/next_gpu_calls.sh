@@ -134,18 +134,25 @@ run() {
   grep -E '^\|' "$L/$log" >>"$summary"
 }
 
-# lora_gpu_tests SECONDS: the [lora] and [fused_ops] [gpu] tests on the carried fixtures, their count and any failure
-# into the summary.
-lora_gpu_tests() {
+# gpu_tests SECONDS FILTER: the Catch2 tests FILTER names on the carried fixtures (build/tests/fixtures), their count
+# and any failure into the summary. lora_gpu_tests: the [lora] and [fused_ops] [gpu] tests; all_gpu_tests: every one.
+gpu_tests() {
   mkdir -p build-gpu/tests
   rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
   local t0
   t0=$(date +%s)
-  (cd build-gpu && timeout "$1" ./tests/qt_tests "[lora][gpu],[fused_ops][gpu]") >"$L/tests_gpu.log" 2>&1
+  (cd build-gpu && timeout "$1" ./tests/qt_tests "$2") >"$L/tests_gpu.log" 2>&1
   tail -n 4 "$L/tests_gpu.log" >>"$summary"
   grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
   note "tests: $(($(date +%s) - t0)) s"
 }
+lora_gpu_tests() { gpu_tests "$1" "[lora][gpu],[fused_ops][gpu]"; }
+# ab_env LOG SECONDS ROW BUDGET ROUNDS NAME VAR=VALUE: the defaults (base) against one environment switch (NAME), 6 timed
+# steps after 2, interleaved over ROUNDS.
+ab_env() {
+  run "$1" "$2" --rows "$3" --budget "$4" --ab base= --ab "$6=--env $7" --rounds "$5" --steps 6 --warm 2
+}
+all_gpu_tests() { gpu_tests "$1" "[gpu]"; }
 
 case "$CALL" in
 1 | 3)
@@ -303,13 +310,7 @@ case "$CALL" in
   ;;
 25)
   note "== every [gpu] test (the tuned GEMM's among them; the base GEMM onto a linear's rank-r term counted)"
-  mkdir -p build-gpu/tests
-  rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
-  t1=$(date +%s)
-  (cd build-gpu && timeout 240 ./tests/qt_tests "[gpu]") >"$L/tests_gpu.log" 2>&1
-  tail -n 4 "$L/tests_gpu.log" >>"$summary"
-  grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
-  note "tests: $(($(date +%s) - t1)) s"
+  all_gpu_tests 240
   note "== the trainer's GEMMs: ATen, cuBLASLt's candidates, and the tuned GEMM (bench_gemm_algos)"
   timeout 200 build-gpu/bench_gemm_algos 32 >"$L/bench_gemm_algos.log" 2>&1
   note "bench_gemm_algos: exit $?"
@@ -319,12 +320,9 @@ case "$CALL" in
   [ -d build/tests/fixtures ] && lora_gpu_tests 100
   note "== in the step: the tuned GEMMs (base) against ATen's (QT_GEMM_TUNE=0), 8B 2 x 2048 (two rounds) and 1B 4 x 2048"
   note "   (two) at 80 GiB, 8B 2 x 2048 at 24 GiB (two)"
-  run ab_tune_8b.log 170 --rows 8b-2x2048 --budget 80 --ab base= --ab aten="--env QT_GEMM_TUNE=0" \
-    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
-  run ab_tune_1b.log 100 --rows 1b-4x2048 --budget 80 --ab base= --ab aten="--env QT_GEMM_TUNE=0" \
-    --rounds 2 --steps 6 --warm 2
-  run ab_tune_8b_24.log 170 --rows 8b-2x2048 --budget 24 --ab base= --ab aten="--env QT_GEMM_TUNE=0" \
-    --rounds 2 --steps 6 --warm 2
+  ab_env ab_tune_8b.log 170 8b-2x2048 80 "${ROUNDS:-2}" aten QT_GEMM_TUNE=0
+  ab_env ab_tune_1b.log 100 1b-4x2048 80 2 aten QT_GEMM_TUNE=0
+  ab_env ab_tune_8b_24.log 170 8b-2x2048 24 2 aten QT_GEMM_TUNE=0
   ;;
 27)
   note "== the tuned GEMMs under sustained load: bench_gemm_algos at 8B with 200 calls a timing (whether tile 201's lead"
@@ -361,30 +359,16 @@ case "$CALL" in
   cat "$L/bench_overlap.log" >>"$summary"
   [ -n "${WITH_TESTS:-}" ] && {
     note "== every [gpu] test"
-    mkdir -p build-gpu/tests
-    rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
-    t1=$(date +%s)
-    (cd build-gpu && timeout 240 ./tests/qt_tests "[gpu]") >"$L/tests_gpu.log" 2>&1
-    tail -n 4 "$L/tests_gpu.log" >>"$summary"
-    grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
-    note "tests: $(($(date +%s) - t1)) s"
+    all_gpu_tests 240
   }
   ;;
 21)
   note "== every [gpu] test (the base GEMM accumulating onto a linear's rank-r term among them)"
-  mkdir -p build-gpu/tests
-  rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
-  t1=$(date +%s)
-  (cd build-gpu && timeout 200 ./tests/qt_tests "[gpu]") >"$L/tests_gpu.log" 2>&1
-  tail -n 4 "$L/tests_gpu.log" >>"$summary"
-  grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
-  note "tests: $(($(date +%s) - t1)) s"
+  all_gpu_tests 200
   note "== in the step: the rank-r term first and the base GEMM accumulating onto it (base) against the addmm after it"
   note "   (after: QT_LORA_ADD_AFTER=1), 8B 2 x 2048 (two rounds) and 1B 4 x 2048 (three) at 80 GiB"
-  run ab_add_order_8b.log 150 --rows 8b-2x2048 --budget 80 --ab base= --ab after="--env QT_LORA_ADD_AFTER=1" \
-    --rounds "${ROUNDS:-2}" --steps 6 --warm 2
-  run ab_add_order_1b.log 100 --rows 1b-4x2048 --budget 80 --ab base= --ab after="--env QT_LORA_ADD_AFTER=1" \
-    --rounds 3 --steps 6 --warm 2
+  ab_env ab_add_order_8b.log 150 8b-2x2048 80 "${ROUNDS:-2}" after QT_LORA_ADD_AFTER=1
+  ab_env ab_add_order_1b.log 100 1b-4x2048 80 3 after QT_LORA_ADD_AFTER=1
   ;;
 20)
   note "== the [fused_ops] and [lora] [gpu] tests (QT_LORA_GEMM_KERNELS=narrow in the model among them)"
