@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -84,6 +84,8 @@
 #      then 8B 2 x 2048 on the whole GPU with the tuned GEMMs and without (QT_GEMM_TUNE=0), two rounds, the SM clock and
 #      power sampled by nvidia-smi every 100 ms (the twenty-second session's hypothesis: the power cap, not the tile, sets
 #      the 8B step's GEMM rate, so the tuner's isolated gains vanish there).
+#   28: carry [".peers", ".peerscripts"]: build, the allocator's history of 8B 1 x 32768 at 24 GiB (the footprint model
+#      over-predicted it by 3.4 GiB, 80 GiB's by 4.2: room the plan leaves unused), then the hand search on that row.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -347,6 +349,18 @@ case "$CALL" in
       rm -rf "$L/b_${tune}_$round"
     done
   done
+  ;;
+28)
+  note "== 8B 1 x 32768 at 24 GiB: what the allocator held at the peak (the footprint model predicted 22.69 GiB, the"
+  note "   driver showed 19.32 in the twenty-second session's call 22), then the plan against the 3 fastest others"
+  QT_MEMORY_HISTORY=/tmp/h32k.pickle timeout 200 $BENCH --peers none --rows 8b-1x32768 --budget 24 --no-whole \
+    --steps 1 --warm 0 >"$L/history_32k.log" 2>&1
+  grep -E '^\{' "$L/history_32k.log" | cut -c1-600 >>"$summary"
+  for f in /tmp/h32k.pickle /tmp/h32k.pickle.oom; do
+    [ -f "$f" ] && python3 scripts/memory_history.py "$f" --top 25 --depth 2 2>&1 | tee "$L/$(basename "$f").txt" |
+      head -n 40 >>"$summary"
+  done
+  run hand_search_32k.log 330 --rows 8b-1x32768 --budget 24 --hand-search 3 --steps 2 --warm 1
   ;;
 24)
   note "== the trainer's base GEMMs through ATen against every candidate of cuBLASLt's heuristic (bench_gemm_algos)"
