@@ -360,19 +360,31 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
   // LoRA dropout's backward pass of its widest linear: the input dropped again (the counter-based masks on CUDA are
   // never stored, and the input gradient's LoRA term is added under its mask in place).
   const double dropout_redraw = e * T * static_cast<double>(in.dropout_width);
+  // The backward pass's working set of a block that kept its activations. (With the MLP in chunks, the attention
+  // backward's fp32 dq accumulator over every token.)
+  const double whole_block_work = 0.5 * block_work + (mlp_tokens < T ? 4 * T * q : 0.0);
+  double churning = 0;  // the working set's tensors, made and freed in every block's backward pass
   if (!p.checkpointing) {
     f.terms.emplace_back("activations", L * block_acts);
-    // (With the MLP in chunks, the attention backward's fp32 dq accumulator over every token.)
-    f.terms.emplace_back("working_set", 0.5 * block_work + (mlp_tokens < T ? 4 * T * q : 0.0) + dropout_redraw);
+    churning = whole_block_work + dropout_redraw;
+    f.terms.emplace_back("working_set", churning);
   } else {
     // Kept per block: its input and the keep ladder's tensors, all layers on the device, or two blocks' (the one
     // in its backward pass and the one fetched ahead) when offloaded.
     const double kept = T * kept_bytes_per_token(c, p.keep, in.element_size);
     const double whole = static_cast<double>(std::min<int64_t>(p.blocks_without_checkpointing, c.num_hidden_layers));
     f.terms.emplace_back("kept_activations", (p.offload ? std::min(2.0, L - whole) : L - whole) * kept);
-    // Blocks run without checkpointing keep what autograd saves, as a run without checkpointing does.
-    if (whole > 0) f.terms.emplace_back("activations", whole * block_acts);
-    f.terms.emplace_back("working_set", checkpointed_working_set(in, p, mlp_tokens) + dropout_redraw);
+    // Blocks run without checkpointing keep what autograd saves, as a run without checkpointing does. They are the
+    // last blocks: their backward passes come first, with their saved activations alive and a working set of their
+    // own kind; by the first checkpointed block's recomputation every one of them is let go. So the peak is the
+    // larger of those two moments, not their sum: the sum over-predicted 8B 1 x 32768 by 3.4 GiB of the device at
+    // 24 GiB (1 block without) and by 4.2 at 80 (16); the larger, +0.2% and +1.3% (H100, twenty-second session).
+    const double recomputing = checkpointed_working_set(in, p, mlp_tokens);
+    const double acts = whole * block_acts;
+    if (whole > 0) f.terms.emplace_back("activations", acts);
+    churning = recomputing + dropout_redraw;
+    f.terms.emplace_back("working_set",
+                         (whole > 0 ? std::max(whole_block_work, recomputing - acts) : recomputing) + dropout_redraw);
   }
   if (p.keep_dequantized || p.dequantized_blocks > 0)
     f.terms.emplace_back("lora_factor_cache", 0.5 * static_cast<double>(in.lora_params) * e);
@@ -406,9 +418,9 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
   // to 0.25 GiB (the longest rows not yet measured again; a run that runs out of memory in its first step starts
   // again under a leaner plan). Without expandable segments the activations' churn fragments the segments: its size
   // again and 0.5 GiB.
-  double churn = tile;  // (the loss's tile too: it comes and goes, at another size than the blocks' tensors)
+  double churn = tile + churning;  // (the loss's tile too: it comes and goes, at another size than the blocks' tensors)
   for (const auto& [name, bytes] : f.terms)
-    if (name == "working_set" || name == "kept_activations" || name == "loss_chunk") churn += bytes;
+    if (name == "kept_activations" || name == "loss_chunk") churn += bytes;
   if (in.cuda)
     f.terms.emplace_back("allocator_reserve",
                          p.expandable_segments ? 0.25 * kGiB + 0.06 * churn : churn + 0.5 * kGiB);
@@ -957,22 +969,30 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // budget holds (each saves time, none costs any), where its weights are on the device and its MLP unchunked.
   const bool may_hold = !r.dequantized_blocks && in.cuda && in.nf4 && !in.sharded && d.budget_gib >= 0;
   const double held_block_bytes = block_params(in.model) * static_cast<double>(in.element_size);
+  // The SwiGLU output kept by blocks that keep their activations ("auto"): each such candidate with it and without
+  // it (I elements a token and block), each then given the loss's wide tiles and held weights where they fit. Kept,
+  // it saves a pass over 3 I elements a block; but where it leaves no room for the wide tiles, the plan without it
+  // can be the faster (8B 2 x 2048 at 10.75 GiB: 4 blocks without checkpointing, 0.3117 s without it and 2048-token
+  // tiles against 0.3130 with it and none).
+  std::vector<ExecPlan> weighed;
+  for (const ExecPlan& c0 : candidates) {
+    ExecPlan kept_swiglu = c0;
+    kept_swiglu.keep_swiglu = r.keep_swiglu.value_or(true);
+    weighed.push_back(kept_swiglu);
+    if (!r.keep_swiglu && (!c0.checkpointing || c0.blocks_without_checkpointing > 0)) {
+      ExecPlan recomputed = c0;
+      recomputed.keep_swiglu = false;
+      weighed.push_back(recomputed);
+    }
+  }
   bool found = false;
-  for (ExecPlan cand : candidates) {
-    // The SwiGLU output kept by blocks that keep their activations ("auto"): where the plan still fits with it (I
-    // elements a token and block), before blocks hold their weights dequantized (its saving per byte is the larger:
-    // a pass over 3 I elements for I elements, against two dequantizations for a block's 16-bit weights).
-    cand.keep_swiglu = r.keep_swiglu.value_or(true);
+  for (ExecPlan cand : weighed) {
     cand.loss_chunk_tokens = r.loss_chunk_tokens.value_or(0);  // (forced: weighed with its tile from the start)
     Footprint f = predict_footprint(in, cand);
     // Plans that keep whole blocks' activations (none or some blocks without checkpointing) fit with headroom:
     // their activation term is fitted on one row, and a run that dies of memory loses more than they gain.
     const bool keeps_blocks = !cand.checkpointing || cand.blocks_without_checkpointing > 0;
     const double limit = (keeps_blocks ? 1 - kSpeedHeadroom : 1.0) * d.budget_gib * kGiB;
-    if (d.budget_gib >= 0 && f.total() > limit && !r.keep_swiglu && keeps_blocks) {
-      cand.keep_swiglu = false;
-      f = predict_footprint(in, cand);
-    }
     if (d.budget_gib >= 0 && f.total() > limit) continue;
     // The loss's logits in tiles of kWideLossChunk tokens ("auto"): where the plan still fits with the larger tile,
     // before blocks hold their weights dequantized (about 1.75 ms a step at 8B for 0.3 GiB, against 0.27 ms for a
