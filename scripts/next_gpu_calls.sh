@@ -85,7 +85,9 @@
 #      power sampled by nvidia-smi every 100 ms (the twenty-second session's hypothesis: the power cap, not the tile, sets
 #      the 8B step's GEMM rate, so the tuner's isolated gains vanish there).
 #   28: carry [".peers", ".peerscripts"]: build, the allocator's history of 8B 1 x 32768 at 24 GiB (the footprint model
-#      over-predicted it by 3.4 GiB, 80 GiB's by 4.2: room the plan leaves unused), then the hand search on that row.
+#      over-predicted it by 3.4 GiB, 80 GiB's by 4.2, until the blocks without checkpointing and the recomputation were
+#      taken as never alive together: whether the plan that fix picks, 2 blocks without, peaks where predicted), then
+#      the hand search on that row.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -93,8 +95,9 @@
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
 # twentieth; 19 and 20 in the twenty-first; 24, 22, 25 and 26 (twice) in the twenty-second (21's counter check passed
 # there in 25's [gpu] tests). What is left: 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's
-# machine: its table and the memory-bound rate's refit there), 6 there; 23; 2 and 15 again on an H100 for issue 27's
-# table with the tuned GEMMs. Carry
+# machine: its table and the memory-bound rate's refit there), 6 there; 22 again (the 32k row's plans after the
+# footprint fix: predicted 1.1% faster at 80 GiB, the 1% that row lacks for 1.35x), 27, 28, 23; 2 and 15 again on an
+# H100 for issue 27's table with the tuned GEMMs. Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
 # fixtures).
 # Before the calls, on this machine (../shared/peers/README.md; each session's checkout is fresh):
