@@ -1,7 +1,7 @@
 #pragma once
 // The trainer's large GEMMs (the base GEMMs of the blocks, lm_head's tiles) with the cuBLASLt algorithm measured
 // fastest for each problem, instead of the one cuBLAS's heuristic picks: at the trainer's shapes the heuristic's
-// first choice ran 1-11% slower than another of its own candidates on an H100 (bench_gemm_algos,
+// first choice ran 1-14% slower than another of its own candidates on an H100 (bench_gemm_algos,
 // docs/PERFORMANCE.md, "Twenty-second session"). A problem (shapes, strides, alignment, dtype, accumulation) is
 // timed once, at its first call: the heuristic's candidates that give the same output bits as its first one, each
 // timed in turn over three rounds; the fastest is kept for the process. Only candidates with the first one's bits
