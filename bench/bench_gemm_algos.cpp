@@ -7,10 +7,9 @@
 // out, fp32 accumulation in another order); the first pass times each candidate once (a batch of 10), then ATen,
 // the heuristic's first and the four fastest candidates are timed interleaved over 9 rounds (median): the H100's
 // clocks drift 5-10% between runs of one shape, so only variants timed in turn are compared.
-// Beside them: how many candidates give the first one's bits, and lib/kernels/tuned_gemm.h's GEMM (the fastest of those,
-// picked at its first call), the path the trainer takes.
-// Usage: bench_gemm_algos [candidates=32] [8b,1b] [calls a timing=10: 200 for sustained load]. Results:
-// docs/PERFORMANCE.md.
+// Beside them: how many candidates give the first one's bits, and lib/kernels/tuned_gemm.h's GEMM (the fastest of
+// those, picked at its first call), the path the trainer takes. Usage: bench_gemm_algos [candidates=32] [8b,1b] [calls
+// a timing=10: 200 for sustained load]. Results: docs/PERFORMANCE.md.
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -31,21 +30,21 @@
 
 namespace {
 
-#define LT_CHECK(expr)                                                                                  \
-  do {                                                                                                  \
-    const cublasStatus_t st_ = (expr);                                                                  \
-    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                                 \
+#define LT_CHECK(expr)                                                                                \
+  do {                                                                                                \
+    const cublasStatus_t st_ = (expr);                                                                \
+    if (st_ != CUBLAS_STATUS_SUCCESS) {                                                               \
       std::fprintf(stderr, "bench_gemm_algos: %s failed: status %d\n", #expr, static_cast<int>(st_)); \
-      std::exit(1);                                                                                     \
-    }                                                                                                   \
+      std::exit(1);                                                                                   \
+    }                                                                                                 \
   } while (0)
 
 // One GEMM of the trainer, row-major as ATen sees it: C[M, N] (+)= A[M, K] x (nt ? B[N, K]^T : B[K, N]).
 struct Gemm {
   std::string model, label;
   int64_t M, N, K;
-  bool nt;      // B stored [N, K] (a weight [out, in] in the forward pass); else [K, N] (the input gradient)
-  bool onto;    // beta 1: accumulating onto C (o_proj's and down_proj's rank-r term written first)
+  bool nt;    // B stored [N, K] (a weight [out, in] in the forward pass); else [K, N] (the input gradient)
+  bool onto;  // beta 1: accumulating onto C (o_proj's and down_proj's rank-r term written first)
 };
 
 int64_t pad8(int64_t n) { return (n + 7) / 8 * 8; }
@@ -101,9 +100,10 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 3; ++i) at::mm_out(c, a, a);
     rate = 2.0 * 8192.0 * 8192.0 * 8192.0 / (time_us([&] { at::mm_out(c, a, a); }, 10, 5) * 1e-6);
   }
-  std::printf("%s: one 8192^3 bf16 GEMM through ATen %.0f TFLOP/s; cuBLASLt's heuristic asked for %d candidates; %d "
-              "calls a timing\n",
-              at::cuda::getCurrentDeviceProperties()->name, rate / 1e12, want, reps);
+  std::printf(
+      "%s: one 8192^3 bf16 GEMM through ATen %.0f TFLOP/s; cuBLASLt's heuristic asked for %d candidates; %d "
+      "calls a timing\n",
+      at::cuda::getCurrentDeviceProperties()->name, rate / 1e12, want, reps);
 
   struct Dims {
     int64_t H, I, Q, KV, T, V;
@@ -141,9 +141,10 @@ int main(int argc, char** argv) {
   at::Tensor ws = at::empty({static_cast<int64_t>(ws_bytes)}, opt.dtype(at::kByte));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
-  std::printf("\n| model | GEMM | M x N x K | ATen us (TFLOP/s, %% of 8192^3) | heuristic's first us | fastest candidate us "
-              "(its rank, config) | ATen / fastest | candidates run, wrong, with the first's bits | tuned_gemm us | ATen / "
-              "tuned |\n|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf(
+      "\n| model | GEMM | M x N x K | ATen us (TFLOP/s, %% of 8192^3) | heuristic's first us | fastest candidate us "
+      "(its rank, config) | ATen / fastest | candidates run, wrong, with the first's bits | tuned_gemm us | ATen / "
+      "tuned |\n|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Gemm& g : gemms) {
     at::Tensor A = at::randn({g.M, g.K}, opt);
     at::Tensor B = g.nt ? at::randn({g.N, g.K}, opt).mul_(0.05) : at::randn({g.K, g.N}, opt).mul_(0.05);
@@ -177,16 +178,15 @@ int main(int argc, char** argv) {
     LT_CHECK(api->layout_create(&lc, CUDA_R_16BF, g.N, g.M, g.N));
     cublasLtMatmulPreference_t pref;
     LT_CHECK(api->pref_create(&pref));
-    LT_CHECK(api->pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
-                                                  sizeof ws_bytes));
+    LT_CHECK(api->pref_set(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes, sizeof ws_bytes));
     std::vector<cublasLtMatmulHeuristicResult_t> res(want);
     int got = 0;
     LT_CHECK(api->heuristic(lt, desc, la, lb, lc, lc, pref, want, res.data(), &got));
     const float alpha = 1.0f, beta = g.onto ? 1.0f : 0.0f;
     auto run_lt = [&](int i) {
       if (g.onto) C.copy_(C0);
-      return api->matmul(lt, desc, &alpha, B.data_ptr(), la, A.data_ptr(), lb, &beta, C.data_ptr(), lc,
-                            C.data_ptr(), lc, &res[i].algo, ws.data_ptr(), ws_bytes, stream);
+      return api->matmul(lt, desc, &alpha, B.data_ptr(), la, A.data_ptr(), lb, &beta, C.data_ptr(), lc, C.data_ptr(),
+                         lc, &res[i].algo, ws.data_ptr(), ws_bytes, stream);
     };
     // correctness, then one quick timing each; how many give the first candidate's bits (the tuner's condition)
     std::vector<std::pair<double, int>> quick;
@@ -227,8 +227,7 @@ int main(int argc, char** argv) {
       t.back().push_back(time_us(tuned, reps, 1));
       t[0].push_back(time_us(aten, reps, 1));
       t[1].push_back(g.onto ? time_us([&] { C.copy_(C0); }, reps, 1) : 0.0);
-      for (size_t f = 0; f < finalists.size(); ++f)
-        t[f + 2].push_back(time_us([&] { run_lt(finalists[f]); }, reps, 1));
+      for (size_t f = 0; f < finalists.size(); ++f) t[f + 2].push_back(time_us([&] { run_lt(finalists[f]); }, reps, 1));
     }
     auto med = [](std::vector<double> v) {
       std::sort(v.begin(), v.end());
@@ -245,12 +244,13 @@ int main(int argc, char** argv) {
       if (us < best_us) best_us = us, best = finalists[f];
     }
     const double flops = 2.0 * g.M * g.N * g.K;
-    std::printf("| %s | %s | %lld x %lld x %lld | %.1f (%.0f, %.0f%%) | %.1f | %.1f (%d, %s) | %.3f | %d, %d, %d | %.1f | "
-                "%.3f |\n",
-                g.model.c_str(), g.label.c_str(), static_cast<long long>(g.M), static_cast<long long>(g.N),
-                static_cast<long long>(g.K), aten_us, flops / (aten_us * 1e-6) / 1e12,
-                100.0 * flops / (aten_us * 1e-6) / rate, first_us, best_us, best, describe(api, res[best].algo).c_str(),
-                aten_us / best_us, got, wrong, same_bits, tuned_us, aten_us / tuned_us);
+    std::printf(
+        "| %s | %s | %lld x %lld x %lld | %.1f (%.0f, %.0f%%) | %.1f | %.1f (%d, %s) | %.3f | %d, %d, %d | %.1f | "
+        "%.3f |\n",
+        g.model.c_str(), g.label.c_str(), static_cast<long long>(g.M), static_cast<long long>(g.N),
+        static_cast<long long>(g.K), aten_us, flops / (aten_us * 1e-6) / 1e12, 100.0 * flops / (aten_us * 1e-6) / rate,
+        first_us, best_us, best, describe(api, res[best].algo).c_str(), aten_us / best_us, got, wrong, same_bits,
+        tuned_us, aten_us / tuned_us);
     std::fflush(stdout);
     api->pref_destroy(pref);
     api->layout_destroy(la);

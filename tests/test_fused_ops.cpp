@@ -753,7 +753,8 @@ TEST_CASE("the tuned GEMM on the CPU is ATen's GEMM, bit for bit, in every layou
 // On CUDA in bf16: within bf16's rounding of the fp32 product; the same bits at every later call of a problem (its
 // algorithm is kept) and with other values; each new problem timed once over candidates of one output (the tuner
 // keeps only those with the first candidate's bits); tuning off gives ATen's path.
-TEST_CASE("the tuned GEMM on CUDA: bf16 bounds, one algorithm a problem, the same bits every call", "[fused_ops][gpu]") {
+TEST_CASE("the tuned GEMM on CUDA: bf16 bounds, one algorithm a problem, the same bits every call",
+          "[fused_ops][gpu]") {
   REQUIRE(at::hasCUDA());
   at::manual_seed(12);
   const auto opt = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);

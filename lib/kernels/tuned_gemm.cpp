@@ -152,16 +152,17 @@ bool lt_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
   const int al_a = alignment(a.data_ptr()), al_b = alignment(b.data_ptr()), al_c = alignment(out.data_ptr());
   if (al_a < 16 || al_b < 16 || al_c < 16) return false;
   const int dtype = a.scalar_type() == at::kBFloat16 ? 0 : 1;
-  const Key key{a.get_device(), dtype,  M, N, K, static_cast<int>(x.op), static_cast<int>(y.op), x.ld, y.ld,
-                out.stride(0), al_a,    al_b, al_c, accumulate};
+  const Key key{
+      a.get_device(), dtype, M,    N,    K,         static_cast<int>(x.op), static_cast<int>(y.op), x.ld, y.ld,
+      out.stride(0),  al_a,  al_b, al_c, accumulate};
 
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   void* ws = at::cuda::getCUDABlasLtWorkspace();
   const size_t ws_bytes = at::cuda::getCUDABlasLtWorkspaceSize();
   auto run_on = [&](const LtProblem& p, const cublasLtMatmulAlgo_t& algo, const at::Tensor& c) {
-    return api->matmul(at::cuda::getCurrentCUDABlasLtHandle(), p.desc, &alpha, b.data_ptr(), p.la, a.data_ptr(),
-                       p.lb, &beta, c.data_ptr(), p.lc, c.data_ptr(), p.lc, &algo, ws, ws_bytes, stream);
+    return api->matmul(at::cuda::getCurrentCUDABlasLtHandle(), p.desc, &alpha, b.data_ptr(), p.la, a.data_ptr(), p.lb,
+                       &beta, c.data_ptr(), p.lc, c.data_ptr(), p.lc, &algo, ws, ws_bytes, stream);
   };
 
   std::unique_lock<std::mutex> lock(cache_mutex);
@@ -313,8 +314,9 @@ void gemm_out(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, b
            ErrorKind::Internal, "gemm_out: shapes do not chain");
 #ifdef QT_WITH_CUDA
   const auto t = a.scalar_type();
-  if (a.is_cuda() && (t == at::kBFloat16 || t == at::kHalf) && b.scalar_type() == t && out.scalar_type() == t &&
-      b.device() == a.device() && out.device() == a.device() && gemm_tuning() && lt_gemm(out, a, b, accumulate))
+  // bf16 only: the dtype timed and tested on a GPU (fp16's GEMMs stay ATen's, with its reduced-precision settings).
+  if (a.is_cuda() && t == at::kBFloat16 && b.scalar_type() == t && out.scalar_type() == t && b.device() == a.device() &&
+      out.device() == a.device() && gemm_tuning() && lt_gemm(out, a, b, accumulate))
     return;
 #endif
   aten_gemm(out, a, b, accumulate);

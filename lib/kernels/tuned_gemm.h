@@ -7,9 +7,9 @@
 // timed in turn over three rounds; the fastest is kept for the process. Only candidates with the first one's bits
 // are taken, so that the choice, which timing noise may change from run to run, never changes a result (a resumed
 // run gives the bits of one never stopped).
-// Where tuning is not possible (CPU, other dtypes, strides without a unit inner one, unaligned rows, small problems,
-// stream capture, CUDA's sync debug mode on, the tuning budget of a process spent) the GEMM runs as before: ATen's
-// at::mm_out / addmm_ (or, for a problem seen before, its kept algorithm).
+// Where tuning is not possible (CPU, dtypes other than bf16, strides without a unit inner one, unaligned rows, small
+// problems, stream capture, CUDA's sync debug mode on, the tuning budget of a process spent) the GEMM runs as before:
+// ATen's at::mm_out / addmm_ (or, for a problem seen before, its kept algorithm).
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
@@ -25,12 +25,12 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);
 
 // What the tuner did in this process (for tests and logs).
 struct GemmTunerCounts {
-  int64_t problems_tuned = 0;       // problems timed over their candidates
-  int64_t candidates_timed = 0;     // candidates with the first one's bits, timed
+  int64_t problems_tuned = 0;         // problems timed over their candidates
+  int64_t candidates_timed = 0;       // candidates with the first one's bits, timed
   int64_t candidates_other_bits = 0;  // candidates dropped: other output bits than the heuristic's first
-  int64_t picked_other = 0;         // problems whose fastest was not the heuristic's first
-  int64_t lt_calls = 0;             // GEMMs run through cuBLASLt with a kept algorithm
-  int64_t aten_calls = 0;           // GEMMs run through ATen (CPU, not tunable, or tuning off)
+  int64_t picked_other = 0;           // problems whose fastest was not the heuristic's first
+  int64_t lt_calls = 0;               // GEMMs run through cuBLASLt with a kept algorithm
+  int64_t aten_calls = 0;             // GEMMs run through ATen (CPU, not tunable, or tuning off)
 };
 GemmTunerCounts gemm_tuner_counts();
 
