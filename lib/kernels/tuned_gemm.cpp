@@ -52,18 +52,17 @@ struct LtOperand {
   int64_t rows, cols, ld;
 };
 
-// A row-major [R, C] view with strides (s0, s1) as the column-major operand cuBLAS multiplies, X^T (want_transpose)
-// or X: with contiguous rows its memory is X^T column-major (ld s0), with contiguous columns X (ld s1), and op says
-// whether cuBLAS transposes what it reads. False where neither stride is 1 or the leading dimension is not a
-// 16-byte multiple.
-bool as_operand(const at::Tensor& x, bool want_transpose, LtOperand& o) {
+// A row-major [R, C] view with strides (s0, s1) as the column-major operand cuBLAS multiplies, X^T: with contiguous
+// rows its memory is X^T itself (op N, ld s0), with contiguous columns X (op T, ld s1). False where neither stride is
+// 1 or the leading dimension is not a 16-byte multiple.
+bool transposed_operand(const at::Tensor& x, LtOperand& o) {
   const int64_t R = x.size(0), C = x.size(1), s0 = x.stride(0), s1 = x.stride(1), e = x.element_size();
-  if (s1 == 1 && s0 >= C && (s0 * e) % 16 == 0) {  // memory: column-major [C, R], ld s0 = X^T
-    o = {want_transpose ? CUBLAS_OP_N : CUBLAS_OP_T, C, R, s0};
+  if (s1 == 1 && s0 >= C && (s0 * e) % 16 == 0) {
+    o = {CUBLAS_OP_N, C, R, s0};
     return true;
   }
-  if (s0 == 1 && s1 >= R && (s1 * e) % 16 == 0) {  // memory: column-major [R, C], ld s1 = X
-    o = {want_transpose ? CUBLAS_OP_T : CUBLAS_OP_N, R, C, s1};
+  if (s0 == 1 && s1 >= R && (s1 * e) % 16 == 0) {
+    o = {CUBLAS_OP_T, R, C, s1};
     return true;
   }
   return false;
@@ -76,7 +75,7 @@ int alignment(const void* p) {
   return a;
 }
 
-using Key = std::tuple<int, int, int64_t, int64_t, int64_t, int, int, int64_t, int64_t, int64_t, int, int, int, bool>;
+using Key = std::tuple<int, int64_t, int64_t, int64_t, int, int, int64_t, int64_t, int64_t, int, int, int, bool>;
 
 // RAII holders of cuBLASLt's descriptors.
 struct LtProblem {
@@ -147,14 +146,13 @@ bool lt_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
   if (M < 64 || N < 64 || K < 64) return false;
   // C^T [N, M] = op(X) [N, K] op(Y) [K, M] with X from b (b^T wanted), Y from a (a^T wanted); D = C^T.
   LtOperand x, y;
-  if (!as_operand(b, true, x) || !as_operand(a, true, y)) return false;
+  if (!transposed_operand(b, x) || !transposed_operand(a, y)) return false;
   if (out.stride(1) != 1 || out.stride(0) < N || (out.stride(0) * out.element_size()) % 16 != 0) return false;
   const int al_a = alignment(a.data_ptr()), al_b = alignment(b.data_ptr()), al_c = alignment(out.data_ptr());
   if (al_a < 16 || al_b < 16 || al_c < 16) return false;
-  const int dtype = a.scalar_type() == at::kBFloat16 ? 0 : 1;
   const Key key{
-      a.get_device(), dtype, M,    N,    K,         static_cast<int>(x.op), static_cast<int>(y.op), x.ld, y.ld,
-      out.stride(0),  al_a,  al_b, al_c, accumulate};
+      a.get_device(), M,    N,    K,         static_cast<int>(x.op), static_cast<int>(y.op), x.ld, y.ld, out.stride(0),
+      al_a,           al_b, al_c, accumulate};
 
   const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -177,7 +175,7 @@ bool lt_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bo
     cache[key] = Kept{};
     return false;
   };
-  const cudaDataType_t ct = dtype == 0 ? CUDA_R_16BF : CUDA_R_16F;
+  const cudaDataType_t ct = CUDA_R_16BF;  // (gemm_out sends bf16 only)
   auto owned = std::make_shared<LtProblem>(api);
   LtProblem& p = *owned;
   if (!ok(api->desc_create(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) ||
