@@ -356,14 +356,34 @@ case "$CALL" in
 28)
   note "== 8B 1 x 32768 at 24 GiB: what the allocator held at the peak (the footprint model predicted 22.69 GiB, the"
   note "   driver showed 19.32 in the twenty-second session's call 22), then the plan against the 3 fastest others"
-  QT_MEMORY_HISTORY=/tmp/h32k.pickle timeout 200 $BENCH --peers none --rows 8b-1x32768 --budget 24 --no-whole \
-    --steps 1 --warm 0 >"$L/history_32k.log" 2>&1
-  grep -E '^\{' "$L/history_32k.log" | cut -c1-600 >>"$summary"
-  for f in /tmp/h32k.pickle /tmp/h32k.pickle.oom; do
-    [ -f "$f" ] && python3 scripts/memory_history.py "$f" --top 25 --depth 2 2>&1 | tee "$L/$(basename "$f").txt" |
-      head -n 40 >>"$summary"
-  done
+  if [ -z "${NO_HISTORY:-}" ]; then
+    QT_MEMORY_HISTORY=/tmp/h32k.pickle timeout 200 $BENCH --peers none --rows 8b-1x32768 --budget 24 --no-whole \
+      --steps 1 --warm 0 >"$L/history_32k.log" 2>&1
+    grep -E '^\{' "$L/history_32k.log" | cut -c1-600 >>"$summary"
+    for f in /tmp/h32k.pickle /tmp/h32k.pickle.oom; do
+      [ -f "$f" ] && python3 scripts/memory_history.py "$f" --top 25 --depth 2 2>&1 | tee "$L/$(basename "$f").txt" |
+        head -n 40 >>"$summary"
+    done
+  fi
   run hand_search_32k.log 330 --rows 8b-1x32768 --budget 24 --hand-search 3 --steps 2 --warm 1
+  ;;
+30)
+  note "== checkpointed blocks keeping their gate / up output (the plan's default where it fits) against none kept"
+  note "   (train.memory.gate_up_kept_blocks=0): 8B 1 x 32768 at 80 and 24 GiB, 8B 1 x 8192 at 24 GiB, one round each"
+  run ab_gate_up_32k_80.log 150 --rows 8b-1x32768 --budget 80 --ab base= \
+    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds 1 --steps 3 --warm 1
+  run ab_gate_up_8k_24.log 110 --rows 8b-1x8192 --budget 24 --ab base= \
+    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds "${ROUNDS:-1}" --steps 6 --warm 2
+  run ab_gate_up_32k_24.log 150 --rows 8b-1x32768 --budget 24 --ab base= \
+    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds 1 --steps 3 --warm 1
+  note "== the [lora] and [fused_ops] [gpu] tests (the gate / up output kept among them)"
+  [ -d build/tests/fixtures ] && lora_gpu_tests 110
+  ;;
+29)
+  note "== issue 27: the plan picked against the 3 fastest others that fit, 8B 1 x 32768 at 80 GiB and the packed"
+  note "   SFT row (8B 1 x 8192, median 330) at 24 and 80 GiB"
+  run hand_search_32k_80.log 300 --rows 8b-1x32768 --budget 80 --hand-search 3 --steps 2 --warm 1
+  run hand_search_packed.log 280 --rows 8b-1x8192p330 --budget 24,80 --hand-search 3 --steps 4 --warm 2
   ;;
 24)
   note "== the trainer's base GEMMs through ATen against every candidate of cuBLASLt's heuristic (bench_gemm_algos)"

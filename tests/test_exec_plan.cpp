@@ -258,6 +258,7 @@ TEST_CASE("checkpointing auto, the default: none where the budget holds it, then
   const qt::PlanInputs in = inputs("llama-3.1-8b", 2, 2048);
   qt::PlanRequest r;  // checkpointing unset: "auto"
   r.dequantized_blocks = 0;  // (held weights fill what is left of any budget: their own test)
+  r.gate_up_kept_blocks = 0;  // (so do checkpointed blocks keeping their gate / up output: theirs)
   r.gpu_memory_gib = 80;
   const qt::Decision big = qt::decide_plan(in, r);
   CHECK(!big.plan.checkpointing);
@@ -275,6 +276,7 @@ TEST_CASE("checkpointing auto, the default: none where the budget holds it, then
   qt::PlanRequest on;
   on.checkpointing = true;
   on.dequantized_blocks = 0;
+  on.gate_up_kept_blocks = 0;
   on.gpu_memory_gib = 1000;
   const qt::Decision all = qt::decide_plan(in, on);
   CHECK(all.plan.checkpointing);
@@ -463,6 +465,7 @@ TEST_CASE("the cost model: each block checkpointed and each memory saver costs t
   // The terms are named in the plan's JSON and the log line.
   qt::PlanRequest r;
   r.gpu_memory_gib = 12;
+  r.gate_up_kept_blocks = 0;  // (a plan with the last blocks without checkpointing)
   const qt::Decision d = qt::decide_plan(in, r);
   const qt::Json j = qt::to_json(d);
   CHECK(std::abs(j["predicted_step_s"]["total"].get<double>() - d.step.total()) < 1e-4);
@@ -1511,4 +1514,116 @@ TEST_CASE("the loss's logits in tiles of 2048 tokens where the budget holds the 
     REQUIRE(e);
     CHECK(has(e->what(), "train.memory.loss_chunk_tokens"));
   }
+}
+
+TEST_CASE("checkpointed blocks keep their gate / up output where the budget holds it: its bytes a block, no gate / up "
+          "GEMM in their recomputation, the forced count kept or refused by name",
+          "[plan]") {
+  const qt::PlanInputs in = inputs("llama-3.1-8b", 1, 32768);
+  const auto& c = in.model;
+  const double T = 32768, I = static_cast<double>(c.intermediate_size), H = static_cast<double>(c.hidden_size);
+  qt::ExecPlan p = MeasuredPlan{true, 0, true, qt::KeepLevel::Residual, false, 0, false, false, 0, 0}.plan(128);
+  const qt::Footprint none = qt::predict_footprint(in, p);
+  const double none_s = qt::predict_step_time(in, p).total();
+  for (int64_t n : {int64_t{1}, int64_t{8}, c.num_hidden_layers}) {
+    INFO(n << " blocks keep their gate / up output");
+    qt::ExecPlan kept = p;
+    kept.gate_up_kept_blocks = n;
+    const qt::Footprint f = qt::predict_footprint(in, kept);
+    // n outputs of 2 I a token held; the recomputing block reads its own instead of making one.
+    const double bytes = T * 2 * I * 2;  // a block's gate / up output in bf16
+    CHECK(std::abs(term(f.terms, "gate_up_kept") - static_cast<double>(n) * bytes) < 1);
+    // (and the allocator's reserve, 6% of the working set it no longer churns through, less)
+    CHECK(std::abs(f.total() - none.total() - static_cast<double>(n - 1) * bytes) < 0.1 * bytes);
+    // Each saves its gate / up GEMM (4 T H I FLOPs at the matrix rate) and the recomputation's dequantization of it.
+    const double saved = none_s - qt::predict_step_time(in, kept).total();
+    const double gemm = static_cast<double>(n) * 4 * T * H * I / 772e12;
+    CHECK(std::abs(step_term(in, kept, "gate_up_kept") + gemm) < 1e-6 * gemm);
+    CHECK(saved > gemm);
+    CHECK(saved < 1.05 * gemm);
+  }
+  // Where it does not apply: keep "input" (no stash), the MLP in chunks, packed rows.
+  qt::ExecPlan input = p;
+  input.keep = qt::KeepLevel::Input;
+  input.gate_up_kept_blocks = 4;
+  CHECK(term(qt::predict_footprint(in, input).terms, "gate_up_kept") == 0);
+  qt::ExecPlan chunked = p;
+  chunked.mlp_chunk_tokens = 8192;
+  chunked.gate_up_kept_blocks = 4;
+  CHECK(step_term(in, chunked, "gate_up_kept") == 0);
+  qt::PlanInputs packed = in;
+  packed.varlen = true;
+  qt::ExecPlan kept4 = p;
+  kept4.gate_up_kept_blocks = 4;
+  CHECK(step_term(packed, kept4, "gate_up_kept") == 0);
+  // Which blocks: the last checkpointed ones.
+  kept4.blocks_without_checkpointing = 2;
+  CHECK(!kept4.keeps_gate_up(25, 32));
+  CHECK(kept4.keeps_gate_up(26, 32));
+  CHECK(kept4.keeps_gate_up(29, 32));
+  CHECK(!kept4.keeps_gate_up(30, 32));
+
+  // "auto": the long row keeps them at 24 and 80 GiB, and predicts a faster step than without them, within the budget.
+  for (double budget : {24.0, 80.0}) {
+    INFO(budget << " GiB");
+    qt::PlanRequest r;
+    r.gpu_memory_gib = budget;
+    const qt::Decision d = qt::decide_plan(in, r);
+    CHECK(d.plan.gate_up_kept_blocks > 0);
+    CHECK(d.footprint.total() <= budget * kGiB);
+    qt::PlanRequest off = r;
+    off.gate_up_kept_blocks = 0;
+    const qt::Decision without = qt::decide_plan(in, off);
+    CHECK(without.plan.gate_up_kept_blocks == 0);
+    CHECK(d.step.total() < without.step.total());
+    INFO(qt::describe(d));
+    CHECK(has(qt::describe(d), "gate / up kept by"));
+    // Forced: the count kept.
+    qt::PlanRequest forced = r;
+    forced.gate_up_kept_blocks = 2;
+    CHECK(qt::decide_plan(in, forced).plan.gate_up_kept_blocks == 2);
+  }
+  // Packed rows and the CPU: never "auto".
+  qt::PlanRequest r80;
+  r80.gpu_memory_gib = 80.0;
+  CHECK(qt::decide_plan(packed, r80).plan.gate_up_kept_blocks == 0);
+  CHECK(qt::decide_plan(inputs("llama-3.1-8b", 1, 32768, /*cuda=*/false), qt::PlanRequest{}).plan.gate_up_kept_blocks == 0);
+
+  // Forced where it cannot apply: named.
+  qt::PlanRequest r;
+  r.gate_up_kept_blocks = 4;
+  r.checkpointing = false;
+  auto e = error_of(in, r);
+  REQUIRE(e);
+  CHECK(has(e->what(), "train.memory.gate_up_kept_blocks"));
+  CHECK(has(e->what(), "train.memory.checkpointing"));
+  r = {};
+  r.gate_up_kept_blocks = 4;
+  r.keep = qt::KeepLevel::Input;
+  e = error_of(in, r);
+  REQUIRE(e);
+  CHECK(has(e->what(), "train.memory.keep"));
+  r = {};
+  r.gate_up_kept_blocks = 33;
+  e = error_of(in, r);
+  REQUIRE(e);
+  CHECK(has(e->what(), "the model has 32 blocks"));
+  r = {};
+  r.gate_up_kept_blocks = 4;
+  e = error_of(packed, r);
+  REQUIRE(e);
+  CHECK(has(e->what(), "whole document"));
+
+  // train.memory's key: "auto" or a count, read back as written.
+  const qt::PlanRequest parsed =
+      qt::PlanRequest::from_json(qt::Json::parse(R"({"gate_up_kept_blocks": 6})"), "run.json");
+  REQUIRE(parsed.gate_up_kept_blocks);
+  CHECK(*parsed.gate_up_kept_blocks == 6);
+  CHECK(parsed.to_json()["gate_up_kept_blocks"] == 6);
+  CHECK(qt::PlanRequest{}.to_json()["gate_up_kept_blocks"] == "auto");
+  CHECK(!qt::PlanRequest::from_json(qt::Json::parse(R"({"gate_up_kept_blocks": "auto"})"), "run.json").gate_up_kept_blocks);
+  const auto bad = qt::test::caught(
+      [] { qt::PlanRequest::from_json(qt::Json::parse(R"({"gate_up_kept_blocks": -1})"), "run.json"); });
+  REQUIRE(bad);
+  CHECK(has(bad->what(), "train.memory.gate_up_kept_blocks"));
 }

@@ -831,9 +831,11 @@ TEST_CASE("the SwiGLU output kept for down_proj's backward pass or computed agai
 // and every LoRA gradient, and how many recomputations took the kept q, k, v and residual.
 struct KeepRun {
   std::vector<at::Tensor> values;
-  int64_t qkv_replays = 0, residual_replays = 0, layers = 0;
+  int64_t qkv_replays = 0, residual_replays = 0, gate_up_replays = 0, dequantized = 0, layers = 0;
 };
-KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, qt::KeepLevel keep, bool offload) {
+// (gate_up_kept: ExecPlan::gate_up_kept_blocks; whole: blocks_without_checkpointing.)
+KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, qt::KeepLevel keep, bool offload,
+                 int64_t gate_up_kept = 0, int64_t whole = 0) {
   KeepRun r;
   std::shared_ptr<qt::ModelStats> stats;
   r.values = fixture_loss_and_grads(
@@ -841,6 +843,8 @@ KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, qt::KeepLevel 
         m.plan.checkpointing = true;
         m.plan.keep = keep;
         m.plan.offload = offload;
+        m.plan.gate_up_kept_blocks = gate_up_kept;
+        m.plan.blocks_without_checkpointing = whole;
         r.layers = m.config.num_hidden_layers;
         stats = m.stats;
       },
@@ -848,6 +852,8 @@ KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, qt::KeepLevel 
   REQUIRE(stats);
   r.qkv_replays = stats->qkv_replays;
   r.residual_replays = stats->residual_replays;
+  r.gate_up_replays = stats->gate_up_replays;
+  r.dequantized = stats->dequantized_weights;
   return r;
 }
 
@@ -855,6 +861,7 @@ void check_keep(const at::Device& device, c10::ScalarType dtype, bool offload, d
   const KeepRun plain = keep_run(device, dtype, qt::KeepLevel::Attention, offload);
   CHECK(plain.qkv_replays == 0);
   CHECK(plain.residual_replays == 0);
+  CHECK(plain.gate_up_replays == 0);
   for (qt::KeepLevel keep : {qt::KeepLevel::Qkv, qt::KeepLevel::Residual}) {
     INFO(device << " " << c10::toString(dtype) << (offload ? ", offloaded" : "") << ", keep " << qt::keep_level_name(keep));
     const KeepRun kept = keep_run(device, dtype, keep, offload);
@@ -878,6 +885,50 @@ TEST_CASE("the keep ladder's qkv and residual: the recomputation takes the kept 
   check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [](qt::LlamaModel& m) {
     m.plan.checkpointing = true;
     m.plan.keep = qt::KeepLevel::Residual;
+  });
+}
+
+// Checkpointed blocks keeping their gate / up output (gate_up_kept_blocks): the loss and every LoRA gradient of the
+// full recomputation, at each keep level that takes it, every block or some (the last checkpointed ones, with the
+// last block without checkpointing too); the recomputations that took the kept output counted, and the gate / up
+// dequantizations they no longer run.
+void check_gate_up_kept(const at::Device& device, c10::ScalarType dtype, bool offload, double tol) {
+  for (qt::KeepLevel keep : {qt::KeepLevel::Attention, qt::KeepLevel::Residual}) {
+    const KeepRun plain = keep_run(device, dtype, keep, offload);
+    CHECK(plain.gate_up_replays == 0);
+    REQUIRE(plain.layers >= 2);
+    struct Case {
+      int64_t kept, whole, replays;
+    };
+    const int64_t L = plain.layers;
+    for (const Case& c : {Case{L, 0, L}, Case{1, 0, 1}, Case{L, 1, L - 1}, Case{1, 1, 1}}) {
+      INFO(device << " " << c10::toString(dtype) << (offload ? ", offloaded" : "") << ", keep "
+                  << qt::keep_level_name(keep) << ", gate / up kept by " << c.kept << ", blocks without "
+                  << c.whole);
+      const KeepRun base = c.whole ? keep_run(device, dtype, keep, offload, 0, c.whole) : plain;
+      const KeepRun kept = keep_run(device, dtype, keep, offload, c.kept, c.whole);
+      CHECK(kept.gate_up_replays == c.replays);
+      // gate and up: no dequantization in those recomputations (one group, counted per weight).
+      CHECK(base.dequantized - kept.dequantized == 2 * c.replays);
+      REQUIRE(base.values.size() == kept.values.size());
+      CHECK(base.values.size() > 10);
+      for (size_t i = 0; i < base.values.size(); ++i) {
+        INFO("tensor " << i);
+        CHECK(base.values[i].abs().max().item<double>() > 0);
+        CHECK(rel_err(kept.values[i], base.values[i]) < tol);
+      }
+    }
+  }
+}
+
+TEST_CASE("checkpointed blocks keeping their gate / up output give the loss and LoRA gradients of the full "
+          "recomputation and run no gate / up projection in it", "[lora]") {
+  check_gate_up_kept(at::kCPU, at::kFloat, /*offload=*/false, 1e-6);
+  // And PEFT's.
+  check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [](qt::LlamaModel& m) {
+    m.plan.checkpointing = true;
+    m.plan.keep = qt::KeepLevel::Residual;
+    m.plan.gate_up_kept_blocks = m.config.num_hidden_layers;
   });
 }
 
@@ -1708,6 +1759,12 @@ TEST_CASE("keep_qkv and keep_residual on CUDA (bf16, block inputs offloaded or n
           "recomputation", "[lora][gpu]") {
   REQUIRE(at::hasCUDA());
   for (bool offload : {false, true}) check_keep(at::Device(at::kCUDA, 0), at::kBFloat16, offload, 2e-2);
+}
+
+TEST_CASE("checkpointed blocks keeping their gate / up output on CUDA (bf16, block inputs offloaded or not) give the "
+          "gradients of the full recomputation", "[lora][gpu]") {
+  REQUIRE(at::hasCUDA());
+  for (bool offload : {false, true}) check_gate_up_kept(at::Device(at::kCUDA, 0), at::kBFloat16, offload, 2e-2);
 }
 
 TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds, Llama, Qwen2 and Qwen3, with the "

@@ -29,6 +29,11 @@ struct AttentionStash {
   // given back the same way; the recomputation's o_proj then computes no output.
   bool keep_residual = false;
   at::Tensor residual;
+  // keep_gate_up (ExecPlan::gate_up_kept_blocks): the MLP's gate / up projection output [.., 2 I], recorded and kept
+  // on the device, given back the same way; the recomputation's gate / up projection then computes no output (no
+  // GEMM: 4 T H I FLOPs less a block).
+  bool keep_gate_up = false;
+  at::Tensor gate_up;
 };
 
 enum class AttentionBackend { CpuFlash, CudaCudnn, CudaFlash };

@@ -84,6 +84,7 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     AttentionStash stash;
     stash.keep_qkv = model->plan.keeps(KeepLevel::Qkv);
     stash.keep_residual = model->plan.keeps(KeepLevel::Residual);
+    stash.keep_gate_up = model->plan.keeps_gate_up(layer, static_cast<int64_t>(model->layers.size()));
     Pass pass = model->base_pass();
     if (model->plan.keeps(KeepLevel::Attention)) pass.stash = &stash;
     at::Tensor out = model->block_forward(static_cast<size_t>(layer), h, aux[0], aux[1],
@@ -109,6 +110,8 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       // The softmax statistics, keep_qkv's and keep_residual's tensors: kept (offloaded) the same way.
       for (auto [key, t] : kept_extras(stash))
         if (t->defined()) keep(key, *t);
+      // The gate / up output stays on the device (gate_up_kept_blocks: no PCIe copy of 2 I a token).
+      if (stash.gate_up.defined()) ctx->saved_data["mlp_gate_up"] = stash.gate_up;
     }
     if (host) model->offload->note(layer, std::move(hosts));
     return out;
@@ -160,6 +163,11 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
         const std::string host = std::string(key) + "_host";
         if (ctx->saved_data.count(host)) *t = prefetch.take(ctx->saved_data[host].toTensor(), x.device());
         else if (ctx->saved_data.count(key)) *t = ctx->saved_data[key].toTensor().detach();
+      }
+      // Taken out of saved_data (which lives to the end of the step): freed with this block's backward pass.
+      if (ctx->saved_data.count("mlp_gate_up")) {
+        replay.gate_up = ctx->saved_data["mlp_gate_up"].toTensor().detach();
+        ctx->saved_data.erase("mlp_gate_up");
       }
       if (replay.out.defined()) {
         replay.seed = saved_tensor("attn_seed");

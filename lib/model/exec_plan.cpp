@@ -72,6 +72,18 @@ double kept_bytes_per_token(const LlamaConfig& c, KeepLevel level, int64_t eleme
          (level >= KeepLevel::Attention ? 4.0 * static_cast<double>(c.num_attention_heads) : 0.0);
 }
 
+// The checkpointed blocks that keep their gate / up output and skip its GEMM in their recomputation
+// (ExecPlan::gate_up_kept_blocks): where the keep ladder's stash applies (keep "attention" or above, rows of one
+// whole document), the MLP runs whole and the base is NF4 (gate / up projected as one group). (Where gate or up
+// carries no LoRA adapter the group does not apply either: the prediction is then the saving that is not made.)
+double gate_up_kept(const PlanInputs& in, const ExecPlan& p) {
+  if (!p.keeps(KeepLevel::Attention) || p.gate_up_kept_blocks <= 0 || p.mlp_chunk_tokens > 0 || in.varlen || !in.nf4)
+    return 0.0;
+  const int64_t L = in.model.num_hidden_layers;
+  const int64_t checkpointed = L - std::clamp<int64_t>(p.blocks_without_checkpointing, 0, L);
+  return static_cast<double>(std::min(p.gate_up_kept_blocks, checkpointed));
+}
+
 // Whether keeping to `level` fits half of this rank's host memory when offloaded (the pinned pool holds every
 // layer's kept tensors at once).
 bool host_holds(const PlanInputs& in, KeepLevel level) {
@@ -109,7 +121,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "blocks_without_checkpointing", "offload", "keep",
                              "keep_dequantized", "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings",
                              "lm_head", "optimizer", "weights", "streamed_blocks", "dequantized_blocks", "keep_swiglu",
-                             "loss_chunk_tokens", "replan_on_oom"},
+                             "loss_chunk_tokens", "gate_up_kept_blocks", "replan_on_oom"},
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
@@ -132,6 +144,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   r.blocks_without_checkpointing = blocks("blocks_without_checkpointing", "");
   r.streamed_blocks = blocks("streamed_blocks", " whose weights stream from the host");
   r.dequantized_blocks = blocks("dequantized_blocks", " whose weights stay dequantized on the device");
+  r.gate_up_kept_blocks = blocks("gate_up_kept_blocks", " whose gate / up output stays for the recomputation");
   if (json.contains("offload")) r.offload = tri(json["offload"], file, at + "offload");
   if (json.contains("keep_dequantized")) r.keep_dequantized = tri(json["keep_dequantized"], file, at + "keep_dequantized");
   if (json.contains("keep_swiglu")) r.keep_swiglu = tri(json["keep_swiglu"], file, at + "keep_swiglu");
@@ -216,6 +229,7 @@ Json PlanRequest::to_json() const {
               {"dequantized_blocks", dequantized_blocks ? Json(*dequantized_blocks) : Json("auto")},
               {"keep_swiglu", opt(keep_swiglu)},
               {"loss_chunk_tokens", loss_chunk_tokens ? Json(*loss_chunk_tokens) : Json(-1)},
+              {"gate_up_kept_blocks", gate_up_kept_blocks ? Json(*gate_up_kept_blocks) : Json("auto")},
               {"replan_on_oom", replan_on_oom}};
 }
 
@@ -379,7 +393,14 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
     // own kind; by the first checkpointed block's recomputation every one of them is let go. So the peak is the
     // larger of those two moments, not their sum: the sum over-predicted 8B 1 x 32768 by 3.4 GiB of the device at
     // 24 GiB (1 block without) and by 4.2 at 80 (16); the larger, +0.2% and +1.3% (H100, twenty-second session).
-    const double recomputing = checkpointed_working_set(in, p, mlp_tokens);
+    // Blocks keeping their gate / up output (2 I a token) hold it from their forward pass to their backward pass;
+    // the one recomputing its MLP reads it there instead of making its own (the working set's 2 I), so the peak is
+    // the working set and the others' outputs.
+    const double kept_gate_up = gate_up_kept(in, p);
+    const double gate_up_bytes = e * T * 2 * I;
+    if (kept_gate_up > 0) f.terms.emplace_back("gate_up_kept", kept_gate_up * gate_up_bytes);
+    const double recomputing =
+        checkpointed_working_set(in, p, mlp_tokens) - (kept_gate_up > 0 ? gate_up_bytes : 0.0);
     const double acts = whole * block_acts;
     if (whole > 0) f.terms.emplace_back("activations", acts);
     churning = recomputing + dropout_redraw;
@@ -683,7 +704,11 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
     if (p.keep < KeepLevel::Residual) attn_weights += q * H;
     const double recompute = 2 * T * (attn_weights + gate_up) / kMatrixFlopsPerS +
                              (p.keep < KeepLevel::Attention ? 2 * span * q * T / attention_rate : 0.0) + width_s / 3;
+    // Blocks keeping their gate / up output run no gate / up GEMM in their recomputation.
+    const double kept_gate_up = std::min(gate_up_kept(in, p), recomputed_blocks);
+    const double gate_up_gemm = 2 * T * gate_up / kMatrixFlopsPerS;
     t.terms.emplace_back("recomputation", recomputed_blocks * recompute);
+    if (kept_gate_up > 0) t.terms.emplace_back("gate_up_kept", -kept_gate_up * gate_up_gemm);
     // The weights a recomputation dequantizes are dequantized once more in the backward pass unless kept; the MLP
     // in chunks dequantizes gate and up twice and down once per chunk (its backward pass recomputes chunk by chunk
     // and keeps nothing), where one backward pass without chunks dequantizes each once; and since the tenth session
@@ -695,6 +720,12 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
     const double held_recomputed = std::min(recomputed_blocks, held);
     if (weights > 0 && in.nf4 && recomputed_blocks > held_recomputed)
       t.terms.emplace_back("dequantization", (recomputed_blocks - held_recomputed) * weights * dequant_s);
+    // Without keep_dequantized the recomputation's gate / up dequantization is one more than a step's two: blocks
+    // keeping their gate / up output run none there (the last checkpointed blocks; the held ones are the first).
+    const double kept_not_held =
+        kept_gate_up - std::max(0.0, held_recomputed - (recomputed_blocks - kept_gate_up));
+    if (kept_not_held > 0 && in.nf4 && !p.keep_dequantized && chunks == 1)
+      t.terms.emplace_back("gate_up_kept_dequantization", -kept_not_held * gate_up * dequant_s);
     // Blocks without checkpointing whose MLP runs in chunks recompute it in the backward pass, chunk by chunk.
     if (whole > 0 && chunks > 1)
       t.terms.emplace_back("mlp_chunks_recomputed",
@@ -709,8 +740,11 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
       t.terms.emplace_back("offload", recomputed_blocks * (std::max(0.0, copy - block_forward) +
                                                            std::max(0.0, copy - backward)) + copy);
     }
+    // (A checkpointed block's recomputation on average, those keeping their gate / up output counted as they run.)
     if (whole > 0 && recomputed_blocks > 0)
-      t.terms.emplace_back("partial_checkpointing", kPartialShortfall * std::min(whole, recomputed_blocks) * recompute);
+      t.terms.emplace_back("partial_checkpointing",
+                           kPartialShortfall * std::min(whole, recomputed_blocks) *
+                               (recompute - kept_gate_up / recomputed_blocks * gate_up_gemm));
   }
   // The memory-bound term counts every block's SwiGLU computed again in its backward pass: checkpointed blocks never
   // do (their recomputation keeps it), the others where the plan does not keep it.
@@ -771,6 +805,28 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     if (r.blocks_without_checkpointing.value_or(0) > 0)
       fail_key(ErrorKind::Config, file, m + "blocks_without_checkpointing",
                "needs train.memory.checkpointing true or \"auto\" (it is false: no block is checkpointed)");
+    if (r.gate_up_kept_blocks.value_or(0) > 0)
+      fail_key(ErrorKind::Config, file, m + "gate_up_kept_blocks",
+               "needs train.memory.checkpointing true or \"auto\" (it is false: no block is recomputed)");
+  }
+  if (r.gate_up_kept_blocks.value_or(0) > 0) {
+    const std::string key = m + "gate_up_kept_blocks";
+    if (*r.gate_up_kept_blocks > in.model.num_hidden_layers)
+      fail_key(ErrorKind::Config, file, key,
+               "is " + std::to_string(*r.gate_up_kept_blocks) + ", the model has " +
+                   std::to_string(in.model.num_hidden_layers) + " blocks");
+    if (r.keep && *r.keep == KeepLevel::Input)
+      fail_key(ErrorKind::Config, file, key,
+               "needs train.memory.keep \"attention\" or above (it is \"input\"): the gate / up output is kept with "
+               "the attention output");
+    if (r.mlp_chunk_tokens.value_or(0) > 0)
+      fail_key(ErrorKind::Config, file, key, "needs the MLP whole (train.memory.mlp_chunk_tokens is " +
+                                                 std::to_string(*r.mlp_chunk_tokens) + ")");
+    if (!in.nf4)
+      fail_key(ErrorKind::Config, file, key, "needs an NF4 base (model.quant): gate / up run as one group only there");
+    if (in.varlen)
+      fail_key(ErrorKind::Config, file, key,
+               "applies to rows of one whole document (the keep ladder's); these rows pack several or are padded");
   }
   if (r.mlp_chunk_tokens.value_or(0) > 0 && in.mlp_dropout)
     fail_key(ErrorKind::Config, file, m + "mlp_chunk_tokens",
@@ -865,7 +921,8 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   const bool weigh_checkpointing = !r.checkpointing && d.budget_gib >= 0 && !in.sharded && stream_forced.value_or(0) == 0;
   const bool may_skip = weigh_checkpointing && !r.offload.value_or(false) &&
                         r.keep.value_or(KeepLevel::Input) == KeepLevel::Input && !r.keep_dequantized.value_or(false) &&
-                        r.mlp_chunk_tokens.value_or(0) == 0 && r.blocks_without_checkpointing.value_or(0) == 0;
+                        r.mlp_chunk_tokens.value_or(0) == 0 && r.blocks_without_checkpointing.value_or(0) == 0 &&
+                        r.gate_up_kept_blocks.value_or(0) == 0;
   // The fastest plan with checkpointing (the measured defaults, docs/PERFORMANCE.md): on CUDA from 4096 tokens per
   // micro-batch the block inputs offloaded (the copies hide behind the forward pass) with q, k, v and the attention
   // output kept where half the host holds them; the recomputation's 16-bit weights kept below 8192 tokens; the MLP
@@ -985,9 +1042,27 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
       weighed.push_back(recomputed);
     }
   }
+  // Checkpointed blocks keeping their gate / up output ("auto"): each candidate that can (keep "attention" or above,
+  // the MLP whole, weights on the device) with as many as the rest of the budget holds, after the loss's wide tiles
+  // (more time a byte) and before held weights (less: 4 H I FLOPs a token for 4 I bytes against two dequantizations
+  // of 2.5 bytes a weight for 2).
+  const bool may_keep_gate_up = !r.gate_up_kept_blocks && in.cuda && in.nf4 && !in.varlen && d.budget_gib >= 0;
+  const double gate_up_block_bytes = static_cast<double>(in.micro_batch) *
+                                     static_cast<double>(padded_row_length(in.seq, best.row_multiple)) * 2 *
+                                     static_cast<double>(in.model.intermediate_size) *
+                                     static_cast<double>(in.element_size);
+  auto takes_gate_up = [&](const ExecPlan& x) {
+    return x.keeps(KeepLevel::Attention) && x.mlp_chunk_tokens == 0 && x.streamed_blocks == 0;
+  };
   bool found = false;
   for (ExecPlan cand : weighed) {
     cand.loss_chunk_tokens = r.loss_chunk_tokens.value_or(0);  // (forced: weighed with its tile from the start)
+    if (r.gate_up_kept_blocks) {  // forced: only the plans that can keep that many
+      cand.gate_up_kept_blocks = *r.gate_up_kept_blocks;
+      if (cand.gate_up_kept_blocks > 0 &&
+          (!takes_gate_up(cand) || cand.gate_up_kept_blocks > L - cand.blocks_without_checkpointing))
+        continue;
+    }
     Footprint f = predict_footprint(in, cand);
     // Plans that keep whole blocks' activations (none or some blocks without checkpointing) fit with headroom:
     // their activation term is fitted on one row, and a run that dies of memory loses more than they gain.
@@ -1005,6 +1080,21 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
         if (fw.total() <= limit) {
           cand = wide;
           f = std::move(fw);
+        }
+      }
+    }
+    if (may_keep_gate_up && takes_gate_up(cand)) {
+      // (+1: the first block's own output replaces the recomputation's.)
+      int64_t n = std::min<int64_t>(L - cand.blocks_without_checkpointing,
+                                    static_cast<int64_t>(std::floor((limit - f.total()) / gate_up_block_bytes)) + 1);
+      for (; n > 0; --n) {
+        ExecPlan kept = cand;
+        kept.gate_up_kept_blocks = n;
+        Footprint fk = predict_footprint(in, kept);
+        if (fk.total() <= limit) {
+          cand = kept;
+          f = std::move(fk);
+          break;
         }
       }
     }
@@ -1044,6 +1134,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   for (ExecPlan& cand : candidates) {
     cand.keep_swiglu = r.keep_swiglu.value_or(false);
     cand.loss_chunk_tokens = r.loss_chunk_tokens.value_or(0);
+    if (takes_gate_up(cand)) cand.gate_up_kept_blocks = r.gate_up_kept_blocks.value_or(0);
     const double bytes = predict_footprint(in, cand).total();
     if (!least || bytes < least_bytes) least = &cand, least_bytes = bytes;
   }
@@ -1143,6 +1234,9 @@ std::string describe(const ExecPlan& p, int64_t layers) {
     s += std::string(", keep ") + keep_level_name(p.keep);
     if (p.keep_dequantized) s += ", dequantized weights kept";
     if (p.mlp_chunk_tokens > 0) s += ", MLP in chunks of " + std::to_string(p.mlp_chunk_tokens) + " tokens";
+    if (p.gate_up_kept_blocks > 0)
+      s += ", gate / up kept by " +
+           (p.gate_up_kept_blocks == 1 ? std::string("1 block") : std::to_string(p.gate_up_kept_blocks) + " blocks");
   }
   if (p.keep_swiglu && (!p.checkpointing || p.blocks_without_checkpointing > 0)) s += ", SwiGLU kept";
   s += p.attention == AttentionKernel::Cudnn ? ", cuDNN attention" : ", flash attention";
@@ -1198,7 +1292,8 @@ Json plan_fields(const ExecPlan& p) {
               {"streamed_blocks", p.streamed_blocks},
               {"dequantized_blocks", p.dequantized_blocks},
               {"keep_swiglu", p.keep_swiglu},
-              {"loss_chunk_tokens", p.loss_chunk_tokens}};
+              {"loss_chunk_tokens", p.loss_chunk_tokens},
+              {"gate_up_kept_blocks", p.gate_up_kept_blocks}};
 }
 
 Json to_json(const Decision& d) {

@@ -128,9 +128,25 @@ at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x, const Pass&
   auto down = [&](const at::Tensor& a) {
     return pass.output_unused ? linear_output_unused(b.down_proj, a, pass) : b.down_proj.forward(a, pass);
   };
-  if (at::Tensor gate_up = project_group({&b.gate_proj, &b.up_proj}, x, pass, /*concat_b=*/true,
-                                         /*output_unused=*/false, x_widened);
-      gate_up.defined()) {
+  // A checkpointed block that keeps its gate / up output (ExecPlan::gate_up_kept_blocks): recorded in its forward
+  // pass; in its recomputation the projection's node for the backward pass without its output (no GEMM), the kept
+  // value in its place.
+  AttentionStash* stash = pass.stash && pass.stash->out.defined() ? pass.stash : nullptr;
+  at::Tensor gate_up;
+  if (stash && stash->replay && stash->gate_up.defined()) {
+    if (at::Tensor graph = project_group({&b.gate_proj, &b.up_proj}, x, pass, /*concat_b=*/false,
+                                         /*output_unused=*/true, x_widened);
+        graph.defined()) {
+      gate_up = keep_value(graph, stash->gate_up.detach());
+      pass.count(&ModelStats::gate_up_replays);
+    }
+  }
+  if (!gate_up.defined()) {
+    gate_up = project_group({&b.gate_proj, &b.up_proj}, x, pass, /*concat_b=*/true, /*output_unused=*/false,
+                            x_widened);
+    if (gate_up.defined() && stash && !stash->replay && stash->keep_gate_up) stash->gate_up = gate_up;
+  }
+  if (gate_up.defined()) {
     // down_proj keeps gate_up, not the SwiGLU output (recomputed in its backward pass): I elements a token less.
     if (at::Tensor y = swiglu_linear(b.down_proj, gate_up, pass, pass.output_unused); y.defined()) return y;
     return down(swiglu_packed(gate_up));

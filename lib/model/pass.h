@@ -25,6 +25,7 @@ struct ModelStats {
   std::atomic<int64_t> outputs_skipped{0};      // outputs a recomputation left unwritten (nobody reads them)
   std::atomic<int64_t> qkv_replays{0};          // recomputations that took their rotated q, k, v from keep "qkv"
   std::atomic<int64_t> residual_replays{0};     // recomputations that took the residual from keep "residual"
+  std::atomic<int64_t> gate_up_replays{0};      // recomputations that took the kept gate / up output (no GEMM)
   std::atomic<int64_t> prefetched_offloads{0};  // offloaded tensors the backward took from a copy started ahead
   std::atomic<int64_t> dequantized_weights{0};  // NF4 weights dequantized (forward, recomputation, backward)
   std::atomic<int64_t> attention_forwards{0};   // attention kernels run on a block's stash (not replayed)

@@ -128,7 +128,8 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     if (output_unused) {  // only what the backward saves (a recomputation whose values are kept elsewhere)
       t = at::empty({x2.size(0), a.size(0)}, x2.options());
       lora_inputs(t);
-      y = at::empty({x2.size(0), total}, x2.options());
+      // One element, not [tokens, sum out]: 1.9 GB at 8B 1 x 32768 for gate / up (its value is kept elsewhere).
+      y = unwritten_output({x2.size(0), total}, x2.options());
       pass.count(&ModelStats::outputs_skipped);
     } else if (concat_b) {
       const int64_t in = x2.size(1), extra = concat_columns(bd), r = bd.size(1);
@@ -175,7 +176,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
     if (dropout > 0) ctx->saved_data["dropout_states"] = at::TensorList(states);
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = total;
-    return {y.view(shape)};
+    return {output_unused ? unwritten_output(shape, x2.options()) : y.view(shape)};
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
