@@ -379,12 +379,13 @@ case "$CALL" in
   ;;
 31)
   note "== issue 27: 8B 1 x 32768 against Unsloth's best mode (1: the twenty-second session's 0 ran out of memory at"
-  note "   80 GiB and u ran 0.1-0.2% slower than 1 at both budgets), 80 and 24 GiB; 8B 1 x 8192 at 24 GiB with the gate / up"
-  note "   output kept against none"
+  note "   80 GiB and u ran 0.1-0.2% slower than 1 at both budgets), 80 and 24 GiB; 8B 1 x 8192 at 24 GiB against"
+  note "   Unsloth's 0 and 1, and ours with no gate / up output kept"
   run budget_80_32k.log 150 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 80 --no-whole --steps 3 --warm 1
   run budget_24_32k.log 150 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole --steps 3 --warm 1
-  run ab_gate_up_8k_24.log 160 --rows 8b-1x8192 --budget 24 --ab base= \
-    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds "${ROUNDS:-1}" --steps 6 --warm 2
+  run budget_24_8k.log 150 --peers unsloth --unsloth-modes 0,1 --rows 8b-1x8192 --budget 24 --no-whole --steps 6 --warm 2
+  run ab_gate_up_8k_24.log 80 --rows 8b-1x8192 --budget 24 --ab none="--set train.memory.gate_up_kept_blocks=0" \
+    --rounds 1 --steps 6 --warm 2
   ;;
 29)
   note "== issue 27: the plan picked against the 3 fastest others that fit, 8B 1 x 32768 at 80 GiB and the packed"
