@@ -1083,34 +1083,27 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
         }
       }
     }
-    if (may_keep_gate_up && takes_gate_up(cand)) {
-      // (+1: the first block's own output replaces the recomputation's.)
-      int64_t n = std::min<int64_t>(L - cand.blocks_without_checkpointing,
-                                    static_cast<int64_t>(std::floor((limit - f.total()) / gate_up_block_bytes)) + 1);
-      for (; n > 0; --n) {
-        ExecPlan kept = cand;
-        kept.gate_up_kept_blocks = n;
-        Footprint fk = predict_footprint(in, kept);
-        if (fk.total() <= limit) {
-          cand = kept;
-          f = std::move(fk);
-          break;
+    // The most of a count (field) from `most` down that still fits the limit, set on cand.
+    auto fill = [&](int64_t ExecPlan::*field, int64_t most) {
+      for (int64_t n = most; n > 0; --n) {
+        ExecPlan more = cand;
+        more.*field = n;
+        Footprint fm = predict_footprint(in, more);
+        if (fm.total() <= limit) {
+          cand = more;
+          f = std::move(fm);
+          return;
         }
       }
-    }
-    if (may_hold && cand.streamed_blocks == 0 && cand.mlp_chunk_tokens == 0) {
-      int64_t n = std::min<int64_t>(L, static_cast<int64_t>(std::floor((limit - f.total()) / held_block_bytes)));
-      for (; n > 0; --n) {
-        ExecPlan held = cand;
-        held.dequantized_blocks = n;
-        Footprint fh = predict_footprint(in, held);
-        if (fh.total() <= limit) {
-          cand = held;
-          f = std::move(fh);
-          break;
-        }
-      }
-    }
+    };
+    // (+1: the first block's own output replaces the recomputation's.)
+    if (may_keep_gate_up && takes_gate_up(cand))
+      fill(&ExecPlan::gate_up_kept_blocks,
+           std::min<int64_t>(L - cand.blocks_without_checkpointing,
+                             static_cast<int64_t>(std::floor((limit - f.total()) / gate_up_block_bytes)) + 1));
+    if (may_hold && cand.streamed_blocks == 0 && cand.mlp_chunk_tokens == 0)
+      fill(&ExecPlan::dequantized_blocks,
+           std::min<int64_t>(L, static_cast<int64_t>(std::floor((limit - f.total()) / held_block_bytes))));
     Footprint h = predict_host(in, cand);
     if (!host_fits(h)) continue;
     StepTime t = predict_step_time(in, cand);
