@@ -367,6 +367,26 @@ case "$CALL" in
   fi
   run hand_search_32k.log 330 --rows 8b-1x32768 --budget 24 --hand-search 3 --steps 2 --warm 1
   ;;
+32)
+  note "== issue 27: 8B 1 x 32768 at 80 GiB against Unsloth's best mode (1: the twenty-second session's 0 ran out of"
+  note "   memory there, u ran 0.1% slower), ours also with no gate / up output kept; the [gpu] tests; 8B 1 x 8192 at"
+  note "   24 GiB with the gate / up output kept (the default) and without"
+  run budget_80_32k.log 150 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 80 --no-whole --steps 3 --warm 1
+  run ab_gate_up_32k_80.log 80 --rows 8b-1x32768 --budget 80 --ab none="--set train.memory.gate_up_kept_blocks=0" \
+    --rounds 1 --steps 3 --warm 1
+  note "== the [lora] and [fused_ops] [gpu] tests (the gate / up output kept among them)"
+  [ -d build/tests/fixtures ] && lora_gpu_tests 110
+  run ab_gate_up_8k_24.log 110 --rows 8b-1x8192 --budget 24 --ab base= \
+    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds 1 --steps 6 --warm 2
+  ;;
+33)
+  note "== issue 27: 8B 1 x 32768 at 24 GiB against Unsloth's 1 (u ran 0.2% slower in the twenty-second session), ours"
+  note "   also with no gate / up output kept; 8B 1 x 8192 at 24 GiB against Unsloth's 0 and 1"
+  run budget_24_32k.log 150 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole --steps 3 --warm 1
+  run ab_gate_up_32k_24.log 80 --rows 8b-1x32768 --budget 24 --ab none="--set train.memory.gate_up_kept_blocks=0" \
+    --rounds 1 --steps 3 --warm 1
+  run budget_24_8k.log 150 --peers unsloth --unsloth-modes 0,1 --rows 8b-1x8192 --budget 24 --no-whole --steps 6 --warm 2
+  ;;
 30)
   note "== checkpointed blocks keeping their gate / up output (the plan's default where it fits) against none kept"
   note "   (train.memory.gate_up_kept_blocks=0): 8B 1 x 32768 at 80 and 24 GiB, one round each; the [gpu] tests"
