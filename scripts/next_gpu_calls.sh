@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|30|31|32|33
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -87,7 +87,17 @@
 #   28: carry [".peers", ".peerscripts"]: build, the allocator's history of 8B 1 x 32768 at 24 GiB (the footprint model
 #      over-predicted it by 3.4 GiB, 80 GiB's by 4.2, until the blocks without checkpointing and the recomputation were
 #      taken as never alive together: whether the plan that fix picks, 2 blocks without, peaks where predicted), then
-#      the hand search on that row.
+#      the hand search on that row (NO_HISTORY=1: the hand search alone).
+#   29: carry [".peers", ".peerscripts"]: build, the hand search on 8B 1 x 32768 at 80 GiB and the packed row at 24
+#      and 80 GiB.
+#   30: carry build/tests/fixtures: build, the gate / up output kept (gate_up_kept_blocks) against none at 8B 1 x 32768
+#      (80 and 24 GiB), the [lora] and [fused_ops] [gpu] tests.
+#   32: carry [".peers", ".usite", ".peerscripts", "build/tests/fixtures/lora", "build/tests/fixtures/data",
+#      "build/tests/fixtures/dora", "build/tests/fixtures/nf4"]: build, 8B 1 x 32768 at 80 GiB against Unsloth's 1 and
+#      ours without the gate / up output kept, the [lora] and [fused_ops] [gpu] tests, 8B 1 x 8192 at 24 GiB kept
+#      against not.
+#   31, 33: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 (31: at 80 GiB too) and 8B 1 x 8192 at
+#      24 GiB against Unsloth, ours without the gate / up output kept beside.
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
