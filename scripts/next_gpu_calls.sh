@@ -398,6 +398,13 @@ case "$CALL" in
   run budget_80_32k_unsloth.log 150 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 80 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
   ;;
+35)
+  note "== 34 without Unsloth: the [lora] and [fused_ops] [gpu] tests; 8B 1 x 32768 at 80 GiB, ours with the gate / up"
+  note "   output kept (the default) and without"
+  [ -d build/tests/fixtures ] && lora_gpu_tests 100
+  run ab_gate_up_32k_80.log 130 --rows 8b-1x32768 --budget 80 --ab base= \
+    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds 1 --steps 3 --warm 1
+  ;;
 33)
   note "== issue 27: 8B 1 x 32768 at 24 GiB against Unsloth's 1 (u ran 0.2% slower in the twenty-second session), ours"
   note "   also with no gate / up output kept; 8B 1 x 8192 at 24 GiB against Unsloth's 0 and 1"
