@@ -1533,8 +1533,10 @@ TEST_CASE("checkpointed blocks keep their gate / up output where the budget hold
     // n outputs of 2 I a token held; the recomputing block reads its own instead of making one.
     const double bytes = T * 2 * I * 2;  // a block's gate / up output in bf16
     CHECK(std::abs(term(f.terms, "gate_up_kept") - static_cast<double>(n) * bytes) < 1);
-    // (and the allocator's reserve, 6% of the working set it no longer churns through, less)
-    CHECK(std::abs(f.total() - none.total() - static_cast<double>(n - 1) * bytes) < 0.1 * bytes);
+    // (and the allocator's reserve: 1% of the kept outputs more, 6% of the working set it no longer churns through
+    // less)
+    CHECK(std::abs(f.total() - none.total() - static_cast<double>(n - 1) * bytes - 0.01 * static_cast<double>(n) * bytes) <
+          0.1 * bytes);
     // Each saves its gate / up GEMM (4 T H I FLOPs at the matrix rate) and the recomputation's dequantization of it.
     const double saved = none_s - qt::predict_step_time(in, kept).total();
     const double gemm = static_cast<double>(n) * 4 * T * H * I / 772e12;
@@ -1626,4 +1628,28 @@ TEST_CASE("checkpointed blocks keep their gate / up output where the budget hold
       [] { qt::PlanRequest::from_json(qt::Json::parse(R"({"gate_up_kept_blocks": -1})"), "run.json"); });
   REQUIRE(bad);
   CHECK(has(bad->what(), "train.memory.gate_up_kept_blocks"));
+}
+
+TEST_CASE("the footprint of plans keeping checkpointed blocks' gate / up output: within 1% of the H100's device memory",
+          "[plan]") {
+  // The twenty-third session's runs (H100, bench.py under a budget): the plans the trainer picked, as it ran them.
+  struct Row {
+    const char* what;
+    int64_t seq, whole, kept, held;
+    bool keep_swiglu;
+    double device_gib;
+  };
+  for (const Row& row : {Row{"8B 1 x 32768 at 80 GiB: 3 blocks without, 29 keeping gate / up", 32768, 3, 29, 0, false, 74.17},
+                         Row{"8B 1 x 8192 at 24 GiB: every block keeping gate / up, 2 held", 8192, 0, 32, 2, true, 23.78}}) {
+    INFO(row.what);
+    const qt::PlanInputs in = inputs("llama-3.1-8b", 1, row.seq);
+    qt::ExecPlan p = MeasuredPlan{true, row.whole, true, qt::KeepLevel::Residual, false, 0, false, false, 0, row.held}
+                         .plan(128);
+    p.keep_swiglu = row.keep_swiglu;
+    p.loss_chunk_tokens = 2048;
+    p.gate_up_kept_blocks = row.kept;
+    const double predicted = qt::predict_footprint(in, p).total() / kGiB;
+    INFO("predicted " << predicted << " GiB, the device " << row.device_gib << " GiB");
+    CHECK(std::abs(predicted / row.device_gib - 1) < 0.01);
+  }
 }
