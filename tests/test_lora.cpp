@@ -921,8 +921,50 @@ void check_gate_up_kept(const at::Device& device, c10::ScalarType dtype, bool of
   }
 }
 
+// Packed rows (two documents a row, the attention output not kept): the kept gate / up output replayed all the same.
+void check_gate_up_kept_packed(const at::Device& device, c10::ScalarType dtype, double tol) {
+  const qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+  const at::Tensor ids = ref.load("input_ids", at::kLong, device);
+  const int64_t B = ids.size(0), S = ids.size(1), half = S / 2;
+  REQUIRE(half >= 2);
+  qt::Batch batch;
+  batch.input_ids = ids;
+  const at::Tensor pos = at::cat({at::arange(half, at::kLong), at::arange(S - half, at::kLong)});
+  const at::Tensor doc = at::cat({at::zeros({half}, at::kInt), at::ones({S - half}, at::kInt)});
+  batch.positions = pos.unsqueeze(0).expand({B, S}).contiguous().to(device);
+  batch.doc_ids = doc.unsqueeze(0).expand({B, S}).contiguous().to(device);
+  int64_t layers = 0, replays = 0;
+  auto run = [&](int64_t kept) {
+    qt::LlamaModel m = fixture_model(device, dtype);
+    m.plan.checkpointing = true;
+    m.plan.keep = qt::KeepLevel::Residual;
+    m.plan.gate_up_kept_blocks = kept;
+    layers = m.config.num_hidden_layers;
+    const at::Tensor h = m.forward_hidden(m.embed(ids), batch);
+    const at::Tensor w = at::randn(h.sizes(), at::make_generator<at::CPUGeneratorImpl>(11),
+                                   at::TensorOptions().dtype(at::kFloat)).to(device);
+    (h.to(at::kFloat) * w).sum().backward();
+    replays = m.stats->gate_up_replays;
+    std::vector<at::Tensor> out;
+    for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().to(at::kFloat).cpu().clone());
+    return out;
+  };
+  const std::vector<at::Tensor> base = run(0);
+  CHECK(replays == 0);
+  const std::vector<at::Tensor> kept = run(1000);  // (more than the model has: every checkpointed block)
+  CHECK(replays == layers);
+  REQUIRE(base.size() == kept.size());
+  CHECK(base.size() > 10);
+  for (size_t i = 0; i < base.size(); ++i) {
+    INFO("tensor " << i);
+    CHECK(base[i].abs().max().item<double>() > 0);
+    CHECK(rel_err(kept[i], base[i]) < tol);
+  }
+}
+
 TEST_CASE("checkpointed blocks keeping their gate / up output give the loss and LoRA gradients of the full "
           "recomputation and run no gate / up projection in it", "[lora]") {
+  check_gate_up_kept_packed(at::kCPU, at::kFloat, 1e-6);
   check_gate_up_kept(at::kCPU, at::kFloat, /*offload=*/false, 1e-6);
   // And PEFT's.
   check_against_peft("base_nf4", "all_targets", 1e-5, 1e-4, [](qt::LlamaModel& m) {
@@ -1765,6 +1807,7 @@ TEST_CASE("checkpointed blocks keeping their gate / up output on CUDA (bf16, blo
           "gradients of the full recomputation", "[lora][gpu]") {
   REQUIRE(at::hasCUDA());
   for (bool offload : {false, true}) check_gate_up_kept(at::Device(at::kCUDA, 0), at::kBFloat16, offload, 2e-2);
+  check_gate_up_kept_packed(at::Device(at::kCUDA, 0), at::kBFloat16, 2e-2);
 }
 
 TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds, Llama, Qwen2 and Qwen3, with the "

@@ -110,9 +110,10 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       // The softmax statistics, keep_qkv's and keep_residual's tensors: kept (offloaded) the same way.
       for (auto [key, t] : kept_extras(stash))
         if (t->defined()) keep(key, *t);
-      // The gate / up output stays on the device (gate_up_kept_blocks: no PCIe copy of 2 I a token).
-      if (stash.gate_up.defined()) ctx->saved_data["mlp_gate_up"] = stash.gate_up;
     }
+    // The gate / up output stays on the device (gate_up_kept_blocks: no PCIe copy of 2 I a token), for rows of one
+    // whole document and packed rows alike.
+    if (stash.gate_up.defined()) ctx->saved_data["mlp_gate_up"] = stash.gate_up;
     if (host) model->offload->note(layer, std::move(hosts));
     return out;
   }
@@ -180,7 +181,7 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       pass.keep_dequantized = model->plan.keep_dequantized;
       pass.output_unused = true;
       pass.keep_swiglu = true;  // made the moment before its backward pass: kept, not computed again there
-      if (replay.out.defined()) pass.stash = &replay;
+      if (replay.out.defined() || replay.gate_up.defined()) pass.stash = &replay;
       out = model->block_forward(layer, x, ctx->saved_data["cos"].toTensor(), ctx->saved_data["sin"].toTensor(), mask,
                                  pass);
       cpu_gen.set_state(cpu_now);

@@ -76,11 +76,11 @@ double kept_bytes_per_token(const LlamaConfig& c, KeepLevel level, int64_t eleme
 }
 
 // The checkpointed blocks that keep their gate / up output and skip its GEMM in their recomputation
-// (ExecPlan::gate_up_kept_blocks): where the keep ladder's stash applies (keep "attention" or above, rows of one
-// whole document), the MLP runs whole and the base is NF4 (gate / up projected as one group). (Where gate or up
-// carries no LoRA adapter the group does not apply either: the prediction is then the saving that is not made.)
+// (ExecPlan::gate_up_kept_blocks): where the keep ladder's stash exists (keep "attention" or above; packed rows too),
+// the MLP runs whole and the base is NF4 (gate / up projected as one group). (Where gate or up carries no LoRA
+// adapter the group does not apply either: the prediction is then the saving that is not made.)
 double gate_up_kept(const PlanInputs& in, const ExecPlan& p) {
-  if (!p.keeps(KeepLevel::Attention) || p.gate_up_kept_blocks <= 0 || p.mlp_chunk_tokens > 0 || in.varlen || !in.nf4)
+  if (!p.keeps(KeepLevel::Attention) || p.gate_up_kept_blocks <= 0 || p.mlp_chunk_tokens > 0 || !in.nf4)
     return 0.0;
   const int64_t L = in.model.num_hidden_layers;
   const int64_t checkpointed = L - std::clamp<int64_t>(p.blocks_without_checkpointing, 0, L);
@@ -835,9 +835,6 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
                                                  std::to_string(*r.mlp_chunk_tokens) + ")");
     if (!in.nf4)
       fail_key(ErrorKind::Config, file, key, "needs an NF4 base (model.quant): gate / up run as one group only there");
-    if (in.varlen)
-      fail_key(ErrorKind::Config, file, key,
-               "applies to rows of one whole document (the keep ladder's); these rows pack several or are padded");
   }
   if (r.mlp_chunk_tokens.value_or(0) > 0 && in.mlp_dropout)
     fail_key(ErrorKind::Config, file, m + "mlp_chunk_tokens",
@@ -1057,7 +1054,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // the MLP whole, weights on the device) with as many as the rest of the budget holds, after the loss's wide tiles
   // (more time a byte) and before held weights (less: 4 H I FLOPs a token for 4 I bytes against two dequantizations
   // of 2.5 bytes a weight for 2).
-  const bool may_keep_gate_up = !r.gate_up_kept_blocks && in.cuda && in.nf4 && !in.varlen && d.budget_gib >= 0;
+  const bool may_keep_gate_up = !r.gate_up_kept_blocks && in.cuda && in.nf4 && d.budget_gib >= 0;
   const double gate_up_block_bytes = static_cast<double>(in.micro_batch) *
                                      static_cast<double>(padded_row_length(in.seq, best.row_multiple)) * 2 *
                                      static_cast<double>(in.model.intermediate_size) *

@@ -77,7 +77,7 @@ struct ExecPlan {
   // keep their MLP's gate / up projection output [tokens, 2 I] on the device for their recomputation, which then
   // runs no gate / up GEMM (4 T H I FLOPs, 11 ms at 8B 1 x 32768 on an H100) for 2 I e bytes a token and block:
   // per byte about twice the time a block without checkpointing saves (which keeps some 4 I + 2 H + q + 2 kv).
-  // Rows of one whole document (the keep ladder's).
+  // Packed rows too (the kept output needs none of the attention output the ladder keeps for whole documents).
   int64_t gate_up_kept_blocks = 0;
 
   bool keeps(KeepLevel level) const { return checkpointing && keep >= level; }

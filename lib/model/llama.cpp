@@ -130,8 +130,8 @@ at::Tensor LlamaModel::mlp(const LlamaBlock& b, const at::Tensor& x, const Pass&
   };
   // A checkpointed block that keeps its gate / up output (ExecPlan::gate_up_kept_blocks): recorded in its forward
   // pass; in its recomputation the projection's node for the backward pass without its output (no GEMM), the kept
-  // value in its place.
-  AttentionStash* stash = pass.stash && pass.stash->out.defined() ? pass.stash : nullptr;
+  // value in its place. (Packed rows too: this needs none of the attention output the ladder keeps.)
+  AttentionStash* stash = pass.stash;
   at::Tensor gate_up;
   if (stash && stash->replay && stash->gate_up.defined()) {
     if (at::Tensor graph = project_group({&b.gate_proj, &b.up_proj}, x, pass, /*concat_b=*/false,

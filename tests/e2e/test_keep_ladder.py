@@ -1,7 +1,7 @@
 """train.memory.gate_up_kept_blocks through the binary (issue 27): checkpointed blocks that keep their MLP's gate / up
 output for the recomputation. On the CPU (fp32) a run keeping it in 2 blocks ends with the adapter of the run that
-recomputes it, byte for byte; the plan's log line and metrics.jsonl name it; forced where it cannot apply (keep
-"input", packed rows) it is refused naming the key."""
+recomputes it, byte for byte, on rows of one whole document and on packed rows; the plan's log line and
+metrics.jsonl name it; forced where it cannot apply (keep "input") it is refused naming the key."""
 import json, pathlib, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
@@ -29,28 +29,30 @@ def main():
     (TMP / "train.jsonl").write_text("".join(json.dumps({"text": " ".join(lines[i:i + 6])}) + "\n"
                                              for i in range(0, 96, 6)))
     tiny_lm.write_text_jsonl(TMP / "short.jsonl", 64, 21)  # lines shorter than a row: packed several a row
-    runs = {name: run_binary(BIN, config(name, memory)) for name, memory in
-            (("recomputed", {"keep": "residual"}), ("kept", {"keep": "residual", "gate_up_kept_blocks": 2}))}
+    runs = {name: run_binary(BIN, config(name, memory, data)) for name, memory, data in
+            (("recomputed", {"keep": "residual"}, "train.jsonl"),
+             ("kept", {"keep": "residual", "gate_up_kept_blocks": 2}, "train.jsonl"),
+             ("packed_recomputed", {"keep": "residual"}, "short.jsonl"),
+             ("packed_kept", {"keep": "residual", "gate_up_kept_blocks": 1}, "short.jsonl"))}
     for name, p in runs.items():
         check(p.returncode == 0, f"{name}: the run completes (exit {p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
     if any(p.returncode for p in runs.values()):
         return finish("keep ladder checks")
     adapter = lambda name: (TMP / name / "adapter" / "adapter_model.safetensors").read_bytes()
     check(adapter("kept") == adapter("recomputed"),
-          "gate / up kept by 2 blocks ends with the adapter of the run that recomputes it, byte for byte")
+          "whole-document rows: gate / up kept by 2 blocks ends with the adapter of the run that recomputes it, byte for byte")
+    check(adapter("packed_kept") == adapter("packed_recomputed") and adapter("packed_kept") != adapter("kept"),
+          "packed rows: gate / up kept by 1 block (of 2) ends with the adapter of the run that recomputes it, byte for byte")
     check("gate / up kept by 2 blocks" in runs["kept"].stderr and "gate / up kept" not in runs["recomputed"].stderr,
           "the plan's log line names the kept gate / up outputs, only where they are")
     plans = [json.loads(l)["plan"] for l in (TMP / "kept" / "metrics.jsonl").read_text().splitlines() if '"plan"' in l]
     check(plans and plans[0].get("gate_up_kept_blocks") == 2,
           f"metrics.jsonl's plan says gate_up_kept_blocks 2 ({plans[0].get('gate_up_kept_blocks') if plans else None})")
 
-    for name, memory, data, says in (("keep_input", {"keep": "input", "gate_up_kept_blocks": 2}, "train.jsonl", "keep"),
-                                     ("packed", {"keep": "residual", "gate_up_kept_blocks": 2}, "short.jsonl",
-                                      "whole document")):
-        p = run_binary(BIN, config(name, memory, data))
-        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
-        check(p.returncode != 0 and "train.memory.gate_up_kept_blocks" in p.stderr and says in p.stderr,
-              f"{name}: refused naming train.memory.gate_up_kept_blocks and '{says}' (exit {p.returncode}: {last})")
+    p = run_binary(BIN, config("keep_input", {"keep": "input", "gate_up_kept_blocks": 2}))
+    last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+    check(p.returncode != 0 and "train.memory.gate_up_kept_blocks" in p.stderr and "train.memory.keep" in p.stderr,
+          f"keep input: refused naming train.memory.gate_up_kept_blocks and train.memory.keep (exit {p.returncode}: {last})")
     finish("keep ladder checks")
 
 
