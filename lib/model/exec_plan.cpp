@@ -1054,7 +1054,9 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // the MLP whole, weights on the device) with as many as the rest of the budget holds, after the loss's wide tiles
   // (more time a byte) and before held weights (less: 4 H I FLOPs a token for 4 I bytes against two dequantizations
   // of 2.5 bytes a weight for 2).
-  const bool may_keep_gate_up = !r.gate_up_kept_blocks && in.cuda && in.nf4 && d.budget_gib >= 0;
+  // (Packed rows: forced only until their CUDA path, FlashAttention-2 varlen with the output kept, has run on a GPU;
+  // its [gpu] test is written, not yet run.)
+  const bool may_keep_gate_up = !r.gate_up_kept_blocks && in.cuda && in.nf4 && !in.varlen && d.budget_gib >= 0;
   const double gate_up_block_bytes = static_cast<double>(in.micro_batch) *
                                      static_cast<double>(padded_row_length(in.seq, best.row_multiple)) * 2 *
                                      static_cast<double>(in.model.intermediate_size) *
