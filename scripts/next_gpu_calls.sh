@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|30|31|32|33
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|31|33|34
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -90,16 +90,14 @@
 #      the hand search on that row (NO_HISTORY=1: the hand search alone).
 #   29: carry [".peers", ".peerscripts"]: build, the hand search on 8B 1 x 32768 at 80 GiB and the packed row at 24
 #      and 80 GiB.
-#   30: carry build/tests/fixtures: build, the gate / up output kept (gate_up_kept_blocks) against none at 8B 1 x 32768
-#      (80 and 24 GiB), the [lora] and [fused_ops] [gpu] tests.
-#   32: carry [".peers", ".usite", ".peerscripts", "build/tests/fixtures/lora", "build/tests/fixtures/data",
-#      "build/tests/fixtures/dora", "build/tests/fixtures/nf4"]: build, 8B 1 x 32768 at 80 GiB against Unsloth's 1 and
-#      ours without the gate / up output kept, the [lora] and [fused_ops] [gpu] tests, 8B 1 x 8192 at 24 GiB kept
-#      against not.
-#   31, 33: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB (31: at 80 GiB and 8B 1 x 8192
-#      at 24 GiB too) against Unsloth, ours without the gate / up output kept beside. 33 is what the twenty-third
-#      session left unrun (34 and the 8k row ran there).
-#   34: carry as 32: 32 in less device time (ran in the twenty-third session); 35: 34 without Unsloth.
+#   31: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 80 and 24 GiB and 8B 1 x 8192 at 24 GiB
+#      against Unsloth, ours without the gate / up output kept beside.
+#   33: carry [".peers", ".usite", ".peerscripts", "build/tests/fixtures/lora", "build/tests/fixtures/data",
+#      "build/tests/fixtures/dora", "build/tests/fixtures/nf4"]: build, the [lora] and [fused_ops] [gpu] tests (packed
+#      rows keeping the gate / up output among them), 8B 1 x 32768 at 24 GiB against Unsloth's 1 and ours without the
+#      gate / up output kept: what the twenty-third session left unrun.
+#   34: carry as 33: build, 8B 1 x 32768 at 80 GiB with the gate / up output kept and without, the [lora] and
+#      [fused_ops] [gpu] tests, Unsloth's 1 (ran in the twenty-third session).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -170,6 +168,11 @@ ab_env() {
   run "$1" "$2" --rows "$3" --budget "$4" --ab base= --ab "$6=--env $7" --rounds "$5" --steps 6 --warm 2
 }
 all_gpu_tests() { gpu_tests "$1" "[gpu]"; }
+# ab_gate_up LOG SECONDS ROW BUDGET STEPS WARM: the plan's default against no gate / up output kept, one round.
+ab_gate_up() {
+  run "$1" "$2" --rows "$3" --budget "$4" --ab base= --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds 1 \
+    --steps "$5" --warm "$6"
+}
 
 case "$CALL" in
 1 | 3)
@@ -379,50 +382,22 @@ case "$CALL" in
   fi
   run hand_search_32k.log 330 --rows 8b-1x32768 --budget 24 --hand-search 3 --steps 2 --warm 1
   ;;
-32)
-  note "== issue 27: 8B 1 x 32768 at 80 GiB against Unsloth's best mode (1: the twenty-second session's 0 ran out of"
-  note "   memory there, u ran 0.1% slower), ours also with no gate / up output kept; the [gpu] tests; 8B 1 x 8192 at"
-  note "   24 GiB with the gate / up output kept (the default) and without"
-  run budget_80_32k.log 150 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 80 --no-whole --steps 3 --warm 1
-  run ab_gate_up_32k_80.log 80 --rows 8b-1x32768 --budget 80 --ab none="--set train.memory.gate_up_kept_blocks=0" \
-    --rounds 1 --steps 3 --warm 1
-  note "== the [lora] and [fused_ops] [gpu] tests (the gate / up output kept among them)"
-  [ -d build/tests/fixtures ] && lora_gpu_tests 110
-  run ab_gate_up_8k_24.log 110 --rows 8b-1x8192 --budget 24 --ab base= \
-    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds 1 --steps 6 --warm 2
-  ;;
 34)
-  note "== 32 in less device time: 8B 1 x 32768 at 80 GiB, ours with the gate / up output kept (the default) and"
-  note "   without, then Unsloth's 1; the [lora] and [fused_ops] [gpu] tests"
-  run ab_gate_up_32k_80.log 130 --rows 8b-1x32768 --budget 80 --ab base= \
-    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds 1 --steps 3 --warm 1
+  note "== 8B 1 x 32768 at 80 GiB, ours with the gate / up output kept (the default) and without, then Unsloth's 1;"
+  note "   the [lora] and [fused_ops] [gpu] tests (ran in the twenty-third session)"
+  ab_gate_up ab_gate_up_32k_80.log 130 8b-1x32768 80 3 1
   [ -d build/tests/fixtures ] && lora_gpu_tests 100
   run budget_80_32k_unsloth.log 150 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 80 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
   ;;
-35)
-  note "== 34 without Unsloth: the [lora] and [fused_ops] [gpu] tests; 8B 1 x 32768 at 80 GiB, ours with the gate / up"
-  note "   output kept (the default) and without"
-  [ -d build/tests/fixtures ] && lora_gpu_tests 100
-  run ab_gate_up_32k_80.log 130 --rows 8b-1x32768 --budget 80 --ab base= \
-    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds 1 --steps 3 --warm 1
-  ;;
 33)
+  note "== the [lora] and [fused_ops] [gpu] tests (packed rows keeping the gate / up output: not yet run on a GPU)"
+  [ -d build/tests/fixtures ] && lora_gpu_tests 100
   note "== issue 27: 8B 1 x 32768 at 24 GiB against Unsloth's 1 (u ran 0.2% slower in the twenty-second session), ours"
   note "   also with no gate / up output kept (8B 1 x 8192 at 24 GiB ran in the twenty-third session: 1.46x)"
   run budget_24_32k.log 150 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole --steps 3 --warm 1
   run ab_gate_up_32k_24.log 80 --rows 8b-1x32768 --budget 24 --ab none="--set train.memory.gate_up_kept_blocks=0" \
     --rounds 1 --steps 3 --warm 1
-  ;;
-30)
-  note "== checkpointed blocks keeping their gate / up output (the plan's default where it fits) against none kept"
-  note "   (train.memory.gate_up_kept_blocks=0): 8B 1 x 32768 at 80 and 24 GiB, one round each; the [gpu] tests"
-  run ab_gate_up_32k_80.log 150 --rows 8b-1x32768 --budget 80 --ab base= \
-    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds 1 --steps 3 --warm 1
-  note "== the [lora] and [fused_ops] [gpu] tests (the gate / up output kept among them)"
-  [ -d build/tests/fixtures ] && lora_gpu_tests 110
-  run ab_gate_up_32k_24.log 150 --rows 8b-1x32768 --budget 24 --ab base= \
-    --ab none="--set train.memory.gate_up_kept_blocks=0" --rounds 1 --steps 3 --warm 1
   ;;
 31)
   note "== issue 27: 8B 1 x 32768 against Unsloth's best mode (1: the twenty-second session's 0 ran out of memory at"
