@@ -828,8 +828,8 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
                    std::to_string(in.model.num_hidden_layers) + " blocks");
     if (r.keep && *r.keep == KeepLevel::Input)
       fail_key(ErrorKind::Config, file, key,
-               "needs train.memory.keep \"attention\" or above (it is \"input\"): the gate / up output is kept with "
-               "the attention output");
+               "needs train.memory.keep \"attention\" or above (it is \"input\"): the gate / up output is kept in "
+               "the keep ladder's record of a block");
     if (r.mlp_chunk_tokens.value_or(0) > 0)
       fail_key(ErrorKind::Config, file, key, "needs the MLP whole (train.memory.mlp_chunk_tokens is " +
                                                  std::to_string(*r.mlp_chunk_tokens) + ")");
