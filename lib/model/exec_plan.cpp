@@ -381,6 +381,7 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
   // backward's fp32 dq accumulator over every token.)
   const double whole_block_work = 0.5 * block_work + (mlp_tokens < T ? 4 * T * q : 0.0);
   double churning = 0;  // the working set's tensors, made and freed in every block's backward pass
+  double gate_up_kept_bytes = 0;  // checkpointed blocks' kept gate / up outputs
   if (!p.checkpointing) {
     f.terms.emplace_back("activations", L * block_acts);
     churning = whole_block_work + dropout_redraw;
@@ -401,7 +402,8 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
     // the working set and the others' outputs.
     const double kept_gate_up = gate_up_kept(in, p);
     const double gate_up_bytes = e * T * 2 * I;
-    if (kept_gate_up > 0) f.terms.emplace_back("gate_up_kept", kept_gate_up * gate_up_bytes);
+    gate_up_kept_bytes = kept_gate_up * gate_up_bytes;
+    if (kept_gate_up > 0) f.terms.emplace_back("gate_up_kept", gate_up_kept_bytes);
     const double recomputing =
         checkpointed_working_set(in, p, mlp_tokens) - (kept_gate_up > 0 ? gate_up_bytes : 0.0);
     const double acts = whole * block_acts;
@@ -448,14 +450,9 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
   // Kept gate / up outputs: 1% of their bytes more, fitted on the first two runs keeping them (H100, twenty-third
   // session: the device took 1.0% of them above the rest of the prediction at 8B 1 x 32768 with 29 blocks at 80 GiB,
   // 0.52 GiB, and 0.96% at 1 x 8192 with 32 blocks at 24 GiB, 0.14 GiB).
-  const double gate_up_reserve = kGateUpKeptReserve * [&] {
-    for (const auto& [name, bytes] : f.terms)
-      if (name == "gate_up_kept") return bytes;
-    return 0.0;
-  }();
   if (in.cuda)
     f.terms.emplace_back("allocator_reserve", (p.expandable_segments ? 0.25 * kGiB + 0.06 * churn : churn + 0.5 * kGiB) +
-                                                  gate_up_reserve);
+                                                  kGateUpKeptReserve * gate_up_kept_bytes);
   return f;
 }
 
