@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|31|33|34
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|31|33|34|36|37
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -98,6 +98,11 @@
 #      gate / up output kept: what the twenty-third session left unrun.
 #   34: carry as 33: build, 8B 1 x 32768 at 80 GiB with the gate / up output kept and without, the [lora] and
 #      [fused_ops] [gpu] tests, Unsloth's 1 (ran in the twenty-third session).
+#   36: carry as 33: build, the [lora] and [fused_ops] [gpu] tests (gate / up outputs offloaded to the host and packed
+#      rows keeping theirs among them), 8B 1 x 32768 at 24 GiB: the plan (gate / up outputs offloaded) against none
+#      offloaded and all offloaded (gate_up_offloaded_blocks=0 / 32), one round.
+#   37: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB against Unsloth's 1 (the twenty-second
+#      session's 6,361 tok/s), then 8B 1 x 8192 at 24 GiB, ours alone (whether its plan offloads any).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -398,6 +403,19 @@ case "$CALL" in
   run budget_24_32k.log 150 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole --steps 3 --warm 1
   run ab_gate_up_32k_24.log 80 --rows 8b-1x32768 --budget 24 --ab none="--set train.memory.gate_up_kept_blocks=0" \
     --rounds 1 --steps 3 --warm 1
+  ;;
+36)
+  note "== the [lora] and [fused_ops] [gpu] tests (gate / up outputs offloaded to the host, packed rows keeping theirs)"
+  [ -d build/tests/fixtures ] && lora_gpu_tests 100
+  note "== 8B 1 x 32768 at 24 GiB: the plan (gate / up outputs offloaded) against none and all offloaded"
+  run ab_gate_up_offload_32k_24.log 330 --rows 8b-1x32768 --budget 24 --ab base= \
+    --ab none="--set train.memory.gate_up_offloaded_blocks=0" --ab all="--set train.memory.gate_up_offloaded_blocks=32" \
+    --rounds 1 --steps 3 --warm 1
+  ;;
+37)
+  note "== issue 27: 8B 1 x 32768 at 24 GiB against Unsloth's 1, then 8B 1 x 8192 at 24 GiB (ours)"
+  run budget_24_32k.log 170 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole --steps 3 --warm 1
+  run budget_24_8k_ours.log 90 --rows 8b-1x8192 --budget 24 --no-whole --steps 6 --warm 2
   ;;
 31)
   note "== issue 27: 8B 1 x 32768 against Unsloth's best mode (1: the twenty-second session's 0 ran out of memory at"

@@ -832,10 +832,12 @@ TEST_CASE("the SwiGLU output kept for down_proj's backward pass or computed agai
 struct KeepRun {
   std::vector<at::Tensor> values;
   int64_t qkv_replays = 0, residual_replays = 0, gate_up_replays = 0, dequantized = 0, layers = 0;
+  int64_t prefetched = 0;  // offloaded tensors fetched back ahead of their block (ModelStats::prefetched_offloads)
 };
-// (gate_up_kept: ExecPlan::gate_up_kept_blocks; whole: blocks_without_checkpointing.)
+// (gate_up_kept: ExecPlan::gate_up_kept_blocks; whole: blocks_without_checkpointing; gate_up_offloaded:
+// gate_up_offloaded_blocks.)
 KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, qt::KeepLevel keep, bool offload,
-                 int64_t gate_up_kept = 0, int64_t whole = 0) {
+                 int64_t gate_up_kept = 0, int64_t whole = 0, int64_t gate_up_offloaded = 0) {
   KeepRun r;
   std::shared_ptr<qt::ModelStats> stats;
   r.values = fixture_loss_and_grads(
@@ -844,6 +846,7 @@ KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, qt::KeepLevel 
         m.plan.keep = keep;
         m.plan.offload = offload;
         m.plan.gate_up_kept_blocks = gate_up_kept;
+        m.plan.gate_up_offloaded_blocks = gate_up_offloaded;
         m.plan.blocks_without_checkpointing = whole;
         r.layers = m.config.num_hidden_layers;
         stats = m.stats;
@@ -854,6 +857,7 @@ KeepRun keep_run(const at::Device& device, c10::ScalarType dtype, qt::KeepLevel 
   r.residual_replays = stats->residual_replays;
   r.gate_up_replays = stats->gate_up_replays;
   r.dequantized = stats->dequantized_weights;
+  r.prefetched = stats->prefetched_offloads;
   return r;
 }
 
@@ -888,35 +892,40 @@ TEST_CASE("the keep ladder's qkv and residual: the recomputation takes the kept 
   });
 }
 
-// Checkpointed blocks keeping their gate / up output (gate_up_kept_blocks): the loss and every LoRA gradient of the
-// full recomputation, at each keep level that takes it, every block or some (the last checkpointed ones, with the
-// last block without checkpointing too); the recomputations that took the kept output counted, and the gate / up
-// dequantizations they no longer run.
+// Checkpointed blocks keeping their gate / up output (gate_up_kept_blocks on the device, gate_up_offloaded_blocks in
+// host memory with offload on CUDA, else on the device too): the loss and every LoRA gradient of the full
+// recomputation, at each keep level that takes it, every block or some (the last checkpointed ones, with the last
+// block without checkpointing too); the recomputations that took the kept output counted, the gate / up
+// dequantizations they no longer run, and with offload on CUDA the offloaded outputs fetched back ahead of their
+// blocks (all but the last checkpointed block's, which the backward pass meets first).
 void check_gate_up_kept(const at::Device& device, c10::ScalarType dtype, bool offload, double tol) {
   for (qt::KeepLevel keep : {qt::KeepLevel::Attention, qt::KeepLevel::Residual}) {
     const KeepRun plain = keep_run(device, dtype, keep, offload);
     CHECK(plain.gate_up_replays == 0);
     REQUIRE(plain.layers >= 2);
     struct Case {
-      int64_t kept, whole, replays;
+      int64_t kept, whole, replays, offloaded = 0, prefetched = 0;
     };
     const int64_t L = plain.layers;
-    for (const Case& c : {Case{L, 0, L}, Case{1, 0, 1}, Case{L, 1, L - 1}, Case{1, 1, 1}}) {
+    for (const Case& c : {Case{L, 0, L}, Case{1, 0, 1}, Case{L, 1, L - 1}, Case{1, 1, 1}, Case{0, 0, L, L, L - 1},
+                          Case{1, 0, L, L - 1, L - 1}, Case{0, 1, 1, 1, L > 2 ? 1 : 0}, Case{0, 0, 1, 1, 1}}) {
       INFO(device << " " << c10::toString(dtype) << (offload ? ", offloaded" : "") << ", keep "
-                  << qt::keep_level_name(keep) << ", gate / up kept by " << c.kept << ", blocks without "
-                  << c.whole);
+                  << qt::keep_level_name(keep) << ", gate / up kept by " << c.kept << ", offloaded by "
+                  << c.offloaded << ", blocks without " << c.whole);
       const KeepRun base = c.whole ? keep_run(device, dtype, keep, offload, 0, c.whole) : plain;
-      const KeepRun kept = keep_run(device, dtype, keep, offload, c.kept, c.whole);
+      const KeepRun kept = keep_run(device, dtype, keep, offload, c.kept, c.whole, c.offloaded);
       CHECK(kept.gate_up_replays == c.replays);
       // gate and up: no dequantization in those recomputations (one group, counted per weight).
       CHECK(base.dequantized - kept.dequantized == 2 * c.replays);
+      if (offload && device.is_cuda()) CHECK(kept.prefetched - base.prefetched == c.prefetched);
       check_same_loss_and_grads(kept.values, base.values, tol);
     }
   }
 }
 
-// Packed rows (two documents a row, the attention output not kept): the kept gate / up output replayed all the same.
-void check_gate_up_kept_packed(const at::Device& device, c10::ScalarType dtype, double tol) {
+// Packed rows (two documents a row, the attention output not kept): the kept gate / up output replayed all the same,
+// kept on the device or offloaded (to the host with offload on CUDA).
+void check_gate_up_kept_packed(const at::Device& device, c10::ScalarType dtype, double tol, bool offload = false) {
   const qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
   const at::Tensor ids = ref.load("input_ids", at::kLong, device);
   const int64_t B = ids.size(0), S = ids.size(1), half = S / 2;
@@ -928,11 +937,13 @@ void check_gate_up_kept_packed(const at::Device& device, c10::ScalarType dtype, 
   batch.positions = pos.unsqueeze(0).expand({B, S}).contiguous().to(device);
   batch.doc_ids = doc.unsqueeze(0).expand({B, S}).contiguous().to(device);
   int64_t layers = 0, replays = 0;
-  auto run = [&](int64_t kept) {
+  auto run = [&](int64_t kept, int64_t offloaded) {
     qt::LlamaModel m = fixture_model(device, dtype);
     m.plan.checkpointing = true;
     m.plan.keep = qt::KeepLevel::Residual;
+    m.plan.offload = offload;
     m.plan.gate_up_kept_blocks = kept;
+    m.plan.gate_up_offloaded_blocks = offloaded;
     layers = m.config.num_hidden_layers;
     const at::Tensor h = m.forward_hidden(m.embed(ids), batch);
     const at::Tensor w = at::randn(h.sizes(), at::make_generator<at::CPUGeneratorImpl>(11),
@@ -943,11 +954,14 @@ void check_gate_up_kept_packed(const at::Device& device, c10::ScalarType dtype, 
     for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().to(at::kFloat).cpu().clone());
     return out;
   };
-  const std::vector<at::Tensor> base = run(0);
+  const std::vector<at::Tensor> base = run(0, 0);
   CHECK(replays == 0);
-  const std::vector<at::Tensor> kept = run(1000);  // (more than the model has: every checkpointed block)
+  const std::vector<at::Tensor> kept = run(1000, 0);  // (more than the model has: every checkpointed block)
   CHECK(replays == layers);
   check_same_loss_and_grads(kept, base, tol);
+  const std::vector<at::Tensor> offloaded = run(0, 1000);
+  CHECK(replays == layers);
+  check_same_loss_and_grads(offloaded, base, tol);
 }
 
 TEST_CASE("checkpointed blocks keeping their gate / up output give the loss and LoRA gradients of the full "
@@ -1791,11 +1805,11 @@ TEST_CASE("keep_qkv and keep_residual on CUDA (bf16, block inputs offloaded or n
   for (bool offload : {false, true}) check_keep(at::Device(at::kCUDA, 0), at::kBFloat16, offload, 2e-2);
 }
 
-TEST_CASE("checkpointed blocks keeping their gate / up output on CUDA (bf16, block inputs offloaded or not) give the "
-          "gradients of the full recomputation", "[lora][gpu]") {
+TEST_CASE("checkpointed blocks keeping their gate / up output on CUDA (bf16, block inputs offloaded or not, the outputs on "
+          "the device or offloaded to the host) give the gradients of the full recomputation", "[lora][gpu]") {
   REQUIRE(at::hasCUDA());
   for (bool offload : {false, true}) check_gate_up_kept(at::Device(at::kCUDA, 0), at::kBFloat16, offload, 2e-2);
-  check_gate_up_kept_packed(at::Device(at::kCUDA, 0), at::kBFloat16, 2e-2);
+  for (bool offload : {false, true}) check_gate_up_kept_packed(at::Device(at::kCUDA, 0), at::kBFloat16, 2e-2, offload);
 }
 
 TEST_CASE("LoRA and DoRA on NF4 on CUDA in bf16 match PEFT within bf16 bounds, Llama, Qwen2 and Qwen3, with the "

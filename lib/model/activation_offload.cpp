@@ -122,7 +122,7 @@ struct ActivationOffload::Impl {
     at::Tensor src;
     std::shared_ptr<at::cuda::CUDAEvent> copied;
     c10::cuda::CUDAStream compute;
-    int64_t block;  // the number of blocks noted before it
+    int64_t block;  // the number of blocks noted before it (and its lag)
   };
   ModelStats* stats = nullptr;
   std::shared_ptr<PinnedPool> pool = std::make_shared<PinnedPool>();
@@ -171,7 +171,7 @@ struct ActivationOffload::Impl {
 ActivationOffload::ActivationOffload(ModelStats* stats) : impl_(std::make_unique<Impl>()) { impl_->stats = stats; }
 ActivationOffload::~ActivationOffload() = default;
 
-at::Tensor ActivationOffload::to_host(const at::Tensor& h) {
+at::Tensor ActivationOffload::to_host(const at::Tensor& h, int64_t lag) {
   const c10::cuda::CUDAStream side = impl_->side(h.get_device());
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(h.get_device());
   const at::Tensor src = h.is_non_overlapping_and_dense() ? h : h.contiguous();
@@ -187,7 +187,7 @@ at::Tensor ActivationOffload::to_host(const at::Tensor& h) {
   copied->record(side);
   std::lock_guard<std::mutex> lock(impl_->mutex);
   // (src comes from the compute stream's pool: the block's forward pass made it, or contiguous() just now.)
-  impl_->leaving.push_back({src, std::move(copied), current, impl_->noted});
+  impl_->leaving.push_back({src, std::move(copied), current, impl_->noted + std::max<int64_t>(0, lag)});
   return host;
 }
 

@@ -22,8 +22,10 @@ class ActivationOffload {
   ActivationOffload& operator=(const ActivationOffload&) = delete;
 
   // `t` (CUDA) copied into pinned host memory on the side stream after the compute stream's work so far; the GPU
-  // copy's memory is reused only after the copy.
-  at::Tensor to_host(const at::Tensor& t);
+  // copy's memory is reused only after the copy, and the compute stream waits for it at the end of the next block's
+  // forward pass (note), or `lag` blocks later: a copy longer than a block's compute (an offloaded gate / up output)
+  // is then waited for behind more compute, its memory held that much longer.
+  at::Tensor to_host(const at::Tensor& t, int64_t lag = 0);
   // The host tensors `layer`'s forward pass offloaded, to be fetched back together a block ahead.
   void note(int64_t layer, std::vector<at::Tensor> hosts);
   // Starts the copies of `layer`'s host tensors to `device` on the side stream.

@@ -93,12 +93,12 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
     const bool host = ctx->saved_data.count("host") > 0;
     std::vector<at::Tensor> hosts;
     if (host) hosts.push_back(ctx->saved_data["host"].toTensor());
-    auto keep = [&](const std::string& key, const at::Tensor& t) {
+    auto keep = [&](const std::string& key, const at::Tensor& t, int64_t lag = 0) {
       if (!host) {
         ctx->saved_data[key] = t;
         return;
       }
-      hosts.push_back(model->offload->to_host(t));
+      hosts.push_back(model->offload->to_host(t, lag));
       ctx->saved_data[key + "_host"] = hosts.back();
     };
     if (stash.out.defined()) {
@@ -112,8 +112,14 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
         if (t->defined()) keep(key, *t);
     }
     // The gate / up output stays on the device (gate_up_kept_blocks: no PCIe copy of 2 I a token), for rows of one
-    // whole document and packed rows alike.
-    if (stash.gate_up.defined()) ctx->saved_data["mlp_gate_up"] = stash.gate_up;
+    // whole document and packed rows alike, or goes to the host with the rest (gate_up_offloaded_blocks; its copy,
+    // longer than a block's compute at long rows, waited for a block later than theirs).
+    if (stash.gate_up.defined()) {
+      if (model->plan.offloads_gate_up(layer, static_cast<int64_t>(model->layers.size())))
+        keep("mlp_gate_up", stash.gate_up, /*lag=*/1);
+      else
+        ctx->saved_data["mlp_gate_up"] = stash.gate_up;
+    }
     if (host) model->offload->note(layer, std::move(hosts));
     return out;
   }
@@ -169,6 +175,8 @@ struct BlockCheckpointFn : public torch::autograd::Function<BlockCheckpointFn> {
       if (ctx->saved_data.count("mlp_gate_up")) {
         replay.gate_up = ctx->saved_data["mlp_gate_up"].toTensor().detach();
         ctx->saved_data.erase("mlp_gate_up");
+      } else if (ctx->saved_data.count("mlp_gate_up_host")) {
+        replay.gate_up = prefetch.take(ctx->saved_data["mlp_gate_up_host"].toTensor(), x.device());
       }
       if (replay.out.defined()) {
         replay.seed = saved_tensor("attn_seed");

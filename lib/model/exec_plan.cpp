@@ -76,15 +76,21 @@ double kept_bytes_per_token(const LlamaConfig& c, KeepLevel level, int64_t eleme
 }
 
 // The checkpointed blocks that keep their gate / up output and skip its GEMM in their recomputation
-// (ExecPlan::gate_up_kept_blocks): where the keep ladder's stash exists (keep "attention" or above; packed rows too),
-// the MLP runs whole and the base is NF4 (gate / up projected as one group). (Where gate or up carries no LoRA
-// adapter the group does not apply either: the prediction is then the saving that is not made.)
-double gate_up_kept(const PlanInputs& in, const ExecPlan& p) {
-  if (!p.keeps(KeepLevel::Attention) || p.gate_up_kept_blocks <= 0 || p.mlp_chunk_tokens > 0 || !in.nf4)
-    return 0.0;
-  const int64_t L = in.model.num_hidden_layers;
-  const int64_t checkpointed = L - std::clamp<int64_t>(p.blocks_without_checkpointing, 0, L);
-  return static_cast<double>(std::min(p.gate_up_kept_blocks, checkpointed));
+// (ExecPlan::gate_up_kept_blocks on the device, gate_up_offloaded_blocks in pinned host memory): where the keep
+// ladder's stash exists (keep "attention" or above; packed rows too), the MLP runs whole and the base is NF4 (gate /
+// up projected as one group). (Where gate or up carries no LoRA adapter the group does not apply either: the
+// prediction is then the saving that is not made.) The offloaded ones stay on the device without offload on CUDA.
+struct GateUpKept {
+  double device = 0, host = 0;
+  double total() const { return device + host; }
+};
+GateUpKept gate_up_kept(const PlanInputs& in, const ExecPlan& p) {
+  if (!p.keeps(KeepLevel::Attention) || p.mlp_chunk_tokens > 0 || !in.nf4) return {};
+  const int64_t checkpointed = p.checkpointed_blocks(in.model.num_hidden_layers);
+  const int64_t device = std::clamp<int64_t>(p.gate_up_kept_blocks, 0, checkpointed);
+  const int64_t offloaded = std::clamp<int64_t>(p.gate_up_offloaded_blocks, 0, checkpointed - device);
+  if (p.offload && in.cuda) return {static_cast<double>(device), static_cast<double>(offloaded)};
+  return {static_cast<double>(device + offloaded), 0.0};
 }
 
 // Whether keeping to `level` fits half of this rank's host memory when offloaded (the pinned pool holds every
@@ -124,7 +130,7 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   reject_unknown_keys(json, {"gpu_memory_gib", "checkpointing", "blocks_without_checkpointing", "offload", "keep",
                              "keep_dequantized", "mlp_chunk_tokens", "attention", "expandable_segments", "embeddings",
                              "lm_head", "optimizer", "weights", "streamed_blocks", "dequantized_blocks", "keep_swiglu",
-                             "loss_chunk_tokens", "gate_up_kept_blocks", "replan_on_oom"},
+                             "loss_chunk_tokens", "gate_up_kept_blocks", "gate_up_offloaded_blocks", "replan_on_oom"},
                       file, "train.memory.", ErrorKind::Config);
   if (json.contains("gpu_memory_gib") && !json["gpu_memory_gib"].is_null() && json["gpu_memory_gib"] != "auto") {
     const Json& v = json["gpu_memory_gib"];
@@ -148,6 +154,8 @@ PlanRequest PlanRequest::from_json(const Json& json, const std::string& file) {
   r.streamed_blocks = blocks("streamed_blocks", " whose weights stream from the host");
   r.dequantized_blocks = blocks("dequantized_blocks", " whose weights stay dequantized on the device");
   r.gate_up_kept_blocks = blocks("gate_up_kept_blocks", " whose gate / up output stays for the recomputation");
+  r.gate_up_offloaded_blocks =
+      blocks("gate_up_offloaded_blocks", " whose gate / up output waits in host memory for the recomputation");
   if (json.contains("offload")) r.offload = tri(json["offload"], file, at + "offload");
   if (json.contains("keep_dequantized")) r.keep_dequantized = tri(json["keep_dequantized"], file, at + "keep_dequantized");
   if (json.contains("keep_swiglu")) r.keep_swiglu = tri(json["keep_swiglu"], file, at + "keep_swiglu");
@@ -233,6 +241,7 @@ Json PlanRequest::to_json() const {
               {"keep_swiglu", opt(keep_swiglu)},
               {"loss_chunk_tokens", loss_chunk_tokens ? Json(*loss_chunk_tokens) : Json(-1)},
               {"gate_up_kept_blocks", gate_up_kept_blocks ? Json(*gate_up_kept_blocks) : Json("auto")},
+              {"gate_up_offloaded_blocks", gate_up_offloaded_blocks ? Json(*gate_up_offloaded_blocks) : Json("auto")},
               {"replan_on_oom", replan_on_oom}};
 }
 
@@ -400,12 +409,21 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
     // Blocks keeping their gate / up output (2 I a token) hold it from their forward pass to their backward pass;
     // the one recomputing its MLP reads it there instead of making its own (the working set's 2 I), so the peak is
     // the working set and the others' outputs.
-    const double kept_gate_up = gate_up_kept(in, p);
+    const GateUpKept kept_gate_up = gate_up_kept(in, p);
     const double gate_up_bytes = e * T * 2 * I;
-    gate_up_kept_bytes = kept_gate_up * gate_up_bytes;
-    if (kept_gate_up > 0) f.terms.emplace_back("gate_up_kept", gate_up_kept_bytes);
+    gate_up_kept_bytes = kept_gate_up.device * gate_up_bytes;
+    if (kept_gate_up.device > 0) f.terms.emplace_back("gate_up_kept", gate_up_kept_bytes);
+    // Offloaded ones: one more on the device at their blocks' peaks (the next block back's fetched while this one's
+    // backward pass runs; in the forward pass one block's output copied out behind the next two blocks), beyond
+    // the working set. Blocks keeping theirs on the device are let go before those peaks (they are the last
+    // checkpointed, so their backward passes come first), and from two of them their own peak is the higher.
+    if (kept_gate_up.host > 0) {
+      const double transient = std::max(0.0, 1.0 - std::max(0.0, kept_gate_up.device - 1)) * gate_up_bytes;
+      if (transient > 0) f.terms.emplace_back("gate_up_offloaded", transient);
+      gate_up_kept_bytes += transient;
+    }
     const double recomputing =
-        checkpointed_working_set(in, p, mlp_tokens) - (kept_gate_up > 0 ? gate_up_bytes : 0.0);
+        checkpointed_working_set(in, p, mlp_tokens) - (kept_gate_up.device > 0 ? gate_up_bytes : 0.0);
     const double acts = whole * block_acts;
     if (whole > 0) f.terms.emplace_back("activations", acts);
     churning = recomputing + dropout_redraw;
@@ -477,10 +495,13 @@ Footprint predict_host(const PlanInputs& given, const ExecPlan& p) {
   Footprint f;
   f.terms.emplace_back("streamed_weights", static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers)) *
                                                block_host_bytes(in));
-  // The offload pool holds every checkpointed block's input and kept tensors at once.
+  // The offload pool holds every checkpointed block's input and kept tensors at once, and the offloaded gate / up
+  // outputs.
   f.terms.emplace_back("offloaded_activations",
                        p.checkpointing && p.offload ? static_cast<double>(c.num_hidden_layers - whole) * T *
-                                                          kept_bytes_per_token(c, p.keep, in.element_size)
+                                                              kept_bytes_per_token(c, p.keep, in.element_size) +
+                                                          gate_up_kept(in, p).host * T * 2 *
+                                                              static_cast<double>(c.intermediate_size) * e
                                                     : 0.0);
   f.terms.emplace_back("embeddings", p.embeddings_on_host ? V * H * e : 0.0);
   f.terms.emplace_back("lm_head", p.lm_head_on_host && !c.tie_word_embeddings ? V * H * e : 0.0);
@@ -713,7 +734,8 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
     const double recompute = 2 * T * (attn_weights + gate_up) / kMatrixFlopsPerS +
                              (p.keep < KeepLevel::Attention ? 2 * span * q * T / attention_rate : 0.0) + width_s / 3;
     // Blocks keeping their gate / up output run no gate / up GEMM in their recomputation.
-    const double kept_gate_up = std::min(gate_up_kept(in, p), recomputed_blocks);
+    const GateUpKept kept = gate_up_kept(in, p);
+    const double kept_gate_up = std::min(kept.total(), recomputed_blocks);
     const double gate_up_gemm = 2 * T * gate_up / kMatrixFlopsPerS;
     t.terms.emplace_back("recomputation", recomputed_blocks * recompute);
     if (kept_gate_up > 0) t.terms.emplace_back("gate_up_kept", -kept_gate_up * gate_up_gemm);
@@ -729,9 +751,12 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
     if (weights > 0 && in.nf4 && recomputed_blocks > held_recomputed)
       t.terms.emplace_back("dequantization", (recomputed_blocks - held_recomputed) * weights * dequant_s);
     // Without keep_dequantized the recomputation's gate / up dequantization is one more than a step's two: blocks
-    // keeping their gate / up output run none there (the last checkpointed blocks; the held ones are the first).
-    const double kept_not_held =
-        kept_gate_up - std::max(0.0, held_recomputed - (recomputed_blocks - kept_gate_up));
+    // keeping their gate / up output run none there (those holding their weights dequantized, the first, none
+    // anyway).
+    double kept_not_held = 0;
+    if (kept_gate_up > 0)
+      for (int64_t layer = static_cast<int64_t>(held); layer < static_cast<int64_t>(recomputed_blocks); ++layer)
+        if (p.keeps_gate_up(layer, c.num_hidden_layers)) kept_not_held += 1;
     if (kept_not_held > 0 && in.nf4 && !p.keep_dequantized && chunks == 1)
       t.terms.emplace_back("gate_up_kept_dequantization", -kept_not_held * gate_up * dequant_s);
     // Blocks without checkpointing whose MLP runs in chunks recompute it in the backward pass, chunk by chunk.
@@ -742,11 +767,25 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
     // Offloaded block inputs (and what the ladder keeps) go to the host behind the next block's forward pass and
     // come back behind the backward pass of the block after them; what a block's compute does not cover shows,
     // and so does the first fetch of the backward pass (nothing before it to hide behind).
+    // Offloaded gate / up outputs (spread evenly over the checkpointed blocks before those keeping theirs on the
+    // device) are let go a block later than the rest, so their copies share PCIe with the blocks' around them: the
+    // forward pass over those blocks shows what all their copies take beyond all their compute. In the backward
+    // pass each comes back with its block's other tensors, behind a backward pass without the gate / up GEMM.
     if (p.offload && in.cuda && recomputed_blocks > 0) {
       const double copy = e * T * (H + static_cast<double>(keep_width(c, p.keep))) / kPcieBytesPerS;
       const double backward = 2 * block_forward + recompute;
-      t.terms.emplace_back("offload", recomputed_blocks * (std::max(0.0, copy - block_forward) +
-                                                           std::max(0.0, copy - backward)) + copy);
+      const double offloaded = kept.host, gate_up_copy = e * T * 2 * I / kPcieBytesPerS;
+      const double spread = recomputed_blocks - kept.device;  // the blocks they are spread over
+      double forward = recomputed_blocks * std::max(0.0, copy - block_forward);
+      if (offloaded > 0)
+        forward = std::max(forward, kept.device * std::max(0.0, copy - block_forward) +
+                                        spread * (copy - block_forward) + offloaded * gate_up_copy);
+      // (The first block of the backward pass, the last checkpointed, is one of them only where all are.)
+      const double fetched_first = copy + (offloaded > 0 && kept.device == 0 && offloaded >= spread ? gate_up_copy : 0.0);
+      t.terms.emplace_back("offload",
+                           forward + (recomputed_blocks - offloaded) * std::max(0.0, copy - backward) +
+                               offloaded * std::max(0.0, copy + gate_up_copy - (backward - gate_up_gemm)) +
+                               fetched_first);
     }
     // (A checkpointed block's recomputation on average, those keeping their gate / up output counted as they run.)
     if (whole > 0 && recomputed_blocks > 0)
@@ -800,6 +839,10 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   const std::string m = "train.memory.";
   // Consistency of what was forced.
   const bool ckpt_forced_off = r.checkpointing.has_value() && !*r.checkpointing;
+  // Checkpointed blocks keeping their gate / up output, forced: on the device, and offloaded.
+  const int64_t kept_forced = r.gate_up_kept_blocks.value_or(0), offloaded_forced = r.gate_up_offloaded_blocks.value_or(0);
+  const std::pair<const char*, int64_t> gate_up_forced[] = {{"gate_up_kept_blocks", kept_forced},
+                                                            {"gate_up_offloaded_blocks", offloaded_forced}};
   if (ckpt_forced_off) {
     if (r.offload.value_or(false))
       fail_key(ErrorKind::Config, file, m + "offload", "true needs train.memory.checkpointing true (it is false)");
@@ -813,16 +856,25 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     if (r.blocks_without_checkpointing.value_or(0) > 0)
       fail_key(ErrorKind::Config, file, m + "blocks_without_checkpointing",
                "needs train.memory.checkpointing true or \"auto\" (it is false: no block is checkpointed)");
-    if (r.gate_up_kept_blocks.value_or(0) > 0)
-      fail_key(ErrorKind::Config, file, m + "gate_up_kept_blocks",
-               "needs train.memory.checkpointing true or \"auto\" (it is false: no block is recomputed)");
+    for (const auto& [key, n] : gate_up_forced)
+      if (n > 0)
+        fail_key(ErrorKind::Config, file, m + key,
+                 "needs train.memory.checkpointing true or \"auto\" (it is false: no block is recomputed)");
   }
-  if (r.gate_up_kept_blocks.value_or(0) > 0) {
-    const std::string key = m + "gate_up_kept_blocks";
-    if (*r.gate_up_kept_blocks > in.model.num_hidden_layers)
-      fail_key(ErrorKind::Config, file, key,
-               "is " + std::to_string(*r.gate_up_kept_blocks) + ", the model has " +
-                   std::to_string(in.model.num_hidden_layers) + " blocks");
+  if (offloaded_forced > 0 && r.offload.has_value() && !*r.offload)
+    fail_key(ErrorKind::Config, file, m + "gate_up_offloaded_blocks",
+             "keeps gate / up outputs in the offloaded pool: it needs train.memory.offload true or \"auto\" (it is "
+             "false)");
+  if (kept_forced + offloaded_forced > in.model.num_hidden_layers)
+    fail_key(ErrorKind::Config, file, m + (offloaded_forced > 0 ? "gate_up_offloaded_blocks" : "gate_up_kept_blocks"),
+             (kept_forced > 0 && offloaded_forced > 0
+                  ? "with train.memory.gate_up_kept_blocks " + std::to_string(kept_forced) + " keeps " +
+                        std::to_string(kept_forced + offloaded_forced) + " blocks' gate / up output"
+                  : "is " + std::to_string(kept_forced + offloaded_forced)) +
+                 ", the model has " + std::to_string(in.model.num_hidden_layers) + " blocks");
+  for (const auto& [k, n] : gate_up_forced) {
+    if (n <= 0) continue;
+    const std::string key = m + k;
     if (r.keep && *r.keep == KeepLevel::Input)
       fail_key(ErrorKind::Config, file, key,
                "needs train.memory.keep \"attention\" or above (it is \"input\"): the gate / up output is kept in "
@@ -927,7 +979,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   const bool may_skip = weigh_checkpointing && !r.offload.value_or(false) &&
                         r.keep.value_or(KeepLevel::Input) == KeepLevel::Input && !r.keep_dequantized.value_or(false) &&
                         r.mlp_chunk_tokens.value_or(0) == 0 && r.blocks_without_checkpointing.value_or(0) == 0 &&
-                        r.gate_up_kept_blocks.value_or(0) == 0;
+                        r.gate_up_kept_blocks.value_or(0) == 0 && r.gate_up_offloaded_blocks.value_or(0) == 0;
   // The fastest plan with checkpointing (the measured defaults, docs/PERFORMANCE.md): on CUDA from 4096 tokens per
   // micro-batch the block inputs offloaded (the copies hide behind the forward pass) with q, k, v and the attention
   // output kept where half the host holds them; the recomputation's 16-bit weights kept below 8192 tokens; the MLP
@@ -1054,6 +1106,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // (Packed rows: forced only until their CUDA path, FlashAttention-2 varlen with the output kept, has run on a GPU;
   // its [gpu] test is written, not yet run.)
   const bool may_keep_gate_up = !r.gate_up_kept_blocks && in.cuda && in.nf4 && !in.varlen && d.budget_gib >= 0;
+  const bool may_offload_gate_up = !r.gate_up_offloaded_blocks && in.cuda && in.nf4 && !in.varlen && d.budget_gib >= 0;
   const double gate_up_block_bytes = static_cast<double>(in.micro_batch) *
                                      static_cast<double>(padded_row_length(in.seq, best.row_multiple)) * 2 *
                                      static_cast<double>(in.model.intermediate_size) *
@@ -1068,6 +1121,13 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
       cand.gate_up_kept_blocks = *r.gate_up_kept_blocks;
       if (cand.gate_up_kept_blocks > 0 &&
           (!takes_gate_up(cand) || cand.gate_up_kept_blocks > L - cand.blocks_without_checkpointing))
+        continue;
+    }
+    if (r.gate_up_offloaded_blocks) {  // likewise, with the ones kept on the device if forced too
+      cand.gate_up_offloaded_blocks = *r.gate_up_offloaded_blocks;
+      if (cand.gate_up_offloaded_blocks > 0 &&
+          (!takes_gate_up(cand) || (in.cuda && !cand.offload) ||
+           cand.gate_up_kept_blocks + cand.gate_up_offloaded_blocks > L - cand.blocks_without_checkpointing))
         continue;
     }
     Footprint f = predict_footprint(in, cand);
@@ -1106,8 +1166,32 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
     // (+1: the first block's own output replaces the recomputation's.)
     if (may_keep_gate_up && takes_gate_up(cand))
       fill(&ExecPlan::gate_up_kept_blocks,
-           std::min<int64_t>(L - cand.blocks_without_checkpointing,
+           std::min<int64_t>(L - cand.blocks_without_checkpointing - cand.gate_up_offloaded_blocks,
                              static_cast<int64_t>(std::floor((limit - f.total()) / gate_up_block_bytes)) + 1));
+    // Then offloaded ones ("auto", with offload): as many as are predicted fastest (each saves its GEMM until their
+    // copies outlast the forward pass's compute) and the host holds, for the room of their one output on the
+    // device at a time, which may be that of one or two kept there.
+    if (may_offload_gate_up && cand.offload && takes_gate_up(cand)) {
+      const int64_t device = cand.gate_up_kept_blocks, checkpointed = cand.checkpointed_blocks(L);
+      ExecPlan fastest = cand;
+      double fastest_s = predict_step_time(in, cand).total();
+      for (int64_t kept = device; kept >= (r.gate_up_kept_blocks ? device : std::max<int64_t>(0, device - 2)); --kept) {
+        ExecPlan x = cand;
+        x.gate_up_kept_blocks = kept;
+        x.gate_up_offloaded_blocks = 1;
+        if (predict_footprint(in, x).total() > limit) continue;  // (the same for any count offloaded)
+        for (int64_t n = 1; n <= checkpointed - kept; ++n) {
+          x.gate_up_offloaded_blocks = n;
+          if (!host_fits(predict_host(in, x))) break;
+          const double sx = predict_step_time(in, x).total();
+          if (sx < fastest_s) fastest = x, fastest_s = sx;
+        }
+      }
+      if (fastest.gate_up_offloaded_blocks > 0) {
+        cand = fastest;
+        f = predict_footprint(in, cand);
+      }
+    }
     if (may_hold && cand.streamed_blocks == 0 && cand.mlp_chunk_tokens == 0)
       fill(&ExecPlan::dequantized_blocks,
            std::min<int64_t>(L, static_cast<int64_t>(std::floor((limit - f.total()) / held_block_bytes))));
@@ -1134,7 +1218,10 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   for (ExecPlan& cand : candidates) {
     cand.keep_swiglu = r.keep_swiglu.value_or(false);
     cand.loss_chunk_tokens = r.loss_chunk_tokens.value_or(0);
-    if (takes_gate_up(cand)) cand.gate_up_kept_blocks = r.gate_up_kept_blocks.value_or(0);
+    if (takes_gate_up(cand)) {
+      cand.gate_up_kept_blocks = r.gate_up_kept_blocks.value_or(0);
+      if (cand.offload) cand.gate_up_offloaded_blocks = r.gate_up_offloaded_blocks.value_or(0);
+    }
     const double bytes = predict_footprint(in, cand).total();
     if (!least || bytes < least_bytes) least = &cand, least_bytes = bytes;
   }
@@ -1234,9 +1321,11 @@ std::string describe(const ExecPlan& p, int64_t layers) {
     s += std::string(", keep ") + keep_level_name(p.keep);
     if (p.keep_dequantized) s += ", dequantized weights kept";
     if (p.mlp_chunk_tokens > 0) s += ", MLP in chunks of " + std::to_string(p.mlp_chunk_tokens) + " tokens";
-    if (p.gate_up_kept_blocks > 0)
-      s += ", gate / up kept by " +
-           (p.gate_up_kept_blocks == 1 ? std::string("1 block") : std::to_string(p.gate_up_kept_blocks) + " blocks");
+    auto blocks = [](int64_t n) { return n == 1 ? std::string("1 block") : std::to_string(n) + " blocks"; };
+    if (p.gate_up_kept_blocks > 0) s += ", gate / up kept by " + blocks(p.gate_up_kept_blocks);
+    if (p.gate_up_offloaded_blocks > 0)
+      s += std::string(p.gate_up_kept_blocks > 0 ? " and" : ", gate / up") + " offloaded by " +
+           blocks(p.gate_up_offloaded_blocks);
   }
   if (p.keep_swiglu && (!p.checkpointing || p.blocks_without_checkpointing > 0)) s += ", SwiGLU kept";
   s += p.attention == AttentionKernel::Cudnn ? ", cuDNN attention" : ", flash attention";
@@ -1293,7 +1382,8 @@ Json plan_fields(const ExecPlan& p) {
               {"dequantized_blocks", p.dequantized_blocks},
               {"keep_swiglu", p.keep_swiglu},
               {"loss_chunk_tokens", p.loss_chunk_tokens},
-              {"gate_up_kept_blocks", p.gate_up_kept_blocks}};
+              {"gate_up_kept_blocks", p.gate_up_kept_blocks},
+              {"gate_up_offloaded_blocks", p.gate_up_offloaded_blocks}};
 }
 
 Json to_json(const Decision& d) {

@@ -28,6 +28,11 @@ const char* keep_level_name(KeepLevel level);
 
 enum class AttentionKernel { Flash, Cudnn };
 
+// Whether block `layer` of `layers` is one of `streamed` spread evenly over them (every
+// layers / streamed-th block, the last always among them), so that each one's copies hide behind the blocks
+// before it (block weights streamed from the host; gate / up outputs offloaded).
+bool streamed_block(int64_t layer, int64_t streamed, int64_t layers);
+
 struct ExecPlan {
   bool checkpointing = false;        // per-block activation checkpointing (recompute in the backward pass)
   // With checkpointing, the last this many blocks run without it: their activations kept for the backward pass
@@ -79,13 +84,35 @@ struct ExecPlan {
   // per byte about twice the time a block without checkpointing saves (which keeps some 4 I + 2 H + q + 2 kv).
   // Packed rows too (the kept output needs none of the attention output the ladder keeps for whole documents).
   int64_t gate_up_kept_blocks = 0;
+  // With offload, this many checkpointed blocks before those (spread evenly over them, the first always among them)
+  // keep their gate / up output too, in pinned host memory: copied out behind the next blocks' forward passes and
+  // fetched back a block ahead of their recomputation, where PCIe has time the block inputs leave (8B 1 x 32768:
+  // a block's input and kept tensors take about 22 ms of a 44 ms forward pass, its gate / up output 34 ms more).
+  // Without offload (the CPU) they keep it as gate_up_kept_blocks' do.
+  int64_t gate_up_offloaded_blocks = 0;
 
   bool keeps(KeepLevel level) const { return checkpointing && keep >= level; }
-  // Whether block `layer` of `layers` keeps its gate / up output (gate_up_kept_blocks).
-  bool keeps_gate_up(int64_t layer, int64_t layers) const {
+  // The checkpointed blocks: all but the last blocks_without_checkpointing of `layers`.
+  int64_t checkpointed_blocks(int64_t layers) const {
+    return checkpointing ? layers - std::clamp<int64_t>(blocks_without_checkpointing, 0, layers) : 0;
+  }
+  // Whether block `layer` of `layers` keeps its gate / up output on the device (gate_up_kept_blocks).
+  bool keeps_gate_up_on_device(int64_t layer, int64_t layers) const {
     if (!keeps(KeepLevel::Attention) || gate_up_kept_blocks <= 0) return false;
-    const int64_t checkpointed = layers - std::clamp<int64_t>(blocks_without_checkpointing, 0, layers);
+    const int64_t checkpointed = checkpointed_blocks(layers);
     return layer < checkpointed && layer >= checkpointed - gate_up_kept_blocks;
+  }
+  // Whether block `layer` of `layers` is one of gate_up_offloaded_blocks.
+  bool offloads_gate_up(int64_t layer, int64_t layers) const {
+    if (!keeps(KeepLevel::Attention) || gate_up_offloaded_blocks <= 0) return false;
+    const int64_t before = checkpointed_blocks(layers) - std::max<int64_t>(0, gate_up_kept_blocks);
+    // (Spread as streamed_block spreads, mirrored: the first always among them and the last only when all are, so
+    // that the first block of the backward pass, which nothing hides its fetch behind, is not one of them.)
+    return layer >= 0 && layer < before && streamed_block(before - 1 - layer, gate_up_offloaded_blocks, before);
+  }
+  // Whether block `layer` of `layers` keeps its gate / up output, on the device or offloaded.
+  bool keeps_gate_up(int64_t layer, int64_t layers) const {
+    return keeps_gate_up_on_device(layer, layers) || offloads_gate_up(layer, layers);
   }
   bool weights_on_host() const { return streamed_blocks > 0; }
 };
@@ -94,10 +121,6 @@ struct ExecPlan {
 // the padding is at most 1/64 of the row (S >= 64 m: from 8,192 tokens for 128), else S.
 int64_t padded_row_length(int64_t S, int64_t multiple);
 
-// Whether block `layer` of `layers` is one of `streamed` whose weights live on the host: spread evenly (every
-// layers / streamed-th block, the last always among them), so that each fetch hides behind the resident blocks
-// before it.
-bool streamed_block(int64_t layer, int64_t streamed, int64_t layers);
 
 // What the user asked for (train.memory); unset fields are the plan's to choose.
 struct PlanRequest {
@@ -119,6 +142,7 @@ struct PlanRequest {
   std::optional<int64_t> streamed_blocks;
   std::optional<int64_t> dequantized_blocks;  // "auto" (unset): as many as the budget holds
   std::optional<int64_t> gate_up_kept_blocks;  // "auto" (unset): as many as the budget holds
+  std::optional<int64_t> gate_up_offloaded_blocks;  // "auto" (unset): as many as PCIe's time and the host hold
   std::optional<bool> keep_swiglu;            // "auto" (unset): where the budget holds it
   std::optional<int64_t> loss_chunk_tokens;   // "auto" (unset): 2048 where the budget holds it; 0: the loss's rule
   // A single-process run that runs out of device memory before its first step completes (loading, the CUDA

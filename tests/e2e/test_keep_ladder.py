@@ -1,7 +1,9 @@
-"""train.memory.gate_up_kept_blocks through the binary (issue 27): checkpointed blocks that keep their MLP's gate / up
-output for the recomputation. On the CPU (fp32) a run keeping it in 2 blocks ends with the adapter of the run that
-recomputes it, byte for byte, on rows of one whole document and on packed rows; the plan's log line and
-metrics.jsonl name it; forced where it cannot apply (keep "input") it is refused naming the key."""
+"""train.memory.gate_up_kept_blocks and gate_up_offloaded_blocks through the binary (issue 27): checkpointed blocks
+that keep their MLP's gate / up output for the recomputation, on the device or (with offload on CUDA) in host memory.
+On the CPU (fp32) a run keeping it in 2 blocks ends with the adapter of the run that recomputes it, byte for byte, on
+rows of one whole document and on packed rows, and so does one with 1 block's "offloaded" (in memory on the CPU);
+the plan's log line and metrics.jsonl name them; forced where they cannot apply (keep "input", offload false) they are
+refused naming the keys."""
 import json, pathlib, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
@@ -32,6 +34,7 @@ def main():
     runs = {name: run_binary(BIN, config(name, memory, data)) for name, memory, data in
             (("recomputed", {"keep": "residual"}, "train.jsonl"),
              ("kept", {"keep": "residual", "gate_up_kept_blocks": 2}, "train.jsonl"),
+             ("offloaded", {"keep": "residual", "gate_up_offloaded_blocks": 1}, "train.jsonl"),
              ("packed_recomputed", {"keep": "residual"}, "short.jsonl"),
              ("packed_kept", {"keep": "residual", "gate_up_kept_blocks": 1}, "short.jsonl"))}
     for name, p in runs.items():
@@ -41,6 +44,8 @@ def main():
     adapter = lambda name: (TMP / name / "adapter" / "adapter_model.safetensors").read_bytes()
     check(adapter("kept") == adapter("recomputed"),
           "whole-document rows: gate / up kept by 2 blocks ends with the adapter of the run that recomputes it, byte for byte")
+    check(adapter("offloaded") == adapter("recomputed"),
+          "whole-document rows: gate / up offloaded by 1 block (kept in memory on the CPU) ends with the same adapter")
     check(adapter("packed_kept") == adapter("packed_recomputed") and adapter("packed_kept") != adapter("kept"),
           "packed rows: gate / up kept by 1 block (of 2) ends with the adapter of the run that recomputes it, byte for byte")
     check("gate / up kept by 2 blocks" in runs["kept"].stderr and "gate / up kept" not in runs["recomputed"].stderr,
@@ -48,11 +53,21 @@ def main():
     plans = [json.loads(l)["plan"] for l in (TMP / "kept" / "metrics.jsonl").read_text().splitlines() if '"plan"' in l]
     check(plans and plans[0].get("gate_up_kept_blocks") == 2,
           f"metrics.jsonl's plan says gate_up_kept_blocks 2 ({plans[0].get('gate_up_kept_blocks') if plans else None})")
+    check("gate / up offloaded by 1 block" in runs["offloaded"].stderr and "offloaded by" not in runs["kept"].stderr,
+          "the plan's log line names the offloaded gate / up outputs, only where they are")
+    plans = [json.loads(l)["plan"] for l in (TMP / "offloaded" / "metrics.jsonl").read_text().splitlines() if '"plan"' in l]
+    check(plans and plans[0].get("gate_up_offloaded_blocks") == 1,
+          f"metrics.jsonl's plan says gate_up_offloaded_blocks 1 ({plans[0].get('gate_up_offloaded_blocks') if plans else None})")
 
     p = run_binary(BIN, config("keep_input", {"keep": "input", "gate_up_kept_blocks": 2}))
     last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
     check(p.returncode != 0 and "train.memory.gate_up_kept_blocks" in p.stderr and "train.memory.keep" in p.stderr,
           f"keep input: refused naming train.memory.gate_up_kept_blocks and train.memory.keep (exit {p.returncode}: {last})")
+    p = run_binary(BIN, config("no_offload", {"keep": "residual", "offload": False, "gate_up_offloaded_blocks": 2}))
+    last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""
+    check(p.returncode != 0 and "train.memory.gate_up_offloaded_blocks" in p.stderr and "train.memory.offload" in p.stderr,
+          f"offload false: refused naming train.memory.gate_up_offloaded_blocks and train.memory.offload (exit "
+          f"{p.returncode}: {last})")
     finish("keep ladder checks")
 
 
