@@ -99,10 +99,10 @@
 #   34: carry as 33: build, 8B 1 x 32768 at 80 GiB with the gate / up output kept and without, the [lora] and
 #      [fused_ops] [gpu] tests, Unsloth's 1 (ran in the twenty-third session).
 #   36: carry as 33: build, the [lora] and [fused_ops] [gpu] tests (gate / up outputs offloaded to the host and packed
-#      rows keeping theirs among them), 8B 1 x 32768 at 24 GiB: the plan (gate / up outputs offloaded) against none
-#      offloaded and all offloaded (gate_up_offloaded_blocks=0 / 32), one round.
-#   37: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB against Unsloth's 1 (the twenty-second
-#      session's 6,361 tok/s), then 8B 1 x 8192 at 24 GiB, ours alone (whether its plan offloads any).
+#      rows keeping theirs among them), 8B 1 x 32768 at 24 GiB: the plan (gate / up outputs offloaded) against none and
+#      14 offloaded (gate_up_offloaded_blocks=0 / 14), one round, then Unsloth's 1 on that row.
+#   37: carry [".peers", ".peerscripts"]: build, the hand search on 8B 1 x 32768 at 24 GiB (the plan against the 3
+#      fastest others, as 28's second half) and 8B 1 x 8192 at 24 GiB (23's 8k half).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
 #      at 7.44 GiB free from the 47,232 tokens fit_table.py predicts for an 8 GB card, r=32).
 # Calls 1-3 and most of 4 ran on an H100 in the thirteenth session, 5, 6, 8 and 2 in the fourteenth, 2, 6, 7 and 9 in
@@ -407,15 +407,17 @@ case "$CALL" in
 36)
   note "== the [lora] and [fused_ops] [gpu] tests (gate / up outputs offloaded to the host, packed rows keeping theirs)"
   [ -d build/tests/fixtures ] && lora_gpu_tests 100
-  note "== 8B 1 x 32768 at 24 GiB: the plan (gate / up outputs offloaded) against none and all offloaded"
-  run ab_gate_up_offload_32k_24.log 330 --rows 8b-1x32768 --budget 24 --ab base= \
-    --ab none="--set train.memory.gate_up_offloaded_blocks=0" --ab all="--set train.memory.gate_up_offloaded_blocks=32" \
+  note "== 8B 1 x 32768 at 24 GiB: the plan (gate / up outputs offloaded) against none and 14 offloaded, then Unsloth 1"
+  run ab_gate_up_offload_32k_24.log 250 --rows 8b-1x32768 --budget 24 --ab base= \
+    --ab none="--set train.memory.gate_up_offloaded_blocks=0" --ab half="--set train.memory.gate_up_offloaded_blocks=14" \
     --rounds 1 --steps 3 --warm 1
+  run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
+    --steps 3 --warm 1 --binary /bin/false
   ;;
 37)
-  note "== issue 27: 8B 1 x 32768 at 24 GiB against Unsloth's 1, then 8B 1 x 8192 at 24 GiB (ours)"
-  run budget_24_32k.log 170 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole --steps 3 --warm 1
-  run budget_24_8k_ours.log 90 --rows 8b-1x8192 --budget 24 --no-whole --steps 6 --warm 2
+  note "== issue 27: the plan against the 3 fastest others, 8B 1 x 32768 and 8B 1 x 8192 at 24 GiB"
+  run hand_search_32k_24.log 330 --rows 8b-1x32768 --budget 24 --hand-search 3 --steps 2 --warm 1
+  run hand_search_8k_24.log 240 --rows 8b-1x8192 --budget 24 --hand-search 3 --steps 4 --warm 2
   ;;
 31)
   note "== issue 27: 8B 1 x 32768 against Unsloth's best mode (1: the twenty-second session's 0 ran out of memory at"
