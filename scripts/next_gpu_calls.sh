@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|31|33|34|36|37
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|31|33|34|36|37|38
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -101,6 +101,8 @@
 #   36: carry as 33: build, the [lora] and [fused_ops] [gpu] tests (gate / up outputs offloaded to the host and packed
 #      rows keeping theirs among them), 8B 1 x 32768 at 24 GiB: the plan (gate / up outputs offloaded) against none and
 #      14 offloaded (gate_up_offloaded_blocks=0 / 14), one round, then Unsloth's 1 on that row.
+#   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
+#      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
 #   37: carry [".peers", ".peerscripts"]: build, the hand search on 8B 1 x 32768 at 24 GiB (the plan against the 3
 #      fastest others, as 28's second half) and 8B 1 x 8192 at 24 GiB (23's 8k half).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
@@ -407,6 +409,14 @@ case "$CALL" in
 36)
   note "== the [lora] and [fused_ops] [gpu] tests (gate / up outputs offloaded to the host, packed rows keeping theirs)"
   [ -d build/tests/fixtures ] && lora_gpu_tests 100
+  note "== 8B 1 x 32768 at 24 GiB: the plan (gate / up outputs offloaded) against none and 14 offloaded, then Unsloth 1"
+  run ab_gate_up_offload_32k_24.log 250 --rows 8b-1x32768 --budget 24 --ab base= \
+    --ab none="--set train.memory.gate_up_offloaded_blocks=0" --ab half="--set train.memory.gate_up_offloaded_blocks=14" \
+    --rounds 1 --steps 3 --warm 1
+  run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
+    --steps 3 --warm 1 --binary /bin/false
+  ;;
+38)
   note "== 8B 1 x 32768 at 24 GiB: the plan (gate / up outputs offloaded) against none and 14 offloaded, then Unsloth 1"
   run ab_gate_up_offload_32k_24.log 250 --rows 8b-1x32768 --budget 24 --ab base= \
     --ab none="--set train.memory.gate_up_offloaded_blocks=0" --ab half="--set train.memory.gate_up_offloaded_blocks=14" \

@@ -1697,9 +1697,10 @@ TEST_CASE("offloaded gate / up outputs: which blocks, their host and device byte
   CHECK(offload_s[0] == none_s);
   CHECK(std::abs(offload_s[8] - none_s) < 1e-9);
   CHECK(offload_s[31] > offload_s[30]);
-  CHECK(std::abs(offload_s[31] - offload_s[30] - bytes / 55e9) < 1e-6 * bytes / 55e9);
+  // (at the rate a busy link sustains to the host: 48 GB/s, fitted)
+  CHECK(std::abs(offload_s[31] - offload_s[30] - bytes / 48e9) < 1e-6 * bytes / 48e9);
   // All 32: the first block of the backward pass is one of them, its fetch behind nothing.
-  CHECK(std::abs(offload_s[32] - offload_s[31] - 2 * bytes / 55e9) < 1e-6 * bytes / 55e9);
+  CHECK(std::abs(offload_s[32] - offload_s[31] - bytes / 48e9 - bytes / 55e9) < 1e-6 * bytes / 48e9);
   // The step: fastest at the count where the copies fill the forward pass.
   int64_t fastest = 0;
   for (int64_t n = 0; n <= 32; ++n) {

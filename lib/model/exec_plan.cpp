@@ -564,6 +564,14 @@ constexpr double kInlineDequantBytesPerS = 4.0e12;
 // Pinned host <-> device copies: the offloaded block inputs and attention outputs of 8B 1 x 8192, 32 x 128 MiB in
 // 77.8 ms each way (the H200 profile of "Before: cuDNN's grouped K/V").
 constexpr double kPcieBytesPerS = 55e9;
+// ... and to the host over many blocks where the copies fill the forward pass (offloaded gate / up outputs: the
+// copies' total beyond the forward pass's predicted compute): 48 GB/s, fitted on 8B 1 x 32768 at 24 GiB (H100,
+// twenty-fourth session, one call): 28 of them under keep attention ran 4.041 s a step where 55 GB/s had predicted
+// 3.999 s (the row's other plans run 2-5% under their prediction: 3.84 s here), the forward pass's 67.8 GB over 28
+// blocks of 43 ms predicted compute fit 48.2 GB/s; 14 under keep residual, 3.947 s against 4.044 predicted (60.2
+// GB): 47.1 GB/s (two allocator retries in that run). (Where each block's copy fits its own compute, as block inputs
+// alone do on the rows measured, 55 stands.)
+constexpr double kOffloadOutBytesPerS = 48e9;
 // Embeddings on the host: the rows gathered there, pinned and shipped before the first block can start, per byte of
 // the [tokens, H] rows. Fitted: 8B 2 x 2048 at an 8 GiB budget (11,589 tok/s) and 1 x 8192 at 9 GiB (10,290),
 // both with the embeddings on the host, give the same figure (1.42 and 1.41 GB/s) after the other terms: far below
@@ -772,14 +780,16 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
     // forward pass over those blocks shows what all their copies take beyond all their compute. In the backward
     // pass each comes back with its block's other tensors, behind a backward pass without the gate / up GEMM.
     if (p.offload && in.cuda && recomputed_blocks > 0) {
-      const double copy = e * T * (H + static_cast<double>(keep_width(c, p.keep))) / kPcieBytesPerS;
+      const double bytes = e * T * (H + static_cast<double>(keep_width(c, p.keep))), gate_up_bytes = e * T * 2 * I;
+      const double copy = bytes / kPcieBytesPerS, copy_out = bytes / kOffloadOutBytesPerS;
       const double backward = 2 * block_forward + recompute;
-      const double offloaded = kept.host, gate_up_copy = e * T * 2 * I / kPcieBytesPerS;
+      const double offloaded = kept.host, gate_up_copy = gate_up_bytes / kPcieBytesPerS;
       const double spread = recomputed_blocks - kept.device;  // the blocks they are spread over
       double forward = recomputed_blocks * std::max(0.0, copy - block_forward);
       if (offloaded > 0)
         forward = std::max(forward, kept.device * std::max(0.0, copy - block_forward) +
-                                        spread * (copy - block_forward) + offloaded * gate_up_copy);
+                                        spread * (copy_out - block_forward) +
+                                        offloaded * gate_up_bytes / kOffloadOutBytesPerS);
       // (The first block of the backward pass, the last checkpointed, is one of them only where all are.)
       const double fetched_first = copy + (offloaded > 0 && kept.device == 0 && offloaded >= spread ? gate_up_copy : 0.0);
       t.terms.emplace_back("offload",
