@@ -1590,13 +1590,19 @@ TEST_CASE("checkpointed blocks keep their gate / up output where the budget hold
     forced.gate_up_kept_blocks = 2;
     CHECK(qt::decide_plan(in, forced).plan.gate_up_kept_blocks == 2);
   }
-  // Packed rows: forced (their CUDA path not yet run on a GPU, "auto" leaves them out); the CPU never "auto".
+  // Packed rows: "auto" and forced alike; the CPU never "auto".
   qt::PlanInputs packed8k = inputs("llama-3.1-8b", 1, 8192);
   packed8k.varlen = true;
   packed8k.attention_span = 700;
   qt::PlanRequest r24;
   r24.gpu_memory_gib = 24.0;
-  CHECK(qt::decide_plan(packed8k, r24).plan.gate_up_kept_blocks == 0);
+  const qt::Decision packed_auto = qt::decide_plan(packed8k, r24);
+  INFO(qt::describe(packed_auto));
+  CHECK(packed_auto.plan.gate_up_kept_blocks > 0);
+  r24.gate_up_kept_blocks = 0;
+  r24.gate_up_offloaded_blocks = 0;
+  CHECK(packed_auto.step.total() < qt::decide_plan(packed8k, r24).step.total());
+  r24.gate_up_offloaded_blocks.reset();
   r24.gate_up_kept_blocks = 8;
   CHECK(qt::decide_plan(packed8k, r24).plan.gate_up_kept_blocks == 8);
   CHECK(qt::decide_plan(inputs("llama-3.1-8b", 1, 32768, /*cuda=*/false), qt::PlanRequest{}).plan.gate_up_kept_blocks == 0);

@@ -1112,11 +1112,10 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   // Checkpointed blocks keeping their gate / up output ("auto"): each candidate that can (keep "attention" or above,
   // the MLP whole, weights on the device) with as many as the rest of the budget holds, after the loss's wide tiles
   // (more time a byte) and before held weights (less: 4 H I FLOPs a token for 4 I bytes against two dequantizations
-  // of 2.5 bytes a weight for 2).
-  // (Packed rows: forced only until their CUDA path, FlashAttention-2 varlen with the output kept, has run on a GPU;
-  // its [gpu] test is written, not yet run.)
-  const bool may_keep_gate_up = !r.gate_up_kept_blocks && in.cuda && in.nf4 && !in.varlen && d.budget_gib >= 0;
-  const bool may_offload_gate_up = !r.gate_up_offloaded_blocks && in.cuda && in.nf4 && !in.varlen && d.budget_gib >= 0;
+  // of 2.5 bytes a weight for 2). Packed rows too (their CUDA path, FlashAttention-2 varlen with the output kept on
+  // the device or offloaded, passed its [gpu] test on an H100 in the twenty-fourth session).
+  const bool may_keep_gate_up = !r.gate_up_kept_blocks && in.cuda && in.nf4 && d.budget_gib >= 0;
+  const bool may_offload_gate_up = !r.gate_up_offloaded_blocks && in.cuda && in.nf4 && d.budget_gib >= 0;
   const double gate_up_block_bytes = static_cast<double>(in.micro_batch) *
                                      static_cast<double>(padded_row_length(in.seq, best.row_multiple)) * 2 *
                                      static_cast<double>(in.model.intermediate_size) *
