@@ -412,10 +412,12 @@ case "$CALL" in
     [ -d build/tests/fixtures ] && lora_gpu_tests 100
   fi
   note "== 8B 1 x 32768 at 24 GiB: the plan (gate / up outputs offloaded) against none and 14 offloaded, then Unsloth 1"
-  half=(--ab half="--set train.memory.gate_up_offloaded_blocks=14")
-  [ -n "${LEAN:-}" ] && half=()  # (LEAN=1: the plan and none offloaded alone)
-  run ab_gate_up_offload_32k_24.log 250 --rows 8b-1x32768 --budget 24 --ab base= \
-    --ab none="--set train.memory.gate_up_offloaded_blocks=0" "${half[@]}" --rounds 1 --steps 3 --warm 1
+  # (LEAN=1: the plan and none offloaded alone; LEAN=2: the plan alone)
+  others=(--ab none="--set train.memory.gate_up_offloaded_blocks=0" --ab half="--set train.memory.gate_up_offloaded_blocks=14")
+  [ "${LEAN:-}" = 1 ] && others=("${others[@]:0:2}")
+  [ "${LEAN:-}" = 2 ] && others=()
+  run ab_gate_up_offload_32k_24.log 250 --rows 8b-1x32768 --budget 24 --ab base= "${others[@]}" --rounds 1 --steps 3 \
+    --warm 1
   run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
   ;;
