@@ -84,6 +84,15 @@ double step_term(const qt::PlanInputs& in, const qt::ExecPlan& p, const std::str
   return 0.0;
 }
 
+// 8B 1 x 32768 (the long row of issue 27) with its widths, a block's gate / up output in bf16, and every block
+// checkpointed with its input offloaded under keep residual.
+struct LongRow {
+  qt::PlanInputs in = inputs("llama-3.1-8b", 1, 32768);
+  double T = 32768, I = static_cast<double>(in.model.intermediate_size), H = static_cast<double>(in.model.hidden_size);
+  double gate_up_bytes = T * 2 * I * 2;
+  qt::ExecPlan plan = MeasuredPlan{true, 0, true, qt::KeepLevel::Residual, false, 0, false, false, 0, 0}.plan(128);
+};
+
 }  // namespace
 
 TEST_CASE("without a budget the plan is the measured defaults of each bench row", "[plan]") {
@@ -1522,10 +1531,11 @@ TEST_CASE("the loss's logits in tiles of 2048 tokens where the budget holds the 
 TEST_CASE("checkpointed blocks keep their gate / up output where the budget holds it: its bytes a block, no gate / up "
           "GEMM in their recomputation, the forced count kept or refused by name",
           "[plan]") {
-  const qt::PlanInputs in = inputs("llama-3.1-8b", 1, 32768);
+  const LongRow row;
+  const qt::PlanInputs& in = row.in;
   const auto& c = in.model;
-  const double T = 32768, I = static_cast<double>(c.intermediate_size), H = static_cast<double>(c.hidden_size);
-  qt::ExecPlan p = MeasuredPlan{true, 0, true, qt::KeepLevel::Residual, false, 0, false, false, 0, 0}.plan(128);
+  const double T = row.T, I = row.I, H = row.H;
+  qt::ExecPlan p = row.plan;
   const qt::Footprint none = qt::predict_footprint(in, p);
   const double none_s = qt::predict_step_time(in, p).total();
   for (int64_t n : {int64_t{1}, int64_t{8}, c.num_hidden_layers}) {
@@ -1644,11 +1654,10 @@ TEST_CASE("checkpointed blocks keep their gate / up output where the budget hold
 TEST_CASE("offloaded gate / up outputs: which blocks, their host and device bytes, the PCIe time they take beyond the "
           "forward pass's compute, and the plan's count where that is least, forced or refused by name",
           "[plan]") {
-  const qt::PlanInputs in = inputs("llama-3.1-8b", 1, 32768);
-  const auto& c = in.model;
-  const double T = 32768, I = static_cast<double>(c.intermediate_size), H = static_cast<double>(c.hidden_size);
-  const double bytes = T * 2 * I * 2;  // a block's gate / up output in bf16
-  qt::ExecPlan p = MeasuredPlan{true, 0, true, qt::KeepLevel::Residual, false, 0, false, false, 0, 0}.plan(128);
+  const LongRow row;
+  const qt::PlanInputs& in = row.in;
+  const double T = row.T, I = row.I, H = row.H, bytes = row.gate_up_bytes;
+  const qt::ExecPlan p = row.plan;
 
   // Which blocks: spread evenly over the checkpointed blocks before those keeping theirs on the device, the first of
   // them always among them.
