@@ -121,7 +121,6 @@ struct ExecPlan {
 // the padding is at most 1/64 of the row (S >= 64 m: from 8,192 tokens for 128), else S.
 int64_t padded_row_length(int64_t S, int64_t multiple);
 
-
 // What the user asked for (train.memory); unset fields are the plan's to choose.
 struct PlanRequest {
   std::optional<double> gpu_memory_gib;  // the budget; default: the device's free memory at start, less a margin
