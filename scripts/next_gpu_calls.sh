@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|31|33|34|36|37|38
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|31|33|34|36|37|38|39
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -103,6 +103,8 @@
 #      14 offloaded (gate_up_offloaded_blocks=0 / 14), one round, then Unsloth's 1 on that row.
 #   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
 #      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
+#   39: carry [".peers", ".peerscripts"]: build, the hand search on 1B 4 x 2048 at 24 and 80 GiB and 8B 1 x 8192 at
+#      80 GiB (what 23 covers beyond 37's 8k row at 24 GiB).
 #   37: carry [".peers", ".peerscripts"]: build, the hand search on 8B 1 x 32768 at 24 GiB (the plan against the 3
 #      fastest others, as 28's second half) and 8B 1 x 8192 at 24 GiB (23's 8k half).
 #   3: carry [".peers", ".peerscripts"]: build, issue 26's context search at a fixed budget (bench.py --max-context
@@ -137,6 +139,22 @@ trap pack EXIT
 L=$OUT/logs
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$summary"
+# The PCIe link and the pinned copy rates each way (1 GiB, best of 3): offloading rows depend on them, and one H100
+# machine of the twenty-fifth session ran the 32k row's offloading plans 1.75x slower than another.
+nvidia-smi --query-gpu=pcie.link.gen.current,pcie.link.width.current --format=csv,noheader | sed 's/^/pcie gen, width: /' |
+  tee -a "$summary"
+python3 - <<'PY' 2>&1 | tee -a "$summary"
+import torch
+d = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+h = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+for name, dst, src in (("device to host", h, d), ("host to device", d, h)):
+    best = 1e9
+    for _ in range(3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); dst.copy_(src, non_blocking=True); b.record(); b.synchronize()
+        best = min(best, a.elapsed_time(b) / 1e3)
+    print(f"pinned copy {name}: {(1 << 30) / best / 1e9:.1f} GB/s")
+PY
 note "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?') $(git status --short 2>/dev/null | wc -l) files changed"
 t0=$(date +%s)
 BUILD_DIR=build-gpu JOBS=$(nproc) bash scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=90 >"$L/build.log" 2>&1
@@ -420,6 +438,11 @@ case "$CALL" in
     --warm 1
   run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
+  ;;
+39)
+  note "== issue 27: the plan against the 3 fastest others, 1B 4 x 2048 at 24 and 80 GiB, 8B 1 x 8192 at 80 GiB"
+  run hand_search_1b.log 200 --rows 1b-4x2048 --budget 24,80 --hand-search 3 --steps 4 --warm 2
+  run hand_search_8k_80.log 150 --rows 8b-1x8192 --budget 80 --hand-search 3 --steps 4 --warm 2
   ;;
 37)
   note "== issue 27: the plan against the 3 fastest others, 8B 1 x 32768 and 8B 1 x 8192 at 24 GiB"
