@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device calls that issues 26 and 27 wait on (docs/PERFORMANCE.md, "The next calls"), kept in the tree so that
 # a session that finds a GPU runs them as written (untracked call scripts were lost with the machine twice).
-# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|31|33|34|36|37|38|39
+# Usage (device tool, repo root): OUT=$OUT bash scripts/next_gpu_calls.sh 1|2|3|4|5|6|7|8|9|10|11|13|14|15|16|17|18|19|20|21|22|23|24|25|26|27|28|29|31|33|34|36|37|38|39|40
 #   1: carry [".peers", ".peerscripts", "build/tests/fixtures"]: build, every [gpu] test, the allocator's history of
 #      8B 1 x 117,760 at 22.3 GiB (where the 1 H a token the footprint model misses is held: memory_history.py).
 #   2: carry [".peers", ".usite", ".peerscripts"]: build, 8B 2 x 2048 at 24 GiB against Unsloth's modes 0 and 1
@@ -103,6 +103,8 @@
 #      14 offloaded (gate_up_offloaded_blocks=0 / 14), one round, then Unsloth's 1 on that row.
 #   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
 #      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
+#   40: carry [".peers", ".peerscripts"]: build, the host link probe's [plan][gpu] test, `plan` at 8B 1 x 32768 / 24 GiB
+#      with the measured link, the hand search on 1B 4 x 2048 at 80 GiB (what fits 400 s of device time).
 #   39: carry [".peers", ".peerscripts"]: build, the hand search on 1B 4 x 2048 at 24 and 80 GiB and 8B 1 x 8192 at
 #      80 GiB (what 23 covers beyond 37's 8k row at 24 GiB).
 #   37: carry [".peers", ".peerscripts"]: build, the hand search on 8B 1 x 32768 at 24 GiB (the plan against the 3
@@ -438,6 +440,15 @@ case "$CALL" in
     --warm 1
   run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
+  ;;
+40)
+  note "== the host link probe ([plan][gpu]), the plan of 8B 1 x 32768 at 24 GiB at the measured link, then the hand"
+  note "   search on 1B 4 x 2048 at 80 GiB"
+  (cd build-gpu && timeout 60 ./tests/qt_tests "[plan][gpu]" -s) >"$L/tests_plan_gpu.log" 2>&1
+  grep -E 'GB/s|passed|failed' "$L/tests_plan_gpu.log" | tail -n 4 >>"$summary"
+  timeout 60 build-gpu/qlora-train plan --shape llama-3.1-8b --batch 1 --seq 32768 --gpu-memory-gib 23.9 2>&1 |
+    head -n 1 | tee -a "$summary"
+  run hand_search_1b_80.log 200 --rows 1b-4x2048 --budget 80 --hand-search 3 --steps 4 --warm 2
   ;;
 39)
   note "== issue 27: the plan against the 3 fastest others, 1B 4 x 2048 at 24 and 80 GiB, 8B 1 x 8192 at 80 GiB"

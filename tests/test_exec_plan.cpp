@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include <ATen/Context.h>
+
 #include "lib/core/error.h"
 #include "lib/model/exec_plan.h"
 #include "lib/model/random_init.h"
@@ -1791,6 +1793,94 @@ TEST_CASE("offloaded gate / up outputs: which blocks, their host and device byte
       [] { qt::PlanRequest::from_json(qt::Json::parse(R"({"gate_up_offloaded_blocks": "many"})"), "run.json"); });
   REQUIRE(bad);
   CHECK(has(bad->what(), "train.memory.gate_up_offloaded_blocks"));
+}
+
+TEST_CASE("the host link's measured rate: every PCIe term as much longer as the link is slower, none within 10%; a "
+          "slower link offloads fewer gate / up outputs",
+          "[plan]") {
+  const LongRow row;
+  const double bytes = row.gate_up_bytes;
+  auto at_link = [&](double rate) {
+    qt::PlanInputs in = row.in;
+    in.host_link_bytes_per_s = rate;
+    return in;
+  };
+  const qt::PlanInputs reference = at_link(0), near = at_link(55e9 * 1.08), half = at_link(27.5e9),
+                       crawl = at_link(1e6);
+  // The offload term per output beyond the forward pass's compute: 48 GB/s on the reference's link; on half of it
+  // 24 GB/s and more (the fetches in the backward pass no longer hide either), and at most 20 times slower (the probe
+  // not believed below that).
+  auto increment = [&](const qt::PlanInputs& in) {
+    qt::ExecPlan a = row.plan, b = row.plan;
+    a.gate_up_offloaded_blocks = 30;
+    b.gate_up_offloaded_blocks = 31;
+    return step_term(in, b, "offload") - step_term(in, a, "offload");
+  };
+  CHECK(std::abs(increment(reference) - bytes / 48e9) < 1e-6 * bytes / 48e9);
+  CHECK(std::abs(increment(near) - bytes / 48e9) < 1e-6 * bytes / 48e9);
+  CHECK(increment(half) > bytes / 24e9 * (1 - 1e-9));
+  CHECK(increment(half) < 2 * bytes / 24e9);
+  CHECK(increment(crawl) > 20 * bytes / 48e9 * (1 - 1e-9));
+  CHECK(increment(crawl) < increment(at_link(1e3)) * (1 + 1e-9));
+  // Within 10% of the reference every plan's step is the reference's.
+  for (const int64_t n : {int64_t{0}, int64_t{12}, int64_t{31}}) {
+    qt::ExecPlan x = row.plan;
+    x.gate_up_offloaded_blocks = n;
+    CHECK(qt::predict_step_time(near, x).total() == qt::predict_step_time(reference, x).total());
+  }
+
+  // Streamed block weights, AdamW's state and lm_head on the host: their copies too.
+  const qt::PlanInputs short_ref = inputs("llama-3.1-8b", 2, 2048), short_half = [&] {
+    qt::PlanInputs in = short_ref;
+    in.host_link_bytes_per_s = 27.5e9;
+    return in;
+  }();
+  qt::ExecPlan lean = MeasuredPlan{true, 0, true, qt::KeepLevel::Input, false, 0, false, false, 0, 0}.plan(128);
+  lean.streamed_blocks = 16;
+  lean.optimizer_on_host = true;
+  lean.lm_head_on_host = true;
+  CHECK(step_term(short_half, lean, "weights_streamed") > 1.2 * step_term(short_ref, lean, "weights_streamed"));
+  CHECK(step_term(short_half, lean, "optimizer_on_host") > step_term(short_ref, lean, "optimizer_on_host"));
+  CHECK(step_term(short_half, lean, "lm_head_streamed") > step_term(short_ref, lean, "lm_head_streamed"));
+  CHECK(step_term(short_half, lean, "recomputation") == step_term(short_ref, lean, "recomputation"));
+
+  // "auto" at 24 GiB: a link half as fast offloads fewer outputs (the forward pass's copies fill sooner) and is
+  // predicted slower; describe() names the rate where it is not the reference's.
+  qt::PlanRequest r;
+  r.gpu_memory_gib = 24;
+  const qt::Decision fast = qt::decide_plan(reference, r), slow = qt::decide_plan(half, r);
+  INFO(qt::describe(fast) << "\n" << qt::describe(slow));
+  CHECK(fast.plan.gate_up_offloaded_blocks > 0);
+  CHECK(slow.plan.gate_up_offloaded_blocks < fast.plan.gate_up_offloaded_blocks);
+  CHECK(slow.step.total() > fast.step.total());
+  CHECK(slow.footprint.total() <= 24 * kGiB);
+  CHECK(has(qt::describe(slow), "copies to and from the host at 27.5 GB/s"));
+  CHECK(!has(qt::describe(fast), "copies to and from the host"));
+  CHECK(!has(qt::describe(qt::decide_plan(near, r)), "copies to and from the host"));
+  // Only bytes over PCIe: a plan without offload or anything on the host is the reference's step.
+  qt::PlanRequest on_device = r;
+  on_device.checkpointing = false;
+  const qt::PlanInputs short24 = inputs("llama-3.1-8b", 1, 2048);
+  qt::PlanInputs short24_half = short24;
+  short24_half.host_link_bytes_per_s = 27.5e9;
+  CHECK(qt::decide_plan(short24_half, on_device).step.total() == qt::decide_plan(short24, on_device).step.total());
+
+  // On the CPU there is no link to measure.
+  CHECK(qt::host_link_bytes_per_s(false) == 0);
+}
+
+TEST_CASE("the host link's rate measured on the GPU: a pinned copy's rate each way, the lesser", "[plan][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const double rate = qt::host_link_bytes_per_s(true, 0);
+  INFO(rate / 1e9 << " GB/s");
+  // Between a PCIe 3.0 x4 link and NVLink-C2C's.
+  CHECK(rate > 3e9);
+  CHECK(rate < 1e12);
+  // A second probe agrees within the link's noise.
+  const double again = qt::host_link_bytes_per_s(true, 0);
+  CHECK(std::abs(again / rate - 1) < 0.25);
+  // A device index past the last: none.
+  CHECK(qt::host_link_bytes_per_s(true, 1 << 20) == 0);
 }
 
 TEST_CASE("the footprint of plans keeping checkpointed blocks' gate / up output: within 1% of the H100's device memory",

@@ -98,11 +98,13 @@ int run_plan(const PlanArgs& args) {
   if (!request.gpu_memory_gib && free_gib < 0)
     qt::fail(qt::ErrorKind::Usage, "plan: no GPU here to read the free memory of: give --gpu-memory-gib (or "
                                    "train.memory.gpu_memory_gib)");
+  const double link = args.host_link_gb_s > 0 ? args.host_link_gb_s * 1e9 : qt::host_link_bytes_per_s(at::hasCUDA(), 0);
   auto decide_at = [&](int64_t tokens) {
     qt::PlanInputs in = qt::plan_inputs(cfg, mc, per_rank, tokens, at::Device(at::kCUDA, 0), dtype, args.world, args.world);
     if (args.host_gib > 0)
       in.host_bytes = static_cast<uint64_t>(args.host_gib * 1024 * 1024 * 1024) / static_cast<uint64_t>(args.world);
     if (args.memory_tb_s > 0) in.memory_bytes_per_s = args.memory_tb_s * 1e12;
+    in.host_link_bytes_per_s = link;
     return qt::decide_micro_batch(in, request, free_gib, per_rank, forced_micro);
   };
   if (args.longest) {

@@ -81,6 +81,7 @@ struct PlanArgs {
   double gpu_memory_gib = 0;  // the budget (0: the config's, else this machine's GPU's free memory)
   double host_gib = 0;        // the host's memory (0: this machine's)
   double memory_tb_s = 0;     // the GPU's memory bandwidth (0: this machine's GPU's, else the H200's)
+  double host_link_gb_s = 0;  // the host link's copy rate (0: this machine's GPU's, measured, else PCIe 5.0 x16's)
   int world = 1;              // ranks (data parallel, or FullyShard with train.shard "blocks")
   int alternatives = 0;       // also the N fastest other plans that fit (distinct in their fields)
   bool longest = false;       // the longest row (a multiple of 128 tokens) whose plan fits, instead of --seq

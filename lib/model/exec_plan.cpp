@@ -663,6 +663,18 @@ static double memory_slowdown(const PlanInputs& in) {
   return std::clamp(std::sqrt(kReferenceMemoryBytesPerS / in.memory_bytes_per_s), 0.25, 4.0);
 }
 
+// How much longer a copy over the host link takes on this machine than on those the copy rates were fitted on
+// (PlanInputs::host_link_bytes_per_s): their ratio, where this link is more than 10% off the reference (a PCIe 4.0
+// x16 link, as most workstations' 24 GB cards have, moves about half as much; a link running at 8 lanes or an older
+// generation, a quarter); 1 within 10% (the copies the model counts are not the probe's, and the H100 and H200
+// machines measured at 53-57 GB/s). Bounded to [0.25, 20].
+static double link_slowdown(const PlanInputs& in) {
+  if (!(in.host_link_bytes_per_s > 0)) return 1.0;
+  const double ratio = kReferenceHostLinkBytesPerS / in.host_link_bytes_per_s;
+  if (std::abs(ratio - 1) <= 0.1) return 1.0;
+  return std::clamp(ratio, 0.25, 20.0);
+}
+
 // Whether the fused loss runs over a frozen lm_head on the device in tiles of at least kWideLossChunk tokens where
 // its own rule takes fewer (the cost model's loss_tiles term; what decide_plan weighs).
 static bool wide_loss_tiles(const PlanInputs& in, const ExecPlan& p) {
@@ -692,6 +704,9 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   // An NF4 weight's dequantization: half a byte and its statistics read, e bytes written.
   // Memory-bound work (the dequantization, norms, SwiGLU, LoRA's rank-r products, ...) at this device's bandwidth.
   const double slow = memory_slowdown(in);
+  // Copies over the host link at this machine's rate: bytes / (rate / link).
+  const double link = link_slowdown(in);
+  const double pcie_rate = kPcieBytesPerS / link, out_rate = kOffloadOutBytesPerS / link;
   const double dequant_s = in.nf4 ? (0.5 + 1.0 / 64 + 4.0 / (64 * 256) + e) / kDequantBytesPerS * slow : 0.0;
   // Packed rows: a token attends within its document, through the varlen kernel.
   const double span = in.attention_span > 0 ? std::min(in.attention_span, S) : S;
@@ -781,15 +796,15 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
     // pass each comes back with its block's other tensors, behind a backward pass without the gate / up GEMM.
     if (p.offload && in.cuda && recomputed_blocks > 0) {
       const double bytes = e * T * (H + static_cast<double>(keep_width(c, p.keep))), gate_up_bytes = e * T * 2 * I;
-      const double copy = bytes / kPcieBytesPerS, copy_out = bytes / kOffloadOutBytesPerS;
+      const double copy = bytes / pcie_rate, copy_out = bytes / out_rate;
       const double backward = 2 * block_forward + recompute;
-      const double offloaded = kept.host, gate_up_copy = gate_up_bytes / kPcieBytesPerS;
+      const double offloaded = kept.host, gate_up_copy = gate_up_bytes / pcie_rate;
       const double spread = recomputed_blocks - kept.device;  // the blocks they are spread over
       double forward = recomputed_blocks * std::max(0.0, copy - block_forward);
       if (offloaded > 0)
         forward = std::max(forward, kept.device * std::max(0.0, copy - block_forward) +
                                         spread * (copy_out - block_forward) +
-                                        offloaded * gate_up_bytes / kOffloadOutBytesPerS);
+                                        offloaded * gate_up_bytes / out_rate);
       // (The first block of the backward pass, the last checkpointed, is one of them only where all are.)
       const double fetched_first = copy + (offloaded > 0 && kept.device == 0 && offloaded >= spread ? gate_up_copy : 0.0);
       t.terms.emplace_back("offload",
@@ -823,7 +838,7 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   // compute does not cover shows), the first of each pass behind nothing; and a cost per fetch.
   if (p.streamed_blocks > 0 && in.cuda) {
     const double streamed = static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers));
-    const double copy = block_host_bytes(in) / kStreamBytesPerS;
+    const double copy = block_host_bytes(in) / kStreamBytesPerS * link;
     const double behind = L / streamed;  // blocks of compute each fetch hides behind
     const double block_fwd = 2 * T * block_params / kMatrixFlopsPerS + width_s / 3;
     const double block_bwd = 3 * block_fwd;  // its recomputation (one forward) and backward pass (two)
@@ -833,14 +848,14 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   }
   if (p.optimizer_on_host && in.cuda) {
     const double trained = static_cast<double>(in.lora_params + in.full_params);
-    t.terms.emplace_back("optimizer_on_host", trained * (12.0 / kPcieBytesPerS + 1.0 / kHostAdamwElemsPerS));
+    t.terms.emplace_back("optimizer_on_host", trained * (12.0 / pcie_rate + 1.0 / kHostAdamwElemsPerS));
   }
   if (wide_loss_tiles(in, p))
     t.terms.emplace_back("loss_tiles", -kWideLossSaving * T * 4 * V * H / kMatrixFlopsPerS);
   // lm_head streamed: V H e bytes over PCIe in each of the loss's two passes, behind that pass's GEMM (2 T V H).
   if (p.lm_head_on_host && in.cuda)
     t.terms.emplace_back("lm_head_streamed",
-                         2 * std::max(0.0, V * H * e / kPcieBytesPerS - 2 * T * V * H / kMatrixFlopsPerS));
+                         2 * std::max(0.0, V * H * e / pcie_rate - 2 * T * V * H / kMatrixFlopsPerS));
   return t;
 }
 
@@ -979,6 +994,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
   Decision d;
   d.layers = L;
   d.memory_bytes_per_s = in.memory_bytes_per_s;
+  d.host_link_bytes_per_s = in.host_link_bytes_per_s;
   d.budget_gib = r.gpu_memory_gib ? *r.gpu_memory_gib
                                  : (in.cuda && free_gib > 0 ? free_gib + kContextAtStartGiB - kFreeMarginGiB : -1);
   // Checkpointing "auto" weighs plans without it, or without it for the last blocks, where there is a budget to
@@ -1370,6 +1386,12 @@ std::string describe(const Decision& d) {
     else
       std::snprintf(buf, sizeof buf, " and %.3f s a step (at an H200's rates)", d.step.total());
     s += buf;
+    if (d.host_link_bytes_per_s > 0 &&
+        std::abs(kReferenceHostLinkBytesPerS / d.host_link_bytes_per_s - 1) > 0.1) {
+      std::snprintf(buf, sizeof buf, "; copies to and from the host at %.1f GB/s",
+                    d.host_link_bytes_per_s / 1e9);
+      s += buf;
+    }
   }
   return s;
 }
@@ -1426,6 +1448,50 @@ double device_memory_bytes_per_s(bool cuda, int device_index) {
     return 0;
   }
   return 2.0 * clock_khz * 1e3 * bus_bits / 8;
+}
+
+double host_link_bytes_per_s(bool cuda, int device_index) {
+  int devices = 0;
+  if (!cuda || cudaGetDeviceCount(&devices) != cudaSuccess || device_index >= devices) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  constexpr size_t kBytes = size_t{32} << 20;
+  const c10::DeviceIndex before = c10::cuda::ExchangeDevice(static_cast<c10::DeviceIndex>(device_index));
+  void* device = nullptr;
+  void* host = nullptr;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  double rate = 0;
+  bool ok = cudaMalloc(&device, kBytes) == cudaSuccess && cudaHostAlloc(&host, kBytes, cudaHostAllocDefault) == cudaSuccess &&
+            cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking) == cudaSuccess &&
+            cudaEventCreate(&start) == cudaSuccess && cudaEventCreate(&stop) == cudaSuccess;
+  // A copy each way first (the link and copy engine awake), then the best of three each way.
+  for (int direction = 0; ok && direction < 2; ++direction) {
+    const bool out = direction == 0;
+    float best_ms = 0;
+    for (int i = 0; ok && i < 4; ++i) {
+      ok = cudaEventRecord(start, stream) == cudaSuccess &&
+           cudaMemcpyAsync(out ? host : device, out ? device : host, kBytes,
+                           out ? cudaMemcpyDeviceToHost : cudaMemcpyHostToDevice, stream) == cudaSuccess &&
+           cudaEventRecord(stop, stream) == cudaSuccess && cudaEventSynchronize(stop) == cudaSuccess;
+      float ms = 0;
+      ok = ok && cudaEventElapsedTime(&ms, start, stop) == cudaSuccess && ms > 0;
+      if (ok && i > 0 && (best_ms == 0 || ms < best_ms)) best_ms = ms;
+    }
+    if (ok) {
+      const double r = static_cast<double>(kBytes) / (best_ms * 1e-3);
+      rate = direction == 0 ? r : std::min(rate, r);
+    }
+  }
+  if (stop) (void)cudaEventDestroy(stop);
+  if (start) (void)cudaEventDestroy(start);
+  if (stream) (void)cudaStreamDestroy(stream);
+  if (host) (void)cudaFreeHost(host);
+  if (device) (void)cudaFree(device);
+  (void)cudaGetLastError();
+  (void)c10::cuda::MaybeSetDevice(before);
+  return ok ? rate : 0;
 }
 
 void apply_allocator_settings(const ExecPlan& plan) {

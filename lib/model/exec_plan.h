@@ -165,6 +165,11 @@ struct PlanInputs {
   // H200's over this (an H100 SXM: 1.21 times as long; fitted, exec_plan.cpp's memory_slowdown); the matrix and
   // attention rates do not (the same tensor cores).
   double memory_bytes_per_s = 0;
+  // The host link's pinned copy rate, bytes/s, the lesser of the two directions (host_link_bytes_per_s, measured at
+  // start; the least over the ranks); 0: the reference's (kReferenceHostLinkBytesPerS, PCIe 5.0 x16 as on the H100 and
+  // H200 machines the copy rates were fitted on). Every PCIe term (offloaded activations, streamed weights, lm_head
+  // and AdamW on the host) takes as much longer as the link is slower; within 10% of the reference, none.
+  double host_link_bytes_per_s = 0;
   bool nf4 = true;               // NF4 base (else 16-bit)
   int64_t lora_params = 0;       // trainable LoRA elements (fp32, with gradient and AdamW state)
   int64_t full_params = 0;       // tensors trained in full (modules_to_save, full fine-tuning): fp32 + state
@@ -232,6 +237,7 @@ struct Decision {
   double budget_gib = -1;  // < 0: none (CPU without an explicit budget)
   int64_t layers = 0;      // the model's blocks (for describe())
   double memory_bytes_per_s = 0;  // PlanInputs::memory_bytes_per_s (for describe())
+  double host_link_bytes_per_s = 0;  // PlanInputs::host_link_bytes_per_s (for describe())
   // A row's tokens, and as the plan runs it (padded for cuDNN: ExecPlan::row_multiple); for describe().
   int64_t seq = 0, run_seq = 0;
   // Every other candidate that fits the budget, with its predicted footprint (bytes) and step time (s), in the
@@ -277,6 +283,13 @@ double device_free_gib(bool cuda, int device_index = 0);
 double device_memory_bytes_per_s(bool cuda, int device_index = 0);
 // The H200's, as device_memory_bytes_per_s reads it (3,201 MHz x 6,144 bits, DDR): the cost model's reference.
 constexpr double kReferenceMemoryBytesPerS = 2 * 3201e6 * 6144 / 8;
+// The host link's pinned copy rate in bytes/s, the lesser of device to host and host to device (32 MiB copies on a
+// stream of its own, the best of three each way, outside the caching allocators: it may run before the allocator's
+// settings apply); 0 on the CPU or where a CUDA call fails. About 30 ms, once at the plan.
+double host_link_bytes_per_s(bool cuda, int device_index = 0);
+// PCIe 5.0 x16's pinned copy rate (about 55 GB/s each way): the links of the machines the cost model's copy rates
+// were fitted on.
+constexpr double kReferenceHostLinkBytesPerS = 55e9;
 
 // Applies the allocator settings of the plan; must run before the first CUDA allocation of the process.
 void apply_allocator_settings(const ExecPlan& plan);

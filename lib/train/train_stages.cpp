@@ -370,6 +370,7 @@ Session start_session(const RunConfig& cfg) {
                  " rows (train.batch_size " + std::to_string(cfg.train.batch_size) + " over " +
                  std::to_string(s.world) + " ranks)");
   s.micro = cfg.train.micro_batch_size > 0 ? cfg.train.micro_batch_size : s.per_rank;
+  s.host_link_bytes_per_s = host_link_bytes_per_s(s.device.is_cuda(), s.device.is_cuda() ? s.device.index() : 0);
   if (!cfg.model.path.empty() && files::exists(files::join(cfg.model.path, kAdapterConfigFile)) &&
       !files::exists(files::join(cfg.model.path, "config.json")))
     fail_key(ErrorKind::Config, cfg.file, "model.path",
@@ -512,6 +513,7 @@ MicroDecision decide_run_plan(const RunConfig& cfg, const Session& s, const Data
                                    s.env.local_world_size);
   plan_in.attention_span = d.data->attention_span();
   plan_in.varlen = d.data->varlen_rows();
+  plan_in.host_link_bytes_per_s = s.host_link_bytes_per_s;
   PlanRequest request = cfg.train.memory;
   if (budget_gib) request.gpu_memory_gib = *budget_gib;
   return decide_plan_across_ranks(*s.comm, plan_in, request, device_free_gib(s.device.is_cuda(), s.device.index()),
@@ -521,9 +523,12 @@ MicroDecision decide_run_plan(const RunConfig& cfg, const Session& s, const Data
 MicroDecision decide_plan_across_ranks(Communicator& comm, PlanInputs in, const PlanRequest& request, double free_gib,
                                        int64_t per_rank, int64_t forced) {
   if (comm.world_size() > 1) {
-    const std::vector<double> least = min_across_ranks(comm, {free_gib, static_cast<double>(in.host_bytes)});
+    // (the slowest host link: an unmeasured one counts as the reference's)
+    const double link = in.host_link_bytes_per_s > 0 ? in.host_link_bytes_per_s : kReferenceHostLinkBytesPerS;
+    const std::vector<double> least = min_across_ranks(comm, {free_gib, static_cast<double>(in.host_bytes), link});
     free_gib = least[0];
     in.host_bytes = static_cast<uint64_t>(least[1]);
+    if (in.host_link_bytes_per_s > 0 || least[2] < kReferenceHostLinkBytesPerS) in.host_link_bytes_per_s = least[2];
   }
   return decide_micro_batch(std::move(in), request, free_gib, per_rank, forced);
 }
