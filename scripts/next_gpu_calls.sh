@@ -104,7 +104,8 @@
 #   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
 #      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
 #   40: carry [".peers", ".peerscripts"]: build, the host link probe's [plan][gpu] test, `plan` at 8B 1 x 32768 / 24 GiB
-#      with the measured link, the hand search on 1B 4 x 2048 at 80 GiB (what fits 400 s of device time).
+#      with the measured link, the hand search on 1B 4 x 2048 at 80 GiB (what fits 400 s of device time; PROBE_ONLY=1:
+#      without the hand search).
 #   39: carry [".peers", ".peerscripts"]: build, the hand search on 1B 4 x 2048 at 24 and 80 GiB and 8B 1 x 8192 at
 #      80 GiB (what 23 covers beyond 37's 8k row at 24 GiB).
 #   37: carry [".peers", ".peerscripts"]: build, the hand search on 8B 1 x 32768 at 24 GiB (the plan against the 3
@@ -448,7 +449,7 @@ case "$CALL" in
   grep -E 'GB/s|passed|failed' "$L/tests_plan_gpu.log" | tail -n 4 >>"$summary"
   timeout 60 build-gpu/qlora-train plan --shape llama-3.1-8b --batch 1 --seq 32768 --gpu-memory-gib 23.9 2>&1 |
     head -n 1 | tee -a "$summary"
-  run hand_search_1b_80.log 200 --rows 1b-4x2048 --budget 80 --hand-search 3 --steps 4 --warm 2
+  [ -n "${PROBE_ONLY:-}" ] || run hand_search_1b_80.log 200 --rows 1b-4x2048 --budget 80 --hand-search 3 --steps 4 --warm 2
   ;;
 39)
   note "== issue 27: the plan against the 3 fastest others, 1B 4 x 2048 at 24 and 80 GiB, 8B 1 x 8192 at 80 GiB"
