@@ -116,9 +116,9 @@
 # the fifteenth, 10, 11 and 6 and 2's 80 GiB row in the sixteenth, 12 and 6 (H100) and 13 (H200) in the eighteenth
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
 # twentieth; 19 and 20 in the twenty-first; 24, 22, 25 and 26 (twice) in the twenty-second (21's counter check passed
-# there in 25's [gpu] tests); 34 in the twenty-third; 36 in the twenty-fourth (33's tests with it). What is left: 38
-# first (the 32k row at 24 GiB with the refitted plan against Unsloth's 1), then 37, 23, 29, 27; 2, 15 and 16 on an
-# H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
+# there in 25's [gpu] tests); 34 in the twenty-third; 36 in the twenty-fourth (33's tests with it); 38 and 37 in the
+# twenty-fifth. What is left: 40 first (the host link probe's [gpu] test; PROBE_ONLY=1 when little device time is
+# left), then 39 (23's rows beyond 37's), 29, 27; 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
 # there), 6 there; 2 and 15 again on an H100 for issue 27's table with the tuned GEMMs. Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
 # fixtures).

@@ -1865,6 +1865,10 @@ TEST_CASE("the host link's measured rate: every PCIe term as much longer as the 
   short24_half.host_link_bytes_per_s = 27.5e9;
   CHECK(qt::decide_plan(short24_half, on_device).step.total() == qt::decide_plan(short24, on_device).step.total());
 
+  // The plan's JSON (bench's and the run's plan record) carries the rate it took.
+  CHECK(qt::to_json(slow)["host_link_gb_s"] == 27.5);
+  CHECK(qt::to_json(fast)["host_link_gb_s"].is_null());
+
   // On the CPU there is no link to measure.
   CHECK(qt::host_link_bytes_per_s(false) == 0);
 }

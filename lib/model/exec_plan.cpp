@@ -1425,6 +1425,9 @@ Json to_json(const Decision& d) {
   j["predicted_gib"] = d.footprint.to_json();
   j["predicted_host_gib"] = d.host.to_json();
   j["predicted_step_s"] = d.step.terms.empty() ? Json(nullptr) : d.step.to_json();
+  // The host link's rate the PCIe terms took (null: the reference's, unmeasured).
+  j["host_link_gb_s"] =
+      d.host_link_bytes_per_s > 0 ? Json(std::round(d.host_link_bytes_per_s / 1e8) / 10) : Json(nullptr);
   return j;
 }
 
