@@ -2,7 +2,8 @@
 26: the budget is the input). Named shapes at several budgets: the plan and its predicted device memory within the
 budget, leaner plans for smaller budgets and never a faster predicted step for less memory, no checkpointing where
 the budget holds it; 70B in 24 GiB streams some blocks' weights from the host, and with its weights forced onto the
-device is refused (exit 3) with the figure and streaming named; a run config's lora.r counts; no budget on a machine without a GPU is a usage error naming the flag."""
+device is refused (exit 3) with the figure and streaming named; a slower host link (--host-link-gb-s) offloads fewer
+gate / up outputs at 8B 1 x 32768; a run config's lora.r counts; no budget on a machine without a GPU is a usage error naming the flag."""
 import json, os, pathlib, subprocess, sys, tempfile
 
 from checks import check, finish
@@ -57,6 +58,29 @@ def main():
                   and abs(f["predicted_step_s"]["total"] - a["predicted_step_s"]) < 1e-3 * a["predicted_step_s"],
                   f"{budget} GiB: the alternative '{a['plan'][:60]}...' forced gives its plan "
                   f"({f and f['predicted_gib']['total']} GiB, {f and f['predicted_step_s']['total']} s) {q.stderr[-300:]}")
+
+    # --host-link-gb-s: the PCIe terms at another link's rate. 8B 1 x 32768 at 24 GiB offloads gate / up outputs over
+    # PCIe 5.0 x16's 55 GB/s, fewer over PCIe 4.0's 25 (named on the plan's line and in its JSON), no more at 12, each
+    # predicted slower; the same plan as with no flag where the link is within 10% of 55 (no GPU here to measure one).
+    links = {}
+    for link in (None, 58, 25, 12):
+        flag = ("--host-link-gb-s", link) if link else ()
+        p, d = plan("--shape", "llama-3.1-8b", "--seq", 32768, "--gpu-memory-gib", 23.9, "--host-gib", 128, *flag)
+        check(p.returncode == 0 and d is not None, f"8B 1 x 32768 at 23.9 GiB, link {link}: {p.stderr.strip()[-300:]}")
+        if d:
+            links[link] = (d, p.stderr)
+    if len(links) == 4:
+        (ref, _), (near, _), (pcie4, line4), (slow, _) = (links[k] for k in (None, 58, 25, 12))
+        off = [x["gate_up_offloaded_blocks"] for x in (ref, pcie4, slow)]
+        steps = [x["predicted_step_s"]["total"] for x in (ref, pcie4, slow)]
+        check(off[0] > off[1] >= off[2] and steps[0] < steps[1] < steps[2],
+              f"a slower link offloads fewer gate / up outputs and is predicted slower: {off} {steps}")
+        check(near["predicted_step_s"] == ref["predicted_step_s"] and near["gate_up_offloaded_blocks"] == off[0],
+              "within 10% of 55 GB/s: the reference's plan")
+        check(ref["host_link_gb_s"] is None and pcie4["host_link_gb_s"] == 25 and "copies to and from the host at 25.0 GB/s" in line4,
+              f"the link's rate in the plan's JSON and line: {pcie4['host_link_gb_s']} {line4.strip()[-200:]}")
+    p, _ = plan("--shape", "llama-3.1-8b", "--gpu-memory-gib", 24, "--host-link-gb-s", 0)
+    check(p.returncode != 0 and "--host-link-gb-s" in p.stderr, f"--host-link-gb-s 0 refused by name: {p.stderr.strip()[-200:]}")
 
     p, _ = plan("--shape", "llama-3.1-70b", "--seq", 8192, "--gpu-memory-gib", 24, "--host-gib", 128,
                 "--set", "train.memory.weights=device")
