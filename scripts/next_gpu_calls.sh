@@ -104,8 +104,7 @@
 #   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
 #      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
 #   40: carry [".peers", ".peerscripts"]: build, the host link probe's [plan][gpu] test, `plan` at 8B 1 x 32768 / 24 GiB
-#      with the measured link, the hand search on 1B 4 x 2048 at 80 GiB (what fits 400 s of device time; PROBE_ONLY=1:
-#      without the hand search).
+#      with the measured link, then 39's hand search (about 450 s in all; PROBE_ONLY=1: without the hand search).
 #   39: carry [".peers", ".peerscripts"]: build, the hand search on 1B 4 x 2048 at 24 and 80 GiB and 8B 1 x 8192 at
 #      80 GiB (what 23 covers beyond 37's 8k row at 24 GiB).
 #   37: carry [".peers", ".peerscripts"]: build, the hand search on 8B 1 x 32768 at 24 GiB (the plan against the 3
@@ -117,8 +116,8 @@
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
 # twentieth; 19 and 20 in the twenty-first; 24, 22, 25 and 26 (twice) in the twenty-second (21's counter check passed
 # there in 25's [gpu] tests); 34 in the twenty-third; 36 in the twenty-fourth (33's tests with it); 38 and 37 in the
-# twenty-fifth. What is left: 40 first (the host link probe's [gpu] test; PROBE_ONLY=1 when little device time is
-# left), then 39 (23's rows beyond 37's), 29, 27; 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
+# twenty-fifth. What is left: 40 first (the host link probe's [gpu] test, then 39's hand search; PROBE_ONLY=1 when
+# little device time is left), then 29, 27; 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
 # there), 6 there; 2 and 15 again on an H100 for issue 27's table with the tuned GEMMs. Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
 # fixtures).
@@ -444,12 +443,14 @@ case "$CALL" in
   ;;
 40)
   note "== the host link probe ([plan][gpu]), the plan of 8B 1 x 32768 at 24 GiB at the measured link, then the hand"
-  note "   search on 1B 4 x 2048 at 80 GiB"
+  note "   search on 1B 4 x 2048 at 24 and 80 GiB and 8B 1 x 8192 at 80 GiB (39's)"
   (cd build-gpu && timeout 60 ./tests/qt_tests "[plan][gpu]" -s) >"$L/tests_plan_gpu.log" 2>&1
   grep -E 'GB/s|passed|failed' "$L/tests_plan_gpu.log" | tail -n 4 >>"$summary"
   timeout 60 build-gpu/qlora-train plan --shape llama-3.1-8b --batch 1 --seq 32768 --gpu-memory-gib 23.9 2>&1 |
     head -n 1 | tee -a "$summary"
-  [ -n "${PROBE_ONLY:-}" ] || run hand_search_1b_80.log 200 --rows 1b-4x2048 --budget 80 --hand-search 3 --steps 4 --warm 2
+  [ -n "${PROBE_ONLY:-}" ] && exit 0
+  run hand_search_1b.log 200 --rows 1b-4x2048 --budget 24,80 --hand-search 3 --steps 4 --warm 2
+  run hand_search_8k_80.log 150 --rows 8b-1x8192 --budget 80 --hand-search 3 --steps 4 --warm 2
   ;;
 39)
   note "== issue 27: the plan against the 3 fastest others, 1B 4 x 2048 at 24 and 80 GiB, 8B 1 x 8192 at 80 GiB"
