@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <ATen/Context.h>
+#include <cuda_runtime_api.h>
 
 #include "lib/core/error.h"
 #include "lib/model/exec_plan.h"
@@ -1869,8 +1870,9 @@ TEST_CASE("the host link's measured rate: every PCIe term as much longer as the 
   CHECK(qt::to_json(slow)["host_link_gb_s"] == 27.5);
   CHECK(qt::to_json(fast)["host_link_gb_s"].is_null());
 
-  // On the CPU there is no link to measure.
+  // On the CPU there is no link to measure, nor the reference's rates.
   CHECK(qt::host_link_bytes_per_s(false) == 0);
+  CHECK(!qt::device_has_reference_rates(false));
 }
 
 TEST_CASE("the host link's rate measured on the GPU: a pinned copy's rate each way, the lesser", "[plan][gpu]") {
@@ -1885,6 +1887,11 @@ TEST_CASE("the host link's rate measured on the GPU: a pinned copy's rate each w
   CHECK(std::abs(again / rate - 1) < 0.25);
   // A device index past the last: none.
   CHECK(qt::host_link_bytes_per_s(true, 1 << 20) == 0);
+  CHECK(!qt::device_has_reference_rates(true, 1 << 20));
+  // The reference's rates on a Hopper GPU only (the machines this test runs on are H100s and H200s).
+  int major = 0;
+  REQUIRE(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0) == cudaSuccess);
+  CHECK(qt::device_has_reference_rates(true, 0) == (major == 9));
 }
 
 TEST_CASE("the footprint of plans keeping checkpointed blocks' gate / up output: within 1% of the H100's device memory",

@@ -98,7 +98,9 @@ int run_plan(const PlanArgs& args) {
   if (!request.gpu_memory_gib && free_gib < 0)
     qt::fail(qt::ErrorKind::Usage, "plan: no GPU here to read the free memory of: give --gpu-memory-gib (or "
                                    "train.memory.gpu_memory_gib)");
-  const double link = args.host_link_gb_s > 0 ? args.host_link_gb_s * 1e9 : qt::host_link_bytes_per_s(at::hasCUDA(), 0);
+  const double link = args.host_link_gb_s > 0                       ? args.host_link_gb_s * 1e9
+                      : qt::device_has_reference_rates(at::hasCUDA(), 0) ? qt::host_link_bytes_per_s(true, 0)
+                                                                         : 0.0;
   auto decide_at = [&](int64_t tokens) {
     qt::PlanInputs in = qt::plan_inputs(cfg, mc, per_rank, tokens, at::Device(at::kCUDA, 0), dtype, args.world, args.world);
     if (args.host_gib > 0)

@@ -330,7 +330,7 @@ int main(int argc, char** argv) {
       ->check(kPositive & CLI::Range(0.0, 1000.0));
   plan_cmd->add_option("--host-link-gb-s", plan_args.host_link_gb_s,
                        "the host link's pinned copy rate in GB/s, for the predicted cost of offloading and streaming "
-                       "(default: this machine's GPU's, measured; else PCIe 5.0 x16's 55; PCIe 4.0 x16: about 25)")
+                       "(default: this machine's GPU's, measured, on a Hopper GPU; else PCIe 5.0 x16's 55; PCIe 4.0 x16: about 25)")
       ->check(kPositive & CLI::Range(0.0, 10000.0));
   plan_cmd->add_option("--world", plan_args.world, "ranks on the host")->check(kPositive);
   plan_cmd->add_flag("--longest", plan_args.longest,

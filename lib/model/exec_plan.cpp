@@ -1453,6 +1453,16 @@ double device_memory_bytes_per_s(bool cuda, int device_index) {
   return 2.0 * clock_khz * 1e3 * bus_bits / 8;
 }
 
+bool device_has_reference_rates(bool cuda, int device_index) {
+  int devices = 0, major = 0;
+  if (!cuda || cudaGetDeviceCount(&devices) != cudaSuccess || device_index >= devices ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device_index) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major == 9;
+}
+
 double host_link_bytes_per_s(bool cuda, int device_index) {
   int devices = 0;
   if (!cuda || cudaGetDeviceCount(&devices) != cudaSuccess || device_index >= devices) {

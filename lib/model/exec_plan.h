@@ -166,7 +166,8 @@ struct PlanInputs {
   // attention rates do not (the same tensor cores).
   double memory_bytes_per_s = 0;
   // The host link's pinned copy rate, bytes/s, the lesser of the two directions (host_link_bytes_per_s, measured at
-  // start; the least over the ranks); 0: the reference's (kReferenceHostLinkBytesPerS, PCIe 5.0 x16 as on the H100 and
+  // start on a device with the reference's rates, device_has_reference_rates; the least over the ranks); 0: the
+  // reference's (kReferenceHostLinkBytesPerS, PCIe 5.0 x16 as on the H100 and
   // H200 machines the copy rates were fitted on). Every PCIe term (offloaded activations, streamed weights, lm_head
   // and AdamW on the host) takes as much longer as the link is slower; within 10% of the reference, none.
   double host_link_bytes_per_s = 0;
@@ -290,6 +291,12 @@ double host_link_bytes_per_s(bool cuda, int device_index = 0);
 // PCIe 5.0 x16's pinned copy rate (about 55 GB/s each way): the links of the machines the cost model's copy rates
 // were fitted on.
 constexpr double kReferenceHostLinkBytesPerS = 55e9;
+// Whether the device's matrix and attention rates are about the cost model's (a Hopper GPU, compute capability 9.x:
+// the H100s and H200s its rates were measured on). Only there does the trainer take the host link's measured rate:
+// elsewhere the compute differs as much as the link (an RTX 4090's GEMMs run about 4.7 times as long as an H200's
+// and its PCIe 4.0 link moves half as much, so copies hide behind its compute better, not worse), and the
+// reference's link keeps the copies' share of the step nearer the truth.
+bool device_has_reference_rates(bool cuda, int device_index = 0);
 
 // Applies the allocator settings of the plan; must run before the first CUDA allocation of the process.
 void apply_allocator_settings(const ExecPlan& plan);

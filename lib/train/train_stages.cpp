@@ -370,7 +370,10 @@ Session start_session(const RunConfig& cfg) {
                  " rows (train.batch_size " + std::to_string(cfg.train.batch_size) + " over " +
                  std::to_string(s.world) + " ranks)");
   s.micro = cfg.train.micro_batch_size > 0 ? cfg.train.micro_batch_size : s.per_rank;
-  s.host_link_bytes_per_s = host_link_bytes_per_s(s.device.is_cuda(), s.device.is_cuda() ? s.device.index() : 0);
+  // (On a device whose compute the cost model's rates describe: see device_has_reference_rates.)
+  const int index = s.device.is_cuda() ? s.device.index() : 0;
+  if (device_has_reference_rates(s.device.is_cuda(), index))
+    s.host_link_bytes_per_s = host_link_bytes_per_s(true, index);
   if (!cfg.model.path.empty() && files::exists(files::join(cfg.model.path, kAdapterConfigFile)) &&
       !files::exists(files::join(cfg.model.path, "config.json")))
     fail_key(ErrorKind::Config, cfg.file, "model.path",

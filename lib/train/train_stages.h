@@ -87,8 +87,8 @@ struct Session {
   int64_t per_rank = 0;  // rows of a step on each rank
   // (`micro`: rows per forward pass: train.micro_batch_size, or the plan's where that is 0; set with the plan)
   int64_t micro = 0;     // rows of one forward pass
-  // The host link's pinned copy rate (host_link_bytes_per_s, measured once at the start on CUDA; 0 on the CPU): the
-  // plan's PCIe terms scale by it.
+  // The host link's pinned copy rate (host_link_bytes_per_s, measured once at the start on a GPU with the cost
+  // model's rates, device_has_reference_rates; else 0, the reference's): the plan's PCIe terms scale by it.
   double host_link_bytes_per_s = 0;
 };
 Session start_session(const RunConfig& cfg);
