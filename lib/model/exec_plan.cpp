@@ -666,8 +666,8 @@ static double memory_slowdown(const PlanInputs& in) {
 // How much longer a copy over the host link takes on this machine than on those the copy rates were fitted on
 // (PlanInputs::host_link_bytes_per_s): their ratio, where this link is more than 10% off the reference (a PCIe 4.0
 // x16 link, as most workstations' 24 GB cards have, moves about half as much; a link running at 8 lanes or an older
-// generation, a quarter); 1 within 10% (the copies the model counts are not the probe's, and the H100 and H200
-// machines measured at 53-57 GB/s). Bounded to [0.25, 20].
+// generation, a quarter); 1 within 10% (the copies the model counts are not the probe's, and the rates were fitted on
+// links not probed: a near miss is the probe's noise, not the link's). Bounded to [0.25, 20].
 static double link_slowdown(const PlanInputs& in) {
   if (!(in.host_link_bytes_per_s > 0)) return 1.0;
   const double ratio = kReferenceHostLinkBytesPerS / in.host_link_bytes_per_s;

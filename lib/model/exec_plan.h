@@ -286,10 +286,10 @@ double device_memory_bytes_per_s(bool cuda, int device_index = 0);
 constexpr double kReferenceMemoryBytesPerS = 2 * 3201e6 * 6144 / 8;
 // The host link's pinned copy rate in bytes/s, the lesser of device to host and host to device (32 MiB copies on a
 // stream of its own, the best of three each way, outside the caching allocators: it may run before the allocator's
-// settings apply); 0 on the CPU or where a CUDA call fails. About 30 ms, once at the plan.
+// settings apply); 0 on the CPU or where a CUDA call fails. Tens of milliseconds, once at the start.
 double host_link_bytes_per_s(bool cuda, int device_index = 0);
-// PCIe 5.0 x16's pinned copy rate (about 55 GB/s each way): the links of the machines the cost model's copy rates
-// were fitted on.
+// PCIe 5.0 x16's pinned copy rate (about 55 GB/s each way, nominally; the links were not probed where the cost
+// model's copy rates were fitted, H100 and H200 machines on PCIe 5.0).
 constexpr double kReferenceHostLinkBytesPerS = 55e9;
 // Whether the device's matrix and attention rates are about the cost model's (a Hopper GPU, compute capability 9.x:
 // the H100s and H200s its rates were measured on). Only there does the trainer take the host link's measured rate:
