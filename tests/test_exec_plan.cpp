@@ -1801,13 +1801,13 @@ TEST_CASE("the host link's measured rate: every PCIe term as much longer as the 
           "[plan]") {
   const LongRow row;
   const double bytes = row.gate_up_bytes;
-  auto at_link = [&](double rate) {
-    qt::PlanInputs in = row.in;
+  // Plan inputs on a host link of `rate` bytes/s (0: the reference's).
+  auto at_link = [](qt::PlanInputs in, double rate) {
     in.host_link_bytes_per_s = rate;
     return in;
   };
-  const qt::PlanInputs reference = at_link(0), near = at_link(55e9 * 1.08), half = at_link(27.5e9),
-                       crawl = at_link(1e6);
+  const qt::PlanInputs reference = at_link(row.in, 0), near = at_link(row.in, 55e9 * 1.08),
+                       half = at_link(row.in, 27.5e9), crawl = at_link(row.in, 1e6);
   // The offload term per output beyond the forward pass's compute: 48 GB/s on the reference's link; on half of it
   // 24 GB/s and more (the fetches in the backward pass no longer hide either), and at most 20 times slower (the probe
   // not believed below that).
@@ -1822,7 +1822,7 @@ TEST_CASE("the host link's measured rate: every PCIe term as much longer as the 
   CHECK(increment(half) > bytes / 24e9 * (1 - 1e-9));
   CHECK(increment(half) < 2 * bytes / 24e9);
   CHECK(increment(crawl) > 20 * bytes / 48e9 * (1 - 1e-9));
-  CHECK(increment(crawl) < increment(at_link(1e3)) * (1 + 1e-9));
+  CHECK(increment(crawl) < increment(at_link(row.in, 1e3)) * (1 + 1e-9));
   // Within 10% of the reference every plan's step is the reference's.
   for (const int64_t n : {int64_t{0}, int64_t{12}, int64_t{31}}) {
     qt::ExecPlan x = row.plan;
@@ -1831,11 +1831,7 @@ TEST_CASE("the host link's measured rate: every PCIe term as much longer as the 
   }
 
   // Streamed block weights, AdamW's state and lm_head on the host: their copies too.
-  const qt::PlanInputs short_ref = inputs("llama-3.1-8b", 2, 2048), short_half = [&] {
-    qt::PlanInputs in = short_ref;
-    in.host_link_bytes_per_s = 27.5e9;
-    return in;
-  }();
+  const qt::PlanInputs short_ref = inputs("llama-3.1-8b", 2, 2048), short_half = at_link(short_ref, 27.5e9);
   qt::ExecPlan lean = MeasuredPlan{true, 0, true, qt::KeepLevel::Input, false, 0, false, false, 0, 0}.plan(128);
   lean.streamed_blocks = 16;
   lean.optimizer_on_host = true;
@@ -1862,9 +1858,7 @@ TEST_CASE("the host link's measured rate: every PCIe term as much longer as the 
   qt::PlanRequest on_device = r;
   on_device.checkpointing = false;
   const qt::PlanInputs short24 = inputs("llama-3.1-8b", 1, 2048);
-  qt::PlanInputs short24_half = short24;
-  short24_half.host_link_bytes_per_s = 27.5e9;
-  CHECK(qt::decide_plan(short24_half, on_device).step.total() == qt::decide_plan(short24, on_device).step.total());
+  CHECK(qt::decide_plan(at_link(short24, 27.5e9), on_device).step.total() == qt::decide_plan(short24, on_device).step.total());
 
   // The plan's JSON (bench's and the run's plan record) carries the rate it took.
   CHECK(qt::to_json(slow)["host_link_gb_s"] == 27.5);
