@@ -103,6 +103,8 @@
 #      14 offloaded (gate_up_offloaded_blocks=0 / 14), one round, then Unsloth's 1 on that row.
 #   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
 #      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
+#   41: no carry: build, the fused NF4 GEMM's [gpu] tests ([nf4_gemm]), bench_nf4_gemm (the fused kernel against the
+#      grouped dequantization + cuBLAS, and cuBLAS alone, at the 8B and 1B projections; NF4_GEMM_ONLY=SUBSTRING).
 #   40: carry [".peers", ".peerscripts"]: build, the host link probe's [plan][gpu] test, `plan` at 8B 1 x 32768 / 24 GiB
 #      with the measured link, then 39's hand search (about 450 s in all; PROBE_ONLY=1: without the hand search).
 #   39: carry [".peers", ".peerscripts"]: build, the hand search on 1B 4 x 2048 at 24 and 80 GiB and 8B 1 x 8192 at
@@ -440,6 +442,15 @@ case "$CALL" in
     --warm 1
   run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
+  ;;
+41)
+  note "== the fused NF4 GEMM (issue 27 item 2): its [gpu] tests, then bench_nf4_gemm against dequantization + cuBLAS"
+  (cd build-gpu && timeout 120 ./tests/qt_tests "[nf4_gemm]") >"$L/tests_nf4_gemm.log" 2>&1
+  tail -n 3 "$L/tests_nf4_gemm.log" >>"$summary"
+  grep -B 4 -A 16 "FAILED" "$L/tests_nf4_gemm.log" | head -n 50 >>"$summary"
+  timeout 240 build-gpu/bench_nf4_gemm ${NF4_GEMM_ONLY:+--only=$NF4_GEMM_ONLY} >"$L/bench_nf4_gemm.log" 2>&1
+  note "bench_nf4_gemm: exit $?"
+  grep -E '^\|' "$L/bench_nf4_gemm.log" >>"$summary"
   ;;
 40)
   note "== the host link probe ([plan][gpu]), the plan of 8B 1 x 32768 at 24 GiB at the measured link, then the hand"

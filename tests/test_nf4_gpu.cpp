@@ -9,11 +9,13 @@
 #include "lib/core/error.h"
 #include "lib/kernels/nf4_dequant.h"
 #include "lib/kernels/nf4_format.h"
+#include "lib/kernels/nf4_gemm.h"
 #include "lib/quant/nf4.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
 #ifdef QT_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -230,4 +232,148 @@ TEST_CASE("NF4 quantization on CUDA produces the CPU's bytes", "[gpu][nf4]") {
       CHECK(same_bits(at::tensor({gpu.data.offset}), at::tensor({cpu.data.offset})));
     }
   }
+}
+
+// ---- The NF4 GEMM (lib/kernels/nf4_gemm.h): the fused Hopper kernel against dequantization then matmul.
+
+namespace {
+
+// x W_j^T for each weight, the weights dequantized to bf16 and the products summed in fp64 on the GPU: the exact
+// sums of the bf16 products both the kernel and cuBLAS compute in fp32.
+at::Tensor exact_products(const at::Tensor& x, const std::vector<const qt::kernels::Nf4Data*>& ws) {
+  std::vector<at::Tensor> parts;
+  for (const auto* w : ws) {
+    at::Tensor wt = at::empty({w->numel / x.size(1), x.size(1)}, x.options());
+    qt::kernels::nf4_dequant_into(*w, wt);
+    parts.push_back(at::mm(x.to(at::kDouble), wt.to(at::kDouble).t()));
+  }
+  return at::cat(parts, 1);
+}
+
+// Error bound of a bf16 result of fp32 sums: one bf16 rounding of the value (2^-8 relative) plus fp32 summation
+// error relative to the sum of |products| (K * 2^-24, taken 4x).
+void require_close_to_exact(const at::Tensor& got, const at::Tensor& exact, const at::Tensor& abs_sum) {
+  const at::Tensor bound = exact.abs() * std::ldexp(1.0, -8) + abs_sum * 1e-5 + 1e-30;
+  const at::Tensor err = (got.to(at::kDouble) - exact).abs();
+  INFO("max error " << err.max().item<double>() << ", max |exact| " << exact.abs().max().item<double>());
+  REQUIRE(at::isfinite(got).all().item<bool>());
+  REQUIRE((err <= bound).all().item<bool>());
+}
+
+}  // namespace
+
+TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k/v grouped, ragged rows, += onto out",
+          "[gpu][nf4][nf4_gemm]") {
+  require_cuda();
+#ifdef QT_WITH_CUDA
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  at::manual_seed(7);
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  struct Case {
+    int64_t m, k;
+    std::vector<int64_t> rows;
+  };
+  // The 8B block's q / k / v (K 4096), gate / up, a ragged token count, one row, several steps deep past the
+  // ring of stages, and K of one step.
+  const std::vector<Case> cases = {{4096, 4096, {4096, 1024, 1024}}, {300, 1024, {2048, 2048}},
+                                   {1, 2048, {256}},                 {517, 64, {128, 384}},
+                                   {2048, 14336, {1024}}};
+  for (const Case& c : cases) {
+    std::vector<qt::kernels::Nf4Data> data;
+    for (int64_t r : c.rows) data.push_back(random_nf4(r, c.k));
+    std::vector<const qt::kernels::Nf4Data*> ws;
+    for (const auto& d : data) ws.push_back(&d);
+    int64_t cols = 0;
+    for (int64_t r : c.rows) cols += r;
+    INFO("m " << c.m << " k " << c.k << " weights " << c.rows.size() << " cols " << cols);
+    const at::Tensor x = at::randn({c.m, c.k}, bf16);
+    // out one tile wider than the weights' columns: those stay untouched.
+    at::Tensor out = at::full({c.m, cols + 128}, std::nan(""), bf16);
+    const std::string unfit = qt::kernels::nf4_gemm_unfit(x, ws, out);
+    if (prop->major == 9 && prop->minor == 0) {
+      REQUIRE(unfit.empty());
+    } else {
+      REQUIRE_FALSE(unfit.empty());  // elsewhere the reference runs; the fused kernel is not checked here
+    }
+    qt::kernels::nf4_linear_into(x, ws, out, /*accumulate=*/false);
+    const at::Tensor exact = exact_products(x, ws);
+    at::Tensor abs_sum  /* sum of |products|: |x| against |W| */ = at::zeros_like(exact);
+    {
+      int64_t c0 = 0;
+      for (const auto* w : ws) {
+        at::Tensor wt = at::empty({w->numel / c.k, c.k}, bf16);
+        qt::kernels::nf4_dequant_into(*w, wt);
+        abs_sum.narrow(1, c0, wt.size(0)).copy_(at::mm(x.abs().to(at::kDouble), wt.abs().to(at::kDouble).t()));
+        c0 += wt.size(0);
+      }
+    }
+    require_close_to_exact(out.narrow(1, 0, cols), exact, abs_sum);
+    REQUIRE(at::isnan(out.narrow(1, cols, 128)).all().item<bool>());
+
+    // The reference (dequantize, then cuBLAS) within the same bound: the two differ only in summation order.
+    at::Tensor ref = at::empty({c.m, cols}, bf16);
+    qt::kernels::nf4_linear_ref_into(x, ws, ref, false);
+    require_close_to_exact(ref, exact, abs_sum);
+
+    // += onto random values: one rounding of the fp32 sum of the old value and the products.
+    const at::Tensor before = at::randn({c.m, cols}, bf16);
+    at::Tensor acc = at::full({c.m, cols + 128}, std::nan(""), bf16);
+    acc.narrow(1, 0, cols).copy_(before);
+    qt::kernels::nf4_linear_into(x, ws, acc, /*accumulate=*/true);
+    require_close_to_exact(acc.narrow(1, 0, cols), exact + before.to(at::kDouble), abs_sum + before.abs().to(at::kDouble));
+    REQUIRE(at::isnan(acc.narrow(1, cols, 128)).all().item<bool>());
+  }
+#endif
+}
+
+TEST_CASE("the fused NF4 GEMM writes into a strided view of a wider matrix, on the caller's stream", "[gpu][nf4][nf4_gemm]") {
+  require_cuda();
+#ifdef QT_WITH_CUDA
+  at::manual_seed(8);
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  const qt::kernels::Nf4Data d = random_nf4(512, 1024);
+  const at::Tensor wide_x = at::randn({700, 1024 + 64}, bf16);
+  const at::Tensor x = wide_x.narrow(1, 64, 1024);  // rows 16-byte aligned: 64 columns = 128 bytes in
+  at::Tensor big = at::zeros({700, 2048}, bf16);
+  at::Tensor out = big.narrow(1, 256, 512);
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+  {
+    c10::cuda::CUDAStreamGuard guard(side);
+    qt::kernels::nf4_linear_into(x, {&d}, out, false);
+  }
+  side.synchronize();
+  at::Tensor ref = at::empty({700, 512}, bf16);
+  qt::kernels::nf4_linear_ref_into(x.contiguous(), {&d}, ref, false);
+  const at::Tensor diff = (out.to(at::kFloat) - ref.to(at::kFloat)).abs();
+  INFO("max diff " << diff.max().item<float>() << " max |ref| " << ref.abs().max().item<float>());
+  REQUIRE((diff <= ref.to(at::kFloat).abs() * (2.0f / 256) + 1e-2f).all().item<bool>());
+  REQUIRE((big.narrow(1, 0, 256) == 0).all().item<bool>());
+  REQUIRE((big.narrow(1, 768, 2048 - 768) == 0).all().item<bool>());
+#endif
+}
+
+TEST_CASE("nf4_linear_into on the CPU: each weight's product in its columns, += onto out, other columns untouched",
+          "[nf4][nf4_gemm]") {
+  at::manual_seed(9);
+  const at::Tensor x = at::randn({5, 128});
+  const qt::kernels::Nf4Data w0 = qt::kernels::nf4_quantize_ref(at::randn({128, 128}), 64);
+  const qt::kernels::Nf4Data w1 = qt::kernels::nf4_quantize_ref(at::randn({64, 128}), 64);
+  const std::vector<const qt::kernels::Nf4Data*> ws = {&w0, &w1};
+  at::Tensor out = at::full({5, 200}, std::nan(""));
+  REQUIRE_FALSE(qt::kernels::nf4_gemm_unfit(x, ws, out).empty());  // the fused kernel is CUDA-only
+  qt::kernels::nf4_linear_into(x, ws, out, false);
+  const at::Tensor p0 = at::matmul(x, qt::kernels::nf4_dequant_ref(w0, at::kFloat).view({128, 128}).t());
+  const at::Tensor p1 = at::matmul(x, qt::kernels::nf4_dequant_ref(w1, at::kFloat).view({64, 128}).t());
+  CHECK(at::allclose(out.narrow(1, 0, 128), p0, 1e-5, 1e-5));
+  CHECK(at::allclose(out.narrow(1, 128, 64), p1, 1e-5, 1e-5));
+  CHECK(at::isnan(out.narrow(1, 192, 8)).all().item<bool>());
+  const at::Tensor before = out.narrow(1, 0, 192).clone();
+  qt::kernels::nf4_linear_into(x, ws, out, true);
+  CHECK(at::allclose(out.narrow(1, 0, 128), before.narrow(1, 0, 128) + p0, 1e-5, 1e-5));
+  CHECK(at::allclose(out.narrow(1, 128, 64), before.narrow(1, 128, 64) + p1, 1e-5, 1e-5));
+  CHECK(at::isnan(out.narrow(1, 192, 8)).all().item<bool>());
+  // A weight whose size is not a multiple of x's columns is refused by name.
+  const qt::kernels::Nf4Data odd = qt::kernels::nf4_quantize_ref(at::randn({3, 100}), 64);
+  CHECK(qt::test::error_of([&] { qt::kernels::nf4_linear_into(x, {&odd}, out, false); })
+            .find("a weight of 300 elements is not [rows, 128]") != std::string::npos);
 }

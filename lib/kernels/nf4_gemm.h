@@ -1,0 +1,31 @@
+#pragma once
+// The NF4 GEMM: y = x W^T with W in NF4 (nf4_format.h), dequantized inside the GEMM's main loop instead of in a
+// pass of its own that writes a 16-bit copy of W (issue 27, item 2). The kernel (lib/kernels/sm90/) is for
+// Hopper (compute capability 9.0, wgmma); nf4_linear_into runs it where it applies and the plain-ATen reference
+// (each weight dequantized, then one matmul) elsewhere, so callers need not branch.
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+#include "lib/kernels/nf4_ref.h"
+
+namespace qt::kernels {
+
+// Why the fused kernel cannot take these operands, or "" where it can: a CUDA build, x bf16 on a device of
+// compute capability 9.0, 1..4 weights of blocksize 64 and x's column count (a multiple of 64) as their K, each
+// weight's rows a multiple of 128, x's rows 16-byte aligned, out bf16 with stride(1) == 1 and an even row
+// stride. Shapes are read from the weights' numel: weight j has numel / K rows.
+std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out);
+
+// out[:, c_j : c_j + rows_j] = x W_j^T (accumulate: +=) for each weight in order, c_0 = 0; out's other columns
+// are left alone. x [m, K] and out [m, >= sum rows] 2-D with stride(1) == 1. The fused kernel on the current
+// CUDA stream where nf4_gemm_unfit is "", else nf4_linear_ref_into.
+void nf4_linear_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,
+                     bool accumulate);
+
+// The reference: each weight dequantized to x's dtype (nf4_dequant_into), then at::mm into (or at::addmm onto)
+// its columns of out. Any device and dtype nf4_dequant_into takes.
+void nf4_linear_ref_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,
+                         bool accumulate);
+
+}  // namespace qt::kernels

@@ -1,0 +1,340 @@
+// The NF4 GEMM for Hopper (sm_90a): y = x W^T, W dequantized from NF4 into shared memory inside the main loop.
+// Interface and contract: nf4_gemm_sm90.h. Reference: nf4_linear_ref (lib/kernels/nf4_gemm.cpp), the dequantized
+// weight through ATen's matmul; the [gpu] tests in tests/test_nf4_gpu.cpp hold the two together.
+//
+// One CTA computes a 256 x 128 tile of y in steps of 64 columns of K, with three warpgroups:
+//   - warpgroup 0, the producer, fills a ring of kStages shared-memory stages. For each step it copies x's
+//     256 x 64 tile with cp.async (completion reported to the stage's "full" mbarrier by
+//     cp.async.mbarrier.arrive), and decodes W's 128 x 64 NF4 tile (4 KB of codes, one scale a row: the step is
+//     one quantization block wide) into bf16 in registers, storing it with 16-byte stores; the codes of the
+//     next two steps are loaded ahead into registers, so the decoding never waits on device memory.
+//   - warpgroups 1 and 2, the consumers, each own 128 rows of the tile: two wgmma m64n128k16 chains (fp32
+//     accumulators in registers, 128 a thread), both operands read from shared memory by descriptor. A stage is
+//     handed back to the producer (its "empty" mbarrier) once the wgmma group that read it has completed.
+// Both tiles are stored K-major in the 128-byte swizzled layout wgmma reads (each 128-byte row's 16-byte chunk c
+// at c ^ (row % 8)), which also keeps the producer's 16-byte stores free of bank conflicts.
+// The decoded values are those of nf4_dequant.cu bit for bit (the scale's multiply and add rounded apart, each
+// value's multiply rounded, then round-to-nearest-even to bf16), so the products are the reference's; only the
+// order of the fp32 sums differs.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "lib/kernels/sm90/nf4_gemm_sm90.h"
+
+namespace qt::kernels::sm90 {
+namespace {
+
+constexpr int kBM = kNf4GemmTileM;
+constexpr int kBN = kNf4GemmTileN;
+constexpr int kBK = kNf4GemmTileK;
+constexpr int kStages = 4;
+constexpr int kThreads = 384;                  // producer + 2 consumer warpgroups
+constexpr int kABytes = kBM * kBK * 2;         // 32 KB a stage
+constexpr int kBBytes = kBN * kBK * 2;         // 16 KB a stage
+constexpr int kRing = kStages * (kABytes + kBBytes);
+constexpr int kSmemBytes = 1024 + kRing + 2 * kStages * 8 + 16 * 4 + 256 * 4;  // +1024: alignment slack
+// Registers: 168 a thread at entry (65536 / 384, rounded down to 8); the producer gives back to 88, the
+// consumers take 208 (128 * 88 + 256 * 208 = 64512 = 384 * 168).
+constexpr int kProducerRegs = 88;
+constexpr int kConsumerRegs = 208;
+
+struct Params {
+  Nf4GemmArgs a;
+  int32_t tile_begin[kNf4GemmMaxWeights + 1];  // first N tile of each weight; tile_begin[n_weights] = N tiles
+  int32_t m_tiles;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// 16 bytes from global to shared, zero-filled where src_bytes is 0 (rows past m).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+// The stage's mbarrier receives one arrival once all of this thread's earlier cp.async have landed.
+__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// Keeps the compiler from moving accesses to the accumulators across the asynchronous wgmma instructions.
+__device__ __forceinline__ void fence_acc(float (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  uint64_t d = static_cast<uint64_t>((addr & 0x3FFFF) >> 4);
+  d |= static_cast<uint64_t>(1) << 16;           // leading byte offset (unused for swizzled K-major)
+  d |= static_cast<uint64_t>(1024 >> 4) << 32;   // stride byte offset: the next 8 rows
+  d |= static_cast<uint64_t>(1) << 62;           // 128-byte swizzle
+  return d;
+}
+
+// wgmma m64n128k16, bf16 x bf16 -> f32, both operands K-major in shared memory (descriptors), D += A B.
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63},"
+      " %64, %65, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(1));
+}
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a K-major 128-byte-swizzled tile.
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+  return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
+}
+
+// The codes and scale inputs of one half row (32 elements) of W's tile for one step.
+struct Raw {
+  uint4 codes;
+  uint32_t q;     // absmax_q of the row's block
+  float nested;   // nested_absmax of that block's group of 256
+};
+
+__device__ __forceinline__ Raw load_raw(const Nf4GemmWeight& w, int64_t row, int k, int kt, int half) {
+  const int64_t block = row * (k / kBK) + kt;
+  Raw r;
+  r.codes = __ldg(reinterpret_cast<const uint4*>(w.packed + row * (k / 2) + kt * (kBK / 2) + half * 16));
+  r.q = __ldg(w.absmax_q + block);
+  r.nested = __ldg(w.nested_absmax + (block >> 8));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Decodes a half row into its four 16-byte chunks of the swizzled tile.
+__device__ __forceinline__ void decode_store(const Raw& r, const float* code, const float* nmap, float offset,
+                                             unsigned char* tile, int row, int half) {
+  // scale = nested_map[q] * nested + offset, multiply and add rounded apart (as nf4_dequant.cu).
+  const float scale = __fadd_rn(__fmul_rn(nmap[r.q], r.nested), offset);
+  const uint32_t words[4] = {r.codes.x, r.codes.y, r.codes.z, r.codes.w};
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    uint32_t o[4];
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t byte = (words[w] >> (8 * b)) & 0xFFu;  // high nibble: the earlier element
+      o[b] = pack_bf16(__fmul_rn(code[byte >> 4], scale), __fmul_rn(code[byte & 0xFu], scale));
+    }
+    *reinterpret_cast<uint4*>(tile + swizzled(row, half * 4 + w)) = make_uint4(o[0], o[1], o[2], o[3]);
+  }
+}
+
+// Stores one consumer's 64 x 128 accumulator tile (rows from r_first, columns from col0) as bf16, adding y's
+// values first where the call accumulates. The accumulator fragment of m64nNk16: warp r of the warpgroup owns
+// rows 16 r .. 16 r + 15; lane l rows l / 4 and l / 4 + 8, columns 8 i + 2 (l % 4) + {0, 1} in registers
+// 4 i + {0, 1} and 4 i + {2, 3}.
+__device__ __forceinline__ void store_tile(const float (&acc)[64], const Nf4GemmArgs& a, int64_t r_first,
+                                           int64_t col0, int wt) {
+  const int warp = wt >> 5, lane = wt & 31;
+  __nv_bfloat16* y = static_cast<__nv_bfloat16*>(a.y);
+  const int64_t r0 = r_first + warp * 16 + (lane >> 2);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t row = r0 + 8 * h;
+    if (row >= a.m) continue;
+    __nv_bfloat16* yrow = y + row * a.ldy + col0 + (lane & 3) * 2;
+#pragma unroll
+    for (int i = 0; i < kBN / 8; ++i) {
+      float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(yrow + 8 * i);
+      if (a.accumulate) {
+        const float2 old = __bfloat1622float2(*dst);
+        v0 += old.x;
+        v1 += old.y;
+      }
+      *dst = __floats2bfloat162_rn(v0, v1);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) nf4_gemm_kernel(const __grid_constant__ Params p) {
+  extern __shared__ unsigned char smem_raw[];
+  // Swizzled tiles must start on 1024-byte boundaries (the swizzle is taken from address bits 7-9).
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* ring_a = smem;
+  unsigned char* ring_b = smem + kStages * kABytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kRing);
+  uint64_t* empty = full + kStages;
+  float* code_s = reinterpret_cast<float*>(empty + kStages);
+  float* nmap_s = code_s + 16;
+
+  const Nf4GemmArgs& a = p.a;
+  const int m_tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.m_tiles));
+  const int n_tile = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.m_tiles));
+  int j = 0;
+  while (j + 1 < a.n_weights && n_tile >= p.tile_begin[j + 1]) ++j;
+  const Nf4GemmWeight& w = a.w[j];
+  const int64_t w_row0 = static_cast<int64_t>(n_tile - p.tile_begin[j]) * kBN;  // first row of w in the tile
+  const int64_t y_col0 = static_cast<int64_t>(n_tile) * kBN;
+  const int64_t m0 = static_cast<int64_t>(m_tile) * kBM;
+  const int k_steps = a.k / kBK;
+
+  const int tid = threadIdx.x;
+  if (tid < 16) code_s[tid] = __ldg(w.quant_map + tid);
+  if (tid < 256) nmap_s[tid] = __ldg(w.nested_map + tid);
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(smem_addr(full + s), 2 * 128);  // 128 cp.async arrivals + 128 decoder arrivals
+      mbar_init(smem_addr(empty + s), 2);       // one arrival per consumer warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (tid < 128) {  // ---------------------------------------------------------------- producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    const int half = tid & 1;
+    const int row_lo = tid >> 1, row_hi = row_lo + 64;  // this thread's two half rows of W's tile
+    const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
+    const int a_row = tid >> 3, a_chunk = tid & 7;
+    const uint32_t a_dst0 = swizzled(a_row, a_chunk);
+    const int64_t a_step = 16 * a.ldx;
+    const __nv_bfloat16* a_src0 = x + (m0 + a_row) * a.ldx + a_chunk * 8;
+    // Rows of x this thread copies that exist (the rest of the last tile's rows are zero-filled).
+    const int64_t left = a.m - m0 - a_row;
+    const int a_rows = left <= 0 ? 0 : static_cast<int>(left >= 16 * 16 ? 16 : (left + 15) / 16);
+    Raw cur_lo{}, cur_hi{}, nxt_lo{}, nxt_hi{};
+    cur_lo = load_raw(w, w_row0 + row_lo, a.k, 0, half);
+    cur_hi = load_raw(w, w_row0 + row_hi, a.k, 0, half);
+    if (k_steps > 1) {
+      nxt_lo = load_raw(w, w_row0 + row_lo, a.k, 1, half);
+      nxt_hi = load_raw(w, w_row0 + row_hi, a.k, 1, half);
+    }
+    for (int kt = 0; kt < k_steps; ++kt) {
+      const int s = kt % kStages;
+      const uint32_t round = static_cast<uint32_t>(kt / kStages);
+      Raw ahead_lo{}, ahead_hi{};
+      if (kt + 2 < k_steps) {
+        ahead_lo = load_raw(w, w_row0 + row_lo, a.k, kt + 2, half);
+        ahead_hi = load_raw(w, w_row0 + row_hi, a.k, kt + 2, half);
+      }
+      mbar_wait(smem_addr(empty + s), (round & 1u) ^ 1u);  // a fresh barrier's "previous phase" passes at once
+      // x's tile: 256 rows x 8 chunks; a thread copies chunk tid % 8 of rows tid / 8 + 16 i (same swizzle row).
+      {
+        uint32_t dst = smem_addr(ring_a + s * kABytes) + a_dst0;
+        const __nv_bfloat16* src = a_src0 + static_cast<int64_t>(kt) * kBK;
+#pragma unroll 4
+        for (int i = 0; i < 16; ++i, dst += 16 * 128, src += a_step) {
+          const bool in = i < a_rows;
+          cp_async16(dst, in ? src : x, in ? 16u : 0u);
+        }
+      }
+      cp_async_arrive(smem_addr(full + s));
+      unsigned char* b_stage = ring_b + s * kBBytes;
+      decode_store(cur_lo, code_s, nmap_s, w.offset, b_stage, row_lo, half);
+      decode_store(cur_hi, code_s, nmap_s, w.offset, b_stage, row_hi, half);
+      fence_proxy_async();  // the generic-proxy stores, before wgmma (async proxy) reads them
+      mbar_arrive(smem_addr(full + s));
+      cur_lo = nxt_lo;
+      cur_hi = nxt_hi;
+      nxt_lo = ahead_lo;
+      nxt_hi = ahead_hi;
+    }
+  } else {  // -------------------------------------------------------------------------- consumers
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+    const int cw = (tid >> 7) - 1;  // 0 or 1: rows cw * 128 .. + 127 of the tile
+    float acc0[64], acc1[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc0[i] = acc1[i] = 0.0f;
+    for (int kt = 0; kt < k_steps; ++kt) {
+      const int s = kt % kStages;
+      mbar_wait(smem_addr(full + s), static_cast<uint32_t>(kt / kStages) & 1u);
+      fence_proxy_async();
+      const uint32_t a0 = smem_addr(ring_a + s * kABytes) + cw * 128 * 128;
+      const uint32_t b0 = smem_addr(ring_b + s * kBBytes);
+      fence_acc(acc0);
+      fence_acc(acc1);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBK / 16; ++kk) {
+        const uint64_t db = smem_desc(b0 + kk * 32);
+        wgmma_m64n128k16(acc0, smem_desc(a0 + kk * 32), db);
+        wgmma_m64n128k16(acc1, smem_desc(a0 + 64 * 128 + kk * 32), db);
+      }
+      wgmma_commit();
+      fence_acc(acc0);
+      fence_acc(acc1);
+      wgmma_wait<1>();  // the previous step's group has read its stage
+      if (kt > 0 && (tid & 127) == 0) mbar_arrive(smem_addr(empty + (kt - 1) % kStages));
+    }
+    wgmma_wait<0>();
+    fence_acc(acc0);
+    fence_acc(acc1);
+
+    store_tile(acc0, a, m0 + cw * 128, y_col0, tid & 127);
+    store_tile(acc1, a, m0 + cw * 128 + 64, y_col0, tid & 127);
+  }
+}
+
+}  // namespace
+
+int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
+  Params p{};
+  p.a = args;
+  p.tile_begin[0] = 0;
+  for (int j = 0; j < args.n_weights; ++j) p.tile_begin[j + 1] = p.tile_begin[j] + args.w[j].rows / kBN;
+  p.m_tiles = (args.m + kBM - 1) / kBM;
+  const int64_t blocks = static_cast<int64_t>(p.m_tiles) * p.tile_begin[args.n_weights];
+  if (blocks == 0) return 0;
+  if (blocks >= (int64_t{1} << 31)) return static_cast<int>(cudaErrorInvalidValue);
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(nf4_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (attr != cudaSuccess) return static_cast<int>(attr);
+  nf4_gemm_kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace qt::kernels::sm90
