@@ -446,8 +446,10 @@ case "$CALL" in
 41)
   note "== the fused NF4 GEMM (issue 27 item 2): its [gpu] tests, then bench_nf4_gemm against dequantization + cuBLAS"
   (cd build-gpu && timeout 120 ./tests/qt_tests "[nf4_gemm]") >"$L/tests_nf4_gemm.log" 2>&1
+  rc=$?
   tail -n 3 "$L/tests_nf4_gemm.log" >>"$summary"
   grep -B 4 -A 16 "FAILED" "$L/tests_nf4_gemm.log" | head -n 50 >>"$summary"
+  [ "$rc" = 124 ] && { note "tests timed out (a hang): no bench"; exit 1; }
   timeout 240 build-gpu/bench_nf4_gemm ${NF4_GEMM_ONLY:+--only=$NF4_GEMM_ONLY} >"$L/bench_nf4_gemm.log" 2>&1
   note "bench_nf4_gemm: exit $?"
   grep -E '^\|' "$L/bench_nf4_gemm.log" >>"$summary"
