@@ -3,7 +3,9 @@
 // against that GEMM alone (the weights held in bf16: the matrix rate the fused kernel would have to reach to
 // save the dequantization pass whole). Shapes: the projections of a Llama 3.1 8B and a 3.2 1B block at the
 // token counts of issue 27's rows. Times are medians of CUDA-event batches (bench_timing.h) over two buffer sets;
-// each row also prints the fused result's largest difference from the reference, relative to its largest value.
+// each row also prints the fused result's largest difference from the reference, relative to its largest value,
+// and two more variants of the kernel: one producer warpgroup instead of two, and two storing the codes undecoded
+// (wrong values: the pipeline's ceiling without the decoding's work).
 // Usage: bench_nf4_gemm [--only=SUBSTRING]
 #include <ATen/ATen.h>
 
@@ -68,8 +70,8 @@ int main(int argc, char** argv) {
       {"1b gate_up m8192", 8192, 2048, {8192, 8192}},    {"1b down m8192", 8192, 8192, {2048}},
   };
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  std::printf("| shape | m x n x k | fused us | TFLOP/s | dequant + mm us | mm alone us | fused / (dequant + mm) | fused / mm | max rel diff |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| shape | m x n x k | fused us | TFLOP/s | dequant + mm us | mm alone us | fused / (dequant + mm) | fused / mm | max rel diff | one producer warpgroup us | undecoded (ceiling) us |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Shape& s : shapes) {
     if (!only.empty() && s.name.find(only) == std::string::npos) continue;
     int64_t n = 0;
@@ -105,15 +107,19 @@ int main(int argc, char** argv) {
     const double t_mm = qt::bench::time_us(kSets, [&](int i) { at::mm_out(ys[i], xs[i], wbufs[i].t()); });
     const double t_fused =
         qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false); });
+    const double t_pw1 =
+        qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, 1); });
+    const double t_raw =
+        qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, 3); });
     dequant_mm(0);
     const at::Tensor ref0 = ys[0].to(at::kFloat);
     qt::kernels::nf4_linear_into(xs[0], ws[0], ys[0], false);
     const double diff =
         ((ys[0].to(at::kFloat) - ref0).abs().max() / ref0.abs().max().clamp_min(1e-30)).item<double>();
     const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(n) * static_cast<double>(s.k);
-    std::printf("| %s | %ld x %ld x %ld | %.1f | %.0f | %.1f | %.1f | %.3f | %.3f | %.2e |\n", s.name.c_str(),
-                static_cast<long>(s.m), static_cast<long>(n), static_cast<long>(s.k), t_fused,
-                flops / (t_fused * 1e-6) / 1e12, t_ref, t_mm, t_fused / t_ref, t_fused / t_mm, diff);
+    std::printf("| %s | %ld x %ld x %ld | %.1f | %.0f | %.1f | %.1f | %.3f | %.3f | %.2e | %.1f | %.1f |\n",
+                s.name.c_str(), static_cast<long>(s.m), static_cast<long>(n), static_cast<long>(s.k), t_fused,
+                flops / (t_fused * 1e-6) / 1e12, t_ref, t_mm, t_fused / t_ref, t_fused / t_mm, diff, t_pw1, t_raw);
   }
   return 0;
 #endif

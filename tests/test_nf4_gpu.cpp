@@ -309,6 +309,10 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
     }
     require_close_to_exact(out.narrow(1, 0, cols), exact, abs_sum);
     REQUIRE(at::isnan(out.narrow(1, cols, 128)).all().item<bool>());
+    // The kernel's other decoding variant (one producer warpgroup instead of two): the same bits.
+    at::Tensor out1 = at::full({c.m, cols + 128}, std::nan(""), bf16);
+    qt::kernels::nf4_linear_into(x, ws, out1, /*accumulate=*/false, /*variant=*/1);
+    REQUIRE(same_bits(out1, out));
 
     // The reference (dequantize, then cuBLAS) within the same bound: the two differ only in summation order.
     at::Tensor ref = at::empty({c.m, cols}, bf16);

@@ -88,13 +88,15 @@ void nf4_linear_ref_into(const at::Tensor& x, const std::vector<const Nf4Data*>&
 }
 
 void nf4_linear_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,
-                     bool accumulate) {
+                     bool accumulate, int variant) {
   check_operands(x, ws, out);
   if (!nf4_gemm_unfit(x, ws, out).empty()) {
     nf4_linear_ref_into(x, ws, out, accumulate);
     return;
   }
-#ifdef QT_WITH_CUDA
+#ifndef QT_WITH_CUDA
+  (void)variant;
+#else
   sm90::Nf4GemmArgs args;
   args.x = x.data_ptr();
   args.ldx = x.stride(0);
@@ -103,6 +105,7 @@ void nf4_linear_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws,
   args.m = static_cast<int32_t>(x.size(0));
   args.k = static_cast<int32_t>(x.size(1));
   args.accumulate = accumulate;
+  args.variant = variant;
   args.n_weights = static_cast<int32_t>(ws.size());
   for (size_t j = 0; j < ws.size(); ++j) {
     const Nf4Data& d = *ws[j];

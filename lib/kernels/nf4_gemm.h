@@ -20,8 +20,9 @@ std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*
 // out[:, c_j : c_j + rows_j] = x W_j^T (accumulate: +=) for each weight in order, c_0 = 0; out's other columns
 // are left alone. x [m, K] and out [m, >= sum rows] 2-D with stride(1) == 1. The fused kernel on the current
 // CUDA stream where nf4_gemm_unfit is "", else nf4_linear_ref_into.
+// variant: the kernel's variant (sm90::Nf4GemmArgs::variant; 0 the default; others for bench_nf4_gemm only).
 void nf4_linear_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,
-                     bool accumulate);
+                     bool accumulate, int variant = 0);
 
 // The reference: each weight dequantized to x's dtype (nf4_dequant_into), then at::mm into (or at::addmm onto)
 // its columns of out. Any device and dtype nf4_dequant_into takes.

@@ -30,15 +30,24 @@ constexpr int kBM = kNf4GemmTileM;
 constexpr int kBN = kNf4GemmTileN;
 constexpr int kBK = kNf4GemmTileK;
 constexpr int kStages = 4;
-constexpr int kThreads = 384;                  // producer + 2 consumer warpgroups
 constexpr int kABytes = kBM * kBK * 2;         // 32 KB a stage
 constexpr int kBBytes = kBN * kBK * 2;         // 16 KB a stage
 constexpr int kRing = kStages * (kABytes + kBBytes);
 constexpr int kSmemBytes = 1024 + kRing + 2 * kStages * 8 + 16 * 4 + 256 * 4;  // +1024: alignment slack
-// Registers: 168 a thread at entry (65536 / 384, rounded down to 8); the producer gives back to 88, the
-// consumers take 208 (128 * 88 + 256 * 208 = 64512 = 384 * 168).
-constexpr int kProducerRegs = 88;
-constexpr int kConsumerRegs = 208;
+
+// Threads and registers with PW producer warpgroups. One producer warpgroup: 168 registers a thread at entry
+// (65536 / 384, rounded down to 8); the producer gives back to 88, the consumers take 208 (128 * 88 + 256 * 208 =
+// 64512 = 384 * 168). Two: 128 at entry, the producers 72 and the consumers 184 (256 * 72 + 256 * 184 = 65536).
+template <int PW>
+struct Shape;
+template <>
+struct Shape<1> {
+  static constexpr int kThreads = 384, kProducerThreads = 128, kProducerRegs = 88, kConsumerRegs = 208;
+};
+template <>
+struct Shape<2> {
+  static constexpr int kThreads = 512, kProducerThreads = 256, kProducerRegs = 72, kConsumerRegs = 184;
+};
 
 struct Params {
   Nf4GemmArgs a;
@@ -104,8 +113,8 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
   return d;
 }
 
-// wgmma m64n128k16, bf16 x bf16 -> f32, both operands K-major in shared memory (descriptors), D += A B.
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+// wgmma m64n128k16, bf16 x bf16 -> f32, both operands K-major in shared memory (descriptors): D = A B + (scale_d ? D : 0).
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -125,7 +134,7 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
         "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-      : "l"(desc_a), "l"(desc_b), "r"(1));
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
 // Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a K-major 128-byte-swizzled tile.
@@ -200,7 +209,14 @@ __device__ __forceinline__ void store_tile(const float (&acc)[64], const Nf4Gemm
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 1) nf4_gemm_kernel(const __grid_constant__ Params p) {
+// PW producer warpgroups (1 or 2), then the 2 consumer warpgroups. kDecode false: the producer stores the raw
+// codes instead of decoding them (wrong values: bench_nf4_gemm's ceiling of the pipeline without the decoding).
+template <int PW, bool kDecode>
+__global__ void __launch_bounds__(Shape<PW>::kThreads, 1) nf4_gemm_kernel(const __grid_constant__ Params p) {
+  using S = Shape<PW>;
+  constexpr int PT = S::kProducerThreads;
+  constexpr int kHalves = 256 / PT;  // half rows of W's tile a producer thread decodes (2 or 1)
+  constexpr int kChunks = 2048 / PT;  // 16-byte chunks of x's tile a producer thread copies (16 or 8)
   extern __shared__ unsigned char smem_raw[];
   // Swizzled tiles must start on 1024-byte boundaries (the swizzle is taken from address bits 7-9).
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -227,96 +243,113 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemm_kernel(const __grid_cons
   if (tid < 256) nmap_s[tid] = __ldg(w.nested_map + tid);
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(smem_addr(full + s), 2 * 128);  // 128 cp.async arrivals + 128 decoder arrivals
-      mbar_init(smem_addr(empty + s), 2);       // one arrival per consumer warpgroup
+      mbar_init(smem_addr(full + s), PT + PT / 32);  // a cp.async arrival a producer thread, a decoder a warp
+      mbar_init(smem_addr(empty + s), 2);            // one arrival per consumer warpgroup
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
 
-  if (tid < 128) {  // ---------------------------------------------------------------- producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+  if (tid < PT) {  // ----------------------------------------------------------------- producers
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(S::kProducerRegs));
     const int half = tid & 1;
-    const int row_lo = tid >> 1, row_hi = row_lo + 64;  // this thread's two half rows of W's tile
+    int rows[kHalves];  // this thread's half rows of W's tile
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) rows[h] = (tid >> 1) + h * (PT / 2);
     const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(a.x);
+    // x's tile: 256 rows x 8 chunks; a thread copies chunk tid % 8 of rows tid / 8 + (PT / 8) i (one swizzle row).
     const int a_row = tid >> 3, a_chunk = tid & 7;
     const uint32_t a_dst0 = swizzled(a_row, a_chunk);
-    const int64_t a_step = 16 * a.ldx;
+    const int64_t a_step = (PT / 8) * a.ldx;
     const __nv_bfloat16* a_src0 = x + (m0 + a_row) * a.ldx + a_chunk * 8;
     // Rows of x this thread copies that exist (the rest of the last tile's rows are zero-filled).
     const int64_t left = a.m - m0 - a_row;
-    const int a_rows = left <= 0 ? 0 : static_cast<int>(left >= 16 * 16 ? 16 : (left + 15) / 16);
-    Raw cur_lo{}, cur_hi{}, nxt_lo{}, nxt_hi{};
-    cur_lo = load_raw(w, w_row0 + row_lo, a.k, 0, half);
-    cur_hi = load_raw(w, w_row0 + row_hi, a.k, 0, half);
-    if (k_steps > 1) {
-      nxt_lo = load_raw(w, w_row0 + row_lo, a.k, 1, half);
-      nxt_hi = load_raw(w, w_row0 + row_hi, a.k, 1, half);
+    const int a_rows =
+        left <= 0 ? 0 : static_cast<int>(left >= int64_t{kChunks} * (PT / 8) ? kChunks : (left + PT / 8 - 1) / (PT / 8));
+    Raw cur[kHalves], nxt[kHalves];
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      cur[h] = load_raw(w, w_row0 + rows[h], a.k, 0, half);
+      if (k_steps > 1) nxt[h] = load_raw(w, w_row0 + rows[h], a.k, 1, half);
     }
     for (int kt = 0; kt < k_steps; ++kt) {
       const int s = kt % kStages;
       const uint32_t round = static_cast<uint32_t>(kt / kStages);
-      Raw ahead_lo{}, ahead_hi{};
-      if (kt + 2 < k_steps) {
-        ahead_lo = load_raw(w, w_row0 + row_lo, a.k, kt + 2, half);
-        ahead_hi = load_raw(w, w_row0 + row_hi, a.k, kt + 2, half);
-      }
+      Raw ahead[kHalves];
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h)
+        if (kt + 2 < k_steps) ahead[h] = load_raw(w, w_row0 + rows[h], a.k, kt + 2, half);
       mbar_wait(smem_addr(empty + s), (round & 1u) ^ 1u);  // a fresh barrier's "previous phase" passes at once
-      // x's tile: 256 rows x 8 chunks; a thread copies chunk tid % 8 of rows tid / 8 + 16 i (same swizzle row).
       {
         uint32_t dst = smem_addr(ring_a + s * kABytes) + a_dst0;
         const __nv_bfloat16* src = a_src0 + static_cast<int64_t>(kt) * kBK;
 #pragma unroll 4
-        for (int i = 0; i < 16; ++i, dst += 16 * 128, src += a_step) {
+        for (int i = 0; i < kChunks; ++i, dst += (PT / 8) * 128, src += a_step) {
           const bool in = i < a_rows;
           cp_async16(dst, in ? src : x, in ? 16u : 0u);
         }
       }
       cp_async_arrive(smem_addr(full + s));
       unsigned char* b_stage = ring_b + s * kBBytes;
-      decode_store(cur_lo, code_s, nmap_s, w.offset, b_stage, row_lo, half);
-      decode_store(cur_hi, code_s, nmap_s, w.offset, b_stage, row_hi, half);
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) {
+        if constexpr (kDecode) {
+          decode_store(cur[h], code_s, nmap_s, w.offset, b_stage, rows[h], half);
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            *reinterpret_cast<uint4*>(b_stage + swizzled(rows[h], half * 4 + q)) = cur[h].codes;
+        }
+      }
       fence_proxy_async();  // the generic-proxy stores, before wgmma (async proxy) reads them
-      mbar_arrive(smem_addr(full + s));
-      cur_lo = nxt_lo;
-      cur_hi = nxt_hi;
-      nxt_lo = ahead_lo;
-      nxt_hi = ahead_hi;
+      __syncwarp();
+      if ((tid & 31) == 0) mbar_arrive(smem_addr(full + s));  // the warp's stores, ordered by __syncwarp
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) {
+        cur[h] = nxt[h];
+        nxt[h] = ahead[h];
+      }
     }
   } else {  // -------------------------------------------------------------------------- consumers
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
-    const int cw = (tid >> 7) - 1;  // 0 or 1: rows cw * 128 .. + 127 of the tile
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(S::kConsumerRegs));
+    const int cw = (tid - PT) >> 7;  // 0 or 1: rows cw * 128 .. + 127 of the tile
+    // No initialization: the first step's first wgmma ignores D (scale_d 0). An instruction other than wgmma
+    // writing the accumulators between the wgmmas would make ptxas serialize them (its warning C7515).
     float acc0[64], acc1[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc0[i] = acc1[i] = 0.0f;
     for (int kt = 0; kt < k_steps; ++kt) {
       const int s = kt % kStages;
       mbar_wait(smem_addr(full + s), static_cast<uint32_t>(kt / kStages) & 1u);
       fence_proxy_async();
       const uint32_t a0 = smem_addr(ring_a + s * kABytes) + cw * 128 * 128;
       const uint32_t b0 = smem_addr(ring_b + s * kBBytes);
-      fence_acc(acc0);
-      fence_acc(acc1);
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBK / 16; ++kk) {
         const uint64_t db = smem_desc(b0 + kk * 32);
-        wgmma_m64n128k16(acc0, smem_desc(a0 + kk * 32), db);
-        wgmma_m64n128k16(acc1, smem_desc(a0 + 64 * 128 + kk * 32), db);
+        const uint32_t scale_d = (kt > 0 || kk > 0) ? 1u : 0u;
+        wgmma_m64n128k16(acc0, smem_desc(a0 + kk * 32), db, scale_d);
+        wgmma_m64n128k16(acc1, smem_desc(a0 + 64 * 128 + kk * 32), db, scale_d);
       }
       wgmma_commit();
-      fence_acc(acc0);
-      fence_acc(acc1);
       wgmma_wait<1>();  // the previous step's group has read its stage
       if (kt > 0 && (tid & 127) == 0) mbar_arrive(smem_addr(empty + (kt - 1) % kStages));
     }
     wgmma_wait<0>();
     fence_acc(acc0);
     fence_acc(acc1);
-
     store_tile(acc0, a, m0 + cw * 128, y_col0, tid & 127);
     store_tile(acc1, a, m0 + cw * 128 + 64, y_col0, tid & 127);
   }
+}
+
+template <int PW, bool kDecode>
+int launch(const Params& p, int64_t blocks, cudaStream_t stream) {
+  constexpr int kSmem = kSmemBytes;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(nf4_gemm_kernel<PW, kDecode>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (attr != cudaSuccess) return static_cast<int>(attr);
+  nf4_gemm_kernel<PW, kDecode><<<static_cast<unsigned>(blocks), Shape<PW>::kThreads, kSmem, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
@@ -330,11 +363,14 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
   const int64_t blocks = static_cast<int64_t>(p.m_tiles) * p.tile_begin[args.n_weights];
   if (blocks == 0) return 0;
   if (blocks >= (int64_t{1} << 31)) return static_cast<int>(cudaErrorInvalidValue);
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(nf4_gemm_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (attr != cudaSuccess) return static_cast<int>(attr);
-  nf4_gemm_kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, stream>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  switch (args.variant) {
+    case 1:
+      return launch<1, true>(p, blocks, stream);
+    case 3:
+      return launch<2, false>(p, blocks, stream);
+    default:
+      return launch<2, true>(p, blocks, stream);
+  }
 }
 
 }  // namespace qt::kernels::sm90

@@ -39,6 +39,9 @@ struct Nf4GemmArgs {
   int32_t n_weights = 0;
   Nf4GemmWeight w[kNf4GemmMaxWeights];
   bool accumulate = false;  // y += x W^T (the sum in fp32, one rounding), else y = x W^T
+  // 0: the default (two producer warpgroups); 1: one producer warpgroup; 3: two, storing the codes undecoded
+  // (wrong values: the pipeline's ceiling without the decoding, for bench_nf4_gemm only).
+  int32_t variant = 0;
 };
 
 // Launches the kernel on `stream`; returns the CUDA error code of the launch (0 = success). The caller checks
