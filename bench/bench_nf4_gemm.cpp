@@ -108,9 +108,9 @@ int main(int argc, char** argv) {
     const double t_fused =
         qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false); });
     const double t_pw1 =
-        qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, 1); });
+        qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, {}, 1); });
     const double t_raw =
-        qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, 3); });
+        qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, {}, 3); });
     dequant_mm(0);
     const at::Tensor ref0 = ys[0].to(at::kFloat);
     qt::kernels::nf4_linear_into(xs[0], ws[0], ys[0], false);

@@ -103,8 +103,9 @@
 #      14 offloaded (gate_up_offloaded_blocks=0 / 14), one round, then Unsloth's 1 on that row.
 #   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
 #      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
-#   41: no carry: build, the fused NF4 GEMM's [gpu] tests ([nf4_gemm]), bench_nf4_gemm (the fused kernel against the
-#      grouped dequantization + cuBLAS, and cuBLAS alone, at the 8B and 1B projections; NF4_GEMM_ONLY=SUBSTRING).
+#   41: no carry: build, the fused NF4 GEMM's [gpu] tests ([nf4_gemm]: the kernel's and the model's with it), bench_nf4_gemm
+#      (the fused kernel against the grouped dequantization + cuBLAS, and cuBLAS alone, at the 8B and 1B projections;
+#      NF4_GEMM_ONLY=SUBSTRING), then QT_NF4_GEMM=1 against the default at 8B 2 x 2048 / 24 GiB, 2 rounds (NO_AB=1: not).
 #   40: carry [".peers", ".peerscripts"]: build, the host link probe's [plan][gpu] test, `plan` at 8B 1 x 32768 / 24 GiB
 #      with the measured link, then 39's hand search (about 450 s in all; PROBE_ONLY=1: without the hand search).
 #   39: carry [".peers", ".peerscripts"]: build, the hand search on 1B 4 x 2048 at 24 and 80 GiB and 8B 1 x 8192 at
@@ -450,9 +451,12 @@ case "$CALL" in
   tail -n 3 "$L/tests_nf4_gemm.log" >>"$summary"
   grep -B 4 -A 16 "FAILED" "$L/tests_nf4_gemm.log" | head -n 50 >>"$summary"
   [ "$rc" = 124 ] && { note "tests timed out (a hang): no bench"; exit 1; }
-  timeout 240 build-gpu/bench_nf4_gemm ${NF4_GEMM_ONLY:+--only=$NF4_GEMM_ONLY} >"$L/bench_nf4_gemm.log" 2>&1
+  timeout 150 build-gpu/bench_nf4_gemm ${NF4_GEMM_ONLY:+--only=$NF4_GEMM_ONLY} >"$L/bench_nf4_gemm.log" 2>&1
   note "bench_nf4_gemm: exit $?"
   grep -E '^\|' "$L/bench_nf4_gemm.log" >>"$summary"
+  [ -n "${NO_AB:-}" ] && exit 0
+  # In the step: 8B 2 x 2048 at 24 GiB (the blocks not holding their weights dequantize them in each pass).
+  ab_env ab_nf4_gemm_24.log 240 8b-2x2048 24 2 nf4_gemm QT_NF4_GEMM=1
   ;;
 40)
   note "== the host link probe ([plan][gpu]), the plan of 8B 1 x 32768 at 24 GiB at the measured link, then the hand"

@@ -2089,6 +2089,39 @@ TEST_CASE("on CUDA the norms writing into the LoRA groups' concatenated inputs g
   }
 }
 
+// The forward products through the fused NF4 GEMM (QT_NF4_GEMM=1: the weights dequantized inside the GEMM, the
+// groups' LoRA B terms as its last columns) against dequantization then cuBLAS: a model 1,024 wide in bf16 on a Hopper
+// GPU (the kernel's), the hidden states and LoRA gradients within bf16's rounding, the fused products counted (the
+// q / k / v and gate / up groups, o_proj and down_proj of both blocks in the forward pass), none with the switch off.
+TEST_CASE("on a Hopper GPU the fused NF4 GEMM gives the hidden states and LoRA gradients of dequantization then "
+          "cuBLAS",
+          "[lora][gpu][nf4_gemm]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (bool checkpointing : {false, true}) {
+    INFO("checkpointing " << checkpointing);
+    std::shared_ptr<qt::ModelStats> stats;
+    int64_t padded = 0;
+    auto run = [&](const char* value) {
+      const qt::test::ScopedEnv env("QT_NF4_GEMM", value);
+      return one_long_row(
+          cuda, at::kBFloat16, 256,
+          [&](qt::LlamaModel& m) {
+            REQUIRE(m.config.num_hidden_layers == 2);
+            m.plan.checkpointing = checkpointing;
+            m.plan.keep_dequantized = false;
+            stats = m.stats;
+          },
+          &padded, qt::lora_target_names(), 1024);
+    };
+    const std::vector<at::Tensor> fused = run("1");
+    CHECK(stats->nf4_gemm_runs >= 8);
+    const std::vector<at::Tensor> apart = run(nullptr);
+    CHECK(stats->nf4_gemm_runs == 0);
+    check_same_loss_and_grads(fused, apart, 2e-2);
+  }
+}
+
 TEST_CASE("a row padded at its end for cuDNN (plan.row_multiple) gives the hidden states and LoRA gradients of the "
           "row as it is, with checkpointing, the MLP in chunks and the attention output kept",
           "[lora]") {

@@ -238,22 +238,25 @@ TEST_CASE("NF4 quantization on CUDA produces the CPU's bytes", "[gpu][nf4]") {
 
 namespace {
 
-// x W_j^T for each weight, the weights dequantized to bf16 and the products summed in fp64 on the GPU: the exact
-// sums of the bf16 products both the kernel and cuBLAS compute in fp32.
-at::Tensor exact_products(const at::Tensor& x, const std::vector<const qt::kernels::Nf4Data*>& ws) {
+// The weights dequantized to bf16, side by side as [sum rows, K], the tail's columns after them where given.
+at::Tensor full_weight(const std::vector<const qt::kernels::Nf4Data*>& ws, int64_t k, const at::Tensor& tail) {
   std::vector<at::Tensor> parts;
   for (const auto* w : ws) {
-    at::Tensor wt = at::empty({w->numel / x.size(1), x.size(1)}, x.options());
+    at::Tensor wt = at::empty({w->numel / k, k}, tail.defined() ? tail.options() : at::TensorOptions()
+                                                                                       .dtype(at::kBFloat16)
+                                                                                       .device(at::kCUDA));
     qt::kernels::nf4_dequant_into(*w, wt);
-    parts.push_back(at::mm(x.to(at::kDouble), wt.to(at::kDouble).t()));
+    parts.push_back(wt);
   }
-  return at::cat(parts, 1);
+  at::Tensor w = at::cat(parts, 0);
+  return tail.defined() ? at::cat({w, tail}, 1) : w;
 }
 
 // Error bound of a bf16 result of fp32 sums: one bf16 rounding of the value (2^-8 relative) plus fp32 summation
 // error relative to the sum of |products| (K * 2^-24, taken 4x).
-void require_close_to_exact(const at::Tensor& got, const at::Tensor& exact, const at::Tensor& abs_sum) {
-  const at::Tensor bound = exact.abs() * std::ldexp(1.0, -8) + abs_sum * 1e-5 + 1e-30;
+void require_close_to_exact(const at::Tensor& got, const at::Tensor& exact, const at::Tensor& abs_sum,
+                            double rel = std::ldexp(1.0, -8)) {
+  const at::Tensor bound = exact.abs() * rel + abs_sum * 1e-5 + 1e-30;
   const at::Tensor err = (got.to(at::kDouble) - exact).abs();
   INFO("max error " << err.max().item<double>() << ", max |exact| " << exact.abs().max().item<double>());
   REQUIRE(at::isfinite(got).all().item<bool>());
@@ -262,7 +265,8 @@ void require_close_to_exact(const at::Tensor& got, const at::Tensor& exact, cons
 
 }  // namespace
 
-TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k/v grouped, ragged rows, += onto out",
+TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k/v grouped, ragged rows, a LoRA "
+          "tail, += onto out",
           "[gpu][nf4][nf4_gemm]") {
   require_cuda();
 #ifdef QT_WITH_CUDA
@@ -272,12 +276,13 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
   struct Case {
     int64_t m, k;
     std::vector<int64_t> rows;
+    int64_t k_tail;  // bf16 columns after the NF4 ones (LoRA's B terms), 0: none
   };
-  // The 8B block's q / k / v (K 4096), gate / up, a ragged token count, one row, several steps deep past the
-  // ring of stages, and K of one step.
-  const std::vector<Case> cases = {{4096, 4096, {4096, 1024, 1024}}, {300, 1024, {2048, 2048}},
-                                   {1, 2048, {256}},                 {517, 64, {128, 384}},
-                                   {2048, 14336, {1024}}};
+  // The 8B block's q / k / v (K 4096) with their LoRA tail (3 x r 16), gate / up, a ragged token count, one row,
+  // several steps deep past the ring of stages, K of one step with a tail of two steps, and a tail of 8.
+  const std::vector<Case> cases = {{4096, 4096, {4096, 1024, 1024}, 48}, {300, 1024, {2048, 2048}, 0},
+                                   {1, 2048, {256}, 0},                   {517, 64, {128, 384}, 72},
+                                   {2048, 14336, {1024}, 0},              {640, 512, {256}, 8}};
   for (const Case& c : cases) {
     std::vector<qt::kernels::Nf4Data> data;
     for (int64_t r : c.rows) data.push_back(random_nf4(r, c.k));
@@ -285,45 +290,41 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
     for (const auto& d : data) ws.push_back(&d);
     int64_t cols = 0;
     for (int64_t r : c.rows) cols += r;
-    INFO("m " << c.m << " k " << c.k << " weights " << c.rows.size() << " cols " << cols);
-    const at::Tensor x = at::randn({c.m, c.k}, bf16);
+    INFO("m " << c.m << " k " << c.k << " weights " << c.rows.size() << " cols " << cols << " tail " << c.k_tail);
+    const at::Tensor x = at::randn({c.m, c.k + c.k_tail}, bf16);
+    const at::Tensor tail = c.k_tail > 0 ? at::randn({cols, c.k_tail}, bf16) : at::Tensor();
     // out one tile wider than the weights' columns: those stay untouched.
     at::Tensor out = at::full({c.m, cols + 128}, std::nan(""), bf16);
-    const std::string unfit = qt::kernels::nf4_gemm_unfit(x, ws, out);
+    const std::string unfit = qt::kernels::nf4_gemm_unfit(x, ws, out, tail);
     if (prop->major == 9 && prop->minor == 0) {
       REQUIRE(unfit.empty());
     } else {
       REQUIRE_FALSE(unfit.empty());  // elsewhere the reference runs; the fused kernel is not checked here
     }
-    qt::kernels::nf4_linear_into(x, ws, out, /*accumulate=*/false);
-    const at::Tensor exact = exact_products(x, ws);
-    at::Tensor abs_sum  /* sum of |products|: |x| against |W| */ = at::zeros_like(exact);
-    {
-      int64_t c0 = 0;
-      for (const auto* w : ws) {
-        at::Tensor wt = at::empty({w->numel / c.k, c.k}, bf16);
-        qt::kernels::nf4_dequant_into(*w, wt);
-        abs_sum.narrow(1, c0, wt.size(0)).copy_(at::mm(x.abs().to(at::kDouble), wt.abs().to(at::kDouble).t()));
-        c0 += wt.size(0);
-      }
-    }
+    qt::kernels::nf4_linear_into(x, ws, out, /*accumulate=*/false, tail);
+    // The exact sums of the bf16 products (fp64), and the sums of their magnitudes for the bound.
+    const at::Tensor wf = full_weight(ws, c.k, tail).to(at::kDouble);
+    const at::Tensor exact = at::mm(x.to(at::kDouble), wf.t());
+    const at::Tensor abs_sum = at::mm(x.to(at::kDouble).abs(), wf.abs().t());
     require_close_to_exact(out.narrow(1, 0, cols), exact, abs_sum);
     REQUIRE(at::isnan(out.narrow(1, cols, 128)).all().item<bool>());
     // The kernel's other decoding variant (one producer warpgroup instead of two): the same bits.
     at::Tensor out1 = at::full({c.m, cols + 128}, std::nan(""), bf16);
-    qt::kernels::nf4_linear_into(x, ws, out1, /*accumulate=*/false, /*variant=*/1);
+    qt::kernels::nf4_linear_into(x, ws, out1, /*accumulate=*/false, tail, /*variant=*/1);
     REQUIRE(same_bits(out1, out));
 
     // The reference (dequantize, then cuBLAS) within the same bound: the two differ only in summation order.
     at::Tensor ref = at::empty({c.m, cols}, bf16);
-    qt::kernels::nf4_linear_ref_into(x, ws, ref, false);
-    require_close_to_exact(ref, exact, abs_sum);
+    qt::kernels::nf4_linear_ref_into(x, ws, ref, false, tail);
+    // (with a tail, two roundings: the products', then the sum with the tail's; the products' value is within
+    // the tail's magnitude of the exact one)
+    require_close_to_exact(ref, exact, abs_sum, c.k_tail > 0 ? std::ldexp(1.0, -6) : std::ldexp(1.0, -8));
 
     // += onto random values: one rounding of the fp32 sum of the old value and the products.
     const at::Tensor before = at::randn({c.m, cols}, bf16);
     at::Tensor acc = at::full({c.m, cols + 128}, std::nan(""), bf16);
     acc.narrow(1, 0, cols).copy_(before);
-    qt::kernels::nf4_linear_into(x, ws, acc, /*accumulate=*/true);
+    qt::kernels::nf4_linear_into(x, ws, acc, /*accumulate=*/true, tail);
     require_close_to_exact(acc.narrow(1, 0, cols), exact + before.to(at::kDouble), abs_sum + before.abs().to(at::kDouble));
     REQUIRE(at::isnan(acc.narrow(1, cols, 128)).all().item<bool>());
   }
@@ -376,6 +377,21 @@ TEST_CASE("nf4_linear_into on the CPU: each weight's product in its columns, += 
   CHECK(at::allclose(out.narrow(1, 0, 128), before.narrow(1, 0, 128) + p0, 1e-5, 1e-5));
   CHECK(at::allclose(out.narrow(1, 128, 64), before.narrow(1, 128, 64) + p1, 1e-5, 1e-5));
   CHECK(at::isnan(out.narrow(1, 192, 8)).all().item<bool>());
+  // A tail: x's last 16 columns against tail's, in the same columns.
+  const at::Tensor xt = at::randn({5, 128 + 16});
+  const at::Tensor tail = at::randn({192, 16});
+  at::Tensor out_t = at::full({5, 200}, std::nan(""));
+  qt::kernels::nf4_linear_into(xt, ws, out_t, false, tail);
+  const at::Tensor tail_part = at::matmul(xt.narrow(1, 128, 16), tail.t());
+  CHECK(at::allclose(out_t.narrow(1, 0, 128),
+                     at::matmul(xt.narrow(1, 0, 128), qt::kernels::nf4_dequant_ref(w0, at::kFloat).view({128, 128}).t()) +
+                         tail_part.narrow(1, 0, 128),
+                     1e-4, 1e-4));
+  CHECK(at::allclose(out_t.narrow(1, 128, 64),
+                     at::matmul(xt.narrow(1, 0, 128), qt::kernels::nf4_dequant_ref(w1, at::kFloat).view({64, 128}).t()) +
+                         tail_part.narrow(1, 128, 64),
+                     1e-4, 1e-4));
+  CHECK(at::isnan(out_t.narrow(1, 192, 8)).all().item<bool>());
   // A weight whose size is not a multiple of x's columns is refused by name.
   const qt::kernels::Nf4Data odd = qt::kernels::nf4_quantize_ref(at::randn({3, 100}), 64);
   CHECK(qt::test::error_of([&] { qt::kernels::nf4_linear_into(x, {&odd}, out, false); })

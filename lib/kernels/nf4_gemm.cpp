@@ -18,13 +18,16 @@
 namespace qt::kernels {
 namespace {
 
-void check_operands(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out) {
+int64_t tail_columns(const at::Tensor& tail) { return tail.defined() ? tail.size(1) : 0; }
+
+void check_operands(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,
+                    const at::Tensor& tail) {
   QT_CHECK(x.dim() == 2 && out.dim() == 2 && x.stride(1) == 1 && out.stride(1) == 1, ErrorKind::Internal,
            "nf4_linear_into: x and out must be 2-D with unit column stride");
   QT_CHECK(out.size(0) == x.size(0) && out.scalar_type() == x.scalar_type() && out.device() == x.device(),
            ErrorKind::Internal, "nf4_linear_into: out must have x's rows, dtype and device");
   QT_CHECK(!ws.empty(), ErrorKind::Internal, "nf4_linear_into: no weight");
-  const int64_t k = x.size(1);
+  const int64_t k = x.size(1) - tail_columns(tail);
   int64_t cols = 0;
   for (const Nf4Data* w : ws) {
     check_nf4_data(*w);
@@ -36,13 +39,17 @@ void check_operands(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, 
   QT_CHECK(cols <= out.size(1), ErrorKind::Internal,
            "nf4_linear_into: the weights' " + std::to_string(cols) + " rows exceed out's " +
                std::to_string(out.size(1)) + " columns");
+  QT_CHECK(!tail.defined() || (tail.dim() == 2 && tail.size(0) == cols && tail.scalar_type() == x.scalar_type() &&
+                               tail.device() == x.device()),
+           ErrorKind::Internal, "nf4_linear_into: the tail must be [" + std::to_string(cols) + ", k_tail] of x's dtype");
 }
 
 }  // namespace
 
-std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out) {
+std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,
+                           const at::Tensor& tail) {
 #ifndef QT_WITH_CUDA
-  (void)x, (void)ws, (void)out;
+  (void)x, (void)ws, (void)out, (void)tail;
   return "this build has no CUDA kernels";
 #else
   if (!x.is_cuda()) return "x is not on a CUDA device";
@@ -50,8 +57,12 @@ std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.get_device());
   if (prop->major != 9 || prop->minor != 0) return "the kernel is built for compute capability 9.0 (sm_90a)";
   if (ws.empty() || ws.size() > static_cast<size_t>(sm90::kNf4GemmMaxWeights)) return "1..4 weights a call";
-  const int64_t k = x.dim() == 2 ? x.size(1) : 0;
+  const int64_t k = x.dim() == 2 ? x.size(1) - tail_columns(tail) : 0;
   if (k <= 0 || k % sm90::kNf4GemmTileK != 0) return "K must be a positive multiple of 64";
+  if (tail.defined() &&
+      (tail.scalar_type() != at::kBFloat16 || tail.dim() != 2 || tail.size(1) % 8 != 0 || tail.stride(1) != 1 ||
+       tail.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(tail.data_ptr()) % 16 != 0 || !tail.is_cuda()))
+    return "the tail must be bf16 with a multiple of 8 columns and 16-byte aligned rows";
   if (k > (int64_t{1} << 30) || x.size(0) > (int64_t{1} << 30)) return "x too large";
   if (x.stride(1) != 1 || x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
     return "x's rows must be 16-byte aligned";
@@ -69,9 +80,10 @@ std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*
 }
 
 void nf4_linear_ref_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,
-                         bool accumulate) {
-  check_operands(x, ws, out);
-  const int64_t k = x.size(1);
+                         bool accumulate, const at::Tensor& tail) {
+  check_operands(x, ws, out, tail);
+  const int64_t k = x.size(1) - tail_columns(tail);
+  const at::Tensor xk = x.narrow(1, 0, k);
   int64_t c = 0;
   for (const Nf4Data* w : ws) {
     const int64_t rows = w->numel / k;
@@ -79,19 +91,20 @@ void nf4_linear_ref_into(const at::Tensor& x, const std::vector<const Nf4Data*>&
     nf4_dequant_into(*w, wt);
     at::Tensor dst = out.narrow(1, c, rows);
     if (accumulate) {
-      dst.addmm_(x, wt.t());
+      dst.addmm_(xk, wt.t());
     } else {
-      at::mm_out(dst, x, wt.t());
+      at::mm_out(dst, xk, wt.t());
     }
     c += rows;
   }
+  if (tail.defined()) out.narrow(1, 0, c).addmm_(x.narrow(1, k, tail.size(1)), tail.t());
 }
 
 void nf4_linear_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,
-                     bool accumulate, int variant) {
-  check_operands(x, ws, out);
-  if (!nf4_gemm_unfit(x, ws, out).empty()) {
-    nf4_linear_ref_into(x, ws, out, accumulate);
+                     bool accumulate, const at::Tensor& tail, int variant) {
+  check_operands(x, ws, out, tail);
+  if (!nf4_gemm_unfit(x, ws, out, tail).empty()) {
+    nf4_linear_ref_into(x, ws, out, accumulate, tail);
     return;
   }
 #ifndef QT_WITH_CUDA
@@ -103,7 +116,12 @@ void nf4_linear_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws,
   args.y = out.data_ptr();
   args.ldy = out.stride(0);
   args.m = static_cast<int32_t>(x.size(0));
-  args.k = static_cast<int32_t>(x.size(1));
+  args.k = static_cast<int32_t>(x.size(1) - tail_columns(tail));
+  if (tail.defined()) {
+    args.tail = tail.data_ptr();
+    args.ld_tail = tail.stride(0);
+    args.k_tail = static_cast<int32_t>(tail.size(1));
+  }
   args.accumulate = accumulate;
   args.variant = variant;
   args.n_weights = static_cast<int32_t>(ws.size());

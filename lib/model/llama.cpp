@@ -62,6 +62,8 @@ Pass LlamaModel::base_pass() const {
   p.lora_add_after = add_after && std::string(add_after) == "1";
   const char* norm_concat = std::getenv("QT_NORM_INTO_CONCAT");
   p.norm_into_concat = !(norm_concat && std::string(norm_concat) == "0");
+  const char* nf4_gemm = std::getenv("QT_NF4_GEMM");
+  p.nf4_gemm = nf4_gemm && std::string(nf4_gemm) == "1";
   return p;
 }
 

@@ -39,6 +39,8 @@ struct ModelStats {
   std::atomic<int64_t> concat_inputs_in_place{0};
   // a linear's base GEMM accumulating onto its rank-r term (forward or input gradient; Pass::lora_add_after false)
   std::atomic<int64_t> base_onto_lora_runs{0};
+  // forward products through the fused NF4 GEMM (Pass::nf4_gemm: no 16-bit copy of the weight written)
+  std::atomic<int64_t> nf4_gemm_runs{0};
 };
 
 // LoRA's rank-r GEMM kernels by default (Pass::lora_project_kernel, Pass::lora_grad_kernel): off. They pass their
@@ -101,6 +103,11 @@ struct Pass {
   // [x | x A^T | 0] (rms_norm_fused's spare columns): gate / up's input not copied there, and q / k / v's LoRA B terms
   // inside the base GEMM too (no addmm over the output); false: as before 2026-12-06 (QT_NORM_INTO_CONCAT=0).
   bool norm_into_concat = true;
+  // The forward products of NF4 bases that hold no 16-bit copy (no held weight, none kept for the backward pass)
+  // through the fused NF4 GEMM (lib/kernels/nf4_gemm.h: the weight dequantized in its main loop, the LoRA B terms
+  // as its last columns) where it takes the operands (a Hopper GPU, bf16); false: dequantized into scratch, then
+  // cuBLAS. QT_NF4_GEMM=1 sets it (A/B measurements; off by default until timed in the step).
+  bool nf4_gemm = false;
   // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
   // none.
   AttentionStash* stash = nullptr;

@@ -6,6 +6,7 @@
 
 #include "lib/kernels/fused_ops.h"
 #include "lib/kernels/nf4_dequant.h"
+#include "lib/kernels/nf4_gemm.h"
 #include "lib/kernels/tuned_gemm.h"
 
 namespace qt {
@@ -88,6 +89,22 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
   static bool concat_applies(const std::vector<const Linear*>& ls, const at::Tensor& x) {
     return !x.is_cuda() || ls[0]->in_features() % kernels::kNf4StridedCols == 0;
   }
+  // Whether the group's forward product takes the fused NF4 GEMM (Pass::nf4_gemm; qlora_linear.cpp's
+  // nf4_gemm_applies): no 16-bit weight held or kept, no bias, and the kernel takes [x | t] with bd as its tail.
+  // Fills `nf4s` with the members' NF4 data where it does.
+  static bool nf4_gemm_fits(const Pass& pass, const std::vector<const Linear*>& ls, const at::Tensor& bias,
+                            const at::Tensor& xc, const at::Tensor& bd, std::vector<const kernels::Nf4Data*>& nf4s) {
+    if (!pass.nf4_gemm || pass.keep_dequantized || bias.defined() || ls[0]->held) return false;
+    for (const Linear* l : ls) {
+      if (!l->quantized() || l->held) return false;
+      nf4s.push_back(&l->nf4->data);
+    }
+    const int64_t in = ls[0]->in_features();
+    const at::Tensor probe_out = at::empty({0, bd.size(0)}, xc.options());
+    if (kernels::nf4_gemm_unfit(xc.narrow(1, 0, in + bd.size(1)), nf4s, probe_out, bd).empty()) return true;
+    nf4s.clear();
+    return false;
+  }
   // t = [dropout_0(x) A_0^T | dropout_1(x) A_1^T | ...] into `t` ([N, sum r]): each member's mask drawn in turn
   // (as the members' own nodes would draw them), the draw's record (qlora_linear.h: draw_lora_dropout) pushed to
   // `states`.
@@ -151,9 +168,17 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       t = xc.narrow(1, in, r);
       lora_inputs(t);  // [N, sum r], in place in the wider input
       if (extra > r) xc.narrow(1, in + r, extra - r).zero_();
-      W = weight(ls, total, dt, pass.stats, bd, extra);  // kept whole where the backward's [dx | g] GEMM reads it
-      y = bias.defined() ? at::addmm(bias, xc, W.t()) : kernels::gemm(xc, W.t());
-      if (!wide) W = W.narrow(1, 0, in);
+      std::vector<const kernels::Nf4Data*> nf4s;
+      if (nf4_gemm_fits(pass, ls, bias, xc, bd, nf4s)) {
+        // [x | t] [W | bd]^T in one fused NF4 GEMM: W dequantized in its main loop, the B terms its last columns.
+        y = at::empty({x2.size(0), total}, x2.options());
+        kernels::nf4_linear_into(xc.narrow(1, 0, in + r), nf4s, y, /*accumulate=*/false, bd);
+        pass.count(&ModelStats::nf4_gemm_runs);
+      } else {
+        W = weight(ls, total, dt, pass.stats, bd, extra);  // kept whole where the backward's [dx | g] GEMM reads it
+        y = bias.defined() ? at::addmm(bias, xc, W.t()) : kernels::gemm(xc, W.t());
+        if (!wide) W = W.narrow(1, 0, in);
+      }
       if (!in_place) x2 = xc.narrow(1, 0, in);  // saved below as a view of the wider input, which t keeps alive anyway
       pass.count(&ModelStats::lora_b_in_gemm_runs);
     } else {

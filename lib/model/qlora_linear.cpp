@@ -12,6 +12,7 @@
 #include "lib/core/error.h"
 #include "lib/kernels/dropout_hash.h"
 #include "lib/kernels/fused_ops.h"
+#include "lib/kernels/nf4_gemm.h"
 #include "lib/kernels/tuned_gemm.h"
 
 namespace qt {
@@ -101,6 +102,14 @@ at::Tensor tall_weight(const Linear& l, c10::ScalarType dtype, ModelStats* stats
   return T;
 }
 
+// Whether a forward product of this NF4 base takes the fused NF4 GEMM (Pass::nf4_gemm): its 16-bit weight is
+// neither held nor kept for the backward pass (so none is written at all), and the kernel takes the operands.
+bool nf4_gemm_applies(const Pass& pass, const Linear& l, const at::Tensor& x2) {
+  if (!pass.nf4_gemm || pass.keep_dequantized || pass.lora_add_after || !l.quantized() || l.held) return false;
+  const at::Tensor probe_out = at::empty({0, l.out_features()}, x2.options());
+  return kernels::nf4_gemm_unfit(x2, {&l.nf4->data}, probe_out).empty();
+}
+
 // A frozen base plus LoRA, y = x W^T + (dropout(x) A^T)(s B)^T, as one autograd node. The LoRA sums ride on GEMM
 // epilogues (the base GEMM accumulating onto the rank-r product, forward and backward; with dropout the input
 // gradient's LoRA term is an add after its mask), so neither pass adds an elementwise kernel over [tokens, out] or
@@ -135,6 +144,11 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     if (output_unused) {
       y = unwritten_output(shape, x2.options());
       pass.count(&ModelStats::outputs_skipped);
+    } else if (nf4_gemm_applies(pass, *l, x2)) {
+      // The rank-r term first, then the fused NF4 GEMM accumulating onto it: no 16-bit copy of W written.
+      y = at::mm(t, bs.t());
+      kernels::nf4_linear_into(x2, {&l->nf4->data}, y, /*accumulate=*/true);
+      pass.count(&ModelStats::nf4_gemm_runs);
     } else {
       W = tall ? tall_weight(*l, dt, pass.stats, a) : frozen_weight(*l, dt, pass.stats);
       // The rank-r term first, then the base GEMM accumulating onto it (beta 1: y read in its epilogue), not an

@@ -36,13 +36,13 @@ constexpr int kRing = kStages * (kABytes + kBBytes);
 constexpr int kSmemBytes = 1024 + kRing + 2 * kStages * 8 + 16 * 4 + 256 * 4;  // +1024: alignment slack
 
 // Threads and registers with PW producer warpgroups. One producer warpgroup: 168 registers a thread at entry
-// (65536 / 384, rounded down to 8); the producer gives back to 88, the consumers take 208 (128 * 88 + 256 * 208 =
-// 64512 = 384 * 168). Two: 128 at entry, the producers 72 and the consumers 184 (256 * 72 + 256 * 184 = 65536).
+// (65536 / 384, rounded down to 8); the producer gives back to 104, the consumers take 192 (128 * 104 + 256 * 192 =
+// 62464 <= 384 * 168). Two: 128 at entry, the producers 72 and the consumers 184 (256 * 72 + 256 * 184 = 65536).
 template <int PW>
 struct Shape;
 template <>
 struct Shape<1> {
-  static constexpr int kThreads = 384, kProducerThreads = 128, kProducerRegs = 88, kConsumerRegs = 208;
+  static constexpr int kThreads = 384, kProducerThreads = 128, kProducerRegs = 104, kConsumerRegs = 192;
 };
 template <>
 struct Shape<2> {
@@ -236,7 +236,8 @@ __global__ void __launch_bounds__(Shape<PW>::kThreads, 1) nf4_gemm_kernel(const 
   const int64_t w_row0 = static_cast<int64_t>(n_tile - p.tile_begin[j]) * kBN;  // first row of w in the tile
   const int64_t y_col0 = static_cast<int64_t>(n_tile) * kBN;
   const int64_t m0 = static_cast<int64_t>(m_tile) * kBM;
-  const int k_steps = a.k / kBK;
+  const int k_nf4 = a.k / kBK;                              // steps over the NF4 weight's columns
+  const int k_steps = k_nf4 + (a.k_tail + kBK - 1) / kBK;  // then over the tail's
 
   const int tid = threadIdx.x;
   if (tid < 16) code_s[tid] = __ldg(w.quant_map + tid);
@@ -270,29 +271,42 @@ __global__ void __launch_bounds__(Shape<PW>::kThreads, 1) nf4_gemm_kernel(const 
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
       cur[h] = load_raw(w, w_row0 + rows[h], a.k, 0, half);
-      if (k_steps > 1) nxt[h] = load_raw(w, w_row0 + rows[h], a.k, 1, half);
+      if (k_nf4 > 1) nxt[h] = load_raw(w, w_row0 + rows[h], a.k, 1, half);
     }
+    const __nv_bfloat16* tail = static_cast<const __nv_bfloat16*>(a.tail);
     for (int kt = 0; kt < k_steps; ++kt) {
       const int s = kt % kStages;
       const uint32_t round = static_cast<uint32_t>(kt / kStages);
       Raw ahead[kHalves];
 #pragma unroll
       for (int h = 0; h < kHalves; ++h)
-        if (kt + 2 < k_steps) ahead[h] = load_raw(w, w_row0 + rows[h], a.k, kt + 2, half);
+        if (kt + 2 < k_nf4) ahead[h] = load_raw(w, w_row0 + rows[h], a.k, kt + 2, half);
       mbar_wait(smem_addr(empty + s), (round & 1u) ^ 1u);  // a fresh barrier's "previous phase" passes at once
       {
         uint32_t dst = smem_addr(ring_a + s * kABytes) + a_dst0;
         const __nv_bfloat16* src = a_src0 + static_cast<int64_t>(kt) * kBK;
+        const int rows_in = kt * kBK + a_chunk * 8 < a.k + a.k_tail ? a_rows : 0;  // past the tail: zeros
 #pragma unroll 4
         for (int i = 0; i < kChunks; ++i, dst += (PT / 8) * 128, src += a_step) {
-          const bool in = i < a_rows;
+          const bool in = i < rows_in;
           cp_async16(dst, in ? src : x, in ? 16u : 0u);
         }
       }
-      cp_async_arrive(smem_addr(full + s));
       unsigned char* b_stage = ring_b + s * kBBytes;
+      if (kt >= k_nf4) {  // a tail step: its 128 x 64 bf16 tile copied as x's is (zeros past k_tail)
+        const int col0 = (kt - k_nf4) * kBK;
+#pragma unroll 2
+        for (int q = 0; q < 1024 / PT; ++q) {
+          const int c = tid + PT * q, row = c >> 3, chunk = c & 7;
+          const bool in = col0 + chunk * 8 < a.k_tail;
+          const __nv_bfloat16* src = in ? tail + (y_col0 + row) * a.ld_tail + col0 + chunk * 8 : tail;
+          cp_async16(smem_addr(b_stage) + swizzled(row, chunk), src, in ? 16u : 0u);
+        }
+      }
+      cp_async_arrive(smem_addr(full + s));
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
+        if (kt >= k_nf4) break;
         if constexpr (kDecode) {
           decode_store(cur[h], code_s, nmap_s, w.offset, b_stage, rows[h], half);
         } else {

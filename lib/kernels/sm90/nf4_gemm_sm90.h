@@ -38,6 +38,12 @@ struct Nf4GemmArgs {
   int32_t k = 0;  // a multiple of kNf4GemmTileK
   int32_t n_weights = 0;
   Nf4GemmWeight w[kNf4GemmMaxWeights];
+  // Optional bf16 columns after the NF4 ones: y (+)= x[:, :k] W^T + x[:, k : k + k_tail] tail^T in one sum, with
+  // tail [sum rows, k_tail] (row stride ld_tail, a multiple of 8, 16-byte aligned) and ldx >= k + k_tail; k_tail a
+  // multiple of 8 (LoRA's B terms: x's columns after k hold x A^T).
+  const void* tail = nullptr;
+  int64_t ld_tail = 0;
+  int32_t k_tail = 0;
   bool accumulate = false;  // y += x W^T (the sum in fp32, one rounding), else y = x W^T
   // 0: the default (two producer warpgroups); 1: one producer warpgroup; 3: two, storing the codes undecoded
   // (wrong values: the pipeline's ceiling without the decoding, for bench_nf4_gemm only).
