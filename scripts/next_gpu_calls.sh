@@ -103,6 +103,8 @@
 #      14 offloaded (gate_up_offloaded_blocks=0 / 14), one round, then Unsloth's 1 on that row.
 #   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
 #      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
+#   43: carry [".peers", ".peerscripts"]: build, the [nf4_gemm] [gpu] tests, the hand search on the packed row at 24 and
+#      80 GiB (3 others) and on 8B 1 x 32768 at 80 GiB (2 others): 29 in about 560 s.
 #   41: no carry: build, the fused NF4 GEMM's [gpu] tests ([nf4_gemm]: the kernel's and the model's with it), bench_nf4_gemm
 #      (the fused kernel against the grouped dequantization + cuBLAS, and cuBLAS alone, at the 8B and 1B projections;
 #      NF4_GEMM_ONLY=SUBSTRING), then QT_NF4_GEMM=1 against the default at 8B 2 x 2048 / 24 GiB, 2 rounds (NO_AB=1: not).
@@ -443,6 +445,15 @@ case "$CALL" in
     --warm 1
   run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
+  ;;
+43)
+  note "== the fused NF4 GEMM's [gpu] tests (the reference's bound with a tail corrected), then the hand search on the"
+  note "   packed SFT row at 24 and 80 GiB and on 8B 1 x 32768 at 80 GiB (the 2 fastest others: call 29 in less time)"
+  (cd build-gpu && timeout 90 ./tests/qt_tests "[nf4_gemm]") >"$L/tests_nf4_gemm.log" 2>&1
+  tail -n 3 "$L/tests_nf4_gemm.log" >>"$summary"
+  grep -B 4 -A 16 "FAILED" "$L/tests_nf4_gemm.log" | head -n 40 >>"$summary"
+  run hand_search_packed.log 280 --rows 8b-1x8192p330 --budget 24,80 --hand-search 3 --steps 4 --warm 2
+  run hand_search_32k_80.log 170 --rows 8b-1x32768 --budget 80 --hand-search 2 --steps 2 --warm 1
   ;;
 41)
   note "== the fused NF4 GEMM (issue 27 item 2): its [gpu] tests, then bench_nf4_gemm against dequantization + cuBLAS"
