@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_nf4.h"
 #include "lib/core/error.h"
 #include "lib/kernels/nf4_dequant.h"
 #include "lib/kernels/nf4_format.h"
@@ -44,20 +45,7 @@ struct Row {
 
 #ifdef QT_WITH_CUDA
 
-Nf4Data random_nf4(int64_t numel) {
-  const auto u8 = at::TensorOptions().dtype(at::kByte).device(at::kCUDA);
-  Nf4Data d;
-  d.numel = numel;
-  d.blocksize = 64;
-  const int64_t blocks = numel / 64;
-  d.packed = at::randint(0, 256, {numel / 2}, u8);
-  d.absmax_q = at::randint(0, 256, {blocks}, u8);
-  d.nested_absmax = at::rand({(blocks + 255) / 256}, at::TensorOptions().device(at::kCUDA)).mul_(0.05).add_(0.005);
-  d.nested_map = qt::kernels::dynamic_map_tensor().to(at::kCUDA);
-  d.quant_map = qt::kernels::nf4_code_tensor().to(at::kCUDA);
-  d.offset = 0.03f;
-  return d;
-}
+using qt::bench::random_nf4;
 
 double bytes_moved(const Nf4Data& d, int64_t out_elem) {
   return static_cast<double>(d.packed.nbytes() + d.absmax_q.nbytes() + d.nested_absmax.nbytes() +

@@ -19,27 +19,13 @@
 #include "lib/kernels/nf4_gemm.h"
 
 #ifdef QT_WITH_CUDA
+#include "bench/bench_nf4.h"
 #include "bench/bench_timing.h"
 #endif
 
 namespace {
 
 #ifdef QT_WITH_CUDA
-qt::kernels::Nf4Data random_nf4(int64_t rows, int64_t cols) {
-  const auto u8 = at::TensorOptions().dtype(at::kByte).device(at::kCUDA);
-  qt::kernels::Nf4Data d;
-  d.numel = rows * cols;
-  d.blocksize = 64;
-  const int64_t blocks = d.numel / 64;
-  d.packed = at::randint(0, 256, {d.numel / 2}, u8);
-  d.absmax_q = at::randint(0, 256, {blocks}, u8);
-  d.nested_absmax = at::rand({(blocks + 255) / 256}, at::TensorOptions().device(at::kCUDA)).mul_(0.05).add_(0.005);
-  d.nested_map = qt::kernels::dynamic_map_tensor().to(at::kCUDA);
-  d.quant_map = qt::kernels::nf4_code_tensor().to(at::kCUDA);
-  d.offset = 0.03f;
-  return d;
-}
-
 struct Shape {
   std::string name;
   int64_t m, k;
@@ -81,7 +67,7 @@ int main(int argc, char** argv) {
     std::vector<std::vector<const qt::kernels::Nf4Data*>> ws(kSets);
     std::vector<at::Tensor> xs, ys, wbufs;
     for (int i = 0; i < kSets; ++i) {
-      for (int64_t r : s.rows) data[i].push_back(random_nf4(r, s.k));
+      for (int64_t r : s.rows) data[i].push_back(qt::bench::random_nf4(r * s.k));
       for (const auto& d : data[i]) ws[i].push_back(&d);
       xs.push_back(at::randn({s.m, s.k}, bf16));
       ys.push_back(at::empty({s.m, n}, bf16));

@@ -2056,6 +2056,24 @@ std::vector<at::Tensor> one_long_row(const at::Device& device, c10::ScalarType d
   return out;
 }
 
+// one_long_row's hidden states and LoRA gradients for 256 tokens of a model 1,024 wide (the width the CUDA paths
+// of the groups' concatenated inputs take) in bf16 on CUDA, with the environment switch `name` at `value` and
+// checkpointing on or off; `stats` gets the model's counters.
+std::vector<at::Tensor> wide_cuda_row(const char* name, const char* value, bool checkpointing,
+                                      std::shared_ptr<qt::ModelStats>& stats) {
+  REQUIRE(at::hasCUDA());
+  const qt::test::ScopedEnv env(name, value);
+  int64_t padded = 0;
+  return one_long_row(
+      at::Device(at::kCUDA, 0), at::kBFloat16, 256,
+      [&](qt::LlamaModel& m) {
+        REQUIRE(m.config.num_hidden_layers == 2);
+        m.plan.checkpointing = checkpointing;
+        stats = m.stats;
+      },
+      &padded, qt::lora_target_names(), 1024);
+}
+
 }  // namespace
 
 // The norms writing into the groups' concatenated inputs on CUDA, where the inputs' width is a multiple of the
@@ -2064,23 +2082,10 @@ std::vector<at::Tensor> one_long_row(const at::Device& device, c10::ScalarType d
 TEST_CASE("on CUDA the norms writing into the LoRA groups' concatenated inputs give the hidden states and gradients "
           "of a copy",
           "[lora][gpu]") {
-  REQUIRE(at::hasCUDA());
-  const at::Device cuda(at::kCUDA, 0);
   for (bool checkpointing : {false, true}) {
     INFO("checkpointing " << checkpointing);
     std::shared_ptr<qt::ModelStats> stats;
-    int64_t padded = 0;
-    auto run = [&](const char* value) {
-      const qt::test::ScopedEnv env("QT_NORM_INTO_CONCAT", value);
-      return one_long_row(
-          cuda, at::kBFloat16, 256,
-          [&](qt::LlamaModel& m) {
-            REQUIRE(m.config.num_hidden_layers == 2);
-            m.plan.checkpointing = checkpointing;
-            stats = m.stats;
-          },
-          &padded, qt::lora_target_names(), 1024);
-    };
+    auto run = [&](const char* value) { return wide_cuda_row("QT_NORM_INTO_CONCAT", value, checkpointing, stats); };
     const std::vector<at::Tensor> into = run(nullptr);
     CHECK(stats->concat_inputs_in_place == (checkpointing ? 8 : 4));
     const std::vector<at::Tensor> copied = run("0");
@@ -2096,24 +2101,10 @@ TEST_CASE("on CUDA the norms writing into the LoRA groups' concatenated inputs g
 TEST_CASE("on a Hopper GPU the fused NF4 GEMM gives the hidden states and LoRA gradients of dequantization then "
           "cuBLAS",
           "[lora][gpu][nf4_gemm]") {
-  REQUIRE(at::hasCUDA());
-  const at::Device cuda(at::kCUDA, 0);
   for (bool checkpointing : {false, true}) {
     INFO("checkpointing " << checkpointing);
     std::shared_ptr<qt::ModelStats> stats;
-    int64_t padded = 0;
-    auto run = [&](const char* value) {
-      const qt::test::ScopedEnv env("QT_NF4_GEMM", value);
-      return one_long_row(
-          cuda, at::kBFloat16, 256,
-          [&](qt::LlamaModel& m) {
-            REQUIRE(m.config.num_hidden_layers == 2);
-            m.plan.checkpointing = checkpointing;
-            m.plan.keep_dequantized = false;
-            stats = m.stats;
-          },
-          &padded, qt::lora_target_names(), 1024);
-    };
+    auto run = [&](const char* value) { return wide_cuda_row("QT_NF4_GEMM", value, checkpointing, stats); };
     const std::vector<at::Tensor> fused = run("1");
     CHECK(stats->nf4_gemm_runs >= 8);
     const std::vector<at::Tensor> apart = run(nullptr);
