@@ -103,6 +103,7 @@
 #      14 offloaded (gate_up_offloaded_blocks=0 / 14), one round, then Unsloth's 1 on that row.
 #   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
 #      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
+#   44: no carry: build, the [nf4_gemm] [gpu] tests alone (about 130 s).
 #   43: carry [".peers", ".peerscripts"]: build, the [nf4_gemm] [gpu] tests, the hand search on the packed row at 24 and
 #      80 GiB (3 others) and on 8B 1 x 32768 at 80 GiB (2 others): 29 in about 560 s.
 #   41: no carry: build, the fused NF4 GEMM's [gpu] tests ([nf4_gemm]: the kernel's and the model's with it), bench_nf4_gemm
@@ -445,6 +446,12 @@ case "$CALL" in
     --warm 1
   run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
+  ;;
+44)
+  note "== the fused NF4 GEMM's [gpu] tests ([nf4_gemm]; the rounding bound at 2^-7 of the rounded magnitudes)"
+  (cd build-gpu && timeout 90 ./tests/qt_tests "[nf4_gemm]") >"$L/tests_nf4_gemm.log" 2>&1
+  tail -n 3 "$L/tests_nf4_gemm.log" >>"$summary"
+  grep -B 4 -A 16 "FAILED" "$L/tests_nf4_gemm.log" | head -n 40 >>"$summary"
   ;;
 43)
   note "== the fused NF4 GEMM's [gpu] tests (the reference's bound with a tail corrected), then the hand search on the"
