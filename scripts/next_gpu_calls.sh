@@ -103,6 +103,10 @@
 #      14 offloaded (gate_up_offloaded_blocks=0 / 14), one round, then Unsloth's 1 on that row.
 #   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
 #      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
+#   45: no carry: build, 8B 1 x 32768 on the whole GPU (the 80 GiB plan) with the GPU's clocks, power, temperature and
+#      throttle reasons sampled each second, then one profiled step (trace_summary.py): why calls 37 and 43's machines
+#      ran the 32k row 1.7x slower than others with a 55 GB/s host link (about 400 s). Compare with a machine that runs
+#      it at its usual rate (about 8,750 tok/s, 3.74 s a step).
 #   44: no carry: build, the [nf4_gemm] [gpu] tests alone (about 130 s).
 #   43: carry [".peers", ".peerscripts"]: build, the [nf4_gemm] [gpu] tests, the hand search on the packed row at 24 and
 #      80 GiB (3 others) and on 8B 1 x 32768 at 80 GiB (2 others): 29 in about 560 s.
@@ -122,8 +126,8 @@
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
 # twentieth; 19 and 20 in the twenty-first; 24, 22, 25 and 26 (twice) in the twenty-second (21's counter check passed
 # there in 25's [gpu] tests); 34 in the twenty-third; 36 in the twenty-fourth (33's tests with it); 38 and 37 in the
-# twenty-fifth. What is left: 40 first (the host link probe's [gpu] test, then 39's hand search; PROBE_ONLY=1 when
-# little device time is left), then 29, 27; 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
+# twenty-fifth; 40, 41, 43 and 44 in the twenty-sixth (43 covered 29's hand search). What is left: 45 (the slow 32k
+# machines), 27; 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
 # there), 6 there; 2 and 15 again on an H100 for issue 27's table with the tuned GEMMs. Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
 # fixtures).
@@ -446,6 +450,25 @@ case "$CALL" in
     --warm 1
   run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
+  ;;
+45)
+  note "== why some machines run 8B 1 x 32768 1.7x slower (calls 37 and 43, with 55 GB/s host links): the row's steps"
+  note "   at 80 GiB with the GPU's clocks, power and throttle reasons sampled each second, then one profiled step"
+  nvidia-smi --query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv,noheader -l 1 >"$L/clocks.csv" 2>&1 &
+  smi=$!
+  timeout 150 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 1 --seq 32768 --out "$L/plain" --steps 4 \
+    --warmup 1 >"$L/plain.log" 2>&1
+  kill "$smi" 2>/dev/null
+  grep -E '^\{' "$L/plain.log" | tail -n 1 | tr ',' '\n' | grep -E 'tokens_per_s|step_ms|wall' >>"$summary"
+  sort "$L/clocks.csv" | uniq -c | sort -rn | head -n 8 >>"$summary"
+  QT_PROFILE_STEP=2 QT_PROFILE_STEPS=1 timeout 200 \
+    build-gpu/qlora-train bench --shape llama-3.1-8b --batch 1 --seq 32768 --out "$L/prof" --steps 3 --warmup 1 \
+    >"$L/prof.log" 2>&1
+  trace=$(find "$L/prof" -name profile_trace.json | head -n 1)
+  [ -n "$trace" ] && python3 scripts/trace_summary.py "$trace" --top 40 >"$L/trace_summary.txt" 2>&1 &&
+    head -n 50 "$L/trace_summary.txt" >>"$summary"
+  rm -rf "$L/prof" "$L/plain"
   ;;
 44)
   note "== the fused NF4 GEMM's [gpu] tests ([nf4_gemm]; the rounding bound at 2^-7 of the rounded magnitudes)"
