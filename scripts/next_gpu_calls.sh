@@ -126,7 +126,8 @@
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
 # twentieth; 19 and 20 in the twenty-first; 24, 22, 25 and 26 (twice) in the twenty-second (21's counter check passed
 # there in 25's [gpu] tests); 34 in the twenty-third; 36 in the twenty-fourth (33's tests with it); 38 and 37 in the
-# twenty-fifth; 40, 41, 43 and 44 in the twenty-sixth (43 covered 29's hand search). What is left: 45 (the slow 32k
+# twenty-fifth; 40, 41, 43 and 44 in the twenty-sixth (43 covered 29's hand search). What is left: 41 with NO_AB=1
+# (the NF4 GEMM's TMA variant 4, written after the last call: its tests and bench column), 45 (the slow 32k
 # machines), 27; 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
 # there), 6 there; 2 and 15 again on an H100 for issue 27's table with the tuned GEMMs. Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'

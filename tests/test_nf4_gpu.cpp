@@ -313,10 +313,14 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
     const at::Tensor abs_sum = at::mm(x.to(at::kDouble).abs(), wf.abs().t());
     require_close_to_exact(out.narrow(1, 0, cols), exact, abs_sum);
     REQUIRE(at::isnan(out.narrow(1, cols, 128)).all().item<bool>());
-    // The kernel's other decoding variant (one producer warpgroup instead of two): the same bits.
-    at::Tensor out1 = at::full({c.m, cols + 128}, std::nan(""), bf16);
-    qt::kernels::nf4_linear_into(x, ws, out1, /*accumulate=*/false, tail, /*variant=*/1);
-    REQUIRE(same_bits(out1, out));
+    // The kernel's other variants, the same bits: one producer warpgroup instead of two (1); x's and the tail's
+    // tiles by TMA from a warpgroup of their own (4).
+    for (int variant : {1, 4}) {
+      INFO("variant " << variant);
+      at::Tensor other = at::full({c.m, cols + 128}, std::nan(""), bf16);
+      qt::kernels::nf4_linear_into(x, ws, other, /*accumulate=*/false, tail, variant);
+      REQUIRE(same_bits(other, out));
+    }
 
     // The reference (dequantize, then cuBLAS) within the same bound: the two differ only in summation order.
     at::Tensor ref = at::empty({c.m, cols}, bf16);

@@ -16,6 +16,8 @@
 // The decoded values are those of nf4_dequant.cu bit for bit (the scale's multiply and add rounded apart, each
 // value's multiply rounded, then round-to-nearest-even to bf16), so the products are the reference's; only the
 // order of the fp32 sums differs.
+#include <cuda.h>  // CUtensorMap
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the encoding function comes through the runtime: no link to libcuda)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -209,6 +211,40 @@ __device__ __forceinline__ void store_tile(const float (&acc)[64], const Nf4Gemm
   }
 }
 
+// A consumer warpgroup's part of a tile: rows cw * 128 .. + 127 (cw 0 or 1; wt its thread, 0..127), two wgmma
+// chains over the k_steps stages of the ring as they fill, each stage handed back once the group that read it has
+// completed, then the tile's store.
+__device__ __forceinline__ void consume(const Nf4GemmArgs& a, unsigned char* ring_a, unsigned char* ring_b,
+                                        uint64_t* full, uint64_t* empty, int cw, int wt, int64_t m0, int64_t y_col0,
+                                        int k_steps) {
+  // No initialization: the first step's first wgmma ignores D (scale_d 0). An instruction other than wgmma
+  // writing the accumulators between the wgmmas would make ptxas serialize them (its warning C7515).
+  float acc0[64], acc1[64];
+  for (int kt = 0; kt < k_steps; ++kt) {
+    const int s = kt % kStages;
+    mbar_wait(smem_addr(full + s), static_cast<uint32_t>(kt / kStages) & 1u);
+    fence_proxy_async();
+    const uint32_t a0 = smem_addr(ring_a + s * kABytes) + cw * 128 * 128;
+    const uint32_t b0 = smem_addr(ring_b + s * kBBytes);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      const uint64_t db = smem_desc(b0 + kk * 32);
+      const uint32_t scale_d = (kt > 0 || kk > 0) ? 1u : 0u;
+      wgmma_m64n128k16(acc0, smem_desc(a0 + kk * 32), db, scale_d);
+      wgmma_m64n128k16(acc1, smem_desc(a0 + 64 * 128 + kk * 32), db, scale_d);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();  // the previous step's group has read its stage
+    if (kt > 0 && wt == 0) mbar_arrive(smem_addr(empty + (kt - 1) % kStages));
+  }
+  wgmma_wait<0>();
+  fence_acc(acc0);
+  fence_acc(acc1);
+  store_tile(acc0, a, m0 + cw * 128, y_col0, wt);
+  store_tile(acc1, a, m0 + cw * 128 + 64, y_col0, wt);
+}
+
 // PW producer warpgroups (1 or 2), then the 2 consumer warpgroups. kDecode false: the producer stores the raw
 // codes instead of decoding them (wrong values: bench_nf4_gemm's ceiling of the pipeline without the decoding).
 template <int PW, bool kDecode>
@@ -326,33 +362,7 @@ __global__ void __launch_bounds__(Shape<PW>::kThreads, 1) nf4_gemm_kernel(const 
     }
   } else {  // -------------------------------------------------------------------------- consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(S::kConsumerRegs));
-    const int cw = (tid - PT) >> 7;  // 0 or 1: rows cw * 128 .. + 127 of the tile
-    // No initialization: the first step's first wgmma ignores D (scale_d 0). An instruction other than wgmma
-    // writing the accumulators between the wgmmas would make ptxas serialize them (its warning C7515).
-    float acc0[64], acc1[64];
-    for (int kt = 0; kt < k_steps; ++kt) {
-      const int s = kt % kStages;
-      mbar_wait(smem_addr(full + s), static_cast<uint32_t>(kt / kStages) & 1u);
-      fence_proxy_async();
-      const uint32_t a0 = smem_addr(ring_a + s * kABytes) + cw * 128 * 128;
-      const uint32_t b0 = smem_addr(ring_b + s * kBBytes);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBK / 16; ++kk) {
-        const uint64_t db = smem_desc(b0 + kk * 32);
-        const uint32_t scale_d = (kt > 0 || kk > 0) ? 1u : 0u;
-        wgmma_m64n128k16(acc0, smem_desc(a0 + kk * 32), db, scale_d);
-        wgmma_m64n128k16(acc1, smem_desc(a0 + 64 * 128 + kk * 32), db, scale_d);
-      }
-      wgmma_commit();
-      wgmma_wait<1>();  // the previous step's group has read its stage
-      if (kt > 0 && (tid & 127) == 0) mbar_arrive(smem_addr(empty + (kt - 1) % kStages));
-    }
-    wgmma_wait<0>();
-    fence_acc(acc0);
-    fence_acc(acc1);
-    store_tile(acc0, a, m0 + cw * 128, y_col0, tid & 127);
-    store_tile(acc1, a, m0 + cw * 128 + 64, y_col0, tid & 127);
+    consume(a, ring_a, ring_b, full, empty, (tid - PT) >> 7, tid & 127, m0, y_col0, k_steps);
   }
 }
 
@@ -363,6 +373,167 @@ int launch(const Params& p, int64_t blocks, cudaStream_t stream) {
       cudaFuncSetAttribute(nf4_gemm_kernel<PW, kDecode>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (attr != cudaSuccess) return static_cast<int>(attr);
   nf4_gemm_kernel<PW, kDecode><<<static_cast<unsigned>(blocks), Shape<PW>::kThreads, kSmem, stream>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// ---- Variant 4: x's tiles (and a tail's B tiles) by the bulk tensor copy engine (TMA), issued by a warp of
+// their own that runs ahead of the decoding up to the ring's depth, one arrival with the byte count a stage; the
+// decoding warpgroup only decodes. Warpgroup 0 decodes, 1 and 2 consume, 3 copies (one thread of it; a whole
+// warpgroup so that setmaxnreg can take its registers back).
+constexpr int kTmaThreads = 512;
+// Registers: 128 a thread at entry (65536 / 512); the decoders give back to 104 and the copying warpgroup to 40,
+// freeing 24 * 128 + 88 * 128 = 14336, which the consumers take: 128 + 14336 / 256 = 184.
+constexpr int kTmaDecoderRegs = 104;
+constexpr int kTmaCopierRegs = 40;
+constexpr int kTmaConsumerRegs = 184;
+
+struct TmaParams {
+  CUtensorMap map_x;     // x [m, k + k_tail] bf16, boxes of 256 rows x 64 columns, 128-byte swizzle
+  CUtensorMap map_tail;  // the tail [sum rows, k_tail] bf16, boxes of 128 x 64 (unused without a tail)
+  Params p;
+};
+
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
+               "r"(bytes)
+               : "memory");
+}
+
+// One 2-D tile (column c0, row r0) of the tensor map into shared memory, completing on `bar`'s byte count;
+// elements past the tensor's bounds arrive as zeros.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int r0, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(bar)
+      : "memory");
+}
+
+__global__ void __launch_bounds__(kTmaThreads, 1) nf4_gemm_tma_kernel(const __grid_constant__ TmaParams tp) {
+  const Params& p = tp.p;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned char* ring_a = smem;
+  unsigned char* ring_b = smem + kStages * kABytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kRing);
+  uint64_t* empty = full + kStages;
+  float* code_s = reinterpret_cast<float*>(empty + kStages);
+  float* nmap_s = code_s + 16;
+
+  const Nf4GemmArgs& a = p.a;
+  const int m_tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.m_tiles));
+  const int n_tile = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.m_tiles));
+  int j = 0;
+  while (j + 1 < a.n_weights && n_tile >= p.tile_begin[j + 1]) ++j;
+  const Nf4GemmWeight& w = a.w[j];
+  const int64_t w_row0 = static_cast<int64_t>(n_tile - p.tile_begin[j]) * kBN;
+  const int64_t y_col0 = static_cast<int64_t>(n_tile) * kBN;
+  const int64_t m0 = static_cast<int64_t>(m_tile) * kBM;
+  const int k_nf4 = a.k / kBK;
+  const int k_steps = k_nf4 + (a.k_tail + kBK - 1) / kBK;
+
+  const int tid = threadIdx.x;
+  if (tid < 16) code_s[tid] = __ldg(w.quant_map + tid);
+  if (tid < 256) nmap_s[tid] = __ldg(w.nested_map + tid);
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(smem_addr(full + s), 1 + 4);  // the copying thread's (with the bytes), one a decoding warp
+      mbar_init(smem_addr(empty + s), 2);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (tid < 128) {  // ------------------------------------------------------------------ decoders
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaDecoderRegs));
+    const int half = tid & 1;
+    const int rows[2] = {tid >> 1, (tid >> 1) + 64};
+    Raw cur[2], nxt[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      cur[h] = load_raw(w, w_row0 + rows[h], a.k, 0, half);
+      if (k_nf4 > 1) nxt[h] = load_raw(w, w_row0 + rows[h], a.k, 1, half);
+    }
+    for (int kt = 0; kt < k_steps; ++kt) {
+      const int s = kt % kStages;
+      Raw ahead[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        if (kt + 2 < k_nf4) ahead[h] = load_raw(w, w_row0 + rows[h], a.k, kt + 2, half);
+      mbar_wait(smem_addr(empty + s), (static_cast<uint32_t>(kt / kStages) & 1u) ^ 1u);
+      if (kt < k_nf4) {
+        unsigned char* b_stage = ring_b + s * kBBytes;
+        decode_store(cur[0], code_s, nmap_s, w.offset, b_stage, rows[0], half);
+        decode_store(cur[1], code_s, nmap_s, w.offset, b_stage, rows[1], half);
+        fence_proxy_async();
+      }
+      __syncwarp();
+      if ((tid & 31) == 0) mbar_arrive(smem_addr(full + s));
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        cur[h] = nxt[h];
+        nxt[h] = ahead[h];
+      }
+    }
+  } else if (tid < 384) {  // ------------------------------------------------------- consumers
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kTmaConsumerRegs));
+    consume(a, ring_a, ring_b, full, empty, (tid - 128) >> 7, tid & 127, m0, y_col0, k_steps);
+  } else {  // -------------------------------------------------------------------------- the copier
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaCopierRegs));
+    if (tid != 384) return;
+    for (int kt = 0; kt < k_steps; ++kt) {
+      const int s = kt % kStages;
+      mbar_wait(smem_addr(empty + s), (static_cast<uint32_t>(kt / kStages) & 1u) ^ 1u);
+      const uint32_t bar = smem_addr(full + s);
+      const bool tail_step = kt >= k_nf4;
+      mbar_arrive_expect_tx(bar, kABytes + (tail_step ? kBBytes : 0));
+      tma_load_2d(smem_addr(ring_a + s * kABytes), &tp.map_x, kt * kBK, static_cast<int>(m0), bar);
+      if (tail_step)
+        tma_load_2d(smem_addr(ring_b + s * kBBytes), &tp.map_tail, (kt - k_nf4) * kBK, static_cast<int>(y_col0), bar);
+    }
+  }
+}
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (none of libcuda linked), looked up once.
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A 2-D bf16 tensor map: `cols` x `rows` elements, rows `ld` elements apart, boxes of box_rows x 64 columns in
+// the 128-byte swizzle wgmma reads. False where the driver refuses it.
+bool encode_2d(CUtensorMap* map, const void* base, int64_t cols, int64_t rows, int64_t ld, int box_rows) {
+  PFN_cuTensorMapEncodeTiled_v12000 fn = encode_tiled();
+  if (!fn) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  return fn(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
+            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+int launch_tma(const Params& p, int64_t blocks, cudaStream_t stream) {
+  TmaParams tp{};
+  tp.p = p;
+  const Nf4GemmArgs& a = p.a;
+  int64_t rows = 0;
+  for (int j = 0; j < a.n_weights; ++j) rows += a.w[j].rows;
+  if (!encode_2d(&tp.map_x, a.x, int64_t{a.k} + a.k_tail, a.m, a.ldx, kBM)) return static_cast<int>(cudaErrorInvalidValue);
+  if (a.k_tail > 0 && !encode_2d(&tp.map_tail, a.tail, a.k_tail, rows, a.ld_tail, kBN))
+    return static_cast<int>(cudaErrorInvalidValue);
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(nf4_gemm_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (attr != cudaSuccess) return static_cast<int>(attr);
+  nf4_gemm_tma_kernel<<<static_cast<unsigned>(blocks), kTmaThreads, kSmemBytes, stream>>>(tp);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -382,6 +553,8 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
       return launch<1, true>(p, blocks, stream);
     case 3:
       return launch<2, false>(p, blocks, stream);
+    case 4:
+      return launch_tma(p, blocks, stream);
     default:
       return launch<2, true>(p, blocks, stream);
   }

@@ -46,7 +46,9 @@ struct Nf4GemmArgs {
   int32_t k_tail = 0;
   bool accumulate = false;  // y += x W^T (the sum in fp32, one rounding), else y = x W^T
   // 0: the default (two producer warpgroups); 1: one producer warpgroup; 3: two, storing the codes undecoded
-  // (wrong values: the pipeline's ceiling without the decoding, for bench_nf4_gemm only).
+  // (wrong values: the pipeline's ceiling without the decoding, for bench_nf4_gemm only); 4: x's tiles (and the
+  // tail's) by TMA from a warpgroup of their own, one warpgroup decoding (written after the twenty-sixth session's
+  // last device call: not yet run).
   int32_t variant = 0;
 };
 
