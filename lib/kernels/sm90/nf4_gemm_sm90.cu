@@ -211,12 +211,67 @@ __device__ __forceinline__ void store_tile(const float (&acc)[64], const Nf4Gemm
   }
 }
 
+// A CTA's tile and its shared memory: the ring of stages, its mbarriers (full: `full_count` arrivals a phase;
+// empty: one a consumer warpgroup), the NF4 code table and nested map of the tile's weight, loaded and initialized
+// before one block-wide barrier.
+struct Tile {
+  unsigned char* ring_a;
+  unsigned char* ring_b;
+  uint64_t* full;
+  uint64_t* empty;
+  float* code_s;
+  float* nmap_s;
+  const Nf4GemmWeight* w;  // the weight whose rows the tile's columns are
+  int64_t w_row0;          // its first row in the tile
+  int64_t y_col0;          // the tile's first column of y
+  int64_t m0;              // the tile's first row of x and y
+  int k_nf4;               // steps over the NF4 weight's columns
+  int k_steps;             // then over the tail's
+};
+
+__device__ __forceinline__ Tile setup_tile(const Params& p, unsigned char* smem_raw, uint32_t full_count) {
+  Tile t;
+  // Swizzled tiles must start on 1024-byte boundaries (the swizzle is taken from address bits 7-9).
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  t.ring_a = smem;
+  t.ring_b = smem + kStages * kABytes;
+  t.full = reinterpret_cast<uint64_t*>(smem + kRing);
+  t.empty = t.full + kStages;
+  t.code_s = reinterpret_cast<float*>(t.empty + kStages);
+  t.nmap_s = t.code_s + 16;
+  const Nf4GemmArgs& a = p.a;
+  const int m_tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.m_tiles));
+  const int n_tile = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.m_tiles));
+  int j = 0;
+  while (j + 1 < a.n_weights && n_tile >= p.tile_begin[j + 1]) ++j;
+  t.w = &a.w[j];
+  t.w_row0 = static_cast<int64_t>(n_tile - p.tile_begin[j]) * kBN;
+  t.y_col0 = static_cast<int64_t>(n_tile) * kBN;
+  t.m0 = static_cast<int64_t>(m_tile) * kBM;
+  t.k_nf4 = a.k / kBK;
+  t.k_steps = t.k_nf4 + (a.k_tail + kBK - 1) / kBK;
+  const int tid = threadIdx.x;
+  if (tid < 16) t.code_s[tid] = __ldg(t.w->quant_map + tid);
+  if (tid < 256) t.nmap_s[tid] = __ldg(t.w->nested_map + tid);
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(smem_addr(t.full + s), full_count);
+      mbar_init(smem_addr(t.empty + s), 2);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  return t;
+}
+
 // A consumer warpgroup's part of a tile: rows cw * 128 .. + 127 (cw 0 or 1; wt its thread, 0..127), two wgmma
-// chains over the k_steps stages of the ring as they fill, each stage handed back once the group that read it has
+// chains over the tile's k_steps stages of the ring as they fill, each stage handed back once the group that read it has
 // completed, then the tile's store.
-__device__ __forceinline__ void consume(const Nf4GemmArgs& a, unsigned char* ring_a, unsigned char* ring_b,
-                                        uint64_t* full, uint64_t* empty, int cw, int wt, int64_t m0, int64_t y_col0,
-                                        int k_steps) {
+__device__ __forceinline__ void consume(const Nf4GemmArgs& a, const Tile& t, int cw, int wt) {
+  unsigned char *ring_a = t.ring_a, *ring_b = t.ring_b;
+  uint64_t *full = t.full, *empty = t.empty;
+  const int64_t m0 = t.m0, y_col0 = t.y_col0;
+  const int k_steps = t.k_steps;
   // No initialization: the first step's first wgmma ignores D (scale_d 0). An instruction other than wgmma
   // writing the accumulators between the wgmmas would make ptxas serialize them (its warning C7515).
   float acc0[64], acc1[64];
@@ -254,38 +309,10 @@ __global__ void __launch_bounds__(Shape<PW>::kThreads, 1) nf4_gemm_kernel(const 
   constexpr int kHalves = 256 / PT;  // half rows of W's tile a producer thread decodes (2 or 1)
   constexpr int kChunks = 2048 / PT;  // 16-byte chunks of x's tile a producer thread copies (16 or 8)
   extern __shared__ unsigned char smem_raw[];
-  // Swizzled tiles must start on 1024-byte boundaries (the swizzle is taken from address bits 7-9).
-  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  unsigned char* ring_a = smem;
-  unsigned char* ring_b = smem + kStages * kABytes;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kRing);
-  uint64_t* empty = full + kStages;
-  float* code_s = reinterpret_cast<float*>(empty + kStages);
-  float* nmap_s = code_s + 16;
-
-  const Nf4GemmArgs& a = p.a;
-  const int m_tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.m_tiles));
-  const int n_tile = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.m_tiles));
-  int j = 0;
-  while (j + 1 < a.n_weights && n_tile >= p.tile_begin[j + 1]) ++j;
-  const Nf4GemmWeight& w = a.w[j];
-  const int64_t w_row0 = static_cast<int64_t>(n_tile - p.tile_begin[j]) * kBN;  // first row of w in the tile
-  const int64_t y_col0 = static_cast<int64_t>(n_tile) * kBN;
-  const int64_t m0 = static_cast<int64_t>(m_tile) * kBM;
-  const int k_nf4 = a.k / kBK;                              // steps over the NF4 weight's columns
-  const int k_steps = k_nf4 + (a.k_tail + kBK - 1) / kBK;  // then over the tail's
-
   const int tid = threadIdx.x;
-  if (tid < 16) code_s[tid] = __ldg(w.quant_map + tid);
-  if (tid < 256) nmap_s[tid] = __ldg(w.nested_map + tid);
-  if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(smem_addr(full + s), PT + PT / 32);  // a cp.async arrival a producer thread, a decoder a warp
-      mbar_init(smem_addr(empty + s), 2);            // one arrival per consumer warpgroup
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  const Tile t = setup_tile(p, smem_raw, PT + PT / 32);  // a cp.async arrival a producer thread, a decoder a warp
+  const Nf4GemmArgs& a = p.a;
+  const Nf4GemmWeight& w = *t.w;
 
   if (tid < PT) {  // ----------------------------------------------------------------- producers
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(S::kProducerRegs));
@@ -298,28 +325,28 @@ __global__ void __launch_bounds__(Shape<PW>::kThreads, 1) nf4_gemm_kernel(const 
     const int a_row = tid >> 3, a_chunk = tid & 7;
     const uint32_t a_dst0 = swizzled(a_row, a_chunk);
     const int64_t a_step = (PT / 8) * a.ldx;
-    const __nv_bfloat16* a_src0 = x + (m0 + a_row) * a.ldx + a_chunk * 8;
+    const __nv_bfloat16* a_src0 = x + (t.m0 + a_row) * a.ldx + a_chunk * 8;
     // Rows of x this thread copies that exist (the rest of the last tile's rows are zero-filled).
-    const int64_t left = a.m - m0 - a_row;
+    const int64_t left = a.m - t.m0 - a_row;
     const int a_rows =
         left <= 0 ? 0 : static_cast<int>(left >= int64_t{kChunks} * (PT / 8) ? kChunks : (left + PT / 8 - 1) / (PT / 8));
     Raw cur[kHalves], nxt[kHalves];
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
-      cur[h] = load_raw(w, w_row0 + rows[h], a.k, 0, half);
-      if (k_nf4 > 1) nxt[h] = load_raw(w, w_row0 + rows[h], a.k, 1, half);
+      cur[h] = load_raw(w, t.w_row0 + rows[h], a.k, 0, half);
+      if (t.k_nf4 > 1) nxt[h] = load_raw(w, t.w_row0 + rows[h], a.k, 1, half);
     }
     const __nv_bfloat16* tail = static_cast<const __nv_bfloat16*>(a.tail);
-    for (int kt = 0; kt < k_steps; ++kt) {
+    for (int kt = 0; kt < t.k_steps; ++kt) {
       const int s = kt % kStages;
       const uint32_t round = static_cast<uint32_t>(kt / kStages);
       Raw ahead[kHalves];
 #pragma unroll
       for (int h = 0; h < kHalves; ++h)
-        if (kt + 2 < k_nf4) ahead[h] = load_raw(w, w_row0 + rows[h], a.k, kt + 2, half);
-      mbar_wait(smem_addr(empty + s), (round & 1u) ^ 1u);  // a fresh barrier's "previous phase" passes at once
+        if (kt + 2 < t.k_nf4) ahead[h] = load_raw(w, t.w_row0 + rows[h], a.k, kt + 2, half);
+      mbar_wait(smem_addr(t.empty + s), (round & 1u) ^ 1u);  // a fresh barrier's "previous phase" passes at once
       {
-        uint32_t dst = smem_addr(ring_a + s * kABytes) + a_dst0;
+        uint32_t dst = smem_addr(t.ring_a + s * kABytes) + a_dst0;
         const __nv_bfloat16* src = a_src0 + static_cast<int64_t>(kt) * kBK;
         const int rows_in = kt * kBK + a_chunk * 8 < a.k + a.k_tail ? a_rows : 0;  // past the tail: zeros
 #pragma unroll 4
@@ -328,23 +355,23 @@ __global__ void __launch_bounds__(Shape<PW>::kThreads, 1) nf4_gemm_kernel(const 
           cp_async16(dst, in ? src : x, in ? 16u : 0u);
         }
       }
-      unsigned char* b_stage = ring_b + s * kBBytes;
-      if (kt >= k_nf4) {  // a tail step: its 128 x 64 bf16 tile copied as x's is (zeros past k_tail)
-        const int col0 = (kt - k_nf4) * kBK;
+      unsigned char* b_stage = t.ring_b + s * kBBytes;
+      if (kt >= t.k_nf4) {  // a tail step: its 128 x 64 bf16 tile copied as x's is (zeros past k_tail)
+        const int col0 = (kt - t.k_nf4) * kBK;
 #pragma unroll 2
         for (int q = 0; q < 1024 / PT; ++q) {
           const int c = tid + PT * q, row = c >> 3, chunk = c & 7;
           const bool in = col0 + chunk * 8 < a.k_tail;
-          const __nv_bfloat16* src = in ? tail + (y_col0 + row) * a.ld_tail + col0 + chunk * 8 : tail;
+          const __nv_bfloat16* src = in ? tail + (t.y_col0 + row) * a.ld_tail + col0 + chunk * 8 : tail;
           cp_async16(smem_addr(b_stage) + swizzled(row, chunk), src, in ? 16u : 0u);
         }
       }
-      cp_async_arrive(smem_addr(full + s));
+      cp_async_arrive(smem_addr(t.full + s));
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
-        if (kt >= k_nf4) break;
+        if (kt >= t.k_nf4) break;
         if constexpr (kDecode) {
-          decode_store(cur[h], code_s, nmap_s, w.offset, b_stage, rows[h], half);
+          decode_store(cur[h], t.code_s, t.nmap_s, w.offset, b_stage, rows[h], half);
         } else {
 #pragma unroll
           for (int q = 0; q < 4; ++q)
@@ -353,7 +380,7 @@ __global__ void __launch_bounds__(Shape<PW>::kThreads, 1) nf4_gemm_kernel(const 
       }
       fence_proxy_async();  // the generic-proxy stores, before wgmma (async proxy) reads them
       __syncwarp();
-      if ((tid & 31) == 0) mbar_arrive(smem_addr(full + s));  // the warp's stores, ordered by __syncwarp
+      if ((tid & 31) == 0) mbar_arrive(smem_addr(t.full + s));  // the warp's stores, ordered by __syncwarp
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
         cur[h] = nxt[h];
@@ -362,7 +389,7 @@ __global__ void __launch_bounds__(Shape<PW>::kThreads, 1) nf4_gemm_kernel(const 
     }
   } else {  // -------------------------------------------------------------------------- consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(S::kConsumerRegs));
-    consume(a, ring_a, ring_b, full, empty, (tid - PT) >> 7, tid & 127, m0, y_col0, k_steps);
+    consume(a, t, (tid - PT) >> 7, tid & 127);
   }
 }
 
@@ -412,37 +439,10 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 __global__ void __launch_bounds__(kTmaThreads, 1) nf4_gemm_tma_kernel(const __grid_constant__ TmaParams tp) {
   const Params& p = tp.p;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
-  unsigned char* ring_a = smem;
-  unsigned char* ring_b = smem + kStages * kABytes;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kRing);
-  uint64_t* empty = full + kStages;
-  float* code_s = reinterpret_cast<float*>(empty + kStages);
-  float* nmap_s = code_s + 16;
-
-  const Nf4GemmArgs& a = p.a;
-  const int m_tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.m_tiles));
-  const int n_tile = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.m_tiles));
-  int j = 0;
-  while (j + 1 < a.n_weights && n_tile >= p.tile_begin[j + 1]) ++j;
-  const Nf4GemmWeight& w = a.w[j];
-  const int64_t w_row0 = static_cast<int64_t>(n_tile - p.tile_begin[j]) * kBN;
-  const int64_t y_col0 = static_cast<int64_t>(n_tile) * kBN;
-  const int64_t m0 = static_cast<int64_t>(m_tile) * kBM;
-  const int k_nf4 = a.k / kBK;
-  const int k_steps = k_nf4 + (a.k_tail + kBK - 1) / kBK;
-
   const int tid = threadIdx.x;
-  if (tid < 16) code_s[tid] = __ldg(w.quant_map + tid);
-  if (tid < 256) nmap_s[tid] = __ldg(w.nested_map + tid);
-  if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(smem_addr(full + s), 1 + 4);  // the copying thread's (with the bytes), one a decoding warp
-      mbar_init(smem_addr(empty + s), 2);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  const Tile t = setup_tile(p, smem_raw, 1 + 4);  // the copying thread's arrival (with the bytes), one a decoding warp
+  const Nf4GemmArgs& a = p.a;
+  const Nf4GemmWeight& w = *t.w;
 
   if (tid < 128) {  // ------------------------------------------------------------------ decoders
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaDecoderRegs));
@@ -451,24 +451,24 @@ __global__ void __launch_bounds__(kTmaThreads, 1) nf4_gemm_tma_kernel(const __gr
     Raw cur[2], nxt[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      cur[h] = load_raw(w, w_row0 + rows[h], a.k, 0, half);
-      if (k_nf4 > 1) nxt[h] = load_raw(w, w_row0 + rows[h], a.k, 1, half);
+      cur[h] = load_raw(w, t.w_row0 + rows[h], a.k, 0, half);
+      if (t.k_nf4 > 1) nxt[h] = load_raw(w, t.w_row0 + rows[h], a.k, 1, half);
     }
-    for (int kt = 0; kt < k_steps; ++kt) {
+    for (int kt = 0; kt < t.k_steps; ++kt) {
       const int s = kt % kStages;
       Raw ahead[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        if (kt + 2 < k_nf4) ahead[h] = load_raw(w, w_row0 + rows[h], a.k, kt + 2, half);
-      mbar_wait(smem_addr(empty + s), (static_cast<uint32_t>(kt / kStages) & 1u) ^ 1u);
-      if (kt < k_nf4) {
-        unsigned char* b_stage = ring_b + s * kBBytes;
-        decode_store(cur[0], code_s, nmap_s, w.offset, b_stage, rows[0], half);
-        decode_store(cur[1], code_s, nmap_s, w.offset, b_stage, rows[1], half);
+        if (kt + 2 < t.k_nf4) ahead[h] = load_raw(w, t.w_row0 + rows[h], a.k, kt + 2, half);
+      mbar_wait(smem_addr(t.empty + s), (static_cast<uint32_t>(kt / kStages) & 1u) ^ 1u);
+      if (kt < t.k_nf4) {
+        unsigned char* b_stage = t.ring_b + s * kBBytes;
+        decode_store(cur[0], t.code_s, t.nmap_s, w.offset, b_stage, rows[0], half);
+        decode_store(cur[1], t.code_s, t.nmap_s, w.offset, b_stage, rows[1], half);
         fence_proxy_async();
       }
       __syncwarp();
-      if ((tid & 31) == 0) mbar_arrive(smem_addr(full + s));
+      if ((tid & 31) == 0) mbar_arrive(smem_addr(t.full + s));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         cur[h] = nxt[h];
@@ -477,19 +477,19 @@ __global__ void __launch_bounds__(kTmaThreads, 1) nf4_gemm_tma_kernel(const __gr
     }
   } else if (tid < 384) {  // ------------------------------------------------------- consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kTmaConsumerRegs));
-    consume(a, ring_a, ring_b, full, empty, (tid - 128) >> 7, tid & 127, m0, y_col0, k_steps);
+    consume(a, t, (tid - 128) >> 7, tid & 127);
   } else {  // -------------------------------------------------------------------------- the copier
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaCopierRegs));
     if (tid != 384) return;
-    for (int kt = 0; kt < k_steps; ++kt) {
+    for (int kt = 0; kt < t.k_steps; ++kt) {
       const int s = kt % kStages;
-      mbar_wait(smem_addr(empty + s), (static_cast<uint32_t>(kt / kStages) & 1u) ^ 1u);
-      const uint32_t bar = smem_addr(full + s);
-      const bool tail_step = kt >= k_nf4;
+      mbar_wait(smem_addr(t.empty + s), (static_cast<uint32_t>(kt / kStages) & 1u) ^ 1u);
+      const uint32_t bar = smem_addr(t.full + s);
+      const bool tail_step = kt >= t.k_nf4;
       mbar_arrive_expect_tx(bar, kABytes + (tail_step ? kBBytes : 0));
-      tma_load_2d(smem_addr(ring_a + s * kABytes), &tp.map_x, kt * kBK, static_cast<int>(m0), bar);
+      tma_load_2d(smem_addr(t.ring_a + s * kABytes), &tp.map_x, kt * kBK, static_cast<int>(t.m0), bar);
       if (tail_step)
-        tma_load_2d(smem_addr(ring_b + s * kBBytes), &tp.map_tail, (kt - k_nf4) * kBK, static_cast<int>(y_col0), bar);
+        tma_load_2d(smem_addr(t.ring_b + s * kBBytes), &tp.map_tail, (kt - t.k_nf4) * kBK, static_cast<int>(t.y_col0), bar);
     }
   }
 }
