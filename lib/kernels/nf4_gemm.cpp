@@ -53,7 +53,8 @@ std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*
   return "this build has no CUDA kernels";
 #else
   if (!x.is_cuda()) return "x is not on a CUDA device";
-  if (x.scalar_type() != at::kBFloat16 || out.scalar_type() != at::kBFloat16) return "x and out must be bf16";
+  if (x.scalar_type() != at::kBFloat16 || (out.defined() && out.scalar_type() != at::kBFloat16))
+    return "x and out must be bf16";
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(x.get_device());
   if (prop->major != 9 || prop->minor != 0) return "the kernel is built for compute capability 9.0 (sm_90a)";
   if (ws.empty() || ws.size() > static_cast<size_t>(sm90::kNf4GemmMaxWeights)) return "1..4 weights a call";
@@ -66,8 +67,8 @@ std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*
   if (k > (int64_t{1} << 30) || x.size(0) > (int64_t{1} << 30)) return "x too large";
   if (x.stride(1) != 1 || x.stride(0) % 8 != 0 || reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0)
     return "x's rows must be 16-byte aligned";
-  if (out.dim() != 2 || out.stride(1) != 1 || out.stride(0) % 2 != 0 ||
-      reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 != 0)
+  if (out.defined() && (out.dim() != 2 || out.stride(1) != 1 || out.stride(0) % 2 != 0 ||
+                        reinterpret_cast<uintptr_t>(out.data_ptr()) % 4 != 0))
     return "out must have unit column stride, an even row stride and 4-byte alignment";
   for (const Nf4Data* w : ws) {
     if (w->blocksize != sm90::kNf4GemmTileK) return "blocksize must be 64";

@@ -14,7 +14,8 @@ namespace qt::kernels {
 // Why the fused kernel cannot take these operands, or "" where it can: a CUDA build, x bf16 on a device of
 // compute capability 9.0, 1..4 weights of blocksize 64 whose K (x's columns less the tail's) is a multiple of 64,
 // each weight's rows a multiple of 128, x's rows 16-byte aligned, out bf16 with stride(1) == 1 and an even row
-// stride; a tail bf16 [sum rows, k_tail], k_tail a multiple of 8, rows 16-byte aligned. Weight j has numel / K rows.
+// stride (an undefined out: not checked, for a caller that makes a fresh contiguous one); a tail bf16
+// [sum rows, k_tail], k_tail a multiple of 8, rows 16-byte aligned. Weight j has numel / K rows.
 std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,
                            const at::Tensor& tail = {});
 

@@ -100,8 +100,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       nf4s.push_back(&l->nf4->data);
     }
     const int64_t in = ls[0]->in_features();
-    const at::Tensor probe_out = at::empty({0, bd.size(0)}, xc.options());
-    if (kernels::nf4_gemm_unfit(xc.narrow(1, 0, in + bd.size(1)), nf4s, probe_out, bd).empty()) return true;
+    if (kernels::nf4_gemm_unfit(xc.narrow(1, 0, in + bd.size(1)), nf4s, /*out (made here)=*/{}, bd).empty()) return true;
     nf4s.clear();
     return false;
   }

@@ -106,8 +106,7 @@ at::Tensor tall_weight(const Linear& l, c10::ScalarType dtype, ModelStats* stats
 // neither held nor kept for the backward pass (so none is written at all), and the kernel takes the operands.
 bool nf4_gemm_applies(const Pass& pass, const Linear& l, const at::Tensor& x2) {
   if (!pass.nf4_gemm || pass.keep_dequantized || pass.lora_add_after || !l.quantized() || l.held) return false;
-  const at::Tensor probe_out = at::empty({0, l.out_features()}, x2.options());
-  return kernels::nf4_gemm_unfit(x2, {&l.nf4->data}, probe_out).empty();
+  return kernels::nf4_gemm_unfit(x2, {&l.nf4->data}, /*out (made here, contiguous)=*/{}).empty();
 }
 
 // A frozen base plus LoRA, y = x W^T + (dropout(x) A^T)(s B)^T, as one autograd node. The LoRA sums ride on GEMM
