@@ -5,11 +5,13 @@
 // token counts of issue 27's rows. Times are medians of CUDA-event batches (bench_timing.h) over two buffer sets;
 // each row also prints the fused result's largest difference from the reference, relative to its largest value,
 // and three more variants of the kernel: one producer warpgroup instead of two, two storing the codes undecoded
-// (wrong values: the pipeline's ceiling without the decoding's work), and x's tiles by TMA from a warpgroup of
-// their own ahead of one decoding warpgroup.
+// (wrong values: the pipeline's ceiling without the decoding's work), x's tiles by TMA from a warpgroup of
+// their own ahead of one decoding warpgroup, and W decoded into registers as wgmma's A operand (variant 5: y^T =
+// W x^T, its time, its ratio to dequantization + mm and its own largest difference).
 // Usage: bench_nf4_gemm [--only=SUBSTRING]
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -57,8 +59,8 @@ int main(int argc, char** argv) {
       {"1b gate_up m8192", 8192, 2048, {8192, 8192}},    {"1b down m8192", 8192, 8192, {2048}},
   };
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  std::printf("| shape | m x n x k | fused us | TFLOP/s | dequant + mm us | mm alone us | fused / (dequant + mm) | fused / mm | max rel diff | one producer warpgroup us | undecoded (ceiling) us | TMA copier us |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| shape | m x n x k | fused us | TFLOP/s | dequant + mm us | mm alone us | fused / (dequant + mm) | fused / mm | max rel diff | one producer warpgroup us | undecoded (ceiling) us | TMA copier us | W in registers us | its TFLOP/s | its / (dequant + mm) | its max rel diff |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Shape& s : shapes) {
     if (!only.empty() && s.name.find(only) == std::string::npos) continue;
     int64_t n = 0;
@@ -100,15 +102,23 @@ int main(int argc, char** argv) {
         qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, {}, 3); });
     const double t_tma =
         qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, {}, 4); });
+    const double t_rs =
+        qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, {}, 5); });
     dequant_mm(0);
     const at::Tensor ref0 = ys[0].to(at::kFloat);
-    qt::kernels::nf4_linear_into(xs[0], ws[0], ys[0], false);
-    const double diff =
-        ((ys[0].to(at::kFloat) - ref0).abs().max() / ref0.abs().max().clamp_min(1e-30)).item<double>();
+    auto rel_diff = [&](int variant) {
+      ys[0].fill_(std::nan(""));
+      qt::kernels::nf4_linear_into(xs[0], ws[0], ys[0], false, {}, variant);
+      return ((ys[0].to(at::kFloat) - ref0).abs().max() / ref0.abs().max().clamp_min(1e-30)).item<double>();
+    };
+    const double diff = rel_diff(0), diff_rs = rel_diff(5);
     const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(n) * static_cast<double>(s.k);
-    std::printf("| %s | %ld x %ld x %ld | %.1f | %.0f | %.1f | %.1f | %.3f | %.3f | %.2e | %.1f | %.1f | %.1f |\n",
-                s.name.c_str(), static_cast<long>(s.m), static_cast<long>(n), static_cast<long>(s.k), t_fused,
-                flops / (t_fused * 1e-6) / 1e12, t_ref, t_mm, t_fused / t_ref, t_fused / t_mm, diff, t_pw1, t_raw, t_tma);
+    std::printf(
+        "| %s | %ld x %ld x %ld | %.1f | %.0f | %.1f | %.1f | %.3f | %.3f | %.2e | %.1f | %.1f | %.1f | %.1f | %.0f | %.3f | "
+        "%.2e |\n",
+        s.name.c_str(), static_cast<long>(s.m), static_cast<long>(n), static_cast<long>(s.k), t_fused,
+        flops / (t_fused * 1e-6) / 1e12, t_ref, t_mm, t_fused / t_ref, t_fused / t_mm, diff, t_pw1, t_raw, t_tma, t_rs,
+        flops / (t_rs * 1e-6) / 1e12, t_rs / t_ref, diff_rs);
   }
   return 0;
 #endif

@@ -321,6 +321,18 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
       qt::kernels::nf4_linear_into(x, ws, other, /*accumulate=*/false, tail, variant);
       REQUIRE(same_bits(other, out));
     }
+    // W decoded into registers, the product transposed (5): its own check against the exact sums, and +=.
+    {
+      at::Tensor rs = at::full({c.m, cols + 128}, std::nan(""), bf16);
+      qt::kernels::nf4_linear_into(x, ws, rs, /*accumulate=*/false, tail, 5);
+      require_close_to_exact(rs.narrow(1, 0, cols), exact, abs_sum);
+      REQUIRE(at::isnan(rs.narrow(1, cols, 128)).all().item<bool>());
+      const at::Tensor old = at::randn({c.m, cols}, bf16);
+      rs.narrow(1, 0, cols).copy_(old);
+      qt::kernels::nf4_linear_into(x, ws, rs, /*accumulate=*/true, tail, 5);
+      require_close_to_exact(rs.narrow(1, 0, cols), exact + old.to(at::kDouble), abs_sum + old.abs().to(at::kDouble));
+      REQUIRE(at::isnan(rs.narrow(1, cols, 128)).all().item<bool>());
+    }
 
     // The reference (dequantize, then cuBLAS) within the same bound: the two differ only in summation order.
     at::Tensor ref = at::empty({c.m, cols}, bf16);
@@ -348,21 +360,24 @@ TEST_CASE("the fused NF4 GEMM writes into a strided view of a wider matrix, on t
   const qt::kernels::Nf4Data d = random_nf4(512, 1024);
   const at::Tensor wide_x = at::randn({700, 1024 + 64}, bf16);
   const at::Tensor x = wide_x.narrow(1, 64, 1024);  // rows 16-byte aligned: 64 columns = 128 bytes in
-  at::Tensor big = at::zeros({700, 2048}, bf16);
-  at::Tensor out = big.narrow(1, 256, 512);
-  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
-  {
-    c10::cuda::CUDAStreamGuard guard(side);
-    qt::kernels::nf4_linear_into(x, {&d}, out, false);
-  }
-  side.synchronize();
   at::Tensor ref = at::empty({700, 512}, bf16);
   qt::kernels::nf4_linear_ref_into(x.contiguous(), {&d}, ref, false);
-  const at::Tensor diff = (out.to(at::kFloat) - ref.to(at::kFloat)).abs();
-  INFO("max diff " << diff.max().item<float>() << " max |ref| " << ref.abs().max().item<float>());
-  REQUIRE((diff <= ref.to(at::kFloat).abs() * (2.0f / 256) + 1e-2f).all().item<bool>());
-  REQUIRE((big.narrow(1, 0, 256) == 0).all().item<bool>());
-  REQUIRE((big.narrow(1, 768, 2048 - 768) == 0).all().item<bool>());
+  for (int variant : {0, 5}) {  // the default, and W decoded into registers (its epilogue writes y's rows itself)
+    INFO("variant " << variant);
+    at::Tensor big = at::zeros({700, 2048}, bf16);
+    at::Tensor out = big.narrow(1, 256, 512);
+    c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+    {
+      c10::cuda::CUDAStreamGuard guard(side);
+      qt::kernels::nf4_linear_into(x, {&d}, out, false, {}, variant);
+    }
+    side.synchronize();
+    const at::Tensor diff = (out.to(at::kFloat) - ref.to(at::kFloat)).abs();
+    INFO("max diff " << diff.max().item<float>() << " max |ref| " << ref.abs().max().item<float>());
+    REQUIRE((diff <= ref.to(at::kFloat).abs() * (2.0f / 256) + 1e-2f).all().item<bool>());
+    REQUIRE((big.narrow(1, 0, 256) == 0).all().item<bool>());
+    REQUIRE((big.narrow(1, 768, 2048 - 768) == 0).all().item<bool>());
+  }
 #endif
 }
 

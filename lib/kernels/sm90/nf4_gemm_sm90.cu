@@ -222,6 +222,7 @@ struct Tile {
   float* code_s;
   float* nmap_s;
   const Nf4GemmWeight* w;  // the weight whose rows the tile's columns are
+  int w_index;             // its index in the call's weights
   int64_t w_row0;          // its first row in the tile
   int64_t y_col0;          // the tile's first column of y
   int64_t m0;              // the tile's first row of x and y
@@ -245,6 +246,7 @@ __device__ __forceinline__ Tile setup_tile(const Params& p, unsigned char* smem_
   int j = 0;
   while (j + 1 < a.n_weights && n_tile >= p.tile_begin[j + 1]) ++j;
   t.w = &a.w[j];
+  t.w_index = j;
   t.w_row0 = static_cast<int64_t>(n_tile - p.tile_begin[j]) * kBN;
   t.y_col0 = static_cast<int64_t>(n_tile) * kBN;
   t.m0 = static_cast<int64_t>(m_tile) * kBM;
@@ -494,6 +496,277 @@ __global__ void __launch_bounds__(kTmaThreads, 1) nf4_gemm_tma_kernel(const __gr
   }
 }
 
+// ---- Variant 5: W as wgmma's A operand, decoded into registers. The product is computed transposed, y^T = W x^T:
+// the CTA's 128 rows of W are the M of two consumer warpgroups' wgmma m64n256k16 (64 rows each), x's 256 rows of
+// the tile their N, so the decoded weight never passes through shared memory (there the default stores 16 KB a
+// step and wgmma reads it back twice): x's 32 KB tile and W's 4 KB of codes arrive by TMA, each row's scale is
+// computed by the producer warpgroup, and each consumer thread decodes its own A fragments (rows g and g + 8 of its
+// warp's 16, 32 elements a step) straight from the codes. A tail step (LoRA's B terms, bf16) reads its tile from
+// shared memory instead (wgmma with both operands by descriptor). The accumulators, W's rows by x's, go out
+// through shared memory transposed (fp32), then to y in coalesced rows.
+constexpr int kRsThreads = 384;
+// Registers: 168 a thread at entry (65536 / 384, rounded down to 8); the producer gives back to 40, the consumers
+// take 232 (128 * 40 + 256 * 232 = 64512).
+constexpr int kRsProducerRegs = 40;
+constexpr int kRsConsumerRegs = 232;
+constexpr int kCodesBytes = kBN * kBK / 2;  // a step's codes: 128 rows x 32 bytes, then 128 fp32 scales
+constexpr int kStagePitch = kBN + 4;        // fp32 words a row of x in the epilogue's transposed tile (no bank conflicts)
+static_assert(kBM * kStagePitch * 4 <= kRing, "the epilogue's tile fits in the ring");
+
+struct RsParams {
+  CUtensorMap map_x;                             // as TmaParams
+  CUtensorMap map_tail;                          // as TmaParams
+  CUtensorMap map_codes[kNf4GemmMaxWeights];     // each weight's codes, uint8 [rows, k / 2], boxes of 128 x 32
+  Params p;
+};
+
+// wgmma m64n256k16, bf16 x bf16 -> f32: A (64 x 16, K-major) from four registers a thread (the m16n8k16 A
+// fragment of each warp's 16 rows), B by descriptor from shared memory: D = A B + (scale_d ? D : 0).
+__device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                    uint64_t desc_b, uint32_t scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
+      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
+      "},"
+      " {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n"
+      "}\n"
+      :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(scale_d));
+}
+
+// wgmma m64n256k16 with both operands K-major in shared memory (descriptors).
+__device__ __forceinline__ void wgmma_m64n256k16_ss(float (&d)[128], uint64_t desc_a, uint64_t desc_b, uint32_t scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{"
+      "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+      "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+      "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+      "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
+      "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
+      "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
+      "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
+      "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
+      "},"
+      " %128, %129, p, 1, 1, 0, 0;\n"
+      "}\n"
+      :
+        "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// The two elements of byte `sh / 8` of a code word (high nibble the earlier) as a bf16x2 A register.
+__device__ __forceinline__ uint32_t decode_pair(uint32_t word, int sh, const float* code, float scale) {
+  const uint32_t hi = (word >> (sh + 4)) & 0xFu, lo = (word >> sh) & 0xFu;
+  return pack_bf16(__fmul_rn(code[hi], scale), __fmul_rn(code[lo], scale));
+}
+
+// A thread's A fragments of one step: rows r and r + 8 of the stage's codes (32 bytes a row), k16 chunk kk in
+// registers 4 kk .. 4 kk + 3: (r, 2t..2t+1), (r + 8, 2t..), (r, 8 + 2t..), (r + 8, 8 + 2t..), t = lane % 4, whose
+// bytes are byte t of the row's words 2 kk and 2 kk + 1 (sh = 8 t).
+__device__ __forceinline__ void decode_fragments(const unsigned char* stage, int r, int sh, const float* code,
+                                                 uint32_t (&frag)[16]) {
+  const uint4 p0 = *reinterpret_cast<const uint4*>(stage + r * 32);
+  const uint4 p1 = *reinterpret_cast<const uint4*>(stage + r * 32 + 16);
+  const uint4 q0 = *reinterpret_cast<const uint4*>(stage + (r + 8) * 32);
+  const uint4 q1 = *reinterpret_cast<const uint4*>(stage + (r + 8) * 32 + 16);
+  const float* scales = reinterpret_cast<const float*>(stage + kCodesBytes);
+  const float s0 = scales[r], s1 = scales[r + 8];
+  const uint32_t w0[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+  const uint32_t w1[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    frag[4 * kk + 0] = decode_pair(w0[2 * kk], sh, code, s0);
+    frag[4 * kk + 1] = decode_pair(w1[2 * kk], sh, code, s1);
+    frag[4 * kk + 2] = decode_pair(w0[2 * kk + 1], sh, code, s0);
+    frag[4 * kk + 3] = decode_pair(w1[2 * kk + 1], sh, code, s1);
+  }
+}
+
+// One NF4 step of a consumer warpgroup: wait for the stage, decode, four wgmma, hand back the previous stage once
+// its group has completed. `frag` must not be read by a wgmma still in flight: the caller alternates two.
+__device__ __forceinline__ void rs_step(const Tile& t, int kt, int r, int sh, int wt, uint32_t (&frag)[16],
+                                        float (&acc)[128]) {
+  const int s = kt % kStages;
+  mbar_wait(smem_addr(t.full + s), static_cast<uint32_t>(kt / kStages) & 1u);
+  decode_fragments(t.ring_b + s * kBBytes, r, sh, t.code_s, frag);
+  const uint32_t x0 = smem_addr(t.ring_a + s * kABytes);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBK / 16; ++kk)
+    wgmma_m64n256k16_rs(acc, frag[4 * kk], frag[4 * kk + 1], frag[4 * kk + 2], frag[4 * kk + 3],
+                        smem_desc(x0 + kk * 32), (kt > 0 || kk > 0) ? 1u : 0u);
+  wgmma_commit();
+  wgmma_wait<1>();
+  if (kt > 0 && wt == 0) mbar_arrive(smem_addr(t.empty + (kt - 1) % kStages));
+}
+
+// A tail step: the bf16 tile of the tail's 128 rows in the stage, this warpgroup's 64 of them by descriptor.
+__device__ __forceinline__ void ss_step(const Tile& t, int kt, int cw, int wt, float (&acc)[128]) {
+  const int s = kt % kStages;
+  mbar_wait(smem_addr(t.full + s), static_cast<uint32_t>(kt / kStages) & 1u);
+  const uint32_t x0 = smem_addr(t.ring_a + s * kABytes);
+  const uint32_t w0 = smem_addr(t.ring_b + s * kBBytes) + cw * 64 * 128;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBK / 16; ++kk)
+    wgmma_m64n256k16_ss(acc, smem_desc(w0 + kk * 32), smem_desc(x0 + kk * 32), (kt > 0 || kk > 0) ? 1u : 0u);
+  wgmma_commit();
+  wgmma_wait<1>();
+  if (kt > 0 && wt == 0) mbar_arrive(smem_addr(t.empty + (kt - 1) % kStages));
+}
+
+__device__ __forceinline__ void consumer_barrier() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
+__global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid_constant__ RsParams rp) {
+  const Params& p = rp.p;
+  extern __shared__ unsigned char smem_raw[];
+  const int tid = threadIdx.x;
+  const Tile t = setup_tile(p, smem_raw, 1 + 4);  // the copying thread's arrival (with the bytes), one a producer warp
+  const Nf4GemmArgs& a = p.a;
+  const Nf4GemmWeight& w = *t.w;
+
+  if (tid < 128) {  // ------------------------------------------------------------------ the producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRsProducerRegs));
+    // Thread tid computes row tid's scale each step; its inputs are loaded two steps ahead.
+    const int64_t block0 = (t.w_row0 + tid) * (a.k / kBK);
+    uint32_t q_cur = 0, q_nxt = 0;
+    float n_cur = 0.f, n_nxt = 0.f;
+    q_cur = __ldg(w.absmax_q + block0);
+    n_cur = __ldg(w.nested_absmax + (block0 >> 8));
+    if (t.k_nf4 > 1) {
+      q_nxt = __ldg(w.absmax_q + block0 + 1);
+      n_nxt = __ldg(w.nested_absmax + ((block0 + 1) >> 8));
+    }
+    const CUtensorMap* map_codes = &rp.map_codes[t.w_index];
+    for (int kt = 0; kt < t.k_steps; ++kt) {
+      const int s = kt % kStages;
+      uint32_t q_ahead = 0;
+      float n_ahead = 0.f;
+      if (kt + 2 < t.k_nf4) {
+        q_ahead = __ldg(w.absmax_q + block0 + kt + 2);
+        n_ahead = __ldg(w.nested_absmax + ((block0 + kt + 2) >> 8));
+      }
+      mbar_wait(smem_addr(t.empty + s), (static_cast<uint32_t>(kt / kStages) & 1u) ^ 1u);
+      const uint32_t bar = smem_addr(t.full + s);
+      const bool tail_step = kt >= t.k_nf4;
+      unsigned char* b_stage = t.ring_b + s * kBBytes;
+      if (tid == 0) {
+        // A tail's tile overwrites bytes an earlier round's scales were stored to (generic proxy) by TMA (async).
+        if (tail_step) fence_proxy_async();
+        mbar_arrive_expect_tx(bar, kABytes + (tail_step ? kBBytes : kCodesBytes));
+        tma_load_2d(smem_addr(t.ring_a + s * kABytes), &rp.map_x, kt * kBK, static_cast<int>(t.m0), bar);
+        if (tail_step)
+          tma_load_2d(smem_addr(b_stage), &rp.map_tail, (kt - t.k_nf4) * kBK, static_cast<int>(t.y_col0), bar);
+        else
+          tma_load_2d(smem_addr(b_stage), map_codes, kt * (kBK / 2), static_cast<int>(t.w_row0), bar);
+      }
+      if (!tail_step)  // scale = nested_map[q] * nested + offset, multiply and add rounded apart (as nf4_dequant.cu)
+        reinterpret_cast<float*>(b_stage + kCodesBytes)[tid] = __fadd_rn(__fmul_rn(t.nmap_s[q_cur], n_cur), w.offset);
+      __syncwarp();
+      if ((tid & 31) == 0) mbar_arrive(bar);
+      q_cur = q_nxt;
+      n_cur = n_nxt;
+      q_nxt = q_ahead;
+      n_nxt = n_ahead;
+    }
+  } else {  // --------------------------------------------------------------------------- consumers
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRsConsumerRegs));
+    const int ct = tid - 128, cw = ct >> 7, wt = ct & 127;
+    const int warp = wt >> 5, lane = wt & 31, g = lane >> 2, tq = lane & 3;
+    const int r = cw * 64 + warp * 16 + g;  // this thread's first row of W in the tile (and r + 8)
+    const int sh = 8 * tq;
+    // No initialization: the first step's first wgmma ignores D (scale_d 0).
+    float acc[128];
+    uint32_t frag0[16], frag1[16];
+    int kt = 0;
+    for (; kt + 1 < t.k_nf4; kt += 2) {
+      rs_step(t, kt, r, sh, wt, frag0, acc);
+      rs_step(t, kt + 1, r, sh, wt, frag1, acc);
+    }
+    if (kt < t.k_nf4) rs_step(t, kt++, r, sh, wt, frag0, acc);
+    for (; kt < t.k_steps; ++kt) ss_step(t, kt, cw, wt, acc);
+    wgmma_wait<0>();
+    fence_regs(acc);
+    // The epilogue: D (W's rows g, g + 8 of the warp's 16 by x's rows 8 i + 2 tq + {0, 1}) into shared memory as
+    // y's tile [x row][column] in fp32, once both warpgroups have read their last stages; then rows of y.
+    consumer_barrier();
+    float* tile = reinterpret_cast<float*>(t.ring_a);
+#pragma unroll
+    for (int i = 0; i < 32; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) tile[(8 * i + 2 * tq + j) * kStagePitch + r + 8 * h] = acc[4 * i + 2 * h + j];
+    consumer_barrier();
+    __nv_bfloat16* y = static_cast<__nv_bfloat16*>(a.y);
+#pragma unroll 4
+    for (int it = 0; it < kBM * kBN / 2 / 256; ++it) {
+      const int idx = it * 256 + ct, row = idx / (kBN / 2), pair = idx % (kBN / 2);
+      if (t.m0 + row >= a.m) continue;
+      float2 v = *reinterpret_cast<const float2*>(tile + row * kStagePitch + 2 * pair);
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(y + (t.m0 + row) * a.ldy + t.y_col0 + 2 * pair);
+      if (a.accumulate) {
+        const float2 old = __bfloat1622float2(*dst);
+        v.x += old.x;
+        v.y += old.y;
+      }
+      *dst = __floats2bfloat162_rn(v.x, v.y);
+    }
+  }
+}
+
 // cuTensorMapEncodeTiled through the runtime's driver entry point (none of libcuda linked), looked up once.
 PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
@@ -507,18 +780,25 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   return fn;
 }
 
-// A 2-D bf16 tensor map: `cols` x `rows` elements, rows `ld` elements apart, boxes of box_rows x 64 columns in
-// the 128-byte swizzle wgmma reads. False where the driver refuses it.
-bool encode_2d(CUtensorMap* map, const void* base, int64_t cols, int64_t rows, int64_t ld, int box_rows) {
+// A 2-D tensor map of `rows` rows of `cols` elements (`ld_bytes` apart), boxes of box_rows x box_cols elements.
+// False where the driver refuses it.
+bool encode_map(CUtensorMap* map, CUtensorMapDataType type, const void* base, int64_t cols,
+                int64_t rows, int64_t ld_bytes, int box_cols, int box_rows, CUtensorMapSwizzle swizzle) {
   PFN_cuTensorMapEncodeTiled_v12000 fn = encode_tiled();
   if (!fn) return false;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld) * 2};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(box_rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(ld_bytes)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
   const cuuint32_t elem_strides[2] = {1, 1};
-  return fn(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, elem_strides,
-            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return fn(map, type, 2, const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+            swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// A 2-D bf16 tensor map: `cols` x `rows` elements, rows `ld` elements apart, boxes of box_rows x 64 columns in
+// the 128-byte swizzle wgmma reads.
+bool encode_2d(CUtensorMap* map, const void* base, int64_t cols, int64_t rows, int64_t ld, int box_rows) {
+  return encode_map(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, cols, rows, ld * 2, kBK, box_rows,
+                    CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
 int launch_tma(const Params& p, int64_t blocks, cudaStream_t stream) {
@@ -534,6 +814,27 @@ int launch_tma(const Params& p, int64_t blocks, cudaStream_t stream) {
       cudaFuncSetAttribute(nf4_gemm_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (attr != cudaSuccess) return static_cast<int>(attr);
   nf4_gemm_tma_kernel<<<static_cast<unsigned>(blocks), kTmaThreads, kSmemBytes, stream>>>(tp);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
+  RsParams rp{};
+  rp.p = p;
+  const Nf4GemmArgs& a = p.a;
+  int64_t rows = 0;
+  for (int j = 0; j < a.n_weights; ++j) {
+    rows += a.w[j].rows;
+    if (!encode_map(&rp.map_codes[j], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.w[j].packed, a.k / 2, a.w[j].rows, a.k / 2,
+                    kBK / 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE))
+      return static_cast<int>(cudaErrorInvalidValue);
+  }
+  if (!encode_2d(&rp.map_x, a.x, int64_t{a.k} + a.k_tail, a.m, a.ldx, kBM)) return static_cast<int>(cudaErrorInvalidValue);
+  if (a.k_tail > 0 && !encode_2d(&rp.map_tail, a.tail, a.k_tail, rows, a.ld_tail, kBN))
+    return static_cast<int>(cudaErrorInvalidValue);
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(nf4_gemm_rs_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  if (attr != cudaSuccess) return static_cast<int>(attr);
+  nf4_gemm_rs_kernel<<<static_cast<unsigned>(blocks), kRsThreads, kSmemBytes, stream>>>(rp);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -555,6 +856,8 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
       return launch<2, false>(p, blocks, stream);
     case 4:
       return launch_tma(p, blocks, stream);
+    case 5:
+      return launch_rs(p, blocks, stream);
     default:
       return launch<2, true>(p, blocks, stream);
   }
