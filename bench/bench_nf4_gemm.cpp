@@ -7,7 +7,8 @@
 // and three more variants of the kernel: one producer warpgroup instead of two, two storing the codes undecoded
 // (wrong values: the pipeline's ceiling without the decoding's work), x's tiles by TMA from a warpgroup of
 // their own ahead of one decoding warpgroup, and W decoded into registers as wgmma's A operand (variant 5: y^T =
-// W x^T, its time, its ratio to dequantization + mm and its own largest difference).
+// W x^T, its time, its ratio to dequantization + mm and its own largest difference), with two wgmma groups in flight
+// (7), and with the codes fed undecoded (6: wrong values, that design's ceiling without the decoding).
 // Usage: bench_nf4_gemm [--only=SUBSTRING]
 #include <ATen/ATen.h>
 
@@ -59,8 +60,8 @@ int main(int argc, char** argv) {
       {"1b gate_up m8192", 8192, 2048, {8192, 8192}},    {"1b down m8192", 8192, 8192, {2048}},
   };
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  std::printf("| shape | m x n x k | fused us | TFLOP/s | dequant + mm us | mm alone us | fused / (dequant + mm) | fused / mm | max rel diff | one producer warpgroup us | undecoded (ceiling) us | TMA copier us | W in registers us | its TFLOP/s | its / (dequant + mm) | its max rel diff |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  std::printf("| shape | m x n x k | fused us | TFLOP/s | dequant + mm us | mm alone us | fused / (dequant + mm) | fused / mm | max rel diff | one producer warpgroup us | undecoded (ceiling) us | TMA copier us | W in registers us | its TFLOP/s | its / (dequant + mm) | its max rel diff | 2 groups in flight us | RS undecoded us |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   for (const Shape& s : shapes) {
     if (!only.empty() && s.name.find(only) == std::string::npos) continue;
     int64_t n = 0;
@@ -104,6 +105,10 @@ int main(int argc, char** argv) {
         qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, {}, 4); });
     const double t_rs =
         qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, {}, 5); });
+    const double t_rs2 =
+        qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, {}, 7); });
+    const double t_rs_raw =
+        qt::bench::time_us(kSets, [&](int i) { qt::kernels::nf4_linear_into(xs[i], ws[i], ys[i], false, {}, 6); });
     dequant_mm(0);
     const at::Tensor ref0 = ys[0].to(at::kFloat);
     auto rel_diff = [&](int variant) {
@@ -115,10 +120,10 @@ int main(int argc, char** argv) {
     const double flops = 2.0 * static_cast<double>(s.m) * static_cast<double>(n) * static_cast<double>(s.k);
     std::printf(
         "| %s | %ld x %ld x %ld | %.1f | %.0f | %.1f | %.1f | %.3f | %.3f | %.2e | %.1f | %.1f | %.1f | %.1f | %.0f | %.3f | "
-        "%.2e |\n",
+        "%.2e | %.1f | %.1f |\n",
         s.name.c_str(), static_cast<long>(s.m), static_cast<long>(n), static_cast<long>(s.k), t_fused,
         flops / (t_fused * 1e-6) / 1e12, t_ref, t_mm, t_fused / t_ref, t_fused / t_mm, diff, t_pw1, t_raw, t_tma, t_rs,
-        flops / (t_rs * 1e-6) / 1e12, t_rs / t_ref, diff_rs);
+        flops / (t_rs * 1e-6) / 1e12, t_rs / t_ref, diff_rs, t_rs2, t_rs_raw);
   }
   return 0;
 #endif

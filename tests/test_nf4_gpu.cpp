@@ -321,15 +321,17 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
       qt::kernels::nf4_linear_into(x, ws, other, /*accumulate=*/false, tail, variant);
       REQUIRE(same_bits(other, out));
     }
-    // W decoded into registers, the product transposed (5): its own check against the exact sums, and +=.
-    {
+    // W decoded into registers, the product transposed (5; 7 with two wgmma groups in flight): their own check
+    // against the exact sums, and +=.
+    for (int variant : {5, 7}) {
+      INFO("variant " << variant);
       at::Tensor rs = at::full({c.m, cols + 128}, std::nan(""), bf16);
-      qt::kernels::nf4_linear_into(x, ws, rs, /*accumulate=*/false, tail, 5);
+      qt::kernels::nf4_linear_into(x, ws, rs, /*accumulate=*/false, tail, variant);
       require_close_to_exact(rs.narrow(1, 0, cols), exact, abs_sum);
       REQUIRE(at::isnan(rs.narrow(1, cols, 128)).all().item<bool>());
       const at::Tensor old = at::randn({c.m, cols}, bf16);
       rs.narrow(1, 0, cols).copy_(old);
-      qt::kernels::nf4_linear_into(x, ws, rs, /*accumulate=*/true, tail, 5);
+      qt::kernels::nf4_linear_into(x, ws, rs, /*accumulate=*/true, tail, variant);
       require_close_to_exact(rs.narrow(1, 0, cols), exact + old.to(at::kDouble), abs_sum + old.abs().to(at::kDouble));
       REQUIRE(at::isnan(rs.narrow(1, cols, 128)).all().item<bool>());
     }
@@ -362,7 +364,7 @@ TEST_CASE("the fused NF4 GEMM writes into a strided view of a wider matrix, on t
   const at::Tensor x = wide_x.narrow(1, 64, 1024);  // rows 16-byte aligned: 64 columns = 128 bytes in
   at::Tensor ref = at::empty({700, 512}, bf16);
   qt::kernels::nf4_linear_ref_into(x.contiguous(), {&d}, ref, false);
-  for (int variant : {0, 5}) {  // the default, and W decoded into registers (its epilogue writes y's rows itself)
+  for (int variant : {0, 5, 7}) {  // the default, and W decoded into registers (their epilogue writes y's rows itself)
     INFO("variant " << variant);
     at::Tensor big = at::zeros({700, 2048}, bf16);
     at::Tensor out = big.narrow(1, 256, 512);

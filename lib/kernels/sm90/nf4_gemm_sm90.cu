@@ -615,6 +615,8 @@ __device__ __forceinline__ uint32_t decode_pair(uint32_t word, int sh, const flo
 // A thread's A fragments of one step: rows r and r + 8 of the stage's codes (32 bytes a row), k16 chunk kk in
 // registers 4 kk .. 4 kk + 3: (r, 2t..2t+1), (r + 8, 2t..), (r, 8 + 2t..), (r + 8, 8 + 2t..), t = lane % 4, whose
 // bytes are byte t of the row's words 2 kk and 2 kk + 1 (sh = 8 t).
+// kDecode false: the code words themselves (wrong values: bench_nf4_gemm's ceiling without the decoding).
+template <bool kDecode>
 __device__ __forceinline__ void decode_fragments(const unsigned char* stage, int r, int sh, const float* code,
                                                  uint32_t (&frag)[16]) {
   const uint4 p0 = *reinterpret_cast<const uint4*>(stage + r * 32);
@@ -625,22 +627,34 @@ __device__ __forceinline__ void decode_fragments(const unsigned char* stage, int
   const float s0 = scales[r], s1 = scales[r + 8];
   const uint32_t w0[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
   const uint32_t w1[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+  if constexpr (!kDecode) {
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    frag[4 * kk + 0] = decode_pair(w0[2 * kk], sh, code, s0);
-    frag[4 * kk + 1] = decode_pair(w1[2 * kk], sh, code, s1);
-    frag[4 * kk + 2] = decode_pair(w0[2 * kk + 1], sh, code, s0);
-    frag[4 * kk + 3] = decode_pair(w1[2 * kk + 1], sh, code, s1);
+    for (int kk = 0; kk < 4; ++kk) {
+      frag[4 * kk + 0] = w0[2 * kk] ^ __float_as_uint(s0);
+      frag[4 * kk + 1] = w1[2 * kk] ^ __float_as_uint(s1);
+      frag[4 * kk + 2] = w0[2 * kk + 1];
+      frag[4 * kk + 3] = w1[2 * kk + 1];
+    }
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      frag[4 * kk + 0] = decode_pair(w0[2 * kk], sh, code, s0);
+      frag[4 * kk + 1] = decode_pair(w1[2 * kk], sh, code, s1);
+      frag[4 * kk + 2] = decode_pair(w0[2 * kk + 1], sh, code, s0);
+      frag[4 * kk + 3] = decode_pair(w1[2 * kk + 1], sh, code, s1);
+    }
   }
 }
 
-// One NF4 step of a consumer warpgroup: wait for the stage, decode, four wgmma, hand back the previous stage once
-// its group has completed. `frag` must not be read by a wgmma still in flight: the caller alternates two.
+// One NF4 step of a consumer warpgroup: wait for the stage, decode, four wgmma, then hand back the stage of the
+// group kDepth steps back once it has completed (kDepth groups stay in flight). `frag` must not be read by a wgmma
+// still in flight: the caller rotates kDepth + 1 of them.
+template <bool kDecode, int kDepth>
 __device__ __forceinline__ void rs_step(const Tile& t, int kt, int r, int sh, int wt, uint32_t (&frag)[16],
                                         float (&acc)[128]) {
   const int s = kt % kStages;
   mbar_wait(smem_addr(t.full + s), static_cast<uint32_t>(kt / kStages) & 1u);
-  decode_fragments(t.ring_b + s * kBBytes, r, sh, t.code_s, frag);
+  decode_fragments<kDecode>(t.ring_b + s * kBBytes, r, sh, t.code_s, frag);
   const uint32_t x0 = smem_addr(t.ring_a + s * kABytes);
   wgmma_fence();
 #pragma unroll
@@ -648,11 +662,12 @@ __device__ __forceinline__ void rs_step(const Tile& t, int kt, int r, int sh, in
     wgmma_m64n256k16_rs(acc, frag[4 * kk], frag[4 * kk + 1], frag[4 * kk + 2], frag[4 * kk + 3],
                         smem_desc(x0 + kk * 32), (kt > 0 || kk > 0) ? 1u : 0u);
   wgmma_commit();
-  wgmma_wait<1>();
-  if (kt > 0 && wt == 0) mbar_arrive(smem_addr(t.empty + (kt - 1) % kStages));
+  wgmma_wait<kDepth>();
+  if (kt >= kDepth && wt == 0) mbar_arrive(smem_addr(t.empty + (kt - kDepth) % kStages));
 }
 
 // A tail step: the bf16 tile of the tail's 128 rows in the stage, this warpgroup's 64 of them by descriptor.
+template <int kDepth>
 __device__ __forceinline__ void ss_step(const Tile& t, int kt, int cw, int wt, float (&acc)[128]) {
   const int s = kt % kStages;
   mbar_wait(smem_addr(t.full + s), static_cast<uint32_t>(kt / kStages) & 1u);
@@ -663,12 +678,14 @@ __device__ __forceinline__ void ss_step(const Tile& t, int kt, int cw, int wt, f
   for (int kk = 0; kk < kBK / 16; ++kk)
     wgmma_m64n256k16_ss(acc, smem_desc(w0 + kk * 32), smem_desc(x0 + kk * 32), (kt > 0 || kk > 0) ? 1u : 0u);
   wgmma_commit();
-  wgmma_wait<1>();
-  if (kt > 0 && wt == 0) mbar_arrive(smem_addr(t.empty + (kt - 1) % kStages));
+  wgmma_wait<kDepth>();
+  if (kt >= kDepth && wt == 0) mbar_arrive(smem_addr(t.empty + (kt - kDepth) % kStages));
 }
 
 __device__ __forceinline__ void consumer_barrier() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
+// kDecode false: bench_nf4_gemm's ceiling (wrong values); kDepth: wgmma groups a consumer keeps in flight.
+template <bool kDecode, int kDepth>
 __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid_constant__ RsParams rp) {
   const Params& p = rp.p;
   extern __shared__ unsigned char smem_raw[];
@@ -731,12 +748,23 @@ __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid
     float acc[128];
     uint32_t frag0[16], frag1[16];
     int kt = 0;
-    for (; kt + 1 < t.k_nf4; kt += 2) {
-      rs_step(t, kt, r, sh, wt, frag0, acc);
-      rs_step(t, kt + 1, r, sh, wt, frag1, acc);
+    if constexpr (kDepth == 1) {
+      for (; kt + 1 < t.k_nf4; kt += 2) {
+        rs_step<kDecode, 1>(t, kt, r, sh, wt, frag0, acc);
+        rs_step<kDecode, 1>(t, kt + 1, r, sh, wt, frag1, acc);
+      }
+      if (kt < t.k_nf4) rs_step<kDecode, 1>(t, kt++, r, sh, wt, frag0, acc);
+    } else {
+      uint32_t frag2[16];
+      for (; kt + 2 < t.k_nf4; kt += 3) {
+        rs_step<kDecode, 2>(t, kt, r, sh, wt, frag0, acc);
+        rs_step<kDecode, 2>(t, kt + 1, r, sh, wt, frag1, acc);
+        rs_step<kDecode, 2>(t, kt + 2, r, sh, wt, frag2, acc);
+      }
+      if (kt < t.k_nf4) rs_step<kDecode, 2>(t, kt++, r, sh, wt, frag0, acc);
+      if (kt < t.k_nf4) rs_step<kDecode, 2>(t, kt++, r, sh, wt, frag1, acc);
     }
-    if (kt < t.k_nf4) rs_step(t, kt++, r, sh, wt, frag0, acc);
-    for (; kt < t.k_steps; ++kt) ss_step(t, kt, cw, wt, acc);
+    for (; kt < t.k_steps; ++kt) ss_step<kDepth>(t, kt, cw, wt, acc);
     wgmma_wait<0>();
     fence_regs(acc);
     // The epilogue: D (W's rows g, g + 8 of the warp's 16 by x's rows 8 i + 2 tq + {0, 1}) into shared memory as
@@ -817,6 +845,7 @@ int launch_tma(const Params& p, int64_t blocks, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
+template <bool kDecode, int kDepth>
 int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
   RsParams rp{};
   rp.p = p;
@@ -832,9 +861,9 @@ int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
   if (a.k_tail > 0 && !encode_2d(&rp.map_tail, a.tail, a.k_tail, rows, a.ld_tail, kBN))
     return static_cast<int>(cudaErrorInvalidValue);
   static const cudaError_t attr =
-      cudaFuncSetAttribute(nf4_gemm_rs_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+      cudaFuncSetAttribute(nf4_gemm_rs_kernel<kDecode, kDepth>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (attr != cudaSuccess) return static_cast<int>(attr);
-  nf4_gemm_rs_kernel<<<static_cast<unsigned>(blocks), kRsThreads, kSmemBytes, stream>>>(rp);
+  nf4_gemm_rs_kernel<kDecode, kDepth><<<static_cast<unsigned>(blocks), kRsThreads, kSmemBytes, stream>>>(rp);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -857,7 +886,11 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
     case 4:
       return launch_tma(p, blocks, stream);
     case 5:
-      return launch_rs(p, blocks, stream);
+      return launch_rs<true, 1>(p, blocks, stream);
+    case 6:
+      return launch_rs<false, 1>(p, blocks, stream);
+    case 7:
+      return launch_rs<true, 2>(p, blocks, stream);
     default:
       return launch<2, true>(p, blocks, stream);
   }
