@@ -321,9 +321,9 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
       qt::kernels::nf4_linear_into(x, ws, other, /*accumulate=*/false, tail, variant);
       REQUIRE(same_bits(other, out));
     }
-    // W decoded into registers, the product transposed (5; 7 with two wgmma groups in flight): their own check
-    // against the exact sums, and +=.
-    for (int variant : {5, 7}) {
+    // W decoded into registers, the product transposed (5; 7 with two wgmma groups in flight; 8 and 9 the same on a
+    // persistent grid with the epilogue in registers): their own check against the exact sums, and +=.
+    for (int variant : {5, 7, 8, 9}) {
       INFO("variant " << variant);
       at::Tensor rs = at::full({c.m, cols + 128}, std::nan(""), bf16);
       qt::kernels::nf4_linear_into(x, ws, rs, /*accumulate=*/false, tail, variant);
@@ -364,7 +364,7 @@ TEST_CASE("the fused NF4 GEMM writes into a strided view of a wider matrix, on t
   const at::Tensor x = wide_x.narrow(1, 64, 1024);  // rows 16-byte aligned: 64 columns = 128 bytes in
   at::Tensor ref = at::empty({700, 512}, bf16);
   qt::kernels::nf4_linear_ref_into(x.contiguous(), {&d}, ref, false);
-  for (int variant : {0, 5, 7}) {  // the default, and W decoded into registers (their epilogue writes y's rows itself)
+  for (int variant : {0, 5, 7, 8, 9}) {  // the default, and W decoded into registers (their epilogues write y themselves)
     INFO("variant " << variant);
     at::Tensor big = at::zeros({700, 2048}, bf16);
     at::Tensor out = big.narrow(1, 256, 512);

@@ -35,7 +35,8 @@ constexpr int kStages = 4;
 constexpr int kABytes = kBM * kBK * 2;         // 32 KB a stage
 constexpr int kBBytes = kBN * kBK * 2;         // 16 KB a stage
 constexpr int kRing = kStages * (kABytes + kBBytes);
-constexpr int kSmemBytes = 1024 + kRing + 2 * kStages * 8 + 16 * 4 + 256 * 4;  // +1024: alignment slack
+constexpr int kTableFloats = 16 + 256;  // a weight's NF4 code table, then its nested map
+constexpr int kSmemBytes = 1024 + kRing + 2 * kStages * 8 + kNf4GemmMaxWeights * kTableFloats * 4;  // +1024: alignment slack
 
 // Threads and registers with PW producer warpgroups. One producer warpgroup: 168 registers a thread at entry
 // (65536 / 384, rounded down to 8); the producer gives back to 104, the consumers take 192 (128 * 104 + 256 * 192 =
@@ -219,7 +220,8 @@ struct Tile {
   unsigned char* ring_b;
   uint64_t* full;
   uint64_t* empty;
-  float* code_s;
+  float* tables;  // every weight's code table and nested map (kTableFloats each)
+  float* code_s;  // the tile's weight's
   float* nmap_s;
   const Nf4GemmWeight* w;  // the weight whose rows the tile's columns are
   int w_index;             // its index in the call's weights
@@ -230,6 +232,24 @@ struct Tile {
   int k_steps;             // then over the tail's
 };
 
+// Points t at tile `tile` (m tiles fastest): its weight, tables and coordinates.
+__device__ __forceinline__ void locate(const Params& p, int tile, Tile& t) {
+  const Nf4GemmArgs& a = p.a;
+  const int m_tile = tile % p.m_tiles;
+  const int n_tile = tile / p.m_tiles;
+  int j = 0;
+  while (j + 1 < a.n_weights && n_tile >= p.tile_begin[j + 1]) ++j;
+  t.w = &a.w[j];
+  t.w_index = j;
+  t.code_s = t.tables + j * kTableFloats;
+  t.nmap_s = t.code_s + 16;
+  t.w_row0 = static_cast<int64_t>(n_tile - p.tile_begin[j]) * kBN;
+  t.y_col0 = static_cast<int64_t>(n_tile) * kBN;
+  t.m0 = static_cast<int64_t>(m_tile) * kBM;
+  t.k_nf4 = a.k / kBK;
+  t.k_steps = t.k_nf4 + (a.k_tail + kBK - 1) / kBK;
+}
+
 __device__ __forceinline__ Tile setup_tile(const Params& p, unsigned char* smem_raw, uint32_t full_count) {
   Tile t;
   // Swizzled tiles must start on 1024-byte boundaries (the swizzle is taken from address bits 7-9).
@@ -238,23 +258,14 @@ __device__ __forceinline__ Tile setup_tile(const Params& p, unsigned char* smem_
   t.ring_b = smem + kStages * kABytes;
   t.full = reinterpret_cast<uint64_t*>(smem + kRing);
   t.empty = t.full + kStages;
-  t.code_s = reinterpret_cast<float*>(t.empty + kStages);
-  t.nmap_s = t.code_s + 16;
+  t.tables = reinterpret_cast<float*>(t.empty + kStages);
+  locate(p, static_cast<int>(blockIdx.x), t);
   const Nf4GemmArgs& a = p.a;
-  const int m_tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.m_tiles));
-  const int n_tile = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.m_tiles));
-  int j = 0;
-  while (j + 1 < a.n_weights && n_tile >= p.tile_begin[j + 1]) ++j;
-  t.w = &a.w[j];
-  t.w_index = j;
-  t.w_row0 = static_cast<int64_t>(n_tile - p.tile_begin[j]) * kBN;
-  t.y_col0 = static_cast<int64_t>(n_tile) * kBN;
-  t.m0 = static_cast<int64_t>(m_tile) * kBM;
-  t.k_nf4 = a.k / kBK;
-  t.k_steps = t.k_nf4 + (a.k_tail + kBK - 1) / kBK;
   const int tid = threadIdx.x;
-  if (tid < 16) t.code_s[tid] = __ldg(t.w->quant_map + tid);
-  if (tid < 256) t.nmap_s[tid] = __ldg(t.w->nested_map + tid);
+  for (int i = tid; i < a.n_weights * kTableFloats; i += static_cast<int>(blockDim.x)) {
+    const int j = i / kTableFloats, e = i % kTableFloats;
+    t.tables[i] = e < 16 ? __ldg(a.w[j].quant_map + e) : __ldg(a.w[j].nested_map + (e - 16));
+  }
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(smem_addr(t.full + s), full_count);
@@ -646,14 +657,15 @@ __device__ __forceinline__ void decode_fragments(const unsigned char* stage, int
   }
 }
 
-// One NF4 step of a consumer warpgroup: wait for the stage, decode, four wgmma, then hand back the stage of the
-// group kDepth steps back once it has completed (kDepth groups stay in flight). `frag` must not be read by a wgmma
-// still in flight: the caller rotates kDepth + 1 of them.
+// One NF4 step of a consumer warpgroup (kt within the tile, g over the CTA's tiles: the ring's stage and phase):
+// wait for the stage, decode, four wgmma, then hand back the stage of the group kDepth steps back once it has
+// completed (kDepth groups stay in flight). `frag` must not be read by a wgmma still in flight: the caller rotates
+// kDepth + 1 of them.
 template <bool kDecode, int kDepth>
-__device__ __forceinline__ void rs_step(const Tile& t, int kt, int r, int sh, int wt, uint32_t (&frag)[16],
+__device__ __forceinline__ void rs_step(const Tile& t, int kt, uint32_t g, int r, int sh, int wt, uint32_t (&frag)[16],
                                         float (&acc)[128]) {
-  const int s = kt % kStages;
-  mbar_wait(smem_addr(t.full + s), static_cast<uint32_t>(kt / kStages) & 1u);
+  const uint32_t s = g % kStages;
+  mbar_wait(smem_addr(t.full + s), (g / kStages) & 1u);
   decode_fragments<kDecode>(t.ring_b + s * kBBytes, r, sh, t.code_s, frag);
   const uint32_t x0 = smem_addr(t.ring_a + s * kABytes);
   wgmma_fence();
@@ -663,14 +675,14 @@ __device__ __forceinline__ void rs_step(const Tile& t, int kt, int r, int sh, in
                         smem_desc(x0 + kk * 32), (kt > 0 || kk > 0) ? 1u : 0u);
   wgmma_commit();
   wgmma_wait<kDepth>();
-  if (kt >= kDepth && wt == 0) mbar_arrive(smem_addr(t.empty + (kt - kDepth) % kStages));
+  if (kt >= kDepth && wt == 0) mbar_arrive(smem_addr(t.empty + (g - kDepth) % kStages));
 }
 
 // A tail step: the bf16 tile of the tail's 128 rows in the stage, this warpgroup's 64 of them by descriptor.
 template <int kDepth>
-__device__ __forceinline__ void ss_step(const Tile& t, int kt, int cw, int wt, float (&acc)[128]) {
-  const int s = kt % kStages;
-  mbar_wait(smem_addr(t.full + s), static_cast<uint32_t>(kt / kStages) & 1u);
+__device__ __forceinline__ void ss_step(const Tile& t, int kt, uint32_t g, int cw, int wt, float (&acc)[128]) {
+  const uint32_t s = g % kStages;
+  mbar_wait(smem_addr(t.full + s), (g / kStages) & 1u);
   const uint32_t x0 = smem_addr(t.ring_a + s * kABytes);
   const uint32_t w0 = smem_addr(t.ring_b + s * kBBytes) + cw * 64 * 128;
   wgmma_fence();
@@ -679,64 +691,181 @@ __device__ __forceinline__ void ss_step(const Tile& t, int kt, int cw, int wt, f
     wgmma_m64n256k16_ss(acc, smem_desc(w0 + kk * 32), smem_desc(x0 + kk * 32), (kt > 0 || kk > 0) ? 1u : 0u);
   wgmma_commit();
   wgmma_wait<kDepth>();
-  if (kt >= kDepth && wt == 0) mbar_arrive(smem_addr(t.empty + (kt - kDepth) % kStages));
+  if (kt >= kDepth && wt == 0) mbar_arrive(smem_addr(t.empty + (g - kDepth) % kStages));
+}
+
+// A consumer warpgroup's main loop over one tile whose first step is the ring's g0-th; on return every wgmma has
+// completed and the tile's last stages are handed back.
+template <bool kDecode, int kDepth>
+__device__ __forceinline__ void rs_mainloop(const Tile& t, uint32_t g0, int cw, int r, int sh, int wt,
+                                            float (&acc)[128]) {
+  uint32_t frag0[16], frag1[16];
+  int kt = 0;
+  if constexpr (kDepth == 1) {
+    for (; kt + 1 < t.k_nf4; kt += 2) {
+      rs_step<kDecode, 1>(t, kt, g0 + kt, r, sh, wt, frag0, acc);
+      rs_step<kDecode, 1>(t, kt + 1, g0 + kt + 1, r, sh, wt, frag1, acc);
+    }
+    if (kt < t.k_nf4) rs_step<kDecode, 1>(t, kt, g0 + kt, r, sh, wt, frag0, acc), ++kt;
+  } else {
+    uint32_t frag2[16];
+    for (; kt + 2 < t.k_nf4; kt += 3) {
+      rs_step<kDecode, 2>(t, kt, g0 + kt, r, sh, wt, frag0, acc);
+      rs_step<kDecode, 2>(t, kt + 1, g0 + kt + 1, r, sh, wt, frag1, acc);
+      rs_step<kDecode, 2>(t, kt + 2, g0 + kt + 2, r, sh, wt, frag2, acc);
+    }
+    if (kt < t.k_nf4) rs_step<kDecode, 2>(t, kt, g0 + kt, r, sh, wt, frag0, acc), ++kt;
+    if (kt < t.k_nf4) rs_step<kDecode, 2>(t, kt, g0 + kt, r, sh, wt, frag1, acc), ++kt;
+  }
+  for (; kt < t.k_steps; ++kt) ss_step<kDepth>(t, kt, g0 + kt, cw, wt, acc);
+  wgmma_wait<0>();
+  fence_regs(acc);
+  if (wt == 0)
+    for (int d = t.k_steps > kDepth ? t.k_steps - kDepth : 0; d < t.k_steps; ++d)
+      mbar_arrive(smem_addr(t.empty + (g0 + d) % kStages));
+}
+
+// The producer warpgroup's part of one tile: for each step, once its stage is free, x's tile and W's codes (or
+// the tail's tile) by TMA from thread 0, and row tid's scale from each thread (its inputs loaded two steps ahead).
+__device__ __forceinline__ void rs_produce(const RsParams& rp, const Tile& t, uint32_t g0, int tid) {
+  const Nf4GemmArgs& a = rp.p.a;
+  const Nf4GemmWeight& w = *t.w;
+  const int64_t block0 = (t.w_row0 + tid) * (a.k / kBK);
+  uint32_t q_cur = __ldg(w.absmax_q + block0), q_nxt = 0;
+  float n_cur = __ldg(w.nested_absmax + (block0 >> 8)), n_nxt = 0.f;
+  if (t.k_nf4 > 1) {
+    q_nxt = __ldg(w.absmax_q + block0 + 1);
+    n_nxt = __ldg(w.nested_absmax + ((block0 + 1) >> 8));
+  }
+  const CUtensorMap* map_codes = &rp.map_codes[t.w_index];
+  for (int kt = 0; kt < t.k_steps; ++kt) {
+    const uint32_t g = g0 + kt, s = g % kStages;
+    uint32_t q_ahead = 0;
+    float n_ahead = 0.f;
+    if (kt + 2 < t.k_nf4) {
+      q_ahead = __ldg(w.absmax_q + block0 + kt + 2);
+      n_ahead = __ldg(w.nested_absmax + ((block0 + kt + 2) >> 8));
+    }
+    mbar_wait(smem_addr(t.empty + s), ((g / kStages) & 1u) ^ 1u);
+    const uint32_t bar = smem_addr(t.full + s);
+    const bool tail_step = kt >= t.k_nf4;
+    unsigned char* b_stage = t.ring_b + s * kBBytes;
+    if (tid == 0) {
+      // TMA (the async proxy) overwrites bytes an earlier round's scales were stored to (the generic proxy).
+      fence_proxy_async();
+      mbar_arrive_expect_tx(bar, kABytes + (tail_step ? kBBytes : kCodesBytes));
+      tma_load_2d(smem_addr(t.ring_a + s * kABytes), &rp.map_x, kt * kBK, static_cast<int>(t.m0), bar);
+      if (tail_step)
+        tma_load_2d(smem_addr(b_stage), &rp.map_tail, (kt - t.k_nf4) * kBK, static_cast<int>(t.y_col0), bar);
+      else
+        tma_load_2d(smem_addr(b_stage), map_codes, kt * (kBK / 2), static_cast<int>(t.w_row0), bar);
+    }
+    if (!tail_step)  // scale = nested_map[q] * nested + offset, multiply and add rounded apart (as nf4_dequant.cu)
+      reinterpret_cast<float*>(b_stage + kCodesBytes)[tid] = __fadd_rn(__fmul_rn(t.nmap_s[q_cur], n_cur), w.offset);
+    __syncwarp();
+    if ((tid & 31) == 0) mbar_arrive(bar);
+    q_cur = q_nxt;
+    n_cur = n_nxt;
+    q_nxt = q_ahead;
+    n_nxt = n_ahead;
+  }
 }
 
 __device__ __forceinline__ void consumer_barrier() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 
-// kDecode false: bench_nf4_gemm's ceiling (wrong values); kDepth: wgmma groups a consumer keeps in flight.
-template <bool kDecode, int kDepth>
+// The epilogue through shared memory: D (W's rows r, r + 8 by x's rows 8 i + 2 tq + {0, 1}) as y's tile [x row]
+// [column] in fp32 over the ring, once both warpgroups have read their last stages; then rows of y (ct: the
+// thread among the two warpgroups' 256).
+__device__ __forceinline__ void store_staged(const float (&acc)[128], const Nf4GemmArgs& a, const Tile& t, int r, int tq,
+                                             int ct) {
+  consumer_barrier();
+  float* tile = reinterpret_cast<float*>(t.ring_a);
+#pragma unroll
+  for (int i = 0; i < 32; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) tile[(8 * i + 2 * tq + j) * kStagePitch + r + 8 * h] = acc[4 * i + 2 * h + j];
+  consumer_barrier();
+  __nv_bfloat16* y = static_cast<__nv_bfloat16*>(a.y);
+#pragma unroll 4
+  for (int it = 0; it < kBM * kBN / 2 / 256; ++it) {
+    const int idx = it * 256 + ct, row = idx / (kBN / 2), pair = idx % (kBN / 2);
+    if (t.m0 + row >= a.m) continue;
+    float2 v = *reinterpret_cast<const float2*>(tile + row * kStagePitch + 2 * pair);
+    __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(y + (t.m0 + row) * a.ldy + t.y_col0 + 2 * pair);
+    if (a.accumulate) {
+      const float2 old = __bfloat1622float2(*dst);
+      v.x += old.x;
+      v.y += old.y;
+    }
+    *dst = __floats2bfloat162_rn(v.x, v.y);
+  }
+}
+
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t v) {
+  uint32_t out;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(out) : "r"(v));
+  return out;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t out;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(out) : "r"(a), "r"(b), "r"(sel));
+  return out;
+}
+
+// The epilogue in registers, no shared memory (the ring is already filling with the next tile): each 8 x 8 block
+// of D (W's rows 16 warp + 8 h + 0..7 by x's rows 8 i + 0..7) transposed across the warp by movmatrix, after which
+// lane (g, tq) holds x's row 8 i + g at W's rows 8 h + 2 tq, + 1: two adjacent columns of y, one 4-byte store. With
+// +=, the fp32 values move as their two 16-bit halves (two movmatrix), so the sum is rounded once, as elsewhere.
+__device__ __forceinline__ void store_transposed(const float (&acc)[128], const Nf4GemmArgs& a, const Tile& t, int cw,
+                                                 int warp, int g, int tq) {
+  __nv_bfloat16* y = static_cast<__nv_bfloat16*>(a.y);
+  const int64_t col = t.y_col0 + cw * 64 + warp * 16 + 2 * tq;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    const int64_t row = t.m0 + 8 * i + g;
+    const bool in = row < a.m;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t* dst = reinterpret_cast<uint32_t*>(y + row * a.ldy + col + 8 * h);
+      const float v0 = acc[4 * i + 2 * h], v1 = acc[4 * i + 2 * h + 1];
+      if (!a.accumulate) {
+        const uint32_t tr = movmatrix_trans(pack_bf16(v0, v1));
+        if (in) *dst = tr;
+      } else {
+        const uint32_t hi = movmatrix_trans(prmt(__float_as_uint(v0), __float_as_uint(v1), 0x7632));
+        const uint32_t lo = movmatrix_trans(prmt(__float_as_uint(v0), __float_as_uint(v1), 0x5410));
+        if (in) {
+          const float e0 = __uint_as_float(prmt(lo, hi, 0x5410)), e1 = __uint_as_float(prmt(lo, hi, 0x7632));
+          const float2 old = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(dst));
+          *dst = pack_bf16(e0 + old.x, e1 + old.y);
+        }
+      }
+    }
+  }
+}
+
+// kDecode false: bench_nf4_gemm's ceiling (wrong values); kDepth: wgmma groups a consumer keeps in flight;
+// kPersistent: one CTA an SM, each taking tiles gridDim.x apart, the ring running on across its tiles and the
+// epilogue in registers while the producer fills the next tile's stages.
+template <bool kDecode, int kDepth, bool kPersistent>
 __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid_constant__ RsParams rp) {
   const Params& p = rp.p;
   extern __shared__ unsigned char smem_raw[];
   const int tid = threadIdx.x;
-  const Tile t = setup_tile(p, smem_raw, 1 + 4);  // the copying thread's arrival (with the bytes), one a producer warp
-  const Nf4GemmArgs& a = p.a;
-  const Nf4GemmWeight& w = *t.w;
+  Tile t = setup_tile(p, smem_raw, 1 + 4);  // the copying thread's arrival (with the bytes), one a producer warp
+  const int n_tiles = p.m_tiles * p.tile_begin[p.a.n_weights];
 
   if (tid < 128) {  // ------------------------------------------------------------------ the producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRsProducerRegs));
-    // Thread tid computes row tid's scale each step; its inputs are loaded two steps ahead.
-    const int64_t block0 = (t.w_row0 + tid) * (a.k / kBK);
-    uint32_t q_cur = 0, q_nxt = 0;
-    float n_cur = 0.f, n_nxt = 0.f;
-    q_cur = __ldg(w.absmax_q + block0);
-    n_cur = __ldg(w.nested_absmax + (block0 >> 8));
-    if (t.k_nf4 > 1) {
-      q_nxt = __ldg(w.absmax_q + block0 + 1);
-      n_nxt = __ldg(w.nested_absmax + ((block0 + 1) >> 8));
-    }
-    const CUtensorMap* map_codes = &rp.map_codes[t.w_index];
-    for (int kt = 0; kt < t.k_steps; ++kt) {
-      const int s = kt % kStages;
-      uint32_t q_ahead = 0;
-      float n_ahead = 0.f;
-      if (kt + 2 < t.k_nf4) {
-        q_ahead = __ldg(w.absmax_q + block0 + kt + 2);
-        n_ahead = __ldg(w.nested_absmax + ((block0 + kt + 2) >> 8));
-      }
-      mbar_wait(smem_addr(t.empty + s), (static_cast<uint32_t>(kt / kStages) & 1u) ^ 1u);
-      const uint32_t bar = smem_addr(t.full + s);
-      const bool tail_step = kt >= t.k_nf4;
-      unsigned char* b_stage = t.ring_b + s * kBBytes;
-      if (tid == 0) {
-        // A tail's tile overwrites bytes an earlier round's scales were stored to (generic proxy) by TMA (async).
-        if (tail_step) fence_proxy_async();
-        mbar_arrive_expect_tx(bar, kABytes + (tail_step ? kBBytes : kCodesBytes));
-        tma_load_2d(smem_addr(t.ring_a + s * kABytes), &rp.map_x, kt * kBK, static_cast<int>(t.m0), bar);
-        if (tail_step)
-          tma_load_2d(smem_addr(b_stage), &rp.map_tail, (kt - t.k_nf4) * kBK, static_cast<int>(t.y_col0), bar);
-        else
-          tma_load_2d(smem_addr(b_stage), map_codes, kt * (kBK / 2), static_cast<int>(t.w_row0), bar);
-      }
-      if (!tail_step)  // scale = nested_map[q] * nested + offset, multiply and add rounded apart (as nf4_dequant.cu)
-        reinterpret_cast<float*>(b_stage + kCodesBytes)[tid] = __fadd_rn(__fmul_rn(t.nmap_s[q_cur], n_cur), w.offset);
-      __syncwarp();
-      if ((tid & 31) == 0) mbar_arrive(bar);
-      q_cur = q_nxt;
-      n_cur = n_nxt;
-      q_nxt = q_ahead;
-      n_nxt = n_ahead;
+    uint32_t g = 0;
+    for (int tile = static_cast<int>(blockIdx.x); tile < n_tiles; tile += static_cast<int>(gridDim.x)) {
+      locate(p, tile, t);
+      rs_produce(rp, t, g, tid);
+      g += static_cast<uint32_t>(t.k_steps);
+      if (!kPersistent) break;
     }
   } else {  // --------------------------------------------------------------------------- consumers
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRsConsumerRegs));
@@ -744,53 +873,19 @@ __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid
     const int warp = wt >> 5, lane = wt & 31, g = lane >> 2, tq = lane & 3;
     const int r = cw * 64 + warp * 16 + g;  // this thread's first row of W in the tile (and r + 8)
     const int sh = 8 * tq;
-    // No initialization: the first step's first wgmma ignores D (scale_d 0).
+    // No initialization: each tile's first wgmma ignores D (scale_d 0).
     float acc[128];
-    uint32_t frag0[16], frag1[16];
-    int kt = 0;
-    if constexpr (kDepth == 1) {
-      for (; kt + 1 < t.k_nf4; kt += 2) {
-        rs_step<kDecode, 1>(t, kt, r, sh, wt, frag0, acc);
-        rs_step<kDecode, 1>(t, kt + 1, r, sh, wt, frag1, acc);
+    uint32_t g0 = 0;
+    for (int tile = static_cast<int>(blockIdx.x); tile < n_tiles; tile += static_cast<int>(gridDim.x)) {
+      locate(p, tile, t);
+      rs_mainloop<kDecode, kDepth>(t, g0, cw, r, sh, wt, acc);
+      g0 += static_cast<uint32_t>(t.k_steps);
+      if constexpr (kPersistent) {
+        store_transposed(acc, p.a, t, cw, warp, g, tq);
+      } else {
+        store_staged(acc, p.a, t, r, tq, ct);
+        break;
       }
-      if (kt < t.k_nf4) rs_step<kDecode, 1>(t, kt++, r, sh, wt, frag0, acc);
-    } else {
-      uint32_t frag2[16];
-      for (; kt + 2 < t.k_nf4; kt += 3) {
-        rs_step<kDecode, 2>(t, kt, r, sh, wt, frag0, acc);
-        rs_step<kDecode, 2>(t, kt + 1, r, sh, wt, frag1, acc);
-        rs_step<kDecode, 2>(t, kt + 2, r, sh, wt, frag2, acc);
-      }
-      if (kt < t.k_nf4) rs_step<kDecode, 2>(t, kt++, r, sh, wt, frag0, acc);
-      if (kt < t.k_nf4) rs_step<kDecode, 2>(t, kt++, r, sh, wt, frag1, acc);
-    }
-    for (; kt < t.k_steps; ++kt) ss_step<kDepth>(t, kt, cw, wt, acc);
-    wgmma_wait<0>();
-    fence_regs(acc);
-    // The epilogue: D (W's rows g, g + 8 of the warp's 16 by x's rows 8 i + 2 tq + {0, 1}) into shared memory as
-    // y's tile [x row][column] in fp32, once both warpgroups have read their last stages; then rows of y.
-    consumer_barrier();
-    float* tile = reinterpret_cast<float*>(t.ring_a);
-#pragma unroll
-    for (int i = 0; i < 32; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) tile[(8 * i + 2 * tq + j) * kStagePitch + r + 8 * h] = acc[4 * i + 2 * h + j];
-    consumer_barrier();
-    __nv_bfloat16* y = static_cast<__nv_bfloat16*>(a.y);
-#pragma unroll 4
-    for (int it = 0; it < kBM * kBN / 2 / 256; ++it) {
-      const int idx = it * 256 + ct, row = idx / (kBN / 2), pair = idx % (kBN / 2);
-      if (t.m0 + row >= a.m) continue;
-      float2 v = *reinterpret_cast<const float2*>(tile + row * kStagePitch + 2 * pair);
-      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(y + (t.m0 + row) * a.ldy + t.y_col0 + 2 * pair);
-      if (a.accumulate) {
-        const float2 old = __bfloat1622float2(*dst);
-        v.x += old.x;
-        v.y += old.y;
-      }
-      *dst = __floats2bfloat162_rn(v.x, v.y);
     }
   }
 }
@@ -845,7 +940,7 @@ int launch_tma(const Params& p, int64_t blocks, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-template <bool kDecode, int kDepth>
+template <bool kDecode, int kDepth, bool kPersistent>
 int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
   RsParams rp{};
   rp.p = p;
@@ -861,9 +956,16 @@ int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
   if (a.k_tail > 0 && !encode_2d(&rp.map_tail, a.tail, a.k_tail, rows, a.ld_tail, kBN))
     return static_cast<int>(cudaErrorInvalidValue);
   static const cudaError_t attr =
-      cudaFuncSetAttribute(nf4_gemm_rs_kernel<kDecode, kDepth>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+      cudaFuncSetAttribute(nf4_gemm_rs_kernel<kDecode, kDepth, kPersistent>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (attr != cudaSuccess) return static_cast<int>(attr);
-  nf4_gemm_rs_kernel<kDecode, kDepth><<<static_cast<unsigned>(blocks), kRsThreads, kSmemBytes, stream>>>(rp);
+  if (kPersistent) {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+      return static_cast<int>(cudaErrorInvalidValue);
+    if (blocks > sms) blocks = sms;
+  }
+  nf4_gemm_rs_kernel<kDecode, kDepth, kPersistent><<<static_cast<unsigned>(blocks), kRsThreads, kSmemBytes, stream>>>(rp);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -886,11 +988,15 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
     case 4:
       return launch_tma(p, blocks, stream);
     case 5:
-      return launch_rs<true, 1>(p, blocks, stream);
+      return launch_rs<true, 1, false>(p, blocks, stream);
     case 6:
-      return launch_rs<false, 1>(p, blocks, stream);
+      return launch_rs<false, 1, false>(p, blocks, stream);
     case 7:
-      return launch_rs<true, 2>(p, blocks, stream);
+      return launch_rs<true, 2, false>(p, blocks, stream);
+    case 8:
+      return launch_rs<true, 1, true>(p, blocks, stream);
+    case 9:
+      return launch_rs<true, 2, true>(p, blocks, stream);
     default:
       return launch<2, true>(p, blocks, stream);
   }
