@@ -112,7 +112,9 @@
 #      80 GiB (3 others) and on 8B 1 x 32768 at 80 GiB (2 others): 29 in about 560 s.
 #   41: no carry: build, the fused NF4 GEMM's [gpu] tests ([nf4_gemm]: the kernel's and the model's with it), bench_nf4_gemm
 #      (the fused kernel against the grouped dequantization + cuBLAS, and cuBLAS alone, at the 8B and 1B projections;
-#      NF4_GEMM_ONLY=SUBSTRING), then QT_NF4_GEMM=1 against the default at 8B 2 x 2048 / 24 GiB, 2 rounds (NO_AB=1: not).
+#      NF4_GEMM_ONLY=SUBSTRING; every variant's column and the fastest with right values), then QT_NF4_GEMM=1 with
+#      QT_NF4_GEMM_VARIANT=NF4_VARIANT (default 8) against the default at 8B 2 x 2048 / 24 GiB, 2 rounds (NO_AB=1: not;
+#      about 110 s with NO_AB=1, about 350 s without).
 #   40: carry [".peers", ".peerscripts"]: build, the host link probe's [plan][gpu] test, `plan` at 8B 1 x 32768 / 24 GiB
 #      with the measured link, then 39's hand search (about 450 s in all; PROBE_ONLY=1: without the hand search).
 #   39: carry [".peers", ".peerscripts"]: build, the hand search on 1B 4 x 2048 at 24 and 80 GiB and 8B 1 x 8192 at
@@ -126,9 +128,10 @@
 # (docs/PERFORMANCE.md); 2, 15, 16 and 6 ran on H100s in the nineteenth; 17, 5, 6 (1B), 18, 2, 16, 15 and 5 in the
 # twentieth; 19 and 20 in the twenty-first; 24, 22, 25 and 26 (twice) in the twenty-second (21's counter check passed
 # there in 25's [gpu] tests); 34 in the twenty-third; 36 in the twenty-fourth (33's tests with it); 38 and 37 in the
-# twenty-fifth; 40, 41, 43 and 44 in the twenty-sixth (43 covered 29's hand search). What is left: 41 with NO_AB=1
-# (the NF4 GEMM's TMA variant 4, written after the last call: its tests and bench column), 45 (the slow 32k
-# machines), 27; 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
+# twenty-fifth; 40, 41, 43 and 44 in the twenty-sixth (43 covered 29's hand search); 41 with NO_AB=1 twice in the
+# twenty-seventh (variants 4 and 5). What is left: 41 with NO_AB=1 (variants 6-9, written after the twenty-seventh
+# session's last call: their tests and bench columns; then, where the fastest variant beats dequantization + cuBLAS
+# in the bench, 41 without NO_AB for the step), 45 (the slow 32k machines), 27; 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
 # there), 6 there; 2 and 15 again on an H100 for issue 27's table with the tuned GEMMs. Carry
 # at most 64 MiB: with .usite, carry only build/tests/fixtures/lora, data and dora (the [lora] and [fused_ops] tests'
 # fixtures).
@@ -497,8 +500,9 @@ case "$CALL" in
   note "bench_nf4_gemm: exit $?"
   grep -E '^\|' "$L/bench_nf4_gemm.log" >>"$summary"
   [ -n "${NO_AB:-}" ] && exit 0
-  # In the step: 8B 2 x 2048 at 24 GiB (the blocks not holding their weights dequantize them in each pass).
-  ab_env ab_nf4_gemm_24.log 240 8b-2x2048 24 2 nf4_gemm QT_NF4_GEMM=1
+  # In the step: 8B 2 x 2048 at 24 GiB (the blocks not holding their weights dequantize them in each pass), the
+  # kernel's variant NF4_VARIANT (QT_NF4_GEMM_VARIANT; default 8: W in registers on a persistent grid).
+  ab_env ab_nf4_gemm_24.log 240 8b-2x2048 24 2 nf4_gemm "QT_NF4_GEMM=1 --env QT_NF4_GEMM_VARIANT=${NF4_VARIANT:-8}"
   ;;
 40)
   note "== the host link probe ([plan][gpu]), the plan of 8B 1 x 32768 at 24 GiB at the measured link, then the hand"

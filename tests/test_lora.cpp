@@ -2097,19 +2097,23 @@ TEST_CASE("on CUDA the norms writing into the LoRA groups' concatenated inputs g
 // The forward products through the fused NF4 GEMM (QT_NF4_GEMM=1: the weights dequantized inside the GEMM, the
 // groups' LoRA B terms as its last columns) against dequantization then cuBLAS: a model 1,024 wide in bf16 on a Hopper
 // GPU (the kernel's), the hidden states and LoRA gradients within bf16's rounding, the fused products counted (the
-// q / k / v and gate / up groups, o_proj and down_proj of both blocks in the forward pass), none with the switch off.
+// q / k / v and gate / up groups, o_proj and down_proj of both blocks in the forward pass), none with the switch off;
+// with the kernel's default and with its variant 8 (W decoded into registers, a persistent grid: QT_NF4_GEMM_VARIANT).
 TEST_CASE("on a Hopper GPU the fused NF4 GEMM gives the hidden states and LoRA gradients of dequantization then "
           "cuBLAS",
           "[lora][gpu][nf4_gemm]") {
-  for (bool checkpointing : {false, true}) {
-    INFO("checkpointing " << checkpointing);
-    std::shared_ptr<qt::ModelStats> stats;
-    auto run = [&](const char* value) { return wide_cuda_row("QT_NF4_GEMM", value, checkpointing, stats); };
-    const std::vector<at::Tensor> fused = run("1");
-    CHECK(stats->nf4_gemm_runs >= 8);
-    const std::vector<at::Tensor> apart = run(nullptr);
-    CHECK(stats->nf4_gemm_runs == 0);
-    check_same_loss_and_grads(fused, apart, 2e-2);
+  for (const char* variant : {static_cast<const char*>(nullptr), "8"}) {
+    for (bool checkpointing : {false, true}) {
+      INFO("variant " << (variant ? variant : "default") << " checkpointing " << checkpointing);
+      const qt::test::ScopedEnv pick("QT_NF4_GEMM_VARIANT", variant);
+      std::shared_ptr<qt::ModelStats> stats;
+      auto run = [&](const char* value) { return wide_cuda_row("QT_NF4_GEMM", value, checkpointing, stats); };
+      const std::vector<at::Tensor> fused = run("1");
+      CHECK(stats->nf4_gemm_runs >= 8);
+      const std::vector<at::Tensor> apart = run(nullptr);
+      CHECK(stats->nf4_gemm_runs == 0);
+      check_same_loss_and_grads(fused, apart, 2e-2);
+    }
   }
 }
 

@@ -423,3 +423,19 @@ TEST_CASE("nf4_linear_into on the CPU: each weight's product in its columns, += 
   CHECK(qt::test::error_of([&] { qt::kernels::nf4_linear_into(x, {&odd}, out, false); })
             .find("a weight of 300 elements is not [rows, 128]") != std::string::npos);
 }
+
+TEST_CASE("QT_NF4_GEMM_VARIANT names a variant that computes right values, or fails naming the choices",
+          "[nf4][nf4_gemm]") {
+  for (int v : {0, 1, 4, 5, 7, 8, 9}) REQUIRE(qt::kernels::nf4_gemm_variant(std::to_string(v)) == v);
+  for (const char* bad : {"3", "6", "10", "", "eight", "8 "}) {
+    INFO("'" << bad << "'");
+    try {
+      qt::kernels::nf4_gemm_variant(bad);
+      FAIL("accepted");
+    } catch (const qt::Error& e) {
+      REQUIRE(e.kind() == qt::ErrorKind::Usage);
+      REQUIRE(std::string(e.what()).find("QT_NF4_GEMM_VARIANT") != std::string::npos);
+      REQUIRE(std::string(e.what()).find("0, 1, 4, 5, 7, 8 or 9") != std::string::npos);
+    }
+  }
+}

@@ -5,6 +5,7 @@
 // (each weight dequantized, then one matmul) elsewhere, so callers need not branch.
 #include <ATen/core/Tensor.h>
 
+#include <string>
 #include <vector>
 
 #include "lib/kernels/nf4_ref.h"
@@ -23,10 +24,14 @@ std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*
 // x[:, K:] tail^T over those columns where a tail is given (K = x's columns less the tail's: LoRA's B terms, x A^T
 // in x's last columns, in the same sum); out's other columns are left alone. x [m, K + k_tail] and out
 // [m, >= sum rows] 2-D with stride(1) == 1. The fused kernel on the current CUDA stream where nf4_gemm_unfit is "",
-// else nf4_linear_ref_into. variant: the kernel's (sm90::Nf4GemmArgs::variant; 0 the default; others for
-// bench_nf4_gemm only).
+// else nf4_linear_ref_into. variant: the kernel's (sm90::Nf4GemmArgs::variant; 0 the default; 3 and 6 compute
+// wrong values, for bench_nf4_gemm only).
 void nf4_linear_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,
                      bool accumulate, const at::Tensor& tail = {}, int variant = 0);
+
+// The variant named by `text` (QT_NF4_GEMM_VARIANT): one of those that compute right values, 0, 1, 4, 5, 7, 8
+// or 9; a Usage error naming the variable and the choices otherwise.
+int nf4_gemm_variant(const std::string& text);
 
 // The reference: each weight dequantized to x's dtype (nf4_dequant_into), then at::mm into (or at::addmm onto)
 // its columns of out, then the tail's product added (addmm). Any device and dtype nf4_dequant_into takes.

@@ -12,6 +12,7 @@
 #include "lib/core/error.h"
 #include "lib/kernels/attention_core.h"
 #include "lib/kernels/fused_ops.h"
+#include "lib/kernels/nf4_gemm.h"
 #include "lib/model/activation_offload.h"
 #include "lib/model/block_checkpoint.h"
 #include "lib/model/lora.h"
@@ -64,6 +65,7 @@ Pass LlamaModel::base_pass() const {
   p.norm_into_concat = !(norm_concat && std::string(norm_concat) == "0");
   const char* nf4_gemm = std::getenv("QT_NF4_GEMM");
   p.nf4_gemm = nf4_gemm && std::string(nf4_gemm) == "1";
+  if (const char* variant = std::getenv("QT_NF4_GEMM_VARIANT")) p.nf4_gemm_variant = kernels::nf4_gemm_variant(variant);
   return p;
 }
 

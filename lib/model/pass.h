@@ -109,6 +109,9 @@ struct Pass {
   // cuBLAS. QT_NF4_GEMM=1 sets it (A/B measurements; off by default: 8B 2 x 2048 at 24 GiB ran 13,756 tok/s with
   // it against 16,217 without on an H100, the kernel at 51-57% of cuBLAS's rate: docs/PERFORMANCE.md).
   bool nf4_gemm = false;
+  // The kernel's variant there (Nf4GemmArgs::variant, lib/kernels/sm90/nf4_gemm_sm90.h; 0 its default):
+  // QT_NF4_GEMM_VARIANT=N, for A/B measurements of the variants that compute right values.
+  int nf4_gemm_variant = 0;
   // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
   // none.
   AttentionStash* stash = nullptr;

@@ -171,7 +171,7 @@ struct GroupLoraLinearFn : public torch::autograd::Function<GroupLoraLinearFn> {
       if (nf4_gemm_fits(pass, ls, bias, xc, bd, nf4s)) {
         // [x | t] [W | bd]^T in one fused NF4 GEMM: W dequantized in its main loop, the B terms its last columns.
         y = at::empty({x2.size(0), total}, x2.options());
-        kernels::nf4_linear_into(xc.narrow(1, 0, in + r), nf4s, y, /*accumulate=*/false, bd);
+        kernels::nf4_linear_into(xc.narrow(1, 0, in + r), nf4s, y, /*accumulate=*/false, bd, pass.nf4_gemm_variant);
         pass.count(&ModelStats::nf4_gemm_runs);
       } else {
         W = weight(ls, total, dt, pass.stats, bd, extra);  // kept whole where the backward's [dx | g] GEMM reads it

@@ -146,7 +146,7 @@ struct LoraLinearFn : public torch::autograd::Function<LoraLinearFn> {
     } else if (nf4_gemm_applies(pass, *l, x2)) {
       // The rank-r term first, then the fused NF4 GEMM accumulating onto it: no 16-bit copy of W written.
       y = at::mm(t, bs.t());
-      kernels::nf4_linear_into(x2, {&l->nf4->data}, y, /*accumulate=*/true);
+      kernels::nf4_linear_into(x2, {&l->nf4->data}, y, /*accumulate=*/true, {}, pass.nf4_gemm_variant);
       pass.count(&ModelStats::nf4_gemm_runs);
     } else {
       W = tall ? tall_weight(*l, dt, pass.stats, a) : frozen_weight(*l, dt, pass.stats);
