@@ -110,7 +110,7 @@ struct Pass {
   // it against 16,217 without on an H100, the kernel at 51-57% of cuBLAS's rate: docs/PERFORMANCE.md).
   bool nf4_gemm = false;
   // The kernel's variant there (Nf4GemmArgs::variant, lib/kernels/sm90/nf4_gemm_sm90.h; 0 its default):
-  // QT_NF4_GEMM_VARIANT=N, for A/B measurements of the variants that compute right values.
+  // QT_NF4_GEMM_VARIANT=N (kernels::nf4_gemm_variant), for A/B measurements of the variants that compute right values.
   int nf4_gemm_variant = 0;
   // The block's attention stash (the keep ladder: record in the forward pass, replay in the recomputation); null:
   // none.
