@@ -4,12 +4,10 @@
 // save the dequantization pass whole). Shapes: the projections of a Llama 3.1 8B and a 3.2 1B block at the
 // token counts of issue 27's rows. Times are medians of CUDA-event batches (bench_timing.h) over two buffer sets;
 // each row also prints the fused result's largest difference from the reference, relative to its largest value,
-// and three more variants of the kernel: one producer warpgroup instead of two, two storing the codes undecoded
-// (wrong values: the pipeline's ceiling without the decoding's work), x's tiles by TMA from a warpgroup of
-// their own ahead of one decoding warpgroup, and W decoded into registers as wgmma's A operand (variant 5: y^T =
-// W x^T), with two wgmma groups in flight (7), with the codes fed undecoded (6: wrong values, that design's ceiling
-// without the decoding), and 5 and 7 on a persistent grid (8, 9); then the fastest variant with right values, its
-// rate, its ratios and its own largest difference.
+// and the kernel's other variants (lib/kernels/sm90/nf4_gemm_sm90.h: one producer warpgroup; the codes stored
+// undecoded, wrong values, that design's ceiling; W decoded into registers as wgmma's A operand, alone, undecoded,
+// with two wgmma groups in flight, and on a persistent grid); then the fastest variant with right values, its rate,
+// its ratios and its own largest difference.
 // Usage: bench_nf4_gemm [--only=SUBSTRING]
 #include <ATen/ATen.h>
 
@@ -62,9 +60,9 @@ int main(int argc, char** argv) {
   };
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
   // The kernel's variants timed besides the default (lib/kernels/sm90/nf4_gemm_sm90.h): 1 one producer warpgroup,
-  // 3 undecoded (wrong values), 4 TMA copier, 5 W in registers, 6 that undecoded (wrong values), 7 5 with two
-  // wgmma groups in flight, 8 and 9 5 and 7 on a persistent grid.
-  const std::vector<int> variants = {1, 3, 4, 5, 6, 7, 8, 9};
+  // 3 undecoded (wrong values), 5 W in registers, 6 that undecoded (wrong values), 7 5 with two wgmma groups in
+  // flight, 8 and 9 5 and 7 on a persistent grid.
+  const std::vector<int> variants = {1, 3, 5, 6, 7, 8, 9};
   std::printf("| shape | m x n x k | fused us | TFLOP/s | dequant + mm us | mm alone us | fused / (dequant + mm) | max rel diff |");
   for (int v : variants) std::printf(" v%d us |", v);
   std::printf(" fastest correct variant | its TFLOP/s | its / (dequant + mm) | its / mm | its max rel diff |\n|");

@@ -417,23 +417,7 @@ int launch(const Params& p, int64_t blocks, cudaStream_t stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-// ---- Variant 4: x's tiles (and a tail's B tiles) by the bulk tensor copy engine (TMA), issued by a warp of
-// their own that runs ahead of the decoding up to the ring's depth, one arrival with the byte count a stage; the
-// decoding warpgroup only decodes. Warpgroup 0 decodes, 1 and 2 consume, 3 copies (one thread of it; a whole
-// warpgroup so that setmaxnreg can take its registers back).
-constexpr int kTmaThreads = 512;
-// Registers: 128 a thread at entry (65536 / 512); the decoders give back to 104 and the copying warpgroup to 40,
-// freeing 24 * 128 + 88 * 128 = 14336, which the consumers take: 128 + 14336 / 256 = 184.
-constexpr int kTmaDecoderRegs = 104;
-constexpr int kTmaCopierRegs = 40;
-constexpr int kTmaConsumerRegs = 184;
-
-struct TmaParams {
-  CUtensorMap map_x;     // x [m, k + k_tail] bf16, boxes of 256 rows x 64 columns, 128-byte swizzle
-  CUtensorMap map_tail;  // the tail [sum rows, k_tail] bf16, boxes of 128 x 64 (unused without a tail)
-  Params p;
-};
-
+// ---- TMA: the bulk tensor copy engine, one arrival with the byte count a stage.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("{\n .reg .b64 st;\n mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(bar),
                "r"(bytes)
@@ -448,64 +432,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
           "r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(bar)
       : "memory");
-}
-
-__global__ void __launch_bounds__(kTmaThreads, 1) nf4_gemm_tma_kernel(const __grid_constant__ TmaParams tp) {
-  const Params& p = tp.p;
-  extern __shared__ unsigned char smem_raw[];
-  const int tid = threadIdx.x;
-  const Tile t = setup_tile(p, smem_raw, 1 + 4);  // the copying thread's arrival (with the bytes), one a decoding warp
-  const Nf4GemmArgs& a = p.a;
-  const Nf4GemmWeight& w = *t.w;
-
-  if (tid < 128) {  // ------------------------------------------------------------------ decoders
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaDecoderRegs));
-    const int half = tid & 1;
-    const int rows[2] = {tid >> 1, (tid >> 1) + 64};
-    Raw cur[2], nxt[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      cur[h] = load_raw(w, t.w_row0 + rows[h], a.k, 0, half);
-      if (t.k_nf4 > 1) nxt[h] = load_raw(w, t.w_row0 + rows[h], a.k, 1, half);
-    }
-    for (int kt = 0; kt < t.k_steps; ++kt) {
-      const int s = kt % kStages;
-      Raw ahead[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        if (kt + 2 < t.k_nf4) ahead[h] = load_raw(w, t.w_row0 + rows[h], a.k, kt + 2, half);
-      mbar_wait(smem_addr(t.empty + s), (static_cast<uint32_t>(kt / kStages) & 1u) ^ 1u);
-      if (kt < t.k_nf4) {
-        unsigned char* b_stage = t.ring_b + s * kBBytes;
-        decode_store(cur[0], t.code_s, t.nmap_s, w.offset, b_stage, rows[0], half);
-        decode_store(cur[1], t.code_s, t.nmap_s, w.offset, b_stage, rows[1], half);
-        fence_proxy_async();
-      }
-      __syncwarp();
-      if ((tid & 31) == 0) mbar_arrive(smem_addr(t.full + s));
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        cur[h] = nxt[h];
-        nxt[h] = ahead[h];
-      }
-    }
-  } else if (tid < 384) {  // ------------------------------------------------------- consumers
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kTmaConsumerRegs));
-    consume(a, t, (tid - 128) >> 7, tid & 127);
-  } else {  // -------------------------------------------------------------------------- the copier
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kTmaCopierRegs));
-    if (tid != 384) return;
-    for (int kt = 0; kt < t.k_steps; ++kt) {
-      const int s = kt % kStages;
-      mbar_wait(smem_addr(t.empty + s), (static_cast<uint32_t>(kt / kStages) & 1u) ^ 1u);
-      const uint32_t bar = smem_addr(t.full + s);
-      const bool tail_step = kt >= t.k_nf4;
-      mbar_arrive_expect_tx(bar, kABytes + (tail_step ? kBBytes : 0));
-      tma_load_2d(smem_addr(t.ring_a + s * kABytes), &tp.map_x, kt * kBK, static_cast<int>(t.m0), bar);
-      if (tail_step)
-        tma_load_2d(smem_addr(t.ring_b + s * kBBytes), &tp.map_tail, (kt - t.k_nf4) * kBK, static_cast<int>(t.y_col0), bar);
-    }
-  }
 }
 
 // ---- Variant 5: W as wgmma's A operand, decoded into registers. The product is computed transposed, y^T = W x^T:
@@ -526,9 +452,9 @@ constexpr int kStagePitch = kBN + 4;        // fp32 words a row of x in the epil
 static_assert(kBM * kStagePitch * 4 <= kRing, "the epilogue's tile fits in the ring");
 
 struct RsParams {
-  CUtensorMap map_x;                             // as TmaParams
-  CUtensorMap map_tail;                          // as TmaParams
-  CUtensorMap map_codes[kNf4GemmMaxWeights];     // each weight's codes, uint8 [rows, k / 2], boxes of 128 x 32
+  CUtensorMap map_x;     // x [m, k + k_tail] bf16, boxes of 256 rows x 64 columns, 128-byte swizzle
+  CUtensorMap map_tail;  // the tail [sum rows, k_tail] bf16, boxes of 128 x 64 (unused without a tail)
+  CUtensorMap map_codes[kNf4GemmMaxWeights];  // each weight's codes, uint8 [rows, k / 2], boxes of 128 x 32
   Params p;
 };
 
@@ -903,22 +829,6 @@ bool encode_2d(CUtensorMap* map, const void* base, int64_t cols, int64_t rows, i
                     CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
-int launch_tma(const Params& p, int64_t blocks, cudaStream_t stream) {
-  TmaParams tp{};
-  tp.p = p;
-  const Nf4GemmArgs& a = p.a;
-  int64_t rows = 0;
-  for (int j = 0; j < a.n_weights; ++j) rows += a.w[j].rows;
-  if (!encode_2d(&tp.map_x, a.x, int64_t{a.k} + a.k_tail, a.m, a.ldx, kBM)) return static_cast<int>(cudaErrorInvalidValue);
-  if (a.k_tail > 0 && !encode_2d(&tp.map_tail, a.tail, a.k_tail, rows, a.ld_tail, kBN))
-    return static_cast<int>(cudaErrorInvalidValue);
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(nf4_gemm_tma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (attr != cudaSuccess) return static_cast<int>(attr);
-  nf4_gemm_tma_kernel<<<static_cast<unsigned>(blocks), kTmaThreads, kSmemBytes, stream>>>(tp);
-  return static_cast<int>(cudaGetLastError());
-}
-
 template <bool kDecode, int kDepth, bool kPersistent>
 int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
   RsParams rp{};
@@ -964,8 +874,6 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
       return launch<1, true>(p, blocks, stream);
     case 3:
       return launch<2, false>(p, blocks, stream);
-    case 4:
-      return launch_tma(p, blocks, stream);
     case 5:
       return launch_rs<true, 1, false>(p, blocks, stream);
     case 6:

@@ -46,9 +46,8 @@ struct Nf4GemmArgs {
   int32_t k_tail = 0;
   bool accumulate = false;  // y += x W^T (the sum in fp32, one rounding), else y = x W^T
   // 0: the default (two producer warpgroups); 1: one producer warpgroup; 3: two, storing the codes undecoded
-  // (wrong values: the pipeline's ceiling without the decoding, for bench_nf4_gemm only); 4: x's tiles (and the
-  // tail's) by TMA from a warpgroup of their own, one warpgroup decoding; 5: W decoded into registers as wgmma's A
-  // operand, the product transposed (y^T = W x^T), x's tiles and W's codes by TMA (twenty-seventh session); 6: 5
+  // (wrong values: the pipeline's ceiling without the decoding, for bench_nf4_gemm only); 5: W decoded into
+  // registers as wgmma's A operand, the product transposed (y^T = W x^T), x's tiles and W's codes by TMA; 6: 5
   // with the codes undecoded (wrong values: its ceiling, bench only); 7: 5 with two wgmma groups in flight; 8, 9: 5
   // and 7 on a persistent grid (a CTA an SM), the epilogue in registers (movmatrix) while the next tile loads.
   int32_t variant = 0;
