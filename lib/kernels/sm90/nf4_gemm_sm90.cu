@@ -16,6 +16,9 @@
 // The decoded values are those of nf4_dequant.cu bit for bit (the scale's multiply and add rounded apart, each
 // value's multiply rounded, then round-to-nearest-even to bf16), so the products are the reference's; only the
 // order of the fp32 sums differs.
+// Variants 5-9 (below, "Variant 5") turn the product around, y^T = W x^T, so that the decoded W is wgmma's A
+// operand in registers and never passes through shared memory, whose bandwidth bounds the design above (its
+// wgmma reads both operands from there); 8 and 9 run on a persistent grid.
 #include <cuda.h>  // CUtensorMap
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the encoding function comes through the runtime: no link to libcuda)
 #include <cuda_bf16.h>
