@@ -635,6 +635,9 @@ __device__ __forceinline__ void rs_mainloop(const Tile& t, uint32_t g0, int cw, 
 
 // The producer warpgroup's part of one tile: for each step, once its stage is free, x's tile and W's codes (or
 // the tail's tile) by TMA from thread 0, and row tid's scale from each thread (its inputs loaded two steps ahead).
+// kHalfX: only the first 128 of x's 256 rows of the tile loaded (wrong values: bench_nf4_gemm's ceiling for
+// loading x's tile once for two CTAs, a cluster's multicast).
+template <bool kHalfX>
 __device__ __forceinline__ void rs_produce(const RsParams& rp, const Tile& t, uint32_t g0, int tid) {
   const Nf4GemmArgs& a = rp.p.a;
   const Nf4GemmWeight& w = *t.w;
@@ -661,7 +664,7 @@ __device__ __forceinline__ void rs_produce(const RsParams& rp, const Tile& t, ui
     if (tid == 0) {
       // TMA (the async proxy) overwrites bytes an earlier round's scales were stored to (the generic proxy).
       fence_proxy_async();
-      mbar_arrive_expect_tx(bar, kABytes + (tail_step ? kBBytes : kCodesBytes));
+      mbar_arrive_expect_tx(bar, (kHalfX ? kABytes / 2 : kABytes) + (tail_step ? kBBytes : kCodesBytes));
       tma_load_2d(smem_addr(t.ring_a + s * kABytes), &rp.map_x, kt * kBK, static_cast<int>(t.m0), bar);
       if (tail_step)
         tma_load_2d(smem_addr(b_stage), &rp.map_tail, (kt - t.k_nf4) * kBK, static_cast<int>(t.y_col0), bar);
@@ -684,8 +687,8 @@ __device__ __forceinline__ void consumer_barrier() { asm volatile("bar.sync 1, 2
 // The epilogue through shared memory: D (W's rows r, r + 8 by x's rows 8 i + 2 tq + {0, 1}) as y's tile [x row]
 // [column] in fp32 over the ring, once both warpgroups have read their last stages; then rows of y (ct: the
 // thread among the two warpgroups' 256).
-__device__ __forceinline__ void store_staged(const float (&acc)[128], const Nf4GemmArgs& a, const Tile& t, int r, int tq,
-                                             int ct) {
+__device__ __forceinline__ void store_staged(const float (&acc)[128], const Nf4GemmArgs& a, const Tile& t, int r,
+                                             int tq, int ct) {
   consumer_barrier();
   float* tile = reinterpret_cast<float*>(t.ring_a);
 #pragma unroll
@@ -755,10 +758,10 @@ __device__ __forceinline__ void store_transposed(const float (&acc)[128], const 
   }
 }
 
-// kDecode false: bench_nf4_gemm's ceiling (wrong values); kDepth: wgmma groups a consumer keeps in flight;
-// kPersistent: one CTA an SM, each taking tiles gridDim.x apart, the ring running on across its tiles and the
-// epilogue in registers while the producer fills the next tile's stages.
-template <bool kDecode, int kDepth, bool kPersistent>
+// kDecode false: bench_nf4_gemm's ceiling (wrong values); kDepth: wgmma groups a consumer keeps in flight; kHalfX:
+// rs_produce's; kPersistent: one CTA an SM, each taking tiles gridDim.x apart, the ring running on across its tiles
+// and the epilogue in registers while the producer fills the next tile's stages.
+template <bool kDecode, int kDepth, bool kPersistent, bool kHalfX>
 __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid_constant__ RsParams rp) {
   const Params& p = rp.p;
   extern __shared__ unsigned char smem_raw[];
@@ -771,7 +774,7 @@ __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid
     uint32_t g = 0;
     for (int tile = static_cast<int>(blockIdx.x); tile < n_tiles; tile += static_cast<int>(gridDim.x)) {
       locate(p, tile, t);
-      rs_produce(rp, t, g, tid);
+      rs_produce<kHalfX>(rp, t, g, tid);
       g += static_cast<uint32_t>(t.k_steps);
       if (!kPersistent) break;
     }
@@ -832,7 +835,7 @@ bool encode_2d(CUtensorMap* map, const void* base, int64_t cols, int64_t rows, i
                     CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
-template <bool kDecode, int kDepth, bool kPersistent>
+template <bool kDecode, int kDepth, bool kPersistent, bool kHalfX = false>
 int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
   RsParams rp{};
   rp.p = p;
@@ -844,11 +847,13 @@ int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
                     kBK / 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE))
       return static_cast<int>(cudaErrorInvalidValue);
   }
-  if (!encode_2d(&rp.map_x, a.x, int64_t{a.k} + a.k_tail, a.m, a.ldx, kBM)) return static_cast<int>(cudaErrorInvalidValue);
+  if (!encode_2d(&rp.map_x, a.x, int64_t{a.k} + a.k_tail, a.m, a.ldx, kHalfX ? kBM / 2 : kBM))
+    return static_cast<int>(cudaErrorInvalidValue);
   if (a.k_tail > 0 && !encode_2d(&rp.map_tail, a.tail, a.k_tail, rows, a.ld_tail, kBN))
     return static_cast<int>(cudaErrorInvalidValue);
   static const cudaError_t attr =
-      cudaFuncSetAttribute(nf4_gemm_rs_kernel<kDecode, kDepth, kPersistent>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+      cudaFuncSetAttribute(nf4_gemm_rs_kernel<kDecode, kDepth, kPersistent, kHalfX>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (attr != cudaSuccess) return static_cast<int>(attr);
   if (kPersistent) {
     int device = 0, sms = 0;
@@ -857,7 +862,8 @@ int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
       return static_cast<int>(cudaErrorInvalidValue);
     if (blocks > sms) blocks = sms;
   }
-  nf4_gemm_rs_kernel<kDecode, kDepth, kPersistent><<<static_cast<unsigned>(blocks), kRsThreads, kSmemBytes, stream>>>(rp);
+  nf4_gemm_rs_kernel<kDecode, kDepth, kPersistent, kHalfX>
+      <<<static_cast<unsigned>(blocks), kRsThreads, kSmemBytes, stream>>>(rp);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -887,6 +893,8 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
       return launch_rs<true, 1, true>(p, blocks, stream);
     case 9:
       return launch_rs<true, 2, true>(p, blocks, stream);
+    case 10:
+      return launch_rs<true, 1, true, true>(p, blocks, stream);
     default:
       return launch<2, true>(p, blocks, stream);
   }
