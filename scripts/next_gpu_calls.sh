@@ -129,7 +129,7 @@
 # twentieth; 19 and 20 in the twenty-first; 24, 22, 25 and 26 (twice) in the twenty-second (21's counter check passed
 # there in 25's [gpu] tests); 34 in the twenty-third; 36 in the twenty-fourth (33's tests with it); 38 and 37 in the
 # twenty-fifth; 40, 41, 43 and 44 in the twenty-sixth (43 covered 29's hand search); 41 with NO_AB=1 twice in the
-# twenty-seventh (variants 4 and 5). What is left: 41 with NO_AB=1 (variants 6-9, written after the twenty-seventh
+# twenty-seventh (variants 4 and 5). What is left: 41 with NO_AB=1 (variants 6-10, written after the twenty-seventh
 # session's last call: their tests and bench columns; then, where the fastest variant beats dequantization + cuBLAS
 # in the bench, 41 without NO_AB for the step), 45 (the slow 32k machines), 27; 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
 # there), 6 there; 2 and 15 again on an H100 for issue 27's table with the tuned GEMMs. Carry
