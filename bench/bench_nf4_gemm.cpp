@@ -8,11 +8,12 @@
 // undecoded, wrong values, that design's ceiling; W decoded into registers as wgmma's A operand, alone, undecoded,
 // with two wgmma groups in flight, on a persistent grid, and that loading half of x's tile, wrong values); then the
 // fastest variant with right values, its rate, its ratios and its own largest difference.
-// Usage: bench_nf4_gemm [--only=SUBSTRING]
+// Usage: bench_nf4_gemm [--only=SUBSTRING] [--variants=N,N,...]
 #include <ATen/ATen.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -45,8 +46,26 @@ int main(int argc, char** argv) {
   return 0;
 #else
   std::string only;
-  for (int i = 1; i < argc; ++i)
+  // The kernel's variants timed besides the default (lib/kernels/sm90/nf4_gemm_sm90.h): 1 one producer warpgroup,
+  // 3 undecoded (wrong values), 5 W in registers, 6 that undecoded (wrong values), 7 5 with two wgmma groups in
+  // flight, 8 and 9 5 and 7 on a persistent grid, 10 8 loading half of x's tile (wrong values); 11 (8 in clusters
+  // sharing x's tiles) only where --variants names it.
+  std::vector<int> variants = {1, 3, 5, 6, 7, 8, 9, 10};
+  for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--only=", 7) == 0) only = argv[i] + 7;
+    if (std::strncmp(argv[i], "--variants=", 11) == 0) {
+      variants.clear();
+      for (const char* c = argv[i] + 11; *c;) {
+        char* end = nullptr;
+        variants.push_back(static_cast<int>(std::strtol(c, &end, 10)));
+        if (end == c) {
+          std::fprintf(stderr, "bench_nf4_gemm: --variants=%s: expected numbers separated by commas\n", argv[i] + 11);
+          return 2;
+        }
+        c = *end == ',' ? end + 1 : end;
+      }
+    }
+  }
   if (!at::hasCUDA()) {
     std::printf("bench_nf4_gemm: no CUDA device\n");
     return 1;
@@ -59,10 +78,6 @@ int main(int argc, char** argv) {
       {"1b gate_up m8192", 8192, 2048, {8192, 8192}},    {"1b down m8192", 8192, 8192, {2048}},
   };
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  // The kernel's variants timed besides the default (lib/kernels/sm90/nf4_gemm_sm90.h): 1 one producer warpgroup,
-  // 3 undecoded (wrong values), 5 W in registers, 6 that undecoded (wrong values), 7 5 with two wgmma groups in
-  // flight, 8 and 9 5 and 7 on a persistent grid, 10 8 loading half of x's tile (wrong values).
-  const std::vector<int> variants = {1, 3, 5, 6, 7, 8, 9, 10};
   std::printf(
       "| shape | m x n x k | fused us | TFLOP/s | dequant + mm us | mm alone us | fused / (dequant + mm) | max rel "
       "diff |");

@@ -112,7 +112,8 @@
 #      80 GiB (3 others) and on 8B 1 x 32768 at 80 GiB (2 others): 29 in about 560 s.
 #   41: no carry: build, the fused NF4 GEMM's [gpu] tests ([nf4_gemm]: the kernel's and the model's with it), bench_nf4_gemm
 #      (the fused kernel against the grouped dequantization + cuBLAS, and cuBLAS alone, at the 8B and 1B projections;
-#      NF4_GEMM_ONLY=SUBSTRING; every variant's column and the fastest with right values), then QT_NF4_GEMM=1 with
+#      NF4_GEMM_ONLY=SUBSTRING; every variant's column and the fastest with right values), variant 11's test and bench
+#      column apart (its own timeouts), then QT_NF4_GEMM=1 with
 #      QT_NF4_GEMM_VARIANT=NF4_VARIANT (default 8) against the default at 8B 2 x 2048 / 24 GiB, 2 rounds (NO_AB=1: not;
 #      about 110 s with NO_AB=1, about 350 s without).
 #   40: carry [".peers", ".peerscripts"]: build, the host link probe's [plan][gpu] test, `plan` at 8B 1 x 32768 / 24 GiB
@@ -129,7 +130,7 @@
 # twentieth; 19 and 20 in the twenty-first; 24, 22, 25 and 26 (twice) in the twenty-second (21's counter check passed
 # there in 25's [gpu] tests); 34 in the twenty-third; 36 in the twenty-fourth (33's tests with it); 38 and 37 in the
 # twenty-fifth; 40, 41, 43 and 44 in the twenty-sixth (43 covered 29's hand search); 41 with NO_AB=1 twice in the
-# twenty-seventh (variants 4 and 5). What is left: 41 with NO_AB=1 (variants 6-10, written after the twenty-seventh
+# twenty-seventh (variants 4 and 5). What is left: 41 with NO_AB=1 (variants 6-11, written after the twenty-seventh
 # session's last call: their tests and bench columns; then, where the fastest variant beats dequantization + cuBLAS
 # in the bench, 41 without NO_AB for the step), 45 (the slow 32k machines), 27; 2, 15 and 16 on an H200 where one comes (the issue's and the cost model's machine: its table and the memory-bound rate's refit
 # there), 6 there; 2 and 15 again on an H100 for issue 27's table with the tuned GEMMs. Carry
@@ -499,6 +500,16 @@ case "$CALL" in
   timeout 150 build-gpu/bench_nf4_gemm ${NF4_GEMM_ONLY:+--only=$NF4_GEMM_ONLY} >"$L/bench_nf4_gemm.log" 2>&1
   note "bench_nf4_gemm: exit $?"
   grep -E '^\|' "$L/bench_nf4_gemm.log" >>"$summary"
+  # Variant 11 (clusters sharing x's tiles by multicast) last, on its own timeouts: a hang there costs nothing above.
+  note "== variant 11 (clusters of two CTAs sharing x's tiles): its [gpu] test, then its bench column"
+  (cd build-gpu && timeout 60 ./tests/qt_tests "[nf4_gemm_cluster]") >"$L/tests_nf4_gemm_cluster.log" 2>&1
+  note "cluster test: exit $?"
+  tail -n 3 "$L/tests_nf4_gemm_cluster.log" >>"$summary"
+  grep -B 4 -A 12 "FAILED" "$L/tests_nf4_gemm_cluster.log" | head -n 30 >>"$summary"
+  timeout 60 build-gpu/bench_nf4_gemm --variants=11 ${NF4_GEMM_ONLY:+--only=$NF4_GEMM_ONLY} \
+    >"$L/bench_nf4_gemm_cluster.log" 2>&1
+  note "bench_nf4_gemm --variants=11: exit $?"
+  grep -E '^\|' "$L/bench_nf4_gemm_cluster.log" >>"$summary"
   [ -n "${NO_AB:-}" ] && exit 0
   # In the step: 8B 2 x 2048 at 24 GiB (the blocks not holding their weights dequantize them in each pass), the
   # kernel's variant NF4_VARIANT (QT_NF4_GEMM_VARIANT; default 8: W in registers on a persistent grid).

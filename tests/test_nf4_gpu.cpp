@@ -352,6 +352,49 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
 #endif
 }
 
+// Variant 11 (clusters of two CTAs sharing x's tiles by TMA multicast) apart from [nf4_gemm], so that a hang there
+// cannot cost the other checks their run: next_gpu_calls.sh 41 runs it last, on its own timeout.
+TEST_CASE("the fused NF4 GEMM in clusters of two CTAs sharing x's tiles equals the exact sums, with a tail and +=",
+          "[gpu][nf4][nf4_gemm_cluster]") {
+  require_cuda();
+#ifdef QT_WITH_CUDA
+  at::manual_seed(11);
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  struct Case {
+    int64_t m, k;
+    std::vector<int64_t> rows;
+    int64_t k_tail;
+  };
+  // Pairs of tiles within a weight and across two; one row; an odd count of W's tiles (variant 8 runs instead).
+  const std::vector<Case> cases = {{4096, 4096, {4096, 1024, 1024}, 48}, {517, 64, {128, 384}, 72},
+                                   {300, 1024, {2048, 2048}, 0},          {1, 2048, {256}, 0},
+                                   {640, 512, {384}, 8}};
+  for (const Case& c : cases) {
+    std::vector<qt::kernels::Nf4Data> data;
+    for (int64_t r : c.rows) data.push_back(random_nf4(r, c.k));
+    std::vector<const qt::kernels::Nf4Data*> ws;
+    for (const auto& d : data) ws.push_back(&d);
+    int64_t cols = 0;
+    for (int64_t r : c.rows) cols += r;
+    INFO("m " << c.m << " k " << c.k << " weights " << c.rows.size() << " cols " << cols << " tail " << c.k_tail);
+    const at::Tensor x = at::randn({c.m, c.k + c.k_tail}, bf16);
+    const at::Tensor tail = c.k_tail > 0 ? at::randn({cols, c.k_tail}, bf16) : at::Tensor();
+    const at::Tensor wf = full_weight(ws, c.k, tail).to(at::kDouble);
+    const at::Tensor exact = at::mm(x.to(at::kDouble), wf.t());
+    const at::Tensor abs_sum = at::mm(x.to(at::kDouble).abs(), wf.abs().t());
+    at::Tensor out = at::full({c.m, cols + 128}, std::nan(""), bf16);
+    qt::kernels::nf4_linear_into(x, ws, out, /*accumulate=*/false, tail, 11);
+    require_close_to_exact(out.narrow(1, 0, cols), exact, abs_sum);
+    REQUIRE(at::isnan(out.narrow(1, cols, 128)).all().item<bool>());
+    const at::Tensor old = at::randn({c.m, cols}, bf16);
+    out.narrow(1, 0, cols).copy_(old);
+    qt::kernels::nf4_linear_into(x, ws, out, /*accumulate=*/true, tail, 11);
+    require_close_to_exact(out.narrow(1, 0, cols), exact + old.to(at::kDouble), abs_sum + old.abs().to(at::kDouble));
+    REQUIRE(at::isnan(out.narrow(1, cols, 128)).all().item<bool>());
+  }
+#endif
+}
+
 TEST_CASE("the fused NF4 GEMM writes into a strided view of a wider matrix, on the caller's stream", "[gpu][nf4][nf4_gemm]") {
   require_cuda();
 #ifdef QT_WITH_CUDA
@@ -424,8 +467,8 @@ TEST_CASE("nf4_linear_into on the CPU: each weight's product in its columns, += 
 
 TEST_CASE("QT_NF4_GEMM_VARIANT names a variant that computes right values, or fails naming the choices",
           "[nf4][nf4_gemm]") {
-  for (int v : {0, 1, 5, 7, 8, 9}) REQUIRE(qt::kernels::nf4_gemm_variant(std::to_string(v)) == v);
-  for (const char* bad : {"3", "4", "6", "10", "", "eight", "8 "}) {
+  for (int v : {0, 1, 5, 7, 8, 9, 11}) REQUIRE(qt::kernels::nf4_gemm_variant(std::to_string(v)) == v);
+  for (const char* bad : {"3", "4", "6", "10", "12", "", "eight", "8 "}) {
     INFO("'" << bad << "'");
     try {
       qt::kernels::nf4_gemm_variant(bad);
@@ -433,7 +476,7 @@ TEST_CASE("QT_NF4_GEMM_VARIANT names a variant that computes right values, or fa
     } catch (const qt::Error& e) {
       REQUIRE(e.kind() == qt::ErrorKind::Usage);
       REQUIRE(std::string(e.what()).find("QT_NF4_GEMM_VARIANT") != std::string::npos);
-      REQUIRE(std::string(e.what()).find("0, 1, 5, 7, 8 or 9") != std::string::npos);
+      REQUIRE(std::string(e.what()).find("0, 1, 5, 7, 8, 9 or 11") != std::string::npos);
     }
   }
 }

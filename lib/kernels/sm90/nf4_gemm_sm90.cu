@@ -24,6 +24,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "lib/kernels/sm90/nf4_gemm_sm90.h"
@@ -234,6 +235,8 @@ struct Tile {
   int64_t m0;              // the tile's first row of x and y
   int k_nf4;               // steps over the NF4 weight's columns
   int k_steps;             // then over the tail's
+  int cluster_rank;        // the CTA's rank in a cluster of two sharing x's tiles (variant 11), else -1
+  uint32_t peer_empty;     // the other CTA's empty barriers (a shared::cluster address), else 0
 };
 
 // Points t at tile `tile` (m tiles fastest): its weight, tables and coordinates.
@@ -254,8 +257,11 @@ __device__ __forceinline__ void locate(const Params& p, int tile, Tile& t) {
   t.k_steps = t.k_nf4 + (a.k_tail + kBK - 1) / kBK;
 }
 
-__device__ __forceinline__ Tile setup_tile(const Params& p, unsigned char* smem_raw, uint32_t full_count) {
+__device__ __forceinline__ Tile setup_tile(const Params& p, unsigned char* smem_raw, uint32_t full_count,
+                                           uint32_t empty_count = 2) {
   Tile t;
+  t.cluster_rank = -1;
+  t.peer_empty = 0;
   // Swizzled tiles must start on 1024-byte boundaries (the swizzle is taken from address bits 7-9).
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   t.ring_a = smem;
@@ -273,7 +279,7 @@ __device__ __forceinline__ Tile setup_tile(const Params& p, unsigned char* smem_
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(smem_addr(t.full + s), full_count);
-      mbar_init(smem_addr(t.empty + s), 2);
+      mbar_init(smem_addr(t.empty + s), empty_count);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -459,7 +465,49 @@ struct RsParams {
   CUtensorMap map_tail;  // the tail [sum rows, k_tail] bf16, boxes of 128 x 64 (unused without a tail)
   CUtensorMap map_codes[kNf4GemmMaxWeights];  // each weight's codes, uint8 [rows, k / 2], boxes of 128 x 32
   Params p;
+  int32_t x_box_rows;  // rows of map_x's box: 256, or 128 (variant 10's half tile; variant 11's half a CTA loads)
+  int32_t cluster;     // 1: clusters of two CTAs, each loading half of x's tile for both (variant 11)
 };
+
+// ---- Clusters of two CTAs (variant 11): adjacent tiles of W's rows over the same rows of x, each CTA loading half
+// of x's tile into both CTAs' shared memory (TMA multicast). A stage is free once both CTAs' consumers have handed
+// it back: each consumer warpgroup arrives on its own CTA's empty barrier and on the other's.
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+
+// The shared::cluster address of `addr` (a shared::cta address) in the CTA of rank `rank`.
+__device__ __forceinline__ uint32_t map_to_rank(uint32_t addr, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t cluster_addr) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(cluster_addr) : "memory");
+}
+
+// Hands stage s back: the CTA's own empty barrier and, in a cluster, the other CTA's.
+__device__ __forceinline__ void release_stage(const Tile& t, uint32_t s) {
+  mbar_arrive(smem_addr(t.empty + s));
+  if (t.peer_empty) mbar_arrive_remote(t.peer_empty + 8 * s);
+}
+
+// tma_load_2d into the same offset of both CTAs of the cluster, completing on each one's barrier at `bar`'s offset.
+__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, int c0, int r0, uint32_t bar) {
+  const uint16_t mask = 0x3;
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(bar), "h"(mask)
+      : "memory");
+}
 
 // The 128 accumulator operands of a m64n256 wgmma: their place in the instruction, then their constraints.
 #define QT_WGMMA_D128 \
@@ -583,7 +631,7 @@ __device__ __forceinline__ void rs_step(const Tile& t, int kt, uint32_t g, int r
                         smem_desc(x0 + kk * 32), (kt > 0 || kk > 0) ? 1u : 0u);
   wgmma_commit();
   wgmma_wait<kDepth>();
-  if (kt >= kDepth && wt == 0) mbar_arrive(smem_addr(t.empty + (g - kDepth) % kStages));
+  if (kt >= kDepth && wt == 0) release_stage(t, (g - kDepth) % kStages);
 }
 
 // A tail step: the bf16 tile of the tail's 128 rows in the stage, this warpgroup's 64 of them by descriptor.
@@ -599,7 +647,7 @@ __device__ __forceinline__ void ss_step(const Tile& t, int kt, uint32_t g, int c
     wgmma_m64n256k16_ss(acc, smem_desc(w0 + kk * 32), smem_desc(x0 + kk * 32), (kt > 0 || kk > 0) ? 1u : 0u);
   wgmma_commit();
   wgmma_wait<kDepth>();
-  if (kt >= kDepth && wt == 0) mbar_arrive(smem_addr(t.empty + (g - kDepth) % kStages));
+  if (kt >= kDepth && wt == 0) release_stage(t, (g - kDepth) % kStages);
 }
 
 // A consumer warpgroup's main loop over one tile whose first step is the ring's g0-th; on return every wgmma has
@@ -630,14 +678,14 @@ __device__ __forceinline__ void rs_mainloop(const Tile& t, uint32_t g0, int cw, 
   fence_regs(acc);
   if (wt == 0)
     for (int d = t.k_steps > kDepth ? t.k_steps - kDepth : 0; d < t.k_steps; ++d)
-      mbar_arrive(smem_addr(t.empty + (g0 + d) % kStages));
+      release_stage(t, (g0 + d) % kStages);
 }
 
 // The producer warpgroup's part of one tile: for each step, once its stage is free, x's tile and W's codes (or
 // the tail's tile) by TMA from thread 0, and row tid's scale from each thread (its inputs loaded two steps ahead).
-// kHalfX: only the first 128 of x's 256 rows of the tile loaded (wrong values: bench_nf4_gemm's ceiling for
-// loading x's tile once for two CTAs, a cluster's multicast).
-template <bool kHalfX>
+// With x_box_rows 128 and no cluster, only the first 128 of x's 256 rows of the tile are loaded (variant 10:
+// wrong values, bench_nf4_gemm's ceiling of loading x's tile once for two CTAs); in a cluster each CTA loads its
+// half of x's rows for both.
 __device__ __forceinline__ void rs_produce(const RsParams& rp, const Tile& t, uint32_t g0, int tid) {
   const Nf4GemmArgs& a = rp.p.a;
   const Nf4GemmWeight& w = *t.w;
@@ -664,8 +712,15 @@ __device__ __forceinline__ void rs_produce(const RsParams& rp, const Tile& t, ui
     if (tid == 0) {
       // TMA (the async proxy) overwrites bytes an earlier round's scales were stored to (the generic proxy).
       fence_proxy_async();
-      mbar_arrive_expect_tx(bar, (kHalfX ? kABytes / 2 : kABytes) + (tail_step ? kBBytes : kCodesBytes));
-      tma_load_2d(smem_addr(t.ring_a + s * kABytes), &rp.map_x, kt * kBK, static_cast<int>(t.m0), bar);
+      const uint32_t x_bytes = rp.cluster ? kABytes : rp.x_box_rows * kBK * 2;
+      mbar_arrive_expect_tx(bar, x_bytes + (tail_step ? kBBytes : kCodesBytes));
+      if (rp.cluster) {
+        const int half = t.cluster_rank * (kBM / 2);
+        tma_load_2d_multicast(smem_addr(t.ring_a + s * kABytes) + half * 128, &rp.map_x, kt * kBK,
+                              static_cast<int>(t.m0) + half, bar);
+      } else {
+        tma_load_2d(smem_addr(t.ring_a + s * kABytes), &rp.map_x, kt * kBK, static_cast<int>(t.m0), bar);
+      }
       if (tail_step)
         tma_load_2d(smem_addr(b_stage), &rp.map_tail, (kt - t.k_nf4) * kBK, static_cast<int>(t.y_col0), bar);
       else
@@ -758,23 +813,41 @@ __device__ __forceinline__ void store_transposed(const float (&acc)[128], const 
   }
 }
 
-// kDecode false: bench_nf4_gemm's ceiling (wrong values); kDepth: wgmma groups a consumer keeps in flight; kHalfX:
-// rs_produce's; kPersistent: one CTA an SM, each taking tiles gridDim.x apart, the ring running on across its tiles
-// and the epilogue in registers while the producer fills the next tile's stages.
-template <bool kDecode, int kDepth, bool kPersistent, bool kHalfX>
+// kDecode false: bench_nf4_gemm's ceiling (wrong values); kDepth: wgmma groups a consumer keeps in flight;
+// kPersistent: one CTA an SM, each taking tiles gridDim.x apart, the ring running on across its tiles and the
+// epilogue in registers while the producer fills the next tile's stages. In clusters (rp.cluster) the CTA pairs
+// take pairs of tiles: the same rows of x, adjacent rows of W.
+template <bool kDecode, int kDepth, bool kPersistent>
 __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid_constant__ RsParams rp) {
   const Params& p = rp.p;
   extern __shared__ unsigned char smem_raw[];
   const int tid = threadIdx.x;
-  Tile t = setup_tile(p, smem_raw, 1 + 4);  // the copying thread's arrival (with the bytes), one a producer warp
+  // Full: the copying thread's arrival (with the bytes), one a producer warp; empty: each consumer warpgroup of the
+  // CTA, and of the other CTA in a cluster.
+  Tile t = setup_tile(p, smem_raw, 1 + 4, rp.cluster ? 4 : 2);
   const int n_tiles = p.m_tiles * p.tile_begin[p.a.n_weights];
+  // The tiles this CTA takes: i-th tile first + i * stride (in a cluster, over pairs of tiles).
+  int first = static_cast<int>(blockIdx.x), stride = static_cast<int>(gridDim.x), count = n_tiles;
+  if (rp.cluster) {
+    t.cluster_rank = static_cast<int>(cluster_rank());
+    t.peer_empty = map_to_rank(smem_addr(t.empty), static_cast<uint32_t>(t.cluster_rank ^ 1));
+    first = static_cast<int>(blockIdx.x) / 2;
+    stride = static_cast<int>(gridDim.x) / 2;
+    count = n_tiles / 2;
+    cluster_sync();  // both CTAs' barriers initialized before either's multicast or remote arrivals
+  }
+  auto tile_at = [&](int i) {
+    if (!rp.cluster) return i;
+    const int n_pair = i / p.m_tiles, m_tile = i % p.m_tiles;
+    return (2 * n_pair + t.cluster_rank) * p.m_tiles + m_tile;
+  };
 
   if (tid < 128) {  // ------------------------------------------------------------------ the producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRsProducerRegs));
     uint32_t g = 0;
-    for (int tile = static_cast<int>(blockIdx.x); tile < n_tiles; tile += static_cast<int>(gridDim.x)) {
-      locate(p, tile, t);
-      rs_produce<kHalfX>(rp, t, g, tid);
+    for (int i = first; i < count; i += stride) {
+      locate(p, tile_at(i), t);
+      rs_produce(rp, t, g, tid);
       g += static_cast<uint32_t>(t.k_steps);
       if (!kPersistent) break;
     }
@@ -787,8 +860,8 @@ __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid
     // No initialization: each tile's first wgmma ignores D (scale_d 0).
     float acc[128];
     uint32_t g0 = 0;
-    for (int tile = static_cast<int>(blockIdx.x); tile < n_tiles; tile += static_cast<int>(gridDim.x)) {
-      locate(p, tile, t);
+    for (int i = first; i < count; i += stride) {
+      locate(p, tile_at(i), t);
       rs_mainloop<kDecode, kDepth>(t, g0, cw, r, sh, wt, acc);
       g0 += static_cast<uint32_t>(t.k_steps);
       if constexpr (kPersistent) {
@@ -799,6 +872,8 @@ __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid
       }
     }
   }
+  // Neither CTA of a cluster leaves while the other may still multicast into it or arrive on its barriers.
+  if (rp.cluster) cluster_sync();
 }
 
 // cuTensorMapEncodeTiled through the runtime's driver entry point (none of libcuda linked), looked up once.
@@ -835,10 +910,13 @@ bool encode_2d(CUtensorMap* map, const void* base, int64_t cols, int64_t rows, i
                     CU_TENSOR_MAP_SWIZZLE_128B);
 }
 
-template <bool kDecode, int kDepth, bool kPersistent, bool kHalfX = false>
-int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
+// x_box_rows: 256, or 128 with half_x (variant 10) or a cluster (variant 11, persistent only).
+template <bool kDecode, int kDepth, bool kPersistent>
+int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream, bool half_x = false, bool cluster = false) {
   RsParams rp{};
   rp.p = p;
+  rp.x_box_rows = half_x || cluster ? kBM / 2 : kBM;
+  rp.cluster = cluster ? 1 : 0;
   const Nf4GemmArgs& a = p.a;
   int64_t rows = 0;
   for (int j = 0; j < a.n_weights; ++j) {
@@ -847,24 +925,43 @@ int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream) {
                     kBK / 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE))
       return static_cast<int>(cudaErrorInvalidValue);
   }
-  if (!encode_2d(&rp.map_x, a.x, int64_t{a.k} + a.k_tail, a.m, a.ldx, kHalfX ? kBM / 2 : kBM))
+  if (!encode_2d(&rp.map_x, a.x, int64_t{a.k} + a.k_tail, a.m, a.ldx, rp.x_box_rows))
     return static_cast<int>(cudaErrorInvalidValue);
   if (a.k_tail > 0 && !encode_2d(&rp.map_tail, a.tail, a.k_tail, rows, a.ld_tail, kBN))
     return static_cast<int>(cudaErrorInvalidValue);
-  static const cudaError_t attr =
-      cudaFuncSetAttribute(nf4_gemm_rs_kernel<kDecode, kDepth, kPersistent, kHalfX>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  auto kernel = nf4_gemm_rs_kernel<kDecode, kDepth, kPersistent>;
+  static const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   if (attr != cudaSuccess) return static_cast<int>(attr);
-  if (kPersistent) {
-    int device = 0, sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      return static_cast<int>(cudaErrorInvalidValue);
-    if (blocks > sms) blocks = sms;
+  if (!cluster) {
+    if (kPersistent) {
+      int device = 0, sms = 0;
+      if (cudaGetDevice(&device) != cudaSuccess ||
+          cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+        return static_cast<int>(cudaErrorInvalidValue);
+      if (blocks > sms) blocks = sms;
+    }
+    kernel<<<static_cast<unsigned>(blocks), kRsThreads, kSmemBytes, stream>>>(rp);
+    return static_cast<int>(cudaGetLastError());
   }
-  nf4_gemm_rs_kernel<kDecode, kDepth, kPersistent, kHalfX>
-      <<<static_cast<unsigned>(blocks), kRsThreads, kSmemBytes, stream>>>(rp);
-  return static_cast<int>(cudaGetLastError());
+  // Clusters of two along the grid, as many as fit at once (a persistent grid), at most one a pair of tiles.
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attrs[1];
+  attrs[0].id = cudaLaunchAttributeClusterDimension;
+  attrs[0].val.clusterDim.x = 2;
+  attrs[0].val.clusterDim.y = 1;
+  attrs[0].val.clusterDim.z = 1;
+  config.blockDim = dim3(kRsThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  config.attrs = attrs;
+  config.numAttrs = 1;
+  config.gridDim = dim3(static_cast<unsigned>(blocks));
+  int clusters = 0;
+  const cudaError_t occ = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  if (occ != cudaSuccess) return static_cast<int>(occ);
+  if (clusters < 1) return static_cast<int>(cudaErrorInvalidConfiguration);
+  config.gridDim = dim3(static_cast<unsigned>(2 * std::min<int64_t>(clusters, blocks / 2)));
+  return static_cast<int>(cudaLaunchKernelEx(&config, kernel, rp));
 }
 
 }  // namespace
@@ -894,7 +991,10 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
     case 9:
       return launch_rs<true, 2, true>(p, blocks, stream);
     case 10:
-      return launch_rs<true, 1, true, true>(p, blocks, stream);
+      return launch_rs<true, 1, true>(p, blocks, stream, /*half_x=*/true);
+    case 11:
+      // Pairs of tiles need an even count of W's row tiles; else variant 8.
+      return launch_rs<true, 1, true>(p, blocks, stream, false, /*cluster=*/p.tile_begin[args.n_weights] % 2 == 0);
     default:
       return launch<2, true>(p, blocks, stream);
   }

@@ -50,7 +50,8 @@ struct Nf4GemmArgs {
   // registers as wgmma's A operand, the product transposed (y^T = W x^T), x's tiles and W's codes by TMA; 6: 5
   // with the codes undecoded (wrong values: its ceiling, bench only); 7: 5 with two wgmma groups in flight; 8, 9: 5
   // and 7 on a persistent grid (a CTA an SM), the epilogue in registers (movmatrix) while the next tile loads; 10: 8
-  // loading only half of x's tile (wrong values: the ceiling of a cluster multicasting x, bench only).
+  // loading only half of x's tile (wrong values: the ceiling of a cluster multicasting x, bench only); 11: 8 in
+  // clusters of two CTAs over adjacent tiles of W, each loading half of x's tile for both (TMA multicast).
   int32_t variant = 0;
 };
 
