@@ -268,6 +268,53 @@ void require_close_to_exact(const at::Tensor& got, const at::Tensor& exact, cons
   REQUIRE((err <= bound).all().item<bool>());
 }
 
+// A fused NF4 GEMM case: m rows of x, K, the weights' rows side by side, and k_tail bf16 columns after the NF4 ones
+// (LoRA's B terms; 0: none).
+struct GemmCase {
+  int64_t m, k;
+  std::vector<int64_t> rows;
+  int64_t k_tail;
+};
+
+// A case's random operands on CUDA, with the exact (fp64) sums of the bf16 products and the sums of their
+// magnitudes (for the bound).
+struct GemmOperands {
+  std::vector<qt::kernels::Nf4Data> data;
+  std::vector<const qt::kernels::Nf4Data*> ws;
+  int64_t cols = 0;
+  at::Tensor x, tail, wf, exact, abs_sum;
+};
+
+GemmOperands make_operands(const GemmCase& c) {
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
+  GemmOperands o;
+  for (int64_t r : c.rows) o.data.push_back(random_nf4(r, c.k));
+  for (const auto& d : o.data) o.ws.push_back(&d);
+  for (int64_t r : c.rows) o.cols += r;
+  o.x = at::randn({c.m, c.k + c.k_tail}, bf16);
+  if (c.k_tail > 0) o.tail = at::randn({o.cols, c.k_tail}, bf16);
+  o.wf = full_weight(o.ws, c.k, o.tail).to(at::kDouble);
+  o.exact = at::mm(o.x.to(at::kDouble), o.wf.t());
+  o.abs_sum = at::mm(o.x.to(at::kDouble).abs(), o.wf.abs().t());
+  return o;
+}
+
+// The kernel's `variant` on a case: y = x W^T and then y += x W^T onto random values, each within the bound of the
+// exact sums, into an output one tile wider whose last 128 (poisoned) columns stay untouched.
+void check_variant(const GemmOperands& o, int variant) {
+  INFO("variant " << variant);
+  const int64_t m = o.x.size(0);
+  at::Tensor out = at::full({m, o.cols + 128}, std::nan(""), o.x.options());
+  qt::kernels::nf4_linear_into(o.x, o.ws, out, /*accumulate=*/false, o.tail, variant);
+  require_close_to_exact(out.narrow(1, 0, o.cols), o.exact, o.abs_sum);
+  REQUIRE(at::isnan(out.narrow(1, o.cols, 128)).all().item<bool>());
+  const at::Tensor old = at::randn({m, o.cols}, o.x.options());
+  out.narrow(1, 0, o.cols).copy_(old);
+  qt::kernels::nf4_linear_into(o.x, o.ws, out, /*accumulate=*/true, o.tail, variant);
+  require_close_to_exact(out.narrow(1, 0, o.cols), o.exact + old.to(at::kDouble), o.abs_sum + old.abs().to(at::kDouble));
+  REQUIRE(at::isnan(out.narrow(1, o.cols, 128)).all().item<bool>());
+}
+
 }  // namespace
 
 TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k/v grouped, ragged rows, a LoRA "
@@ -278,26 +325,17 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   at::manual_seed(7);
   const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  struct Case {
-    int64_t m, k;
-    std::vector<int64_t> rows;
-    int64_t k_tail;  // bf16 columns after the NF4 ones (LoRA's B terms), 0: none
-  };
   // The 8B block's q / k / v (K 4096) with their LoRA tail (3 x r 16), gate / up, a ragged token count, one row,
   // several steps deep past the ring of stages, K of one step with a tail of two steps, and a tail of 8.
-  const std::vector<Case> cases = {{4096, 4096, {4096, 1024, 1024}, 48}, {300, 1024, {2048, 2048}, 0},
-                                   {1, 2048, {256}, 0},                   {517, 64, {128, 384}, 72},
-                                   {2048, 14336, {1024}, 0},              {640, 512, {256}, 8}};
-  for (const Case& c : cases) {
-    std::vector<qt::kernels::Nf4Data> data;
-    for (int64_t r : c.rows) data.push_back(random_nf4(r, c.k));
-    std::vector<const qt::kernels::Nf4Data*> ws;
-    for (const auto& d : data) ws.push_back(&d);
-    int64_t cols = 0;
-    for (int64_t r : c.rows) cols += r;
+  const std::vector<GemmCase> cases = {{4096, 4096, {4096, 1024, 1024}, 48}, {300, 1024, {2048, 2048}, 0},
+                                       {1, 2048, {256}, 0},                   {517, 64, {128, 384}, 72},
+                                       {2048, 14336, {1024}, 0},              {640, 512, {256}, 8}};
+  for (const GemmCase& c : cases) {
+    const GemmOperands o = make_operands(c);
+    const std::vector<const qt::kernels::Nf4Data*>& ws = o.ws;
+    const at::Tensor &x = o.x, &tail = o.tail, &wf = o.wf, &exact = o.exact, &abs_sum = o.abs_sum;
+    const int64_t cols = o.cols;
     INFO("m " << c.m << " k " << c.k << " weights " << c.rows.size() << " cols " << cols << " tail " << c.k_tail);
-    const at::Tensor x = at::randn({c.m, c.k + c.k_tail}, bf16);
-    const at::Tensor tail = c.k_tail > 0 ? at::randn({cols, c.k_tail}, bf16) : at::Tensor();
     // out one tile wider than the weights' columns: those stay untouched.
     at::Tensor out = at::full({c.m, cols + 128}, std::nan(""), bf16);
     const std::string unfit = qt::kernels::nf4_gemm_unfit(x, ws, out, tail);
@@ -307,10 +345,6 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
       REQUIRE_FALSE(unfit.empty());  // elsewhere the reference runs; the fused kernel is not checked here
     }
     qt::kernels::nf4_linear_into(x, ws, out, /*accumulate=*/false, tail);
-    // The exact sums of the bf16 products (fp64), and the sums of their magnitudes for the bound.
-    const at::Tensor wf = full_weight(ws, c.k, tail).to(at::kDouble);
-    const at::Tensor exact = at::mm(x.to(at::kDouble), wf.t());
-    const at::Tensor abs_sum = at::mm(x.to(at::kDouble).abs(), wf.abs().t());
     require_close_to_exact(out.narrow(1, 0, cols), exact, abs_sum);
     REQUIRE(at::isnan(out.narrow(1, cols, 128)).all().item<bool>());
     // The kernel's variant 1, the same bits: one producer warpgroup instead of two.
@@ -320,19 +354,8 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
       REQUIRE(same_bits(other, out));
     }
     // W decoded into registers, the product transposed (5; 7 with two wgmma groups in flight; 8 and 9 the same on a
-    // persistent grid with the epilogue in registers): their own check against the exact sums, and +=.
-    for (int variant : {5, 7, 8, 9}) {
-      INFO("variant " << variant);
-      at::Tensor rs = at::full({c.m, cols + 128}, std::nan(""), bf16);
-      qt::kernels::nf4_linear_into(x, ws, rs, /*accumulate=*/false, tail, variant);
-      require_close_to_exact(rs.narrow(1, 0, cols), exact, abs_sum);
-      REQUIRE(at::isnan(rs.narrow(1, cols, 128)).all().item<bool>());
-      const at::Tensor old = at::randn({c.m, cols}, bf16);
-      rs.narrow(1, 0, cols).copy_(old);
-      qt::kernels::nf4_linear_into(x, ws, rs, /*accumulate=*/true, tail, variant);
-      require_close_to_exact(rs.narrow(1, 0, cols), exact + old.to(at::kDouble), abs_sum + old.abs().to(at::kDouble));
-      REQUIRE(at::isnan(rs.narrow(1, cols, 128)).all().item<bool>());
-    }
+    // persistent grid with the epilogue in registers).
+    for (int variant : {5, 7, 8, 9}) check_variant(o, variant);
 
     // The reference (dequantize, then cuBLAS) within the same bound: the two differ only in summation order.
     at::Tensor ref = at::empty({c.m, cols}, bf16);
@@ -359,38 +382,13 @@ TEST_CASE("the fused NF4 GEMM in clusters of two CTAs sharing x's tiles equals t
   require_cuda();
 #ifdef QT_WITH_CUDA
   at::manual_seed(11);
-  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA);
-  struct Case {
-    int64_t m, k;
-    std::vector<int64_t> rows;
-    int64_t k_tail;
-  };
   // Pairs of tiles within a weight and across two; one row; an odd count of W's tiles (variant 8 runs instead).
-  const std::vector<Case> cases = {{4096, 4096, {4096, 1024, 1024}, 48}, {517, 64, {128, 384}, 72},
-                                   {300, 1024, {2048, 2048}, 0},          {1, 2048, {256}, 0},
-                                   {640, 512, {384}, 8}};
-  for (const Case& c : cases) {
-    std::vector<qt::kernels::Nf4Data> data;
-    for (int64_t r : c.rows) data.push_back(random_nf4(r, c.k));
-    std::vector<const qt::kernels::Nf4Data*> ws;
-    for (const auto& d : data) ws.push_back(&d);
-    int64_t cols = 0;
-    for (int64_t r : c.rows) cols += r;
-    INFO("m " << c.m << " k " << c.k << " weights " << c.rows.size() << " cols " << cols << " tail " << c.k_tail);
-    const at::Tensor x = at::randn({c.m, c.k + c.k_tail}, bf16);
-    const at::Tensor tail = c.k_tail > 0 ? at::randn({cols, c.k_tail}, bf16) : at::Tensor();
-    const at::Tensor wf = full_weight(ws, c.k, tail).to(at::kDouble);
-    const at::Tensor exact = at::mm(x.to(at::kDouble), wf.t());
-    const at::Tensor abs_sum = at::mm(x.to(at::kDouble).abs(), wf.abs().t());
-    at::Tensor out = at::full({c.m, cols + 128}, std::nan(""), bf16);
-    qt::kernels::nf4_linear_into(x, ws, out, /*accumulate=*/false, tail, 11);
-    require_close_to_exact(out.narrow(1, 0, cols), exact, abs_sum);
-    REQUIRE(at::isnan(out.narrow(1, cols, 128)).all().item<bool>());
-    const at::Tensor old = at::randn({c.m, cols}, bf16);
-    out.narrow(1, 0, cols).copy_(old);
-    qt::kernels::nf4_linear_into(x, ws, out, /*accumulate=*/true, tail, 11);
-    require_close_to_exact(out.narrow(1, 0, cols), exact + old.to(at::kDouble), abs_sum + old.abs().to(at::kDouble));
-    REQUIRE(at::isnan(out.narrow(1, cols, 128)).all().item<bool>());
+  const std::vector<GemmCase> cases = {{4096, 4096, {4096, 1024, 1024}, 48}, {517, 64, {128, 384}, 72},
+                                       {300, 1024, {2048, 2048}, 0},          {1, 2048, {256}, 0},
+                                       {640, 512, {384}, 8}};
+  for (const GemmCase& c : cases) {
+    INFO("m " << c.m << " k " << c.k << " weights " << c.rows.size() << " tail " << c.k_tail);
+    check_variant(make_operands(c), 11);
   }
 #endif
 }
