@@ -355,7 +355,16 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
     }
     // W decoded into registers, the product transposed (5; 7 with two wgmma groups in flight; 8 and 9 the same on a
     // persistent grid with the epilogue in registers).
-    for (int variant : {5, 7, 8, 9}) check_variant(o, variant);
+    for (int variant : {5, 7, 8, 9, 12, 13}) check_variant(o, variant);
+    // 12 and 13 decode by byte permutes out of each row's products (5 and 8 look each value up and multiply it):
+    // the same values in the same sums, so the same bits.
+    for (auto [variant, twin] : {std::pair{12, 5}, std::pair{13, 8}}) {
+      INFO("variant " << variant << " against " << twin);
+      at::Tensor a = at::full({c.m, cols}, std::nan(""), bf16), b = at::full({c.m, cols}, std::nan(""), bf16);
+      qt::kernels::nf4_linear_into(x, ws, a, /*accumulate=*/false, tail, variant);
+      qt::kernels::nf4_linear_into(x, ws, b, /*accumulate=*/false, tail, twin);
+      REQUIRE(same_bits(a, b));
+    }
 
     // The reference (dequantize, then cuBLAS) within the same bound: the two differ only in summation order.
     at::Tensor ref = at::empty({c.m, cols}, bf16);
@@ -403,7 +412,7 @@ TEST_CASE("the fused NF4 GEMM writes into a strided view of a wider matrix, on t
   const at::Tensor x = wide_x.narrow(1, 64, 1024);  // rows 16-byte aligned: 64 columns = 128 bytes in
   at::Tensor ref = at::empty({700, 512}, bf16);
   qt::kernels::nf4_linear_ref_into(x.contiguous(), {&d}, ref, false);
-  for (int variant : {0, 5, 7, 8, 9}) {  // the default, and W decoded into registers (their epilogues write y themselves)
+  for (int variant : {0, 5, 7, 8, 9, 12, 13}) {  // the default, and W decoded into registers (their own epilogues)
     INFO("variant " << variant);
     at::Tensor big = at::zeros({700, 2048}, bf16);
     at::Tensor out = big.narrow(1, 256, 512);
@@ -465,8 +474,8 @@ TEST_CASE("nf4_linear_into on the CPU: each weight's product in its columns, += 
 
 TEST_CASE("QT_NF4_GEMM_VARIANT names a variant that computes right values, or fails naming the choices",
           "[nf4][nf4_gemm]") {
-  for (int v : {0, 1, 5, 7, 8, 9, 11}) REQUIRE(qt::kernels::nf4_gemm_variant(std::to_string(v)) == v);
-  for (const char* bad : {"3", "4", "6", "10", "12", "", "eight", "8 "}) {
+  for (int v : {0, 1, 5, 7, 8, 9, 11, 12, 13}) REQUIRE(qt::kernels::nf4_gemm_variant(std::to_string(v)) == v);
+  for (const char* bad : {"3", "4", "6", "10", "14", "", "eight", "8 "}) {
     INFO("'" << bad << "'");
     try {
       qt::kernels::nf4_gemm_variant(bad);
@@ -474,7 +483,7 @@ TEST_CASE("QT_NF4_GEMM_VARIANT names a variant that computes right values, or fa
     } catch (const qt::Error& e) {
       REQUIRE(e.kind() == qt::ErrorKind::Usage);
       REQUIRE(std::string(e.what()).find("QT_NF4_GEMM_VARIANT") != std::string::npos);
-      REQUIRE(std::string(e.what()).find("0, 1, 5, 7, 8, 9 or 11") != std::string::npos);
+      REQUIRE(std::string(e.what()).find("0, 1, 5, 7, 8, 9, 11, 12 or 13") != std::string::npos);
     }
   }
 }

@@ -171,6 +171,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t out;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(out) : "r"(a), "r"(b), "r"(sel));
+  return out;
+}
+
 // Decodes a half row into its four 16-byte chunks of the swizzled tile.
 __device__ __forceinline__ void decode_store(const Raw& r, const float* code, const float* nmap, float offset,
                                              unsigned char* tile, int row, int half) {
@@ -579,13 +585,67 @@ __device__ __forceinline__ uint32_t decode_pair(uint32_t word, int sh, const flo
   return pack_bf16(__fmul_rn(code[hi], scale), __fmul_rn(code[lo], scale));
 }
 
+// How a consumer turns W's codes into A fragments. kRaw: the code words themselves (wrong values:
+// bench_nf4_gemm's ceiling without the decoding); kLut: each value looked up in the code table in shared memory
+// and multiplied by its row's scale (variants 5, 7-11); kPlanes: the producer writes each row's 16 products of
+// the step, bf16(code[q] * scale), as two 16-byte planes (their low bytes, their high bytes), and a consumer picks
+// four values at a time out of them with byte permutes in registers (variants 12, 13): no table lookup in shared
+// memory and no multiply a value, the same bits as kLut.
+enum Decode : int { kRaw = 0, kLut = 1, kPlanes = 2 };
+
+// kPlanes: where row r's 16-byte chunk c (0, 1) of a 32-byte row lies, in the 32-byte swizzle (chunk c ^ bit 2 of
+// r) in which TMA writes the codes: the rows g and g + 4 a warp reads together fall in different banks.
+__device__ __forceinline__ int chunk32(int r, int c) { return r * 32 + ((c ^ ((r >> 2) & 1)) << 4); }
+
+// kPlanes, one row's four values: `codes` holds in its low 16 bits the two code bytes of two pairs (the high
+// nibble of a byte the pair's first value), lo / hi the row's planes (4 words each: the low and the high bytes of
+// the products of codes 0-15). Returns the two pairs as bf16x2 registers (first value in the low half) in f0, f1.
+__device__ __forceinline__ void decode_planes4(uint32_t codes, const uint32_t (&lo)[4], const uint32_t (&hi)[4],
+                                               uint32_t& f0, uint32_t& f1) {
+  // Nibbles n0..n3 of `codes`: the second and first value of pair 0, then of pair 1. A permute's selector nibble
+  // picks one of 8 bytes (its bit 3 asks for the picked byte's sign instead), so codes 0-7 come from planes' words
+  // 0-1, 8-15 from words 2-3, and the mask m (byte j 0xff where n_j >= 8, the signs of bits 3, 7, 11 and 15 moved
+  // to bytes' top bits) chooses between them.
+  const uint32_t sel = codes & 0x7777u;
+  const uint32_t m = prmt(codes << 4, codes, 0xD9C8u);
+  const uint32_t l = (prmt(lo[2], lo[3], sel) & m) | (prmt(lo[0], lo[1], sel) & ~m);
+  const uint32_t u = (prmt(hi[2], hi[3], sel) & m) | (prmt(hi[0], hi[1], sel) & ~m);
+  f0 = prmt(l, u, 0x4051u);  // value n1 (low half), then n0
+  f1 = prmt(l, u, 0x6273u);  // n3, then n2
+}
+
 // A thread's A fragments of one step: rows r and r + 8 of the stage's codes (32 bytes a row), k16 chunk kk in
 // registers 4 kk .. 4 kk + 3: (r, 2t..2t+1), (r + 8, 2t..), (r, 8 + 2t..), (r + 8, 8 + 2t..), t = lane % 4, whose
 // bytes are byte t of the row's words 2 kk and 2 kk + 1 (sh = 8 t).
-// kDecode false: the code words themselves (wrong values: bench_nf4_gemm's ceiling without the decoding).
-template <bool kDecode>
+// kDecode: kRaw, kLut or kPlanes (above).
+template <int kDecode>
 __device__ __forceinline__ void decode_fragments(const unsigned char* stage, int r, int sh, const float* code,
                                                  uint32_t (&frag)[16]) {
+  if constexpr (kDecode == kPlanes) {
+    const unsigned char* planes = stage + kCodesBytes;
+    uint32_t w[2][8], lo[2][4], hi[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = r + 8 * h;
+      const uint4 c0 = *reinterpret_cast<const uint4*>(stage + chunk32(row, 0));
+      const uint4 c1 = *reinterpret_cast<const uint4*>(stage + chunk32(row, 1));
+      const uint4 l = *reinterpret_cast<const uint4*>(planes + chunk32(row, 0));
+      const uint4 u = *reinterpret_cast<const uint4*>(planes + chunk32(row, 1));
+      w[h][0] = c0.x, w[h][1] = c0.y, w[h][2] = c0.z, w[h][3] = c0.w;
+      w[h][4] = c1.x, w[h][5] = c1.y, w[h][6] = c1.z, w[h][7] = c1.w;
+      lo[h][0] = l.x, lo[h][1] = l.y, lo[h][2] = l.z, lo[h][3] = l.w;
+      hi[h][0] = u.x, hi[h][1] = u.y, hi[h][2] = u.z, hi[h][3] = u.w;
+    }
+    // Byte sh / 8 of words 2 kk and 2 kk + 1: the pairs (2 t, 2 t + 1) and (8 + 2 t, 9 + 2 t) of chunk kk.
+    const uint32_t gather = static_cast<uint32_t>(sh / 8) | static_cast<uint32_t>(sh / 8 + 4) << 4;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        decode_planes4(prmt(w[h][2 * kk], w[h][2 * kk + 1], gather), lo[h], hi[h], frag[4 * kk + h],
+                       frag[4 * kk + 2 + h]);
+    return;
+  }
   const uint4 p0 = *reinterpret_cast<const uint4*>(stage + r * 32);
   const uint4 p1 = *reinterpret_cast<const uint4*>(stage + r * 32 + 16);
   const uint4 q0 = *reinterpret_cast<const uint4*>(stage + (r + 8) * 32);
@@ -594,7 +654,7 @@ __device__ __forceinline__ void decode_fragments(const unsigned char* stage, int
   const float s0 = scales[r], s1 = scales[r + 8];
   const uint32_t w0[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
   const uint32_t w1[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
-  if constexpr (!kDecode) {
+  if constexpr (kDecode == kRaw) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       frag[4 * kk + 0] = w0[2 * kk] ^ __float_as_uint(s0);
@@ -617,7 +677,7 @@ __device__ __forceinline__ void decode_fragments(const unsigned char* stage, int
 // wait for the stage, decode, four wgmma, then hand back the stage of the group kDepth steps back once it has
 // completed (kDepth groups stay in flight). `frag` must not be read by a wgmma still in flight: the caller rotates
 // kDepth + 1 of them.
-template <bool kDecode, int kDepth>
+template <int kDecode, int kDepth>
 __device__ __forceinline__ void rs_step(const Tile& t, int kt, uint32_t g, int r, int sh, int wt, uint32_t (&frag)[16],
                                         float (&acc)[128]) {
   const uint32_t s = g % kStages;
@@ -652,7 +712,7 @@ __device__ __forceinline__ void ss_step(const Tile& t, int kt, uint32_t g, int c
 
 // A consumer warpgroup's main loop over one tile whose first step is the ring's g0-th; on return every wgmma has
 // completed and the tile's last stages are handed back.
-template <bool kDecode, int kDepth>
+template <int kDecode, int kDepth>
 __device__ __forceinline__ void rs_mainloop(const Tile& t, uint32_t g0, int cw, int r, int sh, int wt,
                                             float (&acc)[128]) {
   uint32_t frag0[16], frag1[16];
@@ -686,6 +746,7 @@ __device__ __forceinline__ void rs_mainloop(const Tile& t, uint32_t g0, int cw, 
 // With x_box_rows 128 and no cluster, only the first 128 of x's 256 rows of the tile are loaded (variant 10:
 // wrong values, bench_nf4_gemm's ceiling of loading x's tile once for two CTAs); in a cluster each CTA loads its
 // half of x's rows for both.
+template <int kDecode>
 __device__ __forceinline__ void rs_produce(const RsParams& rp, const Tile& t, uint32_t g0, int tid) {
   const Nf4GemmArgs& a = rp.p.a;
   const Nf4GemmWeight& w = *t.w;
@@ -726,8 +787,26 @@ __device__ __forceinline__ void rs_produce(const RsParams& rp, const Tile& t, ui
       else
         tma_load_2d(smem_addr(b_stage), map_codes, kt * (kBK / 2), static_cast<int>(t.w_row0), bar);
     }
-    if (!tail_step)  // scale = nested_map[q] * nested + offset, multiply and add rounded apart (as nf4_dequant.cu)
-      reinterpret_cast<float*>(b_stage + kCodesBytes)[tid] = __fadd_rn(__fmul_rn(t.nmap_s[q_cur], n_cur), w.offset);
+    if (!tail_step) {  // scale = nested_map[q] * nested + offset, multiply and add rounded apart (as nf4_dequant.cu)
+      const float scale = __fadd_rn(__fmul_rn(t.nmap_s[q_cur], n_cur), w.offset);
+      if constexpr (kDecode == kPlanes) {
+        // Row tid's 16 products bf16(code[q] * scale) (each multiply rounded, as nf4_dequant.cu), as two planes.
+        uint32_t lo[4], hi[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float4 c = reinterpret_cast<const float4*>(t.code_s)[j];
+          const uint32_t v0 = pack_bf16(__fmul_rn(c.x, scale), __fmul_rn(c.y, scale));
+          const uint32_t v1 = pack_bf16(__fmul_rn(c.z, scale), __fmul_rn(c.w, scale));
+          lo[j] = prmt(v0, v1, 0x6420u);
+          hi[j] = prmt(v0, v1, 0x7531u);
+        }
+        unsigned char* planes = b_stage + kCodesBytes;
+        *reinterpret_cast<uint4*>(planes + chunk32(tid, 0)) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+        *reinterpret_cast<uint4*>(planes + chunk32(tid, 1)) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+      } else {
+        reinterpret_cast<float*>(b_stage + kCodesBytes)[tid] = scale;
+      }
+    }
     __syncwarp();
     if ((tid & 31) == 0) mbar_arrive(bar);
     q_cur = q_nxt;
@@ -775,12 +854,6 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t v) {
   return out;
 }
 
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t out;
-  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(out) : "r"(a), "r"(b), "r"(sel));
-  return out;
-}
-
 // The epilogue in registers, no shared memory (the ring is already filling with the next tile): each 8 x 8 block
 // of D (W's rows 16 warp + 8 h + 0..7 by x's rows 8 i + 0..7) transposed across the warp by movmatrix, after which
 // lane (g, tq) holds x's row 8 i + g at W's rows 8 h + 2 tq, + 1: two adjacent columns of y, one 4-byte store. With
@@ -813,11 +886,11 @@ __device__ __forceinline__ void store_transposed(const float (&acc)[128], const 
   }
 }
 
-// kDecode false: bench_nf4_gemm's ceiling (wrong values); kDepth: wgmma groups a consumer keeps in flight;
+// kDecode: how W's codes become A fragments (Decode); kDepth: wgmma groups a consumer keeps in flight;
 // kPersistent: one CTA an SM, each taking tiles gridDim.x apart, the ring running on across its tiles and the
 // epilogue in registers while the producer fills the next tile's stages. In clusters (rp.cluster) the CTA pairs
 // take pairs of tiles: the same rows of x, adjacent rows of W.
-template <bool kDecode, int kDepth, bool kPersistent>
+template <int kDecode, int kDepth, bool kPersistent>
 __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid_constant__ RsParams rp) {
   const Params& p = rp.p;
   extern __shared__ unsigned char smem_raw[];
@@ -847,7 +920,7 @@ __global__ void __launch_bounds__(kRsThreads, 1) nf4_gemm_rs_kernel(const __grid
     uint32_t g = 0;
     for (int i = first; i < count; i += stride) {
       locate(p, tile_at(i), t);
-      rs_produce(rp, t, g, tid);
+      rs_produce<kDecode>(rp, t, g, tid);
       g += static_cast<uint32_t>(t.k_steps);
       if (!kPersistent) break;
     }
@@ -911,7 +984,7 @@ bool encode_2d(CUtensorMap* map, const void* base, int64_t cols, int64_t rows, i
 }
 
 // x_box_rows: 256, or 128 with half_x (variant 10) or a cluster (variant 11, persistent only).
-template <bool kDecode, int kDepth, bool kPersistent>
+template <int kDecode, int kDepth, bool kPersistent>
 int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream, bool half_x = false, bool cluster = false) {
   RsParams rp{};
   rp.p = p;
@@ -922,7 +995,7 @@ int launch_rs(const Params& p, int64_t blocks, cudaStream_t stream, bool half_x 
   for (int j = 0; j < a.n_weights; ++j) {
     rows += a.w[j].rows;
     if (!encode_map(&rp.map_codes[j], CU_TENSOR_MAP_DATA_TYPE_UINT8, a.w[j].packed, a.k / 2, a.w[j].rows, a.k / 2,
-                    kBK / 2, kBN, CU_TENSOR_MAP_SWIZZLE_NONE))
+                    kBK / 2, kBN, kDecode == kPlanes ? CU_TENSOR_MAP_SWIZZLE_32B : CU_TENSOR_MAP_SWIZZLE_NONE))
       return static_cast<int>(cudaErrorInvalidValue);
   }
   if (!encode_2d(&rp.map_x, a.x, int64_t{a.k} + a.k_tail, a.m, a.ldx, rp.x_box_rows))
@@ -981,20 +1054,24 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
     case 3:
       return launch<2, false>(p, blocks, stream);
     case 5:
-      return launch_rs<true, 1, false>(p, blocks, stream);
+      return launch_rs<kLut, 1, false>(p, blocks, stream);
     case 6:
-      return launch_rs<false, 1, false>(p, blocks, stream);
+      return launch_rs<kRaw, 1, false>(p, blocks, stream);
     case 7:
-      return launch_rs<true, 2, false>(p, blocks, stream);
+      return launch_rs<kLut, 2, false>(p, blocks, stream);
     case 8:
-      return launch_rs<true, 1, true>(p, blocks, stream);
+      return launch_rs<kLut, 1, true>(p, blocks, stream);
     case 9:
-      return launch_rs<true, 2, true>(p, blocks, stream);
+      return launch_rs<kLut, 2, true>(p, blocks, stream);
     case 10:
-      return launch_rs<true, 1, true>(p, blocks, stream, /*half_x=*/true);
+      return launch_rs<kLut, 1, true>(p, blocks, stream, /*half_x=*/true);
     case 11:
       // Pairs of tiles need an even count of W's row tiles; else variant 8.
-      return launch_rs<true, 1, true>(p, blocks, stream, false, /*cluster=*/p.tile_begin[args.n_weights] % 2 == 0);
+      return launch_rs<kLut, 1, true>(p, blocks, stream, false, /*cluster=*/p.tile_begin[args.n_weights] % 2 == 0);
+    case 12:
+      return launch_rs<kPlanes, 1, false>(p, blocks, stream);
+    case 13:
+      return launch_rs<kPlanes, 1, true>(p, blocks, stream);
     default:
       return launch<2, true>(p, blocks, stream);
   }
