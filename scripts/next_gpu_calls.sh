@@ -506,9 +506,9 @@ case "$CALL" in
   note "cluster test: exit $?"
   tail -n 3 "$L/tests_nf4_gemm_cluster.log" >>"$summary"
   grep -B 4 -A 12 "FAILED" "$L/tests_nf4_gemm_cluster.log" | head -n 30 >>"$summary"
-  timeout 60 build-gpu/bench_nf4_gemm --variants=11 ${NF4_GEMM_ONLY:+--only=$NF4_GEMM_ONLY} \
+  timeout 60 build-gpu/bench_nf4_gemm --variants=11,15 ${NF4_GEMM_ONLY:+--only=$NF4_GEMM_ONLY} \
     >"$L/bench_nf4_gemm_cluster.log" 2>&1
-  note "bench_nf4_gemm --variants=11: exit $?"
+  note "bench_nf4_gemm --variants=11,15: exit $?"
   grep -E '^\|' "$L/bench_nf4_gemm_cluster.log" >>"$summary"
   [ -n "${NO_AB:-}" ] && exit 0
   # In the step: 8B 2 x 2048 at 24 GiB (the blocks not holding their weights dequantize them in each pass), the

@@ -355,10 +355,10 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
     }
     // W decoded into registers, the product transposed (5; 7 with two wgmma groups in flight; 8 and 9 the same on a
     // persistent grid with the epilogue in registers).
-    for (int variant : {5, 7, 8, 9, 12, 13}) check_variant(o, variant);
-    // 12 and 13 decode by byte permutes out of each row's products (5 and 8 look each value up and multiply it):
-    // the same values in the same sums, so the same bits.
-    for (auto [variant, twin] : {std::pair{12, 5}, std::pair{13, 8}}) {
+    for (int variant : {5, 7, 8, 9, 12, 13, 14}) check_variant(o, variant);
+    // 12, 13 and 14 decode by byte permutes out of each row's products (5, 8 and 9 look each value up and multiply
+    // it): the same values in the same sums, so the same bits.
+    for (auto [variant, twin] : {std::pair{12, 5}, std::pair{13, 8}, std::pair{14, 9}}) {
       INFO("variant " << variant << " against " << twin);
       at::Tensor a = at::full({c.m, cols}, std::nan(""), bf16), b = at::full({c.m, cols}, std::nan(""), bf16);
       qt::kernels::nf4_linear_into(x, ws, a, /*accumulate=*/false, tail, variant);
@@ -384,8 +384,9 @@ TEST_CASE("the fused NF4 GEMM equals dequantization then matmul: one weight, q/k
 #endif
 }
 
-// Variant 11 (clusters of two CTAs sharing x's tiles by TMA multicast) apart from [nf4_gemm], so that a hang there
-// cannot cost the other checks their run: next_gpu_calls.sh 41 runs it last, on its own timeout.
+// Variants 11 and 15 (clusters of two CTAs sharing x's tiles by TMA multicast; 15 decoding as 13) apart from
+// [nf4_gemm], so that a hang there cannot cost the other checks their run: next_gpu_calls.sh 41 runs it last, on
+// its own timeout.
 TEST_CASE("the fused NF4 GEMM in clusters of two CTAs sharing x's tiles equals the exact sums, with a tail and +=",
           "[gpu][nf4][nf4_gemm_cluster]") {
   require_cuda();
@@ -397,7 +398,14 @@ TEST_CASE("the fused NF4 GEMM in clusters of two CTAs sharing x's tiles equals t
                                        {640, 512, {384}, 8}};
   for (const GemmCase& c : cases) {
     INFO("m " << c.m << " k " << c.k << " weights " << c.rows.size() << " tail " << c.k_tail);
-    check_variant(make_operands(c), 11);
+    const GemmOperands o = make_operands(c);
+    check_variant(o, 11);
+    check_variant(o, 15);
+    at::Tensor a = at::full({c.m, o.cols}, std::nan(""), o.x.options());
+    at::Tensor b = at::full({c.m, o.cols}, std::nan(""), o.x.options());
+    qt::kernels::nf4_linear_into(o.x, o.ws, a, /*accumulate=*/false, o.tail, 15);
+    qt::kernels::nf4_linear_into(o.x, o.ws, b, /*accumulate=*/false, o.tail, 11);
+    REQUIRE(same_bits(a, b));
   }
 #endif
 }
@@ -412,7 +420,7 @@ TEST_CASE("the fused NF4 GEMM writes into a strided view of a wider matrix, on t
   const at::Tensor x = wide_x.narrow(1, 64, 1024);  // rows 16-byte aligned: 64 columns = 128 bytes in
   at::Tensor ref = at::empty({700, 512}, bf16);
   qt::kernels::nf4_linear_ref_into(x.contiguous(), {&d}, ref, false);
-  for (int variant : {0, 5, 7, 8, 9, 12, 13}) {  // the default, and W decoded into registers (their own epilogues)
+  for (int variant : {0, 5, 7, 8, 9, 12, 13, 14}) {  // the default, and W decoded into registers (their own epilogues)
     INFO("variant " << variant);
     at::Tensor big = at::zeros({700, 2048}, bf16);
     at::Tensor out = big.narrow(1, 256, 512);
@@ -474,8 +482,8 @@ TEST_CASE("nf4_linear_into on the CPU: each weight's product in its columns, += 
 
 TEST_CASE("QT_NF4_GEMM_VARIANT names a variant that computes right values, or fails naming the choices",
           "[nf4][nf4_gemm]") {
-  for (int v : {0, 1, 5, 7, 8, 9, 11, 12, 13}) REQUIRE(qt::kernels::nf4_gemm_variant(std::to_string(v)) == v);
-  for (const char* bad : {"3", "4", "6", "10", "14", "", "eight", "8 "}) {
+  for (int v : {0, 1, 5, 7, 8, 9, 11, 12, 13, 14, 15}) REQUIRE(qt::kernels::nf4_gemm_variant(std::to_string(v)) == v);
+  for (const char* bad : {"3", "4", "6", "10", "16", "", "eight", "8 "}) {
     INFO("'" << bad << "'");
     try {
       qt::kernels::nf4_gemm_variant(bad);
@@ -483,7 +491,7 @@ TEST_CASE("QT_NF4_GEMM_VARIANT names a variant that computes right values, or fa
     } catch (const qt::Error& e) {
       REQUIRE(e.kind() == qt::ErrorKind::Usage);
       REQUIRE(std::string(e.what()).find("QT_NF4_GEMM_VARIANT") != std::string::npos);
-      REQUIRE(std::string(e.what()).find("0, 1, 5, 7, 8, 9, 11, 12 or 13") != std::string::npos);
+      REQUIRE(std::string(e.what()).find("0, 1, 5, 7, 8, 9, 11, 12, 13, 14 or 15") != std::string::npos);
     }
   }
 }

@@ -81,12 +81,12 @@ std::string nf4_gemm_unfit(const at::Tensor& x, const std::vector<const Nf4Data*
 }
 
 int nf4_gemm_variant(const std::string& text) {
-  for (int v : {0, 1, 5, 7, 8, 9, 11, 12, 13})
+  for (int v : {0, 1, 5, 7, 8, 9, 11, 12, 13, 14, 15})
     if (text == std::to_string(v)) return v;
   fail(ErrorKind::Usage,
        "QT_NF4_GEMM_VARIANT='" + text +
            "': expected one of the fused NF4 GEMM's variants that compute right values, "
-           "0, 1, 5, 7, 8, 9, 11, 12 or 13");
+           "0, 1, 5, 7, 8, 9, 11, 12, 13, 14 or 15");
 }
 
 void nf4_linear_ref_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws, const at::Tensor& out,

@@ -30,7 +30,7 @@ void nf4_linear_into(const at::Tensor& x, const std::vector<const Nf4Data*>& ws,
                      bool accumulate, const at::Tensor& tail = {}, int variant = 0);
 
 // The variant named by `text` (QT_NF4_GEMM_VARIANT): one of those that compute right values, 0, 1, 5, 7, 8, 9,
-// 11, 12 or 13; a Usage error naming the variable and the choices otherwise.
+// 11, 12, 13, 14 or 15; a Usage error naming the variable and the choices otherwise.
 int nf4_gemm_variant(const std::string& text);
 
 // The reference: each weight dequantized to x's dtype (nf4_dequant_into), then at::mm into (or at::addmm onto)

@@ -1072,6 +1072,10 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
       return launch_rs<kPlanes, 1, false>(p, blocks, stream);
     case 13:
       return launch_rs<kPlanes, 1, true>(p, blocks, stream);
+    case 14:
+      return launch_rs<kPlanes, 2, true>(p, blocks, stream);
+    case 15:
+      return launch_rs<kPlanes, 1, true>(p, blocks, stream, false, /*cluster=*/p.tile_begin[args.n_weights] % 2 == 0);
     default:
       return launch<2, true>(p, blocks, stream);
   }

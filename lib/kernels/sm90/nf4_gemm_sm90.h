@@ -51,8 +51,9 @@ struct Nf4GemmArgs {
   // with the codes undecoded (wrong values: its ceiling, bench only); 7: 5 with two wgmma groups in flight; 8, 9: 5
   // and 7 on a persistent grid (a CTA an SM), the epilogue in registers (movmatrix) while the next tile loads; 10: 8
   // loading only half of x's tile (wrong values: the ceiling of a cluster multicasting x, bench only); 11: 8 in
-  // clusters of two CTAs over adjacent tiles of W, each loading half of x's tile for both (TMA multicast); 12, 13:
-  // 5 and 8 decoding by byte permutes out of each row's 16 products, which the producer writes (the same bits).
+  // clusters of two CTAs over adjacent tiles of W, each loading half of x's tile for both (TMA multicast); 12, 13,
+  // 14, 15: 5, 8, 9 and 11 decoding by byte permutes out of each row's 16 products, which the producer writes (the
+  // same bits as those).
   int32_t variant = 0;
 };
 
