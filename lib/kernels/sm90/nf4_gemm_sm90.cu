@@ -589,7 +589,7 @@ __device__ __forceinline__ uint32_t decode_pair(uint32_t word, int sh, const flo
 // bench_nf4_gemm's ceiling without the decoding); kLut: each value looked up in the code table in shared memory
 // and multiplied by its row's scale (variants 5, 7-11); kPlanes: the producer writes each row's 16 products of
 // the step, bf16(code[q] * scale), as two 16-byte planes (their low bytes, their high bytes), and a consumer picks
-// four values at a time out of them with byte permutes in registers (variants 12, 13): no table lookup in shared
+// four values at a time out of them with byte permutes in registers (variants 12-15): no table lookup in shared
 // memory and no multiply a value, the same bits as kLut.
 enum Decode : int { kRaw = 0, kLut = 1, kPlanes = 2 };
 
@@ -1074,7 +1074,7 @@ int nf4_gemm_sm90_launch(const Nf4GemmArgs& args, CUstream_st* stream) {
       return launch_rs<kPlanes, 1, true>(p, blocks, stream);
     case 14:
       return launch_rs<kPlanes, 2, true>(p, blocks, stream);
-    case 15:
+    case 15:  // 11 decoding as 12; variant 13 where W's row tiles are odd in number
       return launch_rs<kPlanes, 1, true>(p, blocks, stream, false, /*cluster=*/p.tile_begin[args.n_weights] % 2 == 0);
     default:
       return launch<2, true>(p, blocks, stream);
