@@ -1,12 +1,18 @@
-// The GGUF writer's pieces on inputs built here: q8_0 blocks against ggml's quantize_row_q8_0_ref by hand, the q/k
+// The GGUF writer's pieces on inputs built here: q8_0 blocks against ggml's quantize_row_q8_0_ref by hand, the
+// k-quant and q5_0 blocks decoded by their layouts back to within their rounding (their bytes against llama.cpp's own
+// quantizer: tests/e2e/test_gguf.py), the q/k
 // row permutation of convert_hf_to_gguf.py, the file layout (header, key/values, tensor infos, aligned data), and
 // the Ollama Modelfile per chat format. Files read back by gguf-py and run in llama.cpp: tests/e2e/test_gguf.py.
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "lib/core/files.h"
 #include "lib/data/bpe_tokenizer.h"
+#include "lib/export/ggml_quants.h"
 #include "lib/export/gguf_llama.h"
 #include "lib/export/gguf_vocab.h"
 #include "lib/export/gguf_writer.h"
@@ -25,6 +31,47 @@ T read_at(const std::string& s, size_t& pos) {
   std::memcpy(&v, s.data() + pos, sizeof v);
   pos += sizeof v;
   return v;
+}
+
+float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// ggml-common.h's layouts read back by hand (dequantize_row_q4_K / q6_K / q5_0).
+std::vector<float> decode_q4_k(const uint8_t* b) {
+  std::vector<float> out(256);
+  const float d = half_at(b), dmin = half_at(b + 2);
+  const uint8_t* sc = b + 4;
+  for (int j = 0; j < 8; ++j) {
+    const int s = j < 4 ? sc[j] & 63 : (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4);
+    const int m = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+    const uint8_t* q = b + 16 + 32 * (j / 2);
+    for (int l = 0; l < 32; ++l) out[32 * j + l] = d * s * ((j % 2 ? q[l] >> 4 : q[l] & 0xF)) - dmin * m;
+  }
+  return out;
+}
+std::vector<float> decode_q6_k(const uint8_t* b) {
+  std::vector<float> out(256);
+  const float d = half_at(b + 208);
+  for (int i = 0; i < 256; ++i) {
+    const int half = i / 128, r = i % 128, l = r % 32, quarter = r / 32;
+    const uint8_t lo = b[64 * half + l + 32 * (quarter % 2)] >> (4 * (quarter / 2)) & 0xF;
+    const uint8_t hi = (b[128 + 32 * half + l] >> (2 * quarter)) & 3;
+    out[i] = d * static_cast<int8_t>(b[192 + i / 16]) * ((lo | (hi << 4)) - 32);
+  }
+  return out;
+}
+std::vector<float> decode_q5_0(const uint8_t* b) {
+  std::vector<float> out(32);
+  uint32_t qh;
+  std::memcpy(&qh, b + 2, 4);
+  for (int j = 0; j < 32; ++j) {
+    const int lo = j < 16 ? b[6 + j] & 0xF : b[6 + j - 16] >> 4;
+    out[j] = half_at(b) * ((lo | static_cast<int>(((qh >> j) & 1) << 4)) - 16);
+  }
+  return out;
 }
 
 std::string read_str(const std::string& s, size_t& pos) {
@@ -226,6 +273,48 @@ TEST_CASE("GGUF vocabularies type added tokens as convert_hf_to_gguf does, speci
   CHECK(s.types[n + 2] == T::kControl);
 }
 
+TEST_CASE("k-quant and q5_0 blocks decode to the values within their rounding", "[gguf]") {
+  at::manual_seed(5);
+  const at::Tensor x = at::randn({8, 512}, at::kFloat) * 0.05;  // 16 super-blocks of 256, 128 blocks of 32
+  const float* xs = x.data_ptr<float>();
+  struct Case {
+    const char* name;
+    at::Tensor (*quantize)(const at::Tensor&);
+    int64_t block, bytes;
+    std::vector<float> (*decode)(const uint8_t*);
+    double rms_bound;  // of the error, in units of x's standard deviation
+  };
+  // Uniform rounding's error is step / sqrt(12): 16 levels over a sub-block of 32 (q4_K, min and scale fitted) about
+  // 0.08 sigma, 64 levels over +-max of 16 (q6_K) about 0.02, 32 over +-max of 32 (q5_0) about 0.05.
+  for (const Case& c : {Case{"q4_K", qt::quantize_q4_k, qt::kQK_K, qt::kQ4_KBlockBytes, decode_q4_k, 0.11},
+                        Case{"q6_K", qt::quantize_q6_k, qt::kQK_K, qt::kQ6_KBlockBytes, decode_q6_k, 0.03},
+                        Case{"q5_0", qt::quantize_q5_0, qt::kQ5_Block, qt::kQ5_0BlockBytes, decode_q5_0, 0.07}}) {
+    INFO(c.name);
+    const at::Tensor q = c.quantize(x);
+    REQUIRE(q.numel() == x.numel() / c.block * c.bytes);
+    double se = 0, worst = 0;
+    for (int64_t b = 0; b < x.numel() / c.block; ++b) {
+      const std::vector<float> back = c.decode(q.data_ptr<uint8_t>() + b * c.bytes);
+      for (int64_t i = 0; i < c.block; ++i) {
+        const double e = back[i] - xs[b * c.block + i];
+        se += e * e;
+        worst = std::max(worst, std::abs(e));
+      }
+    }
+    const double rms = std::sqrt(se / x.numel()) / 0.05;
+    INFO("rms error " << rms << " sigma, worst " << worst / 0.05 << " sigma");
+    CHECK(rms > 0.001);  // not the identity (a decoder reading the wrong bytes would be far off either way)
+    CHECK(rms < c.rms_bound);
+    CHECK(worst / 0.05 < 6 * c.rms_bound);
+  }
+  CHECK(qt::ggml_nbytes(qt::GgmlType::Q4_K, 512) == 2 * 144);
+  CHECK(qt::ggml_nbytes(qt::GgmlType::Q5_K, 512) == 2 * 176);
+  CHECK(qt::ggml_nbytes(qt::GgmlType::Q6_K, 512) == 2 * 210);
+  CHECK(qt::ggml_nbytes(qt::GgmlType::Q5_1, 64) == 2 * 24);
+  CHECK(qt::parse_gguf_file_type("q4_k_m") == qt::GgufFileType::Q4_K_M);
+  CHECK(has(qt::test::error_of([] { qt::parse_gguf_file_type("q4_k"); }), "expected f16, bf16, q8_0, q4_k_m"));
+}
+
 // Found in fuzzing round 12: a merged weight finite in fp32 but beyond fp16's 65504 was written to an f16 GGUF as
 // infinity (NaN logits in llama.cpp) with exit 0, where export --merge --dtype fp16 refuses it; likewise a q8_0
 // block whose fp16 scale amax / 127 overflows.
@@ -246,4 +335,5 @@ TEST_CASE("a GGUF weight its type cannot store is a numeric error naming the ten
   CHECK(has(write(qt::GgmlType::F16, 7e4f), "blk.0.ffn_down.weight: the merged weight holds a value f16 cannot store"));
   CHECK(has(write(qt::GgmlType::F16, -1e5f), "(|w| > 65504)"));
   CHECK(has(write(qt::GgmlType::Q8_0, 1e7f), "q8_0 cannot store (|w| > 127 x 65504"));
+  CHECK(has(write(qt::GgmlType::Q5_0, 1e5f), "q5_0 cannot store (|w| > 65504)"));
 }

@@ -16,6 +16,7 @@
 #include "lib/core/log.h"
 #include "lib/data/bpe_tokenizer.h"
 #include "lib/data/tokenizer.h"
+#include "lib/export/ggml_quants.h"
 #include "lib/export/gguf_vocab.h"
 #include "lib/export/ollama_modelfile.h"
 #include "lib/model/merge.h"
@@ -27,7 +28,10 @@ GgufFileType parse_gguf_file_type(const std::string& name) {
   if (name == "f16") return GgufFileType::F16;
   if (name == "bf16") return GgufFileType::BF16;
   if (name == "q8_0") return GgufFileType::Q8_0;
-  fail(ErrorKind::Usage, "--gguf '" + name + "': expected f16, bf16 or q8_0");
+  if (name == "q4_k_m") return GgufFileType::Q4_K_M;
+  if (name == "q5_k_m") return GgufFileType::Q5_K_M;
+  if (name == "q6_k") return GgufFileType::Q6_K;
+  fail(ErrorKind::Usage, "--gguf '" + name + "': expected f16, bf16, q8_0, q4_k_m, q5_k_m or q6_k");
 }
 
 const char* gguf_file_type_name(GgufFileType type) {
@@ -38,6 +42,12 @@ const char* gguf_file_type_name(GgufFileType type) {
       return "bf16";
     case GgufFileType::Q8_0:
       return "q8_0";
+    case GgufFileType::Q4_K_M:
+      return "q4_k_m";
+    case GgufFileType::Q5_K_M:
+      return "q5_k_m";
+    case GgufFileType::Q6_K:
+      return "q6_k";
   }
   return "?";
 }
@@ -95,9 +105,68 @@ uint32_t ftype_id(GgufFileType t) {
       return 32;  // LLAMA_FTYPE_MOSTLY_BF16
     case GgufFileType::Q8_0:
       return 7;  // LLAMA_FTYPE_MOSTLY_Q8_0
+    case GgufFileType::Q4_K_M:
+      return 15;  // LLAMA_FTYPE_MOSTLY_Q4_K_M
+    case GgufFileType::Q5_K_M:
+      return 17;  // LLAMA_FTYPE_MOSTLY_Q5_K_M
+    case GgufFileType::Q6_K:
+      return 18;  // LLAMA_FTYPE_MOSTLY_Q6_K
   }
   return 0;
 }
+
+// The type llama.cpp's `llama-quantize` gives each 2-D weight of a q4_k_m / q5_k_m / q6_k file, without an importance
+// matrix, for the architectures written here (no experts): llama-quant.cpp's llama_tensor_get_type, then its fallback
+// for rows not a whole number of 256-value super-blocks. Called in llama.cpp's order (blocks ascending), as its
+// counters of attn_v and ffn_down tensors are.
+class KQuantTypes {
+ public:
+  KQuantTypes(GgufFileType file_type, const LlamaConfig& c, const std::string& arch, bool has_output)
+      : file_type_(file_type), n_layer_(static_cast<int>(c.num_hidden_layers)), tied_(!has_output) {
+    // llama.cpp's 70B model type (llama-model.cpp): 80 layers of `llama` with grouped K / V, or of qwen2.
+    is_70b_ = c.num_hidden_layers == 80 &&
+              ((arch == "llama" && c.num_key_value_heads != c.num_attention_heads) || arch == "qwen2");
+  }
+
+  GgmlType operator()(const std::string& name, int64_t ncols) {
+    const bool mixed = file_type_ == GgufFileType::Q4_K_M || file_type_ == GgufFileType::Q5_K_M;
+    GgmlType t = file_type_ == GgufFileType::Q4_K_M   ? GgmlType::Q4_K
+                 : file_type_ == GgufFileType::Q5_K_M ? GgmlType::Q5_K
+                                                      : GgmlType::Q6_K;
+    const auto has = [&](const char* part) { return name.find(part) != std::string::npos; };
+    if (name == "output.weight" || (tied_ && name == "token_embd.weight")) {
+      t = ncols % kQK_K == 0 ? GgmlType::Q6_K : GgmlType::Q8_0;
+    } else if (name == "token_embd.weight") {
+      // the file's default type
+    } else if (has("attn_v.weight")) {
+      if (mixed && more_bits(i_attn_v_++, n_layer_)) t = GgmlType::Q6_K;
+      if (is_70b_ && t == GgmlType::Q4_K) t = GgmlType::Q5_K;
+    } else if (has("ffn_down")) {
+      if (mixed && more_bits(i_ffn_down_++, n_layer_)) t = GgmlType::Q6_K;
+    }
+    if (ncols % ggml_block_size(t) != 0) {
+      ++fallbacks_;
+      t = t == GgmlType::Q4_K ? GgmlType::Q5_0 : t == GgmlType::Q5_K ? GgmlType::Q5_1 : GgmlType::Q8_0;
+      // (llama-quantize refuses a model whose output rows are not a multiple of 32; f16 here, as for the rest)
+      if (ncols % ggml_block_size(t) != 0) t = GgmlType::F16;
+    }
+    return t;
+  }
+  int64_t fallbacks() const { return fallbacks_; }
+
+ private:
+  // The layers a q4_k_m / q5_k_m file gives 6 bits in attn_v and ffn_down: the first and last eighth, every third
+  // between (use_more_bits).
+  static bool more_bits(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
+
+  GgufFileType file_type_;
+  int n_layer_;
+  bool tied_;
+  bool is_70b_ = false;
+  int i_attn_v_ = 0;
+  int i_ffn_down_ = 0;
+  int64_t fallbacks_ = 0;
+};
 
 // llama.cpp's tensor names (gguf-py's constants.py TENSOR_NAMES / tensor_mapping.py) for HF LlamaForCausalLM's.
 std::string gguf_tensor_name(const std::string& hf, int64_t* block) {
@@ -315,6 +384,9 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
                  [f] { return at::tensor(f, at::kFloat); });
   }
   int64_t q8_fallbacks = 0;
+  const bool has_output =
+      std::any_of(entries.begin(), entries.end(), [](const Entry& e) { return e.name == "output.weight"; });
+  KQuantTypes k_types(req.type, config, arch, has_output);
   for (Entry& e : entries) {
     // Norms and other 1-D tensors stay f32 in every mode, as convert_hf_to_gguf.py keeps them.
     GgmlType type = GgmlType::F32;
@@ -332,6 +404,23 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
           type = e.t.shape.back() % kQ8_0BlockSize == 0 ? GgmlType::Q8_0 : GgmlType::F16;
           if (type == GgmlType::F16) ++q8_fallbacks;
           break;
+        case GgufFileType::Q4_K_M:
+        case GgufFileType::Q5_K_M:
+        case GgufFileType::Q6_K: {
+          type = k_types(e.name, e.t.shape.back());
+          // llama-quantize reads the f16 file: the values quantized are the merged weights rounded to f16.
+          auto make = e.t.make;
+          e.t.make = [make, name = e.name] {
+            at::Tensor x = make();
+            if (!x.isfinite().all().item<bool>()) return x;  // the writer names it
+            at::Tensor h = x.to(at::kHalf);
+            if (!h.isfinite().all().item<bool>())
+              fail(ErrorKind::Numeric, name + ": the merged weight holds a value f16 cannot store (|w| > 65504), " +
+                                           "from which the k-quants are made; nothing exported");
+            return h.to(at::kFloat);
+          };
+          break;
+        }
       }
     }
     w.add_tensor(e.name, e.t.shape, type, e.t.make);
@@ -339,6 +428,9 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   if (q8_fallbacks)
     log::warn(std::to_string(q8_fallbacks) +
               " tensor(s) have rows that are not a multiple of 32 values: written as f16");
+  if (k_types.fallbacks())
+    log::warn(std::to_string(k_types.fallbacks()) + " tensor(s) have rows that are not a multiple of 256 values: " +
+              "written as q5_0 / q5_1 / q8_0 (f16 where not a multiple of 32), as llama-quantize falls back");
 
   const std::string eos_text = special.eos >= 0 ? vocab.tokens[special.eos] : "";
   const OllamaModelfile modelfile =

@@ -1,6 +1,6 @@
 #pragma once
-// `qlora-train export --gguf f16|bf16|q8_0`: the merged model (base + adapter, the base dequantized from NF4 as
-// `export --merge` merges it) as one GGUF file that llama.cpp (and so Ollama) loads, with an Ollama Modelfile
+// `qlora-train export --gguf f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k`: the merged model (base + adapter, the base dequantized
+// from NF4 as `export --merge` merges it) as one GGUF file that llama.cpp (and so Ollama) loads, with an Ollama Modelfile
 // beside it. The mapping follows llama.cpp's convert_hf_to_gguf.py for HF checkpoints (LlamaModel for LLaMA and
 // Mistral as its `llama` architecture; Qwen2Model / Qwen3Model as `qwen2` / `qwen3`): its metadata keys, tensor
 // names, the q / k row permutation of `llama` for its rotary layout (Qwen's rotate-half layout is llama.cpp's NEOX
@@ -15,9 +15,12 @@
 
 namespace qt {
 
-enum class GgufFileType { F16, BF16, Q8_0 };
+// q4_k_m, q5_k_m and q6_k are the files llama.cpp's `llama-quantize` makes of the f16 file (no importance matrix),
+// byte for byte: its per-tensor choice of type (lib/export/gguf_llama.cpp, KQuantTypes) and its quantizers
+// (lib/export/ggml_quants.h) on the merged weights rounded to f16.
+enum class GgufFileType { F16, BF16, Q8_0, Q4_K_M, Q5_K_M, Q6_K };
 
-// "f16", "bf16", "q8_0"; anything else is qt::Error(Usage) naming the choices.
+// "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"; anything else is qt::Error(Usage) naming the choices.
 GgufFileType parse_gguf_file_type(const std::string& name);
 const char* gguf_file_type_name(GgufFileType type);
 

@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "lib/core/error.h"
+#include "lib/export/ggml_quants.h"
 
 namespace qt {
 
@@ -23,12 +24,37 @@ const char* ggml_type_name(GgmlType type) {
       return "f32";
     case GgmlType::F16:
       return "f16";
+    case GgmlType::Q5_0:
+      return "q5_0";
+    case GgmlType::Q5_1:
+      return "q5_1";
     case GgmlType::Q8_0:
       return "q8_0";
+    case GgmlType::Q4_K:
+      return "q4_K";
+    case GgmlType::Q5_K:
+      return "q5_K";
+    case GgmlType::Q6_K:
+      return "q6_K";
     case GgmlType::BF16:
       return "bf16";
   }
   return "?";
+}
+
+int64_t ggml_block_size(GgmlType type) {
+  switch (type) {
+    case GgmlType::Q5_0:
+    case GgmlType::Q5_1:
+    case GgmlType::Q8_0:
+      return 32;
+    case GgmlType::Q4_K:
+    case GgmlType::Q5_K:
+    case GgmlType::Q6_K:
+      return kQK_K;
+    default:
+      return 1;
+  }
 }
 
 int64_t ggml_nbytes(GgmlType type, int64_t n) {
@@ -40,6 +66,16 @@ int64_t ggml_nbytes(GgmlType type, int64_t n) {
       return 2 * n;
     case GgmlType::Q8_0:
       return n / kQ8_0BlockSize * kQ8_0BlockBytes;
+    case GgmlType::Q5_0:
+      return n / kQ5_Block * kQ5_0BlockBytes;
+    case GgmlType::Q5_1:
+      return n / kQ5_Block * kQ5_1BlockBytes;
+    case GgmlType::Q4_K:
+      return n / kQK_K * kQ4_KBlockBytes;
+    case GgmlType::Q5_K:
+      return n / kQK_K * kQ5_KBlockBytes;
+    case GgmlType::Q6_K:
+      return n / kQK_K * kQ6_KBlockBytes;
   }
   fail(ErrorKind::Internal, "ggml_nbytes: unknown type");
 }
@@ -196,9 +232,9 @@ void GgufWriter::add_tensor(const std::string& name, const std::vector<int64_t>&
   for (const auto& t : tensors_) QT_CHECK(t.name != name, ErrorKind::Internal, "GGUF tensor written twice: " + name);
   int64_t n = 1;
   for (int64_t d : shape) n *= d;
-  if (type == GgmlType::Q8_0)
-    QT_CHECK(!shape.empty() && shape.back() % kQ8_0BlockSize == 0, ErrorKind::Internal,
-             name + ": q8_0 needs rows of a multiple of 32 values");
+  const int64_t block = ggml_block_size(type);
+  QT_CHECK(block == 1 || (!shape.empty() && shape.back() % block == 0), ErrorKind::Internal,
+           name + ": " + ggml_type_name(type) + " needs rows of a multiple of " + std::to_string(block) + " values");
   const int64_t nbytes = ggml_nbytes(type, n);
   tensors_.push_back({name, shape, type, next_offset_, nbytes, std::move(make)});
   next_offset_ = align_up(next_offset_ + nbytes, alignment_);
@@ -252,18 +288,37 @@ void GgufWriter::write(const std::string& path) const {
       case GgmlType::Q8_0:
         out = quantize_q8_0(x);
         break;
+      case GgmlType::Q5_0:
+        out = quantize_q5_0(x);
+        break;
+      case GgmlType::Q5_1:
+        out = quantize_q5_1(x);
+        break;
+      case GgmlType::Q4_K:
+        out = quantize_q4_k(x);
+        break;
+      case GgmlType::Q5_K:
+        out = quantize_q5_k(x);
+        break;
+      case GgmlType::Q6_K:
+        out = quantize_q6_k(x);
+        break;
     }
     // Finite in fp32 is not enough: past fp16's 65504 a value (f16), or a block's fp16 scale amax / 127 (q8_0), is
     // stored as infinity and llama.cpp's logits turn NaN (convert_hf_to_gguf.py's astype writes it so, silently);
     // export --merge --dtype fp16 refuses the same weights.
+    // The other block types' fp16 scales and minimums are at most the block's largest magnitude: fp16's range holds
+    // them where it holds the values.
+    const bool blocks = ggml_block_size(t.type) > 1 && t.type != GgmlType::Q8_0;
     const bool stored_finite = t.type == GgmlType::Q8_0  ? (x.abs().amax() / 127).to(at::kHalf).isfinite().item<bool>()
+                               : blocks                  ? x.abs().amax().to(at::kHalf).isfinite().item<bool>()
                                : t.type == GgmlType::F32 ? true
                                                          : out.isfinite().all().item<bool>();
     if (!stored_finite)
       fail(ErrorKind::Numeric, t.name + ": the merged weight holds a value " + ggml_type_name(t.type) +
                                    " cannot store" +
                                    (t.type == GgmlType::Q8_0  ? " (|w| > 127 x 65504, its block's fp16 scale)"
-                                    : t.type == GgmlType::F16 ? " (|w| > 65504)"
+                                    : t.type == GgmlType::F16 || blocks ? " (|w| > 65504)"
                                                               : "") +
                                    "; nothing exported");
     QT_CHECK(out.nbytes() == static_cast<size_t>(t.nbytes) && pos == t.offset, ErrorKind::Internal,

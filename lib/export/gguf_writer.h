@@ -18,9 +18,22 @@
 namespace qt {
 
 // ggml's type ids (ggml.h, enum ggml_type) for the types this writer emits.
-enum class GgmlType : uint32_t { F32 = 0, F16 = 1, Q8_0 = 8, BF16 = 30 };
+enum class GgmlType : uint32_t {
+  F32 = 0,
+  F16 = 1,
+  Q5_0 = 6,
+  Q5_1 = 7,
+  Q8_0 = 8,
+  Q4_K = 12,
+  Q5_K = 13,
+  Q6_K = 14,
+  BF16 = 30
+};
 
-const char* ggml_type_name(GgmlType type);  // "f32", "f16", "q8_0", "bf16"
+const char* ggml_type_name(GgmlType type);  // "f32", "f16", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K", "q6_K", "bf16"
+
+// Values a block of `type` (1 for f32 / f16 / bf16): a row of a block type is a whole number of blocks.
+int64_t ggml_block_size(GgmlType type);
 
 // Bytes of `n` values of `type` (a row of a block type must be a multiple of its block size).
 int64_t ggml_nbytes(GgmlType type, int64_t n);

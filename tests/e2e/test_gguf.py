@@ -1,5 +1,5 @@
-"""`qlora-train export --gguf f16|bf16|q8_0` writes one GGUF file of the merged model (base + adapter) and an Ollama
-Modelfile, for a sentencepiece model (Llama 2 style, Llama 2's chat template) and a byte-level BPE model (Llama 3
+"""`qlora-train export --gguf f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k` writes one GGUF file of the merged model (base +
+adapter) and an Ollama Modelfile, for a sentencepiece model (Llama 2 style, Llama 2's chat template) and a byte-level BPE model (Llama 3
 style). gguf-py (llama.cpp's own reader) reads every file back: the llama metadata, the tokenizer, every tensor's
 name, dims and type, and its data equal to the merged HF model's (`export --merge --dtype fp32`) once llama.cpp's q/k
 row permutation is undone: exactly as fp16 / bf16 roundings of the merged fp32 weights, and q8_0 blocks byte-equal to
@@ -10,6 +10,11 @@ The sentencepiece adapter trains lm_head too (modules_to_save): the GGUF's outpu
 saved pre-quantized gives the same file; --quant none merges onto the 16-bit base. A Mistral model (model_type mistral) the same way, in f16. Rope scaling (linear, Llama 3.1's) as llama.cpp takes it, held to transformers the same way.
 Qwen2 (biases, tied) and Qwen3 (q / k norms, head_dim 24) models with Qwen's own style of tokenizer.json (Qwen2's
 digit regex, NFC) as llama.cpp's qwen2 / qwen3, in f16 and q8_0.
+q4_k_m, q5_k_m and q6_k: byte for byte the files llama.cpp's own quantizer (llama_model_quantize, as `llama-quantize`
+runs it without an importance matrix) makes of our f16 file, every tensor's type, dims and bytes and every key/value,
+for an untied model of 256-wide rows, a tied one of 12 layers (the layers given 6 bits, the tied embedding as
+output), a model whose rows fall back to q5_0 / q5_1 / q8_0 / f16, and a Qwen3 model; llama.cpp runs our q4_k_m with
+transformers' argmax on the weights the file holds (gguf-py dequantizes them).
 Refusals: an unresolvable base, a model type llama.cpp has no mapping here for, projection biases `llama` cannot hold,
 an unsupported rope type, an existing output file, an output path that
 is a file, a non-finite merged weight: each a clear error, a non-zero exit, nothing left behind."""
@@ -26,7 +31,10 @@ from checks import finish
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GGUF_TYPE = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
-FILE_TYPE = {"f16": 1, "bf16": 32, "q8_0": 7}
+FILE_TYPE = {"f16": 1, "bf16": 32, "q8_0": 7, "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+# The k-quant files and llama.cpp's names of them for llama_model_quantize (llama-quantize's library call).
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+            "q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K"}
 # llama.cpp computes a matmul with f16 / bf16 weights on activations rounded to that type (11 / 8 significant bits),
 # and with q8_0 weights on activations quantized to q8_0 blocks; its KV cache is f16. The reference is fp32
 # transformers on the same rounded weights, for f16 / bf16 with each linear's input rounded to that type too
@@ -436,6 +444,90 @@ def export_model(tmp: pathlib.Path, kind, model_dir, adapter, vocab, encode, gty
                         encode, texts)
 
 
+def same_gguf(label, ours: pathlib.Path, ref: pathlib.Path):
+    """Every tensor (name, type, dims, bytes) and every key/value of two GGUF files equal; the tensors' order may
+    differ (llama-quantize writes them sorted by block, then name)."""
+    import gguf
+    a, b = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(ref))
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    check(set(ta) == set(tb), f"{label}: tensors {sorted(set(ta) ^ set(tb))} in one file only")
+    differ = [n for n in sorted(set(ta) & set(tb))
+              if ta[n].tensor_type != tb[n].tensor_type or list(ta[n].shape) != list(tb[n].shape)
+              or not np.array_equal(np.asarray(ta[n].data).view(np.uint8), np.asarray(tb[n].data).view(np.uint8))]
+    check(not differ, f"{label}: {len(differ)} tensor(s) differ from llama-quantize's: " +
+          ", ".join(f"{n} ({ta[n].tensor_type.name} / {tb[n].tensor_type.name})" for n in differ[:6]))
+    fa, fb = a.fields, b.fields
+    keys = [k for k in sorted(set(fa) | set(fb)) if not k.startswith("GGUF.")]
+    bad = [k for k in keys if k not in fa or k not in fb or
+           [np.asarray(p).tobytes() for p in fa[k].parts] != [np.asarray(p).tobytes() for p in fb[k].parts]]
+    check(not bad, f"{label}: keys {bad} differ from llama-quantize's file")
+    return a
+
+
+def check_k_quants(tmp: pathlib.Path, kind, model_dir, adapter, want_types, encode=None):
+    """`--gguf q4_k_m|q5_k_m|q6_k` against llama_model_quantize run on our f16 file; with `encode`, llama.cpp runs
+    our q4_k_m as transformers runs the weights it holds."""
+    import collections, ctypes, llama_cpp
+    run_ok("export", "--adapter", adapter, "--out", tmp / f"{kind}_kq_f16", "--gguf", "f16")
+    f16_file = tmp / f"{kind}_kq_f16" / f"{model_dir.name}-f16.gguf"
+    for gtype, ftype in K_QUANTS.items():
+        label = f"{kind} {gtype}"
+        out = tmp / f"{kind}_{gtype}"
+        info = last_json(run_ok("export", "--adapter", adapter, "--out", out, "--gguf", gtype))
+        ours = out / f"{model_dir.name}-{gtype}.gguf"
+        check(info["type"] == gtype and ours.exists(), f"{label}: {info}")
+        ref = tmp / f"{kind}_{gtype}_llama_quantize.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, ftype)
+        params.nthread = 2
+        rc = llama_cpp.llama_model_quantize(str(f16_file).encode(), str(ref).encode(), ctypes.byref(params))
+        if not check(rc == 0, f"{label}: llama_model_quantize returned {rc}"):
+            continue
+        r = same_gguf(label, ours, ref)
+        check(r.fields["general.file_type"].contents() == FILE_TYPE[gtype],
+              f"{label}: general.file_type {r.fields['general.file_type'].contents()}")
+        types = collections.Counter(t.tensor_type.name for t in r.tensors)
+        print(f"{label}: {len(r.tensors)} tensors and every key byte-equal to llama-quantize's file ({dict(types)})")
+        if gtype in want_types:
+            check(want_types[gtype] <= set(types), f"{label}: types {dict(types)} lack {want_types[gtype]}")
+    if encode is None:
+        return
+    # llama.cpp runs the file: its argmax against transformers' on the weights the file holds (gguf-py dequantizes
+    # them). llama.cpp rounds the activations to 8-bit blocks for k-quant weights (q8_K, one scale for 256 values),
+    # so the logits differ by 5-20% of the largest on this sharp tiny model, measured; the argmax mostly agrees.
+    import gguf
+    from transformers import AutoModelForCausalLM
+    run_ok("export", "--adapter", adapter, "--out", tmp / f"{kind}_kq_merged32", "--merge", "--dtype", "fp32")
+    config = json.loads((model_dir / "config.json").read_text())
+    path = tmp / f"{kind}_q4_k_m" / f"{model_dir.name}-q4_k_m.gguf"
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    model = AutoModelForCausalLM.from_pretrained(tmp / f"{kind}_kq_merged32", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            t = tensors[gguf_name(n)]
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(p.shape)
+            heads = (config["num_attention_heads"] if ".attn_q." in t.name
+                     else config["num_key_value_heads"] if ".attn_k." in t.name else None)
+            p.copy_(torch.from_numpy(np.array(unpermute(w, heads) if heads else w)))
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False, n_threads=2,
+                          seed=0)
+    agree, total = 0, 0
+    texts = ("the cat sat on the mat and the dog ran fast.", "qlora trains adapters quickly with four bit weights!")
+    for text in texts:
+        ids = encode(text)
+        llm.reset()
+        llm.eval(ids)
+        got = np.array(llm.scores[:llm.n_tokens], dtype=np.float32)
+        with torch.no_grad():
+            want = model(torch.tensor([ids])).logits[0].numpy()
+        check(np.isfinite(got).all(), f"{kind} q4_k_m: llama.cpp's logits are not finite")
+        agree += int((got.argmax(1) == want.argmax(1)).sum())
+        total += len(ids)
+    llm.close()
+    print(f"{kind} q4_k_m: llama.cpp's argmax is transformers' (on the file's weights) at {agree} of {total} positions")
+    check(agree >= 0.6 * total, f"{kind} q4_k_m: llama.cpp's argmax agrees at {agree} of {total} positions only")
+
+
 def check_lm_head_trained(tmp: pathlib.Path, model_dir: pathlib.Path):
     import safetensors.torch
     base = safetensors.torch.load_file(str(model_dir / "model.safetensors"))["lm_head.weight"]
@@ -553,6 +645,15 @@ def main():
     export_model(tmp, "bpe", *bpe)
     for arch in ("qwen2", "qwen3"):
         export_model(tmp, arch, *qwen_setup(tmp, arch), gtypes=("f16", "q8_0"))
+    # k-quants: rows of 256 (q4_K / q5_K / q6_K; 2 layers, the second given 6 bits), 12 tied layers (the embedding
+    # as the output, q6_K), rows of 64 and 100 (q5_0 / q5_1 / q8_0 / f16 fallbacks), Qwen3's 96-wide attn_output.
+    k2 = spm_setup(tmp, "k2", hidden_size=256, intermediate_size=512)
+    check_k_quants(tmp, "k2", k2[0], k2[1], {"q4_k_m": {"Q4_K", "Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"}}, encode=k2[3])
+    check_k_quants(tmp, "k12", *spm_setup(tmp, "k12", hidden_size=256, intermediate_size=512, num_hidden_layers=12,
+                                          tie_word_embeddings=True)[:2], {"q4_k_m": {"Q4_K", "Q6_K"}})
+    check_k_quants(tmp, "kfall", *spm_setup(tmp, "kfall", num_hidden_layers=3, intermediate_size=100)[:2],
+                   {"q4_k_m": {"Q5_0", "Q8_0", "F16"}, "q5_k_m": {"Q5_1", "Q8_0", "F16"}, "q6_k": {"Q8_0", "F16"}})
+    check_k_quants(tmp, "qwen3", tmp / "qwen3_model", tmp / "qwen3_adapter", {"q4_k_m": {"Q5_0"}})
     # The trained lm_head (modules_to_save) is the GGUF's output.weight (checked against the merge above): it moved.
     check_lm_head_trained(tmp, spm[0])
     check_prequantized_base(tmp, spm[0], spm[1])
