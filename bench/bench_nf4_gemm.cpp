@@ -145,6 +145,7 @@ int main(int argc, char** argv) {
     for (double t : t_var) std::printf(" %.1f |", t);
     std::printf(" %d | %.0f | %.3f | %.3f | %.2e |\n", best, flops / (t_best * 1e-6) / 1e12, t_best / t_ref,
                 t_best / t_mm, rel_diff(best));
+    std::fflush(stdout);  // each row out as it is measured: a call cut short by its time limit keeps the rows before
   }
   return 0;
 #endif

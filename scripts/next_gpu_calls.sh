@@ -497,9 +497,11 @@ case "$CALL" in
   tail -n 3 "$L/tests_nf4_gemm.log" >>"$summary"
   grep -B 4 -A 16 "FAILED" "$L/tests_nf4_gemm.log" | head -n 50 >>"$summary"
   [ "$rc" = 124 ] && { note "tests timed out (a hang): no bench"; exit 1; }
-  timeout 150 build-gpu/bench_nf4_gemm ${NF4_GEMM_ONLY:+--only=$NF4_GEMM_ONLY} >"$L/bench_nf4_gemm.log" 2>&1
-  note "bench_nf4_gemm: exit $?"
-  grep -E '^\|' "$L/bench_nf4_gemm.log" >>"$summary"
+  # Rows reach the summary as they are measured (NF4_VARIANTS=5,6,12,13 for a short call; NO_CLUSTER=1 skips 11's).
+  timeout 150 build-gpu/bench_nf4_gemm ${NF4_GEMM_ONLY:+--only=$NF4_GEMM_ONLY} ${NF4_VARIANTS:+--variants=$NF4_VARIANTS} \
+    2>&1 | tee "$L/bench_nf4_gemm.log" | grep --line-buffered -E '^\|' >>"$summary"
+  note "bench_nf4_gemm: exit ${PIPESTATUS[0]}"
+  [ -n "${NO_CLUSTER:-}" ] && exit 0
   # Variant 11 (clusters sharing x's tiles by multicast) last, on its own timeouts: a hang there costs nothing above.
   note "== variant 11 (clusters of two CTAs sharing x's tiles): its [gpu] test, then its bench column"
   (cd build-gpu && timeout 60 ./tests/qt_tests "[nf4_gemm_cluster]") >"$L/tests_nf4_gemm_cluster.log" 2>&1
