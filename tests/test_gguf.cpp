@@ -312,7 +312,8 @@ TEST_CASE("k-quant and q5_0 blocks decode to the values within their rounding", 
   CHECK(qt::ggml_nbytes(qt::GgmlType::Q6_K, 512) == 2 * 210);
   CHECK(qt::ggml_nbytes(qt::GgmlType::Q5_1, 64) == 2 * 24);
   CHECK(qt::parse_gguf_file_type("q4_k_m") == qt::GgufFileType::Q4_K_M);
-  CHECK(has(qt::test::error_of([] { qt::parse_gguf_file_type("q4_k"); }), "expected f16, bf16, q8_0, q4_k_m"));
+  CHECK(has(qt::test::error_of([] { qt::parse_gguf_file_type("q4_k"); }),
+            "expected one of f16, bf16, q8_0, q4_k_m, q4_k_s"));
 }
 
 // Found in fuzzing round 12: a merged weight finite in fp32 but beyond fp16's 65504 was written to an f16 GGUF as

@@ -280,6 +280,37 @@ void put_q5(uint8_t* qh_bytes, uint8_t* qs, const uint8_t* q) {
   std::memcpy(qh_bytes, &qh, 4);
 }
 
+void q4_0_block(const float* x, uint8_t* y) {
+  float amax = 0, max = 0;
+  for (int j = 0; j < 32; ++j)
+    if (amax < std::fabs(x[j])) amax = std::fabs(x[j]), max = x[j];
+  const float d = max / -8;
+  const float id = d != 0 ? 1.0f / d : 0.0f;
+  put_f16(y, d);
+  for (int j = 0; j < 16; ++j) {
+    const int lo = std::min(15, static_cast<int>(x[j] * id + 8.5f));
+    const int hi = std::min(15, static_cast<int>(x[j + 16] * id + 8.5f));
+    y[2 + j] = static_cast<uint8_t>(lo | (hi << 4));
+  }
+}
+
+void q4_1_block(const float* x, uint8_t* y) {
+  float lo = FLT_MAX, hi = -FLT_MAX;
+  for (int j = 0; j < 32; ++j) {
+    if (x[j] < lo) lo = x[j];
+    if (x[j] > hi) hi = x[j];
+  }
+  const float d = (hi - lo) / 15;
+  const float id = d != 0 ? 1.0f / d : 0.0f;
+  put_f16(y, d);
+  put_f16(y + 2, lo);
+  for (int j = 0; j < 16; ++j) {
+    const int a = std::min(15, static_cast<int>((x[j] - lo) * id + 0.5f));
+    const int b = std::min(15, static_cast<int>((x[j + 16] - lo) * id + 0.5f));
+    y[4 + j] = static_cast<uint8_t>(a | (b << 4));
+  }
+}
+
 void q5_0_block(const float* x, uint8_t* y) {
   float amax = 0, max = 0;
   for (int j = 0; j < 32; ++j)
@@ -328,6 +359,12 @@ at::Tensor quantize_blocks(const at::Tensor& x, int64_t block, int64_t block_byt
 at::Tensor quantize_q4_k(const at::Tensor& x) { return quantize_blocks(x, kQK_K, kQ4_KBlockBytes, "q4_K", q4_k_block); }
 at::Tensor quantize_q5_k(const at::Tensor& x) { return quantize_blocks(x, kQK_K, kQ5_KBlockBytes, "q5_K", q5_k_block); }
 at::Tensor quantize_q6_k(const at::Tensor& x) { return quantize_blocks(x, kQK_K, kQ6_KBlockBytes, "q6_K", q6_k_block); }
+at::Tensor quantize_q4_0(const at::Tensor& x) {
+  return quantize_blocks(x, kQ5_Block, kQ4_0BlockBytes, "q4_0", q4_0_block);
+}
+at::Tensor quantize_q4_1(const at::Tensor& x) {
+  return quantize_blocks(x, kQ5_Block, kQ4_1BlockBytes, "q4_1", q4_1_block);
+}
 at::Tensor quantize_q5_0(const at::Tensor& x) {
   return quantize_blocks(x, kQ5_Block, kQ5_0BlockBytes, "q5_0", q5_0_block);
 }

@@ -24,33 +24,39 @@
 
 namespace qt {
 
-GgufFileType parse_gguf_file_type(const std::string& name) {
-  if (name == "f16") return GgufFileType::F16;
-  if (name == "bf16") return GgufFileType::BF16;
-  if (name == "q8_0") return GgufFileType::Q8_0;
-  if (name == "q4_k_m") return GgufFileType::Q4_K_M;
-  if (name == "q5_k_m") return GgufFileType::Q5_K_M;
-  if (name == "q6_k") return GgufFileType::Q6_K;
-  fail(ErrorKind::Usage, "--gguf '" + name + "': expected f16, bf16, q8_0, q4_k_m, q5_k_m or q6_k");
+namespace {
+
+struct FileTypeInfo {
+  GgufFileType type;
+  const char* name;
+  uint32_t ftype;  // llama.h's enum llama_ftype, general.file_type
+};
+
+constexpr FileTypeInfo kFileTypes[] = {
+    {GgufFileType::F16, "f16", 1},         {GgufFileType::BF16, "bf16", 32},      {GgufFileType::Q8_0, "q8_0", 7},
+    {GgufFileType::Q4_K_M, "q4_k_m", 15},  {GgufFileType::Q4_K_S, "q4_k_s", 14},  {GgufFileType::Q5_K_M, "q5_k_m", 17},
+    {GgufFileType::Q5_K_S, "q5_k_s", 16},  {GgufFileType::Q6_K, "q6_k", 18},      {GgufFileType::Q4_0, "q4_0", 2},
+    {GgufFileType::Q4_1, "q4_1", 3},       {GgufFileType::Q5_0, "q5_0", 8},       {GgufFileType::Q5_1, "q5_1", 9},
+};
+
+const FileTypeInfo& info_of(GgufFileType type) {
+  for (const FileTypeInfo& i : kFileTypes)
+    if (i.type == type) return i;
+  fail(ErrorKind::Internal, "unknown GGUF file type");
 }
 
-const char* gguf_file_type_name(GgufFileType type) {
-  switch (type) {
-    case GgufFileType::F16:
-      return "f16";
-    case GgufFileType::BF16:
-      return "bf16";
-    case GgufFileType::Q8_0:
-      return "q8_0";
-    case GgufFileType::Q4_K_M:
-      return "q4_k_m";
-    case GgufFileType::Q5_K_M:
-      return "q5_k_m";
-    case GgufFileType::Q6_K:
-      return "q6_k";
+}  // namespace
+
+GgufFileType parse_gguf_file_type(const std::string& name) {
+  std::string choices;
+  for (const FileTypeInfo& i : kFileTypes) {
+    if (name == i.name) return i.type;
+    choices += std::string(choices.empty() ? "" : ", ") + i.name;
   }
-  return "?";
+  fail(ErrorKind::Usage, "--gguf '" + name + "': expected one of " + choices);
 }
+
+const char* gguf_file_type_name(GgufFileType type) { return info_of(type).name; }
 
 std::string gguf_architecture(const LlamaConfig& c, const std::string& config_path) {
   const bool llama = c.model_type == "llama" || c.model_type == "mistral";
@@ -96,58 +102,73 @@ at::Tensor permute_for_llama_cpp_rope(const at::Tensor& w, int64_t n_head) {
 
 namespace {
 
-// ggml's file types (llama.h, enum llama_ftype) for general.file_type.
-uint32_t ftype_id(GgufFileType t) {
-  switch (t) {
-    case GgufFileType::F16:
-      return 1;  // LLAMA_FTYPE_MOSTLY_F16
-    case GgufFileType::BF16:
-      return 32;  // LLAMA_FTYPE_MOSTLY_BF16
-    case GgufFileType::Q8_0:
-      return 7;  // LLAMA_FTYPE_MOSTLY_Q8_0
-    case GgufFileType::Q4_K_M:
-      return 15;  // LLAMA_FTYPE_MOSTLY_Q4_K_M
-    case GgufFileType::Q5_K_M:
-      return 17;  // LLAMA_FTYPE_MOSTLY_Q5_K_M
-    case GgufFileType::Q6_K:
-      return 18;  // LLAMA_FTYPE_MOSTLY_Q6_K
-  }
-  return 0;
-}
-
-// The type llama.cpp's `llama-quantize` gives each 2-D weight of a q4_k_m / q5_k_m / q6_k file, without an importance
+// The type llama.cpp's `llama-quantize` gives each 2-D weight of the file types it makes here, without an importance
 // matrix, for the architectures written here (no experts): llama-quant.cpp's llama_tensor_get_type, then its fallback
-// for rows not a whole number of 256-value super-blocks. Called in llama.cpp's order (blocks ascending), as its
-// counters of attn_v and ffn_down tensors are.
-class KQuantTypes {
+// for rows not a whole number of blocks. Called in llama.cpp's order (blocks ascending), as its counters of attn_v
+// and ffn_down tensors are.
+class QuantizedTypes {
  public:
-  KQuantTypes(GgufFileType file_type, const LlamaConfig& c, const std::string& arch, bool has_output)
-      : file_type_(file_type), n_layer_(static_cast<int>(c.num_hidden_layers)), tied_(!has_output) {
+  QuantizedTypes(GgufFileType file_type, const LlamaConfig& c, const std::string& arch, bool has_output)
+      : ft_(file_type), n_layer_(static_cast<int>(c.num_hidden_layers)), tied_(!has_output) {
     // llama.cpp's 70B model type (llama-model.cpp): 80 layers of `llama` with grouped K / V, or of qwen2.
     is_70b_ = c.num_hidden_layers == 80 &&
               ((arch == "llama" && c.num_key_value_heads != c.num_attention_heads) || arch == "qwen2");
   }
 
+  // The file's own type for most tensors (llama_ftype_get_default_type).
+  GgmlType default_type() const {
+    switch (ft_) {
+      case GgufFileType::Q4_K_M:
+      case GgufFileType::Q4_K_S:
+        return GgmlType::Q4_K;
+      case GgufFileType::Q5_K_M:
+      case GgufFileType::Q5_K_S:
+        return GgmlType::Q5_K;
+      case GgufFileType::Q6_K:
+        return GgmlType::Q6_K;
+      case GgufFileType::Q4_0:
+        return GgmlType::Q4_0;
+      case GgufFileType::Q4_1:
+        return GgmlType::Q4_1;
+      case GgufFileType::Q5_0:
+        return GgmlType::Q5_0;
+      case GgufFileType::Q5_1:
+        return GgmlType::Q5_1;
+      default:
+        fail(ErrorKind::Internal, "QuantizedTypes: not a llama-quantize file type");
+    }
+  }
+
   GgmlType operator()(const std::string& name, int64_t ncols) {
-    const bool mixed = file_type_ == GgufFileType::Q4_K_M || file_type_ == GgufFileType::Q5_K_M;
-    GgmlType t = file_type_ == GgufFileType::Q4_K_M   ? GgmlType::Q4_K
-                 : file_type_ == GgufFileType::Q5_K_M ? GgmlType::Q5_K
-                                                      : GgmlType::Q6_K;
+    const bool k_m = ft_ == GgufFileType::Q4_K_M || ft_ == GgufFileType::Q5_K_M;
+    GgmlType t = default_type();
     const auto has = [&](const char* part) { return name.find(part) != std::string::npos; };
     if (name == "output.weight" || (tied_ && name == "token_embd.weight")) {
-      t = ncols % kQK_K == 0 ? GgmlType::Q6_K : GgmlType::Q8_0;
+      t = ncols % ggml_block_size(t) != 0 ? GgmlType::Q8_0 : GgmlType::Q6_K;
     } else if (name == "token_embd.weight") {
       // the file's default type
     } else if (has("attn_v.weight")) {
-      if (mixed && more_bits(i_attn_v_++, n_layer_)) t = GgmlType::Q6_K;
+      if (k_m && more_bits(i_attn_v_, n_layer_))
+        t = GgmlType::Q6_K;
+      else if (ft_ == GgufFileType::Q4_K_S && i_attn_v_ < 4)
+        t = GgmlType::Q5_K;
       if (is_70b_ && t == GgmlType::Q4_K) t = GgmlType::Q5_K;
+      ++i_attn_v_;
     } else if (has("ffn_down")) {
-      if (mixed && more_bits(i_ffn_down_++, n_layer_)) t = GgmlType::Q6_K;
+      if (k_m && more_bits(i_ffn_down_, n_layer_))
+        t = GgmlType::Q6_K;
+      else if (ft_ == GgufFileType::Q4_K_S && i_ffn_down_ < n_layer_ / 8)
+        t = GgmlType::Q5_K;
+      ++i_ffn_down_;
     }
     if (ncols % ggml_block_size(t) != 0) {
       ++fallbacks_;
-      t = t == GgmlType::Q4_K ? GgmlType::Q5_0 : t == GgmlType::Q5_K ? GgmlType::Q5_1 : GgmlType::Q8_0;
-      // (llama-quantize refuses a model whose output rows are not a multiple of 32; f16 here, as for the rest)
+      // llama-quantize's fallbacks for the k-quants; for the 32-value types (and q8_0 outputs) it has none and
+      // refuses the model: f16 here, as for anything not a multiple of 32.
+      t = t == GgmlType::Q4_K ? GgmlType::Q5_0
+          : t == GgmlType::Q5_K ? GgmlType::Q5_1
+          : t == GgmlType::Q6_K ? GgmlType::Q8_0
+                                : GgmlType::F16;
       if (ncols % ggml_block_size(t) != 0) t = GgmlType::F16;
     }
     return t;
@@ -159,7 +180,7 @@ class KQuantTypes {
   // between (use_more_bits).
   static bool more_bits(int i, int n) { return i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2; }
 
-  GgufFileType file_type_;
+  GgufFileType ft_;
   int n_layer_;
   bool tied_;
   bool is_70b_ = false;
@@ -338,7 +359,7 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
     w.add_f32(arch + ".rope.scaling.factor", static_cast<float>(config.rope.factor));
   }
   w.add_u32(arch + ".vocab_size", static_cast<uint32_t>(config.vocab_size));
-  w.add_u32("general.file_type", ftype_id(req.type));
+  w.add_u32("general.file_type", info_of(req.type).ftype);
   w.add_u32("general.quantization_version", 2);  // GGML_QNT_VERSION
 
   w.add_string("tokenizer.ggml.model", vocab.model);
@@ -386,7 +407,7 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   int64_t q8_fallbacks = 0;
   const bool has_output =
       std::any_of(entries.begin(), entries.end(), [](const Entry& e) { return e.name == "output.weight"; });
-  KQuantTypes k_types(req.type, config, arch, has_output);
+  QuantizedTypes quantized_types(req.type, config, arch, has_output);
   for (Entry& e : entries) {
     // Norms and other 1-D tensors stay f32 in every mode, as convert_hf_to_gguf.py keeps them.
     GgmlType type = GgmlType::F32;
@@ -404,10 +425,8 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
           type = e.t.shape.back() % kQ8_0BlockSize == 0 ? GgmlType::Q8_0 : GgmlType::F16;
           if (type == GgmlType::F16) ++q8_fallbacks;
           break;
-        case GgufFileType::Q4_K_M:
-        case GgufFileType::Q5_K_M:
-        case GgufFileType::Q6_K: {
-          type = k_types(e.name, e.t.shape.back());
+        default: {
+          type = quantized_types(e.name, e.t.shape.back());
           // llama-quantize reads the f16 file: the values quantized are the merged weights rounded to f16.
           auto make = e.t.make;
           e.t.make = [make, name = e.name] {
@@ -428,9 +447,10 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   if (q8_fallbacks)
     log::warn(std::to_string(q8_fallbacks) +
               " tensor(s) have rows that are not a multiple of 32 values: written as f16");
-  if (k_types.fallbacks())
-    log::warn(std::to_string(k_types.fallbacks()) + " tensor(s) have rows that are not a multiple of 256 values: " +
-              "written as q5_0 / q5_1 / q8_0 (f16 where not a multiple of 32), as llama-quantize falls back");
+  if (quantized_types.fallbacks())
+    log::warn(std::to_string(quantized_types.fallbacks()) + " tensor(s) have rows that are not a whole number of " +
+              ggml_type_name(quantized_types.default_type()) + " blocks: written as q5_0 / q5_1 / q8_0 for k-quants " +
+              "(as llama-quantize falls back), f16 where not a multiple of 32 values");
 
   const std::string eos_text = special.eos >= 0 ? vocab.tokens[special.eos] : "";
   const OllamaModelfile modelfile =

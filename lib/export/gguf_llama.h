@@ -1,5 +1,5 @@
 #pragma once
-// `qlora-train export --gguf f16|bf16|q8_0|q4_k_m|q5_k_m|q6_k`: the merged model (base + adapter, the base dequantized
+// `qlora-train export --gguf f16|bf16|q8_0|q4_k_m|...`: the merged model (base + adapter, the base dequantized
 // from NF4 as `export --merge` merges it) as one GGUF file that llama.cpp (and so Ollama) loads, with an Ollama Modelfile
 // beside it. The mapping follows llama.cpp's convert_hf_to_gguf.py for HF checkpoints (LlamaModel for LLaMA and
 // Mistral as its `llama` architecture; Qwen2Model / Qwen3Model as `qwen2` / `qwen3`): its metadata keys, tensor
@@ -15,12 +15,13 @@
 
 namespace qt {
 
-// q4_k_m, q5_k_m and q6_k are the files llama.cpp's `llama-quantize` makes of the f16 file (no importance matrix),
-// byte for byte: its per-tensor choice of type (lib/export/gguf_llama.cpp, KQuantTypes) and its quantizers
-// (lib/export/ggml_quants.h) on the merged weights rounded to f16.
-enum class GgufFileType { F16, BF16, Q8_0, Q4_K_M, Q5_K_M, Q6_K };
+// The k-quant files (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k) and q4_0, q4_1, q5_0, q5_1 are the files llama.cpp's
+// `llama-quantize` makes of the f16 file (no importance matrix), byte for byte: its per-tensor choice of type
+// (lib/export/gguf_llama.cpp, QuantizedTypes) and its quantizers (lib/export/ggml_quants.h) on the merged weights
+// rounded to f16. q8_0 is convert_hf_to_gguf.py's, from the fp32 weights.
+enum class GgufFileType { F16, BF16, Q8_0, Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1 };
 
-// "f16", "bf16", "q8_0", "q4_k_m", "q5_k_m", "q6_k"; anything else is qt::Error(Usage) naming the choices.
+// Its name on the command line ("f16", "q4_k_m", ...); anything else is qt::Error(Usage) naming the choices.
 GgufFileType parse_gguf_file_type(const std::string& name);
 const char* gguf_file_type_name(GgufFileType type);
 

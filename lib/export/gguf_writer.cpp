@@ -24,6 +24,10 @@ const char* ggml_type_name(GgmlType type) {
       return "f32";
     case GgmlType::F16:
       return "f16";
+    case GgmlType::Q4_0:
+      return "q4_0";
+    case GgmlType::Q4_1:
+      return "q4_1";
     case GgmlType::Q5_0:
       return "q5_0";
     case GgmlType::Q5_1:
@@ -44,6 +48,8 @@ const char* ggml_type_name(GgmlType type) {
 
 int64_t ggml_block_size(GgmlType type) {
   switch (type) {
+    case GgmlType::Q4_0:
+    case GgmlType::Q4_1:
     case GgmlType::Q5_0:
     case GgmlType::Q5_1:
     case GgmlType::Q8_0:
@@ -66,6 +72,10 @@ int64_t ggml_nbytes(GgmlType type, int64_t n) {
       return 2 * n;
     case GgmlType::Q8_0:
       return n / kQ8_0BlockSize * kQ8_0BlockBytes;
+    case GgmlType::Q4_0:
+      return n / kQ5_Block * kQ4_0BlockBytes;
+    case GgmlType::Q4_1:
+      return n / kQ5_Block * kQ4_1BlockBytes;
     case GgmlType::Q5_0:
       return n / kQ5_Block * kQ5_0BlockBytes;
     case GgmlType::Q5_1:
@@ -287,6 +297,12 @@ void GgufWriter::write(const std::string& path) const {
         break;
       case GgmlType::Q8_0:
         out = quantize_q8_0(x);
+        break;
+      case GgmlType::Q4_0:
+        out = quantize_q4_0(x);
+        break;
+      case GgmlType::Q4_1:
+        out = quantize_q4_1(x);
         break;
       case GgmlType::Q5_0:
         out = quantize_q5_0(x);

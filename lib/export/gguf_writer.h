@@ -21,6 +21,8 @@ namespace qt {
 enum class GgmlType : uint32_t {
   F32 = 0,
   F16 = 1,
+  Q4_0 = 2,
+  Q4_1 = 3,
   Q5_0 = 6,
   Q5_1 = 7,
   Q8_0 = 8,
@@ -30,7 +32,8 @@ enum class GgmlType : uint32_t {
   BF16 = 30
 };
 
-const char* ggml_type_name(GgmlType type);  // "f32", "f16", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K", "q6_K", "bf16"
+// "f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K", "q6_K", "bf16"
+const char* ggml_type_name(GgmlType type);
 
 // Values a block of `type` (1 for f32 / f16 / bf16): a row of a block type is a whole number of blocks.
 int64_t ggml_block_size(GgmlType type);
