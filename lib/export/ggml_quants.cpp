@@ -269,73 +269,68 @@ void q6_k_block(const float* x, uint8_t* y) {
   }
 }
 
-// The 5-bit code j of a q5 block: low nibble into qs (the first 16 values low, the last 16 high), fifth bit into qh.
-void put_q5(uint8_t* qh_bytes, uint8_t* qs, const uint8_t* q) {
-  uint32_t qh = 0;
-  for (int j = 0; j < 16; ++j) {
-    qs[j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4);
-    qh |= ((q[j] & 0x10u) >> 4) << j;
-    qh |= ((q[j + 16] & 0x10u) >> 4) << (j + 16);
+// Levels of a 32-value block for the legacy types, each as ggml-quants.c's reference computes them. Symmetric (q4_0,
+// q5_0): d = the value of largest magnitude / -2^(bits-1), levels trunc(x / d + 2^(bits-1) + 0.5) up to 2^bits - 1;
+// writes d. Affine (q4_1, q5_1): d = (max - min) / (2^bits - 1), levels trunc((x - min) / d + 0.5); writes d, min.
+template <int kBits>
+void symmetric_levels(const float* x, uint8_t* head, uint8_t* q) {
+  float amax = 0, max = 0;
+  for (int j = 0; j < 32; ++j)
+    if (amax < std::fabs(x[j])) amax = std::fabs(x[j]), max = x[j];
+  const float d = max / -static_cast<float>(1 << (kBits - 1));
+  const float id = d != 0 ? 1.0f / d : 0.0f;
+  put_f16(head, d);
+  const float offset = static_cast<float>(1 << (kBits - 1)) + 0.5f;
+  for (int j = 0; j < 32; ++j)
+    q[j] = static_cast<uint8_t>(std::min((1 << kBits) - 1, static_cast<int>(x[j] * id + offset)));
+}
+
+template <int kBits>
+void affine_levels(const float* x, uint8_t* head, uint8_t* q) {
+  float lo = FLT_MAX, hi = -FLT_MAX;
+  for (int j = 0; j < 32; ++j) {
+    if (x[j] < lo) lo = x[j];
+    if (x[j] > hi) hi = x[j];
   }
+  const float d = (hi - lo) / static_cast<float>((1 << kBits) - 1);
+  const float id = d != 0 ? 1.0f / d : 0.0f;
+  put_f16(head, d);
+  put_f16(head + 2, lo);
+  for (int j = 0; j < 32; ++j)
+    q[j] = static_cast<uint8_t>(std::min((1 << kBits) - 1, static_cast<int>((x[j] - lo) * id + 0.5f)));
+}
+
+// Level j's low nibble into qs (the first 16 values low, the last 16 high); for q5 blocks its fifth bit into qh.
+void put_nibbles(uint8_t* qs, const uint8_t* q) {
+  for (int j = 0; j < 16; ++j) qs[j] = (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4);
+}
+void put_fifth_bits(uint8_t* qh_bytes, const uint8_t* q) {
+  uint32_t qh = 0;
+  for (int j = 0; j < 32; ++j) qh |= ((q[j] & 0x10u) >> 4) << j;
   std::memcpy(qh_bytes, &qh, 4);
 }
 
 void q4_0_block(const float* x, uint8_t* y) {
-  float amax = 0, max = 0;
-  for (int j = 0; j < 32; ++j)
-    if (amax < std::fabs(x[j])) amax = std::fabs(x[j]), max = x[j];
-  const float d = max / -8;
-  const float id = d != 0 ? 1.0f / d : 0.0f;
-  put_f16(y, d);
-  for (int j = 0; j < 16; ++j) {
-    const int lo = std::min(15, static_cast<int>(x[j] * id + 8.5f));
-    const int hi = std::min(15, static_cast<int>(x[j + 16] * id + 8.5f));
-    y[2 + j] = static_cast<uint8_t>(lo | (hi << 4));
-  }
+  uint8_t q[32];
+  symmetric_levels<4>(x, y, q);
+  put_nibbles(y + 2, q);
 }
-
 void q4_1_block(const float* x, uint8_t* y) {
-  float lo = FLT_MAX, hi = -FLT_MAX;
-  for (int j = 0; j < 32; ++j) {
-    if (x[j] < lo) lo = x[j];
-    if (x[j] > hi) hi = x[j];
-  }
-  const float d = (hi - lo) / 15;
-  const float id = d != 0 ? 1.0f / d : 0.0f;
-  put_f16(y, d);
-  put_f16(y + 2, lo);
-  for (int j = 0; j < 16; ++j) {
-    const int a = std::min(15, static_cast<int>((x[j] - lo) * id + 0.5f));
-    const int b = std::min(15, static_cast<int>((x[j + 16] - lo) * id + 0.5f));
-    y[4 + j] = static_cast<uint8_t>(a | (b << 4));
-  }
+  uint8_t q[32];
+  affine_levels<4>(x, y, q);
+  put_nibbles(y + 4, q);
 }
-
 void q5_0_block(const float* x, uint8_t* y) {
-  float amax = 0, max = 0;
-  for (int j = 0; j < 32; ++j)
-    if (amax < std::fabs(x[j])) amax = std::fabs(x[j]), max = x[j];
-  const float d = max / -16;
-  const float id = d != 0 ? 1.0f / d : 0.0f;
-  put_f16(y, d);
   uint8_t q[32];
-  for (int j = 0; j < 32; ++j) q[j] = static_cast<uint8_t>(std::min(31, static_cast<int>(x[j] * id + 16.5f)));
-  put_q5(y + 2, y + 6, q);
+  symmetric_levels<5>(x, y, q);
+  put_fifth_bits(y + 2, q);
+  put_nibbles(y + 6, q);
 }
-
 void q5_1_block(const float* x, uint8_t* y) {
-  float lo = FLT_MAX, hi = -FLT_MAX;
-  for (int j = 0; j < 32; ++j) {
-    if (x[j] < lo) lo = x[j];
-    if (x[j] > hi) hi = x[j];
-  }
-  const float d = (hi - lo) / 31;
-  const float id = d != 0 ? 1.0f / d : 0.0f;
-  put_f16(y, d);
-  put_f16(y + 2, lo);
   uint8_t q[32];
-  for (int j = 0; j < 32; ++j) q[j] = static_cast<uint8_t>((x[j] - lo) * id + 0.5f);
-  put_q5(y + 4, y + 8, q);
+  affine_levels<5>(x, y, q);
+  put_fifth_bits(y + 4, q);
+  put_nibbles(y + 8, q);
 }
 
 at::Tensor quantize_blocks(const at::Tensor& x, int64_t block, int64_t block_bytes, const char* what,
