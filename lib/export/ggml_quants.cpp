@@ -41,9 +41,10 @@ float get_f16(const uint8_t* p) {
 
 // Levels 0..nmax, a scale and a minimum (<= 0) for n values by weighted least squares: the plain fit, then nstep + 1
 // inverse scales (rmin + rdelta * is + nmax) / range, each refit in closed form, the least weighted squared error
-// kept (ggml's make_qkx2_quants without its absolute-error mode). Returns the scale; *neg_min = -minimum.
+// kept (ggml's make_qkx2_quants; `mad`: weighted absolute error). Returns the scale; *neg_min = -minimum.
 float fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L, float* neg_min, uint8_t* aux,
-                    float rmin, float rdelta, int nstep) {
+                    float rmin, float rdelta, int nstep, bool mad = false) {
+  const auto cost = [mad](float diff) { return mad ? std::fabs(diff) : diff * diff; };
   float lo = x[0];
   float hi = x[0];
   float sum_w = w[0];
@@ -66,8 +67,7 @@ float fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L,
   float best = 0;
   for (int i = 0; i < n; ++i) {
     L[i] = static_cast<uint8_t>(std::max(0, std::min(nmax, nearest_int(iscale * (x[i] - lo)))));
-    const float diff = scale * L[i] + lo - x[i];
-    best += w[i] * (diff * diff);
+    best += w[i] * cost(scale * L[i] + lo - x[i]);
   }
   for (int is = 0; is <= nstep; ++is) {
     // `lo` is the best fit's minimum so far: later candidates are measured from it, as in ggml.
@@ -91,8 +91,7 @@ float fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L,
       }
       float err = 0;
       for (int i = 0; i < n; ++i) {
-        const float diff = this_scale * aux[i] + this_min - x[i];
-        err += w[i] * (diff * diff);
+        err += w[i] * cost(this_scale * aux[i] + this_min - x[i]);
       }
       if (err < best) {
         std::memcpy(L, aux, n);
@@ -188,6 +187,150 @@ void q5_k_block(const float* x, uint8_t* y) {
       ql[j] = static_cast<uint8_t>(l1 | (l2 << 4));
     }
   }
+}
+
+// Pack 2-bit levels of a super-block: byte l of each 32-byte quarter holds values l, l + 32, l + 64, l + 96 of its
+// 128-value half.
+void put_2bit(uint8_t* qs, const uint8_t* L) {
+  for (int j = 0; j < kQK_K; j += 128)
+    for (int l = 0; l < 32; ++l)
+      qs[j / 4 + l] = L[j + l] | (L[j + l + 32] << 2) | (L[j + l + 64] << 4) | (L[j + l + 96] << 6);
+}
+
+// q2_K: 16 sub-blocks of 16 fitted with a scale and a minimum (weights |x|, absolute error), both coded in 4 bits
+// against the largest of each (fp16 d, dmin), levels 0..3 recomputed with the coded values.
+void q2_k_block(const float* x, uint8_t* y) {
+  uint8_t L[kQK_K], aux[16];
+  float w[16], scales[16], mins[16];
+  float max_scale = 0, max_min = 0;
+  for (int j = 0; j < 16; ++j) {
+    for (int l = 0; l < 16; ++l) w[l] = std::fabs(x[16 * j + l]);
+    scales[j] = fit_scale_min(16, 3, x + 16 * j, w, L + 16 * j, &mins[j], aux, -0.5f, 0.1f, 15, /*mad=*/true);
+    if (scales[j] > max_scale) max_scale = scales[j];
+    if (mins[j] > max_min) max_min = mins[j];
+  }
+  uint8_t* sc = y;
+  std::memset(sc, 0, 16);
+  if (max_scale > 0) {
+    const float iscale = 15.f / max_scale;
+    for (int j = 0; j < 16; ++j) sc[j] = static_cast<uint8_t>(nearest_int(iscale * scales[j]));
+  }
+  put_f16(y + 80, max_scale > 0 ? max_scale / 15.f : 0.f);
+  if (max_min > 0) {
+    const float iscale = 15.f / max_min;
+    for (int j = 0; j < 16; ++j) sc[j] |= static_cast<uint8_t>(nearest_int(iscale * mins[j]) << 4);
+  }
+  put_f16(y + 82, max_min > 0 ? max_min / 15.f : 0.f);
+  const float d = get_f16(y + 80), dmin = get_f16(y + 82);
+  for (int j = 0; j < 16; ++j) {
+    const float dj = d * (sc[j] & 0xF);
+    if (dj == 0) continue;
+    const float mj = dmin * (sc[j] >> 4);
+    for (int i = 0; i < 16; ++i)
+      L[16 * j + i] = static_cast<uint8_t>(std::max(0, std::min(3, nearest_int((x[16 * j + i] + mj) / dj))));
+  }
+  put_2bit(y + 16, L);
+}
+
+// Levels -4..3 of 16 values and their scale, weights x^2: the scale of the largest magnitude, then up to 5 passes
+// moving single levels while the weighted fit improves (make_q3_quants with its rmse refinement). L holds level + 4,
+// or 0 for an all-zero block.
+float fit_q3(const float* x, int8_t* L) {
+  constexpr int n = 16, nmax = 4;
+  float max = 0, amax = 0;
+  for (int i = 0; i < n; ++i) {
+    const float ax = std::fabs(x[i]);
+    if (ax > amax) amax = ax, max = x[i];
+  }
+  if (amax < 1e-15f) {
+    std::memset(L, 0, n);
+    return 0.f;
+  }
+  const auto level = [](int l) { return std::max(-nmax, std::min(nmax - 1, l)); };
+  const float iscale = static_cast<float>(-nmax) / max;
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = level(nearest_int(iscale * x[i]));
+    L[i] = static_cast<int8_t>(l);
+    const float w = x[i] * x[i];
+    sumlx += w * x[i] * static_cast<float>(l);
+    suml2 += w * static_cast<float>(l) * static_cast<float>(l);
+  }
+  for (int itry = 0; itry < 5; ++itry) {
+    int changed = 0;
+    for (int i = 0; i < n; ++i) {
+      const float w = x[i] * x[i];
+      float slx = sumlx - w * x[i] * static_cast<float>(L[i]);
+      if (slx > 0) {
+        float sl2 = suml2 - w * static_cast<float>(L[i]) * static_cast<float>(L[i]);
+        const int new_l = level(nearest_int(x[i] * sl2 / slx));
+        if (new_l != L[i]) {
+          slx += w * x[i] * static_cast<float>(new_l);
+          sl2 += w * static_cast<float>(new_l) * static_cast<float>(new_l);
+          if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+            L[i] = static_cast<int8_t>(new_l);
+            sumlx = slx;
+            suml2 = sl2;
+            ++changed;
+          }
+        }
+      }
+    }
+    if (!changed) break;
+  }
+  for (int i = 0; i < n; ++i) L[i] = static_cast<int8_t>(L[i] + nmax);
+  return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
+// q3_K: 16 sub-blocks of 16 (fit_q3), their scales coded in 6 bits against the largest magnitude (fp16 d), levels
+// -4..3 recomputed with the coded scales; the third bit of each level in hmask, the low two packed as q2_K's.
+void q3_k_block(const float* x, uint8_t* y) {
+  int8_t L[kQK_K];
+  float scales[16];
+  float max_scale = 0, amax = 0;
+  for (int j = 0; j < 16; ++j) {
+    scales[j] = fit_q3(x + 16 * j, L + 16 * j);
+    const float a = std::fabs(scales[j]);
+    if (a > amax) amax = a, max_scale = scales[j];
+  }
+  uint8_t* hmask = y;
+  uint8_t* sc = y + 96;
+  std::memset(sc, 0, 12);
+  if (max_scale != 0) {
+    const float iscale = -32.f / max_scale;
+    for (int j = 0; j < 16; ++j) {
+      int8_t l = static_cast<int8_t>(nearest_int(iscale * scales[j]));
+      l = static_cast<int8_t>(std::max<int>(-32, std::min<int>(31, l)) + 32);
+      if (j < 8)
+        sc[j] = l & 0xF;
+      else
+        sc[j - 8] |= (l & 0xF) << 4;
+      l = static_cast<int8_t>(l >> 4);
+      sc[j % 4 + 8] |= l << (2 * (j / 4));
+    }
+    put_f16(y + 108, 1 / iscale);
+  } else {
+    put_f16(y + 108, 0.f);
+  }
+  const float d = get_f16(y + 108);
+  for (int j = 0; j < 16; ++j) {
+    int s = j < 8 ? sc[j] & 0xF : sc[j - 8] >> 4;
+    s = (s | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+    const float dj = d * static_cast<float>(static_cast<int8_t>(s));
+    if (dj == 0) continue;
+    for (int i = 0; i < 16; ++i)
+      L[16 * j + i] = static_cast<int8_t>(std::max(-4, std::min(3, nearest_int(x[16 * j + i] / dj))) + 4);
+  }
+  std::memset(hmask, 0, 32);
+  uint8_t low[kQK_K];
+  for (int j = 0; j < kQK_K; ++j) {
+    low[j] = static_cast<uint8_t>(L[j]);
+    if (L[j] > 3) {
+      hmask[j % 32] |= static_cast<uint8_t>(1 << (j / 32));
+      low[j] = static_cast<uint8_t>(L[j] - 4);
+    }
+  }
+  put_2bit(y + 32, low);
 }
 
 // Levels -nmax..nmax-1 (stored + nmax) and a scale for n values, weights x^2: the scale of the largest magnitude,
@@ -351,6 +494,8 @@ at::Tensor quantize_blocks(const at::Tensor& x, int64_t block, int64_t block_byt
 
 }  // namespace
 
+at::Tensor quantize_q2_k(const at::Tensor& x) { return quantize_blocks(x, kQK_K, kQ2_KBlockBytes, "q2_K", q2_k_block); }
+at::Tensor quantize_q3_k(const at::Tensor& x) { return quantize_blocks(x, kQK_K, kQ3_KBlockBytes, "q3_K", q3_k_block); }
 at::Tensor quantize_q4_k(const at::Tensor& x) { return quantize_blocks(x, kQK_K, kQ4_KBlockBytes, "q4_K", q4_k_block); }
 at::Tensor quantize_q5_k(const at::Tensor& x) { return quantize_blocks(x, kQK_K, kQ5_KBlockBytes, "q5_K", q5_k_block); }
 at::Tensor quantize_q6_k(const at::Tensor& x) { return quantize_blocks(x, kQK_K, kQ6_KBlockBytes, "q6_K", q6_k_block); }

@@ -14,6 +14,8 @@ namespace qt {
 
 // Bytes a block and values a block.
 inline constexpr int64_t kQK_K = 256;          // k-quant super-block
+inline constexpr int64_t kQ2_KBlockBytes = 84;   // 16 bytes of 4-bit scales / mins, 64 of 2-bit levels, d, dmin
+inline constexpr int64_t kQ3_KBlockBytes = 110;  // 32 bytes of third bits, 64 of 2-bit levels, 12 of scales, d
 inline constexpr int64_t kQ4_KBlockBytes = 144;  // d, dmin (fp16), 12 bytes of 6-bit scales / mins, 128 of nibbles
 inline constexpr int64_t kQ5_KBlockBytes = 176;  // q4_K's, plus 32 bytes of fifth bits
 inline constexpr int64_t kQ6_KBlockBytes = 210;  // 128 low nibbles, 64 of high 2 bits, 16 int8 scales, d (fp16)
@@ -24,6 +26,8 @@ inline constexpr int64_t kQ5_0BlockBytes = 22;  // d (fp16), 4 bytes of fifth bi
 inline constexpr int64_t kQ5_1BlockBytes = 24;  // d, m (fp16), 4 bytes of fifth bits, 16 of nibbles
 
 // `x`: fp32, contiguous, on the CPU, numel a multiple of the block. Returns the blocks as uint8 bytes.
+at::Tensor quantize_q2_k(const at::Tensor& x);
+at::Tensor quantize_q3_k(const at::Tensor& x);
 at::Tensor quantize_q4_k(const at::Tensor& x);
 at::Tensor quantize_q5_k(const at::Tensor& x);
 at::Tensor quantize_q6_k(const at::Tensor& x);

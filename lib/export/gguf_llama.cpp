@@ -37,6 +37,8 @@ constexpr FileTypeInfo kFileTypes[] = {
     {GgufFileType::Q4_K_M, "q4_k_m", 15},  {GgufFileType::Q4_K_S, "q4_k_s", 14},  {GgufFileType::Q5_K_M, "q5_k_m", 17},
     {GgufFileType::Q5_K_S, "q5_k_s", 16},  {GgufFileType::Q6_K, "q6_k", 18},      {GgufFileType::Q4_0, "q4_0", 2},
     {GgufFileType::Q4_1, "q4_1", 3},       {GgufFileType::Q5_0, "q5_0", 8},       {GgufFileType::Q5_1, "q5_1", 9},
+    {GgufFileType::Q3_K_M, "q3_k_m", 12},  {GgufFileType::Q3_K_S, "q3_k_s", 11},  {GgufFileType::Q3_K_L, "q3_k_l", 13},
+    {GgufFileType::Q2_K, "q2_k", 10},
 };
 
 const FileTypeInfo& info_of(GgufFileType type) {
@@ -109,7 +111,10 @@ namespace {
 class QuantizedTypes {
  public:
   QuantizedTypes(GgufFileType file_type, const LlamaConfig& c, const std::string& arch, bool has_output)
-      : ft_(file_type), n_layer_(static_cast<int>(c.num_hidden_layers)), tied_(!has_output) {
+      : ft_(file_type),
+        n_layer_(static_cast<int>(c.num_hidden_layers)),
+        n_gqa_(static_cast<int>(c.num_attention_heads / c.num_key_value_heads)),
+        tied_(!has_output) {
     // llama.cpp's 70B model type (llama-model.cpp): 80 layers of `llama` with grouped K / V, or of qwen2.
     is_70b_ = c.num_hidden_layers == 80 &&
               ((arch == "llama" && c.num_key_value_heads != c.num_attention_heads) || arch == "qwen2");
@@ -126,6 +131,12 @@ class QuantizedTypes {
         return GgmlType::Q5_K;
       case GgufFileType::Q6_K:
         return GgmlType::Q6_K;
+      case GgufFileType::Q3_K_M:
+      case GgufFileType::Q3_K_S:
+      case GgufFileType::Q3_K_L:
+        return GgmlType::Q3_K;
+      case GgufFileType::Q2_K:
+        return GgmlType::Q2_K;
       case GgufFileType::Q4_0:
         return GgmlType::Q4_0;
       case GgufFileType::Q4_1:
@@ -148,24 +159,44 @@ class QuantizedTypes {
     } else if (name == "token_embd.weight") {
       // the file's default type
     } else if (has("attn_v.weight")) {
-      if (k_m && more_bits(i_attn_v_, n_layer_))
+      if (ft_ == GgufFileType::Q2_K)
+        t = n_gqa_ >= 4 ? GgmlType::Q4_K : GgmlType::Q3_K;
+      else if (ft_ == GgufFileType::Q3_K_M)
+        t = i_attn_v_ < 2 ? GgmlType::Q5_K : GgmlType::Q4_K;
+      else if (ft_ == GgufFileType::Q3_K_L)
+        t = GgmlType::Q5_K;
+      else if (k_m && more_bits(i_attn_v_, n_layer_))
         t = GgmlType::Q6_K;
       else if (ft_ == GgufFileType::Q4_K_S && i_attn_v_ < 4)
         t = GgmlType::Q5_K;
-      if (is_70b_ && t == GgmlType::Q4_K) t = GgmlType::Q5_K;
+      if (is_70b_ && (t == GgmlType::Q3_K || t == GgmlType::Q4_K)) t = GgmlType::Q5_K;
       ++i_attn_v_;
     } else if (has("ffn_down")) {
-      if (k_m && more_bits(i_ffn_down_, n_layer_))
+      if (ft_ == GgufFileType::Q2_K)
+        t = GgmlType::Q3_K;
+      else if (ft_ == GgufFileType::Q3_K_M)
+        t = i_ffn_down_ < n_layer_ / 16 ? GgmlType::Q5_K : GgmlType::Q4_K;
+      else if (ft_ == GgufFileType::Q3_K_L)
+        t = GgmlType::Q5_K;
+      else if (k_m && more_bits(i_ffn_down_, n_layer_))
         t = GgmlType::Q6_K;
       else if (ft_ == GgufFileType::Q4_K_S && i_ffn_down_ < n_layer_ / 8)
         t = GgmlType::Q5_K;
       ++i_ffn_down_;
+    } else if (has("attn_output.weight")) {
+      if (ft_ == GgufFileType::Q2_K)
+        t = GgmlType::Q3_K;
+      else if (ft_ == GgufFileType::Q3_K_M)
+        t = GgmlType::Q4_K;
+      else if (ft_ == GgufFileType::Q3_K_L)
+        t = GgmlType::Q5_K;
     }
     if (ncols % ggml_block_size(t) != 0) {
       ++fallbacks_;
-      // llama-quantize's fallbacks for the k-quants; for the 32-value types (and q8_0 outputs) it has none and
-      // refuses the model: f16 here, as for anything not a multiple of 32.
-      t = t == GgmlType::Q4_K ? GgmlType::Q5_0
+      // llama-quantize's fallbacks for the k-quants (q2_K / q3_K to q4_0); for the 32-value types f16, as for
+      // anything not a multiple of 32.
+      t = t == GgmlType::Q2_K || t == GgmlType::Q3_K ? GgmlType::Q4_0
+          : t == GgmlType::Q4_K ? GgmlType::Q5_0
           : t == GgmlType::Q5_K ? GgmlType::Q5_1
           : t == GgmlType::Q6_K ? GgmlType::Q8_0
                                 : GgmlType::F16;
@@ -182,6 +213,7 @@ class QuantizedTypes {
 
   GgufFileType ft_;
   int n_layer_;
+  int n_gqa_;  // query heads a key / value head
   bool tied_;
   bool is_70b_ = false;
   int i_attn_v_ = 0;
@@ -450,7 +482,7 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   if (quantized_types.fallbacks())
     log::warn(std::to_string(quantized_types.fallbacks()) + " tensor(s) have rows that are not a whole number of " +
               ggml_type_name(quantized_types.default_type()) + " blocks: written as q5_0 / q5_1 / q8_0 for k-quants " +
-              "(as llama-quantize falls back), f16 where not a multiple of 32 values");
+              "(q4_0 for q2_K / q3_K, as llama-quantize falls back), f16 where not a multiple of 32 values");
 
   const std::string eos_text = special.eos >= 0 ? vocab.tokens[special.eos] : "";
   const OllamaModelfile modelfile =

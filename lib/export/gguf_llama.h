@@ -15,11 +15,13 @@
 
 namespace qt {
 
-// The k-quant files (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k) and q4_0, q4_1, q5_0, q5_1 are the files llama.cpp's
-// `llama-quantize` makes of the f16 file (no importance matrix), byte for byte: its per-tensor choice of type
+// The k-quant files (q2_k, q3_k_s / m / l, q4_k_m / s, q5_k_m / s, q6_k) and q4_0, q4_1, q5_0, q5_1 are the files
+// llama.cpp's `llama-quantize` makes of the f16 file (no importance matrix), byte for byte: its per-tensor choice of type
 // (lib/export/gguf_llama.cpp, QuantizedTypes) and its quantizers (lib/export/ggml_quants.h) on the merged weights
 // rounded to f16. q8_0 is convert_hf_to_gguf.py's, from the fp32 weights.
-enum class GgufFileType { F16, BF16, Q8_0, Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1 };
+enum class GgufFileType {
+  F16, BF16, Q8_0, Q4_K_M, Q4_K_S, Q5_K_M, Q5_K_S, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q3_K_M, Q3_K_S, Q3_K_L, Q2_K
+};
 
 // Its name on the command line ("f16", "q4_k_m", ...); anything else is qt::Error(Usage) naming the choices.
 GgufFileType parse_gguf_file_type(const std::string& name);

@@ -34,6 +34,10 @@ const char* ggml_type_name(GgmlType type) {
       return "q5_1";
     case GgmlType::Q8_0:
       return "q8_0";
+    case GgmlType::Q2_K:
+      return "q2_K";
+    case GgmlType::Q3_K:
+      return "q3_K";
     case GgmlType::Q4_K:
       return "q4_K";
     case GgmlType::Q5_K:
@@ -54,6 +58,8 @@ int64_t ggml_block_size(GgmlType type) {
     case GgmlType::Q5_1:
     case GgmlType::Q8_0:
       return 32;
+    case GgmlType::Q2_K:
+    case GgmlType::Q3_K:
     case GgmlType::Q4_K:
     case GgmlType::Q5_K:
     case GgmlType::Q6_K:
@@ -80,6 +86,10 @@ int64_t ggml_nbytes(GgmlType type, int64_t n) {
       return n / kQ5_Block * kQ5_0BlockBytes;
     case GgmlType::Q5_1:
       return n / kQ5_Block * kQ5_1BlockBytes;
+    case GgmlType::Q2_K:
+      return n / kQK_K * kQ2_KBlockBytes;
+    case GgmlType::Q3_K:
+      return n / kQK_K * kQ3_KBlockBytes;
     case GgmlType::Q4_K:
       return n / kQK_K * kQ4_KBlockBytes;
     case GgmlType::Q5_K:
@@ -309,6 +319,12 @@ void GgufWriter::write(const std::string& path) const {
         break;
       case GgmlType::Q5_1:
         out = quantize_q5_1(x);
+        break;
+      case GgmlType::Q2_K:
+        out = quantize_q2_k(x);
+        break;
+      case GgmlType::Q3_K:
+        out = quantize_q3_k(x);
         break;
       case GgmlType::Q4_K:
         out = quantize_q4_k(x);

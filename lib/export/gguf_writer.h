@@ -26,13 +26,15 @@ enum class GgmlType : uint32_t {
   Q5_0 = 6,
   Q5_1 = 7,
   Q8_0 = 8,
+  Q2_K = 10,
+  Q3_K = 11,
   Q4_K = 12,
   Q5_K = 13,
   Q6_K = 14,
   BF16 = 30
 };
 
-// "f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_K", "q5_K", "q6_K", "bf16"
+// "f32", "f16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_K", "q3_K", "q4_K", "q5_K", "q6_K", "bf16"
 const char* ggml_type_name(GgmlType type);
 
 // Values a block of `type` (1 for f32 / f16 / bf16): a row of a block type is a whole number of blocks.

@@ -10,8 +10,8 @@ The sentencepiece adapter trains lm_head too (modules_to_save): the GGUF's outpu
 saved pre-quantized gives the same file; --quant none merges onto the 16-bit base. A Mistral model (model_type mistral) the same way, in f16. Rope scaling (linear, Llama 3.1's) as llama.cpp takes it, held to transformers the same way.
 Qwen2 (biases, tied) and Qwen3 (q / k norms, head_dim 24) models with Qwen's own style of tokenizer.json (Qwen2's
 digit regex, NFC) as llama.cpp's qwen2 / qwen3, in f16 and q8_0.
-q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q4_0, q4_1, q5_0 and q5_1: byte for byte the files llama.cpp's own quantizer
-(llama_model_quantize, as `llama-quantize` runs it without an importance matrix) makes of our f16 file, every
+q2_k, q3_k_s / m / l, q4_k_m / s, q5_k_m / s, q6_k, q4_0, q4_1, q5_0 and q5_1: byte for byte the files llama.cpp's
+own quantizer (llama_model_quantize, as `llama-quantize` runs it without an importance matrix) makes of our f16 file, every
 tensor's type, dims and bytes and every key/value, for an untied model of 256-wide rows, a tied one of 12 layers (the
 layers given more bits, the tied embedding as output), a model whose rows fall back to q5_0 / q5_1 / q8_0 / f16,
 and a Qwen3 model; llama.cpp runs our q4_k_m with transformers' argmax on the weights the file holds (gguf-py
@@ -33,10 +33,11 @@ from checks import finish
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GGUF_TYPE = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 FILE_TYPE = {"f16": 1, "bf16": 32, "q8_0": 7, "q4_k_m": 15, "q4_k_s": 14, "q5_k_m": 17, "q5_k_s": 16, "q6_k": 18,
-             "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9}
+             "q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q3_k_m": 12, "q3_k_s": 11, "q3_k_l": 13, "q2_k": 10}
 # The k-quant files and llama.cpp's names of them for llama_model_quantize (llama-quantize's library call).
 K_QUANTS = {t: "LLAMA_FTYPE_MOSTLY_" + t.upper()
-            for t in ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1")}
+            for t in ("q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_0", "q4_1", "q5_0", "q5_1", "q3_k_m",
+                      "q3_k_s", "q3_k_l", "q2_k")}
 # llama.cpp computes a matmul with f16 / bf16 weights on activations rounded to that type (11 / 8 significant bits),
 # and with q8_0 weights on activations quantized to q8_0 blocks; its KV cache is f16. The reference is fp32
 # transformers on the same rounded weights, for f16 / bf16 with each linear's input rounded to that type too
@@ -605,7 +606,7 @@ def check_refusals(tmp: pathlib.Path, model_dir: pathlib.Path, adapter: pathlib.
         refused(("export", "--adapter", adapter, "--model", d, "--out", tmp / f"r_{name}", "--gguf", "f16"), 4,
                 [str(d / "config.json"), *needles], tmp / f"r_{name}")
         check(not (tmp / f"r_{name}").exists(), f"{name}: the refused export created its output directory")
-    refused(("export", "--adapter", adapter, "--out", tmp / "r3", "--gguf", "q3_k_m"), 2, ["--gguf", "q3_k_m"], tmp / "r3")
+    refused(("export", "--adapter", adapter, "--out", tmp / "r3", "--gguf", "iq4_xs"), 2, ["--gguf", "iq4_xs"], tmp / "r3")
     # An existing output file: named, and left as it was.
     out = tmp / "exists"
     run_ok("export", "--adapter", adapter, "--out", out, "--gguf", "f16")
@@ -651,13 +652,15 @@ def main():
     # as the output, q6_K), rows of 64 and 100 (q5_0 / q5_1 / q8_0 / f16 fallbacks), Qwen3's 96-wide attn_output.
     k2 = spm_setup(tmp, "k2", hidden_size=256, intermediate_size=512)
     check_k_quants(tmp, "k2", k2[0], k2[1], {"q4_k_m": {"Q4_K", "Q6_K"}, "q5_k_m": {"Q5_K", "Q6_K"},
-                                             "q4_0": {"Q4_0", "Q6_K"}, "q4_1": {"Q4_1"}, "q5_1": {"Q5_1"}},
+                                             "q4_0": {"Q4_0", "Q6_K"}, "q4_1": {"Q4_1"}, "q5_1": {"Q5_1"},
+                                             "q3_k_m": {"Q3_K", "Q4_K", "Q5_K"}, "q2_k": {"Q2_K", "Q3_K"}},
                    encode=k2[3])
     check_k_quants(tmp, "k12", *spm_setup(tmp, "k12", hidden_size=256, intermediate_size=512, num_hidden_layers=12,
                                           tie_word_embeddings=True)[:2],
                    {"q4_k_m": {"Q4_K", "Q6_K"}, "q4_k_s": {"Q4_K", "Q5_K", "Q6_K"}, "q5_k_s": {"Q5_K", "Q6_K"}})
     check_k_quants(tmp, "kfall", *spm_setup(tmp, "kfall", num_hidden_layers=3, intermediate_size=100)[:2],
-                   {"q4_k_m": {"Q5_0", "Q8_0", "F16"}, "q5_k_m": {"Q5_1", "Q8_0", "F16"}, "q6_k": {"Q8_0", "F16"}})
+                   {"q4_k_m": {"Q5_0", "Q8_0", "F16"}, "q5_k_m": {"Q5_1", "Q8_0", "F16"}, "q6_k": {"Q8_0", "F16"},
+                    "q2_k": {"Q4_0"}})
     check_k_quants(tmp, "qwen3", tmp / "qwen3_model", tmp / "qwen3_adapter", {"q4_k_m": {"Q5_0"}})
     # The trained lm_head (modules_to_save) is the GGUF's output.weight (checked against the merge above): it moved.
     check_lm_head_trained(tmp, spm[0])
