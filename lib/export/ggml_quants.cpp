@@ -105,6 +105,14 @@ float fit_scale_min(int n, int nmax, const float* x, const float* w, uint8_t* L,
   return scale;
 }
 
+// The value of largest magnitude among n (the first of equal magnitudes; 0 when all are 0).
+float signed_max(const float* x, int n) {
+  float amax = 0, max = 0;
+  for (int i = 0; i < n; ++i)
+    if (std::fabs(x[i]) > amax) amax = std::fabs(x[i]), max = x[i];
+  return max;
+}
+
 // Scale j's and minimum j's 6-bit codes in a k-quant block's 12 scale bytes (ggml's get_scale_min_k4).
 void scale_min_k4(int j, const uint8_t* q, uint8_t* s, uint8_t* m) {
   if (j < 4) {
@@ -237,12 +245,8 @@ void q2_k_block(const float* x, uint8_t* y) {
 // or 0 for an all-zero block.
 float fit_q3(const float* x, int8_t* L) {
   constexpr int n = 16, nmax = 4;
-  float max = 0, amax = 0;
-  for (int i = 0; i < n; ++i) {
-    const float ax = std::fabs(x[i]);
-    if (ax > amax) amax = ax, max = x[i];
-  }
-  if (amax < 1e-15f) {
+  const float max = signed_max(x, n);
+  if (std::fabs(max) < 1e-15f) {
     std::memset(L, 0, n);
     return 0.f;
   }
@@ -336,12 +340,8 @@ void q3_k_block(const float* x, uint8_t* y) {
 // Levels -nmax..nmax-1 (stored + nmax) and a scale for n values, weights x^2: the scale of the largest magnitude,
 // then 18 nearby inverse scales -(nmax + 0.1 is) / max, the best least-squares fit kept (make_qx_quants, rmse 1).
 float fit_symmetric(int n, int nmax, const float* x, int8_t* L) {
-  float max = 0, amax = 0;
-  for (int i = 0; i < n; ++i) {
-    const float ax = std::fabs(x[i]);
-    if (ax > amax) amax = ax, max = x[i];
-  }
-  if (amax < 1e-15f) {
+  const float max = signed_max(x, n);
+  if (std::fabs(max) < 1e-15f) {
     std::memset(L, 0, n);
     return 0.f;
   }
@@ -417,10 +417,7 @@ void q6_k_block(const float* x, uint8_t* y) {
 // writes d. Affine (q4_1, q5_1): d = (max - min) / (2^bits - 1), levels trunc((x - min) / d + 0.5); writes d, min.
 template <int kBits>
 void symmetric_levels(const float* x, uint8_t* head, uint8_t* q) {
-  float amax = 0, max = 0;
-  for (int j = 0; j < 32; ++j)
-    if (amax < std::fabs(x[j])) amax = std::fabs(x[j]), max = x[j];
-  const float d = max / -static_cast<float>(1 << (kBits - 1));
+  const float d = signed_max(x, 32) / -static_cast<float>(1 << (kBits - 1));
   const float id = d != 0 ? 1.0f / d : 0.0f;
   put_f16(head, d);
   const float offset = static_cast<float>(1 << (kBits - 1)) + 0.5f;
