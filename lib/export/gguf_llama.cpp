@@ -7,8 +7,10 @@
 #include <cctype>
 #include <cmath>
 #include <cstdio>
+#include <iomanip>
 #include <map>
 #include <memory>
+#include <sstream>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -60,28 +62,61 @@ GgufFileType parse_gguf_file_type(const std::string& name) {
 
 const char* gguf_file_type_name(GgufFileType type) { return info_of(type).name; }
 
+// transformers' _compute_yarn_parameters without attention_factor, mscale or mscale_all_dim: get_mscale(factor).
+static double yarn_default_attention_factor(double factor) { return factor <= 1 ? 1.0 : 0.1 * std::log(factor) + 1.0; }
+
+static std::string number(double v) {
+  std::ostringstream s;
+  s << std::setprecision(6) << v;
+  return s.str();
+}
+
 std::string gguf_architecture(const LlamaConfig& c, const std::string& config_path) {
   const bool llama = c.model_type == "llama" || c.model_type == "mistral";
   if (!llama && c.model_type != "qwen2" && c.model_type != "qwen3")
     fail_key(ErrorKind::Model, config_path, "model_type",
              "'" + c.model_type + "': GGUF export supports llama, mistral, qwen2 and qwen3");
-  // llama.cpp's `llama` has no biases in this mapping; its qwen2 has q / k / v biases only, its qwen3 none.
-  if (c.attention_bias || (llama && c.qkv_bias) || (c.model_type == "qwen3" && c.qkv_bias))
+  // llama.cpp's `llama` takes a bias on any projection (attention_bias: q / k / v / o; mlp_bias: gate / up / down);
+  // its qwen2 has q / k / v biases only, its qwen3 none.
+  if (!llama && (c.attention_bias || (c.model_type == "qwen3" && c.qkv_bias)))
     fail_key(ErrorKind::Model, config_path, "attention_bias",
-             "true: llama.cpp's " + std::string(llama ? "llama" : c.model_type) +
-                 " architecture has no place for these projection biases");
-  if (c.mlp_bias)
+             "true: llama.cpp's " + c.model_type + " architecture has no place for these projection biases");
+  if (!llama && c.mlp_bias)
     fail_key(ErrorKind::Model, config_path, "mlp_bias",
-             "true: GGUF export maps bias-free gate/up/down projections only");
+             "true: llama.cpp's " + c.model_type + " architecture has no place for gate / up / down biases");
   if (c.qk_norm && c.model_type != "qwen3")
     fail_key(ErrorKind::Model, config_path, "model_type", "q/k norms are written for qwen3 only");
-  const bool rope_ok =
-      c.rope.type == RopeType::Default || c.rope.type == RopeType::Linear || (llama && c.rope.type == RopeType::Llama3);
+  auto rope_key = [](const std::string& field) {
+    return "rope_scaling." + field + " (rope_parameters." + field + " in transformers 5.x files)";
+  };
+  const bool rope_ok = c.rope.type == RopeType::Default || c.rope.type == RopeType::Linear ||
+                       c.rope.type == RopeType::Yarn || (llama && c.rope.type == RopeType::Llama3);
   if (!rope_ok)
-    fail_key(ErrorKind::Model, config_path,
-             "rope_scaling.rope_type (rope_parameters.rope_type in transformers 5.x files)",
+    fail_key(ErrorKind::Model, config_path, rope_key("rope_type"),
              std::string("'") + rope_type_name(c.rope.type) + "': GGUF export writes default, linear" +
-                 (llama ? " and llama3" : "") + " rope scaling only");
+                 (llama ? ", yarn and llama3" : " and yarn") + " rope scaling only" +
+                 (c.rope.type == RopeType::Dynamic ? " (llama.cpp has no dynamic NTK scaling)" : ""));
+  if (c.rope.type == RopeType::Yarn) {
+    // llama.cpp's YaRN (ggml's rope_yarn) rounds the correction range to whole dimensions and scales cos / sin by
+    // 1 + 0.1 ln(factor): transformers' truncate = true and its default attention_factor, for factor >= 1.
+    if (!c.rope.truncate)
+      fail_key(ErrorKind::Model, config_path, rope_key("truncate"),
+               "false: llama.cpp's YaRN rounds the correction range to whole dimensions (truncate true)");
+    if (c.rope.factor < 1)
+      fail_key(ErrorKind::Model, config_path, rope_key("factor"),
+               number(c.rope.factor) + ": llama.cpp's YaRN takes factors of 1 or more");
+    // Its correction range is beta_fast 32 and beta_slow 1 for these architectures: a file with beta_fast 8 and
+    // beta_slow 2 in rope.scaling.yarn_beta_* ran as 32 / 1 in llama-cpp-python 0.3.36.
+    if (c.rope.beta_fast != 32 || c.rope.beta_slow != 1)
+      fail_key(ErrorKind::Model, config_path, rope_key(c.rope.beta_fast != 32 ? "beta_fast" : "beta_slow"),
+               "beta_fast " + number(c.rope.beta_fast) + ", beta_slow " + number(c.rope.beta_slow) +
+                   ": llama.cpp's YaRN runs these architectures at beta_fast 32, beta_slow 1");
+    const double want = yarn_default_attention_factor(c.rope.factor);
+    if (std::abs(c.rope.attention_factor / want - 1) > 1e-6)
+      fail_key(ErrorKind::Model, config_path, rope_key("attention_factor"),
+               number(c.rope.attention_factor) + " (given, or from mscale / mscale_all_dim): llama.cpp's " +
+                   "YaRN scales attention by 1 + 0.1 ln(factor) = " + number(want));
+  }
   if (c.head_dim % 2 != 0) fail_key(ErrorKind::Model, config_path, "head_dim", "must be even for rotary embeddings");
   // llama.cpp's qwen2 sizes its q / k / v / o tensors from the hidden size (n_embd x n_embd), not from key_length:
   // a file with another head_dim does not load there ("check_tensor_dims: wrong shape"); llama / mistral and qwen3
@@ -244,6 +279,10 @@ std::string gguf_tensor_name(const std::string& hf, int64_t* block) {
                                                              {"self_attn.q_proj.bias", "attn_q.bias"},
                                                              {"self_attn.k_proj.bias", "attn_k.bias"},
                                                              {"self_attn.v_proj.bias", "attn_v.bias"},
+                                                             {"self_attn.o_proj.bias", "attn_output.bias"},
+                                                             {"mlp.gate_proj.bias", "ffn_gate.bias"},
+                                                             {"mlp.up_proj.bias", "ffn_up.bias"},
+                                                             {"mlp.down_proj.bias", "ffn_down.bias"},
                                                              {"self_attn.q_norm.weight", "attn_q_norm.weight"},
                                                              {"self_attn.k_norm.weight", "attn_k_norm.weight"}};
     auto it = names.find(rest);
@@ -389,6 +428,12 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   if (config.rope.type == RopeType::Linear) {
     w.add_string(arch + ".rope.scaling.type", "linear");
     w.add_f32(arch + ".rope.scaling.factor", static_cast<float>(config.rope.factor));
+  }
+  if (config.rope.type == RopeType::Yarn) {
+    w.add_string(arch + ".rope.scaling.type", "yarn");
+    w.add_f32(arch + ".rope.scaling.factor", static_cast<float>(config.rope.factor));
+    w.add_u32(arch + ".rope.scaling.original_context_length",
+              static_cast<uint32_t>(config.rope.original_max_position_embeddings));
   }
   w.add_u32(arch + ".vocab_size", static_cast<uint32_t>(config.vocab_size));
   w.add_u32("general.file_type", info_of(req.type).ftype);

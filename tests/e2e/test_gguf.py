@@ -7,7 +7,9 @@ gguf-py's quantizer and within the block's rounding. llama.cpp itself (llama-cpp
 text into the ids our tokenizer gives, and gives the next-token logits transformers gives on the merged model with
 the same weight rounding (within the 16-bit / 8-bit arithmetic llama.cpp runs in), and the same greedy continuation.
 The sentencepiece adapter trains lm_head too (modules_to_save): the GGUF's output is the trained one. A base
-saved pre-quantized gives the same file; --quant none merges onto the 16-bit base. A Mistral model (model_type mistral) the same way, in f16. Rope scaling (linear, Llama 3.1's) as llama.cpp takes it, held to transformers the same way.
+saved pre-quantized gives the same file; --quant none merges onto the 16-bit base. A Mistral model (model_type
+mistral) the same way, in f16. Rope scaling (linear, Llama 3.1's, YaRN on llama and qwen3) as llama.cpp takes it, held to transformers the same way; a llama model with a bias on every
+projection (attention_bias, mlp_bias).
 Qwen2 (biases, tied) and Qwen3 (q / k norms, head_dim 24) models with Qwen's own style of tokenizer.json (Qwen2's
 digit regex, NFC) as llama.cpp's qwen2 / qwen3, in f16 and q8_0.
 q2_k, q3_k_s / m / l, q4_k_m / s, q5_k_m / s, q6_k, q4_0, q4_1, q5_0 and q5_1: byte for byte the files llama.cpp's
@@ -16,7 +18,8 @@ tensor's type, dims and bytes and every key/value, for an untied model of 256-wi
 layers given more bits, the tied embedding as output), a model whose rows fall back to q5_0 / q5_1 / q8_0 / f16,
 and a Qwen3 model; llama.cpp runs our q4_k_m with transformers' argmax on the weights the file holds (gguf-py
 dequantizes them).
-Refusals: an unresolvable base, a model type llama.cpp has no mapping here for, projection biases `llama` cannot hold,
+Refusals: an unresolvable base, a model type llama.cpp has no mapping here for, projection biases qwen3 cannot hold,
+YaRN settings llama.cpp does not run (betas, truncate, attention factor),
 an unsupported rope type, an existing output file, an output path that
 is a file, a non-finite merged weight: each a clear error, a non-zero exit, nothing left behind."""
 import json, os, pathlib, shutil, sys, tempfile
@@ -47,6 +50,10 @@ K_QUANTS = {t: "LLAMA_FTYPE_MOSTLY_" + t.upper()
 # 3.4e-2 to 5.1e-2; f16 9e-3 with Llama 3.1's rope scaling (where leaving out its rope_freqs would differ by 0.01 to
 # 1.4).
 LOGIT_BOUND = {"f16": 2e-2, "bf16": 2e-2, "q8_0": 8e-2}
+# YaRN (rope_type yarn) with transformers' defaults (beta_fast 32, beta_slow 1, attention 1 + 0.1 ln(factor)): an
+# original context of 4,096 puts the correction range inside head_dim 16's dimensions (2..6), where leaving YaRN's ramp
+# out in llama.cpp (yarn_ext_factor 0) moved the logits by 1.16 of the largest.
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "rope_theta": 10000.0}
 failures = []
 
 
@@ -161,14 +168,15 @@ def bpe_setup(tmp: pathlib.Path):
 QWEN2_PATTERN = gen_tokenizer.QWEN2_PATTERN  # Qwen2's regex: Llama 3's with digits one at a time
 
 
-def qwen_setup(tmp: pathlib.Path, arch: str):
+def qwen_setup(tmp: pathlib.Path, arch: str, name=None, **overrides):
     """A Qwen2 (q / k / v biases, tied embeddings) or Qwen3 (q / k norms, head_dim 24, untied) model with a
     Qwen2.5-style tokenizer.json as Qwen ships it: Qwen2's regex (digits one by one), an NFC normalizer, no BOS,
     EOS <|im_end|>, ChatML. Our BPE tokenizer does not run it (train on pre-tokenized data); the export reads it."""
     from tokenizers import Tokenizer, normalizers
     if not (tmp / "bpe_tok" / "bpe").exists():
         gen_tokenizer.make_bpe(tmp / "bpe_tok", gen_tokenizer.corpus_lines())
-    model_dir = gen_data.qwen_dir(tmp / f"{arch}_model", tmp / "bpe_tok" / "bpe", gen_data.QWEN25)
+    name = name or arch
+    model_dir = gen_data.qwen_dir(tmp / f"{name}_model", tmp / "bpe_tok" / "bpe", gen_data.QWEN25)
     doc = json.loads((model_dir / "tokenizer.json").read_text())
     doc["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = QWEN2_PATTERN
     doc["normalizer"] = {"type": "NFC"}
@@ -179,13 +187,13 @@ def qwen_setup(tmp: pathlib.Path, arch: str):
     n = tok.get_vocab_size(with_added_tokens=True)
     eos = tok.token_to_id("<|im_end|>")
     model = tiny_lm.make_qwen_model(model_dir, arch, n, seed=9, bos_token_id=None, eos_token_id=eos,
-                                    initializer_range=0.1)
-    add_adapter(model, model_dir, tmp / f"{arch}_adapter", seed=10)
+                                    initializer_range=0.1, **overrides)
+    add_adapter(model, model_dir, tmp / f"{name}_adapter", seed=10)
     tokens, types, merges = bpe_vocab(doc, n)
     vocab = {"arch": arch, "model": "gpt2", "pre": "qwen2", "tokens": tokens, "types": types, "scores": None,
              "merges": merges, "bos": None, "eos": eos, "unk": None, "add_bos": False, "template": gen_data.QWEN25,
              "format": "chatml", "stops": ["<|im_start|>", "<|im_end|>"]}
-    return model_dir, tmp / f"{arch}_adapter", vocab, lambda text: tok.encode(text).ids
+    return model_dir, tmp / f"{name}_adapter", vocab, lambda text: tok.encode(text).ids
 
 
 def gguf_name(hf: str):
@@ -201,8 +209,10 @@ def gguf_name(hf: str):
              "self_attn.o_proj.weight": "attn_output", "mlp.gate_proj.weight": "ffn_gate", "mlp.up_proj.weight": "ffn_up",
              "mlp.down_proj.weight": "ffn_down", "input_layernorm.weight": "attn_norm",
              "post_attention_layernorm.weight": "ffn_norm", "self_attn.q_proj.bias": "attn_q",
-             "self_attn.k_proj.bias": "attn_k", "self_attn.v_proj.bias": "attn_v", "self_attn.q_norm.weight": "attn_q_norm",
-             "self_attn.k_norm.weight": "attn_k_norm"}
+             "self_attn.k_proj.bias": "attn_k", "self_attn.v_proj.bias": "attn_v",
+             "self_attn.o_proj.bias": "attn_output",
+             "mlp.gate_proj.bias": "ffn_gate", "mlp.up_proj.bias": "ffn_up", "mlp.down_proj.bias": "ffn_down",
+             "self_attn.q_norm.weight": "attn_q_norm", "self_attn.k_norm.weight": "attn_k_norm"}
     if rest.endswith(".bias"):
         return f"blk.{parts[2]}.{names[rest]}.bias"
     return f"blk.{parts[2]}.{names[rest]}.weight"
@@ -282,6 +292,10 @@ def check_gguf(label, path: pathlib.Path, gtype, merged: dict, config: dict, voc
     if rope.get("rope_type") == "linear":
         check(f("llama.rope.scaling.type") == "linear" and np.float32(f("llama.rope.scaling.factor")) == rope["factor"],
               f"{label}: rope scaling {f('llama.rope.scaling.type')} {f('llama.rope.scaling.factor')}")
+    elif rope.get("rope_type") == "yarn":
+        got = [f(f"{a}.rope.scaling.{k}") for k in ("type", "factor", "original_context_length")]
+        check(got == ["yarn", np.float32(rope["factor"]), rope["original_max_position_embeddings"]],
+              f"{label}: yarn keys {got}")
     else:
         check(f(f"{a}.rope.scaling.type") is None, f"{label}: rope scaling type {f(f'{a}.rope.scaling.type')}")
     tensors = {t.name: t for t in r.tensors}
@@ -585,14 +599,24 @@ def check_refusals(tmp: pathlib.Path, model_dir: pathlib.Path, adapter: pathlib.
     # Architectures and types llama.cpp would not load as `llama`.
     for name, patch, needles in (
             ("gemma", {"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, ["model_type", "'gemma'"]),
-            ("attention_bias", {"attention_bias": True}, ["attention_bias", "no place for these projection biases"]),
-            ("mlp_bias", {"mlp_bias": True}, ["mlp_bias", "bias-free gate/up/down"]),
+            ("qwen3_attention_bias", {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
+                                      "use_sliding_window": False, "attention_bias": True},
+             ["attention_bias", "qwen3 architecture has no place for these projection biases"]),
             ("qwen2_llama3_rope", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False,
                                    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
-             ["rope_scaling.rope_type", "'llama3'", "default, linear rope scaling only"]),
+             ["rope_scaling.rope_type", "'llama3'", "default, linear and yarn rope scaling only"]),
             ("dynamic", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
-             ["rope_scaling.rope_type", "'dynamic'", "default, linear and llama3"]),
+             ["rope_scaling.rope_type", "'dynamic'", "default, linear, yarn and llama3", "no dynamic NTK"]),
+            # YaRN as llama.cpp runs it or not at all: its correction range at beta_fast 32 / beta_slow 1 (a file
+            # asking for others ran at those), whole dimensions (truncate), attention scaled by 1 + 0.1 ln(factor).
+            ("yarn_beta", {"rope_scaling": dict(YARN, beta_fast=8.0)}, ["rope_scaling.beta_fast", "beta_fast 8,"]),
+            ("yarn_truncate", {"rope_scaling": dict(YARN, truncate=False)},
+             ["rope_scaling.truncate", "whole dimensions"]),
+            ("yarn_attention", {"rope_scaling": dict(YARN, attention_factor=0.8)},
+             ["rope_scaling.attention_factor", "0.8", "1 + 0.1 ln(factor) = 1.13863"]),
+            ("yarn_mscale", {"rope_scaling": dict(YARN, mscale=0.707, mscale_all_dim=1.0)},
+             ["rope_scaling.attention_factor", "mscale"]),
             # Found in fuzzing round 12: a Qwen2 model whose head_dim is not hidden_size / heads (transformers runs it)
             # was written as a GGUF that llama.cpp's qwen2 refuses to load (q / k / v sized n_embd x n_embd), exit 0.
             ("qwen2_head_dim", {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False,
@@ -600,7 +624,7 @@ def check_refusals(tmp: pathlib.Path, model_dir: pathlib.Path, adapter: pathlib.
         d = tmp / f"model_{name}"
         shutil.copytree(model_dir, d)
         cfg = json.loads((d / "config.json").read_text())
-        cfg.pop("rope_parameters", None) if "rope" in name or name == "dynamic" else None
+        cfg.pop("rope_parameters", None) if "rope" in name or name == "dynamic" or name.startswith("yarn") else None
         cfg.update(patch)
         (d / "config.json").write_text(json.dumps(cfg))
         refused(("export", "--adapter", adapter, "--model", d, "--out", tmp / f"r_{name}", "--gguf", "f16"), 4,
@@ -643,11 +667,20 @@ def main():
                          ("llama3", dict(rope, rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                          original_max_position_embeddings=64))):
         export_model(tmp, f"rope_{name}", *spm_setup(tmp, f"rope_{name}", rope_parameters=params), gtypes=("f16",))
+    # YaRN (llama.cpp's ramp and attention scaling; its type, factor and original context in the file) on `llama`.
+    export_model(tmp, "rope_yarn", *spm_setup(tmp, "rope_yarn", rope_parameters=YARN, max_position_embeddings=16384),
+                 gtypes=("f16",))
+    # Every projection with a bias (attention_bias, mlp_bias; random): llama.cpp's `llama` reads all seven. Leaving
+    # them out moved transformers' logits by 0.47 of the largest.
+    export_model(tmp, "bias", *spm_setup(tmp, "bias", attention_bias=True, mlp_bias=True), gtypes=("f16",))
     export_model(tmp, "mistral", *mistral_setup(tmp), gtypes=("f16",))
     bpe = bpe_setup(tmp)
     export_model(tmp, "bpe", *bpe)
     for arch in ("qwen2", "qwen3"):
         export_model(tmp, arch, *qwen_setup(tmp, arch), gtypes=("f16", "q8_0"))
+    # YaRN as Qwen's model cards enable it for long contexts (rope_scaling added to config.json), NEOX rope there.
+    export_model(tmp, "qwen3_yarn", *qwen_setup(tmp, "qwen3", "qwen3_yarn", rope_parameters=YARN,
+                                                    max_position_embeddings=16384), gtypes=("f16",))
     # k-quants: rows of 256 (q4_K / q5_K / q6_K; 2 layers, the second given 6 bits), 12 tied layers (the embedding
     # as the output, q6_K), rows of 64 and 100 (q5_0 / q5_1 / q8_0 / f16 fallbacks), Qwen3's 96-wide attn_output.
     k2 = spm_setup(tmp, "k2", hidden_size=256, intermediate_size=512)

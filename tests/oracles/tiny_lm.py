@@ -38,6 +38,10 @@ def make_model(model_dir: pathlib.Path, vocab_size: int, seed: int = 0, **overri
                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     cfg.update(overrides)
     model = LlamaForCausalLM(LlamaConfig(**cfg)).float().eval()
+    with torch.no_grad():  # attention_bias / mlp_bias: random (transformers' zeros would hide a missing one)
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.copy_(0.1 * torch.randn_like(p))
     model.save_pretrained(model_dir, safe_serialization=True)
     return model
 
