@@ -257,9 +257,12 @@ int main(int argc, char** argv) {
   export_cmd->add_option("--device", exp.device, "where to merge: cpu or cuda");
   export_cmd->add_option("--quant", exp.quant, "nf4 (merge onto the NF4 base training saw) or none (the 16-bit base)")
       ->check(CLI::IsMember({"nf4", "none"}));
-  export_cmd->add_option("--gguf", exp.gguf, "write the merged model as one GGUF file for llama.cpp / Ollama, with a Modelfile, its weights f16, bf16, q8_0, or q4_k_m, q4_k_s, q5_k_m, q5_k_s, q6_k, q4_0, q4_1, q5_0, q5_1, q3_k_m, q3_k_s, q3_k_l, q2_k as llama-quantize makes them of the f16 file (instead of --merge; --dtype does not apply)")
-      ->check(CLI::IsMember({"f16", "bf16", "q8_0", "q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q4_0", "q4_1",
-                             "q5_0", "q5_1", "q3_k_m", "q3_k_s", "q3_k_l", "q2_k"}));
+  export_cmd
+      ->add_option("--gguf", exp.gguf,
+                   "write the merged model as one GGUF file for llama.cpp / Ollama, with a Modelfile, its weights f16, "
+                   "bf16, q8_0, or (the others) as llama-quantize makes them of the f16 file (instead of --merge; "
+                   "--dtype does not apply)")
+      ->check(CLI::IsMember(qt::gguf_file_type_names()));
 
   GenerateArgs gen;
   CLI::App* gen_cmd = app.add_subcommand("generate", "Continue a prompt (greedy, or temperature + top-p sampling)");

@@ -62,6 +62,12 @@ GgufFileType parse_gguf_file_type(const std::string& name) {
 
 const char* gguf_file_type_name(GgufFileType type) { return info_of(type).name; }
 
+std::vector<std::string> gguf_file_type_names() {
+  std::vector<std::string> names;
+  for (const FileTypeInfo& i : kFileTypes) names.emplace_back(i.name);
+  return names;
+}
+
 // transformers' _compute_yarn_parameters without attention_factor, mscale or mscale_all_dim: get_mscale(factor).
 static double yarn_default_attention_factor(double factor) { return factor <= 1 ? 1.0 : 0.1 * std::log(factor) + 1.0; }
 

@@ -8,6 +8,7 @@
 // `llama`; byte-level BPE `gpt2` with the pre-tokenizer `llama-bpe` or `qwen2`, by tokenizer.json's regex).
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "lib/export/gguf_writer.h"
 #include "lib/model/hf_loader.h"
@@ -26,11 +27,13 @@ enum class GgufFileType {
 // Its name on the command line ("f16", "q4_k_m", ...); anything else is qt::Error(Usage) naming the choices.
 GgufFileType parse_gguf_file_type(const std::string& name);
 const char* gguf_file_type_name(GgufFileType type);
+// Every name parse_gguf_file_type takes, f16 first (the command line's choices).
+std::vector<std::string> gguf_file_type_names();
 
 // The llama.cpp architecture a model is written as: `llama` for model_type llama and mistral, `qwen2`, `qwen3`.
 // Refuses, naming `config_path` and the key, what llama.cpp would not load or this exporter does not map: other
-// model types, biases llama.cpp's architecture has no place for (any on llama / mistral, o_proj's or the MLP's on
-// Qwen), rope types other than default / linear (and llama3 for `llama`).
+// model types, biases llama.cpp's architecture has no place for (o_proj's or the MLP's on Qwen; `llama` takes any),
+// rope types other than default / linear / yarn (and llama3 for `llama`), YaRN settings llama.cpp runs otherwise.
 std::string gguf_architecture(const LlamaConfig& config, const std::string& config_path);
 
 // HF rows of q_proj / k_proj (rotate-half layout: the two halves of each head) reordered to llama.cpp's
