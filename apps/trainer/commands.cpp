@@ -332,13 +332,30 @@ std::string adapter_base(const std::string& model, const std::string& adapter_di
 
 int run_export(const ExportArgs& args) {
   // --dtype is the merged weights' (--merge); GGUF has its own types and a plain adapter copy none.
-  if (args.dtype != "auto" && (!args.merge || !args.gguf.empty()))
-    qt::fail(qt::ErrorKind::Usage, "export: --dtype " + args.dtype + " applies to --merge only" +
-                                       (args.gguf.empty() ? std::string(" (add --merge)")
-                                                          : " (--gguf " + args.gguf + " sets the GGUF weights' type)"));
+  if (args.dtype != "auto" && (!args.merge || !args.gguf.empty() || !args.gguf_lora.empty()))
+    qt::fail(qt::ErrorKind::Usage,
+             "export: --dtype " + args.dtype + " applies to --merge only" +
+                 (!args.gguf.empty()        ? " (--gguf " + args.gguf + " sets the GGUF weights' type)"
+                  : !args.gguf_lora.empty() ? " (--gguf-lora " + args.gguf_lora + " sets the adapter's tensor type)"
+                                            : std::string(" (add --merge)")));
   if (qt::files::exists(args.out) && !qt::files::is_dir(args.out))
     qt::fail_at(qt::ErrorKind::Usage, args.out, "is a file, not a directory (--out names the directory to write)");
   const std::string base = adapter_base(args.model, args.adapter);
+  if (!args.gguf_lora.empty()) {
+    if (args.quant != "nf4" || args.device != "cpu")
+      qt::fail(qt::ErrorKind::Usage, "export: --quant and --device apply to a merge; --gguf-lora writes the adapter "
+                                     "alone (no base weights are read)");
+    const qt::GgufLoraStats s =
+        qt::export_gguf_lora({base, args.adapter, args.out, qt::parse_gguf_lora_type(args.gguf_lora)});
+    qt::log::info("wrote " + std::to_string(s.adapters) + " adapted weights (alpha " + std::to_string(s.alpha) +
+                  ") at " + s.gguf_path + ": llama.cpp applies it to the base's GGUF (llama-cli -m BASE.gguf --lora " +
+                  s.gguf_path + ")");
+    std::cout << qt::Json{{"out", args.out}, {"gguf_lora", s.gguf_path}, {"type", args.gguf_lora}, {"base", base},
+                          {"adapters", s.adapters}, {"alpha", s.alpha}, {"tensors", s.tensors}, {"bytes", s.bytes}}
+                     .dump()
+              << std::endl;
+    return 0;
+  }
   if (!args.gguf.empty()) {
     qt::GgufExportRequest req{base, args.adapter, args.out, qt::parse_gguf_file_type(args.gguf), {}};
     req.load = qt::LoadOptions{parse_device(args.device), at::kFloat};

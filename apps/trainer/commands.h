@@ -33,7 +33,8 @@ struct ExportArgs {
   std::string dtype = "auto";
   std::string device = "cpu";
   std::string quant = "nf4";
-  std::string gguf;  // f16 | bf16 | q8_0: one GGUF file of the merged model (+ an Ollama Modelfile)
+  std::string gguf;  // f16 | bf16 | q8_0 | q4_k_m | ...: one GGUF file of the merged model (+ an Ollama Modelfile)
+  std::string gguf_lora;  // f32 | f16 | bf16: the adapter alone as a llama.cpp LoRA adapter file
 };
 
 struct GenerateArgs {

@@ -263,6 +263,13 @@ int main(int argc, char** argv) {
                    "bf16, q8_0, or (the others) as llama-quantize makes them of the f16 file (instead of --merge; "
                    "--dtype does not apply)")
       ->check(CLI::IsMember(qt::gguf_file_type_names()));
+  export_cmd
+      ->add_option("--gguf-lora", exp.gguf_lora,
+                   "write the adapter alone as a llama.cpp LoRA adapter GGUF (llama-cli -m BASE.gguf --lora FILE; "
+                   "Ollama's ADAPTER), its tensors f32, f16 or bf16 (instead of --merge / --gguf)")
+      ->check(CLI::IsMember({"f32", "f16", "bf16"}))
+      ->excludes("--gguf")
+      ->excludes("--merge");
 
   GenerateArgs gen;
   CLI::App* gen_cmd = app.add_subcommand("generate", "Continue a prompt (greedy, or temperature + top-p sampling)");

@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <sstream>
+#include <tuple>
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
@@ -545,6 +546,79 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   const std::string modelfile_tmp = out.add(stats.modelfile_path);
   w.write(gguf_tmp);
   files::write_file_atomically(modelfile_tmp, modelfile.text);  // (its errors name errno's text: "write failed" alone)
+  out.commit();
+  stats.tensors = w.tensor_count();
+  stats.bytes = files::file_size(stats.gguf_path);
+  return stats;
+}
+
+GgmlType parse_gguf_lora_type(const std::string& name) {
+  for (GgmlType t : {GgmlType::F32, GgmlType::F16, GgmlType::BF16})
+    if (name == ggml_type_name(t)) return t;
+  fail(ErrorKind::Usage, "--gguf-lora '" + name + "': expected one of f32, f16, bf16");
+}
+
+GgufLoraStats export_gguf_lora(const GgufLoraRequest& req) {
+  const std::string config_path = find_model_files(req.base_dir).config_path;
+  const LlamaConfig config = LlamaConfig::from_file(config_path);
+  const std::string arch = gguf_architecture(config, config_path);
+  if (files::exists(req.out_dir) && !files::is_dir(req.out_dir))
+    fail_at(ErrorKind::Usage, req.out_dir, "exists and is not a directory (--out names the output directory)");
+  GgufLoraStats stats;
+  stats.gguf_path =
+      files::join(req.out_dir, file_stem(req.adapter_dir) + "-lora-" + ggml_type_name(req.type) + ".gguf");
+  if (files::exists(stats.gguf_path))
+    fail_at(ErrorKind::Usage, stats.gguf_path, "exists; remove it or choose another --out directory");
+
+  PeftAdapterTensors adapter = read_peft_adapter_tensors(req.adapter_dir, &config);
+  const std::string adapter_config = files::join(req.adapter_dir, kAdapterConfigFile);
+  if (adapter.config.lora.use_dora)
+    fail_key(ErrorKind::Checkpoint, adapter_config, "use_dora",
+             "true: a llama.cpp LoRA adapter has no DoRA magnitude; `export --gguf TYPE` merges a DoRA adapter "
+             "into the model instead");
+  if (!adapter.config.lora.modules_to_save.empty() || adapter.config.ensure_weight_tying)
+    fail_key(ErrorKind::Checkpoint, adapter_config, "modules_to_save",
+             "a trained lm_head / embed_tokens is a whole tensor, not a LoRA pair; `export --gguf TYPE` merges it "
+             "into the model instead");
+
+  struct Entry {
+    int64_t block;
+    std::string name;
+    at::Tensor t;
+  };
+  std::vector<Entry> entries;
+  const std::string prefix = "base_model.model.";
+  const std::string suffix_a = ".lora_A.weight";  // else .lora_B.weight, of the same length (DoRA refused above)
+  for (auto& [key, t] : adapter.tensors) {
+    const bool is_a = key.compare(key.size() - suffix_a.size(), suffix_a.size(), suffix_a) == 0;
+    const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - suffix_a.size());
+    int64_t block = -1;
+    const std::string name = gguf_tensor_name(module + ".weight", &block);
+    at::Tensor x = t;
+    // llama.cpp's `llama` holds q / k rows in its interleaved rotary order: B's rows (the output's) follow them.
+    const bool q = name.find(".attn_q.") != std::string::npos, k = name.find(".attn_k.") != std::string::npos;
+    if (!is_a && arch == "llama" && (q || k))
+      x = permute_for_llama_cpp_rope(x, q ? config.num_attention_heads : config.num_key_value_heads);
+    entries.push_back({block, name + (is_a ? ".lora_a" : ".lora_b"), x.contiguous()});
+  }
+  std::sort(entries.begin(), entries.end(),
+            [](const Entry& a, const Entry& b) { return std::tie(a.block, a.name) < std::tie(b.block, b.name); });
+
+  GgufWriter w(32);
+  w.add_string("general.architecture", arch);
+  w.add_string("general.type", "adapter");
+  w.add_string("general.name", file_stem(req.adapter_dir));
+  w.add_u32("general.alignment", 32);
+  w.add_string("adapter.type", "lora");
+  // llama.cpp scales each pair by alpha / r (r from the tensors' shapes): PEFT's scale x r gives PEFT's scale.
+  stats.alpha = adapter.config.lora.scale() * static_cast<double>(adapter.config.lora.r);
+  w.add_f32("adapter.lora.alpha", static_cast<float>(stats.alpha));
+  for (Entry& e : entries) w.add_tensor(e.name, e.t.sizes().vec(), req.type, [t = e.t] { return t; });
+  stats.adapters = static_cast<int64_t>(entries.size() / 2);
+
+  PendingOutputs out(req.out_dir);
+  const std::string gguf_tmp = out.add(stats.gguf_path);
+  w.write(gguf_tmp);
   out.commit();
   stats.tensors = w.tensor_count();
   stats.bytes = files::file_size(stats.gguf_path);

@@ -58,6 +58,34 @@ struct GgufExportStats {
   std::string chat_format;  // the Modelfile's TEMPLATE: llama3, llama2, mistral, chatml, or "none"
 };
 
+// `export --gguf-lora TYPE`: the adapter alone as a llama.cpp LoRA adapter file (convert_lora_to_gguf.py's form:
+// general.type "adapter", adapter.type "lora", adapter.lora.alpha; each adapted weight's A as <name>.lora_a [r, in]
+// and B as <name>.lora_b [out, r], `llama`'s q / k rows of B permuted as the base's), which llama.cpp applies to
+// the base's GGUF at run time (llama-cli --lora FILE; Ollama's ADAPTER). llama.cpp scales by alpha / r, so alpha is
+// written as PEFT's scale x r (rsLoRA included). DoRA and modules_to_save (whole tensors, not a LoRA pair) are
+// refused naming adapter_config.json's key. Writes <out_dir>/<adapter name>-lora-<type>.gguf.
+struct GgufLoraRequest {
+  std::string base_dir;  // its config.json: the architecture and the linears' shapes
+  std::string adapter_dir;
+  std::string out_dir;
+  // F32, F16 or BF16. Not q8_0, which convert_lora_to_gguf.py offers: llama.cpp (llama-cpp-python 0.3.36) ran a
+  // q8_0 adapter 0.25 of the largest logit away from the f32 one's result (f16: 6e-3), and an adapter is small.
+  GgmlType type = GgmlType::F16;
+};
+
+struct GgufLoraStats {
+  std::string gguf_path;
+  int64_t tensors = 0;
+  int64_t bytes = 0;
+  int64_t adapters = 0;  // adapted weights (a lora_a / lora_b pair each)
+  double alpha = 0;      // adapter.lora.alpha as written
+};
+
+// The tensor type of `--gguf-lora NAME` (f32, f16, bf16); anything else is qt::Error(Usage).
+GgmlType parse_gguf_lora_type(const std::string& name);
+
+GgufLoraStats export_gguf_lora(const GgufLoraRequest& request);
+
 // Checks the base's config.json and the output paths first (nothing loaded or written on a refusal), then loads,
 // merges and writes <out_dir>/<base name>-<type>.gguf and <out_dir>/Modelfile under temporary names renamed at
 // the end; a failure removes them (and out_dir when this call created it).

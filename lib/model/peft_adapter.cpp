@@ -457,8 +457,7 @@ bool adapter_names_other_base(const std::string& adapter_dir, const std::string&
   return !a.empty() && !b.empty() && files::is_dir(a) && a != b;
 }
 
-PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& to,
-                                    const std::string& base_model_name_or_path, const LlamaConfig* base) {
+PeftAdapterTensors read_peft_adapter_tensors(const std::string& from, const LlamaConfig* base) {
   PeftAdapterConfig cfg = read_peft_adapter_config(from);
   if (base) {  // the layers it adapts, on a skeleton of the base (no weights)
     const std::string file_cfg = files::join(from, kAdapterConfigFile);
@@ -466,10 +465,6 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
     check_targets_every_layer(skeleton, target_matcher(read_json_file(file_cfg, ErrorKind::Checkpoint), cfg.lora),
                               file_cfg);
   }
-  if (!base_model_name_or_path.empty()) cfg.base_model_name_or_path = base_model_name_or_path;
-  // A local base is named from the root, so that the copy finds it from any directory (AutoPeftModel).
-  if (files::is_dir(cfg.base_model_name_or_path))
-    cfg.base_model_name_or_path = files::absolute(cfg.base_model_name_or_path);
   const std::string weights = files::join(from, kAdapterWeightsFile);
   if (!files::exists(weights)) fail_at(ErrorKind::Checkpoint, weights, "file not found");
   SafetensorsFile file(weights, ErrorKind::Checkpoint);
@@ -536,6 +531,16 @@ PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& 
       fail_key(ErrorKind::Checkpoint, weights, peft_dora_key(module), "missing (adapter_config.json has use_dora)");
   }
   if (tensors.empty()) fail_at(ErrorKind::Checkpoint, weights, "the adapter holds no tensor");
+  return {std::move(cfg), std::move(tensors)};
+}
+
+PeftAdapterConfig copy_peft_adapter(const std::string& from, const std::string& to,
+                                    const std::string& base_model_name_or_path, const LlamaConfig* base) {
+  auto [cfg, tensors] = read_peft_adapter_tensors(from, base);
+  if (!base_model_name_or_path.empty()) cfg.base_model_name_or_path = base_model_name_or_path;
+  // A local base is named from the root, so that the copy finds it from any directory (AutoPeftModel).
+  if (files::is_dir(cfg.base_model_name_or_path))
+    cfg.base_model_name_or_path = files::absolute(cfg.base_model_name_or_path);
   // A copy that fails part-way (a full disk) leaves nothing: the directory made here, or what was written into the
   // empty one given (it left adapter_model.safetensors without adapter_config.json, beside a .tmp).
   files::RemoveUnlessKept cleanup(to, /*contents_only=*/files::exists(to));

@@ -11,6 +11,8 @@
 //                                copies). A tied model's one tensor is saved under both keys with
 //                                "ensure_weight_tying": true, as PEFT 0.21 saves it.
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "lib/model/llama.h"
 #include "lib/model/lora.h"
@@ -55,6 +57,14 @@ PeftAdapterConfig load_peft_adapter(LlamaModel& model, const std::string& dir);
 // resolved: symbolic links, relative paths); false for a hub id or a path that does not exist here. `named` gets
 // the name the adapter gives.
 bool adapter_names_other_base(const std::string& adapter_dir, const std::string& model_dir, std::string* named = nullptr);
+
+// An adapter's tensors as read and validated for copy_peft_adapter (PEFT's keys, fp32 on the CPU): LoRA A / B, DoRA
+// magnitudes, modules_to_save copies.
+struct PeftAdapterTensors {
+  PeftAdapterConfig config;
+  std::vector<std::pair<std::string, at::Tensor>> tensors;
+};
+PeftAdapterTensors read_peft_adapter_tensors(const std::string& dir, const LlamaConfig* base);
 
 // `qlora-train export` without --merge: reads the adapter in `from` (validated as load_peft_adapter does, against
 // `base`'s shapes when given) and writes it to `to` in our PEFT writer's form (fp32 tensors, the config fields

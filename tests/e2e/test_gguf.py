@@ -18,6 +18,8 @@ tensor's type, dims and bytes and every key/value, for an untied model of 256-wi
 layers given more bits, the tied embedding as output), a model whose rows fall back to q5_0 / q5_1 / q8_0 / f16,
 and a Qwen3 model; llama.cpp runs our q4_k_m with transformers' argmax on the weights the file holds (gguf-py
 dequantizes them).
+`--gguf-lora f32|f16|bf16`: the adapter alone as llama.cpp's LoRA adapter file, read back by gguf-py and run by llama.cpp
+over our GGUF of the base with transformers' logits on the merge (llama with the q / k permutation, qwen3, rsLoRA).
 Refusals: an unresolvable base, a model type llama.cpp has no mapping here for, projection biases qwen3 cannot hold,
 YaRN settings llama.cpp does not run (betas, truncate, attention factor),
 an unsupported rope type, an existing output file, an output path that
@@ -545,6 +547,104 @@ def check_k_quants(tmp: pathlib.Path, kind, model_dir, adapter, want_types, enco
     check(agree >= 0.6 * total, f"{kind} q4_k_m: llama.cpp's argmax agrees at {agree} of {total} positions only")
 
 
+# llama.cpp applies a LoRA adapter file at run time with its A / B in the file's type: against transformers on the
+# merge of the adapter as the file holds it (A and B rounded to its type; the base and the linears' inputs rounded to
+# f16 as above), f32 / f16 adapters measured 4e-3 to 1.3e-2 of the largest logit, bf16 2.5e-2 to 4.3e-2; the base
+# alone 1.5-1.7 away.
+LORA_BOUND = {"f32": 2e-2, "f16": 2e-2, "bf16": 5e-2}
+
+
+def check_gguf_lora(tmp: pathlib.Path, name: str, model_dir, adapter, vocab, encode):
+    """`export --gguf-lora TYPE`: the adapter alone as llama.cpp's LoRA adapter file. gguf-py reads its keys and every
+    A / B back (`llama`'s q / k rows of B permuted as the base's); llama.cpp runs it over the base's GGUF (our export
+    of the adapter with B zeroed: the NF4 base dequantized) and gives transformers' logits on the merged model; the
+    same for the adapter as rsLoRA (alpha written as PEFT's scale x r)."""
+    import gguf, llama_cpp, safetensors.torch
+    zero = tmp / f"{name}_zero_adapter"
+    shutil.copytree(adapter, zero)
+    t = safetensors.torch.load_file(str(zero / "adapter_model.safetensors"))
+    for k in t:
+        if "lora_B" in k:
+            t[k].zero_()
+    safetensors.torch.save_file(t, str(zero / "adapter_model.safetensors"))
+    run_ok("export", "--adapter", zero, "--out", tmp / f"{name}_lora_base", "--gguf", "f16")
+    base = next((tmp / f"{name}_lora_base").glob("*.gguf"))
+    rs = tmp / f"{name}_rs_adapter"
+    shutil.copytree(adapter, rs)
+    cfg = json.loads((rs / "adapter_config.json").read_text())
+    cfg["use_rslora"] = True
+    (rs / "adapter_config.json").write_text(json.dumps(cfg))
+    config = json.loads((model_dir / "config.json").read_text())
+    llama = vocab.get("arch", "llama") == "llama"
+    ids = encode("the cat sat on the mat and the dog ran fast.")
+    # rsLoRA (scale alpha / sqrt(r): 4 here, twice the plain adapter's) in f32: in f16, llama.cpp ran the llama model
+    # 0.17 of the largest logit from the reference that holds the f16-rounded adapter (the qwen3 model 8.5e-3), an
+    # arithmetic of its own this test does not model; f32 is within 1.3e-2 on both.
+    for label, ad, types in ((name, adapter, ("f32", "f16", "bf16")), (f"{name} rslora", rs, ("f32",))):
+        acfg = json.loads((ad / "adapter_config.json").read_text())
+        r, alpha = acfg["r"], acfg["lora_alpha"]
+        scale = alpha / r ** 0.5 if acfg.get("use_rslora") else alpha / r
+        lora = safetensors.torch.load_file(str(ad / "adapter_model.safetensors"))
+        for gtype in types:
+            # The reference: transformers on the merge of the adapter as the file holds it (A and B rounded to its
+            # type), the base's weights and the linears' inputs rounded to f16 as the base GGUF runs them.
+            tag = f"{label}_{gtype}".replace(" ", "_")
+            held = tmp / f"{tag}_held"
+            shutil.copytree(ad, held)
+            dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[gtype]
+            safetensors.torch.save_file({k: v.to(dt).float() for k, v in lora.items()},
+                                        str(held / "adapter_model.safetensors"))
+            run_ok("export", "--adapter", held, "--out", tmp / f"{tag}_m32", "--merge", "--dtype", "fp32")
+            merged = safetensors.torch.load_file(str(tmp / f"{tag}_m32" / "model.safetensors"))
+            with torch.no_grad():
+                want = reference_model(tmp / f"{tag}_m32", merged, "f16")(torch.tensor([ids])).logits[0].numpy()
+            out = tmp / f"{label}_lora_{gtype}".replace(" ", "_")
+            info = last_json(run_ok("export", "--adapter", ad, "--out", out, "--gguf-lora", gtype))
+            path = pathlib.Path(info["gguf_lora"])
+            check(sorted(os.listdir(out)) == [f"{ad.name}-lora-{gtype}.gguf"] and path.parent == out,
+                  f"{label} {gtype}: files {os.listdir(out)}")
+            rd = gguf.GGUFReader(str(path))
+            f = lambda k: rd.fields[k].contents() if k in rd.fields else None
+            got_keys = [f("general.architecture"), f("general.type"), f("adapter.type")]
+            check(got_keys == [vocab.get("arch", "llama"), "adapter", "lora"] and
+                  np.float32(f("adapter.lora.alpha")) == np.float32(scale * r) and info["adapters"] == len(lora) // 2,
+                  f"{label} {gtype}: keys {got_keys}, alpha {f('adapter.lora.alpha')} (want {scale * r}), {info}")
+            tensors = {x.name: x for x in rd.tensors}
+            check(len(tensors) == len(lora), f"{label} {gtype}: {len(tensors)} tensors, the adapter {len(lora)}")
+            for key, w in lora.items():
+                hf = key[len("base_model.model."):].replace(".lora_A.weight", ".weight").replace(".lora_B.weight",
+                                                                                                 ".weight")
+                side = "a" if ".lora_A." in key else "b"
+                x = tensors.get(f"{gguf_name(hf)}.lora_{side}")
+                if not check(x is not None, f"{label} {gtype}: no tensor for {key}"):
+                    continue
+                wn = w.float().numpy()
+                heads = config["num_attention_heads"] if ".q_proj." in key else config["num_key_value_heads"]
+                if llama and side == "b" and (".q_proj." in key or ".k_proj." in key):
+                    wn = permute(wn, heads)
+                rounded_w = {"f32": wn, "f16": wn.astype(np.float16).astype(np.float32),
+                             "bf16": torch.from_numpy(wn).bfloat16().float().numpy()}[gtype]
+                data = gguf.quants.dequantize(x.data, x.tensor_type).reshape(wn.shape)
+                check(x.tensor_type.name == gtype.upper() and np.array_equal(data.astype(np.float32), rounded_w),
+                      f"{label} {gtype}: {x.name} {x.tensor_type.name} differs from {key}")
+            for lp in (path, None):
+                llm = llama_cpp.Llama(model_path=str(base), lora_path=str(lp) if lp else None, n_ctx=128,
+                                      n_batch=128, logits_all=True, verbose=False, n_threads=2, seed=0)
+                llm.eval(ids)
+                got = np.array(llm.scores[:llm.n_tokens], dtype=np.float32)
+                llm.close()
+                rel = float(np.abs(got - want).max() / np.abs(want).max())
+                if lp:
+                    print(f"{label} lora {gtype}: llama.cpp (base + adapter file) vs transformers (merged): "
+                          f"{rel:.2e} of the largest logit (bound {LORA_BOUND[gtype]:.0e})")
+                    check(rel <= LORA_BOUND[gtype], f"{label} lora {gtype}: logits differ by {rel:.2e}")
+                else:  # the control: the base alone is far from the merged model
+                    check(rel > 10 * LORA_BOUND[gtype], f"{label}: the base without the adapter is only {rel:.2e} "
+                                                        "from the merged model: the check above would prove nothing")
+                if gtype != "f32":
+                    break
+
+
 def check_lm_head_trained(tmp: pathlib.Path, model_dir: pathlib.Path):
     import safetensors.torch
     base = safetensors.torch.load_file(str(model_dir / "model.safetensors"))["lm_head.weight"]
@@ -631,6 +731,23 @@ def check_refusals(tmp: pathlib.Path, model_dir: pathlib.Path, adapter: pathlib.
                 [str(d / "config.json"), *needles], tmp / f"r_{name}")
         check(not (tmp / f"r_{name}").exists(), f"{name}: the refused export created its output directory")
     refused(("export", "--adapter", adapter, "--out", tmp / "r3", "--gguf", "iq4_xs"), 2, ["--gguf", "iq4_xs"], tmp / "r3")
+    # --gguf-lora: what a llama.cpp LoRA file cannot hold (a trained lm_head: this adapter's modules_to_save; DoRA),
+    # a type it does not take here, and options of the merge.
+    refused(("export", "--adapter", adapter, "--out", tmp / "rl1", "--gguf-lora", "f16"), 6,
+            [str(adapter / "adapter_config.json"), "modules_to_save", "--gguf TYPE"], tmp / "rl1")
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+    dora = tmp / "adapter_dora"
+    get_peft_model(LlamaForCausalLM.from_pretrained(model_dir), LoraConfig(
+        r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, task_type="CAUSAL_LM")).save_pretrained(dora)
+    refused(("export", "--adapter", dora, "--model", model_dir, "--out", tmp / "rl2", "--gguf-lora", "f16"), 6,
+            [str(dora / "adapter_config.json"), "use_dora", "DoRA"], tmp / "rl2")
+    for args, needles in ((("--gguf-lora", "q8_0"), ["--gguf-lora", "q8_0"]),
+                          (("--gguf-lora", "f16", "--gguf", "f16"), ["--gguf-lora", "excludes", "--gguf"]),
+                          (("--gguf-lora", "f16", "--dtype", "fp16"), ["--dtype fp16", "--gguf-lora f16"]),
+                          (("--gguf-lora", "f16", "--quant", "none"), ["--quant", "adapter alone"])):
+        refused(("export", "--adapter", adapter, "--out", tmp / "rl3", *args), 2, needles, tmp / "rl3")
+        check(not (tmp / "rl3").exists(), f"{args}: the refused export created its output directory")
     # An existing output file: named, and left as it was.
     out = tmp / "exists"
     run_ok("export", "--adapter", adapter, "--out", out, "--gguf", "f16")
@@ -696,6 +813,9 @@ def main():
                     "q2_k": {"Q4_0"}})
     check_k_quants(tmp, "qwen3", tmp / "qwen3_model", tmp / "qwen3_adapter", {"q4_k_m": {"Q5_0"}})
     # The trained lm_head (modules_to_save) is the GGUF's output.weight (checked against the merge above): it moved.
+    # The adapter alone for llama.cpp (--gguf-lora), on `llama` (the q / k permutation) and qwen3.
+    check_gguf_lora(tmp, "gl", *spm_setup(tmp, "gl"))
+    check_gguf_lora(tmp, "glq3", *qwen_setup(tmp, "qwen3", "glq3"))
     check_lm_head_trained(tmp, spm[0])
     check_prequantized_base(tmp, spm[0], spm[1])
     check_refusals(tmp, spm[0], spm[1])
