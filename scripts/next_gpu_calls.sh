@@ -466,7 +466,10 @@ case "$CALL" in
     --warmup 1 >"$L/plain.log" 2>&1
   kill "$smi" 2>/dev/null
   grep -E '^\{' "$L/plain.log" | tail -n 1 | tr ',' '\n' | grep -E 'tokens_per_s|step_ms|wall' >>"$summary"
-  sort "$L/clocks.csv" | uniq -c | sort -rn | head -n 8 >>"$summary"
+  # The samples in one line: SM clock and power ranges, and how many samples each throttle-reason mask had.
+  awk -F', ' '{sm=$1+0; w=$3+0; if (NR==1||sm<smin) smin=sm; if (sm>smax) smax=sm; if (w>wmax) wmax=w; r[$5]++}
+    END {printf "clocks: %d samples, SM %d-%d MHz, power up to %.0f W; throttle masks:", NR, smin, smax, wmax;
+         for (k in r) printf " %s x%d", k, r[k]; print ""}' "$L/clocks.csv" >>"$summary"
   QT_PROFILE_STEP=2 QT_PROFILE_STEPS=1 timeout 200 \
     build-gpu/qlora-train bench --shape llama-3.1-8b --batch 1 --seq 32768 --out "$L/prof" --steps 3 --warmup 1 \
     >"$L/prof.log" 2>&1
