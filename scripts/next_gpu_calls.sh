@@ -456,6 +456,10 @@ case "$CALL" in
   run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
   ;;
+46)
+  note "== every [gpu] test on the current code (the last full run: the twenty-second session, 54 of 54)"
+  all_gpu_tests 300
+  ;;
 45)
   note "== why some machines run 8B 1 x 32768 1.7x slower (calls 37 and 43, with 55 GB/s host links): the row's steps"
   note "   at 80 GiB with the GPU's clocks, power and throttle reasons sampled each second, then one profiled step"
