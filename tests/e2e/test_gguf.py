@@ -578,8 +578,9 @@ def check_gguf_lora(tmp: pathlib.Path, name: str, model_dir, adapter, vocab, enc
     llama = vocab.get("arch", "llama") == "llama"
     ids = encode("the cat sat on the mat and the dog ran fast.")
     # rsLoRA (scale alpha / sqrt(r): 4 here, twice the plain adapter's) in f32: in f16, llama.cpp ran the llama model
-    # 0.17 of the largest logit from the reference that holds the f16-rounded adapter (the qwen3 model 8.5e-3), an
-    # arithmetic of its own this test does not model; f32 is within 1.3e-2 on both.
+    # 0.17 of the largest logit from the reference that holds the f16-rounded adapter (the qwen3 model 8.5e-3; alpha
+    # 16 without rsLoRA, the same scale, as far), an arithmetic of its own this test does not model; f32 is within
+    # 1.3e-2 on both.
     for label, ad, types in ((name, adapter, ("f32", "f16", "bf16")), (f"{name} rslora", rs, ("f32",))):
         acfg = json.loads((ad / "adapter_config.json").read_text())
         r, alpha = acfg["r"], acfg["lora_alpha"]
