@@ -267,7 +267,7 @@ int main(int argc, char** argv) {
       ->add_option("--gguf-lora", exp.gguf_lora,
                    "write the adapter alone as a llama.cpp LoRA adapter GGUF (llama-cli -m BASE.gguf --lora FILE; "
                    "Ollama's ADAPTER), its tensors f32, f16 or bf16 (instead of --merge / --gguf)")
-      ->check(CLI::IsMember({"f32", "f16", "bf16"}))
+      ->check(CLI::IsMember(qt::gguf_lora_type_names()))
       ->excludes("--gguf")
       ->excludes("--merge");
 

@@ -32,16 +32,19 @@ namespace {
 struct FileTypeInfo {
   GgufFileType type;
   const char* name;
-  uint32_t ftype;  // llama.h's enum llama_ftype, general.file_type
+  uint32_t ftype;       // llama.h's enum llama_ftype, general.file_type
+  GgmlType main_type;   // most 2-D tensors' type (llama-quant.cpp's llama_ftype_get_default_type)
 };
 
 constexpr FileTypeInfo kFileTypes[] = {
-    {GgufFileType::F16, "f16", 1},         {GgufFileType::BF16, "bf16", 32},      {GgufFileType::Q8_0, "q8_0", 7},
-    {GgufFileType::Q4_K_M, "q4_k_m", 15},  {GgufFileType::Q4_K_S, "q4_k_s", 14},  {GgufFileType::Q5_K_M, "q5_k_m", 17},
-    {GgufFileType::Q5_K_S, "q5_k_s", 16},  {GgufFileType::Q6_K, "q6_k", 18},      {GgufFileType::Q4_0, "q4_0", 2},
-    {GgufFileType::Q4_1, "q4_1", 3},       {GgufFileType::Q5_0, "q5_0", 8},       {GgufFileType::Q5_1, "q5_1", 9},
-    {GgufFileType::Q3_K_M, "q3_k_m", 12},  {GgufFileType::Q3_K_S, "q3_k_s", 11},  {GgufFileType::Q3_K_L, "q3_k_l", 13},
-    {GgufFileType::Q2_K, "q2_k", 10},
+    {GgufFileType::F16, "f16", 1, GgmlType::F16},         {GgufFileType::BF16, "bf16", 32, GgmlType::BF16},
+    {GgufFileType::Q8_0, "q8_0", 7, GgmlType::Q8_0},      {GgufFileType::Q4_K_M, "q4_k_m", 15, GgmlType::Q4_K},
+    {GgufFileType::Q4_K_S, "q4_k_s", 14, GgmlType::Q4_K}, {GgufFileType::Q5_K_M, "q5_k_m", 17, GgmlType::Q5_K},
+    {GgufFileType::Q5_K_S, "q5_k_s", 16, GgmlType::Q5_K}, {GgufFileType::Q6_K, "q6_k", 18, GgmlType::Q6_K},
+    {GgufFileType::Q4_0, "q4_0", 2, GgmlType::Q4_0},      {GgufFileType::Q4_1, "q4_1", 3, GgmlType::Q4_1},
+    {GgufFileType::Q5_0, "q5_0", 8, GgmlType::Q5_0},      {GgufFileType::Q5_1, "q5_1", 9, GgmlType::Q5_1},
+    {GgufFileType::Q3_K_M, "q3_k_m", 12, GgmlType::Q3_K}, {GgufFileType::Q3_K_S, "q3_k_s", 11, GgmlType::Q3_K},
+    {GgufFileType::Q3_K_L, "q3_k_l", 13, GgmlType::Q3_K}, {GgufFileType::Q2_K, "q2_k", 10, GgmlType::Q2_K},
 };
 
 const FileTypeInfo& info_of(GgufFileType type) {
@@ -163,34 +166,7 @@ class QuantizedTypes {
   }
 
   // The file's own type for most tensors (llama_ftype_get_default_type).
-  GgmlType default_type() const {
-    switch (ft_) {
-      case GgufFileType::Q4_K_M:
-      case GgufFileType::Q4_K_S:
-        return GgmlType::Q4_K;
-      case GgufFileType::Q5_K_M:
-      case GgufFileType::Q5_K_S:
-        return GgmlType::Q5_K;
-      case GgufFileType::Q6_K:
-        return GgmlType::Q6_K;
-      case GgufFileType::Q3_K_M:
-      case GgufFileType::Q3_K_S:
-      case GgufFileType::Q3_K_L:
-        return GgmlType::Q3_K;
-      case GgufFileType::Q2_K:
-        return GgmlType::Q2_K;
-      case GgufFileType::Q4_0:
-        return GgmlType::Q4_0;
-      case GgufFileType::Q4_1:
-        return GgmlType::Q4_1;
-      case GgufFileType::Q5_0:
-        return GgmlType::Q5_0;
-      case GgufFileType::Q5_1:
-        return GgmlType::Q5_1;
-      default:
-        fail(ErrorKind::Internal, "QuantizedTypes: not a llama-quantize file type");
-    }
-  }
+  GgmlType default_type() const { return info_of(ft_).main_type; }
 
   GgmlType operator()(const std::string& name, int64_t ncols) {
     const bool k_m = ft_ == GgufFileType::Q4_K_M || ft_ == GgufFileType::Q5_K_M;
@@ -318,6 +294,16 @@ std::vector<float> llama3_rope_factors(const RopeConfig& r, int64_t head_dim) {
     }
   }
   return factors;
+}
+
+// The heads by which a tensor's rows go into llama.cpp's interleaved rotary order: `llama`'s attn_q (query heads)
+// and attn_k (key-value heads), weights and biases; 0 for any other tensor, and for qwen2 / qwen3, whose rotate-half
+// layout llama.cpp runs as NEOX rope.
+int64_t llama_cpp_rope_heads(const std::string& arch, const std::string& gguf_name, const LlamaConfig& c) {
+  if (arch != "llama") return 0;
+  if (gguf_name.find(".attn_q.") != std::string::npos) return c.num_attention_heads;
+  if (gguf_name.find(".attn_k.") != std::string::npos) return c.num_key_value_heads;
+  return 0;
 }
 
 // The output files under temporary names until commit(); otherwise removed (and the directory, if made here).
@@ -473,10 +459,7 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
     const int64_t order = name == "token_embd.weight" ? -2
                           : block >= 0                ? block
                                                       : (name == "output_norm.weight" ? 1 << 30 : (1 << 30) + 1);
-    // `llama` only: Qwen's rotate-half layout is what llama.cpp runs as NEOX rope for qwen2 / qwen3.
-    if (arch == "llama" && (name.find(".attn_q.") != std::string::npos || name.find(".attn_k.") != std::string::npos)) {
-      const int64_t heads =
-          name.find(".attn_q.") != std::string::npos ? config.num_attention_heads : config.num_key_value_heads;
+    if (const int64_t heads = llama_cpp_rope_heads(arch, name, config)) {
       auto make = t.make;
       t.make = [make, heads] { return permute_for_llama_cpp_rope(make(), heads); };
     }
@@ -552,10 +535,21 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   return stats;
 }
 
+constexpr GgmlType kGgufLoraTypes[] = {GgmlType::F32, GgmlType::F16, GgmlType::BF16};
+
+std::vector<std::string> gguf_lora_type_names() {
+  std::vector<std::string> names;
+  for (GgmlType t : kGgufLoraTypes) names.emplace_back(ggml_type_name(t));
+  return names;
+}
+
 GgmlType parse_gguf_lora_type(const std::string& name) {
-  for (GgmlType t : {GgmlType::F32, GgmlType::F16, GgmlType::BF16})
+  std::string choices;
+  for (GgmlType t : kGgufLoraTypes) {
     if (name == ggml_type_name(t)) return t;
-  fail(ErrorKind::Usage, "--gguf-lora '" + name + "': expected one of f32, f16, bf16");
+    choices += std::string(choices.empty() ? "" : ", ") + ggml_type_name(t);
+  }
+  fail(ErrorKind::Usage, "--gguf-lora '" + name + "': expected one of " + choices);
 }
 
 GgufLoraStats export_gguf_lora(const GgufLoraRequest& req) {
@@ -594,12 +588,10 @@ GgufLoraStats export_gguf_lora(const GgufLoraRequest& req) {
     const std::string module = key.substr(prefix.size(), key.size() - prefix.size() - suffix_a.size());
     int64_t block = -1;
     const std::string name = gguf_tensor_name(module + ".weight", &block);
-    at::Tensor x = t;
-    // llama.cpp's `llama` holds q / k rows in its interleaved rotary order: B's rows (the output's) follow them.
-    const bool q = name.find(".attn_q.") != std::string::npos, k = name.find(".attn_k.") != std::string::npos;
-    if (!is_a && arch == "llama" && (q || k))
-      x = permute_for_llama_cpp_rope(x, q ? config.num_attention_heads : config.num_key_value_heads);
-    entries.push_back({block, name + (is_a ? ".lora_a" : ".lora_b"), x.contiguous()});
+    // B's rows are the weight's output rows: in llama.cpp's rotary order as the base's q / k rows are.
+    const int64_t heads = is_a ? 0 : llama_cpp_rope_heads(arch, name, config);
+    entries.push_back({block, name + (is_a ? ".lora_a" : ".lora_b"),
+                       heads ? permute_for_llama_cpp_rope(t, heads) : t.contiguous()});
   }
   std::sort(entries.begin(), entries.end(),
             [](const Entry& a, const Entry& b) { return std::tie(a.block, a.name) < std::tie(b.block, b.name); });

@@ -83,6 +83,7 @@ struct GgufLoraStats {
 
 // The tensor type of `--gguf-lora NAME` (f32, f16, bf16); anything else is qt::Error(Usage).
 GgmlType parse_gguf_lora_type(const std::string& name);
+std::vector<std::string> gguf_lora_type_names();  // the names it takes (the command line's choices)
 
 GgufLoraStats export_gguf_lora(const GgufLoraRequest& request);
 
