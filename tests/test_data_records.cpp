@@ -78,6 +78,21 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
     check_file("chat_qwen", "qwen", config({{"format", "chat"}, {"chat_template", "chatml"}}));
     check_file("chat_qwen", "qwen", config({{"train_on_prompt", true}}));
   }
+  SECTION("llama3.1 (Llama 3.1's template; 3.2's renders the same where its date is 3.1's)") {
+    check_file("chat_llama31", "llama31", config());
+    check_file("chat_llama32", "llama32", config());
+    check_file("chat_llama32", "llama32", config({{"chat_template", "llama3.1"}}));
+    check_file("chat_llama31", "llama31", config({{"train_on_prompt", true}}));
+  }
+  SECTION("qwen3 (<think> blocks after the last query, reasoning_content, earlier reasoning left out)") {
+    check_file("chat_qwen3", "qwen3", config());
+    check_file("chat_qwen3", "qwen3", config({{"chat_template", "qwen3"}}));
+    check_file("chat_qwen3", "qwen3", config({{"train_on_prompt", true}}));
+  }
+  SECTION("qwen3-instruct (Qwen3-Instruct-2507's template: ChatML with no default system prompt)") {
+    check_file("chat_qwen3_instruct", "qwen3_instruct", config());
+    check_file("chat_qwen3_instruct", "qwen3_instruct", config({{"chat_template", "qwen3-instruct"}}));
+  }
   SECTION("format named in the config") {
     check_file("chat_llama2", "llama2", config({{"format", "chat"}, {"chat_template", "llama2"}}));
   }
@@ -87,12 +102,26 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
   }
 }
 
-TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
-  for (const std::string model : {"llama3", "llama2", "mistral", "qwen"}) {
+TEST_CASE("a chat prompt ends where transformers' generation prompt does", "[data]") {
+  // generate --format chat: the prompt of a record whose answer is a placeholder, the tokens before its first target.
+  const qt::DataConfig cfg = config({{"format", "chat"}});
+  for (const auto& c : expected().at("generation_prompts")) {
+    const std::string model = c.at("model").get<std::string>();
+    INFO(model << " system \"" << c.at("system").get<std::string>() << "\"");
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
-    const int32_t end = model == "llama3" ? tok->token_to_id("<|eot_id|>")
-                        : model == "qwen" ? tok->token_to_id("<|im_end|>")
-                                          : tok->eos_id();
+    const qt::Json record =
+        qt::prompt_record(qt::RecordFormat::Chat, c.at("user").get<std::string>(), "", c.at("system").get<std::string>());
+    CHECK(qt::prompt_tokens(qt::tokenize_record(record, "--prompt", cfg, *tok)) ==
+          c.at("ids").get<std::vector<int32_t>>());
+  }
+}
+
+TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
+  for (const std::string model : {"llama3", "llama31", "llama2", "mistral", "qwen", "qwen3", "qwen3_instruct"}) {
+    auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
+    const int32_t end = model.rfind("llama3", 0) == 0 ? tok->token_to_id("<|eot_id|>")
+                        : model.rfind("qwen", 0) == 0 ? tok->token_to_id("<|im_end|>")
+                                                      : tok->eos_id();
     REQUIRE(end >= 0);
     const auto examples = qt::load_examples(qt::test::fixture("data/chat_" + model + ".jsonl"), config(), *tok);
     for (const auto& e : examples) {
@@ -129,28 +158,40 @@ TEST_CASE("alpaca and text records tokenize as transformers", "[data]") {
 TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
   using qt::ChatFormat;
   using qt::ChatTemplateChoice;
-  for (const std::string model : {"llama3", "llama2", "mistral", "qwen"}) {
+  const std::vector<std::pair<std::string, std::string>> models = {
+      {"llama3", "llama3"}, {"llama31", "llama3.1"}, {"llama32", "llama3.1"},     {"llama2", "llama2"},
+      {"mistral", "mistral"}, {"qwen", "chatml"},    {"qwen3", "qwen3"}, {"qwen3_instruct", "qwen3-instruct"}};
+  for (const auto& [model, format] : models) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     CHECK(qt::chat_format_name(qt::resolve_chat_format(ChatTemplateChoice::Auto, tok->chat_template(), "run.json")) ==
-          (model == "qwen" ? "chatml" : model));
+          format);
   }
-  CHECK(qt::resolve_chat_format(ChatTemplateChoice::Mistral, "", "run.json") == ChatFormat::Mistral);
-  CHECK(qt::resolve_chat_format(ChatTemplateChoice::ChatML, "", "run.json") == ChatFormat::ChatML);
-  // ChatML other than Qwen2.5's (SmolLM's, Qwen2's default system prompt, Qwen3's <think>): not built in; the
-  // error names the built-ins.
+  // Every choice but auto names its format, whatever the tokenizer's template.
+  for (const std::string& name : qt::chat_template_names()) {
+    if (name == "auto") continue;
+    const qt::DataConfig c = config({{"chat_template", name}});
+    CHECK(qt::chat_format_name(qt::resolve_chat_format(c.chat_template, "", "run.json")) == name);
+  }
+  // ChatML other than Qwen2.5's, Qwen3's and Qwen3-Instruct-2507's (SmolLM's, Qwen2's default system prompt, <think>
+  // blocks without Qwen3's enable_thinking as Qwen3-Thinking-2507's, Hermes's begin token): not built in; the error
+  // names the built-ins.
   for (const std::string jinja :
-       {"{{'<|im_start|>' + message['role']}}", "<|im_start|>system\nYou are a helpful assistant.",
-        "<|im_start|>You are Qwen, created by Alibaba Cloud. You are a helpful assistant. <think>"})
+       {"{{'<|im_start|>' + message['role']}}", "<|im_start|>system\nYou are a helpful assistant. <tool_response>",
+        "<|im_start|>You are Qwen, created by Alibaba Cloud. You are a helpful assistant. <think>",
+        "<|im_start|> <think> reasoning_content last_query_index", "{{bos_token}}<|im_start|> <tool_response>"})
     check_error([&] { qt::resolve_chat_format(ChatTemplateChoice::Auto, jinja, "run.json"); }, qt::ErrorKind::Config,
-                {"run.json", "data.chat_template", "<|im_start|>", "llama3", "mistral", "chatml"});
+                {"run.json", "data.chat_template", "<|im_start|>", "llama3", "llama3.1", "mistral", "chatml", "qwen3",
+                 "qwen3-instruct"});
   check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "", "run.json"); }, qt::ErrorKind::Config,
               {"run.json", "data.chat_template", "no chat_template"});
   check_error(
       [] {
-        qt::resolve_chat_format(ChatTemplateChoice::Auto, "<|start_header_id|>system Cutting Knowledge Date",
+        qt::resolve_chat_format(ChatTemplateChoice::Auto, "<|start_header_id|> Cutting Knowledge Date <|image|>",
                                 "run.json");
       },
-      qt::ErrorKind::Config, {"data.chat_template", "3.1"});
+      qt::ErrorKind::Config, {"data.chat_template", "Vision"});
+  check_error([] { config({{"chat_template", "qwen"}}); }, qt::ErrorKind::Config,
+              {"run.json", "data.chat_template", "\"qwen3\"", "\"llama3.1\""});
 }
 
 TEST_CASE("bad records are errors naming file line and key", "[data]") {
@@ -186,6 +227,16 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
                           "\"tool_calls\": []}], \"tools\": null}\n");
     CHECK(qt::load_examples(none, config({{"chat_template", "chatml"}}), *qw).size() == 1);
     CHECK(qt::load_examples(calls, config({{"chat_template", "llama3"}}), *l3).size() == 2);
+    // Qwen3's, Qwen3-Instruct-2507's and Llama 3.1's templates render them too.
+    auto q3 = qt::load_tokenizer(qt::test::fixture("data/qwen3"));
+    auto l31 = qt::load_tokenizer(qt::test::fixture("data/llama31"));
+    for (const std::string name : {"qwen3", "qwen3-instruct", "llama3.1"}) {
+      const qt::Tokenizer& tok = name == "llama3.1" ? *l31 : *q3;
+      check_error(load(calls, tok, config({{"chat_template", name}})), qt::ErrorKind::Data,
+                  {calls + ":2", "messages[1].tool_calls", name, "not built in"});
+      check_error(load(tools, tok, config({{"chat_template", name}})), qt::ErrorKind::Data,
+                  {tools + ":1", "key 'tools'", "not built in"});
+    }
   }
   SECTION("roles that do not alternate") {
     const std::string p = write_file(

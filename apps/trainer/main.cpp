@@ -229,9 +229,9 @@ int main(int argc, char** argv) {
                        "record format, as data.format: auto (each record's keys decide), text, alpaca, chat or tokenized")
       ->check(CLI::IsMember({"auto", "text", "alpaca", "chat", "tokenized"}));
   eval_cmd->add_option("--chat-template", eval.chat_template,
-                       "chat records' template, as data.chat_template: auto (from tokenizer_config.json), llama3, "
-                       "llama2, mistral or chatml")
-      ->check(CLI::IsMember({"auto", "llama3", "llama2", "mistral", "chatml"}));
+                       "chat records' template, as data.chat_template: auto (from tokenizer_config.json) or a "
+                       "built-in one")
+      ->check(CLI::IsMember(qt::chat_template_names()));
   eval_cmd->add_flag("--train-on-prompt,!--no-train-on-prompt", eval.train_on_prompt,
                      "prompts are targets too (data.train_on_prompt); by default only answers are, as in training");
   eval_cmd->add_option("--add-eos", eval.add_eos, "text records end with EOS (data.add_eos)")->default_str("true");
@@ -289,9 +289,9 @@ int main(int argc, char** argv) {
                       "message), rendered as training renders the prompt of such a record")
       ->check(CLI::IsMember({"text", "alpaca", "chat"}));
   gen_cmd->add_option("--chat-template", gen.chat_template,
-                      "with --format chat, as data.chat_template: auto (from tokenizer_config.json), llama3, llama2, "
-                      "mistral or chatml")
-      ->check(CLI::IsMember({"auto", "llama3", "llama2", "mistral", "chatml"}));
+                      "with --format chat, as data.chat_template: auto (from tokenizer_config.json) or a built-in "
+                      "one")
+      ->check(CLI::IsMember(qt::chat_template_names()));
   gen_cmd->add_option("--system", gen.system, "with --format chat: a system message before the prompt");
   gen_cmd->add_option("--input", gen.input, "with --format alpaca: the record's input (context)");
 

@@ -79,20 +79,58 @@ void check_alternating(const std::vector<ChatMessage>& messages, size_t first, c
 //   message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}
 //   {% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}...
 // (`|` binds tighter than `+`: only the content is trimmed.)
+struct Llama3Tokens {
+  int32_t start, end, eot;
+};
+
+Llama3Tokens llama3_tokens(const Tokenizer& tok, ChatFormat format) {
+  return {required_token(tok, "<|start_header_id|>", format), required_token(tok, "<|end_header_id|>", format),
+          required_token(tok, "<|eot_id|>", format)};
+}
+
+void append_llama3_turn(std::vector<RenderPiece>& out, const Llama3Tokens& t, const std::string& role,
+                        const std::string& text, bool prompt_loss, bool answer) {
+  out.push_back({"", t.start, prompt_loss});
+  out.push_back({role, -1, prompt_loss});
+  out.push_back({"", t.end, prompt_loss});
+  out.push_back({"\n\n", -1, prompt_loss});
+  out.push_back({text, -1, answer});
+  out.push_back({"", t.eot, answer});  // the end of the turn: what teaches the model to stop
+}
+
 std::vector<RenderPiece> render_llama3(const std::vector<ChatMessage>& messages, const Tokenizer& tok, bool all) {
-  const int32_t start = required_token(tok, "<|start_header_id|>", ChatFormat::Llama3);
-  const int32_t end = required_token(tok, "<|end_header_id|>", ChatFormat::Llama3);
-  const int32_t eot = required_token(tok, "<|eot_id|>", ChatFormat::Llama3);
+  const Llama3Tokens t = llama3_tokens(tok, ChatFormat::Llama3);
   std::vector<RenderPiece> out{{"", bos_of(tok, ChatFormat::Llama3), all}};
-  for (const auto& m : messages) {
-    const bool answer = all || m.role == "assistant";
-    out.push_back({"", start, all});
-    out.push_back({m.role, -1, all});
-    out.push_back({"", end, all});
-    out.push_back({"\n\n", -1, all});
-    out.push_back({py_strip(m.content), -1, answer});
-    out.push_back({"", eot, answer});  // the end of the turn: what teaches the model to stop
-  }
+  for (const auto& m : messages)
+    append_llama3_turn(out, t, m.role, py_strip(m.content), all, all || m.role == "assistant");
+  return out;
+}
+
+// The date Llama 3.1's and 3.3's templates print (date_string's default), and Llama 3.2's where strftime_now is
+// undefined: transformers defines it, so that it renders 3.2's conversations with the day's date.
+constexpr const char* kLlama31Date = "26 Jul 2024";
+
+// Meta-Llama-3.1-8B-Instruct tokenizer_config.json chat_template without tools (Llama-3.2-*-Instruct's and
+// Llama-3.3-70B-Instruct's render the same text; 3.2's date_string aside, above):
+//   {{- bos_token }}...{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}
+//   {%- set messages = messages[1:] %}{%- else %}{%- set system_message = "" %}{%- endif %}
+//   {{- "<|start_header_id|>system<|end_header_id|>\n\n" }}...{{- "Cutting Knowledge Date: December 2023\n" }}
+//   {{- "Today Date: " + date_string + "\n\n" }}...{{- system_message }}{{- "<|eot_id|>" }}...
+//   {%- for message in messages %}{%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in
+//   message) %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim +
+//   '<|eot_id|>' }}...
+// A system header always comes first, the system message (trimmed) after the dates.
+std::vector<RenderPiece> render_llama31(const std::vector<ChatMessage>& messages, const Tokenizer& tok, bool all) {
+  const Llama3Tokens t = llama3_tokens(tok, ChatFormat::Llama31);
+  const bool has_system = messages[0].role == "system";
+  std::vector<RenderPiece> out{{"", bos_of(tok, ChatFormat::Llama31), all}};
+  append_llama3_turn(out, t, "system",
+                     std::string("Cutting Knowledge Date: December 2023\nToday Date: ") + kLlama31Date + "\n\n" +
+                         (has_system ? py_strip(messages[0].content) : ""),
+                     all, all);
+  for (size_t i = has_system ? 1 : 0; i < messages.size(); ++i)
+    append_llama3_turn(out, t, messages[i].role, py_strip(messages[i].content), all,
+                       all || messages[i].role == "assistant");
   return out;
 }
 
@@ -160,13 +198,16 @@ constexpr const char* kQwenDefaultSystem = "You are Qwen, created by Alibaba Clo
 //   '\n' + message.content + '<|im_end|>' + '\n' }}...
 // Contents are not stripped; roles need not alternate. An answer's loss runs from its content through <|im_end|>
 // and the newline that ends its turn.
-std::vector<RenderPiece> render_chatml(const std::vector<ChatMessage>& messages, const Tokenizer& tok, bool all) {
-  const int32_t start = required_token(tok, "<|im_start|>", ChatFormat::ChatML);
-  const int32_t end = required_token(tok, "<|im_end|>", ChatFormat::ChatML);
+// `default_system`: the system turn rendered where the conversation has none (Qwen2.5's), or none
+// (Qwen3-Instruct-2507's template, the same text otherwise).
+std::vector<RenderPiece> render_chatml(const std::vector<ChatMessage>& messages, const Tokenizer& tok, bool all,
+                                       ChatFormat format, const char* default_system) {
+  const int32_t start = required_token(tok, "<|im_start|>", format);
+  const int32_t end = required_token(tok, "<|im_end|>", format);
   std::vector<RenderPiece> out;
-  if (messages[0].role != "system") {
+  if (messages[0].role != "system" && default_system) {
     out.push_back({"", start, all});
-    out.push_back({std::string("system\n") + kQwenDefaultSystem, -1, all});
+    out.push_back({std::string("system\n") + default_system, -1, all});
     out.push_back({"", end, all});
     out.push_back({"\n", -1, all});
   }
@@ -181,77 +222,161 @@ std::vector<RenderPiece> render_chatml(const std::vector<ChatMessage>& messages,
   return out;
 }
 
+bool starts_with(const std::string& s, const std::string& p) { return s.compare(0, p.size(), p) == 0; }
+bool ends_with(const std::string& s, const std::string& p) {
+  return s.size() >= p.size() && s.compare(s.size() - p.size(), p.size(), p) == 0;
+}
+
+// Python's s.lstrip('\n') / s.rstrip('\n').
+std::string lstrip_newlines(const std::string& s) {
+  const size_t b = s.find_first_not_of('\n');
+  return b == std::string::npos ? std::string() : s.substr(b);
+}
+std::string rstrip_newlines(const std::string& s) {
+  const size_t e = s.find_last_not_of('\n');
+  return e == std::string::npos ? std::string() : s.substr(0, e + 1);
+}
+
+// Qwen/Qwen3-8B tokenizer_config.json chat_template without tools (ChatML with no default system prompt):
+//   {%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+//   {%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}
+//   {%- if ns.multi_step_tool and message.role == "user" and message.content is string and
+//   not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+//   {%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}...
+//   {%- elif message.role == "assistant" %}{%- set reasoning_content = '' %}
+//   {%- if message.reasoning_content is string %}{%- set reasoning_content = message.reasoning_content %}{%- else %}
+//   {%- if '</think>' in content %}{%- set reasoning_content =
+//   content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+//   {%- set content = content.split('</think>')[-1].lstrip('\n') %}{%- endif %}{%- endif %}
+//   {%- if loop.index0 > ns.last_query_index %}{%- if loop.last or (not loop.last and reasoning_content) %}
+//   {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' +
+//   content.lstrip('\n') }}{%- else %}{{- '<|im_start|>' + message.role + '\n' + content }}{%- endif %}{%- else %}
+//   {{- '<|im_start|>' + message.role + '\n' + content }}{%- endif %}...{{- '<|im_end|>\n' }}
+// So the answers after the last user query carry a <think> block (the last one always, empty where it has no
+// reasoning), the earlier ones their content alone (their reasoning left out). An answer's loss runs from what
+// follows "<|im_start|>assistant\n" (its <think> block included: what the model writes in thinking mode) through
+// <|im_end|> and the newline that ends its turn.
+std::vector<RenderPiece> render_qwen3(const std::vector<ChatMessage>& messages, const Tokenizer& tok, bool all) {
+  const int32_t start = required_token(tok, "<|im_start|>", ChatFormat::Qwen3);
+  const int32_t end = required_token(tok, "<|im_end|>", ChatFormat::Qwen3);
+  size_t last_query = messages.size() - 1;
+  for (size_t k = messages.size(); k-- > 0;) {
+    const std::string& c = messages[k].content;
+    if (messages[k].role == "user" && !(starts_with(c, "<tool_response>") && ends_with(c, "</tool_response>"))) {
+      last_query = k;
+      break;
+    }
+  }
+  std::vector<RenderPiece> out;
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    const bool answer = all || m.role == "assistant";
+    std::string content = m.content;
+    if (m.role == "assistant") {
+      std::string reasoning;
+      if (m.reasoning_content) {
+        reasoning = *m.reasoning_content;
+      } else if (const size_t close = content.find("</think>"); close != std::string::npos) {
+        const std::string before = rstrip_newlines(content.substr(0, close));
+        const size_t open = before.rfind("<think>");
+        reasoning = lstrip_newlines(open == std::string::npos ? before : before.substr(open + 7));
+        content = lstrip_newlines(content.substr(content.rfind("</think>") + 8));
+      }
+      if (i > last_query && (i + 1 == messages.size() || !reasoning.empty()))
+        content = "<think>\n" + lstrip_newlines(rstrip_newlines(reasoning)) + "\n</think>\n\n" +
+                  lstrip_newlines(content);
+    }
+    out.push_back({"", start, all});
+    out.push_back({m.role + "\n", -1, all});
+    out.push_back({content, -1, answer});
+    out.push_back({"", end, answer});
+    out.push_back({"\n", -1, answer});
+  }
+  return out;
+}
+
 bool contains(const std::string& s, const char* what) { return s.find(what) != std::string::npos; }
 
 }  // namespace
 
-const char* chat_format_name(ChatFormat format) {
+namespace {
+
+// Each format is the data.chat_template choice of the same name.
+ChatTemplateChoice choice_of(ChatFormat format) {
   switch (format) {
     case ChatFormat::Llama3:
-      return "llama3";
+      return ChatTemplateChoice::Llama3;
+    case ChatFormat::Llama31:
+      return ChatTemplateChoice::Llama31;
     case ChatFormat::Llama2:
-      return "llama2";
+      return ChatTemplateChoice::Llama2;
     case ChatFormat::Mistral:
-      return "mistral";
+      return ChatTemplateChoice::Mistral;
     case ChatFormat::ChatML:
-      return "chatml";
+      return ChatTemplateChoice::ChatML;
+    case ChatFormat::Qwen3:
+      return ChatTemplateChoice::Qwen3;
+    case ChatFormat::Qwen3Instruct:
+      return ChatTemplateChoice::Qwen3Instruct;
   }
-  return "?";
+  fail(ErrorKind::Internal, "choice_of: unknown chat format");
 }
 
+}  // namespace
+
+const char* chat_format_name(ChatFormat format) { return chat_template_name(choice_of(format)); }
+
 ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jinja, const std::string& config_file) {
-  switch (choice) {
-    case ChatTemplateChoice::Llama3:
-      return ChatFormat::Llama3;
-    case ChatTemplateChoice::Llama2:
-      return ChatFormat::Llama2;
-    case ChatTemplateChoice::Mistral:
-      return ChatFormat::Mistral;
-    case ChatTemplateChoice::ChatML:
-      return ChatFormat::ChatML;
-    case ChatTemplateChoice::Auto:
-      break;
-  }
-  const std::string choices =
-      "set data.chat_template to \"llama3\", \"llama2\", \"mistral\" or \"chatml\" (Qwen2.5's ChatML) to use a "
-      "built-in format";
+  for (const ChatFormat f : {ChatFormat::Llama3, ChatFormat::Llama31, ChatFormat::Llama2, ChatFormat::Mistral,
+                             ChatFormat::ChatML, ChatFormat::Qwen3, ChatFormat::Qwen3Instruct})
+    if (choice_of(f) == choice) return f;
+  std::string names;
+  for (const std::string& n : chat_template_names())
+    if (n != "auto") names += (names.empty() ? "\"" : ", \"") + n + "\"";
+  const std::string choices = "set data.chat_template to one of the built-in formats (" + names +
+                              ": docs/CONFIG.md says which model's template each is)";
+  const auto refuse = [&](const std::string& what) {
+    fail_key(ErrorKind::Config, config_file, "data.chat_template",
+             "the tokenizer's chat_template is " + what + ", which is not built in; " + choices);
+  };
   if (jinja.empty())
     fail_key(ErrorKind::Config, config_file, "data.chat_template",
              "is \"auto\" but the tokenizer has no chat_template (tokenizer_config.json); " + choices);
   if (contains(jinja, "<|start_header_id|>")) {
-    // Llama 3.1 and later always render a system header with "Cutting Knowledge Date" and today's date: a
-    // different text from Llama 3's, not built in.
-    if (contains(jinja, "Cutting Knowledge Date"))
-      fail_key(ErrorKind::Config, config_file, "data.chat_template",
-               "the tokenizer's chat_template is Llama 3.1's or later (a dated system header), which is not built "
-               "in; " +
-                   choices);
-    return ChatFormat::Llama3;
+    // Llama 3.1, 3.2 and 3.3 always render a system header with "Cutting Knowledge Date" and a date; 3.2 Vision's
+    // template renders images and leaves that header out where there are images.
+    if (!contains(jinja, "Cutting Knowledge Date")) return ChatFormat::Llama3;
+    if (contains(jinja, "<|image|>")) refuse("Llama 3.2 Vision's (<|image|>)");
+    return ChatFormat::Llama31;
   }
   if (contains(jinja, "[INST]")) {
     if (contains(jinja, "<<SYS>>")) return ChatFormat::Llama2;
     // Later Mistral templates (v0.3 on: tools, the system prompt moved into the last user turn) render
     // differently from v0.1's.
     if (contains(jinja, "[AVAILABLE_TOOLS]") || contains(jinja, "system_message"))
-      fail_key(ErrorKind::Config, config_file, "data.chat_template",
-               "the tokenizer's chat_template is a later Mistral one (tools or a system message), which is not built "
-               "in; " +
-                   choices);
+      refuse("a later Mistral one (tools or a system message)");
     return ChatFormat::Mistral;
   }
   if (contains(jinja, "<|im_start|>")) {
-    // Qwen2.5's template (its default system prompt) is the built-in ChatML. Qwen3's (a <think> block in the
-    // last answer, no default system prompt), Qwen2's ("You are a helpful assistant.") and other ChatML
-    // templates render different text.
-    if (contains(jinja, kQwenDefaultSystem) && !contains(jinja, "<think>")) return ChatFormat::ChatML;
-    fail_key(ErrorKind::Config, config_file, "data.chat_template",
-             "the tokenizer's chat_template is a ChatML one (<|im_start|>) other than Qwen2.5's (a different default "
-             "system prompt, or Qwen3's <think> blocks), which is not built in; " +
-                 choices);
+    // Qwen3's (the hybrid models': enable_thinking, <think> blocks after the last query), Qwen2.5's (its default
+    // system prompt) and Qwen3-Instruct-2507's (no default system prompt, tools as Qwen3's: no begin token, no other
+    // default system prompt). Others (Qwen2's "You are a helpful assistant.", Qwen3-Thinking-2507's, QwQ's,
+    // SmolLM's, Hermes's) render different text.
+    if (contains(jinja, "<think>")) {
+      if (contains(jinja, "enable_thinking") && contains(jinja, "last_query_index") &&
+          contains(jinja, "reasoning_content"))
+        return ChatFormat::Qwen3;
+      refuse("a ChatML one (<|im_start|>) with <think> blocks other than Qwen3's");
+    }
+    if (contains(jinja, kQwenDefaultSystem)) return ChatFormat::ChatML;
+    if (contains(jinja, "<tool_response>") && !contains(jinja, "bos_token") && !contains(jinja, "You are Qwen") &&
+        !contains(jinja, "You are a helpful"))
+      return ChatFormat::Qwen3Instruct;
+    refuse("a ChatML one (<|im_start|>) other than Qwen2.5's, Qwen3's or Qwen3-Instruct-2507's (another default "
+           "system prompt)");
   }
-  fail_key(ErrorKind::Config, config_file, "data.chat_template",
-           "the tokenizer's chat_template is not one of the built-in formats (Llama 3, Llama 2, Mistral, ChatML): \"" +
-               jinja.substr(0, 60) + (jinja.size() > 60 ? "...\"" : "\"") + "; " + choices);
+  refuse("not one of the built-in formats: \"" + jinja.substr(0, 60) + (jinja.size() > 60 ? "...\"" : "\""));
+  fail(ErrorKind::Internal, "resolve_chat_format: unreachable");
 }
 
 std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMessage>& messages,
@@ -259,11 +384,14 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
                                      bool tools) {
   if (messages.empty()) fail_key(ErrorKind::Data, where, "messages", "is empty");
   for (size_t i = 0; i < messages.size(); ++i) check_role(messages[i], i, where);
-  // Qwen2.5's template renders tools into its system prompt and an assistant's tool_calls as <tool_call> JSON
-  // (Python's json.dumps of them, key order kept); the Llama 3, Llama 2 and Mistral v0.1 templates ignore both.
-  if (format == ChatFormat::ChatML) {
-    const std::string why = "the chatml format's tools and tool calls (Qwen2.5's <tools> system prompt, <tool_call> "
-                            "blocks) are not built in; leave them out of the record";
+  // Qwen2.5's, Qwen3's and Qwen3-Instruct-2507's templates render tools into their system prompt and an assistant's
+  // tool_calls as <tool_call> JSON (Python's json.dumps of them, key order kept); Llama 3.1's tools into the first
+  // user message and a call as JSON. The Llama 3, Llama 2 and Mistral v0.1 templates ignore both.
+  if (format == ChatFormat::ChatML || format == ChatFormat::Qwen3 || format == ChatFormat::Qwen3Instruct ||
+      format == ChatFormat::Llama31) {
+    const std::string why = std::string("the ") + chat_format_name(format) +
+                            " format's tools and tool calls (what its template renders of them) are not built in; "
+                            "leave them out of the record";
     if (tools) fail_key(ErrorKind::Data, where, "tools", why);
     for (size_t i = 0; i < messages.size(); ++i)
       if (messages[i].tool_calls) fail_key(ErrorKind::Data, where, "messages[" + std::to_string(i) + "].tool_calls", why);
@@ -271,12 +399,18 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
   switch (format) {
     case ChatFormat::Llama3:
       return render_llama3(messages, tokenizer, train_on_prompt);
+    case ChatFormat::Llama31:
+      return render_llama31(messages, tokenizer, train_on_prompt);
     case ChatFormat::Llama2:
       return render_llama2(messages, tokenizer, train_on_prompt, where);
     case ChatFormat::Mistral:
       return render_mistral(messages, tokenizer, train_on_prompt, where);
     case ChatFormat::ChatML:
-      return render_chatml(messages, tokenizer, train_on_prompt);
+      return render_chatml(messages, tokenizer, train_on_prompt, format, kQwenDefaultSystem);
+    case ChatFormat::Qwen3:
+      return render_qwen3(messages, tokenizer, train_on_prompt);
+    case ChatFormat::Qwen3Instruct:
+      return render_chatml(messages, tokenizer, train_on_prompt, format, nullptr);
   }
   fail(ErrorKind::Internal, "render_chat: unknown format");
 }

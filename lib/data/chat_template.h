@@ -1,8 +1,10 @@
 #pragma once
-// Built-in renderers for the chat formats of Llama 3, Llama 2, Mistral and ChatML (Qwen2.5's): there is no C++ Jinja
-// library in Debian or on the GPU image, so each official template is re-implemented here and held to transformers'
-// apply_chat_template by tests (tests/oracles/gen_data.py). The format is recognised from the tokenizer's
+// Built-in renderers for the chat formats of Llama 3, Llama 3.1 (3.2 and 3.3 too), Llama 2, Mistral, ChatML
+// (Qwen2.5's), Qwen3 (its <think> blocks) and Qwen3-Instruct-2507: there is no C++ Jinja library in Debian or on the
+// GPU image, so each official template is re-implemented here and held to transformers' apply_chat_template by tests
+// (tests/oracles/gen_data.py). The format is recognised from the tokenizer's
 // chat_template (tokenizer_config.json) or named in the run config (data.chat_template).
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -12,7 +14,7 @@
 
 namespace qt {
 
-enum class ChatFormat { Llama3, Llama2, Mistral, ChatML };
+enum class ChatFormat { Llama3, Llama31, Llama2, Mistral, ChatML, Qwen3, Qwen3Instruct };
 
 const char* chat_format_name(ChatFormat format);
 
@@ -25,14 +27,16 @@ struct ChatMessage {
   std::string role;  // "system", "user" or "assistant"
   std::string content;
   bool tool_calls = false;  // the message has a non-empty "tool_calls" (what a template may render beside content)
+  std::optional<std::string> reasoning_content;  // a string "reasoning_content" (Qwen3's template renders it)
 };
 
 // The conversation as the template renders it, as pieces: assistant answers and their end-of-turn token in the
 // loss (everything when train_on_prompt). Roles the format does not accept (an unknown role, a system message
 // not first, user/assistant not alternating where the template raises) are qt::Error(Data) naming `where`
 // ("file:line") and the role. `tools`: the record has a non-empty "tools" list (TRL passes it to the template).
-// Tools and tool calls that the format's template renders (ChatML: Qwen2.5's <tools> system prompt and <tool_call>
-// blocks) are not built in: qt::Error(Data) naming the key, never rendered without them.
+// Tools and tool calls that the format's template renders (ChatML, Qwen3: a <tools> system prompt and <tool_call>
+// blocks; Llama 3.1: tools in the first user message, a call as JSON) are not built in: qt::Error(Data) naming the
+// key, never rendered without them.
 std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMessage>& messages,
                                      const Tokenizer& tokenizer, bool train_on_prompt, const std::string& where,
                                      bool tools);

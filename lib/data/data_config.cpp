@@ -12,6 +12,15 @@ const std::vector<std::string> kKeys = {"train_file",    "eval_file",       "eva
                                         "chat_template", "max_seq_len",     "packing",       "shuffle",
                                         "seed",          "train_on_prompt", "add_eos",       "truncation"};
 
+const std::vector<std::pair<std::string, ChatTemplateChoice>>& chat_templates() {
+  static const std::vector<std::pair<std::string, ChatTemplateChoice>> table = {
+      {"auto", ChatTemplateChoice::Auto},         {"llama3", ChatTemplateChoice::Llama3},
+      {"llama3.1", ChatTemplateChoice::Llama31},  {"llama2", ChatTemplateChoice::Llama2},
+      {"mistral", ChatTemplateChoice::Mistral},   {"chatml", ChatTemplateChoice::ChatML},
+      {"qwen3", ChatTemplateChoice::Qwen3},       {"qwen3-instruct", ChatTemplateChoice::Qwen3Instruct}};
+  return table;
+}
+
 template <typename E>
 E pick(const JsonReader& r, const std::string& key, E fallback, const std::vector<std::pair<std::string, E>>& names) {
   if (!r.has(key)) return fallback;
@@ -47,19 +56,15 @@ const char* record_format_name(RecordFormat format) {
 }
 
 const char* chat_template_name(ChatTemplateChoice choice) {
-  switch (choice) {
-    case ChatTemplateChoice::Auto:
-      return "auto";
-    case ChatTemplateChoice::Llama3:
-      return "llama3";
-    case ChatTemplateChoice::Llama2:
-      return "llama2";
-    case ChatTemplateChoice::Mistral:
-      return "mistral";
-    case ChatTemplateChoice::ChatML:
-      return "chatml";
-  }
+  for (const auto& [name, c] : chat_templates())
+    if (c == choice) return name.c_str();
   return "?";
+}
+
+std::vector<std::string> chat_template_names() {
+  std::vector<std::string> out;
+  for (const auto& entry : chat_templates()) out.push_back(entry.first);
+  return out;
 }
 
 const char* truncation_name(Truncation truncation) {
@@ -117,12 +122,7 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file, b
                                  {"alpaca", RecordFormat::Alpaca},
                                  {"chat", RecordFormat::Chat},
                                  {"tokenized", RecordFormat::Tokenized}});
-  c.chat_template = pick<ChatTemplateChoice>(r, "chat_template", c.chat_template,
-                                             {{"auto", ChatTemplateChoice::Auto},
-                                              {"llama3", ChatTemplateChoice::Llama3},
-                                              {"llama2", ChatTemplateChoice::Llama2},
-                                              {"mistral", ChatTemplateChoice::Mistral},
-                                              {"chatml", ChatTemplateChoice::ChatML}});
+  c.chat_template = pick<ChatTemplateChoice>(r, "chat_template", c.chat_template, chat_templates());
   c.max_seq_len = r.get_int("max_seq_len", c.max_seq_len);
   c.truncation = pick<Truncation>(r, "truncation", c.truncation,
                                   {{"truncate", Truncation::Truncate}, {"drop", Truncation::Drop}, {"error", Truncation::Error}});

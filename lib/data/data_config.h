@@ -10,7 +10,9 @@
 namespace qt {
 
 enum class RecordFormat { Auto, Text, Alpaca, Chat, Tokenized };
-enum class ChatTemplateChoice { Auto, Llama3, Llama2, Mistral, ChatML };
+// The built-in chat templates (lib/data/chat_template.h says which model's each is); auto: recognised from the
+// tokenizer's chat_template.
+enum class ChatTemplateChoice { Auto, Llama3, Llama31, Llama2, Mistral, ChatML, Qwen3, Qwen3Instruct };
 // What happens to a training record longer than max_seq_len: cut to its first max_seq_len tokens, left out, or
 // the run stops naming it.
 enum class Truncation { Truncate, Drop, Error };
@@ -47,6 +49,8 @@ struct DataConfig {
 
 const char* record_format_name(RecordFormat format);
 const char* chat_template_name(ChatTemplateChoice choice);
+// Every data.chat_template value, "auto" first (the CLI's --chat-template choices).
+std::vector<std::string> chat_template_names();
 const char* truncation_name(Truncation truncation);
 
 }  // namespace qt

@@ -78,7 +78,10 @@ Example chat_example(const Json& value, const std::string& where, const DataConf
     if (!m.is_object())
       fail_key(ErrorKind::Data, where, key, std::string("expected an object, got ") + json_type_name(m));
     messages.push_back({string_field(m, where + ": " + key, "role"), string_field(m, where + ": " + key, "content"),
-                         m.contains("tool_calls") && jinja_truthy(m.at("tool_calls"))});
+                         m.contains("tool_calls") && jinja_truthy(m.at("tool_calls")), std::nullopt});
+    // Qwen3's template takes reasoning_content where it is a string (`is string`), else the content's <think> block.
+    if (m.contains("reasoning_content") && m.at("reasoning_content").is_string())
+      messages.back().reasoning_content = m.at("reasoning_content").get<std::string>();
   }
   if (!format) format = resolve_chat_format(config.chat_template, tok.chat_template(), config.file);
   const bool tools = value.contains("tools") && jinja_truthy(value.at("tools"));
@@ -209,6 +212,16 @@ Json prompt_record(RecordFormat format, const std::string& prompt, const std::st
 
 namespace {
 
+// A chat record with a non-empty string reasoning_content in a message: only Qwen3's template renders it.
+bool chat_with_reasoning(const Json& value) {
+  if (!value.contains("messages") || !value.at("messages").is_array()) return false;
+  for (const auto& m : value.at("messages"))
+    if (m.is_object() && m.contains("reasoning_content") && m.at("reasoning_content").is_string() &&
+        !m.at("reasoning_content").get<std::string>().empty())
+      return true;
+  return false;
+}
+
 // A chat record without an assistant message: nothing of it is in the loss (unless train_on_prompt).
 bool chat_without_answer(const Json& value) {
   if (!value.contains("messages") || !value.at("messages").is_array()) return false;
@@ -225,21 +238,28 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
   out.reserve(records.size());
   std::optional<ChatFormat> chat;  // resolved once, at the first chat record
   std::vector<int64_t> unanswered;  // lines of chat records with no assistant message
+  std::vector<int64_t> reasoning;   // lines of chat records whose reasoning_content the template leaves out
   for (const auto& r : records) {
     Example e = tokenize_one(r.value, path + ":" + std::to_string(r.line), config, tokenizer, chat);
     e.line = r.line;
     if (!config.train_on_prompt && chat_without_answer(r.value)) unanswered.push_back(r.line);
+    if (chat && *chat != ChatFormat::Qwen3 && chat_with_reasoning(r.value)) reasoning.push_back(r.line);
     out.push_back(std::move(e));
   }
-  if (!unanswered.empty()) {
-    std::string lines;
-    for (size_t i = 0; i < std::min<size_t>(unanswered.size(), 10); ++i)
-      lines += (i ? ", " : "") + std::to_string(unanswered[i]);
-    if (unanswered.size() > 10) lines += " and " + std::to_string(unanswered.size() - 10) + " more";
+  const auto line_list = [](const std::vector<int64_t>& lines) {
+    std::string out = lines.size() == 1 ? "line " : "lines ";
+    for (size_t i = 0; i < std::min<size_t>(lines.size(), 10); ++i) out += (i ? ", " : "") + std::to_string(lines[i]);
+    if (lines.size() > 10) out += " and " + std::to_string(lines.size() - 10) + " more";
+    return out;
+  };
+  if (!unanswered.empty())
     log::warn_rank0(path + ": " + std::to_string(unanswered.size()) + " chat record(s) with no assistant message (" +
-              (unanswered.size() == 1 ? "line " : "lines ") + lines +
-              "): nothing of them is in the loss (only assistant turns are, unless data.train_on_prompt)");
-  }
+                    line_list(unanswered) +
+                    "): nothing of them is in the loss (only assistant turns are, unless data.train_on_prompt)");
+  if (!reasoning.empty())
+    log::warn_rank0(path + ": " + std::to_string(reasoning.size()) + " chat record(s) with a reasoning_content (" +
+                    line_list(reasoning) + ") that the " + chat_format_name(*chat) +
+                    " template leaves out, as transformers renders it (only the qwen3 template renders it)");
   return out;
 }
 

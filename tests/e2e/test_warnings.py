@@ -1,6 +1,7 @@
 """Warnings a user should see (issue 29): chat records with no assistant message (nothing to train on) are named by
-line; an adapter applied to another base than the one adapter_config.json names is warned about (eval, generate,
-lora.init_from), the same base through a symbolic link is not; a second Ctrl-C says that it exits at once."""
+line, and so are those whose reasoning_content the chat template leaves out; an adapter applied to another base than
+the one adapter_config.json names is warned about (eval, generate, lora.init_from), the same base through a symbolic
+link is not; a second Ctrl-C says that it exits at once."""
 import json, os, pathlib, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
@@ -42,6 +43,16 @@ def main():
     check(p.returncode == 0 and "2 chat record(s) with no assistant message (lines 2, 5)" in p.stderr
           and "chat.jsonl" in p.stderr, f"chat records with only a user turn are named by line (exit {p.returncode}) "
           f"{[l for l in p.stderr.splitlines() if 'assistant' in l]}")
+    # reasoning_content that the template leaves out (only Qwen3's renders it): warned, naming the lines.
+    for i in (2, 5):
+        chat[i]["messages"][-1]["reasoning_content"] = "because"
+    chat[0]["messages"][-1]["reasoning_content"] = ""  # nothing left out
+    (TMP / "reasoning.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    p = run("--config", config("reasoning", train_file=str(TMP / "reasoning.jsonl"), chat_template="llama2",
+                               max_seq_len=128))
+    check(p.returncode == 0 and "2 chat record(s) with a reasoning_content (lines 3, 6) that the llama2 template "
+          "leaves out" in p.stderr, f"reasoning_content the template leaves out is named by line (exit "
+          f"{p.returncode}) {[l for l in p.stderr.splitlines() if 'reasoning' in l]}")
     # A held-out share too small to hold out a record: warned, the run trains without evaluation.
     (TMP / "one.jsonl").write_text((TMP / "train.jsonl").read_text().splitlines()[0] + "\n")
     p = run("--config", config("one", train_file=str(TMP / "one.jsonl"), eval_fraction=0.5))

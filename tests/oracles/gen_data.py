@@ -103,6 +103,18 @@ QWEN25 = r"""{%- if tools %}
 {%- endif %}
 """
 
+# Official templates kept as files in chat_templates/, byte for byte the models' tokenizer_config.json
+# chat_template (as TRL ships them in trl/chat_templates): meta-llama/Llama-3.1-8B-Instruct (llama3_1),
+# meta-llama/Llama-3.2-1B-Instruct (llama3_2), Qwen/Qwen3-8B (qwen3), Qwen/Qwen3-4B-Instruct-2507
+# (qwen3_instruct_2507).
+TEMPLATES = pathlib.Path(__file__).resolve().parent / "chat_templates"
+LLAMA31 = (TEMPLATES / "llama3_1.jinja").read_text()
+LLAMA32 = (TEMPLATES / "llama3_2.jinja").read_text()
+QWEN3 = (TEMPLATES / "qwen3.jinja").read_text()
+QWEN3_2507 = (TEMPLATES / "qwen3_instruct_2507.jinja").read_text()
+# What Llama 3.1's template prints as "Today Date" (and 3.2's where strftime_now is undefined).
+LLAMA3_DATE = "26 Jul 2024"
+
 SYSTEM = {"role": "system", "content": "You are a brief assistant. Answer in one line."}
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hello! How can I help?"}],
@@ -116,6 +128,26 @@ CONVERSATIONS = [
      {"role": "user", "content": "Thanks!"}],  # ends on a user turn: nothing after it is in the loss
     [{"role": "user", "content": "Tell me about <|eot_id|> please"},
      {"role": "assistant", "content": "They are special-token strings."}],
+]
+
+# Qwen3's <think> blocks: reasoning in the content or in reasoning_content, after the last user query or before
+# it (left out), a user turn that is a tool response (not a query), answers in a row.
+QWEN3_CONVERSATIONS = [
+    [{"role": "user", "content": "What is 6 x 7?"},
+     {"role": "assistant", "content": "<think>\nSix sevens.\n</think>\n\n42"}],
+    [SYSTEM, {"role": "user", "content": "Capital of France?"},
+     {"role": "assistant", "content": "Paris.", "reasoning_content": "\nThe capital is Paris.\n\n"}],
+    [{"role": "user", "content": "First?"}, {"role": "assistant", "content": "<think>r1</think>a1"},
+     {"role": "user", "content": "Second?"},
+     {"role": "assistant", "content": "a2", "reasoning_content": "r2"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a1"},
+     {"role": "user", "content": "<tool_response>\n42\n</tool_response>"}, {"role": "assistant", "content": "a2"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "first", "reasoning_content": "why"},
+     {"role": "assistant", "content": "\n\nsecond"}],
+    [{"role": "user", "content": "only a close tag"},
+     {"role": "assistant", "content": "early\n</think>\n\nlate </think> last"}],
+    [{"role": "user", "content": "empty reasoning"}, {"role": "assistant", "content": "x", "reasoning_content": ""},
+     {"role": "user", "content": "ends on a user turn"}],
 ]
 
 ALPACA = [
@@ -174,26 +206,50 @@ def common_prefix(a, b):
     return n
 
 
-def chat_case(tok, messages, check=None):
-    rendered = tok.apply_chat_template(messages, tokenize=False)
-    ids = ids_of(tok.apply_chat_template(messages, tokenize=True))
+def answer_spans_by_prefix(tok, messages, rendered, **kw):
+    """Each assistant turn from its content (as the template prints it) to the end of that turn (the text of
+    messages[:i+1] rendered): for templates that render a conversation's start the same whatever follows."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tok.apply_chat_template(messages[:i], tokenize=False, **kw) if i else ""
+        through = tok.apply_chat_template(messages[:i + 1], tokenize=False, **kw)
+        assert rendered.startswith(through)
+        # The content as the template prints it: whole (Mistral), or stripped (Llama 3 `trim`, Llama 2 .strip()).
+        printed = m["content"] if rendered.find(m["content"], len(before)) >= 0 else m["content"].strip()
+        spans.append((rendered.index(printed, len(before)) if printed else len(through), len(through)))
+    return spans
+
+
+def answer_spans_chatml(messages, rendered):
+    """Qwen3's template renders an answer differently once a later turn follows (its <think> block), so a
+    conversation's start is not its prefix's rendering: an answer is what follows each "<|im_start|>assistant\n",
+    through the "<|im_end|>\n" that ends its turn."""
+    head, tail, spans, pos = "<|im_start|>assistant\n", "<|im_end|>\n", [], 0
+    while (pos := rendered.find(head, pos)) >= 0:
+        end = rendered.index(tail, pos) + len(tail)
+        spans.append((pos + len(head), end))
+        pos = end
+    assert len(spans) == sum(m["role"] == "assistant" for m in messages), rendered
+    return spans
+
+
+def chat_case(tok, messages, check=None, by_structure=False, **kw):
+    """kw: the template's variables (Llama 3.2's date_string)."""
+    rendered = tok.apply_chat_template(messages, tokenize=False, **kw)
+    ids = ids_of(tok.apply_chat_template(messages, tokenize=True, **kw))
     enc = lambda t: ids_of(tok(t, add_special_tokens=False))
     assert ids == enc(rendered), rendered
     if check:
         assert ids == check(rendered), ("sentencepiece disagrees", rendered)
     loss = [0] * len(ids)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tok.apply_chat_template(messages[:i], tokenize=False) if i else ""
-        through = tok.apply_chat_template(messages[:i + 1], tokenize=False)
-        assert rendered.startswith(through)
-        # The content as the template prints it: whole (Mistral), or stripped (Llama 3 `trim`, Llama 2 .strip()).
-        printed = m["content"] if rendered.find(m["content"], len(before)) >= 0 else m["content"].strip()
-        start = rendered.index(printed, len(before)) if printed else len(through)
+    spans = answer_spans_chatml(messages, rendered) if by_structure else \
+        answer_spans_by_prefix(tok, messages, rendered, **kw)
+    for start, end in spans:
         first = common_prefix(enc(rendered[:start]), ids)
-        last = common_prefix(enc(through), ids)
-        assert last == len(enc(through))  # the turn ends on a special token: a clean cut
+        last = common_prefix(enc(rendered[:end]), ids)
+        assert last == len(enc(rendered[:end]))  # the turn ends on a special token: a clean cut
         for t in range(first, last):
             loss[t] = 1
     return {"messages": messages, "rendered": rendered, "ids": ids, "loss": loss}
@@ -226,22 +282,25 @@ def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def qwen_dir(d, bpe_dir, template):
+def qwen_dir(d, bpe_dir, template, added=()):
     """A Qwen2.5-style tokenizer: the byte-level BPE with <|endoftext|>, <|im_start|>, <|im_end|> as special tokens
     after the vocabulary, no BOS (the post-processor only ByteLevel), EOS <|im_end|> (the Instruct models'), and
-    Qwen2.5's chat template. The pre-tokenizer stays Llama 3's (Qwen2's regex differs in splitting digits one by
-    one, and Qwen adds an NFC normalizer: neither is implemented by the C++ tokenizer)."""
-    from tokenizers import Tokenizer, processors
+    `template`. The pre-tokenizer stays Llama 3's (Qwen2's regex differs in splitting digits one by one, and Qwen
+    adds an NFC normalizer: tests/test_tokenizer.cpp covers those). `added`: tokens added after them that are not
+    special (Qwen3's <think> and </think>)."""
+    from tokenizers import AddedToken, Tokenizer, processors
     d.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok.add_special_tokens(specials)
+    tok.add_tokens([AddedToken(a, special=False, normalized=False) for a in added])
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.save(str(d / "tokenizer.json"))
     cfg = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
            "clean_up_tokenization_spaces": False, "model_max_length": 131072, "errors": "replace",
            "tokenizer_class": "PreTrainedTokenizerFast", "split_special_tokens": False, "chat_template": template,
-           "added_tokens_decoder": {str(tok.token_to_id(s)): {"content": s, "special": True} for s in specials}}
+           "added_tokens_decoder": {str(tok.token_to_id(s)): {"content": s, "special": s in specials}
+                                    for s in specials + list(added)}}
     (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
     return d
 
@@ -269,9 +328,14 @@ def generate(out_dir: pathlib.Path):
         return d
 
     l3 = AutoTokenizer.from_pretrained(str(model_dir("llama3", "bpe", LLAMA3)))
+    l31 = AutoTokenizer.from_pretrained(str(model_dir("llama31", "bpe", LLAMA31)))
+    l32 = AutoTokenizer.from_pretrained(str(model_dir("llama32", "bpe", LLAMA32)))
     qw = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen", work / "bpe", QWEN25)))
-    assert qw.chat_template == QWEN25
-    assert l3.chat_template == LLAMA3
+    q3 = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen3", work / "bpe", QWEN3, ["<think>", "</think>"])))
+    q3i = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen3_instruct", work / "bpe", QWEN3_2507)))
+    for tok, template in [(l3, LLAMA3), (l31, LLAMA31), (l32, LLAMA32), (qw, QWEN25), (q3, QWEN3), (q3i, QWEN3_2507)]:
+        assert tok.chat_template == template
+    assert q3.convert_tokens_to_ids("<think>") == q3.convert_tokens_to_ids("<|im_end|>") + 1
     model_dir("llama2", "spm", LLAMA2)
     model_dir("mistral", "spm", MISTRAL)
     l2, sp = hf_llama_from_spm(out / "llama2" / "tokenizer.model", LLAMA2)
@@ -279,7 +343,33 @@ def generate(out_dir: pathlib.Path):
     sp_check = lambda text: sp_legacy_ids(sp, text, {"<s>": sp.bos_id(), "</s>": sp.eos_id()})
     shutil.rmtree(work)
 
+    # Llama 3.2's template is 3.1's, but for the date where transformers defines strftime_now (the day's date).
+    for c in CONVERSATIONS:
+        assert l32.apply_chat_template(c, tokenize=False, date_string=LLAMA3_DATE) == \
+            l31.apply_chat_template(c, tokenize=False)
+    qwen_more = [[{"role": "user", "content": "  spaces stay  "}, {"role": "assistant", "content": "\n kept \n"},
+                  {"role": "assistant", "content": "two answers in a row"}]]
     expected = {}
+    for name, tok, by_structure, convs, kw in [
+            ("chat_llama31", l31, False, CONVERSATIONS + [
+                [{"role": "system", "content": "\n  trimmed system  \n"}, {"role": "user", "content": "hi"},
+                 {"role": "assistant", "content": "hello"}]], {}),
+            ("chat_llama32", l32, False, CONVERSATIONS, {"date_string": LLAMA3_DATE}),
+            ("chat_qwen3", q3, True, CONVERSATIONS + qwen_more + QWEN3_CONVERSATIONS, {}),
+            ("chat_qwen3_instruct", q3i, False, CONVERSATIONS + qwen_more, {})]:
+        cases = [chat_case(tok, c, None, by_structure, **kw) for c in convs]
+        write_jsonl(out / f"{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
+        expected[name] = cases
+    # `generate --format chat`'s prompt: transformers' add_generation_prompt (Qwen3 in thinking mode, its default).
+    expected["generation_prompts"] = [
+        {"model": model, "system": c[0]["content"] if c[0]["role"] == "system" else "", "user": c[-1]["content"],
+         "ids": ids_of(tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True))}
+        for model, tok in [("llama3", l3), ("llama31", l31), ("qwen", qw), ("qwen3", q3), ("qwen3_instruct", q3i)]
+        for c in ([{"role": "user", "content": "Hello world"}],
+                  [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"}])]
+    # The structural spans agree with the prefix ones where both apply (ChatML without <think> blocks).
+    for c in CONVERSATIONS + qwen_more:
+        assert chat_case(q3i, c, None, True) == chat_case(q3i, c)
     for name, tok, check, convs in [
             ("chat_llama3", l3, None, CONVERSATIONS),
             ("chat_llama2", l2, sp_check, CONVERSATIONS),
