@@ -103,6 +103,10 @@
 #      14 offloaded (gate_up_offloaded_blocks=0 / 14), one round, then Unsloth's 1 on that row.
 #   38: carry [".peers", ".usite", ".peerscripts"]: build, 8B 1 x 32768 at 24 GiB after the PCIe refit: the plan against
 #      none and 14 offloaded, one round, then Unsloth's 1 (36 again, without the tests).
+#   47: carry ["build/tests/fixtures"]: build, the e2e [gpu] scripts test_fp16_gpu.py (fp16 loss scaling through its
+#      overflow path on CUDA) and test_eval_gpu.py (about 120 s); with 46 in the same command for every [gpu] test:
+#      SUMMARY=s46.txt bash scripts/next_gpu_calls.sh 46; SUMMARY=s47.txt bash scripts/next_gpu_calls.sh 47
+#   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
 #   45: no carry: build, 8B 1 x 32768 on the whole GPU (the 80 GiB plan) with the GPU's clocks, power, temperature and
 #      throttle reasons sampled each second, then one profiled step (trace_summary.py): why calls 37 and 43's machines
 #      ran the 32k row 1.7x slower than others with a 55 GB/s host link (about 400 s). Compare with a machine that runs
@@ -459,6 +463,16 @@ case "$CALL" in
 46)
   note "== every [gpu] test on the current code (the last full run: the twenty-second session, 54 of 54)"
   all_gpu_tests 300
+  ;;
+47)
+  note "== fp16 loss scaling on CUDA (test_fp16_gpu.py: overflowing steps skipped, the scale halved and resumed"
+  note "   byte for byte, fp16 following fp32's losses) and bf16 eval against transformers (test_eval_gpu.py)"
+  mkdir -p build-gpu/tests
+  rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
+  (cd build-gpu && timeout 240 ctest -R "e2e: test_(fp16|eval)_gpu" -E oracles_generate --output-on-failure \
+    --timeout 200) >"$L/ctest_e2e_gpu.log" 2>&1
+  grep -E "tests passed|tests failed|Passed|\(Failed\)|FAILED|checks passed|cuda bf16" "$L/ctest_e2e_gpu.log" |
+    head -n 30 >>"$summary"
   ;;
 45)
   note "== why some machines run 8B 1 x 32768 1.7x slower (calls 37 and 43, with 55 GB/s host links): the row's steps"

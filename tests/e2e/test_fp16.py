@@ -9,6 +9,7 @@ import tiny_lm
 from checks import check, finish, run_binary, tiny_cpu_config
 BIN = os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_fp16_"))
+DEVICE = "cpu"  # test_fp16_gpu.py: cuda
 
 
 def config(name, dtype):
@@ -16,6 +17,7 @@ def config(name, dtype):
                            {"lr": 1e-2, "warmup_steps": 2}, {"every": 12, "keep_last": 3})
     cfg = json.loads(path.read_text())
     cfg["model"]["dtype"] = dtype
+    cfg["model"]["device"] = DEVICE
     path.write_text(json.dumps(cfg))
     return path
 
@@ -61,7 +63,7 @@ def main():
     worst = max(abs(a[k] - b[k]) / b[k] for k in b) if set(a) == set(b) and b else 1.0
     check(worst < 2e-2 and a[24] < a[4], f"fp16 with loss scaling follows fp32's losses (worst rel. diff {worst:.2e}; "
                                           f"{a.get(4)} -> {a.get(24)})")
-    finish("fp16 loss scaling checks")
+    finish(f"fp16 loss scaling checks ({DEVICE})")
 
 
 if __name__ == "__main__":
