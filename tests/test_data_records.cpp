@@ -83,11 +83,13 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
     check_file("chat_llama32", "llama32", config());
     check_file("chat_llama32", "llama32", config({{"chat_template", "llama3.1"}}));
     check_file("chat_llama31", "llama31", config({{"train_on_prompt", true}}));
+    check_file("chat_llama31_fuzz", "llama31", config());
   }
   SECTION("qwen3 (<think> blocks after the last query, reasoning_content, earlier reasoning left out)") {
     check_file("chat_qwen3", "qwen3", config());
     check_file("chat_qwen3", "qwen3", config({{"chat_template", "qwen3"}}));
     check_file("chat_qwen3", "qwen3", config({{"train_on_prompt", true}}));
+    check_file("chat_qwen3_fuzz", "qwen3", config());  // random conversations (gen_data.fuzz_conversations)
   }
   SECTION("qwen3-instruct (Qwen3-Instruct-2507's template: ChatML with no default system prompt)") {
     check_file("chat_qwen3_instruct", "qwen3_instruct", config());

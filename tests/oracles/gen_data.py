@@ -150,6 +150,39 @@ QWEN3_CONVERSATIONS = [
      {"role": "user", "content": "ends on a user turn"}],
 ]
 
+def fuzz_conversations(seed, n, thinking):
+    """n random conversations: an optional system message, user / assistant turns in any order (answers in a row,
+    a conversation ending on either), contents with spaces and newlines at their ends, unicode, and for Qwen3
+    (`thinking`) <think> / </think> anywhere in an answer, reasoning_content absent, empty or with newlines, and user
+    turns that are tool responses."""
+    import random
+    rng = random.Random(seed)
+    words = ["alpha", "Beta", "42", "x=y+1;", "café", "日本語", "😀", "(a,b)", "end.", "\t", "don't", "  "]
+
+    def text(allow_empty):
+        t = " ".join(rng.choice(words) for _ in range(rng.randint(0 if allow_empty else 1, 6)))
+        return rng.choice(["", " ", "\n", "\n\n", "  \n"]) + t + rng.choice(["", " ", "\n", "\n\n", "\n "])
+
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": text(False)}] if rng.random() < 0.4 else []
+        for k in range(rng.randint(1, 6)):
+            role = "user" if k == 0 else rng.choice(["user", "assistant", "assistant"])
+            m = {"role": role, "content": text(thinking)}
+            if role == "user" and thinking and rng.random() < 0.2:
+                m["content"] = "<tool_response>\n" + text(False) + "\n</tool_response>"
+            if role == "assistant" and thinking:
+                r = rng.random()
+                if r < 0.3:
+                    m["content"] = rng.choice(["<think>", "", "\n<think>\n"]) + text(True) + "</think>" + \
+                        m["content"] + (rng.choice(["", "</think> tail"]) if rng.random() < 0.3 else "")
+                elif r < 0.6:
+                    m["reasoning_content"] = rng.choice(["", "\n", text(False)])
+            msgs.append(m)
+        out.append(msgs)
+    return out
+
+
 ALPACA = [
     {"instruction": "Give three tips for staying healthy.", "input": "",
      "output": "1. Eat a balanced diet.\n2. Exercise.\n3. Sleep."},
@@ -206,9 +239,12 @@ def common_prefix(a, b):
     return n
 
 
-def answer_spans_by_prefix(tok, messages, rendered, **kw):
+def answer_spans_by_prefix(tok, messages, rendered, trims=None, **kw):
     """Each assistant turn from its content (as the template prints it) to the end of that turn (the text of
-    messages[:i+1] rendered): for templates that render a conversation's start the same whatever follows."""
+    messages[:i+1] rendered): for templates that render a conversation's start the same whatever follows. `trims`:
+    Llama 3.x's template, which strips the content and ends the turn with <|eot_id|> (a content whose leading
+    newlines the header's own "\n\n" would match is found stripped); None: the content whole where it is there, else
+    stripped."""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -217,6 +253,11 @@ def answer_spans_by_prefix(tok, messages, rendered, **kw):
         through = tok.apply_chat_template(messages[:i + 1], tokenize=False, **kw)
         assert rendered.startswith(through)
         # The content as the template prints it: whole (Mistral), or stripped (Llama 3 `trim`, Llama 2 .strip()).
+        if trims:  # Llama 3.x: the stripped content, then the turn's <|eot_id|> (an empty answer: the token alone)
+            turn = m["content"].strip() + "<|eot_id|>"
+            assert through.endswith(turn), through
+            spans.append((len(through) - len(turn), len(through)))
+            continue
         printed = m["content"] if rendered.find(m["content"], len(before)) >= 0 else m["content"].strip()
         spans.append((rendered.index(printed, len(before)) if printed else len(through), len(through)))
     return spans
@@ -235,7 +276,7 @@ def answer_spans_chatml(messages, rendered):
     return spans
 
 
-def chat_case(tok, messages, check=None, by_structure=False, **kw):
+def chat_case(tok, messages, check=None, by_structure=False, trims=None, **kw):
     """kw: the template's variables (Llama 3.2's date_string)."""
     rendered = tok.apply_chat_template(messages, tokenize=False, **kw)
     ids = ids_of(tok.apply_chat_template(messages, tokenize=True, **kw))
@@ -245,7 +286,7 @@ def chat_case(tok, messages, check=None, by_structure=False, **kw):
         assert ids == check(rendered), ("sentencepiece disagrees", rendered)
     loss = [0] * len(ids)
     spans = answer_spans_chatml(messages, rendered) if by_structure else \
-        answer_spans_by_prefix(tok, messages, rendered, **kw)
+        answer_spans_by_prefix(tok, messages, rendered, trims, **kw)
     for start, end in spans:
         first = common_prefix(enc(rendered[:start]), ids)
         last = common_prefix(enc(rendered[:end]), ids)
@@ -356,8 +397,10 @@ def generate(out_dir: pathlib.Path):
                  {"role": "assistant", "content": "hello"}]], {}),
             ("chat_llama32", l32, False, CONVERSATIONS, {"date_string": LLAMA3_DATE}),
             ("chat_qwen3", q3, True, CONVERSATIONS + qwen_more + QWEN3_CONVERSATIONS, {}),
+            ("chat_qwen3_fuzz", q3, True, fuzz_conversations(3, 60, True), {}),
+            ("chat_llama31_fuzz", l31, False, fuzz_conversations(31, 60, False), {}),
             ("chat_qwen3_instruct", q3i, False, CONVERSATIONS + qwen_more, {})]:
-        cases = [chat_case(tok, c, None, by_structure, **kw) for c in convs]
+        cases = [chat_case(tok, c, None, by_structure, tok in (l31, l32), **kw) for c in convs]
         write_jsonl(out / f"{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
         expected[name] = cases
     # `generate --format chat`'s prompt: transformers' add_generation_prompt (Qwen3 in thinking mode, its default).
