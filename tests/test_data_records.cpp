@@ -95,6 +95,10 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
     check_file("chat_qwen3_instruct", "qwen3_instruct", config());
     check_file("chat_qwen3_instruct", "qwen3_instruct", config({{"chat_template", "qwen3-instruct"}}));
   }
+  SECTION("ShareGPT's conversations (from / value) read as the same messages") {
+    check_file("chat_llama3_sharegpt", "llama3", config());
+    check_file("chat_llama3_sharegpt", "llama3", config({{"format", "chat"}}));
+  }
   SECTION("format named in the config") {
     check_file("chat_llama2", "llama2", config({{"format", "chat"}, {"chat_template", "llama2"}}));
   }
@@ -239,6 +243,14 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
       check_error(load(tools, tok, config({{"chat_template", name}})), qt::ErrorKind::Data,
                   {tools + ":1", "key 'tools'", "not built in"});
     }
+  }
+  SECTION("a ShareGPT message from someone unknown") {
+    const std::string p = write_file(
+        "from.jsonl", ok + "{\"conversations\": [{\"from\": \"human\", \"value\": \"a\"}, {\"from\": \"bot\", "
+                      "\"value\": \"b\"}]}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":2", "conversations[1].from", "\"bot\"", "gpt"});
+    const std::string q = write_file("value.jsonl", "{\"conversations\": [{\"from\": \"human\"}]}\n");
+    check_error(load(q, *l3, config()), qt::ErrorKind::Data, {q + ":1", "conversations[0]", "content", "missing"});
   }
   SECTION("roles that do not alternate") {
     const std::string p = write_file(

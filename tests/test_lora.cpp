@@ -2351,3 +2351,37 @@ TEST_CASE("exact match over ranks: each share answers its records (index modulo 
   CHECK(r1.total == 1);  // record 1
   CHECK(r1.correct == 1);
 }
+
+TEST_CASE("exact match reads ShareGPT conversations and compares answers without their <think> block",
+          "[generate]") {
+  const auto tok = qt::load_tokenizer(fixture("data/llama3"));
+  qt::LlamaModel model = qt::random_llama(qt::test::tiny_llama_config(tok->vocab_size()), {at::kCPU, at::kFloat}, 4);
+  qt::DataConfig data;
+  data.format = qt::RecordFormat::Chat;
+  data.max_seq_len = 256;
+  const std::string dir = qt::test::scratch_dir("exact_match_sharegpt");
+  const auto write = [&](const std::string& name, const std::vector<std::string>& answers) {
+    std::ofstream out(dir + "/" + name);
+    for (size_t i = 0; i < answers.size(); ++i)
+      out << qt::Json{{"conversations",
+                       {{{"from", "human"}, {"value", "question " + std::to_string(i)}},
+                        {{"from", "gpt"}, {"value", answers[i]}}}}}
+                 .dump()
+          << "\n";
+    return dir + "/" + name;
+  };
+  // The model's own greedy answers, then records whose answers are those after a reasoning block (two of three).
+  const qt::ExactMatchResult first = qt::exact_match(model, *tok, data, write("a.jsonl", {"x", "y", "z"}), 3, 2);
+  REQUIRE(first.samples.size() == 3);
+  std::vector<std::string> answers;
+  for (size_t i = 0; i < 3; ++i) {
+    const std::string& s = first.samples[i];
+    answers.push_back(i < 2 ? "<think>\nreasoning " + std::to_string(i) + "\n</think>\n\n" +
+                                  s.substr(1, s.find("' (expected '") - 1)
+                            : std::string("not this answer"));
+  }
+  const qt::ExactMatchResult r = qt::exact_match(model, *tok, data, write("b.jsonl", answers), 3, 2);
+  INFO(r.samples[0] << " | " << r.samples[1] << " | " << r.samples[2]);
+  CHECK(r.total == 3);
+  CHECK(r.correct == 2);
+}

@@ -31,7 +31,7 @@ bool jinja_truthy(const Json& v) {
 }
 
 RecordFormat detect_format(const Json& value, const std::string& where) {
-  if (value.contains("messages")) return RecordFormat::Chat;
+  if (value.contains("messages") || value.contains("conversations")) return RecordFormat::Chat;
   if (value.contains("input_ids")) return RecordFormat::Tokenized;
   if (value.contains("instruction") || value.contains("output")) return RecordFormat::Alpaca;
   if (value.contains("text")) return RecordFormat::Text;
@@ -39,7 +39,8 @@ RecordFormat detect_format(const Json& value, const std::string& where) {
   for (const auto& item : value.items()) keys += (keys.empty() ? "" : ", ") + item.key();
   fail_at(ErrorKind::Data, where,
           "cannot tell the record's format from its keys (" + (keys.empty() ? std::string("none") : keys) +
-              "): expected \"text\", \"instruction\"/\"output\" (alpaca), \"messages\" (chat) or \"input_ids\"");
+              "): expected \"text\", \"instruction\"/\"output\" (alpaca), \"messages\" or \"conversations\" (chat) "
+              "or \"input_ids\"");
 }
 
 Example text_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok) {
@@ -68,13 +69,12 @@ Example alpaca_example(const Json& value, const std::string& where, const DataCo
 
 Example chat_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok,
                      std::optional<ChatFormat>& format) {
-  const Json& list = value.at("messages");
-  if (!list.is_array())
-    fail_key(ErrorKind::Data, where, "messages", std::string("expected a list, got ") + json_type_name(list));
+  const Json list = chat_messages(value, where);
+  const std::string list_key = value.contains("messages") ? "messages" : "conversations";
   std::vector<ChatMessage> messages;
   for (size_t i = 0; i < list.size(); ++i) {
     const Json& m = list[i];
-    const std::string key = "messages[" + std::to_string(i) + "]";
+    const std::string key = list_key + "[" + std::to_string(i) + "]";
     if (!m.is_object())
       fail_key(ErrorKind::Data, where, key, std::string("expected an object, got ") + json_type_name(m));
     messages.push_back({string_field(m, where + ": " + key, "role"), string_field(m, where + ": " + key, "content"),
@@ -171,7 +171,8 @@ Example tokenize_one(const Json& value, const std::string& where, const DataConf
     case RecordFormat::Alpaca:
       return alpaca_example(value, where, config, tok);
     case RecordFormat::Chat:
-      if (!value.contains("messages")) fail_key(ErrorKind::Data, where, "messages", "missing");
+      if (!value.contains("messages") && !value.contains("conversations"))
+        fail_key(ErrorKind::Data, where, "messages", "missing (or ShareGPT's \"conversations\")");
       return chat_example(value, where, config, tok, chat);
     case RecordFormat::Tokenized:
       if (!value.contains("input_ids")) fail_key(ErrorKind::Data, where, "input_ids", "missing");
@@ -183,6 +184,45 @@ Example tokenize_one(const Json& value, const std::string& where, const DataConf
 }
 
 }  // namespace
+
+Json chat_messages(const Json& value, const std::string& where) {
+  if (value.contains("messages")) {
+    const Json& list = value.at("messages");
+    if (!list.is_array())
+      fail_key(ErrorKind::Data, where, "messages", std::string("expected a list, got ") + json_type_name(list));
+    return list;
+  }
+  if (!value.contains("conversations")) return Json();
+  const Json& list = value.at("conversations");
+  if (!list.is_array())
+    fail_key(ErrorKind::Data, where, "conversations", std::string("expected a list, got ") + json_type_name(list));
+  Json out = Json::array();
+  for (size_t i = 0; i < list.size(); ++i) {
+    const Json& m = list[i];
+    const std::string key = "conversations[" + std::to_string(i) + "]";
+    if (!m.is_object() || !m.contains("from")) {
+      out.push_back(m);  // {"role", "content"} (or a bad message, named as such by the chat reader)
+      continue;
+    }
+    const std::string from = string_field(m, where + ": " + key, "from");
+    std::string role;
+    if (from == "human" || from == "user" || from == "input") role = "user";
+    if (from == "gpt" || from == "assistant" || from == "output") role = "assistant";
+    if (from == "system") role = "system";
+    if (role.empty())
+      fail_key(ErrorKind::Data, where, key + ".from",
+               "is \"" + from + "\" (expected \"human\" / \"user\", \"gpt\" / \"assistant\" or \"system\")");
+    Json msg = m;
+    msg.erase("from");
+    msg["role"] = role;
+    if (m.contains("value")) {
+      msg["content"] = m.at("value");
+      msg.erase("value");
+    }
+    out.push_back(std::move(msg));
+  }
+  return out;
+}
 
 Example tokenize_record(const Json& value, const std::string& where, const DataConfig& config,
                         const Tokenizer& tokenizer) {
@@ -213,9 +253,9 @@ Json prompt_record(RecordFormat format, const std::string& prompt, const std::st
 namespace {
 
 // A chat record with a non-empty string reasoning_content in a message: only Qwen3's template renders it.
-bool chat_with_reasoning(const Json& value) {
-  if (!value.contains("messages") || !value.at("messages").is_array()) return false;
-  for (const auto& m : value.at("messages"))
+bool chat_with_reasoning(const Json& messages) {
+  if (!messages.is_array()) return false;
+  for (const auto& m : messages)
     if (m.is_object() && m.contains("reasoning_content") && m.at("reasoning_content").is_string() &&
         !m.at("reasoning_content").get<std::string>().empty())
       return true;
@@ -223,9 +263,9 @@ bool chat_with_reasoning(const Json& value) {
 }
 
 // A chat record without an assistant message: nothing of it is in the loss (unless train_on_prompt).
-bool chat_without_answer(const Json& value) {
-  if (!value.contains("messages") || !value.at("messages").is_array()) return false;
-  for (const auto& m : value.at("messages"))
+bool chat_without_answer(const Json& messages) {
+  if (!messages.is_array()) return false;
+  for (const auto& m : messages)
     if (m.is_object() && m.contains("role") && m.at("role") == "assistant") return false;
   return true;
 }
@@ -242,8 +282,9 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
   for (const auto& r : records) {
     Example e = tokenize_one(r.value, path + ":" + std::to_string(r.line), config, tokenizer, chat);
     e.line = r.line;
-    if (!config.train_on_prompt && chat_without_answer(r.value)) unanswered.push_back(r.line);
-    if (chat && *chat != ChatFormat::Qwen3 && chat_with_reasoning(r.value)) reasoning.push_back(r.line);
+    const Json messages = chat ? chat_messages(r.value, path) : Json();  // (read once already: no error here)
+    if (!config.train_on_prompt && chat_without_answer(messages)) unanswered.push_back(r.line);
+    if (chat && *chat != ChatFormat::Qwen3 && chat_with_reasoning(messages)) reasoning.push_back(r.line);
     out.push_back(std::move(e));
   }
   const auto line_list = [](const std::vector<int64_t>& lines) {

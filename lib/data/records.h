@@ -4,6 +4,7 @@
 //   text       {"text": "..."}                                    BOS (as the tokenizer says) + text + EOS (add_eos)
 //   alpaca     {"instruction", "input" (optional), "output"}     Stanford Alpaca prompt; prompt masked
 //   chat       {"messages": [{"role", "content"}, ...]}          the model's chat template; only answers in the loss
+//              or ShareGPT's {"conversations": [{"from", "value"}, ...]} (from: human / user, gpt / assistant, system)
 //   tokenized  {"input_ids": [...], "labels": [...] (optional)}  labels as transformers': -100 masks a token
 // Extra keys in a record are ignored (datasets carry ids, sources, ...). Every error is qt::Error(Data) naming
 // "file:line" and the key.
@@ -19,6 +20,13 @@ namespace qt {
 // The Stanford Alpaca prompt (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT) for one record; `input` empty
 // selects "prompt_no_input". The answer follows the prompt directly, then EOS, as train.py concatenates them.
 std::string alpaca_prompt(const std::string& instruction, const std::string& input);
+
+// A chat record's messages as [{"role", "content", ...}]: its "messages" as they are, or its ShareGPT
+// "conversations" with each {"from", "value"} made {"role", "content"} (from human / user / input -> user, gpt /
+// assistant / output -> assistant, system -> system, as Unsloth's standardize_sharegpt maps them; messages already
+// {"role", "content"} are kept). A "from" of another value is qt::Error(Data) naming `where` and the key. A record
+// with neither key: null.
+Json chat_messages(const Json& value, const std::string& where);
 
 // Reads and tokenizes every record of `path` (documents are not truncated here; see Dataset).
 std::vector<Example> load_examples(const std::string& path, const DataConfig& config, const Tokenizer& tokenizer);

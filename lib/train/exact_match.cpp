@@ -19,6 +19,13 @@ std::string trim(const std::string& s) {
   return s.substr(a, b - a + 1);
 }
 
+// The answer without a reasoning block before it: what follows the last </think> (Qwen3's template renders an answer
+// as "<think>\n...\n</think>\n\n" + its content, and takes a content's own <think> block out the same way).
+std::string answer_text(const std::string& s) {
+  const size_t close = s.rfind("</think>");
+  return trim(close == std::string::npos ? s : s.substr(close + 8));
+}
+
 }  // namespace
 
 ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, const DataConfig& data,
@@ -40,9 +47,10 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
     std::string expected;
     if (record.value.contains("output")) {
       expected = record_string(record, path, "output");
-    } else if (record.value.contains("messages") && record.value["messages"].is_array() &&
-               !record.value["messages"].empty() && record.value["messages"].back().value("role", "") == "assistant") {
-      expected = record.value["messages"].back().value("content", "");
+    } else if (const Json messages = chat_messages(record.value, where);
+               messages.is_array() && !messages.empty() && messages.back().is_object() &&
+               messages.back().value("role", "") == "assistant" && messages.back().value("content", Json()).is_string()) {
+      expected = messages.back().at("content").get<std::string>();
     } else {
       fail_at(ErrorKind::Data, where, "an exact-match record needs an answer (\"output\", or a last assistant message)");
     }
@@ -53,11 +61,12 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
     GenerateResult g = generate_tokens(model, prompt, gen);
     std::vector<int32_t> answer = g.tokens;
     if (g.stopped && !answer.empty()) answer.pop_back();
-    const std::string got = trim(tokenizer.decode(answer));
-    const bool ok = got == trim(expected);
+    const std::string got = answer_text(tokenizer.decode(answer));
+    expected = answer_text(expected);
+    const bool ok = got == expected;
     r.correct += ok;
     ++r.total;
-    if (r.samples.size() < 3) r.samples.push_back("'" + got + "' (expected '" + trim(expected) + "')" + (ok ? " ok" : ""));
+    if (r.samples.size() < 3) r.samples.push_back("'" + got + "' (expected '" + expected + "')" + (ok ? " ok" : ""));
   }
   return r;
 }

@@ -2,7 +2,8 @@
 // Exact-match accuracy of greedy generations on held-out prompt/answer records (alpaca or chat), the metric the
 // demo prints before and after fine-tuning. The prompt is tokenized exactly as in training (the record's tokens
 // before its first loss token); the generation stops at EOS / end-of-turn and is compared, whitespace-trimmed,
-// with the expected answer.
+// with the expected answer, each without a reasoning block before it (what follows the last </think>: Qwen3's
+// answers).
 #include <string>
 #include <vector>
 

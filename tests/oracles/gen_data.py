@@ -423,6 +423,16 @@ def generate(out_dir: pathlib.Path):
         cases = [chat_case(tok, c, check) for c in convs]
         write_jsonl(out / f"{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
         expected[name] = cases
+    # ShareGPT's {"conversations": [{"from", "value"}]} (human / gpt / system, and "user" / "assistant" as from; some
+    # messages {"role", "content"} already): read as the same messages, the same ids and loss masks.
+    froms = {"user": ["human", "user"], "assistant": ["gpt", "assistant"], "system": ["system"]}
+    sharegpt = []
+    for i, c in enumerate(CONVERSATIONS):
+        conv = [m if (i + j) % 4 == 3 else {"from": froms[m["role"]][(i + j) % len(froms[m["role"]])],
+                                            "value": m["content"]} for j, m in enumerate(c)]
+        sharegpt.append({"conversations": conv, "id": i})
+    write_jsonl(out / "chat_llama3_sharegpt.jsonl", sharegpt)
+    expected["chat_llama3_sharegpt"] = expected["chat_llama3"]
     for name, tok in [("llama3", l3), ("llama2", l2)]:
         expected[f"alpaca_{name}"] = [alpaca_case(tok, r) for r in ALPACA]
         write_jsonl(out / f"alpaca_{name}.jsonl", ALPACA)
