@@ -49,7 +49,8 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
       expected = record_string(record, path, "output");
     } else if (const Json messages = chat_messages(record.value, where);
                messages.is_array() && !messages.empty() && messages.back().is_object() &&
-               messages.back().value("role", "") == "assistant" && messages.back().value("content", Json()).is_string()) {
+               messages.back().value("role", "") == "assistant" &&
+               messages.back().value("content", Json()).is_string()) {
       expected = messages.back().at("content").get<std::string>();
     } else {
       fail_at(ErrorKind::Data, where, "an exact-match record needs an answer (\"output\", or a last assistant message)");
