@@ -404,12 +404,17 @@ def generate(out_dir: pathlib.Path):
         write_jsonl(out / f"{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
         expected[name] = cases
     # `generate --format chat`'s prompt: transformers' add_generation_prompt (Qwen3 in thinking mode, its default).
+    # Mistral's template has no generation prompt: the conversation up to its last user turn. Llama 2's is left out:
+    # its answers start with ' ' + content, and where that space is a token of its own (this small vocabulary has no
+    # "▁Answer") training's prompt keeps it, as generate does; transformers' prompt ends before it.
     expected["generation_prompts"] = [
         {"model": model, "system": c[0]["content"] if c[0]["role"] == "system" else "", "user": c[-1]["content"],
          "ids": ids_of(tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True))}
-        for model, tok in [("llama3", l3), ("llama31", l31), ("qwen", qw), ("qwen3", q3), ("qwen3_instruct", q3i)]
+        for model, tok in [("llama3", l3), ("llama31", l31), ("qwen", qw), ("qwen3", q3), ("qwen3_instruct", q3i),
+                           ("mistral", mi)]
         for c in ([{"role": "user", "content": "Hello world"}],
-                  [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"}])]
+                  [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"}])
+        if not (model == "mistral" and c[0]["role"] == "system")]
     # The structural spans agree with the prefix ones where both apply (ChatML without <think> blocks).
     for c in CONVERSATIONS + qwen_more:
         assert chat_case(q3i, c, None, True) == chat_case(q3i, c)
