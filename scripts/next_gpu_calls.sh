@@ -469,7 +469,7 @@ case "$CALL" in
   note "   byte for byte, fp16 following fp32's losses) and bf16 eval against transformers (test_eval_gpu.py)"
   mkdir -p build-gpu/tests
   rm -rf build-gpu/tests/fixtures && cp -r build/tests/fixtures build-gpu/tests/fixtures
-  (cd build-gpu && timeout 240 ctest -R "e2e: test_(fp16|eval)_gpu" -E oracles_generate --output-on-failure \
+  (cd build-gpu && timeout 240 ctest -R "e2e: test_(fp16|eval)_gpu" -FA oracles --output-on-failure \
     --timeout 200) >"$L/ctest_e2e_gpu.log" 2>&1
   grep -E "tests passed|tests failed|Passed|\(Failed\)|FAILED|checks passed|cuda bf16" "$L/ctest_e2e_gpu.log" |
     head -n 30 >>"$summary"
