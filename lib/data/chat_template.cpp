@@ -188,6 +188,12 @@ std::vector<RenderPiece> render_mistral(const std::vector<ChatMessage>& messages
 }
 
 constexpr const char* kQwenDefaultSystem = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
+// Qwen2-*-Instruct's and Qwen1.5-*-Chat's chat_template:
+//   {% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are
+//   a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] +
+//   '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}
+// (Qwen2.5's ChatML with another default system prompt, and no tools.)
+constexpr const char* kQwen2DefaultSystem = "You are a helpful assistant.";
 
 // ChatML as Qwen2.5-*-Instruct's tokenizer_config.json chat_template renders it without tools:
 //   {%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
@@ -314,6 +320,8 @@ ChatTemplateChoice choice_of(ChatFormat format) {
       return ChatTemplateChoice::Mistral;
     case ChatFormat::ChatML:
       return ChatTemplateChoice::ChatML;
+    case ChatFormat::Qwen2:
+      return ChatTemplateChoice::Qwen2;
     case ChatFormat::Qwen3:
       return ChatTemplateChoice::Qwen3;
     case ChatFormat::Qwen3Instruct:
@@ -328,7 +336,7 @@ const char* chat_format_name(ChatFormat format) { return chat_template_name(choi
 
 ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jinja, const std::string& config_file) {
   for (const ChatFormat f : {ChatFormat::Llama3, ChatFormat::Llama31, ChatFormat::Llama2, ChatFormat::Mistral,
-                             ChatFormat::ChatML, ChatFormat::Qwen3, ChatFormat::Qwen3Instruct})
+                             ChatFormat::ChatML, ChatFormat::Qwen2, ChatFormat::Qwen3, ChatFormat::Qwen3Instruct})
     if (choice_of(f) == choice) return f;
   std::string names;
   for (const std::string& n : chat_template_names())
@@ -359,9 +367,9 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
   }
   if (contains(jinja, "<|im_start|>")) {
     // Qwen3's (the hybrid models': enable_thinking, <think> blocks after the last query), Qwen2.5's (its default
-    // system prompt) and Qwen3-Instruct-2507's (no default system prompt, tools as Qwen3's: no begin token, no other
-    // default system prompt). Others (Qwen2's "You are a helpful assistant.", Qwen3-Thinking-2507's, QwQ's,
-    // SmolLM's, Hermes's) render different text.
+    // system prompt), Qwen2's (its own, no tools) and Qwen3-Instruct-2507's (no default system prompt, tools as
+    // Qwen3's: no begin token, no other default system prompt). Others (Qwen3-Thinking-2507's, QwQ's, SmolLM's,
+    // Hermes's) render different text.
     if (contains(jinja, "<think>")) {
       if (contains(jinja, "enable_thinking") && contains(jinja, "last_query_index") &&
           contains(jinja, "reasoning_content"))
@@ -369,11 +377,14 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
       refuse("a ChatML one (<|im_start|>) with <think> blocks other than Qwen3's");
     }
     if (contains(jinja, kQwenDefaultSystem)) return ChatFormat::ChatML;
+    const std::string qwen2_system = std::string("system\\n") + kQwen2DefaultSystem + "<|im_end|>";  // "\n" as Jinja
+    if (contains(jinja, qwen2_system.c_str()) && !contains(jinja, "bos_token") && !contains(jinja, "tool"))
+      return ChatFormat::Qwen2;
     if (contains(jinja, "<tool_response>") && !contains(jinja, "bos_token") && !contains(jinja, "You are Qwen") &&
         !contains(jinja, "You are a helpful"))
       return ChatFormat::Qwen3Instruct;
-    refuse("a ChatML one (<|im_start|>) other than Qwen2.5's, Qwen3's or Qwen3-Instruct-2507's (another default "
-           "system prompt)");
+    refuse("a ChatML one (<|im_start|>) other than Qwen2.5's, Qwen2's, Qwen3's or Qwen3-Instruct-2507's (another "
+           "default system prompt)");
   }
   refuse("not one of the built-in formats: \"" + jinja.substr(0, 60) + (jinja.size() > 60 ? "...\"" : "\""));
   fail(ErrorKind::Internal, "resolve_chat_format: unreachable");
@@ -407,6 +418,8 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
       return render_mistral(messages, tokenizer, train_on_prompt, where);
     case ChatFormat::ChatML:
       return render_chatml(messages, tokenizer, train_on_prompt, format, kQwenDefaultSystem);
+    case ChatFormat::Qwen2:
+      return render_chatml(messages, tokenizer, train_on_prompt, format, kQwen2DefaultSystem);
     case ChatFormat::Qwen3:
       return render_qwen3(messages, tokenizer, train_on_prompt);
     case ChatFormat::Qwen3Instruct:

@@ -103,6 +103,12 @@ QWEN25 = r"""{%- if tools %}
 {%- endif %}
 """
 
+# Qwen/Qwen2-7B-Instruct (and Qwen1.5-*-Chat): ChatML with "You are a helpful assistant." as its default system prompt
+QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+         "You are a helpful assistant.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + "
+         "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
+         "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
 # Official templates kept as files in chat_templates/, byte for byte the models' tokenizer_config.json
 # chat_template (as TRL ships them in trl/chat_templates): meta-llama/Llama-3.1-8B-Instruct (llama3_1),
 # meta-llama/Llama-3.2-1B-Instruct (llama3_2), Qwen/Qwen3-8B (qwen3), Qwen/Qwen3-4B-Instruct-2507
@@ -374,7 +380,9 @@ def generate(out_dir: pathlib.Path):
     qw = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen", work / "bpe", QWEN25)))
     q3 = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen3", work / "bpe", QWEN3, ["<think>", "</think>"])))
     q3i = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen3_instruct", work / "bpe", QWEN3_2507)))
-    for tok, template in [(l3, LLAMA3), (l31, LLAMA31), (l32, LLAMA32), (qw, QWEN25), (q3, QWEN3), (q3i, QWEN3_2507)]:
+    q2 = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen2", work / "bpe", QWEN2)))
+    for tok, template in [(l3, LLAMA3), (l31, LLAMA31), (l32, LLAMA32), (qw, QWEN25), (q3, QWEN3), (q3i, QWEN3_2507),
+                          (q2, QWEN2)]:
         assert tok.chat_template == template
     assert q3.convert_tokens_to_ids("<think>") == q3.convert_tokens_to_ids("<|im_end|>") + 1
     model_dir("llama2", "spm", LLAMA2)
@@ -399,7 +407,8 @@ def generate(out_dir: pathlib.Path):
             ("chat_qwen3", q3, True, CONVERSATIONS + qwen_more + QWEN3_CONVERSATIONS, {}),
             ("chat_qwen3_fuzz", q3, True, fuzz_conversations(3, 60, True), {}),
             ("chat_llama31_fuzz", l31, False, fuzz_conversations(31, 60, False), {}),
-            ("chat_qwen3_instruct", q3i, False, CONVERSATIONS + qwen_more, {})]:
+            ("chat_qwen3_instruct", q3i, False, CONVERSATIONS + qwen_more, {}),
+            ("chat_qwen2", q2, False, CONVERSATIONS + qwen_more, {})]:
         cases = [chat_case(tok, c, None, by_structure, tok in (l31, l32), **kw) for c in convs]
         write_jsonl(out / f"{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
         expected[name] = cases
@@ -411,7 +420,7 @@ def generate(out_dir: pathlib.Path):
         {"model": model, "system": c[0]["content"] if c[0]["role"] == "system" else "", "user": c[-1]["content"],
          "ids": ids_of(tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True))}
         for model, tok in [("llama3", l3), ("llama31", l31), ("qwen", qw), ("qwen3", q3), ("qwen3_instruct", q3i),
-                           ("mistral", mi)]
+                           ("qwen2", q2), ("mistral", mi)]
         for c in ([{"role": "user", "content": "Hello world"}],
                   [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"}])
         if not (model == "mistral" and c[0]["role"] == "system")]
