@@ -1,5 +1,7 @@
 #include "lib/data/chat_template.h"
 
+#include <utility>
+
 #include "lib/core/error.h"
 #include "lib/data/unicode_tables.h"
 #include "lib/data/unicode_text.h"
@@ -303,41 +305,24 @@ std::vector<RenderPiece> render_qwen3(const std::vector<ChatMessage>& messages, 
 
 bool contains(const std::string& s, const char* what) { return s.find(what) != std::string::npos; }
 
+// Each format is the data.chat_template choice of the same name.
+constexpr std::pair<ChatFormat, ChatTemplateChoice> kFormats[] = {
+    {ChatFormat::Llama3, ChatTemplateChoice::Llama3},   {ChatFormat::Llama31, ChatTemplateChoice::Llama31},
+    {ChatFormat::Llama2, ChatTemplateChoice::Llama2},   {ChatFormat::Mistral, ChatTemplateChoice::Mistral},
+    {ChatFormat::ChatML, ChatTemplateChoice::ChatML},   {ChatFormat::Qwen2, ChatTemplateChoice::Qwen2},
+    {ChatFormat::Qwen3, ChatTemplateChoice::Qwen3},     {ChatFormat::Qwen3Instruct, ChatTemplateChoice::Qwen3Instruct}};
+
 }  // namespace
 
-namespace {
-
-// Each format is the data.chat_template choice of the same name.
-ChatTemplateChoice choice_of(ChatFormat format) {
-  switch (format) {
-    case ChatFormat::Llama3:
-      return ChatTemplateChoice::Llama3;
-    case ChatFormat::Llama31:
-      return ChatTemplateChoice::Llama31;
-    case ChatFormat::Llama2:
-      return ChatTemplateChoice::Llama2;
-    case ChatFormat::Mistral:
-      return ChatTemplateChoice::Mistral;
-    case ChatFormat::ChatML:
-      return ChatTemplateChoice::ChatML;
-    case ChatFormat::Qwen2:
-      return ChatTemplateChoice::Qwen2;
-    case ChatFormat::Qwen3:
-      return ChatTemplateChoice::Qwen3;
-    case ChatFormat::Qwen3Instruct:
-      return ChatTemplateChoice::Qwen3Instruct;
-  }
-  fail(ErrorKind::Internal, "choice_of: unknown chat format");
+const char* chat_format_name(ChatFormat format) {
+  for (const auto& [f, c] : kFormats)
+    if (f == format) return chat_template_name(c);
+  return "?";
 }
 
-}  // namespace
-
-const char* chat_format_name(ChatFormat format) { return chat_template_name(choice_of(format)); }
-
 ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jinja, const std::string& config_file) {
-  for (const ChatFormat f : {ChatFormat::Llama3, ChatFormat::Llama31, ChatFormat::Llama2, ChatFormat::Mistral,
-                             ChatFormat::ChatML, ChatFormat::Qwen2, ChatFormat::Qwen3, ChatFormat::Qwen3Instruct})
-    if (choice_of(f) == choice) return f;
+  for (const auto& [f, c] : kFormats)
+    if (c == choice) return f;
   std::string names;
   for (const std::string& n : chat_template_names())
     if (n != "auto") names += (names.empty() ? "\"" : ", \"") + n + "\"";
