@@ -3,6 +3,7 @@
 // errors a user sees for bad data.
 #include <unistd.h>
 
+#include <algorithm>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -124,6 +125,20 @@ TEST_CASE("a chat prompt ends where transformers' generation prompt does", "[dat
     CHECK(qt::prompt_tokens(qt::tokenize_record(record, "--prompt", cfg, *tok)) ==
           c.at("ids").get<std::vector<int32_t>>());
   }
+  // generate --format completion: the prompt as TRL tokenizes a completion record's prompt.
+  for (const std::string model : {"llama3", "llama2"}) {
+    auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
+    for (const auto& c : expected().at("completion_" + model)) {
+      const std::string prompt = c.at("record").at("prompt").get<std::string>();
+      INFO(model << " prompt \"" << prompt << "\"");
+      const auto ids = c.at("ids").get<std::vector<int32_t>>();
+      const auto loss = c.at("loss").get<std::vector<int32_t>>();
+      const auto prompt_end = ids.begin() + (std::find(loss.begin(), loss.end(), 1) - loss.begin());
+      const std::vector<int32_t> want(ids.begin(), prompt_end);
+      const qt::Json record = qt::prompt_record(qt::RecordFormat::Completion, prompt, "", "");
+      CHECK(qt::prompt_tokens(qt::tokenize_record(record, "--prompt", config(), *tok)) == want);
+    }
+  }
 }
 
 TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
@@ -148,9 +163,15 @@ TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
   }
 }
 
-TEST_CASE("alpaca and text records tokenize as transformers", "[data]") {
+TEST_CASE("alpaca, completion and text records tokenize as transformers", "[data]") {
   SECTION("alpaca llama3") { check_file("alpaca_llama3", "llama3", config()); }
   SECTION("alpaca llama2") { check_file("alpaca_llama2", "llama2", config()); }
+  SECTION("completion (TRL's prompt-completion: strings, and lists of messages through the chat template)") {
+    check_file("completion_llama3", "llama3", config());
+    check_file("completion_llama2", "llama2", config({{"format", "completion"}}));
+    check_file("completion_chat_llama3", "llama3", config());
+    check_file("completion_llama3", "llama3", config({{"train_on_prompt", true}}));
+  }
   SECTION("text llama3") { check_file("text_llama3", "llama3", config({{"format", "text"}})); }
   SECTION("text llama2") { check_file("text_llama2", "llama2", config()); }
   SECTION("text without EOS") {
@@ -252,6 +273,11 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
                   {tools + ":1", "key 'tools'", "not built in"});
     }
   }
+  SECTION("a completion record of a string and a list") {
+    const std::string p = write_file(
+        "mixed.jsonl", "{\"prompt\": \"a\", \"completion\": [{\"role\": \"assistant\", \"content\": \"b\"}]}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":1", "completion", "expected a string", "list"});
+  }
   SECTION("a ShareGPT message from someone unknown") {
     const std::string p = write_file(
         "from.jsonl", ok + "{\"conversations\": [{\"from\": \"human\", \"value\": \"a\"}, {\"from\": \"bot\", "
@@ -338,8 +364,9 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
     check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":1", "attention_mask", "entry 2 is 0"});
   }
   SECTION("record of no known shape") {
-    const std::string p = write_file("shape.jsonl", "{\"prompt\": \"x\", \"completion\": \"y\"}\n");
-    check_error(load(p, *l3, config()), qt::ErrorKind::Data, {p + ":1", "prompt", "completion"});
+    const std::string p = write_file("shape.jsonl", "{\"question\": \"x\", \"answer\": \"y\"}\n");
+    check_error(load(p, *l3, config()), qt::ErrorKind::Data,
+                {p + ":1", "answer, question", "\"prompt\"/\"completion\"", "\"conversations\" (chat)"});
   }
   SECTION("record that is not the configured format") {
     const std::string p = write_file("fmt.jsonl", ok);

@@ -226,8 +226,9 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("--adapter", eval.adapter, "LoRA adapter directory (PEFT format) applied to the base")
       ->check(kPath);
   eval_cmd->add_option("--format", eval.format,
-                       "record format, as data.format: auto (each record's keys decide), text, alpaca, chat or tokenized")
-      ->check(CLI::IsMember({"auto", "text", "alpaca", "chat", "tokenized"}));
+                       "record format, as data.format: auto (each record's keys decide), text, alpaca, chat, "
+                       "completion or tokenized")
+      ->check(CLI::IsMember({"auto", "text", "alpaca", "chat", "completion", "tokenized"}));
   eval_cmd->add_option("--chat-template", eval.chat_template,
                        "chat records' template, as data.chat_template: auto (from tokenizer_config.json) or a "
                        "built-in one")
@@ -285,9 +286,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"nf4", "none"}));
   gen_cmd->add_flag("--json", gen.json, "print {prompt_ids, ids, text, stop} instead of the text");
   gen_cmd->add_option("--format", gen.format,
-                      "text (the prompt as it is), alpaca (--prompt is the instruction) or chat (--prompt is the user "
-                      "message), rendered as training renders the prompt of such a record")
-      ->check(CLI::IsMember({"text", "alpaca", "chat"}));
+                      "text (the prompt as it is), alpaca (--prompt is the instruction), completion (--prompt is a "
+                      "prompt-completion record's prompt) or chat (--prompt is the user message), rendered as training "
+                      "renders the prompt of such a record")
+      ->check(CLI::IsMember({"text", "alpaca", "completion", "chat"}));
   gen_cmd->add_option("--chat-template", gen.chat_template,
                       "with --format chat, as data.chat_template: auto (from tokenizer_config.json) or a built-in "
                       "one")

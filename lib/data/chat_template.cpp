@@ -53,6 +53,9 @@ int32_t eos_of(const Tokenizer& tok, ChatFormat format) {
   return tok.eos_id();
 }
 
+// An answer in the loss: an assistant message's, unless it belongs to a completion record's prompt.
+bool answer(const ChatMessage& m) { return m.role == "assistant" && m.target; }
+
 void check_role(const ChatMessage& m, size_t index, const std::string& where) {
   if (m.role != "system" && m.role != "user" && m.role != "assistant")
     fail_at(ErrorKind::Data, where,
@@ -91,20 +94,20 @@ Llama3Tokens llama3_tokens(const Tokenizer& tok, ChatFormat format) {
 }
 
 void append_llama3_turn(std::vector<RenderPiece>& out, const Llama3Tokens& t, const std::string& role,
-                        const std::string& text, bool prompt_loss, bool answer) {
+                        const std::string& text, bool prompt_loss, bool in_loss) {
   out.push_back({"", t.start, prompt_loss});
   out.push_back({role, -1, prompt_loss});
   out.push_back({"", t.end, prompt_loss});
   out.push_back({"\n\n", -1, prompt_loss});
-  out.push_back({text, -1, answer});
-  out.push_back({"", t.eot, answer});  // the end of the turn: what teaches the model to stop
+  out.push_back({text, -1, in_loss});
+  out.push_back({"", t.eot, in_loss});  // the end of the turn: what teaches the model to stop
 }
 
 std::vector<RenderPiece> render_llama3(const std::vector<ChatMessage>& messages, const Tokenizer& tok, bool all) {
   const Llama3Tokens t = llama3_tokens(tok, ChatFormat::Llama3);
   std::vector<RenderPiece> out{{"", bos_of(tok, ChatFormat::Llama3), all}};
   for (const auto& m : messages)
-    append_llama3_turn(out, t, m.role, py_strip(m.content), all, all || m.role == "assistant");
+    append_llama3_turn(out, t, m.role, py_strip(m.content), all, all || answer(m));
   return out;
 }
 
@@ -131,8 +134,7 @@ std::vector<RenderPiece> render_llama31(const std::vector<ChatMessage>& messages
                          (has_system ? py_strip(messages[0].content) : ""),
                      all, all);
   for (size_t i = has_system ? 1 : 0; i < messages.size(); ++i)
-    append_llama3_turn(out, t, messages[i].role, py_strip(messages[i].content), all,
-                       all || messages[i].role == "assistant");
+    append_llama3_turn(out, t, messages[i].role, py_strip(messages[i].content), all, all || answer(messages[i]));
   return out;
 }
 
@@ -158,8 +160,8 @@ std::vector<RenderPiece> render_llama2(const std::vector<ChatMessage>& messages,
       out.push_back({"[INST] " + py_strip(content) + " [/INST]", -1, all});
     } else {
       out.push_back({" ", -1, all});
-      out.push_back({py_strip(content) + " ", -1, true});
-      out.push_back({"", eos, true});
+      out.push_back({py_strip(content) + " ", -1, all || answer(messages[i])});
+      out.push_back({"", eos, all || answer(messages[i])});
     }
   }
   return out;
@@ -182,8 +184,8 @@ std::vector<RenderPiece> render_mistral(const std::vector<ChatMessage>& messages
     if (m.role == "user") {
       out.push_back({"[INST] " + m.content + " [/INST]", -1, all});
     } else {
-      out.push_back({m.content, -1, true});
-      out.push_back({"", eos, true});
+      out.push_back({m.content, -1, all || answer(m)});
+      out.push_back({"", eos, all || answer(m)});
     }
   }
   return out;
@@ -220,12 +222,12 @@ std::vector<RenderPiece> render_chatml(const std::vector<ChatMessage>& messages,
     out.push_back({"\n", -1, all});
   }
   for (const auto& m : messages) {
-    const bool answer = all || m.role == "assistant";
+    const bool in_loss = all || answer(m);
     out.push_back({"", start, all});
     out.push_back({m.role + "\n", -1, all});
-    out.push_back({m.content, -1, answer});
-    out.push_back({"", end, answer});
-    out.push_back({"\n", -1, answer});
+    out.push_back({m.content, -1, in_loss});
+    out.push_back({"", end, in_loss});
+    out.push_back({"\n", -1, in_loss});
   }
   return out;
 }
@@ -278,7 +280,7 @@ std::vector<RenderPiece> render_qwen3(const std::vector<ChatMessage>& messages, 
   std::vector<RenderPiece> out;
   for (size_t i = 0; i < messages.size(); ++i) {
     const ChatMessage& m = messages[i];
-    const bool answer = all || m.role == "assistant";
+    const bool in_loss = all || answer(m);
     std::string content = m.content;
     if (m.role == "assistant") {
       std::string reasoning;
@@ -296,9 +298,9 @@ std::vector<RenderPiece> render_qwen3(const std::vector<ChatMessage>& messages, 
     }
     out.push_back({"", start, all});
     out.push_back({m.role + "\n", -1, all});
-    out.push_back({content, -1, answer});
-    out.push_back({"", end, answer});
-    out.push_back({"\n", -1, answer});
+    out.push_back({content, -1, in_loss});
+    out.push_back({"", end, in_loss});
+    out.push_back({"\n", -1, in_loss});
   }
   return out;
 }

@@ -28,12 +28,14 @@ struct ChatMessage {
   std::string content;
   bool tool_calls = false;  // the message has a non-empty "tool_calls" (what a template may render beside content)
   std::optional<std::string> reasoning_content;  // a string "reasoning_content" (Qwen3's template renders it)
+  bool target = true;  // an assistant message's answer is in the loss (false: a prompt's, as a completion record's)
 };
 
-// The conversation as the template renders it, as pieces: assistant answers and their end-of-turn token in the
-// loss (everything when train_on_prompt). Roles the format does not accept (an unknown role, a system message
-// not first, user/assistant not alternating where the template raises) are qt::Error(Data) naming `where`
-// ("file:line") and the role. `tools`: the record has a non-empty "tools" list (TRL passes it to the template).
+// The conversation as the template renders it, as pieces: assistant answers (those marked target) and their
+// end-of-turn token in the loss (everything when train_on_prompt). Roles the format does not accept (an unknown
+// role, a system message not first, user/assistant not alternating where the template raises) are qt::Error(Data)
+// naming `where` ("file:line") and the role. `tools`: the record has a non-empty "tools" list (TRL passes it to the
+// template).
 // Tools and tool calls that the format's template renders (ChatML, Qwen3: a <tools> system prompt and <tool_call>
 // blocks; Llama 3.1: tools in the first user message, a call as JSON) are not built in: qt::Error(Data) naming the
 // key, never rendered without them.

@@ -12,6 +12,13 @@ const std::vector<std::string> kKeys = {"train_file",    "eval_file",       "eva
                                         "chat_template", "max_seq_len",     "packing",       "shuffle",
                                         "seed",          "train_on_prompt", "add_eos",       "truncation"};
 
+const std::vector<std::pair<std::string, RecordFormat>>& record_formats() {
+  static const std::vector<std::pair<std::string, RecordFormat>> table = {
+      {"auto", RecordFormat::Auto}, {"text", RecordFormat::Text},             {"alpaca", RecordFormat::Alpaca},
+      {"chat", RecordFormat::Chat}, {"completion", RecordFormat::Completion}, {"tokenized", RecordFormat::Tokenized}};
+  return table;
+}
+
 const std::vector<std::pair<std::string, ChatTemplateChoice>>& chat_templates() {
   static const std::vector<std::pair<std::string, ChatTemplateChoice>> table = {
       {"auto", ChatTemplateChoice::Auto},         {"llama3", ChatTemplateChoice::Llama3},
@@ -41,18 +48,8 @@ E pick(const JsonReader& r, const std::string& key, E fallback, const std::vecto
 }  // namespace
 
 const char* record_format_name(RecordFormat format) {
-  switch (format) {
-    case RecordFormat::Auto:
-      return "auto";
-    case RecordFormat::Text:
-      return "text";
-    case RecordFormat::Alpaca:
-      return "alpaca";
-    case RecordFormat::Chat:
-      return "chat";
-    case RecordFormat::Tokenized:
-      return "tokenized";
-  }
+  for (const auto& [name, f] : record_formats())
+    if (f == format) return name.c_str();
   return "?";
 }
 
@@ -117,12 +114,7 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file, b
   for (const auto& f : c.train_files) c.train_file += (c.train_file.empty() ? "" : ", ") + f;
   c.eval_file = r.get_string("eval_file", c.eval_file);
   c.eval_fraction = r.get_double("eval_fraction", c.eval_fraction);
-  c.format = pick<RecordFormat>(r, "format", c.format,
-                                {{"auto", RecordFormat::Auto},
-                                 {"text", RecordFormat::Text},
-                                 {"alpaca", RecordFormat::Alpaca},
-                                 {"chat", RecordFormat::Chat},
-                                 {"tokenized", RecordFormat::Tokenized}});
+  c.format = pick<RecordFormat>(r, "format", c.format, record_formats());
   c.chat_template = pick<ChatTemplateChoice>(r, "chat_template", c.chat_template, chat_templates());
   c.max_seq_len = r.get_int("max_seq_len", c.max_seq_len);
   c.truncation = pick<Truncation>(r, "truncation", c.truncation,

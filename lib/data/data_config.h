@@ -9,7 +9,7 @@
 
 namespace qt {
 
-enum class RecordFormat { Auto, Text, Alpaca, Chat, Tokenized };
+enum class RecordFormat { Auto, Text, Alpaca, Chat, Completion, Tokenized };
 // The built-in chat templates (lib/data/chat_template.h says which model's each is); auto: recognised from the
 // tokenizer's chat_template.
 enum class ChatTemplateChoice { Auto, Llama3, Llama31, Llama2, Mistral, ChatML, Qwen2, Qwen3, Qwen3Instruct };

@@ -33,14 +33,15 @@ bool jinja_truthy(const Json& v) {
 RecordFormat detect_format(const Json& value, const std::string& where) {
   if (value.contains("messages") || value.contains("conversations")) return RecordFormat::Chat;
   if (value.contains("input_ids")) return RecordFormat::Tokenized;
+  if (value.contains("prompt") && value.contains("completion")) return RecordFormat::Completion;
   if (value.contains("instruction") || value.contains("output")) return RecordFormat::Alpaca;
   if (value.contains("text")) return RecordFormat::Text;
   std::string keys;
   for (const auto& item : value.items()) keys += (keys.empty() ? "" : ", ") + item.key();
   fail_at(ErrorKind::Data, where,
           "cannot tell the record's format from its keys (" + (keys.empty() ? std::string("none") : keys) +
-              "): expected \"text\", \"instruction\"/\"output\" (alpaca), \"messages\" or \"conversations\" (chat) "
-              "or \"input_ids\"");
+              "): expected \"text\", \"instruction\"/\"output\" (alpaca), \"messages\" or \"conversations\" (chat), "
+              "\"prompt\"/\"completion\" or \"input_ids\"");
 }
 
 Example text_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok) {
@@ -67,25 +68,63 @@ Example alpaca_example(const Json& value, const std::string& where, const DataCo
   return tokenize_rendered(pieces, tok);
 }
 
-Example chat_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok,
-                     std::optional<ChatFormat>& format) {
-  const Json list = chat_messages(value, where);
-  const std::string list_key = value.contains("messages") ? "messages" : "conversations";
-  std::vector<ChatMessage> messages;
+// `list`'s messages (a record's `key`), appended to `out`; `target` false: none of their answers is in the loss.
+void read_messages(const Json& list, const std::string& where, const std::string& key, bool target,
+                   std::vector<ChatMessage>& out) {
   for (size_t i = 0; i < list.size(); ++i) {
     const Json& m = list[i];
-    const std::string key = list_key + "[" + std::to_string(i) + "]";
+    const std::string at = key + "[" + std::to_string(i) + "]";
     if (!m.is_object())
-      fail_key(ErrorKind::Data, where, key, std::string("expected an object, got ") + json_type_name(m));
-    messages.push_back({string_field(m, where + ": " + key, "role"), string_field(m, where + ": " + key, "content"),
-                         m.contains("tool_calls") && jinja_truthy(m.at("tool_calls")), std::nullopt});
+      fail_key(ErrorKind::Data, where, at, std::string("expected an object, got ") + json_type_name(m));
+    out.push_back({string_field(m, where + ": " + at, "role"), string_field(m, where + ": " + at, "content"),
+                   m.contains("tool_calls") && jinja_truthy(m.at("tool_calls")), std::nullopt, target});
     // Qwen3's template takes reasoning_content where it is a string (`is string`), else the content's <think> block.
     if (m.contains("reasoning_content") && m.at("reasoning_content").is_string())
-      messages.back().reasoning_content = m.at("reasoning_content").get<std::string>();
+      out.back().reasoning_content = m.at("reasoning_content").get<std::string>();
   }
+}
+
+Example render_messages(const std::vector<ChatMessage>& messages, const Json& value, const std::string& where,
+                        const DataConfig& config, const Tokenizer& tok, std::optional<ChatFormat>& format) {
   if (!format) format = resolve_chat_format(config.chat_template, tok.chat_template(), config.file);
   const bool tools = value.contains("tools") && jinja_truthy(value.at("tools"));
   return tokenize_rendered(render_chat(*format, messages, tok, config.train_on_prompt, where, tools), tok);
+}
+
+Example chat_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok,
+                     std::optional<ChatFormat>& format) {
+  std::vector<ChatMessage> messages;
+  read_messages(chat_messages(value, where), where, value.contains("messages") ? "messages" : "conversations", true,
+                messages);
+  return render_messages(messages, value, where, config, tok, format);
+}
+
+// TRL's prompt-completion records. Strings: BOS (as the tokenizer says) + prompt + completion + EOS (unless the
+// completion ends with the EOS token's text), the prompt out of the loss (unless train_on_prompt). Lists of messages:
+// the conversation prompt + completion through the chat template, the completion's answers in the loss.
+Example completion_example(const Json& value, const std::string& where, const DataConfig& config,
+                           const Tokenizer& tok, std::optional<ChatFormat>& format) {
+  const Json &prompt = value.at("prompt"), &completion = value.at("completion");
+  if (prompt.is_array() && completion.is_array()) {
+    std::vector<ChatMessage> messages;
+    read_messages(prompt, where, "prompt", false, messages);
+    read_messages(completion, where, "completion", true, messages);
+    return render_messages(messages, value, where, config, tok, format);
+  }
+  if (!prompt.is_string() || !completion.is_string())
+    fail_key(ErrorKind::Data, where, prompt.is_string() ? "completion" : "prompt",
+             std::string("expected a string (or prompt and completion both lists of messages), got ") +
+                 json_type_name(prompt.is_string() ? completion : prompt));
+  if (tok.eos_id() < 0) fail_at(ErrorKind::Data, where, "completion records end with EOS, but the tokenizer has none");
+  const std::string& text = completion.get_ref<const std::string&>();
+  const std::string eos = tok.id_to_token(tok.eos_id());
+  const bool ends_with_eos = text.size() >= eos.size() && text.compare(text.size() - eos.size(), eos.size(), eos) == 0;
+  std::vector<RenderPiece> pieces;
+  if (tok.add_bos() && tok.bos_id() >= 0) pieces.push_back({"", tok.bos_id(), config.train_on_prompt});
+  pieces.push_back({prompt.get<std::string>(), -1, config.train_on_prompt});
+  pieces.push_back({text, -1, true});
+  if (!ends_with_eos) pieces.push_back({"", tok.eos_id(), true});
+  return tokenize_rendered(pieces, tok);
 }
 
 Example tokenized_example(const Json& value, const std::string& where, const Tokenizer& tok) {
@@ -174,6 +213,10 @@ Example tokenize_one(const Json& value, const std::string& where, const DataConf
       if (!value.contains("messages") && !value.contains("conversations"))
         fail_key(ErrorKind::Data, where, "messages", "missing (or ShareGPT's \"conversations\")");
       return chat_example(value, where, config, tok, chat);
+    case RecordFormat::Completion:
+      for (const char* key : {"prompt", "completion"})
+        if (!value.contains(key)) fail_key(ErrorKind::Data, where, key, "missing");
+      return completion_example(value, where, config, tok, chat);
     case RecordFormat::Tokenized:
       if (!value.contains("input_ids")) fail_key(ErrorKind::Data, where, "input_ids", "missing");
       return tokenized_example(value, where, tok);
@@ -242,7 +285,8 @@ Json prompt_record(RecordFormat format, const std::string& prompt, const std::st
   // prompt's end and the answer goes to the answer, lib/data/rendered_text.h).
   const std::string answer = "Answer";
   if (format == RecordFormat::Alpaca) return Json{{"instruction", prompt}, {"input", input}, {"output", answer}};
-  QT_CHECK(format == RecordFormat::Chat, ErrorKind::Internal, "prompt_record: alpaca or chat only");
+  if (format == RecordFormat::Completion) return Json{{"prompt", prompt}, {"completion", answer}};
+  QT_CHECK(format == RecordFormat::Chat, ErrorKind::Internal, "prompt_record: alpaca, completion or chat only");
   Json messages = Json::array();
   if (!system.empty()) messages.push_back(Json{{"role", "system"}, {"content", system}});
   messages.push_back(Json{{"role", "user"}, {"content", prompt}});

@@ -1,10 +1,12 @@
 #pragma once
-// jsonl records -> tokenized examples. One record per line, in one of four shapes (data.format, or "auto":
+// jsonl records -> tokenized examples. One record per line, in one of five shapes (data.format, or "auto":
 // each record's keys decide):
 //   text       {"text": "..."}                                    BOS (as the tokenizer says) + text + EOS (add_eos)
 //   alpaca     {"instruction", "input" (optional), "output"}     Stanford Alpaca prompt; prompt masked
 //   chat       {"messages": [{"role", "content"}, ...]}          the model's chat template; only answers in the loss
 //              or ShareGPT's {"conversations": [{"from", "value"}, ...]} (from: human / user, gpt / assistant, system)
+//   completion {"prompt", "completion"}                          TRL's prompt-completion: strings (BOS + prompt +
+//              completion + EOS) or lists of messages (the chat template); the prompt out of the loss
 //   tokenized  {"input_ids": [...], "labels": [...] (optional)}  labels as transformers': -100 masks a token
 // Extra keys in a record are ignored (datasets carry ids, sources, ...). Every error is qt::Error(Data) naming
 // "file:line" and the key.
@@ -38,8 +40,9 @@ Example tokenize_record(const Json& value, const std::string& where, const DataC
 // The tokens of a tokenized record before its first loss token: its prompt as training renders and masks it.
 std::vector<int32_t> prompt_tokens(const Example& example);
 
-// A record of `format` (alpaca or chat) asking `prompt` (alpaca: the instruction, with `input`; chat: one user
-// message, after a system message when `system` is not empty) with a placeholder answer: prompt_tokens() of it,
+// A record of `format` (alpaca, completion or chat) asking `prompt` (alpaca: the instruction, with `input`;
+// completion: the prompt text; chat: one user message, after a system message when `system` is not empty) with a
+// placeholder answer: prompt_tokens() of it,
 // tokenized, is what a model trained on such records is given before its answer (`qlora-train generate --format`).
 Json prompt_record(RecordFormat format, const std::string& prompt, const std::string& input,
                    const std::string& system);

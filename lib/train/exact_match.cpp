@@ -47,13 +47,20 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
     std::string expected;
     if (record.value.contains("output")) {
       expected = record_string(record, path, "output");
+    } else if (record.value.contains("completion") && record.value.at("completion").is_string()) {
+      expected = record_string(record, path, "completion");
+    } else if (record.value.contains("completion") && record.value.at("completion").is_array() &&
+               !record.value.at("completion").empty() && record.value.at("completion").back().is_object() &&
+               record.value.at("completion").back().value("content", Json()).is_string()) {
+      expected = record.value.at("completion").back().at("content").get<std::string>();
     } else if (const Json messages = chat_messages(record.value, where);
                messages.is_array() && !messages.empty() && messages.back().is_object() &&
                messages.back().value("role", "") == "assistant" &&
                messages.back().value("content", Json()).is_string()) {
       expected = messages.back().at("content").get<std::string>();
     } else {
-      fail_at(ErrorKind::Data, where, "an exact-match record needs an answer (\"output\", or a last assistant message)");
+      fail_at(ErrorKind::Data, where,
+              "an exact-match record needs an answer (\"output\", \"completion\", or a last assistant message)");
     }
     Example e = tokenize_record(record.value, where, data, tokenizer);
     const std::vector<int32_t> prompt = prompt_tokens(e);

@@ -20,10 +20,11 @@ struct ExactMatchResult {
   std::vector<std::string> samples;  // a few "prompt -> generated (expected)" lines for the log
 };
 
-// Reads up to `max_examples` records of `path` (alpaca: instruction/input/output; chat: the last assistant
-// message is the answer). Throws qt::Error(Data) naming file:line for a record without an answer (every record is
-// checked, whatever the share). shards > 1: generates for the records whose index is `shard` modulo `shards` only
-// (a rank's share under data parallelism; the caller sums correct and total over the ranks).
+// Reads up to `max_examples` records of `path` (alpaca: instruction/input/output; completion: the completion, or
+// its last message; chat: the last assistant message is the answer). Throws qt::Error(Data) naming file:line for a
+// record without an answer (every record is checked, whatever the share). shards > 1: generates for the records
+// whose index is `shard` modulo `shards` only (a rank's share under data parallelism; the caller sums correct and
+// total over the ranks).
 ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, const DataConfig& data,
                              const std::string& path, int64_t max_examples, int64_t max_new_tokens, int shard = 0,
                              int shards = 1);

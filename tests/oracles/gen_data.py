@@ -320,6 +320,35 @@ def alpaca_case(tok, r):
     return {"record": r, "ids": ids, "loss": [int(t >= first) for t in range(len(ids))]}
 
 
+# TRL's prompt-completion records (trl/trainer/sft_trainer.py, tokenize_fn): strings get the EOS token's text
+# appended to the completion where it does not end with it; the ids are the tokenizer's of prompt + completion, the
+# loss mask 0 over as many tokens as the prompt alone has. Lists of messages: the prompt through the chat template
+# with add_generation_prompt, then prompt + completion.
+COMPLETIONS = [
+    {"prompt": "Translate to French: cat", "completion": " chat"},
+    {"prompt": "Q: What is 2+2?\nA:", "completion": " 4\n"},
+    {"prompt": "café naïve", "completion": " résumé 日本語 😀"},
+]
+CONV_COMPLETIONS = [
+    {"prompt": [{"role": "user", "content": "Hello world"}],
+     "completion": [{"role": "assistant", "content": "Hello! How can I help?"}]},
+    {"prompt": [SYSTEM, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And 3+3?"}],
+     "completion": [{"role": "assistant", "content": "6"}]},
+]
+
+
+def completion_case(tok, r):
+    if isinstance(r["prompt"], list):
+        prompt = ids_of(tok.apply_chat_template(r["prompt"], tokenize=True, add_generation_prompt=True))
+        ids = ids_of(tok.apply_chat_template(r["prompt"] + r["completion"], tokenize=True))
+    else:
+        completion = r["completion"] if r["completion"].endswith(tok.eos_token) else r["completion"] + tok.eos_token
+        prompt, ids = ids_of(tok(r["prompt"])), ids_of(tok(r["prompt"] + completion))
+    assert ids[:len(prompt)] == prompt, r  # TRL warns where they part; these records do not
+    return {"record": r, "ids": ids, "loss": [0] * len(prompt) + [1] * (len(ids) - len(prompt))}
+
+
 def text_case(tok, text):
     ids = ids_of(tok(text, split_special_tokens=True)) + [tok.eos_token_id]  # add_eos (default true)
     return {"record": {"text": text}, "ids": ids, "loss": [1] * len(ids)}
@@ -447,6 +476,11 @@ def generate(out_dir: pathlib.Path):
         sharegpt.append({"conversations": conv, "id": i})
     write_jsonl(out / "chat_llama3_sharegpt.jsonl", sharegpt)
     expected["chat_llama3_sharegpt"] = expected["chat_llama3"]
+    for name, tok in [("llama3", l3), ("llama2", l2)]:
+        expected[f"completion_{name}"] = [completion_case(tok, r) for r in COMPLETIONS]
+        write_jsonl(out / f"completion_{name}.jsonl", COMPLETIONS)
+    expected["completion_chat_llama3"] = [completion_case(l3, r) for r in CONV_COMPLETIONS]
+    write_jsonl(out / "completion_chat_llama3.jsonl", CONV_COMPLETIONS)
     for name, tok in [("llama3", l3), ("llama2", l2)]:
         expected[f"alpaca_{name}"] = [alpaca_case(tok, r) for r in ALPACA]
         write_jsonl(out / f"alpaca_{name}.jsonl", ALPACA)
