@@ -12,6 +12,7 @@
 #include "lib/core/json.h"
 #include "lib/data/chat_template.h"
 #include "lib/data/data_config.h"
+#include "lib/data/jsonl.h"
 #include "lib/data/records.h"
 #include "lib/data/tokenizer.h"
 #include "tests/catch.h"
@@ -74,6 +75,13 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
   SECTION("llama3") { check_file("chat_llama3", "llama3", config()); }
   SECTION("llama2") { check_file("chat_llama2", "llama2", config()); }
   SECTION("mistral") { check_file("chat_mistral", "mistral", config()); }
+  SECTION("mistral-v0.3 (control tokens, the dummy prefix at the input's start alone, the system message in a last "
+          "user message only)") {
+    check_file("chat_mistral_v3", "mistral_v3", config());
+    check_file("chat_mistral_v3", "mistral_v3", config({{"chat_template", "mistral-v0.3"}}));
+    check_file("chat_mistral_v3", "mistral_v3", config({{"train_on_prompt", true}}));
+    check_file("chat_mistral_v3_fuzz", "mistral_v3", config());  // random conversations (gen_data.fuzz_alternating)
+  }
   SECTION("chatml (Qwen2.5's template: its default system prompt where there is no system message)") {
     check_file("chat_qwen", "qwen", config());
     check_file("chat_qwen", "qwen", config({{"format", "chat"}, {"chat_template", "chatml"}}));
@@ -114,19 +122,18 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
 }
 
 TEST_CASE("a chat prompt ends where transformers' generation prompt does", "[data]") {
-  // generate --format chat: the prompt of a record whose answer is a placeholder, the tokens before its first target.
+  // generate --format chat: the prompt of a record whose answer is a placeholder, the tokens before its first target
+  // (Mistral v0.3 with a system message: the conversation ending with the user's message).
   const qt::DataConfig cfg = config({{"format", "chat"}});
   for (const auto& c : expected().at("generation_prompts")) {
     const std::string model = c.at("model").get<std::string>();
     INFO(model << " system \"" << c.at("system").get<std::string>() << "\"");
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
-    const qt::Json record =
-        qt::prompt_record(qt::RecordFormat::Chat, c.at("user").get<std::string>(), "", c.at("system").get<std::string>());
-    CHECK(qt::prompt_tokens(qt::tokenize_record(record, "--prompt", cfg, *tok)) ==
-          c.at("ids").get<std::vector<int32_t>>());
+    CHECK(qt::generation_prompt_tokens(cfg, c.at("user").get<std::string>(), "", c.at("system").get<std::string>(),
+                                       *tok) == c.at("ids").get<std::vector<int32_t>>());
   }
   // generate --format completion: the prompt as TRL tokenizes a completion record's prompt.
-  for (const std::string model : {"llama3", "llama2"}) {
+  for (const std::string model : {"llama3", "llama2", "mistral_v3"}) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     for (const auto& c : expected().at("completion_" + model)) {
       const std::string prompt = c.at("record").at("prompt").get<std::string>();
@@ -143,22 +150,28 @@ TEST_CASE("a chat prompt ends where transformers' generation prompt does", "[dat
 
 TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
   for (const std::string model :
-       {"llama3", "llama31", "llama2", "mistral", "qwen", "qwen2", "qwen3", "qwen3_instruct"}) {
+       {"llama3", "llama31", "llama2", "mistral", "mistral_v3", "qwen", "qwen2", "qwen3", "qwen3_instruct"}) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     const int32_t end = model.rfind("llama3", 0) == 0 ? tok->token_to_id("<|eot_id|>")
                         : model.rfind("qwen", 0) == 0 ? tok->token_to_id("<|im_end|>")
                                                       : tok->eos_id();
     REQUIRE(end >= 0);
-    const auto examples = qt::load_examples(qt::test::fixture("data/chat_" + model + ".jsonl"), config(), *tok);
-    for (const auto& e : examples) {
+    const std::string file = qt::test::fixture("data/chat_" + model + ".jsonl");
+    const auto examples = qt::load_examples(file, config(), *tok);
+    const auto records = qt::read_jsonl(file);
+    REQUIRE(records.size() == examples.size());
+    for (size_t i = 0; i < examples.size(); ++i) {
+      const auto& e = examples[i];
       INFO(model << " line " << e.line);
       int64_t ends = 0;
-      for (size_t t = 0; t < e.ids.size(); ++t)
-        if (e.ids[t] == end && (t == 0 || e.loss[t - 1])) {
-          CHECK(e.loss[t] == 1);
-          ++ends;
-        }
-      CHECK(ends >= 1);
+      for (size_t t = 0; t < e.ids.size(); ++t) {
+        if (e.ids[t] != end) continue;
+        if (t == 0 || e.loss[t - 1]) CHECK(e.loss[t] == 1);  // after an answer's last token
+        ends += e.loss[t];  // an empty answer (Mistral v0.3's " </s>"): its end-of-turn token alone
+      }
+      bool answered = false;
+      for (const auto& m : records[i].value.at("messages")) answered = answered || m.at("role") == "assistant";
+      CHECK(ends >= (answered ? 1 : 0));
     }
   }
 }
@@ -166,6 +179,10 @@ TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
 TEST_CASE("alpaca, completion and text records tokenize as transformers", "[data]") {
   SECTION("alpaca llama3") { check_file("alpaca_llama3", "llama3", config()); }
   SECTION("alpaca llama2") { check_file("alpaca_llama2", "llama2", config()); }
+  SECTION("alpaca and completion mistral v0.3 (the BOS the tokenizer adds: the text still starts the input)") {
+    check_file("alpaca_mistral_v3", "mistral_v3", config());
+    check_file("completion_mistral_v3", "mistral_v3", config({{"format", "completion"}}));
+  }
   SECTION("completion (TRL's prompt-completion: strings, and lists of messages through the chat template)") {
     check_file("completion_llama3", "llama3", config());
     check_file("completion_llama2", "llama2", config({{"format", "completion"}}));
@@ -193,7 +210,7 @@ TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
   const std::vector<std::pair<std::string, std::string>> models = {
       {"llama3", "llama3"}, {"llama31", "llama3.1"}, {"llama32", "llama3.1"},     {"llama2", "llama2"},
       {"mistral", "mistral"}, {"qwen", "chatml"},    {"qwen3", "qwen3"}, {"qwen3_instruct", "qwen3-instruct"},
-      {"qwen2", "qwen2"}};
+      {"qwen2", "qwen2"},     {"mistral_v3", "mistral-v0.3"}};
   for (const auto& [model, format] : models) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     CHECK(qt::chat_format_name(qt::resolve_chat_format(ChatTemplateChoice::Auto, tok->chat_template(), "run.json")) ==
@@ -219,6 +236,14 @@ TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
                  "qwen3", "qwen3-instruct"});
   check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "", "run.json"); }, qt::ErrorKind::Config,
               {"run.json", "data.chat_template", "no chat_template"});
+  // Later Mistral templates other than v0.3's (v0.2's update: the system message in the first user turn; Mistral
+  // Small's [SYSTEM_PROMPT] beside the tools): not built in.
+  for (const std::string jinja :
+       {"{%- if loop.first and system_message is defined %}{{- ' [INST] ' + system_message + '\\n\\n' + "
+        "message['content'] + ' [/INST]' }}",
+        "[SYSTEM_PROMPT]{{ system_message }}[/SYSTEM_PROMPT] [AVAILABLE_TOOLS] [INST]{{ message['content'] }}[/INST]"})
+    check_error([&] { qt::resolve_chat_format(ChatTemplateChoice::Auto, jinja, "run.json"); }, qt::ErrorKind::Config,
+                {"run.json", "data.chat_template", "later Mistral", "mistral-v0.3"});
   check_error(
       [] {
         qt::resolve_chat_format(ChatTemplateChoice::Auto, "<|start_header_id|> Cutting Knowledge Date <|image|>",
@@ -262,11 +287,12 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
                           "\"tool_calls\": []}], \"tools\": null}\n");
     CHECK(qt::load_examples(none, config({{"chat_template", "chatml"}}), *qw).size() == 1);
     CHECK(qt::load_examples(calls, config({{"chat_template", "llama3"}}), *l3).size() == 2);
-    // Qwen3's, Qwen3-Instruct-2507's and Llama 3.1's templates render them too.
+    // Qwen3's, Qwen3-Instruct-2507's, Llama 3.1's and Mistral v0.3's templates render them too.
     auto q3 = qt::load_tokenizer(qt::test::fixture("data/qwen3"));
     auto l31 = qt::load_tokenizer(qt::test::fixture("data/llama31"));
-    for (const std::string name : {"qwen3", "qwen3-instruct", "llama3.1"}) {
-      const qt::Tokenizer& tok = name == "llama3.1" ? *l31 : *q3;
+    auto mv3 = qt::load_tokenizer(qt::test::fixture("data/mistral_v3"));
+    for (const std::string name : {"qwen3", "qwen3-instruct", "llama3.1", "mistral-v0.3"}) {
+      const qt::Tokenizer& tok = name == "llama3.1" ? *l31 : name == "mistral-v0.3" ? *mv3 : *q3;
       check_error(load(calls, tok, config({{"chat_template", name}})), qt::ErrorKind::Data,
                   {calls + ":2", "messages[1].tool_calls", name, "not built in"});
       check_error(load(tools, tok, config({{"chat_template", name}})), qt::ErrorKind::Data,

@@ -196,6 +196,12 @@ TEST_CASE("the Modelfile carries the chat format of the model's template and its
       {"{{ '[INST] ' + message['content'] + ' [/INST]' }}",
        "mistral",
        {"{{ .Prompt }} [/INST]", "PARAMETER stop \"[INST]\"\n"}},
+      // Mistral v0.3's: the system message in the last user message, no space before [/INST], one before the answer.
+      {"{%- if loop.last and system_message is defined %}{{- \"[INST] \" + system_message + \"\\n\\n\" + "
+       "message[\"content\"] + \"[/INST]\" }}",
+       "mistral-v0.3",
+       {"[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}[/INST] {{ .Response }}",
+        "PARAMETER stop \"[INST]\"\n"}},
       {"{{- '<|im_start|>system\\n' }}",
        "chatml",
        {"<|im_start|>assistant\n{{ .Response }}<|im_end|>", "PARAMETER stop \"<|im_end|>\"\n"}},

@@ -2,6 +2,7 @@
 // (sentencepiece, tokenizers) at fixture time; nothing here is hard-coded.
 #include <cstdio>
 #include <functional>
+#include <optional>
 #include <set>
 
 #include <unistd.h>
@@ -300,4 +301,86 @@ TEST_CASE("sentencepiece model alone: BOS/EOS from the model, BOS added as trans
   CHECK(tok->add_bos());
   CHECK(!tok->add_eos());
   CHECK(tok->chat_template().empty());
+}
+
+// Mistral v0.3's files put sentencepiece's dummy prefix at the input's start alone (tokenizer.json's Metaspace
+// prepend_scheme "first"); Llama 2's before every run of text. Each scheme against transformers' ids of texts with
+// control tokens (gen_data.py's dummy_prefix), and the choice from the files: tokenizer.json first, else
+// tokenizer_config.json's legacy.
+TEST_CASE("sentencepiece's dummy prefix goes where the tokenizer files put it, as transformers", "[tokenizer]") {
+  const std::string src = std::string(QT_FIXTURES) + "/data/mistral_v3";
+  const qt::Json expected = qt::read_json_file(std::string(QT_FIXTURES) + "/data/expected.json",
+                                               qt::ErrorKind::Internal).at("dummy_prefix");
+  const qt::Json tokenizer_json = qt::read_json_file(src + "/tokenizer.json", qt::ErrorKind::Internal);
+  const qt::Json config = qt::read_json_file(src + "/tokenizer_config.json", qt::ErrorKind::Internal);
+  int n = 0;
+  // A copy of v0.3's directory, its tokenizer.json's pre-tokenizer and normalizer edited (or the file left out),
+  // its tokenizer_config.json's legacy set (or left out).
+  auto dir_with = [&](const std::function<void(qt::Json&)>& edit_json, std::optional<bool> legacy, bool with_json) {
+    const std::string dir = qt::test::scratch_dir("dummy_prefix_" + std::to_string(n++));
+    qt::files::copy_file(src + "/tokenizer.model", dir + "/tokenizer.model");
+    qt::Json cfg = config;
+    cfg.erase("legacy");
+    if (legacy) cfg["legacy"] = *legacy;
+    qt::write_json_file(dir + "/tokenizer_config.json", cfg);
+    if (with_json) {
+      qt::Json t = tokenizer_json;
+      edit_json(t);
+      qt::write_json_file(dir + "/tokenizer.json", t);
+    }
+    return dir;
+  };
+  auto scheme = [](const std::string& s) { return [s](qt::Json& t) { t["pre_tokenizer"]["prepend_scheme"] = s; }; };
+  auto prefix_of = [](const std::string& dir) {
+    auto tok = qt::load_tokenizer(dir);
+    const auto* sp = dynamic_cast<const qt::SentencePieceTokenizer*>(tok.get());
+    REQUIRE(sp != nullptr);
+    return sp->dummy_prefix();
+  };
+  using qt::DummyPrefix;
+  SECTION("each scheme gives transformers' ids") {
+    for (const auto& [name, mode] : {std::pair<std::string, DummyPrefix>{"first", DummyPrefix::First},
+                                     {"always", DummyPrefix::MetaspaceAlways}, {"never", DummyPrefix::Never}}) {
+      const std::string dir = dir_with(scheme(name), std::nullopt, true);
+      CHECK(prefix_of(dir) == mode);
+      auto tok = qt::load_tokenizer(dir);
+      for (const auto& c : expected.at(name)) {
+        INFO(name << ": \"" << c.at("text").get<std::string>() << "\"");
+        CHECK(tok->encode_with_special(c.at("text").get<std::string>()) == ids_of(c.at("ids")));
+      }
+    }
+    // The fixture's own files (Metaspace "first", legacy false).
+    CHECK(prefix_of(src) == DummyPrefix::First);
+  }
+  SECTION("text after a special token, and plain text") {
+    auto first = qt::load_tokenizer(dir_with(scheme("first"), std::nullopt, true));
+    auto never = qt::load_tokenizer(dir_with(scheme("never"), std::nullopt, true));
+    auto legacy = qt::load_tokenizer(dir_with([](qt::Json&) {}, true, false));
+    for (const std::string text : {"Hello world", " leading space", "x [INST]y"}) {
+      INFO(text);
+      CHECK(first->encode_after_special(text) == never->encode_with_special(text));
+      CHECK(legacy->encode_after_special(text) == legacy->encode_with_special(text));
+      CHECK(first->encode_after_special(text) != legacy->encode_after_special(text));
+    }
+    CHECK(first->encode("Hello") == legacy->encode("Hello"));  // at the input's start: prefixed
+    CHECK(never->encode("Hello") != legacy->encode("Hello"));
+  }
+  SECTION("tokenizer.json decides, else tokenizer_config.json's legacy") {
+    // Llama 2's tokenizer.json: a Prepend normalizer, no pre-tokenizer: every run, whatever legacy says.
+    const auto llama2 = [](qt::Json& t) {
+      t["pre_tokenizer"] = nullptr;
+      t["normalizer"] = {{"type", "Sequence"},
+                         {"normalizers", {{{"type", "Prepend"}, {"prepend", "\u2581"}},
+                                          {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\u2581"}}}}};
+    };
+    CHECK(prefix_of(dir_with(llama2, false, true)) == DummyPrefix::Always);
+    CHECK(prefix_of(dir_with(scheme("first"), true, true)) == DummyPrefix::First);
+    CHECK(prefix_of(dir_with([](qt::Json& t) { t["pre_tokenizer"] = {{"type", "Metaspace"}, {"add_prefix_space", false}}; },
+                             std::nullopt, true)) == DummyPrefix::Never);
+    CHECK(prefix_of(dir_with([](qt::Json&) {}, false, false)) == DummyPrefix::First);
+    CHECK(prefix_of(dir_with([](qt::Json&) {}, true, false)) == DummyPrefix::Always);
+    CHECK(prefix_of(dir_with([](qt::Json&) {}, std::nullopt, false)) == DummyPrefix::Always);
+    const std::string bad = dir_with(scheme("sometimes"), std::nullopt, true);
+    check_load_error(bad, "pre_tokenizer.prepend_scheme", "\"sometimes\"");
+  }
 }

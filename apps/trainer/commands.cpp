@@ -438,9 +438,8 @@ std::vector<int32_t> generation_prompt(const GenerateArgs& args, const qt::Token
     return prompt;
   }
   const qt::DataConfig data = record_config("generate", args.format, args.chat_template, false, true);
-  const qt::Json record = qt::prompt_record(data.format, args.prompt, args.input, args.system);
   return with_option_names(
-      [&] { return qt::prompt_tokens(qt::tokenize_record(record, "--prompt", data, tokenizer)); });
+      [&] { return qt::generation_prompt_tokens(data, args.prompt, args.input, args.system, tokenizer); });
 }
 
 int run_generate(const GenerateArgs& args) {

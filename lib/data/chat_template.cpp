@@ -191,6 +191,36 @@ std::vector<RenderPiece> render_mistral(const std::vector<ChatMessage>& messages
   return out;
 }
 
+// Mistral-7B-Instruct-v0.3's chat_template (tests/oracles/chat_templates/mistral_v0_3.jinja), without its tools:
+//   {%- if messages[0]["role"] == "system" %}{%- set system_message = messages[0]["content"] %}
+//   {%- set loop_messages = messages[1:] %}...(roles alternate from user after it)...{{- bos_token }}
+//   {%- for message in loop_messages %}{%- if message["role"] == "user" %}
+//   {%- if loop.last and system_message is defined %}
+//   {{- "[INST] " + system_message + "\n\n" + message["content"] + "[/INST]" }}
+//   {%- else %}{{- "[INST] " + message["content"] + "[/INST]" }}{%- endif %}
+//   {%- elif message["role"] == "assistant" %}{{- " " + message["content"]|trim + eos_token}}...
+// [INST] and [/INST] are control tokens of v0.3's vocabulary, and its tokenizer files put sentencepiece's dummy
+// prefix at the input's start alone (DummyPrefix::First), so " " + answer is one "▁word" token after [/INST].
+std::vector<RenderPiece> render_mistral_v03(const std::vector<ChatMessage>& messages, const Tokenizer& tok, bool all,
+                                            const std::string& where) {
+  const bool system = !messages.empty() && messages[0].role == "system";
+  check_alternating(messages, system ? 1 : 0, where);
+  std::vector<RenderPiece> out{{"", bos_of(tok, ChatFormat::MistralV03), all}};
+  const int32_t eos = eos_of(tok, ChatFormat::MistralV03);
+  for (size_t i = system ? 1 : 0; i < messages.size(); ++i) {
+    const ChatMessage& m = messages[i];
+    if (m.role == "user") {
+      const bool with_system = system && i + 1 == messages.size();
+      out.push_back({"[INST] " + (with_system ? messages[0].content + "\n\n" : "") + m.content + "[/INST]", -1, all});
+    } else {
+      out.push_back({" ", -1, all});
+      out.push_back({py_strip(m.content), -1, all || answer(m)});
+      out.push_back({"", eos, all || answer(m)});
+    }
+  }
+  return out;
+}
+
 constexpr const char* kQwenDefaultSystem = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
 // Qwen2-*-Instruct's and Qwen1.5-*-Chat's chat_template:
 //   {% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are
@@ -311,6 +341,7 @@ bool contains(const std::string& s, const char* what) { return s.find(what) != s
 constexpr std::pair<ChatFormat, ChatTemplateChoice> kFormats[] = {
     {ChatFormat::Llama3, ChatTemplateChoice::Llama3},   {ChatFormat::Llama31, ChatTemplateChoice::Llama31},
     {ChatFormat::Llama2, ChatTemplateChoice::Llama2},   {ChatFormat::Mistral, ChatTemplateChoice::Mistral},
+    {ChatFormat::MistralV03, ChatTemplateChoice::MistralV03},
     {ChatFormat::ChatML, ChatTemplateChoice::ChatML},   {ChatFormat::Qwen2, ChatTemplateChoice::Qwen2},
     {ChatFormat::Qwen3, ChatTemplateChoice::Qwen3},     {ChatFormat::Qwen3Instruct, ChatTemplateChoice::Qwen3Instruct}};
 
@@ -346,10 +377,14 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
   }
   if (contains(jinja, "[INST]")) {
     if (contains(jinja, "<<SYS>>")) return ChatFormat::Llama2;
-    // Later Mistral templates (v0.3 on: tools, the system prompt moved into the last user turn) render
-    // differently from v0.1's.
+    // Mistral v0.3's: [INST] without spaces inside, the system message in the last user turn, tools. Other later
+    // Mistral templates (v0.2's update, Nemo's and Small's own) render differently from both.
+    if (contains(jinja, "[AVAILABLE_TOOLS]") && contains(jinja, "loop.last and system_message is defined") &&
+        contains(jinja, R"("[INST] " + message["content"] + "[/INST]")") &&
+        contains(jinja, R"(" " + message["content"]|trim + eos_token)"))
+      return ChatFormat::MistralV03;
     if (contains(jinja, "[AVAILABLE_TOOLS]") || contains(jinja, "system_message"))
-      refuse("a later Mistral one (tools or a system message)");
+      refuse("a later Mistral one other than v0.3's (tools or a system message)");
     return ChatFormat::Mistral;
   }
   if (contains(jinja, "<|im_start|>")) {
@@ -384,9 +419,10 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
   for (size_t i = 0; i < messages.size(); ++i) check_role(messages[i], i, where);
   // Qwen2.5's, Qwen3's and Qwen3-Instruct-2507's templates render tools into their system prompt and an assistant's
   // tool_calls as <tool_call> JSON (Python's json.dumps of them, key order kept); Llama 3.1's tools into the first
-  // user message and a call as JSON. The Llama 3, Llama 2 and Mistral v0.1 templates ignore both.
+  // user message and a call as JSON; Mistral v0.3's tools before the last user message and calls as [TOOL_CALLS].
+  // The Llama 3, Llama 2 and Mistral v0.1 templates ignore both.
   if (format == ChatFormat::ChatML || format == ChatFormat::Qwen3 || format == ChatFormat::Qwen3Instruct ||
-      format == ChatFormat::Llama31) {
+      format == ChatFormat::Llama31 || format == ChatFormat::MistralV03) {
     const std::string why = std::string("the ") + chat_format_name(format) +
                             " format's tools and tool calls (what its template renders of them) are not built in; "
                             "leave them out of the record";
@@ -403,6 +439,8 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
       return render_llama2(messages, tokenizer, train_on_prompt, where);
     case ChatFormat::Mistral:
       return render_mistral(messages, tokenizer, train_on_prompt, where);
+    case ChatFormat::MistralV03:
+      return render_mistral_v03(messages, tokenizer, train_on_prompt, where);
     case ChatFormat::ChatML:
       return render_chatml(messages, tokenizer, train_on_prompt, format, kQwenDefaultSystem);
     case ChatFormat::Qwen2:
@@ -413,6 +451,13 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
       return render_chatml(messages, tokenizer, train_on_prompt, format, nullptr);
   }
   fail(ErrorKind::Internal, "render_chat: unknown format");
+}
+
+bool prompt_is_conversation(ChatFormat format) { return format == ChatFormat::MistralV03; }
+
+bool renders_system_message(ChatFormat format, const std::vector<ChatMessage>& messages) {
+  if (messages.empty() || messages[0].role != "system") return false;
+  return format != ChatFormat::MistralV03 || (messages.size() > 1 && messages.back().role == "user");
 }
 
 }  // namespace qt

@@ -1,8 +1,8 @@
 #pragma once
-// Built-in renderers for the chat formats of Llama 3, Llama 3.1 (3.2 and 3.3 too), Llama 2, Mistral, ChatML
-// (Qwen2.5's), Qwen2 (Qwen1.5's too), Qwen3 (its <think> blocks) and Qwen3-Instruct-2507: there is no C++ Jinja library in Debian or on the
-// GPU image, so each official template is re-implemented here and held to transformers' apply_chat_template by tests
-// (tests/oracles/gen_data.py). The format is recognised from the tokenizer's
+// Built-in renderers for the chat formats of Llama 3, Llama 3.1 (3.2 and 3.3 too), Llama 2, Mistral v0.1, Mistral
+// v0.3, ChatML (Qwen2.5's), Qwen2 (Qwen1.5's too), Qwen3 (its <think> blocks) and Qwen3-Instruct-2507: there is no
+// C++ Jinja library in Debian or on the GPU image, so each official template is re-implemented here and held to
+// transformers' apply_chat_template by tests (tests/oracles/gen_data.py). The format is recognised from the tokenizer's
 // chat_template (tokenizer_config.json) or named in the run config (data.chat_template).
 #include <optional>
 #include <string>
@@ -14,7 +14,7 @@
 
 namespace qt {
 
-enum class ChatFormat { Llama3, Llama31, Llama2, Mistral, ChatML, Qwen2, Qwen3, Qwen3Instruct };
+enum class ChatFormat { Llama3, Llama31, Llama2, Mistral, MistralV03, ChatML, Qwen2, Qwen3, Qwen3Instruct };
 
 const char* chat_format_name(ChatFormat format);
 
@@ -37,10 +37,21 @@ struct ChatMessage {
 // naming `where` ("file:line") and the role. `tools`: the record has a non-empty "tools" list (TRL passes it to the
 // template).
 // Tools and tool calls that the format's template renders (ChatML, Qwen3: a <tools> system prompt and <tool_call>
-// blocks; Llama 3.1: tools in the first user message, a call as JSON) are not built in: qt::Error(Data) naming the
-// key, never rendered without them.
+// blocks; Llama 3.1: tools in the first user message, a call as JSON; Mistral v0.3: [AVAILABLE_TOOLS] and
+// [TOOL_CALLS]) are not built in: qt::Error(Data) naming the key, never rendered without them.
 std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMessage>& messages,
                                      const Tokenizer& tokenizer, bool train_on_prompt, const std::string& where,
                                      bool tools);
+
+// Whether `format` renders a conversation's system message in a record of these messages. Mistral v0.3's template
+// puts it in the last user message only where that message ends the conversation, so a training record (ending
+// with an answer) loses it.
+bool renders_system_message(ChatFormat format, const std::vector<ChatMessage>& messages);
+
+// Whether transformers' generation prompt for `format` is the conversation ending with the user's message as the
+// template renders it, and not the start of a conversation with an answer: Mistral v0.3's template has no
+// generation prompt, puts the system message into a last user message alone, and starts an answer with a space
+// (which a small vocabulary may hold as a token of its own before the answer's).
+bool prompt_is_conversation(ChatFormat format);
 
 }  // namespace qt

@@ -12,7 +12,9 @@ namespace qt {
 enum class RecordFormat { Auto, Text, Alpaca, Chat, Completion, Tokenized };
 // The built-in chat templates (lib/data/chat_template.h says which model's each is); auto: recognised from the
 // tokenizer's chat_template.
-enum class ChatTemplateChoice { Auto, Llama3, Llama31, Llama2, Mistral, ChatML, Qwen2, Qwen3, Qwen3Instruct };
+enum class ChatTemplateChoice {
+  Auto, Llama3, Llama31, Llama2, Mistral, MistralV03, ChatML, Qwen2, Qwen3, Qwen3Instruct
+};
 // What happens to a training record longer than max_seq_len: cut to its first max_seq_len tokens, left out, or
 // the run stops naming it.
 enum class Truncation { Truncate, Drop, Error };

@@ -61,7 +61,7 @@ Example alpaca_example(const Json& value, const std::string& where, const DataCo
   const std::string output = string_field(value, where, "output");
   if (tok.eos_id() < 0) fail_at(ErrorKind::Data, where, "alpaca records end with EOS, but the tokenizer has none");
   std::vector<RenderPiece> pieces;
-  if (tok.add_bos() && tok.bos_id() >= 0) pieces.push_back({"", tok.bos_id(), config.train_on_prompt});
+  if (tok.add_bos() && tok.bos_id() >= 0) pieces.push_back({"", tok.bos_id(), config.train_on_prompt, true});
   pieces.push_back({alpaca_prompt(instruction, input), -1, config.train_on_prompt});
   pieces.push_back({output, -1, true});
   pieces.push_back({"", tok.eos_id(), true});
@@ -120,7 +120,7 @@ Example completion_example(const Json& value, const std::string& where, const Da
   const std::string eos = tok.id_to_token(tok.eos_id());
   const bool ends_with_eos = text.size() >= eos.size() && text.compare(text.size() - eos.size(), eos.size(), eos) == 0;
   std::vector<RenderPiece> pieces;
-  if (tok.add_bos() && tok.bos_id() >= 0) pieces.push_back({"", tok.bos_id(), config.train_on_prompt});
+  if (tok.add_bos() && tok.bos_id() >= 0) pieces.push_back({"", tok.bos_id(), config.train_on_prompt, true});
   pieces.push_back({prompt.get<std::string>(), -1, config.train_on_prompt});
   pieces.push_back({text, -1, true});
   if (!ends_with_eos) pieces.push_back({"", tok.eos_id(), true});
@@ -294,6 +294,18 @@ Json prompt_record(RecordFormat format, const std::string& prompt, const std::st
   return Json{{"messages", messages}};
 }
 
+std::vector<int32_t> generation_prompt_tokens(const DataConfig& config, const std::string& prompt,
+                                              const std::string& input, const std::string& system,
+                                              const Tokenizer& tokenizer) {
+  Json record = prompt_record(config.format, prompt, input, system);
+  if (config.format == RecordFormat::Chat &&
+      prompt_is_conversation(resolve_chat_format(config.chat_template, tokenizer.chat_template(), config.file))) {
+    record["messages"].erase(record["messages"].size() - 1);
+    return tokenize_record(record, "--prompt", config, tokenizer).ids;
+  }
+  return prompt_tokens(tokenize_record(record, "--prompt", config, tokenizer));
+}
+
 namespace {
 
 // A chat record with a non-empty string reasoning_content in a message: only Qwen3's template renders it.
@@ -304,6 +316,16 @@ bool chat_with_reasoning(const Json& messages) {
         !m.at("reasoning_content").get<std::string>().empty())
       return true;
   return false;
+}
+
+// A chat record whose system message the template leaves out (Mistral v0.3's, where an answer ends the record).
+bool chat_drops_system(ChatFormat format, const Json& messages) {
+  if (!messages.is_array()) return false;
+  std::vector<ChatMessage> roles(messages.size());
+  for (size_t i = 0; i < messages.size(); ++i)
+    if (messages[i].is_object() && messages[i].contains("role") && messages[i].at("role").is_string())
+      roles[i].role = messages[i].at("role").get<std::string>();
+  return !roles.empty() && roles[0].role == "system" && !renders_system_message(format, roles);
 }
 
 // A chat record without an assistant message: nothing of it is in the loss (unless train_on_prompt).
@@ -323,12 +345,14 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
   std::optional<ChatFormat> chat;  // resolved once, at the first chat record
   std::vector<int64_t> unanswered;  // lines of chat records with no assistant message
   std::vector<int64_t> reasoning;   // lines of chat records whose reasoning_content the template leaves out
+  std::vector<int64_t> no_system;   // lines of chat records whose system message the template leaves out
   for (const auto& r : records) {
     Example e = tokenize_one(r.value, path + ":" + std::to_string(r.line), config, tokenizer, chat);
     e.line = r.line;
     const Json messages = chat ? chat_messages(r.value, path) : Json();  // (read once already: no error here)
     if (!config.train_on_prompt && chat_without_answer(messages)) unanswered.push_back(r.line);
     if (chat && *chat != ChatFormat::Qwen3 && chat_with_reasoning(messages)) reasoning.push_back(r.line);
+    if (chat && chat_drops_system(*chat, messages)) no_system.push_back(r.line);
     out.push_back(std::move(e));
   }
   const auto line_list = [](const std::vector<int64_t>& lines) {
@@ -345,6 +369,11 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
     log::warn_rank0(path + ": " + std::to_string(reasoning.size()) + " chat record(s) with a reasoning_content (" +
                     line_list(reasoning) + ") that the " + chat_format_name(*chat) +
                     " template leaves out, as transformers renders it (only the qwen3 template renders it)");
+  if (!no_system.empty())
+    log::warn_rank0(path + ": " + std::to_string(no_system.size()) + " chat record(s) with a system message (" +
+                    line_list(no_system) + ") that the " + chat_format_name(*chat) +
+                    " template leaves out, as transformers renders it: it puts the system message in the last user "
+                    "message only where that message ends the conversation, never where an answer does");
   return out;
 }
 

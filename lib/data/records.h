@@ -47,4 +47,11 @@ std::vector<int32_t> prompt_tokens(const Example& example);
 Json prompt_record(RecordFormat format, const std::string& prompt, const std::string& input,
                    const std::string& system);
 
+// What `qlora-train generate --format` gives the model: prompt_tokens() of prompt_record(config.format, ...), or
+// for a chat template whose prompt is the conversation itself (prompt_is_conversation: Mistral v0.3's), the
+// conversation ending with the user's message as the template renders it.
+std::vector<int32_t> generation_prompt_tokens(const DataConfig& config, const std::string& prompt,
+                                              const std::string& input, const std::string& system,
+                                              const Tokenizer& tokenizer);
+
 }  // namespace qt

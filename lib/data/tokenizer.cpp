@@ -88,6 +88,47 @@ std::string chat_template(const Json& cfg, const std::string& dir, const std::st
   return "";
 }
 
+// What tokenizer.json's Metaspace pre-tokenizer does ("prepend_scheme", or the older "add_prefix_space"), if `node`
+// is one.
+std::optional<DummyPrefix> metaspace_scheme(const Json& node, const std::string& file) {
+  if (!node.is_object() || node.value("type", "") != "Metaspace") return std::nullopt;
+  if (node.contains("prepend_scheme") && node.at("prepend_scheme").is_string()) {
+    const std::string scheme = node.at("prepend_scheme").get<std::string>();
+    if (scheme == "always") return DummyPrefix::MetaspaceAlways;
+    if (scheme == "first") return DummyPrefix::First;
+    if (scheme == "never") return DummyPrefix::Never;
+    fail_key(ErrorKind::Model, file, "pre_tokenizer.prepend_scheme",
+             "is \"" + scheme + "\" (expected \"always\", \"first\" or \"never\")");
+  }
+  if (node.contains("add_prefix_space") && node.at("add_prefix_space").is_boolean())
+    return node.at("add_prefix_space").get<bool>() ? DummyPrefix::MetaspaceAlways : DummyPrefix::Never;
+  return DummyPrefix::MetaspaceAlways;  // tokenizers' default scheme
+}
+
+// Where a sentencepiece model's dummy prefix goes, as transformers 4.x reads the directory: its fast tokenizer
+// runs tokenizer.json's pipeline where there is one (a Metaspace pre-tokenizer's prepend_scheme; a Prepend
+// normalizer, as Llama 2's files have, prefixes every run of text as sentencepiece does); else it converts the
+// sentencepiece model as tokenizer_config.json's `legacy` says (true, the default: a Prepend normalizer; false: a
+// Metaspace "first").
+DummyPrefix spm_dummy_prefix(const Json* tokenizer_json, const std::string& json_path, const Json& cfg,
+                             const std::string& cfg_file) {
+  if (tokenizer_json && tokenizer_json->is_object()) {
+    const Json& pre = tokenizer_json->value("pre_tokenizer", Json());
+    if (auto p = metaspace_scheme(pre, json_path)) return *p;
+    if (pre.is_object() && pre.value("type", "") == "Sequence" && pre.contains("pretokenizers"))
+      for (const auto& step : pre.at("pretokenizers"))
+        if (auto p = metaspace_scheme(step, json_path)) return *p;
+    const Json& norm = tokenizer_json->value("normalizer", Json());
+    const auto prepends = [](const Json& n) { return n.is_object() && n.value("type", "") == "Prepend"; };
+    if (prepends(norm)) return DummyPrefix::Always;
+    if (norm.is_object() && norm.value("type", "") == "Sequence" && norm.contains("normalizers"))
+      for (const auto& step : norm.at("normalizers"))
+        if (prepends(step)) return DummyPrefix::Always;
+  }
+  const std::optional<bool> legacy = bool_setting(cfg, cfg_file, "legacy");
+  return legacy.value_or(true) ? DummyPrefix::Always : DummyPrefix::First;
+}
+
 }  // namespace
 
 // A field of an unexpected type deep in a tokenizer file (nlohmann's type errors) is the file's fault: a model
@@ -99,9 +140,18 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir) try {
   const std::string json_path = files::join(dir, "tokenizer.json"), model_path = files::join(dir, "tokenizer.model");
   const bool has_json = files::exists(json_path), has_model = files::exists(model_path);
 
+  const std::string cfg_file = files::join(dir, "tokenizer_config.json");
+  const std::string map_file = files::join(dir, "special_tokens_map.json");
+  const Json cfg = files::exists(cfg_file) ? read_json_file(cfg_file, ErrorKind::Model) : Json::object();
+  const Json map = files::exists(map_file) ? read_json_file(map_file, ErrorKind::Model) : Json::object();
+  for (const auto& [doc, file] : {std::pair<const Json&, const std::string&>{cfg, cfg_file}, {map, map_file}})
+    if (!doc.is_object())
+      fail_at(ErrorKind::Model, file, std::string("expected a JSON object, got ") + json_type_name(doc));
+
   std::unique_ptr<Tokenizer> tok;
+  Json doc;
   if (has_json) {
-    Json doc = read_json_file(json_path, ErrorKind::Model);
+    doc = read_json_file(json_path, ErrorKind::Model);
     const Json* model = doc.is_object() && doc.contains("model") ? &doc.at("model") : nullptr;
     std::string type = model && model->is_object() ? model->value("type", "") : "";
     if ((type == "BPE" || type.empty()) && is_byte_level_tokenizer_json(doc)) {
@@ -118,20 +168,15 @@ std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir) try {
                    model_dir);
     }
   }
-  if (!tok && has_model) tok = std::make_unique<SentencePieceTokenizer>(model_path);
+  if (!tok && has_model)
+    tok = std::make_unique<SentencePieceTokenizer>(
+        model_path, spm_dummy_prefix(has_json ? &doc : nullptr, json_path, cfg, cfg_file));
   if (!tok)
     fail_at(ErrorKind::Model, model_dir,
             "no tokenizer found: expected tokenizer.json (byte-level BPE, Llama 3) or tokenizer.model "
             "(sentencepiece, Llama 2)");
 
   // Special tokens: tokenizer_config.json, then special_tokens_map.json, then what the model files imply.
-  const std::string cfg_file = files::join(dir, "tokenizer_config.json");
-  const std::string map_file = files::join(dir, "special_tokens_map.json");
-  const Json cfg = files::exists(cfg_file) ? read_json_file(cfg_file, ErrorKind::Model) : Json::object();
-  const Json map = files::exists(map_file) ? read_json_file(map_file, ErrorKind::Model) : Json::object();
-  for (const auto& [doc, file] : {std::pair<const Json&, const std::string&>{cfg, cfg_file}, {map, map_file}})
-    if (!doc.is_object())
-      fail_at(ErrorKind::Model, file, std::string("expected a JSON object, got ") + json_type_name(doc));
   const TokenizerDefaults d = tok->defaults();
 
   auto resolve = [&](const std::string& key, int32_t fallback) {

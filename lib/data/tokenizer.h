@@ -29,6 +29,10 @@ class Tokenizer {
   virtual std::vector<int32_t> encode(std::string_view text) const = 0;
   // As encode(), but special-token strings in the text become their ids (what `tokenizers` does by default).
   virtual std::vector<int32_t> encode_with_special(std::string_view text) const = 0;
+  // As encode_with_special, for text that does not start the input: it follows a special token written in the
+  // text (a chat template's BOS). Only a sentencepiece tokenizer whose files put the dummy prefix at the input's
+  // start alone (DummyPrefix::First, transformers' non-legacy Llama tokenizer) encodes it differently.
+  virtual std::vector<int32_t> encode_after_special(std::string_view text) const { return encode_with_special(text); }
   // Bytes of the ids, special tokens included as their text (sentencepiece drops control tokens, as it does).
   // Not lossy: a prefix of a sequence may end inside a UTF-8 character.
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
@@ -53,10 +57,6 @@ class Tokenizer {
  protected:
   friend std::unique_ptr<Tokenizer> load_tokenizer(const std::string& model_dir);
 
-// A stand-in for a model that has no tokenizer files (model.init "random" with a named shape): ids only. Token
-// ids below `vocab_size` are valid; encode/decode fail with qt::Error(Data) saying that the data must be
-// pre-tokenized (data.format "tokenized").
-std::unique_ptr<Tokenizer> ids_only_tokenizer(int32_t vocab_size, int32_t bos_id, int32_t eos_id);
   int32_t bos_id_ = -1;
   int32_t eos_id_ = -1;
   bool add_bos_ = false;

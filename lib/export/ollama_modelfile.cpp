@@ -29,6 +29,11 @@ const Format kLlama2 = {
 const Format kMistral = {"mistral",
                          "[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }} [/INST]{{ .Response }}",
                          {"[INST]", "[/INST]"}};
+// Mistral-7B-Instruct-v0.3: "[INST] {system}\n\n{user}[/INST] {answer}</s>" ([INST] and [/INST] control tokens, no
+// space before [/INST]; the system text in the last user message, as Ollama's mistral template for v0.3 puts it).
+const Format kMistralV03 = {"mistral-v0.3",
+                            "[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}[/INST] {{ .Response }}",
+                            {"[INST]", "[/INST]"}};
 const Format kChatML = {"chatml",
                         "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
                         "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
@@ -72,7 +77,9 @@ OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string
   else if (contains(chat_template, "<|im_start|>"))
     f = &kChatML;
   else if (contains(chat_template, "[INST]"))
-    f = contains(chat_template, "<<SYS>>") ? &kLlama2 : &kMistral;
+    f = contains(chat_template, "<<SYS>>")                                    ? &kLlama2
+        : contains(chat_template, "loop.last and system_message is defined") ? &kMistralV03
+                                                                             : &kMistral;
 
   OllamaModelfile m;
   m.format = f ? f->name : "none";
@@ -87,7 +94,7 @@ OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string
         m.text += "SYSTEM " + quoted(system) + "\n";
     stops = f->stops;
   } else {
-    m.text += "# No TEMPLATE: the model's chat_template is none of llama3, llama2, mistral, chatml\n";
+    m.text += "# No TEMPLATE: the model's chat_template is none of llama3, llama2, mistral, mistral-v0.3, chatml\n";
   }
   if (!eos_token.empty() && std::find(stops.begin(), stops.end(), eos_token) == stops.end()) stops.push_back(eos_token);
   for (const auto& s : stops) m.text += "PARAMETER stop " + quoted(s) + "\n";

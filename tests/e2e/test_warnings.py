@@ -1,5 +1,5 @@
 """Warnings a user should see (issue 29): chat records with no assistant message (nothing to train on) are named by
-line, and so are those whose reasoning_content the chat template leaves out; an adapter applied to another base than
+line, and so are those whose reasoning_content or system message the chat template leaves out; an adapter applied to another base than
 the one adapter_config.json names is warned about (eval, generate, lora.init_from), the same base through a symbolic
 link is not; a second Ctrl-C says that it exits at once."""
 import json, os, pathlib, signal, subprocess, sys, tempfile, time
@@ -53,6 +53,20 @@ def main():
     check(p.returncode == 0 and "2 chat record(s) with a reasoning_content (lines 3, 6) that the llama2 template "
           "leaves out" in p.stderr, f"reasoning_content the template leaves out is named by line (exit "
           f"{p.returncode}) {[l for l in p.stderr.splitlines() if 'reasoning' in l]}")
+    # A system message that Mistral v0.3's template leaves out (it renders one in a last user message alone): warned,
+    # naming the lines; not where the record ends with its user message (line 2).
+    for i in (1, 2, 5):
+        chat[i]["messages"].insert(0, {"role": "system", "content": words[0]})
+    for r in chat:
+        r["messages"][-1].pop("reasoning_content", None)
+    (TMP / "system.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chat))
+    p = run("--config", config("system", train_file=str(TMP / "system.jsonl"), chat_template="mistral-v0.3",
+                               max_seq_len=128))
+    check(p.returncode == 0 and "2 chat record(s) with a system message (lines 3, 6) that the mistral-v0.3 template "
+          "leaves out" in p.stderr, f"a system message the template leaves out is named by line (exit "
+          f"{p.returncode}) {[l for l in p.stderr.splitlines() if 'system message' in l]}")
+    for i in (1, 2, 5):
+        chat[i]["messages"].pop(0)
     # A held-out share too small to hold out a record: warned, the run trains without evaluation.
     (TMP / "one.jsonl").write_text((TMP / "train.jsonl").read_text().splitlines()[0] + "\n")
     p = run("--config", config("one", train_file=str(TMP / "one.jsonl"), eval_fraction=0.5))

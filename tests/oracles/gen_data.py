@@ -118,6 +118,11 @@ LLAMA31 = (TEMPLATES / "llama3_1.jinja").read_text()
 LLAMA32 = (TEMPLATES / "llama3_2.jinja").read_text()
 QWEN3 = (TEMPLATES / "qwen3.jinja").read_text()
 QWEN3_2507 = (TEMPLATES / "qwen3_instruct_2507.jinja").read_text()
+# mistralai/Mistral-7B-Instruct-v0.3 (mistral_v0_3: its chat_template since the tools update; the copies of it in
+# public code agree), with the control tokens of v0.3's vocabulary after <unk>, <s> and </s>.
+MISTRAL_V03 = (TEMPLATES / "mistral_v0_3.jinja").read_text()
+MISTRAL_V03_CONTROLS = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                        "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]
 # What Llama 3.1's template prints as "Today Date" (and 3.2's where strftime_now is undefined).
 LLAMA3_DATE = "26 Jul 2024"
 
@@ -156,6 +161,17 @@ QWEN3_CONVERSATIONS = [
      {"role": "user", "content": "ends on a user turn"}],
 ]
 
+# Mistral v0.3's template puts the system message into the last user message only where that message ends the
+# conversation; control-token strings in a message are the tokens; answers with spaces around them are stripped.
+MISTRAL_V03_CONVERSATIONS = [
+    [SYSTEM, {"role": "user", "content": "Hello world"}],
+    [SYSTEM, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+     {"role": "user", "content": " q2 \n"}],
+    [{"role": "user", "content": "Is [INST] a token?[/INST]"}, {"role": "assistant", "content": "  Yes, [INST].  "}],
+    [{"role": "user", "content": "empty answer"}, {"role": "assistant", "content": "  "}],
+]
+
+
 def fuzz_conversations(seed, n, thinking):
     """n random conversations: an optional system message, user / assistant turns in any order (answers in a row,
     a conversation ending on either), contents with spaces and newlines at their ends, unicode, and for Qwen3
@@ -189,6 +205,27 @@ def fuzz_conversations(seed, n, thinking):
     return out
 
 
+def fuzz_alternating(seed, n):
+    """n random conversations for templates whose roles alternate (Mistral v0.3's): an optional system message, then
+    user / assistant turns from a user's, ending on either; contents with spaces and newlines at their ends, empty
+    answers, unicode and control-token strings ([INST] in a message is the token, as transformers splits it)."""
+    import random
+    rng = random.Random(seed)
+    words = ["alpha", "Beta", "42", "x=y+1;", "café", "日本語", "😀", "(a,b)", "end.", "\t", "don't", "  ", "[INST]",
+             "[/INST]", "</s>"]
+
+    def text(allow_empty):
+        t = " ".join(rng.choice(words) for _ in range(rng.randint(0 if allow_empty else 1, 6)))
+        return rng.choice(["", " ", "\n", "\n\n", "  \n"]) + t + rng.choice(["", " ", "\n", "\n\n", "\n "])
+
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": text(False)}] if rng.random() < 0.4 else []
+        msgs += [{"role": ["user", "assistant"][k % 2], "content": text(k % 2 == 1)} for k in range(rng.randint(1, 6))]
+        out.append(msgs)
+    return out
+
+
 ALPACA = [
     {"instruction": "Give three tips for staying healthy.", "input": "",
      "output": "1. Eat a balanced diet.\n2. Exercise.\n3. Sleep."},
@@ -215,9 +252,32 @@ def sp_legacy_ids(sp, text, specials):
         rest = rest[pos + len(s):]
 
 
-def hf_llama_from_spm(model_file, chat_template):
+def sp_first_ids(sp, text, specials):
+    """transformers' non-legacy Llama tokenization (Metaspace prepend_scheme "first") emulated with sentencepiece:
+    special-token strings split the text, the piece at the text's start gets the dummy prefix and the others none
+    (sentencepiece's model with add_dummy_prefix false, through its own protobuf)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    proto.normalizer_spec.add_dummy_prefix = False
+    bare = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    out, rest, start = [], text, True
+    while True:
+        hits = [(rest.find(s), s) for s in specials if rest.find(s) >= 0]
+        if not hits:
+            return out + ((sp if start else bare).encode(rest) if rest else [])
+        pos, s = min(hits)
+        if pos:
+            out += (sp if start else bare).encode(rest[:pos])
+        out.append(specials[s])
+        rest, start = rest[pos + len(s):], False
+
+
+def hf_llama_from_spm(model_file, chat_template, legacy=True, specials=(), add_prefix_space=None):
     """transformers' LlamaTokenizer from a sentencepiece BPE model: vocab and merges as transformers'
-    SentencePieceExtractor derives them (merges of two pieces whose concatenation is a piece, by its score)."""
+    SentencePieceExtractor derives them (merges of two pieces whose concatenation is a piece, by its score).
+    `specials`: control pieces held as special tokens too (Mistral v0.3's [INST] ...)."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -228,8 +288,12 @@ def hf_llama_from_spm(model_file, chat_template):
                  if piece[:k] in vocab and piece[k:] in vocab]
         merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
     merges = [(a, b) for a, b, _ in sorted(merges, key=lambda m: m[2], reverse=True)]
-    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=True, add_bos_token=True, add_eos_token=False,
-                         bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=legacy, add_bos_token=True, add_eos_token=False,
+                         bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_prefix_space=add_prefix_space)
+    if specials:
+        from tokenizers import AddedToken
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+        assert [tok.convert_tokens_to_ids(t) for t in specials] == [vocab[t] for t in specials]
     tok.chat_template = chat_template
     return tok, sp
 
@@ -250,7 +314,9 @@ def answer_spans_by_prefix(tok, messages, rendered, trims=None, **kw):
     messages[:i+1] rendered): for templates that render a conversation's start the same whatever follows. `trims`:
     Llama 3.x's template, which strips the content and ends the turn with <|eot_id|> (a content whose leading
     newlines the header's own "\n\n" would match is found stripped); None: the content whole where it is there, else
-    stripped."""
+    stripped. A string `trims`: a template that strips the content and ends the turn with that token (Mistral v0.3's
+    "</s>", whose rendering of messages[:i] is no prefix of the whole where a system message goes into a last user
+    message)."""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
@@ -259,8 +325,8 @@ def answer_spans_by_prefix(tok, messages, rendered, trims=None, **kw):
         through = tok.apply_chat_template(messages[:i + 1], tokenize=False, **kw)
         assert rendered.startswith(through)
         # The content as the template prints it: whole (Mistral), or stripped (Llama 3 `trim`, Llama 2 .strip()).
-        if trims:  # Llama 3.x: the stripped content, then the turn's <|eot_id|> (an empty answer: the token alone)
-            turn = m["content"].strip() + "<|eot_id|>"
+        if trims:  # the stripped content, then the turn's end (an empty answer: the token alone)
+            turn = m["content"].strip() + (trims if isinstance(trims, str) else "<|eot_id|>")
             assert through.endswith(turn), through
             spans.append((len(through) - len(turn), len(through)))
             continue
@@ -393,6 +459,7 @@ def generate(out_dir: pathlib.Path):
     corpus = work / "corpus.txt"
     corpus.write_text("\n".join(lines) + "\n")
     gen_tokenizer.make_spm(work, corpus)
+    gen_tokenizer.make_spm(work, corpus, "spm_v3", MISTRAL_V03_CONTROLS)
     gen_tokenizer.make_bpe(work, lines)
 
     def model_dir(name, src, template):
@@ -419,6 +486,27 @@ def generate(out_dir: pathlib.Path):
     l2, sp = hf_llama_from_spm(out / "llama2" / "tokenizer.model", LLAMA2)
     mi, _ = hf_llama_from_spm(out / "mistral" / "tokenizer.model", MISTRAL)
     sp_check = lambda text: sp_legacy_ids(sp, text, {"<s>": sp.bos_id(), "</s>": sp.eos_id()})
+    # Mistral v0.3: its control tokens, transformers' non-legacy tokenizer (tokenizer.json's Metaspace prepend_scheme
+    # "first", as v0.3's own file has it) and tokenizer_config.json's legacy false.
+    mv3_dir = model_dir("mistral_v3", "spm_v3", MISTRAL_V03)
+    mv3, sp3 = hf_llama_from_spm(mv3_dir / "tokenizer.model", MISTRAL_V03, legacy=False,
+                                 specials=MISTRAL_V03_CONTROLS)
+    mv3.backend_tokenizer.save(str(mv3_dir / "tokenizer.json"))
+    assert json.loads((mv3_dir / "tokenizer.json").read_text())["pre_tokenizer"]["prepend_scheme"] == "first"
+    cfg = json.loads((mv3_dir / "tokenizer_config.json").read_text())
+    cfg["legacy"] = False
+    (mv3_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    mv3_specials = {"<s>": sp3.bos_id(), "</s>": sp3.eos_id(), **{t: sp3.piece_to_id(t) for t in MISTRAL_V03_CONTROLS}}
+    mv3_check = lambda text: sp_first_ids(sp3, text, mv3_specials)
+    # Each of tokenizer.json's Metaspace schemes on v0.3's vocabulary: transformers' ids of texts with control tokens.
+    schemes = {"first": mv3,
+               "always": hf_llama_from_spm(mv3_dir / "tokenizer.model", "", True, MISTRAL_V03_CONTROLS)[0],
+               "never": hf_llama_from_spm(mv3_dir / "tokenizer.model", "", False, MISTRAL_V03_CONTROLS, False)[0]}
+    prefix_texts = ["Hello world", " leading space", "[INST] Hi[/INST] there</s>", "<s>x [INST]y", "\n\nz [/INST]"]
+    dummy_prefix = {}
+    for scheme, tk in schemes.items():
+        assert tk.backend_tokenizer.pre_tokenizer.prepend_scheme == scheme
+        dummy_prefix[scheme] = [{"text": t, "ids": ids_of(tk(t, add_special_tokens=False))} for t in prefix_texts]
     shutil.rmtree(work)
 
     # Llama 3.2's template is 3.1's, but for the date where transformers defines strftime_now (the day's date).
@@ -427,7 +515,7 @@ def generate(out_dir: pathlib.Path):
             l31.apply_chat_template(c, tokenize=False)
     qwen_more = [[{"role": "user", "content": "  spaces stay  "}, {"role": "assistant", "content": "\n kept \n"},
                   {"role": "assistant", "content": "two answers in a row"}]]
-    expected = {}
+    expected = {"dummy_prefix": dummy_prefix}
     for name, tok, by_structure, convs, kw in [
             ("chat_llama31", l31, False, CONVERSATIONS + [
                 [{"role": "system", "content": "\n  trimmed system  \n"}, {"role": "user", "content": "hi"},
@@ -449,21 +537,23 @@ def generate(out_dir: pathlib.Path):
         {"model": model, "system": c[0]["content"] if c[0]["role"] == "system" else "", "user": c[-1]["content"],
          "ids": ids_of(tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True))}
         for model, tok in [("llama3", l3), ("llama31", l31), ("qwen", qw), ("qwen3", q3), ("qwen3_instruct", q3i),
-                           ("qwen2", q2), ("mistral", mi)]
+                           ("qwen2", q2), ("mistral", mi), ("mistral_v3", mv3)]
         for c in ([{"role": "user", "content": "Hello world"}],
                   [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"}])
         if not (model == "mistral" and c[0]["role"] == "system")]
     # The structural spans agree with the prefix ones where both apply (ChatML without <think> blocks).
     for c in CONVERSATIONS + qwen_more:
         assert chat_case(q3i, c, None, True) == chat_case(q3i, c)
-    for name, tok, check, convs in [
-            ("chat_llama3", l3, None, CONVERSATIONS),
-            ("chat_llama2", l2, sp_check, CONVERSATIONS),
-            ("chat_mistral", mi, sp_check, [c for c in CONVERSATIONS if c[0]["role"] != "system"]),
+    for name, tok, check, convs, trims in [
+            ("chat_mistral_v3", mv3, mv3_check, CONVERSATIONS + MISTRAL_V03_CONVERSATIONS, "</s>"),
+            ("chat_mistral_v3_fuzz", mv3, mv3_check, fuzz_alternating(3, 60), "</s>"),
+            ("chat_llama3", l3, None, CONVERSATIONS, None),
+            ("chat_llama2", l2, sp_check, CONVERSATIONS, None),
+            ("chat_mistral", mi, sp_check, [c for c in CONVERSATIONS if c[0]["role"] != "system"], None),
             ("chat_qwen", qw, None, CONVERSATIONS + [
                 [{"role": "user", "content": "  spaces stay  "}, {"role": "assistant", "content": "\n kept \n"},
-                 {"role": "assistant", "content": "two answers in a row"}]])]:
-        cases = [chat_case(tok, c, check) for c in convs]
+                 {"role": "assistant", "content": "two answers in a row"}]], None)]:
+        cases = [chat_case(tok, c, check, trims=trims) for c in convs]
         write_jsonl(out / f"{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
         expected[name] = cases
     # ShareGPT's {"conversations": [{"from", "value"}]} (human / gpt / system, and "user" / "assistant" as from; some
@@ -476,12 +566,12 @@ def generate(out_dir: pathlib.Path):
         sharegpt.append({"conversations": conv, "id": i})
     write_jsonl(out / "chat_llama3_sharegpt.jsonl", sharegpt)
     expected["chat_llama3_sharegpt"] = expected["chat_llama3"]
-    for name, tok in [("llama3", l3), ("llama2", l2)]:
+    for name, tok in [("llama3", l3), ("llama2", l2), ("mistral_v3", mv3)]:
         expected[f"completion_{name}"] = [completion_case(tok, r) for r in COMPLETIONS]
         write_jsonl(out / f"completion_{name}.jsonl", COMPLETIONS)
     expected["completion_chat_llama3"] = [completion_case(l3, r) for r in CONV_COMPLETIONS]
     write_jsonl(out / "completion_chat_llama3.jsonl", CONV_COMPLETIONS)
-    for name, tok in [("llama3", l3), ("llama2", l2)]:
+    for name, tok in [("llama3", l3), ("llama2", l2), ("mistral_v3", mv3)]:
         expected[f"alpaca_{name}"] = [alpaca_case(tok, r) for r in ALPACA]
         write_jsonl(out / f"alpaca_{name}.jsonl", ALPACA)
         expected[f"text_{name}"] = [text_case(tok, t) for t in TEXTS]

@@ -65,9 +65,10 @@ def corpus_lines(n=400):
     return lines
 
 
-def make_spm(out, corpus_file):
+def make_spm(out, corpus_file, name="spm", controls=()):
+    """`controls`: control pieces after <unk>, <s> and </s> (Mistral v0.3's [INST], [/INST], ...)."""
     import sentencepiece as spm
-    d = out / "spm"
+    d = out / name
     d.mkdir(parents=True, exist_ok=True)
     # Llama 2's tokenizer.model: BPE, byte_fallback, identity normalization, dummy prefix, no whitespace
     # squeezing, digits split, unk=0 bos=1 eos=2 (as its normalizer_spec / trainer_spec say).
@@ -76,7 +77,7 @@ def make_spm(out, corpus_file):
         byte_fallback=True, character_coverage=0.9995, normalization_rule_name="identity",
         add_dummy_prefix=True, remove_extra_whitespaces=False, split_digits=True,
         allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2)
+        control_symbols=list(controls), num_threads=1, minloglevel=2)
     (d / "tokenizer.vocab").unlink()
     sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
     # Llama 2's tokenizer_config.json writes tokens as AddedToken objects; eos as a plain string here so that
