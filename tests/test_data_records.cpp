@@ -82,6 +82,12 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
     check_file("chat_mistral_v3", "mistral_v3", config({{"train_on_prompt", true}}));
     check_file("chat_mistral_v3_fuzz", "mistral_v3", config());  // random conversations (gen_data.fuzz_alternating)
   }
+  SECTION("zephyr (Zephyr's and TinyLlama-Chat's template: <|user|> as text, the newline after eos_token)") {
+    check_file("chat_zephyr", "zephyr", config());
+    check_file("chat_zephyr", "zephyr", config({{"chat_template", "zephyr"}}));
+    check_file("chat_zephyr", "zephyr", config({{"train_on_prompt", true}}));
+    check_file("chat_zephyr_fuzz", "zephyr", config());  // random conversations (gen_data.fuzz_conversations)
+  }
   SECTION("chatml (Qwen2.5's template: its default system prompt where there is no system message)") {
     check_file("chat_qwen", "qwen", config());
     check_file("chat_qwen", "qwen", config({{"format", "chat"}, {"chat_template", "chatml"}}));
@@ -150,7 +156,7 @@ TEST_CASE("a chat prompt ends where transformers' generation prompt does", "[dat
 
 TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
   for (const std::string model :
-       {"llama3", "llama31", "llama2", "mistral", "mistral_v3", "qwen", "qwen2", "qwen3", "qwen3_instruct"}) {
+       {"llama3", "llama31", "llama2", "mistral", "mistral_v3", "zephyr", "qwen", "qwen2", "qwen3", "qwen3_instruct"}) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     const int32_t end = model.rfind("llama3", 0) == 0 ? tok->token_to_id("<|eot_id|>")
                         : model.rfind("qwen", 0) == 0 ? tok->token_to_id("<|im_end|>")
@@ -210,7 +216,7 @@ TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
   const std::vector<std::pair<std::string, std::string>> models = {
       {"llama3", "llama3"}, {"llama31", "llama3.1"}, {"llama32", "llama3.1"},     {"llama2", "llama2"},
       {"mistral", "mistral"}, {"qwen", "chatml"},    {"qwen3", "qwen3"}, {"qwen3_instruct", "qwen3-instruct"},
-      {"qwen2", "qwen2"},     {"mistral_v3", "mistral-v0.3"}};
+      {"qwen2", "qwen2"},     {"mistral_v3", "mistral-v0.3"}, {"zephyr", "zephyr"}};
   for (const auto& [model, format] : models) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     CHECK(qt::chat_format_name(qt::resolve_chat_format(ChatTemplateChoice::Auto, tok->chat_template(), "run.json")) ==

@@ -202,6 +202,10 @@ TEST_CASE("the Modelfile carries the chat format of the model's template and its
        "mistral-v0.3",
        {"[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}[/INST] {{ .Response }}",
         "PARAMETER stop \"[INST]\"\n"}},
+      {"{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ "
+       "'<|system|>\n' + message['content'] + eos_token }}{{ '<|assistant|>\n'  + message['content'] + eos_token }}",
+       "zephyr",
+       {"<|user|>\n{{ .Prompt }}</s>\n{{ end }}<|assistant|>\n{{ .Response }}</s>\n", "PARAMETER stop \"<|user|>\"\n"}},
       {"{{- '<|im_start|>system\\n' }}",
        "chatml",
        {"<|im_start|>assistant\n{{ .Response }}<|im_end|>", "PARAMETER stop \"<|im_end|>\"\n"}},

@@ -221,6 +221,27 @@ std::vector<RenderPiece> render_mistral_v03(const std::vector<ChatMessage>& mess
   return out;
 }
 
+// HuggingFaceH4/zephyr-7b-beta's chat_template (TinyLlama-1.1B-Chat-v1.0's too), rendered with transformers'
+// trim_blocks (the newline after each block tag dropped; the one after each message's `}}` kept):
+//   {% for message in messages %}{% if message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] +
+//   eos_token }}\n{% elif message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + eos_token }}\n
+//   {% elif message['role'] == 'assistant' %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}
+//   {% if loop.last and add_generation_prompt %}{{ '<|assistant|>' }}\n{% endif %}{% endfor %}
+// <|user|>, <|system|> and <|assistant|> are text, not tokens. An answer's loss is its content and eos_token; the
+// newline after it, which follows the end of the answer, is not.
+std::vector<RenderPiece> render_zephyr(const std::vector<ChatMessage>& messages, const Tokenizer& tok, bool all) {
+  const int32_t eos = eos_of(tok, ChatFormat::Zephyr);
+  std::vector<RenderPiece> out;
+  for (const auto& m : messages) {
+    const bool loss = all || answer(m);
+    out.push_back({"<|" + m.role + "|>\n", -1, all});
+    out.push_back({m.content, -1, m.role == "assistant" ? loss : all});
+    out.push_back({"", eos, m.role == "assistant" ? loss : all});
+    out.push_back({"\n", -1, all});
+  }
+  return out;
+}
+
 constexpr const char* kQwenDefaultSystem = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
 // Qwen2-*-Instruct's and Qwen1.5-*-Chat's chat_template:
 //   {% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are
@@ -341,7 +362,7 @@ bool contains(const std::string& s, const char* what) { return s.find(what) != s
 constexpr std::pair<ChatFormat, ChatTemplateChoice> kFormats[] = {
     {ChatFormat::Llama3, ChatTemplateChoice::Llama3},   {ChatFormat::Llama31, ChatTemplateChoice::Llama31},
     {ChatFormat::Llama2, ChatTemplateChoice::Llama2},   {ChatFormat::Mistral, ChatTemplateChoice::Mistral},
-    {ChatFormat::MistralV03, ChatTemplateChoice::MistralV03},
+    {ChatFormat::MistralV03, ChatTemplateChoice::MistralV03}, {ChatFormat::Zephyr, ChatTemplateChoice::Zephyr},
     {ChatFormat::ChatML, ChatTemplateChoice::ChatML},   {ChatFormat::Qwen2, ChatTemplateChoice::Qwen2},
     {ChatFormat::Qwen3, ChatTemplateChoice::Qwen3},     {ChatFormat::Qwen3Instruct, ChatTemplateChoice::Qwen3Instruct}};
 
@@ -387,6 +408,14 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
       refuse("a later Mistral one other than v0.3's (tools or a system message)");
     return ChatFormat::Mistral;
   }
+  // Zephyr's: each turn '<|role|>' and a newline (in the Jinja string itself), the content and eos_token, then the
+  // template's own newline before the next block tag.
+  const auto zephyr_turn = [&](const std::string& role) {
+    return contains(jinja, ("'<|" + role + "|>\n'").c_str()) || contains(jinja, ("'<|" + role + "|>\\n'").c_str());
+  };
+  if (zephyr_turn("user") && zephyr_turn("assistant") && zephyr_turn("system") &&
+      contains(jinja, "message['content'] + eos_token }}\n{%"))
+    return ChatFormat::Zephyr;
   if (contains(jinja, "<|im_start|>")) {
     // Qwen3's (the hybrid models': enable_thinking, <think> blocks after the last query), Qwen2.5's (its default
     // system prompt), Qwen2's (its own, no tools) and Qwen3-Instruct-2507's (no default system prompt, tools as
@@ -441,6 +470,8 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
       return render_mistral(messages, tokenizer, train_on_prompt, where);
     case ChatFormat::MistralV03:
       return render_mistral_v03(messages, tokenizer, train_on_prompt, where);
+    case ChatFormat::Zephyr:
+      return render_zephyr(messages, tokenizer, train_on_prompt);
     case ChatFormat::ChatML:
       return render_chatml(messages, tokenizer, train_on_prompt, format, kQwenDefaultSystem);
     case ChatFormat::Qwen2:

@@ -34,6 +34,12 @@ const Format kMistral = {"mistral",
 const Format kMistralV03 = {"mistral-v0.3",
                             "[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}[/INST] {{ .Response }}",
                             {"[INST]", "[/INST]"}};
+// Zephyr (TinyLlama-Chat too): "<|user|>\n{user}</s>\n<|assistant|>\n{answer}</s>\n", the roles as text; the
+// end-of-turn token is the model's eos_token (its text written in for EOS below).
+const Format kZephyr = {"zephyr",
+                        "{{ if .System }}<|system|>\n{{ .System }}EOS\n{{ end }}{{ if .Prompt }}<|user|>\n{{ .Prompt }}"
+                        "EOS\n{{ end }}<|assistant|>\n{{ .Response }}EOS\n",
+                        {"<|system|>", "<|user|>", "<|assistant|>"}};
 const Format kChatML = {"chatml",
                         "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
                         "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
@@ -76,6 +82,9 @@ OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string
     f = &kLlama3;
   else if (contains(chat_template, "<|im_start|>"))
     f = &kChatML;
+  else if (contains(chat_template, "<|user|>") && contains(chat_template, "<|assistant|>") &&
+           contains(chat_template, "<|system|>") && contains(chat_template, "eos_token"))
+    f = &kZephyr;
   else if (contains(chat_template, "[INST]"))
     f = contains(chat_template, "<<SYS>>")                                    ? &kLlama2
         : contains(chat_template, "loop.last and system_message is defined") ? &kMistralV03
@@ -87,14 +96,18 @@ OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string
   m.text += "FROM " + gguf_file + "\n";
   std::vector<std::string> stops;
   if (f) {
-    m.text += "TEMPLATE \"\"\"" + std::string(f->tmpl) + "\"\"\"\n";
+    std::string tmpl = f->tmpl;
+    const std::string eos = eos_token.empty() ? "</s>" : eos_token;
+    for (size_t at = tmpl.find("EOS"); f == &kZephyr && at != std::string::npos; at = tmpl.find("EOS", at + eos.size()))
+      tmpl.replace(at, 3, eos);
+    m.text += "TEMPLATE \"\"\"" + tmpl + "\"\"\"\n";
     // Ollama fills .System with SYSTEM when a conversation has none: the chat template's own default.
     if (f == &kChatML)
       if (const std::string system = chatml_default_system(chat_template); !system.empty())
         m.text += "SYSTEM " + quoted(system) + "\n";
     stops = f->stops;
   } else {
-    m.text += "# No TEMPLATE: the model's chat_template is none of llama3, llama2, mistral, mistral-v0.3, chatml\n";
+    m.text += "# No TEMPLATE: the model's chat_template is none of llama3, llama2, mistral, mistral-v0.3, zephyr, chatml\n";
   }
   if (!eos_token.empty() && std::find(stops.begin(), stops.end(), eos_token) == stops.end()) stops.push_back(eos_token);
   for (const auto& s : stops) m.text += "PARAMETER stop " + quoted(s) + "\n";

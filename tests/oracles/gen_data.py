@@ -46,6 +46,14 @@ MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] =
            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
            "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
 
+# HuggingFaceH4/zephyr-7b-beta (TinyLlama/TinyLlama-1.1B-Chat-v1.0's too): newlines between the tags, which
+# transformers' trim_blocks drops after each block tag and keeps after each message.
+ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+          "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}"
+          "\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+          "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n"
+          "{% endfor %}")
+
 # Qwen/Qwen2.5-7B-Instruct (ChatML with a default system prompt and tools)
 QWEN25 = r"""{%- if tools %}
     {{- '<|im_start|>system\n' }}
@@ -169,6 +177,13 @@ MISTRAL_V03_CONVERSATIONS = [
      {"role": "user", "content": " q2 \n"}],
     [{"role": "user", "content": "Is [INST] a token?[/INST]"}, {"role": "assistant", "content": "  Yes, [INST].  "}],
     [{"role": "user", "content": "empty answer"}, {"role": "assistant", "content": "  "}],
+]
+
+
+# Zephyr's template: contents not stripped (newlines at both ends), answers in a row, an empty answer.
+ZEPHYR_CONVERSATIONS = [
+    [{"role": "user", "content": "\n\nnewlines\n"}, {"role": "assistant", "content": "\n\nanswer\n\n"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}, {"role": "assistant", "content": "x"}],
 ]
 
 
@@ -335,6 +350,19 @@ def answer_spans_by_prefix(tok, messages, rendered, trims=None, **kw):
     return spans
 
 
+def answer_spans_zephyr(tok, messages, rendered):
+    """Zephyr's template: an answer is its content and eos_token; the newline after them, which follows the answer's
+    end, is not part of it."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            through = tok.apply_chat_template(messages[:i + 1], tokenize=False)
+            turn = m["content"] + tok.eos_token
+            assert rendered.startswith(through) and through.endswith(turn + "\n"), through
+            spans.append((len(through) - 1 - len(turn), len(through) - 1))
+    return spans
+
+
 def answer_spans_chatml(messages, rendered):
     """Qwen3's template renders an answer differently once a later turn follows (its <think> block), so a
     conversation's start is not its prefix's rendering: an answer is what follows each "<|im_start|>assistant\n",
@@ -357,7 +385,8 @@ def chat_case(tok, messages, check=None, by_structure=False, trims=None, **kw):
     if check:
         assert ids == check(rendered), ("sentencepiece disagrees", rendered)
     loss = [0] * len(ids)
-    spans = answer_spans_chatml(messages, rendered) if by_structure else \
+    spans = answer_spans_chatml(messages, rendered) if by_structure == True else \
+        answer_spans_zephyr(tok, messages, rendered) if by_structure == "zephyr" else \
         answer_spans_by_prefix(tok, messages, rendered, trims, **kw)
     for start, end in spans:
         first = common_prefix(enc(rendered[:start]), ids)
@@ -483,8 +512,10 @@ def generate(out_dir: pathlib.Path):
     assert q3.convert_tokens_to_ids("<think>") == q3.convert_tokens_to_ids("<|im_end|>") + 1
     model_dir("llama2", "spm", LLAMA2)
     model_dir("mistral", "spm", MISTRAL)
+    model_dir("zephyr", "spm", ZEPHYR)
     l2, sp = hf_llama_from_spm(out / "llama2" / "tokenizer.model", LLAMA2)
     mi, _ = hf_llama_from_spm(out / "mistral" / "tokenizer.model", MISTRAL)
+    ze, _ = hf_llama_from_spm(out / "zephyr" / "tokenizer.model", ZEPHYR)
     sp_check = lambda text: sp_legacy_ids(sp, text, {"<s>": sp.bos_id(), "</s>": sp.eos_id()})
     # Mistral v0.3: its control tokens, transformers' non-legacy tokenizer (tokenizer.json's Metaspace prepend_scheme
     # "first", as v0.3's own file has it) and tokenizer_config.json's legacy false.
@@ -525,7 +556,9 @@ def generate(out_dir: pathlib.Path):
             ("chat_qwen3_fuzz", q3, True, fuzz_conversations(3, 60, True), {}),
             ("chat_llama31_fuzz", l31, False, fuzz_conversations(31, 60, False), {}),
             ("chat_qwen3_instruct", q3i, False, CONVERSATIONS + qwen_more, {}),
-            ("chat_qwen2", q2, False, CONVERSATIONS + qwen_more, {})]:
+            ("chat_qwen2", q2, False, CONVERSATIONS + qwen_more, {}),
+            ("chat_zephyr", ze, "zephyr", CONVERSATIONS + qwen_more + ZEPHYR_CONVERSATIONS, {}),
+            ("chat_zephyr_fuzz", ze, "zephyr", fuzz_conversations(7, 60, False), {})]:
         cases = [chat_case(tok, c, None, by_structure, tok in (l31, l32), **kw) for c in convs]
         write_jsonl(out / f"{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
         expected[name] = cases
@@ -537,7 +570,7 @@ def generate(out_dir: pathlib.Path):
         {"model": model, "system": c[0]["content"] if c[0]["role"] == "system" else "", "user": c[-1]["content"],
          "ids": ids_of(tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True))}
         for model, tok in [("llama3", l3), ("llama31", l31), ("qwen", qw), ("qwen3", q3), ("qwen3_instruct", q3i),
-                           ("qwen2", q2), ("mistral", mi), ("mistral_v3", mv3)]
+                           ("qwen2", q2), ("mistral", mi), ("mistral_v3", mv3), ("zephyr", ze)]
         for c in ([{"role": "user", "content": "Hello world"}],
                   [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"}])
         if not (model == "mistral" and c[0]["role"] == "system")]
