@@ -88,6 +88,12 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
     check_file("chat_zephyr", "zephyr", config({{"train_on_prompt", true}}));
     check_file("chat_zephyr_fuzz", "zephyr", config());  // random conversations (gen_data.fuzz_conversations)
   }
+  SECTION("deepseek-r1 (DeepSeek-R1-Distill-Llama's template: answers keep what follows their last </think>)") {
+    check_file("chat_deepseek_r1", "deepseek_r1", config());
+    check_file("chat_deepseek_r1", "deepseek_r1", config({{"chat_template", "deepseek-r1"}}));
+    check_file("chat_deepseek_r1", "deepseek_r1", config({{"train_on_prompt", true}}));
+    check_file("chat_deepseek_r1_fuzz", "deepseek_r1", config());  // <think> / </think> anywhere in the answers
+  }
   SECTION("chatml (Qwen2.5's template: its default system prompt where there is no system message)") {
     check_file("chat_qwen", "qwen", config());
     check_file("chat_qwen", "qwen", config({{"format", "chat"}, {"chat_template", "chatml"}}));
@@ -156,7 +162,8 @@ TEST_CASE("a chat prompt ends where transformers' generation prompt does", "[dat
 
 TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
   for (const std::string model :
-       {"llama3", "llama31", "llama2", "mistral", "mistral_v3", "zephyr", "qwen", "qwen2", "qwen3", "qwen3_instruct"}) {
+       {"llama3", "llama31", "llama2", "mistral", "mistral_v3", "zephyr", "deepseek_r1", "qwen", "qwen2", "qwen3",
+        "qwen3_instruct"}) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     const int32_t end = model.rfind("llama3", 0) == 0 ? tok->token_to_id("<|eot_id|>")
                         : model.rfind("qwen", 0) == 0 ? tok->token_to_id("<|im_end|>")
@@ -216,7 +223,7 @@ TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
   const std::vector<std::pair<std::string, std::string>> models = {
       {"llama3", "llama3"}, {"llama31", "llama3.1"}, {"llama32", "llama3.1"},     {"llama2", "llama2"},
       {"mistral", "mistral"}, {"qwen", "chatml"},    {"qwen3", "qwen3"}, {"qwen3_instruct", "qwen3-instruct"},
-      {"qwen2", "qwen2"},     {"mistral_v3", "mistral-v0.3"}, {"zephyr", "zephyr"}};
+      {"qwen2", "qwen2"},     {"mistral_v3", "mistral-v0.3"}, {"zephyr", "zephyr"}, {"deepseek_r1", "deepseek-r1"}};
   for (const auto& [model, format] : models) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     CHECK(qt::chat_format_name(qt::resolve_chat_format(ChatTemplateChoice::Auto, tok->chat_template(), "run.json")) ==
@@ -242,6 +249,15 @@ TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
                  "qwen3", "qwen3-instruct"});
   check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "", "run.json"); }, qt::ErrorKind::Config,
               {"run.json", "data.chat_template", "no chat_template"});
+  // DeepSeek templates other than DeepSeek-R1-Distill-Llama's (the Qwen distills': <｜Assistant｜> after each user
+  // message): not built in.
+  check_error(
+      [] {
+        qt::resolve_chat_format(ChatTemplateChoice::Auto,
+                                "{{'<\uff5cUser\uff5c>' + content + '<\uff5cAssistant\uff5c>'}} is_last_user",
+                                "run.json");
+      },
+      qt::ErrorKind::Config, {"data.chat_template", "DeepSeek", "deepseek-r1"});
   // Later Mistral templates other than v0.3's (v0.2's update: the system message in the first user turn; Mistral
   // Small's [SYSTEM_PROMPT] beside the tools): not built in.
   for (const std::string jinja :
@@ -297,8 +313,12 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
     auto q3 = qt::load_tokenizer(qt::test::fixture("data/qwen3"));
     auto l31 = qt::load_tokenizer(qt::test::fixture("data/llama31"));
     auto mv3 = qt::load_tokenizer(qt::test::fixture("data/mistral_v3"));
-    for (const std::string name : {"qwen3", "qwen3-instruct", "llama3.1", "mistral-v0.3"}) {
-      const qt::Tokenizer& tok = name == "llama3.1" ? *l31 : name == "mistral-v0.3" ? *mv3 : *q3;
+    auto ds = qt::load_tokenizer(qt::test::fixture("data/deepseek_r1"));
+    for (const std::string name : {"qwen3", "qwen3-instruct", "llama3.1", "mistral-v0.3", "deepseek-r1"}) {
+      const qt::Tokenizer& tok = name == "llama3.1"       ? *l31
+                                 : name == "mistral-v0.3" ? *mv3
+                                 : name == "deepseek-r1"  ? *ds
+                                                          : *q3;
       check_error(load(calls, tok, config({{"chat_template", name}})), qt::ErrorKind::Data,
                   {calls + ":2", "messages[1].tool_calls", name, "not built in"});
       check_error(load(tools, tok, config({{"chat_template", name}})), qt::ErrorKind::Data,

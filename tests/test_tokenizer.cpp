@@ -375,8 +375,10 @@ TEST_CASE("sentencepiece's dummy prefix goes where the tokenizer files put it, a
     };
     CHECK(prefix_of(dir_with(llama2, false, true)) == DummyPrefix::Always);
     CHECK(prefix_of(dir_with(scheme("first"), true, true)) == DummyPrefix::First);
-    CHECK(prefix_of(dir_with([](qt::Json& t) { t["pre_tokenizer"] = {{"type", "Metaspace"}, {"add_prefix_space", false}}; },
-                             std::nullopt, true)) == DummyPrefix::Never);
+    const auto old_metaspace = [](qt::Json& t) {
+      t["pre_tokenizer"] = {{"type", "Metaspace"}, {"add_prefix_space", false}};
+    };
+    CHECK(prefix_of(dir_with(old_metaspace, std::nullopt, true)) == DummyPrefix::Never);
     CHECK(prefix_of(dir_with([](qt::Json&) {}, false, false)) == DummyPrefix::First);
     CHECK(prefix_of(dir_with([](qt::Json&) {}, true, false)) == DummyPrefix::Always);
     CHECK(prefix_of(dir_with([](qt::Json&) {}, std::nullopt, false)) == DummyPrefix::Always);

@@ -242,6 +242,38 @@ std::vector<RenderPiece> render_zephyr(const std::vector<ChatMessage>& messages,
   return out;
 }
 
+// deepseek-ai/DeepSeek-R1-Distill-Llama-8B's (and -70B's) chat_template, without its tools:
+//   {% set ns = namespace(..., system_prompt='') %}{%- for message in messages %}{%- if message['role'] == 'system' %}
+//   {% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}{{bos_token}}{{ns.system_prompt}}
+//   {%- for message in messages %}{%- if message['role'] == 'user' %}...{{'<｜User｜>' + message['content']}}
+//   {%- endif %}...{%- if message['role'] == 'assistant' and message['content'] is not none %}...{% set content =
+//   message['content'] %}{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}
+//   {{'<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>'}}...{% if add_generation_prompt and not ns.is_tool %}
+//   {{'<｜Assistant｜><think>\n'}}{% endif %}
+// An answer keeps what follows its last </think>: its reasoning is left out (load_examples warns).
+constexpr const char* kDeepSeekUser = "<\uff5cUser\uff5c>";
+constexpr const char* kDeepSeekAssistant = "<\uff5cAssistant\uff5c>";
+constexpr const char* kDeepSeekEnd = "<\uff5cend\u2581of\u2581sentence\uff5c>";
+
+std::vector<RenderPiece> render_deepseek_r1(const std::vector<ChatMessage>& messages, const Tokenizer& tok, bool all) {
+  std::vector<RenderPiece> out{{"", bos_of(tok, ChatFormat::DeepSeekR1), all}};
+  const int32_t end = required_token(tok, kDeepSeekEnd, ChatFormat::DeepSeekR1);
+  required_token(tok, kDeepSeekUser, ChatFormat::DeepSeekR1);
+  required_token(tok, kDeepSeekAssistant, ChatFormat::DeepSeekR1);
+  if (!messages.empty() && messages[0].role == "system") out.push_back({messages[0].content, -1, all});
+  for (const auto& m : messages) {
+    if (m.role == "user") {
+      out.push_back({kDeepSeekUser + m.content, -1, all});
+    } else if (m.role == "assistant") {
+      const size_t think = m.content.rfind("</think>");
+      out.push_back({kDeepSeekAssistant, -1, all});
+      out.push_back({think == std::string::npos ? m.content : m.content.substr(think + 8), -1, all || answer(m)});
+      out.push_back({"", end, all || answer(m)});
+    }
+  }
+  return out;
+}
+
 constexpr const char* kQwenDefaultSystem = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.";
 // Qwen2-*-Instruct's and Qwen1.5-*-Chat's chat_template:
 //   {% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are
@@ -363,6 +395,7 @@ constexpr std::pair<ChatFormat, ChatTemplateChoice> kFormats[] = {
     {ChatFormat::Llama3, ChatTemplateChoice::Llama3},   {ChatFormat::Llama31, ChatTemplateChoice::Llama31},
     {ChatFormat::Llama2, ChatTemplateChoice::Llama2},   {ChatFormat::Mistral, ChatTemplateChoice::Mistral},
     {ChatFormat::MistralV03, ChatTemplateChoice::MistralV03}, {ChatFormat::Zephyr, ChatTemplateChoice::Zephyr},
+    {ChatFormat::DeepSeekR1, ChatTemplateChoice::DeepSeekR1},
     {ChatFormat::ChatML, ChatTemplateChoice::ChatML},   {ChatFormat::Qwen2, ChatTemplateChoice::Qwen2},
     {ChatFormat::Qwen3, ChatTemplateChoice::Qwen3},     {ChatFormat::Qwen3Instruct, ChatTemplateChoice::Qwen3Instruct}};
 
@@ -416,6 +449,14 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
   if (zephyr_turn("user") && zephyr_turn("assistant") && zephyr_turn("system") &&
       contains(jinja, "message['content'] + eos_token }}\n{%"))
     return ChatFormat::Zephyr;
+  if (contains(jinja, kDeepSeekUser) && contains(jinja, kDeepSeekAssistant)) {
+    // DeepSeek-R1-Distill-Llama's: the system prompt right after bos_token, each answer's reasoning left out. The
+    // Qwen distills' renders <｜Assistant｜> after each user message instead.
+    if (contains(jinja, "{{bos_token}}{{ns.system_prompt}}") && contains(jinja, "content.split('</think>')[-1]") &&
+        contains(jinja, "{{'<\uff5cUser\uff5c>' + message['content']}}"))
+      return ChatFormat::DeepSeekR1;
+    refuse("a DeepSeek one other than DeepSeek-R1-Distill-Llama's (the Qwen distills' among them)");
+  }
   if (contains(jinja, "<|im_start|>")) {
     // Qwen3's (the hybrid models': enable_thinking, <think> blocks after the last query), Qwen2.5's (its default
     // system prompt), Qwen2's (its own, no tools) and Qwen3-Instruct-2507's (no default system prompt, tools as
@@ -448,10 +489,11 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
   for (size_t i = 0; i < messages.size(); ++i) check_role(messages[i], i, where);
   // Qwen2.5's, Qwen3's and Qwen3-Instruct-2507's templates render tools into their system prompt and an assistant's
   // tool_calls as <tool_call> JSON (Python's json.dumps of them, key order kept); Llama 3.1's tools into the first
-  // user message and a call as JSON; Mistral v0.3's tools before the last user message and calls as [TOOL_CALLS].
+  // user message and a call as JSON; Mistral v0.3's tools before the last user message and calls as [TOOL_CALLS];
+  // DeepSeek-R1-Distill-Llama's calls and tool outputs between its <｜tool▁...｜> tokens.
   // The Llama 3, Llama 2 and Mistral v0.1 templates ignore both.
   if (format == ChatFormat::ChatML || format == ChatFormat::Qwen3 || format == ChatFormat::Qwen3Instruct ||
-      format == ChatFormat::Llama31 || format == ChatFormat::MistralV03) {
+      format == ChatFormat::Llama31 || format == ChatFormat::MistralV03 || format == ChatFormat::DeepSeekR1) {
     const std::string why = std::string("the ") + chat_format_name(format) +
                             " format's tools and tool calls (what its template renders of them) are not built in; "
                             "leave them out of the record";
@@ -472,6 +514,8 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
       return render_mistral_v03(messages, tokenizer, train_on_prompt, where);
     case ChatFormat::Zephyr:
       return render_zephyr(messages, tokenizer, train_on_prompt);
+    case ChatFormat::DeepSeekR1:
+      return render_deepseek_r1(messages, tokenizer, train_on_prompt);
     case ChatFormat::ChatML:
       return render_chatml(messages, tokenizer, train_on_prompt, format, kQwenDefaultSystem);
     case ChatFormat::Qwen2:
@@ -484,7 +528,11 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
   fail(ErrorKind::Internal, "render_chat: unknown format");
 }
 
-bool prompt_is_conversation(ChatFormat format) { return format == ChatFormat::MistralV03; }
+std::optional<std::string> generation_prompt_suffix(ChatFormat format) {
+  if (format == ChatFormat::MistralV03) return std::string();
+  if (format == ChatFormat::DeepSeekR1) return std::string(kDeepSeekAssistant) + "<think>\n";
+  return std::nullopt;
+}
 
 bool renders_system_message(ChatFormat format, const std::vector<ChatMessage>& messages) {
   if (messages.empty() || messages[0].role != "system") return false;

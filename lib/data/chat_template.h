@@ -1,9 +1,10 @@
 #pragma once
 // Built-in renderers for the chat formats of Llama 3, Llama 3.1 (3.2 and 3.3 too), Llama 2, Mistral v0.1, Mistral
-// v0.3, Zephyr (TinyLlama-Chat's too), ChatML (Qwen2.5's), Qwen2 (Qwen1.5's too), Qwen3 (its <think> blocks) and Qwen3-Instruct-2507: there is no
-// C++ Jinja library in Debian or on the GPU image, so each official template is re-implemented here and held to
-// transformers' apply_chat_template by tests (tests/oracles/gen_data.py). The format is recognised from the tokenizer's
-// chat_template (tokenizer_config.json) or named in the run config (data.chat_template).
+// v0.3, Zephyr (TinyLlama-Chat's too), DeepSeek-R1-Distill-Llama, ChatML (Qwen2.5's), Qwen2 (Qwen1.5's too), Qwen3
+// (its <think> blocks) and Qwen3-Instruct-2507: there is no C++ Jinja library in Debian or on the GPU image, so each
+// official template is re-implemented here and held to transformers' apply_chat_template by tests
+// (tests/oracles/gen_data.py). The format is recognised from the tokenizer's chat_template (tokenizer_config.json)
+// or named in the run config (data.chat_template).
 #include <optional>
 #include <string>
 #include <vector>
@@ -14,7 +15,9 @@
 
 namespace qt {
 
-enum class ChatFormat { Llama3, Llama31, Llama2, Mistral, MistralV03, Zephyr, ChatML, Qwen2, Qwen3, Qwen3Instruct };
+enum class ChatFormat {
+  Llama3, Llama31, Llama2, Mistral, MistralV03, Zephyr, DeepSeekR1, ChatML, Qwen2, Qwen3, Qwen3Instruct
+};
 
 const char* chat_format_name(ChatFormat format);
 
@@ -48,10 +51,11 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
 // with an answer) loses it.
 bool renders_system_message(ChatFormat format, const std::vector<ChatMessage>& messages);
 
-// Whether transformers' generation prompt for `format` is the conversation ending with the user's message as the
-// template renders it, and not the start of a conversation with an answer: Mistral v0.3's template has no
-// generation prompt, puts the system message into a last user message alone, and starts an answer with a space
-// (which a small vocabulary may hold as a token of its own before the answer's).
-bool prompt_is_conversation(ChatFormat format);
+// Where transformers' generation prompt for `format` is not the start of an answer's turn as training renders it:
+// the text its template appends to the conversation that ends with the user's message. Mistral v0.3's has no
+// generation prompt (""), puts the system message into a last user message alone, and starts an answer with a space
+// (which a small vocabulary may hold as a token of its own before the answer's); DeepSeek-R1-Distill-Llama's opens
+// a <think> block ("<｜Assistant｜><think>\n") that its answers in training do not have. nullopt for the others.
+std::optional<std::string> generation_prompt_suffix(ChatFormat format);
 
 }  // namespace qt

@@ -24,7 +24,8 @@ const std::vector<std::pair<std::string, ChatTemplateChoice>>& chat_templates() 
       {"auto", ChatTemplateChoice::Auto},         {"llama3", ChatTemplateChoice::Llama3},
       {"llama3.1", ChatTemplateChoice::Llama31},  {"llama2", ChatTemplateChoice::Llama2},
       {"mistral", ChatTemplateChoice::Mistral},   {"mistral-v0.3", ChatTemplateChoice::MistralV03},
-      {"zephyr", ChatTemplateChoice::Zephyr},     {"chatml", ChatTemplateChoice::ChatML},
+      {"zephyr", ChatTemplateChoice::Zephyr},     {"deepseek-r1", ChatTemplateChoice::DeepSeekR1},
+      {"chatml", ChatTemplateChoice::ChatML},
       {"qwen2", ChatTemplateChoice::Qwen2},       {"qwen3", ChatTemplateChoice::Qwen3},
       {"qwen3-instruct", ChatTemplateChoice::Qwen3Instruct}};
   return table;

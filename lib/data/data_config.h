@@ -13,7 +13,7 @@ enum class RecordFormat { Auto, Text, Alpaca, Chat, Completion, Tokenized };
 // The built-in chat templates (lib/data/chat_template.h says which model's each is); auto: recognised from the
 // tokenizer's chat_template.
 enum class ChatTemplateChoice {
-  Auto, Llama3, Llama31, Llama2, Mistral, MistralV03, Zephyr, ChatML, Qwen2, Qwen3, Qwen3Instruct
+  Auto, Llama3, Llama31, Llama2, Mistral, MistralV03, Zephyr, DeepSeekR1, ChatML, Qwen2, Qwen3, Qwen3Instruct
 };
 // What happens to a training record longer than max_seq_len: cut to its first max_seq_len tokens, left out, or
 // the run stops naming it.

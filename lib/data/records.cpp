@@ -297,11 +297,17 @@ Json prompt_record(RecordFormat format, const std::string& prompt, const std::st
 std::vector<int32_t> generation_prompt_tokens(const DataConfig& config, const std::string& prompt,
                                               const std::string& input, const std::string& system,
                                               const Tokenizer& tokenizer) {
-  Json record = prompt_record(config.format, prompt, input, system);
-  if (config.format == RecordFormat::Chat &&
-      prompt_is_conversation(resolve_chat_format(config.chat_template, tokenizer.chat_template(), config.file))) {
-    record["messages"].erase(record["messages"].size() - 1);
-    return tokenize_record(record, "--prompt", config, tokenizer).ids;
+  const Json record = prompt_record(config.format, prompt, input, system);
+  if (config.format == RecordFormat::Chat) {
+    const ChatFormat format = resolve_chat_format(config.chat_template, tokenizer.chat_template(), config.file);
+    if (const std::optional<std::string> suffix = generation_prompt_suffix(format)) {
+      std::vector<ChatMessage> messages(system.empty() ? 1 : 2);
+      if (!system.empty()) messages[0].role = "system", messages[0].content = system;
+      messages.back().role = "user", messages.back().content = prompt;
+      std::vector<RenderPiece> pieces = render_chat(format, messages, tokenizer, false, "--prompt", false);
+      pieces.push_back({*suffix, -1, false});
+      return tokenize_rendered(pieces, tokenizer).ids;
+    }
   }
   return prompt_tokens(tokenize_record(record, "--prompt", config, tokenizer));
 }
@@ -314,6 +320,17 @@ bool chat_with_reasoning(const Json& messages) {
   for (const auto& m : messages)
     if (m.is_object() && m.contains("reasoning_content") && m.at("reasoning_content").is_string() &&
         !m.at("reasoning_content").get<std::string>().empty())
+      return true;
+  return false;
+}
+
+// A chat record with an answer whose content holds a </think>: DeepSeek-R1-Distill-Llama's template keeps what
+// follows the last one.
+bool chat_with_think_block(const Json& messages) {
+  if (!messages.is_array()) return false;
+  for (const auto& m : messages)
+    if (m.is_object() && m.value("role", "") == "assistant" && m.contains("content") && m.at("content").is_string() &&
+        m.at("content").get<std::string>().find("</think>") != std::string::npos)
       return true;
   return false;
 }
@@ -346,6 +363,7 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
   std::vector<int64_t> unanswered;  // lines of chat records with no assistant message
   std::vector<int64_t> reasoning;   // lines of chat records whose reasoning_content the template leaves out
   std::vector<int64_t> no_system;   // lines of chat records whose system message the template leaves out
+  std::vector<int64_t> thinking;    // lines of chat records whose answers' reasoning the template leaves out
   for (const auto& r : records) {
     Example e = tokenize_one(r.value, path + ":" + std::to_string(r.line), config, tokenizer, chat);
     e.line = r.line;
@@ -353,6 +371,7 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
     if (!config.train_on_prompt && chat_without_answer(messages)) unanswered.push_back(r.line);
     if (chat && *chat != ChatFormat::Qwen3 && chat_with_reasoning(messages)) reasoning.push_back(r.line);
     if (chat && chat_drops_system(*chat, messages)) no_system.push_back(r.line);
+    if (chat && *chat == ChatFormat::DeepSeekR1 && chat_with_think_block(messages)) thinking.push_back(r.line);
     out.push_back(std::move(e));
   }
   const auto line_list = [](const std::vector<int64_t>& lines) {
@@ -369,6 +388,12 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
     log::warn_rank0(path + ": " + std::to_string(reasoning.size()) + " chat record(s) with a reasoning_content (" +
                     line_list(reasoning) + ") that the " + chat_format_name(*chat) +
                     " template leaves out, as transformers renders it (only the qwen3 template renders it)");
+  if (!thinking.empty())
+    log::warn_rank0(path + ": " + std::to_string(thinking.size()) +
+                    " chat record(s) with an answer holding </think> (" + line_list(thinking) + "): the " +
+                    chat_format_name(*chat) +
+                    " template keeps what follows an answer's last </think>, as transformers renders it, so the "
+                    "reasoning before it is not trained");
   if (!no_system.empty())
     log::warn_rank0(path + ": " + std::to_string(no_system.size()) + " chat record(s) with a system message (" +
                     line_list(no_system) + ") that the " + chat_format_name(*chat) +

@@ -48,8 +48,9 @@ Json prompt_record(RecordFormat format, const std::string& prompt, const std::st
                    const std::string& system);
 
 // What `qlora-train generate --format` gives the model: prompt_tokens() of prompt_record(config.format, ...), or
-// for a chat template whose prompt is the conversation itself (prompt_is_conversation: Mistral v0.3's), the
-// conversation ending with the user's message as the template renders it.
+// for a chat template whose generation prompt is not the start of an answer's turn (generation_prompt_suffix:
+// Mistral v0.3's, DeepSeek-R1-Distill-Llama's), the conversation ending with the user's message as the template
+// renders it, and the template's suffix.
 std::vector<int32_t> generation_prompt_tokens(const DataConfig& config, const std::string& prompt,
                                               const std::string& input, const std::string& system,
                                               const Tokenizer& tokenizer);

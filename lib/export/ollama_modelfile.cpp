@@ -40,6 +40,13 @@ const Format kZephyr = {"zephyr",
                         "{{ if .System }}<|system|>\n{{ .System }}EOS\n{{ end }}{{ if .Prompt }}<|user|>\n{{ .Prompt }}"
                         "EOS\n{{ end }}<|assistant|>\n{{ .Response }}EOS\n",
                         {"<|system|>", "<|user|>", "<|assistant|>"}};
+// DeepSeek-R1-Distill-Llama: "{system}<｜User｜>{user}<｜Assistant｜>{answer}<｜end▁of▁sentence｜>".
+const Format kDeepSeekR1 = {
+    "deepseek-r1",
+    "{{ if .System }}{{ .System }}{{ end }}{{ if .Prompt }}<\uff5cUser\uff5c>{{ .Prompt }}{{ end }}"
+    "<\uff5cAssistant\uff5c>{{ .Response }}<\uff5cend\u2581of\u2581sentence\uff5c>",
+    {"<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<\uff5cUser\uff5c>",
+     "<\uff5cAssistant\uff5c>"}};
 const Format kChatML = {"chatml",
                         "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
                         "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
@@ -82,6 +89,9 @@ OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string
     f = &kLlama3;
   else if (contains(chat_template, "<|im_start|>"))
     f = &kChatML;
+  else if (contains(chat_template, "<\uff5cUser\uff5c>") &&
+           contains(chat_template, "{{bos_token}}{{ns.system_prompt}}"))
+    f = &kDeepSeekR1;
   else if (contains(chat_template, "<|user|>") && contains(chat_template, "<|assistant|>") &&
            contains(chat_template, "<|system|>") && contains(chat_template, "eos_token"))
     f = &kZephyr;
@@ -107,7 +117,8 @@ OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string
         m.text += "SYSTEM " + quoted(system) + "\n";
     stops = f->stops;
   } else {
-    m.text += "# No TEMPLATE: the model's chat_template is none of llama3, llama2, mistral, mistral-v0.3, zephyr, chatml\n";
+    m.text += "# No TEMPLATE: the model's chat_template is none of llama3, llama2, mistral, mistral-v0.3, zephyr, "
+              "deepseek-r1, chatml\n";
   }
   if (!eos_token.empty() && std::find(stops.begin(), stops.end(), eos_token) == stops.end()) stops.push_back(eos_token);
   for (const auto& s : stops) m.text += "PARAMETER stop " + quoted(s) + "\n";

@@ -1,5 +1,6 @@
 """Warnings a user should see (issue 29): chat records with no assistant message (nothing to train on) are named by
-line, and so are those whose reasoning_content or system message the chat template leaves out; an adapter applied to another base than
+line, and so are those whose reasoning_content, reasoning in the answer or system message the chat template leaves
+out; an adapter applied to another base than
 the one adapter_config.json names is warned about (eval, generate, lora.init_from), the same base through a symbolic
 link is not; a second Ctrl-C says that it exits at once."""
 import json, os, pathlib, signal, subprocess, sys, tempfile, time
@@ -67,6 +68,24 @@ def main():
           f"{p.returncode}) {[l for l in p.stderr.splitlines() if 'system message' in l]}")
     for i in (1, 2, 5):
         chat[i]["messages"].pop(0)
+    # Answers whose reasoning DeepSeek-R1-Distill-Llama's template leaves out (it keeps what follows the last
+    # </think>): warned, naming the lines. A tiny model with that template's tokenizer (gen_data's fixture recipe).
+    import gen_data, gen_tokenizer
+    (TMP / "tok").mkdir()
+    gen_tokenizer.make_bpe(TMP / "tok", gen_tokenizer.corpus_lines())
+    gen_data.deepseek_dir(TMP / "ds", TMP / "tok" / "bpe", gen_data.DEEPSEEK_R1)
+    tiny_lm.make_model(TMP / "ds", vocab_size=1024, seed=3)
+    think = [{"messages": [{"role": "user", "content": words[i]},
+                           {"role": "assistant", "content": (f"<think>{words[i + 1]}</think>" if i in (1, 3) else "")
+                            + words[i + 2]}]} for i in range(5)]
+    (TMP / "think.jsonl").write_text("".join(json.dumps(r) + "\n" for r in think))
+    cfg = json.loads(config("think", train_file=str(TMP / "think.jsonl"), max_seq_len=128).read_text())
+    cfg["model"]["path"] = str(TMP / "ds")
+    (TMP / "think.json").write_text(json.dumps(cfg))
+    p = run("--config", TMP / "think.json")
+    check(p.returncode == 0 and "2 chat record(s) with an answer holding </think> (lines 2, 4): the deepseek-r1 "
+          "template keeps what follows" in p.stderr, f"answers whose reasoning the template leaves out are named by "
+          f"line (exit {p.returncode}) {[l for l in p.stderr.splitlines() if 'think' in l or 'rror' in l]}")
     # A held-out share too small to hold out a record: warned, the run trains without evaluation.
     (TMP / "one.jsonl").write_text((TMP / "train.jsonl").read_text().splitlines()[0] + "\n")
     p = run("--config", config("one", train_file=str(TMP / "one.jsonl"), eval_fraction=0.5))

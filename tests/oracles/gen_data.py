@@ -126,6 +126,9 @@ LLAMA31 = (TEMPLATES / "llama3_1.jinja").read_text()
 LLAMA32 = (TEMPLATES / "llama3_2.jinja").read_text()
 QWEN3 = (TEMPLATES / "qwen3.jinja").read_text()
 QWEN3_2507 = (TEMPLATES / "qwen3_instruct_2507.jinja").read_text()
+# deepseek-ai/DeepSeek-R1-Distill-Llama-8B (deepseek_r1_distill_llama: its tokenizer_config.json's chat_template, one
+# line; public copies of it agree on everything but the tool calls' arguments, which no case here renders).
+DEEPSEEK_R1 = (TEMPLATES / "deepseek_r1_distill_llama.jinja").read_text(encoding="utf-8")
 # mistralai/Mistral-7B-Instruct-v0.3 (mistral_v0_3: its chat_template since the tools update; the copies of it in
 # public code agree), with the control tokens of v0.3's vocabulary after <unk>, <s> and </s>.
 MISTRAL_V03 = (TEMPLATES / "mistral_v0_3.jinja").read_text()
@@ -363,6 +366,19 @@ def answer_spans_zephyr(tok, messages, rendered):
     return spans
 
 
+def answer_spans_deepseek(tok, messages, rendered):
+    """DeepSeek-R1-Distill-Llama's template: an answer is what follows its content's last </think> (all of it where
+    there is none), then <｜end▁of▁sentence｜>."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            through = tok.apply_chat_template(messages[:i + 1], tokenize=False)
+            turn = m["content"].split("</think>")[-1] + tok.eos_token
+            assert rendered.startswith(through) and through.endswith(turn), through
+            spans.append((len(through) - len(turn), len(through)))
+    return spans
+
+
 def answer_spans_chatml(messages, rendered):
     """Qwen3's template renders an answer differently once a later turn follows (its <think> block), so a
     conversation's start is not its prefix's rendering: an answer is what follows each "<|im_start|>assistant\n",
@@ -387,6 +403,7 @@ def chat_case(tok, messages, check=None, by_structure=False, trims=None, **kw):
     loss = [0] * len(ids)
     spans = answer_spans_chatml(messages, rendered) if by_structure == True else \
         answer_spans_zephyr(tok, messages, rendered) if by_structure == "zephyr" else \
+        answer_spans_deepseek(tok, messages, rendered) if by_structure == "deepseek" else \
         answer_spans_by_prefix(tok, messages, rendered, trims, **kw)
     for start, end in spans:
         first = common_prefix(enc(rendered[:start]), ids)
@@ -476,6 +493,35 @@ def qwen_dir(d, bpe_dir, template, added=()):
     return d
 
 
+def deepseek_dir(d, bpe_dir, template):
+    """A DeepSeek-R1-Distill-Llama-style tokenizer: the byte-level BPE with its special tokens after the vocabulary
+    (BOS <｜begin▁of▁sentence｜> added by the post-processor, as Llama 3's; EOS <｜end▁of▁sentence｜>; <｜User｜>,
+    <｜Assistant｜>) and <think>, </think> added but not special, as the distills have them."""
+    from tokenizers import AddedToken, Tokenizer, processors
+    d.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.from_file(str(bpe_dir / "tokenizer.json"))
+    bos, eos = "<\uff5cbegin\u2581of\u2581sentence\uff5c>", "<\uff5cend\u2581of\u2581sentence\uff5c>"
+    specials = [bos, eos, "<\uff5cUser\uff5c>", "<\uff5cAssistant\uff5c>"]
+    tok.add_special_tokens(specials)
+    tok.add_tokens([AddedToken(a, special=False, normalized=False) for a in ("<think>", "</think>")])
+    tok.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, tok.token_to_id(bos))])])
+    tok.save(str(d / "tokenizer.json"))
+    # (The distills name LlamaTokenizerFast, which transformers 4.x runs from tokenizer.json as it is; 5.x rebuilds
+    # a sentencepiece-style pipeline for that class, so the file's own class stands in for it here.)
+    cfg = {"add_bos_token": True, "add_eos_token": False, "bos_token": bos, "eos_token": eos,
+           "clean_up_tokenization_spaces": False, "model_max_length": 16384, "legacy": True,
+           "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template,
+           "added_tokens_decoder": {str(tok.token_to_id(s)): {"content": s, "lstrip": False, "normalized": False,
+                                                               "rstrip": False, "single_word": False,
+                                                               "special": s in specials}
+                                    for s in specials + ["<think>", "</think>"]}}
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    return d
+
+
 def generate(out_dir: pathlib.Path):
     from transformers import AutoTokenizer
     out = out_dir / "data"
@@ -506,6 +552,7 @@ def generate(out_dir: pathlib.Path):
     q3 = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen3", work / "bpe", QWEN3, ["<think>", "</think>"])))
     q3i = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen3_instruct", work / "bpe", QWEN3_2507)))
     q2 = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen2", work / "bpe", QWEN2)))
+    ds = AutoTokenizer.from_pretrained(str(deepseek_dir(out / "deepseek_r1", work / "bpe", DEEPSEEK_R1)))
     for tok, template in [(l3, LLAMA3), (l31, LLAMA31), (l32, LLAMA32), (qw, QWEN25), (q3, QWEN3), (q3i, QWEN3_2507),
                           (q2, QWEN2)]:
         assert tok.chat_template == template
@@ -558,7 +605,9 @@ def generate(out_dir: pathlib.Path):
             ("chat_qwen3_instruct", q3i, False, CONVERSATIONS + qwen_more, {}),
             ("chat_qwen2", q2, False, CONVERSATIONS + qwen_more, {}),
             ("chat_zephyr", ze, "zephyr", CONVERSATIONS + qwen_more + ZEPHYR_CONVERSATIONS, {}),
-            ("chat_zephyr_fuzz", ze, "zephyr", fuzz_conversations(7, 60, False), {})]:
+            ("chat_zephyr_fuzz", ze, "zephyr", fuzz_conversations(7, 60, False), {}),
+            ("chat_deepseek_r1", ds, "deepseek", CONVERSATIONS + qwen_more + QWEN3_CONVERSATIONS, {}),
+            ("chat_deepseek_r1_fuzz", ds, "deepseek", fuzz_conversations(11, 60, True), {})]:
         cases = [chat_case(tok, c, None, by_structure, tok in (l31, l32), **kw) for c in convs]
         write_jsonl(out / f"{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
         expected[name] = cases
@@ -570,7 +619,8 @@ def generate(out_dir: pathlib.Path):
         {"model": model, "system": c[0]["content"] if c[0]["role"] == "system" else "", "user": c[-1]["content"],
          "ids": ids_of(tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True))}
         for model, tok in [("llama3", l3), ("llama31", l31), ("qwen", qw), ("qwen3", q3), ("qwen3_instruct", q3i),
-                           ("qwen2", q2), ("mistral", mi), ("mistral_v3", mv3), ("zephyr", ze)]
+                           ("qwen2", q2), ("mistral", mi), ("mistral_v3", mv3), ("zephyr", ze),
+                           ("deepseek_r1", ds)]
         for c in ([{"role": "user", "content": "Hello world"}],
                   [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"}])
         if not (model == "mistral" and c[0]["role"] == "system")]
