@@ -50,11 +50,13 @@ void check_error(Fn fn, qt::ErrorKind kind, const std::vector<std::string>& says
   }
 }
 
-// Loads `file`.jsonl with the tokenizer of `model` and compares every record with the oracle.
-void check_file(const std::string& file, const std::string& model, const qt::DataConfig& cfg) {
+// Loads `file`.jsonl with the tokenizer of `model` and compares every record with the oracle (expected.json's
+// `file` entry, or `cases`).
+void check_file(const std::string& file, const std::string& model, const qt::DataConfig& cfg,
+                const qt::Json* cases_given = nullptr) {
   auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
   const auto examples = qt::load_examples(qt::test::fixture("data/" + file + ".jsonl"), cfg, *tok);
-  const qt::Json& cases = expected().at(file);
+  const qt::Json& cases = cases_given ? *cases_given : expected().at(file);
   REQUIRE(examples.size() == cases.size());
   for (size_t i = 0; i < cases.size(); ++i) {
     INFO(file << " record " << i
@@ -120,6 +122,17 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
     check_file("chat_qwen3_instruct", "qwen3_instruct", config());
     check_file("chat_qwen3_instruct", "qwen3_instruct", config({{"chat_template", "qwen3-instruct"}}));
   }
+  SECTION("custom (data.chat_format: ChatML without a default system prompt; Vicuna's, stripped, on sentencepiece)") {
+    for (const std::string name : {"chatml", "vicuna"}) {
+      const qt::Json& e = expected().at("chat_custom_" + name);
+      const std::string model = e.at("model").get<std::string>();
+      check_file("chat_custom_" + name, model, config({{"chat_template", "custom"}, {"chat_format", e.at("format")}}),
+                 &e.at("cases"));
+      check_file("chat_custom_" + name, model,
+                 config({{"chat_template", "custom"}, {"chat_format", e.at("format")}, {"train_on_prompt", true}}),
+                 &e.at("cases"));
+    }
+  }
   SECTION("ShareGPT's conversations (from / value) read as the same messages") {
     check_file("chat_llama3_sharegpt", "llama3", config());
     check_file("chat_llama3_sharegpt", "llama3", config({{"format", "chat"}}));
@@ -142,6 +155,15 @@ TEST_CASE("a chat prompt ends where transformers' generation prompt does", "[dat
     INFO(model << " system \"" << c.at("system").get<std::string>() << "\"");
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     CHECK(qt::generation_prompt_tokens(cfg, c.at("user").get<std::string>(), "", c.at("system").get<std::string>(),
+                                       *tok) == c.at("ids").get<std::vector<int32_t>>());
+  }
+  // ... and with a custom format (data.chat_format): the conversation and its generation prompt.
+  for (const auto& c : expected().at("custom_generation_prompts")) {
+    INFO(c.at("model").get<std::string>() << " " << c.at("format").dump());
+    auto tok = qt::load_tokenizer(qt::test::fixture("data/" + c.at("model").get<std::string>()));
+    const qt::DataConfig custom =
+        config({{"format", "chat"}, {"chat_template", "custom"}, {"chat_format", c.at("format")}});
+    CHECK(qt::generation_prompt_tokens(custom, c.at("user").get<std::string>(), "", c.at("system").get<std::string>(),
                                        *tok) == c.at("ids").get<std::vector<int32_t>>());
   }
   // generate --format completion: the prompt as TRL tokenizes a completion record's prompt.
@@ -232,7 +254,9 @@ TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
   // Every choice but auto names its format, whatever the tokenizer's template.
   for (const std::string& name : qt::chat_template_names()) {
     if (name == "auto") continue;
-    const qt::DataConfig c = config({{"chat_template", name}});
+    const qt::DataConfig c =
+        name == "custom" ? config({{"chat_template", name}, {"chat_format", {{"assistant_suffix", "</s>"}}}})
+                         : config({{"chat_template", name}});
     CHECK(qt::chat_format_name(qt::resolve_chat_format(c.chat_template, "", "run.json")) == name);
   }
   // ChatML other than Qwen2.5's, Qwen2's, Qwen3's and Qwen3-Instruct-2507's (SmolLM's default system prompt, Qwen2's
@@ -324,6 +348,20 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
       check_error(load(tools, tok, config({{"chat_template", name}})), qt::ErrorKind::Data,
                   {tools + ":1", "key 'tools'", "not built in"});
     }
+  }
+  SECTION("a custom format: a system message where it has no system turn, tools") {
+    const qt::DataConfig custom =
+        config({{"chat_template", "custom"},
+                {"chat_format", {{"user_prefix", "U: "}, {"assistant_prefix", "A: "}, {"assistant_suffix", "</s>"}}}});
+    const std::string p = write_file(
+        "custom_system.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", "
+                               "\"content\": \"b\"}]}\n{\"messages\": [{\"role\": \"system\", \"content\": \"s\"}, "
+                               "{\"role\": \"user\", \"content\": \"a\"}]}\n");
+    check_error(load(p, *l2, custom), qt::ErrorKind::Data, {p + ":2", "messages[0]", "no system turn"});
+    const std::string t = write_file(
+        "custom_tools.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}], \"tools\": [{\"type\": "
+                              "\"function\"}]}\n");
+    check_error(load(t, *l2, custom), qt::ErrorKind::Data, {t + ":1", "key 'tools'", "custom"});
   }
   SECTION("a completion record of a string and a list") {
     const std::string p = write_file(
@@ -494,6 +532,21 @@ TEST_CASE("data config defaults and errors", "[data]") {
   check_error([] { config({{"train_file", qt::Json::array()}}); }, qt::ErrorKind::Config,
               {"data.train_file", "empty list"});
   check_error([] { config({{"train_file", {"a.jsonl", ""}}}); }, qt::ErrorKind::Config, {"data.train_file[1]", "empty"});
+  // data.chat_format: read with chat_template "custom" only, its keys checked, an answer's end required; to_json
+  // gives back what was read.
+  const qt::Json chatml = {{"user_prefix", "<|im_start|>user\n"}, {"assistant_suffix", "<|im_end|>\n"}, {"bos", true}};
+  const qt::DataConfig cf = config({{"chat_template", "custom"}, {"chat_format", chatml}});
+  CHECK(cf.chat_format.user_prefix == "<|im_start|>user\n");
+  CHECK(cf.chat_format.bos);
+  CHECK(qt::DataConfig::from_json(cf.to_json(), "run.json").chat_format == cf.chat_format);
+  check_error([] { config({{"chat_template", "custom"}}); }, qt::ErrorKind::Config,
+              {"data.chat_format.assistant_suffix", "custom"});
+  check_error([&] { config({{"chat_template", "llama3"}, {"chat_format", chatml}}); }, qt::ErrorKind::Config,
+              {"data.chat_format", "\"llama3\"", "custom"});
+  check_error([] { config({{"chat_template", "custom"}, {"chat_format", {{"assistant_sufix", "x"}}}}); },
+              qt::ErrorKind::Config, {"data.chat_format.assistant_sufix", "assistant_suffix"});
+  check_error([] { config({{"chat_template", "custom"}, {"chat_format", {{"assistant_suffix", 3}}}}); },
+              qt::ErrorKind::Config, {"data.chat_format.assistant_suffix"});
   check_error([] { config({{"train_file", {"a.jsonl", 3}}}); }, qt::ErrorKind::Config,
               {"data.train_file", "list of strings"});
 }

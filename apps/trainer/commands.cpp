@@ -211,11 +211,19 @@ void apply_plan(qt::LlamaModel& model, const at::Device& device, int64_t seq) {
 
 // The data section's reading of records (lib/data/data_config.h) from eval's / generate's options, which take
 // the run config's names and defaults; `command` names them in errors.
+// `chat_format`: a JSON file holding data.chat_format's object (--chat-format), or ""; `format_json`: the object
+// itself where no file is given (eval --config: the run config's).
 qt::DataConfig record_config(const std::string& command, const std::string& format, const std::string& chat_template,
-                             bool train_on_prompt, bool add_eos) {
-  return qt::DataConfig::from_json(qt::Json{{"train_file", "-"}, {"format", format}, {"chat_template", chat_template},
-                                            {"train_on_prompt", train_on_prompt}, {"add_eos", add_eos}},
-                                   command);
+                             bool train_on_prompt, bool add_eos, const std::string& chat_format = "",
+                             const qt::Json& format_json = qt::Json::object()) {
+  qt::Json data = {{"train_file", "-"},          {"format", format},   {"chat_template", chat_template},
+                   {"train_on_prompt", train_on_prompt}, {"add_eos", add_eos}};
+  if (!chat_format.empty()) {
+    data["chat_format"] = qt::read_json_file(chat_format, qt::ErrorKind::Config);
+    return qt::DataConfig::from_json(data, chat_format);
+  }
+  if (chat_template == "custom") data["chat_format"] = format_json;
+  return qt::DataConfig::from_json(data, command);
 }
 
 // Runs f; a data error that names the run config's data.format / data.chat_template names the options instead.
@@ -259,6 +267,7 @@ EvalArgs with_run_config(EvalArgs a) {
     if (unset("--model")) a.model = c.model.path;
     if (unset("--format")) a.format = qt::record_format_name(c.parsed_data.format);
     if (unset("--chat-template")) a.chat_template = qt::chat_template_name(c.parsed_data.chat_template);
+    if (unset("--chat-format")) a.chat_format_json = c.parsed_data.chat_format.to_json();
     if (unset("--train-on-prompt")) a.train_on_prompt = c.parsed_data.train_on_prompt;
     if (unset("--add-eos")) a.add_eos = c.parsed_data.add_eos;
     if (unset("--max-seq-len")) a.max_seq_len = c.parsed_data.max_seq_len;
@@ -277,7 +286,8 @@ int run_eval(const EvalArgs& given) {
   const at::Device device = parse_device(args.device);
   check_not_adapter(args.model);
   const qt::DataConfig data =
-      record_config("eval", args.format, args.chat_template, args.train_on_prompt, args.add_eos);
+      record_config("eval", args.format, args.chat_template, args.train_on_prompt, args.add_eos, args.chat_format,
+                    args.chat_format_json);
   // fp32 on the CPU (exact comparisons with references), bf16 on the GPU.
   qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
   load.quantize_nf4 = args.quant == "nf4";  // as training loads the base, so that eval's figures are the trained model's
@@ -437,7 +447,8 @@ std::vector<int32_t> generation_prompt(const GenerateArgs& args, const qt::Token
     for (int32_t id : tokenizer.encode(args.prompt)) prompt.push_back(id);
     return prompt;
   }
-  const qt::DataConfig data = record_config("generate", args.format, args.chat_template, false, true);
+  const qt::DataConfig data =
+      record_config("generate", args.format, args.chat_template, false, true, args.chat_format);
   return with_option_names(
       [&] { return qt::generation_prompt_tokens(data, args.prompt, args.input, args.system, tokenizer); });
 }

@@ -3,6 +3,8 @@
 #include <cstdint>
 #include <set>
 #include <string>
+
+#include "lib/core/json.h"
 #include <vector>
 
 namespace qt::cli {
@@ -18,6 +20,8 @@ struct EvalArgs {
   // data.train_on_prompt and data.add_eos, with the same defaults.
   std::string format = "auto";
   std::string chat_template = "auto";
+  std::string chat_format;  // with chat_template custom: a JSON file holding data.chat_format's object
+  qt::Json chat_format_json = qt::Json::object();  // (or the run config's data.chat_format)
   bool train_on_prompt = false;
   bool add_eos = true;
   std::string config;  // a run config: its model.path, data options and max_seq_len, model.quant
@@ -50,6 +54,7 @@ struct GenerateArgs {
   bool json = false;
   std::string format = "text";  // text: the prompt as it is; alpaca / chat: rendered as training renders it
   std::string chat_template = "auto";
+  std::string chat_format;  // with chat_template custom: a JSON file holding data.chat_format's object
   std::string system;  // chat: a system message before the prompt
   std::string input;   // alpaca: the record's "input"
 };

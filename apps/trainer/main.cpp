@@ -233,6 +233,9 @@ int main(int argc, char** argv) {
                        "chat records' template, as data.chat_template: auto (from tokenizer_config.json) or a "
                        "built-in one")
       ->check(CLI::IsMember(qt::chat_template_names()));
+  eval_cmd->add_option("--chat-format", eval.chat_format,
+                       "with --chat-template custom: a JSON file holding the format, as data.chat_format")
+      ->check(kPath);
   eval_cmd->add_flag("--train-on-prompt,!--no-train-on-prompt", eval.train_on_prompt,
                      "prompts are targets too (data.train_on_prompt); by default only answers are, as in training");
   eval_cmd->add_option("--add-eos", eval.add_eos, "text records end with EOS (data.add_eos)")->default_str("true");
@@ -294,6 +297,9 @@ int main(int argc, char** argv) {
                       "with --format chat, as data.chat_template: auto (from tokenizer_config.json) or a built-in "
                       "one")
       ->check(CLI::IsMember(qt::chat_template_names()));
+  gen_cmd->add_option("--chat-format", gen.chat_format,
+                      "with --chat-template custom: a JSON file holding the format, as data.chat_format")
+      ->check(kPath);
   gen_cmd->add_option("--system", gen.system, "with --format chat: a system message before the prompt");
   gen_cmd->add_option("--input", gen.input, "with --format alpaca: the record's input (context)");
 

@@ -397,7 +397,8 @@ constexpr std::pair<ChatFormat, ChatTemplateChoice> kFormats[] = {
     {ChatFormat::MistralV03, ChatTemplateChoice::MistralV03}, {ChatFormat::Zephyr, ChatTemplateChoice::Zephyr},
     {ChatFormat::DeepSeekR1, ChatTemplateChoice::DeepSeekR1},
     {ChatFormat::ChatML, ChatTemplateChoice::ChatML},   {ChatFormat::Qwen2, ChatTemplateChoice::Qwen2},
-    {ChatFormat::Qwen3, ChatTemplateChoice::Qwen3},     {ChatFormat::Qwen3Instruct, ChatTemplateChoice::Qwen3Instruct}};
+    {ChatFormat::Qwen3, ChatTemplateChoice::Qwen3},     {ChatFormat::Qwen3Instruct, ChatTemplateChoice::Qwen3Instruct},
+    {ChatFormat::Custom, ChatTemplateChoice::Custom}};
 
 }  // namespace
 
@@ -412,9 +413,10 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
     if (c == choice) return f;
   std::string names;
   for (const std::string& n : chat_template_names())
-    if (n != "auto") names += (names.empty() ? "\"" : ", \"") + n + "\"";
+    if (n != "auto" && n != "custom") names += (names.empty() ? "\"" : ", \"") + n + "\"";
   const std::string choices = "set data.chat_template to one of the built-in formats (" + names +
-                              ": docs/CONFIG.md says which model's template each is)";
+                              ": docs/CONFIG.md says which model's template each is), or to \"custom\" with "
+                              "data.chat_format spelling the format out";
   const auto refuse = [&](const std::string& what) {
     fail_key(ErrorKind::Config, config_file, "data.chat_template",
              "the tokenizer's chat_template is " + what + ", which is not built in; " + choices);
@@ -524,8 +526,10 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
       return render_qwen3(messages, tokenizer, train_on_prompt);
     case ChatFormat::Qwen3Instruct:
       return render_chatml(messages, tokenizer, train_on_prompt, format, nullptr);
+    case ChatFormat::Custom:
+      break;
   }
-  fail(ErrorKind::Internal, "render_chat: unknown format");
+  fail(ErrorKind::Internal, "render_chat: the custom format is rendered by render_custom");
 }
 
 std::optional<std::string> generation_prompt_suffix(ChatFormat format) {
@@ -537,6 +541,42 @@ std::optional<std::string> generation_prompt_suffix(ChatFormat format) {
 bool renders_system_message(ChatFormat format, const std::vector<ChatMessage>& messages) {
   if (messages.empty() || messages[0].role != "system") return false;
   return format != ChatFormat::MistralV03 || (messages.size() > 1 && messages.back().role == "user");
+}
+
+std::vector<RenderPiece> render_custom(const CustomChatFormat& f, const std::vector<ChatMessage>& messages,
+                                       const Tokenizer& tok, bool all, const std::string& where, bool tools,
+                                       bool generation) {
+  if (messages.empty()) fail_key(ErrorKind::Data, where, "messages", "is empty");
+  const std::string why = "the custom chat format (data.chat_format) renders no tools; leave them out of the record";
+  if (tools) fail_key(ErrorKind::Data, where, "tools", why);
+  for (size_t i = 0; i < messages.size(); ++i) {
+    check_role(messages[i], i, where);
+    if (messages[i].tool_calls) fail_key(ErrorKind::Data, where, "messages[" + std::to_string(i) + "].tool_calls", why);
+  }
+  const bool system = messages[0].role == "system";
+  if ((system || !f.default_system.empty()) && f.system_prefix.empty() && f.system_suffix.empty())
+    fail_key(ErrorKind::Data, where, system ? "messages[0]" : "data.chat_format.default_system",
+             "is a system message, but data.chat_format has no system turn (system_prefix and system_suffix are "
+             "empty)");
+  std::vector<RenderPiece> out;
+  if (f.bos) {
+    if (tok.bos_id() < 0)
+      fail(ErrorKind::Config, "data.chat_format.bos is true, but the tokenizer has no BOS token");
+    out.push_back({"", tok.bos_id(), all});
+  }
+  if (!system && !f.default_system.empty())
+    out.push_back({f.system_prefix + f.default_system + f.system_suffix, -1, all});
+  for (const ChatMessage& m : messages) {
+    const bool loss = all || answer(m);
+    const bool sys = m.role == "system", user = m.role == "user";
+    const std::string& prefix = sys ? f.system_prefix : user ? f.user_prefix : f.assistant_prefix;
+    const std::string& suffix = sys ? f.system_suffix : user ? f.user_suffix : f.assistant_suffix;
+    out.push_back({prefix, -1, all});
+    out.push_back({f.strip ? py_strip(m.content) : m.content, -1, m.role == "assistant" ? loss : all});
+    out.push_back({suffix, -1, m.role == "assistant" ? loss : all});
+  }
+  if (generation) out.push_back({f.generation_prompt.empty() ? f.assistant_prefix : f.generation_prompt, -1, false});
+  return out;
 }
 
 }  // namespace qt

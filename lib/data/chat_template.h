@@ -15,8 +15,9 @@
 
 namespace qt {
 
+// Custom: data.chat_format's (render_custom).
 enum class ChatFormat {
-  Llama3, Llama31, Llama2, Mistral, MistralV03, Zephyr, DeepSeekR1, ChatML, Qwen2, Qwen3, Qwen3Instruct
+  Llama3, Llama31, Llama2, Mistral, MistralV03, Zephyr, DeepSeekR1, ChatML, Qwen2, Qwen3, Qwen3Instruct, Custom
 };
 
 const char* chat_format_name(ChatFormat format);
@@ -45,6 +46,14 @@ struct ChatMessage {
 std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMessage>& messages,
                                      const Tokenizer& tokenizer, bool train_on_prompt, const std::string& where,
                                      bool tools);
+
+// The conversation in a format spelled out in the run config (data.chat_format): pieces as render_chat's. A system
+// message where the format has no system prefix or suffix is a qt::Error(Data) naming `where` and the key; so are
+// tools and tool calls, which it does not render. `generation`: the prompt `generate` gives the model, the
+// conversation (ending with the user's message) and the format's generation prompt.
+std::vector<RenderPiece> render_custom(const CustomChatFormat& format, const std::vector<ChatMessage>& messages,
+                                       const Tokenizer& tokenizer, bool train_on_prompt, const std::string& where,
+                                       bool tools, bool generation = false);
 
 // Whether `format` renders a conversation's system message in a record of these messages. Mistral v0.3's template
 // puts it in the last user message only where that message ends the conversation, so a training record (ending

@@ -8,9 +8,19 @@ namespace qt {
 
 namespace {
 
-const std::vector<std::string> kKeys = {"train_file",    "eval_file",       "eval_fraction", "format",
-                                        "chat_template", "max_seq_len",     "packing",       "shuffle",
-                                        "seed",          "train_on_prompt", "add_eos",       "truncation"};
+const std::vector<std::string> kKeys = {"train_file",    "eval_file",   "eval_fraction",   "format",
+                                        "chat_template", "chat_format", "max_seq_len",     "packing",
+                                        "shuffle",       "seed",        "train_on_prompt", "add_eos",
+                                        "truncation"};
+
+// data.chat_format's string keys, in the order config --print writes them.
+std::vector<std::pair<std::string, std::string CustomChatFormat::*>> custom_format_strings() {
+  using F = CustomChatFormat;
+  return {{"system_prefix", &F::system_prefix},       {"system_suffix", &F::system_suffix},
+          {"user_prefix", &F::user_prefix},           {"user_suffix", &F::user_suffix},
+          {"assistant_prefix", &F::assistant_prefix}, {"assistant_suffix", &F::assistant_suffix},
+          {"default_system", &F::default_system},     {"generation_prompt", &F::generation_prompt}};
+}
 
 const std::vector<std::pair<std::string, RecordFormat>>& record_formats() {
   static const std::vector<std::pair<std::string, RecordFormat>> table = {
@@ -27,7 +37,7 @@ const std::vector<std::pair<std::string, ChatTemplateChoice>>& chat_templates() 
       {"zephyr", ChatTemplateChoice::Zephyr},     {"deepseek-r1", ChatTemplateChoice::DeepSeekR1},
       {"chatml", ChatTemplateChoice::ChatML},
       {"qwen2", ChatTemplateChoice::Qwen2},       {"qwen3", ChatTemplateChoice::Qwen3},
-      {"qwen3-instruct", ChatTemplateChoice::Qwen3Instruct}};
+      {"qwen3-instruct", ChatTemplateChoice::Qwen3Instruct}, {"custom", ChatTemplateChoice::Custom}};
   return table;
 }
 
@@ -79,6 +89,25 @@ const char* truncation_name(Truncation truncation) {
   return "?";
 }
 
+CustomChatFormat CustomChatFormat::from_json(const Json& object, const std::string& file) {
+  std::vector<std::string> keys = {"bos", "strip"};
+  for (const auto& [key, member] : custom_format_strings()) keys.push_back(key);
+  reject_unknown_keys(object, keys, file, "data.chat_format.", ErrorKind::Config);
+  const JsonReader r{object, file, ErrorKind::Config, "data.chat_format."};
+  CustomChatFormat f;
+  f.bos = r.get_bool("bos", f.bos);
+  f.strip = r.get_bool("strip", f.strip);
+  for (const auto& [key, member] : custom_format_strings()) f.*member = r.get_string(key, f.*member);
+  return f;
+}
+
+Json CustomChatFormat::to_json() const {
+  Json j = {{"bos", bos}};
+  for (const auto& [key, member] : custom_format_strings()) j[key] = this->*member;
+  j["strip"] = strip;
+  return j;
+}
+
 Json DataConfig::to_json() const {
   return Json{{"train_file", train_files.empty()       ? Json(nullptr)
                              : train_files.size() == 1 ? Json(train_files[0])
@@ -87,6 +116,7 @@ Json DataConfig::to_json() const {
               {"eval_fraction", eval_fraction},
               {"format", record_format_name(format)},
               {"chat_template", chat_template_name(chat_template)},
+              {"chat_format", chat_format.to_json()},
               {"max_seq_len", max_seq_len},
               {"truncation", truncation_name(truncation)},
               {"packing", packing},
@@ -118,6 +148,15 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file, b
   c.eval_fraction = r.get_double("eval_fraction", c.eval_fraction);
   c.format = pick<RecordFormat>(r, "format", c.format, record_formats());
   c.chat_template = pick<ChatTemplateChoice>(r, "chat_template", c.chat_template, chat_templates());
+  if (r.has("chat_format")) c.chat_format = CustomChatFormat::from_json(section.at("chat_format"), file);
+  if (c.chat_template == ChatTemplateChoice::Custom && c.chat_format.assistant_suffix.empty())
+    fail_key(ErrorKind::Config, file, "data.chat_format.assistant_suffix",
+             "is empty: data.chat_template \"custom\" needs the text that ends an answer (its end of turn, which the "
+             "model learns to write and generation stops at, e.g. \"<|im_end|>\\n\")");
+  if (c.chat_template != ChatTemplateChoice::Custom && !(c.chat_format == CustomChatFormat()))
+    fail_key(ErrorKind::Config, file, "data.chat_format",
+             "is set, but data.chat_template is \"" + std::string(chat_template_name(c.chat_template)) +
+                 "\": the format is read with data.chat_template \"custom\" only");
   c.max_seq_len = r.get_int("max_seq_len", c.max_seq_len);
   c.truncation = pick<Truncation>(r, "truncation", c.truncation,
                                   {{"truncate", Truncation::Truncate}, {"drop", Truncation::Drop}, {"error", Truncation::Error}});

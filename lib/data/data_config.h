@@ -12,8 +12,25 @@ namespace qt {
 enum class RecordFormat { Auto, Text, Alpaca, Chat, Completion, Tokenized };
 // The built-in chat templates (lib/data/chat_template.h says which model's each is); auto: recognised from the
 // tokenizer's chat_template.
+// custom: the format data.chat_format spells out.
 enum class ChatTemplateChoice {
-  Auto, Llama3, Llama31, Llama2, Mistral, MistralV03, Zephyr, DeepSeekR1, ChatML, Qwen2, Qwen3, Qwen3Instruct
+  Auto, Llama3, Llama31, Llama2, Mistral, MistralV03, Zephyr, DeepSeekR1, ChatML, Qwen2, Qwen3, Qwen3Instruct, Custom
+};
+
+// A chat format spelled out in the run config (data.chat_format, with data.chat_template "custom"), for a model
+// whose template is none of the built-in ones: each message is its role's prefix, its content and its role's
+// suffix; special-token strings in them become their tokens. An answer's targets are its content and the assistant
+// suffix (its end of turn, where generation stops).
+struct CustomChatFormat {
+  bool bos = false;  // the conversation starts with BOS, as a template's {{ bos_token }}
+  std::string system_prefix, system_suffix, user_prefix, user_suffix, assistant_prefix, assistant_suffix;
+  std::string default_system;     // the system message where a conversation has none ("": none)
+  std::string generation_prompt;  // what `generate` appends after the user's message ("": assistant_prefix)
+  bool strip = false;             // contents stripped of white space at both ends (Jinja's trim)
+
+  static CustomChatFormat from_json(const Json& object, const std::string& file);  // "data.chat_format.<key>"
+  Json to_json() const;
+  bool operator==(const CustomChatFormat& o) const { return to_json() == o.to_json(); }
 };
 // What happens to a training record longer than max_seq_len: cut to its first max_seq_len tokens, left out, or
 // the run stops naming it.
@@ -34,6 +51,7 @@ struct DataConfig {
   double eval_fraction = 0.0;                // held out of train_file when there is no eval_file; [0, 1)
   RecordFormat format = RecordFormat::Auto;  // auto: each record's keys decide
   ChatTemplateChoice chat_template = ChatTemplateChoice::Auto;  // auto: recognised from the tokenizer's template
+  CustomChatFormat chat_format;  // chat_template custom's format
   int64_t max_seq_len = 2048;
   Truncation truncation = Truncation::Truncate;
   bool packing = true;  // several documents per row; false: one document per row, right-padded

@@ -88,6 +88,9 @@ Example render_messages(const std::vector<ChatMessage>& messages, const Json& va
                         const DataConfig& config, const Tokenizer& tok, std::optional<ChatFormat>& format) {
   if (!format) format = resolve_chat_format(config.chat_template, tok.chat_template(), config.file);
   const bool tools = value.contains("tools") && jinja_truthy(value.at("tools"));
+  if (*format == ChatFormat::Custom)
+    return tokenize_rendered(
+        render_custom(config.chat_format, messages, tok, config.train_on_prompt, where, tools), tok);
   return tokenize_rendered(render_chat(*format, messages, tok, config.train_on_prompt, where, tools), tok);
 }
 
@@ -300,10 +303,15 @@ std::vector<int32_t> generation_prompt_tokens(const DataConfig& config, const st
   const Json record = prompt_record(config.format, prompt, input, system);
   if (config.format == RecordFormat::Chat) {
     const ChatFormat format = resolve_chat_format(config.chat_template, tokenizer.chat_template(), config.file);
-    if (const std::optional<std::string> suffix = generation_prompt_suffix(format)) {
+    const std::optional<std::string> suffix = generation_prompt_suffix(format);
+    if (suffix || format == ChatFormat::Custom) {
       std::vector<ChatMessage> messages(system.empty() ? 1 : 2);
       if (!system.empty()) messages[0].role = "system", messages[0].content = system;
       messages.back().role = "user", messages.back().content = prompt;
+      if (format == ChatFormat::Custom)
+        return tokenize_rendered(render_custom(config.chat_format, messages, tokenizer, false, "--prompt", false, true),
+                                 tokenizer)
+            .ids;
       std::vector<RenderPiece> pieces = render_chat(format, messages, tokenizer, false, "--prompt", false);
       pieces.push_back({*suffix, -1, false});
       return tokenize_rendered(pieces, tokenizer).ids;

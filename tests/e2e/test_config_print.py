@@ -78,7 +78,8 @@ def main():
     base = TMP / "base.json"
     base.write_text(json.dumps({"output_dir": str(TMP / "out"), "model": {"path": str(TMP / "model")},
                                 "data": {"train_file": str(TMP / "train.jsonl")}}))
-    context = {"model.init": {"random": ["model.shape=llama-3.2-1b", "model.path=\"\""]}}
+    context = {"model.init": {"random": ["model.shape=llama-3.2-1b", "model.path=\"\""]},
+               "data.chat_template": {"custom": ["data.chat_format.assistant_suffix=\"</s>\""]}}
     refused, accepted = [], 0
     for key, (typ, _, allowed) in sorted(table.items()):
         values = enum_values(allowed)

@@ -1,8 +1,9 @@
 """`eval` and `generate` take the training formats (issue 29): `eval` reads alpaca and chat records (the training
 file itself) through training's rendering and masking, and gives transformers' loss over the answer tokens alone
 (prompt tokens too with --train-on-prompt); `generate --format alpaca|chat` gives the model the prompt of such a
-record as training rendered it (the documented Alpaca template; the chat template's user turn); an adapter directory
-passed as --model is named as such."""
+record as training rendered it (the documented Alpaca template; the chat template's user turn); a chat format spelled
+out in the run config (data.chat_format, or --chat-format FILE) gives a built-in template's loss; an adapter
+directory passed as --model is named as such."""
 import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import torch
@@ -92,6 +93,31 @@ def main():
     check(p.returncode == 0 and ours["tokens"] == count and abs(ours["loss"] - ref) / ref < 1e-5,
           f"eval --format chat --chat-template llama2 gives transformers' loss over the answers: {ours} vs "
           f"{ref:.6f} over {count} tokens (exit {p.returncode}) {p.stderr[-300:]}")
+    # The same template spelled out as a custom format (data.chat_format), from --chat-format and from --config.
+    fmt = {"bos": True, "user_prefix": "[INST] ", "user_suffix": " [/INST]", "assistant_prefix": " ",
+           "assistant_suffix": " </s>", "strip": True}
+    (TMP / "format.json").write_text(json.dumps(fmt))
+    (TMP / "run.json").write_text(json.dumps({"model": {"path": str(TMP / "model")}, "data": {
+        "train_file": str(TMP / "chat.jsonl"), "chat_template": "custom", "chat_format": fmt}}))
+    for how, extra in [("--chat-format", ["--chat-template", "custom", "--chat-format", TMP / "format.json"]),
+                       ("--config", ["--config", TMP / "run.json"])]:
+        p = run("eval", "--model", TMP / "model", "--data", TMP / "chat.jsonl", "--quant", "none", *extra)
+        ours = last_json(p) if p.returncode == 0 else {}
+        check(p.returncode == 0 and ours["tokens"] == count and abs(ours["loss"] - ref) / ref < 1e-5,
+              f"eval with Llama 2's template as a custom format ({how}) gives the same loss: {ours} vs {ref:.6f} "
+              f"(exit {p.returncode}) {p.stderr[-300:]}")
+    p = run("generate", "--model", TMP / "model", "--prompt", "name three birds", "--format", "chat",
+            "--chat-template", "custom", "--chat-format", TMP / "format.json", "--max-new-tokens", 2, "--json",
+            "--quant", "none")
+    want = [sp.bos_id()] + sp.encode("[INST] name three birds [/INST] ")
+    check(p.returncode == 0 and last_json(p)["prompt_ids"] == want,
+          f"generate with a custom format: the conversation and its generation prompt (exit {p.returncode}) "
+          f"{p.stderr[-300:]}")
+    (TMP / "bad_format.json").write_text(json.dumps({"user_prefix": "U: "}))
+    p = run("generate", "--model", TMP / "model", "--prompt", "x", "--format", "chat", "--chat-template", "custom",
+            "--chat-format", TMP / "bad_format.json")
+    check(p.returncode == 3 and "bad_format.json" in p.stderr and "data.chat_format.assistant_suffix" in p.stderr,
+          f"a custom format without an answer's end names the file and key (exit {p.returncode}) {p.stderr[-300:]}")
     p = run("eval", "--model", TMP / "model", "--data", TMP / "chat.jsonl")
     check(p.returncode == 3 and "--chat-template" in p.stderr and "data.chat_template" not in p.stderr
           and "model.safetensors" not in p.stderr,

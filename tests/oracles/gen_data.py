@@ -152,6 +152,27 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "They are special-token strings."}],
 ]
 
+# data.chat_format (data.chat_template "custom"): formats spelled out in the run config, held to this generic
+# template, which transformers renders with the format as a template variable `f`.
+CUSTOM_TEMPLATE = ("{% if f.bos %}{{ bos_token }}{% endif %}{% if messages[0]['role'] != 'system' and f.default_system %}"
+                   "{{ f.system_prefix + f.default_system + f.system_suffix }}{% endif %}{% for m in messages %}"
+                   "{% set c = m['content'] | trim if f.strip else m['content'] %}"
+                   "{{ f[m['role'] + '_prefix'] + c + f[m['role'] + '_suffix'] }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ f.generation_prompt or f.assistant_prefix }}{% endif %}")
+CUSTOM_FORMATS = {
+    # ChatML with no default system prompt (Hermes-3-Llama-3.1's, without its BOS here: Qwen's vocabulary has none)
+    "chatml": ("qwen", {"bos": False, "system_prefix": "<|im_start|>system\n", "system_suffix": "<|im_end|>\n",
+                        "user_prefix": "<|im_start|>user\n", "user_suffix": "<|im_end|>\n",
+                        "assistant_prefix": "<|im_start|>assistant\n", "assistant_suffix": "<|im_end|>\n",
+                        "default_system": "", "generation_prompt": "", "strip": False}),
+    # Vicuna v1.1 on Llama 2's sentencepiece: BOS, a default system prompt, stripped contents, answers ending with </s>,
+    # a generation prompt without the space the answers follow
+    "vicuna": ("llama2", {"bos": True, "system_prefix": "", "system_suffix": " ", "user_prefix": "USER: ",
+                          "user_suffix": " ", "assistant_prefix": "ASSISTANT: ", "assistant_suffix": "</s>",
+                          "default_system": "A chat between a curious user and an artificial intelligence assistant.",
+                          "generation_prompt": "ASSISTANT:", "strip": True}),
+}
+
 # Qwen3's <think> blocks: reasoning in the content or in reasoning_content, after the last user query or before
 # it (left out), a user turn that is a tool response (not a query), answers in a row.
 QWEN3_CONVERSATIONS = [
@@ -379,6 +400,19 @@ def answer_spans_deepseek(tok, messages, rendered):
     return spans
 
 
+def answer_spans_custom(tok, messages, rendered, f):
+    """A custom format (data.chat_format): an answer is its content as printed (stripped where f["strip"]) and the
+    assistant suffix, an empty answer's suffix too."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            through = tok.apply_chat_template(messages[:i + 1], tokenize=False, f=f)
+            turn = (m["content"].strip() if f["strip"] else m["content"]) + f["assistant_suffix"]
+            assert rendered.startswith(through) and through.endswith(turn), through
+            spans.append((len(through) - len(turn), len(through)))
+    return spans
+
+
 def answer_spans_chatml(messages, rendered):
     """Qwen3's template renders an answer differently once a later turn follows (its <think> block), so a
     conversation's start is not its prefix's rendering: an answer is what follows each "<|im_start|>assistant\n",
@@ -404,6 +438,7 @@ def chat_case(tok, messages, check=None, by_structure=False, trims=None, **kw):
     spans = answer_spans_chatml(messages, rendered) if by_structure == True else \
         answer_spans_zephyr(tok, messages, rendered) if by_structure == "zephyr" else \
         answer_spans_deepseek(tok, messages, rendered) if by_structure == "deepseek" else \
+        answer_spans_custom(tok, messages, rendered, kw["f"]) if by_structure == "custom" else \
         answer_spans_by_prefix(tok, messages, rendered, trims, **kw)
     for start, end in spans:
         first = common_prefix(enc(rendered[:start]), ids)
@@ -649,6 +684,24 @@ def generate(out_dir: pathlib.Path):
         sharegpt.append({"conversations": conv, "id": i})
     write_jsonl(out / "chat_llama3_sharegpt.jsonl", sharegpt)
     expected["chat_llama3_sharegpt"] = expected["chat_llama3"]
+    # The custom formats, on the same conversations (users and answers alternating where they must not), and the
+    # prompt generate builds.
+    custom_toks = {"qwen": qw, "llama2": l2}
+    expected["custom_generation_prompts"] = []
+    for name, (model, spec) in CUSTOM_FORMATS.items():
+        tok = custom_toks[model]
+        tok.chat_template = CUSTOM_TEMPLATE
+        cases = [chat_case(tok, c, None, "custom", f=spec)
+                 for c in CONVERSATIONS + ZEPHYR_CONVERSATIONS + QWEN3_CONVERSATIONS[2:4]]
+        write_jsonl(out / f"chat_custom_{name}.jsonl", [{"messages": c["messages"], "id": i} for i, c in enumerate(cases)])
+        expected[f"chat_custom_{name}"] = {"model": model, "format": spec, "cases": cases}
+        expected["custom_generation_prompts"] += [
+            {"model": model, "format": spec, "system": c[0]["content"] if c[0]["role"] == "system" else "",
+             "user": c[-1]["content"], "ids": ids_of(tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True,
+                                                                              f=spec))}
+            for c in ([{"role": "user", "content": "Hello world"}],
+                      [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"}])]
+    qw.chat_template, l2.chat_template = QWEN25, LLAMA2
     for name, tok in [("llama3", l3), ("llama2", l2), ("mistral_v3", mv3)]:
         expected[f"completion_{name}"] = [completion_case(tok, r) for r in COMPLETIONS]
         write_jsonl(out / f"completion_{name}.jsonl", COMPLETIONS)
