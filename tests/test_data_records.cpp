@@ -132,6 +132,11 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
                  config({{"chat_template", "custom"}, {"chat_format", e.at("format")}, {"train_on_prompt", true}}),
                  &e.at("cases"));
     }
+    // Random formats (gen_data.fuzz_custom_formats): special-token strings in prefixes and suffixes, BOS, stripping.
+    const qt::Json& fuzz = expected().at("chat_custom_fuzz");
+    for (size_t k = 0; k < fuzz.size(); ++k)
+      check_file("chat_custom_fuzz_" + std::to_string(k), "llama3",
+                 config({{"chat_template", "custom"}, {"chat_format", fuzz[k].at("format")}}), &fuzz[k].at("cases"));
   }
   SECTION("ShareGPT's conversations (from / value) read as the same messages") {
     check_file("chat_llama3_sharegpt", "llama3", config());

@@ -244,6 +244,31 @@ def fuzz_conversations(seed, n, thinking):
     return out
 
 
+def fuzz_custom_formats(seed, n):
+    """n random data.chat_format objects: prefixes and suffixes of text, newlines, spaces and special-token strings
+    (Llama 3's <|eot_id|>, <|start_header_id|>), with or without BOS, a default system message, stripping and a
+    generation prompt."""
+    import random
+    rng = random.Random(seed)
+    bits = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "\n", "\n\n", " ", ": ", "###", "User", "Bot",
+            "[", "]", "<|end_of_text|>"]
+
+    def text(k):
+        return "".join(rng.choice(bits) for _ in range(rng.randint(0, k)))
+
+    formats = []
+    for _ in range(n):
+        f = {key: text(4) for key in ("system_prefix", "system_suffix", "user_prefix", "user_suffix",
+                                      "assistant_prefix")}
+        f["assistant_suffix"] = text(3) + rng.choice(["<|eot_id|>", "<|end_of_text|>", "\n", "</s>"])
+        if not f["system_prefix"] and not f["system_suffix"]:
+            f["system_suffix"] = "\n"
+        f.update(bos=rng.random() < 0.5, strip=rng.random() < 0.5,
+                 default_system=rng.choice(["", "", "Be brief."]), generation_prompt=rng.choice(["", text(2)]))
+        formats.append(f)
+    return formats
+
+
 def fuzz_alternating(seed, n):
     """n random conversations for templates whose roles alternate (Mistral v0.3's): an optional system message, then
     user / assistant turns from a user's, ending on either; contents with spaces and newlines at their ends, empty
@@ -701,6 +726,15 @@ def generate(out_dir: pathlib.Path):
                                                                               f=spec))}
             for c in ([{"role": "user", "content": "Hello world"}],
                       [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"}])]
+    # Random formats on Llama 3's vocabulary, each over the fuzzed conversations (roles in any order).
+    convs = fuzz_conversations(13, 40, False)
+    l3.chat_template = CUSTOM_TEMPLATE
+    expected["chat_custom_fuzz"] = []
+    for k, spec in enumerate(fuzz_custom_formats(17, 12)):
+        cases = [chat_case(l3, c, None, "custom", f=spec) for c in convs[3 * k % 40:3 * k % 40 + 4]]
+        write_jsonl(out / f"chat_custom_fuzz_{k}.jsonl", [{"messages": c["messages"]} for c in cases])
+        expected["chat_custom_fuzz"].append({"format": spec, "cases": cases})
+    l3.chat_template = LLAMA3
     qw.chat_template, l2.chat_template = QWEN25, LLAMA2
     for name, tok in [("llama3", l3), ("llama2", l2), ("mistral_v3", mv3)]:
         expected[f"completion_{name}"] = [completion_case(tok, r) for r in COMPLETIONS]
