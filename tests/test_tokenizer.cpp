@@ -115,6 +115,19 @@ TEST_CASE("byte-level BPE gives tokenizers' ids (merges as pairs)", "[tokenizer]
   check_parity("bpe");
 }
 
+TEST_CASE("byte-level BPE in GPT-2's layout gives tokenizers' ids: ByteLevel's own regex, after each digit split "
+          "off alone (SmolLM2's) or not",
+          "[tokenizer]") {
+  check_parity("bpe_gpt2");
+  check_parity("bpe_gpt2_plain");
+  // Against the regex's alternatives as tokenizers splits them (contractions in lower case only; a space goes with
+  // the run after it; a run of spaces before a word leaves its last one to the word).
+  using V = std::vector<std::string_view>;
+  CHECK(qt::gpt2_pre_tokenize("It's 'S we'RE  x12 !?", false) == V{"It", "'s", " '", "S", " we", "'", "RE", " ", " x",
+                                                                     "12", " !?"});
+  CHECK(qt::gpt2_pre_tokenize("a 12b", true) == V{"a", " ", "1", "2", "b"});
+}
+
 TEST_CASE("byte-level BPE gives tokenizers' ids (merges as strings, ignore_merges, Instruct EOS)", "[tokenizer]") {
   check_parity("bpe_legacy");
 }

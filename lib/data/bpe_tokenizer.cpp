@@ -146,6 +146,70 @@ std::vector<std::string_view> llama3_pre_tokenize(std::string_view text, int max
   return pieces;
 }
 
+std::vector<std::string_view> gpt2_pre_tokenize(std::string_view text, bool individual_digits) {
+  using namespace unicode;
+  std::vector<char32_t> cp;
+  std::vector<size_t> off;  // byte offset of each codepoint, plus the end
+  for (size_t pos = 0; pos < text.size();) {
+    size_t len;
+    cp.push_back(decode_utf8(text, pos, &len));
+    off.push_back(pos);
+    pos += len;
+  }
+  off.push_back(text.size());
+  const size_t n = cp.size();
+  std::vector<std::string_view> pieces;
+  for (size_t begin = 0; begin < n;) {
+    // The regex runs on [begin, end): up to the next digit where digits are split off alone.
+    size_t end = begin;
+    if (individual_digits && is_number(cp[begin])) {
+      end = begin + 1;
+    } else {
+      while (end < n && !(individual_digits && is_number(cp[end]))) ++end;
+    }
+    auto L = [&](size_t i) { return i < end && is_letter(cp[i]); };
+    auto N = [&](size_t i) { return i < end && is_number(cp[i]); };
+    auto S = [&](size_t i) { return i < end && is_white_space(cp[i]); };
+    auto other = [&](size_t i) { return i < end && !S(i) && !L(i) && !N(i); };  // [^\s\p{L}\p{N}]
+    // The end of the match at i of the alternatives, tried in order (leftmost-first).
+    auto match_at = [&](size_t i) -> size_t {
+      // 's|'t|'re|'ve|'m|'ll|'d (case-sensitive)
+      if (cp[i] == '\'' && i + 1 < end) {
+        const char32_t c1 = cp[i + 1];
+        if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return i + 2;
+        if (i + 2 < end) {
+          const char32_t c2 = cp[i + 2];
+          if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l')) return i + 3;
+        }
+      }
+      // " ?\p{L}+", " ?\p{N}+", " ?[^\s\p{L}\p{N}]+": the space only where a run of the class follows it.
+      for (int k = 0; k < 3; ++k) {
+        const auto in_class = [&](size_t j) { return k == 0 ? L(j) : k == 1 ? N(j) : other(j); };
+        const size_t s = (cp[i] == ' ' && in_class(i + 1)) ? i + 1 : i;
+        if (in_class(s)) {
+          size_t j = s + 1;
+          while (in_class(j)) ++j;
+          return j;
+        }
+      }
+      // Here cp[i] is white space; [i, e) the run. \s+(?!\S): the run at the end, else less its last char;
+      // \s+: one char.
+      size_t e = i;
+      while (S(e)) ++e;
+      if (e == end) return e;
+      if (e - i >= 2) return e - 1;
+      return std::max(e, i + 1);
+    };
+    for (size_t i = begin; i < end;) {
+      const size_t j = match_at(i);
+      pieces.push_back(text.substr(off[i], off[j] - off[i]));
+      i = j;
+    }
+    begin = end;
+  }
+  return pieces;
+}
+
 bool is_byte_level_tokenizer_json(const Json& doc) {
   const Json* pre = find_member(doc, "pre_tokenizer");
   if (!pre) return false;
@@ -194,7 +258,18 @@ BpeTokenizer::BpeTokenizer(const Json& doc, const std::string& path) {
     steps.push_back(&pre);
   }
   bool layout_ok = steps.size() == 2 && type_of(*steps[0]) == "Split" && type_of(*steps[1]) == "ByteLevel";
-  if (layout_ok) {
+  // GPT-2's: ByteLevel with its own regex, alone or after Digits(individual_digits) (SmolLM2's).
+  const bool digits = steps.size() == 2 && type_of(*steps[0]) == "Digits";
+  if ((steps.size() == 1 || digits) && type_of(*steps.back()) == "ByteLevel" && steps.back()->value("use_regex", true)) {
+    if (digits && !steps[0]->value("individual_digits", false))
+      fail("pre_tokenizer.pretokenizers[0].individual_digits",
+           "only Digits with individual_digits true (each digit alone) is implemented");
+    if (steps.back()->value("add_prefix_space", false))
+      fail(steps.size() == 1 ? "pre_tokenizer.add_prefix_space" : "pre_tokenizer.pretokenizers[1].add_prefix_space",
+           "ByteLevel with add_prefix_space true is not implemented (expected false, as SmolLM2's and GPT-2's)");
+    gpt2_ = true;
+    gpt2_digits_ = digits;
+  } else if (layout_ok) {
     const Json& split = *steps[0];
     const Json* pattern = find_member(split, "pattern");
     const Json* regex = pattern ? find_member(*pattern, "Regex") : nullptr;
@@ -209,7 +284,8 @@ BpeTokenizer::BpeTokenizer(const Json& doc, const std::string& path) {
     if (bl.value("use_regex", true) || bl.value("add_prefix_space", false))
       fail("pre_tokenizer.pretokenizers[1]", "expected ByteLevel with use_regex false and add_prefix_space false");
   } else {
-    fail("pre_tokenizer", "only Llama 3's layout is implemented: Sequence[Split(Llama 3 regex), ByteLevel]; got " +
+    fail("pre_tokenizer", "only Llama 3's layout (Sequence[Split(Llama 3's or Qwen2's regex), ByteLevel]) and "
+                          "GPT-2's (ByteLevel with its regex, after Digits) are implemented; got " +
                               pre.dump().substr(0, 120));
   }
 
@@ -414,7 +490,8 @@ std::vector<int32_t> BpeTokenizer::encode_impl(std::string_view text, bool split
 void BpeTokenizer::encode_pre_tokenized(std::string_view text, std::vector<int32_t>* out) const {
   if (text.empty()) return;
   const std::string normalized = nfc_ ? unicode::nfc(text) : std::string();
-  for (std::string_view word : llama3_pre_tokenize(nfc_ ? std::string_view(normalized) : text, max_digits_))
+  const std::string_view input = nfc_ ? std::string_view(normalized) : text;
+  for (std::string_view word : gpt2_ ? gpt2_pre_tokenize(input, gpt2_digits_) : llama3_pre_tokenize(input, max_digits_))
     encode_word(word, out);
 }
 

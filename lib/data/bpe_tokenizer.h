@@ -33,6 +33,12 @@ inline constexpr const char* k_qwen2_pattern =
 // k_qwen2_pattern (max_digits 1); the pieces cover the text.
 std::vector<std::string_view> llama3_pre_tokenize(std::string_view text, int max_digits = 3);
 
+// Splits `text` as tokenizers' ByteLevel pre-tokenizer with use_regex true does (GPT-2's regex, "'s|'t|'re|'ve|'m|'ll|
+// 'd| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"), after Digits(individual_digits) where
+// `individual_digits` (each \p{N} a piece of its own, the regex run on the text between them); the pieces cover
+// the text.
+std::vector<std::string_view> gpt2_pre_tokenize(std::string_view text, bool individual_digits);
+
 // True if tokenizer.json's pre_tokenizer is ByteLevel, alone or in a Sequence (how we recognise Llama 3 style).
 bool is_byte_level_tokenizer_json(const nlohmann::json& doc);
 
@@ -80,6 +86,9 @@ class BpeTokenizer : public Tokenizer {
   std::array<std::vector<uint32_t>, 256> added_by_first_byte_;  // indices into added_, per first byte
   bool ignore_merges_ = false;
   int max_digits_ = 3;  // the pre-tokenization regex's run of digits: 3 (Llama 3) or 1 (Qwen2)
+  // GPT-2's layout instead (SmolLM2's): ByteLevel's own regex, after each digit split off alone where
+  // gpt2_digits_.
+  bool gpt2_ = false, gpt2_digits_ = false;
   bool nfc_ = false;    // normalizer NFC (Qwen2): applied to the text between added tokens
   int32_t unk_id_ = -1;
   TokenizerDefaults defaults_;

@@ -252,12 +252,34 @@ def make_bpe(out, lines):
         c.pop("pretokens")
         c["normalized"] = strip.decode(c["ids"], skip_special_tokens=False)  # the stripped white space is gone
 
+    # Variant: GPT-2's layout (SmolLM2's, StarCoder's tokenizer.json): each digit split off alone, then ByteLevel's
+    # own regex (GPT-2's: contractions in lower case only, " ?\p{L}+", " ?\p{N}+", ...); and ByteLevel alone.
+    gpt2_strings = ["It's 'S 'LL we'RE I'm don't", "  two  spaces\t\ttabs\n\n new", "x=12345.678, y = -9",
+                    "\u0661\u0662\u0663 \u00bd\u2153 \u2167 numbers", "a  1 b\u00a01", "end   ",
+                    "\u3000\u3000wide space", "emoji 😀😀 and café"] + \
+                   ["".join(rng.choice(["'s", "'T", " ", "  ", "\n", "1", "22", "a", "Bc", "!", "?!", "\u00e9",
+                                        "\u0663", "\t", "😀"]) for _ in range(rng.randint(1, 10))) for _ in range(120)]
+    gpt2_dirs = {}
+    for name, steps in [("bpe_gpt2", [{"type": "Digits", "individual_digits": True}]), ("bpe_gpt2_plain", [])]:
+        g = json.loads((d / "tokenizer.json").read_text())
+        g["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": steps + [
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+        gd = out / name
+        gd.mkdir(parents=True, exist_ok=True)
+        (gd / "tokenizer.json").write_text(json.dumps(g, ensure_ascii=False))
+        (gd / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+        gpt2_dirs[name] = expected(gd / "tokenizer.json", TEST_STRINGS + gpt2_strings)
+        for c in gpt2_dirs[name]["cases"]:
+            c.pop("pretokens")
+
     common = {"vocab_size": tok.get_vocab_size(with_added_tokens=True), "add_bos": True, "add_eos": False,
               "pieces": {p: tok.token_to_id(p) for p in LLAMA3_SPECIALS + ["Ġthe", "the", "a"]}}
     return [dict(common, dir="bpe", **expected(d / "tokenizer.json")),
             dict(common, dir="bpe_legacy", **expected(ld / "tokenizer.json")),
             dict(common, dir="bpe_qwen", **qwen_expected),
-            dict(common, dir="bpe_strip", **strip_expected, vocab_size=strip.get_vocab_size(with_added_tokens=True))]
+            dict(common, dir="bpe_strip", **strip_expected, vocab_size=strip.get_vocab_size(with_added_tokens=True)),
+            dict(common, dir="bpe_gpt2", **gpt2_dirs["bpe_gpt2"]),
+            dict(common, dir="bpe_gpt2_plain", **gpt2_dirs["bpe_gpt2_plain"])]
 
 
 def nfc_table(normalizer):
