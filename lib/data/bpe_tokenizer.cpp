@@ -67,21 +67,26 @@ size_t white_space_end(std::string_view text, size_t begin) {
   return begin;
 }
 
+// The codepoints of `text` and the byte offset of each, plus the text's end.
+void decode_codepoints(std::string_view text, std::vector<char32_t>& cp, std::vector<size_t>& off) {
+  cp.reserve(text.size());
+  off.reserve(text.size() + 1);
+  for (size_t pos = 0; pos < text.size();) {
+    size_t len;
+    cp.push_back(unicode::decode_utf8(text, pos, &len));
+    off.push_back(pos);
+    pos += len;
+  }
+  off.push_back(text.size());
+}
+
 }  // namespace
 
 std::vector<std::string_view> llama3_pre_tokenize(std::string_view text, int max_digits) {
   using namespace unicode;
   std::vector<char32_t> cp;
-  std::vector<size_t> off;  // byte offset of each codepoint, plus the end
-  cp.reserve(text.size());
-  off.reserve(text.size() + 1);
-  for (size_t pos = 0; pos < text.size();) {
-    size_t len;
-    cp.push_back(decode_utf8(text, pos, &len));
-    off.push_back(pos);
-    pos += len;
-  }
-  off.push_back(text.size());
+  std::vector<size_t> off;
+  decode_codepoints(text, cp, off);
   const size_t n = cp.size();
   auto L = [&](size_t i) { return i < n && is_letter(cp[i]); };
   auto N = [&](size_t i) { return i < n && is_number(cp[i]); };
@@ -149,14 +154,8 @@ std::vector<std::string_view> llama3_pre_tokenize(std::string_view text, int max
 std::vector<std::string_view> gpt2_pre_tokenize(std::string_view text, bool individual_digits) {
   using namespace unicode;
   std::vector<char32_t> cp;
-  std::vector<size_t> off;  // byte offset of each codepoint, plus the end
-  for (size_t pos = 0; pos < text.size();) {
-    size_t len;
-    cp.push_back(decode_utf8(text, pos, &len));
-    off.push_back(pos);
-    pos += len;
-  }
-  off.push_back(text.size());
+  std::vector<size_t> off;
+  decode_codepoints(text, cp, off);
   const size_t n = cp.size();
   std::vector<std::string_view> pieces;
   for (size_t begin = 0; begin < n;) {

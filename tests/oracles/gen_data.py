@@ -211,6 +211,15 @@ ZEPHYR_CONVERSATIONS = [
 ]
 
 
+FUZZ_WORDS = ["alpha", "Beta", "42", "x=y+1;", "café", "日本語", "😀", "(a,b)", "end.", "\t", "don't", "  "]
+
+
+def fuzz_text(rng, words, allow_empty):
+    """A few of `words` joined by spaces, with white space of its own at both ends (what templates strip or keep)."""
+    t = " ".join(rng.choice(words) for _ in range(rng.randint(0 if allow_empty else 1, 6)))
+    return rng.choice(["", " ", "\n", "\n\n", "  \n"]) + t + rng.choice(["", " ", "\n", "\n\n", "\n "])
+
+
 def fuzz_conversations(seed, n, thinking):
     """n random conversations: an optional system message, user / assistant turns in any order (answers in a row,
     a conversation ending on either), contents with spaces and newlines at their ends, unicode, and for Qwen3
@@ -218,11 +227,7 @@ def fuzz_conversations(seed, n, thinking):
     turns that are tool responses."""
     import random
     rng = random.Random(seed)
-    words = ["alpha", "Beta", "42", "x=y+1;", "café", "日本語", "😀", "(a,b)", "end.", "\t", "don't", "  "]
-
-    def text(allow_empty):
-        t = " ".join(rng.choice(words) for _ in range(rng.randint(0 if allow_empty else 1, 6)))
-        return rng.choice(["", " ", "\n", "\n\n", "  \n"]) + t + rng.choice(["", " ", "\n", "\n\n", "\n "])
+    text = lambda allow_empty: fuzz_text(rng, FUZZ_WORDS, allow_empty)
 
     out = []
     for _ in range(n):
@@ -275,12 +280,7 @@ def fuzz_alternating(seed, n):
     answers, unicode and control-token strings ([INST] in a message is the token, as transformers splits it)."""
     import random
     rng = random.Random(seed)
-    words = ["alpha", "Beta", "42", "x=y+1;", "café", "日本語", "😀", "(a,b)", "end.", "\t", "don't", "  ", "[INST]",
-             "[/INST]", "</s>"]
-
-    def text(allow_empty):
-        t = " ".join(rng.choice(words) for _ in range(rng.randint(0 if allow_empty else 1, 6)))
-        return rng.choice(["", " ", "\n", "\n\n", "  \n"]) + t + rng.choice(["", " ", "\n", "\n\n", "\n "])
+    text = lambda allow_empty: fuzz_text(rng, FUZZ_WORDS + ["[INST]", "[/INST]", "</s>"], allow_empty)
 
     out = []
     for _ in range(n):
