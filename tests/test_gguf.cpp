@@ -285,6 +285,16 @@ TEST_CASE("GGUF vocabularies type added tokens as convert_hf_to_gguf does, speci
   CHECK(s.types[n] == T::kControl);
   CHECK(s.types[n + 1] == T::kUserDefined);
   CHECK(s.types[n + 2] == T::kControl);
+  // GPT-2's byte-level layout (SmolLM2's) trains but has no llama.cpp pre-tokenizer name here: refused by name.
+  const std::string gpt2 = qt::test::fixture("tokenizer/bpe_gpt2/tokenizer.json");
+  try {
+    qt::bpe_vocab(gpt2);
+    FAIL("GPT-2's layout was exported");
+  } catch (const qt::Error& e) {
+    CHECK(e.kind() == qt::ErrorKind::Model);
+    CHECK(std::string(e.what()).find("pre_tokenizer") != std::string::npos);
+    CHECK(std::string(e.what()).find("SmolLM2") != std::string::npos);
+  }
 }
 
 TEST_CASE("k-quant and q5_0 blocks decode to the values within their rounding", "[gguf]") {

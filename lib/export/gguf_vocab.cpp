@@ -32,7 +32,8 @@ std::string bpe_pre_tokenizer(const Json& doc, const std::string& json_path) {
              "its Split regex is neither Llama 3's nor Qwen2's, the byte-level pre-tokenizers GGUF export names");
   }
   fail_key(ErrorKind::Model, json_path, "pre_tokenizer",
-           "expected a Split with Llama 3's or Qwen2's regex before ByteLevel");
+           "expected a Split with Llama 3's or Qwen2's regex before ByteLevel (GPT-2's layout, SmolLM2's, trains but "
+           "is not exported to GGUF)");
 }
 
 // An added token as convert_hf_to_gguf.py types it (get_vocab_base, _create_vocab_sentencepiece): control when it
