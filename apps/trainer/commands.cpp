@@ -33,6 +33,7 @@
 #include "lib/model/quantize_model.h"
 #include "lib/train/evaluate.h"
 #include "lib/train/output_dir.h"
+#include "lib/train/train_data.h"
 #include "lib/train/run_config.h"
 #include "lib/train/train_stages.h"
 #include "lib/model/exec_plan.h"
@@ -63,6 +64,79 @@ int run_config(const ConfigArgs& args) {
 }
 
 
+
+// A record's text in runs of tokens in the loss or not: [text, target]. Each token's text is what it adds to the
+// decoded text of the tokens before it since the last token the decoder drops (decoding a token alone would lose
+// sentencepiece's leading space); those (sentencepiece's <s>, </s>) show as their pieces.
+qt::Json target_runs(const qt::Example& e, const qt::Tokenizer& tok) {
+  qt::Json runs = qt::Json::array();
+  std::vector<int32_t> since;  // the tokens since the last special one
+  std::string decoded;         // their text
+  std::string run;
+  for (size_t t = 0; t < e.ids.size(); ++t) {
+    std::string text;
+    if (tok.dropped_by_decode(e.ids[t])) {
+      text = tok.id_to_token(e.ids[t]);
+      since.clear();
+      decoded.clear();
+    } else {
+      since.push_back(e.ids[t]);
+      const std::string now = tok.decode(since);
+      text = now.compare(0, decoded.size(), decoded) == 0 ? now.substr(decoded.size()) : tok.decode({e.ids[t]});
+      decoded = now;
+    }
+    run += text;
+    if (t + 1 == e.ids.size() || e.loss[t + 1] != e.loss[t]) {
+      runs.push_back(qt::Json::array({qt::unicode::replace_invalid_utf8(run), e.loss[t] != 0}));
+      run.clear();
+    }
+  }
+  return runs;
+}
+
+int run_data(const DataArgs& args) {
+  const qt::RunConfig cfg = config_or_defaults(args.config, args.overrides, "--set", /*complete=*/true);
+  if (cfg.model.path.empty())
+    qt::fail(qt::ErrorKind::Usage, "data: the run config's model.path names no directory with the tokenizer");
+  const auto tokenizer = qt::load_tokenizer(cfg.model.path);  // the tokenizer alone: no weights are read
+  const qt::TrainData data(cfg.data, cfg.file, *tokenizer, 1);
+  const qt::Dataset& set = data.train_set();
+  const std::vector<std::string>& files = data.config().train_files;
+  for (int64_t i = 0; i < std::min<int64_t>(args.show, set.size()); ++i) {
+    const qt::Example& e = set.examples()[i];
+    const qt::Json runs = target_runs(e, *tokenizer);
+    int64_t targets = 0;
+    for (uint8_t l : e.loss) targets += l;
+    const std::string where = files[e.source] + ":" + std::to_string(e.line);
+    if (args.json) {
+      std::cout << qt::Json{{"record", where}, {"ids", e.ids}, {"loss", e.loss}, {"runs", runs}}.dump() << "\n";
+      continue;
+    }
+    std::cout << "== " << where << ": " << e.ids.size() << " tokens, " << targets
+              << " in the loss (between \u00ab and \u00bb)\n";
+    for (const auto& r : runs)
+      std::cout << (r[1].get<bool>() ? "\u00ab" + r[0].get<std::string>() + "\u00bb" : r[0].get<std::string>());
+    std::cout << "\n";
+  }
+  const qt::DataStats& st = set.stats();
+  const qt::Json counts = {{"records", st.documents},
+                           {"tokens", st.tokens},
+                           {"loss_tokens", st.loss_tokens},
+                           {"truncated", st.truncated},
+                           {"left_out_without_targets", data.untrained_left_out()},
+                           {"steps_per_epoch", data.steps_per_epoch(cfg.train.batch_size)},
+                           {"batch_size", cfg.train.batch_size},
+                           {"max_seq_len", data.max_seq_len()}};
+  if (args.json) {
+    std::cout << qt::Json{{"counts", counts}}.dump() << std::endl;
+  } else {
+    std::cout << "== " << data.config().train_file << ": " << st.summary() << "; "
+              << data.untrained_left_out() << " left out with no target; "
+              << data.steps_per_epoch(cfg.train.batch_size) << " steps an epoch at train.batch_size "
+              << cfg.train.batch_size << " (rows of " << data.max_seq_len() << " tokens)" << std::endl;
+  }
+  return 0;
+}
 
 int run_plan(const PlanArgs& args) {
   const qt::RunConfig cfg = config_or_defaults(args.config, args.overrides, "plan", /*complete=*/false);

@@ -68,6 +68,15 @@ struct TrainArgs {
   std::string log_level;  // --log-level as given (empty: not given): it wins over the config's logging.level
 };
 
+// `data`: the run config's training data as training reads it (records rendered, masked, cut and left out as
+// training does), with its counts and steps per epoch, and its first records with their targets marked.
+struct DataArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  int64_t show = 2;   // records printed
+  bool json = false;  // one JSON object a record, then the counts
+};
+
 struct ConfigArgs {
   std::string config;
   std::vector<std::string> overrides;
@@ -108,6 +117,7 @@ int run_export(const ExportArgs& args);
 int run_generate(const GenerateArgs& args);
 int run_quantize(const QuantizeArgs& args);
 int run_config(const ConfigArgs& args);
+int run_data(const DataArgs& args);
 int run_plan(const PlanArgs& args);
 
 }  // namespace qt::cli

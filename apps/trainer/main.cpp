@@ -357,6 +357,19 @@ int main(int argc, char** argv) {
                      "host, with its plan (instead of --seq)");
   plan_cmd->add_option("--alternatives", plan_args.alternatives, "also print the N fastest other plans that fit the budget, with their predicted memory and step time (default 0)")->check(kNonNegative);
 
+  DataArgs data_args;
+  CLI::App* data_cmd = app.add_subcommand(
+      "data", "Show the training data as training reads it: the first records with their targets marked, the counts "
+              "and steps per epoch (no weights are loaded)");
+  data_cmd->add_option("--config", data_args.config, "run config (JSON): its model.path (the tokenizer) and data")
+      ->required()
+      ->check(kPath);
+  data_cmd->add_option("--set", data_args.overrides, "override a config key: --set data.max_seq_len=512 (repeatable)");
+  data_cmd->add_option("--show", data_args.show, "records printed, from the start of data.train_file (default 2)")
+      ->check(kNonNegative);
+  data_cmd->add_flag("--json", data_args.json,
+                     "one JSON object a record ({record, ids, loss, runs: [text, in the loss]}), then {counts}");
+
   ConfigArgs config_args;
   CLI::App* config_cmd = app.add_subcommand("config", "Print the resolved run config, every default included");
   config_cmd->add_flag("--print", config_args.print, "print the config as training reads it (JSON) on stdout");
@@ -394,6 +407,7 @@ int main(int argc, char** argv) {
     }
     if (quantize_cmd->parsed()) return run_quantize(quantize);
     if (config_cmd->parsed()) return run_config(config_args);
+    if (data_cmd->parsed()) return run_data(data_args);
     if (plan_cmd->parsed()) return run_plan(plan_args);
     if (export_cmd->parsed()) return run_export(exp);
     if (gen_cmd->parsed()) return run_generate(gen);

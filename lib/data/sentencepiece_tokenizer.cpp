@@ -218,6 +218,10 @@ std::string SentencePieceTokenizer::decode(const std::vector<int32_t>& ids) cons
   return text;
 }
 
+bool SentencePieceTokenizer::dropped_by_decode(int32_t id) const {
+  return id >= 0 && id < vocab_size() && sp_->IsControl(id);
+}
+
 int32_t SentencePieceTokenizer::vocab_size() const { return sp_->GetPieceSize(); }
 
 int32_t SentencePieceTokenizer::token_to_id(std::string_view token) const {

@@ -37,6 +37,7 @@ class SentencePieceTokenizer : public Tokenizer {
   std::vector<int32_t> encode_after_special(std::string_view text) const override;
   DummyPrefix dummy_prefix() const { return prefix_; }
   std::string decode(const std::vector<int32_t>& ids) const override;
+  bool dropped_by_decode(int32_t id) const override;
   int32_t vocab_size() const override;
   int32_t token_to_id(std::string_view token) const override;
   std::string id_to_token(int32_t id) const override;

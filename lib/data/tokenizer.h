@@ -37,6 +37,9 @@ class Tokenizer {
   // Not lossy: a prefix of a sequence may end inside a UTF-8 character.
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
 
+  // A token that decode() leaves out (sentencepiece's control pieces: <s>, </s>, Mistral v0.3's [INST]).
+  virtual bool dropped_by_decode(int32_t /*id*/) const { return false; }
+
   // One more than the largest id (added tokens included).
   virtual int32_t vocab_size() const = 0;
   virtual int32_t token_to_id(std::string_view token) const = 0;  // -1 if absent

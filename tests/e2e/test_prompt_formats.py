@@ -1,7 +1,8 @@
 """`eval` and `generate` take the training formats (issue 29): `eval` reads alpaca and chat records (the training
 file itself) through training's rendering and masking, and gives transformers' loss over the answer tokens alone
 (prompt tokens too with --train-on-prompt); `generate --format alpaca|chat` gives the model the prompt of such a
-record as training rendered it (the documented Alpaca template; the chat template's user turn); a chat format spelled
+record as training rendered it (the documented Alpaca template; the chat template's user turn); `data` shows records
+as training reads them; a chat format spelled
 out in the run config (data.chat_format, or --chat-format FILE) gives a built-in template's loss; an adapter
 directory passed as --model is named as such."""
 import json, os, pathlib, subprocess, sys, tempfile
@@ -122,6 +123,35 @@ def main():
     check(p.returncode == 3 and "--chat-template" in p.stderr and "data.chat_template" not in p.stderr
           and "model.safetensors" not in p.stderr,
           f"chat records without a template name --chat-template (exit {p.returncode}) {p.stderr.strip()[-300:]}")
+
+    # `data` shows the records as training reads them: the same ids and targets, the text in runs in the loss or not.
+    (TMP / "data_run.json").write_text(json.dumps({
+        "output_dir": str(TMP / "data_out"), "model": {"path": str(TMP / "model")},
+        "data": {"train_file": str(TMP / "chat.jsonl"), "chat_template": "llama2", "max_seq_len": 64},
+        "train": {"batch_size": 2}}))
+    p = run("data", "--config", TMP / "data_run.json", "--show", 3, "--json")
+    lines = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")] if p.returncode == 0 else [{}]
+    shown, counts = lines[:-1], lines[-1].get("counts", {})
+    everything = [llama2_chat(sp, r["messages"][0]["content"], r["messages"][1]["content"]) for r in chat]
+    check(p.returncode == 0 and [(d["ids"], d["loss"]) for d in shown] == [(i, m) for i, m in everything[:3]]
+          and [d["record"] for d in shown] == [f"{TMP / 'chat.jsonl'}:{k}" for k in (1, 2, 3)],
+          f"data --json shows the first records' ids and targets as training reads them (exit {p.returncode}) "
+          f"{p.stderr[-300:]}")
+    # (sentencepiece's decoder drops <s> and </s>: they show as their pieces, and the text after one starts anew)
+    def answer_run(d):
+        targets = [t for t, target in d["runs"] if target]
+        return targets[0][:-len("</s>")].strip() if len(targets) == 1 and targets[0].endswith("</s>") else None
+
+    runs_ok = all("".join(t for t, _ in d["runs"]) == "<s>" + sp.decode(d["ids"][1:-1]) + "</s>"
+                  and answer_run(d) == r["messages"][1]["content"].strip() for d, r in zip(shown, chat))
+    check(runs_ok, f"its runs put the record's text together, the answer and </s> alone in the loss: {shown[:1]}")
+    check(counts.get("records") == len(chat) and counts.get("tokens") == sum(len(i) for i, _ in everything)
+          and counts.get("loss_tokens") == sum(sum(m) for _, m in everything) and counts.get("steps_per_epoch", 0) >= 1,
+          f"data's counts are the training set's: {counts}")
+    p = run("data", "--config", TMP / "data_run.json", "--show", 1)
+    check(p.returncode == 0 and f"{TMP / 'chat.jsonl'}:1" in p.stdout and "\u00ab" in p.stdout
+          and "steps an epoch" in p.stdout, f"data prints the record with its targets marked (exit {p.returncode}) "
+          f"{p.stdout[-400:]}")
 
     # generate: the prompt of an alpaca / chat record as training rendered it.
     instruction, context = "name three birds", "red blue"
