@@ -19,6 +19,7 @@
 #include "lib/core/error.h"
 #include "lib/core/json.h"
 #include "lib/core/log.h"
+#include "lib/data/chat_template.h"
 #include "lib/data/jsonl.h"
 #include "lib/data/records.h"
 #include "lib/data/tokenizer.h"
@@ -442,6 +443,7 @@ int run_export(const ExportArgs& args) {
   }
   if (!args.gguf.empty()) {
     qt::GgufExportRequest req{base, args.adapter, args.out, qt::parse_gguf_file_type(args.gguf), {}};
+    req.chat_format = qt::read_chat_format_file(args.adapter);
     req.load = qt::LoadOptions{parse_device(args.device), at::kFloat};
     req.load.quantize_nf4 = args.quant == "nf4";  // the base as training saw it, as --merge merges it
     const qt::GgufExportStats s = qt::export_gguf(req);
@@ -461,6 +463,7 @@ int run_export(const ExportArgs& args) {
     if (qt::files::exists(args.out) && !qt::files::list_dir(args.out).empty())
       qt::fail_at(qt::ErrorKind::Usage, args.out, "output directory exists and is not empty");
     qt::copy_peft_adapter(args.adapter, args.out, args.model, &config);
+    if (const auto format = qt::read_chat_format_file(args.adapter)) qt::write_chat_format_files(args.out, *format);
     std::cout << qt::Json{{"out", args.out}, {"merged", false}, {"base", base}}.dump() << std::endl;
     return 0;
   }
@@ -477,6 +480,8 @@ int run_export(const ExportArgs& args) {
     dtype = args.dtype == "fp32" ? at::kFloat : args.dtype == "fp16" ? at::kHalf : at::kBFloat16;
   }
   qt::MergedExportStats s = qt::save_merged_model(model, base, args.out, dtype);
+  // The chat format the adapter was trained on (a custom one), as the merged model's chat template.
+  if (const auto format = qt::read_chat_format_file(args.adapter)) qt::set_model_chat_format(args.out, *format);
   qt::log::info("merged " + std::to_string(s.merged) + " adapters into " + base + ": " + std::to_string(s.tensors) +
                 " tensors, " + std::to_string(s.bytes >> 20) + " MiB in " + std::to_string(s.shards) + " shard(s) at " + args.out);
   std::cout << qt::Json{{"out", args.out}, {"merged", true}, {"base", base}, {"adapters", s.merged},

@@ -3,6 +3,8 @@
 #include <utility>
 
 #include "lib/core/error.h"
+#include "lib/core/files.h"
+#include "lib/core/json.h"
 #include "lib/data/unicode_tables.h"
 #include "lib/data/unicode_text.h"
 
@@ -577,6 +579,80 @@ std::vector<RenderPiece> render_custom(const CustomChatFormat& f, const std::vec
   }
   if (generation) out.push_back({f.generation_prompt.empty() ? f.assistant_prefix : f.generation_prompt, -1, false});
   return out;
+}
+
+namespace {
+
+// `s` as a Jinja string literal: single-quoted, its backslashes, quotes and line breaks escaped (Jinja unescapes
+// them as Python does; other characters, UTF-8 included, stand for themselves).
+std::string jinja_literal(const std::string& s) {
+  std::string out = "'";
+  for (char c : s) {
+    switch (c) {
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\'':
+        out += "\\'";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      default:
+        out += c;
+    }
+  }
+  return out + "'";
+}
+
+}  // namespace
+
+std::string custom_format_jinja(const CustomChatFormat& f) {
+  const auto lit = [](const std::string& s) { return jinja_literal(s); };
+  std::string j = "{#- the chat format qlora-train trained with (data.chat_format) #}";
+  if (f.bos) j += "{{- bos_token }}";
+  if (!f.default_system.empty())
+    j += "{%- if messages[0]['role'] != 'system' %}{{- " + lit(f.system_prefix + f.default_system + f.system_suffix) +
+         " }}{%- endif %}";
+  j += "{%- for message in messages %}";
+  j += f.strip ? "{%- set content = message['content'] | trim %}" : "{%- set content = message['content'] %}";
+  const std::pair<const char*, std::pair<const std::string*, const std::string*>> roles[] = {
+      {"system", {&f.system_prefix, &f.system_suffix}},
+      {"user", {&f.user_prefix, &f.user_suffix}},
+      {"assistant", {&f.assistant_prefix, &f.assistant_suffix}}};
+  for (size_t i = 0; i < 3; ++i) {
+    j += std::string(i == 0 ? "{%- if" : "{%- elif") + " message['role'] == '" + roles[i].first + "' %}";
+    j += "{{- " + lit(*roles[i].second.first) + " + content + " + lit(*roles[i].second.second) + " }}";
+  }
+  j += "{%- else %}{{- raise_exception('roles are system (first), user and assistant') }}{%- endif %}{%- endfor %}";
+  const std::string& gen = f.generation_prompt.empty() ? f.assistant_prefix : f.generation_prompt;
+  j += "{%- if add_generation_prompt %}{{- " + lit(gen) + " }}{%- endif %}";
+  return j;
+}
+
+void write_chat_format_files(const std::string& dir, const CustomChatFormat& f) {
+  write_json_file(files::join(dir, kChatFormatFile), f.to_json());
+  files::write_file_atomically(files::join(dir, kChatTemplateFile), custom_format_jinja(f));
+}
+
+std::optional<CustomChatFormat> read_chat_format_file(const std::string& dir) {
+  const std::string path = files::join(dir, kChatFormatFile);
+  if (!files::exists(path)) return std::nullopt;
+  return CustomChatFormat::from_json(read_json_file(path, ErrorKind::Config), path);
+}
+
+void set_model_chat_format(const std::string& model_dir, const CustomChatFormat& f) {
+  const std::string cfg_path = files::join(model_dir, "tokenizer_config.json");
+  Json cfg = files::exists(cfg_path) ? read_json_file(cfg_path, ErrorKind::Model) : Json::object();
+  cfg["chat_template"] = custom_format_jinja(f);
+  write_json_file(cfg_path, cfg);
+  write_chat_format_files(model_dir, f);
 }
 
 }  // namespace qt

@@ -55,6 +55,21 @@ std::vector<RenderPiece> render_custom(const CustomChatFormat& format, const std
                                        const Tokenizer& tokenizer, bool train_on_prompt, const std::string& where,
                                        bool tools, bool generation = false);
 
+// A Jinja chat template that renders as render_custom(format) (transformers' apply_chat_template, with
+// add_generation_prompt the format's generation prompt): what a model trained on the format is prompted with.
+std::string custom_format_jinja(const CustomChatFormat& format);
+
+// A run trained on a custom format leaves it beside its adapters (kChatFormatFile: data.chat_format's object;
+// kChatTemplateFile: its Jinja), so that export carries it into merged models and GGUF files.
+inline constexpr const char* kChatFormatFile = "chat_format.json";
+inline constexpr const char* kChatTemplateFile = "chat_template.jinja";
+void write_chat_format_files(const std::string& dir, const CustomChatFormat& format);
+// The format a directory holds (kChatFormatFile), if any; qt::Error(Config) naming the file where it is malformed.
+std::optional<CustomChatFormat> read_chat_format_file(const std::string& dir);
+// A merged model directory's chat template made `format`'s: tokenizer_config.json's chat_template and
+// chat_template.jinja (which newer transformers read first), and kChatFormatFile.
+void set_model_chat_format(const std::string& model_dir, const CustomChatFormat& format);
+
 // Whether `format` renders a conversation's system message in a record of these messages. Mistral v0.3's template
 // puts it in the last user message only where that message ends the conversation, so a training record (ending
 // with an answer) loses it.

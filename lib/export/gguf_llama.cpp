@@ -1,5 +1,7 @@
 #include "lib/export/gguf_llama.h"
 
+#include "lib/data/chat_template.h"
+
 #include <ATen/ATen.h>
 #include <sentencepiece_processor.h>
 
@@ -444,6 +446,7 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   if (special.pad >= 0) w.add_u32("tokenizer.ggml.padding_token_id", static_cast<uint32_t>(special.pad));
   w.add_bool("tokenizer.ggml.add_bos_token", special.add_bos);
   w.add_bool("tokenizer.ggml.add_eos_token", special.add_eos);
+  if (req.chat_format) special.chat_template = custom_format_jinja(*req.chat_format);
   if (!special.chat_template.empty()) w.add_string("tokenizer.chat_template", special.chat_template);
 
   // Tensors: token_embd (and rope_freqs) first, then the blocks in order, output_norm and output last.
@@ -521,7 +524,8 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
 
   const std::string eos_text = special.eos >= 0 ? vocab.tokens[special.eos] : "";
   const OllamaModelfile modelfile =
-      ollama_modelfile("./" + files::base_name(stats.gguf_path), special.chat_template, eos_text);
+      req.chat_format ? ollama_modelfile("./" + files::base_name(stats.gguf_path), *req.chat_format, eos_text)
+                      : ollama_modelfile("./" + files::base_name(stats.gguf_path), special.chat_template, eos_text);
   stats.chat_format = modelfile.format;
 
   PendingOutputs out(req.out_dir);

@@ -7,10 +7,12 @@
 // rope, kept as it is), f32 norms and biases, and the tokenizer as its vocab loader expects it (sentencepiece
 // `llama`; byte-level BPE `gpt2` with the pre-tokenizer `llama-bpe` or `qwen2`, by tokenizer.json's regex).
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "lib/export/gguf_writer.h"
+#include "lib/data/data_config.h"
 #include "lib/model/hf_loader.h"
 #include "lib/model/llama_config.h"
 
@@ -47,6 +49,9 @@ struct GgufExportRequest {
   std::string out_dir;      // created if missing; must not hold the .gguf or Modelfile already
   GgufFileType type = GgufFileType::F16;
   LoadOptions load;  // how the base is loaded for the merge (NF4 as training saw it, fp32)
+  // The custom chat format the adapter was trained on (its chat_format.json), the file's chat template and the
+  // Modelfile's TEMPLATE instead of the base's.
+  std::optional<CustomChatFormat> chat_format;
 };
 
 struct GgufExportStats {

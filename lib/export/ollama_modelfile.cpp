@@ -125,4 +125,30 @@ OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string
   return m;
 }
 
+OllamaModelfile ollama_modelfile(const std::string& gguf_file, const CustomChatFormat& f,
+                                 const std::string& eos_token) {
+  OllamaModelfile m;
+  m.format = "custom";
+  m.text = "# Ollama Modelfile written by qlora-train export --gguf: `ollama create NAME -f Modelfile`\n";
+  m.text += "# TEMPLATE: the chat format the adapter was trained on (data.chat_format)\n";
+  m.text += "FROM " + gguf_file + "\n";
+  const std::string gen = f.generation_prompt.empty() ? f.assistant_prefix : f.generation_prompt;
+  m.text += "TEMPLATE \"\"\"{{ if .System }}" + f.system_prefix + "{{ .System }}" + f.system_suffix + "{{ end }}" +
+            "{{ if .Prompt }}" + f.user_prefix + "{{ .Prompt }}" + f.user_suffix + "{{ end }}" + gen +
+            "{{ .Response }}" + f.assistant_suffix + "\"\"\"\n";
+  if (!f.default_system.empty()) m.text += "SYSTEM " + quoted(f.default_system) + "\n";
+  // Where an answer ends, and where a user's turn would begin.
+  std::vector<std::string> stops;
+  for (const std::string& s : {f.assistant_suffix, f.user_prefix}) {
+    const size_t a = s.find_first_not_of(" \t\r\n"), b = s.find_last_not_of(" \t\r\n");
+    if (a != std::string::npos) stops.push_back(s.substr(a, b - a + 1));
+  }
+  if (!eos_token.empty()) stops.push_back(eos_token);
+  std::vector<std::string> unique;
+  for (const auto& s : stops)
+    if (std::find(unique.begin(), unique.end(), s) == unique.end()) unique.push_back(s);
+  for (const auto& s : unique) m.text += "PARAMETER stop " + quoted(s) + "\n";
+  return m;
+}
+
 }  // namespace qt

@@ -7,6 +7,8 @@
 // llama.cpp adds it as the GGUF's tokenizer.ggml.add_bos_token says.
 #include <string>
 
+#include "lib/data/data_config.h"
+
 namespace qt {
 
 struct OllamaModelfile {
@@ -16,6 +18,11 @@ struct OllamaModelfile {
 
 // `gguf_file`: the FROM path ("./model-f16.gguf"); `chat_template`: tokenizer_config.json's Jinja source ("" if
 // none); `eos_token`: the EOS token's text ("" if none).
+// A custom chat format's (data.chat_format): TEMPLATE of its prefixes and suffixes, its default system message as
+// SYSTEM, stops at the answer's end and the user's turn.
+OllamaModelfile ollama_modelfile(const std::string& gguf_file, const CustomChatFormat& format,
+                                 const std::string& eos_token);
+
 OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string& chat_template,
                                  const std::string& eos_token);
 

@@ -17,6 +17,7 @@
 #include <sstream>
 #include <thread>
 
+#include "lib/data/chat_template.h"
 #include "lib/core/error.h"
 #include "lib/core/files.h"
 #include "lib/core/log.h"
@@ -721,6 +722,12 @@ void Checkpointer::write_adapter(const std::string& dir) {
   // Full fine-tuning checkpoints hold the weights in the training dtype, so that a resume continues exactly.
   if (m_.full) save_merged_model(*m_.model, cfg_.model.path, files::join(dir, "model"), m_.model->dtype());
   else save_peft_adapter(*m_.model, m_.lora, dir, m_.base_name);
+  // A custom chat format goes with the weights, so that a merge or a GGUF export carries it.
+  const DataConfig& data = d_.data->config();
+  if (data.chat_template == ChatTemplateChoice::Custom) {
+    if (m_.full) set_model_chat_format(files::join(dir, "model"), data.chat_format);
+    else write_chat_format_files(dir, data.chat_format);
+  }
 }
 
 void Checkpointer::save(const TrainerState& state) {
@@ -770,6 +777,8 @@ std::string Checkpointer::write_final() {
     files::RemoveUnlessKept cleanup(tmp);
     if (m_.full) {
       save_merged_model(*m_.model, cfg_.model.path, tmp, m_.model->config.dtype);
+      if (d_.data->config().chat_template == ChatTemplateChoice::Custom)
+        set_model_chat_format(tmp, d_.data->config().chat_format);
     } else {
       files::make_dirs(tmp);
       write_adapter(tmp);

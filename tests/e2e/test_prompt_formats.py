@@ -153,6 +153,57 @@ def main():
           and "steps an epoch" in p.stdout, f"data prints the record with its targets marked (exit {p.returncode}) "
           f"{p.stdout[-400:]}")
 
+    # A run on a custom format leaves it beside its adapter (chat_format.json, chat_template.jinja); the Jinja renders
+    # as training did (transformers' ids of each record, and its generation prompt, equal ours); a merge and a GGUF
+    # file carry it as their chat template, the Modelfile as its TEMPLATE.
+    import gen_data, gguf
+    # (Single spaces and no line breaks: this small sentencepiece model normalizes white space, which transformers'
+    # Llama tokenizer built from its pieces does not.)
+    fmt2 = {"bos": True, "user_prefix": "USER: ", "user_suffix": " ", "assistant_prefix": "ASSISTANT: ",
+            "assistant_suffix": "</s>", "generation_prompt": "ASSISTANT:", "strip": True, "default_system": "Be brief.",
+            "system_suffix": " "}
+    (TMP / "custom_run.json").write_text(json.dumps({
+        "output_dir": str(TMP / "custom_run"), "model": {"path": str(TMP / "model")}, "lora": {"r": 4},
+        "data": {"train_file": str(TMP / "chat.jsonl"), "chat_template": "custom", "chat_format": fmt2,
+                 "max_seq_len": 256}, "train": {"steps": 1, "batch_size": 2}, "logging": {"progress": "lines"}}))
+    p = run("--config", TMP / "custom_run.json")
+    adapter = TMP / "custom_run" / "adapter"
+    saved = json.loads((adapter / "chat_format.json").read_text()) if (adapter / "chat_format.json").exists() else {}
+    check(p.returncode == 0 and all(saved.get(k) == v for k, v in fmt2.items())
+          and (adapter / "chat_template.jinja").exists(),
+          f"a run on a custom format leaves it beside its adapter (exit {p.returncode}) {saved} {p.stderr[-300:]}")
+    jinja = (adapter / "chat_template.jinja").read_text() if (adapter / "chat_template.jinja").exists() else ""
+    hf, _ = gen_data.hf_llama_from_spm(TMP / "model" / "tokenizer.model", jinja)
+    p = run("data", "--config", TMP / "custom_run.json", "--show", len(chat), "--json")
+    ours = [json.loads(l)["ids"] for l in p.stdout.splitlines() if l.startswith('{"ids"') or '"record"' in l]
+    theirs = [list(hf.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in chat]
+    check(p.returncode == 0 and ours == theirs and len(ours) == len(chat),
+          f"transformers renders the adapter's chat_template.jinja as training rendered the records: "
+          f"{[(a, b) for a, b in zip(ours, theirs) if a != b][:1]} ({len(ours)} records)")
+    prompt = [{"role": "user", "content": "name three birds"}]
+    (TMP / "format2.json").write_text(json.dumps(fmt2))
+    p = run("generate", "--model", TMP / "model", "--prompt", "name three birds", "--format", "chat",
+            "--chat-template", "custom", "--chat-format", TMP / "format2.json", "--max-new-tokens", 1, "--json",
+            "--quant", "none")
+    want = list(hf.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)["input_ids"])
+    check(p.returncode == 0 and last_json(p)["prompt_ids"] == want,
+          f"its generation prompt is generate's (exit {p.returncode})")
+    p = run("export", "--adapter", adapter, "--model", TMP / "model", "--out", TMP / "merged", "--merge",
+            "--quant", "none")
+    merged_template = json.loads((TMP / "merged" / "tokenizer_config.json").read_text()).get("chat_template") \
+        if p.returncode == 0 else None
+    check(merged_template == jinja and (TMP / "merged" / "chat_format.json").exists(),
+          f"export --merge makes it the merged model's chat template (exit {p.returncode}) {p.stderr[-300:]}")
+    p = run("export", "--adapter", adapter, "--model", TMP / "model", "--out", TMP / "gguf", "--gguf", "f16",
+            "--quant", "none")
+    files = list((TMP / "gguf").glob("*.gguf")) if p.returncode == 0 else []
+    template = gguf.GGUFReader(str(files[0])).fields["tokenizer.chat_template"].contents() if files else None
+    modelfile = (TMP / "gguf" / "Modelfile").read_text() if files else ""
+    check(template == jinja and 'USER: {{ .Prompt }} {{ end }}ASSISTANT:{{ .Response }}</s>' in modelfile
+          and 'SYSTEM "Be brief."' in modelfile and 'PARAMETER stop "USER:"' in modelfile,
+          f"export --gguf carries it as the file's chat template and the Modelfile's TEMPLATE (exit {p.returncode}) "
+          f"{modelfile} {p.stderr[-300:]}")
+
     # generate: the prompt of an alpaca / chat record as training rendered it.
     instruction, context = "name three birds", "red blue"
     for fmt, extra, text in [("alpaca", [], PROMPT_NO_INPUT.format(instruction=instruction)),
