@@ -194,6 +194,14 @@ def main():
         if p.returncode == 0 else None
     check(merged_template == jinja and (TMP / "merged" / "chat_format.json").exists(),
           f"export --merge makes it the merged model's chat template (exit {p.returncode}) {p.stderr[-300:]}")
+    full = json.loads((TMP / "custom_run.json").read_text())
+    full.update(output_dir=str(TMP / "full_run"))
+    full["train"]["full_finetune"], full["model"]["quant"] = True, "none"
+    (TMP / "full_run.json").write_text(json.dumps(full))
+    p = run("--config", TMP / "full_run.json")
+    model_cfg = TMP / "full_run" / "model" / "tokenizer_config.json"
+    check(p.returncode == 0 and json.loads(model_cfg.read_text()).get("chat_template") == jinja,
+          f"full fine-tuning makes it the trained model's chat template (exit {p.returncode}) {p.stderr[-300:]}")
     p = run("export", "--adapter", adapter, "--model", TMP / "model", "--out", TMP / "gguf", "--gguf", "f16",
             "--quant", "none")
     files = list((TMP / "gguf").glob("*.gguf")) if p.returncode == 0 else []
