@@ -342,17 +342,27 @@ TEST_CASE("bad records are errors naming file line and key", "[data]") {
     auto q3 = qt::load_tokenizer(qt::test::fixture("data/qwen3"));
     auto l31 = qt::load_tokenizer(qt::test::fixture("data/llama31"));
     auto mv3 = qt::load_tokenizer(qt::test::fixture("data/mistral_v3"));
-    auto ds = qt::load_tokenizer(qt::test::fixture("data/deepseek_r1"));
-    for (const std::string name : {"qwen3", "qwen3-instruct", "llama3.1", "mistral-v0.3", "deepseek-r1"}) {
-      const qt::Tokenizer& tok = name == "llama3.1"       ? *l31
-                                 : name == "mistral-v0.3" ? *mv3
-                                 : name == "deepseek-r1"  ? *ds
-                                                          : *q3;
+    for (const std::string name : {"qwen3", "qwen3-instruct", "llama3.1", "mistral-v0.3"}) {
+      const qt::Tokenizer& tok = name == "llama3.1" ? *l31 : name == "mistral-v0.3" ? *mv3 : *q3;
       check_error(load(calls, tok, config({{"chat_template", name}})), qt::ErrorKind::Data,
                   {calls + ":2", "messages[1].tool_calls", name, "not built in"});
       check_error(load(tools, tok, config({{"chat_template", name}})), qt::ErrorKind::Data,
                   {tools + ":1", "key 'tools'", "not built in"});
     }
+    // DeepSeek-R1-Distill-Llama's template renders no tools list, and an answer with content as an answer whatever
+    // its tool_calls: such records read as they would without them.
+    auto ds = qt::load_tokenizer(qt::test::fixture("data/deepseek_r1"));
+    const std::string answer = "{\"role\": \"assistant\", \"content\": \"sunny\"}";
+    const std::string plain = write_file("ds_plain.jsonl", "{\"messages\": [" + user + ", " + answer + "]}\n");
+    const std::string with_tools = write_file(
+        "ds_tools.jsonl", "{\"messages\": [" + user + ", {\"role\": \"assistant\", \"content\": \"sunny\", "
+                          "\"tool_calls\": [{\"type\": \"function\"}]}], \"tools\": [{\"type\": \"function\"}]}\n");
+    const auto a = qt::load_examples(plain, config({{"chat_template", "deepseek-r1"}}), *ds);
+    const auto b = qt::load_examples(with_tools, config({{"chat_template", "deepseek-r1"}}), *ds);
+    REQUIRE(a.size() == 1);
+    REQUIRE(b.size() == 1);
+    CHECK(a[0].ids == b[0].ids);
+    CHECK(a[0].loss == b[0].loss);
   }
   SECTION("a custom format: a system message where it has no system turn, tools") {
     const qt::DataConfig custom =
@@ -552,6 +562,12 @@ TEST_CASE("data config defaults and errors", "[data]") {
               qt::ErrorKind::Config, {"data.chat_format.assistant_sufix", "assistant_suffix"});
   check_error([] { config({{"chat_template", "custom"}, {"chat_format", {{"assistant_suffix", 3}}}}); },
               qt::ErrorKind::Config, {"data.chat_format.assistant_suffix"});
+  check_error(
+      [] {
+        config({{"chat_template", "custom"},
+                {"chat_format", {{"assistant_suffix", "</s>"}, {"default_system", "Hi."}}}});
+      },
+      qt::ErrorKind::Config, {"data.chat_format.default_system", "no system turn"});
   check_error([] { config({{"train_file", {"a.jsonl", 3}}}); }, qt::ErrorKind::Config,
               {"data.train_file", "list of strings"});
 }

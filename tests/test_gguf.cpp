@@ -200,7 +200,7 @@ TEST_CASE("the Modelfile carries the chat format of the model's template and its
       {"{%- if loop.last and system_message is defined %}{{- \"[INST] \" + system_message + \"\\n\\n\" + "
        "message[\"content\"] + \"[/INST]\" }}",
        "mistral-v0.3",
-       {"[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}[/INST] {{ .Response }}",
+       {"[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}[/INST]{{ if .Response }} {{ .Response }}",
         "PARAMETER stop \"[INST]\"\n"}},
       {"{{ '<|user|>\n' + message['content'] + eos_token }}\n{% elif message['role'] == 'system' %}\n{{ "
        "'<|system|>\n' + message['content'] + eos_token }}{{ '<|assistant|>\n'  + message['content'] + eos_token }}",

@@ -382,9 +382,9 @@ TEST_CASE("sentencepiece's dummy prefix goes where the tokenizer files put it, a
     // Llama 2's tokenizer.json: a Prepend normalizer, no pre-tokenizer: every run, whatever legacy says.
     const auto llama2 = [](qt::Json& t) {
       t["pre_tokenizer"] = nullptr;
-      t["normalizer"] = {{"type", "Sequence"},
-                         {"normalizers", {{{"type", "Prepend"}, {"prepend", "\u2581"}},
-                                          {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\u2581"}}}}};
+      const qt::Json prepend = {{"type", "Prepend"}, {"prepend", "\u2581"}};
+      const qt::Json replace = {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\u2581"}};
+      t["normalizer"] = {{"type", "Sequence"}, {"normalizers", {prepend, replace}}};
     };
     CHECK(prefix_of(dir_with(llama2, false, true)) == DummyPrefix::Always);
     CHECK(prefix_of(dir_with(scheme("first"), true, true)) == DummyPrefix::First);
@@ -392,6 +392,20 @@ TEST_CASE("sentencepiece's dummy prefix goes where the tokenizer files put it, a
       t["pre_tokenizer"] = {{"type", "Metaspace"}, {"add_prefix_space", false}};
     };
     CHECK(prefix_of(dir_with(old_metaspace, std::nullopt, true)) == DummyPrefix::Never);
+    // Neither a Metaspace nor a Prepend (the converter's legacy pipeline with add_prefix_space false): no prefix.
+    CHECK(prefix_of(dir_with([](qt::Json& t) { t["pre_tokenizer"] = nullptr; }, true, true)) == DummyPrefix::Never);
+    // tokenizer_config.json's add_prefix_space has transformers convert the model anew: false, no prefix; true, as
+    // legacy says, whatever tokenizer.json holds.
+    const auto with_add_prefix_space = [&](bool add, bool legacy) {
+      const std::string dir = dir_with(scheme("first"), legacy, true);
+      qt::Json cfg = qt::read_json_file(dir + "/tokenizer_config.json", qt::ErrorKind::Internal);
+      cfg["add_prefix_space"] = add;
+      qt::write_json_file(dir + "/tokenizer_config.json", cfg);
+      return prefix_of(dir);
+    };
+    CHECK(with_add_prefix_space(false, true) == DummyPrefix::Never);
+    CHECK(with_add_prefix_space(true, true) == DummyPrefix::Always);
+    CHECK(with_add_prefix_space(true, false) == DummyPrefix::First);
     CHECK(prefix_of(dir_with([](qt::Json&) {}, false, false)) == DummyPrefix::First);
     CHECK(prefix_of(dir_with([](qt::Json&) {}, true, false)) == DummyPrefix::Always);
     CHECK(prefix_of(dir_with([](qt::Json&) {}, std::nullopt, false)) == DummyPrefix::Always);

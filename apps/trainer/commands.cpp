@@ -294,6 +294,9 @@ qt::DataConfig record_config(const std::string& command, const std::string& form
   qt::Json data = {{"train_file", "-"},          {"format", format},   {"chat_template", chat_template},
                    {"train_on_prompt", train_on_prompt}, {"add_eos", add_eos}};
   if (!chat_format.empty()) {
+    if (chat_template != "custom")
+      qt::fail(qt::ErrorKind::Usage, command + ": --chat-format is the format of --chat-template custom (got "
+                                                   "--chat-template " + chat_template + ")");
     data["chat_format"] = qt::read_json_file(chat_format, qt::ErrorKind::Config);
     return qt::DataConfig::from_json(data, chat_format);
   }

@@ -3,9 +3,9 @@
 #include <cstdint>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "lib/core/json.h"
-#include <vector>
 
 namespace qt::cli {
 

@@ -259,12 +259,15 @@ BpeTokenizer::BpeTokenizer(const Json& doc, const std::string& path) {
   bool layout_ok = steps.size() == 2 && type_of(*steps[0]) == "Split" && type_of(*steps[1]) == "ByteLevel";
   // GPT-2's: ByteLevel with its own regex, alone or after Digits(individual_digits) (SmolLM2's).
   const bool digits = steps.size() == 2 && type_of(*steps[0]) == "Digits";
-  if ((steps.size() == 1 || digits) && type_of(*steps.back()) == "ByteLevel" && steps.back()->value("use_regex", true)) {
+  const bool byte_level_regex = type_of(*steps.back()) == "ByteLevel" && steps.back()->value("use_regex", true);
+  if ((steps.size() == 1 || digits) && byte_level_regex) {
     if (digits && !steps[0]->value("individual_digits", false))
       fail("pre_tokenizer.pretokenizers[0].individual_digits",
            "only Digits with individual_digits true (each digit alone) is implemented");
     if (steps.back()->value("add_prefix_space", false))
-      fail(steps.size() == 1 ? "pre_tokenizer.add_prefix_space" : "pre_tokenizer.pretokenizers[1].add_prefix_space",
+      fail(type_of(pre) != "Sequence" ? "pre_tokenizer.add_prefix_space"
+                                      : "pre_tokenizer.pretokenizers[" + std::to_string(steps.size() - 1) +
+                                            "].add_prefix_space",
            "ByteLevel with add_prefix_space true is not implemented (expected false, as SmolLM2's and GPT-2's)");
     gpt2_ = true;
     gpt2_digits_ = digits;

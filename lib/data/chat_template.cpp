@@ -493,11 +493,12 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
   for (size_t i = 0; i < messages.size(); ++i) check_role(messages[i], i, where);
   // Qwen2.5's, Qwen3's and Qwen3-Instruct-2507's templates render tools into their system prompt and an assistant's
   // tool_calls as <tool_call> JSON (Python's json.dumps of them, key order kept); Llama 3.1's tools into the first
-  // user message and a call as JSON; Mistral v0.3's tools before the last user message and calls as [TOOL_CALLS];
-  // DeepSeek-R1-Distill-Llama's calls and tool outputs between its <｜tool▁...｜> tokens.
+  // user message and a call as JSON; Mistral v0.3's tools before the last user message and calls as [TOOL_CALLS].
+  // DeepSeek-R1-Distill-Llama's renders neither a tools list nor the calls of an answer with content (only those of
+  // one without, which records cannot hold), as here.
   // The Llama 3, Llama 2 and Mistral v0.1 templates ignore both.
   if (format == ChatFormat::ChatML || format == ChatFormat::Qwen3 || format == ChatFormat::Qwen3Instruct ||
-      format == ChatFormat::Llama31 || format == ChatFormat::MistralV03 || format == ChatFormat::DeepSeekR1) {
+      format == ChatFormat::Llama31 || format == ChatFormat::MistralV03) {
     const std::string why = std::string("the ") + chat_format_name(format) +
                             " format's tools and tool calls (what its template renders of them) are not built in; "
                             "leave them out of the record";

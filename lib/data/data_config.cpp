@@ -153,6 +153,10 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file, b
     fail_key(ErrorKind::Config, file, "data.chat_format.assistant_suffix",
              "is empty: data.chat_template \"custom\" needs the text that ends an answer (its end of turn, which the "
              "model learns to write and generation stops at, e.g. \"<|im_end|>\\n\")");
+  if (!c.chat_format.default_system.empty() && c.chat_format.system_prefix.empty() &&
+      c.chat_format.system_suffix.empty())
+    fail_key(ErrorKind::Config, file, "data.chat_format.default_system",
+             "is set, but the format has no system turn to render it in (system_prefix and system_suffix are empty)");
   if (c.chat_template != ChatTemplateChoice::Custom && !(c.chat_format == CustomChatFormat()))
     fail_key(ErrorKind::Config, file, "data.chat_format",
              "is set, but data.chat_template is \"" + std::string(chat_template_name(c.chat_template)) +

@@ -90,14 +90,14 @@ std::string chat_template(const Json& cfg, const std::string& dir, const std::st
 
 // What tokenizer.json's Metaspace pre-tokenizer does ("prepend_scheme", or the older "add_prefix_space"), if `node`
 // is one.
-std::optional<DummyPrefix> metaspace_scheme(const Json& node, const std::string& file) {
+std::optional<DummyPrefix> metaspace_scheme(const Json& node, const std::string& file, const std::string& key) {
   if (!node.is_object() || node.value("type", "") != "Metaspace") return std::nullopt;
   if (node.contains("prepend_scheme") && node.at("prepend_scheme").is_string()) {
     const std::string scheme = node.at("prepend_scheme").get<std::string>();
     if (scheme == "always") return DummyPrefix::MetaspaceAlways;
     if (scheme == "first") return DummyPrefix::First;
     if (scheme == "never") return DummyPrefix::Never;
-    fail_key(ErrorKind::Model, file, "pre_tokenizer.prepend_scheme",
+    fail_key(ErrorKind::Model, file, key + ".prepend_scheme",
              "is \"" + scheme + "\" (expected \"always\", \"first\" or \"never\")");
   }
   if (node.contains("add_prefix_space") && node.at("add_prefix_space").is_boolean())
@@ -107,26 +107,32 @@ std::optional<DummyPrefix> metaspace_scheme(const Json& node, const std::string&
 
 // Where a sentencepiece model's dummy prefix goes, as transformers 4.x reads the directory: its fast tokenizer
 // runs tokenizer.json's pipeline where there is one (a Metaspace pre-tokenizer's prepend_scheme; a Prepend
-// normalizer, as Llama 2's files have, prefixes every run of text as sentencepiece does); else it converts the
-// sentencepiece model as tokenizer_config.json's `legacy` says (true, the default: a Prepend normalizer; false: a
-// Metaspace "first").
+// normalizer, as Llama 2's files have, prefixes every run of text as sentencepiece does; neither: no prefix); else,
+// or where tokenizer_config.json sets add_prefix_space (which makes it convert the sentencepiece model anew), it
+// converts the model as tokenizer_config.json's `legacy` says (true, the default: a Prepend normalizer; false: a
+// Metaspace "first"; add_prefix_space false: no prefix either way).
 DummyPrefix spm_dummy_prefix(const Json* tokenizer_json, const std::string& json_path, const Json& cfg,
                              const std::string& cfg_file) {
+  const bool legacy = bool_setting(cfg, cfg_file, "legacy").value_or(true);
+  if (const std::optional<bool> add_prefix_space = bool_setting(cfg, cfg_file, "add_prefix_space"))
+    return !*add_prefix_space ? DummyPrefix::Never : legacy ? DummyPrefix::Always : DummyPrefix::First;
   if (tokenizer_json && tokenizer_json->is_object()) {
     const Json& pre = tokenizer_json->value("pre_tokenizer", Json());
-    if (auto p = metaspace_scheme(pre, json_path)) return *p;
+    if (auto p = metaspace_scheme(pre, json_path, "pre_tokenizer")) return *p;
     if (pre.is_object() && pre.value("type", "") == "Sequence" && pre.contains("pretokenizers"))
-      for (const auto& step : pre.at("pretokenizers"))
-        if (auto p = metaspace_scheme(step, json_path)) return *p;
+      for (size_t i = 0; i < pre.at("pretokenizers").size(); ++i)
+        if (auto p = metaspace_scheme(pre.at("pretokenizers")[i], json_path,
+                                      "pre_tokenizer.pretokenizers[" + std::to_string(i) + "]"))
+          return *p;
     const Json& norm = tokenizer_json->value("normalizer", Json());
     const auto prepends = [](const Json& n) { return n.is_object() && n.value("type", "") == "Prepend"; };
     if (prepends(norm)) return DummyPrefix::Always;
     if (norm.is_object() && norm.value("type", "") == "Sequence" && norm.contains("normalizers"))
       for (const auto& step : norm.at("normalizers"))
         if (prepends(step)) return DummyPrefix::Always;
+    return DummyPrefix::Never;
   }
-  const std::optional<bool> legacy = bool_setting(cfg, cfg_file, "legacy");
-  return legacy.value_or(true) ? DummyPrefix::Always : DummyPrefix::First;
+  return legacy ? DummyPrefix::Always : DummyPrefix::First;
 }
 
 }  // namespace

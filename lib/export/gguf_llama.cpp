@@ -434,6 +434,11 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   w.add_u32("general.file_type", info_of(req.type).ftype);
   w.add_u32("general.quantization_version", 2);  // GGML_QNT_VERSION
 
+  // A custom chat format: its template, and BOS added as its conversations had it.
+  if (req.chat_format) {
+    special.chat_template = custom_format_jinja(*req.chat_format);
+    special.add_bos = req.chat_format->bos;
+  }
   w.add_string("tokenizer.ggml.model", vocab.model);
   w.add_string("tokenizer.ggml.pre", vocab.pre);
   w.add_string_array("tokenizer.ggml.tokens", vocab.tokens);
@@ -446,7 +451,6 @@ GgufExportStats export_gguf(const GgufExportRequest& req) {
   if (special.pad >= 0) w.add_u32("tokenizer.ggml.padding_token_id", static_cast<uint32_t>(special.pad));
   w.add_bool("tokenizer.ggml.add_bos_token", special.add_bos);
   w.add_bool("tokenizer.ggml.add_eos_token", special.add_eos);
-  if (req.chat_format) special.chat_template = custom_format_jinja(*req.chat_format);
   if (!special.chat_template.empty()) w.add_string("tokenizer.chat_template", special.chat_template);
 
   // Tensors: token_embd (and rope_freqs) first, then the blocks in order, output_norm and output last.

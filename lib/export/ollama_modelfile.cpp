@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "lib/core/error.h"
+
 namespace qt {
 
 namespace {
@@ -31,8 +33,10 @@ const Format kMistral = {"mistral",
                          {"[INST]", "[/INST]"}};
 // Mistral-7B-Instruct-v0.3: "[INST] {system}\n\n{user}[/INST] {answer}</s>" ([INST] and [/INST] control tokens, no
 // space before [/INST]; the system text in the last user message, as Ollama's mistral template for v0.3 puts it).
+// The prompt ends at [/INST]: the answer's space is its first token's ("▁word"), as in training.
 const Format kMistralV03 = {"mistral-v0.3",
-                            "[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}[/INST] {{ .Response }}",
+                            "[INST] {{ if .System }}{{ .System }}\n\n{{ end }}{{ .Prompt }}[/INST]"
+                            "{{ if .Response }} {{ .Response }}{{ end }}",
                             {"[INST]", "[/INST]"}};
 // Zephyr (TinyLlama-Chat too): "<|user|>\n{user}</s>\n<|assistant|>\n{answer}</s>\n", the roles as text; the
 // end-of-turn token is the model's eos_token (its text written in for EOS below).
@@ -127,6 +131,13 @@ OllamaModelfile ollama_modelfile(const std::string& gguf_file, const std::string
 
 OllamaModelfile ollama_modelfile(const std::string& gguf_file, const CustomChatFormat& f,
                                  const std::string& eos_token) {
+  for (const auto& [key, text] : std::vector<std::pair<const char*, const std::string*>>{
+           {"system_prefix", &f.system_prefix}, {"system_suffix", &f.system_suffix}, {"user_prefix", &f.user_prefix},
+           {"user_suffix", &f.user_suffix}, {"assistant_prefix", &f.assistant_prefix},
+           {"assistant_suffix", &f.assistant_suffix}, {"generation_prompt", &f.generation_prompt}})
+    if (text->find("{{") != std::string::npos || text->find("\"\"\"") != std::string::npos)
+      fail_key(ErrorKind::Usage, "chat_format.json", key,
+               "holds {{ or \"\"\", which an Ollama Modelfile's TEMPLATE cannot hold as text");
   OllamaModelfile m;
   m.format = "custom";
   m.text = "# Ollama Modelfile written by qlora-train export --gguf: `ollama create NAME -f Modelfile`\n";

@@ -114,6 +114,10 @@ def main():
     check(p.returncode == 0 and last_json(p)["prompt_ids"] == want,
           f"generate with a custom format: the conversation and its generation prompt (exit {p.returncode}) "
           f"{p.stderr[-300:]}")
+    p = run("generate", "--model", TMP / "model", "--prompt", "x", "--format", "chat", "--chat-template", "llama2",
+            "--chat-format", TMP / "format.json")
+    check(p.returncode == 2 and "--chat-template custom" in p.stderr,
+          f"--chat-format with another template is a usage error (exit {p.returncode}) {p.stderr[-200:]}")
     (TMP / "bad_format.json").write_text(json.dumps({"user_prefix": "U: "}))
     p = run("generate", "--model", TMP / "model", "--prompt", "x", "--format", "chat", "--chat-template", "custom",
             "--chat-format", TMP / "bad_format.json")
@@ -205,9 +209,12 @@ def main():
     p = run("export", "--adapter", adapter, "--model", TMP / "model", "--out", TMP / "gguf", "--gguf", "f16",
             "--quant", "none")
     files = list((TMP / "gguf").glob("*.gguf")) if p.returncode == 0 else []
-    template = gguf.GGUFReader(str(files[0])).fields["tokenizer.chat_template"].contents() if files else None
+    reader = gguf.GGUFReader(str(files[0])) if files else None
+    template = reader.fields["tokenizer.chat_template"].contents() if files else None
+    add_bos = reader.fields["tokenizer.ggml.add_bos_token"].contents() if files else None
     modelfile = (TMP / "gguf" / "Modelfile").read_text() if files else ""
-    check(template == jinja and 'USER: {{ .Prompt }} {{ end }}ASSISTANT:{{ .Response }}</s>' in modelfile
+    check(template == jinja and add_bos is True
+          and 'USER: {{ .Prompt }} {{ end }}ASSISTANT:{{ .Response }}</s>' in modelfile
           and 'SYSTEM "Be brief."' in modelfile and 'PARAMETER stop "USER:"' in modelfile,
           f"export --gguf carries it as the file's chat template and the Modelfile's TEMPLATE (exit {p.returncode}) "
           f"{modelfile} {p.stderr[-300:]}")
