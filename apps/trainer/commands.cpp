@@ -304,6 +304,17 @@ qt::DataConfig record_config(const std::string& command, const std::string& form
   return qt::DataConfig::from_json(data, command);
 }
 
+// The chat format an adapter was trained on, where it was a custom one (ADAPTER/chat_format.json) and the command
+// names none (--chat-template auto, no --chat-format): {"custom", that file}; else the given pair.
+std::pair<std::string, std::string> chat_format_of(const std::string& adapter, const std::string& chat_template,
+                                                   const std::string& chat_format) {
+  if (adapter.empty() || chat_template != "auto" || !chat_format.empty()) return {chat_template, chat_format};
+  const std::string file = qt::files::join(adapter, qt::kChatFormatFile);
+  if (!qt::files::exists(file)) return {chat_template, chat_format};
+  qt::log::info("chat format: the adapter's custom one (" + file + ")");
+  return {"custom", file};
+}
+
 // Runs f; a data error that names the run config's data.format / data.chat_template names the options instead.
 template <typename F>
 auto with_option_names(F&& f) -> decltype(f()) {
@@ -363,9 +374,9 @@ int run_eval(const EvalArgs& given) {
   const EvalArgs args = with_run_config(given);
   const at::Device device = parse_device(args.device);
   check_not_adapter(args.model);
-  const qt::DataConfig data =
-      record_config("eval", args.format, args.chat_template, args.train_on_prompt, args.add_eos, args.chat_format,
-                    args.chat_format_json);
+  const auto [chat_template, chat_format] = chat_format_of(args.adapter, args.chat_template, args.chat_format);
+  const qt::DataConfig data = record_config("eval", args.format, chat_template, args.train_on_prompt, args.add_eos,
+                                            chat_format, args.chat_format_json);
   // fp32 on the CPU (exact comparisons with references), bf16 on the GPU.
   qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
   load.quantize_nf4 = args.quant == "nf4";  // as training loads the base, so that eval's figures are the trained model's
@@ -529,8 +540,8 @@ std::vector<int32_t> generation_prompt(const GenerateArgs& args, const qt::Token
     for (int32_t id : tokenizer.encode(args.prompt)) prompt.push_back(id);
     return prompt;
   }
-  const qt::DataConfig data =
-      record_config("generate", args.format, args.chat_template, false, true, args.chat_format);
+  const auto [chat_template, chat_format] = chat_format_of(args.adapter, args.chat_template, args.chat_format);
+  const qt::DataConfig data = record_config("generate", args.format, chat_template, false, true, chat_format);
   return with_option_names(
       [&] { return qt::generation_prompt_tokens(data, args.prompt, args.input, args.system, tokenizer); });
 }

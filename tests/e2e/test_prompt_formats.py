@@ -179,7 +179,8 @@ def main():
     jinja = (adapter / "chat_template.jinja").read_text() if (adapter / "chat_template.jinja").exists() else ""
     hf, _ = gen_data.hf_llama_from_spm(TMP / "model" / "tokenizer.model", jinja)
     p = run("data", "--config", TMP / "custom_run.json", "--show", len(chat), "--json")
-    ours = [json.loads(l)["ids"] for l in p.stdout.splitlines() if l.startswith('{"ids"') or '"record"' in l]
+    shown = [json.loads(l) for l in p.stdout.splitlines() if '"record"' in l]
+    ours = [d["ids"] for d in shown]
     theirs = [list(hf.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in chat]
     check(p.returncode == 0 and ours == theirs and len(ours) == len(chat),
           f"transformers renders the adapter's chat_template.jinja as training rendered the records: "
@@ -192,6 +193,16 @@ def main():
     want = list(hf.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)["input_ids"])
     check(p.returncode == 0 and last_json(p)["prompt_ids"] == want,
           f"its generation prompt is generate's (exit {p.returncode})")
+    # With the adapter, eval and generate take its format where no template is named.
+    p = run("generate", "--model", TMP / "model", "--adapter", adapter, "--prompt", "name three birds", "--format",
+            "chat", "--max-new-tokens", 1, "--json", "--quant", "none")
+    check(p.returncode == 0 and last_json(p)["prompt_ids"] == want and "the adapter's custom one" in p.stderr,
+          f"generate --adapter takes the adapter's chat format (exit {p.returncode}) {p.stderr[-300:]}")
+    p = run("eval", "--model", TMP / "model", "--adapter", adapter, "--data", TMP / "chat.jsonl", "--quant", "none",
+            "--max-seq-len", 256)
+    check(p.returncode == 0 and last_json(p)["tokens"] == sum(sum(d["loss"]) - d["loss"][0] for d in shown),
+          f"eval --adapter reads the records in the adapter's chat format (exit {p.returncode}) {p.stdout[-200:]} "
+          f"{p.stderr[-300:]}")
     p = run("export", "--adapter", adapter, "--model", TMP / "model", "--out", TMP / "merged", "--merge",
             "--quant", "none")
     merged_template = json.loads((TMP / "merged" / "tokenizer_config.json").read_text()).get("chat_template") \
