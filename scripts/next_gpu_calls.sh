@@ -107,6 +107,10 @@
 #      overflow path on CUDA) and test_eval_gpu.py (about 120 s); with 46 in the same command for every [gpu] test:
 #      SUMMARY=s46.txt bash scripts/next_gpu_calls.sh 46; SUMMARY=s47.txt bash scripts/next_gpu_calls.sh 47
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
+#   48: carry [".peers", ".usite", ".peerscripts"]: build, issue 27's 48 GiB column (never run before): 8B 1 x 8192
+#      whole-document and packed (median 330) against Unsloth's 0, the rest of the GPU held by the holder process.
+#   49: carry as 48: build, the 48 GiB column's 8B 1 x 32768 against Unsloth's 1 (its 0 ran out of memory at 80 GiB,
+#      its u ran no faster than 1), then 8B 2 x 2048 against its 0 (the plan the 80 GiB budget picks needs 38 GiB).
 #   45: no carry: build, 8B 1 x 32768 on the whole GPU (the 80 GiB plan) with the GPU's clocks, power, temperature and
 #      throttle reasons sampled each second, then one profiled step (trace_summary.py): why calls 37 and 43's machines
 #      ran the 32k row 1.7x slower than others with a 55 GB/s host link (about 400 s). Compare with a machine that runs
@@ -459,6 +463,16 @@ case "$CALL" in
     --warm 1
   run budget_24_32k_unsloth.log 160 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 24 --no-whole \
     --steps 3 --warm 1 --binary /bin/false
+  ;;
+48)
+  note "== issue 27 at 48 GiB: 8B 1 x 8192 whole and packed (median 330) against Unsloth 0"
+  run budget_48_8k.log 320 --peers unsloth --unsloth-modes 0 --rows 8b-1x8192,8b-1x8192p330 --budget 48 --no-whole \
+    --steps 4 --warm 2
+  ;;
+49)
+  note "== issue 27 at 48 GiB: 8B 1 x 32768 against Unsloth 1, 8B 2 x 2048 against Unsloth 0"
+  run budget_48_32k.log 230 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 48 --no-whole --steps 3 --warm 1
+  run budget_48_2k.log 200 --peers unsloth --unsloth-modes 0 --rows 8b-2x2048 --budget 48 --no-whole --steps 6 --warm 2
   ;;
 46)
   note "== every [gpu] test on the current code (the last full run: the twenty-second session, 54 of 54)"
