@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "lib/core/files.h"
@@ -245,7 +246,8 @@ TEST_CASE("a ChatML Modelfile carries the template's default system prompt as SY
 // Found in fuzzing round 12: added tokens were control only when marked special, so a Qwen2.5 / Qwen3 tokenizer's
 // non-special <|fim_prefix|> ... <|file_sep|> were user-defined where convert_hf_to_gguf.py makes them control
 // (llama.cpp then reads them from typed text and prints them in its output).
-TEST_CASE("GGUF vocabularies type added tokens as convert_hf_to_gguf does, special-looking ones as control", "[gguf]") {
+TEST_CASE("GGUF vocabularies type added tokens as convert_hf_to_gguf does, special-looking ones as control; byte-level "
+          "pre-tokenizers by llama.cpp's names", "[gguf]") {
   const std::string dir = scratch_dir("gguf_added_tokens");
   const qt::Json added = qt::Json::array({
       {{"id", 3}, {"content", "<|endoftext|>"}, {"special", true}},
@@ -285,16 +287,35 @@ TEST_CASE("GGUF vocabularies type added tokens as convert_hf_to_gguf does, speci
   CHECK(s.types[n] == T::kControl);
   CHECK(s.types[n + 1] == T::kUserDefined);
   CHECK(s.types[n + 2] == T::kControl);
-  // GPT-2's byte-level layout (SmolLM2's) trains but has no llama.cpp pre-tokenizer name here: refused by name.
-  const std::string gpt2 = qt::test::fixture("tokenizer/bpe_gpt2/tokenizer.json");
-  try {
-    qt::bpe_vocab(gpt2);
-    FAIL("GPT-2's layout was exported");
-  } catch (const qt::Error& e) {
-    CHECK(e.kind() == qt::ErrorKind::Model);
-    CHECK(std::string(e.what()).find("pre_tokenizer") != std::string::npos);
-    CHECK(std::string(e.what()).find("SmolLM2") != std::string::npos);
-  }
+  // GPT-2's byte-level layout: llama.cpp's smollm after Digits(individual_digits) (SmolLM2's), gpt-2 alone; the
+  // vocabulary and merges as Llama 3's layout writes them.
+  const qt::Vocab smollm = qt::bpe_vocab(qt::test::fixture("tokenizer/bpe_gpt2/tokenizer.json"));
+  const qt::Vocab gpt2 = qt::bpe_vocab(qt::test::fixture("tokenizer/bpe_gpt2_plain/tokenizer.json"));
+  const qt::Vocab llama3 = qt::bpe_vocab(qt::test::fixture("tokenizer/bpe/tokenizer.json"));
+  CHECK(smollm.pre == "smollm");
+  CHECK(gpt2.pre == "gpt-2");
+  CHECK(llama3.pre == "llama-bpe");
+  CHECK((smollm.model == "gpt2" && smollm.tokens == llama3.tokens && smollm.merges == llama3.merges));
+  // A layout llama.cpp has no name for is refused naming the key: ByteLevel adding a prefix space, Digits keeping
+  // runs of digits, a Whitespace split.
+  const qt::Json gpt2_doc =
+      qt::read_json_file(qt::test::fixture("tokenizer/bpe_gpt2/tokenizer.json"), qt::ErrorKind::Model);
+  const std::string pre_dir = qt::test::scratch_dir("gguf_pre");
+  auto refused = [&](const std::string& name, const std::function<void(qt::Json&)>& edit) {
+    qt::Json j = gpt2_doc;
+    edit(j);
+    const std::string path = qt::files::join(pre_dir, name + ".json");
+    qt::files::write_file_atomically(path, j.dump(), false);
+    qt::ErrorKind kind{};
+    const std::string what = qt::test::error_of([&] { qt::bpe_vocab(path); }, &kind);
+    INFO(name << ": " << what);
+    CHECK(kind == qt::ErrorKind::Model);
+    CHECK(qt::test::has(what, "pre_tokenizer"));
+    CHECK(qt::test::has(what, path));
+  };
+  refused("prefix_space", [](qt::Json& j) { j["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = true; });
+  refused("digit_runs", [](qt::Json& j) { j["pre_tokenizer"]["pretokenizers"][0]["individual_digits"] = false; });
+  refused("whitespace", [](qt::Json& j) { j["pre_tokenizer"] = {{"type", "Whitespace"}}; });
 }
 
 TEST_CASE("k-quant and q5_0 blocks decode to the values within their rounding", "[gguf]") {

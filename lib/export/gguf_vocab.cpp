@@ -12,28 +12,38 @@ namespace qt {
 namespace {
 
 // llama.cpp's name for a tokenizer.json's pre-tokenizer (tokenizer.ggml.pre: how its vocab loader splits text before
-// BPE), from the Split regex: Llama 3's -> llama-bpe, Qwen2's -> qwen2 (convert_hf_to_gguf.py tells them apart by
-// hashing the ids of a test text; the regex is what differs).
+// BPE). Llama 3's layout by its Split regex: Llama 3's -> llama-bpe, Qwen2's -> qwen2 (convert_hf_to_gguf.py tells
+// them apart by hashing the ids of a test text; the regex is what differs). GPT-2's layout (ByteLevel with its own
+// regex, no prefix space): after Digits(individual_digits) -> smollm (SmolLM / SmolLM2), alone -> gpt-2. The
+// layouts our BpeTokenizer reads (lib/data/bpe_tokenizer.cpp); the others are refused naming the key.
 std::string bpe_pre_tokenizer(const Json& doc, const std::string& json_path) {
   std::vector<const Json*> steps;
   if (doc.contains("pre_tokenizer") && doc.at("pre_tokenizer").is_object()) {
     const Json& pre = doc.at("pre_tokenizer");
-    if (pre.value("type", "") == "Sequence" && pre.contains("pretokenizers"))
+    if (pre.value("type", "") == "Sequence" && pre.contains("pretokenizers") && pre.at("pretokenizers").is_array())
       for (const auto& p : pre.at("pretokenizers")) steps.push_back(&p);
     else
       steps.push_back(&pre);
   }
+  auto type_of = [](const Json* s) { return s->is_object() ? s->value("type", std::string()) : std::string(); };
   for (const Json* s : steps) {
-    if (s->value("type", "") != "Split" || !s->contains("pattern") || !s->at("pattern").contains("Regex")) continue;
+    if (type_of(s) != "Split" || !s->contains("pattern") || !s->at("pattern").contains("Regex")) continue;
     const std::string regex = s->at("pattern").at("Regex").get<std::string>();
     if (regex == k_llama3_pattern) return "llama-bpe";
     if (regex == k_qwen2_pattern) return "qwen2";
     fail_key(ErrorKind::Model, json_path, "pre_tokenizer",
              "its Split regex is neither Llama 3's nor Qwen2's, the byte-level pre-tokenizers GGUF export names");
   }
+  const bool byte_level_regex = !steps.empty() && type_of(steps.back()) == "ByteLevel" &&
+                                steps.back()->value("use_regex", true) && !steps.back()->value("add_prefix_space", false);
+  if (byte_level_regex && steps.size() == 1) return "gpt-2";
+  if (byte_level_regex && steps.size() == 2 && type_of(steps[0]) == "Digits" &&
+      steps[0]->value("individual_digits", false))
+    return "smollm";
   fail_key(ErrorKind::Model, json_path, "pre_tokenizer",
-           "expected a Split with Llama 3's or Qwen2's regex before ByteLevel (GPT-2's layout, SmolLM2's, trains but "
-           "is not exported to GGUF)");
+           "expected a Split with Llama 3's or Qwen2's regex before ByteLevel, or ByteLevel with its own regex and no "
+           "prefix space, alone (GPT-2's) or after Digits with individual_digits (SmolLM2's): the byte-level "
+           "pre-tokenizers llama.cpp names");
 }
 
 // An added token as convert_hf_to_gguf.py types it (get_vocab_base, _create_vocab_sentencepiece): control when it

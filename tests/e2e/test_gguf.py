@@ -140,12 +140,13 @@ def mistral_setup(tmp: pathlib.Path):
     return model_dir, tmp / "mistral_adapter", vocab, lambda text: [sp.bos_id()] + sp.encode(text)
 
 
-def bpe_setup(tmp: pathlib.Path):
+def bpe_setup(tmp: pathlib.Path, name="bpe"):
     """Llama 3 style: byte-level BPE tokenizer.json with Llama 3's pre-tokenizer and specials, Llama 3's chat
     template, tied embeddings."""
     from tokenizers import Tokenizer
-    gen_tokenizer.make_bpe(tmp / "bpe_tok", gen_tokenizer.corpus_lines())
-    model_dir = tmp / "bpe_model"
+    if not (tmp / "bpe_tok" / "bpe").exists():
+        gen_tokenizer.make_bpe(tmp / "bpe_tok", gen_tokenizer.corpus_lines())
+    model_dir = tmp / f"{name}_model"
     model_dir.mkdir()
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tmp / "bpe_tok" / "bpe" / f, model_dir / f)
@@ -156,7 +157,7 @@ def bpe_setup(tmp: pathlib.Path):
     bos, eos = tok.token_to_id("<|begin_of_text|>"), tok.token_to_id("<|end_of_text|>")
     model = tiny_lm.make_model(model_dir, tok.get_vocab_size(with_added_tokens=True), seed=5, bos_token_id=bos,
                                eos_token_id=eos, tie_word_embeddings=True, initializer_range=0.1)
-    add_adapter(model, model_dir, tmp / "bpe_adapter", seed=6)
+    add_adapter(model, model_dir, tmp / f"{name}_adapter", seed=6)
     doc = json.loads((model_dir / "tokenizer.json").read_text())
     n = tok.get_vocab_size(with_added_tokens=True)
     tokens, types, merges = bpe_vocab(doc, n)
@@ -164,7 +165,25 @@ def bpe_setup(tmp: pathlib.Path):
              "bos": bos, "eos": eos, "unk": None, "add_bos": True, "template": gen_data.LLAMA3, "format": "llama3",
              "stops": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]}
     encode = lambda text: tok.encode(text).ids  # the post-processor adds BOS
-    return model_dir, tmp / "bpe_adapter", vocab, encode
+    return model_dir, tmp / f"{name}_adapter", vocab, encode
+
+
+def gpt2_setup(tmp: pathlib.Path, name: str, digits: bool):
+    """GPT-2's byte-level layout: ByteLevel with its own regex, after Digits(individual_digits) as SmolLM2's
+    tokenizer.json has it (llama.cpp's smollm) or alone (gpt-2); otherwise bpe_setup's model."""
+    from tokenizers import Tokenizer
+    model_dir, _, vocab, _ = bpe_setup(tmp, name)
+    doc = json.loads((model_dir / "tokenizer.json").read_text())
+    steps = [{"type": "Digits", "individual_digits": True}] if digits else []
+    doc["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": steps + [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    (model_dir / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False))
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    pieces = tok.encode("12345 It's").tokens
+    check("'s" in pieces and (len([p for p in pieces if p.strip("Ġ").isdigit()]) == 5) == digits,
+          f"{name}: the tokenizer does not split as GPT-2's layout: {pieces}")
+    return model_dir, tmp / f"{name}_adapter", dict(vocab, pre="smollm" if digits else "gpt-2"), \
+        lambda text: tok.encode(text).ids
 
 
 QWEN2_PATTERN = gen_tokenizer.QWEN2_PATTERN  # Qwen2's regex: Llama 3's with digits one at a time
@@ -441,14 +460,24 @@ def check_llama_cpp(label, path: pathlib.Path, gtype, model, encode, texts):
     llm.close()
 
 
-def export_model(tmp: pathlib.Path, kind, model_dir, adapter, vocab, encode, gtypes=("f16", "bf16", "q8_0")):
+# Where GPT-2's regex differs from Llama 3's: contractions in capitals, runs of digits, spaces before marks and
+# digits, tabs and several newlines, a mark or a tab before letters (the last two give other ids with Llama 3's
+# regex on this vocabulary, so llama.cpp's llama-bpe would fail them).
+GPT2_TEXTS = ["the cat sat on the mat and it's 12345 cats.", "It'S we'RE I'LL  two  spaces\t\ttabs\n\n new",
+              "x=12345.678, y = -9 and 1 2 3", "end of line   \n", "caf\u00e9 na\u00efve 2024!!",
+              "tab\tthe \"quoted\" text"]
+
+
+def export_model(tmp: pathlib.Path, kind, model_dir, adapter, vocab, encode, gtypes=("f16", "bf16", "q8_0"),
+                 texts=None):
     import safetensors.torch
     run_ok("export", "--adapter", adapter, "--out", tmp / f"{kind}_merged32", "--merge", "--dtype", "fp32")
     merged = safetensors.torch.load_file(str(tmp / f"{kind}_merged32" / "model.safetensors"))
     config = json.loads((model_dir / "config.json").read_text())
     base = json.loads((model_dir / "config.json").read_text())
-    texts = ["the cat sat on the mat and the dog ran fast.", "qlora trains adapters quickly with four bit weights!",
-             "where why how what who", "1234567 and 89 ten"]
+    texts = texts or ["the cat sat on the mat and the dog ran fast.",
+                      "qlora trains adapters quickly with four bit weights!", "where why how what who",
+                      "1234567 and 89 ten"]
     for gtype in gtypes:
         label = f"{kind} {gtype}"
         out = tmp / f"{kind}_{gtype}"
@@ -794,6 +823,9 @@ def main():
     export_model(tmp, "mistral", *mistral_setup(tmp), gtypes=("f16",))
     bpe = bpe_setup(tmp)
     export_model(tmp, "bpe", *bpe)
+    # GPT-2's layout: SmolLM2's (each digit alone first) as llama.cpp's smollm, ByteLevel's regex alone as gpt-2.
+    for name, digits in (("smollm", True), ("gpt2", False)):
+        export_model(tmp, name, *gpt2_setup(tmp, name, digits), gtypes=("f16",), texts=GPT2_TEXTS)
     for arch in ("qwen2", "qwen3"):
         export_model(tmp, arch, *qwen_setup(tmp, arch), gtypes=("f16", "q8_0"))
     # YaRN as Qwen's model cards enable it for long contexts (rope_scaling added to config.json), NEOX rope there.
