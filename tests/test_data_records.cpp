@@ -118,6 +118,12 @@ TEST_CASE("chat records render and tokenize as transformers apply_chat_template"
     check_file("chat_qwen2", "qwen2", config());
     check_file("chat_qwen2", "qwen2", config({{"chat_template", "qwen2"}}));
   }
+  SECTION("smollm2 (SmolLM2-Instruct's template: Qwen2's with SmolLM's default system prompt; GPT-2's layout)") {
+    check_file("chat_smollm2", "smollm2", config());
+    check_file("chat_smollm2", "smollm2", config({{"chat_template", "smollm2"}}));
+    check_file("chat_smollm2", "smollm2", config({{"train_on_prompt", true}}));
+    check_file("chat_smollm2_fuzz", "smollm2", config());  // random conversations (gen_data.fuzz_conversations)
+  }
   SECTION("qwen3-instruct (Qwen3-Instruct-2507's template: ChatML with no default system prompt)") {
     check_file("chat_qwen3_instruct", "qwen3_instruct", config());
     check_file("chat_qwen3_instruct", "qwen3_instruct", config({{"chat_template", "qwen3-instruct"}}));
@@ -190,10 +196,10 @@ TEST_CASE("a chat prompt ends where transformers' generation prompt does", "[dat
 TEST_CASE("chat answers end with the end-of-turn token in the loss", "[data]") {
   for (const std::string model :
        {"llama3", "llama31", "llama2", "mistral", "mistral_v3", "zephyr", "deepseek_r1", "qwen", "qwen2", "qwen3",
-        "qwen3_instruct"}) {
+        "qwen3_instruct", "smollm2"}) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     const int32_t end = model.rfind("llama3", 0) == 0 ? tok->token_to_id("<|eot_id|>")
-                        : model.rfind("qwen", 0) == 0 ? tok->token_to_id("<|im_end|>")
+                        : model.rfind("qwen", 0) == 0 || model == "smollm2" ? tok->token_to_id("<|im_end|>")
                                                       : tok->eos_id();
     REQUIRE(end >= 0);
     const std::string file = qt::test::fixture("data/chat_" + model + ".jsonl");
@@ -250,7 +256,8 @@ TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
   const std::vector<std::pair<std::string, std::string>> models = {
       {"llama3", "llama3"}, {"llama31", "llama3.1"}, {"llama32", "llama3.1"},     {"llama2", "llama2"},
       {"mistral", "mistral"}, {"qwen", "chatml"},    {"qwen3", "qwen3"}, {"qwen3_instruct", "qwen3-instruct"},
-      {"qwen2", "qwen2"},     {"mistral_v3", "mistral-v0.3"}, {"zephyr", "zephyr"}, {"deepseek_r1", "deepseek-r1"}};
+      {"qwen2", "qwen2"},     {"mistral_v3", "mistral-v0.3"}, {"zephyr", "zephyr"}, {"deepseek_r1", "deepseek-r1"},
+      {"smollm2", "smollm2"}};
   for (const auto& [model, format] : models) {
     auto tok = qt::load_tokenizer(qt::test::fixture("data/" + model));
     CHECK(qt::chat_format_name(qt::resolve_chat_format(ChatTemplateChoice::Auto, tok->chat_template(), "run.json")) ==
@@ -264,18 +271,19 @@ TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
                          : config({{"chat_template", name}});
     CHECK(qt::chat_format_name(qt::resolve_chat_format(c.chat_template, "", "run.json")) == name);
   }
-  // ChatML other than Qwen2.5's, Qwen2's, Qwen3's and Qwen3-Instruct-2507's (SmolLM's default system prompt, Qwen2's
-  // with tools, <think> blocks without Qwen3's enable_thinking as Qwen3-Thinking-2507's, Hermes's begin token): not
-  // built in; the error names the built-ins.
+  // ChatML other than Qwen2.5's, Qwen2's, Qwen3's, Qwen3-Instruct-2507's and SmolLM2's (SmolLM's default system
+  // prompt with a begin token, Qwen2's with tools, <think> blocks without Qwen3's enable_thinking as
+  // Qwen3-Thinking-2507's, Hermes's begin token): not built in; the error names the built-ins.
   for (const std::string jinja :
        {"{{'<|im_start|>' + message['role']}}",
-        "<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>",
+        "{{bos_token}}<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face<|im_end|>",
         "<|im_start|>system\\nYou are a helpful assistant.<|im_end|> <tool_response>",
         "<|im_start|>You are Qwen, created by Alibaba Cloud. You are a helpful assistant. <think>",
         "<|im_start|> <think> reasoning_content last_query_index", "{{bos_token}}<|im_start|> <tool_response>"})
     check_error([&] { qt::resolve_chat_format(ChatTemplateChoice::Auto, jinja, "run.json"); }, qt::ErrorKind::Config,
                 {"run.json", "data.chat_template", "<|im_start|>", "llama3", "llama3.1", "mistral", "chatml", "qwen2",
-                 "qwen3", "qwen3-instruct"});
+                 "qwen3", "qwen3-instruct", "smollm2"});
   check_error([] { qt::resolve_chat_format(ChatTemplateChoice::Auto, "", "run.json"); }, qt::ErrorKind::Config,
               {"run.json", "data.chat_template", "no chat_template"});
   // DeepSeek templates other than DeepSeek-R1-Distill-Llama's (the Qwen distills': <｜Assistant｜> after each user

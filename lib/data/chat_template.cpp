@@ -283,6 +283,8 @@ constexpr const char* kQwenDefaultSystem = "You are Qwen, created by Alibaba Clo
 //   '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}
 // (Qwen2.5's ChatML with another default system prompt, and no tools.)
 constexpr const char* kQwen2DefaultSystem = "You are a helpful assistant.";
+// HuggingFaceTB/SmolLM2-*-Instruct's chat_template is Qwen2's with this default system prompt.
+constexpr const char* kSmolLMDefaultSystem = "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
 
 // ChatML as Qwen2.5-*-Instruct's tokenizer_config.json chat_template renders it without tools:
 //   {%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
@@ -400,7 +402,7 @@ constexpr std::pair<ChatFormat, ChatTemplateChoice> kFormats[] = {
     {ChatFormat::DeepSeekR1, ChatTemplateChoice::DeepSeekR1},
     {ChatFormat::ChatML, ChatTemplateChoice::ChatML},   {ChatFormat::Qwen2, ChatTemplateChoice::Qwen2},
     {ChatFormat::Qwen3, ChatTemplateChoice::Qwen3},     {ChatFormat::Qwen3Instruct, ChatTemplateChoice::Qwen3Instruct},
-    {ChatFormat::Custom, ChatTemplateChoice::Custom}};
+    {ChatFormat::SmolLM2, ChatTemplateChoice::SmolLM2}, {ChatFormat::Custom, ChatTemplateChoice::Custom}};
 
 }  // namespace
 
@@ -464,8 +466,8 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
   if (contains(jinja, "<|im_start|>")) {
     // Qwen3's (the hybrid models': enable_thinking, <think> blocks after the last query), Qwen2.5's (its default
     // system prompt), Qwen2's (its own, no tools) and Qwen3-Instruct-2507's (no default system prompt, tools as
-    // Qwen3's: no begin token, no other default system prompt). Others (Qwen3-Thinking-2507's, QwQ's, SmolLM's,
-    // Hermes's) render different text.
+    // Qwen3's: no begin token, no other default system prompt) and SmolLM2's (Qwen2's with SmolLM's default system
+    // prompt). Others (Qwen3-Thinking-2507's, QwQ's, SmolLM3's, Hermes's) render different text.
     if (contains(jinja, "<think>")) {
       if (contains(jinja, "enable_thinking") && contains(jinja, "last_query_index") &&
           contains(jinja, "reasoning_content"))
@@ -476,11 +478,14 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
     const std::string qwen2_system = std::string("system\\n") + kQwen2DefaultSystem + "<|im_end|>";  // "\n" as Jinja
     if (contains(jinja, qwen2_system.c_str()) && !contains(jinja, "bos_token") && !contains(jinja, "tool"))
       return ChatFormat::Qwen2;
+    const std::string smollm_system = std::string("system\\n") + kSmolLMDefaultSystem + "<|im_end|>";
+    if (contains(jinja, smollm_system.c_str()) && !contains(jinja, "bos_token") && !contains(jinja, "tool"))
+      return ChatFormat::SmolLM2;
     if (contains(jinja, "<tool_response>") && !contains(jinja, "bos_token") && !contains(jinja, "You are Qwen") &&
         !contains(jinja, "You are a helpful"))
       return ChatFormat::Qwen3Instruct;
-    refuse("a ChatML one (<|im_start|>) other than Qwen2.5's, Qwen2's, Qwen3's or Qwen3-Instruct-2507's (another "
-           "default system prompt)");
+    refuse("a ChatML one (<|im_start|>) other than Qwen2.5's, Qwen2's, Qwen3's, Qwen3-Instruct-2507's or SmolLM2's "
+           "(another default system prompt)");
   }
   refuse("not one of the built-in formats: \"" + jinja.substr(0, 60) + (jinja.size() > 60 ? "...\"" : "\""));
   fail(ErrorKind::Internal, "resolve_chat_format: unreachable");
@@ -529,6 +534,8 @@ std::vector<RenderPiece> render_chat(ChatFormat format, const std::vector<ChatMe
       return render_qwen3(messages, tokenizer, train_on_prompt);
     case ChatFormat::Qwen3Instruct:
       return render_chatml(messages, tokenizer, train_on_prompt, format, nullptr);
+    case ChatFormat::SmolLM2:
+      return render_chatml(messages, tokenizer, train_on_prompt, format, kSmolLMDefaultSystem);
     case ChatFormat::Custom:
       break;
   }

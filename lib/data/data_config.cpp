@@ -37,7 +37,8 @@ const std::vector<std::pair<std::string, ChatTemplateChoice>>& chat_templates() 
       {"zephyr", ChatTemplateChoice::Zephyr},     {"deepseek-r1", ChatTemplateChoice::DeepSeekR1},
       {"chatml", ChatTemplateChoice::ChatML},
       {"qwen2", ChatTemplateChoice::Qwen2},       {"qwen3", ChatTemplateChoice::Qwen3},
-      {"qwen3-instruct", ChatTemplateChoice::Qwen3Instruct}, {"custom", ChatTemplateChoice::Custom}};
+      {"qwen3-instruct", ChatTemplateChoice::Qwen3Instruct}, {"smollm2", ChatTemplateChoice::SmolLM2},
+      {"custom", ChatTemplateChoice::Custom}};
   return table;
 }
 

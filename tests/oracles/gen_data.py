@@ -117,6 +117,10 @@ QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] 
          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
+# HuggingFaceTB/SmolLM2-*-Instruct: Qwen2's template with SmolLM's default system prompt (no begin token, no tools).
+SMOLLM2 = QWEN2.replace("You are a helpful assistant.",
+                        "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+
 # Official templates kept as files in chat_templates/, byte for byte the models' tokenizer_config.json
 # chat_template (as TRL ships them in trl/chat_templates): meta-llama/Llama-3.1-8B-Instruct (llama3_1),
 # meta-llama/Llama-3.2-1B-Instruct (llama3_2), Qwen/Qwen3-8B (qwen3), Qwen/Qwen3-4B-Instruct-2507
@@ -553,6 +557,21 @@ def qwen_dir(d, bpe_dir, template, added=()):
     return d
 
 
+def smollm_dir(d, bpe_dir, template):
+    """A SmolLM2-style tokenizer: qwen_dir's, in GPT-2's byte-level layout after each digit split off alone
+    (SmolLM2's tokenizer.json), bos_token <|im_start|> as SmolLM2's tokenizer_config.json names it (nothing adds it)."""
+    qwen_dir(d, bpe_dir, template)
+    doc = json.loads((d / "tokenizer.json").read_text())
+    doc["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+    (d / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["bos_token"] = "<|im_start|>"
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+    return d
+
+
 def deepseek_dir(d, bpe_dir, template):
     """A DeepSeek-R1-Distill-Llama-style tokenizer: the byte-level BPE with its special tokens after the vocabulary
     (BOS <｜begin▁of▁sentence｜> added by the post-processor, as Llama 3's; EOS <｜end▁of▁sentence｜>; <｜User｜>,
@@ -612,9 +631,11 @@ def generate(out_dir: pathlib.Path):
     q3 = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen3", work / "bpe", QWEN3, ["<think>", "</think>"])))
     q3i = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen3_instruct", work / "bpe", QWEN3_2507)))
     q2 = AutoTokenizer.from_pretrained(str(qwen_dir(out / "qwen2", work / "bpe", QWEN2)))
+    sm = AutoTokenizer.from_pretrained(str(smollm_dir(out / "smollm2", work / "bpe", SMOLLM2)))
+    assert sm.tokenize("It's 123")[-5:] == ["'s", "Ġ", "1", "2", "3"], sm.tokenize("It's 123")
     ds = AutoTokenizer.from_pretrained(str(deepseek_dir(out / "deepseek_r1", work / "bpe", DEEPSEEK_R1)))
     for tok, template in [(l3, LLAMA3), (l31, LLAMA31), (l32, LLAMA32), (qw, QWEN25), (q3, QWEN3), (q3i, QWEN3_2507),
-                          (q2, QWEN2)]:
+                          (q2, QWEN2), (sm, SMOLLM2)]:
         assert tok.chat_template == template
     assert q3.convert_tokens_to_ids("<think>") == q3.convert_tokens_to_ids("<|im_end|>") + 1
     model_dir("llama2", "spm", LLAMA2)
@@ -664,6 +685,10 @@ def generate(out_dir: pathlib.Path):
             ("chat_llama31_fuzz", l31, False, fuzz_conversations(31, 60, False), {}),
             ("chat_qwen3_instruct", q3i, False, CONVERSATIONS + qwen_more, {}),
             ("chat_qwen2", q2, False, CONVERSATIONS + qwen_more, {}),
+            ("chat_smollm2", sm, False, CONVERSATIONS + qwen_more + [
+                [{"role": "user", "content": "Count: 1234 and 56, it's 7!"}, {"role": "assistant", "content": "89"}]],
+             {}),
+            ("chat_smollm2_fuzz", sm, False, fuzz_conversations(13, 60, False), {}),
             ("chat_zephyr", ze, "zephyr", CONVERSATIONS + qwen_more + ZEPHYR_CONVERSATIONS, {}),
             ("chat_zephyr_fuzz", ze, "zephyr", fuzz_conversations(7, 60, False), {}),
             ("chat_deepseek_r1", ds, "deepseek", CONVERSATIONS + qwen_more + QWEN3_CONVERSATIONS, {}),
@@ -680,7 +705,7 @@ def generate(out_dir: pathlib.Path):
          "ids": ids_of(tok.apply_chat_template(c, tokenize=True, add_generation_prompt=True))}
         for model, tok in [("llama3", l3), ("llama31", l31), ("qwen", qw), ("qwen3", q3), ("qwen3_instruct", q3i),
                            ("qwen2", q2), ("mistral", mi), ("mistral_v3", mv3), ("zephyr", ze),
-                           ("deepseek_r1", ds)]
+                           ("deepseek_r1", ds), ("smollm2", sm)]
         for c in ([{"role": "user", "content": "Hello world"}],
                   [SYSTEM, {"role": "user", "content": "What is the quick brown fox?"}])
         if not (model == "mistral" and c[0]["role"] == "system")]
