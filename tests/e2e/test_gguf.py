@@ -169,21 +169,37 @@ def bpe_setup(tmp: pathlib.Path, name="bpe"):
 
 
 def gpt2_setup(tmp: pathlib.Path, name: str, digits: bool):
-    """GPT-2's byte-level layout: ByteLevel with its own regex, after Digits(individual_digits) as SmolLM2's
-    tokenizer.json has it (llama.cpp's smollm) or alone (gpt-2); otherwise bpe_setup's model."""
+    """GPT-2's byte-level layout: ByteLevel with its own regex. With `digits`, a SmolLM2-style directory (llama.cpp's
+    smollm): each digit split off alone first, <|endoftext|> / <|im_start|> / <|im_end|> special, no BOS added, EOS
+    <|im_end|>, SmolLM2-Instruct's template (ChatML, its default system prompt), tied embeddings. Without, bpe_setup's
+    model with the pre-tokenizer alone (gpt-2)."""
     from tokenizers import Tokenizer
-    model_dir, _, vocab, _ = bpe_setup(tmp, name)
-    doc = json.loads((model_dir / "tokenizer.json").read_text())
-    steps = [{"type": "Digits", "individual_digits": True}] if digits else []
-    doc["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": steps + [
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
-    (model_dir / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False))
-    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    if digits:
+        if not (tmp / "bpe_tok" / "bpe").exists():
+            gen_tokenizer.make_bpe(tmp / "bpe_tok", gen_tokenizer.corpus_lines())
+        model_dir = gen_data.smollm_dir(tmp / f"{name}_model", tmp / "bpe_tok" / "bpe", gen_data.SMOLLM2)
+        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        n = tok.get_vocab_size(with_added_tokens=True)
+        eos = tok.token_to_id("<|im_end|>")
+        model = tiny_lm.make_model(model_dir, n, seed=11, bos_token_id=tok.token_to_id("<|im_start|>"),
+                                   eos_token_id=eos, tie_word_embeddings=True, initializer_range=0.1)
+        add_adapter(model, model_dir, tmp / f"{name}_adapter", seed=12)
+        tokens, types, merges = bpe_vocab(json.loads((model_dir / "tokenizer.json").read_text()), n)
+        vocab = {"model": "gpt2", "pre": "smollm", "tokens": tokens, "types": types, "scores": None,
+                 "merges": merges, "bos": tok.token_to_id("<|im_start|>"), "eos": eos, "unk": None, "add_bos": False,
+                 "template": gen_data.SMOLLM2, "format": "chatml", "stops": ["<|im_start|>", "<|im_end|>"]}
+    else:
+        model_dir, _, vocab, _ = bpe_setup(tmp, name)
+        doc = json.loads((model_dir / "tokenizer.json").read_text())
+        doc["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+        (model_dir / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False))
+        vocab = dict(vocab, pre="gpt-2")
+        tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     pieces = tok.encode("12345 It's").tokens
     check("'s" in pieces and (len([p for p in pieces if p.strip("Ġ").isdigit()]) == 5) == digits,
           f"{name}: the tokenizer does not split as GPT-2's layout: {pieces}")
-    return model_dir, tmp / f"{name}_adapter", dict(vocab, pre="smollm" if digits else "gpt-2"), \
-        lambda text: tok.encode(text).ids
+    return model_dir, tmp / f"{name}_adapter", vocab, lambda text: tok.encode(text).ids
 
 
 QWEN2_PATTERN = gen_tokenizer.QWEN2_PATTERN  # Qwen2's regex: Llama 3's with digits one at a time
@@ -374,6 +390,9 @@ def check_modelfile(label, out: pathlib.Path, gguf_file: str, vocab):
     if vocab["template"] == gen_data.QWEN25:  # its default system prompt, as Ollama's SYSTEM
         check('SYSTEM "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."\n' in text,
               f"{label}: Modelfile lacks Qwen2.5's default system prompt: {text}")
+    if vocab["template"] == gen_data.SMOLLM2:
+        check('SYSTEM "You are a helpful AI assistant named SmolLM, trained by Hugging Face"\n' in text,
+              f"{label}: Modelfile lacks SmolLM2's default system prompt: {text}")
 
 
 def round_activations(x: torch.Tensor, gtype: str):
