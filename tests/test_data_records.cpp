@@ -263,6 +263,20 @@ TEST_CASE("chat template is recognised from the tokenizer or named", "[data]") {
     CHECK(qt::chat_format_name(qt::resolve_chat_format(ChatTemplateChoice::Auto, tok->chat_template(), "run.json")) ==
           format);
   }
+  // Qwen2's and SmolLM2's default system line with its break as a newline (as the models' tokenizer_config.json has
+  // it; the smollm2 fixture's template is SmolLM2's so) or as Jinja's escape (the qwen2 fixture's).
+  for (const char* newline : {"\n", "\\n"}) {
+    const std::string turns = std::string("{{'<|im_start|>' + message['role'] + '") + newline + "' + message['content']";
+    CHECK(qt::resolve_chat_format(ChatTemplateChoice::Auto,
+                                  std::string("<|im_start|>system") + newline + "You are a helpful assistant.<|im_end|>" +
+                                      turns,
+                                  "run.json") == ChatFormat::Qwen2);
+    CHECK(qt::resolve_chat_format(ChatTemplateChoice::Auto,
+                                  std::string("<|im_start|>system") + newline +
+                                      "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>" +
+                                      turns,
+                                  "run.json") == ChatFormat::SmolLM2);
+  }
   // Every choice but auto names its format, whatever the tokenizer's template.
   for (const std::string& name : qt::chat_template_names()) {
     if (name == "auto") continue;

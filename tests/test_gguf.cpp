@@ -316,6 +316,16 @@ TEST_CASE("GGUF vocabularies type added tokens as convert_hf_to_gguf does, speci
   refused("prefix_space", [](qt::Json& j) { j["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = true; });
   refused("digit_runs", [](qt::Json& j) { j["pre_tokenizer"]["pretokenizers"][0]["individual_digits"] = false; });
   refused("whitespace", [](qt::Json& j) { j["pre_tokenizer"] = {{"type", "Whitespace"}}; });
+  refused("no_regex", [](qt::Json& j) {
+    j["pre_tokenizer"] = j["pre_tokenizer"]["pretokenizers"][1];
+    j["pre_tokenizer"]["use_regex"] = false;
+  });
+  // ByteLevel as a bare object, not in a Sequence (GPT-2's own tokenizer.json): gpt-2.
+  qt::Json bare = gpt2_doc;
+  bare["pre_tokenizer"] = gpt2_doc["pre_tokenizer"]["pretokenizers"][1];
+  const std::string bare_path = qt::files::join(pre_dir, "bare.json");
+  qt::files::write_file_atomically(bare_path, bare.dump(), false);
+  CHECK(qt::bpe_vocab(bare_path).pre == "gpt-2");
 }
 
 TEST_CASE("k-quant and q5_0 blocks decode to the values within their rounding", "[gguf]") {

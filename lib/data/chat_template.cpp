@@ -475,12 +475,16 @@ ChatFormat resolve_chat_format(ChatTemplateChoice choice, const std::string& jin
       refuse("a ChatML one (<|im_start|>) with <think> blocks other than Qwen3's");
     }
     if (contains(jinja, kQwenDefaultSystem)) return ChatFormat::ChatML;
-    const std::string qwen2_system = std::string("system\\n") + kQwen2DefaultSystem + "<|im_end|>";  // "\n" as Jinja
-    if (contains(jinja, qwen2_system.c_str()) && !contains(jinja, "bos_token") && !contains(jinja, "tool"))
-      return ChatFormat::Qwen2;
-    const std::string smollm_system = std::string("system\\n") + kSmolLMDefaultSystem + "<|im_end|>";
-    if (contains(jinja, smollm_system.c_str()) && !contains(jinja, "bos_token") && !contains(jinja, "tool"))
-      return ChatFormat::SmolLM2;
+    // The line break after "system" as the template's text has it: a newline (the models' tokenizer_config.json
+    // writes "\n" in JSON) or Jinja's escape "\\n" (both render a newline).
+    const auto default_system_is = [&](const char* text) {
+      for (const char* newline : {"\n", "\\n"})
+        if (contains(jinja, (std::string("<|im_start|>system") + newline + text + "<|im_end|>").c_str()))
+          return !contains(jinja, "bos_token") && !contains(jinja, "tool");
+      return false;
+    };
+    if (default_system_is(kQwen2DefaultSystem)) return ChatFormat::Qwen2;
+    if (default_system_is(kSmolLMDefaultSystem)) return ChatFormat::SmolLM2;
     if (contains(jinja, "<tool_response>") && !contains(jinja, "bos_token") && !contains(jinja, "You are Qwen") &&
         !contains(jinja, "You are a helpful"))
       return ChatFormat::Qwen3Instruct;

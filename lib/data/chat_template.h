@@ -1,8 +1,8 @@
 #pragma once
 // Built-in renderers for the chat formats of Llama 3, Llama 3.1 (3.2 and 3.3 too), Llama 2, Mistral v0.1, Mistral
 // v0.3, Zephyr (TinyLlama-Chat's too), DeepSeek-R1-Distill-Llama, ChatML (Qwen2.5's), Qwen2 (Qwen1.5's too), Qwen3
-// (its <think> blocks), Qwen3-Instruct-2507 and SmolLM2 (ChatML): there is no C++ Jinja library in Debian or on the GPU image, so each
-// official template is re-implemented here and held to transformers' apply_chat_template by tests
+// (its <think> blocks), Qwen3-Instruct-2507 and SmolLM2 (ChatML): there is no C++ Jinja library in Debian or on the
+// GPU image, so each official template is re-implemented here and held to transformers' apply_chat_template by tests
 // (tests/oracles/gen_data.py). The format is recognised from the tokenizer's chat_template (tokenizer_config.json)
 // or named in the run config (data.chat_template).
 #include <optional>

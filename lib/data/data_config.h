@@ -14,7 +14,8 @@ enum class RecordFormat { Auto, Text, Alpaca, Chat, Completion, Tokenized };
 // tokenizer's chat_template.
 // custom: the format data.chat_format spells out.
 enum class ChatTemplateChoice {
-  Auto, Llama3, Llama31, Llama2, Mistral, MistralV03, Zephyr, DeepSeekR1, ChatML, Qwen2, Qwen3, Qwen3Instruct, SmolLM2, Custom
+  Auto, Llama3, Llama31, Llama2, Mistral, MistralV03, Zephyr, DeepSeekR1, ChatML, Qwen2, Qwen3, Qwen3Instruct, SmolLM2,
+  Custom
 };
 
 // A chat format spelled out in the run config (data.chat_format, with data.chat_template "custom"), for a model

@@ -14,8 +14,9 @@ namespace {
 // llama.cpp's name for a tokenizer.json's pre-tokenizer (tokenizer.ggml.pre: how its vocab loader splits text before
 // BPE). Llama 3's layout by its Split regex: Llama 3's -> llama-bpe, Qwen2's -> qwen2 (convert_hf_to_gguf.py tells
 // them apart by hashing the ids of a test text; the regex is what differs). GPT-2's layout (ByteLevel with its own
-// regex, no prefix space): after Digits(individual_digits) -> smollm (SmolLM / SmolLM2), alone -> gpt-2. The
-// layouts our BpeTokenizer reads (lib/data/bpe_tokenizer.cpp); the others are refused naming the key.
+// regex, no prefix space): after Digits(individual_digits) -> smollm (SmolLM / SmolLM2), alone -> gpt-2. Other
+// layouts are refused naming the key (training's BpeTokenizer, lib/data/bpe_tokenizer.cpp, checks the rest of a
+// tokenizer.json it reads; Qwen's is read here as it is).
 std::string bpe_pre_tokenizer(const Json& doc, const std::string& json_path) {
   std::vector<const Json*> steps;
   if (doc.contains("pre_tokenizer") && doc.at("pre_tokenizer").is_object()) {
@@ -34,8 +35,9 @@ std::string bpe_pre_tokenizer(const Json& doc, const std::string& json_path) {
     fail_key(ErrorKind::Model, json_path, "pre_tokenizer",
              "its Split regex is neither Llama 3's nor Qwen2's, the byte-level pre-tokenizers GGUF export names");
   }
-  const bool byte_level_regex = !steps.empty() && type_of(steps.back()) == "ByteLevel" &&
-                                steps.back()->value("use_regex", true) && !steps.back()->value("add_prefix_space", false);
+  const Json* last = steps.empty() ? nullptr : steps.back();
+  const bool byte_level_regex = last && type_of(last) == "ByteLevel" && last->value("use_regex", true) &&
+                                !last->value("add_prefix_space", false);
   if (byte_level_regex && steps.size() == 1) return "gpt-2";
   if (byte_level_regex && steps.size() == 2 && type_of(steps[0]) == "Digits" &&
       steps[0]->value("individual_digits", false))

@@ -117,9 +117,11 @@ QWEN2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] 
          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}"
          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
-# HuggingFaceTB/SmolLM2-*-Instruct: Qwen2's template with SmolLM's default system prompt (no begin token, no tools).
-SMOLLM2 = QWEN2.replace("You are a helpful assistant.",
-                        "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+# HuggingFaceTB/SmolLM2-*-Instruct: Qwen2's template with SmolLM's default system prompt (no begin token, no tools),
+# its line breaks newline characters, as its tokenizer_config.json's "\n" reads (368 characters).
+SMOLLM2 = QWEN2.replace("\\n", "\n").replace("You are a helpful assistant.",
+                                            "You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+assert len(SMOLLM2) == 368 and "\\" not in SMOLLM2
 
 # Official templates kept as files in chat_templates/, byte for byte the models' tokenizer_config.json
 # chat_template (as TRL ships them in trl/chat_templates): meta-llama/Llama-3.1-8B-Instruct (llama3_1),
