@@ -27,12 +27,14 @@ bool is_start_file(const std::string& name) {
 
 bool is_run_file(const std::string& name) {
   return starts_with(name, "checkpoint-") || starts_with(name, ".checkpoint-") || name == "adapter" ||
-         name == "model" || is_start_file(name) || starts_with(name, "profile_");
+         name == "model" || name == "best_adapter" || name == "best_model" || is_start_file(name) ||
+         starts_with(name, "profile_");
 }
 
 // What a run writes before its first checkpoint is complete: replaced by a `--resume auto` that finds none.
 bool is_pre_checkpoint_file(const std::string& name) {
-  return is_start_file(name) || starts_with(name, ".checkpoint-") || starts_with(name, "profile_");
+  return is_start_file(name) || starts_with(name, ".checkpoint-") || starts_with(name, "profile_") ||
+         name == "best_adapter" || name == "best_model";
 }
 
 std::string join_names(const std::vector<std::string>& names) {

@@ -203,12 +203,13 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   }
 
   const Json& ck = section(j, "checkpoint");
-  reject_unknown_keys(ck, {"every", "keep_last"}, file, "checkpoint.", ErrorKind::Config);
+  reject_unknown_keys(ck, {"every", "keep_last", "save_best"}, file, "checkpoint.", ErrorKind::Config);
   JsonReader cr{ck, file, ErrorKind::Config, "checkpoint."};
   c.checkpoint.every = cr.get_int("every", c.checkpoint.every);
   check_positive(c.checkpoint.every, file, "checkpoint.every", true);
   c.checkpoint.keep_last = cr.get_int("keep_last", c.checkpoint.keep_last);
   check_positive(c.checkpoint.keep_last, file, "checkpoint.keep_last");
+  c.checkpoint.save_best = cr.get_bool("save_best", c.checkpoint.save_best);
 
   const Json& ev = section(j, "eval");
   reject_unknown_keys(ev, {"exact_match_file", "max_examples", "max_new_tokens"}, file, "eval.", ErrorKind::Config);
@@ -236,6 +237,15 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   // before the data is tokenized and the model loads.
   c.parsed_lora = LoraConfig::from_json(c.lora, file);
   c.parsed_data = DataConfig::from_json(c.data, file, complete);
+  if (c.checkpoint.save_best && complete) {
+    if (c.parsed_data.eval_file.empty() && c.parsed_data.eval_fraction == 0)
+      fail_key(ErrorKind::Config, file, "checkpoint.save_best",
+               "needs held-out data to pick the best adapter by: set data.eval_file or data.eval_fraction");
+    if (c.train.eval_every == 0)
+      fail_key(ErrorKind::Config, file, "checkpoint.save_best",
+               "needs evaluations during the run: set train.eval_every (with 0 the one evaluation is at the end, "
+               "where the best adapter would be the final one)");
+  }
   return c;
 }
 
@@ -278,7 +288,8 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
                 {"warmup_ratio", c.optim.warmup_ratio},
                 {"min_lr_ratio", c.optim.min_lr_ratio},
                 {"embedding_lr", c.optim.embedding_lr < 0 ? Json(nullptr) : Json(c.optim.embedding_lr)}};
-  j["checkpoint"] = {{"every", c.checkpoint.every}, {"keep_last", c.checkpoint.keep_last}};
+  j["checkpoint"] = {{"every", c.checkpoint.every}, {"keep_last", c.checkpoint.keep_last},
+                     {"save_best", c.checkpoint.save_best}};
   j["eval"] = {{"exact_match_file", c.eval.exact_match_file},
                {"max_examples", c.eval.max_examples},
                {"max_new_tokens", c.eval.max_new_tokens}};

@@ -75,6 +75,10 @@ struct OptimSection {
 struct CheckpointSection {
   int64_t every = 0;     // steps between checkpoints; 0: only at the end
   int64_t keep_last = 2;
+  // After each evaluation whose held-out loss is the lowest of the run so far, the adapter (the model, with
+  // train.full_finetune) in output_dir/best_adapter (best_model) with best.json {step, eval_loss}: HF Trainer's
+  // load_best_model_at_end on eval_loss, without a checkpoint kept for it. Needs held-out data and train.eval_every.
+  bool save_best = false;
 };
 
 // Task metric: exact match of greedy generations on held-out prompt/answer records, before and after training.

@@ -764,13 +764,21 @@ void Checkpointer::save(const TrainerState& state) {
     std::this_thread::sleep_for(std::chrono::milliseconds(hooks_.sleep_after_checkpoint_ms));
 }
 
-std::string Checkpointer::write_final() {
-  const std::string dir = files::join(cfg_.output_dir, m_.full ? "model" : "adapter");
+std::string Checkpointer::write_final() { return write_whole(m_.full ? "model" : "adapter", nullptr); }
+
+std::string Checkpointer::write_best(int64_t step, double eval_loss) {
+  return write_whole(best_dir_name(m_.full), [&](const std::string& dir) {
+    files::write_file_atomically(files::join(dir, kBestFile),
+                                 Json{{"step", step}, {"eval_loss", eval_loss}}.dump(2) + "\n");
+  });
+}
+
+std::string Checkpointer::write_whole(const std::string& name, const std::function<void(const std::string&)>& extra) {
+  const std::string dir = files::join(cfg_.output_dir, name);
   parallel_.gather_lora();
   if (s_.rank0) {
     // Written beside it and put in its place whole: written in place, a failed write (a full disk) left
     // adapter_model.safetensors without adapter_config.json, and the earlier run's adapter was gone before it began.
-    const std::string name = files::base_name(dir);
     for (const auto& f : files::list_dir(cfg_.output_dir))  // what a killed write left (this run holds output_dir)
       if (f.rfind("." + name + ".tmp-", 0) == 0) files::remove_tree(files::join(cfg_.output_dir, f));
     const std::string tmp = files::join(cfg_.output_dir, "." + name + ".tmp-" + std::to_string(::getpid()));
@@ -782,8 +790,9 @@ std::string Checkpointer::write_final() {
     } else {
       files::make_dirs(tmp);
       write_adapter(tmp);
-      files::sync_path(tmp);
     }
+    if (extra) extra(tmp);
+    files::sync_path(tmp);
     const std::string old = files::replace_path(tmp, dir, tmp + ".old");
     cleanup.keep();
     files::sync_path(cfg_.output_dir);

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -211,6 +212,10 @@ class Evaluator {
 };
 
 // Crash-safe checkpoints of the run (rank 0 writes, sharded optimizer state from every rank) and the final adapter.
+// checkpoint.save_best's directory in output_dir, and the file in it that names its step and held-out loss.
+inline const char* best_dir_name(bool full) { return full ? "best_model" : "best_adapter"; }
+inline constexpr const char* kBestFile = "best.json";
+
 class Checkpointer {
  public:
   Checkpointer(const RunConfig& cfg, Session& s, ModelStage& m, DataStage& d, Parallel& parallel, AdamW& opt,
@@ -218,9 +223,16 @@ class Checkpointer {
   void save(const TrainerState& state);
   // The adapter (or the full model) into output_dir; returns its directory.
   std::string write_final();
+  // checkpoint.save_best: the adapter (the full model) after `step`, whose held-out loss `eval_loss` is the run's
+  // lowest so far, into output_dir/best_adapter (best_model) with best.json; returns its directory. Every rank
+  // calls it (the sharded adapter is gathered), rank 0 writes.
+  std::string write_best(int64_t step, double eval_loss);
 
  private:
   void write_adapter(const std::string& dir);
+  // The adapter (the full model) into output_dir/`name`, written beside it and put in its place whole, with
+  // `extra` (when set) adding files to the new directory first.
+  std::string write_whole(const std::string& name, const std::function<void(const std::string&)>& extra);
   const RunConfig& cfg_;
   Session& s_;
   ModelStage& m_;

@@ -385,6 +385,41 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   }
   Evaluator evaluator(cfg, s, m, d, *parallel, metrics);
   Checkpointer checkpointer(cfg, s, m, d, *parallel, *opt, metrics, hooks);
+  // checkpoint.save_best: the lowest held-out loss so far (a resumed run's evaluations up to its checkpoint, as
+  // metrics.jsonl holds them). A best adapter written after that step, by the run this one resumes (it went on, then
+  // stopped), goes: this run computes those steps again and writes it anew where it is still the best.
+  double best_loss = std::numeric_limits<double>::infinity();
+  if (cfg.checkpoint.save_best) {
+    for (const auto& [step, loss] : metrics.eval_losses()) best_loss = std::min(best_loss, loss);
+    const std::string best_dir = files::join(cfg.output_dir, best_dir_name(m.full));
+    if (s.rank0 && files::exists(best_dir)) {
+      int64_t best_step = -1;
+      try {
+        best_step = read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint).at("step").get<int64_t>();
+      } catch (const std::exception&) {
+      }
+      if (best_step < 0 || best_step > state.step) {
+        files::remove_tree(best_dir);
+        log::warn("removed " + best_dir + " (" +
+                  (best_step < 0 ? std::string("no readable ") + kBestFile
+                                 : "from step " + std::to_string(best_step)) +
+                  ", after the resume point " + std::to_string(state.step) +
+                  "): this run writes the best adapter of its own evaluations");
+      }
+    }
+    if (s.world > 1) {  // every rank decides alike (write_best gathers a sharded adapter)
+      at::Tensor t = at::full({1}, best_loss, at::TensorOptions().dtype(at::kDouble)).to(s.device);
+      s.comm->broadcast(t, 0);
+      best_loss = t.to(at::kCPU).item<double>();
+    }
+  }
+  // After an evaluation: the adapter in best_adapter where its held-out loss is the lowest so far.
+  const auto keep_if_best = [&](double eval_loss) {
+    if (!cfg.checkpoint.save_best || !(eval_loss < best_loss)) return;
+    best_loss = eval_loss;
+    const std::string dir = checkpointer.write_best(state.step, eval_loss);
+    if (s.rank0) metrics.line("best held-out loss so far (step " + std::to_string(state.step) + "): saved " + dir);
+  };
 
   TrainSummary summary;
   if (!cfg.eval.exact_match_file.empty() && state.step == 0)
@@ -529,6 +564,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     if (eval_due) {
       auto [el, et] = evaluator.loss(state.step);
       metrics.eval(state.step, el, et);
+      keep_if_best(el);
     }
     // (after the last step a request stops nothing: the run completes; every rank skips the collective alike)
     const bool stop = state.step < total_steps && stop_requested(options, s);
@@ -549,6 +585,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     if (metrics.eval_losses().empty() || metrics.eval_losses().back().first != state.step) {
       auto [el, et] = evaluator.loss(state.step);
       metrics.eval(state.step, el, et);
+      keep_if_best(el);
     }
     summary.eval_loss = metrics.eval_losses().back().second;
   }
@@ -556,6 +593,18 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   if (!cfg.eval.exact_match_file.empty())
     summary.exact_match_after = evaluator.task_metric("after training", state.step);
   summary.adapter_dir = checkpointer.write_final();
+  if (cfg.checkpoint.save_best && s.rank0) {
+    const std::string best_dir = files::join(cfg.output_dir, best_dir_name(m.full));
+    if (files::exists(files::join(best_dir, kBestFile))) {
+      const Json best = read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint);
+      summary.best_dir = best_dir;
+      summary.best_step = best.at("step").get<int64_t>();
+      summary.best_eval_loss = best.at("eval_loss").get<double>();
+    } else {
+      log::warn("checkpoint.save_best: no " + best_dir + ": the lowest held-out loss came before the resume point, "
+                "and its adapter was replaced by one of steps the resumed run computed again otherwise");
+    }
+  }
   summary.steps = state.step;
   summary.first_loss = first_loss;
   summary.last_loss = last_loss;

@@ -21,6 +21,10 @@ struct TrainSummary {
   double tokens_per_s = 0;         // input tokens (padding not counted) per second of the training loop
   double target_tokens_per_s = 0;  // tokens in the loss per second
   std::string adapter_dir;
+  // checkpoint.save_best: output_dir/best_adapter (best_model), its step and held-out loss; "" where none
+  std::string best_dir;
+  int64_t best_step = -1;
+  double best_eval_loss = -1;
   int64_t steps_overlapped = 0;  // steps read back while the next step was already queued (trainer.cpp: overlap)
   bool stopped = false;  // stopped by a signal before its last step (a checkpoint to resume from), not complete
 };

@@ -47,6 +47,66 @@ def start_and_kill(config, marker, env):
     p.wait()
     return p
 
+def eval_losses(name):
+    return {j["step"]: j["eval_loss"] for j in map(json.loads, (TMP / name / "metrics.jsonl").read_text().splitlines())
+            if "eval_loss" in j}
+
+def check_best_adapter():
+    """checkpoint.save_best: after each evaluation with the lowest held-out loss so far, the adapter in best_adapter
+    with best.json (step, eval_loss); `eval` of it on the run's held-out records gives that loss. A run that fails
+    at step 7 (its loss not finite) after its checkpoint at step 4 and is resumed ends with the straight run's
+    best_adapter byte for byte (a best adapter written after the resume point is removed, then written anew). Without
+    held-out data or train.eval_every it is refused naming the key."""
+    # (a constant learning rate this high moves the held-out loss up and down: here its lowest was at step 7 of 8)
+    best = dict(data__eval_fraction=0.25, train__eval_every=1, train__steps=8, checkpoint__every=4,
+                checkpoint__save_best=True, optim__lr=0.05, optim__schedule="constant")
+    p = train(write_config("best", **best))
+    ev = eval_losses("best")
+    step = min(ev, key=lambda k: (ev[k], k))  # the first of the lowest: a later equal loss is no better
+    meta = json.loads((TMP / "best" / "best_adapter" / "best.json").read_text())
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    check(len(ev) == 8 and meta == {"step": step, "eval_loss": ev[step]} and summary["best"]["step"] == step and
+          summary["best"]["dir"].endswith("best_adapter"),
+          f"best_adapter is the lowest held-out loss's: best.json {meta}, eval losses {ev}, summary {summary.get('best')}")
+    final = (TMP / "best" / "adapter" / "adapter_model.safetensors").read_bytes()
+    kept = (TMP / "best" / "best_adapter" / "adapter_model.safetensors").read_bytes()
+    check((kept == final) == (step == 8), f"best_adapter (step {step}) is the final adapter only where step 8 is best")
+    q = subprocess.run([BIN, "eval", "--config", str(TMP / "best" / "config.resolved.json"), "--data",
+                        str(TMP / "best" / "eval.jsonl"), "--adapter", str(TMP / "best" / "best_adapter")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    got = json.loads(q.stdout.strip().splitlines()[-1])["loss"] if q.returncode == 0 else None
+    check(got is not None and abs(got - ev[step]) <= 1e-5 * ev[step],
+          f"eval of best_adapter gives its logged held-out loss {ev[step]}: {got} (exit {q.returncode}) {q.stderr[-300:]}")
+    # Killed by a non-finite loss at step 7, after evaluations 1-6 and the checkpoint at 4, then resumed.
+    p = train(write_config("best_r", **best), env={"QT_TEST_NAN_LOSS_AT_STEP": "7"}, check_rc=False)
+    check(p.returncode != 0 and (TMP / "best_r" / "checkpoint-4").exists(), f"the run stops at step 7 (exit {p.returncode})")
+    first = json.loads((TMP / "best_r" / "best_adapter" / "best.json").read_text())["step"]
+    p = train(write_config("best_r", **best), "--resume", "auto")
+    later = (" (it was written at step " + str(first) + ", after the resume point: " +
+             ("removed: " + str("removed " in p.stderr)) + ")") if first > 4 else ""
+    check((TMP / "best_r" / "best_adapter" / "best.json").read_text() ==
+          (TMP / "best" / "best_adapter" / "best.json").read_text() and
+          (TMP / "best_r" / "best_adapter" / "adapter_model.safetensors").read_bytes() ==
+          (TMP / "best" / "best_adapter" / "adapter_model.safetensors").read_bytes() and
+          (first <= 4 or "removed " in p.stderr),
+          f"the resumed run ends with the straight run's best_adapter{later}")
+    # Two ranks, the blocks sharded (write_best gathers the adapter on every rank), resumed from step 4: the same
+    # evaluation picked (the losses equal the single process's within float sums' order).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    cfg = write_config("best_2", train__shard="blocks", **best)
+    for extra in ([], ["--resume", str(TMP / "best_2" / "checkpoint-4")]):
+        p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg), *extra],
+                           capture_output=True, text=True, env=env, timeout=300)
+        got = json.loads((TMP / "best_2" / "best_adapter" / "best.json").read_text()) if p.returncode == 0 else {}
+        check(got.get("step") == step and abs(got["eval_loss"] - ev[step]) <= 1e-5 * ev[step],
+              f"two sharded ranks{' resumed at step 4' if extra else ''} keep step {step}'s adapter as the best: {got} "
+              f"(exit {p.returncode}) {p.stderr[-300:] if p.returncode else ''}")
+    for name, over, needle in (("best_no_eval", {"data__eval_fraction": 0}, "data.eval_fraction"),
+                               ("best_no_every", {"train__eval_every": 0}, "train.eval_every")):
+        p = train(write_config(name, **dict(best, **over)), check_rc=False)
+        check(p.returncode == 3 and "checkpoint.save_best" in p.stderr and needle in p.stderr,
+              f"save_best without {needle} is refused naming the key (exit {p.returncode}): {p.stderr[-200:]}")
+
 def main():
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
@@ -313,6 +373,7 @@ def main():
     (TMP / "chat.jsonl").write_text('{"messages": [{"role": "wizard", "content": "hi"}]}\n')
     p = train(write_config("e3", data__train_file=str(TMP / "chat.jsonl"), data__format="chat", data__chat_template="llama2"), check_rc=False)
     check(p.returncode == 5 and "wizard" in p.stderr and "chat.jsonl:1" in p.stderr, f"an unknown chat role is named (exit {p.returncode})")
+    check_best_adapter()
     finish("training checks")
 
 if __name__ == "__main__":
