@@ -165,6 +165,7 @@ int run_train(const TrainArgs& args) {
                   {"target_tokens_per_s", s.target_tokens_per_s}, {"steps_overlapped", s.steps_overlapped},
                   {"adapter", s.adapter_dir}};
   if (s.eval_loss >= 0) out["eval_loss"] = s.eval_loss;
+  if (s.stopped_early) out["stopped_early"] = true;
   if (!s.best_dir.empty()) out["best"] = {{"dir", s.best_dir}, {"step", s.best_step}, {"eval_loss", s.best_eval_loss}};
   if (s.exact_match_before >= 0) out["exact_match_before"] = s.exact_match_before;
   if (s.exact_match_after >= 0) out["exact_match_after"] = s.exact_match_after;

@@ -383,7 +383,7 @@ void check_resume_compatible(const Json& saved, const Json& current, const std::
   // computes: a run stopped by out-of-memory resumes with them lowered. The train.* speed keys of earlier versions
   // (now train.memory's) may appear in a checkpoint's config and not in the current one.
   static const std::vector<std::string> kMayChange = {"train.steps",      "train.epochs",  "train.log_every",
-                                                      "train.eval_every", "train.micro_batch_size", "train.memory",
+                                                      "train.eval_every", "train.early_stopping_patience", "train.micro_batch_size", "train.memory",
                                                       "train.grad_checkpointing", "train.offload_activations", "train.mlp_chunk_tokens", "train.attention", "train.keep_attention", "train.fuse_projections", "train.keep_dequantized", "train.fuse_lora_swiglu", "train.lora_b_in_gemm", "train.keep_qkv", "train.keep_residual",
                                                       "train.shard", "train.shard_embeddings", "train.collective_timeout_s",
                                                       "checkpoint",       "logging",          "output_dir"};

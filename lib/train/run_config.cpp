@@ -112,8 +112,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
                to.rfind("nothing: ", 0) == 0 ? "is no longer a setting (" + to.substr(9) + ")"
                                              : "has moved to " + to + " (README, \"Memory and speed\")");
   reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "memory", "neftune_alpha", "seed",
-                          "eval_every", "log_every", "loss", "full_finetune", "shard", "shard_embeddings",
-                          "collective_timeout_s"},
+                          "eval_every", "early_stopping_patience", "log_every", "loss", "full_finetune", "shard",
+                          "shard_embeddings", "collective_timeout_s"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
   c.train.steps = tr.get_int("steps", c.train.steps);
@@ -141,6 +141,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   c.train.seed = static_cast<uint64_t>(tr.get_int("seed", static_cast<int64_t>(c.train.seed)));
   c.train.eval_every = tr.get_int("eval_every", c.train.eval_every);
   check_positive(c.train.eval_every, file, "train.eval_every", true);
+  c.train.early_stopping_patience = tr.get_int("early_stopping_patience", c.train.early_stopping_patience);
+  check_positive(c.train.early_stopping_patience, file, "train.early_stopping_patience", true);
   c.train.log_every = tr.get_int("log_every", c.train.log_every);
   check_positive(c.train.log_every, file, "train.log_every");
   c.train.full_finetune = tr.get_bool("full_finetune", c.train.full_finetune);
@@ -237,14 +239,16 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   // before the data is tokenized and the model loads.
   c.parsed_lora = LoraConfig::from_json(c.lora, file);
   c.parsed_data = DataConfig::from_json(c.data, file, complete);
-  if (c.checkpoint.save_best && complete) {
+  // Both judge the run by its held-out loss at each evaluation.
+  for (const auto& [key, set] : {std::pair<const char*, bool>{"checkpoint.save_best", c.checkpoint.save_best},
+                                 {"train.early_stopping_patience", c.train.early_stopping_patience > 0}}) {
+    if (!set || !complete) continue;
     if (c.parsed_data.eval_file.empty() && c.parsed_data.eval_fraction == 0)
-      fail_key(ErrorKind::Config, file, "checkpoint.save_best",
-               "needs held-out data to pick the best adapter by: set data.eval_file or data.eval_fraction");
+      fail_key(ErrorKind::Config, file, key,
+               "needs held-out data to judge the run by: set data.eval_file or data.eval_fraction");
     if (c.train.eval_every == 0)
-      fail_key(ErrorKind::Config, file, "checkpoint.save_best",
-               "needs evaluations during the run: set train.eval_every (with 0 the one evaluation is at the end, "
-               "where the best adapter would be the final one)");
+      fail_key(ErrorKind::Config, file, key,
+               "needs evaluations during the run: set train.eval_every (with 0 the one evaluation is at the end)");
   }
   return c;
 }
@@ -271,6 +275,7 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
                 {"neftune_alpha", c.train.neftune_alpha},
                 {"seed", c.train.seed},
                 {"eval_every", c.train.eval_every},
+                {"early_stopping_patience", c.train.early_stopping_patience},
                 {"log_every", c.train.log_every},
                 {"loss", c.train.loss},
                 {"full_finetune", c.train.full_finetune},

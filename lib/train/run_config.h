@@ -38,6 +38,9 @@ struct TrainSection {
   double neftune_alpha = 0.0;
   uint64_t seed = 42;
   int64_t eval_every = 0;        // steps between held-out evaluations; 0: only at the end (if there is eval data)
+  // > 0: the run ends after this many evaluations in a row without a held-out loss lower than the run's lowest
+  // (HF's EarlyStoppingCallback on eval_loss, threshold 0); 0: off. Needs held-out data and eval_every.
+  int64_t early_stopping_patience = 0;
   int64_t log_every = 1;
   std::string loss = "fused";    // "fused" (never holds [tokens, vocab] logits) or "plain" (reference path)
   // Train every weight of a 16-bit base instead of LoRA adapters (needs model.quant "none"); the result is a

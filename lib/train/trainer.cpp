@@ -385,14 +385,20 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   }
   Evaluator evaluator(cfg, s, m, d, *parallel, metrics);
   Checkpointer checkpointer(cfg, s, m, d, *parallel, *opt, metrics, hooks);
-  // checkpoint.save_best: the lowest held-out loss so far (a resumed run's evaluations up to its checkpoint, as
-  // metrics.jsonl holds them). A best adapter written after that step, by the run this one resumes (it went on, then
-  // stopped), goes: this run computes those steps again and writes it anew where it is still the best.
+  // checkpoint.save_best and train.early_stopping_patience: the lowest held-out loss so far and the evaluations since
+  // it (a resumed run's evaluations up to its checkpoint, as metrics.jsonl holds them). A best adapter written after
+  // that step, by the run this one resumes (it went on, then stopped), goes: this run computes those steps again and
+  // writes it anew where it is still the best.
   double best_loss = std::numeric_limits<double>::infinity();
-  if (cfg.checkpoint.save_best) {
-    for (const auto& [step, loss] : metrics.eval_losses()) best_loss = std::min(best_loss, loss);
+  int64_t evals_since_best = 0;
+  const int64_t patience = cfg.train.early_stopping_patience;
+  if (cfg.checkpoint.save_best || patience > 0) {
+    for (const auto& [step, loss] : metrics.eval_losses()) {
+      evals_since_best = loss < best_loss ? 0 : evals_since_best + 1;
+      best_loss = std::min(best_loss, loss);
+    }
     const std::string best_dir = files::join(cfg.output_dir, best_dir_name(m.full));
-    if (s.rank0 && files::exists(best_dir)) {
+    if (cfg.checkpoint.save_best && s.rank0 && files::exists(best_dir)) {
       int64_t best_step = -1;
       try {
         best_step = read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint).at("step").get<int64_t>();
@@ -407,19 +413,36 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
                   "): this run writes the best adapter of its own evaluations");
       }
     }
-    if (s.world > 1) {  // every rank decides alike (write_best gathers a sharded adapter)
-      at::Tensor t = at::full({1}, best_loss, at::TensorOptions().dtype(at::kDouble)).to(s.device);
+    if (s.world > 1) {  // every rank decides alike (write_best gathers a sharded adapter; all stop together)
+      at::Tensor t = at::tensor({best_loss, static_cast<double>(evals_since_best)}, at::kDouble).to(s.device);
       s.comm->broadcast(t, 0);
-      best_loss = t.to(at::kCPU).item<double>();
+      t = t.to(at::kCPU);
+      best_loss = t[0].item<double>();
+      evals_since_best = static_cast<int64_t>(t[1].item<double>());
     }
   }
-  // After an evaluation: the adapter in best_adapter where its held-out loss is the lowest so far.
-  const auto keep_if_best = [&](double eval_loss) {
-    if (!cfg.checkpoint.save_best || !(eval_loss < best_loss)) return;
+  // After an evaluation: the adapter in best_adapter where its held-out loss is the lowest so far; true where the
+  // evaluations since the lowest reach the patience (the run ends early).
+  const auto judge = [&](double eval_loss) {
+    if (!(eval_loss < best_loss)) return patience > 0 && ++evals_since_best >= patience;
     best_loss = eval_loss;
-    const std::string dir = checkpointer.write_best(state.step, eval_loss);
-    if (s.rank0) metrics.line("best held-out loss so far (step " + std::to_string(state.step) + "): saved " + dir);
+    evals_since_best = 0;
+    if (cfg.checkpoint.save_best) {
+      const std::string dir = checkpointer.write_best(state.step, eval_loss);
+      if (s.rank0) metrics.line("best held-out loss so far (step " + std::to_string(state.step) + "): saved " + dir);
+    }
+    return false;
   };
+  const auto early_stop_text = [&] {
+    std::ostringstream o;
+    o << "early stopping after step " << state.step << ": " << evals_since_best << " evaluation(s) without a held-out "
+      << "loss under the lowest, " << best_loss << " (train.early_stopping_patience " << patience << ")";
+    return o.str();
+  };
+  // A run resumed from the checkpoint of its early stop has nothing left to train.
+  bool stopped_early = patience > 0 && evals_since_best >= patience && !metrics.eval_losses().empty() &&
+                       metrics.eval_losses().back().first == state.step && state.step < total_steps;
+  if (stopped_early) metrics.line("resumed at its early stop: " + early_stop_text());
 
   TrainSummary summary;
   if (!cfg.eval.exact_match_file.empty() && state.step == 0)
@@ -508,7 +531,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     reset_gpu_peak(s.device);
     since_counts = counts;
   };
-  while (queued < total_steps) {
+  while (queued < total_steps && !stopped_early) {
     if (!pending) {
       reset_gpu_peak(s.device);
       since_counts = gpu_allocator_counts(s.device);
@@ -564,11 +587,15 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     if (eval_due) {
       auto [el, et] = evaluator.loss(state.step);
       metrics.eval(state.step, el, et);
-      keep_if_best(el);
+      stopped_early = judge(el) && state.step < total_steps;
     }
     // (after the last step a request stops nothing: the run completes; every rank skips the collective alike)
     const bool stop = state.step < total_steps && stop_requested(options, s);
     if (checkpoint_due || stop) checkpointer.save(state);
+    if (stopped_early) {
+      metrics.line(early_stop_text());
+      break;
+    }
     if (stop) {
       metrics.line("stopped by a signal after step " + std::to_string(state.step) + "; resume with --resume auto");
       metrics.write_plot();
@@ -585,7 +612,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     if (metrics.eval_losses().empty() || metrics.eval_losses().back().first != state.step) {
       auto [el, et] = evaluator.loss(state.step);
       metrics.eval(state.step, el, et);
-      keep_if_best(el);
+      judge(el);
     }
     summary.eval_loss = metrics.eval_losses().back().second;
   }
@@ -606,6 +633,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     }
   }
   summary.steps = state.step;
+  summary.stopped_early = stopped_early;
   summary.first_loss = first_loss;
   summary.last_loss = last_loss;
   summary.seconds = seconds_since(t_start);

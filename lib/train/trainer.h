@@ -26,6 +26,7 @@ struct TrainSummary {
   int64_t best_step = -1;
   double best_eval_loss = -1;
   int64_t steps_overlapped = 0;  // steps read back while the next step was already queued (trainer.cpp: overlap)
+  bool stopped_early = false;  // train.early_stopping_patience ended it before its last step (complete: exit 0)
   bool stopped = false;  // stopped by a signal before its last step (a checkpoint to resume from), not complete
 };
 

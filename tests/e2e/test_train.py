@@ -107,6 +107,43 @@ def check_best_adapter():
         check(p.returncode == 3 and "checkpoint.save_best" in p.stderr and needle in p.stderr,
               f"save_best without {needle} is refused naming the key (exit {p.returncode}): {p.stderr[-200:]}")
 
+def check_early_stopping():
+    """train.early_stopping_patience P: the run ends after P evaluations in a row without a held-out loss under the
+    lowest (where, computed from check_best_adapter's run of the same steps to the end), complete: exit 0, its summary
+    "stopped_early", its checkpoint and final adapter at that step, best_adapter the lowest's. Resumed from that
+    checkpoint it trains no more. Without train.eval_every it is refused naming the key."""
+    base = dict(data__eval_fraction=0.25, train__eval_every=1, train__steps=8, checkpoint__every=4,
+                checkpoint__save_best=True, optim__lr=0.05, optim__schedule="constant")
+    curve = eval_losses("best")
+    for patience in (1, 2):
+        want, lowest, since = 8, float("inf"), 0
+        for step in sorted(curve):
+            since = 0 if curve[step] < lowest else since + 1
+            lowest = min(lowest, curve[step])
+            if since >= patience and step < 8:
+                want = step
+                break
+        name = f"es{patience}"
+        p = train(write_config(name, train__early_stopping_patience=patience, **base))
+        summary = json.loads(p.stdout.strip().splitlines()[-1])
+        check(summary["steps"] == want and summary.get("stopped_early", False) == (want < 8) and
+              sorted(eval_losses(name)) == list(range(1, want + 1)) and
+              (TMP / name / f"checkpoint-{want}" / "COMPLETE").exists() and
+              json.loads((TMP / name / "best_adapter" / "best.json").read_text())["step"] ==
+              min((k for k in curve if k <= want), key=lambda k: (curve[k], k)),
+              f"patience {patience}: the run ends after step {want} (the curve {curve}): {summary}")
+        if want < 8:
+            final = adapter_bytes(name)
+            p = train(write_config(name, train__early_stopping_patience=patience, **base), "--resume", "auto")
+            again = json.loads(p.stdout.strip().splitlines()[-1])
+            check(again["steps"] == want and again.get("stopped_early") and "resumed at its early stop" in p.stderr and
+                  sorted(eval_losses(name)) == list(range(1, want + 1)) and adapter_bytes(name) == final,
+                  f"patience {patience}: resumed at its early stop, the run trains no more: {again}")
+    p = train(write_config("es_no_every", train__early_stopping_patience=2,
+                           **dict(base, train__eval_every=0, checkpoint__save_best=False)), check_rc=False)
+    check(p.returncode == 3 and "train.early_stopping_patience" in p.stderr and "train.eval_every" in p.stderr,
+          f"early stopping without train.eval_every is refused naming the key (exit {p.returncode})")
+
 def main():
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
@@ -374,6 +411,7 @@ def main():
     p = train(write_config("e3", data__train_file=str(TMP / "chat.jsonl"), data__format="chat", data__chat_template="llama2"), check_rc=False)
     check(p.returncode == 5 and "wizard" in p.stderr and "chat.jsonl:1" in p.stderr, f"an unknown chat role is named (exit {p.returncode})")
     check_best_adapter()
+    check_early_stopping()
     finish("training checks")
 
 if __name__ == "__main__":
