@@ -392,6 +392,10 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   double best_loss = std::numeric_limits<double>::infinity();
   int64_t evals_since_best = 0;
   const int64_t patience = cfg.train.early_stopping_patience;
+  if ((cfg.checkpoint.save_best || patience > 0) && !evaluator.has_data() && s.rank0)
+    log::warn(std::string(cfg.checkpoint.save_best ? "checkpoint.save_best" : "train.early_stopping_patience") +
+              ": no held-out record holds a target token (the data's warnings say why), so nothing judges the run: "
+              "no best adapter is written and the run does not stop early");
   if (cfg.checkpoint.save_best || patience > 0) {
     for (const auto& [step, loss] : metrics.eval_losses()) {
       evals_since_best = loss < best_loss ? 0 : evals_since_best + 1;
@@ -620,7 +624,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   if (!cfg.eval.exact_match_file.empty())
     summary.exact_match_after = evaluator.task_metric("after training", state.step);
   summary.adapter_dir = checkpointer.write_final();
-  if (cfg.checkpoint.save_best && s.rank0) {
+  if (cfg.checkpoint.save_best && evaluator.has_data() && s.rank0) {
     const std::string best_dir = files::join(cfg.output_dir, best_dir_name(m.full));
     if (files::exists(files::join(best_dir, kBestFile))) {
       const Json best = read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint);
