@@ -183,6 +183,8 @@ void MetricsLog::load_history(const std::string& path, int64_t up_to_step) {
     };
     number("loss", train_);
     number("eval_loss", eval_);
+    // A non-finite held-out loss is an evaluation all the same (early stopping counts it): NaN.
+    if (j.contains("eval_loss") && j["eval_loss"].is_null()) eval_.emplace_back(s, std::nan(""));
     number("lr", lr_);
   }
 }

@@ -25,6 +25,8 @@ bool is_start_file(const std::string& name) {
          starts_with(name, "events.out.tfevents.");
 }
 
+bool is_best_dir(const std::string& name) { return name == "best_adapter" || name == "best_model"; }
+
 bool is_run_file(const std::string& name) {
   return starts_with(name, "checkpoint-") || starts_with(name, ".checkpoint-") || name == "adapter" ||
          name == "model" || name == "best_adapter" || name == "best_model" || is_start_file(name) ||
@@ -33,8 +35,7 @@ bool is_run_file(const std::string& name) {
 
 // What a run writes before its first checkpoint is complete: replaced by a `--resume auto` that finds none.
 bool is_pre_checkpoint_file(const std::string& name) {
-  return is_start_file(name) || starts_with(name, ".checkpoint-") || starts_with(name, "profile_") ||
-         name == "best_adapter" || name == "best_model";
+  return is_start_file(name) || starts_with(name, ".checkpoint-") || starts_with(name, "profile_");
 }
 
 std::string join_names(const std::vector<std::string>& names) {
@@ -67,7 +68,10 @@ std::string prepare_output_dir(const std::string& output_dir, const std::string&
   if (resume == "auto") {
     if (auto latest = find_latest_checkpoint(output_dir)) return *latest;
     log::info("--resume auto: no complete checkpoint in " + output_dir + "; starting a new run");
-    old.erase(std::remove_if(old.begin(), old.end(), is_pre_checkpoint_file), old.end());
+    // (A best adapter of a run with no checkpoint is set aside, not lost: replace_earlier_run.)
+    old.erase(std::remove_if(old.begin(), old.end(),
+                             [](const std::string& n) { return is_pre_checkpoint_file(n) || is_best_dir(n); }),
+              old.end());
     overwrite = overwrite || old.empty();
     if (!overwrite) {
       // Checkpoints alone, none of which loads (a file deleted by hand, a damaged disk), are no finished run: said so
@@ -133,7 +137,18 @@ void replace_earlier_run(const std::string& output_dir, const std::vector<std::s
     if (files::exists(files::join(output_dir, name))) present.push_back(name);
   if (present.empty()) return;
   log::info("replacing the earlier run in " + output_dir + ": removing " + join_names(present));
-  for (const auto& name : present) files::remove_tree(files::join(output_dir, name));
+  for (const auto& name : present) {
+    const std::string path = files::join(output_dir, name);
+    if (!is_best_dir(name)) {
+      files::remove_tree(path);
+      continue;
+    }
+    // checkpoint.save_best's adapter is trained work that no checkpoint holds: set aside (one kept), not removed.
+    const std::string aside = path + ".abandoned";
+    if (files::exists(aside)) files::remove_tree(aside);
+    files::rename_path(path, aside);
+    log::warn("set the earlier run's " + name + " aside as " + aside);
+  }
 }
 
 }  // namespace qt

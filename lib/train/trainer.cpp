@@ -396,34 +396,46 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     log::warn(std::string(cfg.checkpoint.save_best ? "checkpoint.save_best" : "train.early_stopping_patience") +
               ": no held-out record holds a target token (the data's warnings say why), so nothing judges the run: "
               "no best adapter is written and the run does not stop early");
-  if (cfg.checkpoint.save_best || patience > 0) {
-    for (const auto& [step, loss] : metrics.eval_losses()) {
-      evals_since_best = loss < best_loss ? 0 : evals_since_best + 1;
-      best_loss = std::min(best_loss, loss);
+  // (A non-finite held-out loss is no improvement: NaN compares false.)
+  for (const auto& [step, loss] : metrics.eval_losses()) {
+    evals_since_best = loss < best_loss ? 0 : evals_since_best + 1;
+    if (loss < best_loss) best_loss = loss;
+  }
+  // Whatever this run's setting: a best directory from after the resume point is of steps this run computes again.
+  const std::string best_dir = files::join(cfg.output_dir, best_dir_name(m.full));
+  if (s.rank0 && state.step > 0 && files::exists(best_dir)) {
+    int64_t best_step = -1;
+    try {
+      best_step = read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint).at("step").get<int64_t>();
+      (void)read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint).at("eval_loss").get<double>();
+    } catch (const std::exception&) {
+      best_step = -1;
     }
-    const std::string best_dir = files::join(cfg.output_dir, best_dir_name(m.full));
-    if (cfg.checkpoint.save_best && s.rank0 && files::exists(best_dir)) {
-      int64_t best_step = -1;
-      try {
-        best_step = read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint).at("step").get<int64_t>();
-      } catch (const std::exception&) {
-      }
-      if (best_step < 0 || best_step > state.step) {
-        files::remove_tree(best_dir);
-        log::warn("removed " + best_dir + " (" +
-                  (best_step < 0 ? std::string("no readable ") + kBestFile
-                                 : "from step " + std::to_string(best_step)) +
-                  ", after the resume point " + std::to_string(state.step) +
-                  "): this run writes the best adapter of its own evaluations");
-      }
+    if (best_step < 0 || best_step > state.step) {
+      files::remove_tree(best_dir);
+      log::warn("removed " + best_dir + " (" +
+                (best_step < 0 ? std::string("its ") + kBestFile + " unreadable"
+                               : "from step " + std::to_string(best_step) + ", after the resume point " +
+                                     std::to_string(state.step)) +
+                "): this run writes the best adapter of its own evaluations");
     }
-    if (s.world > 1) {  // every rank decides alike (write_best gathers a sharded adapter; all stop together)
-      at::Tensor t = at::tensor({best_loss, static_cast<double>(evals_since_best)}, at::kDouble).to(s.device);
-      s.comm->broadcast(t, 0);
-      t = t.to(at::kCPU);
-      best_loss = t[0].item<double>();
-      evals_since_best = static_cast<int64_t>(t[1].item<double>());
-    }
+  }
+  // A run resumed from the checkpoint of its early stop has nothing left to train: the patience reached at the
+  // checkpoint's own evaluation, before the end of the run that wrote it (a run that completed and is given more
+  // steps goes on).
+  const int64_t checkpoint_total = resume ? resume->contents.state.total_steps : 0;
+  bool stopped_early = patience > 0 && evals_since_best >= patience && !metrics.eval_losses().empty() &&
+                       metrics.eval_losses().back().first == state.step && state.step < total_steps &&
+                       state.step < checkpoint_total;
+  if (s.world > 1 && (cfg.checkpoint.save_best || patience > 0)) {
+    // Every rank decides alike (write_best gathers a sharded adapter; all stop together), as rank 0 read its files.
+    at::Tensor t = at::tensor({best_loss, static_cast<double>(evals_since_best), stopped_early ? 1.0 : 0.0}, at::kDouble)
+                       .to(s.device);
+    s.comm->broadcast(t, 0);
+    t = t.to(at::kCPU);
+    best_loss = t[0].item<double>();
+    evals_since_best = static_cast<int64_t>(t[1].item<double>());
+    stopped_early = t[2].item<double>() != 0;
   }
   // After an evaluation: the adapter in best_adapter where its held-out loss is the lowest so far; true where the
   // evaluations since the lowest reach the patience (the run ends early).
@@ -443,10 +455,9 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
       << "loss under the lowest, " << best_loss << " (train.early_stopping_patience " << patience << ")";
     return o.str();
   };
-  // A run resumed from the checkpoint of its early stop has nothing left to train.
-  bool stopped_early = patience > 0 && evals_since_best >= patience && !metrics.eval_losses().empty() &&
-                       metrics.eval_losses().back().first == state.step && state.step < total_steps;
-  if (stopped_early) metrics.line("resumed at its early stop: " + early_stop_text());
+  if (stopped_early)
+    metrics.line("resumed at its early stop: " + early_stop_text() + "; raise train.early_stopping_patience (or set it "
+                 "to 0) to train on");
 
   TrainSummary summary;
   if (!cfg.eval.exact_match_file.empty() && state.step == 0)
@@ -594,7 +605,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
       stopped_early = judge(el) && state.step < total_steps;
     }
     // (after the last step a request stops nothing: the run completes; every rank skips the collective alike)
-    const bool stop = state.step < total_steps && stop_requested(options, s);
+    const bool stop = !stopped_early && state.step < total_steps && stop_requested(options, s);
     if (checkpoint_due || stop) checkpointer.save(state);
     if (stopped_early) {
       metrics.line(early_stop_text());
@@ -625,15 +636,15 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     summary.exact_match_after = evaluator.task_metric("after training", state.step);
   summary.adapter_dir = checkpointer.write_final();
   if (cfg.checkpoint.save_best && evaluator.has_data() && s.rank0) {
-    const std::string best_dir = files::join(cfg.output_dir, best_dir_name(m.full));
-    if (files::exists(files::join(best_dir, kBestFile))) {
+    try {
       const Json best = read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint);
-      summary.best_dir = best_dir;
       summary.best_step = best.at("step").get<int64_t>();
       summary.best_eval_loss = best.at("eval_loss").get<double>();
-    } else {
-      log::warn("checkpoint.save_best: no " + best_dir + ": the lowest held-out loss came before the resume point, "
-                "and its adapter was replaced by one of steps the resumed run computed again otherwise");
+      summary.best_dir = best_dir;
+    } catch (const std::exception&) {
+      log::warn("checkpoint.save_best: no " + best_dir + ": the run's lowest held-out loss came before this process "
+                "started (before the resume point, with save_best off then, or its adapter replaced by one of steps "
+                "computed again otherwise)");
     }
   }
   summary.steps = state.step;

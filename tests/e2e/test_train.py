@@ -88,7 +88,7 @@ def check_best_adapter():
           (TMP / "best" / "best_adapter" / "best.json").read_text() and
           (TMP / "best_r" / "best_adapter" / "adapter_model.safetensors").read_bytes() ==
           (TMP / "best" / "best_adapter" / "adapter_model.safetensors").read_bytes() and
-          (first <= 4 or "removed " in p.stderr),
+          (first <= 4 or f"removed {TMP / 'best_r' / 'best_adapter'} (from step {first}" in p.stderr),
           f"the resumed run ends with the straight run's best_adapter{later}")
     # Two ranks, the blocks sharded (write_best gathers the adapter on every rank), resumed from step 4: the same
     # evaluation picked (the losses equal the single process's within float sums' order).
@@ -101,6 +101,22 @@ def check_best_adapter():
         check(got.get("step") == step and abs(got["eval_loss"] - ev[step]) <= 1e-5 * ev[step],
               f"two sharded ranks{' resumed at step 4' if extra else ''} keep step {step}'s adapter as the best: {got} "
               f"(exit {p.returncode}) {p.stderr[-300:] if p.returncode else ''}")
+    # A plain run into that output_dir is refused (best_adapter is trained work no checkpoint may hold); one with
+    # --overwrite-output-dir sets it aside as best_adapter.abandoned.
+    p = train(write_config("best", **best), check_rc=False)
+    check(p.returncode == 3 and "best_adapter" in p.stderr, f"a plain run over best_adapter is refused (exit {p.returncode})")
+    p = train(write_config("best", **best), "--overwrite-output-dir")
+    check((TMP / "best" / "best_adapter.abandoned" / "best.json").read_text() ==
+          (TMP / "best_r" / "best_adapter" / "best.json").read_text() and "aside" in p.stderr,
+          "--overwrite-output-dir sets the earlier best_adapter aside")
+    # Full fine-tuning: best_model, the whole model.
+    p = train(write_config("best_ff", model__quant="none", train__full_finetune=True,
+                           **dict(best, train__steps=3, optim__lr=5e-4)))
+    meta = json.loads((TMP / "best_ff" / "best_model" / "best.json").read_text())
+    ev_ff = eval_losses("best_ff")
+    check(meta["step"] == min(ev_ff, key=lambda k: (ev_ff[k], k)) and
+          (TMP / "best_ff" / "best_model" / "model.safetensors").exists(),
+          f"full fine-tuning keeps the best model in best_model: {meta}, {ev_ff}")
     for name, over, needle in (("best_no_eval", {"data__eval_fraction": 0}, "data.eval_fraction"),
                                ("best_no_every", {"train__eval_every": 0}, "train.eval_every")):
         p = train(write_config(name, **dict(best, **over)), check_rc=False)
@@ -139,6 +155,34 @@ def check_early_stopping():
             check(again["steps"] == want and again.get("stopped_early") and "resumed at its early stop" in p.stderr and
                   sorted(eval_losses(name)) == list(range(1, want + 1)) and adapter_bytes(name) == final,
                   f"patience {patience}: resumed at its early stop, the run trains no more: {again}")
+    # Two ranks stop together where one process does, and resume there alike.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    cfg = write_config("es_2", train__early_stopping_patience=1, **base)
+    for extra in ([], ["--resume", "auto"]):
+        p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg), *extra],
+                           capture_output=True, text=True, env=env, timeout=300)
+        got = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else {}
+        check(got.get("steps") == json.loads((TMP / "es1" / "best_adapter" / "best.json").read_text())["step"] + 1
+              and got.get("stopped_early"),
+              f"two ranks{' resumed' if extra else ''} stop where one process does: {got} (exit {p.returncode}) "
+              f"{p.stderr[-300:] if p.returncode else ''}")
+    # A run that completed (its last evaluation, off the eval_every grid, the P-th without a lower loss) and is given
+    # more steps trains on: only a checkpoint of an early stop ends a resumed run at once.
+    short = dict(base, train__eval_every=2, train__steps=3, checkpoint__every=0)
+    train(write_config("es_more", train__early_stopping_patience=1, **short))
+    p = train(write_config("es_more", train__early_stopping_patience=1, **dict(short, train__steps=8)), "--resume",
+              "auto")
+    seq = [(k, curve[k]) for k in (2, 3, 4, 6, 8)]
+    want, lowest, since = 8, float("inf"), 0
+    for k, v in seq:
+        since = 0 if v < lowest else since + 1
+        lowest = min(lowest, v)
+        if k > 3 and since >= 1 and k < 8:
+            want = k
+            break
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    check(got["steps"] == want and "resumed at its early stop" not in p.stderr,
+          f"a completed run given more steps trains on to step {want}: {got}")
     p = train(write_config("es_no_every", train__early_stopping_patience=2,
                            **dict(base, train__eval_every=0, checkpoint__save_best=False)), check_rc=False)
     check(p.returncode == 3 and "train.early_stopping_patience" in p.stderr and "train.eval_every" in p.stderr,
