@@ -172,7 +172,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
 
   const Json& o = section(j, "optim");
   reject_unknown_keys(o, {"lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
-                          "warmup_ratio", "min_lr_ratio", "embedding_lr"},
+                          "warmup_ratio", "min_lr_ratio", "embedding_lr", "loraplus_lr_ratio"},
                       file, "optim.", ErrorKind::Config);
   JsonReader orr{o, file, ErrorKind::Config, "optim."};
   c.optim.lr = orr.get_double("lr", c.optim.lr);
@@ -202,6 +202,15 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
     c.optim.embedding_lr = orr.get_double("embedding_lr");
     if (!(c.optim.embedding_lr >= 0 && c.optim.embedding_lr < 1))
       fail_key(ErrorKind::Config, file, "optim.embedding_lr", "must be in [0, 1)");
+  }
+  if (orr.has("loraplus_lr_ratio")) {
+    c.optim.loraplus_lr_ratio = orr.get_double("loraplus_lr_ratio");
+    if (!(c.optim.loraplus_lr_ratio > 0 && c.optim.loraplus_lr_ratio * c.optim.lr < 1))
+      fail_key(ErrorKind::Config, file, "optim.loraplus_lr_ratio",
+               "must be > 0, with optim.lr times it under 1 (PEFT's example: 16; null: off)");
+    if (c.train.full_finetune)
+      fail_key(ErrorKind::Config, file, "optim.loraplus_lr_ratio",
+               "scales the LoRA B matrices' learning rate, and train.full_finetune trains no adapter");
   }
 
   const Json& ck = section(j, "checkpoint");
@@ -292,7 +301,8 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
                 {"warmup_steps", c.optim.warmup_steps},
                 {"warmup_ratio", c.optim.warmup_ratio},
                 {"min_lr_ratio", c.optim.min_lr_ratio},
-                {"embedding_lr", c.optim.embedding_lr < 0 ? Json(nullptr) : Json(c.optim.embedding_lr)}};
+                {"embedding_lr", c.optim.embedding_lr < 0 ? Json(nullptr) : Json(c.optim.embedding_lr)},
+                {"loraplus_lr_ratio", c.optim.loraplus_lr_ratio > 0 ? Json(c.optim.loraplus_lr_ratio) : Json(nullptr)}};
   j["checkpoint"] = {{"every", c.checkpoint.every}, {"keep_last", c.checkpoint.keep_last},
                      {"save_best", c.checkpoint.save_best}};
   j["eval"] = {{"exact_match_file", c.eval.exact_match_file},

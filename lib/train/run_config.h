@@ -73,6 +73,9 @@ struct OptimSection {
   // The learning rate of the tensors trained in full (lora.modules_to_save: lm_head, embed_tokens), scheduled
   // like lr (Unsloth's embedding_learning_rate: embeddings usually want a smaller one); < 0: lr.
   double embedding_lr = -1.0;
+  // LoRA+ (Hayou et al., 2024, arXiv:2402.12354), as PEFT's create_loraplus_optimizer groups the parameters: the
+  // lora_B matrices and DoRA's magnitudes learn at lr times this; 0 (null): off.
+  double loraplus_lr_ratio = 0.0;
 };
 
 struct CheckpointSection {

@@ -667,6 +667,17 @@ std::unique_ptr<AdamW> make_optimizer(const RunConfig& cfg, const NamedTensors& 
                "is the learning rate of the tensors lora.modules_to_save trains in full, and there are none: add "
                "lora.modules_to_save or drop the key");
   }
+  // LoRA+: PEFT's create_loraplus_optimizer puts lora_B and every 1-D trainable tensor (DoRA's magnitudes) in its
+  // groups at lr * ratio; lora_A and lm_head stay at lr. (Its embedding group's loraplus_lr_embedding is not taken:
+  // modules_to_save learn at optim.embedding_lr, else lr.)
+  if (cfg.optim.loraplus_lr_ratio > 0) {
+    const auto ends_with = [](const std::string& s, const std::string& e) {
+      return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
+    };
+    for (const auto& [n, p] : params)
+      if (ends_with(n, ".lora_B.weight") || ends_with(n, ".lora_magnitude_vector"))
+        opt->set_lr_scale(n, cfg.optim.loraplus_lr_ratio);
+  }
   return opt;
 }
 

@@ -265,7 +265,14 @@ std::string trained_text(const RunConfig& cfg, const ModelStage& m) {
     }
     saved += ")";
   }
-  return (m.lora.use_dora ? " DoRA" : " LoRA") + std::string(" parameters (r=") + std::to_string(m.lora.r) + ")" + saved;
+  std::string plus;
+  if (cfg.optim.loraplus_lr_ratio > 0) {
+    std::ostringstream r;
+    r << cfg.optim.loraplus_lr_ratio;
+    plus = ", LoRA+: B at lr x " + r.str();
+  }
+  return (m.lora.use_dora ? " DoRA" : " LoRA") + std::string(" parameters (r=") + std::to_string(m.lora.r) + plus + ")" +
+         saved;
 }
 
 // What train_under() got to before it ran out of memory: the plan it ran under, the steps it completed.

@@ -188,6 +188,54 @@ def check_early_stopping():
     check(p.returncode == 3 and "train.early_stopping_patience" in p.stderr and "train.eval_every" in p.stderr,
           f"early stopping without train.eval_every is refused naming the key (exit {p.returncode})")
 
+def check_loraplus():
+    """optim.loraplus_lr_ratio R (LoRA+): one AdamW step from B = 0 moves each lora_B element by R times what it moves
+    at R = 1 (the update is lr * R times the same m / (sqrt(v) + eps)), lora_A not at all differently, and DoRA's
+    magnitudes likewise by R (two ratios against a third, the base row norms unknown here). R = 1 is the default run
+    byte for byte. R <= 0 and train.full_finetune are refused naming the key."""
+    import torch
+    from safetensors.torch import load_file
+    one = dict(train__steps=1, optim__lr=1e-3, optim__warmup_steps=0, optim__schedule="constant", checkpoint__every=0)
+    def run(name, ratio, **over):
+        extra = {} if ratio is None else {"optim__loraplus_lr_ratio": ratio}
+        train(write_config(name, **one, **extra, **over))
+        return load_file(str(TMP / name / "adapter" / "adapter_model.safetensors"))
+    default, r1, r4 = run("lp_default", None), run("lp1", 1.0), run("lp4", 4.0)
+    check(adapter_bytes("lp1") == adapter_bytes("lp_default"), "LoRA+ ratio 1 gives the default run's adapter byte for byte")
+    bs = [k for k in r1 if ".lora_B." in k]
+    moved = sum(int((r1[k] != 0).sum()) for k in bs)
+    check(len(bs) == 14 and moved > 0 and all(torch.equal(r4[k], r1[k]) for k in r1 if ".lora_A." in k) and
+          all(torch.allclose(r4[k], 4 * r1[k], rtol=1e-5, atol=0) for k in bs),
+          f"ratio 4: lora_B moved 4x as far as at ratio 1 ({moved} elements moved), lora_A the same")
+    dora = {"lora__use_dora": True}
+    d1, d2, d4 = run("lpd1", 1.0, **dora), run("lpd2", 2.0, **dora), run("lpd4", 4.0, **dora)
+    mags = [k for k in d1 if k.endswith("lora_magnitude_vector")]
+    check(len(mags) == 14 and all(torch.allclose(d4[k] - d2[k], 2 * (d2[k] - d1[k]), rtol=2e-3, atol=1e-7) and
+                                  float((d2[k] - d1[k]).abs().max()) > 0 for k in mags),
+          "DoRA's magnitudes move at lr times the ratio too, as PEFT's LoRA+ groups them")
+    # PEFT's grouping itself (create_loraplus_optimizer on this model with DoRA): lora_B and the magnitudes at lr * R,
+    # lora_A at lr.
+    from peft import LoraConfig, get_peft_model
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import LlamaForCausalLM
+    peft = get_peft_model(LlamaForCausalLM.from_pretrained(TMP / "model"), LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                          "up_proj", "down_proj"]))
+    opt = create_loraplus_optimizer(peft, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=4.0)
+    names = {id(p): n for n, p in peft.named_parameters()}
+    kind = lambda n: "B" if ".lora_B." in n else "A" if ".lora_A." in n else "m" if "magnitude" in n else n
+    groups = {}
+    for g in opt.param_groups:
+        for q in g["params"]:
+            groups.setdefault(kind(names[id(q)]), set()).add(round(g["lr"], 9))
+    check(groups == {"A": {1e-3}, "B": {4e-3}, "m": {4e-3}}, f"PEFT's LoRA+ groups: {groups}")
+    for name, over, needle in (("lp_neg", {"optim__loraplus_lr_ratio": -1.0}, "must be > 0"),
+                               ("lp_ff", {"optim__loraplus_lr_ratio": 16.0, "model__quant": "none",
+                                          "train__full_finetune": True}, "full_finetune")):
+        p = train(write_config(name, **dict(one, **over)), check_rc=False)
+        check(p.returncode == 3 and "optim.loraplus_lr_ratio" in p.stderr and needle in p.stderr,
+              f"{name}: refused naming optim.loraplus_lr_ratio (exit {p.returncode}): {p.stderr[-200:]}")
+
 def main():
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     tiny_lm.write_text_jsonl(TMP / "train.jsonl", 48, 21)
@@ -456,6 +504,7 @@ def main():
     check(p.returncode == 5 and "wizard" in p.stderr and "chat.jsonl:1" in p.stderr, f"an unknown chat role is named (exit {p.returncode})")
     check_best_adapter()
     check_early_stopping()
+    check_loraplus()
     finish("training checks")
 
 if __name__ == "__main__":
