@@ -777,6 +777,15 @@ void Checkpointer::save(const TrainerState& state) {
 
 std::string Checkpointer::write_final() { return write_whole(m_.full ? "model" : "adapter", nullptr); }
 
+std::optional<BestRecord> read_best_record(const std::string& dir) {
+  try {
+    const Json j = read_json_file(files::join(dir, kBestFile), ErrorKind::Checkpoint);
+    return BestRecord{j.at("step").get<int64_t>(), j.at("eval_loss").get<double>()};
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
 std::string Checkpointer::write_best(int64_t step, double eval_loss) {
   return write_whole(best_dir_name(m_.full), [&](const std::string& dir) {
     files::write_file_atomically(files::join(dir, kBestFile),

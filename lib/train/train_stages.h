@@ -215,6 +215,12 @@ class Evaluator {
 // checkpoint.save_best's directory in output_dir, and the file in it that names its step and held-out loss.
 inline const char* best_dir_name(bool full) { return full ? "best_model" : "best_adapter"; }
 inline constexpr const char* kBestFile = "best.json";
+struct BestRecord {
+  int64_t step = 0;
+  double eval_loss = 0;
+};
+// `dir`'s best.json; nullopt where it is missing or not {step, eval_loss}.
+std::optional<BestRecord> read_best_record(const std::string& dir);
 
 class Checkpointer {
  public:

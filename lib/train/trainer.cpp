@@ -411,19 +411,13 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   // Whatever this run's setting: a best directory from after the resume point is of steps this run computes again.
   const std::string best_dir = files::join(cfg.output_dir, best_dir_name(m.full));
   if (s.rank0 && state.step > 0 && files::exists(best_dir)) {
-    int64_t best_step = -1;
-    try {
-      best_step = read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint).at("step").get<int64_t>();
-      (void)read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint).at("eval_loss").get<double>();
-    } catch (const std::exception&) {
-      best_step = -1;
-    }
-    if (best_step < 0 || best_step > state.step) {
+    const std::optional<BestRecord> best = read_best_record(best_dir);
+    if (!best || best->step > state.step) {
       files::remove_tree(best_dir);
       log::warn("removed " + best_dir + " (" +
-                (best_step < 0 ? std::string("its ") + kBestFile + " unreadable"
-                               : "from step " + std::to_string(best_step) + ", after the resume point " +
-                                     std::to_string(state.step)) +
+                (!best ? std::string("its ") + kBestFile + " unreadable"
+                       : "from step " + std::to_string(best->step) + ", after the resume point " +
+                             std::to_string(state.step)) +
                 "): this run writes the best adapter of its own evaluations");
     }
   }
@@ -643,12 +637,11 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     summary.exact_match_after = evaluator.task_metric("after training", state.step);
   summary.adapter_dir = checkpointer.write_final();
   if (cfg.checkpoint.save_best && evaluator.has_data() && s.rank0) {
-    try {
-      const Json best = read_json_file(files::join(best_dir, kBestFile), ErrorKind::Checkpoint);
-      summary.best_step = best.at("step").get<int64_t>();
-      summary.best_eval_loss = best.at("eval_loss").get<double>();
+    if (const std::optional<BestRecord> best = read_best_record(best_dir)) {
+      summary.best_step = best->step;
+      summary.best_eval_loss = best->eval_loss;
       summary.best_dir = best_dir;
-    } catch (const std::exception&) {
+    } else {
       log::warn("checkpoint.save_best: no " + best_dir + ": the run's lowest held-out loss came before this process "
                 "started (before the resume point, with save_best off then, or its adapter replaced by one of steps "
                 "computed again otherwise)");
