@@ -154,6 +154,9 @@ const std::vector<std::pair<std::string, std::string>>& peer_spellings() {
       {"max_seq_length", "data.max_seq_len"},
       {"save_steps", "checkpoint.every"},
       {"save_total_limit", "checkpoint.keep_last"},
+      {"load_best_model_at_end", "checkpoint.save_best"},
+      {"early_stopping_patience", "train.early_stopping_patience"},
+      {"loraplus_lr_ratio", "optim.loraplus_lr_ratio"},
   };
   return table;
 }

@@ -668,8 +668,9 @@ std::unique_ptr<AdamW> make_optimizer(const RunConfig& cfg, const NamedTensors& 
                "lora.modules_to_save or drop the key");
   }
   // LoRA+: PEFT's create_loraplus_optimizer puts lora_B and every 1-D trainable tensor (DoRA's magnitudes) in its
-  // groups at lr * ratio; lora_A and lm_head stay at lr. (Its embedding group's loraplus_lr_embedding is not taken:
-  // modules_to_save learn at optim.embedding_lr, else lr.)
+  // groups at lr * ratio; lora_A and the modules_to_save copies stay at lr (here optim.embedding_lr where set). Its
+  // loraplus_lr_embedding is for LoRA on embedding layers, which lora.targets cannot select; its groups' weight decay
+  // is loraplus_weight_decay, which optim.weight_decay plays here.
   if (cfg.optim.loraplus_lr_ratio > 0) {
     const auto ends_with = [](const std::string& s, const std::string& e) {
       return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
@@ -780,7 +781,9 @@ std::string Checkpointer::write_final() { return write_whole(m_.full ? "model" :
 std::optional<BestRecord> read_best_record(const std::string& dir) {
   try {
     const Json j = read_json_file(files::join(dir, kBestFile), ErrorKind::Checkpoint);
-    return BestRecord{j.at("step").get<int64_t>(), j.at("eval_loss").get<double>()};
+    const BestRecord r{j.at("step").get<int64_t>(), j.at("eval_loss").get<double>()};
+    if (r.step < 0) return std::nullopt;
+    return r;
   } catch (const std::exception&) {
     return std::nullopt;
   }

@@ -269,7 +269,7 @@ std::string trained_text(const RunConfig& cfg, const ModelStage& m) {
   if (cfg.optim.loraplus_lr_ratio > 0) {
     std::ostringstream r;
     r << cfg.optim.loraplus_lr_ratio;
-    plus = ", LoRA+: B at lr x " + r.str();
+    plus = std::string(", LoRA+: B") + (m.lora.use_dora ? " and magnitudes" : "") + " at lr x " + r.str();
   }
   return (m.lora.use_dora ? " DoRA" : " LoRA") + std::string(" parameters (r=") + std::to_string(m.lora.r) + plus + ")" +
          saved;

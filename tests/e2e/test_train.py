@@ -195,18 +195,25 @@ def check_loraplus():
     byte for byte. R <= 0 and train.full_finetune are refused naming the key."""
     import torch
     from safetensors.torch import load_file
-    one = dict(train__steps=1, optim__lr=1e-3, optim__warmup_steps=0, optim__schedule="constant", checkpoint__every=0)
+    # (weight decay moves A and lm_head in the first step too, where A's gradient is still zero with B = 0)
+    one = dict(train__steps=1, optim__lr=1e-3, optim__warmup_steps=0, optim__schedule="constant", checkpoint__every=0,
+               optim__weight_decay=0.1, lora__modules_to_save=["lm_head"])
     def run(name, ratio, **over):
         extra = {} if ratio is None else {"optim__loraplus_lr_ratio": ratio}
-        train(write_config(name, **one, **extra, **over))
+        train(write_config(name, **{**one, **extra, **over}))
         return load_file(str(TMP / name / "adapter" / "adapter_model.safetensors"))
     default, r1, r4 = run("lp_default", None), run("lp1", 1.0), run("lp4", 4.0)
     check(adapter_bytes("lp1") == adapter_bytes("lp_default"), "LoRA+ ratio 1 gives the default run's adapter byte for byte")
     bs = [k for k in r1 if ".lora_B." in k]
+    others = [k for k in r1 if ".lora_B." not in k]
     moved = sum(int((r1[k] != 0).sum()) for k in bs)
-    check(len(bs) == 14 and moved > 0 and all(torch.equal(r4[k], r1[k]) for k in r1 if ".lora_A." in k) and
+    check(len(bs) == 14 and moved > 0 and any("lm_head" in k for k in others) and
+          all(torch.equal(r4[k], r1[k]) for k in others) and
           all(torch.allclose(r4[k], 4 * r1[k], rtol=1e-5, atol=0) for k in bs),
-          f"ratio 4: lora_B moved 4x as far as at ratio 1 ({moved} elements moved), lora_A the same")
+          f"ratio 4: lora_B moved 4x as far as at ratio 1 ({moved} elements moved), lora_A and lm_head alike")
+    tiny = run("lp_tiny_lr", 1.0, optim__lr=1e-6)
+    check(any(not torch.equal(tiny[k], r1[k]) for k in others if ".lora_A." in k),
+          "lora_A moves in that step (weight decay at lr), so its equality across ratios has content")
     dora = {"lora__use_dora": True}
     d1, d2, d4 = run("lpd1", 1.0, **dora), run("lpd2", 2.0, **dora), run("lpd4", 4.0, **dora)
     mags = [k for k in d1 if k.endswith("lora_magnitude_vector")]
@@ -219,17 +226,21 @@ def check_loraplus():
     from peft.optimizers import create_loraplus_optimizer
     from transformers import LlamaForCausalLM
     peft = get_peft_model(LlamaForCausalLM.from_pretrained(TMP / "model"), LoraConfig(
-        r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"]))
+        r=4, lora_alpha=8, use_dora=True, modules_to_save=["lm_head"],
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     opt = create_loraplus_optimizer(peft, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=4.0)
     names = {id(p): n for n, p in peft.named_parameters()}
-    kind = lambda n: "B" if ".lora_B." in n else "A" if ".lora_A." in n else "m" if "magnitude" in n else n
+    kind = lambda n: ("B" if ".lora_B." in n else "A" if ".lora_A." in n else "m" if "magnitude" in n else
+                      "lm_head" if "lm_head" in n else n)
     groups = {}
     for g in opt.param_groups:
         for q in g["params"]:
             groups.setdefault(kind(names[id(q)]), set()).add(round(g["lr"], 9))
-    check(groups == {"A": {1e-3}, "B": {4e-3}, "m": {4e-3}}, f"PEFT's LoRA+ groups: {groups}")
+    decay = {g["weight_decay"] for g in opt.param_groups if g["params"]}
+    check(groups == {"A": {1e-3}, "B": {4e-3}, "m": {4e-3}, "lm_head": {1e-3}} and decay == {0.0},
+          f"PEFT's LoRA+ groups: {groups}, weight decay {decay} (its loraplus_weight_decay, default 0)")
     for name, over, needle in (("lp_neg", {"optim__loraplus_lr_ratio": -1.0}, "must be > 0"),
+                               ("lp_big", {"optim__loraplus_lr_ratio": 2000.0}, "times it under 1"),
                                ("lp_ff", {"optim__loraplus_lr_ratio": 16.0, "model__quant": "none",
                                           "train__full_finetune": True}, "full_finetune")):
         p = train(write_config(name, **dict(one, **over)), check_rc=False)
