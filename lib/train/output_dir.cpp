@@ -29,8 +29,7 @@ bool is_best_dir(const std::string& name) { return name == "best_adapter" || nam
 
 bool is_run_file(const std::string& name) {
   return starts_with(name, "checkpoint-") || starts_with(name, ".checkpoint-") || name == "adapter" ||
-         name == "model" || name == "best_adapter" || name == "best_model" || is_start_file(name) ||
-         starts_with(name, "profile_");
+         name == "model" || is_best_dir(name) || is_start_file(name) || starts_with(name, "profile_");
 }
 
 // What a run writes before its first checkpoint is complete: replaced by a `--resume auto` that finds none.
