@@ -1742,6 +1742,141 @@ TEST_CASE("generation stops at a stop id and top-p keeps the nucleus transformer
   CHECK(has(error_of([&] { qt::generate_tokens(model, {}, o); }), "prompt"));
 }
 
+namespace {
+
+// The cached forward against the whole forward pass: two rows of 11 and 6 tokens (the second left-padded by 5 with
+// a token of its own), then 4 tokens a row one at a time; each new column's hidden state is the whole forward's at
+// that position. The cache starts poisoned with NaN, so that a column read before it is written shows.
+void check_cached_forward(const qt::LlamaModel& model, double tol) {
+  at::NoGradGuard no_grad;
+  const int64_t V = model.config.vocab_size, L = 11, extra = 4;
+  const std::vector<int64_t> lens{11, 6};
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
+  const at::Tensor seqs = at::randint(1, V, {2, L + extra}, gen, at::TensorOptions().dtype(at::kLong));
+  qt::KvCache cache = qt::make_kv_cache(model, 2, L + extra);
+  for (auto* side : {&cache.k, &cache.v})
+    for (at::Tensor& t : *side) t.fill_(std::numeric_limits<float>::quiet_NaN());
+  at::Tensor ids = at::full({2, L}, 3, at::kLong), pos = at::zeros({2, L}, at::kLong);
+  at::Tensor valid = at::zeros({2, L}, at::kBool);
+  for (int64_t r = 0; r < 2; ++r) {
+    const int64_t pad = L - lens[r];
+    ids[r].narrow(0, pad, lens[r]).copy_(seqs[r].narrow(0, 0, lens[r]));
+    pos[r].narrow(0, pad, lens[r]).copy_(at::arange(lens[r], at::kLong));
+    valid[r].narrow(0, pad, lens[r]).fill_(true);
+  }
+  const at::Device dev = model.device();
+  auto whole = [&](int64_t r, int64_t n) {  // the whole forward pass over row r's first n tokens: [n, H]
+    return model.forward_hidden(model.embed(seqs[r].narrow(0, 0, n).unsqueeze(0).to(dev)))[0].to(at::kFloat);
+  };
+  const at::Tensor prefill = qt::forward_cached(model, cache, ids, pos, valid).to(at::kFloat);
+  REQUIRE(cache.length == L);
+  for (int64_t r = 0; r < 2; ++r) {
+    INFO("row " << r << " prefill");
+    const at::Tensor got = prefill[r].narrow(0, L - lens[r], lens[r]);
+    CHECK(at::isfinite(got).all().item<bool>());
+    CHECK(rel_err(got, whole(r, lens[r])) < tol);
+  }
+  for (int64_t t = 0; t < extra; ++t) {
+    at::Tensor next = at::stack({seqs[0][lens[0] + t], seqs[1][lens[1] + t]}).view({2, 1});
+    at::Tensor next_pos = at::tensor(std::vector<int64_t>{lens[0] + t, lens[1] + t}, at::kLong).view({2, 1});
+    const at::Tensor h = qt::forward_cached(model, cache, next, next_pos, at::ones({2, 1}, at::kBool)).to(at::kFloat);
+    for (int64_t r = 0; r < 2; ++r) {
+      INFO("row " << r << ", new token " << t);
+      CHECK(rel_err(h[r][0], whole(r, lens[r] + t + 1)[lens[r] + t]) < tol);
+    }
+  }
+  CHECK(cache.length == L + extra);
+}
+
+}  // namespace
+
+TEST_CASE("the cached forward pass gives the whole forward pass's hidden states, rows left-padded, a token at a time",
+          "[generate]") {
+  for (const char* name : {"mistral_window", "qwen3", "bias", "qwen2_tied", "gqa_untied"}) {
+    INFO(name);
+    qt::LlamaModel model = qt::load_llama(fixture(std::string("llama/") + name + "/model"), {});
+    REQUIRE(qt::kv_cache_applies(model));
+    check_cached_forward(model, 1e-5);
+  }
+  // The window is really crossed: 15 tokens against Mistral's 5.
+  REQUIRE(*qt::load_llama(fixture("llama/mistral_window/model"), {}).config.sliding_window == 5);
+  for (const char* adapter : {"all_targets", "dora_all"}) {
+    INFO(adapter);
+    qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+    qt::load_peft_adapter(model, fixture(std::string("lora/") + adapter + "/adapter"));
+    check_cached_forward(model, 1e-5);
+  }
+  // Dynamic RoPE's frequencies follow the longest position: no cache there.
+  CHECK(!qt::kv_cache_applies(qt::load_llama(fixture("llama/dynamic_rope/model"), {})));
+}
+
+TEST_CASE("generation through the cache, one prompt or several at once, gives the uncached generation's tokens",
+          "[generate]") {
+  qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+  qt::load_peft_adapter(model, fixture("lora/all_targets/adapter"));
+  const std::vector<std::vector<int32_t>> prompts = {{1, 17, 42, 9, 250, 33, 7}, {1, 5}, {1, 88, 12, 140}, {2, 3, 4}};
+  qt::GenerateOptions o;
+  o.max_new_tokens = 9;
+  std::vector<qt::GenerateResult> want;
+  for (const auto& p : prompts) want.push_back(qt::generate_tokens_uncached(model, p, o));
+  // A stop id that one row meets early (the first prompt's third token): that row ends there, the others go on.
+  o.stop_ids = {want[0].tokens[2]};
+  want.clear();
+  for (const auto& p : prompts) want.push_back(qt::generate_tokens_uncached(model, p, o));
+  REQUIRE(want[0].stopped);
+  REQUIRE(want[0].tokens.size() == 3);
+  bool full_length = false;
+  for (const auto& w : want) full_length = full_length || (!w.stopped && w.tokens.size() == 9);
+  REQUIRE(full_length);
+  for (int64_t batch_tokens : {int64_t{1}, int64_t{40}, int64_t{8192}}) {  // a prompt a batch, two batches, one
+    INFO("batch_tokens " << batch_tokens);
+    const std::vector<qt::GenerateResult> got = qt::generate_batch(model, prompts, o, batch_tokens);
+    REQUIRE(got.size() == prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      INFO("prompt " << i);
+      CHECK(got[i].tokens == want[i].tokens);
+      CHECK(got[i].stopped == want[i].stopped);
+    }
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) CHECK(qt::generate_tokens(model, prompts[i], o).tokens == want[i].tokens);
+  // The model's context ends generation as before: 7 prompt tokens and 2 new ones in a context of 9.
+  o.stop_ids.clear();
+  o.max_seq_len = 9;
+  CHECK(qt::generate_tokens(model, prompts[0], o).tokens.size() == 2);
+  CHECK(qt::generate_batch(model, prompts, o)[0].tokens.size() == 2);
+  CHECK(qt::generate_batch(model, prompts, o)[1].tokens.size() == 7);
+  // Sampling draws the same tokens from the same seed (the same logits to float rounding).
+  o.max_seq_len = 0;
+  o.temperature = 0.8;
+  o.top_p = 0.9;
+  o.seed = 3;
+  CHECK(qt::generate_tokens(model, prompts[0], o).tokens == qt::generate_tokens_uncached(model, prompts[0], o).tokens);
+  // Dynamic RoPE takes the uncached path.
+  qt::LlamaModel dynamic = qt::load_llama(fixture("llama/dynamic_rope/model"), {});
+  o.temperature = 0;
+  o.max_new_tokens = 12;  // past its max_position_embeddings of 10, where the frequencies change
+  CHECK(qt::generate_tokens(dynamic, {1, 2, 3}, o).tokens == qt::generate_tokens_uncached(dynamic, {1, 2, 3}, o).tokens);
+}
+
+TEST_CASE("the cached forward pass on CUDA gives the whole forward pass's hidden states in bf16 and fp32",
+          "[generate][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  for (auto dtype : {at::kBFloat16, at::kFloat}) {
+    const double tol = dtype == at::kFloat ? 1e-4 : 3e-2;
+    for (const char* name : {"mistral_window", "qwen3", "bias", "gqa_untied"}) {
+      INFO(name << (dtype == at::kFloat ? " fp32" : " bf16"));
+      check_cached_forward(qt::load_llama(fixture(std::string("llama/") + name + "/model"), {cuda, dtype}), tol);
+    }
+    qt::LoadOptions opt{cuda, dtype};
+    opt.quantize_nf4 = true;
+    qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), opt);
+    qt::load_peft_adapter(model, fixture("lora/all_targets/adapter"));
+    INFO("NF4 + LoRA");
+    check_cached_forward(model, tol);
+  }
+}
+
 TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears in bf16 and fp32, with LoRA dropout "
           "too", "[lora][gpu]") {
   REQUIRE(at::hasCUDA());

@@ -1,6 +1,7 @@
 #include "apps/trainer/bench.h"
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 
 #include <algorithm>
@@ -13,6 +14,8 @@
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
+#include "lib/model/generate.h"
+#include "lib/model/lora.h"
 #include "lib/model/random_init.h"
 #include "lib/train/run_config.h"
 #include "lib/train/trainer.h"
@@ -180,6 +183,73 @@ Json run_bench(const BenchOptions& o) {
     out["mfu"] = tok_s * flops / rate;
   }
   return out;
+}
+
+Json run_generate_bench(const BenchOptions& o) {
+  if (o.shape.empty() == o.model.empty()) fail(ErrorKind::Usage, "bench: give one of --shape NAME or --model DIR");
+  if (o.generate <= 0 || o.prompt_tokens <= 0 || o.max_new_tokens <= 0 || o.uncached < 0 || o.batch <= 0 ||
+      o.seq <= 0)
+    fail(ErrorKind::Usage,
+         "bench --generate: --generate, --prompt-tokens, --max-new-tokens, --batch and --seq > 0, --uncached >= 0");
+  LlamaConfig shape = o.shape.empty() ? LlamaConfig::from_file(files::join(o.model, "config.json"))
+                                      : shape_config(o.shape, "bench", "--shape");
+  const at::Device device = o.device == "cpu" ? at::Device(at::kCPU) : at::Device(at::kCUDA, 0);
+  LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
+  load.quantize_nf4 = true;
+  LlamaModel model = random_llama(shape, load, /*seed=*/1);
+  attach_lora(model, LoraConfig{}, /*seed=*/2, device);
+  model.set_training(false);
+  std::mt19937_64 rng(3);
+  std::lognormal_distribution<double> length(std::log(static_cast<double>(o.prompt_tokens)), 0.5);
+  std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(shape.vocab_size - 1));
+  std::vector<std::vector<int32_t>> prompts(o.generate);
+  double total = 0;
+  for (auto& p : prompts) {
+    p.resize(std::clamp<int64_t>(std::llround(length(rng)), 1, o.seq - o.max_new_tokens));
+    for (int32_t& t : p) t = token(rng);
+    total += static_cast<double>(p.size());
+  }
+  GenerateOptions gen;
+  gen.max_new_tokens = o.max_new_tokens;
+  auto sync = [&] {
+    if (device.is_cuda()) c10::cuda::device_synchronize();
+  };
+  auto seconds = [&](auto&& f) {
+    sync();
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    sync();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  // Warm-up: a batch of two and one uncached prompt (kernels, cuDNN / cuBLAS handles, the allocator).
+  generate_batch(model, {prompts[0], prompts[std::min<size_t>(1, prompts.size() - 1)]}, gen, o.batch * o.seq);
+  generate_tokens_uncached(model, prompts[0], gen);
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+  std::vector<GenerateResult> batched;
+  const double cached_s = seconds([&] { batched = generate_batch(model, prompts, gen, o.batch * o.seq); });
+  const int64_t n_uncached = std::min<int64_t>(o.uncached, o.generate);
+  int64_t same = 0;
+  const double uncached_s = seconds([&] {
+    for (int64_t i = 0; i < n_uncached; ++i) same += generate_tokens_uncached(model, prompts[i], gen).tokens == batched[i].tokens;
+  });
+  Json j{{"mode", "generate"},
+         {"model", o.shape.empty() ? o.model : o.shape},
+         {"prompts", o.generate},
+         {"prompt_tokens_mean", total / static_cast<double>(o.generate)},
+         {"max_new_tokens", o.max_new_tokens},
+         {"batch_tokens", o.batch * o.seq},
+         {"cached_s", cached_s},
+         {"cached_s_per_prompt", cached_s / static_cast<double>(o.generate)},
+         {"uncached_prompts", n_uncached},
+         {"same_tokens", same}};
+  if (n_uncached > 0) {
+    j["uncached_s_per_prompt"] = uncached_s / static_cast<double>(n_uncached);
+    j["speedup"] = uncached_s / static_cast<double>(n_uncached) / (cached_s / static_cast<double>(o.generate));
+  }
+  if (device.is_cuda())
+    j["peak_gib"] = static_cast<double>(c10::cuda::CUDACachingAllocator::getDeviceStats(device.index())
+                                            .allocated_bytes[0].peak) / (1024.0 * 1024 * 1024);
+  return j;
 }
 
 }  // namespace qt

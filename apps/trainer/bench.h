@@ -24,6 +24,11 @@ struct BenchOptions {
   std::string out;     // working directory (data, config, run); created
   std::vector<std::string> overrides;  // --set key=value for the run config
   std::string log_level;               // --log-level as given (empty: not given): it wins over logging.level
+  // --generate N: time generation instead of training (run_generate_bench).
+  int64_t generate = 0;        // prompts
+  int64_t prompt_tokens = 200;  // their median length (log-normal, as --doc-tokens' documents)
+  int64_t max_new_tokens = 32;
+  int64_t uncached = 4;        // of them also generated one at a time without the cache (the reference's cost)
 };
 
 // Model FLOPs per token, what QLoRA training needs whatever the plan (issue 27): 4 N + 6 L S q. N the parameters of
@@ -39,5 +44,14 @@ double model_flops_per_token(const LlamaConfig& config, double attention_span);
 // (CUDA: the caching allocator's peaks, allocated and held), model_flops_per_token,
 // matrix_tflops and mfu (CUDA; null on the CPU)}.
 Json run_bench(const BenchOptions& options);
+
+// `bench --generate N`: N random prompts (median --prompt-tokens) greedily continued by --max-new-tokens tokens on a
+// random NF4 model with a fresh LoRA adapter on every block linear (r 16), as the exact-match metric generates:
+// together through the key / value cache in batches of at most --batch x --seq cached tokens (generate_batch), and
+// the first --uncached of them one at a time recomputing the whole sequence (generate_tokens_uncached). Returns
+// {model, prompts, prompt_tokens_mean, max_new_tokens, batch_tokens, cached_s, uncached_s_per_prompt,
+// cached_s_per_prompt, speedup, same_tokens (of the uncached prompts, those whose tokens are the batch's),
+// peak_gib}.
+Json run_generate_bench(const BenchOptions& options);
 
 }  // namespace qt

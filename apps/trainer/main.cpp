@@ -329,6 +329,17 @@ int main(int argc, char** argv) {
       ->required()
       ->check(kPath);
   bench_cmd->add_option("--set", bench.overrides, "override a run config key: --set train.memory.attention=flash (repeatable)");
+  bench_cmd->add_option("--generate", bench.generate,
+                        "time generation instead: this many random prompts continued greedily through the key / value "
+                        "cache in batches of at most --batch x --seq tokens, against a few without it (--uncached)")
+      ->check(kPositive);
+  bench_cmd->add_option("--prompt-tokens", bench.prompt_tokens, "with --generate: the prompts' median length")
+      ->check(kPositive);
+  bench_cmd->add_option("--max-new-tokens", bench.max_new_tokens, "with --generate: tokens generated per prompt")
+      ->check(kPositive);
+  bench_cmd->add_option("--uncached", bench.uncached,
+                        "with --generate: prompts also generated one at a time without the cache")
+      ->check(kNonNegative);
 
   PlanArgs plan_args;
   CLI::App* plan_cmd = app.add_subcommand("plan", "Print the execution plan training would take for a GPU memory budget (no GPU needed): what is checkpointed, offloaded, kept on the host, the predicted device memory and step time, or why it does not fit");
@@ -416,7 +427,7 @@ int main(int argc, char** argv) {
     if (bench_cmd->parsed()) {
       if (app.get_option("--log-level")->count() > 0 || bench_cmd->get_option("--log-level")->count() > 0)
         bench.log_level = log_level;
-      std::cout << qt::run_bench(bench).dump() << std::endl;
+      std::cout << (bench.generate > 0 ? qt::run_generate_bench(bench) : qt::run_bench(bench)).dump() << std::endl;
       return 0;
     }
     std::cerr << app.help() << std::endl;

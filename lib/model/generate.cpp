@@ -5,8 +5,13 @@
 #include <ATen/core/grad_mode.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "lib/core/error.h"
+#include "lib/kernels/fused_ops.h"
+#include "lib/model/rope.h"
 
 namespace qt {
 
@@ -36,8 +41,10 @@ int64_t choose_next_token(const at::Tensor& logits_row, const GenerateOptions& o
   return at::multinomial(probs, 1, /*replacement=*/false, gen).item<int64_t>();
 }
 
-GenerateResult generate_tokens(const LlamaModel& model, const std::vector<int32_t>& prompt, const GenerateOptions& o,
-                               const std::function<void(int32_t)>& on_token) {
+namespace {
+
+// The checks every entry point makes on its options and prompt.
+void check_request(const LlamaModel& model, const std::vector<int32_t>& prompt, const GenerateOptions& o) {
   if (prompt.empty()) fail(ErrorKind::Usage, "generate: the prompt encodes to no tokens");
   if (!(o.temperature >= 0)) fail(ErrorKind::Usage, "generate: --temperature must be >= 0");
   if (!(o.top_p > 0 && o.top_p <= 1)) fail(ErrorKind::Usage, "generate: --top-p must be in (0, 1]");
@@ -51,6 +58,206 @@ GenerateResult generate_tokens(const LlamaModel& model, const std::vector<int32_
       fail(ErrorKind::Model, "generate: the prompt holds token id " + std::to_string(id) + " and the model has " +
                                  std::to_string(model.config.vocab_size) + " embeddings (config.json's vocab_size): " +
                                  "the tokenizer and the model do not belong together");
+}
+
+bool cache_enabled() {
+  const char* v = std::getenv("QT_GENERATE_CACHE");
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
+// One decoder block over the new columns: as block_forward computes it, with the keys and values of the earlier
+// columns from the cache and `mask` [B, 1, S, length + S] saying which columns each new token sees.
+at::Tensor cached_block(const LlamaModel& m, size_t layer, const at::Tensor& h, const at::Tensor& cos,
+                        const at::Tensor& sin, KvCache& c, const at::Tensor& mask, const Pass& pass) {
+  const LlamaConfig& cfg = m.config;
+  const LlamaBlock& b = m.layers[layer];
+  const int64_t B = h.size(0), S = h.size(1), hd = cfg.head_dim;
+  const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
+  const at::Tensor x = rms_norm_fused(h, b.input_layernorm, cfg.rms_norm_eps);
+  at::Tensor q = b.q_proj.forward(x, pass).view({B, S, Hq, hd});
+  at::Tensor k = b.k_proj.forward(x, pass).view({B, S, Hkv, hd});
+  const at::Tensor v = b.v_proj.forward(x, pass).view({B, S, Hkv, hd});
+  if (b.q_norm.defined()) {  // Qwen3's per-head norms before RoPE
+    q = rms_norm(q, b.q_norm, cfg.rms_norm_eps);
+    k = rms_norm(k, b.k_norm, cfg.rms_norm_eps);
+  }
+  q = rope_fused(q, cos, sin);
+  k = rope_fused(k, cos, sin);
+  c.k[layer].narrow(1, c.length, S).copy_(k);
+  c.v[layer].narrow(1, c.length, S).copy_(v);
+  // [B, heads, columns, hd]; the kv heads repeated for the query heads (as transformers' repeat_kv), so that SDPA may
+  // take its memory-efficient kernel with the mask.
+  at::Tensor keys = c.k[layer].narrow(1, 0, c.length + S).transpose(1, 2);
+  at::Tensor values = c.v[layer].narrow(1, 0, c.length + S).transpose(1, 2);
+  if (Hkv != Hq) {
+    keys = keys.repeat_interleave(Hq / Hkv, 1);
+    values = values.repeat_interleave(Hq / Hkv, 1);
+  }
+  const at::Tensor o = at::scaled_dot_product_attention(q.transpose(1, 2), keys, values, mask, /*dropout_p=*/0.0,
+                                                        /*is_causal=*/false, 1.0 / std::sqrt(static_cast<double>(hd)));
+  const at::Tensor attn = b.o_proj.forward(o.transpose(1, 2).reshape({B, S, cfg.q_size()}), pass);
+  const at::Tensor r = h + attn;
+  return r + m.mlp(b, rms_norm_fused(r, b.post_attention_layernorm, cfg.rms_norm_eps), pass);
+}
+
+}  // namespace
+
+bool kv_cache_applies(const LlamaModel& model) { return model.config.rope.type != RopeType::Dynamic; }
+
+KvCache make_kv_cache(const LlamaModel& model, int64_t batch, int64_t capacity) {
+  QT_CHECK(batch > 0 && capacity > 0, ErrorKind::Internal, "make_kv_cache: empty cache");
+  const auto opts = at::TensorOptions().dtype(model.dtype()).device(model.device());
+  KvCache c;
+  for (size_t i = 0; i < model.layers.size(); ++i) {
+    c.k.push_back(at::empty({batch, capacity, model.config.num_key_value_heads, model.config.head_dim}, opts));
+    c.v.push_back(at::empty({batch, capacity, model.config.num_key_value_heads, model.config.head_dim}, opts));
+  }
+  c.valid = at::zeros({batch, capacity}, opts.dtype(at::kBool));
+  c.capacity = capacity;
+  return c;
+}
+
+at::Tensor forward_cached(const LlamaModel& model, KvCache& c, const at::Tensor& ids, const at::Tensor& positions,
+                          const at::Tensor& valid) {
+  QT_CHECK(kv_cache_applies(model), ErrorKind::Internal, "forward_cached: dynamic RoPE takes the uncached path");
+  QT_CHECK(ids.dim() == 2 && positions.sizes() == ids.sizes() && valid.sizes() == ids.sizes() &&
+               ids.size(0) == c.valid.size(0) && c.length + ids.size(1) <= c.capacity,
+           ErrorKind::Internal, "forward_cached: ids, positions and valid must be [B, S] within the cache");
+  at::NoGradGuard no_grad;
+  const int64_t S = ids.size(1), T = c.length + S;
+  const at::Device device = model.device();
+  const auto [cos, sin] = rope_cos_sin(model.inv_freq, to_device_async(positions, device), model.dtype(),
+                                       model.config.rope.attention_factor);
+  c.valid.narrow(1, c.length, S).copy_(to_device_async(valid.to(at::kBool), device));
+  // Column j is visible from new column i (at length + i) where it holds a token, j <= i and, under a sliding window,
+  // i - j < window; and a column always from itself (a padding row's softmax is then never empty).
+  const auto lopts = at::TensorOptions().dtype(at::kLong).device(device);
+  const at::Tensor cols = at::arange(T, lopts).view({1, T});
+  const at::Tensor rows = at::arange(c.length, T, lopts).view({S, 1});
+  at::Tensor see = cols <= rows;
+  if (model.config.sliding_window) see = see & (rows - cols < *model.config.sliding_window);
+  const at::Tensor mask =
+      ((c.valid.narrow(1, 0, T).unsqueeze(1) & see.unsqueeze(0)) | (cols == rows).unsqueeze(0)).unsqueeze(1);
+  const Pass pass = model.base_pass();
+  if (pass.factors && pass.refresh_factors) pass.factors->refresh(pass.stats);
+  at::Tensor h = model.embed(ids);
+  for (size_t i = 0; i < model.layers.size(); ++i) {
+    if (model.block_hooks) model.block_hooks->before_block(i, /*backward=*/false);
+    h = cached_block(model, i, h, cos, sin, c, mask, pass);
+    if (model.block_hooks) model.block_hooks->after_block(i, /*backward=*/false);
+  }
+  c.length = T;
+  return rms_norm(h, model.norm, model.config.rms_norm_eps);
+}
+
+std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::vector<std::vector<int32_t>>& prompts,
+                                           const GenerateOptions& o, int64_t batch_tokens) {
+  for (const auto& p : prompts) check_request(model, p, o);
+  std::vector<GenerateResult> results(prompts.size());
+  if (!kv_cache_applies(model) || !cache_enabled()) {
+    for (size_t i = 0; i < prompts.size(); ++i) results[i] = generate_tokens_uncached(model, prompts[i], o);
+    return results;
+  }
+  at::NoGradGuard no_grad;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  size_t first = 0;
+  while (first < prompts.size()) {
+    // The next prompts while rows x (longest prompt + new tokens) stays within batch_tokens.
+    size_t end = first + 1;
+    int64_t longest = static_cast<int64_t>(prompts[first].size());
+    while (end < prompts.size()) {
+      const int64_t l = std::max<int64_t>(longest, static_cast<int64_t>(prompts[end].size()));
+      if (static_cast<int64_t>(end - first + 1) * (l + o.max_new_tokens) > batch_tokens) break;
+      longest = l;
+      ++end;
+    }
+    const int64_t B = static_cast<int64_t>(end - first), L = longest;
+    std::vector<int64_t> ids(B * L, 0), pos(B * L, 0);
+    std::vector<uint8_t> valid(B * L, 0);
+    std::vector<int64_t> length(B);  // each row's tokens so far
+    for (int64_t r = 0; r < B; ++r) {
+      const auto& p = prompts[first + r];
+      const int64_t pad = L - static_cast<int64_t>(p.size());
+      for (size_t t = 0; t < p.size(); ++t) {
+        ids[r * L + pad + t] = p[t];
+        pos[r * L + pad + t] = static_cast<int64_t>(t);
+        valid[r * L + pad + t] = 1;
+      }
+      length[r] = static_cast<int64_t>(p.size());
+    }
+    KvCache cache = make_kv_cache(model, B, L + std::max<int64_t>(o.max_new_tokens, 1));
+    auto as_tensor = [&](std::vector<int64_t>& v, int64_t S) { return at::tensor(v, at::kLong).view({B, S}); };
+    at::Tensor hidden = forward_cached(model, cache, as_tensor(ids, L), as_tensor(pos, L),
+                                       at::tensor(valid, at::kByte).view({B, L}));
+    std::vector<bool> done(B, false);
+    for (int64_t step = 0; step < o.max_new_tokens; ++step) {
+      at::Tensor logits = model.logits(hidden.select(1, hidden.size(1) - 1)).to(at::kCPU, at::kFloat);
+      std::vector<int64_t> next(B, 0), next_pos(B, 0);
+      std::vector<uint8_t> next_valid(B, 1);
+      bool any = false;
+      for (int64_t r = 0; r < B; ++r) {
+        GenerateResult& res = results[first + r];
+        if (!done[r] && o.max_seq_len > 0 && length[r] >= o.max_seq_len) done[r] = true;
+        if (done[r]) {
+          next_valid[r] = 0;  // a finished row runs on as padding, unread
+          continue;
+        }
+        const auto t = static_cast<int32_t>(choose_next_token(logits[r], o, gen));
+        res.tokens.push_back(t);
+        next[r] = t;
+        next_pos[r] = length[r]++;
+        if (std::find(o.stop_ids.begin(), o.stop_ids.end(), t) != o.stop_ids.end()) {
+          res.stopped = true;
+          done[r] = true;
+        } else if (static_cast<int64_t>(res.tokens.size()) == o.max_new_tokens) {
+          done[r] = true;
+        }
+        any = any || !done[r];
+      }
+      if (!any) break;
+      hidden = forward_cached(model, cache, as_tensor(next, 1), as_tensor(next_pos, 1),
+                              at::tensor(next_valid, at::kByte).view({B, 1}));
+    }
+    first = end;
+  }
+  return results;
+}
+
+GenerateResult generate_tokens(const LlamaModel& model, const std::vector<int32_t>& prompt, const GenerateOptions& o,
+                               const std::function<void(int32_t)>& on_token) {
+  check_request(model, prompt, o);
+  if (!kv_cache_applies(model) || !cache_enabled()) return generate_tokens_uncached(model, prompt, o, on_token);
+  at::NoGradGuard no_grad;
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  const int64_t L = static_cast<int64_t>(prompt.size());
+  KvCache cache = make_kv_cache(model, 1, L + std::max<int64_t>(o.max_new_tokens, 1));
+  std::vector<int64_t> ids(prompt.begin(), prompt.end()), pos(L);
+  for (int64_t t = 0; t < L; ++t) pos[t] = t;
+  at::Tensor hidden = forward_cached(model, cache, at::tensor(ids, at::kLong).view({1, L}),
+                                     at::tensor(pos, at::kLong).view({1, L}), at::ones({1, L}, at::kBool));
+  GenerateResult r;
+  int64_t length = L;
+  for (int64_t step = 0; step < o.max_new_tokens; ++step) {
+    if (o.max_seq_len > 0 && length >= o.max_seq_len) break;
+    at::Tensor logits = model.logits(hidden.select(1, hidden.size(1) - 1)).squeeze(0);
+    const auto next = static_cast<int32_t>(choose_next_token(logits, o, gen));
+    r.tokens.push_back(next);
+    if (on_token) on_token(next);
+    if (std::find(o.stop_ids.begin(), o.stop_ids.end(), next) != o.stop_ids.end()) {
+      r.stopped = true;
+      break;
+    }
+    if (step + 1 == o.max_new_tokens) break;
+    hidden = forward_cached(model, cache, at::full({1, 1}, next, at::kLong), at::full({1, 1}, length, at::kLong),
+                            at::ones({1, 1}, at::kBool));
+    ++length;
+  }
+  return r;
+}
+
+GenerateResult generate_tokens_uncached(const LlamaModel& model, const std::vector<int32_t>& prompt,
+                                        const GenerateOptions& o, const std::function<void(int32_t)>& on_token) {
+  check_request(model, prompt, o);
   at::NoGradGuard no_grad;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   std::vector<int64_t> seq(prompt.begin(), prompt.end());

@@ -1,8 +1,13 @@
 #pragma once
 // Autoregressive generation for `qlora-train generate`: greedy decoding (temperature 0), or temperature plus
 // nucleus (top-p) sampling (Holtzman et al., 2019, arXiv:1904.09751) as transformers' TemperatureLogitsWarper and
-// TopPLogitsWarper apply them. No KV cache: each step recomputes the whole sequence, which is exact and cheap
-// enough for checking a fine-tuned model on a prompt, not meant for serving.
+// TopPLogitsWarper apply them. Several prompts go through at once (generate_batch: the exact-match metric's
+// records), each step's keys and values kept in a cache (KvCache), so that a new token runs one position through
+// the model instead of the whole sequence. generate_tokens_uncached recomputes the whole sequence at every step:
+// the reference the cached path is held to, and the path of dynamic RoPE (whose frequencies follow the longest
+// position, so that the cached keys' rotation would go stale).
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -26,10 +31,41 @@ struct GenerateResult {
 };
 
 // Throws qt::Error(Usage) for an empty prompt, temperature < 0, top_p outside (0, 1] or max_new_tokens < 0.
-// `on_token` (optional) sees each new token as it is chosen.
+// `on_token` (optional) sees each new token as it is chosen. Through the cache where it applies
+// (kv_cache_applies; QT_GENERATE_CACHE=0: never, for A/Bs), else generate_tokens_uncached.
 GenerateResult generate_tokens(const LlamaModel& model, const std::vector<int32_t>& prompt,
                                const GenerateOptions& options,
                                const std::function<void(int32_t)>& on_token = nullptr);
+GenerateResult generate_tokens_uncached(const LlamaModel& model, const std::vector<int32_t>& prompt,
+                                        const GenerateOptions& options,
+                                        const std::function<void(int32_t)>& on_token = nullptr);
+
+// Every prompt's generation, the prompts run together in batches of at most `batch_tokens` cached tokens (rows
+// times the longest prompt plus max_new_tokens; at least one prompt a batch), left-padded to the batch's longest
+// prompt. Each row as generate_tokens would generate it alone, up to the rounding of batched products (greedy: the
+// same tokens but at near ties). Sampling draws from one generator seeded with options.seed, row after row.
+std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::vector<std::vector<int32_t>>& prompts,
+                                           const GenerateOptions& options, int64_t batch_tokens = 8192);
+
+// Whether generation may cache keys and values for this model: not under dynamic RoPE.
+bool kv_cache_applies(const LlamaModel& model);
+
+// Each block's keys (rotated) and values of the tokens run so far, [B, capacity, kv heads, head_dim] in the model's
+// dtype and device, and which columns hold a token (false: left padding, or not yet written).
+struct KvCache {
+  std::vector<at::Tensor> k, v;
+  at::Tensor valid;     // [B, capacity] bool
+  int64_t length = 0;   // columns written
+  int64_t capacity = 0;
+};
+KvCache make_kv_cache(const LlamaModel& model, int64_t batch, int64_t capacity);
+
+// Runs `ids` [B, S] (`positions` [B, S] their RoPE positions; `valid` [B, S] bool, false for left padding) after the
+// cache's `length` columns: writes their keys and values there and returns the hidden states after the final norm
+// [B, S, H]. A token attends to the valid columns up to its own (Mistral's window counted in columns, which is
+// positions where padding only leads a row); a padding token to itself alone. No gradient is recorded.
+at::Tensor forward_cached(const LlamaModel& model, KvCache& cache, const at::Tensor& ids, const at::Tensor& positions,
+                          const at::Tensor& valid);
 
 // One decoding step on a [V] logits row: the next token id under `options` (exposed for tests).
 int64_t choose_next_token(const at::Tensor& logits, const GenerateOptions& options, at::Generator& gen);

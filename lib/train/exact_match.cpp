@@ -30,7 +30,7 @@ std::string answer_text(const std::string& s) {
 
 ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, const DataConfig& data,
                              const std::string& path, int64_t max_examples, int64_t max_new_tokens, int shard,
-                             int shards) {
+                             int shards, int64_t batch_tokens) {
   at::NoGradGuard no_grad;
   model.set_training(false);
   ExactMatchResult r;
@@ -40,6 +40,8 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
   for (const char* t : {"<|eot_id|>", "<|end_of_text|>"})
     if (tokenizer.token_to_id(t) >= 0) gen.stop_ids.push_back(tokenizer.token_to_id(t));
   int64_t index = 0;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::string> answers;
   for (const auto& record : read_jsonl(path)) {
     if (index >= max_examples) break;
     const bool mine = index++ % shards == shard;
@@ -63,14 +65,19 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
               "an exact-match record needs an answer (\"output\", \"completion\", or a last assistant message)");
     }
     Example e = tokenize_record(record.value, where, data, tokenizer);
-    const std::vector<int32_t> prompt = prompt_tokens(e);
+    std::vector<int32_t> prompt = prompt_tokens(e);
     if (prompt.empty()) fail_at(ErrorKind::Data, where, "the record has no prompt tokens");
     if (!mine) continue;
-    GenerateResult g = generate_tokens(model, prompt, gen);
-    std::vector<int32_t> answer = g.tokens;
-    if (g.stopped && !answer.empty()) answer.pop_back();
+    prompts.push_back(std::move(prompt));
+    answers.push_back(std::move(expected));
+  }
+  // The share's prompts generated together (generate_batch), at most batch_tokens cached tokens at a time.
+  const std::vector<GenerateResult> generated = generate_batch(model, prompts, gen, batch_tokens);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    std::vector<int32_t> answer = generated[i].tokens;
+    if (generated[i].stopped && !answer.empty()) answer.pop_back();
     const std::string got = answer_text(tokenizer.decode(answer));
-    expected = answer_text(expected);
+    const std::string expected = answer_text(answers[i]);
     const bool ok = got == expected;
     r.correct += ok;
     ++r.total;

@@ -24,9 +24,10 @@ struct ExactMatchResult {
 // its last message; chat: the last assistant message is the answer). Throws qt::Error(Data) naming file:line for a
 // record without an answer (every record is checked, whatever the share). shards > 1: generates for the records
 // whose index is `shard` modulo `shards` only (a rank's share under data parallelism; the caller sums correct and
-// total over the ranks).
+// total over the ranks). The share's prompts are generated together, with a key / value cache (generate_batch), at
+// most `batch_tokens` cached tokens (rows x (longest prompt + max_new_tokens)) at a time.
 ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, const DataConfig& data,
                              const std::string& path, int64_t max_examples, int64_t max_new_tokens, int shard = 0,
-                             int shards = 1);
+                             int shards = 1, int64_t batch_tokens = 8192);
 
 }  // namespace qt

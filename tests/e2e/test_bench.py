@@ -1,7 +1,8 @@
 """`qlora-train bench` on the CPU: a model of random weights shaped by a directory's config.json trains for the
 warm-up and timed steps on random tokens; the JSON line reports the median step, batch x seq tokens per second
 and the model FLOPs per token (checked here against the formula from config.json); MFU and peak memory are null
-off the GPU. Bad arguments end with errors naming them."""
+off the GPU. `bench --generate` times generation through the key / value cache against the uncached path. Bad
+arguments end with errors naming them."""
 import json, os, pathlib, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
@@ -193,6 +194,19 @@ def main():
                            capture_output=True, text=True)
         check(q.returncode != 0 and "crosses a row of 40" in q.stderr,
               f"documents that do not fill rows of the given length are refused: {q.stderr[-200:]}")
+    # --generate: the prompts together through the key / value cache, in batches of at most 2 x 12 cached tokens
+    # (prompts of up to 9 tokens and 3 new ones: 2 prompts a batch at most), against each without it; in fp32 on the
+    # CPU every prompt's greedy tokens are the same.
+    p = bench("--model", TMP / "model", "--batch", 2, "--seq", 12, "--device", "cpu", "--generate", 5,
+              "--prompt-tokens", 6, "--max-new-tokens", 3, "--uncached", 5, "--out", TMP / "g")
+    check(p.returncode == 0, f"bench --generate exits 0 ({p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
+    if p.returncode == 0:
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        check(r["mode"] == "generate" and r["prompts"] == 5 and r["uncached_prompts"] == 5 and r["same_tokens"] == 5
+              and r["batch_tokens"] == 24 and r["cached_s"] > 0 and r["speedup"] > 0 and r["max_new_tokens"] == 3,
+              f"the cached batches generate every prompt's uncached tokens: {r}")
+    p = bench("--model", TMP / "model", "--device", "cpu", "--generate", 2, "--uncached", -1, "--out", TMP / "g2")
+    check(p.returncode != 0 and "--uncached" in p.stderr, f"a negative --uncached is refused (exit {p.returncode})")
     p = bench("--model", TMP / "model", "--out", TMP / "e4", "--device", "cpu", "--doc-tokens", -3)
     check(p.returncode != 0 and "--doc-tokens" in p.stderr, f"a negative --doc-tokens is refused (exit {p.returncode})")
     p = bench("--shape", "llama-9-huge", "--out", TMP / "e1", "--device", "cpu")
