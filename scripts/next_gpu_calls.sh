@@ -107,6 +107,8 @@
 #      overflow path on CUDA) and test_eval_gpu.py (about 120 s); with 46 in the same command for every [gpu] test:
 #      SUMMARY=s46.txt bash scripts/next_gpu_calls.sh 46; SUMMARY=s47.txt bash scripts/next_gpu_calls.sh 47
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
+#   50: carry ["build/tests/fixtures"]: build, every [gpu] test (the cached forward's among them), then bench
+#      --generate on the 8B (batch_tokens 4096 and 16384) and 1B shapes: 100 prompts of median 200 tokens, 32 new.
 #   48: carry [".peers", ".usite", ".peerscripts"]: build, issue 27's 48 GiB column (never run before): 8B 1 x 8192
 #      whole-document and packed (median 330) against Unsloth's 0, the rest of the GPU held by the holder process.
 #   49: carry as 48: build, the 48 GiB column's 8B 1 x 32768 against Unsloth's 1 (its 0 ran out of memory at 80 GiB,
@@ -473,6 +475,20 @@ case "$CALL" in
   note "== issue 27 at 48 GiB: 8B 1 x 32768 against Unsloth 1, 8B 2 x 2048 against Unsloth 0"
   run budget_48_32k.log 230 --peers unsloth --unsloth-modes 1 --rows 8b-1x32768 --budget 48 --no-whole --steps 3 --warm 1
   run budget_48_2k.log 200 --peers unsloth --unsloth-modes 0 --rows 8b-2x2048 --budget 48 --no-whole --steps 6 --warm 2
+  ;;
+50)
+  note "== generation through the key / value cache (thirty-fourth session): every [gpu] test (the cached forward's"
+  note "   among them), then bench --generate: 100 random prompts of median 200 tokens, 32 new tokens each, as the"
+  note "   exact-match metric generates them (batches of at most a training micro-batch's tokens), against 4 without"
+  note "   the cache, on the 8B and 1B shapes"
+  all_gpu_tests 300
+  for args in "llama-3.1-8b 2 2048" "llama-3.1-8b 8 2048" "llama-3.2-1b 4 2048"; do
+    set -- $args
+    timeout 200 build-gpu/qlora-train bench --shape "$1" --batch "$2" --seq "$3" --generate 100 --prompt-tokens 200 \
+      --max-new-tokens 32 --uncached 4 --out "$L/gen" >"$L/gen_$1_$2.log" 2>&1
+    echo "$1 batch_tokens $(($2 * $3)): $(grep -E '^\{' "$L/gen_$1_$2.log" | tail -n 1)" | tee -a "$summary"
+    grep -iE "error|what\(\)" "$L/gen_$1_$2.log" | head -n 5 >>"$summary"
+  done
   ;;
 46)
   note "== every [gpu] test on the current code (the last full run: the twenty-second session, 54 of 54)"
