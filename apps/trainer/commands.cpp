@@ -546,29 +546,88 @@ std::vector<int32_t> generation_prompt(const GenerateArgs& args, const qt::Token
       [&] { return qt::generation_prompt_tokens(data, args.prompt, args.input, args.system, tokenizer); });
 }
 
-int run_generate(const GenerateArgs& args) {
-  const at::Device device = parse_device(args.device);
-  check_not_adapter(args.model);
-  qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
-  load.quantize_nf4 = args.quant == "nf4";  // as training loads the base
-  auto tokenizer = qt::load_tokenizer(args.model);
-  const std::vector<int32_t> prompt = generation_prompt(args, *tokenizer);
+// --prompts: each record's prompt as --prompt would give it, the record's "input" / "system" over the options'.
+std::vector<std::pair<int64_t, std::vector<int32_t>>> file_prompts(const GenerateArgs& args,
+                                                                   const qt::Tokenizer& tokenizer) {
+  std::vector<std::pair<int64_t, std::vector<int32_t>>> out;
+  for (const auto& record : qt::read_jsonl(args.prompts)) {
+    const std::string where = args.prompts + ":" + std::to_string(record.line);
+    for (const auto& [key, value] : record.value.items())
+      if (key != "prompt" && key != "input" && key != "system")
+        qt::fail_at(qt::ErrorKind::Data, where,
+                    "unknown key \"" + key + "\" (a --prompts record holds \"prompt\", and \"input\" or \"system\")");
+    GenerateArgs one = args;
+    one.prompt = qt::record_string(record, args.prompts, "prompt");
+    if (record.value.contains("input")) one.input = qt::record_string(record, args.prompts, "input");
+    if (record.value.contains("system")) one.system = qt::record_string(record, args.prompts, "system");
+    try {
+      out.emplace_back(record.line, generation_prompt(one, tokenizer));
+    } catch (const qt::Error& e) {
+      qt::fail_at(e.kind(), where, e.what());
+    }
+    if (out.back().second.empty()) qt::fail_at(qt::ErrorKind::Data, where, "the prompt encodes to no tokens");
+  }
+  return out;
+}
+
+// The model as generate runs it: the base (NF4 as training loads it, unless --quant none), the adapter, the plan.
+qt::LlamaModel generation_model(const GenerateArgs& args, const qt::LoadOptions& load, const at::Device& device) {
   qt::LlamaModel model = qt::load_llama(args.model, load);
   if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
   apply_plan(model, device, model.config.max_position_embeddings);
+  return model;
+}
+
+qt::GenerateOptions generation_options(const GenerateArgs& args, const qt::LlamaModel& model,
+                                       const qt::Tokenizer& tokenizer) {
   qt::GenerateOptions options;
   options.max_new_tokens = args.max_new_tokens;
   options.temperature = args.temperature;
   options.top_p = args.top_p;
   options.seed = args.seed;
-  options.stop_ids = stop_ids(args.model, *tokenizer);
+  options.stop_ids = stop_ids(args.model, tokenizer);
   options.max_seq_len = model.config.max_position_embeddings;
-  qt::GenerateResult r = qt::generate_tokens(model, prompt, options);
+  return options;
+}
+
+// The generated ids as text (the stop token left out), made valid UTF-8 as transformers' decode makes it: a
+// byte-level BPE model may stop inside a UTF-8 sequence (U+FFFD per maximal ill-formed subpart).
+std::string generated_text(const qt::GenerateResult& r, const qt::Tokenizer& tokenizer) {
   std::vector<int32_t> text_ids = r.tokens;
-  if (r.stopped) text_ids.pop_back();  // the stop token is not part of the text
-  // A byte-level BPE model may stop inside a UTF-8 sequence: the text is made valid as transformers' decode makes
-  // it (U+FFFD per maximal ill-formed subpart), for the JSON line and the plain output alike.
-  const std::string text = qt::unicode::replace_invalid_utf8(tokenizer->decode(text_ids));
+  if (r.stopped) text_ids.pop_back();
+  return qt::unicode::replace_invalid_utf8(tokenizer.decode(text_ids));
+}
+
+int run_generate_file(const GenerateArgs& args, const qt::LoadOptions& load, const qt::Tokenizer& tokenizer) {
+  const at::Device device = load.device;
+  const auto prompts = file_prompts(args, tokenizer);  // (every record checked before the model loads)
+  qt::LlamaModel model = generation_model(args, load, device);
+  const qt::GenerateOptions options = generation_options(args, model, tokenizer);
+  std::vector<std::vector<int32_t>> ids;
+  for (const auto& p : prompts) ids.push_back(p.second);
+  const std::vector<qt::GenerateResult> results = qt::generate_batch(model, ids, options, args.batch_tokens);
+  for (size_t i = 0; i < prompts.size(); ++i)
+    std::cout << qt::Json{{"line", prompts[i].first}, {"prompt_ids", prompts[i].second}, {"ids", results[i].tokens},
+                          {"text", generated_text(results[i], tokenizer)},
+                          {"stop", results[i].stopped ? "eos" : "length"}}.dump()
+              << "\n";
+  std::cout << std::flush;
+  return 0;
+}
+
+int run_generate(const GenerateArgs& args) {
+  if (args.prompt.empty() == args.prompts.empty())
+    qt::fail(qt::ErrorKind::Usage, "generate: give --prompt TEXT or --prompts FILE.jsonl");
+  const at::Device device = parse_device(args.device);
+  check_not_adapter(args.model);
+  qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
+  load.quantize_nf4 = args.quant == "nf4";  // as training loads the base
+  auto tokenizer = qt::load_tokenizer(args.model);
+  if (!args.prompts.empty()) return run_generate_file(args, load, *tokenizer);
+  const std::vector<int32_t> prompt = generation_prompt(args, *tokenizer);
+  qt::LlamaModel model = generation_model(args, load, device);
+  qt::GenerateResult r = qt::generate_tokens(model, prompt, generation_options(args, model, *tokenizer));
+  const std::string text = generated_text(r, *tokenizer);
   if (args.json) {
     std::cout << qt::Json{{"prompt_ids", prompt}, {"ids", r.tokens}, {"text", text},
                           {"stop", r.stopped ? "eos" : "length"}}.dump()

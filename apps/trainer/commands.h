@@ -57,6 +57,10 @@ struct GenerateArgs {
   std::string chat_format;  // with chat_template custom: a JSON file holding data.chat_format's object
   std::string system;  // chat: a system message before the prompt
   std::string input;   // alpaca: the record's "input"
+  // A JSON Lines file of prompts ({"prompt", and "input" / "system" as the options}) generated together, one JSON
+  // line out each, instead of --prompt; at most batch_tokens cached tokens a batch.
+  std::string prompts;
+  int64_t batch_tokens = 8192;
 };
 
 struct TrainArgs {

@@ -281,7 +281,17 @@ int main(int argc, char** argv) {
   CLI::App* gen_cmd = app.add_subcommand("generate", "Continue a prompt (greedy, or temperature + top-p sampling)");
   gen_cmd->add_option("--model", gen.model, "Hugging Face model directory")->required()->check(kPath);
   gen_cmd->add_option("--adapter", gen.adapter, "LoRA adapter directory (PEFT format)")->check(kPath);
-  gen_cmd->add_option("--prompt", gen.prompt, "prompt text (text: BOS added as the tokenizer says); see --format")->required();
+  CLI::Option* prompt_opt =
+      gen_cmd->add_option("--prompt", gen.prompt, "prompt text (text: BOS added as the tokenizer says); see --format");
+  gen_cmd
+      ->add_option("--prompts", gen.prompts,
+                   "instead of --prompt: a JSON Lines file of {\"prompt\"} records (\"input\" and \"system\" as the "
+                   "options, which they override), generated together; one JSON line {line, prompt_ids, ids, text, "
+                   "stop} a record, in file order")
+      ->excludes(prompt_opt);
+  gen_cmd->add_option("--batch-tokens", gen.batch_tokens,
+                      "with --prompts: at most this many tokens (rows x (longest prompt + --max-new-tokens)) a batch")
+      ->check(kPositive);
   gen_cmd->add_option("--max-new-tokens", gen.max_new_tokens, "at most this many new tokens")->check(kNonNegative);
   gen_cmd->add_option("--temperature", gen.temperature, "0: greedy; > 0: sample")->check(kNonNegative);
   gen_cmd->add_option("--top-p", gen.top_p, "nucleus sampling mass in (0, 1]")->check(kUnitInterval);

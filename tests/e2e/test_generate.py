@@ -1,6 +1,7 @@
 """`qlora-train generate`: greedy decoding gives the token ids of transformers' generate(do_sample=False) on the 16-bit
 base (--quant none) and, with an adapter, on the NF4 base as PeftModel sees it; sampling is reproducible per seed,
-and top-p small enough to keep one token is greedy."""
+and top-p small enough to keep one token is greedy. `--prompts FILE` generates a file's records together, each as
+--prompt alone would."""
 import json, pathlib, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -46,6 +47,23 @@ def main():
             want_text = sp.decode([t for t in ours["ids"] if t != eos])
             if text != want_text:
                 failures.append(f"{name} {prompt!r}: text {text!r}, sentencepiece decodes {want_text!r}")
+        # --prompts: the records together through the key / value cache, batches of at most 40 tokens (a prompt and
+        # its 24 new tokens a batch here), the file's order and lines kept; each record's ids transformers'.
+        records = PROMPTS + ["cat"]
+        (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in records))
+        for batch_tokens in ("40", "8192"):
+            lines = [json.loads(l) for l in run_ok("generate", "--model", tmp / "model", "--prompts", tmp / "prompts.jsonl",
+                                                   "--max-new-tokens", N, "--batch-tokens", batch_tokens,
+                                                   *extra).stdout.splitlines()]
+            for i, prompt in enumerate(records):
+                ids = [sp.bos_id()] + sp.encode(prompt)
+                got = lines[i] if i < len(lines) else {}
+                ok = (len(lines) == len(records) and got.get("line") == i + 1 and got.get("prompt_ids") == ids
+                      and got.get("ids") == hf_greedy(model, ids, eos)
+                      and got.get("text") == sp.decode([t for t in got.get("ids", []) if t != eos]))
+                print(f"{name}, --prompts line {i + 1} (batches of {batch_tokens} tokens): {'ok' if ok else 'DIFFERENT'}")
+                if not ok:
+                    failures.append(f"{name} --prompts {batch_tokens}: line {i + 1} {got}")
     plain = run_ok("generate", "--model", tmp / "model", "--prompt", PROMPTS[0], "--max-new-tokens", 8, "--quant", "none")
     first = last_json(run_ok("generate", "--model", tmp / "model", "--prompt", PROMPTS[0], "--max-new-tokens", 8,
                              "--quant", "none", "--json"))
@@ -74,6 +92,30 @@ def main():
         p = run("generate", "--model", tmp / "no_such_model", "--prompt", "x", *args)
         if p.returncode != 2 or any(n not in p.stderr for n in needles):
             failures.append(f"{args}: exit {p.returncode}, {p.stderr!r}")
+    # --prompts records: each takes --format's rendering, its own "system" over the option's; bad records are named
+    # by file and line before the model loads.
+    (tmp / "chat.jsonl").write_text(json.dumps({"prompt": "hi", "system": "be brief"}) + "\n" + json.dumps({"prompt": "yo"}) + "\n")
+    lines = [json.loads(l) for l in run_ok("generate", "--model", tmp / "model", "--prompts", tmp / "chat.jsonl",
+                                           "--format", "chat", "--chat-template", "llama2", "--system", "be kind",
+                                           "--max-new-tokens", 2, "--quant", "none").stdout.splitlines()]
+    for i, (prompt, system) in enumerate((("hi", "be brief"), ("yo", "be kind"))):
+        alone = last_json(run_ok("generate", "--model", tmp / "model", "--prompt", prompt, "--format", "chat",
+                                 "--chat-template", "llama2", "--system", system, "--max-new-tokens", 2, "--quant",
+                                 "none", "--json"))
+        if len(lines) != 2 or lines[i]["prompt_ids"] != alone["prompt_ids"] or lines[i]["ids"] != alone["ids"]:
+            failures.append(f"--prompts chat record {i + 1}: {lines[i] if i < len(lines) else None} against {alone}")
+    for body, needles in (('{"prompt": "a"}\n{"promt": "b"}\n', ["prompts.bad.jsonl:2", "promt"]),
+                          ('{"prompt": "a"}\n{"system": "b"}\n', ["prompts.bad.jsonl:2", "prompt"]),
+                          ('{"prompt": 3}\n', ["prompts.bad.jsonl:1", "prompt"]),
+                          ("", ["prompts.bad.jsonl"])):
+        (tmp / "prompts.bad.jsonl").write_text(body)
+        p = run("generate", "--model", tmp / "model", "--prompts", tmp / "prompts.bad.jsonl", "--quant", "none")
+        if p.returncode != 5 or any(n not in p.stderr for n in needles):
+            failures.append(f"--prompts {body!r}: exit {p.returncode}, {p.stderr[-300:]!r}")
+    for args in (("--prompt", "x", "--prompts", tmp / "prompts.jsonl"), ()):
+        p = run("generate", "--model", tmp / "model", *args)
+        if p.returncode != 2 or "--prompt" not in p.stderr:
+            failures.append(f"generate {args}: exit {p.returncode}, {p.stderr[-300:]!r}")
     # A prompt that fills the model's context: a usage error naming both lengths, not an empty answer.
     ctx = json.loads((tmp / "model" / "config.json").read_text())["max_position_embeddings"]
     p = run("generate", "--model", tmp / "model", "--prompt", " ".join(["cat"] * (ctx + 8)), "--quant", "none")
