@@ -2487,6 +2487,49 @@ TEST_CASE("exact match over ranks: each share answers its records (index modulo 
   CHECK(r1.correct == 1);
 }
 
+TEST_CASE("exact match stops an answer at its format's end of turn: ChatML's <|im_end|> beside a base model's EOS, a "
+          "custom format's special suffix",
+          "[generate]") {
+  const auto qwen = qt::load_tokenizer(fixture("data/qwen"));
+  const int32_t im_end = qwen->token_to_id("<|im_end|>"), endoftext = qwen->token_to_id("<|endoftext|>");
+  REQUIRE(im_end >= 0);
+  REQUIRE(endoftext >= 0);
+  qt::DataConfig data;
+  data.format = qt::RecordFormat::Chat;
+  auto has_id = [](const std::vector<int32_t>& ids, int32_t id) {
+    return std::find(ids.begin(), ids.end(), id) != ids.end();
+  };
+  // (Qwen's and SmolLM2's base models end text with <|endoftext|>, their ChatML answers with <|im_end|>; exact match
+  // used to stop at EOS and Llama 3's tokens only, so such an answer ran on to max_new_tokens and never matched.)
+  for (const char* dir : {"data/qwen", "data/qwen2", "data/qwen3", "data/smollm2"}) {
+    INFO(dir);
+    const auto tok = qt::load_tokenizer(fixture(dir));
+    const int32_t id = tok->token_to_id("<|im_end|>");
+    REQUIRE(id >= 0);
+    CHECK(has_id(qt::answer_stop_ids(*tok, data), id));
+    CHECK(has_id(qt::answer_stop_ids(*tok, data), tok->eos_id()));
+  }
+  CHECK(!has_id(qt::answer_stop_ids(*qwen, data), endoftext));
+  // A base model's directory: EOS <|endoftext|> (Qwen2.5's), the answers still end at <|im_end|>.
+  const std::string base = qt::test::scratch_dir("qwen_base_tokenizer");
+  {
+    std::ifstream in(fixture("data/qwen/tokenizer.json"), std::ios::binary);
+    std::ofstream(base + "/tokenizer.json", std::ios::binary) << in.rdbuf();
+    qt::Json config = qt::Json::parse(std::ifstream(fixture("data/qwen/tokenizer_config.json")));
+    config["eos_token"] = "<|endoftext|>";
+    std::ofstream(base + "/tokenizer_config.json") << config.dump();
+  }
+  const auto base_tok = qt::load_tokenizer(base);
+  REQUIRE(base_tok->eos_id() == endoftext);
+  CHECK(has_id(qt::answer_stop_ids(*base_tok, data), im_end));
+  data.chat_template = qt::ChatTemplateChoice::Custom;
+  data.chat_format.assistant_suffix = "<|endoftext|>\n";
+  CHECK(has_id(qt::answer_stop_ids(*qwen, data), endoftext));
+  const size_t builtin = qt::answer_stop_ids(*qwen, qt::DataConfig{}).size();
+  data.chat_format.assistant_suffix = "\n### End\n";  // plain text: no id of its own
+  CHECK(qt::answer_stop_ids(*qwen, data).size() == builtin);
+}
+
 TEST_CASE("exact match reads ShareGPT conversations and compares answers without their <think> block",
           "[generate]") {
   const auto tok = qt::load_tokenizer(fixture("data/llama3"));

@@ -1,6 +1,8 @@
 #include "lib/train/exact_match.h"
 
 #include <ATen/ATen.h>
+
+#include <algorithm>
 #include <ATen/core/grad_mode.h>
 
 #include "lib/core/error.h"
@@ -28,6 +30,21 @@ std::string answer_text(const std::string& s) {
 
 }  // namespace
 
+std::vector<int32_t> answer_stop_ids(const Tokenizer& tokenizer, const DataConfig& data) {
+  std::vector<int32_t> ids;
+  if (tokenizer.eos_id() >= 0) ids.push_back(tokenizer.eos_id());
+  for (const char* t : {"<|eot_id|>", "<|end_of_text|>", "<|im_end|>"})
+    if (tokenizer.token_to_id(t) >= 0) ids.push_back(tokenizer.token_to_id(t));
+  if (data.chat_template == ChatTemplateChoice::Custom && !data.chat_format.assistant_suffix.empty()) {
+    const std::string& suffix = data.chat_format.assistant_suffix;
+    const std::vector<int32_t> special = tokenizer.encode_with_special(suffix), plain = tokenizer.encode(suffix);
+    if (!special.empty() && (plain.empty() || special.front() != plain.front())) ids.push_back(special.front());
+  }
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  return ids;
+}
+
 ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, const DataConfig& data,
                              const std::string& path, int64_t max_examples, int64_t max_new_tokens, int shard,
                              int shards, int64_t batch_tokens) {
@@ -36,9 +53,7 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
   ExactMatchResult r;
   GenerateOptions gen;
   gen.max_new_tokens = max_new_tokens;
-  if (tokenizer.eos_id() >= 0) gen.stop_ids.push_back(tokenizer.eos_id());
-  for (const char* t : {"<|eot_id|>", "<|end_of_text|>"})
-    if (tokenizer.token_to_id(t) >= 0) gen.stop_ids.push_back(tokenizer.token_to_id(t));
+  gen.stop_ids = answer_stop_ids(tokenizer, data);
   int64_t index = 0;
   std::vector<std::vector<int32_t>> prompts;
   std::vector<std::string> answers;

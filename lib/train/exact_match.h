@@ -20,6 +20,12 @@ struct ExactMatchResult {
   std::vector<std::string> samples;  // a few "prompt -> generated (expected)" lines for the log
 };
 
+// The ids that end a generated answer: the tokenizer's EOS; the end-of-turn tokens of the built-in formats where
+// the vocabulary has them (Llama 3's <|eot_id|> and <|end_of_text|>, ChatML's <|im_end|>: Qwen's and SmolLM2's base
+// models end text with <|endoftext|>, their chat answers with <|im_end|>); and a custom format's assistant suffix
+// where it starts with a special token (its first id differs from the plain encoding's).
+std::vector<int32_t> answer_stop_ids(const Tokenizer& tokenizer, const DataConfig& data);
+
 // Reads up to `max_examples` records of `path` (alpaca: instruction/input/output; completion: the completion, or
 // its last message; chat: the last assistant message is the answer). Throws qt::Error(Data) naming file:line for a
 // record without an answer (every record is checked, whatever the share). shards > 1: generates for the records
