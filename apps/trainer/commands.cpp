@@ -33,6 +33,7 @@
 #include "lib/model/peft_adapter.h"
 #include "lib/model/quantize_model.h"
 #include "lib/train/evaluate.h"
+#include "lib/train/exact_match.h"
 #include "lib/train/output_dir.h"
 #include "lib/train/train_data.h"
 #include "lib/train/run_config.h"
@@ -412,6 +413,13 @@ int run_eval(const EvalArgs& given) {
   if (!std::isfinite(r.mean_loss())) qt::fail(qt::ErrorKind::Numeric, "evaluation loss is not finite");
   qt::Json out = {{"loss", r.mean_loss()}, {"perplexity", r.perplexity()}, {"tokens", r.tokens},
                   {"records", r.documents}, {"truncated", r.truncated}};
+  if (args.exact_match > 0) {
+    const qt::ExactMatchResult em =
+        qt::exact_match(model, *tokenizer, data, args.data, args.exact_match, args.max_new_tokens);
+    out["exact_match"] = em.accuracy();
+    out["exact_match_correct"] = em.correct;
+    out["exact_match_total"] = em.total;
+  }
   std::cout << out.dump() << std::endl;
   return 0;
 }

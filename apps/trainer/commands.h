@@ -27,6 +27,8 @@ struct EvalArgs {
   std::string config;  // a run config: its model.path, data options and max_seq_len, model.quant
   std::vector<std::string> overrides;
   std::set<std::string> given;  // the options on the command line ("--format", ...): they win over --config
+  int64_t exact_match = 0;      // > 0: also the exact-match accuracy of greedy answers to the first N records
+  int64_t max_new_tokens = 32;  // per answer, with exact_match
 };
 
 struct ExportArgs {
