@@ -107,6 +107,8 @@
 #      overflow path on CUDA) and test_eval_gpu.py (about 120 s); with 46 in the same command for every [gpu] test:
 #      SUMMARY=s46.txt bash scripts/next_gpu_calls.sh 46; SUMMARY=s47.txt bash scripts/next_gpu_calls.sh 47
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
+#   51: carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, then 50's bench --generate rows (generation
+#      no longer times GEMM problems).
 #   50: carry ["build/tests/fixtures"]: build, every [gpu] test (the cached forward's among them), then bench
 #      --generate on the 8B (batch_tokens 4096 and 16384) and 1B shapes: 100 prompts of median 200 tokens, 32 new.
 #   48: carry [".peers", ".usite", ".peerscripts"]: build, issue 27's 48 GiB column (never run before): 8B 1 x 8192
@@ -482,6 +484,18 @@ case "$CALL" in
   note "   exact-match metric generates them (batches of at most a training micro-batch's tokens), against 4 without"
   note "   the cache, on the 8B and 1B shapes"
   all_gpu_tests 300
+  for args in "llama-3.1-8b 2 2048" "llama-3.1-8b 8 2048" "llama-3.2-1b 4 2048"; do
+    set -- $args
+    timeout 200 build-gpu/qlora-train bench --shape "$1" --batch "$2" --seq "$3" --generate 100 --prompt-tokens 200 \
+      --max-new-tokens 32 --uncached 4 --out "$L/gen" >"$L/gen_$1_$2.log" 2>&1
+    echo "$1 batch_tokens $(($2 * $3)): $(grep -E '^\{' "$L/gen_$1_$2.log" | tail -n 1)" | tee -a "$summary"
+    grep -iE "error|what\(\)" "$L/gen_$1_$2.log" | head -n 5 >>"$summary"
+  done
+  ;;
+51)
+  note "== generation without GEMM tuning (call 50 ran about 60 ms a forward pass at 1B as at 8B: each new shape timed"
+  note "   over cuBLASLt's candidates): the [generate] [gpu] tests, then call 50's bench --generate rows"
+  gpu_tests 120 "[generate][gpu]"
   for args in "llama-3.1-8b 2 2048" "llama-3.1-8b 8 2048" "llama-3.2-1b 4 2048"; do
     set -- $args
     timeout 200 build-gpu/qlora-train bench --shape "$1" --batch "$2" --seq "$3" --generate 100 --prompt-tokens 200 \

@@ -25,6 +25,7 @@
 #include "lib/kernels/dropout_hash.h"
 #include "lib/kernels/fused_ops.h"
 #include "lib/kernels/nf4_dequant.h"
+#include "lib/kernels/tuned_gemm.h"
 #include "lib/model/block_checkpoint.h"
 #include "lib/model/hf_loader.h"
 #include "lib/model/lora.h"
@@ -1875,6 +1876,28 @@ TEST_CASE("the cached forward pass on CUDA gives the whole forward pass's hidden
     INFO("NF4 + LoRA");
     check_cached_forward(model, tol);
   }
+  // Generation times no GEMM problem (its shapes change with every batch and step) and keeps none. The control: a
+  // forward pass outside generation on a new shape times its problems (while the process's budget of 256 lasts).
+  qt::LoadOptions opt{cuda, at::kBFloat16};
+  opt.quantize_nf4 = true;
+  qt::LlamaModel model = qt::random_llama(qt::test::tiny_llama_config(512), opt, 3);
+  qt::attach_lora(model, qt::LoraConfig{}, 4, cuda);
+  model.set_training(false);
+  const int64_t before = qt::kernels::gemm_tuner_counts().problems_tuned;
+  {
+    at::NoGradGuard no_grad;
+    model.forward_hidden(model.embed(at::full({1, 96}, 7, at::kLong).to(cuda)));
+  }
+  const int64_t tuned = qt::kernels::gemm_tuner_counts().problems_tuned;
+  INFO("problems tuned before the control " << before << ", after " << tuned);
+  if (before < 240) CHECK(tuned > before);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int32_t n : {70, 90, 130}) prompts.push_back(std::vector<int32_t>(n, 7));
+  qt::GenerateOptions o;
+  o.max_new_tokens = 3;
+  qt::generate_batch(model, prompts, o);
+  qt::generate_tokens_uncached(model, prompts[0], o);
+  CHECK(qt::kernels::gemm_tuner_counts().problems_tuned == tuned);
 }
 
 TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears in bf16 and fp32, with LoRA dropout "

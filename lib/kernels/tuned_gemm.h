@@ -39,4 +39,16 @@ GemmTunerCounts gemm_tuner_counts();
 void set_gemm_tuning(bool on);
 bool gemm_tuning();
 
+// While one lives (in any thread), a problem not seen before runs ATen's GEMM and is neither timed nor recorded;
+// kept algorithms are still used. Generation's shapes change with every batch and step: timing each would cost
+// more than it saves (measured on an H100: about 60 ms a forward pass, at 1B as at 8B) and spend the process's
+// tuning budget before training's own problems are seen (the exact-match metric generates before the first step).
+class GemmTuningPause {
+ public:
+  GemmTuningPause();
+  ~GemmTuningPause();
+  GemmTuningPause(const GemmTuningPause&) = delete;
+  GemmTuningPause& operator=(const GemmTuningPause&) = delete;
+};
+
 }  // namespace qt::kernels

@@ -11,6 +11,7 @@
 
 #include "lib/core/error.h"
 #include "lib/kernels/fused_ops.h"
+#include "lib/kernels/tuned_gemm.h"
 #include "lib/model/rope.h"
 
 namespace qt {
@@ -159,6 +160,7 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
     return results;
   }
   at::NoGradGuard no_grad;
+  kernels::GemmTuningPause no_tuning;  // (shapes that change with every batch and step)
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   size_t first = 0;
   while (first < prompts.size()) {
@@ -228,6 +230,7 @@ GenerateResult generate_tokens(const LlamaModel& model, const std::vector<int32_
   check_request(model, prompt, o);
   if (!kv_cache_applies(model) || !cache_enabled()) return generate_tokens_uncached(model, prompt, o, on_token);
   at::NoGradGuard no_grad;
+  kernels::GemmTuningPause no_tuning;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   const int64_t L = static_cast<int64_t>(prompt.size());
   KvCache cache = make_kv_cache(model, 1, L + std::max<int64_t>(o.max_new_tokens, 1));
@@ -259,6 +262,7 @@ GenerateResult generate_tokens_uncached(const LlamaModel& model, const std::vect
                                         const GenerateOptions& o, const std::function<void(int32_t)>& on_token) {
   check_request(model, prompt, o);
   at::NoGradGuard no_grad;
+  kernels::GemmTuningPause no_tuning;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   std::vector<int64_t> seq(prompt.begin(), prompt.end());
   GenerateResult r;
