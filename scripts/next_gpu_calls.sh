@@ -498,11 +498,16 @@ case "$CALL" in
   gpu_tests 120 "[generate][gpu]"
   for args in "llama-3.1-8b 2 2048" "llama-3.1-8b 8 2048" "llama-3.2-1b 4 2048"; do
     set -- $args
+    [ "$1 $2" = "llama-3.1-8b 2" ] && export QT_PROFILE_GENERATE=$L/prof || unset QT_PROFILE_GENERATE
     timeout 200 build-gpu/qlora-train bench --shape "$1" --batch "$2" --seq "$3" --generate 100 --prompt-tokens 200 \
       --max-new-tokens 32 --uncached 4 --out "$L/gen" >"$L/gen_$1_$2.log" 2>&1
     echo "$1 batch_tokens $(($2 * $3)): $(grep -E '^\{' "$L/gen_$1_$2.log" | tail -n 1)" | tee -a "$summary"
     grep -iE "error|what\(\)" "$L/gen_$1_$2.log" | head -n 5 >>"$summary"
   done
+  unset QT_PROFILE_GENERATE
+  [ -f "$L/prof/profile_kernels.txt" ] && head -n 25 "$L/prof/profile_kernels.txt" >>"$summary"
+  [ -f "$L/prof/profile_trace.json" ] && python3 scripts/trace_summary.py "$L/prof/profile_trace.json" 2>&1 |
+    head -n 40 >>"$summary"
   ;;
 46)
   note "== every [gpu] test on the current code (the last full run: the twenty-second session, 54 of 54)"

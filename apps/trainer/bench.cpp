@@ -1,6 +1,8 @@
 #include "apps/trainer/bench.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 
@@ -18,6 +20,7 @@
 #include "lib/model/lora.h"
 #include "lib/model/random_init.h"
 #include "lib/train/run_config.h"
+#include "lib/train/step_profile.h"
 #include "lib/train/trainer.h"
 
 namespace qt {
@@ -232,7 +235,62 @@ Json run_generate_bench(const BenchOptions& o) {
   const double uncached_s = seconds([&] {
     for (int64_t i = 0; i < n_uncached; ++i) same += generate_tokens_uncached(model, prompts[i], gen).tokens == batched[i].tokens;
   });
+  // Where a batch's time goes: the first batch's prompts (as generate_batch cuts them) through the prefill, then 8
+  // decoding steps timed apart: the forward pass, the last positions' logits to the host, the rows' choices.
+  Json phases;
+  {
+    at::NoGradGuard no_grad;
+    size_t rows = 1;
+    int64_t longest = static_cast<int64_t>(prompts[0].size());
+    while (rows < prompts.size() &&
+           static_cast<int64_t>(rows + 1) * (std::max<int64_t>(longest, prompts[rows].size()) + o.max_new_tokens) <=
+               o.batch * o.seq)
+      longest = std::max<int64_t>(longest, prompts[rows++].size());
+    const int64_t B = static_cast<int64_t>(rows), L = longest, steps = 8;
+    at::Tensor ids = at::zeros({B, L}, at::kLong), pos = at::zeros({B, L}, at::kLong);
+    at::Tensor valid = at::zeros({B, L}, at::kBool);
+    for (int64_t r = 0; r < B; ++r) {
+      const int64_t n = static_cast<int64_t>(prompts[r].size());
+      ids[r].narrow(0, L - n, n).copy_(at::tensor(std::vector<int64_t>(prompts[r].begin(), prompts[r].end())));
+      pos[r].narrow(0, L - n, n).copy_(at::arange(n, at::kLong));
+      valid[r].narrow(0, L - n, n).fill_(true);
+    }
+    KvCache cache = make_kv_cache(model, B, L + steps + 2);  // (2 more: the profile's steps)
+    at::Tensor hidden;
+    const double prefill = seconds([&] { hidden = forward_cached(model, cache, ids, pos, valid); });
+    double forward = 0, logits_s = 0, choose = 0;
+    at::Generator g = at::make_generator<at::CPUGeneratorImpl>(0);
+    for (int64_t t = 0; t < steps; ++t) {
+      at::Tensor logits;
+      logits_s += seconds([&] { logits = model.logits(hidden.select(1, hidden.size(1) - 1)).to(at::kCPU, at::kFloat); });
+      std::vector<int64_t> next(B);
+      choose += seconds([&] {
+        for (int64_t r = 0; r < B; ++r) next[r] = choose_next_token(logits[r], gen, g);
+      });
+      at::Tensor npos = pos.select(1, L - 1).unsqueeze(1) + t + 1;
+      forward += seconds([&] {
+        hidden = forward_cached(model, cache, at::tensor(next, at::kLong).view({B, 1}), npos, at::ones({B, 1}, at::kBool));
+      });
+    }
+    phases = Json{{"rows", B}, {"prompt_columns", L}, {"prefill_s", prefill}, {"decode_forward_s", forward / steps},
+                  {"logits_to_host_s", logits_s / steps}, {"choose_s", choose / steps}};
+    if (const char* dir = std::getenv("QT_PROFILE_GENERATE"); dir && *dir) {
+      // A kernel profile of two decoding steps of this batch (profile_trace.json, profile_kernels.txt in `dir`).
+      StepProfile profile(device.is_cuda());
+      for (int64_t t = 0; t < 2; ++t) {
+        at::Tensor logits = model.logits(hidden.select(1, hidden.size(1) - 1)).to(at::kCPU, at::kFloat);
+        std::vector<int64_t> next(B, 1);
+        hidden = forward_cached(model, cache, at::tensor(next, at::kLong).view({B, 1}),
+                                pos.select(1, L - 1).unsqueeze(1) + steps + 1 + t, at::ones({B, 1}, at::kBool));
+        (void)logits;
+      }
+      sync();
+      files::make_dirs(dir);
+      profile.finish(dir);
+    }
+  }
   Json j{{"mode", "generate"},
+         {"phases", phases},
          {"model", o.shape.empty() ? o.model : o.shape},
          {"prompts", o.generate},
          {"prompt_tokens_mean", total / static_cast<double>(o.generate)},

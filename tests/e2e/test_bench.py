@@ -205,6 +205,10 @@ def main():
         check(r["mode"] == "generate" and r["prompts"] == 5 and r["uncached_prompts"] == 5 and r["same_tokens"] == 5
               and r["batch_tokens"] == 24 and r["cached_s"] > 0 and r["speedup"] > 0 and r["max_new_tokens"] == 3,
               f"the cached batches generate every prompt's uncached tokens: {r}")
+        ph = r.get("phases", {})
+        check(1 <= ph.get("rows", 0) <= 2 and ph.get("rows", 0) * (ph.get("prompt_columns", 99) + 3) <= 24
+              and all(ph.get(k, 0) > 0 for k in ("prefill_s", "decode_forward_s", "logits_to_host_s", "choose_s")),
+              f"the first batch's phases timed apart: {ph}")
     p = bench("--model", TMP / "model", "--device", "cpu", "--generate", 2, "--uncached", -1, "--out", TMP / "g2")
     check(p.returncode != 0 and "--uncached" in p.stderr, f"a negative --uncached is refused (exit {p.returncode})")
     p = bench("--model", TMP / "model", "--out", TMP / "e4", "--device", "cpu", "--doc-tokens", -3)
