@@ -235,8 +235,9 @@ Json run_generate_bench(const BenchOptions& o) {
   const double uncached_s = seconds([&] {
     for (int64_t i = 0; i < n_uncached; ++i) same += generate_tokens_uncached(model, prompts[i], gen).tokens == batched[i].tokens;
   });
-  // Where a batch's time goes: the first batch's prompts (as generate_batch cuts them) through the prefill, then 8
-  // decoding steps timed apart: the forward pass, the last positions' logits to the host, the rows' choices.
+  // Where a batch's time goes: the first prompts that fit --batch x --seq tokens (in their order) through the
+  // prefill, then 8 decoding steps timed apart: the forward pass, the last positions' logits to the host, the rows'
+  // choices.
   Json phases;
   {
     at::NoGradGuard no_grad;

@@ -162,13 +162,19 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
   at::NoGradGuard no_grad;
   kernels::GemmTuningPause no_tuning;  // (shapes that change with every batch and step)
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
+  // Prompts of like lengths batched together (shortest first, ties in their order): less padding, and fewer batches
+  // (each decoding step reads every weight once, whatever its rows).
+  std::vector<size_t> order(prompts.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return prompts[a].size() < prompts[b].size(); });
   size_t first = 0;
   while (first < prompts.size()) {
     // The next prompts while rows x (longest prompt + new tokens) stays within batch_tokens.
     size_t end = first + 1;
-    int64_t longest = static_cast<int64_t>(prompts[first].size());
+    int64_t longest = static_cast<int64_t>(prompts[order[first]].size());
     while (end < prompts.size()) {
-      const int64_t l = std::max<int64_t>(longest, static_cast<int64_t>(prompts[end].size()));
+      const int64_t l = std::max<int64_t>(longest, static_cast<int64_t>(prompts[order[end]].size()));
       if (static_cast<int64_t>(end - first + 1) * (l + o.max_new_tokens) > batch_tokens) break;
       longest = l;
       ++end;
@@ -178,7 +184,7 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
     std::vector<uint8_t> valid(B * L, 0);
     std::vector<int64_t> length(B);  // each row's tokens so far
     for (int64_t r = 0; r < B; ++r) {
-      const auto& p = prompts[first + r];
+      const auto& p = prompts[order[first + r]];
       const int64_t pad = L - static_cast<int64_t>(p.size());
       for (size_t t = 0; t < p.size(); ++t) {
         ids[r * L + pad + t] = p[t];
@@ -198,7 +204,7 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
       std::vector<uint8_t> next_valid(B, 1);
       bool any = false;
       for (int64_t r = 0; r < B; ++r) {
-        GenerateResult& res = results[first + r];
+        GenerateResult& res = results[order[first + r]];
         if (!done[r] && o.max_seq_len > 0 && length[r] >= o.max_seq_len) done[r] = true;
         if (done[r]) {
           next_valid[r] = 0;  // a finished row runs on as padding, unread

@@ -40,10 +40,11 @@ GenerateResult generate_tokens_uncached(const LlamaModel& model, const std::vect
                                         const GenerateOptions& options,
                                         const std::function<void(int32_t)>& on_token = nullptr);
 
-// Every prompt's generation, the prompts run together in batches of at most `batch_tokens` cached tokens (rows
-// times the longest prompt plus max_new_tokens; at least one prompt a batch), left-padded to the batch's longest
-// prompt. Each row as generate_tokens would generate it alone, up to the rounding of batched products (greedy: the
-// same tokens but at near ties). Sampling draws from one generator seeded with options.seed, row after row.
+// Every prompt's generation (in the prompts' order), the prompts run together in batches of at most `batch_tokens`
+// cached tokens (rows times the longest prompt plus max_new_tokens; at least one prompt a batch), shortest prompts
+// first, left-padded to the batch's longest prompt. Each row as generate_tokens would generate it alone, up to the rounding of batched products (greedy: the
+// same tokens but at near ties). Sampling draws from one generator seeded with options.seed, row after row in the
+// batches' order.
 std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::vector<std::vector<int32_t>>& prompts,
                                            const GenerateOptions& options, int64_t batch_tokens = 8192);
 
