@@ -61,6 +61,18 @@ void check_request(const LlamaModel& model, const std::vector<int32_t>& prompt, 
                                  "the tokenizer and the model do not belong together");
 }
 
+// Greedy decoding's choice for every row of `logits` [B, V] where it lies (argmax, the lowest id on ties, as
+// choose_next_token), only the ids copied to the host; empty when sampling. Non-finite logits: choose_next_token's
+// error.
+std::vector<int64_t> greedy_tokens(const at::Tensor& logits, const GenerateOptions& o) {
+  if (o.temperature != 0) return {};
+  if (!at::isfinite(logits).all().item<bool>())
+    fail(ErrorKind::Numeric, "generate: the model's next-token logits hold NaN or infinite values (a broken model "
+                             "directory or adapter: its weights, or the NF4 statistics of a pre-quantized one)");
+  const at::Tensor ids = logits.argmax(-1).to(at::kCPU, at::kLong).contiguous();
+  return std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
+}
+
 bool cache_enabled() {
   const char* v = std::getenv("QT_GENERATE_CACHE");
   return !(v && std::strcmp(v, "0") == 0);
@@ -86,16 +98,19 @@ at::Tensor cached_block(const LlamaModel& m, size_t layer, const at::Tensor& h, 
   k = rope_fused(k, cos, sin);
   c.k[layer].narrow(1, c.length, S).copy_(k);
   c.v[layer].narrow(1, c.length, S).copy_(v);
-  // [B, heads, columns, hd]; the kv heads repeated for the query heads (as transformers' repeat_kv), so that SDPA may
-  // take its memory-efficient kernel with the mask.
+  // [B, heads, columns, hd]. Several new tokens (a prompt): the kv heads repeated for the query heads (as
+  // transformers' repeat_kv), so that SDPA takes a fused kernel with the mask rather than the math path's
+  // [B, heads, S, columns] scores; one new token a row: the heads grouped as they are (no copy of the cache).
   at::Tensor keys = c.k[layer].narrow(1, 0, c.length + S).transpose(1, 2);
   at::Tensor values = c.v[layer].narrow(1, 0, c.length + S).transpose(1, 2);
-  if (Hkv != Hq) {
+  const bool grouped = Hkv != Hq && S == 1;
+  if (Hkv != Hq && !grouped) {
     keys = keys.repeat_interleave(Hq / Hkv, 1);
     values = values.repeat_interleave(Hq / Hkv, 1);
   }
   const at::Tensor o = at::scaled_dot_product_attention(q.transpose(1, 2), keys, values, mask, /*dropout_p=*/0.0,
-                                                        /*is_causal=*/false, 1.0 / std::sqrt(static_cast<double>(hd)));
+                                                        /*is_causal=*/false, 1.0 / std::sqrt(static_cast<double>(hd)),
+                                                        /*enable_gqa=*/grouped);
   const at::Tensor attn = b.o_proj.forward(o.transpose(1, 2).reshape({B, S, cfg.q_size()}), pass);
   const at::Tensor r = h + attn;
   return r + m.mlp(b, rms_norm_fused(r, b.post_attention_layernorm, cfg.rms_norm_eps), pass);
@@ -139,8 +154,11 @@ at::Tensor forward_cached(const LlamaModel& model, KvCache& c, const at::Tensor&
   if (model.config.sliding_window) see = see & (rows - cols < *model.config.sliding_window);
   const at::Tensor mask =
       ((c.valid.narrow(1, 0, T).unsqueeze(1) & see.unsqueeze(0)) | (cols == rows).unsqueeze(0)).unsqueeze(1);
-  const Pass pass = model.base_pass();
-  if (pass.factors && pass.refresh_factors) pass.factors->refresh(pass.stats);
+  // The LoRA factors in the compute dtype from the model's cache whatever the plan (made once, written again after
+  // an optimizer step), not some ten cast, cat and copy kernels a linear at every step.
+  Pass pass = model.base_pass();
+  if (!pass.factors) pass.factors = model.lora_factor_cache.get();
+  if (pass.refresh_factors) pass.factors->refresh(pass.stats);
   at::Tensor h = model.embed(ids);
   for (size_t i = 0; i < model.layers.size(); ++i) {
     if (model.block_hooks) model.block_hooks->before_block(i, /*backward=*/false);
@@ -199,7 +217,9 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
                                        at::tensor(valid, at::kByte).view({B, L}));
     std::vector<bool> done(B, false);
     for (int64_t step = 0; step < o.max_new_tokens; ++step) {
-      at::Tensor logits = model.logits(hidden.select(1, hidden.size(1) - 1)).to(at::kCPU, at::kFloat);
+      const at::Tensor last = model.logits(hidden.select(1, hidden.size(1) - 1));
+      const std::vector<int64_t> greedy = greedy_tokens(last, o);
+      const at::Tensor logits = greedy.empty() ? last.to(at::kCPU, at::kFloat) : at::Tensor();  // sampling: the host's
       std::vector<int64_t> next(B, 0), next_pos(B, 0);
       std::vector<uint8_t> next_valid(B, 1);
       bool any = false;
@@ -210,7 +230,7 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
           next_valid[r] = 0;  // a finished row runs on as padding, unread
           continue;
         }
-        const auto t = static_cast<int32_t>(choose_next_token(logits[r], o, gen));
+        const auto t = static_cast<int32_t>(greedy.empty() ? choose_next_token(logits[r], o, gen) : greedy[r]);
         res.tokens.push_back(t);
         next[r] = t;
         next_pos[r] = length[r]++;
