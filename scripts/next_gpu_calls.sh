@@ -493,8 +493,8 @@ case "$CALL" in
   done
   ;;
 51)
-  note "== generation without GEMM tuning (call 50 ran about 60 ms a forward pass at 1B as at 8B: each new shape timed"
-  note "   over cuBLASLt's candidates): the [generate] [gpu] tests, then call 50's bench --generate rows"
+  note "== generation without GEMM tuning (in call 50 each new shape was timed over cuBLASLt's candidates) and its"
+  note "   prompts batched by length: the [generate] [gpu] tests, then call 50's bench --generate rows"
   gpu_tests 120 "[generate][gpu]"
   for args in "llama-3.1-8b 2 2048" "llama-3.1-8b 8 2048" "llama-3.2-1b 4 2048"; do
     set -- $args
