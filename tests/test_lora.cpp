@@ -1801,10 +1801,14 @@ TEST_CASE("the cached forward pass gives the whole forward pass's hidden states,
   }
   // The window is really crossed: 15 tokens against Mistral's 5.
   REQUIRE(*qt::load_llama(fixture("llama/mistral_window/model"), {}).config.sliding_window == 5);
-  for (const char* adapter : {"all_targets", "dora_all"}) {
-    INFO(adapter);
-    qt::LlamaModel model = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
-    qt::load_peft_adapter(model, fixture(std::string("lora/") + adapter + "/adapter"));
+  // NF4 bases with adapters: q / k / v as one projection (project_group) and RoPE in one call, Qwen3's norms in it;
+  // DoRA and Qwen2's biases through the linears one by one.
+  for (const auto& [base, adapter] : std::vector<std::pair<std::string, std::string>>{
+           {"base_nf4", "all_targets"}, {"base_nf4", "dora_all"}, {"base_qwen3_nf4", "qwen3_all"},
+           {"base_qwen2_nf4", "qwen2_all"}}) {
+    INFO(base << " + " << adapter);
+    qt::LlamaModel model = qt::load_llama(fixture("lora/" + base), nf4_load());
+    qt::load_peft_adapter(model, fixture("lora/" + adapter + "/adapter"));
     check_cached_forward(model, 1e-5);
   }
   // Dynamic RoPE's frequencies follow the longest position: no cache there.

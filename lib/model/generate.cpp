@@ -12,6 +12,7 @@
 #include "lib/core/error.h"
 #include "lib/kernels/fused_ops.h"
 #include "lib/kernels/tuned_gemm.h"
+#include "lib/model/projection_group.h"
 #include "lib/model/rope.h"
 
 namespace qt {
@@ -87,15 +88,25 @@ at::Tensor cached_block(const LlamaModel& m, size_t layer, const at::Tensor& h, 
   const int64_t B = h.size(0), S = h.size(1), hd = cfg.head_dim;
   const int64_t Hq = cfg.num_attention_heads, Hkv = cfg.num_key_value_heads;
   const at::Tensor x = rms_norm_fused(h, b.input_layernorm, cfg.rms_norm_eps);
-  at::Tensor q = b.q_proj.forward(x, pass).view({B, S, Hq, hd});
-  at::Tensor k = b.k_proj.forward(x, pass).view({B, S, Hkv, hd});
-  const at::Tensor v = b.v_proj.forward(x, pass).view({B, S, Hkv, hd});
-  if (b.q_norm.defined()) {  // Qwen3's per-head norms before RoPE
-    q = rms_norm(q, b.q_norm, cfg.rms_norm_eps);
-    k = rms_norm(k, b.k_norm, cfg.rms_norm_eps);
+  at::Tensor q, k, v;
+  // q, k and v as one projection and RoPE in one launch where project_group takes them, as attention() runs them
+  // (one dequantization and one GEMM instead of three each: a decoding step is bound by its launches).
+  if (const at::Tensor qkv = project_group({&b.q_proj, &b.k_proj, &b.v_proj}, x, pass); qkv.defined()) {
+    const auto rotated = b.q_norm.defined()
+                             ? rope_qkv_norm(qkv, cos, sin, Hq, Hkv, QkNorm{b.q_norm, b.k_norm, cfg.rms_norm_eps})
+                             : rope_qkv(qkv, cos, sin, Hq, Hkv);
+    q = rotated[0], k = rotated[1], v = rotated[2];
+  } else {
+    q = b.q_proj.forward(x, pass).view({B, S, Hq, hd});
+    k = b.k_proj.forward(x, pass).view({B, S, Hkv, hd});
+    v = b.v_proj.forward(x, pass).view({B, S, Hkv, hd});
+    if (b.q_norm.defined()) {  // Qwen3's per-head norms before RoPE
+      q = rms_norm(q, b.q_norm, cfg.rms_norm_eps);
+      k = rms_norm(k, b.k_norm, cfg.rms_norm_eps);
+    }
+    q = rope_fused(q, cos, sin);
+    k = rope_fused(k, cos, sin);
   }
-  q = rope_fused(q, cos, sin);
-  k = rope_fused(k, cos, sin);
   c.k[layer].narrow(1, c.length, S).copy_(k);
   c.v[layer].narrow(1, c.length, S).copy_(v);
   // [B, heads, columns, hd]. Several new tokens (a prompt): the kv heads repeated for the query heads (as
