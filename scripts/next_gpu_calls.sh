@@ -107,6 +107,7 @@
 #      overflow path on CUDA) and test_eval_gpu.py (about 120 s); with 46 in the same command for every [gpu] test:
 #      SUMMARY=s46.txt bash scripts/next_gpu_calls.sh 46; SUMMARY=s47.txt bash scripts/next_gpu_calls.sh 47
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
+#   52: carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, bench --generate at 8B / 16,384 (about 170 s).
 #   51: carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, then 50's bench --generate rows (generation
 #      no longer times GEMM problems).
 #   50: carry ["build/tests/fixtures"]: build, every [gpu] test (the cached forward's among them), then bench
@@ -508,6 +509,15 @@ case "$CALL" in
   [ -f "$L/prof/profile_kernels.txt" ] && head -n 25 "$L/prof/profile_kernels.txt" >>"$summary"
   [ -f "$L/prof/profile_trace.json" ] && python3 scripts/trace_summary.py "$L/prof/profile_trace.json" 2>&1 |
     head -n 40 >>"$summary"
+  ;;
+52)
+  note "== the review's fixes to generation (q / k / v as one projection, the factors in the generation's own cache,"
+  note "   each row's sampling generator, the cache within the context): the [generate] [gpu] tests, 8B at 16,384"
+  gpu_tests 60 "[generate][gpu]"
+  timeout 90 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 8 --seq 2048 --generate 100 --prompt-tokens 200 \
+    --max-new-tokens 32 --uncached 2 --out "$L/gen" >"$L/gen_52.log" 2>&1
+  echo "llama-3.1-8b batch_tokens 16384: $(grep -E '^\{' "$L/gen_52.log" | tail -n 1)" | tee -a "$summary"
+  grep -iE "error|what\(\)" "$L/gen_52.log" | head -n 5 >>"$summary"
   ;;
 46)
   note "== every [gpu] test on the current code (the last full run: the twenty-second session, 54 of 54)"

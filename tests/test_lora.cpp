@@ -1850,12 +1850,18 @@ TEST_CASE("generation through the cache, one prompt or several at once, gives th
   CHECK(qt::generate_tokens(model, prompts[0], o).tokens.size() == 2);
   CHECK(qt::generate_batch(model, prompts, o)[0].tokens.size() == 2);
   CHECK(qt::generate_batch(model, prompts, o)[1].tokens.size() == 7);
-  // Sampling draws the same tokens from the same seed (the same logits to float rounding).
+  // Sampling draws the same tokens from the same seed (the same logits to float rounding); in a batch each row from
+  // its own generator, so that a row's tokens do not depend on the other prompts.
   o.max_seq_len = 0;
   o.temperature = 0.8;
   o.top_p = 0.9;
   o.seed = 3;
   CHECK(qt::generate_tokens(model, prompts[0], o).tokens == qt::generate_tokens_uncached(model, prompts[0], o).tokens);
+  const std::vector<qt::GenerateResult> sampled = qt::generate_batch(model, prompts, o);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    INFO("sampled prompt " << i);
+    CHECK(sampled[i].tokens == qt::generate_tokens_uncached(model, prompts[i], o).tokens);
+  }
   // Dynamic RoPE takes the uncached path.
   qt::LlamaModel dynamic = qt::load_llama(fixture("llama/dynamic_rope/model"), {});
   o.temperature = 0;

@@ -16,6 +16,7 @@
 
 #include "lib/core/error.h"
 #include "lib/core/files.h"
+#include "lib/kernels/tuned_gemm.h"
 #include "lib/model/generate.h"
 #include "lib/model/lora.h"
 #include "lib/model/random_init.h"
@@ -191,9 +192,9 @@ Json run_bench(const BenchOptions& o) {
 Json run_generate_bench(const BenchOptions& o) {
   if (o.shape.empty() == o.model.empty()) fail(ErrorKind::Usage, "bench: give one of --shape NAME or --model DIR");
   if (o.generate <= 0 || o.prompt_tokens <= 0 || o.max_new_tokens <= 0 || o.uncached < 0 || o.batch <= 0 ||
-      o.seq <= 0)
-    fail(ErrorKind::Usage,
-         "bench --generate: --generate, --prompt-tokens, --max-new-tokens, --batch and --seq > 0, --uncached >= 0");
+      o.seq <= o.max_new_tokens)
+    fail(ErrorKind::Usage, "bench --generate: --generate, --prompt-tokens, --max-new-tokens and --batch > 0, --seq > "
+                           "--max-new-tokens, --uncached >= 0");
   LlamaConfig shape = o.shape.empty() ? LlamaConfig::from_file(files::join(o.model, "config.json"))
                                       : shape_config(o.shape, "bench", "--shape");
   const at::Device device = o.device == "cpu" ? at::Device(at::kCPU) : at::Device(at::kCUDA, 0);
@@ -241,6 +242,7 @@ Json run_generate_bench(const BenchOptions& o) {
   Json phases;
   {
     at::NoGradGuard no_grad;
+    kernels::GemmTuningPause no_tuning;  // (as generate_batch runs them)
     size_t rows = 1;
     int64_t longest = static_cast<int64_t>(prompts[0].size());
     while (rows < prompts.size() &&

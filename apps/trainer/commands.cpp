@@ -558,12 +558,17 @@ std::vector<int32_t> generation_prompt(const GenerateArgs& args, const qt::Token
 std::vector<std::pair<int64_t, std::vector<int32_t>>> file_prompts(const GenerateArgs& args,
                                                                    const qt::Tokenizer& tokenizer) {
   std::vector<std::pair<int64_t, std::vector<int32_t>>> out;
+  const qt::LlamaConfig config = qt::LlamaConfig::from_file(qt::files::join(args.model, "config.json"));
   for (const auto& record : qt::read_jsonl(args.prompts)) {
     const std::string where = args.prompts + ":" + std::to_string(record.line);
     for (const auto& [key, value] : record.value.items())
       if (key != "prompt" && key != "input" && key != "system")
         qt::fail_at(qt::ErrorKind::Data, where,
                     "unknown key \"" + key + "\" (a --prompts record holds \"prompt\", and \"input\" or \"system\")");
+    if (record.value.contains("input") && args.format != "alpaca")
+      qt::fail_at(qt::ErrorKind::Data, where, "\"input\" is an alpaca record's input (--format alpaca)");
+    if (record.value.contains("system") && args.format != "chat")
+      qt::fail_at(qt::ErrorKind::Data, where, "\"system\" is a chat record's system message (--format chat)");
     GenerateArgs one = args;
     one.prompt = qt::record_string(record, args.prompts, "prompt");
     if (record.value.contains("input")) one.input = qt::record_string(record, args.prompts, "input");
@@ -573,7 +578,19 @@ std::vector<std::pair<int64_t, std::vector<int32_t>>> file_prompts(const Generat
     } catch (const qt::Error& e) {
       qt::fail_at(e.kind(), where, e.what());
     }
-    if (out.back().second.empty()) qt::fail_at(qt::ErrorKind::Data, where, "the prompt encodes to no tokens");
+    const std::vector<int32_t>& ids = out.back().second;
+    if (ids.empty()) qt::fail_at(qt::ErrorKind::Data, where, "the prompt encodes to no tokens");
+    if (args.max_new_tokens > 0 && static_cast<int64_t>(ids.size()) >= config.max_position_embeddings)
+      qt::fail_at(qt::ErrorKind::Data, where,
+                  "the prompt is " + std::to_string(ids.size()) + " tokens, and the model's context (config.json's " +
+                      "max_position_embeddings) is " + std::to_string(config.max_position_embeddings) +
+                      ": no token can follow it; shorten the prompt");
+    for (int32_t id : ids)
+      if (id < 0 || id >= config.vocab_size)
+        qt::fail_at(qt::ErrorKind::Model, where,
+                    "the prompt holds token id " + std::to_string(id) + " and the model has " +
+                        std::to_string(config.vocab_size) + " embeddings (config.json's vocab_size): the tokenizer "
+                        "and the model do not belong together");
   }
   return out;
 }

@@ -12,6 +12,7 @@
 #include "lib/core/error.h"
 #include "lib/kernels/fused_ops.h"
 #include "lib/kernels/tuned_gemm.h"
+#include "lib/model/block_checkpoint.h"
 #include "lib/model/projection_group.h"
 #include "lib/model/rope.h"
 
@@ -74,6 +75,14 @@ std::vector<int64_t> greedy_tokens(const at::Tensor& logits, const GenerateOptio
   return std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
 }
 
+// Columns a cache needs after prompts of at least `shortest` tokens: the new tokens, at most up to the context
+// (max_seq_len), at least one.
+int64_t new_columns(const GenerateOptions& o, int64_t shortest) {
+  int64_t n = o.max_new_tokens;
+  if (o.max_seq_len > 0) n = std::min<int64_t>(n, o.max_seq_len - shortest);
+  return std::max<int64_t>(n, 1);
+}
+
 bool cache_enabled() {
   const char* v = std::getenv("QT_GENERATE_CACHE");
   return !(v && std::strcmp(v, "0") == 0);
@@ -111,7 +120,7 @@ at::Tensor cached_block(const LlamaModel& m, size_t layer, const at::Tensor& h, 
   c.v[layer].narrow(1, c.length, S).copy_(v);
   // [B, heads, columns, hd]. Several new tokens (a prompt): the kv heads repeated for the query heads (as
   // transformers' repeat_kv), so that SDPA takes a fused kernel with the mask rather than the math path's
-  // [B, heads, S, columns] scores; one new token a row: the heads grouped as they are (no copy of the cache).
+  // [B, heads, S, columns] scores; one new token a row: the heads grouped as they are, SDPA's enable_gqa.
   at::Tensor keys = c.k[layer].narrow(1, 0, c.length + S).transpose(1, 2);
   at::Tensor values = c.v[layer].narrow(1, 0, c.length + S).transpose(1, 2);
   const bool grouped = Hkv != Hq && S == 1;
@@ -124,6 +133,9 @@ at::Tensor cached_block(const LlamaModel& m, size_t layer, const at::Tensor& h, 
                                                         /*enable_gqa=*/grouped);
   const at::Tensor attn = b.o_proj.forward(o.transpose(1, 2).reshape({B, S, cfg.q_size()}), pass);
   const at::Tensor r = h + attn;
+  // The MLP in the plan's token chunks where it has them (a long prompt's [tokens, intermediate] activations).
+  if (m.plan.mlp_chunk_tokens > 0 && B * S > m.plan.mlp_chunk_tokens)
+    return chunked_mlp_residual(m, layer, r, m.plan.mlp_chunk_tokens, pass);
   return r + m.mlp(b, rms_norm_fused(r, b.post_attention_layernorm, cfg.rms_norm_eps), pass);
 }
 
@@ -141,6 +153,7 @@ KvCache make_kv_cache(const LlamaModel& model, int64_t batch, int64_t capacity) 
   }
   c.valid = at::zeros({batch, capacity}, opts.dtype(at::kBool));
   c.capacity = capacity;
+  if (!model.base_pass().factors) c.factors = std::make_shared<LoraFactorCache>();
   return c;
 }
 
@@ -165,11 +178,11 @@ at::Tensor forward_cached(const LlamaModel& model, KvCache& c, const at::Tensor&
   if (model.config.sliding_window) see = see & (rows - cols < *model.config.sliding_window);
   const at::Tensor mask =
       ((c.valid.narrow(1, 0, T).unsqueeze(1) & see.unsqueeze(0)) | (cols == rows).unsqueeze(0)).unsqueeze(1);
-  // The LoRA factors in the compute dtype from the model's cache whatever the plan (made once, written again after
-  // an optimizer step), not some ten cast, cat and copy kernels a linear at every step.
+  // The LoRA factors in the compute dtype made once for the cache's passes (the model's cache where the plan keeps
+  // one, else the KvCache's own), not some ten cast, cat and copy kernels a linear at every step.
   Pass pass = model.base_pass();
-  if (!pass.factors) pass.factors = model.lora_factor_cache.get();
-  if (pass.refresh_factors) pass.factors->refresh(pass.stats);
+  if (!pass.factors) pass.factors = c.factors.get();
+  if (pass.factors && pass.refresh_factors) pass.factors->refresh(pass.stats);
   at::Tensor h = model.embed(ids);
   for (size_t i = 0; i < model.layers.size(); ++i) {
     if (model.block_hooks) model.block_hooks->before_block(i, /*backward=*/false);
@@ -190,7 +203,6 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
   }
   at::NoGradGuard no_grad;
   kernels::GemmTuningPause no_tuning;  // (shapes that change with every batch and step)
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   // Prompts of like lengths batched together (shortest first, ties in their order): less padding, and fewer batches
   // (each decoding step reads every weight once, whatever its rows).
   std::vector<size_t> order(prompts.size());
@@ -204,7 +216,8 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
     int64_t longest = static_cast<int64_t>(prompts[order[first]].size());
     while (end < prompts.size()) {
       const int64_t l = std::max<int64_t>(longest, static_cast<int64_t>(prompts[order[end]].size()));
-      if (static_cast<int64_t>(end - first + 1) * (l + o.max_new_tokens) > batch_tokens) break;
+      const int64_t columns = l + new_columns(o, static_cast<int64_t>(prompts[order[first]].size()));
+      if (static_cast<int64_t>(end - first + 1) * columns > batch_tokens) break;
       longest = l;
       ++end;
     }
@@ -222,7 +235,10 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
       }
       length[r] = static_cast<int64_t>(p.size());
     }
-    KvCache cache = make_kv_cache(model, B, L + std::max<int64_t>(o.max_new_tokens, 1));
+    KvCache cache = make_kv_cache(model, B, L + new_columns(o, static_cast<int64_t>(prompts[order[first]].size())));
+    std::vector<at::Generator> gens;  // sampling: a row's own, as generate_tokens seeds it
+    if (o.temperature != 0)
+      for (int64_t r = 0; r < B; ++r) gens.push_back(at::make_generator<at::CPUGeneratorImpl>(o.seed));
     auto as_tensor = [&](std::vector<int64_t>& v, int64_t S) { return at::tensor(v, at::kLong).view({B, S}); };
     at::Tensor hidden = forward_cached(model, cache, as_tensor(ids, L), as_tensor(pos, L),
                                        at::tensor(valid, at::kByte).view({B, L}));
@@ -241,7 +257,7 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
           next_valid[r] = 0;  // a finished row runs on as padding, unread
           continue;
         }
-        const auto t = static_cast<int32_t>(greedy.empty() ? choose_next_token(logits[r], o, gen) : greedy[r]);
+        const auto t = static_cast<int32_t>(greedy.empty() ? choose_next_token(logits[r], o, gens[r]) : greedy[r]);
         res.tokens.push_back(t);
         next[r] = t;
         next_pos[r] = length[r]++;
@@ -270,7 +286,7 @@ GenerateResult generate_tokens(const LlamaModel& model, const std::vector<int32_
   kernels::GemmTuningPause no_tuning;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
   const int64_t L = static_cast<int64_t>(prompt.size());
-  KvCache cache = make_kv_cache(model, 1, L + std::max<int64_t>(o.max_new_tokens, 1));
+  KvCache cache = make_kv_cache(model, 1, L + new_columns(o, L));
   std::vector<int64_t> ids(prompt.begin(), prompt.end()), pos(L);
   for (int64_t t = 0; t < L; ++t) pos[t] = t;
   at::Tensor hidden = forward_cached(model, cache, at::tensor(ids, at::kLong).view({1, L}),

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "lib/model/llama.h"
@@ -40,11 +41,11 @@ GenerateResult generate_tokens_uncached(const LlamaModel& model, const std::vect
                                         const GenerateOptions& options,
                                         const std::function<void(int32_t)>& on_token = nullptr);
 
-// Every prompt's generation (in the prompts' order), the prompts run together in batches of at most `batch_tokens`
+// Every prompt's generation (in the prompts' order; sampling: each row from its own generator seeded with
+// options.seed, so that a row's tokens do not depend on the other prompts), the prompts run together in batches of at most `batch_tokens`
 // cached tokens (rows times the longest prompt plus max_new_tokens; at least one prompt a batch), shortest prompts
 // first, left-padded to the batch's longest prompt. Each row as generate_tokens would generate it alone, up to the rounding of batched products (greedy: the
-// same tokens but at near ties). Sampling draws from one generator seeded with options.seed, row after row in the
-// batches' order.
+// same tokens but at near ties).
 std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::vector<std::vector<int32_t>>& prompts,
                                            const GenerateOptions& options, int64_t batch_tokens = 8192);
 
@@ -58,6 +59,9 @@ struct KvCache {
   at::Tensor valid;     // [B, capacity] bool
   int64_t length = 0;   // columns written
   int64_t capacity = 0;
+  // The LoRA factors in the compute dtype for these passes where the model's plan keeps none (made at the first
+  // step, read by the others, gone with the cache); null: the model's own cache.
+  std::shared_ptr<LoraFactorCache> factors;
 };
 KvCache make_kv_cache(const LlamaModel& model, int64_t batch, int64_t capacity);
 

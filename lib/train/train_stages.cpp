@@ -705,11 +705,13 @@ double Evaluator::task_metric(const char* when, int64_t step) {
   GatherScope embeddings(parallel_.sharded(), FullyShard::Root::Embeddings),
       head(parallel_.sharded(), FullyShard::Root::LmHead);
   const bool split = !parallel_.sharded() && s_.world > 1;
-  // The generations run at most a training micro-batch's tokens at once (their key / value cache and the prompts'
-  // forward pass, without gradient), which the plan made room for.
+  // The generations run at most half a training micro-batch's tokens at once: a token's keys and values in every
+  // block (128 KiB at Llama 3.1 8B) and its share of the prompts' forward pass (no gradient; the MLP in the plan's
+  // chunks) stay under what a training step holds for a token, even where the plan offloads the block inputs.
   ExactMatchResult em = exact_match(*m_.model, *d_.tokenizer, d_.data->config(), cfg_.eval.exact_match_file,
                                     cfg_.eval.max_examples, cfg_.eval.max_new_tokens, split ? s_.comm->rank() : 0,
-                                    split ? s_.world : 1, std::max<int64_t>(1, s_.micro) * d_.data->max_seq_len());
+                                    split ? s_.world : 1,
+                                    std::max<int64_t>(1, std::max<int64_t>(1, s_.micro) * d_.data->max_seq_len() / 2));
   if (split) {
     const auto wire = s_.device.is_cuda() ? at::kFloat : at::kDouble;  // (counts exact in float below 2^24)
     at::Tensor counts = at::tensor(std::vector<double>{static_cast<double>(em.correct), static_cast<double>(em.total)},

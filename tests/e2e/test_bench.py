@@ -211,6 +211,9 @@ def main():
               f"the first batch's phases timed apart: {ph}")
     p = bench("--model", TMP / "model", "--device", "cpu", "--generate", 2, "--uncached", -1, "--out", TMP / "g2")
     check(p.returncode != 0 and "--uncached" in p.stderr, f"a negative --uncached is refused (exit {p.returncode})")
+    p = bench("--model", TMP / "model", "--device", "cpu", "--generate", 2, "--seq", 8, "--max-new-tokens", 8,
+              "--out", TMP / "g3")
+    check(p.returncode == 2 and "--seq" in p.stderr, f"--seq not above --max-new-tokens is refused (exit {p.returncode})")
     p = bench("--model", TMP / "model", "--out", TMP / "e4", "--device", "cpu", "--doc-tokens", -3)
     check(p.returncode != 0 and "--doc-tokens" in p.stderr, f"a negative --doc-tokens is refused (exit {p.returncode})")
     p = bench("--shape", "llama-9-huge", "--out", TMP / "e1", "--device", "cpu")

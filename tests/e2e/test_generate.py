@@ -104,7 +104,13 @@ def main():
                                  "none", "--json"))
         if len(lines) != 2 or lines[i]["prompt_ids"] != alone["prompt_ids"] or lines[i]["ids"] != alone["ids"]:
             failures.append(f"--prompts chat record {i + 1}: {lines[i] if i < len(lines) else None} against {alone}")
+    ctx = json.loads((tmp / "model" / "config.json").read_text())["max_position_embeddings"]
+    long_prompt = " ".join(["cat"] * (ctx + 8))
     for body, needles in (('{"prompt": "a"}\n{"promt": "b"}\n', ["prompts.bad.jsonl:2", "promt"]),
+                          ('{"prompt": "a"}\n' + json.dumps({"prompt": long_prompt}) + "\n",
+                           ["prompts.bad.jsonl:2", "max_position_embeddings", f"is {ctx}"]),
+                          ('{"prompt": "a", "input": "b"}\n', ["prompts.bad.jsonl:1", '"input"', "--format alpaca"]),
+                          ('{"prompt": "a", "system": "b"}\n', ["prompts.bad.jsonl:1", '"system"', "--format chat"]),
                           ('{"prompt": "a"}\n{"system": "b"}\n', ["prompts.bad.jsonl:2", "prompt"]),
                           ('{"prompt": 3}\n', ["prompts.bad.jsonl:1", "prompt"]),
                           ("", ["prompts.bad.jsonl"])):
