@@ -248,13 +248,14 @@ int main(int argc, char** argv) {
                    "where these options are not given")
       ->check(kPath);
   eval_cmd->add_option("--set", eval.overrides, "override a key of --config: --set data.max_seq_len=512 (repeatable)");
-  eval_cmd->add_option("--exact-match", eval.exact_match,
+  CLI::Option* exact_match_opt = eval_cmd->add_option("--exact-match", eval.exact_match,
                        "also the exact-match accuracy of greedy answers to the first N records, as training's "
                        "eval.exact_match_file measures it (answers: alpaca's output, a completion, a last assistant "
                        "message)")
       ->check(kPositive);
   eval_cmd->add_option("--max-new-tokens", eval.max_new_tokens, "with --exact-match: tokens generated per answer")
-      ->check(kPositive);
+      ->check(kPositive)
+      ->needs(exact_match_opt);
 
   ExportArgs exp;
   CLI::App* export_cmd = app.add_subcommand("export", "Write an adapter in PEFT format, or merged into a 16-bit HF model (--merge)");

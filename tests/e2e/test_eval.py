@@ -85,6 +85,9 @@ def main():
                   ["config.json", "vocab_size 300", "do not belong together"]))
     # A number beyond a double through --set (an internal error; in a config file it was a config error).
     cases.append((("plan", "--shape", "llama-3.2-1b", "--set", "optim.lr=1e999"), 3, ["optim.lr=1e999", "out of range"]))
+    # --max-new-tokens is exact match's (eval --exact-match N): alone it is a usage error, not ignored.
+    cases.append((("eval", "--model", str(small), "--data", str(data), "--max-new-tokens", "5"), 2,
+                  ["--max-new-tokens", "--exact-match"]))
     failures += exit_case_failures(run, cases)
     for v in ("--help", "--version"):
         p = run(v)
