@@ -1799,6 +1799,18 @@ TEST_CASE("the cached forward pass gives the whole forward pass's hidden states,
     REQUIRE(qt::kv_cache_applies(model));
     check_cached_forward(model, 1e-5);
   }
+  // A plan that runs the MLP in chunks of 5 tokens: the prefill's 22 rows of columns go through them.
+  {
+    qt::LlamaModel model = qt::load_llama(fixture("llama/gqa_untied/model"), {});
+    model.plan.mlp_chunk_tokens = 5;
+    INFO("MLP in chunks of 5 tokens");
+    check_cached_forward(model, 1e-5);
+    qt::KvCache cache = qt::make_kv_cache(model, 1, 8);
+    const int64_t before = model.stats->mlp_chunked_passes;
+    qt::forward_cached(model, cache, at::full({1, 8}, 3, at::kLong), at::arange(8, at::kLong).view({1, 8}),
+                       at::ones({1, 8}, at::kBool));
+    CHECK(model.stats->mlp_chunked_passes > before);  // (the cached path itself chunked)
+  }
   // The window is really crossed: 15 tokens against Mistral's 5.
   REQUIRE(*qt::load_llama(fixture("llama/mistral_window/model"), {}).config.sliding_window == 5);
   // NF4 bases with adapters: q / k / v as one projection (project_group) and RoPE in one call, Qwen3's norms in it;
