@@ -512,12 +512,11 @@ int run_export(const ExportArgs& args) {
   return 0;
 }
 
-// Ids that end generation: the tokenizer's EOS, generation_config.json's and config.json's eos_token_id (an id
-// or a list; transformers' generate falls back on the model config's), and Llama 3's end-of-turn token when the
-// vocabulary has it, and ChatML's end of turn.
+// Ids that end generation: an answer's (answer_stop_ids: the tokenizer's EOS, Llama 3's and ChatML's end-of-turn
+// tokens where the vocabulary has them), and generation_config.json's and config.json's eos_token_id (an id or a
+// list; transformers' generate falls back on the model config's).
 std::vector<int32_t> stop_ids(const std::string& model_dir, const qt::Tokenizer& tokenizer) {
-  std::vector<int32_t> ids;
-  if (tokenizer.eos_id() >= 0) ids.push_back(tokenizer.eos_id());
+  std::vector<int32_t> ids = qt::answer_stop_ids(tokenizer, qt::DataConfig{});
   for (const char* name : {"generation_config.json", "config.json"}) {
     const std::string gen = qt::files::join(model_dir, name);
     if (!qt::files::exists(gen)) continue;
@@ -530,8 +529,6 @@ std::vector<int32_t> stop_ids(const std::string& model_dir, const qt::Tokenizer&
           if (v.is_number_integer()) ids.push_back(v.get<int32_t>());
     }
   }
-  for (const char* t : {"<|eot_id|>", "<|end_of_text|>", "<|im_end|>"})
-    if (int32_t id = tokenizer.token_to_id(t); id >= 0) ids.push_back(id);
   return ids;
 }
 

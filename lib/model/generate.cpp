@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "lib/core/error.h"
 #include "lib/kernels/fused_ops.h"
@@ -278,41 +279,12 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
   return results;
 }
 
-GenerateResult generate_tokens(const LlamaModel& model, const std::vector<int32_t>& prompt, const GenerateOptions& o,
-                               const std::function<void(int32_t)>& on_token) {
-  check_request(model, prompt, o);
-  if (!kv_cache_applies(model) || !cache_enabled()) return generate_tokens_uncached(model, prompt, o, on_token);
-  at::NoGradGuard no_grad;
-  kernels::GemmTuningPause no_tuning;
-  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(o.seed);
-  const int64_t L = static_cast<int64_t>(prompt.size());
-  KvCache cache = make_kv_cache(model, 1, L + new_columns(o, L));
-  std::vector<int64_t> ids(prompt.begin(), prompt.end()), pos(L);
-  for (int64_t t = 0; t < L; ++t) pos[t] = t;
-  at::Tensor hidden = forward_cached(model, cache, at::tensor(ids, at::kLong).view({1, L}),
-                                     at::tensor(pos, at::kLong).view({1, L}), at::ones({1, L}, at::kBool));
-  GenerateResult r;
-  int64_t length = L;
-  for (int64_t step = 0; step < o.max_new_tokens; ++step) {
-    if (o.max_seq_len > 0 && length >= o.max_seq_len) break;
-    at::Tensor logits = model.logits(hidden.select(1, hidden.size(1) - 1)).squeeze(0);
-    const auto next = static_cast<int32_t>(choose_next_token(logits, o, gen));
-    r.tokens.push_back(next);
-    if (on_token) on_token(next);
-    if (std::find(o.stop_ids.begin(), o.stop_ids.end(), next) != o.stop_ids.end()) {
-      r.stopped = true;
-      break;
-    }
-    if (step + 1 == o.max_new_tokens) break;
-    hidden = forward_cached(model, cache, at::full({1, 1}, next, at::kLong), at::full({1, 1}, length, at::kLong),
-                            at::ones({1, 1}, at::kBool));
-    ++length;
-  }
-  return r;
+GenerateResult generate_tokens(const LlamaModel& model, const std::vector<int32_t>& prompt, const GenerateOptions& o) {
+  return generate_batch(model, {prompt}, o, std::numeric_limits<int64_t>::max())[0];
 }
 
 GenerateResult generate_tokens_uncached(const LlamaModel& model, const std::vector<int32_t>& prompt,
-                                        const GenerateOptions& o, const std::function<void(int32_t)>& on_token) {
+                                        const GenerateOptions& o) {
   check_request(model, prompt, o);
   at::NoGradGuard no_grad;
   kernels::GemmTuningPause no_tuning;
@@ -327,7 +299,6 @@ GenerateResult generate_tokens_uncached(const LlamaModel& model, const std::vect
     const auto next = static_cast<int32_t>(choose_next_token(logits, o, gen));
     seq.push_back(next);
     r.tokens.push_back(next);
-    if (on_token) on_token(next);
     if (std::find(o.stop_ids.begin(), o.stop_ids.end(), next) != o.stop_ids.end()) {
       r.stopped = true;
       break;

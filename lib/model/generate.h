@@ -9,7 +9,6 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <vector>
 
@@ -32,14 +31,12 @@ struct GenerateResult {
 };
 
 // Throws qt::Error(Usage) for an empty prompt, temperature < 0, top_p outside (0, 1] or max_new_tokens < 0.
-// `on_token` (optional) sees each new token as it is chosen. Through the cache where it applies
-// (kv_cache_applies; QT_GENERATE_CACHE=0: never, for A/Bs), else generate_tokens_uncached.
+// generate_batch of the one prompt: through the cache where it applies (kv_cache_applies; QT_GENERATE_CACHE=0:
+// never, for A/Bs), else generate_tokens_uncached.
 GenerateResult generate_tokens(const LlamaModel& model, const std::vector<int32_t>& prompt,
-                               const GenerateOptions& options,
-                               const std::function<void(int32_t)>& on_token = nullptr);
+                               const GenerateOptions& options);
 GenerateResult generate_tokens_uncached(const LlamaModel& model, const std::vector<int32_t>& prompt,
-                                        const GenerateOptions& options,
-                                        const std::function<void(int32_t)>& on_token = nullptr);
+                                        const GenerateOptions& options);
 
 // Every prompt's generation (in the prompts' order; sampling: each row from its own generator seeded with
 // options.seed, so that a row's tokens do not depend on the other prompts), the prompts run together in batches of at most `batch_tokens`
