@@ -150,6 +150,38 @@ TEST_CASE("fused linear CE scales its stored gradients by grad_output", "[fused_
   }
 }
 
+TEST_CASE("fused linear CE per token: each row's loss and, through any weights of them, dh as autograd's", "[fused_ce]") {
+  at::manual_seed(13);
+  const int64_t tokens = 31, hid = 16, vocab = 53;
+  FusedLinearCeOptions o;
+  o.chunk_tokens = 6;
+  const at::Tensor hidden = at::randn({tokens, hid});
+  const at::Tensor weight = at::randn({vocab, hid}) * 0.3;
+  const at::Tensor labels = random_labels(tokens, vocab, 4, o.ignore_index, at::TensorOptions());
+  REQUIRE(labels.eq(o.ignore_index).any().item<bool>());
+  const at::Tensor g = at::randn({tokens});  // the incoming gradient of each row (DPO: a sequence's coefficient)
+  // Autograd through the full logits, per token.
+  at::Tensor h_ref = hidden.clone().requires_grad_(true);
+  const at::Tensor rows_ref = at::cross_entropy_loss(at::matmul(h_ref, weight.t()), labels, {}, at::Reduction::None,
+                                                     o.ignore_index);
+  (rows_ref * g).sum().backward();
+  at::Tensor h = hidden.clone().requires_grad_(true);
+  const at::Tensor rows = qt::fused_linear_cross_entropy_rows(h, weight, labels, o);
+  REQUIRE(rows.sizes() == rows_ref.sizes());
+  CHECK(rel_err(rows, rows_ref.detach()) <= kTol);
+  CHECK(rows.masked_select(labels.eq(o.ignore_index)).abs().max().item<double>() == 0.0);
+  (rows * g).sum().backward();
+  CHECK(rel_err(h.grad(), h_ref.grad()) <= kTol);
+  // A trainable weight is refused (its gradient needs each token's weight before the sum over tokens).
+  bool refused = false;
+  try {
+    qt::fused_linear_cross_entropy_rows(h, weight.clone().requires_grad_(true), labels, o);
+  } catch (const qt::Error& e) {
+    refused = std::string(e.what()).find("must be frozen") != std::string::npos;
+  }
+  CHECK(refused);
+}
+
 TEST_CASE("the streamed loss (weight in vocabulary slices, online log-sum-exp) equals full-logits cross-entropy in "
           "loss and dh", "[fused_ce]") {
   at::manual_seed(21);

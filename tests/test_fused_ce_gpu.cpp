@@ -326,6 +326,42 @@ TEST_CASE("CUDA fused linear CE equals the fp32 full-logits path on upcast input
 #endif
 }
 
+TEST_CASE("CUDA fused linear CE per token: rows and dh through any weights of them as the fp32 full-logits path",
+          "[gpu][fused_ce][dpo]") {
+  REQUIRE(at::hasCUDA());
+#ifdef QT_WITH_CUDA
+  at::manual_seed(23);
+  const int64_t tokens = 300, hid = 256, vocab = 32064;
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16})
+    for (const bool host_labels : {false, true}) {
+      FusedLinearCeOptions o;
+      o.chunk_tokens = 64;
+      const at::Tensor h0 = at::randn({tokens, hid}, kCuda).to(dtype);
+      const at::Tensor weight = (at::randn({vocab, hid}, kCuda) * (3.0 / std::sqrt(double(hid)))).to(dtype);
+      const at::Tensor labels = random_labels(tokens, vocab, 7, o.ignore_index, kCuda);
+      const at::Tensor g = at::randn({tokens}, kCuda);  // each row's incoming gradient (DPO: its sequence's weight)
+      at::Tensor h_ref = h0.to(at::kFloat).clone().requires_grad_(true);  // (a copy: in fp32, to() is h0 itself)
+      const at::Tensor rows_ref = at::cross_entropy_loss(at::matmul(h_ref, weight.to(at::kFloat).t()), labels, {},
+                                                         at::Reduction::None, o.ignore_index);
+      (rows_ref * g).sum().backward();
+      at::Tensor h = h0.clone().requires_grad_(true);
+      qt::test::poison_allocator_cache(at::Device(at::kCUDA, 0));
+      const at::Tensor rows = qt::fused_linear_cross_entropy_rows(h, weight, host_labels ? labels.cpu() : labels, o);
+      REQUIRE(rows.scalar_type() == at::kFloat);
+      const bool fp32 = dtype == at::kFloat;
+      const double rows_err = rel_err(rows, rows_ref.detach());
+      CHECK(rows_err <= (fp32 ? 1e-5 : 1e-2));
+      CHECK(rows.masked_select(labels.eq(o.ignore_index)).abs().max().item<double>() == 0.0);
+      (rows * g).sum().backward();
+      REQUIRE(h.grad().defined());
+      const double dh_err = rel_err(h.grad(), h_ref.grad());
+      std::printf("per token, %s, labels on the %s: rows rel err %.2e, dh rel err %.2e\n", fp32 ? "fp32" : "bf16",
+                  host_labels ? "host" : "device", rows_err, dh_err);
+      CHECK(dh_err <= (fp32 ? 1e-4 : 2e-2));
+    }
+#endif
+}
+
 TEST_CASE("CUDA fused linear CE allocates no more than one tile plus the gradients under both schedules",
           "[gpu][fused_ce]") {
   REQUIRE(at::hasCUDA());

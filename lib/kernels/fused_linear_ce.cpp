@@ -98,6 +98,40 @@ class FusedLinearCeFunction : public torch::autograd::Function<FusedLinearCeFunc
   }
 };
 
+// The per-token variant: loss_rows [T] out, the weight frozen; backward scales dh's rows by their incoming gradients.
+class FusedLinearCeRowsFunction : public torch::autograd::Function<FusedLinearCeRowsFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& weight,
+                               const at::Tensor& labels, const FusedLinearCeOptions& options, int64_t chunk,
+                               bool want_dh, const detail::CountedRows& counted) {
+    const bool cuda = hidden.is_cuda() && !options.force_reference && detail::fused_linear_ce_cuda_available();
+    detail::FusedCeForward f =
+        cuda ? detail::fused_linear_ce_cuda(hidden, weight, labels, options, chunk, want_dh, false, counted)
+             : detail::fused_linear_ce_reference(hidden, weight, labels, options, chunk, want_dh, false);
+    if (f.dh.defined()) ctx->saved_data["dh"] = f.dh;
+    return {f.loss_rows};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    QT_CHECK(!ctx->saved_data.count("done"), ErrorKind::Internal,
+             "fused_linear_cross_entropy_rows: backward ran twice through one forward (retain_graph is unsupported)");
+    ctx->saved_data["done"] = true;
+    variable_list grads(7);
+    auto it = ctx->saved_data.find("dh");
+    if (it == ctx->saved_data.end()) return grads;
+    at::Tensor d = std::move(it->second).toTensor();
+    ctx->saved_data.erase(it);
+    const at::Tensor& g = grad_outputs[0];
+    if (g.defined()) {
+      d.mul_(g.unsqueeze(1));
+    } else {
+      d.zero_();
+    }
+    grads[0] = std::move(d);
+    return grads;
+  }
+};
+
 }  // namespace
 
 at::Tensor FusedLinearCeResult::mean() const { return loss_sum / count.clamp_min(1).to(loss_sum.scalar_type()); }
@@ -159,8 +193,19 @@ int64_t fused_linear_ce_last_tile_columns(int64_t tokens, int64_t hidden, int64_
   return std::min(vocab, std::max<int64_t>(64, cols));
 }
 
-FusedLinearCeResult fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
-                                               const at::Tensor& labels, const FusedLinearCeOptions& options) {
+namespace {
+
+// What both entries do before their autograd function: labels checked, counted and moved, the schedule and chunk.
+struct Prepared {
+  at::Tensor labels;
+  detail::CountedRows counted;
+  FusedLinearCeOptions options;
+  int64_t chunk = 0;
+  bool want_dh = false, want_dw = false;
+};
+
+Prepared prepare(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels,
+                 const FusedLinearCeOptions& options) {
   validate(hidden, weight, labels, options);
   const int64_t vocab = weight.size(0);
   at::Tensor y = labels.to(at::kLong);
@@ -185,8 +230,26 @@ FusedLinearCeResult fused_linear_cross_entropy(const at::Tensor& hidden, const a
   o.schedule = cuda ? fused_linear_ce_schedule(hidden.size(0), hidden.size(1), vocab, want_dw, options)
                     : FusedCeSchedule::TokenChunks;
   const int64_t chunk = fused_linear_ce_chunk_tokens(hidden.size(0), hidden.size(1), vocab, want_dw, o, element_size);
-  variable_list out = FusedLinearCeFunction::apply(hidden, weight, y, o, chunk, want_dh, want_dw, counted);
+  return {y, counted, o, chunk, want_dh, want_dw};
+}
+
+}  // namespace
+
+FusedLinearCeResult fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
+                                               const at::Tensor& labels, const FusedLinearCeOptions& options) {
+  const Prepared p = prepare(hidden, weight, labels, options);
+  variable_list out = FusedLinearCeFunction::apply(hidden, weight, p.labels, p.options, p.chunk, p.want_dh, p.want_dw,
+                                                   p.counted);
   return {out[0], out[1]};
+}
+
+at::Tensor fused_linear_cross_entropy_rows(const at::Tensor& hidden, const at::Tensor& weight,
+                                           const at::Tensor& labels, const FusedLinearCeOptions& options) {
+  QT_CHECK(!(at::GradMode::is_enabled() && weight.requires_grad()), ErrorKind::Internal,
+           "fused_linear_cross_entropy_rows: the weight must be frozen (its gradient would need each token's scale "
+           "before the sum over tokens)");
+  const Prepared p = prepare(hidden, weight, labels, options);
+  return FusedLinearCeRowsFunction::apply(hidden, weight, p.labels, p.options, p.chunk, p.want_dh, p.counted)[0];
 }
 
 }  // namespace qt

@@ -72,6 +72,13 @@ struct FusedLinearCeResult {
 FusedLinearCeResult fused_linear_cross_entropy(const at::Tensor& hidden, const at::Tensor& weight,
                                                const at::Tensor& labels, const FusedLinearCeOptions& options = {});
 
+// The per-token losses [T] (fp32, 0 at ignored tokens) of the same computation, differentiable with respect to
+// hidden: dh is still made in the forward pass (unit weight a token), and the backward pass scales each row by its
+// token's incoming gradient, so that any function of the per-token losses (DPO's per-sequence log-probabilities)
+// backpropagates without the logits. The weight must be frozen (no gradient requested of it).
+at::Tensor fused_linear_cross_entropy_rows(const at::Tensor& hidden, const at::Tensor& weight,
+                                           const at::Tensor& labels, const FusedLinearCeOptions& options = {});
+
 // The schedule `options.schedule` resolves to (the trainable CUDA path; TokenChunks when the weight is frozen).
 FusedCeSchedule fused_linear_ce_schedule(int64_t tokens, int64_t hidden, int64_t vocab, bool weight_trainable,
                                          const FusedLinearCeOptions& options);
