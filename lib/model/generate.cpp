@@ -4,7 +4,11 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 
+#include <c10/cuda/CUDAFunctions.h>
+
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -241,10 +245,23 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
     if (o.temperature != 0)
       for (int64_t r = 0; r < B; ++r) gens.push_back(at::make_generator<at::CPUGeneratorImpl>(o.seed));
     auto as_tensor = [&](std::vector<int64_t>& v, int64_t S) { return at::tensor(v, at::kLong).view({B, S}); };
+    // QT_GENERATE_TIMES=1: each batch's rows, columns, prefill and decoding time on stderr (the device synchronized
+    // around them), for measurements.
+    static const bool times = [] {
+      const char* v = std::getenv("QT_GENERATE_TIMES");
+      return v && *v && std::strcmp(v, "0") != 0;
+    }();
+    const auto now = [&] {
+      if (times && model.device().is_cuda()) c10::cuda::device_synchronize();
+      return std::chrono::steady_clock::now();
+    };
+    const auto t0 = times ? now() : std::chrono::steady_clock::time_point{};
     at::Tensor hidden = forward_cached(model, cache, as_tensor(ids, L), as_tensor(pos, L),
                                        at::tensor(valid, at::kByte).view({B, L}));
+    const auto t1 = times ? now() : t0;
+    int64_t steps = 0;
     std::vector<bool> done(B, false);
-    for (int64_t step = 0; step < o.max_new_tokens; ++step) {
+    for (int64_t step = 0; step < o.max_new_tokens; ++step, ++steps) {
       const at::Tensor last = model.logits(hidden.select(1, hidden.size(1) - 1));
       const std::vector<int64_t> greedy = greedy_tokens(last, o);
       const at::Tensor logits = greedy.empty() ? last.to(at::kCPU, at::kFloat) : at::Tensor();  // sampling: the host's
@@ -273,6 +290,12 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
       if (!any) break;
       hidden = forward_cached(model, cache, as_tensor(next, 1), as_tensor(next_pos, 1),
                               at::tensor(next_valid, at::kByte).view({B, 1}));
+    }
+    if (times) {
+      const auto t2 = now();
+      std::fprintf(stderr, "generate: %lld rows x %lld columns: prefill %.3f s, %lld steps %.3f s\n",
+                   static_cast<long long>(B), static_cast<long long>(L), std::chrono::duration<double>(t1 - t0).count(),
+                   static_cast<long long>(steps), std::chrono::duration<double>(t2 - t1).count());
     }
     first = end;
   }
