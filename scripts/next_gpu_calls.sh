@@ -519,6 +519,25 @@ case "$CALL" in
   echo "llama-3.1-8b batch_tokens 16384: $(grep -E '^\{' "$L/gen_52.log" | tail -n 1)" | tee -a "$summary"
   grep -iE "error|what\(\)" "$L/gen_52.log" | head -n 5 >>"$summary"
   ;;
+53)
+  note "== DPO on CUDA (thirty-fifth session): the [dpo] tests (the fused loss's per-token rows against the fp32"
+  note "   full-logits path; a DPO step's loss and LoRA gradients against the CPU's), the [fused_ce] [gpu] tests; then"
+  note "   call 52: the review's fixes to generation ([generate] [gpu] tests, 8B at 16,384)"
+  gpu_tests 120 "[dpo],[fused_ce][gpu],[generate][gpu]"
+  # The DPO demo on CUDA (its exact match and reward accuracy), then the SFT demo (a step's time against DPO's).
+  for c in demo-dpo demo; do
+    timeout 90 build-gpu/qlora-train --config configs/$c.json --set output_dir="$L/$c" --set model.device=cuda \
+      --set logging.progress=lines >"$L/$c.log" 2>&1
+    echo "$c: $(grep -E 'step 60/60' "$L/$c.log" | tail -n 1)" >>"$summary"
+    echo "$c: $(grep -E '^\{' "$L/$c.log" | tail -n 1)" >>"$summary"
+  done
+  # Call 50's 8B row took 7.9 s in call 51 and 17.8 s in the first run of this call: each batch's prefill and steps.
+  QT_GENERATE_TIMES=1 timeout 90 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 8 --seq 2048 --generate 100 \
+    --prompt-tokens 200 --max-new-tokens 32 --uncached 2 --out "$L/gen" >"$L/gen_53.log" 2>&1
+  echo "llama-3.1-8b batch_tokens 16384: $(grep -E '^\{' "$L/gen_53.log" | tail -n 1)" | tee -a "$summary"
+  grep -E "^generate:" "$L/gen_53.log" >>"$summary"
+  grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
+  ;;
 46)
   note "== every [gpu] test on the current code (the last full run: the twenty-second session, 54 of 54)"
   all_gpu_tests 300

@@ -9,6 +9,7 @@
 
 #include "lib/data/dataset.h"
 #include "lib/data/packing.h"
+#include "lib/train/dpo.h"
 #include "tests/catch.h"
 
 namespace {
@@ -161,6 +162,93 @@ TEST_CASE("documents longer than a row are truncated and counted", "[data]") {
     const qt::Batch b = it.next();
     CHECK(b.targets.select(1, max_seq_len - 1).eq(-100).all().item<bool>());
   }
+}
+
+TEST_CASE("a preference pair is laid as its two sequences side by side, each as it is alone", "[data][dpo]") {
+  const auto docs = random_examples(24, 12, 17);
+  std::vector<qt::Example> pairs;
+  for (size_t i = 0; i + 1 < docs.size(); i += 2) {
+    qt::Example p = docs[i];
+    p.second = static_cast<int64_t>(p.ids.size());
+    p.ids.insert(p.ids.end(), docs[i + 1].ids.begin(), docs[i + 1].ids.end());
+    p.loss.insert(p.loss.end(), docs[i + 1].loss.begin(), docs[i + 1].loss.end());
+    pairs.push_back(p);
+  }
+  for (const bool packing : {true, false}) {
+    const qt::BatchShape shape{3, 40, packing};
+    std::vector<int64_t> order(pairs.size());
+    for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+    std::vector<std::vector<int64_t>> rows;
+    int64_t placed = 0, seen = 0;
+    while (placed < static_cast<int64_t>(pairs.size())) {
+      placed = qt::plan_rows(pairs, order, placed, shape, &rows);
+      const qt::Batch b = qt::build_batch(pairs, rows, shape);
+      // The same rows of the two sequences as single documents, built by the single-document path.
+      std::vector<std::vector<int64_t>> single_rows;
+      int64_t pairs_in = 0;
+      for (const auto& row : rows) {
+        single_rows.emplace_back();
+        for (int64_t p : row) single_rows.back().insert(single_rows.back().end(), {2 * p, 2 * p + 1}), ++pairs_in;
+      }
+      // (packed layout at the pairs' row length: padding mode's rows hold one pair, two documents)
+      const qt::Batch want = qt::build_batch(docs, single_rows, qt::BatchShape{3, b.input_ids.size(1), true});
+      CHECK(b.num_pairs == pairs_in);
+      CHECK(b.input_ids.equal(want.input_ids));
+      CHECK(b.targets.equal(want.targets));
+      CHECK(b.positions.equal(want.positions));
+      CHECK(b.doc_ids.equal(want.doc_ids));
+      CHECK(b.num_targets == want.num_targets);
+      // Each token's sequence: the row's documents numbered on from the rows before, padding past the last.
+      const at::Tensor seq = qt::pair_sequences(b).reshape(b.doc_ids.sizes());
+      int64_t offset = 0;
+      for (int64_t r = 0; r < b.doc_ids.size(0); ++r) {
+        const at::Tensor d = b.doc_ids[r].to(at::kLong);
+        const at::Tensor pad = d.lt(0);
+        CHECK(seq[r].masked_select(pad).eq(2 * b.num_pairs).all().item<bool>());
+        CHECK(seq[r].masked_select(pad.logical_not()).equal(d.masked_select(pad.logical_not()) + offset));
+        offset += d.max().item<int64_t>() + 1;
+      }
+      CHECK(offset == 2 * b.num_pairs);
+      seen += pairs_in;
+    }
+    CHECK(seen == static_cast<int64_t>(pairs.size()));
+  }
+}
+
+TEST_CASE("a pair's sequences longer than max_len keep their first tokens, each on its own", "[data][dpo]") {
+  auto make = [](int64_t chosen, int64_t rejected) {
+    qt::Example e;
+    for (int64_t i = 0; i < chosen + rejected; ++i) {
+      e.ids.push_back(static_cast<int32_t>(i < chosen ? i : 1000 + i - chosen));
+      e.loss.push_back(static_cast<uint8_t>(i % 2));
+    }
+    e.second = chosen;
+    return e;
+  };
+  struct Case {
+    int64_t chosen, rejected, max_len, want_chosen, want_rejected;
+  };
+  for (const Case c : {Case{10, 30, 16, 10, 16}, Case{30, 10, 16, 16, 10}, Case{30, 40, 16, 16, 16},
+                       Case{20, 10, 32, 20, 10}, Case{17, 16, 16, 16, 16}}) {
+    qt::Example e = make(c.chosen, c.rejected);
+    const qt::Example before = e;
+    CHECK(qt::pair_longer_than(e, c.max_len) == (c.chosen > c.max_len || c.rejected > c.max_len));
+    qt::truncate_pair(e, c.max_len);
+    CAPTURE(c.chosen, c.rejected, c.max_len);
+    CHECK(!qt::pair_longer_than(e, c.max_len));
+    CHECK(e.second == c.want_chosen);
+    REQUIRE(static_cast<int64_t>(e.ids.size()) == c.want_chosen + c.want_rejected);
+    for (int64_t i = 0; i < c.want_chosen; ++i) CHECK(e.ids[i] == before.ids[i]);
+    for (int64_t i = 0; i < c.want_rejected; ++i) {
+      CHECK(e.ids[c.want_chosen + i] == before.ids[c.chosen + i]);
+      CHECK(e.loss[c.want_chosen + i] == before.loss[c.chosen + i]);
+    }
+  }
+  // Through a Dataset (rows of 32: each sequence within 16), counted as truncated, both sequences kept.
+  const qt::Dataset ds({make(30, 40)}, 32, false, 0);
+  CHECK(ds.stats().truncated == 1);
+  CHECK(ds.examples()[0].second == 16);
+  CHECK(ds.examples()[0].ids.size() == 32);
 }
 
 TEST_CASE("epoch order is deterministic for a seed and differs for another", "[data]") {

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <random>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -37,6 +38,8 @@
 #include "lib/quant/nf4.h"
 #include "lib/train/adamw.h"
 #include "lib/train/exact_match.h"
+#include "lib/train/dpo.h"
+#include "lib/train/train_stages.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -1070,6 +1073,121 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
       opt.zero_grad();
     }
   }
+}
+
+TEST_CASE("AdaptersOff gives the base model's loss (DPO's reference), then the adapted bits again; DoRA is refused",
+          "[lora][dpo]") {
+  // 0: factors kept, 1: none kept, 2: every block's weights held with the factors written into them.
+  for (int mode = 0; mode < 3; ++mode) {
+    INFO("mode " << mode);
+    auto load = [&](bool adapter) {
+      qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+      if (adapter) qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
+      m.plan.checkpointing = mode != 2;
+      m.plan.keep_dequantized = mode != 1;
+      if (mode == 2) m.hold_dequantized(m.config.num_hidden_layers);
+      return m;
+    };
+    qt::LlamaModel model = load(true), base = load(false);
+    qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+    const at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU), labels = ref.load("labels", at::kLong, at::kCPU);
+    at::NoGradGuard no_grad;
+    const at::Tensor adapted = causal_lm_loss(model, ids, labels), want = causal_lm_loss(base, ids, labels);
+    REQUIRE(std::abs(adapted.item<double>() - want.item<double>()) > 1e-3);  // the adapter changes the loss
+    for (int round = 0; round < 2; ++round) {  // (twice: the factors made again each way)
+      {
+        const qt::AdaptersOff off(model);
+        CHECK(std::abs(causal_lm_loss(model, ids, labels).item<double>() - want.item<double>()) <=
+              1e-6 * std::abs(want.item<double>()));
+      }
+      CHECK(at::equal(causal_lm_loss(model, ids, labels), adapted));
+    }
+  }
+  qt::LlamaModel dora = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+  qt::load_peft_adapter(dora, fixture("lora/dora_all/adapter"));
+  double scale = 0;
+  dora.for_each_linear([&](const std::string&, qt::Linear& l) {
+    if (l.lora && scale == 0) scale = l.lora->scale;
+  });
+  REQUIRE(scale != 0);
+  bool refused = false;
+  try {
+    const qt::AdaptersOff off(dora);
+  } catch (const qt::Error& e) {
+    refused = std::string(e.what()).find("lora.use_dora") != std::string::npos;
+  }
+  CHECK(refused);
+  dora.for_each_linear([&](const std::string&, qt::Linear& l) {
+    if (l.lora) CHECK(l.lora->scale == scale);  // nothing left switched off
+  });
+}
+
+// DPO on the fixture model: two random pairs packed in one row (and a third alone in the next), the policy the
+// all-targets adapter with its Bs scaled by 1.5, the reference the adapter as read from its directory (lora.init_from's
+// path); the loss (sum over the pairs), the statistics and every LoRA gradient.
+std::vector<at::Tensor> dpo_loss_and_grads(const at::Device& device, c10::ScalarType dtype, bool fused,
+                                           const std::string& loss_type = "sigmoid") {
+  qt::LlamaModel m = fixture_model(device, dtype);
+  {
+    at::NoGradGuard g;
+    m.for_each_linear([](const std::string&, qt::Linear& l) {
+      if (l.lora) l.lora->B.mul_(1.5);
+    });
+  }
+  qt::ReferenceAdapters reference(m, fixture("lora/all_targets/adapter"));
+  std::mt19937 rng(5);
+  std::vector<qt::Example> pairs;
+  for (int i = 0; i < 3; ++i) {
+    qt::Example e;
+    const int prompt = 4 + static_cast<int>(rng() % 5), chosen = 3 + static_cast<int>(rng() % 6),
+              rejected = 3 + static_cast<int>(rng() % 6);
+    std::vector<int32_t> p;
+    for (int k = 0; k < prompt; ++k) p.push_back(static_cast<int32_t>(rng() % m.config.vocab_size));
+    for (const int n : {chosen, rejected}) {
+      e.ids.insert(e.ids.end(), p.begin(), p.end());
+      e.loss.insert(e.loss.end(), p.size(), 0);
+      for (int k = 0; k < n; ++k) {
+        e.ids.push_back(static_cast<int32_t>(rng() % m.config.vocab_size));
+        e.loss.push_back(1);
+      }
+      if (e.second == 0) e.second = static_cast<int64_t>(e.ids.size());
+    }
+    pairs.push_back(e);
+  }
+  const qt::Batch b = qt::build_batch(pairs, {{0, 1}, {2}}, qt::BatchShape{2, 80, true});
+  REQUIRE(b.num_pairs == 3);
+  qt::DpoSection cfg;
+  cfg.loss_type = loss_type;
+  m.set_training(true);
+  const at::Tensor seqs = qt::pair_sequences(b);
+  const at::Tensor ref = qt::reference_logps(m, reference, b, seqs, fused, /*training=*/true);
+  const at::Tensor hidden = m.forward_hidden(m.embed(b.input_ids), b);
+  const qt::DpoTerms terms = qt::dpo_policy_terms(m, hidden, b, seqs, ref, cfg, fused);
+  terms.loss_sum.backward();
+  std::vector<at::Tensor> out{terms.sums.to(at::kCPU, at::kFloat)};
+  for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().to(at::kCPU, at::kFloat).clone());
+  return out;
+}
+
+TEST_CASE("DPO through the fused loss's per-token rows gives the plain logits' loss, statistics and LoRA gradients",
+          "[lora][dpo]") {
+  for (const char* loss_type : {"sigmoid", "ipo"}) {
+    INFO(loss_type);
+    const std::vector<at::Tensor> fused = dpo_loss_and_grads(at::kCPU, at::kFloat, true, loss_type);
+    const std::vector<at::Tensor> plain = dpo_loss_and_grads(at::kCPU, at::kFloat, false, loss_type);
+    CHECK(fused[0][3].item<double>() > 0);  // some pair's chosen reward leads: policy != reference
+    CHECK(std::abs(fused[0][0].item<double>() - std::log(2.0) * 3) > 1e-3);
+    check_same_loss_and_grads(fused, plain, 1e-5);
+  }
+}
+
+TEST_CASE("DPO on CUDA gives the CPU's loss, statistics and LoRA gradients (fp32; bf16 within its rounding)",
+          "[lora][dpo][gpu]") {
+  REQUIRE(at::hasCUDA());
+  const at::Device cuda(at::kCUDA, 0);
+  const std::vector<at::Tensor> cpu = dpo_loss_and_grads(at::kCPU, at::kFloat, true);
+  check_same_loss_and_grads(dpo_loss_and_grads(cuda, at::kFloat, true), cpu, 1e-4);
+  check_same_loss_and_grads(dpo_loss_and_grads(cuda, at::kBFloat16, true), cpu, 5e-2);
 }
 
 TEST_CASE("gate / up LoRA B terms inside the base GEMM match PEFT, with and without "

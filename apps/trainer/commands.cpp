@@ -111,11 +111,27 @@ int run_data(const DataArgs& args) {
     for (uint8_t l : e.loss) targets += l;
     const std::string where = files[e.source] + ":" + std::to_string(e.line);
     if (args.json) {
-      std::cout << qt::Json{{"record", where}, {"ids", e.ids}, {"loss", e.loss}, {"runs", runs}}.dump() << "\n";
+      qt::Json j{{"record", where}, {"ids", e.ids}, {"loss", e.loss}, {"runs", runs}};
+      if (e.second > 0) j["rejected_from"] = e.second;  // a pair: ids[rejected_from:] is prompt + rejected
+      std::cout << j.dump() << "\n";
       continue;
     }
     std::cout << "== " << where << ": " << e.ids.size() << " tokens, " << targets
-              << " in the loss (between \u00ab and \u00bb)\n";
+              << " in the loss (between \u00ab and \u00bb)" << (e.second > 0 ? "; a pair: chosen, then rejected" : "")
+              << "\n";
+    if (e.second > 0) {  // the pair's two sequences apart
+      for (int part = 0; part < 2; ++part) {
+        qt::Example one;
+        const size_t b = part == 0 ? 0 : static_cast<size_t>(e.second), end = part == 0 ? b + e.second : e.ids.size();
+        one.ids.assign(e.ids.begin() + b, e.ids.begin() + end);
+        one.loss.assign(e.loss.begin() + b, e.loss.begin() + end);
+        std::cout << (part == 0 ? "-- chosen: " : "-- rejected: ");
+        for (const auto& r : target_runs(one, *tokenizer))
+          std::cout << (r[1].get<bool>() ? "\u00ab" + r[0].get<std::string>() + "\u00bb" : r[0].get<std::string>());
+        std::cout << "\n";
+      }
+      continue;
+    }
     for (const auto& r : runs)
       std::cout << (r[1].get<bool>() ? "\u00ab" + r[0].get<std::string>() + "\u00bb" : r[0].get<std::string>());
     std::cout << "\n";
@@ -167,6 +183,8 @@ int run_plan(const PlanArgs& args) {
   int64_t seq = args.seq > 0                         ? args.seq
                 : cfg.data.contains("max_seq_len") ? cfg.data["max_seq_len"].get<int64_t>()
                                                    : 2048;
+  // DPO's rows hold a pair: two sequences of up to data.max_seq_len tokens each (as TrainData lays them).
+  if (args.seq <= 0 && cfg.train.objective == "dpo") seq *= 2;
   const c10::ScalarType dtype = qt::user_dtype(cfg.model.dtype).value_or(at::kBFloat16);  // auto: bf16 on CUDA
   qt::PlanRequest request = cfg.train.memory;
   if (args.gpu_memory_gib > 0) request.gpu_memory_gib = args.gpu_memory_gib;
@@ -362,6 +380,10 @@ EvalArgs with_run_config(EvalArgs a) {
     if (unset("--add-eos")) a.add_eos = c.parsed_data.add_eos;
     if (unset("--max-seq-len")) a.max_seq_len = c.parsed_data.max_seq_len;
     if (unset("--quant")) a.quant = c.model.quant;
+    if (unset("--beta")) a.dpo_beta = c.dpo.beta;
+    a.dpo_loss_type = c.dpo.loss_type;
+    a.dpo_label_smoothing = c.dpo.label_smoothing;
+    if (unset("--reference-adapter")) a.reference_adapter = c.parsed_lora.init_from;
     // The config's logging.level, as training takes it, unless --log-level was given (before or after `eval`).
     if (unset("--log-level")) qt::log::set_level(qt::log::parse_level(c.log_level));
   } else if (!a.overrides.empty()) {
@@ -402,6 +424,38 @@ int run_eval(const EvalArgs& given) {
   qt::LlamaModel model = qt::load_llama(args.model, load);
   if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
   apply_plan(model, device, args.max_seq_len);
+  // Preference pairs: DPO's loss against the model without the adapter (a file holds pairs or none).
+  const size_t pairs = static_cast<size_t>(std::count_if(docs.begin(), docs.end(), [](const qt::Example& e) {
+    return e.second > 0;
+  }));
+  if (pairs > 0) {
+    if (pairs < docs.size())
+      qt::fail_at(qt::ErrorKind::Data, args.data,
+                  std::to_string(pairs) + " of " + std::to_string(docs.size()) + " records are preference pairs "
+                  "{prompt, chosen, rejected}: evaluate pairs and other records in separate files");
+    if (args.exact_match > 0)
+      qt::fail(qt::ErrorKind::Usage, "eval: --exact-match needs records with one answer, not preference pairs");
+    qt::DpoSection dpo;
+    dpo.loss_type = args.dpo_loss_type;
+    dpo.beta = args.dpo_beta;
+    dpo.label_smoothing = args.dpo_label_smoothing;
+    if (!args.reference_adapter.empty() && args.adapter.empty())
+      qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter compares --adapter with it: give --adapter too");
+    qt::ReferenceAdapters reference(model, args.adapter.empty() ? "" : args.reference_adapter);
+    qt::log::info("DPO (" + dpo.loss_type + "): the reference is " + reference.describe());
+    const qt::DpoEvalResult d = qt::evaluate_dpo(model, reference, docs, args.max_seq_len, dpo);
+    if (d.truncated)
+      qt::log::warn(std::to_string(d.truncated) + " of " + std::to_string(docs.size()) + " pairs were longer than "
+                    "--max-seq-len " + std::to_string(args.max_seq_len) + " tokens and were truncated");
+    if (d.pairs == 0)
+      qt::fail_at(qt::ErrorKind::Data, args.data, "no pair has a target token in both its completions");
+    if (!std::isfinite(d.mean(0))) qt::fail(qt::ErrorKind::Numeric, "evaluation loss is not finite");
+    qt::Json out = {{"loss", d.mean(0)}, {"pairs", d.pairs}, {"records", docs.size()}, {"truncated", d.truncated},
+                    {"loss_type", dpo.loss_type}, {"beta", dpo.beta}};
+    for (size_t i = 0; i < qt::dpo_stat_names().size(); ++i) out[qt::dpo_stat_names()[i]] = d.mean(i + 1);
+    std::cout << out.dump() << std::endl;
+    return 0;
+  }
   qt::EvalResult r = qt::evaluate_loss(model, docs, args.max_seq_len);
   if (r.truncated) qt::log::warn(std::to_string(r.truncated) + " of " + std::to_string(r.documents) +
                                  " records were longer than --max-seq-len " + std::to_string(args.max_seq_len) +

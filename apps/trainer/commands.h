@@ -29,6 +29,11 @@ struct EvalArgs {
   std::set<std::string> given;  // the options on the command line ("--format", ...): they win over --config
   int64_t exact_match = 0;      // > 0: also the exact-match accuracy of greedy answers to the first N records
   int64_t max_new_tokens = 32;  // per answer, with exact_match
+  // Preference records: DPO's loss (the run config's dpo section, or --beta) and its reference, the base with
+  // reference_adapter (--reference-adapter, or the run config's lora.init_from) or alone.
+  std::string dpo_loss_type = "sigmoid";
+  double dpo_beta = 0.1, dpo_label_smoothing = 0.0;
+  std::string reference_adapter;
 };
 
 struct ExportArgs {

@@ -229,8 +229,16 @@ int main(int argc, char** argv) {
       ->check(kPath);
   eval_cmd->add_option("--format", eval.format,
                        "record format, as data.format: auto (each record's keys decide), text, alpaca, chat, "
-                       "completion or tokenized")
-      ->check(CLI::IsMember({"auto", "text", "alpaca", "chat", "completion", "tokenized"}));
+                       "completion, preference (DPO's loss over {prompt, chosen, rejected} pairs) or tokenized")
+      ->check(CLI::IsMember({"auto", "text", "alpaca", "chat", "completion", "preference", "tokenized"}));
+  eval_cmd->add_option("--beta", eval.dpo_beta,
+                       "preference pairs: DPO's beta (default: --config's dpo.beta, else 0.1; its dpo.loss_type "
+                       "too)")
+      ->check(CLI::PositiveNumber);
+  eval_cmd->add_option("--reference-adapter", eval.reference_adapter,
+                       "preference pairs: the reference is the base with this adapter (a DPO run's lora.init_from; "
+                       "default: --config's lora.init_from, else the base alone)")
+      ->check(kPath);
   eval_cmd->add_option("--chat-template", eval.chat_template,
                        "chat records' template, as data.chat_template: auto (from tokenizer_config.json) or a "
                        "built-in one")

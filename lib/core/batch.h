@@ -18,6 +18,9 @@ struct Batch {
   at::Tensor doc_ids;    // [B, S] int32
   int64_t num_targets = 0;  // count of targets != -100
   int64_t num_tokens = 0;   // input tokens of documents (padding not counted)
+  // Preference pairs (train.objective "dpo"): each is two documents of its row, chosen then rejected (doc_ids 2k and
+  // 2k + 1 where every example of the row is a pair). 0: none.
+  int64_t num_pairs = 0;
 };
 
 }  // namespace qt

@@ -25,7 +25,8 @@ std::vector<std::pair<std::string, std::string CustomChatFormat::*>> custom_form
 const std::vector<std::pair<std::string, RecordFormat>>& record_formats() {
   static const std::vector<std::pair<std::string, RecordFormat>> table = {
       {"auto", RecordFormat::Auto}, {"text", RecordFormat::Text},             {"alpaca", RecordFormat::Alpaca},
-      {"chat", RecordFormat::Chat}, {"completion", RecordFormat::Completion}, {"tokenized", RecordFormat::Tokenized}};
+      {"chat", RecordFormat::Chat}, {"completion", RecordFormat::Completion},
+      {"preference", RecordFormat::Preference}, {"tokenized", RecordFormat::Tokenized}};
   return table;
 }
 

@@ -9,7 +9,7 @@
 
 namespace qt {
 
-enum class RecordFormat { Auto, Text, Alpaca, Chat, Completion, Tokenized };
+enum class RecordFormat { Auto, Text, Alpaca, Chat, Completion, Preference, Tokenized };
 // The built-in chat templates (lib/data/chat_template.h says which model's each is); auto: recognised from the
 // tokenizer's chat_template.
 // custom: the format data.chat_format spells out.

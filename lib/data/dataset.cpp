@@ -1,6 +1,8 @@
 #include "lib/data/dataset.h"
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <random>
 
 #include "lib/core/error.h"
@@ -12,6 +14,35 @@ void DataStats::add(const Example& e) {
   ++documents;
   tokens += static_cast<int64_t>(e.ids.size());
   for (uint8_t l : e.loss) (l ? loss_tokens : masked_tokens) += 1;
+}
+
+void truncate_pair(Example& e, int64_t max_len) {
+  const int64_t n = static_cast<int64_t>(e.ids.size());
+  if (e.second <= 0) return;
+  const int64_t c = std::min(e.second, max_len), r = std::min(n - e.second, max_len);
+  if (c == e.second && r == n - e.second) return;
+  auto cut = [&](const auto& v) {
+    std::remove_cv_t<std::remove_reference_t<decltype(v)>> out(v.begin(), v.begin() + c);
+    out.insert(out.end(), v.begin() + e.second, v.begin() + e.second + r);
+    return out;
+  };
+  e.ids = cut(e.ids);
+  e.loss = cut(e.loss);
+  e.second = c;
+}
+
+bool pair_longer_than(const Example& e, int64_t max_len) {
+  return e.second > 0 && (e.second > max_len || static_cast<int64_t>(e.ids.size()) - e.second > max_len);
+}
+
+int64_t fewest_targets(const Example& e) {
+  auto targets = [&](size_t begin, size_t end) {
+    int64_t t = 0;
+    for (size_t i = begin + 1; i < end; ++i) t += e.loss[i];
+    return t;
+  };
+  if (e.second <= 0) return targets(0, e.loss.size());
+  return std::min(targets(0, static_cast<size_t>(e.second)), targets(static_cast<size_t>(e.second), e.loss.size()));
 }
 
 std::string DataStats::summary() const {
@@ -68,8 +99,12 @@ Dataset::Dataset(std::vector<Example> examples, int64_t max_seq_len, bool shuffl
     if (static_cast<int64_t>(e.ids.size()) > max_seq_len_) {
       ++stats_.truncated;
       stats_.truncated_tokens += static_cast<int64_t>(e.ids.size()) - max_seq_len_;
-      e.ids.resize(max_seq_len_);
-      e.loss.resize(max_seq_len_);
+      if (e.second > 0) {
+        truncate_pair(e, max_seq_len_ / 2);  // (TrainData cut each sequence to data.max_seq_len before)
+      } else {
+        e.ids.resize(max_seq_len_);
+        e.loss.resize(max_seq_len_);
+      }
     }
     stats_.add(e);
   }
@@ -99,6 +134,7 @@ uint64_t Dataset::fingerprint() const {
   };
   for (const auto& e : examples_) {
     mix(e.ids.size());
+    if (e.second > 0) mix(static_cast<uint64_t>(e.second) | uint64_t{1} << 63);  // (single documents as before)
     for (size_t i = 0; i < e.ids.size(); ++i)
       mix(static_cast<uint64_t>(static_cast<uint32_t>(e.ids[i])) << 1 | e.loss[i]);
   }

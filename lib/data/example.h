@@ -11,9 +11,22 @@ struct Example {
   // 1 where the token is in the loss (predicted from the tokens before it): answers and their end-of-turn
   // token, all of a text document; 0 on prompt tokens. Same length as ids.
   std::vector<uint8_t> loss;
+  // A preference pair (train.objective "dpo"): ids are prompt + chosen, then prompt + rejected from ids[second] on,
+  // two documents that build_batch lays side by side in one row. 0: one document.
+  int64_t second = 0;
   int64_t line = 0;    // line of the jsonl record it came from (0: none)
   int32_t source = 0;  // which of data.train_file's files (DataConfig::train_files) it came from
 };
+
+// Each sequence of a pair keeps its first max_len tokens (TRL's max_length with truncation_mode keep_start, per
+// sequence). No-op for a pair that fits or a single document.
+void truncate_pair(Example& e, int64_t max_len);
+// Whether a pair has a sequence longer than max_len tokens (false for a single document).
+bool pair_longer_than(const Example& e, int64_t max_len);
+
+// Next-token targets of each sequence of a pair (tokens in the loss that are not their sequence's first): the
+// lesser of the two, or a single document's count.
+int64_t fewest_targets(const Example& e);
 
 struct DataStats {
   int64_t documents = 0;

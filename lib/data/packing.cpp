@@ -50,22 +50,31 @@ Batch build_batch(const std::vector<Example>& examples, const std::vector<std::v
   auto pos_a = positions.accessor<int64_t, 2>();
   auto doc_a = doc_ids.accessor<int32_t, 2>();
   int64_t num_targets = 0, num_tokens = 0;
+  int64_t num_pairs = 0;
   for (size_t r = 0; r < rows.size(); ++r) {
     int64_t t = 0;
-    for (size_t d = 0; d < rows[r].size(); ++d) {
-      const Example& ex = examples[rows[r][d]];
+    int32_t d = 0;  // document index in the row: a pair's two sequences are two documents
+    for (size_t i = 0; i < rows[r].size(); ++i) {
+      const Example& ex = examples[rows[r][i]];
       const int64_t len = std::min<int64_t>(static_cast<int64_t>(ex.ids.size()), S);
       QT_CHECK(t + len <= S, ErrorKind::Internal, "build_batch: row overflows the sequence length");
+      QT_CHECK(ex.second <= 0 || static_cast<int64_t>(ex.ids.size()) <= S, ErrorKind::Internal,
+               "build_batch: a preference pair longer than its row (truncate_pair first)");
       num_tokens += len;
+      num_pairs += ex.second > 0;
+      int64_t start = 0;  // where the current sequence starts
       for (int64_t k = 0; k < len; ++k, ++t) {
+        if (ex.second > 0 && k == ex.second) start = k, ++d;
+        const int64_t end = ex.second > 0 && k < ex.second ? ex.second : len;
         ids_a[r][t] = ex.ids[k];
-        pos_a[r][t] = k;
-        doc_a[r][t] = static_cast<int32_t>(d);
-        if (k + 1 < len && ex.loss[k + 1]) {
+        pos_a[r][t] = k - start;
+        doc_a[r][t] = d;
+        if (k + 1 < end && ex.loss[k + 1]) {
           tgt_a[r][t] = ex.ids[k + 1];
           ++num_targets;
         }
       }
+      ++d;
     }
   }
   Batch b;
@@ -75,6 +84,7 @@ Batch build_batch(const std::vector<Example>& examples, const std::vector<std::v
   b.doc_ids = doc_ids;
   b.num_targets = num_targets;
   b.num_tokens = num_tokens;
+  b.num_pairs = num_pairs;
   return b;
 }
 

@@ -34,6 +34,7 @@ RecordFormat detect_format(const Json& value, const std::string& where) {
   if (value.contains("messages") || value.contains("conversations")) return RecordFormat::Chat;
   if (value.contains("input_ids")) return RecordFormat::Tokenized;
   if (value.contains("prompt") && value.contains("completion")) return RecordFormat::Completion;
+  if (value.contains("chosen") && value.contains("rejected")) return RecordFormat::Preference;
   if (value.contains("instruction") || value.contains("output")) return RecordFormat::Alpaca;
   if (value.contains("text")) return RecordFormat::Text;
   std::string keys;
@@ -41,7 +42,7 @@ RecordFormat detect_format(const Json& value, const std::string& where) {
   fail_at(ErrorKind::Data, where,
           "cannot tell the record's format from its keys (" + (keys.empty() ? std::string("none") : keys) +
               "): expected \"text\", \"instruction\"/\"output\" (alpaca), \"messages\" or \"conversations\" (chat), "
-              "\"prompt\"/\"completion\" or \"input_ids\"");
+              "\"prompt\"/\"completion\", \"prompt\"/\"chosen\"/\"rejected\" (preference) or \"input_ids\"");
 }
 
 Example text_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok) {
@@ -105,20 +106,22 @@ Example chat_example(const Json& value, const std::string& where, const DataConf
 // TRL's prompt-completion records. Strings: BOS (as the tokenizer says) + prompt + completion + EOS (unless the
 // completion ends with the EOS token's text), the prompt out of the loss (unless train_on_prompt). Lists of messages:
 // the conversation prompt + completion through the chat template, the completion's answers in the loss.
+// `key`: the completion's key ("completion"; a preference pair's "chosen" or "rejected").
 Example completion_example(const Json& value, const std::string& where, const DataConfig& config,
-                           const Tokenizer& tok, std::optional<ChatFormat>& format) {
-  const Json &prompt = value.at("prompt"), &completion = value.at("completion");
+                           const Tokenizer& tok, std::optional<ChatFormat>& format, const char* key = "completion") {
+  const Json &prompt = value.at("prompt"), &completion = value.at(key);
   if (prompt.is_array() && completion.is_array()) {
     std::vector<ChatMessage> messages;
     read_messages(prompt, where, "prompt", false, messages);
-    read_messages(completion, where, "completion", true, messages);
+    read_messages(completion, where, key, true, messages);
     return render_messages(messages, value, where, config, tok, format);
   }
   if (!prompt.is_string() || !completion.is_string())
-    fail_key(ErrorKind::Data, where, prompt.is_string() ? "completion" : "prompt",
-             std::string("expected a string (or prompt and completion both lists of messages), got ") +
+    fail_key(ErrorKind::Data, where, prompt.is_string() ? key : "prompt",
+             std::string("expected a string (or prompt and ") + key + " both lists of messages), got " +
                  json_type_name(prompt.is_string() ? completion : prompt));
-  if (tok.eos_id() < 0) fail_at(ErrorKind::Data, where, "completion records end with EOS, but the tokenizer has none");
+  if (tok.eos_id() < 0)
+    fail_at(ErrorKind::Data, where, std::string(key) + " records end with EOS, but the tokenizer has none");
   const std::string& text = completion.get_ref<const std::string&>();
   const std::string eos = tok.id_to_token(tok.eos_id());
   const bool ends_with_eos = text.size() >= eos.size() && text.compare(text.size() - eos.size(), eos.size(), eos) == 0;
@@ -128,6 +131,29 @@ Example completion_example(const Json& value, const std::string& where, const Da
   pieces.push_back({text, -1, true});
   if (!ends_with_eos) pieces.push_back({"", tok.eos_id(), true});
   return tokenize_rendered(pieces, tok);
+}
+
+// A preference pair {prompt, chosen, rejected} (TRL's preference records, strings or lists of messages): prompt +
+// chosen and prompt + rejected each rendered as a completion record is, the prompt never in the loss; one Example
+// holding both (Example::second).
+Example preference_example(const Json& value, const std::string& where, const DataConfig& config,
+                           const Tokenizer& tok, std::optional<ChatFormat>& format) {
+  DataConfig masked = config;
+  masked.train_on_prompt = false;
+  Example e = completion_example(value, where, masked, tok, format, "chosen");
+  Example r = completion_example(value, where, masked, tok, format, "rejected");
+  // TRL's split: one prompt length for both, the lesser of the two (where each tokenization leaves the prompt), and
+  // every token after it in the loss (a token that merges across the prompt's end belongs to the completion).
+  const auto first = [](const Example& x) {
+    return static_cast<size_t>(std::find(x.loss.begin(), x.loss.end(), uint8_t{1}) - x.loss.begin());
+  };
+  const size_t prompt = std::min(first(e), first(r));
+  for (Example* x : {&e, &r})
+    for (size_t k = 0; k < x->loss.size(); ++k) x->loss[k] = k >= prompt;
+  e.second = static_cast<int64_t>(e.ids.size());
+  e.ids.insert(e.ids.end(), r.ids.begin(), r.ids.end());
+  e.loss.insert(e.loss.end(), r.loss.begin(), r.loss.end());
+  return e;
 }
 
 Example tokenized_example(const Json& value, const std::string& where, const Tokenizer& tok) {
@@ -220,6 +246,10 @@ Example tokenize_one(const Json& value, const std::string& where, const DataConf
       for (const char* key : {"prompt", "completion"})
         if (!value.contains(key)) fail_key(ErrorKind::Data, where, key, "missing");
       return completion_example(value, where, config, tok, chat);
+    case RecordFormat::Preference:
+      for (const char* key : {"prompt", "chosen", "rejected"})
+        if (!value.contains(key)) fail_key(ErrorKind::Data, where, key, "missing");
+      return preference_example(value, where, config, tok, chat);
     case RecordFormat::Tokenized:
       if (!value.contains("input_ids")) fail_key(ErrorKind::Data, where, "input_ids", "missing");
       return tokenized_example(value, where, tok);

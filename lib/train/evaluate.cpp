@@ -5,6 +5,10 @@
 
 #include <cmath>
 
+#include "lib/core/error.h"
+#include "lib/data/packing.h"
+#include "lib/train/train_stages.h"
+
 namespace qt {
 
 double EvalResult::perplexity() const { return std::exp(mean_loss()); }
@@ -33,6 +37,28 @@ EvalResult evaluate_loss(const LlamaModel& model, const std::vector<Example>& do
                                              /*ignore_index=*/-100);
     result.loss_sum += loss.item<double>();
     result.tokens += count;
+  }
+  return result;
+}
+
+DpoEvalResult evaluate_dpo(LlamaModel& model, ReferenceAdapters& reference, std::vector<Example> pairs,
+                           int64_t max_seq_len, const DpoSection& dpo) {
+  at::NoGradGuard no_grad;
+  model.set_training(false);
+  DpoEvalResult result;
+  result.sums.assign(1 + dpo_stat_names().size(), 0.0);
+  for (Example& e : pairs) {
+    QT_CHECK(e.second > 0, ErrorKind::Internal, "evaluate_dpo: a record that is not a pair");
+    if (pair_longer_than(e, max_seq_len)) ++result.truncated;
+    truncate_pair(e, max_seq_len);
+    if (fewest_targets(e) == 0) continue;  // a sequence with nothing to compare
+    const Batch b = build_batch({e}, {{0}}, BatchShape{1, 2 * max_seq_len, /*packing=*/false});
+    const at::Tensor seqs = pair_sequences(b);
+    const at::Tensor ref = reference_logps(model, reference, b, seqs, /*fused=*/true, /*training=*/false);
+    const at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
+    const at::Tensor sums = dpo_policy_terms(model, hidden, b, seqs, ref, dpo, true).sums.to(at::kCPU, at::kDouble);
+    for (size_t i = 0; i < result.sums.size(); ++i) result.sums[i] += sums[static_cast<int64_t>(i)].item<double>();
+    ++result.pairs;
   }
   return result;
 }

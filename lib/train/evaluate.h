@@ -7,6 +7,7 @@
 
 #include "lib/data/example.h"
 #include "lib/model/llama.h"
+#include "lib/train/dpo.h"
 
 namespace qt {
 
@@ -22,5 +23,17 @@ struct EvalResult {
 // `documents` hold token ids (BOS/EOS already applied) and loss masks, as lib/data/records.h makes them for
 // training. Each is cut to its first max_seq_len tokens (counted), as training cuts held-out records.
 EvalResult evaluate_loss(const LlamaModel& model, const std::vector<Example>& documents, int64_t max_seq_len);
+
+// DPO's loss over preference pairs (Example::second), each pair alone (its two sequences side by side in one row,
+// each cut to max_seq_len tokens, counted), against `reference`, as training's held-out
+// evaluation computes it. A pair with a sequence left without a target is skipped (not counted in `pairs`).
+struct DpoEvalResult {
+  int64_t pairs = 0;
+  int64_t truncated = 0;
+  std::vector<double> sums;  // the loss, then dpo_stat_names()' statistics, summed over the pairs
+  double mean(size_t i) const { return pairs ? sums.at(i) / static_cast<double>(pairs) : 0.0; }
+};
+DpoEvalResult evaluate_dpo(LlamaModel& model, ReferenceAdapters& reference, std::vector<Example> pairs,
+                           int64_t max_seq_len, const DpoSection& dpo);
 
 }  // namespace qt

@@ -54,6 +54,10 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
   GenerateOptions gen;
   gen.max_new_tokens = max_new_tokens;
   gen.stop_ids = answer_stop_ids(tokenizer, data);
+  // A DPO run's records are pairs; its exact-match file may hold pairs (the chosen completion is the answer) or
+  // records of any other format with an answer, each read by its keys.
+  DataConfig records = data;
+  if (records.format == RecordFormat::Preference) records.format = RecordFormat::Auto;
   int64_t index = 0;
   std::vector<std::vector<int32_t>> prompts;
   std::vector<std::string> answers;
@@ -70,6 +74,10 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
                !record.value.at("completion").empty() && record.value.at("completion").back().is_object() &&
                record.value.at("completion").back().value("content", Json()).is_string()) {
       expected = record.value.at("completion").back().at("content").get<std::string>();
+    } else if (const Json& chosen = record.value.contains("chosen") ? record.value.at("chosen") : Json();
+               chosen.is_string() || (chosen.is_array() && !chosen.empty() && chosen.back().is_object() &&
+                                      chosen.back().value("content", Json()).is_string())) {
+      expected = chosen.is_string() ? chosen.get<std::string>() : chosen.back().at("content").get<std::string>();
     } else if (const Json messages = chat_messages(record.value, where);
                messages.is_array() && !messages.empty() && messages.back().is_object() &&
                messages.back().value("role", "") == "assistant" &&
@@ -77,9 +85,10 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
       expected = messages.back().at("content").get<std::string>();
     } else {
       fail_at(ErrorKind::Data, where,
-              "an exact-match record needs an answer (\"output\", \"completion\", or a last assistant message)");
+              "an exact-match record needs an answer (\"output\", \"completion\", a preference pair's \"chosen\", or a "
+              "last assistant message)");
     }
-    Example e = tokenize_record(record.value, where, data, tokenizer);
+    Example e = tokenize_record(record.value, where, records, tokenizer);
     std::vector<int32_t> prompt = prompt_tokens(e);
     if (prompt.empty()) fail_at(ErrorKind::Data, where, "the record has no prompt tokens");
     if (!mine) continue;

@@ -118,6 +118,7 @@ void MetricsLog::step(const StepMetrics& m) {
   if (m.gpu_alloc_retries >= 0) j["gpu_alloc_retries"] = m.gpu_alloc_retries;
   if (m.gpu_device_allocs >= 0) j["gpu_device_allocs"] = m.gpu_device_allocs;
   if (m.gpu_device_frees >= 0) j["gpu_device_frees"] = m.gpu_device_frees;
+  for (const auto& [name, value] : m.extra) j[name] = value;
   write(j);
   if (tensorboard_) {
     tensorboard_->scalar("train/loss", m.step, m.loss);
@@ -125,6 +126,7 @@ void MetricsLog::step(const StepMetrics& m) {
     tensorboard_->scalar("train/grad_norm", m.step, m.grad_norm);
     tensorboard_->scalar("train/tokens_per_s", m.step, m.tokens_per_s);
     tensorboard_->scalar("train/target_tokens_per_s", m.step, m.target_tokens_per_s);
+    for (const auto& [name, value] : m.extra) tensorboard_->scalar("train/" + name, m.step, value);
   }
   char text[256];
   std::string mem = m.gpu_mem_gib >= 0 ? " | mem " + std::to_string(m.gpu_mem_gib).substr(0, 5) + " GiB" : "";
@@ -142,7 +144,14 @@ void MetricsLog::step(const StepMetrics& m) {
     std::snprintf(text, sizeof text, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s (%.0f target)%s | eta %s",
                   static_cast<long long>(m.step), static_cast<long long>(m.total_steps), m.loss, m.lr, m.grad_norm,
                   m.tokens_per_s, m.target_tokens_per_s, mem.c_str(), format_duration(m.eta_s).c_str());
-    std::fprintf(stderr, "%s\n", text);
+    std::string more;  // DPO: how often the chosen completion's reward leads, and by how much
+    for (const auto& [name, value] : m.extra)
+      if (name == "rewards_accuracy" || name == "rewards_margin") {
+        char v[64];
+        std::snprintf(v, sizeof v, " | %s %.3f", name == "rewards_accuracy" ? "reward acc" : "margin", value);
+        more += v;
+      }
+    std::fprintf(stderr, "%s%s\n", text, more.c_str());
   }
   write_plot();
 }
@@ -156,14 +165,22 @@ void MetricsLog::exact_match(int64_t step, int64_t correct, int64_t total) {
          {"exact_match_total", total}});
 }
 
-void MetricsLog::eval(int64_t step, double loss, int64_t tokens) {
+void MetricsLog::eval(int64_t step, double loss, int64_t count, bool pairs) {
   eval_.emplace_back(step, loss);
   if (!enabled_) return;
-  write({{"step", step}, {"eval_loss", loss}, {"eval_perplexity", std::exp(loss)}, {"eval_tokens", tokens}});
+  if (pairs) {
+    write({{"step", step}, {"eval_loss", loss}, {"eval_pairs", count}});
+  } else {
+    write({{"step", step}, {"eval_loss", loss}, {"eval_perplexity", std::exp(loss)}, {"eval_tokens", count}});
+  }
   if (tensorboard_) tensorboard_->scalar("eval/loss", step, loss);
   char text[160];
-  std::snprintf(text, sizeof text, "eval at step %lld: loss %.4f, perplexity %.3f (%lld tokens)",
-                static_cast<long long>(step), loss, std::exp(loss), static_cast<long long>(tokens));
+  if (pairs)
+    std::snprintf(text, sizeof text, "eval at step %lld: DPO loss %.4f (%lld pairs)", static_cast<long long>(step),
+                  loss, static_cast<long long>(count));
+  else
+    std::snprintf(text, sizeof text, "eval at step %lld: loss %.4f, perplexity %.3f (%lld tokens)",
+                  static_cast<long long>(step), loss, std::exp(loss), static_cast<long long>(count));
   line(text);
   write_plot();
 }

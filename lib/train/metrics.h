@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lib/core/json.h"
@@ -30,6 +31,8 @@ struct StepMetrics {
   int64_t gpu_alloc_retries = -1;
   int64_t gpu_device_allocs = -1;
   int64_t gpu_device_frees = -1;
+  // More scalars of the step (DPO's rewards and log-probabilities), in metrics.jsonl and TensorBoard (train/NAME).
+  std::vector<std::pair<std::string, double>> extra;
 };
 
 class TensorBoardWriter;
@@ -45,7 +48,8 @@ class MetricsLog {
   MetricsLog& operator=(const MetricsLog&) = delete;
 
   void step(const StepMetrics& m);
-  void eval(int64_t step, double loss, int64_t tokens);
+  // `count`: the held-out targets, or with `pairs` (DPO) the held-out preference pairs.
+  void eval(int64_t step, double loss, int64_t count, bool pairs = false);
   // eval.exact_match_file's figure after `step` optimizer steps (0: before training), in metrics.jsonl.
   void exact_match(int64_t step, int64_t correct, int64_t total);
   void line(const std::string& text);  // a message that must not be overwritten by the bar

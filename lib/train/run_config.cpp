@@ -8,7 +8,7 @@ namespace qt {
 namespace {
 
 const std::vector<std::string> kTopKeys = {"output_dir", "model", "lora", "data", "train", "optim", "checkpoint",
-                                           "eval", "logging"};
+                                           "eval", "dpo", "logging"};
 
 void check_positive(int64_t v, const std::string& file, const std::string& key, bool allow_zero = false) {
   if (v < 0 || (!allow_zero && v == 0))
@@ -112,8 +112,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
                to.rfind("nothing: ", 0) == 0 ? "is no longer a setting (" + to.substr(9) + ")"
                                              : "has moved to " + to + " (README, \"Memory and speed\")");
   reject_unknown_keys(t, {"steps", "epochs", "batch_size", "micro_batch_size", "memory", "neftune_alpha", "seed",
-                          "eval_every", "early_stopping_patience", "log_every", "loss", "full_finetune", "shard",
-                          "shard_embeddings", "collective_timeout_s"},
+                          "eval_every", "early_stopping_patience", "log_every", "loss", "objective", "full_finetune",
+                          "shard", "shard_embeddings", "collective_timeout_s"},
                       file, "train.", ErrorKind::Config);
   JsonReader tr{t, file, ErrorKind::Config, "train."};
   c.train.steps = tr.get_int("steps", c.train.steps);
@@ -169,6 +169,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   c.train.loss = tr.get_string("loss", c.train.loss);
   if (c.train.loss != "fused" && c.train.loss != "plain")
     fail_key(ErrorKind::Config, file, "train.loss", "'" + c.train.loss + "': expected fused or plain");
+  c.train.objective = tr.get_string("objective", c.train.objective);
+  if (c.train.objective != "sft" && c.train.objective != "dpo")
+    fail_key(ErrorKind::Config, file, "train.objective", "'" + c.train.objective + "': expected sft or dpo");
 
   const Json& o = section(j, "optim");
   reject_unknown_keys(o, {"lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
@@ -231,6 +234,10 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   c.eval.max_new_tokens = er.get_int("max_new_tokens", c.eval.max_new_tokens);
   check_positive(c.eval.max_new_tokens, file, "eval.max_new_tokens");
 
+  const Json& dp = section(j, "dpo");
+  if (!dp.is_object()) fail_key(ErrorKind::Config, file, "dpo", "expected an object {beta, label_smoothing}");
+  c.dpo = DpoSection::from_json(dp, file);
+
   const Json& lg = section(j, "logging");
   reject_unknown_keys(lg, {"level", "progress"}, file, "logging.", ErrorKind::Config);
   JsonReader lr{lg, file, ErrorKind::Config, "logging."};
@@ -248,6 +255,29 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   // before the data is tokenized and the model loads.
   c.parsed_lora = LoraConfig::from_json(c.lora, file);
   c.parsed_data = DataConfig::from_json(c.data, file, complete);
+  if (c.train.objective == "dpo") {
+    // The reference is the model with its adapters off (lib/train/dpo.h): what would also move it is refused.
+    const auto refuse = [&](const std::string& key, const std::string& why) {
+      fail_key(ErrorKind::Config, file, key, why + " with train.objective \"dpo\" (not supported yet)");
+    };
+    if (c.train.full_finetune) refuse("train.full_finetune", "trains every weight, and leaves no reference");
+    if (c.parsed_lora.use_dora) refuse("lora.use_dora", "DoRA's magnitudes cannot be switched off for the reference");
+    if (!c.parsed_lora.modules_to_save.empty())
+      refuse("lora.modules_to_save", "a trained lm_head or embed_tokens would move the reference too");
+    if (c.train.shard != "none") refuse("train.shard", "\"" + c.train.shard + "\" is not tested");
+    // The per-token log-probabilities come from the fused loss over an lm_head on the device.
+    if (c.train.memory.lm_head_on_host.value_or(false))
+      refuse("train.memory.lm_head", "\"host\" streams lm_head through a loss that gives no per-token values");
+    c.train.memory.lm_head_on_host = false;
+    if (c.parsed_data.format != RecordFormat::Auto && c.parsed_data.format != RecordFormat::Preference)
+      fail_key(ErrorKind::Config, file, "data.format",
+               std::string("\"") + record_format_name(c.parsed_data.format) +
+                   "\": train.objective \"dpo\" trains on preference pairs {prompt, chosen, rejected} (\"preference\" "
+                   "or \"auto\")");
+    if (c.parsed_data.train_on_prompt)
+      fail_key(ErrorKind::Config, file, "data.train_on_prompt",
+               "DPO compares the completions' log-probabilities alone: set it to false");
+  }
   // Both judge the run by its held-out loss at each evaluation.
   for (const auto& [key, set] : {std::pair<const char*, bool>{"checkpoint.save_best", c.checkpoint.save_best},
                                  {"train.early_stopping_patience", c.train.early_stopping_patience > 0}}) {
@@ -287,6 +317,7 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
                 {"early_stopping_patience", c.train.early_stopping_patience},
                 {"log_every", c.train.log_every},
                 {"loss", c.train.loss},
+                {"objective", c.train.objective},
                 {"full_finetune", c.train.full_finetune},
                 {"shard", c.train.shard},
                 {"shard_embeddings", c.train.shard_embeddings},
@@ -308,6 +339,7 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
   j["eval"] = {{"exact_match_file", c.eval.exact_match_file},
                {"max_examples", c.eval.max_examples},
                {"max_new_tokens", c.eval.max_new_tokens}};
+  j["dpo"] = c.dpo.to_json();
   j["logging"] = {{"level", c.log_level}, {"progress", c.progress}};
   return j;
 }

@@ -9,6 +9,7 @@
 #include "lib/data/data_config.h"
 #include "lib/model/lora.h"
 #include "lib/model/exec_plan.h"
+#include "lib/train/dpo.h"
 #include "lib/train/lr_schedule.h"
 
 namespace qt {
@@ -43,6 +44,9 @@ struct TrainSection {
   int64_t early_stopping_patience = 0;
   int64_t log_every = 1;
   std::string loss = "fused";    // "fused" (never holds [tokens, vocab] logits) or "plain" (reference path)
+  // "sft": next-token cross-entropy on the records' targets; "dpo": preference pairs (data.format "preference"),
+  // the "dpo" section's loss against the model with its adapters off (lib/train/dpo.h).
+  std::string objective = "sft";
   // Train every weight of a 16-bit base instead of LoRA adapters (needs model.quant "none"); the result is a
   // full model directory (output_dir/model). Used to pretrain the demo's small base.
   bool full_finetune = false;
@@ -102,6 +106,7 @@ struct RunConfig {
   OptimSection optim;
   CheckpointSection checkpoint;
   EvalSection eval;
+  DpoSection dpo;          // read with train.objective "dpo"
   Json lora = Json::object();  // parsed by lib/model/lora.h
   Json data = Json::object();  // parsed by lib/data/data_config.h
   LoraConfig parsed_lora;      // the two sections as their owners parsed them (for to_json)

@@ -33,6 +33,20 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
       log::warn_rank0("data.eval_fraction " + std::to_string(config_.eval_fraction) + " of " + config_.train_file +
                       "'s " + std::to_string(train.size()) + " records holds none out: no held-out evaluation");
   }
+  // Preference pairs (DPO): data.max_seq_len bounds each of a pair's sequences, as TRL's max_length, and a row holds
+  // two of them. A file holds pairs or none.
+  size_t pair_count = 0, all = train.size() + eval_.size();
+  for (const auto* set : {&train, &eval_})
+    for (const Example& e : *set) pair_count += e.second > 0;
+  pairs_ = pair_count > 0;
+  if (pairs_ && pair_count < all)
+    fail_key(ErrorKind::Data, config_.file, "data.format",
+             std::to_string(pair_count) + " of the " + std::to_string(all) + " training and held-out records are " +
+                 "preference pairs {prompt, chosen, rejected}, the others are not: a run trains on pairs (DPO) or on "
+                 "none");
+  row_len_ = pairs_ ? 2 * config_.max_seq_len : config_.max_seq_len;
+  if (pairs_)
+    for (Example& e : eval_) truncate_pair(e, config_.max_seq_len);
   // Text documents end with EOS (data.add_eos) so that the model learns to stop; a tokenizer without one cannot.
   if (config_.add_eos && tokenizer.eos_id() < 0 &&
       (config_.format == RecordFormat::Text || config_.format == RecordFormat::Auto))
@@ -51,7 +65,7 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
     if (eval_.empty())
       log::warn_rank0("data.eval_fraction: none of the held-out records holds a target token: no held-out evaluation");
   }
-  train_ = std::make_unique<Dataset>(std::move(train), config_.max_seq_len, config_.shuffle, config_.seed);
+  train_ = std::make_unique<Dataset>(std::move(train), row_len_, config_.shuffle, config_.seed);
   check_has_targets();
   log::info("data: " + train_->stats().summary() + (eval_.empty() ? "" : "; " + std::to_string(eval_.size()) + " held-out documents"));
   seek({});
@@ -89,7 +103,10 @@ std::string TrainData::where(const Example& e, bool from_train_files) const {
 int64_t TrainData::leave_out_untrained(std::vector<Example>& examples, const std::string& source, bool training,
                                        bool from_train_files) const {
   const auto len = static_cast<size_t>(config_.max_seq_len);
-  const auto untrained = [&](const Example& e) { return targets_in(e.loss, len) == 0; };
+  // (a pair: either sequence without a target, each already cut to data.max_seq_len)
+  const auto untrained = [&](const Example& e) {
+    return e.second > 0 ? fewest_targets(e) == 0 : targets_in(e.loss, len) == 0;
+  };
   std::vector<std::string> lines;
   for (const auto& e : examples)
     if (untrained(e)) lines.push_back(where(e, from_train_files));
@@ -106,23 +123,33 @@ void TrainData::apply_truncation(std::vector<Example>& train) const {
   const auto len = static_cast<size_t>(config_.max_seq_len);
   std::vector<std::string> long_lines, emptied_lines;  // longer than a row; of those, left with no target by the cut
   int64_t long_tokens = 0;
+  // A pair is longer than a row where either of its sequences is longer than data.max_seq_len.
+  const auto too_long = [&](const Example& e) {
+    return e.second > 0 ? pair_longer_than(e, config_.max_seq_len) : e.ids.size() > len;
+  };
   for (const auto& e : train) {
-    if (e.ids.size() <= len) continue;
+    if (!too_long(e)) continue;
     long_lines.push_back(where(e, true));
+    if (e.second > 0) {
+      Example cut = e;
+      truncate_pair(cut, config_.max_seq_len);
+      long_tokens += static_cast<int64_t>(e.ids.size() - cut.ids.size());
+      if (fewest_targets(cut) == 0 && fewest_targets(e) > 0) emptied_lines.push_back(where(e, true));
+      continue;
+    }
     long_tokens += static_cast<int64_t>(e.ids.size() - len);
     if (targets_in(e.loss, len) == 0 && targets_in(e.loss, e.loss.size()) > 0) emptied_lines.push_back(where(e, true));
   }
   if (long_lines.empty()) return;
   const std::string what = std::to_string(long_lines.size()) + " of " + std::to_string(train.size()) + " records of " +
                            config_.train_file + " (" + some_lines(long_lines) + ") are longer than data.max_seq_len = " +
-                           std::to_string(config_.max_seq_len) + " tokens";
+                           std::to_string(config_.max_seq_len) + " tokens" + (pairs_ ? " (a pair: either sequence)" : "");
   switch (config_.truncation) {
     case Truncation::Error:
       fail_key(ErrorKind::Data, config_.file, "data.truncation",
                "\"error\": " + what + "; raise data.max_seq_len, or set data.truncation to \"truncate\" or \"drop\"");
     case Truncation::Drop:
-      train.erase(std::remove_if(train.begin(), train.end(), [&](const Example& e) { return e.ids.size() > len; }),
-                  train.end());
+      train.erase(std::remove_if(train.begin(), train.end(), too_long), train.end());
       if (train.empty())
         fail_key(ErrorKind::Data, config_.file, "data.truncation",
                  "\"drop\" leaves no training record: every one of " + config_.train_file + "'s " +
@@ -132,6 +159,7 @@ void TrainData::apply_truncation(std::vector<Example>& train) const {
       log::info("data.truncation \"drop\": " + what + ", left out (" + std::to_string(train.size()) + " remain)");
       return;
     case Truncation::Truncate:
+      for (Example& e : train) truncate_pair(e, config_.max_seq_len);  // (pairs: each sequence; documents: Dataset)
       if (!emptied_lines.empty())
         log::warn_rank0("data.truncation \"truncate\": " + std::to_string(emptied_lines.size()) + " records (" +
                   some_lines(emptied_lines) + ") lose every target token to the cut at data.max_seq_len = " +
@@ -142,7 +170,7 @@ void TrainData::apply_truncation(std::vector<Example>& train) const {
 
 void TrainData::check_has_targets() const {
   for (const auto& e : train_->examples())
-    if (targets_in(e.loss, e.loss.size()) > 0) return;
+    if (e.second > 0 ? fewest_targets(e) > 0 : targets_in(e.loss, e.loss.size()) > 0) return;
   std::vector<std::string> lines;  // (every record: none has a target)
   for (const auto& e : train_->examples()) lines.push_back(where(e, true));
   if (train_->stats().truncated == 0)  // nothing was cut: the records themselves hold no target
@@ -197,11 +225,15 @@ void TrainData::write_eval_records(const std::string& path) const {
 double TrainData::attention_span() const {
   double tokens = 0, squares = 0;
   for (const Example& e : train_->examples()) {
-    const double n = static_cast<double>(std::min<int64_t>(static_cast<int64_t>(e.ids.size()), config_.max_seq_len));
-    tokens += n;
-    squares += n * n;
+    // (a pair's two sequences attend apart)
+    const int64_t n_all = std::min<int64_t>(static_cast<int64_t>(e.ids.size()), row_len_);
+    for (const int64_t part : e.second > 0 ? std::vector<int64_t>{e.second, n_all - e.second} : std::vector<int64_t>{n_all}) {
+      const double n = static_cast<double>(part);
+      tokens += n;
+      squares += n * n;
+    }
   }
-  return tokens > 0 ? squares / tokens : static_cast<double>(config_.max_seq_len);
+  return tokens > 0 ? squares / tokens : static_cast<double>(row_len_);
 }
 
 std::pair<int64_t, std::string> TrainData::max_token_id() const {
@@ -224,7 +256,7 @@ std::pair<int64_t, std::string> TrainData::max_token_id() const {
 
 bool TrainData::varlen_rows() const {
   for (const Example& e : train_->examples())
-    if (static_cast<int64_t>(e.ids.size()) < config_.max_seq_len) return true;  // packed with others, or padded
+    if (static_cast<int64_t>(e.ids.size()) < row_len_ || e.second > 0) return true;  // packed with others, padded
   return false;
 }
 
@@ -234,7 +266,7 @@ void TrainData::seek(const DataPosition& position) {
 
 int64_t TrainData::steps_per_epoch(int64_t batch_size) const {
   const std::vector<int64_t> order = train_->order(0);
-  const BatchShape shape{1, config_.max_seq_len, config_.packing};
+  const BatchShape shape{1, row_len_, config_.packing};
   int64_t rows = 0;
   std::vector<std::vector<int64_t>> planned;
   for (int64_t i = 0; i < static_cast<int64_t>(order.size()); ++rows) {
@@ -250,7 +282,7 @@ std::vector<Batch> TrainData::eval_batches(int rank, int world) const {
   std::vector<int64_t> order(eval_.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
   // Held-out documents longer than a row keep their first max_seq_len tokens, as in training.
-  std::vector<Batch> all = make_batches(eval_, order, micro_, config_.max_seq_len, config_.packing);
+  std::vector<Batch> all = make_batches(eval_, order, micro_, row_len_, config_.packing);
   for (size_t i = 0; i < all.size(); ++i)
     if (static_cast<int>(i % static_cast<size_t>(world)) == rank) mine.push_back(std::move(all[i]));
   return mine;

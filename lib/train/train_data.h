@@ -17,7 +17,10 @@ class TrainData {
  public:
   TrainData(const Json& data_section, const std::string& config_file, const Tokenizer& tokenizer, int64_t micro_batch_size);
 
-  int64_t max_seq_len() const { return config_.max_seq_len; }
+  // Tokens a row: data.max_seq_len, twice it for preference pairs (each sequence up to data.max_seq_len).
+  int64_t max_seq_len() const { return row_len_; }
+  // The records are preference pairs (Example::second): train.objective "dpo" trains on them.
+  bool pairs() const { return pairs_; }
   const DataConfig& config() const { return config_; }
   const Dataset& train_set() const { return *train_; }
   // Optimizer steps in one pass over the training set with `batch_size` rows per step (the last partial step
@@ -70,6 +73,8 @@ class TrainData {
   std::vector<Example> eval_;
   std::unique_ptr<BatchIterator> iterator_;
   int64_t untrained_left_out_ = 0;
+  bool pairs_ = false;
+  int64_t row_len_ = 0;
 };
 
 }  // namespace qt

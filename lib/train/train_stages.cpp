@@ -120,8 +120,9 @@ void load_full_weights(LlamaModel& model, const std::string& dir, const LoadOpti
   }
 }
 
+// dpo: the held-out pairs' DPO loss, its mean over the pairs and their count (else the targets').
 std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>& batches, bool fused, Communicator& comm,
-                                    FullyShard* fsdp) {
+                                    FullyShard* fsdp, const DpoSection* dpo, ReferenceAdapters* reference) {
   at::NoGradGuard no_grad;
   model.set_training(false);
   GatherScope embeddings(fsdp, FullyShard::Root::Embeddings), head(fsdp, FullyShard::Root::LmHead);
@@ -142,6 +143,14 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
       continue;
     }
     const Batch& b = batches[i];
+    if (dpo) {
+      const at::Tensor seqs = pair_sequences(b);
+      const at::Tensor ref = reference_logps(model, *reference, b, seqs, fused, /*training=*/false);
+      const at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
+      sum += dpo_policy_terms(model, hidden, b, seqs, ref, *dpo, fused).loss_sum.item<double>();
+      count += b.num_pairs;
+      continue;
+    }
     at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
     sum += loss_sum(model, hidden, b.targets, fused).item<double>();
     count += b.num_targets;
@@ -291,6 +300,42 @@ at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at:
   at::Tensor t = targets.reshape({-1}).to(hidden.device());
   at::Tensor logits = at::linear(h, w).to(at::kFloat);
   return at::cross_entropy_loss(logits, t, /*weight=*/{}, at::Reduction::Sum, /*ignore_index=*/-100);
+}
+
+at::Tensor token_losses(const LlamaModel& model, const at::Tensor& hidden, const at::Tensor& targets, bool fused) {
+  const at::Tensor h = hidden.reshape({-1, hidden.size(-1)});
+  const at::Tensor w = model.lm_head_weight();
+  QT_CHECK(!model.lm_head_on_host(), ErrorKind::Internal, "token_losses: lm_head streamed from the host");
+  if (fused) {
+    FusedLinearCeOptions options;
+    options.chunk_tokens = model.plan.loss_chunk_tokens;
+    return fused_linear_cross_entropy_rows(h, w, targets.reshape({-1}), options);
+  }
+  const at::Tensor t = targets.reshape({-1}).to(hidden.device());
+  return at::cross_entropy_loss(at::linear(h, w).to(at::kFloat), t, /*weight=*/{}, at::Reduction::None,
+                                /*ignore_index=*/-100);
+}
+
+at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, const Batch& b, const at::Tensor& sequences,
+                           bool fused, bool training) {
+  at::NoGradGuard no_grad;
+  struct Mode {  // (restored on an error too: an out-of-memory error's replan trains on)
+    LlamaModel& m;
+    bool training;
+    ~Mode() { m.set_training(training); }
+  } mode{model, training};
+  model.set_training(false);
+  const ReferenceAdapters::Scope scope(reference);
+  const at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
+  return sequence_logps(token_losses(model, hidden, b.targets, fused), sequences, b.num_pairs);
+}
+
+DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
+                          const at::Tensor& sequences, const at::Tensor& reference, const DpoSection& config,
+                          bool fused) {
+  const at::Tensor policy = sequence_logps(token_losses(model, hidden, b.targets, fused), sequences, b.num_pairs);
+  const at::Tensor lengths = config.loss_type == "ipo" ? sequence_targets(b, sequences, policy.device()) : at::Tensor();
+  return dpo_terms(policy, reference, config, lengths);
 }
 
 namespace {
@@ -494,6 +539,13 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
   // Tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per epoch, cut
   // into this rank's micro-batches per step.
   d.data = std::make_unique<TrainData>(cfg.data, cfg.file, *d.tokenizer, s.micro);
+  const bool dpo = cfg.train.objective == "dpo";
+  if (dpo != d.data->pairs())
+    fail_key(ErrorKind::Data, cfg.file, "train.objective",
+             dpo ? "\"dpo\" trains on preference pairs, and the records of " + d.data->config().train_file +
+                       " are not: each needs \"prompt\", \"chosen\" and \"rejected\" (data.format \"preference\")"
+                 : "\"" + cfg.train.objective + "\", and the records of " + d.data->config().train_file +
+                       " are preference pairs {prompt, chosen, rejected}: set train.objective to \"dpo\"");
   d.model_config = d.random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
   check_data_fits_model(cfg, s, d);
   d.train_file_hash = train_files_hash(d.data->config().train_files);
@@ -593,6 +645,10 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
     });
     if (s.rank0) log::info("LoRA adapters initialised from " + lora.init_from);
   }
+  if (cfg.train.objective == "dpo") {
+    m.reference = std::make_shared<ReferenceAdapters>(model, lora.init_from);
+    if (s.rank0) log::info("DPO (" + cfg.dpo.loss_type + "): the reference is " + m.reference->describe());
+  }
   return m;
 }
 
@@ -689,7 +745,8 @@ Evaluator::Evaluator(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
 
 std::pair<double, int64_t> Evaluator::loss(int64_t step) {
   try {
-    return evaluate(*m_.model, batches_, cfg_.train.loss == "fused", *s_.comm, parallel_.sharded());
+    return evaluate(*m_.model, batches_, cfg_.train.loss == "fused", *s_.comm, parallel_.sharded(),
+                    cfg_.train.objective == "dpo" ? &cfg_.dpo : nullptr, m_.reference.get());
   } catch (const c10::Error& e) {
     if (!is_out_of_memory(e)) throw;
     fail(ErrorKind::Device, oom_message(cfg_, s_.device, "evaluation after step " + std::to_string(step), s_.micro,

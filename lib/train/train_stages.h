@@ -116,6 +116,7 @@ struct ModelStage {
   LoraConfig lora;
   bool full = false;          // train.full_finetune
   std::string base_name;      // the adapter's base_model_name_or_path (from the root)
+  std::shared_ptr<ReferenceAdapters> reference;  // train.objective "dpo": what the policy is compared with
 };
 // The plan and the micro-batch (train.micro_batch_size, 0: the plan's), before the model loads: a run that cannot
 // fit its GPU memory budget is refused here. `budget_gib`, when set, stands for train.memory.gpu_memory_gib (a
@@ -153,6 +154,21 @@ std::unique_ptr<AdamW> make_optimizer(const RunConfig& cfg, const NamedTensors& 
 // Sum of the cross-entropy over the batch's targets: the fused loss (never the [tokens, vocab] logits; lm_head
 // streamed when it lives on the host) or the plain reference path.
 at::Tensor loss_sum(const LlamaModel& model, const at::Tensor& hidden, const at::Tensor& targets, bool fused);
+
+// The cross-entropy of each token, [B * S] fp32 (0 where a token has no target), differentiable with respect to
+// hidden: the fused loss's rows (never the logits; lm_head frozen, on the device) or the plain path.
+at::Tensor token_losses(const LlamaModel& model, const at::Tensor& hidden, const at::Tensor& targets, bool fused);
+
+// DPO's reference for a micro-batch of pairs: each sequence's log-probability (sequence_logps, [2 * pairs]) under
+// `reference` (ReferenceAdapters), without gradient, in evaluation mode; the model is left in `training` mode after.
+at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, const Batch& b, const at::Tensor& sequences,
+                           bool fused, bool training);
+
+// DPO's loss terms of a micro-batch of pairs under the policy (the model as it is: with gradient where grad mode is
+// on), against the reference's log-probabilities.
+DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
+                          const at::Tensor& sequences, const at::Tensor& reference, const DpoSection& config,
+                          bool fused);
 
 // The message of an out-of-memory error in `phase` ("step 3", "evaluation after step 3"): where, how big, how much
 // memory, what lowers it.

@@ -31,6 +31,7 @@ namespace {
 // What one optimizer step did, read back from the device in the step's one sync.
 struct StepOutcome {
   double loss = 0, grad_norm = 0, lr = 0;
+  std::vector<double> dpo;  // DPO: dpo_stat_names()' means over the step's pairs
   int64_t targets = 0, inputs = 0;  // tokens in the loss and input tokens of the global step
   bool overflow = false;            // fp16: the scaled gradients overflowed, the update was not applied
 };
@@ -58,10 +59,13 @@ std::string nonfinite_advice(const RunConfig& cfg, int64_t step) {
 struct QueuedStep {
   int64_t step = 0;             // the steps done before it
   double lr = 0, targets = 0, inputs = 0;
-  at::Tensor read;              // [loss sum, gradient norm] in fp64: pinned host memory the device copies into
+  double pairs = 0;             // DPO: the pairs of the global step (the loss is their mean)
+  at::Tensor read;              // [loss sum, (DPO: dpo_stat_names()' sums,) gradient norm] in fp64: pinned host
+                                // memory the device copies into
                                 // without blocking (CUDA), or the values themselves (CPU)
   std::shared_ptr<at::cuda::CUDAEvent> copied;  // recorded on the compute stream after that copy (CUDA)
   Clock::time_point queued_at;  // when the host began to queue it
+  Clock::time_point queued_by;  // when queue_step returned: on the CPU the step's work is done by then
 };
 
 // CUDA's sync debug mode (1: warn, 2: error) for a scope, then off again.
@@ -102,19 +106,27 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   }
   // Normalise by the targets of the whole global step, so that accumulation over micro-batches and ranks gives the
   // gradient of the mean over all of them (not a mean of per-micro-batch means).
-  int64_t local_targets = 0, local_inputs = 0;
-  for (const auto& b : micro_batches) local_targets += b.num_targets, local_inputs += b.num_tokens;
+  // DPO normalises by the pairs of the step instead: its loss is their mean.
+  const bool dpo = cfg.train.objective == "dpo";
+  int64_t local_targets = 0, local_inputs = 0, local_pairs = 0;
+  for (const auto& b : micro_batches)
+    local_targets += b.num_targets, local_inputs += b.num_tokens, local_pairs += b.num_pairs;
   double step_targets = static_cast<double>(local_targets);
   double step_inputs = static_cast<double>(local_inputs);  // for tokens/s alone
+  double step_pairs = static_cast<double>(local_pairs);
   if (s.world > 1) {  // (one rank: no round trip through the device, which would wait for the last step's kernels)
-    at::Tensor count = at::tensor({step_targets, step_inputs}, at::kDouble);
+    at::Tensor count = at::tensor({step_targets, step_inputs, step_pairs}, at::kDouble);
     count = count.to(s.device.is_cuda() ? at::kFloat : at::kDouble).to(s.device);
     comm.all_reduce(count);
     count = count.to(at::kCPU, at::kDouble);
     step_targets = count[0].item<double>();
     step_inputs = count[1].item<double>();
+    step_pairs = count[2].item<double>();
   }
   if (step_targets <= 0) fail(ErrorKind::Data, "step " + std::to_string(step + 1) + ": the batch has no target tokens (all masked?)");
+  if (dpo && step_pairs <= 0)
+    fail(ErrorKind::Data, "step " + std::to_string(step + 1) + ": train.objective \"dpo\" and the batch holds no pair");
+  const double step_norm = dpo ? step_pairs : step_targets;
   const auto out_of_memory = [&](const c10::Error& e) {
     // The kernels and copies already queued finish before the step's tensors and the model's buffers (pinned host
     // blocks among them) go: the run may start again in this process (train.memory.replan_on_oom).
@@ -139,6 +151,13 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   at::Tensor embeds, hidden, l;
   try {
     for (const auto& b : micro_batches) {
+      // DPO: the reference pass first (adapters off, no gradient), then the policy's below.
+      at::Tensor sequences, reference;
+      if (dpo) {
+        RECORD_USER_SCOPE("qt::reference");
+        sequences = pair_sequences(b);
+        reference = reference_logps(model, *m.reference, b, sequences, fused, /*training=*/true);
+      }
       {
         GatherScope g(parallel.sharded(), FullyShard::Root::Embeddings);  // (no-op unless the embeddings are sharded)
         embeds = neftune_noise(model.embed(b.input_ids), cfg.train.neftune_alpha);
@@ -150,9 +169,16 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
       // The embedding output is the first block's input: kept by its checkpoint where that keeps it, else (offloaded)
       // not needed past the forward pass: 1 H a token.
       embeds = at::Tensor();
+      at::Tensor sums;  // DPO: the loss and statistics summed over the micro-batch's pairs
       {
         GatherScope g(parallel.sharded(), FullyShard::Root::LmHead);
-        l = loss_sum(model, hidden, b.targets, fused);
+        if (dpo) {
+          DpoTerms terms = dpo_policy_terms(model, hidden, b, sequences, reference, cfg.dpo, fused);
+          l = terms.loss_sum;
+          sums = terms.sums;
+        } else {
+          l = loss_sum(model, hidden, b.targets, fused);
+        }
       }
       // The final norm's output is not needed past the loss's forward pass (the fused loss keeps dh; a trained
       // lm_head's node keeps its own reference): 1 H a token freed for the backward pass.
@@ -170,9 +196,11 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
       if (hooks.nan_loss_at_step == step + 1) l = l * std::numeric_limits<double>::quiet_NaN();
       {
         RECORD_USER_SCOPE("qt::backward");
-        (l * ((scaler ? scaler->scale : 1.0) / step_targets)).backward();
+        (l * ((scaler ? scaler->scale : 1.0) / step_norm)).backward();
       }
-      local_loss = local_loss.defined() ? local_loss + l.detach() : l.detach();
+      if (dpo && hooks.nan_loss_at_step == step + 1) sums = sums * std::numeric_limits<double>::quiet_NaN();
+      const at::Tensor done = dpo ? sums : l.detach();
+      local_loss = local_loss.defined() ? local_loss + done : done;
     }
   } catch (const c10::Error& e) {
     if (!is_out_of_memory(e)) throw;
@@ -186,12 +214,14 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
     if (!grads.empty()) at::_foreach_mul_(grads, 1.0 / scaler->scale);
   }
   const auto wire = s.device.is_cuda() ? at::kFloat : at::kDouble;
-  at::Tensor loss_t = local_loss.defined() ? local_loss.reshape({1}).to(wire)
-                                           : at::zeros({1}, at::TensorOptions().dtype(wire).device(s.device));
+  const int64_t values_n = dpo ? 1 + static_cast<int64_t>(dpo_stat_names().size()) : 1;
+  at::Tensor loss_t = local_loss.defined() ? local_loss.reshape({values_n}).to(wire)
+                                           : at::zeros({values_n}, at::TensorOptions().dtype(wire).device(s.device));
   comm.all_reduce(loss_t);
   const at::Tensor norm_t = parallel.clip_grad_norm(cfg.optim.max_grad_norm, s.device);
   const at::Tensor found_inf =
-      at::logical_not(at::isfinite(loss_t)).reshape({}).logical_or(at::logical_not(at::isfinite(norm_t)).reshape({}));
+      at::logical_not(at::isfinite(loss_t.narrow(0, 0, 1))).reshape({}).logical_or(
+          at::logical_not(at::isfinite(norm_t)).reshape({}));
   q.lr = schedule.at(step);
   try {
     RECORD_USER_SCOPE("qt::optimizer");
@@ -204,9 +234,10 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   opt.zero_grad();
   q.targets = step_targets;
   q.inputs = step_inputs;
+  q.pairs = dpo ? step_pairs : 0;
   const at::Tensor values = at::cat({loss_t.to(at::kDouble), norm_t.reshape({1}).to(at::kDouble)});
   if (s.device.is_cuda()) {
-    q.read = at::empty({2}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+    q.read = at::empty({values_n + 1}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
     q.read.copy_(values, /*non_blocking=*/true);
     q.copied = std::make_shared<at::cuda::CUDAEvent>();
     q.copied->record(c10::cuda::getCurrentCUDAStream(s.device.index()));
@@ -226,8 +257,10 @@ StepOutcome finish_step(const RunConfig& cfg, QueuedStep& q, AdamW& opt, LossSca
   const int64_t step = q.step;
   StepOutcome r;
   r.lr = q.lr;
-  r.loss = q.read[0].item<double>() / q.targets;
-  r.grad_norm = q.read[1].item<double>();
+  const int64_t n = q.read.numel();
+  r.loss = q.read[0].item<double>() / (q.pairs > 0 ? q.pairs : q.targets);
+  for (int64_t i = 1; i + 1 < n; ++i) r.dpo.push_back(q.read[i].item<double>() / q.pairs);
+  r.grad_norm = q.read[n - 1].item<double>();
   if (!std::isfinite(r.loss))
     fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(r.loss) +
                                  "); " + nonfinite_advice(cfg, step));
@@ -515,7 +548,11 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     }
     // The step's time: from its queueing, or from the last read back where it was queued before that (overlap).
     const auto now = Clock::now();
-    const double step_s = std::chrono::duration<double>(now - std::max(q.queued_at, last_read)).count();
+    // (On the CPU the work runs while the step is queued: from its queueing to its end, not to its read back, which
+    // an overlapped step's comes after the next step's work.)
+    const double step_s =
+        s.device.is_cuda() ? std::chrono::duration<double>(now - std::max(q.queued_at, last_read)).count()
+                           : std::chrono::duration<double>(q.queued_by - q.queued_at).count();
     last_read = now;
     state.tokens_seen += r.targets;
     run_tokens += r.targets;
@@ -540,6 +577,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
       sm.gpu_alloc_retries = counts.alloc_retries;
       sm.gpu_device_allocs = counts.device_allocs;
       sm.gpu_device_frees = counts.device_frees;
+      for (size_t i = 0; i < r.dpo.size(); ++i) sm.extra.emplace_back(dpo_stat_names()[i], r.dpo[i]);
       const double per_step = seconds_since(t_loop) / static_cast<double>(state.step - start_step);
       sm.eta_s = per_step * static_cast<double>(total_steps - state.step);
       metrics.step(sm);
@@ -577,6 +615,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     }
     sync_debug.end();
     QueuedStep q = std::move(*queued_step);
+    q.queued_by = Clock::now();
     ++queued;
     if (pending) {  // the step before, read back and logged while this one runs
       read_back(*pending);
@@ -602,7 +641,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     }
     if (eval_due) {
       auto [el, et] = evaluator.loss(state.step);
-      metrics.eval(state.step, el, et);
+      metrics.eval(state.step, el, et, cfg.train.objective == "dpo");
       stopped_early = judge(el) && state.step < total_steps;
     }
     // (after the last step a request stops nothing: the run completes; every rank skips the collective alike)
@@ -627,7 +666,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   if (evaluator.has_data()) {
     if (metrics.eval_losses().empty() || metrics.eval_losses().back().first != state.step) {
       auto [el, et] = evaluator.loss(state.step);
-      metrics.eval(state.step, el, et);
+      metrics.eval(state.step, el, et, cfg.train.objective == "dpo");
       judge(el);
     }
     summary.eval_loss = metrics.eval_losses().back().second;

@@ -1,0 +1,89 @@
+#pragma once
+// Direct Preference Optimization (Rafailov et al., 2023, arXiv:2305.18290) as TRL's DPOTrainer computes it
+// (trl 1.16): for each pair, the summed log-probabilities of the chosen and the rejected completion under the policy
+// (the model with its adapters) and under the reference (the model as training starts: the base for fresh adapters,
+// base + lora.init_from's adapter otherwise, as TRL's reference of a PEFT model), and
+//   delta = (chosen - ref_chosen) - (rejected - ref_rejected)
+//   loss  = sigmoid: -log sigmoid(beta delta)             robust: (-(1 - ls) log sigmoid(beta delta)
+//           hinge:   relu(1 - beta delta)                          + ls log sigmoid(-beta delta)) / (1 - 2 ls)
+//           ipo:     (delta' - 1 / (2 beta))^2, delta' with each log-ratio divided by its completion's tokens,
+// its mean over the pairs of a step. A pair is one Example holding both sequences (Example::second), laid by the
+// packer as two documents of a row: chosen, then rejected.
+#include <ATen/core/Tensor.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "lib/core/batch.h"
+#include "lib/core/json.h"
+#include "lib/model/llama.h"
+#include "lib/model/lora.h"
+
+namespace qt {
+
+struct DpoSection {
+  std::string loss_type = "sigmoid";  // TRL's loss_type: sigmoid, robust, hinge or ipo
+  double beta = 0.1;                  // TRL's beta: the strength of the pull towards the reference
+  double label_smoothing = 0.0;       // robust: the chance a pair's preference is flipped, in [0, 0.5)
+
+  // The "dpo" section {loss_type, beta, label_smoothing}; unknown keys and values out of range are
+  // qt::Error(Config) naming `file` and the key.
+  static DpoSection from_json(const Json& section, const std::string& file);
+  Json to_json() const;
+};
+
+// The sequence of each token of a micro-batch of pairs, [B * S] int64 on the CPU: each row's documents numbered on
+// from the rows before it (a pair's chosen even, its rejected the next odd number), padding 2 * b.num_pairs.
+at::Tensor pair_sequences(const Batch& b);
+
+// Each sequence's summed log-probability of its targets, [2 * pairs] fp32: minus the sum of `token_losses` ([B * S],
+// the cross-entropy of each token, 0 where it has no target) over the sequence's tokens. Differentiable.
+at::Tensor sequence_logps(const at::Tensor& token_losses, const at::Tensor& sequences, int64_t pairs);
+
+// Each sequence's targets (its completion's tokens), [2 * pairs] fp32 on `device`: ipo's lengths.
+at::Tensor sequence_targets(const Batch& b, const at::Tensor& sequences, const at::Device& device);
+
+// DPO's reference: the model as training starts. Fresh adapters (B = 0) are the base, so the adapters are switched
+// off (AdaptersOff); adapters from `init_from` (lora.init_from) are that directory's, read again here so that a
+// resumed run compares with the same reference, kept frozen beside the trained ones and swapped in for a pass.
+class ReferenceAdapters {
+ public:
+  ReferenceAdapters(LlamaModel& model, const std::string& init_from);
+  const std::string& describe() const { return describe_; }
+
+  // While alive, the model computes the reference.
+  class Scope {
+   public:
+    explicit Scope(ReferenceAdapters& r);
+    ~Scope();
+    Scope(const Scope&) = delete;
+    Scope& operator=(const Scope&) = delete;
+
+   private:
+    ReferenceAdapters& r_;
+    std::unique_ptr<AdaptersOff> off_;
+  };
+
+ private:
+  void swap();
+  LlamaModel& model_;
+  std::vector<std::shared_ptr<LoraAdapter>> frozen_;  // for_each_linear's order, null where a linear has none
+  std::string describe_;
+};
+
+// The statistics of a set of pairs that the trainer logs, as sums over the pairs (TRL's names without "/": means
+// once divided by the pairs).
+const std::vector<std::string>& dpo_stat_names();
+
+struct DpoTerms {
+  at::Tensor loss_sum;  // fp32 scalar, the loss summed over the pairs; differentiable through `policy`
+  // [1 + dpo_stat_names().size()] fp32, no gradient: the loss sum, then each statistic summed over the pairs
+  at::Tensor sums;
+};
+
+// policy, reference: [2 * pairs] from sequence_logps (chosen at even indices); lengths: sequence_targets (ipo only).
+DpoTerms dpo_terms(const at::Tensor& policy, const at::Tensor& reference, const DpoSection& config,
+                   const at::Tensor& lengths = {});
+
+}  // namespace qt
