@@ -1,11 +1,11 @@
 """DPO (train.objective "dpo", data.format "preference") against TRL's DPOTrainer (tests/oracles/dpo_trl.py, trl
-1.16.0): optimizer steps on a tiny fp32 model on the CPU from a PEFT adapter with non-zero B (lora.init_from; the reference is
-the model as training starts, base + that adapter, as TRL's for a PeftModel), all the pairs in each step.
-At the first step the policy is the reference (loss log 2) and the adapter after it equals TRL's: AdamW with a large
-eps makes the first update -lr * g / (|g| + eps), close to linear in the gradient, so the adapters compare the
+1.16.0): optimizer steps on a tiny fp32 model on the CPU from a PEFT adapter with non-zero B (lora.init_from; the
+reference is the model as training starts, base + that adapter, as TRL's for a PeftModel), all the pairs in each
+step. At the first step the policy is the reference (loss log 2) and the adapter after it equals TRL's: AdamW with a
+large eps makes the first update -lr * g / (|g| + eps), close to linear in the gradient, so the adapters compare the
 gradients themselves. After a second step the loss, rewards and log-probs equal TRL's logged metrics and the adapter
-TRL's. The same steps split into micro-batches (gradient accumulation: 2 x 5 pairs,
-10 x 1) gives the same loss and adapter; per-sequence keep_start truncation (max_seq_len) as TRL's max_length; TRL's
+TRL's. The same steps split into micro-batches (gradient accumulation: 2 x 5 pairs, 10 x 1) or over two data-parallel
+ranks (mpirun, 5 pairs each) give the same loss and adapter; per-sequence keep_start truncation (max_seq_len) as TRL's max_length; TRL's
 loss types robust (label smoothing), hinge and ipo; a fresh adapter (B = 0, the reference the base) starts at loss
 log 2 exactly with zero rewards; a run resumed from its checkpoint ends with the straight run's adapter (the
 reference read again from lora.init_from); `qlora-train eval` gives the logged held-out DPO loss; the DPO demo
@@ -259,6 +259,20 @@ def main():
         if got:
             compare_metrics(f"(b) micro-batches of {micro}", got[0], trl["metrics"])
             compare_adapters(f"(b) micro-batches of {micro}", got[1], trl_a, init)
+    # (p) two data-parallel ranks (mpirun, CPU), a micro-batch of 5 pairs each: TRL's loss and adapter, as one rank's.
+    cfg = write_config("p2", data, lora=from_init, train={"micro_batch_size": 5})
+    p = subprocess.run(["mpirun", "-np", "2", "--oversubscribe", BIN, "--config", str(cfg)], capture_output=True,
+                       text=True, env={**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                                       "OMP_NUM_THREADS": "1"})
+    check(p.returncode == 0, f"(p) two ranks complete (exit {p.returncode}) {p.stderr[-1500:] if p.returncode else ''}")
+    if p.returncode == 0:
+        m = step_metrics("p2", 2)
+        adapter = TMP / "p2" / "adapter" / "adapter_model.safetensors"
+        if m and adapter.exists():
+            compare_metrics("(p) two ranks", m, trl["metrics"])
+            compare_adapters("(p) two ranks", load_file(str(adapter)), trl_a, init)
+        else:
+            check(False, "(p) two ranks: the step's metrics and the adapter are written")
     # (e) TRL's other loss types: the first step's gradient (its adapter, to 1e-4 of the update), the second step's
     # metrics and adapter (to 5e-4: the second AdamW update divides the first step's fp32 differences by
     # sqrt(v) + eps and adds them to the second's, about twice as large here as a step alone).
