@@ -538,6 +538,24 @@ case "$CALL" in
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
   ;;
+54)
+  note "== DPO's step against SFT's at 8B (random NF4 weights, the demo's tokenizer and task: its pairs for DPO, its"
+  note "   chat records for SFT), rows of 4,096 tokens packed, 2 a step, the plan's default on the whole GPU"
+  for obj in dpo sft; do
+    if [ $obj = dpo ]; then data='"train_file": "configs/demo/task_pairs.jsonl", "format": "preference", "max_seq_len": 2048'
+    else data='"train_file": "configs/demo/task_train.jsonl", "format": "chat", "max_seq_len": 4096'; fi
+    cat >"$L/$obj.json" <<JSON
+{"output_dir": "$L/$obj", "model": {"init": "random", "shape": "llama-3.1-8b", "path": "configs/demo/base",
+ "quant": "nf4", "device": "cuda"}, "lora": {"r": 16, "alpha": 32},
+ "data": {$data, "chat_template": "llama2", "packing": true},
+ "train": {"objective": "$obj", "steps": 8, "batch_size": 2, "micro_batch_size": 2, "log_every": 1},
+ "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
+JSON
+    timeout 200 build-gpu/qlora-train --config "$L/$obj.json" >"$L/$obj.log" 2>&1
+    echo "$obj: $(grep -E '^step [5-8]/8' "$L/$obj.log" | cut -c1-150 | tr '\n' ';')" >>"$summary"
+    grep -E "^\{|plan:|error" "$L/$obj.log" | cut -c1-300 | tail -n 3 >>"$summary"
+  done
+  ;;
 46)
   note "== every [gpu] test on the current code (the last full run: the twenty-second session, 54 of 54)"
   all_gpu_tests 300
