@@ -1075,51 +1075,61 @@ TEST_CASE("under keep_dequantized the LoRA factors in the compute dtype are made
   }
 }
 
-TEST_CASE("AdaptersOff gives the base model's loss (DPO's reference), then the adapted bits again; DoRA is refused",
-          "[lora][dpo]") {
+TEST_CASE("DPO's reference: fresh adapters left out give the base's loss, init_from's swapped in give its; the "
+          "trained adapters' bits after the pass", "[lora][dpo]") {
   // 0: factors kept, 1: none kept, 2: every block's weights held with the factors written into them.
   for (int mode = 0; mode < 3; ++mode) {
-    INFO("mode " << mode);
-    auto load = [&](bool adapter) {
-      qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
-      if (adapter) qt::load_peft_adapter(m, fixture("lora/all_targets/adapter"));
-      m.plan.checkpointing = mode != 2;
-      m.plan.keep_dequantized = mode != 1;
-      if (mode == 2) m.hold_dequantized(m.config.num_hidden_layers);
-      return m;
-    };
-    qt::LlamaModel model = load(true), base = load(false);
-    qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
-    const at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU), labels = ref.load("labels", at::kLong, at::kCPU);
-    at::NoGradGuard no_grad;
-    const at::Tensor adapted = causal_lm_loss(model, ids, labels), want = causal_lm_loss(base, ids, labels);
-    REQUIRE(std::abs(adapted.item<double>() - want.item<double>()) > 1e-3);  // the adapter changes the loss
-    for (int round = 0; round < 2; ++round) {  // (twice: the factors made again each way)
-      {
-        const qt::AdaptersOff off(model);
-        CHECK(std::abs(causal_lm_loss(model, ids, labels).item<double>() - want.item<double>()) <=
-              1e-6 * std::abs(want.item<double>()));
+    for (const bool dora : {false, true}) {
+      INFO("mode " << mode << (dora ? ", DoRA" : ""));
+      auto load = [&](const char* adapter) {
+        qt::LlamaModel m = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
+        if (adapter) qt::load_peft_adapter(m, fixture(adapter));
+        m.plan.checkpointing = mode != 2;
+        m.plan.keep_dequantized = mode != 1;
+        if (mode == 2) m.hold_dequantized(m.config.num_hidden_layers);
+        return m;
+      };
+      const char* adapter = dora ? "lora/dora_all/adapter" : "lora/all_targets/adapter";
+      qt::LlamaModel model = load(adapter), base = load(nullptr), init = load(adapter);
+      qt::SafetensorsFile ref(fixture("lora/all_targets/reference.safetensors"));
+      const at::Tensor ids = ref.load("input_ids", at::kLong, at::kCPU), labels = ref.load("labels", at::kLong, at::kCPU);
+      at::NoGradGuard no_grad;
+      // The trained adapters moved off their directory's values (as training moves them).
+      model.for_each_linear([](const std::string&, qt::Linear& l) {
+        if (l.lora) l.lora->B.mul_(1.5);
+      });
+      const at::Tensor adapted = causal_lm_loss(model, ids, labels), want_base = causal_lm_loss(base, ids, labels),
+                       want_init = causal_lm_loss(init, ids, labels);
+      REQUIRE(std::abs(adapted.item<double>() - want_base.item<double>()) > 1e-3);
+      REQUIRE(std::abs(adapted.item<double>() - want_init.item<double>()) > 1e-4);
+      qt::ReferenceAdapters fresh(model, ""), from_dir(model, fixture(adapter));
+      for (int round = 0; round < 2; ++round) {  // (twice: the factors made again each way)
+        {
+          const qt::ReferenceAdapters::Scope scope(fresh);
+          CHECK(std::abs(causal_lm_loss(model, ids, labels).item<double>() - want_base.item<double>()) <=
+                1e-6 * std::abs(want_base.item<double>()));
+        }
+        CHECK(at::equal(causal_lm_loss(model, ids, labels), adapted));
+        {
+          const qt::ReferenceAdapters::Scope scope(from_dir);
+          CHECK(std::abs(causal_lm_loss(model, ids, labels).item<double>() - want_init.item<double>()) <=
+                1e-6 * std::abs(want_init.item<double>()));
+        }
+        CHECK(at::equal(causal_lm_loss(model, ids, labels), adapted));
       }
-      CHECK(at::equal(causal_lm_loss(model, ids, labels), adapted));
+      // The frozen copies hold no gradient and no dropout.
+      bool frozen = true;
+      {
+        const qt::ReferenceAdapters::Scope scope(from_dir);
+        model.for_each_linear([&](const std::string&, qt::Linear& l) {
+          if (l.lora)
+            frozen = frozen && !l.lora->A.requires_grad() && !l.lora->B.requires_grad() && l.lora->dropout == 0 &&
+                     (!l.lora->dora() || !l.lora->magnitude.requires_grad());
+        });
+      }
+      CHECK(frozen);
     }
   }
-  qt::LlamaModel dora = qt::load_llama(fixture("lora/base_nf4"), nf4_load());
-  qt::load_peft_adapter(dora, fixture("lora/dora_all/adapter"));
-  double scale = 0;
-  dora.for_each_linear([&](const std::string&, qt::Linear& l) {
-    if (l.lora && scale == 0) scale = l.lora->scale;
-  });
-  REQUIRE(scale != 0);
-  bool refused = false;
-  try {
-    const qt::AdaptersOff off(dora);
-  } catch (const qt::Error& e) {
-    refused = std::string(e.what()).find("lora.use_dora") != std::string::npos;
-  }
-  CHECK(refused);
-  dora.for_each_linear([&](const std::string&, qt::Linear& l) {
-    if (l.lora) CHECK(l.lora->scale == scale);  // nothing left switched off
-  });
 }
 
 // DPO on the fixture model: two random pairs packed in one row (and a third alone in the next), the policy the

@@ -217,18 +217,4 @@ void detach_lora(LlamaModel& model) {
   model.lm_head_trainable = at::Tensor();
 }
 
-AdaptersOff::AdaptersOff(LlamaModel& model) {
-  model.for_each_linear([&](const std::string& name, Linear& l) {
-    QT_CHECK(!l.lora || !l.lora->dora(), ErrorKind::Config,
-             "lora.use_dora: the adapters cannot be switched off for a reference pass (" + name +
-                 "'s DoRA magnitude rescales its base)");
-    if (l.lora) saved_.emplace_back(l.lora.get(), l.lora->scale);
-  });
-  for (auto& [adapter, scale] : saved_) adapter->scale = 0.0;  // (all checked first: nothing to undo on a throw)
-}
-
-AdaptersOff::~AdaptersOff() {
-  for (auto& [adapter, scale] : saved_) adapter->scale = scale;
-}
-
 }  // namespace qt

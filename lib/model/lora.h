@@ -96,19 +96,5 @@ std::vector<std::pair<std::string, at::Tensor>> lora_parameters(LlamaModel& mode
 // Removes every adapter and every trainable module copy.
 void detach_lora(LlamaModel& model);
 
-// The adapters switched off for a scope, as PEFT's disable_adapter() does: each LoRA adapter's scale is 0 (its
-// rank-r term adds zeros; the factor caches see the scale change and make the factors again), restored on exit.
-// The model then computes its base, the reference of DPO. Plain LoRA only: a DoRA magnitude would still rescale
-// the base (qt::Error(Config) naming lora.use_dora).
-class AdaptersOff {
- public:
-  explicit AdaptersOff(LlamaModel& model);
-  ~AdaptersOff();
-  AdaptersOff(const AdaptersOff&) = delete;
-  AdaptersOff& operator=(const AdaptersOff&) = delete;
-
- private:
-  std::vector<std::pair<LoraAdapter*, double>> saved_;
-};
 
 }  // namespace qt

@@ -365,7 +365,9 @@ void LoraFactorCache::refresh(ModelStats* stats) {
       changed = changed || ab.back()._version() != e.versions[i];
       same = ab.back().scalar_type() == at::kFloat && ab.back().dim() == 2 && ab.back().device() == e.a.device();
     }
-    for (size_t i = 0; i < e.linears.size() && same; ++i) same = e.scales[i] == e.linears[i]->lora->scale;
+    // (a linear's adapter may be left out for a pass: DPO's reference of fresh adapters)
+    for (size_t i = 0; i < e.linears.size() && same; ++i)
+      same = e.linears[i]->lora && e.scales[i] == e.linears[i]->lora->scale;
     // (fp32 compute: a single linear's factors may be its masters themselves, which make() returns as they are)
     for (size_t i = 0; i < ab.size() && same; ++i) same = !e.a.is_alias_of(ab[i]) && !e.b.is_alias_of(ab[i]);
     if (!same || !changed) continue;

@@ -69,7 +69,10 @@ at::Tensor sequence_targets(const Batch& b, const at::Tensor& sequences, const a
 
 ReferenceAdapters::ReferenceAdapters(LlamaModel& model, const std::string& init_from) : model_(model) {
   if (init_from.empty()) {
-    describe_ = "the base model (the fresh adapters switched off)";
+    // Fresh adapters (B = 0; DoRA's magnitudes the rows' norms) compute the base: left out for the pass, so that
+    // the base runs without their rank-r work.
+    model_.for_each_linear([&](const std::string&, Linear&) { frozen_.push_back(nullptr); });
+    describe_ = "the base model (the fresh adapters left out)";
     return;
   }
   // load_peft_adapter attaches new adapters: those are kept frozen, the trained ones put back.
@@ -87,6 +90,7 @@ ReferenceAdapters::ReferenceAdapters(LlamaModel& model, const std::string& init_
     if (l.lora) {
       l.lora->A = l.lora->A.detach().requires_grad_(false);
       l.lora->B = l.lora->B.detach().requires_grad_(false);
+      if (l.lora->dora()) l.lora->magnitude = l.lora->magnitude.detach().requires_grad_(false);
       l.lora->dropout = 0.0;
     }
     frozen_.push_back(std::move(l.lora));
@@ -100,17 +104,9 @@ void ReferenceAdapters::swap() {
   model_.for_each_linear([&](const std::string&, Linear& l) { std::swap(l.lora, frozen_[i++]); });
 }
 
-ReferenceAdapters::Scope::Scope(ReferenceAdapters& r) : r_(r) {
-  if (r_.frozen_.empty()) {
-    off_ = std::make_unique<AdaptersOff>(r_.model_);
-  } else {
-    r_.swap();
-  }
-}
+ReferenceAdapters::Scope::Scope(ReferenceAdapters& r) : r_(r) { r_.swap(); }
 
-ReferenceAdapters::Scope::~Scope() {
-  if (!off_) r_.swap();
-}
+ReferenceAdapters::Scope::~Scope() { r_.swap(); }
 
 const std::vector<std::string>& dpo_stat_names() {
   static const std::vector<std::string> names = {"rewards_chosen", "rewards_rejected", "rewards_accuracy",

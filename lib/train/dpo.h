@@ -18,7 +18,7 @@
 #include "lib/core/batch.h"
 #include "lib/core/json.h"
 #include "lib/model/llama.h"
-#include "lib/model/lora.h"
+#include "lib/model/qlora_linear.h"
 
 namespace qt {
 
@@ -44,9 +44,9 @@ at::Tensor sequence_logps(const at::Tensor& token_losses, const at::Tensor& sequ
 // Each sequence's targets (its completion's tokens), [2 * pairs] fp32 on `device`: ipo's lengths.
 at::Tensor sequence_targets(const Batch& b, const at::Tensor& sequences, const at::Device& device);
 
-// DPO's reference: the model as training starts. Fresh adapters (B = 0) are the base, so the adapters are switched
-// off (AdaptersOff); adapters from `init_from` (lora.init_from) are that directory's, read again here so that a
-// resumed run compares with the same reference, kept frozen beside the trained ones and swapped in for a pass.
+// DPO's reference: the model as training starts. Fresh adapters (B = 0) are the base, so they are left out for the
+// pass; adapters from `init_from` (lora.init_from) are that directory's, read again here so that a resumed run
+// compares with the same reference, kept frozen beside the trained ones and swapped in for the pass.
 class ReferenceAdapters {
  public:
   ReferenceAdapters(LlamaModel& model, const std::string& init_from);
@@ -62,13 +62,13 @@ class ReferenceAdapters {
 
    private:
     ReferenceAdapters& r_;
-    std::unique_ptr<AdaptersOff> off_;
   };
 
  private:
   void swap();
   LlamaModel& model_;
-  std::vector<std::shared_ptr<LoraAdapter>> frozen_;  // for_each_linear's order, null where a linear has none
+  // for_each_linear's order, null where a linear has none (all null: fresh adapters); swapped with the model's
+  std::vector<std::shared_ptr<LoraAdapter>> frozen_;
   std::string describe_;
 };
 

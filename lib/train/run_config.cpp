@@ -261,7 +261,6 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
       fail_key(ErrorKind::Config, file, key, why + " with train.objective \"dpo\" (not supported yet)");
     };
     if (c.train.full_finetune) refuse("train.full_finetune", "trains every weight, and leaves no reference");
-    if (c.parsed_lora.use_dora) refuse("lora.use_dora", "DoRA's magnitudes cannot be switched off for the reference");
     if (!c.parsed_lora.modules_to_save.empty())
       refuse("lora.modules_to_save", "a trained lm_head or embed_tokens would move the reference too");
     if (c.train.shard != "none") refuse("train.shard", "\"" + c.train.shard + "\" is not tested");

@@ -6,7 +6,7 @@ large eps makes the first update -lr * g / (|g| + eps), close to linear in the g
 gradients themselves. After a second step the loss, rewards and log-probs equal TRL's logged metrics and the adapter
 TRL's. The same steps split into micro-batches (gradient accumulation: 2 x 5 pairs, 10 x 1) or over two data-parallel
 ranks (mpirun, 5 pairs each) give the same loss and adapter; per-sequence keep_start truncation (max_seq_len) as TRL's max_length; TRL's
-loss types robust (label smoothing), hinge and ipo; a fresh adapter (B = 0, the reference the base) starts at loss
+loss types robust (label smoothing), hinge and ipo; DoRA from a DoRA adapter; a fresh adapter (DoRA's too) (B = 0, the reference the base) starts at loss
 log 2 exactly with zero rewards; a run resumed from its checkpoint ends with the straight run's adapter (the
 reference read again from lora.init_from); `qlora-train eval` gives the logged held-out DPO loss; the DPO demo
 (configs/demo-dpo.json) takes the demo base's held-out exact match from 0 to at least half; a record missing
@@ -63,19 +63,21 @@ def write_jsonl(path, records):
     return path
 
 
-def make_adapter(model, out, b_std):
+def make_adapter(model, out, b_std, use_dora=False):
     """A PEFT LoRA adapter (r 8, alpha 16, all seven projections, dropout 0) with random A and B ~ b_std (0: PEFT's
-    B = 0), base_model_name_or_path set."""
+    B = 0), base_model_name_or_path set; with use_dora, DoRA's magnitudes moved off the rows' norms too."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(7)
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
-                                            task_type="CAUSAL_LM"))
+                                            use_dora=use_dora, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for n, p in peft.named_parameters():
             if "lora_A" in n:
                 p.copy_(torch.randn_like(p) * 0.2)
             elif "lora_B" in n:
                 p.copy_(torch.randn_like(p) * b_std)
+            elif "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
     peft.save_pretrained(out)
     cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -206,7 +208,12 @@ def main():
               "ipo": dict(loss_type="ipo", beta=0.1)}
     trl_loss = {k: trl_step(k, pairs, steps=2, **v) for k, v in losses.items()}
     trl_loss1 = {k: trl_step(f"{k}1", pairs, **v) for k, v in losses.items()}
-    for name, r in (("a1", trl1), ("a", trl), ("f", trl_tr), *trl_loss.items()):
+    # DoRA: from a DoRA adapter (magnitudes off the norms), two steps.
+    make_adapter(model, TMP / "init_dora", b_std=B_STD, use_dora=True)
+    init_dora = load_file(str(TMP / "init_dora" / "adapter_model.safetensors"))
+    trl_dora = dpo_trl.trl_dpo_step(TMP / "model", TMP / "init_dora", pairs, TMP / "trl_dora", beta=BETA, lr=LR,
+                                    eps=EPS, max_length=256, reference=REFERENCE, steps=2)
+    for name, r in (("a1", trl1), ("a", trl), ("f", trl_tr), ("dora", trl_dora), *trl_loss.items()):
         print(f"oracle ({name}): " + ", ".join(f"{k} {v:.7g}" for k, v in r["metrics"].items()))
     print(f"(f) max_length {max_len_f}: {sum(l > max_len_f for _, l in lens)} of {len(lens)} pairs truncated")
 
@@ -218,7 +225,7 @@ def main():
               f"oracle: pair {i}: TRL's ids are [BOS] + sentencepiece's, split at the shorter common prefix"
               + (f" (prompt {len(p_ids)} tokens, its own {1 + len(sp.encode(pair['prompt']))})"
                  if len(p_ids) != 1 + len(sp.encode(pair["prompt"])) else ""))
-    for r, name in ((trl1, "a1"), (trl, "a"), (trl_tr, "f"), *((v, k) for k, v in trl_loss.items())):
+    for r, name in ((trl1, "a1"), (trl, "a"), (trl_tr, "f"), (trl_dora, "dora"), *((v, k) for k, v in trl_loss.items())):
         bad = {k: (v, r["independent"][k]) for k, v in r["first_metrics"].items()
                if abs(v - r["independent"][k]) > 1e-5 * max(1.0, abs(v))}
         check(not bad, f"oracle ({name}): TRL's first logged metrics equal the plain forward's (differ: {bad})")
@@ -286,6 +293,17 @@ def main():
             compare_metrics(f"(e) loss_type {k}", got[0], trl_loss[k]["metrics"], beta=v["beta"])
             compare_adapters(f"(e) loss_type {k}", got[1], load_file(str(TMP / f"trl_{k}" / "adapter_model.safetensors")),
                              init, rel=5e-4)
+    # (g) DoRA from a DoRA adapter: TRL's step (its reference the adapter as it starts, magnitudes included); a fresh
+    # DoRA adapter starts at log 2 (the reference the base: fresh adapters left out).
+    got = run_ours("g", data, lora={"init_from": str(TMP / "init_dora"), "use_dora": True})
+    if got:
+        compare_metrics("(g) DoRA", got[0], trl_dora["metrics"])
+        compare_adapters("(g) DoRA", got[1], load_file(str(TMP / "trl_dora" / "adapter_model.safetensors")), init_dora,
+                         rel=5e-4)
+    got = run_ours("g_fresh", data, lora={"use_dora": True}, train={"steps": 1})
+    if got:
+        check(abs(got[0]["loss"] - math.log(2)) <= 1e-6 and got[0]["rewards_accuracy"] == 0,
+              f"(g) a fresh DoRA adapter: the loss {got[0]['loss']!r} is log 2, accuracy {got[0]['rewards_accuracy']}")
     # (f) max_seq_len cutting completions (keep_start, each sequence on its own).
     got = run_ours("f", data, lora=from_init, data={"max_seq_len": max_len_f})
     if got:
