@@ -539,8 +539,10 @@ case "$CALL" in
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
   ;;
 54)
-  note "== DPO's step against SFT's at 8B (random NF4 weights, the demo's tokenizer and task: its pairs for DPO, its"
-  note "   chat records for SFT), rows of 4,096 tokens packed, 2 a step, the plan's default on the whole GPU"
+  note "== the [dpo] tests (fresh adapters left out of the reference pass, on CUDA too); DPO's step against SFT's at 8B"
+  note "   (random NF4 weights, the demo's tokenizer and task: its pairs for DPO, its chat records for SFT), rows of"
+  note "   4,096 tokens packed, 2 a step, the plan's default on the whole GPU"
+  gpu_tests 60 "[dpo]"
   for obj in dpo sft; do
     if [ $obj = dpo ]; then data='"train_file": "configs/demo/task_pairs.jsonl", "format": "preference", "max_seq_len": 2048'
     else data='"train_file": "configs/demo/task_train.jsonl", "format": "chat", "max_seq_len": 4096'; fi

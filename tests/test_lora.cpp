@@ -1136,7 +1136,7 @@ TEST_CASE("DPO's reference: fresh adapters left out give the base's loss, init_f
 // all-targets adapter with its Bs scaled by 1.5, the reference the adapter as read from its directory (lora.init_from's
 // path); the loss (sum over the pairs), the statistics and every LoRA gradient.
 std::vector<at::Tensor> dpo_loss_and_grads(const at::Device& device, c10::ScalarType dtype, bool fused,
-                                           const std::string& loss_type = "sigmoid") {
+                                           const std::string& loss_type = "sigmoid", bool fresh_reference = false) {
   qt::LlamaModel m = fixture_model(device, dtype);
   {
     at::NoGradGuard g;
@@ -1144,7 +1144,7 @@ std::vector<at::Tensor> dpo_loss_and_grads(const at::Device& device, c10::Scalar
       if (l.lora) l.lora->B.mul_(1.5);
     });
   }
-  qt::ReferenceAdapters reference(m, fixture("lora/all_targets/adapter"));
+  qt::ReferenceAdapters reference(m, fresh_reference ? "" : fixture("lora/all_targets/adapter"));
   std::mt19937 rng(5);
   std::vector<qt::Example> pairs;
   for (int i = 0; i < 3; ++i) {
@@ -1185,6 +1185,8 @@ TEST_CASE("DPO through the fused loss's per-token rows gives the plain logits' l
     INFO(loss_type);
     const std::vector<at::Tensor> fused = dpo_loss_and_grads(at::kCPU, at::kFloat, true, loss_type);
     const std::vector<at::Tensor> plain = dpo_loss_and_grads(at::kCPU, at::kFloat, false, loss_type);
+    check_same_loss_and_grads(dpo_loss_and_grads(at::kCPU, at::kFloat, true, loss_type, true),
+                              dpo_loss_and_grads(at::kCPU, at::kFloat, false, loss_type, true), 1e-5);
     CHECK(fused[0][3].item<double>() > 0);  // some pair's chosen reward leads: policy != reference
     CHECK(std::abs(fused[0][0].item<double>() - std::log(2.0) * 3) > 1e-3);
     check_same_loss_and_grads(fused, plain, 1e-5);
@@ -1195,9 +1197,12 @@ TEST_CASE("DPO on CUDA gives the CPU's loss, statistics and LoRA gradients (fp32
           "[lora][dpo][gpu]") {
   REQUIRE(at::hasCUDA());
   const at::Device cuda(at::kCUDA, 0);
-  const std::vector<at::Tensor> cpu = dpo_loss_and_grads(at::kCPU, at::kFloat, true);
-  check_same_loss_and_grads(dpo_loss_and_grads(cuda, at::kFloat, true), cpu, 1e-4);
-  check_same_loss_and_grads(dpo_loss_and_grads(cuda, at::kBFloat16, true), cpu, 5e-2);
+  for (const bool fresh : {false, true}) {  // the reference init_from's adapter, or the base (adapters left out)
+    INFO("fresh reference " << fresh);
+    const std::vector<at::Tensor> cpu = dpo_loss_and_grads(at::kCPU, at::kFloat, true, "sigmoid", fresh);
+    check_same_loss_and_grads(dpo_loss_and_grads(cuda, at::kFloat, true, "sigmoid", fresh), cpu, 1e-4);
+    check_same_loss_and_grads(dpo_loss_and_grads(cuda, at::kBFloat16, true, "sigmoid", fresh), cpu, 5e-2);
+  }
 }
 
 TEST_CASE("gate / up LoRA B terms inside the base GEMM match PEFT, with and without "
