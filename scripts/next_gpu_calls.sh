@@ -538,6 +538,10 @@ case "$CALL" in
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
   ;;
+55)
+  note "== the [dpo] tests alone (fresh adapters left out of the reference pass, on CUDA too; call 54's first part)"
+  gpu_tests 60 "[dpo]"
+  ;;
 54)
   note "== the [dpo] tests (fresh adapters left out of the reference pass, on CUDA too); DPO's step against SFT's at 8B"
   note "   (random NF4 weights, the demo's tokenizer and task: its pairs for DPO, its chat records for SFT), rows of"
