@@ -439,9 +439,18 @@ int run_eval(const EvalArgs& given) {
     dpo.loss_type = args.dpo_loss_type;
     dpo.beta = args.dpo_beta;
     dpo.label_smoothing = args.dpo_label_smoothing;
-    if (!args.reference_adapter.empty() && args.adapter.empty())
+    if (args.given.count("--reference-adapter") && args.adapter.empty())
       qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter compares --adapter with it: give --adapter too");
-    qt::ReferenceAdapters reference(model, args.adapter.empty() ? "" : args.reference_adapter);
+    // The reference swaps the LoRA adapters alone: a trained lm_head or embed_tokens would stay the policy's.
+    if (model.lm_head_trainable.defined() || model.embed_tokens_trainable.defined())
+      qt::fail(qt::ErrorKind::Usage, "eval: preference pairs with an adapter that trains lm_head or embed_tokens "
+                                     "(modules_to_save) are not supported yet");
+    const std::string reference_dir = args.adapter.empty() ? "" : args.reference_adapter;
+    if (!reference_dir.empty() &&
+        !qt::read_peft_adapter_config(reference_dir).lora.modules_to_save.empty())
+      qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter " + reference_dir + " trains lm_head or "
+                                     "embed_tokens (modules_to_save): not supported yet for preference pairs");
+    qt::ReferenceAdapters reference(model, reference_dir);
     qt::log::info("DPO (" + dpo.loss_type + "): the reference is " + reference.describe());
     const qt::DpoEvalResult d = qt::evaluate_dpo(model, reference, docs, args.max_seq_len, dpo);
     if (d.truncated)

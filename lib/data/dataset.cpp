@@ -96,15 +96,17 @@ Dataset::Dataset(std::vector<Example> examples, int64_t max_seq_len, bool shuffl
   QT_CHECK(max_seq_len > 0, ErrorKind::Internal, "Dataset: max_seq_len must be positive");
   for (auto& e : examples_) {
     QT_CHECK(e.loss.size() == e.ids.size(), ErrorKind::Internal, "Dataset: loss mask and ids differ in length");
-    if (static_cast<int64_t>(e.ids.size()) > max_seq_len_) {
+    // (a pair: each of its sequences within half a row, TRL's max_length)
+    if (e.second > 0 ? pair_longer_than(e, max_seq_len_ / 2) : static_cast<int64_t>(e.ids.size()) > max_seq_len_) {
       ++stats_.truncated;
-      stats_.truncated_tokens += static_cast<int64_t>(e.ids.size()) - max_seq_len_;
+      const int64_t before = static_cast<int64_t>(e.ids.size());
       if (e.second > 0) {
-        truncate_pair(e, max_seq_len_ / 2);  // (TrainData cut each sequence to data.max_seq_len before)
+        truncate_pair(e, max_seq_len_ / 2);
       } else {
         e.ids.resize(max_seq_len_);
         e.loss.resize(max_seq_len_);
       }
+      stats_.truncated_tokens += before - static_cast<int64_t>(e.ids.size());
     }
     stats_.add(e);
   }

@@ -171,6 +171,7 @@ std::string save_checkpoint(const std::string& output_dir, const CheckpointConte
                 {"config", c.state.config},
                 {"files", manifest}};
   if (!c.state.train_file_hash.empty()) state["train_file_hash"] = c.state.train_file_hash;
+  if (!c.state.reference_hash.empty()) state["reference_hash"] = c.state.reference_hash;
   if (c.state.total_steps > 0) state["total_steps"] = c.state.total_steps;
   if (c.state.loss_scale > 0) {
     state["loss_scale"] = c.state.loss_scale;
@@ -275,6 +276,7 @@ CheckpointContents load_checkpoint(const std::string& dir) {
   c.state.tokens_seen = r.get_int("tokens_seen", 0);
   c.state.config = r.require("config");
   c.state.train_file_hash = r.get_string("train_file_hash", "");
+  c.state.reference_hash = r.get_string("reference_hash", "");
   c.state.total_steps = r.get_int("total_steps", 0);
   c.state.loss_scale = state.contains("loss_scale") && state.at("loss_scale").is_number() ? state.at("loss_scale").get<double>() : 0.0;
   c.state.loss_scale_good_steps = r.get_int("loss_scale_good_steps", 0);
@@ -366,6 +368,11 @@ void check_resume_progress(const TrainerState& saved, const TrainerState& curren
     changed.push_back("the training records as loaded: this version leaves out the " +
                       std::to_string(current.records_left_out) + " record(s) with no target token that the checkpoint's "
                       "version counted, so the data position points elsewhere");
+  if (saved.reference_hash != current.reference_hash)
+    changed.push_back("DPO's reference, lora.init_from's adapter file (hash " +
+                      (saved.reference_hash.empty() ? std::string("none") : saved.reference_hash) + " -> " +
+                      (current.reference_hash.empty() ? std::string("none") : current.reference_hash) +
+                      "), so the loss would compare with another model");
   if (changed.empty()) return;
   std::string what;
   for (const auto& c : changed) what += (what.empty() ? "" : "; ") + c;

@@ -37,6 +37,8 @@ struct TrainerState {
   int64_t tokens_seen = 0;
   Json config;  // resolved run config
   std::string train_file_hash;  // data.train_file's bytes (train_file_hash()); "" in older checkpoints
+  // DPO from lora.init_from: the adapter file's bytes that the reference is read from; "" otherwise
+  std::string reference_hash;
   int64_t total_steps = 0;      // the length of the run's schedule; 0 in older checkpoints
   // fp16 compute: the dynamic loss scale and the steps since it last changed (0: no loss scaling).
   double loss_scale = 0;

@@ -264,6 +264,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
     if (!c.parsed_lora.modules_to_save.empty())
       refuse("lora.modules_to_save", "a trained lm_head or embed_tokens would move the reference too");
     if (c.train.shard != "none") refuse("train.shard", "\"" + c.train.shard + "\" is not tested");
+    if (c.train.neftune_alpha > 0)
+      refuse("train.neftune_alpha", "noise on the policy's embeddings alone would bias the comparison");
     // The per-token log-probabilities come from the fused loss over an lm_head on the device.
     if (c.train.memory.lm_head_on_host.value_or(false))
       refuse("train.memory.lm_head", "\"host\" streams lm_head through a loss that gives no per-token values");

@@ -103,9 +103,12 @@ std::string TrainData::where(const Example& e, bool from_train_files) const {
 int64_t TrainData::leave_out_untrained(std::vector<Example>& examples, const std::string& source, bool training,
                                        bool from_train_files) const {
   const auto len = static_cast<size_t>(config_.max_seq_len);
-  // (a pair: either sequence without a target, each already cut to data.max_seq_len)
+  // (a pair: either sequence without a target once cut to data.max_seq_len, as Dataset cuts it)
   const auto untrained = [&](const Example& e) {
-    return e.second > 0 ? fewest_targets(e) == 0 : targets_in(e.loss, len) == 0;
+    if (e.second <= 0) return targets_in(e.loss, len) == 0;
+    Example cut = e;
+    truncate_pair(cut, config_.max_seq_len);
+    return fewest_targets(cut) == 0;
   };
   std::vector<std::string> lines;
   for (const auto& e : examples)
@@ -159,7 +162,6 @@ void TrainData::apply_truncation(std::vector<Example>& train) const {
       log::info("data.truncation \"drop\": " + what + ", left out (" + std::to_string(train.size()) + " remain)");
       return;
     case Truncation::Truncate:
-      for (Example& e : train) truncate_pair(e, config_.max_seq_len);  // (pairs: each sequence; documents: Dataset)
       if (!emptied_lines.empty())
         log::warn_rank0("data.truncation \"truncate\": " + std::to_string(emptied_lines.size()) + " records (" +
                   some_lines(emptied_lines) + ") lose every target token to the cut at data.max_seq_len = " +

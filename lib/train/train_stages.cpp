@@ -190,7 +190,8 @@ std::string oom_message(const RunConfig& cfg, const at::Device& device, const st
   return phase + ": out of GPU memory with micro-batches of " + std::to_string(micro) + " x " +
          std::to_string(seq_len) + " tokens (" + mem + "; the plan, " + describe(decision) + ", predicted " +
          fixed2(predicted) + " GiB). Lower train.micro_batch_size (now " + std::to_string(micro) +
-         ") or data.max_seq_len (now " + std::to_string(seq_len) +
+         ") or data.max_seq_len (now " + std::to_string(cfg.parsed_data.max_seq_len) +
+         (cfg.train.objective == "dpo" ? ", a pair's sequence: a row holds two" : "") +
          "), or give train.memory.gpu_memory_gib a figure below " + fixed2(predicted) +
          " so that the plan chooses leaner settings (checkpointing, offload, the embeddings and lm_head on the "
          "host), or free the settings forced in train.memory. The last checkpoint in " + cfg.output_dir +
@@ -646,6 +647,15 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
     if (s.rank0) log::info("LoRA adapters initialised from " + lora.init_from);
   }
   if (cfg.train.objective == "dpo") {
+    if (!lora.init_from.empty()) {
+      // Read again at a resume, and by every rank: the same file's bytes (a checkpoint records their hash).
+      m.reference_hash = train_file_hash(files::join(lora.init_from, kAdapterWeightsFile));
+      if (s.world > 1) check_same_across_ranks(*s.comm, m.reference_hash, "content of lora.init_from (DPO's reference)");
+      if (resuming)
+        if (const std::string differ = adapter_differences(lora, model, lora.init_from); !differ.empty())
+          fail_at(ErrorKind::Config, cfg.file,
+                  "lora.init_from " + lora.init_from + ": the adapter does not match the lora section:" + differ);
+    }
     m.reference = std::make_shared<ReferenceAdapters>(model, lora.init_from);
     if (s.rank0) log::info("DPO (" + cfg.dpo.loss_type + "): the reference is " + m.reference->describe());
   }

@@ -117,6 +117,7 @@ struct ModelStage {
   bool full = false;          // train.full_finetune
   std::string base_name;      // the adapter's base_model_name_or_path (from the root)
   std::shared_ptr<ReferenceAdapters> reference;  // train.objective "dpo": what the policy is compared with
+  std::string reference_hash;  // DPO from lora.init_from: its adapter file's hash (checkpoints record it)
 };
 // The plan and the micro-batch (train.micro_batch_size, 0: the plan's), before the model loads: a run that cannot
 // fit its GPU memory budget is refused here. `budget_gib`, when set, stands for train.memory.gpu_memory_gib (a

@@ -151,7 +151,7 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   at::Tensor embeds, hidden, l;
   try {
     for (const auto& b : micro_batches) {
-      // DPO: the reference pass first (adapters off, no gradient), then the policy's below.
+      // DPO: the reference pass first (ReferenceAdapters, no gradient), then the policy's below.
       at::Tensor sequences, reference;
       if (dpo) {
         RECORD_USER_SCOPE("qt::reference");
@@ -349,6 +349,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   state.seed = cfg.train.seed;
   state.config = cfg.to_json();  // every default filled in, as config.resolved.json
   state.train_file_hash = d.train_file_hash;
+  state.reference_hash = m.reference_hash;
   state.train_records = static_cast<int64_t>(data.train_set().size());
   state.records_left_out = data.untrained_left_out();
   state.total_steps = total_steps;

@@ -95,7 +95,7 @@ def sp_split(sp, pair):
     return [sp.bos_id()] + whole[0][:k], whole[0][k:] + [sp.eos_id()], whole[1][k:] + [sp.eos_id()]
 
 
-def write_config(name, train_file, lora=None, train=None, dpo=None, data=None, optim=None):
+def write_config(name, train_file, lora=None, train=None, dpo=None, data=None, optim=None, checkpoint=None):
     cfg = {"output_dir": str(TMP / name),
            "model": {"path": str(TMP / "model"), "quant": "none", "device": "cpu", "dtype": "fp32"},
            "lora": {"r": 8, "alpha": 16, "targets": TARGETS, "dropout": 0.0, **(lora or {})},
@@ -106,7 +106,7 @@ def write_config(name, train_file, lora=None, train=None, dpo=None, data=None, o
            "dpo": {"beta": BETA, **(dpo or {})},
            "optim": {"lr": LR, "eps": EPS, "weight_decay": 0, "warmup_steps": 0, "schedule": "constant",
                      "max_grad_norm": 0, **(optim or {})},
-           "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
+           "checkpoint": {"every": 0, **(checkpoint or {})}, "logging": {"progress": "lines"}}
     path = TMP / f"{name}.json"
     path.write_text(json.dumps(cfg))
     return path
@@ -396,6 +396,24 @@ def main():
     check(p.returncode != 0 and "dpo.label_smoothing" in p.stderr,
           f"(d) label_smoothing with the sigmoid loss is refused naming dpo.label_smoothing (exit {p.returncode}): "
           f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
+    p = train(write_config("d5", data, train={"neftune_alpha": 5.0}))
+    check(p.returncode != 0 and "train.neftune_alpha" in p.stderr,
+          f"(d) NEFTune with DPO is refused naming train.neftune_alpha (exit {p.returncode})")
+    # A resume whose lora.init_from changed (the reference would be another model) is refused naming it.
+    import shutil
+    from safetensors.torch import save_file
+    shutil.copytree(TMP / "init", TMP / "init_moved")
+    moved = dict(lora={"init_from": str(TMP / "init_moved")}, train={"steps": 1, "batch_size": 5, "micro_batch_size": 5},
+                 checkpoint={"every": 1})
+    cfg = write_config("d6", data, **moved)
+    first = train(cfg)
+    t = load_file(str(TMP / "init_moved" / "adapter_model.safetensors"))
+    save_file({k: v * 2 if "lora_B" in k else v for k, v in t.items()}, str(TMP / "init_moved" / "adapter_model.safetensors"))
+    again = subprocess.run([BIN, "--config", str(write_config("d6", data, **{**moved, "train": {**moved["train"], "steps": 2}})),
+                            "--resume", "auto"], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    check(first.returncode == 0 and again.returncode != 0 and "lora.init_from" in again.stderr,
+          f"(d) a resume whose lora.init_from changed is refused naming it (exits {first.returncode}, "
+          f"{again.returncode}): {again.stderr.strip().splitlines()[-1] if again.stderr.strip() else ''}")
     sft = json.loads(write_config("d4", data).read_text())
     sft["train"]["objective"] = "sft"
     sft.pop("dpo")
