@@ -144,7 +144,8 @@ int run_data(const DataArgs& args) {
                            {"left_out_without_targets", data.untrained_left_out()},
                            {"steps_per_epoch", data.steps_per_epoch(cfg.train.batch_size)},
                            {"batch_size", cfg.train.batch_size},
-                           {"max_seq_len", data.max_seq_len()}};
+                           {"max_seq_len", data.config().max_seq_len},
+                           {"row_tokens", data.max_seq_len()}};  // (pairs: two sequences a row)
   if (args.json) {
     std::cout << qt::Json{{"counts", counts}}.dump() << std::endl;
   } else {

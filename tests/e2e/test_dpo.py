@@ -375,6 +375,24 @@ def main():
           f"the last step's reward accuracy {last and last['rewards_accuracy']}, margin "
           f"{last and last['rewards_margin']} (exit {p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
 
+    # `qlora-train data` of pairs: each pair's two sequences apart, the targets marked; the JSON names where the
+    # rejected sequence starts; data.max_seq_len a sequence, rows of twice it.
+    p = subprocess.run([BIN, "data", "--config", str(TMP / "a.json"), "--show", "2"], capture_output=True, text=True)
+    shown = p.stdout.splitlines()
+    check(p.returncode == 0 and sum(l.startswith("-- chosen: ") for l in shown) == 2
+          and sum(l.startswith("-- rejected: ") for l in shown) == 2 and "a pair: chosen, then rejected" in p.stdout,
+          f"`qlora-train data` shows each pair's chosen and rejected sequences (exit {p.returncode}): {shown[:3]}")
+    p = subprocess.run([BIN, "data", "--config", str(TMP / "a.json"), "--show", "1", "--json"], capture_output=True,
+                       text=True)
+    lines = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")] if p.returncode == 0 else []
+    q0 = trl["pairs"][0]
+    want_from = len(q0["prompt_ids"]) + len(q0["chosen_ids"])
+    check(len(lines) == 2 and lines[0].get("rejected_from") == want_from
+          and lines[0]["ids"] == q0["prompt_ids"] + q0["chosen_ids"] + q0["prompt_ids"] + q0["rejected_ids"]
+          and lines[1]["counts"]["max_seq_len"] == 256 and lines[1]["counts"]["row_tokens"] == 512,
+          f"`qlora-train data --json` of a pair: TRL's ids, rejected_from {want_from}, max_seq_len 256 in rows of 512: "
+          f"{[{k: v for k, v in l.items() if k not in ('ids', 'loss', 'runs')} for l in lines]}")
+
     # (d) bad input: a record without "rejected" (line 3) is refused naming file:line and the key; text records
     # under objective "dpo" are refused; TRL's sigmoid loss with label_smoothing is refused naming the key.
     bad = [dict(p) for p in pairs]
