@@ -547,12 +547,22 @@ case "$CALL" in
   note "   (random NF4 weights, the demo's tokenizer and task: its pairs for DPO, its chat records for SFT), rows of"
   note "   4,096 tokens packed, 2 a step, the plan's default on the whole GPU"
   gpu_tests 60 "[dpo]"
+  # The model: Llama 3.1 8B's shape with the demo's tokenizer (vocab 512), random NF4 weights.
+  mkdir -p "$L/base8b" && cp configs/demo/base/tokenizer* configs/demo/base/generation_config.json "$L/base8b/"
+  python3 - "$L/base8b/config.json" <<'PY'
+import json, sys
+c = json.load(open("configs/demo/base/config.json"))
+c.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+         head_dim=128, max_position_embeddings=8192, tie_word_embeddings=False,
+         rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})
+json.dump(c, open(sys.argv[1], "w"), indent=1)
+PY
   for obj in dpo sft; do
     if [ $obj = dpo ]; then data='"train_file": "configs/demo/task_pairs.jsonl", "format": "preference", "max_seq_len": 2048'
     else data='"train_file": "configs/demo/task_train.jsonl", "format": "chat", "max_seq_len": 4096'; fi
     cat >"$L/$obj.json" <<JSON
-{"output_dir": "$L/$obj", "model": {"init": "random", "shape": "llama-3.1-8b", "path": "configs/demo/base",
- "quant": "nf4", "device": "cuda"}, "lora": {"r": 16, "alpha": 32},
+{"output_dir": "$L/$obj", "model": {"init": "random", "path": "$L/base8b", "quant": "nf4", "device": "cuda"},
+ "lora": {"r": 16, "alpha": 32},
  "data": {$data, "chat_template": "llama2", "packing": true},
  "train": {"objective": "$obj", "steps": 8, "batch_size": 2, "micro_batch_size": 2, "log_every": 1},
  "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
@@ -561,6 +571,15 @@ JSON
     echo "$obj: $(grep -E '^step [5-8]/8' "$L/$obj.log" | cut -c1-150 | tr '\n' ';')" >>"$summary"
     grep -E "^\{|plan:|error" "$L/$obj.log" | cut -c1-300 | tail -n 3 >>"$summary"
   done
+  # Generation at 8B in batches of 16,384 tokens: each batch's prefill and steps, and a kernel profile of two
+  # decoding steps of the bench's phases batch (launches against kernel time).
+  QT_GENERATE_TIMES=1 QT_PROFILE_GENERATE=$L/prof timeout 120 build-gpu/qlora-train bench --shape llama-3.1-8b \
+    --batch 8 --seq 2048 --generate 100 --prompt-tokens 200 --max-new-tokens 32 --uncached 1 --out "$L/gen" \
+    >"$L/gen_54.log" 2>&1
+  echo "llama-3.1-8b batch_tokens 16384: $(grep -E '^\{' "$L/gen_54.log" | tail -n 1)" | tee -a "$summary"
+  grep -E "^generate:" "$L/gen_54.log" >>"$summary"
+  grep -iE "error|what\(\)" "$L/gen_54.log" | head -n 5 >>"$summary"
+  [ -f "$L/prof/profile_kernels.txt" ] && head -n 30 "$L/prof/profile_kernels.txt" >>"$summary"
   ;;
 46)
   note "== every [gpu] test on the current code (the last full run: the twenty-second session, 54 of 54)"
