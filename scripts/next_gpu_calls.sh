@@ -216,6 +216,34 @@ gpu_tests() {
   grep -B 4 -A 12 "FAILED" "$L/tests_gpu.log" | head -n 60 >>"$summary"
   note "tests: $(($(date +%s) - t0)) s"
 }
+# dpo_against_sft: DPO's step against SFT's at 8B (random NF4 weights, the demo's tokenizer and task: its pairs for
+# DPO, its chat records for SFT), rows of 4,096 tokens packed, 2 a step, the plan's default on the whole GPU.
+dpo_against_sft() {
+  # The model: Llama 3.1 8B's shape with the demo's tokenizer (vocab 512), random NF4 weights.
+  mkdir -p "$L/base8b" && cp configs/demo/base/tokenizer* configs/demo/base/generation_config.json "$L/base8b/"
+  python3 - "$L/base8b/config.json" <<'PY'
+import json, sys
+c = json.load(open("configs/demo/base/config.json"))
+c.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+         head_dim=128, max_position_embeddings=8192, tie_word_embeddings=False,
+         rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})
+json.dump(c, open(sys.argv[1], "w"), indent=1)
+PY
+  for obj in dpo sft; do
+    if [ $obj = dpo ]; then data='"train_file": "configs/demo/task_pairs.jsonl", "format": "preference", "max_seq_len": 2048'
+    else data='"train_file": "configs/demo/task_train.jsonl", "format": "chat", "max_seq_len": 4096'; fi
+    cat >"$L/$obj.json" <<JSON
+{"output_dir": "$L/$obj", "model": {"init": "random", "path": "$L/base8b", "quant": "nf4", "device": "cuda"},
+ "lora": {"r": 16, "alpha": 32},
+ "data": {$data, "chat_template": "llama2", "packing": true},
+ "train": {"objective": "$obj", "steps": 8, "batch_size": 2, "micro_batch_size": 2, "log_every": 1},
+ "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
+JSON
+    timeout 200 build-gpu/qlora-train --config "$L/$obj.json" >"$L/$obj.log" 2>&1
+    echo "$obj: $(grep -E '^step [5-8]/8' "$L/$obj.log" | cut -c1-150 | tr '\n' ';')" >>"$summary"
+    grep -E "^\{|plan:|error" "$L/$obj.log" | cut -c1-300 | tail -n 3 >>"$summary"
+  done
+}
 lora_gpu_tests() { gpu_tests "$1" "[lora][gpu],[fused_ops][gpu]"; }
 # ab_env LOG SECONDS ROW BUDGET ROUNDS NAME VAR=VALUE: the defaults (base) against one environment switch (NAME), 6 timed
 # steps after 2, interleaved over ROUNDS.
@@ -538,6 +566,25 @@ case "$CALL" in
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
   ;;
+56)
+  note "== generation's decoding steps as CUDA graphs (thirty-sixth session): the [generate] [gpu] and [dpo] tests;"
+  note "   bench --generate at 8B in batches of 16,384 tokens with graphs and without (QT_GENERATE_GRAPHS=0), each"
+  note "   batch's steps; then call 54's DPO against SFT at 8B"
+  gpu_tests 120 "[generate][gpu],[dpo]"
+  for graphs in 1 0 1; do
+    QT_GENERATE_GRAPHS=$graphs QT_GENERATE_TIMES=1 timeout 150 build-gpu/qlora-train bench --shape llama-3.1-8b \
+      --batch 8 --seq 2048 --generate 100 --prompt-tokens 200 --max-new-tokens 32 --uncached 1 --out "$L/gen" \
+      >"$L/gen_56_$graphs.log" 2>&1
+    echo "graphs $graphs: llama-3.1-8b batch_tokens 16384: $(grep -E '^\{' "$L/gen_56_$graphs.log" | tail -n 1)" |
+      tee -a "$summary"
+    grep -E "^generate:|warning" "$L/gen_56_$graphs.log" >>"$summary"
+    grep -iE "error|what\(\)" "$L/gen_56_$graphs.log" | head -n 5 >>"$summary"
+  done
+  QT_GENERATE_TIMES=1 timeout 100 build-gpu/qlora-train bench --shape llama-3.2-1b --batch 4 --seq 2048 \
+    --generate 100 --prompt-tokens 200 --max-new-tokens 32 --uncached 1 --out "$L/gen" >"$L/gen_56_1b.log" 2>&1
+  echo "llama-3.2-1b batch_tokens 8192: $(grep -E '^\{' "$L/gen_56_1b.log" | tail -n 1)" | tee -a "$summary"
+  dpo_against_sft
+  ;;
 55)
   note "== the [dpo] tests alone (fresh adapters left out of the reference pass, on CUDA too; call 54's first part)"
   gpu_tests 60 "[dpo]"
@@ -547,30 +594,7 @@ case "$CALL" in
   note "   (random NF4 weights, the demo's tokenizer and task: its pairs for DPO, its chat records for SFT), rows of"
   note "   4,096 tokens packed, 2 a step, the plan's default on the whole GPU"
   gpu_tests 60 "[dpo]"
-  # The model: Llama 3.1 8B's shape with the demo's tokenizer (vocab 512), random NF4 weights.
-  mkdir -p "$L/base8b" && cp configs/demo/base/tokenizer* configs/demo/base/generation_config.json "$L/base8b/"
-  python3 - "$L/base8b/config.json" <<'PY'
-import json, sys
-c = json.load(open("configs/demo/base/config.json"))
-c.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-         head_dim=128, max_position_embeddings=8192, tie_word_embeddings=False,
-         rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})
-json.dump(c, open(sys.argv[1], "w"), indent=1)
-PY
-  for obj in dpo sft; do
-    if [ $obj = dpo ]; then data='"train_file": "configs/demo/task_pairs.jsonl", "format": "preference", "max_seq_len": 2048'
-    else data='"train_file": "configs/demo/task_train.jsonl", "format": "chat", "max_seq_len": 4096'; fi
-    cat >"$L/$obj.json" <<JSON
-{"output_dir": "$L/$obj", "model": {"init": "random", "path": "$L/base8b", "quant": "nf4", "device": "cuda"},
- "lora": {"r": 16, "alpha": 32},
- "data": {$data, "chat_template": "llama2", "packing": true},
- "train": {"objective": "$obj", "steps": 8, "batch_size": 2, "micro_batch_size": 2, "log_every": 1},
- "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
-JSON
-    timeout 200 build-gpu/qlora-train --config "$L/$obj.json" >"$L/$obj.log" 2>&1
-    echo "$obj: $(grep -E '^step [5-8]/8' "$L/$obj.log" | cut -c1-150 | tr '\n' ';')" >>"$summary"
-    grep -E "^\{|plan:|error" "$L/$obj.log" | cut -c1-300 | tail -n 3 >>"$summary"
-  done
+  dpo_against_sft
   # Generation at 8B in batches of 16,384 tokens: each batch's prefill and steps, and a kernel profile of two
   # decoding steps of the bench's phases batch (launches against kernel time).
   QT_GENERATE_TIMES=1 QT_PROFILE_GENERATE=$L/prof timeout 120 build-gpu/qlora-train bench --shape llama-3.1-8b \

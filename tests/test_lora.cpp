@@ -1880,8 +1880,10 @@ namespace {
 
 // The cached forward against the whole forward pass: two rows of 11 and 6 tokens (the second left-padded by 5 with
 // a token of its own), then 4 tokens a row one at a time; each new column's hidden state is the whole forward's at
-// that position. The cache starts poisoned with NaN, so that a column read before it is written shows.
-void check_cached_forward(const qt::LlamaModel& model, double tol) {
+// that position. The cache starts poisoned with NaN, so that a column read before it is written shows. `decoder`:
+// the tokens one at a time through qt::Decoder, which reads every column of the cache, masked: poisoned with 1e4
+// instead (finite, as make_kv_cache's zeros; a column it let through would show), and on CUDA its graph replayed.
+void check_cached_forward(const qt::LlamaModel& model, double tol, bool decoder = false) {
   at::NoGradGuard no_grad;
   const int64_t V = model.config.vocab_size, L = 11, extra = 4;
   const std::vector<int64_t> lens{11, 6};
@@ -1889,7 +1891,7 @@ void check_cached_forward(const qt::LlamaModel& model, double tol) {
   const at::Tensor seqs = at::randint(1, V, {2, L + extra}, gen, at::TensorOptions().dtype(at::kLong));
   qt::KvCache cache = qt::make_kv_cache(model, 2, L + extra);
   for (auto* side : {&cache.k, &cache.v})
-    for (at::Tensor& t : *side) t.fill_(std::numeric_limits<float>::quiet_NaN());
+    for (at::Tensor& t : *side) t.fill_(decoder ? 1e4 : std::numeric_limits<float>::quiet_NaN());
   at::Tensor ids = at::full({2, L}, 3, at::kLong), pos = at::zeros({2, L}, at::kLong);
   at::Tensor valid = at::zeros({2, L}, at::kBool);
   for (int64_t r = 0; r < 2; ++r) {
@@ -1910,12 +1912,22 @@ void check_cached_forward(const qt::LlamaModel& model, double tol) {
     CHECK(at::isfinite(got).all().item<bool>());
     CHECK(rel_err(got, whole(r, lens[r])) < tol);
   }
+  std::unique_ptr<qt::Decoder> dec = decoder ? std::make_unique<qt::Decoder>(model, cache) : nullptr;
   for (int64_t t = 0; t < extra; ++t) {
     at::Tensor next = at::stack({seqs[0][lens[0] + t], seqs[1][lens[1] + t]}).view({2, 1});
     at::Tensor next_pos = at::tensor(std::vector<int64_t>{lens[0] + t, lens[1] + t}, at::kLong).view({2, 1});
-    const at::Tensor h = qt::forward_cached(model, cache, next, next_pos, at::ones({2, 1}, at::kBool)).to(at::kFloat);
+    at::Tensor h;
+    if (dec) {
+      const at::Tensor ids_host = next.reshape({-1}).to(at::kCPU).contiguous();
+      h = dec->step(std::vector<int64_t>(ids_host.data_ptr<int64_t>(), ids_host.data_ptr<int64_t>() + 2),
+                    {lens[0] + t, lens[1] + t}, {1, 1})
+              .to(at::kFloat);
+      CHECK(dec->graphed() == dev.is_cuda());
+    } else {
+      h = qt::forward_cached(model, cache, next, next_pos, at::ones({2, 1}, at::kBool)).to(at::kFloat);
+    }
     for (int64_t r = 0; r < 2; ++r) {
-      INFO("row " << r << ", new token " << t);
+      INFO("row " << r << ", new token " << t << (decoder ? " (Decoder)" : ""));
       CHECK(rel_err(h[r][0], whole(r, lens[r] + t + 1)[lens[r] + t]) < tol);
     }
   }
@@ -1931,6 +1943,7 @@ TEST_CASE("the cached forward pass gives the whole forward pass's hidden states,
     qt::LlamaModel model = qt::load_llama(fixture(std::string("llama/") + name + "/model"), {});
     REQUIRE(qt::kv_cache_applies(model));
     check_cached_forward(model, 1e-5);
+    check_cached_forward(model, 1e-5, /*decoder=*/true);
   }
   // A plan that runs the MLP in chunks of 5 tokens: the prefill's 22 rows of columns go through them.
   {
@@ -1955,6 +1968,7 @@ TEST_CASE("the cached forward pass gives the whole forward pass's hidden states,
     qt::LlamaModel model = qt::load_llama(fixture("lora/" + base), nf4_load());
     qt::load_peft_adapter(model, fixture("lora/" + adapter + "/adapter"));
     check_cached_forward(model, 1e-5);
+    check_cached_forward(model, 1e-5, /*decoder=*/true);
   }
   // Dynamic RoPE's frequencies follow the longest position: no cache there.
   CHECK(!qt::kv_cache_applies(qt::load_llama(fixture("llama/dynamic_rope/model"), {})));
@@ -2022,7 +2036,9 @@ TEST_CASE("the cached forward pass on CUDA gives the whole forward pass's hidden
     const double tol = dtype == at::kFloat ? 1e-4 : 3e-2;
     for (const char* name : {"mistral_window", "qwen3", "bias", "gqa_untied"}) {
       INFO(name << (dtype == at::kFloat ? " fp32" : " bf16"));
-      check_cached_forward(qt::load_llama(fixture(std::string("llama/") + name + "/model"), {cuda, dtype}), tol);
+      const qt::LlamaModel model = qt::load_llama(fixture(std::string("llama/") + name + "/model"), {cuda, dtype});
+      check_cached_forward(model, tol);
+      check_cached_forward(model, tol, /*decoder=*/true);  // (the steps after the first replay a CUDA graph)
     }
     qt::LoadOptions opt{cuda, dtype};
     opt.quantize_nf4 = true;
@@ -2030,6 +2046,7 @@ TEST_CASE("the cached forward pass on CUDA gives the whole forward pass's hidden
     qt::load_peft_adapter(model, fixture("lora/all_targets/adapter"));
     INFO("NF4 + LoRA");
     check_cached_forward(model, tol);
+    check_cached_forward(model, tol, /*decoder=*/true);
   }
   // Generation times no GEMM problem (its shapes change with every batch and step) and keeps none. The control: a
   // forward pass outside generation on a new shape times its problems (while the process's budget of 256 lasts).
@@ -2053,6 +2070,18 @@ TEST_CASE("the cached forward pass on CUDA gives the whole forward pass's hidden
   qt::generate_batch(model, prompts, o);
   qt::generate_tokens_uncached(model, prompts[0], o);
   CHECK(qt::kernels::gemm_tuner_counts().problems_tuned == tuned);
+  // The decoding steps replayed from a CUDA graph give the steps' tokens run one by one (QT_GENERATE_GRAPHS=0):
+  // the same kernels on the same inputs.
+  o.max_new_tokens = 8;
+  const std::vector<qt::GenerateResult> graphed = qt::generate_batch(model, prompts, o, 128);
+  setenv("QT_GENERATE_GRAPHS", "0", 1);
+  const std::vector<qt::GenerateResult> eager = qt::generate_batch(model, prompts, o, 128);
+  unsetenv("QT_GENERATE_GRAPHS");
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    INFO("prompt " << i);
+    CHECK(graphed[i].tokens.size() == 8);
+    CHECK(graphed[i].tokens == eager[i].tokens);
+  }
 }
 
 TEST_CASE("q, k, v as one projection on CUDA equal their separate LoRA linears in bf16 and fp32, with LoRA dropout "

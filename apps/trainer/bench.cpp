@@ -261,8 +261,17 @@ Json run_generate_bench(const BenchOptions& o) {
     KvCache cache = make_kv_cache(model, B, L + steps + 2);  // (2 more: the profile's steps)
     at::Tensor hidden;
     const double prefill = seconds([&] { hidden = forward_cached(model, cache, ids, pos, valid); });
-    double forward = 0, logits_s = 0, choose = 0;
+    // The steps as generate_batch runs them (Decoder): the first (on CUDA, run and captured in a graph) apart.
+    double forward = 0, first_step = 0, logits_s = 0, choose = 0;
     at::Generator g = at::make_generator<at::CPUGeneratorImpl>(0);
+    Decoder decoder(model, cache);
+    const at::Tensor last_pos = pos.select(1, L - 1).contiguous();
+    auto positions = [&](int64_t t) {
+      std::vector<int64_t> p(B);
+      for (int64_t r = 0; r < B; ++r) p[r] = last_pos[r].item<int64_t>() + t + 1;
+      return p;
+    };
+    const std::vector<uint8_t> all_valid(B, 1);
     for (int64_t t = 0; t < steps; ++t) {
       at::Tensor logits;
       logits_s += seconds([&] { logits = model.logits(hidden.select(1, hidden.size(1) - 1)).to(at::kCPU, at::kFloat); });
@@ -270,21 +279,23 @@ Json run_generate_bench(const BenchOptions& o) {
       choose += seconds([&] {
         for (int64_t r = 0; r < B; ++r) next[r] = choose_next_token(logits[r], gen, g);
       });
-      at::Tensor npos = pos.select(1, L - 1).unsqueeze(1) + t + 1;
-      forward += seconds([&] {
-        hidden = forward_cached(model, cache, at::tensor(next, at::kLong).view({B, 1}), npos, at::ones({B, 1}, at::kBool));
-      });
+      const std::vector<int64_t> p = positions(t);
+      (t == 0 ? first_step : forward) += seconds([&] { hidden = decoder.step(next, p, all_valid); });
     }
-    phases = Json{{"rows", B}, {"prompt_columns", L}, {"prefill_s", prefill}, {"decode_forward_s", forward / steps},
-                  {"logits_to_host_s", logits_s / steps}, {"choose_s", choose / steps}};
+    phases = Json{{"rows", B},
+                  {"prompt_columns", L},
+                  {"prefill_s", prefill},
+                  {"decode_first_step_s", first_step},
+                  {"decode_forward_s", forward / (steps - 1)},
+                  {"decode_graphed", decoder.graphed()},
+                  {"logits_to_host_s", logits_s / steps},
+                  {"choose_s", choose / steps}};
     if (const char* dir = std::getenv("QT_PROFILE_GENERATE"); dir && *dir) {
       // A kernel profile of two decoding steps of this batch (profile_trace.json, profile_kernels.txt in `dir`).
       StepProfile profile(device.is_cuda());
       for (int64_t t = 0; t < 2; ++t) {
         at::Tensor logits = model.logits(hidden.select(1, hidden.size(1) - 1)).to(at::kCPU, at::kFloat);
-        std::vector<int64_t> next(B, 1);
-        hidden = forward_cached(model, cache, at::tensor(next, at::kLong).view({B, 1}),
-                                pos.select(1, L - 1).unsqueeze(1) + steps + 1 + t, at::ones({B, 1}, at::kBool));
+        hidden = decoder.step(std::vector<int64_t>(B, 1), positions(steps + t), all_valid);
         (void)logits;
       }
       sync();

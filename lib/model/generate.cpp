@@ -4,15 +4,21 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/grad_mode.h>
 
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 
 #include "lib/core/error.h"
 #include "lib/kernels/fused_ops.h"
@@ -94,9 +100,12 @@ bool cache_enabled() {
 }
 
 // One decoder block over the new columns: as block_forward computes it, with the keys and values of the earlier
-// columns from the cache and `mask` [B, 1, S, length + S] saying which columns each new token sees.
+// columns from the cache and `mask` [B, 1, S, length + S] saying which columns each new token sees. `column`
+// defined (Decoder's fixed shapes, S = 1): the new keys and values go to the cache column it holds ([1] long on the
+// device) and attention reads the cache's whole capacity, `mask` [B, 1, 1, capacity].
 at::Tensor cached_block(const LlamaModel& m, size_t layer, const at::Tensor& h, const at::Tensor& cos,
-                        const at::Tensor& sin, KvCache& c, const at::Tensor& mask, const Pass& pass) {
+                        const at::Tensor& sin, KvCache& c, const at::Tensor& mask, const Pass& pass,
+                        const at::Tensor& column = {}) {
   const LlamaConfig& cfg = m.config;
   const LlamaBlock& b = m.layers[layer];
   const int64_t B = h.size(0), S = h.size(1), hd = cfg.head_dim;
@@ -121,13 +130,19 @@ at::Tensor cached_block(const LlamaModel& m, size_t layer, const at::Tensor& h, 
     q = rope_fused(q, cos, sin);
     k = rope_fused(k, cos, sin);
   }
-  c.k[layer].narrow(1, c.length, S).copy_(k);
-  c.v[layer].narrow(1, c.length, S).copy_(v);
+  if (column.defined()) {
+    c.k[layer].index_copy_(1, column, k);
+    c.v[layer].index_copy_(1, column, v);
+  } else {
+    c.k[layer].narrow(1, c.length, S).copy_(k);
+    c.v[layer].narrow(1, c.length, S).copy_(v);
+  }
   // [B, heads, columns, hd]. Several new tokens (a prompt): the kv heads repeated for the query heads (as
   // transformers' repeat_kv), so that SDPA takes a fused kernel with the mask rather than the math path's
   // [B, heads, S, columns] scores; one new token a row: the heads grouped as they are, SDPA's enable_gqa.
-  at::Tensor keys = c.k[layer].narrow(1, 0, c.length + S).transpose(1, 2);
-  at::Tensor values = c.v[layer].narrow(1, 0, c.length + S).transpose(1, 2);
+  const int64_t T = column.defined() ? c.capacity : c.length + S;
+  at::Tensor keys = c.k[layer].narrow(1, 0, T).transpose(1, 2);
+  at::Tensor values = c.v[layer].narrow(1, 0, T).transpose(1, 2);
   const bool grouped = Hkv != Hq && S == 1;
   if (Hkv != Hq && !grouped) {
     keys = keys.repeat_interleave(Hq / Hkv, 1);
@@ -153,8 +168,8 @@ KvCache make_kv_cache(const LlamaModel& model, int64_t batch, int64_t capacity) 
   const auto opts = at::TensorOptions().dtype(model.dtype()).device(model.device());
   KvCache c;
   for (size_t i = 0; i < model.layers.size(); ++i) {
-    c.k.push_back(at::empty({batch, capacity, model.config.num_key_value_heads, model.config.head_dim}, opts));
-    c.v.push_back(at::empty({batch, capacity, model.config.num_key_value_heads, model.config.head_dim}, opts));
+    c.k.push_back(at::zeros({batch, capacity, model.config.num_key_value_heads, model.config.head_dim}, opts));
+    c.v.push_back(at::zeros({batch, capacity, model.config.num_key_value_heads, model.config.head_dim}, opts));
   }
   c.valid = at::zeros({batch, capacity}, opts.dtype(at::kBool));
   c.capacity = capacity;
@@ -196,6 +211,145 @@ at::Tensor forward_cached(const LlamaModel& model, KvCache& c, const at::Tensor&
   }
   c.length = T;
   return rms_norm(h, model.norm, model.config.rms_norm_eps);
+}
+
+namespace {
+
+bool graphs_enabled() {
+  const char* v = std::getenv("QT_GENERATE_GRAPHS");
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
+std::atomic<bool> graph_capture_failed{false};  // (once: the rest of the process decodes without graphs)
+
+bool lora_dropout_active(const LlamaModel& m) {
+  for (const LlamaBlock& b : m.layers)
+    for (const Linear* l : {&b.q_proj, &b.k_proj, &b.v_proj, &b.o_proj, &b.gate_proj, &b.up_proj, &b.down_proj})
+      if (active_dropout(*l) > 0) return true;
+  return false;
+}
+
+}  // namespace
+
+struct Decoder::Impl {
+  const LlamaModel& model;
+  KvCache& cache;
+  Pass pass;
+  int64_t B = 0;
+  at::Tensor inputs;    // [3 B + 1] long on the device: the ids, the positions, valid, and the column to write
+  at::Tensor cols;      // [1, capacity] long: 0, 1, ...
+  at::Tensor inv_freq;  // RoPE's frequencies on the device
+  bool use_graph = false;
+  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  at::Tensor out;  // the graph's output
+
+  Impl(const LlamaModel& m, KvCache& c) : model(m), cache(c), pass(m.base_pass()) {
+    QT_CHECK(kv_cache_applies(m), ErrorKind::Internal, "Decoder: dynamic RoPE takes the uncached path");
+    B = c.valid.size(0);
+    const at::Device device = m.device();
+    inputs = at::zeros({3 * B + 1}, at::TensorOptions().dtype(at::kLong).device(device));
+    cols = at::arange(c.capacity, inputs.options()).view({1, c.capacity});
+    inv_freq = m.inv_freq.to(device);
+    if (!pass.factors) pass.factors = c.factors.get();
+    // (made current here, outside any capture: the steps read the factors as they are)
+    if (pass.factors && pass.refresh_factors) pass.factors->refresh(pass.stats);
+    use_graph = device.is_cuda() && graphs_enabled() && !graph_capture_failed && !m.block_hooks &&
+                !m.embeddings_on_host() && !lora_dropout_active(m);
+  }
+
+  // The step on what `inputs` holds (no host synchronization: CUDA graphs capture it).
+  at::Tensor run() {
+    const int64_t C = cache.capacity;
+    const at::Tensor ids = inputs.narrow(0, 0, B).view({B, 1});
+    const at::Tensor positions = inputs.narrow(0, B, B).view({B, 1});
+    const at::Tensor valid = inputs.narrow(0, 2 * B, B).view({B, 1}).ne(0);
+    const at::Tensor column = inputs.narrow(0, 3 * B, 1);
+    const auto [cos, sin] = rope_cos_sin(inv_freq, positions, model.dtype(), model.config.rope.attention_factor);
+    cache.valid.index_copy_(1, column, valid);
+    // As forward_cached's mask: the written columns up to the new one (within the window), and the new one always.
+    at::Tensor see = cols <= column;
+    if (model.config.sliding_window) see = see & (column - cols < *model.config.sliding_window);
+    const at::Tensor mask = ((cache.valid & see) | (cols == column)).view({B, 1, 1, C});
+    at::Tensor h = model.embed(ids);
+    for (size_t i = 0; i < model.layers.size(); ++i) {
+      if (model.block_hooks) model.block_hooks->before_block(i, /*backward=*/false);
+      h = cached_block(model, i, h, cos, sin, cache, mask, pass, column);
+      if (model.block_hooks) model.block_hooks->after_block(i, /*backward=*/false);
+    }
+    return rms_norm(h, model.norm, model.config.rms_norm_eps);
+  }
+
+  // The first step run on a side stream, then captured there (a capture needs a stream of its own; the side stream's
+  // library workspaces made by the first run). Returns the first step's result.
+  at::Tensor run_and_capture() {
+    c10::cuda::device_synchronize();  // (the inputs' copy, the prefill)
+    at::Tensor first;
+    c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
+    {
+      c10::cuda::CUDAStreamGuard guard(side);
+      first = run();
+      side.synchronize();
+      try {
+        graph = std::make_unique<at::cuda::CUDAGraph>();
+        graph->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+        out = run();
+        graph->capture_end();
+      } catch (const std::exception& e) {
+        // (a capture some op broke: end it, and decode without graphs from here on)
+        cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+        if (cudaStreamIsCapturing(side.stream(), &status) == cudaSuccess && status != cudaStreamCaptureStatusNone) {
+          cudaGraph_t g = nullptr;
+          if (cudaStreamEndCapture(side.stream(), &g) == cudaSuccess && g) cudaGraphDestroy(g);
+        }
+        (void)cudaGetLastError();
+        graph_capture_failed = true;
+        use_graph = false;
+        out = at::Tensor();
+        graph.reset();
+        std::fprintf(stderr, "warning: generation decodes without CUDA graphs: capturing a decoding step failed (%s)\n",
+                     first_line(e.what()).c_str());
+      }
+    }
+    c10::cuda::device_synchronize();
+    return first;
+  }
+
+  static std::string first_line(const std::string& s) { return s.substr(0, s.find('\n')); }
+};
+
+Decoder::Decoder(const LlamaModel& model, KvCache& cache) : impl_(std::make_unique<Impl>(model, cache)) {}
+Decoder::~Decoder() = default;
+
+bool Decoder::graphed() const { return impl_->graph != nullptr; }
+
+at::Tensor Decoder::step(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions,
+                         const std::vector<uint8_t>& valid) {
+  Impl& d = *impl_;
+  QT_CHECK(static_cast<int64_t>(ids.size()) == d.B && positions.size() == ids.size() && valid.size() == ids.size() &&
+               d.cache.length < d.cache.capacity,
+           ErrorKind::Internal, "Decoder::step: one id, position and valid flag a row, within the cache");
+  at::NoGradGuard no_grad;
+  const bool cuda = d.inputs.is_cuda();
+  at::Tensor host = at::empty({3 * d.B + 1}, at::TensorOptions().dtype(at::kLong).pinned_memory(cuda));
+  int64_t* p = host.data_ptr<int64_t>();
+  for (int64_t r = 0; r < d.B; ++r) {
+    p[r] = ids[r];
+    p[d.B + r] = positions[r];
+    p[2 * d.B + r] = valid[r] ? 1 : 0;
+  }
+  p[3 * d.B] = d.cache.length;
+  d.inputs.copy_(host, /*non_blocking=*/cuda);  // (the host allocator keeps the pinned block until the copy ran)
+  at::Tensor hidden;
+  if (!d.use_graph) {
+    hidden = d.run();
+  } else if (!d.graph) {
+    hidden = d.run_and_capture();
+  } else {
+    d.graph->replay();
+    hidden = d.out;
+  }
+  ++d.cache.length;
+  return hidden;
 }
 
 std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::vector<std::vector<int32_t>>& prompts,
@@ -261,6 +415,7 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
     const auto t1 = times ? now() : t0;
     int64_t steps = 0;
     std::vector<bool> done(B, false);
+    Decoder decoder(model, cache);
     for (int64_t step = 0; step < o.max_new_tokens; ++step, ++steps) {
       const at::Tensor last = model.logits(hidden.select(1, hidden.size(1) - 1));
       const std::vector<int64_t> greedy = greedy_tokens(last, o);
@@ -288,14 +443,14 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
         any = any || !done[r];
       }
       if (!any) break;
-      hidden = forward_cached(model, cache, as_tensor(next, 1), as_tensor(next_pos, 1),
-                              at::tensor(next_valid, at::kByte).view({B, 1}));
+      hidden = decoder.step(next, next_pos, next_valid);
     }
     if (times) {
       const auto t2 = now();
-      std::fprintf(stderr, "generate: %lld rows x %lld columns: prefill %.3f s, %lld steps %.3f s\n",
+      std::fprintf(stderr, "generate: %lld rows x %lld columns: prefill %.3f s, %lld steps %.3f s%s\n",
                    static_cast<long long>(B), static_cast<long long>(L), std::chrono::duration<double>(t1 - t0).count(),
-                   static_cast<long long>(steps), std::chrono::duration<double>(t2 - t1).count());
+                   static_cast<long long>(steps), std::chrono::duration<double>(t2 - t1).count(),
+                   decoder.graphed() ? " (a CUDA graph)" : "");
     }
     first = end;
   }

@@ -50,7 +50,8 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
 bool kv_cache_applies(const LlamaModel& model);
 
 // Each block's keys (rotated) and values of the tokens run so far, [B, capacity, kv heads, head_dim] in the model's
-// dtype and device, and which columns hold a token (false: left padding, or not yet written).
+// dtype and device (zeros where not yet written: Decoder reads every column, masked), and which columns hold a token
+// (false: left padding, or not yet written).
 struct KvCache {
   std::vector<at::Tensor> k, v;
   at::Tensor valid;     // [B, capacity] bool
@@ -68,6 +69,32 @@ KvCache make_kv_cache(const LlamaModel& model, int64_t batch, int64_t capacity);
 // positions where padding only leads a row); a padding token to itself alone. No gradient is recorded.
 at::Tensor forward_cached(const LlamaModel& model, KvCache& cache, const at::Tensor& ids, const at::Tensor& positions,
                           const at::Tensor& valid);
+
+// A batch's decoding steps, one new token a row at the cache's next column, at fixed shapes: every input in one
+// device tensor written before the step, the keys and values written at a column the device reads, and attention over
+// the cache's whole capacity with the columns not yet written masked out. What forward_cached computes for one
+// token a row. On CUDA the first step runs as it is and is then captured in a CUDA graph, which the later steps
+// replay: a decoding step of 8B is some 1,700 launches, whose cost to the host (61.5 ms a step on an H100) was 4x the
+// kernels' (15.4 ms). The graph is left out (graphed() false) on the CPU, where blocks have hooks (weights streamed,
+// activations offloaded), embeddings on the host, LoRA dropout active, or QT_GENERATE_GRAPHS=0 (for A/Bs); a capture
+// that fails leaves it out for the rest of the process, with a warning, and its step's result stands.
+class Decoder {
+ public:
+  Decoder(const LlamaModel& model, KvCache& cache);
+  ~Decoder();
+  Decoder(const Decoder&) = delete;
+  Decoder& operator=(const Decoder&) = delete;
+  // Runs `ids` (their RoPE `positions`; `valid` 0 for a row that runs on as padding, which then sees itself alone),
+  // one a row, at column cache.length, and advances it. Returns the hidden states after the final norm [B, 1, H];
+  // on CUDA graphs the same tensor every step, overwritten by the next.
+  at::Tensor step(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions,
+                  const std::vector<uint8_t>& valid);
+  bool graphed() const;  // the steps after the first replay a CUDA graph
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 // One decoding step on a [V] logits row: the next token id under `options` (exposed for tests).
 int64_t choose_next_token(const at::Tensor& logits, const GenerateOptions& options, at::Generator& gen);
