@@ -1911,3 +1911,36 @@ TEST_CASE("the footprint of plans keeping checkpointed blocks' gate / up output:
     CHECK(std::abs(predicted / row.device_gib - 1) < 0.01);
   }
 }
+
+TEST_CASE("DPO's reference pass is a step-time term, a forward pass of the micro-batch; init_from's frozen copy is in "
+          "the footprint", "[plan][dpo]") {
+  qt::PlanInputs sft = inputs("llama-3.1-8b", 2, 4096);
+  qt::PlanInputs dpo = sft;
+  dpo.dpo_reference = true;
+  qt::ExecPlan none, held, ckpt;
+  held.dequantized_blocks = 32;
+  ckpt.checkpointing = true;
+  for (const qt::ExecPlan* p : {&none, &held, &ckpt}) {
+    const double base = qt::predict_step_time(sft, *p).total(), with = qt::predict_step_time(dpo, *p).total();
+    const double reference = step_term(dpo, *p, "dpo_reference");
+    INFO("checkpointing " << p->checkpointing << ", blocks held " << p->dequantized_blocks);
+    CHECK(step_term(sft, *p, "dpo_reference") == 0.0);
+    CHECK(std::abs(with - base - reference) < 1e-12);
+    // A forward pass: more than a quarter of a step without checkpointing (forward, and a backward of twice its
+    // FLOPs), less than half; a fifth to a third of a checkpointed step (one forward pass more).
+    const double share = reference / base;
+    if (p->checkpointing) CHECK((share > 0.2 && share < 0.34));
+    else CHECK((share > 0.25 && share < 0.5));
+  }
+  // Fresh adapters are left out through the linears one by one, which dequantize the held weights again; an
+  // init_from reference (swapped in) reads them as the policy does.
+  qt::PlanInputs from = dpo;
+  from.reference_adapters = true;
+  CHECK(step_term(dpo, held, "dpo_reference") > step_term(from, held, "dpo_reference") * 1.02);
+  CHECK(step_term(dpo, none, "dpo_reference") == step_term(from, none, "dpo_reference"));
+  // The frozen copy: fp32, the adapters' elements.
+  CHECK(term(qt::predict_footprint(from, none).terms, "reference_adapters") == 4.0 * from.lora_params);
+  CHECK(term(qt::predict_footprint(dpo, none).terms, "reference_adapters") == 0.0);
+  CHECK(std::abs(qt::predict_footprint(from, none).total() - qt::predict_footprint(sft, none).total() -
+                 4.0 * from.lora_params) < 1.0);
+}

@@ -372,6 +372,9 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
   const double trainable_bytes = p.optimizer_on_host ? 8.0 : 16.0;
   f.terms.emplace_back("trainable_and_optimizer", trainable_bytes * static_cast<double>(in.lora_params) * shard +
                                                       trainable_bytes * static_cast<double>(in.full_params));
+  // DPO's reference from lora.init_from: its adapters' fp32 copy, frozen. (Its forward pass keeps nothing for a
+  // backward pass: a block's working set at most, as the policy's.)
+  if (in.reference_adapters) f.terms.emplace_back("reference_adapters", 4.0 * static_cast<double>(in.lora_params));
   // One block's activations as autograd keeps them for its backward pass, per token: the normed inputs (2 H),
   // q and o_proj's input (q), k and v (2 kv), and the MLP's 3 I (gate and up, kept by down_proj's node, which
   // recomputes the SwiGLU; and I more, fitted) in the compute dtype (fitted on an H200 without checkpointing: 8B
@@ -856,6 +859,22 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   if (p.lm_head_on_host && in.cuda)
     t.terms.emplace_back("lm_head_streamed",
                          2 * std::max(0.0, V * H * e / pcie_rate - 2 * T * V * H / kMatrixFlopsPerS));
+  // DPO: the reference's forward pass over the micro-batch, without gradient, before the policy's: each block's
+  // forward pass as the policy's and lm_head's logits (the loss's forward GEMM). Fresh adapters are left out through
+  // the linears one by one, which dequantize again the weights that blocks hold dequantized; streamed blocks come
+  // over PCIe once more, behind the blocks' forward passes.
+  if (in.dpo_reference) {
+    double reference = L * block_forward + 2 * T * V * H / kMatrixFlopsPerS;
+    if (!in.reference_adapters && held > 0) reference += held * block_params * dequant_s;
+    if (p.embeddings_on_host && in.cuda) reference += T * H * e / kHostRowsBytesPerS;
+    if (p.streamed_blocks > 0 && in.cuda) {
+      const double streamed = static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers));
+      const double copy = block_host_bytes(in) / kStreamBytesPerS * link;
+      const double block_fwd = 2 * T * block_params / kMatrixFlopsPerS + width_s / 3;
+      reference += (streamed - 1) * std::max(0.0, copy - L / streamed * block_fwd) + copy + streamed * kStreamFetchS;
+    }
+    t.terms.emplace_back("dpo_reference", reference);
+  }
   return t;
 }
 

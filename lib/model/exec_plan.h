@@ -190,6 +190,10 @@ struct PlanInputs {
   // FlashAttention-2's varlen kernel.
   double attention_span = 0;
   bool varlen = false;
+  // DPO (train.objective "dpo"): each micro-batch runs the reference's forward pass without gradient before the
+  // policy's; `reference_adapters`: lora.init_from's adapter, kept as a frozen fp32 copy (lora_params elements).
+  bool dpo_reference = false;
+  bool reference_adapters = false;
   std::string file;              // the run config, for errors
 };
 

@@ -375,6 +375,8 @@ PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micr
   const auto shapes = block_linear_shapes(mc);
   for (const auto& [name, io] : shapes)
     if (lora.targets_module(name)) in.lora_params += L * lora.r * (io.first + io.second);
+  in.dpo_reference = cfg.train.objective == "dpo";
+  in.reference_adapters = in.dpo_reference && !lora.init_from.empty();
   in.mlp_dropout = lora.dropout > 0 && (lora.targets_module("gate_proj") || lora.targets_module("up_proj") ||
                                         lora.targets_module("down_proj"));
   if (lora.dropout > 0)
