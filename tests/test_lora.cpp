@@ -1103,7 +1103,9 @@ TEST_CASE("DPO's reference: fresh adapters left out give the base's loss, init_f
       REQUIRE(std::abs(adapted.item<double>() - want_base.item<double>()) > 1e-3);
       REQUIRE(std::abs(adapted.item<double>() - want_init.item<double>()) > 1e-4);
       qt::ReferenceAdapters fresh(model, ""), from_dir(model, fixture(adapter));
+      int64_t builds = 0;
       for (int round = 0; round < 2; ++round) {  // (twice: the factors made again each way)
+        if (round == 1) builds = model.stats->lora_factor_builds;
         {
           const qt::ReferenceAdapters::Scope scope(fresh);
           CHECK(std::abs(causal_lm_loss(model, ids, labels).item<double>() - want_base.item<double>()) <=
@@ -1117,6 +1119,8 @@ TEST_CASE("DPO's reference: fresh adapters left out give the base's loss, init_f
         }
         CHECK(at::equal(causal_lm_loss(model, ids, labels), adapted));
       }
+      // The reference's factors kept apart from the policy's: the second round made none (each pass its own cache).
+      CHECK(model.stats->lora_factor_builds == builds);
       // The frozen copies hold no gradient and no dropout.
       bool frozen = true;
       {

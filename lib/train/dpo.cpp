@@ -85,6 +85,7 @@ ReferenceAdapters::ReferenceAdapters(LlamaModel& model, const std::string& init_
     model_.for_each_linear([&](const std::string&, Linear& l) { l.lora = trained[i++]; });
     throw;
   }
+  factors_ = std::make_shared<LoraFactorCache>();
   size_t i = 0;
   model_.for_each_linear([&](const std::string&, Linear& l) {
     if (l.lora) {
@@ -102,6 +103,7 @@ ReferenceAdapters::ReferenceAdapters(LlamaModel& model, const std::string& init_
 void ReferenceAdapters::swap() {
   size_t i = 0;
   model_.for_each_linear([&](const std::string&, Linear& l) { std::swap(l.lora, frozen_[i++]); });
+  if (factors_) std::swap(model_.lora_factor_cache, factors_);
 }
 
 ReferenceAdapters::Scope::Scope(ReferenceAdapters& r) : r_(r) { r_.swap(); }

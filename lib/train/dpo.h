@@ -69,6 +69,9 @@ class ReferenceAdapters {
   LlamaModel& model_;
   // for_each_linear's order, null where a linear has none (all null: fresh adapters); swapped with the model's
   std::vector<std::shared_ptr<LoraAdapter>> frozen_;
+  // init_from's: the compute-dtype factors of the frozen adapters, swapped with the model's cache (each pass finds
+  // its own factors current instead of making them again at every switch)
+  std::shared_ptr<LoraFactorCache> factors_;
   std::string describe_;
 };
 
