@@ -110,6 +110,22 @@ TEST_CASE("LR schedules equal transformers' schedules with warmup", "[train]") {
       CHECK(std::abs(s.at(step) - ref[name][step].get<double>()) < 1e-12);
     }
   }
+  // Warmup, stable, decay (get_wsd_schedule): 3 warmup steps, 5 decaying at the end of 20.
+  for (const char* decay : {"cosine", "linear", "1-sqrt"}) {
+    for (const double floor : {0.0, 0.1}) {
+      const std::string name = std::string("wsd_") + decay + (floor > 0 ? "_min" : "");
+      if (!ref.contains(name)) continue;
+      qt::LrSchedule s{qt::LrScheduleType::Wsd, 2e-4, 3, 20, floor};
+      s.decay_steps = 5;
+      s.decay = qt::parse_wsd_decay(decay, "test", "decay_type");
+      for (int64_t step = 0; step < 20; ++step) {
+        INFO(name << " step " << step);
+        CHECK(std::abs(s.at(step) - ref[name][step].get<double>()) < 1e-12);
+      }
+    }
+  }
+  for (const char* name : {"wsd_cosine", "wsd_linear", "wsd_1-sqrt", "wsd_cosine_min"}) CHECK(ref.contains(name));
+  CHECK(std::abs(ref["wsd_cosine"][10].get<double>() - 2e-4) < 1e-15);  // (the stable steps at lr)
 }
 
 TEST_CASE("clip_grad_norm scales gradients to the max norm and reports the norm before", "[train]") {
@@ -318,6 +334,33 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   CHECK(qt::warmup_steps_of(7, 0.0, 100) == 7);
   expect(ok, {"optim.warmup_ratio", "optim.warmup_steps"}, {"optim.warmup_ratio=0.1", "optim.warmup_steps=3"});
   expect(ok, {"optim.warmup_ratio", "[0, 1]"}, {"optim.warmup_ratio=2"});
+  // The "wsd" schedule (transformers' "warmup_stable_decay"): its decay a tenth of the run unless decay_steps or
+  // decay_ratio say otherwise, within the run with the warmup; its keys refused under other schedules.
+  const qt::RunConfig w = parse(ok, {"optim.schedule=wsd", "train.steps=50", "optim.warmup_steps=5"});
+  CHECK(qt::lr_schedule_of(w, 50).type == qt::LrScheduleType::Wsd);
+  CHECK(qt::lr_schedule_of(w, 50).decay_steps == 5);
+  CHECK(qt::lr_schedule_of(w, 55).decay_steps == 6);  // (ceil)
+  CHECK(qt::lr_schedule_of(parse(ok, {"optim.schedule=wsd", "optim.decay_ratio=0.3"}), 50).decay_steps == 15);
+  const qt::RunConfig w7 = parse(ok, {"optim.schedule=\"warmup_stable_decay\"", "optim.decay_steps=7",
+                                      "optim.decay_type=\"1-sqrt\""});
+  CHECK(qt::lr_schedule_of(w7, 50).decay_steps == 7);
+  CHECK(qt::lr_schedule_of(w7, 50).decay == qt::WsdDecay::OneMinusSqrt);
+  CHECK(qt::lr_schedule_of(w7, 50).at(20) == 2e-4);  // (stable)
+  CHECK(qt::lr_schedule_of(c, 50).decay_steps == 0);  // (cosine: none)
+  // The resolved config reads back (the decay's keys null under other schedules).
+  for (const qt::RunConfig* r : std::vector<const qt::RunConfig*>{&w7, &c}) {
+    const qt::RunConfig back = qt::RunConfig::from_json(r->to_json(), "resolved.json");
+    CHECK(back.optim.schedule == r->optim.schedule);
+    CHECK(back.optim.decay_steps == r->optim.decay_steps);
+    CHECK(back.optim.decay_type == r->optim.decay_type);
+  }
+  expect(ok, {"optim.decay_steps", "\"wsd\"", "\"cosine\""}, {"optim.decay_steps=5"});
+  expect(ok, {"optim.decay_type", "1-sqrt"}, {"optim.schedule=wsd", "optim.decay_type=sqrt"});
+  expect(ok, {"optim.decay_ratio", "optim.decay_steps"}, {"optim.schedule=wsd", "optim.decay_steps=3",
+                                                         "optim.decay_ratio=0.2"});
+  expect(ok, {"optim.decay_steps", "3 warmup and 9 decay steps", "the run's 10"},
+         {"optim.schedule=wsd", "train.steps=10", "optim.warmup_steps=3", "optim.decay_steps=9"});
+  expect(ok, {"optim.schedule", "wsd"}, {"optim.schedule=warmup"});
 }
 
 

@@ -1,5 +1,8 @@
 #include "lib/train/run_config.h"
 
+#include <algorithm>
+#include <cmath>
+
 #include "lib/data/data_config.h"
 #include "lib/model/llama_config.h"
 #include "lib/model/lora.h"
@@ -175,7 +178,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
 
   const Json& o = section(j, "optim");
   reject_unknown_keys(o, {"lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
-                          "warmup_ratio", "min_lr_ratio", "embedding_lr", "loraplus_lr_ratio"},
+                          "warmup_ratio", "min_lr_ratio", "decay_steps", "decay_ratio", "decay_type", "embedding_lr",
+                          "loraplus_lr_ratio"},
                       file, "optim.", ErrorKind::Config);
   JsonReader orr{o, file, ErrorKind::Config, "optim."};
   c.optim.lr = orr.get_double("lr", c.optim.lr);
@@ -201,6 +205,19 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   c.optim.min_lr_ratio = orr.get_double("min_lr_ratio", c.optim.min_lr_ratio);
   if (!(c.optim.min_lr_ratio >= 0 && c.optim.min_lr_ratio <= 1))
     fail_key(ErrorKind::Config, file, "optim.min_lr_ratio", "must be in [0, 1]");
+  for (const char* k : {"decay_steps", "decay_ratio", "decay_type"})
+    if (orr.has(k) && c.optim.schedule != LrScheduleType::Wsd)
+      fail_key(ErrorKind::Config, file, std::string("optim.") + k,
+               std::string("is the \"wsd\" schedule's; optim.schedule is \"") + lr_schedule_name(c.optim.schedule) +
+                   "\"");
+  c.optim.decay_steps = orr.get_int("decay_steps", c.optim.decay_steps);
+  check_positive(c.optim.decay_steps, file, "optim.decay_steps", true);
+  c.optim.decay_ratio = orr.get_double("decay_ratio", c.optim.decay_ratio);
+  if (!(c.optim.decay_ratio >= 0 && c.optim.decay_ratio <= 1))
+    fail_key(ErrorKind::Config, file, "optim.decay_ratio", "must be in [0, 1]");
+  if (c.optim.decay_ratio > 0 && c.optim.decay_steps > 0)
+    fail_key(ErrorKind::Config, file, "optim.decay_ratio", "is set together with optim.decay_steps: give one of them");
+  if (orr.has("decay_type")) c.optim.decay_type = parse_wsd_decay(orr.get_string("decay_type"), file, "optim.decay_type");
   if (orr.has("embedding_lr")) {
     c.optim.embedding_lr = orr.get_double("embedding_lr");
     if (!(c.optim.embedding_lr >= 0 && c.optim.embedding_lr < 1))
@@ -290,6 +307,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
       fail_key(ErrorKind::Config, file, key,
                "needs evaluations during the run: set train.eval_every (with 0 the one evaluation is at the end)");
   }
+  // A run of fixed steps: the schedule's warmup and decay within them, checked before anything loads.
+  if (c.train.steps > 0) (void)lr_schedule_of(c, c.train.steps);
   return c;
 }
 
@@ -323,6 +342,7 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
                 {"shard", c.train.shard},
                 {"shard_embeddings", c.train.shard_embeddings},
                 {"collective_timeout_s", c.train.collective_timeout_s}};
+  const bool wsd = c.optim.schedule == LrScheduleType::Wsd;  // (the decay's keys null under other schedules)
   j["optim"] = {{"lr", c.optim.lr},
                 {"weight_decay", c.optim.weight_decay},
                 {"beta1", c.optim.beta1},
@@ -333,6 +353,9 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
                 {"warmup_steps", c.optim.warmup_steps},
                 {"warmup_ratio", c.optim.warmup_ratio},
                 {"min_lr_ratio", c.optim.min_lr_ratio},
+                {"decay_steps", wsd ? Json(c.optim.decay_steps) : Json(nullptr)},
+                {"decay_ratio", wsd ? Json(c.optim.decay_ratio) : Json(nullptr)},
+                {"decay_type", wsd ? Json(wsd_decay_name(c.optim.decay_type)) : Json(nullptr)},
                 {"embedding_lr", c.optim.embedding_lr < 0 ? Json(nullptr) : Json(c.optim.embedding_lr)},
                 {"loraplus_lr_ratio", c.optim.loraplus_lr_ratio > 0 ? Json(c.optim.loraplus_lr_ratio) : Json(nullptr)}};
   j["checkpoint"] = {{"every", c.checkpoint.every}, {"keep_last", c.checkpoint.keep_last},
@@ -354,6 +377,25 @@ RunConfig RunConfig::load(const std::string& path, const std::vector<std::string
   if (!j.is_object()) fail_at(ErrorKind::Config, path, "expected a JSON object at the top level");
   for (const auto& o : overrides) apply_override(j, o);
   return from_json(j, path, complete);
+}
+
+// The run's learning-rate schedule over total_steps. The "wsd" schedule's decay: optim.decay_steps, else
+// ceil(optim.decay_ratio x total steps), else a tenth of them (at least one step); with the warmup, within the run.
+LrSchedule lr_schedule_of(const RunConfig& cfg, int64_t total_steps) {
+  LrSchedule s{cfg.optim.schedule, cfg.optim.lr,
+               warmup_steps_of(cfg.optim.warmup_steps, cfg.optim.warmup_ratio, total_steps), total_steps,
+               cfg.optim.min_lr_ratio};
+  if (s.type != LrScheduleType::Wsd) return s;
+  const double ratio = cfg.optim.decay_ratio > 0 ? cfg.optim.decay_ratio : 0.1;
+  s.decay_steps = cfg.optim.decay_steps > 0
+                      ? cfg.optim.decay_steps
+                      : std::max<int64_t>(1, static_cast<int64_t>(std::ceil(static_cast<double>(total_steps) * ratio)));
+  s.decay = cfg.optim.decay_type;
+  if (s.warmup_steps + s.decay_steps > total_steps)
+    fail_key(ErrorKind::Config, cfg.file, cfg.optim.decay_steps > 0 ? "optim.decay_steps" : "optim.decay_ratio",
+             "the \"wsd\" schedule's " + std::to_string(s.warmup_steps) + " warmup and " +
+                 std::to_string(s.decay_steps) + " decay steps are more than the run's " + std::to_string(total_steps));
+  return s;
 }
 
 }  // namespace qt

@@ -74,6 +74,11 @@ struct OptimSection {
   // TrainingArguments' warmup_ratio: ceil(ratio x total steps) warmup steps; used where warmup_steps is 0.
   double warmup_ratio = 0.0;
   double min_lr_ratio = 0.0;
+  // schedule "wsd": the decay's steps at the end of the run, decay_steps or ceil(decay_ratio x total steps)
+  // (neither: a tenth), and its shape (transformers' get_wsd_schedule: cosine, linear or 1-sqrt).
+  int64_t decay_steps = 0;
+  double decay_ratio = 0.0;
+  WsdDecay decay_type = WsdDecay::Cosine;
   // The learning rate of the tensors trained in full (lora.modules_to_save: lm_head, embed_tokens), scheduled
   // like lr (Unsloth's embedding_learning_rate: embeddings usually want a smaller one); < 0: lr.
   double embedding_lr = -1.0;
@@ -128,5 +133,9 @@ struct RunConfig {
 
 // Applies one "section.key=value" override to `json`; throws qt::Error(Usage) naming the override.
 void apply_override(Json& json, const std::string& assignment);
+
+// The run's learning-rate schedule over total_steps (warmup_steps or warmup_ratio; "wsd": its decay steps).
+// Throws qt::Error(Config) naming optim.decay_steps / decay_ratio where the warmup and the decay outlast the run.
+LrSchedule lr_schedule_of(const RunConfig& cfg, int64_t total_steps);
 
 }  // namespace qt

@@ -342,9 +342,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
              std::to_string(cfg.train.epochs) + " epochs of " + std::to_string(steps_per_epoch) +
                  " steps are more steps than a 64-bit count holds");
   const int64_t total_steps = cfg.train.steps > 0 ? cfg.train.steps : cfg.train.epochs * steps_per_epoch;
-  const LrSchedule schedule{cfg.optim.schedule, cfg.optim.lr,
-                            warmup_steps_of(cfg.optim.warmup_steps, cfg.optim.warmup_ratio, total_steps), total_steps,
-                            cfg.optim.min_lr_ratio};
+  const LrSchedule schedule = lr_schedule_of(cfg, total_steps);
   TrainerState state;
   state.seed = cfg.train.seed;
   state.config = cfg.to_json();  // every default filled in, as config.resolved.json

@@ -2,7 +2,8 @@
 import json, pathlib
 import torch
 from safetensors.torch import save_file
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+from transformers import (get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup,
+                          get_linear_schedule_with_warmup, get_wsd_schedule)
 
 def generate(out: pathlib.Path):
     d = out / "train"
@@ -25,7 +26,14 @@ def generate(out: pathlib.Path):
     sched = {}
     for name, make in [("constant", lambda o: get_constant_schedule_with_warmup(o, 3)),
                        ("linear", lambda o: get_linear_schedule_with_warmup(o, 3, 20)),
-                       ("cosine", lambda o: get_cosine_schedule_with_warmup(o, 3, 20))]:
+                       ("cosine", lambda o: get_cosine_schedule_with_warmup(o, 3, 20)),
+                       # warmup, stable, decay: 3 warmup steps, 5 decaying at the end of 20, each decay shape, and
+                       # cosine to a floor of 0.1 (where the warmup starts too)
+                       ("wsd_cosine", lambda o: get_wsd_schedule(o, 3, 5, num_training_steps=20)),
+                       ("wsd_linear", lambda o: get_wsd_schedule(o, 3, 5, num_training_steps=20, decay_type="linear")),
+                       ("wsd_1-sqrt", lambda o: get_wsd_schedule(o, 3, 5, num_training_steps=20, decay_type="1-sqrt")),
+                       ("wsd_cosine_min", lambda o: get_wsd_schedule(o, 3, 5, num_training_steps=20,
+                                                                     min_lr_ratio=0.1))]:
         o = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=2e-4)
         s = make(o)
         lrs = []
