@@ -584,10 +584,10 @@ case "$CALL" in
     grep -E "^generate:|warning" "$L/gen_56_$graphs.log" >>"$summary"
     grep -iE "error|what\(\)" "$L/gen_56_$graphs.log" | head -n 5 >>"$summary"
   done
+  dpo_against_sft
   QT_GENERATE_TIMES=1 timeout 100 build-gpu/qlora-train bench --shape llama-3.2-1b --batch 4 --seq 2048 \
     --generate 100 --prompt-tokens 200 --max-new-tokens 32 --uncached 1 --out "$L/gen" >"$L/gen_56_1b.log" 2>&1
   echo "llama-3.2-1b batch_tokens 8192: $(grep -E '^\{' "$L/gen_56_1b.log" | tail -n 1)" | tee -a "$summary"
-  dpo_against_sft
   ;;
 55)
   note "== the [dpo] tests alone (fresh adapters left out of the reference pass, on CUDA too; call 54's first part)"
