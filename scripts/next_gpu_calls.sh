@@ -570,6 +570,10 @@ case "$CALL" in
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
   ;;
+57)
+  note "== issue 27 on an H200 (its own machine): 8B 2 x 2048 at 80 GiB against Unsloth 0 (call 2's second half)"
+  run budget_80.log 240 --peers unsloth --unsloth-modes 0 --rows 8b-2x2048 --budget 80 --no-whole --steps 6 --warm 2
+  ;;
 56)
   note "== generation's decoding steps as CUDA graphs (thirty-sixth session): the [generate] [gpu] and [dpo] tests;"
   note "   bench --generate at 8B in batches of 16,384 tokens with graphs and without (QT_GENERATE_GRAPHS=0), each"
