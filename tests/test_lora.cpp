@@ -1171,7 +1171,7 @@ std::vector<at::Tensor> dpo_loss_and_grads(const at::Device& device, c10::Scalar
   const qt::Batch b = qt::build_batch(pairs, {{0, 1}, {2}}, qt::BatchShape{2, 80, true});
   REQUIRE(b.num_pairs == 3);
   qt::DpoSection cfg;
-  cfg.loss_type = loss_type;
+  cfg.loss_types = {loss_type};
   m.set_training(true);
   const at::Tensor seqs = qt::pair_sequences(b);
   const at::Tensor ref = qt::reference_logps(m, reference, b, seqs, fused, /*training=*/true);

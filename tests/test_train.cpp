@@ -361,6 +361,23 @@ TEST_CASE("run config rejects unknown keys with a suggestion and bad values with
   expect(ok, {"optim.decay_steps", "3 warmup and 9 decay steps", "the run's 10"},
          {"optim.schedule=wsd", "train.steps=10", "optim.warmup_steps=3", "optim.decay_steps=9"});
   expect(ok, {"optim.schedule", "wsd"}, {"optim.schedule=warmup"});
+  // DPO's loss: one of TRL's names or a list of them, weighted (RPO: sigmoid + alpha x sft).
+  const qt::DpoSection rpo =
+      parse(ok, {"dpo.loss_type=[\"sigmoid\", \"sft\"]", "dpo.loss_weights=[1, 0.5]"}).dpo;
+  CHECK(rpo.loss_types == std::vector<std::string>{"sigmoid", "sft"});
+  CHECK(rpo.loss_weights == std::vector<double>{1.0, 0.5});
+  CHECK(rpo.describe() == "sigmoid + 0.5 x sft");
+  CHECK(rpo.needs_lengths());
+  CHECK(!parse(ok).dpo.needs_lengths());
+  CHECK(qt::DpoSection::from_json(rpo.to_json(), "resolved.json").loss_types == rpo.loss_types);
+  CHECK(parse(ok, {"dpo.loss_type=nca_pair"}).dpo.to_json()["loss_type"] == "nca_pair");
+  expect(ok, {"dpo.loss_weights", "list of 2 numbers"}, {"dpo.loss_type=[\"sigmoid\", \"sft\"]",
+                                                          "dpo.loss_weights=[1]"});
+  expect(ok, {"dpo.loss_type", "\"aot\"", "not supported"}, {"dpo.loss_type=aot"});
+  expect(ok, {"dpo.loss_type", "\"sigmod\"", "sigmoid_norm"}, {"dpo.loss_type=sigmod"});
+  expect(ok, {"dpo.loss_type", "listed twice"}, {"dpo.loss_type=[\"sft\", \"sft\"]"});
+  expect(ok, {"dpo.label_smoothing", "\"exo_pair\"", "> 0"}, {"dpo.loss_type=exo_pair"});
+  expect(ok, {"dpo.label_smoothing", "\"robust\""}, {"dpo.loss_type=hinge", "dpo.label_smoothing=0.1"});
 }
 
 

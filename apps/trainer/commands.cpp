@@ -381,9 +381,9 @@ EvalArgs with_run_config(EvalArgs a) {
     if (unset("--add-eos")) a.add_eos = c.parsed_data.add_eos;
     if (unset("--max-seq-len")) a.max_seq_len = c.parsed_data.max_seq_len;
     if (unset("--quant")) a.quant = c.model.quant;
-    if (unset("--beta")) a.dpo_beta = c.dpo.beta;
-    a.dpo_loss_type = c.dpo.loss_type;
-    a.dpo_label_smoothing = c.dpo.label_smoothing;
+    const double beta = a.dpo.beta;
+    a.dpo = c.dpo;
+    if (!unset("--beta")) a.dpo.beta = beta;
     if (unset("--reference-adapter")) a.reference_adapter = c.parsed_lora.init_from;
     // The config's logging.level, as training takes it, unless --log-level was given (before or after `eval`).
     if (unset("--log-level")) qt::log::set_level(qt::log::parse_level(c.log_level));
@@ -436,10 +436,7 @@ int run_eval(const EvalArgs& given) {
                   "{prompt, chosen, rejected}: evaluate pairs and other records in separate files");
     if (args.exact_match > 0)
       qt::fail(qt::ErrorKind::Usage, "eval: --exact-match needs records with one answer, not preference pairs");
-    qt::DpoSection dpo;
-    dpo.loss_type = args.dpo_loss_type;
-    dpo.beta = args.dpo_beta;
-    dpo.label_smoothing = args.dpo_label_smoothing;
+    const qt::DpoSection& dpo = args.dpo;
     if (args.given.count("--reference-adapter") && args.adapter.empty())
       qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter compares --adapter with it: give --adapter too");
     // The reference swaps the LoRA adapters alone: a trained lm_head or embed_tokens would stay the policy's.
@@ -452,7 +449,7 @@ int run_eval(const EvalArgs& given) {
       qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter " + reference_dir + " trains lm_head or "
                                      "embed_tokens (modules_to_save): not supported yet for preference pairs");
     qt::ReferenceAdapters reference(model, reference_dir);
-    qt::log::info("DPO (" + dpo.loss_type + "): the reference is " + reference.describe());
+    qt::log::info("DPO (" + dpo.describe() + "): the reference is " + reference.describe());
     const qt::DpoEvalResult d = qt::evaluate_dpo(model, reference, docs, args.max_seq_len, dpo);
     if (d.truncated)
       qt::log::warn(std::to_string(d.truncated) + " of " + std::to_string(docs.size()) + " pairs were longer than "
@@ -461,7 +458,7 @@ int run_eval(const EvalArgs& given) {
       qt::fail_at(qt::ErrorKind::Data, args.data, "no pair has a target token in both its completions");
     if (!std::isfinite(d.mean(0))) qt::fail(qt::ErrorKind::Numeric, "evaluation loss is not finite");
     qt::Json out = {{"loss", d.mean(0)}, {"pairs", d.pairs}, {"records", docs.size()}, {"truncated", d.truncated},
-                    {"loss_type", dpo.loss_type}, {"beta", dpo.beta}};
+                    {"loss_type", dpo.to_json()["loss_type"]}, {"beta", dpo.beta}};
     for (size_t i = 0; i < qt::dpo_stat_names().size(); ++i) out[qt::dpo_stat_names()[i]] = d.mean(i + 1);
     std::cout << out.dump() << std::endl;
     return 0;

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "lib/core/json.h"
+#include "lib/train/dpo.h"
 
 namespace qt::cli {
 
@@ -31,8 +32,7 @@ struct EvalArgs {
   int64_t max_new_tokens = 32;  // per answer, with exact_match
   // Preference records: DPO's loss (the run config's dpo section, or --beta) and its reference, the base with
   // reference_adapter (--reference-adapter, or the run config's lora.init_from) or alone.
-  std::string dpo_loss_type = "sigmoid";
-  double dpo_beta = 0.1, dpo_label_smoothing = 0.0;
+  qt::DpoSection dpo;  // preference pairs: the config's dpo section (--beta over its beta)
   std::string reference_adapter;
 };
 

@@ -231,7 +231,7 @@ int main(int argc, char** argv) {
                        "record format, as data.format: auto (each record's keys decide), text, alpaca, chat, "
                        "completion, preference (DPO's loss over {prompt, chosen, rejected} pairs) or tokenized")
       ->check(CLI::IsMember({"auto", "text", "alpaca", "chat", "completion", "preference", "tokenized"}));
-  eval_cmd->add_option("--beta", eval.dpo_beta,
+  eval_cmd->add_option("--beta", eval.dpo.beta,
                        "preference pairs: DPO's beta (default: --config's dpo.beta, else 0.1; its dpo.loss_type "
                        "too)")
       ->check(CLI::PositiveNumber);

@@ -2,32 +2,114 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
 #include "lib/core/error.h"
 #include "lib/model/peft_adapter.h"
 
 namespace qt {
 
+namespace {
+
+const std::vector<std::string> kDpoLossTypes = {"sigmoid",   "robust",   "hinge",    "ipo",      "exo_pair",
+                                                "nca_pair",  "bco_pair", "sppo_hard", "apo_zero", "apo_down",
+                                                "discopop",  "sft",      "sigmoid_norm"};
+
+bool has_type(const DpoSection& c, const char* name) {
+  return std::find(c.loss_types.begin(), c.loss_types.end(), name) != c.loss_types.end();
+}
+
+std::string joined(const std::vector<std::string>& names) {
+  std::string s;
+  for (size_t i = 0; i < names.size(); ++i) s += (i ? (i + 1 == names.size() ? " or " : ", ") : "") + names[i];
+  return s;
+}
+
+}  // namespace
+
 DpoSection DpoSection::from_json(const Json& section, const std::string& file) {
-  reject_unknown_keys(section, {"loss_type", "beta", "label_smoothing"}, file, "dpo.", ErrorKind::Config);
+  reject_unknown_keys(section, {"loss_type", "loss_weights", "beta", "label_smoothing", "discopop_tau"}, file, "dpo.",
+                      ErrorKind::Config);
   const JsonReader r{section, file, ErrorKind::Config, "dpo."};
   DpoSection c;
-  c.loss_type = r.get_string("loss_type", c.loss_type);
-  if (c.loss_type != "sigmoid" && c.loss_type != "robust" && c.loss_type != "hinge" && c.loss_type != "ipo")
-    fail_key(ErrorKind::Config, file, "dpo.loss_type",
-             "\"" + c.loss_type + "\": expected \"sigmoid\" (DPO), \"robust\", \"hinge\" or \"ipo\" (TRL's names)");
+  if (r.has("loss_type")) {
+    const Json& t = section.at("loss_type");
+    c.loss_types.clear();
+    if (t.is_string()) {
+      c.loss_types.push_back(t.get<std::string>());
+    } else if (t.is_array() && !t.empty()) {
+      for (const Json& e : t) {
+        if (!e.is_string()) fail_key(ErrorKind::Config, file, "dpo.loss_type", "expected a name or a list of names");
+        c.loss_types.push_back(e.get<std::string>());
+      }
+    } else {
+      fail_key(ErrorKind::Config, file, "dpo.loss_type", "expected a name or a non-empty list of names");
+    }
+  }
+  for (const std::string& t : c.loss_types) {
+    if (t == "aot" || t == "aot_unpaired")
+      fail_key(ErrorKind::Config, file, "dpo.loss_type",
+               "\"" + t + "\" sorts the log-ratios across each micro-batch, which packed micro-batches of varying "
+               "pair counts would change: not supported");
+    if (std::find(kDpoLossTypes.begin(), kDpoLossTypes.end(), t) == kDpoLossTypes.end())
+      fail_key(ErrorKind::Config, file, "dpo.loss_type",
+               "\"" + t + "\": expected " + joined(kDpoLossTypes) + " (TRL's names), or a list of them");
+    if (std::count(c.loss_types.begin(), c.loss_types.end(), t) > 1)
+      fail_key(ErrorKind::Config, file, "dpo.loss_type", "\"" + t + "\" is listed twice");
+  }
+  if (r.has("loss_weights")) {
+    const Json& w = section.at("loss_weights");
+    if (!w.is_array() || w.size() != c.loss_types.size())
+      fail_key(ErrorKind::Config, file, "dpo.loss_weights",
+               "expected a list of " + std::to_string(c.loss_types.size()) + " numbers, one a dpo.loss_type");
+    for (const Json& e : w) {
+      if (!e.is_number() || !std::isfinite(e.get<double>()))
+        fail_key(ErrorKind::Config, file, "dpo.loss_weights", "expected finite numbers");
+      c.loss_weights.push_back(e.get<double>());
+    }
+  }
   c.beta = r.get_double("beta", c.beta);
   if (!(c.beta > 0 && c.beta < 1e6)) fail_key(ErrorKind::Config, file, "dpo.beta", "must be > 0 (TRL's default: 0.1)");
   c.label_smoothing = r.get_double("label_smoothing", c.label_smoothing);
   if (!(c.label_smoothing >= 0 && c.label_smoothing < 0.5))
     fail_key(ErrorKind::Config, file, "dpo.label_smoothing", "must be in [0, 0.5) (0: off)");
-  if (c.label_smoothing > 0 && c.loss_type != "robust")
+  if (c.label_smoothing > 0 && !has_type(c, "robust") && !has_type(c, "exo_pair"))
     fail_key(ErrorKind::Config, file, "dpo.label_smoothing",
-             "is read by dpo.loss_type \"robust\" (TRL's \"" + c.loss_type + "\" loss ignores it)");
+             "is read by dpo.loss_type \"robust\" and \"exo_pair\" (TRL's \"" + c.describe() + "\" ignores it)");
+  if (has_type(c, "exo_pair") && c.label_smoothing == 0)
+    fail_key(ErrorKind::Config, file, "dpo.label_smoothing",
+             "dpo.loss_type \"exo_pair\" needs its epsilon > 0 (TRL suggests 1e-3); at 0 its loss is infinite");
+  c.discopop_tau = r.get_double("discopop_tau", c.discopop_tau);
+  if (!(c.discopop_tau > 0)) fail_key(ErrorKind::Config, file, "dpo.discopop_tau", "must be > 0 (TRL's default: 0.05)");
   return c;
 }
 
 Json DpoSection::to_json() const {
-  return Json{{"loss_type", loss_type}, {"beta", beta}, {"label_smoothing", label_smoothing}};
+  return Json{{"loss_type", loss_types.size() == 1 ? Json(loss_types[0]) : Json(loss_types)},
+              {"loss_weights", loss_weights.empty() ? Json(nullptr) : Json(loss_weights)},
+              {"beta", beta},
+              {"label_smoothing", label_smoothing},
+              {"discopop_tau", discopop_tau}};
+}
+
+bool DpoSection::needs_lengths() const {
+  return has_type(*this, "ipo") || has_type(*this, "sigmoid_norm") || has_type(*this, "sft");
+}
+
+std::string DpoSection::describe() const {
+  std::string s;
+  for (size_t i = 0; i < loss_types.size(); ++i) {
+    if (i) s += " + ";
+    if (!loss_weights.empty() && loss_weights[i] != 1.0) {
+      char w[32];
+      std::snprintf(w, sizeof w, "%g x ", loss_weights[i]);
+      s += w;
+    }
+    s += loss_types[i];
+  }
+  return s;
 }
 
 at::Tensor pair_sequences(const Batch& b) {
@@ -122,22 +204,54 @@ DpoTerms dpo_terms(const at::Tensor& policy, const at::Tensor& reference, const 
   const at::Tensor pc = p.select(1, 0), pr = p.select(1, 1);
   const at::Tensor chosen_ratio = pc - ref.select(1, 0), rejected_ratio = pr - ref.select(1, 1);
   const at::Tensor delta = chosen_ratio - rejected_ratio;
-  at::Tensor losses;
-  if (c.loss_type == "sigmoid") {
-    losses = -at::log_sigmoid(delta * c.beta);
-  } else if (c.loss_type == "robust") {
-    const double ls = c.label_smoothing;
-    losses = (at::log_sigmoid(delta * c.beta) * -(1.0 - ls) + at::log_sigmoid(delta * -c.beta) * ls) / (1.0 - 2.0 * ls);
-  } else if (c.loss_type == "hinge") {
-    losses = at::relu(1.0 - delta * c.beta);
-  } else {
-    QT_CHECK(c.loss_type == "ipo" && lengths.defined(), ErrorKind::Internal, "dpo_terms: ipo needs the lengths");
-    const at::Tensor n = lengths.reshape({-1, 2}).clamp_min(1.0);
-    const at::Tensor d = chosen_ratio / n.select(1, 0) - rejected_ratio / n.select(1, 1);
-    losses = (d - 1.0 / (2.0 * c.beta)).square();
+  const double b = c.beta;
+  QT_CHECK(!c.needs_lengths() || lengths.defined(), ErrorKind::Internal, "dpo_terms: " + c.describe() +
+           " needs the lengths");
+  const at::Tensor n = c.needs_lengths() ? lengths.reshape({-1, 2}).clamp_min(1.0) : at::Tensor();
+  at::Tensor loss_sum;
+  for (size_t i = 0; i < c.loss_types.size(); ++i) {
+    const std::string& type = c.loss_types[i];
+    at::Tensor losses;  // [pairs] (TRL's per_sequence_loss)
+    if (type == "sigmoid") {
+      losses = -at::log_sigmoid(delta * b);
+    } else if (type == "robust") {
+      const double ls = c.label_smoothing;
+      losses = (at::log_sigmoid(delta * b) * -(1.0 - ls) + at::log_sigmoid(delta * -b) * ls) / (1.0 - 2.0 * ls);
+    } else if (type == "hinge") {
+      losses = at::relu(1.0 - delta * b);
+    } else if (type == "ipo" || type == "sigmoid_norm") {  // each log-ratio over its completion's tokens
+      const at::Tensor d = chosen_ratio / n.select(1, 0) - rejected_ratio / n.select(1, 1);
+      losses = type == "ipo" ? (d - 1.0 / (2.0 * b)).square() : -at::log_sigmoid(d * b);
+    } else if (type == "exo_pair") {
+      const double eps = c.label_smoothing;
+      const at::Tensor z = delta * b;
+      losses = at::sigmoid(z) * (at::log_sigmoid(z) - std::log1p(-eps)) +
+               at::sigmoid(-z) * (at::log_sigmoid(-z) - std::log(eps));
+    } else if (type == "nca_pair") {
+      const at::Tensor rc = chosen_ratio * b, rr = rejected_ratio * b;
+      losses = -at::log_sigmoid(rc) - 0.5 * at::log_sigmoid(-rc) - 0.5 * at::log_sigmoid(-rr);
+    } else if (type == "bco_pair") {
+      losses = -at::log_sigmoid(chosen_ratio * b) - at::log_sigmoid(rejected_ratio * -b);
+    } else if (type == "sppo_hard") {
+      losses = (chosen_ratio - 0.5 / b).square() + (rejected_ratio + 0.5 / b).square();
+    } else if (type == "apo_zero") {
+      losses = (1.0 - at::sigmoid(chosen_ratio * b)) + at::sigmoid(rejected_ratio * b);
+    } else if (type == "apo_down") {
+      losses = at::sigmoid(chosen_ratio * b) + (1.0 - at::sigmoid(delta * b));
+    } else if (type == "discopop") {
+      const at::Tensor z = delta * b, mix = at::sigmoid(z / c.discopop_tau);
+      losses = -at::log_sigmoid(z) * (1.0 - mix) + at::exp(-z) * mix;
+    } else {
+      QT_CHECK(type == "sft", ErrorKind::Internal, "dpo_terms: loss type " + type);
+      // The chosen answers' tokens' mean NLL over the micro-batch, once a pair.
+      losses = (-pc.sum() / n.select(1, 0).sum()).expand({pc.size(0)});
+    }
+    const double w = c.loss_weights.empty() ? 1.0 : c.loss_weights[i];
+    const at::Tensor term = w == 1.0 ? losses.sum() : losses.sum() * w;
+    loss_sum = loss_sum.defined() ? loss_sum + term : term;
   }
   DpoTerms t;
-  t.loss_sum = losses.sum();
+  t.loss_sum = loss_sum;
   // TRL's metrics: rewards beta * log-ratio; accuracy chosen reward > rejected reward; margin their difference.
   const at::Tensor rc = chosen_ratio.detach() * c.beta, rr = rejected_ratio.detach() * c.beta;
   t.sums = at::stack({t.loss_sum.detach(), rc.sum(), rr.sum(), rc.gt(rr).to(at::kFloat).sum(), (rc - rr).sum(),

@@ -23,14 +23,22 @@
 namespace qt {
 
 struct DpoSection {
-  std::string loss_type = "sigmoid";  // TRL's loss_type: sigmoid, robust, hinge or ipo
-  double beta = 0.1;                  // TRL's beta: the strength of the pull towards the reference
-  double label_smoothing = 0.0;       // robust: the chance a pair's preference is flipped, in [0, 0.5)
+  // TRL's loss_type, one name or several whose losses are summed (loss_weights: each one's weight, default 1; RPO is
+  // ["sigmoid", "sft"] with weights [1, alpha]): sigmoid (DPO), robust, hinge, ipo, exo_pair, nca_pair, bco_pair,
+  // sppo_hard, apo_zero, apo_down, discopop, sft (the chosen answers' NLL, a token mean) or sigmoid_norm.
+  std::vector<std::string> loss_types = {"sigmoid"};
+  std::vector<double> loss_weights;  // empty: 1 each
+  double beta = 0.1;                 // TRL's beta: the strength of the pull towards the reference
+  // robust: the chance a pair's preference is flipped, in [0, 0.5); exo_pair: its epsilon, in (0, 0.5)
+  double label_smoothing = 0.0;
+  double discopop_tau = 0.05;        // discopop: its temperature
 
-  // The "dpo" section {loss_type, beta, label_smoothing}; unknown keys and values out of range are
-  // qt::Error(Config) naming `file` and the key.
+  // The "dpo" section {loss_type, loss_weights, beta, label_smoothing, discopop_tau}; unknown keys and values out
+  // of range are qt::Error(Config) naming `file` and the key.
   static DpoSection from_json(const Json& section, const std::string& file);
   Json to_json() const;
+  bool needs_lengths() const;  // a loss type reading each sequence's completion tokens (sequence_targets)
+  std::string describe() const;  // "sigmoid", "sigmoid + 0.5 x sft"
 };
 
 // The sequence of each token of a micro-batch of pairs, [B * S] int64 on the CPU: each row's documents numbered on
@@ -85,7 +93,9 @@ struct DpoTerms {
   at::Tensor sums;
 };
 
-// policy, reference: [2 * pairs] from sequence_logps (chosen at even indices); lengths: sequence_targets (ipo only).
+// policy, reference: [2 * pairs] from sequence_logps (chosen at even indices); lengths: sequence_targets (where
+// config.needs_lengths()). Each loss type's losses summed over the pairs, weighted; "sft" counts the micro-batch's
+// token mean once a pair, as TRL expands it.
 DpoTerms dpo_terms(const at::Tensor& policy, const at::Tensor& reference, const DpoSection& config,
                    const at::Tensor& lengths = {});
 

@@ -335,7 +335,7 @@ DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, con
                           const at::Tensor& sequences, const at::Tensor& reference, const DpoSection& config,
                           bool fused) {
   const at::Tensor policy = sequence_logps(token_losses(model, hidden, b.targets, fused), sequences, b.num_pairs);
-  const at::Tensor lengths = config.loss_type == "ipo" ? sequence_targets(b, sequences, policy.device()) : at::Tensor();
+  const at::Tensor lengths = config.needs_lengths() ? sequence_targets(b, sequences, policy.device()) : at::Tensor();
   return dpo_terms(policy, reference, config, lengths);
 }
 
@@ -659,7 +659,7 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
                   "lora.init_from " + lora.init_from + ": the adapter does not match the lora section:" + differ);
     }
     m.reference = std::make_shared<ReferenceAdapters>(model, lora.init_from);
-    if (s.rank0) log::info("DPO (" + cfg.dpo.loss_type + "): the reference is " + m.reference->describe());
+    if (s.rank0) log::info("DPO (" + cfg.dpo.describe() + "): the reference is " + m.reference->describe());
   }
   return m;
 }

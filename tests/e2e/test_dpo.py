@@ -205,7 +205,17 @@ def main():
     max_len_f = max(p for p, _ in lens) + 2
     trl_tr = trl_step("f", pairs, max_length=max_len_f, steps=2)
     losses = {"robust": dict(loss_type="robust", label_smoothing=0.25, beta=0.3), "hinge": dict(loss_type="hinge", beta=0.5),
-              "ipo": dict(loss_type="ipo", beta=0.1)}
+              "ipo": dict(loss_type="ipo", beta=0.1),
+              # the rest of TRL's pairwise losses, and RPO (DPO plus the chosen answers' NLL, weighted) and a
+              # three-way sum as MPO combines them
+              "exo_pair": dict(loss_type="exo_pair", label_smoothing=1e-3, beta=0.3),
+              "nca_pair": dict(loss_type="nca_pair", beta=0.3), "bco_pair": dict(loss_type="bco_pair", beta=0.3),
+              "sppo_hard": dict(loss_type="sppo_hard", beta=0.5), "apo_zero": dict(loss_type="apo_zero", beta=0.3),
+              "apo_down": dict(loss_type="apo_down", beta=0.3), "discopop": dict(loss_type="discopop", beta=0.3,
+                                                                                 discopop_tau=0.1),
+              "sigmoid_norm": dict(loss_type="sigmoid_norm", beta=0.5),
+              "rpo": dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], beta=0.1),
+              "mpo": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0], beta=0.1)}
     trl_loss = {k: trl_step(k, pairs, steps=2, **v) for k, v in losses.items()}
     trl_loss1 = {k: trl_step(f"{k}1", pairs, **v) for k, v in losses.items()}
     # DoRA: from a DoRA adapter (magnitudes off the norms), two steps.

@@ -97,7 +97,7 @@ def sequence_logps(model, prompt_ids, completion_ids, max_length=None):
 
 def trl_dpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, label_smoothing=0.0, lr=1e-3,
                  eps=1e-8, max_length=None, reference="base", seed=3, chat_template=None, loss_type="sigmoid",
-                 steps=1):
+                 steps=1, loss_weights=None, discopop_tau=0.05):
     """`steps` DPOTrainer steps (all pairs in one batch, each step) from the base model_dir + the PEFT adapter
     adapter_dir; the adapter after them is saved to out_adapter_dir. Returns {"metrics": the last step's logged
     values (METRICS, TRL's names), "first_metrics": the first's, "grads": {PEFT key (as saved): the last step's
@@ -122,12 +122,14 @@ def trl_dpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, la
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
 
+    types = list(loss_type) if isinstance(loss_type, (list, tuple)) else [loss_type]
     work = pathlib.Path(tempfile.mkdtemp(prefix="trl_dpo_"))
     args = DPOConfig(
         output_dir=str(work), per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1, max_steps=steps,
         learning_rate=lr, adam_epsilon=eps, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0,
         optim="adamw_torch", lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0,
-        beta=beta, label_smoothing=label_smoothing, loss_type=[loss_type], max_length=max_length,
+        beta=beta, label_smoothing=label_smoothing, loss_type=types, loss_weights=loss_weights,
+        discopop_tau=discopop_tau, max_length=max_length,
         truncation_mode="keep_start", use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
         report_to=[], logging_steps=1, save_strategy="no", seed=seed, data_seed=seed, dataloader_num_workers=0,
         precompute_ref_log_probs=False, disable_dropout=True, pad_to_multiple_of=None, dataset_num_proc=None,
@@ -192,18 +194,43 @@ def trl_dpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, la
         p, c = len(q["prompt_ids"]), len(q[which])
         return max(1, (min(p + c, max_length) if max_length is not None else p + c) - p)
 
-    def per_loss(q, c, r):  # c, r: beta x the chosen / rejected log-ratios
+    def sig(x):
+        return math.exp(logsig(x))
+    # "sft": the chosen completions' mean NLL over the batch's tokens, the same for every pair
+    sft = -sum(q["policy_chosen"] for q in per_pair) / sum(completion_tokens(q, "chosen_ids") for q in per_pair)
+
+    def per_type(t, q, c, r):  # c, r: beta x the chosen / rejected log-ratios
         d = c - r
-        if loss_type == "sigmoid":  # (label_smoothing unused by TRL's sigmoid)
+        if t == "sigmoid":  # (label_smoothing unused by TRL's sigmoid)
             return -logsig(d)
-        if loss_type == "robust":
+        if t == "robust":
             return (-(1 - ls) * logsig(d) + ls * logsig(-d)) / (1 - 2 * ls)
-        if loss_type == "hinge":
+        if t == "hinge":
             return max(0.0, 1 - d)
-        if loss_type == "ipo":  # each log-ratio over its completion's tokens
-            d = (c / completion_tokens(q, "chosen_ids") - r / completion_tokens(q, "rejected_ids")) / beta
-            return (d - 1 / (2 * beta)) ** 2
-        raise ValueError(loss_type)
+        if t in ("ipo", "sigmoid_norm"):  # each log-ratio over its completion's tokens
+            d = (c / completion_tokens(q, "chosen_ids") - r / completion_tokens(q, "rejected_ids"))
+            return (d / beta - 1 / (2 * beta)) ** 2 if t == "ipo" else -logsig(d)
+        if t == "exo_pair":
+            return sig(d) * (logsig(d) - math.log1p(-ls)) + sig(-d) * (logsig(-d) - math.log(ls))
+        if t == "nca_pair":
+            return -logsig(c) - 0.5 * logsig(-c) - 0.5 * logsig(-r)
+        if t == "bco_pair":
+            return -logsig(c) - logsig(-r)
+        if t == "sppo_hard":
+            return (c / beta - 0.5 / beta) ** 2 + (r / beta + 0.5 / beta) ** 2
+        if t == "apo_zero":
+            return (1 - sig(c)) + sig(r)
+        if t == "apo_down":
+            return sig(c) + (1 - sig(d))
+        if t == "discopop":
+            mix = sig(d / discopop_tau)
+            return -logsig(d) * (1 - mix) + math.exp(-d) * mix
+        if t == "sft":
+            return sft
+        raise ValueError(t)
+
+    def per_loss(q, c, r):
+        return sum(w * per_type(t, q, c, r) for t, w in zip(types, loss_weights or [1.0] * len(types)))
     independent = {
         "loss": sum(per_loss(q, c, r) for q, c, r in zip(per_pair, rc_, rr_)) / n,
         "rewards/chosen": sum(rc_) / n, "rewards/rejected": sum(rr_) / n,
