@@ -578,7 +578,7 @@ case "$CALL" in
   note "== generation's decoding steps as CUDA graphs (thirty-sixth session): the [generate] [gpu] and [dpo] tests;"
   note "   bench --generate at 8B in batches of 16,384 tokens with graphs and without (QT_GENERATE_GRAPHS=0), each"
   note "   batch's steps; then call 54's DPO against SFT at 8B"
-  gpu_tests 120 "[generate][gpu],[dpo]"
+  gpu_tests 90 "[generate][gpu]"
   for graphs in 1 0; do
     QT_GENERATE_GRAPHS=$graphs QT_GENERATE_TIMES=1 timeout 120 build-gpu/qlora-train bench --shape llama-3.1-8b \
       --batch 8 --seq 2048 --generate 100 --prompt-tokens 200 --max-new-tokens 32 --uncached 1 --out "$L/gen" \
@@ -588,6 +588,7 @@ case "$CALL" in
     grep -E "^generate:|warning" "$L/gen_56_$graphs.log" >>"$summary"
     grep -iE "error|what\(\)" "$L/gen_56_$graphs.log" | head -n 5 >>"$summary"
   done
+  gpu_tests 90 "[dpo]"
   dpo_against_sft
   QT_GENERATE_TIMES=1 timeout 100 build-gpu/qlora-train bench --shape llama-3.2-1b --batch 4 --seq 2048 \
     --generate 100 --prompt-tokens 200 --max-new-tokens 32 --uncached 1 --out "$L/gen" >"$L/gen_56_1b.log" 2>&1
