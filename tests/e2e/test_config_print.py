@@ -48,7 +48,7 @@ def enum_values(allowed):
 
 
 TYPES = {"integer": (int,), "number": (int, float), "string": (str,), "boolean": (bool,), "list of strings": (list,),
-         "null": (type(None),)}
+         "list of numbers": (list,), "null": (type(None),)}
 
 
 def type_ok(typ, value):
@@ -79,7 +79,9 @@ def main():
     base.write_text(json.dumps({"output_dir": str(TMP / "out"), "model": {"path": str(TMP / "model")},
                                 "data": {"train_file": str(TMP / "train.jsonl")}}))
     context = {"model.init": {"random": ["model.shape=llama-3.2-1b", "model.path=\"\""]},
-               "data.chat_template": {"custom": ["data.chat_format.assistant_suffix=\"</s>\""]}}
+               "data.chat_template": {"custom": ["data.chat_format.assistant_suffix=\"</s>\""]},
+               "optim.decay_type": {v: ["optim.schedule=wsd"] for v in ("cosine", "linear", "1-sqrt")},
+               "dpo.loss_type": {"exo_pair": ["dpo.label_smoothing=0.001"]}}
     refused, accepted = [], 0
     for key, (typ, _, allowed) in sorted(table.items()):
         values = enum_values(allowed)
