@@ -18,6 +18,18 @@ void check_positive(int64_t v, const std::string& file, const std::string& key, 
     fail_key(ErrorKind::Config, file, key, "must be " + std::string(allow_zero ? ">= 0" : "> 0") + ", got " + std::to_string(v));
 }
 
+// optim.<name>_steps (>= 0) and optim.<name>_ratio (in [0, 1]), at most one of them set.
+void read_steps_or_ratio(const JsonReader& r, const std::string& file, const std::string& name, int64_t& steps,
+                         double& ratio) {
+  const std::string k_steps = "optim." + name + "_steps", k_ratio = "optim." + name + "_ratio";
+  steps = r.get_int(name + "_steps", steps);
+  check_positive(steps, file, k_steps, true);
+  ratio = r.get_double(name + "_ratio", ratio);
+  if (!(ratio >= 0 && ratio <= 1)) fail_key(ErrorKind::Config, file, k_ratio, "must be in [0, 1]");
+  if (ratio > 0 && steps > 0)
+    fail_key(ErrorKind::Config, file, k_ratio, "is set together with " + k_steps + ": give one of them");
+}
+
 const Json& section(const Json& j, const std::string& name) {
   static const Json empty = Json::object();
   return j.contains(name) && !j.at(name).is_null() ? j.at(name) : empty;
@@ -195,13 +207,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   c.optim.max_grad_norm = orr.get_double("max_grad_norm", c.optim.max_grad_norm);
   if (c.optim.max_grad_norm < 0) fail_key(ErrorKind::Config, file, "optim.max_grad_norm", "must be >= 0 (0: no clipping)");
   if (orr.has("schedule")) c.optim.schedule = parse_lr_schedule(orr.get_string("schedule"), file, "optim.schedule");
-  c.optim.warmup_steps = orr.get_int("warmup_steps", c.optim.warmup_steps);
-  check_positive(c.optim.warmup_steps, file, "optim.warmup_steps", true);
-  c.optim.warmup_ratio = orr.get_double("warmup_ratio", c.optim.warmup_ratio);
-  if (!(c.optim.warmup_ratio >= 0 && c.optim.warmup_ratio <= 1))
-    fail_key(ErrorKind::Config, file, "optim.warmup_ratio", "must be in [0, 1]");
-  if (c.optim.warmup_ratio > 0 && c.optim.warmup_steps > 0)
-    fail_key(ErrorKind::Config, file, "optim.warmup_ratio", "is set together with optim.warmup_steps: give one of them");
+  read_steps_or_ratio(orr, file, "warmup", c.optim.warmup_steps, c.optim.warmup_ratio);
   c.optim.min_lr_ratio = orr.get_double("min_lr_ratio", c.optim.min_lr_ratio);
   if (!(c.optim.min_lr_ratio >= 0 && c.optim.min_lr_ratio <= 1))
     fail_key(ErrorKind::Config, file, "optim.min_lr_ratio", "must be in [0, 1]");
@@ -210,13 +216,7 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
       fail_key(ErrorKind::Config, file, std::string("optim.") + k,
                std::string("is the \"wsd\" schedule's; optim.schedule is \"") + lr_schedule_name(c.optim.schedule) +
                    "\"");
-  c.optim.decay_steps = orr.get_int("decay_steps", c.optim.decay_steps);
-  check_positive(c.optim.decay_steps, file, "optim.decay_steps", true);
-  c.optim.decay_ratio = orr.get_double("decay_ratio", c.optim.decay_ratio);
-  if (!(c.optim.decay_ratio >= 0 && c.optim.decay_ratio <= 1))
-    fail_key(ErrorKind::Config, file, "optim.decay_ratio", "must be in [0, 1]");
-  if (c.optim.decay_ratio > 0 && c.optim.decay_steps > 0)
-    fail_key(ErrorKind::Config, file, "optim.decay_ratio", "is set together with optim.decay_steps: give one of them");
+  read_steps_or_ratio(orr, file, "decay", c.optim.decay_steps, c.optim.decay_ratio);
   if (orr.has("decay_type")) c.optim.decay_type = parse_wsd_decay(orr.get_string("decay_type"), file, "optim.decay_type");
   if (orr.has("embedding_lr")) {
     c.optim.embedding_lr = orr.get_double("embedding_lr");
