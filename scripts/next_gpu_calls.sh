@@ -576,10 +576,11 @@ case "$CALL" in
   ;;
 56)
   note "== generation's decoding steps as CUDA graphs (thirty-sixth session): the [generate] [gpu] and [dpo] tests;"
-  note "   bench --generate at 8B in batches of 16,384 tokens with graphs and without (QT_GENERATE_GRAPHS=0), each"
-  note "   batch's steps; then call 54's DPO against SFT at 8B"
+  note "   bench --generate at 8B in batches of 16,384 tokens with graphs (QT_GENERATE_GRAPHS=1, opt-in until this"
+  note "   call), through Decoder without them (eager) and through forward_cached (0, the default), each batch's steps;"
+  note "   then the [dpo] tests and call 54's DPO against SFT at 8B"
   gpu_tests 90 "[generate][gpu]"
-  for graphs in 1 0; do
+  for graphs in 1 eager 0; do
     QT_GENERATE_GRAPHS=$graphs QT_GENERATE_TIMES=1 timeout 120 build-gpu/qlora-train bench --shape llama-3.1-8b \
       --batch 8 --seq 2048 --generate 100 --prompt-tokens 200 --max-new-tokens 32 --uncached 1 --out "$L/gen" \
       >"$L/gen_56_$graphs.log" 2>&1

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAFunctions.h>
 
 #include <algorithm>
+#include <optional>
 #include <chrono>
 #include <fstream>
 #include <map>
@@ -264,14 +265,19 @@ Json run_generate_bench(const BenchOptions& o) {
     // The steps as generate_batch runs them (Decoder): the first (on CUDA, run and captured in a graph) apart.
     double forward = 0, first_step = 0, logits_s = 0, choose = 0;
     at::Generator g = at::make_generator<at::CPUGeneratorImpl>(0);
-    Decoder decoder(model, cache);
+    std::optional<Decoder> decoder;
+    if (decoder_applies(model)) decoder.emplace(model, cache);
+    auto step = [&](const std::vector<int64_t>& ids, const std::vector<int64_t>& p) {
+      if (decoder) return decoder->step(ids, p, std::vector<uint8_t>(B, 1));
+      return forward_cached(model, cache, at::tensor(ids, at::kLong).view({B, 1}),
+                            at::tensor(p, at::kLong).view({B, 1}), at::ones({B, 1}, at::kBool));
+    };
     const at::Tensor last_pos = pos.select(1, L - 1).contiguous();
     auto positions = [&](int64_t t) {
       std::vector<int64_t> p(B);
       for (int64_t r = 0; r < B; ++r) p[r] = last_pos[r].item<int64_t>() + t + 1;
       return p;
     };
-    const std::vector<uint8_t> all_valid(B, 1);
     for (int64_t t = 0; t < steps; ++t) {
       at::Tensor logits;
       logits_s += seconds([&] { logits = model.logits(hidden.select(1, hidden.size(1) - 1)).to(at::kCPU, at::kFloat); });
@@ -280,14 +286,14 @@ Json run_generate_bench(const BenchOptions& o) {
         for (int64_t r = 0; r < B; ++r) next[r] = choose_next_token(logits[r], gen, g);
       });
       const std::vector<int64_t> p = positions(t);
-      (t == 0 ? first_step : forward) += seconds([&] { hidden = decoder.step(next, p, all_valid); });
+      (t == 0 ? first_step : forward) += seconds([&] { hidden = step(next, p); });
     }
     phases = Json{{"rows", B},
                   {"prompt_columns", L},
                   {"prefill_s", prefill},
                   {"decode_first_step_s", first_step},
                   {"decode_forward_s", forward / (steps - 1)},
-                  {"decode_graphed", decoder.graphed()},
+                  {"decode_graphed", decoder && decoder->graphed()},
                   {"logits_to_host_s", logits_s / steps},
                   {"choose_s", choose / steps}};
     if (const char* dir = std::getenv("QT_PROFILE_GENERATE"); dir && *dir) {
@@ -295,7 +301,7 @@ Json run_generate_bench(const BenchOptions& o) {
       StepProfile profile(device.is_cuda());
       for (int64_t t = 0; t < 2; ++t) {
         at::Tensor logits = model.logits(hidden.select(1, hidden.size(1) - 1)).to(at::kCPU, at::kFloat);
-        hidden = decoder.step(std::vector<int64_t>(B, 1), positions(steps + t), all_valid);
+        hidden = step(std::vector<int64_t>(B, 1), positions(steps + t));
         (void)logits;
       }
       sync();

@@ -76,8 +76,10 @@ at::Tensor forward_cached(const LlamaModel& model, KvCache& cache, const at::Ten
 // token a row. On CUDA the first step runs as it is and is then captured in a CUDA graph, which the later steps
 // replay: a decoding step of 8B is some 1,700 launches, whose cost to the host (61.5 ms a step on an H100) was 4x the
 // kernels' (15.4 ms). The graph is left out (graphed() false) on the CPU, where blocks have hooks (weights streamed,
-// activations offloaded), embeddings on the host, LoRA dropout active, or QT_GENERATE_GRAPHS=0 (for A/Bs); a capture
-// that fails leaves it out for the rest of the process, with a warning, and its step's result stands.
+// activations offloaded), embeddings on the host, LoRA dropout active, or without QT_GENERATE_GRAPHS=1 (opt-in until
+// its [gpu] tests run on a GPU; without it generate_batch decodes on CUDA through forward_cached, with "eager"
+// through Decoder without the graph); a capture that fails leaves it out for the rest of the process, with a
+// warning, and its step's result stands.
 class Decoder {
  public:
   Decoder(const LlamaModel& model, KvCache& cache);
@@ -95,6 +97,9 @@ class Decoder {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// Whether generate_batch decodes through Decoder here: on the CPU, and on CUDA with QT_GENERATE_GRAPHS=1 or eager.
+bool decoder_applies(const LlamaModel& model);
 
 // One decoding step on a [V] logits row: the next token id under `options` (exposed for tests).
 int64_t choose_next_token(const at::Tensor& logits, const GenerateOptions& options, at::Generator& gen);
