@@ -107,6 +107,11 @@
 #      overflow path on CUDA) and test_eval_gpu.py (about 120 s); with 46 in the same command for every [gpu] test:
 #      SUMMARY=s46.txt bash scripts/next_gpu_calls.sh 46; SUMMARY=s47.txt bash scripts/next_gpu_calls.sh 47
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
+#   56 (next, thirty-sixth session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests (the CUDA graph
+#      of the decoding steps, opt-in until they pass), bench --generate 8B / 16,384 with QT_GENERATE_GRAPHS=1, eager
+#      and 0, the [dpo] tests, DPO against SFT at 8B (the plan's dpo_reference term; exact match in a training
+#      process), 1B generation. About 550 s; on an H200 then 57: carry [".peers", ".usite", ".peerscripts"]: 8B
+#      2 x 2048 at 80 GiB against Unsloth 0 (issue 27 on its own machine).
 #   52: carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, bench --generate at 8B / 16,384 (about 170 s).
 #   51: carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, then 50's bench --generate rows (generation
 #      no longer times GEMM problems).
