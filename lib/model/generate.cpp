@@ -261,8 +261,8 @@ struct Decoder::Impl {
     if (!pass.factors) pass.factors = c.factors.get();
     // (made current here, outside any capture: the steps read the factors as they are)
     if (pass.factors && pass.refresh_factors) pass.factors->refresh(pass.stats);
-    use_graph = device.is_cuda() && cuda_decoding() == CudaDecoding::Graphs && !graph_capture_failed && !m.block_hooks &&
-                !m.embeddings_on_host() && !lora_dropout_active(m);
+    use_graph = device.is_cuda() && cuda_decoding() == CudaDecoding::Graphs && !graph_capture_failed &&
+                !m.block_hooks && !m.embeddings_on_host() && !lora_dropout_active(m);
   }
 
   // The step on what `inputs` holds (no host synchronization: CUDA graphs capture it).

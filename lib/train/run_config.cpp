@@ -217,7 +217,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
                std::string("is the \"wsd\" schedule's; optim.schedule is \"") + lr_schedule_name(c.optim.schedule) +
                    "\"");
   read_steps_or_ratio(orr, file, "decay", c.optim.decay_steps, c.optim.decay_ratio);
-  if (orr.has("decay_type")) c.optim.decay_type = parse_wsd_decay(orr.get_string("decay_type"), file, "optim.decay_type");
+  if (orr.has("decay_type"))
+    c.optim.decay_type = parse_wsd_decay(orr.get_string("decay_type"), file, "optim.decay_type");
   if (orr.has("embedding_lr")) {
     c.optim.embedding_lr = orr.get_double("embedding_lr");
     if (!(c.optim.embedding_lr >= 0 && c.optim.embedding_lr < 1))
