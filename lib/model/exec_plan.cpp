@@ -839,11 +839,11 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   // Block weights streamed from the host: each streamed block's bytes over PCIe before its forward pass and again
   // before its recomputation, behind the blocks since the streamed one before it (L / streamed of them; what their
   // compute does not cover shows), the first of each pass behind nothing; and a cost per fetch.
-  if (p.streamed_blocks > 0 && in.cuda) {
-    const double streamed = static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers));
-    const double copy = block_host_bytes(in) / kStreamBytesPerS * link;
+  const double streamed = static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers));
+  const double copy = block_host_bytes(in) / kStreamBytesPerS * link;  // a streamed block's fetch
+  const double block_fwd = 2 * T * block_params / kMatrixFlopsPerS + width_s / 3;  // what a fetch hides behind
+  if (streamed > 0 && in.cuda) {
     const double behind = L / streamed;  // blocks of compute each fetch hides behind
-    const double block_fwd = 2 * T * block_params / kMatrixFlopsPerS + width_s / 3;
     const double block_bwd = 3 * block_fwd;  // its recomputation (one forward) and backward pass (two)
     t.terms.emplace_back("weights_streamed", (streamed - 1) * (std::max(0.0, copy - behind * block_fwd) +
                                                                std::max(0.0, copy - behind * block_bwd)) +
@@ -867,12 +867,8 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
     double reference = L * block_forward + 2 * T * V * H / kMatrixFlopsPerS;
     if (!in.reference_adapters && held > 0) reference += held * block_params * dequant_s;
     if (p.embeddings_on_host && in.cuda) reference += T * H * e / kHostRowsBytesPerS;
-    if (p.streamed_blocks > 0 && in.cuda) {
-      const double streamed = static_cast<double>(std::min<int64_t>(p.streamed_blocks, c.num_hidden_layers));
-      const double copy = block_host_bytes(in) / kStreamBytesPerS * link;
-      const double block_fwd = 2 * T * block_params / kMatrixFlopsPerS + width_s / 3;
+    if (streamed > 0 && in.cuda)
       reference += (streamed - 1) * std::max(0.0, copy - L / streamed * block_fwd) + copy + streamed * kStreamFetchS;
-    }
     t.terms.emplace_back("dpo_reference", reference);
   }
   return t;
