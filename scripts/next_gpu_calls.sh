@@ -107,7 +107,9 @@
 #      overflow path on CUDA) and test_eval_gpu.py (about 120 s); with 46 in the same command for every [gpu] test:
 #      SUMMARY=s46.txt bash scripts/next_gpu_calls.sh 46; SUMMARY=s47.txt bash scripts/next_gpu_calls.sh 47
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
-#   56 (next, thirty-sixth session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests (the CUDA graph
+#   58 (next, thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, bench
+#      --generate 8B and 1B with the new default (Decoder eagerly), graphs (their capture timed) and forward_cached.
+#   56 (ran in the thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests (the CUDA graph
 #      of the decoding steps, opt-in until they pass), bench --generate 8B / 16,384 with QT_GENERATE_GRAPHS=1, eager
 #      and 0, the [dpo] tests, DPO against SFT at 8B (the plan's dpo_reference term; exact match in a training
 #      process), 1B generation. About 550 s; on an H200 then 57: carry [".peers", ".usite", ".peerscripts"]: 8B
@@ -574,6 +576,24 @@ case "$CALL" in
   echo "llama-3.1-8b batch_tokens 16384: $(grep -E '^\{' "$L/gen_53.log" | tail -n 1)" | tee -a "$summary"
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
+  ;;
+58)
+  note "== generation's default on CUDA now Decoder's steps eagerly (thirty-seventh session, after call 56): the"
+  note "   [generate] [gpu] tests (graphed, eager and forward_cached tokens equal); bench --generate 8B / 16,384 and"
+  note "   1B / 8,192 by default, with graphs (their capture timed apart) and through forward_cached (0)"
+  gpu_tests 90 "[generate][gpu]"
+  for shape in "llama-3.1-8b 8" "llama-3.2-1b 4"; do
+    set -- $shape
+    for graphs in default 1 0; do
+      if [ "$graphs" = default ]; then unset QT_GENERATE_GRAPHS; else export QT_GENERATE_GRAPHS=$graphs; fi
+      QT_GENERATE_TIMES=1 timeout 120 build-gpu/qlora-train bench --shape "$1" --batch "$2" --seq 2048 --generate 100 \
+        --prompt-tokens 200 --max-new-tokens 32 --uncached 1 --out "$L/gen" >"$L/gen_58_$1_$graphs.log" 2>&1
+      echo "graphs $graphs: $1: $(grep -E '^\{' "$L/gen_58_$1_$graphs.log" | tail -n 1)" | tee -a "$summary"
+      grep -E "^generate:|warning" "$L/gen_58_$1_$graphs.log" >>"$summary"
+      grep -iE "error|what\(\)" "$L/gen_58_$1_$graphs.log" | head -n 5 >>"$summary"
+    done
+    unset QT_GENERATE_GRAPHS
+  done
   ;;
 57)
   note "== issue 27 on an H200 (its own machine): 8B 2 x 2048 at 80 GiB against Unsloth 0 (call 2's second half)"

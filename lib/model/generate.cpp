@@ -216,16 +216,17 @@ at::Tensor forward_cached(const LlamaModel& model, KvCache& c, const at::Tensor&
 
 namespace {
 
-// QT_GENERATE_GRAPHS=1: decoding steps on CUDA through Decoder, replayed from a CUDA graph; "eager": through
-// Decoder without the graph (the same kernels, for tests and A/Bs). Off by default until its [gpu] tests have run
-// on a GPU (written and CPU-tested in the thirty-sixth session, no GPU lent since): CUDA decodes through
-// forward_cached, as measured before.
+// How CUDA decodes (QT_GENERATE_GRAPHS): by default through Decoder (the fixed-shape steps, eager): on an H100 (thirty-
+// seventh session) 100 prompts continued by 32 tokens at 8B in 2.9 s against forward_cached's 10.7 (its steps read
+// the mask and positions from the host). "1": Decoder's steps replayed from a CUDA graph (a replay 15.6 ms against
+// 17.0 eager, but 6.5 s end to end: each batch's capture and the batches after it cost more than the replays save,
+// not yet explained). "0": forward_cached, as run on GPUs from the thirty-fourth to the thirty-sixth session.
 enum class CudaDecoding { Cached, Eager, Graphs };
 CudaDecoding cuda_decoding() {
   const char* v = std::getenv("QT_GENERATE_GRAPHS");
   if (v && std::strcmp(v, "1") == 0) return CudaDecoding::Graphs;
-  if (v && std::strcmp(v, "eager") == 0) return CudaDecoding::Eager;
-  return CudaDecoding::Cached;
+  if (v && std::strcmp(v, "0") == 0) return CudaDecoding::Cached;
+  return CudaDecoding::Eager;
 }
 
 std::atomic<bool> graph_capture_failed{false};  // (once: the rest of the process decodes without graphs)
@@ -249,7 +250,8 @@ struct Decoder::Impl {
   at::Tensor inv_freq;  // RoPE's frequencies on the device
   bool use_graph = false;
   std::unique_ptr<at::cuda::CUDAGraph> graph;
-  at::Tensor out;  // the graph's output
+  at::Tensor out;         // the graph's output
+  double capture_s = 0;   // the first step and its capture, synchronized (QT_GENERATE_TIMES' account)
 
   Impl(const LlamaModel& m, KvCache& c) : model(m), cache(c), pass(m.base_pass()) {
     QT_CHECK(kv_cache_applies(m), ErrorKind::Internal, "Decoder: dynamic RoPE takes the uncached path");
@@ -291,6 +293,7 @@ struct Decoder::Impl {
   // library workspaces made by the first run). Returns the first step's result.
   at::Tensor run_and_capture() {
     c10::cuda::device_synchronize();  // (the inputs' copy, the prefill)
+    const auto start = std::chrono::steady_clock::now();
     at::Tensor first;
     c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool();
     {
@@ -319,6 +322,7 @@ struct Decoder::Impl {
       }
     }
     c10::cuda::device_synchronize();
+    capture_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     return first;
   }
 
@@ -333,6 +337,7 @@ Decoder::Decoder(const LlamaModel& model, KvCache& cache) : impl_(std::make_uniq
 Decoder::~Decoder() = default;
 
 bool Decoder::graphed() const { return impl_->graph != nullptr; }
+double Decoder::capture_seconds() const { return impl_->capture_s; }
 
 at::Tensor Decoder::step(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions,
                          const std::vector<uint8_t>& valid) {
@@ -427,7 +432,7 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
     const auto t1 = times ? now() : t0;
     int64_t steps = 0;
     std::vector<bool> done(B, false);
-    // (CUDA without graphs: the steps through forward_cached, as run on GPUs since the thirty-fourth session)
+    // (QT_GENERATE_GRAPHS=0 on CUDA: the steps through forward_cached)
     std::optional<Decoder> decoder;
     if (decoder_applies(model)) decoder.emplace(model, cache);
     for (int64_t step = 0; step < o.max_new_tokens; ++step, ++steps) {
@@ -463,10 +468,15 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
     }
     if (times) {
       const auto t2 = now();
+      char how[96] = "";
+      if (decoder && decoder->graphed())
+        std::snprintf(how, sizeof how, " (a CUDA graph: the first step and its capture %.3f s)",
+                      decoder->capture_seconds());
+      else if (decoder)
+        std::snprintf(how, sizeof how, " (Decoder)");
       std::fprintf(stderr, "generate: %lld rows x %lld columns: prefill %.3f s, %lld steps %.3f s%s\n",
                    static_cast<long long>(B), static_cast<long long>(L), std::chrono::duration<double>(t1 - t0).count(),
-                   static_cast<long long>(steps), std::chrono::duration<double>(t2 - t1).count(),
-                   decoder && decoder->graphed() ? " (a CUDA graph)" : "");
+                   static_cast<long long>(steps), std::chrono::duration<double>(t2 - t1).count(), how);
     }
     first = end;
   }

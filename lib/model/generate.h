@@ -73,13 +73,12 @@ at::Tensor forward_cached(const LlamaModel& model, KvCache& cache, const at::Ten
 // A batch's decoding steps, one new token a row at the cache's next column, at fixed shapes: every input in one
 // device tensor written before the step, the keys and values written at a column the device reads, and attention over
 // the cache's whole capacity with the columns not yet written masked out. What forward_cached computes for one
-// token a row. On CUDA the first step runs as it is and is then captured in a CUDA graph, which the later steps
-// replay: a decoding step of 8B is some 1,700 launches, whose cost to the host (61.5 ms a step on an H100) was 4x the
-// kernels' (15.4 ms). The graph is left out (graphed() false) on the CPU, where blocks have hooks (weights streamed,
-// activations offloaded), embeddings on the host, LoRA dropout active, or without QT_GENERATE_GRAPHS=1 (opt-in until
-// its [gpu] tests run on a GPU; without it generate_batch decodes on CUDA through forward_cached, with "eager"
-// through Decoder without the graph); a capture that fails leaves it out for the rest of the process, with a
-// warning, and its step's result stands.
+// token a row, without reading anything back to the host: forward_cached's steps at 8B on an H100 took 55 ms against
+// 17 ms for these (its launches waited on the host's masks and positions). With QT_GENERATE_GRAPHS=1 on CUDA the
+// first step runs as it is and is then captured in a CUDA graph, which the later steps replay (opt-in: slower end to
+// end on an H100, PERFORMANCE.md "Thirty-seventh session"). The graph is left out (graphed() false) on the CPU, where
+// blocks have hooks (weights streamed, activations offloaded), embeddings on the host or LoRA dropout active; a
+// capture that fails leaves it out for the rest of the process, with a warning, and its step's result stands.
 class Decoder {
  public:
   Decoder(const LlamaModel& model, KvCache& cache);
@@ -91,14 +90,15 @@ class Decoder {
   // on CUDA graphs the same tensor every step, overwritten by the next.
   at::Tensor step(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions,
                   const std::vector<uint8_t>& valid);
-  bool graphed() const;  // the steps after the first replay a CUDA graph
+  bool graphed() const;            // the steps after the first replay a CUDA graph
+  double capture_seconds() const;  // graphed: the first step and its capture, synchronized
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 
-// Whether generate_batch decodes through Decoder here: on the CPU, and on CUDA with QT_GENERATE_GRAPHS=1 or eager.
+// Whether generate_batch decodes through Decoder here: always but on CUDA with QT_GENERATE_GRAPHS=0 (forward_cached).
 bool decoder_applies(const LlamaModel& model);
 
 // One decoding step on a [V] logits row: the next token id under `options` (exposed for tests).
