@@ -107,8 +107,9 @@
 #      overflow path on CUDA) and test_eval_gpu.py (about 120 s); with 46 in the same command for every [gpu] test:
 #      SUMMARY=s46.txt bash scripts/next_gpu_calls.sh 46; SUMMARY=s47.txt bash scripts/next_gpu_calls.sh 47
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
-#   58 (next, thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, bench
-#      --generate 8B and 1B with the new default (Decoder eagerly), graphs (their capture timed) and forward_cached.
+#   59 (next, thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, a warm-up
+#      process, bench --generate 8B and 1B by default (graphs), eager and forward_cached; the demo's exact match on CUDA.
+#   58 (ran in the thirty-seventh session): as 59 without the warm-up, the default then eager.
 #   56 (ran in the thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests (the CUDA graph
 #      of the decoding steps, opt-in until they pass), bench --generate 8B / 16,384 with QT_GENERATE_GRAPHS=1, eager
 #      and 0, the [dpo] tests, DPO against SFT at 8B (the plan's dpo_reference term; exact match in a training
@@ -577,23 +578,37 @@ case "$CALL" in
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
   ;;
-58)
-  note "== generation's default on CUDA now Decoder's steps eagerly (thirty-seventh session, after call 56): the"
-  note "   [generate] [gpu] tests (graphed, eager and forward_cached tokens equal); bench --generate 8B / 16,384 and"
-  note "   1B / 8,192 by default, with graphs (their capture timed apart) and through forward_cached (0)"
+58|59)
+  # 58 (ran in the thirty-seventh session): the default then Decoder eagerly, against graphs (1) and forward_cached (0).
+  # 59: the default now the graphs; a warm-up process first (call 58's first process on a fresh machine ran 2.7x
+  # slower, whichever mode it ran: the libraries' kernels loaded from a cold disk), then each mode.
+  note "== generation on CUDA: the [generate] [gpu] tests (graphed, eager and forward_cached tokens equal); bench"
+  note "   --generate 8B / 16,384 and 1B / 8,192 by default (graphs), eager and through forward_cached (0)"
   gpu_tests 90 "[generate][gpu]"
+  if [ "$CALL" = 59 ]; then
+    modes="default eager 0"
+    timeout 120 build-gpu/qlora-train bench --shape llama-3.2-1b --batch 4 --seq 2048 --generate 100 --prompt-tokens 200 \
+      --max-new-tokens 32 --uncached 1 --out "$L/gen" >"$L/gen_warmup.log" 2>&1
+  else
+    modes="default 1 0"
+  fi
   for shape in "llama-3.1-8b 8" "llama-3.2-1b 4"; do
     set -- $shape
-    for graphs in default 1 0; do
+    for graphs in $modes; do
       if [ "$graphs" = default ]; then unset QT_GENERATE_GRAPHS; else export QT_GENERATE_GRAPHS=$graphs; fi
       QT_GENERATE_TIMES=1 timeout 120 build-gpu/qlora-train bench --shape "$1" --batch "$2" --seq 2048 --generate 100 \
-        --prompt-tokens 200 --max-new-tokens 32 --uncached 1 --out "$L/gen" >"$L/gen_58_$1_$graphs.log" 2>&1
-      echo "graphs $graphs: $1: $(grep -E '^\{' "$L/gen_58_$1_$graphs.log" | tail -n 1)" | tee -a "$summary"
-      grep -E "^generate:|warning" "$L/gen_58_$1_$graphs.log" >>"$summary"
-      grep -iE "error|what\(\)" "$L/gen_58_$1_$graphs.log" | head -n 5 >>"$summary"
+        --prompt-tokens 200 --max-new-tokens 32 --uncached 1 --out "$L/gen" >"$L/gen_${CALL}_$1_$graphs.log" 2>&1
+      echo "graphs $graphs: $1: $(grep -E '^\{' "$L/gen_${CALL}_$1_$graphs.log" | tail -n 1)" | tee -a "$summary"
+      grep -E "^generate:|warning" "$L/gen_${CALL}_$1_$graphs.log" >>"$summary"
+      grep -iE "error|what\(\)" "$L/gen_${CALL}_$1_$graphs.log" | head -n 5 >>"$summary"
     done
     unset QT_GENERATE_GRAPHS
   done
+  # The SFT demo on CUDA: its exact match before and after training through the default decoding.
+  QT_GENERATE_TIMES=1 timeout 90 build-gpu/qlora-train --config configs/demo.json --set output_dir="$L/demo" \
+    --set model.device=cuda --set logging.progress=lines >"$L/demo.log" 2>&1
+  grep -E "^generate:|exact-match|warning" "$L/demo.log" >>"$summary"
+  echo "demo: $(grep -E '^\{' "$L/demo.log" | tail -n 1)" >>"$summary"
   ;;
 57)
   note "== issue 27 on an H200 (its own machine): 8B 2 x 2048 at 80 GiB against Unsloth 0 (call 2's second half)"

@@ -2035,7 +2035,7 @@ TEST_CASE("generation through the cache, one prompt or several at once, gives th
 TEST_CASE("the cached forward pass on CUDA gives the whole forward pass's hidden states in bf16 and fp32",
           "[generate][gpu]") {
   REQUIRE(at::hasCUDA());
-  setenv("QT_GENERATE_GRAPHS", "1", 1);  // (the graphed steps: opt-in; the default decodes eagerly)
+  unsetenv("QT_GENERATE_GRAPHS");  // (the default: the decoding steps replayed from a CUDA graph)
   const at::Device cuda(at::kCUDA, 0);
   for (auto dtype : {at::kBFloat16, at::kFloat}) {
     const double tol = dtype == at::kFloat ? 1e-4 : 3e-2;
@@ -2075,11 +2075,11 @@ TEST_CASE("the cached forward pass on CUDA gives the whole forward pass's hidden
   qt::generate_batch(model, prompts, o);
   qt::generate_tokens_uncached(model, prompts[0], o);
   CHECK(qt::kernels::gemm_tuner_counts().problems_tuned == tuned);
-  // The decoding steps replayed from a CUDA graph give the steps' tokens run one by one (the default, Decoder's steps
-  // eagerly): the same kernels on the same inputs. forward_cached (QT_GENERATE_GRAPHS=0) gives them too.
+  // The decoding steps replayed from a CUDA graph (the default) give the steps' tokens run one by one
+  // (QT_GENERATE_GRAPHS=eager): the same kernels on the same inputs. forward_cached (=0) gives them too.
   o.max_new_tokens = 8;
   const std::vector<qt::GenerateResult> graphed = qt::generate_batch(model, prompts, o, 128);
-  unsetenv("QT_GENERATE_GRAPHS");
+  setenv("QT_GENERATE_GRAPHS", "eager", 1);
   const std::vector<qt::GenerateResult> eager = qt::generate_batch(model, prompts, o, 128);
   setenv("QT_GENERATE_GRAPHS", "0", 1);
   const std::vector<qt::GenerateResult> cached = qt::generate_batch(model, prompts, o, 128);

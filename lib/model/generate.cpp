@@ -216,17 +216,18 @@ at::Tensor forward_cached(const LlamaModel& model, KvCache& c, const at::Tensor&
 
 namespace {
 
-// How CUDA decodes (QT_GENERATE_GRAPHS): by default through Decoder (the fixed-shape steps, eager): on an H100 (thirty-
-// seventh session) 100 prompts continued by 32 tokens at 8B in 2.9 s against forward_cached's 10.7 (its steps read
-// the mask and positions from the host). "1": Decoder's steps replayed from a CUDA graph (a replay 15.6 ms against
-// 17.0 eager, but 6.5 s end to end: each batch's capture and the batches after it cost more than the replays save,
-// not yet explained). "0": forward_cached, as run on GPUs from the thirty-fourth to the thirty-sixth session.
+// How CUDA decodes (QT_GENERATE_GRAPHS): by default Decoder's fixed-shape steps, replayed from a CUDA graph a batch
+// after the first. On an H100 (thirty-seventh session, warm processes) 100 prompts continued by 32 tokens took 2.7 s
+// at 8B and 1.3 s at 1B so, against 2.9 s (8B) through Decoder eagerly ("eager") and 8.9-10.7 s (8B) and 14.9 s (1B)
+// through forward_cached ("0", as run on GPUs from the thirty-fourth to the thirty-sixth session, its steps waiting
+// on the host's masks). A replayed step: 15.6 ms at 8B (17.2 eager, 56 forward_cached), 3.2 ms at 1B (9.4, 73); a
+// batch's capture 0.06-0.16 s.
 enum class CudaDecoding { Cached, Eager, Graphs };
 CudaDecoding cuda_decoding() {
   const char* v = std::getenv("QT_GENERATE_GRAPHS");
-  if (v && std::strcmp(v, "1") == 0) return CudaDecoding::Graphs;
+  if (v && std::strcmp(v, "eager") == 0) return CudaDecoding::Eager;
   if (v && std::strcmp(v, "0") == 0) return CudaDecoding::Cached;
-  return CudaDecoding::Eager;
+  return CudaDecoding::Graphs;
 }
 
 std::atomic<bool> graph_capture_failed{false};  // (once: the rest of the process decodes without graphs)
