@@ -1176,7 +1176,7 @@ std::vector<at::Tensor> dpo_loss_and_grads(const at::Device& device, c10::Scalar
   const at::Tensor seqs = qt::pair_sequences(b);
   const at::Tensor ref = qt::reference_logps(m, reference, b, seqs, fused, /*training=*/true);
   const at::Tensor hidden = m.forward_hidden(m.embed(b.input_ids), b);
-  const qt::DpoTerms terms = qt::dpo_policy_terms(m, hidden, b, seqs, ref, cfg, fused);
+  const qt::DpoTerms terms = qt::dpo_policy_terms(m, hidden, b, seqs, ref, qt::PreferenceObjective{&cfg, nullptr}, fused);
   terms.loss_sum.backward();
   std::vector<at::Tensor> out{terms.sums.to(at::kCPU, at::kFloat)};
   for (auto& [key, t] : qt::lora_parameters(m)) out.push_back(t.grad().to(at::kCPU, at::kFloat).clone());

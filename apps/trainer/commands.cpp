@@ -184,8 +184,8 @@ int run_plan(const PlanArgs& args) {
   int64_t seq = args.seq > 0                         ? args.seq
                 : cfg.data.contains("max_seq_len") ? cfg.data["max_seq_len"].get<int64_t>()
                                                    : 2048;
-  // DPO's rows hold a pair: two sequences of up to data.max_seq_len tokens each (as TrainData lays them).
-  if (args.seq <= 0 && cfg.train.objective == "dpo") seq *= 2;
+  // DPO's and CPO's rows hold a pair: two sequences of up to data.max_seq_len tokens each (as TrainData lays them).
+  if (args.seq <= 0 && cfg.preference()) seq *= 2;
   const c10::ScalarType dtype = qt::user_dtype(cfg.model.dtype).value_or(at::kBFloat16);  // auto: bf16 on CUDA
   qt::PlanRequest request = cfg.train.memory;
   if (args.gpu_memory_gib > 0) request.gpu_memory_gib = args.gpu_memory_gib;
@@ -384,6 +384,10 @@ EvalArgs with_run_config(EvalArgs a) {
     const double beta = a.dpo.beta;
     a.dpo = c.dpo;
     if (!unset("--beta")) a.dpo.beta = beta;
+    if (c.train.objective == "cpo") {
+      a.cpo = c.cpo;
+      if (!unset("--beta")) a.cpo->beta = beta;
+    }
     if (unset("--reference-adapter")) a.reference_adapter = c.parsed_lora.init_from;
     // The config's logging.level, as training takes it, unless --log-level was given (before or after `eval`).
     if (unset("--log-level")) qt::log::set_level(qt::log::parse_level(c.log_level));
@@ -425,7 +429,7 @@ int run_eval(const EvalArgs& given) {
   qt::LlamaModel model = qt::load_llama(args.model, load);
   if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
   apply_plan(model, device, args.max_seq_len);
-  // Preference pairs: DPO's loss against the model without the adapter (a file holds pairs or none).
+  // Preference pairs: DPO's loss against the model without the adapter, or CPO's (a file holds pairs or none).
   const size_t pairs = static_cast<size_t>(std::count_if(docs.begin(), docs.end(), [](const qt::Example& e) {
     return e.second > 0;
   }));
@@ -436,21 +440,31 @@ int run_eval(const EvalArgs& given) {
                   "{prompt, chosen, rejected}: evaluate pairs and other records in separate files");
     if (args.exact_match > 0)
       qt::fail(qt::ErrorKind::Usage, "eval: --exact-match needs records with one answer, not preference pairs");
-    const qt::DpoSection& dpo = args.dpo;
+    qt::PreferenceObjective pref;
+    if (args.cpo) pref.cpo = &*args.cpo;
+    else pref.dpo = &args.dpo;
+    if (args.cpo && args.given.count("--reference-adapter"))
+      qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter: --config's train.objective \"cpo\" has no reference");
     if (args.given.count("--reference-adapter") && args.adapter.empty())
       qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter compares --adapter with it: give --adapter too");
     // The reference swaps the LoRA adapters alone: a trained lm_head or embed_tokens would stay the policy's.
     if (model.lm_head_trainable.defined() || model.embed_tokens_trainable.defined())
       qt::fail(qt::ErrorKind::Usage, "eval: preference pairs with an adapter that trains lm_head or embed_tokens "
                                      "(modules_to_save) are not supported yet");
-    const std::string reference_dir = args.adapter.empty() ? "" : args.reference_adapter;
+    const std::string reference_dir = args.adapter.empty() || args.cpo ? "" : args.reference_adapter;
     if (!reference_dir.empty() &&
         !qt::read_peft_adapter_config(reference_dir).lora.modules_to_save.empty())
       qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter " + reference_dir + " trains lm_head or "
                                      "embed_tokens (modules_to_save): not supported yet for preference pairs");
-    qt::ReferenceAdapters reference(model, reference_dir);
-    qt::log::info("DPO (" + dpo.describe() + "): the reference is " + reference.describe());
-    const qt::DpoEvalResult d = qt::evaluate_dpo(model, reference, docs, args.max_seq_len, dpo);
+    std::optional<qt::ReferenceAdapters> reference;
+    if (pref.needs_reference()) {
+      reference.emplace(model, reference_dir);
+      qt::log::info(pref.describe() + ": the reference is " + reference->describe());
+    } else {
+      qt::log::info(pref.describe() + ": reference-free");
+    }
+    const qt::DpoEvalResult d =
+        qt::evaluate_dpo(model, reference ? &*reference : nullptr, docs, args.max_seq_len, pref);
     if (d.truncated)
       qt::log::warn(std::to_string(d.truncated) + " of " + std::to_string(docs.size()) + " pairs were longer than "
                     "--max-seq-len " + std::to_string(args.max_seq_len) + " tokens and were truncated");
@@ -458,7 +472,9 @@ int run_eval(const EvalArgs& given) {
       qt::fail_at(qt::ErrorKind::Data, args.data, "no pair has a target token in both its completions");
     if (!std::isfinite(d.mean(0))) qt::fail(qt::ErrorKind::Numeric, "evaluation loss is not finite");
     qt::Json out = {{"loss", d.mean(0)}, {"pairs", d.pairs}, {"records", docs.size()}, {"truncated", d.truncated},
-                    {"loss_type", dpo.to_json()["loss_type"]}, {"beta", dpo.beta}};
+                    {"objective", args.cpo ? "cpo" : "dpo"},
+                    {"loss_type", args.cpo ? qt::Json(args.cpo->loss_type) : args.dpo.to_json()["loss_type"]},
+                    {"beta", args.cpo ? args.cpo->beta : args.dpo.beta}};
     for (size_t i = 0; i < qt::dpo_stat_names().size(); ++i) out[qt::dpo_stat_names()[i]] = d.mean(i + 1);
     std::cout << out.dump() << std::endl;
     return 0;

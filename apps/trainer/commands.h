@@ -1,6 +1,7 @@
 #pragma once
 // The subcommands other than train (apps/trainer/commands.cpp): their options as CLI11 fills them, and the runs.
 #include <cstdint>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -34,6 +35,8 @@ struct EvalArgs {
   // reference_adapter (--reference-adapter, or the run config's lora.init_from) or alone.
   qt::DpoSection dpo;  // preference pairs: the config's dpo section (--beta over its beta)
   std::string reference_adapter;
+  // A run config with train.objective "cpo": its cpo section (--beta over its beta), reference-free.
+  std::optional<qt::CpoSection> cpo;
 };
 
 struct ExportArgs {

@@ -259,4 +259,95 @@ DpoTerms dpo_terms(const at::Tensor& policy, const at::Tensor& reference, const 
   return t;
 }
 
+CpoSection CpoSection::from_json(const Json& section, const std::string& file) {
+  reject_unknown_keys(section, {"loss_type", "beta", "label_smoothing", "cpo_alpha", "simpo_gamma", "alpha"}, file,
+                      "cpo.", ErrorKind::Config);
+  const JsonReader r{section, file, ErrorKind::Config, "cpo."};
+  CpoSection c;
+  c.loss_type = r.get_string("loss_type", c.loss_type);
+  const bool alphapo = c.loss_type == "alphapo";
+  if (alphapo) {  // (TRL's CPOConfig: simpo with cpo_alpha 0)
+    c.loss_type = "simpo";
+    c.cpo_alpha = 0.0;
+  }
+  if (c.loss_type != "sigmoid" && c.loss_type != "hinge" && c.loss_type != "ipo" && c.loss_type != "simpo")
+    fail_key(ErrorKind::Config, file, "cpo.loss_type",
+             "\"" + c.loss_type + "\": expected sigmoid, hinge, ipo, simpo or alphapo (TRL's CPO names)");
+  c.beta = r.get_double("beta", c.beta);
+  if (!(c.beta > 0 && c.beta < 1e6)) fail_key(ErrorKind::Config, file, "cpo.beta", "must be > 0 (TRL's default: 0.1)");
+  c.label_smoothing = r.get_double("label_smoothing", c.label_smoothing);
+  if (!(c.label_smoothing >= 0 && c.label_smoothing < 0.5))
+    fail_key(ErrorKind::Config, file, "cpo.label_smoothing", "must be in [0, 0.5) (0: off)");
+  if (c.label_smoothing > 0 && c.loss_type != "sigmoid" && c.loss_type != "simpo")
+    fail_key(ErrorKind::Config, file, "cpo.label_smoothing",
+             "is read by cpo.loss_type \"sigmoid\" and \"simpo\" (TRL's \"" + c.loss_type + "\" ignores it)");
+  c.cpo_alpha = r.get_double("cpo_alpha", c.cpo_alpha);
+  if (!(c.cpo_alpha >= 0 && std::isfinite(c.cpo_alpha)))
+    fail_key(ErrorKind::Config, file, "cpo.cpo_alpha", "must be >= 0 (TRL's default: 1; SimPO: 0)");
+  if (alphapo && c.cpo_alpha != 0)
+    fail_key(ErrorKind::Config, file, "cpo.cpo_alpha", "cpo.loss_type \"alphapo\" is simpo with cpo_alpha 0");
+  c.simpo_gamma = r.get_double("simpo_gamma", c.simpo_gamma);
+  if (!std::isfinite(c.simpo_gamma)) fail_key(ErrorKind::Config, file, "cpo.simpo_gamma", "must be finite");
+  c.alpha = r.get_double("alpha", c.alpha);
+  if (!(std::isfinite(c.alpha) && std::abs(c.alpha) <= 100))
+    fail_key(ErrorKind::Config, file, "cpo.alpha", "must be within [-100, 100] (0: off; AlphaPO's reward shape)");
+  return c;
+}
+
+Json CpoSection::to_json() const {
+  return Json{{"loss_type", loss_type}, {"beta", beta},           {"label_smoothing", label_smoothing},
+              {"cpo_alpha", cpo_alpha}, {"simpo_gamma", simpo_gamma}, {"alpha", alpha}};
+}
+
+std::string CpoSection::describe() const {
+  std::string s = loss_type;
+  if (alpha != 0) {
+    char a[48];
+    std::snprintf(a, sizeof a, ", AlphaPO alpha %g", alpha);
+    s += a;
+  }
+  if (cpo_alpha != 0) {
+    char w[48];
+    std::snprintf(w, sizeof w, " + %g x NLL", cpo_alpha);
+    s += w;
+  }
+  return s;
+}
+
+DpoTerms cpo_terms(const at::Tensor& policy, const CpoSection& c, const at::Tensor& lengths) {
+  QT_CHECK(!c.needs_lengths() || lengths.defined(), ErrorKind::Internal, "cpo_terms: " + c.describe() +
+           " needs the lengths");
+  const at::Tensor p = policy.reshape({-1, 2});
+  const at::Tensor n = c.needs_lengths() ? lengths.reshape({-1, 2}).clamp_min(1.0) : at::Tensor();
+  // The log-probabilities the loss and the statistics read: summed, or their mean over the completion's tokens.
+  const at::Tensor logps = c.average_logps() ? p / n : p;
+  const at::Tensor rewards = c.alpha != 0 ? (1.0 - at::exp(logps * -c.alpha)) / c.alpha : logps;
+  const at::Tensor chosen = rewards.select(1, 0), rejected = rewards.select(1, 1);
+  at::Tensor z = chosen - rejected;
+  const double b = c.beta, ls = c.label_smoothing;
+  at::Tensor losses;
+  if (c.loss_type == "sigmoid" || c.loss_type == "simpo") {
+    if (c.loss_type == "simpo") z = z - c.simpo_gamma / b;
+    losses = at::log_sigmoid(z * b) * -(1.0 - ls);
+    if (ls > 0) losses = losses - at::log_sigmoid(z * -b) * ls;
+  } else if (c.loss_type == "hinge") {
+    losses = at::relu(1.0 - z * b);
+  } else {
+    QT_CHECK(c.loss_type == "ipo", ErrorKind::Internal, "cpo_terms: loss type " + c.loss_type);
+    losses = (z - 1.0 / (2.0 * b)).square();
+  }
+  at::Tensor loss_sum = losses.sum();
+  if (c.cpo_alpha != 0) {
+    // The chosen completions' NLL, their tokens' mean over the micro-batch, once a pair (TRL adds it to the mean).
+    const at::Tensor nll = -p.select(1, 0).sum() / n.select(1, 0).sum();
+    loss_sum = loss_sum + nll * (c.cpo_alpha * static_cast<double>(p.size(0)));
+  }
+  DpoTerms t;
+  t.loss_sum = loss_sum;
+  const at::Tensor rc = chosen.detach() * b, rr = rejected.detach() * b;
+  t.sums = at::stack({t.loss_sum.detach(), rc.sum(), rr.sum(), rc.gt(rr).to(at::kFloat).sum(), (rc - rr).sum(),
+                      logps.select(1, 0).detach().sum(), logps.select(1, 1).detach().sum()});
+  return t;
+}
+
 }  // namespace qt

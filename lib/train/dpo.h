@@ -99,4 +99,48 @@ struct DpoTerms {
 DpoTerms dpo_terms(const at::Tensor& policy, const at::Tensor& reference, const DpoSection& config,
                    const at::Tensor& lengths = {});
 
+// Contrastive Preference Optimization (Xu et al., 2024, arXiv:2401.08417) as TRL's CPOTrainer computes it (trl 1.16,
+// trl.experimental.cpo): reference-free, on the policy's log-probabilities alone (summed over a completion's tokens;
+// for ipo and simpo their mean), z = chosen - rejected:
+//   sigmoid: -(1 - ls) log sigmoid(beta z) - ls log sigmoid(-beta z)      hinge: relu(1 - beta z)
+//   simpo:   the same as sigmoid at z - simpo_gamma / beta (SimPO, Meng et al., 2024)
+//   ipo:     (z - 1 / (2 beta))^2
+// plus cpo_alpha x the chosen completions' NLL (the micro-batch's token mean). With alpha != 0 (AlphaPO) each
+// log-probability p becomes (1 - exp(-alpha p)) / alpha first. "alphapo" is TRL's shorthand for simpo with cpo_alpha 0.
+struct CpoSection {
+  std::string loss_type = "sigmoid";  // sigmoid, hinge, ipo or simpo
+  double beta = 0.1;
+  double label_smoothing = 0.0;  // sigmoid and simpo: in [0, 0.5)
+  double cpo_alpha = 1.0;        // the weight of the chosen completions' NLL
+  double simpo_gamma = 0.5;      // simpo: the target reward margin
+  double alpha = 0.0;            // AlphaPO's reward shape (0: the log-probabilities as they are)
+
+  // The "cpo" section {loss_type, beta, label_smoothing, cpo_alpha, simpo_gamma, alpha}; unknown keys and values out
+  // of range are qt::Error(Config) naming `file` and the key.
+  static CpoSection from_json(const Json& section, const std::string& file);
+  Json to_json() const;
+  bool average_logps() const { return loss_type == "ipo" || loss_type == "simpo"; }
+  bool needs_lengths() const { return average_logps() || cpo_alpha != 0; }
+  std::string describe() const;  // "simpo", "sigmoid + 1 x NLL"
+};
+
+// policy: [2 * pairs] from sequence_logps; lengths: sequence_targets (where config.needs_lengths()). The same sums as
+// dpo_terms, with CPO's rewards (beta x the policy's log-probabilities, after AlphaPO's shape) in the statistics.
+DpoTerms cpo_terms(const at::Tensor& policy, const CpoSection& config, const at::Tensor& lengths = {});
+
+// A run's preference objective: DPO (against its reference) or CPO (reference-free); empty for SFT.
+struct PreferenceObjective {
+  const DpoSection* dpo = nullptr;
+  const CpoSection* cpo = nullptr;
+  explicit operator bool() const { return dpo || cpo; }
+  bool needs_reference() const { return dpo != nullptr; }
+  bool needs_lengths() const { return dpo ? dpo->needs_lengths() : cpo && cpo->needs_lengths(); }
+  const char* name() const { return dpo ? "DPO" : "CPO"; }
+  std::string describe() const { return std::string(name()) + " (" + (dpo ? dpo->describe() : cpo->describe()) + ")"; }
+  // reference: undefined for CPO
+  DpoTerms terms(const at::Tensor& policy, const at::Tensor& reference, const at::Tensor& lengths) const {
+    return dpo ? dpo_terms(policy, reference, *dpo, lengths) : cpo_terms(policy, *cpo, lengths);
+  }
+};
+
 }  // namespace qt

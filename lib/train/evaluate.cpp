@@ -41,8 +41,10 @@ EvalResult evaluate_loss(const LlamaModel& model, const std::vector<Example>& do
   return result;
 }
 
-DpoEvalResult evaluate_dpo(LlamaModel& model, ReferenceAdapters& reference, std::vector<Example> pairs,
-                           int64_t max_seq_len, const DpoSection& dpo) {
+DpoEvalResult evaluate_dpo(LlamaModel& model, ReferenceAdapters* reference, std::vector<Example> pairs,
+                           int64_t max_seq_len, const PreferenceObjective& pref) {
+  QT_CHECK(static_cast<bool>(pref) && (reference || !pref.needs_reference()), ErrorKind::Internal,
+           "evaluate_dpo: DPO needs its reference");
   at::NoGradGuard no_grad;
   model.set_training(false);
   DpoEvalResult result;
@@ -54,9 +56,11 @@ DpoEvalResult evaluate_dpo(LlamaModel& model, ReferenceAdapters& reference, std:
     if (fewest_targets(e) == 0) continue;  // a sequence with nothing to compare
     const Batch b = build_batch({e}, {{0}}, BatchShape{1, 2 * max_seq_len, /*packing=*/false});
     const at::Tensor seqs = pair_sequences(b);
-    const at::Tensor ref = reference_logps(model, reference, b, seqs, /*fused=*/true, /*training=*/false);
+    const at::Tensor ref = pref.needs_reference()
+                               ? reference_logps(model, *reference, b, seqs, /*fused=*/true, /*training=*/false)
+                               : at::Tensor();
     const at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
-    const at::Tensor sums = dpo_policy_terms(model, hidden, b, seqs, ref, dpo, true).sums.to(at::kCPU, at::kDouble);
+    const at::Tensor sums = dpo_policy_terms(model, hidden, b, seqs, ref, pref, true).sums.to(at::kCPU, at::kDouble);
     for (size_t i = 0; i < result.sums.size(); ++i) result.sums[i] += sums[static_cast<int64_t>(i)].item<double>();
     ++result.pairs;
   }

@@ -26,14 +26,14 @@ EvalResult evaluate_loss(const LlamaModel& model, const std::vector<Example>& do
 
 // DPO's loss over preference pairs (Example::second), each pair alone (its two sequences side by side in one row,
 // each cut to max_seq_len tokens, counted), against `reference`, as training's held-out
-// evaluation computes it. A pair with a sequence left without a target is skipped (not counted in `pairs`).
+// evaluation computes it; or CPO's, reference-free (`reference` null; its NLL term a pair's own token mean). A pair with a sequence left without a target is skipped (not counted in `pairs`).
 struct DpoEvalResult {
   int64_t pairs = 0;
   int64_t truncated = 0;
   std::vector<double> sums;  // the loss, then dpo_stat_names()' statistics, summed over the pairs
   double mean(size_t i) const { return pairs ? sums.at(i) / static_cast<double>(pairs) : 0.0; }
 };
-DpoEvalResult evaluate_dpo(LlamaModel& model, ReferenceAdapters& reference, std::vector<Example> pairs,
-                           int64_t max_seq_len, const DpoSection& dpo);
+DpoEvalResult evaluate_dpo(LlamaModel& model, ReferenceAdapters* reference, std::vector<Example> pairs,
+                           int64_t max_seq_len, const PreferenceObjective& pref);
 
 }  // namespace qt

@@ -165,7 +165,8 @@ void MetricsLog::exact_match(int64_t step, int64_t correct, int64_t total) {
          {"exact_match_total", total}});
 }
 
-void MetricsLog::eval(int64_t step, double loss, int64_t count, bool pairs) {
+void MetricsLog::eval(int64_t step, double loss, int64_t count, const char* preference) {
+  const bool pairs = preference != nullptr;
   eval_.emplace_back(step, loss);
   if (!enabled_) return;
   if (pairs) {
@@ -176,8 +177,8 @@ void MetricsLog::eval(int64_t step, double loss, int64_t count, bool pairs) {
   if (tensorboard_) tensorboard_->scalar("eval/loss", step, loss);
   char text[160];
   if (pairs)
-    std::snprintf(text, sizeof text, "eval at step %lld: DPO loss %.4f (%lld pairs)", static_cast<long long>(step),
-                  loss, static_cast<long long>(count));
+    std::snprintf(text, sizeof text, "eval at step %lld: %s loss %.4f (%lld pairs)", static_cast<long long>(step),
+                  preference, loss, static_cast<long long>(count));
   else
     std::snprintf(text, sizeof text, "eval at step %lld: loss %.4f, perplexity %.3f (%lld tokens)",
                   static_cast<long long>(step), loss, std::exp(loss), static_cast<long long>(count));

@@ -49,7 +49,8 @@ class MetricsLog {
 
   void step(const StepMetrics& m);
   // `count`: the held-out targets, or with `pairs` (DPO) the held-out preference pairs.
-  void eval(int64_t step, double loss, int64_t count, bool pairs = false);
+  // preference: "DPO" or "CPO" for a loss over pairs (count: the pairs), null for the targets' mean loss
+  void eval(int64_t step, double loss, int64_t count, const char* preference = nullptr);
   // eval.exact_match_file's figure after `step` optimizer steps (0: before training), in metrics.jsonl.
   void exact_match(int64_t step, int64_t correct, int64_t total);
   void line(const std::string& text);  // a message that must not be overwritten by the bar

@@ -11,7 +11,7 @@ namespace qt {
 namespace {
 
 const std::vector<std::string> kTopKeys = {"output_dir", "model", "lora", "data", "train", "optim", "checkpoint",
-                                           "eval", "dpo", "logging"};
+                                           "eval", "dpo", "cpo", "logging"};
 
 void check_positive(int64_t v, const std::string& file, const std::string& key, bool allow_zero = false) {
   if (v < 0 || (!allow_zero && v == 0))
@@ -185,8 +185,8 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   if (c.train.loss != "fused" && c.train.loss != "plain")
     fail_key(ErrorKind::Config, file, "train.loss", "'" + c.train.loss + "': expected fused or plain");
   c.train.objective = tr.get_string("objective", c.train.objective);
-  if (c.train.objective != "sft" && c.train.objective != "dpo")
-    fail_key(ErrorKind::Config, file, "train.objective", "'" + c.train.objective + "': expected sft or dpo");
+  if (c.train.objective != "sft" && c.train.objective != "dpo" && c.train.objective != "cpo")
+    fail_key(ErrorKind::Config, file, "train.objective", "'" + c.train.objective + "': expected sft, dpo or cpo");
 
   const Json& o = section(j, "optim");
   reject_unknown_keys(o, {"lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
@@ -255,6 +255,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   const Json& dp = section(j, "dpo");
   if (!dp.is_object()) fail_key(ErrorKind::Config, file, "dpo", "expected an object {beta, label_smoothing}");
   c.dpo = DpoSection::from_json(dp, file);
+  const Json& cp = section(j, "cpo");
+  if (!cp.is_object()) fail_key(ErrorKind::Config, file, "cpo", "expected an object {loss_type, beta, cpo_alpha, ...}");
+  c.cpo = CpoSection::from_json(cp, file);
 
   const Json& lg = section(j, "logging");
   reject_unknown_keys(lg, {"level", "progress"}, file, "logging.", ErrorKind::Config);
@@ -273,17 +276,22 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   // before the data is tokenized and the model loads.
   c.parsed_lora = LoraConfig::from_json(c.lora, file);
   c.parsed_data = DataConfig::from_json(c.data, file, complete);
-  if (c.train.objective == "dpo") {
-    // The reference is the model with its adapters off (lib/train/dpo.h): what would also move it is refused.
+  if (const PreferenceObjective pref = c.preference()) {
+    // DPO's reference is the model with its adapters off (lib/train/dpo.h): what would also move it is refused.
+    // CPO shares the pairs' path (and its limits).
+    const std::string objective = "train.objective \"" + c.train.objective + "\"";
     const auto refuse = [&](const std::string& key, const std::string& why) {
-      fail_key(ErrorKind::Config, file, key, why + " with train.objective \"dpo\" (not supported yet)");
+      fail_key(ErrorKind::Config, file, key, why + " with " + objective + " (not supported yet)");
     };
-    if (c.train.full_finetune) refuse("train.full_finetune", "trains every weight, and leaves no reference");
+    if (c.train.full_finetune)
+      refuse("train.full_finetune", pref.dpo ? "trains every weight, and leaves no reference" : "is not tested");
     if (!c.parsed_lora.modules_to_save.empty())
-      refuse("lora.modules_to_save", "a trained lm_head or embed_tokens would move the reference too");
+      refuse("lora.modules_to_save",
+             pref.dpo ? "a trained lm_head or embed_tokens would move the reference too" : "is not tested");
     if (c.train.shard != "none") refuse("train.shard", "\"" + c.train.shard + "\" is not tested");
     if (c.train.neftune_alpha > 0)
-      refuse("train.neftune_alpha", "noise on the policy's embeddings alone would bias the comparison");
+      refuse("train.neftune_alpha", pref.dpo ? "noise on the policy's embeddings alone would bias the comparison"
+                                             : "is not tested");
     // The per-token log-probabilities come from the fused loss over an lm_head on the device.
     if (c.train.memory.lm_head_on_host.value_or(false))
       refuse("train.memory.lm_head", "\"host\" streams lm_head through a loss that gives no per-token values");
@@ -291,11 +299,11 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
     if (c.parsed_data.format != RecordFormat::Auto && c.parsed_data.format != RecordFormat::Preference)
       fail_key(ErrorKind::Config, file, "data.format",
                std::string("\"") + record_format_name(c.parsed_data.format) +
-                   "\": train.objective \"dpo\" trains on preference pairs {prompt, chosen, rejected} (\"preference\" "
+                   "\": " + objective + " trains on preference pairs {prompt, chosen, rejected} (\"preference\" "
                    "or \"auto\")");
     if (c.parsed_data.train_on_prompt)
       fail_key(ErrorKind::Config, file, "data.train_on_prompt",
-               "DPO compares the completions' log-probabilities alone: set it to false");
+               std::string(pref.name()) + " compares the completions' log-probabilities alone: set it to false");
   }
   // Both judge the run by its held-out loss at each evaluation.
   for (const auto& [key, set] : {std::pair<const char*, bool>{"checkpoint.save_best", c.checkpoint.save_best},
@@ -365,6 +373,7 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
                {"max_examples", c.eval.max_examples},
                {"max_new_tokens", c.eval.max_new_tokens}};
   j["dpo"] = c.dpo.to_json();
+  j["cpo"] = c.cpo.to_json();
   j["logging"] = {{"level", c.log_level}, {"progress", c.progress}};
   return j;
 }

@@ -45,7 +45,8 @@ struct TrainSection {
   int64_t log_every = 1;
   std::string loss = "fused";    // "fused" (never holds [tokens, vocab] logits) or "plain" (reference path)
   // "sft": next-token cross-entropy on the records' targets; "dpo": preference pairs (data.format "preference"),
-  // the "dpo" section's loss against the model with its adapters off (lib/train/dpo.h).
+  // the "dpo" section's loss against the model with its adapters off (lib/train/dpo.h); "cpo": the pairs with the
+  // "cpo" section's reference-free loss (CPO, SimPO, AlphaPO).
   std::string objective = "sft";
   // Train every weight of a 16-bit base instead of LoRA adapters (needs model.quant "none"); the result is a
   // full model directory (output_dir/model). Used to pretrain the demo's small base.
@@ -112,6 +113,7 @@ struct RunConfig {
   CheckpointSection checkpoint;
   EvalSection eval;
   DpoSection dpo;          // read with train.objective "dpo"
+  CpoSection cpo;          // read with train.objective "cpo"
   Json lora = Json::object();  // parsed by lib/model/lora.h
   Json data = Json::object();  // parsed by lib/data/data_config.h
   LoraConfig parsed_lora;      // the two sections as their owners parsed them (for to_json)
@@ -123,6 +125,13 @@ struct RunConfig {
 
   // `complete` false: the keys a run must give (output_dir, model.path, data.train_file) may be absent (`config
   // --print` of the defaults).
+  // train.objective "dpo" or "cpo": its loss section; empty for "sft".
+  PreferenceObjective preference() const {
+    PreferenceObjective p;
+    if (train.objective == "dpo") p.dpo = &dpo;
+    if (train.objective == "cpo") p.cpo = &cpo;
+    return p;
+  }
   static RunConfig from_json(const Json& json, const std::string& file, bool complete = true);
   // Every key of the config, defaults included: what `qlora-train config --print` prints and
   // output_dir/config.resolved.json keeps (absent required keys are null); from_json reads it back.

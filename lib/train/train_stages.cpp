@@ -120,9 +120,9 @@ void load_full_weights(LlamaModel& model, const std::string& dir, const LoadOpti
   }
 }
 
-// dpo: the held-out pairs' DPO loss, its mean over the pairs and their count (else the targets').
+// pref (DPO, CPO): the held-out pairs' loss, its mean over the pairs and their count (else the targets').
 std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>& batches, bool fused, Communicator& comm,
-                                    FullyShard* fsdp, const DpoSection* dpo, ReferenceAdapters* reference) {
+                                    FullyShard* fsdp, const PreferenceObjective& pref, ReferenceAdapters* reference) {
   at::NoGradGuard no_grad;
   model.set_training(false);
   GatherScope embeddings(fsdp, FullyShard::Root::Embeddings), head(fsdp, FullyShard::Root::LmHead);
@@ -143,11 +143,13 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
       continue;
     }
     const Batch& b = batches[i];
-    if (dpo) {
+    if (pref) {
       const at::Tensor seqs = pair_sequences(b);
-      const at::Tensor ref = reference_logps(model, *reference, b, seqs, fused, /*training=*/false);
+      const at::Tensor ref = pref.needs_reference()
+                                 ? reference_logps(model, *reference, b, seqs, fused, /*training=*/false)
+                                 : at::Tensor();
       const at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
-      sum += dpo_policy_terms(model, hidden, b, seqs, ref, *dpo, fused).loss_sum.item<double>();
+      sum += dpo_policy_terms(model, hidden, b, seqs, ref, pref, fused).loss_sum.item<double>();
       count += b.num_pairs;
       continue;
     }
@@ -191,7 +193,7 @@ std::string oom_message(const RunConfig& cfg, const at::Device& device, const st
          std::to_string(seq_len) + " tokens (" + mem + "; the plan, " + describe(decision) + ", predicted " +
          fixed2(predicted) + " GiB). Lower train.micro_batch_size (now " + std::to_string(micro) +
          ") or data.max_seq_len (now " + std::to_string(cfg.parsed_data.max_seq_len) +
-         (cfg.train.objective == "dpo" ? ", a pair's sequence: a row holds two" : "") +
+         (cfg.preference() ? ", a pair's sequence: a row holds two" : "") +
          "), or give train.memory.gpu_memory_gib a figure below " + fixed2(predicted) +
          " so that the plan chooses leaner settings (checkpointing, offload, the embeddings and lm_head on the "
          "host), or free the settings forced in train.memory. The last checkpoint in " + cfg.output_dir +
@@ -332,11 +334,11 @@ at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, cons
 }
 
 DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
-                          const at::Tensor& sequences, const at::Tensor& reference, const DpoSection& config,
+                          const at::Tensor& sequences, const at::Tensor& reference, const PreferenceObjective& pref,
                           bool fused) {
   const at::Tensor policy = sequence_logps(token_losses(model, hidden, b.targets, fused), sequences, b.num_pairs);
-  const at::Tensor lengths = config.needs_lengths() ? sequence_targets(b, sequences, policy.device()) : at::Tensor();
-  return dpo_terms(policy, reference, config, lengths);
+  const at::Tensor lengths = pref.needs_lengths() ? sequence_targets(b, sequences, policy.device()) : at::Tensor();
+  return pref.terms(policy, reference, lengths);
 }
 
 namespace {
@@ -542,13 +544,15 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
   // Tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per epoch, cut
   // into this rank's micro-batches per step.
   d.data = std::make_unique<TrainData>(cfg.data, cfg.file, *d.tokenizer, s.micro);
-  const bool dpo = cfg.train.objective == "dpo";
+  const bool dpo = static_cast<bool>(cfg.preference());
   if (dpo != d.data->pairs())
     fail_key(ErrorKind::Data, cfg.file, "train.objective",
-             dpo ? "\"dpo\" trains on preference pairs, and the records of " + d.data->config().train_file +
+             dpo ? "\"" + cfg.train.objective + "\" trains on preference pairs, and the records of " +
+                       d.data->config().train_file +
                        " are not: each needs \"prompt\", \"chosen\" and \"rejected\" (data.format \"preference\")"
                  : "\"" + cfg.train.objective + "\", and the records of " + d.data->config().train_file +
-                       " are preference pairs {prompt, chosen, rejected}: set train.objective to \"dpo\"");
+                       " are preference pairs {prompt, chosen, rejected}: set train.objective to \"dpo\" or "
+                       "\"cpo\"");
   d.model_config = d.random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
   check_data_fits_model(cfg, s, d);
   d.train_file_hash = train_files_hash(d.data->config().train_files);
@@ -661,6 +665,8 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
     m.reference = std::make_shared<ReferenceAdapters>(model, lora.init_from);
     if (s.rank0) log::info("DPO (" + cfg.dpo.describe() + "): the reference is " + m.reference->describe());
   }
+  if (cfg.train.objective == "cpo" && s.rank0)
+    log::info(cfg.preference().describe() + ": reference-free, on the policy's log-probabilities alone");
   return m;
 }
 
@@ -758,7 +764,7 @@ Evaluator::Evaluator(const RunConfig& cfg, Session& s, ModelStage& m, DataStage&
 std::pair<double, int64_t> Evaluator::loss(int64_t step) {
   try {
     return evaluate(*m_.model, batches_, cfg_.train.loss == "fused", *s_.comm, parallel_.sharded(),
-                    cfg_.train.objective == "dpo" ? &cfg_.dpo : nullptr, m_.reference.get());
+                    cfg_.preference(), m_.reference.get());
   } catch (const c10::Error& e) {
     if (!is_out_of_memory(e)) throw;
     fail(ErrorKind::Device, oom_message(cfg_, s_.device, "evaluation after step " + std::to_string(step), s_.micro,

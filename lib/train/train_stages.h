@@ -165,10 +165,10 @@ at::Tensor token_losses(const LlamaModel& model, const at::Tensor& hidden, const
 at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, const Batch& b, const at::Tensor& sequences,
                            bool fused, bool training);
 
-// DPO's loss terms of a micro-batch of pairs under the policy (the model as it is: with gradient where grad mode is
-// on), against the reference's log-probabilities.
+// The preference loss terms (DPO, CPO) of a micro-batch of pairs under the policy (the model as it is: with gradient
+// where grad mode is on); DPO's against the reference's log-probabilities (undefined for CPO).
 DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
-                          const at::Tensor& sequences, const at::Tensor& reference, const DpoSection& config,
+                          const at::Tensor& sequences, const at::Tensor& reference, const PreferenceObjective& pref,
                           bool fused);
 
 // The message of an out-of-memory error in `phase` ("step 3", "evaluation after step 3"): where, how big, how much

@@ -106,8 +106,9 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   }
   // Normalise by the targets of the whole global step, so that accumulation over micro-batches and ranks gives the
   // gradient of the mean over all of them (not a mean of per-micro-batch means).
-  // DPO normalises by the pairs of the step instead: its loss is their mean.
-  const bool dpo = cfg.train.objective == "dpo";
+  // DPO and CPO normalise by the pairs of the step instead: their loss is the pairs' mean.
+  const PreferenceObjective pref = cfg.preference();
+  const bool on_pairs = static_cast<bool>(pref);
   int64_t local_targets = 0, local_inputs = 0, local_pairs = 0;
   for (const auto& b : micro_batches)
     local_targets += b.num_targets, local_inputs += b.num_tokens, local_pairs += b.num_pairs;
@@ -124,9 +125,10 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
     step_pairs = count[2].item<double>();
   }
   if (step_targets <= 0) fail(ErrorKind::Data, "step " + std::to_string(step + 1) + ": the batch has no target tokens (all masked?)");
-  if (dpo && step_pairs <= 0)
-    fail(ErrorKind::Data, "step " + std::to_string(step + 1) + ": train.objective \"dpo\" and the batch holds no pair");
-  const double step_norm = dpo ? step_pairs : step_targets;
+  if (on_pairs && step_pairs <= 0)
+    fail(ErrorKind::Data, "step " + std::to_string(step + 1) + ": train.objective \"" + cfg.train.objective +
+                              "\" and the batch holds no pair");
+  const double step_norm = on_pairs ? step_pairs : step_targets;
   const auto out_of_memory = [&](const c10::Error& e) {
     // The kernels and copies already queued finish before the step's tensors and the model's buffers (pinned host
     // blocks among them) go: the run may start again in this process (train.memory.replan_on_oom).
@@ -151,11 +153,11 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   at::Tensor embeds, hidden, l;
   try {
     for (const auto& b : micro_batches) {
-      // DPO: the reference pass first (ReferenceAdapters, no gradient), then the policy's below.
+      // DPO: the reference pass first (ReferenceAdapters, no gradient), then the policy's below (CPO: that alone).
       at::Tensor sequences, reference;
-      if (dpo) {
+      if (on_pairs) sequences = pair_sequences(b);
+      if (pref.needs_reference()) {
         RECORD_USER_SCOPE("qt::reference");
-        sequences = pair_sequences(b);
         reference = reference_logps(model, *m.reference, b, sequences, fused, /*training=*/true);
       }
       {
@@ -169,11 +171,11 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
       // The embedding output is the first block's input: kept by its checkpoint where that keeps it, else (offloaded)
       // not needed past the forward pass: 1 H a token.
       embeds = at::Tensor();
-      at::Tensor sums;  // DPO: the loss and statistics summed over the micro-batch's pairs
+      at::Tensor sums;  // DPO, CPO: the loss and statistics summed over the micro-batch's pairs
       {
         GatherScope g(parallel.sharded(), FullyShard::Root::LmHead);
-        if (dpo) {
-          DpoTerms terms = dpo_policy_terms(model, hidden, b, sequences, reference, cfg.dpo, fused);
+        if (on_pairs) {
+          DpoTerms terms = dpo_policy_terms(model, hidden, b, sequences, reference, pref, fused);
           l = terms.loss_sum;
           sums = terms.sums;
         } else {
@@ -198,8 +200,8 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
         RECORD_USER_SCOPE("qt::backward");
         (l * ((scaler ? scaler->scale : 1.0) / step_norm)).backward();
       }
-      if (dpo && hooks.nan_loss_at_step == step + 1) sums = sums * std::numeric_limits<double>::quiet_NaN();
-      const at::Tensor done = dpo ? sums : l.detach();
+      if (on_pairs && hooks.nan_loss_at_step == step + 1) sums = sums * std::numeric_limits<double>::quiet_NaN();
+      const at::Tensor done = on_pairs ? sums : l.detach();
       local_loss = local_loss.defined() ? local_loss + done : done;
     }
   } catch (const c10::Error& e) {
@@ -214,7 +216,7 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
     if (!grads.empty()) at::_foreach_mul_(grads, 1.0 / scaler->scale);
   }
   const auto wire = s.device.is_cuda() ? at::kFloat : at::kDouble;
-  const int64_t values_n = dpo ? 1 + static_cast<int64_t>(dpo_stat_names().size()) : 1;
+  const int64_t values_n = on_pairs ? 1 + static_cast<int64_t>(dpo_stat_names().size()) : 1;
   at::Tensor loss_t = local_loss.defined() ? local_loss.reshape({values_n}).to(wire)
                                            : at::zeros({values_n}, at::TensorOptions().dtype(wire).device(s.device));
   comm.all_reduce(loss_t);
@@ -234,7 +236,7 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   opt.zero_grad();
   q.targets = step_targets;
   q.inputs = step_inputs;
-  q.pairs = dpo ? step_pairs : 0;
+  q.pairs = on_pairs ? step_pairs : 0;
   const at::Tensor values = at::cat({loss_t.to(at::kDouble), norm_t.reshape({1}).to(at::kDouble)});
   if (s.device.is_cuda()) {
     q.read = at::empty({values_n + 1}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
@@ -640,7 +642,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
     }
     if (eval_due) {
       auto [el, et] = evaluator.loss(state.step);
-      metrics.eval(state.step, el, et, cfg.train.objective == "dpo");
+      metrics.eval(state.step, el, et, cfg.preference() ? cfg.preference().name() : nullptr);
       stopped_early = judge(el) && state.step < total_steps;
     }
     // (after the last step a request stops nothing: the run completes; every rank skips the collective alike)
@@ -665,7 +667,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
   if (evaluator.has_data()) {
     if (metrics.eval_losses().empty() || metrics.eval_losses().back().first != state.step) {
       auto [el, et] = evaluator.loss(state.step);
-      metrics.eval(state.step, el, et, cfg.train.objective == "dpo");
+      metrics.eval(state.step, el, et, cfg.preference() ? cfg.preference().name() : nullptr);
       judge(el);
     }
     summary.eval_loss = metrics.eval_losses().back().second;

@@ -1,0 +1,153 @@
+"""TRL's CPOTrainer (trl 1.16.0, trl.experimental.cpo; pinned in requirements.txt) as the oracle of CPO / SimPO /
+AlphaPO optimizer steps: trl_cpo_step() runs `steps` steps on the CPU in fp32 over ALL the pairs in one batch and
+returns the logged metrics, the gradients of the last step, TRL's token ids of each pair and the first step's loss and
+metrics computed here from a plain forward pass (no TRL code), and saves the adapter (PEFT's save_pretrained).
+
+What it follows in trl/experimental/cpo/cpo_trainer.py (1.16.0):
+- Data (tokenize_row): standard records {"prompt", "chosen", "rejected"} (strings). The prompt is tokenized without
+  special tokens; each completion as tokenizer(prompt + completion) without special tokens, its prompt part the
+  prompt's own tokens, one fewer where the last one merged with the completion (build_tokenized_answer): each
+  completion has ITS OWN split point (DPOTrainer's one split point a pair, which our trainer follows, is the same
+  wherever the prompt's tokens are a prefix of both or neither). BOS is put before, the EOS id after each
+  completion. A sequence longer than max_length loses completion tokens at its end. Labels: the completion's
+  tokens, -100 over the prompt.
+- Log-probs (get_batch_logps): the completion tokens' log-probabilities summed, or their mean for loss_type "ipo"
+  and "simpo" (average_log_prob).
+- Loss (cpo_loss): z = chosen - rejected (with alpha != 0, AlphaPO: each log-prob p first (1 - exp(-alpha p)) /
+  alpha); sigmoid -(1-ls) logsigmoid(beta z) - ls logsigmoid(-beta z); simpo the same at z - simpo_gamma / beta;
+  hinge relu(1 - beta z); ipo (z - 1/(2 beta))^2. Loss = mean over the pairs + cpo_alpha x the chosen sequences' NLL
+  (nn.CrossEntropyLoss over the chosen labels of the batch: their tokens' mean). loss_type "alphapo" is simpo with
+  cpo_alpha 0 (CPOConfig.__post_init__).
+- Metrics: rewards/chosen = beta x the chosen log-prob (after AlphaPO's shape), rewards/rejected likewise,
+  rewards/margins their difference, rewards/accuracies chosen > rejected (strict), logps/chosen and logps/rejected
+  the log-probs as the loss reads them (means for ipo / simpo), nll_loss.
+- disable_dropout (default True); transformers' Trainer with adamw_torch, constant schedule, max_grad_norm 0."""
+import math
+import os
+import pathlib
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+           "logps/rejected", "nll_loss")
+
+
+def completion_logps(model, prompt_ids, completion_ids):
+    """(sum of log p(token) over the completion tokens of prompt + completion, their count): one sequence."""
+    import torch
+    ids = prompt_ids + completion_ids
+    x = torch.tensor([ids])
+    logits = model(input_ids=x).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
+    mask = torch.tensor([0] * (len(prompt_ids) - 1) + [1] * len(completion_ids), dtype=lp.dtype)
+    return float((lp * mask).sum()), len(completion_ids)
+
+
+def trl_cpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, label_smoothing=0.0, lr=1e-3, eps=1e-8,
+                 max_length=1024, seed=3, loss_type="sigmoid", cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0, steps=1):
+    """`steps` CPOTrainer steps (all pairs in one batch each) from the base model_dir + the PEFT adapter adapter_dir;
+    the adapter after them saved to out_adapter_dir. Returns {"metrics": the last step's logged METRICS, "first_metrics":
+    the first's, "grads": {PEFT key: the last step's gradient}, "pairs": [per pair: prompt_ids, chosen_ids,
+    rejected_ids as TRL's tokenization gives them (each completion after its own prompt part: "chosen_prompt_ids",
+    "rejected_prompt_ids")], "independent": the first step's loss and metrics from a plain forward pass}."""
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token is None:  # padding is masked out of everything
+        tok.pad_token = tok.unk_token or tok.eos_token
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="trl_cpo_"))
+    args = CPOConfig(
+        output_dir=str(work), per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1, max_steps=steps,
+        learning_rate=lr, adam_epsilon=eps, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, optim="adamw_torch",
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, beta=beta, label_smoothing=label_smoothing,
+        loss_type=loss_type, cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma, alpha=alpha, max_length=max_length,
+        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], logging_steps=1,
+        save_strategy="no", seed=seed, data_seed=seed, dataloader_num_workers=0, disable_dropout=True,
+        remove_unused_columns=False, disable_tqdm=True)
+    if loss_type == "alphapo":
+        loss_type, cpo_alpha = "simpo", 0.0
+    assert args.loss_type == loss_type and args.cpo_alpha == cpo_alpha, (args.loss_type, args.cpo_alpha)
+
+    logged, grads = [], {}
+
+    class Capture(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logged.append(dict(logs or {}))
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            for n, p in model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    grads[n] = p.grad.detach().clone()
+
+    trainer = CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
+                         callbacks=[Capture()])
+    for n, p in model.named_parameters():
+        assert p.requires_grad == ("lora_" in n), (n, p.requires_grad)
+
+    # TRL's token ids of each pair, and the first step's loss and metrics from a plain forward pass on them.
+    per_pair = []
+    with torch.no_grad():
+        for ex in trainer.train_dataset:
+            seqs = {}
+            for which in ("chosen", "rejected"):
+                ids, labels = list(ex[f"{which}_input_ids"]), list(ex[f"{which}_labels"])
+                k = next(i for i, l in enumerate(labels) if l != -100)
+                assert all(l == -100 for l in labels[:k]) and labels[k:] == ids[k:], (which, labels, ids)
+                seqs[which] = (ids[:k], ids[k:])
+            logp = {w: completion_logps(model, *seqs[w]) for w in seqs}
+            per_pair.append({"chosen_prompt_ids": seqs["chosen"][0], "chosen_ids": seqs["chosen"][1],
+                             "rejected_prompt_ids": seqs["rejected"][0], "rejected_ids": seqs["rejected"][1],
+                             "chosen_sum": logp["chosen"][0], "chosen_n": logp["chosen"][1],
+                             "rejected_sum": logp["rejected"][0], "rejected_n": logp["rejected"][1]})
+
+    def logsig(x):
+        return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+    average = loss_type in ("ipo", "simpo")
+    n = len(per_pair)
+    lc = [q["chosen_sum"] / q["chosen_n"] if average else q["chosen_sum"] for q in per_pair]
+    lr_ = [q["rejected_sum"] / q["rejected_n"] if average else q["rejected_sum"] for q in per_pair]
+    if alpha != 0:
+        lc = [(1 - math.exp(-alpha * v)) / alpha for v in lc]
+        lr_ = [(1 - math.exp(-alpha * v)) / alpha for v in lr_]
+    ls = label_smoothing
+
+    def per_loss(c, r):
+        z = c - r
+        if loss_type in ("sigmoid", "simpo"):
+            if loss_type == "simpo":
+                z -= simpo_gamma / beta
+            return -(1 - ls) * logsig(beta * z) - ls * logsig(-beta * z)
+        if loss_type == "hinge":
+            return max(0.0, 1 - beta * z)
+        if loss_type == "ipo":
+            return (z - 1 / (2 * beta)) ** 2
+        raise ValueError(loss_type)
+    nll = -sum(q["chosen_sum"] for q in per_pair) / sum(q["chosen_n"] for q in per_pair)
+    logps_c = [q["chosen_sum"] / q["chosen_n"] if average else q["chosen_sum"] for q in per_pair]
+    logps_r = [q["rejected_sum"] / q["rejected_n"] if average else q["rejected_sum"] for q in per_pair]
+    independent = {
+        "loss": sum(per_loss(c, r) for c, r in zip(lc, lr_)) / n + cpo_alpha * nll,
+        "rewards/chosen": beta * sum(lc) / n, "rewards/rejected": beta * sum(lr_) / n,
+        "rewards/accuracies": sum(c > r for c, r in zip(lc, lr_)) / n,
+        "rewards/margins": beta * sum(c - r for c, r in zip(lc, lr_)) / n,
+        "logps/chosen": sum(logps_c) / n, "logps/rejected": sum(logps_r) / n,
+        "nll_loss": nll if cpo_alpha != 0 else 0.0}
+
+    trainer.train()
+    steps_logged = [{k: float(l[k]) for k in METRICS} for l in logged if "rewards/chosen" in l]
+    assert len(steps_logged) == steps, (len(steps_logged), steps)
+    model.save_pretrained(str(out_adapter_dir))
+    saved_grads = {k.replace(".default.", "."): v for k, v in grads.items()}
+    return {"metrics": steps_logged[-1], "first_metrics": steps_logged[0], "grads": saved_grads, "pairs": per_pair,
+            "independent": independent}
