@@ -609,6 +609,13 @@ case "$CALL" in
     --set model.device=cuda --set logging.progress=lines >"$L/demo.log" 2>&1
   grep -E "^generate:|exact-match|warning" "$L/demo.log" >>"$summary"
   echo "demo: $(grep -E '^\{' "$L/demo.log" | tail -n 1)" >>"$summary"
+  if [ "$CALL" = 59 ]; then
+    # CPO (train.objective "cpo", thirty-seventh session) on CUDA: the DPO demo's pairs, its exact match.
+    timeout 90 build-gpu/qlora-train --config configs/demo-dpo.json --set output_dir="$L/cpo" --set train.objective=cpo \
+      --set model.device=cuda --set logging.progress=lines >"$L/cpo.log" 2>&1
+    grep -E "step 60/60|exact-match|error" "$L/cpo.log" >>"$summary"
+    echo "cpo demo: $(grep -E '^\{' "$L/cpo.log" | tail -n 1)" >>"$summary"
+  fi
   ;;
 57)
   note "== issue 27 on an H200 (its own machine): 8B 2 x 2048 at 80 GiB against Unsloth 0 (call 2's second half)"

@@ -6,7 +6,8 @@ TRL's to 1e-4 of its update (AdamW with a large eps makes the first update close
 compares the gradients), and after two steps the loss, rewards and log-probs equal TRL's logged metrics to 1e-5 and
 the adapter TRL's to 5e-4. The same steps in micro-batches of one pair give the step's loss (the pairs' mean; the NLL
 term each micro-batch's token mean, as TRL's per batch, so the sigmoid + NLL case is compared with cpo_alpha 0 there).
-`qlora-train eval --config` of a CPO run gives the CPO loss reference-free; keys out of range are refused by name.
+`qlora-train eval --config` of a CPO run gives the CPO loss reference-free; the DPO demo's pairs under CPO teach its
+task (exact match from none to most); keys out of range are refused by name.
 
     cd build && QT_BINARY=$PWD/qlora-train python3 ../tests/e2e/test_cpo.py [--oracle-only]"""
 import json, math, os, pathlib, random, subprocess, sys, tempfile
@@ -200,6 +201,18 @@ def main():
             TMP / "init")
     check(p.returncode != 0 and "--reference-adapter" in p.stderr,
           f"eval: --reference-adapter with a CPO config is refused naming it (exit {p.returncode})")
+
+    # The DPO demo's pairs (configs/demo-dpo.json) under CPO's defaults (sigmoid + the chosen answers' NLL) teach its
+    # task: held-out exact match from none to most.
+    root = pathlib.Path(__file__).resolve().parents[2]
+    p = subprocess.run([BIN, "--config", "configs/demo-dpo.json", "--set", f"output_dir={TMP / 'demo'}", "--set",
+                        "train.objective=cpo", "--set", "model.device=cpu", "--set", "logging.progress=lines"],
+                       capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    summary = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
+    check(summary.get("exact_match_before", 1) < 0.05 and summary.get("exact_match_after", 0) >= 0.5
+          and "CPO (sigmoid + 1 x NLL)" in p.stderr,
+          f"the DPO demo's pairs under CPO: exact match {summary.get('exact_match_before')} -> "
+          f"{summary.get('exact_match_after')} (exit {p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
 
     # Bad keys are refused by name before anything loads.
     for bad, key in (({"loss_type": "robust"}, "cpo.loss_type"), ({"beta": 0}, "cpo.beta"),
