@@ -388,6 +388,10 @@ EvalArgs with_run_config(EvalArgs a) {
       a.cpo = c.cpo;
       if (!unset("--beta")) a.cpo->beta = beta;
     }
+    if (c.train.objective == "orpo") {
+      a.orpo = c.orpo;
+      if (!unset("--beta")) a.orpo->beta = beta;
+    }
     if (unset("--reference-adapter")) a.reference_adapter = c.parsed_lora.init_from;
     // The config's logging.level, as training takes it, unless --log-level was given (before or after `eval`).
     if (unset("--log-level")) qt::log::set_level(qt::log::parse_level(c.log_level));
@@ -442,16 +446,18 @@ int run_eval(const EvalArgs& given) {
       qt::fail(qt::ErrorKind::Usage, "eval: --exact-match needs records with one answer, not preference pairs");
     qt::PreferenceObjective pref;
     if (args.cpo) pref.cpo = &*args.cpo;
+    else if (args.orpo) pref.orpo = &*args.orpo;
     else pref.dpo = &args.dpo;
-    if (args.cpo && args.given.count("--reference-adapter"))
-      qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter: --config's train.objective \"cpo\" has no reference");
+    if (!pref.needs_reference() && args.given.count("--reference-adapter"))
+      qt::fail(qt::ErrorKind::Usage, std::string("eval: --reference-adapter: --config's ") + pref.name() +
+                                         " run has no reference");
     if (args.given.count("--reference-adapter") && args.adapter.empty())
       qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter compares --adapter with it: give --adapter too");
     // The reference swaps the LoRA adapters alone: a trained lm_head or embed_tokens would stay the policy's.
     if (model.lm_head_trainable.defined() || model.embed_tokens_trainable.defined())
       qt::fail(qt::ErrorKind::Usage, "eval: preference pairs with an adapter that trains lm_head or embed_tokens "
                                      "(modules_to_save) are not supported yet");
-    const std::string reference_dir = args.adapter.empty() || args.cpo ? "" : args.reference_adapter;
+    const std::string reference_dir = args.adapter.empty() || !pref.needs_reference() ? "" : args.reference_adapter;
     if (!reference_dir.empty() &&
         !qt::read_peft_adapter_config(reference_dir).lora.modules_to_save.empty())
       qt::fail(qt::ErrorKind::Usage, "eval: --reference-adapter " + reference_dir + " trains lm_head or "
@@ -472,9 +478,11 @@ int run_eval(const EvalArgs& given) {
       qt::fail_at(qt::ErrorKind::Data, args.data, "no pair has a target token in both its completions");
     if (!std::isfinite(d.mean(0))) qt::fail(qt::ErrorKind::Numeric, "evaluation loss is not finite");
     qt::Json out = {{"loss", d.mean(0)}, {"pairs", d.pairs}, {"records", docs.size()}, {"truncated", d.truncated},
-                    {"objective", args.cpo ? "cpo" : "dpo"},
-                    {"loss_type", args.cpo ? qt::Json(args.cpo->loss_type) : args.dpo.to_json()["loss_type"]},
-                    {"beta", args.cpo ? args.cpo->beta : args.dpo.beta}};
+                    {"objective", args.cpo ? "cpo" : args.orpo ? "orpo" : "dpo"},
+                    {"loss_type", args.cpo    ? qt::Json(args.cpo->loss_type)
+                                  : args.orpo ? qt::Json("orpo")
+                                              : args.dpo.to_json()["loss_type"]},
+                    {"beta", args.cpo ? args.cpo->beta : args.orpo ? args.orpo->beta : args.dpo.beta}};
     for (size_t i = 0; i < qt::dpo_stat_names().size(); ++i) out[qt::dpo_stat_names()[i]] = d.mean(i + 1);
     std::cout << out.dump() << std::endl;
     return 0;

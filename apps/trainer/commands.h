@@ -35,8 +35,9 @@ struct EvalArgs {
   // reference_adapter (--reference-adapter, or the run config's lora.init_from) or alone.
   qt::DpoSection dpo;  // preference pairs: the config's dpo section (--beta over its beta)
   std::string reference_adapter;
-  // A run config with train.objective "cpo": its cpo section (--beta over its beta), reference-free.
+  // A run config with train.objective "cpo" or "orpo": its section (--beta over its beta), reference-free.
   std::optional<qt::CpoSection> cpo;
+  std::optional<qt::OrpoSection> orpo;
 };
 
 struct ExportArgs {

@@ -350,4 +350,45 @@ DpoTerms cpo_terms(const at::Tensor& policy, const CpoSection& c, const at::Tens
   return t;
 }
 
+OrpoSection OrpoSection::from_json(const Json& section, const std::string& file) {
+  reject_unknown_keys(section, {"beta"}, file, "orpo.", ErrorKind::Config);
+  const JsonReader r{section, file, ErrorKind::Config, "orpo."};
+  OrpoSection c;
+  c.beta = r.get_double("beta", c.beta);
+  if (!(c.beta >= 0 && c.beta < 1e6))
+    fail_key(ErrorKind::Config, file, "orpo.beta", "must be >= 0 (TRL's default: 0.1; 0: the NLL alone)");
+  return c;
+}
+
+DpoTerms orpo_terms(const at::Tensor& policy, const OrpoSection& c, const at::Tensor& lengths, const at::Tensor& nll) {
+  QT_CHECK(lengths.defined() && nll.defined(), ErrorKind::Internal, "orpo_terms: needs the lengths and the NLL");
+  const at::Tensor logps = policy.reshape({-1, 2}) / lengths.reshape({-1, 2}).clamp_min(1.0);
+  const at::Tensor lc = logps.select(1, 0), lr = logps.select(1, 1);
+  // log(1 - exp(x)) for x < 0, as TRL's log1mexp: log1p(-exp(x)) below -ln 2, log(-expm1(x)) above.
+  const auto log1mexp = [](const at::Tensor& x) {
+    return at::where(x < -0.6931471805599453, at::log1p(-at::exp(x)), at::log(-at::expm1(x)));
+  };
+  const at::Tensor log_odds = (lc - lr) - (log1mexp(lc) - log1mexp(lr));
+  const int64_t pairs = lc.size(0);
+  DpoTerms t;
+  t.loss_sum = nll * static_cast<double>(pairs) - at::log_sigmoid(log_odds).sum() * c.beta;
+  const at::Tensor rc = lc.detach() * c.beta, rr = lr.detach() * c.beta;
+  t.sums = at::stack({t.loss_sum.detach(), rc.sum(), rr.sum(), rc.gt(rr).to(at::kFloat).sum(), (rc - rr).sum(),
+                      lc.detach().sum(), lr.detach().sum()});
+  return t;
+}
+
+at::Tensor whole_chosen_targets(const at::Tensor& input_ids, const at::Tensor& targets, const at::Tensor& sequences,
+                                int64_t pairs) {
+  const int64_t B = input_ids.size(0), S = input_ids.size(1);
+  const at::Tensor seq = sequences.to(at::kCPU).view({B, S});
+  const at::Tensor ids = input_ids.to(at::kCPU, at::kLong);
+  const at::Tensor here = seq.narrow(1, 0, S - 1), next = seq.narrow(1, 1, S - 1);
+  const at::Tensor chosen_next = (here == next) & (here.remainder(2) == 0) & (here < 2 * pairs);
+  at::Tensor whole = at::full({B, S}, -100, at::kLong);
+  whole.narrow(1, 0, S - 1).copy_(at::where(chosen_next, ids.narrow(1, 1, S - 1), at::full({}, -100, at::kLong)));
+  const at::Tensor t = targets.to(at::kCPU, at::kLong);
+  return at::where(t != -100, t, whole).to(targets.device(), targets.scalar_type());
+}
+
 }  // namespace qt

@@ -11,6 +11,7 @@
 // packer as two documents of a row: chosen, then rejected.
 #include <ATen/core/Tensor.h>
 
+#include <cstdio>
 #include <memory>
 #include <string>
 #include <vector>
@@ -128,19 +129,53 @@ struct CpoSection {
 // dpo_terms, with CPO's rewards (beta x the policy's log-probabilities, after AlphaPO's shape) in the statistics.
 DpoTerms cpo_terms(const at::Tensor& policy, const CpoSection& config, const at::Tensor& lengths = {});
 
-// A run's preference objective: DPO (against its reference) or CPO (reference-free); empty for SFT.
+// Odds Ratio Preference Optimization (Hong et al., 2024, arXiv:2403.07691) as TRL's ORPOTrainer computes it (trl
+// 1.16, trl.experimental.orpo): reference-free, on the policy's log-probabilities' mean over each completion's tokens
+// (lc, lr), log_odds = (lc - lr) - (log(1 - exp(lc)) - log(1 - exp(lr))), and
+//   loss = NLL - beta log sigmoid(log_odds)
+// where NLL is the chosen sequences' cross-entropy over all their tokens, the prompt's included (TRL's: the labels
+// are the whole sequence), a micro-batch's token mean.
+struct OrpoSection {
+  double beta = 0.1;  // TRL's beta (the paper's lambda): the odds ratio term's weight
+
+  // The "orpo" section {beta}; unknown keys and values out of range are qt::Error(Config) naming `file` and the key.
+  static OrpoSection from_json(const Json& section, const std::string& file);
+  Json to_json() const { return Json{{"beta", beta}}; }
+};
+
+// policy: [2 * pairs] completion log-probability sums; lengths: their tokens; nll: the chosen sequences' mean
+// cross-entropy over all their tokens (the micro-batch's). Statistics as cpo_terms' (rewards beta x the means).
+DpoTerms orpo_terms(const at::Tensor& policy, const OrpoSection& config, const at::Tensor& lengths,
+                    const at::Tensor& nll);
+
+// A run's preference objective: DPO (against its reference), CPO or ORPO (reference-free); empty for SFT.
 struct PreferenceObjective {
   const DpoSection* dpo = nullptr;
   const CpoSection* cpo = nullptr;
-  explicit operator bool() const { return dpo || cpo; }
+  const OrpoSection* orpo = nullptr;
+  explicit operator bool() const { return dpo || cpo || orpo; }
   bool needs_reference() const { return dpo != nullptr; }
-  bool needs_lengths() const { return dpo ? dpo->needs_lengths() : cpo && cpo->needs_lengths(); }
-  const char* name() const { return dpo ? "DPO" : "CPO"; }
-  std::string describe() const { return std::string(name()) + " (" + (dpo ? dpo->describe() : cpo->describe()) + ")"; }
-  // reference: undefined for CPO
-  DpoTerms terms(const at::Tensor& policy, const at::Tensor& reference, const at::Tensor& lengths) const {
-    return dpo ? dpo_terms(policy, reference, *dpo, lengths) : cpo_terms(policy, *cpo, lengths);
+  bool needs_lengths() const { return dpo ? dpo->needs_lengths() : cpo ? cpo->needs_lengths() : orpo != nullptr; }
+  // ORPO: the chosen sequences' NLL over their prompts' tokens too
+  bool needs_prompt_nll() const { return orpo != nullptr; }
+  const char* name() const { return dpo ? "DPO" : cpo ? "CPO" : "ORPO"; }
+  std::string describe() const {
+    char b[32];
+    std::snprintf(b, sizeof b, "beta %g", orpo ? orpo->beta : 0.0);
+    return std::string(name()) + " (" + (dpo ? dpo->describe() : cpo ? cpo->describe() : std::string(b)) + ")";
+  }
+  // reference: undefined for CPO and ORPO; nll: ORPO's (needs_prompt_nll)
+  DpoTerms terms(const at::Tensor& policy, const at::Tensor& reference, const at::Tensor& lengths,
+                 const at::Tensor& nll = {}) const {
+    if (dpo) return dpo_terms(policy, reference, *dpo, lengths);
+    if (cpo) return cpo_terms(policy, *cpo, lengths);
+    return orpo_terms(policy, *orpo, lengths, nll);
   }
 };
+
+// ORPO's targets: `targets` ([B, S], the completions' next tokens, -100 elsewhere) with every other next token of a
+// chosen sequence (even `sequences`, [B * S]) added, its prompt's: TRL's labels of the whole chosen sequence.
+at::Tensor whole_chosen_targets(const at::Tensor& input_ids, const at::Tensor& targets, const at::Tensor& sequences,
+                                int64_t pairs);
 
 }  // namespace qt

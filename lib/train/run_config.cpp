@@ -11,7 +11,7 @@ namespace qt {
 namespace {
 
 const std::vector<std::string> kTopKeys = {"output_dir", "model", "lora", "data", "train", "optim", "checkpoint",
-                                           "eval", "dpo", "cpo", "logging"};
+                                           "eval", "dpo", "cpo", "orpo", "logging"};
 
 void check_positive(int64_t v, const std::string& file, const std::string& key, bool allow_zero = false) {
   if (v < 0 || (!allow_zero && v == 0))
@@ -185,8 +185,10 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   if (c.train.loss != "fused" && c.train.loss != "plain")
     fail_key(ErrorKind::Config, file, "train.loss", "'" + c.train.loss + "': expected fused or plain");
   c.train.objective = tr.get_string("objective", c.train.objective);
-  if (c.train.objective != "sft" && c.train.objective != "dpo" && c.train.objective != "cpo")
-    fail_key(ErrorKind::Config, file, "train.objective", "'" + c.train.objective + "': expected sft, dpo or cpo");
+  if (c.train.objective != "sft" && c.train.objective != "dpo" && c.train.objective != "cpo" &&
+      c.train.objective != "orpo")
+    fail_key(ErrorKind::Config, file, "train.objective",
+             "'" + c.train.objective + "': expected sft, dpo, cpo or orpo");
 
   const Json& o = section(j, "optim");
   reject_unknown_keys(o, {"lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
@@ -258,6 +260,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   const Json& cp = section(j, "cpo");
   if (!cp.is_object()) fail_key(ErrorKind::Config, file, "cpo", "expected an object {loss_type, beta, cpo_alpha, ...}");
   c.cpo = CpoSection::from_json(cp, file);
+  const Json& op = section(j, "orpo");
+  if (!op.is_object()) fail_key(ErrorKind::Config, file, "orpo", "expected an object {beta}");
+  c.orpo = OrpoSection::from_json(op, file);
 
   const Json& lg = section(j, "logging");
   reject_unknown_keys(lg, {"level", "progress"}, file, "logging.", ErrorKind::Config);
@@ -374,6 +379,7 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
                {"max_new_tokens", c.eval.max_new_tokens}};
   j["dpo"] = c.dpo.to_json();
   j["cpo"] = c.cpo.to_json();
+  j["orpo"] = c.orpo.to_json();
   j["logging"] = {{"level", c.log_level}, {"progress", c.progress}};
   return j;
 }

@@ -336,6 +336,20 @@ at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, cons
 DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
                           const at::Tensor& sequences, const at::Tensor& reference, const PreferenceObjective& pref,
                           bool fused) {
+  if (pref.needs_prompt_nll()) {
+    // ORPO: one pass of the loss over the completions' targets and the chosen prompts' (whole_chosen_targets); the
+    // log-probabilities over the completions alone, the NLL over the whole chosen sequences.
+    const at::Tensor whole = whole_chosen_targets(b.input_ids, b.targets, sequences, b.num_pairs);
+    const at::Tensor losses = token_losses(model, hidden, whole, fused);
+    const at::Tensor completion = b.targets.reshape({-1}).ne(-100).to(losses.device(), losses.scalar_type());
+    const at::Tensor policy = sequence_logps(losses * completion, sequences, b.num_pairs);
+    const at::Tensor all = sequence_logps(losses, sequences, b.num_pairs).reshape({-1, 2}).select(1, 0);
+    at::Tensor counts = at::zeros({2 * b.num_pairs + 1}, at::kFloat);
+    counts.index_add_(0, sequences, whole.reshape({-1}).to(at::kCPU).ne(-100).to(at::kFloat));
+    const double chosen_tokens = counts.narrow(0, 0, 2 * b.num_pairs).view({-1, 2}).select(1, 0).sum().item<double>();
+    const at::Tensor nll = -all.sum() / std::max(1.0, chosen_tokens);
+    return pref.terms(policy, reference, sequence_targets(b, sequences, policy.device()), nll);
+  }
   const at::Tensor policy = sequence_logps(token_losses(model, hidden, b.targets, fused), sequences, b.num_pairs);
   const at::Tensor lengths = pref.needs_lengths() ? sequence_targets(b, sequences, policy.device()) : at::Tensor();
   return pref.terms(policy, reference, lengths);
@@ -665,7 +679,7 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
     m.reference = std::make_shared<ReferenceAdapters>(model, lora.init_from);
     if (s.rank0) log::info("DPO (" + cfg.dpo.describe() + "): the reference is " + m.reference->describe());
   }
-  if (cfg.train.objective == "cpo" && s.rank0)
+  if (cfg.preference() && !cfg.preference().needs_reference() && s.rank0)
     log::info(cfg.preference().describe() + ": reference-free, on the policy's log-probabilities alone");
   return m;
 }

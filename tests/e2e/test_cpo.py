@@ -1,7 +1,9 @@
-"""CPO, SimPO and AlphaPO (train.objective "cpo", data.format "preference") against TRL's CPOTrainer
-(tests/oracles/cpo_trl.py, trl 1.16.0's trl.experimental.cpo): optimizer steps on a tiny fp32 model on the CPU from a
+"""CPO, SimPO and AlphaPO (train.objective "cpo", data.format "preference") against TRL's CPOTrainer, and ORPO
+(train.objective "orpo") against its ORPOTrainer (tests/oracles/cpo_trl.py, trl 1.16.0's trl.experimental.cpo and
+.orpo): optimizer steps on a tiny fp32 model on the CPU from a
 PEFT adapter with non-zero B (lora.init_from), all the pairs in each step. For each loss type (sigmoid with label
-smoothing and the NLL term, hinge, ipo, simpo with and without the NLL term, AlphaPO): one step's adapter equals
+smoothing and the NLL term, hinge, ipo, simpo with and without the NLL term, AlphaPO; ORPO at two betas, its NLL over
+the chosen sequences' prompts too): one step's adapter equals
 TRL's to 1e-4 of its update (AdamW with a large eps makes the first update close to linear in the gradient, so this
 compares the gradients), and after two steps the loss, rewards and log-probs equal TRL's logged metrics to 1e-5 and
 the adapter TRL's to 5e-4. The same steps in micro-batches of one pair give the step's loss (the pairs' mean; the NLL
@@ -33,7 +35,9 @@ CASES = {"sigmoid": dict(loss_type="sigmoid", beta=0.3, label_smoothing=0.2, cpo
          "ipo": dict(loss_type="ipo", beta=0.5, cpo_alpha=0.0),
          "simpo": dict(loss_type="simpo", beta=2.0, simpo_gamma=0.8, cpo_alpha=0.0),
          "cpo_simpo": dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=1.0),
-         "alphapo": dict(loss_type="alphapo", beta=2.0, simpo_gamma=0.5, alpha=0.25)}
+         "alphapo": dict(loss_type="alphapo", beta=2.0, simpo_gamma=0.5, alpha=0.25),
+         # ORPO (train.objective "orpo", its section's beta alone)
+         "orpo": dict(objective="orpo", beta=0.1), "orpo_strong": dict(objective="orpo", beta=2.0)}
 
 
 def words(rng, lo, hi):
@@ -69,15 +73,15 @@ def make_adapter(model, out, b_std=0.5):
     peft.unload()
 
 
-def write_config(name, train_file, cpo, train=None, data=None, optim=None):
+def write_config(name, train_file, cpo, train=None, data=None, optim=None, objective="cpo"):
     cfg = {"output_dir": str(TMP / name),
            "model": {"path": str(TMP / "model"), "quant": "none", "device": "cpu", "dtype": "fp32"},
            "lora": {"r": 8, "alpha": 16, "targets": TARGETS, "dropout": 0.0, "init_from": str(TMP / "init")},
            "data": {"train_file": str(train_file), "format": "preference", "max_seq_len": 256, "packing": True,
                     **(data or {})},
-           "train": {"objective": "cpo", "steps": 2, "batch_size": 9, "micro_batch_size": 9, "seed": 3,
+           "train": {"objective": objective, "steps": 2, "batch_size": 9, "micro_batch_size": 9, "seed": 3,
                      "log_every": 1, **(train or {})},
-           "cpo": cpo,
+           objective: cpo,
            "optim": {"lr": LR, "eps": EPS, "weight_decay": 0, "warmup_steps": 0, "schedule": "constant",
                      "max_grad_norm": 0, **(optim or {})},
            "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
@@ -136,6 +140,9 @@ def compare_adapters(name, ours, trl, init, rel=1e-4):
 
 
 def trl_step(name, pairs, steps, **kw):
+    if kw.pop("objective", "cpo") == "orpo":
+        return cpo_trl.trl_orpo_step(TMP / "model", TMP / "init", pairs, TMP / f"trl_{name}", lr=LR, eps=EPS,
+                                     max_length=256, steps=steps, **kw)
     return cpo_trl.trl_cpo_step(TMP / "model", TMP / "init", pairs, TMP / f"trl_{name}", lr=LR, eps=EPS,
                                 max_length=256, steps=steps, **kw)
 
@@ -167,16 +174,17 @@ def main():
     acc = {k: r["first_metrics"]["rewards/accuracies"] for k, r in trl2.items()}
     check(all(0 < a < 1 for a in acc.values()), f"oracle: the pairs' rewards are not all one way ({acc})")
     if ORACLE_ONLY:
-        finish("CPO oracle checks")
+        finish("CPO and ORPO oracle checks")
         return
 
     for k, v in CASES.items():
-        cpo = {n: x for n, x in v.items()}
-        got = run_ours(f"{k}1", data, cpo, train={"steps": 1})
+        cpo = {n: x for n, x in v.items() if n != "objective"}
+        objective = v.get("objective", "cpo")
+        got = run_ours(f"{k}1", data, cpo, train={"steps": 1}, objective=objective)
         if got:
             compare_adapters(f"({k}) one step", got[1], load_file(str(TMP / f"trl_{k}1" / "adapter_model.safetensors")),
                              init)
-        got = run_ours(k, data, cpo)
+        got = run_ours(k, data, cpo, objective=objective)
         if got:
             compare_metrics(f"({k}) two steps", got[0], trl2[k]["metrics"], v["beta"])
             compare_adapters(f"({k}) two steps", got[1], load_file(str(TMP / f"trl_{k}" / "adapter_model.safetensors")),
@@ -214,6 +222,19 @@ def main():
           f"the DPO demo's pairs under CPO: exact match {summary.get('exact_match_before')} -> "
           f"{summary.get('exact_match_after')} (exit {p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
 
+    # ORPO in micro-batches of one pair: the NLL term each micro-batch's token mean, so not TRL's batch mean; the odds
+    # ratio term alone (beta large against it) is compared through the metrics, which it does not change.
+    got = run_ours("orpo_micro", data, {"beta": 2.0}, train={"micro_batch_size": 1, "steps": 1}, objective="orpo")
+    if got:
+        m, trl = got[0], trl1["orpo_strong"]["metrics"]
+        check(all(abs(m[o] - trl[t]) <= 1e-5 * max(1.0, abs(trl[t])) for o, t in NAMES.items() if o != "loss"),
+              f"(orpo) micro-batches of 1: the first step's rewards and log-probs are TRL's")
+    p = run("eval", "--config", TMP / "orpo.json", "--adapter", TMP / "init", "--data", data)
+    out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
+    want = trl2["orpo"]["first_metrics"]["rewards/margins"]
+    check(out.get("objective") == "orpo" and abs(out.get("rewards_margin", 0) - want) <= 1e-5 * max(1.0, abs(want)),
+          f"eval --config of an ORPO run: its rewards are TRL's first step's: {out} (exit {p.returncode})")
+
     # Bad keys are refused by name before anything loads.
     for bad, key in (({"loss_type": "robust"}, "cpo.loss_type"), ({"beta": 0}, "cpo.beta"),
                      ({"loss_type": "hinge", "label_smoothing": 0.1}, "cpo.label_smoothing"),
@@ -223,7 +244,12 @@ def main():
         check(p.returncode == 3 and key in p.stderr,
               f"cpo {bad} is refused naming {key} (exit {p.returncode}): "
               f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
-    finish("CPO checks")
+    for bad, key in (({"beta": -1}, "orpo.beta"), ({"loss_type": "sigmoid"}, "orpo.loss_type")):
+        p = run("--config", write_config("bad", data, bad, objective="orpo"))
+        check(p.returncode == 3 and key in p.stderr,
+              f"cpo {bad} is refused naming {key} (exit {p.returncode}): "
+              f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
+    finish("CPO and ORPO checks")
 
 
 if __name__ == "__main__":

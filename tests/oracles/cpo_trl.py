@@ -1,5 +1,6 @@
-"""TRL's CPOTrainer (trl 1.16.0, trl.experimental.cpo; pinned in requirements.txt) as the oracle of CPO / SimPO /
-AlphaPO optimizer steps: trl_cpo_step() runs `steps` steps on the CPU in fp32 over ALL the pairs in one batch and
+"""TRL's CPOTrainer and ORPOTrainer (trl 1.16.0, trl.experimental.cpo and .orpo; pinned in requirements.txt) as the
+oracles of CPO / SimPO / AlphaPO and ORPO optimizer steps: trl_cpo_step() (trl_orpo_step() likewise, below) runs
+`steps` steps on the CPU in fp32 over ALL the pairs in one batch and
 returns the logged metrics, the gradients of the last step, TRL's token ids of each pair and the first step's loss and
 metrics computed here from a plain forward pass (no TRL code), and saves the adapter (PEFT's save_pretrained).
 
@@ -144,6 +145,97 @@ def trl_cpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, la
         "logps/chosen": sum(logps_c) / n, "logps/rejected": sum(logps_r) / n,
         "nll_loss": nll if cpo_alpha != 0 else 0.0}
 
+    trainer.train()
+    steps_logged = [{k: float(l[k]) for k in METRICS} for l in logged if "rewards/chosen" in l]
+    assert len(steps_logged) == steps, (len(steps_logged), steps)
+    model.save_pretrained(str(out_adapter_dir))
+    saved_grads = {k.replace(".default.", "."): v for k, v in grads.items()}
+    return {"metrics": steps_logged[-1], "first_metrics": steps_logged[0], "grads": saved_grads, "pairs": per_pair,
+            "independent": independent}
+
+
+def sequence_nll(model, ids):
+    """(sum of -log p(token) over every token of `ids` after the first, their count): ORPO's NLL of a sequence."""
+    import torch
+    x = torch.tensor([ids])
+    logits = model(input_ids=x).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
+    return float(-lp.sum()), len(ids) - 1
+
+
+def trl_orpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, lr=1e-3, eps=1e-8, max_length=1024,
+                  seed=3, steps=1):
+    """ORPOTrainer (trl 1.16.0, trl.experimental.orpo) as trl_cpo_step runs CPOTrainer. What it follows in
+    orpo_trainer.py: the data as CPOTrainer's (tokenize_row); the log-probs the completion tokens' mean
+    (average_log_prob=True); log_odds = (lc - lr) - (log1mexp(lc) - log1mexp(lr)); the NLL the cross-entropy of the
+    chosen sequences over ALL their tokens after the first (labels = the input ids where the attention mask is 1: the
+    prompt's tokens included), the batch's token mean; loss = NLL - mean(beta logsigmoid(log_odds)); rewards beta x
+    the mean log-probs. Returns the same dict as trl_cpo_step (METRICS without nll_loss's zero case)."""
+    import torch
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="trl_orpo_"))
+    args = ORPOConfig(
+        output_dir=str(work), per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1, max_steps=steps,
+        learning_rate=lr, adam_epsilon=eps, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, optim="adamw_torch",
+        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, beta=beta, max_length=max_length,
+        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], logging_steps=1,
+        save_strategy="no", seed=seed, data_seed=seed, dataloader_num_workers=0, disable_dropout=True,
+        remove_unused_columns=False, disable_tqdm=True)
+    logged, grads = [], {}
+
+    class Capture(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logged.append(dict(logs or {}))
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            for n, p in model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    grads[n] = p.grad.detach().clone()
+
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
+                          callbacks=[Capture()])
+    per_pair = []
+    with torch.no_grad():
+        for ex in trainer.train_dataset:
+            seqs = {}
+            for which in ("chosen", "rejected"):
+                ids, labels = list(ex[f"{which}_input_ids"]), list(ex[f"{which}_labels"])
+                k = next(i for i, l in enumerate(labels) if l != -100)
+                assert all(l == -100 for l in labels[:k]) and labels[k:] == ids[k:], (which, labels, ids)
+                seqs[which] = (ids[:k], ids[k:])
+            logp = {w: completion_logps(model, *seqs[w]) for w in seqs}
+            nll = sequence_nll(model, seqs["chosen"][0] + seqs["chosen"][1])
+            per_pair.append({"chosen_prompt_ids": seqs["chosen"][0], "chosen_ids": seqs["chosen"][1],
+                             "rejected_prompt_ids": seqs["rejected"][0], "rejected_ids": seqs["rejected"][1],
+                             "lc": logp["chosen"][0] / logp["chosen"][1],
+                             "lr": logp["rejected"][0] / logp["rejected"][1], "nll_sum": nll[0], "nll_n": nll[1]})
+
+    def logsig(x):
+        return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+    def log1mexp(x):
+        return math.log1p(-math.exp(x))
+    n = len(per_pair)
+    nll = sum(q["nll_sum"] for q in per_pair) / sum(q["nll_n"] for q in per_pair)
+    odds = [(q["lc"] - q["lr"]) - (log1mexp(q["lc"]) - log1mexp(q["lr"])) for q in per_pair]
+    independent = {
+        "loss": nll - beta * sum(logsig(o) for o in odds) / n,
+        "rewards/chosen": beta * sum(q["lc"] for q in per_pair) / n,
+        "rewards/rejected": beta * sum(q["lr"] for q in per_pair) / n,
+        "rewards/accuracies": sum(q["lc"] > q["lr"] for q in per_pair) / n,
+        "rewards/margins": beta * sum(q["lc"] - q["lr"] for q in per_pair) / n,
+        "logps/chosen": sum(q["lc"] for q in per_pair) / n, "logps/rejected": sum(q["lr"] for q in per_pair) / n,
+        "nll_loss": nll}
     trainer.train()
     steps_logged = [{k: float(l[k]) for k in METRICS} for l in logged if "rewards/chosen" in l]
     assert len(steps_logged) == steps, (len(steps_logged), steps)
