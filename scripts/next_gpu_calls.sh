@@ -610,11 +610,13 @@ case "$CALL" in
   grep -E "^generate:|exact-match|warning" "$L/demo.log" >>"$summary"
   echo "demo: $(grep -E '^\{' "$L/demo.log" | tail -n 1)" >>"$summary"
   if [ "$CALL" = 59 ]; then
-    # CPO (train.objective "cpo", thirty-seventh session) on CUDA: the DPO demo's pairs, its exact match.
-    timeout 90 build-gpu/qlora-train --config configs/demo-dpo.json --set output_dir="$L/cpo" --set train.objective=cpo \
-      --set model.device=cuda --set logging.progress=lines >"$L/cpo.log" 2>&1
-    grep -E "step 60/60|exact-match|error" "$L/cpo.log" >>"$summary"
-    echo "cpo demo: $(grep -E '^\{' "$L/cpo.log" | tail -n 1)" >>"$summary"
+    # CPO and ORPO (train.objective "cpo" / "orpo", thirty-seventh session) on CUDA: the DPO demo's pairs, exact match.
+    for obj in cpo orpo; do
+      timeout 90 build-gpu/qlora-train --config configs/demo-dpo.json --set output_dir="$L/$obj" \
+        --set train.objective=$obj --set model.device=cuda --set logging.progress=lines >"$L/$obj.log" 2>&1
+      grep -E "step 60/60|exact-match|error" "$L/$obj.log" >>"$summary"
+      echo "$obj demo: $(grep -E '^\{' "$L/$obj.log" | tail -n 1)" >>"$summary"
+    done
   fi
   ;;
 57)
