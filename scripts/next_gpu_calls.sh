@@ -109,6 +109,7 @@
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
 #   59 (next, thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, a warm-up
 #      process, bench --generate 8B and 1B by default (graphs), eager and forward_cached; the demo's exact match on CUDA.
+#   60: call 59 in less device time: no forward_cached runs, no SFT demo.
 #   58 (ran in the thirty-seventh session): as 59 without the warm-up, the default then eager.
 #   56 (ran in the thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests (the CUDA graph
 #      of the decoding steps, opt-in until they pass), bench --generate 8B / 16,384 with QT_GENERATE_GRAPHS=1, eager
@@ -578,15 +579,25 @@ case "$CALL" in
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
   ;;
-58|59)
+58|59|60)
   # 58 (ran in the thirty-seventh session): the default then Decoder eagerly, against graphs (1) and forward_cached (0).
   # 59: the default now the graphs; a warm-up process first (call 58's first process on a fresh machine ran 2.7x
   # slower, whichever mode it ran: the libraries' kernels loaded from a cold disk), then each mode.
   note "== generation on CUDA: the [generate] [gpu] tests (graphed, eager and forward_cached tokens equal); bench"
   note "   --generate 8B / 16,384 and 1B / 8,192 by default (graphs), eager and through forward_cached (0)"
   gpu_tests 90 "[generate][gpu]"
-  if [ "$CALL" = 59 ]; then
+  if [ "$CALL" != 58 ]; then
+    # CPO and ORPO (train.objective "cpo" / "orpo", thirty-seventh session) on CUDA: the DPO demo's pairs, exact match.
+    for obj in cpo orpo; do
+      timeout 90 build-gpu/qlora-train --config configs/demo-dpo.json --set output_dir="$L/$obj" \
+        --set train.objective=$obj --set model.device=cuda --set logging.progress=lines >"$L/$obj.log" 2>&1
+      grep -E "step 60/60|exact-match|error" "$L/$obj.log" >>"$summary"
+      echo "$obj demo: $(grep -E '^\{' "$L/$obj.log" | tail -n 1)" >>"$summary"
+    done
+  fi
+  if [ "$CALL" != 58 ]; then
     modes="default eager 0"
+    [ "$CALL" = 60 ] && modes="default eager"
     timeout 120 build-gpu/qlora-train bench --shape llama-3.2-1b --batch 4 --seq 2048 --generate 100 --prompt-tokens 200 \
       --max-new-tokens 32 --uncached 1 --out "$L/gen" >"$L/gen_warmup.log" 2>&1
   else
@@ -605,18 +616,11 @@ case "$CALL" in
     unset QT_GENERATE_GRAPHS
   done
   # The SFT demo on CUDA: its exact match before and after training through the default decoding.
-  QT_GENERATE_TIMES=1 timeout 90 build-gpu/qlora-train --config configs/demo.json --set output_dir="$L/demo" \
-    --set model.device=cuda --set logging.progress=lines >"$L/demo.log" 2>&1
-  grep -E "^generate:|exact-match|warning" "$L/demo.log" >>"$summary"
-  echo "demo: $(grep -E '^\{' "$L/demo.log" | tail -n 1)" >>"$summary"
-  if [ "$CALL" = 59 ]; then
-    # CPO and ORPO (train.objective "cpo" / "orpo", thirty-seventh session) on CUDA: the DPO demo's pairs, exact match.
-    for obj in cpo orpo; do
-      timeout 90 build-gpu/qlora-train --config configs/demo-dpo.json --set output_dir="$L/$obj" \
-        --set train.objective=$obj --set model.device=cuda --set logging.progress=lines >"$L/$obj.log" 2>&1
-      grep -E "step 60/60|exact-match|error" "$L/$obj.log" >>"$summary"
-      echo "$obj demo: $(grep -E '^\{' "$L/$obj.log" | tail -n 1)" >>"$summary"
-    done
+  if [ "$CALL" != 60 ]; then
+    QT_GENERATE_TIMES=1 timeout 90 build-gpu/qlora-train --config configs/demo.json --set output_dir="$L/demo" \
+      --set model.device=cuda --set logging.progress=lines >"$L/demo.log" 2>&1
+    grep -E "^generate:|exact-match|warning" "$L/demo.log" >>"$summary"
+    echo "demo: $(grep -E '^\{' "$L/demo.log" | tail -n 1)" >>"$summary"
   fi
   ;;
 57)

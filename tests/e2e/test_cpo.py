@@ -20,15 +20,12 @@ from safetensors.torch import load_file
 import tiny_lm
 import cpo_trl
 from checks import check, finish
+from pair_checks import NAMES, TARGETS, compare_adapters, compare_metrics, make_adapter, words
 
 ORACLE_ONLY = "--oracle-only" in sys.argv
 BIN = None if ORACLE_ONLY else os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_cpo_"))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EPS, LR = 1.0, 0.5  # AdamW's first update -LR g / (|g| + EPS): near-linear in g (as tests/e2e/test_dpo.py)
-NAMES = {"loss": "loss", "rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
-         "rewards_accuracy": "rewards/accuracies", "rewards_margin": "rewards/margins",
-         "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected"}
 # TRL's CPOConfig names; each case two steps (and one, for the gradient).
 CASES = {"sigmoid": dict(loss_type="sigmoid", beta=0.3, label_smoothing=0.2, cpo_alpha=0.5),
          "hinge": dict(loss_type="hinge", beta=0.05, cpo_alpha=1.0),
@@ -40,10 +37,6 @@ CASES = {"sigmoid": dict(loss_type="sigmoid", beta=0.3, label_smoothing=0.2, cpo
          "orpo": dict(objective="orpo", beta=0.1), "orpo_strong": dict(objective="orpo", beta=2.0)}
 
 
-def words(rng, lo, hi):
-    return " ".join(rng.choice(tiny_lm.WORDS) for _ in range(rng.randint(lo, hi)))
-
-
 def make_pairs(seed=23):
     """8 pairs of short texts (completions starting with a space: the prompt's tokens a prefix of both sequences'),
     and one whose prompt ends with a space (its last token merges with both completions alike)."""
@@ -52,25 +45,6 @@ def make_pairs(seed=23):
               "rejected": " " + words(rng, 2, 7) + rng.choice([".", "?"])} for _ in range(8)]
     pairs.insert(4, {"prompt": "what is two and two? ", "chosen": "four!", "rejected": "five or six."})
     return pairs
-
-
-def make_adapter(model, out, b_std=0.5):
-    from peft import LoraConfig, get_peft_model
-    torch.manual_seed(7)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
-                                            task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_A" in n:
-                p.copy_(torch.randn_like(p) * 0.2)
-            elif "lora_B" in n:
-                p.copy_(torch.randn_like(p) * b_std)
-    peft.save_pretrained(out)
-    cfg_path = out / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(TMP / "model")
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    peft.unload()
 
 
 def write_config(name, train_file, cpo, train=None, data=None, optim=None, objective="cpo"):
@@ -109,36 +83,6 @@ def run_ours(name, *args, **kw):
     return (m, load_file(str(adapter))) if m is not None and adapter.exists() else None
 
 
-def compare_metrics(name, ours, trl, beta):
-    scale = beta * max(abs(trl["logps/chosen"]), abs(trl["logps/rejected"]), 1.0)
-    for ok, tk in NAMES.items():
-        a, b = ours[ok], trl[tk]
-        if tk == "rewards/accuracies":
-            good = abs(a - b) <= 1e-6
-        elif tk.startswith("rewards/"):
-            good = abs(a - b) <= 1e-5 * scale
-        else:
-            good = abs(a - b) <= 1e-5 * abs(b)
-        check(good, f"{name}: {ok} {a:.8g} vs TRL {tk} {b:.8g}")
-
-
-def compare_adapters(name, ours, trl, init, rel=1e-4):
-    """(ours - init) against (trl - init), tensor by tensor, to rel of TRL's largest update + 2 fp32 ulps."""
-    check(set(ours) == set(trl), f"{name}: the adapter has TRL's {len(trl)} tensors ({len(ours)})")
-    worst, biggest, bad = 0.0, 0.0, []
-    for k in sorted(set(ours) & set(trl)):
-        d_ours, d_trl = ours[k].float() - init[k], trl[k] - init[k]
-        big = d_trl.abs().max().item()
-        ulp = torch.finfo(torch.float32).eps * trl[k].abs().max().item()
-        diff = (d_ours - d_trl).abs().max().item()
-        biggest = max(biggest, big)
-        worst = max(worst, max(0.0, diff - 2 * ulp) / max(big, 1e-30))
-        if not diff <= rel * big + 2 * ulp:
-            bad.append(f"{k}: differs by {diff:.3g}, TRL's largest update {big:.3g}")
-    check(not bad and biggest > 0, f"{name}: every tensor's update is TRL's within {worst:.2e} of its largest "
-                                   f"(<= {rel:g}); largest update {biggest:.3g}" + "".join("\n    " + b for b in bad[:6]))
-
-
 def trl_step(name, pairs, steps, **kw):
     if kw.pop("objective", "cpo") == "orpo":
         return cpo_trl.trl_orpo_step(TMP / "model", TMP / "init", pairs, TMP / f"trl_{name}", lr=LR, eps=EPS,
@@ -152,7 +96,7 @@ def main():
     pairs = make_pairs()
     data = TMP / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in pairs))
-    make_adapter(model, TMP / "init")
+    make_adapter(model, TMP / "init", TMP / "model", b_std=0.5)
     init = load_file(str(TMP / "init" / "adapter_model.safetensors"))
     trl2 = {k: trl_step(k, pairs, 2, **v) for k, v in CASES.items()}
     trl1 = {k: trl_step(f"{k}1", pairs, 1, **v) for k, v in CASES.items()}

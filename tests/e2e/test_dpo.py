@@ -23,11 +23,11 @@ from safetensors.torch import load_file
 import tiny_lm
 import dpo_trl
 from checks import check, finish
+from pair_checks import NAMES, TARGETS, compare_adapters, compare_metrics, make_adapter, words
 
 ORACLE_ONLY = "--oracle-only" in sys.argv
 BIN = None if ORACLE_ONLY else os.environ["QT_BINARY"]
 TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_dpo_"))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The reference of a run from lora.init_from: the base with that adapter, frozen (TRL 1.16 with peft >= 0.20, given a
 # PeftModel, keeps a frozen copy of the initial adapter as "ref": dpo_trl's reference="adapter").
 REFERENCE = "adapter"
@@ -35,14 +35,6 @@ REFERENCE = "adapter"
 # gradients of at most ~0.06 it is within 6% of linear in g (optim.lr must be under 1).
 BETA, EPS, LR = 0.1, 1.0, 0.5
 B_STD = 0.5  # the initial adapter's B: policy far enough from the reference that rewards and margins are not ~0
-# Our metrics.jsonl names -> TRL's logged names.
-NAMES = {"loss": "loss", "rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
-         "rewards_accuracy": "rewards/accuracies", "rewards_margin": "rewards/margins",
-         "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected"}
-
-
-def words(rng, lo, hi):
-    return " ".join(rng.choice(tiny_lm.WORDS) for _ in range(rng.randint(lo, hi)))
 
 
 def make_pairs(seed=17):
@@ -61,29 +53,6 @@ def make_pairs(seed=17):
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-def make_adapter(model, out, b_std, use_dora=False):
-    """A PEFT LoRA adapter (r 8, alpha 16, all seven projections, dropout 0) with random A and B ~ b_std (0: PEFT's
-    B = 0), base_model_name_or_path set; with use_dora, DoRA's magnitudes moved off the rows' norms too."""
-    from peft import LoraConfig, get_peft_model
-    torch.manual_seed(7)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
-                                            use_dora=use_dora, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for n, p in peft.named_parameters():
-            if "lora_A" in n:
-                p.copy_(torch.randn_like(p) * 0.2)
-            elif "lora_B" in n:
-                p.copy_(torch.randn_like(p) * b_std)
-            elif "lora_magnitude_vector" in n:
-                p.mul_(1 + 0.1 * torch.randn_like(p))
-    peft.save_pretrained(out)
-    cfg_path = out / "adapter_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["base_model_name_or_path"] = str(TMP / "model")
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    peft.unload()
 
 
 def sp_split(sp, pair):
@@ -144,44 +113,6 @@ def run_ours(name, *args, **kw):
     return m, load_file(str(adapter))
 
 
-def compare_metrics(name, ours, trl, beta=BETA):
-    """Loss and log-probs to rel 1e-5; rewards (beta x a difference of two log-prob sums) to 1e-5 of beta x the
-    log-prob scale; the accuracy exactly."""
-    scale = beta * max(abs(trl["logps/chosen"]), abs(trl["logps/rejected"]), 1.0)
-    for ok, tk in NAMES.items():
-        a, b = ours[ok], trl[tk]
-        if tk == "rewards/accuracies":  # TRL's is a float32 mean (0.6000000238)
-            good = abs(a - b) <= 1e-6
-        elif tk.startswith("rewards/"):
-            good = abs(a - b) <= 1e-5 * scale
-        else:
-            good = abs(a - b) <= 1e-5 * abs(b)
-        check(good, f"{name}: {ok} {a:.8g} vs TRL {tk} {b:.8g}")
-
-
-def compare_adapters(name, ours, trl, init, rel=1e-4):
-    """(ours - init) against (trl - init), tensor by tensor: max |difference| <= rel x the largest TRL update of
-    the tensor + the fp32 rounding of the stored sums init + update (2 ulps of the tensor's largest value). Two
-    PyTorch implementations of the step (TRL's, dpo_trl.torch_dpo_step) agree to ~3e-6 of each tensor's largest
-    gradient; what is left of their difference is that rounding."""
-    check(set(ours) == set(trl), f"{name}: the adapter has TRL's {len(trl)} tensors ({len(ours)})")
-    worst, raw, biggest, bad = 0.0, 0.0, 0.0, []
-    for k in sorted(set(ours) & set(trl)):
-        d_ours, d_trl = ours[k].float() - init[k], trl[k] - init[k]
-        big = d_trl.abs().max().item()
-        ulp = torch.finfo(torch.float32).eps * trl[k].abs().max().item()
-        diff = (d_ours - d_trl).abs().max().item()
-        biggest = max(biggest, big)
-        worst = max(worst, max(0.0, diff - 2 * ulp) / big)
-        raw = max(raw, diff / big)
-        if not diff <= rel * big + 2 * ulp:
-            bad.append(f"{k}: differs by {diff:.3g}, TRL's largest update {big:.3g}")
-    check(not bad and biggest > 0, f"{name}: every tensor's update is TRL's within {worst:.2e} of its largest "
-                                   f"(<= {rel:g}) beyond fp32 rounding ({raw:.2e} with it); largest update "
-                                   f"{biggest:.3g}"
-                                   + "".join("\n    " + b for b in bad[:6]))
-
-
 def trl_step(name, pairs, **kw):
     args = dict(beta=BETA, lr=LR, eps=EPS, max_length=256, reference=REFERENCE)
     args.update(kw)
@@ -192,7 +123,7 @@ def main():
     model, sp = tiny_lm.make_model_dir(TMP / "model", seed=5)
     pairs = make_pairs()
     data = write_jsonl(TMP / "pairs.jsonl", pairs)
-    make_adapter(model, TMP / "init", b_std=B_STD)
+    make_adapter(model, TMP / "init", TMP / "model", b_std=B_STD)
     init = load_file(str(TMP / "init" / "adapter_model.safetensors"))
 
     # TRL: one step from init (a1: the policy is the reference, base + init, the loss log 2, the gradient not 0), two
@@ -219,7 +150,7 @@ def main():
     trl_loss = {k: trl_step(k, pairs, steps=2, **v) for k, v in losses.items()}
     trl_loss1 = {k: trl_step(f"{k}1", pairs, **v) for k, v in losses.items()}
     # DoRA: from a DoRA adapter (magnitudes off the norms), two steps.
-    make_adapter(model, TMP / "init_dora", b_std=B_STD, use_dora=True)
+    make_adapter(model, TMP / "init_dora", TMP / "model", b_std=B_STD, use_dora=True)
     init_dora = load_file(str(TMP / "init_dora" / "adapter_model.safetensors"))
     trl_dora = dpo_trl.trl_dpo_step(TMP / "model", TMP / "init_dora", pairs, TMP / "trl_dora", beta=BETA, lr=LR,
                                     eps=EPS, max_length=256, reference=REFERENCE, steps=2)
@@ -262,19 +193,19 @@ def main():
     # (a1) one step: the policy is the reference (loss log 2 exactly, rewards 0), the gradient TRL's.
     got = run_ours("a1", data, lora=from_init, train={"steps": 1})
     if got:
-        compare_metrics("(a1) one step", got[0], trl1["metrics"])
+        compare_metrics("(a1) one step", got[0], trl1["metrics"], BETA)
         check(abs(got[0]["loss"] - math.log(2)) <= 1e-7, f"(a1) one step: the loss {got[0]['loss']!r} is log 2")
         compare_adapters("(a1) one step", got[1], trl_a1, init)
     # (a) two steps, all ten pairs in one micro-batch.
     got = run_ours("a", data, lora=from_init)
     if got:
-        compare_metrics("(a) one micro-batch", got[0], trl["metrics"])
+        compare_metrics("(a) one micro-batch", got[0], trl["metrics"], BETA)
         compare_adapters("(a) one micro-batch", got[1], trl_a, init)
     # (b) the same step in micro-batches of 5 pairs and of 1 (the loss a mean over the step's pairs).
     for micro in (5, 1):
         got = run_ours(f"b{micro}", data, lora=from_init, train={"micro_batch_size": micro})
         if got:
-            compare_metrics(f"(b) micro-batches of {micro}", got[0], trl["metrics"])
+            compare_metrics(f"(b) micro-batches of {micro}", got[0], trl["metrics"], BETA)
             compare_adapters(f"(b) micro-batches of {micro}", got[1], trl_a, init)
     # (p) two data-parallel ranks (mpirun, CPU), a micro-batch of 5 pairs each: TRL's loss and adapter, as one rank's.
     cfg = write_config("p2", data, lora=from_init, train={"micro_batch_size": 5})
@@ -286,7 +217,7 @@ def main():
         m = step_metrics("p2", 2)
         adapter = TMP / "p2" / "adapter" / "adapter_model.safetensors"
         if m and adapter.exists():
-            compare_metrics("(p) two ranks", m, trl["metrics"])
+            compare_metrics("(p) two ranks", m, trl["metrics"], BETA)
             compare_adapters("(p) two ranks", load_file(str(adapter)), trl_a, init)
         else:
             check(False, "(p) two ranks: the step's metrics and the adapter are written")
@@ -307,7 +238,7 @@ def main():
     # DoRA adapter starts at log 2 (the reference the base: fresh adapters left out).
     got = run_ours("g", data, lora={"init_from": str(TMP / "init_dora"), "use_dora": True})
     if got:
-        compare_metrics("(g) DoRA", got[0], trl_dora["metrics"])
+        compare_metrics("(g) DoRA", got[0], trl_dora["metrics"], BETA)
         compare_adapters("(g) DoRA", got[1], load_file(str(TMP / "trl_dora" / "adapter_model.safetensors")), init_dora,
                          rel=5e-4)
     got = run_ours("g_fresh", data, lora={"use_dora": True}, train={"steps": 1})
@@ -317,7 +248,7 @@ def main():
     # (f) max_seq_len cutting completions (keep_start, each sequence on its own).
     got = run_ours("f", data, lora=from_init, data={"max_seq_len": max_len_f})
     if got:
-        compare_metrics(f"(f) max_seq_len {max_len_f}", got[0], trl_tr["metrics"])
+        compare_metrics(f"(f) max_seq_len {max_len_f}", got[0], trl_tr["metrics"], BETA)
         compare_adapters(f"(f) max_seq_len {max_len_f}", got[1],
                          load_file(str(TMP / "trl_f" / "adapter_model.safetensors")), init)
 

@@ -25,7 +25,6 @@ What it follows in trl/experimental/cpo/cpo_trainer.py (1.16.0):
 - disable_dropout (default True); transformers' Trainer with adamw_torch, constant schedule, max_grad_norm 0."""
 import math
 import os
-import pathlib
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +47,82 @@ def completion_logps(model, prompt_ids, completion_ids):
     return float((lp * mask).sum()), len(completion_ids)
 
 
+def sequence_nll(model, ids):
+    """(sum of -log p(token) over every token of `ids` after the first, their count): ORPO's NLL of a sequence."""
+    import torch
+    x = torch.tensor([ids])
+    logits = model(input_ids=x).logits[0, :-1].float()
+    lp = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
+    return float(-lp.sum()), len(ids) - 1
+
+
+def logsig(x):
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+class _Run:
+    """One TRL trainer (trainer_cls, config_cls from trl.experimental) over all `pairs` in one batch a step, from
+    model_dir + the PEFT adapter adapter_dir, in fp32 on the CPU, its logged values and last gradients captured."""
+
+    def __init__(self, trainer_cls, config_cls, model_dir, adapter_dir, pairs, *, lr, eps, max_length, seed, steps,
+                 **loss_args):
+        import torch
+        from datasets import Dataset
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+        torch.manual_seed(seed)
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        if tok.pad_token is None:  # padding is masked out of everything
+            tok.pad_token = tok.unk_token or tok.eos_token
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        self.model = model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
+        self.args = config_cls(
+            output_dir=tempfile.mkdtemp(prefix="trl_pref_"), per_device_train_batch_size=len(pairs),
+            gradient_accumulation_steps=1, max_steps=steps, learning_rate=lr, adam_epsilon=eps, adam_beta1=0.9,
+            adam_beta2=0.999, weight_decay=0.0, optim="adamw_torch", lr_scheduler_type="constant", warmup_steps=0,
+            max_grad_norm=0.0, max_length=max_length, use_cpu=True, bf16=False, fp16=False,
+            gradient_checkpointing=False, report_to=[], logging_steps=1, save_strategy="no", seed=seed,
+            data_seed=seed, dataloader_num_workers=0, disable_dropout=True, remove_unused_columns=False,
+            disable_tqdm=True, **loss_args)
+        self.logged, self.grads, self.steps = [], {}, steps
+        logged, grads = self.logged, self.grads
+
+        class Capture(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                logged.append(dict(logs or {}))
+
+            def on_pre_optimizer_step(self, args, state, control, **kw):
+                for n, p in model.named_parameters():
+                    if p.requires_grad and p.grad is not None:
+                        grads[n] = p.grad.detach().clone()
+
+        self.trainer = trainer_cls(model=model, args=self.args, train_dataset=Dataset.from_list(pairs),
+                                   processing_class=tok, callbacks=[Capture()])
+        for n, p in model.named_parameters():
+            assert p.requires_grad == ("lora_" in n), (n, p.requires_grad)
+
+    def pair_ids(self):
+        """Each pair's (prompt ids, completion ids) of chosen and rejected, as TRL's tokenize_row gives them."""
+        out = []
+        for ex in self.trainer.train_dataset:
+            seqs = {}
+            for which in ("chosen", "rejected"):
+                ids, labels = list(ex[f"{which}_input_ids"]), list(ex[f"{which}_labels"])
+                k = next(i for i, l in enumerate(labels) if l != -100)
+                assert all(l == -100 for l in labels[:k]) and labels[k:] == ids[k:], (which, labels, ids)
+                seqs[which] = (ids[:k], ids[k:])
+            out.append(seqs)
+        return out
+
+    def train(self, out_adapter_dir, per_pair, independent):
+        self.trainer.train()
+        steps_logged = [{k: float(l[k]) for k in METRICS} for l in self.logged if "rewards/chosen" in l]
+        assert len(steps_logged) == self.steps, (len(steps_logged), self.steps)
+        self.model.save_pretrained(str(out_adapter_dir))
+        return {"metrics": steps_logged[-1], "first_metrics": steps_logged[0], "pairs": per_pair,
+                "grads": {k.replace(".default.", "."): v for k, v in self.grads.items()}, "independent": independent}
+
+
 def trl_cpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, label_smoothing=0.0, lr=1e-3, eps=1e-8,
                  max_length=1024, seed=3, loss_type="sigmoid", cpo_alpha=1.0, simpo_gamma=0.5, alpha=0.0, steps=1):
     """`steps` CPOTrainer steps (all pairs in one batch each) from the base model_dir + the PEFT adapter adapter_dir;
@@ -56,68 +131,28 @@ def trl_cpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, la
     rejected_ids as TRL's tokenization gives them (each completion after its own prompt part: "chosen_prompt_ids",
     "rejected_prompt_ids")], "independent": the first step's loss and metrics from a plain forward pass}."""
     import torch
-    from datasets import Dataset
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if tok.pad_token is None:  # padding is masked out of everything
-        tok.pad_token = tok.unk_token or tok.eos_token
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix="trl_cpo_"))
-    args = CPOConfig(
-        output_dir=str(work), per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1, max_steps=steps,
-        learning_rate=lr, adam_epsilon=eps, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, optim="adamw_torch",
-        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, beta=beta, label_smoothing=label_smoothing,
-        loss_type=loss_type, cpo_alpha=cpo_alpha, simpo_gamma=simpo_gamma, alpha=alpha, max_length=max_length,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], logging_steps=1,
-        save_strategy="no", seed=seed, data_seed=seed, dataloader_num_workers=0, disable_dropout=True,
-        remove_unused_columns=False, disable_tqdm=True)
+    run = _Run(CPOTrainer, CPOConfig, model_dir, adapter_dir, pairs, lr=lr, eps=eps, max_length=max_length, seed=seed,
+               steps=steps, beta=beta, label_smoothing=label_smoothing, loss_type=loss_type, cpo_alpha=cpo_alpha,
+               simpo_gamma=simpo_gamma, alpha=alpha)
     if loss_type == "alphapo":
         loss_type, cpo_alpha = "simpo", 0.0
-    assert args.loss_type == loss_type and args.cpo_alpha == cpo_alpha, (args.loss_type, args.cpo_alpha)
-
-    logged, grads = [], {}
-
-    class Capture(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            logged.append(dict(logs or {}))
-
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            for n, p in model.named_parameters():
-                if p.requires_grad and p.grad is not None:
-                    grads[n] = p.grad.detach().clone()
-
-    trainer = CPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
-                         callbacks=[Capture()])
-    for n, p in model.named_parameters():
-        assert p.requires_grad == ("lora_" in n), (n, p.requires_grad)
+    assert run.args.loss_type == loss_type and run.args.cpo_alpha == cpo_alpha, (run.args.loss_type, run.args.cpo_alpha)
 
     # TRL's token ids of each pair, and the first step's loss and metrics from a plain forward pass on them.
     per_pair = []
     with torch.no_grad():
-        for ex in trainer.train_dataset:
-            seqs = {}
-            for which in ("chosen", "rejected"):
-                ids, labels = list(ex[f"{which}_input_ids"]), list(ex[f"{which}_labels"])
-                k = next(i for i, l in enumerate(labels) if l != -100)
-                assert all(l == -100 for l in labels[:k]) and labels[k:] == ids[k:], (which, labels, ids)
-                seqs[which] = (ids[:k], ids[k:])
-            logp = {w: completion_logps(model, *seqs[w]) for w in seqs}
+        for seqs in run.pair_ids():
+            logp = {w: completion_logps(run.model, *seqs[w]) for w in seqs}
             per_pair.append({"chosen_prompt_ids": seqs["chosen"][0], "chosen_ids": seqs["chosen"][1],
                              "rejected_prompt_ids": seqs["rejected"][0], "rejected_ids": seqs["rejected"][1],
                              "chosen_sum": logp["chosen"][0], "chosen_n": logp["chosen"][1],
                              "rejected_sum": logp["rejected"][0], "rejected_n": logp["rejected"][1]})
-
-    def logsig(x):
-        return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
     average = loss_type in ("ipo", "simpo")
     n = len(per_pair)
     lc = [q["chosen_sum"] / q["chosen_n"] if average else q["chosen_sum"] for q in per_pair]
     lr_ = [q["rejected_sum"] / q["rejected_n"] if average else q["rejected_sum"] for q in per_pair]
+    logps_c, logps_r = list(lc), list(lr_)
     if alpha != 0:
         lc = [(1 - math.exp(-alpha * v)) / alpha for v in lc]
         lr_ = [(1 - math.exp(-alpha * v)) / alpha for v in lr_]
@@ -135,8 +170,6 @@ def trl_cpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, la
             return (z - 1 / (2 * beta)) ** 2
         raise ValueError(loss_type)
     nll = -sum(q["chosen_sum"] for q in per_pair) / sum(q["chosen_n"] for q in per_pair)
-    logps_c = [q["chosen_sum"] / q["chosen_n"] if average else q["chosen_sum"] for q in per_pair]
-    logps_r = [q["rejected_sum"] / q["rejected_n"] if average else q["rejected_sum"] for q in per_pair]
     independent = {
         "loss": sum(per_loss(c, r) for c, r in zip(lc, lr_)) / n + cpo_alpha * nll,
         "rewards/chosen": beta * sum(lc) / n, "rewards/rejected": beta * sum(lr_) / n,
@@ -144,23 +177,7 @@ def trl_cpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, la
         "rewards/margins": beta * sum(c - r for c, r in zip(lc, lr_)) / n,
         "logps/chosen": sum(logps_c) / n, "logps/rejected": sum(logps_r) / n,
         "nll_loss": nll if cpo_alpha != 0 else 0.0}
-
-    trainer.train()
-    steps_logged = [{k: float(l[k]) for k in METRICS} for l in logged if "rewards/chosen" in l]
-    assert len(steps_logged) == steps, (len(steps_logged), steps)
-    model.save_pretrained(str(out_adapter_dir))
-    saved_grads = {k.replace(".default.", "."): v for k, v in grads.items()}
-    return {"metrics": steps_logged[-1], "first_metrics": steps_logged[0], "grads": saved_grads, "pairs": per_pair,
-            "independent": independent}
-
-
-def sequence_nll(model, ids):
-    """(sum of -log p(token) over every token of `ids` after the first, their count): ORPO's NLL of a sequence."""
-    import torch
-    x = torch.tensor([ids])
-    logits = model(input_ids=x).logits[0, :-1].float()
-    lp = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
-    return float(-lp.sum()), len(ids) - 1
+    return run.train(out_adapter_dir, per_pair, independent)
 
 
 def trl_orpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, lr=1e-3, eps=1e-8, max_length=1024,
@@ -170,58 +187,20 @@ def trl_orpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, l
     (average_log_prob=True); log_odds = (lc - lr) - (log1mexp(lc) - log1mexp(lr)); the NLL the cross-entropy of the
     chosen sequences over ALL their tokens after the first (labels = the input ids where the attention mask is 1: the
     prompt's tokens included), the batch's token mean; loss = NLL - mean(beta logsigmoid(log_odds)); rewards beta x
-    the mean log-probs. Returns the same dict as trl_cpo_step (METRICS without nll_loss's zero case)."""
+    the mean log-probs. Returns the same dict as trl_cpo_step."""
     import torch
-    from datasets import Dataset
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token or tok.eos_token
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix="trl_orpo_"))
-    args = ORPOConfig(
-        output_dir=str(work), per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1, max_steps=steps,
-        learning_rate=lr, adam_epsilon=eps, adam_beta1=0.9, adam_beta2=0.999, weight_decay=0.0, optim="adamw_torch",
-        lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=0.0, beta=beta, max_length=max_length,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, report_to=[], logging_steps=1,
-        save_strategy="no", seed=seed, data_seed=seed, dataloader_num_workers=0, disable_dropout=True,
-        remove_unused_columns=False, disable_tqdm=True)
-    logged, grads = [], {}
-
-    class Capture(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            logged.append(dict(logs or {}))
-
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            for n, p in model.named_parameters():
-                if p.requires_grad and p.grad is not None:
-                    grads[n] = p.grad.detach().clone()
-
-    trainer = ORPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok,
-                          callbacks=[Capture()])
+    run = _Run(ORPOTrainer, ORPOConfig, model_dir, adapter_dir, pairs, lr=lr, eps=eps, max_length=max_length, seed=seed,
+               steps=steps, beta=beta)
     per_pair = []
     with torch.no_grad():
-        for ex in trainer.train_dataset:
-            seqs = {}
-            for which in ("chosen", "rejected"):
-                ids, labels = list(ex[f"{which}_input_ids"]), list(ex[f"{which}_labels"])
-                k = next(i for i, l in enumerate(labels) if l != -100)
-                assert all(l == -100 for l in labels[:k]) and labels[k:] == ids[k:], (which, labels, ids)
-                seqs[which] = (ids[:k], ids[k:])
-            logp = {w: completion_logps(model, *seqs[w]) for w in seqs}
-            nll = sequence_nll(model, seqs["chosen"][0] + seqs["chosen"][1])
+        for seqs in run.pair_ids():
+            logp = {w: completion_logps(run.model, *seqs[w]) for w in seqs}
+            nll = sequence_nll(run.model, seqs["chosen"][0] + seqs["chosen"][1])
             per_pair.append({"chosen_prompt_ids": seqs["chosen"][0], "chosen_ids": seqs["chosen"][1],
                              "rejected_prompt_ids": seqs["rejected"][0], "rejected_ids": seqs["rejected"][1],
                              "lc": logp["chosen"][0] / logp["chosen"][1],
                              "lr": logp["rejected"][0] / logp["rejected"][1], "nll_sum": nll[0], "nll_n": nll[1]})
-
-    def logsig(x):
-        return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
 
     def log1mexp(x):
         return math.log1p(-math.exp(x))
@@ -236,10 +215,4 @@ def trl_orpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, l
         "rewards/margins": beta * sum(q["lc"] - q["lr"] for q in per_pair) / n,
         "logps/chosen": sum(q["lc"] for q in per_pair) / n, "logps/rejected": sum(q["lr"] for q in per_pair) / n,
         "nll_loss": nll}
-    trainer.train()
-    steps_logged = [{k: float(l[k]) for k in METRICS} for l in logged if "rewards/chosen" in l]
-    assert len(steps_logged) == steps, (len(steps_logged), steps)
-    model.save_pretrained(str(out_adapter_dir))
-    saved_grads = {k.replace(".default.", "."): v for k, v in grads.items()}
-    return {"metrics": steps_logged[-1], "first_metrics": steps_logged[0], "grads": saved_grads, "pairs": per_pair,
-            "independent": independent}
+    return run.train(out_adapter_dir, per_pair, independent)

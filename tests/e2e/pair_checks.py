@@ -1,0 +1,78 @@
+"""What the preference-pair tests (test_dpo.py, test_cpo.py) share: TRL's metric names, the initial PEFT adapter, and
+the comparisons of our metrics and adapters with TRL's."""
+import json
+
+import torch
+import tiny_lm
+from checks import check
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Our metrics.jsonl names -> TRL's logged names.
+NAMES = {"loss": "loss", "rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
+         "rewards_accuracy": "rewards/accuracies", "rewards_margin": "rewards/margins",
+         "logps_chosen": "logps/chosen", "logps_rejected": "logps/rejected"}
+
+
+def words(rng, lo, hi):
+    return " ".join(rng.choice(tiny_lm.WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def make_adapter(model, out, base_dir, b_std, use_dora=False):
+    """A PEFT LoRA adapter (r 8, alpha 16, all seven projections, dropout 0) with random A and B ~ b_std (0: PEFT's
+    B = 0), base_model_name_or_path base_dir; with use_dora, DoRA's magnitudes moved off the rows' norms too."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(7)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
+                                            use_dora=use_dora, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_A" in n:
+                p.copy_(torch.randn_like(p) * 0.2)
+            elif "lora_B" in n:
+                p.copy_(torch.randn_like(p) * b_std)
+            elif "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    peft.save_pretrained(out)
+    cfg_path = out / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = str(base_dir)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    peft.unload()
+
+
+def compare_metrics(name, ours, trl, beta):
+    """Loss and log-probs to rel 1e-5; rewards (beta x a difference of two log-prob sums) to 1e-5 of beta x the
+    log-prob scale; the accuracy exactly."""
+    scale = beta * max(abs(trl["logps/chosen"]), abs(trl["logps/rejected"]), 1.0)
+    for ok, tk in NAMES.items():
+        a, b = ours[ok], trl[tk]
+        if tk == "rewards/accuracies":  # TRL's is a float32 mean (0.6000000238)
+            good = abs(a - b) <= 1e-6
+        elif tk.startswith("rewards/"):
+            good = abs(a - b) <= 1e-5 * scale
+        else:
+            good = abs(a - b) <= 1e-5 * abs(b)
+        check(good, f"{name}: {ok} {a:.8g} vs TRL {tk} {b:.8g}")
+
+
+def compare_adapters(name, ours, trl, init, rel=1e-4):
+    """(ours - init) against (trl - init), tensor by tensor: max |difference| <= rel x the largest TRL update of
+    the tensor + the fp32 rounding of the stored sums init + update (2 ulps of the tensor's largest value). Two
+    PyTorch implementations of the step (TRL's, dpo_trl.torch_dpo_step) agree to ~3e-6 of each tensor's largest
+    gradient; what is left of their difference is that rounding."""
+    check(set(ours) == set(trl), f"{name}: the adapter has TRL's {len(trl)} tensors ({len(ours)})")
+    worst, raw, biggest, bad = 0.0, 0.0, 0.0, []
+    for k in sorted(set(ours) & set(trl)):
+        d_ours, d_trl = ours[k].float() - init[k], trl[k] - init[k]
+        big = d_trl.abs().max().item()
+        ulp = torch.finfo(torch.float32).eps * trl[k].abs().max().item()
+        diff = (d_ours - d_trl).abs().max().item()
+        biggest = max(biggest, big)
+        worst = max(worst, max(0.0, diff - 2 * ulp) / big)
+        raw = max(raw, diff / big)
+        if not diff <= rel * big + 2 * ulp:
+            bad.append(f"{k}: differs by {diff:.3g}, TRL's largest update {big:.3g}")
+    check(not bad and biggest > 0, f"{name}: every tensor's update is TRL's within {worst:.2e} of its largest "
+                                   f"(<= {rel:g}) beyond fp32 rounding ({raw:.2e} with it); largest update "
+                                   f"{biggest:.3g}"
+                                   + "".join("\n    " + b for b in bad[:6]))
