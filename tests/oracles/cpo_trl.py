@@ -60,6 +60,22 @@ def logsig(x):
     return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
 
 
+def capture(model, logged, grads):
+    """A transformers TrainerCallback that appends each logged dict to `logged` and keeps each trainable parameter's
+    gradient before the optimizer step in `grads` (the last step's)."""
+    from transformers import TrainerCallback
+
+    class Capture(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            logged.append(dict(logs or {}))
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            for n, p in model.named_parameters():
+                if p.requires_grad and p.grad is not None:
+                    grads[n] = p.grad.detach().clone()
+    return Capture()
+
+
 class _Run:
     """One TRL trainer (trainer_cls, config_cls from trl.experimental) over all `pairs` in one batch a step, from
     model_dir + the PEFT adapter adapter_dir, in fp32 on the CPU, its logged values and last gradients captured."""
@@ -69,7 +85,7 @@ class _Run:
         import torch
         from datasets import Dataset
         from peft import PeftModel
-        from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+        from transformers import AutoModelForCausalLM, AutoTokenizer
         torch.manual_seed(seed)
         tok = AutoTokenizer.from_pretrained(str(model_dir))
         if tok.pad_token is None:  # padding is masked out of everything
@@ -85,19 +101,8 @@ class _Run:
             data_seed=seed, dataloader_num_workers=0, disable_dropout=True, remove_unused_columns=False,
             disable_tqdm=True, **loss_args)
         self.logged, self.grads, self.steps = [], {}, steps
-        logged, grads = self.logged, self.grads
-
-        class Capture(TrainerCallback):
-            def on_log(self, args, state, control, logs=None, **kw):
-                logged.append(dict(logs or {}))
-
-            def on_pre_optimizer_step(self, args, state, control, **kw):
-                for n, p in model.named_parameters():
-                    if p.requires_grad and p.grad is not None:
-                        grads[n] = p.grad.detach().clone()
-
         self.trainer = trainer_cls(model=model, args=self.args, train_dataset=Dataset.from_list(pairs),
-                                   processing_class=tok, callbacks=[Capture()])
+                                   processing_class=tok, callbacks=[capture(model, self.logged, self.grads)])
         for n, p in model.named_parameters():
             assert p.requires_grad == ("lora_" in n), (n, p.requires_grad)
 

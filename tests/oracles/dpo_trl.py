@@ -44,6 +44,8 @@ import os
 import pathlib
 import tempfile
 
+import cpo_trl
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -107,7 +109,7 @@ def trl_dpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, la
     import torch
     from datasets import Dataset
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
     if reference not in ("base", "adapter"):
@@ -136,18 +138,8 @@ def trl_dpo_step(model_dir, adapter_dir, pairs, out_adapter_dir, *, beta=0.1, la
         remove_unused_columns=False, disable_tqdm=True)
 
     logged, grads = [], {}
-
-    class Capture(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            logged.append(dict(logs or {}))
-
-        def on_pre_optimizer_step(self, args, state, control, **kw):
-            for n, p in model.named_parameters():
-                if p.requires_grad and p.grad is not None:
-                    grads[n] = p.grad.detach().clone()
-
     trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(pairs),
-                         processing_class=tok, callbacks=[Capture()])
+                         processing_class=tok, callbacks=[cpo_trl.capture(model, logged, grads)])
     if reference == "base" and "ref" in model.peft_config:
         model.delete_adapter("ref")  # TRL's reference is then use_adapter(model, None): the adapter disabled
     model.set_adapter("default")
