@@ -109,7 +109,8 @@
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
 #   59 (next, thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, a warm-up
 #      process, bench --generate 8B and 1B by default (graphs), eager and forward_cached; the demo's exact match on CUDA.
-#   60: call 59 in less device time: no forward_cached runs, no SFT demo.
+#   60: call 59 in less device time: no forward_cached runs, no SFT demo. 61: the [generate] [gpu] and [dpo] tests and
+#      the CPO / ORPO demo runs on CUDA alone (about 150 s with the build).
 #   58 (ran in the thirty-seventh session): as 59 without the warm-up, the default then eager.
 #   56 (ran in the thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests (the CUDA graph
 #      of the decoding steps, opt-in until they pass), bench --generate 8B / 16,384 with QT_GENERATE_GRAPHS=1, eager
@@ -579,13 +580,14 @@ case "$CALL" in
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
   ;;
-58|59|60)
+58|59|60|61)
   # 58 (ran in the thirty-seventh session): the default then Decoder eagerly, against graphs (1) and forward_cached (0).
   # 59: the default now the graphs; a warm-up process first (call 58's first process on a fresh machine ran 2.7x
-  # slower, whichever mode it ran: the libraries' kernels loaded from a cold disk), then each mode.
+  # slower, whichever mode it ran: the libraries' kernels loaded from a cold disk), then each mode. 60: 59 without
+  # forward_cached and the SFT demo. 61: the tests and the CPO / ORPO runs alone.
   note "== generation on CUDA: the [generate] [gpu] tests (graphed, eager and forward_cached tokens equal); bench"
   note "   --generate 8B / 16,384 and 1B / 8,192 by default (graphs), eager and through forward_cached (0)"
-  gpu_tests 90 "[generate][gpu]"
+  if [ "$CALL" = 61 ]; then gpu_tests 90 "[generate][gpu],[dpo]"; else gpu_tests 90 "[generate][gpu]"; fi
   if [ "$CALL" != 58 ]; then
     # CPO and ORPO (train.objective "cpo" / "orpo", thirty-seventh session) on CUDA: the DPO demo's pairs, exact match.
     for obj in cpo orpo; do
@@ -595,13 +597,11 @@ case "$CALL" in
       echo "$obj demo: $(grep -E '^\{' "$L/$obj.log" | tail -n 1)" >>"$summary"
     done
   fi
-  if [ "$CALL" != 58 ]; then
-    modes="default eager 0"
-    [ "$CALL" = 60 ] && modes="default eager"
+  modes="default 1 0"
+  case "$CALL" in 59) modes="default eager 0" ;; 60) modes="default eager" ;; 61) modes="" ;; esac
+  if [ "$CALL" = 59 ] || [ "$CALL" = 60 ]; then
     timeout 120 build-gpu/qlora-train bench --shape llama-3.2-1b --batch 4 --seq 2048 --generate 100 --prompt-tokens 200 \
       --max-new-tokens 32 --uncached 1 --out "$L/gen" >"$L/gen_warmup.log" 2>&1
-  else
-    modes="default 1 0"
   fi
   for shape in "llama-3.1-8b 8" "llama-3.2-1b 4"; do
     set -- $shape
@@ -616,7 +616,7 @@ case "$CALL" in
     unset QT_GENERATE_GRAPHS
   done
   # The SFT demo on CUDA: its exact match before and after training through the default decoding.
-  if [ "$CALL" != 60 ]; then
+  if [ "$CALL" = 58 ] || [ "$CALL" = 59 ]; then
     QT_GENERATE_TIMES=1 timeout 90 build-gpu/qlora-train --config configs/demo.json --set output_dir="$L/demo" \
       --set model.device=cuda --set logging.progress=lines >"$L/demo.log" 2>&1
     grep -E "^generate:|exact-match|warning" "$L/demo.log" >>"$summary"
