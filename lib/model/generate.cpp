@@ -254,7 +254,7 @@ struct Decoder::Impl {
   at::Tensor out;         // the graph's output
   double capture_s = 0;   // the first step and its capture, synchronized (QT_GENERATE_TIMES' account)
 
-  Impl(const LlamaModel& m, KvCache& c) : model(m), cache(c), pass(m.base_pass()) {
+  Impl(const LlamaModel& m, KvCache& c, bool allow_graph) : model(m), cache(c), pass(m.base_pass()) {
     QT_CHECK(kv_cache_applies(m), ErrorKind::Internal, "Decoder: dynamic RoPE takes the uncached path");
     B = c.valid.size(0);
     const at::Device device = m.device();
@@ -264,7 +264,7 @@ struct Decoder::Impl {
     if (!pass.factors) pass.factors = c.factors.get();
     // (made current here, outside any capture: the steps read the factors as they are)
     if (pass.factors && pass.refresh_factors) pass.factors->refresh(pass.stats);
-    use_graph = device.is_cuda() && cuda_decoding() == CudaDecoding::Graphs && !graph_capture_failed &&
+    use_graph = allow_graph && device.is_cuda() && cuda_decoding() == CudaDecoding::Graphs && !graph_capture_failed &&
                 !m.block_hooks && !m.embeddings_on_host() && !lora_dropout_active(m);
   }
 
@@ -334,7 +334,8 @@ bool decoder_applies(const LlamaModel& model) {
   return !model.device().is_cuda() || cuda_decoding() != CudaDecoding::Cached;
 }
 
-Decoder::Decoder(const LlamaModel& model, KvCache& cache) : impl_(std::make_unique<Impl>(model, cache)) {}
+Decoder::Decoder(const LlamaModel& model, KvCache& cache, bool graph)
+    : impl_(std::make_unique<Impl>(model, cache, graph)) {}
 Decoder::~Decoder() = default;
 
 bool Decoder::graphed() const { return impl_->graph != nullptr; }
@@ -435,7 +436,7 @@ std::vector<GenerateResult> generate_batch(const LlamaModel& model, const std::v
     std::vector<bool> done(B, false);
     // (QT_GENERATE_GRAPHS=0 on CUDA: the steps through forward_cached)
     std::optional<Decoder> decoder;
-    if (decoder_applies(model)) decoder.emplace(model, cache);
+    if (decoder_applies(model)) decoder.emplace(model, cache, o.cuda_graph);
     for (int64_t step = 0; step < o.max_new_tokens; ++step, ++steps) {
       const at::Tensor last = model.logits(hidden.select(1, hidden.size(1) - 1));
       const std::vector<int64_t> greedy = greedy_tokens(last, o);

@@ -23,6 +23,10 @@ struct GenerateOptions {
   uint64_t seed = 0;         // sampling only
   std::vector<int32_t> stop_ids;  // EOS / end-of-turn ids; generation stops after emitting one
   int64_t max_seq_len = 0;   // > 0: stop before the whole sequence exceeds it (the model's context)
+  // CUDA: each batch's decoding steps replayed from a CUDA graph (Decoder); false: Decoder's steps eagerly. The exact
+  // match (lib/train/exact_match.h) decodes eagerly: a few steps a batch, which pay the capture more than the replays
+  // save, and no graph memory pool held beside a training plan's budget.
+  bool cuda_graph = true;
 };
 
 struct GenerateResult {
@@ -82,7 +86,8 @@ at::Tensor forward_cached(const LlamaModel& model, KvCache& cache, const at::Ten
 // its step's result stands.
 class Decoder {
  public:
-  Decoder(const LlamaModel& model, KvCache& cache);
+  // graph false: the steps eagerly on CUDA too (GenerateOptions::cuda_graph).
+  Decoder(const LlamaModel& model, KvCache& cache, bool graph = true);
   ~Decoder();
   Decoder(const Decoder&) = delete;
   Decoder& operator=(const Decoder&) = delete;
