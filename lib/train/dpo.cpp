@@ -7,6 +7,7 @@
 #include <cstdio>
 
 #include "lib/core/error.h"
+#include "lib/kernels/fused_ops.h"
 #include "lib/model/peft_adapter.h"
 
 namespace qt {
@@ -146,7 +147,8 @@ at::Tensor sequence_targets(const Batch& b, const at::Tensor& sequences, const a
   const int64_t pairs = b.num_pairs;
   at::Tensor counts = at::zeros({2 * pairs + 1}, at::kFloat);
   counts.index_add_(0, sequences, b.targets.reshape({-1}).ne(-100).to(at::kFloat));
-  return counts.narrow(0, 0, 2 * pairs).to(device);
+  // (through pinned memory, without waiting for the device: a step's queueing syncs nowhere)
+  return to_device_async(counts.narrow(0, 0, 2 * pairs).contiguous(), device);
 }
 
 ReferenceAdapters::ReferenceAdapters(LlamaModel& model, const std::string& init_from) : model_(model) {

@@ -23,6 +23,7 @@
 #include "lib/core/log.h"
 #include "lib/kernels/attention_core.h"
 #include "lib/kernels/fused_linear_ce.h"
+#include "lib/kernels/fused_ops.h"
 #include "lib/kernels/streamed_linear_ce.h"
 #include "lib/model/merge.h"
 #include "lib/model/peft_adapter.h"
@@ -341,7 +342,8 @@ DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, con
     // log-probabilities over the completions alone, the NLL over the whole chosen sequences.
     const at::Tensor whole = whole_chosen_targets(b.input_ids, b.targets, sequences, b.num_pairs);
     const at::Tensor losses = token_losses(model, hidden, whole, fused);
-    const at::Tensor completion = b.targets.reshape({-1}).ne(-100).to(losses.device(), losses.scalar_type());
+    const at::Tensor completion =
+        to_device_async(b.targets.reshape({-1}).ne(-100).to(losses.scalar_type()), losses.device());
     const at::Tensor policy = sequence_logps(losses * completion, sequences, b.num_pairs);
     const at::Tensor all = sequence_logps(losses, sequences, b.num_pairs).reshape({-1, 2}).select(1, 0);
     at::Tensor counts = at::zeros({2 * b.num_pairs + 1}, at::kFloat);
