@@ -184,7 +184,7 @@ int run_plan(const PlanArgs& args) {
   int64_t seq = args.seq > 0                         ? args.seq
                 : cfg.data.contains("max_seq_len") ? cfg.data["max_seq_len"].get<int64_t>()
                                                    : 2048;
-  // DPO's and CPO's rows hold a pair: two sequences of up to data.max_seq_len tokens each (as TrainData lays them).
+  // Preference rows (DPO, CPO, ORPO) hold a pair: two sequences of up to data.max_seq_len tokens each (as TrainData lays them).
   if (args.seq <= 0 && cfg.preference()) seq *= 2;
   const c10::ScalarType dtype = qt::user_dtype(cfg.model.dtype).value_or(at::kBFloat16);  // auto: bf16 on CUDA
   qt::PlanRequest request = cfg.train.memory;
@@ -433,7 +433,8 @@ int run_eval(const EvalArgs& given) {
   qt::LlamaModel model = qt::load_llama(args.model, load);
   if (!args.adapter.empty()) load_adapter(model, args.adapter, args.model);
   apply_plan(model, device, args.max_seq_len);
-  // Preference pairs: DPO's loss against the model without the adapter, or CPO's (a file holds pairs or none).
+  // Preference pairs: DPO's loss against the model without the adapter, or CPO's / ORPO's (a file holds pairs or
+  // none).
   const size_t pairs = static_cast<size_t>(std::count_if(docs.begin(), docs.end(), [](const qt::Example& e) {
     return e.second > 0;
   }));

@@ -233,7 +233,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "text", "alpaca", "chat", "completion", "preference", "tokenized"}));
   eval_cmd->add_option("--beta", eval.dpo.beta,
                        "preference pairs: DPO's beta (default: --config's dpo.beta, else 0.1; its dpo.loss_type "
-                       "too; a config with train.objective \"cpo\": its cpo section, this over cpo.beta)")
+                       "too; a config with train.objective \"cpo\" or \"orpo\": that section, this over its beta)")
       ->check(CLI::PositiveNumber);
   eval_cmd->add_option("--reference-adapter", eval.reference_adapter,
                        "preference pairs: the reference is the base with this adapter (a DPO run's lora.init_from; "

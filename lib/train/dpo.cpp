@@ -144,9 +144,13 @@ at::Tensor sequence_logps(const at::Tensor& token_losses, const at::Tensor& sequ
 }
 
 at::Tensor sequence_targets(const Batch& b, const at::Tensor& sequences, const at::Device& device) {
-  const int64_t pairs = b.num_pairs;
+  return sequence_targets(b.targets, sequences, b.num_pairs, device);
+}
+
+at::Tensor sequence_targets(const at::Tensor& targets, const at::Tensor& sequences, int64_t pairs,
+                            const at::Device& device) {
   at::Tensor counts = at::zeros({2 * pairs + 1}, at::kFloat);
-  counts.index_add_(0, sequences, b.targets.reshape({-1}).ne(-100).to(at::kFloat));
+  counts.index_add_(0, sequences, targets.reshape({-1}).ne(-100).to(at::kFloat));
   // (through pinned memory, without waiting for the device: a step's queueing syncs nowhere)
   return to_device_async(counts.narrow(0, 0, 2 * pairs).contiguous(), device);
 }

@@ -52,6 +52,9 @@ at::Tensor sequence_logps(const at::Tensor& token_losses, const at::Tensor& sequ
 
 // Each sequence's targets (its completion's tokens), [2 * pairs] fp32 on `device`: ipo's lengths.
 at::Tensor sequence_targets(const Batch& b, const at::Tensor& sequences, const at::Device& device);
+// The same count of `targets` ([B, S] on the CPU, -100 where none), for targets other than the batch's (ORPO's).
+at::Tensor sequence_targets(const at::Tensor& targets, const at::Tensor& sequences, int64_t pairs,
+                            const at::Device& device);
 
 // DPO's reference: the model as training starts. Fresh adapters (B = 0) are the base, so they are left out for the
 // pass; adapters from `init_from` (lora.init_from) are that directory's, read again here so that a resumed run

@@ -346,9 +346,8 @@ DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, con
         to_device_async(b.targets.reshape({-1}).ne(-100).to(losses.scalar_type()), losses.device());
     const at::Tensor policy = sequence_logps(losses * completion, sequences, b.num_pairs);
     const at::Tensor all = sequence_logps(losses, sequences, b.num_pairs).reshape({-1, 2}).select(1, 0);
-    at::Tensor counts = at::zeros({2 * b.num_pairs + 1}, at::kFloat);
-    counts.index_add_(0, sequences, whole.reshape({-1}).to(at::kCPU).ne(-100).to(at::kFloat));
-    const double chosen_tokens = counts.narrow(0, 0, 2 * b.num_pairs).view({-1, 2}).select(1, 0).sum().item<double>();
+    const double chosen_tokens =
+        sequence_targets(whole, sequences, b.num_pairs, at::kCPU).view({-1, 2}).select(1, 0).sum().item<double>();
     const at::Tensor nll = -all.sum() / std::max(1.0, chosen_tokens);
     return pref.terms(policy, reference, sequence_targets(b, sequences, policy.device()), nll);
   }
@@ -560,15 +559,15 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
   // Tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per epoch, cut
   // into this rank's micro-batches per step.
   d.data = std::make_unique<TrainData>(cfg.data, cfg.file, *d.tokenizer, s.micro);
-  const bool dpo = static_cast<bool>(cfg.preference());
-  if (dpo != d.data->pairs())
+  const bool on_pairs = static_cast<bool>(cfg.preference());
+  if (on_pairs != d.data->pairs())
     fail_key(ErrorKind::Data, cfg.file, "train.objective",
-             dpo ? "\"" + cfg.train.objective + "\" trains on preference pairs, and the records of " +
+             on_pairs ? "\"" + cfg.train.objective + "\" trains on preference pairs, and the records of " +
                        d.data->config().train_file +
                        " are not: each needs \"prompt\", \"chosen\" and \"rejected\" (data.format \"preference\")"
                  : "\"" + cfg.train.objective + "\", and the records of " + d.data->config().train_file +
-                       " are preference pairs {prompt, chosen, rejected}: set train.objective to \"dpo\" or "
-                       "\"cpo\"");
+                       " are preference pairs {prompt, chosen, rejected}: set train.objective to \"dpo\", "
+                       "\"cpo\" or \"orpo\"");
   d.model_config = d.random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
   check_data_fits_model(cfg, s, d);
   d.train_file_hash = train_files_hash(d.data->config().train_files);

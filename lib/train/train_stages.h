@@ -165,8 +165,8 @@ at::Tensor token_losses(const LlamaModel& model, const at::Tensor& hidden, const
 at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, const Batch& b, const at::Tensor& sequences,
                            bool fused, bool training);
 
-// The preference loss terms (DPO, CPO) of a micro-batch of pairs under the policy (the model as it is: with gradient
-// where grad mode is on); DPO's against the reference's log-probabilities (undefined for CPO).
+// The preference loss terms (DPO, CPO, ORPO) of a micro-batch of pairs under the policy (the model as it is: with
+// gradient where grad mode is on); DPO's against the reference's log-probabilities (undefined for CPO and ORPO).
 DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
                           const at::Tensor& sequences, const at::Tensor& reference, const PreferenceObjective& pref,
                           bool fused);

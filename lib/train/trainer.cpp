@@ -106,7 +106,7 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   }
   // Normalise by the targets of the whole global step, so that accumulation over micro-batches and ranks gives the
   // gradient of the mean over all of them (not a mean of per-micro-batch means).
-  // DPO and CPO normalise by the pairs of the step instead: their loss is the pairs' mean.
+  // Preference pairs (DPO, CPO, ORPO) normalise by the pairs of the step instead: their loss is the pairs' mean.
   const PreferenceObjective pref = cfg.preference();
   const bool on_pairs = static_cast<bool>(pref);
   int64_t local_targets = 0, local_inputs = 0, local_pairs = 0;
@@ -153,7 +153,7 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   at::Tensor embeds, hidden, l;
   try {
     for (const auto& b : micro_batches) {
-      // DPO: the reference pass first (ReferenceAdapters, no gradient), then the policy's below (CPO: that alone).
+      // DPO: the reference pass first (ReferenceAdapters, no gradient), then the policy's below (CPO, ORPO: that alone).
       at::Tensor sequences, reference;
       if (on_pairs) sequences = pair_sequences(b);
       if (pref.needs_reference()) {
@@ -171,7 +171,7 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
       // The embedding output is the first block's input: kept by its checkpoint where that keeps it, else (offloaded)
       // not needed past the forward pass: 1 H a token.
       embeds = at::Tensor();
-      at::Tensor sums;  // DPO, CPO: the loss and statistics summed over the micro-batch's pairs
+      at::Tensor sums;  // pairs: the loss and statistics summed over the micro-batch's pairs
       {
         GatherScope g(parallel.sharded(), FullyShard::Root::LmHead);
         if (on_pairs) {
