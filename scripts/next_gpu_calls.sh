@@ -587,12 +587,15 @@ case "$CALL" in
   # forward_cached and the SFT demo. 61: the tests and the CPO / ORPO runs alone.
   note "== generation on CUDA: the [generate] [gpu] tests (graphed, eager and forward_cached tokens equal); bench"
   note "   --generate 8B / 16,384 and 1B / 8,192 by default (graphs), eager and through forward_cached (0)"
-  if [ "$CALL" = 61 ]; then gpu_tests 90 "[generate][gpu],[dpo]"; else gpu_tests 90 "[generate][gpu]"; fi
+  if [ "$CALL" = 58 ]; then gpu_tests 90 "[generate][gpu]"; else gpu_tests 120 "[generate][gpu],[dpo]"; fi
   if [ "$CALL" != 58 ]; then
     # CPO and ORPO (train.objective "cpo" / "orpo", thirty-seventh session) on CUDA: the DPO demo's pairs, exact match.
-    for obj in cpo orpo; do
+    # KTO (thirty-eighth session) likewise, its undesirable records weighted 0.25 as tests/e2e/test_kto.py's demo.
+    for obj in cpo orpo kto; do
+      extra=""
+      if [ "$obj" = kto ]; then extra="--set kto.undesirable_weight=0.25"; fi
       timeout 90 build-gpu/qlora-train --config configs/demo-dpo.json --set output_dir="$L/$obj" \
-        --set train.objective=$obj --set model.device=cuda --set logging.progress=lines >"$L/$obj.log" 2>&1
+        --set train.objective=$obj --set model.device=cuda --set logging.progress=lines $extra >"$L/$obj.log" 2>&1
       grep -E "step 60/60|exact-match|error" "$L/$obj.log" >>"$summary"
       echo "$obj demo: $(grep -E '^\{' "$L/$obj.log" | tail -n 1)" >>"$summary"
     done

@@ -392,6 +392,11 @@ EvalArgs with_run_config(EvalArgs a) {
       a.orpo = c.orpo;
       if (!unset("--beta")) a.orpo->beta = beta;
     }
+    if (c.train.objective == "kto") {
+      a.kto = c.kto;
+      a.kto->kl_group_size = c.kto.group(c.train.micro_batch_size);  // (training's KL groups)
+      if (!unset("--beta")) a.kto->beta = beta;
+    }
     if (unset("--reference-adapter")) a.reference_adapter = c.parsed_lora.init_from;
     // The config's logging.level, as training takes it, unless --log-level was given (before or after `eval`).
     if (unset("--log-level")) qt::log::set_level(qt::log::parse_level(c.log_level));
@@ -407,15 +412,43 @@ int run_eval(const EvalArgs& given) {
   const at::Device device = parse_device(args.device);
   check_not_adapter(args.model);
   const auto [chat_template, chat_format] = chat_format_of(args.adapter, args.chat_template, args.chat_format);
-  const qt::DataConfig data = record_config("eval", args.format, chat_template, args.train_on_prompt, args.add_eos,
-                                            chat_format, args.chat_format_json);
+  qt::DataConfig data = record_config("eval", args.format, chat_template, args.train_on_prompt, args.add_eos,
+                                      chat_format, args.chat_format_json);
+  data.unpair = args.kto.has_value();  // (KTO reads preference pairs as two unpaired records each)
   // fp32 on the CPU (exact comparisons with references), bf16 on the GPU.
   qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
   load.quantize_nf4 = args.quant == "nf4";  // as training loads the base, so that eval's figures are the trained model's
   auto tokenizer = qt::load_tokenizer(args.model);
   // Records read, rendered and masked by training's code (lib/data/records.h), before the model loads.
-  const std::vector<qt::Example> docs =
-      with_option_names([&] { return qt::load_examples(args.data, data, *tokenizer); });
+  std::vector<qt::Example> docs = with_option_names([&] { return qt::load_examples(args.data, data, *tokenizer); });
+  // KTO (unpaired records): each made a pair with its KL sequence (lib/data/example.h kto_pairs), the records whose
+  // prompt leaves no completion token within --max-seq-len left out first, as training leaves them out.
+  std::optional<qt::KtoSection> kto = args.kto;
+  const auto labelled = [](const qt::Example& e) { return e.label >= 0; };
+  if (std::any_of(docs.begin(), docs.end(), labelled)) {
+    if (!std::all_of(docs.begin(), docs.end(), labelled))
+      qt::fail_at(qt::ErrorKind::Data, args.data,
+                  "some records are unpaired preference records {prompt, completion, label} and some are not: "
+                  "evaluate them in separate files");
+    if (!kto && !args.config.empty())
+      qt::fail_at(qt::ErrorKind::Data, args.data,
+                  "the records are unpaired preference records {prompt, completion, label}, which train.objective "
+                  "\"kto\" trains on, and --config " + args.config + " is not a KTO run");
+    if (!kto) {  // (without --config: KTO's defaults, --beta)
+      kto.emplace();
+      kto->beta = args.dpo.beta;
+    }
+    docs.erase(std::remove_if(docs.begin(), docs.end(),
+                              [&](const qt::Example& e) {
+                                qt::Example cut = e;
+                                cut.ids.resize(std::min<size_t>(e.ids.size(), static_cast<size_t>(args.max_seq_len)));
+                                cut.loss.resize(cut.ids.size());
+                                return qt::fewest_targets(cut) == 0;
+                              }),
+               docs.end());
+    if (docs.empty()) qt::fail_at(qt::ErrorKind::Data, args.data, "no record has a completion token within --max-seq-len");
+    docs = qt::kto_pairs(std::move(docs), kto->group(0), kto->kl());
+  }
   // Token ids within the model's embeddings (as training and generate check): a tokenizer with more ids than the
   // model, or a tokenized record's id, would fail inside the embedding lookup.
   {
@@ -448,6 +481,7 @@ int run_eval(const EvalArgs& given) {
     qt::PreferenceObjective pref;
     if (args.cpo) pref.cpo = &*args.cpo;
     else if (args.orpo) pref.orpo = &*args.orpo;
+    else if (kto) pref.kto = &*kto;
     else pref.dpo = &args.dpo;
     if (!pref.needs_reference() && args.given.count("--reference-adapter"))
       qt::fail(qt::ErrorKind::Usage, std::string("eval: --reference-adapter: --config's ") + pref.name() +
@@ -479,12 +513,16 @@ int run_eval(const EvalArgs& given) {
       qt::fail_at(qt::ErrorKind::Data, args.data, "no pair has a target token in both its completions");
     if (!std::isfinite(d.mean(0))) qt::fail(qt::ErrorKind::Numeric, "evaluation loss is not finite");
     qt::Json out = {{"loss", d.mean(0)}, {"pairs", d.pairs}, {"records", docs.size()}, {"truncated", d.truncated},
-                    {"objective", args.cpo ? "cpo" : args.orpo ? "orpo" : "dpo"},
+                    {"objective", args.cpo ? "cpo" : args.orpo ? "orpo" : kto ? "kto" : "dpo"},
                     {"loss_type", args.cpo    ? qt::Json(args.cpo->loss_type)
                                   : args.orpo ? qt::Json("orpo")
+                                  : kto       ? qt::Json(kto->loss_type)
                                               : args.dpo.to_json()["loss_type"]},
-                    {"beta", args.cpo ? args.cpo->beta : args.orpo ? args.orpo->beta : args.dpo.beta}};
-    for (size_t i = 0; i < qt::dpo_stat_names().size(); ++i) out[qt::dpo_stat_names()[i]] = d.mean(i + 1);
+                    {"beta", args.cpo    ? args.cpo->beta
+                             : args.orpo ? args.orpo->beta
+                             : kto       ? kto->beta
+                                         : args.dpo.beta}};
+    for (const auto& [name, value] : pref.statistics(d.sums, static_cast<double>(d.pairs))) out[name] = value;
     std::cout << out.dump() << std::endl;
     return 0;
   }

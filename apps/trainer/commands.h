@@ -38,6 +38,9 @@ struct EvalArgs {
   // A run config with train.objective "cpo" or "orpo": its section (--beta over its beta), reference-free.
   std::optional<qt::CpoSection> cpo;
   std::optional<qt::OrpoSection> orpo;
+  // A run config with train.objective "kto" (its section, kl_group_size resolved; --beta over its beta), or unpaired
+  // records {prompt, completion, label} without one (the section's defaults): KTO's loss against the reference.
+  std::optional<qt::KtoSection> kto;
 };
 
 struct ExportArgs {

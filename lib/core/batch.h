@@ -21,6 +21,9 @@ struct Batch {
   // Preference pairs (train.objective "dpo"): each is two documents of its row, chosen then rejected (doc_ids 2k and
   // 2k + 1 where every example of the row is a pair). 0: none.
   int64_t num_pairs = 0;
+  // KTO's records (Example::label), laid as pairs (the record's sequence, then its KL sequence): each pair's label in
+  // the pairs' order, [num_pairs] fp32 on the CPU, 1 desirable and 0 undesirable. Undefined otherwise.
+  at::Tensor pair_labels;
 };
 
 }  // namespace qt

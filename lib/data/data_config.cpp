@@ -26,7 +26,8 @@ const std::vector<std::pair<std::string, RecordFormat>>& record_formats() {
   static const std::vector<std::pair<std::string, RecordFormat>> table = {
       {"auto", RecordFormat::Auto}, {"text", RecordFormat::Text},             {"alpaca", RecordFormat::Alpaca},
       {"chat", RecordFormat::Chat}, {"completion", RecordFormat::Completion},
-      {"preference", RecordFormat::Preference}, {"tokenized", RecordFormat::Tokenized}};
+      {"preference", RecordFormat::Preference}, {"unpaired", RecordFormat::Unpaired},
+      {"tokenized", RecordFormat::Tokenized}};
   return table;
 }
 

@@ -9,7 +9,7 @@
 
 namespace qt {
 
-enum class RecordFormat { Auto, Text, Alpaca, Chat, Completion, Preference, Tokenized };
+enum class RecordFormat { Auto, Text, Alpaca, Chat, Completion, Preference, Unpaired, Tokenized };
 // The built-in chat templates (lib/data/chat_template.h says which model's each is); auto: recognised from the
 // tokenizer's chat_template.
 // custom: the format data.chat_format spells out.
@@ -60,6 +60,9 @@ struct DataConfig {
   uint64_t seed = 42;
   bool train_on_prompt = false;  // false: only answers (alpaca output, assistant turns) are in the loss
   bool add_eos = true;           // text records end with EOS, so that the model learns where a document stops
+  // Not a key: set for train.objective "kto", which reads preference pairs as two unpaired records each (chosen
+  // desirable, rejected undesirable), as TRL's unpair_preference_dataset does.
+  bool unpair = false;
 
   // `section` is the run config's "data" object; `file` names the config in errors (key "data.<name>").
   // `complete` false: train_file may be absent (`config --print` of the defaults).

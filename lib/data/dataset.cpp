@@ -42,7 +42,42 @@ int64_t fewest_targets(const Example& e) {
     return t;
   };
   if (e.second <= 0) return targets(0, e.loss.size());
+  if (e.label >= 0) return targets(0, static_cast<size_t>(e.second));
   return std::min(targets(0, static_cast<size_t>(e.second)), targets(static_cast<size_t>(e.second), e.loss.size()));
+}
+
+std::vector<Example> kto_pairs(std::vector<Example> examples, int64_t group, bool kl) {
+  QT_CHECK(group > 0, ErrorKind::Internal, "kto_pairs: the group must be positive");
+  const auto prompt_end = [](const Example& e) {
+    QT_CHECK(e.label >= 0 && e.second <= 0, ErrorKind::Internal, "kto_pairs: an example without a label");
+    return static_cast<size_t>(std::find(e.loss.begin(), e.loss.end(), uint8_t{1}) - e.loss.begin());
+  };
+  std::vector<Example> out;
+  out.reserve(examples.size());
+  const size_t n = examples.size(), g = static_cast<size_t>(group);
+  for (size_t start = 0; start < n; start += g) {
+    const size_t size = std::min(g, n - start);
+    for (size_t k = 0; k < size; ++k) {
+      const Example& e = examples[start + k];
+      const Example& other = examples[start + (k + size - 1) % size];
+      const size_t p = prompt_end(e), q = prompt_end(other);
+      Example x;
+      x.label = e.label, x.line = e.line, x.source = e.source;
+      x.ids = e.ids;
+      x.loss.assign(e.ids.size(), 0);
+      std::fill(x.loss.begin() + static_cast<std::ptrdiff_t>(p), x.loss.end(), uint8_t{1});
+      x.second = static_cast<int64_t>(x.ids.size());
+      const size_t prompt = kl ? p : std::min<size_t>(1, e.ids.size());
+      x.ids.insert(x.ids.end(), e.ids.begin(), e.ids.begin() + static_cast<std::ptrdiff_t>(prompt));
+      x.loss.insert(x.loss.end(), prompt, 0);
+      if (kl) {
+        x.ids.insert(x.ids.end(), other.ids.begin() + static_cast<std::ptrdiff_t>(q), other.ids.end());
+        x.loss.insert(x.loss.end(), other.ids.size() - q, 1);
+      }
+      out.push_back(std::move(x));
+    }
+  }
+  return out;
 }
 
 std::string DataStats::summary() const {
@@ -137,6 +172,7 @@ uint64_t Dataset::fingerprint() const {
   for (const auto& e : examples_) {
     mix(e.ids.size());
     if (e.second > 0) mix(static_cast<uint64_t>(e.second) | uint64_t{1} << 63);  // (single documents as before)
+    if (e.label >= 0) mix(static_cast<uint64_t>(e.label) | uint64_t{1} << 62);    // (KTO's; others as before)
     for (size_t i = 0; i < e.ids.size(); ++i)
       mix(static_cast<uint64_t>(static_cast<uint32_t>(e.ids[i])) << 1 | e.loss[i]);
   }

@@ -51,6 +51,7 @@ Batch build_batch(const std::vector<Example>& examples, const std::vector<std::v
   auto doc_a = doc_ids.accessor<int32_t, 2>();
   int64_t num_targets = 0, num_tokens = 0;
   int64_t num_pairs = 0;
+  std::vector<float> labels;  // KTO's (Example::label)
   for (size_t r = 0; r < rows.size(); ++r) {
     int64_t t = 0;
     int32_t d = 0;  // document index in the row: a pair's two sequences are two documents
@@ -62,6 +63,7 @@ Batch build_batch(const std::vector<Example>& examples, const std::vector<std::v
                "build_batch: a preference pair longer than its row (truncate_pair first)");
       num_tokens += len;
       num_pairs += ex.second > 0;
+      if (ex.second > 0 && ex.label >= 0) labels.push_back(static_cast<float>(ex.label));
       int64_t start = 0;  // where the current sequence starts
       for (int64_t k = 0; k < len; ++k, ++t) {
         if (ex.second > 0 && k == ex.second) start = k, ++d;
@@ -85,6 +87,11 @@ Batch build_batch(const std::vector<Example>& examples, const std::vector<std::v
   b.num_targets = num_targets;
   b.num_tokens = num_tokens;
   b.num_pairs = num_pairs;
+  if (!labels.empty()) {
+    QT_CHECK(static_cast<int64_t>(labels.size()) == num_pairs, ErrorKind::Internal,
+             "build_batch: KTO's labelled records among pairs without a label");
+    b.pair_labels = at::tensor(labels, at::kFloat);
+  }
   return b;
 }
 

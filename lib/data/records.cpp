@@ -33,7 +33,8 @@ bool jinja_truthy(const Json& v) {
 RecordFormat detect_format(const Json& value, const std::string& where) {
   if (value.contains("messages") || value.contains("conversations")) return RecordFormat::Chat;
   if (value.contains("input_ids")) return RecordFormat::Tokenized;
-  if (value.contains("prompt") && value.contains("completion")) return RecordFormat::Completion;
+  if (value.contains("prompt") && value.contains("completion"))
+    return value.contains("label") ? RecordFormat::Unpaired : RecordFormat::Completion;
   if (value.contains("chosen") && value.contains("rejected")) return RecordFormat::Preference;
   if (value.contains("instruction") || value.contains("output")) return RecordFormat::Alpaca;
   if (value.contains("text")) return RecordFormat::Text;
@@ -42,7 +43,8 @@ RecordFormat detect_format(const Json& value, const std::string& where) {
   fail_at(ErrorKind::Data, where,
           "cannot tell the record's format from its keys (" + (keys.empty() ? std::string("none") : keys) +
               "): expected \"text\", \"instruction\"/\"output\" (alpaca), \"messages\" or \"conversations\" (chat), "
-              "\"prompt\"/\"completion\", \"prompt\"/\"chosen\"/\"rejected\" (preference) or \"input_ids\"");
+              "\"prompt\"/\"completion\", \"prompt\"/\"chosen\"/\"rejected\" (preference), \"prompt\"/\"completion\"/\"label\" "
+              "(unpaired) or \"input_ids\"");
 }
 
 Example text_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok) {
@@ -156,6 +158,22 @@ Example preference_example(const Json& value, const std::string& where, const Da
   return e;
 }
 
+// TRL's unpaired preference record {prompt, completion, label} (KTO): a completion record, the prompt never in the
+// loss, label true (desirable) or false (undesirable).
+Example unpaired_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok,
+                         std::optional<ChatFormat>& format) {
+  const Json& label = value.at("label");
+  if (!label.is_boolean())
+    fail_key(ErrorKind::Data, where, "label",
+             std::string("expected true (a desirable completion) or false (an undesirable one), got ") +
+                 (label.is_string() ? "\"" + label.get<std::string>() + "\"" : label.dump()));
+  DataConfig masked = config;
+  masked.train_on_prompt = false;
+  Example e = completion_example(value, where, masked, tok, format);
+  e.label = label.get<bool>() ? 1 : 0;
+  return e;
+}
+
 Example tokenized_example(const Json& value, const std::string& where, const Tokenizer& tok) {
   auto int_list = [&](const std::string& key) {
     const Json& v = value.at(key);
@@ -250,6 +268,10 @@ Example tokenize_one(const Json& value, const std::string& where, const DataConf
       for (const char* key : {"prompt", "chosen", "rejected"})
         if (!value.contains(key)) fail_key(ErrorKind::Data, where, key, "missing");
       return preference_example(value, where, config, tok, chat);
+    case RecordFormat::Unpaired:
+      for (const char* key : {"prompt", "completion", "label"})
+        if (!value.contains(key)) fail_key(ErrorKind::Data, where, key, "missing");
+      return unpaired_example(value, where, config, tok, chat);
     case RecordFormat::Tokenized:
       if (!value.contains("input_ids")) fail_key(ErrorKind::Data, where, "input_ids", "missing");
       return tokenized_example(value, where, tok);
@@ -402,8 +424,33 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
   std::vector<int64_t> reasoning;   // lines of chat records whose reasoning_content the template leaves out
   std::vector<int64_t> no_system;   // lines of chat records whose system message the template leaves out
   std::vector<int64_t> thinking;    // lines of chat records whose answers' reasoning the template leaves out
+  // config.unpair (KTO): a preference pair is two unpaired records, its chosen completion desirable and its rejected
+  // one not; as TRL's unpair_preference_dataset (a batched map of 1,000 records), each 1,000 records' chosen come
+  // first (in the place of each record's first example), then their rejected.
+  std::vector<Example> unpaired_rejected;
+  size_t index = 0;
   for (const auto& r : records) {
-    Example e = tokenize_one(r.value, path + ":" + std::to_string(r.line), config, tokenizer, chat);
+    if (config.unpair && index++ % 1000 == 0) {
+      for (Example& x : unpaired_rejected) out.push_back(std::move(x));
+      unpaired_rejected.clear();
+    }
+    const std::string where = path + ":" + std::to_string(r.line);
+    Example e;
+    const RecordFormat format = config.format == RecordFormat::Auto ? detect_format(r.value, where) : config.format;
+    if (config.unpair && format == RecordFormat::Preference) {
+      for (const char* key : {"prompt", "chosen", "rejected"})
+        if (!r.value.contains(key)) fail_key(ErrorKind::Data, where, key, "missing");
+      DataConfig masked = config;
+      masked.train_on_prompt = false;
+      e = completion_example(r.value, where, masked, tokenizer, chat, "chosen");
+      e.label = 1;
+      Example rejected = completion_example(r.value, where, masked, tokenizer, chat, "rejected");
+      rejected.label = 0;
+      rejected.line = r.line;
+      unpaired_rejected.push_back(std::move(rejected));
+    } else {
+      e = tokenize_one(r.value, where, config, tokenizer, chat);
+    }
     e.line = r.line;
     const Json messages = chat ? chat_messages(r.value, path) : Json();  // (read once already: no error here)
     if (!config.train_on_prompt && chat_without_answer(messages)) unanswered.push_back(r.line);
@@ -412,6 +459,7 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
     if (chat && *chat == ChatFormat::DeepSeekR1 && chat_with_think_block(messages)) thinking.push_back(r.line);
     out.push_back(std::move(e));
   }
+  for (Example& x : unpaired_rejected) out.push_back(std::move(x));
   const auto line_list = [](const std::vector<int64_t>& lines) {
     std::string out = lines.size() == 1 ? "line " : "lines ";
     for (size_t i = 0; i < std::min<size_t>(lines.size(), 10); ++i) out += (i ? ", " : "") + std::to_string(lines[i]);

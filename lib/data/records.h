@@ -1,5 +1,5 @@
 #pragma once
-// jsonl records -> tokenized examples. One record per line, in one of five shapes (data.format, or "auto":
+// jsonl records -> tokenized examples. One record per line, in one of seven shapes (data.format, or "auto":
 // each record's keys decide):
 //   text       {"text": "..."}                                    BOS (as the tokenizer says) + text + EOS (add_eos)
 //   alpaca     {"instruction", "input" (optional), "output"}     Stanford Alpaca prompt; prompt masked
@@ -7,6 +7,10 @@
 //              or ShareGPT's {"conversations": [{"from", "value"}, ...]} (from: human / user, gpt / assistant, system)
 //   completion {"prompt", "completion"}                          TRL's prompt-completion: strings (BOS + prompt +
 //              completion + EOS) or lists of messages (the chat template); the prompt out of the loss
+//   preference {"prompt", "chosen", "rejected"}                  TRL's preference pairs (DPO, CPO, ORPO; KTO reads each
+//              as two unpaired records, DataConfig::unpair)
+//   unpaired   {"prompt", "completion", "label"}                 TRL's unpaired preference records (KTO): a completion
+//              record with label true (desirable) or false (undesirable), Example::label
 //   tokenized  {"input_ids": [...], "labels": [...] (optional)}  labels as transformers': -100 masks a token
 // Extra keys in a record are ignored (datasets carry ids, sources, ...). Every error is qt::Error(Data) naming
 // "file:line" and the key.

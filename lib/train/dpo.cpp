@@ -265,6 +265,136 @@ DpoTerms dpo_terms(const at::Tensor& policy, const at::Tensor& reference, const 
   return t;
 }
 
+KtoSection KtoSection::from_json(const Json& section, const std::string& file) {
+  reject_unknown_keys(section, {"loss_type", "beta", "desirable_weight", "undesirable_weight", "kl_group_size"}, file,
+                      "kto.", ErrorKind::Config);
+  const JsonReader r{section, file, ErrorKind::Config, "kto."};
+  KtoSection c;
+  c.loss_type = r.get_string("loss_type", c.loss_type);
+  if (c.loss_type != "kto" && c.loss_type != "apo_zero_unpaired")
+    fail_key(ErrorKind::Config, file, "kto.loss_type",
+             "\"" + c.loss_type + "\": expected kto or apo_zero_unpaired (TRL's KTO names)");
+  c.beta = r.get_double("beta", c.beta);
+  if (!(c.beta > 0 && c.beta < 1e6)) fail_key(ErrorKind::Config, file, "kto.beta", "must be > 0 (TRL's default: 0.1)");
+  for (auto [key, value] : {std::pair<const char*, double*>{"desirable_weight", &c.desirable_weight},
+                            {"undesirable_weight", &c.undesirable_weight}}) {
+    *value = r.get_double(key, *value);
+    if (!(*value >= 0 && *value < 1e6)) fail_key(ErrorKind::Config, file, std::string("kto.") + key, "must be >= 0");
+  }
+  if (c.desirable_weight == 0 && c.undesirable_weight == 0)
+    fail_key(ErrorKind::Config, file, "kto.desirable_weight", "and kto.undesirable_weight are both 0: nothing trains");
+  c.kl_group_size = r.get_int("kl_group_size", c.kl_group_size);
+  if (c.kl_group_size == 1 || c.kl_group_size < 0)
+    fail_key(ErrorKind::Config, file, "kto.kl_group_size",
+             "must be 2 or more (a group of one pairs each prompt with its own completion: the KL term would be the "
+             "reward itself), or 0 (auto)");
+  return c;
+}
+
+Json KtoSection::to_json() const {
+  return Json{{"loss_type", loss_type},
+              {"beta", beta},
+              {"desirable_weight", desirable_weight},
+              {"undesirable_weight", undesirable_weight},
+              {"kl_group_size", kl_group_size}};
+}
+
+std::string KtoSection::describe() const {
+  std::string s = loss_type;
+  char b[96];
+  if (desirable_weight != 1 || undesirable_weight != 1) {
+    std::snprintf(b, sizeof b, ", weights %g desirable / %g undesirable", desirable_weight, undesirable_weight);
+    s += b;
+  }
+  return s;
+}
+
+at::Tensor kto_kl(const at::Tensor& policy, const at::Tensor& reference) {
+  const at::Tensor p = policy.detach().reshape({-1, 2}).select(1, 1), r = reference.detach().reshape({-1, 2}).select(1, 1);
+  return (p - r).mean().to(at::kFloat);
+}
+
+DpoTerms kto_terms(const at::Tensor& policy, const at::Tensor& reference, const at::Tensor& labels,
+                   const at::Tensor& kl, const KtoSection& c) {
+  const at::Tensor p = policy.reshape({-1, 2}).select(1, 0), ref = reference.detach().reshape({-1, 2}).select(1, 0);
+  const at::Tensor ratio = p - ref;
+  const at::Tensor good = labels.to(p.device(), at::kFloat), bad = 1 - good;
+  const double b = c.beta;
+  const at::Tensor base = c.kl() ? kl.to(ratio.scalar_type()) : at::zeros({}, ratio.options());
+  const at::Tensor desirable = 1 - at::sigmoid(b * (ratio - base));
+  const at::Tensor undesirable = c.kl() ? 1 - at::sigmoid(b * (base - ratio)) : at::sigmoid(b * ratio);
+  DpoTerms t;
+  t.loss_sum = (good * c.desirable_weight * desirable + bad * c.undesirable_weight * undesirable).sum();
+  const at::Tensor rewards = b * ratio.detach(), logps = p.detach();
+  t.sums = at::stack({t.loss_sum.detach(), base * static_cast<double>(p.size(0)), (rewards * good).sum(),
+                      (logps * good).sum(), (rewards * bad).sum(), (logps * bad).sum(), good.sum(), bad.sum()})
+               .to(at::kFloat);
+  return t;
+}
+
+void KtoHeldOut::add(const at::Tensor& policy, const at::Tensor& reference, const at::Tensor& labels) {
+  policy_.push_back(policy.detach());
+  reference_.push_back(reference.detach());
+  labels_.push_back(labels);
+}
+
+at::Tensor KtoHeldOut::kl_sums() const {
+  double sum = 0, count = 0;
+  for (size_t i = 0; i < policy_.size(); ++i) {
+    const int64_t n = policy_[i].numel() / 2;
+    if (n == 0) continue;
+    sum += kto_kl(policy_[i], reference_[i]).item<double>() * static_cast<double>(n);
+    count += static_cast<double>(n);
+  }
+  return at::tensor({sum, count}, at::kDouble);
+}
+
+DpoTerms KtoHeldOut::terms(const at::Tensor& sums, const KtoSection& config) const {
+  const at::Tensor s = sums.to(at::kCPU, at::kDouble);
+  const double count = s[1].item<double>();
+  const double kl = count > 0 ? std::max(0.0, s[0].item<double>() / count) : 0.0;
+  DpoTerms total;
+  total.loss_sum = at::zeros({}, at::kFloat);
+  total.sums = at::zeros({8}, at::kFloat);
+  for (size_t i = 0; i < policy_.size(); ++i) {
+    const at::Tensor base = at::full({}, kl, policy_[i].options().dtype(at::kFloat));
+    const DpoTerms t = kto_terms(policy_[i], reference_[i], labels_[i].to(policy_[i].device()), base, config);
+    total.loss_sum = total.loss_sum + t.loss_sum.to(at::kCPU);
+    total.sums = total.sums + t.sums.to(at::kCPU);
+  }
+  return total;
+}
+
+std::string PreferenceObjective::describe() const {
+  char b[32];
+  std::snprintf(b, sizeof b, "beta %g", orpo ? orpo->beta : kto ? kto->beta : 0.0);
+  return std::string(name()) + " (" +
+         (dpo ? dpo->describe() : cpo ? cpo->describe() : kto ? kto->describe() + ", " + b : std::string(b)) + ")";
+}
+
+int64_t PreferenceObjective::sums_size() const {
+  return kto ? 8 : 1 + static_cast<int64_t>(dpo_stat_names().size());
+}
+
+std::vector<std::pair<std::string, double>> PreferenceObjective::statistics(const std::vector<double>& sums,
+                                                                            double pairs) const {
+  QT_CHECK(static_cast<int64_t>(sums.size()) == sums_size(), ErrorKind::Internal,
+           "PreferenceObjective::statistics: sums of another objective");
+  std::vector<std::pair<std::string, double>> out;
+  if (!kto) {
+    for (size_t i = 0; i < dpo_stat_names().size(); ++i) out.emplace_back(dpo_stat_names()[i], sums[i + 1] / pairs);
+    return out;
+  }
+  const double good = sums[6], bad = sums[7];
+  out.emplace_back("kl", sums[1] / pairs);
+  if (good > 0) out.emplace_back("rewards_chosen", sums[2] / good);
+  if (bad > 0) out.emplace_back("rewards_rejected", sums[4] / bad);
+  if (good > 0 && bad > 0) out.emplace_back("rewards_margin", sums[2] / good - sums[4] / bad);
+  if (good > 0) out.emplace_back("logps_chosen", sums[3] / good);
+  if (bad > 0) out.emplace_back("logps_rejected", sums[5] / bad);
+  return out;
+}
+
 CpoSection CpoSection::from_json(const Json& section, const std::string& file) {
   reject_unknown_keys(section, {"loss_type", "beta", "label_smoothing", "cpo_alpha", "simpo_gamma", "alpha"}, file,
                       "cpo.", ErrorKind::Config);

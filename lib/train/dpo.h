@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lib/core/batch.h"
@@ -151,29 +152,88 @@ struct OrpoSection {
 DpoTerms orpo_terms(const at::Tensor& policy, const OrpoSection& config, const at::Tensor& lengths,
                     const at::Tensor& nll);
 
-// A run's preference objective: DPO (against its reference), CPO or ORPO (reference-free); empty for SFT.
+// Kahneman-Tversky Optimization (Ethayarajh et al., 2024, arXiv:2402.01306) as TRL's KTOTrainer computes it (trl
+// 1.16): unpaired records, each one completion labelled desirable or undesirable (Example::label), laid as pairs by
+// kto_pairs: the record's sequence, then its KL sequence (its prompt before another record's completion). With r a
+// record's log-ratio (policy - reference, its completion's summed log-probabilities) and the KL baseline
+//   kl = max(0, the mean over the micro-batch's KL sequences of policy - reference)   (no gradient; over the ranks)
+//   kto:               desirable 1 - sigmoid(beta (r - kl)),   undesirable 1 - sigmoid(beta (kl - r))
+//   apo_zero_unpaired: desirable 1 - sigmoid(beta r),          undesirable sigmoid(beta r)         (no KL sequences)
+// each weighted by desirable_weight or undesirable_weight, the loss their mean over the records of a step. The
+// reference is DPO's (ReferenceAdapters).
+struct KtoSection {
+  std::string loss_type = "kto";  // kto or apo_zero_unpaired
+  double beta = 0.1;
+  double desirable_weight = 1.0;
+  double undesirable_weight = 1.0;
+  // The records whose completions rotate to make the KL sequences (TRL: per_device_train_batch_size); 0:
+  // train.micro_batch_size where that is 2 or more, else 8.
+  int64_t kl_group_size = 0;
+
+  // The "kto" section {loss_type, beta, desirable_weight, undesirable_weight, kl_group_size}; unknown keys and
+  // values out of range are qt::Error(Config) naming `file` and the key.
+  static KtoSection from_json(const Json& section, const std::string& file);
+  Json to_json() const;
+  bool kl() const { return loss_type == "kto"; }
+  int64_t group(int64_t micro_batch_size) const {
+    return kl_group_size > 0 ? kl_group_size : micro_batch_size >= 2 ? micro_batch_size : 8;
+  }
+  std::string describe() const;  // "kto", "kto, undesirable weight 1.5"
+};
+
+// The KL baseline's part from one micro-batch: the mean over its KL sequences (odd indices of policy and reference,
+// [2 * records]) of policy - reference, an fp32 scalar without gradient (before the mean over ranks and the clamp).
+at::Tensor kto_kl(const at::Tensor& policy, const at::Tensor& reference);
+
+// policy, reference: [2 * records] from sequence_logps (even: the records' sequences, odd: their KL sequences);
+// labels: [records] 1 (desirable) or 0, on policy's device; kl: the baseline (an fp32 scalar, 0 without a KL term).
+// The loss summed over the records; sums: [loss, kl x records, rewards and log-probabilities of the desirable
+// records summed, likewise the undesirable ones', the count of each] (PreferenceObjective::statistics reads them).
+DpoTerms kto_terms(const at::Tensor& policy, const at::Tensor& reference, const at::Tensor& labels,
+                   const at::Tensor& kl, const KtoSection& config);
+
+// KTO's held-out records (training's evaluation, `qlora-train eval`): the KL baseline is the mean over ALL the
+// held-out KL sequences (not a micro-batch's: a held-out loss that does not depend on how the set is cut into
+// micro-batches or ranks), so each micro-batch's log-probabilities are kept until it is known.
+class KtoHeldOut {
+ public:
+  // policy, reference: [2 * records] (sequence_logps); labels: Batch::pair_labels (any device).
+  void add(const at::Tensor& policy, const at::Tensor& reference, const at::Tensor& labels);
+  // [the KL sequences' policy - reference summed, their count] in fp64 on the CPU: added up over the ranks by the
+  // caller where there are several.
+  at::Tensor kl_sums() const;
+  // Every record's terms against the baseline max(0, sums[0] / sums[1]) (0 without a KL term), summed.
+  DpoTerms terms(const at::Tensor& sums, const KtoSection& config) const;
+
+ private:
+  std::vector<at::Tensor> policy_, reference_, labels_;
+};
+
+// A run's preference objective: DPO or KTO (against its reference), CPO or ORPO (reference-free); empty for SFT.
 struct PreferenceObjective {
   const DpoSection* dpo = nullptr;
   const CpoSection* cpo = nullptr;
   const OrpoSection* orpo = nullptr;
-  explicit operator bool() const { return dpo || cpo || orpo; }
-  bool needs_reference() const { return dpo != nullptr; }
+  const KtoSection* kto = nullptr;
+  explicit operator bool() const { return dpo || cpo || orpo || kto; }
+  bool needs_reference() const { return dpo != nullptr || kto != nullptr; }
   bool needs_lengths() const { return dpo ? dpo->needs_lengths() : cpo ? cpo->needs_lengths() : orpo != nullptr; }
   // ORPO: the chosen sequences' NLL over their prompts' tokens too
   bool needs_prompt_nll() const { return orpo != nullptr; }
-  const char* name() const { return dpo ? "DPO" : cpo ? "CPO" : "ORPO"; }
-  std::string describe() const {
-    char b[32];
-    std::snprintf(b, sizeof b, "beta %g", orpo ? orpo->beta : 0.0);
-    return std::string(name()) + " (" + (dpo ? dpo->describe() : cpo ? cpo->describe() : std::string(b)) + ")";
-  }
-  // reference: undefined for CPO and ORPO; nll: ORPO's (needs_prompt_nll)
+  const char* name() const { return dpo ? "DPO" : cpo ? "CPO" : orpo ? "ORPO" : "KTO"; }
+  std::string describe() const;
+  // reference: undefined for CPO and ORPO; nll: ORPO's (needs_prompt_nll). Not KTO's (kto_terms).
   DpoTerms terms(const at::Tensor& policy, const at::Tensor& reference, const at::Tensor& lengths,
                  const at::Tensor& nll = {}) const {
     if (dpo) return dpo_terms(policy, reference, *dpo, lengths);
     if (cpo) return cpo_terms(policy, *cpo, lengths);
     return orpo_terms(policy, *orpo, lengths, nll);
   }
+  // The length of DpoTerms::sums, and the statistics logged from them once added up over a step's micro-batches and
+  // ranks (or a held-out set's) holding `pairs` pairs (KTO: records): (name, value), the loss left out; KTO leaves
+  // out the desirable records' statistics (and the margin) where there is none, and likewise the undesirable ones'.
+  int64_t sums_size() const;
+  std::vector<std::pair<std::string, double>> statistics(const std::vector<double>& sums, double pairs) const;
 };
 
 // ORPO's targets: `targets` ([B, S], the completions' next tokens, -100 elsewhere) with every other next token of a

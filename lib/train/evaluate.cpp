@@ -48,7 +48,8 @@ DpoEvalResult evaluate_dpo(LlamaModel& model, ReferenceAdapters* reference, std:
   at::NoGradGuard no_grad;
   model.set_training(false);
   DpoEvalResult result;
-  result.sums.assign(1 + dpo_stat_names().size(), 0.0);
+  result.sums.assign(static_cast<size_t>(pref.sums_size()), 0.0);
+  KtoHeldOut kto;  // KTO: the KL baseline over all the records, the losses once it is known
   for (Example& e : pairs) {
     QT_CHECK(e.second > 0, ErrorKind::Internal, "evaluate_dpo: a record that is not a pair");
     if (pair_longer_than(e, max_seq_len)) ++result.truncated;
@@ -60,9 +61,17 @@ DpoEvalResult evaluate_dpo(LlamaModel& model, ReferenceAdapters* reference, std:
                                ? reference_logps(model, *reference, b, seqs, /*fused=*/true, /*training=*/false)
                                : at::Tensor();
     const at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
+    ++result.pairs;
+    if (pref.kto) {
+      kto.add(sequence_logps(token_losses(model, hidden, b.targets, true), seqs, b.num_pairs), ref, b.pair_labels);
+      continue;
+    }
     const at::Tensor sums = dpo_policy_terms(model, hidden, b, seqs, ref, pref, true).sums.to(at::kCPU, at::kDouble);
     for (size_t i = 0; i < result.sums.size(); ++i) result.sums[i] += sums[static_cast<int64_t>(i)].item<double>();
-    ++result.pairs;
+  }
+  if (pref.kto) {
+    const at::Tensor sums = kto.terms(kto.kl_sums(), *pref.kto).sums.to(at::kDouble);
+    for (size_t i = 0; i < result.sums.size(); ++i) result.sums[i] = sums[static_cast<int64_t>(i)].item<double>();
   }
   return result;
 }

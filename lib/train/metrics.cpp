@@ -144,11 +144,13 @@ void MetricsLog::step(const StepMetrics& m) {
     std::snprintf(text, sizeof text, "step %lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s (%.0f target)%s | eta %s",
                   static_cast<long long>(m.step), static_cast<long long>(m.total_steps), m.loss, m.lr, m.grad_norm,
                   m.tokens_per_s, m.target_tokens_per_s, mem.c_str(), format_duration(m.eta_s).c_str());
-    std::string more;  // DPO: how often the chosen completion's reward leads, and by how much
+    // DPO: how often the chosen completion's reward leads, and by how much; KTO: the margin and the KL baseline
+    std::string more;
     for (const auto& [name, value] : m.extra)
-      if (name == "rewards_accuracy" || name == "rewards_margin") {
+      if (name == "rewards_accuracy" || name == "rewards_margin" || name == "kl") {
         char v[64];
-        std::snprintf(v, sizeof v, " | %s %.3f", name == "rewards_accuracy" ? "reward acc" : "margin", value);
+        std::snprintf(v, sizeof v, " | %s %.3f",
+                      name == "rewards_accuracy" ? "reward acc" : name == "kl" ? "kl" : "margin", value);
         more += v;
       }
     std::fprintf(stderr, "%s%s\n", text, more.c_str());

@@ -11,7 +11,7 @@ namespace qt {
 namespace {
 
 const std::vector<std::string> kTopKeys = {"output_dir", "model", "lora", "data", "train", "optim", "checkpoint",
-                                           "eval", "dpo", "cpo", "orpo", "logging"};
+                                           "eval", "dpo", "cpo", "orpo", "kto", "logging"};
 
 void check_positive(int64_t v, const std::string& file, const std::string& key, bool allow_zero = false) {
   if (v < 0 || (!allow_zero && v == 0))
@@ -186,9 +186,9 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
     fail_key(ErrorKind::Config, file, "train.loss", "'" + c.train.loss + "': expected fused or plain");
   c.train.objective = tr.get_string("objective", c.train.objective);
   if (c.train.objective != "sft" && c.train.objective != "dpo" && c.train.objective != "cpo" &&
-      c.train.objective != "orpo")
+      c.train.objective != "orpo" && c.train.objective != "kto")
     fail_key(ErrorKind::Config, file, "train.objective",
-             "'" + c.train.objective + "': expected sft, dpo, cpo or orpo");
+             "'" + c.train.objective + "': expected sft, dpo, cpo, orpo or kto");
 
   const Json& o = section(j, "optim");
   reject_unknown_keys(o, {"lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
@@ -263,6 +263,10 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
   const Json& op = section(j, "orpo");
   if (!op.is_object()) fail_key(ErrorKind::Config, file, "orpo", "expected an object {beta}");
   c.orpo = OrpoSection::from_json(op, file);
+  const Json& kp = section(j, "kto");
+  if (!kp.is_object())
+    fail_key(ErrorKind::Config, file, "kto", "expected an object {loss_type, beta, desirable_weight, ...}");
+  c.kto = KtoSection::from_json(kp, file);
 
   const Json& lg = section(j, "logging");
   reject_unknown_keys(lg, {"level", "progress"}, file, "logging.", ErrorKind::Config);
@@ -288,24 +292,27 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
     const auto refuse = [&](const std::string& key, const std::string& why) {
       fail_key(ErrorKind::Config, file, key, why + " with " + objective + " (not supported yet)");
     };
+    const bool reference = pref.needs_reference();  // DPO, KTO
     if (c.train.full_finetune)
-      refuse("train.full_finetune", pref.dpo ? "trains every weight, and leaves no reference" : "is not tested");
+      refuse("train.full_finetune", reference ? "trains every weight, and leaves no reference" : "is not tested");
     if (!c.parsed_lora.modules_to_save.empty())
       refuse("lora.modules_to_save",
-             pref.dpo ? "a trained lm_head or embed_tokens would move the reference too" : "is not tested");
+             reference ? "a trained lm_head or embed_tokens would move the reference too" : "is not tested");
     if (c.train.shard != "none") refuse("train.shard", "\"" + c.train.shard + "\" is not tested");
     if (c.train.neftune_alpha > 0)
-      refuse("train.neftune_alpha", pref.dpo ? "noise on the policy's embeddings alone would bias the comparison"
-                                             : "is not tested");
+      refuse("train.neftune_alpha", reference ? "noise on the policy's embeddings alone would bias the comparison"
+                                              : "is not tested");
     // The per-token log-probabilities come from the fused loss over an lm_head on the device.
     if (c.train.memory.lm_head_on_host.value_or(false))
       refuse("train.memory.lm_head", "\"host\" streams lm_head through a loss that gives no per-token values");
     c.train.memory.lm_head_on_host = false;
-    if (c.parsed_data.format != RecordFormat::Auto && c.parsed_data.format != RecordFormat::Preference)
+    if (c.parsed_data.format != RecordFormat::Auto && c.parsed_data.format != RecordFormat::Preference &&
+        !(pref.kto && c.parsed_data.format == RecordFormat::Unpaired))
       fail_key(ErrorKind::Config, file, "data.format",
-               std::string("\"") + record_format_name(c.parsed_data.format) +
-                   "\": " + objective + " trains on preference pairs {prompt, chosen, rejected} (\"preference\" "
-                   "or \"auto\")");
+               std::string("\"") + record_format_name(c.parsed_data.format) + "\": " + objective +
+                   (pref.kto ? " trains on unpaired records {prompt, completion, label} (\"unpaired\") or preference "
+                               "pairs {prompt, chosen, rejected} (\"preference\"), or \"auto\""
+                             : " trains on preference pairs {prompt, chosen, rejected} (\"preference\" or \"auto\")"));
     if (c.parsed_data.train_on_prompt)
       fail_key(ErrorKind::Config, file, "data.train_on_prompt",
                std::string(pref.name()) + " compares the completions' log-probabilities alone: set it to false");
@@ -380,6 +387,7 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
   j["dpo"] = c.dpo.to_json();
   j["cpo"] = c.cpo.to_json();
   j["orpo"] = c.orpo.to_json();
+  j["kto"] = c.kto.to_json();
   j["logging"] = {{"level", c.log_level}, {"progress", c.progress}};
   return j;
 }

@@ -46,7 +46,9 @@ struct TrainSection {
   std::string loss = "fused";    // "fused" (never holds [tokens, vocab] logits) or "plain" (reference path)
   // "sft": next-token cross-entropy on the records' targets; "dpo": preference pairs (data.format "preference"),
   // the "dpo" section's loss against the model with its adapters off (lib/train/dpo.h); "cpo": the pairs with the
-  // "cpo" section's reference-free loss (CPO, SimPO, AlphaPO); "orpo": the pairs with ORPO's (the "orpo" section).
+  // "cpo" section's reference-free loss (CPO, SimPO, AlphaPO); "orpo": the pairs with ORPO's (the "orpo" section);
+  // "kto": unpaired records {prompt, completion, label} (or pairs, unpaired) with the "kto" section's loss against
+  // DPO's reference.
   std::string objective = "sft";
   // Train every weight of a 16-bit base instead of LoRA adapters (needs model.quant "none"); the result is a
   // full model directory (output_dir/model). Used to pretrain the demo's small base.
@@ -115,6 +117,7 @@ struct RunConfig {
   DpoSection dpo;          // read with train.objective "dpo"
   CpoSection cpo;          // read with train.objective "cpo"
   OrpoSection orpo;        // read with train.objective "orpo"
+  KtoSection kto;          // read with train.objective "kto"
   Json lora = Json::object();  // parsed by lib/model/lora.h
   Json data = Json::object();  // parsed by lib/data/data_config.h
   LoraConfig parsed_lora;      // the two sections as their owners parsed them (for to_json)
@@ -126,12 +129,13 @@ struct RunConfig {
 
   // `complete` false: the keys a run must give (output_dir, model.path, data.train_file) may be absent (`config
   // --print` of the defaults).
-  // train.objective "dpo" or "cpo": its loss section; empty for "sft".
+  // train.objective "dpo", "cpo", "orpo" or "kto": its loss section; empty for "sft".
   PreferenceObjective preference() const {
     PreferenceObjective p;
     if (train.objective == "dpo") p.dpo = &dpo;
     if (train.objective == "cpo") p.cpo = &cpo;
     if (train.objective == "orpo") p.orpo = &orpo;
+    if (train.objective == "kto") p.kto = &kto;
     return p;
   }
   static RunConfig from_json(const Json& json, const std::string& file, bool complete = true);

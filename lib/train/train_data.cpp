@@ -12,8 +12,10 @@
 
 namespace qt {
 
-TrainData::TrainData(const Json& section, const std::string& file, const Tokenizer& tokenizer, int64_t micro)
+TrainData::TrainData(const Json& section, const std::string& file, const Tokenizer& tokenizer, int64_t micro,
+                     const KtoSection* kto)
     : config_(DataConfig::from_json(section, file)), micro_(micro) {
+  config_.unpair = kto != nullptr;
   pad_id_ = tokenizer.eos_id() >= 0 ? tokenizer.eos_id() : 0;  // padding carries no target; any id will do
   std::vector<Example> train;
   for (size_t i = 0; i < config_.train_files.size(); ++i) {
@@ -33,8 +35,29 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
       log::warn_rank0("data.eval_fraction " + std::to_string(config_.eval_fraction) + " of " + config_.train_file +
                       "'s " + std::to_string(train.size()) + " records holds none out: no held-out evaluation");
   }
-  // Preference pairs (DPO): data.max_seq_len bounds each of a pair's sequences, as TRL's max_length, and a row holds
-  // two of them. A file holds pairs or none.
+  // KTO: every record unpaired (labelled), each made a pair with its KL sequence after the records left without a
+  // target are left out (TRL drops the records whose prompt fills max_length before it rotates the completions).
+  // Labelled records are KTO's alone.
+  for (const auto* set : {&train, &eval_})
+    for (const Example& e : *set)
+      if ((e.label >= 0) != (kto != nullptr))
+        fail_key(ErrorKind::Data, config_.file, "data.format",
+                 kto ? config_.train_file + " line " + std::to_string(e.line) + ": train.objective \"kto\" trains on "
+                           "unpaired records {prompt, completion, label} or preference pairs {prompt, chosen, rejected}"
+                     : config_.train_file + " line " + std::to_string(e.line) + " is an unpaired preference record "
+                           "{prompt, completion, label}: set train.objective to \"kto\" to train on such records, or "
+                           "data.format to \"completion\" to train on their completions");
+  if (kto) {
+    untrained_left_out_ = leave_out_untrained(train, config_.train_file, /*training=*/true, /*from_train_files=*/true);
+    if (!eval_.empty())
+      leave_out_untrained(eval_, config_.eval_file.empty() ? config_.train_file : config_.eval_file,
+                          /*training=*/false, /*from_train_files=*/config_.eval_file.empty());
+    const int64_t group = kto->group(micro);
+    train = kto_pairs(std::move(train), group, kto->kl());
+    eval_ = kto_pairs(std::move(eval_), group, kto->kl());
+  }
+  // Preference pairs (DPO, KTO's): data.max_seq_len bounds each of a pair's sequences, as TRL's max_length, and a row
+  // holds two of them. A file holds pairs or none.
   size_t pair_count = 0, all = train.size() + eval_.size();
   for (const auto* set : {&train, &eval_})
     for (const Example& e : *set) pair_count += e.second > 0;
@@ -53,7 +76,7 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
     log::warn_rank0("data.add_eos: the tokenizer has no EOS token, so the text documents of " + config_.train_file +
                     " train without one (the model will not learn where a document ends)");
   apply_truncation(train);
-  untrained_left_out_ = leave_out_untrained(train, config_.train_file, /*training=*/true, /*from_train_files=*/true);
+  untrained_left_out_ += leave_out_untrained(train, config_.train_file, /*training=*/true, /*from_train_files=*/true);
   if (!eval_.empty()) {
     const std::string& source = config_.eval_file.empty() ? config_.train_file : config_.eval_file;
     leave_out_untrained(eval_, source, /*training=*/false, /*from_train_files=*/config_.eval_file.empty());

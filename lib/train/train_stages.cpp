@@ -138,6 +138,7 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
   }
   double sum = 0;
   int64_t count = 0;
+  KtoHeldOut kto;  // KTO: the KL baseline over the whole held-out set (KtoHeldOut), the losses once it is known
   for (size_t i = 0; i < forwards; ++i) {
     if (i >= batches.size()) {
       model.forward_hidden(model.embed(at::zeros({1, 1}, at::TensorOptions().dtype(at::kLong).device(model.device()))));
@@ -150,13 +151,22 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
                                  ? reference_logps(model, *reference, b, seqs, fused, /*training=*/false)
                                  : at::Tensor();
       const at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
-      sum += dpo_policy_terms(model, hidden, b, seqs, ref, pref, fused).loss_sum.item<double>();
+      if (pref.kto)
+        kto.add(sequence_logps(token_losses(model, hidden, b.targets, fused), seqs, b.num_pairs), ref, b.pair_labels);
+      else
+        sum += dpo_policy_terms(model, hidden, b, seqs, ref, pref, fused).loss_sum.item<double>();
       count += b.num_pairs;
       continue;
     }
     at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
     sum += loss_sum(model, hidden, b.targets, fused).item<double>();
     count += b.num_targets;
+  }
+  if (pref.kto) {
+    const auto wire = comm.device().is_cuda() ? at::kFloat : at::kDouble;
+    at::Tensor kl = kto.kl_sums().to(wire).to(comm.device());
+    comm.all_reduce(kl);
+    sum = kto.terms(kl, *pref.kto).loss_sum.item<double>();
   }
   at::Tensor totals = at::tensor({sum, static_cast<double>(count)}, at::kDouble).to(comm.device().is_cuda() ? at::kFloat : at::kDouble).to(comm.device());
   comm.all_reduce(totals);
@@ -336,7 +346,23 @@ at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, cons
 
 DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
                           const at::Tensor& sequences, const at::Tensor& reference, const PreferenceObjective& pref,
-                          bool fused) {
+                          bool fused, Communicator* comm) {
+  if (pref.kto) {
+    // KTO: the records' sequences and their KL sequences in one pass; the KL baseline from the latter, no gradient.
+    QT_CHECK(b.pair_labels.defined(), ErrorKind::Internal, "dpo_policy_terms: KTO's records without their labels");
+    const at::Tensor policy = sequence_logps(token_losses(model, hidden, b.targets, fused), sequences, b.num_pairs);
+    at::Tensor kl = at::zeros({}, policy.options().dtype(at::kFloat));
+    if (pref.kto->kl()) {
+      kl = kto_kl(policy, reference);
+      if (comm && comm->world_size() > 1) {  // TRL's gather of the ranks' means, then their mean
+        kl = kl.reshape({1}).clone();
+        comm->all_reduce(kl);
+        kl = kl.reshape({}) / static_cast<double>(comm->world_size());
+      }
+      kl = kl.clamp_min(0);
+    }
+    return kto_terms(policy, reference, to_device_async(b.pair_labels, policy.device()), kl, *pref.kto);
+  }
   if (pref.needs_prompt_nll()) {
     // ORPO: one pass of the loss over the completions' targets and the chosen prompts' (whole_chosen_targets); the
     // log-probabilities over the completions alone, the NLL over the whole chosen sequences.
@@ -392,7 +418,7 @@ PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micr
   const auto shapes = block_linear_shapes(mc);
   for (const auto& [name, io] : shapes)
     if (lora.targets_module(name)) in.lora_params += L * lora.r * (io.first + io.second);
-  in.dpo_reference = cfg.train.objective == "dpo";
+  in.dpo_reference = cfg.preference().needs_reference();  // DPO, KTO
   in.reference_adapters = in.dpo_reference && !lora.init_from.empty();
   in.mlp_dropout = lora.dropout > 0 && (lora.targets_module("gate_proj") || lora.targets_module("up_proj") ||
                                         lora.targets_module("down_proj"));
@@ -558,7 +584,14 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
                                                    static_cast<int32_t>(random_shape.eos_token_id));
   // Tokenized once (before the model loads, so that bad data fails fast), ordered deterministically per epoch, cut
   // into this rank's micro-batches per step.
-  d.data = std::make_unique<TrainData>(cfg.data, cfg.file, *d.tokenizer, s.micro);
+  // KTO's KL groups: the configured micro-batch size, never the plan's (a resume on a card with other free memory
+  // makes the same KL sequences).
+  std::optional<KtoSection> kto;
+  if (cfg.preference().kto) {
+    kto = cfg.kto;
+    kto->kl_group_size = cfg.kto.group(cfg.train.micro_batch_size);
+  }
+  d.data = std::make_unique<TrainData>(cfg.data, cfg.file, *d.tokenizer, s.micro, kto ? &*kto : nullptr);
   const bool on_pairs = static_cast<bool>(cfg.preference());
   if (on_pairs != d.data->pairs())
     fail_key(ErrorKind::Data, cfg.file, "train.objective",
@@ -567,7 +600,7 @@ DataStage load_data(const RunConfig& cfg, const Session& s) {
                        " are not: each needs \"prompt\", \"chosen\" and \"rejected\" (data.format \"preference\")"
                  : "\"" + cfg.train.objective + "\", and the records of " + d.data->config().train_file +
                        " are preference pairs {prompt, chosen, rejected}: set train.objective to \"dpo\", "
-                       "\"cpo\" or \"orpo\"");
+                       "\"cpo\", \"orpo\" or \"kto\"");
   d.model_config = d.random_init ? random_shape : LlamaConfig::from_file(files::join(cfg.model.path, "config.json"));
   check_data_fits_model(cfg, s, d);
   d.train_file_hash = train_files_hash(d.data->config().train_files);
@@ -667,18 +700,20 @@ ModelStage build_model(const RunConfig& cfg, const Session& s, const DataStage& 
     });
     if (s.rank0) log::info("LoRA adapters initialised from " + lora.init_from);
   }
-  if (cfg.train.objective == "dpo") {
+  if (cfg.preference().needs_reference()) {  // DPO, KTO
     if (!lora.init_from.empty()) {
       // Read again at a resume, and by every rank: the same file's bytes (a checkpoint records their hash).
       m.reference_hash = train_file_hash(files::join(lora.init_from, kAdapterWeightsFile));
-      if (s.world > 1) check_same_across_ranks(*s.comm, m.reference_hash, "content of lora.init_from (DPO's reference)");
+      if (s.world > 1)
+        check_same_across_ranks(*s.comm, m.reference_hash,
+                                "content of lora.init_from (" + std::string(cfg.preference().name()) + "'s reference)");
       if (resuming)
         if (const std::string differ = adapter_differences(lora, model, lora.init_from); !differ.empty())
           fail_at(ErrorKind::Config, cfg.file,
                   "lora.init_from " + lora.init_from + ": the adapter does not match the lora section:" + differ);
     }
     m.reference = std::make_shared<ReferenceAdapters>(model, lora.init_from);
-    if (s.rank0) log::info("DPO (" + cfg.dpo.describe() + "): the reference is " + m.reference->describe());
+    if (s.rank0) log::info(cfg.preference().describe() + ": the reference is " + m.reference->describe());
   }
   if (cfg.preference() && !cfg.preference().needs_reference() && s.rank0)
     log::info(cfg.preference().describe() + ": reference-free, on the policy's log-probabilities alone");

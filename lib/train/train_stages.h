@@ -165,11 +165,13 @@ at::Tensor token_losses(const LlamaModel& model, const at::Tensor& hidden, const
 at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, const Batch& b, const at::Tensor& sequences,
                            bool fused, bool training);
 
-// The preference loss terms (DPO, CPO, ORPO) of a micro-batch of pairs under the policy (the model as it is: with
-// gradient where grad mode is on); DPO's against the reference's log-probabilities (undefined for CPO and ORPO).
+// The preference loss terms (DPO, CPO, ORPO, KTO) of a micro-batch of pairs under the policy (the model as it is:
+// with gradient where grad mode is on); DPO's and KTO's against the reference's log-probabilities (undefined for CPO
+// and ORPO). KTO: `comm` (training's, where every rank runs as many micro-batches) averages the KL baseline over the
+// ranks, as TRL gathers it; null (held-out evaluation) leaves each micro-batch's own.
 DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
                           const at::Tensor& sequences, const at::Tensor& reference, const PreferenceObjective& pref,
-                          bool fused);
+                          bool fused, Communicator* comm = nullptr);
 
 // The message of an out-of-memory error in `phase` ("step 3", "evaluation after step 3"): where, how big, how much
 // memory, what lowers it.

@@ -31,7 +31,8 @@ namespace {
 // What one optimizer step did, read back from the device in the step's one sync.
 struct StepOutcome {
   double loss = 0, grad_norm = 0, lr = 0;
-  std::vector<double> dpo;  // DPO: dpo_stat_names()' means over the step's pairs
+  // preference objectives: their statistics over the step's pairs (PreferenceObjective::statistics)
+  std::vector<std::pair<std::string, double>> dpo;
   int64_t targets = 0, inputs = 0;  // tokens in the loss and input tokens of the global step
   bool overflow = false;            // fp16: the scaled gradients overflowed, the update was not applied
 };
@@ -60,7 +61,7 @@ struct QueuedStep {
   int64_t step = 0;             // the steps done before it
   double lr = 0, targets = 0, inputs = 0;
   double pairs = 0;             // DPO: the pairs of the global step (the loss is their mean)
-  at::Tensor read;              // [loss sum, (DPO: dpo_stat_names()' sums,) gradient norm] in fp64: pinned host
+  at::Tensor read;              // [loss sum, (pairs: the rest of DpoTerms::sums,) gradient norm] in fp64: pinned host
                                 // memory the device copies into
                                 // without blocking (CUDA), or the values themselves (CPU)
   std::shared_ptr<at::cuda::CUDAEvent> copied;  // recorded on the compute stream after that copy (CUDA)
@@ -175,7 +176,7 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
       {
         GatherScope g(parallel.sharded(), FullyShard::Root::LmHead);
         if (on_pairs) {
-          DpoTerms terms = dpo_policy_terms(model, hidden, b, sequences, reference, pref, fused);
+          DpoTerms terms = dpo_policy_terms(model, hidden, b, sequences, reference, pref, fused, &comm);
           l = terms.loss_sum;
           sums = terms.sums;
         } else {
@@ -216,7 +217,7 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
     if (!grads.empty()) at::_foreach_mul_(grads, 1.0 / scaler->scale);
   }
   const auto wire = s.device.is_cuda() ? at::kFloat : at::kDouble;
-  const int64_t values_n = on_pairs ? 1 + static_cast<int64_t>(dpo_stat_names().size()) : 1;
+  const int64_t values_n = on_pairs ? pref.sums_size() : 1;
   at::Tensor loss_t = local_loss.defined() ? local_loss.reshape({values_n}).to(wire)
                                            : at::zeros({values_n}, at::TensorOptions().dtype(wire).device(s.device));
   comm.all_reduce(loss_t);
@@ -261,7 +262,11 @@ StepOutcome finish_step(const RunConfig& cfg, QueuedStep& q, AdamW& opt, LossSca
   r.lr = q.lr;
   const int64_t n = q.read.numel();
   r.loss = q.read[0].item<double>() / (q.pairs > 0 ? q.pairs : q.targets);
-  for (int64_t i = 1; i + 1 < n; ++i) r.dpo.push_back(q.read[i].item<double>() / q.pairs);
+  if (q.pairs > 0) {
+    std::vector<double> sums;
+    for (int64_t i = 0; i + 1 < n; ++i) sums.push_back(q.read[i].item<double>());
+    r.dpo = cfg.preference().statistics(sums, q.pairs);
+  }
   r.grad_norm = q.read[n - 1].item<double>();
   if (!std::isfinite(r.loss))
     fail(ErrorKind::Numeric, "step " + std::to_string(step + 1) + ": the loss is not finite (" + std::to_string(r.loss) +
@@ -578,7 +583,7 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
       sm.gpu_alloc_retries = counts.alloc_retries;
       sm.gpu_device_allocs = counts.device_allocs;
       sm.gpu_device_frees = counts.device_frees;
-      for (size_t i = 0; i < r.dpo.size(); ++i) sm.extra.emplace_back(dpo_stat_names()[i], r.dpo[i]);
+      for (const auto& stat : r.dpo) sm.extra.push_back(stat);
       const double per_step = seconds_since(t_loop) / static_cast<double>(state.step - start_step);
       sm.eta_s = per_step * static_cast<double>(total_steps - state.step);
       metrics.step(sm);
