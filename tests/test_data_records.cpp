@@ -593,3 +593,74 @@ TEST_CASE("data config defaults and errors", "[data]") {
   check_error([] { config({{"train_file", {"a.jsonl", 3}}}); }, qt::ErrorKind::Config,
               {"data.train_file", "list of strings"});
 }
+
+TEST_CASE("KTO: unpaired records, pairs unpaired in TRL's batches of 1,000, KL sequences rotated in groups", "[data]") {
+  auto tok = qt::load_tokenizer(qt::test::fixture("data/llama2"));
+  // 1,003 pairs: TRL's unpair_preference_dataset maps batches of 1,000 rows, each batch's chosen then its rejected.
+  std::string pairs, completions;
+  for (int i = 0; i < 1003; ++i) {
+    const std::string prompt = "question " + std::to_string(i) + "?";
+    pairs += qt::Json{{"prompt", prompt}, {"chosen", " yes " + std::to_string(i)}, {"rejected", " no"}}.dump() + "\n";
+    completions += qt::Json{{"prompt", prompt}, {"completion", " yes " + std::to_string(i)}}.dump() + "\n";
+  }
+  qt::DataConfig cfg = config();
+  cfg.unpair = true;
+  const auto unpaired = qt::load_examples(write_file("kto_pairs.jsonl", pairs), cfg, *tok);
+  const auto plain = qt::load_examples(write_file("kto_completions.jsonl", completions), config(), *tok);
+  REQUIRE(unpaired.size() == 2006);
+  REQUIRE(plain.size() == 1003);
+  for (size_t k = 0; k < unpaired.size(); ++k) {
+    const bool chosen = k < 1000 || (k >= 2000 && k < 2003);
+    const size_t record = k < 1000 ? k : k < 2000 ? k - 1000 : k < 2003 ? k - 1000 : k - 1003;
+    INFO("example " << k);
+    CHECK(unpaired[k].label == (chosen ? 1 : 0));
+    CHECK(unpaired[k].line == static_cast<int64_t>(record + 1));
+    CHECK(unpaired[k].second == 0);
+    if (chosen) CHECK((unpaired[k].ids == plain[record].ids && unpaired[k].loss == plain[record].loss));
+  }
+  // Without DataConfig::unpair a pair stays one Example; an unpaired record's label is read.
+  CHECK(qt::load_examples(write_file("kto_pairs2.jsonl", pairs), config(), *tok).front().second > 0);
+  const auto labelled = qt::load_examples(
+      write_file("kto_unpaired.jsonl", "{\"prompt\": \"a?\", \"completion\": \" b\", \"label\": false}\n"
+                                       "{\"prompt\": \"c?\", \"completion\": \" d\", \"label\": true}\n"),
+      config(), *tok);
+  REQUIRE(labelled.size() == 2);
+  CHECK((labelled[0].label == 0 && labelled[1].label == 1));
+
+  // kto_pairs: each example then its KL sequence, its prompt before the completion of the one before it in its group
+  // of 3 (the group's first takes its last's; the last group of 2 likewise).
+  std::vector<qt::Example> seven(plain.begin(), plain.begin() + 7);
+  for (size_t i = 0; i < seven.size(); ++i) seven[i].label = static_cast<int8_t>(i % 2);
+  const auto prompt_end = [](const qt::Example& e) {
+    return static_cast<size_t>(std::find(e.loss.begin(), e.loss.end(), uint8_t{1}) - e.loss.begin());
+  };
+  for (const bool kl : {true, false}) {
+    const auto out = qt::kto_pairs(seven, 3, kl);
+    REQUIRE(out.size() == 7);
+    for (size_t i = 0; i < 7; ++i) {
+      INFO("example " << i << (kl ? "" : ", no KL"));
+      const size_t start = i / 3 * 3, size = std::min<size_t>(3, 7 - start);
+      const qt::Example& e = seven[i];
+      const qt::Example& other = seven[start + (i - start + size - 1) % size];
+      const size_t p = prompt_end(e), q = prompt_end(other);
+      std::vector<int32_t> ids = e.ids;
+      std::vector<uint8_t> loss(p, 0);
+      loss.resize(e.ids.size(), 1);
+      if (kl) {
+        ids.insert(ids.end(), e.ids.begin(), e.ids.begin() + static_cast<std::ptrdiff_t>(p));
+        ids.insert(ids.end(), other.ids.begin() + static_cast<std::ptrdiff_t>(q), other.ids.end());
+        loss.resize(loss.size() + p, 0);
+        loss.resize(ids.size(), 1);
+      } else {
+        ids.push_back(e.ids.front());
+        loss.push_back(0);
+      }
+      CHECK(out[i].ids == ids);
+      CHECK(out[i].loss == loss);
+      CHECK(out[i].second == static_cast<int64_t>(e.ids.size()));
+      CHECK(out[i].label == e.label);
+      // (the KL sequence is no target: a record trains where its own completion has a token)
+      CHECK(qt::fewest_targets(out[i]) == static_cast<int64_t>(e.ids.size() - std::max<size_t>(p, 1)));
+    }
+  }
+}
