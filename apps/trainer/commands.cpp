@@ -446,7 +446,8 @@ int run_eval(const EvalArgs& given) {
                                 return qt::fewest_targets(cut) == 0;
                               }),
                docs.end());
-    if (docs.empty()) qt::fail_at(qt::ErrorKind::Data, args.data, "no record has a completion token within --max-seq-len");
+    if (docs.empty())
+      qt::fail_at(qt::ErrorKind::Data, args.data, "no record has a completion token within --max-seq-len");
     docs = qt::kto_pairs(std::move(docs), kto->group(0), kto->kl());
   }
   // Token ids within the model's embeddings (as training and generate check): a tokenizer with more ids than the

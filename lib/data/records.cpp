@@ -43,8 +43,8 @@ RecordFormat detect_format(const Json& value, const std::string& where) {
   fail_at(ErrorKind::Data, where,
           "cannot tell the record's format from its keys (" + (keys.empty() ? std::string("none") : keys) +
               "): expected \"text\", \"instruction\"/\"output\" (alpaca), \"messages\" or \"conversations\" (chat), "
-              "\"prompt\"/\"completion\", \"prompt\"/\"chosen\"/\"rejected\" (preference), \"prompt\"/\"completion\"/\"label\" "
-              "(unpaired) or \"input_ids\"");
+              "\"prompt\"/\"completion\", \"prompt\"/\"chosen\"/\"rejected\" (preference), "
+              "\"prompt\"/\"completion\"/\"label\" (unpaired) or \"input_ids\"");
 }
 
 Example text_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok) {

@@ -310,7 +310,8 @@ std::string KtoSection::describe() const {
 }
 
 at::Tensor kto_kl(const at::Tensor& policy, const at::Tensor& reference) {
-  const at::Tensor p = policy.detach().reshape({-1, 2}).select(1, 1), r = reference.detach().reshape({-1, 2}).select(1, 1);
+  const at::Tensor p = policy.detach().reshape({-1, 2}).select(1, 1);
+  const at::Tensor r = reference.detach().reshape({-1, 2}).select(1, 1);
   return (p - r).mean().to(at::kFloat);
 }
 

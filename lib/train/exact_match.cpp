@@ -55,8 +55,8 @@ ExactMatchResult exact_match(LlamaModel& model, const Tokenizer& tokenizer, cons
   gen.max_new_tokens = max_new_tokens;
   gen.stop_ids = answer_stop_ids(tokenizer, data);
   gen.cuda_graph = false;  // (GenerateOptions::cuda_graph: a few steps a batch, beside a training plan's budget)
-  // A DPO run's records are pairs (a KTO run's unpaired records); its exact-match file may hold pairs (the chosen completion is the answer) or
-  // records of any other format with an answer, each read by its keys.
+  // A DPO run's records are pairs (a KTO run's unpaired records); its exact-match file may hold pairs (the chosen
+  // completion is the answer) or records of any other format with an answer, each read by its keys.
   DataConfig records = data;
   if (records.format == RecordFormat::Preference || records.format == RecordFormat::Unpaired)
     records.format = RecordFormat::Auto;

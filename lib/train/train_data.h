@@ -18,8 +18,8 @@ class TrainData {
  public:
   // kto (train.objective "kto"): the records are unpaired {prompt, completion, label} or preference pairs (two
   // unpaired records each), made KTO's pairs (kto_pairs) in groups of kto->group(micro_batch_size).
-  TrainData(const Json& data_section, const std::string& config_file, const Tokenizer& tokenizer, int64_t micro_batch_size,
-            const KtoSection* kto = nullptr);
+  TrainData(const Json& data_section, const std::string& config_file, const Tokenizer& tokenizer,
+            int64_t micro_batch_size, const KtoSection* kto = nullptr);
 
   // Tokens a row: data.max_seq_len, twice it for preference pairs (each sequence up to data.max_seq_len).
   int64_t max_seq_len() const { return row_len_; }
