@@ -1,6 +1,9 @@
 """What the preference-pair tests (test_dpo.py, test_cpo.py) share: TRL's metric names, the initial PEFT adapter, and
 the comparisons of our metrics and adapters with TRL's."""
 import json
+import os
+import pathlib
+import subprocess
 
 import torch
 import tiny_lm
@@ -76,3 +79,18 @@ def compare_adapters(name, ours, trl, init, rel=1e-4):
                                    f"(<= {rel:g}) beyond fp32 rounding ({raw:.2e} with it); largest update "
                                    f"{biggest:.3g}"
                                    + "".join("\n    " + b for b in bad[:6]))
+
+
+def check_demo(binary, output_dir, sets, says):
+    """The DPO demo (configs/demo-dpo.json) on the CPU with `sets` ("key=value" overrides): its held-out exact match
+    from none (< 5%) to most (>= half), and `says` in its log."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    args = [binary, "--config", "configs/demo-dpo.json", "--set", f"output_dir={output_dir}"]
+    for s in [*sets, "model.device=cpu", "logging.progress=lines"]:
+        args += ["--set", s]
+    p = subprocess.run(args, capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    summary = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
+    check(summary.get("exact_match_before", 1) < 0.05 and summary.get("exact_match_after", 0) >= 0.5
+          and says in p.stderr,
+          f"the DPO demo's pairs with {', '.join(sets)}: exact match {summary.get('exact_match_before')} -> "
+          f"{summary.get('exact_match_after')} (exit {p.returncode}) {p.stderr[-800:] if p.returncode else ''}")

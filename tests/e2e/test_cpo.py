@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import tiny_lm
 import cpo_trl
 from checks import check, finish
-from pair_checks import NAMES, TARGETS, compare_adapters, compare_metrics, make_adapter, words
+from pair_checks import NAMES, TARGETS, check_demo, compare_adapters, compare_metrics, make_adapter, words
 
 ORACLE_ONLY = "--oracle-only" in sys.argv
 BIN = None if ORACLE_ONLY else os.environ["QT_BINARY"]
@@ -156,15 +156,7 @@ def main():
 
     # The DPO demo's pairs (configs/demo-dpo.json) under CPO's defaults (sigmoid + the chosen answers' NLL) teach its
     # task: held-out exact match from none to most.
-    root = pathlib.Path(__file__).resolve().parents[2]
-    p = subprocess.run([BIN, "--config", "configs/demo-dpo.json", "--set", f"output_dir={TMP / 'demo'}", "--set",
-                        "train.objective=cpo", "--set", "model.device=cpu", "--set", "logging.progress=lines"],
-                       capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    summary = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
-    check(summary.get("exact_match_before", 1) < 0.05 and summary.get("exact_match_after", 0) >= 0.5
-          and "CPO (sigmoid + 1 x NLL)" in p.stderr,
-          f"the DPO demo's pairs under CPO: exact match {summary.get('exact_match_before')} -> "
-          f"{summary.get('exact_match_after')} (exit {p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
+    check_demo(BIN, TMP / "demo", ["train.objective=cpo"], "CPO (sigmoid + 1 x NLL)")
 
     # ORPO in micro-batches of one pair: the NLL term each micro-batch's token mean, so not TRL's batch mean; the odds
     # ratio term alone (beta large against it) is compared through the metrics, which it does not change.

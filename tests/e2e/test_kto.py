@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 import tiny_lm
 import kto_trl
 from checks import check, finish
-from pair_checks import TARGETS, compare_adapters, make_adapter, words
+from pair_checks import TARGETS, check_demo, compare_adapters, make_adapter, words
 
 ORACLE_ONLY = "--oracle-only" in sys.argv
 BIN = None if ORACLE_ONLY else os.environ["QT_BINARY"]
@@ -244,16 +244,8 @@ def main():
     # The DPO demo's pairs (configs/demo-dpo.json) under KTO, the undesirable records weighted 0.25, teach its task:
     # held-out exact match from none to most. (At weight 1 the answers' digits are learnt and their end is not:
     # every rejected completion ends with EOS too, and KTO pushes each down on its own.)
-    root = pathlib.Path(__file__).resolve().parents[2]
-    p = subprocess.run([BIN, "--config", "configs/demo-dpo.json", "--set", f"output_dir={TMP / 'demo'}", "--set",
-                        "train.objective=kto", "--set", "kto.undesirable_weight=0.25", "--set", "model.device=cpu", "--set",
-                        "logging.progress=lines"],
-                       capture_output=True, text=True, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    summary = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
-    check(summary.get("exact_match_before", 1) < 0.05 and summary.get("exact_match_after", 0) >= 0.5
-          and "KTO (kto, weights 1 desirable / 0.25 undesirable, beta 0.1)" in p.stderr,
-          f"the DPO demo's pairs under KTO: exact match {summary.get('exact_match_before')} -> "
-          f"{summary.get('exact_match_after')} (exit {p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
+    check_demo(BIN, TMP / "demo", ["train.objective=kto", "kto.undesirable_weight=0.25"],
+               "KTO (kto, weights 1 desirable / 0.25 undesirable, beta 0.1)")
     finish("KTO checks")
 
 
