@@ -350,3 +350,64 @@ TEST_CASE("eval split holds out a seeded fraction in file order", "[data]") {
   CHECK(qt::split_eval(examples, 0.0, 3).second.empty());
   CHECK(qt::split_eval(examples, 0.001, 3).second.size() == 1);  // a fraction > 0 holds out at least one
 }
+
+TEST_CASE("split_pairs cuts KTO's pairs into the records and their KL sequences, each as laid alone", "[data][dpo]") {
+  std::vector<qt::Example> singles = random_examples(11, 40, 17);
+  for (size_t i = 0; i < singles.size(); ++i) {
+    std::fill(singles[i].loss.begin(), singles[i].loss.begin() + singles[i].ids.size() / 3, uint8_t{0});
+    singles[i].loss.back() = 1;  // (a completion of at least one token)
+    singles[i].label = static_cast<int8_t>(i % 3 == 0);
+  }
+  const std::vector<qt::Example> pairs = qt::kto_pairs(singles, 4, /*kl=*/true);
+  std::vector<qt::Example> firsts, seconds;
+  for (const qt::Example& e : pairs) {
+    const auto cut = [&](size_t from, size_t to) {
+      qt::Example x;
+      x.ids.assign(e.ids.begin() + from, e.ids.begin() + to);
+      x.loss.assign(e.loss.begin() + from, e.loss.begin() + to);
+      return x;
+    };
+    firsts.push_back(cut(0, e.second));
+    seconds.push_back(cut(e.second, e.ids.size()));
+  }
+  // Packed rows of 3, 4 and 2 pairs (the fourth row all padding), and one pair a row.
+  for (const bool packing : {true, false}) {
+    const std::vector<std::vector<int64_t>> rows =
+        packing ? std::vector<std::vector<int64_t>>{{0, 1, 2}, {3, 4, 5, 6}, {7, 8}}
+                : std::vector<std::vector<int64_t>>{{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}};
+    const qt::Batch b = qt::build_batch(pairs, rows, qt::BatchShape{packing ? 4 : 11, 512, packing}, 7);
+    const qt::PairHalves h = qt::split_pairs(b);
+    INFO((packing ? "packed" : "one pair a row"));
+    check_rows(h.first, rows, firsts, 512);
+    check_rows(h.second, rows, seconds, 512);
+    for (const qt::Batch* x : {&h.first, &h.second}) {
+      CHECK(x->num_pairs == b.num_pairs);
+      CHECK(at::equal(x->pair_labels, b.pair_labels));
+      CHECK((x->input_ids.size(1) % 64 == 0 && x->input_ids.size(1) <= b.input_ids.size(1)));
+    }
+    CHECK(h.first.num_targets + h.second.num_targets == b.num_targets);
+    // Each sequence's log-probability from either half, in pair_sequences' numbering, is the whole batch's.
+    const at::Tensor losses = at::rand({b.input_ids.numel()}, at::kDouble) * b.targets.reshape({-1}).ne(-100);
+    const at::Tensor whole = qt::sequence_logps(losses, qt::pair_sequences(b), b.num_pairs);
+    const auto moved = [&](const qt::Batch& x) {  // each token's loss where split_pairs put the token
+      at::Tensor out = at::zeros({x.input_ids.numel()}, at::kDouble);
+      const at::Tensor docs = b.doc_ids.reshape({-1});
+      int64_t done = 0;
+      for (int64_t r = 0; r < b.input_ids.size(0); ++r) {
+        int64_t k = 0;
+        for (int64_t t = 0; t < b.input_ids.size(1); ++t) {
+          const int64_t d = docs[r * b.input_ids.size(1) + t].item<int64_t>();
+          if (d >= 0 && (d % 2 == 0) == (&x == &h.first))
+            out[r * x.input_ids.size(1) + k++] = losses[r * b.input_ids.size(1) + t];
+        }
+        done += k;
+      }
+      CHECK(done == x.num_tokens);
+      return out;
+    };
+    const at::Tensor split = qt::sequence_logps(moved(h.first), h.first_sequences, b.num_pairs) +
+                             qt::sequence_logps(moved(h.second), h.second_sequences, b.num_pairs);
+    CHECK(at::allclose(split, whole, 1e-6, 1e-6));
+    CHECK(whole.abs().sum().item<double>() > 0);
+  }
+}

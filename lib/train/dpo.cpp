@@ -136,6 +136,57 @@ at::Tensor pair_sequences(const Batch& b) {
   return out;
 }
 
+PairHalves split_pairs(const Batch& b) {
+  const at::Tensor docs = b.doc_ids.to(at::kCPU, at::kInt).contiguous();
+  QT_CHECK(docs.dim() == 2, ErrorKind::Internal, "split_pairs: a micro-batch of pairs needs its doc_ids");
+  const at::Tensor ids = b.input_ids.to(at::kCPU, at::kLong).contiguous();
+  const at::Tensor targets = b.targets.to(at::kCPU, at::kLong).contiguous();
+  const at::Tensor positions = b.positions.to(at::kCPU, at::kLong).contiguous();
+  const at::Tensor sequences = pair_sequences(b);
+  const int64_t rows = docs.size(0), cols = docs.size(1);
+  const int32_t* d = docs.data_ptr<int32_t>();
+  // Each half's tokens of each row, as indices into b's [rows * cols] tokens.
+  std::vector<std::vector<std::vector<int64_t>>> taken(2, std::vector<std::vector<int64_t>>(rows));
+  int64_t longest[2] = {1, 1};
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t t = 0; t < cols; ++t)
+      if (d[r * cols + t] >= 0) taken[d[r * cols + t] % 2][r].push_back(r * cols + t);
+    for (int h = 0; h < 2; ++h) longest[h] = std::max<int64_t>(longest[h], taken[h][r].size());
+  }
+  const int64_t pad_id = rows * cols > 0 ? ids.data_ptr<int64_t>()[rows * cols - 1] : 0;  // (any id: no target)
+  PairHalves out;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t S = std::min(cols, (longest[h] + 63) / 64 * 64);
+    Batch& x = h == 0 ? out.first : out.second;
+    x.input_ids = at::full({rows, S}, pad_id, at::kLong);
+    x.targets = at::full({rows, S}, -100, at::kLong);
+    x.positions = at::zeros({rows, S}, at::kLong);
+    x.doc_ids = at::full({rows, S}, -1, at::kInt);
+    at::Tensor seqs = at::full({rows * S}, 2 * b.num_pairs, at::kLong);
+    const int64_t *ids_in = ids.data_ptr<int64_t>(), *tgt_in = targets.data_ptr<int64_t>(),
+                  *pos_in = positions.data_ptr<int64_t>(), *seq_in = sequences.data_ptr<int64_t>();
+    int64_t *ids_out = x.input_ids.data_ptr<int64_t>(), *tgt_out = x.targets.data_ptr<int64_t>(),
+            *pos_out = x.positions.data_ptr<int64_t>(), *seq_out = seqs.data_ptr<int64_t>();
+    int32_t* doc_out = x.doc_ids.data_ptr<int32_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (size_t k = 0; k < taken[h][r].size(); ++k) {
+        const int64_t from = taken[h][r][k], to = r * S + static_cast<int64_t>(k);
+        ids_out[to] = ids_in[from];
+        tgt_out[to] = tgt_in[from];
+        pos_out[to] = pos_in[from];
+        doc_out[to] = d[from] / 2;
+        seq_out[to] = seq_in[from];
+      }
+    }
+    x.num_targets = x.targets.ne(-100).sum().item<int64_t>();
+    x.num_tokens = x.doc_ids.ge(0).sum().item<int64_t>();
+    x.num_pairs = b.num_pairs;
+    x.pair_labels = b.pair_labels;
+    (h == 0 ? out.first_sequences : out.second_sequences) = seqs;
+  }
+  return out;
+}
+
 at::Tensor sequence_logps(const at::Tensor& token_losses, const at::Tensor& sequences, int64_t pairs) {
   const at::Tensor idx = sequences.to(token_losses.device(), /*non_blocking=*/true);
   at::Tensor sums = at::zeros({2 * pairs + 1}, token_losses.options().dtype(at::kFloat));

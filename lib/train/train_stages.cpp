@@ -330,8 +330,8 @@ at::Tensor token_losses(const LlamaModel& model, const at::Tensor& hidden, const
                                 /*ignore_index=*/-100);
 }
 
-at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, const Batch& b, const at::Tensor& sequences,
-                           bool fused, bool training) {
+at::Tensor logps_without_gradient(LlamaModel& model, ReferenceAdapters* reference, const Batch& b,
+                                  const at::Tensor& sequences, bool fused, bool training) {
   at::NoGradGuard no_grad;
   struct Mode {  // (restored on an error too: an out-of-memory error's replan trains on)
     LlamaModel& m;
@@ -339,18 +339,25 @@ at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, cons
     ~Mode() { m.set_training(training); }
   } mode{model, training};
   model.set_training(false);
-  const ReferenceAdapters::Scope scope(reference);
+  std::optional<ReferenceAdapters::Scope> scope;
+  if (reference) scope.emplace(*reference);
   const at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
   return sequence_logps(token_losses(model, hidden, b.targets, fused), sequences, b.num_pairs);
 }
 
+at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, const Batch& b, const at::Tensor& sequences,
+                           bool fused, bool training) {
+  return logps_without_gradient(model, &reference, b, sequences, fused, training);
+}
+
 DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
                           const at::Tensor& sequences, const at::Tensor& reference, const PreferenceObjective& pref,
-                          bool fused, Communicator* comm) {
+                          bool fused, Communicator* comm, const at::Tensor& kl_policy) {
   if (pref.kto) {
     // KTO: the records' sequences and their KL sequences in one pass; the KL baseline from the latter, no gradient.
     QT_CHECK(b.pair_labels.defined(), ErrorKind::Internal, "dpo_policy_terms: KTO's records without their labels");
-    const at::Tensor policy = sequence_logps(token_losses(model, hidden, b.targets, fused), sequences, b.num_pairs);
+    at::Tensor policy = sequence_logps(token_losses(model, hidden, b.targets, fused), sequences, b.num_pairs);
+    if (kl_policy.defined()) policy = policy + kl_policy.detach();
     at::Tensor kl = at::zeros({}, policy.options().dtype(at::kFloat));
     if (pref.kto->kl()) {
       kl = kto_kl(policy, reference);

@@ -165,13 +165,20 @@ at::Tensor token_losses(const LlamaModel& model, const at::Tensor& hidden, const
 at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, const Batch& b, const at::Tensor& sequences,
                            bool fused, bool training);
 
+// The policy's sequence_logps of a micro-batch without gradient, in evaluation mode (no dropout, as TRL's KTO passes
+// with its default disable_dropout), under `reference` where not null (reference_logps); `training` restored after.
+at::Tensor logps_without_gradient(LlamaModel& model, ReferenceAdapters* reference, const Batch& b,
+                                  const at::Tensor& sequences, bool fused, bool training);
+
 // The preference loss terms (DPO, CPO, ORPO, KTO) of a micro-batch of pairs under the policy (the model as it is:
 // with gradient where grad mode is on); DPO's and KTO's against the reference's log-probabilities (undefined for CPO
 // and ORPO). KTO: `comm` (training's, where every rank runs as many micro-batches) averages the KL baseline over the
-// ranks, as TRL gathers it; null (held-out evaluation) leaves each micro-batch's own.
+// ranks, as TRL gathers it; null (held-out evaluation) leaves each micro-batch's own. kl_policy: KTO's KL sequences'
+// log-probabilities from their own pass without gradient (split_pairs: `b` and `hidden` then hold the records alone,
+// `sequences` their first_sequences); undefined: `b` holds both.
 DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
                           const at::Tensor& sequences, const at::Tensor& reference, const PreferenceObjective& pref,
-                          bool fused, Communicator* comm = nullptr);
+                          bool fused, Communicator* comm = nullptr, const at::Tensor& kl_policy = {});
 
 // The message of an out-of-memory error in `phase` ("step 3", "evaluation after step 3"): where, how big, how much
 // memory, what lowers it.

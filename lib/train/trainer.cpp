@@ -154,20 +154,31 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   at::Tensor embeds, hidden, l;
   try {
     for (const auto& b : micro_batches) {
-      // DPO: the reference pass first (ReferenceAdapters, no gradient), then the policy's below (CPO, ORPO: that alone).
-      at::Tensor sequences, reference;
+      // DPO, KTO: the reference pass first (ReferenceAdapters, no gradient), then the policy's below (CPO, ORPO: that
+      // alone). KTO's KL sequences take the policy's pass without gradient (as TRL's): the pass with gradient holds
+      // the records alone (split_pairs).
+      at::Tensor sequences, reference, kl_policy;
       if (on_pairs) sequences = pair_sequences(b);
       if (pref.needs_reference()) {
         RECORD_USER_SCOPE("qt::reference");
         reference = reference_logps(model, *m.reference, b, sequences, fused, /*training=*/true);
       }
+      std::optional<PairHalves> halves;
+      if (pref.kto && pref.kto->kl()) {
+        RECORD_USER_SCOPE("qt::kl_sequences");
+        halves = split_pairs(b);
+        kl_policy = logps_without_gradient(model, nullptr, halves->second, halves->second_sequences, fused,
+                                           /*training=*/true);
+        sequences = halves->first_sequences;
+      }
+      const Batch& pass = halves ? halves->first : b;
       {
         GatherScope g(parallel.sharded(), FullyShard::Root::Embeddings);  // (no-op unless the embeddings are sharded)
-        embeds = neftune_noise(model.embed(b.input_ids), cfg.train.neftune_alpha);
+        embeds = neftune_noise(model.embed(pass.input_ids), cfg.train.neftune_alpha);
       }
       {
         RECORD_USER_SCOPE("qt::forward");
-        hidden = model.forward_hidden(embeds, b);
+        hidden = model.forward_hidden(embeds, pass);
       }
       // The embedding output is the first block's input: kept by its checkpoint where that keeps it, else (offloaded)
       // not needed past the forward pass: 1 H a token.
@@ -176,7 +187,7 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
       {
         GatherScope g(parallel.sharded(), FullyShard::Root::LmHead);
         if (on_pairs) {
-          DpoTerms terms = dpo_policy_terms(model, hidden, b, sequences, reference, pref, fused, &comm);
+          DpoTerms terms = dpo_policy_terms(model, hidden, pass, sequences, reference, pref, fused, &comm, kl_policy);
           l = terms.loss_sum;
           sums = terms.sums;
         } else {
