@@ -109,6 +109,9 @@
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
 #   59 (next, thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, a warm-up
 #      process, bench --generate 8B and 1B by default (graphs), eager and forward_cached; the demo's exact match on CUDA.
+#   62 (thirty-eighth session): carry ["build/tests/fixtures"]: build, the [dpo] tests, KTO against DPO at 8B (random NF4
+#      weights, the demo's pairs, 2 rows of 4,096 tokens a step): KTO's step about 3/4 of DPO's (its pass with gradient
+#      over the records alone), about 250 s.
 #   60: call 59 in less device time: no forward_cached runs, no SFT demo. 61: the [generate] [gpu] and [dpo] tests and
 #      the CPO / ORPO demo runs on CUDA alone (about 150 s with the build).
 #   58 (ran in the thirty-seventh session): as 59 without the warm-up, the default then eager.
@@ -228,7 +231,7 @@ gpu_tests() {
 }
 # dpo_against_sft: DPO's step against SFT's at 8B (random NF4 weights, the demo's tokenizer and task: its pairs for
 # DPO, its chat records for SFT), rows of 4,096 tokens packed, 2 a step, the plan's default on the whole GPU.
-dpo_against_sft() {
+dpo_against_sft() {  # objectives: "$1" (default "dpo sft")
   # The model: Llama 3.1 8B's shape with the demo's tokenizer (vocab 512), random NF4 weights.
   mkdir -p "$L/base8b" && cp configs/demo/base/tokenizer* configs/demo/base/generation_config.json "$L/base8b/"
   python3 - "$L/base8b/config.json" <<'PY'
@@ -239,11 +242,12 @@ c.update(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_at
          rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})
 json.dump(c, open(sys.argv[1], "w"), indent=1)
 PY
-  for obj in dpo sft; do
+  for obj in ${1:-dpo sft}; do
     # (SFT measures exact match on the demo's eval records before and after: generation inside a training process,
     # under the 8B plan, each batch's time)
     em='"eval": {}, '
-    if [ $obj = dpo ]; then data='"train_file": "configs/demo/task_pairs.jsonl", "format": "preference", "max_seq_len": 2048'
+    if [ $obj = dpo ] || [ $obj = kto ]; then
+      data='"train_file": "configs/demo/task_pairs.jsonl", "format": "preference", "max_seq_len": 2048'
     else data='"train_file": "configs/demo/task_train.jsonl", "format": "chat", "max_seq_len": 4096'
       em='"eval": {"exact_match_file": "configs/demo/task_eval.jsonl", "max_examples": 100, "max_new_tokens": 8}, '; fi
     cat >"$L/$obj.json" <<JSON
@@ -579,6 +583,12 @@ case "$CALL" in
   echo "llama-3.1-8b batch_tokens 16384: $(grep -E '^\{' "$L/gen_53.log" | tail -n 1)" | tee -a "$summary"
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
+  ;;
+62)
+  note "== KTO on CUDA at 8B against DPO (thirty-eighth session): the demo's pairs unpaired, rows of 4,096 tokens packed,"
+  note "   2 a step; KTO's KL sequences in their own pass without gradient (split_pairs), the records alone with it"
+  gpu_tests 60 "[dpo]"
+  dpo_against_sft "kto dpo"
   ;;
 58|59|60|61)
   # 58 (ran in the thirty-seventh session): the default then Decoder eagerly, against graphs (1) and forward_cached (0).
