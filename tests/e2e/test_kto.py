@@ -8,8 +8,9 @@ baseline, rewards and log-probs equal TRL's logged metrics to 1e-5 and the adapt
 with weights, apo_zero_unpaired (no KL sequences), preference pairs unpaired as TRL unpairs them. The oracle's ids
 and its second step's metrics are checked against plain forward passes (kto_independent). Two data-parallel ranks
 (mpirun) average the KL baseline over the ranks (the second step's kl equals one rank's mean of its micro-batches').
-`qlora-train eval --config` gives the held-out loss with one KL baseline over all the records; bad records and keys
-are refused by name; the DPO demo's pairs under KTO teach its task.
+`qlora-train eval --config` gives the held-out loss with one KL baseline over all the records; a run resumed from its
+checkpoint ends with the straight run's adapter, and `eval` of its held-out records gives its last eval_loss; bad
+records and keys are refused by name; the DPO demo's pairs under KTO teach its task.
 
     cd build && QT_BINARY=$PWD/qlora-train python3 ../tests/e2e/test_kto.py [--oracle-only]"""
 import json, os, pathlib, random, subprocess, sys, tempfile
@@ -53,7 +54,7 @@ def make_pairs(seed=31):
             for _ in range(9)]
 
 
-def write_config(name, train_file, kto, train=None, data=None, objective="kto"):
+def write_config(name, train_file, kto, train=None, data=None, objective="kto", checkpoint=None):
     cfg = {"output_dir": str(TMP / name),
            "model": {"path": str(TMP / "model"), "quant": "none", "device": "cpu", "dtype": "fp32"},
            "lora": {"r": 8, "alpha": 16, "targets": TARGETS, "dropout": 0.0, "init_from": str(TMP / "init")},
@@ -63,7 +64,7 @@ def write_config(name, train_file, kto, train=None, data=None, objective="kto"):
                      "log_every": 1, **(train or {})},
            "optim": {"lr": LR, "eps": EPS, "weight_decay": 0, "warmup_steps": 0, "schedule": "constant",
                      "max_grad_norm": 0},
-           "checkpoint": {"every": 0}, "logging": {"progress": "lines"}}
+           "checkpoint": checkpoint or {"every": 0}, "logging": {"progress": "lines"}}
     if objective == "kto":
         cfg["kto"] = kto
     path = TMP / f"{name}.json"
@@ -207,6 +208,33 @@ def main():
               f"(kto) two ranks: the second step's kl {got[0][2]['kl']:.8g} and loss {got[0][2]['loss']:.8g} are "
               f"those of the baseline over both ranks {want['kl']:.8g}, {want['loss']:.8g} (one rank's: "
               f"{trl2['kto']['metrics']['kl']:.8g})")
+
+    # A resumed run: 3 steps of 4 records straight (micro-batches of 2, so KL groups of 2), against 1 step, then
+    # --resume from its checkpoint to step 3: the same adapter, byte for byte; 2 records held out (evaluated at each
+    # step, one KL baseline over both), and `qlora-train eval` of the last adapter on them gives the last eval_loss.
+    def resume_config(name, steps):
+        return write_config(name, TMP / "records.jsonl", {"beta": 0.3},
+                            train={"steps": steps, "batch_size": 4, "micro_batch_size": 2, "eval_every": 1},
+                            data={"eval_fraction": 0.25}, checkpoint={"every": 1})
+    straight = run("--config", resume_config("r_straight", 3))
+    first = run("--config", resume_config("r_resumed", 1))
+    again = run("--config", resume_config("r_resumed", 3), "--resume", "auto")
+    ok = all(p.returncode == 0 for p in (straight, first, again))
+    check(ok, f"resume: the straight, first and resumed runs complete ({straight.returncode}, {first.returncode}, "
+              f"{again.returncode}): {(again.stderr or first.stderr or straight.stderr)[-1500:]}")
+    if ok:
+        a = (TMP / "r_straight" / "adapter" / "adapter_model.safetensors").read_bytes()
+        b = (TMP / "r_resumed" / "adapter" / "adapter_model.safetensors").read_bytes()
+        check(a == b, "resume: the resumed run's adapter is the straight run's, byte for byte")
+        evals = [json.loads(l) for l in (TMP / "r_straight" / "metrics.jsonl").read_text().splitlines()
+                 if "eval_loss" in l]
+        p = run("eval", "--config", TMP / "r_straight.json", "--adapter", TMP / "r_straight" / "adapter", "--data",
+                TMP / "r_straight" / "eval.jsonl")
+        out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
+        check(len(evals) == 3 and abs(out.get("loss", float("nan")) - evals[-1]["eval_loss"]) <=
+              1e-5 * abs(evals[-1]["eval_loss"]) and out.get("pairs") == 2 and evals[-1].get("eval_pairs") == 2,
+              f"resume: `qlora-train eval` of the 2 held-out records gives the run's last eval_loss: {out} vs "
+              f"{evals[-1] if evals else None} {p.stderr[-500:]}")
 
     # eval --config: the held-out loss and statistics with one KL baseline over all the records.
     p = run("eval", "--config", TMP / "kto.json", "--adapter", TMP / "trl_kto1", "--data", TMP / "records.jsonl")
