@@ -383,7 +383,9 @@ TEST_CASE("split_pairs cuts KTO's pairs into the records and their KL sequences,
     for (const qt::Batch* x : {&h.first, &h.second}) {
       CHECK(x->num_pairs == b.num_pairs);
       CHECK(at::equal(x->pair_labels, b.pair_labels));
-      CHECK((x->input_ids.size(1) % 64 == 0 && x->input_ids.size(1) <= b.input_ids.size(1)));
+      const int64_t longest = x->doc_ids.ge(0).sum(1).max().item<int64_t>();
+      CHECK(x->input_ids.size(1) >= longest);
+      CHECK(x->input_ids.size(1) <= std::max<int64_t>(b.input_ids.size(1) / 2, longest));
     }
     CHECK(h.first.num_targets + h.second.num_targets == b.num_targets);
     // Each sequence's log-probability from either half, in pair_sequences' numbering, is the whole batch's.
@@ -410,4 +412,30 @@ TEST_CASE("split_pairs cuts KTO's pairs into the records and their KL sequences,
     CHECK(at::allclose(split, whole, 1e-6, 1e-6));
     CHECK(whole.abs().sum().item<double>() > 0);
   }
+}
+
+TEST_CASE("KTO's pairs are packed with each half of a row within half a row", "[data][dpo]") {
+  std::vector<qt::Example> singles = random_examples(200, 60, 23);
+  for (size_t i = 0; i < singles.size(); ++i) {
+    std::fill(singles[i].loss.begin(), singles[i].loss.begin() + singles[i].ids.size() / 4, uint8_t{0});
+    singles[i].loss.back() = 1;
+    singles[i].label = static_cast<int8_t>(i % 2);
+  }
+  std::vector<qt::Example> pairs = qt::kto_pairs(singles, 5, /*kl=*/true);
+  for (qt::Example& e : pairs) qt::truncate_pair(e, 64);  // (as Dataset cuts each sequence to data.max_seq_len)
+  std::vector<int64_t> order(pairs.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+  // Rows of 128 tokens (each sequence within 64): the first halves and the second halves each within 64.
+  int64_t pairs_seen = 0, fuller = 0;
+  for (const qt::Batch& b : qt::make_batches(pairs, order, 4, 128, /*packing=*/true)) {
+    const qt::PairHalves h = qt::split_pairs(b);
+    for (const qt::Batch* x : {&h.first, &h.second}) {
+      CHECK(x->doc_ids.ge(0).sum(1).max().item<int64_t>() <= 64);
+      CHECK(x->input_ids.size(1) == 64);
+    }
+    fuller += b.doc_ids.ge(0).sum(1).max().item<int64_t>() > 64;
+    pairs_seen += b.num_pairs;
+  }
+  CHECK(pairs_seen == static_cast<int64_t>(pairs.size()));
+  CHECK(fuller > 0);  // (rows of more than half a row: packing still fills them)
 }

@@ -15,6 +15,8 @@
 #include "lib/core/error.h"
 #include "lib/model/exec_plan.h"
 #include "lib/model/random_init.h"
+#include "lib/train/run_config.h"
+#include "lib/train/train_stages.h"
 #include "tests/catch.h"
 #include "tests/test_util.h"
 
@@ -1943,4 +1945,36 @@ TEST_CASE("DPO's reference pass is a step-time term, a forward pass of the micro
   CHECK(term(qt::predict_footprint(dpo, none).terms, "reference_adapters") == 0.0);
   CHECK(std::abs(qt::predict_footprint(from, none).total() - qt::predict_footprint(sft, none).total() -
                  4.0 * from.lora_params) < 1.0);
+}
+
+TEST_CASE("KTO's plan: its passes over half a row each, two forward passes without gradient more than DPO's",
+          "[plan][dpo]") {
+  // plan_inputs of a KTO run: half the rows' tokens a pass, and the KL term's passes (apo_zero_unpaired: none).
+  qt::Json j = {{"output_dir", "o"}, {"model", {{"path", "m"}}}, {"data", {{"train_file", "t.jsonl"}}},
+                {"train", {{"objective", "kto"}}}};
+  const qt::LlamaConfig mc = qt::shape_config("llama-3.1-8b", "test", "shape");
+  for (const std::string loss : {"kto", "apo_zero_unpaired"}) {
+    j["kto"] = {{"loss_type", loss}};
+    const qt::RunConfig cfg = qt::RunConfig::from_json(j, "run.json");
+    const qt::PlanInputs in = qt::plan_inputs(cfg, mc, 2, 8192, at::Device(at::kCPU), at::kBFloat16, 1, 1);
+    CHECK(in.seq == 4096);
+    CHECK(in.dpo_reference);
+    CHECK(in.kto_kl == (loss == "kto"));
+  }
+  j["train"]["objective"] = "dpo";
+  CHECK(qt::plan_inputs(qt::RunConfig::from_json(j, "run.json"), mc, 2, 8192, at::Device(at::kCPU), at::kBFloat16, 1,
+                        1).seq == 8192);
+  // The step: DPO's at half the tokens, plus the reference's and the policy's passes over the KL sequences (the
+  // reference's as DPO's own term; the policy's without the fresh adapters' second dequantization).
+  qt::PlanInputs dpo = inputs("llama-3.1-8b", 2, 4096);
+  dpo.dpo_reference = true;
+  qt::PlanInputs kto = dpo;
+  kto.kto_kl = true;
+  qt::ExecPlan held;
+  held.dequantized_blocks = 32;
+  const double reference = step_term(kto, held, "dpo_reference"), kl = step_term(kto, held, "kto_kl_sequences");
+  CHECK(step_term(dpo, held, "kto_kl_sequences") == 0.0);
+  CHECK(std::abs(qt::predict_step_time(kto, held).total() - qt::predict_step_time(dpo, held).total() - kl) < 1e-12);
+  CHECK((kl > reference && kl < 2 * reference));
+  CHECK(qt::predict_footprint(kto, held).total() == qt::predict_footprint(dpo, held).total());
 }

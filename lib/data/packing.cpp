@@ -13,19 +13,28 @@ int64_t plan_rows(const std::vector<Example>& examples, const std::vector<int64_
   QT_CHECK(shape.micro_batch_size > 0 && shape.max_seq_len > 0, ErrorKind::Internal, "plan_rows: empty shape");
   rows->clear();
   int64_t i = begin, used = 0;
-  const int64_t n = static_cast<int64_t>(order.size());
+  int64_t used_half[2] = {0, 0};  // KTO's pairs: each half's tokens in the row (split_pairs cuts the row in them)
+  const int64_t n = static_cast<int64_t>(order.size()), half = shape.max_seq_len / 2;
   while (i < n) {
     const int64_t e = order[i];
     QT_CHECK(e >= 0 && e < static_cast<int64_t>(examples.size()), ErrorKind::Internal, "plan_rows: index out of range");
-    const int64_t len = std::min<int64_t>(static_cast<int64_t>(examples[e].ids.size()), shape.max_seq_len);
-    const bool fits = !rows->empty() && shape.packing && used + len <= shape.max_seq_len;
+    const Example& x = examples[e];
+    const int64_t len = std::min<int64_t>(static_cast<int64_t>(x.ids.size()), shape.max_seq_len);
+    // A KTO pair (a record and its KL sequence) also keeps each half of the row within half a row: the passes over
+    // the records and over the KL sequences each take rows of at most half a row, as the plan counts them.
+    const bool halves = x.label >= 0 && x.second > 0;
+    const int64_t first = halves ? std::min(x.second, len) : 0, second = halves ? len - first : 0;
+    const bool fits = !rows->empty() && shape.packing && used + len <= shape.max_seq_len &&
+                      (!halves || (used_half[0] + first <= half && used_half[1] + second <= half));
     if (!fits) {
       if (static_cast<int64_t>(rows->size()) == shape.micro_batch_size) break;
       rows->emplace_back();
-      used = 0;
+      used = used_half[0] = used_half[1] = 0;
     }
     rows->back().push_back(e);
     used += len;
+    used_half[0] += first;
+    used_half[1] += second;
     ++i;
   }
   return i;

@@ -864,12 +864,15 @@ StepTime predict_step_time(const PlanInputs& given, const ExecPlan& p) {
   // the linears one by one, which dequantize again the weights that blocks hold dequantized; streamed blocks come
   // over PCIe once more, behind the blocks' forward passes.
   if (in.dpo_reference) {
-    double reference = L * block_forward + 2 * T * V * H / kMatrixFlopsPerS;
-    if (!in.reference_adapters && held > 0) reference += held * block_params * dequant_s;
-    if (p.embeddings_on_host && in.cuda) reference += T * H * e / kHostRowsBytesPerS;
+    double forward = L * block_forward + 2 * T * V * H / kMatrixFlopsPerS;  // a pass without gradient, the policy's
+    if (p.embeddings_on_host && in.cuda) forward += T * H * e / kHostRowsBytesPerS;
     if (streamed > 0 && in.cuda)
-      reference += (streamed - 1) * std::max(0.0, copy - L / streamed * block_fwd) + copy + streamed * kStreamFetchS;
+      forward += (streamed - 1) * std::max(0.0, copy - L / streamed * block_fwd) + copy + streamed * kStreamFetchS;
+    double reference = forward;
+    if (!in.reference_adapters && held > 0) reference += held * block_params * dequant_s;
     t.terms.emplace_back("dpo_reference", reference);
+    // KTO: the reference's pass over the KL sequences and the policy's (the micro-batch's other half)
+    if (in.kto_kl) t.terms.emplace_back("kto_kl_sequences", reference + forward);
   }
   return t;
 }

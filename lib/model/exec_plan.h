@@ -194,6 +194,10 @@ struct PlanInputs {
   // policy's; `reference_adapters`: lora.init_from's adapter, kept as a frozen fp32 copy (lora_params elements).
   bool dpo_reference = false;
   bool reference_adapters = false;
+  // KTO with its KL term: each micro-batch's passes (seq: half a row, split_pairs) are the reference over the records
+  // and over their KL sequences, the policy over the KL sequences without gradient, then over the records with it:
+  // two forward passes without gradient more than DPO's one (apo_zero_unpaired: DPO's).
+  bool kto_kl = false;
   std::string file;              // the run config, for errors
 };
 

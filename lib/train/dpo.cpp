@@ -156,7 +156,8 @@ PairHalves split_pairs(const Batch& b) {
   const int64_t pad_id = rows * cols > 0 ? ids.data_ptr<int64_t>()[rows * cols - 1] : 0;  // (any id: no target)
   PairHalves out;
   for (int h = 0; h < 2; ++h) {
-    const int64_t S = std::min(cols, (longest[h] + 63) / 64 * 64);
+    // (within half of b's row where the half fits it: KTO's packed rows, which the plan counts at half a row)
+    const int64_t S = std::min((longest[h] + 63) / 64 * 64, std::max(longest[h], cols / 2));
     Batch& x = h == 0 ? out.first : out.second;
     x.input_ids = at::full({rows, S}, pad_id, at::kLong);
     x.targets = at::full({rows, S}, -100, at::kLong);

@@ -426,6 +426,11 @@ PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micr
   for (const auto& [name, io] : shapes)
     if (lora.targets_module(name)) in.lora_params += L * lora.r * (io.first + io.second);
   in.dpo_reference = cfg.preference().needs_reference();  // DPO, KTO
+  // KTO: each pass over one half of the rows (split_pairs; the packer keeps each half within half a row)
+  if (cfg.preference().kto) {
+    in.seq = std::max<int64_t>(1, seq / 2);
+    in.kto_kl = cfg.preference().kto->kl();
+  }
   in.reference_adapters = in.dpo_reference && !lora.init_from.empty();
   in.mlp_dropout = lora.dropout > 0 && (lora.targets_module("gate_proj") || lora.targets_module("up_proj") ||
                                         lora.targets_module("down_proj"));
