@@ -94,3 +94,30 @@ def check_demo(binary, output_dir, sets, says):
           and says in p.stderr,
           f"the DPO demo's pairs with {', '.join(sets)}: exact match {summary.get('exact_match_before')} -> "
           f"{summary.get('exact_match_after')} (exit {p.returncode}) {p.stderr[-800:] if p.returncode else ''}")
+
+
+def check_resumed(tag, straight, first, again, root, binary, eval_count):
+    """A run resumed from its checkpoint (`first` ran 1 step into root / "r_resumed", `again` resumed it to the end)
+    against the straight run (root / "r_straight", its config root / "r_straight.json", held-out data evaluated at
+    each of its 3 steps): all complete, the adapters are equal byte for byte, and `qlora-train eval --config` of the
+    straight run's adapter on its held-out records (eval.jsonl) gives its last eval_loss (over `eval_count` pairs
+    where not None)."""
+    ok = all(p.returncode == 0 for p in (straight, first, again))
+    check(ok, f"{tag} the straight, first and resumed runs complete ({straight.returncode}, {first.returncode}, "
+              f"{again.returncode}): {(again.stderr or first.stderr or straight.stderr)[-1500:]}")
+    if not ok:
+        return
+    a = (root / "r_straight" / "adapter" / "adapter_model.safetensors").read_bytes()
+    b = (root / "r_resumed" / "adapter" / "adapter_model.safetensors").read_bytes()
+    check(a == b, f"{tag} the resumed run's adapter is the straight run's, byte for byte")
+    evals = [json.loads(l) for l in (root / "r_straight" / "metrics.jsonl").read_text().splitlines()
+             if "eval_loss" in l]
+    check(len(evals) == 3 and all("eval_pairs" in e for e in evals), f"{tag} three held-out evaluations: {evals}")
+    p = subprocess.run([str(binary), "eval", "--config", str(root / "r_straight.json"), "--adapter",
+                        str(root / "r_straight" / "adapter"), "--data", str(root / "r_straight" / "eval.jsonl")],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
+    check(evals and abs(out.get("loss", float("nan")) - evals[-1]["eval_loss"]) <= 1e-5 * abs(evals[-1]["eval_loss"])
+          and out.get("pairs") == evals[-1]["eval_pairs"] and eval_count in (None, out.get("pairs")),
+          f"{tag} `qlora-train eval` of the held-out records gives the run's last eval_loss: {out} vs "
+          f"{evals[-1] if evals else None} {p.stderr[-500:]}")

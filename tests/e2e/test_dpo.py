@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 import tiny_lm
 import dpo_trl
 from checks import check, finish
-from pair_checks import NAMES, TARGETS, compare_adapters, compare_metrics, make_adapter, words
+from pair_checks import NAMES, TARGETS, check_resumed, compare_adapters, compare_metrics, make_adapter, words
 
 ORACLE_ONLY = "--oracle-only" in sys.argv
 BIN = None if ORACLE_ONLY else os.environ["QT_BINARY"]
@@ -281,24 +281,7 @@ def main():
     first = train(cfg)
     again = subprocess.run([BIN, "--config", str(write_config("r_resumed", data, **resumed)), "--resume", "auto"],
                            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    ok = all(p.returncode == 0 for p in (straight, first, again))
-    check(ok, f"(r) the straight, first and resumed runs complete ({straight.returncode}, {first.returncode}, "
-              f"{again.returncode}): {(again.stderr or first.stderr or straight.stderr)[-1500:]}")
-    if ok:
-        a = (TMP / "r_straight" / "adapter" / "adapter_model.safetensors").read_bytes()
-        b = (TMP / "r_resumed" / "adapter" / "adapter_model.safetensors").read_bytes()
-        check(a == b, "(r) the resumed run's adapter is the straight run's, byte for byte")
-        evals = [json.loads(l) for l in (TMP / "r_straight" / "metrics.jsonl").read_text().splitlines()
-                 if "eval_loss" in l]
-        check(len(evals) == 3 and all("eval_pairs" in e for e in evals), f"(r) three held-out evaluations: {evals}")
-        p = subprocess.run([BIN, "eval", "--config", str(TMP / "r_straight.json"), "--adapter",
-                            str(TMP / "r_straight" / "adapter"), "--data", str(TMP / "r_straight" / "eval.jsonl")],
-                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
-        check(evals and abs(out.get("loss", float("nan")) - evals[-1]["eval_loss"]) <= 1e-5 * abs(evals[-1]["eval_loss"])
-              and out.get("pairs") == evals[-1]["eval_pairs"],
-              f"(r) `qlora-train eval` of the held-out pairs gives the run's last eval_loss: {out} vs "
-              f"{evals[-1] if evals else None} {p.stderr[-500:]}")
+    check_resumed("(r)", straight, first, again, TMP, BIN, None)
 
     # (t) the DPO demo (configs/demo-dpo.json: the demo's pretrained base, no SFT first, its task's pairs from
     # scripts/make_demo_pairs.py) teaches the task: held-out exact match from none to most, rewards apart.

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import tiny_lm
 import kto_trl
 from checks import check, finish
-from pair_checks import TARGETS, check_demo, compare_adapters, make_adapter, words
+from pair_checks import TARGETS, check_demo, check_resumed, compare_adapters, make_adapter, words
 
 ORACLE_ONLY = "--oracle-only" in sys.argv
 BIN = None if ORACLE_ONLY else os.environ["QT_BINARY"]
@@ -219,22 +219,7 @@ def main():
     straight = run("--config", resume_config("r_straight", 3))
     first = run("--config", resume_config("r_resumed", 1))
     again = run("--config", resume_config("r_resumed", 3), "--resume", "auto")
-    ok = all(p.returncode == 0 for p in (straight, first, again))
-    check(ok, f"resume: the straight, first and resumed runs complete ({straight.returncode}, {first.returncode}, "
-              f"{again.returncode}): {(again.stderr or first.stderr or straight.stderr)[-1500:]}")
-    if ok:
-        a = (TMP / "r_straight" / "adapter" / "adapter_model.safetensors").read_bytes()
-        b = (TMP / "r_resumed" / "adapter" / "adapter_model.safetensors").read_bytes()
-        check(a == b, "resume: the resumed run's adapter is the straight run's, byte for byte")
-        evals = [json.loads(l) for l in (TMP / "r_straight" / "metrics.jsonl").read_text().splitlines()
-                 if "eval_loss" in l]
-        p = run("eval", "--config", TMP / "r_straight.json", "--adapter", TMP / "r_straight" / "adapter", "--data",
-                TMP / "r_straight" / "eval.jsonl")
-        out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
-        check(len(evals) == 3 and abs(out.get("loss", float("nan")) - evals[-1]["eval_loss"]) <=
-              1e-5 * abs(evals[-1]["eval_loss"]) and out.get("pairs") == 2 and evals[-1].get("eval_pairs") == 2,
-              f"resume: `qlora-train eval` of the 2 held-out records gives the run's last eval_loss: {out} vs "
-              f"{evals[-1] if evals else None} {p.stderr[-500:]}")
+    check_resumed("resume:", straight, first, again, TMP, BIN, 2)
 
     # eval --config: the held-out loss and statistics with one KL baseline over all the records.
     p = run("eval", "--config", TMP / "kto.json", "--adapter", TMP / "trl_kto1", "--data", TMP / "records.jsonl")
