@@ -107,9 +107,11 @@
 #      overflow path on CUDA) and test_eval_gpu.py (about 120 s); with 46 in the same command for every [gpu] test:
 #      SUMMARY=s46.txt bash scripts/next_gpu_calls.sh 46; SUMMARY=s47.txt bash scripts/next_gpu_calls.sh 47
 #   46: carry ["build/tests/fixtures"]: build, every [gpu] test of qt_tests (about 170 s).
-#   59 (next, thirty-seventh session): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, a warm-up
+#   59 (ran in the thirty-eighth session, with the KTO demo on CUDA): carry ["build/tests/fixtures"]: build, the [generate] [gpu] tests, a warm-up
 #      process, bench --generate 8B and 1B by default (graphs), eager and forward_cached; the demo's exact match on CUDA.
-#   62 (thirty-eighth session): carry ["build/tests/fixtures"]: build, the [dpo] tests, KTO against DPO at 8B (random NF4
+#   Next: 57 on an H200 (issue 27's table on its own machine). Before timing generation again, warm up each shape:
+#   a warm-up process helps only its own shape (call 59: the first 8B process after a 1B warm-up ran cold).
+#   62 (ran twice in the thirty-eighth session): carry ["build/tests/fixtures"]: build, the [dpo] tests, KTO against DPO at 8B (random NF4
 #      weights, the demo's pairs, 2 rows of 4,096 tokens a step): KTO's step about 3/4 of DPO's (its pass with gradient
 #      over the records alone), about 250 s.
 #   60: call 59 in less device time: no forward_cached runs, no SFT demo. 61: the [generate] [gpu] and [dpo] tests and
