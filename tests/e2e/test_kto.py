@@ -5,9 +5,10 @@ PeftModel), in TRL's micro-batches (per_device_train_batch_size records, its gra
 KL baseline. At the first step the policy is the reference (every loss 0.5 x its weight); one step's adapter equals
 TRL's to 1e-4 of its update (AdamW with a large eps: this compares the gradients), and after two steps the loss, KL
 baseline, rewards and log-probs equal TRL's logged metrics to 1e-5 and the adapter TRL's to 5e-4. Cases: kto, kto
-with weights, apo_zero_unpaired (no KL sequences), preference pairs unpaired as TRL unpairs them. The oracle's ids
-and its second step's metrics are checked against plain forward passes (kto_independent). Two data-parallel ranks
-(mpirun) average the KL baseline over the ranks (the second step's kl equals one rank's mean of its micro-batches').
+with weights, apo_zero_unpaired (no KL sequences), preference pairs unpaired as TRL unpairs them, DoRA from a DoRA
+adapter. The oracle's ids and its second step's metrics are checked against plain forward passes (kto_independent).
+Two data-parallel ranks (mpirun) average the KL baseline over the ranks (the second step's kl and loss are those of
+one baseline over both ranks' KL sequences).
 `qlora-train eval --config` gives the held-out loss with one KL baseline over all the records; a run resumed from its
 checkpoint ends with the straight run's adapter, and `eval` of its held-out records gives its last eval_loss; bad
 records and keys are refused by name; the DPO demo's pairs under KTO teach its task.
@@ -34,7 +35,9 @@ CASES = {"kto": dict(loss_type="kto", beta=0.3, per_device=4, accumulation=2, da
          "weighted": dict(loss_type="kto", beta=0.1, desirable_weight=1.0, undesirable_weight=1.5, per_device=4,
                           accumulation=2, data="unpaired"),
          "apo": dict(loss_type="apo_zero_unpaired", beta=0.2, per_device=4, accumulation=2, data="unpaired"),
-         "pairs": dict(loss_type="kto", beta=0.5, per_device=3, accumulation=6, data="pairs")}
+         "pairs": dict(loss_type="kto", beta=0.5, per_device=3, accumulation=6, data="pairs"),
+         # DoRA from a DoRA adapter (its magnitudes moved off the rows' norms): the reference that adapter too
+         "dora": dict(loss_type="kto", beta=0.3, per_device=4, accumulation=2, data="unpaired", dora=True)}
 
 
 def make_records(seed=29):
@@ -54,10 +57,11 @@ def make_pairs(seed=31):
             for _ in range(9)]
 
 
-def write_config(name, train_file, kto, train=None, data=None, objective="kto", checkpoint=None):
+def write_config(name, train_file, kto, train=None, data=None, objective="kto", checkpoint=None, dora=False):
     cfg = {"output_dir": str(TMP / name),
            "model": {"path": str(TMP / "model"), "quant": "none", "device": "cpu", "dtype": "fp32"},
-           "lora": {"r": 8, "alpha": 16, "targets": TARGETS, "dropout": 0.0, "init_from": str(TMP / "init")},
+           "lora": {"r": 8, "alpha": 16, "targets": TARGETS, "dropout": 0.0, "use_dora": dora,
+                    "init_from": str(TMP / ("init_dora" if dora else "init"))},
            "data": {"train_file": str(train_file), "max_seq_len": 256, "packing": False, "shuffle": False,
                     **(data or {})},
            "train": {"objective": objective, "steps": 2, "batch_size": 8, "micro_batch_size": 4, "seed": 3,
@@ -83,7 +87,8 @@ def case_config(name, v, steps):
     kto = {k: x for k, x in v.items() if k in ("loss_type", "beta", "desirable_weight", "undesirable_weight")}
     data = TMP / ("pairs.jsonl" if v["data"] == "pairs" else "records.jsonl")
     return write_config(name, data, kto, train={"steps": steps, "micro_batch_size": v["per_device"],
-                                                "batch_size": v["per_device"] * v["accumulation"]})
+                                                "batch_size": v["per_device"] * v["accumulation"]},
+                        dora=v.get("dora", False))
 
 
 def run_ours(name, v, steps, mpi=0):
@@ -121,11 +126,16 @@ def main():
     (TMP / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (TMP / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     make_adapter(model, TMP / "init", TMP / "model", b_std=0.5)
-    init = load_file(str(TMP / "init" / "adapter_model.safetensors"))
+    make_adapter(model, TMP / "init_dora", TMP / "model", b_std=0.5, use_dora=True)
+    inits = {k: load_file(str(TMP / ("init_dora" if v.get("dora") else "init") / "adapter_model.safetensors"))
+             for k, v in CASES.items()}
+
+    def init_dir(v):
+        return TMP / ("init_dora" if v.get("dora") else "init")
 
     def trl(name, v, steps):
-        kw = {k: x for k, x in v.items() if k != "data"}
-        return kto_trl.trl_kto_step(TMP / "model", TMP / "init", pairs if v["data"] == "pairs" else records,
+        kw = {k: x for k, x in v.items() if k not in ("data", "dora")}
+        return kto_trl.trl_kto_step(TMP / "model", init_dir(v), pairs if v["data"] == "pairs" else records,
                                     TMP / f"trl_{name}", lr=LR, eps=EPS, max_length=256, steps=steps, **kw)
     trl2 = {k: trl(k, v, 2) for k, v in CASES.items()}
     trl1 = {k: trl(f"{k}1", v, 1) for k, v in CASES.items()}
@@ -161,7 +171,7 @@ def main():
         recs = trl2[k]["records"]
         per = v["per_device"]
         groups = [list(range(s, min(s + per, len(recs)))) for s in range(0, len(recs), per)]
-        ind = kto_trl.kto_independent(TMP / "model", TMP / f"trl_{k}1", TMP / "init", recs, groups, beta=v["beta"],
+        ind = kto_trl.kto_independent(TMP / "model", TMP / f"trl_{k}1", init_dir(v), recs, groups, beta=v["beta"],
                                       desirable_weight=v.get("desirable_weight", 1.0),
                                       undesirable_weight=v.get("undesirable_weight", 1.0), loss_type=v["loss_type"],
                                       max_length=256)
@@ -179,13 +189,13 @@ def main():
         got = run_ours(f"{k}1", v, 1)
         if got:
             compare_adapters(f"({k}) one step", got[1], load_file(str(TMP / f"trl_{k}1" / "adapter_model.safetensors")),
-                             init)
+                             inits[k])
         got = run_ours(k, v, 2)
         if got:
             compare(f"({k}) step 1", got[0][1], trl2[k]["first_metrics"], v["beta"])
             compare(f"({k}) step 2", got[0][2], trl2[k]["metrics"], v["beta"])
             compare_adapters(f"({k}) two steps", got[1], load_file(str(TMP / f"trl_{k}" / "adapter_model.safetensors")),
-                             init, rel=5e-4)
+                             inits[k], rel=5e-4)
 
     # The KTO loss and statistics of the records under the adapter after TRL's first step against the reference
     # (lora.init_from), with one KL baseline over all of them, from plain forward passes.
