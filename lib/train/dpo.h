@@ -91,8 +91,9 @@ class ReferenceAdapters {
 // A micro-batch of pairs cut in two micro-batches of one sequence each: `first` holds each row's first sequences (a
 // pair's chosen, a KTO record's own), `second` the others (KTO's KL sequences), each in its row of `b`, in order,
 // with their positions, targets and labels; rows as long as their longest, rounded up to a multiple of 64 (at most
-// half of b's, or their longest). first_sequences / second_sequences: pair_sequences' numbering of b for their tokens (a pair's first 2k, its
-// second 2k + 1, padding 2 * pairs), so that sequence_logps of either gives [2 * pairs] with the other's slots 0.
+// half of b's, or their longest). first_sequences / second_sequences: pair_sequences' numbering of b for their
+// tokens (a pair's first 2k, its second 2k + 1, padding 2 * pairs), so that sequence_logps of either gives
+// [2 * pairs] with the other's slots 0.
 struct PairHalves {
   Batch first, second;
   at::Tensor first_sequences, second_sequences;

@@ -56,16 +56,18 @@ DpoEvalResult evaluate_dpo(LlamaModel& model, ReferenceAdapters* reference, std:
     truncate_pair(e, max_seq_len);
     if (fewest_targets(e) == 0) continue;  // a sequence with nothing to compare
     const Batch b = build_batch({e}, {{0}}, BatchShape{1, 2 * max_seq_len, /*packing=*/false});
+    ++result.pairs;
+    if (pref.kto) {  // (each pass over one half of the row, as training's)
+      const KtoLogps l = kto_logps_without_gradient(model, *reference, split_pairs(b), pref.kto->kl(),
+                                                    /*records=*/true, /*fused=*/true, /*training=*/false);
+      kto.add(l.policy, l.reference, b.pair_labels);
+      continue;
+    }
     const at::Tensor seqs = pair_sequences(b);
     const at::Tensor ref = pref.needs_reference()
                                ? reference_logps(model, *reference, b, seqs, /*fused=*/true, /*training=*/false)
                                : at::Tensor();
     const at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
-    ++result.pairs;
-    if (pref.kto) {
-      kto.add(sequence_logps(token_losses(model, hidden, b.targets, true), seqs, b.num_pairs), ref, b.pair_labels);
-      continue;
-    }
     const at::Tensor sums = dpo_policy_terms(model, hidden, b, seqs, ref, pref, true).sums.to(at::kCPU, at::kDouble);
     for (size_t i = 0; i < result.sums.size(); ++i) result.sums[i] += sums[static_cast<int64_t>(i)].item<double>();
   }

@@ -145,16 +145,20 @@ std::pair<double, int64_t> evaluate(LlamaModel& model, const std::vector<Batch>&
       continue;
     }
     const Batch& b = batches[i];
+    if (pref.kto) {  // (each pass over one half of the rows, as training's)
+      const KtoLogps l = kto_logps_without_gradient(model, *reference, split_pairs(b), pref.kto->kl(),
+                                                    /*records=*/true, fused, /*training=*/false);
+      kto.add(l.policy, l.reference, b.pair_labels);
+      count += b.num_pairs;
+      continue;
+    }
     if (pref) {
       const at::Tensor seqs = pair_sequences(b);
       const at::Tensor ref = pref.needs_reference()
                                  ? reference_logps(model, *reference, b, seqs, fused, /*training=*/false)
                                  : at::Tensor();
       const at::Tensor hidden = model.forward_hidden(model.embed(b.input_ids), b);
-      if (pref.kto)
-        kto.add(sequence_logps(token_losses(model, hidden, b.targets, fused), seqs, b.num_pairs), ref, b.pair_labels);
-      else
-        sum += dpo_policy_terms(model, hidden, b, seqs, ref, pref, fused).loss_sum.item<double>();
+      sum += dpo_policy_terms(model, hidden, b, seqs, ref, pref, fused).loss_sum.item<double>();
       count += b.num_pairs;
       continue;
     }
@@ -350,11 +354,24 @@ at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, cons
   return logps_without_gradient(model, &reference, b, sequences, fused, training);
 }
 
+KtoLogps kto_logps_without_gradient(LlamaModel& model, ReferenceAdapters& reference, const PairHalves& h, bool kl,
+                                    bool records, bool fused, bool training) {
+  KtoLogps out;
+  out.reference = reference_logps(model, reference, h.first, h.first_sequences, fused, training);
+  if (records) out.policy = logps_without_gradient(model, nullptr, h.first, h.first_sequences, fused, training);
+  if (!kl) return out;
+  out.reference = out.reference + reference_logps(model, reference, h.second, h.second_sequences, fused, training);
+  const at::Tensor second = logps_without_gradient(model, nullptr, h.second, h.second_sequences, fused, training);
+  out.policy = out.policy.defined() ? out.policy + second : second;
+  return out;
+}
+
 DpoTerms dpo_policy_terms(const LlamaModel& model, const at::Tensor& hidden, const Batch& b,
                           const at::Tensor& sequences, const at::Tensor& reference, const PreferenceObjective& pref,
                           bool fused, Communicator* comm, const at::Tensor& kl_policy) {
   if (pref.kto) {
-    // KTO: the records' sequences and their KL sequences in one pass; the KL baseline from the latter, no gradient.
+    // KTO: the records from `hidden`, their KL sequences from kl_policy (kto_logps_without_gradient); the KL
+    // baseline from the latter.
     QT_CHECK(b.pair_labels.defined(), ErrorKind::Internal, "dpo_policy_terms: KTO's records without their labels");
     at::Tensor policy = sequence_logps(token_losses(model, hidden, b.targets, fused), sequences, b.num_pairs);
     if (kl_policy.defined()) policy = policy + kl_policy.detach();

@@ -170,6 +170,16 @@ at::Tensor reference_logps(LlamaModel& model, ReferenceAdapters& reference, cons
 at::Tensor logps_without_gradient(LlamaModel& model, ReferenceAdapters* reference, const Batch& b,
                                   const at::Tensor& sequences, bool fused, bool training);
 
+// KTO's passes without gradient over a micro-batch of its pairs cut by split_pairs, each pass over one half of the
+// rows (as the plan counts them): the reference's over the records and (with the KL term, `kl`) their KL sequences,
+// and the policy's over the KL sequences and, with `records`, over the records too (held-out evaluation). Each
+// [2 * pairs], the slots of what a pass did not take 0; `policy` undefined where the policy took no pass.
+struct KtoLogps {
+  at::Tensor reference, policy;
+};
+KtoLogps kto_logps_without_gradient(LlamaModel& model, ReferenceAdapters& reference, const PairHalves& halves, bool kl,
+                                    bool records, bool fused, bool training);
+
 // The preference loss terms (DPO, CPO, ORPO, KTO) of a micro-batch of pairs under the policy (the model as it is:
 // with gradient where grad mode is on); DPO's and KTO's against the reference's log-probabilities (undefined for CPO
 // and ORPO). KTO: `comm` (training's, where every rank runs as many micro-batches) averages the KL baseline over the

@@ -154,27 +154,24 @@ QueuedStep queue_step(const RunConfig& cfg, Session& s, ModelStage& m, DataStage
   at::Tensor embeds, hidden, l;
   try {
     for (const auto& b : micro_batches) {
-      // DPO, KTO: the reference pass first (ReferenceAdapters, no gradient), then the policy's below (CPO, ORPO: that
-      // alone). KTO's KL sequences take the policy's pass without gradient (as TRL's): the pass with gradient holds
-      // the records alone (split_pairs).
-      // KTO's passes each take one half of the rows (the packer keeps each within half a row, as the plan counts):
-      // the reference the records and (kto) their KL sequences, the policy the KL sequences without gradient, then
-      // the records with it. (apo_zero_unpaired's second sequences, one token each, go through no pass.)
+      // DPO: the reference pass first (ReferenceAdapters, no gradient), then the policy's below (CPO, ORPO: that
+      // alone). KTO's passes each take one half of the rows (split_pairs; the packer keeps each within half a row, as
+      // the plan counts): the reference's and the policy's over the KL sequences without gradient first (as TRL's),
+      // then the records with it. (apo_zero_unpaired's second sequences, one token each, go through no pass.)
       at::Tensor sequences, reference, kl_policy;
       std::optional<PairHalves> halves;
-      if (on_pairs) sequences = pair_sequences(b);
       if (pref.kto) {
+        RECORD_USER_SCOPE("qt::reference");
         halves = split_pairs(b);
         sequences = halves->first_sequences;
-        RECORD_USER_SCOPE("qt::reference");
-        reference = reference_logps(model, *m.reference, halves->first, sequences, fused, /*training=*/true);
-        if (pref.kto->kl()) {
-          reference = reference + reference_logps(model, *m.reference, halves->second, halves->second_sequences,
-                                                  fused, /*training=*/true);
-          kl_policy = logps_without_gradient(model, nullptr, halves->second, halves->second_sequences, fused,
-                                             /*training=*/true);
-        }
-      } else if (pref.needs_reference()) {
+        const KtoLogps l = kto_logps_without_gradient(model, *m.reference, *halves, pref.kto->kl(), /*records=*/false,
+                                                      fused, /*training=*/true);
+        reference = l.reference;
+        kl_policy = l.policy;
+      } else if (on_pairs) {
+        sequences = pair_sequences(b);
+      }
+      if (pref.dpo) {
         RECORD_USER_SCOPE("qt::reference");
         reference = reference_logps(model, *m.reference, b, sequences, fused, /*training=*/true);
       }
