@@ -586,6 +586,19 @@ case "$CALL" in
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
   ;;
+63)
+  note "== KTO's held-out evaluation on CUDA (each pass over half a row, one KL baseline over the held-out records):"
+  note "   the demo's pairs, a tenth held out, evaluated every 20 steps; eval --config of the adapter on them"
+  timeout 120 build-gpu/qlora-train --config configs/demo-dpo.json --set output_dir="$L/kto_eval" \
+    --set train.objective=kto --set kto.undesirable_weight=0.25 --set data.eval_fraction=0.1 --set train.eval_every=20 \
+    --set model.device=cuda --set logging.progress=lines >"$L/kto_eval.log" 2>&1
+  grep -E "eval_loss|held-out|exact-match|error" "$L/kto_eval.log" | cut -c1-200 >>"$summary"
+  grep -E '"eval_loss"' "$L/kto_eval/metrics.jsonl" | tail -n 1 >>"$summary"
+  echo "kto held-out demo: $(grep -E '^\{' "$L/kto_eval.log" | tail -n 1)" >>"$summary"
+  timeout 120 build-gpu/qlora-train eval --config "$L/kto_eval/config.resolved.json" --adapter "$L/kto_eval/adapter" \
+    --data "$L/kto_eval/eval.jsonl" --device cuda >"$L/kto_eval_cmd.log" 2>&1
+  echo "eval --config: $(tail -n 1 "$L/kto_eval_cmd.log")" >>"$summary"
+  ;;
 62)
   note "== KTO on CUDA at 8B against DPO (thirty-eighth session): the demo's pairs unpaired, rows of 4,096 tokens packed,"
   note "   2 a step; KTO's KL sequences in their own pass without gradient (split_pairs), the records alone with it"

@@ -415,6 +415,8 @@ int run_eval(const EvalArgs& given) {
   qt::DataConfig data = record_config("eval", args.format, chat_template, args.train_on_prompt, args.add_eos,
                                       chat_format, args.chat_format_json);
   data.unpair = args.kto.has_value();  // (KTO reads preference pairs as two unpaired records each)
+  // A KTO run's held-out file holds its records unpaired (TrainData::write_eval_records), whatever data.format says.
+  if (data.unpair && data.format == qt::RecordFormat::Preference) data.format = qt::RecordFormat::Auto;
   // fp32 on the CPU (exact comparisons with references), bf16 on the GPU.
   qt::LoadOptions load{device, device.is_cuda() ? at::kBFloat16 : at::kFloat};
   load.quantize_nf4 = args.quant == "nf4";  // as training loads the base, so that eval's figures are the trained model's

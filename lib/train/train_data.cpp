@@ -241,7 +241,18 @@ void TrainData::write_eval_records(const std::string& path) const {
     QT_CHECK(e.line >= 1 && e.line <= static_cast<int64_t>(t.lines.size()), ErrorKind::Data,
              sources[i] + ": changed while the run read it (line " + std::to_string(e.line) + " is gone)");
     const auto [begin, end] = t.lines[static_cast<size_t>(e.line - 1)];
-    out.append(t.bytes, begin, end - begin);
+    const std::string line = t.bytes.substr(begin, end - begin);
+    Json pair;
+    if (e.label >= 0) pair = Json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (pair.is_object() && pair.contains("chosen") && pair.contains("rejected")) {  // (KTO: TRL's unpaired form)
+      pair["completion"] = pair.at(e.label ? "chosen" : "rejected");
+      pair["label"] = e.label == 1;
+      pair.erase("chosen");
+      pair.erase("rejected");
+      out += pair.dump();
+    } else {
+      out += line;
+    }
     out += '\n';
   }
   files::write_file_atomically(path, out);

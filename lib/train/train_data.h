@@ -38,8 +38,9 @@ class TrainData {
   std::vector<Batch> next_step(int64_t batch_size, int rank, int world);
 
   // Writes the held-out records (a share of data.train_file, or data.eval_file) to `path` as they were in their
-  // file, one a line in file order, so that `qlora-train eval --data path` recomputes the logged eval_loss.
-  // Nothing is written when there is no held-out data.
+  // file, one a line in file order, so that `qlora-train eval --data path` recomputes the logged eval_loss. KTO's
+  // records unpaired from a preference pair are written unpaired ({prompt, completion, label} and the pair's other
+  // keys), in the order they were held out in. Nothing is written when there is no held-out data.
   void write_eval_records(const std::string& path) const;
 
   DataPosition position() const { return iterator_->position(); }

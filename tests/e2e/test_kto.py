@@ -231,6 +231,26 @@ def main():
     again = run("--config", resume_config("r_resumed", 3), "--resume", "auto")
     check_resumed("resume:", straight, first, again, TMP, BIN, 2)
 
+    # Preference pairs (data.format "preference") with records held out: the held-out file holds them unpaired, in
+    # the order they were held out in, and `eval --config` of it gives the logged eval_loss.
+    p = run("--config", write_config("pairs_eval", TMP / "pairs.jsonl", {"beta": 0.5},
+                                     train={"steps": 1, "batch_size": 3, "micro_batch_size": 3, "eval_every": 1},
+                                     data={"format": "preference", "eval_fraction": 0.3}))
+    held = [json.loads(l) for l in (TMP / "pairs_eval" / "eval.jsonl").read_text().splitlines()] \
+        if p.returncode == 0 else []
+    evals = [json.loads(l) for l in (TMP / "pairs_eval" / "metrics.jsonl").read_text().splitlines()
+             if "eval_loss" in l] if p.returncode == 0 else []
+    check(len(held) == 5 and all(set(r) == {"prompt", "completion", "label"} for r in held) and len(evals) == 1,
+          f"pairs held out: the 5 held-out records written unpaired (exit {p.returncode}): {held[:2]} "
+          f"{p.stderr[-800:] if p.returncode else ''}")
+    p = run("eval", "--config", TMP / "pairs_eval.json", "--adapter", TMP / "pairs_eval" / "adapter", "--data",
+            TMP / "pairs_eval" / "eval.jsonl")
+    out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
+    check(evals and out.get("pairs") == 5 and abs(out.get("loss", float("nan")) - evals[-1]["eval_loss"]) <=
+          1e-5 * abs(evals[-1]["eval_loss"]),
+          f"pairs held out: `qlora-train eval --config` of them gives the logged eval_loss: {out} vs "
+          f"{evals[-1] if evals else None} {p.stderr[-500:]}")
+
     # eval --config: the held-out loss and statistics with one KL baseline over all the records.
     p = run("eval", "--config", TMP / "kto.json", "--adapter", TMP / "trl_kto1", "--data", TMP / "records.jsonl")
     out = json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else {}
