@@ -747,6 +747,30 @@ TEST_CASE("AdamW on the host is the ladder's last rung: 8 bytes a trainable elem
   CHECK(qt::PlanRequest{}.to_json()["optimizer"] == "auto");
 }
 
+TEST_CASE("8-bit AdamW's moments: about 6 bytes a trainable element less on the device, or on the host", "[plan]") {
+  qt::PlanInputs in = inputs("llama-3.1-8b", 1, 2048);
+  qt::PlanInputs q8 = in;
+  q8.optimizer_state_bytes = 2.0 + 8.0 / 256;  // what plan_inputs sets for optim.name adamw_8bit
+  for (const bool host : {false, true}) {
+    INFO((host ? "AdamW on the host" : "AdamW on the device"));
+    qt::PlanRequest r;
+    r.gpu_memory_gib = 70;
+    r.checkpointing = true;
+    r.optimizer_on_host = host;
+    const qt::Decision a = qt::decide_plan(in, r), b = qt::decide_plan(q8, r);
+    REQUIRE(a.plan.optimizer_on_host == host);
+    REQUIRE(b.plan.optimizer_on_host == host);
+    const auto& ta = host ? a.host.terms : a.footprint.terms;
+    const auto& tb = host ? b.host.terms : b.footprint.terms;
+    const char* name = host ? "optimizer" : "trainable_and_optimizer";
+    const double saved = term(ta, name) - term(tb, name);
+    CHECK(std::abs(saved - (8.0 - 2.0 - 8.0 / 256) * static_cast<double>(in.lora_params)) < 1.0);
+    // Off the host, the device footprint is the same.
+    if (host) CHECK(std::abs(term(a.footprint.terms, "trainable_and_optimizer") -
+                             term(b.footprint.terms, "trainable_and_optimizer")) < 1.0);
+  }
+}
+
 TEST_CASE("block weights streamed from the host (forced): every block checkpointed, two blocks' weights on the "
           "device, the copies in the step time, contradictions refused",
           "[plan]") {

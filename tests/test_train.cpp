@@ -4,11 +4,14 @@
 #include <c10/core/AllocatorConfig.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 
+#include <map>
+
 #include "lib/core/error.h"
 #include "lib/core/files.h"
 #include "lib/core/safetensors.h"
 #include "lib/model/hf_loader.h"
 #include "lib/dist/parallel.h"
+#include "lib/kernels/adamw_8bit.h"
 #include "lib/train/adamw.h"
 #include "lib/train/lr_schedule.h"
 #include "lib/train/neftune.h"
@@ -82,6 +85,253 @@ TEST_CASE("AdamW with a parameter's learning rate scaled follows torch.optim.Ada
     CHECK(rel_err(full, ref.view("p" + std::to_string(i + 1))) > 1e-4);
   }
   CHECK(has(error_of([&] { opt.set_lr_scale("none", 2.0); }), "none"));
+}
+
+namespace {
+// The nearest code of each element by brute force: x / its block's absmax against every value of the map, the first
+// of the least distance (the lower code on a tie); absmax 0 gives code 0.
+at::Tensor nearest_codes_by_search(const at::Tensor& x, bool is_signed) {
+  const int64_t n = x.numel(), nb = qt::q8_blocks(n);
+  const at::Tensor flat = at::constant_pad_nd(x.reshape({-1}), {0, nb * qt::kAdam8bitBlock - n}, 0).view({nb, -1});
+  const at::Tensor absmax = flat.abs().amax({1}, true);
+  const at::Tensor y = (flat / at::where(absmax == 0, at::ones_like(absmax), absmax)).reshape({-1, 1});
+  at::Tensor codes = (qt::dynamic_quant_map(is_signed).unsqueeze(0) - y).abs().argmin(1).view({nb, -1});
+  codes = at::where(absmax == 0, at::zeros_like(codes), codes);
+  return codes.reshape({-1}).slice(0, 0, n).to(at::kByte).view(x.sizes());
+}
+
+// Elements whose rows span `decades` orders of magnitude, one all-zero row when `zero_row`.
+at::Tensor spread(int64_t rows, int64_t cols, double decades, bool zero_row = false) {
+  at::Tensor x = at::randn({rows, cols}) * at::pow(10.0, at::rand({rows, 1}) * decades - decades / 2);
+  if (zero_row) x[1].zero_();
+  return x;
+}
+
+// codes that differ, and by more than one code.
+std::pair<int64_t, int64_t> code_differences(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor d = (a.cpu().to(at::kInt) - b.cpu().to(at::kInt)).abs();
+  return {(d > 0).sum().item<int64_t>(), (d > 1).sum().item<int64_t>()};
+}
+}  // namespace
+
+TEST_CASE("8-bit AdamW: bitsandbytes' quantization maps, and codes the nearest values of each block", "[train]") {
+  qt::SafetensorsFile ref(fixture("train/adamw_8bit.safetensors"));
+  CHECK(at::equal(qt::dynamic_quant_map(true), ref.load("qmap1", at::kFloat, at::kCPU)));
+  CHECK(at::equal(qt::dynamic_quant_map(false), ref.load("qmap2", at::kFloat, at::kCPU)));
+  at::manual_seed(5);
+  // 7 x 185 elements: blocks across rows, a short last block, an all-zero stretch, values over 8 decades.
+  for (const bool is_signed : {true, false}) {
+    INFO((is_signed ? "signed" : "unsigned"));
+    at::Tensor x = spread(7, 185, 8.0, /*zero_row=*/true);
+    x.narrow(1, 0, 185).select(0, 1).zero_();
+    x.view({-1}).narrow(0, 256, 256).zero_();  // block 1 all zero
+    if (!is_signed) x = x.abs();
+    const qt::BlockwiseQ8 q = qt::quantize_blockwise(x, is_signed);
+    REQUIRE(q.codes.sizes() == x.sizes());
+    REQUIRE(q.absmax.numel() == qt::q8_blocks(x.numel()));
+    CHECK(at::equal(q.codes, nearest_codes_by_search(x, is_signed)));
+    CHECK(q.absmax[1].item<float>() == 0.0f);
+    // Dequantized: each element within half the map's widest gap of its block's absmax (or, signed, the gap from the
+    // map's least value to -1), a positive block maximum exact.
+    const at::Tensor back = qt::dequantize_blockwise(q, is_signed);
+    const at::Tensor flat_err = at::constant_pad_nd((back - x).abs().reshape({-1}),
+                                                    {0, q.absmax.numel() * 256 - x.numel()}, 0).view({-1, 256});
+    const at::Tensor map = qt::dynamic_quant_map(is_signed);
+    const double half_gap = std::max(0.5 * (map.slice(0, 1) - map.slice(0, 0, 255)).max().item<double>(),
+                                     1.0 + map[0].item<double>());
+    CHECK((flat_err.amax({1}) <= q.absmax * (half_gap + 1e-6)).all().item<bool>());  // (and the product's rounding)
+    CHECK(at::equal(back.max(), x.max()));
+  }
+}
+
+TEST_CASE("8-bit AdamW's step equals its plain-ATen reference and follows bitsandbytes' AdamW8bit", "[train]") {
+  at::manual_seed(9);
+  {  // the CPU loop against the reference, from moments already quantized, with and without decay
+    for (const double wd : {0.0, 0.1}) {
+      INFO("weight decay " << wd);
+      const at::Tensor p0 = at::randn({37, 300}), g = spread(37, 300, 4.0);
+      const at::Tensor m = spread(37, 300, 6.0) * 1e-2, v = spread(37, 300, 6.0).square() * 1e-4;
+      qt::Adam8bitTensor a{p0.clone(), g, qt::quantize_blockwise(m, true), qt::quantize_blockwise(v, false)};
+      qt::Adam8bitTensor b{p0.clone(), g, qt::quantize_blockwise(m, true), qt::quantize_blockwise(v, false)};
+      qt::Adam8bitStep st;
+      st.lr = 1e-3;
+      st.beta2 = 0.95;
+      st.weight_decay = wd;
+      st.step = 3;
+      qt::adamw_8bit_step({a}, st);
+      qt::adamw_8bit_step_reference({b}, st);
+      CHECK(rel_err(a.p - p0, b.p - p0) < 1e-5);  // of the update (ATen's vectorized ops round otherwise)
+      CHECK(rel_err(a.m.absmax, b.m.absmax) < 1e-6);
+      CHECK(rel_err(a.v.absmax, b.v.absmax) < 1e-6);
+      // Codes equal but where the two roundings of a moment fall on either side of a midpoint between two codes.
+      const auto [dm, dm2] = code_differences(a.m.codes, b.m.codes);
+      const auto [dv, dv2] = code_differences(a.v.codes, b.v.codes);
+      CHECK(dm <= 11);  // 0.1% of 11,100
+      CHECK(dv <= 11);
+      CHECK(dm2 + dv2 == 0);
+      CHECK(rel_err(a.p, p0) > 1e-5);  // it moved
+    }
+  }
+  // qt::AdamW with 8-bit moments over bitsandbytes' trajectory (lr 3e-3, betas 0.9 / 0.95, wd 0.1), and fp32 AdamW
+  // beside it (quantizing the moments moves the parameters by 0.6-1% of their movement in four steps).
+  qt::SafetensorsFile ref(fixture("train/adamw_8bit.safetensors"));
+  const at::Tensor big0 = ref.load("big0", at::kFloat, at::kCPU);
+  at::Tensor big = big0.clone(), small = ref.load("small0", at::kFloat, at::kCPU), wide = big0.clone();
+  qt::AdamWOptions o{0.9, 0.95, 1e-8, 0.1, /*eight_bit=*/true};
+  qt::AdamW opt({{"big", big}, {"small", small}}, o);
+  qt::AdamW fp32({{"wide", wide}}, {0.9, 0.95, 1e-8, 0.1});
+  CHECK(opt.eight_bit_tensors() == 1);  // 35 elements keep fp32 moments
+  CHECK(fp32.eight_bit_tensors() == 0);
+  for (int i = 0; i < 4; ++i) {
+    if (i == 2) {  // an overflowing step: nothing moves
+      big.mutable_grad() = at::full_like(big, NAN);
+      small.mutable_grad() = at::full_like(small, NAN);
+      const at::Tensor before = big.clone();
+      const auto state = opt.state_tensors();
+      std::vector<at::Tensor> saved;
+      for (const auto& [n, t] : state) saved.push_back(t.clone());
+      opt.step(3e-3, at::ones({}));
+      opt.step_skipped();
+      CHECK(at::equal(big, before));
+      for (size_t k = 0; k < state.size(); ++k) CHECK(at::equal(opt.state_tensors()[k].second, saved[k]));
+    }
+    const std::string k = std::to_string(i);
+    big.mutable_grad() = ref.load("big_grad" + k, at::kFloat, at::kCPU);
+    wide.mutable_grad() = ref.load("big_grad" + k, at::kFloat, at::kCPU);
+    small.mutable_grad() = ref.load("small_grad" + k, at::kFloat, at::kCPU);
+    opt.step(3e-3);
+    fp32.step(3e-3);
+    INFO("step " << i + 1);
+    const at::Tensor moved = ref.load("big" + std::to_string(i + 1), at::kFloat, at::kCPU) - big0;
+    const at::Tensor nearest = ref.load("big_nearest" + std::to_string(i + 1), at::kFloat, at::kCPU) - big0;
+    // Against the oracle's update with each code the nearest value (the same ops as bitsandbytes', which with its
+    // table quantizer swapped in reproduce bitsandbytes' trajectory bit for bit): to fp32 rounding. Against
+    // bitsandbytes itself: its CPU table is coarser than the map below about 1e-4 of a block's absmax, so the
+    // moments part by a code here and there (0.2-0.3% of the movement).
+    const double off = rel_err(big - big0, nearest), bnb_off = rel_err(big - big0, moved);
+    const double fp32_off = rel_err(wide - big0, nearest);
+    INFO("8-bit: " << off << " of the nearest-code oracle's movement, " << bnb_off << " of bitsandbytes'; fp32 AdamW: "
+                   << fp32_off);
+    CHECK(off < 1e-5);
+    CHECK(bnb_off < 5e-3);
+    if (i > 0) CHECK(fp32_off > 100 * off);  // 8-bit moments, not fp32 ones (the first step's are exact in both)
+    CHECK(rel_err(small, ref.load("small" + std::to_string(i + 1), at::kFloat, at::kCPU)) < 1e-6);
+  }
+  const auto state = opt.state_tensors();
+  std::map<std::string, at::Tensor> by_name(state.begin(), state.end());
+  REQUIRE(by_name.count("big.exp_avg.q8"));
+  REQUIRE(by_name.count("small.exp_avg"));
+  CHECK(by_name["big.exp_avg.q8"].scalar_type() == at::kByte);
+  CHECK(by_name["big.exp_avg.absmax"].numel() == 44);
+  // The moments, dequantized, within two codes of bitsandbytes'.
+  for (const bool second : {false, true}) {
+    const std::string s = second ? "big.exp_avg_sq" : "big.exp_avg";
+    const at::Tensor ours = qt::dequantize_blockwise({by_name[s + ".q8"], by_name[s + ".absmax"]}, !second);
+    const at::Tensor theirs = qt::dequantize_blockwise(
+        {ref.load(second ? "state2" : "state1", at::kByte, at::kCPU).view(ours.sizes()),
+         ref.load(second ? "absmax2" : "absmax1", at::kFloat, at::kCPU)}, !second);
+    INFO(s << ": " << rel_err(ours, theirs));
+    CHECK(rel_err(ours, theirs) < 1e-2);
+    CHECK(rel_err(by_name[s + ".absmax"], ref.load(second ? "absmax2" : "absmax1", at::kFloat, at::kCPU)) < 1e-2);
+  }
+}
+
+TEST_CASE("8-bit AdamW's state round-trips: resumed bit for bit, and converted to and from fp32 moments", "[train]") {
+  at::manual_seed(13);
+  const at::Tensor p0 = at::randn({64, 100});
+  std::vector<at::Tensor> grads;
+  for (int i = 0; i < 4; ++i) grads.push_back(spread(64, 100, 3.0));
+  auto run = [&](qt::AdamW& opt, at::Tensor& p, int from, int to) {
+    for (int i = from; i < to; ++i) {
+      p.mutable_grad() = grads[i].clone();
+      opt.step(1e-3);
+    }
+  };
+  qt::AdamWOptions q8{0.9, 0.999, 1e-8, 0.0, true}, fp32{0.9, 0.999, 1e-8, 0.0, false};
+  at::Tensor a = p0.clone();
+  qt::AdamW straight({{"w", a}}, q8);
+  run(straight, a, 0, 4);
+  // Two steps, the state saved and loaded into a fresh optimizer, two more: the straight run's bits.
+  at::Tensor b = p0.clone();
+  qt::AdamW first({{"w", b}}, q8);
+  run(first, b, 0, 2);
+  std::vector<std::pair<std::string, at::Tensor>> saved;
+  for (const auto& [n, t] : first.state_tensors()) saved.emplace_back(n, t.clone());
+  at::Tensor c = b.clone();
+  qt::AdamW second({{"w", c}}, q8);
+  second.load_state(saved, first.steps());
+  run(second, c, 2, 4);
+  CHECK(at::equal(c, a));
+  // The same 8-bit state into fp32 moments (dequantized) and back (quantized): codes within one of the saved ones
+  // (a block whose largest magnitude is negative dequantizes it to -0.993 of its absmax, the map's least value, and
+  // quantizing scales the block by that: absmax within 1%).
+  at::Tensor d = b.clone();
+  qt::AdamW wide({{"w", d}}, fp32);
+  wide.load_state(saved, 2);
+  const auto fp = wide.state_tensors();
+  REQUIRE(fp[0].first == "w.exp_avg");
+  at::Tensor e = b.clone();
+  qt::AdamW narrow({{"w", e}}, q8);
+  narrow.load_state(fp, 2);
+  const auto back = narrow.state_tensors();
+  for (size_t k = 0; k < back.size(); ++k) {
+    INFO(back[k].first);
+    if (back[k].first.find(".q8") != std::string::npos) CHECK(code_differences(back[k].second, saved[k].second).second == 0);
+    else CHECK(rel_err(back[k].second, saved[k].second) < 1e-2);
+  }
+  // Missing or misshapen state is named.
+  CHECK(has(error_of([&] { narrow.load_state({}, 2); }), "'w.exp_avg' is missing"));
+  CHECK(has(error_of([&] { narrow.load_state({{"w.exp_avg.q8", at::zeros({3}, at::kByte)},
+                                              {"w.exp_avg.absmax", at::zeros({1})}}, 2); }), "another shape"));
+}
+
+TEST_CASE("8-bit AdamW on CUDA: the kernel gives the CPU loop's bits, fp32 and bf16 parameters", "[train][gpu]") {
+  REQUIRE(at::hasCUDA());
+  at::manual_seed(17);
+  const at::Device cuda(at::kCUDA, 0);
+  // Tensors of several block counts (a short last block each), fp32 and bf16, in one step.
+  std::vector<at::Tensor> ps{at::randn({37, 300}), at::randn({4096, 16}), at::randn({5000}),
+                             at::randn({64, 100}).to(at::kBFloat16)};
+  for (const bool host : {false, true}) {
+    INFO((host ? "state on the host" : "state on the GPU"));
+    std::vector<std::pair<std::string, at::Tensor>> on_cpu, on_gpu;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      on_cpu.emplace_back("p" + std::to_string(i), ps[i].clone());
+      on_gpu.emplace_back("p" + std::to_string(i), ps[i].to(cuda));
+    }
+    if (host) {  // the host path takes fp32 parameters
+      on_cpu.pop_back();
+      on_gpu.pop_back();
+    }
+    qt::AdamWOptions o{0.9, 0.95, 1e-8, 0.05, true};
+    qt::AdamW a(on_cpu, o), b(on_gpu, o, host);
+    for (int step = 0; step < 3; ++step) {
+      for (size_t i = 0; i < on_cpu.size(); ++i) {
+        const at::Tensor g = spread(1, on_cpu[i].second.numel(), 4.0).view(on_cpu[i].second.sizes())
+                                 .to(on_cpu[i].second.scalar_type());
+        on_cpu[i].second.mutable_grad() = g;
+        on_gpu[i].second.mutable_grad() = g.to(cuda);
+      }
+      if (step == 1) {  // a skipped step on the GPU changes nothing
+        const at::Tensor before = on_gpu[0].second.clone();
+        b.step(2e-3, at::ones({}, at::TensorOptions().device(cuda)));
+        b.step_skipped();
+        CHECK(at::equal(on_gpu[0].second, before));
+      }
+      a.step(2e-3);
+      b.step(2e-3);
+    }
+    for (size_t i = 0; i < on_cpu.size(); ++i) {
+      INFO(on_cpu[i].first);
+      CHECK(at::equal(on_gpu[i].second.cpu(), on_cpu[i].second));
+    }
+    const auto sa = a.state_tensors(), sb = b.state_tensors();
+    REQUIRE(sa.size() == sb.size());
+    for (size_t k = 0; k < sa.size(); ++k) {
+      INFO(sa[k].first);
+      CHECK(at::equal(sb[k].second.cpu(), sa[k].second));
+    }
+  }
 }
 
 TEST_CASE("NEFTune adds uniform noise of magnitude alpha / sqrt(seq * hidden), none at alpha 0", "[train]") {

@@ -157,6 +157,7 @@ const std::vector<std::pair<std::string, std::string>>& peer_spellings() {
       {"load_best_model_at_end", "checkpoint.save_best"},
       {"early_stopping_patience", "train.early_stopping_patience"},
       {"loraplus_lr_ratio", "optim.loraplus_lr_ratio"},
+      {"optim", "optim.name (\"adamw\" or \"adamw_8bit\")"},
   };
   return table;
 }

@@ -12,6 +12,7 @@ class DataParallel : public Parallel {
   const NamedTensors& parameters() const override { return params_; }
   int64_t full_rows(const std::string&, const at::Tensor& p) const override { return p.size(0); }
   at::Tensor shard_of(const std::string&, const at::Tensor& full) const override { return full; }
+  std::pair<int, int> optimizer_part() const override { return {0, 1}; }
   void reduce_gradients() override {
     if (comm_.world_size() == 1) return;
     for (auto& [n, p] : params_)
@@ -41,6 +42,7 @@ class Sharded : public Parallel {
   at::Tensor shard_of(const std::string& name, const at::Tensor& full) const override {
     return fs_.shard_of(name, full);
   }
+  std::pair<int, int> optimizer_part() const override { return {comm_.rank(), comm_.world_size()}; }
   // The block gradients were reduce-scattered block by block; the replicated ones (modules_to_save) are summed.
   void reduce_gradients() override { fs_.reduce_replicated_grads(); }
   at::Tensor clip_grad_norm(double max_norm, const at::Device& device) override {

@@ -29,6 +29,9 @@ class Parallel {
   // The rows of parameter `name` unsharded, and this rank's part of a whole tensor of that shape.
   virtual int64_t full_rows(const std::string& name, const at::Tensor& p) const = 0;
   virtual at::Tensor shard_of(const std::string& name, const at::Tensor& full) const = 0;
+  // Which part of a checkpoint's optimizer state this rank's tensors are, {index, parts}: {0, 1} where every rank
+  // holds whole tensors (rank 0 saves them), {rank, world} when sharded (each rank saves its own).
+  virtual std::pair<int, int> optimizer_part() const = 0;
   // After the step's last backward pass: every parameter's gradient summed over the ranks (collective).
   virtual void reduce_gradients() = 0;
   // The global L2 norm of the gradients before clipping to max_norm (<= 0: none), as a scalar on `device`;

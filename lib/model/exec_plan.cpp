@@ -367,9 +367,9 @@ Footprint predict_footprint(const PlanInputs& given, const ExecPlan& p) {
                        static_cast<double>(std::min<int64_t>(p.dequantized_blocks, c.num_hidden_layers)) * block_params * e);
   f.terms.emplace_back("embeddings", p.embeddings_on_host ? 0.0 : V * H * e);
   f.terms.emplace_back("lm_head", tied || p.lm_head_on_host ? 0.0 : V * H * e);
-  // fp32 value, gradient and AdamW's two moments (those on the host with optimizer_on_host); trained-in-full
-  // tensors likewise.
-  const double trainable_bytes = p.optimizer_on_host ? 8.0 : 16.0;
+  // fp32 value, gradient and AdamW's two moments (8 bytes, or about 2 when 8-bit; on the host with
+  // optimizer_on_host); trained-in-full tensors likewise.
+  const double trainable_bytes = p.optimizer_on_host ? 8.0 : 8.0 + in.optimizer_state_bytes;
   f.terms.emplace_back("trainable_and_optimizer", trainable_bytes * static_cast<double>(in.lora_params) * shard +
                                                       trainable_bytes * static_cast<double>(in.full_params));
   // DPO's reference from lora.init_from: its adapters' fp32 copy, frozen. (Its forward pass keeps nothing for a
@@ -509,7 +509,9 @@ Footprint predict_host(const PlanInputs& given, const ExecPlan& p) {
   f.terms.emplace_back("embeddings", p.embeddings_on_host ? V * H * e : 0.0);
   f.terms.emplace_back("lm_head", p.lm_head_on_host && !c.tie_word_embeddings ? V * H * e : 0.0);
   // AdamW's two moments and the fp32 parameters and gradients staged for the CPU's update.
-  f.terms.emplace_back("optimizer", p.optimizer_on_host ? 16.0 * static_cast<double>(in.lora_params + in.full_params) : 0.0);
+  f.terms.emplace_back("optimizer", p.optimizer_on_host ? (8.0 + in.optimizer_state_bytes) *
+                                                              static_cast<double>(in.lora_params + in.full_params)
+                                                        : 0.0);
   return f;
 }
 

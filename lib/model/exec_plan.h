@@ -174,6 +174,7 @@ struct PlanInputs {
   bool nf4 = true;               // NF4 base (else 16-bit)
   int64_t lora_params = 0;       // trainable LoRA elements (fp32, with gradient and AdamW state)
   int64_t full_params = 0;       // tensors trained in full (modules_to_save, full fine-tuning): fp32 + state
+  double optimizer_state_bytes = 8.0;  // AdamW's moments a trainable element: 8 (fp32), about 2.03 (optim adamw_8bit)
   bool embeddings_trained = false, lm_head_trained = false;  // modules_to_save: they stay on the device
   bool sharded = false;          // FullyShard: the blocks' bytes divided over `world` ranks
   int world = 1;

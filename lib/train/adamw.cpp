@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <optional>
@@ -28,10 +29,38 @@ AdamW::AdamW(std::vector<std::pair<std::string, at::Tensor>> params, AdamWOption
   for (const auto& [name, p] : params_) {
     QT_CHECK(!on_host_ || p.scalar_type() == at::kFloat, ErrorKind::Internal,
              "AdamW with its state on the host takes fp32 parameters ('" + name + "' is not)");
-    exp_avg_.push_back(state_like(p, on_host_));
-    exp_avg_sq_.push_back(state_like(p, on_host_));
+    const bool q8 = options_.eight_bit && p.numel() >= kAdam8bitMinElements;
+    q8_.push_back(q8);
+    exp_avg_.push_back(q8 ? at::Tensor() : state_like(p, on_host_));
+    exp_avg_sq_.push_back(q8 ? at::Tensor() : state_like(p, on_host_));
+    // 8-bit moments on the host live in plain host memory: only the parameters and gradients cross PCIe.
+    const at::TensorOptions where = on_host_ ? at::TensorOptions() : at::TensorOptions().device(p.device());
+    m8_.push_back(q8 ? q8_zeros(p.sizes(), where) : BlockwiseQ8{});
+    v8_.push_back(q8 ? q8_zeros(p.sizes(), where) : BlockwiseQ8{});
   }
   lr_scale_.assign(params_.size(), 1.0);
+}
+
+int64_t AdamW::eight_bit_tensors() const { return std::count(q8_.begin(), q8_.end(), true); }
+
+void AdamW::step_eight_bit(const std::vector<size_t>& idx, const std::vector<at::Tensor>& ps,
+                           const std::vector<at::Tensor>& gs, double lr, const at::Tensor& found_inf) {
+  std::vector<Adam8bitTensor> ts;
+  for (size_t k = 0; k < idx.size(); ++k) {
+    const at::Tensor& p = ps[k];
+    // The kernel reads the gradient as the parameter's dtype.
+    at::Tensor g = gs[k].scalar_type() == p.scalar_type() ? gs[k].contiguous() : gs[k].to(p.scalar_type());
+    ts.push_back({p, g, m8_[idx[k]], v8_[idx[k]]});
+  }
+  if (ts.empty()) return;
+  Adam8bitStep s;
+  s.lr = lr;
+  s.beta1 = options_.beta1;
+  s.beta2 = options_.beta2;
+  s.eps = options_.eps;
+  s.weight_decay = options_.weight_decay;
+  s.step = step_;
+  adamw_8bit_step(ts, s, found_inf);
 }
 
 void AdamW::set_lr_scale(const std::string& name, double scale) {
@@ -66,34 +95,42 @@ void AdamW::step_group_on_host(const std::vector<size_t>& group, double lr, cons
   }
   // In: every parameter and its gradient (queued on the current stream, then one wait); the update on the CPU's
   // fused kernel; out: the parameters, queued behind whatever the device runs next.
-  std::vector<at::Tensor> ps, gs, ms, vs;
-  std::vector<size_t> taken;
+  std::vector<at::Tensor> ps, gs, ms, vs, ps8, gs8;
+  std::vector<size_t> taken, taken8;
   for (size_t i : group) {
     const at::Tensor& p = params_[i].second;
     if (!p.grad().defined()) continue;
     host_param_[i].copy_(p, /*non_blocking=*/true);
     host_grad_[i].copy_(p.grad(), /*non_blocking=*/true);
+    if (q8_[i]) {
+      ps8.push_back(host_param_[i]);
+      gs8.push_back(host_grad_[i]);
+      taken8.push_back(i);
+      continue;
+    }
     ps.push_back(host_param_[i]);
     gs.push_back(host_grad_[i]);
     ms.push_back(exp_avg_[i]);
     vs.push_back(exp_avg_sq_[i]);
     taken.push_back(i);
   }
-  if (ps.empty()) return;
+  if (ps.empty() && ps8.empty()) return;
 #ifdef QT_WITH_CUDA
-  if (params_[taken[0]].second.is_cuda()) c10::cuda::getCurrentCUDAStream().synchronize();  // the copies landed
+  const size_t first = taken.empty() ? taken8[0] : taken[0];
+  if (params_[first].second.is_cuda()) c10::cuda::getCurrentCUDAStream().synchronize();  // the copies landed
 #endif
   std::optional<at::Tensor> inf;
   if (found_inf.defined()) inf = found_inf.to(at::kCPU, at::kFloat);
-  const at::Tensor step = at::full({}, static_cast<double>(step_), ps[0].options());
-  const std::vector<at::Tensor> steps(ps.size(), step);
-  at::_fused_adamw_(ps, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, lr, options_.beta1, options_.beta2,
-                    options_.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false,
-                    /*grad_scale=*/std::nullopt, inf);
-  for (size_t k = 0; k < taken.size(); ++k) {
-    at::Tensor& p = params_[taken[k]].second;
-    p.copy_(host_param_[taken[k]], /*non_blocking=*/true);
+  if (!ps.empty()) {
+    const at::Tensor step = at::full({}, static_cast<double>(step_), ps[0].options());
+    const std::vector<at::Tensor> steps(ps.size(), step);
+    at::_fused_adamw_(ps, gs, ms, vs, /*max_exp_avg_sqs=*/{}, steps, lr, options_.beta1, options_.beta2,
+                      options_.weight_decay, options_.eps, /*amsgrad=*/false, /*maximize=*/false,
+                      /*grad_scale=*/std::nullopt, inf);
   }
+  step_eight_bit(taken8, ps8, gs8, lr, inf ? *inf : at::Tensor());
+  taken.insert(taken.end(), taken8.begin(), taken8.end());
+  for (size_t i : taken) params_[i].second.copy_(host_param_[i], /*non_blocking=*/true);
 }
 
 void AdamW::step_group(const std::vector<size_t>& group, double lr, double bc1, double bc2,
@@ -102,17 +139,28 @@ void AdamW::step_group(const std::vector<size_t>& group, double lr, double bc1, 
   // torch.optim.AdamW(fused=True), one multi-tensor kernel for every parameter: a step of the 8B shape has 448
   // LoRA tensors, and a handful of launches instead of eight multi-tensor ops keeps the GPU from waiting on the
   // host between them). found_inf (a device scalar, non-zero) makes it leave everything as it was.
-  std::vector<at::Tensor> ps, gs, ms, vs;
+  std::vector<at::Tensor> ps, gs, ms, vs, ps8, gs8;
+  std::vector<size_t> taken8;
   bool all_fp32 = true;
   for (size_t i : group) {
     const at::Tensor& p = params_[i].second;
     if (!p.grad().defined()) continue;
+    if (q8_[i]) {
+      ps8.push_back(p);
+      gs8.push_back(p.grad());
+      taken8.push_back(i);
+      continue;
+    }
     all_fp32 = all_fp32 && p.scalar_type() == at::kFloat && p.grad().scalar_type() == at::kFloat &&
                p.device() == params_[0].second.device();
     ps.push_back(p);
     gs.push_back(p.grad());
     ms.push_back(exp_avg_[i]);
     vs.push_back(exp_avg_sq_[i]);
+  }
+  if (!ps8.empty()) {
+    step_eight_bit(taken8, ps8, gs8, lr, found_inf);
+    for (const at::Tensor& p : ps8) p.unsafeGetTensorImpl()->bump_version();
   }
   if (ps.empty()) return;
   if (all_fp32) {
@@ -132,7 +180,7 @@ void AdamW::step_group(const std::vector<size_t>& group, double lr, double bc1, 
   for (size_t i : group) {
     at::Tensor p = params_[i].second;
     const at::Tensor& g = p.grad();
-    if (!g.defined()) continue;
+    if (!g.defined() || q8_[i]) continue;
     at::Tensor g32 = g.to(at::kFloat);
     // torch.optim.AdamW (single-tensor path): decay first, then the Adam update.
     at::Tensor p32 = p.scalar_type() == at::kFloat ? p : p.to(at::kFloat);
@@ -154,8 +202,16 @@ void AdamW::zero_grad() {
 std::vector<std::pair<std::string, at::Tensor>> AdamW::state_tensors() const {
   std::vector<std::pair<std::string, at::Tensor>> out;
   for (size_t i = 0; i < params_.size(); ++i) {
-    out.emplace_back(params_[i].first + ".exp_avg", exp_avg_[i]);
-    out.emplace_back(params_[i].first + ".exp_avg_sq", exp_avg_sq_[i]);
+    const std::string& name = params_[i].first;
+    if (q8_[i]) {
+      out.emplace_back(name + ".exp_avg.q8", m8_[i].codes);
+      out.emplace_back(name + ".exp_avg.absmax", m8_[i].absmax);
+      out.emplace_back(name + ".exp_avg_sq.q8", v8_[i].codes);
+      out.emplace_back(name + ".exp_avg_sq.absmax", v8_[i].absmax);
+    } else {
+      out.emplace_back(name + ".exp_avg", exp_avg_[i]);
+      out.emplace_back(name + ".exp_avg_sq", exp_avg_sq_[i]);
+    }
   }
   return out;
 }
@@ -164,12 +220,29 @@ void AdamW::load_state(const std::vector<std::pair<std::string, at::Tensor>>& te
   std::map<std::string, at::Tensor> by_name(tensors.begin(), tensors.end());
   at::NoGradGuard no_grad;
   for (size_t i = 0; i < params_.size(); ++i) {
-    for (auto [suffix, dst] : {std::pair<const char*, at::Tensor*>{".exp_avg", &exp_avg_[i]}, {".exp_avg_sq", &exp_avg_sq_[i]}}) {
-      auto it = by_name.find(params_[i].first + suffix);
-      if (it == by_name.end()) fail(ErrorKind::Checkpoint, "optimizer state for '" + params_[i].first + suffix + "' is missing");
-      if (it->second.sizes() != dst->sizes())
-        fail(ErrorKind::Checkpoint, "optimizer state for '" + params_[i].first + suffix + "' has another shape");
-      dst->copy_(it->second);
+    const at::Tensor& p = params_[i].second;
+    for (const bool second : {false, true}) {
+      const std::string name = params_[i].first + (second ? ".exp_avg_sq" : ".exp_avg");
+      auto fp32 = by_name.find(name);
+      auto codes = by_name.find(name + ".q8"), absmax = by_name.find(name + ".absmax");
+      const bool has_q8 = codes != by_name.end() && absmax != by_name.end();
+      if (fp32 == by_name.end() && !has_q8) fail(ErrorKind::Checkpoint, "optimizer state for '" + name + "' is missing");
+      if (has_q8 && (codes->second.sizes() != p.sizes() || codes->second.scalar_type() != at::kByte ||
+                     absmax->second.numel() != q8_blocks(p.numel())))
+        fail(ErrorKind::Checkpoint, "optimizer state for '" + name + "' (8-bit) has another shape");
+      if (!has_q8 && fp32->second.sizes() != p.sizes())
+        fail(ErrorKind::Checkpoint, "optimizer state for '" + name + "' has another shape");
+      if (q8_[i]) {
+        BlockwiseQ8& dst = second ? v8_[i] : m8_[i];
+        const BlockwiseQ8 src = has_q8 ? BlockwiseQ8{codes->second, absmax->second.reshape({-1})}
+                                       : quantize_blockwise(fp32->second.to(at::kFloat), /*is_signed=*/!second);
+        dst.codes.copy_(src.codes);
+        dst.absmax.copy_(src.absmax);
+      } else {
+        at::Tensor& dst = second ? exp_avg_sq_[i] : exp_avg_[i];
+        dst.copy_(has_q8 ? dequantize_blockwise({codes->second, absmax->second.reshape({-1})}, /*is_signed=*/!second)
+                         : fp32->second);
+      }
     }
   }
   step_ = step;

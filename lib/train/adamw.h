@@ -1,11 +1,15 @@
 #pragma once
 // AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", 2019) over the trainable tensors, with
-// fp32 moments, as torch.optim.AdamW computes it (bias-corrected moments, decoupled decay lr * wd * p).
+// fp32 moments, as torch.optim.AdamW computes it (bias-corrected moments, decoupled decay lr * wd * p); or with
+// 8-bit blockwise moments (optim.name "adamw_8bit", lib/kernels/adamw_8bit.h: bitsandbytes' AdamW8bit) for every
+// tensor of at least 4,096 elements, the smaller ones keeping fp32 moments as bitsandbytes' do.
 #include <ATen/core/Tensor.h>
 
 #include <string>
 #include <utility>
 #include <vector>
+
+#include "lib/kernels/adamw_8bit.h"
 
 namespace qt {
 
@@ -14,6 +18,7 @@ struct AdamWOptions {
   double beta2 = 0.999;
   double eps = 1e-8;
   double weight_decay = 0.0;
+  bool eight_bit = false;  // 8-bit moments (adamw_8bit.h) for tensors of kAdam8bitMinElements or more
 };
 
 class AdamW {
@@ -33,11 +38,17 @@ class AdamW {
   void zero_grad();
   int64_t steps() const { return step_; }
 
-  // State for checkpoints: per parameter name, "exp_avg" and "exp_avg_sq" (fp32), plus the step count.
+  // State for checkpoints: per parameter name, "exp_avg" and "exp_avg_sq" (fp32), or for 8-bit moments
+  // "exp_avg.q8" / "exp_avg_sq.q8" (uint8 codes, the parameter's shape) with "exp_avg.absmax" / "exp_avg_sq.absmax"
+  // (fp32, one a block); plus the step count.
   std::vector<std::pair<std::string, at::Tensor>> state_tensors() const;
+  // Takes either form for any parameter: fp32 moments are quantized for 8-bit ones, 8-bit moments dequantized for
+  // fp32 ones (a run resumed with another optim.name).
   void load_state(const std::vector<std::pair<std::string, at::Tensor>>& tensors, int64_t step);
   const std::vector<std::pair<std::string, at::Tensor>>& params() const { return params_; }
   bool state_on_host() const { return on_host_; }
+  // Parameters whose moments are 8-bit.
+  int64_t eight_bit_tensors() const;
 
  private:
   std::vector<std::pair<std::string, at::Tensor>> params_;
@@ -45,7 +56,13 @@ class AdamW {
   // The group's update on host copies of its fp32 parameters and gradients (state_on_host).
   void step_group_on_host(const std::vector<size_t>& group, double lr, const at::Tensor& found_inf);
 
-  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;
+  // The 8-bit parameters' group update (adamw_8bit_step) on `ps` (the parameters, or their host staging copies).
+  void step_eight_bit(const std::vector<size_t>& idx, const std::vector<at::Tensor>& ps,
+                      const std::vector<at::Tensor>& gs, double lr, const at::Tensor& found_inf);
+
+  std::vector<at::Tensor> exp_avg_, exp_avg_sq_;  // fp32 moments (undefined for 8-bit ones)
+  std::vector<bool> q8_;
+  std::vector<BlockwiseQ8> m8_, v8_;  // 8-bit moments (where q8_)
   std::vector<double> lr_scale_;
   std::vector<at::Tensor> host_param_, host_grad_;  // state_on_host: pinned staging, made at the first step
   AdamWOptions options_;

@@ -17,6 +17,7 @@
 #include "lib/core/files.h"
 #include "lib/core/log.h"
 #include "lib/core/safetensors.h"
+#include "lib/kernels/adamw_8bit.h"
 
 namespace qt {
 namespace {
@@ -393,6 +394,7 @@ void check_resume_compatible(const Json& saved, const Json& current, const std::
                                                       "train.eval_every", "train.early_stopping_patience", "train.micro_batch_size", "train.memory",
                                                       "train.grad_checkpointing", "train.offload_activations", "train.mlp_chunk_tokens", "train.attention", "train.keep_attention", "train.fuse_projections", "train.keep_dequantized", "train.fuse_lora_swiglu", "train.lora_b_in_gemm", "train.keep_qkv", "train.keep_residual",
                                                       "train.shard", "train.shard_embeddings", "train.collective_timeout_s",
+                                                      "optim.name",  // the moments are converted (AdamW::load_state)
                                                       "checkpoint",       "logging",          "output_dir"};
   // Where files are: a run moved to another machine or directory resumes with --resume-allow-changes (the training
   // file's content is checked by its hash in check_resume_progress; the model's is not).
@@ -443,21 +445,55 @@ std::vector<std::pair<std::string, at::Tensor>> optimizer_state_for(
     for (const auto& [name, t] : ck.optimizer) parts[name].push_back(t);
   }
   std::vector<std::pair<std::string, at::Tensor>> out;
+  const auto [part, world] = parallel.optimizer_part();
+  const int saved_parts = std::max(1, ck.optimizer_shards);
+  bool requantized = false;
   for (const auto& [name, p] : params) {
     const int64_t rows = parallel.full_rows(name, p);
     for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {
-      auto it = parts.find(name + suffix);
-      if (it == parts.end())
-        fail_at(ErrorKind::Checkpoint, dir, "optimizer state for '" + name + suffix + "' is missing");
-      at::Tensor full = it->second.size() == 1 ? it->second[0] : at::cat(it->second, 0);
+      const std::string key = name + suffix;
+      std::vector<at::Tensor> whole;  // the state's parts in fp32
+      auto codes = parts.find(key + ".q8"), absmax = parts.find(key + ".absmax");
+      if (codes != parts.end() && absmax != parts.end()) {
+        // 8-bit moments (optim.name adamw_8bit): this rank's part as saved where the checkpoint's layout is this
+        // run's (bit for bit); else each part dequantized (its blocks are of its own flattened tensor) and
+        // re-sliced as fp32 moments are, which the optimizer quantizes again.
+        if (codes->second.size() != absmax->second.size())
+          fail_at(ErrorKind::Checkpoint, dir, "optimizer state for '" + key + "' has codes and absmax of other parts");
+        for (size_t k = 0; k < codes->second.size(); ++k)
+          if (absmax->second[k].numel() != q8_blocks(codes->second[k].numel()) ||
+              codes->second[k].scalar_type() != at::kByte)
+            fail_at(ErrorKind::Checkpoint, dir, "optimizer state for '" + key + "' (8-bit) has " +
+                                                    std::to_string(absmax->second[k].numel()) + " block scales for " +
+                                                    std::to_string(codes->second[k].numel()) + " codes");
+        if (saved_parts == world && static_cast<int>(codes->second.size()) == world &&
+            codes->second[static_cast<size_t>(part)].sizes() == p.sizes()) {
+          out.emplace_back(key + ".q8", codes->second[static_cast<size_t>(part)].to(p.device()));
+          out.emplace_back(key + ".absmax", absmax->second[static_cast<size_t>(part)].to(p.device()));
+          continue;
+        }
+        for (size_t k = 0; k < codes->second.size(); ++k)
+          whole.push_back(dequantize_blockwise({codes->second[k], absmax->second[k].reshape({-1})},
+                                               /*is_signed=*/std::string(suffix) == ".exp_avg"));
+        requantized = true;
+      } else {
+        auto it = parts.find(key);
+        if (it == parts.end()) fail_at(ErrorKind::Checkpoint, dir, "optimizer state for '" + key + "' is missing");
+        whole = it->second;
+      }
+      at::Tensor full = whole.size() == 1 ? whole[0] : at::cat(whole, 0);
       if (full.dim() < 1 || full.size(0) < rows)
-        fail_at(ErrorKind::Checkpoint, dir, "optimizer state for '" + name + suffix + "' has " +
+        fail_at(ErrorKind::Checkpoint, dir, "optimizer state for '" + key + "' has " +
                                                 (full.dim() ? std::to_string(full.size(0)) : "no") + " rows, expected " +
                                                 std::to_string(rows));
       full = full.narrow(0, 0, rows).to(p.device());
-      out.emplace_back(name + suffix, parallel.shard_of(name, full));
+      out.emplace_back(key, parallel.shard_of(name, full));
     }
   }
+  if (requantized)
+    log::warn_rank0("the 8-bit optimizer state of " + dir + " was saved as " + std::to_string(saved_parts) +
+                    " part(s) and is re-quantized for this run's " + std::to_string(world) +
+                    ": the run resumes, not bit for bit as it would on the same layout");
   return out;
 }
 

@@ -191,11 +191,24 @@ RunConfig RunConfig::from_json(const Json& j, const std::string& file, bool comp
              "'" + c.train.objective + "': expected sft, dpo, cpo, orpo or kto");
 
   const Json& o = section(j, "optim");
-  reject_unknown_keys(o, {"lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
+  if (o.is_string())  // HF's TrainingArguments.optim
+    fail_key(ErrorKind::Config, file, "optim",
+             "is a section (a JSON object) here; the optimizer is its key name: {\"optim\": {\"name\": " + o.dump() +
+                 "}} (adamw or adamw_8bit)");
+  reject_unknown_keys(o, {"name", "lr", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm", "schedule", "warmup_steps",
                           "warmup_ratio", "min_lr_ratio", "decay_steps", "decay_ratio", "decay_type", "embedding_lr",
                           "loraplus_lr_ratio"},
                       file, "optim.", ErrorKind::Config);
   JsonReader orr{o, file, ErrorKind::Config, "optim."};
+  c.optim.name = orr.get_string("name", c.optim.name);
+  if (c.optim.name != "adamw" && c.optim.name != "adamw_8bit") {
+    std::string hint;
+    if (c.optim.name == "paged_adamw_8bit" || c.optim.name == "adamw_bnb_8bit")
+      hint = " (\"adamw_8bit\" is bitsandbytes' AdamW8bit; where its state lives is train.memory.optimizer's choice)";
+    else if (c.optim.name == "adamw_torch" || c.optim.name == "adamw_torch_fused" || c.optim.name == "paged_adamw_32bit")
+      hint = " (\"adamw\" is torch's AdamW; where its state lives is train.memory.optimizer's choice)";
+    fail_key(ErrorKind::Config, file, "optim.name", "'" + c.optim.name + "': expected adamw or adamw_8bit" + hint);
+  }
   c.optim.lr = orr.get_double("lr", c.optim.lr);
   if (!(c.optim.lr > 0 && c.optim.lr < 1)) fail_key(ErrorKind::Config, file, "optim.lr", "must be in (0, 1)");
   c.optim.weight_decay = orr.get_double("weight_decay", c.optim.weight_decay);
@@ -364,7 +377,8 @@ Json resolved_json(const RunConfig& c, const LoraConfig& lora, const DataConfig&
                 {"shard_embeddings", c.train.shard_embeddings},
                 {"collective_timeout_s", c.train.collective_timeout_s}};
   const bool wsd = c.optim.schedule == LrScheduleType::Wsd;  // (the decay's keys null under other schedules)
-  j["optim"] = {{"lr", c.optim.lr},
+  j["optim"] = {{"name", c.optim.name},
+                {"lr", c.optim.lr},
                 {"weight_decay", c.optim.weight_decay},
                 {"beta1", c.optim.beta1},
                 {"beta2", c.optim.beta2},

@@ -66,6 +66,9 @@ struct TrainSection {
 };
 
 struct OptimSection {
+  // "adamw": fp32 moments (torch.optim.AdamW); "adamw_8bit": 8-bit blockwise moments for tensors of 4,096 elements
+  // or more (bitsandbytes' AdamW8bit, HF's optim "adamw_8bit"; lib/kernels/adamw_8bit.h).
+  std::string name = "adamw";
   double lr = 2e-4;
   double weight_decay = 0.0;
   double beta1 = 0.9;

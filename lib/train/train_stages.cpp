@@ -429,6 +429,9 @@ PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micr
   in.sharded = cfg.train.shard == "blocks";
   in.world = world;
   in.file = cfg.file;
+  // 8-bit moments: a code an element and a block's fp32 absmax each (the few tensors under 4,096 elements that keep
+  // fp32 moments are not told apart).
+  if (cfg.optim.name == "adamw_8bit") in.optimizer_state_bytes = 2.0 + 8.0 / static_cast<double>(kAdam8bitBlock);
   // This rank's share of the host: the ranks on one host offload side by side.
   in.host_bytes = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGE_SIZE)) /
                   static_cast<uint64_t>(std::max(1, local_world));
@@ -806,7 +809,7 @@ std::unique_ptr<Parallel> make_parallel(const RunConfig& cfg, ModelStage& m, Com
 
 std::unique_ptr<AdamW> make_optimizer(const RunConfig& cfg, const NamedTensors& params, bool state_on_host) {
   auto opt = std::make_unique<AdamW>(params, AdamWOptions{cfg.optim.beta1, cfg.optim.beta2, cfg.optim.eps,
-                                                          cfg.optim.weight_decay},
+                                                          cfg.optim.weight_decay, cfg.optim.name == "adamw_8bit"},
                                      state_on_host);
   if (cfg.optim.embedding_lr >= 0) {
     int scaled = 0;
