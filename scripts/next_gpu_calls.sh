@@ -114,6 +114,11 @@
 #   62 (ran twice in the thirty-eighth session): carry ["build/tests/fixtures"]: build, the [dpo] tests, KTO against DPO at 8B (random NF4
 #      weights, the demo's pairs, 2 rows of 4,096 tokens a step): KTO's step about 3/4 of DPO's (its pass with gradient
 #      over the records alone), about 250 s.
+#   63: carry ["build/tests/fixtures"]: build, KTO's held-out evaluation on CUDA (the KTO demo with a tenth held out,
+#      then eval --config of its adapter); about 60 s with the build.
+#   64: carry ["build/tests/fixtures"]: build, the [train] [gpu] tests (8-bit AdamW's kernel against its CPU loop, bit
+#      for bit), then 8B 2 x 2048 with optim adamw against adamw_8bit, LoRA alone and with embed_tokens and lm_head
+#      trained in full (step time and allocator peak); about 300 s. Next session: SUMMARY=s63.txt ... 63; 64 after.
 #   60: call 59 in less device time: no forward_cached runs, no SFT demo. 61: the [generate] [gpu] and [dpo] tests and
 #      the CPO / ORPO demo runs on CUDA alone (about 150 s with the build).
 #   58 (ran in the thirty-seventh session): as 59 without the warm-up, the default then eager.
@@ -585,6 +590,23 @@ case "$CALL" in
   echo "llama-3.1-8b batch_tokens 16384: $(grep -E '^\{' "$L/gen_53.log" | tail -n 1)" | tee -a "$summary"
   grep -E "^generate:" "$L/gen_53.log" >>"$summary"
   grep -iE "error|what\(\)" "$L/gen_53.log" | head -n 5 >>"$summary"
+  ;;
+64)
+  note "== 8-bit AdamW on CUDA (optim.name adamw_8bit, thirty-ninth session): the [train] [gpu] tests (the kernel's bits"
+  note "   equal the CPU loop's, fp32 and bf16 parameters, state on the GPU and on the host); 8B 2 x 2048 on the whole"
+  note "   GPU, adamw against adamw_8bit, LoRA alone and with embed_tokens and lm_head trained in full (1.05 B elements)"
+  gpu_tests 90 "[train][gpu]"
+  for mts in none both; do
+    extra=()
+    if [ "$mts" = both ]; then extra=(--set 'lora.modules_to_save=["embed_tokens","lm_head"]'); fi
+    for opt in adamw adamw_8bit; do
+      timeout 150 build-gpu/qlora-train bench --shape llama-3.1-8b --batch 2 --seq 2048 --steps 6 --warmup 2 \
+        --out "$L/adamw_${mts}_$opt" --set optim.name=$opt "${extra[@]}" >"$L/adamw_${mts}_$opt.log" 2>&1
+      echo "modules_to_save $mts, $opt: $(grep -E '^\{' "$L/adamw_${mts}_$opt.log" | tail -n 1 | cut -c1-400)" |
+        tee -a "$summary"
+      grep -E "plan:|error|what\(\)" "$L/adamw_${mts}_$opt.log" | head -n 3 | cut -c1-300 >>"$summary"
+    done
+  done
   ;;
 63)
   note "== KTO's held-out evaluation on CUDA (each pass over half a row, one KL baseline over the held-out records):"
