@@ -2,9 +2,10 @@
 the update itself is held to bitsandbytes in tests/test_train.cpp) end to end on a tiny NF4 model on the CPU (hidden
 size 128, LoRA r 32, so that most adapters are that large): the run trains as fp32 AdamW does (its losses within a
 few percent), its checkpoints hold the 8-bit codes and block scales (under half of fp32 AdamW's optimizer file), a
-run resumed from one ends with the straight run's adapter byte for byte, alone and under FullyShard on 2 ranks; a
-checkpoint resumes with the other optimizer (the moments converted) and on another world size (re-quantized, with a
-warning); wrong names are refused naming the key, with the HF spellings answered."""
+run resumed from one ends with the straight run's adapter byte for byte, alone and under FullyShard on 2 ranks; the
+state on the host gives the run of the state on the device; a checkpoint resumes with the other optimizer (the
+moments converted) and on another world size (re-quantized, with a warning); wrong names are refused naming the
+key, with the HF spellings answered."""
 import json, os, pathlib, shutil, subprocess, sys, tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "oracles"))
 import tiny_lm
@@ -15,14 +16,16 @@ TMP = pathlib.Path(tempfile.mkdtemp(prefix="qt_adamw8_"))
 ENV = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMP_NUM_THREADS": "1"}
 
 
-def config(name, optim_name, shard=False, **train):
-    path = tiny_cpu_config(TMP, name, {"steps": 12, "batch_size": 4, "seed": 3, "log_every": 1, **train},
+def config(name, optim_name, shard=False, optimizer=None):
+    path = tiny_cpu_config(TMP, name, {"steps": 12, "batch_size": 4, "seed": 3, "log_every": 1},
                            {"name": optim_name, "lr": 2e-2, "warmup_steps": 2, "weight_decay": 0.1},
                            {"every": 6, "keep_last": 3}, lora={"r": 32, "alpha": 32})
+    cfg = json.loads(path.read_text())
     if shard:
-        cfg = json.loads(path.read_text())
         cfg["train"]["shard"] = "blocks"
-        path.write_text(json.dumps(cfg))
+    if optimizer:  # train.memory.optimizer, every block checkpointed (the CPU's default, said outright)
+        cfg["train"]["memory"] = {"optimizer": optimizer, "checkpointing": True}
+    path.write_text(json.dumps(cfg))
     return path
 
 
@@ -101,6 +104,13 @@ def main():
                 ok = any(k.endswith(key) for k in f.keys())
         check(ok, f"{src}'s checkpoint resumes as {other}, whose checkpoint holds its own moments (exit {p.returncode}) "
                   f"{p.stderr[-800:] if p.returncode else ''}")
+
+    # The moments on the host (train.memory.optimizer, the plan's last rung): the update of the moments beside the
+    # parameters, byte for byte.
+    placed = {where: run(config(f"on_{where}", "adamw_8bit", optimizer=where)) for where in ("device", "host")}
+    check(all(p.returncode == 0 for p in placed.values()) and adapter("on_host") == adapter("on_device"),
+          f"with its 8-bit state on the host the run ends with the adapter of the state beside the parameters, byte for "
+          f"byte (exits {[p.returncode for p in placed.values()]})")
 
     # FullyShard on 2 ranks: each rank's shard of the 8-bit state; resumed on 2 ranks, the same adapter byte for byte;
     # on 1 rank, re-quantized with a warning.
