@@ -517,6 +517,41 @@ TEST_CASE("tokenized records keep their ids and mask labels of -100", "[data]") 
   CHECK(qt::load_examples(m, config(), *tok).at(0).ids == std::vector<int32_t>{5, 6});
 }
 
+TEST_CASE("data.text_field: text records under another key (TRL's dataset_text_field)", "[data]") {
+  auto tok = qt::load_tokenizer(qt::test::fixture("data/llama3"));
+  // The fixture's text records, their "text" renamed "content", with another key beside it in one record.
+  std::string renamed, line;
+  std::ifstream in(qt::test::fixture("data/text_llama3.jsonl"));
+  int n = 0;
+  while (std::getline(in, line)) {
+    qt::Json j = qt::Json::parse(line);
+    qt::Json k = {{"content", j["text"]}};
+    if (n++ == 0) k["text"] = "not this one";
+    renamed += k.dump() + "\n";
+  }
+  const std::string path = write_file("content.jsonl", renamed);
+  const auto want = qt::load_examples(qt::test::fixture("data/text_llama3.jsonl"), config(), *tok);
+  for (const char* format : {"auto", "text"}) {
+    INFO(format);
+    const auto got = qt::load_examples(path, config({{"format", format}, {"text_field", "content"}}), *tok);
+    REQUIRE(got.size() == want.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      CHECK(got[i].ids == want[i].ids);
+      CHECK(got[i].loss == want[i].loss);
+    }
+  }
+  // Without it the records' format is not told, and the message names the key to set; a missing field is named.
+  const std::string plain = write_file("plain.jsonl", "{\"content\": \"hello\"}\n");
+  const std::string e = qt::test::error_of([&] { qt::load_examples(plain, config(), *tok); });
+  CHECK(qt::test::has(e, "plain.jsonl:1"));
+  CHECK(qt::test::has(e, "data.text_field"));
+  const qt::DataConfig body = config({{"format", "text"}, {"text_field", "body"}});
+  CHECK(qt::test::has(qt::test::error_of([&] { qt::load_examples(plain, body, *tok); }), "body"));
+  CHECK(config().text_field == "text");
+  CHECK(config({{"text_field", "content"}}).to_json()["text_field"] == "content");
+  CHECK(qt::test::has(qt::test::error_of([] { config({{"text_field", ""}}); }), "data.text_field"));
+}
+
 TEST_CASE("data config defaults and errors", "[data]") {
   const qt::DataConfig d = config();
   CHECK(d.train_file == "train.jsonl");

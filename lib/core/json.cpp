@@ -158,6 +158,7 @@ const std::vector<std::pair<std::string, std::string>>& peer_spellings() {
       {"early_stopping_patience", "train.early_stopping_patience"},
       {"loraplus_lr_ratio", "optim.loraplus_lr_ratio"},
       {"optim", "optim.name (\"adamw\" or \"adamw_8bit\")"},
+      {"dataset_text_field", "data.text_field"},
   };
   return table;
 }

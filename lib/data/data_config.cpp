@@ -11,7 +11,7 @@ namespace {
 const std::vector<std::string> kKeys = {"train_file",    "eval_file",   "eval_fraction",   "format",
                                         "chat_template", "chat_format", "max_seq_len",     "packing",
                                         "shuffle",       "seed",        "train_on_prompt", "add_eos",
-                                        "truncation"};
+                                        "truncation",    "text_field"};
 
 // data.chat_format's string keys, in the order config --print writes them.
 std::vector<std::pair<std::string, std::string CustomChatFormat::*>> custom_format_strings() {
@@ -126,7 +126,8 @@ Json DataConfig::to_json() const {
               {"shuffle", shuffle},
               {"seed", seed},
               {"train_on_prompt", train_on_prompt},
-              {"add_eos", add_eos}};
+              {"add_eos", add_eos},
+              {"text_field", text_field}};
 }
 
 DataConfig DataConfig::from_json(const Json& section, const std::string& file, bool complete) {
@@ -172,6 +173,8 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file, b
   const int64_t seed = r.get_int("seed", static_cast<int64_t>(c.seed));
   c.train_on_prompt = r.get_bool("train_on_prompt", c.train_on_prompt);
   c.add_eos = r.get_bool("add_eos", c.add_eos);
+  c.text_field = r.get_string("text_field", c.text_field);
+  if (c.text_field.empty()) fail_key(ErrorKind::Config, file, "data.text_field", "must name a key of the records");
 
   if (complete && c.train_file.empty()) fail_key(ErrorKind::Config, file, "data.train_file", "must name a jsonl file");
   if (!(c.eval_fraction >= 0.0 && c.eval_fraction < 1.0))

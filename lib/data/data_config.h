@@ -60,6 +60,8 @@ struct DataConfig {
   uint64_t seed = 42;
   bool train_on_prompt = false;  // false: only answers (alpaca output, assistant turns) are in the loss
   bool add_eos = true;           // text records end with EOS, so that the model learns where a document stops
+  // The key of a text record's text (TRL's dataset_text_field): {"content": ...} records with "content".
+  std::string text_field = "text";
   // Not a key: set for train.objective "kto", which reads preference pairs as two unpaired records each (chosen
   // desirable, rejected undesirable), as TRL's unpair_preference_dataset does.
   bool unpair = false;

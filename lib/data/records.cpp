@@ -30,19 +30,20 @@ bool jinja_truthy(const Json& v) {
   return !v.empty();  // arrays, objects
 }
 
-RecordFormat detect_format(const Json& value, const std::string& where) {
+RecordFormat detect_format(const Json& value, const std::string& where, const std::string& text_field) {
   if (value.contains("messages") || value.contains("conversations")) return RecordFormat::Chat;
   if (value.contains("input_ids")) return RecordFormat::Tokenized;
   if (value.contains("prompt") && value.contains("completion"))
     return value.contains("label") ? RecordFormat::Unpaired : RecordFormat::Completion;
   if (value.contains("chosen") && value.contains("rejected")) return RecordFormat::Preference;
   if (value.contains("instruction") || value.contains("output")) return RecordFormat::Alpaca;
-  if (value.contains("text")) return RecordFormat::Text;
+  if (value.contains(text_field)) return RecordFormat::Text;
   std::string keys;
   for (const auto& item : value.items()) keys += (keys.empty() ? "" : ", ") + item.key();
   fail_at(ErrorKind::Data, where,
           "cannot tell the record's format from its keys (" + (keys.empty() ? std::string("none") : keys) +
-              "): expected \"text\", \"instruction\"/\"output\" (alpaca), \"messages\" or \"conversations\" (chat), "
+              "): expected \"" + text_field + "\" (text; data.text_field names another key), \"instruction\"/\"output\" "
+              "(alpaca), \"messages\" or \"conversations\" (chat), "
               "\"prompt\"/\"completion\", \"prompt\"/\"chosen\"/\"rejected\" (preference), "
               "\"prompt\"/\"completion\"/\"label\" (unpaired) or \"input_ids\"");
 }
@@ -50,7 +51,7 @@ RecordFormat detect_format(const Json& value, const std::string& where) {
 Example text_example(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok) {
   Example e;
   if (tok.add_bos() && tok.bos_id() >= 0) e.ids.push_back(tok.bos_id());
-  const std::vector<int32_t> body = tok.encode(string_field(value, where, "text"));
+  const std::vector<int32_t> body = tok.encode(string_field(value, where, config.text_field));
   e.ids.insert(e.ids.end(), body.begin(), body.end());
   if (config.add_eos && tok.eos_id() >= 0) e.ids.push_back(tok.eos_id());
   e.loss.assign(e.ids.size(), 1);
@@ -250,7 +251,7 @@ namespace {
 
 Example tokenize_one(const Json& value, const std::string& where, const DataConfig& config, const Tokenizer& tok,
                      std::optional<ChatFormat>& chat) {
-  RecordFormat format = config.format == RecordFormat::Auto ? detect_format(value, where) : config.format;
+  RecordFormat format = config.format == RecordFormat::Auto ? detect_format(value, where, config.text_field) : config.format;
   switch (format) {
     case RecordFormat::Text:
       return text_example(value, where, config, tok);
@@ -436,7 +437,7 @@ std::vector<Example> load_examples(const std::string& path, const DataConfig& co
     }
     const std::string where = path + ":" + std::to_string(r.line);
     Example e;
-    const RecordFormat format = config.format == RecordFormat::Auto ? detect_format(r.value, where) : config.format;
+    const RecordFormat format = config.format == RecordFormat::Auto ? detect_format(r.value, where, config.text_field) : config.format;
     if (config.unpair && format == RecordFormat::Preference) {
       for (const char* key : {"prompt", "chosen", "rejected"})
         if (!r.value.contains(key)) fail_key(ErrorKind::Data, where, key, "missing");
