@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <random>
 #include <set>
 #include <vector>
@@ -322,6 +324,88 @@ TEST_CASE("the epochs are one stream: each visits every document once in its ord
       at += static_cast<size_t>(micro);
     }
   }
+}
+
+namespace {
+// Documents of SFT-like lengths: log-normal around `median` tokens (sigma 0.8), at least 1.
+std::vector<qt::Example> sft_like_examples(int n, double median, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::lognormal_distribution<double> length(std::log(median), 0.8);
+  std::vector<qt::Example> out(n);
+  for (int i = 0; i < n; ++i) {
+    const int len = std::max(1, static_cast<int>(std::lround(length(rng))));
+    out[i].ids.assign(len, 7);
+    out[i].loss.assign(len, 1);
+    out[i].line = i + 1;
+  }
+  return out;
+}
+
+int64_t count_rows(const std::vector<qt::Example>& examples, const std::vector<int64_t>& order, int64_t row) {
+  int64_t rows = 0;
+  std::vector<std::vector<int64_t>> planned;
+  for (int64_t i = 0; i < static_cast<int64_t>(order.size()); ++rows) i = qt::plan_rows(examples, order, i, {1, row, true}, &planned);
+  return rows;
+}
+
+// Best-fit decreasing's groups by brute force: each document, longest first, into the fitting group of least room.
+int64_t bfd_groups(const std::vector<int64_t>& lengths, int64_t row) {
+  std::vector<int64_t> sorted = lengths, room;
+  std::stable_sort(sorted.begin(), sorted.end(), std::greater<int64_t>());
+  for (int64_t l : sorted) {
+    int64_t best = -1;
+    for (size_t g = 0; g < room.size(); ++g)
+      if (room[g] >= l && (best < 0 || room[g] < room[static_cast<size_t>(best)])) best = static_cast<int64_t>(g);
+    if (best < 0) room.push_back(row - l);
+    else room[static_cast<size_t>(best)] -= l;
+  }
+  return static_cast<int64_t>(room.size());
+}
+}  // namespace
+
+TEST_CASE("best-fit packing: best-fit decreasing's rows per window, documents moved only within theirs", "[data]") {
+  for (const int64_t row : {2048, 8192}) {
+    INFO("rows of " << row);
+    const auto examples = sft_like_examples(5000, 330, 12);
+    const qt::Dataset in_order(examples, row, true, 3), best_fit(examples, row, true, 3, /*best_fit=*/true);
+    const auto base = in_order.order(0), order = best_fit.order(0);
+    CHECK(best_fit.best_fit());
+    // A permutation of the shuffled order in which each document stays within its window of 1,000.
+    REQUIRE(order.size() == base.size());
+    for (size_t w = 0; w < base.size(); w += qt::kBestFitWindow) {
+      const size_t end = std::min(base.size(), w + static_cast<size_t>(qt::kBestFitWindow));
+      CHECK(std::multiset<int64_t>(base.begin() + w, base.begin() + end) ==
+            std::multiset<int64_t>(order.begin() + w, order.begin() + end));
+    }
+    // Rows: next-fit over the new order makes no more than best-fit decreasing's groups of each window.
+    int64_t groups = 0, tokens = 0;
+    for (size_t w = 0; w < base.size(); w += qt::kBestFitWindow) {
+      std::vector<int64_t> lengths;
+      for (size_t i = w; i < std::min(base.size(), w + static_cast<size_t>(qt::kBestFitWindow)); ++i)
+        lengths.push_back(std::min<int64_t>(examples[base[i]].ids.size(), row));
+      groups += bfd_groups(lengths, row);
+    }
+    for (const auto& e : examples) tokens += std::min<int64_t>(e.ids.size(), row);
+    const int64_t rows = count_rows(examples, order, row), rows_in_order = count_rows(examples, base, row);
+    const double waste = 1.0 - static_cast<double>(tokens) / static_cast<double>(rows * row);
+    const double waste_in_order = 1.0 - static_cast<double>(tokens) / static_cast<double>(rows_in_order * row);
+    INFO(rows << " rows (" << waste << " padding) against " << rows_in_order << " in order (" << waste_in_order
+              << "), best-fit decreasing's groups " << groups);
+    CHECK(rows <= groups);
+    CHECK(waste < 0.02);
+    CHECK(waste_in_order > 0.03);
+    // Deterministic, and the epochs differ as their shuffles do.
+    CHECK(order == qt::Dataset(examples, row, true, 3, true).order(0));
+    CHECK(order != best_fit.order(1));
+  }
+  // Where no two documents fit a row, nothing moves; a window's documents of equal lengths keep their order.
+  std::vector<qt::Example> big = random_examples(40, 10, 9);
+  for (auto& e : big) e.ids.resize(17, 1), e.loss.resize(17, 1);
+  std::vector<int64_t> order(40);
+  for (int64_t i = 0; i < 40; ++i) order[i] = (i * 7) % 40;
+  CHECK(qt::best_fit_order(big, order, 32) == order);
+  for (auto& e : big) e.ids.resize(8, 1), e.loss.resize(8, 1);
+  CHECK(qt::best_fit_order(big, order, 32) == order);
 }
 
 TEST_CASE("eval split holds out a seeded fraction in file order", "[data]") {

@@ -11,7 +11,7 @@ namespace {
 const std::vector<std::string> kKeys = {"train_file",    "eval_file",   "eval_fraction",   "format",
                                         "chat_template", "chat_format", "max_seq_len",     "packing",
                                         "shuffle",       "seed",        "train_on_prompt", "add_eos",
-                                        "truncation",    "text_field"};
+                                        "truncation",    "text_field",  "packing_strategy"};
 
 // data.chat_format's string keys, in the order config --print writes them.
 std::vector<std::pair<std::string, std::string CustomChatFormat::*>> custom_format_strings() {
@@ -92,6 +92,23 @@ const char* truncation_name(Truncation truncation) {
   return "?";
 }
 
+const char* packing_strategy_name(PackingStrategy strategy) {
+  switch (strategy) {
+    case PackingStrategy::Auto:
+      return "auto";
+    case PackingStrategy::BestFit:
+      return "best_fit";
+    case PackingStrategy::InOrder:
+      return "in_order";
+  }
+  return "?";
+}
+
+bool packs_best_fit(const DataConfig& config, bool preference) {
+  if (!config.packing || config.packing_strategy == PackingStrategy::InOrder) return false;
+  return config.packing_strategy == PackingStrategy::BestFit || (config.shuffle && !preference);
+}
+
 CustomChatFormat CustomChatFormat::from_json(const Json& object, const std::string& file) {
   std::vector<std::string> keys = {"bos", "strip"};
   for (const auto& [key, member] : custom_format_strings()) keys.push_back(key);
@@ -123,6 +140,7 @@ Json DataConfig::to_json() const {
               {"max_seq_len", max_seq_len},
               {"truncation", truncation_name(truncation)},
               {"packing", packing},
+              {"packing_strategy", packing_strategy_name(packing_strategy)},
               {"shuffle", shuffle},
               {"seed", seed},
               {"train_on_prompt", train_on_prompt},
@@ -169,6 +187,12 @@ DataConfig DataConfig::from_json(const Json& section, const std::string& file, b
   c.truncation = pick<Truncation>(r, "truncation", c.truncation,
                                   {{"truncate", Truncation::Truncate}, {"drop", Truncation::Drop}, {"error", Truncation::Error}});
   c.packing = r.get_bool("packing", c.packing);
+  c.packing_strategy = pick<PackingStrategy>(
+      r, "packing_strategy", c.packing_strategy,
+      {{"auto", PackingStrategy::Auto}, {"best_fit", PackingStrategy::BestFit}, {"in_order", PackingStrategy::InOrder}});
+  if (c.packing_strategy == PackingStrategy::BestFit && !c.packing)
+    fail_key(ErrorKind::Config, file, "data.packing_strategy",
+             "\"best_fit\" fills packed rows, and data.packing is false (one document a row)");
   c.shuffle = r.get_bool("shuffle", c.shuffle);
   const int64_t seed = r.get_int("seed", static_cast<int64_t>(c.seed));
   c.train_on_prompt = r.get_bool("train_on_prompt", c.train_on_prompt);

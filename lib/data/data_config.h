@@ -37,6 +37,12 @@ struct CustomChatFormat {
 // the run stops naming it.
 enum class Truncation { Truncate, Drop, Error };
 
+// How packing fills rows: InOrder lays the documents in the (shuffled) order, a document that does not fit starting
+// the next row; BestFit first reorders each window of kBestFitWindow documents of that order so that next-fit packs
+// them as best-fit decreasing would (packing.h: best_fit_order). Auto: BestFit for SFT with packing and shuffling
+// (packs_best_fit), else InOrder.
+enum class PackingStrategy { Auto, BestFit, InOrder };
+
 // The longest row: 16M tokens, far beyond any LLaMA-family context (Qwen's 1M); rows x tokens of a plan then stay
 // within 2^48 (train.batch_size is at most 2^24 rows), where the plan's products of them are exact.
 constexpr int64_t kMaxSeqLen = int64_t{1} << 24;
@@ -56,6 +62,7 @@ struct DataConfig {
   int64_t max_seq_len = 2048;
   Truncation truncation = Truncation::Truncate;
   bool packing = true;  // several documents per row; false: one document per row, right-padded
+  PackingStrategy packing_strategy = PackingStrategy::Auto;
   bool shuffle = true;
   uint64_t seed = 42;
   bool train_on_prompt = false;  // false: only answers (alpaca output, assistant turns) are in the loss
@@ -78,5 +85,9 @@ const char* chat_template_name(ChatTemplateChoice choice);
 // Every data.chat_template value, "auto" first (the CLI's --chat-template choices).
 std::vector<std::string> chat_template_names();
 const char* truncation_name(Truncation truncation);
+const char* packing_strategy_name(PackingStrategy strategy);
+// Whether rows are packed best-fit: data.packing_strategy "best_fit", or "auto" with packing and shuffling on and
+// an SFT run (`preference`: the records are preference pairs or KTO's, whose batches follow TRL's record order).
+bool packs_best_fit(const DataConfig& config, bool preference);
 
 }  // namespace qt

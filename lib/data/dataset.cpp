@@ -7,6 +7,7 @@
 
 #include "lib/core/error.h"
 #include "lib/core/log.h"
+#include "lib/data/packing.h"
 
 namespace qt {
 
@@ -126,8 +127,8 @@ constexpr uint64_t kEpochStream = 1, kEvalStream = 2;
 
 }  // namespace
 
-Dataset::Dataset(std::vector<Example> examples, int64_t max_seq_len, bool shuffle, uint64_t seed)
-    : examples_(std::move(examples)), max_seq_len_(max_seq_len), shuffle_(shuffle), seed_(seed) {
+Dataset::Dataset(std::vector<Example> examples, int64_t max_seq_len, bool shuffle, uint64_t seed, bool best_fit)
+    : examples_(std::move(examples)), max_seq_len_(max_seq_len), shuffle_(shuffle), seed_(seed), best_fit_(best_fit) {
   QT_CHECK(max_seq_len > 0, ErrorKind::Internal, "Dataset: max_seq_len must be positive");
   for (auto& e : examples_) {
     QT_CHECK(e.loss.size() == e.ids.size(), ErrorKind::Internal, "Dataset: loss mask and ids differ in length");
@@ -152,13 +153,14 @@ Dataset::Dataset(std::vector<Example> examples, int64_t max_seq_len, bool shuffl
 }
 
 std::vector<int64_t> Dataset::order(int64_t epoch) const {
+  std::vector<int64_t> p(examples_.size());
   if (!shuffle_) {
-    std::vector<int64_t> p(examples_.size());
     for (size_t i = 0; i < p.size(); ++i) p[i] = static_cast<int64_t>(i);
-    return p;
+  } else {
+    std::mt19937_64 rng = make_rng(seed_, kEpochStream, static_cast<uint64_t>(epoch));
+    p = permutation(size(), rng);
   }
-  std::mt19937_64 rng = make_rng(seed_, kEpochStream, static_cast<uint64_t>(epoch));
-  return permutation(size(), rng);
+  return best_fit_ ? best_fit_order(examples_, p, max_seq_len_) : p;
 }
 
 uint64_t Dataset::fingerprint() const {

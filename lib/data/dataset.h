@@ -30,15 +30,17 @@ class Dataset {
  public:
   // Documents longer than max_seq_len keep their first max_seq_len tokens; their number is counted in stats()
   // and logged once as a warning.
-  Dataset(std::vector<Example> examples, int64_t max_seq_len, bool shuffle, uint64_t seed);
+  // best_fit: order() reordered for best-fit packing (data.packing_strategy, packing.h's best_fit_order).
+  Dataset(std::vector<Example> examples, int64_t max_seq_len, bool shuffle, uint64_t seed, bool best_fit = false);
 
   int64_t size() const { return static_cast<int64_t>(examples_.size()); }
   int64_t max_seq_len() const { return max_seq_len_; }
   const std::vector<Example>& examples() const { return examples_; }
   const DataStats& stats() const { return stats_; }
-  // The permutation of example indices for `epoch` (identity when not shuffling). Depends only on the seed,
-  // the epoch and size().
+  // The permutation of example indices for `epoch` (identity when not shuffling), then with best_fit each window
+  // of it reordered for packing. Depends only on the seed, the epoch and the examples' lengths.
   std::vector<int64_t> order(int64_t epoch) const;
+  bool best_fit() const { return best_fit_; }
   // FNV-1a over the ids and loss masks: a checkpoint records it to notice data that changed under a resume.
   uint64_t fingerprint() const;
 
@@ -47,6 +49,7 @@ class Dataset {
   int64_t max_seq_len_;
   bool shuffle_;
   uint64_t seed_;
+  bool best_fit_ = false;
   DataStats stats_;
 };
 

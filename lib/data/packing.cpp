@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <map>
 
 #include "lib/core/error.h"
 
@@ -38,6 +39,56 @@ int64_t plan_rows(const std::vector<Example>& examples, const std::vector<int64_
     ++i;
   }
   return i;
+}
+
+std::vector<int64_t> best_fit_order(const std::vector<Example>& examples, const std::vector<int64_t>& order,
+                                    int64_t max_seq_len, int64_t window) {
+  QT_CHECK(max_seq_len > 0 && window > 0, ErrorKind::Internal, "best_fit_order: empty rows or windows");
+  const int64_t n = static_cast<int64_t>(order.size());
+  std::vector<int64_t> out;
+  out.reserve(order.size());
+  std::vector<int64_t> by_length, len;
+  std::vector<std::vector<int64_t>> groups;  // positions in `order`
+  for (int64_t w0 = 0; w0 < n; w0 += window) {
+    const int64_t w1 = std::min(n, w0 + window);
+    len.assign(static_cast<size_t>(w1 - w0), 0);
+    by_length.clear();
+    for (int64_t p = w0; p < w1; ++p) {
+      const int64_t e = order[static_cast<size_t>(p)];
+      QT_CHECK(e >= 0 && e < static_cast<int64_t>(examples.size()), ErrorKind::Internal,
+               "best_fit_order: index out of range");
+      len[static_cast<size_t>(p - w0)] =
+          std::min<int64_t>(static_cast<int64_t>(examples[static_cast<size_t>(e)].ids.size()), max_seq_len);
+      by_length.push_back(p);
+    }
+    std::stable_sort(by_length.begin(), by_length.end(), [&](int64_t a, int64_t b) {
+      return len[static_cast<size_t>(a - w0)] > len[static_cast<size_t>(b - w0)];
+    });
+    groups.clear();
+    std::multimap<int64_t, size_t> room;  // room left -> group (the earliest made first among equals)
+    for (int64_t p : by_length) {
+      const int64_t l = len[static_cast<size_t>(p - w0)];
+      auto it = room.lower_bound(l);
+      size_t g;
+      int64_t left;
+      if (it == room.end()) {
+        g = groups.size();
+        groups.emplace_back();
+        left = max_seq_len - l;
+      } else {
+        g = it->second;
+        left = it->first - l;
+        room.erase(it);
+      }
+      groups[g].push_back(p);
+      room.emplace(left, g);
+    }
+    for (auto& grp : groups) std::sort(grp.begin(), grp.end());
+    std::sort(groups.begin(), groups.end(), [](const auto& a, const auto& b) { return a.front() < b.front(); });
+    for (const auto& grp : groups)
+      for (int64_t p : grp) out.push_back(order[static_cast<size_t>(p)]);
+  }
+  return out;
 }
 
 Batch build_batch(const std::vector<Example>& examples, const std::vector<std::vector<int64_t>>& rows,

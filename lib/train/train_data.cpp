@@ -1,6 +1,7 @@
 #include "lib/train/train_data.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <fstream>
 #include <optional>
 
@@ -88,9 +89,22 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
     if (eval_.empty())
       log::warn_rank0("data.eval_fraction: none of the held-out records holds a target token: no held-out evaluation");
   }
-  train_ = std::make_unique<Dataset>(std::move(train), row_len_, config_.shuffle, config_.seed);
+  train_ = std::make_unique<Dataset>(std::move(train), row_len_, config_.shuffle, config_.seed,
+                                     packs_best_fit(config_, pairs_ || kto != nullptr));
   check_has_targets();
   log::info("data: " + train_->stats().summary() + (eval_.empty() ? "" : "; " + std::to_string(eval_.size()) + " held-out documents"));
+  if (config_.packing) {
+    // What packing leaves as padding in the first epoch's rows (the steps an epoch follow from the rows).
+    const int64_t rows = epoch_rows();
+    int64_t tokens = 0;
+    for (const Example& e : train_->examples())
+      tokens += std::min<int64_t>(static_cast<int64_t>(e.ids.size()), row_len_);
+    char padding[32];
+    std::snprintf(padding, sizeof padding, "%.1f%%",
+                  100.0 * (1.0 - static_cast<double>(tokens) / static_cast<double>(rows * row_len_)));
+    log::info("packing (" + std::string(train_->best_fit() ? "best fit" : "in order") + "): " + std::to_string(rows) +
+              " rows of " + std::to_string(row_len_) + " tokens an epoch, " + padding + " of their tokens padding");
+  }
   seek({});
 }
 
@@ -300,7 +314,7 @@ void TrainData::seek(const DataPosition& position) {
   iterator_ = std::make_unique<BatchIterator>(*train_, micro_, config_.packing, position, pad_id_);
 }
 
-int64_t TrainData::steps_per_epoch(int64_t batch_size) const {
+int64_t TrainData::epoch_rows() const {
   const std::vector<int64_t> order = train_->order(0);
   const BatchShape shape{1, row_len_, config_.packing};
   int64_t rows = 0;
@@ -309,7 +323,11 @@ int64_t TrainData::steps_per_epoch(int64_t batch_size) const {
     planned.clear();
     i = plan_rows(train_->examples(), order, i, shape, &planned);
   }
-  return std::max<int64_t>(1, (rows + batch_size - 1) / batch_size);
+  return rows;
+}
+
+int64_t TrainData::steps_per_epoch(int64_t batch_size) const {
+  return std::max<int64_t>(1, (epoch_rows() + batch_size - 1) / batch_size);
 }
 
 std::vector<Batch> TrainData::eval_batches(int rank, int world) const {

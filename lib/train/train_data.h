@@ -30,6 +30,8 @@ class TrainData {
   // Optimizer steps in one pass over the training set with `batch_size` rows per step (the last partial step
   // of an epoch counts).
   int64_t steps_per_epoch(int64_t batch_size) const;
+  // The rows of one pass over the training set (the first epoch's order).
+  int64_t epoch_rows() const;
   // Whether there is held-out data at all (a rank's share of it may be empty: fewer held-out batches than ranks).
   bool has_eval() const { return !eval_.empty(); }
   // This rank's micro-batches of the held-out set (empty when there is no eval data).

@@ -762,15 +762,27 @@ std::optional<ResumePoint> load_resume_point(const RunConfig& cfg, const TrainOp
     r.dir = *latest;
   }
   r.contents = load_checkpoint(r.dir);
+  // A checkpoint from before data.packing_strategy packed its rows in order and its data position counts in that
+  // order: it resumes with rows packed in order (any setting that gives them), taken as its own setting.
+  Json saved_config = r.contents.state.config;
+  if (saved_config.contains("data") && saved_config.at("data").is_object() &&
+      !saved_config.at("data").contains("packing_strategy")) {
+    const DataConfig now = DataConfig::from_json(cfg.data, cfg.file);
+    if (packs_best_fit(now, cfg.train.objective != "sft"))
+      fail_at(ErrorKind::Checkpoint, r.dir,
+              "was written before data.packing_strategy, when packed rows took the documents in order, and its data "
+              "position counts in that order: resume it with --set data.packing_strategy=in_order");
+    saved_config["data"]["packing_strategy"] = packing_strategy_name(now.packing_strategy);
+  }
   // Compared with every default filled in on both sides, so that a key written out at its default is no change;
   // a checkpoint whose config this version no longer reads (keys of earlier versions) is compared as typed.
   std::optional<Json> saved_full;
   try {
-    saved_full = RunConfig::from_json(r.contents.state.config, r.dir).to_json();
+    saved_full = RunConfig::from_json(saved_config, r.dir).to_json();
   } catch (const Error&) {
   }
   if (saved_full) check_resume_compatible(*saved_full, cfg.to_json(), r.dir, options.allow_resume_changes);
-  else check_resume_compatible(r.contents.state.config, cfg.resolved, r.dir, options.allow_resume_changes);
+  else check_resume_compatible(saved_config, cfg.resolved, r.dir, options.allow_resume_changes);
   if (m.full) {
     load_full_weights(*m.model, files::join(r.dir, "model"), m.load);
     return r;
