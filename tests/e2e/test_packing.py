@@ -36,6 +36,15 @@ def packing_line(p):
     return lines[0][lines[0].index("packing ("):] if lines else ""
 
 
+def copy_at_step_4(src, name):
+    """src's run directory copied to `name` with checkpoint-4 alone, no adapter: a run stopped after step 4."""
+    shutil.copytree(TMP / src, TMP / name)
+    for d in (TMP / name).glob("checkpoint-*"):
+        if d.name != "checkpoint-4":
+            shutil.rmtree(d)
+    shutil.rmtree(TMP / name / "adapter")
+
+
 def main():
     tiny_lm.make_model_dir(TMP / "model", seed=5)
     # Documents of 1 to 40 words: next-fit in order leaves much of a 64-token row empty.
@@ -63,21 +72,13 @@ def main():
           f"and the epoch takes a step a 2 rows: {len(s_best)} steps against {len(s_order)}")
 
     # Resumed at step 4: the straight run's adapter.
-    shutil.copytree(TMP / "auto", TMP / "resumed")
-    for d in (TMP / "resumed").glob("checkpoint-*"):
-        if d.name != "checkpoint-4":
-            shutil.rmtree(d)
-    shutil.rmtree(TMP / "resumed" / "adapter")
+    copy_at_step_4("auto", "resumed")
     p = run_binary(BIN, config("resumed"), "--resume", str(TMP / "resumed" / "checkpoint-4"))
     check(p.returncode == 0 and adapter("resumed") == adapter("auto"),
           f"resumed at step 4, the best-fit run ends with the straight run's adapter byte for byte (exit {p.returncode})")
 
     # A checkpoint from before the key (its config without it): refused, then resumed in order as it was packed.
-    shutil.copytree(TMP / "in_order", TMP / "old")
-    for d in (TMP / "old").glob("checkpoint-*"):
-        if d.name != "checkpoint-4":
-            shutil.rmtree(d)
-    shutil.rmtree(TMP / "old" / "adapter")
+    copy_at_step_4("in_order", "old")
     state_file = TMP / "old" / "checkpoint-4" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     del state["config"]["data"]["packing_strategy"]
