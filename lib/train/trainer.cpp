@@ -420,7 +420,11 @@ TrainSummary train_under(const RunConfig& cfg, const TrainOptions& options, cons
               std::string(c10::toString(s.dtype)) + ", " + std::to_string(s.world) + " rank(s), " +
               std::to_string(total_steps) + " steps of " + std::to_string(cfg.train.batch_size) + " x " +
               std::to_string(data.max_seq_len()) + " tokens (" + std::to_string(s.per_rank / s.micro) +
-              " micro-batch(es) of " + std::to_string(s.micro) + " per rank)");
+              " micro-batch(es) of " + std::to_string(s.micro) + " per rank)" +
+              (opt->eight_bit_tensors() > 0 ? ", AdamW with 8-bit moments for " +
+                                                  std::to_string(opt->eight_bit_tensors()) + " of " +
+                                                  std::to_string(opt->params().size()) + " tensors"
+                                            : std::string()));
   if (s.rank0 && s.device.is_cuda()) {
     static const char* kBackends[] = {"math (unfused)", "FlashAttention-2", "memory-efficient", "cuDNN", "overrideable"};
     const int64_t b = model.dense_attention_backend(std::min<int64_t>(data.max_seq_len(), 8192), s.device, s.dtype);

@@ -76,6 +76,9 @@ def main():
     worst = max(abs(a - b) / b for a, b in zip(l8, l32))
     check(worst < 0.05, f"its losses within 5% of fp32 AdamW's at every step (worst {worst:.3%}; {l32[-1]:.4f} against {l8[-1]:.4f} at the end)")
     check(adapter("adamw_8bit") != adapter("adamw"), "and its adapter is its own (8-bit moments, not fp32 ones)")
+    said = [l for l in runs["adamw_8bit"].stderr.splitlines() if "AdamW with 8-bit moments for" in l]
+    check(len(said) == 1 and "AdamW with 8-bit moments" not in runs["adamw"].stderr,
+          f"the run's start line says which tensors have 8-bit moments: {said[0][said[0].index('AdamW'):] if said else ''}")
 
     # The checkpoint: codes and block scales for the large tensors, fp32 moments for the small ones.
     ck8, ck32 = TMP / "adamw_8bit" / "checkpoint-6", TMP / "adamw" / "checkpoint-6"
