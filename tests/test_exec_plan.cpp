@@ -750,7 +750,7 @@ TEST_CASE("AdamW on the host is the ladder's last rung: 8 bytes a trainable elem
 TEST_CASE("8-bit AdamW's moments: about 6 bytes a trainable element less on the device, or on the host", "[plan]") {
   qt::PlanInputs in = inputs("llama-3.1-8b", 1, 2048);
   qt::PlanInputs q8 = in;
-  q8.optimizer_state_bytes = 2.0 + 8.0 / 256;  // what plan_inputs sets for optim.name adamw_8bit
+  q8.optimizer_state_bytes = qt::kEightBitMomentBytes;  // what plan_inputs sets for optim.name adamw_8bit
   for (const bool host : {false, true}) {
     INFO((host ? "AdamW on the host" : "AdamW on the device"));
     qt::PlanRequest r;
@@ -764,11 +764,41 @@ TEST_CASE("8-bit AdamW's moments: about 6 bytes a trainable element less on the 
     const auto& tb = host ? b.host.terms : b.footprint.terms;
     const char* name = host ? "optimizer" : "trainable_and_optimizer";
     const double saved = term(ta, name) - term(tb, name);
-    CHECK(std::abs(saved - (8.0 - 2.0 - 8.0 / 256) * static_cast<double>(in.lora_params)) < 1.0);
+    CHECK(std::abs(saved - (8.0 - qt::kEightBitMomentBytes) * static_cast<double>(in.lora_params)) < 1.0);
     // Off the host, the device footprint is the same.
     if (host) CHECK(std::abs(term(a.footprint.terms, "trainable_and_optimizer") -
                              term(b.footprint.terms, "trainable_and_optimizer")) < 1.0);
   }
+}
+
+TEST_CASE("a refusal names 8-bit AdamW where its moments would let the leanest plan fit", "[plan]") {
+  // 8B with embed_tokens and lm_head trained in full (1.05 B elements), AdamW kept on the device.
+  qt::PlanInputs in = inputs("llama-3.1-8b", 1, 2048);
+  in.full_params = 2 * in.model.vocab_size * in.model.hidden_size;
+  in.embeddings_trained = in.lm_head_trained = true;
+  qt::PlanInputs q8 = in;
+  q8.optimizer_state_bytes = qt::kEightBitMomentBytes;
+  qt::PlanRequest r;
+  r.optimizer_on_host = false;
+  const auto least = [&](const qt::PlanInputs& x) {  // the least budget (GiB, in quarters) its leanest plan fits
+    for (double gib = 4; gib < 80; gib += 0.25) {
+      r.gpu_memory_gib = gib;
+      if (!error_of(x, r)) return gib;
+    }
+    return -1.0;
+  };
+  const double fp32 = least(in), eight = least(q8);
+  INFO("least budgets: fp32 moments " << fp32 << " GiB, 8-bit " << eight);
+  REQUIRE(eight > 0);
+  CHECK(fp32 - eight > 5.0);  // 6 bytes an element of 1.05 B: 5.9 GiB
+  r.gpu_memory_gib = eight;
+  const auto e = error_of(in, r);
+  REQUIRE(e);
+  CHECK(has(e->what(), "optim.name \"adamw_8bit\": predicted "));
+  // Where 8-bit moments would not fit either, or are already taken, they are not offered.
+  r.gpu_memory_gib = eight - 0.5;
+  CHECK(!has(error_of(in, r)->what(), "adamw_8bit"));
+  CHECK(!has(error_of(q8, r)->what(), "adamw_8bit"));
 }
 
 TEST_CASE("block weights streamed from the host (forced): every block checkpointed, two blocks' weights on the "

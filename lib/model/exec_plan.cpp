@@ -1291,6 +1291,17 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
       streamed = ", or stream the block weights from the host (train.memory.weights \"host\": predicted " +
                  fmt_gib(need) + " GiB)";
   }
+  // fp32 moments: named where 8-bit ones would let the leanest plan fit.
+  std::string eight_bit;
+  if (in.optimizer_state_bytes > kEightBitMomentBytes && d.budget_gib >= 0 &&
+      in.lora_params + in.full_params > 0) {
+    PlanInputs q8 = in;
+    q8.optimizer_state_bytes = kEightBitMomentBytes;
+    const double need = predict_footprint(q8, d.plan).total();
+    if (need <= d.budget_gib * kGiB && host_fits(predict_host(q8, d.plan)))
+      eight_bit = ", or keep AdamW's moments in 8 bits (optim.name \"adamw_8bit\": predicted " + fmt_gib(need) +
+                  " GiB)";
+  }
   const std::string host = host_fits(d.host) ? std::string()
                                              : " and would pin " + fmt_gib(d.host.total()) + " GiB of host memory (" +
                                                    fmt_gib(kHostPinnedShare * static_cast<double>(in.host_bytes)) +
@@ -1305,7 +1316,7 @@ Decision decide_plan(const PlanInputs& in, const PlanRequest& r, double free_gib
           headline + ": its leanest plan (" + describe(d) + ") needs " +
               fmt_gib(d.footprint.total()) + " GiB" + host + ". Lower train.micro_batch_size (now " +
               std::to_string(in.micro_batch) + ") or data.max_seq_len (now " + std::to_string(in.seq) +
-              "), or free train.memory's forced settings" + streamed + ", or use a GPU" +
+              "), or free train.memory's forced settings" + streamed + eight_bit + ", or use a GPU" +
               (host.empty() ? "" : " or a host") + " with more memory");
 }
 

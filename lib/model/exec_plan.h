@@ -154,6 +154,11 @@ struct PlanRequest {
   Json to_json() const;
 };
 
+// AdamW's two 8-bit moments a trainable element (optim.name "adamw_8bit", lib/kernels/adamw_8bit.h): a code each
+// and an fp32 scale each a 256-element block (the few tensors under 4,096 elements that keep fp32 moments are not
+// told apart).
+inline constexpr double kEightBitMomentBytes = 2.0 + 8.0 / 256;
+
 // What the plan is decided from.
 struct PlanInputs {
   LlamaConfig model;
@@ -174,7 +179,7 @@ struct PlanInputs {
   bool nf4 = true;               // NF4 base (else 16-bit)
   int64_t lora_params = 0;       // trainable LoRA elements (fp32, with gradient and AdamW state)
   int64_t full_params = 0;       // tensors trained in full (modules_to_save, full fine-tuning): fp32 + state
-  double optimizer_state_bytes = 8.0;  // AdamW's moments a trainable element: 8 (fp32), about 2.03 (optim adamw_8bit)
+  double optimizer_state_bytes = 8.0;  // AdamW's moments a trainable element: 8 (fp32), or kEightBitMomentBytes
   bool embeddings_trained = false, lm_head_trained = false;  // modules_to_save: they stay on the device
   bool sharded = false;          // FullyShard: the blocks' bytes divided over `world` ranks
   int world = 1;

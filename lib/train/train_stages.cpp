@@ -429,9 +429,7 @@ PlanInputs plan_inputs(const RunConfig& cfg, const LlamaConfig& mc, int64_t micr
   in.sharded = cfg.train.shard == "blocks";
   in.world = world;
   in.file = cfg.file;
-  // 8-bit moments: a code an element and a block's fp32 absmax each (the few tensors under 4,096 elements that keep
-  // fp32 moments are not told apart).
-  if (cfg.optim.name == "adamw_8bit") in.optimizer_state_bytes = 2.0 + 8.0 / static_cast<double>(kAdam8bitBlock);
+  if (cfg.optim.name == "adamw_8bit") in.optimizer_state_bytes = kEightBitMomentBytes;
   // This rank's share of the host: the ranks on one host offload side by side.
   in.host_bytes = static_cast<uint64_t>(sysconf(_SC_PHYS_PAGES)) * static_cast<uint64_t>(sysconf(_SC_PAGE_SIZE)) /
                   static_cast<uint64_t>(std::max(1, local_world));
