@@ -93,9 +93,10 @@ TrainData::TrainData(const Json& section, const std::string& file, const Tokeniz
                                      packs_best_fit(config_, pairs_ || kto != nullptr));
   check_has_targets();
   log::info("data: " + train_->stats().summary() + (eval_.empty() ? "" : "; " + std::to_string(eval_.size()) + " held-out documents"));
+  epoch_rows_ = count_epoch_rows();
   if (config_.packing) {
     // What packing leaves as padding in the first epoch's rows (the steps an epoch follow from the rows).
-    const int64_t rows = epoch_rows();
+    const int64_t rows = epoch_rows_;
     int64_t tokens = 0;
     for (const Example& e : train_->examples())
       tokens += std::min<int64_t>(static_cast<int64_t>(e.ids.size()), row_len_);
@@ -314,7 +315,7 @@ void TrainData::seek(const DataPosition& position) {
   iterator_ = std::make_unique<BatchIterator>(*train_, micro_, config_.packing, position, pad_id_);
 }
 
-int64_t TrainData::epoch_rows() const {
+int64_t TrainData::count_epoch_rows() const {
   const std::vector<int64_t> order = train_->order(0);
   const BatchShape shape{1, row_len_, config_.packing};
   int64_t rows = 0;
@@ -327,7 +328,7 @@ int64_t TrainData::epoch_rows() const {
 }
 
 int64_t TrainData::steps_per_epoch(int64_t batch_size) const {
-  return std::max<int64_t>(1, (epoch_rows() + batch_size - 1) / batch_size);
+  return std::max<int64_t>(1, (epoch_rows_ + batch_size - 1) / batch_size);
 }
 
 std::vector<Batch> TrainData::eval_batches(int rank, int world) const {

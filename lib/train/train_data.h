@@ -30,8 +30,8 @@ class TrainData {
   // Optimizer steps in one pass over the training set with `batch_size` rows per step (the last partial step
   // of an epoch counts).
   int64_t steps_per_epoch(int64_t batch_size) const;
-  // The rows of one pass over the training set (the first epoch's order).
-  int64_t epoch_rows() const;
+  // The rows of one pass over the training set (the first epoch's order), counted once at load.
+  int64_t epoch_rows() const { return epoch_rows_; }
   // Whether there is held-out data at all (a rank's share of it may be empty: fewer held-out batches than ranks).
   bool has_eval() const { return !eval_.empty(); }
   // This rank's micro-batches of the held-out set (empty when there is no eval data).
@@ -60,6 +60,8 @@ class TrainData {
   void set_micro_batch(int64_t micro) { micro_ = micro; }
 
  private:
+  int64_t count_epoch_rows() const;  // plan_rows over order(0)
+  int64_t epoch_rows_ = 0;
   // data.truncation on the training records longer than a row: drop them, stop naming them, or leave the cut
   // to Dataset (warning about the records the cut leaves with no target).
   void apply_truncation(std::vector<Example>& train) const;
